@@ -1,0 +1,241 @@
+//! Canonical JSON: one byte string per JSON value, for cache keys.
+//!
+//! Object keys are sorted by their UTF-8 bytes, there is no whitespace,
+//! strings are escaped as `serde_json` escapes them and numbers are printed
+//! as `serde_json` prints them. Two requests that differ only in key order or
+//! formatting therefore canonicalise to the same bytes.
+//!
+//! ```
+//! use llm_proxy_core::canonical::to_canonical;
+//!
+//! let value = serde_json::json!({"b": 1, "a": [true, null]});
+//! assert_eq!(to_canonical(&value), br#"{"a":[true,null],"b":1}"#);
+//! ```
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// The canonical bytes of `value`.
+pub fn to_canonical(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+/// Appends the canonical bytes of `value` to `out`.
+pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(number) => write_json(number, out),
+        Value::String(string) => write_json(string, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => write_object(map.iter(), &[], out),
+    }
+}
+
+/// Appends the canonical bytes of the object `map` without the keys in
+/// `skip` to `out`. Only top-level keys are skipped: this is for cache keys
+/// that must ignore fields like `user` or `stream_options`.
+pub fn write_canonical_map_without(map: &Map<String, Value>, skip: &[&str], out: &mut Vec<u8>) {
+    write_object(map.iter(), skip, out);
+}
+
+/// Writes an object's entries sorted by key. `serde_json`'s map is a
+/// `BTreeMap` unless its `preserve_order` feature is on, so the entries are
+/// usually sorted already: check before paying for a sort.
+fn write_object<'a, I>(entries: I, skip: &[&str], out: &mut Vec<u8>)
+where
+    I: Iterator<Item = (&'a String, &'a Value)> + Clone,
+{
+    if entries.clone().map(|(key, _)| key).is_sorted() {
+        write_entries(entries, skip, out);
+    } else {
+        let mut sorted: Vec<_> = entries.collect();
+        sorted.sort_unstable_by_key(|(key, _)| *key);
+        write_entries(sorted.into_iter(), skip, out);
+    }
+}
+
+fn write_entries<'a>(
+    entries: impl Iterator<Item = (&'a String, &'a Value)>,
+    skip: &[&str],
+    out: &mut Vec<u8>,
+) {
+    out.push(b'{');
+    let mut first = true;
+    for (key, value) in entries.filter(|(key, _)| !skip.contains(&key.as_str())) {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_json(key, out);
+        out.push(b':');
+        write_canonical(value, out);
+    }
+    out.push(b'}');
+}
+
+/// Writes a string or number exactly as `serde_json` does.
+fn write_json<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, value)
+        .expect("a string or number always serialises, and writing to a Vec cannot fail");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn canonical_str(value: &Value) -> String {
+        String::from_utf8(to_canonical(value)).unwrap()
+    }
+
+    #[test]
+    fn sorts_keys_and_drops_whitespace() {
+        let value: Value = serde_json::from_str(
+            "{ \"b\" : 1.5, \"a\" : [ true, null, \"x\\n\\u00e9\" ], \"\u{e9}\": {}, \"B\": -3 }",
+        )
+        .unwrap();
+        assert_eq!(
+            canonical_str(&value),
+            "{\"B\":-3,\"a\":[true,null,\"x\\n\u{e9}\"],\"b\":1.5,\"\u{e9}\":{}}"
+        );
+    }
+
+    #[test]
+    fn sorts_unsorted_entries() {
+        // The map is sorted here, so feed its entries backwards to reach the
+        // path that `preserve_order` would take.
+        let value = json!({"a": 1, "c": {"z": 0, "y": 1}, "b": [2]});
+        let Value::Object(map) = &value else {
+            unreachable!()
+        };
+        let mut out = Vec::new();
+        write_object(map.iter().rev(), &["b"], &mut out);
+        assert_eq!(out, br#"{"a":1,"c":{"y":1,"z":0}}"#);
+    }
+
+    #[test]
+    fn map_without_skips_top_level_keys_only() {
+        let value = json!({"model": "m", "user": "u", "stream_options": {"include_usage": true},
+            "messages": [{"user": "kept"}]});
+        let Value::Object(map) = &value else {
+            unreachable!()
+        };
+        let mut out = Vec::new();
+        write_canonical_map_without(map, &["user", "stream_options"], &mut out);
+        assert_eq!(out, br#"{"messages":[{"user":"kept"}],"model":"m"}"#);
+
+        out.clear();
+        write_canonical_map_without(
+            map,
+            &["model", "user", "stream_options", "messages"],
+            &mut out,
+        );
+        assert_eq!(out, b"{}");
+    }
+
+    #[test]
+    fn numbers_print_as_serde_json_prints_them() {
+        let value: Value = serde_json::from_str(
+            "[1, -0, 1.0, 1e3, 18446744073709551615, -9223372036854775808, 0.1]",
+        )
+        .unwrap();
+        assert_eq!(
+            canonical_str(&value),
+            serde_json::to_string(&value).unwrap()
+        );
+    }
+
+    /// Serialises `value` with whitespace and every object's keys in reverse
+    /// order, so that parsing it back must undo both.
+    fn write_scrambled(value: &Value, out: &mut String) {
+        match value {
+            Value::Array(items) => {
+                out.push_str("[ ");
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(" ,\n");
+                    }
+                    write_scrambled(item, out);
+                }
+                out.push_str(" ]");
+            }
+            Value::Object(map) => {
+                out.push_str("{\n");
+                for (i, (key, item)) in map.iter().rev().enumerate() {
+                    if i > 0 {
+                        out.push_str(",\t");
+                    }
+                    out.push_str(&serde_json::to_string(key).unwrap());
+                    out.push_str(" : ");
+                    write_scrambled(item, out);
+                }
+                out.push_str("\r\n}");
+            }
+            other => out.push_str(&serde_json::to_string(other).unwrap()),
+        }
+    }
+
+    fn value_strategy() -> impl Strategy<Value = Value> {
+        // Binary fractions with few digits: serde_json parses those exactly
+        // even without its `float_roundtrip` feature.
+        let float = (-1_000_000i32..1_000_000, 0i32..10)
+            .prop_map(|(mantissa, shift)| json!(f64::from(mantissa) / f64::from(1 << shift)));
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            float,
+            ".{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec((".{0,8}", inner), 0..6)
+                    .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn parses_back_to_an_equal_value(value in value_strategy()) {
+            let canonical = to_canonical(&value);
+            let parsed: Value = serde_json::from_slice(&canonical).unwrap();
+            prop_assert_eq!(parsed, value);
+        }
+
+        #[test]
+        fn ignores_key_order_and_whitespace(value in value_strategy()) {
+            let canonical = to_canonical(&value);
+            let pretty: Value = serde_json::from_str(&serde_json::to_string_pretty(&value).unwrap()).unwrap();
+            prop_assert_eq!(to_canonical(&pretty), canonical.clone());
+            let mut scrambled = String::new();
+            write_scrambled(&value, &mut scrambled);
+            let reparsed: Value = serde_json::from_str(&scrambled).unwrap();
+            prop_assert_eq!(to_canonical(&reparsed), canonical);
+        }
+
+        #[test]
+        fn is_idempotent(value in value_strategy()) {
+            let once = to_canonical(&value);
+            let twice = to_canonical(&serde_json::from_slice(&once).unwrap());
+            prop_assert_eq!(twice, once);
+        }
+    }
+}

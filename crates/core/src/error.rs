@@ -1,0 +1,287 @@
+use std::sync::Arc;
+
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+use crate::body::{Body, full};
+
+/// Everything that can go wrong in the stack, by what went wrong.
+///
+/// Every layer returns this error; it is rendered once, at the edge, into an
+/// OpenAI-style error response by [`Error::into_response`]. Status, `type` and
+/// `code` follow DESIGN.md's pinned table.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The body is not valid JSON.
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The body is JSON but not an object.
+    #[error("request body must be a JSON object")]
+    InvalidBody,
+    /// The body has no string `model`.
+    #[error("request body has no string field `model`")]
+    MissingModel,
+    /// A parameter the proxy cannot honour.
+    #[error("{message}")]
+    UnsupportedParameter {
+        /// The parameter's name.
+        param: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The client's credential is missing, malformed or unknown.
+    #[error("invalid API key")]
+    InvalidApiKey,
+    /// The caller's key may not use this model.
+    #[error("this API key may not use model `{0}`")]
+    ModelNotAllowed(String),
+    /// The caller's key may not use this route.
+    #[error("this API key may not use {0}")]
+    RouteNotAllowed(String),
+    /// No upstream is configured for the model.
+    #[error("model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// No upstream serves this API for the model.
+    #[error("{0}")]
+    ApiNotServed(String),
+    /// No such path.
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    /// The path exists, but not for this method.
+    #[error("method {method} is not allowed on {path}; allowed: {allow}")]
+    MethodNotAllowed {
+        /// The method the client used.
+        method: String,
+        /// The path.
+        path: String,
+        /// The value of the `allow` header.
+        allow: &'static str,
+    },
+    /// The body is larger than the configured limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    RequestTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// A content type other than JSON.
+    #[error("content-type `{0}` is not supported; send application/json")]
+    UnsupportedMediaType(String),
+    /// A rate limit was hit.
+    #[error("rate limit exceeded: {message}")]
+    RateLimited {
+        /// Whole seconds until a retry may succeed (at least 1).
+        retry_after_secs: u64,
+        /// Which limit.
+        message: String,
+    },
+    /// The upstream failed below HTTP: refused, reset, broken response.
+    #[error("upstream `{upstream}` failed: {reason}")]
+    BadGateway {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// What happened.
+        reason: String,
+    },
+    /// No attempt could be made at all.
+    #[error("no upstream available: {0}")]
+    NoUpstreamAvailable(String),
+    /// The upstream did not answer in time.
+    #[error("upstream `{upstream}` timed out {phase}")]
+    UpstreamTimeout {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// Which wait ran out, e.g. "waiting for the response head".
+        phase: &'static str,
+    },
+}
+
+/// The JSON error object OpenAI clients parse: `{"error":{…}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    /// The error object.
+    pub error: ErrorObject<'a>,
+}
+
+/// The inner object of [`ErrorBody`].
+#[derive(Debug, Serialize)]
+pub struct ErrorObject<'a> {
+    /// A message for a person.
+    pub message: &'a str,
+    /// The error's `type`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The parameter at fault, if any.
+    pub param: Option<&'a str>,
+    /// A stable machine-readable code.
+    pub code: &'static str,
+}
+
+impl Error {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        use Error::*;
+        match self {
+            InvalidJson(_) | InvalidBody | MissingModel | UnsupportedParameter { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ModelNotAllowed(_) | RouteNotAllowed(_) => StatusCode::FORBIDDEN,
+            ModelNotFound(_) | ApiNotServed(_) | RouteNotFound(_) => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            NoUpstreamAvailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    pub fn error_type(&self) -> &'static str {
+        use Error::*;
+        match self {
+            InvalidJson(_)
+            | InvalidBody
+            | MissingModel
+            | UnsupportedParameter { .. }
+            | MethodNotAllowed { .. }
+            | RequestTooLarge { .. }
+            | UnsupportedMediaType(_) => "invalid_request_error",
+            InvalidApiKey => "authentication_error",
+            ModelNotAllowed(_) | RouteNotAllowed(_) => "permission_error",
+            ModelNotFound(_) | ApiNotServed(_) | RouteNotFound(_) => "not_found_error",
+            RateLimited { .. } => "rate_limit_error",
+            BadGateway { .. } => "upstream_error",
+            NoUpstreamAvailable(_) => "service_unavailable",
+            UpstreamTimeout { .. } => "timeout_error",
+        }
+    }
+
+    /// The stable error `code`.
+    pub fn code(&self) -> &'static str {
+        use Error::*;
+        match self {
+            InvalidJson(_) => "invalid_json",
+            InvalidBody => "invalid_body",
+            MissingModel => "missing_model",
+            UnsupportedParameter { .. } => "unsupported_parameter",
+            InvalidApiKey => "invalid_api_key",
+            ModelNotAllowed(_) => "model_not_allowed",
+            RouteNotAllowed(_) => "route_not_allowed",
+            ModelNotFound(_) => "model_not_found",
+            ApiNotServed(_) => "api_not_served",
+            RouteNotFound(_) => "route_not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            RequestTooLarge { .. } => "request_too_large",
+            UnsupportedMediaType(_) => "unsupported_media_type",
+            RateLimited { .. } => "rate_limit_exceeded",
+            BadGateway { .. } => "bad_gateway",
+            NoUpstreamAvailable(_) => "no_upstream_available",
+            UpstreamTimeout { .. } => "upstream_timeout",
+        }
+    }
+
+    /// The parameter at fault, if any.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Error::UnsupportedParameter { param, .. } => Some(param),
+            Error::MissingModel => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The error as OpenAI-style JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        let message = self.to_string();
+        let body = ErrorBody {
+            error: ErrorObject {
+                message: &message,
+                kind: self.error_type(),
+                param: self.param(),
+                code: self.code(),
+            },
+        };
+        serde_json::to_vec(&body).expect("an ErrorBody of strings always serialises")
+    }
+
+    /// Render the error as an HTTP response with an OpenAI-style JSON body and
+    /// the headers its status calls for (`retry-after`, `allow`).
+    pub fn into_response(self) -> http::Response<Body> {
+        let mut resp = http::Response::new(full(self.to_json()));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match &self {
+            Error::RateLimited {
+                retry_after_secs, ..
+            } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from((*retry_after_secs).max(1)),
+                );
+            }
+            Error::MethodNotAllowed { allow, .. } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
+        }
+        resp.extensions_mut().insert(self);
+        resp
+    }
+
+    /// The `data: {...}` SSE event that ends a stream broken mid-way
+    /// (`code: "stream_interrupted"`), as DESIGN.md pins it.
+    pub fn stream_interrupted_event(reason: &str) -> bytes::Bytes {
+        let body = ErrorBody {
+            error: ErrorObject {
+                message: reason,
+                kind: "upstream_error",
+                param: None,
+                code: "stream_interrupted",
+            },
+        };
+        let json = serde_json::to_string(&body).expect("an ErrorBody of strings always serialises");
+        bytes::Bytes::from(format!("data: {json}\n\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_openai_shape() {
+        let resp = Error::MissingModel.into_response();
+        assert_eq!(resp.status(), 400);
+        let json = Error::MissingModel.to_json();
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "missing_model");
+        assert_eq!(v["error"]["param"], "model");
+    }
+
+    #[test]
+    fn rate_limited_has_retry_after_at_least_one() {
+        let resp = Error::RateLimited {
+            retry_after_secs: 0,
+            message: "rpm".into(),
+        }
+        .into_response();
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "1");
+    }
+
+    #[test]
+    fn interrupted_event_is_sse_data() {
+        let ev = Error::stream_interrupted_event("upstream reset");
+        let s = std::str::from_utf8(&ev).unwrap();
+        assert!(s.starts_with("data: {\"error\":"));
+        assert!(s.ends_with("\n\n"));
+        assert!(s.contains("\"code\":\"stream_interrupted\""));
+    }
+}

@@ -1,0 +1,61 @@
+//! Core types of llm-proxy, shared by every layer of the stack.
+//!
+//! The proxy is a stack of tower layers over `http::Request<Body>`. This crate
+//! owns what they all agree on:
+//!
+//! - [`Body`]: the one boxed body type requests and responses travel in;
+//! - [`RequestMeta`]: set once by the [`ParseLayer`] (the request JSON is
+//!   parsed exactly once) and read by every later layer from the request's
+//!   extensions: endpoint kind, model, stream flag, the buffered body;
+//! - [`Error`]: the error enum every layer returns, rendered once into an
+//!   OpenAI-style error response;
+//! - [`sse`]: an incremental Server-Sent-Events parser and encoder;
+//! - [`usage`]: token usage extraction from JSON bodies and SSE streams;
+//! - [`canonical`]: canonical JSON (sorted keys, no whitespace) for cache keys.
+//!
+//! # Example
+//!
+//! ```
+//! use llm_proxy_core::{Body, Error, ParseLayer, ParseLimits, RequestMeta};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let svc = ServiceBuilder::new()
+//!     .layer(ParseLayer::new(ParseLimits::default()))
+//!     .service(service_fn(|req: http::Request<Body>| async move {
+//!         let meta = req.extensions().get::<RequestMeta>().expect("set by ParseLayer");
+//!         Ok::<_, Error>(http::Response::new(llm_proxy_core::full(meta.model().unwrap_or_default().to_owned())))
+//!     }));
+//! let req = http::Request::post("/v1/chat/completions")
+//!     .body(llm_proxy_core::full(r#"{"model":"m","messages":[]}"#))
+//!     .unwrap();
+//! let resp = svc.oneshot(req).await.unwrap();
+//! assert_eq!(resp.status(), 200);
+//! # }
+//! ```
+//!
+//! This crate has no feature flags.
+#![forbid(unsafe_code)]
+
+mod body;
+pub mod canonical;
+mod endpoint;
+mod error;
+mod meta;
+mod parse;
+pub mod sse;
+pub mod usage;
+
+pub use body::{Body, BoxError, Guarded, empty, full};
+pub use endpoint::Endpoint;
+pub use error::{Error, ErrorBody};
+pub use meta::{Identity, RequestMeta};
+pub use parse::{Parse, ParseLayer, ParseLimits};
+
+/// The response header that names the upstream which served a request.
+pub const UPSTREAM_HEADER: &str = "x-llm-proxy-upstream";
+
+/// Set on a response by the upstream service that produced it: which upstream
+/// served the request. Read by metrics and by the proxy's response headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamName(pub std::sync::Arc<str>);

@@ -1,0 +1,169 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::Endpoint;
+
+/// Who is calling, once the auth layer has decided: the configured key's name.
+/// Never the key itself.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// The key's configured name, e.g. `team-a`.
+    pub name: Arc<str>,
+}
+
+/// What the parse layer learned about a request, read by every later layer
+/// from the request's extensions.
+///
+/// The JSON body is parsed once, here. A layer that must change the body (a
+/// fallback `model`, `stream_options.include_usage`) edits the parsed object
+/// through [`RequestMeta::json_mut`]; the upstream client then sends
+/// [`RequestMeta::body_for_upstream`], which re-serialises only an edited body
+/// and otherwise hands back the client's bytes unchanged.
+#[derive(Clone, Debug)]
+pub struct RequestMeta {
+    endpoint: Endpoint,
+    model: Option<Arc<str>>,
+    stream: bool,
+    body: Option<Bytes>,
+    json: Option<Arc<Map<String, Value>>>,
+    edited: bool,
+    identity: Option<Identity>,
+}
+
+impl RequestMeta {
+    /// Metadata for a request whose JSON body was parsed into `json`.
+    pub fn parsed(endpoint: Endpoint, body: Bytes, json: Map<String, Value>) -> Self {
+        let model = json.get("model").and_then(Value::as_str).map(Arc::from);
+        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        RequestMeta {
+            endpoint,
+            model,
+            stream,
+            body: Some(body),
+            json: Some(Arc::new(json)),
+            edited: false,
+            identity: None,
+        }
+    }
+
+    /// Metadata for a request whose body (if any) is not buffered: it travels
+    /// in the request itself and is streamed to the upstream as it arrives.
+    pub fn unbuffered(endpoint: Endpoint) -> Self {
+        RequestMeta {
+            endpoint,
+            model: None,
+            stream: false,
+            body: None,
+            json: None,
+            edited: false,
+            identity: None,
+        }
+    }
+
+    /// Which API the request speaks.
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+
+    /// The body's `model`, if it has one.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// The body's `model` as a shared string, if it has one.
+    pub fn model_arc(&self) -> Option<&Arc<str>> {
+        self.model.as_ref()
+    }
+
+    /// Whether the client asked for a streamed answer (`"stream": true`).
+    pub fn is_stream(&self) -> bool {
+        self.stream
+    }
+
+    /// The parsed body, when the request had a JSON body.
+    pub fn json(&self) -> Option<&Map<String, Value>> {
+        self.json.as_deref()
+    }
+
+    /// The parsed body for editing; marks the body as edited so that it is
+    /// re-serialised before it is sent. `None` when the body was not parsed.
+    pub fn json_mut(&mut self) -> Option<&mut Map<String, Value>> {
+        let json = self.json.as_mut()?;
+        self.edited = true;
+        Some(Arc::make_mut(json))
+    }
+
+    /// Replace the body's `model` (a fallback), keeping metadata and body in step.
+    pub fn set_model(&mut self, model: &str) {
+        if let Some(json) = self.json_mut() {
+            json.insert("model".to_owned(), Value::String(model.to_owned()));
+        }
+        self.model = Some(Arc::from(model));
+    }
+
+    /// Whether a layer has edited the parsed body.
+    pub fn is_edited(&self) -> bool {
+        self.edited
+    }
+
+    /// The client's body bytes exactly as received, when buffered.
+    pub fn original_body(&self) -> Option<&Bytes> {
+        self.body.as_ref()
+    }
+
+    /// The bytes to send upstream: the client's bytes unchanged, or the edited
+    /// object serialised once. `None` when the body is not buffered.
+    pub fn body_for_upstream(&self) -> Option<Bytes> {
+        match (&self.json, self.edited) {
+            (Some(json), true) => Some(Bytes::from(
+                serde_json::to_vec(json.as_ref()).expect("a JSON map always serialises"),
+            )),
+            _ => self.body.clone(),
+        }
+    }
+
+    /// The caller's identity, once the auth layer has set it.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    /// Record the caller's identity (the auth layer does this).
+    pub fn set_identity(&mut self, identity: Identity) {
+        self.identity = Some(identity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(body: &str) -> RequestMeta {
+        let json: Map<String, Value> = serde_json::from_str(body).unwrap();
+        RequestMeta::parsed(
+            Endpoint::ChatCompletions,
+            Bytes::from(body.to_owned()),
+            json,
+        )
+    }
+
+    #[test]
+    fn unchanged_body_goes_byte_for_byte() {
+        let raw = r#"{ "model" : "m",   "stream":true }"#;
+        let m = meta(raw);
+        assert!(m.is_stream());
+        assert_eq!(m.model(), Some("m"));
+        assert_eq!(m.body_for_upstream().unwrap(), raw.as_bytes());
+    }
+
+    #[test]
+    fn edited_body_is_reserialised() {
+        let mut m = meta(r#"{"model":"a","x":1}"#);
+        m.set_model("b");
+        assert_eq!(m.model(), Some("b"));
+        let out: Value = serde_json::from_slice(&m.body_for_upstream().unwrap()).unwrap();
+        assert_eq!(out["model"], "b");
+        assert_eq!(out["x"], 1);
+    }
+}

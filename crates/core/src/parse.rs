@@ -1,0 +1,305 @@
+//! The parse layer: body limit, content type, one JSON parse, [`RequestMeta`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, header};
+use http_body_util::{BodyExt, Limited};
+use serde_json::{Map, Value};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{Body, BoxError, Endpoint, Error, RequestMeta, empty};
+
+/// Limits the parse layer enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct ParseLimits {
+    /// Bodies larger than this are refused with 413 without being read.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        ParseLimits {
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Buffers and parses a request's JSON body once, and puts a [`RequestMeta`]
+/// into its extensions for the layers below.
+///
+/// - model endpoints (`/v1/chat/completions`, `/v1/completions`,
+///   `/v1/embeddings`): a non-JSON content type is 415, a body over the limit
+///   413 (decided from `content-length` before reading when it is given),
+///   malformed JSON 400 `invalid_json`, a non-object 400 `invalid_body`, no
+///   string `model` 400 `missing_model`;
+/// - other `/v1/*` paths: a JSON body is buffered (same limit) and its `model`
+///   read if present, so it can be routed; any other body streams through,
+///   still bounded by the limit.
+///
+/// The request handed to the inner service carries an empty body when the
+/// body was buffered: the bytes live in [`RequestMeta`].
+#[derive(Clone, Debug)]
+pub struct ParseLayer {
+    limits: ParseLimits,
+}
+
+impl ParseLayer {
+    /// A parse layer with these limits.
+    pub fn new(limits: ParseLimits) -> Self {
+        ParseLayer { limits }
+    }
+}
+
+impl<S> Layer<S> for ParseLayer {
+    type Service = Parse<S>;
+
+    fn layer(&self, inner: S) -> Parse<S> {
+        Parse {
+            inner,
+            limits: self.limits,
+        }
+    }
+}
+
+/// The service of [`ParseLayer`].
+#[derive(Clone, Debug)]
+pub struct Parse<S> {
+    inner: S,
+    limits: ParseLimits,
+}
+
+impl<S, B> Service<Request<B>> for Parse<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The tower idiom: the clone is the one that was not driven to ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let limit = self.limits.max_body_bytes;
+        Box::pin(async move {
+            let req = parse(req, limit).await?;
+            call_boxed(&mut inner, req).await
+        })
+    }
+}
+
+/// Call `inner`, boxing its future. Awaiting `S::Future` directly inside the
+/// `async` block trips a rustc limitation (higher-ranked `Send` inference over
+/// the `dyn Error` in [`Body`]); a boxed `dyn Future + Send` sidesteps it.
+fn call_boxed<S>(
+    inner: &mut S,
+    req: Request<Body>,
+) -> Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
+    S::Future: Send + 'static,
+{
+    Box::pin(inner.call(req))
+}
+
+/// Parse one request: the work of [`Parse`], usable without the layer.
+pub async fn parse<B>(req: Request<B>, limit: usize) -> Result<Request<Body>, Error>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let endpoint = Endpoint::from_path(req.uri().path()).unwrap_or(Endpoint::Passthrough);
+    if content_length(req.headers()).is_some_and(|len| len > limit as u64) {
+        return Err(Error::RequestTooLarge { limit });
+    }
+    let json_content = json_content_type(req.headers())?;
+    let (mut parts, body) = req.into_parts();
+
+    let meta = if endpoint.has_model_body() {
+        if let Some(ct) = json_content.err() {
+            return Err(Error::UnsupportedMediaType(ct));
+        }
+        let bytes = read_limited(body, limit).await?;
+        let json = parse_object(&bytes)?;
+        match json.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => {}
+            _ => return Err(Error::MissingModel),
+        }
+        RequestMeta::parsed(endpoint, bytes, json)
+    } else if json_content.is_ok() && carries_body(&parts.method, &parts.headers) {
+        // Other routes: buffer JSON to learn its model; a body that is not an
+        // object goes on as is, for the upstream to judge.
+        let bytes = read_limited(body, limit).await?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(json)) => RequestMeta::parsed(endpoint, bytes, json),
+            _ => {
+                let meta = RequestMeta::unbuffered(endpoint);
+                parts.extensions.insert(meta);
+                return Ok(Request::from_parts(parts, crate::full(bytes)));
+            }
+        }
+    } else {
+        parts.extensions.insert(RequestMeta::unbuffered(endpoint));
+        let body = Limited::new(body, limit)
+            .map_err(|e| -> BoxError { e })
+            .boxed_unsync();
+        return Ok(Request::from_parts(parts, body));
+    };
+    parts.extensions.insert(meta);
+    Ok(Request::from_parts(parts, empty()))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `Ok(())` for a JSON content type or none; `Err(type)` for anything else.
+fn json_content_type(headers: &HeaderMap) -> Result<Result<(), String>, Error> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(Ok(()));
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let essence = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let is_json =
+        essence == "application/json" || (essence.ends_with("+json") && essence.contains('/'));
+    Ok(if is_json {
+        Ok(())
+    } else {
+        Err(text.into_owned())
+    })
+}
+
+fn carries_body(method: &http::Method, headers: &HeaderMap) -> bool {
+    if content_length(headers) == Some(0) {
+        return false;
+    }
+    !matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::OPTIONS
+    ) || content_length(headers).is_some()
+}
+
+async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, Error>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(Error::RequestTooLarge { limit })
+        }
+        Err(e) => Err(Error::InvalidJson(format!("could not read the body: {e}"))),
+    }
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Error> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::InvalidBody),
+        Err(e) => Err(Error::InvalidJson(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::full;
+
+    fn req(path: &str, ct: Option<&str>, body: &'static str) -> Request<Body> {
+        let mut b = Request::post(path);
+        if let Some(ct) = ct {
+            b = b.header("content-type", ct);
+        }
+        b.body(full(body)).unwrap()
+    }
+
+    async fn code(r: Request<Body>, limit: usize) -> &'static str {
+        parse(r, limit)
+            .await
+            .err()
+            .map(|e| e.code())
+            .unwrap_or("ok")
+    }
+
+    #[tokio::test]
+    async fn bad_inputs_get_their_codes() {
+        let p = "/v1/chat/completions";
+        assert_eq!(code(req(p, None, "{"), 100).await, "invalid_json");
+        assert_eq!(code(req(p, None, "[1]"), 100).await, "invalid_body");
+        assert_eq!(code(req(p, None, "{}"), 100).await, "missing_model");
+        assert_eq!(
+            code(req(p, None, r#"{"model":1}"#), 100).await,
+            "missing_model"
+        );
+        assert_eq!(
+            code(req(p, Some("text/plain"), r#"{"model":"m"}"#), 100).await,
+            "unsupported_media_type"
+        );
+        assert_eq!(
+            code(
+                req(
+                    p,
+                    Some("application/json; charset=utf-8"),
+                    r#"{"model":"m"}"#
+                ),
+                100
+            )
+            .await,
+            "ok"
+        );
+        assert_eq!(
+            code(
+                req(p, Some("application/vnd.api+json"), r#"{"model":"m"}"#),
+                100
+            )
+            .await,
+            "ok"
+        );
+        assert_eq!(
+            code(req(p, None, r#"{"model":"mmmmmmmmmmmmm"}"#), 10).await,
+            "request_too_large"
+        );
+    }
+
+    #[tokio::test]
+    async fn content_length_over_limit_is_refused_before_reading() {
+        let r = Request::post("/v1/embeddings")
+            .header("content-length", "1000000")
+            .body(full(""))
+            .unwrap();
+        assert_eq!(code(r, 100).await, "request_too_large");
+    }
+
+    #[tokio::test]
+    async fn passthrough_json_learns_model() {
+        let r = parse(req("/v1/files", None, r#"{"model":"m"}"#), 100)
+            .await
+            .unwrap();
+        let meta = r.extensions().get::<RequestMeta>().unwrap();
+        assert_eq!(meta.endpoint(), Endpoint::Passthrough);
+        assert_eq!(meta.model(), Some("m"));
+    }
+}

@@ -1,0 +1,644 @@
+//! An incremental Server-Sent-Events parser and encoder.
+//!
+//! The proxy watches streamed responses (to count tokens, to tee them into a
+//! cache, to notice a stream cut mid-event) while forwarding every byte
+//! unchanged. The observing code sits inside an `http_body::Body` poll, so it
+//! is handed chunks as they arrive and must not take over the stream. The
+//! existing crates (`eventsource-stream` and friends) are pull-based `Stream`
+//! adapters that own the byte stream; [`Parser`] is push-based instead: feed
+//! it any chunk with [`Parser::push`], then pop complete events with
+//! [`Parser::next_event`].
+//!
+//! Parsing follows the WHATWG EventSource rules: lines end with `\r\n`, `\n`
+//! or `\r`; `:` starts a comment; `data` lines are joined with `\n`; a blank
+//! line dispatches the event; a leading UTF-8 BOM is skipped. Chunks may be
+//! split anywhere, including between `\r` and `\n` or inside a multi-byte
+//! UTF-8 character.
+//!
+//! [`encode`] and [`encode_data`] write events back out.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+/// The `data` payload that ends an OpenAI-style stream.
+pub const DONE: &str = "[DONE]";
+
+/// The default limit of [`Parser::new`]: 1 MiB.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// One dispatched Server-Sent Event.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// The `event` field; `None` when absent or empty, which the spec reads
+    /// as `message`.
+    pub event: Option<String>,
+    /// The `data` lines of the event, joined with `\n`.
+    pub data: String,
+    /// The `id` field set in this event, if any. Unlike the spec's "last
+    /// event ID", this does not carry over from earlier events; see
+    /// [`Parser::last_event_id`] for that.
+    pub id: Option<String>,
+    /// The `retry` field set in this event, in milliseconds, if it was all
+    /// digits.
+    pub retry: Option<u64>,
+}
+
+impl Event {
+    /// Whether this is the `data: [DONE]` sentinel that ends an OpenAI stream.
+    pub fn is_done(&self) -> bool {
+        self.data == DONE
+    }
+}
+
+/// What can go wrong while parsing an event stream.
+#[derive(Debug, thiserror::Error)]
+pub enum SseError {
+    /// One event (its buffered fields plus the unfinished line) grew past the
+    /// parser's limit.
+    #[error("server-sent event is larger than the limit of {limit} bytes")]
+    EventTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+}
+
+/// A push-based, incremental Server-Sent-Events parser.
+///
+/// ```
+/// use llm_proxy_core::sse::Parser;
+///
+/// let mut parser = Parser::new();
+/// parser.push(b"data: hel").unwrap();
+/// assert!(parser.next_event().is_none());
+/// parser.push(b"lo\n\ndata: [DONE]\n\n").unwrap();
+/// assert_eq!(parser.next_event().unwrap().data, "hello");
+/// assert!(parser.next_event().unwrap().is_done());
+/// ```
+#[derive(Debug)]
+pub struct Parser {
+    max_event_bytes: usize,
+    /// The bytes of an unfinished line, kept across chunks.
+    line: Vec<u8>,
+    /// The last chunk ended in `\r`: a `\n` starting the next one belongs to
+    /// the same line break.
+    pending_cr: bool,
+    /// No line has been completed yet, so a BOM may still start the stream.
+    at_stream_start: bool,
+    /// A field line of the current event has been seen.
+    in_event: bool,
+    /// Data lines of the current event, each followed by `\n`.
+    data: String,
+    event_type: String,
+    id: Option<String>,
+    retry: Option<u64>,
+    last_event_id: String,
+    reconnection_time: Option<u64>,
+    ready: VecDeque<Event>,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Parser {
+    /// A parser that accepts events of up to [`DEFAULT_MAX_EVENT_BYTES`].
+    pub fn new() -> Self {
+        Self::with_max_event_bytes(DEFAULT_MAX_EVENT_BYTES)
+    }
+
+    /// A parser that fails with [`SseError::EventTooLarge`] once the event
+    /// being assembled (its fields plus the unfinished line) exceeds `limit`
+    /// bytes. Dispatched events waiting in [`Parser::next_event`] do not count.
+    pub fn with_max_event_bytes(limit: usize) -> Self {
+        Self {
+            max_event_bytes: limit,
+            line: Vec::new(),
+            pending_cr: false,
+            at_stream_start: true,
+            in_event: false,
+            data: String::new(),
+            event_type: String::new(),
+            id: None,
+            retry: None,
+            last_event_id: String::new(),
+            reconnection_time: None,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Feeds the next bytes of the stream. Complete events become available
+    /// from [`Parser::next_event`].
+    ///
+    /// On error the unfinished event and the rest of `chunk` are discarded;
+    /// the stream is not trustworthy after that and should not be fed on.
+    pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), SseError> {
+        if self.pending_cr && !chunk.is_empty() {
+            self.pending_cr = false;
+            if let Some(rest) = chunk.strip_prefix(b"\n") {
+                chunk = rest;
+            }
+        }
+        while let Some(end) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+            let (line, rest) = chunk.split_at(end);
+            chunk = match rest {
+                [b'\r', b'\n', rest @ ..] => rest,
+                [b'\r'] => {
+                    self.pending_cr = true;
+                    &[]
+                }
+                [_, rest @ ..] => rest,
+                [] => &[],
+            };
+            if self.line.is_empty() {
+                self.process_line(line)?;
+            } else {
+                let mut buffered = std::mem::take(&mut self.line);
+                buffered.extend_from_slice(line);
+                let result = self.process_line(&buffered);
+                buffered.clear();
+                self.line = buffered;
+                result?;
+            }
+        }
+        if !chunk.is_empty() {
+            if self.buffered_bytes() + chunk.len() > self.max_event_bytes {
+                return Err(self.too_large());
+            }
+            self.line.extend_from_slice(chunk);
+        }
+        Ok(())
+    }
+
+    /// Pops the next complete event, in stream order.
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.ready.pop_front()
+    }
+
+    /// Ends the stream. The spec discards an event that was not terminated by
+    /// a blank line, so this always returns `None`; it resets the parser for
+    /// a new stream (events already complete stay available from
+    /// [`Parser::next_event`]). Check [`Parser::has_partial`] first to learn
+    /// whether an event was cut off.
+    pub fn finish(&mut self) -> Option<Event> {
+        self.reset_event();
+        self.pending_cr = false;
+        self.at_stream_start = true;
+        None
+    }
+
+    /// Whether bytes of an unfinished line or event are buffered: at end of
+    /// stream, a sign that the stream was cut mid-event. Comment lines alone
+    /// (keep-alives) do not count.
+    pub fn has_partial(&self) -> bool {
+        !self.line.is_empty() || self.in_event
+    }
+
+    /// The spec's "last event ID": the latest `id` field seen in the stream,
+    /// empty if none. It carries over from event to event.
+    pub fn last_event_id(&self) -> &str {
+        &self.last_event_id
+    }
+
+    /// The spec's reconnection time: the latest valid `retry` field seen in
+    /// the stream, in milliseconds.
+    pub fn reconnection_time(&self) -> Option<u64> {
+        self.reconnection_time
+    }
+
+    fn buffered_bytes(&self) -> usize {
+        self.line.len()
+            + self.data.len()
+            + self.event_type.len()
+            + self.id.as_ref().map_or(0, String::len)
+    }
+
+    fn too_large(&mut self) -> SseError {
+        self.reset_event();
+        SseError::EventTooLarge {
+            limit: self.max_event_bytes,
+        }
+    }
+
+    fn reset_event(&mut self) {
+        self.line.clear();
+        self.data.clear();
+        self.event_type.clear();
+        self.id = None;
+        self.retry = None;
+        self.in_event = false;
+    }
+
+    /// Handles one complete line, without its terminator.
+    fn process_line(&mut self, mut line: &[u8]) -> Result<(), SseError> {
+        if self.at_stream_start {
+            self.at_stream_start = false;
+            line = line.strip_prefix(BOM).unwrap_or(line);
+        }
+        let (name, value) = match line.iter().position(|&b| b == b':') {
+            None if line.is_empty() => {
+                self.dispatch();
+                return Ok(());
+            }
+            Some(0) => return Ok(()),
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &[][..]),
+        };
+        self.in_event = true;
+        // Line breaks and ':' are ASCII, so decoding each value on its own is
+        // the same as decoding the whole stream first, as the spec does.
+        match name {
+            b"data" => {
+                self.data.push_str(&String::from_utf8_lossy(value));
+                self.data.push('\n');
+            }
+            b"event" => {
+                self.event_type.clear();
+                self.event_type.push_str(&String::from_utf8_lossy(value));
+            }
+            b"id" if !value.contains(&0) => {
+                let id = String::from_utf8_lossy(value);
+                self.last_event_id.clear();
+                self.last_event_id.push_str(&id);
+                self.id = Some(id.into_owned());
+            }
+            b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                if let Ok(millis) = String::from_utf8_lossy(value).parse() {
+                    self.retry = Some(millis);
+                    self.reconnection_time = Some(millis);
+                }
+            }
+            _ => {}
+        }
+        if self.buffered_bytes() > self.max_event_bytes {
+            return Err(self.too_large());
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self) {
+        self.in_event = false;
+        let id = self.id.take();
+        let retry = self.retry.take();
+        if self.data.is_empty() {
+            self.event_type.clear();
+            return;
+        }
+        self.data.pop(); // the `\n` after the last data line
+        let event = (!self.event_type.is_empty()).then(|| std::mem::take(&mut self.event_type));
+        self.ready.push_back(Event {
+            event,
+            data: std::mem::take(&mut self.data),
+            id,
+            retry,
+        });
+    }
+}
+
+/// Encodes an event: `event:`, `id:` and `retry:` fields when set, one
+/// `data:` line per line of `data`, then a blank line.
+///
+/// Line breaks (`\r\n`, `\r`, `\n`) in `data` become separate `data:` lines,
+/// so they parse back as `\n`. Line breaks in `event` and `id` would end the
+/// field early and are left out.
+pub fn encode(event: &Event) -> Bytes {
+    let mut out = Vec::with_capacity(event.data.len() + 32);
+    if let Some(name) = &event.event {
+        write_field(&mut out, "event", name);
+    }
+    if let Some(id) = &event.id {
+        write_field(&mut out, "id", id);
+    }
+    if let Some(retry) = event.retry {
+        write_field(&mut out, "retry", &retry.to_string());
+    }
+    write_data(&mut out, &event.data);
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+/// Encodes `data: {data}\n\n`, one `data:` line per line of `data`.
+pub fn encode_data(data: &str) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + 8);
+    write_data(&mut out, data);
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+fn write_field(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for piece in value.split(['\r', '\n']) {
+        out.extend_from_slice(piece.as_bytes());
+    }
+    out.push(b'\n');
+}
+
+fn write_data(out: &mut Vec<u8>, data: &str) {
+    let mut rest = data.as_bytes();
+    loop {
+        let end = rest.iter().position(|&b| b == b'\n' || b == b'\r');
+        let line = end.map_or(rest, |end| &rest[..end]);
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+        rest = match end.map(|end| &rest[end..]) {
+            None => break,
+            Some([b'\r', b'\n', tail @ ..]) | Some([_, tail @ ..]) => tail,
+            Some([]) => break,
+        };
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SAMPLE: &[u8] = "\u{FEFF}: keep-alive\r\n\
+        event: delta\r\n\
+        id: 1\r\n\
+        data: {\"text\":\"h\u{e9}llo \u{1F600}\"}\r\n\
+        \r\n\
+        data: line one\rdata: line two\r\r\
+        retry: 1500\n\
+        unknown: field\n\
+        data\n\
+        data:  two spaces\n\
+        \n\
+        id\n\
+        event: no-data\n\
+        \n\
+        data: [DONE]\n\n"
+        .as_bytes();
+
+    fn sample_events() -> Vec<Event> {
+        vec![
+            Event {
+                event: Some("delta".into()),
+                data: "{\"text\":\"h\u{e9}llo \u{1F600}\"}".into(),
+                id: Some("1".into()),
+                retry: None,
+            },
+            Event {
+                data: "line one\nline two".into(),
+                ..Event::default()
+            },
+            Event {
+                data: "\n two spaces".into(),
+                retry: Some(1500),
+                ..Event::default()
+            },
+            Event {
+                data: DONE.into(),
+                ..Event::default()
+            },
+        ]
+    }
+
+    fn parse_chunks<'a>(
+        parser: &mut Parser,
+        chunks: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        for chunk in chunks {
+            parser.push(chunk).unwrap();
+            events.extend(std::iter::from_fn(|| parser.next_event()));
+        }
+        events
+    }
+
+    fn parse_all(chunks: &[&[u8]]) -> Vec<Event> {
+        parse_chunks(&mut Parser::new(), chunks.iter().copied())
+    }
+
+    #[test]
+    fn whole_sample() {
+        assert_eq!(parse_all(&[SAMPLE]), sample_events());
+    }
+
+    #[test]
+    fn split_at_every_byte_position() {
+        for at in 0..=SAMPLE.len() {
+            let (a, b) = SAMPLE.split_at(at);
+            assert_eq!(parse_all(&[a, b]), sample_events(), "split at {at}");
+        }
+    }
+
+    #[test]
+    fn split_at_every_pair_of_positions() {
+        for i in 0..=SAMPLE.len() {
+            for j in i..=SAMPLE.len() {
+                let chunks = [&SAMPLE[..i], &SAMPLE[i..j], &SAMPLE[j..]];
+                assert_eq!(parse_all(&chunks), sample_events(), "split at {i}, {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn byte_by_byte() {
+        let mut parser = Parser::new();
+        assert_eq!(parse_chunks(&mut parser, SAMPLE.chunks(1)), sample_events());
+        assert!(!parser.has_partial());
+        assert_eq!(parser.last_event_id(), "");
+        assert_eq!(parser.reconnection_time(), Some(1500));
+    }
+
+    #[test]
+    fn line_endings() {
+        for ending in ["\n", "\r", "\r\n"] {
+            let stream = format!("data: a{ending}data: b{ending}{ending}data: c{ending}{ending}");
+            let events = parse_all(&[stream.as_bytes()]);
+            let data: Vec<_> = events.iter().map(|e| e.data.as_str()).collect();
+            assert_eq!(data, ["a\nb", "c"], "ending {ending:?}");
+        }
+    }
+
+    #[test]
+    fn cr_at_chunk_end_then_lf_is_one_line_break() {
+        // With an extra empty line this would dispatch "a" on its own.
+        let events = parse_all(&[b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"]);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, "a\nb");
+    }
+
+    #[test]
+    fn comments_are_ignored() {
+        let events = parse_all(&[b": ping\n\n:\ndata: x\n: in between\n\n"]);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, "x");
+    }
+
+    #[test]
+    fn multi_line_data_round_trips() {
+        let event = Event {
+            event: Some("message".into()),
+            data: "one\n\ntwo\n".into(),
+            id: Some("7".into()),
+            retry: Some(10),
+        };
+        let wire = encode(&event);
+        assert_eq!(
+            &wire[..],
+            b"event: message\nid: 7\nretry: 10\ndata: one\ndata: \ndata: two\ndata: \n\n"
+        );
+        assert_eq!(parse_all(&[&wire]), [event]);
+    }
+
+    #[test]
+    fn encode_data_normalises_line_breaks() {
+        assert_eq!(&encode_data("x")[..], b"data: x\n\n");
+        assert_eq!(&encode_data("")[..], b"data: \n\n");
+        assert_eq!(
+            &encode_data("a\r\nb\rc")[..],
+            b"data: a\ndata: b\ndata: c\n\n"
+        );
+        let events = parse_all(&[&encode_data("a\r\nb\rc")]);
+        assert_eq!(events[0].data, "a\nb\nc");
+    }
+
+    #[test]
+    fn encode_drops_line_breaks_in_fields() {
+        let event = Event {
+            event: Some("a\nretry: 5".into()),
+            id: Some("1\r2".into()),
+            ..Event::default()
+        };
+        assert_eq!(&encode(&event)[..], b"event: aretry: 5\nid: 12\ndata: \n\n");
+    }
+
+    #[test]
+    fn done_sentinel() {
+        let events = parse_all(&[b"data: {}\n\ndata: [DONE]\n\n"]);
+        assert!(!events[0].is_done());
+        assert!(events[1].is_done());
+        assert!(
+            !Event {
+                data: "[DONE] ".into(),
+                ..Event::default()
+            }
+            .is_done()
+        );
+    }
+
+    #[test]
+    fn bom_only_at_stream_start() {
+        let events = parse_all(&[
+            b"\xEF\xBB",
+            b"\xBFdata: a\n\n\xEF\xBB\xBFdata: b\n\ndata: c\n\n",
+        ]);
+        // The second BOM is not at the stream start: it makes an unknown field.
+        let data: Vec<_> = events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["a", "c"]);
+    }
+
+    #[test]
+    fn split_multibyte_char_and_invalid_utf8() {
+        let events = parse_all(&[b"data: \xF0\x9F", b"\x98\x80 \xFF\n\n"]);
+        assert_eq!(events[0].data, "\u{1F600} \u{FFFD}");
+    }
+
+    #[test]
+    fn id_and_retry_rules() {
+        let events = parse_all(&[b"id: a\0b\nretry: 1x\nretry:\ndata: x\n\nid\ndata: y\n\n"]);
+        assert_eq!(events[0].id, None);
+        assert_eq!(events[0].retry, None);
+        assert_eq!(events[1].id.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn empty_data_line_dispatches_but_no_data_does_not() {
+        let events = parse_all(&[b"event: a\n\ndata\n\nevent: b\nid: 3\n\n"]);
+        assert_eq!(events, [Event::default()]);
+    }
+
+    #[test]
+    fn too_large_event() {
+        let mut parser = Parser::with_max_event_bytes(16);
+        assert!(parser.push(b"data: 0123456789\n").is_ok());
+        let err = parser.push(b"data: 0123456789\n").unwrap_err();
+        assert!(matches!(err, SseError::EventTooLarge { limit: 16 }));
+        assert!(err.to_string().contains("16 bytes"));
+
+        // An unfinished line counts too, even when it comes in small pieces.
+        let mut parser = Parser::with_max_event_bytes(16);
+        let result = (0..20).try_for_each(|_| parser.push(b"d"));
+        assert!(matches!(result, Err(SseError::EventTooLarge { limit: 16 })));
+
+        // Dispatched events do not count against the limit.
+        let mut parser = Parser::with_max_event_bytes(16);
+        for _ in 0..10 {
+            parser.push(b"data: 0123456789\n\n").unwrap();
+        }
+        assert_eq!(std::iter::from_fn(|| parser.next_event()).count(), 10);
+    }
+
+    #[test]
+    fn has_partial_and_finish() {
+        let mut parser = Parser::new();
+        assert!(!parser.has_partial());
+        parser.push(b": keep-alive\n").unwrap();
+        assert!(!parser.has_partial());
+        parser.push(b"data: x").unwrap();
+        assert!(parser.has_partial());
+        parser.push(b"\n").unwrap();
+        assert!(parser.has_partial());
+        parser.push(b"\r\n").unwrap();
+        assert!(!parser.has_partial());
+        parser.push(b"data: cut off").unwrap();
+        assert!(parser.finish().is_none());
+        assert!(!parser.has_partial());
+        assert_eq!(parser.next_event().unwrap().data, "x");
+        assert!(parser.next_event().is_none());
+
+        // After finish the parser reads a fresh stream, BOM included.
+        parser.push(b"\xEF\xBB\xBFdata: y\n\n").unwrap();
+        assert_eq!(parser.next_event().unwrap().data, "y");
+    }
+
+    fn event_strategy() -> impl Strategy<Value = Event> {
+        (
+            proptest::option::of("[^\r\n]{1,12}"),
+            "[^\r]{0,40}",
+            proptest::option::of("[^\r\n\0]{0,12}"),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(|(event, data, id, retry)| Event {
+                event,
+                data,
+                id,
+                retry,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_parse_in_any_chunks(
+            events in proptest::collection::vec(event_strategy(), 0..8),
+            sizes in proptest::collection::vec(1usize..24, 1..16),
+        ) {
+            let wire: Vec<u8> = events.iter().flat_map(|e| encode(e).to_vec()).collect();
+            let mut chunks = Vec::new();
+            let mut rest = &wire[..];
+            for size in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+                chunks.push(chunk);
+                rest = tail;
+            }
+            let mut parser = Parser::new();
+            prop_assert_eq!(parse_chunks(&mut parser, chunks), events);
+            prop_assert!(!parser.has_partial());
+        }
+    }
+}

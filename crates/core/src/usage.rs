@@ -1,0 +1,198 @@
+//! Token usage, read from upstream responses.
+//!
+//! Accepts the OpenAI chat/completions/embeddings `usage` object
+//! (`prompt_tokens`, `completion_tokens`, `total_tokens`; embeddings have no
+//! `completion_tokens`) and the Responses/Anthropic naming (`input_tokens`,
+//! `output_tokens`). Only the `usage` object is deserialised; the rest of the
+//! response is skipped without building a [`serde_json::Value`].
+//!
+//! ```
+//! use llm_proxy_core::usage::{self, Usage};
+//!
+//! let body = br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+//! assert_eq!(usage::from_json(body), Some(Usage { input_tokens: 3, output_tokens: 5 }));
+//! ```
+
+use serde::Deserialize;
+
+/// Tokens consumed by one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub input_tokens: u64,
+    /// Completion (output) tokens.
+    pub output_tokens: u64,
+}
+
+impl Usage {
+    /// Input plus output tokens, saturating at `u64::MAX`.
+    pub fn total(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+}
+
+/// The top level of a response: only `usage` is read, everything else is
+/// skipped.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    usage: Option<UsageFields>,
+}
+
+/// Any field that is not a non-negative integer fails the whole
+/// deserialisation, so garbage reads as "no usage".
+#[derive(Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    fn into_usage(self) -> Option<Usage> {
+        let input = self.prompt_tokens.or(self.input_tokens);
+        let output = self.completion_tokens.or(self.output_tokens);
+        if input.is_none() && output.is_none() {
+            return None;
+        }
+        Some(Usage {
+            input_tokens: input.unwrap_or(0),
+            output_tokens: output.unwrap_or(0),
+        })
+    }
+}
+
+/// The usage of a whole (non-streamed) JSON response: its top-level `usage`
+/// object. `None` if the body is not a JSON object, or `usage` is missing,
+/// null, or not a valid usage object.
+pub fn from_json(body: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<Envelope>(body)
+        .ok()?
+        .usage?
+        .into_usage()
+}
+
+/// [`from_json`] on an already parsed response.
+pub fn from_value(value: &serde_json::Value) -> Option<Usage> {
+    let usage = value.get("usage")?;
+    if usage.is_null() {
+        return None;
+    }
+    UsageFields::deserialize(usage).ok()?.into_usage()
+}
+
+/// The usage in one SSE `data:` payload of a streamed response. `Some` only
+/// for the chunk that carries a non-null `usage` object (with OpenAI's
+/// `stream_options.include_usage`, the last one before `[DONE]`).
+pub fn from_sse_data(data: &str) -> Option<Usage> {
+    // Most chunks carry no usage: skip them without parsing.
+    if !data.contains("\"usage\"") {
+        return None;
+    }
+    from_json(data.as_bytes())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn usage(input_tokens: u64, output_tokens: u64) -> Option<Usage> {
+        Some(Usage {
+            input_tokens,
+            output_tokens,
+        })
+    }
+
+    /// Checks both the byte and the `Value` entry points.
+    fn both(body: &str) -> Option<Usage> {
+        let from_bytes = from_json(body.as_bytes());
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(body) {
+            assert_eq!(from_value(&value), from_bytes, "{body}");
+        }
+        from_bytes
+    }
+
+    #[test]
+    fn chat_completion() {
+        let body = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,
+            "message":{"role":"assistant","content":"hi"}}],
+            "usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46,
+            "prompt_tokens_details":{"cached_tokens":0}}}"#;
+        assert_eq!(both(body), usage(12, 34));
+        assert_eq!(both(body).map(|u| u.total()), Some(46));
+    }
+
+    #[test]
+    fn embeddings_have_no_completion_tokens() {
+        let body = r#"{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        assert_eq!(both(body), usage(8, 0));
+    }
+
+    #[test]
+    fn responses_and_anthropic_naming() {
+        let body = r#"{"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}"#;
+        assert_eq!(both(body), usage(5, 7));
+        let body = r#"{"type":"message","usage":{"input_tokens":5,"cache_read_input_tokens":2,"output_tokens":1}}"#;
+        assert_eq!(both(body), usage(5, 1));
+    }
+
+    #[test]
+    fn missing_or_null_usage() {
+        assert_eq!(both(r#"{"id":"x"}"#), None);
+        assert_eq!(both(r#"{"usage":null}"#), None);
+        assert_eq!(both(r#"{"usage":{}}"#), None);
+        assert_eq!(both(r#"{"usage":{"total_tokens":3}}"#), None);
+        assert_eq!(
+            both(r#"{"usage":{"prompt_tokens":null,"completion_tokens":2}}"#),
+            usage(0, 2)
+        );
+    }
+
+    #[test]
+    fn malformed_usage_is_absent() {
+        for body in [
+            r#"{"usage":{"prompt_tokens":-1,"completion_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens":1.5,"completion_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens":"3","completion_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens":18446744073709551616}}"#,
+            r#"{"usage":[1,2]}"#,
+            r#"{"usage":"lots"}"#,
+            r#"[{"usage":{"prompt_tokens":1}}]"#,
+            r#"{"usage":{"prompt_tokens":1}"#,
+            "not json",
+            "",
+        ] {
+            assert_eq!(both(body), None, "{body}");
+        }
+        assert_eq!(from_json(b"\xFF\xFE"), None);
+        assert_eq!(from_value(&json!("usage")), None);
+    }
+
+    #[test]
+    fn sse_chunks() {
+        let delta = r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+        assert_eq!(from_sse_data(delta), None);
+        let null_usage =
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}"#;
+        assert_eq!(from_sse_data(null_usage), None);
+        let last = r#"{"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}"#;
+        assert_eq!(from_sse_data(last), usage(9, 3));
+        assert_eq!(from_sse_data("[DONE]"), None);
+        assert_eq!(from_sse_data(r#"{"usage":"#), None);
+        // The word in content is not a usage object.
+        let mention = r#"{"choices":[{"delta":{"content":"\"usage\""}}]}"#;
+        assert_eq!(from_sse_data(mention), None);
+    }
+
+    #[test]
+    fn total_saturates() {
+        let big = Usage {
+            input_tokens: u64::MAX,
+            output_tokens: 1,
+        };
+        assert_eq!(big.total(), u64::MAX);
+    }
+}

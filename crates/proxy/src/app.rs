@@ -1,0 +1,131 @@
+//! Assembly: validated settings -> the service stack, outermost first.
+
+use std::sync::Arc;
+
+use llm_proxy_core::{ParseLayer, ParseLimits};
+use llm_proxy_mock::{Mock, MockConfig, MockServer};
+use llm_proxy_upstream::{Upstream, UpstreamConfig};
+use tower_layer::Layer;
+
+use crate::config::{Settings, Target};
+use crate::metrics::Metrics;
+use crate::router::{Member, ModelRouter};
+use crate::routes::{FaceOptions, ProxyService, Readiness};
+
+/// Why the proxy could not be built from valid settings.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// An upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] llm_proxy_upstream::BuildError),
+    /// An in-process mock upstream could not start.
+    #[error("upstream `{name}`: cannot start the mock: {source}")]
+    Mock {
+        /// The upstream's name.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A built proxy: its service, settings, shared state, and the in-process
+/// mock upstreams it owns (stopped when it is dropped).
+pub struct Proxy {
+    pub(crate) service: ProxyService,
+    pub(crate) settings: Settings,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) readiness: Arc<Readiness>,
+    _mocks: Vec<MockServer>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("listen", &self.settings.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Build the stack. Must run inside a tokio runtime (mock upstreams are
+    /// spawned on it).
+    pub async fn build(settings: Settings) -> Result<Proxy, BuildError> {
+        let metrics = Metrics::new();
+        let readiness = Arc::new(Readiness::default());
+        let mut mocks = Vec::new();
+        let mut members = Vec::with_capacity(settings.upstreams.len());
+        for spec in &settings.upstreams {
+            let url = match &spec.target {
+                Target::Url(url) => url.clone(),
+                Target::Mock {
+                    latency,
+                    tokens_per_second,
+                } => {
+                    let mock = Mock::new(MockConfig {
+                        latency: *latency,
+                        tokens_per_second: *tokens_per_second,
+                        models: spec.models.clone().unwrap_or_default(),
+                        name: spec.name.clone(),
+                        ..MockConfig::default()
+                    });
+                    let server =
+                        llm_proxy_mock::spawn(mock)
+                            .await
+                            .map_err(|source| BuildError::Mock {
+                                name: spec.name.clone(),
+                                source,
+                            })?;
+                    let url = server
+                        .base_url()
+                        .parse()
+                        .expect("the mock's base URL is a valid URI");
+                    mocks.push(server);
+                    url
+                }
+            };
+            let mut cfg = UpstreamConfig::new(spec.name.as_str(), url);
+            cfg.api_key = spec.api_key.clone();
+            cfg.connect_timeout = spec.connect_timeout;
+            cfg.first_byte_timeout = spec.first_byte_timeout;
+            cfg.idle_timeout = spec.idle_timeout;
+            cfg.extra_roots_pem = spec.extra_roots_pem.clone();
+            members.push(Member {
+                upstream: Upstream::new(cfg)?,
+                models: spec.models.clone(),
+            });
+        }
+        let router = ModelRouter::new(members, metrics.clone());
+        let stack = ParseLayer::new(ParseLimits {
+            max_body_bytes: settings.max_body_bytes,
+        })
+        .layer(router.clone());
+        let service = ProxyService::new(
+            stack,
+            &router,
+            metrics.clone(),
+            readiness.clone(),
+            FaceOptions {
+                upstream_header: settings.upstream_header,
+                serve_metrics: settings.metrics_listen.is_none(),
+            },
+        );
+        Ok(Proxy {
+            service,
+            settings,
+            metrics,
+            readiness,
+            _mocks: mocks,
+        })
+    }
+
+    /// The proxy as a tower `Service`, to serve or to nest in an axum app.
+    pub fn service(&self) -> ProxyService {
+        self.service.clone()
+    }
+
+    /// The settings it was built from.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}

@@ -1,0 +1,481 @@
+//! The TOML configuration file of the `llm-proxy` binary (DESIGN.md's contract).
+//!
+//! Unknown keys are errors that name the key and its line. Secrets are a
+//! literal or `env:NAME`. A section or key of a layer this build does not have
+//! yet is rejected with a message saying so, never accepted and ignored.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error: one line naming the file, the line and the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn at(file: &Path, src: &str, offset: usize, msg: impl std::fmt::Display) -> Self {
+        let line = src[..offset.min(src.len())].matches('\n').count() + 1;
+        ConfigError(format!("{}:{line}: {msg}", file.display()))
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to serve on.
+    #[serde(default = "defaults::listen")]
+    pub listen: Spanned<String>,
+    /// Requests with a larger body are answered 413.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(default = "defaults::drain_timeout_secs")]
+    pub drain_timeout_secs: f64,
+    /// Clients that take longer to send their request head are cut off.
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Connections served at once; more wait in the accept queue.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Send `x-llm-proxy-upstream` on responses.
+    #[serde(default = "defaults::yes")]
+    pub upstream_header: bool,
+    /// Serve `/metrics` on this address instead of on `listen`.
+    #[serde(default)]
+    pub metrics_listen: Option<Spanned<String>>,
+    /// The upstream servers.
+    #[serde(default)]
+    pub upstream: Vec<UpstreamSection>,
+    /// Not built yet: rejected when present.
+    #[serde(default)]
+    pub balance: Option<Spanned<toml::Value>>,
+    /// Not built yet: rejected when present.
+    #[serde(default)]
+    pub cache: Option<Spanned<toml::Value>>,
+    /// Not built yet: rejected when present.
+    #[serde(default)]
+    pub auth: Option<Spanned<toml::Value>>,
+}
+
+/// One `[[upstream]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// Unique name.
+    pub name: Spanned<String>,
+    /// Base URL with its version prefix.
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    /// The upstream's own key: literal or `env:NAME`.
+    #[serde(default)]
+    pub api_key: Option<Spanned<String>>,
+    /// Models served; absent = every model.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// `openai` (the only protocol of this build).
+    #[serde(default)]
+    pub protocol: Option<Spanned<String>>,
+    /// Connect timeout.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Request sent -> response head.
+    #[serde(default = "defaults::first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between two body chunks.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Extra PEM root for a private CA.
+    #[serde(default)]
+    pub tls_ca_file: Option<Spanned<String>>,
+    /// An in-process mock upstream instead of `url`.
+    #[serde(default)]
+    pub mock: Option<MockSection>,
+    /// Not built yet: rejected when present.
+    #[serde(default)]
+    pub weight: Option<Spanned<toml::Value>>,
+    /// Not built yet: rejected when present.
+    #[serde(default)]
+    pub apis: Option<Spanned<toml::Value>>,
+    /// Not built yet: rejected when present.
+    #[serde(default)]
+    pub websocket: Option<Spanned<toml::Value>>,
+}
+
+/// `mock = { … }`: an in-process mock LLM on a loopback port.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MockSection {
+    /// Delay before the response head.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Streaming pace; absent = as fast as possible.
+    #[serde(default)]
+    pub tokens_per_second: Option<f64>,
+}
+
+mod defaults {
+    use toml::Spanned;
+    pub fn listen() -> Spanned<String> {
+        Spanned::new(0..0, "127.0.0.1:8080".to_owned())
+    }
+    pub fn max_body_bytes() -> usize {
+        4 * 1024 * 1024
+    }
+    pub fn drain_timeout_secs() -> f64 {
+        30.0
+    }
+    pub fn header_read_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        2_000
+    }
+    pub fn first_byte_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn idle_timeout_ms() -> u64 {
+        60_000
+    }
+}
+
+/// A validated upstream, secrets resolved.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    /// Unique name.
+    pub name: String,
+    /// Where it is.
+    pub target: Target,
+    /// Its own key, resolved.
+    pub api_key: Option<String>,
+    /// Models served; `None` = every model.
+    pub models: Option<Vec<String>>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// First-byte timeout.
+    pub first_byte_timeout: Duration,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Extra PEM roots, read from `tls_ca_file`.
+    pub extra_roots_pem: Option<Vec<u8>>,
+}
+
+/// Where an upstream lives.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A real server at this base URL.
+    Url(http::Uri),
+    /// An in-process mock.
+    Mock {
+        /// Delay before the response head.
+        latency: Duration,
+        /// Streaming pace.
+        tokens_per_second: Option<f64>,
+    },
+}
+
+/// The configuration after validation: what the proxy is built from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Address to serve on.
+    pub listen: SocketAddr,
+    /// Body limit.
+    pub max_body_bytes: usize,
+    /// Drain timeout.
+    pub drain_timeout: Duration,
+    /// Header read timeout.
+    pub header_read_timeout: Duration,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Send `x-llm-proxy-upstream`.
+    pub upstream_header: bool,
+    /// Separate metrics address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The upstreams, in config order.
+    pub upstreams: Vec<UpstreamSpec>,
+}
+
+impl Settings {
+    /// Read, parse and validate a config file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "{}: cannot read the config file: {e}",
+                path.display()
+            ))
+        })?;
+        Settings::from_str(path, &src)
+    }
+
+    /// Parse and validate config text; `path` only names it in errors.
+    pub fn from_str(path: &Path, src: &str) -> Result<Settings, ConfigError> {
+        let cfg: Config = toml::from_str(src).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            ConfigError::at(path, src, offset, e.message().trim())
+        })?;
+        validate(path, src, cfg)
+    }
+}
+
+fn duration_secs(path: &Path, key: &str, secs: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(secs).map_err(|_| {
+        ConfigError(format!(
+            "{}: `{key}` must be a non-negative number of seconds, not {secs}",
+            path.display()
+        ))
+    })
+}
+
+fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError> {
+    let err =
+        |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
+    for (section, value) in [
+        ("balance", &cfg.balance),
+        ("cache", &cfg.cache),
+        ("auth", &cfg.auth),
+    ] {
+        if let Some(v) = value {
+            return Err(err(
+                v.span(),
+                format!(
+                    "section [{section}] is not available in this build yet (its layer is not built)"
+                ),
+            ));
+        }
+    }
+    let listen = parse_addr(cfg.listen.get_ref())
+        .map_err(|m| err(cfg.listen.span(), format!("`listen`: {m}")))?;
+    let metrics_listen = match &cfg.metrics_listen {
+        Some(m) if !m.get_ref().is_empty() => Some(
+            parse_addr(m.get_ref()).map_err(|e| err(m.span(), format!("`metrics_listen`: {e}")))?,
+        ),
+        _ => None,
+    };
+    if cfg.max_connections == 0 {
+        return Err(ConfigError(format!(
+            "{}: `max_connections` must be at least 1",
+            path.display()
+        )));
+    }
+    if cfg.upstream.is_empty() {
+        return Err(ConfigError(format!(
+            "{}: no [[upstream]] configured: at least one is needed",
+            path.display()
+        )));
+    }
+    let mut names = HashSet::new();
+    let mut upstreams = Vec::with_capacity(cfg.upstream.len());
+    for up in cfg.upstream {
+        let name = up.name.get_ref().clone();
+        if name.is_empty() || http::HeaderValue::from_str(&name).is_err() {
+            return Err(err(
+                up.name.span(),
+                format!("upstream name `{name}` must be non-empty printable text"),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(err(
+                up.name.span(),
+                format!("duplicate upstream name `{name}`"),
+            ));
+        }
+        for (key, value) in [
+            ("weight", &up.weight),
+            ("apis", &up.apis),
+            ("websocket", &up.websocket),
+        ] {
+            if let Some(v) = value {
+                return Err(err(
+                    v.span(),
+                    format!(
+                        "upstream `{name}`: key `{key}` is not available in this build yet (its layer is not built)"
+                    ),
+                ));
+            }
+        }
+        if let Some(p) = &up.protocol
+            && p.get_ref() != "openai"
+        {
+            return Err(err(
+                p.span(),
+                format!(
+                    "upstream `{name}`: protocol `{}` is not available in this build yet (only `openai`)",
+                    p.get_ref()
+                ),
+            ));
+        }
+        let target = match (&up.url, &up.mock) {
+            (Some(url), None) => Target::Url(parse_url(url.get_ref()).map_err(|m| {
+                err(
+                    url.span(),
+                    format!("upstream `{name}`: bad url `{}`: {m}", url.get_ref()),
+                )
+            })?),
+            (None, Some(mock)) => Target::Mock {
+                latency: Duration::from_millis(mock.latency_ms),
+                tokens_per_second: mock.tokens_per_second.filter(|t| *t > 0.0),
+            },
+            (Some(url), Some(_)) => {
+                return Err(err(
+                    url.span(),
+                    format!("upstream `{name}`: give `url` or `mock`, not both"),
+                ));
+            }
+            (None, None) => {
+                return Err(err(
+                    up.name.span(),
+                    format!("upstream `{name}`: `url` is missing"),
+                ));
+            }
+        };
+        let api_key = up
+            .api_key
+            .as_ref()
+            .map(|k| {
+                resolve_secret(k.get_ref())
+                    .map_err(|m| err(k.span(), format!("upstream `{name}`: `api_key`: {m}")))
+            })
+            .transpose()?;
+        let extra_roots_pem = match up.tls_ca_file.as_ref().filter(|f| !f.get_ref().is_empty()) {
+            None => None,
+            Some(ca) => {
+                let file = PathBuf::from(ca.get_ref());
+                let file = if file.is_relative() {
+                    path.parent().map(|d| d.join(&file)).unwrap_or(file)
+                } else {
+                    file
+                };
+                Some(std::fs::read(&file).map_err(|e| {
+                    err(
+                        ca.span(),
+                        format!(
+                            "upstream `{name}`: cannot read tls_ca_file `{}`: {e}",
+                            file.display()
+                        ),
+                    )
+                })?)
+            }
+        };
+        upstreams.push(UpstreamSpec {
+            name,
+            target,
+            api_key,
+            models: up.models,
+            connect_timeout: Duration::from_millis(up.connect_timeout_ms),
+            first_byte_timeout: Duration::from_millis(up.first_byte_timeout_ms),
+            idle_timeout: Duration::from_millis(up.idle_timeout_ms),
+            extra_roots_pem,
+        });
+    }
+    Ok(Settings {
+        listen,
+        max_body_bytes: cfg.max_body_bytes,
+        drain_timeout: duration_secs(path, "drain_timeout_secs", cfg.drain_timeout_secs)?,
+        header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+        max_connections: cfg.max_connections,
+        upstream_header: cfg.upstream_header,
+        metrics_listen,
+        upstreams,
+    })
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:8080"))
+}
+
+fn parse_url(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err("the scheme must be http:// or https://".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("there is no host".into());
+    }
+    if uri.query().is_some() {
+        return Err("a base URL takes no query".into());
+    }
+    Ok(uri)
+}
+
+/// A secret: `env:NAME` reads the environment variable, anything else is literal.
+pub fn resolve_secret(value: &str) -> Result<String, String> {
+    match value.strip_prefix("env:") {
+        Some(var) => {
+            std::env::var(var).map_err(|_| format!("environment variable `{var}` is not set"))
+        }
+        None => Ok(value.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(src: &str) -> Result<Settings, String> {
+        Settings::from_str(Path::new("t.toml"), src).map_err(|e| e.to_string())
+    }
+
+    const MIN: &str = "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\n";
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let s = load(MIN).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(s.upstreams.len(), 1);
+        assert!(s.upstream_header);
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let e = load(&format!("{MIN}bogus = 1\n")).unwrap_err();
+        assert!(e.starts_with("t.toml:"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+        let e = load("listen = \"x\"\n[[upstream]]\nname=\"a\"\nurl=\"http://h/v1\"\nnope=2\n")
+            .unwrap_err();
+        assert!(
+            e.starts_with("t.toml:1:") || e.starts_with("t.toml:5:"),
+            "{e}"
+        );
+        let e = load(&format!(
+            "{MIN}[[upstream]]\nname = \"a\"\nurl = \"http://h/v1\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e, "t.toml:5: duplicate upstream name `a`");
+        let e = load("[[upstream]]\nname = \"a\"\nurl = \"ftp://h/v1\"\n").unwrap_err();
+        assert!(e.starts_with("t.toml:3: upstream `a`: bad url"), "{e}");
+        let e = load(&format!("{MIN}[cache]\nenabled = true\n")).unwrap_err();
+        assert!(
+            e.contains("[cache] is not available in this build yet"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn env_secrets() {
+        // SAFETY of the test: a unique variable name, set once.
+        let src = "[[upstream]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key = \"env:LLM_PROXY_TEST_UNSET_VAR\"\n";
+        let e = load(src).unwrap_err();
+        assert_eq!(
+            e,
+            "t.toml:4: upstream `a`: `api_key`: environment variable `LLM_PROXY_TEST_UNSET_VAR` is not set"
+        );
+        let s = load("[[upstream]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key = \"sk-lit\"\n")
+            .unwrap();
+        assert_eq!(s.upstreams[0].api_key.as_deref(), Some("sk-lit"));
+    }
+}

@@ -1,0 +1,44 @@
+//! llm-proxy: a config file turned into a complete LLM proxy.
+//!
+//! This crate is the assembly: it reads the TOML configuration
+//! ([`config::Settings`]), builds the stack from the library crates, outermost
+//! first —
+//!
+//! ```text
+//! request id + tracing + metrics   (this crate: ProxyService)
+//!   -> body limit + parse          (llm-proxy-core: ParseLayer)
+//!   -> pick an upstream by model   (this crate: ModelRouter)
+//!   -> upstream client             (llm-proxy-upstream: Upstream)
+//! ```
+//!
+//! — and serves it over HTTP/1.1 and h2c with a connection limit, a slow-client
+//! cut-off, `/healthz`, `/readyz`, `/metrics`, and a graceful drain on
+//! SIGTERM/SIGINT. The `llm-proxy` binary in `examples/` is a thin `main`
+//! around [`Proxy`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use llm_proxy::{Proxy, config::Settings};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let settings = Settings::from_file("examples/demo.toml".as_ref())?;
+//! let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+//! let proxy = Proxy::build(settings).await?;
+//! proxy.serve(listener, llm_proxy::shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! This crate has no feature flags.
+#![forbid(unsafe_code)]
+
+mod app;
+pub mod config;
+pub mod metrics;
+mod router;
+mod routes;
+mod server;
+
+pub use app::{BuildError, Proxy};
+pub use routes::{ProxyService, Readiness};
+pub use server::shutdown_signal;

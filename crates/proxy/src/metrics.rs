@@ -1,0 +1,228 @@
+//! Prometheus metrics of the proxy (names pinned in DESIGN.md).
+
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use llm_proxy_core::{Body, BoxError};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A shared name as a label value, without copying it per request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+    upstream: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: Name,
+}
+
+type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// The proxy's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+    ttfb: HistogramFamily,
+    in_flight: Family<UpstreamLabels, Gauge>,
+    healthy: Family<UpstreamLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~105 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+impl Metrics {
+    /// A registry with every metric registered and no samples.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("llm_proxy");
+        let requests = Family::default();
+        let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let ttfb: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let in_flight = Family::default();
+        let healthy = Family::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route, status and upstream",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response body",
+            duration.clone(),
+        );
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from request to the first response body byte",
+            ttfb.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Requests in flight, by upstream",
+            in_flight.clone(),
+        );
+        registry.register(
+            "upstream_healthy",
+            "1 when the upstream may be chosen",
+            healthy.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            duration,
+            ttfb,
+            in_flight,
+            healthy,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Count one answered request.
+    pub fn count_request(&self, route: &'static str, status: u16, upstream: Option<&Arc<str>>) {
+        let upstream = Name(upstream.cloned().unwrap_or_else(|| Arc::from("")));
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                status,
+                upstream,
+            })
+            .inc();
+    }
+
+    /// A guard that counts one request in flight to `upstream` until dropped.
+    pub fn in_flight(&self, upstream: &Arc<str>) -> InFlight {
+        let gauge = self
+            .in_flight
+            .get_or_create(&UpstreamLabels {
+                upstream: Name(upstream.clone()),
+            })
+            .clone();
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    /// Set an upstream's health gauge.
+    pub fn set_healthy(&self, upstream: &Arc<str>, healthy: bool) {
+        self.healthy
+            .get_or_create(&UpstreamLabels {
+                upstream: Name(upstream.clone()),
+            })
+            .set(i64::from(healthy));
+    }
+
+    /// Wrap a response body so that its time to first byte and duration are
+    /// recorded (duration also when the client goes away early).
+    pub fn observe(
+        self: &Arc<Self>,
+        route: &'static str,
+        start: Instant,
+        body: Body,
+    ) -> ObservedBody {
+        ObservedBody {
+            inner: body,
+            route,
+            start,
+            first: false,
+            metrics: self.clone(),
+        }
+    }
+}
+
+/// One request in flight to an upstream; decrements the gauge when dropped.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A response body that records time to first byte and total duration.
+pub struct ObservedBody {
+    inner: Body,
+    route: &'static str,
+    start: Instant,
+    first: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl HttpBody for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if !self.first && matches!(polled, Poll::Ready(Some(_)) | Poll::Ready(None)) {
+            self.first = true;
+            let route = self.route;
+            self.metrics
+                .ttfb
+                .get_or_create(&RouteLabels { route })
+                .observe(self.start.elapsed().as_secs_f64());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        let route = self.route;
+        self.metrics
+            .duration
+            .get_or_create(&RouteLabels { route })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,293 @@
+//! The proxy's HTTP face: request ids, metrics, the fixed routes, and the
+//! model API stack behind them.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use llm_proxy_core::{Body, BoxError, Endpoint, Error, Parse, UPSTREAM_HEADER, UpstreamName, full};
+use tower_service::Service;
+
+use crate::metrics::Metrics;
+use crate::router::ModelRouter;
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// Whether the proxy is draining; `/readyz` answers 503 from then on.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    draining: AtomicBool,
+}
+
+impl Readiness {
+    /// Mark the proxy as draining.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Request ids: a per-process random prefix and a counter, so that making
+/// one costs no system call.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS once per process.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        RequestIds {
+            prefix: h.finish(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::try_from(format!("{:016x}{n:08x}", self.prefix))
+            .expect("hex digits are a valid header value")
+    }
+}
+
+/// What a path is, for routing and for the metrics `route` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Healthz,
+    Readyz,
+    Metrics,
+    Api(Endpoint),
+    NotFound,
+}
+
+impl Route {
+    fn of(path: &str, serve_metrics: bool) -> Route {
+        match path {
+            "/healthz" => Route::Healthz,
+            "/readyz" => Route::Readyz,
+            "/metrics" if serve_metrics => Route::Metrics,
+            _ => Endpoint::from_path(path).map_or(Route::NotFound, Route::Api),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+            Route::Api(e) => e.as_str(),
+            Route::NotFound => "not_found",
+        }
+    }
+
+    /// The methods this route answers, for 405 and `allow`.
+    fn allow(self) -> Option<(&'static [Method], &'static str)> {
+        const GET: &[Method] = &[Method::GET, Method::HEAD];
+        const POST: &[Method] = &[Method::POST];
+        match self {
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::Api(Endpoint::Models) => {
+                Some((GET, "GET, HEAD"))
+            }
+            Route::Api(e) if e.method() == Some(Method::POST) => Some((POST, "POST")),
+            _ => None,
+        }
+    }
+}
+
+/// Settings of the HTTP face.
+#[derive(Clone, Debug)]
+pub struct FaceOptions {
+    /// Send `x-llm-proxy-upstream`.
+    pub upstream_header: bool,
+    /// Answer `/metrics` here (false when metrics have their own listener).
+    pub serve_metrics: bool,
+}
+
+/// The proxy as one tower `Service` over any request body: what the server
+/// runs and what an axum app can nest.
+#[derive(Clone)]
+pub struct ProxyService {
+    shared: Arc<Shared>,
+    stack: Parse<ModelRouter>,
+}
+
+struct Shared {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    models_json: Bytes,
+    ids: RequestIds,
+    options: FaceOptions,
+}
+
+impl std::fmt::Debug for ProxyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyService").finish_non_exhaustive()
+    }
+}
+
+impl ProxyService {
+    pub(crate) fn new(
+        stack: Parse<ModelRouter>,
+        router: &ModelRouter,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        options: FaceOptions,
+    ) -> Self {
+        ProxyService {
+            shared: Arc::new(Shared {
+                metrics,
+                readiness,
+                models_json: models_json(&router.models()),
+                ids: RequestIds::new(),
+                options,
+            }),
+            stack,
+        }
+    }
+}
+
+/// `GET /v1/models` in OpenAI's list shape.
+fn models_json(models: &[&str]) -> Bytes {
+    let data: Vec<serde_json::Value> = models
+        .iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-proxy"}))
+        .collect();
+    Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(full(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+impl<B> Service<Request<B>> for ProxyService
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The stack below is always ready (it has no backpressure of its own);
+        // it is driven to readiness per call in `respond`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let shared = self.shared.clone();
+        let stack = self.stack.clone();
+        let route = Route::of(req.uri().path(), shared.options.serve_metrics);
+        let request_id = req
+            .headers()
+            .get(REQUEST_ID)
+            .filter(|v| (1..=200).contains(&v.len()) && v.to_str().is_ok())
+            .cloned()
+            .unwrap_or_else(|| shared.ids.next());
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        Box::pin(async move {
+            let mut resp = match respond(&shared, stack, route, req, &request_id).await {
+                Ok(resp) => resp,
+                Err(e) => e.into_response(),
+            };
+            let status = resp.status();
+            if !shared.options.upstream_header {
+                resp.headers_mut().remove(UPSTREAM_HEADER);
+            }
+            resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+            let upstream = resp.extensions().get::<UpstreamName>().map(|u| &u.0);
+            shared
+                .metrics
+                .count_request(route.label(), status.as_u16(), upstream);
+            tracing::debug!(
+                request_id = request_id.to_str().unwrap_or(""),
+                %method,
+                path,
+                status = status.as_u16(),
+                upstream = upstream.map(|u| &**u).unwrap_or(""),
+                "response head"
+            );
+            Ok(resp.map(|body| {
+                shared
+                    .metrics
+                    .observe(route.label(), start, body)
+                    .boxed_unsync()
+            }))
+        })
+    }
+}
+
+async fn respond<B>(
+    shared: &Shared,
+    mut stack: Parse<ModelRouter>,
+    route: Route,
+    req: Request<B>,
+    request_id: &HeaderValue,
+) -> Result<Response<Body>, Error>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    if let Some((methods, allow)) = route.allow()
+        && !methods.contains(req.method())
+    {
+        return Err(Error::MethodNotAllowed {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            allow,
+        });
+    }
+    match route {
+        Route::Healthz => Ok(text(StatusCode::OK, "text/plain", "ok\n")),
+        Route::Readyz if shared.readiness.is_draining() => Ok(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n",
+        )),
+        Route::Readyz => Ok(text(StatusCode::OK, "text/plain", "ready\n")),
+        Route::Metrics => Ok(text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.metrics.encode(),
+        )),
+        Route::Api(Endpoint::Models) => Ok(text(
+            StatusCode::OK,
+            "application/json",
+            shared.models_json.clone(),
+        )),
+        Route::Api(_) => {
+            let (mut parts, body) = req.into_parts();
+            parts.headers.insert(REQUEST_ID, request_id.clone());
+            let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+            std::future::poll_fn(|cx| Service::<Request<Body>>::poll_ready(&mut stack, cx)).await?;
+            stack.call(req).await
+        }
+        Route::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
+    }
+}

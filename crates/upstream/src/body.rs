@@ -1,0 +1,192 @@
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use llm_proxy_core::sse::Parser;
+use llm_proxy_core::{BoxError, Error};
+use tokio::time::{Instant, Sleep};
+
+pin_project_lite::pin_project! {
+    /// An upstream's response body on its way to the client.
+    ///
+    /// Frames pass through as they arrive, unchanged. The body
+    ///
+    /// - fails when the upstream is silent for longer than the idle timeout;
+    /// - for a chat or completions SSE stream, watches the events: a stream
+    ///   that breaks, ends without `data: [DONE]`, or carries a data payload
+    ///   that is not JSON gets one final `data: {"error":{…"code":
+    ///   "stream_interrupted"}}` event and then fails, so the client's
+    ///   connection is closed rather than cleanly ended;
+    /// - when dropped (the client went away), drops the upstream body, which
+    ///   closes the upstream connection and stops the upstream's work.
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        idle: Sleep,
+        idle_timeout: Duration,
+        watch: Option<Box<StreamWatch>>,
+        state: State,
+        upstream: Arc<str>,
+    }
+}
+
+struct StreamWatch {
+    parser: Parser,
+    done: bool,
+}
+
+enum State {
+    Streaming,
+    /// Send this error event, then fail with the error.
+    Interrupting(Option<Bytes>, Option<BoxError>),
+    Finished,
+}
+
+impl UpstreamBody {
+    /// Wrap an upstream's body. `watch_sse` turns on the SSE checks (for chat
+    /// and completions streams).
+    pub fn new(
+        inner: Incoming,
+        idle_timeout: Duration,
+        watch_sse: bool,
+        upstream: Arc<str>,
+    ) -> Self {
+        UpstreamBody {
+            inner,
+            idle: tokio::time::sleep(idle_timeout),
+            idle_timeout,
+            watch: watch_sse.then(|| {
+                Box::new(StreamWatch {
+                    parser: Parser::new(),
+                    done: false,
+                })
+            }),
+            state: State::Streaming,
+            upstream,
+        }
+    }
+}
+
+impl StreamWatch {
+    /// Feed a chunk; `Err(reason)` when the stream is not a valid chat stream.
+    fn observe(&mut self, chunk: &[u8]) -> Result<(), String> {
+        self.parser.push(chunk).map_err(|e| e.to_string())?;
+        while let Some(event) = self.parser.next_event() {
+            if event.is_done() {
+                self.done = true;
+            } else if self.done {
+                return Err("data after [DONE]".into());
+            } else if serde_json::from_str::<serde::de::IgnoredAny>(&event.data).is_err() {
+                return Err("the upstream sent an SSE event whose data is not JSON".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn error(upstream: &str, reason: &str) -> BoxError {
+    format!("upstream `{upstream}`: {reason}").into()
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.state {
+            State::Finished => return Poll::Ready(None),
+            State::Interrupting(..) => return this.state.drain(this.upstream),
+            State::Streaming => {}
+        }
+
+        let outcome = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = Instant::now() + *this.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                if let (Some(watch), Some(data)) = (this.watch.as_mut(), frame.data_ref())
+                    && let Err(reason) = watch.observe(data)
+                {
+                    // Pass this frame on, then end with the error event.
+                    *this.state = State::interrupt(this.upstream, &reason, true);
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => Err(format!("the upstream connection failed: {e}")),
+            Poll::Ready(None) => match this.watch.as_ref() {
+                Some(watch) if !watch.done => {
+                    Err("the upstream ended the stream without [DONE]".to_owned())
+                }
+                _ => Ok(()),
+            },
+            Poll::Pending => {
+                ready!(this.idle.as_mut().poll(cx));
+                Err(format!(
+                    "no data from the upstream for {} ms",
+                    this.idle_timeout.as_millis()
+                ))
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                *this.state = State::Finished;
+                Poll::Ready(None)
+            }
+            Err(reason) => {
+                *this.state = State::interrupt(this.upstream, &reason, this.watch.is_some());
+                this.state.drain(this.upstream)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Finished)
+            || (matches!(self.state, State::Streaming)
+                && self.watch.is_none()
+                && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.watch.is_none() && matches!(self.state, State::Streaming) {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+impl State {
+    /// The state that ends the stream: an error event (for watched SSE
+    /// streams), then the error itself.
+    fn interrupt(upstream: &str, reason: &str, with_event: bool) -> State {
+        tracing::warn!(upstream, reason, "upstream stream interrupted");
+        let message = format!("upstream `{upstream}`: {reason}");
+        let event = with_event.then(|| Error::stream_interrupted_event(&message));
+        State::Interrupting(event, Some(message.into()))
+    }
+
+    /// Emit what an interrupted stream has left to say.
+    fn drain(&mut self, upstream: &str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            State::Interrupting(event, err) => {
+                if let Some(event) = event.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(event))));
+                }
+                let err = err
+                    .take()
+                    .unwrap_or_else(|| error(upstream, "stream failed"));
+                *self = State::Finished;
+                Poll::Ready(Some(Err(err)))
+            }
+            _ => Poll::Ready(None),
+        }
+    }
+}

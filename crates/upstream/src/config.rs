@@ -1,0 +1,85 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the upstream expects its key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuthStyle {
+    /// `Authorization: Bearer <key>` (OpenAI-compatible servers).
+    #[default]
+    Bearer,
+    /// `x-api-key: <key>` (Anthropic).
+    XApiKey,
+}
+
+/// Everything the upstream client needs to know about one upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// A name for logs, metrics and the `x-llm-proxy-upstream` header.
+    pub name: Arc<str>,
+    /// Base URL with its version prefix, e.g. `http://10.0.0.5:8000/v1`.
+    pub url: http::Uri,
+    /// The upstream's own key, sent instead of the client's.
+    pub api_key: Option<String>,
+    /// How to send `api_key`.
+    pub auth_style: AuthStyle,
+    /// Longest wait for a TCP (and TLS) connection.
+    pub connect_timeout: Duration,
+    /// Longest wait from sending the request to the response head.
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two chunks of the response body.
+    pub idle_timeout: Duration,
+    /// How long an unused pooled connection is kept. Keep it below the
+    /// upstream's keep-alive timeout (uvicorn, under vLLM, closes after 5 s),
+    /// or a reused connection may be reset by the server.
+    pub pool_idle_timeout: Duration,
+    /// Extra trusted root certificates, PEM, for a private CA.
+    pub extra_roots_pem: Option<Vec<u8>>,
+}
+
+impl UpstreamConfig {
+    /// A config with default timeouts (connect 2 s, first byte 60 s, idle 60 s).
+    pub fn new(name: impl Into<Arc<str>>, url: http::Uri) -> Self {
+        UpstreamConfig {
+            name: name.into(),
+            url,
+            api_key: None,
+            auth_style: AuthStyle::Bearer,
+            connect_timeout: Duration::from_secs(2),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(4),
+            extra_roots_pem: None,
+        }
+    }
+
+    /// Set the upstream's own key.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+}
+
+/// Why an [`Upstream`](crate::Upstream) could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The URL is not an absolute http(s) URL.
+    #[error("upstream `{name}`: url `{url}` must be an absolute http:// or https:// URL")]
+    BadUrl {
+        /// The upstream's name.
+        name: Arc<str>,
+        /// The URL given.
+        url: String,
+    },
+    /// The key cannot be sent as a header value.
+    #[error("upstream `{0}`: api_key contains characters not allowed in an HTTP header")]
+    BadKey(Arc<str>),
+    /// The extra root certificates could not be used.
+    #[error("upstream `{name}`: tls roots: {reason}")]
+    BadRoots {
+        /// The upstream's name.
+        name: Arc<str>,
+        /// What was wrong.
+        reason: String,
+    },
+}

@@ -1,0 +1,286 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Request, Response, Uri, header, uri};
+use http_body_util::BodyExt;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName};
+use tower_service::Service;
+
+use crate::body::UpstreamBody;
+use crate::config::{AuthStyle, BuildError, UpstreamConfig};
+use crate::headers;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// A tower `Service` that sends requests to one upstream LLM server.
+///
+/// Cheap to clone: clones share one connection pool.
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: HttpClient,
+    name: UpstreamName,
+    name_header: HeaderValue,
+    scheme: uri::Scheme,
+    authority: uri::Authority,
+    /// The base URL's path without its trailing slash, e.g. `/v1`.
+    base_path: String,
+    credential: Option<(HeaderName, HeaderValue)>,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.inner.name.0)
+            .field("authority", &self.inner.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Build the client for one upstream.
+    pub fn new(cfg: UpstreamConfig) -> Result<Self, BuildError> {
+        let bad_url = || BuildError::BadUrl {
+            name: cfg.name.clone(),
+            url: cfg.url.to_string(),
+        };
+        let scheme = cfg.url.scheme().cloned().ok_or_else(bad_url)?;
+        if scheme != uri::Scheme::HTTP && scheme != uri::Scheme::HTTPS {
+            return Err(bad_url());
+        }
+        let authority = cfg.url.authority().cloned().ok_or_else(bad_url)?;
+        let base_path = cfg.url.path().trim_end_matches('/').to_owned();
+
+        let credential = match &cfg.api_key {
+            None => None,
+            Some(key) => {
+                let (name, value) = match cfg.auth_style {
+                    AuthStyle::Bearer => (header::AUTHORIZATION, format!("Bearer {key}")),
+                    AuthStyle::XApiKey => (HeaderName::from_static("x-api-key"), key.clone()),
+                };
+                let mut value = HeaderValue::try_from(value)
+                    .map_err(|_| BuildError::BadKey(cfg.name.clone()))?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+        };
+
+        let tls = crate::tls::client_config(cfg.extra_roots_pem.as_deref()).map_err(|reason| {
+            BuildError::BadRoots {
+                name: cfg.name.clone(),
+                reason,
+            }
+        })?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+
+        let name_header = HeaderValue::from_str(&cfg.name).map_err(|_| BuildError::BadUrl {
+            name: cfg.name.clone(),
+            url: "(the name is not a valid header value)".into(),
+        })?;
+        Ok(Upstream {
+            inner: Arc::new(Inner {
+                client,
+                name: UpstreamName(cfg.name),
+                name_header,
+                scheme,
+                authority,
+                base_path,
+                credential,
+                first_byte_timeout: cfg.first_byte_timeout,
+                idle_timeout: cfg.idle_timeout,
+            }),
+        })
+    }
+
+    /// The upstream's configured name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.inner.name.0
+    }
+
+    /// `<base URL>/<rest>?<query>` for a client path `/v1/<rest>?<query>`.
+    fn target(&self, client: &Uri) -> Result<Uri, Error> {
+        let path = client.path();
+        let rest = match path.strip_prefix("/v1") {
+            Some(r) if r.is_empty() || r.starts_with('/') => r,
+            _ => path,
+        };
+        let mut pq = String::with_capacity(self.inner.base_path.len() + path.len() + 16);
+        pq.push_str(&self.inner.base_path);
+        pq.push_str(rest);
+        if let Some(q) = client.query() {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.inner.scheme.clone())
+            .authority(self.inner.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| self.bad_gateway(format!("cannot build the upstream URL: {e}")))
+    }
+
+    fn bad_gateway(&self, reason: String) -> Error {
+        Error::BadGateway {
+            upstream: self.inner.name.0.clone(),
+            reason,
+        }
+    }
+}
+
+/// The future of [`Upstream`]'s `call`.
+pub struct ResponseFuture {
+    inner: Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>,
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl Service<Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // The pool queues requests itself; there is no backpressure to report.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> ResponseFuture {
+        let this = self.clone();
+        ResponseFuture {
+            inner: Box::pin(async move { this.send(req).await }),
+        }
+    }
+}
+
+impl Upstream {
+    async fn send(self, req: Request<Body>) -> Result<Response<Body>, Error> {
+        let (mut parts, body) = req.into_parts();
+        let meta = parts.extensions.get::<RequestMeta>();
+        let endpoint = meta
+            .map(RequestMeta::endpoint)
+            .or_else(|| Endpoint::from_path(parts.uri.path()))
+            .unwrap_or(Endpoint::Passthrough);
+        let buffered = meta.and_then(RequestMeta::body_for_upstream);
+        let client_length = parts.headers.remove(header::CONTENT_LENGTH);
+        headers::strip_request(&mut parts.headers);
+        let body = match buffered {
+            Some(bytes) => {
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, bytes.len().into());
+                llm_proxy_core::full(bytes)
+            }
+            None => {
+                if let Some(length) = client_length {
+                    parts.headers.insert(header::CONTENT_LENGTH, length);
+                }
+                body
+            }
+        };
+        if let Some((name, value)) = &self.inner.credential {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+
+        let mut out = Request::new(body);
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = self.target(&parts.uri)?;
+        *out.headers_mut() = parts.headers;
+
+        let sent = tokio::time::timeout(
+            self.inner.first_byte_timeout,
+            self.inner.client.request(out),
+        );
+        let resp = match sent.await {
+            Err(_elapsed) => {
+                return Err(Error::UpstreamTimeout {
+                    upstream: self.inner.name.0.clone(),
+                    phase: "waiting for the response head",
+                });
+            }
+            Ok(Err(e)) => return Err(self.classify(&e)),
+            Ok(Ok(resp)) => resp,
+        };
+
+        let (mut parts, incoming) = resp.into_parts();
+        headers::strip_response(&mut parts.headers);
+        let sse = endpoint.streams_done_sentinel()
+            && parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        parts
+            .headers
+            .insert(UPSTREAM_HEADER, self.inner.name_header.clone());
+        parts.extensions.insert(self.inner.name.clone());
+        let body = UpstreamBody::new(
+            incoming,
+            self.inner.idle_timeout,
+            sse,
+            self.inner.name.0.clone(),
+        );
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    fn classify(&self, e: &hyper_util::client::legacy::Error) -> Error {
+        let timed_out = source_chain(e).any(|s| {
+            s.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        });
+        if timed_out {
+            return Error::UpstreamTimeout {
+                upstream: self.inner.name.0.clone(),
+                phase: "connecting",
+            };
+        }
+        let root = source_chain(e)
+            .last()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| e.to_string());
+        let what = if e.is_connect() {
+            "could not connect"
+        } else {
+            "request failed"
+        };
+        tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
+        self.bad_gateway(format!("{what}: {root}"))
+    }
+}
+
+fn source_chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}

@@ -1,0 +1,86 @@
+//! The llm-proxy binary: `llm-proxy --config FILE`.
+//!
+//! Reads the TOML config (DESIGN.md), builds the stack and serves it until
+//! SIGTERM/SIGINT, then drains in-flight requests and exits 0. A config error
+//! is one line on stderr and exit code 2. Logs go to stderr; set `RUST_LOG`
+//! (e.g. `RUST_LOG=llm_proxy=debug`) for more.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use llm_proxy::Proxy;
+use llm_proxy::config::Settings;
+
+const USAGE: &str = "usage: llm-proxy --config FILE";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut config: Option<PathBuf> = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => config = args.next().map(PathBuf::from),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("llm-proxy: unknown argument `{other}`\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(config) = config else {
+        eprintln!("llm-proxy: --config FILE is required\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let settings = match Settings::from_file(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("llm-proxy: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("llm-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let addr = settings.listen;
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("llm-proxy: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let proxy = match Proxy::build(settings).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("llm-proxy: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        tracing::info!(%addr, "llm-proxy listening");
+        match proxy.serve(listener, llm_proxy::shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("llm-proxy: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
