@@ -1,2 +1,282 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: spawn mock upstreams and a proxy
+//! on 127.0.0.1, send requests over real sockets, read streams chunk by chunk,
+//! run the example binaries.
 #![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+pub use llm_proxy_mock::{Failure, Mock, MockConfig, MockServer};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Generous bound for anything that should happen "now": catches hangs only.
+pub const HANG: Duration = Duration::from_secs(10);
+
+/// Spawn a mock upstream with `config` on 127.0.0.1.
+pub async fn mock(config: MockConfig) -> MockServer {
+    llm_proxy_mock::spawn(Mock::new(config))
+        .await
+        .expect("bind a mock upstream on 127.0.0.1")
+}
+
+/// Spawn a default mock upstream named `name`.
+pub async fn mock_named(name: &str) -> MockServer {
+    mock(MockConfig {
+        name: name.to_owned(),
+        ..MockConfig::default()
+    })
+    .await
+}
+
+/// A proxy running on 127.0.0.1 for one test.
+pub struct TestProxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestProxy {
+    /// `http://127.0.0.1:port` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Start the graceful shutdown (as SIGTERM would) without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Shut down and wait for `serve` to return.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        self.begin_shutdown();
+        let task = self.task.take().expect("stopped once");
+        tokio::time::timeout(HANG, task)
+            .await
+            .expect("proxy stopped in time")
+            .expect("proxy task did not panic")
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Start a proxy from config text (its `listen` is ignored: the proxy gets a
+/// free port on 127.0.0.1).
+pub async fn proxy(toml: &str) -> TestProxy {
+    let settings = llm_proxy::config::Settings::from_str(Path::new("test.toml"), toml)
+        .unwrap_or_else(|e| panic!("test config is valid: {e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    let proxy = llm_proxy::Proxy::build(settings).await.expect("proxy builds");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    TestProxy {
+        addr,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// Config text for one upstream at `url`, plus extra top-level lines.
+pub fn one_upstream(url: &str, extra_upstream_keys: &str) -> String {
+    format!("[[upstream]]\nname = \"up\"\nurl = \"{url}\"\n{extra_upstream_keys}\n")
+}
+
+/// A plain HTTP/1.1 client.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A whole response.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is JSON ({e}): {:?}", self.body))
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Assert an OpenAI-style error with this status, type and code.
+    pub fn assert_error(&self, status: u16, kind: &str, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "status; body: {}", self.text());
+        let json = self.json();
+        assert_eq!(json["error"]["type"], kind, "type; body: {json}");
+        assert_eq!(json["error"]["code"], code, "code; body: {json}");
+        assert!(json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(json["error"].get("param").is_some(), "param present (may be null)");
+    }
+}
+
+/// Build a request.
+pub fn request(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(body.into())).expect("valid test request")
+}
+
+/// Send and read the whole answer (bounded by [`HANG`]).
+pub async fn send(req: Request<Full<Bytes>>) -> Answer {
+    tokio::time::timeout(HANG, async {
+        let resp = client().request(req).await.expect("request sent");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body read").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    })
+    .await
+    .expect("answer in time")
+}
+
+/// POST JSON to `url`.
+pub async fn post_json(url: &str, body: &str) -> Answer {
+    send(request(
+        Method::POST,
+        url,
+        &[("content-type", "application/json")],
+        body.to_owned(),
+    ))
+    .await
+}
+
+/// A chat request body for `model`.
+pub fn chat(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Say something deterministic."}],
+    })
+    .to_string()
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|ev| {
+            let data: Vec<&str> = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:").map(|d| d.strip_prefix(' ').unwrap_or(d)))
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// Wait until `cond` holds, polling; panics after [`HANG`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + HANG;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The path of an example binary, built (debug) if needed.
+pub fn example_binary(name: &str) -> PathBuf {
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let path = target.join("debug").join("examples").join(name);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "-p", "examples", "--example", name])
+        .current_dir(&root)
+        .status()
+        .expect("run cargo build for the example");
+    assert!(status.success(), "cargo build --example {name} failed");
+    assert!(path.exists(), "example binary at {}", path.display());
+    path
+}
+
+/// A free port on 127.0.0.1 (bound and released: a tiny race, fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+pub async fn wait_listening(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "nothing listens on {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Read a streamed body to its end: the bytes received, and whether it ended
+/// with an error (a broken connection) rather than cleanly.
+pub async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> (Bytes, bool) {
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    let broke = tokio::time::timeout(HANG, async {
+        loop {
+            match body.frame().await {
+                None => return false,
+                Some(Err(_)) => return true,
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        data.extend_from_slice(d);
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("the stream ended in time");
+    (Bytes::from(data), broke)
+}

@@ -42,8 +42,13 @@ struct StreamWatch {
 
 enum State {
     Streaming,
-    /// Send this error event, then fail with the error.
-    Interrupting(Option<Bytes>, Option<BoxError>),
+    /// Send this error event, let the server flush it, then fail with the
+    /// error (which makes the server close the connection).
+    Interrupting {
+        event: Option<Bytes>,
+        flushed: bool,
+        error: Option<BoxError>,
+    },
     Finished,
 }
 
@@ -104,7 +109,7 @@ impl HttpBody for UpstreamBody {
         let mut this = self.project();
         match this.state {
             State::Finished => return Poll::Ready(None),
-            State::Interrupting(..) => return this.state.drain(this.upstream),
+            State::Interrupting { .. } => return this.state.drain(this.upstream, cx),
             State::Streaming => {}
         }
 
@@ -142,7 +147,7 @@ impl HttpBody for UpstreamBody {
             }
             Err(reason) => {
                 *this.state = State::interrupt(this.upstream, &reason, this.watch.is_some());
-                this.state.drain(this.upstream)
+                this.state.drain(this.upstream, cx)
             }
         }
     }
@@ -170,23 +175,42 @@ impl State {
         tracing::warn!(upstream, reason, "upstream stream interrupted");
         let message = format!("upstream `{upstream}`: {reason}");
         let event = with_event.then(|| Error::stream_interrupted_event(&message));
-        State::Interrupting(event, Some(message.into()))
+        State::Interrupting {
+            flushed: event.is_none(),
+            event,
+            error: Some(message.into()),
+        }
     }
 
     /// Emit what an interrupted stream has left to say.
-    fn drain(&mut self, upstream: &str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self {
-            State::Interrupting(event, err) => {
-                if let Some(event) = event.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(event))));
-                }
-                let err = err
-                    .take()
-                    .unwrap_or_else(|| error(upstream, "stream failed"));
-                *self = State::Finished;
-                Poll::Ready(Some(Err(err)))
-            }
-            _ => Poll::Ready(None),
+    fn drain(
+        &mut self,
+        upstream: &str,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let State::Interrupting {
+            event,
+            flushed,
+            error: err,
+        } = self
+        else {
+            return Poll::Ready(None);
+        };
+        if let Some(event) = event.take() {
+            return Poll::Ready(Some(Ok(Frame::data(event))));
         }
+        if !*flushed {
+            // hyper writes buffered frames out when the body is pending, and
+            // drops them when it fails: pause once so the error event reaches
+            // the client before the connection is closed.
+            *flushed = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let err = err
+            .take()
+            .unwrap_or_else(|| error(upstream, "stream failed"));
+        *self = State::Finished;
+        Poll::Ready(Some(Err(err)))
     }
 }

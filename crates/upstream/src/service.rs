@@ -241,6 +241,11 @@ impl Upstream {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        if sse {
+            // A watched stream may gain a final error event: its length is not
+            // the upstream's.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         parts
             .headers
             .insert(UPSTREAM_HEADER, self.inner.name_header.clone());

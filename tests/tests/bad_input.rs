@@ -1,0 +1,247 @@
+//! Every bad input a client or an upstream can send gets its exact status and
+//! OpenAI-style body, or a clean close: never a panic or a hang.
+
+use std::time::Duration;
+
+use http::Method;
+use tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn one() -> (MockServer, TestProxy) {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "max_body_bytes = 1024\n{}",
+        one_upstream(&up.base_url(), "models = [\"m\"]\nfirst_byte_timeout_ms = 300\nidle_timeout_ms = 300")
+    ))
+    .await;
+    (up, p)
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_400() {
+    let (up, p) = one().await;
+    let url = p.url("/v1/chat/completions");
+    post_json(&url, "{\"model\": \"m\",").await.assert_error(400, "invalid_request_error", "invalid_json");
+    post_json(&url, "").await.assert_error(400, "invalid_request_error", "invalid_json");
+    post_json(&url, "[1,2]").await.assert_error(400, "invalid_request_error", "invalid_body");
+    post_json(&url, "\"model\"").await.assert_error(400, "invalid_request_error", "invalid_body");
+    let missing = post_json(&url, "{\"messages\":[]}").await;
+    missing.assert_error(400, "invalid_request_error", "missing_model");
+    assert_eq!(missing.json()["error"]["param"], "model");
+    post_json(&url, "{\"model\": 7}").await.assert_error(400, "invalid_request_error", "missing_model");
+    post_json(&url, "{\"model\": null}").await.assert_error(400, "invalid_request_error", "missing_model");
+    post_json(&p.url("/v1/embeddings"), "{\"input\":\"x\"}")
+        .await
+        .assert_error(400, "invalid_request_error", "missing_model");
+    assert_eq!(up.stats.requests(), 0, "nothing bad reached the upstream");
+}
+
+#[tokio::test]
+async fn unsupported_content_type_is_415() {
+    let (_up, p) = one().await;
+    let answer = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[("content-type", "text/plain")],
+        chat("m", false),
+    ))
+    .await;
+    answer.assert_error(415, "invalid_request_error", "unsupported_media_type");
+    let absent = send(request(Method::POST, &p.url("/v1/chat/completions"), &[], chat("m", false))).await;
+    assert_eq!(absent.status, 200, "no content-type is accepted");
+}
+
+#[tokio::test]
+async fn unknown_model_is_404_and_unknown_path_is_404() {
+    let (_up, p) = one().await;
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("gpt-nope", false)).await;
+    answer.assert_error(404, "not_found_error", "model_not_found");
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("gpt-nope"));
+    send(request(Method::GET, &p.url("/nowhere"), &[], ""))
+        .await
+        .assert_error(404, "not_found_error", "route_not_found");
+}
+
+#[tokio::test]
+async fn wrong_method_is_405_with_allow() {
+    let (_up, p) = one().await;
+    let answer = send(request(Method::GET, &p.url("/v1/chat/completions"), &[], "")).await;
+    answer.assert_error(405, "invalid_request_error", "method_not_allowed");
+    assert_eq!(answer.header("allow"), Some("POST"));
+    let answer = send(request(Method::DELETE, &p.url("/v1/models"), &[], "")).await;
+    answer.assert_error(405, "invalid_request_error", "method_not_allowed");
+    assert_eq!(answer.header("allow"), Some("GET, HEAD"));
+}
+
+#[tokio::test]
+async fn body_over_limit_is_413() {
+    let (up, p) = one().await;
+    let big = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(2000));
+    // Announced by content-length.
+    post_json(&p.url("/v1/chat/completions"), &big)
+        .await
+        .assert_error(413, "invalid_request_error", "request_too_large");
+    // Chunked, no content-length: found while reading.
+    let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>> = (0..4)
+        .map(|_| Ok(http_body::Frame::data(bytes::Bytes::from(vec![b' '; 600]))))
+        .collect();
+    let body = http_body_util::StreamBody::new(futures_stream(chunks));
+    let req = http::Request::post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = tokio::time::timeout(HANG, client.request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(up.stats.requests(), 0);
+}
+
+fn futures_stream<T>(items: Vec<T>) -> impl futures_core::Stream<Item = T> {
+    tokio_stream::iter(items)
+}
+
+#[tokio::test]
+async fn body_over_limit_is_refused_without_reading_the_rest() {
+    let (_up, p) = one().await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    // Announce 10 MB, send 10 bytes, and wait: the answer must come anyway.
+    conn.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 10000000\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(HANG, conn.read(&mut buf)).await.expect("answered without the body").unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("request_too_large"), "{head}");
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    let port = free_port();
+    let p = proxy(&one_upstream(&format!("http://127.0.0.1:{port}/v1"), "")).await;
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
+    answer.assert_error(502, "upstream_error", "bad_gateway");
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("`up`"));
+}
+
+#[tokio::test]
+async fn upstream_first_byte_timeout_is_504() {
+    let (up, p) = one().await;
+    let answer = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[("content-type", "application/json"), ("x-mock-fail", "hang")],
+        chat("m", false),
+    ))
+    .await;
+    answer.assert_error(504, "timeout_error", "upstream_timeout");
+    // The abandoned upstream request is cancelled, not left running.
+    eventually("the hung upstream request is dropped", || up.stats.in_flight() == 0).await;
+}
+
+#[tokio::test]
+async fn upstream_5xx_and_429_come_back_as_they_came() {
+    let (_up, p) = one().await;
+    let answer = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[("content-type", "application/json"), ("x-mock-fail", "503")],
+        chat("m", false),
+    ))
+    .await;
+    assert_eq!(answer.status, 503);
+    let answer = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[("content-type", "application/json"), ("x-mock-fail", "429")],
+        chat("m", false),
+    ))
+    .await;
+    assert_eq!(answer.status, 429);
+    assert!(answer.header("retry-after").is_some());
+}
+
+async fn broken_stream(p: &TestProxy, fail: &str) -> (String, bool) {
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json"), ("x-mock-fail", fail), ("x-mock-tokens", "6")],
+            chat("m", true),
+        ))
+        .await
+        .expect("response head");
+    assert_eq!(resp.status(), 200);
+    let (body, broke) = read_stream(resp).await;
+    (String::from_utf8_lossy(&body).into_owned(), broke)
+}
+
+fn assert_interrupted(body: &str, broke: bool) {
+    assert!(broke, "the connection is closed, not cleanly ended: {body}");
+    assert!(!body.contains("[DONE]"), "no fake clean end: {body}");
+    let events = sse_data(body.as_bytes());
+    let last: serde_json::Value = serde_json::from_str(events.last().expect("an event")).expect("JSON error event");
+    assert_eq!(last["error"]["code"], "stream_interrupted", "{body}");
+    assert_eq!(last["error"]["type"], "upstream_error");
+}
+
+#[tokio::test]
+async fn upstream_drop_mid_stream_ends_with_an_error_event_and_a_close() {
+    let (_up, p) = one().await;
+    let (body, broke) = broken_stream(&p, "drop").await;
+    assert!(body.contains("\"delta\""), "some chunks came through first: {body}");
+    assert_interrupted(&body, broke);
+}
+
+#[tokio::test]
+async fn invalid_sse_ends_with_an_error_event_and_a_close() {
+    let (_up, p) = one().await;
+    let (body, broke) = broken_stream(&p, "invalid-sse").await;
+    assert_interrupted(&body, broke);
+}
+
+#[tokio::test]
+async fn silent_upstream_mid_stream_hits_the_idle_timeout() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(1.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = proxy(&one_upstream(&up.base_url(), "idle_timeout_ms = 150")).await;
+    let (body, broke) = broken_stream(&p, "none").await;
+    assert_interrupted(&body, broke);
+    assert!(body.contains("no data from the upstream"), "{body}");
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_stream_cancels_the_upstream() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(10.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let body = chat("m", true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         x-mock-tokens: 1000\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(HANG, conn.read(&mut buf)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert_eq!(up.stats.in_flight(), 1);
+    drop(conn);
+    // 1000 tokens at 10/s would take 100 s: the upstream must stop long before.
+    eventually("the upstream stream is cancelled", || up.stats.cancelled() == 1).await;
+    eventually("nothing left in flight upstream", || up.stats.in_flight() == 0).await;
+    let _ = Duration::ZERO;
+}

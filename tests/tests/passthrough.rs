@@ -1,0 +1,238 @@
+//! The proxy in front of one mock upstream: every endpoint passes through,
+//! streams stream, credentials are swapped, ids and metrics are there.
+
+use http::Method;
+use http_body_util::BodyExt;
+use tests::*;
+
+#[tokio::test]
+async fn chat_completions_embeddings_pass_through() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+
+    let direct = post_json(&format!("{}/chat/completions", up.base_url()), &chat("m", false)).await;
+    let via = post_json(&proxy.url("/v1/chat/completions"), &chat("m", false)).await;
+    assert_eq!(via.status, 200);
+    assert_eq!(via.json(), direct.json(), "the proxy passes the answer through unchanged");
+    assert_eq!(via.header("x-llm-proxy-upstream"), Some("up"));
+    assert!(via.header("x-request-id").is_some_and(|id| !id.is_empty()));
+
+    let completion = post_json(
+        &proxy.url("/v1/completions"),
+        r#"{"model":"m","prompt":"Once upon a time"}"#,
+    )
+    .await;
+    assert_eq!(completion.status, 200);
+    assert_eq!(completion.json()["object"], "text_completion");
+
+    let emb = post_json(&proxy.url("/v1/embeddings"), r#"{"model":"m","input":["a","b"]}"#).await;
+    assert_eq!(emb.status, 200);
+    assert_eq!(emb.json()["data"].as_array().map(Vec::len), Some(2));
+
+    assert_eq!(up.stats.requests_for("/v1/chat/completions"), 2);
+    assert_eq!(up.stats.requests_for("/v1/completions"), 1);
+    assert_eq!(up.stats.requests_for("/v1/embeddings"), 1);
+}
+
+#[tokio::test]
+async fn unchanged_body_reaches_the_upstream_byte_for_byte() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    let body = "{ \"model\" : \"m\",\n  \"messages\": [ {\"role\":\"user\",\"content\":\"x\"} ] }";
+    let via = post_json(&proxy.url("/v1/chat/completions"), body).await;
+    assert_eq!(via.status, 200);
+    assert_eq!(up.stats.last_request_body().as_deref(), Some(body.as_bytes()));
+}
+
+#[tokio::test]
+async fn credentials_are_swapped() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "api_key = \"sk-upstream\"")).await;
+    let req = request(
+        Method::POST,
+        &proxy.url("/v1/chat/completions?trace=1"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-client-secret"),
+            ("x-api-key", "sk-client-secret"),
+            ("x-custom", "kept"),
+        ],
+        chat("m", false),
+    );
+    let answer = send(req).await;
+    assert_eq!(answer.status, 200);
+    let seen = up.stats.last_request_headers().expect("upstream saw a request");
+    assert_eq!(seen["authorization"], "Bearer sk-upstream");
+    assert!(seen.get("x-api-key").is_none());
+    assert_eq!(seen["x-custom"], "kept");
+    assert!(seen.get("x-request-id").is_some(), "the request id goes upstream too");
+    for (name, value) in &seen {
+        assert!(
+            !value.as_bytes().windows(9).any(|w| w == b"sk-client"),
+            "client key leaked upstream in {name}"
+        );
+    }
+    assert_eq!(up.stats.last_path().as_deref(), Some("/v1/chat/completions?trace=1"));
+}
+
+#[tokio::test]
+async fn first_streamed_chunk_arrives_before_the_upstream_finishes() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(20.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &proxy.url("/v1/chat/completions"),
+            &[("content-type", "application/json"), ("x-mock-tokens", "20")],
+            chat("m", true),
+        ))
+        .await
+        .expect("response head");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(HANG, body.frame())
+        .await
+        .expect("first chunk in time")
+        .expect("a frame")
+        .expect("no error");
+    let first = first.into_data().expect("data frame");
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    // The upstream is still producing (20 tokens at 20/s) when the client
+    // already holds the first chunk: nothing buffered the stream.
+    assert_eq!(up.stats.in_flight(), 1, "upstream still streaming");
+    let rest = body.collect().await.expect("rest of the stream").to_bytes();
+    let all = [first.as_ref(), rest.as_ref()].concat();
+    let events = sse_data(&all);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let text: String = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<serde_json::Value>(e).expect("chunk is JSON"))
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!text.is_empty());
+}
+
+#[tokio::test]
+async fn streamed_usage_passes_through_when_asked() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+    let answer = post_json(&proxy.url("/v1/chat/completions"), body).await;
+    let events = sse_data(&answer.body);
+    let usage_chunk = &events[events.len() - 2];
+    let v: serde_json::Value = serde_json::from_str(usage_chunk).unwrap();
+    assert!(v["usage"]["total_tokens"].as_u64().is_some_and(|t| t > 0), "{v}");
+}
+
+#[tokio::test]
+async fn models_lists_configured_models() {
+    let a = mock_named("a").await;
+    let b = mock_named("b").await;
+    let toml = format!(
+        "[[upstream]]\nname = \"a\"\nurl = \"{}\"\nmodels = [\"x\", \"y\"]\n\
+         [[upstream]]\nname = \"b\"\nurl = \"{}\"\nmodels = [\"y\", \"z\"]\n",
+        a.base_url(),
+        b.base_url()
+    );
+    let proxy = proxy(&toml).await;
+    let answer = send(request(Method::GET, &proxy.url("/v1/models"), &[], "")).await;
+    assert_eq!(answer.status, 200);
+    let json = answer.json();
+    assert_eq!(json["object"], "list");
+    let ids: Vec<&str> = json["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["x", "y", "z"]);
+    assert!(json["data"].as_array().unwrap().iter().all(|m| m["object"] == "model"));
+
+    // Routing by model: z only on b, x only on a, y on both (round robin).
+    let z = post_json(&proxy.url("/v1/chat/completions"), &chat("z", false)).await;
+    assert_eq!(z.header("x-llm-proxy-upstream"), Some("b"));
+    let x = post_json(&proxy.url("/v1/chat/completions"), &chat("x", false)).await;
+    assert_eq!(x.header("x-llm-proxy-upstream"), Some("a"));
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let y = post_json(&proxy.url("/v1/chat/completions"), &chat("y", false)).await;
+        seen.insert(y.header("x-llm-proxy-upstream").unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "round robin over both upstreams of y");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_health_endpoints_answer() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    assert_eq!(post_json(&proxy.url("/v1/chat/completions"), &chat("m", false)).await.status, 200);
+    assert_eq!(post_json(&proxy.url("/v1/chat/completions"), "{").await.status, 400);
+    let healthz = send(request(Method::GET, &proxy.url("/healthz"), &[], "")).await;
+    assert_eq!(healthz.status, 200);
+    let readyz = send(request(Method::GET, &proxy.url("/readyz"), &[], "")).await;
+    assert_eq!(readyz.status, 200);
+    let metrics = send(request(Method::GET, &proxy.url("/metrics"), &[], "")).await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    for needle in [
+        r#"llm_proxy_requests_total{route="chat_completions",status="200",upstream="up"} 1"#,
+        r#"llm_proxy_requests_total{route="chat_completions",status="400",upstream=""} 1"#,
+        r#"llm_proxy_request_duration_seconds_count{route="chat_completions"} 2"#,
+        r#"llm_proxy_time_to_first_byte_seconds_count{route="chat_completions"}"#,
+        r#"llm_proxy_in_flight{upstream="up"} 0"#,
+        r#"llm_proxy_upstream_healthy{upstream="up"} 1"#,
+    ] {
+        assert!(text.contains(needle), "metrics lack `{needle}`:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn client_request_id_is_kept_and_upstream_header_can_be_off() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&format!("upstream_header = false\n{}", one_upstream(&up.base_url(), ""))).await;
+    let answer = send(request(
+        Method::POST,
+        &proxy.url("/v1/chat/completions"),
+        &[("content-type", "application/json"), ("x-request-id", "my-id-42")],
+        chat("m", false),
+    ))
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-request-id"), Some("my-id-42"));
+    assert_eq!(answer.header("x-llm-proxy-upstream"), None);
+    assert_eq!(up.stats.last_request_headers().unwrap()["x-request-id"], "my-id-42");
+}
+
+#[tokio::test]
+async fn other_v1_paths_pass_through() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    let answer = send(request(Method::GET, &proxy.url("/v1/files?limit=2"), &[], "")).await;
+    // The mock has no /files: its own 404 comes back as it came.
+    assert_eq!(answer.status, 404);
+    assert_eq!(up.stats.last_path().as_deref(), Some("/v1/files?limit=2"));
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = client
+        .request(request(
+            Method::POST,
+            &proxy.url("/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("m", true),
+        ))
+        .await
+        .expect("h2c response");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+}
