@@ -40,6 +40,8 @@ pub async fn mock_named(name: &str) -> MockServer {
 pub struct TestProxy {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The proxy's service, to call in-process beside the server.
+    pub service: llm_proxy::ProxyService,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -86,12 +88,14 @@ pub async fn proxy(toml: &str) -> TestProxy {
         .expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local addr");
     let proxy = llm_proxy::Proxy::build(settings).await.expect("proxy builds");
+    let service = proxy.service();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(proxy.serve(listener, async move {
         let _ = rx.await;
     }));
     TestProxy {
         addr,
+        service,
         shutdown: Some(tx),
         task: Some(task),
     }
@@ -279,4 +283,33 @@ pub async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> (Bytes,
     .await
     .expect("the stream ended in time");
     (Bytes::from(data), broke)
+}
+
+/// A child process killed when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start an example binary with `args`, stdout and stderr captured.
+pub fn run_example(name: &str, args: &[&str]) -> Child {
+    let child = std::process::Command::new(example_binary(name))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the example");
+    Child(child)
+}
+
+/// A scratch directory under the system temp dir, unique to this test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llm-proxy-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
 }

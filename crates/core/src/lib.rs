@@ -43,6 +43,7 @@ mod endpoint;
 mod error;
 mod meta;
 mod parse;
+mod render;
 pub mod sse;
 pub mod usage;
 
@@ -51,6 +52,7 @@ pub use endpoint::Endpoint;
 pub use error::{Error, ErrorBody};
 pub use meta::{Identity, RequestMeta};
 pub use parse::{Parse, ParseLayer, ParseLimits};
+pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 
 /// The response header that names the upstream which served a request.
 pub const UPSTREAM_HEADER: &str = "x-llm-proxy-upstream";

@@ -1,0 +1,129 @@
+//! The example binaries, run as a user runs them: the llm-proxy binary's
+//! config errors and graceful shutdown, `minimal` and `axum_embed`.
+
+use std::io::Read;
+use std::time::Duration;
+
+use http::Method;
+use tests::*;
+
+fn config_error(name: &str, text: Option<&str>) -> (i32, String) {
+    let dir = scratch_dir("config");
+    let path = dir.join(format!("{name}.toml"));
+    if let Some(text) = text {
+        std::fs::write(&path, text).unwrap();
+    }
+    let out = std::process::Command::new(example_binary("llm-proxy"))
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .expect("run llm-proxy");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn config_errors_are_one_line_and_exit_2() {
+    let up = "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\n";
+    let cases: &[(&str, Option<String>, &str)] = &[
+        ("missing", None, "cannot read the config file"),
+        ("bad_toml", Some("listen = \n".into()), ":1:"),
+        ("unknown_key", Some(format!("{up}colour = \"blue\"\n")), "colour"),
+        ("unknown_key_line", Some(format!("{up}colour = \"blue\"\n")), ":4:"),
+        ("bad_url", Some("[[upstream]]\nname = \"a\"\nurl = \"not a url\"\n".into()), ":3: upstream `a`: bad url"),
+        ("duplicate", Some(format!("{up}{up}")), "duplicate upstream name `a`"),
+        ("no_upstream", Some("listen = \"127.0.0.1:0\"\n".into()), "no [[upstream]]"),
+        ("unbuilt", Some(format!("{up}[auth]\nenabled = true\n")), "not available in this build yet"),
+    ];
+    for (name, text, needle) in cases {
+        let (code, stderr) = config_error(name, text.as_deref());
+        assert_eq!(code, 2, "{name}: exit code; stderr: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: one line: {stderr}");
+        assert!(stderr.contains(needle), "{name}: `{needle}` in: {stderr}");
+        assert!(stderr.starts_with("llm-proxy: config error: "), "{name}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
+    let port = free_port();
+    let dir = scratch_dir("sigterm");
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 20\n[[upstream]]\nname = \"m\"\n\
+             mock = {{ tokens_per_second = 20 }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    let url = format!("http://{addr}/v1/chat/completions");
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &url,
+            &[("content-type", "application/json"), ("x-mock-tokens", "10")],
+            chat("any", true),
+        ))
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (body, broke) = read_stream(resp).await;
+    assert!(!broke, "the in-flight stream finished cleanly");
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+    let exit = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                let mut err = String::new();
+                child.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                return (status, err);
+            }
+            assert!(std::time::Instant::now() < deadline, "proxy exited after draining");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
+}
+
+#[tokio::test]
+async fn minimal_example_proxies_and_renders_errors() {
+    let up = mock_named("m").await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _child = run_example("minimal", &[&listen, &up.base_url()]);
+    wait_listening(listen.parse().unwrap()).await;
+    let ok = post_json(&format!("http://{listen}/v1/chat/completions"), &chat("m", false)).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("x-llm-proxy-upstream"), Some("default"));
+    post_json(&format!("http://{listen}/v1/chat/completions"), "{")
+        .await
+        .assert_error(400, "invalid_request_error", "invalid_json");
+    assert_eq!(up.stats.requests(), 1);
+}
+
+#[tokio::test]
+async fn axum_embed_example_serves_app_and_proxy_side_by_side() {
+    let up = mock_named("m").await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _child = run_example("axum_embed", &[&listen, &up.base_url()]);
+    wait_listening(listen.parse().unwrap()).await;
+    let app = send(request(Method::GET, &format!("http://{listen}/"), &[], "")).await;
+    assert_eq!(app.text(), "my app\n");
+    let streamed = post_json(&format!("http://{listen}/llm/v1/chat/completions"), &chat("m", true)).await;
+    assert_eq!(streamed.status, 200);
+    assert_eq!(sse_data(&streamed.body).last().map(String::as_str), Some("[DONE]"));
+    let health = send(request(Method::GET, &format!("http://{listen}/llm/healthz"), &[], "")).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(up.stats.last_path().as_deref(), Some("/v1/chat/completions"));
+}

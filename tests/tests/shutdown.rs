@@ -1,0 +1,55 @@
+//! Graceful shutdown in-process: stop accepting, report draining, let the
+//! in-flight stream finish, then return.
+
+use http::Method;
+use tests::*;
+use tower::ServiceExt;
+
+#[tokio::test]
+async fn drain_lets_an_in_flight_stream_finish() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(20.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let mut p = proxy(&format!("drain_timeout_secs = 10\n{}", one_upstream(&up.base_url(), ""))).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json"), ("x-mock-tokens", "10")],
+            chat("m", true),
+        ))
+        .await
+        .expect("stream starts");
+    p.begin_shutdown();
+    // /readyz reports draining from the moment draining starts.
+    let service = p.service.clone();
+    eventually_async(|| {
+        let service = service.clone();
+        async move {
+            let req = http::Request::get("/readyz").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+            service.oneshot(req).await.unwrap().status() == 503
+        }
+    })
+    .await;
+    // No new connections.
+    eventually_async(|| async { tokio::net::TcpStream::connect(p.addr).await.is_err() }).await;
+    let (body, broke) = read_stream(resp).await;
+    assert!(!broke);
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+    p.stop().await.expect("serve returns Ok");
+}
+
+async fn eventually_async<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + HANG;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition never held");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
