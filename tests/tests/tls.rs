@@ -1,0 +1,69 @@
+//! An https upstream with a private CA, trusted through `tls_ca_file`.
+
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tests::*;
+
+/// A TLS mock upstream on 127.0.0.1 with a self-signed certificate for
+/// `localhost`; returns its port, the certificate's PEM and the mock's stats.
+async fn tls_mock() -> (u16, String, llm_proxy_mock::MockStats, tokio::task::JoinHandle<()>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let pem = cert.cert.pem();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let chain = vec![CertificateDer::from(cert.cert.der().to_vec())];
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mock = Mock::new(MockConfig {
+        name: "tls".into(),
+        ..MockConfig::default()
+    });
+    let stats = mock.stats();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            let mock = mock.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(mock))
+                    .await;
+            });
+        }
+    });
+    (port, pem, stats, task)
+}
+
+#[tokio::test]
+async fn https_upstream_with_private_ca() {
+    let (port, pem, stats, task) = tls_mock().await;
+    let dir = scratch_dir("tls");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let url = format!("https://localhost:{port}/v1");
+    let trusted = proxy(&one_upstream(&url, &format!("tls_ca_file = \"{}\"", ca.display()))).await;
+    let answer = post_json(&trusted.url("/v1/chat/completions"), &chat("m", true)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(sse_data(&answer.body).last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(stats.requests(), 1);
+
+    // Without the CA the certificate is not trusted: 502, nothing sent.
+    let untrusted = proxy(&one_upstream(&url, "")).await;
+    let answer = post_json(&untrusted.url("/v1/chat/completions"), &chat("m", false)).await;
+    answer.assert_error(502, "upstream_error", "bad_gateway");
+    assert_eq!(stats.requests(), 1);
+    task.abort();
+}
