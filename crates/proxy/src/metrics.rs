@@ -53,6 +53,8 @@ pub struct Metrics {
     ttfb: HistogramFamily,
     in_flight: Family<UpstreamLabels, Gauge>,
     healthy: Family<UpstreamLabels, Gauge>,
+    /// The `upstream` label of answers no upstream gave.
+    no_upstream: Name,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -107,6 +109,7 @@ impl Metrics {
             ttfb,
             in_flight,
             healthy,
+            no_upstream: Name(Arc::from("")),
         })
     }
 
@@ -120,7 +123,7 @@ impl Metrics {
 
     /// Count one answered request.
     pub fn count_request(&self, route: &'static str, status: u16, upstream: Option<&Arc<str>>) {
-        let upstream = Name(upstream.cloned().unwrap_or_else(|| Arc::from("")));
+        let upstream = upstream.map_or_else(|| self.no_upstream.clone(), |u| Name(u.clone()));
         self.requests
             .get_or_create(&RequestLabels {
                 route,

@@ -209,8 +209,6 @@ where
             .filter(|v| (1..=200).contains(&v.len()) && v.to_str().is_ok())
             .cloned()
             .unwrap_or_else(|| shared.ids.next());
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
         Box::pin(async move {
             let mut resp = match respond(&shared, stack, route, req, &request_id).await {
                 Ok(resp) => resp,
@@ -227,8 +225,7 @@ where
                 .count_request(route.label(), status.as_u16(), upstream);
             tracing::debug!(
                 request_id = request_id.to_str().unwrap_or(""),
-                %method,
-                path,
+                route = route.label(),
                 status = status.as_u16(),
                 upstream = upstream.map(|u| &**u).unwrap_or(""),
                 "response head"
