@@ -196,3 +196,33 @@ mod tests {
         assert_eq!(big.total(), u64::MAX);
     }
 }
+
+/// Whether an SSE `data:` payload is the usage-only chunk OpenAI sends last
+/// when `stream_options.include_usage` is set: `"choices": []` with `usage`.
+pub fn is_usage_only_chunk(data: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        #[serde(default)]
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    if !data.contains("\"usage\"") {
+        return false;
+    }
+    serde_json::from_str::<Chunk>(data)
+        .is_ok_and(|c| c.usage.is_some() && c.choices.is_none_or(|c| c.is_empty()))
+}
+
+#[cfg(test)]
+mod usage_only_tests {
+    use super::is_usage_only_chunk;
+
+    #[test]
+    fn detects_the_usage_only_chunk() {
+        assert!(is_usage_only_chunk(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#));
+        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#));
+        assert!(!is_usage_only_chunk(r#"{"choices":[],"usage":null}"#));
+        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{"content":"usage"}}]}"#));
+    }
+}

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use llm_proxy_core::{ParseLayer, ParseLimits};
 use llm_proxy_mock::{Mock, MockConfig, MockServer};
 use llm_proxy_upstream::{Upstream, UpstreamConfig};
-use tower_layer::Layer;
+use llm_proxy_auth::AuthLayer;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
 
 use crate::config::{Settings, Target};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Series, Source};
 use crate::router::{Member, ModelRouter};
 use crate::routes::{FaceOptions, ProxyService, Readiness};
 
@@ -96,12 +98,20 @@ impl Proxy {
             });
         }
         let router = ModelRouter::new(members, metrics.clone());
-        let stack = ParseLayer::new(ParseLimits {
-            max_body_bytes: settings.max_body_bytes,
-        })
-        .layer(router.clone());
+        let auth = settings.auth.as_ref().map(|a| AuthLayer::new(a.keys.clone()));
+        if let Some(auth) = &auth {
+            metrics.add_source(auth_metrics(auth.clone()));
+        }
+        // The stack below the HTTP face, outermost first.
+        let stack = ServiceBuilder::new()
+            .layer(ParseLayer::new(ParseLimits {
+                max_body_bytes: settings.max_body_bytes,
+            }))
+            .option_layer(auth.clone())
+            .service(router.clone());
         let service = ProxyService::new(
-            stack,
+            BoxCloneSyncService::new(stack),
+            auth,
             &router,
             metrics.clone(),
             readiness.clone(),
@@ -128,4 +138,43 @@ impl Proxy {
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
+}
+
+/// The auth layer's counters, read at scrape time.
+fn auth_metrics(auth: AuthLayer) -> Source {
+    Box::new(move || {
+        let mut limited = Vec::new();
+        let mut tokens = Vec::new();
+        for key in auth.keys() {
+            let name = key.name.to_string();
+            let n = key.stats.rate_limited.load(std::sync::atomic::Ordering::Relaxed);
+            limited.push((vec![("key", name.clone())], n));
+            for (model, input, output) in key.stats.tokens() {
+                for (kind, value) in [("input", input), ("output", output)] {
+                    let labels = vec![("key", name.clone()), ("model", model.to_string()), ("kind", kind.to_owned())];
+                    tokens.push((labels, value));
+                }
+            }
+        }
+        vec![
+            Series {
+                name: "rate_limited",
+                help: "Requests answered 429 by the auth layer, by key name",
+                counter: true,
+                samples: limited,
+            },
+            Series {
+                name: "tokens",
+                help: "Tokens used, by key name, model and kind (input, output)",
+                counter: true,
+                samples: tokens,
+            },
+            Series {
+                name: "store_errors",
+                help: "Failed calls to a shared store (Redis), by store",
+                counter: true,
+                samples: vec![(vec![("store", "auth".to_owned())], auth.store_errors())],
+            },
+        ]
+    })
 }

@@ -58,9 +58,56 @@ pub struct Config {
     /// Not built yet: rejected when present.
     #[serde(default)]
     pub cache: Option<Spanned<toml::Value>>,
-    /// Not built yet: rejected when present.
+    /// API keys and limits.
     #[serde(default)]
-    pub auth: Option<Spanned<toml::Value>>,
+    pub auth: Option<AuthSection>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Turn the auth layer on.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// `memory` (this build; `redis` comes with the Redis limit backend).
+    #[serde(default = "defaults::memory")]
+    pub backend: Spanned<String>,
+    /// Redis URL for `backend = "redis"`.
+    #[serde(default)]
+    pub redis_url: Option<Spanned<String>>,
+    /// Prefix of every Redis key.
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    /// The keys.
+    #[serde(default)]
+    pub keys: Vec<KeySection>,
+}
+
+/// One `[[auth.keys]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySection {
+    /// The key's name (its identity in logs, metrics, cache scope).
+    pub name: Spanned<String>,
+    /// The key: literal or `env:NAME`.
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
+    /// The key's SHA-256, hex.
+    #[serde(default)]
+    pub key_sha256: Option<Spanned<String>>,
+    /// Models this key may use.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Requests per minute.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+    /// May use other `/v1/*` routes.
+    #[serde(default)]
+    pub passthrough: bool,
 }
 
 /// One `[[upstream]]`.
@@ -148,6 +195,9 @@ mod defaults {
     pub fn idle_timeout_ms() -> u64 {
         60_000
     }
+    pub fn memory() -> Spanned<String> {
+        Spanned::new(0..0, "memory".to_owned())
+    }
 }
 
 /// A validated upstream, secrets resolved.
@@ -204,6 +254,15 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// The upstreams, in config order.
     pub upstreams: Vec<UpstreamSpec>,
+    /// The auth layer's keys, when auth is on.
+    pub auth: Option<AuthSpec>,
+}
+
+/// The auth layer's settings.
+#[derive(Debug, Clone)]
+pub struct AuthSpec {
+    /// The keys, hashed.
+    pub keys: Vec<llm_proxy_auth::KeySpec>,
 }
 
 impl Settings {
@@ -240,11 +299,11 @@ fn duration_secs(path: &Path, key: &str, secs: f64) -> Result<Duration, ConfigEr
 fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError> {
     let err =
         |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
-    for (section, value) in [
-        ("balance", &cfg.balance),
-        ("cache", &cfg.cache),
-        ("auth", &cfg.auth),
-    ] {
+    let auth = match &cfg.auth {
+        Some(a) if a.enabled => Some(validate_auth(path, src, a)?),
+        _ => None,
+    };
+    for (section, value) in [("balance", &cfg.balance), ("cache", &cfg.cache)] {
         if let Some(v) = value {
             return Err(err(
                 v.span(),
@@ -387,7 +446,63 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         upstream_header: cfg.upstream_header,
         metrics_listen,
         upstreams,
+        auth,
     })
+}
+
+fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
+    if a.backend.get_ref() != "memory" {
+        return Err(err(
+            a.backend.span(),
+            format!("[auth] backend `{}` is not available in this build yet (only `memory`)", a.backend.get_ref()),
+        ));
+    }
+    if let Some(url) = &a.redis_url {
+        return Err(err(url.span(), "[auth] `redis_url` needs backend = \"redis\", not available in this build yet".into()));
+    }
+    let mut names = HashSet::new();
+    let mut hashes = HashSet::new();
+    let mut keys = Vec::with_capacity(a.keys.len());
+    for k in &a.keys {
+        let name = k.name.get_ref().clone();
+        if name.is_empty() || !names.insert(name.clone()) {
+            return Err(err(k.name.span(), format!("[[auth.keys]] name `{name}` must be unique and non-empty")));
+        }
+        let sha256 = match (&k.key, &k.key_sha256) {
+            (Some(key), None) => {
+                let plain = resolve_secret(key.get_ref())
+                    .map_err(|m| err(key.span(), format!("key `{name}`: `key`: {m}")))?;
+                if plain.is_empty() || !plain.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(err(key.span(), format!("key `{name}`: a key is non-empty printable ASCII without spaces")));
+                }
+                llm_proxy_auth::sha256(plain.as_bytes())
+            }
+            (None, Some(hex)) => llm_proxy_auth::parse_sha256_hex(hex.get_ref()).ok_or_else(|| {
+                err(hex.span(), format!("key `{name}`: `key_sha256` must be 64 hex digits"))
+            })?,
+            _ => {
+                return Err(err(k.name.span(), format!("key `{name}`: give exactly one of `key` and `key_sha256`")));
+            }
+        };
+        if !hashes.insert(sha256) {
+            return Err(err(k.name.span(), format!("key `{name}`: the same key is configured twice")));
+        }
+        for (what, value) in [("requests_per_minute", k.requests_per_minute), ("tokens_per_minute", k.tokens_per_minute)] {
+            if value == Some(0) {
+                return Err(err(k.name.span(), format!("key `{name}`: `{what}` must be at least 1 (leave it out for no limit)")));
+            }
+        }
+        keys.push(llm_proxy_auth::KeySpec {
+            name,
+            sha256,
+            models: k.models.clone(),
+            requests_per_minute: k.requests_per_minute,
+            tokens_per_minute: k.tokens_per_minute,
+            passthrough: k.passthrough,
+        });
+    }
+    Ok(AuthSpec { keys })
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

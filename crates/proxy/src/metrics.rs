@@ -14,6 +14,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 /// A shared name as a label value, without copying it per request.
@@ -55,6 +60,52 @@ pub struct Metrics {
     healthy: Family<UpstreamLabels, Gauge>,
     /// The `upstream` label of answers no upstream gave.
     no_upstream: Name,
+    sources: Arc<std::sync::RwLock<Vec<Source>>>,
+}
+
+/// One metric read from a layer at scrape time.
+#[derive(Debug)]
+pub struct Series {
+    /// Name without the `llm_proxy_` prefix (and, for counters, `_total`).
+    pub name: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// Counter or gauge.
+    pub counter: bool,
+    /// Label sets and values.
+    pub samples: Vec<(Vec<(&'static str, String)>, u64)>,
+}
+
+/// A function that reads a layer's counters at scrape time.
+pub type Source = Box<dyn Fn() -> Vec<Series> + Send + Sync>;
+
+/// Encodes the [`Source`]s' series on each scrape: layers keep their own
+/// atomics, and nothing is copied per request.
+struct Scraped(Arc<std::sync::RwLock<Vec<Source>>>);
+
+impl std::fmt::Debug for Scraped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scraped")
+    }
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let sources = self.0.read().unwrap_or_else(|p| p.into_inner());
+        for series in sources.iter().flat_map(|source| source()) {
+            let kind = if series.counter { MetricType::Counter } else { MetricType::Gauge };
+            let mut family = encoder.encode_descriptor(series.name, series.help, None, kind)?;
+            for (labels, value) in &series.samples {
+                let metric = family.encode_family(labels)?;
+                if series.counter {
+                    ConstCounter::new(*value).encode(metric)?;
+                } else {
+                    ConstGauge::new(*value as i64).encode(metric)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,6 +153,8 @@ impl Metrics {
             "1 when the upstream may be chosen",
             healthy.clone(),
         );
+        let sources = Arc::new(std::sync::RwLock::new(Vec::new()));
+        registry.register_collector(Box::new(Scraped(sources.clone())));
         Arc::new(Metrics {
             registry,
             requests,
@@ -110,7 +163,13 @@ impl Metrics {
             in_flight,
             healthy,
             no_upstream: Name(Arc::from("")),
+            sources,
         })
+    }
+
+    /// Add a layer's counters, read at each scrape.
+    pub fn add_source(&self, source: Source) {
+        self.sources.write().unwrap_or_else(|p| p.into_inner()).push(source);
     }
 
     /// The Prometheus text exposition.

@@ -12,7 +12,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, BoxError, Endpoint, Error, Parse, UPSTREAM_HEADER, UpstreamName, full};
+use llm_proxy_auth::AuthLayer;
+use llm_proxy_core::{Body, BoxError, Endpoint, Error, UPSTREAM_HEADER, UpstreamName, full};
+use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
 use crate::metrics::Metrics;
@@ -128,12 +130,17 @@ pub struct FaceOptions {
 #[derive(Clone)]
 pub struct ProxyService {
     shared: Arc<Shared>,
-    stack: Parse<ModelRouter>,
+    stack: Stack,
 }
+
+/// Everything below the HTTP face: parse, auth, …, upstream.
+pub(crate) type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
 
 struct Shared {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    auth: Option<AuthLayer>,
+    models: Vec<String>,
     models_json: Bytes,
     ids: RequestIds,
     options: FaceOptions,
@@ -147,7 +154,8 @@ impl std::fmt::Debug for ProxyService {
 
 impl ProxyService {
     pub(crate) fn new(
-        stack: Parse<ModelRouter>,
+        stack: Stack,
+        auth: Option<AuthLayer>,
         router: &ModelRouter,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
@@ -157,6 +165,8 @@ impl ProxyService {
             shared: Arc::new(Shared {
                 metrics,
                 readiness,
+                auth,
+                models: router.models().into_iter().map(str::to_owned).collect(),
                 models_json: models_json(&router.models()),
                 ids: RequestIds::new(),
                 options,
@@ -167,10 +177,10 @@ impl ProxyService {
 }
 
 /// `GET /v1/models` in OpenAI's list shape.
-fn models_json(models: &[&str]) -> Bytes {
+fn models_json<S: AsRef<str>>(models: &[S]) -> Bytes {
     let data: Vec<serde_json::Value> = models
         .iter()
-        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-proxy"}))
+        .map(|id| serde_json::json!({"id": id.as_ref(), "object": "model", "created": 0, "owned_by": "llm-proxy"}))
         .collect();
     Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
 }
@@ -240,9 +250,20 @@ where
     }
 }
 
+/// `GET /v1/models`: every configured model, or with auth on, the ones the
+/// caller's key may use.
+fn models_for<B>(shared: &Shared, req: &Request<B>) -> Result<Bytes, Error> {
+    let Some(auth) = &shared.auth else {
+        return Ok(shared.models_json.clone());
+    };
+    let key = auth.authenticate(req.headers())?;
+    let allowed: Vec<&String> = shared.models.iter().filter(|m| key.allows_model(m)).collect();
+    Ok(models_json(&allowed))
+}
+
 async fn respond<B>(
     shared: &Shared,
-    mut stack: Parse<ModelRouter>,
+    mut stack: Stack,
     route: Route,
     req: Request<B>,
     request_id: &HeaderValue,
@@ -273,16 +294,12 @@ where
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             shared.metrics.encode(),
         )),
-        Route::Api(Endpoint::Models) => Ok(text(
-            StatusCode::OK,
-            "application/json",
-            shared.models_json.clone(),
-        )),
+        Route::Api(Endpoint::Models) => Ok(text(StatusCode::OK, "application/json", models_for(shared, &req)?)),
         Route::Api(_) => {
             let (mut parts, body) = req.into_parts();
             parts.headers.insert(REQUEST_ID, request_id.clone());
             let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-            std::future::poll_fn(|cx| Service::<Request<Body>>::poll_ready(&mut stack, cx)).await?;
+            std::future::poll_fn(|cx| stack.poll_ready(cx)).await?;
             stack.call(req).await
         }
         Route::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),

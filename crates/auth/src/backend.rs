@@ -1,0 +1,108 @@
+//! Where limit state lives: in this process, or in Redis for a fleet.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::time::Instant;
+
+use crate::keys::KeyEntry;
+use crate::limit::Decision;
+
+/// The limit store of an [`AuthLayer`](crate::AuthLayer).
+#[derive(Debug)]
+pub struct LimitBackend {
+    base: Instant,
+    kind: Kind,
+    errors: AtomicU64,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Local,
+    #[cfg(feature = "redis")]
+    Redis(crate::redis::RedisLimits),
+}
+
+impl LimitBackend {
+    /// Limits kept in this process.
+    pub fn local() -> Self {
+        LimitBackend {
+            base: Instant::now(),
+            kind: Kind::Local,
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Limits kept in Redis, shared by every proxy using the same Redis and
+    /// key prefix. When Redis fails, each decision falls back to this
+    /// process's own limits (logged and counted), never to an outage.
+    #[cfg(feature = "redis")]
+    pub fn redis(limits: crate::redis::RedisLimits) -> Self {
+        LimitBackend {
+            kind: Kind::Redis(limits),
+            ..Self::local()
+        }
+    }
+
+    /// Nanoseconds on this backend's monotonic clock (tokio's, so paused
+    /// time works in tests).
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    /// Ask for one request reserving `tokens`.
+    pub async fn acquire(&self, key: &KeyEntry, tokens: u64) -> Decision {
+        match &self.kind {
+            Kind::Local => key.limits.acquire(self.now(), tokens),
+            #[cfg(feature = "redis")]
+            Kind::Redis(r) => match r.acquire(key, tokens).await {
+                Ok(d) => d,
+                Err(e) => {
+                    self.failed(&e);
+                    key.limits.acquire(self.now(), tokens)
+                }
+            },
+        }
+    }
+
+    /// Charge (`delta > 0`) or refund (`delta < 0`) tokens. Does not wait:
+    /// the Redis update runs in the background.
+    pub fn adjust(self: &Arc<Self>, key: &Arc<KeyEntry>, delta: i64) {
+        if delta == 0 || key.limits.tokens.is_none() {
+            return;
+        }
+        match &self.kind {
+            Kind::Local => key.limits.adjust_tokens(self.now(), delta),
+            #[cfg(feature = "redis")]
+            Kind::Redis(_) => {
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let this = self.clone();
+                let key = key.clone();
+                rt.spawn(async move {
+                    if let Kind::Redis(r) = &this.kind
+                        && let Err(e) = r.adjust(&key, delta).await
+                    {
+                        this.failed(&e);
+                        key.limits.adjust_tokens(this.now(), delta);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Limit-store errors so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    #[cfg(feature = "redis")]
+    fn failed(&self, e: &dyn std::fmt::Display) {
+        let n = self.errors.fetch_add(1, Ordering::Relaxed);
+        // One line per 100 failures: an outage must not flood the log.
+        if n % 100 == 0 {
+            tracing::warn!(error = %e, failures = n + 1, "rate-limit store failed; using local limits");
+        }
+    }
+}

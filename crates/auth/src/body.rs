@@ -1,0 +1,188 @@
+//! Watching a response for its token usage, to reconcile the reservation.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use llm_proxy_core::sse::Parser;
+use llm_proxy_core::usage::{self, Usage};
+use llm_proxy_core::{Body, BoxError};
+
+use crate::keys::KeyEntry;
+use crate::service::Shared;
+
+/// Non-streamed bodies larger than this are not searched for usage (the
+/// reservation stands).
+const MAX_JSON_TEE: usize = 1 << 20;
+
+/// Settles a request's token account once its response is over: the real
+/// usage replaces the reservation; without usage (a stream cut before its
+/// usage chunk), the reservation stands.
+pub(crate) struct Reconcile {
+    shared: Arc<Shared>,
+    key: Arc<KeyEntry>,
+    model: Option<Arc<str>>,
+    reserved: u64,
+}
+
+impl Reconcile {
+    pub(crate) fn new(shared: Arc<Shared>, key: Arc<KeyEntry>, model: Option<Arc<str>>, reserved: u64) -> Self {
+        Reconcile { shared, key, model, reserved }
+    }
+
+    fn settle(&self, usage: Option<Usage>) {
+        let Some(u) = usage else { return };
+        if let Some(model) = &self.model {
+            self.key.stats.add_tokens(model, u.input_tokens, u.output_tokens);
+        }
+        let delta = (u.total() as i64).saturating_sub(self.reserved as i64);
+        self.shared.backend.adjust(&self.key, delta);
+    }
+}
+
+enum Watch {
+    /// An SSE stream, parsed as it passes.
+    Sse { parser: Box<Parser>, strip: bool },
+    /// A JSON body, copied up to `MAX_JSON_TEE`.
+    Json(Vec<u8>),
+    /// Too large to look at.
+    Off,
+}
+
+pin_project_lite::pin_project! {
+    /// A response body on its way to the client, watched for `usage`:
+    /// SSE chunks are parsed as they pass (frames go on unchanged), a JSON
+    /// body is copied (bounded) and read at its end. The account is settled
+    /// when the body ends or is dropped.
+    pub struct UsageBody {
+        #[pin]
+        inner: Body,
+        watch: Watch,
+        usage: Option<Usage>,
+        reconcile: Option<Reconcile>,
+    }
+
+    impl PinnedDrop for UsageBody {
+        fn drop(this: Pin<&mut Self>) {
+            // hyper drops a body with a known length after its last frame
+            // without polling it to the end: settle here too.
+            let this = this.project();
+            conclude(this.watch, this.usage, this.reconcile);
+        }
+    }
+}
+
+impl UsageBody {
+    /// `strip`: the usage chunk was requested by the proxy, not the client, so
+    /// it is removed from what the client receives.
+    pub(crate) fn new(inner: Body, sse: bool, strip: bool, reconcile: Reconcile) -> Self {
+        UsageBody {
+            inner,
+            watch: if sse {
+                Watch::Sse { parser: Box::new(Parser::new()), strip }
+            } else {
+                Watch::Json(Vec::new())
+            },
+            usage: None,
+            reconcile: Some(reconcile),
+        }
+    }
+}
+
+/// Watch one frame. Returns the frame to pass on: the same bytes, or, when
+/// stripping, the complete events in it re-encoded without the usage chunk
+/// (an event split across frames goes out with the frame that completes it).
+fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: Bytes) -> Bytes {
+    match watch {
+        Watch::Sse { parser, strip } => {
+            if parser.push(&data).is_err() {
+                // Not SSE we can read: pass it on untouched, stop watching.
+                let out = if *strip { Bytes::new() } else { data };
+                *watch = Watch::Off;
+                return out;
+            }
+            let mut out = Vec::new();
+            while let Some(event) = parser.next_event() {
+                let found = usage::from_sse_data(&event.data);
+                if found.is_some() {
+                    *usage = found;
+                }
+                if *strip && !(found.is_some() && usage::is_usage_only_chunk(&event.data)) {
+                    out.extend_from_slice(&llm_proxy_core::sse::encode(&event));
+                }
+            }
+            if *strip { Bytes::from(out) } else { data }
+        }
+        Watch::Json(copy) => {
+            if copy.len() + data.len() <= MAX_JSON_TEE {
+                copy.extend_from_slice(&data);
+            } else {
+                *watch = Watch::Off;
+            }
+            data
+        }
+        Watch::Off => data,
+    }
+}
+
+impl HttpBody for UsageBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            let polled = this.inner.as_mut().poll_frame(cx);
+            let frame = match polled {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                other => return finish(other, this.watch, this.usage, this.reconcile),
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => observe(this.watch, this.usage, data),
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            };
+            // A frame that held only a stripped chunk (or half an event) is
+            // not sent empty: read on.
+            if !frame.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.watch {
+            Watch::Sse { strip: true, .. } => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
+    }
+}
+
+fn finish(
+    polled: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+    watch: &mut Watch,
+    usage: &mut Option<Usage>,
+    reconcile: &mut Option<Reconcile>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if let Poll::Ready(None) = polled {
+        conclude(watch, usage, reconcile);
+    }
+    polled
+}
+
+/// The body is over (ended or dropped): read a JSON body's usage and settle,
+/// once. A JSON body cut short does not parse: its reservation stands.
+fn conclude(watch: &mut Watch, usage: &mut Option<Usage>, reconcile: &mut Option<Reconcile>) {
+    let Some(r) = reconcile.take() else { return };
+    if let Watch::Json(copy) = watch
+        && !copy.is_empty()
+    {
+        *usage = usage::from_json(copy);
+    }
+    r.settle(*usage);
+}

@@ -1,0 +1,244 @@
+//! API keys: held only as SHA-256 hashes, looked up by hash.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::limit::Limits;
+
+/// One configured key, as the auth layer is given it.
+#[derive(Clone, Debug)]
+pub struct KeySpec {
+    /// The key's name: the caller's identity in logs, metrics and cache scope.
+    pub name: String,
+    /// SHA-256 of the key (the key itself is never kept).
+    pub sha256: [u8; 32],
+    /// Models this key may use; `None` = every model.
+    pub models: Option<Vec<String>>,
+    /// Requests per minute (GCRA, burst = the limit).
+    pub requests_per_minute: Option<u32>,
+    /// Prompt + completion tokens per minute.
+    pub tokens_per_minute: Option<u32>,
+    /// May this key use `/v1` paths beyond the model APIs.
+    pub passthrough: bool,
+}
+
+impl KeySpec {
+    /// A spec from a plain key (hashed here; the plain key is not kept).
+    pub fn from_key(name: impl Into<String>, key: &str) -> Self {
+        KeySpec {
+            name: name.into(),
+            sha256: sha256(key.as_bytes()),
+            models: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            passthrough: false,
+        }
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Parse a 64-digit hex SHA-256.
+pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A key the layer knows: its name, allowlist, limits and limiter state.
+#[derive(Debug)]
+pub struct KeyEntry {
+    /// The key's name.
+    pub name: Arc<str>,
+    models: Option<HashSet<String>>,
+    /// May use passthrough routes.
+    pub passthrough: bool,
+    /// Its limits and their local state.
+    pub limits: Limits,
+    /// Its counters, read by metrics.
+    pub stats: KeyStats,
+}
+
+/// Per-key counters: rate-limited requests and tokens by model.
+#[derive(Debug, Default)]
+pub struct KeyStats {
+    /// Requests answered 429 by this layer.
+    pub rate_limited: std::sync::atomic::AtomicU64,
+    tokens: std::sync::Mutex<HashMap<Arc<str>, [u64; 2]>>,
+}
+
+/// Distinct model labels kept per key; later models count as `other`, so a
+/// client cannot grow the metrics without bound by inventing model names.
+const MAX_MODELS_PER_KEY: usize = 64;
+
+impl KeyStats {
+    /// Count `input` and `output` tokens used with `model`.
+    pub fn add_tokens(&self, model: &Arc<str>, input: u64, output: u64) {
+        let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = if map.contains_key(model) || map.len() < MAX_MODELS_PER_KEY {
+            map.entry(model.clone()).or_default()
+        } else {
+            map.entry(Arc::from("other")).or_default()
+        };
+        slot[0] += input;
+        slot[1] += output;
+    }
+
+    /// Tokens by model: `(model, input, output)`.
+    pub fn tokens(&self) -> Vec<(Arc<str>, u64, u64)> {
+        let map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(m, t)| (m.clone(), t[0], t[1])).collect()
+    }
+}
+
+impl KeyEntry {
+    /// Whether the key may use `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|m| m.contains(model))
+    }
+}
+
+/// Every configured key, by hash.
+#[derive(Debug, Default)]
+pub struct KeyTable {
+    by_hash: HashMap<[u8; 32], Arc<KeyEntry>>,
+}
+
+impl KeyTable {
+    /// A table of `specs`. Two specs with one hash: the later one wins.
+    pub fn new(specs: Vec<KeySpec>) -> Self {
+        let by_hash = specs
+            .into_iter()
+            .map(|s| {
+                let entry = KeyEntry {
+                    name: Arc::from(s.name),
+                    models: s.models.map(|m| m.into_iter().collect()),
+                    passthrough: s.passthrough,
+                    limits: Limits::new(s.requests_per_minute, s.tokens_per_minute),
+                    stats: KeyStats::default(),
+                };
+                (s.sha256, Arc::new(entry))
+            })
+            .collect();
+        KeyTable { by_hash }
+    }
+
+    /// The entry for the credential on `headers`, if it is a known key.
+    ///
+    /// The presented key is hashed and the hash looked up, so the time taken
+    /// depends on the hash, not on how much of a real key was guessed.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<KeyEntry>> {
+        let key = presented_key(headers)?;
+        self.by_hash.get(&sha256(key)).cloned()
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// Every key, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
+        self.by_hash.values()
+    }
+}
+
+/// The key a client presented: `Authorization: Bearer <key>` (scheme
+/// case-insensitive, whitespace trimmed) or else `x-api-key: <key>`.
+/// Anything malformed or empty is `None`.
+pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
+        let value = trim(auth.as_bytes());
+        let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ')?);
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return None;
+        }
+        let key = trim(rest);
+        return valid(key);
+    }
+    let key = trim(headers.get("x-api-key")?.as_bytes());
+    valid(key)
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &bytes[start..end]
+}
+
+/// A key is non-empty visible ASCII without spaces.
+fn valid(key: &[u8]) -> Option<&[u8]> {
+    (!key.is_empty() && key.iter().all(|b| b.is_ascii_graphic())).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn presented_key_forms() {
+        assert_eq!(presented_key(&headers(&[("authorization", b"Bearer sk-1")])), Some(&b"sk-1"[..]));
+        assert_eq!(presented_key(&headers(&[("authorization", b"bearer   sk-1  ")])), Some(&b"sk-1"[..]));
+        assert_eq!(presented_key(&headers(&[("authorization", b"BEARER sk-1")])), Some(&b"sk-1"[..]));
+        assert_eq!(presented_key(&headers(&[("authorization", b"Bearer")])), None);
+        assert_eq!(presented_key(&headers(&[("authorization", b"Bearer ")])), None);
+        assert_eq!(presented_key(&headers(&[("authorization", b"Basic abc")])), None);
+        assert_eq!(presented_key(&headers(&[("authorization", b"Bearer a b")])), None);
+        assert_eq!(presented_key(&headers(&[("x-api-key", b" sk-2 ")])), Some(&b"sk-2"[..]));
+        assert_eq!(presented_key(&headers(&[("x-api-key", b"\xffsk")])), None);
+        assert_eq!(presented_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn lookup_by_hash() {
+        let mut spec = KeySpec::from_key("team-a", "sk-a");
+        spec.models = Some(vec!["m1".into()]);
+        let hashed = KeySpec {
+            sha256: parse_sha256_hex(&hex(&sha256(b"sk-b"))).unwrap(),
+            ..KeySpec::from_key("team-b", "unused")
+        };
+        let table = KeyTable::new(vec![spec, hashed]);
+        let a = table.authenticate(&headers(&[("authorization", b"Bearer sk-a")])).unwrap();
+        assert_eq!(&*a.name, "team-a");
+        assert!(a.allows_model("m1") && !a.allows_model("m2"));
+        let b = table.authenticate(&headers(&[("x-api-key", b"sk-b")])).unwrap();
+        assert_eq!(&*b.name, "team-b");
+        assert!(table.authenticate(&headers(&[("x-api-key", b"sk-c")])).is_none());
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn sha256_hex_parsing() {
+        assert!(parse_sha256_hex("00").is_none());
+        assert!(parse_sha256_hex(&"zz".repeat(32)).is_none());
+        assert_eq!(parse_sha256_hex(&"ab".repeat(32)), Some([0xab; 32]));
+    }
+}

@@ -1,0 +1,241 @@
+//! Per-key rate limits: GCRA with a burst equal to the per-minute limit.
+//!
+//! GCRA keeps one number per limit, the theoretical arrival time (TAT). A
+//! request of cost `c` is allowed when `max(TAT, now) + c·T - now <= 60 s`,
+//! where `T = 60 s / limit`; then `TAT := max(TAT, now) + c·T`. With a burst
+//! equal to the limit, `rpm = 3` allows three requests at once, then one every
+//! 20 s. Tokens are charged the same way, with a reservation before the
+//! request and an adjustment once the real usage is known.
+//!
+//! Why not `governor`: its GCRA cannot give back an over-reservation or
+//! force-charge an under-reservation, which token reconciliation needs, and
+//! the Redis backend must run the very same formula in a Lua script. The
+//! formula is a few lines; both backends share it.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+const WINDOW_NS: u64 = 60_000_000_000;
+
+/// One GCRA limit: `limit` units per minute, burst `limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gcra {
+    /// Units per minute.
+    pub limit: u32,
+    interval_ns: u64,
+}
+
+/// The outcome of a check against one limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Allowed: the new TAT.
+    Allowed(u64),
+    /// Denied: how long until the same request would be allowed.
+    Denied(Duration),
+}
+
+impl Gcra {
+    /// A limit of `limit` per minute (at least 1).
+    pub fn per_minute(limit: u32) -> Self {
+        let limit = limit.max(1);
+        Gcra {
+            limit,
+            interval_ns: WINDOW_NS / u64::from(limit),
+        }
+    }
+
+    /// Check a request of `cost` units at `now` against state `tat`. A cost
+    /// above the limit is charged as the whole limit (it passes on a full
+    /// bucket and empties it) so that one large request is not refused forever.
+    pub fn check(&self, tat: u64, now: u64, cost: u64) -> Check {
+        let cost = cost.min(u64::from(self.limit));
+        let new_tat = tat.max(now).saturating_add(cost.saturating_mul(self.interval_ns));
+        let ahead = new_tat - now;
+        if ahead <= WINDOW_NS {
+            Check::Allowed(new_tat)
+        } else {
+            Check::Denied(Duration::from_nanos(ahead - WINDOW_NS))
+        }
+    }
+
+    /// `tat` after charging (`delta > 0`) or giving back (`delta < 0`) units
+    /// unconditionally; a refund never banks time before `now`.
+    pub fn adjust(&self, tat: u64, now: u64, delta: i64) -> u64 {
+        let base = tat.max(now);
+        let amount = delta.unsigned_abs().saturating_mul(self.interval_ns);
+        if delta >= 0 {
+            base.saturating_add(amount)
+        } else {
+            base.saturating_sub(amount).max(now)
+        }
+    }
+
+    /// What the `x-ratelimit-*` headers say at `tat`: remaining units and the
+    /// time until the limit is whole again.
+    pub fn status(&self, tat: u64, now: u64) -> Status {
+        let used = tat.max(now) - now;
+        let remaining = WINDOW_NS.saturating_sub(used) / self.interval_ns;
+        Status {
+            limit: self.limit,
+            remaining: remaining.min(u64::from(self.limit)) as u32,
+            reset: Duration::from_nanos(used),
+        }
+    }
+}
+
+/// One limit's state as the response headers report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The per-minute limit.
+    pub limit: u32,
+    /// Units left right now.
+    pub remaining: u32,
+    /// Until the limit is whole again.
+    pub reset: Duration,
+}
+
+/// The result of asking for one request and its token reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may go on.
+    pub allowed: bool,
+    /// When denied: how long until it would be allowed.
+    pub retry_after: Duration,
+    /// The requests limit's state after the decision.
+    pub requests: Option<Status>,
+    /// The tokens limit's state after the decision.
+    pub tokens: Option<Status>,
+}
+
+/// A key's limits and their local (in-process) state.
+#[derive(Debug)]
+pub struct Limits {
+    /// Requests per minute.
+    pub requests: Option<Gcra>,
+    /// Tokens per minute.
+    pub tokens: Option<Gcra>,
+    state: Mutex<[u64; 2]>,
+}
+
+impl Limits {
+    /// Limits of `rpm` requests and `tpm` tokens per minute (each optional).
+    pub fn new(rpm: Option<u32>, tpm: Option<u32>) -> Self {
+        Limits {
+            requests: rpm.map(Gcra::per_minute),
+            tokens: tpm.map(Gcra::per_minute),
+            state: Mutex::new([0, 0]),
+        }
+    }
+
+    /// Whether any limit applies.
+    pub fn any(&self) -> bool {
+        self.requests.is_some() || self.tokens.is_some()
+    }
+
+    /// Ask for one request reserving `tokens`, at `now` (ns on a monotonic
+    /// clock). Both limits are charged, or neither.
+    pub fn acquire(&self, now: u64, tokens: u64) -> Decision {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        decide(self.requests, self.tokens, &mut state, now, tokens)
+    }
+
+    /// Charge (`delta > 0`) or give back (`delta < 0`) tokens.
+    pub fn adjust_tokens(&self, now: u64, delta: i64) {
+        if let Some(g) = self.tokens {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state[1] = g.adjust(state[1], now, delta);
+        }
+    }
+}
+
+/// The decision over both limits' TATs: the local backend's, and the model
+/// of the Redis script.
+pub fn decide(
+    requests: Option<Gcra>,
+    tokens: Option<Gcra>,
+    tat: &mut [u64; 2],
+    now: u64,
+    cost: u64,
+) -> Decision {
+    let r = requests.map(|g| g.check(tat[0], now, 1));
+    let t = tokens.map(|g| g.check(tat[1], now, cost));
+    let wait = [r, t]
+        .iter()
+        .filter_map(|c| match c {
+            Some(Check::Denied(d)) => Some(*d),
+            _ => None,
+        })
+        .max();
+    if wait.is_none() {
+        if let Some(Check::Allowed(new)) = r {
+            tat[0] = new;
+        }
+        if let Some(Check::Allowed(new)) = t {
+            tat[1] = new;
+        }
+    }
+    Decision {
+        allowed: wait.is_none(),
+        retry_after: wait.unwrap_or_default(),
+        requests: requests.map(|g| g.status(tat[0], now)),
+        tokens: tokens.map(|g| g.status(tat[1], now)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn rpm_three_allows_three_then_one_every_twenty_seconds() {
+        let l = Limits::new(Some(3), None);
+        for i in 0..3 {
+            let d = l.acquire(0, 0);
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.requests.unwrap().remaining, 2 - i);
+        }
+        let d = l.acquire(0, 0);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Duration::from_secs(20));
+        assert_eq!(d.requests.unwrap().reset, Duration::from_secs(60));
+        assert!(!l.acquire(19 * S, 0).allowed);
+        assert!(l.acquire(20 * S, 0).allowed);
+        assert!(!l.acquire(21 * S, 0).allowed);
+        // After a full minute of quiet the burst is whole again.
+        let d = l.acquire(120 * S, 0);
+        assert!(d.allowed);
+        assert_eq!(d.requests.unwrap().remaining, 2);
+    }
+
+    #[test]
+    fn both_limits_or_neither() {
+        let l = Limits::new(Some(10), Some(100));
+        assert!(l.acquire(0, 90).allowed);
+        let d = l.acquire(0, 20);
+        assert!(!d.allowed, "tokens run out");
+        assert_eq!(d.requests.unwrap().remaining, 9, "the request was not charged");
+        assert_eq!(d.tokens.unwrap().remaining, 10);
+    }
+
+    #[test]
+    fn reconciliation_refunds_and_charges() {
+        let l = Limits::new(None, Some(100));
+        assert!(l.acquire(0, 80).allowed);
+        l.adjust_tokens(0, -70); // used 10, not 80
+        assert_eq!(l.acquire(0, 0).tokens.unwrap().remaining, 90);
+        l.adjust_tokens(0, 85); // a stream used far more than reserved
+        let d = l.acquire(0, 10);
+        assert!(!d.allowed);
+        // A refund never banks capacity beyond a full bucket.
+        l.adjust_tokens(0, -10_000);
+        assert_eq!(l.acquire(0, 0).tokens.unwrap().remaining, 100);
+    }
+
+    #[test]
+    fn oversized_cost_passes_on_a_full_bucket() {
+        let g = Gcra::per_minute(100);
+        assert!(matches!(g.check(0, 0, 1_000_000), Check::Allowed(_)));
+    }
+}

@@ -1,0 +1,318 @@
+//! The auth layer: who is calling, may they use this, and how fast.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use llm_proxy_core::{Body, Endpoint, Error, Identity, RequestMeta};
+use serde_json::Value;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::backend::LimitBackend;
+use crate::body::{Reconcile, UsageBody};
+use crate::keys::{KeyEntry, KeySpec, KeyTable};
+use crate::limit::{Decision, Status};
+
+/// Authenticates callers, enforces model allowlists and per-key limits.
+#[derive(Clone)]
+pub struct AuthLayer {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) table: KeyTable,
+    pub(crate) backend: Arc<LimitBackend>,
+}
+
+impl std::fmt::Debug for AuthLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthLayer")
+            .field("keys", &self.shared.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthLayer {
+    /// A layer over these keys, with in-process limits.
+    pub fn new(keys: Vec<KeySpec>) -> Self {
+        Self::with_backend(keys, LimitBackend::local())
+    }
+
+    /// A layer over these keys whose limits live in `backend`.
+    pub fn with_backend(keys: Vec<KeySpec>, backend: LimitBackend) -> Self {
+        AuthLayer {
+            shared: Arc::new(Shared {
+                table: KeyTable::new(keys),
+                backend: Arc::new(backend),
+            }),
+        }
+    }
+
+    /// The key entry for the credential on `headers`, or 401.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<KeyEntry>, Error> {
+        self.shared.table.authenticate(headers).ok_or(Error::InvalidApiKey)
+    }
+
+    /// Every configured key (for metrics).
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
+        self.shared.table.entries()
+    }
+
+    /// Limit-store errors so far (the Redis backend's; 0 for local).
+    pub fn store_errors(&self) -> u64 {
+        self.shared.backend.errors()
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service of [`AuthLayer`].
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for Auth<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").finish_non_exhaustive()
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+
+impl<S> Service<Request<Body>> for Auth<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let shared = self.shared.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let admitted = admit(&shared, &mut req);
+        Box::pin(async move {
+            let Admitted { key, reserve, strip_usage, model } = admitted?;
+            let decision = if key.limits.any() {
+                let d = shared.backend.acquire(&key, reserve).await;
+                if !d.allowed {
+                    key.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    let mut resp = Error::RateLimited {
+                        retry_after_secs: d.retry_after.as_secs_f64().ceil() as u64,
+                        message: format!("key `{}` is over its limit", key.name),
+                    }
+                    .into_response();
+                    rate_headers(resp.headers_mut(), &d);
+                    return Ok(resp);
+                }
+                Some(d)
+            } else {
+                None
+            };
+            let fut = call_boxed(&mut inner, req);
+            let resp = match fut.await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    // Nothing was generated: give the reservation back.
+                    shared.backend.adjust(&key, -(reserve as i64));
+                    return Err(e);
+                }
+            };
+            let (mut parts, body) = resp.into_parts();
+            if let Some(d) = &decision {
+                rate_headers(&mut parts.headers, d);
+            }
+            let sse = is_event_stream(&parts.headers);
+            let reconcile = Reconcile::new(shared.clone(), key, model, reserve);
+            let body = UsageBody::new(body, sse, strip_usage, reconcile).boxed_unsync();
+            Ok(Response::from_parts(parts, body))
+        })
+    }
+}
+
+/// See `llm_proxy_core`'s parse layer: awaiting `S::Future` inside the async
+/// block trips a rustc limitation; a boxed future sidesteps it.
+fn call_boxed<S>(inner: &mut S, req: Request<Body>) -> BoxFuture
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
+    S::Future: Send + 'static,
+{
+    Box::pin(inner.call(req))
+}
+
+struct Admitted {
+    key: Arc<KeyEntry>,
+    reserve: u64,
+    strip_usage: bool,
+    model: Option<Arc<str>>,
+}
+
+/// The synchronous part: key, route, model, identity, token reservation and
+/// the usage request on streams.
+fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
+    let key = shared.table.authenticate(req.headers()).ok_or(Error::InvalidApiKey)?;
+    let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() else {
+        return Ok(Admitted { key, reserve: 0, strip_usage: false, model: None });
+    };
+    if meta.endpoint() == Endpoint::Passthrough && !key.passthrough {
+        return Err(Error::RouteNotAllowed(
+            "this route (only the model APIs; the key lacks `passthrough`)".into(),
+        ));
+    }
+    if let Some(model) = meta.model()
+        && !key.allows_model(model)
+    {
+        return Err(Error::ModelNotAllowed(model.to_owned()));
+    }
+    meta.set_identity(Identity { name: key.name.clone() });
+    let reserve = if key.limits.tokens.is_some() { estimate_tokens(meta) } else { 0 };
+    let strip_usage = key.limits.tokens.is_some() && request_stream_usage(meta);
+    let model = meta.model_arc().cloned();
+    Ok(Admitted { key, reserve, strip_usage, model })
+}
+
+/// The token reservation: prompt bytes / 4, plus the completion cap the
+/// request names (`max_tokens`, `max_completion_tokens`, `max_output_tokens`),
+/// else 256.
+pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
+    let prompt = meta.original_body().map_or(0, |b| b.len() as u64) / 4;
+    let cap = meta
+        .json()
+        .and_then(|j| {
+            ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+                .iter()
+                .find_map(|k| j.get(*k).and_then(Value::as_u64))
+        })
+        .unwrap_or(256);
+    prompt.saturating_add(cap)
+}
+
+/// For a streamed chat or completions request, make sure the upstream sends
+/// a usage chunk. Returns true when the client did not ask for it, so the
+/// chunk must be stripped from what the client receives.
+fn request_stream_usage(meta: &mut RequestMeta) -> bool {
+    if !meta.is_stream() || !meta.endpoint().streams_done_sentinel() {
+        return false;
+    }
+    let asked = meta
+        .json()
+        .and_then(|j| j.get("stream_options"))
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if asked {
+        return false;
+    }
+    if let Some(json) = meta.json_mut() {
+        let options = json
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if !options.is_object() {
+            *options = Value::Object(Default::default());
+        }
+        if let Value::Object(o) = options {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    true
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
+}
+
+/// The `x-ratelimit-*` headers of a decision.
+pub fn rate_headers(headers: &mut HeaderMap, d: &Decision) {
+    let mut put = |kind: &str, s: &Status| {
+        let pairs = [
+            ("limit", s.limit.to_string()),
+            ("remaining", s.remaining.to_string()),
+            ("reset", format_reset(s.reset)),
+        ];
+        for (what, value) in pairs {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::try_from(format!("x-ratelimit-{what}-{kind}")),
+                HeaderValue::try_from(value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    };
+    if let Some(s) = &d.requests {
+        put("requests", s);
+    }
+    if let Some(s) = &d.tokens {
+        put("tokens", s);
+    }
+}
+
+/// OpenAI's reset format: `20ms`, `20s`, `6m0s`.
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64().ceil() as u64;
+    if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{}s", secs / 60, secs % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_format() {
+        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_reset(Duration::from_secs(20)), "20s");
+        assert_eq!(format_reset(Duration::from_millis(19_200)), "20s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+    }
+
+    #[test]
+    fn estimate_uses_prompt_bytes_and_cap() {
+        let body = r#"{"model":"m","max_tokens":100,"messages":[]}"#;
+        let meta = RequestMeta::parsed(
+            Endpoint::ChatCompletions,
+            bytes::Bytes::from(body),
+            serde_json::from_str(body).unwrap(),
+        );
+        assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 100);
+        let body = r#"{"model":"m"}"#;
+        let meta = RequestMeta::parsed(
+            Endpoint::ChatCompletions,
+            bytes::Bytes::from(body),
+            serde_json::from_str(body).unwrap(),
+        );
+        assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 256);
+    }
+}
