@@ -3,6 +3,8 @@
 //! run the example binaries.
 #![forbid(unsafe_code)]
 
+pub mod redis_server;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -20,7 +20,7 @@ pub struct LimitBackend {
 enum Kind {
     Local,
     #[cfg(feature = "redis")]
-    Redis(crate::redis::RedisLimits),
+    Redis(Box<crate::redis::RedisLimits>),
 }
 
 impl LimitBackend {
@@ -39,7 +39,7 @@ impl LimitBackend {
     #[cfg(feature = "redis")]
     pub fn redis(limits: crate::redis::RedisLimits) -> Self {
         LimitBackend {
-            kind: Kind::Redis(limits),
+            kind: Kind::Redis(Box::new(limits)),
             ..Self::local()
         }
     }

@@ -59,8 +59,12 @@ mod backend;
 mod body;
 mod keys;
 pub mod limit;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 
 pub use backend::LimitBackend;
+#[cfg(feature = "redis")]
+pub use redis::{RedisLimitError, RedisLimits};
 pub use keys::{KeyEntry, KeySpec, KeyStats, KeyTable, parse_sha256_hex, presented_key, sha256};
 pub use service::{Auth, AuthLayer, estimate_tokens, format_reset, rate_headers};

@@ -44,6 +44,11 @@ impl Gcra {
         }
     }
 
+    /// Nanoseconds between two units at the steady rate (60 s / limit).
+    pub fn interval_ns(&self) -> u64 {
+        self.interval_ns
+    }
+
     /// Check a request of `cost` units at `now` against state `tat`. A cost
     /// above the limit is charged as the whole limit (it passes on a full
     /// bucket and empties it) so that one large request is not refused forever.

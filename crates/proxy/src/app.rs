@@ -5,11 +5,11 @@ use std::sync::Arc;
 use llm_proxy_core::{ParseLayer, ParseLimits};
 use llm_proxy_mock::{Mock, MockConfig, MockServer};
 use llm_proxy_upstream::{Upstream, UpstreamConfig};
-use llm_proxy_auth::AuthLayer;
+use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
-use crate::config::{Settings, Target};
+use crate::config::{AuthSpec, LimitStore, Settings, Target};
 use crate::metrics::{Metrics, Series, Source};
 use crate::router::{Member, ModelRouter};
 use crate::routes::{FaceOptions, ProxyService, Readiness};
@@ -21,6 +21,9 @@ pub enum BuildError {
     /// An upstream client could not be built.
     #[error(transparent)]
     Upstream(#[from] llm_proxy_upstream::BuildError),
+    /// The Redis limit store could not be set up.
+    #[error("[auth] redis: {0}")]
+    AuthRedis(#[from] llm_proxy_auth::RedisLimitError),
     /// An in-process mock upstream could not start.
     #[error("upstream `{name}`: cannot start the mock: {source}")]
     Mock {
@@ -98,7 +101,10 @@ impl Proxy {
             });
         }
         let router = ModelRouter::new(members, metrics.clone());
-        let auth = settings.auth.as_ref().map(|a| AuthLayer::new(a.keys.clone()));
+        let auth = match &settings.auth {
+            None => None,
+            Some(a) => Some(build_auth(a)?),
+        };
         if let Some(auth) = &auth {
             metrics.add_source(auth_metrics(auth.clone()));
         }
@@ -138,6 +144,14 @@ impl Proxy {
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
+}
+
+fn build_auth(spec: &AuthSpec) -> Result<AuthLayer, BuildError> {
+    let backend = match &spec.backend {
+        LimitStore::Memory => LimitBackend::local(),
+        LimitStore::Redis { url, key_prefix } => LimitBackend::redis(RedisLimits::new(url, key_prefix)?),
+    };
+    Ok(AuthLayer::with_backend(spec.keys.clone(), backend))
 }
 
 /// The auth layer's counters, read at scrape time.

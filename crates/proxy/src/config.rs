@@ -263,6 +263,22 @@ pub struct Settings {
 pub struct AuthSpec {
     /// The keys, hashed.
     pub keys: Vec<llm_proxy_auth::KeySpec>,
+    /// Where the limit counters live.
+    pub backend: LimitStore,
+}
+
+/// Where rate-limit state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitStore {
+    /// In this process.
+    Memory,
+    /// In Redis, shared by every proxy using it.
+    Redis {
+        /// The Redis URL.
+        url: String,
+        /// Prefix of every key.
+        key_prefix: String,
+    },
 }
 
 impl Settings {
@@ -452,15 +468,26 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
 
 fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, ConfigError> {
     let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
-    if a.backend.get_ref() != "memory" {
-        return Err(err(
-            a.backend.span(),
-            format!("[auth] backend `{}` is not available in this build yet (only `memory`)", a.backend.get_ref()),
-        ));
-    }
-    if let Some(url) = &a.redis_url {
-        return Err(err(url.span(), "[auth] `redis_url` needs backend = \"redis\", not available in this build yet".into()));
-    }
+    let backend = match a.backend.get_ref().as_str() {
+        "memory" => {
+            if let Some(url) = &a.redis_url {
+                return Err(err(url.span(), "[auth] `redis_url` is set but backend is \"memory\"".into()));
+            }
+            LimitStore::Memory
+        }
+        "redis" => {
+            let url = a.redis_url.as_ref().map_or("redis://127.0.0.1:6379", |u| u.get_ref().as_str());
+            let span = a.redis_url.as_ref().map_or(a.backend.span(), |u| u.span());
+            check_redis_url(url).map_err(|m| err(span, format!("[auth] `redis_url`: {m}")))?;
+            LimitStore::Redis {
+                url: url.to_owned(),
+                key_prefix: a.key_prefix.clone().unwrap_or_else(|| "llm-proxy:".to_owned()),
+            }
+        }
+        other => {
+            return Err(err(a.backend.span(), format!("[auth] backend `{other}`: expected \"memory\" or \"redis\"")));
+        }
+    };
     let mut names = HashSet::new();
     let mut hashes = HashSet::new();
     let mut keys = Vec::with_capacity(a.keys.len());
@@ -502,7 +529,12 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
             passthrough: k.passthrough,
         });
     }
-    Ok(AuthSpec { keys })
+    Ok(AuthSpec { keys, backend })
+}
+
+/// A Redis URL the client accepts: `redis://`, `rediss://`, `redis+unix://`.
+pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url).map(|_| ()).map_err(|e| format!("`{url}`: {e}"))
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

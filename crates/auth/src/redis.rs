@@ -1,0 +1,181 @@
+//! Limits kept in Redis, so that every proxy on one Redis enforces one limit.
+//!
+//! One Lua script does what [`limit::decide`](crate::limit::decide) does, on
+//! the TATs stored in Redis and with Redis's own clock (`TIME`), so proxies
+//! with skewed clocks still agree. Both keys of a limited key share a hash tag
+//! (`<prefix>rl:{<name>}:req` and `…:tok`), so the script is cluster-safe.
+//! Every call is bounded by a timeout; an error is returned to the backend,
+//! which falls back to the process's own limits.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
+
+use crate::keys::KeyEntry;
+use crate::limit::{Decision, Gcra};
+
+/// The acquire script. ARGV: request interval µs (0 = no limit), token
+/// interval µs (0 = none), token limit, token cost. Returns
+/// `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = 60000000
+local ri, ti = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tlimit, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+if cost > tlimit then cost = tlimit end
+local rtat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
+local rnew = math.max(rtat, now) + ri
+local tnew = math.max(ttat, now) + cost * ti
+local wait = 0
+if ri > 0 and rnew - now > window then wait = math.max(wait, rnew - now - window) end
+if ti > 0 and tnew - now > window then wait = math.max(wait, tnew - now - window) end
+if wait == 0 then
+  if ri > 0 then
+    redis.call('SET', KEYS[1], string.format('%.0f', rnew), 'PX', math.ceil((rnew - now) / 1000) + 1000)
+    rtat = rnew
+  end
+  if ti > 0 then
+    redis.call('SET', KEYS[2], string.format('%.0f', tnew), 'PX', math.ceil((tnew - now) / 1000) + 1000)
+    ttat = tnew
+  end
+end
+return {wait, rtat, ttat, now}
+";
+
+/// The adjust script. ARGV: token interval µs, delta tokens (may be negative).
+const ADJUST: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local new = math.max(tat, now) + tonumber(ARGV[2]) * tonumber(ARGV[1])
+if new <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+end
+return 1
+";
+
+/// Why a Redis limit call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisLimitError {
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// No answer within the timeout.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Not connected, and the last attempt was too recent to try again.
+    #[error("redis is unreachable (next connection attempt in under a second)")]
+    Unreachable,
+}
+
+/// A connection to the Redis that holds the limits.
+pub struct RedisLimits {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    last_attempt: Mutex<Option<Instant>>,
+    prefix: String,
+    timeout: Duration,
+    acquire: redis::Script,
+    adjust: redis::Script,
+}
+
+impl std::fmt::Debug for RedisLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimits")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLimits {
+    /// Limits in the Redis at `url` (`redis://`, `redis://user:pass@host:port/db`,
+    /// `rediss://` for TLS), under `prefix`. Connects lazily: a proxy starts
+    /// even while Redis is down, and uses local limits until it is back.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, RedisLimitError> {
+        Ok(RedisLimits {
+            client: redis::Client::open(url)?,
+            conn: OnceCell::new(),
+            last_attempt: Mutex::new(None),
+            prefix: prefix.to_owned(),
+            timeout: Duration::from_millis(250),
+            acquire: redis::Script::new(ACQUIRE),
+            adjust: redis::Script::new(ADJUST),
+        })
+    }
+
+    /// Bound every Redis call by `timeout` (default 250 ms).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, RedisLimitError> {
+        if let Some(c) = self.conn.get() {
+            return Ok(c.clone());
+        }
+        {
+            // At most one connection attempt per second while Redis is down.
+            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Err(RedisLimitError::Unreachable);
+            }
+            *last = Some(Instant::now());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let client = self.client.clone();
+        let conn = self
+            .conn
+            .get_or_try_init(|| async move { ConnectionManager::new_with_config(client, config).await })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    fn key(&self, name: &str, which: &str) -> String {
+        format!("{}rl:{{{name}}}:{which}", self.prefix)
+    }
+
+    /// Ask for one request reserving `tokens` (see [`crate::limit`]).
+    pub(crate) async fn acquire(&self, key: &KeyEntry, tokens: u64) -> Result<Decision, RedisLimitError> {
+        let mut conn = self.connection().await?;
+        let interval = |g: Option<Gcra>| g.map_or(0, |g| g.interval_ns() / 1000);
+        let mut call = self.acquire.key(self.key(&key.name, "req"));
+        call.key(self.key(&key.name, "tok"))
+            .arg(interval(key.limits.requests))
+            .arg(interval(key.limits.tokens))
+            .arg(key.limits.tokens.map_or(0, |g| g.limit))
+            .arg(tokens);
+        let (wait, rtat, ttat, now): (u64, u64, u64, u64) =
+            tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
+                .await
+                .map_err(|_| RedisLimitError::Timeout(self.timeout))??;
+        let ns = |us: u64| us.saturating_mul(1000);
+        Ok(Decision {
+            allowed: wait == 0,
+            retry_after: Duration::from_micros(wait),
+            requests: key.limits.requests.map(|g| g.status(ns(rtat), ns(now))),
+            tokens: key.limits.tokens.map(|g| g.status(ns(ttat), ns(now))),
+        })
+    }
+
+    /// Charge or refund tokens.
+    pub(crate) async fn adjust(&self, key: &KeyEntry, delta: i64) -> Result<(), RedisLimitError> {
+        let Some(g) = key.limits.tokens else { return Ok(()) };
+        let mut conn = self.connection().await?;
+        let mut call = self.adjust.key(self.key(&key.name, "tok"));
+        call.arg(g.interval_ns() / 1000).arg(delta);
+        let _: i64 = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
+            .await
+            .map_err(|_| RedisLimitError::Timeout(self.timeout))??;
+        Ok(())
+    }
+}

@@ -1,0 +1,68 @@
+//! A real `redis-server` per test, on a free loopback port.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A redis-server started for one test; killed when dropped.
+pub struct RedisServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Start one (no persistence), waiting until it answers. Fails, naming the
+    /// install command, when `redis-server` is not installed.
+    pub async fn start() -> RedisServer {
+        let port = crate::free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}): install it with `apt-get install redis-server` (scripts/test does)")
+            });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
+        let server = RedisServer { addr, child: Some(child) };
+        server.wait_ready().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(self.addr).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").await.is_ok()
+                    && matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG"))
+                {
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "redis-server on {} did not start", self.addr);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stop it now (to test what happens when Redis goes away).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

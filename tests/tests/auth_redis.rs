@@ -1,0 +1,71 @@
+//! Fleet-wide limits: two proxies on one real Redis enforce one limit, and a
+//! Redis outage falls back to local limits instead of failing requests.
+
+use http::Method;
+use tests::redis_server::RedisServer;
+use tests::*;
+
+fn config(upstream: &str, redis: &str, prefix: &str) -> String {
+    format!(
+        "{}\n[auth]\nbackend = \"redis\"\nredis_url = \"{redis}\"\nkey_prefix = \"{prefix}\"\n\
+         [[auth.keys]]\nname = \"fleet\"\nkey = \"sk-fleet\"\nrequests_per_minute = 4\n",
+        one_upstream(upstream, "")
+    )
+}
+
+async fn call(p: &TestProxy) -> Answer {
+    send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[("content-type", "application/json"), ("authorization", "Bearer sk-fleet")],
+        chat("m", false),
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn two_proxies_share_one_limit() {
+    let redis = RedisServer::start().await;
+    let up = mock_named("m").await;
+    let a = proxy(&config(&up.base_url(), &redis.url(), "t1:")).await;
+    let b = proxy(&config(&up.base_url(), &redis.url(), "t1:")).await;
+    let mut statuses = Vec::new();
+    for p in [&a, &b, &a, &b, &a, &b] {
+        statuses.push(call(p).await.status.as_u16());
+    }
+    // rpm 4 across the fleet: four pass, whichever proxy they hit.
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    let limited = call(&b).await;
+    assert_eq!(limited.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(limited.header("retry-after"), Some("15"));
+    assert_eq!(up.stats.requests(), 4);
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_local_limits() {
+    let mut redis = RedisServer::start().await;
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url(), &redis.url(), "t2:")).await;
+    assert_eq!(call(&p).await.status, 200);
+    redis.stop();
+    // Requests keep being served, limited by this process alone (rpm 4 with
+    // a fresh local bucket), never failed for want of Redis.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(call(&p).await.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429]);
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], "")).await.text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn proxy_starts_while_redis_is_down() {
+    let port = free_port();
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url(), &format!("redis://127.0.0.1:{port}"), "t3:")).await;
+    assert_eq!(call(&p).await.status, 200);
+}
