@@ -106,3 +106,33 @@ impl LimitBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KeySpec, KeyTable};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn limit_resets_as_time_passes() {
+        let mut spec = KeySpec::from_key("k", "sk");
+        spec.requests_per_minute = Some(3);
+        let table = KeyTable::new(vec![spec]);
+        let key = table.entries().next().expect("one key").clone();
+        let backend = Arc::new(LimitBackend::local());
+        for _ in 0..3 {
+            assert!(backend.acquire(&key, 0).await.allowed);
+        }
+        let denied = backend.acquire(&key, 0).await;
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, Duration::from_secs(20));
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert!(!backend.acquire(&key, 0).await.allowed);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(backend.acquire(&key, 0).await.allowed);
+        // A whole window later, the whole burst is back.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let d = backend.acquire(&key, 0).await;
+        assert_eq!(d.requests.map(|s| s.remaining), Some(2));
+    }
+}
