@@ -13,12 +13,28 @@ fn config_error(name: &str, text: Option<&str>) -> (i32, String) {
     if let Some(text) = text {
         std::fs::write(&path, text).unwrap();
     }
-    let out = std::process::Command::new(example_binary("llm-proxy"))
+    let mut child = std::process::Command::new(example_binary("llm-proxy"))
         .args(["--config", path.to_str().unwrap()])
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run llm-proxy");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.code().unwrap_or(-1), stderr)
+    // A config error exits at once; a proxy that starts instead is a failure,
+    // not a hang.
+    let deadline = std::time::Instant::now() + HANG;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{name}: llm-proxy started instead of refusing the config");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.code().unwrap_or(-1), stderr)
 }
 
 #[test]
@@ -32,7 +48,9 @@ fn config_errors_are_one_line_and_exit_2() {
         ("bad_url", Some("[[upstream]]\nname = \"a\"\nurl = \"not a url\"\n".into()), ":3: upstream `a`: bad url"),
         ("duplicate", Some(format!("{up}{up}")), "duplicate upstream name `a`"),
         ("no_upstream", Some("listen = \"127.0.0.1:0\"\n".into()), "no [[upstream]]"),
-        ("unbuilt", Some(format!("{up}[auth]\nenabled = true\n")), "not available in this build yet"),
+        ("bad_strategy", Some(format!("{up}[balance]\nstrategy = \"random\"\n")), ":5: [balance] strategy `random`"),
+        ("bad_auth_key", Some(format!("{up}[auth]\n[[auth.keys]]\nname = \"k\"\nkey_sha256 = \"abc\"\n")), "`key_sha256` must be 64 hex digits"),
+        ("unbuilt", Some(format!("{up}websocket = true\n")), "not available in this build yet"),
     ];
     for (name, text, needle) in cases {
         let (code, stderr) = config_error(name, text.as_deref());

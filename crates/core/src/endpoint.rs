@@ -1,8 +1,7 @@
-/// Which API a request speaks, decided from its method and path.
+/// Which API a request speaks, decided from its path.
 ///
-/// Model endpoints (`ChatCompletions`, `Completions`, `Embeddings`) carry a JSON
-/// body with a `model`; the parse layer reads it. `Passthrough` is any other
-/// `/v1/*` path, forwarded as is.
+/// Model endpoints carry a JSON body with a `model` that the parse layer
+/// reads. `Passthrough` is any other `/v1/*` path, forwarded as is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Endpoint {
@@ -12,21 +11,102 @@ pub enum Endpoint {
     Completions,
     /// `POST /v1/embeddings`
     Embeddings,
+    /// `POST /v1/responses` (OpenAI Responses API)
+    Responses,
+    /// `POST /v1/responses/compact`
+    ResponsesCompact,
+    /// `POST /v1/responses/input_tokens`
+    ResponsesInputTokens,
+    /// `GET`/`DELETE /v1/responses/{id}`, `POST /v1/responses/{id}/cancel`,
+    /// `GET /v1/responses/{id}/input_items`: they follow their response id.
+    ResponseById,
+    /// `POST /v1/messages` (Anthropic Messages API)
+    Messages,
+    /// `POST /v1/messages/count_tokens`
+    MessagesCountTokens,
     /// `GET /v1/models`
     Models,
     /// Any other `/v1/*` path.
     Passthrough,
 }
 
+/// The APIs an upstream may serve natively (`apis` in an upstream's config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Api {
+    /// `/v1/chat/completions`
+    ChatCompletions,
+    /// `/v1/completions`
+    Completions,
+    /// `/v1/embeddings`
+    Embeddings,
+    /// `/v1/responses` and its sub-routes
+    Responses,
+    /// `/v1/messages` and `/v1/messages/count_tokens`
+    Messages,
+}
+
+impl Api {
+    /// The config name: `chat_completions`, `completions`, `embeddings`,
+    /// `responses`, `messages`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "chat_completions",
+            Api::Completions => "completions",
+            Api::Embeddings => "embeddings",
+            Api::Responses => "responses",
+            Api::Messages => "messages",
+        }
+    }
+
+    /// The API named `name` in config.
+    pub fn from_name(name: &str) -> Option<Api> {
+        Some(match name {
+            "chat_completions" => Api::ChatCompletions,
+            "completions" => Api::Completions,
+            "embeddings" => Api::Embeddings,
+            "responses" => Api::Responses,
+            "messages" => Api::Messages,
+            _ => return None,
+        })
+    }
+}
+
+/// Whose conventions a route follows: its error shape and credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// OpenAI: `{"error":{"message","type","param","code"}}`.
+    OpenAi,
+    /// Anthropic: `{"type":"error","error":{"type","message"}}`.
+    Anthropic,
+}
+
+/// How a streamed answer of an endpoint is framed and how it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    /// Chat/completions chunks as `data:` events, ending with `data: [DONE]`.
+    Chat,
+    /// Responses events (`response.created` … `response.completed`).
+    Responses,
+    /// Anthropic events (`message_start` … `message_stop`).
+    Messages,
+}
+
 impl Endpoint {
     /// Classify a request path (without query). `None` for paths outside `/v1/`.
     pub fn from_path(path: &str) -> Option<Endpoint> {
-        let rest = path.strip_prefix("/v1/")?;
-        Some(match rest.trim_end_matches('/') {
+        let rest = path.strip_prefix("/v1/")?.trim_end_matches('/');
+        Some(match rest {
             "chat/completions" => Endpoint::ChatCompletions,
             "completions" => Endpoint::Completions,
             "embeddings" => Endpoint::Embeddings,
+            "responses" => Endpoint::Responses,
+            "responses/compact" => Endpoint::ResponsesCompact,
+            "responses/input_tokens" => Endpoint::ResponsesInputTokens,
+            "messages" => Endpoint::Messages,
+            "messages/count_tokens" => Endpoint::MessagesCountTokens,
             "models" => Endpoint::Models,
+            _ if response_id(path).is_some() => Endpoint::ResponseById,
             _ => Endpoint::Passthrough,
         })
     }
@@ -36,25 +116,65 @@ impl Endpoint {
     pub fn has_model_body(self) -> bool {
         matches!(
             self,
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Embeddings
+                | Endpoint::Responses
+                | Endpoint::ResponsesCompact
+                | Endpoint::ResponsesInputTokens
+                | Endpoint::Messages
+                | Endpoint::MessagesCountTokens
         )
     }
 
-    /// The HTTP method this endpoint answers, if it is fixed.
+    /// The HTTP method this endpoint answers, if it is one fixed method.
     pub fn method(self) -> Option<http::Method> {
+        if self.has_model_body() {
+            Some(http::Method::POST)
+        } else if self == Endpoint::Models {
+            Some(http::Method::GET)
+        } else {
+            None
+        }
+    }
+
+    /// The API this endpoint belongs to, for matching upstreams' `apis`.
+    pub fn api(self) -> Option<Api> {
+        Some(match self {
+            Endpoint::ChatCompletions => Api::ChatCompletions,
+            Endpoint::Completions => Api::Completions,
+            Endpoint::Embeddings => Api::Embeddings,
+            Endpoint::Responses
+            | Endpoint::ResponsesCompact
+            | Endpoint::ResponsesInputTokens
+            | Endpoint::ResponseById => Api::Responses,
+            Endpoint::Messages | Endpoint::MessagesCountTokens => Api::Messages,
+            Endpoint::Models | Endpoint::Passthrough => return None,
+        })
+    }
+
+    /// Whose error shape this endpoint answers in.
+    pub fn dialect(self) -> Dialect {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => {
-                Some(http::Method::POST)
-            }
-            Endpoint::Models => Some(http::Method::GET),
-            Endpoint::Passthrough => None,
+            Endpoint::Messages | Endpoint::MessagesCountTokens => Dialect::Anthropic,
+            _ => Dialect::OpenAi,
+        }
+    }
+
+    /// How a streamed answer of this endpoint is framed, if it streams.
+    pub fn stream_kind(self) -> Option<StreamKind> {
+        match self {
+            Endpoint::ChatCompletions | Endpoint::Completions => Some(StreamKind::Chat),
+            Endpoint::Responses => Some(StreamKind::Responses),
+            Endpoint::Messages => Some(StreamKind::Messages),
+            _ => None,
         }
     }
 
     /// Whether a streamed answer of this endpoint is an OpenAI-style SSE
     /// stream ending in `data: [DONE]`.
     pub fn streams_done_sentinel(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+        self.stream_kind() == Some(StreamKind::Chat)
     }
 
     /// A short, stable name for metrics labels and logs.
@@ -63,10 +183,29 @@ impl Endpoint {
             Endpoint::ChatCompletions => "chat_completions",
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::ResponsesCompact => "responses_compact",
+            Endpoint::ResponsesInputTokens => "responses_input_tokens",
+            Endpoint::ResponseById => "response_by_id",
+            Endpoint::Messages => "messages",
+            Endpoint::MessagesCountTokens => "messages_count_tokens",
             Endpoint::Models => "models",
             Endpoint::Passthrough => "passthrough",
         }
     }
+}
+
+/// The response id of `/v1/responses/{id}`, `/v1/responses/{id}/cancel` and
+/// `/v1/responses/{id}/input_items`.
+pub fn response_id(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/responses/")?.trim_end_matches('/');
+    let id = match rest.split_once('/') {
+        None => rest,
+        Some((id, "cancel" | "input_items")) => id,
+        Some(_) => return None,
+    };
+    let reserved = matches!(id, "compact" | "input_tokens");
+    (!id.is_empty() && !reserved).then_some(id)
 }
 
 #[cfg(test)]
@@ -89,5 +228,33 @@ mod tests {
         );
         assert_eq!(Endpoint::from_path("/v2/models"), None);
         assert_eq!(Endpoint::from_path("/healthz"), None);
+        assert_eq!(Endpoint::from_path("/v1/responses"), Some(Endpoint::Responses));
+        assert_eq!(
+            Endpoint::from_path("/v1/responses/compact"),
+            Some(Endpoint::ResponsesCompact)
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/responses/resp_1/cancel"),
+            Some(Endpoint::ResponseById)
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/responses/resp_1/other"),
+            Some(Endpoint::Passthrough)
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/messages/count_tokens"),
+            Some(Endpoint::MessagesCountTokens)
+        );
+        assert_eq!(response_id("/v1/responses/resp_1/input_items"), Some("resp_1"));
+        assert_eq!(response_id("/v1/responses/compact"), None);
+    }
+
+    #[test]
+    fn api_names_round_trip() {
+        for api in [Api::ChatCompletions, Api::Completions, Api::Embeddings, Api::Responses, Api::Messages] {
+            assert_eq!(Api::from_name(api.as_str()), Some(api));
+        }
+        assert_eq!(Endpoint::Messages.dialect(), Dialect::Anthropic);
+        assert_eq!(Endpoint::ResponseById.api(), Some(Api::Responses));
     }
 }

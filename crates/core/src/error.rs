@@ -4,6 +4,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
 use crate::body::{Body, full};
+use crate::endpoint::{Dialect, StreamKind};
 
 /// Everything that can go wrong in the stack, by what went wrong.
 ///
@@ -206,10 +207,43 @@ impl Error {
         serde_json::to_vec(&body).expect("an ErrorBody of strings always serialises")
     }
 
+    /// Anthropic's error `type` for this error's status, so the `anthropic`
+    /// SDK raises its matching exception class.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            504 => "timeout_error",
+            500..=599 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The error as JSON in `dialect`'s shape.
+    pub fn to_json_in(&self, dialect: Dialect) -> Vec<u8> {
+        match dialect {
+            Dialect::OpenAi => self.to_json(),
+            Dialect::Anthropic => serde_json::to_vec(&serde_json::json!({
+                "type": "error",
+                "error": {"type": self.anthropic_type(), "message": self.to_string()},
+            }))
+            .expect("a JSON value always serialises"),
+        }
+    }
+
     /// Render the error as an HTTP response with an OpenAI-style JSON body and
     /// the headers its status calls for (`retry-after`, `allow`).
     pub fn into_response(self) -> http::Response<Body> {
-        let mut resp = http::Response::new(full(self.to_json()));
+        self.into_response_in(Dialect::OpenAi)
+    }
+
+    /// Render the error as an HTTP response in `dialect`'s error shape.
+    pub fn into_response_in(self, dialect: Dialect) -> http::Response<Body> {
+        let mut resp = http::Response::new(full(self.to_json_in(dialect)));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         headers.insert(
@@ -234,7 +268,25 @@ impl Error {
         resp
     }
 
-    /// The `data: {...}` SSE event that ends a stream broken mid-way
+    /// The event that ends a stream of `kind` broken mid-way, in that
+    /// dialect's own shape: `data: {"error":{…"stream_interrupted"}}` for chat
+    /// streams (DESIGN.md), an `error` event for Responses
+    /// (`{"type":"error","code":"stream_interrupted",…}`) and for Messages
+    /// (`{"type":"error","error":{"type":"api_error",…}}`).
+    pub fn stream_interrupted_event_for(kind: StreamKind, reason: &str) -> bytes::Bytes {
+        let data = match kind {
+            StreamKind::Chat => return Self::stream_interrupted_event(reason),
+            StreamKind::Responses => serde_json::json!({
+                "type": "error", "code": "stream_interrupted", "message": reason, "param": null,
+            }),
+            StreamKind::Messages => serde_json::json!({
+                "type": "error", "error": {"type": "api_error", "message": reason},
+            }),
+        };
+        bytes::Bytes::from(format!("event: error\ndata: {data}\n\n"))
+    }
+
+    /// The `data: {...}` SSE event that ends a chat stream broken mid-way
     /// (`code: "stream_interrupted"`), as DESIGN.md pins it.
     pub fn stream_interrupted_event(reason: &str) -> bytes::Bytes {
         let body = ErrorBody {
@@ -274,6 +326,16 @@ mod tests {
         .into_response();
         assert_eq!(resp.status(), 429);
         assert_eq!(resp.headers()["retry-after"], "1");
+    }
+
+    #[test]
+    fn anthropic_shape() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&Error::InvalidApiKey.to_json_in(Dialect::Anthropic)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "authentication_error");
+        let ev = Error::stream_interrupted_event_for(StreamKind::Messages, "cut");
+        assert!(std::str::from_utf8(&ev).unwrap().starts_with("event: error\ndata: {"));
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub mod sse;
 pub mod usage;
 
 pub use body::{Body, BoxError, Guarded, empty, full};
-pub use endpoint::Endpoint;
+pub use endpoint::{Api, Dialect, Endpoint, StreamKind, response_id};
 pub use error::{Error, ErrorBody};
 pub use meta::{Identity, RequestMeta};
 pub use parse::{Parse, ParseLayer, ParseLimits};

@@ -226,3 +226,135 @@ mod usage_only_tests {
         assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{"content":"usage"}}]}"#));
     }
 }
+
+/// Token usage gathered from a stream's events as they pass, in any dialect:
+///
+/// - chat/completions: the chunk that carries `usage` (with
+///   `stream_options.include_usage`);
+/// - Responses: `response.completed` (or `.incomplete`/`.failed`), whose
+///   `response.usage` has `input_tokens` and `output_tokens`;
+/// - Messages: `message_start`'s `message.usage.input_tokens`, then the last
+///   `message_delta`'s cumulative `usage.output_tokens`.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamUsage {
+    kind: crate::StreamKind,
+    usage: Option<Usage>,
+}
+
+#[derive(serde::Deserialize)]
+struct Event {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    usage: Option<Counts>,
+    #[serde(default)]
+    message: Option<Nested>,
+    #[serde(default)]
+    response: Option<Nested>,
+}
+
+#[derive(serde::Deserialize)]
+struct Nested {
+    #[serde(default)]
+    usage: Option<Counts>,
+}
+
+#[derive(serde::Deserialize, Clone, Copy)]
+struct Counts {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+}
+
+impl StreamUsage {
+    /// Watch a stream of `kind`.
+    pub fn new(kind: crate::StreamKind) -> Self {
+        StreamUsage { kind, usage: None }
+    }
+
+    /// Look at one event's `data:` payload.
+    pub fn observe(&mut self, data: &str) {
+        use crate::StreamKind;
+        if self.kind == StreamKind::Chat {
+            if let Some(u) = from_sse_data(data) {
+                self.usage = Some(u);
+            }
+            return;
+        }
+        if !data.contains("usage") {
+            return;
+        }
+        let Ok(event) = serde_json::from_str::<Event>(data) else {
+            return;
+        };
+        let kind = event.kind.as_deref().unwrap_or("");
+        match (self.kind, kind) {
+            (StreamKind::Responses, "response.completed" | "response.incomplete" | "response.failed") => {
+                if let Some(c) = event.response.and_then(|r| r.usage) {
+                    self.usage = Some(Usage {
+                        input_tokens: c.input_tokens.unwrap_or(0),
+                        output_tokens: c.output_tokens.unwrap_or(0),
+                    });
+                }
+            }
+            (StreamKind::Messages, "message_start") => {
+                if let Some(c) = event.message.and_then(|m| m.usage) {
+                    self.usage = Some(Usage {
+                        input_tokens: c.input_tokens.unwrap_or(0),
+                        output_tokens: c.output_tokens.unwrap_or(0),
+                    });
+                }
+            }
+            (StreamKind::Messages, "message_delta") => {
+                if let Some(c) = event.usage {
+                    let mut u = self.usage.unwrap_or_default();
+                    if let Some(out) = c.output_tokens {
+                        u.output_tokens = out;
+                    }
+                    if let Some(input) = c.input_tokens.filter(|i| *i > 0) {
+                        u.input_tokens = input;
+                    }
+                    self.usage = Some(u);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The usage seen so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+}
+
+#[cfg(test)]
+mod stream_usage_tests {
+    use super::*;
+    use crate::StreamKind;
+
+    #[test]
+    fn messages_usage_from_start_and_last_delta() {
+        let mut s = StreamUsage::new(StreamKind::Messages);
+        s.observe(r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":25,"output_tokens":1}}}"#);
+        s.observe(r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"usage"}}"#);
+        s.observe(r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#);
+        assert_eq!(s.usage(), Some(Usage { input_tokens: 25, output_tokens: 15 }));
+    }
+
+    #[test]
+    fn responses_usage_from_completed() {
+        let mut s = StreamUsage::new(StreamKind::Responses);
+        s.observe(r#"{"type":"response.created","response":{"id":"r","usage":null}}"#);
+        assert_eq!(s.usage(), None);
+        s.observe(r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":9,"output_tokens":4,"total_tokens":13}}}"#);
+        assert_eq!(s.usage(), Some(Usage { input_tokens: 9, output_tokens: 4 }));
+    }
+
+    #[test]
+    fn chat_usage_chunk() {
+        let mut s = StreamUsage::new(StreamKind::Chat);
+        s.observe(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#);
+        assert_eq!(s.usage(), Some(Usage { input_tokens: 3, output_tokens: 2 }));
+    }
+}

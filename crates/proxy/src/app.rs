@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use llm_proxy_core::{ParseLayer, ParseLimits};
 use llm_proxy_mock::{Mock, MockConfig, MockServer};
+use llm_proxy_balance::{Backend, Balance, BalanceHandle};
 use llm_proxy_upstream::{Upstream, UpstreamConfig};
 use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
 use tower::ServiceBuilder;
@@ -11,7 +12,6 @@ use tower::util::BoxCloneSyncService;
 
 use crate::config::{AuthSpec, LimitStore, Settings, Target};
 use crate::metrics::{Metrics, Series, Source};
-use crate::router::{Member, ModelRouter};
 use crate::routes::{FaceOptions, ProxyService, Readiness};
 
 /// Why the proxy could not be built from valid settings.
@@ -59,7 +59,7 @@ impl Proxy {
         let metrics = Metrics::new();
         let readiness = Arc::new(Readiness::default());
         let mut mocks = Vec::new();
-        let mut members = Vec::with_capacity(settings.upstreams.len());
+        let mut backends = Vec::with_capacity(settings.upstreams.len());
         for spec in &settings.upstreams {
             let url = match &spec.target {
                 Target::Url(url) => url.clone(),
@@ -95,12 +95,13 @@ impl Proxy {
             cfg.first_byte_timeout = spec.first_byte_timeout;
             cfg.idle_timeout = spec.idle_timeout;
             cfg.extra_roots_pem = spec.extra_roots_pem.clone();
-            members.push(Member {
-                upstream: Upstream::new(cfg)?,
-                models: spec.models.clone(),
-            });
+            let mut backend = Backend::new(spec.name.as_str(), Upstream::new(cfg)?).with_weight(spec.weight);
+            backend.models = spec.models.clone();
+            backends.push(backend);
         }
-        let router = ModelRouter::new(members, metrics.clone());
+        let balance = Balance::new(backends, settings.balance.clone());
+        let handle = balance.handle();
+        metrics.add_source(balance_metrics(handle.clone()));
         let auth = match &settings.auth {
             None => None,
             Some(a) => Some(build_auth(a)?),
@@ -114,11 +115,12 @@ impl Proxy {
                 max_body_bytes: settings.max_body_bytes,
             }))
             .option_layer(auth.clone())
-            .service(router.clone());
+            .service(balance);
         let service = ProxyService::new(
             BoxCloneSyncService::new(stack),
             auth,
-            &router,
+            configured_models(&settings),
+            handle,
             metrics.clone(),
             readiness.clone(),
             FaceOptions {
@@ -152,6 +154,54 @@ fn build_auth(spec: &AuthSpec) -> Result<AuthLayer, BuildError> {
         LimitStore::Redis { url, key_prefix } => LimitBackend::redis(RedisLimits::new(url, key_prefix)?),
     };
     Ok(AuthLayer::with_backend(spec.keys.clone(), backend))
+}
+
+/// The models named in config, in config order, without repeats.
+fn configured_models(settings: &Settings) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    settings
+        .upstreams
+        .iter()
+        .flat_map(|u| u.models.iter().flatten())
+        .filter(|m| seen.insert(m.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// The balancer's per-upstream state, read at scrape time.
+fn balance_metrics(handle: BalanceHandle<Upstream>) -> Source {
+    Box::new(move || {
+        let snapshot = handle.snapshot();
+        let per = |f: &dyn Fn(&llm_proxy_balance::BackendStats) -> u64| {
+            snapshot.iter().map(|b| (vec![("upstream", b.name.to_string())], f(b))).collect()
+        };
+        vec![
+            Series {
+                name: "in_flight",
+                help: "Requests in flight (until the last body frame), by upstream",
+                counter: false,
+                samples: per(&|b| u64::from(b.in_flight)),
+            },
+            Series {
+                name: "upstream_healthy",
+                help: "1 when the upstream may be chosen (not resting)",
+                counter: false,
+                samples: per(&|b| u64::from(b.healthy)),
+            },
+            Series {
+                name: "ejections",
+                help: "Times an upstream was rested after failures, by upstream",
+                counter: true,
+                samples: per(&|b| b.ejections),
+            },
+            Series {
+                name: "retries",
+                help: "Attempts retried on another upstream",
+                counter: true,
+                samples: vec![(vec![], handle.retries_total())],
+            },
+        ]
+    })
 }
 
 /// The auth layer's counters, read at scrape time.

@@ -52,15 +52,69 @@ pub struct Config {
     /// The upstream servers.
     #[serde(default)]
     pub upstream: Vec<UpstreamSection>,
-    /// Not built yet: rejected when present.
+    /// How requests are spread over upstreams.
     #[serde(default)]
-    pub balance: Option<Spanned<toml::Value>>,
+    pub balance: Option<BalanceSection>,
     /// Not built yet: rejected when present.
     #[serde(default)]
     pub cache: Option<Spanned<toml::Value>>,
     /// API keys and limits.
     #[serde(default)]
     pub auth: Option<AuthSection>,
+}
+
+/// `[balance]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceSection {
+    /// `round_robin | weighted | least_requests | p2c_ewma | prefix_affinity`.
+    #[serde(default)]
+    pub strategy: Option<Spanned<String>>,
+    /// Failover attempts before the first response byte.
+    #[serde(default = "defaults::max_retries")]
+    pub max_retries: u32,
+    /// Consecutive failures before an upstream rests.
+    #[serde(default = "defaults::eject_after_failures")]
+    pub eject_after_failures: u32,
+    /// First rest, doubling on repeated ejection (up to 10×).
+    #[serde(default = "defaults::eject_secs")]
+    pub eject_secs: f64,
+    /// Active health checks every this many seconds; 0 = passive only.
+    #[serde(default)]
+    pub health_check_secs: f64,
+    /// Path the health check GETs, joined like a client path.
+    #[serde(default)]
+    pub health_check_path: Option<String>,
+    /// Model -> models tried in order when all upstreams of the first fail.
+    #[serde(default)]
+    pub fallbacks: std::collections::HashMap<String, Vec<String>>,
+    /// Retry budget: retries allowed as a fraction of requests (10 s window).
+    #[serde(default)]
+    pub retry_budget_ratio: Option<f32>,
+    /// Retry budget: retries always allowed per second.
+    #[serde(default)]
+    pub retry_budget_min_per_sec: Option<u32>,
+    /// Knobs of `prefix_affinity`.
+    #[serde(default)]
+    pub prefix_affinity: Option<PrefixSection>,
+}
+
+/// `[balance.prefix_affinity]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixSection {
+    /// Bytes of canonical prompt text per hashed block.
+    pub block_bytes: Option<usize>,
+    /// Blocks that make up the routing key.
+    pub prefix_blocks: Option<usize>,
+    /// Points per upstream on the hash ring.
+    pub virtual_nodes: Option<usize>,
+    /// ε of the bounded load `(1 + ε) × mean`.
+    pub load_factor: Option<f64>,
+    /// Least slack above the mean, in requests.
+    pub min_slack: Option<u32>,
+    /// In-flight spread (max − min) above which prefix routing yields to least load.
+    pub max_spread: Option<u32>,
 }
 
 /// `[auth]`.
@@ -143,9 +197,9 @@ pub struct UpstreamSection {
     /// An in-process mock upstream instead of `url`.
     #[serde(default)]
     pub mock: Option<MockSection>,
-    /// Not built yet: rejected when present.
-    #[serde(default)]
-    pub weight: Option<Spanned<toml::Value>>,
+    /// Share for strategy `weighted` (0 drains it).
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
     /// Not built yet: rejected when present.
     #[serde(default)]
     pub apis: Option<Spanned<toml::Value>>,
@@ -195,6 +249,18 @@ mod defaults {
     pub fn idle_timeout_ms() -> u64 {
         60_000
     }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn max_retries() -> u32 {
+        2
+    }
+    pub fn eject_after_failures() -> u32 {
+        3
+    }
+    pub fn eject_secs() -> f64 {
+        30.0
+    }
     pub fn memory() -> Spanned<String> {
         Spanned::new(0..0, "memory".to_owned())
     }
@@ -211,6 +277,8 @@ pub struct UpstreamSpec {
     pub api_key: Option<String>,
     /// Models served; `None` = every model.
     pub models: Option<Vec<String>>,
+    /// Share for strategy `weighted`.
+    pub weight: u32,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// First-byte timeout.
@@ -256,6 +324,8 @@ pub struct Settings {
     pub upstreams: Vec<UpstreamSpec>,
     /// The auth layer's keys, when auth is on.
     pub auth: Option<AuthSpec>,
+    /// The balancer's settings (defaults when `[balance]` is absent).
+    pub balance: llm_proxy_balance::BalanceConfig,
 }
 
 /// The auth layer's settings.
@@ -319,7 +389,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         Some(a) if a.enabled => Some(validate_auth(path, src, a)?),
         _ => None,
     };
-    for (section, value) in [("balance", &cfg.balance), ("cache", &cfg.cache)] {
+    for (section, value) in [("cache", &cfg.cache)] {
         if let Some(v) = value {
             return Err(err(
                 v.span(),
@@ -365,11 +435,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 format!("duplicate upstream name `{name}`"),
             ));
         }
-        for (key, value) in [
-            ("weight", &up.weight),
-            ("apis", &up.apis),
-            ("websocket", &up.websocket),
-        ] {
+        for (key, value) in [("apis", &up.apis), ("websocket", &up.websocket)] {
             if let Some(v) = value {
                 return Err(err(
                     v.span(),
@@ -447,6 +513,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             target,
             api_key,
             models: up.models,
+            weight: up.weight,
             connect_timeout: Duration::from_millis(up.connect_timeout_ms),
             first_byte_timeout: Duration::from_millis(up.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(up.idle_timeout_ms),
@@ -461,9 +528,90 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         max_connections: cfg.max_connections,
         upstream_header: cfg.upstream_header,
         metrics_listen,
+        balance: match &cfg.balance {
+            Some(b) => validate_balance(path, src, b, &upstreams)?,
+            None => llm_proxy_balance::BalanceConfig::default(),
+        },
         upstreams,
         auth,
     })
+}
+
+fn validate_balance(
+    path: &Path,
+    src: &str,
+    b: &BalanceSection,
+    upstreams: &[UpstreamSpec],
+) -> Result<llm_proxy_balance::BalanceConfig, ConfigError> {
+    use llm_proxy_balance::{BalanceConfig, HealthCheck, PrefixConfig, Strategy};
+    let prefix = {
+        let p = b.prefix_affinity.as_ref();
+        let d = PrefixConfig::default();
+        PrefixConfig {
+            block_bytes: p.and_then(|p| p.block_bytes).unwrap_or(d.block_bytes),
+            prefix_blocks: p.and_then(|p| p.prefix_blocks).unwrap_or(d.prefix_blocks),
+            virtual_nodes: p.and_then(|p| p.virtual_nodes).unwrap_or(d.virtual_nodes),
+            load_factor: p.and_then(|p| p.load_factor).unwrap_or(d.load_factor),
+            min_slack: p.and_then(|p| p.min_slack).unwrap_or(d.min_slack),
+            max_spread: p.and_then(|p| p.max_spread).unwrap_or(d.max_spread),
+        }
+    };
+    let strategy = match b.strategy.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None | Some(("p2c_ewma", _)) => Strategy::P2cEwma,
+        Some(("round_robin", _)) => Strategy::RoundRobin,
+        Some(("weighted", _)) => Strategy::Weighted,
+        Some(("least_requests", _)) => Strategy::LeastRequests,
+        Some(("prefix_affinity", _)) => Strategy::PrefixAffinity(prefix),
+        Some((other, span)) => {
+            return Err(ConfigError::at(
+                path,
+                src,
+                span.start,
+                format!(
+                    "[balance] strategy `{other}`: expected round_robin, weighted, least_requests, p2c_ewma or prefix_affinity"
+                ),
+            ));
+        }
+    };
+    let served: HashSet<&str> = upstreams
+        .iter()
+        .flat_map(|u| u.models.iter().flatten())
+        .map(String::as_str)
+        .collect();
+    let every_model = upstreams.iter().any(|u| u.models.is_none());
+    for (from, to) in &b.fallbacks {
+        for model in to {
+            if !every_model && !served.contains(model.as_str()) {
+                return Err(ConfigError(format!(
+                    "{}: [balance] fallbacks: `{from}` falls back to `{model}`, which no upstream serves",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let mut cfg = BalanceConfig {
+        strategy,
+        max_retries: b.max_retries,
+        eject_after_failures: b.eject_after_failures.max(1),
+        eject: duration_secs(path, "eject_secs", b.eject_secs)?,
+        fallbacks: b.fallbacks.clone(),
+        ..BalanceConfig::default()
+    };
+    let every = duration_secs(path, "health_check_secs", b.health_check_secs)?;
+    if !every.is_zero() {
+        let mut hc = HealthCheck::every(every);
+        if let Some(p) = &b.health_check_path {
+            hc.path = p.clone();
+        }
+        cfg.health_check = Some(hc);
+    }
+    if let Some(r) = b.retry_budget_ratio {
+        cfg.retry_budget.ratio = r;
+    }
+    if let Some(m) = b.retry_budget_min_per_sec {
+        cfg.retry_budget.min_per_sec = m;
+    }
+    Ok(cfg)
 }
 
 fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, ConfigError> {

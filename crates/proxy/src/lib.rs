@@ -7,7 +7,8 @@
 //! ```text
 //! request id + tracing + metrics   (this crate: ProxyService)
 //!   -> body limit + parse          (llm-proxy-core: ParseLayer)
-//!   -> pick an upstream by model   (this crate: ModelRouter)
+//!   -> auth                        (llm-proxy-auth: AuthLayer, when [auth] is set)
+//!   -> balance                     (llm-proxy-balance: Balance)
 //!   -> upstream client             (llm-proxy-upstream: Upstream)
 //! ```
 //!
@@ -35,7 +36,6 @@
 mod app;
 pub mod config;
 pub mod metrics;
-mod router;
 mod routes;
 mod server;
 

@@ -12,7 +12,6 @@ use llm_proxy_core::{Body, BoxError};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -43,11 +42,6 @@ struct RouteLabels {
     route: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct UpstreamLabels {
-    upstream: Name,
-}
-
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 /// The proxy's metrics registry.
@@ -56,8 +50,6 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily,
     ttfb: HistogramFamily,
-    in_flight: Family<UpstreamLabels, Gauge>,
-    healthy: Family<UpstreamLabels, Gauge>,
     /// The `upstream` label of answers no upstream gave.
     no_upstream: Name,
     sources: Arc<std::sync::RwLock<Vec<Source>>>,
@@ -126,8 +118,6 @@ impl Metrics {
         let requests = Family::default();
         let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let ttfb: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        let in_flight = Family::default();
-        let healthy = Family::default();
         registry.register(
             "requests",
             "Requests answered, by route, status and upstream",
@@ -143,16 +133,6 @@ impl Metrics {
             "Time from request to the first response body byte",
             ttfb.clone(),
         );
-        registry.register(
-            "in_flight",
-            "Requests in flight, by upstream",
-            in_flight.clone(),
-        );
-        registry.register(
-            "upstream_healthy",
-            "1 when the upstream may be chosen",
-            healthy.clone(),
-        );
         let sources = Arc::new(std::sync::RwLock::new(Vec::new()));
         registry.register_collector(Box::new(Scraped(sources.clone())));
         Arc::new(Metrics {
@@ -160,8 +140,6 @@ impl Metrics {
             requests,
             duration,
             ttfb,
-            in_flight,
-            healthy,
             no_upstream: Name(Arc::from("")),
             sources,
         })
@@ -192,27 +170,6 @@ impl Metrics {
             .inc();
     }
 
-    /// A guard that counts one request in flight to `upstream` until dropped.
-    pub fn in_flight(&self, upstream: &Arc<str>) -> InFlight {
-        let gauge = self
-            .in_flight
-            .get_or_create(&UpstreamLabels {
-                upstream: Name(upstream.clone()),
-            })
-            .clone();
-        gauge.inc();
-        InFlight(gauge)
-    }
-
-    /// Set an upstream's health gauge.
-    pub fn set_healthy(&self, upstream: &Arc<str>, healthy: bool) {
-        self.healthy
-            .get_or_create(&UpstreamLabels {
-                upstream: Name(upstream.clone()),
-            })
-            .set(i64::from(healthy));
-    }
-
     /// Wrap a response body so that its time to first byte and duration are
     /// recorded (duration also when the client goes away early).
     pub fn observe(
@@ -228,16 +185,6 @@ impl Metrics {
             first: false,
             metrics: self.clone(),
         }
-    }
-}
-
-/// One request in flight to an upstream; decrements the gauge when dropped.
-#[derive(Debug)]
-pub struct InFlight(Gauge);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

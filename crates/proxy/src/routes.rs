@@ -18,7 +18,8 @@ use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
 use crate::metrics::Metrics;
-use crate::router::ModelRouter;
+use llm_proxy_balance::BalanceHandle;
+use llm_proxy_upstream::Upstream;
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -142,6 +143,7 @@ struct Shared {
     auth: Option<AuthLayer>,
     models: Vec<String>,
     models_json: Bytes,
+    balance: BalanceHandle<Upstream>,
     ids: RequestIds,
     options: FaceOptions,
 }
@@ -156,7 +158,8 @@ impl ProxyService {
     pub(crate) fn new(
         stack: Stack,
         auth: Option<AuthLayer>,
-        router: &ModelRouter,
+        models: Vec<String>,
+        balance: BalanceHandle<Upstream>,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         options: FaceOptions,
@@ -166,8 +169,9 @@ impl ProxyService {
                 metrics,
                 readiness,
                 auth,
-                models: router.models().into_iter().map(str::to_owned).collect(),
-                models_json: models_json(&router.models()),
+                models_json: models_json(&models),
+                models,
+                balance,
                 ids: RequestIds::new(),
                 options,
             }),
@@ -287,6 +291,11 @@ where
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "draining\n",
+        )),
+        Route::Readyz if !shared.balance.any_healthy() => Ok(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "no healthy upstream\n",
         )),
         Route::Readyz => Ok(text(StatusCode::OK, "text/plain", "ready\n")),
         Route::Metrics => Ok(text(

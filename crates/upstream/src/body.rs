@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use llm_proxy_core::sse::Parser;
-use llm_proxy_core::{BoxError, Error};
+use llm_proxy_core::{BoxError, Error, StreamKind};
 use tokio::time::{Instant, Sleep};
 
 pin_project_lite::pin_project! {
@@ -36,8 +36,16 @@ pin_project_lite::pin_project! {
 }
 
 struct StreamWatch {
+    kind: StreamKind,
     parser: Parser,
     done: bool,
+}
+
+/// Just the `type` of an event's data, which also checks that it is JSON.
+#[derive(serde::Deserialize)]
+struct Typed<'a> {
+    #[serde(default, rename = "type", borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
 }
 
 enum State {
@@ -53,20 +61,21 @@ enum State {
 }
 
 impl UpstreamBody {
-    /// Wrap an upstream's body. `watch_sse` turns on the SSE checks (for chat
-    /// and completions streams).
+    /// Wrap an upstream's body. `watch` turns on the SSE checks for a stream
+    /// of that kind.
     pub fn new(
         inner: Incoming,
         idle_timeout: Duration,
-        watch_sse: bool,
+        watch: Option<StreamKind>,
         upstream: Arc<str>,
     ) -> Self {
         UpstreamBody {
             inner,
             idle: tokio::time::sleep(idle_timeout),
             idle_timeout,
-            watch: watch_sse.then(|| {
+            watch: watch.map(|kind| {
                 Box::new(StreamWatch {
+                    kind,
                     parser: Parser::new(),
                     done: false,
                 })
@@ -78,17 +87,32 @@ impl UpstreamBody {
 }
 
 impl StreamWatch {
-    /// Feed a chunk; `Err(reason)` when the stream is not a valid chat stream.
+    /// Feed a chunk; `Err(reason)` when the stream is not a valid stream of
+    /// its kind.
     fn observe(&mut self, chunk: &[u8]) -> Result<(), String> {
         self.parser.push(chunk).map_err(|e| e.to_string())?;
         while let Some(event) = self.parser.next_event() {
-            if event.is_done() {
+            if self.kind == StreamKind::Chat && event.is_done() {
                 self.done = true;
-            } else if self.done {
-                return Err("data after [DONE]".into());
-            } else if serde_json::from_str::<serde::de::IgnoredAny>(&event.data).is_err() {
-                return Err("the upstream sent an SSE event whose data is not JSON".into());
+                continue;
             }
+            if self.done && self.kind == StreamKind::Chat {
+                return Err("data after [DONE]".into());
+            }
+            let Ok(typed) = serde_json::from_str::<Typed<'_>>(&event.data) else {
+                return Err("the upstream sent an SSE event whose data is not JSON".into());
+            };
+            let name = event.event.as_deref().or(typed.kind.as_deref()).unwrap_or("");
+            // The dialect's own last event, or the upstream's own error event:
+            // either is a clean end of the stream.
+            self.done |= match self.kind {
+                StreamKind::Chat => false,
+                StreamKind::Responses => matches!(
+                    name,
+                    "response.completed" | "response.failed" | "response.incomplete" | "error"
+                ),
+                StreamKind::Messages => matches!(name, "message_stop" | "error"),
+            };
         }
         Ok(())
     }
@@ -121,15 +145,18 @@ impl HttpBody for UpstreamBody {
                     && let Err(reason) = watch.observe(data)
                 {
                     // Pass this frame on, then end with the error event.
-                    *this.state = State::interrupt(this.upstream, &reason, true);
+                    *this.state = State::interrupt(this.upstream, &reason, Some(watch.kind));
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => Err(format!("the upstream connection failed: {e}")),
             Poll::Ready(None) => match this.watch.as_ref() {
-                Some(watch) if !watch.done => {
-                    Err("the upstream ended the stream without [DONE]".to_owned())
+                Some(watch) if !watch.done => Err(match watch.kind {
+                    StreamKind::Chat => "the upstream ended the stream without [DONE]",
+                    StreamKind::Responses => "the upstream ended the stream before response.completed",
+                    StreamKind::Messages => "the upstream ended the stream before message_stop",
                 }
+                .to_owned()),
                 _ => Ok(()),
             },
             Poll::Pending => {
@@ -146,7 +173,8 @@ impl HttpBody for UpstreamBody {
                 Poll::Ready(None)
             }
             Err(reason) => {
-                *this.state = State::interrupt(this.upstream, &reason, this.watch.is_some());
+                *this.state =
+                    State::interrupt(this.upstream, &reason, this.watch.as_ref().map(|w| w.kind));
                 this.state.drain(this.upstream, cx)
             }
         }
@@ -171,10 +199,10 @@ impl HttpBody for UpstreamBody {
 impl State {
     /// The state that ends the stream: an error event (for watched SSE
     /// streams), then the error itself.
-    fn interrupt(upstream: &str, reason: &str, with_event: bool) -> State {
+    fn interrupt(upstream: &str, reason: &str, kind: Option<StreamKind>) -> State {
         tracing::warn!(upstream, reason, "upstream stream interrupted");
         let message = format!("upstream `{upstream}`: {reason}");
-        let event = with_event.then(|| Error::stream_interrupted_event(&message));
+        let event = kind.map(|k| Error::stream_interrupted_event_for(k, &message));
         State::Interrupting {
             flushed: event.is_none(),
             event,

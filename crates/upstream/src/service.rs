@@ -235,13 +235,13 @@ impl Upstream {
 
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_response(&mut parts.headers);
-        let sse = endpoint.streams_done_sentinel()
-            && parts
+        let is_sse = parts
                 .headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
-        if sse {
+        let watch = endpoint.stream_kind().filter(|_| is_sse);
+        if watch.is_some() {
             // A watched stream may gain a final error event: its length is not
             // the upstream's.
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -253,7 +253,7 @@ impl Upstream {
         let body = UpstreamBody::new(
             incoming,
             self.inner.idle_timeout,
-            sse,
+            watch,
             self.inner.name.0.clone(),
         );
         Ok(Response::from_parts(parts, body.boxed_unsync()))

@@ -1,0 +1,262 @@
+//! One request through the balancer: choose, send, judge the outcome, retry
+//! elsewhere or answer.
+//!
+//! Each attempt rebuilds the request from its saved head (method, URI,
+//! headers, extensions); the body lives in `RequestMeta`, so a buffered
+//! request can be sent again. A request whose body is not buffered gets one
+//! attempt. A response is judged by its head only, before any byte of it has
+//! gone to the client, and once a response is returned it is never retried.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::request::Parts;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use llm_proxy_core::{Body, Error, Guarded, RequestMeta};
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower::retry::budget::Budget;
+use tower_service::Service;
+
+use crate::body::FirstFrame;
+use crate::route::Route;
+use crate::service::Shared;
+use crate::state::{BackendState, InFlight};
+
+type Outcome = Result<Response<Body>, Error>;
+
+/// What an attempt's outcome means for health and for retrying.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Below 400: answered; resets the failure count.
+    Success,
+    /// A 4xx other than 429 (or 501): the request's fault; passed through.
+    Pass,
+    /// 429: rest the backend this long (ns), then maybe retry elsewhere.
+    Throttled(u64),
+    /// Connect error, timeout, 5xx: counts towards ejection; retryable.
+    Failure,
+    /// Any other error of the inner service: returned as is.
+    Fatal,
+}
+
+/// Default rest of a 429 without a usable `retry-after`.
+const DEFAULT_RETRY_AFTER_NS: u64 = 1_000_000_000;
+
+fn classify(outcome: &Outcome) -> Verdict {
+    match outcome {
+        Ok(resp) => match resp.status() {
+            StatusCode::TOO_MANY_REQUESTS => Verdict::Throttled(retry_after_ns(resp)),
+            StatusCode::NOT_IMPLEMENTED => Verdict::Pass,
+            s if s.is_server_error() => Verdict::Failure,
+            s if s.is_client_error() => Verdict::Pass,
+            _ => Verdict::Success,
+        },
+        Err(Error::BadGateway { .. } | Error::UpstreamTimeout { .. }) => Verdict::Failure,
+        Err(_) => Verdict::Fatal,
+    }
+}
+
+/// `retry-after` in whole seconds (the HTTP-date form is rare from LLM
+/// servers and gets the default).
+fn retry_after_ns(resp: &Response<Body>) -> u64 {
+    resp.headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(DEFAULT_RETRY_AFTER_NS, |s| (s.min(1e9) * 1e9) as u64)
+}
+
+/// The saved request head and the body of the first attempt.
+struct Template {
+    parts: Option<Parts>,
+    body: Option<Body>,
+}
+
+impl Template {
+    /// The request for the next attempt; the head is cloned unless this is
+    /// the last attempt there can be.
+    fn next(&mut self, last: bool, fallback: Option<&RequestMeta>) -> Option<Request<Body>> {
+        let parts = if last {
+            self.parts.take()?
+        } else {
+            self.parts.clone()?
+        };
+        let body = self.body.take().unwrap_or_else(llm_proxy_core::empty);
+        let mut req = Request::from_parts(parts, body);
+        if let Some(meta) = fallback {
+            req.extensions_mut().insert(meta.clone());
+        }
+        Some(req)
+    }
+}
+
+/// Serve one request (the body of [`Balance`](crate::Balance)'s future).
+pub(crate) async fn serve<S>(shared: Arc<Shared<S>>, req: Request<Body>) -> Outcome
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let set = shared.snapshot();
+    let (parts, body) = req.into_parts();
+    let meta = parts.extensions.get::<RequestMeta>().cloned();
+    let route = Route::new(&shared.config, &set, meta.as_ref())?;
+    let buffered = meta.as_ref().is_some_and(|m| m.original_body().is_some());
+    let attempts = if buffered {
+        shared.config.max_retries.saturating_add(1)
+    } else {
+        1
+    };
+    let mut template = Template {
+        parts: Some(parts),
+        body: Some(body),
+    };
+    shared.budget.deposit();
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last: Option<Outcome> = None;
+    for attempt in 0..attempts {
+        let Some(choice) = route.choose(&set, &tried, shared.epoch.now(), crate::random()) else {
+            break;
+        };
+        if attempt > 0 {
+            if !shared.budget.withdraw() {
+                tracing::debug!("retry budget exhausted; answering with the last attempt");
+                break;
+            }
+            shared.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let fallback = choice.model.map(|model| {
+            let mut m = meta
+                .clone()
+                .unwrap_or_else(|| RequestMeta::unbuffered(route.endpoint()));
+            m.set_model(model);
+            m
+        });
+        let Some(req) = template.next(attempt + 1 == attempts, fallback.as_ref()) else {
+            break;
+        };
+        // The previous failure is superseded: release its backend now.
+        drop(last.take());
+        let member = set.members[choice.member].clone();
+        tracing::debug!(upstream = %member.name, attempt, "balancer attempt");
+        let (outcome, verdict) = send(&shared, &member.state, member.service(), req).await;
+        match verdict {
+            Verdict::Success | Verdict::Pass | Verdict::Fatal => return outcome,
+            Verdict::Failure | Verdict::Throttled(_) => {
+                tried.push(choice.member);
+                last = Some(outcome);
+            }
+        }
+    }
+    last.unwrap_or_else(|| Err(no_attempt(&route)))
+}
+
+fn no_attempt(route: &Route<'_>) -> Error {
+    Error::NoUpstreamAvailable(match route.model() {
+        Some(model) => format!("no upstream could be tried for model `{model}`"),
+        None => "no upstream is configured".to_owned(),
+    })
+}
+
+/// Await `svc`'s readiness, then call it. Boxed and built in a plain `fn`:
+/// holding `S::Future` inside an `async fn` trips the compiler's
+/// higher-ranked `Send` check on `Body`'s boxed error type.
+pub(crate) fn call<S>(svc: S, req: Request<Body>) -> crate::ResponseFuture
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    Box::pin(async move {
+        let mut svc = svc.ready_oneshot().await?;
+        let fut: crate::ResponseFuture = Box::pin(svc.call(req));
+        fut.await
+    })
+}
+
+/// One attempt: count it, send it, record what it says about the backend,
+/// and tie the in-flight count to the response body.
+async fn send<S>(
+    shared: &Shared<S>,
+    state: &Arc<BackendState>,
+    svc: S,
+    req: Request<Body>,
+) -> (Outcome, Verdict)
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    // Counted at decision time, before any await: a burst decided together
+    // sees its own earlier picks.
+    let guard = InFlight::new(state.clone());
+    let start = Instant::now();
+    let outcome = call(svc, req).await;
+    let verdict = classify(&outcome);
+    let now = shared.epoch.now();
+    match verdict {
+        Verdict::Success => state.update_health(|h| h.on_success(now)),
+        Verdict::Failure => {
+            state.observe_failure(now, start.elapsed());
+            if state.update_health(|h| h.on_failure(now, &shared.policy)) {
+                state.count_ejection();
+                shared.ejections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(upstream = %state.name, "upstream ejected after consecutive failures");
+            }
+        }
+        Verdict::Throttled(ns) => state.update_health(|h| h.on_throttled(now, ns, &shared.policy)),
+        Verdict::Pass | Verdict::Fatal => {}
+    }
+    let sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
+    let outcome = outcome.map(|resp| {
+        resp.map(|body| {
+            let timed = FirstFrame::new(
+                body,
+                sample.map(|(epoch, start)| (guard.state().clone(), epoch, start)),
+            );
+            Guarded::new(timed, guard).boxed_unsync()
+        })
+    });
+    (outcome, verdict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, retry_after: Option<&str>) -> Outcome {
+        let mut r = Response::new(llm_proxy_core::empty());
+        *r.status_mut() = StatusCode::from_u16(status).expect("valid status");
+        if let Some(v) = retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, v.parse().expect("header value"));
+        }
+        Ok(r)
+    }
+
+    #[test]
+    fn verdicts() {
+        assert_eq!(classify(&resp(200, None)), Verdict::Success);
+        assert_eq!(classify(&resp(404, None)), Verdict::Pass);
+        assert_eq!(classify(&resp(501, None)), Verdict::Pass);
+        assert_eq!(classify(&resp(503, None)), Verdict::Failure);
+        assert_eq!(
+            classify(&resp(429, Some("7"))),
+            Verdict::Throttled(7_000_000_000)
+        );
+        assert_eq!(
+            classify(&resp(429, Some("soon"))),
+            Verdict::Throttled(DEFAULT_RETRY_AFTER_NS)
+        );
+        assert_eq!(
+            classify(&resp(429, None)),
+            Verdict::Throttled(DEFAULT_RETRY_AFTER_NS)
+        );
+        let gw = Error::BadGateway {
+            upstream: "a".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(classify(&Err(gw)), Verdict::Failure);
+        assert_eq!(classify(&Err(Error::InvalidBody)), Verdict::Fatal);
+    }
+}

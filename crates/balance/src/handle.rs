@@ -1,0 +1,135 @@
+//! [`BalanceHandle`]: run-time changes of the backends and the state the
+//! proxy reads at scrape time.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::{TryStream, TryStreamExt};
+use tower::discover::Change;
+
+use crate::service::{Shared, upsert};
+use crate::set::Backend;
+
+/// Changes a [`Balance`](crate::Balance)'s backends at run time and reads
+/// their state. Cheap to clone; keeps the balancer's shared state alive.
+///
+/// Changes never disturb requests in flight: a request keeps the backend it
+/// was sent to, and the backend's in-flight count is released by the
+/// request's own guard whenever it ends, removed backend or not.
+pub struct BalanceHandle<S> {
+    pub(crate) shared: Arc<Shared<S>>,
+}
+
+impl<S> Clone for BalanceHandle<S> {
+    fn clone(&self) -> Self {
+        BalanceHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for BalanceHandle<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalanceHandle").finish_non_exhaustive()
+    }
+}
+
+/// One backend's state, as [`BalanceHandle::snapshot`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendStats {
+    /// The backend's name.
+    pub name: Arc<str>,
+    /// Requests in flight (from decision to the end of the response body).
+    pub in_flight: u32,
+    /// Whether it takes new requests now (not ejected, throttled or failing
+    /// its health check).
+    pub healthy: bool,
+    /// How many times it has been ejected.
+    pub ejections: u64,
+}
+
+impl<S: Clone> BalanceHandle<S> {
+    /// Add `backend`, or replace the one of the same name (keeping its
+    /// in-flight count and health).
+    pub fn insert(&self, backend: Backend<S>) {
+        self.shared
+            .change(|members, make| upsert(members, make(backend)));
+    }
+
+    /// Remove the backend named `name`; `false` if there was none. Its
+    /// requests in flight finish undisturbed.
+    pub fn remove(&self, name: &str) -> bool {
+        let mut found = false;
+        self.shared.change(|members, _| {
+            let before = members.len();
+            members.retain(|m| &*m.name != name);
+            found = members.len() != before;
+        });
+        found
+    }
+
+    /// Apply one `tower::discover` change; an inserted backend takes the
+    /// change's key as its name.
+    pub fn apply(&self, change: Change<Arc<str>, Backend<S>>) {
+        match change {
+            Change::Insert(name, mut backend) => {
+                backend.name = name;
+                self.insert(backend);
+            }
+            Change::Remove(name) => {
+                self.remove(&name);
+            }
+        }
+    }
+
+    /// Drive a `tower::discover`-style stream of changes into the balancer
+    /// until it ends (`Ok`) or fails (its error). Spawn it beside the server.
+    pub async fn drive<D>(&self, changes: D) -> Result<(), D::Error>
+    where
+        D: TryStream<Ok = Change<Arc<str>, Backend<S>>>,
+    {
+        let mut changes = std::pin::pin!(changes.into_stream());
+        while let Some(change) = changes.try_next().await? {
+            self.apply(change);
+        }
+        Ok(())
+    }
+}
+
+impl<S> BalanceHandle<S> {
+    /// Every backend's state, in config order.
+    pub fn snapshot(&self) -> Vec<BackendStats> {
+        let now = self.shared.epoch.now();
+        self.shared
+            .snapshot()
+            .members
+            .iter()
+            .map(|m| BackendStats {
+                name: m.name.clone(),
+                in_flight: m.state.in_flight(),
+                healthy: m.state.is_available(now),
+                ejections: m.state.ejections(),
+            })
+            .collect()
+    }
+
+    /// Whether any backend takes new requests now (for `/readyz`).
+    pub fn any_healthy(&self) -> bool {
+        let now = self.shared.epoch.now();
+        self.shared
+            .snapshot()
+            .members
+            .iter()
+            .any(|m| m.state.is_available(now))
+    }
+
+    /// Retries made since the balancer was built.
+    pub fn retries_total(&self) -> u64 {
+        self.shared.retries.load(Ordering::Relaxed)
+    }
+
+    /// Ejections since the balancer was built, removed backends included.
+    pub fn ejections_total(&self) -> u64 {
+        self.shared.ejections.load(Ordering::Relaxed)
+    }
+}

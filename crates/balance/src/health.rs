@@ -1,0 +1,187 @@
+//! The health state machine of one backend. Times are nanoseconds on the
+//! balancer's clock ([`Epoch`](crate::state::Epoch)); nothing here sleeps.
+//!
+//! - `eject_after` consecutive failures (connect error, timeout, 5xx) eject
+//!   the backend: it rests for `eject × 2^(streak − 1)`, capped at
+//!   `eject × max_multiplier`, where the streak counts ejections in a row.
+//!   A backend that stays un-ejected for as long as its last rest after that
+//!   rest ended forgets its streak.
+//! - A success (2xx) resets the failure count, clears a probe's "down" mark
+//!   and ends an ejection early (a panic-routed request just proved it works).
+//! - A 429 rests the backend for its `retry-after` (default 1 s, capped);
+//!   it is neither a failure nor a success, and only time ends it.
+//! - Active probes: a 2xx ends an ejection early, a failure marks the
+//!   backend down until the next success (probe or request).
+
+/// The knobs of the state machine, from [`BalanceConfig`](crate::BalanceConfig).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Policy {
+    pub(crate) eject_after: u32,
+    pub(crate) eject_ns: u64,
+    pub(crate) max_multiplier: u32,
+    pub(crate) max_retry_after_ns: u64,
+}
+
+/// One backend's health.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Health {
+    pub(crate) failures: u32,
+    /// End of the current (or last) ejection, if ever ejected.
+    pub(crate) ejected_until: Option<u64>,
+    /// Length of the last rest.
+    pub(crate) last_rest: u64,
+    /// Ejections in a row.
+    pub(crate) streak: u32,
+    /// End of a 429's rest.
+    pub(crate) throttled_until: u64,
+    /// A probe failed and nothing has succeeded since.
+    pub(crate) probe_down: bool,
+}
+
+impl Health {
+    /// Until when the backend is unavailable; `u64::MAX`: until a success.
+    pub(crate) fn down_until(&self) -> u64 {
+        if self.probe_down {
+            return u64::MAX;
+        }
+        self.ejected_until.unwrap_or(0).max(self.throttled_until)
+    }
+
+    pub(crate) fn on_success(&mut self, now: u64) {
+        self.failures = 0;
+        self.probe_down = false;
+        self.end_ejection(now);
+    }
+
+    /// A failure; `true` when it ejects the backend.
+    pub(crate) fn on_failure(&mut self, now: u64, p: &Policy) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        let resting = self.ejected_until.is_some_and(|until| now < until);
+        if resting || self.failures < p.eject_after {
+            return false;
+        }
+        if let Some(end) = self.ejected_until {
+            if now.saturating_sub(end) >= self.last_rest {
+                self.streak = 0;
+            }
+        }
+        self.streak = self.streak.saturating_add(1);
+        let growth = 1u64 << (self.streak - 1).min(32);
+        let cap = p.eject_ns.saturating_mul(u64::from(p.max_multiplier));
+        let rest = p.eject_ns.saturating_mul(growth).min(cap);
+        self.ejected_until = Some(now.saturating_add(rest));
+        self.last_rest = rest;
+        self.failures = 0;
+        true
+    }
+
+    /// A 429 asking for `retry_after_ns` (capped by the policy).
+    pub(crate) fn on_throttled(&mut self, now: u64, retry_after_ns: u64, p: &Policy) {
+        let until = now.saturating_add(retry_after_ns.min(p.max_retry_after_ns));
+        self.throttled_until = self.throttled_until.max(until);
+    }
+
+    /// An active probe's result.
+    pub(crate) fn on_probe(&mut self, now: u64, ok: bool) {
+        if ok {
+            self.probe_down = false;
+            self.failures = 0;
+            self.end_ejection(now);
+        } else {
+            self.probe_down = true;
+        }
+    }
+
+    fn end_ejection(&mut self, now: u64) {
+        if let Some(until) = self.ejected_until.as_mut() {
+            if *until > now {
+                self.last_rest = self.last_rest.saturating_sub(*until - now);
+                *until = now;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const P: Policy = Policy {
+        eject_after: 3,
+        eject_ns: 30 * S,
+        max_multiplier: 10,
+        max_retry_after_ns: 300 * S,
+    };
+
+    fn fail(h: &mut Health, now: u64, n: u32) -> bool {
+        (0..n)
+            .map(|_| h.on_failure(now, &P))
+            .fold(false, |a, b| a | b)
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_only() {
+        let mut h = Health::default();
+        assert!(!fail(&mut h, 0, 2));
+        h.on_success(0);
+        assert!(!fail(&mut h, 0, 2), "a success reset the count");
+        assert!(h.on_failure(0, &P));
+        assert_eq!(h.down_until(), 30 * S);
+    }
+
+    #[test]
+    fn rest_doubles_up_to_the_cap_and_is_forgotten() {
+        let mut h = Health::default();
+        let mut now = 0;
+        let mut rests = Vec::new();
+        for _ in 0..6 {
+            assert!(fail(&mut h, now, 3));
+            rests.push((h.down_until() - now) / S);
+            now = h.down_until();
+        }
+        assert_eq!(rests, vec![30, 60, 120, 240, 300, 300]);
+        // Healthy for as long as the last rest: back to the base.
+        now += 300 * S;
+        assert!(fail(&mut h, now, 3));
+        assert_eq!(h.down_until() - now, 30 * S);
+    }
+
+    #[test]
+    fn failures_while_resting_do_not_re_eject() {
+        let mut h = Health::default();
+        assert!(fail(&mut h, 0, 3));
+        assert!(!fail(&mut h, S, 10));
+        assert_eq!(h.down_until(), 30 * S);
+    }
+
+    #[test]
+    fn success_ends_an_ejection_early() {
+        let mut h = Health::default();
+        assert!(fail(&mut h, 0, 3));
+        h.on_success(5 * S);
+        assert_eq!(h.down_until(), 5 * S);
+    }
+
+    #[test]
+    fn throttle_is_capped_and_only_time_ends_it() {
+        let mut h = Health::default();
+        h.on_throttled(0, 1000 * S, &P);
+        assert_eq!(h.down_until(), 300 * S);
+        h.on_success(S);
+        h.on_probe(S, true);
+        assert_eq!(h.down_until(), 300 * S);
+    }
+
+    #[test]
+    fn probe_failure_holds_until_a_success() {
+        let mut h = Health::default();
+        h.on_probe(0, false);
+        assert_eq!(h.down_until(), u64::MAX);
+        h.on_probe(S, true);
+        assert_eq!(h.down_until(), 0);
+        h.on_probe(2 * S, false);
+        h.on_success(3 * S);
+        assert_eq!(h.down_until(), 0);
+    }
+}

@@ -1,0 +1,92 @@
+//! Active health checks: one tokio task per balancer sends `GET <path>`
+//! through every backend's service each interval.
+//!
+//! The task holds only a `Weak` reference between rounds and is aborted when
+//! the last [`Balance`](crate::Balance) clone and handle are dropped, so it
+//! never keeps a dropped balancer alive.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use llm_proxy_core::{Body, Error};
+use tower_service::Service;
+
+use crate::config::HealthCheck;
+use crate::service::Shared;
+
+/// Bodies of probe answers are read (to keep pooled connections reusable)
+/// for at most this long.
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// Start the checker on the current tokio runtime; `None` without one.
+pub(crate) fn spawn<S>(
+    shared: &Arc<Shared<S>>,
+    check: HealthCheck,
+) -> Option<tokio::task::AbortHandle>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(
+            "health checks configured but no tokio runtime is running: passive health only"
+        );
+        return None;
+    };
+    let weak: Weak<Shared<S>> = Arc::downgrade(shared);
+    let interval = check.interval.max(Duration::from_millis(1));
+    let task = runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(shared) = weak.upgrade() else { break };
+            round(&shared, &check.path, interval).await;
+        }
+    });
+    Some(task.abort_handle())
+}
+
+/// Probe every current backend concurrently and record the results.
+async fn round<S>(shared: &Shared<S>, path: &str, timeout: Duration)
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let set = shared.snapshot();
+    let probes = set.members.iter().map(|member| {
+        let svc = member.service();
+        let state = member.state.clone();
+        async move {
+            let ok = tokio::time::timeout(timeout, probe(svc, path))
+                .await
+                .unwrap_or(false);
+            let now = shared.epoch.now();
+            state.update_health(|h| h.on_probe(now, ok));
+            if !ok {
+                tracing::debug!(upstream = %state.name, "health check failed");
+            }
+        }
+    });
+    futures_util::future::join_all(probes).await;
+}
+
+async fn probe<S>(svc: S, path: &str) -> bool
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let Ok(req) = Request::get(path).body(llm_proxy_core::empty()) else {
+        return false;
+    };
+    match crate::attempt::call(svc, req).await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            let _ = tokio::time::timeout(DRAIN_LIMIT, resp.into_body().collect()).await;
+            ok
+        }
+        Err(_) => false,
+    }
+}

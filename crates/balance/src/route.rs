@@ -1,0 +1,152 @@
+//! Where a request may go: its model's group, then its fallbacks' groups, and
+//! in which order health, earlier attempts and panic routing are weighed.
+//!
+//! Each choice looks for a backend in passes, the first that finds one wins:
+//!
+//! 1. healthy and not yet tried, over the model and then each fallback model
+//!    in order (so a fallback is used once every upstream of the model has
+//!    failed in this request or is resting);
+//! 2. panic routing: not yet tried, resting or not, in the same order
+//!    (rather than 503 while a resting server may be back);
+//! 3. healthy, tried before (one upstream can be retried after a transient
+//!    failure; an upstream that just answered 429 or was ejected is not).
+//!
+//! Within a pass the strategy's [`Picker`](crate::Picker) chooses.
+
+use llm_proxy_core::{Endpoint, Error, RequestMeta};
+
+use crate::config::{BalanceConfig, Strategy};
+use crate::picker::LoadView;
+use crate::prefix::PromptPrefix;
+use crate::set::{BackendSet, Group};
+
+/// The backend chosen for one attempt.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Choice<'a> {
+    /// Index into the set's members.
+    pub(crate) member: usize,
+    /// The fallback model the request must be rewritten to, if any.
+    pub(crate) model: Option<&'a str>,
+}
+
+/// A request's candidate groups, in the order they are tried.
+pub(crate) struct Route<'a> {
+    /// (group, fallback model name: `None` for the request's own model).
+    chain: Vec<(&'a Group, Option<&'a str>)>,
+    model: Option<&'a str>,
+    endpoint: Endpoint,
+    key: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    HealthyUntried,
+    Untried,
+    HealthyTried,
+}
+
+impl<'a> Route<'a> {
+    /// The route of a request with `meta` (none: passthrough).
+    pub(crate) fn new<S>(
+        cfg: &'a BalanceConfig,
+        set: &'a BackendSet<S>,
+        meta: Option<&'a RequestMeta>,
+    ) -> Result<Self, Error> {
+        let endpoint = meta.map_or(Endpoint::Passthrough, RequestMeta::endpoint);
+        let model = meta.and_then(RequestMeta::model);
+        let chain = match model {
+            None => vec![(&set.passthrough, None)],
+            Some(model) => {
+                let own = set
+                    .group(model)
+                    .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
+                let fallbacks = cfg.fallbacks.get(model).into_iter().flatten();
+                std::iter::once((own, None))
+                    .chain(fallbacks.filter_map(|fb| Some((set.group(fb)?, Some(fb.as_str())))))
+                    .collect()
+            }
+        };
+        let key = match (&cfg.strategy, meta.and_then(RequestMeta::json)) {
+            (Strategy::PrefixAffinity(p), Some(json)) => PromptPrefix::from_json(json, p),
+            _ => None,
+        };
+        Ok(Route {
+            chain,
+            model,
+            endpoint,
+            key,
+        })
+    }
+
+    /// The request's own model, if it has one.
+    pub(crate) fn model(&self) -> Option<&'a str> {
+        self.model
+    }
+
+    /// The request's endpoint.
+    pub(crate) fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+
+    /// The backend for the next attempt; `None` when no pass finds one.
+    pub(crate) fn choose<S>(
+        &self,
+        set: &BackendSet<S>,
+        tried: &[usize],
+        now: u64,
+        random: u64,
+    ) -> Option<Choice<'a>> {
+        for pass in [Pass::HealthyUntried, Pass::Untried, Pass::HealthyTried] {
+            for &(group, model) in &self.chain {
+                let view = View {
+                    set,
+                    group,
+                    tried,
+                    now,
+                    pass,
+                };
+                if let Some(i) = group.picker.pick(&view, self.key, random) {
+                    return Some(Choice {
+                        member: group.members[i],
+                        model,
+                    });
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A group's backends as one pass sees them.
+struct View<'v, S> {
+    set: &'v BackendSet<S>,
+    group: &'v Group,
+    tried: &'v [usize],
+    now: u64,
+    pass: Pass,
+}
+
+impl<S> LoadView for View<'_, S> {
+    fn len(&self) -> usize {
+        self.group.members.len()
+    }
+
+    fn is_available(&self, i: usize) -> bool {
+        let member = self.group.members[i];
+        let tried = self.tried.contains(&member);
+        let healthy = || self.set.members[member].state.is_available(self.now);
+        match self.pass {
+            Pass::HealthyUntried => !tried && healthy(),
+            Pass::Untried => !tried,
+            Pass::HealthyTried => tried && healthy(),
+        }
+    }
+
+    fn in_flight(&self, i: usize) -> u32 {
+        self.set.members[self.group.members[i]].state.in_flight()
+    }
+
+    fn cost(&self, i: usize) -> f64 {
+        self.set.members[self.group.members[i]].state.cost(self.now)
+    }
+}

@@ -1,0 +1,172 @@
+//! The backends and, per model, the group of candidates with its picker.
+//!
+//! A [`BackendSet`] is immutable: a run-time change builds a new one and
+//! swaps it in. Requests hold the set they started with (an `Arc`), so a
+//! change never disturbs them; the per-backend [`BackendState`] is shared
+//! between sets, so counts and health carry over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::config::Strategy;
+use crate::picker::{Picker, PickerMember};
+use crate::state::BackendState;
+
+/// One upstream the balancer may send requests to.
+///
+/// ```
+/// use llm_proxy_balance::Backend;
+/// # let service = tower::service_fn(|_req: http::Request<llm_proxy_core::Body>| async {
+/// #     Ok::<_, llm_proxy_core::Error>(http::Response::new(llm_proxy_core::empty()))
+/// # });
+/// let gpu_a = Backend::new("gpu-a", service)
+///     .with_models(["llama-3.1-8b"])
+///     .with_weight(3);
+/// assert_eq!(gpu_a.weight, 3);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Backend<S> {
+    /// A unique name (logs, metrics, the prefix ring, run-time removal).
+    pub name: Arc<str>,
+    /// The service that sends a request to this upstream.
+    pub service: S,
+    /// The models it serves; `None` serves every model.
+    pub models: Option<Vec<String>>,
+    /// Its share under [`Strategy::Weighted`] (default 1; 0 drains it).
+    pub weight: u32,
+}
+
+impl<S> Backend<S> {
+    /// A backend serving every model with weight 1.
+    pub fn new(name: impl Into<Arc<str>>, service: S) -> Self {
+        Backend {
+            name: name.into(),
+            service,
+            models: None,
+            weight: 1,
+        }
+    }
+
+    /// Serve only these models.
+    pub fn with_models<I, M>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        self.models = Some(models.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Set the weight for [`Strategy::Weighted`].
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
+
+/// A backend in a set: its config, its service and its shared state.
+pub(crate) struct Member<S> {
+    pub(crate) name: Arc<str>,
+    pub(crate) models: Option<Vec<String>>,
+    pub(crate) weight: u32,
+    /// Behind a lock so that `S` need not be `Sync`; held only to clone.
+    service: Mutex<S>,
+    pub(crate) state: Arc<BackendState>,
+}
+
+impl<S: Clone> Member<S> {
+    pub(crate) fn new(backend: Backend<S>, state: Arc<BackendState>) -> Self {
+        Member {
+            name: backend.name,
+            models: backend.models,
+            weight: backend.weight,
+            service: Mutex::new(backend.service),
+            state,
+        }
+    }
+
+    /// A clone of the service for one attempt.
+    pub(crate) fn service(&self) -> S {
+        self.service
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The candidates of one model (or of passthrough routes), with the picker
+/// that chooses among them and keeps its rotation state.
+#[derive(Debug)]
+pub(crate) struct Group {
+    /// Indices into [`BackendSet::members`], in config order.
+    pub(crate) members: Vec<usize>,
+    pub(crate) picker: Picker,
+}
+
+impl Group {
+    fn new<S>(strategy: &Strategy, all: &[Arc<Member<S>>], members: Vec<usize>) -> Group {
+        let view: Vec<PickerMember<'_>> = members
+            .iter()
+            .map(|&i| PickerMember {
+                name: &all[i].name,
+                weight: all[i].weight,
+            })
+            .collect();
+        Group {
+            picker: Picker::new(strategy, &view),
+            members,
+        }
+    }
+}
+
+/// Every backend, in config order, and the candidate groups.
+pub(crate) struct BackendSet<S> {
+    pub(crate) members: Vec<Arc<Member<S>>>,
+    by_model: HashMap<String, Group>,
+    /// Backends serving every model: the group of any model not listed.
+    any_model: Option<Group>,
+    /// Every backend in config order, first available first (passthrough).
+    pub(crate) passthrough: Group,
+}
+
+impl<S> BackendSet<S> {
+    pub(crate) fn new(strategy: &Strategy, members: Vec<Arc<Member<S>>>) -> Self {
+        let wildcard: Vec<usize> = (0..members.len())
+            .filter(|&i| members[i].models.is_none())
+            .collect();
+        let mut listed: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, m) in members.iter().enumerate() {
+            for model in m.models.iter().flatten() {
+                let entry = listed.entry(model.as_str()).or_default();
+                if !entry.contains(&i) {
+                    entry.push(i);
+                }
+            }
+        }
+        let by_model = listed
+            .into_iter()
+            .map(|(model, mut group)| {
+                group.extend(wildcard.iter().copied());
+                group.sort_unstable();
+                (model.to_owned(), Group::new(strategy, &members, group))
+            })
+            .collect();
+        let any_model = (!wildcard.is_empty()).then(|| Group::new(strategy, &members, wildcard));
+        let passthrough = Group {
+            members: (0..members.len()).collect(),
+            picker: Picker::first_available(members.len()),
+        };
+        BackendSet {
+            members,
+            by_model,
+            any_model,
+            passthrough,
+        }
+    }
+
+    /// The candidates for `model`: those listing it plus those serving every
+    /// model. `None` when no backend serves it.
+    pub(crate) fn group(&self, model: &str) -> Option<&Group> {
+        self.by_model.get(model).or(self.any_model.as_ref())
+    }
+}

@@ -1,0 +1,169 @@
+//! What the balancer knows about one backend at run time: requests in flight,
+//! the latency estimate and the health state. Shared by the backend set, the
+//! in-flight guards inside response bodies and the health checker; it
+//! outlives the backend's removal for as long as a guard holds it.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::health::{Health, Policy};
+
+/// The balancer's clock: nanoseconds since the balancer was built, on
+/// tokio's clock (so paused time in tests moves it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Epoch(Instant);
+
+impl Epoch {
+    pub(crate) fn new() -> Self {
+        Epoch(Instant::now())
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        duration_ns(Instant::now().saturating_duration_since(self.0))
+    }
+}
+
+pub(crate) fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// How fast the latency estimate forgets (tower's `PeakEwma` default).
+const EWMA_DECAY_NS: f64 = 10e9;
+/// The estimate of a backend without samples yet.
+const DEFAULT_RTT_NS: f64 = 250e6;
+/// The least a failed attempt weighs in the estimate, so a backend that
+/// fails fast never looks fast.
+const FAILURE_PENALTY_NS: f64 = 1e9;
+
+/// Run-time state of one backend.
+#[derive(Debug)]
+pub(crate) struct BackendState {
+    pub(crate) name: Arc<str>,
+    in_flight: AtomicU32,
+    /// Unavailable until this time (ns since the epoch); `u64::MAX` = until
+    /// the next success. Written under `health`, read without a lock.
+    down_until: AtomicU64,
+    health: Mutex<Health>,
+    ejections: AtomicU64,
+    /// Peak-EWMA estimate (f64 bits) and when it was last updated.
+    ewma_ns: AtomicU64,
+    ewma_at: AtomicU64,
+}
+
+impl BackendState {
+    pub(crate) fn new(name: Arc<str>) -> Self {
+        BackendState {
+            name,
+            in_flight: AtomicU32::new(0),
+            down_until: AtomicU64::new(0),
+            health: Mutex::new(Health::default()),
+            ejections: AtomicU64::new(0),
+            ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
+            ewma_at: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn ejections(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_available(&self, now: u64) -> bool {
+        now >= self.down_until.load(Ordering::Relaxed)
+    }
+
+    /// Peak-EWMA cost: the decayed latency estimate × (in-flight + 1).
+    pub(crate) fn cost(&self, now: u64) -> f64 {
+        let est = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let at = self.ewma_at.load(Ordering::Relaxed);
+        let decay = (-(now.saturating_sub(at) as f64) / EWMA_DECAY_NS).exp();
+        est * decay * (f64::from(self.in_flight()) + 1.0)
+    }
+
+    /// Record a latency sample (time to first body frame): a peak replaces
+    /// the estimate at once, a lower value is blended in by elapsed time.
+    /// Concurrent samples may race; the loser's sample is lost, which an
+    /// estimate can afford.
+    pub(crate) fn observe(&self, now: u64, rtt: Duration) {
+        let rtt = duration_ns(rtt) as f64;
+        let est = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let at = self.ewma_at.load(Ordering::Relaxed);
+        // The first sample replaces the default outright; later ones follow
+        // tower's peak-EWMA.
+        let next = if rtt > est || at == 0 {
+            rtt
+        } else {
+            let decay = (-(now.saturating_sub(at) as f64) / EWMA_DECAY_NS).exp();
+            est * decay + rtt * (1.0 - decay)
+        };
+        self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.ewma_at.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Record a failed attempt in the latency estimate.
+    pub(crate) fn observe_failure(&self, now: u64, elapsed: Duration) {
+        let ns = (duration_ns(elapsed) as f64).max(FAILURE_PENALTY_NS);
+        self.observe(now, Duration::from_nanos(ns as u64));
+    }
+
+    /// Change the health state under its lock and publish the result.
+    /// Returns what `f` returns.
+    pub(crate) fn update_health<R>(&self, f: impl FnOnce(&mut Health) -> R) -> R {
+        let mut health = self.lock_health();
+        let out = f(&mut health);
+        self.down_until
+            .store(health.down_until(), Ordering::Relaxed);
+        out
+    }
+
+    /// Count an ejection (the caller also counts it fleet-wide).
+    pub(crate) fn count_ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock_health(&self) -> MutexGuard<'_, Health> {
+        // Health holds plain numbers; a panic mid-update leaves them usable.
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Counts one request against a backend from the moment it is chosen until
+/// this guard is dropped: with the response body at its end or when the
+/// client hangs up, or with a failed attempt. `Drop` is the only decrement,
+/// so no path can leak or double-count.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<BackendState>);
+
+impl InFlight {
+    pub(crate) fn new(state: Arc<BackendState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(state)
+    }
+
+    pub(crate) fn state(&self) -> &Arc<BackendState> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The health policy's knobs with the shared ejection counter, as an attempt
+/// applies them.
+pub(crate) fn policy_of(cfg: &crate::BalanceConfig) -> Policy {
+    Policy {
+        eject_after: cfg.eject_after_failures.max(1),
+        eject_ns: duration_ns(cfg.eject),
+        max_multiplier: cfg.max_eject_multiplier.max(1),
+        max_retry_after_ns: duration_ns(cfg.max_retry_after),
+    }
+}

@@ -1,0 +1,281 @@
+//! Failures: ejection and rest, panic routing, retries and their budget,
+//! 429s, pass-through answers, fallbacks.
+
+use std::collections::HashMap;
+
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use super::*;
+use crate::{RetryBudget, Strategy};
+
+fn rr() -> BalanceConfig {
+    BalanceConfig {
+        strategy: Strategy::RoundRobin,
+        ..BalanceConfig::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_backend_is_ejected_and_returns_after_its_rest() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Refused);
+    let b = balance(&fleet, &["a", "b"], rr());
+    let h = b.handle();
+    for i in 0..10 {
+        let (status, body) = send(&b, chat("m", &i.to_string())).await.unwrap();
+        assert_eq!(
+            (status.as_u16(), body.as_str()),
+            (200, "b"),
+            "a dead upstream costs nothing"
+        );
+    }
+    assert_eq!(fleet.calls("a"), 3, "ejected after 3 consecutive failures");
+    let a = stats(&h, "a");
+    assert!(!a.healthy);
+    assert_eq!((a.ejections, h.ejections_total()), (1, 1));
+    assert_eq!(h.retries_total(), 3);
+
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    tokio::time::advance(secs(29)).await;
+    assert!(!stats(&h, "a").healthy);
+    tokio::time::advance(secs(1)).await;
+    assert!(stats(&h, "a").healthy, "back after eject (30 s)");
+    for i in 0..4 {
+        send(&b, chat("m", &i.to_string())).await.unwrap();
+    }
+    assert_eq!(fleet.calls("a"), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_ejection_rests_longer() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Refused);
+    let b = balance(
+        &fleet,
+        &["a"],
+        BalanceConfig {
+            max_retries: 0,
+            ..rr()
+        },
+    );
+    let h = b.handle();
+    for _ in 0..3 {
+        let _ = send(&b, chat("m", "x")).await;
+    }
+    assert!(!stats(&h, "a").healthy);
+    tokio::time::advance(secs(30)).await;
+    for _ in 0..3 {
+        let _ = send(&b, chat("m", "x")).await;
+    }
+    assert_eq!(stats(&h, "a").ejections, 2);
+    tokio::time::advance(secs(59)).await;
+    assert!(!stats(&h, "a").healthy, "second rest is 60 s");
+    tokio::time::advance(secs(1)).await;
+    assert!(stats(&h, "a").healthy);
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_resting_and_one_healthy_again_succeeds() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Refused);
+    fleet.set("b", Mode::Refused);
+    let cfg = BalanceConfig {
+        eject_after_failures: 1,
+        ..rr()
+    };
+    let b = balance(&fleet, &["a", "b"], cfg);
+    let h = b.handle();
+    let err = send(&b, chat("m", "x")).await.unwrap_err();
+    assert_eq!(err.status(), 502, "the last attempt's error, not 503");
+    assert!(!h.any_healthy());
+    fleet.set("b", Mode::Ok(Duration::ZERO));
+    let (status, body) = send(&b, chat("m", "y")).await.unwrap();
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, "b"),
+        "panic routing tried a resting backend"
+    );
+    assert!(stats(&h, "b").healthy, "a success ends the rest");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_retry_once_a_response_is_returned() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Broken);
+    let b = balance(&fleet, &["a", "b"], rr());
+    let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The stream breaks after the head and a frame went out: the error
+    // reaches the client, nothing is retried.
+    assert!(resp.into_body().collect().await.is_err());
+    assert_eq!(fleet.total(), 1);
+    assert!(b.handle().snapshot().iter().all(|s| s.in_flight == 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_budget_stops_a_retry_storm() {
+    let fleet = Fleet::default();
+    for n in ["a", "b", "c"] {
+        fleet.set(n, Mode::Status(500, None));
+    }
+    let cfg = BalanceConfig {
+        eject_after_failures: u32::MAX,
+        retry_budget: RetryBudget {
+            window: secs(10),
+            min_per_sec: 1,
+            ratio: 0.1,
+        },
+        ..rr()
+    };
+    let b = balance(&fleet, &["a", "b", "c"], cfg);
+    for i in 0..200 {
+        let (status, _) = send(&b, chat("m", &i.to_string())).await.unwrap();
+        assert_eq!(status, 500, "the upstream's own answer");
+    }
+    // Without a budget: 600 calls. With it: 200 + 10 % of 200 + the reserve of 10.
+    let calls = fleet.total();
+    assert!(calls <= 232, "calls {calls}");
+    assert_eq!(b.handle().retries_total() as usize, calls - 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_rests_its_backend_for_retry_after() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(429, Some("5")));
+    let b = balance(&fleet, &["a", "b"], rr());
+    let h = b.handle();
+    let (status, body) = send(&b, chat("m", "x")).await.unwrap();
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, "b"),
+        "retried elsewhere"
+    );
+    assert!(!stats(&h, "a").healthy);
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    for i in 0..4 {
+        send(&b, chat("m", &i.to_string())).await.unwrap();
+    }
+    assert_eq!(fleet.calls("a"), 1, "resting");
+    tokio::time::advance(secs(5)).await;
+    assert!(stats(&h, "a").healthy);
+    assert_eq!(stats(&h, "a").ejections, 0, "a 429 is no failure");
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_return_the_upstreams_own_answer() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(429, Some("2")));
+    let b = balance(&fleet, &["a"], rr());
+    let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "2");
+    assert_eq!(fleet.total(), 1, "a throttled backend is not retried");
+    drop(resp);
+
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(503, None));
+    let b = balance(&fleet, &["a"], rr());
+    let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(fleet.total(), 3, "a lone backend is retried after a 5xx");
+    assert_eq!(
+        b.handle().snapshot()[0].in_flight,
+        1,
+        "held by the returned body"
+    );
+    drop(resp);
+    assert_eq!(b.handle().snapshot()[0].in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_errors_pass_through_unretried() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(400, None));
+    fleet.set("b", Mode::Status(400, None));
+    let b = balance(&fleet, &["a", "b"], rr());
+    for i in 0..5 {
+        let (status, _) = send(&b, chat("m", &i.to_string())).await.unwrap();
+        assert_eq!(status, 400);
+    }
+    assert_eq!(fleet.total(), 5);
+    assert!(
+        b.handle()
+            .snapshot()
+            .iter()
+            .all(|s| s.healthy && s.ejections == 0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unbuffered_requests_get_one_attempt() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Refused);
+    let b = balance(&fleet, &["a", "b"], rr());
+    let mut req = Request::post("/v1/files")
+        .body(llm_proxy_core::full("raw"))
+        .unwrap();
+    req.extensions_mut()
+        .insert(RequestMeta::unbuffered(Endpoint::Passthrough));
+    let err = b.clone().oneshot(req).await.unwrap_err();
+    assert_eq!(err.status(), 502);
+    assert_eq!(fleet.total(), 1);
+    // Passthrough: first healthy in config order.
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    let (status, body) = send(
+        &b,
+        Request::post("/v1/files")
+            .body(llm_proxy_core::full("raw"))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "a"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallbacks_rewrite_the_model() {
+    let fleet = Fleet::default();
+    fleet.set("big-1", Mode::Refused);
+    let cfg = BalanceConfig {
+        fallbacks: HashMap::from([(
+            "big".to_owned(),
+            vec!["gone".to_owned(), "small".to_owned()],
+        )]),
+        ..rr()
+    };
+    let b = Balance::new(
+        [
+            fleet.backend("big-1").with_models(["big"]),
+            fleet.backend("small-1").with_models(["small"]),
+        ],
+        cfg,
+    );
+    let (status, body) = send(&b, chat("big", "x")).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "small-1"));
+    let seen = fleet.seen();
+    assert_eq!(seen[0].model.as_deref(), Some("big"));
+    assert_eq!(seen[1].model.as_deref(), Some("small"));
+    assert_eq!(
+        seen[1].body_model.as_deref(),
+        Some("small"),
+        "body rewritten"
+    );
+    let err = b.clone().oneshot(chat("nope", "x")).await.unwrap_err();
+    assert_eq!(err.code(), "model_not_found");
+}
+
+#[tokio::test(start_paused = true)]
+async fn response_extensions_are_kept() {
+    let fleet = Fleet::default();
+    let b = balance(&fleet, &["a"], rr());
+    let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    assert_eq!(
+        resp.extensions()
+            .get::<llm_proxy_core::UpstreamName>()
+            .map(|n| &*n.0),
+        Some("a")
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"a");
+}

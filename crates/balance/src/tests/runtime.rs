@@ -1,0 +1,141 @@
+//! In-flight accounting, run-time changes, active health checks.
+
+use std::sync::Arc;
+
+use futures_util::stream;
+use tower::ServiceExt;
+use tower::discover::Change;
+use tower_layer::Layer;
+
+use super::*;
+use crate::{BalanceLayer, HealthCheck, Strategy};
+
+fn rr() -> BalanceConfig {
+    BalanceConfig {
+        strategy: Strategy::RoundRobin,
+        ..BalanceConfig::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_lasts_until_the_body_is_dropped() {
+    let fleet = Fleet::default();
+    let b = balance(&fleet, &["a"], rr());
+    let h = b.handle();
+    let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    assert_eq!(
+        stats(&h, "a").in_flight,
+        1,
+        "the head alone does not end a request"
+    );
+    drop(resp);
+    assert_eq!(stats(&h, "a").in_flight, 0);
+    // A request cancelled before its head releases too.
+    fleet.set("a", Mode::Ok(secs(10)));
+    let pending = tokio::spawn(b.clone().oneshot(chat("m", "y")));
+    tokio::time::sleep(secs(1)).await;
+    assert_eq!(stats(&h, "a").in_flight, 1);
+    pending.abort();
+    let _ = pending.await;
+    assert_eq!(stats(&h, "a").in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn add_and_remove_with_a_request_in_flight() {
+    let fleet = Fleet::default();
+    let b = balance(&fleet, &["a"], rr());
+    let h = b.handle();
+    let held = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    h.insert(fleet.backend("b"));
+    assert!(h.remove("a"));
+    assert!(!h.remove("a"));
+    let names: Vec<String> = h.snapshot().iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(names, ["b"]);
+    let (_, body) = send(&b, chat("m", "y")).await.unwrap();
+    assert_eq!(body, "b");
+    // The removed backend's request finishes undisturbed; re-adding it while
+    // the request is in flight keeps its count.
+    h.insert(fleet.backend("a"));
+    assert_eq!(stats(&h, "a").in_flight, 1);
+    let text = held.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"a");
+    assert_eq!(stats(&h, "a").in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn discover_changes_drive_the_set() {
+    let fleet = Fleet::default();
+    let b: Balance<Fake> = BalanceLayer::new(rr()).layer(vec![fleet.backend("a")]);
+    let h = b.handle();
+    let changes = stream::iter([
+        Ok::<_, std::convert::Infallible>(Change::Insert(Arc::from("b"), fleet.backend("ignored"))),
+        Ok(Change::Remove(Arc::from("a"))),
+    ]);
+    h.drive(changes).await.unwrap();
+    let names: Vec<String> = h.snapshot().iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(names, ["b"], "the change's key names the backend");
+    let err = send(&b, chat("m", "x")).await.map(|(s, _)| s);
+    assert_eq!(err.unwrap(), 200);
+    h.remove("b");
+    let err = b.clone().oneshot(chat("m", "x")).await.unwrap_err();
+    assert_eq!(err.code(), "model_not_found");
+    let err = b
+        .clone()
+        .oneshot(Request::new(llm_proxy_core::empty()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        "no_upstream_available",
+        "nothing could be tried"
+    );
+}
+
+fn checked(every: u64) -> BalanceConfig {
+    BalanceConfig {
+        health_check: Some(HealthCheck::every(secs(every))),
+        eject_after_failures: 1,
+        max_retries: 0,
+        ..rr()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_check_brings_an_ejected_backend_back_early() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Refused);
+    let b = balance(&fleet, &["a", "b"], checked(5));
+    let h = b.handle();
+    tokio::time::sleep(secs(1)).await;
+    // The first round ran at start and marked `a` down.
+    assert!(!stats(&h, "a").healthy);
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    tokio::time::sleep(secs(5)).await;
+    assert!(stats(&h, "a").healthy, "a passing probe brings it back");
+    // A request failure ejects for 30 s; the next probe ends that early.
+    fleet.set("a", Mode::Status(500, None));
+    for i in 0..2 {
+        let _ = send(&b, chat("m", &i.to_string())).await;
+    }
+    assert!(!stats(&h, "a").healthy);
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    tokio::time::sleep(secs(5)).await;
+    assert!(stats(&h, "a").healthy, "back after 5 s, not 30 s");
+    assert!(fleet.probes() >= 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_check_stops_with_the_balancer() {
+    let fleet = Fleet::default();
+    let b = balance(&fleet, &["a"], checked(1));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let probes = fleet.probes();
+    assert_eq!(probes, 3);
+    drop(b);
+    tokio::time::sleep(secs(10)).await;
+    assert_eq!(
+        fleet.probes(),
+        probes,
+        "no probe after the last clone is gone"
+    );
+}

@@ -1,0 +1,151 @@
+//! The balancer over real upstream clients and mock LLM servers on
+//! 127.0.0.1: dead and failing upstreams, streamed responses.
+
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt;
+use llm_proxy_balance::{Backend, Balance, BalanceConfig, BalanceHandle, Strategy};
+use llm_proxy_core::{Body, ParseLayer, ParseLimits, UPSTREAM_HEADER};
+use llm_proxy_mock::{Failure, Mock, MockConfig, MockServer};
+use llm_proxy_upstream::{Upstream, UpstreamConfig};
+use tower::ServiceExt;
+use tower_layer::Layer;
+
+/// Catches hangs only.
+const HANG: Duration = Duration::from_secs(10);
+
+async fn mock(name: &str, failure: Option<Failure>, tokens_per_second: Option<f64>) -> MockServer {
+    let cfg = MockConfig {
+        name: name.to_owned(),
+        failure,
+        tokens_per_second,
+        ..MockConfig::default()
+    };
+    llm_proxy_mock::spawn(Mock::new(cfg))
+        .await
+        .expect("bind a mock on 127.0.0.1")
+}
+
+fn upstream(name: &str, url: &str) -> Backend<Upstream> {
+    let cfg = UpstreamConfig::new(name, url.parse().expect("a valid URL"));
+    Backend::new(name, Upstream::new(cfg).expect("an upstream client"))
+}
+
+/// A URL on 127.0.0.1 where nothing listens.
+async fn dead_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("a local address");
+    drop(listener);
+    format!("http://{addr}/v1")
+}
+
+fn chat(stream: bool) -> Request<Body> {
+    let body = serde_json::json!({
+        "model": "mock-model",
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hello"}],
+    });
+    Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(llm_proxy_core::full(body.to_string()))
+        .expect("a valid request")
+}
+
+fn stack(
+    backends: Vec<Backend<Upstream>>,
+    cfg: BalanceConfig,
+) -> (
+    llm_proxy_core::Parse<Balance<Upstream>>,
+    BalanceHandle<Upstream>,
+) {
+    let balance = Balance::new(backends, cfg);
+    let handle = balance.handle();
+    (
+        ParseLayer::new(ParseLimits::default()).layer(balance),
+        handle,
+    )
+}
+
+fn rr() -> BalanceConfig {
+    BalanceConfig {
+        strategy: Strategy::RoundRobin,
+        ..BalanceConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_dead_upstream_costs_clients_nothing() {
+    let good = mock("good", None, None).await;
+    let (svc, handle) = stack(
+        vec![
+            upstream("dead", &dead_url().await),
+            upstream("good", &good.base_url()),
+        ],
+        rr(),
+    );
+    for _ in 0..8 {
+        let resp = tokio::time::timeout(HANG, svc.clone().oneshot(chat(false)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()[UPSTREAM_HEADER], "good");
+        resp.into_body().collect().await.unwrap();
+    }
+    let dead = &handle.snapshot()[0];
+    assert!(!dead.healthy && dead.ejections == 1, "{dead:?}");
+    assert!(handle.retries_total() >= 1);
+}
+
+#[tokio::test]
+async fn a_500ing_upstream_is_ejected_and_comes_back() {
+    let bad = mock("bad", Some(Failure::Status(500)), None).await;
+    let good = mock("good", None, None).await;
+    let cfg = BalanceConfig {
+        eject: Duration::from_millis(300),
+        ..rr()
+    };
+    let (svc, handle) = stack(
+        vec![
+            upstream("bad", &bad.base_url()),
+            upstream("good", &good.base_url()),
+        ],
+        cfg,
+    );
+    for _ in 0..8 {
+        let resp = svc.clone().oneshot(chat(false)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(bad.stats.requests_for("/chat/completions"), 3);
+    assert!(!handle.snapshot()[0].healthy);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(handle.snapshot()[0].healthy, "back after its rest");
+}
+
+#[tokio::test]
+async fn a_stream_counts_in_flight_until_its_last_frame() {
+    let slow = mock("slow", None, Some(50.0)).await;
+    let (svc, handle) = stack(vec![upstream("slow", &slow.base_url())], rr());
+    let resp = svc.clone().oneshot(chat(true)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(HANG, body.frame()).await.unwrap();
+    assert!(first.is_some());
+    assert_eq!(handle.snapshot()[0].in_flight, 1, "streaming");
+    let rest = tokio::time::timeout(HANG, body.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rest.to_bytes()).contains("[DONE]"));
+    assert_eq!(handle.snapshot()[0].in_flight, 0, "released at the end");
+
+    // A client that hangs up mid-stream releases too.
+    let resp = svc.oneshot(chat(true)).await.unwrap();
+    let mut body = resp.into_body();
+    let _ = body.frame().await;
+    drop(body);
+    assert_eq!(handle.snapshot()[0].in_flight, 0);
+}

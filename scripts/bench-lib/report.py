@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Turns the JSON lines that scripts/bench collected into a markdown report.
+
+    report.py RESULTS.jsonl > latest.md
+
+Every figure is the median over rounds, with the spread (min–max) of the
+rounds. Ratios and differences are computed within each round (targets
+measured minutes apart, alternating) and then their median is taken.
+"""
+
+import json
+import statistics
+import sys
+
+TARGETS = ["direct", "nginx", "llm-proxy"]
+
+
+def load(path):
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def by_round(records, kind):
+    """{round: {target: record}} for one kind."""
+    out = {}
+    for r in records:
+        if r.get("kind") == kind:
+            out.setdefault(r["round"], {})[r["target"]] = r
+    return out
+
+
+def series(rounds, fn):
+    """fn(round_dict) for every round where it can be computed."""
+    values = []
+    for _, targets in sorted(rounds.items()):
+        try:
+            v = fn(targets)
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue
+        if v is not None:
+            values.append(v)
+    return values
+
+
+def med(values):
+    return statistics.median(values) if values else None
+
+
+def fmt(values, spec, unit=""):
+    """'median (min–max)' or just the value when there is one round."""
+    if not values:
+        return "n/a"
+    m = med(values)
+    if len(values) == 1:
+        return f"{m:{spec}}{unit}"
+    return f"{m:{spec}}{unit} ({min(values):{spec}}–{max(values):{spec}})"
+
+
+def mib(kb):
+    return kb / 1024.0
+
+
+def main():
+    records = load(sys.argv[1])
+    meta = next((r for r in records if r.get("kind") == "meta"), {})
+    rss = next((r for r in records if r.get("kind") == "rss"), {})
+    tput = by_round(records, "tput")
+    lat = by_round(records, "lat")
+    ttft = by_round(records, "ttft")
+    out = []
+    w = out.append
+
+    w(f"# llm-proxy benchmark — {meta.get('date', '?')}")
+    w("")
+    w(f"- commit `{meta.get('commit', '?')}`; {meta.get('cpu', '?')}, {meta.get('nproc', '?')} cores "
+      f"shared by load generator, proxy and upstream; kernel {meta.get('kernel', '?')}")
+    w(f"- {meta.get('rounds', '?')} round(s) × {meta.get('duration', '?')} s per wrk run, targets "
+      f"alternating (order rotated each round); {meta.get('wrk', 'wrk')}, {meta.get('nginx', 'nginx')} "
+      f"with worker_processes {meta.get('nginx_workers', '?')}")
+    w(f"- load average at start: {meta.get('loadavg', '?')}; other rustc/cargo processes at start: "
+      f"{meta.get('busy', '?')}")
+    w("- figures are medians over rounds with the (min–max) of the rounds; ratios and differences "
+      "are taken within each round first")
+    w("")
+
+    # Throughput.
+    w("## Throughput: 32 connections (`wrk -t2 -c32`), non-streamed chat completion")
+    w("")
+    w("| target | req/s | ÷ direct | wrk errors |")
+    w("| --- | --- | --- | --- |")
+    for t in TARGETS:
+        rps = series(tput, lambda r, t=t: r[t]["rps"])
+        ratio = series(tput, lambda r, t=t: r[t]["rps"] / r["direct"]["rps"])
+        errs = sum(sum(v for k, v in r[t].items() if k.startswith("err_"))
+                   for r in tput.values() if t in r)
+        w(f"| {t} | {fmt(rps, ',.0f')} | {fmt(ratio, '.2f') if t != 'direct' else '1'} | {errs} |")
+    w("")
+
+    # Latency.
+    w("## Latency: 1 connection (`wrk -t1 -c1 --latency`), µs")
+    w("")
+    w("| target | p50 | p99 | added p50 vs direct | added p99 vs direct |")
+    w("| --- | --- | --- | --- | --- |")
+    for t in TARGETS:
+        p50 = series(lat, lambda r, t=t: r[t]["p50_us"])
+        p99 = series(lat, lambda r, t=t: r[t]["p99_us"])
+        a50 = series(lat, lambda r, t=t: r[t]["p50_us"] - r["direct"]["p50_us"])
+        a99 = series(lat, lambda r, t=t: r[t]["p99_us"] - r["direct"]["p99_us"])
+        if t == "direct":
+            w(f"| {t} | {fmt(p50, '.0f')} | {fmt(p99, '.0f')} | – | – |")
+        else:
+            w(f"| {t} | {fmt(p50, '.0f')} | {fmt(p99, '.0f')} | {fmt(a50, '+.0f')} | {fmt(a99, '+.0f')} |")
+    w("")
+
+    # TTFT.
+    n = med(series(ttft, lambda r: r["direct"]["n"]))
+    w(f"## Time to first streamed token (mock at {meta.get('ttft_tps', '?')} tokens/s, "
+      f"{int(n) if n else '?'} sequential requests per target per round, interleaved), µs")
+    w("")
+    w("The mock sends the role chunk at once and the first token one token interval later; "
+      "\"first data\" is the role chunk, \"first token\" the first content delta.")
+    w("")
+    w("| target | first data p50 | first token p50 | first token p99 | Δ first token p50 vs direct |")
+    w("| --- | --- | --- | --- | --- |")
+    for t in TARGETS:
+        fd = series(ttft, lambda r, t=t: r[t]["first_data_p50_us"])
+        ft = series(ttft, lambda r, t=t: r[t]["first_token_p50_us"])
+        ft99 = series(ttft, lambda r, t=t: r[t]["first_token_p99_us"])
+        d = series(ttft, lambda r, t=t: r[t]["first_token_p50_us"] - r["direct"]["first_token_p50_us"])
+        w(f"| {t} | {fmt(fd, '.0f')} | {fmt(ft, '.0f')} | {fmt(ft99, '.0f')} | "
+          f"{fmt(d, '+.0f') if t != 'direct' else '–'} |")
+    w("")
+
+    # RSS.
+    w("## Memory (llm-proxy process, /proc/PID/status)")
+    w("")
+    w("| measure | MiB |")
+    w("| --- | --- |")
+    if rss:
+        w(f"| llm-proxy idle after start (VmRSS) | {mib(rss['proxy_idle_kb']):.1f} |")
+        w(f"| llm-proxy peak under 32-connection load (VmHWM) | {mib(rss['proxy_hwm_kb']):.1f} |")
+        w(f"| llm-proxy after the run (VmRSS) | {mib(rss['proxy_after_kb']):.1f} |")
+        if rss.get("nginx_hwm_kb"):
+            w(f"| nginx master + workers, peak (sum of VmHWM) | {mib(rss['nginx_hwm_kb']):.1f} |")
+    w("")
+
+    # Headline and targets.
+    r_pd = series(tput, lambda r: r["llm-proxy"]["rps"] / r["direct"]["rps"])
+    r_nd = series(tput, lambda r: r["nginx"]["rps"] / r["direct"]["rps"])
+    r_pn = series(tput, lambda r: r["llm-proxy"]["rps"] / r["nginx"]["rps"])
+    a_p = series(lat, lambda r: r["llm-proxy"]["p50_us"] - r["direct"]["p50_us"])
+    a_n = series(lat, lambda r: r["nginx"]["p50_us"] - r["direct"]["p50_us"])
+    a_pn = series(lat, lambda r: (r["llm-proxy"]["p50_us"] - r["nginx"]["p50_us"]))
+    d_tt = series(ttft, lambda r: r["llm-proxy"]["first_token_p50_us"] - r["direct"]["first_token_p50_us"])
+    d_tn = series(ttft, lambda r: r["nginx"]["first_token_p50_us"] - r["direct"]["first_token_p50_us"])
+
+    def verdict(ok, near=False):
+        return "met" if ok else ("within 5% (not measurably slower)" if near else "**missed**")
+
+    w("## Summary against the targets")
+    w("")
+    w("| measure | this run | target | verdict |")
+    w("| --- | --- | --- | --- |")
+    w(f"| throughput llm-proxy ÷ direct | {fmt(r_pd, '.2f')} | – | – |")
+    w(f"| throughput nginx ÷ direct | {fmt(r_nd, '.2f')} | – | – |")
+    if r_pn:
+        m = med(r_pn)
+        w(f"| throughput llm-proxy ÷ nginx | {fmt(r_pn, '.2f')} | ≥ 1 | {verdict(m >= 1.0, m >= 0.95)} |")
+    if a_p and a_n:
+        w(f"| added p50 at 1 connection: llm-proxy / nginx | {med(a_p):+.0f} µs / {med(a_n):+.0f} µs "
+          f"(llm-proxy − nginx: {fmt(a_pn, '+.0f', ' µs')}) | llm-proxy ≤ nginx | "
+          f"{verdict(med(a_p) <= med(a_n))} |")
+    if d_tt:
+        w(f"| TTFT Δ vs direct: llm-proxy | {fmt(d_tt, '+.0f', ' µs')} | ≤ 1000 µs | "
+          f"{verdict(med(d_tt) <= 1000)} |")
+    if d_tn:
+        w(f"| TTFT Δ vs direct: nginx (reference) | {fmt(d_tn, '+.0f', ' µs')} | – | – |")
+    if rss:
+        idle = mib(rss["proxy_idle_kb"])
+        w(f"| llm-proxy idle RSS | {idle:.1f} MiB | < 20 MiB | {verdict(idle < 20)} |")
+        w(f"| llm-proxy peak RSS under load | {mib(rss['proxy_hwm_kb']):.1f} MiB | – | – |")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

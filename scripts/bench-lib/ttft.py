@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Time to first streamed token, for scripts/bench (python3 stdlib only).
+
+    ttft.py --requests 200 --warmup 10 NAME=127.0.0.1:PORT [NAME=HOST:PORT ...]
+
+Sends sequential streamed chat completions over one keep-alive connection per
+target (TCP_NODELAY, raw socket, no buffering: every recv() is timestamped as
+it returns, before any parsing), interleaving the targets request by request
+so that noise hits them alike. Per request it records, from just before the
+request is written:
+
+  first_data   the first `data:` event (the mock sends the role chunk at once)
+  first_token  the first event whose delta carries non-empty content (the mock
+               sends it one token interval later, e.g. 20 ms at 50 tokens/s)
+
+and prints one JSON object: per target the sample medians/percentiles in µs.
+"""
+
+import argparse
+import json
+import socket
+import sys
+import time
+
+BODY = json.dumps({
+    "model": "bench",
+    "messages": [{"role": "user", "content": "Stream a short greeting."}],
+    "max_tokens": 2,
+    "stream": True,
+}).encode()
+
+
+def request_bytes(host):
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\n"
+        f"Host: {host}\r\n"
+        "Content-Type: application/json\r\n"
+        "Accept: text/event-stream\r\n"
+        f"Content-Length: {len(BODY)}\r\n"
+        "\r\n"
+    )
+    return head.encode() + BODY
+
+
+class Target:
+    def __init__(self, name, addr, timeout):
+        self.name = name
+        host, port = addr.rsplit(":", 1)
+        self.addr = (host, int(port))
+        self.request = request_bytes(addr)
+        self.timeout = timeout
+        self.sock = None
+        self.first_data = []
+        self.first_token = []
+        self.errors = 0
+        self.connects = 0
+
+    def connect(self):
+        sock = socket.create_connection(self.addr, timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.connects += 1
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+    def one(self):
+        """One streamed request; returns (first_data_ns, first_token_ns)."""
+        if self.sock is None:
+            self.connect()
+        sock = self.sock
+        t0 = time.perf_counter_ns()
+        sock.sendall(self.request)
+        raw = b""          # undecoded bytes
+        head = None        # parsed once complete
+        chunked = False
+        remaining = None   # content-length left, when not chunked
+        body = b""         # decoded body not yet split into events
+        t_data = t_token = None
+        finished = False
+        keep_alive = True
+        while not finished:
+            data = sock.recv(65536)
+            now = time.perf_counter_ns()
+            if not data:
+                keep_alive = False
+                if head is not None and not chunked and remaining is None:
+                    break  # body delimited by close
+                raise ConnectionError("connection closed mid-response")
+            raw += data
+            if head is None:
+                end = raw.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                head, raw = raw[:end].decode("latin-1"), raw[end + 4:]
+                lines = head.split("\r\n")
+                status = lines[0].split(" ", 2)
+                if len(status) < 2 or status[1] != "200":
+                    raise ConnectionError(f"status line {lines[0]!r}")
+                headers = {}
+                for line in lines[1:]:
+                    k, _, v = line.partition(":")
+                    headers[k.strip().lower()] = v.strip().lower()
+                chunked = "chunked" in headers.get("transfer-encoding", "")
+                if "content-length" in headers and not chunked:
+                    remaining = int(headers["content-length"])
+                if headers.get("connection") == "close":
+                    keep_alive = False
+            # Decode what we have.
+            if chunked:
+                while True:
+                    nl = raw.find(b"\r\n")
+                    if nl < 0:
+                        break
+                    size = int(raw[:nl].split(b";")[0], 16)
+                    if size == 0:
+                        # Last chunk "0\r\n\r\n" (no trailers expected).
+                        if len(raw) >= nl + 4:
+                            finished = True
+                            raw = b""
+                        break
+                    if len(raw) < nl + 2 + size + 2:
+                        break
+                    body += raw[nl + 2:nl + 2 + size]
+                    raw = raw[nl + 2 + size + 2:]
+            else:
+                body += raw
+                if remaining is not None:
+                    remaining -= len(raw)
+                    finished = remaining <= 0
+                raw = b""
+            if t_data is None and b"data:" in body:
+                t_data = now
+            if t_token is None:
+                while b"\n\n" in body:
+                    event, body = body.split(b"\n\n", 1)
+                    payload = event.strip()
+                    if not payload.startswith(b"data:"):
+                        continue
+                    payload = payload[5:].strip()
+                    if payload == b"[DONE]":
+                        continue
+                    try:
+                        delta = json.loads(payload)["choices"][0].get("delta", {})
+                    except (ValueError, KeyError, IndexError):
+                        continue
+                    if delta.get("content"):
+                        t_token = now
+                        break
+            else:
+                body = b""
+        if not keep_alive:
+            self.close()
+        if t_data is None or t_token is None:
+            raise ConnectionError("stream ended without a data event / token")
+        return t_data - t0, t_token - t0
+
+
+def percentile(values, p):
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--timeout", type=float, default=10.0, help="per socket operation, s")
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="overall bound")
+    ap.add_argument("--max-errors", type=int, default=10)
+    ap.add_argument("--round", type=int, help="print JSON lines for scripts/bench, tagged with this round")
+    ap.add_argument("targets", nargs="+", help="NAME=HOST:PORT")
+    args = ap.parse_args()
+    targets = []
+    for spec in args.targets:
+        name, _, addr = spec.partition("=")
+        targets.append(Target(name, addr, args.timeout))
+    deadline = time.monotonic() + args.max_seconds
+    total = args.warmup + args.requests
+    for i in range(total):
+        if time.monotonic() > deadline:
+            print(f"ttft: stopped at the {args.max_seconds} s bound after {i} requests per target",
+                  file=sys.stderr)
+            break
+        # Rotate the order each iteration so that no target always goes first.
+        for j in range(len(targets)):
+            t = targets[(i + j) % len(targets)]
+            try:
+                d, k = t.one()
+            except (OSError, ValueError) as e:
+                t.errors += 1
+                t.close()
+                print(f"ttft: {t.name}: {e}", file=sys.stderr)
+                if t.errors > args.max_errors:
+                    sys.exit(f"ttft: too many errors on {t.name}")
+                continue
+            if i >= args.warmup:
+                t.first_data.append(d / 1000.0)
+                t.first_token.append(k / 1000.0)
+    out = {}
+    for t in targets:
+        out[t.name] = {
+            "n": len(t.first_token),
+            "errors": t.errors,
+            "connects": t.connects,
+            "first_data_p50_us": percentile(t.first_data, 50),
+            "first_data_p99_us": percentile(t.first_data, 99),
+            "first_token_p50_us": percentile(t.first_token, 50),
+            "first_token_p90_us": percentile(t.first_token, 90),
+            "first_token_p99_us": percentile(t.first_token, 99),
+        }
+        t.close()
+    if args.round is None:
+        print(json.dumps(out))
+    else:
+        for name, stats in out.items():
+            print(json.dumps({"kind": "ttft", "round": args.round, "target": name, **stats}))
+
+
+if __name__ == "__main__":
+    main()
