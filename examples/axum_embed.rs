@@ -18,7 +18,9 @@ use llm_proxy::config::Settings;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:3000".into());
-    let url = args.next().unwrap_or_else(|| "http://127.0.0.1:9001/v1".into());
+    let url = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:9001/v1".into());
 
     // The same settings the llm-proxy binary reads from its TOML file.
     let config = format!("[[upstream]]\nname = \"local\"\nurl = \"{url}\"\n");

@@ -19,7 +19,9 @@ use tower::ServiceBuilder;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:8080".into());
-    let url = args.next().unwrap_or_else(|| "http://127.0.0.1:9001/v1".into());
+    let url = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:9001/v1".into());
 
     let upstream = Upstream::new(UpstreamConfig::new("default", url.parse()?))?;
     let stack = ServiceBuilder::new()

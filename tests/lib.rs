@@ -89,7 +89,9 @@ pub async fn proxy(toml: &str) -> TestProxy {
         .await
         .expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local addr");
-    let proxy = llm_proxy::Proxy::build(settings).await.expect("proxy builds");
+    let proxy = llm_proxy::Proxy::build(settings)
+        .await
+        .expect("proxy builds");
     let service = proxy.service();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(proxy.serve(listener, async move {
@@ -143,17 +145,34 @@ impl Answer {
 
     /// Assert an OpenAI-style error with this status, type and code.
     pub fn assert_error(&self, status: u16, kind: &str, code: &str) {
-        assert_eq!(self.status.as_u16(), status, "status; body: {}", self.text());
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "status; body: {}",
+            self.text()
+        );
         let json = self.json();
         assert_eq!(json["error"]["type"], kind, "type; body: {json}");
         assert_eq!(json["error"]["code"], code, "code; body: {json}");
-        assert!(json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
-        assert!(json["error"].get("param").is_some(), "param present (may be null)");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        assert!(
+            json["error"].get("param").is_some(),
+            "param present (may be null)"
+        );
     }
 }
 
 /// Build a request.
-pub fn request(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+pub fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
     let mut b = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -205,7 +224,10 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
         .filter_map(|ev| {
             let data: Vec<&str> = ev
                 .lines()
-                .filter_map(|l| l.strip_prefix("data:").map(|d| d.strip_prefix(' ').unwrap_or(d)))
+                .filter_map(|l| {
+                    l.strip_prefix("data:")
+                        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                })
                 .collect();
             (!data.is_empty()).then(|| data.join("\n"))
         })
@@ -216,7 +238,10 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + HANG;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -259,7 +284,10 @@ pub fn free_port() -> u16 {
 pub async fn wait_listening(addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "nothing listens on {addr}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens on {addr}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -25,7 +25,10 @@ impl RedisServer {
                 panic!("cannot start redis-server ({e}): install it with `apt-get install redis-server` (scripts/test does)")
             });
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-        let server = RedisServer { addr, child: Some(child) };
+        let server = RedisServer {
+            addr,
+            child: Some(child),
+        };
         server.wait_ready().await;
         server
     }
@@ -47,7 +50,11 @@ impl RedisServer {
                     return;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "redis-server on {} did not start", self.addr);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server on {} did not start",
+                self.addr
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

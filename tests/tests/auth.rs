@@ -7,14 +7,20 @@ use tests::*;
 const HASHED: &str = "sk-hashed";
 
 fn sha256_hex(s: &str) -> String {
-    llm_proxy_auth::sha256(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    llm_proxy_auth::sha256(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 async fn setup(keys: &str) -> (MockServer, TestProxy) {
     let up = mock_named("m").await;
     let toml = format!(
         "{}\n[auth]\n{keys}",
-        one_upstream(&up.base_url(), "models = [\"small\", \"large\"]\napi_key = \"sk-upstream\"")
+        one_upstream(
+            &up.base_url(),
+            "models = [\"small\", \"large\"]\napi_key = \"sk-upstream\""
+        )
     );
     (up, proxy(&toml).await)
 }
@@ -29,28 +35,61 @@ fn keys() -> String {
 }
 
 async fn chat_with(p: &TestProxy, headers: &[(&'static str, &[u8])], model: &str) -> Answer {
-    let mut req = request(Method::POST, &p.url("/v1/chat/completions"), &[("content-type", "application/json")], chat(model, false));
+    let mut req = request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[("content-type", "application/json")],
+        chat(model, false),
+    );
     for (k, v) in headers {
-        req.headers_mut().append(*k, http::HeaderValue::from_bytes(v).unwrap());
+        req.headers_mut()
+            .append(*k, http::HeaderValue::from_bytes(v).unwrap());
     }
     send(req).await
 }
+
+/// Request headers as name and raw bytes (some are not UTF-8 on purpose).
+type Headers<'a> = &'a [(&'static str, &'a [u8])];
 
 #[tokio::test]
 async fn credentials_table() {
     let (up, p) = setup(&keys()).await;
     let long = format!("Bearer {}", "k".repeat(8 * 1024));
-    let cases: &[(&str, &[(&'static str, &[u8])], u16)] = &[
+    let cases: &[(&str, Headers, u16)] = &[
         ("no header", &[], 401),
         ("Bearer without key", &[("authorization", b"Bearer")], 401),
-        ("Bearer and spaces", &[("authorization", b"Bearer    ")], 401),
-        ("lower-case bearer", &[("authorization", b"bearer sk-team-a")], 200),
-        ("padded", &[("authorization", b"  Bearer   sk-team-a  ")], 200),
-        ("key with spaces", &[("authorization", b"Bearer sk team-a")], 401),
+        (
+            "Bearer and spaces",
+            &[("authorization", b"Bearer    ")],
+            401,
+        ),
+        (
+            "lower-case bearer",
+            &[("authorization", b"bearer sk-team-a")],
+            200,
+        ),
+        (
+            "padded",
+            &[("authorization", b"  Bearer   sk-team-a  ")],
+            200,
+        ),
+        (
+            "key with spaces",
+            &[("authorization", b"Bearer sk team-a")],
+            401,
+        ),
         ("8 KiB header", &[("authorization", long.as_bytes())], 401),
-        ("non-UTF-8", &[("authorization", b"Bearer sk-\xff\xfe")], 401),
+        (
+            "non-UTF-8",
+            &[("authorization", b"Bearer sk-\xff\xfe")],
+            401,
+        ),
         ("unknown key", &[("authorization", b"Bearer sk-nope")], 401),
-        ("Basic scheme", &[("authorization", b"Basic sk-team-a")], 401),
+        (
+            "Basic scheme",
+            &[("authorization", b"Basic sk-team-a")],
+            401,
+        ),
         ("hashed key", &[("authorization", b"Bearer sk-hashed")], 200),
         ("x-api-key", &[("x-api-key", b"sk-team-a")], 200),
         ("empty x-api-key", &[("x-api-key", b"")], 401),
@@ -82,34 +121,58 @@ async fn model_allowlist_and_models_listing() {
         async move { send(request(Method::GET, &url, &[("authorization", key)], "")).await }
     };
     let ids = |a: &Answer| -> Vec<String> {
-        a.json()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect()
+        a.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
     };
     assert_eq!(ids(&list("Bearer sk-hashed").await), ["small"]);
     assert_eq!(ids(&list("Bearer sk-team-a").await), ["small", "large"]);
-    list("Bearer sk-nope").await.assert_error(401, "authentication_error", "invalid_api_key");
+    list("Bearer sk-nope")
+        .await
+        .assert_error(401, "authentication_error", "invalid_api_key");
 }
 
 #[tokio::test]
 async fn passthrough_routes_need_the_passthrough_flag() {
     let (up, p) = setup(&keys()).await;
-    let denied = send(request(Method::GET, &p.url("/v1/files"), &[("authorization", "Bearer sk-team-a")], "")).await;
+    let denied = send(request(
+        Method::GET,
+        &p.url("/v1/files"),
+        &[("authorization", "Bearer sk-team-a")],
+        "",
+    ))
+    .await;
     denied.assert_error(403, "permission_error", "route_not_allowed");
     assert_eq!(up.stats.requests(), 0);
-    let allowed = send(request(Method::GET, &p.url("/v1/files"), &[("authorization", "Bearer sk-ops")], "")).await;
+    let allowed = send(request(
+        Method::GET,
+        &p.url("/v1/files"),
+        &[("authorization", "Bearer sk-ops")],
+        "",
+    ))
+    .await;
     assert_eq!(allowed.status, 404, "forwarded; the mock has no /files");
     assert_eq!(up.stats.requests(), 1);
 }
 
 #[tokio::test]
 async fn requests_per_minute_gives_exact_429_and_headers() {
-    let (_up, p) = setup("[[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 3\n").await;
+    let (_up, p) =
+        setup("[[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 3\n").await;
     for remaining in ["2", "1", "0"] {
         let ok = chat_with(&p, &[("authorization", b"Bearer sk-slow")], "small").await;
         assert_eq!(ok.status, 200);
         assert_eq!(ok.header("x-ratelimit-limit-requests"), Some("3"));
         assert_eq!(ok.header("x-ratelimit-remaining-requests"), Some(remaining));
         assert!(ok.header("x-ratelimit-reset-requests").is_some());
-        assert_eq!(ok.header("x-ratelimit-limit-tokens"), None, "no token limit, no token headers");
+        assert_eq!(
+            ok.header("x-ratelimit-limit-tokens"),
+            None,
+            "no token limit, no token headers"
+        );
     }
     let limited = chat_with(&p, &[("authorization", b"Bearer sk-slow")], "small").await;
     limited.assert_error(429, "rate_limit_error", "rate_limit_exceeded");
@@ -118,16 +181,25 @@ async fn requests_per_minute_gives_exact_429_and_headers() {
     assert_eq!(limited.header("x-ratelimit-limit-requests"), Some("3"));
     assert_eq!(limited.header("x-ratelimit-remaining-requests"), Some("0"));
     assert_eq!(limited.header("x-ratelimit-reset-requests"), Some("1m0s"));
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], "")).await.text();
-    assert!(metrics.contains(r#"llm_proxy_rate_limited_total{key="slow"} 1"#), "{metrics}");
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"llm_proxy_rate_limited_total{key="slow"} 1"#),
+        "{metrics}"
+    );
 }
 
 fn remaining_tokens(a: &Answer) -> i64 {
-    a.header("x-ratelimit-remaining-tokens").expect("token headers").parse().unwrap()
+    a.header("x-ratelimit-remaining-tokens")
+        .expect("token headers")
+        .parse()
+        .unwrap()
 }
 
 async fn tpm_reconciles(stream: bool) {
-    let (_up, p) = setup("[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 100000\n").await;
+    let (_up, p) =
+        setup("[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 100000\n").await;
     let body = |max: u32| {
         serde_json::json!({"model": "small", "stream": stream, "max_tokens": max,
             "messages": [{"role": "user", "content": "count my tokens"}]})
@@ -136,7 +208,10 @@ async fn tpm_reconciles(stream: bool) {
     let big = send(request(
         Method::POST,
         &p.url("/v1/chat/completions"),
-        &[("content-type", "application/json"), ("authorization", "Bearer sk-t")],
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-t"),
+        ],
         body(50_000),
     ))
     .await;
@@ -148,7 +223,9 @@ async fn tpm_reconciles(stream: bool) {
         let events = sse_data(&big.body);
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         assert!(
-            !events.iter().any(|e| llm_proxy_core::usage::is_usage_only_chunk(e)),
+            !events
+                .iter()
+                .any(|e| llm_proxy_core::usage::is_usage_only_chunk(e)),
             "the client did not ask for usage: the chunk the proxy requested is stripped"
         );
     }
@@ -156,8 +233,13 @@ async fn tpm_reconciles(stream: bool) {
     // sees nearly the whole budget again.
     let next = eventually_answer(&p, &body(10), |a| remaining_tokens(a) > 99_000).await;
     assert_eq!(next.status, 200);
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], "")).await.text();
-    assert!(metrics.contains(r#"llm_proxy_tokens_total{key="t",model="small",kind="output"} "#), "{metrics}");
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"llm_proxy_tokens_total{key="t",model="small",kind="output"} "#),
+        "{metrics}"
+    );
 }
 
 /// Repeat a request until `cond` holds (the reconciliation runs when the
@@ -167,7 +249,10 @@ async fn eventually_answer(p: &TestProxy, body: &str, cond: impl Fn(&Answer) -> 
         let a = send(request(
             Method::POST,
             &p.url("/v1/chat/completions"),
-            &[("content-type", "application/json"), ("authorization", "Bearer sk-t")],
+            &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer sk-t"),
+            ],
             body.to_owned(),
         ))
         .await;
@@ -191,38 +276,72 @@ async fn tokens_per_minute_reconciles_streamed_usage() {
 
 #[tokio::test]
 async fn stream_usage_is_kept_when_the_client_asked() {
-    let (_up, p) = setup("[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 100000\n").await;
+    let (_up, p) =
+        setup("[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 100000\n").await;
     let body = r#"{"model":"small","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
     let a = send(request(
         Method::POST,
         &p.url("/v1/chat/completions"),
-        &[("content-type", "application/json"), ("authorization", "Bearer sk-t")],
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-t"),
+        ],
         body,
     ))
     .await;
     let events = sse_data(&a.body);
-    assert!(events.iter().any(|e| llm_proxy_core::usage::is_usage_only_chunk(e)));
+    assert!(
+        events
+            .iter()
+            .any(|e| llm_proxy_core::usage::is_usage_only_chunk(e))
+    );
 }
 
 #[tokio::test]
 async fn tokens_per_minute_exhausted_is_429() {
-    let (_up, p) = setup("[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 300\n").await;
+    let (_up, p) =
+        setup("[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 300\n").await;
     let body = serde_json::json!({"model": "small", "max_tokens": 250, "messages": [{"role": "user", "content": "x"}]}).to_string();
-    let hdrs = [("content-type", "application/json"), ("authorization", "Bearer sk-t")];
-    let first = send(request(Method::POST, &p.url("/v1/chat/completions"), &hdrs, body.clone())).await;
+    let hdrs = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer sk-t"),
+    ];
+    let first = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &hdrs,
+        body.clone(),
+    ))
+    .await;
     assert_eq!(first.status, 200);
     // A second reservation of ~270 does not fit before the first is settled
     // or refilled; once settled (~30 used), it fits.
-    let second = send(request(Method::POST, &p.url("/v1/chat/completions"), &hdrs, body.clone())).await;
+    let second = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &hdrs,
+        body.clone(),
+    ))
+    .await;
     if second.status == 429 {
         second.assert_error(429, "rate_limit_error", "rate_limit_exceeded");
-        assert!(second.header("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+        assert!(
+            second
+                .header("retry-after")
+                .is_some_and(|s| s.parse::<u64>().unwrap() >= 1)
+        );
         assert_eq!(second.header("x-ratelimit-limit-tokens"), Some("300"));
     }
     // Three more reservations of ~270 cannot all fit in 300/min.
     let mut limited = false;
     for _ in 0..3 {
-        let a = send(request(Method::POST, &p.url("/v1/chat/completions"), &hdrs, body.clone())).await;
+        let a = send(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &hdrs,
+            body.clone(),
+        ))
+        .await;
         limited |= a.status == 429;
     }
     assert!(limited, "the token budget ran out");

@@ -17,7 +17,10 @@ async fn call(p: &TestProxy) -> Answer {
     send(request(
         Method::POST,
         &p.url("/v1/chat/completions"),
-        &[("content-type", "application/json"), ("authorization", "Bearer sk-fleet")],
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-fleet"),
+        ],
         chat("m", false),
     ))
     .await
@@ -55,9 +58,14 @@ async fn redis_down_falls_back_to_local_limits() {
         statuses.push(call(&p).await.status.as_u16());
     }
     assert_eq!(statuses, [200, 200, 200, 200, 429]);
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], "")).await.text();
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
     assert!(
-        metrics.lines().any(|l| l.starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#) && !l.ends_with(" 0")),
+        metrics.lines().any(
+            |l| l.starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#)
+                && !l.ends_with(" 0")
+        ),
         "{metrics}"
     );
 }
@@ -66,6 +74,11 @@ async fn redis_down_falls_back_to_local_limits() {
 async fn proxy_starts_while_redis_is_down() {
     let port = free_port();
     let up = mock_named("m").await;
-    let p = proxy(&config(&up.base_url(), &format!("redis://127.0.0.1:{port}"), "t3:")).await;
+    let p = proxy(&config(
+        &up.base_url(),
+        &format!("redis://127.0.0.1:{port}"),
+        "t3:",
+    ))
+    .await;
     assert_eq!(call(&p).await.status, 200);
 }

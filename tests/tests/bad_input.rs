@@ -11,7 +11,10 @@ async fn one() -> (MockServer, TestProxy) {
     let up = mock_named("m").await;
     let p = proxy(&format!(
         "max_body_bytes = 1024\n{}",
-        one_upstream(&up.base_url(), "models = [\"m\"]\nfirst_byte_timeout_ms = 300\nidle_timeout_ms = 300")
+        one_upstream(
+            &up.base_url(),
+            "models = [\"m\"]\nfirst_byte_timeout_ms = 300\nidle_timeout_ms = 300"
+        )
     ))
     .await;
     (up, p)
@@ -21,15 +24,33 @@ async fn one() -> (MockServer, TestProxy) {
 async fn malformed_bodies_are_400() {
     let (up, p) = one().await;
     let url = p.url("/v1/chat/completions");
-    post_json(&url, "{\"model\": \"m\",").await.assert_error(400, "invalid_request_error", "invalid_json");
-    post_json(&url, "").await.assert_error(400, "invalid_request_error", "invalid_json");
-    post_json(&url, "[1,2]").await.assert_error(400, "invalid_request_error", "invalid_body");
-    post_json(&url, "\"model\"").await.assert_error(400, "invalid_request_error", "invalid_body");
+    post_json(&url, "{\"model\": \"m\",").await.assert_error(
+        400,
+        "invalid_request_error",
+        "invalid_json",
+    );
+    post_json(&url, "")
+        .await
+        .assert_error(400, "invalid_request_error", "invalid_json");
+    post_json(&url, "[1,2]")
+        .await
+        .assert_error(400, "invalid_request_error", "invalid_body");
+    post_json(&url, "\"model\"")
+        .await
+        .assert_error(400, "invalid_request_error", "invalid_body");
     let missing = post_json(&url, "{\"messages\":[]}").await;
     missing.assert_error(400, "invalid_request_error", "missing_model");
     assert_eq!(missing.json()["error"]["param"], "model");
-    post_json(&url, "{\"model\": 7}").await.assert_error(400, "invalid_request_error", "missing_model");
-    post_json(&url, "{\"model\": null}").await.assert_error(400, "invalid_request_error", "missing_model");
+    post_json(&url, "{\"model\": 7}").await.assert_error(
+        400,
+        "invalid_request_error",
+        "missing_model",
+    );
+    post_json(&url, "{\"model\": null}").await.assert_error(
+        400,
+        "invalid_request_error",
+        "missing_model",
+    );
     post_json(&p.url("/v1/embeddings"), "{\"input\":\"x\"}")
         .await
         .assert_error(400, "invalid_request_error", "missing_model");
@@ -47,7 +68,13 @@ async fn unsupported_content_type_is_415() {
     ))
     .await;
     answer.assert_error(415, "invalid_request_error", "unsupported_media_type");
-    let absent = send(request(Method::POST, &p.url("/v1/chat/completions"), &[], chat("m", false))).await;
+    let absent = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[],
+        chat("m", false),
+    ))
+    .await;
     assert_eq!(absent.status, 200, "no content-type is accepted");
 }
 
@@ -56,7 +83,12 @@ async fn unknown_model_is_404_and_unknown_path_is_404() {
     let (_up, p) = one().await;
     let answer = post_json(&p.url("/v1/chat/completions"), &chat("gpt-nope", false)).await;
     answer.assert_error(404, "not_found_error", "model_not_found");
-    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("gpt-nope"));
+    assert!(
+        answer.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gpt-nope")
+    );
     send(request(Method::GET, &p.url("/nowhere"), &[], ""))
         .await
         .assert_error(404, "not_found_error", "route_not_found");
@@ -65,7 +97,13 @@ async fn unknown_model_is_404_and_unknown_path_is_404() {
 #[tokio::test]
 async fn wrong_method_is_405_with_allow() {
     let (_up, p) = one().await;
-    let answer = send(request(Method::GET, &p.url("/v1/chat/completions"), &[], "")).await;
+    let answer = send(request(
+        Method::GET,
+        &p.url("/v1/chat/completions"),
+        &[],
+        "",
+    ))
+    .await;
     answer.assert_error(405, "invalid_request_error", "method_not_allowed");
     assert_eq!(answer.header("allow"), Some("POST"));
     let answer = send(request(Method::DELETE, &p.url("/v1/models"), &[], "")).await;
@@ -92,7 +130,10 @@ async fn body_over_limit_is_413() {
         .unwrap();
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
-    let resp = tokio::time::timeout(HANG, client.request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(HANG, client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 413);
     assert_eq!(up.stats.requests(), 0);
 }
@@ -113,7 +154,10 @@ async fn body_over_limit_is_refused_without_reading_the_rest() {
     .await
     .unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(HANG, conn.read(&mut buf)).await.expect("answered without the body").unwrap();
+    let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+        .await
+        .expect("answered without the body")
+        .unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert!(head.contains("request_too_large"), "{head}");
@@ -125,7 +169,12 @@ async fn unreachable_upstream_is_502() {
     let p = proxy(&one_upstream(&format!("http://127.0.0.1:{port}/v1"), "")).await;
     let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
     answer.assert_error(502, "upstream_error", "bad_gateway");
-    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("`up`"));
+    assert!(
+        answer.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`up`")
+    );
 }
 
 #[tokio::test]
@@ -134,13 +183,19 @@ async fn upstream_first_byte_timeout_is_504() {
     let answer = send(request(
         Method::POST,
         &p.url("/v1/chat/completions"),
-        &[("content-type", "application/json"), ("x-mock-fail", "hang")],
+        &[
+            ("content-type", "application/json"),
+            ("x-mock-fail", "hang"),
+        ],
         chat("m", false),
     ))
     .await;
     answer.assert_error(504, "timeout_error", "upstream_timeout");
     // The abandoned upstream request is cancelled, not left running.
-    eventually("the hung upstream request is dropped", || up.stats.in_flight() == 0).await;
+    eventually("the hung upstream request is dropped", || {
+        up.stats.in_flight() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -170,7 +225,11 @@ async fn broken_stream(p: &TestProxy, fail: &str) -> (String, bool) {
         .request(request(
             Method::POST,
             &p.url("/v1/chat/completions"),
-            &[("content-type", "application/json"), ("x-mock-fail", fail), ("x-mock-tokens", "6")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-fail", fail),
+                ("x-mock-tokens", "6"),
+            ],
             chat("m", true),
         ))
         .await
@@ -184,7 +243,8 @@ fn assert_interrupted(body: &str, broke: bool) {
     assert!(broke, "the connection is closed, not cleanly ended: {body}");
     assert!(!body.contains("[DONE]"), "no fake clean end: {body}");
     let events = sse_data(body.as_bytes());
-    let last: serde_json::Value = serde_json::from_str(events.last().expect("an event")).expect("JSON error event");
+    let last: serde_json::Value =
+        serde_json::from_str(events.last().expect("an event")).expect("JSON error event");
     assert_eq!(last["error"]["code"], "stream_interrupted", "{body}");
     assert_eq!(last["error"]["type"], "upstream_error");
 }
@@ -193,7 +253,10 @@ fn assert_interrupted(body: &str, broke: bool) {
 async fn upstream_drop_mid_stream_ends_with_an_error_event_and_a_close() {
     let (_up, p) = one().await;
     let (body, broke) = broken_stream(&p, "drop").await;
-    assert!(body.contains("\"delta\""), "some chunks came through first: {body}");
+    assert!(
+        body.contains("\"delta\""),
+        "some chunks came through first: {body}"
+    );
     assert_interrupted(&body, broke);
 }
 
@@ -236,12 +299,21 @@ async fn client_disconnect_mid_stream_cancels_the_upstream() {
     );
     conn.write_all(req.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(HANG, conn.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     assert_eq!(up.stats.in_flight(), 1);
     drop(conn);
     // 1000 tokens at 10/s would take 100 s: the upstream must stop long before.
-    eventually("the upstream stream is cancelled", || up.stats.cancelled() == 1).await;
-    eventually("nothing left in flight upstream", || up.stats.in_flight() == 0).await;
+    eventually("the upstream stream is cancelled", || {
+        up.stats.cancelled() == 1
+    })
+    .await;
+    eventually("nothing left in flight upstream", || {
+        up.stats.in_flight() == 0
+    })
+    .await;
     let _ = Duration::ZERO;
 }

@@ -33,7 +33,12 @@ fn config_error(name: &str, text: Option<&str>) -> (i32, String) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     (status.code().unwrap_or(-1), stderr)
 }
 
@@ -43,21 +48,62 @@ fn config_errors_are_one_line_and_exit_2() {
     let cases: &[(&str, Option<String>, &str)] = &[
         ("missing", None, "cannot read the config file"),
         ("bad_toml", Some("listen = \n".into()), ":1:"),
-        ("unknown_key", Some(format!("{up}colour = \"blue\"\n")), "colour"),
-        ("unknown_key_line", Some(format!("{up}colour = \"blue\"\n")), ":4:"),
-        ("bad_url", Some("[[upstream]]\nname = \"a\"\nurl = \"not a url\"\n".into()), ":3: upstream `a`: bad url"),
-        ("duplicate", Some(format!("{up}{up}")), "duplicate upstream name `a`"),
-        ("no_upstream", Some("listen = \"127.0.0.1:0\"\n".into()), "no [[upstream]]"),
-        ("bad_strategy", Some(format!("{up}[balance]\nstrategy = \"random\"\n")), ":5: [balance] strategy `random`"),
-        ("bad_auth_key", Some(format!("{up}[auth]\n[[auth.keys]]\nname = \"k\"\nkey_sha256 = \"abc\"\n")), "`key_sha256` must be 64 hex digits"),
-        ("unbuilt", Some(format!("{up}websocket = true\n")), "not available in this build yet"),
+        (
+            "unknown_key",
+            Some(format!("{up}colour = \"blue\"\n")),
+            "colour",
+        ),
+        (
+            "unknown_key_line",
+            Some(format!("{up}colour = \"blue\"\n")),
+            ":4:",
+        ),
+        (
+            "bad_url",
+            Some("[[upstream]]\nname = \"a\"\nurl = \"not a url\"\n".into()),
+            ":3: upstream `a`: bad url",
+        ),
+        (
+            "duplicate",
+            Some(format!("{up}{up}")),
+            "duplicate upstream name `a`",
+        ),
+        (
+            "no_upstream",
+            Some("listen = \"127.0.0.1:0\"\n".into()),
+            "no [[upstream]]",
+        ),
+        (
+            "bad_strategy",
+            Some(format!("{up}[balance]\nstrategy = \"random\"\n")),
+            ":5: [balance] strategy `random`",
+        ),
+        (
+            "bad_auth_key",
+            Some(format!(
+                "{up}[auth]\n[[auth.keys]]\nname = \"k\"\nkey_sha256 = \"abc\"\n"
+            )),
+            "`key_sha256` must be 64 hex digits",
+        ),
+        (
+            "unbuilt",
+            Some(format!("{up}websocket = true\n")),
+            "not available in this build yet",
+        ),
     ];
     for (name, text, needle) in cases {
         let (code, stderr) = config_error(name, text.as_deref());
         assert_eq!(code, 2, "{name}: exit code; stderr: {stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: one line: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{name}: one line: {stderr}"
+        );
         assert!(stderr.contains(needle), "{name}: `{needle}` in: {stderr}");
-        assert!(stderr.starts_with("llm-proxy: config error: "), "{name}: {stderr}");
+        assert!(
+            stderr.starts_with("llm-proxy: config error: "),
+            "{name}: {stderr}"
+        );
     }
 }
 
@@ -82,7 +128,10 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
         .request(request(
             Method::POST,
             &url,
-            &[("content-type", "application/json"), ("x-mock-tokens", "10")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "10"),
+            ],
             chat("any", true),
         ))
         .await
@@ -101,10 +150,19 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
         loop {
             if let Some(status) = child.0.try_wait().unwrap() {
                 let mut err = String::new();
-                child.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                child
+                    .0
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 return (status, err);
             }
-            assert!(std::time::Instant::now() < deadline, "proxy exited after draining");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "proxy exited after draining"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     })
@@ -120,7 +178,11 @@ async fn minimal_example_proxies_and_renders_errors() {
     let listen = format!("127.0.0.1:{port}");
     let _child = run_example("minimal", &[&listen, &up.base_url()]);
     wait_listening(listen.parse().unwrap()).await;
-    let ok = post_json(&format!("http://{listen}/v1/chat/completions"), &chat("m", false)).await;
+    let ok = post_json(
+        &format!("http://{listen}/v1/chat/completions"),
+        &chat("m", false),
+    )
+    .await;
     assert_eq!(ok.status, 200);
     assert_eq!(ok.header("x-llm-proxy-upstream"), Some("default"));
     post_json(&format!("http://{listen}/v1/chat/completions"), "{")
@@ -138,10 +200,26 @@ async fn axum_embed_example_serves_app_and_proxy_side_by_side() {
     wait_listening(listen.parse().unwrap()).await;
     let app = send(request(Method::GET, &format!("http://{listen}/"), &[], "")).await;
     assert_eq!(app.text(), "my app\n");
-    let streamed = post_json(&format!("http://{listen}/llm/v1/chat/completions"), &chat("m", true)).await;
+    let streamed = post_json(
+        &format!("http://{listen}/llm/v1/chat/completions"),
+        &chat("m", true),
+    )
+    .await;
     assert_eq!(streamed.status, 200);
-    assert_eq!(sse_data(&streamed.body).last().map(String::as_str), Some("[DONE]"));
-    let health = send(request(Method::GET, &format!("http://{listen}/llm/healthz"), &[], "")).await;
+    assert_eq!(
+        sse_data(&streamed.body).last().map(String::as_str),
+        Some("[DONE]")
+    );
+    let health = send(request(
+        Method::GET,
+        &format!("http://{listen}/llm/healthz"),
+        &[],
+        "",
+    ))
+    .await;
     assert_eq!(health.status, 200);
-    assert_eq!(up.stats.last_path().as_deref(), Some("/v1/chat/completions"));
+    assert_eq!(
+        up.stats.last_path().as_deref(),
+        Some("/v1/chat/completions")
+    );
 }

@@ -10,10 +10,18 @@ async fn chat_completions_embeddings_pass_through() {
     let up = mock_named("m1").await;
     let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
 
-    let direct = post_json(&format!("{}/chat/completions", up.base_url()), &chat("m", false)).await;
+    let direct = post_json(
+        &format!("{}/chat/completions", up.base_url()),
+        &chat("m", false),
+    )
+    .await;
     let via = post_json(&proxy.url("/v1/chat/completions"), &chat("m", false)).await;
     assert_eq!(via.status, 200);
-    assert_eq!(via.json(), direct.json(), "the proxy passes the answer through unchanged");
+    assert_eq!(
+        via.json(),
+        direct.json(),
+        "the proxy passes the answer through unchanged"
+    );
     assert_eq!(via.header("x-llm-proxy-upstream"), Some("up"));
     assert!(via.header("x-request-id").is_some_and(|id| !id.is_empty()));
 
@@ -25,7 +33,11 @@ async fn chat_completions_embeddings_pass_through() {
     assert_eq!(completion.status, 200);
     assert_eq!(completion.json()["object"], "text_completion");
 
-    let emb = post_json(&proxy.url("/v1/embeddings"), r#"{"model":"m","input":["a","b"]}"#).await;
+    let emb = post_json(
+        &proxy.url("/v1/embeddings"),
+        r#"{"model":"m","input":["a","b"]}"#,
+    )
+    .await;
     assert_eq!(emb.status, 200);
     assert_eq!(emb.json()["data"].as_array().map(Vec::len), Some(2));
 
@@ -41,7 +53,10 @@ async fn unchanged_body_reaches_the_upstream_byte_for_byte() {
     let body = "{ \"model\" : \"m\",\n  \"messages\": [ {\"role\":\"user\",\"content\":\"x\"} ] }";
     let via = post_json(&proxy.url("/v1/chat/completions"), body).await;
     assert_eq!(via.status, 200);
-    assert_eq!(up.stats.last_request_body().as_deref(), Some(body.as_bytes()));
+    assert_eq!(
+        up.stats.last_request_body().as_deref(),
+        Some(body.as_bytes())
+    );
 }
 
 #[tokio::test]
@@ -61,18 +76,27 @@ async fn credentials_are_swapped() {
     );
     let answer = send(req).await;
     assert_eq!(answer.status, 200);
-    let seen = up.stats.last_request_headers().expect("upstream saw a request");
+    let seen = up
+        .stats
+        .last_request_headers()
+        .expect("upstream saw a request");
     assert_eq!(seen["authorization"], "Bearer sk-upstream");
     assert!(seen.get("x-api-key").is_none());
     assert_eq!(seen["x-custom"], "kept");
-    assert!(seen.get("x-request-id").is_some(), "the request id goes upstream too");
+    assert!(
+        seen.get("x-request-id").is_some(),
+        "the request id goes upstream too"
+    );
     for (name, value) in &seen {
         assert!(
             !value.as_bytes().windows(9).any(|w| w == b"sk-client"),
             "client key leaked upstream in {name}"
         );
     }
-    assert_eq!(up.stats.last_path().as_deref(), Some("/v1/chat/completions?trace=1"));
+    assert_eq!(
+        up.stats.last_path().as_deref(),
+        Some("/v1/chat/completions?trace=1")
+    );
 }
 
 #[tokio::test]
@@ -88,7 +112,10 @@ async fn first_streamed_chunk_arrives_before_the_upstream_finishes() {
         .request(request(
             Method::POST,
             &proxy.url("/v1/chat/completions"),
-            &[("content-type", "application/json"), ("x-mock-tokens", "20")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "20"),
+            ],
             chat("m", true),
         ))
         .await
@@ -114,7 +141,11 @@ async fn first_streamed_chunk_arrives_before_the_upstream_finishes() {
         .iter()
         .filter(|e| *e != "[DONE]")
         .map(|e| serde_json::from_str::<serde_json::Value>(e).expect("chunk is JSON"))
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect();
     assert!(!text.is_empty());
 }
@@ -128,7 +159,10 @@ async fn streamed_usage_passes_through_when_asked() {
     let events = sse_data(&answer.body);
     let usage_chunk = &events[events.len() - 2];
     let v: serde_json::Value = serde_json::from_str(usage_chunk).unwrap();
-    assert!(v["usage"]["total_tokens"].as_u64().is_some_and(|t| t > 0), "{v}");
+    assert!(
+        v["usage"]["total_tokens"].as_u64().is_some_and(|t| t > 0),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -137,7 +171,8 @@ async fn models_lists_configured_models() {
     let b = mock_named("b").await;
     let toml = format!(
         "[[upstream]]\nname = \"a\"\nurl = \"{}\"\nmodels = [\"x\", \"y\"]\n\
-         [[upstream]]\nname = \"b\"\nurl = \"{}\"\nmodels = [\"y\", \"z\"]\n",
+         [[upstream]]\nname = \"b\"\nurl = \"{}\"\nmodels = [\"y\", \"z\"]\n\
+         [balance]\nstrategy = \"round_robin\"\n",
         a.base_url(),
         b.base_url()
     );
@@ -146,9 +181,20 @@ async fn models_lists_configured_models() {
     assert_eq!(answer.status, 200);
     let json = answer.json();
     assert_eq!(json["object"], "list");
-    let ids: Vec<&str> = json["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["x", "y", "z"]);
-    assert!(json["data"].as_array().unwrap().iter().all(|m| m["object"] == "model"));
+    assert!(
+        json["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["object"] == "model")
+    );
 
     // Routing by model: z only on b, x only on a, y on both (round robin).
     let z = post_json(&proxy.url("/v1/chat/completions"), &chat("z", false)).await;
@@ -167,8 +213,18 @@ async fn models_lists_configured_models() {
 async fn metrics_count_requests_and_health_endpoints_answer() {
     let up = mock_named("m1").await;
     let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
-    assert_eq!(post_json(&proxy.url("/v1/chat/completions"), &chat("m", false)).await.status, 200);
-    assert_eq!(post_json(&proxy.url("/v1/chat/completions"), "{").await.status, 400);
+    assert_eq!(
+        post_json(&proxy.url("/v1/chat/completions"), &chat("m", false))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post_json(&proxy.url("/v1/chat/completions"), "{")
+            .await
+            .status,
+        400
+    );
     let healthz = send(request(Method::GET, &proxy.url("/healthz"), &[], "")).await;
     assert_eq!(healthz.status, 200);
     let readyz = send(request(Method::GET, &proxy.url("/readyz"), &[], "")).await;
@@ -191,25 +247,41 @@ async fn metrics_count_requests_and_health_endpoints_answer() {
 #[tokio::test]
 async fn client_request_id_is_kept_and_upstream_header_can_be_off() {
     let up = mock_named("m1").await;
-    let proxy = proxy(&format!("upstream_header = false\n{}", one_upstream(&up.base_url(), ""))).await;
+    let proxy = proxy(&format!(
+        "upstream_header = false\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
     let answer = send(request(
         Method::POST,
         &proxy.url("/v1/chat/completions"),
-        &[("content-type", "application/json"), ("x-request-id", "my-id-42")],
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "my-id-42"),
+        ],
         chat("m", false),
     ))
     .await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("x-request-id"), Some("my-id-42"));
     assert_eq!(answer.header("x-llm-proxy-upstream"), None);
-    assert_eq!(up.stats.last_request_headers().unwrap()["x-request-id"], "my-id-42");
+    assert_eq!(
+        up.stats.last_request_headers().unwrap()["x-request-id"],
+        "my-id-42"
+    );
 }
 
 #[tokio::test]
 async fn other_v1_paths_pass_through() {
     let up = mock_named("m1").await;
     let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
-    let answer = send(request(Method::GET, &proxy.url("/v1/files?limit=2"), &[], "")).await;
+    let answer = send(request(
+        Method::GET,
+        &proxy.url("/v1/files?limit=2"),
+        &[],
+        "",
+    ))
+    .await;
     // The mock has no /files: its own 404 comes back as it came.
     assert_eq!(answer.status, 404);
     assert_eq!(up.stats.last_path().as_deref(), Some("/v1/files?limit=2"));

@@ -28,7 +28,11 @@ async fn openai_python_sdk_works_against_the_proxy() {
     let base = p.url("/v1");
     let script = workspace_root().join("tests/python/openai_sdk.py");
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python).arg(script).arg(base).output().expect("run python")
+        Command::new(python)
+            .arg(script)
+            .arg(base)
+            .output()
+            .expect("run python")
     })
     .await
     .unwrap();

@@ -13,12 +13,19 @@ async fn drain_lets_an_in_flight_stream_finish() {
         ..MockConfig::default()
     })
     .await;
-    let mut p = proxy(&format!("drain_timeout_secs = 10\n{}", one_upstream(&up.base_url(), ""))).await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 10\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
     let resp = client()
         .request(request(
             Method::POST,
             &p.url("/v1/chat/completions"),
-            &[("content-type", "application/json"), ("x-mock-tokens", "10")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "10"),
+            ],
             chat("m", true),
         ))
         .await
@@ -29,7 +36,9 @@ async fn drain_lets_an_in_flight_stream_finish() {
     eventually_async(|| {
         let service = service.clone();
         async move {
-            let req = http::Request::get("/readyz").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+            let req = http::Request::get("/readyz")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
             service.oneshot(req).await.unwrap().status() == 503
         }
     })
@@ -49,7 +58,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + HANG;
     while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition never held");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

@@ -10,7 +10,12 @@ use tests::*;
 
 /// A TLS mock upstream on 127.0.0.1 with a self-signed certificate for
 /// `localhost`; returns its port, the certificate's PEM and the mock's stats.
-async fn tls_mock() -> (u16, String, llm_proxy_mock::MockStats, tokio::task::JoinHandle<()>) {
+async fn tls_mock() -> (
+    u16,
+    String,
+    llm_proxy_mock::MockStats,
+    tokio::task::JoinHandle<()>,
+) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let pem = cert.cert.pem();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
@@ -33,11 +38,15 @@ async fn tls_mock() -> (u16, String, llm_proxy_mock::MockStats, tokio::task::Joi
     let stats = mock.stats();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let acceptor = acceptor.clone();
             let mock = mock.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), TowerToHyperService::new(mock))
                     .await;
@@ -54,10 +63,17 @@ async fn https_upstream_with_private_ca() {
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, pem).unwrap();
     let url = format!("https://localhost:{port}/v1");
-    let trusted = proxy(&one_upstream(&url, &format!("tls_ca_file = \"{}\"", ca.display()))).await;
+    let trusted = proxy(&one_upstream(
+        &url,
+        &format!("tls_ca_file = \"{}\"", ca.display()),
+    ))
+    .await;
     let answer = post_json(&trusted.url("/v1/chat/completions"), &chat("m", true)).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
-    assert_eq!(sse_data(&answer.body).last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        sse_data(&answer.body).last().map(String::as_str),
+        Some("[DONE]")
+    );
     assert_eq!(stats.requests(), 1);
 
     // Without the CA the certificate is not trusted: 502, nothing sent.

@@ -37,7 +37,9 @@ fn bench(c: &mut Criterion) {
         bytes::Bytes::from(body),
         serde_json::from_str(body).expect("valid JSON"),
     );
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     c.bench_function("auth/allowed_request_with_rpm_and_tpm", |b| {
         b.to_async(&rt).iter(|| {
             let svc = svc.clone();

@@ -28,14 +28,26 @@ pub(crate) struct Reconcile {
 }
 
 impl Reconcile {
-    pub(crate) fn new(shared: Arc<Shared>, key: Arc<KeyEntry>, model: Option<Arc<str>>, reserved: u64) -> Self {
-        Reconcile { shared, key, model, reserved }
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        key: Arc<KeyEntry>,
+        model: Option<Arc<str>>,
+        reserved: u64,
+    ) -> Self {
+        Reconcile {
+            shared,
+            key,
+            model,
+            reserved,
+        }
     }
 
     fn settle(&self, usage: Option<Usage>) {
         let Some(u) = usage else { return };
         if let Some(model) = &self.model {
-            self.key.stats.add_tokens(model, u.input_tokens, u.output_tokens);
+            self.key
+                .stats
+                .add_tokens(model, u.input_tokens, u.output_tokens);
         }
         let delta = (u.total() as i64).saturating_sub(self.reserved as i64);
         self.shared.backend.adjust(&self.key, delta);
@@ -81,7 +93,10 @@ impl UsageBody {
         UsageBody {
             inner,
             watch: if sse {
-                Watch::Sse { parser: Box::new(Parser::new()), strip }
+                Watch::Sse {
+                    parser: Box::new(Parser::new()),
+                    strip,
+                }
             } else {
                 Watch::Json(Vec::new())
             },
@@ -131,7 +146,10 @@ impl HttpBody for UsageBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
             let polled = this.inner.as_mut().poll_frame(cx);

@@ -178,8 +178,14 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
-    let start = bytes.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(bytes.len());
-    let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &bytes[start..end]
 }
 
@@ -202,14 +208,38 @@ mod tests {
 
     #[test]
     fn presented_key_forms() {
-        assert_eq!(presented_key(&headers(&[("authorization", b"Bearer sk-1")])), Some(&b"sk-1"[..]));
-        assert_eq!(presented_key(&headers(&[("authorization", b"bearer   sk-1  ")])), Some(&b"sk-1"[..]));
-        assert_eq!(presented_key(&headers(&[("authorization", b"BEARER sk-1")])), Some(&b"sk-1"[..]));
-        assert_eq!(presented_key(&headers(&[("authorization", b"Bearer")])), None);
-        assert_eq!(presented_key(&headers(&[("authorization", b"Bearer ")])), None);
-        assert_eq!(presented_key(&headers(&[("authorization", b"Basic abc")])), None);
-        assert_eq!(presented_key(&headers(&[("authorization", b"Bearer a b")])), None);
-        assert_eq!(presented_key(&headers(&[("x-api-key", b" sk-2 ")])), Some(&b"sk-2"[..]));
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Bearer sk-1")])),
+            Some(&b"sk-1"[..])
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"bearer   sk-1  ")])),
+            Some(&b"sk-1"[..])
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"BEARER sk-1")])),
+            Some(&b"sk-1"[..])
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Bearer")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Bearer ")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Basic abc")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Bearer a b")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("x-api-key", b" sk-2 ")])),
+            Some(&b"sk-2"[..])
+        );
         assert_eq!(presented_key(&headers(&[("x-api-key", b"\xffsk")])), None);
         assert_eq!(presented_key(&HeaderMap::new()), None);
     }
@@ -223,12 +253,20 @@ mod tests {
             ..KeySpec::from_key("team-b", "unused")
         };
         let table = KeyTable::new(vec![spec, hashed]);
-        let a = table.authenticate(&headers(&[("authorization", b"Bearer sk-a")])).unwrap();
+        let a = table
+            .authenticate(&headers(&[("authorization", b"Bearer sk-a")]))
+            .unwrap();
         assert_eq!(&*a.name, "team-a");
         assert!(a.allows_model("m1") && !a.allows_model("m2"));
-        let b = table.authenticate(&headers(&[("x-api-key", b"sk-b")])).unwrap();
+        let b = table
+            .authenticate(&headers(&[("x-api-key", b"sk-b")]))
+            .unwrap();
         assert_eq!(&*b.name, "team-b");
-        assert!(table.authenticate(&headers(&[("x-api-key", b"sk-c")])).is_none());
+        assert!(
+            table
+                .authenticate(&headers(&[("x-api-key", b"sk-c")]))
+                .is_none()
+        );
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -64,7 +64,7 @@ mod redis;
 mod service;
 
 pub use backend::LimitBackend;
+pub use keys::{KeyEntry, KeySpec, KeyStats, KeyTable, parse_sha256_hex, presented_key, sha256};
 #[cfg(feature = "redis")]
 pub use redis::{RedisLimitError, RedisLimits};
-pub use keys::{KeyEntry, KeySpec, KeyStats, KeyTable, parse_sha256_hex, presented_key, sha256};
 pub use service::{Auth, AuthLayer, estimate_tokens, format_reset, rate_headers};

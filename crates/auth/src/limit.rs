@@ -54,7 +54,9 @@ impl Gcra {
     /// bucket and empties it) so that one large request is not refused forever.
     pub fn check(&self, tat: u64, now: u64, cost: u64) -> Check {
         let cost = cost.min(u64::from(self.limit));
-        let new_tat = tat.max(now).saturating_add(cost.saturating_mul(self.interval_ns));
+        let new_tat = tat
+            .max(now)
+            .saturating_add(cost.saturating_mul(self.interval_ns));
         let ahead = new_tat - now;
         if ahead <= WINDOW_NS {
             Check::Allowed(new_tat)
@@ -220,7 +222,11 @@ mod tests {
         assert!(l.acquire(0, 90).allowed);
         let d = l.acquire(0, 20);
         assert!(!d.allowed, "tokens run out");
-        assert_eq!(d.requests.unwrap().remaining, 9, "the request was not charged");
+        assert_eq!(
+            d.requests.unwrap().remaining,
+            9,
+            "the request was not charged"
+        );
         assert_eq!(d.tokens.unwrap().remaining, 10);
     }
 

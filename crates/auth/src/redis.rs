@@ -135,7 +135,9 @@ impl RedisLimits {
         let client = self.client.clone();
         let conn = self
             .conn
-            .get_or_try_init(|| async move { ConnectionManager::new_with_config(client, config).await })
+            .get_or_try_init(
+                || async move { ConnectionManager::new_with_config(client, config).await },
+            )
             .await?;
         Ok(conn.clone())
     }
@@ -145,7 +147,11 @@ impl RedisLimits {
     }
 
     /// Ask for one request reserving `tokens` (see [`crate::limit`]).
-    pub(crate) async fn acquire(&self, key: &KeyEntry, tokens: u64) -> Result<Decision, RedisLimitError> {
+    pub(crate) async fn acquire(
+        &self,
+        key: &KeyEntry,
+        tokens: u64,
+    ) -> Result<Decision, RedisLimitError> {
         let mut conn = self.connection().await?;
         let interval = |g: Option<Gcra>| g.map_or(0, |g| g.interval_ns() / 1000);
         let mut call = self.acquire.key(self.key(&key.name, "req"));
@@ -169,7 +175,9 @@ impl RedisLimits {
 
     /// Charge or refund tokens.
     pub(crate) async fn adjust(&self, key: &KeyEntry, delta: i64) -> Result<(), RedisLimitError> {
-        let Some(g) = key.limits.tokens else { return Ok(()) };
+        let Some(g) = key.limits.tokens else {
+            return Ok(());
+        };
         let mut conn = self.connection().await?;
         let mut call = self.adjust.key(self.key(&key.name, "tok"));
         call.arg(g.interval_ns() / 1000).arg(delta);

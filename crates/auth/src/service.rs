@@ -56,7 +56,10 @@ impl AuthLayer {
 
     /// The key entry for the credential on `headers`, or 401.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<KeyEntry>, Error> {
-        self.shared.table.authenticate(headers).ok_or(Error::InvalidApiKey)
+        self.shared
+            .table
+            .authenticate(headers)
+            .ok_or(Error::InvalidApiKey)
     }
 
     /// Every configured key (for metrics).
@@ -115,7 +118,12 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let admitted = admit(&shared, &mut req);
         Box::pin(async move {
-            let Admitted { key, reserve, strip_usage, model } = admitted?;
+            let Admitted {
+                key,
+                reserve,
+                strip_usage,
+                model,
+            } = admitted?;
             let decision = if key.limits.any() {
                 let d = shared.backend.acquire(&key, reserve).await;
                 if !d.allowed {
@@ -173,9 +181,17 @@ struct Admitted {
 /// The synchronous part: key, route, model, identity, token reservation and
 /// the usage request on streams.
 fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
-    let key = shared.table.authenticate(req.headers()).ok_or(Error::InvalidApiKey)?;
+    let key = shared
+        .table
+        .authenticate(req.headers())
+        .ok_or(Error::InvalidApiKey)?;
     let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() else {
-        return Ok(Admitted { key, reserve: 0, strip_usage: false, model: None });
+        return Ok(Admitted {
+            key,
+            reserve: 0,
+            strip_usage: false,
+            model: None,
+        });
     };
     if meta.endpoint() == Endpoint::Passthrough && !key.passthrough {
         return Err(Error::RouteNotAllowed(
@@ -187,11 +203,22 @@ fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
     {
         return Err(Error::ModelNotAllowed(model.to_owned()));
     }
-    meta.set_identity(Identity { name: key.name.clone() });
-    let reserve = if key.limits.tokens.is_some() { estimate_tokens(meta) } else { 0 };
+    meta.set_identity(Identity {
+        name: key.name.clone(),
+    });
+    let reserve = if key.limits.tokens.is_some() {
+        estimate_tokens(meta)
+    } else {
+        0
+    };
     let strip_usage = key.limits.tokens.is_some() && request_stream_usage(meta);
     let model = meta.model_arc().cloned();
-    Ok(Admitted { key, reserve, strip_usage, model })
+    Ok(Admitted {
+        key,
+        reserve,
+        strip_usage,
+        model,
+    })
 }
 
 /// The token reservation: prompt bytes / 4, plus the completion cap the

@@ -228,7 +228,10 @@ mod tests {
         );
         assert_eq!(Endpoint::from_path("/v2/models"), None);
         assert_eq!(Endpoint::from_path("/healthz"), None);
-        assert_eq!(Endpoint::from_path("/v1/responses"), Some(Endpoint::Responses));
+        assert_eq!(
+            Endpoint::from_path("/v1/responses"),
+            Some(Endpoint::Responses)
+        );
         assert_eq!(
             Endpoint::from_path("/v1/responses/compact"),
             Some(Endpoint::ResponsesCompact)
@@ -245,13 +248,22 @@ mod tests {
             Endpoint::from_path("/v1/messages/count_tokens"),
             Some(Endpoint::MessagesCountTokens)
         );
-        assert_eq!(response_id("/v1/responses/resp_1/input_items"), Some("resp_1"));
+        assert_eq!(
+            response_id("/v1/responses/resp_1/input_items"),
+            Some("resp_1")
+        );
         assert_eq!(response_id("/v1/responses/compact"), None);
     }
 
     #[test]
     fn api_names_round_trip() {
-        for api in [Api::ChatCompletions, Api::Completions, Api::Embeddings, Api::Responses, Api::Messages] {
+        for api in [
+            Api::ChatCompletions,
+            Api::Completions,
+            Api::Embeddings,
+            Api::Responses,
+            Api::Messages,
+        ] {
             assert_eq!(Api::from_name(api.as_str()), Some(api));
         }
         assert_eq!(Endpoint::Messages.dialect(), Dialect::Anthropic);

@@ -335,7 +335,11 @@ mod tests {
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "authentication_error");
         let ev = Error::stream_interrupted_event_for(StreamKind::Messages, "cut");
-        assert!(std::str::from_utf8(&ev).unwrap().starts_with("event: error\ndata: {"));
+        assert!(
+            std::str::from_utf8(&ev)
+                .unwrap()
+                .starts_with("event: error\ndata: {")
+        );
     }
 
     #[test]

@@ -46,6 +46,7 @@ mod parse;
 mod render;
 pub mod sse;
 pub mod usage;
+mod usage_filter;
 
 pub use body::{Body, BoxError, Guarded, empty, full};
 pub use endpoint::{Api, Dialect, Endpoint, StreamKind, response_id};
@@ -53,6 +54,7 @@ pub use error::{Error, ErrorBody};
 pub use meta::{Identity, RequestMeta};
 pub use parse::{Parse, ParseLayer, ParseLimits};
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
+pub use usage_filter::UsageFilter;
 
 /// The response header that names the upstream which served a request.
 pub const UPSTREAM_HEADER: &str = "x-llm-proxy-upstream";

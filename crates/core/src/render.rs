@@ -20,7 +20,10 @@ impl<S> Layer<S> for RenderErrorsLayer {
     type Service = RenderErrors<S>;
 
     fn layer(&self, inner: S) -> RenderErrors<S> {
-        RenderErrors { inner, failed: None }
+        RenderErrors {
+            inner,
+            failed: None,
+        }
     }
 }
 
@@ -94,9 +97,10 @@ where
         }
         match this.inner.as_pin_mut() {
             Some(f) => Poll::Ready(Ok(ready!(f.poll(cx)).unwrap_or_else(Error::into_response))),
-            None => Poll::Ready(Ok(
-                Error::NoUpstreamAvailable("polled after completion".into()).into_response()
-            )),
+            None => Poll::Ready(Ok(Error::NoUpstreamAvailable(
+                "polled after completion".into(),
+            )
+            .into_response())),
         }
     }
 }

@@ -220,10 +220,16 @@ mod usage_only_tests {
 
     #[test]
     fn detects_the_usage_only_chunk() {
-        assert!(is_usage_only_chunk(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#));
-        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#));
+        assert!(is_usage_only_chunk(
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#
+        ));
+        assert!(!is_usage_only_chunk(
+            r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#
+        ));
         assert!(!is_usage_only_chunk(r#"{"choices":[],"usage":null}"#));
-        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{"content":"usage"}}]}"#));
+        assert!(!is_usage_only_chunk(
+            r#"{"choices":[{"delta":{"content":"usage"}}]}"#
+        ));
     }
 }
 
@@ -290,7 +296,10 @@ impl StreamUsage {
         };
         let kind = event.kind.as_deref().unwrap_or("");
         match (self.kind, kind) {
-            (StreamKind::Responses, "response.completed" | "response.incomplete" | "response.failed") => {
+            (
+                StreamKind::Responses,
+                "response.completed" | "response.incomplete" | "response.failed",
+            ) => {
                 if let Some(c) = event.response.and_then(|r| r.usage) {
                     self.usage = Some(Usage {
                         input_tokens: c.input_tokens.unwrap_or(0),
@@ -339,7 +348,13 @@ mod stream_usage_tests {
         s.observe(r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":25,"output_tokens":1}}}"#);
         s.observe(r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"usage"}}"#);
         s.observe(r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#);
-        assert_eq!(s.usage(), Some(Usage { input_tokens: 25, output_tokens: 15 }));
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                input_tokens: 25,
+                output_tokens: 15
+            })
+        );
     }
 
     #[test]
@@ -348,13 +363,27 @@ mod stream_usage_tests {
         s.observe(r#"{"type":"response.created","response":{"id":"r","usage":null}}"#);
         assert_eq!(s.usage(), None);
         s.observe(r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":9,"output_tokens":4,"total_tokens":13}}}"#);
-        assert_eq!(s.usage(), Some(Usage { input_tokens: 9, output_tokens: 4 }));
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                input_tokens: 9,
+                output_tokens: 4
+            })
+        );
     }
 
     #[test]
     fn chat_usage_chunk() {
         let mut s = StreamUsage::new(StreamKind::Chat);
-        s.observe(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#);
-        assert_eq!(s.usage(), Some(Usage { input_tokens: 3, output_tokens: 2 }));
+        s.observe(
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        );
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                input_tokens: 3,
+                output_tokens: 2
+            })
+        );
     }
 }

@@ -2,17 +2,18 @@
 
 use std::sync::Arc;
 
+use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
+use llm_proxy_balance::{Backend, Balance, BalanceHandle};
 use llm_proxy_core::{ParseLayer, ParseLimits};
 use llm_proxy_mock::{Mock, MockConfig, MockServer};
-use llm_proxy_balance::{Backend, Balance, BalanceHandle};
 use llm_proxy_upstream::{Upstream, UpstreamConfig};
-use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
-use crate::config::{AuthSpec, LimitStore, Settings, Target};
+use crate::config::{AuthSpec, CacheSpec, CacheStore, LimitStore, Settings, Target};
 use crate::metrics::{Metrics, Series, Source};
 use crate::routes::{FaceOptions, ProxyService, Readiness};
+use llm_proxy_cache::{CacheConfig, CacheLayer, MemoryStore, RedisStore, Store};
 
 /// Why the proxy could not be built from valid settings.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,9 @@ pub enum BuildError {
     /// The Redis limit store could not be set up.
     #[error("[auth] redis: {0}")]
     AuthRedis(#[from] llm_proxy_auth::RedisLimitError),
+    /// The Redis cache store could not be set up.
+    #[error("[cache] redis: {0}")]
+    CacheRedis(#[from] llm_proxy_cache::StoreError),
     /// An in-process mock upstream could not start.
     #[error("upstream `{name}`: cannot start the mock: {source}")]
     Mock {
@@ -95,7 +99,8 @@ impl Proxy {
             cfg.first_byte_timeout = spec.first_byte_timeout;
             cfg.idle_timeout = spec.idle_timeout;
             cfg.extra_roots_pem = spec.extra_roots_pem.clone();
-            let mut backend = Backend::new(spec.name.as_str(), Upstream::new(cfg)?).with_weight(spec.weight);
+            let mut backend =
+                Backend::new(spec.name.as_str(), Upstream::new(cfg)?).with_weight(spec.weight);
             backend.models = spec.models.clone();
             backends.push(backend);
         }
@@ -109,12 +114,26 @@ impl Proxy {
         if let Some(auth) = &auth {
             metrics.add_source(auth_metrics(auth.clone()));
         }
+        let first_byte = settings
+            .upstreams
+            .iter()
+            .map(|u| u.first_byte_timeout)
+            .max();
+        let cache = match &settings.cache {
+            None => None,
+            Some(c) => Some(build_cache(c, first_byte.unwrap_or_default())?),
+        };
+        if let Some(cache) = &cache {
+            metrics.add_source(cache_metrics(cache.clone()));
+        }
+        metrics.add_source(store_metrics(auth.clone(), cache.clone()));
         // The stack below the HTTP face, outermost first.
         let stack = ServiceBuilder::new()
             .layer(ParseLayer::new(ParseLimits {
                 max_body_bytes: settings.max_body_bytes,
             }))
             .option_layer(auth.clone())
+            .option_layer(cache)
             .service(balance);
         let service = ProxyService::new(
             BoxCloneSyncService::new(stack),
@@ -151,7 +170,9 @@ impl Proxy {
 fn build_auth(spec: &AuthSpec) -> Result<AuthLayer, BuildError> {
     let backend = match &spec.backend {
         LimitStore::Memory => LimitBackend::local(),
-        LimitStore::Redis { url, key_prefix } => LimitBackend::redis(RedisLimits::new(url, key_prefix)?),
+        LimitStore::Redis { url, key_prefix } => {
+            LimitBackend::redis(RedisLimits::new(url, key_prefix)?)
+        }
     };
     Ok(AuthLayer::with_backend(spec.keys.clone(), backend))
 }
@@ -173,7 +194,10 @@ fn balance_metrics(handle: BalanceHandle<Upstream>) -> Source {
     Box::new(move || {
         let snapshot = handle.snapshot();
         let per = |f: &dyn Fn(&llm_proxy_balance::BackendStats) -> u64| {
-            snapshot.iter().map(|b| (vec![("upstream", b.name.to_string())], f(b))).collect()
+            snapshot
+                .iter()
+                .map(|b| (vec![("upstream", b.name.to_string())], f(b)))
+                .collect()
         };
         vec![
             Series {
@@ -211,11 +235,18 @@ fn auth_metrics(auth: AuthLayer) -> Source {
         let mut tokens = Vec::new();
         for key in auth.keys() {
             let name = key.name.to_string();
-            let n = key.stats.rate_limited.load(std::sync::atomic::Ordering::Relaxed);
+            let n = key
+                .stats
+                .rate_limited
+                .load(std::sync::atomic::Ordering::Relaxed);
             limited.push((vec![("key", name.clone())], n));
             for (model, input, output) in key.stats.tokens() {
                 for (kind, value) in [("input", input), ("output", output)] {
-                    let labels = vec![("key", name.clone()), ("model", model.to_string()), ("kind", kind.to_owned())];
+                    let labels = vec![
+                        ("key", name.clone()),
+                        ("model", model.to_string()),
+                        ("kind", kind.to_owned()),
+                    ];
                     tokens.push((labels, value));
                 }
             }
@@ -233,12 +264,86 @@ fn auth_metrics(auth: AuthLayer) -> Source {
                 counter: true,
                 samples: tokens,
             },
-            Series {
-                name: "store_errors",
-                help: "Failed calls to a shared store (Redis), by store",
-                counter: true,
-                samples: vec![(vec![("store", "auth".to_owned())], auth.store_errors())],
-            },
         ]
+    })
+}
+
+fn build_cache(
+    spec: &CacheSpec,
+    first_byte: std::time::Duration,
+) -> Result<CacheLayer, BuildError> {
+    let config = CacheConfig {
+        ttl: spec.ttl,
+        scope: spec.scope,
+        // A follower waits for its leader no longer than the leader may wait
+        // for its upstream's first byte.
+        max_wait: first_byte,
+        ..CacheConfig::default()
+    };
+    let store: Arc<dyn Store> = match &spec.store {
+        CacheStore::Memory {
+            max_entries,
+            max_bytes,
+        } => Arc::new(MemoryStore::new(*max_entries, *max_bytes)),
+        CacheStore::Redis { url, key_prefix } => Arc::new(RedisStore::lazy(url, key_prefix)?),
+    };
+    Ok(CacheLayer::with_shared_store(config, store))
+}
+
+/// The cache layer's counters, read at scrape time.
+fn cache_metrics(cache: CacheLayer) -> Source {
+    Box::new(move || {
+        let snap = cache.stats().snapshot();
+        let mut series = vec![Series {
+            name: "cache_events",
+            help: "Cache events: hit, miss, bypass, coalesced, store, not_stored, eviction, expiration",
+            counter: true,
+            samples: snap
+                .events()
+                .iter()
+                .map(|(e, n)| (vec![("event", (*e).to_owned())], *n))
+                .collect(),
+        }];
+        series.push(Series {
+            name: "cache_stored_bytes",
+            help: "Body bytes written to the cache store",
+            counter: true,
+            samples: vec![(vec![], snap.stored_bytes)],
+        });
+        if let (Some(entries), Some(bytes)) = (snap.entries, snap.bytes) {
+            series.push(Series {
+                name: "cache_entries",
+                help: "Entries held by the memory store",
+                counter: false,
+                samples: vec![(vec![], entries)],
+            });
+            series.push(Series {
+                name: "cache_bytes",
+                help: "Body bytes held by the memory store",
+                counter: false,
+                samples: vec![(vec![], bytes)],
+            });
+        }
+        series
+    })
+}
+
+/// Failed calls to shared stores, one family for every store.
+fn store_metrics(auth: Option<AuthLayer>, cache: Option<CacheLayer>) -> Source {
+    Box::new(move || {
+        let mut samples = Vec::new();
+        if let Some(auth) = &auth {
+            samples.push((vec![("store", "auth".to_owned())], auth.store_errors()));
+        }
+        if let Some(cache) = &cache {
+            let snap = cache.stats().snapshot();
+            samples.push((vec![("store", "cache".to_owned())], snap.store_errors));
+        }
+        vec![Series {
+            name: "store_errors",
+            help: "Failed calls to a store (Redis), by store",
+            counter: true,
+            samples,
+        }]
     })
 }

@@ -55,9 +55,9 @@ pub struct Config {
     /// How requests are spread over upstreams.
     #[serde(default)]
     pub balance: Option<BalanceSection>,
-    /// Not built yet: rejected when present.
+    /// The response cache.
     #[serde(default)]
-    pub cache: Option<Spanned<toml::Value>>,
+    pub cache: Option<CacheSection>,
     /// API keys and limits.
     #[serde(default)]
     pub auth: Option<AuthSection>,
@@ -115,6 +115,36 @@ pub struct PrefixSection {
     pub min_slack: Option<u32>,
     /// In-flight spread (max − min) above which prefix routing yields to least load.
     pub max_spread: Option<u32>,
+}
+
+/// `[cache]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Turn the cache layer on.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// `memory` or `redis`.
+    #[serde(default = "defaults::memory")]
+    pub backend: Spanned<String>,
+    /// Memory store: most entries kept.
+    #[serde(default = "defaults::max_entries")]
+    pub max_entries: usize,
+    /// Memory store: most body bytes kept.
+    #[serde(default = "defaults::max_bytes")]
+    pub max_bytes: usize,
+    /// How long an entry lives.
+    #[serde(default = "defaults::ttl_secs")]
+    pub ttl_secs: f64,
+    /// `per_key` or `shared`.
+    #[serde(default)]
+    pub scope: Option<Spanned<String>>,
+    /// Redis URL for `backend = "redis"`.
+    #[serde(default)]
+    pub redis_url: Option<Spanned<String>>,
+    /// Prefix of every Redis key.
+    #[serde(default)]
+    pub key_prefix: Option<String>,
 }
 
 /// `[auth]`.
@@ -249,6 +279,15 @@ mod defaults {
     pub fn idle_timeout_ms() -> u64 {
         60_000
     }
+    pub fn max_entries() -> usize {
+        10_000
+    }
+    pub fn max_bytes() -> usize {
+        268_435_456
+    }
+    pub fn ttl_secs() -> f64 {
+        3600.0
+    }
     pub fn weight() -> u32 {
         1
     }
@@ -326,6 +365,38 @@ pub struct Settings {
     pub auth: Option<AuthSpec>,
     /// The balancer's settings (defaults when `[balance]` is absent).
     pub balance: llm_proxy_balance::BalanceConfig,
+    /// The cache, when on.
+    pub cache: Option<CacheSpec>,
+}
+
+/// The cache layer's settings.
+#[derive(Debug, Clone)]
+pub struct CacheSpec {
+    /// Entry lifetime.
+    pub ttl: Duration,
+    /// Whose answers may serve whom.
+    pub scope: llm_proxy_cache::CacheScope,
+    /// Where entries live.
+    pub store: CacheStore,
+}
+
+/// Where cache entries live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStore {
+    /// In this process, bounded by entries and bytes.
+    Memory {
+        /// Most entries.
+        max_entries: usize,
+        /// Most body bytes.
+        max_bytes: usize,
+    },
+    /// In Redis, shared by every proxy using it.
+    Redis {
+        /// The Redis URL.
+        url: String,
+        /// Prefix of every key.
+        key_prefix: String,
+    },
 }
 
 /// The auth layer's settings.
@@ -389,16 +460,10 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         Some(a) if a.enabled => Some(validate_auth(path, src, a)?),
         _ => None,
     };
-    for (section, value) in [("cache", &cfg.cache)] {
-        if let Some(v) = value {
-            return Err(err(
-                v.span(),
-                format!(
-                    "section [{section}] is not available in this build yet (its layer is not built)"
-                ),
-            ));
-        }
-    }
+    let cache = match &cfg.cache {
+        Some(c) if c.enabled => Some(validate_cache(path, src, c)?),
+        _ => None,
+    };
     let listen = parse_addr(cfg.listen.get_ref())
         .map_err(|m| err(cfg.listen.span(), format!("`listen`: {m}")))?;
     let metrics_listen = match &cfg.metrics_listen {
@@ -534,6 +599,68 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         },
         upstreams,
         auth,
+        cache,
+    })
+}
+
+fn validate_cache(path: &Path, src: &str, c: &CacheSection) -> Result<CacheSpec, ConfigError> {
+    let err =
+        |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
+    let scope = match c.scope.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        None | Some(("per_key", _)) => llm_proxy_cache::CacheScope::PerKey,
+        Some(("shared", _)) => llm_proxy_cache::CacheScope::Shared,
+        Some((other, span)) => {
+            return Err(err(
+                span,
+                format!("[cache] scope `{other}`: expected \"per_key\" or \"shared\""),
+            ));
+        }
+    };
+    let store = match c.backend.get_ref().as_str() {
+        "memory" => {
+            if let Some(url) = &c.redis_url {
+                return Err(err(
+                    url.span(),
+                    "[cache] `redis_url` is set but backend is \"memory\"".into(),
+                ));
+            }
+            if c.max_entries == 0 || c.max_bytes == 0 {
+                return Err(err(
+                    c.backend.span(),
+                    "[cache] `max_entries` and `max_bytes` must be at least 1".into(),
+                ));
+            }
+            CacheStore::Memory {
+                max_entries: c.max_entries,
+                max_bytes: c.max_bytes,
+            }
+        }
+        "redis" => {
+            let url = c
+                .redis_url
+                .as_ref()
+                .map_or("redis://127.0.0.1:6379", |u| u.get_ref().as_str());
+            let span = c.redis_url.as_ref().map_or(c.backend.span(), |u| u.span());
+            check_redis_url(url).map_err(|m| err(span, format!("[cache] `redis_url`: {m}")))?;
+            CacheStore::Redis {
+                url: url.to_owned(),
+                key_prefix: c
+                    .key_prefix
+                    .clone()
+                    .unwrap_or_else(|| "llm-proxy:".to_owned()),
+            }
+        }
+        other => {
+            return Err(err(
+                c.backend.span(),
+                format!("[cache] backend `{other}`: expected \"memory\" or \"redis\""),
+            ));
+        }
+    };
+    Ok(CacheSpec {
+        ttl: duration_secs(path, "ttl_secs", c.ttl_secs)?,
+        scope,
+        store,
     })
 }
 
@@ -556,7 +683,11 @@ fn validate_balance(
             max_spread: p.and_then(|p| p.max_spread).unwrap_or(d.max_spread),
         }
     };
-    let strategy = match b.strategy.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+    let strategy = match b
+        .strategy
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span()))
+    {
         None | Some(("p2c_ewma", _)) => Strategy::P2cEwma,
         Some(("round_robin", _)) => Strategy::RoundRobin,
         Some(("weighted", _)) => Strategy::Weighted,
@@ -615,25 +746,38 @@ fn validate_balance(
 }
 
 fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, ConfigError> {
-    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
+    let err =
+        |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
     let backend = match a.backend.get_ref().as_str() {
         "memory" => {
             if let Some(url) = &a.redis_url {
-                return Err(err(url.span(), "[auth] `redis_url` is set but backend is \"memory\"".into()));
+                return Err(err(
+                    url.span(),
+                    "[auth] `redis_url` is set but backend is \"memory\"".into(),
+                ));
             }
             LimitStore::Memory
         }
         "redis" => {
-            let url = a.redis_url.as_ref().map_or("redis://127.0.0.1:6379", |u| u.get_ref().as_str());
+            let url = a
+                .redis_url
+                .as_ref()
+                .map_or("redis://127.0.0.1:6379", |u| u.get_ref().as_str());
             let span = a.redis_url.as_ref().map_or(a.backend.span(), |u| u.span());
             check_redis_url(url).map_err(|m| err(span, format!("[auth] `redis_url`: {m}")))?;
             LimitStore::Redis {
                 url: url.to_owned(),
-                key_prefix: a.key_prefix.clone().unwrap_or_else(|| "llm-proxy:".to_owned()),
+                key_prefix: a
+                    .key_prefix
+                    .clone()
+                    .unwrap_or_else(|| "llm-proxy:".to_owned()),
             }
         }
         other => {
-            return Err(err(a.backend.span(), format!("[auth] backend `{other}`: expected \"memory\" or \"redis\"")));
+            return Err(err(
+                a.backend.span(),
+                format!("[auth] backend `{other}`: expected \"memory\" or \"redis\""),
+            ));
         }
     };
     let mut names = HashSet::new();
@@ -642,30 +786,55 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
     for k in &a.keys {
         let name = k.name.get_ref().clone();
         if name.is_empty() || !names.insert(name.clone()) {
-            return Err(err(k.name.span(), format!("[[auth.keys]] name `{name}` must be unique and non-empty")));
+            return Err(err(
+                k.name.span(),
+                format!("[[auth.keys]] name `{name}` must be unique and non-empty"),
+            ));
         }
         let sha256 = match (&k.key, &k.key_sha256) {
             (Some(key), None) => {
                 let plain = resolve_secret(key.get_ref())
                     .map_err(|m| err(key.span(), format!("key `{name}`: `key`: {m}")))?;
                 if plain.is_empty() || !plain.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(err(key.span(), format!("key `{name}`: a key is non-empty printable ASCII without spaces")));
+                    return Err(err(
+                        key.span(),
+                        format!("key `{name}`: a key is non-empty printable ASCII without spaces"),
+                    ));
                 }
                 llm_proxy_auth::sha256(plain.as_bytes())
             }
-            (None, Some(hex)) => llm_proxy_auth::parse_sha256_hex(hex.get_ref()).ok_or_else(|| {
-                err(hex.span(), format!("key `{name}`: `key_sha256` must be 64 hex digits"))
-            })?,
+            (None, Some(hex)) => {
+                llm_proxy_auth::parse_sha256_hex(hex.get_ref()).ok_or_else(|| {
+                    err(
+                        hex.span(),
+                        format!("key `{name}`: `key_sha256` must be 64 hex digits"),
+                    )
+                })?
+            }
             _ => {
-                return Err(err(k.name.span(), format!("key `{name}`: give exactly one of `key` and `key_sha256`")));
+                return Err(err(
+                    k.name.span(),
+                    format!("key `{name}`: give exactly one of `key` and `key_sha256`"),
+                ));
             }
         };
         if !hashes.insert(sha256) {
-            return Err(err(k.name.span(), format!("key `{name}`: the same key is configured twice")));
+            return Err(err(
+                k.name.span(),
+                format!("key `{name}`: the same key is configured twice"),
+            ));
         }
-        for (what, value) in [("requests_per_minute", k.requests_per_minute), ("tokens_per_minute", k.tokens_per_minute)] {
+        for (what, value) in [
+            ("requests_per_minute", k.requests_per_minute),
+            ("tokens_per_minute", k.tokens_per_minute),
+        ] {
             if value == Some(0) {
-                return Err(err(k.name.span(), format!("key `{name}`: `{what}` must be at least 1 (leave it out for no limit)")));
+                return Err(err(
+                    k.name.span(),
+                    format!(
+                        "key `{name}`: `{what}` must be at least 1 (leave it out for no limit)"
+                    ),
+                ));
             }
         }
         keys.push(llm_proxy_auth::KeySpec {
@@ -682,7 +851,9 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
 
 /// A Redis URL the client accepts: `redis://`, `rediss://`, `redis+unix://`.
 pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
-    redis::Client::open(url).map(|_| ()).map_err(|e| format!("`{url}`: {e}"))
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| format!("`{url}`: {e}"))
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -752,11 +923,15 @@ mod tests {
         assert_eq!(e, "t.toml:5: duplicate upstream name `a`");
         let e = load("[[upstream]]\nname = \"a\"\nurl = \"ftp://h/v1\"\n").unwrap_err();
         assert!(e.starts_with("t.toml:3: upstream `a`: bad url"), "{e}");
-        let e = load(&format!("{MIN}[cache]\nenabled = true\n")).unwrap_err();
+        let e = load(&format!("{MIN}websocket = true\n")).unwrap_err();
         assert!(
-            e.contains("[cache] is not available in this build yet"),
+            e.contains("`websocket` is not available in this build yet"),
             "{e}"
         );
+        let e = load(&format!("{MIN}[cache]\nscope = \"everyone\"\n")).unwrap_err();
+        assert!(e.starts_with("t.toml:5: [cache] scope `everyone`"), "{e}");
+        let e = load(&format!("{MIN}[balance]\neject_secs = -1\n")).unwrap_err();
+        assert!(e.contains("`eject_secs` must be a non-negative number"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
     }
 

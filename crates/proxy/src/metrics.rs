@@ -9,15 +9,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::{Body, BoxError};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// A shared name as a label value, without copying it per request.
@@ -85,7 +85,11 @@ impl Collector for Scraped {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let sources = self.0.read().unwrap_or_else(|p| p.into_inner());
         for series in sources.iter().flat_map(|source| source()) {
-            let kind = if series.counter { MetricType::Counter } else { MetricType::Gauge };
+            let kind = if series.counter {
+                MetricType::Counter
+            } else {
+                MetricType::Gauge
+            };
             let mut family = encoder.encode_descriptor(series.name, series.help, None, kind)?;
             for (labels, value) in &series.samples {
                 let metric = family.encode_family(labels)?;
@@ -147,7 +151,10 @@ impl Metrics {
 
     /// Add a layer's counters, read at each scrape.
     pub fn add_source(&self, source: Source) {
-        self.sources.write().unwrap_or_else(|p| p.into_inner()).push(source);
+        self.sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(source);
     }
 
     /// The Prometheus text exposition.

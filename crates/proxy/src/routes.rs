@@ -261,7 +261,11 @@ fn models_for<B>(shared: &Shared, req: &Request<B>) -> Result<Bytes, Error> {
         return Ok(shared.models_json.clone());
     };
     let key = auth.authenticate(req.headers())?;
-    let allowed: Vec<&String> = shared.models.iter().filter(|m| key.allows_model(m)).collect();
+    let allowed: Vec<&String> = shared
+        .models
+        .iter()
+        .filter(|m| key.allows_model(m))
+        .collect();
     Ok(models_json(&allowed))
 }
 
@@ -303,7 +307,11 @@ where
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             shared.metrics.encode(),
         )),
-        Route::Api(Endpoint::Models) => Ok(text(StatusCode::OK, "application/json", models_for(shared, &req)?)),
+        Route::Api(Endpoint::Models) => Ok(text(
+            StatusCode::OK,
+            "application/json",
+            models_for(shared, &req)?,
+        )),
         Route::Api(_) => {
             let (mut parts, body) = req.into_parts();
             parts.headers.insert(REQUEST_ID, request_id.clone());

@@ -102,7 +102,11 @@ impl StreamWatch {
             let Ok(typed) = serde_json::from_str::<Typed<'_>>(&event.data) else {
                 return Err("the upstream sent an SSE event whose data is not JSON".into());
             };
-            let name = event.event.as_deref().or(typed.kind.as_deref()).unwrap_or("");
+            let name = event
+                .event
+                .as_deref()
+                .or(typed.kind.as_deref())
+                .unwrap_or("");
             // The dialect's own last event, or the upstream's own error event:
             // either is a clean end of the stream.
             self.done |= match self.kind {
@@ -153,7 +157,9 @@ impl HttpBody for UpstreamBody {
             Poll::Ready(None) => match this.watch.as_ref() {
                 Some(watch) if !watch.done => Err(match watch.kind {
                     StreamKind::Chat => "the upstream ended the stream without [DONE]",
-                    StreamKind::Responses => "the upstream ended the stream before response.completed",
+                    StreamKind::Responses => {
+                        "the upstream ended the stream before response.completed"
+                    }
                     StreamKind::Messages => "the upstream ended the stream before message_stop",
                 }
                 .to_owned()),

@@ -236,10 +236,10 @@ impl Upstream {
         let (mut parts, incoming) = resp.into_parts();
         headers::strip_response(&mut parts.headers);
         let is_sse = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         let watch = endpoint.stream_kind().filter(|_| is_sse);
         if watch.is_some() {
             // A watched stream may gain a final error event: its length is not

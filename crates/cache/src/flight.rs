@@ -1,0 +1,393 @@
+//! Single flight: concurrent identical requests share one upstream call.
+//!
+//! The first request for a key leads a [`Flight`]; later ones follow it. The
+//! leader appends the frames of its answer to the flight's buffer as they
+//! pass to its own client; followers read the buffer from the start and wait
+//! for more (their wakers are woken on every append), so they receive the
+//! leader's chunks live, none lost.
+//!
+//! A leader that fails before its response head (an error, a non-`200`, its
+//! client gone) fails the flight with a retry: each follower starts over, and
+//! the first to find no flight leads the next one. A flight that fails after
+//! the head hands its followers the same bytes the leader's client got, then
+//! the error. A leader whose client leaves mid-stream while followers read
+//! hands the upstream body over to a task that keeps reading it for them
+//! (see [`CacheBody`](crate::CacheBody)).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use crate::CacheKey;
+
+const SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<CacheKey, Arc<Flight>>>;
+
+/// The flights in progress, by key.
+#[derive(Debug)]
+pub(crate) struct Flights {
+    shards: Box<[Shard]>,
+}
+
+/// What [`Flights::join`] made of a request.
+pub(crate) enum Joined {
+    /// No flight for the key: this request leads a new one.
+    Lead(Leader),
+    /// A flight is in progress: this request follows it.
+    Follow(Follower),
+}
+
+/// How a flight's answer starts.
+#[derive(Clone, Debug)]
+pub(crate) struct Head {
+    pub content_type: Option<HeaderValue>,
+    /// For an answer from the store, when it was stored; `None` for a live
+    /// answer (age 0).
+    pub stored_at_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Flight {
+    key: CacheKey,
+    state: Mutex<State>,
+    /// Followers that still wait or read; changed under the map's lock.
+    followers: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    head: Option<Head>,
+    frames: Vec<Bytes>,
+    /// Frames are no longer kept (too large to store, and nobody follows).
+    dropped_frames: bool,
+    end: Option<End>,
+    wakers: Vec<Waker>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    Complete,
+    Failed,
+}
+
+/// Why a follower did not get an answer from the flight it followed.
+#[derive(Debug)]
+pub(crate) struct Retry;
+
+impl Flights {
+    pub fn new() -> Self {
+        Flights {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, HashMap<CacheKey, Arc<Flight>>> {
+        let index = (key.shard_hash() % SHARDS as u64) as usize;
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Follow the flight for `key`, or lead a new one.
+    pub fn join(self: &Arc<Self>, key: CacheKey) -> Joined {
+        let mut map = self.shard(&key);
+        if let Some(flight) = map.get(&key) {
+            flight.followers.fetch_add(1, Ordering::SeqCst);
+            return Joined::Follow(Follower {
+                flight: flight.clone(),
+            });
+        }
+        let flight = Arc::new(Flight::new(key));
+        map.insert(key, flight.clone());
+        Joined::Lead(Leader {
+            flight,
+            flights: Some(self.clone()),
+            finished: false,
+        })
+    }
+
+    fn remove(&self, flight: &Arc<Flight>) {
+        let mut map = self.shard(&flight.key);
+        if map.get(&flight.key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(&flight.key);
+        }
+    }
+
+    /// Whether `flight` has followers; if not, it is removed from the map in
+    /// the same step, so that none can join it afterwards.
+    fn retire_unless_followed(&self, flight: &Arc<Flight>) -> bool {
+        let mut map = self.shard(&flight.key);
+        if flight.followers.load(Ordering::SeqCst) > 0 {
+            return true;
+        }
+        if map.get(&flight.key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(&flight.key);
+        }
+        false
+    }
+}
+
+impl Flight {
+    fn new(key: CacheKey) -> Self {
+        Flight {
+            key,
+            state: Mutex::default(),
+            followers: AtomicUsize::new(0),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Change the state, then wake every waiting follower (outside the lock).
+    fn update(&self, change: impl FnOnce(&mut State)) {
+        let wakers = {
+            let mut state = self.state();
+            change(&mut state);
+            std::mem::take(&mut state.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    fn wait(state: &mut State, cx: &Context<'_>) {
+        if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            state.wakers.push(cx.waker().clone());
+        }
+    }
+}
+
+/// The leading request's hold on its flight. Dropped before it finished
+/// (the request's future or body went away): the flight fails and its
+/// followers retry.
+#[derive(Debug)]
+pub(crate) struct Leader {
+    flight: Arc<Flight>,
+    /// `None` for a flight nobody can join (a `no-cache` request, or a
+    /// follower that stopped waiting).
+    flights: Option<Arc<Flights>>,
+    finished: bool,
+}
+
+impl Leader {
+    /// A flight of its own, that no other request follows.
+    pub fn detached(key: CacheKey) -> Self {
+        Leader {
+            flight: Arc::new(Flight::new(key)),
+            flights: None,
+            finished: false,
+        }
+    }
+
+    /// The answer came from the store: hand it to the followers (if any;
+    /// `answer` is only called then) and end the flight.
+    pub fn serve(mut self, answer: impl FnOnce() -> (Head, Vec<Bytes>)) {
+        self.finished = true;
+        if self.retire_unless_followed() {
+            self.retire();
+            let (head, frames) = answer();
+            self.flight.update(|state| {
+                state.head = Some(head);
+                state.frames = frames;
+                state.end = Some(End::Complete);
+            });
+        }
+    }
+
+    /// The response head arrived: followers may answer their clients now.
+    pub fn start(&self, head: Head) {
+        self.flight.update(|state| state.head = Some(head));
+    }
+
+    /// A frame of the answer, for the followers and the store.
+    pub fn push(&self, frame: &Bytes) {
+        self.flight.update(|state| {
+            if !state.dropped_frames {
+                state.frames.push(frame.clone());
+            }
+        });
+    }
+
+    /// Stop keeping frames if nobody follows; `false` if someone does.
+    pub fn drop_frames_unless_followed(&self) -> bool {
+        if self.retire_unless_followed() {
+            return false;
+        }
+        let mut state = self.flight.state();
+        state.dropped_frames = true;
+        state.frames = Vec::new();
+        true
+    }
+
+    /// The answer ended cleanly: the frames, unless they were dropped.
+    pub fn complete(&mut self) -> Option<Vec<Bytes>> {
+        self.finished = true;
+        let mut frames = None;
+        self.flight.update(|state| {
+            state.end = Some(End::Complete);
+            if !state.dropped_frames {
+                frames = Some(state.frames.clone());
+            }
+        });
+        frames
+    }
+
+    /// The answer failed, or will not be finished.
+    pub fn fail(&mut self) {
+        self.finished = true;
+        self.retire();
+        self.flight.update(|state| state.end = Some(End::Failed));
+    }
+
+    /// Whether followers read this flight (if not, it is retired at once).
+    pub fn retire_unless_followed(&self) -> bool {
+        self.flights
+            .as_ref()
+            .is_some_and(|flights| flights.retire_unless_followed(&self.flight))
+    }
+
+    /// No new follower may join from now on.
+    pub fn retire(&self) {
+        if let Some(flights) = &self.flights {
+            flights.remove(&self.flight);
+        }
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.fail();
+        }
+    }
+}
+
+/// A request following a flight; counted among its followers while it lives.
+#[derive(Debug)]
+pub(crate) struct Follower {
+    flight: Arc<Flight>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.flight.followers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Follower {
+    /// Wait for the response head; `Retry` when the flight failed before it.
+    pub fn poll_head(&self, cx: &mut Context<'_>) -> Poll<Result<Head, Retry>> {
+        let mut state = self.flight.state();
+        if let Some(head) = &state.head {
+            return Poll::Ready(Ok(head.clone()));
+        }
+        if state.end.is_some() {
+            return Poll::Ready(Err(Retry));
+        }
+        Flight::wait(&mut state, cx);
+        Poll::Pending
+    }
+
+    /// The frame at `index`, or the end, or `Pending` (the waker is kept).
+    pub fn poll_frame(
+        &self,
+        index: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, End>>> {
+        let mut state = self.flight.state();
+        if let Some(frame) = state.frames.get(index) {
+            return Poll::Ready(Some(Ok(frame.clone())));
+        }
+        match state.end {
+            Some(End::Complete) if !state.dropped_frames => Poll::Ready(None),
+            Some(_) => Poll::Ready(Some(Err(End::Failed))),
+            None if state.dropped_frames => Poll::Ready(Some(Err(End::Failed))),
+            None => {
+                Flight::wait(&mut state, cx);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+
+    fn key() -> CacheKey {
+        CacheKey::from_bytes([3; 32])
+    }
+
+    fn live() -> Head {
+        Head {
+            content_type: None,
+            stored_at_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn followers_read_live_frames_then_the_end() {
+        let flights = Arc::new(Flights::new());
+        let Joined::Lead(mut leader) = flights.join(key()) else {
+            panic!("first leads")
+        };
+        let Joined::Follow(follower) = flights.join(key()) else {
+            panic!("second follows")
+        };
+        leader.start(live());
+        poll_fn(|cx| follower.poll_head(cx)).await.unwrap();
+        leader.push(&Bytes::from_static(b"a"));
+        let first = poll_fn(|cx| follower.poll_frame(0, cx)).await;
+        assert_eq!(first.unwrap().unwrap(), "a");
+        let waiting = tokio::spawn(async move {
+            let next = poll_fn(|cx| follower.poll_frame(1, cx)).await;
+            let end = poll_fn(|cx| follower.poll_frame(2, cx)).await;
+            (next.unwrap().unwrap(), end.is_none())
+        });
+        tokio::task::yield_now().await;
+        leader.push(&Bytes::from_static(b"b"));
+        assert_eq!(leader.complete().unwrap().len(), 2);
+        assert_eq!(waiting.await.unwrap(), (Bytes::from_static(b"b"), true));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_makes_followers_retry_and_leaves_the_map() {
+        let flights = Arc::new(Flights::new());
+        let Joined::Lead(leader) = flights.join(key()) else {
+            panic!()
+        };
+        let Joined::Follow(follower) = flights.join(key()) else {
+            panic!()
+        };
+        drop(leader);
+        assert!(poll_fn(|cx| follower.poll_head(cx)).await.is_err());
+        assert!(matches!(flights.join(key()), Joined::Lead(_)));
+    }
+
+    #[test]
+    fn unfollowed_flights_retire_and_drop_their_frames() {
+        let flights = Arc::new(Flights::new());
+        let Joined::Lead(mut leader) = flights.join(key()) else {
+            panic!()
+        };
+        let Joined::Follow(follower) = flights.join(key()) else {
+            panic!()
+        };
+        assert!(!leader.drop_frames_unless_followed());
+        drop(follower);
+        leader.push(&Bytes::from_static(b"a"));
+        assert!(leader.drop_frames_unless_followed());
+        // Retired: the next request leads a flight of its own.
+        assert!(matches!(flights.join(key()), Joined::Lead(_)));
+        assert_eq!(leader.complete(), None);
+    }
+}

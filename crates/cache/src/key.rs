@@ -1,0 +1,384 @@
+//! Cache keys: a blake3 hash of the endpoint, the scope and the canonical
+//! request body minus [`EXCLUDED_FIELDS`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use llm_proxy_core::canonical::write_canonical_map_without;
+use llm_proxy_core::{Endpoint, RequestMeta};
+use serde_json::{Map, Value};
+
+use crate::CacheScope;
+
+/// Top-level body fields left out of the key because they do not change the
+/// answer (docs/caching.md justifies each one):
+///
+/// - `user`, `safety_identifier`: end-user ids for the provider's abuse
+///   monitoring;
+/// - `prompt_cache_key`: a routing hint for the provider's prompt cache;
+/// - `stream_options`: only decides whether the usage chunk is sent, which
+///   the cache decides per client at replay.
+///
+/// `stream` is part of the key: a streamed entry holds SSE frames, a plain
+/// one a JSON body.
+pub const EXCLUDED_FIELDS: &[&str] = &[
+    "prompt_cache_key",
+    "safety_identifier",
+    "stream_options",
+    "user",
+];
+
+/// Changes whenever what goes into a key or an entry changes meaning, so that
+/// entries of an older proxy in a shared Redis are never served.
+const KEY_VERSION: &[u8] = b"llm-proxy-cache/key/v1\0";
+
+/// Whose entries a request reads and writes, as it goes into the key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum KeyScope {
+    /// Shared by every caller ([`CacheScope::Shared`]).
+    Shared,
+    /// The name the auth layer gave the caller's key.
+    Identity(Arc<str>),
+    /// The blake3 hash of the credential the client presented.
+    Credential([u8; 32]),
+    /// No credential and no identity.
+    Anonymous,
+}
+
+impl KeyScope {
+    /// The scope of a request: for [`CacheScope::PerKey`], the auth layer's
+    /// identity when set, else a hash of the `authorization` header (trimmed),
+    /// else of `x-api-key`, else anonymous.
+    pub fn of_request(meta: &RequestMeta, headers: &HeaderMap, scope: CacheScope) -> KeyScope {
+        if scope == CacheScope::Shared {
+            return KeyScope::Shared;
+        }
+        if let Some(identity) = meta.identity() {
+            return KeyScope::Identity(identity.name.clone());
+        }
+        let credential = ["authorization", "x-api-key"]
+            .iter()
+            .filter_map(|name| headers.get(*name))
+            .map(|value| value.as_bytes().trim_ascii())
+            .find(|value| !value.is_empty());
+        match credential {
+            Some(credential) => KeyScope::Credential(*blake3::hash(credential).as_bytes()),
+            None => KeyScope::Anonymous,
+        }
+    }
+
+    fn hash_into(&self, hasher: &mut blake3::Hasher) {
+        match self {
+            KeyScope::Shared => hasher.update(b"S"),
+            KeyScope::Anonymous => hasher.update(b"A"),
+            KeyScope::Credential(hash) => hasher.update(b"C").update(hash),
+            KeyScope::Identity(name) => hasher
+                .update(b"I")
+                .update(&(name.len() as u64).to_le_bytes())
+                .update(name.as_bytes()),
+        };
+    }
+}
+
+/// The key of one cache entry: 32 bytes of blake3.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// The key of a request to `endpoint` in `scope` with this JSON body.
+    ///
+    /// ```
+    /// use llm_proxy_cache::{CacheKey, KeyScope};
+    /// use llm_proxy_core::Endpoint;
+    ///
+    /// let a = serde_json::json!({"model": "m", "messages": [], "user": "alice"});
+    /// let b = serde_json::json!({"messages": [], "model": "m", "user": "bob"});
+    /// let key = |v: &serde_json::Value| {
+    ///     CacheKey::new(Endpoint::ChatCompletions, &KeyScope::Shared, v.as_object().unwrap())
+    /// };
+    /// assert_eq!(key(&a), key(&b));
+    /// ```
+    pub fn new(endpoint: Endpoint, scope: &KeyScope, body: &Map<String, Value>) -> CacheKey {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(KEY_VERSION);
+        hasher.update(endpoint.as_str().as_bytes()).update(b"\0");
+        scope.hash_into(&mut hasher);
+        let mut canonical = Vec::with_capacity(1024);
+        write_canonical_map_without(body, EXCLUDED_FIELDS, &mut canonical);
+        hasher.update(&canonical);
+        CacheKey(*hasher.finalize().as_bytes())
+    }
+
+    /// The key of a request whose body the parse layer buffered, or `None`
+    /// when it did not.
+    pub fn for_request(meta: &RequestMeta, headers: &HeaderMap, scope: CacheScope) -> Option<Self> {
+        let body = meta.json()?;
+        let scope = KeyScope::of_request(meta, headers, scope);
+        Some(CacheKey::new(meta.endpoint(), &scope, body))
+    }
+
+    /// A key from its bytes, as [`CacheKey::as_bytes`] gave them.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        CacheKey(bytes)
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The key in lowercase hex (64 characters), as stores name entries.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// A well-mixed number from the key, to pick a shard.
+    pub(crate) fn shard_hash(&self) -> u64 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({})", &self.to_hex()[..16])
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use llm_proxy_core::Identity;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn meta(body: &str) -> RequestMeta {
+        let json = serde_json::from_str(body).unwrap();
+        RequestMeta::parsed(
+            Endpoint::ChatCompletions,
+            Bytes::from(body.to_owned()),
+            json,
+        )
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn excluded_fields_are_sorted_and_top_level_only() {
+        assert!(EXCLUDED_FIELDS.is_sorted());
+        let m = meta(r#"{"model":"m","messages":[{"role":"user","content":"hi","user":"x"}]}"#);
+        let n = meta(r#"{"model":"m","messages":[{"role":"user","content":"hi","user":"y"}]}"#);
+        let key = |m: &RequestMeta| CacheKey::for_request(m, &HeaderMap::new(), CacheScope::Shared);
+        assert_ne!(key(&m), key(&n));
+    }
+
+    #[test]
+    fn endpoint_and_stream_are_part_of_the_key() {
+        let body = json!({"model": "m", "input": "x"});
+        let map = body.as_object().unwrap();
+        let chat = CacheKey::new(Endpoint::ChatCompletions, &KeyScope::Shared, map);
+        let emb = CacheKey::new(Endpoint::Embeddings, &KeyScope::Shared, map);
+        assert_ne!(chat, emb);
+        let streamed = json!({"model": "m", "input": "x", "stream": true});
+        let streamed = CacheKey::new(
+            Endpoint::Embeddings,
+            &KeyScope::Shared,
+            streamed.as_object().unwrap(),
+        );
+        assert_ne!(emb, streamed);
+    }
+
+    #[test]
+    fn per_key_scope_follows_identity_then_credential() {
+        let m = meta(r#"{"model":"m"}"#);
+        let per_key = |h: &HeaderMap| KeyScope::of_request(&m, h, CacheScope::PerKey);
+        let bearer_a = per_key(&headers(&[("authorization", "Bearer a")]));
+        assert_eq!(
+            bearer_a,
+            per_key(&headers(&[("authorization", "  Bearer a \t")]))
+        );
+        assert_ne!(
+            bearer_a,
+            per_key(&headers(&[("authorization", "Bearer b")]))
+        );
+        // The credential counts, not the header that carried it.
+        assert_eq!(bearer_a, per_key(&headers(&[("x-api-key", "Bearer a")])));
+        assert_eq!(per_key(&HeaderMap::new()), KeyScope::Anonymous);
+        assert_eq!(
+            per_key(&headers(&[("authorization", " ")])),
+            KeyScope::Anonymous
+        );
+        let both = headers(&[("authorization", "Bearer a"), ("x-api-key", "k")]);
+        assert_eq!(per_key(&both), bearer_a);
+
+        let mut with_identity = m.clone();
+        with_identity.set_identity(Identity {
+            name: Arc::from("team-a"),
+        });
+        assert_eq!(
+            KeyScope::of_request(&with_identity, &both, CacheScope::PerKey),
+            KeyScope::Identity(Arc::from("team-a"))
+        );
+        assert_eq!(
+            KeyScope::of_request(&with_identity, &both, CacheScope::Shared),
+            KeyScope::Shared
+        );
+    }
+
+    #[test]
+    fn scopes_do_not_collide() {
+        let body = json!({"model": "m"});
+        let map = body.as_object().unwrap();
+        let scopes = [
+            KeyScope::Shared,
+            KeyScope::Anonymous,
+            KeyScope::Identity(Arc::from("a")),
+            KeyScope::Identity(Arc::from("b")),
+            KeyScope::Credential([0; 32]),
+            KeyScope::Credential([1; 32]),
+        ];
+        let keys: std::collections::HashSet<_> = scopes
+            .iter()
+            .map(|s| CacheKey::new(Endpoint::Completions, s, map))
+            .collect();
+        assert_eq!(keys.len(), scopes.len());
+    }
+
+    #[test]
+    fn hex_and_debug() {
+        let key = CacheKey::from_bytes([0xab; 32]);
+        assert_eq!(key.to_hex(), "ab".repeat(32));
+        assert_eq!(format!("{key:?}"), format!("CacheKey({})", "ab".repeat(8)));
+        assert_eq!(CacheKey::from_bytes(*key.as_bytes()), key);
+    }
+
+    fn json_strategy() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z \\n\"é]{0,10}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 32, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z]{1,6}", inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A request body: a model plus random fields, none of them excluded.
+    fn body_strategy() -> impl Strategy<Value = Map<String, Value>> {
+        proptest::collection::btree_map("[a-z]{1,8}", json_strategy(), 0..6).prop_map(|m| {
+            let mut map: Map<String, Value> = m
+                .into_iter()
+                .filter(|(k, _)| !EXCLUDED_FIELDS.contains(&k.as_str()))
+                .collect();
+            map.insert("model".into(), json!("m"));
+            map
+        })
+    }
+
+    /// Writes `value` with every object's keys reversed and whitespace between
+    /// tokens.
+    fn scrambled(value: &Value) -> String {
+        match value {
+            Value::Object(map) => {
+                let fields: Vec<String> = map
+                    .iter()
+                    .rev()
+                    .map(|(k, v)| {
+                        format!(
+                            "\n {} :\t{} ",
+                            serde_json::to_string(k).unwrap(),
+                            scrambled(v)
+                        )
+                    })
+                    .collect();
+                format!("{{ {} }}", fields.join(" , "))
+            }
+            Value::Array(items) => {
+                let items: Vec<String> = items.iter().map(scrambled).collect();
+                format!("[ {} ]", items.join(" ,\r\n"))
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// Changes one leaf value somewhere in `value`, chosen by `pick`.
+    fn mutate(value: &mut Value, pick: usize) -> bool {
+        match value {
+            Value::Object(map) if map.is_empty() => {
+                map.insert("k".into(), Value::Null);
+                true
+            }
+            Value::Array(items) if items.is_empty() => {
+                items.push(Value::Null);
+                true
+            }
+            Value::Object(map) => {
+                let n = map.len();
+                map.values_mut()
+                    .nth(pick % n)
+                    .is_some_and(|v| mutate(v, pick / n))
+            }
+            Value::Array(items) => {
+                let n = items.len();
+                items.get_mut(pick % n).is_some_and(|v| mutate(v, pick / n))
+            }
+            Value::Null => {
+                *value = json!(0);
+                true
+            }
+            Value::Bool(b) => {
+                *b = !*b;
+                true
+            }
+            Value::Number(n) => {
+                *value = json!(n.as_i64().map_or(0, |i| i.wrapping_add(1)));
+                true
+            }
+            Value::String(s) => {
+                s.push('x');
+                true
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn key_ignores_key_order_and_whitespace(body in body_strategy()) {
+            let value = Value::Object(body.clone());
+            let reparsed: Map<String, Value> = serde_json::from_str(&scrambled(&value)).unwrap();
+            let pretty: Map<String, Value> =
+                serde_json::from_str(&serde_json::to_string_pretty(&value).unwrap()).unwrap();
+            let key = |m: &Map<String, Value>| CacheKey::new(Endpoint::ChatCompletions, &KeyScope::Shared, m);
+            prop_assert_eq!(key(&reparsed), key(&body));
+            prop_assert_eq!(key(&pretty), key(&body));
+        }
+
+        #[test]
+        fn key_changes_with_any_value(body in body_strategy(), pick in any::<usize>(), user in "[a-z]{0,5}") {
+            let key = |m: &Map<String, Value>| CacheKey::new(Endpoint::ChatCompletions, &KeyScope::Shared, m);
+            let mut changed = Value::Object(body.clone());
+            prop_assert!(mutate(&mut changed, pick));
+            let Value::Object(changed) = changed else { unreachable!() };
+            prop_assert_ne!(key(&changed), key(&body));
+            // ... but never with an excluded field.
+            let mut with_user = body.clone();
+            with_user.insert("user".into(), json!(user));
+            with_user.insert("stream_options".into(), json!({"include_usage": true}));
+            prop_assert_eq!(key(&with_user), key(&body));
+        }
+    }
+}

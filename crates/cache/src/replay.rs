@@ -1,0 +1,196 @@
+//! Answers from the cache: stored entries and coalesced flights, as
+//! responses with `x-llm-proxy-cache` and `age`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use llm_proxy_core::{Body, BoxError, UsageFilter, full};
+
+use crate::flight::{Follower, Head};
+use crate::{Entry, EntryBody, UsageChunk};
+
+/// The response header that says how the cache treated a request.
+pub const CACHE_HEADER: &str = "x-llm-proxy-cache";
+
+/// How the cache treated a request: the value of [`CACHE_HEADER`], also put
+/// into the response's extensions for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheStatus {
+    /// Answered from a stored entry, or by an identical request in flight.
+    Hit,
+    /// Looked up, not found: answered by the upstream.
+    Miss,
+    /// Not looked up: `no-cache`, `no-store`, or a request the cache does
+    /// not serve.
+    Bypass,
+}
+
+impl CacheStatus {
+    /// `hit`, `miss` or `bypass`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+/// Mark `response` with `status` (header and extension).
+pub(crate) fn mark(response: &mut Response<Body>, status: CacheStatus) {
+    response
+        .headers_mut()
+        .insert(CACHE_HEADER, HeaderValue::from_static(status.as_str()));
+    response.extensions_mut().insert(status);
+}
+
+/// A hit: `200`, the stored content type, `age`, and the stored body (a
+/// stream replayed frame by frame, without its usage chunk unless asked).
+pub(crate) fn from_entry(entry: &Entry, wants_usage: bool, age_secs: u64) -> Response<Body> {
+    let (body, default_type) = match &entry.body {
+        EntryBody::Json(bytes) => (full(bytes.clone()), "application/json"),
+        EntryBody::Stream { frames, usage } => {
+            let body = match (usage, wants_usage) {
+                (UsageChunk::Frame(index), false) => {
+                    Replay::new(frames.clone(), Some(*index as usize)).boxed_unsync()
+                }
+                (UsageChunk::Inside, false) => {
+                    UsageFilter::new(Replay::new(frames.clone(), None)).boxed_unsync()
+                }
+                _ => Replay::new(frames.clone(), None).boxed_unsync(),
+            };
+            (body, "text/event-stream")
+        }
+    };
+    let content_type = entry
+        .content_type
+        .clone()
+        .and_then(|ct| HeaderValue::from_maybe_shared(ct).ok())
+        .unwrap_or(HeaderValue::from_static(default_type));
+    hit(body, Some(content_type), age_secs)
+}
+
+/// A coalesced request's answer: the leader's frames as they arrive.
+pub(crate) fn from_flight(
+    follower: Follower,
+    head: &Head,
+    filter_usage: bool,
+    age_secs: u64,
+) -> Response<Body> {
+    let body = FlightBody {
+        follower,
+        next: 0,
+        ended: false,
+    };
+    let body = if filter_usage {
+        UsageFilter::new(body).boxed_unsync()
+    } else {
+        body.boxed_unsync()
+    };
+    hit(body, head.content_type.clone(), age_secs)
+}
+
+fn hit(body: Body, content_type: Option<HeaderValue>, age_secs: u64) -> Response<Body> {
+    let mut response = Response::new(body);
+    if let Some(content_type) = content_type {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, content_type);
+    }
+    response
+        .headers_mut()
+        .insert(header::AGE, HeaderValue::from(age_secs));
+    mark(&mut response, CacheStatus::Hit);
+    response
+}
+
+/// Stored frames, one per poll, with their original boundaries.
+struct Replay {
+    frames: Arc<[Bytes]>,
+    next: usize,
+    skip: Option<usize>,
+}
+
+impl Replay {
+    fn new(frames: Arc<[Bytes]>, skip: Option<usize>) -> Self {
+        Replay {
+            frames,
+            next: 0,
+            skip,
+        }
+    }
+}
+
+impl HttpBody for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.skip == Some(self.next) {
+            self.next += 1;
+        }
+        let frame = self.frames.get(self.next).cloned();
+        self.next += 1;
+        Poll::Ready(frame.map(|frame| Ok(Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let skip_last = self.skip == Some(self.next);
+        self.next + usize::from(skip_last) >= self.frames.len()
+    }
+}
+
+/// A flight's frames, read live as the leader appends them.
+struct FlightBody {
+    follower: Follower,
+    next: usize,
+    ended: bool,
+}
+
+impl HttpBody for FlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.follower.poll_frame(self.next, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                self.next += 1;
+                Poll::Ready(Some(Ok(Frame::data(frame))))
+            }
+            Poll::Ready(Some(Err(_))) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(
+                    "the answer of the identical request this one was coalesced with broke off"
+                        .into(),
+                )))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}

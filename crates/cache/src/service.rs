@@ -1,0 +1,342 @@
+//! [`Cache`]: the service that answers from the store, coalesces identical
+//! requests in flight, and tees misses into the store.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response, StatusCode, header};
+use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, UsageFilter, empty};
+use serde_json::{Map, Value};
+use tower::ServiceExt;
+use tower_service::Service;
+
+use crate::body::{CacheBody, Tee, Watch};
+use crate::flight::{Flights, Head, Joined, Leader};
+use crate::replay::{self, CacheStatus};
+use crate::stats::Counters;
+use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store};
+
+/// What every clone of a [`Cache`] shares.
+pub(crate) struct Shared {
+    pub config: CacheConfig,
+    pub store: Arc<dyn Store>,
+    pub counters: Arc<Counters>,
+    pub flights: Arc<Flights>,
+}
+
+/// The cache service of [`CacheLayer`](crate::CacheLayer) around `S`.
+#[derive(Clone)]
+pub struct Cache<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for Cache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("config", &self.shared.config)
+            .field("store", &self.shared.store.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Cache<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Cache { inner, shared }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+
+/// What the cache will do with one request it serves.
+struct Plan {
+    key: CacheKey,
+    control: CacheControl,
+    /// A chat or completions stream: stored as SSE frames.
+    sse: bool,
+    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    wants_usage: bool,
+}
+
+impl Plan {
+    /// `None` for a request the cache does not serve.
+    fn of(req: &Request<Body>, config: &CacheConfig) -> Option<Plan> {
+        let meta = req.extensions().get::<RequestMeta>()?;
+        let endpoint = meta.endpoint();
+        if !matches!(
+            endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+        ) {
+            return None;
+        }
+        let json = meta.json()?;
+        Some(Plan {
+            key: CacheKey::for_request(meta, req.headers(), config.scope)?,
+            control: CacheControl::from_headers(req.headers()),
+            sse: meta.is_stream() && endpoint.streams_done_sentinel(),
+            wants_usage: include_usage(json) == Some(true),
+        })
+    }
+}
+
+fn include_usage(json: &Map<String, Value>) -> Option<bool> {
+    json.get("stream_options")?.get("include_usage")?.as_bool()
+}
+
+impl<S> Service<Request<Body>> for Cache<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let plan = Plan::of(&req, &self.shared.config).filter(|plan| !plan.control.no_store);
+        let Some(plan) = plan else {
+            Counters::bump(&self.shared.counters.bypasses);
+            let future: BoxFuture = Box::pin(ready.call(req));
+            return Box::pin(async move {
+                let mut response = future.await?;
+                replay::mark(&mut response, CacheStatus::Bypass);
+                Ok(response)
+            });
+        };
+        // The cached path may wait (for the store, for a flight) before it
+        // calls the inner service, if it calls it at all: do not hold on to
+        // what `poll_ready` reserved meanwhile.
+        drop(ready);
+        Box::pin(serve(self.inner.clone(), self.shared.clone(), plan, req))
+    }
+}
+
+async fn serve<S>(
+    inner: S,
+    shared: Arc<Shared>,
+    plan: Plan,
+    req: Request<Body>,
+) -> Result<Response<Body>, Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let counters = &shared.counters;
+    if plan.control.no_cache {
+        Counters::bump(&counters.bypasses);
+        let leader = Leader::detached(plan.key);
+        return fetch(inner, &shared, &plan, req, leader, CacheStatus::Bypass).await;
+    }
+    loop {
+        match shared.flights.join(plan.key) {
+            Joined::Lead(leader) => {
+                if let Some(entry) = lookup(&shared, &plan).await {
+                    Counters::bump(&counters.hits);
+                    let now = crate::clock::now_ms();
+                    let response =
+                        replay::from_entry(&entry, plan.wants_usage, entry.age(now).as_secs());
+                    leader.serve(|| (head_of(&entry), entry_frames(&entry)));
+                    return Ok(response);
+                }
+                Counters::bump(&counters.misses);
+                return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
+            }
+            Joined::Follow(follower) => {
+                Counters::bump(&counters.coalesced);
+                let head = poll_fn(|cx| follower.poll_head(cx));
+                match tokio::time::timeout(shared.config.max_wait, head).await {
+                    Ok(Ok(head)) => {
+                        let age = head
+                            .stored_at_ms
+                            .map_or(0, |at| crate::clock::now_ms().saturating_sub(at));
+                        let age = std::time::Duration::from_millis(age);
+                        if plan.control.max_age.is_some_and(|max| age > max) {
+                            // A stored answer too old for this request: the
+                            // flight has left the map, so this one leads next.
+                            continue;
+                        }
+                        Counters::bump(&counters.hits);
+                        let filter = plan.sse && !plan.wants_usage;
+                        return Ok(replay::from_flight(follower, &head, filter, age.as_secs()));
+                    }
+                    // The leader failed before its head: start over.
+                    Ok(Err(_retry)) => continue,
+                    Err(_elapsed) => {
+                        drop(follower);
+                        Counters::bump(&counters.misses);
+                        let leader = Leader::detached(plan.key);
+                        return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The stored entry for the plan, if there is one fresh enough. A store
+/// error is a miss.
+async fn lookup(shared: &Shared, plan: &Plan) -> Option<Entry> {
+    if !shared.counters.store_allowed() {
+        return None;
+    }
+    let entry = match shared.store.get(plan.key).await {
+        Ok(entry) => {
+            shared.counters.store_ok();
+            entry?
+        }
+        Err(error) => {
+            shared
+                .counters
+                .store_error(shared.store.kind(), "get", &error);
+            return None;
+        }
+    };
+    let age = entry.age(crate::clock::now_ms());
+    let too_old = plan.control.max_age.is_some_and(|max| age > max);
+    (!too_old).then_some(entry)
+}
+
+fn head_of(entry: &Entry) -> Head {
+    Head {
+        content_type: entry
+            .content_type
+            .clone()
+            .and_then(|ct| http::HeaderValue::from_maybe_shared(ct).ok()),
+        stored_at_ms: Some(entry.stored_at_ms),
+    }
+}
+
+fn entry_frames(entry: &Entry) -> Vec<bytes::Bytes> {
+    match &entry.body {
+        EntryBody::Json(bytes) => vec![bytes.clone()],
+        EntryBody::Stream { frames, .. } => frames.to_vec(),
+    }
+}
+
+/// Ask the inner service, and tee a `200` into the flight and the store.
+async fn fetch<S>(
+    inner: S,
+    shared: &Arc<Shared>,
+    plan: &Plan,
+    req: Request<Body>,
+    mut leader: Leader,
+    status: CacheStatus,
+) -> Result<Response<Body>, Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let (mut parts, _empty) = req.into_parts();
+    // Ask for the usage chunk on the client's behalf, so the stored stream
+    // has it; keep the unedited request in case the upstream refuses
+    // `stream_options`.
+    let unedited = if plan.sse && !plan.wants_usage {
+        let original = copy_parts(&parts);
+        let edited = parts
+            .extensions
+            .get_mut::<RequestMeta>()
+            .is_some_and(ask_for_usage);
+        edited.then_some(original)
+    } else {
+        None
+    };
+    let mut response = call(inner.clone(), Request::from_parts(parts, empty())).await;
+    let refused = response.as_ref().is_ok_and(|r| {
+        matches!(
+            r.status(),
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY
+        )
+    });
+    if let (Some(original), true) = (unedited, refused) {
+        tracing::debug!("the upstream refused stream_options; retrying without");
+        response = call(inner, Request::from_parts(original, empty())).await;
+    }
+    let response = match response {
+        Ok(response) if response.status() == StatusCode::OK => response,
+        other => {
+            leader.fail();
+            Counters::bump(&shared.counters.not_stored);
+            let mut response = other?;
+            replay::mark(&mut response, status);
+            return Ok(response);
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
+    leader.start(Head {
+        content_type: content_type.clone(),
+        stored_at_ms: None,
+    });
+    let tee = Tee {
+        leader,
+        shared: shared.clone(),
+        key: plan.key,
+        content_type,
+        watch: if plan.sse { Watch::sse() } else { Watch::Json },
+        bytes: 0,
+        too_large: false,
+        handed_over: false,
+    };
+    let body = CacheBody::new(body, tee);
+    let body = if plan.sse && !plan.wants_usage {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Body::new(UsageFilter::new(body))
+    } else {
+        Body::new(body)
+    };
+    let mut response = Response::from_parts(parts, body);
+    replay::mark(&mut response, status);
+    Ok(response)
+}
+
+/// Set `stream_options.include_usage = true`; `false` if the body's
+/// `stream_options` is something other than an object (left to the upstream
+/// to judge).
+fn ask_for_usage(meta: &mut RequestMeta) -> bool {
+    let Some(json) = meta.json_mut() else {
+        return false;
+    };
+    let options = json
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if options.is_null() {
+        *options = Value::Object(Map::new());
+    }
+    match options.as_object_mut() {
+        Some(options) => {
+            options.insert("include_usage".into(), Value::Bool(true));
+            true
+        }
+        None => false,
+    }
+}
+
+/// A copy of a request's head (its body lives in `RequestMeta`).
+fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = parts.method.clone();
+    *copy.uri_mut() = parts.uri.clone();
+    *copy.version_mut() = parts.version;
+    *copy.headers_mut() = parts.headers.clone();
+    *copy.extensions_mut() = parts.extensions.clone();
+    copy.into_parts().0
+}
+
+/// Call `inner` once it is ready. Boxed: awaiting `S::Future` inside the
+/// caller's `async fn` trips rustc's higher-ranked `Send` inference over the
+/// `dyn Error` in [`Body`] (as in core's parse layer).
+fn call<S>(inner: S, req: Request<Body>) -> BoxFuture
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    Box::pin(inner.oneshot(req))
+}

@@ -1,0 +1,292 @@
+//! Concurrent identical requests: one upstream call, live chunks, leader
+//! failure, `max_wait`, a leader whose client leaves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+
+use super::fake::{Behaviour, answer_json, stream_frames};
+use super::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// Send `body` from a task of its own, collecting the whole answer.
+fn spawn(
+    h: &Harness,
+    body: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+) -> JoinHandle<Answer> {
+    let svc = h.svc.clone();
+    let stats = h.stats.clone();
+    let fake = h.fake.clone();
+    tokio::spawn(async move {
+        let h = Harness { svc, fake, stats };
+        h.send(chat(body, headers)).await
+    })
+}
+
+async fn all(tasks: Vec<JoinHandle<Answer>>) -> Vec<Answer> {
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+#[tokio::test(start_paused = true)]
+async fn eight_identical_requests_reach_the_upstream_once() {
+    let h = harness(CacheConfig::default());
+    h.fake.script(&[(Behaviour::Normal, 50 * MS)]);
+    let answers = all((0..8).map(|_| spawn(&h, CHAT, &[])).collect()).await;
+    assert_eq!(h.calls(), 1);
+    for answer in &answers {
+        assert_eq!(
+            (answer.status, answer.json()),
+            (StatusCode::OK, answer_json(1))
+        );
+    }
+    let mut labels: Vec<_> = answers.iter().map(Answer::cache).collect();
+    labels.sort();
+    assert_eq!(
+        labels,
+        ["hit"; 7]
+            .iter()
+            .chain(&["miss"])
+            .copied()
+            .collect::<Vec<_>>()
+    );
+    let stats = h.stats.snapshot();
+    assert_eq!(
+        (stats.misses, stats.hits, stats.coalesced, stats.stored),
+        (1, 7, 7, 1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn eight_identical_streams_share_one_call_and_receive_it_live() {
+    let h = harness(CacheConfig::default());
+    let slow = &[("x-fake-head-ms", "20"), ("x-fake-frame-ms", "5")];
+    let tasks: Vec<_> = (0..8)
+        .map(|i| spawn(&h, if i % 2 == 0 { STREAM } else { STREAM_USAGE }, slow))
+        .collect();
+    let answers = all(tasks).await;
+    assert_eq!(h.calls(), 1);
+    for (i, answer) in answers.iter().enumerate() {
+        let asked = i % 2 == 1;
+        assert_eq!(
+            answer.body(),
+            Bytes::from(stream_frames(1, asked).concat()),
+            "{i}"
+        );
+        assert!(answer.error.is_none());
+    }
+    // Stored once, usage chunk included.
+    let replay = h.send(chat(STREAM_USAGE, &[])).await;
+    assert_eq!(
+        (replay.cache(), &replay.frames),
+        ("hit", &stream_frames(1, true))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_receive_frames_before_the_leader_finishes() {
+    let h = harness(CacheConfig::default());
+    let leader = spawn(&h, STREAM, &[("x-fake-frame-ms", "100")]);
+    tokio::time::sleep(MS).await;
+    let response = h.svc.clone().oneshot(chat(STREAM, &[])).await.unwrap();
+    assert_eq!(response.headers()["x-llm-proxy-cache"], "hit");
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, stream_frames(1, false)[0]);
+    assert!(
+        !leader.is_finished(),
+        "the first chunk came before the stream ended"
+    );
+    leader.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_the_leader_fails_one_follower_retries() {
+    let h = harness(CacheConfig::default());
+    h.fake.script(&[(Behaviour::Status(500), 50 * MS)]);
+    let answers = all((0..8).map(|_| spawn(&h, CHAT, &[])).collect()).await;
+    assert_eq!(h.calls(), 2, "the failed call and one retry");
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status != StatusCode::OK)
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].cache(), "miss");
+    for answer in answers.iter().filter(|a| a.status == StatusCode::OK) {
+        assert_eq!(answer.json(), answer_json(2));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_the_leaders_client_leaves_before_the_head_a_follower_retries() {
+    let h = harness(CacheConfig::default());
+    h.fake.script(&[(Behaviour::Normal, 100 * MS)]);
+    let leader = spawn(&h, CHAT, &[]);
+    tokio::time::sleep(MS).await;
+    let followers: Vec<_> = (0..3).map(|_| spawn(&h, CHAT, &[])).collect();
+    tokio::time::sleep(10 * MS).await;
+    leader.abort();
+    let answers = all(followers).await;
+    assert_eq!(h.calls(), 2);
+    for answer in &answers {
+        assert_eq!(
+            (answer.status, answer.json()),
+            (StatusCode::OK, answer_json(2))
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_stops_waiting_after_max_wait() {
+    let h = harness(CacheConfig {
+        max_wait: 50 * MS,
+        ..CacheConfig::default()
+    });
+    h.fake.script(&[(Behaviour::Normal, 1000 * MS)]);
+    let leader = spawn(&h, CHAT, &[]);
+    tokio::time::sleep(MS).await;
+    let started = tokio::time::Instant::now();
+    let follower = h.send(chat(CHAT, &[])).await;
+    assert!(started.elapsed() < 100 * MS, "went upstream after max_wait");
+    assert_eq!(
+        (follower.cache(), follower.json()),
+        ("miss", answer_json(2))
+    );
+    let leader = leader.await.unwrap();
+    assert_eq!((leader.cache(), leader.json()), ("miss", answer_json(1)));
+    assert_eq!(h.stats.snapshot().coalesced, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_goes_on_for_followers_when_the_leaders_client_leaves() {
+    let h = harness(CacheConfig::default());
+    let slow = [("x-fake-frame-ms", "10")];
+    let response = h.svc.clone().oneshot(chat(STREAM, &slow)).await.unwrap();
+    let follower = spawn(&h, STREAM, &[]);
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    tokio::time::sleep(MS).await;
+    drop(body);
+    let follower = follower.await.unwrap();
+    assert_eq!(follower.frames, stream_frames(1, false));
+    assert!(follower.error.is_none());
+    assert_eq!(h.fake.cancelled(), 0);
+    // Read to its end for the follower, the answer was stored.
+    assert_eq!(h.send(chat(STREAM, &[])).await.cache(), "hit");
+    assert_eq!(h.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_upstream_is_cancelled_once_nobody_reads() {
+    let h = harness(CacheConfig::default());
+    let slow = [("x-fake-frame-ms", "10")];
+    let leader = h.svc.clone().oneshot(chat(STREAM, &slow)).await.unwrap();
+    let follower = h.svc.clone().oneshot(chat(STREAM, &slow)).await.unwrap();
+    let (mut leader, mut follower) = (leader.into_body(), follower.into_body());
+    leader.frame().await.unwrap().unwrap();
+    follower.frame().await.unwrap().unwrap();
+    drop(leader);
+    follower.frame().await.unwrap().unwrap();
+    drop(follower);
+    tokio::time::sleep(100 * MS).await;
+    assert_eq!(h.fake.cancelled(), 1);
+    assert_eq!(h.send(chat(STREAM, &[])).await.cache(), "miss");
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_of_a_broken_stream_get_the_same_bytes_then_the_error() {
+    let h = harness(CacheConfig::default());
+    let broken: &[(&str, &str)] = &[("x-fake", "break"), ("x-fake-frame-ms", "10")];
+    let leader = spawn(
+        &h,
+        STREAM,
+        &[("x-fake", "break"), ("x-fake-frame-ms", "10")],
+    );
+    tokio::time::sleep(MS).await;
+    let follower = h.send(chat(STREAM, broken)).await;
+    let leader = leader.await.unwrap();
+    assert_eq!(follower.frames, leader.frames);
+    assert!(leader.error.is_some() && follower.error.is_some());
+    assert_eq!(h.calls(), 1);
+}
+
+/// A memory store whose lookups take 50 ms and are counted.
+#[derive(Clone)]
+struct SlowStore {
+    inner: Arc<MemoryStore>,
+    gets: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Store for SlowStore {
+    fn get(&self, key: crate::CacheKey) -> crate::StoreFuture<'_, Option<crate::Entry>> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(50 * MS).await;
+            self.inner.get(key).await
+        })
+    }
+
+    fn put(
+        &self,
+        key: crate::CacheKey,
+        entry: crate::Entry,
+        ttl: Duration,
+    ) -> crate::StoreFuture<'_, ()> {
+        self.inner.put(key, entry, ttl)
+    }
+
+    fn kind(&self) -> &'static str {
+        "slow"
+    }
+}
+
+impl Default for SlowStore {
+    fn default() -> Self {
+        SlowStore {
+            inner: Arc::new(MemoryStore::new(100, 1 << 20)),
+            gets: Arc::default(),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn identical_requests_share_one_store_lookup() {
+    let store = SlowStore::default();
+    let h = harness_with(CacheConfig::default(), store.clone());
+    h.send(chat(STREAM, &[])).await;
+    let gets = || store.gets.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(gets(), 1);
+    let answers = all((0..4).map(|_| spawn(&h, STREAM, &[])).collect()).await;
+    assert_eq!(gets(), 2, "one lookup for the four");
+    for answer in &answers {
+        assert_eq!(
+            (answer.cache(), &answer.frames),
+            ("hit", &stream_frames(1, false))
+        );
+    }
+    assert_eq!(h.calls(), 1);
+    assert_eq!(h.stats.snapshot().coalesced, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_too_strict_for_the_stored_answer_goes_upstream() {
+    let store = SlowStore::default();
+    let h = harness_with(CacheConfig::default(), store.clone());
+    h.send(chat(CHAT, &[])).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let lenient = spawn(&h, CHAT, &[]);
+    tokio::time::sleep(MS).await;
+    let strict = h.send(chat(CHAT, &[("cache-control", "max-age=10")])).await;
+    assert_eq!((strict.cache(), strict.json()), ("miss", answer_json(2)));
+    let lenient = lenient.await.unwrap();
+    assert_eq!((lenient.cache(), lenient.json()), ("hit", answer_json(1)));
+    assert_eq!(lenient.headers["age"], "30");
+}

@@ -1,0 +1,234 @@
+//! Non-streamed requests: keys, scopes, what is stored, controls, TTL.
+
+use std::time::Duration;
+
+use tower::ServiceExt;
+
+use super::fake::answer_json;
+use super::*;
+use crate::CacheScope;
+
+#[tokio::test]
+async fn hit_after_identical_miss() {
+    let h = harness(CacheConfig::default());
+    let first = h.send(chat(CHAT, &[])).await;
+    assert_eq!((first.status, first.cache()), (StatusCode::OK, "miss"));
+    assert_eq!(first.json(), answer_json(1));
+    let second = h.send(chat(CHAT, &[])).await;
+    assert_eq!((second.status, second.cache()), (StatusCode::OK, "hit"));
+    assert_eq!(
+        second.body(),
+        first.body(),
+        "the same bytes, usage included"
+    );
+    assert_eq!(second.headers["age"], "0");
+    assert_eq!(second.headers["content-type"], "application/json");
+    assert_eq!(h.calls(), 1);
+    let stats = h.stats.snapshot();
+    assert_eq!((stats.hits, stats.misses, stats.stored), (1, 1, 1));
+    assert_eq!(stats.stored_bytes, first.body().len() as u64);
+    assert_eq!(stats.entries, Some(1));
+}
+
+#[tokio::test]
+async fn parameter_change_misses() {
+    let h = harness(CacheConfig::default());
+    h.send(chat(CHAT, &[])).await;
+    let other = r#"{"model":"m","temperature":0.5,"messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(h.send(chat(other, &[])).await.cache(), "miss");
+    let other_model = r#"{"model":"n","messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(h.send(chat(other_model, &[])).await.cache(), "miss");
+    assert_eq!(h.calls(), 3);
+}
+
+#[tokio::test]
+async fn key_order_whitespace_and_excluded_fields_do_not_split_the_cache() {
+    let h = harness(CacheConfig::default());
+    h.send(chat(CHAT, &[])).await;
+    let same = "{ \"messages\" : [ {\"content\":\"hi\", \"role\":\"user\"} ],\n\t\"model\":\"m\", \"user\": \"u-42\" }";
+    let answer = h.send(chat(same, &[])).await;
+    assert_eq!(answer.cache(), "hit");
+    assert_eq!(h.calls(), 1);
+}
+
+#[tokio::test]
+async fn per_key_scope_separates_callers() {
+    let h = harness(CacheConfig::default());
+    let alice = [("authorization", "Bearer alice")];
+    assert_eq!(h.send(chat(CHAT, &alice)).await.cache(), "miss");
+    assert_eq!(h.send(chat(CHAT, &alice)).await.cache(), "hit");
+    let bob = [("authorization", "Bearer bob")];
+    assert_eq!(h.send(chat(CHAT, &bob)).await.cache(), "miss");
+    assert_eq!(
+        h.send(chat(CHAT, &[("x-api-key", "carol")])).await.cache(),
+        "miss"
+    );
+    assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "miss");
+    assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "hit");
+    assert_eq!(h.calls(), 4);
+}
+
+#[tokio::test]
+async fn shared_scope_shares_between_callers() {
+    let h = harness(CacheConfig {
+        scope: CacheScope::Shared,
+        ..CacheConfig::default()
+    });
+    h.send(chat(CHAT, &[("authorization", "Bearer alice")]))
+        .await;
+    let bob = h.send(chat(CHAT, &[("authorization", "Bearer bob")])).await;
+    assert_eq!(bob.cache(), "hit");
+    assert_eq!(h.calls(), 1);
+}
+
+#[tokio::test]
+async fn completions_and_embeddings_are_cached_other_routes_bypass() {
+    let h = harness(CacheConfig::default());
+    for path in ["/v1/completions", "/v1/embeddings"] {
+        let body = r#"{"model":"m","input":"x","prompt":"x"}"#;
+        assert_eq!(h.send(post(path, body, &[])).await.cache(), "miss");
+        assert_eq!(h.send(post(path, body, &[])).await.cache(), "hit");
+    }
+    assert_eq!(h.calls(), 2);
+    for _ in 0..2 {
+        let files = h.send(post("/v1/files", r#"{"model":"m"}"#, &[])).await;
+        assert_eq!(files.cache(), "bypass");
+    }
+    assert_eq!(h.calls(), 4);
+    assert_eq!(h.stats.snapshot().bypasses, 2);
+}
+
+#[tokio::test]
+async fn failures_are_not_stored() {
+    let h = harness(CacheConfig::default());
+    let failed = h.send(chat(CHAT, &[("x-fake", "500")])).await;
+    assert_eq!((failed.status.as_u16(), failed.cache()), (500, "miss"));
+    let refused = h
+        .svc
+        .clone()
+        .oneshot(chat(CHAT, &[("x-fake", "error")]))
+        .await;
+    assert_eq!(refused.unwrap_err().code(), "bad_gateway");
+    let invalid = h.send(chat(CHAT, &[("x-fake", "invalid-json")])).await;
+    assert_eq!((invalid.status.as_u16(), invalid.cache()), (200, "miss"));
+    let broken = h.send(chat(CHAT, &[("x-fake", "break")])).await;
+    assert!(broken.error.is_some());
+    // Nothing of the above was stored: this one goes upstream.
+    assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "miss");
+    assert_eq!(h.calls(), 5);
+    let stats = h.stats.snapshot();
+    assert_eq!((stats.stored, stats.not_stored), (1, 4));
+}
+
+#[tokio::test]
+async fn answers_over_max_entry_bytes_are_not_stored() {
+    let h = harness(CacheConfig {
+        max_entry_bytes: 64,
+        ..CacheConfig::default()
+    });
+    let first = h.send(chat(CHAT, &[])).await;
+    assert_eq!(first.json(), answer_json(1), "passed on whole");
+    assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "miss");
+    assert_eq!(h.stats.snapshot().stored, 0);
+}
+
+#[tokio::test]
+async fn no_cache_skips_the_lookup_but_stores() {
+    let h = harness(CacheConfig::default());
+    h.send(chat(CHAT, &[])).await;
+    let fresh = h.send(chat(CHAT, &[("cache-control", "no-cache")])).await;
+    assert_eq!(fresh.cache(), "bypass");
+    assert_eq!(fresh.json(), answer_json(2));
+    let hit = h.send(chat(CHAT, &[])).await;
+    assert_eq!((hit.cache(), hit.json()), ("hit", answer_json(2)));
+    assert_eq!(h.calls(), 2);
+}
+
+#[tokio::test]
+async fn no_store_neither_looks_up_nor_stores() {
+    let h = harness(CacheConfig::default());
+    let first = h.send(chat(CHAT, &[("cache-control", "no-store")])).await;
+    assert_eq!(first.cache(), "bypass");
+    assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "miss");
+    let again = h.send(chat(CHAT, &[("cache-control", "no-store")])).await;
+    assert_eq!((again.cache(), again.json()), ("bypass", answer_json(3)));
+    assert_eq!(h.stats.snapshot().stored, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_age_accepts_only_younger_entries() {
+    let h = harness(CacheConfig::default());
+    h.send(chat(CHAT, &[])).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let young_enough = h.send(chat(CHAT, &[("cache-control", "max-age=60")])).await;
+    assert_eq!(
+        (young_enough.cache(), &young_enough.headers["age"]),
+        ("hit", &"10".parse::<http::HeaderValue>().unwrap())
+    );
+    let too_old = h.send(chat(CHAT, &[("cache-control", "max-age=5")])).await;
+    assert_eq!((too_old.cache(), too_old.json()), ("miss", answer_json(2)));
+    // The fresh answer replaced the old one.
+    let hit = h.send(chat(CHAT, &[("cache-control", "max-age=5")])).await;
+    assert_eq!((hit.cache(), hit.json()), ("hit", answer_json(2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_expire_after_the_ttl() {
+    let h = harness(CacheConfig {
+        ttl: Duration::from_secs(60),
+        ..CacheConfig::default()
+    });
+    h.send(chat(CHAT, &[])).await;
+    tokio::time::advance(Duration::from_secs(59)).await;
+    let hit = h.send(chat(CHAT, &[])).await;
+    assert_eq!(
+        (hit.cache(), &hit.headers["age"]),
+        ("hit", &http::HeaderValue::from(59))
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "miss");
+    assert_eq!(h.stats.snapshot().expirations, 1);
+}
+
+#[tokio::test]
+async fn byte_bound_evicts_the_least_recently_used_answer() {
+    let size = answer_json(1).to_string().len();
+    let h = harness_with(
+        CacheConfig::default(),
+        MemoryStore::new(100, size * 2 + size / 2),
+    );
+    let a = r#"{"model":"a","messages":[]}"#;
+    let b = r#"{"model":"b","messages":[]}"#;
+    let c = r#"{"model":"c","messages":[]}"#;
+    for body in [a, b, a, c] {
+        h.send(chat(body, &[])).await;
+    }
+    // `c` evicted `b`, the least recently used; `a` stayed.
+    assert_eq!(h.send(chat(a, &[])).await.cache(), "hit");
+    assert_eq!(h.send(chat(b, &[])).await.cache(), "miss");
+    assert_eq!(h.stats.snapshot().evictions, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_errors_degrade_to_misses_and_open_the_breaker() {
+    let store = BrokenStore::default();
+    let h = harness_with(CacheConfig::default(), store.clone());
+    for n in 1..=4 {
+        let answer = h.send(chat(CHAT, &[])).await;
+        assert_eq!((answer.status, answer.cache()), (StatusCode::OK, "miss"));
+        assert_eq!(answer.json(), answer_json(n));
+    }
+    // get, put, get: three errors in a row open the breaker; the store is
+    // left alone from then on (a put and two requests' get and put).
+    assert_eq!(store.calls(), 3);
+    let stats = h.stats.snapshot();
+    assert_eq!(
+        (stats.misses, stats.store_errors, stats.store_skipped),
+        (4, 3, 5)
+    );
+    assert_eq!(h.stats.store_kind(), "broken");
+    // After a second, one call probes the store again.
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    h.send(chat(CHAT, &[])).await;
+    assert_eq!(store.calls(), 4);
+}

@@ -1,0 +1,230 @@
+//! `RedisStore` and the cache layer against a real `redis-server` per test.
+#![allow(clippy::unwrap_used, missing_docs)] // a test should panic on unexpected input
+
+// The workspace's one redis-server helper, from the end-to-end tests
+// package (which this crate cannot depend on); it asks its crate root for
+// `free_port`.
+#[allow(dead_code)]
+#[path = "../../../tests/redis_server.rs"]
+mod redis_server;
+
+/// A free port on 127.0.0.1, for [`redis_server`].
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use llm_proxy_cache::{
+    CacheConfig, CacheKey, CacheLayer, CacheStats, Entry, EntryBody, RedisStore, Store, StoreError,
+    UsageChunk,
+};
+use llm_proxy_core::{Body, Error, ParseLayer, ParseLimits, full};
+use redis_server::RedisServer;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt, service_fn};
+
+/// Catches hangs only.
+const HANG: Duration = Duration::from_secs(5);
+
+fn entry() -> Entry {
+    Entry {
+        stored_at_ms: 1_700_000_000_000,
+        content_type: Some(Bytes::from_static(b"text/event-stream")),
+        body: EntryBody::Stream {
+            frames: vec![
+                Bytes::from_static(b"data: {\"choices\":[]}\n\n"),
+                Bytes::from_static(b"data: [DONE]\n\n"),
+            ]
+            .into(),
+            usage: UsageChunk::Absent,
+        },
+    }
+}
+
+async fn redis_cli(server: &RedisServer, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+#[tokio::test]
+async fn put_get_and_expiry() {
+    let server = RedisServer::start().await;
+    let store = RedisStore::connect(&server.url(), "t1:").await.unwrap();
+    let key = CacheKey::from_bytes([9; 32]);
+    assert_eq!(store.get(key).await.unwrap(), None);
+    store
+        .put(key, entry(), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(store.get(key).await.unwrap(), Some(entry()));
+    let name = format!("t1:cache:{}", key.to_hex());
+    assert_eq!(store.redis_key(&key), name);
+    let pttl = redis_cli(&server, &["PTTL", &name]).await;
+    assert!(
+        matches!(pttl, redis::Value::Int(ms) if ms > 0 && ms <= 300),
+        "expires by Redis's TTL: {pttl:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(store.get(key).await.unwrap(), None, "expired by Redis");
+}
+
+#[tokio::test]
+async fn a_damaged_value_is_an_error_not_a_panic() {
+    let server = RedisServer::start().await;
+    let store = RedisStore::connect(&server.url(), "t2:").await.unwrap();
+    let key = CacheKey::from_bytes([1; 32]);
+    redis_cli(&server, &["SET", &store.redis_key(&key), "garbage"]).await;
+    assert!(matches!(store.get(key).await, Err(StoreError::Corrupt(_))));
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_fails_fast() {
+    let server = RedisServer::start().await;
+    let url = server.url();
+    drop(server);
+    let started = Instant::now();
+    assert!(RedisStore::connect(&url, "x:").await.is_err());
+    assert!(started.elapsed() < HANG);
+    assert!(RedisStore::connect("http://not-redis", "x:").await.is_err());
+}
+
+/// A proxy instance: the parse layer and a cache on `store` over an upstream
+/// that counts its calls and numbers its answers.
+struct Instance {
+    svc: BoxCloneSyncService<Request<Body>, Response<Body>, Error>,
+    stats: CacheStats,
+}
+
+fn instance(store: RedisStore, calls: Arc<AtomicUsize>) -> Instance {
+    let upstream = service_fn(move |req: Request<Body>| {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let stream = req
+            .extensions()
+            .get::<llm_proxy_core::RequestMeta>()
+            .is_some_and(|meta| meta.is_stream());
+        async move {
+            let body = if stream {
+                format!(
+                    "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{n}\"}}}}]}}\n\ndata: [DONE]\n\n"
+                )
+            } else {
+                format!("{{\"answer\":{n}}}")
+            };
+            Ok::<_, Error>(Response::new(full(body)))
+        }
+    });
+    let cache = CacheLayer::new(CacheConfig::default(), store);
+    let stats = cache.stats();
+    let svc = ParseLayer::new(ParseLimits::default()).layer(cache.layer(upstream));
+    Instance {
+        svc: BoxCloneSyncService::new(svc),
+        stats,
+    }
+}
+
+impl Instance {
+    /// Status label and body of one request.
+    async fn ask(&self, body: &str) -> (String, Bytes) {
+        let req = Request::post("/v1/chat/completions")
+            .header("authorization", "Bearer k")
+            .body(full(body.to_owned()))
+            .unwrap();
+        let response = tokio::time::timeout(HANG, self.svc.clone().oneshot(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let label = response.headers()["x-llm-proxy-cache"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        // Let the store task write.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (label, body)
+    }
+}
+
+const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+const STREAM: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test]
+async fn two_instances_on_one_redis_share_hits() {
+    let server = RedisServer::start().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let a = instance(
+        RedisStore::connect(&server.url(), "p:").await.unwrap(),
+        calls.clone(),
+    );
+    let b = instance(
+        RedisStore::connect(&server.url(), "p:").await.unwrap(),
+        calls.clone(),
+    );
+    for body in [CHAT, STREAM] {
+        let (label, first) = a.ask(body).await;
+        assert_eq!(label, "miss");
+        let (label, second) = b.ask(body).await;
+        assert_eq!(label, "hit", "instance b finds what instance a stored");
+        assert_eq!(second, first);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!((a.stats.snapshot().stored, b.stats.snapshot().hits), (2, 2));
+    // Another key prefix is another cache.
+    let c = instance(
+        RedisStore::connect(&server.url(), "q:").await.unwrap(),
+        calls.clone(),
+    );
+    assert_eq!(c.ask(CHAT).await.0, "miss");
+}
+
+#[tokio::test]
+async fn redis_stopped_mid_test_degrades_to_misses() {
+    let mut server = RedisServer::start().await;
+    let store = RedisStore::connect(&server.url(), "d:").await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let proxy = instance(store.clone(), calls.clone());
+    assert_eq!(proxy.ask(CHAT).await.0, "miss");
+    assert_eq!(proxy.ask(CHAT).await.0, "hit");
+
+    server.stop();
+    let key = CacheKey::from_bytes([2; 32]);
+    let started = Instant::now();
+    assert!(store.get(key).await.is_err());
+    assert!(
+        store
+            .put(key, entry(), Duration::from_secs(1))
+            .await
+            .is_err()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "bounded by the store's timeout"
+    );
+
+    for _ in 0..3 {
+        let (label, body) = proxy.ask(CHAT).await;
+        assert_eq!(label, "miss", "served from upstream while Redis is down");
+        assert!(body.starts_with(b"{\"answer\":"));
+        // Until the failed write gave up, the answer stays joinable for
+        // identical requests: wait that out, so each request goes upstream.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    let stats = proxy.stats.snapshot();
+    assert!(stats.store_errors >= 3, "{stats:?}");
+    assert!(stats.store_skipped >= 1, "the breaker opened: {stats:?}");
+}

@@ -1,0 +1,297 @@
+//! [`UsageFilter`]: strips the usage-only chunk from an SSE stream.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use crate::sse::{self, Parser};
+use crate::usage::is_usage_only_chunk;
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+pin_project_lite::pin_project! {
+    /// A body that removes the usage-only chunk from an OpenAI-style SSE
+    /// stream.
+    ///
+    /// A layer that asks the upstream for `stream_options.include_usage` on the
+    /// client's behalf (the cache, to store a stream with its usage; the auth
+    /// layer, to count tokens) must not hand the extra chunk to a client that did
+    /// not ask for it. [`UsageFilter`] wraps the response body and re-emits every
+    /// event except the usage-only chunk: a `data:` JSON object whose `choices`
+    /// is an empty array and whose `usage` is an object.
+    ///
+    /// Frame boundaries: a frame that ends on an event boundary and holds no
+    /// usage-only chunk passes through unchanged, byte for byte and without
+    /// delay (OpenAI-compatible servers send one event per frame, so their
+    /// streams keep their boundaries exactly). A frame that ends mid-event is held
+    /// until the event completes and then sent together with the rest of it: a
+    /// filter cannot hand on an event before it knows what the event is. The
+    /// frame holding the usage-only chunk is re-encoded event by event without
+    /// it (comments in that frame are dropped, `event`/`id`/`retry` fields kept),
+    /// and so is the rest of an event that started in that frame. If the stream
+    /// is not valid SSE (an event over the parser's limit), the filter stops
+    /// filtering and passes the rest through unchanged.
+    ///
+    /// ```
+    /// use http_body_util::{BodyExt, Full};
+    /// use llm_proxy_core::UsageFilter;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let delta = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+    /// let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n";
+    /// let done = "data: [DONE]\n\n";
+    /// let body = Full::new(bytes::Bytes::from(format!("{delta}{usage}{done}")));
+    /// let out = UsageFilter::new(body).collect().await.unwrap().to_bytes();
+    /// assert_eq!(out, format!("{delta}{done}"));
+    /// # }
+    /// ```
+    pub struct UsageFilter<B: HttpBody> {
+        #[pin]
+        inner: B,
+        // `None` once the stream proved not to be SSE: pass through from then on.
+        parser: Option<Parser>,
+        // Raw bytes of frames that ended mid-event, not yet sent.
+        held: BytesMut,
+        // The current partial event started in a re-encoded frame, so its raw
+        // beginning is gone: send it re-encoded too.
+        reencode: bool,
+        // Trailers or an error of the inner body, returned after `held` went out.
+        trailers: Option<Frame<Bytes>>,
+        failed: Option<B::Error>,
+    }
+}
+
+impl<B: HttpBody> UsageFilter<B> {
+    /// Filter `inner`, an SSE response body.
+    pub fn new(inner: B) -> Self {
+        UsageFilter {
+            inner,
+            parser: Some(Parser::new()),
+            held: BytesMut::new(),
+            reencode: false,
+            trailers: None,
+            failed: None,
+        }
+    }
+}
+
+/// What to do with one data frame.
+enum Step {
+    Send(Bytes),
+    Wait,
+}
+
+fn filter_frame(
+    parser: &mut Option<Parser>,
+    held: &mut BytesMut,
+    reencode: &mut bool,
+    data: Bytes,
+) -> Step {
+    let Some(p) = parser.as_mut() else {
+        return Step::Send(data);
+    };
+    if p.push(&data).is_err() {
+        // Not an event stream we understand: stop filtering, lose nothing.
+        *parser = None;
+        held.extend_from_slice(&data);
+        return Step::Send(held.split().freeze());
+    }
+    let events: Vec<sse::Event> = std::iter::from_fn(|| p.next_event()).collect();
+    let drop_one = events.iter().any(|e| is_usage_only_chunk(&e.data));
+    if !drop_one && !*reencode {
+        if p.has_partial() {
+            held.extend_from_slice(&data);
+            return Step::Wait;
+        }
+        if held.is_empty() {
+            return Step::Send(data);
+        }
+        held.extend_from_slice(&data);
+        return Step::Send(held.split().freeze());
+    }
+    held.clear();
+    *reencode = p.has_partial();
+    let mut out = BytesMut::new();
+    for event in events.iter().filter(|e| !is_usage_only_chunk(&e.data)) {
+        out.extend_from_slice(&sse::encode(event));
+    }
+    if out.is_empty() {
+        Step::Wait
+    } else {
+        Step::Send(out.freeze())
+    }
+}
+
+impl<B> HttpBody for UsageFilter<B>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        if let Some(frame) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(err) = this.failed.take() {
+            return Poll::Ready(Some(Err(err)));
+        }
+        loop {
+            let frame = match this.inner.as_mut().poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    // An unterminated event at the end: hand on what came.
+                    if this.held.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    let rest = this.held.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    if this.held.is_empty() {
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                    *this.failed = Some(err);
+                    let rest = this.held.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => data,
+                Err(other) => {
+                    // Trailers: send what is held first.
+                    if this.held.is_empty() {
+                        return Poll::Ready(Some(Ok(other)));
+                    }
+                    *this.trailers = Some(other);
+                    let rest = this.held.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+            };
+            match filter_frame(this.parser, this.held, this.reencode, frame) {
+                Step::Send(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                Step::Wait => continue,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_empty()
+            && self.trailers.is_none()
+            && self.failed.is_none()
+            && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+
+    const DELTA: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+    const FINISH: &str =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+    const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+
+    /// A body that yields the given frames, one per poll.
+    struct Frames(VecDeque<Item>);
+
+    impl HttpBody for Frames {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Item>> {
+            Poll::Ready(self.0.pop_front())
+        }
+    }
+
+    async fn run(frames: Vec<Item>) -> (Vec<Bytes>, Option<String>) {
+        let body = Frames(frames.into());
+        let mut filter = std::pin::pin!(UsageFilter::new(body));
+        let mut out = Vec::new();
+        let mut error = None;
+        while let Some(frame) = filter.as_mut().frame().await {
+            match frame {
+                Ok(frame) => out.push(frame.into_data().unwrap()),
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        (out, error)
+    }
+
+    fn data(frames: &[&str]) -> Vec<Item> {
+        frames
+            .iter()
+            .map(|f| Ok(Frame::data(Bytes::from(f.to_string()))))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn drops_only_the_usage_frame_and_keeps_boundaries() {
+        let (out, error) = run(data(&[DELTA, DELTA, FINISH, USAGE, DONE])).await;
+        assert_eq!(out, [DELTA, DELTA, FINISH, DONE].map(Bytes::from));
+        assert!(error.is_none());
+    }
+
+    #[tokio::test]
+    async fn usage_sharing_a_frame_is_cut_out() {
+        let joined = format!("{FINISH}{USAGE}{DONE}");
+        let (out, _) = run(data(&[DELTA, &joined])).await;
+        assert_eq!(out.concat(), format!("{DELTA}{FINISH}{DONE}").as_bytes());
+    }
+
+    #[tokio::test]
+    async fn split_events_are_held_until_complete() {
+        let (a, b) = DELTA.split_at(10);
+        let (u1, u2) = USAGE.split_at(20);
+        let (out, _) = run(data(&[a, b, FINISH, u1, u2, DONE])).await;
+        assert_eq!(out, [DELTA, FINISH, DONE].map(Bytes::from));
+    }
+
+    #[tokio::test]
+    async fn event_started_beside_the_usage_chunk_is_reencoded() {
+        let (d1, d2) = DONE.split_at(4);
+        let first = format!("{USAGE}{d1}");
+        let (out, _) = run(data(&[DELTA, &first, d2])).await;
+        assert_eq!(out.concat(), format!("{DELTA}{DONE}").as_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_usage_is_unchanged() {
+        let frames = [DELTA, ": keep-alive\n\n", FINISH, DONE];
+        let (out, _) = run(data(&frames)).await;
+        assert_eq!(out, frames.map(Bytes::from));
+    }
+
+    #[tokio::test]
+    async fn held_bytes_go_out_before_an_error() {
+        let mut frames = data(&[DELTA, "data: {\"cho"]);
+        frames.push(Err(std::io::Error::other("reset")));
+        let (out, error) = run(frames).await;
+        assert_eq!(out.concat(), format!("{DELTA}data: {{\"cho").as_bytes());
+        assert_eq!(error.as_deref(), Some("reset"));
+    }
+
+    #[tokio::test]
+    async fn oversized_events_turn_the_filter_off() {
+        let big = format!(
+            "data: {}",
+            "x".repeat(crate::sse::DEFAULT_MAX_EVENT_BYTES + 1)
+        );
+        let (out, _) = run(data(&[DELTA, &big, "\n\n", USAGE])).await;
+        assert_eq!(out.concat(), format!("{DELTA}{big}\n\n{USAGE}").as_bytes());
+    }
+}

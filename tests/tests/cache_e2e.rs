@@ -1,0 +1,318 @@
+//! The response cache in the proxy binary's stack, over real sockets with the
+//! mock upstream counting its calls: `[cache]` with the memory and the Redis
+//! backend.
+
+use std::time::Duration;
+
+use http::Method;
+use tests::redis_server::RedisServer;
+use tests::*;
+
+const CHAT_PATH: &str = "/v1/chat/completions";
+
+fn config(upstream: &str, cache: &str) -> String {
+    format!(
+        "{}\n[cache]\nenabled = true\n{cache}\n",
+        one_upstream(upstream, "")
+    )
+}
+
+fn memory(upstream: &str) -> String {
+    config(
+        upstream,
+        "backend = \"memory\"\nmax_entries = 1000\nmax_bytes = 1048576\nttl_secs = 60\n",
+    )
+}
+
+fn redis(upstream: &str, url: &str) -> String {
+    config(
+        upstream,
+        &format!(
+            "backend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"e2e:\"\nttl_secs = 60\n"
+        ),
+    )
+}
+
+/// POST JSON with extra headers.
+async fn post(url: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    send(request(Method::POST, url, &all, body.to_owned())).await
+}
+
+fn upstream_calls(up: &MockServer) -> u64 {
+    up.stats.requests_for(CHAT_PATH)
+}
+
+#[tokio::test]
+async fn identical_requests_hit_after_a_miss() {
+    let up = mock_named("m").await;
+    let p = proxy(&memory(&up.base_url())).await;
+    let first = post_json(&p.url(CHAT_PATH), &chat("m", false)).await;
+    assert_eq!(
+        (first.status.as_u16(), first.header("x-llm-proxy-cache")),
+        (200, Some("miss"))
+    );
+    let reordered = r#"{ "messages": [{"content": "Say something deterministic.", "role": "user"}],
+        "stream": false, "model": "m" }"#;
+    let second = post_json(&p.url(CHAT_PATH), reordered).await;
+    assert_eq!(second.header("x-llm-proxy-cache"), Some("hit"));
+    assert_eq!(second.header("age"), Some("0"));
+    assert_eq!(second.body, first.body, "the same answer, usage included");
+    let changed = chat("m", false).replace("deterministic", "else");
+    assert_eq!(
+        post_json(&p.url(CHAT_PATH), &changed)
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("miss")
+    );
+    assert_eq!(upstream_calls(&up), 2);
+}
+
+#[tokio::test]
+async fn a_streamed_hit_replays_the_chunks() {
+    let up = mock_named("m").await;
+    let p = proxy(&memory(&up.base_url())).await;
+    let first = post_json(&p.url(CHAT_PATH), &chat("m", true)).await;
+    let second = post_json(&p.url(CHAT_PATH), &chat("m", true)).await;
+    assert_eq!(
+        (
+            first.header("x-llm-proxy-cache"),
+            second.header("x-llm-proxy-cache")
+        ),
+        (Some("miss"), Some("hit"))
+    );
+    assert_eq!(sse_data(&second.body), sse_data(&first.body));
+    assert_eq!(
+        sse_data(&first.body).last().map(String::as_str),
+        Some("[DONE]")
+    );
+    // The client did not ask for usage: no usage chunk, though one is stored.
+    assert!(!first.text().contains("\"usage\":{"), "{}", first.text());
+    let with_usage = chat("m", true).replace(
+        "\"stream\":true",
+        "\"stream\":true,\"stream_options\":{\"include_usage\":true}",
+    );
+    let asked = post_json(&p.url(CHAT_PATH), &with_usage).await;
+    assert_eq!(asked.header("x-llm-proxy-cache"), Some("hit"));
+    assert!(
+        sse_data(&asked.body)
+            .iter()
+            .any(|d| d.contains("\"choices\":[]") && d.contains("\"usage\""))
+    );
+    assert_eq!(upstream_calls(&up), 1);
+}
+
+#[tokio::test]
+async fn eight_concurrent_identical_requests_reach_the_upstream_once() {
+    let up = mock(MockConfig {
+        latency: Duration::from_millis(300),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = proxy(&memory(&up.base_url())).await;
+    for stream in [false, true] {
+        let url = p.url(CHAT_PATH);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { post_json(&url, &chat("m", stream)).await })
+            })
+            .collect();
+        let mut bodies = Vec::new();
+        for task in tasks {
+            let answer = task.await.expect("request task");
+            assert_eq!(answer.status, 200);
+            bodies.push(answer.body);
+        }
+        assert!(bodies.iter().all(|b| b == &bodies[0]), "identical answers");
+    }
+    assert_eq!(upstream_calls(&up), 2, "one call streamed, one not");
+}
+
+#[tokio::test]
+async fn failures_are_not_stored() {
+    let up = mock_named("m").await;
+    let p = proxy(&memory(&up.base_url())).await;
+    let failed = post(
+        &p.url(CHAT_PATH),
+        &chat("m", false),
+        &[("x-mock-fail", "500")],
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    let broken = client()
+        .request(request(
+            Method::POST,
+            &p.url(CHAT_PATH),
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-fail", "drop"),
+            ],
+            chat("m", true),
+        ))
+        .await
+        .expect("response head");
+    let (broken, cut) = read_stream(broken).await;
+    assert!(cut, "the broken stream closes the connection");
+    assert!(!String::from_utf8_lossy(&broken).contains("[DONE]"));
+    // (The 500 was retried by the balancer; what matters is that nothing was
+    // stored: both requests below go upstream.)
+    let before = upstream_calls(&up);
+    assert_eq!(
+        post_json(&p.url(CHAT_PATH), &chat("m", false))
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("miss")
+    );
+    assert_eq!(
+        post_json(&p.url(CHAT_PATH), &chat("m", true))
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("miss")
+    );
+    assert_eq!(upstream_calls(&up), before + 2);
+}
+
+#[tokio::test]
+async fn cache_control_and_scopes() {
+    let up = mock_named("m").await;
+    let p = proxy(&memory(&up.base_url())).await;
+    let url = p.url(CHAT_PATH);
+    let body = chat("m", false);
+    let alice = ("authorization", "Bearer alice");
+    assert_eq!(
+        post(&url, &body, &[alice, ("cache-control", "no-store")])
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("bypass")
+    );
+    assert_eq!(
+        post(&url, &body, &[alice])
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("miss")
+    );
+    assert_eq!(
+        post(&url, &body, &[alice])
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("hit")
+    );
+    assert_eq!(
+        post(&url, &body, &[alice, ("cache-control", "no-cache")])
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("bypass")
+    );
+    // Once the no-cache answer is stored and has aged past 0 ms, max-age=0
+    // refuses it. (While its flight is still open, a follower would get the
+    // brand-new answer, which is of age 0 and so acceptable.)
+    let stored = || {
+        let url = p.url("/metrics");
+        async move {
+            let text = send(request(Method::GET, &url, &[], "")).await.text();
+            text.contains(r#"llm_proxy_cache_events_total{event="store"} 2"#)
+        }
+    };
+    for _ in 0..500 {
+        if stored().await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        post(&url, &body, &[alice, ("cache-control", "max-age=0")])
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("miss")
+    );
+    // per_key (the default): another caller has entries of its own.
+    assert_eq!(
+        post(&url, &body, &[("authorization", "Bearer bob")])
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("miss")
+    );
+    assert_eq!(upstream_calls(&up), 5);
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"llm_proxy_cache_events_total{event="hit"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn shared_scope_and_ttl() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(
+        &up.base_url(),
+        "scope = \"shared\"\nttl_secs = 0.3\n",
+    ))
+    .await;
+    let url = p.url(CHAT_PATH);
+    let body = chat("m", false);
+    post(&url, &body, &[("authorization", "Bearer alice")]).await;
+    let bob = post(&url, &body, &[("authorization", "Bearer bob")]).await;
+    assert_eq!(bob.header("x-llm-proxy-cache"), Some("hit"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        post_json(&url, &body).await.header("x-llm-proxy-cache"),
+        Some("miss")
+    );
+    assert_eq!(upstream_calls(&up), 2);
+}
+
+#[tokio::test]
+async fn two_proxies_on_one_redis_share_hits() {
+    let server = RedisServer::start().await;
+    let up = mock_named("m").await;
+    let a = proxy(&redis(&up.base_url(), &server.url())).await;
+    let b = proxy(&redis(&up.base_url(), &server.url())).await;
+    for stream in [false, true] {
+        let first = post_json(&a.url(CHAT_PATH), &chat("m", stream)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await; // the store write
+        let second = post_json(&b.url(CHAT_PATH), &chat("m", stream)).await;
+        assert_eq!(second.header("x-llm-proxy-cache"), Some("hit"));
+        assert_eq!(second.body, first.body);
+    }
+    assert_eq!(upstream_calls(&up), 2);
+}
+
+#[tokio::test]
+async fn redis_going_away_degrades_to_misses() {
+    let mut server = RedisServer::start().await;
+    let up = mock_named("m").await;
+    let p = proxy(&redis(&up.base_url(), &server.url())).await;
+    let url = p.url(CHAT_PATH);
+    post_json(&url, &chat("m", false)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        post_json(&url, &chat("m", false))
+            .await
+            .header("x-llm-proxy-cache"),
+        Some("hit")
+    );
+    server.stop();
+    for _ in 0..3 {
+        let answer = post_json(&url, &chat("m", false)).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.header("x-llm-proxy-cache"), Some("miss"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    // The cache's store errors (whatever the label names it), not the auth's.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("llm_proxy_store_errors_total{")
+                && !l.contains("auth")
+                && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
