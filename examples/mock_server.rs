@@ -2,18 +2,23 @@
 //! and for benchmarks: `cargo run -p examples --example mock_server --
 //! --listen 127.0.0.1:9001 --tokens-per-second 50`.
 //!
-//! It serves HTTP/1.1 and h2c at `http://ADDR/v1` until Ctrl-C. Requests can
-//! ask for failures and latency with `x-mock-*` headers (see the
-//! `llm-proxy-mock` crate docs).
+//! It serves HTTP/1.1 and h2c at `http://ADDR/v1` until Ctrl-C: OpenAI's chat
+//! completions, completions, embeddings and Responses APIs and Anthropic's
+//! Messages API, or only those named by `--api` (repeatable:
+//! `chat-completions`, `completions`, `embeddings`, `responses`, `messages`),
+//! to play a server that speaks only some. Requests can ask for failures and
+//! latency with `x-mock-*` headers (see the `llm-proxy-mock` crate docs).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use llm_proxy_mock::{Mock, MockConfig};
+use llm_proxy_mock::{Mock, MockApi, MockConfig};
 
 const USAGE: &str = "usage: mock_server [--listen ADDR] [--latency-ms N] [--tokens-per-second F] \
-                     [--model NAME]... [--name NAME]";
+                     [--model NAME]... [--name NAME] [--api API]...\n\
+                     APIs: chat-completions, completions, embeddings, responses, messages \
+                     (default: all)";
 
 /// The command line, parsed.
 struct Args {
@@ -55,6 +60,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             }
             "--model" => config.models.push(value()?),
             "--name" => config.name = value()?,
+            "--api" => {
+                let api: MockApi = value()?.parse().map_err(|e| format!("--api: {e}"))?;
+                config.apis.get_or_insert_with(Vec::new).push(api);
+            }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }

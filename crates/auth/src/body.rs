@@ -6,8 +6,9 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use llm_proxy_core::StreamKind;
 use llm_proxy_core::sse::Parser;
-use llm_proxy_core::usage::{self, Usage};
+use llm_proxy_core::usage::{self, StreamUsage, Usage};
 use llm_proxy_core::{Body, BoxError};
 
 use crate::keys::KeyEntry;
@@ -56,7 +57,11 @@ impl Reconcile {
 
 enum Watch {
     /// An SSE stream, parsed as it passes.
-    Sse { parser: Box<Parser>, strip: bool },
+    Sse {
+        parser: Box<Parser>,
+        stream: StreamUsage,
+        strip: bool,
+    },
     /// A JSON body, copied up to `MAX_JSON_TEE`.
     Json(Vec<u8>),
     /// Too large to look at.
@@ -89,12 +94,19 @@ pin_project_lite::pin_project! {
 impl UsageBody {
     /// `strip`: the usage chunk was requested by the proxy, not the client, so
     /// it is removed from what the client receives.
-    pub(crate) fn new(inner: Body, sse: bool, strip: bool, reconcile: Reconcile) -> Self {
+    /// `sse`: the body is a stream of this kind.
+    pub(crate) fn new(
+        inner: Body,
+        sse: Option<StreamKind>,
+        strip: bool,
+        reconcile: Reconcile,
+    ) -> Self {
         UsageBody {
             inner,
-            watch: if sse {
+            watch: if let Some(kind) = sse {
                 Watch::Sse {
                     parser: Box::new(Parser::new()),
+                    stream: StreamUsage::new(kind),
                     strip,
                 }
             } else {
@@ -111,7 +123,11 @@ impl UsageBody {
 /// (an event split across frames goes out with the frame that completes it).
 fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: Bytes) -> Bytes {
     match watch {
-        Watch::Sse { parser, strip } => {
+        Watch::Sse {
+            parser,
+            stream,
+            strip,
+        } => {
             if parser.push(&data).is_err() {
                 // Not SSE we can read: pass it on untouched, stop watching.
                 let out = if *strip { Bytes::new() } else { data };
@@ -120,11 +136,11 @@ fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: Bytes) -> Bytes {
             }
             let mut out = Vec::new();
             while let Some(event) = parser.next_event() {
-                let found = usage::from_sse_data(&event.data);
-                if found.is_some() {
-                    *usage = found;
+                stream.observe(&event.data);
+                if stream.usage().is_some() {
+                    *usage = stream.usage();
                 }
-                if *strip && !(found.is_some() && usage::is_usage_only_chunk(&event.data)) {
+                if *strip && !usage::is_usage_only_chunk(&event.data) {
                     out.extend_from_slice(&llm_proxy_core::sse::encode(&event));
                 }
             }

@@ -123,7 +123,9 @@ where
                 reserve,
                 strip_usage,
                 model,
+                endpoint,
             } = admitted?;
+            let dialect = endpoint.dialect();
             let decision = if key.limits.any() {
                 let d = shared.backend.acquire(&key, reserve).await;
                 if !d.allowed {
@@ -132,7 +134,7 @@ where
                         retry_after_secs: d.retry_after.as_secs_f64().ceil() as u64,
                         message: format!("key `{}` is over its limit", key.name),
                     }
-                    .into_response();
+                    .into_response_in(dialect);
                     rate_headers(resp.headers_mut(), &d);
                     return Ok(resp);
                 }
@@ -153,7 +155,9 @@ where
             if let Some(d) = &decision {
                 rate_headers(&mut parts.headers, d);
             }
-            let sse = is_event_stream(&parts.headers);
+            let sse = endpoint
+                .stream_kind()
+                .filter(|_| is_event_stream(&parts.headers));
             let reconcile = Reconcile::new(shared.clone(), key, model, reserve);
             let body = UsageBody::new(body, sse, strip_usage, reconcile).boxed_unsync();
             Ok(Response::from_parts(parts, body))
@@ -176,6 +180,7 @@ struct Admitted {
     reserve: u64,
     strip_usage: bool,
     model: Option<Arc<str>>,
+    endpoint: Endpoint,
 }
 
 /// The synchronous part: key, route, model, identity, token reservation and
@@ -191,6 +196,7 @@ fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
             reserve: 0,
             strip_usage: false,
             model: None,
+            endpoint: Endpoint::Passthrough,
         });
     };
     if meta.endpoint() == Endpoint::Passthrough && !key.passthrough {
@@ -218,6 +224,7 @@ fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
         reserve,
         strip_usage,
         model,
+        endpoint: meta.endpoint(),
     })
 }
 

@@ -102,7 +102,8 @@ where
     let set = shared.snapshot();
     let (parts, body) = req.into_parts();
     let meta = parts.extensions.get::<RequestMeta>().cloned();
-    let route = Route::new(&shared.config, &set, meta.as_ref())?;
+    let pin = parts.extensions.get::<llm_proxy_core::PinnedUpstream>();
+    let route = Route::new(&shared.config, &set, meta.as_ref(), pin)?;
     let buffered = meta.as_ref().is_some_and(|m| m.original_body().is_some());
     let attempts = if buffered {
         shared.config.max_retries.saturating_add(1)

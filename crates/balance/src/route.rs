@@ -13,7 +13,7 @@
 //!
 //! Within a pass the strategy's [`Picker`](crate::Picker) chooses.
 
-use llm_proxy_core::{Endpoint, Error, RequestMeta};
+use llm_proxy_core::{Api, Endpoint, Error, PinnedUpstream, RequestMeta};
 
 use crate::config::{BalanceConfig, Strategy};
 use crate::picker::LoadView;
@@ -35,7 +35,10 @@ pub(crate) struct Route<'a> {
     chain: Vec<(&'a Group, Option<&'a str>)>,
     model: Option<&'a str>,
     endpoint: Endpoint,
+    api: Option<Api>,
     key: Option<u64>,
+    /// The one member a pinned request may use.
+    pinned: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,9 +54,30 @@ impl<'a> Route<'a> {
         cfg: &'a BalanceConfig,
         set: &'a BackendSet<S>,
         meta: Option<&'a RequestMeta>,
+        pin: Option<&PinnedUpstream>,
     ) -> Result<Self, Error> {
         let endpoint = meta.map_or(Endpoint::Passthrough, RequestMeta::endpoint);
         let model = meta.and_then(RequestMeta::model);
+        let api = endpoint.api();
+        if let Some(PinnedUpstream(name)) = pin {
+            let member = set
+                .members
+                .iter()
+                .position(|m| m.name == *name)
+                .ok_or_else(|| {
+                    Error::ResponseNotFound(format!(
+                        "the upstream `{name}` that holds this response is not configured any more"
+                    ))
+                })?;
+            return Ok(Route {
+                chain: Vec::new(),
+                model,
+                endpoint,
+                api,
+                key: None,
+                pinned: Some(member),
+            });
+        }
         let chain = match model {
             None => vec![(&set.passthrough, None)],
             Some(model) => {
@@ -66,6 +90,17 @@ impl<'a> Route<'a> {
                     .collect()
             }
         };
+        if api.is_some()
+            && !chain
+                .iter()
+                .any(|(group, _)| group.members.iter().any(|&m| set.members[m].serves(api)))
+        {
+            let api = api.map_or("", Api::as_str);
+            return Err(Error::ApiNotServed(match model {
+                Some(model) => format!("no upstream serves the `{api}` API for model `{model}`"),
+                None => format!("no upstream serves the `{api}` API"),
+            }));
+        }
         let key = match (&cfg.strategy, meta.and_then(RequestMeta::json)) {
             (Strategy::PrefixAffinity(p), Some(json)) => PromptPrefix::from_json(json, p),
             _ => None,
@@ -74,7 +109,9 @@ impl<'a> Route<'a> {
             chain,
             model,
             endpoint,
+            api,
             key,
+            pinned: None,
         })
     }
 
@@ -96,6 +133,16 @@ impl<'a> Route<'a> {
         now: u64,
         random: u64,
     ) -> Option<Choice<'a>> {
+        if let Some(member) = self.pinned {
+            // No other upstream can honour a pinned request: retry it only
+            // there, and only while it is healthy.
+            let again = tried.contains(&member);
+            let usable = !again || set.members[member].state.is_available(now);
+            return usable.then_some(Choice {
+                member,
+                model: None,
+            });
+        }
         for pass in [Pass::HealthyUntried, Pass::Untried, Pass::HealthyTried] {
             for &(group, model) in &self.chain {
                 let view = View {
@@ -104,6 +151,7 @@ impl<'a> Route<'a> {
                     tried,
                     now,
                     pass,
+                    api: self.api,
                 };
                 if let Some(i) = group.picker.pick(&view, self.key, random) {
                     return Some(Choice {
@@ -124,6 +172,7 @@ struct View<'v, S> {
     tried: &'v [usize],
     now: u64,
     pass: Pass,
+    api: Option<Api>,
 }
 
 impl<S> LoadView for View<'_, S> {
@@ -133,6 +182,9 @@ impl<S> LoadView for View<'_, S> {
 
     fn is_available(&self, i: usize) -> bool {
         let member = self.group.members[i];
+        if !self.set.members[member].serves(self.api) {
+            return false;
+        }
         let tried = self.tried.contains(&member);
         let healthy = || self.set.members[member].state.is_available(self.now);
         match self.pass {

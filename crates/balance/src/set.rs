@@ -5,6 +5,7 @@
 //! change never disturbs them; the per-backend [`BackendState`] is shared
 //! between sets, so counts and health carry over.
 
+use llm_proxy_core::Api;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -34,6 +35,9 @@ pub struct Backend<S> {
     pub models: Option<Vec<String>>,
     /// Its share under [`Strategy::Weighted`] (default 1; 0 drains it).
     pub weight: u32,
+    /// The APIs it can serve (natively or by translation); `None` serves
+    /// every API.
+    pub apis: Option<Vec<Api>>,
 }
 
 impl<S> Backend<S> {
@@ -44,6 +48,7 @@ impl<S> Backend<S> {
             service,
             models: None,
             weight: 1,
+            apis: None,
         }
     }
 
@@ -54,6 +59,12 @@ impl<S> Backend<S> {
         M: Into<String>,
     {
         self.models = Some(models.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Serve only these APIs (a request of another API never comes here).
+    pub fn with_apis(mut self, apis: impl IntoIterator<Item = Api>) -> Self {
+        self.apis = Some(apis.into_iter().collect());
         self
     }
 
@@ -69,9 +80,21 @@ pub(crate) struct Member<S> {
     pub(crate) name: Arc<str>,
     pub(crate) models: Option<Vec<String>>,
     pub(crate) weight: u32,
+    pub(crate) apis: Option<Vec<Api>>,
     /// Behind a lock so that `S` need not be `Sync`; held only to clone.
     service: Mutex<S>,
     pub(crate) state: Arc<BackendState>,
+}
+
+impl<S> Member<S> {
+    /// Whether it serves `api` (`None`: a route outside the model APIs,
+    /// which every backend takes).
+    pub(crate) fn serves(&self, api: Option<Api>) -> bool {
+        match (api, &self.apis) {
+            (Some(api), Some(apis)) => apis.contains(&api),
+            _ => true,
+        }
+    }
 }
 
 impl<S: Clone> Member<S> {
@@ -80,6 +103,7 @@ impl<S: Clone> Member<S> {
             name: backend.name,
             models: backend.models,
             weight: backend.weight,
+            apis: backend.apis,
             service: Mutex::new(backend.service),
             state,
         }

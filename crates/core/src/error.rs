@@ -46,6 +46,10 @@ pub enum Error {
     /// No upstream serves this API for the model.
     #[error("{0}")]
     ApiNotServed(String),
+    /// A response id this proxy cannot route (unknown, expired, or its
+    /// upstream is gone).
+    #[error("{0}")]
+    ResponseNotFound(String),
     /// No such path.
     #[error("no route for {0}")]
     RouteNotFound(String),
@@ -128,7 +132,9 @@ impl Error {
             }
             InvalidApiKey => StatusCode::UNAUTHORIZED,
             ModelNotAllowed(_) | RouteNotAllowed(_) => StatusCode::FORBIDDEN,
-            ModelNotFound(_) | ApiNotServed(_) | RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ModelNotFound(_) | ApiNotServed(_) | ResponseNotFound(_) | RouteNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -152,7 +158,9 @@ impl Error {
             | UnsupportedMediaType(_) => "invalid_request_error",
             InvalidApiKey => "authentication_error",
             ModelNotAllowed(_) | RouteNotAllowed(_) => "permission_error",
-            ModelNotFound(_) | ApiNotServed(_) | RouteNotFound(_) => "not_found_error",
+            ModelNotFound(_) | ApiNotServed(_) | ResponseNotFound(_) | RouteNotFound(_) => {
+                "not_found_error"
+            }
             RateLimited { .. } => "rate_limit_error",
             BadGateway { .. } => "upstream_error",
             NoUpstreamAvailable(_) => "service_unavailable",
@@ -173,6 +181,7 @@ impl Error {
             RouteNotAllowed(_) => "route_not_allowed",
             ModelNotFound(_) => "model_not_found",
             ApiNotServed(_) => "api_not_served",
+            ResponseNotFound(_) => "response_not_found",
             RouteNotFound(_) => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             RequestTooLarge { .. } => "request_too_large",

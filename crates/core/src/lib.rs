@@ -59,6 +59,12 @@ pub use usage_filter::UsageFilter;
 /// The response header that names the upstream which served a request.
 pub const UPSTREAM_HEADER: &str = "x-llm-proxy-upstream";
 
+/// Put in a request's extensions to send it to one named upstream and no
+/// other (a stateful Responses request follows the upstream that created its
+/// response). The balancer honours it; no failover to another upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedUpstream(pub std::sync::Arc<str>);
+
 /// Set on a response by the upstream service that produced it: which upstream
 /// served the request. Read by metrics and by the proxy's response headers.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use http_body::{Frame, SizeHint};
 use llm_proxy_core::BoxError;
 use tokio::time::{Instant, Sleep};
 
-use crate::openai::Generation;
+use crate::sse::SseEvents;
 use crate::stats::InFlight;
 
 /// How long a failing body waits before its error, so the server writes the
@@ -58,7 +58,7 @@ enum State {
 
 #[derive(Debug)]
 struct SseStream {
-    generation: Generation,
+    events: Box<dyn SseEvents>,
     next: usize,
     fail_after: Option<usize>,
     interval: Option<Duration>,
@@ -84,17 +84,17 @@ impl MockBody {
         }
     }
 
-    /// The streamed `generation`, a token every `interval`, failing after
+    /// The streamed answer `events`, a token every `interval`, failing after
     /// `fail_after` events if set.
     pub(crate) fn sse(
-        generation: Generation,
+        events: Box<dyn SseEvents>,
         interval: Option<Duration>,
         fail_after: Option<usize>,
         guard: InFlight,
     ) -> Self {
         Self {
             state: State::Sse(Box::new(SseStream {
-                generation,
+                events,
                 next: 0,
                 fail_after,
                 interval,
@@ -167,7 +167,7 @@ impl http_body::Body for MockBody {
 
 impl SseStream {
     /// The next event; `Err` where the injected failure strikes; `None` after
-    /// `[DONE]`.
+    /// the last.
     fn poll_event(
         &mut self,
         cx: &mut Context<'_>,
@@ -177,11 +177,11 @@ impl SseStream {
         }
         if let Some(interval) = self
             .interval
-            .filter(|_| self.generation.is_token_event(self.next))
+            .filter(|_| self.events.is_token_event(self.next))
         {
             ready!(self.poll_pause(interval, cx));
         }
-        match self.generation.event(self.next) {
+        match self.events.event(self.next) {
             Some(event) => {
                 self.next += 1;
                 Poll::Ready(Some(Ok(event)))

@@ -19,6 +19,102 @@ pub struct MockConfig {
     /// Sent as `system_fingerprint` (and the `x-mock-name` response header)
     /// so tests can tell upstreams apart.
     pub name: String,
+    /// The APIs (dialects) served; `None` serves them all. The routes of an
+    /// API not listed answer `404` in that API's error format, as a server
+    /// that does not speak it would: `Some(vec![MockApi::ChatCompletions])`
+    /// plays a chat-only server (an older llama.cpp or Ollama),
+    /// `Some(vec![MockApi::Messages])` an Anthropic-only one.
+    /// `GET /models` is always served.
+    pub apis: Option<Vec<MockApi>>,
+}
+
+/// An API (dialect) the mock can speak; see [`MockConfig::apis`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MockApi {
+    /// OpenAI's `POST /chat/completions`.
+    ChatCompletions,
+    /// OpenAI's legacy `POST /completions`.
+    Completions,
+    /// OpenAI's `POST /embeddings`.
+    Embeddings,
+    /// OpenAI's Responses API: `/responses` and its sub-routes.
+    Responses,
+    /// Anthropic's Messages API: `POST /messages` and
+    /// `POST /messages/count_tokens`.
+    Messages,
+}
+
+impl MockApi {
+    /// Every API, in declaration order.
+    pub const ALL: [MockApi; 5] = [
+        MockApi::ChatCompletions,
+        MockApi::Completions,
+        MockApi::Embeddings,
+        MockApi::Responses,
+        MockApi::Messages,
+    ];
+
+    /// The API's name as [`FromStr`](std::str::FromStr) reads it:
+    /// `chat-completions`, `completions`, `embeddings`, `responses` or
+    /// `messages`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MockApi::ChatCompletions => "chat-completions",
+            MockApi::Completions => "completions",
+            MockApi::Embeddings => "embeddings",
+            MockApi::Responses => "responses",
+            MockApi::Messages => "messages",
+        }
+    }
+
+    /// The API a route (a path without `/v1`, see [`MockStats::requests_for`](
+    /// crate::MockStats::requests_for)) belongs to; `None` for `/models` and
+    /// unknown routes.
+    pub(crate) fn of_route(route: &str) -> Option<Self> {
+        let under = |prefix: &str| {
+            route
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        match route {
+            "/chat/completions" => Some(MockApi::ChatCompletions),
+            "/completions" => Some(MockApi::Completions),
+            "/embeddings" => Some(MockApi::Embeddings),
+            _ if under("/responses") => Some(MockApi::Responses),
+            _ if under("/messages") => Some(MockApi::Messages),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for MockApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for MockApi {
+    type Err = String;
+
+    /// Reads [`MockApi::name`]; `chat` and `anthropic` are accepted for
+    /// `chat-completions` and `messages`, and `_` for `-`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let wanted = s.trim().to_ascii_lowercase().replace('_', "-");
+        match wanted.as_str() {
+            "chat" => return Ok(MockApi::ChatCompletions),
+            "anthropic" => return Ok(MockApi::Messages),
+            _ => {}
+        }
+        MockApi::ALL
+            .into_iter()
+            .find(|api| api.name() == wanted)
+            .ok_or_else(|| {
+                format!(
+                    "unknown API `{s}`: expected one of chat-completions, completions, \
+                     embeddings, responses, messages"
+                )
+            })
+    }
 }
 
 /// A failure the mock injects instead of (or in the middle of) an answer.
@@ -63,6 +159,19 @@ impl MockConfig {
         } else {
             self.models.iter().map(String::as_str).collect()
         }
+    }
+
+    /// Whether the routes of `api` are served.
+    pub(crate) fn serves(&self, api: MockApi) -> bool {
+        self.apis.as_ref().is_none_or(|apis| apis.contains(&api))
+    }
+
+    /// Whether the mock speaks Anthropic's Messages API and no OpenAI API:
+    /// then `/models` and unknown routes answer in Anthropic's format too.
+    pub(crate) fn anthropic_only(&self) -> bool {
+        self.apis.as_ref().is_some_and(|apis| {
+            apis.contains(&MockApi::Messages) && apis.iter().all(|api| *api == MockApi::Messages)
+        })
     }
 
     /// The pause between streamed tokens, if any.

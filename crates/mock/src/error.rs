@@ -1,10 +1,20 @@
-//! Errors the mock answers with, in OpenAI's format.
+//! Errors the mock answers with, in OpenAI's format or Anthropic's.
 
 use http::StatusCode;
 use serde_json::{Value, json};
 
-/// An error answered in OpenAI's format:
-/// `{"error":{"message","type","param","code"}}`.
+/// The error format of a route: which API family's clients read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// `{"error":{"message","type","param","code"}}`.
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`.
+    Anthropic,
+}
+
+/// An error answered in OpenAI's format,
+/// `{"error":{"message","type","param","code"}}`, or in Anthropic's,
+/// `{"type":"error","error":{"type","message"}}` (see [`ApiError::to_json`]).
 #[derive(Debug)]
 pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
@@ -37,6 +47,23 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: Some("not_found"),
+            retry_after_secs: None,
+        }
+    }
+
+    /// `404 Not Found` with OpenAI's `invalid_request_error` type, naming
+    /// `param` and `code`, as OpenAI answers an unknown object id.
+    pub(crate) fn not_found_param(
+        message: impl Into<String>,
+        param: Option<&'static str>,
+        code: Option<&'static str>,
+    ) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code,
             retry_after_secs: None,
         }
     }
@@ -81,8 +108,38 @@ impl ApiError {
         }
     }
 
-    /// The error body.
-    pub(crate) fn to_json(&self) -> Value {
+    /// The error body in `dialect`'s format. Anthropic's error `type` is
+    /// chosen by the status, as Anthropic's API does: `invalid_request_error`
+    /// (400 and other 4xx), `authentication_error` (401), `permission_error`
+    /// (403), `not_found_error` (404), `request_too_large` (413),
+    /// `rate_limit_error` (429), `api_error` (500 and other 5xx),
+    /// `timeout_error` (504) or `overloaded_error` (529).
+    pub(crate) fn to_json(&self, dialect: Dialect) -> Value {
+        match dialect {
+            Dialect::OpenAi => self.to_openai_json(),
+            Dialect::Anthropic => json!({
+                "type": "error",
+                "error": { "type": self.anthropic_type(), "message": self.message },
+            }),
+        }
+    }
+
+    fn anthropic_type(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            504 => "timeout_error",
+            529 => "overloaded_error",
+            status if status >= 500 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn to_openai_json(&self) -> Value {
         json!({
             "error": {
                 "message": self.message,

@@ -1,5 +1,6 @@
-//! A deterministic OpenAI-compatible mock LLM, for llm-proxy's tests,
-//! benchmarks and demo configuration.
+//! A deterministic mock LLM speaking OpenAI's APIs (chat completions,
+//! completions, embeddings, Responses) and Anthropic's Messages API, for
+//! llm-proxy's tests, benchmarks and demo configuration.
 //!
 //! [`Mock`] is a tower `Service<http::Request<B>>` answering with
 //! `http::Response<`[`Body`](llm_proxy_core::Body)`>`; it can stand in for an
@@ -7,7 +8,14 @@
 //! or [`spawn`] (HTTP/1.1 and h2c). The same request always gets the same
 //! answer: the words of a completion and the values of an embedding are
 //! chosen by a hash of the prompt, ids derive from that hash and `created` is
-//! fixed. Different prompts get different answers.
+//! fixed. Different prompts get different answers. The exception is the
+//! Responses API, whose ids are unique per response (see below).
+//!
+//! The words depend on the conversation only, not on its dialect: a
+//! Responses request (`instructions` as a system message, then the `input`)
+//! or a Messages request (`system`, then the `messages`) gets the same words
+//! as the chat request with the same messages. Input (prompt) tokens are
+//! estimated the same way everywhere: a token per 4 bytes of request body.
 //!
 //! # Routes
 //!
@@ -19,8 +27,22 @@
 //! | `POST /chat/completions` | `chat.completion`, or an SSE stream of `chat.completion.chunk` with `"stream": true` |
 //! | `POST /completions` | `text_completion`, streamed likewise |
 //! | `POST /embeddings` | one unit vector (8 floats, or `dimensions`) per input |
-//! | `GET /models`, `GET /models/{id}` | the models of [`MockConfig::models`] |
+//! | `POST /responses` | a Responses API `response`, or its SSE events with `"stream": true` |
+//! | `GET /responses/{id}` | a response created before (and not `"store": false`) |
+//! | `DELETE /responses/{id}` | `{"id","object":"response","deleted":true}`; forgets it |
+//! | `POST /responses/{id}/cancel` | the response, now `"status": "cancelled"` |
+//! | `GET /responses/{id}/input_items` | an empty list |
+//! | `POST /responses/input_tokens` | `{"object":"response.input_tokens","input_tokens":N}` |
+//! | `POST /responses/compact` | a `response.compaction` with one `compaction` item |
+//! | `POST /messages` | an Anthropic `message`, or its SSE events with `"stream": true` |
+//! | `POST /messages/count_tokens` | `{"input_tokens":N}` |
+//! | `GET /models`, `GET /models/{id}` | the models of [`MockConfig::models`] (in Anthropic's format when the mock serves only [`MockApi::Messages`]) |
 //! | anything else | `404` with an OpenAI-style error |
+//!
+//! [`MockConfig::apis`] restricts the APIs served, to play a server that
+//! speaks only some: the routes of the others answer `404` at once (before
+//! latency and injected failures), in their API's error format. Requests are
+//! counted per route whether served or not ([`MockStats::requests_for`]).
 //!
 //! A body that is not JSON gets `400`. Completions have 8 tokens (words)
 //! unless `x-mock-tokens` says otherwise; `max_tokens` or
@@ -32,11 +54,66 @@
 //! [`MockConfig::tokens_per_second`] tick; dropping the body stops them and
 //! counts in [`MockStats::cancelled`].
 //!
+//! # Tool calls
+//!
+//! A request offering tools whose last message is the user's and mentions
+//! "weather" (any case) is answered with a call of the first tool (the first
+//! `function` tool for the Responses API) with arguments `{"city":"Paris"}`,
+//! streamed in 4 pieces (4 completion tokens, whatever `x-mock-tokens` or a
+//! cap say). A conversation ending with the tool's result is answered with
+//! text.
+//!
+//! | API | the call |
+//! | --- | --- |
+//! | chat | `tool_calls: [{"id":"call_…","type":"function","function":{"name","arguments"}}]`, `finish_reason: "tool_calls"`; streamed: the role chunk carries the call's `index`, `id`, `name` and empty `arguments`, then argument deltas, then the finish chunk |
+//! | Responses | a `function_call` output item (`id` `fc_…`, `call_id` `call_…`); streamed with `response.function_call_arguments.delta`/`.done` |
+//! | Messages | a `tool_use` block (`toolu_…`), `stop_reason: "tool_use"`; streamed as `input_json_delta` pieces after a `content_block_start` with `input: {}` |
+//!
+//! # The Responses API
+//!
+//! A response (`resp_<hex>`) has one output message (`msg_<hex>`) holding one
+//! `output_text` part, and `usage` with `input_tokens`, `output_tokens`,
+//! `total_tokens` and their details. Request fields such as `instructions`,
+//! `previous_response_id`, `store` (default `true`), `tools`, `metadata` and
+//! `max_output_tokens` are echoed. `max_output_tokens` below the token count
+//! caps it: `"status": "incomplete"` with `incomplete_details.reason`
+//! `max_output_tokens`.
+//!
+//! Ids hash the request body and the number of responses the mock created
+//! before it, so they are unique, yet the same on every run of a test. The
+//! mock remembers the last 1024 stored responses: `previous_response_id`
+//! naming another id gets `404` with code `previous_response_not_found`.
+//!
+//! Streamed, each event is `event: <type>` and `data:` JSON with `type` and
+//! `sequence_number`: `response.created` and `response.in_progress` (status
+//! `in_progress`, no output, `usage: null`), `response.output_item.added`,
+//! `response.content_part.added`, one `response.output_text.delta` per token,
+//! `response.output_text.done`, `response.content_part.done`,
+//! `response.output_item.done` and `response.completed` with the whole
+//! response (`response.incomplete` when capped, as OpenAI does). No `[DONE]`.
+//!
+//! # The Messages API
+//!
+//! As Anthropic's API: requests need the `anthropic-version` header and
+//! `max_tokens` (else `400`); `max_tokens` below the token count caps it with
+//! `stop_reason: "max_tokens"`, else `"end_turn"`. A message (`msg_<hex>`)
+//! has one `text` block and `usage` with `input_tokens` and `output_tokens`.
+//! Errors (injected ones included) have Anthropic's format,
+//! `{"type":"error","error":{"type","message"}}`, whose type follows the
+//! status: `invalid_request_error`, `authentication_error`,
+//! `permission_error`, `not_found_error`, `rate_limit_error`, `api_error`,
+//! `overloaded_error` (529)… Streamed events are `message_start` (no content,
+//! `output_tokens: 1`), `content_block_start`, `ping`, one
+//! `content_block_delta` (`text_delta`) per token, `content_block_stop`,
+//! `message_delta` (stop reason and `output_tokens`) and `message_stop`.
+//! Request headers (`anthropic-version`, `anthropic-beta`, `x-api-key`) are
+//! recorded like any other ([`MockStats::last_request_headers`]).
+//!
 //! # Per-request headers
 //!
 //! | header | effect |
 //! | --- | --- |
-//! | `x-mock-fail: 500` (any status) | that status with an OpenAI-style error body |
+//! | `x-mock-fail: 500` (any status) | that status with an error body (OpenAI's format, or Anthropic's on `/messages`) |
 //! | `x-mock-fail: 429` | [`Failure::RateLimited`] with `retry-after: 1` |
 //! | `x-mock-fail: drop` | [`Failure::DropMidStream`] after `x-mock-drop-after` (default 2) frames |
 //! | `x-mock-fail: hang` | [`Failure::Hang`] |
@@ -79,16 +156,19 @@
 //! This crate has no feature flags.
 #![forbid(unsafe_code)]
 
+mod anthropic;
 mod body;
 mod config;
 mod error;
 mod openai;
+mod responses;
 mod server;
 mod service;
+mod sse;
 mod stats;
 mod text;
 
-pub use config::{Failure, MockConfig};
+pub use config::{Failure, MockApi, MockConfig};
 pub use server::{MockServer, serve, spawn};
 pub use service::{Mock, ResponseFuture};
 pub use stats::MockStats;

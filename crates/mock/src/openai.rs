@@ -5,6 +5,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 pub(crate) use crate::error::ApiError;
+use crate::sse::{SseEvents, data_event};
 use crate::text::{self, Hasher};
 
 /// The `created` timestamp of every answer: fixed, so answers are
@@ -35,10 +36,20 @@ pub(crate) struct Generation {
     seed: u64,
     tokens: usize,
     finish_reason: &'static str,
+    /// The chat answer is this tool call instead of text.
+    tool_call: Option<ToolCall>,
     prompt_tokens: u64,
     /// The request asked for `"stream": true`.
     pub(crate) stream: bool,
     include_usage: bool,
+}
+
+/// A tool call the mock answers with: [`text::TOOL_ARGUMENTS`] for the named
+/// function.
+#[derive(Debug)]
+struct ToolCall {
+    id: String,
+    name: String,
 }
 
 /// What a completion request asked for, beyond its JSON body.
@@ -63,9 +74,9 @@ impl Generation {
             .as_object()
             .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object", None))?;
         let mut hasher = Hasher::new();
+        let mut tool_name = None;
         match api {
             Api::Chat => {
-                hasher.write(b"chat");
                 let messages = request
                     .get("messages")
                     .and_then(Value::as_array)
@@ -75,9 +86,8 @@ impl Generation {
                             Some("messages"),
                         )
                     })?;
-                for message in messages {
-                    hash_message(&mut hasher, message);
-                }
+                hasher = conversation_hasher(messages);
+                tool_name = chat_tool_call(request, messages);
             }
             Api::Completion => {
                 hasher.write(b"completion");
@@ -95,9 +105,14 @@ impl Generation {
             .iter()
             .find_map(|key| request.get(*key).and_then(Value::as_u64));
         let (tokens, finish_reason) = match cap {
+            _ if tool_name.is_some() => (text::TOOL_ARGUMENT_TOKENS, "tool_calls"),
             Some(cap) if cap < params.tokens as u64 => (cap as usize, "length"),
             _ => (params.tokens, "stop"),
         };
+        let tool_call = tool_name.map(|name| ToolCall {
+            id: format!("call_{:016x}", text::derive(seed, b"call")),
+            name,
+        });
         let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
         let include_usage = request
             .get("stream_options")
@@ -116,6 +131,7 @@ impl Generation {
             seed,
             tokens,
             finish_reason,
+            tool_call,
             prompt_tokens: text::estimate_tokens(body_len),
             stream,
             include_usage,
@@ -126,6 +142,17 @@ impl Generation {
     pub(crate) fn to_json(&self) -> Value {
         let content = text::completion(self.seed, self.tokens);
         let choice = match self.api {
+            Api::Chat if self.tool_call.is_some() => json!({
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": null,
+                    "refusal": null,
+                    "tool_calls": [self.tool_call_json(text::TOOL_ARGUMENTS, false)],
+                },
+                "logprobs": null,
+                "finish_reason": self.finish_reason,
+            }),
             Api::Chat => json!({
                 "index": 0,
                 "message": { "role": "assistant", "content": content, "refusal": null },
@@ -154,8 +181,30 @@ impl Generation {
         })
     }
 
-    /// Whether SSE event `index` is a token, which streaming paces.
-    pub(crate) fn is_token_event(&self, index: usize) -> bool {
+    /// The tool call as a `tool_calls` entry: the whole call with
+    /// `arguments`, or (`streamed`) its first delta, which has an `index`.
+    fn tool_call_json(&self, arguments: &str, streamed: bool) -> Value {
+        let Some(call) = &self.tool_call else {
+            return Value::Null;
+        };
+        let mut entry = json!({
+            "id": call.id,
+            "type": "function",
+            "function": { "name": call.name, "arguments": arguments },
+        });
+        if streamed {
+            entry["index"] = json!(0);
+        }
+        entry
+    }
+
+    fn first_token_event(&self) -> usize {
+        usize::from(self.api == Api::Chat)
+    }
+}
+
+impl SseEvents for Generation {
+    fn is_token_event(&self, index: usize) -> bool {
         let first = self.first_token_event();
         index >= first && index < first + self.tokens
     }
@@ -163,22 +212,35 @@ impl Generation {
     /// SSE event `index` of the streamed answer (`data: …\n\n`), or `None`
     /// after `data: [DONE]`.
     ///
-    /// Chat streams start with a chunk holding the assistant role; then come
-    /// one chunk per token, a chunk with the finish reason, a usage chunk if
-    /// the request asked for `stream_options.include_usage`, and `[DONE]`.
-    pub(crate) fn event(&self, index: usize) -> Option<Bytes> {
+    /// Chat streams start with a chunk holding the assistant role (and the
+    /// tool call's id and name, with empty arguments, when the answer is a
+    /// tool call); then come one chunk per token (or piece of the arguments),
+    /// a chunk with the finish reason, a usage chunk if the request asked for
+    /// `stream_options.include_usage`, and `[DONE]`.
+    fn event(&self, index: usize) -> Option<Bytes> {
         let first = self.first_token_event();
         let finish = first + self.tokens;
         let usage = finish + 1;
         let done = usage + usize::from(self.include_usage);
         let chunk = match index {
+            0 if self.api == Api::Chat && self.tool_call.is_some() => self.chunk(json!([{
+                "index": 0,
+                "delta": {
+                    "role": "assistant",
+                    "content": null,
+                    "tool_calls": [self.tool_call_json("", true)],
+                    "refusal": null,
+                },
+                "logprobs": null,
+                "finish_reason": null,
+            }])),
             0 if self.api == Api::Chat => self.chunk(json!([{
                 "index": 0,
                 "delta": { "role": "assistant", "content": "" },
                 "logprobs": null,
                 "finish_reason": null,
             }])),
-            i if i < finish => self.token_chunk(text::token(self.seed, i - first)),
+            i if i < finish => self.token_chunk(i - first),
             i if i == finish => self.finish_chunk(),
             i if i == usage && self.include_usage => {
                 let mut chunk = self.chunk(json!([]));
@@ -188,14 +250,24 @@ impl Generation {
             i if i == done => return Some(Bytes::from_static(b"data: [DONE]\n\n")),
             _ => return None,
         };
-        Some(sse_event(&chunk))
+        Some(data_event(&chunk))
     }
+}
 
-    fn first_token_event(&self) -> usize {
-        usize::from(self.api == Api::Chat)
-    }
-
-    fn token_chunk(&self, token: String) -> Value {
+impl Generation {
+    fn token_chunk(&self, index: usize) -> Value {
+        if self.tool_call.is_some() {
+            return self.chunk(json!([{
+                "index": 0,
+                "delta": { "tool_calls": [{
+                    "index": 0,
+                    "function": { "arguments": text::tool_argument_piece(index) },
+                }] },
+                "logprobs": null,
+                "finish_reason": null,
+            }]));
+        }
+        let token = text::token(self.seed, index);
         self.chunk(match self.api {
             Api::Chat => json!([{
                 "index": 0,
@@ -253,6 +325,43 @@ impl Generation {
     }
 }
 
+/// The hasher of a chat conversation, which chooses the words of its answer.
+/// The other dialects hash their conversation as the equivalent chat
+/// messages, so the same conversation gets the same words in every dialect.
+pub(crate) fn conversation_hasher<'a>(messages: impl IntoIterator<Item = &'a Value>) -> Hasher {
+    let mut hasher = Hasher::new();
+    hasher.write(b"chat");
+    for message in messages {
+        hash_message(&mut hasher, message);
+    }
+    hasher
+}
+
+/// The text of a message's `content`: the string, or its parts' `text`
+/// strings joined by newlines.
+pub(crate) fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// The function a chat request's answer calls: its first tool's, when its
+/// last message is the user's and mentions the weather.
+fn chat_tool_call(request: &serde_json::Map<String, Value>, messages: &[Value]) -> Option<String> {
+    let tools = request.get("tools").and_then(Value::as_array)?;
+    let name = tools.first()?.get("function")?.get("name")?.as_str()?;
+    let last = messages.last()?;
+    let asks = last.get("role").and_then(Value::as_str) == Some("user")
+        && text::mentions_weather(&content_text(last.get("content")));
+    asks.then(|| name.to_owned())
+}
+
 /// Hashes a chat message's role and the text of its content.
 fn hash_message(hasher: &mut Hasher, message: &Value) {
     let role = message.get("role").and_then(Value::as_str).unwrap_or("");
@@ -280,7 +389,7 @@ fn hash_text(hasher: &mut Hasher, value: &Value) {
 }
 
 /// The request's `model`, or `default` when it names none.
-fn request_model(body: &Value, default: &str) -> String {
+pub(crate) fn request_model(body: &Value, default: &str) -> String {
     body.get("model")
         .and_then(Value::as_str)
         .unwrap_or(default)
@@ -357,14 +466,6 @@ pub(crate) fn model(id: &str) -> Value {
 pub(crate) fn model_list(ids: &[&str]) -> Value {
     let data: Vec<Value> = ids.iter().map(|id| model(id)).collect();
     json!({ "object": "list", "data": data })
-}
-
-/// `value` as one SSE event: `data: <json>\n\n`.
-fn sse_event(value: &Value) -> Bytes {
-    let mut event = b"data: ".to_vec();
-    event.extend_from_slice(value.to_string().as_bytes());
-    event.extend_from_slice(b"\n\n");
-    Bytes::from(event)
 }
 
 #[cfg(test)]

@@ -15,9 +15,13 @@ use http_body_util::BodyExt;
 use llm_proxy_core::{Body, BoxError};
 use serde_json::Value;
 
+use crate::anthropic;
 use crate::body::MockBody;
-use crate::config::{Failure, MockConfig};
+use crate::config::{Failure, MockApi, MockConfig};
+use crate::error::Dialect;
 use crate::openai::{self, Api, ApiError, Generation, GenerationParams};
+use crate::responses::{self, Responses};
+use crate::sse::SseEvents;
 use crate::stats::{InFlight, MockStats};
 
 /// Completion tokens produced when `x-mock-tokens` does not say.
@@ -30,7 +34,8 @@ const NAME_HEADER: HeaderName = HeaderName::from_static("x-mock-name");
 
 /// A deterministic OpenAI-compatible LLM as a tower `Service`.
 ///
-/// Cheap to clone; clones share their configuration and [`MockStats`].
+/// Cheap to clone; clones share their configuration, [`MockStats`] and the
+/// Responses API's remembered responses.
 #[derive(Clone, Debug, Default)]
 pub struct Mock {
     shared: Arc<Shared>,
@@ -41,6 +46,7 @@ pub struct Mock {
 struct Shared {
     config: MockConfig,
     name_header: Option<HeaderValue>,
+    responses: Responses,
 }
 
 /// The future of [`Mock`]'s responses.
@@ -56,6 +62,7 @@ impl Mock {
             shared: Arc::new(Shared {
                 config,
                 name_header,
+                responses: Responses::default(),
             }),
             stats: MockStats::default(),
         }
@@ -81,6 +88,14 @@ impl Mock {
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
+        let config = &self.shared.config;
+        let path = crate::route_path(parts.uri.path());
+        let api = MockApi::of_route(path);
+        let dialect = match api {
+            Some(MockApi::Messages) => Dialect::Anthropic,
+            None if config.anthropic_only() => Dialect::Anthropic,
+            _ => Dialect::OpenAi,
+        };
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
@@ -89,15 +104,19 @@ impl Mock {
                     format!("could not read the request body: {error}"),
                     None,
                 );
-                return self.reply(Reply::Error(error), None, guard);
+                return self.reply(Reply::Error(error), dialect, None, guard);
             }
         };
         self.stats.record_body(bytes.clone());
+        if api.is_some_and(|api| !config.serves(api)) {
+            // A server that does not speak this API: no latency, no failure.
+            let error = unknown_route(&parts.method, path);
+            return self.reply(Reply::Error(error), dialect, None, guard);
+        }
         let overrides = match Overrides::from_headers(&parts.headers) {
             Ok(overrides) => overrides,
-            Err(error) => return self.reply(Reply::Error(error), None, guard),
+            Err(error) => return self.reply(Reply::Error(error), dialect, None, guard),
         };
-        let config = &self.shared.config;
         let latency = overrides.latency.unwrap_or(config.latency);
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -107,40 +126,56 @@ impl Mock {
             None => None,
             Some(Failure::Hang) => return std::future::pending().await,
             Some(Failure::Status(status)) => {
-                return self.reply(Reply::Error(ApiError::injected(status)), None, guard);
+                let error = ApiError::injected(status);
+                return self.reply(Reply::Error(error), dialect, None, guard);
             }
             Some(Failure::RateLimited { retry_after_secs }) => {
                 let error = ApiError::rate_limited(retry_after_secs);
-                return self.reply(Reply::Error(error), None, guard);
+                return self.reply(Reply::Error(error), dialect, None, guard);
             }
-            Some(Failure::InvalidSse) => return self.reply(Reply::InvalidSse, None, guard),
+            Some(Failure::InvalidSse) => {
+                return self.reply(Reply::InvalidSse, dialect, None, guard);
+            }
             Some(Failure::DropMidStream { after_chunks }) => {
                 Some(overrides.drop_after.unwrap_or(after_chunks))
             }
         };
         let tokens = overrides.tokens.unwrap_or(DEFAULT_TOKENS);
-        let reply = self
-            .route(
-                &parts.method,
-                crate::route_path(parts.uri.path()),
-                &bytes,
-                tokens,
-            )
-            .unwrap_or_else(Reply::Error);
-        self.reply(reply, drop_after, guard)
+        let request = Route {
+            method: &parts.method,
+            path,
+            headers: &parts.headers,
+            bytes: &bytes,
+            tokens,
+            dialect,
+        };
+        let reply = self.route(&request).unwrap_or_else(Reply::Error);
+        self.reply(reply, dialect, drop_after, guard)
     }
 
-    /// The answer to `method path` with body `bytes`.
-    fn route(
-        &self,
-        method: &Method,
-        path: &str,
-        bytes: &Bytes,
-        tokens: usize,
-    ) -> Result<Reply, ApiError> {
+    /// The answer to `request`.
+    fn route(&self, request: &Route<'_>) -> Result<Reply, ApiError> {
+        let Route {
+            method,
+            path,
+            bytes,
+            tokens,
+            ..
+        } = *request;
         let config = &self.shared.config;
         let models = config.model_ids();
         let default_model = models.first().copied().unwrap_or(crate::DEFAULT_MODEL);
+        let params = GenerationParams {
+            tokens,
+            default_model,
+            fingerprint: &config.name,
+        };
+        if path == "/responses" || path.starts_with("/responses/") {
+            return self.route_responses(request, &params);
+        }
+        if path == "/messages" || path.starts_with("/messages/") {
+            return route_messages(request, &params);
+        }
         match (method, path) {
             (&Method::POST, "/chat/completions" | "/completions") => {
                 let api = if path == "/completions" {
@@ -148,14 +183,9 @@ impl Mock {
                 } else {
                     Api::Chat
                 };
-                let params = GenerationParams {
-                    tokens,
-                    default_model,
-                    fingerprint: &config.name,
-                };
                 let generation = Generation::parse(api, &parse_json(bytes)?, bytes.len(), &params)?;
                 if generation.stream {
-                    Ok(Reply::Sse(generation))
+                    Ok(Reply::Sse(Box::new(generation)))
                 } else {
                     Ok(Reply::Json(generation.to_json()))
                 }
@@ -164,29 +194,84 @@ impl Mock {
                 let answer = openai::embeddings(&parse_json(bytes)?, default_model, &config.name)?;
                 Ok(Reply::Json(answer))
             }
-            (&Method::GET, "/models") => Ok(Reply::Json(openai::model_list(&models))),
+            (&Method::GET, "/models") => Ok(Reply::Json(match request.dialect {
+                Dialect::OpenAi => openai::model_list(&models),
+                Dialect::Anthropic => anthropic::model_list(&models),
+            })),
             (&Method::GET, _) if path.starts_with("/models/") => {
                 let id = &path["/models/".len()..];
-                if models.contains(&id) {
-                    Ok(Reply::Json(openai::model(id)))
-                } else {
-                    Err(ApiError::not_found(format!(
+                if !models.contains(&id) {
+                    return Err(ApiError::not_found(format!(
                         "The model '{id}' does not exist"
-                    )))
+                    )));
                 }
+                Ok(Reply::Json(match request.dialect {
+                    Dialect::OpenAi => openai::model(id),
+                    Dialect::Anthropic => anthropic::model(id),
+                }))
             }
-            _ => Err(ApiError::not_found(format!(
-                "Invalid URL ({method} {path})"
-            ))),
+            _ => Err(unknown_route(method, path)),
         }
     }
 
-    /// Turns `reply` into a response; `drop_after` injects a mid-stream drop.
-    fn reply(&self, reply: Reply, drop_after: Option<usize>, guard: InFlight) -> Response<Body> {
+    /// The Responses API's routes.
+    fn route_responses(
+        &self,
+        request: &Route<'_>,
+        params: &GenerationParams<'_>,
+    ) -> Result<Reply, ApiError> {
+        let Route {
+            method,
+            path,
+            bytes,
+            ..
+        } = *request;
+        let responses = &self.shared.responses;
+        let sub = path.strip_prefix("/responses").unwrap_or(path);
+        let mut segments = sub.strip_prefix('/').map(|rest| rest.split('/'));
+        let id = segments.as_mut().and_then(Iterator::next);
+        let action = segments.as_mut().and_then(Iterator::next);
+        let extra = segments.as_mut().and_then(Iterator::next);
+        let reply = match (method, id, action, extra) {
+            (&Method::POST, None, None, None) => {
+                let created = responses.create(&parse_json(bytes)?, bytes, params)?;
+                if created.stream {
+                    return Ok(Reply::Sse(Box::new(created)));
+                }
+                created.into_json()
+            }
+            (&Method::POST, Some("input_tokens"), None, None) => {
+                responses::input_tokens(&parse_json(bytes)?, bytes.len())?
+            }
+            (&Method::POST, Some("compact"), None, None) => {
+                responses.compact(&parse_json(bytes)?, bytes, params)?
+            }
+            (&Method::GET, Some(id), None, None) if !id.is_empty() => responses.get(id)?,
+            (&Method::DELETE, Some(id), None, None) if !id.is_empty() => responses.delete(id)?,
+            (&Method::POST, Some(id), Some("cancel"), None) if !id.is_empty() => {
+                responses.cancel(id)?
+            }
+            (&Method::GET, Some(id), Some("input_items"), None) if !id.is_empty() => {
+                responses.input_items(id)?
+            }
+            _ => return Err(unknown_route(method, path)),
+        };
+        Ok(Reply::Json(reply))
+    }
+
+    /// Turns `reply` into a response, with errors in `dialect`'s format;
+    /// `drop_after` injects a mid-stream drop.
+    fn reply(
+        &self,
+        reply: Reply,
+        dialect: Dialect,
+        drop_after: Option<usize>,
+        guard: InFlight,
+    ) -> Response<Body> {
         let (status, content_type, body) = match reply {
             Reply::Json(value) => (StatusCode::OK, JSON, json_body(&value, drop_after, guard)),
             Reply::Error(error) => {
-                let body = json_body(&error.to_json(), drop_after, guard);
+                let body = json_body(&error.to_json(dialect), drop_after, guard);
                 let mut response = self.response(error.status, JSON, body);
                 if let Some(secs) = error.retry_after_secs {
                     response
@@ -195,9 +280,9 @@ impl Mock {
                 }
                 return response;
             }
-            Reply::Sse(generation) => {
+            Reply::Sse(events) => {
                 let interval = self.shared.config.token_interval();
-                let body = MockBody::sse(generation, interval, drop_after, guard);
+                let body = MockBody::sse(events, interval, drop_after, guard);
                 (StatusCode::OK, EVENT_STREAM, body)
             }
             Reply::InvalidSse => {
@@ -231,11 +316,55 @@ impl Mock {
 const JSON: &str = "application/json";
 const EVENT_STREAM: &str = "text/event-stream";
 
+/// A request, as routing sees it.
+#[derive(Clone, Copy)]
+struct Route<'a> {
+    method: &'a Method,
+    /// The route: the path without `/v1` and query.
+    path: &'a str,
+    headers: &'a HeaderMap,
+    bytes: &'a Bytes,
+    /// Completion tokens to produce before a cap.
+    tokens: usize,
+    /// The error format of the route.
+    dialect: Dialect,
+}
+
+/// Anthropic's Messages API routes.
+fn route_messages(request: &Route<'_>, params: &GenerationParams<'_>) -> Result<Reply, ApiError> {
+    let Route {
+        method,
+        path,
+        headers,
+        bytes,
+        ..
+    } = *request;
+    if method != Method::POST || !matches!(path, "/messages" | "/messages/count_tokens") {
+        return Err(unknown_route(method, path));
+    }
+    anthropic::check_headers(headers)?;
+    let body = parse_json(bytes)?;
+    if path == "/messages/count_tokens" {
+        return Ok(Reply::Json(anthropic::count_tokens(&body, bytes.len())?));
+    }
+    let message = anthropic::Message::parse(&body, bytes.len(), params)?;
+    if message.stream {
+        Ok(Reply::Sse(Box::new(message)))
+    } else {
+        Ok(Reply::Json(message.to_json()))
+    }
+}
+
+/// The `404` of a route the mock does not serve.
+fn unknown_route(method: &Method, path: &str) -> ApiError {
+    ApiError::not_found(format!("Invalid URL ({method} {path})"))
+}
+
 /// What to answer, before it becomes a response.
 enum Reply {
     Json(Value),
     Error(ApiError),
-    Sse(Generation),
+    Sse(Box<dyn SseEvents>),
     InvalidSse,
 }
 

@@ -81,6 +81,35 @@ pub(crate) fn embedding(input: &[u8], dims: usize) -> Vec<f64> {
     raw.into_iter().map(|x| x / norm).collect()
 }
 
+/// A value derived from `seed` for `purpose` (an id, say), independent of
+/// the words `seed` chooses.
+pub(crate) fn derive(seed: u64, purpose: &[u8]) -> u64 {
+    let mut hasher = Hasher::new();
+    hasher.write(&seed.to_le_bytes());
+    hasher.write(purpose);
+    hasher.finish()
+}
+
+/// The arguments of every tool call the mock makes.
+pub(crate) const TOOL_ARGUMENTS: &str = r#"{"city":"Paris"}"#;
+
+/// How many pieces (tokens) [`TOOL_ARGUMENTS`] is streamed in.
+pub(crate) const TOOL_ARGUMENT_TOKENS: usize = TOOL_ARGUMENTS.len().div_ceil(TOOL_PIECE_LEN);
+
+const TOOL_PIECE_LEN: usize = 4;
+
+/// Piece `index` of [`TOOL_ARGUMENTS`] as streamed: the pieces spell it.
+pub(crate) fn tool_argument_piece(index: usize) -> &'static str {
+    let start = (index * TOOL_PIECE_LEN).min(TOOL_ARGUMENTS.len());
+    let end = (start + TOOL_PIECE_LEN).min(TOOL_ARGUMENTS.len());
+    &TOOL_ARGUMENTS[start..end]
+}
+
+/// Whether a user's message asks for a tool call: it mentions the weather.
+pub(crate) fn mentions_weather(text: &str) -> bool {
+    text.to_ascii_lowercase().contains("weather")
+}
+
 /// A rough token count for `len` bytes of text: OpenAI's ~4 bytes a token.
 pub(crate) fn estimate_tokens(len: usize) -> u64 {
     len.div_ceil(4) as u64
@@ -96,6 +125,15 @@ mod tests {
         assert_ne!(completion(7, 8), completion(8, 8));
         assert_eq!(completion(7, 3).split(' ').count(), 3);
         assert_eq!(completion(7, 0), "");
+    }
+
+    #[test]
+    fn tool_argument_pieces_spell_the_arguments() {
+        let pieces: String = (0..TOOL_ARGUMENT_TOKENS).map(tool_argument_piece).collect();
+        assert_eq!(pieces, TOOL_ARGUMENTS);
+        assert!((0..TOOL_ARGUMENT_TOKENS).all(|i| !tool_argument_piece(i).is_empty()));
+        assert!(mentions_weather("What's the Weather like?"));
+        assert!(!mentions_weather("hello"));
     }
 
     #[test]

@@ -6,14 +6,19 @@ use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
 use llm_proxy_balance::{Backend, Balance, BalanceHandle};
 use llm_proxy_core::{ParseLayer, ParseLimits};
 use llm_proxy_mock::{Mock, MockConfig, MockServer};
-use llm_proxy_upstream::{Upstream, UpstreamConfig};
+use llm_proxy_upstream::{AuthStyle, Upstream, UpstreamConfig};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
-use crate::config::{AuthSpec, CacheSpec, CacheStore, LimitStore, Settings, Target};
+use crate::config::{AuthSpec, CacheSpec, CacheStore, LimitStore, Protocol, Settings, Target};
+use crate::estimate::EstimateLayer;
 use crate::metrics::{Metrics, Series, Source};
+use crate::redis_ids::RedisIds;
+use crate::responses::{ResponseAffinityLayer, ResponseIds};
+use crate::routes::Stack;
 use crate::routes::{FaceOptions, ProxyService, Readiness};
 use llm_proxy_cache::{CacheConfig, CacheLayer, MemoryStore, RedisStore, Store};
+use tower_layer::Layer;
 
 /// Why the proxy could not be built from valid settings.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,9 @@ pub enum BuildError {
     /// The Redis cache store could not be set up.
     #[error("[cache] redis: {0}")]
     CacheRedis(#[from] llm_proxy_cache::StoreError),
+    /// The Redis for response ids could not be set up.
+    #[error("response ids: redis: {0}")]
+    IdsRedis(redis::RedisError),
     /// An in-process mock upstream could not start.
     #[error("upstream `{name}`: cannot start the mock: {source}")]
     Mock {
@@ -99,6 +107,10 @@ impl Proxy {
             cfg.first_byte_timeout = spec.first_byte_timeout;
             cfg.idle_timeout = spec.idle_timeout;
             cfg.extra_roots_pem = spec.extra_roots_pem.clone();
+            cfg.auth_style = match spec.protocol {
+                Protocol::OpenAi => AuthStyle::Bearer,
+                Protocol::Anthropic => AuthStyle::XApiKey,
+            };
             let mut backend =
                 Backend::new(spec.name.as_str(), Upstream::new(cfg)?).with_weight(spec.weight);
             backend.models = spec.models.clone();
@@ -126,15 +138,19 @@ impl Proxy {
         if let Some(cache) = &cache {
             metrics.add_source(cache_metrics(cache.clone()));
         }
-        metrics.add_source(store_metrics(auth.clone(), cache.clone()));
+        let redis_ids = response_ids_redis(&settings)?;
+        let ids = ResponseIds::new(redis_ids.clone());
+        metrics.add_source(store_metrics(auth.clone(), cache.clone(), redis_ids));
         // The stack below the HTTP face, outermost first.
+        let below: Stack =
+            BoxCloneSyncService::new(ServiceBuilder::new().option_layer(cache).service(balance));
         let stack = ServiceBuilder::new()
             .layer(ParseLayer::new(ParseLimits {
                 max_body_bytes: settings.max_body_bytes,
             }))
             .option_layer(auth.clone())
-            .option_layer(cache)
-            .service(balance);
+            .layer(ResponseAffinityLayer::new(ids))
+            .service(BoxCloneSyncService::new(EstimateLayer.layer(below)));
         let service = ProxyService::new(
             BoxCloneSyncService::new(stack),
             auth,
@@ -328,8 +344,31 @@ fn cache_metrics(cache: CacheLayer) -> Source {
     })
 }
 
+/// The Redis for response ids: the cache's when the cache uses Redis, else
+/// the auth layer's, else none (memory only).
+fn response_ids_redis(settings: &Settings) -> Result<Option<RedisIds>, BuildError> {
+    let cache = settings.cache.as_ref().and_then(|c| match &c.store {
+        CacheStore::Redis { url, key_prefix } => Some((url, key_prefix)),
+        CacheStore::Memory { .. } => None,
+    });
+    let auth = settings.auth.as_ref().and_then(|a| match &a.backend {
+        LimitStore::Redis { url, key_prefix } => Some((url, key_prefix)),
+        LimitStore::Memory => None,
+    });
+    match cache.or(auth) {
+        Some((url, prefix)) => Ok(Some(
+            RedisIds::new(url, prefix).map_err(BuildError::IdsRedis)?,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Failed calls to shared stores, one family for every store.
-fn store_metrics(auth: Option<AuthLayer>, cache: Option<CacheLayer>) -> Source {
+fn store_metrics(
+    auth: Option<AuthLayer>,
+    cache: Option<CacheLayer>,
+    ids: Option<RedisIds>,
+) -> Source {
     Box::new(move || {
         let mut samples = Vec::new();
         if let Some(auth) = &auth {
@@ -338,6 +377,9 @@ fn store_metrics(auth: Option<AuthLayer>, cache: Option<CacheLayer>) -> Source {
         if let Some(cache) = &cache {
             let snap = cache.stats().snapshot();
             samples.push((vec![("store", "cache".to_owned())], snap.store_errors));
+        }
+        if let Some(ids) = &ids {
+            samples.push((vec![("store", "responses".to_owned())], ids.errors()));
         }
         vec![Series {
             name: "store_errors",

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use llm_proxy_core::Api;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -209,7 +210,7 @@ pub struct UpstreamSection {
     /// Models served; absent = every model.
     #[serde(default)]
     pub models: Option<Vec<String>>,
-    /// `openai` (the only protocol of this build).
+    /// `openai` or `anthropic`: how the key is sent, and the default `apis`.
     #[serde(default)]
     pub protocol: Option<Spanned<String>>,
     /// Connect timeout.
@@ -230,12 +231,14 @@ pub struct UpstreamSection {
     /// Share for strategy `weighted` (0 drains it).
     #[serde(default = "defaults::weight")]
     pub weight: u32,
-    /// Not built yet: rejected when present.
+    /// The APIs the server serves natively.
     #[serde(default)]
-    pub apis: Option<Spanned<toml::Value>>,
-    /// Not built yet: rejected when present.
+    pub apis: Option<Spanned<Vec<String>>>,
+    /// Pass WebSocket upgrades on `/v1/responses` through (not in this build:
+    /// only `false` is accepted; upgrades are refused so clients fall back to
+    /// HTTP streaming).
     #[serde(default)]
-    pub websocket: Option<Spanned<toml::Value>>,
+    pub websocket: Option<Spanned<bool>>,
 }
 
 /// `mock = { … }`: an in-process mock LLM on a loopback port.
@@ -318,6 +321,10 @@ pub struct UpstreamSpec {
     pub models: Option<Vec<String>>,
     /// Share for strategy `weighted`.
     pub weight: u32,
+    /// How the upstream wants its key, and its native dialect.
+    pub protocol: Protocol,
+    /// The APIs it serves natively.
+    pub apis: Vec<Api>,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// First-byte timeout.
@@ -326,6 +333,25 @@ pub struct UpstreamSpec {
     pub idle_timeout: Duration,
     /// Extra PEM roots, read from `tls_ca_file`.
     pub extra_roots_pem: Option<Vec<u8>>,
+}
+
+/// An upstream's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OpenAI-compatible: `Authorization: Bearer <key>`.
+    OpenAi,
+    /// Anthropic: `x-api-key: <key>`; serves Messages.
+    Anthropic,
+}
+
+impl Protocol {
+    /// The APIs served when `apis` is not given.
+    pub fn default_apis(self) -> Vec<Api> {
+        match self {
+            Protocol::OpenAi => vec![Api::ChatCompletions, Api::Completions, Api::Embeddings],
+            Protocol::Anthropic => vec![Api::Messages],
+        }
+    }
 }
 
 /// Where an upstream lives.
@@ -500,27 +526,60 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 format!("duplicate upstream name `{name}`"),
             ));
         }
-        for (key, value) in [("apis", &up.apis), ("websocket", &up.websocket)] {
-            if let Some(v) = value {
-                return Err(err(
-                    v.span(),
-                    format!(
-                        "upstream `{name}`: key `{key}` is not available in this build yet (its layer is not built)"
-                    ),
-                ));
-            }
-        }
-        if let Some(p) = &up.protocol
-            && p.get_ref() != "openai"
+        if let Some(ws) = &up.websocket
+            && *ws.get_ref()
         {
             return Err(err(
-                p.span(),
+                ws.span(),
                 format!(
-                    "upstream `{name}`: protocol `{}` is not available in this build yet (only `openai`)",
-                    p.get_ref()
+                    "upstream `{name}`: `websocket = true` is not available in this build yet (WebSocket upgrades are refused; clients fall back to HTTP streaming)"
                 ),
             ));
         }
+        let protocol = match up
+            .protocol
+            .as_ref()
+            .map(|p| (p.get_ref().as_str(), p.span()))
+        {
+            None | Some(("openai", _)) => Protocol::OpenAi,
+            Some(("anthropic", _)) => Protocol::Anthropic,
+            Some((other, span)) => {
+                return Err(err(
+                    span,
+                    format!(
+                        "upstream `{name}`: protocol `{other}`: expected \"openai\" or \"anthropic\""
+                    ),
+                ));
+            }
+        };
+        let apis = match &up.apis {
+            // The in-process mock speaks every dialect.
+            None if up.mock.is_some() => vec![
+                Api::ChatCompletions,
+                Api::Completions,
+                Api::Embeddings,
+                Api::Responses,
+                Api::Messages,
+            ],
+            None => protocol.default_apis(),
+            Some(list) => {
+                let mut apis = Vec::new();
+                for api in list.get_ref() {
+                    let parsed = Api::from_name(api).ok_or_else(|| {
+                        err(
+                            list.span(),
+                            format!(
+                                "upstream `{name}`: unknown api `{api}`: expected chat_completions, completions, embeddings, responses or messages"
+                            ),
+                        )
+                    })?;
+                    if !apis.contains(&parsed) {
+                        apis.push(parsed);
+                    }
+                }
+                apis
+            }
+        };
         let target = match (&up.url, &up.mock) {
             (Some(url), None) => Target::Url(parse_url(url.get_ref()).map_err(|m| {
                 err(
@@ -579,6 +638,8 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             api_key,
             models: up.models,
             weight: up.weight,
+            protocol,
+            apis,
             connect_timeout: Duration::from_millis(up.connect_timeout_ms),
             first_byte_timeout: Duration::from_millis(up.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(up.idle_timeout_ms),
@@ -925,13 +986,21 @@ mod tests {
         assert!(e.starts_with("t.toml:3: upstream `a`: bad url"), "{e}");
         let e = load(&format!("{MIN}websocket = true\n")).unwrap_err();
         assert!(
-            e.contains("`websocket` is not available in this build yet"),
+            e.contains("`websocket = true` is not available in this build yet"),
+            "{e}"
+        );
+        let e = load(&format!("{MIN}apis = [\"chat\"]\n")).unwrap_err();
+        assert!(
+            e.starts_with("t.toml:4: upstream `a`: unknown api `chat`"),
             "{e}"
         );
         let e = load(&format!("{MIN}[cache]\nscope = \"everyone\"\n")).unwrap_err();
         assert!(e.starts_with("t.toml:5: [cache] scope `everyone`"), "{e}");
         let e = load(&format!("{MIN}[balance]\neject_secs = -1\n")).unwrap_err();
-        assert!(e.contains("`eject_secs` must be a non-negative number"), "{e}");
+        assert!(
+            e.contains("`eject_secs` must be a non-negative number"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "one line: {e}");
     }
 

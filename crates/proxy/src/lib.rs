@@ -35,7 +35,10 @@
 
 mod app;
 pub mod config;
+mod estimate;
 pub mod metrics;
+mod redis_ids;
+mod responses;
 mod routes;
 mod server;
 

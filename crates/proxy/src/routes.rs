@@ -13,7 +13,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use llm_proxy_auth::AuthLayer;
-use llm_proxy_core::{Body, BoxError, Endpoint, Error, UPSTREAM_HEADER, UpstreamName, full};
+use llm_proxy_core::{
+    Body, BoxError, Dialect, Endpoint, Error, UPSTREAM_HEADER, UpstreamName, full,
+};
 use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
@@ -93,6 +95,14 @@ impl Route {
         }
     }
 
+    /// Whose error shape this route answers in.
+    fn dialect(self) -> Dialect {
+        match self {
+            Route::Api(e) => e.dialect(),
+            _ => Dialect::OpenAi,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Route::Healthz => "healthz",
@@ -104,10 +114,18 @@ impl Route {
     }
 
     /// The methods this route answers, for 405 and `allow`.
-    fn allow(self) -> Option<(&'static [Method], &'static str)> {
+    fn allow(self, path: &str) -> Option<(&'static [Method], &'static str)> {
         const GET: &[Method] = &[Method::GET, Method::HEAD];
         const POST: &[Method] = &[Method::POST];
+        const GET_DELETE: &[Method] = &[Method::GET, Method::HEAD, Method::DELETE];
         match self {
+            Route::Api(Endpoint::ResponseById) => Some(if path.ends_with("/cancel") {
+                (POST, "POST")
+            } else if path.ends_with("/input_items") {
+                (GET, "GET, HEAD")
+            } else {
+                (GET_DELETE, "GET, HEAD, DELETE")
+            }),
             Route::Healthz | Route::Readyz | Route::Metrics | Route::Api(Endpoint::Models) => {
                 Some((GET, "GET, HEAD"))
             }
@@ -226,7 +244,7 @@ where
         Box::pin(async move {
             let mut resp = match respond(&shared, stack, route, req, &request_id).await {
                 Ok(resp) => resp,
-                Err(e) => e.into_response(),
+                Err(e) => e.into_response_in(route.dialect()),
             };
             let status = resp.status();
             if !shared.options.upstream_header {
@@ -280,7 +298,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    if let Some((methods, allow)) = route.allow()
+    if let Some((methods, allow)) = route.allow(req.uri().path())
         && !methods.contains(req.method())
     {
         return Err(Error::MethodNotAllowed {

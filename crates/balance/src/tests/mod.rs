@@ -1,6 +1,7 @@
 //! Service-level tests with an in-memory fleet of fake upstreams and paused
 //! tokio time.
 
+mod apis;
 mod distribution;
 mod failure;
 mod runtime;

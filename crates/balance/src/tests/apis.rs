@@ -1,0 +1,75 @@
+//! Candidates by API, and requests pinned to one upstream.
+
+use llm_proxy_core::{Api, PinnedUpstream};
+
+use super::*;
+
+fn messages(model: &str) -> Request<Body> {
+    let json = serde_json::json!({"model": model, "max_tokens": 8, "messages": []});
+    let bytes = Bytes::from(json.to_string());
+    let serde_json::Value::Object(map) = json else {
+        unreachable!("built as an object")
+    };
+    let mut req = Request::post("/v1/messages")
+        .body(llm_proxy_core::empty())
+        .expect("a valid request");
+    req.extensions_mut()
+        .insert(RequestMeta::parsed(Endpoint::Messages, bytes, map));
+    req
+}
+
+#[tokio::test]
+async fn only_upstreams_serving_the_api_are_candidates() {
+    let fleet = Fleet::default();
+    let b = Balance::new(
+        [
+            fleet.backend("chat-only").with_apis([Api::ChatCompletions]),
+            fleet
+                .backend("both")
+                .with_apis([Api::ChatCompletions, Api::Messages]),
+        ],
+        BalanceConfig::default(),
+    );
+    for _ in 0..6 {
+        let (_, body) = send(&b, messages("m")).await.unwrap();
+        assert_eq!(body, "both");
+    }
+    assert_eq!(fleet.calls("chat-only"), 0);
+}
+
+#[tokio::test]
+async fn no_upstream_for_the_api_is_404_naming_it() {
+    let fleet = Fleet::default();
+    let b = Balance::new(
+        [fleet.backend("chat-only").with_apis([Api::ChatCompletions])],
+        BalanceConfig::default(),
+    );
+    let err = send(&b, messages("m")).await.unwrap_err();
+    assert_eq!(err.code(), "api_not_served");
+    assert!(err.to_string().contains("`messages` API"), "{err}");
+    assert_eq!(fleet.total(), 0);
+}
+
+#[tokio::test]
+async fn a_pinned_request_goes_only_to_its_upstream() {
+    let fleet = Fleet::default();
+    let b = balance(&fleet, &["a", "b", "c"], BalanceConfig::default());
+    for _ in 0..5 {
+        let mut req = chat("m", "hi");
+        req.extensions_mut().insert(PinnedUpstream("c".into()));
+        let (_, body) = send(&b, req).await.unwrap();
+        assert_eq!(body, "c");
+    }
+    // Failing, it is not rerouted: the last answer is its own.
+    fleet.set("c", Mode::Refused);
+    let mut req = chat("m", "hi");
+    req.extensions_mut().insert(PinnedUpstream("c".into()));
+    let err = send(&b, req).await.unwrap_err();
+    assert_eq!(err.code(), "bad_gateway");
+    assert_eq!(fleet.calls("a") + fleet.calls("b"), 0);
+    // An upstream that is gone is a clear 404.
+    let mut req = chat("m", "hi");
+    req.extensions_mut().insert(PinnedUpstream("gone".into()));
+    let err = send(&b, req).await.unwrap_err();
+    assert_eq!(err.code(), "response_not_found");
+}

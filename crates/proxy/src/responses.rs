@@ -1,0 +1,308 @@
+//! Stateful Responses: a response lives on the upstream that created it, so
+//! `previous_response_id` and `GET`/`DELETE`/`cancel`/`input_items` of a
+//! response id must go there.
+//!
+//! The layer remembers `response id -> upstream name` from every `200`
+//! answer to `POST /v1/responses` (the `id` of a JSON answer, or of the
+//! `response.created` event of a stream), and pins later requests naming
+//! that id to that upstream with [`PinnedUpstream`] — the balancer never
+//! reroutes a pinned request. An id it does not know (never seen, expired,
+//! or created through a proxy that does not share this one's Redis) is a
+//! 404 `response_not_found`, never a silent guess that the upstream could
+//! not honour.
+//!
+//! The map is an LRU in memory (100 000 ids, 7 days), and, when the cache or
+//! auth backend is Redis, also Redis (`<prefix>resp:<id>`, same TTL), so that
+//! every proxy on that Redis finds every id. An id is recorded before the
+//! last byte of the answer that carries it is passed on, so a client's
+//! follow-up can never outrun it on this proxy; through Redis the write is
+//! in flight for a moment after.
+
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use llm_proxy_core::sse::Parser;
+use llm_proxy_core::{Body, BoxError, Endpoint, Error, PinnedUpstream, RequestMeta, UpstreamName};
+use tower::util::BoxCloneSyncService;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::redis_ids::RedisIds;
+
+/// How long an id is remembered.
+const TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How many ids are kept in memory.
+const CAPACITY: usize = 100_000;
+/// JSON answers larger than this are not searched for their id.
+const MAX_JSON: usize = 4 << 20;
+
+/// Response id -> (upstream name, when recorded).
+type IdMap = lru::LruCache<Box<str>, (Arc<str>, Instant)>;
+
+/// Where response ids are remembered.
+pub struct ResponseIds {
+    memory: Mutex<IdMap>,
+    redis: Option<RedisIds>,
+}
+
+impl std::fmt::Debug for ResponseIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseIds")
+            .field("redis", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResponseIds {
+    /// A map in memory, and in Redis when `redis` is given.
+    pub fn new(redis: Option<RedisIds>) -> Arc<Self> {
+        let capacity = NonZeroUsize::new(CAPACITY).expect("a non-zero constant");
+        Arc::new(ResponseIds {
+            memory: Mutex::new(lru::LruCache::new(capacity)),
+            redis,
+        })
+    }
+
+    fn record(&self, id: &str, upstream: &Arc<str>) {
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .put(id.into(), (upstream.clone(), Instant::now()));
+        if let Some(redis) = &self.redis {
+            redis.set(id, upstream, TTL);
+        }
+    }
+
+    async fn lookup(&self, id: &str) -> Option<Arc<str>> {
+        let local = {
+            let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+            match memory.get(id) {
+                Some((name, at)) if at.elapsed() < TTL => Some(name.clone()),
+                Some(_) => {
+                    memory.pop(id);
+                    None
+                }
+                None => None,
+            }
+        };
+        match (local, &self.redis) {
+            (Some(name), _) => Some(name),
+            (None, Some(redis)) => redis.get(id).await.map(Arc::from),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Pins requests that name a response id to the upstream holding it.
+#[derive(Clone, Debug)]
+pub struct ResponseAffinityLayer {
+    ids: Arc<ResponseIds>,
+}
+
+impl ResponseAffinityLayer {
+    /// A layer over this id map.
+    pub fn new(ids: Arc<ResponseIds>) -> Self {
+        ResponseAffinityLayer { ids }
+    }
+}
+
+impl<S> Layer<S> for ResponseAffinityLayer {
+    type Service = ResponseAffinity<S>;
+
+    fn layer(&self, inner: S) -> ResponseAffinity<S> {
+        ResponseAffinity {
+            inner,
+            ids: self.ids.clone(),
+        }
+    }
+}
+
+/// The service of [`ResponseAffinityLayer`].
+#[derive(Clone, Debug)]
+pub struct ResponseAffinity<S> {
+    inner: S,
+    ids: Arc<ResponseIds>,
+}
+
+type Inner = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+
+impl Service<Request<Body>> for ResponseAffinity<Inner> {
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let ids = self.ids.clone();
+        Box::pin(async move {
+            let endpoint = req
+                .extensions()
+                .get::<RequestMeta>()
+                .map_or(Endpoint::Passthrough, RequestMeta::endpoint);
+            if let Some((id, param)) = named_id(&req, endpoint) {
+                let upstream = ids.lookup(&id).await.ok_or_else(|| {
+                    Error::ResponseNotFound(format!(
+                        "{param} `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
+                    ))
+                })?;
+                req.extensions_mut().insert(PinnedUpstream(upstream));
+            }
+            let resp = inner.call(req).await?;
+            if endpoint != Endpoint::Responses || !resp.status().is_success() {
+                return Ok(resp);
+            }
+            let Some(UpstreamName(upstream)) = resp.extensions().get::<UpstreamName>().cloned()
+            else {
+                return Ok(resp);
+            };
+            let sse = resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("text/event-stream"));
+            Ok(resp.map(|body| IdTap::new(body, sse, ids, upstream).boxed_unsync()))
+        })
+    }
+}
+
+/// The response id a request names, and the name of what named it.
+fn named_id(req: &Request<Body>, endpoint: Endpoint) -> Option<(String, &'static str)> {
+    match endpoint {
+        Endpoint::ResponseById => {
+            llm_proxy_core::response_id(req.uri().path()).map(|id| (id.to_owned(), "response id"))
+        }
+        Endpoint::Responses | Endpoint::ResponsesCompact | Endpoint::ResponsesInputTokens => {
+            let json = req.extensions().get::<RequestMeta>()?.json()?;
+            let id = json.get("previous_response_id")?.as_str()?;
+            Some((id.to_owned(), "previous_response_id"))
+        }
+        _ => None,
+    }
+}
+
+enum Tap {
+    Json(Vec<u8>),
+    Sse(Box<Parser>),
+    Done,
+}
+
+pin_project_lite::pin_project! {
+    /// An answer to `POST /v1/responses` on its way out, read for its id.
+    pub struct IdTap {
+        #[pin]
+        inner: Body,
+        tap: Tap,
+        ids: Arc<ResponseIds>,
+        upstream: Arc<str>,
+    }
+}
+
+impl IdTap {
+    fn new(inner: Body, sse: bool, ids: Arc<ResponseIds>, upstream: Arc<str>) -> Self {
+        let tap = if sse {
+            Tap::Sse(Box::new(Parser::new()))
+        } else {
+            Tap::Json(Vec::new())
+        };
+        IdTap {
+            inner,
+            tap,
+            ids,
+            upstream,
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct WithId {
+    id: Option<String>,
+    response: Option<Box<WithId>>,
+}
+
+/// Look at one frame; `last` when no more will come.
+fn observe(tap: &mut Tap, data: &[u8], last: bool) -> Option<String> {
+    let id = match tap {
+        Tap::Json(copy) => {
+            if copy.len() + data.len() > MAX_JSON {
+                *tap = Tap::Done;
+                return None;
+            }
+            copy.extend_from_slice(data);
+            if !last {
+                return None;
+            }
+            serde_json::from_slice::<WithId>(copy)
+                .ok()
+                .and_then(|w| w.id)
+        }
+        Tap::Sse(parser) => {
+            if parser.push(data).is_err() {
+                *tap = Tap::Done;
+                return None;
+            }
+            let mut found = None;
+            while let Some(event) = parser.next_event() {
+                if !event.data.contains("response.created") {
+                    continue;
+                }
+                if let Ok(w) = serde_json::from_str::<WithId>(&event.data) {
+                    found = w.response.and_then(|r| r.id);
+                    break;
+                }
+            }
+            found
+        }
+        Tap::Done => None,
+    };
+    if id.is_some() {
+        *tap = Tap::Done;
+    }
+    id
+}
+
+impl HttpBody for IdTap {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let last = this.inner.is_end_stream();
+        let seen = match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                frame.data_ref().and_then(|d| observe(this.tap, d, last))
+            }
+            Poll::Ready(None) => observe(this.tap, &[], true),
+            _ => None,
+        };
+        if let Some(id) = seen {
+            this.ids.record(&id, this.upstream);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
