@@ -111,8 +111,9 @@ impl Proxy {
                 Protocol::OpenAi => AuthStyle::Bearer,
                 Protocol::Anthropic => AuthStyle::XApiKey,
             };
-            let mut backend =
-                Backend::new(spec.name.as_str(), Upstream::new(cfg)?).with_weight(spec.weight);
+            let mut backend = Backend::new(spec.name.as_str(), Upstream::new(cfg)?)
+                .with_weight(spec.weight)
+                .with_apis(spec.apis.iter().copied());
             backend.models = spec.models.clone();
             backends.push(backend);
         }

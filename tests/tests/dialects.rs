@@ -1,0 +1,440 @@
+//! Responses and Anthropic Messages through the proxy: routing by API,
+//! stateful Responses following their upstream, Anthropic conventions and
+//! error shapes, dialect stream failures, token counting.
+
+use http::Method;
+use tests::redis_server::RedisServer;
+use tests::*;
+
+const ALL_APIS: &str =
+    "apis = [\"chat_completions\", \"completions\", \"embeddings\", \"responses\", \"messages\"]";
+
+fn responses_body(stream: bool, previous: Option<&str>) -> String {
+    let mut v = serde_json::json!({"model": "m", "input": "Tell me something.", "stream": stream});
+    if let Some(p) = previous {
+        v["previous_response_id"] = p.into();
+    }
+    v.to_string()
+}
+
+fn messages_body(stream: bool) -> String {
+    serde_json::json!({"model": "m", "max_tokens": 64, "stream": stream,
+        "messages": [{"role": "user", "content": "Hello there"}]})
+    .to_string()
+}
+
+async fn post_with(url: &str, body: String, headers: &[(&str, &str)]) -> Answer {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    send(request(Method::POST, url, &all, body)).await
+}
+
+async fn messages(p: &TestProxy, stream: bool, headers: &[(&str, &str)]) -> Answer {
+    let mut all = vec![("anthropic-version", "2023-06-01")];
+    all.extend_from_slice(headers);
+    post_with(&p.url("/v1/messages"), messages_body(stream), &all).await
+}
+
+#[tokio::test]
+async fn responses_and_messages_pass_through_streamed_and_not() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), ALL_APIS)).await;
+
+    let r = post_with(&p.url("/v1/responses"), responses_body(false, None), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "response");
+    let r = post_with(&p.url("/v1/responses"), responses_body(true, None), &[]).await;
+    let events = sse_data(&r.body);
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["type"], "response.completed");
+
+    let m = messages(&p, false, &[]).await;
+    assert_eq!(m.status, 200, "{}", m.text());
+    assert_eq!(m.json()["type"], "message");
+    let m = messages(&p, true, &[]).await;
+    let events = sse_data(&m.body);
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["type"], "message_stop");
+
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    for route in ["responses", "messages"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"llm_proxy_requests_total{{route="{route}",status="200",upstream="up"}} 2"#
+            )),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn anthropic_headers_and_key_reach_the_upstream() {
+    let up = mock_named("claude").await;
+    let p = proxy(&one_upstream(
+        &up.base_url(),
+        "protocol = \"anthropic\"\napi_key = \"sk-ant-upstream\"",
+    ))
+    .await;
+    let m = messages(
+        &p,
+        false,
+        &[
+            ("anthropic-beta", "tools-2024-04-04"),
+            ("x-api-key", "sk-client"),
+        ],
+    )
+    .await;
+    assert_eq!(m.status, 200, "{}", m.text());
+    let seen = up.stats.last_request_headers().unwrap();
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    assert_eq!(seen["anthropic-beta"], "tools-2024-04-04");
+    assert_eq!(seen["x-api-key"], "sk-ant-upstream");
+    assert!(seen.get("authorization").is_none());
+    // protocol = "anthropic" serves only Messages by default.
+    let chat = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
+    chat.assert_error(404, "not_found_error", "api_not_served");
+}
+
+#[tokio::test]
+async fn an_api_no_upstream_serves_is_404_in_the_clients_dialect() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let m = messages(&p, false, &[]).await;
+    assert_eq!(m.status, 404);
+    let v = m.json();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "not_found_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`messages` API"),
+        "{v}"
+    );
+    let r = post_with(&p.url("/v1/responses"), responses_body(false, None), &[]).await;
+    r.assert_error(404, "not_found_error", "api_not_served");
+    assert_eq!(up.stats.requests(), 0);
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_dialects_error() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), ALL_APIS)).await;
+    let m = send(request(
+        Method::POST,
+        &p.url("/v1/messages"),
+        &[
+            ("content-type", "application/json"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        "{\"model\": ",
+    ))
+    .await;
+    assert_eq!(m.status, 400);
+    assert_eq!(m.json()["error"]["type"], "invalid_request_error");
+    assert_eq!(m.json()["type"], "error");
+    let m = send(request(
+        Method::POST,
+        &p.url("/v1/messages"),
+        &[("content-type", "application/json")],
+        "{\"max_tokens\": 5}",
+    ))
+    .await;
+    assert_eq!(
+        (m.status.as_u16(), m.json()["type"].as_str()),
+        (400, Some("error"))
+    );
+    post_with(&p.url("/v1/responses"), "{".into(), &[])
+        .await
+        .assert_error(400, "invalid_request_error", "invalid_json");
+    let unknown = send(request(
+        Method::GET,
+        &p.url("/v1/responses/resp_nope"),
+        &[],
+        "",
+    ))
+    .await;
+    unknown.assert_error(404, "not_found_error", "response_not_found");
+    let unknown = post_with(
+        &p.url("/v1/responses"),
+        responses_body(false, Some("resp_nope")),
+        &[],
+    )
+    .await;
+    unknown.assert_error(404, "not_found_error", "response_not_found");
+    // A WebSocket upgrade is refused like a plain GET, so clients fall back to HTTP.
+    let ws = send(request(
+        Method::GET,
+        &p.url("/v1/responses"),
+        &[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+        ],
+        "",
+    ))
+    .await;
+    ws.assert_error(405, "invalid_request_error", "method_not_allowed");
+    assert_eq!(ws.header("allow"), Some("POST"));
+    assert_eq!(up.stats.requests(), 0);
+}
+
+async fn three_upstreams() -> (Vec<MockServer>, String) {
+    let mut ups = Vec::new();
+    let mut toml = String::new();
+    for name in ["a", "b", "c"] {
+        let up = mock_named(name).await;
+        toml.push_str(&format!(
+            "[[upstream]]\nname = \"{name}\"\nurl = \"{}\"\n{ALL_APIS}\n",
+            up.base_url()
+        ));
+        ups.push(up);
+    }
+    toml.push_str("[balance]\nstrategy = \"round_robin\"\n");
+    (ups, toml)
+}
+
+#[tokio::test]
+async fn previous_response_id_follows_its_upstream() {
+    let (_ups, toml) = three_upstreams().await;
+    let p = proxy(&toml).await;
+    for stream in [false, true] {
+        let created = post_with(&p.url("/v1/responses"), responses_body(stream, None), &[]).await;
+        assert_eq!(created.status, 200);
+        let home = created.header("x-llm-proxy-upstream").unwrap().to_owned();
+        let id = if stream {
+            let first: serde_json::Value =
+                serde_json::from_str(&sse_data(&created.body)[0]).unwrap();
+            first["response"]["id"].as_str().unwrap().to_owned()
+        } else {
+            created.json()["id"].as_str().unwrap().to_owned()
+        };
+        for _ in 0..6 {
+            let next = post_with(
+                &p.url("/v1/responses"),
+                responses_body(false, Some(&id)),
+                &[],
+            )
+            .await;
+            assert_eq!(next.status, 200, "{}", next.text());
+            assert_eq!(next.header("x-llm-proxy-upstream"), Some(home.as_str()));
+        }
+        let got = send(request(
+            Method::GET,
+            &p.url(&format!("/v1/responses/{id}")),
+            &[],
+            "",
+        ))
+        .await;
+        assert_eq!(
+            (got.status.as_u16(), got.header("x-llm-proxy-upstream")),
+            (200, Some(home.as_str()))
+        );
+        assert_eq!(got.json()["id"], id.as_str());
+        let items = send(request(
+            Method::GET,
+            &p.url(&format!("/v1/responses/{id}/input_items")),
+            &[],
+            "",
+        ))
+        .await;
+        assert_eq!(items.header("x-llm-proxy-upstream"), Some(home.as_str()));
+        let cancel = post_with(
+            &p.url(&format!("/v1/responses/{id}/cancel")),
+            String::new(),
+            &[],
+        )
+        .await;
+        assert_eq!(cancel.header("x-llm-proxy-upstream"), Some(home.as_str()));
+        let deleted = send(request(
+            Method::DELETE,
+            &p.url(&format!("/v1/responses/{id}")),
+            &[],
+            "",
+        ))
+        .await;
+        assert_eq!(
+            (
+                deleted.status.as_u16(),
+                deleted.header("x-llm-proxy-upstream")
+            ),
+            (200, Some(home.as_str()))
+        );
+    }
+}
+
+#[tokio::test]
+async fn previous_response_id_follows_its_upstream_across_proxies_on_redis() {
+    let redis = RedisServer::start().await;
+    let (_ups, toml) = three_upstreams().await;
+    let shared = format!(
+        "{toml}[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"dialects:\"\n",
+        redis.url()
+    );
+    let first = proxy(&shared).await;
+    let second = proxy(&shared).await;
+    let created = post_with(
+        &first.url("/v1/responses"),
+        responses_body(false, None),
+        &[],
+    )
+    .await;
+    let home = created.header("x-llm-proxy-upstream").unwrap().to_owned();
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    // The id reaches Redis in the background: the other proxy finds it soon.
+    let mut found = None;
+    for _ in 0..100 {
+        let next = post_with(
+            &second.url("/v1/responses"),
+            responses_body(false, Some(&id)),
+            &[],
+        )
+        .await;
+        if next.status == 200 {
+            found = next.header("x-llm-proxy-upstream").map(str::to_owned);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(found.as_deref(), Some(home.as_str()));
+}
+
+#[tokio::test]
+async fn dialect_streams_cut_midway_end_with_their_own_error_event() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), ALL_APIS)).await;
+    let cut = |path: &str, body: String| {
+        let url = p.url(path);
+        async move {
+            let resp = client()
+                .request(request(
+                    Method::POST,
+                    &url,
+                    &[
+                        ("content-type", "application/json"),
+                        ("anthropic-version", "2023-06-01"),
+                        ("x-mock-fail", "drop"),
+                        ("x-mock-drop-after", "3"),
+                    ],
+                    body,
+                ))
+                .await
+                .expect("head");
+            read_stream(resp).await
+        }
+    };
+    let (body, broke) = cut("/v1/messages", messages_body(true)).await;
+    assert!(broke);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.ends_with("\n\n") && text.contains("event: error\ndata: {\"error\":{"),
+        "{text}"
+    );
+    assert!(!text.contains("message_stop"));
+    let (body, broke) = cut("/v1/responses", responses_body(true, None)).await;
+    assert!(broke);
+    let text = String::from_utf8_lossy(&body);
+    let last: serde_json::Value = serde_json::from_str(sse_data(&body).last().unwrap()).unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["code"].as_str()),
+        (Some("error"), Some("stream_interrupted")),
+        "{text}"
+    );
+    assert!(!text.contains("response.completed"));
+}
+
+#[tokio::test]
+async fn token_counting_is_estimated_when_no_upstream_counts() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let body = messages_body(false);
+    let counted = post_with(
+        &p.url("/v1/messages/count_tokens"),
+        body.clone(),
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(counted.status, 200, "{}", counted.text());
+    assert_eq!(counted.header("x-llm-proxy-estimate"), Some("true"));
+    assert_eq!(counted.json()["input_tokens"], body.len() / 4);
+    assert_eq!(up.stats.requests(), 0);
+    // An upstream that serves Messages counts for real.
+    let native = mock_named("n").await;
+    let p = proxy(&one_upstream(&native.base_url(), "apis = [\"messages\"]")).await;
+    let counted = post_with(
+        &p.url("/v1/messages/count_tokens"),
+        body,
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(counted.status, 200, "{}", counted.text());
+    assert_eq!(counted.header("x-llm-proxy-estimate"), None);
+    assert_eq!(native.stats.requests(), 1);
+}
+
+fn remaining_tokens(a: &Answer) -> i64 {
+    a.header("x-ratelimit-remaining-tokens")
+        .expect("token headers")
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn token_limits_count_responses_and_messages_usage() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 100000\n",
+        one_upstream(&up.base_url(), ALL_APIS)
+    ))
+    .await;
+    let auth = ("authorization", "Bearer sk-t");
+    for (path, stream) in [
+        ("/v1/responses", false),
+        ("/v1/responses", true),
+        ("/v1/messages", false),
+        ("/v1/messages", true),
+    ] {
+        let big = if path == "/v1/responses" {
+            serde_json::json!({"model": "m", "input": "hi", "stream": stream, "max_output_tokens": 40000}).to_string()
+        } else {
+            serde_json::json!({"model": "m", "max_tokens": 40000, "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]})
+            .to_string()
+        };
+        let first = post_with(
+            &p.url(path),
+            big,
+            &[auth, ("anthropic-version", "2023-06-01")],
+        )
+        .await;
+        assert_eq!(first.status, 200, "{path}: {}", first.text());
+        let reserved_view = remaining_tokens(&first);
+        assert!(
+            reserved_view < 62_000,
+            "{path} reserved its estimate: {reserved_view}"
+        );
+        // Settled with the real usage when the answer ended: the budget comes back.
+        let mut settled = false;
+        for _ in 0..50 {
+            let probe = post_with(
+                &p.url("/v1/messages/count_tokens"),
+                messages_body(false),
+                &[auth, ("anthropic-version", "2023-06-01")],
+            )
+            .await;
+            if remaining_tokens(&probe) > 90_000 {
+                settled = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            settled,
+            "{path} (stream {stream}) was reconciled with its usage"
+        );
+        // Let the bucket refill between cases (nothing measured here).
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
