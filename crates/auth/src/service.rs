@@ -1,7 +1,5 @@
 //! The auth layer: who is calling, may they use this, and how fast.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -9,7 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, Endpoint, Error, Identity, RequestMeta};
+use llm_proxy_core::{Body, BoxFuture, Endpoint, Error, Identity, RequestMeta, call_boxed};
 use serde_json::Value;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -97,8 +95,6 @@ impl<S> std::fmt::Debug for Auth<S> {
     }
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
-
 impl<S> Service<Request<Body>> for Auth<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
@@ -163,16 +159,6 @@ where
             Ok(Response::from_parts(parts, body))
         })
     }
-}
-
-/// See `llm_proxy_core`'s parse layer: awaiting `S::Future` inside the async
-/// block trips a rustc limitation; a boxed future sidesteps it.
-fn call_boxed<S>(inner: &mut S, req: Request<Body>) -> BoxFuture
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
-    S::Future: Send + 'static,
-{
-    Box::pin(inner.call(req))
 }
 
 struct Admitted {

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::task::{Context, Poll};
@@ -176,7 +175,7 @@ where
 }
 
 /// The future of [`Balance`]'s `call`.
-pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+pub type ResponseFuture = llm_proxy_core::BoxFuture;
 
 impl<S> Service<Request<Body>> for Balance<S>
 where

@@ -1,8 +1,7 @@
 //! [`Cache`]: the service that answers from the store, coalesces identical
 //! requests in flight, and tees misses into the store.
 
-use std::future::{Future, poll_fn};
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -48,7 +47,7 @@ impl<S> Cache<S> {
     }
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+use llm_proxy_core::BoxFuture;
 
 /// What the cache will do with one request it serves.
 struct Plan {

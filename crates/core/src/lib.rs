@@ -45,6 +45,7 @@ mod meta;
 mod parse;
 mod render;
 pub mod sse;
+mod svc;
 pub mod usage;
 mod usage_filter;
 
@@ -54,6 +55,7 @@ pub use error::{Error, ErrorBody};
 pub use meta::{Identity, RequestMeta};
 pub use parse::{Parse, ParseLayer, ParseLimits};
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
+pub use svc::{BoxFuture, call_boxed};
 pub use usage_filter::UsageFilter;
 
 /// The response header that names the upstream which served a request.

@@ -1,7 +1,5 @@
 //! The parse layer: body limit, content type, one JSON parse, [`RequestMeta`].
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -11,7 +9,7 @@ use serde_json::{Map, Value};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{Body, BoxError, Endpoint, Error, RequestMeta, empty};
+use crate::{Body, BoxError, BoxFuture, Endpoint, Error, RequestMeta, call_boxed, empty};
 
 /// Limits the parse layer enforces.
 #[derive(Clone, Copy, Debug)]
@@ -81,7 +79,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+    type Future = BoxFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
@@ -97,20 +95,6 @@ where
             call_boxed(&mut inner, req).await
         })
     }
-}
-
-/// Call `inner`, boxing its future. Awaiting `S::Future` directly inside the
-/// `async` block trips a rustc limitation (higher-ranked `Send` inference over
-/// the `dyn Error` in [`Body`]); a boxed `dyn Future + Send` sidesteps it.
-fn call_boxed<S>(
-    inner: &mut S,
-    req: Request<Body>,
-) -> Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
-    S::Future: Send + 'static,
-{
-    Box::pin(inner.call(req))
 }
 
 /// Parse one request: the work of [`Parse`], usable without the layer.

@@ -3,8 +3,6 @@
 //! answered with the auth layer's estimate (prompt bytes / 4) and
 //! `x-llm-proxy-estimate: true` when no upstream serves them natively.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, header};
@@ -14,7 +12,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 type Inner = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+use llm_proxy_core::BoxFuture;
 
 /// Answers token-count requests locally when no upstream can.
 #[derive(Clone, Copy, Debug, Default)]

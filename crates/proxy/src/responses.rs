@@ -18,7 +18,6 @@
 //! follow-up can never outrun it on this proxy; through Redis the write is
 //! in flight for a moment after.
 
-use std::future::Future;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -133,7 +132,7 @@ pub struct ResponseAffinity<S> {
 }
 
 type Inner = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Error>> + Send>>;
+use llm_proxy_core::BoxFuture;
 
 impl Service<Request<Body>> for ResponseAffinity<Inner> {
     type Response = Response<Body>;
