@@ -1,7 +1,6 @@
 //! [`Balance`], its layer, and the state its clones and handles share.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::task::{Context, Poll};
