@@ -18,7 +18,7 @@ use llm_proxy_core::{Api, Endpoint, Error, PinnedUpstream, RequestMeta};
 use crate::config::{BalanceConfig, Strategy};
 use crate::picker::LoadView;
 use crate::prefix::PromptPrefix;
-use crate::set::{BackendSet, Group};
+use crate::set::{BackendSet, Group, Tier};
 
 /// The backend chosen for one attempt.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +36,7 @@ pub(crate) struct Route<'a> {
     model: Option<&'a str>,
     endpoint: Endpoint,
     api: Option<Api>,
+    tier: Tier,
     key: Option<u64>,
     /// The one member a pinned request may use.
     pinned: Option<usize>,
@@ -74,6 +75,7 @@ impl<'a> Route<'a> {
                 model,
                 endpoint,
                 api,
+                tier: Tier::Translated,
                 key: None,
                 pinned: Some(member),
             });
@@ -90,11 +92,21 @@ impl<'a> Route<'a> {
                     .collect()
             }
         };
-        if api.is_some()
-            && !chain
-                .iter()
-                .any(|(group, _)| group.members.iter().any(|&m| set.members[m].serves(api)))
-        {
+        let any_serves = |tier| {
+            chain.iter().any(|(group, _)| {
+                group
+                    .members
+                    .iter()
+                    .any(|&m| set.members[m].serves(api, tier))
+            })
+        };
+        // Native always wins: translation only when nothing serves it natively.
+        let tier = if any_serves(Tier::Native) {
+            Tier::Native
+        } else {
+            Tier::Translated
+        };
+        if tier == Tier::Translated && !any_serves(Tier::Translated) {
             let api = api.map_or("", Api::as_str);
             return Err(Error::ApiNotServed(match model {
                 Some(model) => format!("no upstream serves the `{api}` API for model `{model}`"),
@@ -110,6 +122,7 @@ impl<'a> Route<'a> {
             model,
             endpoint,
             api,
+            tier,
             key,
             pinned: None,
         })
@@ -152,6 +165,7 @@ impl<'a> Route<'a> {
                     now,
                     pass,
                     api: self.api,
+                    tier: self.tier,
                 };
                 if let Some(i) = group.picker.pick(&view, self.key, random) {
                     return Some(Choice {
@@ -173,6 +187,7 @@ struct View<'v, S> {
     now: u64,
     pass: Pass,
     api: Option<Api>,
+    tier: Tier,
 }
 
 impl<S> LoadView for View<'_, S> {
@@ -182,7 +197,7 @@ impl<S> LoadView for View<'_, S> {
 
     fn is_available(&self, i: usize) -> bool {
         let member = self.group.members[i];
-        if !self.set.members[member].serves(self.api) {
+        if !self.set.members[member].serves(self.api, self.tier) {
             return false;
         }
         let tried = self.tried.contains(&member);

@@ -35,9 +35,11 @@ pub struct Backend<S> {
     pub models: Option<Vec<String>>,
     /// Its share under [`Strategy::Weighted`] (default 1; 0 drains it).
     pub weight: u32,
-    /// The APIs it can serve (natively or by translation); `None` serves
-    /// every API.
+    /// The APIs it serves natively; `None` serves every API.
     pub apis: Option<Vec<Api>>,
+    /// APIs it serves only by translation: a candidate for them only when no
+    /// candidate serves the API natively (native always wins).
+    pub translated_apis: Vec<Api>,
 }
 
 impl<S> Backend<S> {
@@ -49,6 +51,7 @@ impl<S> Backend<S> {
             models: None,
             weight: 1,
             apis: None,
+            translated_apis: Vec::new(),
         }
     }
 
@@ -68,11 +71,26 @@ impl<S> Backend<S> {
         self
     }
 
+    /// Also serve these APIs by translation (used only when no candidate
+    /// serves the request's API natively).
+    pub fn with_translated_apis(mut self, apis: impl IntoIterator<Item = Api>) -> Self {
+        self.translated_apis = apis.into_iter().collect();
+        self
+    }
+
     /// Set the weight for [`Strategy::Weighted`].
     pub fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight;
         self
     }
+}
+
+/// Which backends may take an API: those serving it natively, or, when none
+/// of the candidates does, also those serving it by translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tier {
+    Native,
+    Translated,
 }
 
 /// A backend in a set: its config, its service and its shared state.
@@ -81,18 +99,22 @@ pub(crate) struct Member<S> {
     pub(crate) models: Option<Vec<String>>,
     pub(crate) weight: u32,
     pub(crate) apis: Option<Vec<Api>>,
+    pub(crate) translated_apis: Vec<Api>,
     /// Behind a lock so that `S` need not be `Sync`; held only to clone.
     service: Mutex<S>,
     pub(crate) state: Arc<BackendState>,
 }
 
 impl<S> Member<S> {
-    /// Whether it serves `api` (`None`: a route outside the model APIs,
-    /// which every backend takes).
-    pub(crate) fn serves(&self, api: Option<Api>) -> bool {
-        match (api, &self.apis) {
-            (Some(api), Some(apis)) => apis.contains(&api),
-            _ => true,
+    /// Whether it serves `api` at `tier` (`None`: a route outside the model
+    /// APIs, which every backend takes).
+    pub(crate) fn serves(&self, api: Option<Api>, tier: Tier) -> bool {
+        let Some(api) = api else { return true };
+        match tier {
+            Tier::Native => self.apis.as_ref().is_none_or(|apis| apis.contains(&api)),
+            Tier::Translated => {
+                self.serves(Some(api), Tier::Native) || self.translated_apis.contains(&api)
+            }
         }
     }
 }
@@ -104,6 +126,7 @@ impl<S: Clone> Member<S> {
             models: backend.models,
             weight: backend.weight,
             apis: backend.apis,
+            translated_apis: backend.translated_apis,
             service: Mutex::new(backend.service),
             state,
         }

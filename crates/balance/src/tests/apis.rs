@@ -73,3 +73,31 @@ async fn a_pinned_request_goes_only_to_its_upstream() {
     let err = send(&b, req).await.unwrap_err();
     assert_eq!(err.code(), "response_not_found");
 }
+
+#[tokio::test]
+async fn native_wins_over_translation_and_translation_fills_in() {
+    let fleet = Fleet::default();
+    let b = Balance::new(
+        [
+            fleet
+                .backend("translating")
+                .with_apis([Api::ChatCompletions])
+                .with_translated_apis([Api::Messages]),
+            fleet.backend("native").with_apis([Api::Messages]),
+        ],
+        BalanceConfig::default(),
+    );
+    for _ in 0..6 {
+        let (_, body) = send(&b, messages("m")).await.unwrap();
+        assert_eq!(body, "native");
+    }
+    let only_translating = Balance::new(
+        [fleet
+            .backend("translating")
+            .with_apis([Api::ChatCompletions])
+            .with_translated_apis([Api::Messages])],
+        BalanceConfig::default(),
+    );
+    let (_, body) = send(&only_translating, messages("m")).await.unwrap();
+    assert_eq!(body, "translating");
+}
