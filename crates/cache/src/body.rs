@@ -8,9 +8,9 @@ use std::task::{Context, Poll, ready};
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use llm_proxy_core::sse::Parser;
+use llm_proxy_core::sse::{Event, Parser};
 use llm_proxy_core::usage::is_usage_only_chunk;
-use llm_proxy_core::{Body, BoxError};
+use llm_proxy_core::{Body, BoxError, StreamKind};
 
 use crate::flight::Leader;
 use crate::service::Shared;
@@ -22,8 +22,10 @@ use crate::{CacheKey, Entry, EntryBody, UsageChunk};
 /// to the requests coalesced on this one and, at a clean end, to the store
 /// (written by a spawned task, never in the client's way).
 ///
-/// Stored only when it ended cleanly: a JSON body that parses, or an SSE
-/// stream that ended with `data: [DONE]` and nothing broken before it. An
+/// Stored only when it ended cleanly: a JSON body that parses (for Responses,
+/// a response with `"status": "completed"`), or an SSE stream that ended
+/// with its dialect's last event (`data: [DONE]`, `response.completed`,
+/// `message_stop`) and nothing broken or failed before it. An
 /// error of the upstream body, or the client dropping this body before its
 /// end, leaves nothing stored. When the client leaves while coalesced
 /// requests still read the answer, a task takes over reading the upstream
@@ -56,13 +58,25 @@ pub(crate) struct Tee {
 
 /// How the tee decides that an answer ended cleanly.
 pub(crate) enum Watch {
-    /// A JSON body: it must parse (checked in the store task).
-    Json,
-    /// An SSE stream: it must end with `data: [DONE]`.
+    /// A JSON body: it must parse and follow the rule (checked in the store
+    /// task).
+    Json(JsonRule),
+    /// An SSE stream: it must end with its dialect's clean last event.
     Sse(Box<SseWatch>),
 }
 
+/// What a JSON answer must be, besides JSON, to be stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum JsonRule {
+    /// Nothing more (chat, completions, embeddings, Messages).
+    Any,
+    /// A Responses `response` whose top-level `status` is `completed` (not
+    /// `incomplete`, `failed`, …).
+    CompletedResponse,
+}
+
 pub(crate) struct SseWatch {
+    kind: StreamKind,
     parser: Parser,
     frames: u32,
     done: bool,
@@ -71,8 +85,10 @@ pub(crate) struct SseWatch {
 }
 
 impl Watch {
-    pub fn sse() -> Self {
+    /// Watch a stream of `kind`.
+    pub fn sse(kind: StreamKind) -> Self {
         Watch::Sse(Box::new(SseWatch {
+            kind,
             parser: Parser::new(),
             frames: 0,
             done: false,
@@ -97,12 +113,26 @@ impl SseWatch {
         let (mut events, mut usage_here) = (0, false);
         while let Some(event) = self.parser.next_event() {
             events += 1;
-            if self.done || is_error_event(&event.data) {
+            if self.done {
+                // Nothing may follow the last event.
                 self.broken = true;
-            } else if event.is_done() {
-                self.done = true;
-            } else if is_usage_only_chunk(&event.data) {
-                usage_here = true;
+                continue;
+            }
+            match self.kind {
+                StreamKind::Chat => {
+                    if is_error_event(&event.data) {
+                        self.broken = true;
+                    } else if event.is_done() {
+                        self.done = true;
+                    } else if is_usage_only_chunk(&event.data) {
+                        usage_here = true;
+                    }
+                }
+                kind => match dialect_end(kind, &event) {
+                    Some(true) => self.done = true,
+                    Some(false) => self.broken = true,
+                    None => {}
+                },
             }
         }
         if usage_here {
@@ -119,7 +149,37 @@ impl SseWatch {
     }
 }
 
-/// An `{"error": …}` event, as a stream broken mid-way ends with.
+/// How an event of a Responses or Messages stream bears on the stream's end:
+/// `Some(true)` for the clean last event (`response.completed`,
+/// `message_stop`), `Some(false)` for an end that is not a success
+/// (`response.failed`, `response.incomplete`, and `error`, which the
+/// upstream sends when it fails mid-way and the proxy when the upstream
+/// breaks), `None` for any other. The event's name is its `event:` line,
+/// else its data's `type`, as the upstream client reads it.
+fn dialect_end(kind: StreamKind, event: &Event) -> Option<bool> {
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(default, rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    let typed;
+    let name = match event.event.as_deref() {
+        Some(name) => name,
+        None => {
+            typed = serde_json::from_str::<Typed<'_>>(&event.data).ok()?.kind?;
+            &*typed
+        }
+    };
+    match (kind, name) {
+        (_, "error") => Some(false),
+        (StreamKind::Responses, "response.completed") => Some(true),
+        (StreamKind::Responses, "response.failed" | "response.incomplete") => Some(false),
+        (StreamKind::Messages, "message_stop") => Some(true),
+        _ => None,
+    }
+}
+
+/// An `{"error": …}` event, as a chat stream broken mid-way ends with.
 fn is_error_event(data: &str) -> bool {
     data.contains("\"error\"")
         && serde_json::from_str::<serde_json::Value>(data)
@@ -155,7 +215,7 @@ impl Tee {
         let kind = match &self.watch {
             Watch::Sse(watch) if !watch.clean_end() => None,
             Watch::Sse(watch) => Some(Kind::Stream(watch.usage)),
-            Watch::Json => Some(Kind::Json),
+            Watch::Json(rule) => Some(Kind::Json(*rule)),
         };
         let counters = &self.shared.counters;
         let (Some(kind), Some(frames), false) = (kind, frames, self.too_large) else {
@@ -179,7 +239,7 @@ impl Tee {
 
 /// What a cleanly ended answer is stored as.
 enum Kind {
-    Json,
+    Json(JsonRule),
     Stream(UsageChunk),
 }
 
@@ -221,8 +281,8 @@ fn entry(frames: Vec<Bytes>, kind: Kind, content_type: Option<HeaderValue>) -> O
     frames.iter().for_each(|frame| all.extend_from_slice(frame));
     let all = all.freeze();
     let body = match kind {
-        Kind::Json => {
-            serde_json::from_slice::<serde::de::IgnoredAny>(&all).ok()?;
+        Kind::Json(rule) => {
+            json_follows(&all, rule).then_some(())?;
             EntryBody::Json(all)
         }
         Kind::Stream(usage) => {
@@ -242,6 +302,24 @@ fn entry(frames: Vec<Bytes>, kind: Kind, content_type: Option<HeaderValue>) -> O
         content_type: content_type.map(|ct| Bytes::copy_from_slice(ct.as_bytes())),
         body,
     })
+}
+
+/// Whether `body` is JSON that follows `rule`.
+fn json_follows(body: &[u8], rule: JsonRule) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Status<'a> {
+        #[serde(default, borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+    }
+    match rule {
+        JsonRule::Any => serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok(),
+        // An object: serde would also read a struct from an array.
+        JsonRule::CompletedResponse => {
+            body.trim_ascii_start().starts_with(b"{")
+                && serde_json::from_slice::<Status<'_>>(body)
+                    .is_ok_and(|response| response.status.as_deref() == Some("completed"))
+        }
+    }
 }
 
 impl HttpBody for CacheBody {
@@ -329,5 +407,85 @@ async fn read_for_followers(mut body: CacheBody) {
         if !followed {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a stream of `kind` made of `frames` ended cleanly.
+    fn clean(kind: StreamKind, frames: &[&str]) -> bool {
+        let Watch::Sse(mut watch) = Watch::sse(kind) else {
+            unreachable!()
+        };
+        frames.iter().for_each(|f| watch.observe(f.as_bytes()));
+        watch.clean_end()
+    }
+
+    #[test]
+    fn responses_streams_end_cleanly_only_with_response_completed() {
+        let r = StreamKind::Responses;
+        let created = "event: response.created\ndata: {\"type\":\"response.created\"}\n\n";
+        let completed = "event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n";
+        assert!(clean(r, &[created, completed]));
+        assert!(!clean(r, &[created]));
+        // Split anywhere, and named by `type` alone.
+        assert!(clean(r, &[created, &completed[..9], &completed[9..]]));
+        assert!(clean(r, &["data: {\"type\":\"response.completed\"}\n\n"]));
+        assert!(
+            !clean(r, &[&completed[..completed.len() - 1]]),
+            "unfinished"
+        );
+        for end in ["response.failed", "response.incomplete", "error"] {
+            let event = format!("event: {end}\ndata: {{\"type\":\"{end}\"}}\n\n");
+            assert!(!clean(r, &[created, &event]), "{end}");
+            assert!(!clean(r, &[created, &event, completed]), "{end}");
+            let typed = format!("data: {{\"type\":\"{end}\"}}\n\n");
+            assert!(!clean(r, &[created, &typed]), "{end}");
+        }
+        assert!(!clean(r, &[completed, created]), "nothing after the end");
+        assert!(!clean(r, &[completed, "data: [DONE]\n\n"]));
+        // `message_stop` is not the end of a Responses stream.
+        assert!(!clean(r, &["event: message_stop\ndata: {}\n\n"]));
+    }
+
+    #[test]
+    fn messages_streams_end_cleanly_only_with_message_stop() {
+        let m = StreamKind::Messages;
+        let start = "event: message_start\ndata: {\"type\":\"message_start\"}\n\n";
+        let stop = "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert!(clean(m, &[start, stop]));
+        assert!(clean(m, &[&format!("{start}{stop}")]));
+        assert!(!clean(m, &[start]));
+        let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n";
+        assert!(!clean(m, &[start, error]));
+        assert!(!clean(m, &[start, error, stop]));
+        assert!(!clean(m, &[stop, "event: ping\ndata: {}\n\n"]));
+        assert!(!clean(m, &["event: response.completed\ndata: {}\n\n"]));
+        // The proxy's own event for a stream cut mid-way.
+        let cut = llm_proxy_core::Error::stream_interrupted_event_for(m, "cut");
+        assert!(!clean(m, &[start, std::str::from_utf8(&cut).unwrap()]));
+    }
+
+    #[test]
+    fn only_completed_responses_follow_their_rule() {
+        let completed = br#"{"id":"r","status":"completed","output":[]}"#;
+        assert!(json_follows(completed, JsonRule::CompletedResponse));
+        assert!(json_follows(completed, JsonRule::Any));
+        for body in [
+            &br#"{"id":"r","status":"incomplete"}"#[..],
+            br#"{"id":"r","status":"failed"}"#,
+            br#"{"id":"r"}"#,
+            br#"{"id":"r","output":[{"status":"completed"}]}"#,
+            br#"["completed"]"#,
+            br#"{"status":"completed""#,
+        ] {
+            assert!(!json_follows(body, JsonRule::CompletedResponse));
+        }
+        assert!(json_follows(
+            br#"{"id":"r","status":"failed"}"#,
+            JsonRule::Any
+        ));
     }
 }

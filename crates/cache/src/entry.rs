@@ -22,11 +22,14 @@ pub enum EntryBody {
     /// A non-streamed answer: its JSON bytes, as the upstream sent them.
     Json(Bytes),
     /// A streamed answer: its SSE frames with their original boundaries,
-    /// from the first through `data: [DONE]`.
+    /// from the first through the dialect's last event (`data: [DONE]`,
+    /// `response.completed` or `message_stop`).
     Stream {
         /// The frames, in order.
         frames: Arc<[Bytes]>,
-        /// Where the usage-only chunk is, so that a replay can leave it out.
+        /// Where the usage-only chunk is, so that a replay can leave it out
+        /// (chat and completions streams; always `Absent` for Responses and
+        /// Messages, whose usage is part of their events).
         usage: UsageChunk,
     },
 }

@@ -1,5 +1,7 @@
 //! Cache keys: a blake3 hash of the endpoint, the scope and the canonical
-//! request body minus [`EXCLUDED_FIELDS`].
+//! request body minus the fields of [`excluded_fields`] (for Messages, also
+//! minus `metadata.user_id`, plus the `anthropic-version` and
+//! `anthropic-beta` headers).
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,8 +13,9 @@ use serde_json::{Map, Value};
 
 use crate::CacheScope;
 
-/// Top-level body fields left out of the key because they do not change the
-/// answer (docs/caching.md justifies each one):
+/// Top-level body fields of chat completions, completions and embeddings
+/// requests left out of the key because they do not change the answer
+/// (docs/caching.md justifies each one):
 ///
 /// - `user`, `safety_identifier`: end-user ids for the provider's abuse
 ///   monitoring;
@@ -28,6 +31,26 @@ pub const EXCLUDED_FIELDS: &[&str] = &[
     "stream_options",
     "user",
 ];
+
+/// Top-level body fields of Responses requests left out of the key: the same
+/// end-user ids and prompt-cache hint as [`EXCLUDED_FIELDS`]. Unlike chat,
+/// `stream_options` stays in: its `include_obfuscation` changes the events.
+pub const RESPONSES_EXCLUDED_FIELDS: &[&str] = &["prompt_cache_key", "safety_identifier", "user"];
+
+/// The top-level body fields left out of the key of a request to `endpoint`.
+/// None for Messages, whose one end-user id is nested (`metadata.user_id`,
+/// left out separately).
+pub fn excluded_fields(endpoint: Endpoint) -> &'static [&'static str] {
+    match endpoint {
+        Endpoint::Responses => RESPONSES_EXCLUDED_FIELDS,
+        Endpoint::Messages => &[],
+        _ => EXCLUDED_FIELDS,
+    }
+}
+
+/// Request headers that go into the key of a Messages request: they select
+/// the API version and beta features, which change the answer.
+const MESSAGES_KEY_HEADERS: &[&str] = &["anthropic-beta", "anthropic-version"];
 
 /// Changes whenever what goes into a key or an entry changes meaning, so that
 /// entries of an older proxy in a shared Redis are never served.
@@ -99,13 +122,58 @@ impl CacheKey {
     /// };
     /// assert_eq!(key(&a), key(&b));
     /// ```
+    ///
+    /// This is the key of a request without headers: for Messages, whose key
+    /// also holds the `anthropic-version` and `anthropic-beta` headers, see
+    /// [`CacheKey::with_headers`].
     pub fn new(endpoint: Endpoint, scope: &KeyScope, body: &Map<String, Value>) -> CacheKey {
+        CacheKey::with_headers(endpoint, scope, body, &HeaderMap::new())
+    }
+
+    /// The key of a request to `endpoint` in `scope` with this JSON body and
+    /// these request headers (only Messages keys read any: `anthropic-beta`
+    /// and `anthropic-version`, each value as sent, in order).
+    ///
+    /// ```
+    /// use llm_proxy_cache::{CacheKey, KeyScope};
+    /// use llm_proxy_core::Endpoint;
+    ///
+    /// let body = serde_json::json!({"model": "m", "max_tokens": 9, "messages": []});
+    /// let body = body.as_object().unwrap();
+    /// let key = |beta: &'static str| {
+    ///     let mut headers = http::HeaderMap::new();
+    ///     headers.insert("anthropic-version", "2023-06-01".parse().unwrap());
+    ///     headers.insert("anthropic-beta", beta.parse().unwrap());
+    ///     CacheKey::with_headers(Endpoint::Messages, &KeyScope::Shared, body, &headers)
+    /// };
+    /// assert_ne!(key("output-128k-2025-02-19"), key("context-1m-2025-08-07"));
+    /// ```
+    pub fn with_headers(
+        endpoint: Endpoint,
+        scope: &KeyScope,
+        body: &Map<String, Value>,
+        headers: &HeaderMap,
+    ) -> CacheKey {
         let mut hasher = blake3::Hasher::new();
         hasher.update(KEY_VERSION);
         hasher.update(endpoint.as_str().as_bytes()).update(b"\0");
         scope.hash_into(&mut hasher);
+        if endpoint == Endpoint::Messages {
+            hash_headers(&mut hasher, headers, MESSAGES_KEY_HEADERS);
+        }
         let mut canonical = Vec::with_capacity(1024);
-        write_canonical_map_without(body, EXCLUDED_FIELDS, &mut canonical);
+        match body.get("metadata") {
+            Some(Value::Object(metadata)) if endpoint == Endpoint::Messages => {
+                // `metadata.user_id` is Anthropic's end-user id (as `user` is
+                // OpenAI's): the body without `metadata`, then `metadata`
+                // without `user_id`. Canonical JSON never holds a NUL byte,
+                // so the separator keeps the two parts apart.
+                write_canonical_map_without(body, &["metadata"], &mut canonical);
+                canonical.extend_from_slice(b"\0metadata\0");
+                write_canonical_map_without(metadata, &["user_id"], &mut canonical);
+            }
+            _ => write_canonical_map_without(body, excluded_fields(endpoint), &mut canonical),
+        }
         hasher.update(&canonical);
         CacheKey(*hasher.finalize().as_bytes())
     }
@@ -115,7 +183,12 @@ impl CacheKey {
     pub fn for_request(meta: &RequestMeta, headers: &HeaderMap, scope: CacheScope) -> Option<Self> {
         let body = meta.json()?;
         let scope = KeyScope::of_request(meta, headers, scope);
-        Some(CacheKey::new(meta.endpoint(), &scope, body))
+        Some(CacheKey::with_headers(
+            meta.endpoint(),
+            &scope,
+            body,
+            headers,
+        ))
     }
 
     /// A key from its bytes, as [`CacheKey::as_bytes`] gave them.
@@ -138,6 +211,24 @@ impl CacheKey {
         let mut first = [0u8; 8];
         first.copy_from_slice(&self.0[..8]);
         u64::from_le_bytes(first)
+    }
+}
+
+/// Each header of `names`: its name, how many values it has, and each value
+/// (trimmed), length-prefixed.
+fn hash_headers(hasher: &mut blake3::Hasher, headers: &HeaderMap, names: &[&str]) {
+    for name in names {
+        let values = headers.get_all(*name);
+        hasher
+            .update(name.as_bytes())
+            .update(b"\0")
+            .update(&(values.iter().count() as u64).to_le_bytes());
+        for value in values {
+            let value = value.as_bytes().trim_ascii();
+            hasher
+                .update(&(value.len() as u64).to_le_bytes())
+                .update(value);
+        }
     }
 }
 
@@ -195,6 +286,111 @@ mod tests {
             streamed.as_object().unwrap(),
         );
         assert_ne!(emb, streamed);
+    }
+
+    #[test]
+    fn dialects_with_equal_bodies_do_not_collide() {
+        let body = json!({"model": "m", "input": "x", "max_tokens": 5, "messages": []});
+        let map = body.as_object().unwrap();
+        let keys: std::collections::HashSet<_> = [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Responses,
+            Endpoint::Messages,
+        ]
+        .into_iter()
+        .map(|e| CacheKey::new(e, &KeyScope::Shared, map))
+        .collect();
+        assert_eq!(keys.len(), 4);
+    }
+
+    #[test]
+    fn responses_keys_leave_out_end_user_ids_but_keep_stream_options() {
+        assert!(RESPONSES_EXCLUDED_FIELDS.is_sorted());
+        let key = |v: Value| {
+            CacheKey::new(
+                Endpoint::Responses,
+                &KeyScope::Shared,
+                v.as_object().unwrap(),
+            )
+        };
+        let plain = key(json!({"model": "m", "store": false, "input": "x"}));
+        let ids = json!({"model": "m", "store": false, "input": "x", "user": "u",
+            "safety_identifier": "s", "prompt_cache_key": "p"});
+        assert_eq!(key(ids), plain);
+        let options = json!({"model": "m", "store": false, "input": "x",
+            "stream_options": {"include_obfuscation": false}});
+        assert_ne!(key(options), plain);
+    }
+
+    #[test]
+    fn messages_keys_leave_out_only_metadata_user_id() {
+        let key = |v: Value| {
+            CacheKey::new(
+                Endpoint::Messages,
+                &KeyScope::Shared,
+                v.as_object().unwrap(),
+            )
+        };
+        let with =
+            |metadata: Value| key(json!({"model": "m", "messages": [], "metadata": metadata}));
+        assert_eq!(
+            with(json!({"user_id": "a", "other": 1})),
+            with(json!({"user_id": "b", "other": 1}))
+        );
+        assert_eq!(with(json!({"user_id": "a"})), with(json!({})));
+        assert_ne!(
+            with(json!({"user_id": "a", "other": 1})),
+            with(json!({"other": 2}))
+        );
+        assert_ne!(with(json!("a")), with(json!("b")));
+        assert_ne!(with(json!({})), key(json!({"model": "m", "messages": []})));
+        // No `metadata` object: nothing left out, not even OpenAI's fields.
+        let plain = key(json!({"model": "m", "messages": []}));
+        assert_ne!(
+            key(json!({"model": "m", "messages": [], "user": "u"})),
+            plain
+        );
+        assert_ne!(
+            key(json!({"model": "m", "messages": [], "user_id": "u"})),
+            plain
+        );
+    }
+
+    #[test]
+    fn messages_keys_hold_the_anthropic_headers() {
+        let body = json!({"model": "m", "messages": []});
+        let map = body.as_object().unwrap();
+        let key = |endpoint, pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(*name, value.parse().unwrap());
+            }
+            CacheKey::with_headers(endpoint, &KeyScope::Shared, map, &h)
+        };
+        let version = ("anthropic-version", "2023-06-01");
+        let base = key(Endpoint::Messages, &[version]);
+        assert_eq!(base, key(Endpoint::Messages, &[version, ("x-other", "1")]));
+        assert_ne!(base, key(Endpoint::Messages, &[]));
+        assert_ne!(
+            base,
+            key(Endpoint::Messages, &[("anthropic-version", "2024-01-01")])
+        );
+        let beta = |pairs: &[(&'static str, &'static str)]| {
+            let mut all = vec![version];
+            all.extend_from_slice(pairs);
+            key(Endpoint::Messages, &all)
+        };
+        let (a, b) = (("anthropic-beta", "a"), ("anthropic-beta", "b"));
+        assert_ne!(beta(&[a]), base);
+        assert_ne!(beta(&[a]), beta(&[b]));
+        assert_ne!(beta(&[a, b]), beta(&[("anthropic-beta", "a,b")]));
+        assert_eq!(beta(&[("anthropic-beta", " a ")]), beta(&[a]));
+        // Other endpoints do not read them.
+        assert_eq!(
+            key(Endpoint::ChatCompletions, &[version, a]),
+            key(Endpoint::ChatCompletions, &[])
+        );
     }
 
     #[test]

@@ -1,19 +1,25 @@
 //! An exact-match response cache for llm-proxy, as a tower layer.
 //!
 //! [`CacheLayer`] sits below the parse and auth layers of the stack and above
-//! the balancer. It answers repeated chat completions, completions and
-//! embeddings requests from a [`Store`], streamed or not:
+//! the balancer. It answers repeated chat completions, completions,
+//! embeddings, Anthropic Messages and stateless Responses requests (`store:
+//! false`, no `previous_response_id`, no `conversation`, not `background`)
+//! from a [`Store`], streamed or not:
 //!
 //! - **Key**: blake3 of a version tag, the endpoint, the scope
 //!   ([`CacheScope::PerKey`] by default: the auth layer's key name, else a
 //!   hash of the presented credential) and the canonical JSON of the body
-//!   minus [`EXCLUDED_FIELDS`]. Key order and whitespace do not split the
-//!   cache; `stream` is part of the key.
+//!   minus the end-user ids of [`excluded_fields`] (for Messages,
+//!   `metadata.user_id`, and the `anthropic-version` and `anthropic-beta`
+//!   headers go in). Key order and whitespace do not split the cache;
+//!   `stream` is part of the key.
 //! - **Streams**: a miss is teed to the client as it arrives ([`CacheBody`])
-//!   and stored only if it ended cleanly with `data: [DONE]`; a hit replays
-//!   the stored frames with their original boundaries. The cache asks the
-//!   upstream for `stream_options.include_usage` so that stored streams keep
-//!   their usage chunk, and hands that chunk only to clients that asked.
+//!   and stored only if it ended cleanly in its dialect (`data: [DONE]`,
+//!   `response.completed`, `message_stop`); a hit replays the stored frames
+//!   with their original boundaries. For chat and completions, the cache
+//!   asks the upstream for `stream_options.include_usage` so that stored
+//!   streams keep their usage chunk, and hands that chunk only to clients
+//!   that asked.
 //! - **Coalescing**: concurrent identical requests share one upstream call;
 //!   followers receive the leader's frames live, retry when the leader fails
 //!   before answering, and give up waiting after [`CacheConfig::max_wait`].
@@ -86,7 +92,7 @@ pub use body::CacheBody;
 pub use config::{CacheConfig, CacheScope};
 pub use control::CacheControl;
 pub use entry::{DecodeError, Entry, EntryBody, UsageChunk};
-pub use key::{CacheKey, EXCLUDED_FIELDS, KeyScope};
+pub use key::{CacheKey, EXCLUDED_FIELDS, KeyScope, RESPONSES_EXCLUDED_FIELDS, excluded_fields};
 pub use layer::CacheLayer;
 pub use replay::{CACHE_HEADER, CacheStatus};
 pub use service::Cache;

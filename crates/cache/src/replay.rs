@@ -50,12 +50,13 @@ pub(crate) fn mark(response: &mut Response<Body>, status: CacheStatus) {
 }
 
 /// A hit: `200`, the stored content type, `age`, and the stored body (a
-/// stream replayed frame by frame, without its usage chunk unless asked).
-pub(crate) fn from_entry(entry: &Entry, wants_usage: bool, age_secs: u64) -> Response<Body> {
+/// stream replayed frame by frame, without its usage chunk unless
+/// `keep_usage`: only chat and completions streams have one to leave out).
+pub(crate) fn from_entry(entry: &Entry, keep_usage: bool, age_secs: u64) -> Response<Body> {
     let (body, default_type) = match &entry.body {
         EntryBody::Json(bytes) => (full(bytes.clone()), "application/json"),
         EntryBody::Stream { frames, usage } => {
-            let body = match (usage, wants_usage) {
+            let body = match (usage, keep_usage) {
                 (UsageChunk::Frame(index), false) => {
                     Replay::new(frames.clone(), Some(*index as usize)).boxed_unsync()
                 }

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode, header};
-use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, UsageFilter, empty};
+use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, StreamKind, UsageFilter, empty};
 use serde_json::{Map, Value};
 use tower::ServiceExt;
 use tower_service::Service;
 
-use crate::body::{CacheBody, Tee, Watch};
+use crate::body::{CacheBody, JsonRule, Tee, Watch};
 use crate::flight::{Flights, Head, Joined, Leader};
 use crate::replay::{self, CacheStatus};
 use crate::stats::Counters;
@@ -53,8 +53,11 @@ use llm_proxy_core::BoxFuture;
 struct Plan {
     key: CacheKey,
     control: CacheControl,
-    /// A chat or completions stream: stored as SSE frames.
-    sse: bool,
+    /// A stream (chat/completions, Responses or Messages): stored as SSE
+    /// frames once it ended cleanly in its own dialect. `None`: a JSON answer.
+    stream: Option<StreamKind>,
+    /// A Responses request: a JSON answer is stored only when `completed`.
+    responses: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
     wants_usage: bool,
 }
@@ -64,20 +67,45 @@ impl Plan {
     fn of(req: &Request<Body>, config: &CacheConfig) -> Option<Plan> {
         let meta = req.extensions().get::<RequestMeta>()?;
         let endpoint = meta.endpoint();
-        if !matches!(
-            endpoint,
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
-        ) {
+        let json = meta.json()?;
+        let served = match endpoint {
+            Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Messages => true,
+            Endpoint::Responses => is_stateless_response(json),
+            _ => false,
+        };
+        if !served {
             return None;
         }
-        let json = meta.json()?;
         Some(Plan {
             key: CacheKey::for_request(meta, req.headers(), config.scope)?,
             control: CacheControl::from_headers(req.headers()),
-            sse: meta.is_stream() && endpoint.streams_done_sentinel(),
+            stream: meta.is_stream().then(|| endpoint.stream_kind()).flatten(),
+            responses: endpoint == Endpoint::Responses,
             wants_usage: include_usage(json) == Some(true),
         })
     }
+
+    /// A chat or completions stream whose client did not ask for the usage
+    /// chunk: the cache asks for it, stores it, and keeps it from the client.
+    /// Responses and Messages streams always carry their usage: never.
+    fn strips_usage(&self) -> bool {
+        self.stream == Some(StreamKind::Chat) && !self.wants_usage
+    }
+}
+
+/// Whether a `POST /v1/responses` body leaves no state on the server and
+/// reads none, so that its answer may be cached: `store` explicitly `false`
+/// (the API stores by default), no `previous_response_id`, no `conversation`
+/// (`null` counts as absent) and no `background: true`.
+fn is_stateless_response(json: &Map<String, Value>) -> bool {
+    let set = |field: &str| json.get(field).is_some_and(|v| !v.is_null());
+    json.get("store") == Some(&Value::Bool(false))
+        && !set("previous_response_id")
+        && !set("conversation")
+        && json.get("background") != Some(&Value::Bool(true))
 }
 
 fn include_usage(json: &Map<String, Value>) -> Option<bool> {
@@ -140,8 +168,8 @@ where
                 if let Some(entry) = lookup(&shared, &plan).await {
                     Counters::bump(&counters.hits);
                     let now = crate::clock::now_ms();
-                    let response =
-                        replay::from_entry(&entry, plan.wants_usage, entry.age(now).as_secs());
+                    let keep_usage = !plan.strips_usage();
+                    let response = replay::from_entry(&entry, keep_usage, entry.age(now).as_secs());
                     leader.serve(|| (head_of(&entry), entry_frames(&entry)));
                     return Ok(response);
                 }
@@ -163,7 +191,7 @@ where
                             continue;
                         }
                         Counters::bump(&counters.hits);
-                        let filter = plan.sse && !plan.wants_usage;
+                        let filter = plan.strips_usage();
                         return Ok(replay::from_flight(follower, &head, filter, age.as_secs()));
                     }
                     // The leader failed before its head: start over.
@@ -237,7 +265,7 @@ where
     // Ask for the usage chunk on the client's behalf, so the stored stream
     // has it; keep the unedited request in case the upstream refuses
     // `stream_options`.
-    let unedited = if plan.sse && !plan.wants_usage {
+    let unedited = if plan.strips_usage() {
         let original = copy_parts(&parts);
         let edited = parts
             .extensions
@@ -279,13 +307,17 @@ where
         shared: shared.clone(),
         key: plan.key,
         content_type,
-        watch: if plan.sse { Watch::sse() } else { Watch::Json },
+        watch: match plan.stream {
+            Some(kind) => Watch::sse(kind),
+            None if plan.responses => Watch::Json(JsonRule::CompletedResponse),
+            None => Watch::Json(JsonRule::Any),
+        },
         bytes: 0,
         too_large: false,
         handed_over: false,
     };
     let body = CacheBody::new(body, tee);
-    let body = if plan.sse && !plan.wants_usage {
+    let body = if plan.strips_usage() {
         parts.headers.remove(header::CONTENT_LENGTH);
         Body::new(UsageFilter::new(body))
     } else {

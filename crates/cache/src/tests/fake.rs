@@ -4,6 +4,10 @@
 //! Behaviour per call: the request header `x-fake` if set, else the next
 //! scripted one ([`Fake::script`]), else a normal answer. `x-fake-head-ms`
 //! delays the response head, `x-fake-frame-ms` each streamed frame.
+//!
+//! `/v1/responses` and `/v1/messages` are answered in their own dialect: a
+//! Responses `response` or its events, an Anthropic `message` or its events
+//! (with `event:` lines, some frames holding two events or half of one).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -15,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
-use llm_proxy_core::{Body, BoxError, Error, RequestMeta, full};
+use llm_proxy_core::{Body, BoxError, Endpoint, Error, RequestMeta, full};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -31,6 +35,15 @@ pub enum Behaviour {
     InvalidJson,
     /// 400 when the body has `stream_options` (some servers do this).
     RejectStreamOptions,
+    /// Responses: ends with `response.failed` (streamed) or has
+    /// `"status": "failed"`.
+    Failed,
+    /// Responses: ends with `response.incomplete` (streamed) or has
+    /// `"status": "incomplete"`.
+    Incomplete,
+    /// Responses and Messages streams: an `error` event instead of the last
+    /// one, as an upstream that fails mid-way sends.
+    ErrorEvent,
 }
 
 #[derive(Clone, Default)]
@@ -86,6 +99,9 @@ fn behaviour(req: &Request<Body>, fake: &Fake) -> (Behaviour, Duration) {
         Some("invalid-json") => Behaviour::InvalidJson,
         Some("error") => Behaviour::Error,
         Some("reject-stream-options") => Behaviour::RejectStreamOptions,
+        Some("failed") => Behaviour::Failed,
+        Some("incomplete") => Behaviour::Incomplete,
+        Some("error-event") => Behaviour::ErrorEvent,
         Some(status) => Behaviour::Status(status.parse().unwrap()),
         None => {
             let scripted = fake.state.script.lock().unwrap().pop_front();
@@ -125,8 +141,30 @@ impl tower::Service<Request<Body>> for Fake {
                     Ok(status_response(400))
                 }
                 Behaviour::InvalidJson => Ok(Response::new(full("{\"id\": not json"))),
-                _ if meta.is_stream() => Ok(stream(fake, n, usage, behaviour, frame_delay)),
-                _ => Ok(json_answer(fake, n, behaviour, frame_delay)),
+                _ => {
+                    let endpoint = meta.endpoint();
+                    let (frames, content_type) = if meta.is_stream() {
+                        let frames = match endpoint {
+                            Endpoint::Responses => responses_frames(n, behaviour),
+                            Endpoint::Messages => messages_frames(n, behaviour),
+                            _ => stream_frames(n, usage),
+                        };
+                        (frames, "text/event-stream")
+                    } else {
+                        let answer = match endpoint {
+                            Endpoint::Responses => responses_json(n, behaviour),
+                            Endpoint::Messages => messages_json(n),
+                            _ => answer_json(n),
+                        };
+                        let bytes = Bytes::from(answer.to_string());
+                        // A JSON answer in two frames.
+                        (
+                            vec![bytes.slice(..10), bytes.slice(10..)],
+                            "application/json",
+                        )
+                    };
+                    Ok(answer(fake, frames, content_type, behaviour, frame_delay))
+                }
             }
         })
     }
@@ -180,18 +218,19 @@ pub fn stream_frames(n: usize, usage: bool) -> Vec<Bytes> {
     frames
 }
 
-fn stream(
+/// An answer of `frames`: a `Break` sends two (at most all but the last),
+/// then a body error; a `NoDone` leaves out the last.
+fn answer(
     fake: Fake,
-    n: usize,
-    usage: bool,
+    frames: Vec<Bytes>,
+    content_type: &'static str,
     behaviour: Behaviour,
     delay: Duration,
 ) -> Response<Body> {
-    let mut frames: Vec<Result<Bytes, BoxError>> =
-        stream_frames(n, usage).into_iter().map(Ok).collect();
+    let mut frames: Vec<Result<Bytes, BoxError>> = frames.into_iter().map(Ok).collect();
     match behaviour {
         Behaviour::Break => {
-            frames.truncate(2);
+            frames.truncate(2.min(frames.len() - 1));
             frames.push(Err("upstream reset".into()));
         }
         Behaviour::NoDone => {
@@ -202,22 +241,137 @@ fn stream(
     let mut response = Response::new(channel_body(fake, frames, delay));
     response
         .headers_mut()
-        .insert("content-type", "text/event-stream".parse().unwrap());
+        .insert("content-type", content_type.parse().unwrap());
     response
 }
 
-/// A JSON answer in two frames.
-fn json_answer(fake: Fake, n: usize, behaviour: Behaviour, delay: Duration) -> Response<Body> {
-    let bytes = Bytes::from(answer_json(n).to_string());
-    let mut frames = vec![Ok(bytes.slice(..10)), Ok(bytes.slice(10..))];
-    if behaviour == Behaviour::Break {
-        frames[1] = Err("upstream reset".into());
+/// One SSE event with an `event:` line.
+fn event(name: &str, data: &Value) -> String {
+    format!("event: {name}\ndata: {data}\n\n")
+}
+
+/// Responses `response` `n`, with `status`.
+fn response_object(n: usize, status: &str) -> Value {
+    json!({
+        "id": format!("resp_{n}"), "object": "response", "status": status, "model": "m",
+        "store": false,
+        "output": [{"type": "message", "id": format!("msg_{n}"), "role": "assistant",
+            "content": [{"type": "output_text", "text": format!("answer {n}")}]}],
+        "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+    })
+}
+
+/// The non-streamed Responses answer `n`: `completed`, unless the behaviour
+/// says `failed` or `incomplete`.
+pub fn responses_json(n: usize, behaviour: Behaviour) -> Value {
+    let status = match behaviour {
+        Behaviour::Failed => "failed",
+        Behaviour::Incomplete => "incomplete",
+        _ => "completed",
+    };
+    response_object(n, status)
+}
+
+/// The frames of streamed Responses answer `n`: `response.created`, three
+/// deltas (the second split over two frames), then `response.completed` —
+/// or `response.failed`, `response.incomplete`, an `error` event.
+pub fn responses_frames(n: usize, behaviour: Behaviour) -> Vec<Bytes> {
+    let mut created = response_object(n, "in_progress");
+    created["usage"] = Value::Null;
+    let mut events = vec![event(
+        "response.created",
+        &json!({"type": "response.created", "sequence_number": 0, "response": created}),
+    )];
+    for (i, word) in ["one", "two", "three"].into_iter().enumerate() {
+        events.push(event(
+            "response.output_text.delta",
+            &json!({"type": "response.output_text.delta", "sequence_number": i + 1,
+                "item_id": format!("msg_{n}"), "output_index": 0, "content_index": 0,
+                "delta": word}),
+        ));
     }
-    let mut response = Response::new(channel_body(fake, frames, delay));
-    response
-        .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    response
+    let last = match behaviour {
+        Behaviour::Failed => "response.failed",
+        Behaviour::Incomplete => "response.incomplete",
+        _ => "response.completed",
+    };
+    let status = last.trim_start_matches("response.");
+    let data = json!({"type": last, "sequence_number": 4, "response": response_object(n, status)});
+    events.push(match behaviour {
+        Behaviour::ErrorEvent => event(
+            "error",
+            &json!({"type": "error", "sequence_number": 4, "code": "server_error",
+                "message": "overloaded", "param": null}),
+        ),
+        _ => event(last, &data),
+    });
+    let split = events[2].len() / 2;
+    let second = events.remove(2);
+    let mut frames: Vec<Bytes> = events.into_iter().map(Bytes::from).collect();
+    frames.insert(2, Bytes::from(second[..split].to_owned()));
+    frames.insert(3, Bytes::from(second[split..].to_owned()));
+    frames
+}
+
+/// The non-streamed Messages answer `n`.
+pub fn messages_json(n: usize) -> Value {
+    json!({
+        "id": format!("msg_{n}"), "type": "message", "role": "assistant", "model": "m",
+        "content": [{"type": "text", "text": format!("answer {n}")}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 3, "output_tokens": 2},
+    })
+}
+
+/// The frames of streamed Messages answer `n`: `message_start`,
+/// `content_block_start`, `ping`, three deltas, `content_block_stop`, then
+/// `message_delta` and `message_stop` in one frame — or an `error` event
+/// instead of the last two.
+pub fn messages_frames(n: usize, behaviour: Behaviour) -> Vec<Bytes> {
+    let mut message = messages_json(n);
+    message["content"] = json!([]);
+    message["stop_reason"] = Value::Null;
+    message["usage"] = json!({"input_tokens": 3, "output_tokens": 1});
+    let mut frames = vec![
+        event(
+            "message_start",
+            &json!({"type": "message_start", "message": message}),
+        ),
+        event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+        ),
+        event("ping", &json!({"type": "ping"})),
+    ];
+    for word in ["one", "two", "three"] {
+        frames.push(event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": word}}),
+        ));
+    }
+    frames.push(event(
+        "content_block_stop",
+        &json!({"type": "content_block_stop", "index": 0}),
+    ));
+    frames.push(match behaviour {
+        Behaviour::ErrorEvent => event(
+            "error",
+            &json!({"type": "error",
+                "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ),
+        _ => {
+            let delta = event(
+                "message_delta",
+                &json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                    "usage": {"output_tokens": 3}}),
+            );
+            delta + &event("message_stop", &json!({"type": "message_stop"}))
+        }
+    });
+    frames.into_iter().map(Bytes::from).collect()
 }
 
 /// A body fed by a task that sends `frames` with `delay` before each; the

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)] // a test should panic on unexpected input
 
 mod coalesce;
+mod dialects;
 mod fake;
 mod requests;
 mod streams;

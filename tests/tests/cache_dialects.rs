@@ -1,0 +1,239 @@
+//! The response cache on `/v1/responses` and `/v1/messages`, through the
+//! proxy over real sockets, with the mock upstream serving both dialects and
+//! counting its calls: stateless requests hit after a miss (streamed and
+//! not, the same bytes), stateful Responses bypass, and answers that did not
+//! end cleanly are not stored.
+
+use http::Method;
+use serde_json::json;
+use tests::*;
+
+const RESPONSES: &str = "/v1/responses";
+const MESSAGES: &str = "/v1/messages";
+
+/// One upstream serving the three dialects, and a memory cache.
+fn config(upstream: &str) -> String {
+    format!(
+        "{}\n[cache]\nbackend = \"memory\"\nttl_secs = 60\n",
+        one_upstream(
+            upstream,
+            "apis = [\"chat_completions\", \"responses\", \"messages\"]"
+        )
+    )
+}
+
+fn responses_body(stream: bool, extra: serde_json::Value) -> String {
+    let mut body = json!({
+        "model": "m",
+        "stream": stream,
+        "store": false,
+        "input": "Say something deterministic.",
+    });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    body.to_string()
+}
+
+fn messages_body(stream: bool) -> String {
+    json!({
+        "model": "m",
+        "max_tokens": 64,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Say something deterministic."}],
+    })
+    .to_string()
+}
+
+const ANTHROPIC: &[(&str, &str)] = &[
+    ("content-type", "application/json"),
+    ("anthropic-version", "2023-06-01"),
+];
+
+async fn post_messages(url: &str, body: &str) -> Answer {
+    send(request(Method::POST, url, ANTHROPIC, body.to_owned())).await
+}
+
+fn cache(answer: &Answer) -> Option<&str> {
+    answer.header("x-llm-proxy-cache")
+}
+
+#[tokio::test]
+async fn stateless_responses_hit_after_a_miss_streamed_and_not() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    let url = p.url(RESPONSES);
+    for (n, stream) in [false, true].into_iter().enumerate() {
+        let body = responses_body(stream, json!({}));
+        let first = post_json(&url, &body).await;
+        assert_eq!(
+            (first.status.as_u16(), cache(&first)),
+            (200, Some("miss")),
+            "{}",
+            first.text()
+        );
+        let second = post_json(&url, &body).await;
+        assert_eq!(cache(&second), Some("hit"));
+        assert_eq!(
+            second.body, first.body,
+            "the same bytes, id and usage included"
+        );
+        if stream {
+            assert_eq!(second.header("content-type"), Some("text/event-stream"));
+            let text = second.text();
+            assert!(text.contains("event: response.created\n"), "{text}");
+            assert!(text.contains("event: response.completed\n"), "{text}");
+            assert!(!text.contains("[DONE]"));
+        } else {
+            assert_eq!(second.json()["status"], "completed");
+            assert!(second.json()["usage"]["output_tokens"].as_u64() > Some(0));
+        }
+        assert_eq!(up.stats.requests_for(RESPONSES), n as u64 + 1);
+    }
+}
+
+#[tokio::test]
+async fn stateful_responses_bypass_the_cache() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    let url = p.url(RESPONSES);
+    // `store` left to its default (true), or set: the response is kept
+    // upstream, so every request goes there.
+    let stored = [
+        json!({"model": "m", "input": "Say something deterministic."}).to_string(),
+        responses_body(false, json!({"store": true})),
+        responses_body(true, json!({"store": true})),
+    ];
+    let mut id = String::new();
+    for body in &stored {
+        for _ in 0..2 {
+            let answer = post_json(&url, body).await;
+            assert_eq!(
+                (answer.status.as_u16(), cache(&answer)),
+                (200, Some("bypass"))
+            );
+            if id.is_empty() {
+                id = answer.json()["id"].as_str().expect("an id").to_owned();
+            }
+        }
+    }
+    assert_eq!(up.stats.requests_for(RESPONSES), 6);
+    // A follow-up of a stored response, even with `store: false`.
+    let follow_up = responses_body(false, json!({"previous_response_id": id}));
+    for _ in 0..2 {
+        let answer = post_json(&url, &follow_up).await;
+        assert_eq!(
+            (answer.status.as_u16(), cache(&answer)),
+            (200, Some("bypass")),
+            "{}",
+            answer.text()
+        );
+    }
+    assert_eq!(up.stats.requests_for(RESPONSES), 8);
+}
+
+#[tokio::test]
+async fn messages_hit_after_a_miss_streamed_and_not() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    let url = p.url(MESSAGES);
+    for (n, stream) in [false, true].into_iter().enumerate() {
+        let body = messages_body(stream);
+        let first = post_messages(&url, &body).await;
+        assert_eq!(
+            (first.status.as_u16(), cache(&first)),
+            (200, Some("miss")),
+            "{}",
+            first.text()
+        );
+        let second = post_messages(&url, &body).await;
+        assert_eq!(cache(&second), Some("hit"));
+        assert_eq!(
+            second.body, first.body,
+            "the same bytes, id and usage included"
+        );
+        if stream {
+            let text = second.text();
+            assert!(text.starts_with("event: message_start\n"), "{text}");
+            assert!(text.contains("event: message_stop\n"), "{text}");
+        } else {
+            assert_eq!(second.json()["type"], "message");
+        }
+        assert_eq!(up.stats.requests_for(MESSAGES), n as u64 + 1);
+    }
+}
+
+#[tokio::test]
+async fn chat_responses_and_messages_never_share_entries() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    // One body every dialect accepts.
+    let body = json!({
+        "model": "m", "store": false, "max_tokens": 64,
+        "input": "Say something deterministic.",
+        "messages": [{"role": "user", "content": "Say something deterministic."}],
+    })
+    .to_string();
+    let paths = ["/v1/chat/completions", RESPONSES, MESSAGES];
+    for round in ["miss", "hit"] {
+        for path in paths {
+            let answer = post_messages(&p.url(path), &body).await;
+            assert_eq!(
+                (answer.status.as_u16(), cache(&answer)),
+                (200, Some(round)),
+                "{path}: {}",
+                answer.text()
+            );
+        }
+    }
+    for path in paths {
+        assert_eq!(up.stats.requests_for(path), 1, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn incomplete_and_broken_answers_are_not_stored() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    // Capped by max_output_tokens: `incomplete`, streamed or not.
+    for stream in [false, true] {
+        let capped = responses_body(stream, json!({"max_output_tokens": 2}));
+        for _ in 0..2 {
+            let answer = post_json(&p.url(RESPONSES), &capped).await;
+            assert_eq!(cache(&answer), Some("miss"));
+            assert!(answer.text().contains("incomplete"), "{}", answer.text());
+        }
+    }
+    assert_eq!(up.stats.requests_for(RESPONSES), 4);
+    // Streams cut mid-way, in both dialects.
+    for (path, body, headers) in [
+        (RESPONSES, responses_body(true, json!({})), &ANTHROPIC[..1]),
+        (MESSAGES, messages_body(true), ANTHROPIC),
+    ] {
+        let mut cut_headers = headers.to_vec();
+        cut_headers.push(("x-mock-fail", "drop"));
+        let resp = client()
+            .request(request(
+                Method::POST,
+                &p.url(path),
+                &cut_headers,
+                body.clone(),
+            ))
+            .await
+            .expect("response head");
+        assert_eq!(
+            resp.headers()
+                .get("x-llm-proxy-cache")
+                .and_then(|v| v.to_str().ok()),
+            Some("miss")
+        );
+        let (_, cut) = read_stream(resp).await;
+        assert!(cut, "{path}: the broken stream closes the connection");
+        let again = send(request(Method::POST, &p.url(path), headers, body)).await;
+        assert_eq!(cache(&again), Some("miss"), "{path}: nothing was stored");
+        assert_eq!(
+            up.stats.requests_for(path),
+            if path == RESPONSES { 6 } else { 2 }
+        );
+    }
+}
