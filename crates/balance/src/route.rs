@@ -106,7 +106,7 @@ impl<'a> Route<'a> {
         } else {
             Tier::Translated
         };
-        if tier == Tier::Translated && !any_serves(Tier::Translated) {
+        if api.is_some() && tier == Tier::Translated && !any_serves(Tier::Translated) {
             let api = api.map_or("", Api::as_str);
             return Err(Error::ApiNotServed(match model {
                 Some(model) => format!("no upstream serves the `{api}` API for model `{model}`"),
