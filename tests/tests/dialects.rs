@@ -92,15 +92,17 @@ async fn anthropic_headers_and_key_reach_the_upstream() {
     assert_eq!(seen["anthropic-beta"], "tools-2024-04-04");
     assert_eq!(seen["x-api-key"], "sk-ant-upstream");
     assert!(seen.get("authorization").is_none());
-    // protocol = "anthropic" serves only Messages by default.
-    let chat = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
-    chat.assert_error(404, "not_found_error", "api_not_served");
+    // protocol = "anthropic" serves only Messages natively (chat completions
+    // reach it by translation); embeddings have no way there.
+    let emb = post_json(&p.url("/v1/embeddings"), r#"{"model":"m","input":"x"}"#).await;
+    emb.assert_error(404, "not_found_error", "api_not_served");
 }
 
 #[tokio::test]
 async fn an_api_no_upstream_serves_is_404_in_the_clients_dialect() {
     let up = mock_named("m").await;
-    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    // An embeddings-only server can serve neither dialect, even by translation.
+    let p = proxy(&one_upstream(&up.base_url(), "apis = [\"embeddings\"]")).await;
     let m = messages(&p, false, &[]).await;
     assert_eq!(m.status, 404);
     let v = m.json();

@@ -103,6 +103,20 @@ impl RequestMeta {
         self.model = Some(Arc::from(model));
     }
 
+    /// Turn the request into one of another API (the translation layer does
+    /// this): the endpoint and the whole parsed body are replaced, `model` and
+    /// `stream` are read again from the new body, and the body counts as
+    /// edited, so [`RequestMeta::body_for_upstream`] serialises the new one.
+    pub fn translate_to(&mut self, endpoint: Endpoint, json: Map<String, Value>) {
+        if let Some(model) = json.get("model").and_then(Value::as_str) {
+            self.model = Some(Arc::from(model));
+        }
+        self.stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        self.endpoint = endpoint;
+        self.json = Some(Arc::new(json));
+        self.edited = true;
+    }
+
     /// Whether a layer has edited the parsed body.
     pub fn is_edited(&self) -> bool {
         self.edited
@@ -165,5 +179,20 @@ mod tests {
         let out: Value = serde_json::from_slice(&m.body_for_upstream().unwrap()).unwrap();
         assert_eq!(out["model"], "b");
         assert_eq!(out["x"], 1);
+    }
+
+    #[test]
+    fn translated_request_replaces_endpoint_and_body() {
+        let mut m = meta(r#"{"model":"a","messages":[]}"#);
+        let json: Map<String, Value> =
+            serde_json::from_str(r#"{"model":"a","stream":true,"max_tokens":5}"#).unwrap();
+        m.translate_to(Endpoint::Messages, json);
+        assert_eq!(m.endpoint(), Endpoint::Messages);
+        assert!(m.is_stream() && m.is_edited());
+        let out: Value = serde_json::from_slice(&m.body_for_upstream().unwrap()).unwrap();
+        assert_eq!(
+            out,
+            serde_json::json!({"model":"a","stream":true,"max_tokens":5})
+        );
     }
 }

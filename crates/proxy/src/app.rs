@@ -4,9 +4,22 @@ use std::sync::Arc;
 
 use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
 use llm_proxy_balance::{Backend, Balance, BalanceHandle};
+use llm_proxy_core::Api;
 use llm_proxy_core::{ParseLayer, ParseLimits};
 use llm_proxy_mock::{Mock, MockConfig, MockServer};
+use llm_proxy_translate::{Protocol as TranslateProtocol, Translate, TranslateConfig};
 use llm_proxy_upstream::{AuthStyle, Upstream, UpstreamConfig};
+
+/// One upstream as the balancer holds it: the client, behind translation.
+pub(crate) type UpstreamService = Translate<Upstream>;
+
+const ALL_APIS: [Api; 5] = [
+    Api::ChatCompletions,
+    Api::Completions,
+    Api::Embeddings,
+    Api::Responses,
+    Api::Messages,
+];
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
@@ -111,9 +124,23 @@ impl Proxy {
                 Protocol::OpenAi => AuthStyle::Bearer,
                 Protocol::Anthropic => AuthStyle::XApiKey,
             };
-            let mut backend = Backend::new(spec.name.as_str(), Upstream::new(cfg)?)
+            let translate = TranslateConfig::new(
+                match spec.protocol {
+                    Protocol::OpenAi => TranslateProtocol::OpenAi,
+                    Protocol::Anthropic => TranslateProtocol::Anthropic,
+                },
+                spec.apis.iter().copied(),
+            );
+            // What this upstream can serve only by translation (native wins).
+            let translated: Vec<Api> = ALL_APIS
+                .into_iter()
+                .filter(|a| !spec.apis.contains(a) && translate.can_serve(*a))
+                .collect();
+            let service = Translate::new(Upstream::new(cfg)?, translate);
+            let mut backend = Backend::new(spec.name.as_str(), service)
                 .with_weight(spec.weight)
-                .with_apis(spec.apis.iter().copied());
+                .with_apis(spec.apis.iter().copied())
+                .with_translated_apis(translated);
             backend.models = spec.models.clone();
             backends.push(backend);
         }
@@ -207,7 +234,7 @@ fn configured_models(settings: &Settings) -> Vec<String> {
 }
 
 /// The balancer's per-upstream state, read at scrape time.
-fn balance_metrics(handle: BalanceHandle<Upstream>) -> Source {
+fn balance_metrics(handle: BalanceHandle<UpstreamService>) -> Source {
     Box::new(move || {
         let snapshot = handle.snapshot();
         let per = |f: &dyn Fn(&llm_proxy_balance::BackendStats) -> u64| {

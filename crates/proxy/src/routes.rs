@@ -21,7 +21,6 @@ use tower_service::Service;
 
 use crate::metrics::Metrics;
 use llm_proxy_balance::BalanceHandle;
-use llm_proxy_upstream::Upstream;
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -161,7 +160,7 @@ struct Shared {
     auth: Option<AuthLayer>,
     models: Vec<String>,
     models_json: Bytes,
-    balance: BalanceHandle<Upstream>,
+    balance: BalanceHandle<crate::app::UpstreamService>,
     ids: RequestIds,
     options: FaceOptions,
 }
@@ -177,7 +176,7 @@ impl ProxyService {
         stack: Stack,
         auth: Option<AuthLayer>,
         models: Vec<String>,
-        balance: BalanceHandle<Upstream>,
+        balance: BalanceHandle<crate::app::UpstreamService>,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         options: FaceOptions,

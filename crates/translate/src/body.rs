@@ -1,0 +1,182 @@
+//! [`TranslateBody`]: a streamed answer, translated event by event.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use llm_proxy_core::sse::Parser;
+use llm_proxy_core::{BoxError, Error};
+
+use crate::stream::{Step, StreamMap};
+
+pin_project_lite::pin_project! {
+    /// The body of a translated streamed answer.
+    ///
+    /// Reads the upstream's SSE stream incrementally and yields the client
+    /// dialect's events as each upstream event arrives: every upstream frame
+    /// becomes at most one frame of translated events, with no buffering of
+    /// the answer (a frame that ends mid-event waits only for the rest of
+    /// that event).
+    ///
+    /// A stream that breaks (a body error, an error event from the upstream
+    /// or from the upstream client, an end before the dialect's last event,
+    /// data that is not the expected dialect) ends with the client dialect's
+    /// error event, and then the body fails, so the server closes the
+    /// connection: never a fake clean end. Dropping the body drops the
+    /// upstream's, which cancels the upstream request.
+    pub struct TranslateBody<B> {
+        #[pin]
+        inner: B,
+        parser: Parser,
+        map: StreamMap,
+        out: Vec<u8>,
+        phase: Phase,
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    Streaming,
+    /// The error event is queued; pause once so the server writes it out,
+    /// then fail with `reason`.
+    Failing {
+        flushed: bool,
+        reason: Option<String>,
+    },
+    Done,
+}
+
+impl<B> std::fmt::Debug for TranslateBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TranslateBody")
+            .field("kind", &self.map.client_kind())
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> TranslateBody<B> {
+    pub(crate) fn new(inner: B, map: StreamMap) -> Self {
+        TranslateBody {
+            inner,
+            parser: Parser::new(),
+            map,
+            out: Vec::new(),
+            phase: Phase::Streaming,
+        }
+    }
+}
+
+/// Queue the client's error event and start failing.
+fn fail(map: &StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: String) {
+    tracing::warn!(reason = %reason, "translated stream interrupted");
+    out.extend_from_slice(&Error::stream_interrupted_event_for(
+        map.client_kind(),
+        &reason,
+    ));
+    *phase = Phase::Failing {
+        flushed: false,
+        reason: Some(reason),
+    };
+}
+
+/// Translate the events completed by one upstream frame.
+fn feed(
+    parser: &mut Parser,
+    map: &mut StreamMap,
+    out: &mut Vec<u8>,
+    phase: &mut Phase,
+    data: &[u8],
+) {
+    if let Err(e) = parser.push(data) {
+        if !map.is_finished() {
+            fail(
+                map,
+                out,
+                phase,
+                format!("the upstream stream is not valid SSE: {e}"),
+            );
+        }
+        return;
+    }
+    while let Some(event) = parser.next_event() {
+        if map.is_finished() {
+            continue;
+        }
+        if let Step::Fail(reason) = map.event(&event, out) {
+            fail(map, out, phase, reason);
+            return;
+        }
+    }
+}
+
+impl<B> HttpBody for TranslateBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            if !this.out.is_empty() {
+                let data = Bytes::from(std::mem::take(this.out));
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            match this.phase {
+                Phase::Done => return Poll::Ready(None),
+                Phase::Failing { flushed, reason } => {
+                    if !*flushed {
+                        // hyper writes queued frames out while the body is
+                        // pending and drops them when it fails.
+                        *flushed = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    let reason = reason.take().unwrap_or_default();
+                    *this.phase = Phase::Done;
+                    return Poll::Ready(Some(Err(reason.into())));
+                }
+                Phase::Streaming => {}
+            }
+            match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers have no place in the client's stream.
+                    if let Ok(data) = frame.into_data() {
+                        feed(this.parser, this.map, this.out, this.phase, &data);
+                    }
+                }
+                Some(Err(e)) if !this.map.is_finished() => {
+                    let e: BoxError = e.into();
+                    fail(
+                        this.map,
+                        this.out,
+                        this.phase,
+                        format!("the upstream stream failed: {e}"),
+                    );
+                }
+                // The client has its whole answer; what follows is no loss.
+                Some(Err(_)) => *this.phase = Phase::Done,
+                None if this.map.is_finished() => *this.phase = Phase::Done,
+                None => {
+                    let reason = "the upstream ended the stream before its last event".to_owned();
+                    fail(this.map, this.out, this.phase, reason);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.phase, Phase::Done) && self.out.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}

@@ -1,0 +1,267 @@
+//! The chat-completions wire format as the translations read it (upstream
+//! chunks) and write it (chunks for a chat client).
+//!
+//! Chunks are read into borrowed, typed structs rather than
+//! [`serde_json::Value`]: a streamed answer has one chunk per token, and this
+//! is the hot path of two directions.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One `chat.completion.chunk` (or the error payload an interrupted stream
+/// ends with). Unknown fields are skipped.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Chunk<'a> {
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub created: Option<u64>,
+    #[serde(borrow, default)]
+    pub choices: Option<Vec<ChunkChoice<'a>>>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+/// A choice of a chunk.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ChunkChoice<'a> {
+    #[serde(default)]
+    pub index: Option<u64>,
+    #[serde(borrow, default)]
+    pub delta: Option<Delta<'a>>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub finish_reason: Option<Cow<'a, str>>,
+    /// vLLM: the stop string (or token id) that ended the answer.
+    #[serde(default)]
+    pub stop_reason: Option<Value>,
+}
+
+/// A chunk's delta.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Delta<'a> {
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub content: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub refusal: Option<Cow<'a, str>>,
+    /// DeepSeek/vLLM's reasoning text.
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub reasoning_content: Option<Cow<'a, str>>,
+    /// Newer vLLM/Ollama name for the same.
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub reasoning: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+}
+
+impl<'a> Delta<'a> {
+    /// The reasoning text of this delta, under either name.
+    pub fn reasoning_text(&self) -> Option<&str> {
+        self.reasoning_content
+            .as_deref()
+            .or(self.reasoning.as_deref())
+            .filter(|s| !s.is_empty())
+    }
+}
+
+/// A piece of one tool call.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ToolCallDelta<'a> {
+    #[serde(default)]
+    pub index: Option<u64>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub function: Option<FunctionDelta<'a>>,
+}
+
+/// The function part of a tool-call delta.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct FunctionDelta<'a> {
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub name: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    pub arguments: Option<Cow<'a, str>>,
+}
+
+/// Chat usage. Counts that are not non-negative integers fail the chunk.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub(crate) struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: Option<u64>,
+    #[serde(default)]
+    pub completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    pub completion_tokens_details: Option<CompletionDetails>,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub(crate) struct PromptDetails {
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub(crate) struct CompletionDetails {
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Prompt tokens (0 when absent).
+    pub fn input(&self) -> u64 {
+        self.prompt_tokens.unwrap_or(0)
+    }
+
+    /// Completion tokens (0 when absent).
+    pub fn output(&self) -> u64 {
+        self.completion_tokens.unwrap_or(0)
+    }
+
+    /// Cached prompt tokens (0 when absent).
+    pub fn cached(&self) -> u64 {
+        self.prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+    }
+
+    /// Reasoning tokens (0 when absent).
+    pub fn reasoning(&self) -> u64 {
+        self.completion_tokens_details
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0)
+    }
+
+    /// Read a usage object of a whole (non-streamed) completion.
+    pub fn from_value(value: Option<&Value>) -> Option<Usage> {
+        value
+            .filter(|v| !v.is_null())
+            .and_then(|v| Usage::deserialize(v).ok())
+    }
+}
+
+/// The message of an upstream's error payload (`{"error":{"message":…}}`).
+pub(crate) fn error_message(error: &Value) -> String {
+    error
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| error.to_string())
+}
+
+/// A chunk written for a chat client.
+#[derive(Debug, Serialize)]
+pub(crate) struct OutChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: &'a [OutChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Value>,
+}
+
+/// The one choice of an [`OutChunk`].
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct OutChoice<'a> {
+    pub index: u32,
+    pub delta: OutDelta<'a>,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'a str>,
+}
+
+/// The delta of an [`OutChoice`].
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct OutDelta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<[OutToolCall<'a>; 1]>,
+}
+
+/// One tool call's piece in an [`OutDelta`].
+#[derive(Debug, Serialize)]
+pub(crate) struct OutToolCall<'a> {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: OutFunction<'a>,
+}
+
+/// The function of an [`OutToolCall`].
+#[derive(Debug, Serialize)]
+pub(crate) struct OutFunction<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    pub arguments: &'a str,
+}
+
+/// Chat usage as a chat client reads it.
+pub(crate) fn usage_json(input: u64, output: u64, cached: u64) -> Value {
+    let mut usage = serde_json::json!({
+        "prompt_tokens": input,
+        "completion_tokens": output,
+        "total_tokens": input.saturating_add(output),
+    });
+    if cached > 0 {
+        usage["prompt_tokens_details"] = serde_json::json!({"cached_tokens": cached});
+    }
+    usage
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_tool_call_chunk_borrowing() {
+        let data = r#"{"id":"c","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"t","type":"function","function":{"name":"f","arguments":"{\"a\""}}]},"finish_reason":null}]}"#;
+        let chunk: Chunk<'_> = serde_json::from_str(data).unwrap();
+        let choices = chunk.choices.unwrap();
+        let call = &choices[0]
+            .delta
+            .as_ref()
+            .unwrap()
+            .tool_calls
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(call.index, Some(1));
+        assert!(matches!(
+            call.function.as_ref().unwrap().name,
+            Some(Cow::Borrowed("f"))
+        ));
+        assert_eq!(
+            call.function.as_ref().unwrap().arguments.as_deref(),
+            Some("{\"a\"")
+        );
+    }
+
+    #[test]
+    fn reads_usage_and_errors() {
+        let chunk: Chunk<'_> = serde_json::from_str(
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}"#,
+        )
+        .unwrap();
+        let usage = chunk.usage.unwrap();
+        assert_eq!((usage.input(), usage.output(), usage.cached()), (3, 2, 1));
+        let chunk: Chunk<'_> =
+            serde_json::from_str(r#"{"error":{"message":"cut","code":"stream_interrupted"}}"#)
+                .unwrap();
+        assert_eq!(error_message(chunk.error.as_ref().unwrap()), "cut");
+    }
+}

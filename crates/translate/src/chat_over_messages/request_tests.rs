@@ -1,0 +1,234 @@
+use super::*;
+
+fn translate(body: Value) -> Result<(Value, Context), Error> {
+    let Value::Object(map) = body else {
+        panic!("an object")
+    };
+    request(&map).map(|(out, ctx)| (Value::Object(out), ctx))
+}
+
+fn with(extra: Value) -> Value {
+    let mut body = json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn refused(body: Value) -> String {
+    match translate(body) {
+        Err(Error::UnsupportedParameter { param, message }) => {
+            assert!(message.contains(&format!("`{param}`")), "{message}");
+            param
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn whole_conversation() {
+    let (out, ctx) = translate(json!({
+        "model": "claude", "stream": true, "stream_options": {"include_usage": true},
+        "max_tokens": 50, "temperature": 1.6, "top_p": 0.8, "stop": "END", "user": "u9", "seed": 3,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": [{"type": "text", "text": "Use metric."}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Weather here?"},
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
+                {"type": "image_url", "image_url": {"url": "https://x/p.jpg"}}]},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+            {"role": "user", "content": "Thanks"},
+        ],
+    }))
+    .unwrap();
+    assert_eq!(out["system"], "Be brief.\n\nUse metric.");
+    assert_eq!(out["max_tokens"], 50);
+    assert_eq!(out["temperature"], 1.0, "clamped to Anthropic's range");
+    assert_eq!(out["top_p"], 0.8);
+    assert_eq!(out["stop_sequences"], json!(["END"]));
+    assert_eq!(out["metadata"], json!({"user_id": "u9"}));
+    assert!(
+        out.get("seed").is_none()
+            && out.get("stream_options").is_none()
+            && out.get("user").is_none()
+    );
+    let m = out["messages"].as_array().unwrap();
+    assert_eq!(m.len(), 3);
+    assert_eq!(
+        m[0]["content"][1],
+        json!({"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "QUJD"}})
+    );
+    assert_eq!(
+        m[0]["content"][2]["source"],
+        json!({"type": "url", "url": "https://x/p.jpg"})
+    );
+    assert_eq!(
+        m[1],
+        json!({"role": "assistant", "content": [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]})
+    );
+    // The tool message and the next user message share one user turn, result first.
+    assert_eq!(
+        m[2],
+        json!({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "call_1", "content": "18C"},
+        {"type": "text", "text": "Thanks"}]})
+    );
+    assert!(ctx.include_usage);
+    assert_eq!(ctx.model, "claude");
+    assert_eq!(ctx.json_tool, None);
+}
+
+#[test]
+fn max_tokens_default_and_preference() {
+    let (out, _) = translate(with(json!({}))).unwrap();
+    assert_eq!(out["max_tokens"], DEFAULT_MAX_TOKENS);
+    assert_eq!(
+        out["messages"][0]["content"],
+        json!([{"type": "text", "text": "hi"}])
+    );
+    let (out, _) = translate(with(json!({"max_tokens": 10, "max_completion_tokens": 20}))).unwrap();
+    assert_eq!(out["max_tokens"], 20);
+    let (out, _) = translate(with(
+        json!({"stop": ["a", "b"], "n": 1, "logprobs": false, "modalities": ["text"]}),
+    ))
+    .unwrap();
+    assert_eq!(out["stop_sequences"], json!(["a", "b"]));
+}
+
+#[test]
+fn tools_and_choices() {
+    let tools = json!([{"type": "function", "function": {"name": "f", "description": "F", "parameters": {"type": "object", "properties": {}}}},
+                       {"type": "function", "function": {"name": "g"}}]);
+    for (choice, expected) in [
+        (Value::Null, json!({"type": "auto"})),
+        (json!("auto"), json!({"type": "auto"})),
+        (json!("none"), json!({"type": "none"})),
+        (json!("required"), json!({"type": "any"})),
+        (
+            json!({"type": "function", "function": {"name": "g"}}),
+            json!({"type": "tool", "name": "g"}),
+        ),
+    ] {
+        let (out, _) = translate(with(json!({"tools": tools, "tool_choice": choice}))).unwrap();
+        assert_eq!(out["tool_choice"], expected);
+        assert_eq!(
+            out["tools"][0],
+            json!({"name": "f", "description": "F", "input_schema": {"type": "object", "properties": {}}})
+        );
+        assert_eq!(
+            out["tools"][1]["input_schema"],
+            json!({"type": "object", "properties": {}})
+        );
+    }
+    let (out, _) = translate(with(json!({"tools": tools, "parallel_tool_calls": false}))).unwrap();
+    assert_eq!(
+        out["tool_choice"],
+        json!({"type": "auto", "disable_parallel_tool_use": true})
+    );
+}
+
+#[test]
+fn response_format_becomes_a_forced_tool() {
+    let schema = json!({"type": "object", "properties": {"answer": {"type": "string"}}});
+    let (out, ctx) = translate(with(json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": true}}})))
+    .unwrap();
+    assert_eq!(out["tools"][0]["name"], "answer");
+    assert_eq!(out["tools"][0]["input_schema"], schema);
+    assert_eq!(
+        out["tool_choice"],
+        json!({"type": "tool", "name": "answer"})
+    );
+    assert_eq!(ctx.json_tool.as_deref(), Some("answer"));
+    let (out, ctx) = translate(with(json!({"response_format": {"type": "json_object"}}))).unwrap();
+    assert_eq!(out["tools"][0]["input_schema"], json!({"type": "object"}));
+    assert_eq!(ctx.json_tool.as_deref(), Some("json_object"));
+    let (out, ctx) = translate(with(json!({"response_format": {"type": "text"}}))).unwrap();
+    assert!(out.get("tools").is_none() && ctx.json_tool.is_none());
+}
+
+#[test]
+fn refusals_name_the_field() {
+    assert_eq!(refused(with(json!({"n": 2}))), "n");
+    assert_eq!(refused(with(json!({"logprobs": true}))), "logprobs");
+    assert_eq!(refused(with(json!({"top_logprobs": 3}))), "top_logprobs");
+    assert_eq!(
+        refused(with(json!({"logit_bias": {"50256": -100}}))),
+        "logit_bias"
+    );
+    assert_eq!(refused(with(json!({"audio": {"voice": "alloy"}}))), "audio");
+    assert_eq!(
+        refused(with(json!({"modalities": ["text", "audio"]}))),
+        "modalities"
+    );
+    assert_eq!(
+        refused(with(json!({"functions": [{"name": "f"}]}))),
+        "functions"
+    );
+    assert_eq!(
+        refused(with(json!({"web_search_options": {}}))),
+        "web_search_options"
+    );
+    assert!(
+        translate(with(
+            json!({"logit_bias": {}, "top_logprobs": 0, "seed": 1})
+        ))
+        .is_ok()
+    );
+}
+
+#[test]
+fn more_refusals() {
+    let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+    let json_format =
+        json!({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}});
+    assert_eq!(
+        refused(with(
+            json!({"tools": tools, "response_format": json_format})
+        )),
+        "response_format"
+    );
+    let array =
+        json!({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "array"}}});
+    assert_eq!(
+        refused(with(json!({"response_format": array}))),
+        "response_format.json_schema.schema"
+    );
+    assert_eq!(
+        refused(with(
+            json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]})
+        )),
+        "tools[0]"
+    );
+    assert_eq!(
+        refused(with(
+            json!({"tool_choice": {"type": "allowed_tools"}, "tools": tools})
+        )),
+        "tool_choice"
+    );
+    let bad_args = json!([{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}]);
+    assert_eq!(
+        refused(with(json!({"messages": bad_args}))),
+        "messages[0].tool_calls[0].function.arguments"
+    );
+    let audio = json!([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]}]);
+    assert_eq!(
+        refused(with(json!({"messages": audio}))),
+        "messages[0].content[0]"
+    );
+    assert_eq!(
+        refused(with(
+            json!({"messages": [{"role": "function", "content": "x"}]})
+        )),
+        "messages[0].role"
+    );
+    let text_data = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain,hi"}}]}]);
+    assert_eq!(
+        refused(with(json!({"messages": text_data}))),
+        "messages[0].content[0].image_url.url"
+    );
+}

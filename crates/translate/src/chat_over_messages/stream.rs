@@ -1,0 +1,342 @@
+//! Anthropic stream events as chat chunks, one upstream event at a time.
+//!
+//! `message_start` gives the role chunk; text deltas become `content`,
+//! thinking deltas `reasoning_content`, a `tool_use` block a tool call (its
+//! own chat `index`, counted over tool blocks only) whose `input_json_delta`
+//! pieces are `arguments`; `message_delta` gives the finish chunk;
+//! `message_stop` the usage chunk (when the client asked for
+//! `stream_options.include_usage`) and `data: [DONE]`. The forced tool of a
+//! `response_format` answer streams as `content`.
+
+use std::borrow::Cow;
+
+use llm_proxy_core::sse::Event;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::response::usage_counts;
+use super::{Context, finish_reason};
+use crate::chat::{
+    OutChoice, OutChunk, OutDelta, OutFunction, OutToolCall, error_message, usage_json,
+};
+use crate::stream::Step;
+use crate::wire::{now_secs, restyle_id, str_of, write_data};
+
+/// One Anthropic event, read lazily: deltas borrowed, rarer parts as values.
+#[derive(Deserialize)]
+struct Upstream<'a> {
+    #[serde(
+        rename = "type",
+        borrow,
+        default,
+        deserialize_with = "crate::wire::borrowed"
+    )]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default)]
+    message: Option<Value>,
+    #[serde(default)]
+    content_block: Option<Value>,
+    #[serde(borrow, default)]
+    delta: Option<UpstreamDelta<'a>>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct UpstreamDelta<'a> {
+    #[serde(
+        rename = "type",
+        borrow,
+        default,
+        deserialize_with = "crate::wire::borrowed"
+    )]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    partial_json: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    thinking: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    stop_reason: Option<Cow<'a, str>>,
+}
+
+/// What an Anthropic content block is, for its deltas.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Block {
+    Text,
+    Thinking,
+    /// A tool call with this chat `index`.
+    Tool(u32),
+    /// The forced `response_format` tool: its input is the content.
+    Json,
+    Other,
+}
+
+/// The state of one translated stream.
+#[derive(Debug)]
+pub(crate) struct MessagesToChat {
+    ctx: Context,
+    id: String,
+    model: String,
+    created: u64,
+    started: bool,
+    finished: bool,
+    finish_sent: bool,
+    blocks: Vec<Block>,
+    tool_count: u32,
+    input: u64,
+    output: u64,
+    cached: u64,
+}
+
+impl MessagesToChat {
+    /// A stream for a request with this context.
+    pub(crate) fn new(ctx: Context) -> Self {
+        MessagesToChat {
+            model: ctx.model.clone(),
+            ctx,
+            id: "chatcmpl-translated".to_owned(),
+            created: now_secs(),
+            started: false,
+            finished: false,
+            finish_sent: false,
+            blocks: Vec::new(),
+            tool_count: 0,
+            input: 0,
+            output: 0,
+            cached: 0,
+        }
+    }
+
+    /// Whether `data: [DONE]` has been sent.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Translate one upstream event.
+    pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
+        let up: Upstream<'_> = match serde_json::from_str(&event.data) {
+            Ok(up) => up,
+            Err(e) => {
+                return Step::Fail(format!(
+                    "the upstream sent an event that is not an Anthropic event: {e}"
+                ));
+            }
+        };
+        let kind = up.kind.as_deref().or(event.event.as_deref()).unwrap_or("");
+        match kind {
+            "message_start" => self.message_start(up.message.as_ref(), out),
+            "content_block_start" => self.block_start(up.index, up.content_block.as_ref(), out),
+            "content_block_delta" => self.block_delta(up.index, up.delta.as_ref(), out),
+            "message_delta" => {
+                self.count(up.usage.as_ref());
+                let reason = up.delta.as_ref().and_then(|d| d.stop_reason.as_deref());
+                if let Some(reason) = reason {
+                    self.finish(finish_reason(Some(reason), &self.ctx), out);
+                }
+            }
+            "message_stop" => self.end(out),
+            "error" => {
+                let error = up.error.as_ref().unwrap_or(&Value::Null);
+                return Step::Fail(error_message(error));
+            }
+            // ping, content_block_stop, and events this translation does not know
+            _ => {}
+        }
+        Step::Continue
+    }
+
+    fn message_start(&mut self, message: Option<&Value>, out: &mut Vec<u8>) {
+        if let Some(message) = message {
+            if let Some(id) = str_of(message, "id") {
+                self.id = restyle_id("chatcmpl-", id);
+            }
+            if let Some(model) = str_of(message, "model") {
+                self.model = model.to_owned();
+            }
+            self.count(message.get("usage"));
+        }
+        self.role(out);
+    }
+
+    /// The first chunk: the assistant role.
+    fn role(&mut self, out: &mut Vec<u8>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let delta = OutDelta {
+            role: Some("assistant"),
+            content: Some(""),
+            ..OutDelta::default()
+        };
+        self.write(out, delta, None);
+    }
+
+    fn count(&mut self, usage: Option<&Value>) {
+        let Some(usage) = usage else { return };
+        let (input, output, cached) = usage_counts(Some(usage));
+        // message_delta repeats input counts as 0 on some servers: keep the best.
+        self.input = self.input.max(input);
+        self.cached = self.cached.max(cached);
+        if usage.get("output_tokens").is_some() {
+            self.output = output;
+        }
+    }
+
+    fn block_start(&mut self, index: Option<u64>, block: Option<&Value>, out: &mut Vec<u8>) {
+        self.role(out);
+        let block = block.unwrap_or(&Value::Null);
+        let name = str_of(block, "name");
+        let kind = match str_of(block, "type") {
+            Some("text") => Block::Text,
+            Some("thinking") => Block::Thinking,
+            Some("tool_use") if name.is_some() && name == self.ctx.json_tool.as_deref() => {
+                Block::Json
+            }
+            Some("tool_use") => {
+                self.tool_count += 1;
+                Block::Tool(self.tool_count - 1)
+            }
+            _ => Block::Other,
+        };
+        let slot = index.map_or(self.blocks.len(), |i| i as usize);
+        if slot >= self.blocks.len() {
+            self.blocks.resize(slot + 1, Block::Other);
+        }
+        self.blocks[slot] = kind;
+        match kind {
+            Block::Text => {
+                if let Some(text) = str_of(block, "text").filter(|t| !t.is_empty()) {
+                    self.write(
+                        out,
+                        OutDelta {
+                            content: Some(text),
+                            ..OutDelta::default()
+                        },
+                        None,
+                    );
+                }
+            }
+            Block::Tool(call) => {
+                let call = OutToolCall {
+                    index: call,
+                    id: str_of(block, "id"),
+                    kind: Some("function"),
+                    function: OutFunction {
+                        name,
+                        arguments: "",
+                    },
+                };
+                self.write(
+                    out,
+                    OutDelta {
+                        tool_calls: Some([call]),
+                        ..OutDelta::default()
+                    },
+                    None,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn block_delta(
+        &mut self,
+        index: Option<u64>,
+        delta: Option<&UpstreamDelta<'_>>,
+        out: &mut Vec<u8>,
+    ) {
+        let Some(delta) = delta else { return };
+        self.role(out);
+        let block = index
+            .and_then(|i| self.blocks.get(i as usize).copied())
+            .unwrap_or(Block::Text);
+        let mut d = OutDelta::default();
+        match (delta.kind.as_deref(), block) {
+            (Some("text_delta"), _) => d.content = delta.text.as_deref(),
+            (Some("thinking_delta"), _) => d.reasoning_content = delta.thinking.as_deref(),
+            (Some("input_json_delta"), Block::Json) => d.content = delta.partial_json.as_deref(),
+            (Some("input_json_delta"), Block::Tool(call)) => {
+                let arguments = delta.partial_json.as_deref().unwrap_or("");
+                if arguments.is_empty() {
+                    return;
+                }
+                let call = OutToolCall {
+                    index: call,
+                    id: None,
+                    kind: None,
+                    function: OutFunction {
+                        name: None,
+                        arguments,
+                    },
+                };
+                d.tool_calls = Some([call]);
+            }
+            // signature and citation deltas have no chat form
+            _ => return,
+        }
+        let empty = d.content.is_none_or(str::is_empty)
+            && d.reasoning_content.is_none_or(str::is_empty)
+            && d.tool_calls.is_none();
+        if !empty {
+            self.write(out, d, None);
+        }
+    }
+
+    fn finish(&mut self, reason: &str, out: &mut Vec<u8>) {
+        if self.finish_sent {
+            return;
+        }
+        self.role(out);
+        self.finish_sent = true;
+        self.write(out, OutDelta::default(), Some(reason));
+    }
+
+    fn end(&mut self, out: &mut Vec<u8>) {
+        if self.finished {
+            return;
+        }
+        self.finish("stop", out);
+        if self.ctx.include_usage {
+            let chunk = OutChunk {
+                id: &self.id,
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: &self.model,
+                choices: &[],
+                usage: Some(usage_json(self.input, self.output, self.cached)),
+            };
+            write_data(out, &chunk);
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        self.finished = true;
+    }
+
+    fn write(&self, out: &mut Vec<u8>, delta: OutDelta<'_>, finish_reason: Option<&str>) {
+        let choice = OutChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason,
+        };
+        let chunk = OutChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: std::slice::from_ref(&choice),
+            usage: None,
+        };
+        write_data(out, &chunk);
+    }
+}
+
+#[cfg(test)]
+#[path = "stream_tests.rs"]
+mod tests;

@@ -1,0 +1,210 @@
+use super::*;
+use crate::test_util::{events, named};
+use serde_json::json;
+
+fn run(ctx: Context, upstream: &[(&str, Value)]) -> (Vec<(Option<String>, Value)>, Vec<Step>) {
+    let mut m = MessagesToChat::new(ctx);
+    let mut out = Vec::new();
+    let steps = upstream
+        .iter()
+        .map(|(name, data)| m.event(&named(name, &data.to_string()), &mut out))
+        .collect();
+    (events(&out), steps)
+}
+
+fn start() -> (&'static str, Value) {
+    (
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_01", "type": "message", "role": "assistant",
+        "model": "claude", "content": [], "stop_reason": null, "usage": {"input_tokens": 25, "output_tokens": 1}}}),
+    )
+}
+
+fn block(index: u64, block: Value) -> (&'static str, Value) {
+    (
+        "content_block_start",
+        json!({"type": "content_block_start", "index": index, "content_block": block}),
+    )
+}
+
+fn delta(index: u64, delta: Value) -> (&'static str, Value) {
+    (
+        "content_block_delta",
+        json!({"type": "content_block_delta", "index": index, "delta": delta}),
+    )
+}
+
+fn stop(index: u64) -> (&'static str, Value) {
+    (
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": index}),
+    )
+}
+
+fn end(reason: &str, output: u64) -> [(&'static str, Value); 2] {
+    [
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": null}, "usage": {"output_tokens": output}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]
+}
+
+#[test]
+fn text_with_usage_chunk() {
+    let mut up = vec![
+        start(),
+        ("ping", json!({"type": "ping"})),
+        block(0, json!({"type": "text", "text": ""})),
+        delta(0, json!({"type": "text_delta", "text": "Hi"})),
+        delta(0, json!({"type": "text_delta", "text": " there"})),
+        stop(0),
+    ];
+    up.extend(end("end_turn", 15));
+    let ctx = Context {
+        include_usage: true,
+        model: "c".into(),
+        ..Context::default()
+    };
+    let (out, steps) = run(ctx, &up);
+    assert!(steps.iter().all(|s| *s == Step::Continue));
+    let chunks: Vec<&Value> = out.iter().map(|(_, v)| v).collect();
+    assert_eq!(chunks.len(), 6);
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    assert_eq!(chunks[0]["id"], "chatcmpl-01");
+    assert_eq!(chunks[0]["model"], "claude");
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[1]["choices"][0]["delta"], json!({"content": "Hi"}));
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
+    assert_eq!(chunks[4]["choices"], json!([]));
+    assert_eq!(
+        chunks[4]["usage"],
+        json!({"prompt_tokens": 25, "completion_tokens": 15, "total_tokens": 40})
+    );
+    assert_eq!(chunks[5], &json!("[DONE]"));
+}
+
+#[test]
+fn tool_calls_get_their_own_indexes() {
+    let mut up = vec![
+        start(),
+        block(0, json!({"type": "thinking", "thinking": ""})),
+        delta(0, json!({"type": "thinking_delta", "thinking": "hmm"})),
+        delta(0, json!({"type": "signature_delta", "signature": "sig"})),
+        stop(0),
+        block(1, json!({"type": "text", "text": ""})),
+        delta(1, json!({"type": "text_delta", "text": "Checking."})),
+        stop(1),
+        block(
+            2,
+            json!({"type": "tool_use", "id": "toolu_a", "name": "get_weather", "input": {}}),
+        ),
+        delta(2, json!({"type": "input_json_delta", "partial_json": ""})),
+        delta(
+            2,
+            json!({"type": "input_json_delta", "partial_json": "{\"city\": \"Pa"}),
+        ),
+        delta(
+            2,
+            json!({"type": "input_json_delta", "partial_json": "ris\"}"}),
+        ),
+        stop(2),
+        block(
+            3,
+            json!({"type": "tool_use", "id": "toolu_b", "name": "get_time", "input": {}}),
+        ),
+        delta(3, json!({"type": "input_json_delta", "partial_json": "{}"})),
+        stop(3),
+    ];
+    up.extend(end("tool_use", 40));
+    let (out, _) = run(Context::default(), &up);
+    let deltas: Vec<&Value> = out
+        .iter()
+        .filter_map(|(_, v)| v.get("choices")?.get(0).map(|c| &c["delta"]))
+        .collect();
+    assert_eq!(deltas[1], &json!({"reasoning_content": "hmm"}));
+    assert_eq!(deltas[2], &json!({"content": "Checking."}));
+    assert_eq!(
+        deltas[3],
+        &json!({"tool_calls": [{"index": 0, "id": "toolu_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]})
+    );
+    assert_eq!(
+        deltas[4],
+        &json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": \"Pa"}}]})
+    );
+    assert_eq!(deltas[6]["tool_calls"][0]["index"], 1);
+    assert_eq!(deltas[7]["tool_calls"][0]["function"]["arguments"], "{}");
+    let finish = out
+        .iter()
+        .rev()
+        .find_map(|(_, v)| v["choices"][0]["finish_reason"].as_str());
+    assert_eq!(finish, Some("tool_calls"));
+    assert_eq!(out.last().unwrap().1, json!("[DONE]"));
+    assert!(
+        out.iter().all(|(_, v)| v.get("usage").is_none()),
+        "no usage chunk unless asked"
+    );
+}
+
+#[test]
+fn forced_json_tool_streams_as_content() {
+    let mut up = vec![
+        start(),
+        block(
+            0,
+            json!({"type": "tool_use", "id": "t", "name": "answer", "input": {}}),
+        ),
+        delta(
+            0,
+            json!({"type": "input_json_delta", "partial_json": "{\"a\":"}),
+        ),
+        delta(0, json!({"type": "input_json_delta", "partial_json": "1}"})),
+        stop(0),
+    ];
+    up.extend(end("tool_use", 5));
+    let (out, _) = run(
+        Context {
+            json_tool: Some("answer".into()),
+            ..Context::default()
+        },
+        &up,
+    );
+    let text: String = out
+        .iter()
+        .filter_map(|(_, v)| v["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "{\"a\":1}");
+    assert!(
+        out.iter()
+            .all(|(_, v)| v["choices"][0]["delta"].get("tool_calls").is_none())
+    );
+    assert_eq!(out[out.len() - 2].1["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn max_tokens_and_errors() {
+    let mut up = vec![
+        start(),
+        block(0, json!({"type": "text", "text": ""})),
+        delta(0, json!({"type": "text_delta", "text": "x"})),
+    ];
+    up.extend(end("max_tokens", 1));
+    let (out, _) = run(Context::default(), &up);
+    assert_eq!(
+        out[out.len() - 2].1["choices"][0]["finish_reason"],
+        "length"
+    );
+
+    let error = (
+        "error",
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    );
+    let (_, steps) = run(Context::default(), &[start(), error]);
+    assert_eq!(steps[1], Step::Fail("Overloaded".into()));
+    let (_, steps) = run(Context::default(), &[("x", json!("text"))]);
+    assert!(matches!(&steps[0], Step::Fail(_)));
+}

@@ -1,0 +1,119 @@
+//! A whole chat completion as a Messages `message`.
+
+use serde_json::{Value, json};
+
+use super::{Context, stop_reason};
+use crate::chat::Usage;
+use crate::wire::{arguments_to_input, restyle_id, str_of};
+
+/// Translate a `chat.completion` into an Anthropic `message`. `Err` names
+/// what is missing when the upstream's answer is not a chat completion.
+pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
+    let choice = chat
+        .get("choices")
+        .and_then(Value::as_array)
+        .and_then(|c| c.first())
+        .ok_or("the upstream's chat completion has no choices")?;
+    let message = choice.get("message").unwrap_or(&Value::Null);
+    let mut content = Vec::new();
+    if ctx.thinking {
+        let reasoning =
+            str_of(message, "reasoning_content").or_else(|| str_of(message, "reasoning"));
+        if let Some(thinking) = reasoning.filter(|t| !t.is_empty()) {
+            content.push(json!({"type": "thinking", "thinking": thinking, "signature": ""}));
+        }
+    }
+    for key in ["content", "refusal"] {
+        if let Some(text) = text_content(message.get(key)).filter(|t| !t.is_empty()) {
+            content.push(json!({"type": "text", "text": text}));
+        }
+    }
+    let calls = message.get("tool_calls").and_then(Value::as_array);
+    for call in calls.into_iter().flatten() {
+        let function = call.get("function").unwrap_or(&Value::Null);
+        content.push(json!({
+            "type": "tool_use",
+            "id": str_of(call, "id").unwrap_or_default(),
+            "name": str_of(function, "name").unwrap_or_default(),
+            "input": arguments_to_input(str_of(function, "arguments").unwrap_or_default()),
+        }));
+    }
+    let had_calls = calls.is_some_and(|c| !c.is_empty());
+    let (reason, sequence) = stop_reason(
+        str_of(choice, "finish_reason"),
+        choice.get("stop_reason"),
+        had_calls,
+        ctx,
+    );
+    let usage = Usage::from_value(chat.get("usage")).unwrap_or_default();
+    Ok(json!({
+        "id": restyle_id("msg_", str_of(chat, "id").unwrap_or("translated")),
+        "type": "message",
+        "role": "assistant",
+        "model": str_of(chat, "model").unwrap_or(&ctx.model),
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": sequence,
+        "usage": {"input_tokens": usage.input(), "output_tokens": usage.output()},
+    }))
+}
+
+/// A message's `content`: a string, or (some servers) an array of text parts.
+pub(crate) fn text_content(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(parts.iter().filter_map(|p| str_of(p, "text")).collect()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_tool_calls() {
+        let chat = json!({
+            "id": "chatcmpl-1", "model": "m",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "Let me check.",
+                "reasoning_content": "hidden",
+                "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14},
+        });
+        let out = response(&chat, &Context::default()).unwrap();
+        assert_eq!(out["id"], "msg_1");
+        assert_eq!(
+            out["content"][0],
+            json!({"type": "text", "text": "Let me check."})
+        );
+        assert_eq!(out["content"][1]["input"], json!({"city": "Paris"}));
+        assert_eq!(
+            out["content"].as_array().unwrap().len(),
+            2,
+            "no thinking unless asked"
+        );
+        assert_eq!(out["stop_reason"], "tool_use");
+        assert_eq!(
+            out["usage"],
+            json!({"input_tokens": 10, "output_tokens": 4})
+        );
+    }
+
+    #[test]
+    fn thinking_when_asked_and_missing_choices() {
+        let chat = json!({"choices": [{"finish_reason": "length",
+            "message": {"content": "a", "reasoning_content": "r"}}]});
+        let ctx = Context {
+            thinking: true,
+            model: "client".into(),
+            ..Context::default()
+        };
+        let out = response(&chat, &ctx).unwrap();
+        assert_eq!(out["content"][0]["type"], "thinking");
+        assert_eq!(out["stop_reason"], "max_tokens");
+        assert_eq!(out["model"], "client");
+        assert!(response(&json!({"id": "x"}), &ctx).is_err());
+    }
+}

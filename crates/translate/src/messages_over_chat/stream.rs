@@ -1,0 +1,371 @@
+//! Chat chunks as Anthropic stream events, one upstream event at a time.
+//!
+//! The rules Anthropic clients rely on, and which this state machine keeps
+//! by construction:
+//!
+//! - `message_start` exactly once, before anything else;
+//! - blocks one after another: `content_block_start` before any delta of a
+//!   block, the previous block stopped (once) before the next starts, block
+//!   indexes 0, 1, 2 …;
+//! - reasoning text only ever in `thinking` blocks (and only when the client
+//!   enabled thinking), never inside a text block;
+//! - tool calls as `tool_use` blocks with `input_json_delta` pieces; a tool
+//!   call starts once its name is known (arguments that came before are sent
+//!   then);
+//! - at the upstream's `[DONE]`: every block stopped, one `message_delta`
+//!   with the stop reason and usage (`input_tokens` too: chat reports them
+//!   only at the end), one `message_stop`.
+//!
+//! Chat servers stream tool calls one after another. One that went back to
+//! an earlier tool call after starting the next would need two open blocks,
+//! which Anthropic streams cannot express: the stream then ends with an error
+//! event rather than a wrong tool call.
+
+use llm_proxy_core::sse::Event;
+use serde::Serialize;
+use serde_json::json;
+
+use super::{Context, stop_reason};
+use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, error_message};
+use crate::stream::Step;
+use crate::wire::{restyle_id, write_event};
+
+/// The state of one translated stream.
+#[derive(Debug)]
+pub(crate) struct ChatToMessages {
+    ctx: Context,
+    started: bool,
+    finished: bool,
+    open: Option<Open>,
+    next_index: u32,
+    tools: Vec<Tool>,
+    finish: Option<String>,
+    matched: Option<serde_json::Value>,
+    usage: Option<Usage>,
+}
+
+/// The block that is open now.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Open {
+    Text(u32),
+    Thinking(u32),
+    /// Position in `tools`.
+    Tool(usize),
+}
+
+#[derive(Debug)]
+struct Tool {
+    chat_index: u64,
+    id: String,
+    name: String,
+    /// The block index, once started.
+    block: Option<u32>,
+    closed: bool,
+    /// Arguments that came before the name.
+    pending: String,
+}
+
+#[derive(Serialize)]
+struct BlockDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+    delta: DeltaOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type")]
+enum DeltaOut<'a> {
+    #[serde(rename = "text_delta")]
+    Text { text: &'a str },
+    #[serde(rename = "thinking_delta")]
+    Thinking { thinking: &'a str },
+    #[serde(rename = "input_json_delta")]
+    InputJson { partial_json: &'a str },
+}
+
+fn write_delta(out: &mut Vec<u8>, index: u32, delta: DeltaOut<'_>) {
+    let event = BlockDelta {
+        kind: "content_block_delta",
+        index,
+        delta,
+    };
+    write_event(out, "content_block_delta", &event);
+}
+
+impl ChatToMessages {
+    /// A stream for a request with this context.
+    pub(crate) fn new(ctx: Context) -> Self {
+        ChatToMessages {
+            ctx,
+            started: false,
+            finished: false,
+            open: None,
+            next_index: 0,
+            tools: Vec::new(),
+            finish: None,
+            matched: None,
+            usage: None,
+        }
+    }
+
+    /// Whether `message_stop` has been sent.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Translate one upstream event.
+    pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
+        if event.is_done() {
+            self.end(out);
+            return Step::Continue;
+        }
+        let chunk: Chunk<'_> = match serde_json::from_str(&event.data) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return Step::Fail(format!(
+                    "the upstream sent an event that is not a chat chunk: {e}"
+                ));
+            }
+        };
+        if let Some(error) = &chunk.error {
+            return Step::Fail(error_message(error));
+        }
+        self.start(chunk.id.as_deref(), chunk.model.as_deref(), out);
+        if let Some(usage) = chunk.usage {
+            self.usage = Some(usage);
+        }
+        for choice in chunk
+            .choices
+            .iter()
+            .flatten()
+            .filter(|c| c.index.unwrap_or(0) == 0)
+        {
+            if let Some(delta) = &choice.delta
+                && let Step::Fail(why) = self.delta(delta, out)
+            {
+                return Step::Fail(why);
+            }
+            if let Some(reason) = &choice.finish_reason {
+                self.finish = Some(reason.to_string());
+                self.matched = choice.stop_reason.clone();
+                self.close_all(out);
+            }
+        }
+        Step::Continue
+    }
+
+    fn start(&mut self, id: Option<&str>, model: Option<&str>, out: &mut Vec<u8>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let message = json!({
+            "id": restyle_id("msg_", id.unwrap_or("translated")),
+            "type": "message",
+            "role": "assistant",
+            "model": model.unwrap_or(&self.ctx.model),
+            "content": [],
+            "stop_reason": null,
+            "stop_sequence": null,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        });
+        write_event(
+            out,
+            "message_start",
+            &json!({"type": "message_start", "message": message}),
+        );
+    }
+
+    fn delta(&mut self, delta: &Delta<'_>, out: &mut Vec<u8>) -> Step {
+        if let Some(thinking) = delta.reasoning_text().filter(|_| self.ctx.thinking) {
+            let index = self.open_block(Open::Thinking(0), out);
+            write_delta(out, index, DeltaOut::Thinking { thinking });
+        }
+        for text in [&delta.content, &delta.refusal].into_iter().flatten() {
+            if !text.is_empty() {
+                let index = self.open_block(Open::Text(0), out);
+                write_delta(out, index, DeltaOut::Text { text });
+            }
+        }
+        for call in delta.tool_calls.iter().flatten() {
+            if let Step::Fail(why) = self.tool_delta(call, out) {
+                return Step::Fail(why);
+            }
+        }
+        Step::Continue
+    }
+
+    /// The index of an open text or thinking block of `kind`'s sort,
+    /// stopping the open block of another sort and starting one if needed.
+    fn open_block(&mut self, kind: Open, out: &mut Vec<u8>) -> u32 {
+        match (self.open, kind) {
+            (Some(Open::Text(i)), Open::Text(_)) | (Some(Open::Thinking(i)), Open::Thinking(_)) => {
+                return i;
+            }
+            _ => {}
+        }
+        self.close(out);
+        let index = self.take_index();
+        let block = match kind {
+            Open::Thinking(_) => {
+                self.open = Some(Open::Thinking(index));
+                json!({"type": "thinking", "thinking": "", "signature": ""})
+            }
+            _ => {
+                self.open = Some(Open::Text(index));
+                json!({"type": "text", "text": ""})
+            }
+        };
+        write_block_start(out, index, block);
+        index
+    }
+
+    fn tool_delta(&mut self, call: &ToolCallDelta<'_>, out: &mut Vec<u8>) -> Step {
+        let chat_index = call
+            .index
+            .unwrap_or_else(|| match (&call.id, self.tools.last()) {
+                (None, Some(last)) => last.chat_index,
+                _ => self.tools.len() as u64,
+            });
+        let pos = match self.tools.iter().position(|t| t.chat_index == chat_index) {
+            Some(pos) if self.tools[pos].closed => {
+                return Step::Fail(format!(
+                    "the upstream went back to tool call {chat_index} after starting another; \
+                     an Anthropic stream cannot express interleaved tool calls"
+                ));
+            }
+            Some(pos) => pos,
+            None => {
+                self.tools.push(Tool {
+                    chat_index,
+                    id: String::new(),
+                    name: String::new(),
+                    block: None,
+                    closed: false,
+                    pending: String::new(),
+                });
+                self.tools.len() - 1
+            }
+        };
+        let function = call.function.as_ref();
+        let tool = &mut self.tools[pos];
+        if let (Some(id), true) = (&call.id, tool.id.is_empty()) {
+            tool.id = id.to_string();
+        }
+        let arguments = function.and_then(|f| f.arguments.as_deref()).unwrap_or("");
+        match tool.block {
+            Some(index) => {
+                if !arguments.is_empty() {
+                    write_delta(
+                        out,
+                        index,
+                        DeltaOut::InputJson {
+                            partial_json: arguments,
+                        },
+                    );
+                }
+            }
+            None => {
+                if let Some(name) = function.and_then(|f| f.name.as_deref()) {
+                    tool.name.push_str(name);
+                }
+                tool.pending.push_str(arguments);
+                if !tool.name.is_empty() {
+                    self.start_tool(pos, out);
+                }
+            }
+        }
+        Step::Continue
+    }
+
+    fn start_tool(&mut self, pos: usize, out: &mut Vec<u8>) {
+        self.close(out);
+        let index = self.take_index();
+        let tool = &mut self.tools[pos];
+        if tool.id.is_empty() {
+            tool.id = format!("toolu_{index}");
+        }
+        tool.block = Some(index);
+        let block = json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}});
+        write_block_start(out, index, block);
+        let pending = std::mem::take(&mut tool.pending);
+        if !pending.is_empty() {
+            write_delta(
+                out,
+                index,
+                DeltaOut::InputJson {
+                    partial_json: &pending,
+                },
+            );
+        }
+        self.open = Some(Open::Tool(pos));
+    }
+
+    fn take_index(&mut self) -> u32 {
+        let index = self.next_index;
+        self.next_index += 1;
+        index
+    }
+
+    /// Stop the open block, if any.
+    fn close(&mut self, out: &mut Vec<u8>) {
+        let index = match self.open.take() {
+            None => return,
+            Some(Open::Text(i) | Open::Thinking(i)) => i,
+            Some(Open::Tool(pos)) => {
+                self.tools[pos].closed = true;
+                self.tools[pos].block.unwrap_or_default()
+            }
+        };
+        write_event(
+            out,
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        );
+    }
+
+    /// Stop the open block and send any tool call still waiting for its name.
+    fn close_all(&mut self, out: &mut Vec<u8>) {
+        self.close(out);
+        for pos in 0..self.tools.len() {
+            if self.tools[pos].block.is_none() {
+                self.start_tool(pos, out);
+                self.close(out);
+            }
+        }
+    }
+
+    /// The upstream's `[DONE]`: the stop reason, usage and `message_stop`.
+    fn end(&mut self, out: &mut Vec<u8>) {
+        if self.finished {
+            return;
+        }
+        self.start(None, None, out);
+        self.close_all(out);
+        let (reason, sequence) = stop_reason(
+            self.finish.as_deref(),
+            self.matched.as_ref(),
+            !self.tools.is_empty(),
+            &self.ctx,
+        );
+        let usage = self.usage.unwrap_or_default();
+        let delta = json!({
+            "type": "message_delta",
+            "delta": {"stop_reason": reason, "stop_sequence": sequence},
+            "usage": {"input_tokens": usage.input(), "output_tokens": usage.output()},
+        });
+        write_event(out, "message_delta", &delta);
+        write_event(out, "message_stop", &json!({"type": "message_stop"}));
+        self.finished = true;
+    }
+}
+
+fn write_block_start(out: &mut Vec<u8>, index: u32, block: serde_json::Value) {
+    let event = json!({"type": "content_block_start", "index": index, "content_block": block});
+    write_event(out, "content_block_start", &event);
+}
+
+#[cfg(test)]
+#[path = "stream_tests.rs"]
+mod tests;

@@ -1,0 +1,235 @@
+use super::*;
+use crate::test_util::{data, events, names};
+use serde_json::Value;
+
+fn run(ctx: Context, chunks: &[&str]) -> (Vec<(Option<String>, Value)>, Vec<Step>) {
+    let mut m = ChatToMessages::new(ctx);
+    let mut out = Vec::new();
+    let steps = chunks.iter().map(|c| m.event(&data(c), &mut out)).collect();
+    (events(&out), steps)
+}
+
+fn chunk(delta: Value, finish: Option<&str>) -> String {
+    json!({"id": "chatcmpl-7", "model": "llama", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).to_string()
+}
+
+const USAGE: &str = r#"{"id":"chatcmpl-7","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}"#;
+
+#[test]
+fn text_stream() {
+    let chunks = [
+        chunk(json!({"role": "assistant", "content": ""}), None),
+        chunk(json!({"content": "Hel"}), None),
+        chunk(json!({"content": "lo"}), None),
+        chunk(json!({}), Some("stop")),
+        USAGE.to_owned(),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(Context::default(), &refs);
+    assert!(steps.iter().all(|s| *s == Step::Continue));
+    assert_eq!(
+        names(&out),
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(out[0].1["message"]["id"], "msg_7");
+    assert_eq!(out[0].1["message"]["model"], "llama");
+    assert_eq!(
+        out[1].1["content_block"],
+        json!({"type": "text", "text": ""})
+    );
+    assert_eq!(
+        out[2].1["delta"],
+        json!({"type": "text_delta", "text": "Hel"})
+    );
+    assert_eq!(
+        out[5].1["delta"],
+        json!({"stop_reason": "end_turn", "stop_sequence": null})
+    );
+    assert_eq!(
+        out[5].1["usage"],
+        json!({"input_tokens": 11, "output_tokens": 3})
+    );
+}
+
+#[test]
+fn two_tool_calls_with_split_arguments() {
+    let call = |index: u64, id: Option<&str>, name: Option<&str>, args: &str| {
+        let mut f = json!({"arguments": args});
+        if let Some(n) = name {
+            f["name"] = json!(n);
+        }
+        let mut c = json!({"index": index, "function": f});
+        if let Some(id) = id {
+            c["id"] = json!(id);
+            c["type"] = json!("function");
+        }
+        chunk(json!({"tool_calls": [c]}), None)
+    };
+    let chunks = [
+        chunk(json!({"content": "Let me look."}), None),
+        call(0, Some("call_a"), Some("get_weather"), ""),
+        call(0, None, None, "{\"city\":"),
+        call(0, None, None, "\"Paris\"}"),
+        call(1, Some("call_b"), Some("get_time"), "{}"),
+        chunk(json!({}), Some("tool_calls")),
+        USAGE.to_owned(),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, _) = run(Context::default(), &refs);
+    assert_eq!(
+        names(&out),
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+    );
+    assert_eq!(
+        out[4].1,
+        json!({"type": "content_block_start", "index": 1,
+        "content_block": {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}}})
+    );
+    assert_eq!(
+        out[5].1["delta"],
+        json!({"type": "input_json_delta", "partial_json": "{\"city\":"})
+    );
+    assert_eq!(out[8].1["index"], 2);
+    assert_eq!(out[9].1["delta"]["partial_json"], "{}");
+    assert_eq!(out[11].1["delta"]["stop_reason"], "tool_use");
+}
+
+#[test]
+fn name_after_arguments_and_interleaving() {
+    let chunks = [
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "c1", "function": {"arguments": "{\"a\""}}]}),
+            None,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ":1}"}}]}),
+            None,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 1, "id": "c2", "function": {"name": "g", "arguments": ""}}]}),
+            None,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "late"}}]}),
+            None,
+        ),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(Context::default(), &refs);
+    assert_eq!(out[1].1["content_block"]["name"], "f");
+    assert_eq!(
+        out[2].1["delta"]["partial_json"], "{\"a\":1}",
+        "arguments held until the name came"
+    );
+    assert_eq!(names(&out)[3], "content_block_stop");
+    assert!(matches!(&steps[3], Step::Fail(why) if why.contains("interleaved")));
+}
+
+#[test]
+fn thinking_only_when_asked_and_never_in_text() {
+    let chunks = [
+        chunk(json!({"reasoning_content": "think"}), None),
+        chunk(json!({"content": "answer"}), None),
+        chunk(json!({"reasoning": "more"}), None),
+        chunk(json!({}), Some("stop")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, _) = run(
+        Context {
+            thinking: true,
+            ..Context::default()
+        },
+        &refs,
+    );
+    let blocks: Vec<&str> = out
+        .iter()
+        .filter_map(|(_, v)| v.get("content_block").and_then(|b| b["type"].as_str()))
+        .collect();
+    assert_eq!(blocks, ["thinking", "text", "thinking"]);
+    assert_eq!(
+        out[2].1["delta"],
+        json!({"type": "thinking_delta", "thinking": "think"})
+    );
+    let (out, _) = run(Context::default(), &refs);
+    assert!(
+        out.iter()
+            .all(|(_, v)| v["delta"]["type"] != "thinking_delta")
+    );
+    assert_eq!(
+        names(&out)
+            .iter()
+            .filter(|n| *n == "content_block_start")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn stop_sequence_length_errors_and_empty_streams() {
+    let ctx = Context {
+        stop_sequences: vec!["###".into()],
+        ..Context::default()
+    };
+    let stop = json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "###"}]}).to_string();
+    let (out, _) = run(
+        ctx,
+        &[&chunk(json!({"content": "x"}), None), &stop, "[DONE]"],
+    );
+    let delta = &out[out.len() - 2].1["delta"];
+    assert_eq!(
+        delta,
+        &json!({"stop_reason": "stop_sequence", "stop_sequence": "###"})
+    );
+
+    let (out, _) = run(
+        Context::default(),
+        &[&chunk(json!({"content": "x"}), Some("length")), "[DONE]"],
+    );
+    assert_eq!(out[out.len() - 2].1["delta"]["stop_reason"], "max_tokens");
+
+    let (out, _) = run(
+        Context {
+            model: "m".into(),
+            ..Context::default()
+        },
+        &["[DONE]"],
+    );
+    assert_eq!(
+        names(&out),
+        ["message_start", "message_delta", "message_stop"]
+    );
+    assert_eq!(out[0].1["message"]["model"], "m");
+
+    let (_, steps) = run(
+        Context::default(),
+        &[r#"{"error":{"message":"cut","code":"stream_interrupted"}}"#],
+    );
+    assert_eq!(steps[0], Step::Fail("cut".into()));
+    let (_, steps) = run(Context::default(), &["{not json"]);
+    assert!(matches!(&steps[0], Step::Fail(_)));
+}

@@ -1,0 +1,255 @@
+//! The response half of a translation: what the request side learned
+//! ([`Translation`]), whole answers, error answers, and the switch to
+//! [`TranslateBody`] for streams.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use llm_proxy_core::{Body, Dialect, Error, UpstreamName};
+use serde_json::{Value, json};
+
+use crate::body::TranslateBody;
+use crate::chat_over_messages::stream::MessagesToChat;
+use crate::messages_over_chat::stream::ChatToMessages;
+use crate::responses_over_chat::stream::ChatToResponses;
+use crate::stream::StreamMap;
+use crate::{chat_over_messages, messages_over_chat, responses_over_chat};
+
+/// The largest whole (non-streamed) answer translated: far above any chat
+/// completion, and a bound on what an upstream can make the proxy hold.
+const MAX_ANSWER_BYTES: usize = 32 << 20;
+/// The largest error body read; longer ones get a generic message.
+const MAX_ERROR_BYTES: usize = 64 << 10;
+
+/// What the response translation needs from the request, per direction.
+#[derive(Debug)]
+pub(crate) enum Translation {
+    MessagesOverChat(messages_over_chat::Context),
+    ChatOverMessages(chat_over_messages::Context),
+    ResponsesOverChat(Box<responses_over_chat::Context>),
+}
+
+impl Translation {
+    fn client_dialect(&self) -> Dialect {
+        match self {
+            Translation::MessagesOverChat(_) => Dialect::Anthropic,
+            _ => Dialect::OpenAi,
+        }
+    }
+
+    fn upstream_dialect(&self) -> Dialect {
+        match self {
+            Translation::ChatOverMessages(_) => Dialect::Anthropic,
+            _ => Dialect::OpenAi,
+        }
+    }
+
+    fn whole(&self, answer: &Value) -> Result<Value, String> {
+        match self {
+            Translation::MessagesOverChat(ctx) => {
+                messages_over_chat::response::response(answer, ctx)
+            }
+            Translation::ChatOverMessages(ctx) => {
+                chat_over_messages::response::response(answer, ctx)
+            }
+            Translation::ResponsesOverChat(ctx) => {
+                responses_over_chat::response::response(answer, ctx)
+            }
+        }
+    }
+
+    fn into_stream(self) -> StreamMap {
+        match self {
+            Translation::MessagesOverChat(ctx) => {
+                StreamMap::ChatToMessages(Box::new(ChatToMessages::new(ctx)))
+            }
+            Translation::ChatOverMessages(ctx) => {
+                StreamMap::MessagesToChat(Box::new(MessagesToChat::new(ctx)))
+            }
+            Translation::ResponsesOverChat(ctx) => {
+                StreamMap::ChatToResponses(Box::new(ChatToResponses::new(*ctx)))
+            }
+        }
+    }
+}
+
+/// Translate the upstream's response for the client.
+pub(crate) async fn translate(
+    resp: Response<Body>,
+    translation: Translation,
+) -> Result<Response<Body>, Error> {
+    let (mut parts, body) = resp.into_parts();
+    let upstream: Arc<str> = parts
+        .extensions
+        .get::<UpstreamName>()
+        .map_or_else(|| Arc::from("upstream"), |u| u.0.clone());
+    let is_sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+    if !parts.status.is_success() {
+        let bytes = collect(body, MAX_ERROR_BYTES).await.unwrap_or_default();
+        let converted = convert_error(
+            parts.status,
+            &bytes,
+            translation.upstream_dialect(),
+            translation.client_dialect(),
+        );
+        return Ok(json_response(parts, converted));
+    }
+    if is_sse {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let body = TranslateBody::new(body, translation.into_stream());
+        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+    }
+    let bad = |reason: String| Error::BadGateway {
+        upstream: upstream.clone(),
+        reason,
+    };
+    let bytes = collect(body, MAX_ANSWER_BYTES).await.map_err(bad)?;
+    let answer: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("the upstream's answer is not JSON: {e}")))?;
+    let translated = translation
+        .whole(&answer)
+        .map_err(|e| bad(format!("the upstream's answer cannot be translated: {e}")))?;
+    Ok(json_response(parts, Bytes::from(translated.to_string())))
+}
+
+fn json_response(mut parts: http::response::Parts, body: Bytes) -> Response<Body> {
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts.headers.remove(header::CONTENT_ENCODING);
+    Response::from_parts(parts, llm_proxy_core::full(body))
+}
+
+/// A whole body, up to `limit` bytes.
+async fn collect(mut body: Body, limit: usize) -> Result<Bytes, String> {
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("the upstream's answer broke off: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(format!(
+                    "the upstream's answer is larger than {limit} bytes"
+                ));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// Anthropic's error `type` for a status (as core renders the proxy's own
+/// errors), so the `anthropic` SDK raises its matching exception class.
+fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// An upstream error body in the client's dialect, keeping its message.
+pub(crate) fn convert_error(status: StatusCode, body: &[u8], from: Dialect, to: Dialect) -> Bytes {
+    if from == to {
+        return Bytes::copy_from_slice(body);
+    }
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    let message = error
+        .and_then(|e| {
+            e.get("message")
+                .and_then(Value::as_str)
+                .or_else(|| e.as_str())
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            if text.is_empty() {
+                format!("the upstream answered {status}")
+            } else {
+                text.chars().take(500).collect()
+            }
+        });
+    let converted = match to {
+        Dialect::Anthropic => json!({
+            "type": "error",
+            "error": {"type": anthropic_type(status), "message": message},
+        }),
+        Dialect::OpenAi => {
+            let kind = error
+                .and_then(|e| e.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("upstream_error");
+            json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+        }
+    };
+    Bytes::from(converted.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_error_to_anthropic() {
+        let body = br#"{"error":{"message":"model overloaded","type":"server_error","code":null}}"#;
+        let out = convert_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            body,
+            Dialect::OpenAi,
+            Dialect::Anthropic,
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "model overloaded"}})
+        );
+    }
+
+    #[test]
+    fn anthropic_error_to_openai_and_plain_text() {
+        let body = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: too big"}}"#;
+        let out = convert_error(
+            StatusCode::BAD_REQUEST,
+            body,
+            Dialect::Anthropic,
+            Dialect::OpenAi,
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["message"], "max_tokens: too big");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"].get("param").is_some());
+        let out = convert_error(
+            StatusCode::BAD_GATEWAY,
+            b"<html>bad</html>",
+            Dialect::OpenAi,
+            Dialect::Anthropic,
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["message"], "<html>bad</html>");
+        assert_eq!(v["error"]["type"], "api_error");
+        let same = convert_error(
+            StatusCode::BAD_REQUEST,
+            b"x",
+            Dialect::OpenAi,
+            Dialect::OpenAi,
+        );
+        assert_eq!(&same[..], b"x");
+    }
+}

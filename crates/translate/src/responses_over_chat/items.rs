@@ -1,0 +1,179 @@
+//! The output items of a streamed Responses answer and the events that
+//! describe them, numbered by [`Events`].
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::text_part;
+use crate::wire::write_event;
+
+/// A `message` output item.
+#[derive(Debug)]
+pub(crate) struct Message {
+    pub id: String,
+    pub text: String,
+}
+
+/// A `function_call` output item.
+#[derive(Debug)]
+pub(crate) struct Call {
+    pub id: String,
+    pub call_id: String,
+    pub name: String,
+    pub arguments: String,
+    /// The chat `index` of the tool call.
+    pub chat_index: u64,
+    /// `output_item.added` was sent (the name is known).
+    pub added: bool,
+}
+
+/// An output item.
+#[derive(Debug)]
+pub(crate) enum Item {
+    Message(Message),
+    Call(Call),
+}
+
+impl Item {
+    /// The item as it stands in `response.output` once finished; `status`
+    /// is the response's.
+    pub(crate) fn json(&self, status: &str) -> Value {
+        match self {
+            Item::Message(m) => {
+                let status = if status == "incomplete" {
+                    "incomplete"
+                } else {
+                    "completed"
+                };
+                json!({"id": m.id, "type": "message", "status": status, "role": "assistant",
+                    "content": [text_part(&m.text)]})
+            }
+            Item::Call(c) => json!({"id": c.id, "type": "function_call", "status": "completed",
+                "call_id": c.call_id, "name": c.name, "arguments": c.arguments}),
+        }
+    }
+}
+
+/// Writes Responses events with their `sequence_number`s.
+#[derive(Debug, Default)]
+pub(crate) struct Events {
+    next: u64,
+}
+
+#[derive(Serialize)]
+struct TextDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    delta: &'a str,
+    logprobs: [(); 0],
+}
+
+#[derive(Serialize)]
+struct ArgumentsDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    delta: &'a str,
+}
+
+impl Events {
+    fn take(&mut self) -> u64 {
+        self.next += 1;
+        self.next - 1
+    }
+
+    /// An event built as JSON (the rarer ones).
+    pub(crate) fn emit(&mut self, out: &mut Vec<u8>, name: &'static str, mut data: Value) {
+        data["type"] = json!(name);
+        data["sequence_number"] = json!(self.take());
+        write_event(out, name, &data);
+    }
+
+    /// `response.output_text.delta` (typed: one per token).
+    pub(crate) fn text_delta(
+        &mut self,
+        out: &mut Vec<u8>,
+        item_id: &str,
+        output_index: usize,
+        delta: &str,
+    ) {
+        let kind = "response.output_text.delta";
+        let event = TextDelta {
+            kind,
+            sequence_number: self.take(),
+            item_id,
+            output_index,
+            content_index: 0,
+            delta,
+            logprobs: [],
+        };
+        write_event(out, kind, &event);
+    }
+
+    /// `response.function_call_arguments.delta` (typed: one per piece).
+    pub(crate) fn arguments_delta(
+        &mut self,
+        out: &mut Vec<u8>,
+        item_id: &str,
+        output_index: usize,
+        delta: &str,
+    ) {
+        let kind = "response.function_call_arguments.delta";
+        let event = ArgumentsDelta {
+            kind,
+            sequence_number: self.take(),
+            item_id,
+            output_index,
+            delta,
+        };
+        write_event(out, kind, &event);
+    }
+
+    /// `output_item.added` and, for a message, `content_part.added`.
+    pub(crate) fn added(&mut self, out: &mut Vec<u8>, index: usize, item: &Item) {
+        let json = match item {
+            Item::Message(m) => {
+                json!({"id": m.id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
+            }
+            Item::Call(c) => json!({"id": c.id, "type": "function_call", "status": "in_progress",
+                "call_id": c.call_id, "name": c.name, "arguments": ""}),
+        };
+        self.emit(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": json}),
+        );
+        if let Item::Message(m) = item {
+            let part = json!({"item_id": m.id, "output_index": index, "content_index": 0, "part": text_part("")});
+            self.emit(out, "response.content_part.added", part);
+        }
+    }
+
+    /// The `….done` events of a finished item, `output_item.done` last.
+    pub(crate) fn done(&mut self, out: &mut Vec<u8>, index: usize, item: &Item, status: &str) {
+        match item {
+            Item::Message(m) => {
+                let base = json!({"item_id": m.id, "output_index": index, "content_index": 0});
+                let mut done = base.clone();
+                done["text"] = json!(m.text);
+                done["logprobs"] = json!([]);
+                self.emit(out, "response.output_text.done", done);
+                let mut part = base;
+                part["part"] = text_part(&m.text);
+                self.emit(out, "response.content_part.done", part);
+            }
+            Item::Call(c) => {
+                let data = json!({"item_id": c.id, "output_index": index, "name": c.name, "arguments": c.arguments});
+                self.emit(out, "response.function_call_arguments.done", data);
+            }
+        }
+        let data = json!({"output_index": index, "item": item.json(status)});
+        self.emit(out, "response.output_item.done", data);
+    }
+}

@@ -1,0 +1,177 @@
+use super::*;
+
+fn translate(body: Value) -> Result<(Value, Context), Error> {
+    let Value::Object(map) = body else {
+        panic!("an object")
+    };
+    request(&map).map(|(out, ctx)| (Value::Object(out), ctx))
+}
+
+fn with(extra: Value) -> Value {
+    let mut body = json!({"model": "llama", "input": "hi"});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn refused(body: Value) -> String {
+    match translate(body) {
+        Err(Error::UnsupportedParameter { param, .. }) => param,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn string_input_and_instructions() {
+    let (out, ctx) = translate(with(json!({"instructions": "Be brief.", "max_output_tokens": 64,
+        "temperature": 0.2, "top_p": 0.5, "stream": true, "store": false, "include": ["reasoning.encrypted_content"],
+        "reasoning": {"effort": "low", "summary": "auto"}, "metadata": {"k": "v"}}))).unwrap();
+    assert_eq!(
+        out["messages"],
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    );
+    assert_eq!(out["max_tokens"], 64);
+    assert_eq!(
+        (out["temperature"].clone(), out["top_p"].clone()),
+        (json!(0.2), json!(0.5))
+    );
+    assert_eq!(out["stream_options"], json!({"include_usage": true}));
+    assert_eq!(out["reasoning_effort"], "low");
+    for dropped in [
+        "store",
+        "include",
+        "metadata",
+        "instructions",
+        "max_output_tokens",
+        "input",
+    ] {
+        assert!(out.get(dropped).is_none(), "{dropped}");
+    }
+    assert_eq!(ctx.echo["instructions"], "Be brief.");
+    assert_eq!(ctx.echo["metadata"], json!({"k": "v"}));
+    assert_eq!(ctx.model, "llama");
+}
+
+#[test]
+fn items_and_function_calls() {
+    let (out, _) = translate(with(json!({"input": [
+        {"role": "developer", "content": "Use metric."},
+        {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "Weather in Paris?"},
+            {"type": "input_image", "image_url": "https://x/p.png", "detail": "low"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+        {"type": "function_call", "call_id": "call_2", "name": "get_time", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+        {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "noon"}]},
+    ]}))).unwrap();
+    let m = out["messages"].as_array().unwrap();
+    assert_eq!(m[0], json!({"role": "system", "content": "Use metric."}));
+    assert_eq!(
+        m[1]["content"][0],
+        json!({"type": "text", "text": "Weather in Paris?"})
+    );
+    assert_eq!(
+        m[1]["content"][1],
+        json!({"type": "image_url", "image_url": {"url": "https://x/p.png", "detail": "low"}})
+    );
+    assert_eq!(m[2]["content"], "Checking.");
+    assert_eq!(
+        m[2]["tool_calls"].as_array().unwrap().len(),
+        2,
+        "calls join the assistant message"
+    );
+    assert_eq!(
+        m[2]["tool_calls"][1],
+        json!({"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}})
+    );
+    assert_eq!(
+        m[3],
+        json!({"role": "tool", "tool_call_id": "call_1", "content": "18C"})
+    );
+    assert_eq!(m[4]["content"], "noon");
+    assert_eq!(m.len(), 5);
+
+    let (out, _) = translate(with(json!({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]}))).unwrap();
+    assert_eq!(out["messages"][0]["content"], Value::Null);
+}
+
+#[test]
+fn tools_choice_and_format() {
+    let (out, _) = translate(with(json!({
+        "tools": [{"type": "function", "name": "f", "description": "F", "parameters": {"type": "object"}, "strict": true}],
+        "tool_choice": {"type": "function", "name": "f"}, "parallel_tool_calls": false,
+        "text": {"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}, "strict": true}},
+    }))).unwrap();
+    assert_eq!(
+        out["tools"],
+        json!([{"type": "function", "function": {"name": "f", "description": "F", "parameters": {"type": "object"}, "strict": true}}])
+    );
+    assert_eq!(
+        out["tool_choice"],
+        json!({"type": "function", "function": {"name": "f"}})
+    );
+    assert_eq!(out["parallel_tool_calls"], false);
+    assert_eq!(
+        out["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": true}})
+    );
+    let (out, _) = translate(with(
+        json!({"tool_choice": "required", "text": {"format": {"type": "text"}}}),
+    ))
+    .unwrap();
+    assert_eq!(out["tool_choice"], "required");
+    assert!(out.get("response_format").is_none());
+}
+
+#[test]
+fn stateful_and_built_in_requests_are_refused() {
+    assert_eq!(
+        refused(with(json!({"previous_response_id": "resp_1"}))),
+        "previous_response_id"
+    );
+    assert_eq!(refused(with(json!({"store": true}))), "store");
+    assert_eq!(refused(with(json!({"background": true}))), "background");
+    assert_eq!(
+        refused(with(json!({"conversation": "conv_1"}))),
+        "conversation"
+    );
+    assert_eq!(refused(with(json!({"prompt": {"id": "pmpt_1"}}))), "prompt");
+    assert_eq!(
+        refused(with(json!({"tools": [{"type": "web_search"}]}))),
+        "tools[0]"
+    );
+    assert_eq!(
+        refused(with(json!({"tool_choice": {"type": "web_search_preview"}}))),
+        "tool_choice"
+    );
+    assert_eq!(
+        refused(with(
+            json!({"input": [{"type": "item_reference", "id": "msg_1"}]})
+        )),
+        "input[0]"
+    );
+    assert_eq!(
+        refused(with(
+            json!({"input": [{"type": "web_search_call", "id": "ws"}]})
+        )),
+        "input[0].type"
+    );
+    let file = json!([{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]);
+    assert_eq!(refused(with(json!({"input": file}))), "input[0].content[0]");
+    let image = json!([{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]);
+    assert_eq!(
+        refused(with(json!({"input": image}))),
+        "input[0].content[0].image_url"
+    );
+    assert_eq!(refused(with(json!({"input": 5}))), "input");
+    // Explicitly stateless requests and null fields are fine.
+    assert!(
+        translate(with(
+            json!({"store": false, "previous_response_id": null, "background": false})
+        ))
+        .is_ok()
+    );
+}

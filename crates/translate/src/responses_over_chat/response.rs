@@ -1,0 +1,112 @@
+//! A whole chat completion as a Responses `response` object.
+
+use serde_json::{Value, json};
+
+use super::{Context, State, response_object, status, text_part, usage_json};
+use crate::chat::Usage;
+use crate::messages_over_chat::response::text_content;
+use crate::wire::{now_secs, restyle_id, str_of};
+
+/// The id of output item `index` of response `bare` (the upstream's id
+/// without its prefix).
+pub(crate) fn item_id(prefix: &str, bare: &str, index: usize) -> String {
+    match index {
+        0 => format!("{prefix}_{bare}"),
+        i => format!("{prefix}_{bare}_{i}"),
+    }
+}
+
+/// Translate a `chat.completion` into a `response`. `Err` names what is
+/// missing when the upstream's answer is not a chat completion.
+pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
+    let choice = chat
+        .get("choices")
+        .and_then(Value::as_array)
+        .and_then(|c| c.first())
+        .ok_or("the upstream's chat completion has no choices")?;
+    let message = choice.get("message").unwrap_or(&Value::Null);
+    let id = restyle_id("resp_", str_of(chat, "id").unwrap_or("translated"));
+    let bare = id.trim_start_matches("resp_");
+    let (status, incomplete) = status(str_of(choice, "finish_reason"));
+    let mut output = Vec::new();
+    let text = text_content(message.get("content")).filter(|t| !t.is_empty());
+    let refusal = str_of(message, "refusal").filter(|r| !r.is_empty());
+    if text.is_some() || refusal.is_some() {
+        let mut parts = Vec::new();
+        parts.extend(text.as_deref().map(text_part));
+        parts.extend(refusal.map(|r| json!({"type": "refusal", "refusal": r})));
+        output.push(json!({
+            "type": "message",
+            "id": item_id("msg", bare, output.len()),
+            "status": if status == "completed" { "completed" } else { "incomplete" },
+            "role": "assistant",
+            "content": parts,
+        }));
+    }
+    for call in message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let function = call.get("function").unwrap_or(&Value::Null);
+        output.push(json!({
+            "type": "function_call",
+            "id": item_id("fc", bare, output.len()),
+            "call_id": str_of(call, "id").unwrap_or_default(),
+            "name": str_of(function, "name").unwrap_or_default(),
+            "arguments": str_of(function, "arguments").unwrap_or("{}"),
+            "status": "completed",
+        }));
+    }
+    let usage = Usage::from_value(chat.get("usage")).unwrap_or_default();
+    let created_at = chat
+        .get("created")
+        .and_then(Value::as_u64)
+        .unwrap_or_else(now_secs);
+    let state = State {
+        id: &id,
+        created_at,
+        model: str_of(chat, "model").unwrap_or(&ctx.model),
+        status,
+        incomplete,
+        output,
+        usage: Some(usage_json(&usage)),
+    };
+    Ok(response_object(ctx, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_and_function_calls() {
+        let chat = json!({
+            "id": "chatcmpl-9", "created": 5, "model": "m",
+            "choices": [{"finish_reason": "tool_calls", "message": {"role": "assistant", "content": "On it.",
+                "tool_calls": [
+                    {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                    {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{\"x\":1}"}}]}}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10},
+        });
+        let out = response(&chat, &Context::default()).unwrap();
+        assert_eq!(out["id"], "resp_9");
+        assert_eq!(out["object"], "response");
+        assert_eq!(out["status"], "completed");
+        assert_eq!(out["output"][0]["id"], "msg_9");
+        assert_eq!(out["output"][0]["content"][0]["text"], "On it.");
+        assert_eq!(out["output"][2]["call_id"], "call_b");
+        assert_eq!(out["output"][2]["id"], "fc_9_2");
+        assert_eq!(out["usage"]["total_tokens"], 10);
+    }
+
+    #[test]
+    fn length_is_incomplete() {
+        let chat = json!({"choices": [{"finish_reason": "length", "message": {"content": "cut"}}]});
+        let out = response(&chat, &Context::default()).unwrap();
+        assert_eq!(out["status"], "incomplete");
+        assert_eq!(out["incomplete_details"]["reason"], "max_output_tokens");
+        assert_eq!(out["output"][0]["status"], "incomplete");
+    }
+}

@@ -1,0 +1,296 @@
+//! Chat chunks as Responses events, one upstream event at a time.
+//!
+//! `response.created` and `response.in_progress` come first (on the first
+//! chunk). Text opens a `message` item (`response.output_item.added`,
+//! `response.content_part.added`) and streams `response.output_text.delta`;
+//! a tool call opens a `function_call` item once its name is known and
+//! streams `response.function_call_arguments.delta`. Items are produced one
+//! after another; each is finished (`….done` events, `output_item.done`)
+//! before the next opens. At the upstream's `[DONE]`, `response.completed`
+//! (or `response.incomplete` for `length` and `content_filter`) carries the
+//! whole output and the usage. Every event has a `sequence_number`.
+//! Reasoning text is dropped; a refusal streams as text.
+
+use llm_proxy_core::sse::Event;
+use serde_json::{Value, json};
+
+use super::items::{Call, Events, Item, Message};
+use super::response::item_id;
+use super::{Context, State, response_object, status, usage_json};
+use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, error_message};
+use crate::stream::Step;
+use crate::wire::{now_secs, restyle_id};
+
+/// The state of one translated stream.
+#[derive(Debug)]
+pub(crate) struct ChatToResponses {
+    ctx: Context,
+    id: String,
+    model: String,
+    created_at: u64,
+    events: Events,
+    started: bool,
+    finished: bool,
+    items: Vec<Item>,
+    /// The item being produced (its output index).
+    open: Option<usize>,
+    finish: Option<String>,
+    usage: Option<Usage>,
+}
+
+impl ChatToResponses {
+    /// A stream for a request with this context.
+    pub(crate) fn new(ctx: Context) -> Self {
+        ChatToResponses {
+            model: ctx.model.clone(),
+            ctx,
+            id: "resp_translated".to_owned(),
+            created_at: now_secs(),
+            events: Events::default(),
+            started: false,
+            finished: false,
+            items: Vec::new(),
+            open: None,
+            finish: None,
+            usage: None,
+        }
+    }
+
+    /// Whether the final `response.completed` has been sent.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Translate one upstream event.
+    pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
+        if event.is_done() {
+            self.end(out);
+            return Step::Continue;
+        }
+        let chunk: Chunk<'_> = match serde_json::from_str(&event.data) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return Step::Fail(format!(
+                    "the upstream sent an event that is not a chat chunk: {e}"
+                ));
+            }
+        };
+        if let Some(error) = &chunk.error {
+            return Step::Fail(error_message(error));
+        }
+        if !self.started {
+            self.start(&chunk, out);
+        }
+        if let Some(usage) = chunk.usage {
+            self.usage = Some(usage);
+        }
+        for choice in chunk
+            .choices
+            .iter()
+            .flatten()
+            .filter(|c| c.index.unwrap_or(0) == 0)
+        {
+            if let Some(delta) = &choice.delta
+                && let Step::Fail(why) = self.delta(delta, out)
+            {
+                return Step::Fail(why);
+            }
+            if let Some(reason) = &choice.finish_reason {
+                self.finish = Some(reason.to_string());
+                self.close(out);
+            }
+        }
+        Step::Continue
+    }
+
+    fn object(&self, status: &str, incomplete: Option<&str>, usage: Option<Value>) -> Value {
+        let state = State {
+            id: &self.id,
+            created_at: self.created_at,
+            model: &self.model,
+            status,
+            incomplete,
+            output: self.items.iter().map(|i| i.json(status)).collect(),
+            usage,
+        };
+        response_object(&self.ctx, state)
+    }
+
+    fn start(&mut self, chunk: &Chunk<'_>, out: &mut Vec<u8>) {
+        self.started = true;
+        if let Some(id) = &chunk.id {
+            self.id = restyle_id("resp_", id);
+        }
+        if let Some(model) = &chunk.model {
+            self.model = model.to_string();
+        }
+        if let Some(created) = chunk.created {
+            self.created_at = created;
+        }
+        for name in ["response.created", "response.in_progress"] {
+            let response = self.object("in_progress", None, None);
+            self.events.emit(out, name, json!({"response": response}));
+        }
+    }
+
+    fn item_id(&self, prefix: &str, index: usize) -> String {
+        item_id(prefix, self.id.trim_start_matches("resp_"), index)
+    }
+
+    fn delta(&mut self, delta: &Delta<'_>, out: &mut Vec<u8>) -> Step {
+        for text in [&delta.content, &delta.refusal].into_iter().flatten() {
+            if !text.is_empty() {
+                self.text(text, out);
+            }
+        }
+        for call in delta.tool_calls.iter().flatten() {
+            match self.call_index(call, out) {
+                Ok(index) => self.call_delta(index, call, out),
+                Err(why) => return Step::Fail(why),
+            }
+        }
+        Step::Continue
+    }
+
+    fn text(&mut self, text: &str, out: &mut Vec<u8>) {
+        let index = match self.open {
+            Some(i) if matches!(self.items[i], Item::Message(_)) => i,
+            _ => {
+                self.close(out);
+                let index = self.items.len();
+                let item = Item::Message(Message {
+                    id: self.item_id("msg", index),
+                    text: String::new(),
+                });
+                self.events.added(out, index, &item);
+                self.items.push(item);
+                self.open = Some(index);
+                index
+            }
+        };
+        if let Item::Message(m) = &mut self.items[index] {
+            m.text.push_str(text);
+            self.events.text_delta(out, &m.id, index, text);
+        }
+    }
+
+    /// The output index of the call this delta belongs to, opening a new
+    /// call item when it is the first piece of a call.
+    fn call_index(&mut self, call: &ToolCallDelta<'_>, out: &mut Vec<u8>) -> Result<usize, String> {
+        let last_call = self.items.iter().rev().find_map(|i| match i {
+            Item::Call(c) => Some(c.chat_index),
+            Item::Message(_) => None,
+        });
+        let chat_index = call.index.unwrap_or(match (&call.id, last_call) {
+            (None, Some(last)) => last,
+            _ => self.items.len() as u64,
+        });
+        let found = self
+            .items
+            .iter()
+            .position(|i| matches!(i, Item::Call(c) if c.chat_index == chat_index));
+        match found {
+            Some(i) if self.open != Some(i) => Err(format!(
+                "the upstream went back to tool call {chat_index} after starting another"
+            )),
+            Some(i) => Ok(i),
+            None => {
+                self.close(out);
+                let call = Call {
+                    id: String::new(),
+                    call_id: String::new(),
+                    name: String::new(),
+                    arguments: String::new(),
+                    chat_index,
+                    added: false,
+                };
+                self.items.push(Item::Call(call));
+                self.open = Some(self.items.len() - 1);
+                Ok(self.items.len() - 1)
+            }
+        }
+    }
+
+    /// Apply one piece of a call: its id, name and arguments. A call is
+    /// announced (`output_item.added`) once its name is known.
+    fn call_delta(&mut self, index: usize, delta: &ToolCallDelta<'_>, out: &mut Vec<u8>) {
+        let function = delta.function.as_ref();
+        let fragment = function.and_then(|f| f.arguments.as_deref()).unwrap_or("");
+        let Item::Call(call) = &mut self.items[index] else {
+            return;
+        };
+        if let (true, Some(id)) = (call.call_id.is_empty(), &delta.id) {
+            call.call_id = id.to_string();
+        }
+        call.arguments.push_str(fragment);
+        if call.added {
+            if !fragment.is_empty() {
+                self.events.arguments_delta(out, &call.id, index, fragment);
+            }
+            return;
+        }
+        if let Some(name) = function.and_then(|f| f.name.as_deref()) {
+            call.name.push_str(name);
+        }
+        if !call.name.is_empty() {
+            self.announce(index, out);
+        }
+    }
+
+    /// `output_item.added` for a call, then the arguments that came before
+    /// its name.
+    fn announce(&mut self, index: usize, out: &mut Vec<u8>) {
+        let id = self.item_id("fc", index);
+        let Item::Call(call) = &mut self.items[index] else {
+            return;
+        };
+        call.added = true;
+        call.id = id;
+        if call.call_id.is_empty() {
+            call.call_id = format!("call_{index}");
+        }
+        let pending = call.arguments.clone();
+        self.events.added(out, index, &self.items[index]);
+        if !pending.is_empty() {
+            let id = self.item_id("fc", index);
+            self.events.arguments_delta(out, &id, index, &pending);
+        }
+    }
+
+    /// Finish the open item: its `….done` events.
+    fn close(&mut self, out: &mut Vec<u8>) {
+        let Some(index) = self.open.take() else {
+            return;
+        };
+        if matches!(&self.items[index], Item::Call(c) if !c.added) {
+            self.announce(index, out);
+        }
+        let (status, _) = status(self.finish.as_deref());
+        self.events.done(out, index, &self.items[index], status);
+    }
+
+    /// The upstream's `[DONE]`: the final response event.
+    fn end(&mut self, out: &mut Vec<u8>) {
+        if self.finished {
+            return;
+        }
+        if !self.started {
+            self.start(&Chunk::default(), out);
+        }
+        self.close(out);
+        let (status, incomplete) = status(self.finish.as_deref());
+        let usage = usage_json(&self.usage.unwrap_or_default());
+        let response = self.object(status, incomplete, Some(usage));
+        let name = if status == "completed" {
+            "response.completed"
+        } else {
+            "response.incomplete"
+        };
+        self.events.emit(out, name, json!({"response": response}));
+        self.finished = true;
+    }
+}
+
+#[cfg(test)]
+#[path = "stream_tests.rs"]
+mod tests;

@@ -1,0 +1,157 @@
+use super::*;
+use crate::test_util::{data, events, names};
+
+fn run(ctx: Context, chunks: &[String]) -> (Vec<(Option<String>, Value)>, Vec<Step>) {
+    let mut m = ChatToResponses::new(ctx);
+    let mut out = Vec::new();
+    let steps = chunks.iter().map(|c| m.event(&data(c), &mut out)).collect();
+    (events(&out), steps)
+}
+
+fn chunk(delta: Value, finish: Option<&str>) -> String {
+    json!({"id": "chatcmpl-5", "created": 9, "model": "llama", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).to_string()
+}
+
+fn usage() -> String {
+    r#"{"id":"chatcmpl-5","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#.to_owned()
+}
+
+#[test]
+fn text_stream() {
+    let chunks = [
+        chunk(json!({"role": "assistant", "content": ""}), None),
+        chunk(json!({"content": "Hel"}), None),
+        chunk(json!({"content": "lo"}), None),
+        chunk(json!({}), Some("stop")),
+        usage(),
+        "[DONE]".to_owned(),
+    ];
+    let (out, steps) = run(Context::default(), &chunks);
+    assert!(steps.iter().all(|s| *s == Step::Continue));
+    assert_eq!(
+        names(&out),
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    let seqs: Vec<u64> = out
+        .iter()
+        .map(|(_, v)| v["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..10).collect::<Vec<_>>());
+    assert_eq!(out[0].1["response"]["id"], "resp_5");
+    assert_eq!(out[0].1["response"]["status"], "in_progress");
+    assert_eq!(out[0].1["response"]["created_at"], 9);
+    assert_eq!(
+        out[4].1,
+        json!({"type": "response.output_text.delta", "sequence_number": 4, "item_id": "msg_5",
+        "output_index": 0, "content_index": 0, "delta": "Hel", "logprobs": []})
+    );
+    assert_eq!(out[6].1["text"], "Hello");
+    let done = &out[9].1["response"];
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["output"][0]["content"][0]["text"], "Hello");
+    assert_eq!(done["usage"]["input_tokens"], 7);
+    assert_eq!(done["usage"]["total_tokens"], 9);
+}
+
+#[test]
+fn function_calls() {
+    let call = |index: u64, id: Option<&str>, name: Option<&str>, args: &str| {
+        let mut c = json!({"index": index, "function": {"arguments": args}});
+        if let Some(id) = id {
+            c["id"] = json!(id);
+        }
+        if let Some(n) = name {
+            c["function"]["name"] = json!(n);
+        }
+        chunk(json!({"tool_calls": [c]}), None)
+    };
+    let chunks = [
+        chunk(json!({"content": "Checking."}), None),
+        call(0, Some("call_a"), Some("get_weather"), ""),
+        call(0, None, None, "{\"city\":"),
+        call(0, None, None, "\"Paris\"}"),
+        call(1, Some("call_b"), Some("get_time"), "{}"),
+        chunk(json!({}), Some("tool_calls")),
+        usage(),
+        "[DONE]".to_owned(),
+    ];
+    let (out, _) = run(Context::default(), &chunks);
+    let added: Vec<&Value> = out
+        .iter()
+        .filter(|(n, _)| n.as_deref() == Some("response.output_item.added"))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(added.len(), 3);
+    assert_eq!(
+        added[1]["item"],
+        json!({"id": "fc_5_1", "type": "function_call", "status": "in_progress",
+        "call_id": "call_a", "name": "get_weather", "arguments": ""})
+    );
+    let deltas: Vec<(&str, &str)> = out
+        .iter()
+        .filter(|(n, _)| n.as_deref() == Some("response.function_call_arguments.delta"))
+        .map(|(_, v)| (v["item_id"].as_str().unwrap(), v["delta"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        deltas,
+        [
+            ("fc_5_1", "{\"city\":"),
+            ("fc_5_1", "\"Paris\"}"),
+            ("fc_5_2", "{}")
+        ]
+    );
+    let args_done = out
+        .iter()
+        .find(|(n, _)| n.as_deref() == Some("response.function_call_arguments.done"))
+        .unwrap();
+    assert_eq!(args_done.1["arguments"], "{\"city\":\"Paris\"}");
+    let last = &out.last().unwrap().1;
+    assert_eq!(last["type"], "response.completed");
+    let output = last["response"]["output"].as_array().unwrap();
+    assert_eq!(output.len(), 3);
+    assert_eq!(output[2]["call_id"], "call_b");
+}
+
+#[test]
+fn length_is_incomplete_and_errors_fail() {
+    let chunks = [
+        chunk(json!({"content": "x"}), Some("length")),
+        usage(),
+        "[DONE]".to_owned(),
+    ];
+    let (out, _) = run(Context::default(), &chunks);
+    let last = &out.last().unwrap();
+    assert_eq!(last.0.as_deref(), Some("response.incomplete"));
+    assert_eq!(
+        last.1["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
+    assert_eq!(last.1["response"]["output"][0]["status"], "incomplete");
+
+    let (out, _) = run(Context::default(), &["[DONE]".to_owned()]);
+    assert_eq!(
+        names(&out),
+        [
+            "response.created",
+            "response.in_progress",
+            "response.completed"
+        ]
+    );
+
+    let (_, steps) = run(
+        Context::default(),
+        &[r#"{"error":{"message":"cut"}}"#.to_owned()],
+    );
+    assert_eq!(steps[0], Step::Fail("cut".into()));
+}

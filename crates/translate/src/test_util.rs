@@ -1,0 +1,53 @@
+//! Helpers for the state-machine tests: feed events, read the output back.
+
+use llm_proxy_core::sse::{Event, Parser};
+use serde_json::Value;
+
+/// A `data:`-only event.
+pub(crate) fn data(data: &str) -> Event {
+    Event {
+        data: data.to_owned(),
+        ..Event::default()
+    }
+}
+
+/// An event with a name.
+pub(crate) fn named(name: &str, data: &str) -> Event {
+    Event {
+        event: Some(name.to_owned()),
+        data: data.to_owned(),
+        ..Event::default()
+    }
+}
+
+/// The events of an SSE byte stream: `(event name, data as JSON)`; a
+/// `[DONE]` reads as the JSON string `"[DONE]"`.
+pub(crate) fn events(out: &[u8]) -> Vec<(Option<String>, Value)> {
+    let mut parser = Parser::new();
+    parser.push(out).expect("the translation writes valid SSE");
+    assert!(
+        !parser.has_partial(),
+        "the output ends on an event boundary"
+    );
+    std::iter::from_fn(|| parser.next_event())
+        .map(|e| {
+            let json = if e.is_done() {
+                Value::String(e.data.clone())
+            } else {
+                serde_json::from_str(&e.data).expect("every event's data is JSON")
+            };
+            (e.event, json)
+        })
+        .collect()
+}
+
+/// The event names (or `type`s) of an output, in order.
+pub(crate) fn names(out: &[(Option<String>, Value)]) -> Vec<String> {
+    out.iter()
+        .map(|(name, v)| {
+            name.clone()
+                .or_else(|| v.get("type").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| v.as_str().unwrap_or("chunk").to_owned())
+        })
+        .collect()
+}

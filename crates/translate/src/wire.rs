@@ -1,0 +1,131 @@
+//! Small helpers every direction shares: writing SSE events, reading JSON
+//! fields, and the refusal error.
+
+use std::borrow::Cow;
+
+use llm_proxy_core::Error;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+/// Append `event: {name}\ndata: {json}\n\n`. serde_json escapes line breaks
+/// inside strings, so the JSON is always one `data:` line.
+pub(crate) fn write_event(out: &mut Vec<u8>, name: &str, data: &impl Serialize) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    write_json(out, data);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// Deserialize an optional string borrowed from the input when it has no
+/// escapes (serde borrows a `Cow` field only when it is not inside an
+/// `Option`). The hot path of stream translation reads deltas this way.
+pub(crate) fn borrowed<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(d)?.map(|b| b.0))
+}
+
+/// Append `data: {json}\n\n`.
+pub(crate) fn write_data(out: &mut Vec<u8>, data: &impl Serialize) {
+    out.extend_from_slice(b"data: ");
+    write_json(out, data);
+    out.extend_from_slice(b"\n\n");
+}
+
+fn write_json(out: &mut Vec<u8>, data: &impl Serialize) {
+    serde_json::to_writer(out, data)
+        .expect("the translation's own types and JSON values always serialise");
+}
+
+/// The 400 `unsupported_parameter` a request that cannot be translated gets.
+pub(crate) fn unsupported(param: impl Into<String>, why: impl std::fmt::Display) -> Error {
+    let param = param.into();
+    Error::UnsupportedParameter {
+        message: format!("`{param}` {why}"),
+        param,
+    }
+}
+
+/// A present, non-null field.
+pub(crate) fn field<'a>(json: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    json.get(key).filter(|v| !v.is_null())
+}
+
+/// A string field of a JSON value, if it is a string.
+pub(crate) fn str_of<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+    value.get(key).and_then(Value::as_str)
+}
+
+/// Copy the present, non-null fields `keys` from `src` to `out` unchanged.
+pub(crate) fn copy_fields(src: &Map<String, Value>, out: &mut Map<String, Value>, keys: &[&str]) {
+    for key in keys {
+        if let Some(value) = field(src, key) {
+            out.insert((*key).to_owned(), value.clone());
+        }
+    }
+}
+
+/// Tool-call arguments (a JSON text) as the object Anthropic's `input` is.
+/// Empty arguments are `{}`; arguments that are not JSON are kept as the
+/// string they are rather than lost.
+pub(crate) fn arguments_to_input(arguments: &str) -> Value {
+    if arguments.trim().is_empty() {
+        return Value::Object(Map::new());
+    }
+    serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.to_owned()))
+}
+
+/// Anthropic's `input` as the JSON text chat's `arguments` are.
+pub(crate) fn input_to_arguments(input: &Value) -> String {
+    match input {
+        Value::String(s) => s.clone(),
+        Value::Null => "{}".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// Seconds since the Unix epoch, for `created` fields.
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An id in another dialect's style: `prefix` + the upstream id without its
+/// own prefix (`chatcmpl-abc` -> `msg_abc`).
+pub(crate) fn restyle_id(prefix: &str, id: &str) -> String {
+    let bare = ["chatcmpl-", "msg_", "resp_", "cmpl-"]
+        .iter()
+        .find_map(|p| id.strip_prefix(p))
+        .unwrap_or(id);
+    format!("{prefix}{bare}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_round_trip() {
+        assert_eq!(arguments_to_input(""), serde_json::json!({}));
+        assert_eq!(arguments_to_input(r#"{"a":1}"#), serde_json::json!({"a":1}));
+        assert_eq!(
+            arguments_to_input("{broken"),
+            Value::String("{broken".into())
+        );
+        assert_eq!(
+            input_to_arguments(&serde_json::json!({"a":1})),
+            r#"{"a":1}"#
+        );
+        assert_eq!(restyle_id("msg_", "chatcmpl-x1"), "msg_x1");
+        assert_eq!(restyle_id("resp_", "abc"), "resp_abc");
+    }
+
+    #[test]
+    fn events_are_one_data_line() {
+        let mut out = Vec::new();
+        write_event(&mut out, "x", &serde_json::json!({"t": "a\nb"}));
+        assert_eq!(out, b"event: x\ndata: {\"t\":\"a\\nb\"}\n\n");
+    }
+}

@@ -1,0 +1,310 @@
+//! Dialect translation through the proxy, over real sockets: upstreams that
+//! speak one dialect only (mocks restricted with `MockConfig::apis`, so a
+//! request in any other dialect would get a 404 from the mock itself) serve
+//! clients of the others — the official `anthropic` SDK and the `openai`
+//! SDK's chat and responses clients, and raw HTTP for the details.
+//!
+//! Ignored until the proxy wires `llm-proxy-translate` in front of each
+//! upstream (`apis` / `protocol` decide where it applies).
+
+use std::process::Command;
+
+use http::Method;
+use llm_proxy_mock::MockApi;
+use serde_json::{Value, json};
+use tests::*;
+
+/// A mock that speaks only `api`.
+async fn only(api: MockApi, name: &str) -> MockServer {
+    mock(MockConfig {
+        apis: Some(vec![api]),
+        name: name.to_owned(),
+        ..MockConfig::default()
+    })
+    .await
+}
+
+/// A proxy in front of a chat-only upstream serving `demo`.
+async fn over_chat(up: &MockServer) -> TestProxy {
+    proxy(&format!(
+        "[[upstream]]\nname = \"chat\"\nurl = \"{}\"\napis = [\"chat_completions\"]\nmodels = [\"demo\"]\n\
+         [balance]\nmax_retries = 0\n",
+        up.base_url()
+    ))
+    .await
+}
+
+/// A proxy in front of an Anthropic-protocol upstream serving `claude`.
+async fn over_anthropic(up: &MockServer) -> TestProxy {
+    proxy(&format!(
+        "[[upstream]]\nname = \"claude\"\nurl = \"{}\"\nprotocol = \"anthropic\"\napi_key = \"sk-ant-upstream\"\n\
+         models = [\"claude\"]\n[balance]\nmax_retries = 0\n",
+        up.base_url()
+    ))
+    .await
+}
+
+async fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> Answer {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    send(request(Method::POST, url, &all, body.to_string())).await
+}
+
+fn events(answer: &Answer) -> Vec<Value> {
+    sse_data(&answer.body)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.clone())))
+        .collect()
+}
+
+/// Run a script from tests/python with `arg`; fail with its output.
+async fn run_python(script: &str, arg: String) {
+    let python = workspace_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "the Python SDK tests need the virtualenv: run `scripts/test`, or \
+         `python3 -m venv .venv && .venv/bin/pip install -r tests/python/requirements.txt`"
+    );
+    let script = workspace_root().join("tests/python").join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(&script)
+            .arg(arg)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn anthropic_sdk_over_a_chat_only_upstream() {
+    let up = only(MockApi::ChatCompletions, "chat").await;
+    let p = over_chat(&up).await;
+    run_python("anthropic_over_chat.py", p.url("")).await;
+    assert_eq!(
+        up.stats.requests_for("/messages"),
+        0,
+        "every request translated"
+    );
+    assert!(up.stats.requests_for("/chat/completions") >= 7);
+}
+
+#[tokio::test]
+async fn openai_chat_sdk_over_an_anthropic_upstream() {
+    let up = only(MockApi::Messages, "claude").await;
+    let p = over_anthropic(&up).await;
+    run_python("openai_chat_over_anthropic.py", p.url("/v1")).await;
+    assert_eq!(
+        up.stats.requests_for("/chat/completions"),
+        0,
+        "every request translated"
+    );
+    let seen = up.stats.last_request_headers().unwrap();
+    assert_eq!(seen["x-api-key"], "sk-ant-upstream");
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    assert!(
+        seen.get("authorization").is_none(),
+        "no client key upstream"
+    );
+}
+
+#[tokio::test]
+async fn openai_responses_sdk_over_a_chat_only_upstream() {
+    let up = only(MockApi::ChatCompletions, "chat").await;
+    let p = over_chat(&up).await;
+    run_python("openai_responses_over_chat.py", p.url("/v1")).await;
+    assert_eq!(
+        up.stats.requests_for("/responses"),
+        0,
+        "every request translated"
+    );
+}
+
+#[tokio::test]
+async fn messages_over_chat_streamed_and_not() {
+    let up = only(MockApi::ChatCompletions, "chat").await;
+    let p = over_chat(&up).await;
+    let body = json!({"model": "demo", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]});
+    let whole = post(
+        &p.url("/v1/messages"),
+        &body,
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(whole.status, 200, "{}", whole.text());
+    assert_eq!(whole.header("x-llm-proxy-upstream"), Some("chat"));
+    assert_eq!(
+        whole.header("content-length"),
+        Some(whole.body.len().to_string().as_str())
+    );
+    let message = whole.json();
+    assert_eq!(
+        (message["type"].as_str(), message["stop_reason"].as_str()),
+        (Some("message"), Some("end_turn"))
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let answer = post(&p.url("/v1/messages"), &streamed, &[]).await;
+    assert!(
+        answer
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = events(&answer);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"message_start"));
+    assert_eq!(kinds.last(), Some(&"message_stop"));
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(text, message["content"][0]["text"].as_str().unwrap());
+    let delta = events
+        .iter()
+        .find(|e| e["type"] == "message_delta")
+        .unwrap();
+    assert_eq!(
+        delta["usage"]["output_tokens"],
+        message["usage"]["output_tokens"]
+    );
+}
+
+#[tokio::test]
+async fn chat_over_anthropic_streamed_with_usage() {
+    let up = only(MockApi::Messages, "claude").await;
+    let p = over_anthropic(&up).await;
+    let body = json!({"model": "claude", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Hello"}]});
+    let answer = post(&p.url("/v1/chat/completions"), &body, &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let events = events(&answer);
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = &events[events.len() - 2];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 8);
+}
+
+#[tokio::test]
+async fn refusals_and_upstream_errors_come_in_the_clients_dialect() {
+    let chat = only(MockApi::ChatCompletions, "chat").await;
+    let p = over_chat(&chat).await;
+    let body = json!({"model": "demo", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}],
+        "mcp_servers": [{"type": "url", "url": "https://mcp.example", "name": "x"}]});
+    let refused = post(&p.url("/v1/messages"), &body, &[]).await;
+    assert_eq!(refused.status, 400);
+    let json = refused.json();
+    assert_eq!(
+        (json["type"].as_str(), json["error"]["type"].as_str()),
+        (Some("error"), Some("invalid_request_error"))
+    );
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mcp_servers")
+    );
+
+    for (extra, param) in [
+        (json!({"store": true}), "store"),
+        (json!({"background": true}), "background"),
+    ] {
+        let mut body = json!({"model": "demo", "input": "Hi"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let refused = post(&p.url("/v1/responses"), &body, &[]).await;
+        refused.assert_error(400, "invalid_request_error", "unsupported_parameter");
+        assert_eq!(refused.json()["error"]["param"], param);
+    }
+
+    // The chat server's 500 reaches a Messages client in Anthropic's shape.
+    let body =
+        json!({"model": "demo", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]});
+    let failed = post(&p.url("/v1/messages"), &body, &[("x-mock-fail", "500")]).await;
+    assert_eq!(failed.status, 500);
+    assert_eq!(failed.json()["type"], "error");
+    assert_eq!(failed.json()["error"]["type"], "api_error");
+
+    let claude = only(MockApi::Messages, "claude").await;
+    let p = over_anthropic(&claude).await;
+    let body = json!({"model": "claude", "n": 2, "messages": [{"role": "user", "content": "Hi"}]});
+    let refused = post(&p.url("/v1/chat/completions"), &body, &[]).await;
+    refused.assert_error(400, "invalid_request_error", "unsupported_parameter");
+    assert_eq!(refused.json()["error"]["param"], "n");
+    // Completions cannot be translated: no upstream serves them.
+    let r = post(
+        &p.url("/v1/completions"),
+        &json!({"model": "claude", "prompt": "x"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_cut_stream_ends_with_the_clients_error_event_and_a_close() {
+    let up = only(MockApi::ChatCompletions, "chat").await;
+    let p = over_chat(&up).await;
+    let body = json!({"model": "demo", "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "Hi"}]});
+    let headers = [
+        ("content-type", "application/json"),
+        ("x-mock-fail", "drop"),
+        ("x-mock-drop-after", "3"),
+    ];
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/messages"),
+            &headers,
+            body.to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (bytes, broke) = read_stream(resp).await;
+    assert!(broke, "the connection is closed, never a clean end");
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("event: error"), "{text}");
+    assert!(!text.contains("message_stop"), "{text}");
+}
+
+#[tokio::test]
+async fn a_native_upstream_wins_over_a_translating_one() {
+    let chat = only(MockApi::ChatCompletions, "chat").await;
+    let native = only(MockApi::Messages, "native").await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"chat\"\nurl = \"{}\"\napis = [\"chat_completions\"]\n\
+         [[upstream]]\nname = \"native\"\nurl = \"{}\"\napis = [\"messages\"]\n\
+         [balance]\nstrategy = \"round_robin\"\n",
+        chat.base_url(),
+        native.base_url()
+    ))
+    .await;
+    let body =
+        json!({"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]});
+    for _ in 0..4 {
+        let answer = post(
+            &p.url("/v1/messages"),
+            &body,
+            &[("anthropic-version", "2023-06-01")],
+        )
+        .await;
+        assert_eq!(
+            answer.header("x-llm-proxy-upstream"),
+            Some("native"),
+            "{}",
+            answer.text()
+        );
+    }
+    assert_eq!(chat.stats.requests(), 0);
+}
