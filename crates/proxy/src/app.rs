@@ -99,6 +99,8 @@ impl Proxy {
             cfg.first_byte_timeout = spec.first_byte_timeout;
             cfg.idle_timeout = spec.idle_timeout;
             cfg.extra_roots_pem = spec.extra_roots_pem.clone();
+            // One pool per server shard (Proxy::serve_sharded), plus the shared one.
+            cfg.shards = settings.workers;
             let mut backend =
                 Backend::new(spec.name.as_str(), Upstream::new(cfg)?).with_weight(spec.weight);
             backend.models = spec.models.clone();

@@ -43,6 +43,10 @@ pub struct Config {
     /// Connections served at once; more wait in the accept queue.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Server threads (one single-threaded runtime each); absent or `0`:
+    /// one per CPU.
+    #[serde(default)]
+    pub workers: usize,
     /// Send `x-llm-proxy-upstream` on responses.
     #[serde(default = "defaults::yes")]
     pub upstream_header: bool,
@@ -355,6 +359,8 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Connection limit.
     pub max_connections: usize,
+    /// Server threads (shards), at least 1.
+    pub workers: usize,
     /// Send `x-llm-proxy-upstream`.
     pub upstream_header: bool,
     /// Separate metrics address.
@@ -591,6 +597,10 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         drain_timeout: duration_secs(path, "drain_timeout_secs", cfg.drain_timeout_secs)?,
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         max_connections: cfg.max_connections,
+        workers: match cfg.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            n => n,
+        },
         upstream_header: cfg.upstream_header,
         metrics_listen,
         balance: match &cfg.balance {
@@ -931,7 +941,10 @@ mod tests {
         let e = load(&format!("{MIN}[cache]\nscope = \"everyone\"\n")).unwrap_err();
         assert!(e.starts_with("t.toml:5: [cache] scope `everyone`"), "{e}");
         let e = load(&format!("{MIN}[balance]\neject_secs = -1\n")).unwrap_err();
-        assert!(e.contains("`eject_secs` must be a non-negative number"), "{e}");
+        assert!(
+            e.contains("`eject_secs` must be a non-negative number"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "one line: {e}");
     }
 
