@@ -913,6 +913,15 @@ mod tests {
         assert_eq!(s.max_body_bytes, 4 * 1024 * 1024);
         assert_eq!(s.upstreams.len(), 1);
         assert!(s.upstream_header);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        assert_eq!(s.workers, cpus);
+    }
+
+    #[test]
+    fn workers_explicit_or_one_per_cpu() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        assert_eq!(load(&format!("workers = 3\n{MIN}")).unwrap().workers, 3);
+        assert_eq!(load(&format!("workers = 0\n{MIN}")).unwrap().workers, cpus);
     }
 
     #[test]
