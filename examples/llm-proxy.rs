@@ -1,7 +1,8 @@
 //! The llm-proxy binary: `llm-proxy --config FILE`.
 //!
 //! Reads the TOML config (DESIGN.md), builds the stack and serves it until
-//! SIGTERM/SIGINT, then drains in-flight requests and exits 0. A config error
+//! SIGTERM/SIGINT, then drains in-flight requests and exits 0. Requests are
+//! served by one thread per CPU (`workers`), each with its own runtime. A config error
 //! is one line on stderr and exit code 2. Logs go to stderr; set `RUST_LOG`
 //! (e.g. `RUST_LOG=llm_proxy=debug`) for more.
 
@@ -48,7 +49,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The main thread's runtime runs the signal handler, `metrics_listen`,
+    // and what the build spawns; requests are served by `workers` shard
+    // threads, each with its own runtime (Proxy::serve_sharded).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -74,8 +78,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        tracing::info!(%addr, "llm-proxy listening");
-        match proxy.serve(listener, llm_proxy::shutdown_signal()).await {
+        tracing::info!(%addr, workers = proxy.settings().workers, "llm-proxy listening");
+        match proxy
+            .serve_sharded(listener, llm_proxy::shutdown_signal())
+            .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("llm-proxy: {e}");

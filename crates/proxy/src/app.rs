@@ -124,6 +124,8 @@ impl Proxy {
                 Protocol::OpenAi => AuthStyle::Bearer,
                 Protocol::Anthropic => AuthStyle::XApiKey,
             };
+            // One pool per server shard (Proxy::serve_sharded), plus the shared one.
+            cfg.shards = settings.workers;
             let translate = TranslateConfig::new(
                 match spec.protocol {
                     Protocol::OpenAi => TranslateProtocol::OpenAi,

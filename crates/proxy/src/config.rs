@@ -44,6 +44,10 @@ pub struct Config {
     /// Connections served at once; more wait in the accept queue.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Server threads (one single-threaded runtime each); absent or `0`:
+    /// one per CPU.
+    #[serde(default)]
+    pub workers: usize,
     /// Send `x-llm-proxy-upstream` on responses.
     #[serde(default = "defaults::yes")]
     pub upstream_header: bool,
@@ -381,6 +385,8 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Connection limit.
     pub max_connections: usize,
+    /// Server threads (shards), at least 1.
+    pub workers: usize,
     /// Send `x-llm-proxy-upstream`.
     pub upstream_header: bool,
     /// Separate metrics address.
@@ -652,6 +658,10 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         drain_timeout: duration_secs(path, "drain_timeout_secs", cfg.drain_timeout_secs)?,
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         max_connections: cfg.max_connections,
+        workers: match cfg.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            n => n,
+        },
         upstream_header: cfg.upstream_header,
         metrics_listen,
         balance: match &cfg.balance {
@@ -964,6 +974,15 @@ mod tests {
         assert_eq!(s.max_body_bytes, 4 * 1024 * 1024);
         assert_eq!(s.upstreams.len(), 1);
         assert!(s.upstream_header);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        assert_eq!(s.workers, cpus);
+    }
+
+    #[test]
+    fn workers_explicit_or_one_per_cpu() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        assert_eq!(load(&format!("workers = 3\n{MIN}")).unwrap().workers, 3);
+        assert_eq!(load(&format!("workers = 0\n{MIN}")).unwrap().workers, cpus);
     }
 
     #[test]

@@ -26,41 +26,168 @@ impl Proxy {
     /// Serve on `listener` (and on `metrics_listen`, if configured) until
     /// `shutdown` resolves; then stop accepting, mark `/readyz` as draining,
     /// and let in-flight requests finish for up to `drain_timeout`.
+    ///
+    /// Connections are served on the calling runtime; see
+    /// [`Proxy::serve_sharded`] for the thread-per-core server of the binary.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> std::io::Result<()> {
-        let opts = ConnOptions {
+        let opts = self.conn_options();
+        let metrics_task = self.spawn_metrics().await?;
+        let graceful = GracefulShutdown::new();
+        let permits = Arc::new(Semaphore::new(opts.max_connections));
+        accept_loop(
+            &listener,
+            self.service.clone(),
+            opts,
+            permits,
+            &graceful,
+            shutdown,
+        )
+        .await;
+        self.readiness.start_draining();
+        drop(listener);
+        self.log_draining();
+        drain(graceful, self.settings.drain_timeout).await;
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    /// Like [`Proxy::serve`], on `workers` threads (from the settings), each
+    /// with its own single-threaded tokio runtime and its own accept loop on
+    /// `listener`: a connection, its requests, their upstream connections
+    /// (one pool per shard, see `llm_proxy_upstream::shard`) and responses
+    /// stay on the thread that accepted it, with no cross-thread wake-up per
+    /// request. `max_connections` is shared by all shards.
+    ///
+    /// The calling runtime keeps `shutdown`, the `metrics_listen` server and
+    /// whatever [`Proxy::build`] spawned (in-process mocks, health checks).
+    /// When `shutdown` resolves every shard stops accepting and drains for up
+    /// to `drain_timeout`; the shard runtimes are dropped only once all shards
+    /// are done (a background task may live on any of them).
+    pub async fn serve_sharded(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        let opts = self.conn_options();
+        let workers = self.settings.workers.max(1);
+        let drain_timeout = self.settings.drain_timeout;
+        let listener = listener.into_std()?;
+        let metrics_task = self.spawn_metrics().await?;
+        let permits = Arc::new(Semaphore::new(opts.max_connections));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (exit_tx, exit_rx) = tokio::sync::watch::channel(false);
+        // Each shard holds a sender until it has drained; the channel closes
+        // when every shard has drained (or its thread ended early).
+        let (drained_tx, mut drained_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut threads = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let listener = listener.try_clone()?;
+            let service = self.service.clone();
+            let permits = permits.clone();
+            let mut stop_rx = stop_rx.clone();
+            let mut exit_rx = exit_rx.clone();
+            let drained_tx = drained_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("llm-proxy-{index}"))
+                .spawn(move || {
+                    llm_proxy_upstream::shard::set_current(Some(index));
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(shard = index, error = %e, "cannot start the shard's runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let listener = match TcpListener::from_std(listener) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::error!(shard = index, error = %e, "cannot use the listener");
+                                return;
+                            }
+                        };
+                        let graceful = GracefulShutdown::new();
+                        let stop = async move {
+                            let _ = stop_rx.wait_for(|stop| *stop).await;
+                        };
+                        accept_loop(&listener, service, opts, permits, &graceful, stop).await;
+                        drop(listener);
+                        drain(graceful, drain_timeout).await;
+                        drop(drained_tx);
+                        let _ = exit_rx.wait_for(|exit| *exit).await;
+                    });
+                })?;
+            threads.push(thread);
+        }
+        drop(drained_tx);
+        let early_end = tokio::select! {
+            () = shutdown => false,
+            _ = drained_rx.recv() => true,
+        };
+        self.readiness.start_draining();
+        let _ = stop_tx.send(true);
+        if !early_end {
+            self.log_draining();
+            while drained_rx.recv().await.is_some() {}
+        }
+        let _ = exit_tx.send(true);
+        let mut panicked = false;
+        for thread in threads {
+            panicked |= thread.join().is_err();
+        }
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
+        if early_end || panicked {
+            return Err(std::io::Error::other(
+                "the server's shard threads ended early",
+            ));
+        }
+        Ok(())
+    }
+
+    fn conn_options(&self) -> ConnOptions {
+        ConnOptions {
             header_read_timeout: self.settings.header_read_timeout,
             max_connections: self.settings.max_connections,
-        };
-        let metrics_task = match self.settings.metrics_listen {
+        }
+    }
+
+    async fn spawn_metrics(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+        Ok(match self.settings.metrics_listen {
             Some(addr) => {
                 let listener = TcpListener::bind(addr).await?;
                 tracing::info!(%addr, "serving /metrics");
                 Some(tokio::spawn(serve_metrics(listener, self.metrics.clone())))
             }
             None => None,
-        };
-        let graceful = GracefulShutdown::new();
-        accept_loop(&listener, self.service.clone(), opts, &graceful, shutdown).await;
-        self.readiness.start_draining();
-        drop(listener);
+        })
+    }
+
+    fn log_draining(&self) {
         tracing::info!(
             drain_timeout_secs = self.settings.drain_timeout.as_secs_f64(),
             "shutting down: draining in-flight requests"
         );
-        tokio::select! {
-            () = graceful.shutdown() => tracing::info!("drained"),
-            () = tokio::time::sleep(self.settings.drain_timeout) => {
-                tracing::warn!("drain timeout reached; closing remaining connections");
-            }
+    }
+}
+
+/// Let the connections watched by `graceful` finish, for up to `timeout`.
+async fn drain(graceful: GracefulShutdown, timeout: Duration) {
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("drained"),
+        () = tokio::time::sleep(timeout) => {
+            tracing::warn!("drain timeout reached; closing remaining connections");
         }
-        if let Some(task) = metrics_task {
-            task.abort();
-        }
-        Ok(())
     }
 }
 
@@ -68,6 +195,7 @@ async fn accept_loop<S>(
     listener: &TcpListener,
     service: S,
     opts: ConnOptions,
+    permits: Arc<Semaphore>,
     graceful: &GracefulShutdown,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -87,7 +215,6 @@ async fn accept_loop<S>(
         .header_read_timeout(opts.header_read_timeout)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
-    let permits = Arc::new(Semaphore::new(opts.max_connections));
     tokio::pin!(shutdown);
     loop {
         // Beyond max_connections, new connections wait in the kernel's queue.
@@ -151,7 +278,16 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
         header_read_timeout: Duration::from_secs(10),
         max_connections: 64,
     };
-    accept_loop(&listener, service, opts, &graceful, std::future::pending()).await;
+    let permits = Arc::new(Semaphore::new(opts.max_connections));
+    accept_loop(
+        &listener,
+        service,
+        opts,
+        permits,
+        &graceful,
+        std::future::pending(),
+    )
+    .await;
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C).

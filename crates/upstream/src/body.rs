@@ -26,8 +26,12 @@ pin_project_lite::pin_project! {
     pub struct UpstreamBody {
         #[pin]
         inner: Incoming,
+        // Armed (reset to now + idle_timeout) only when the upstream has made
+        // progress since it was last armed and the body is about to wait: a
+        // body that is ready at once costs no clock read and no timer.
         #[pin]
         idle: Sleep,
+        idle_armed: bool,
         idle_timeout: Duration,
         watch: Option<Box<StreamWatch>>,
         state: State,
@@ -71,7 +75,9 @@ impl UpstreamBody {
     ) -> Self {
         UpstreamBody {
             inner,
+            // Armed from the response head until the first frame.
             idle: tokio::time::sleep(idle_timeout),
+            idle_armed: true,
             idle_timeout,
             watch: watch.map(|kind| {
                 Box::new(StreamWatch {
@@ -143,8 +149,7 @@ impl HttpBody for UpstreamBody {
 
         let outcome = match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let deadline = Instant::now() + *this.idle_timeout;
-                this.idle.as_mut().reset(deadline);
+                *this.idle_armed = false;
                 if let (Some(watch), Some(data)) = (this.watch.as_mut(), frame.data_ref())
                     && let Err(reason) = watch.observe(data)
                 {
@@ -166,6 +171,12 @@ impl HttpBody for UpstreamBody {
                 _ => Ok(()),
             },
             Poll::Pending => {
+                if !*this.idle_armed {
+                    *this.idle_armed = true;
+                    this.idle
+                        .as_mut()
+                        .reset(Instant::now() + *this.idle_timeout);
+                }
                 ready!(this.idle.as_mut().poll(cx));
                 Err(format!(
                     "no data from the upstream for {} ms",

@@ -34,6 +34,10 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Extra trusted root certificates, PEM, for a private CA.
     pub extra_roots_pem: Option<Vec<u8>>,
+    /// Per-thread connection pools for sharded servers: one pool per shard
+    /// index `0..shards` (see [`crate::shard`]), plus one shared pool for
+    /// callers outside any shard. `0` (the default): the shared pool only.
+    pub shards: usize,
 }
 
 impl UpstreamConfig {
@@ -49,6 +53,7 @@ impl UpstreamConfig {
             idle_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(4),
             extra_roots_pem: None,
+            shards: 0,
         }
     }
 

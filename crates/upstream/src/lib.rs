@@ -21,6 +21,8 @@
 //! Connections are pooled and kept alive (HTTP/1.1, and HTTP/2 where a TLS
 //! server offers it by ALPN); `TCP_NODELAY` is on. https uses rustls with the
 //! `ring` provider and the webpki roots, plus any extra PEM roots given.
+//! With [`UpstreamConfig::shards`] set, each shard thread of a thread-per-core
+//! server gets its own pool ([`shard`]).
 //!
 //! # Example
 //!
@@ -45,6 +47,7 @@ mod body;
 mod config;
 mod headers;
 mod service;
+pub mod shard;
 mod tls;
 
 pub use body::UpstreamBody;

@@ -28,7 +28,8 @@ pub struct Upstream {
 }
 
 struct Inner {
-    client: HttpClient,
+    /// One client (connection pool) per shard, then the shared one.
+    clients: Box<[HttpClient]>,
     name: UpstreamName,
     name_header: HeaderValue,
     scheme: uri::Scheme,
@@ -93,11 +94,15 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let clients = (0..=cfg.shards)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(cfg.pool_idle_timeout)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(connector.clone())
+            })
+            .collect();
 
         let name_header = HeaderValue::from_str(&cfg.name).map_err(|_| BuildError::BadUrl {
             name: cfg.name.clone(),
@@ -105,7 +110,7 @@ impl Upstream {
         })?;
         Ok(Upstream {
             inner: Arc::new(Inner {
-                client,
+                clients,
                 name: UpstreamName(cfg.name),
                 name_header,
                 scheme,
@@ -121,6 +126,14 @@ impl Upstream {
     /// The upstream's configured name.
     pub fn name(&self) -> &Arc<str> {
         &self.inner.name.0
+    }
+
+    /// The current shard's pool, or the shared one (the last).
+    fn client(&self) -> &HttpClient {
+        let clients = &self.inner.clients;
+        crate::shard::current()
+            .and_then(|i| clients.get(i))
+            .unwrap_or(&clients[clients.len() - 1])
     }
 
     /// `<base URL>/<rest>?<query>` for a client path `/v1/<rest>?<query>`.
@@ -218,10 +231,7 @@ impl Upstream {
         *out.uri_mut() = self.target(&parts.uri)?;
         *out.headers_mut() = parts.headers;
 
-        let sent = tokio::time::timeout(
-            self.inner.first_byte_timeout,
-            self.inner.client.request(out),
-        );
+        let sent = tokio::time::timeout(self.inner.first_byte_timeout, self.client().request(out));
         let resp = match sent.await {
             Err(_elapsed) => {
                 return Err(Error::UpstreamTimeout {
