@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
-"""Time to first streamed token, for scripts/bench (python3 stdlib only).
+"""Time to first streamed token, for scripts/bench and scripts/bench-translate
+(python3 stdlib only).
 
-    ttft.py --requests 200 --warmup 10 NAME=127.0.0.1:PORT [NAME=HOST:PORT ...]
+    ttft.py --requests 200 --warmup 10 [--dialect chat|messages|responses] \
+        NAME=HOST:PORT[@MODEL] [NAME=HOST:PORT[@MODEL] ...]
 
-Sends sequential streamed chat completions over one keep-alive connection per
-target (TCP_NODELAY, raw socket, no buffering: every recv() is timestamped as
-it returns, before any parsing), interleaving the targets request by request
-so that noise hits them alike. Per request it records, from just before the
-request is written:
+Sends sequential streamed requests of one API dialect (default `chat`:
+`POST /v1/chat/completions`; `messages`: Anthropic's `POST /v1/messages`;
+`responses`: `POST /v1/responses`) with the target's model (default `bench`)
+over one keep-alive connection per target (TCP_NODELAY, raw socket, no
+buffering: every recv() is timestamped as it returns, before any parsing),
+interleaving the targets request by request so that noise hits them alike.
+Per request it records, from just before the request is written:
 
-  first_data   the first `data:` event (the mock sends the role chunk at once)
-  first_token  the first event whose delta carries non-empty content (the mock
+  first_data   the first `data:` event (the mock sends the stream's opening
+               events at once: chat's role chunk, `message_start`,
+               `response.created`)
+  first_token  the first event carrying non-empty text: chat, a chunk whose
+               `delta.content` is non-empty; messages, a `content_block_delta`
+               with non-empty `delta.text`; responses, a
+               `response.output_text.delta` with non-empty `delta` (the mock
                sends it one token interval later, e.g. 20 ms at 50 tokens/s)
 
 and prints one JSON object: per target the sample medians/percentiles in µs.
@@ -22,32 +31,86 @@ import socket
 import sys
 import time
 
-BODY = json.dumps({
-    "model": "bench",
-    "messages": [{"role": "user", "content": "Stream a short greeting."}],
-    "max_tokens": 2,
-    "stream": True,
-}).encode()
+PROMPT = "Stream a short greeting."
+DIALECTS = ("chat", "messages", "responses")
 
 
-def request_bytes(host):
+def request_bytes(host, dialect, model):
+    extra = ""
+    if dialect == "chat":
+        path = "/v1/chat/completions"
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 2,
+            "stream": True,
+        }
+    elif dialect == "messages":
+        path = "/v1/messages"
+        extra = "anthropic-version: 2023-06-01\r\n"
+        body = {
+            "model": model,
+            "max_tokens": 2,
+            "stream": True,
+            "messages": [{"role": "user", "content": PROMPT}],
+        }
+    else:
+        path = "/v1/responses"
+        body = {
+            "model": model,
+            "input": PROMPT,
+            "max_output_tokens": 2,
+            "stream": True,
+        }
+    body = json.dumps(body).encode()
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\n"
+        f"POST {path} HTTP/1.1\r\n"
         f"Host: {host}\r\n"
         "Content-Type: application/json\r\n"
         "Accept: text/event-stream\r\n"
-        f"Content-Length: {len(BODY)}\r\n"
+        f"{extra}"
+        f"Content-Length: {len(body)}\r\n"
         "\r\n"
     )
-    return head.encode() + BODY
+    return head.encode() + body
+
+
+def event_data(event):
+    """The JSON of one SSE event's `data:` lines; None when it has none or
+    it is not JSON (`[DONE]`)."""
+    lines = [line[5:].strip() for line in event.replace(b"\r", b"").split(b"\n")
+             if line.startswith(b"data:")]
+    if not lines:
+        return None
+    try:
+        return json.loads(b"\n".join(lines))
+    except ValueError:
+        return None
+
+
+def is_token(dialect, data):
+    """Does this event's data carry the first text?"""
+    if not isinstance(data, dict):
+        return False
+    if dialect == "chat":
+        try:
+            return bool(data["choices"][0].get("delta", {}).get("content"))
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return False
+    if dialect == "messages":
+        delta = data.get("delta")
+        return (data.get("type") == "content_block_delta" and isinstance(delta, dict)
+                and bool(delta.get("text")))
+    return data.get("type") == "response.output_text.delta" and bool(data.get("delta"))
 
 
 class Target:
-    def __init__(self, name, addr, timeout):
+    def __init__(self, name, addr, model, dialect, timeout):
         self.name = name
+        self.dialect = dialect
         host, port = addr.rsplit(":", 1)
         self.addr = (host, int(port))
-        self.request = request_bytes(addr)
+        self.request = request_bytes(addr, dialect, model)
         self.timeout = timeout
         self.sock = None
         self.first_data = []
@@ -136,19 +199,10 @@ class Target:
             if t_data is None and b"data:" in body:
                 t_data = now
             if t_token is None:
+                body = body.replace(b"\r\n", b"\n")
                 while b"\n\n" in body:
                     event, body = body.split(b"\n\n", 1)
-                    payload = event.strip()
-                    if not payload.startswith(b"data:"):
-                        continue
-                    payload = payload[5:].strip()
-                    if payload == b"[DONE]":
-                        continue
-                    try:
-                        delta = json.loads(payload)["choices"][0].get("delta", {})
-                    except (ValueError, KeyError, IndexError):
-                        continue
-                    if delta.get("content"):
+                    if is_token(self.dialect, event_data(event)):
                         t_token = now
                         break
             else:
@@ -178,12 +232,18 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=300.0, help="overall bound")
     ap.add_argument("--max-errors", type=int, default=10)
     ap.add_argument("--round", type=int, help="print JSON lines for scripts/bench, tagged with this round")
-    ap.add_argument("targets", nargs="+", help="NAME=HOST:PORT")
+    ap.add_argument("--dialect", choices=DIALECTS, default="chat",
+                    help="API of the requests (default chat)")
+    ap.add_argument("targets", nargs="+", help="NAME=HOST:PORT or NAME=HOST:PORT@MODEL "
+                    "(model default: bench)")
     args = ap.parse_args()
     targets = []
     for spec in args.targets:
         name, _, addr = spec.partition("=")
-        targets.append(Target(name, addr, args.timeout))
+        addr, _, model = addr.partition("@")
+        if not name or ":" not in addr:
+            ap.error(f"target {spec!r} is not NAME=HOST:PORT[@MODEL]")
+        targets.append(Target(name, addr, model or "bench", args.dialect, args.timeout))
     deadline = time.monotonic() + args.max_seconds
     total = args.warmup + args.requests
     for i in range(total):
