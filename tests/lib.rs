@@ -343,3 +343,37 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
+
+/// The SDK tests' Python (`.venv` at the workspace root, made by
+/// `scripts/test`), or a failure that says how to make it.
+pub fn venv_python() -> PathBuf {
+    let python = workspace_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "the Python SDK tests need the virtualenv: run `scripts/test`, or \
+         `python3 -m venv .venv && .venv/bin/pip install -r tests/python/requirements.txt`"
+    );
+    python
+}
+
+/// Run `tests/python/<script> <arg>` with the venv's Python; fail with its
+/// output when it fails.
+pub async fn run_python(script: &str, arg: String) {
+    let python = venv_python();
+    let script = workspace_root().join("tests/python").join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(&script)
+            .arg(arg)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .expect("the python task did not panic");
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

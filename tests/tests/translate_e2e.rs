@@ -7,8 +7,6 @@
 //! Ignored until the proxy wires `llm-proxy-translate` in front of each
 //! upstream (`apis` / `protocol` decide where it applies).
 
-use std::process::Command;
-
 use http::Method;
 use llm_proxy_mock::MockApi;
 use serde_json::{Value, json};
@@ -55,32 +53,6 @@ fn events(answer: &Answer) -> Vec<Value> {
         .iter()
         .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.clone())))
         .collect()
-}
-
-/// Run a script from tests/python with `arg`; fail with its output.
-async fn run_python(script: &str, arg: String) {
-    let python = workspace_root().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "the Python SDK tests need the virtualenv: run `scripts/test`, or \
-         `python3 -m venv .venv && .venv/bin/pip install -r tests/python/requirements.txt`"
-    );
-    let script = workspace_root().join("tests/python").join(script);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(&script)
-            .arg(arg)
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "SDK checks failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test]
