@@ -168,7 +168,7 @@ def main():
     # Balancer.
     w("## Balancer (default `p2c_ewma`), `wrk -t2 -c32`, non-streamed chat completion")
     w("")
-    w("Two mock upstreams (two `mock_server` processes) vs one.")
+    w("Two upstreams (two upstream entries, both on one `mock_server` process, so that the comparison is of the balancer and not of a second busy process on 2 cores) vs one.")
     w("")
     tput_table(bal, [("one", "llm-proxy, 1 upstream"), ("two", "llm-proxy, 2 upstreams")], "one", "1 upstream")
     up = metrics.get("two_upstream_requests")

@@ -269,26 +269,30 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 
 /// The `x-ratelimit-*` headers of a decision.
 pub fn rate_headers(headers: &mut HeaderMap, d: &Decision) {
-    let mut put = |kind: &str, s: &Status| {
-        let pairs = [
-            ("limit", s.limit.to_string()),
-            ("remaining", s.remaining.to_string()),
-            ("reset", format_reset(s.reset)),
-        ];
-        for (what, value) in pairs {
-            if let (Ok(name), Ok(value)) = (
-                http::HeaderName::try_from(format!("x-ratelimit-{what}-{kind}")),
-                HeaderValue::try_from(value),
-            ) {
-                headers.insert(name, value);
-            }
+    use http::HeaderName;
+    // Names built once, at compile time: nothing formatted or validated per request.
+    const REQUESTS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ];
+    const TOKENS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ];
+    let mut put = |[limit, remaining, reset]: [HeaderName; 3], s: &Status| {
+        headers.insert(limit, HeaderValue::from(s.limit));
+        headers.insert(remaining, HeaderValue::from(s.remaining));
+        if let Ok(value) = HeaderValue::try_from(format_reset(s.reset)) {
+            headers.insert(reset, value);
         }
     };
     if let Some(s) = &d.requests {
-        put("requests", s);
+        put(REQUESTS, s);
     }
     if let Some(s) = &d.tokens {
-        put("tokens", s);
+        put(TOKENS, s);
     }
 }
 
