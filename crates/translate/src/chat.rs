@@ -150,6 +150,20 @@ impl Usage {
 }
 
 /// The message of an upstream's error payload (`{"error":{"message":…}}`).
+/// Read one upstream chat event: `Ok(None)` for `data: [DONE]`, the chunk,
+/// or why it fails the stream (not a chunk, or the upstream's own error).
+pub(crate) fn read_chunk(event: &llm_proxy_core::sse::Event) -> Result<Option<Chunk<'_>>, String> {
+    if event.is_done() {
+        return Ok(None);
+    }
+    let chunk: Chunk<'_> = serde_json::from_str(&event.data)
+        .map_err(|e| format!("the upstream sent an event that is not a chat chunk: {e}"))?;
+    match &chunk.error {
+        Some(error) => Err(error_message(error)),
+        None => Ok(Some(chunk)),
+    }
+}
+
 pub(crate) fn error_message(error: &Value) -> String {
     error
         .get("message")

@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{Context, stop_reason};
-use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, error_message};
+use crate::chat::{Delta, ToolCallDelta, Usage, read_chunk};
 use crate::stream::Step;
 use crate::wire::{restyle_id, write_event};
 
@@ -116,21 +116,14 @@ impl ChatToMessages {
 
     /// Translate one upstream event.
     pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
-        if event.is_done() {
-            self.end(out);
-            return Step::Continue;
-        }
-        let chunk: Chunk<'_> = match serde_json::from_str(&event.data) {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                return Step::Fail(format!(
-                    "the upstream sent an event that is not a chat chunk: {e}"
-                ));
+        let chunk = match read_chunk(event) {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => {
+                self.end(out);
+                return Step::Continue;
             }
+            Err(reason) => return Step::Fail(reason),
         };
-        if let Some(error) = &chunk.error {
-            return Step::Fail(error_message(error));
-        }
         self.start(chunk.id.as_deref(), chunk.model.as_deref(), out);
         if let Some(usage) = chunk.usage {
             self.usage = Some(usage);

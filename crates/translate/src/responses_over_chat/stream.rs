@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::items::{Call, Events, Item, Message};
 use super::response::item_id;
 use super::{Context, State, response_object, status, usage_json};
-use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, error_message};
+use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
 use crate::stream::Step;
 use crate::wire::{now_secs, restyle_id};
 
@@ -63,21 +63,14 @@ impl ChatToResponses {
 
     /// Translate one upstream event.
     pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
-        if event.is_done() {
-            self.end(out);
-            return Step::Continue;
-        }
-        let chunk: Chunk<'_> = match serde_json::from_str(&event.data) {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                return Step::Fail(format!(
-                    "the upstream sent an event that is not a chat chunk: {e}"
-                ));
+        let chunk = match read_chunk(event) {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => {
+                self.end(out);
+                return Step::Continue;
             }
+            Err(reason) => return Step::Fail(reason),
         };
-        if let Some(error) = &chunk.error {
-            return Step::Fail(error_message(error));
-        }
         if !self.started {
             self.start(&chunk, out);
         }
