@@ -12,6 +12,11 @@ use std::process::ExitCode;
 use llm_proxy::Proxy;
 use llm_proxy::config::Settings;
 
+// mimalloc: the proxy allocates a few small buffers per request (hyper's read
+// buffers, header maps, futures); see docs/BENCHMARKS.md for the A/B.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "usage: llm-proxy --config FILE";
 
 fn main() -> ExitCode {

@@ -15,7 +15,7 @@ use crate::flight::{Follower, Head};
 use crate::{Entry, EntryBody, UsageChunk};
 
 /// The response header that says how the cache treated a request.
-pub const CACHE_HEADER: &str = "x-llm-proxy-cache";
+pub const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-llm-proxy-cache");
 
 /// How the cache treated a request: the value of [`CACHE_HEADER`], also put
 /// into the response's extensions for metrics.

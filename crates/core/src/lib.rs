@@ -59,7 +59,7 @@ pub use svc::{BoxFuture, call_boxed};
 pub use usage_filter::UsageFilter;
 
 /// The response header that names the upstream which served a request.
-pub const UPSTREAM_HEADER: &str = "x-llm-proxy-upstream";
+pub const UPSTREAM_HEADER: http::HeaderName = http::HeaderName::from_static("x-llm-proxy-upstream");
 
 /// Put in a request's extensions to send it to one named upstream and no
 /// other (a stateful Responses request follows the upstream that created its

@@ -22,7 +22,7 @@ use tower_service::Service;
 use crate::metrics::Metrics;
 use llm_proxy_balance::BalanceHandle;
 
-const REQUEST_ID: &str = "x-request-id";
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Whether the proxy is draining; `/readyz` answers 503 from then on.
 #[derive(Debug, Default)]

@@ -1,8 +1,12 @@
 use http::{HeaderMap, HeaderName, header};
 
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus the client's credentials, which never go upstream.
-const STRIP: [HeaderName; 9] = [
+const STRIP: [HeaderName; 12] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -12,6 +16,19 @@ const STRIP: [HeaderName; 9] = [
     header::HOST,
     header::AUTHORIZATION,
     header::CONTENT_LENGTH,
+    X_API_KEY,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
+
+/// Hop-by-hop headers of a response.
+const STRIP_RESPONSE: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
 ];
 
 /// Remove hop-by-hop headers (also those named by `connection`), the client's
@@ -21,27 +38,20 @@ pub(crate) fn strip_request(headers: &mut HeaderMap) {
     for name in &STRIP {
         headers.remove(name);
     }
-    headers.remove("x-api-key");
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// Remove hop-by-hop headers from an upstream's response.
 pub(crate) fn strip_response(headers: &mut HeaderMap) {
     strip_connection_named(headers);
-    for name in [
-        header::CONNECTION,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in &STRIP_RESPONSE {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 fn strip_connection_named(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CONNECTION) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
