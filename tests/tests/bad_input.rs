@@ -317,3 +317,35 @@ async fn client_disconnect_mid_stream_cancels_the_upstream() {
     .await;
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_head_is_cut_off() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 200\n{}",
+        one_upstream(&up.base_url(), "models = [\"m\"]")
+    ))
+    .await;
+    // A kept-alive connection: one whole request first, then half a head.
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // The proxy closes the connection (EOF or reset) within the bound.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a stalled request head must be cut off");
+}

@@ -41,6 +41,7 @@ mod redis_ids;
 mod responses;
 mod routes;
 mod server;
+mod timer;
 
 pub use app::{BuildError, Proxy};
 pub use routes::{ProxyService, Readiness};

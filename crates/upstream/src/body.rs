@@ -10,6 +10,8 @@ use llm_proxy_core::sse::Parser;
 use llm_proxy_core::{BoxError, Error, StreamKind};
 use tokio::time::{Instant, Sleep};
 
+use crate::pool::Lease;
+
 pin_project_lite::pin_project! {
     /// An upstream's response body on its way to the client.
     ///
@@ -36,6 +38,23 @@ pin_project_lite::pin_project! {
         watch: Option<Box<StreamWatch>>,
         state: State,
         upstream: Arc<str>,
+        // The pooled connection the body arrives on, given back to its pool
+        // once the body has ended (dropped with the body otherwise, which
+        // closes the connection).
+        lease: Option<Lease>,
+    }
+
+    impl PinnedDrop for UpstreamBody {
+        fn drop(this: Pin<&mut Self>) {
+            // hyper drops a body with a known length after its last frame
+            // without polling it to the end: the connection is still reusable.
+            let this = this.project();
+            if this.inner.is_end_stream()
+                && let Some(lease) = this.lease.take()
+            {
+                lease.release();
+            }
+        }
     }
 }
 
@@ -88,7 +107,14 @@ impl UpstreamBody {
             }),
             state: State::Streaming,
             upstream,
+            lease: None,
         }
+    }
+
+    /// Give `lease` back to its pool when the body has been received whole.
+    pub(crate) fn with_lease(mut self, lease: Option<Lease>) -> Self {
+        self.lease = lease;
+        self
     }
 }
 
@@ -159,17 +185,24 @@ impl HttpBody for UpstreamBody {
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => Err(format!("the upstream connection failed: {e}")),
-            Poll::Ready(None) => match this.watch.as_ref() {
-                Some(watch) if !watch.done => Err(match watch.kind {
-                    StreamKind::Chat => "the upstream ended the stream without [DONE]",
-                    StreamKind::Responses => {
-                        "the upstream ended the stream before response.completed"
-                    }
-                    StreamKind::Messages => "the upstream ended the stream before message_stop",
+            Poll::Ready(None) => {
+                // The upstream's message is complete: its connection can
+                // serve another request.
+                if let Some(lease) = this.lease.take() {
+                    lease.release();
                 }
-                .to_owned()),
-                _ => Ok(()),
-            },
+                match this.watch.as_ref() {
+                    Some(watch) if !watch.done => Err(match watch.kind {
+                        StreamKind::Chat => "the upstream ended the stream without [DONE]",
+                        StreamKind::Responses => {
+                            "the upstream ended the stream before response.completed"
+                        }
+                        StreamKind::Messages => "the upstream ended the stream before message_stop",
+                    }
+                    .to_owned()),
+                    _ => Ok(()),
+                }
+            }
             Poll::Pending => {
                 if !*this.idle_armed {
                     *this.idle_armed = true;

@@ -46,6 +46,7 @@
 mod body;
 mod config;
 mod headers;
+mod pool;
 mod service;
 pub mod shard;
 mod tls;

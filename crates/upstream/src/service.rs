@@ -16,6 +16,7 @@ use tower_service::Service;
 use crate::body::UpstreamBody;
 use crate::config::{AuthStyle, BuildError, UpstreamConfig};
 use crate::headers;
+use crate::pool::{Pool, SendError};
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
@@ -28,8 +29,7 @@ pub struct Upstream {
 }
 
 struct Inner {
-    /// One client (connection pool) per shard, then the shared one.
-    clients: Box<[HttpClient]>,
+    transport: Transport,
     name: UpstreamName,
     name_header: HeaderValue,
     scheme: uri::Scheme,
@@ -39,6 +39,19 @@ struct Inner {
     credential: Option<(HeaderName, HeaderValue)>,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
+}
+
+/// How requests reach the upstream; each holds one pool per shard, then the
+/// shared one (the last).
+enum Transport {
+    /// `http://`: HTTP/1.1 over the crate's own lean pool, with the `Host`
+    /// header to send.
+    Http1 {
+        pools: Box<[Arc<Pool>]>,
+        host: HeaderValue,
+    },
+    /// `https://`: hyper-util's client, which negotiates HTTP/2 over ALPN.
+    Client(Box<[HttpClient]>),
 }
 
 impl std::fmt::Debug for Upstream {
@@ -78,6 +91,45 @@ impl Upstream {
             }
         };
 
+        let transport = if scheme == uri::Scheme::HTTP {
+            let port = authority.port_u16().unwrap_or(80);
+            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad_url())?;
+            let pools = (0..=cfg.shards)
+                .map(|_| {
+                    Arc::new(Pool::new(
+                        authority.host(),
+                        port,
+                        cfg.connect_timeout,
+                        cfg.pool_idle_timeout,
+                    ))
+                })
+                .collect();
+            Transport::Http1 { pools, host }
+        } else {
+            Transport::Client(Self::https_clients(&cfg)?)
+        };
+
+        let name_header = HeaderValue::from_str(&cfg.name).map_err(|_| BuildError::BadUrl {
+            name: cfg.name.clone(),
+            url: "(the name is not a valid header value)".into(),
+        })?;
+        Ok(Upstream {
+            inner: Arc::new(Inner {
+                transport,
+                name: UpstreamName(cfg.name),
+                name_header,
+                scheme,
+                authority,
+                base_path,
+                credential,
+                first_byte_timeout: cfg.first_byte_timeout,
+                idle_timeout: cfg.idle_timeout,
+            }),
+        })
+    }
+
+    /// hyper-util clients with rustls (webpki roots plus any extra ones).
+    fn https_clients(cfg: &UpstreamConfig) -> Result<Box<[HttpClient]>, BuildError> {
         let tls = crate::tls::client_config(cfg.extra_roots_pem.as_deref()).map_err(|reason| {
             BuildError::BadRoots {
                 name: cfg.name.clone(),
@@ -94,7 +146,7 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let clients = (0..=cfg.shards)
+        Ok((0..=cfg.shards)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(cfg.pool_idle_timeout)
@@ -102,25 +154,7 @@ impl Upstream {
                     .timer(TokioTimer::new())
                     .build(connector.clone())
             })
-            .collect();
-
-        let name_header = HeaderValue::from_str(&cfg.name).map_err(|_| BuildError::BadUrl {
-            name: cfg.name.clone(),
-            url: "(the name is not a valid header value)".into(),
-        })?;
-        Ok(Upstream {
-            inner: Arc::new(Inner {
-                clients,
-                name: UpstreamName(cfg.name),
-                name_header,
-                scheme,
-                authority,
-                base_path,
-                credential,
-                first_byte_timeout: cfg.first_byte_timeout,
-                idle_timeout: cfg.idle_timeout,
-            }),
-        })
+            .collect())
     }
 
     /// The upstream's configured name.
@@ -128,16 +162,8 @@ impl Upstream {
         &self.inner.name.0
     }
 
-    /// The current shard's pool, or the shared one (the last).
-    fn client(&self) -> &HttpClient {
-        let clients = &self.inner.clients;
-        crate::shard::current()
-            .and_then(|i| clients.get(i))
-            .unwrap_or(&clients[clients.len() - 1])
-    }
-
-    /// `<base URL>/<rest>?<query>` for a client path `/v1/<rest>?<query>`.
-    fn target(&self, client: &Uri) -> Result<Uri, Error> {
+    /// `<base path>/<rest>?<query>` for a client path `/v1/<rest>?<query>`.
+    fn path_and_query(&self, client: &Uri) -> Result<uri::PathAndQuery, Error> {
         let path = client.path();
         let rest = match path.strip_prefix("/v1") {
             Some(r) if r.is_empty() || r.starts_with('/') => r,
@@ -150,11 +176,7 @@ impl Upstream {
             pq.push('?');
             pq.push_str(q);
         }
-        Uri::builder()
-            .scheme(self.inner.scheme.clone())
-            .authority(self.inner.authority.clone())
-            .path_and_query(pq)
-            .build()
+        uri::PathAndQuery::try_from(pq)
             .map_err(|e| self.bad_gateway(format!("cannot build the upstream URL: {e}")))
     }
 
@@ -226,21 +248,48 @@ impl Upstream {
             parts.headers.insert(name.clone(), value.clone());
         }
 
+        let pq = self.path_and_query(&parts.uri)?;
         let mut out = Request::new(body);
         *out.method_mut() = parts.method;
-        *out.uri_mut() = self.target(&parts.uri)?;
         *out.headers_mut() = parts.headers;
-
-        let sent = tokio::time::timeout(self.inner.first_byte_timeout, self.client().request(out));
-        let resp = match sent.await {
+        let shard = crate::shard::current();
+        let sent = match &self.inner.transport {
+            Transport::Http1 { pools, host } => {
+                *out.uri_mut() = Uri::from(pq);
+                out.headers_mut().insert(header::HOST, host.clone());
+                let pool = shard
+                    .and_then(|i| pools.get(i))
+                    .unwrap_or(&pools[pools.len() - 1]);
+                tokio::time::timeout(self.inner.first_byte_timeout, pool.send(out))
+                    .await
+                    .map(|sent| {
+                        sent.map(|(resp, lease)| (resp, Some(lease)))
+                            .map_err(|e| self.classify_pool(e))
+                    })
+            }
+            Transport::Client(clients) => {
+                *out.uri_mut() = Uri::builder()
+                    .scheme(self.inner.scheme.clone())
+                    .authority(self.inner.authority.clone())
+                    .path_and_query(pq)
+                    .build()
+                    .map_err(|e| self.bad_gateway(format!("cannot build the upstream URL: {e}")))?;
+                let client = shard
+                    .and_then(|i| clients.get(i))
+                    .unwrap_or(&clients[clients.len() - 1]);
+                tokio::time::timeout(self.inner.first_byte_timeout, client.request(out))
+                    .await
+                    .map(|sent| sent.map(|resp| (resp, None)).map_err(|e| self.classify(&e)))
+            }
+        };
+        let (resp, lease) = match sent {
             Err(_elapsed) => {
                 return Err(Error::UpstreamTimeout {
                     upstream: self.inner.name.0.clone(),
                     phase: "waiting for the response head",
                 });
             }
-            Ok(Err(e)) => return Err(self.classify(&e)),
-            Ok(Ok(resp)) => resp,
+            Ok(sent) => sent?,
         };
 
         let (mut parts, incoming) = resp.into_parts();
@@ -265,8 +314,24 @@ impl Upstream {
             self.inner.idle_timeout,
             watch,
             self.inner.name.0.clone(),
-        );
+        )
+        .with_lease(lease);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    fn classify_pool(&self, e: SendError) -> Error {
+        let (what, root) = match e {
+            SendError::ConnectTimeout => {
+                return Error::UpstreamTimeout {
+                    upstream: self.inner.name.0.clone(),
+                    phase: "connecting",
+                };
+            }
+            SendError::Connect(e) => ("could not connect", root_cause(&*e)),
+            SendError::Request(e) => ("request failed", root_cause(&e)),
+        };
+        tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
+        self.bad_gateway(format!("{what}: {root}"))
     }
 
     fn classify(&self, e: &hyper_util::client::legacy::Error) -> Error {
@@ -280,10 +345,7 @@ impl Upstream {
                 phase: "connecting",
             };
         }
-        let root = source_chain(e)
-            .last()
-            .map(ToString::to_string)
-            .unwrap_or_else(|| e.to_string());
+        let root = root_cause(e);
         let what = if e.is_connect() {
             "could not connect"
         } else {
@@ -292,6 +354,13 @@ impl Upstream {
         tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
         self.bad_gateway(format!("{what}: {root}"))
     }
+}
+
+/// The innermost error's message.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    source_chain(e)
+        .last()
+        .map_or_else(|| e.to_string(), ToString::to_string)
 }
 
 fn source_chain<'a>(
