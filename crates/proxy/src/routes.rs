@@ -67,10 +67,16 @@ impl RequestIds {
         }
     }
 
+    /// 32 hex digits: the prefix, then the counter; no formatting machinery.
     fn next(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::try_from(format!("{:016x}{n:08x}", self.prefix))
-            .expect("hex digits are a valid header value")
+        let mut id = [0u8; 32];
+        for (i, digit) in id.iter_mut().enumerate() {
+            let word = if i < 16 { self.prefix } else { n };
+            *digit = HEX[((word >> (60 - 4 * (i % 16))) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
     }
 }
 
@@ -337,5 +343,20 @@ where
             stack.call(req).await
         }
         Route::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_hex_and_distinct() {
+        let ids = RequestIds {
+            prefix: 0x0123_4567_89ab_cdef,
+            next: AtomicU64::new(0xfe),
+        };
+        assert_eq!(ids.next(), "0123456789abcdef00000000000000fe");
+        assert_eq!(ids.next(), "0123456789abcdef00000000000000ff");
     }
 }
