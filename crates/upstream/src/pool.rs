@@ -10,7 +10,11 @@
 //! ([`Lease`], held by the body). `https://` upstreams keep hyper-util's
 //! client, which negotiates HTTP/2 with ALPN.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -38,8 +42,16 @@ pub(crate) struct Pool {
 
 #[derive(Debug)]
 struct Idle {
-    sender: SendRequest<Body>,
+    conn: Conn,
     since: Instant,
+}
+
+/// A connection: hyper's sender, and how often its driver task has been
+/// polled (see [`Lease::driver_polls`]).
+#[derive(Debug)]
+struct Conn {
+    sender: SendRequest<Body>,
+    polls: Arc<AtomicU64>,
 }
 
 /// Why a request could not be sent.
@@ -58,13 +70,40 @@ pub(crate) enum SendError {
 #[derive(Debug)]
 pub(crate) struct Lease {
     pool: Arc<Pool>,
-    sender: SendRequest<Body>,
+    conn: Conn,
 }
 
 impl Lease {
     /// The response is over: the connection may serve another request.
     pub(crate) fn release(self) {
-        self.pool.put(self.sender);
+        self.pool.put(self.conn);
+    }
+
+    /// How many times the connection's driver task has been polled so far.
+    /// hyper's client hands a response body over one chunk per poll of that
+    /// task: a reader that finds no chunk ready, and sees this count moved
+    /// since it last yielded, knows that nothing more has been read.
+    pub(crate) fn driver_polls(&self) -> u64 {
+        self.conn.polls.load(Ordering::Relaxed)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future that counts its polls.
+    struct Counted<F> {
+        #[pin]
+        inner: F,
+        polls: Arc<AtomicU64>,
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.polls.fetch_add(1, Ordering::Relaxed);
+        this.inner.poll(cx)
     }
 }
 
@@ -96,17 +135,17 @@ impl Pool {
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
+            let (mut conn, reused) = match self.checkout() {
+                Some(conn) => (conn, true),
                 // Boxed: the connect future is large and rarely needed; inline
                 // it would be moved (copied) with every request's future.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match sender.try_send_request(req).await {
+            match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     let lease = Lease {
                         pool: self.clone(),
-                        sender,
+                        conn,
                     };
                     return Ok((resp, lease));
                 }
@@ -119,20 +158,20 @@ impl Pool {
     }
 
     /// The most recently used idle connection that can take a request now.
-    fn checkout(&self) -> Option<SendRequest<Body>> {
+    fn checkout(&self) -> Option<Conn> {
         let mut idle = self.lock();
         while let Some(entry) = idle.pop() {
             // A connection still finishing its last exchange, closed by the
             // server, or idle for too long is dropped (which closes it).
-            if entry.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
-                return Some(entry.sender);
+            if entry.conn.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
+                return Some(entry.conn);
             }
         }
         None
     }
 
-    fn put(&self, sender: SendRequest<Body>) {
-        if sender.is_closed() {
+    fn put(&self, conn: Conn) {
+        if conn.sender.is_closed() {
             return;
         }
         let now = Instant::now();
@@ -141,7 +180,7 @@ impl Pool {
         let expired = idle.partition_point(|e| now.duration_since(e.since) >= self.idle_timeout);
         idle.drain(..expired);
         if idle.len() < MAX_IDLE {
-            idle.push(Idle { sender, since: now });
+            idle.push(Idle { conn, since: now });
         }
     }
 
@@ -151,7 +190,7 @@ impl Pool {
     }
 
     /// A new connection, its driver spawned on the current runtime.
-    async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
+    async fn connect(&self) -> Result<Conn, SendError> {
         let stream = tokio::time::timeout(self.connect_timeout, self.tcp())
             .await
             .map_err(|_elapsed| SendError::ConnectTimeout)?
@@ -161,12 +200,17 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
+        let polls = Arc::new(AtomicU64::new(0));
+        let driver = Counted {
+            inner: conn,
+            polls: polls.clone(),
+        };
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = driver.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Conn { sender, polls })
     }
 
     /// Resolve the host (no lookup for an IP literal) and connect to the
@@ -298,6 +342,98 @@ mod tests {
         drop(up.call(req).await.unwrap());
         assert_eq!(get(&mut up).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A server that answers one request with a chunked body: the head and
+    /// `first` chunks at once, then, once `go` fires, `rest` more chunks.
+    async fn chunked_server(
+        first: usize,
+        rest: usize,
+        go: tokio::sync::oneshot::Receiver<()>,
+    ) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = stream.read(&mut buf).await.unwrap();
+            let chunks = |from: usize, n: usize| -> String {
+                (from..from + n)
+                    .map(|i| format!("5\r\nchk{i:02}\r\n"))
+                    .collect()
+            };
+            let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            let out = format!("{head}{}", chunks(0, first));
+            stream.write_all(out.as_bytes()).await.unwrap();
+            let _ = go.await;
+            let out = format!("{}0\r\n\r\n", chunks(first, rest));
+            stream.write_all(out.as_bytes()).await.unwrap();
+            let _ = stream.read(&mut buf).await;
+        });
+        addr
+    }
+
+    /// Poll `body` once: `Some(frame length)`, or `None` when pending.
+    fn poll_once(body: &mut Body, cx: &mut std::task::Context<'_>) -> Option<Option<usize>> {
+        use http_body::Body as _;
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Pending => None,
+            Poll::Ready(None) => Some(None),
+            Poll::Ready(Some(frame)) => Some(Some(frame.unwrap().into_data().unwrap().len())),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_read_at_once_is_handed_on_together() {
+        let (_tx, go) = tokio::sync::oneshot::channel();
+        let addr = chunked_server(10, 0, go).await;
+        let mut up = upstream(addr, Duration::from_secs(30));
+        let req = Request::get("/v1/x").body(llm_proxy_core::empty()).unwrap();
+        let mut body = up.call(req).await.unwrap().into_body();
+        // Until the first frame comes out, yield to the scheduler like a
+        // server would; from then on the whole burst must be ready.
+        let mut frames = 0;
+        let mut pending_after_first = 0;
+        loop {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(poll_once(&mut body, cx))).await;
+            match polled {
+                Some(Some(len)) => {
+                    assert_eq!(len, 5);
+                    frames += 1;
+                }
+                Some(None) => break,
+                None if frames == 10 => break,
+                None => {
+                    if frames > 0 {
+                        pending_after_first += 1;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        assert_eq!(frames, 10);
+        assert_eq!(pending_after_first, 0, "the burst went out in pieces");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_frame_is_not_held_back_waiting_for_more() {
+        use http_body_util::BodyExt;
+        let (tx, go) = tokio::sync::oneshot::channel();
+        let addr = chunked_server(1, 1, go).await;
+        let mut up = upstream(addr, Duration::from_secs(30));
+        let req = Request::get("/v1/x").body(llm_proxy_core::empty()).unwrap();
+        let mut body = up.call(req).await.unwrap().into_body();
+        // The second chunk is only sent once the first has come out: a body
+        // that waited for more would never see it.
+        let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the first chunk comes out on its own");
+        assert_eq!(first.unwrap().unwrap().into_data().unwrap(), "chk00");
+        tx.send(()).unwrap();
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(second, "chk01");
+        assert!(body.frame().await.is_none());
     }
 
     #[test]
