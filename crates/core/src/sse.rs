@@ -292,13 +292,17 @@ impl Parser {
             return;
         }
         self.data.pop(); // the `\n` after the last data line
-        let event = (!self.event_type.is_empty()).then(|| std::mem::take(&mut self.event_type));
+        // Copied out at their exact size: the buffers keep their capacity for
+        // the next event instead of growing again from nothing.
+        let event = (!self.event_type.is_empty()).then(|| self.event_type.as_str().to_owned());
+        self.event_type.clear();
         self.ready.push_back(Event {
             event,
-            data: std::mem::take(&mut self.data),
+            data: self.data.as_str().to_owned(),
             id,
             retry,
         });
+        self.data.clear();
     }
 }
 

@@ -19,10 +19,12 @@ pin_project_lite::pin_project! {
     /// Frames pass through as they arrive, unchanged. The body
     ///
     /// - fails when the upstream is silent for longer than the idle timeout;
-    /// - for a chat or completions SSE stream, watches the events: a stream
-    ///   that breaks, ends without `data: [DONE]`, or carries a data payload
-    ///   that is not JSON gets one final `data: {"error":{…"code":
-    ///   "stream_interrupted"}}` event and then fails, so the client's
+    /// - for an SSE stream of a model API, watches the events: a stream that
+    ///   breaks, ends before its dialect's last event (`data: [DONE]`,
+    ///   `response.completed`, `message_stop`), or carries a data payload
+    ///   that is not a JSON object (checked by its shape, `{…}`: the proxy
+    ///   does not parse every event) gets one final error event with the
+    ///   code `stream_interrupted` and then fails, so the client's
     ///   connection is closed rather than cleanly ended;
     /// - when dropped (the client went away), drops the upstream body, which
     ///   closes the upstream connection and stops the upstream's work.
@@ -143,14 +145,25 @@ impl StreamWatch {
             if self.done && self.kind == StreamKind::Chat {
                 return Err("data after [DONE]".into());
             }
-            let Ok(typed) = serde_json::from_str::<Typed<'_>>(&event.data) else {
+            // Each dialect's events are JSON objects. Checking the shape is
+            // enough to catch a garbled stream; the client's parser reads the
+            // rest. The full parse is only needed for a `type` with no
+            // `event:` line to name it.
+            if !looks_like_object(&event.data) {
                 return Err("the upstream sent an SSE event whose data is not JSON".into());
+            }
+            let typed;
+            let name = match (self.kind, event.event.as_deref()) {
+                (StreamKind::Chat, _) => "",
+                (_, Some(name)) => name,
+                (_, None) => {
+                    let Ok(parsed) = serde_json::from_str::<Typed<'_>>(&event.data) else {
+                        return Err("the upstream sent an SSE event whose data is not JSON".into());
+                    };
+                    typed = parsed;
+                    typed.kind.as_deref().unwrap_or("")
+                }
             };
-            let name = event
-                .event
-                .as_deref()
-                .or(typed.kind.as_deref())
-                .unwrap_or("");
             // The dialect's own last event, or the upstream's own error event:
             // either is a clean end of the stream.
             self.done |= match self.kind {
@@ -164,6 +177,12 @@ impl StreamWatch {
         }
         Ok(())
     }
+}
+
+/// `{…}`, give or take surrounding whitespace.
+fn looks_like_object(data: &str) -> bool {
+    let data = data.trim_ascii();
+    data.starts_with('{') && data.ends_with('}')
 }
 
 fn error(upstream: &str, reason: &str) -> BoxError {
@@ -362,5 +381,59 @@ impl State {
             .unwrap_or_else(|| error(upstream, "stream failed"));
         *self = State::Finished;
         Poll::Ready(Some(Err(err)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(kind: StreamKind) -> StreamWatch {
+        StreamWatch {
+            kind,
+            parser: Parser::new(),
+            done: false,
+        }
+    }
+
+    #[test]
+    fn a_responses_stream_ends_at_its_last_event_named_either_way() {
+        let mut named = watch(StreamKind::Responses);
+        named
+            .observe(b"event: response.created\ndata: {\"type\":\"response.created\"}\n\n")
+            .unwrap();
+        assert!(!named.done);
+        named
+            .observe(b"event: response.completed\ndata: {}\n\n")
+            .unwrap();
+        assert!(named.done, "named by the event line");
+
+        let mut typed = watch(StreamKind::Responses);
+        typed
+            .observe(b"data: {\"type\":\"response.completed\",\"response\":{}}\n\n")
+            .unwrap();
+        assert!(typed.done, "named by the data's type");
+    }
+
+    #[test]
+    fn data_that_is_not_an_object_breaks_the_stream() {
+        for bad in [
+            &b"data: {not json\n\n"[..],
+            b"data: [1,2]\n\n",
+            b"data: hello\n\n",
+        ] {
+            assert!(watch(StreamKind::Chat).observe(bad).is_err());
+        }
+        let mut messages = watch(StreamKind::Messages);
+        assert!(
+            messages
+                .observe(b"data: {\"type\":\"message_stop\"\n\n")
+                .is_err()
+        );
+        let mut chat = watch(StreamKind::Chat);
+        chat.observe(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n")
+            .unwrap();
+        assert!(chat.done);
+        assert!(chat.observe(b"data: {}\n\n").is_err(), "data after [DONE]");
     }
 }
