@@ -143,7 +143,7 @@ impl Parser {
                 chunk = rest;
             }
         }
-        while let Some(end) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', chunk) {
             let (line, rest) = chunk.split_at(end);
             chunk = match rest {
                 [b'\r', b'\n', rest @ ..] => rest,
@@ -239,7 +239,7 @@ impl Parser {
             self.at_stream_start = false;
             line = line.strip_prefix(BOM).unwrap_or(line);
         }
-        let (name, value) = match line.iter().position(|&b| b == b':') {
+        let (name, value) = match memchr::memchr(b':', line) {
             None if line.is_empty() => {
                 self.dispatch();
                 return Ok(());
@@ -292,17 +292,17 @@ impl Parser {
             return;
         }
         self.data.pop(); // the `\n` after the last data line
-        // Copied out at their exact size: the buffers keep their capacity for
-        // the next event instead of growing again from nothing.
-        let event = (!self.event_type.is_empty()).then(|| self.event_type.as_str().to_owned());
-        self.event_type.clear();
+        // The next event's buffer starts at this one's size instead of
+        // growing again from nothing.
+        let event = (!self.event_type.is_empty()).then(|| std::mem::take(&mut self.event_type));
+        let capacity = self.data.capacity();
+        let data = std::mem::replace(&mut self.data, String::with_capacity(capacity));
         self.ready.push_back(Event {
             event,
-            data: self.data.as_str().to_owned(),
+            data,
             id,
             retry,
         });
-        self.data.clear();
     }
 }
 
