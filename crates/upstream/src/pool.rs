@@ -436,6 +436,30 @@ mod tests {
         assert!(body.frame().await.is_none());
     }
 
+    #[tokio::test]
+    async fn the_host_header_is_the_urls_host_and_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                let host = req.headers().get(http::header::HOST).cloned();
+                async move {
+                    let host = host.map(|h| h.to_str().unwrap().to_owned());
+                    Ok::<_, std::convert::Infallible>(Response::new(llm_proxy_core::full(
+                        host.unwrap_or_default(),
+                    )))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        let url = format!("http://user:secret@{addr}/v1").parse().unwrap();
+        let mut up = Upstream::new(UpstreamConfig::new("u", url)).unwrap();
+        assert_eq!(get(&mut up).await, addr.to_string());
+    }
+
     #[test]
     fn ipv6_hosts_lose_their_brackets() {
         let pool = Pool::new("[::1]", 80, Duration::from_secs(1), Duration::from_secs(1));

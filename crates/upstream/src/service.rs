@@ -93,7 +93,12 @@ impl Upstream {
 
         let transport = if scheme == uri::Scheme::HTTP {
             let port = authority.port_u16().unwrap_or(80);
-            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad_url())?;
+            // `host[:port]` as the URL has it, without any `user:pass@`.
+            let host = match authority.port() {
+                Some(port) => format!("{}:{port}", authority.host()),
+                None => authority.host().to_owned(),
+            };
+            let host = HeaderValue::try_from(host).map_err(|_| bad_url())?;
             let pools = (0..=cfg.shards)
                 .map(|_| {
                     Arc::new(Pool::new(
