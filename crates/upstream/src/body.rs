@@ -1,4 +1,3 @@
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -45,13 +44,6 @@ pin_project_lite::pin_project! {
         // once the body has ended (dropped with the body otherwise, which
         // closes the connection).
         lease: Option<Lease>,
-        // Frames of one burst, gathered before they are handed on (see
-        // `poll_frame`); the lease's driver poll count when the body last
-        // yielded to let the driver run, and how often it re-yielded since.
-        burst: VecDeque<Frame<Bytes>>,
-        yielded_at: Option<u64>,
-        spins: u8,
-        releasing: bool,
     }
 
     impl PinnedDrop for UpstreamBody {
@@ -118,10 +110,6 @@ impl UpstreamBody {
             state: State::Streaming,
             upstream,
             lease: None,
-            burst: VecDeque::new(),
-            yielded_at: None,
-            spins: 0,
-            releasing: false,
         }
     }
 
@@ -193,57 +181,46 @@ impl HttpBody for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    /// Frames are handed on in bursts. hyper's client hands a body to its
-    /// reader one chunk per poll of the connection's driver task, and hyper's
-    /// server writes out what it has whenever the body it sends is pending:
-    /// an upstream burst of N events read at once (a stream's opening events,
-    /// a fast model's tokens, the last chunks) would leave in N `writev`s.
-    /// So when the next chunk is not there yet, the body yields to let the
-    /// driver run, gathering chunks, until the driver has run once and
-    /// brought nothing new; then the burst goes out together. Only chunks
-    /// already read are gathered: nothing waits on the network.
+    /// On a pooled `http://` connection the body drives the connection
+    /// itself (see `pool.rs`): when hyper's channel has no chunk, the
+    /// connection is polled here, reads what the socket holds into the
+    /// channel, and the chunk is taken in the same poll. A burst of events
+    /// read at once thus reaches hyper's server frame after frame with no
+    /// `Pending` between them, and leaves in one `writev`.
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        /// Yields while the driver has not run, before the burst goes anyway.
-        const MAX_SPINS: u8 = 2;
         let mut this = self.project();
-        loop {
-            if *this.releasing {
-                if let Some(frame) = this.burst.pop_front() {
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                *this.releasing = false;
-            }
-            match this.state {
-                State::Finished => return Poll::Ready(None),
-                State::Interrupting { .. } => return this.state.drain(this.upstream, cx),
-                State::Streaming => {}
-            }
+        match this.state {
+            State::Finished => return Poll::Ready(None),
+            State::Interrupting { .. } => return this.state.drain(this.upstream, cx),
+            State::Streaming => {}
+        }
 
-            let outcome = match this.inner.as_mut().poll_frame(cx) {
+        let mut driven = false;
+        let outcome = loop {
+            match this.inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     *this.idle_armed = false;
-                    *this.yielded_at = None;
                     if let (Some(watch), Some(data)) = (this.watch.as_mut(), frame.data_ref())
                         && let Err(reason) = watch.observe(data)
                     {
                         // Pass this frame on, then end with the error event.
                         *this.state = State::interrupt(this.upstream, &reason, Some(watch.kind));
-                        *this.releasing = true;
                     }
-                    this.burst.push_back(frame);
-                    continue;
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Err(e))) => Err(format!("the upstream connection failed: {e}")),
+                Poll::Ready(Some(Err(e))) => {
+                    break Err(format!("the upstream connection failed: {e}"));
+                }
                 Poll::Ready(None) => {
                     // The upstream's message is complete: its connection can
                     // serve another request.
                     if let Some(lease) = this.lease.take() {
                         lease.release();
                     }
-                    match this.watch.as_ref() {
+                    break match this.watch.as_ref() {
                         Some(watch) if !watch.done => Err(match watch.kind {
                             StreamKind::Chat => "the upstream ended the stream without [DONE]",
                             StreamKind::Responses => {
@@ -255,33 +232,13 @@ impl HttpBody for UpstreamBody {
                         }
                         .to_owned()),
                         _ => Ok(()),
-                    }
-                }
-                Poll::Pending if !this.burst.is_empty() => {
-                    let polls = this.lease.as_ref().map(Lease::driver_polls);
-                    let yield_now = match (polls, *this.yielded_at) {
-                        // hyper-util's client (https): no count to go by.
-                        (None, _) => false,
-                        (Some(now), None) => {
-                            *this.yielded_at = Some(now);
-                            *this.spins = 0;
-                            true
-                        }
-                        // The driver has run since and brought nothing.
-                        (Some(now), Some(then)) if now != then => false,
-                        // Not yet (polled again before the driver ran).
-                        (Some(_), Some(_)) => {
-                            *this.spins += 1;
-                            *this.spins <= MAX_SPINS
-                        }
                     };
-                    if yield_now {
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
+                }
+                Poll::Pending if !driven && this.lease.is_some() => {
+                    driven = true;
+                    if let Some(lease) = this.lease.as_mut() {
+                        let _ = lease.drive(cx);
                     }
-                    *this.yielded_at = None;
-                    *this.releasing = true;
-                    continue;
                 }
                 Poll::Pending => {
                     if !*this.idle_armed {
@@ -291,46 +248,36 @@ impl HttpBody for UpstreamBody {
                             .reset(Instant::now() + *this.idle_timeout);
                     }
                     ready!(this.idle.as_mut().poll(cx));
-                    Err(format!(
+                    break Err(format!(
                         "no data from the upstream for {} ms",
                         this.idle_timeout.as_millis()
-                    ))
+                    ));
                 }
-            };
-            // The end, clean or not, comes after the frames gathered before it.
-            *this.state = match outcome {
-                Ok(()) => State::Finished,
-                Err(reason) => {
-                    State::interrupt(this.upstream, &reason, this.watch.as_ref().map(|w| w.kind))
-                }
-            };
-            *this.releasing = true;
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                *this.state = State::Finished;
+                Poll::Ready(None)
+            }
+            Err(reason) => {
+                *this.state =
+                    State::interrupt(this.upstream, &reason, this.watch.as_ref().map(|w| w.kind));
+                this.state.drain(this.upstream, cx)
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.burst.is_empty()
-            && (matches!(self.state, State::Finished)
-                || (matches!(self.state, State::Streaming)
-                    && self.watch.is_none()
-                    && self.inner.is_end_stream()))
+        matches!(self.state, State::Finished)
+            || (matches!(self.state, State::Streaming)
+                && self.watch.is_none()
+                && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         if self.watch.is_none() && matches!(self.state, State::Streaming) {
-            let queued: u64 = self
-                .burst
-                .iter()
-                .filter_map(Frame::data_ref)
-                .map(|d| d.len() as u64)
-                .sum();
-            let inner = self.inner.size_hint();
-            let mut hint = SizeHint::new();
-            hint.set_lower(inner.lower().saturating_add(queued));
-            if let Some(upper) = inner.upper() {
-                hint.set_upper(upper.saturating_add(queued));
-            }
-            hint
+            self.inner.size_hint()
         } else {
             SizeHint::default()
         }

@@ -12,7 +12,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -46,12 +45,42 @@ struct Idle {
     since: Instant,
 }
 
-/// A connection: hyper's sender, and how often its driver task has been
-/// polled (see [`Lease::driver_polls`]).
+/// A connection: hyper's sender and the connection's driver, which whoever
+/// holds the connection polls (no task of its own; see the module docs).
 #[derive(Debug)]
 struct Conn {
     sender: SendRequest<Body>,
-    polls: Arc<AtomicU64>,
+    driver: http1::Connection<TokioIo<TcpStream>, Body>,
+    /// The driver has returned: the connection is closed.
+    ended: bool,
+}
+
+impl Conn {
+    /// Let the connection do what it can: write the request, read the
+    /// response head or body into hyper's channel, notice a close. Ready
+    /// once the connection is closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.ended {
+            match Pin::new(&mut self.driver).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            }
+            self.ended = true;
+        }
+        Poll::Ready(())
+    }
+
+    /// Whether the connection can take a request now, after letting it
+    /// settle (finish its last exchange, or notice that the server closed
+    /// it while it was idle). The waker does nothing: the next holder's
+    /// polls register their own.
+    fn settle(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.drive(&mut cx).is_pending() && self.sender.is_ready()
+    }
 }
 
 /// Why a request could not be sent.
@@ -79,31 +108,10 @@ impl Lease {
         self.pool.put(self.conn);
     }
 
-    /// How many times the connection's driver task has been polled so far.
-    /// hyper's client hands a response body over one chunk per poll of that
-    /// task: a reader that finds no chunk ready, and sees this count moved
-    /// since it last yielded, knows that nothing more has been read.
-    pub(crate) fn driver_polls(&self) -> u64 {
-        self.conn.polls.load(Ordering::Relaxed)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A future that counts its polls.
-    struct Counted<F> {
-        #[pin]
-        inner: F,
-        polls: Arc<AtomicU64>,
-    }
-}
-
-impl<F: Future> Future for Counted<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        this.polls.fetch_add(1, Ordering::Relaxed);
-        this.inner.poll(cx)
+    /// Drive the connection (its body's reader calls this when hyper's
+    /// channel has no chunk for it). Ready once the connection is closed.
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.conn.drive(cx)
     }
 }
 
@@ -141,7 +149,20 @@ impl Pool {
                 // it would be moved (copied) with every request's future.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match conn.sender.try_send_request(req).await {
+            // A pooled connection the server closed while it sat idle is
+            // noticed here, before a request is committed to it.
+            if reused && !conn.settle() {
+                continue;
+            }
+            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+            let sent = std::future::poll_fn(|cx| {
+                // The connection writes the request and reads the head only
+                // while it is driven.
+                let _ = conn.drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match sent {
                 Ok(resp) => {
                     let lease = Lease {
                         pool: self.clone(),
@@ -161,17 +182,17 @@ impl Pool {
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.lock();
         while let Some(entry) = idle.pop() {
-            // A connection still finishing its last exchange, closed by the
-            // server, or idle for too long is dropped (which closes it).
-            if entry.conn.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
+            // A connection idle for too long is dropped (which closes it).
+            if entry.since.elapsed() < self.idle_timeout {
                 return Some(entry.conn);
             }
         }
         None
     }
 
-    fn put(&self, conn: Conn) {
-        if conn.sender.is_closed() {
+    fn put(&self, mut conn: Conn) {
+        // Not ready: still busy with its last exchange, or closed.
+        if !conn.settle() {
             return;
         }
         let now = Instant::now();
@@ -189,7 +210,7 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new connection, its driver spawned on the current runtime.
+    /// A new connection.
     async fn connect(&self) -> Result<Conn, SendError> {
         let stream = tokio::time::timeout(self.connect_timeout, self.tcp())
             .await
@@ -200,17 +221,11 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        let polls = Arc::new(AtomicU64::new(0));
-        let driver = Counted {
-            inner: conn,
-            polls: polls.clone(),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = driver.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(Conn { sender, polls })
+        Ok(Conn {
+            sender,
+            driver: conn,
+            ended: false,
+        })
     }
 
     /// Resolve the host (no lookup for an IP literal) and connect to the
@@ -458,6 +473,36 @@ mod tests {
         let url = format!("http://user:secret@{addr}/v1").parse().unwrap();
         let mut up = Upstream::new(UpstreamConfig::new("u", url)).unwrap();
         assert_eq!(get(&mut up).await, addr.to_string());
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_not_used() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Answers one request per connection with a kept-alive response,
+        // then closes the connection 20 ms later, as a server's keep-alive
+        // timeout would.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                });
+            }
+        });
+        let mut up = upstream(addr, Duration::from_secs(30));
+        assert_eq!(get(&mut up).await, "ok");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            get(&mut up).await,
+            "ok",
+            "a new connection, not the closed one"
+        );
     }
 
     #[test]
