@@ -218,6 +218,10 @@ async fn accept_loop<S>(
         .http1()
         .timer(CoarseTimer::new(resolution))
         .header_read_timeout(opts.header_read_timeout)
+        // Flatten writes into one buffer: hyper's vectored writes take at
+        // most 16 buffers per `writev`, so a burst of SSE events (one buffer
+        // each) would take two system calls; copying a few KiB is cheaper.
+        .writev(false)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     tokio::pin!(shutdown);

@@ -5,10 +5,22 @@
 //! lazy connect, formats the `Host` header and spawns a task that waits for
 //! the connection to be ready again. For one known `http://` upstream on a
 //! shard's thread none of that is needed: this pool keeps hyper's low-level
-//! HTTP/1.1 senders in a stack (most recently used first), hands out one
+//! HTTP/1.1 connections in a stack (most recently used first), hands out one
 //! that is ready, and takes it back when the response body has ended
 //! ([`Lease`], held by the body). `https://` upstreams keep hyper-util's
 //! client, which negotiates HTTP/2 with ALPN.
+//!
+//! A connection has no task of its own. hyper's connection future (the
+//! "driver", which writes requests and reads responses) is polled by whoever
+//! holds the connection: the request's future until the response head has
+//! come, then the response body whenever hyper's body channel is empty. The
+//! usual design, a spawned driver task, hands every body chunk from that
+//! task to the request's through the channel, one chunk per task switch; so a
+//! burst of SSE events read in one `recvfrom` reached hyper's server one at a
+//! time, with a `Pending` — and a `writev` — after each. Driven inline, the
+//! burst flows through in one poll. An idle connection is not polled by
+//! anyone: a close by the server is noticed when it is next taken out
+//! (`settle`), before a request is committed to it.
 
 use std::future::Future;
 use std::pin::Pin;
