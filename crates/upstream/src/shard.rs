@@ -1,12 +1,13 @@
 //! Which shard (thread-per-core runtime) the current thread serves.
 //!
 //! A sharded server runs one single-threaded tokio runtime per core, each on
-//! its own thread. hyper-util's client spawns each pooled connection's task on
-//! the runtime that opened it, and a pooled connection taken from another
-//! thread hands every request across threads (a channel send plus a futex
-//! wake-up). So [`Upstream`](crate::Upstream) keeps one connection pool per
-//! shard and picks it by the index set here: a request, its upstream
-//! connection and its response stay on one thread.
+//! its own thread. A connection's socket is registered with the reactor of
+//! the runtime that opened it (and hyper-util's client, used for `https://`,
+//! also spawns the connection's task there), so a pooled connection taken
+//! from another thread would have every wake-up cross threads (a futex and a
+//! context switch). So [`Upstream`](crate::Upstream) keeps one connection
+//! pool per shard and picks it by the index set here: a request, its
+//! upstream connection and its response stay on one thread.
 //!
 //! A thread that never called [`set_current`] (tests, a multi-threaded
 //! runtime, background tasks) uses the upstream's shared pool.
