@@ -190,7 +190,8 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that can take a request now.
+    /// The most recently used idle connection that has not expired (the
+    /// caller lets it settle before using it).
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.lock();
         while let Some(entry) = idle.pop() {
