@@ -8,57 +8,11 @@ rounds. Ratios and differences are computed within each round (targets
 measured minutes apart, alternating) and then their median is taken.
 """
 
-import json
-import statistics
 import sys
 
+from rounds import by_round, fmt, load, med, series
+
 TARGETS = ["direct", "nginx", "llm-proxy"]
-
-
-def load(path):
-    records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                records.append(json.loads(line))
-    return records
-
-
-def by_round(records, kind):
-    """{round: {target: record}} for one kind."""
-    out = {}
-    for r in records:
-        if r.get("kind") == kind:
-            out.setdefault(r["round"], {})[r["target"]] = r
-    return out
-
-
-def series(rounds, fn):
-    """fn(round_dict) for every round where it can be computed."""
-    values = []
-    for _, targets in sorted(rounds.items()):
-        try:
-            v = fn(targets)
-        except (KeyError, TypeError, ZeroDivisionError):
-            continue
-        if v is not None:
-            values.append(v)
-    return values
-
-
-def med(values):
-    return statistics.median(values) if values else None
-
-
-def fmt(values, spec, unit=""):
-    """'median (min–max)' or just the value when there is one round."""
-    if not values:
-        return "n/a"
-    m = med(values)
-    if len(values) == 1:
-        return f"{m:{spec}}{unit}"
-    return f"{m:{spec}}{unit} ({min(values):{spec}}–{max(values):{spec}})"
 
 
 def mib(kb):
@@ -69,9 +23,9 @@ def main():
     records = load(sys.argv[1])
     meta = next((r for r in records if r.get("kind") == "meta"), {})
     rss = next((r for r in records if r.get("kind") == "rss"), {})
-    tput = by_round(records, "tput")
-    lat = by_round(records, "lat")
-    ttft = by_round(records, "ttft")
+    tput = by_round(records, "kind", "tput")
+    lat = by_round(records, "kind", "lat")
+    ttft = by_round(records, "kind", "ttft")
     out = []
     w = out.append
 

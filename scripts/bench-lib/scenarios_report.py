@@ -10,9 +10,9 @@ of a comparison run back to back, in an order alternating from round to
 round), then their median is taken.
 """
 
-import json
-import statistics
 import sys
+
+from rounds import by_round, fmt, load, med, series
 
 # A throughput shortfall this small is not told apart from noise on a shared
 # 2-core VM (see docs/BENCHMARKS.md).
@@ -23,45 +23,6 @@ NOISE_RATIO = 0.05
 # of µs between runs (scheduling of client and server on the 2 vCPUs), so a
 # few µs of difference between dialects is below what one run can resolve.
 DIALECT_FLOOR_US = 5
-
-
-def load(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def by_round(records, group):
-    """{round: {target: record}} for one group."""
-    out = {}
-    for r in records:
-        if r.get("group") == group:
-            out.setdefault(r["round"], {})[r["target"]] = r
-    return out
-
-
-def series(rounds, fn):
-    values = []
-    for _, targets in sorted(rounds.items()):
-        try:
-            v = fn(targets)
-        except (KeyError, TypeError, ZeroDivisionError):
-            continue
-        if v is not None:
-            values.append(v)
-    return values
-
-
-def med(values):
-    return statistics.median(values) if values else None
-
-
-def fmt(values, spec, unit=""):
-    if not values:
-        return "n/a"
-    m = med(values)
-    if len(values) == 1:
-        return f"{m:{spec}}{unit}"
-    return f"{m:{spec}}{unit} ({min(values):{spec}}–{max(values):{spec}})"
 
 
 def errors(rounds, target):
@@ -120,9 +81,9 @@ def main():
         w("")
 
     # Cache.
-    hit = by_round(records, "cache-hit")
-    miss = by_round(records, "cache-miss")
-    bal = by_round(records, "balance")
+    hit = by_round(records, "group", "cache-hit")
+    miss = by_round(records, "group", "cache-miss")
+    bal = by_round(records, "group", "balance")
     w("## Cache (`[cache] backend = \"memory\"`), `wrk -t2 -c32`, non-streamed chat completion")
     w("")
     w("**Hits**: the same request over and over (all hits after the first), against the mock itself.")
@@ -154,7 +115,7 @@ def main():
                         verdict_cost(med(c), 0.05)))
 
     # Auth.
-    auth = by_round(records, "auth")
+    auth = by_round(records, "group", "auth")
     w("## Auth (`[auth]`, one key, limits far above the load), `wrk -t2 -c32`, non-streamed chat completion")
     w("")
     w("Both send `authorization: Bearer <key>`; the proxy without `[auth]` ignores it.")
@@ -192,7 +153,7 @@ def main():
       "llm-proxy req/s | wrk errors |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     dialects = [("chat", "chat completions"), ("responses", "Responses"), ("messages", "Messages")]
-    rounds = {d: by_round(records, f"dialect-{d}") for d, _ in dialects}
+    rounds = {d: by_round(records, "group", f"dialect-{d}") for d, _ in dialects}
     added = {}
     for d, label in dialects:
         rr = rounds[d]

@@ -9,24 +9,16 @@ within each round (the two are measured interleaved, request by request) and
 then its median over rounds is compared with the target.
 """
 
-import json
 import statistics
 import sys
+
+from rounds import load, med
 
 DIALECTS = [("messages", "Messages (`POST /v1/messages`)"),
             ("responses", "Responses (`POST /v1/responses`)")]
 TARGETS = [("native", "llm-proxy, native"),
            ("translated", "llm-proxy, translated over chat"),
            ("direct", "mock directly (reference)")]
-
-
-def load(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def med(values):
-    return statistics.median(values) if values else None
 
 
 def fmt(values, scale=1000.0, spec=".2f", sign=False):
