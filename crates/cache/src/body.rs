@@ -299,9 +299,19 @@ fn entry(frames: Vec<Bytes>, kind: Kind, content_type: Option<HeaderValue>) -> O
     };
     Some(Entry {
         stored_at_ms: crate::clock::now_ms(),
-        content_type: content_type.map(|ct| Bytes::copy_from_slice(ct.as_bytes())),
+        content_type: content_type.map(|ct| owned_content_type(ct.as_bytes())),
         body,
     })
+}
+
+/// The content type as bytes of its own (the header value may be a slice of
+/// the upstream connection's read buffer); the usual ones without a copy.
+fn owned_content_type(ct: &[u8]) -> Bytes {
+    const USUAL: [&[u8]; 2] = [b"application/json", b"text/event-stream"];
+    match USUAL.iter().find(|usual| **usual == ct) {
+        Some(usual) => Bytes::from_static(usual),
+        None => Bytes::copy_from_slice(ct),
+    }
 }
 
 /// Whether `body` is JSON that follows `rule`.

@@ -20,12 +20,14 @@ pub(crate) struct Breaker {
 }
 
 impl Breaker {
-    /// Whether a call may go to the store now.
-    pub fn allow(&self, now_ms: u64) -> bool {
+    /// Whether a call may go to the store now; `now_ms` is read only while
+    /// the breaker is open (a closed one needs no clock).
+    pub fn allow(&self, now_ms: impl FnOnce() -> u64) -> bool {
         let until = self.open_until_ms.load(Ordering::Acquire);
         if until == 0 {
             return true;
         }
+        let now_ms = now_ms();
         if now_ms < until {
             return false;
         }
@@ -77,15 +79,15 @@ mod tests {
         breaker.success();
         assert!(!breaker.failure(10));
         assert!(!breaker.failure(10));
-        assert!(breaker.allow(10));
+        assert!(breaker.allow(|| 10));
         assert!(breaker.failure(10), "third in a row opens");
-        assert!(!breaker.allow(500));
-        assert!(breaker.allow(1010), "one probe");
-        assert!(!breaker.allow(1011), "the others still skip");
+        assert!(!breaker.allow(|| 500));
+        assert!(breaker.allow(|| 1010), "one probe");
+        assert!(!breaker.allow(|| 1011), "the others still skip");
         assert!(!breaker.failure(1020), "a failed probe keeps it open");
-        assert!(!breaker.allow(1500));
-        assert!(breaker.allow(2020));
+        assert!(!breaker.allow(|| 1500));
+        assert!(breaker.allow(|| 2020));
         breaker.success();
-        assert!(breaker.allow(2021) && breaker.allow(2022));
+        assert!(breaker.allow(|| 2021) && breaker.allow(|| 2022));
     }
 }

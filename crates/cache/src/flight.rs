@@ -21,12 +21,14 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderValue;
+use rustc_hash::FxBuildHasher;
 
 use crate::CacheKey;
 
 const SHARDS: usize = 16;
 
-type Shard = Mutex<HashMap<CacheKey, Arc<Flight>>>;
+type Map = HashMap<CacheKey, Arc<Flight>, FxBuildHasher>;
+type Shard = Mutex<Map>;
 
 /// The flights in progress, by key.
 #[derive(Debug)]
@@ -86,7 +88,7 @@ impl Flights {
         }
     }
 
-    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, HashMap<CacheKey, Arc<Flight>>> {
+    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, Map> {
         let index = (key.shard_hash() % SHARDS as u64) as usize;
         self.shards[index]
             .lock()

@@ -126,11 +126,11 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
-        let clone = self.inner.clone();
-        let mut ready = std::mem::replace(&mut self.inner, clone);
         let plan = Plan::of(&req, &self.shared.config).filter(|plan| !plan.control.no_store);
         let Some(plan) = plan else {
             Counters::bump(&self.shared.counters.bypasses);
+            let clone = self.inner.clone();
+            let mut ready = std::mem::replace(&mut self.inner, clone);
             let future: BoxFuture = Box::pin(ready.call(req));
             return Box::pin(async move {
                 let mut response = future.await?;
@@ -139,9 +139,9 @@ where
             });
         };
         // The cached path may wait (for the store, for a flight) before it
-        // calls the inner service, if it calls it at all: do not hold on to
-        // what `poll_ready` reserved meanwhile.
-        drop(ready);
+        // calls the inner service, if it calls it at all: it readies a clone
+        // of its own then, and `self.inner` keeps what `poll_ready` reserved
+        // for the next call.
         Box::pin(serve(self.inner.clone(), self.shared.clone(), plan, req))
     }
 }

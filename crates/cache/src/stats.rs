@@ -135,7 +135,7 @@ impl Counters {
     /// Whether a store call may go ahead (the breaker is closed, or this
     /// call probes it); a skipped call is counted.
     pub(crate) fn store_allowed(&self) -> bool {
-        let allowed = self.breaker.allow(crate::clock::now_ms());
+        let allowed = self.breaker.allow(crate::clock::now_ms);
         if !allowed {
             Self::bump(&self.store_skipped);
         }

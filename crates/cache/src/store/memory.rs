@@ -5,6 +5,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use lru::LruCache;
+use rustc_hash::FxBuildHasher;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::{Store, StoreFuture, StoreUsage};
@@ -48,7 +50,7 @@ pub struct MemoryStore {
 
 #[derive(Debug)]
 struct Shard {
-    map: LruCache<CacheKey, Stored>,
+    map: LruCache<CacheKey, Stored, FxBuildHasher>,
     bytes: usize,
     max_entries: usize,
     max_bytes: usize,
@@ -81,7 +83,7 @@ impl MemoryStore {
             shards: (0..shards)
                 .map(|i| {
                     Mutex::new(Shard {
-                        map: LruCache::unbounded(),
+                        map: LruCache::unbounded_with_hasher(FxBuildHasher),
                         bytes: 0,
                         max_entries: part(max_entries, i),
                         max_bytes: part(max_bytes, i),
@@ -137,7 +139,8 @@ impl MemoryStore {
             expires_at,
         };
         // Dropped after the lock is released: freeing big bodies takes time.
-        let mut dropped = Vec::new();
+        // Inline room for the usual put into a full shard (one evicted).
+        let mut dropped = SmallVec::<[Stored; 2]>::new();
         if let Some((_, old)) = shard.map.push(key, stored) {
             shard.bytes -= old.bytes;
             dropped.push(old);
