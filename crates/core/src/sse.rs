@@ -256,12 +256,12 @@ impl Parser {
         // the same as decoding the whole stream first, as the spec does.
         match name {
             b"data" => {
-                self.data.push_str(&String::from_utf8_lossy(value));
+                push_lossy(&mut self.data, value);
                 self.data.push('\n');
             }
             b"event" => {
                 self.event_type.clear();
-                self.event_type.push_str(&String::from_utf8_lossy(value));
+                push_lossy(&mut self.event_type, value);
             }
             b"id" if !value.contains(&0) => {
                 let id = String::from_utf8_lossy(value);
@@ -358,6 +358,17 @@ fn write_data(out: &mut Vec<u8>, data: &str) {
             Some([b'\r', b'\n', tail @ ..]) | Some([_, tail @ ..]) => tail,
             Some([]) => break,
         };
+    }
+}
+
+/// Appends `bytes` decoded as UTF-8, invalid sequences replaced with
+/// U+FFFD (as the spec decodes a stream). Valid input, the usual case, takes
+/// `str::from_utf8`'s word-at-a-time ASCII path, several times faster than
+/// `String::from_utf8_lossy`'s chunk iterator.
+fn push_lossy(out: &mut String, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => out.push_str(text),
+        Err(_) => out.push_str(&String::from_utf8_lossy(bytes)),
     }
 }
 
