@@ -180,7 +180,7 @@ impl Proxy {
             }))
             .option_layer(auth.clone())
             .layer(ResponseAffinityLayer::new(ids))
-            .service(BoxCloneSyncService::new(EstimateLayer.layer(below)));
+            .service(EstimateLayer.layer(below));
         let service = ProxyService::new(
             BoxCloneSyncService::new(stack),
             auth,

@@ -30,7 +30,6 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use llm_proxy_core::sse::Parser;
 use llm_proxy_core::{Body, BoxError, Endpoint, Error, PinnedUpstream, RequestMeta, UpstreamName};
-use tower::util::BoxCloneSyncService;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -131,10 +130,15 @@ pub struct ResponseAffinity<S> {
     ids: Arc<ResponseIds>,
 }
 
-type Inner = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
 use llm_proxy_core::BoxFuture;
 
-impl Service<Request<Body>> for ResponseAffinity<Inner> {
+impl<S> Service<Request<Body>> for ResponseAffinity<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
     type Response = Response<Body>;
     type Error = Error;
     type Future = BoxFuture;

@@ -220,6 +220,23 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
     resp
 }
 
+/// The future of a [`ProxyService`] call.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// [`ProxyService`] as a hyper service, for the server's connections.
+#[derive(Clone, Debug)]
+pub(crate) struct HyperFace(pub(crate) ProxyService);
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for HyperFace {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: Request<hyper::body::Incoming>) -> ResponseFuture {
+        self.0.serve(req)
+    }
+}
+
 impl<B> Service<Request<B>> for ProxyService
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -227,7 +244,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The stack below is always ready (it has no backpressure of its own);
@@ -236,6 +253,19 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.serve(req)
+    }
+}
+
+impl ProxyService {
+    /// [`Service::call`] on a shared reference: the server calls this
+    /// through [`HyperFace`], without a clone of the whole service per
+    /// request as hyper-util's tower adapter makes.
+    fn serve<B>(&self, req: Request<B>) -> ResponseFuture
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let start = Instant::now();
         let shared = self.shared.clone();
         let stack = self.stack.clone();

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::app::Proxy;
 use crate::metrics::Metrics;
+use crate::routes::HyperFace;
 use crate::timer::CoarseTimer;
 
 /// Connection settings of one listener.
@@ -41,7 +42,7 @@ impl Proxy {
         let permits = Arc::new(Semaphore::new(opts.max_connections));
         accept_loop(
             &listener,
-            self.service.clone(),
+            HyperFace(self.service.clone()),
             opts,
             permits,
             &graceful,
@@ -89,7 +90,7 @@ impl Proxy {
         let mut threads = Vec::with_capacity(workers);
         for index in 0..workers {
             let listener = listener.try_clone()?;
-            let service = self.service.clone();
+            let service = HyperFace(self.service.clone());
             let permits = permits.clone();
             let mut stop_rx = stop_rx.clone();
             let mut exit_rx = exit_rx.clone();
@@ -200,7 +201,7 @@ async fn accept_loop<S>(
     graceful: &GracefulShutdown,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: tower_service::Service<
+    S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<llm_proxy_core::Body>,
             Error = std::convert::Infallible,
@@ -248,10 +249,7 @@ async fn accept_loop<S>(
         };
         let _ = stream.set_nodelay(true);
         let conn = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            )
+            .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -290,7 +288,7 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     accept_loop(
         &listener,
-        service,
+        TowerToHyperService::new(service),
         opts,
         permits,
         &graceful,
