@@ -159,19 +159,19 @@ fn json_content_type(headers: &HeaderMap) -> Result<Result<(), String>, Error> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(Ok(()));
     };
-    let text = String::from_utf8_lossy(value.as_bytes());
-    let essence = text
-        .split(';')
+    let bytes = value.as_bytes();
+    let essence = bytes
+        .split(|b| *b == b';')
         .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let is_json =
-        essence == "application/json" || (essence.ends_with("+json") && essence.contains('/'));
+        .unwrap_or_default()
+        .trim_ascii();
+    let suffix = essence.len().checked_sub(5).map(|at| &essence[at..]);
+    let is_json = essence.eq_ignore_ascii_case(b"application/json")
+        || (suffix.is_some_and(|s| s.eq_ignore_ascii_case(b"+json")) && essence.contains(&b'/'));
     Ok(if is_json {
         Ok(())
     } else {
-        Err(text.into_owned())
+        Err(String::from_utf8_lossy(bytes).into_owned())
     })
 }
 

@@ -174,6 +174,14 @@ impl Upstream {
             Some(r) if r.is_empty() || r.starts_with('/') => r,
             _ => path,
         };
+        if self.inner.base_path.len() + rest.len() == path.len()
+            && path.starts_with(&*self.inner.base_path)
+        {
+            // The usual `…/v1` upstream: the client's own path and query.
+            if let Some(pq) = client.path_and_query() {
+                return Ok(pq.clone());
+            }
+        }
         let mut pq = String::with_capacity(self.inner.base_path.len() + path.len() + 16);
         pq.push_str(&self.inner.base_path);
         pq.push_str(rest);
@@ -372,4 +380,36 @@ fn source_chain<'a>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(e), |e| e.source())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+
+    fn mapped(base: &str, client: &str) -> String {
+        let cfg = UpstreamConfig::new("u", base.parse().unwrap());
+        let upstream = Upstream::new(cfg).unwrap();
+        let client: Uri = client.parse().unwrap();
+        upstream.path_and_query(&client).unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn the_client_path_goes_under_the_upstream_base_path() {
+        let chat = "/v1/chat/completions?x=1";
+        assert_eq!(mapped("http://127.0.0.1:1/v1", chat), chat);
+        assert_eq!(mapped("http://127.0.0.1:1/v1/", chat), chat);
+        assert_eq!(
+            mapped("http://127.0.0.1:1/openai/v1", chat),
+            "/openai/v1/chat/completions?x=1"
+        );
+        assert_eq!(
+            mapped("http://127.0.0.1:1/api", "/v1/messages"),
+            "/api/messages"
+        );
+        assert_eq!(mapped("http://127.0.0.1:1", chat), "/chat/completions?x=1");
+        // A path outside /v1 keeps its whole self.
+        assert_eq!(mapped("http://127.0.0.1:1/v1", "/v10/x"), "/v1/v10/x");
+        assert_eq!(mapped("http://127.0.0.1:1/v2", "/v1/models"), "/v2/models");
+    }
 }
