@@ -176,20 +176,20 @@ impl CacheKey {
         if endpoint == Endpoint::Messages {
             hash_headers(&mut hasher, headers, MESSAGES_KEY_HEADERS);
         }
-        let mut canonical = Vec::with_capacity(1024);
-        match body.get("metadata") {
-            Some(Value::Object(metadata)) if endpoint == Endpoint::Messages => {
-                // `metadata.user_id` is Anthropic's end-user id (as `user` is
-                // OpenAI's): the body without `metadata`, then `metadata`
-                // without `user_id`. Canonical JSON never holds a NUL byte,
-                // so the separator keeps the two parts apart.
-                write_canonical_map_without(body, &["metadata"], &mut canonical);
-                canonical.extend_from_slice(b"\0metadata\0");
-                write_canonical_map_without(metadata, &["user_id"], &mut canonical);
-            }
-            _ => write_canonical_map_without(body, excluded_fields(endpoint), &mut canonical),
+        thread_local! {
+            // The canonical bytes are hashed and dropped: one buffer per
+            // thread serves every key.
+            static CANONICAL: std::cell::RefCell<Vec<u8>> =
+                std::cell::RefCell::new(Vec::with_capacity(1024));
         }
-        hasher.update(&canonical);
+        CANONICAL.with_borrow_mut(|canonical| {
+            canonical.clear();
+            write_canonical_body(endpoint, body, canonical);
+            hasher.update(canonical);
+            if canonical.capacity() > MAX_KEPT_BUFFER {
+                *canonical = Vec::with_capacity(1024);
+            }
+        });
         CacheKey(*hasher.finalize().as_bytes())
     }
 
@@ -228,6 +228,25 @@ impl CacheKey {
         u64::from_le_bytes(first)
     }
 }
+
+/// The canonical bytes of a request body as they go into its key.
+fn write_canonical_body(endpoint: Endpoint, body: &Map<String, Value>, canonical: &mut Vec<u8>) {
+    match body.get("metadata") {
+        Some(Value::Object(metadata)) if endpoint == Endpoint::Messages => {
+            // `metadata.user_id` is Anthropic's end-user id (as `user` is
+            // OpenAI's): the body without `metadata`, then `metadata`
+            // without `user_id`. Canonical JSON never holds a NUL byte,
+            // so the separator keeps the two parts apart.
+            write_canonical_map_without(body, &["metadata"], canonical);
+            canonical.extend_from_slice(b"\0metadata\0");
+            write_canonical_map_without(metadata, &["user_id"], canonical);
+        }
+        _ => write_canonical_map_without(body, excluded_fields(endpoint), canonical),
+    }
+}
+
+/// A key buffer grown past this (a huge request) is not kept for the next.
+const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
 /// Each header of `names`: its name, how many values it has, and each value
 /// (trimmed), length-prefixed.

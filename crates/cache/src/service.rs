@@ -214,7 +214,11 @@ async fn lookup(shared: &Shared, plan: &Plan) -> Option<Entry> {
     if !shared.counters.store_allowed() {
         return None;
     }
-    let entry = match shared.store.get(plan.key).await {
+    let got = match shared.store.as_memory() {
+        Some(memory) => Ok(memory.get_now(&plan.key)),
+        None => shared.store.get(plan.key).await,
+    };
+    let entry = match got {
         Ok(entry) => {
             shared.counters.store_ok();
             entry?

@@ -176,6 +176,10 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    fn as_memory(&self) -> Option<&MemoryStore> {
+        Some(self)
+    }
+
     fn usage(&self) -> Option<StoreUsage> {
         let (mut entries, mut bytes) = (0, 0);
         for shard in &self.shards {

@@ -39,6 +39,12 @@ pub trait Store: Send + Sync + 'static {
     fn usage(&self) -> Option<StoreUsage> {
         None
     }
+
+    /// The store as a [`MemoryStore`], whose calls complete at once: the
+    /// cache layer then makes them directly, without a boxed future.
+    fn as_memory(&self) -> Option<&MemoryStore> {
+        None
+    }
 }
 
 impl<T: Store + ?Sized> Store for Arc<T> {
@@ -56,6 +62,10 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 
     fn usage(&self) -> Option<StoreUsage> {
         (**self).usage()
+    }
+
+    fn as_memory(&self) -> Option<&MemoryStore> {
+        (**self).as_memory()
     }
 }
 
