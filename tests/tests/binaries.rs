@@ -223,3 +223,77 @@ async fn axum_embed_example_serves_app_and_proxy_side_by_side() {
         Some("/v1/chat/completions")
     );
 }
+
+/// One request on a fresh connection to `addr`, which stays open.
+async fn keep_alive_connection(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    // The answer's head and body arrive together: read until the body's
+    // length is in.
+    loop {
+        let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "the connection stays open");
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|l| l.trim().parse::<usize>().ok())
+                .expect("a content-length");
+            if body.len() >= length {
+                return (conn, body.to_owned());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn workers_share_the_connections_evenly() {
+    let port = free_port();
+    let dir = scratch_dir("workers");
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nworkers = 2\n[[upstream]]\nname = \"m\"\nmock = {{}}\n"
+        ),
+    )
+    .unwrap();
+    let _child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    // Connected together, as a client's pool opens them: whichever thread
+    // accepts them, each serves half.
+    let opened: Vec<_> = (0..9)
+        .map(|_| tokio::spawn(keep_alive_connection(addr, "/healthz")))
+        .collect();
+    let mut open = Vec::new();
+    for conn in opened {
+        open.push(conn.await.unwrap());
+    }
+    assert!(open.iter().all(|(_, body)| body == "ok\n"));
+    let (_metrics_conn, metrics) = keep_alive_connection(addr, "/metrics").await;
+    let per_shard: Vec<u64> = (0..2)
+        .map(|shard| {
+            let line = format!("llm_proxy_shard_connections{{shard=\"{shard}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{line} in {metrics}"))
+        })
+        .collect();
+    assert_eq!(per_shard, [5, 5], "ten open connections over two threads");
+    drop(open);
+}

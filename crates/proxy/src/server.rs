@@ -3,14 +3,15 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::app::Proxy;
 use crate::metrics::Metrics;
@@ -47,6 +48,7 @@ impl Proxy {
             permits,
             &graceful,
             shutdown,
+            None,
         )
         .await;
         self.readiness.start_draining();
@@ -88,7 +90,15 @@ impl Proxy {
         // when every shard has drained (or its thread ended early).
         let (drained_tx, mut drained_rx) = tokio::sync::mpsc::channel::<()>(1);
         let mut threads = Vec::with_capacity(workers);
+        // One shard alone has nobody to spread its connections to.
+        let mut spreads = (workers > 1).then(|| {
+            let spreads = Spread::shards(workers);
+            self.metrics
+                .add_source(shard_metrics(spreads[0].loads.clone()));
+            spreads.into_iter()
+        });
         for index in 0..workers {
+            let spread = spreads.as_mut().and_then(Iterator::next);
             let listener = listener.try_clone()?;
             let service = HyperFace(self.service.clone());
             let permits = permits.clone();
@@ -121,7 +131,7 @@ impl Proxy {
                         let stop = async move {
                             let _ = stop_rx.wait_for(|stop| *stop).await;
                         };
-                        accept_loop(&listener, service, opts, permits, &graceful, stop).await;
+                        accept_loop(&listener, service, opts, permits, &graceful, stop, spread).await;
                         drop(listener);
                         drain(graceful, drain_timeout).await;
                         drop(drained_tx);
@@ -193,6 +203,135 @@ async fn drain(graceful: GracefulShutdown, timeout: Duration) {
     }
 }
 
+/// A connection one shard accepted and handed to another, with its share of
+/// `max_connections`.
+type Handoff = (std::net::TcpStream, OwnedSemaphorePermit);
+
+/// Spreads the connections of [`Proxy::serve_sharded`] evenly over its
+/// shards, as Envoy's `exact_balance` does: whichever shard accepts a
+/// connection, the one serving the fewest takes it. All shards accept from
+/// one socket, and the one whose thread wakes first takes a whole burst of
+/// new connections; a shard keeps its keep-alive connections for their life,
+/// so without spreading, one core would serve most of a client's pool while
+/// the other idled. A handed-off connection costs one cross-thread wake-up
+/// once, not per request.
+struct Spread {
+    me: usize,
+    /// Connections each shard serves or is being handed.
+    loads: Arc<[AtomicUsize]>,
+    inboxes: Arc<[mpsc::UnboundedSender<Handoff>]>,
+    inbox: mpsc::UnboundedReceiver<Handoff>,
+}
+
+impl Spread {
+    /// One `Spread` per shard of `shards`.
+    fn shards(shards: usize) -> Vec<Spread> {
+        let loads: Arc<[AtomicUsize]> = (0..shards).map(|_| AtomicUsize::new(0)).collect();
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
+        let inboxes: Arc<[_]> = senders.into();
+        receivers
+            .into_iter()
+            .enumerate()
+            .map(|(me, inbox)| Spread {
+                me,
+                loads: loads.clone(),
+                inboxes: inboxes.clone(),
+                inbox,
+            })
+            .collect()
+    }
+
+    /// The shard with the fewest connections (this one on a tie), counted
+    /// as serving one more.
+    fn pick(&self) -> usize {
+        let mine = self.loads[self.me].load(Ordering::Relaxed);
+        let (best, _) = self
+            .loads
+            .iter()
+            .map(|load| load.load(Ordering::Relaxed))
+            .enumerate()
+            .fold((self.me, mine), |best, (i, load)| {
+                if load < best.1 { (i, load) } else { best }
+            });
+        self.loads[best].fetch_add(1, Ordering::Relaxed);
+        best
+    }
+
+    /// Hand `stream` to shard `to`; false when it cannot take it (it has
+    /// stopped: the connection is closed, as one still in the backlog).
+    fn hand(&self, to: usize, stream: TcpStream, permit: OwnedSemaphorePermit) -> bool {
+        let handed = stream
+            .into_std()
+            .is_ok_and(|stream| self.inboxes[to].send((stream, permit)).is_ok());
+        if !handed {
+            self.loads[to].fetch_sub(1, Ordering::Relaxed);
+        }
+        handed
+    }
+
+    fn guard(&self) -> Load {
+        Load {
+            loads: self.loads.clone(),
+            shard: self.me,
+        }
+    }
+}
+
+/// `llm_proxy_shard_connections{shard}`: what [`Spread`] balances.
+fn shard_metrics(loads: Arc<[AtomicUsize]>) -> crate::metrics::Source {
+    Box::new(move || {
+        vec![crate::metrics::Series {
+            name: "shard_connections",
+            help: "Client connections each server thread serves",
+            counter: false,
+            samples: loads
+                .iter()
+                .enumerate()
+                .map(|(shard, load)| {
+                    let load = load.load(Ordering::Relaxed) as u64;
+                    (vec![("shard", shard.to_string())], load)
+                })
+                .collect(),
+        }]
+    })
+}
+
+/// One connection in a shard's load; dropped when the connection ends.
+struct Load {
+    loads: Arc<[AtomicUsize]>,
+    shard: usize,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.loads[self.shard].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The next handed-off connection, or never without an inbox.
+async fn handed(spread: &mut Option<Spread>) -> Option<Handoff> {
+    match spread {
+        Some(spread) => spread.inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection accepted with its share of `max_connections`. Beyond
+/// `max_connections`, new connections wait in the kernel's queue.
+async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> Option<std::io::Result<(TcpStream, OwnedSemaphorePermit)>> {
+    let permit = permits.clone().acquire_owned().await.ok()?;
+    Some(
+        listener
+            .accept()
+            .await
+            .map(|(stream, _peer)| (stream, permit)),
+    )
+}
+
 async fn accept_loop<S>(
     listener: &TcpListener,
     service: S,
@@ -200,6 +339,7 @@ async fn accept_loop<S>(
     permits: Arc<Semaphore>,
     graceful: &GracefulShutdown,
     shutdown: impl Future<Output = ()>,
+    mut spread: Option<Spread>,
 ) where
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
@@ -227,38 +367,71 @@ async fn accept_loop<S>(
     builder.http2().timer(TokioTimer::new());
     tokio::pin!(shutdown);
     loop {
-        // Beyond max_connections, new connections wait in the kernel's queue.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+        let (stream, permit) = tokio::select! {
             () = &mut shutdown => return,
-        };
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
+            Some((stream, permit)) = handed(&mut spread) => {
+                // Counted in this shard's load by the shard that accepted it.
+                let load = spread.as_ref().map(Spread::guard);
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve_connection(&builder, graceful, &service, stream, permit, load),
+                    Err(e) => tracing::warn!(error = %e, "cannot take a handed-off connection"),
+                }
+                continue;
+            }
+            accepted = accept(listener, &permits) => match accepted {
+                None => return,
+                Some(Ok(accepted)) => accepted,
+                Some(Err(e)) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             },
-            () = &mut shutdown => return,
         };
-        let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        let load = match &spread {
+            None => None,
+            Some(spread) => match spread.pick() {
+                to if to == spread.me => Some(spread.guard()),
+                to => {
+                    spread.hand(to, stream, permit);
+                    continue;
+                }
+            },
+        };
+        serve_connection(&builder, graceful, &service, stream, permit, load);
     }
+}
+
+/// Serve one connection on a task of this runtime.
+fn serve_connection<S>(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    service: &S,
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    load: Option<Load>,
+) where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<llm_proxy_core::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let _ = stream.set_nodelay(true);
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
+        .into_owned();
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        drop((permit, load));
+    });
 }
 
 async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
@@ -293,6 +466,7 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
         permits,
         &graceful,
         std::future::pending(),
+        None,
     )
     .await;
 }
@@ -318,5 +492,31 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received"),
         () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shard_with_the_fewest_connections_takes_the_next() {
+        let spreads = Spread::shards(3);
+        let loads = |spread: &Spread| -> Vec<usize> {
+            spread
+                .loads
+                .iter()
+                .map(|l| l.load(Ordering::Relaxed))
+                .collect()
+        };
+        // A tie goes to the shard that accepted.
+        assert_eq!(spreads[1].pick(), 1);
+        assert_eq!(spreads[1].pick(), 0);
+        assert_eq!(spreads[1].pick(), 2);
+        assert_eq!(loads(&spreads[0]), [1, 1, 1]);
+        let guard = spreads[2].guard();
+        drop(guard);
+        assert_eq!(spreads[0].pick(), 2);
+        assert_eq!(loads(&spreads[0]), [1, 1, 1]);
     }
 }
