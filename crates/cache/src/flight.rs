@@ -20,14 +20,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use foldhash::fast::RandomState;
 use http::HeaderValue;
-use rustc_hash::FxBuildHasher;
 
 use crate::CacheKey;
 
 const SHARDS: usize = 16;
 
-type Map = HashMap<CacheKey, Arc<Flight>, FxBuildHasher>;
+type Map = HashMap<CacheKey, Arc<Flight>, RandomState>;
 type Shard = Mutex<Map>;
 
 /// The flights in progress, by key.

@@ -108,8 +108,8 @@ impl KeyScope {
 ///
 /// Its [`Hash`] writes one `u64` taken from the key's bytes (they are a
 /// cryptographic hash already, well mixed), so that the cache's own maps
-/// hash it with one multiplication (FxHash) instead of SipHash over 32
-/// bytes.
+/// hash one word with foldhash (seeded at random per map: a client cannot
+/// aim many keys at one bucket) instead of SipHash over 32 bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct CacheKey([u8; 32]);
 

@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use foldhash::fast::RandomState;
 use lru::LruCache;
-use rustc_hash::FxBuildHasher;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
@@ -50,7 +50,7 @@ pub struct MemoryStore {
 
 #[derive(Debug)]
 struct Shard {
-    map: LruCache<CacheKey, Stored, FxBuildHasher>,
+    map: LruCache<CacheKey, Stored, RandomState>,
     bytes: usize,
     max_entries: usize,
     max_bytes: usize,
@@ -83,7 +83,7 @@ impl MemoryStore {
             shards: (0..shards)
                 .map(|i| {
                     Mutex::new(Shard {
-                        map: LruCache::unbounded_with_hasher(FxBuildHasher),
+                        map: LruCache::unbounded_with_hasher(RandomState::default()),
                         bytes: 0,
                         max_entries: part(max_entries, i),
                         max_bytes: part(max_bytes, i),
