@@ -230,10 +230,18 @@ impl IdTap {
     }
 }
 
+/// A response object, or anything with an `id`: just the id.
 #[derive(serde::Deserialize)]
-struct WithId {
-    id: Option<String>,
-    response: Option<Box<WithId>>,
+struct WithId<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A `response.created` event: just its response's id.
+#[derive(serde::Deserialize)]
+struct Created<'a> {
+    #[serde(borrow)]
+    response: Option<WithId<'a>>,
 }
 
 /// Look at one frame; `last` when no more will come.
@@ -248,26 +256,29 @@ fn observe(tap: &mut Tap, data: &[u8], last: bool) -> Option<String> {
             if !last {
                 return None;
             }
-            serde_json::from_slice::<WithId>(copy)
+            serde_json::from_slice::<WithId<'_>>(copy)
                 .ok()
                 .and_then(|w| w.id)
+                .map(std::borrow::Cow::into_owned)
         }
         Tap::Sse(parser) => {
-            if parser.push(data).is_err() {
-                *tap = Tap::Done;
-                return None;
+            // A stream read in one go holds every event in one frame, and
+            // `response.created` comes first: parse up to the end of the
+            // first event that names it, and the rest only if that was not
+            // the one.
+            let (head, rest) = data.split_at(first_created_event_end(data));
+            let mut found = created_id(parser, head);
+            if found.is_none() && !rest.is_empty() {
+                found = created_id(parser, rest);
             }
-            let mut found = None;
-            while let Some(event) = parser.next_event() {
-                if !event.data.contains("response.created") {
-                    continue;
+            match found {
+                Some(Ok(id)) => Some(id),
+                Some(Err(())) => {
+                    *tap = Tap::Done;
+                    return None;
                 }
-                if let Ok(w) = serde_json::from_str::<WithId>(&event.data) {
-                    found = w.response.and_then(|r| r.id);
-                    break;
-                }
+                None => None,
             }
-            found
         }
         Tap::Done => None,
     };
@@ -275,6 +286,35 @@ fn observe(tap: &mut Tap, data: &[u8], last: bool) -> Option<String> {
         *tap = Tap::Done;
     }
     id
+}
+
+/// Where the first event whose text has `response.created` ends in `data`
+/// (after its blank line), or `data`'s length.
+fn first_created_event_end(data: &[u8]) -> usize {
+    let Some(at) = memchr::memmem::find(data, b"response.created") else {
+        return data.len();
+    };
+    memchr::memmem::find(&data[at..], b"\n\n").map_or(data.len(), |end| at + end + 2)
+}
+
+/// Feed `chunk` to the stream's parser; `Some(Ok(id))` at the
+/// `response.created` event's id, `Some(Err(()))` when the stream cannot be
+/// read (the tap gives up), `None` while no id was seen.
+fn created_id(parser: &mut Parser, chunk: &[u8]) -> Option<Result<String, ()>> {
+    if parser.push(chunk).is_err() {
+        return Some(Err(()));
+    }
+    while let Some(event) = parser.next_event() {
+        if !event.data.contains("response.created") {
+            continue;
+        }
+        if let Ok(created) = serde_json::from_str::<Created<'_>>(&event.data)
+            && let Some(id) = created.response.and_then(|r| r.id)
+        {
+            return Some(Ok(id.into_owned()));
+        }
+    }
+    None
 }
 
 impl HttpBody for IdTap {
@@ -307,5 +347,61 @@ impl HttpBody for IdTap {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+
+    const CREATED: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"object\":\"response\",\"id\":\"resp_1\",\"status\":\"in_progress\"}}\n\n";
+    const DELTA: &str = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"response.created is a name\"}\n\n";
+
+    fn sse() -> Tap {
+        Tap::Sse(Box::new(Parser::new()))
+    }
+
+    #[test]
+    fn the_id_comes_from_the_created_event_however_the_stream_is_cut() {
+        let stream = format!("{CREATED}{DELTA}{DELTA}");
+        // Whole, in one frame.
+        assert_eq!(
+            observe(&mut sse(), stream.as_bytes(), true).as_deref(),
+            Some("resp_1")
+        );
+        // Cut anywhere: the id once the event is complete.
+        for cut in 1..stream.len() {
+            let mut tap = sse();
+            let first = observe(&mut tap, &stream.as_bytes()[..cut], false);
+            let second = observe(&mut tap, &stream.as_bytes()[cut..], true);
+            let id = first.or(second);
+            assert_eq!(id.as_deref(), Some("resp_1"), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_delta_naming_response_created_before_the_event_does_not_hide_it() {
+        let stream = format!("{DELTA}{CREATED}");
+        assert_eq!(
+            observe(&mut sse(), stream.as_bytes(), true).as_deref(),
+            Some("resp_1")
+        );
+        let crlf = stream.replace('\n', "\r\n");
+        assert_eq!(
+            observe(&mut sse(), crlf.as_bytes(), true).as_deref(),
+            Some("resp_1")
+        );
+    }
+
+    #[test]
+    fn a_json_answer_gives_its_top_level_id() {
+        let mut tap = Tap::Json(Vec::new());
+        let body = br#"{"id":"resp_2","object":"response","output":[{"id":"msg_1"}]}"#;
+        assert_eq!(observe(&mut tap, &body[..10], false), None);
+        assert_eq!(
+            observe(&mut tap, &body[10..], true).as_deref(),
+            Some("resp_2")
+        );
     }
 }
