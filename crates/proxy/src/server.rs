@@ -203,6 +203,32 @@ async fn drain(graceful: GracefulShutdown, timeout: Duration) {
     }
 }
 
+/// What serves the server's connections: a hyper service (the proxy's
+/// [`HyperFace`], or the metrics listener's).
+trait ConnService:
+    hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<llm_proxy_core::Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ConnService for S where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<llm_proxy_core::Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// A connection one shard accepted and handed to another, with its share of
 /// `max_connections`.
 type Handoff = (std::net::TcpStream, OwnedSemaphorePermit);
@@ -341,14 +367,7 @@ async fn accept_loop<S>(
     shutdown: impl Future<Output = ()>,
     mut spread: Option<Spread>,
 ) where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<llm_proxy_core::Body>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Swept 8 times per timeout, at most every 250 ms: a 10 s cut-off fires
@@ -412,14 +431,7 @@ fn serve_connection<S>(
     permit: OwnedSemaphorePermit,
     load: Option<Load>,
 ) where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<llm_proxy_core::Body>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     let _ = stream.set_nodelay(true);
     let conn = builder
