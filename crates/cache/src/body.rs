@@ -258,14 +258,7 @@ async fn store(tee: Tee, frames: Vec<Bytes>, kind: Kind) {
         Some(_) if !counters.store_allowed() => Counters::bump(&counters.not_stored),
         Some(entry) => {
             let len = entry.body_len() as u64;
-            let put = match shared.store.as_memory() {
-                Some(memory) => {
-                    memory.put_now(key, entry, shared.config.ttl);
-                    Ok(())
-                }
-                None => shared.store.put(key, entry, shared.config.ttl).await,
-            };
-            match put {
+            match shared.put(key, entry).await {
                 Ok(()) => {
                     counters.store_ok();
                     Counters::bump(&counters.stored);

@@ -15,7 +15,7 @@ use crate::body::{CacheBody, JsonRule, Tee, Watch};
 use crate::flight::{Flights, Head, Joined, Leader};
 use crate::replay::{self, CacheStatus};
 use crate::stats::Counters;
-use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store};
+use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store, StoreError};
 
 /// What every clone of a [`Cache`] shares.
 pub(crate) struct Shared {
@@ -38,6 +38,28 @@ impl<S> std::fmt::Debug for Cache<S> {
             .field("config", &self.shared.config)
             .field("store", &self.shared.store.kind())
             .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// [`Store::get`]; the memory store without its boxed future.
+    pub(crate) async fn get(&self, key: CacheKey) -> Result<Option<Entry>, StoreError> {
+        match self.store.as_memory() {
+            Some(memory) => Ok(memory.get_now(&key)),
+            None => self.store.get(key).await,
+        }
+    }
+
+    /// [`Store::put`] for the configured TTL; the memory store without its
+    /// boxed future.
+    pub(crate) async fn put(&self, key: CacheKey, entry: Entry) -> Result<(), StoreError> {
+        match self.store.as_memory() {
+            Some(memory) => {
+                memory.put_now(key, entry, self.config.ttl);
+                Ok(())
+            }
+            None => self.store.put(key, entry, self.config.ttl).await,
+        }
     }
 }
 
@@ -214,11 +236,7 @@ async fn lookup(shared: &Shared, plan: &Plan) -> Option<Entry> {
     if !shared.counters.store_allowed() {
         return None;
     }
-    let got = match shared.store.as_memory() {
-        Some(memory) => Ok(memory.get_now(&plan.key)),
-        None => shared.store.get(plan.key).await,
-    };
-    let entry = match got {
+    let entry = match shared.get(plan.key).await {
         Ok(entry) => {
             shared.counters.store_ok();
             entry?
