@@ -53,12 +53,15 @@ pub(crate) struct Pool {
 
 #[derive(Debug)]
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
 /// A connection: hyper's sender and the connection's driver, which whoever
 /// holds the connection polls (no task of its own; see the module docs).
+/// Boxed once when it is opened (hyper's connection state with its buffers
+/// is hundreds of bytes): taking it from the stack, lending it to a body and
+/// putting it back then moves a pointer each time, not the whole state.
 #[derive(Debug)]
 struct Conn {
     sender: SendRequest<Body>,
@@ -111,7 +114,7 @@ pub(crate) enum SendError {
 #[derive(Debug)]
 pub(crate) struct Lease {
     pool: Arc<Pool>,
-    conn: Conn,
+    conn: Box<Conn>,
 }
 
 impl Lease {
@@ -192,7 +195,7 @@ impl Pool {
 
     /// The most recently used idle connection that has not expired (the
     /// caller lets it settle before using it).
-    fn checkout(&self) -> Option<Conn> {
+    fn checkout(&self) -> Option<Box<Conn>> {
         let mut idle = self.lock();
         while let Some(entry) = idle.pop() {
             // A connection idle for too long is dropped (which closes it).
@@ -203,7 +206,7 @@ impl Pool {
         None
     }
 
-    fn put(&self, mut conn: Conn) {
+    fn put(&self, mut conn: Box<Conn>) {
         // Not ready: still busy with its last exchange, or closed.
         if !conn.settle() {
             return;
@@ -224,7 +227,7 @@ impl Pool {
     }
 
     /// A new connection.
-    async fn connect(&self) -> Result<Conn, SendError> {
+    async fn connect(&self) -> Result<Box<Conn>, SendError> {
         let stream = tokio::time::timeout(self.connect_timeout, self.tcp())
             .await
             .map_err(|_elapsed| SendError::ConnectTimeout)?
@@ -234,11 +237,11 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        Ok(Conn {
+        Ok(Box::new(Conn {
             sender,
             driver: conn,
             ended: false,
-        })
+        }))
     }
 
     /// Resolve the host (no lookup for an IP literal) and connect to the
