@@ -135,13 +135,13 @@ fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: Bytes) -> Bytes {
                 return out;
             }
             let mut out = Vec::new();
-            while let Some(event) = parser.next_event() {
+            while let Some(event) = parser.next_event_ref() {
                 stream.observe(&event.data);
                 if stream.usage().is_some() {
                     *usage = stream.usage();
                 }
                 if *strip && !usage::is_usage_only_chunk(&event.data) {
-                    out.extend_from_slice(&llm_proxy_core::sse::encode(&event));
+                    out.extend_from_slice(&llm_proxy_core::sse::encode(event));
                 }
             }
             if *strip { Bytes::from(out) } else { data }

@@ -111,7 +111,7 @@ impl SseWatch {
             return;
         }
         let (mut events, mut usage_here) = (0, false);
-        while let Some(event) = self.parser.next_event() {
+        while let Some(event) = self.parser.next_event_ref() {
             events += 1;
             if self.done {
                 // Nothing may follow the last event.
@@ -128,7 +128,7 @@ impl SseWatch {
                         usage_here = true;
                     }
                 }
-                kind => match dialect_end(kind, &event) {
+                kind => match dialect_end(kind, event) {
                     Some(true) => self.done = true,
                     Some(false) => self.broken = true,
                     None => {}

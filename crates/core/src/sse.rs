@@ -97,7 +97,19 @@ pub struct Parser {
     last_event_id: String,
     reconnection_time: Option<u64>,
     ready: VecDeque<Event>,
+    /// The event [`Parser::next_event_ref`] lent out last.
+    lent: Option<Event>,
+    /// Buffers of events that were lent and are done with, reused for the
+    /// next events' data and names instead of allocating afresh.
+    spare_data: Vec<String>,
+    spare_names: Vec<String>,
 }
+
+/// At most this many spare buffers of each kind are kept.
+const MAX_SPARE: usize = 4;
+/// A buffer that grew larger than this (for one large event) is dropped, not
+/// kept for the events after it.
+const MAX_SPARE_CAPACITY: usize = 64 * 1024;
 
 impl Default for Parser {
     fn default() -> Self {
@@ -128,6 +140,9 @@ impl Parser {
             last_event_id: String::new(),
             reconnection_time: None,
             ready: VecDeque::new(),
+            lent: None,
+            spare_data: Vec::new(),
+            spare_names: Vec::new(),
         }
     }
 
@@ -177,6 +192,48 @@ impl Parser {
     /// Pops the next complete event, in stream order.
     pub fn next_event(&mut self) -> Option<Event> {
         self.ready.pop_front()
+    }
+
+    /// Like [`Parser::next_event`], but lends the event instead of giving it
+    /// away: its buffers return to the parser for the events after it, so a
+    /// caller that only reads events (most do) costs no allocation per event
+    /// once the parser has warmed up.
+    ///
+    /// ```
+    /// use llm_proxy_core::sse::Parser;
+    ///
+    /// let mut parser = Parser::new();
+    /// parser.push(b"event: a\ndata: 1\n\nevent: b\ndata: 2\n\n").unwrap();
+    /// let mut names = Vec::new();
+    /// while let Some(event) = parser.next_event_ref() {
+    ///     names.push(format!("{}={}", event.event.as_deref().unwrap_or(""), event.data));
+    /// }
+    /// assert_eq!(names, ["a=1", "b=2"]);
+    /// ```
+    pub fn next_event_ref(&mut self) -> Option<&Event> {
+        if let Some(done) = self.lent.take() {
+            self.recycle(done);
+        }
+        let event = self.ready.pop_front()?;
+        Some(self.lent.insert(event))
+    }
+
+    /// Keep `event`'s buffers (cleared) for later events.
+    fn recycle(&mut self, event: Event) {
+        let Event {
+            event, mut data, ..
+        } = event;
+        if data.capacity() <= MAX_SPARE_CAPACITY && self.spare_data.len() < MAX_SPARE {
+            data.clear();
+            self.spare_data.push(data);
+        }
+        if let Some(mut name) = event
+            && name.capacity() <= MAX_SPARE_CAPACITY
+            && self.spare_names.len() < MAX_SPARE
+        {
+            name.clear();
+            self.spare_names.push(name);
+        }
     }
 
     /// Ends the stream. The spec discards an event that was not terminated by
@@ -292,11 +349,18 @@ impl Parser {
             return;
         }
         self.data.pop(); // the `\n` after the last data line
-        // The next event's buffer starts at this one's size instead of
-        // growing again from nothing.
-        let event = (!self.event_type.is_empty()).then(|| std::mem::take(&mut self.event_type));
-        let capacity = self.data.capacity();
-        let data = std::mem::replace(&mut self.data, String::with_capacity(capacity));
+        // The next event's buffers: a spare one (see `next_event_ref`), or
+        // one that starts at this event's size instead of growing again from
+        // nothing.
+        let event = (!self.event_type.is_empty()).then(|| {
+            let name = self.spare_names.pop().unwrap_or_default();
+            std::mem::replace(&mut self.event_type, name)
+        });
+        let next = match self.spare_data.pop() {
+            Some(spare) => spare,
+            None => String::with_capacity(self.data.capacity()),
+        };
+        let data = std::mem::replace(&mut self.data, next);
         self.ready.push_back(Event {
             event,
             data,
@@ -423,10 +487,23 @@ mod tests {
         parser: &mut Parser,
         chunks: impl IntoIterator<Item = &'a [u8]>,
     ) -> Vec<Event> {
-        let mut events = Vec::new();
+        // Every other event is lent (`next_event_ref`) rather than given
+        // away: the lent ones' buffers are reused for the events after them,
+        // which must come out the same either way.
+        let mut events: Vec<Event> = Vec::new();
         for chunk in chunks {
             parser.push(chunk).unwrap();
-            events.extend(std::iter::from_fn(|| parser.next_event()));
+            loop {
+                let event = if events.len() % 2 == 0 {
+                    parser.next_event()
+                } else {
+                    parser.next_event_ref().cloned()
+                };
+                match event {
+                    Some(event) => events.push(event),
+                    None => break,
+                }
+            }
         }
         events
     }
@@ -617,6 +694,53 @@ mod tests {
         // After finish the parser reads a fresh stream, BOM included.
         parser.push(b"\xEF\xBB\xBFdata: y\n\n").unwrap();
         assert_eq!(parser.next_event().unwrap().data, "y");
+    }
+
+    #[test]
+    fn lent_events_leave_nothing_behind_in_the_next() {
+        let mut parser = Parser::new();
+        parser
+            .push(b"event: long-name\ndata: a long first event\n\ndata: b\n\nevent: c\ndata: c\n\n")
+            .unwrap();
+        let mut seen = Vec::new();
+        while let Some(event) = parser.next_event_ref() {
+            seen.push(event.clone());
+        }
+        assert_eq!(
+            seen,
+            [
+                Event {
+                    event: Some("long-name".into()),
+                    data: "a long first event".into(),
+                    ..Event::default()
+                },
+                Event {
+                    data: "b".into(),
+                    ..Event::default()
+                },
+                Event {
+                    event: Some("c".into()),
+                    data: "c".into(),
+                    ..Event::default()
+                },
+            ]
+        );
+        // The buffers came back and serve the next events, cleared.
+        parser.push(b"data: d\n\nevent: e\ndata: e\n\n").unwrap();
+        assert!(!parser.spare_data.is_empty());
+        assert_eq!(
+            parser
+                .next_event_ref()
+                .map(|e| (e.event.clone(), e.data.as_str())),
+            Some((None, "d"))
+        );
+        assert_eq!(
+            parser
+                .next_event_ref()
+                .map(|e| (e.event.as_deref(), e.data.as_str())),
+            Some((Some("e"), "e"))
+        );
+        assert!(parser.next_event_ref().is_none());
     }
 
     fn event_strategy() -> impl Strategy<Value = Event> {

@@ -304,7 +304,7 @@ fn created_id(parser: &mut Parser, chunk: &[u8]) -> Option<Result<String, ()>> {
     if parser.push(chunk).is_err() {
         return Some(Err(()));
     }
-    while let Some(event) = parser.next_event() {
+    while let Some(event) = parser.next_event_ref() {
         if !event.data.contains("response.created") {
             continue;
         }

@@ -100,11 +100,11 @@ fn feed(
         }
         return;
     }
-    while let Some(event) = parser.next_event() {
+    while let Some(event) = parser.next_event_ref() {
         if map.is_finished() {
             continue;
         }
-        if let Step::Fail(reason) = map.event(&event, out) {
+        if let Step::Fail(reason) = map.event(event, out) {
             fail(map, out, phase, reason);
             return;
         }

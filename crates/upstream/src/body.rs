@@ -125,7 +125,7 @@ impl StreamWatch {
     /// its kind.
     fn observe(&mut self, chunk: &[u8]) -> Result<(), String> {
         self.parser.push(chunk).map_err(|e| e.to_string())?;
-        while let Some(event) = self.parser.next_event() {
+        while let Some(event) = self.parser.next_event_ref() {
             if self.kind == StreamKind::Chat && event.is_done() {
                 self.done = true;
                 continue;
