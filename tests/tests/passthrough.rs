@@ -71,6 +71,7 @@ async fn credentials_are_swapped() {
             ("authorization", "Bearer sk-client-secret"),
             ("x-api-key", "sk-client-secret"),
             ("x-custom", "kept"),
+            ("accept-encoding", "gzip, deflate"),
         ],
         chat("m", false),
     );
@@ -81,6 +82,8 @@ async fn credentials_are_swapped() {
         .last_request_headers()
         .expect("upstream saw a request");
     assert_eq!(seen["authorization"], "Bearer sk-upstream");
+    // The layers read the answer, so it must come uncompressed.
+    assert_eq!(seen["accept-encoding"], "identity");
     assert!(seen.get("x-api-key").is_none());
     assert_eq!(seen["x-custom"], "kept");
     assert!(

@@ -1,4 +1,4 @@
-use http::{HeaderMap, HeaderName, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -32,12 +32,22 @@ const STRIP_RESPONSE: [HeaderName; 6] = [
 ];
 
 /// Remove hop-by-hop headers (also those named by `connection`), the client's
-/// credentials and the framing headers the client connection will recompute.
+/// credentials and the framing headers the client connection will recompute;
+/// ask for the answer uncompressed.
+///
+/// The client's `accept-encoding` is replaced by `identity`: the layers read
+/// the answers they pass on (the cache stores and replays them, auth counts
+/// their tokens, the Responses layer reads ids, translation rewrites them),
+/// and a compressed answer would defeat all of them — a coalesced follower
+/// that never asked for gzip would even get gzip bytes without a
+/// `content-encoding`. The upstream hop is a LAN or loopback hop to a model
+/// server, where compressing a token stream saves little.
 pub(crate) fn strip_request(headers: &mut HeaderMap) {
     strip_connection_named(headers);
     for name in &STRIP {
         headers.remove(name);
     }
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 }
 
 /// Remove hop-by-hop headers from an upstream's response.
@@ -77,8 +87,10 @@ mod tests {
         h.insert("x-private", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-request-id", "abc".parse().unwrap());
+        h.insert("accept-encoding", "gzip, br".parse().unwrap());
         strip_request(&mut h);
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 2);
         assert!(h.contains_key("x-request-id"));
+        assert_eq!(h["accept-encoding"], "identity");
     }
 }
