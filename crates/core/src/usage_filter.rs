@@ -28,8 +28,9 @@ pin_project_lite::pin_project! {
     /// frame holding the usage-only chunk is re-encoded event by event without
     /// it (comments in that frame are dropped, `event`/`id`/`retry` fields kept),
     /// and so is the rest of an event that started in that frame. If the stream
-    /// is not valid SSE (an event over the parser's limit), the filter stops
-    /// filtering and passes the rest through unchanged.
+    /// is not valid SSE (an event over the parser's limit, or one kept open
+    /// past that limit by lines that add nothing to it), the filter stops
+    /// filtering and passes the rest through unchanged, after what it held.
     ///
     /// ```
     /// use http_body_util::{BodyExt, Full};
@@ -49,11 +50,8 @@ pin_project_lite::pin_project! {
         inner: B,
         // `None` once the stream proved not to be SSE: pass through from then on.
         parser: Option<Parser>,
-        // Raw bytes of frames that ended mid-event, not yet sent.
-        held: BytesMut,
-        // The current partial event started in a re-encoded frame, so its raw
-        // beginning is gone: send it re-encoded too.
-        reencode: bool,
+        // What came and has not gone out yet.
+        held: Held,
         // Trailers or an error of the inner body, returned after `held` went out.
         trailers: Option<Frame<Bytes>>,
         failed: Option<B::Error>,
@@ -66,8 +64,7 @@ impl<B: HttpBody> UsageFilter<B> {
         UsageFilter {
             inner,
             parser: Some(Parser::new()),
-            held: BytesMut::new(),
-            reencode: false,
+            held: Held::default(),
             trailers: None,
             failed: None,
         }
@@ -80,45 +77,96 @@ enum Step {
     Wait,
 }
 
-fn filter_frame(
-    parser: &mut Option<Parser>,
-    held: &mut BytesMut,
-    reencode: &mut bool,
-    data: Bytes,
-) -> Step {
+/// The filter's state between frames.
+#[derive(Default)]
+struct Held {
+    /// Raw bytes of frames that ended mid-event, not yet sent.
+    raw: BytesMut,
+    /// The complete events among `raw`, parsed but not yet sent: if a later
+    /// frame holds the usage-only chunk, `raw` cannot go out as it is and
+    /// these are re-encoded instead.
+    events: Vec<sse::Event>,
+    /// The current partial event started in a re-encoded frame, so its raw
+    /// beginning is gone: send it re-encoded too.
+    reencode: bool,
+}
+
+impl Held {
+    /// What is held, to send as it is at the end of the stream (or before
+    /// an error or trailers); `None` when nothing is. Complete events held
+    /// are in `raw` unless `reencode`, and then there are none: only the
+    /// partial event's end, which the spec discards at the end of a stream.
+    fn take_rest(&mut self) -> Option<Bytes> {
+        self.events.clear();
+        (!self.raw.is_empty()).then(|| self.raw.split().freeze())
+    }
+}
+
+fn filter_frame(parser: &mut Option<Parser>, held: &mut Held, data: Bytes) -> Step {
     let Some(p) = parser.as_mut() else {
         return Step::Send(data);
     };
     if p.push(&data).is_err() {
-        // Not an event stream we understand: stop filtering, lose nothing.
-        *parser = None;
-        held.extend_from_slice(&data);
-        return Step::Send(held.split().freeze());
+        return stop_filtering(parser, held, &data);
     }
-    let events: Vec<sse::Event> = std::iter::from_fn(|| p.next_event()).collect();
-    let drop_one = events.iter().any(|e| is_usage_only_chunk(&e.data));
-    if !drop_one && !*reencode {
+    let before = held.events.len();
+    held.events.extend(std::iter::from_fn(|| p.next_event()));
+    let drop_one = held.events[before..]
+        .iter()
+        .any(|e| is_usage_only_chunk(&e.data));
+    if !drop_one && !held.reencode {
         if p.has_partial() {
-            held.extend_from_slice(&data);
+            // Lines that add nothing to the parser's event (comments, `id`,
+            // `event`) would keep an event open without bound: past the
+            // parser's own limit, stop filtering.
+            if held.raw.len() + data.len() > sse::DEFAULT_MAX_EVENT_BYTES {
+                return stop_filtering(parser, held, &data);
+            }
+            held.raw.extend_from_slice(&data);
             return Step::Wait;
         }
-        if held.is_empty() {
+        held.events.clear();
+        if held.raw.is_empty() {
             return Step::Send(data);
         }
-        held.extend_from_slice(&data);
-        return Step::Send(held.split().freeze());
+        held.raw.extend_from_slice(&data);
+        return Step::Send(held.raw.split().freeze());
     }
-    held.clear();
-    *reencode = p.has_partial();
+    // This frame's raw bytes cannot go out as they are: send every complete
+    // event not yet sent, re-encoded, without the usage-only chunk.
+    held.raw.clear();
+    held.reencode = p.has_partial();
     let mut out = BytesMut::new();
-    for event in events.iter().filter(|e| !is_usage_only_chunk(&e.data)) {
-        out.extend_from_slice(&sse::encode(event));
+    for event in held.events.drain(..) {
+        if !is_usage_only_chunk(&event.data) {
+            out.extend_from_slice(&sse::encode(&event));
+        }
     }
     if out.is_empty() {
         Step::Wait
     } else {
         Step::Send(out.freeze())
     }
+}
+
+/// Not an event stream the filter can follow: pass the rest through
+/// unchanged, after what it holds, losing nothing.
+fn stop_filtering(parser: &mut Option<Parser>, held: &mut Held, data: &[u8]) -> Step {
+    *parser = None;
+    let mut out = BytesMut::new();
+    if held.reencode {
+        // The raw beginning of the open event is gone; what is held are
+        // complete events only.
+        for event in held.events.drain(..) {
+            out.extend_from_slice(&sse::encode(&event));
+        }
+    } else {
+        held.events.clear();
+        out.extend_from_slice(&held.raw);
+    }
+    held.raw.clear();
+    out.extend_from_slice(data);
+    Step::Send(out.freeze())
 }
 
 impl<B> HttpBody for UsageFilter<B>
@@ -144,18 +192,14 @@ where
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     // An unterminated event at the end: hand on what came.
-                    if this.held.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    let rest = this.held.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    let rest = this.held.take_rest();
+                    return Poll::Ready(rest.map(|rest| Ok(Frame::data(rest))));
                 }
                 Poll::Ready(Some(Err(err))) => {
-                    if this.held.is_empty() {
+                    let Some(rest) = this.held.take_rest() else {
                         return Poll::Ready(Some(Err(err)));
-                    }
+                    };
                     *this.failed = Some(err);
-                    let rest = this.held.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(rest))));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
@@ -164,15 +208,14 @@ where
                 Ok(data) => data,
                 Err(other) => {
                     // Trailers: send what is held first.
-                    if this.held.is_empty() {
+                    let Some(rest) = this.held.take_rest() else {
                         return Poll::Ready(Some(Ok(other)));
-                    }
+                    };
                     *this.trailers = Some(other);
-                    let rest = this.held.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(rest))));
                 }
             };
-            match filter_frame(this.parser, this.held, this.reencode, frame) {
+            match filter_frame(this.parser, this.held, frame) {
                 Step::Send(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
                 Step::Wait => continue,
             }
@@ -180,7 +223,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_empty()
+        self.held.raw.is_empty()
             && self.trailers.is_none()
             && self.failed.is_none()
             && self.inner.is_end_stream()
@@ -267,6 +310,42 @@ mod tests {
         let first = format!("{USAGE}{d1}");
         let (out, _) = run(data(&[DELTA, &first, d2])).await;
         assert_eq!(out.concat(), format!("{DELTA}{DONE}").as_bytes());
+    }
+
+    #[tokio::test]
+    async fn events_held_with_a_split_usage_chunk_are_not_lost() {
+        // The finish chunk waits with the first half of the usage chunk; the
+        // frame with the second half must not drop it.
+        let (u1, u2) = USAGE.split_at(20);
+        let second = format!("{FINISH}{u1}");
+        let third = format!("{u2}{DONE}");
+        let (out, _) = run(data(&[DELTA, &second, &third])).await;
+        assert_eq!(out.concat(), format!("{DELTA}{FINISH}{DONE}").as_bytes());
+        // Also when the held event came in a frame of its own, cut.
+        let (f1, f2) = FINISH.split_at(12);
+        let second = format!("{f2}{u1}");
+        let (out, _) = run(data(&[DELTA, f1, &second, &third])).await;
+        assert_eq!(out.concat(), format!("{DELTA}{FINISH}{DONE}").as_bytes());
+    }
+
+    #[tokio::test]
+    async fn an_event_kept_open_without_end_turns_the_filter_off() {
+        // `event:` lines add nothing to the parser's buffers, so its limit
+        // never trips; the filter's own bound must.
+        let mut frames = vec![DELTA.to_string(), "data: {}\n".to_string()];
+        let filler = "event: x\n".repeat(4096 / 9);
+        let count = crate::sse::DEFAULT_MAX_EVENT_BYTES / filler.len() + 2;
+        frames.extend(std::iter::repeat_n(filler.clone(), count));
+        frames.push(USAGE.to_string());
+        let refs: Vec<&str> = frames.iter().map(String::as_str).collect();
+        let (out, _) = run(data(&refs)).await;
+        // Nothing lost, the usage chunk passes (no longer filtered), and no
+        // more than the bound was ever held back.
+        assert_eq!(out.concat(), frames.concat().as_bytes());
+        assert!(
+            out.iter()
+                .all(|f| f.len() <= crate::sse::DEFAULT_MAX_EVENT_BYTES + filler.len())
+        );
     }
 
     #[tokio::test]
