@@ -349,3 +349,94 @@ async fn a_client_that_never_finishes_its_head_is_cut_off() {
     .await;
     assert!(closed.is_ok(), "a stalled request head must be cut off");
 }
+
+/// Read until the proxy closes the connection (EOF or reset); false if it
+/// is still open after `HANG`.
+async fn closed_by_proxy(conn: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(HANG, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_or_half_an_h2_preface_is_cut_off() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 200\nmax_connections = 1\n{}",
+        one_upstream(&up.base_url(), "models = [\"m\"]")
+    ))
+    .await;
+    for first in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        // The only connection the proxy takes: it must not be held forever.
+        let mut silent = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        silent.write_all(first).await.unwrap();
+        assert!(
+            closed_by_proxy(&mut silent).await,
+            "a connection that sent {first:?} and stalled must be closed"
+        );
+        // Its permit is back: the next client is served.
+        let req = request(Method::GET, &p.url("/healthz"), &[], String::new());
+        let health = tokio::time::timeout(HANG, send(req))
+            .await
+            .expect("the next client is served");
+        assert_eq!(health.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_passthrough_body_over_the_limit_is_413_not_the_upstreams_fault() {
+    // An upstream that reads whatever comes and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let p = proxy(&format!(
+        "max_body_bytes = 1024\n{}",
+        one_upstream(&format!("http://{addr}/v1"), "first_byte_timeout_ms = 5000")
+    ))
+    .await;
+    // Not JSON, no length: streamed on to the upstream as it comes.
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let head = "POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    let mut req = head.as_bytes().to_vec();
+    for _ in 0..4 {
+        req.extend_from_slice(b"400\r\n");
+        req.extend_from_slice(&[b'x'; 1024]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    conn.write_all(&req).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let read = tokio::time::timeout(HANG, async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") || !answer.ends_with(b"}") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "no answer: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+}

@@ -135,8 +135,16 @@ where
         }
     } else {
         parts.extensions.insert(RequestMeta::unbuffered(endpoint));
+        // Streamed on as it comes: past the limit the body fails with the
+        // client's 413, which the upstream client hands back as it is.
         let body = Limited::new(body, limit)
-            .map_err(|e| -> BoxError { e })
+            .map_err(move |e| -> BoxError {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    Box::new(Error::RequestTooLarge { limit })
+                } else {
+                    e
+                }
+            })
             .boxed_unsync();
         return Ok(Request::from_parts(parts, body));
     };

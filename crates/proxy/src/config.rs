@@ -476,6 +476,24 @@ impl Settings {
     }
 }
 
+/// The most `max_connections` can be: what one semaphore can count.
+const MAX_CONNECTIONS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
+/// The longest `ttl_secs`: ten years ("for ever", without overflowing a clock).
+const MAX_TTL_SECS: f64 = 10.0 * 365.0 * 86_400.0;
+
+/// A timeout of 0 ms would fail every request (or close every connection)
+/// at once: a mistake, not a setting.
+fn positive_ms(path: &Path, key: &str, ms: u64) -> Result<Duration, ConfigError> {
+    if ms == 0 {
+        return Err(ConfigError(format!(
+            "{}: `{key}` must be at least 1 (milliseconds)",
+            path.display()
+        )));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
 fn duration_secs(path: &Path, key: &str, secs: f64) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(secs).map_err(|_| {
         ConfigError(format!(
@@ -504,12 +522,14 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         ),
         _ => None,
     };
-    if cfg.max_connections == 0 {
+    if cfg.max_connections == 0 || cfg.max_connections > MAX_CONNECTIONS {
         return Err(ConfigError(format!(
-            "{}: `max_connections` must be at least 1",
-            path.display()
+            "{}: `max_connections` must be between 1 and {MAX_CONNECTIONS}, not {}",
+            path.display(),
+            cfg.max_connections
         )));
     }
+    positive_ms(path, "header_read_timeout_ms", cfg.header_read_timeout_ms)?;
     if cfg.upstream.is_empty() {
         return Err(ConfigError(format!(
             "{}: no [[upstream]] configured: at least one is needed",
@@ -646,9 +666,13 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             weight: up.weight,
             protocol,
             apis,
-            connect_timeout: Duration::from_millis(up.connect_timeout_ms),
-            first_byte_timeout: Duration::from_millis(up.first_byte_timeout_ms),
-            idle_timeout: Duration::from_millis(up.idle_timeout_ms),
+            connect_timeout: positive_ms(path, "connect_timeout_ms", up.connect_timeout_ms)?,
+            first_byte_timeout: positive_ms(
+                path,
+                "first_byte_timeout_ms",
+                up.first_byte_timeout_ms,
+            )?,
+            idle_timeout: positive_ms(path, "idle_timeout_ms", up.idle_timeout_ms)?,
             extra_roots_pem,
         });
     }
@@ -729,7 +753,15 @@ fn validate_cache(path: &Path, src: &str, c: &CacheSection) -> Result<CacheSpec,
         }
     };
     Ok(CacheSpec {
-        ttl: duration_secs(path, "ttl_secs", c.ttl_secs)?,
+        ttl: match c.ttl_secs {
+            secs if secs > MAX_TTL_SECS => {
+                return Err(ConfigError(format!(
+                    "{}: [cache] `ttl_secs` must be at most {MAX_TTL_SECS} (ten years), not {secs}",
+                    path.display()
+                )));
+            }
+            secs => duration_secs(path, "ttl_secs", secs)?,
+        },
         scope,
         store,
     })
@@ -924,7 +956,21 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
 pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
     redis::Client::open(url)
         .map(|_| ())
-        .map_err(|e| format!("`{url}`: {e}"))
+        .map_err(|e| format!("`{}`: {e}", redact_userinfo(url)))
+}
+
+/// `url` with any `user:password@` replaced by `***@`: a config error goes
+/// to the terminal and the logs, a Redis password must not.
+fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.into();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]).into(),
+        None => url.into(),
+    }
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -976,6 +1022,42 @@ mod tests {
         assert!(s.upstream_header);
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         assert_eq!(s.workers, cpus);
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_refused() {
+        let e = load(&format!("max_connections = 4611686018427387904\n{MIN}")).unwrap_err();
+        assert!(e.contains("`max_connections` must be between 1 and"), "{e}");
+        let e = load(&format!("header_read_timeout_ms = 0\n{MIN}")).unwrap_err();
+        assert!(
+            e.contains("`header_read_timeout_ms` must be at least 1"),
+            "{e}"
+        );
+        for key in [
+            "connect_timeout_ms",
+            "first_byte_timeout_ms",
+            "idle_timeout_ms",
+        ] {
+            let e = load(&format!("{MIN}{key} = 0\n")).unwrap_err();
+            assert!(e.contains(&format!("`{key}` must be at least 1")), "{e}");
+        }
+        let e = load(&format!("{MIN}[cache]\nttl_secs = 1e19\n")).unwrap_err();
+        assert!(e.contains("`ttl_secs` must be at most"), "{e}");
+        assert!(load(&format!("{MIN}[cache]\nttl_secs = 86400\n")).is_ok());
+    }
+
+    #[test]
+    fn a_redis_password_is_not_echoed() {
+        assert_eq!(
+            redact_userinfo("redis://user:s3cret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(
+            redact_userinfo("redis://host/0?x=a@b"),
+            "redis://host/0?x=a@b"
+        );
+        let e = check_redis_url("redis://:s3cret@bad host:notaport").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]

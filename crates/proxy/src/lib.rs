@@ -37,6 +37,7 @@ mod app;
 pub mod config;
 mod estimate;
 pub mod metrics;
+mod preface;
 mod redis_ids;
 mod responses;
 mod routes;

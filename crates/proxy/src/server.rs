@@ -15,8 +15,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::app::Proxy;
 use crate::metrics::Metrics;
+use crate::preface::FirstBytes;
 use crate::routes::HyperFace;
 use crate::timer::CoarseTimer;
+
+/// How often an idle HTTP/2 connection is pinged.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Connection settings of one listener.
 #[derive(Clone, Copy, Debug)]
@@ -383,7 +387,13 @@ async fn accept_loop<S>(
         // each) would take two system calls; copying a few KiB is cheaper.
         .writev(false)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // A peer that stops answering pings is gone: close its connection
+    // instead of holding its permit.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(opts.header_read_timeout);
     tokio::pin!(shutdown);
     loop {
         let (stream, permit) = tokio::select! {
@@ -392,7 +402,7 @@ async fn accept_loop<S>(
                 // Counted in this shard's load by the shard that accepted it.
                 let load = spread.as_ref().map(Spread::guard);
                 match TcpStream::from_std(stream) {
-                    Ok(stream) => serve_connection(&builder, graceful, &service, stream, permit, load),
+                    Ok(stream) => serve_connection(&builder, &opts, graceful, &service, stream, permit, load),
                     Err(e) => tracing::warn!(error = %e, "cannot take a handed-off connection"),
                 }
                 continue;
@@ -418,13 +428,15 @@ async fn accept_loop<S>(
                 }
             },
         };
-        serve_connection(&builder, graceful, &service, stream, permit, load);
+        serve_connection(&builder, &opts, graceful, &service, stream, permit, load);
     }
 }
 
-/// Serve one connection on a task of this runtime.
+/// Serve one connection on a task of this runtime. Its first bytes must come
+/// within the header read timeout ([`FirstBytes`]).
 fn serve_connection<S>(
     builder: &auto::Builder<TokioExecutor>,
+    opts: &ConnOptions,
     graceful: &GracefulShutdown,
     service: &S,
     stream: TcpStream,
@@ -435,7 +447,10 @@ fn serve_connection<S>(
 {
     let _ = stream.set_nodelay(true);
     let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service.clone())
+        .serve_connection_with_upgrades(
+            TokioIo::new(FirstBytes::new(stream, opts.header_read_timeout)),
+            service.clone(),
+        )
         .into_owned();
     let conn = graceful.watch(conn);
     tokio::spawn(async move {

@@ -333,6 +333,11 @@ impl Upstream {
     }
 
     fn classify_pool(&self, e: SendError) -> Error {
+        if let SendError::Request(e) = &e
+            && let Some(client) = client_fault(e)
+        {
+            return client;
+        }
         let (what, root) = match e {
             SendError::ConnectTimeout => {
                 return Error::UpstreamTimeout {
@@ -348,6 +353,9 @@ impl Upstream {
     }
 
     fn classify(&self, e: &hyper_util::client::legacy::Error) -> Error {
+        if let Some(client) = client_fault(e) {
+            return client;
+        }
         let timed_out = source_chain(e).any(|s| {
             s.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
@@ -367,6 +375,17 @@ impl Upstream {
         tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
         self.bad_gateway(format!("{what}: {root}"))
     }
+}
+
+/// The client's fault, not the upstream's: a streamed request body that
+/// went over `max_body_bytes` while it was being sent (the parse layer's
+/// body fails with [`Error::RequestTooLarge`]). It is the client's 413, and
+/// the balancer must not hold it against the upstream.
+fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
+    source_chain(e)
+        .filter_map(|s| s.downcast_ref::<Error>())
+        .find(|e| matches!(e, Error::RequestTooLarge { .. }))
+        .cloned()
 }
 
 /// The innermost error's message.
