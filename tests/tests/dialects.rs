@@ -268,6 +268,76 @@ async fn previous_response_id_follows_its_upstream() {
 }
 
 #[tokio::test]
+async fn a_response_id_is_only_found_by_the_key_that_created_it() {
+    let redis = RedisServer::start().await;
+    let up = mock_named("m").await;
+    let toml = format!(
+        "{}\n[auth]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"owner:\"\n\
+         [[auth.keys]]\nname = \"a\"\nkey = \"sk-a\"\n[[auth.keys]]\nname = \"b\"\nkey = \"sk-b\"\n",
+        one_upstream(&up.base_url(), ALL_APIS),
+        redis.url()
+    );
+    // The creating proxy, and one that knows the id only through Redis.
+    let (first, second) = (proxy(&toml).await, proxy(&toml).await);
+    let a = ("authorization", "Bearer sk-a");
+    let b = ("authorization", "Bearer sk-b");
+    let created = post_with(
+        &first.url("/v1/responses"),
+        responses_body(false, None),
+        &[a],
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.text());
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let by_id = |p: &TestProxy, key: (&'static str, &'static str)| {
+        send(request(
+            Method::GET,
+            &p.url(&format!("/v1/responses/{id}")),
+            &[key],
+            "",
+        ))
+    };
+    // Its owner reads it, on this proxy and (once Redis has it) on the other.
+    assert_eq!(by_id(&first, a).await.status, 200);
+    let mut found = false;
+    for _ in 0..100 {
+        if by_id(&second, a).await.status == 200 {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(found, "the owner finds its id through Redis");
+    // Another key is told the id does not exist, on either proxy, whatever
+    // it tries.
+    for p in [&first, &second] {
+        by_id(p, b)
+            .await
+            .assert_error(404, "not_found_error", "response_not_found");
+        let next = post_with(
+            &p.url("/v1/responses"),
+            responses_body(false, Some(&id)),
+            &[b],
+        )
+        .await;
+        next.assert_error(404, "not_found_error", "response_not_found");
+        let deleted = send(request(
+            Method::DELETE,
+            &p.url(&format!("/v1/responses/{id}")),
+            &[b],
+            "",
+        ))
+        .await;
+        deleted.assert_error(404, "not_found_error", "response_not_found");
+    }
+    assert_eq!(
+        by_id(&first, a).await.status,
+        200,
+        "still there for its owner"
+    );
+}
+
+#[tokio::test]
 async fn previous_response_id_follows_its_upstream_across_proxies_on_redis() {
     let redis = RedisServer::start().await;
     let (_ups, toml) = three_upstreams().await;

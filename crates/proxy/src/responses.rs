@@ -11,6 +11,13 @@
 //! 404 `response_not_found`, never a silent guess that the upstream could
 //! not honour.
 //!
+//! An id belongs to the key that created it: with auth on, the map keeps the
+//! creating key's name beside the upstream, and a request by any other key
+//! naming that id is told `response_not_found`, as if the id did not exist
+//! (the upstream holds every tenant's responses under one upstream key, so
+//! without this any key that learnt an id could read, continue, cancel or
+//! delete another tenant's response). Without auth there is one tenant.
+//!
 //! The map is an LRU in memory (100 000 ids, 7 days), and, when the cache or
 //! auth backend is Redis, also Redis (`<prefix>resp:<id>`, same TTL), so that
 //! every proxy on that Redis finds every id. An id is recorded before the
@@ -42,8 +49,43 @@ const CAPACITY: usize = 100_000;
 /// JSON answers larger than this are not searched for their id.
 const MAX_JSON: usize = 4 << 20;
 
-/// Response id -> (upstream name, when recorded).
-type IdMap = lru::LruCache<Box<str>, (Arc<str>, Instant)>;
+/// Response id -> where it lives, and when it was recorded.
+type IdMap = lru::LruCache<Box<str>, (Home, Instant)>;
+
+/// The upstream holding a response, and the auth key that created it
+/// (`None` without auth).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Home {
+    upstream: Arc<str>,
+    owner: Option<Arc<str>>,
+}
+
+/// Separates the upstream from the owner in the Redis value (a control
+/// character: in neither an upstream's nor a key's name in practice; a name
+/// that holds one only makes its own ids unfindable).
+const OWNER_SEPARATOR: char = '\u{1f}';
+
+impl Home {
+    fn encode(&self) -> String {
+        match &self.owner {
+            Some(owner) => format!("{}{OWNER_SEPARATOR}{owner}", self.upstream),
+            None => self.upstream.to_string(),
+        }
+    }
+
+    fn decode(value: &str) -> Home {
+        match value.split_once(OWNER_SEPARATOR) {
+            Some((upstream, owner)) => Home {
+                upstream: upstream.into(),
+                owner: Some(owner.into()),
+            },
+            None => Home {
+                upstream: value.into(),
+                owner: None,
+            },
+        }
+    }
+}
 
 /// Where response ids are remembered.
 pub struct ResponseIds {
@@ -69,21 +111,23 @@ impl ResponseIds {
         })
     }
 
-    fn record(&self, id: &str, upstream: &Arc<str>) {
+    fn record(&self, id: &str, home: &Home) {
         self.memory
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .put(id.into(), (upstream.clone(), Instant::now()));
+            .put(id.into(), (home.clone(), Instant::now()));
         if let Some(redis) = &self.redis {
-            redis.set(id, upstream, TTL);
+            redis.set(id, &home.encode(), TTL);
         }
     }
 
-    async fn lookup(&self, id: &str) -> Option<Arc<str>> {
+    /// The upstream holding `id`, if `owner` (the asking key, `None` without
+    /// auth) created it.
+    async fn lookup(&self, id: &str, owner: Option<&str>) -> Option<Arc<str>> {
         let local = {
             let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
             match memory.get(id) {
-                Some((name, at)) if at.elapsed() < TTL => Some(name.clone()),
+                Some((home, at)) if at.elapsed() < TTL => Some(home.clone()),
                 Some(_) => {
                     memory.pop(id);
                     None
@@ -91,11 +135,12 @@ impl ResponseIds {
                 None => None,
             }
         };
-        match (local, &self.redis) {
-            (Some(name), _) => Some(name),
-            (None, Some(redis)) => redis.get(id).await.map(Arc::from),
-            (None, None) => None,
-        }
+        let home = match (local, &self.redis) {
+            (Some(home), _) => home,
+            (None, Some(redis)) => Home::decode(&redis.get(id).await?),
+            (None, None) => return None,
+        };
+        (home.owner.as_deref() == owner).then_some(home.upstream)
     }
 }
 
@@ -152,12 +197,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let ids = self.ids.clone();
         Box::pin(async move {
-            let endpoint = req
-                .extensions()
-                .get::<RequestMeta>()
-                .map_or(Endpoint::Passthrough, RequestMeta::endpoint);
+            let meta = req.extensions().get::<RequestMeta>();
+            let endpoint = meta.map_or(Endpoint::Passthrough, RequestMeta::endpoint);
+            let owner = meta
+                .and_then(RequestMeta::identity)
+                .map(|identity| identity.name.clone());
             if let Some((id, param)) = named_id(&req, endpoint) {
-                let upstream = ids.lookup(&id).await.ok_or_else(|| {
+                let upstream = ids.lookup(&id, owner.as_deref()).await.ok_or_else(|| {
                     Error::ResponseNotFound(format!(
                         "{param} `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
                     ))
@@ -177,7 +223,8 @@ where
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|ct| ct.starts_with("text/event-stream"));
-            Ok(resp.map(|body| IdTap::new(body, sse, ids, upstream).boxed_unsync()))
+            let home = Home { upstream, owner };
+            Ok(resp.map(|body| IdTap::new(body, sse, ids, home).boxed_unsync()))
         })
     }
 }
@@ -210,12 +257,12 @@ pin_project_lite::pin_project! {
         inner: Body,
         tap: Tap,
         ids: Arc<ResponseIds>,
-        upstream: Arc<str>,
+        home: Home,
     }
 }
 
 impl IdTap {
-    fn new(inner: Body, sse: bool, ids: Arc<ResponseIds>, upstream: Arc<str>) -> Self {
+    fn new(inner: Body, sse: bool, ids: Arc<ResponseIds>, home: Home) -> Self {
         let tap = if sse {
             Tap::Sse(Box::new(Parser::new()))
         } else {
@@ -225,7 +272,7 @@ impl IdTap {
             inner,
             tap,
             ids,
-            upstream,
+            home,
         }
     }
 }
@@ -336,7 +383,7 @@ impl HttpBody for IdTap {
             _ => None,
         };
         if let Some(id) = seen {
-            this.ids.record(&id, this.upstream);
+            this.ids.record(&id, this.home);
         }
         polled
     }
