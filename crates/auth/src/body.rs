@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::StreamKind;
 use llm_proxy_core::sse::Parser;
@@ -19,13 +20,20 @@ use crate::service::Shared;
 const MAX_JSON_TEE: usize = 1 << 20;
 
 /// Settles a request's token account once its response is over: the real
-/// usage replaces the reservation; without usage (a stream cut before its
-/// usage chunk), the reservation stands.
+/// usage replaces the reservation; without usage, a success (a stream cut
+/// before its usage chunk) keeps the reservation, while an error answer (the
+/// upstream generated nothing) gives it back.
 pub(crate) struct Reconcile {
     shared: Arc<Shared>,
     key: Arc<KeyEntry>,
     model: Option<Arc<str>>,
+    /// What the reservation charged ([`Limits::token_charge`]): every
+    /// settlement and refund is against this, never the raw estimate.
+    ///
+    /// [`Limits::token_charge`]: crate::limit::Limits::token_charge
     reserved: u64,
+    /// The answer's status was not a success.
+    failed: bool,
 }
 
 impl Reconcile {
@@ -40,18 +48,43 @@ impl Reconcile {
             key,
             model,
             reserved,
+            failed: false,
         }
     }
 
+    /// Record the answer's status: an error answer without usage is refunded.
+    pub(crate) fn answered(mut self, status: StatusCode) -> Self {
+        self.failed = !status.is_success();
+        self
+    }
+
+    /// Give the whole reservation back: nothing was generated.
+    pub(crate) fn refund(&self) {
+        self.shared.backend.adjust(&self.key, -self.reserved());
+    }
+
+    fn reserved(&self) -> i64 {
+        i64::try_from(self.reserved).unwrap_or(i64::MAX)
+    }
+
     fn settle(&self, usage: Option<Usage>) {
-        let Some(u) = usage else { return };
+        let Some(u) = usage else {
+            if self.failed {
+                self.refund();
+            }
+            return;
+        };
         if let Some(model) = &self.model {
             self.key
                 .stats
                 .add_tokens(model, u.input_tokens, u.output_tokens);
         }
-        let delta = (u.total() as i64).saturating_sub(self.reserved as i64);
-        self.shared.backend.adjust(&self.key, delta);
+        // Counts come from the upstream: one beyond i64 is a charge, not a
+        // negative number that credits the limit.
+        let used = i64::try_from(u.total()).unwrap_or(i64::MAX);
+        self.shared
+            .backend
+            .adjust(&self.key, used.saturating_sub(self.reserved()));
     }
 }
 

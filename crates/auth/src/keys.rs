@@ -92,8 +92,9 @@ impl KeyStats {
         } else {
             map.entry(Arc::from("other")).or_default()
         };
-        slot[0] += input;
-        slot[1] += output;
+        // The counts come from an upstream: saturate rather than overflow.
+        slot[0] = slot[0].saturating_add(input);
+        slot[1] = slot[1].saturating_add(output);
     }
 
     /// Tokens by model: `(model, input, output)`.
@@ -267,6 +268,15 @@ mod tests {
                 .authenticate(&headers(&[("x-api-key", b"sk-c")]))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn token_counters_saturate_on_huge_usage() {
+        let stats = KeyStats::default();
+        let model: Arc<str> = Arc::from("m");
+        stats.add_tokens(&model, u64::MAX - 1, 7);
+        stats.add_tokens(&model, 5, u64::MAX);
+        assert_eq!(stats.tokens(), vec![(model, u64::MAX, u64::MAX)]);
     }
 
     fn hex(bytes: &[u8]) -> String {

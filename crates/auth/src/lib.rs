@@ -14,8 +14,12 @@
 //!   `passthrough` (403 `route_not_allowed`).
 //! - **Limits**: requests and tokens per minute, GCRA with a burst equal to
 //!   the limit ([`limit`]). Tokens are reserved up front (prompt bytes / 4
-//!   plus the request's completion cap, else 256) and reconciled with the
-//!   real `usage` when the response ends. Streams are asked for usage
+//!   plus the request's completion cap, else 256; charged at most the whole
+//!   limit) and reconciled with the real `usage` when the response ends; an
+//!   error answer without usage, or a request that fails below HTTP, is
+//!   refunded. Only endpoints that run a model are charged tokens: counting
+//!   tokens, reading a stored response and listing models count as requests
+//!   only. Streams are asked for usage
 //!   (`stream_options.include_usage`) and the extra chunk is removed from
 //!   what a client that did not ask receives. Over a limit: 429 with
 //!   `retry-after`; every response to a limited key carries the

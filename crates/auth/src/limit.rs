@@ -17,6 +17,12 @@ use std::time::Duration;
 
 const WINDOW_NS: u64 = 60_000_000_000;
 
+/// The most one adjustment moves a limit, in windows of the limit: a year's
+/// worth. No real usage comes near it; the bound keeps an absurd count from
+/// an upstream from overflowing the clock arithmetic (Redis keeps TATs in
+/// Lua's doubles, and an expiry beyond `i64` milliseconds is an error there).
+const MAX_ADJUST_WINDOWS: i64 = 60 * 24 * 365;
+
 /// One GCRA limit: `limit` units per minute, burst `limit`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gcra {
@@ -49,11 +55,19 @@ impl Gcra {
         self.interval_ns
     }
 
-    /// Check a request of `cost` units at `now` against state `tat`. A cost
-    /// above the limit is charged as the whole limit (it passes on a full
-    /// bucket and empties it) so that one large request is not refused forever.
+    /// What a request of `cost` units is charged: `cost`, at most the whole
+    /// limit, so that one large request passes on a full bucket (and empties
+    /// it) instead of being refused forever. Whatever later settles or refunds
+    /// a request must do so against this amount, not `cost`: refunding the
+    /// uncharged part would credit the limit.
+    pub fn charge(&self, cost: u64) -> u64 {
+        cost.min(u64::from(self.limit))
+    }
+
+    /// Check a request of `cost` units at `now` against state `tat`; it is
+    /// charged [`charge(cost)`](Self::charge).
     pub fn check(&self, tat: u64, now: u64, cost: u64) -> Check {
-        let cost = cost.min(u64::from(self.limit));
+        let cost = self.charge(cost);
         let new_tat = tat
             .max(now)
             .saturating_add(cost.saturating_mul(self.interval_ns));
@@ -65,9 +79,18 @@ impl Gcra {
         }
     }
 
+    /// `delta` bounded to what one adjustment may move this limit: a year's
+    /// worth of units either way.
+    pub fn bounded(&self, delta: i64) -> i64 {
+        let max = i64::from(self.limit).saturating_mul(MAX_ADJUST_WINDOWS);
+        delta.clamp(-max, max)
+    }
+
     /// `tat` after charging (`delta > 0`) or giving back (`delta < 0`) units
-    /// unconditionally; a refund never banks time before `now`.
+    /// unconditionally ([`bounded`](Self::bounded)); a refund never banks
+    /// time before `now`.
     pub fn adjust(&self, tat: u64, now: u64, delta: i64) -> u64 {
+        let delta = self.bounded(delta);
         let base = tat.max(now);
         let amount = delta.unsigned_abs().saturating_mul(self.interval_ns);
         if delta >= 0 {
@@ -137,6 +160,13 @@ impl Limits {
     /// Whether any limit applies.
     pub fn any(&self) -> bool {
         self.requests.is_some() || self.tokens.is_some()
+    }
+
+    /// What a reservation of `tokens` charges this key's token limit (see
+    /// [`Gcra::charge`]); 0 without a token limit. Settle and refund against
+    /// this, whichever backend holds the state.
+    pub fn token_charge(&self, tokens: u64) -> u64 {
+        self.tokens.map_or(0, |g| g.charge(tokens))
     }
 
     /// Ask for one request reserving `tokens`, at `now` (ns on a monotonic
@@ -248,5 +278,29 @@ mod tests {
     fn oversized_cost_passes_on_a_full_bucket() {
         let g = Gcra::per_minute(100);
         assert!(matches!(g.check(0, 0, 1_000_000), Check::Allowed(_)));
+    }
+
+    #[test]
+    fn oversized_reservation_settles_against_its_charge() {
+        let l = Limits::new(None, Some(1000));
+        let reserve = l.token_charge(1_000_600);
+        assert_eq!(reserve, 1000, "charged as the whole limit");
+        assert!(l.acquire(0, reserve).allowed);
+        // 610 used: settling against the charge leaves 390, not a full bucket.
+        l.adjust_tokens(0, 610 - reserve as i64);
+        assert_eq!(l.acquire(0, 0).tokens.unwrap().remaining, 390);
+        assert!(!l.acquire(0, reserve).allowed);
+        assert_eq!(Limits::new(Some(5), None).token_charge(10), 0);
+    }
+
+    #[test]
+    fn huge_adjustments_saturate_instead_of_wrapping() {
+        let g = Gcra::per_minute(1000);
+        let tat = g.adjust(0, 0, i64::MAX);
+        assert!(tat > 0, "a huge charge stays a charge");
+        assert!(matches!(g.check(tat, 0, 1), Check::Denied(_)));
+        assert_eq!(g.adjust(tat, 0, i64::MIN), 0, "and a huge refund a refund");
+        assert_eq!(g.bounded(i64::MAX), 1000 * MAX_ADJUST_WINDOWS);
+        assert_eq!(g.bounded(-5), -5);
     }
 }

@@ -17,15 +17,16 @@ use crate::keys::KeyEntry;
 use crate::limit::{Decision, Gcra};
 
 /// The acquire script. ARGV: request interval µs (0 = no limit), token
-/// interval µs (0 = none), token limit, token cost. Returns
+/// interval µs (0 = none), token cost (already capped by
+/// [`Limits::token_charge`](crate::limit::Limits::token_charge), so both
+/// backends charge, settle and refund the same amount). Returns
 /// `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = 60000000
 local ri, ti = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tlimit, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
-if cost > tlimit then cost = tlimit end
+local cost = tonumber(ARGV[3])
 local rtat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
 local rnew = math.max(rtat, now) + ri
@@ -46,7 +47,8 @@ end
 return {wait, rtat, ttat, now}
 ";
 
-/// The adjust script. ARGV: token interval µs, delta tokens (may be negative).
+/// The adjust script. ARGV: token interval µs, delta tokens (may be
+/// negative; [`Gcra::bounded`]).
 const ADJUST: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -158,8 +160,7 @@ impl RedisLimits {
         call.key(self.key(&key.name, "tok"))
             .arg(interval(key.limits.requests))
             .arg(interval(key.limits.tokens))
-            .arg(key.limits.tokens.map_or(0, |g| g.limit))
-            .arg(tokens);
+            .arg(key.limits.token_charge(tokens));
         let (wait, rtat, ttat, now): (u64, u64, u64, u64) =
             tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
                 .await
@@ -180,7 +181,7 @@ impl RedisLimits {
         };
         let mut conn = self.connection().await?;
         let mut call = self.adjust.key(self.key(&key.name, "tok"));
-        call.arg(g.interval_ns() / 1000).arg(delta);
+        call.arg(g.interval_ns() / 1000).arg(g.bounded(delta));
         let _: i64 = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
             .await
             .map_err(|_| RedisLimitError::Timeout(self.timeout))??;

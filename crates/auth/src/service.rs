@@ -120,6 +120,7 @@ where
                 strip_usage,
                 model,
                 endpoint,
+                metered,
             } = admitted?;
             let dialect = endpoint.dialect();
             let decision = if key.limits.any() {
@@ -138,12 +139,13 @@ where
             } else {
                 None
             };
+            let reconcile = Reconcile::new(shared.clone(), key, model, reserve);
             let fut = call_boxed(&mut inner, req);
             let resp = match fut.await {
                 Ok(resp) => resp,
                 Err(e) => {
                     // Nothing was generated: give the reservation back.
-                    shared.backend.adjust(&key, -(reserve as i64));
+                    reconcile.refund();
                     return Err(e);
                 }
             };
@@ -151,10 +153,13 @@ where
             if let Some(d) = &decision {
                 rate_headers(&mut parts.headers, d);
             }
+            if !metered {
+                return Ok(Response::from_parts(parts, body));
+            }
             let sse = endpoint
                 .stream_kind()
                 .filter(|_| is_event_stream(&parts.headers));
-            let reconcile = Reconcile::new(shared.clone(), key, model, reserve);
+            let reconcile = reconcile.answered(parts.status);
             let body = UsageBody::new(body, sse, strip_usage, reconcile).boxed_unsync();
             Ok(Response::from_parts(parts, body))
         })
@@ -163,10 +168,13 @@ where
 
 struct Admitted {
     key: Arc<KeyEntry>,
+    /// Tokens charged up front: the estimate as the token limit charges it.
     reserve: u64,
     strip_usage: bool,
     model: Option<Arc<str>>,
     endpoint: Endpoint,
+    /// The endpoint consumes tokens: reserve, and reconcile with its usage.
+    metered: bool,
 }
 
 /// The synchronous part: key, route, model, identity, token reservation and
@@ -183,6 +191,7 @@ fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
             strip_usage: false,
             model: None,
             endpoint: Endpoint::Passthrough,
+            metered: consumes_tokens(Endpoint::Passthrough),
         });
     };
     if meta.endpoint() == Endpoint::Passthrough && !key.passthrough {
@@ -198,20 +207,41 @@ fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
     meta.set_identity(Identity {
         name: key.name.clone(),
     });
-    let reserve = if key.limits.tokens.is_some() {
-        estimate_tokens(meta)
+    let endpoint = meta.endpoint();
+    let metered = consumes_tokens(endpoint);
+    let limited = metered && key.limits.tokens.is_some();
+    let reserve = if limited {
+        key.limits.token_charge(estimate_tokens(meta))
     } else {
         0
     };
-    let strip_usage = key.limits.tokens.is_some() && request_stream_usage(meta);
+    let strip_usage = limited && request_stream_usage(meta);
     let model = meta.model_arc().cloned();
     Ok(Admitted {
         key,
         reserve,
         strip_usage,
         model,
-        endpoint: meta.endpoint(),
+        endpoint,
+        metered,
     })
+}
+
+/// Whether requests to `endpoint` consume tokens, so that they reserve
+/// tokens and are reconciled with their `usage`. Counting tokens
+/// (`count_tokens`, `input_tokens`), reading, cancelling or deleting a stored
+/// response and listing models run no model: they count against the request
+/// limit only. (`GET /v1/responses/{id}` carries the stored response's usage,
+/// already charged when it was created.) Generation, embeddings, compaction
+/// and passthrough routes (which may generate) are metered.
+fn consumes_tokens(endpoint: Endpoint) -> bool {
+    !matches!(
+        endpoint,
+        Endpoint::ResponsesInputTokens
+            | Endpoint::ResponseById
+            | Endpoint::MessagesCountTokens
+            | Endpoint::Models
+    )
 }
 
 /// The token reservation: prompt bytes / 4, plus the completion cap the
@@ -311,8 +341,143 @@ pub fn format_reset(d: Duration) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
 mod tests {
     use super::*;
+    use llm_proxy_core::{ParseLayer, ParseLimits, full};
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    /// An auth stack with one key, `sk`, of `tpm` tokens per minute, over an
+    /// upstream that answers `status` with `body`.
+    fn stack(
+        tpm: u32,
+        status: u16,
+        body: &'static str,
+    ) -> impl Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone {
+        let mut key = KeySpec::from_key("k", "sk");
+        key.tokens_per_minute = Some(tpm);
+        ServiceBuilder::new()
+            .layer(ParseLayer::new(ParseLimits::default()))
+            .layer(AuthLayer::new(vec![key]))
+            .service(service_fn(move |_req: Request<Body>| async move {
+                let mut resp = Response::new(full(body));
+                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Ok::<_, Error>(resp)
+            }))
+    }
+
+    /// Send `body` to `path` and read the whole answer (which settles it).
+    async fn call(
+        svc: &(impl Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone),
+        path: &str,
+        body: String,
+    ) -> (u16, Option<u32>) {
+        let req = Request::post(path)
+            .header("authorization", "Bearer sk")
+            .header("content-type", "application/json")
+            .header("anthropic-version", "2023-06-01")
+            .body(full(body))
+            .unwrap();
+        let resp = svc.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let remaining = resp
+            .headers()
+            .get("x-ratelimit-remaining-tokens")
+            .map(|v| v.to_str().unwrap().parse().unwrap());
+        resp.into_body().collect().await.unwrap();
+        (status, remaining)
+    }
+
+    /// A chat request of about `prompt` estimated prompt tokens.
+    fn chat_body(prompt: usize, max_tokens: u64) -> String {
+        serde_json::json!({"model": "m", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "x".repeat(prompt * 4)}]})
+        .to_string()
+    }
+
+    const USAGE_610: &str = r#"{"usage":{"prompt_tokens":602,"completion_tokens":8}}"#;
+
+    #[tokio::test]
+    async fn a_huge_max_tokens_settles_against_what_was_charged() {
+        let svc = stack(1000, 200, USAGE_610);
+        let (status, remaining) =
+            call(&svc, "/v1/chat/completions", chat_body(600, 1_000_000)).await;
+        assert_eq!(
+            (status, remaining),
+            (200, Some(0)),
+            "charged the whole limit"
+        );
+        // Settled at 610 used: 390 left, so the next whole-limit charge waits.
+        let (status, remaining) =
+            call(&svc, "/v1/chat/completions", chat_body(600, 1_000_000)).await;
+        assert_eq!((status, remaining), (429, Some(390)));
+    }
+
+    #[tokio::test]
+    async fn counting_tokens_and_reading_a_response_cost_no_tokens() {
+        // The stored response's usage must not be charged again on a read.
+        let svc = stack(1000, 200, USAGE_610);
+        for path in [
+            "/v1/messages/count_tokens",
+            "/v1/responses/input_tokens",
+            "/v1/responses/resp_1/cancel",
+        ] {
+            for _ in 0..3 {
+                let (status, remaining) = call(&svc, path, chat_body(500, 100)).await;
+                assert_eq!((status, remaining), (200, Some(1000)), "{path}");
+            }
+        }
+        let (status, remaining) = call(&svc, "/v1/chat/completions", chat_body(10, 10)).await;
+        assert_eq!(status, 200);
+        assert!(remaining.unwrap() < 1000, "generation is still charged");
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_without_usage_is_refunded() {
+        let err = r#"{"error":{"message":"bad","type":"invalid_request_error"}}"#;
+        for status in [400, 500] {
+            let svc = stack(2000, status, err);
+            let (got, remaining) = call(&svc, "/v1/chat/completions", chat_body(5, 1500)).await;
+            assert_eq!(got, status);
+            assert!(remaining.unwrap() < 1000, "reserved while in flight");
+            let (got, remaining) = call(&svc, "/v1/chat/completions", chat_body(5, 1500)).await;
+            assert_eq!(got, status, "the first reservation was given back");
+            assert!(remaining.unwrap() < 1000);
+        }
+        // A success without usage (e.g. a stream cut short) keeps its charge.
+        let svc = stack(2000, 200, "{}");
+        assert_eq!(
+            call(&svc, "/v1/chat/completions", chat_body(5, 1500))
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            call(&svc, "/v1/chat/completions", chat_body(5, 1500))
+                .await
+                .0,
+            429
+        );
+    }
+
+    #[tokio::test]
+    async fn huge_upstream_usage_charges_instead_of_crediting() {
+        for n in ["9223372036854775808", "18446744073709551615"] {
+            let body: &'static str =
+                format!(r#"{{"usage":{{"prompt_tokens":{n},"completion_tokens":{n}}}}}"#).leak();
+            let svc = stack(1000, 200, body);
+            assert_eq!(
+                call(&svc, "/v1/chat/completions", chat_body(5, 10)).await.0,
+                200
+            );
+            let (status, remaining) = call(&svc, "/v1/chat/completions", chat_body(5, 10)).await;
+            assert_eq!((status, remaining), (429, Some(0)), "usage {n}");
+        }
+    }
 
     #[test]
     fn reset_format() {

@@ -1,0 +1,190 @@
+//! Token accounting over real sockets: what each request is charged, and
+//! what is given back. A reservation above the limit is settled against what
+//! it charged (the whole limit), never against the raw estimate; endpoints
+//! that run no model are not charged tokens; an upstream error answer is
+//! refunded.
+
+use std::time::Duration;
+
+use http::Method;
+use tests::redis_server::RedisServer;
+use tests::*;
+
+const KEY: &str = "Bearer sk-t";
+
+/// Every API served natively, so each request reaches the mock upstream.
+const APIS: &str = "models = [\"small\"]\n\
+    apis = [\"chat_completions\", \"completions\", \"embeddings\", \"responses\", \"messages\"]";
+
+/// A mock upstream and a proxy whose key `sk-t` has `tpm` tokens per minute;
+/// `auth_extra` goes into the `[auth]` section (e.g. a Redis backend).
+async fn setup(tpm: u32, auth_extra: &str) -> (MockServer, TestProxy) {
+    let up = mock_named("m").await;
+    let toml = format!(
+        "{}\n[auth]\n{auth_extra}\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = {tpm}\n",
+        one_upstream(&up.base_url(), APIS)
+    );
+    (up, proxy(&toml).await)
+}
+
+/// POST `body` to `path` with the key, and `extra` headers.
+async fn post(p: &TestProxy, path: &str, extra: &[(&str, &str)], body: String) -> Answer {
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("authorization", KEY),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    headers.extend_from_slice(extra);
+    send(request(Method::POST, &p.url(path), &headers, body)).await
+}
+
+/// A chat request with about `prompt` tokens of prompt by the proxy's
+/// estimator (bytes / 4).
+fn chat_body(prompt: usize, max_tokens: u64) -> String {
+    serde_json::json!({"model": "small", "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "x ".repeat(prompt * 2)}]})
+    .to_string()
+}
+
+/// A Messages `count_tokens` request of about `prompt` tokens.
+fn count_body(prompt: usize) -> String {
+    serde_json::json!({"model": "small",
+        "messages": [{"role": "user", "content": "x ".repeat(prompt * 2)}]})
+    .to_string()
+}
+
+fn remaining_tokens(a: &Answer) -> u32 {
+    a.header("x-ratelimit-remaining-tokens")
+        .expect("token headers on a limited key")
+        .parse()
+        .expect("a number")
+}
+
+/// The key's remaining tokens, read from a tiny `count_tokens` request once
+/// `cond` holds on it (a response is settled just after the client read it,
+/// and on Redis in the background).
+async fn remaining_once(p: &TestProxy, cond: impl Fn(u32) -> bool) -> u32 {
+    let mut last = None;
+    for _ in 0..100 {
+        let a = post(p, "/v1/messages/count_tokens", &[], count_body(1)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let r = remaining_tokens(&a);
+        if cond(r) {
+            return r;
+        }
+        last = Some(r);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("remaining tokens never met the condition (last {last:?})");
+}
+
+/// tpm 1000, ~600 prompt tokens and `max_tokens: 1000000`: the first request
+/// is charged the whole limit and settled at its real usage (~610), so the
+/// next ones, again charged the whole limit, are refused.
+async fn oversized_reservations_cannot_refill_the_bucket(auth_extra: &str) {
+    let (_up, p) = setup(1000, auth_extra).await;
+    let body = chat_body(600, 1_000_000);
+    let first = post(&p, "/v1/chat/completions", &[], body.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(remaining_tokens(&first), 0, "charged the whole limit");
+    // Settled: the real usage (~610: the prompt and 8 completion tokens)
+    // stays charged. Refunding against the uncharged estimate would leave a
+    // full bucket.
+    let left = remaining_once(&p, |r| r > 0).await;
+    assert!((300..=400).contains(&left), "{left} left after ~610 used");
+    for _ in 0..3 {
+        let next = post(&p, "/v1/chat/completions", &[], body.clone()).await;
+        next.assert_error(429, "rate_limit_error", "rate_limit_exceeded");
+        assert_eq!(remaining_tokens(&next), left, "a 429 charges nothing");
+    }
+}
+
+#[tokio::test]
+async fn oversized_max_tokens_is_settled_against_its_charge() {
+    oversized_reservations_cannot_refill_the_bucket("").await;
+}
+
+#[tokio::test]
+async fn oversized_max_tokens_is_settled_against_its_charge_on_redis() {
+    let redis = RedisServer::start().await;
+    let auth = format!(
+        "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"acct:\"",
+        redis.url()
+    );
+    oversized_reservations_cannot_refill_the_bucket(&auth).await;
+}
+
+#[tokio::test]
+async fn counting_tokens_costs_no_tokens() {
+    let (up, p) = setup(1000, "").await;
+    // ~2 KB each: charged the estimate (~512 + 256) they would not fit twice.
+    for path in ["/v1/messages/count_tokens", "/v1/responses/input_tokens"] {
+        for _ in 0..3 {
+            let body = serde_json::json!({"model": "small", "input": "x ".repeat(1024),
+                "messages": [{"role": "user", "content": "x ".repeat(1024)}]})
+            .to_string();
+            let a = post(&p, path, &[], body).await;
+            assert_eq!(a.status, 200, "{path}: {}", a.text());
+            assert!(
+                a.json()["input_tokens"].as_u64().is_some(),
+                "{path}: answered by the upstream"
+            );
+            assert_eq!(remaining_tokens(&a), 1000, "{path}");
+        }
+    }
+    assert_eq!(up.stats.requests(), 6);
+}
+
+#[tokio::test]
+async fn reading_a_stored_response_does_not_charge_it_again() {
+    let (_up, p) = setup(1000, "").await;
+    let body =
+        serde_json::json!({"model": "small", "input": "hi", "max_output_tokens": 50}).to_string();
+    let created = post(&p, "/v1/responses", &[], body).await;
+    assert_eq!(created.status, 200, "{}", created.text());
+    let id = created.json()["id"]
+        .as_str()
+        .expect("a response id")
+        .to_owned();
+    let left = remaining_once(&p, |r| r > 950).await;
+    for _ in 0..3 {
+        let read = send(request(
+            Method::GET,
+            &p.url(&format!("/v1/responses/{id}")),
+            &[("authorization", KEY)],
+            "",
+        ))
+        .await;
+        assert_eq!(read.status, 200, "{}", read.text());
+        assert!(
+            read.json()["usage"].is_object(),
+            "the stored usage comes back"
+        );
+        assert_eq!(remaining_tokens(&read), left);
+    }
+    assert_eq!(
+        remaining_once(&p, |_| true).await,
+        left,
+        "nothing charged on a read"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_error_answer_gives_the_reservation_back() {
+    for status in ["400", "500"] {
+        let (_up, p) = setup(2000, "").await;
+        let failed = post(
+            &p,
+            "/v1/chat/completions",
+            &[("x-mock-fail", status)],
+            chat_body(5, 1500),
+        )
+        .await;
+        assert_eq!(failed.status.as_str(), status, "{}", failed.text());
+        assert!(remaining_tokens(&failed) < 500, "reserved while in flight");
+        // The upstream generated nothing: the whole reservation comes back.
+        remaining_once(&p, |r| r == 2000).await;
+        let ok = post(&p, "/v1/chat/completions", &[], chat_body(5, 1500)).await;
+        assert_eq!(ok.status, 200, "after a {status}: {}", ok.text());
+    }
+}
