@@ -440,3 +440,52 @@ async fn a_streamed_passthrough_body_over_the_limit_is_413_not_the_upstreams_fau
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("request_too_large"), "{text}");
 }
+
+#[tokio::test]
+async fn an_upstream_that_breaks_after_done_ends_the_stream_cleanly() {
+    // Sends a whole stream, [DONE] included, then resets instead of ending
+    // the chunked body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                for event in [
+                    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+                    "data: [DONE]\n\n",
+                ] {
+                    out.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
+                }
+                let _ = conn.write_all(&out).await;
+                // Let the proxy read it all, then drop without the last chunk.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = conn.set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("m", true),
+        ))
+        .await
+        .expect("response head");
+    assert_eq!(resp.status(), 200);
+    let (body, broke) = read_stream(resp).await;
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(!body.contains("stream_interrupted"), "{body}");
+    assert!(!broke, "a clean end for a stream that said all it had to");
+}

@@ -211,6 +211,11 @@ impl HttpBody for UpstreamBody {
                     }
                     return Poll::Ready(Some(Ok(frame)));
                 }
+                // After the dialect's last event the stream has said all it
+                // had to: a connection that then fails or goes quiet ends it
+                // cleanly (no error event after `[DONE]`), though it is not
+                // reused.
+                Poll::Ready(Some(Err(_))) if said_all(this.watch) => break Ok(()),
                 Poll::Ready(Some(Err(e))) => {
                     break Err(format!("the upstream connection failed: {e}"));
                 }
@@ -248,6 +253,9 @@ impl HttpBody for UpstreamBody {
                             .reset(Instant::now() + *this.idle_timeout);
                     }
                     ready!(this.idle.as_mut().poll(cx));
+                    if said_all(this.watch) {
+                        break Ok(());
+                    }
                     break Err(format!(
                         "no data from the upstream for {} ms",
                         this.idle_timeout.as_millis()
@@ -282,6 +290,11 @@ impl HttpBody for UpstreamBody {
             SizeHint::default()
         }
     }
+}
+
+/// Whether a watched stream has sent its dialect's last event.
+fn said_all(watch: &Option<Box<StreamWatch>>) -> bool {
+    watch.as_ref().is_some_and(|w| w.done)
 }
 
 impl State {
