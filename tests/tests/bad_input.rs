@@ -466,9 +466,9 @@ async fn an_upstream_that_breaks_after_done_ends_the_stream_cleanly() {
                     out.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
                 }
                 let _ = conn.write_all(&out).await;
-                // Let the proxy read it all, then drop without the last chunk.
+                // Let the proxy read it all, then close without the last chunk.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let _ = conn.set_linger(Some(Duration::ZERO));
+                drop(conn);
             });
         }
     });

@@ -142,7 +142,14 @@ where
         drop(last.take());
         let member = set.members[choice.member].clone();
         tracing::debug!(upstream = %member.name, attempt, "balancer attempt");
-        let (outcome, verdict) = send(&shared, &member.state, member.service(), req).await;
+        let (mut outcome, verdict) = send(&shared, &member.state, member.service(), req).await;
+        if let (Some(model), Ok(response)) = (choice.model, &mut outcome) {
+            // Not the answer of the client's model: the cache must not keep
+            // it under that model's key.
+            response
+                .extensions_mut()
+                .insert(llm_proxy_core::fallback::ServedByFallback(model.into()));
+        }
         match verdict {
             Verdict::Success | Verdict::Pass | Verdict::Fatal => return outcome,
             Verdict::Failure | Verdict::Throttled(_) => {

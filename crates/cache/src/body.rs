@@ -25,7 +25,9 @@ use crate::{CacheKey, Entry, EntryBody, UsageChunk};
 /// Stored only when it ended cleanly: a JSON body that parses (for Responses,
 /// a response with `"status": "completed"`), or an SSE stream that ended
 /// with its dialect's last event (`data: [DONE]`, `response.completed`,
-/// `message_stop`) and nothing broken or failed before it. An
+/// `message_stop`) and nothing broken or failed before it. An answer from a
+/// fallback model ([`ServedByFallback`](llm_proxy_core::fallback::ServedByFallback))
+/// reaches the client and the coalesced requests but is never stored. An
 /// error of the upstream body, or the client dropping this body before its
 /// end, leaves nothing stored. When the client leaves while coalesced
 /// requests still read the answer, a task takes over reading the upstream
@@ -53,6 +55,9 @@ pub(crate) struct Tee {
     pub watch: Watch,
     pub bytes: usize,
     pub too_large: bool,
+    /// `false` for an answer that must reach the client and the followers
+    /// but not the store (one from a fallback model).
+    pub storable: bool,
     pub handed_over: bool,
 }
 
@@ -218,7 +223,8 @@ impl Tee {
             Watch::Json(rule) => Some(Kind::Json(*rule)),
         };
         let counters = &self.shared.counters;
-        let (Some(kind), Some(frames), false) = (kind, frames, self.too_large) else {
+        let storable = self.storable && !self.too_large;
+        let (Some(kind), Some(frames), true) = (kind, frames, storable) else {
             Counters::bump(&counters.not_stored);
             self.leader.retire();
             return;

@@ -168,7 +168,9 @@ impl Flight {
 
 /// The leading request's hold on its flight. Dropped before it finished
 /// (the request's future or body went away): the flight fails and its
-/// followers retry.
+/// followers retry. Dropped after it finished, it retires the flight if
+/// nothing did (the store task that holds it panicked, say): a flight
+/// outlives its leader only in its followers' hands, never in the map.
 #[derive(Debug)]
 pub(crate) struct Leader {
     flight: Arc<Flight>,
@@ -265,7 +267,9 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        if !self.finished {
+        if self.finished {
+            self.retire();
+        } else {
             self.fail();
         }
     }
@@ -373,6 +377,34 @@ mod tests {
         drop(leader);
         assert!(poll_fn(|cx| follower.poll_head(cx)).await.is_err());
         assert!(matches!(flights.join(key()), Joined::Lead(_)));
+    }
+
+    #[tokio::test]
+    async fn a_completed_leader_that_dies_before_retiring_leaves_the_map() {
+        let flights = Arc::new(Flights::new());
+        let Joined::Lead(mut leader) = flights.join(key()) else {
+            panic!()
+        };
+        let Joined::Follow(follower) = flights.join(key()) else {
+            panic!()
+        };
+        leader.start(live());
+        leader.push(&Bytes::from_static(b"a"));
+        assert!(leader.complete().is_some());
+        // The store task that owns the leader panics before `retire`.
+        let store = tokio::spawn(async move {
+            let _leader = leader;
+            panic!("the store failed");
+        });
+        assert!(store.await.is_err());
+        // The next request leads a flight of its own, rather than follow
+        // the dead one for ever …
+        assert!(matches!(flights.join(key()), Joined::Lead(_)));
+        // … while the follower still reads the whole answer.
+        poll_fn(|cx| follower.poll_head(cx)).await.unwrap();
+        let frame = poll_fn(|cx| follower.poll_frame(0, cx)).await;
+        assert_eq!(frame.unwrap().unwrap(), "a");
+        assert!(poll_fn(|cx| follower.poll_frame(1, cx)).await.is_none());
     }
 
     #[test]

@@ -81,6 +81,7 @@ mod entry;
 mod flight;
 mod key;
 mod layer;
+mod refusal;
 mod replay;
 mod service;
 mod stats;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode, header};
+use llm_proxy_core::fallback::ServedByFallback;
 use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, StreamKind, UsageFilter, empty};
 use serde_json::{Map, Value};
 use tower::ServiceExt;
@@ -13,6 +14,7 @@ use tower_service::Service;
 
 use crate::body::{CacheBody, JsonRule, Tee, Watch};
 use crate::flight::{Flights, Head, Joined, Leader};
+use crate::refusal::refuses_stream_options;
 use crate::replay::{self, CacheStatus};
 use crate::stats::Counters;
 use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store, StoreError};
@@ -270,7 +272,9 @@ fn entry_frames(entry: &Entry) -> Vec<bytes::Bytes> {
     }
 }
 
-/// Ask the inner service, and tee a `200` into the flight and the store.
+/// Ask the inner service, and tee a `200` into the flight and the store
+/// (not the store when a fallback model answered: the key is the client's
+/// model's).
 async fn fetch<S>(
     inner: S,
     shared: &Arc<Shared>,
@@ -297,17 +301,17 @@ where
     } else {
         None
     };
-    let mut response = call(inner.clone(), Request::from_parts(parts, empty())).await;
-    let refused = response.as_ref().is_ok_and(|r| {
-        matches!(
-            r.status(),
-            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY
-        )
-    });
-    if let (Some(original), true) = (unedited, refused) {
-        tracing::debug!("the upstream refused stream_options; retrying without");
-        response = call(inner, Request::from_parts(original, empty())).await;
-    }
+    let response = call(inner.clone(), Request::from_parts(parts, empty())).await;
+    let response = match (unedited, response) {
+        (Some(original), Ok(first)) => match refuses_stream_options(first).await {
+            (true, _refusal) => {
+                tracing::debug!("the upstream refused stream_options; retrying without");
+                call(inner, Request::from_parts(original, empty())).await
+            }
+            (false, first) => Ok(first),
+        },
+        (_, response) => response,
+    };
     let response = match response {
         Ok(response) if response.status() == StatusCode::OK => response,
         other => {
@@ -336,6 +340,7 @@ where
         },
         bytes: 0,
         too_large: false,
+        storable: parts.extensions.get::<ServedByFallback>().is_none(),
         handed_over: false,
     };
     let body = CacheBody::new(body, tee);

@@ -83,6 +83,21 @@ async fn put_get_and_expiry() {
 }
 
 #[tokio::test]
+async fn the_longest_ttl_is_stored_with_an_expiry_redis_accepts() {
+    let server = RedisServer::start().await;
+    let store = RedisStore::connect(&server.url(), "t3:").await.unwrap();
+    let key = CacheKey::from_bytes([4; 32]);
+    store.put(key, entry(), Duration::MAX).await.unwrap();
+    assert_eq!(store.get(key).await.unwrap(), Some(entry()));
+    let pttl = redis_cli(&server, &["PTTL", &store.redis_key(&key)]).await;
+    let century_ms = 100 * 365 * 24 * 3600 * 1000;
+    assert!(
+        matches!(pttl, redis::Value::Int(ms) if ms > century_ms - 60_000 && ms <= century_ms),
+        "a century: {pttl:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_damaged_value_is_an_error_not_a_panic() {
     let server = RedisServer::start().await;
     let store = RedisStore::connect(&server.url(), "t2:").await.unwrap();

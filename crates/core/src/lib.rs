@@ -41,6 +41,7 @@ mod body;
 pub mod canonical;
 mod endpoint;
 mod error;
+pub mod fallback;
 mod meta;
 mod parse;
 mod render;

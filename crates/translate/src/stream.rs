@@ -8,6 +8,13 @@ use crate::chat_over_messages::stream::MessagesToChat;
 use crate::messages_over_chat::stream::ChatToMessages;
 use crate::responses_over_chat::stream::ChatToResponses;
 
+/// The most content blocks (Anthropic) or output items (Responses) one
+/// translated message may have. Real answers have a handful; the bound keeps
+/// an upstream-controlled block `index` from sizing the translator's state
+/// (an index of 2^40 would otherwise allocate terabytes), and a stream that
+/// goes past it fails like any other malformed upstream stream.
+pub(crate) const MAX_BLOCKS: usize = 1024;
+
 /// What happened to one upstream event.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Step {

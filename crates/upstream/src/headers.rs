@@ -47,7 +47,10 @@ pub(crate) fn strip_request(headers: &mut HeaderMap) {
     for name in &STRIP {
         headers.remove(name);
     }
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
 }
 
 /// Remove hop-by-hop headers from an upstream's response.

@@ -60,7 +60,9 @@ struct Shard {
 struct Stored {
     entry: Entry,
     bytes: usize,
-    expires_at: Instant,
+    /// `None`: a TTL so long that the clock cannot count to its end; the
+    /// entry goes only as the bounds require.
+    expires_at: Option<Instant>,
 }
 
 const MAX_SHARDS: usize = 16;
@@ -110,7 +112,7 @@ impl MemoryStore {
         let now = Instant::now();
         let mut shard = self.shard(key);
         let stored = shard.map.get(key)?;
-        if stored.expires_at > now {
+        if stored.expires_at.is_none_or(|at| at > now) {
             return Some(stored.entry.clone());
         }
         let expired = shard.map.pop(key);
@@ -123,10 +125,11 @@ impl MemoryStore {
     }
 
     /// Keep `entry` under `key` for `ttl`, without the boxed future of
-    /// [`Store::put`].
+    /// [`Store::put`]. A `ttl` past what the clock can count (say
+    /// `Duration::MAX`) never expires.
     pub fn put_now(&self, key: CacheKey, entry: Entry, ttl: Duration) {
         let bytes = entry.body_len();
-        let expires_at = Instant::now() + ttl;
+        let expires_at = Instant::now().checked_add(ttl);
         let mut shard = self.shard(&key);
         if bytes > shard.max_bytes || shard.max_entries == 0 {
             drop(shard);
@@ -279,6 +282,26 @@ mod tests {
         store.put_now(key(1), entry(30), HOUR);
         let usage = store.usage().unwrap();
         assert_eq!((usage.entries, usage.bytes, usage.evictions), (1, 30, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ttl_past_the_clock_keeps_the_entry_without_a_panic() {
+        let store = MemoryStore::new(10, 1000);
+        let ten_to_the_19 = Duration::from_secs_f64(1e19);
+        for (i, ttl) in [(1, Duration::MAX), (2, ten_to_the_19)] {
+            store.put_now(key(i), entry(10), ttl);
+        }
+        store.put(key(3), entry(10), Duration::MAX).await.unwrap();
+        tokio::time::advance(Duration::from_secs(100 * 365 * 24 * 3600)).await;
+        for i in 1..=3 {
+            assert!(store.get_now(&key(i)).is_some(), "{i} kept");
+        }
+        // Still bounded: the longest-lived entry goes when room is needed.
+        let store = MemoryStore::new(1, 1000);
+        store.put_now(key(1), entry(10), Duration::MAX);
+        store.put_now(key(2), entry(10), HOUR);
+        assert!(store.get_now(&key(1)).is_none());
+        assert_eq!(store.usage().unwrap().evictions, 1);
     }
 
     #[tokio::test(start_paused = true)]

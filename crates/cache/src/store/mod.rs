@@ -29,7 +29,10 @@ pub trait Store: Send + Sync + 'static {
     /// The entry under `key`, if there is one that has not expired.
     fn get(&self, key: CacheKey) -> StoreFuture<'_, Option<Entry>>;
 
-    /// Keep `entry` under `key` for `ttl`, replacing an earlier one.
+    /// Keep `entry` under `key` for `ttl`, replacing an earlier one. Any
+    /// `ttl` is accepted, up to `Duration::MAX`: one longer than a store can
+    /// represent keeps the entry for as long as the store can (never a panic
+    /// and never an error).
     fn put(&self, key: CacheKey, entry: Entry, ttl: Duration) -> StoreFuture<'_, ()>;
 
     /// A short name for metrics labels and logs: `memory`, `redis`.

@@ -116,6 +116,19 @@ impl RedisStore {
     }
 }
 
+/// The longest expiry given to Redis: a hundred years. Redis refuses (with
+/// an error on every `SET`) an expiry that overflows its clock, which a TTL
+/// of `Duration::MAX` would.
+const MAX_EXPIRY_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+/// `ttl` as a Redis `PX` expiry: whole milliseconds, at least one (Redis
+/// refuses zero), at most [`MAX_EXPIRY_MS`].
+fn expiry_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS)
+}
+
 impl Store for RedisStore {
     fn get(&self, key: CacheKey) -> StoreFuture<'_, Option<Entry>> {
         Box::pin(async move {
@@ -133,7 +146,7 @@ impl Store for RedisStore {
     fn put(&self, key: CacheKey, entry: Entry, ttl: Duration) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
-            let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let millis = expiry_ms(ttl);
             let mut set = redis::cmd("SET");
             set.arg(self.redis_key(&key))
                 .arg(entry.encode())
@@ -146,5 +159,19 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiries_are_clamped_to_what_redis_accepts() {
+        assert_eq!(expiry_ms(Duration::ZERO), 1);
+        assert_eq!(expiry_ms(Duration::from_micros(10)), 1);
+        assert_eq!(expiry_ms(Duration::from_secs(60)), 60_000);
+        assert_eq!(expiry_ms(Duration::from_secs_f64(1e19)), MAX_EXPIRY_MS);
+        assert_eq!(expiry_ms(Duration::MAX), MAX_EXPIRY_MS);
     }
 }

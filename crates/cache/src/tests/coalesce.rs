@@ -290,3 +290,29 @@ async fn a_follower_too_strict_for_the_stored_answer_goes_upstream() {
     assert_eq!((lenient.cache(), lenient.json()), ("hit", answer_json(1)));
     assert_eq!(lenient.headers["age"], "30");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fallback_models_answer_is_shared_but_not_stored() {
+    for body in [CHAT, STREAM] {
+        let h = harness(CacheConfig::default());
+        let fallback: &'static [(&str, &str)] =
+            &[("x-fake-fallback", "small"), ("x-fake-head-ms", "50")];
+        let answers = all((0..3).map(|_| spawn(&h, body, fallback)).collect()).await;
+        assert_eq!(h.calls(), 1, "coalesced");
+        for answer in &answers {
+            assert_eq!(answer.status, StatusCode::OK);
+            assert_eq!(answer.body(), answers[0].body(), "the leader's answer");
+            assert_eq!(answer.error, None);
+        }
+        assert!(!answers[0].body().is_empty());
+        let stats = h.stats.snapshot();
+        assert_eq!((stats.stored, stats.entries), (0, Some(0)), "{body}");
+        // The next request asks the upstream again.
+        let next = h.send(chat(body, &[])).await;
+        assert_eq!(next.cache(), "miss");
+        assert_eq!(h.calls(), 2);
+        // An answer of the request's own model is stored as ever.
+        assert_eq!(h.send(chat(body, &[])).await.cache(), "hit");
+        assert_eq!(h.calls(), 2);
+    }
+}

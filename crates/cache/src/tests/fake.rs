@@ -3,7 +3,9 @@
 //!
 //! Behaviour per call: the request header `x-fake` if set, else the next
 //! scripted one ([`Fake::script`]), else a normal answer. `x-fake-head-ms`
-//! delays the response head, `x-fake-frame-ms` each streamed frame.
+//! delays the response head, `x-fake-frame-ms` each streamed frame;
+//! `x-fake-fallback: <model>` marks the answer as the balancer marks one
+//! from a fallback model.
 //!
 //! `/v1/responses` and `/v1/messages` are answered in their own dialect: a
 //! Responses `response` or its events, an Anthropic `message` or its events
@@ -19,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
+use llm_proxy_core::fallback::ServedByFallback;
 use llm_proxy_core::{Body, BoxError, Endpoint, Error, RequestMeta, full};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -127,8 +130,14 @@ impl tower::Service<Request<Body>> for Fake {
         self.state.bodies.lock().unwrap().push(sent.clone());
         let (behaviour, head_delay) = behaviour(&req, self);
         let frame_delay = header_ms(&req, "x-fake-frame-ms");
+        // Answered by this fallback model, as the balancer marks it.
+        let fallback = req
+            .headers()
+            .get("x-fake-fallback")
+            .and_then(|v| v.to_str().ok())
+            .map(|model| ServedByFallback(model.into()));
         let fake = self.clone();
-        Box::pin(async move {
+        let answered = Box::pin(async move {
             tokio::time::sleep(head_delay).await;
             let usage = sent["stream_options"]["include_usage"] == true;
             match behaviour {
@@ -138,7 +147,11 @@ impl tower::Service<Request<Body>> for Fake {
                 }),
                 Behaviour::Status(status) => Ok(status_response(status)),
                 Behaviour::RejectStreamOptions if sent.get("stream_options").is_some() => {
-                    Ok(status_response(400))
+                    let mut response = status_response(400);
+                    *response.body_mut() = full(
+                        r#"{"error":{"message":"Unrecognized request argument supplied: stream_options"}}"#,
+                    );
+                    Ok(response)
                 }
                 Behaviour::InvalidJson => Ok(Response::new(full("{\"id\": not json"))),
                 _ => {
@@ -166,6 +179,13 @@ impl tower::Service<Request<Body>> for Fake {
                     Ok(answer(fake, frames, content_type, behaviour, frame_delay))
                 }
             }
+        });
+        Box::pin(async move {
+            let mut answered = answered.await;
+            if let (Some(fallback), Ok(response)) = (fallback, &mut answered) {
+                response.extensions_mut().insert(fallback);
+            }
+            answered
         })
     }
 }

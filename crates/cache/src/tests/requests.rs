@@ -191,6 +191,21 @@ async fn entries_expire_after_the_ttl() {
 }
 
 #[tokio::test]
+async fn a_ttl_past_the_clock_stores_for_ever() {
+    for ttl in [Duration::MAX, Duration::from_secs_f64(1e19)] {
+        let h = harness(CacheConfig {
+            ttl,
+            ..CacheConfig::default()
+        });
+        assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "miss");
+        let stats = h.stats.snapshot();
+        assert_eq!((stats.stored, stats.entries), (1, Some(1)), "{ttl:?}");
+        assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "hit");
+        assert_eq!(h.calls(), 1);
+    }
+}
+
+#[tokio::test]
 async fn byte_bound_evicts_the_least_recently_used_answer() {
     let size = answer_json(1).to_string().len();
     let h = harness_with(

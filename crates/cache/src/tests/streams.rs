@@ -151,3 +151,23 @@ async fn an_upstream_that_refuses_stream_options_is_asked_again_without() {
         ("hit", &stream_frames(2, false))
     );
 }
+
+#[tokio::test]
+async fn a_400_about_something_else_reaches_the_upstream_once() {
+    let h = harness(CacheConfig::default());
+    for status in ["400", "422"] {
+        let before = h.calls();
+        let answer = h.send(chat(STREAM, &[("x-fake", status)])).await;
+        assert_eq!(answer.status.as_str(), status);
+        assert_eq!(answer.cache(), "miss");
+        assert_eq!(
+            answer.json(),
+            serde_json::json!({"error": {"message": "no"}})
+        );
+        assert_eq!(h.calls() - before, 1, "{status}: not retried");
+        let sent = h.fake.bodies();
+        assert_eq!(sent.len(), h.calls());
+        let last = &sent[sent.len() - 1];
+        assert_eq!(last["stream_options"]["include_usage"], true);
+    }
+}

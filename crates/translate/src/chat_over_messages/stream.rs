@@ -6,7 +6,8 @@
 //! pieces are `arguments`; `message_delta` gives the finish chunk;
 //! `message_stop` the usage chunk (when the client asked for
 //! `stream_options.include_usage`) and `data: [DONE]`. The forced tool of a
-//! `response_format` answer streams as `content`.
+//! `response_format` answer streams as `content`. A block `index` at or past
+//! [`MAX_BLOCKS`] is a malformed stream and fails it.
 
 use std::borrow::Cow;
 
@@ -19,7 +20,7 @@ use super::{Context, finish_reason};
 use crate::chat::{
     OutChoice, OutChunk, OutDelta, OutFunction, OutToolCall, error_message, usage_json,
 };
-use crate::stream::Step;
+use crate::stream::{MAX_BLOCKS, Step};
 use crate::wire::{now_secs, restyle_id, str_of, write_data};
 
 /// One Anthropic event, read lazily: deltas borrowed, rarer parts as values.
@@ -131,7 +132,9 @@ impl MessagesToChat {
         let kind = up.kind.as_deref().or(event.event.as_deref()).unwrap_or("");
         match kind {
             "message_start" => self.message_start(up.message.as_ref(), out),
-            "content_block_start" => self.block_start(up.index, up.content_block.as_ref(), out),
+            "content_block_start" => {
+                return self.block_start(up.index, up.content_block.as_ref(), out);
+            }
             "content_block_delta" => self.block_delta(up.index, up.delta.as_ref(), out),
             "message_delta" => {
                 self.count(up.usage.as_ref());
@@ -189,7 +192,23 @@ impl MessagesToChat {
         }
     }
 
-    fn block_start(&mut self, index: Option<u64>, block: Option<&Value>, out: &mut Vec<u8>) {
+    fn block_start(
+        &mut self,
+        index: Option<u64>,
+        block: Option<&Value>,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let slot = match index {
+            None => self.blocks.len(),
+            Some(i) => usize::try_from(i).unwrap_or(usize::MAX),
+        };
+        if slot >= MAX_BLOCKS {
+            return Step::Fail(format!(
+                "the upstream started content block {} but a message may have at most \
+                 {MAX_BLOCKS} blocks",
+                index.map_or_else(|| slot.to_string(), |i| i.to_string())
+            ));
+        }
         self.role(out);
         let block = block.unwrap_or(&Value::Null);
         let name = str_of(block, "name");
@@ -200,12 +219,12 @@ impl MessagesToChat {
                 Block::Json
             }
             Some("tool_use") => {
-                self.tool_count += 1;
-                Block::Tool(self.tool_count - 1)
+                let call = self.tool_count;
+                self.tool_count = self.tool_count.saturating_add(1);
+                Block::Tool(call)
             }
             _ => Block::Other,
         };
-        let slot = index.map_or(self.blocks.len(), |i| i as usize);
         if slot >= self.blocks.len() {
             self.blocks.resize(slot + 1, Block::Other);
         }
@@ -244,6 +263,7 @@ impl MessagesToChat {
             }
             _ => {}
         }
+        Step::Continue
     }
 
     fn block_delta(
@@ -255,7 +275,8 @@ impl MessagesToChat {
         let Some(delta) = delta else { return };
         self.role(out);
         let block = index
-            .and_then(|i| self.blocks.get(i as usize).copied())
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.blocks.get(i).copied())
             .unwrap_or(Block::Text);
         let mut d = OutDelta::default();
         match (delta.kind.as_deref(), block) {

@@ -208,3 +208,84 @@ fn max_tokens_and_errors() {
     let (_, steps) = run(Context::default(), &[("x", json!("text"))]);
     assert!(matches!(&steps[0], Step::Fail(_)));
 }
+
+#[test]
+fn block_index_beyond_the_bound_fails_the_stream() {
+    for index in [1_099_511_627_776_u64, u64::MAX, MAX_BLOCKS as u64] {
+        let up = [start(), block(index, json!({"type": "text", "text": ""}))];
+        let (out, steps) = run(Context::default(), &up);
+        assert_eq!(steps[0], Step::Continue);
+        let Step::Fail(why) = &steps[1] else {
+            panic!("index {index} was accepted: {steps:?}");
+        };
+        assert!(why.contains(&index.to_string()), "{why}");
+        assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
+        // Only the role chunk went out: nothing of the rejected block.
+        assert_eq!(out.len(), 1);
+        // A delta for a block that never started is read as text.
+        let up = [
+            start(),
+            delta(index, json!({"type": "text_delta", "text": "x"})),
+        ];
+        let (out, steps) = run(Context::default(), &up);
+        assert!(steps.iter().all(|s| *s == Step::Continue));
+        assert_eq!(out[1].1["choices"][0]["delta"]["content"], "x");
+    }
+    // The last index inside the bound is still an ordinary block.
+    let last = MAX_BLOCKS as u64 - 1;
+    let (out, steps) = run(
+        Context::default(),
+        &[
+            start(),
+            block(last, json!({"type": "text", "text": ""})),
+            delta(last, json!({"type": "text_delta", "text": "x"})),
+        ],
+    );
+    assert!(steps.iter().all(|s| *s == Step::Continue));
+    assert_eq!(out[1].1["choices"][0]["delta"]["content"], "x");
+}
+
+#[test]
+fn blocks_without_index_are_bounded_too() {
+    let unindexed = (
+        "content_block_start",
+        json!({"type": "content_block_start", "content_block": {"type": "text", "text": ""}}),
+    );
+    let mut up = vec![start()];
+    up.extend(std::iter::repeat_n(unindexed, MAX_BLOCKS + 1));
+    let (_, steps) = run(Context::default(), &up);
+    assert!(steps[..=MAX_BLOCKS].iter().all(|s| *s == Step::Continue));
+    assert!(matches!(&steps[MAX_BLOCKS + 1], Step::Fail(_)));
+}
+
+#[tokio::test]
+async fn client_gets_the_stream_error_event_for_a_huge_block_index() {
+    use crate::body::TranslateBody;
+    use crate::stream::StreamMap;
+    use http_body_util::{BodyExt, Full};
+
+    let upstream = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"c\",\"usage\":{\"input_tokens\":1}}}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":1099511627776,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    );
+    let map = StreamMap::MessagesToChat(Box::new(MessagesToChat::new(Context::default())));
+    let mut body = TranslateBody::new(Full::new(bytes::Bytes::from(upstream)), map);
+    let mut out = Vec::new();
+    let mut failed = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => out.extend_from_slice(frame.data_ref().expect("data frames only")),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the body must fail, not end cleanly");
+    let events = events(&out);
+    let last = &events.last().expect("some events").1;
+    assert_eq!(last["error"]["code"], "stream_interrupted");
+    assert!(!out.windows(6).any(|w| w == b"[DONE]"));
+}

@@ -27,7 +27,7 @@ use serde_json::json;
 
 use super::{Context, stop_reason};
 use crate::chat::{Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::Step;
+use crate::stream::{MAX_BLOCKS, Step};
 use crate::wire::{restyle_id, write_event};
 
 /// The state of one translated stream.
@@ -229,6 +229,11 @@ impl ChatToMessages {
                 ));
             }
             Some(pos) => pos,
+            None if self.tools.len() >= MAX_BLOCKS => {
+                return Step::Fail(format!(
+                    "the upstream started more than {MAX_BLOCKS} tool calls in one message"
+                ));
+            }
             None => {
                 self.tools.push(Tool {
                     chat_index,
@@ -297,7 +302,7 @@ impl ChatToMessages {
 
     fn take_index(&mut self) -> u32 {
         let index = self.next_index;
-        self.next_index += 1;
+        self.next_index = self.next_index.saturating_add(1);
         index
     }
 

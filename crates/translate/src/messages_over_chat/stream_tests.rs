@@ -233,3 +233,21 @@ fn stop_sequence_length_errors_and_empty_streams() {
     let (_, steps) = run(Context::default(), &["{not json"]);
     assert!(matches!(&steps[0], Step::Fail(_)));
 }
+
+#[test]
+fn tool_calls_beyond_the_bound_fail_the_stream() {
+    let call = |index: usize| {
+        chunk(
+            json!({"tool_calls": [{"index": index, "id": format!("c{index}"), "function": {"name": "f", "arguments": "{}"}}]}),
+            None,
+        )
+    };
+    let chunks: Vec<String> = (0..=MAX_BLOCKS).map(call).collect();
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (_, steps) = run(Context::default(), &refs);
+    assert!(steps[..MAX_BLOCKS].iter().all(|s| *s == Step::Continue));
+    let Step::Fail(why) = &steps[MAX_BLOCKS] else {
+        panic!("tool call {MAX_BLOCKS} was accepted");
+    };
+    assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
+}

@@ -18,7 +18,7 @@ use super::items::{Call, Events, Item, Message};
 use super::response::item_id;
 use super::{Context, State, response_object, status, usage_json};
 use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::Step;
+use crate::stream::{MAX_BLOCKS, Step};
 use crate::wire::{now_secs, restyle_id};
 
 /// The state of one translated stream.
@@ -187,6 +187,10 @@ impl ChatToResponses {
                 "the upstream went back to tool call {chat_index} after starting another"
             )),
             Some(i) => Ok(i),
+            None if self.items.len() >= MAX_BLOCKS => Err(format!(
+                "the upstream started a tool call after {MAX_BLOCKS} output items; \
+                 a response may have at most that many"
+            )),
             None => {
                 self.close(out);
                 let call = Call {

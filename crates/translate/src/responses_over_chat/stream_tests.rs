@@ -155,3 +155,20 @@ fn length_is_incomplete_and_errors_fail() {
     );
     assert_eq!(steps[0], Step::Fail("cut".into()));
 }
+
+#[test]
+fn output_items_beyond_the_bound_fail_the_stream() {
+    let call = |index: usize| {
+        chunk(
+            json!({"tool_calls": [{"index": index, "id": format!("c{index}"), "function": {"name": "f", "arguments": "{}"}}]}),
+            None,
+        )
+    };
+    let chunks: Vec<String> = (0..=MAX_BLOCKS).map(call).collect();
+    let (_, steps) = run(Context::default(), &chunks);
+    assert!(steps[..MAX_BLOCKS].iter().all(|s| *s == Step::Continue));
+    let Step::Fail(why) = &steps[MAX_BLOCKS] else {
+        panic!("output item {MAX_BLOCKS} was accepted");
+    };
+    assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
+}

@@ -1,0 +1,50 @@
+//! The cache and the balancer's model fallbacks, over real sockets: an answer
+//! from a fallback model reaches the client but is never stored under the
+//! key of the model the client asked for.
+
+use tests::*;
+
+const CHAT_PATH: &str = "/v1/chat/completions";
+
+/// `big` at a port nobody listens on, falling back to `small` on `small_url`,
+/// with the memory cache.
+fn config(small_url: &str) -> String {
+    let dead = free_port();
+    format!(
+        "[[upstream]]\nname = \"big\"\nurl = \"http://127.0.0.1:{dead}/v1\"\nmodels = [\"big\"]\n\
+         [[upstream]]\nname = \"small\"\nurl = \"{small_url}\"\nmodels = [\"small\"]\n\
+         [balance]\nfallbacks = {{ big = [\"small\"] }}\n\
+         [cache]\nenabled = true\nbackend = \"memory\"\nmax_entries = 1000\n\
+         max_bytes = 1048576\nttl_secs = 60\n"
+    )
+}
+
+#[tokio::test]
+async fn a_fallback_models_answer_is_not_cached_for_the_primary_model() {
+    let small = mock_named("small").await;
+    let p = proxy(&config(&small.base_url())).await;
+    for stream in [false, true] {
+        let before = small.stats.requests_for(CHAT_PATH);
+        let first = post_json(&p.url(CHAT_PATH), &chat("big", stream)).await;
+        assert_eq!(first.status, 200, "{}", first.text());
+        assert_eq!(first.header("x-llm-proxy-cache"), Some("miss"));
+        assert!(
+            first.text().contains("\"model\":\"small\""),
+            "{}",
+            first.text()
+        );
+        let second = post_json(&p.url(CHAT_PATH), &chat("big", stream)).await;
+        assert_eq!(second.status, 200, "{}", second.text());
+        assert_ne!(
+            second.header("x-llm-proxy-cache"),
+            Some("hit"),
+            "stream = {stream}: `small`'s answer served as `big`'s from the cache"
+        );
+        assert_eq!(small.stats.requests_for(CHAT_PATH) - before, 2);
+    }
+    // The fallback model's own requests are cached as ever.
+    let own = post_json(&p.url(CHAT_PATH), &chat("small", false)).await;
+    assert_eq!(own.header("x-llm-proxy-cache"), Some("miss"));
+    let again = post_json(&p.url(CHAT_PATH), &chat("small", false)).await;
+    assert_eq!(again.header("x-llm-proxy-cache"), Some("hit"));
+}
