@@ -489,3 +489,39 @@ async fn an_upstream_that_breaks_after_done_ends_the_stream_cleanly() {
     assert!(!body.contains("stream_interrupted"), "{body}");
     assert!(!broke, "a clean end for a stream that said all it had to");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 200\n{}",
+        one_upstream(&up.base_url(), "models = [\"m\"]")
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    // The head promises 100 bytes; 10 come, then nothing.
+    conn.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let read = tokio::time::timeout(HANG, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the proxy answers and closes, it does not wait for ever"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    assert_eq!(up.stats.requests(), 0, "nothing went upstream");
+}

@@ -69,6 +69,13 @@ pub enum Error {
         /// The limit, in bytes.
         limit: usize,
     },
+    /// The client stopped sending its request body: nothing came for the
+    /// read timeout.
+    #[error("no request body bytes for {waited_ms} ms: the request is abandoned")]
+    RequestTimeout {
+        /// The wait, in milliseconds.
+        waited_ms: u64,
+    },
     /// A content type other than JSON.
     #[error("content-type `{0}` is not supported; send application/json")]
     UnsupportedMediaType(String),
@@ -137,6 +144,7 @@ impl Error {
             }
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             BadGateway { .. } => StatusCode::BAD_GATEWAY,
@@ -155,6 +163,7 @@ impl Error {
             | UnsupportedParameter { .. }
             | MethodNotAllowed { .. }
             | RequestTooLarge { .. }
+            | RequestTimeout { .. }
             | UnsupportedMediaType(_) => "invalid_request_error",
             InvalidApiKey => "authentication_error",
             ModelNotAllowed(_) | RouteNotAllowed(_) => "permission_error",
@@ -185,6 +194,7 @@ impl Error {
             RouteNotFound(_) => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             RequestTooLarge { .. } => "request_too_large",
+            RequestTimeout { .. } => "request_timeout",
             UnsupportedMediaType(_) => "unsupported_media_type",
             RateLimited { .. } => "rate_limit_exceeded",
             BadGateway { .. } => "bad_gateway",

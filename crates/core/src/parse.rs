@@ -203,7 +203,11 @@ where
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(Error::RequestTooLarge { limit })
         }
-        Err(e) => Err(Error::InvalidJson(format!("could not read the body: {e}"))),
+        // The body's own verdict (e.g. a read timeout of the server's body).
+        Err(e) => match e.downcast::<Error>() {
+            Ok(error) => Err(*error),
+            Err(e) => Err(Error::InvalidJson(format!("could not read the body: {e}"))),
+        },
     }
 }
 

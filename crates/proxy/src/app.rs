@@ -191,6 +191,8 @@ impl Proxy {
             FaceOptions {
                 upstream_header: settings.upstream_header,
                 serve_metrics: settings.metrics_listen.is_none(),
+                // One knob for slow clients, head and body alike.
+                body_read_timeout: settings.header_read_timeout,
             },
         );
         Ok(Proxy {

@@ -38,6 +38,7 @@ pub mod config;
 mod estimate;
 pub mod metrics;
 mod preface;
+mod read_timeout;
 mod redis_ids;
 mod responses;
 mod routes;

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -20,6 +20,7 @@ use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
 use crate::metrics::Metrics;
+use crate::read_timeout::ReadTimeout;
 use llm_proxy_balance::BalanceHandle;
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -147,6 +148,8 @@ pub struct FaceOptions {
     pub upstream_header: bool,
     /// Answer `/metrics` here (false when metrics have their own listener).
     pub serve_metrics: bool,
+    /// The longest wait for each piece of a request body ([`ReadTimeout`]).
+    pub body_read_timeout: Duration,
 }
 
 /// The proxy as one tower `Service` over any request body: what the server
@@ -276,6 +279,7 @@ impl ProxyService {
             .filter(|v| (1..=200).contains(&v.len()) && v.to_str().is_ok())
             .cloned()
             .unwrap_or_else(|| shared.ids.next());
+        let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
         Box::pin(async move {
             let mut resp = match respond(&shared, stack, route, req, &request_id).await {
                 Ok(resp) => resp,

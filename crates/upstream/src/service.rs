@@ -379,12 +379,18 @@ impl Upstream {
 
 /// The client's fault, not the upstream's: a streamed request body that
 /// went over `max_body_bytes` while it was being sent (the parse layer's
-/// body fails with [`Error::RequestTooLarge`]). It is the client's 413, and
-/// the balancer must not hold it against the upstream.
+/// body fails with [`Error::RequestTooLarge`]) or stopped coming (the
+/// server's body fails with [`Error::RequestTimeout`]). It is the client's
+/// 413 or 408, and the balancer must not hold it against the upstream.
 fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
     source_chain(e)
         .filter_map(|s| s.downcast_ref::<Error>())
-        .find(|e| matches!(e, Error::RequestTooLarge { .. }))
+        .find(|e| {
+            matches!(
+                e,
+                Error::RequestTooLarge { .. } | Error::RequestTimeout { .. }
+            )
+        })
         .cloned()
 }
 
