@@ -1,13 +1,15 @@
 //! The llm-proxy binary: `llm-proxy --config FILE`.
 //!
 //! Reads the TOML config (DESIGN.md), builds the stack and serves it until
-//! SIGTERM/SIGINT, then drains in-flight requests and exits 0. Requests are
+//! SIGTERM/SIGINT, then drains in-flight requests and exits 0 (a second
+//! signal during the drain stops at once, exit code 1). Requests are
 //! served by one thread per CPU (`workers`), each with its own runtime. A config error
 //! is one line on stderr and exit code 2. Logs go to stderr; set `RUST_LOG`
 //! (e.g. `RUST_LOG=llm_proxy=debug`) for more.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use llm_proxy::Proxy;
 use llm_proxy::config::Settings;
@@ -86,14 +88,33 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(%addr, workers = proxy.settings().workers, "llm-proxy listening");
-        match proxy
-            .serve_sharded(listener, llm_proxy::shutdown_signal())
-            .await
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("llm-proxy: {e}");
-                ExitCode::FAILURE
+        // The first SIGTERM/SIGINT drains; a second one stops at once (as
+        // nginx's fast shutdown), for an operator who will not wait.
+        let first = Arc::new(tokio::sync::Notify::new());
+        let drain = {
+            let first = first.clone();
+            async move {
+                llm_proxy::shutdown_signal().await;
+                first.notify_one();
+            }
+        };
+        let second = async move {
+            first.notified().await;
+            llm_proxy::shutdown_signal().await;
+        };
+        tokio::select! {
+            served = proxy.serve_sharded(listener, drain) => match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("llm-proxy: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            () = second => {
+                eprintln!("llm-proxy: a second signal: stopping without finishing the drain");
+                // Not a return: the runtime's drop would wait for its
+                // blocking threads.
+                std::process::exit(1);
             }
         }
     })

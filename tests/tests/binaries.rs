@@ -172,6 +172,72 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
 }
 
 #[tokio::test]
+async fn a_second_signal_during_the_drain_stops_at_once() {
+    let port = free_port();
+    let dir = scratch_dir("second-signal");
+    let path = dir.join("proxy.toml");
+    // A 60 s drain and a stream that would take 50 s: only the second
+    // signal can end this within the test's bound.
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 60\n[[upstream]]\nname = \"m\"\n\
+             mock = {{ tokens_per_second = 2 }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &format!("http://{addr}/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "100"),
+            ],
+            chat("any", true),
+        ))
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    let pid = child.0.id().to_string();
+    let kill = |signal: &str| {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    kill("-TERM");
+    // Draining: still running a moment later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.0.try_wait().unwrap().is_none(), "draining, not gone");
+    kill("-INT");
+    let exit = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                let mut err = String::new();
+                let _ = child.0.stderr.take().unwrap().read_to_string(&mut err);
+                return (status, err);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second signal stops the proxy"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(exit.0.code(), Some(1), "stderr: {}", exit.1);
+    assert!(exit.1.contains("second signal"), "stderr: {}", exit.1);
+    drop(resp);
+}
+
+#[tokio::test]
 async fn minimal_example_proxies_and_renders_errors() {
     let up = mock_named("m").await;
     let port = free_port();

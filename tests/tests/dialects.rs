@@ -99,6 +99,25 @@ async fn anthropic_headers_and_key_reach_the_upstream() {
 }
 
 #[tokio::test]
+async fn the_proxys_own_requests_to_an_anthropic_upstream_name_the_api_version() {
+    // Health checks are the proxy's own requests: Anthropic refuses any
+    // request without `anthropic-version`, which would mark it down for good.
+    let up = mock_named("claude").await;
+    let p = proxy(&format!(
+        "{}\n[balance]\nhealth_check_secs = 0.05\n",
+        one_upstream(&up.base_url(), "protocol = \"anthropic\"")
+    ))
+    .await;
+    eventually("a health check reached the upstream", || {
+        up.stats.requests_for("/v1/models") >= 1
+    })
+    .await;
+    let seen = up.stats.last_request_headers().unwrap();
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    drop(p);
+}
+
+#[tokio::test]
 async fn an_api_no_upstream_serves_is_404_in_the_clients_dialect() {
     let up = mock_named("m").await;
     // An embeddings-only server can serve neither dialect, even by translation.

@@ -311,3 +311,56 @@ async fn h2c_clients_are_served() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
 }
+
+#[tokio::test]
+async fn a_failed_passthrough_write_is_not_retried_elsewhere_nor_its_model_rewritten() {
+    let a = mock(MockConfig {
+        name: "a".into(),
+        failure: Some(llm_proxy_mock::Failure::Status(500)),
+        ..MockConfig::default()
+    })
+    .await;
+    let b = mock_named("b").await;
+    let toml = format!(
+        "[[upstream]]\nname = \"a\"\nurl = \"{}\"\n[[upstream]]\nname = \"b\"\nurl = \"{}\"\n",
+        a.base_url(),
+        b.base_url()
+    );
+    let p = proxy(&toml).await;
+    // A batch names a file that lives on one upstream: a 500 from it must
+    // not become a second batch elsewhere.
+    let batch =
+        r#"{"input_file_id":"file-a","endpoint":"/v1/chat/completions","completion_window":"24h"}"#;
+    let answer = post_json(&p.url("/v1/batches"), batch).await;
+    assert_eq!(answer.status, 500);
+    assert_eq!(a.stats.requests_for("/v1/batches"), 1);
+    assert_eq!(
+        b.stats.requests_for("/v1/batches"),
+        0,
+        "not retried elsewhere"
+    );
+
+    // A fine-tune's base model has a fallback for the model APIs: the
+    // passthrough body goes to its own model's upstream, unchanged.
+    let toml = format!(
+        "[[upstream]]\nname = \"a\"\nurl = \"{}\"\nmodels = [\"m1\"]\n\
+         [[upstream]]\nname = \"b\"\nurl = \"{}\"\nmodels = [\"m2\"]\n\
+         [balance]\nfallbacks = {{ m1 = [\"m2\"] }}\n",
+        a.base_url(),
+        b.base_url()
+    );
+    let p = proxy(&toml).await;
+    let job = r#"{"model":"m1","training_file":"file-a"}"#;
+    let answer = post_json(&p.url("/v1/fine_tuning/jobs"), job).await;
+    assert_eq!(answer.status, 500);
+    assert_eq!(
+        b.stats.requests_for("/v1/fine_tuning/jobs"),
+        0,
+        "no fallback"
+    );
+    assert_eq!(
+        a.stats.last_request_body().as_deref(),
+        Some(job.as_bytes()),
+        "the model is not rewritten"
+    );
+}

@@ -59,13 +59,15 @@ fn classify(outcome: &Outcome) -> Verdict {
 }
 
 /// `retry-after` in whole seconds (the HTTP-date form is rare from LLM
-/// servers and gets the default).
+/// servers and gets the default, and so does `0`: a backend that has just
+/// refused must rest a while, or the request it refused would be retried
+/// on it at once).
 fn retry_after_ns(resp: &Response<Body>) -> u64 {
     resp.headers()
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
+        .filter(|s| s.is_finite() && *s > 0.0)
         .map_or(DEFAULT_RETRY_AFTER_NS, |s| (s.min(1e9) * 1e9) as u64)
 }
 
@@ -104,8 +106,14 @@ where
     let meta = parts.extensions.get::<RequestMeta>().cloned();
     let pin = parts.extensions.get::<llm_proxy_core::PinnedUpstream>();
     let route = Route::new(&shared.config, &set, meta.as_ref(), pin)?;
-    let buffered = meta.as_ref().is_some_and(|m| m.original_body().is_some());
-    let attempts = if buffered {
+    // Retried elsewhere: only the model APIs, whose requests any upstream
+    // of the model answers alike. A passthrough write (files, batches,
+    // fine-tunes) names ids that live on one upstream and may have taken
+    // effect there before it failed: one attempt, buffered or not.
+    let retryable = meta
+        .as_ref()
+        .is_some_and(|m| m.original_body().is_some() && m.endpoint().has_model_body());
+    let attempts = if retryable {
         shared.config.max_retries.saturating_add(1)
     } else {
         1

@@ -20,6 +20,14 @@ use crate::service::Shared;
 /// for at most this long.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 
+/// How long one probe may take: the interval, but at least a second (a
+/// short interval must not fail every probe of an upstream that takes a
+/// TLS handshake to answer) and at most ten (a long one must not wait
+/// minutes to call a silent upstream down).
+fn probe_timeout(interval: Duration) -> Duration {
+    interval.clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+
 /// Start the checker on the current tokio runtime; `None` without one.
 pub(crate) fn spawn<S>(
     shared: &Arc<Shared<S>>,
@@ -43,7 +51,7 @@ where
         loop {
             ticks.tick().await;
             let Some(shared) = weak.upgrade() else { break };
-            round(&shared, &check.path, interval).await;
+            round(&shared, &check.path, probe_timeout(interval)).await;
         }
     });
     Some(task.abort_handle())

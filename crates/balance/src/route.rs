@@ -86,7 +86,15 @@ impl<'a> Route<'a> {
                 let own = set
                     .group(model)
                     .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
-                let fallbacks = cfg.fallbacks.get(model).into_iter().flatten();
+                // Fallbacks stand in for a model API's answer; a passthrough
+                // body's model (a fine-tune's base model, say) is never
+                // rewritten.
+                let fallbacks = cfg
+                    .fallbacks
+                    .get(model)
+                    .filter(|_| endpoint.has_model_body())
+                    .into_iter()
+                    .flatten();
                 std::iter::once((own, None))
                     .chain(fallbacks.filter_map(|fb| Some((set.group(fb)?, Some(fb.as_str())))))
                     .collect()

@@ -835,6 +835,12 @@ fn validate_balance(
     if !every.is_zero() {
         let mut hc = HealthCheck::every(every);
         if let Some(p) = &b.health_check_path {
+            if !p.starts_with('/') {
+                return Err(ConfigError(format!(
+                    "{}: [balance] `health_check_path` must start with `/`, not `{p}`",
+                    path.display()
+                )));
+            }
             hc.path = p.clone();
         }
         cfg.health_check = Some(hc);
@@ -1041,6 +1047,11 @@ mod tests {
             let e = load(&format!("{MIN}{key} = 0\n")).unwrap_err();
             assert!(e.contains(&format!("`{key}` must be at least 1")), "{e}");
         }
+        let e = load(&format!(
+            "{MIN}[balance]\nhealth_check_secs = 5\nhealth_check_path = \"health\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("`health_check_path` must start with `/`"), "{e}");
         let e = load(&format!("{MIN}[cache]\nttl_secs = 1e19\n")).unwrap_err();
         assert!(e.contains("`ttl_secs` must be at most"), "{e}");
         assert!(load(&format!("{MIN}[cache]\nttl_secs = 86400\n")).is_ok());

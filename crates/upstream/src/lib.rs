@@ -53,4 +53,4 @@ mod tls;
 
 pub use body::UpstreamBody;
 pub use config::{AuthStyle, BuildError, UpstreamConfig};
-pub use service::{ResponseFuture, Upstream};
+pub use service::{ANTHROPIC_VERSION, ResponseFuture, Upstream};

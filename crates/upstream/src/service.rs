@@ -37,9 +37,19 @@ struct Inner {
     /// The base URL's path without its trailing slash, e.g. `/v1`.
     base_path: String,
     credential: Option<(HeaderName, HeaderValue)>,
+    /// An Anthropic upstream: requests without `anthropic-version` get
+    /// [`ANTHROPIC_VERSION`].
+    anthropic: bool,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
 }
+
+const ANTHROPIC_VERSION_HEADER: HeaderName = HeaderName::from_static("anthropic-version");
+
+/// The API version sent to an Anthropic upstream when the request names
+/// none (Anthropic refuses requests without one): what the proxy's own
+/// requests (health checks) and clients that leave it out get.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// How requests reach the upstream; each holds one pool per shard, then the
 /// shared one (the last).
@@ -127,6 +137,7 @@ impl Upstream {
                 authority,
                 base_path,
                 credential,
+                anthropic: cfg.auth_style == AuthStyle::XApiKey,
                 first_byte_timeout: cfg.first_byte_timeout,
                 idle_timeout: cfg.idle_timeout,
             }),
@@ -259,6 +270,12 @@ impl Upstream {
         };
         if let Some((name, value)) = &self.inner.credential {
             parts.headers.insert(name.clone(), value.clone());
+        }
+        if self.inner.anthropic && !parts.headers.contains_key(&ANTHROPIC_VERSION_HEADER) {
+            parts.headers.insert(
+                ANTHROPIC_VERSION_HEADER,
+                HeaderValue::from_static(ANTHROPIC_VERSION),
+            );
         }
 
         let pq = self.path_and_query(&parts.uri)?;

@@ -173,6 +173,19 @@ async fn exhausted_retries_return_the_upstreams_own_answer() {
     assert_eq!(fleet.total(), 1, "a throttled backend is not retried");
     drop(resp);
 
+    // `retry-after: 0` too: the backend rests the default second.
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(429, Some("0")));
+    let b = balance(&fleet, &["a"], rr());
+    let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(
+        fleet.total(),
+        1,
+        "not retried at once after `retry-after: 0`"
+    );
+    drop(resp);
+
     let fleet = Fleet::default();
     fleet.set("a", Mode::Status(503, None));
     let b = balance(&fleet, &["a"], rr());
