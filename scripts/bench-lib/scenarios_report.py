@@ -147,31 +147,37 @@ def main():
     w("Mock at full speed, 8 tokens. Chat: `POST /v1/chat/completions` `\"stream\":true`; Responses: "
       "`POST /v1/responses` `{\"model\",\"input\":\"hi\",\"stream\":true}`; Messages: `POST /v1/messages` "
       "with `anthropic-version: 2023-06-01`, `max_tokens` 64, `\"stream\":true`. Direct = the mock; "
-      "llm-proxy = one upstream, no cache, no auth.")
+      "nginx = a plain reverse proxy in front of the same mock (the reference: what any proxy adds to "
+      "these streams); llm-proxy = one upstream, no cache, no auth.")
     w("")
-    w("| dialect | direct p50 | llm-proxy p50 | added p50 | direct p99 | llm-proxy p99 | added p99 | "
-      "llm-proxy req/s | wrk errors |")
-    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    w("| dialect | direct p50 | nginx added p50 | llm-proxy p50 | llm-proxy added p50 | direct p99 | "
+      "llm-proxy p99 | llm-proxy added p99 | llm-proxy req/s | wrk errors |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     dialects = [("chat", "chat completions"), ("responses", "Responses"), ("messages", "Messages")]
     rounds = {d: by_round(records, "group", f"dialect-{d}") for d, _ in dialects}
-    added = {}
+    added, nginx_added = {}, {}
     for d, label in dialects:
         rr = rounds[d]
         added[d] = {k: v["llm-proxy"]["p50_us"] - v["direct"]["p50_us"]
                     for k, v in rr.items() if "llm-proxy" in v and "direct" in v}
+        nginx_added[d] = {k: v["nginx"]["p50_us"] - v["direct"]["p50_us"]
+                          for k, v in rr.items() if "nginx" in v and "direct" in v}
         dp50 = series(rr, lambda r: r["direct"]["p50_us"])
         pp50 = series(rr, lambda r: r["llm-proxy"]["p50_us"])
         dp99 = series(rr, lambda r: r["direct"]["p99_us"])
         pp99 = series(rr, lambda r: r["llm-proxy"]["p99_us"])
         a99 = series(rr, lambda r: r["llm-proxy"]["p99_us"] - r["direct"]["p99_us"])
         rps = series(rr, lambda r: r["llm-proxy"]["rps"])
-        errs = errors(rr, "direct") + errors(rr, "llm-proxy")
-        w(f"| {label} | {fmt(dp50, '.0f')} | {fmt(pp50, '.0f')} | {fmt(list(added[d].values()), '+.0f')} | "
+        errs = errors(rr, "direct") + errors(rr, "nginx") + errors(rr, "llm-proxy")
+        w(f"| {label} | {fmt(dp50, '.0f')} | {fmt(list(nginx_added[d].values()), '+.0f')} | "
+          f"{fmt(pp50, '.0f')} | {fmt(list(added[d].values()), '+.0f')} | "
           f"{fmt(dp99, '.0f')} | {fmt(pp99, '.0f')} | {fmt(a99, '+.0f')} | {fmt(rps, ',.0f')} | {errs} |")
     w("")
     chat_added = med(list(added["chat"].values()))
     w(f"Judged \"same as chat\" when a dialect's added p50 is within 10% of chat's added p50 or within "
-      f"{DIALECT_FLOOR_US} µs of it, whichever is larger (differences taken within each round, then the median).")
+      f"{DIALECT_FLOOR_US} µs of it, whichever is larger (differences taken within each round, then the "
+      "median). nginx's own difference on the same streams is given beside it: a dialect whose answer "
+      "is larger (Responses sends about twice chat's bytes and events) costs any proxy more.")
     w("")
     for d, label in dialects[1:]:
         diffs = [added[d][k] - added["chat"][k] for k in sorted(added[d]) if k in added["chat"]]
@@ -185,6 +191,11 @@ def main():
                         f"within ±{allowed:.0f} µs (10% of chat's {chat_added:+.0f} µs, floor "
                         f"{DIALECT_FLOOR_US} µs)",
                         "met" if ok else ("slower than chat" if m > 0 else "faster than chat")))
+        ndiffs = [nginx_added[d][k] - nginx_added["chat"][k]
+                  for k in sorted(nginx_added[d]) if k in nginx_added["chat"]]
+        if ndiffs:
+            summary.append((f"reference: nginx's {label} added p50 − its chat added p50",
+                            fmt(ndiffs, '+.0f', ' µs'), "–", "–"))
 
     w("## Summary against the targets")
     w("")
