@@ -159,7 +159,7 @@ pub struct AuthSection {
     /// Turn the auth layer on.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
-    /// `memory` (this build; `redis` comes with the Redis limit backend).
+    /// `memory` (this process) or `redis` (shared through `redis_url`).
     #[serde(default = "defaults::memory")]
     pub backend: Spanned<String>,
     /// Redis URL for `backend = "redis"`.
@@ -832,15 +832,17 @@ fn validate_balance(
         ..BalanceConfig::default()
     };
     let every = duration_secs(path, "health_check_secs", b.health_check_secs)?;
+    if let Some(p) = &b.health_check_path
+        && !p.starts_with('/')
+    {
+        return Err(ConfigError(format!(
+            "{}: [balance] `health_check_path` must start with `/`, not `{p}`",
+            path.display()
+        )));
+    }
     if !every.is_zero() {
         let mut hc = HealthCheck::every(every);
         if let Some(p) = &b.health_check_path {
-            if !p.starts_with('/') {
-                return Err(ConfigError(format!(
-                    "{}: [balance] `health_check_path` must start with `/`, not `{p}`",
-                    path.display()
-                )));
-            }
             hc.path = p.clone();
         }
         cfg.health_check = Some(hc);
