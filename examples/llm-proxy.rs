@@ -9,7 +9,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use llm_proxy::Proxy;
 use llm_proxy::config::Settings;
@@ -72,6 +71,15 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Listening for SIGTERM/SIGINT before anything is served: a signal
+        // that comes early is kept, and does not kill the process.
+        let mut signals = match llm_proxy::ShutdownSignals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("llm-proxy: cannot listen for signals: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let addr = settings.listen;
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -90,17 +98,14 @@ fn main() -> ExitCode {
         tracing::info!(%addr, workers = proxy.settings().workers, "llm-proxy listening");
         // The first SIGTERM/SIGINT drains; a second one stops at once (as
         // nginx's fast shutdown), for an operator who will not wait.
-        let first = Arc::new(tokio::sync::Notify::new());
-        let drain = {
-            let first = first.clone();
-            async move {
-                llm_proxy::shutdown_signal().await;
-                first.notify_one();
-            }
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+        let drain = async move {
+            let _ = first_rx.await;
         };
         let second = async move {
-            first.notified().await;
-            llm_proxy::shutdown_signal().await;
+            signals.recv().await;
+            let _ = first_tx.send(());
+            signals.recv().await;
         };
         tokio::select! {
             served = proxy.serve_sharded(listener, drain) => match served {

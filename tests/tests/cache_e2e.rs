@@ -266,6 +266,26 @@ async fn shared_scope_and_ttl() {
     assert_eq!(upstream_calls(&up), 2);
 }
 
+/// Wait (bounded) until `p` has written `n` answers to its store: the write
+/// happens in the background after the answer.
+async fn stored(p: &TestProxy, n: u64) {
+    let url = p.url("/metrics");
+    for _ in 0..200 {
+        let metrics = send(request(Method::GET, &url, &[], "")).await.text();
+        let count = metrics
+            .lines()
+            .find(|l| l.starts_with("llm_proxy_cache_events_total{event=\"store\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if count >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{n} answers never reached the store");
+}
+
 #[tokio::test]
 async fn two_proxies_on_one_redis_share_hits() {
     let server = RedisServer::start().await;
@@ -274,7 +294,7 @@ async fn two_proxies_on_one_redis_share_hits() {
     let b = proxy(&redis(&up.base_url(), &server.url())).await;
     for stream in [false, true] {
         let first = post_json(&a.url(CHAT_PATH), &chat("m", stream)).await;
-        tokio::time::sleep(Duration::from_millis(100)).await; // the store write
+        stored(&a, if stream { 2 } else { 1 }).await;
         let second = post_json(&b.url(CHAT_PATH), &chat("m", stream)).await;
         assert_eq!(second.header("x-llm-proxy-cache"), Some("hit"));
         assert_eq!(second.body, first.body);
@@ -289,7 +309,7 @@ async fn redis_going_away_degrades_to_misses() {
     let p = proxy(&redis(&up.base_url(), &server.url())).await;
     let url = p.url(CHAT_PATH);
     post_json(&url, &chat("m", false)).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    stored(&p, 1).await;
     assert_eq!(
         post_json(&url, &chat("m", false))
             .await

@@ -47,4 +47,4 @@ mod timer;
 
 pub use app::{BuildError, Proxy};
 pub use routes::{ProxyService, Readiness};
-pub use server::shutdown_signal;
+pub use server::{ShutdownSignals, shutdown_signal};

@@ -498,27 +498,60 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
     .await;
 }
 
-/// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
+/// Resolves on the first SIGTERM or SIGINT (Ctrl-C) from the time it is
+/// first polled. A binary that must not miss a signal sent before then
+/// listens with [`ShutdownSignals`], made before it starts serving.
 pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
+    match ShutdownSignals::new() {
+        Ok(mut signals) => signals.recv().await,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for shutdown signals");
             std::future::pending::<()>().await;
         }
-    };
+    }
+}
+
+/// SIGTERM and SIGINT, listened for from the moment this is made: a signal
+/// that comes before [`ShutdownSignals::recv`] is polled is kept, not lost
+/// (and does not kill the process with the default action), and the same
+/// listener serves a second signal after the first.
+#[derive(Debug)]
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Start listening (inside a tokio runtime with signals enabled).
+    pub fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+        #[cfg(not(unix))]
+        Ok(ShutdownSignals {})
+    }
+
+    /// The next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tracing::info!("Ctrl-C received");
+        }
     }
 }
 
