@@ -8,7 +8,7 @@ async fn openai_python_sdk_works_against_the_proxy() {
     let up = mock_named("m").await;
     let p = proxy(&one_upstream(
         &up.base_url(),
-        "models = [\"demo\"]\napi_key = \"sk-upstream\"\nfirst_byte_timeout_ms = 500",
+        "models = [\"demo\"]\napi_key = \"sk-upstream\"\nfirst_byte_timeout_ms = 1000",
     ))
     .await;
     run_python("openai_sdk.py", p.url("/v1")).await;
