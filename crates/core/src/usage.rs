@@ -308,7 +308,12 @@ impl StreamUsage {
                 }
             }
             (StreamKind::Messages, "message_start") => {
-                if let Some(c) = event.message.and_then(|m| m.usage) {
+                // Zeros (or nulls) here are a placeholder, not a count: a
+                // model reads at least one token of prompt. A translated
+                // stream starts so before its upstream's usage is known.
+                if let Some(c) = event.message.and_then(|m| m.usage)
+                    && (c.input_tokens.unwrap_or(0) > 0 || c.output_tokens.unwrap_or(0) > 0)
+                {
                     self.usage = Some(Usage {
                         input_tokens: c.input_tokens.unwrap_or(0),
                         output_tokens: c.output_tokens.unwrap_or(0),
@@ -316,7 +321,11 @@ impl StreamUsage {
                 }
             }
             (StreamKind::Messages, "message_delta") => {
-                if let Some(c) = event.usage {
+                // Null counts: the usage is not known (no count at all).
+                if let Some(c) = event
+                    .usage
+                    .filter(|c| c.input_tokens.is_some() || c.output_tokens.is_some())
+                {
                     let mut u = self.usage.unwrap_or_default();
                     if let Some(out) = c.output_tokens {
                         u.output_tokens = out;
@@ -353,6 +362,25 @@ mod stream_usage_tests {
             Some(Usage {
                 input_tokens: 25,
                 output_tokens: 15
+            })
+        );
+    }
+
+    #[test]
+    fn messages_placeholder_and_null_counts_are_no_usage() {
+        // A stream translated from an upstream that reported no usage.
+        let mut s = StreamUsage::new(StreamKind::Messages);
+        s.observe(r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":0,"output_tokens":0}}}"#);
+        assert_eq!(s.usage(), None, "a placeholder, not a count");
+        s.observe(r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":null,"output_tokens":null}}"#);
+        assert_eq!(s.usage(), None, "null counts are no usage");
+        // The same stream with its usage at the end.
+        s.observe(r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":7,"output_tokens":3}}"#);
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                input_tokens: 7,
+                output_tokens: 3
             })
         );
     }

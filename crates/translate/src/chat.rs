@@ -22,10 +22,19 @@ pub(crate) struct Chunk<'a> {
     pub created: Option<u64>,
     #[serde(borrow, default)]
     pub choices: Option<Vec<ChunkChoice<'a>>>,
-    #[serde(default)]
+    /// The upstream's usage, when it is usable ([`Usage::from_value`]): a
+    /// malformed one is no usage rather than a failed stream.
+    #[serde(default, deserialize_with = "usable_usage")]
     pub usage: Option<Usage>,
     #[serde(default)]
     pub error: Option<Value>,
+}
+
+/// A chunk's `usage` as [`Usage::from_value`] reads it. Only chunks that
+/// have the field pay for reading it as a [`Value`] first.
+fn usable_usage<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Usage>, D::Error> {
+    let value = Option::<Value>::deserialize(d)?;
+    Ok(Usage::from_value(value.as_ref()))
 }
 
 /// A choice of a chunk.
@@ -89,7 +98,7 @@ pub(crate) struct FunctionDelta<'a> {
     pub arguments: Option<Cow<'a, str>>,
 }
 
-/// Chat usage. Counts that are not non-negative integers fail the chunk.
+/// Chat usage, as read by [`Usage::from_value`].
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 pub(crate) struct Usage {
     #[serde(default)]
@@ -141,11 +150,17 @@ impl Usage {
             .unwrap_or(0)
     }
 
-    /// Read a usage object of a whole (non-streamed) completion.
+    /// Read a usage object (of a whole completion or a chunk). `None` when
+    /// the upstream reported no usable usage: the object is missing or
+    /// null, is not an object, has a count that is not a non-negative
+    /// integer, or has neither `prompt_tokens` nor `completion_tokens` (the
+    /// rule the proxy's usage reader, `llm_proxy_core::usage`, applies).
+    /// Translations then report no usage rather than a zero one.
     pub fn from_value(value: Option<&Value>) -> Option<Usage> {
         value
-            .filter(|v| !v.is_null())
+            .filter(|v| v.is_object())
             .and_then(|v| Usage::deserialize(v).ok())
+            .filter(|u| u.prompt_tokens.is_some() || u.completion_tokens.is_some())
     }
 }
 
@@ -277,5 +292,24 @@ mod tests {
             serde_json::from_str(r#"{"error":{"message":"cut","code":"stream_interrupted"}}"#)
                 .unwrap();
         assert_eq!(error_message(chunk.error.as_ref().unwrap()), "cut");
+    }
+
+    #[test]
+    fn unusable_usage_is_none() {
+        for usage in crate::test_util::no_chat_usage() {
+            assert_eq!(Usage::from_value(usage.as_ref()), None, "{usage:?}");
+            let mut data = serde_json::json!({"choices": []});
+            if let Some(u) = usage {
+                data["usage"] = u;
+            }
+            let text = data.to_string();
+            let chunk: Chunk<'_> = serde_json::from_str(&text).unwrap();
+            assert_eq!(chunk.usage, None, "{data}");
+        }
+        let only_completion = serde_json::json!({"completion_tokens": 2});
+        assert_eq!(
+            Usage::from_value(Some(&only_completion)).map(|u| (u.input(), u.output())),
+            Some((0, 2))
+        );
     }
 }

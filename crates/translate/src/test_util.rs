@@ -51,3 +51,18 @@ pub(crate) fn names(out: &[(Option<String>, Value)]) -> Vec<String> {
         })
         .collect()
 }
+
+/// What a chat upstream may send instead of a usable `usage` object:
+/// nothing, null, no counts, or counts that are not non-negative integers.
+pub(crate) fn no_chat_usage() -> [Option<Value>; 7] {
+    use serde_json::json;
+    [
+        None,
+        Some(Value::Null),
+        Some(json!({})),
+        Some(json!({"total_tokens": 5})),
+        Some(json!({"prompt_tokens": -1, "completion_tokens": 2})),
+        Some(json!({"prompt_tokens": "3", "completion_tokens": 2})),
+        Some(json!("lots")),
+    ]
+}

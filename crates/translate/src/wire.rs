@@ -85,6 +85,20 @@ pub(crate) fn input_to_arguments(input: &Value) -> String {
     }
 }
 
+/// A tool call's id: the upstream's, or, when it sent none (or an empty
+/// one), `{prefix}{index}` with the call's block or output index, distinct
+/// within an answer. Streams and whole answers invent ids this one way.
+pub(crate) fn tool_call_id(
+    id: Option<&str>,
+    prefix: &str,
+    index: impl std::fmt::Display,
+) -> String {
+    match id.filter(|id| !id.is_empty()) {
+        Some(id) => id.to_owned(),
+        None => format!("{prefix}{index}"),
+    }
+}
+
 /// Seconds since the Unix epoch, for `created` fields.
 pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -120,6 +134,9 @@ mod tests {
         );
         assert_eq!(restyle_id("msg_", "chatcmpl-x1"), "msg_x1");
         assert_eq!(restyle_id("resp_", "abc"), "resp_abc");
+        assert_eq!(tool_call_id(Some("call_x"), "toolu_", 3), "call_x");
+        assert_eq!(tool_call_id(Some(""), "toolu_", 3), "toolu_3");
+        assert_eq!(tool_call_id(None, "call_", 0), "call_0");
     }
 
     #[test]

@@ -303,7 +303,12 @@ fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), E
         };
         let name = str_of(function, "name")
             .ok_or_else(|| unsupported(format!("tools[{i}].function.name"), "must be a string"))?;
-        let mut t = json!({"name": name, "input_schema": function.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object", "properties": {}}))});
+        let schema = function
+            .get("parameters")
+            .filter(|p| !p.is_null())
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        let mut t = json!({"name": name, "input_schema": schema});
         if let Some(d) = str_of(function, "description") {
             t["description"] = json!(d);
         }

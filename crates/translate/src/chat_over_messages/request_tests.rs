@@ -132,6 +132,16 @@ fn tools_and_choices() {
 }
 
 #[test]
+fn null_parameters_get_the_default_schema() {
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": null}}]);
+    let (out, _) = translate(with(json!({"tools": tools}))).unwrap();
+    assert_eq!(
+        out["tools"][0]["input_schema"],
+        json!({"type": "object", "properties": {}})
+    );
+}
+
+#[test]
 fn response_format_becomes_a_forced_tool() {
     let schema = json!({"type": "object", "properties": {"answer": {"type": "string"}}});
     let (out, ctx) = translate(with(json!({"response_format": {"type": "json_schema",

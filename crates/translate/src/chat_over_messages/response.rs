@@ -1,26 +1,56 @@
 //! A whole Messages `message` as a `chat.completion`.
 
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Context, finish_reason};
 use crate::chat::usage_json;
 use crate::wire::{input_to_arguments, now_secs, restyle_id, str_of};
 
-/// Anthropic usage as chat counts `(prompt, completion, cached)`. Anthropic's
-/// `input_tokens` leaves out cache reads and writes; chat's `prompt_tokens`
-/// includes them.
-pub(crate) fn usage_counts(usage: Option<&Value>) -> (u64, u64, u64) {
-    let count = |key: &str| {
+/// Anthropic usage, as far as chat reports it.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub(crate) struct Counts {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl Counts {
+    /// Read an Anthropic `usage` object. `None` when the upstream reported
+    /// no usable usage: missing, null, not an object, a count that is not a
+    /// non-negative integer, or neither `input_tokens` nor `output_tokens`
+    /// (the rule the proxy's usage reader, `llm_proxy_core::usage`,
+    /// applies).
+    pub(crate) fn read(usage: Option<&Value>) -> Option<Counts> {
         usage
-            .and_then(|u| u.get(key))
-            .and_then(Value::as_u64)
+            .filter(|v| v.is_object())
+            .and_then(|v| Counts::deserialize(v).ok())
+            .filter(|c| c.input_tokens.is_some() || c.output_tokens.is_some())
+    }
+
+    /// Chat's `prompt_tokens`. Anthropic's `input_tokens` leaves out cache
+    /// reads and writes; chat's `prompt_tokens` includes them.
+    pub(crate) fn prompt(&self) -> u64 {
+        self.input_tokens
             .unwrap_or(0)
-    };
-    let cached = count("cache_read_input_tokens");
-    let input = count("input_tokens")
-        .saturating_add(count("cache_creation_input_tokens"))
-        .saturating_add(cached);
-    (input, count("output_tokens"), cached)
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(self.cached())
+    }
+
+    /// Chat's `completion_tokens`, when reported.
+    pub(crate) fn completion(&self) -> Option<u64> {
+        self.output_tokens
+    }
+
+    /// Chat's `prompt_tokens_details.cached_tokens`: the cache reads.
+    pub(crate) fn cached(&self) -> u64 {
+        self.cache_read_input_tokens.unwrap_or(0)
+    }
 }
 
 /// Translate an Anthropic `message` into a `chat.completion`. `Err` says
@@ -65,8 +95,7 @@ pub(crate) fn response(message: &Value, ctx: &Context) -> Result<Value, String> 
     if !calls.is_empty() {
         out_message["tool_calls"] = Value::Array(calls);
     }
-    let (input, output, cached) = usage_counts(message.get("usage"));
-    Ok(json!({
+    let mut answer = json!({
         "id": restyle_id("chatcmpl-", str_of(message, "id").unwrap_or("translated")),
         "object": "chat.completion",
         "created": now_secs(),
@@ -77,8 +106,14 @@ pub(crate) fn response(message: &Value, ctx: &Context) -> Result<Value, String> 
             "logprobs": null,
             "finish_reason": finish_reason(str_of(message, "stop_reason"), ctx),
         }],
-        "usage": usage_json(input, output, cached),
-    }))
+    });
+    // Chat's `usage` is optional: when the upstream reported none it is left
+    // out rather than written as zeros, which would read as real usage (the
+    // auth layer would refund the token reservation).
+    if let Some(c) = Counts::read(message.get("usage")) {
+        answer["usage"] = usage_json(c.prompt(), c.completion().unwrap_or(0), c.cached());
+    }
+    Ok(answer)
 }
 
 #[cfg(test)]
@@ -110,6 +145,33 @@ mod tests {
         assert_eq!(out["usage"]["prompt_tokens"], 8);
         assert_eq!(out["usage"]["total_tokens"], 15);
         assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 3);
+    }
+
+    #[test]
+    fn no_usage_is_left_out() {
+        for usage in [
+            None,
+            Some(Value::Null),
+            Some(json!({})),
+            Some(json!({"cache_read_input_tokens": 3})),
+            Some(json!({"input_tokens": -1, "output_tokens": 2})),
+            Some(json!({"input_tokens": "3", "output_tokens": 2})),
+            Some(json!([1, 2])),
+        ] {
+            let mut message =
+                json!({"content": [{"type": "text", "text": "a"}], "stop_reason": "end_turn"});
+            if let Some(u) = &usage {
+                message["usage"] = u.clone();
+            }
+            let out = response(&message, &Context::default()).unwrap();
+            assert!(out.get("usage").is_none(), "{usage:?}: {out}");
+            // What the auth layer reads: no usage, so the reservation stands.
+            assert_eq!(llm_proxy_core::usage::from_value(&out), None, "{usage:?}");
+        }
+        let message = json!({"content": [], "usage": {"output_tokens": 4}});
+        let out = response(&message, &Context::default()).unwrap();
+        assert_eq!(out["usage"]["prompt_tokens"], 0);
+        assert_eq!(out["usage"]["completion_tokens"], 4);
     }
 
     #[test]

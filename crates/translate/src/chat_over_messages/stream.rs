@@ -5,7 +5,8 @@
 //! own chat `index`, counted over tool blocks only) whose `input_json_delta`
 //! pieces are `arguments`; `message_delta` gives the finish chunk;
 //! `message_stop` the usage chunk (when the client asked for
-//! `stream_options.include_usage`) and `data: [DONE]`. The forced tool of a
+//! `stream_options.include_usage` and the upstream reported usage) and
+//! `data: [DONE]`. The forced tool of a
 //! `response_format` answer streams as `content`. A block `index` at or past
 //! [`MAX_BLOCKS`] is a malformed stream and fails it.
 
@@ -15,7 +16,7 @@ use llm_proxy_core::sse::Event;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::response::usage_counts;
+use super::response::Counts;
 use super::{Context, finish_reason};
 use crate::chat::{
     OutChoice, OutChunk, OutDelta, OutFunction, OutToolCall, error_message, usage_json,
@@ -90,6 +91,8 @@ pub(crate) struct MessagesToChat {
     finish_sent: bool,
     blocks: Vec<Block>,
     tool_count: u32,
+    /// The upstream reported usable usage: only then is there a usage chunk.
+    counted: bool,
     input: u64,
     output: u64,
     cached: u64,
@@ -108,6 +111,7 @@ impl MessagesToChat {
             finish_sent: false,
             blocks: Vec::new(),
             tool_count: 0,
+            counted: false,
             input: 0,
             output: 0,
             cached: 0,
@@ -182,12 +186,14 @@ impl MessagesToChat {
     }
 
     fn count(&mut self, usage: Option<&Value>) {
-        let Some(usage) = usage else { return };
-        let (input, output, cached) = usage_counts(Some(usage));
+        let Some(counts) = Counts::read(usage) else {
+            return;
+        };
+        self.counted = true;
         // message_delta repeats input counts as 0 on some servers: keep the best.
-        self.input = self.input.max(input);
-        self.cached = self.cached.max(cached);
-        if usage.get("output_tokens").is_some() {
+        self.input = self.input.max(counts.prompt());
+        self.cached = self.cached.max(counts.cached());
+        if let Some(output) = counts.completion() {
             self.output = output;
         }
     }
@@ -324,7 +330,10 @@ impl MessagesToChat {
             return;
         }
         self.finish("stop", out);
-        if self.ctx.include_usage {
+        // No usage chunk when the upstream reported no usage: a zero one
+        // would read as real usage (the auth layer would refund the token
+        // reservation), and chat clients accept a stream without it.
+        if self.ctx.include_usage && self.counted {
             let chunk = OutChunk {
                 id: &self.id,
                 object: "chat.completion.chunk",

@@ -289,3 +289,49 @@ async fn client_gets_the_stream_error_event_for_a_huge_block_index() {
     assert_eq!(last["error"]["code"], "stream_interrupted");
     assert!(!out.windows(6).any(|w| w == b"[DONE]"));
 }
+
+#[test]
+fn no_upstream_usage_means_no_usage_chunk() {
+    for usage in [
+        None,
+        Some(Value::Null),
+        Some(json!({})),
+        Some(json!({"output_tokens": -1})),
+        Some(json!({"input_tokens": "25"})),
+    ] {
+        let mut message = json!({"id": "msg_01", "model": "claude", "content": []});
+        let mut end = json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}});
+        if let Some(u) = &usage {
+            message["usage"] = u.clone();
+            end["usage"] = u.clone();
+        }
+        let up = vec![
+            (
+                "message_start",
+                json!({"type": "message_start", "message": message}),
+            ),
+            block(0, json!({"type": "text", "text": ""})),
+            delta(0, json!({"type": "text_delta", "text": "Hi"})),
+            stop(0),
+            ("message_delta", end),
+            ("message_stop", json!({"type": "message_stop"})),
+        ];
+        let ctx = Context {
+            include_usage: true,
+            ..Context::default()
+        };
+        let (out, steps) = run(ctx, &up);
+        assert!(steps.iter().all(|s| *s == Step::Continue), "{usage:?}");
+        assert!(
+            out.iter().all(|(_, v)| v.get("usage").is_none()),
+            "{usage:?}: no usage chunk, not a zero one"
+        );
+        assert_eq!(out.last().map(|(_, v)| v), Some(&json!("[DONE]")));
+        // What the auth layer reads: no usage, so the reservation stands.
+        let mut watch = llm_proxy_core::usage::StreamUsage::new(llm_proxy_core::StreamKind::Chat);
+        for (_, v) in &out {
+            watch.observe(&v.to_string());
+        }
+        assert_eq!(watch.usage(), None, "{usage:?}");
+    }
+}

@@ -143,6 +143,33 @@ fn tools_and_tool_choice() {
 }
 
 #[test]
+fn tool_choice_without_tools_is_not_sent() {
+    // vLLM rejects `tool_choice` without `tools`, and an empty `tools`.
+    for extra in [
+        json!({"tool_choice": {"type": "auto", "disable_parallel_tool_use": true}}),
+        json!({"tools": [], "tool_choice": {"type": "any"}}),
+        json!({"tools": [], "tool_choice": {"type": "tool", "name": "x"}}),
+    ] {
+        let mut body = json!({"model": "m", "messages": []});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (out, _) = translate(body).unwrap();
+        for key in ["tools", "tool_choice", "parallel_tool_calls"] {
+            assert!(out.get(key).is_none(), "{key} sent for {extra}");
+        }
+    }
+    let (out, _) = translate(json!({"model": "m", "messages": [],
+        "tools": [{"name": "x", "input_schema": null}]}))
+    .unwrap();
+    assert_eq!(
+        out["tools"][0]["function"]["parameters"],
+        json!({"type": "object"}),
+        "a null schema gets the default"
+    );
+}
+
+#[test]
 fn plain_text_document_and_output_format() {
     let (out, _) = translate(json!({"model": "m",
         "output_format": {"type": "json_schema", "schema": {"type": "object"}},

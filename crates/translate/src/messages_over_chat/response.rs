@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Context, stop_reason};
+use super::{Context, stop_reason, tool_use_id};
 use crate::chat::Usage;
 use crate::wire::{arguments_to_input, restyle_id, str_of};
 
@@ -31,9 +31,10 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     let calls = message.get("tool_calls").and_then(Value::as_array);
     for call in calls.into_iter().flatten() {
         let function = call.get("function").unwrap_or(&Value::Null);
+        let id = tool_use_id(str_of(call, "id"), content.len());
         content.push(json!({
             "type": "tool_use",
-            "id": str_of(call, "id").unwrap_or_default(),
+            "id": id,
             "name": str_of(function, "name").unwrap_or_default(),
             "input": arguments_to_input(str_of(function, "arguments").unwrap_or_default()),
         }));
@@ -45,7 +46,13 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         had_calls,
         ctx,
     );
-    let usage = Usage::from_value(chat.get("usage")).unwrap_or_default();
+    // Anthropic's `usage` is required; when the upstream reported none its
+    // counts are null, which no reader takes for a real (zero) usage: the
+    // auth layer then keeps the token reservation, as for a native answer.
+    let usage = match Usage::from_value(chat.get("usage")) {
+        Some(u) => json!({"input_tokens": u.input(), "output_tokens": u.output()}),
+        None => json!({"input_tokens": null, "output_tokens": null}),
+    };
     Ok(json!({
         "id": restyle_id("msg_", str_of(chat, "id").unwrap_or("translated")),
         "type": "message",
@@ -54,7 +61,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": {"input_tokens": usage.input(), "output_tokens": usage.output()},
+        "usage": usage,
     }))
 }
 
@@ -99,6 +106,43 @@ mod tests {
             out["usage"],
             json!({"input_tokens": 10, "output_tokens": 4})
         );
+    }
+
+    #[test]
+    fn no_usage_is_not_a_zero_usage() {
+        for usage in crate::test_util::no_chat_usage() {
+            let mut chat =
+                json!({"choices": [{"finish_reason": "stop", "message": {"content": "a"}}]});
+            if let Some(u) = &usage {
+                chat["usage"] = u.clone();
+            }
+            let out = response(&chat, &Context::default()).unwrap();
+            assert_eq!(
+                out["usage"],
+                json!({"input_tokens": null, "output_tokens": null}),
+                "{usage:?}"
+            );
+            // What the auth layer reads: no usage, so the reservation stands.
+            assert_eq!(llm_proxy_core::usage::from_value(&out), None, "{usage:?}");
+        }
+        let chat = json!({"choices": [{"message": {"content": "a"}}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0}});
+        let out = response(&chat, &Context::default()).unwrap();
+        assert_eq!(out["usage"], json!({"input_tokens": 0, "output_tokens": 0}));
+    }
+
+    #[test]
+    fn tool_calls_without_ids_get_distinct_ids() {
+        let chat = json!({"choices": [{"finish_reason": "tool_calls", "message": {"content": "x",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": "{}"}},
+                {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+                {"id": "call_9", "type": "function", "function": {"name": "h", "arguments": "{}"}}]}}]});
+        let out = response(&chat, &Context::default()).unwrap();
+        // As the stream names them: `toolu_` + the block index.
+        assert_eq!(out["content"][1]["id"], "toolu_1");
+        assert_eq!(out["content"][2]["id"], "toolu_2");
+        assert_eq!(out["content"][3]["id"], "call_9");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use llm_proxy_core::sse::Event;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{Context, stop_reason};
+use super::{Context, stop_reason, tool_use_id};
 use crate::chat::{Delta, ToolCallDelta, Usage, read_chunk};
 use crate::stream::{MAX_BLOCKS, Step};
 use crate::wire::{restyle_id, write_event};
@@ -281,9 +281,7 @@ impl ChatToMessages {
         self.close(out);
         let index = self.take_index();
         let tool = &mut self.tools[pos];
-        if tool.id.is_empty() {
-            tool.id = format!("toolu_{index}");
-        }
+        tool.id = tool_use_id(Some(&tool.id), index);
         tool.block = Some(index);
         let block = json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}});
         write_block_start(out, index, block);
@@ -347,11 +345,18 @@ impl ChatToMessages {
             !self.tools.is_empty(),
             &self.ctx,
         );
-        let usage = self.usage.unwrap_or_default();
+        // An upstream that reported no usage gets null counts: Anthropic's
+        // SDKs want the object, and a zero would read as real usage (core's
+        // `StreamUsage` takes null counts, like `message_start`'s zeros, as
+        // no count at all).
+        let usage = match self.usage {
+            Some(u) => json!({"input_tokens": u.input(), "output_tokens": u.output()}),
+            None => json!({"input_tokens": null, "output_tokens": null}),
+        };
         let delta = json!({
             "type": "message_delta",
             "delta": {"stop_reason": reason, "stop_sequence": sequence},
-            "usage": {"input_tokens": usage.input(), "output_tokens": usage.output()},
+            "usage": usage,
         });
         write_event(out, "message_delta", &delta);
         write_event(out, "message_stop", &json!({"type": "message_stop"}));

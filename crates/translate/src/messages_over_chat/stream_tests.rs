@@ -251,3 +251,60 @@ fn tool_calls_beyond_the_bound_fail_the_stream() {
     };
     assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
 }
+
+#[test]
+fn unusable_usage_does_not_fail_the_stream() {
+    for usage in crate::test_util::no_chat_usage() {
+        let mut last = json!({"id": "chatcmpl-7", "choices": []});
+        if let Some(u) = &usage {
+            last["usage"] = u.clone();
+        }
+        let chunks = [
+            chunk(json!({"content": "Hi"}), Some("stop")),
+            last.to_string(),
+            "[DONE]".to_owned(),
+        ];
+        let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let (out, steps) = run(Context::default(), &refs);
+        assert!(steps.iter().all(|s| *s == Step::Continue), "{usage:?}");
+        // Anthropic's SDKs want a usage object here; its counts are null,
+        // which the auth layer's reader takes as no usage (not as zero).
+        let delta = &out[out.len() - 2].1;
+        assert_eq!(delta["type"], "message_delta");
+        assert_eq!(
+            delta["usage"],
+            json!({"input_tokens": null, "output_tokens": null})
+        );
+        let mut seen =
+            llm_proxy_core::usage::StreamUsage::new(llm_proxy_core::StreamKind::Messages);
+        for (_, event) in &out {
+            seen.observe(&event.to_string());
+        }
+        assert_eq!(seen.usage(), None, "{usage:?}");
+    }
+}
+
+#[test]
+fn tool_calls_without_ids_get_block_index_ids() {
+    let call = |index: u64, name: &str| {
+        chunk(
+            json!({"tool_calls": [{"index": index, "function": {"name": name, "arguments": "{}"}}]}),
+            None,
+        )
+    };
+    let chunks = [
+        chunk(json!({"content": "x"}), None),
+        call(0, "f"),
+        call(1, "g"),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, _) = run(Context::default(), &refs);
+    let ids: Vec<&Value> = out
+        .iter()
+        .filter(|(_, v)| v["content_block"]["type"] == "tool_use")
+        .map(|(_, v)| &v["content_block"]["id"])
+        .collect();
+    assert_eq!(ids, [&json!("toolu_1"), &json!("toolu_2")]);
+}

@@ -8,21 +8,37 @@ use crate::wire::{field, str_of, unsupported};
 
 /// `tools` and `tool_choice`. Anthropic-defined tool types (`bash_…`,
 /// `web_search_…`, `text_editor_…`, `computer_…`) run on Anthropic's side or
-/// need its schemas: refused.
+/// need its schemas: refused. Without tools, neither an empty `tools` nor
+/// `tool_choice` (nor `parallel_tool_calls`) is sent: chat servers such as
+/// vLLM reject them.
 pub(crate) fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), Error> {
+    let mut functions = Vec::new();
     if let Some(tools) = field(src, "tools") {
         let list = tools
             .as_array()
             .ok_or_else(|| unsupported("tools", "must be an array"))?;
-        let mut functions = Vec::with_capacity(list.len());
         for (i, tool) in list.iter().enumerate() {
             functions.push(function_tool(i, tool)?);
         }
-        out.insert("tools".into(), Value::Array(functions));
     }
-    let Some(choice) = field(src, "tool_choice") else {
+    // A malformed tool_choice is refused even when there are no tools.
+    let choice = field(src, "tool_choice").map(tool_choice).transpose()?;
+    if functions.is_empty() {
         return Ok(());
-    };
+    }
+    out.insert("tools".into(), Value::Array(functions));
+    if let Some((mapped, serial)) = choice {
+        out.insert("tool_choice".into(), mapped);
+        if serial {
+            out.insert("parallel_tool_calls".into(), json!(false));
+        }
+    }
+    Ok(())
+}
+
+/// Chat's `tool_choice` for Anthropic's, and whether it disables parallel
+/// tool use.
+fn tool_choice(choice: &Value) -> Result<(Value, bool), Error> {
     let mapped = match str_of(choice, "type") {
         Some("auto") => json!("auto"),
         Some("any") => json!("required"),
@@ -39,15 +55,11 @@ pub(crate) fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> R
             ));
         }
     };
-    out.insert("tool_choice".into(), mapped);
-    if choice
+    let serial = choice
         .get("disable_parallel_tool_use")
         .and_then(Value::as_bool)
-        == Some(true)
-    {
-        out.insert("parallel_tool_calls".into(), json!(false));
-    }
-    Ok(())
+        == Some(true);
+    Ok((mapped, serial))
 }
 
 fn function_tool(i: usize, tool: &Value) -> Result<Value, Error> {
@@ -67,6 +79,7 @@ fn function_tool(i: usize, tool: &Value) -> Result<Value, Error> {
     }
     function["parameters"] = tool
         .get("input_schema")
+        .filter(|s| !s.is_null())
         .cloned()
         .unwrap_or_else(|| json!({"type": "object"}));
     if let Some(strict) = tool.get("strict").and_then(Value::as_bool) {

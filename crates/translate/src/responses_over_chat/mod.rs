@@ -70,6 +70,12 @@ pub(crate) fn usage_json(usage: &Usage) -> Value {
     })
 }
 
+/// The `call_id` of a `function_call` item at output index `index`: the
+/// upstream's tool-call id, or `call_{index}` when it sent none.
+pub(crate) fn call_id(id: Option<&str>, index: usize) -> String {
+    crate::wire::tool_call_id(id, "call_", index)
+}
+
 /// The parts of a `response` object that change while it is produced.
 pub(crate) struct State<'a> {
     pub id: &'a str,
@@ -78,6 +84,9 @@ pub(crate) struct State<'a> {
     pub status: &'a str,
     pub incomplete: Option<&'a str>,
     pub output: Vec<Value>,
+    /// `None` (written as `null`, which the Responses API allows) when the
+    /// upstream reported no usage: a zero usage would read as real
+    /// downstream, and the auth layer would refund the token reservation.
     pub usage: Option<Value>,
 }
 

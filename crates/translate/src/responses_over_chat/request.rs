@@ -250,6 +250,10 @@ fn function_output(path: &str, item: &Value) -> Result<Value, Error> {
     Ok(json!({"role": "tool", "tool_call_id": call_id, "content": output}))
 }
 
+/// `tools` (function tools only) and `tool_choice`. Without tools (Codex
+/// sends `tool_choice: "auto"` on turns that have none) neither
+/// `tool_choice` nor `parallel_tool_calls` is sent: chat servers such as
+/// vLLM and OpenAI reject them without `tools`.
 fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), Error> {
     if let Some(list) = field(src, "tools") {
         let list = list
@@ -278,6 +282,9 @@ fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), E
             out.insert("tools".into(), Value::Array(functions));
         }
     }
+    if !out.contains_key("tools") {
+        out.remove("parallel_tool_calls");
+    }
     let Some(choice) = field(src, "tool_choice") else {
         return Ok(());
     };
@@ -297,7 +304,9 @@ fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), E
             ));
         }
     };
-    out.insert("tool_choice".into(), mapped);
+    if out.contains_key("tools") {
+        out.insert("tool_choice".into(), mapped);
+    }
     Ok(())
 }
 

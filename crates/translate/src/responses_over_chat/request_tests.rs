@@ -122,8 +122,41 @@ fn tools_choice_and_format() {
         json!({"tool_choice": "required", "text": {"format": {"type": "text"}}}),
     ))
     .unwrap();
-    assert_eq!(out["tool_choice"], "required");
+    assert!(
+        out.get("tool_choice").is_none(),
+        "no tool_choice without tools"
+    );
     assert!(out.get("response_format").is_none());
+}
+
+#[test]
+fn tool_choice_without_tools_is_not_sent() {
+    // Codex sends `tool_choice: "auto"` on turns without tools; vLLM
+    // rejects `tool_choice` (and `parallel_tool_calls`) without `tools`.
+    for extra in [
+        json!({"tool_choice": "auto", "parallel_tool_calls": true}),
+        json!({"tools": [], "tool_choice": "required", "parallel_tool_calls": false}),
+        json!({"tools": null, "tool_choice": {"type": "function", "name": "f"}}),
+    ] {
+        let (out, ctx) = translate(with(extra.clone())).unwrap();
+        for key in ["tools", "tool_choice", "parallel_tool_calls"] {
+            assert!(out.get(key).is_none(), "{key} sent for {extra}");
+        }
+        assert_eq!(
+            ctx.echo.get("tool_choice"),
+            extra.get("tool_choice"),
+            "the response still echoes the request"
+        );
+    }
+    let (out, _) = translate(with(json!({"tools": [{"type": "function", "name": "f"}],
+        "tool_choice": "auto", "parallel_tool_calls": true})))
+    .unwrap();
+    assert_eq!(out["tool_choice"], "auto");
+    assert_eq!(out["parallel_tool_calls"], true);
+    assert_eq!(
+        refused(with(json!({"tool_choice": "sometimes"}))),
+        "tool_choice"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Context, State, response_object, status, text_part, usage_json};
+use super::{Context, State, call_id, response_object, status, text_part, usage_json};
 use crate::chat::Usage;
 use crate::messages_over_chat::response::text_content;
 use crate::wire::{now_secs, restyle_id, str_of};
@@ -50,16 +50,17 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         .flatten()
     {
         let function = call.get("function").unwrap_or(&Value::Null);
+        let index = output.len();
         output.push(json!({
             "type": "function_call",
-            "id": item_id("fc", bare, output.len()),
-            "call_id": str_of(call, "id").unwrap_or_default(),
+            "id": item_id("fc", bare, index),
+            "call_id": call_id(str_of(call, "id"), index),
             "name": str_of(function, "name").unwrap_or_default(),
             "arguments": str_of(function, "arguments").unwrap_or("{}"),
             "status": "completed",
         }));
     }
-    let usage = Usage::from_value(chat.get("usage")).unwrap_or_default();
+    let usage = Usage::from_value(chat.get("usage"));
     let created_at = chat
         .get("created")
         .and_then(Value::as_u64)
@@ -71,7 +72,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         status,
         incomplete,
         output,
-        usage: Some(usage_json(&usage)),
+        usage: usage.as_ref().map(usage_json),
     };
     Ok(response_object(ctx, state))
 }
@@ -99,6 +100,34 @@ mod tests {
         assert_eq!(out["output"][2]["call_id"], "call_b");
         assert_eq!(out["output"][2]["id"], "fc_9_2");
         assert_eq!(out["usage"]["total_tokens"], 10);
+    }
+
+    #[test]
+    fn no_usage_is_null() {
+        for usage in crate::test_util::no_chat_usage() {
+            let mut chat =
+                json!({"choices": [{"finish_reason": "stop", "message": {"content": "a"}}]});
+            if let Some(u) = &usage {
+                chat["usage"] = u.clone();
+            }
+            let out = response(&chat, &Context::default()).unwrap();
+            assert_eq!(out["usage"], Value::Null, "{usage:?}");
+            // What the auth layer reads: no usage, so the reservation stands.
+            assert_eq!(llm_proxy_core::usage::from_value(&out), None, "{usage:?}");
+        }
+    }
+
+    #[test]
+    fn function_calls_without_ids_get_distinct_call_ids() {
+        let chat = json!({"id": "chatcmpl-3", "choices": [{"finish_reason": "tool_calls", "message": {
+            "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": "{}"}},
+                {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}]});
+        let out = response(&chat, &Context::default()).unwrap();
+        // As the stream names them: `call_` + the output index.
+        assert_eq!(out["output"][0]["call_id"], "call_0");
+        assert_eq!(out["output"][1]["call_id"], "call_1");
+        assert_eq!(out["output"][1]["id"], "fc_3_1");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::items::{Call, Events, Item, Message};
 use super::response::item_id;
-use super::{Context, State, response_object, status, usage_json};
+use super::{Context, State, call_id, response_object, status, usage_json};
 use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
 use crate::stream::{MAX_BLOCKS, Step};
 use crate::wire::{now_secs, restyle_id};
@@ -243,9 +243,7 @@ impl ChatToResponses {
         };
         call.added = true;
         call.id = id;
-        if call.call_id.is_empty() {
-            call.call_id = format!("call_{index}");
-        }
+        call.call_id = call_id(Some(&call.call_id), index);
         let pending = call.arguments.clone();
         self.events.added(out, index, &self.items[index]);
         if !pending.is_empty() {
@@ -276,8 +274,8 @@ impl ChatToResponses {
         }
         self.close(out);
         let (status, incomplete) = status(self.finish.as_deref());
-        let usage = usage_json(&self.usage.unwrap_or_default());
-        let response = self.object(status, incomplete, Some(usage));
+        let usage = self.usage.as_ref().map(usage_json);
+        let response = self.object(status, incomplete, usage);
         let name = if status == "completed" {
             "response.completed"
         } else {

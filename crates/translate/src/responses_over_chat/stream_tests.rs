@@ -172,3 +172,46 @@ fn output_items_beyond_the_bound_fail_the_stream() {
     };
     assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
 }
+
+#[test]
+fn no_upstream_usage_is_null_usage() {
+    for usage in crate::test_util::no_chat_usage() {
+        let mut last = json!({"id": "chatcmpl-5", "choices": []});
+        if let Some(u) = &usage {
+            last["usage"] = u.clone();
+        }
+        let chunks = [
+            chunk(json!({"content": "Hi"}), None),
+            chunk(json!({}), Some("stop")),
+            last.to_string(),
+            "[DONE]".to_owned(),
+        ];
+        let (out, steps) = run(Context::default(), &chunks);
+        assert!(steps.iter().all(|s| *s == Step::Continue), "{usage:?}");
+        let (_, completed) = out.last().unwrap();
+        assert_eq!(completed["type"], "response.completed");
+        assert_eq!(completed["response"]["usage"], Value::Null, "{usage:?}");
+        // What the auth layer reads: no usage, so the reservation stands.
+        let mut watch =
+            llm_proxy_core::usage::StreamUsage::new(llm_proxy_core::StreamKind::Responses);
+        for (_, v) in &out {
+            watch.observe(&v.to_string());
+        }
+        assert_eq!(watch.usage(), None, "{usage:?}");
+    }
+}
+
+#[test]
+fn a_later_unusable_usage_keeps_the_earlier_one() {
+    let chunks = [
+        chunk(json!({"content": "Hi"}), Some("stop")),
+        usage(),
+        r#"{"id":"chatcmpl-5","choices":[],"usage":{}}"#.to_owned(),
+        "[DONE]".to_owned(),
+    ];
+    let (out, _) = run(Context::default(), &chunks);
+    assert_eq!(
+        out.last().unwrap().1["response"]["usage"]["total_tokens"],
+        9
+    );
+}
