@@ -253,7 +253,7 @@ enum Kind {
 /// joinable (as a finished answer) until the store has it.
 async fn store(tee: Tee, frames: Vec<Bytes>, kind: Kind) {
     let Tee {
-        leader,
+        mut leader,
         shared,
         key,
         content_type,
@@ -418,7 +418,7 @@ async fn read_for_followers(mut body: CacheBody) {
     while let Some(Ok(_)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
         let followed = body
             .tee
-            .as_ref()
+            .as_mut()
             .is_some_and(|tee| tee.leader.retire_unless_followed());
         if !followed {
             return;

@@ -220,7 +220,7 @@ impl Leader {
     }
 
     /// Stop keeping frames if nobody follows; `false` if someone does.
-    pub fn drop_frames_unless_followed(&self) -> bool {
+    pub fn drop_frames_unless_followed(&mut self) -> bool {
         if self.retire_unless_followed() {
             return false;
         }
@@ -251,15 +251,22 @@ impl Leader {
     }
 
     /// Whether followers read this flight (if not, it is retired at once).
-    pub fn retire_unless_followed(&self) -> bool {
-        self.flights
+    pub fn retire_unless_followed(&mut self) -> bool {
+        let followed = self
+            .flights
             .as_ref()
-            .is_some_and(|flights| flights.retire_unless_followed(&self.flight))
+            .is_some_and(|flights| flights.retire_unless_followed(&self.flight));
+        if !followed {
+            // Out of the map already: nothing for `retire` or the drop to do.
+            self.flights = None;
+        }
+        followed
     }
 
-    /// No new follower may join from now on.
-    pub fn retire(&self) {
-        if let Some(flights) = &self.flights {
+    /// No new follower may join from now on. Once is enough: later calls
+    /// (and the drop) do not look the flight up again.
+    pub fn retire(&mut self) {
+        if let Some(flights) = self.flights.take() {
             flights.remove(&self.flight);
         }
     }
