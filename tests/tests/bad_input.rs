@@ -349,20 +349,26 @@ async fn a_client_that_never_finishes_its_head_is_cut_off() {
     assert!(closed.is_ok(), "a stalled request head must be cut off");
 }
 
-/// Read until the proxy closes the connection (EOF or reset); false if it
-/// is still open after `HANG`.
-async fn closed_by_proxy(conn: &mut tokio::net::TcpStream) -> bool {
+/// Everything the proxy sends until it closes the connection (EOF or
+/// reset); `None` if it is still open after `HANG`.
+async fn read_until_closed(conn: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut answer = Vec::new();
     let mut buf = vec![0u8; 4096];
     tokio::time::timeout(HANG, async {
         loop {
             match conn.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
             }
         }
     })
     .await
-    .is_ok()
+    .ok()
+    .map(|()| answer)
+}
+
+async fn closed_by_proxy(conn: &mut tokio::net::TcpStream) -> bool {
+    read_until_closed(conn).await.is_some()
 }
 
 #[tokio::test]
@@ -504,21 +510,9 @@ async fn a_client_that_stops_sending_its_body_gets_408() {
     )
     .await
     .unwrap();
-    let mut answer = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    let read = tokio::time::timeout(HANG, async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(
-        read.is_ok(),
-        "the proxy answers and closes, it does not wait for ever"
-    );
+    let answer = read_until_closed(&mut conn)
+        .await
+        .expect("the proxy answers and closes, it does not wait for ever");
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");

@@ -107,6 +107,25 @@ fn config_errors_are_one_line_and_exit_2() {
     }
 }
 
+/// The exit status and stderr of `child`, which must exit within `HANG`
+/// (`what` says why it should).
+async fn exit_of(mut child: Child, what: &'static str) -> (std::process::ExitStatus, String) {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                let mut err = String::new();
+                let _ = child.0.stderr.take().unwrap().read_to_string(&mut err);
+                return (status, err);
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
     let port = free_port();
@@ -120,7 +139,7 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
         ),
     )
     .unwrap();
-    let mut child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
+    let child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_listening(addr).await;
     let url = format!("http://{addr}/v1/chat/completions");
@@ -145,29 +164,7 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
     let (body, broke) = read_stream(resp).await;
     assert!(!broke, "the in-flight stream finished cleanly");
     assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
-    let exit = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + HANG;
-        loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .0
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                return (status, err);
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "proxy exited after draining"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
+    let exit = exit_of(child, "proxy exited after draining").await;
     assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
 }
 
@@ -215,23 +212,7 @@ async fn a_second_signal_during_the_drain_stops_at_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(child.0.try_wait().unwrap().is_none(), "draining, not gone");
     kill("-INT");
-    let exit = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + HANG;
-        loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                let mut err = String::new();
-                let _ = child.0.stderr.take().unwrap().read_to_string(&mut err);
-                return (status, err);
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the second signal stops the proxy"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
+    let exit = exit_of(child, "the second signal stops the proxy").await;
     assert_eq!(exit.0.code(), Some(1), "stderr: {}", exit.1);
     assert!(exit.1.contains("second signal"), "stderr: {}", exit.1);
     drop(resp);
