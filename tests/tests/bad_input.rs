@@ -396,19 +396,30 @@ async fn a_client_that_sends_nothing_or_half_an_h2_preface_is_cut_off() {
     }
 }
 
-#[tokio::test]
-async fn a_streamed_passthrough_body_over_the_limit_is_413_not_the_upstreams_fault() {
-    // An upstream that reads whatever comes and never answers.
+/// An upstream on 127.0.0.1 that hands each connection to `serve`, raw.
+async fn raw_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(serve(conn));
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn a_streamed_passthrough_body_over_the_limit_is_413_not_the_upstreams_fault() {
+    // An upstream that reads whatever comes and never answers.
+    let addr = raw_upstream(|mut conn| async move {
+        let mut buf = vec![0u8; 8192];
+        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
     let p = proxy(&format!(
         "max_body_bytes = 1024\n{}",
         one_upstream(&format!("http://{addr}/v1"), "first_byte_timeout_ms = 5000")
@@ -450,33 +461,28 @@ async fn a_streamed_passthrough_body_over_the_limit_is_413_not_the_upstreams_fau
 async fn an_upstream_that_breaks_after_done_ends_the_stream_cleanly() {
     // Sends a whole stream, [DONE] included, then resets instead of ending
     // the chunked body.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-                for event in [
-                    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
-                    "data: [DONE]\n\n",
-                ] {
-                    out.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
-                }
-                let _ = conn.write_all(&out).await;
-                // Let the proxy read it all, then close without the last chunk.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                drop(conn);
-            });
+    let addr = raw_upstream(|mut conn| async move {
+        let mut buf = vec![0u8; 8192];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
         }
-    });
+        let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for event in [
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            "data: [DONE]\n\n",
+        ] {
+            out.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
+        }
+        let _ = conn.write_all(&out).await;
+        // Let the proxy read it all, then close without the last chunk.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(conn);
+    })
+    .await;
     let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
     let resp = client()
         .request(request(

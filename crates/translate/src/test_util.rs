@@ -66,3 +66,15 @@ pub(crate) fn no_chat_usage() -> [Option<Value>; 7] {
         Some(json!("lots")),
     ]
 }
+
+/// A one-choice chat answer with each of [`no_chat_usage`]'s usages (the
+/// usage, for messages, and the answer).
+pub(crate) fn chat_answers_without_usage() -> impl Iterator<Item = (Option<Value>, Value)> {
+    no_chat_usage().into_iter().map(|usage| {
+        let mut chat = serde_json::json!({"choices": [{"finish_reason": "stop", "message": {"content": "a"}}]});
+        if let Some(u) = &usage {
+            chat["usage"] = u.clone();
+        }
+        (usage, chat)
+    })
+}

@@ -110,12 +110,7 @@ mod tests {
 
     #[test]
     fn no_usage_is_not_a_zero_usage() {
-        for usage in crate::test_util::no_chat_usage() {
-            let mut chat =
-                json!({"choices": [{"finish_reason": "stop", "message": {"content": "a"}}]});
-            if let Some(u) = &usage {
-                chat["usage"] = u.clone();
-            }
+        for (usage, chat) in crate::test_util::chat_answers_without_usage() {
             let out = response(&chat, &Context::default()).unwrap();
             assert_eq!(
                 out["usage"],
