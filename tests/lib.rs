@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod redis_server;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -82,3 +82,28 @@ async fn proxy_starts_while_redis_is_down() {
     .await;
     assert_eq!(call(&p).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_silent_redis_connection_is_replaced() {
+    let redis = RedisServer::start().await;
+    let relay = relay::Relay::start(redis.addr).await;
+    let up = mock_named("m").await;
+    // `a` reaches Redis through the relay, `b` directly.
+    let a = proxy(&config(&up.base_url(), &relay.redis_url(), "t4:")).await;
+    let b = proxy(&config(&up.base_url(), &redis.url(), "t4:")).await;
+    for _ in 0..4 {
+        assert_eq!(call(&b).await.status, 200);
+    }
+    // The fleet's limit is spent: `a` learns it from Redis.
+    assert_eq!(call(&a).await.status, 429);
+    relay.freeze();
+    // Two calls wait for a silent Redis and fall back to `a`'s own bucket;
+    // the second replaces the connection, and the third is Redis's answer
+    // again (local limits alone would allow four).
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(call(&a).await.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(relay.accepted(), 2);
+}

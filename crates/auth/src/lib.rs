@@ -70,5 +70,5 @@ mod service;
 pub use backend::LimitBackend;
 pub use keys::{KeyEntry, KeySpec, KeyStats, KeyTable, parse_sha256_hex, presented_key, sha256};
 #[cfg(feature = "redis")]
-pub use redis::{RedisLimitError, RedisLimits};
+pub use redis::RedisLimits;
 pub use service::{Auth, AuthLayer, estimate_tokens, format_reset, rate_headers};

@@ -4,14 +4,13 @@
 //! the TATs stored in Redis and with Redis's own clock (`TIME`), so proxies
 //! with skewed clocks still agree. Both keys of a limited key share a hash tag
 //! (`<prefix>rl:{<name>}:req` and `…:tok`), so the script is cluster-safe.
-//! Every call is bounded by a timeout; an error is returned to the backend,
-//! which falls back to the process's own limits.
+//! Every call goes through a [`RedisLink`] (bounded by a timeout, a silent
+//! connection replaced, a breaker while Redis keeps failing); an error is
+//! returned to the backend, which falls back to the process's own limits.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::OnceCell;
+use llm_proxy_core::redis::{RedisCallError, RedisLink};
 
 use crate::keys::KeyEntry;
 use crate::limit::{Decision, Gcra};
@@ -62,28 +61,10 @@ end
 return 1
 ";
 
-/// Why a Redis limit call failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RedisLimitError {
-    /// Redis answered with an error, or the connection failed.
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    /// No answer within the timeout.
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-    /// Not connected, and the last attempt was too recent to try again.
-    #[error("redis is unreachable (next connection attempt in under a second)")]
-    Unreachable,
-}
-
 /// A connection to the Redis that holds the limits.
 pub struct RedisLimits {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
-    last_attempt: Mutex<Option<Instant>>,
+    link: RedisLink,
     prefix: String,
-    timeout: Duration,
     acquire: redis::Script,
     adjust: redis::Script,
 }
@@ -100,13 +81,10 @@ impl RedisLimits {
     /// Limits in the Redis at `url` (`redis://`, `redis://user:pass@host:port/db`,
     /// `rediss://` for TLS), under `prefix`. Connects lazily: a proxy starts
     /// even while Redis is down, and uses local limits until it is back.
-    pub fn new(url: &str, prefix: &str) -> Result<Self, RedisLimitError> {
+    pub fn new(url: &str, prefix: &str) -> Result<Self, RedisCallError> {
         Ok(RedisLimits {
-            client: redis::Client::open(url)?,
-            conn: OnceCell::new(),
-            last_attempt: Mutex::new(None),
+            link: RedisLink::new(url)?,
             prefix: prefix.to_owned(),
-            timeout: Duration::from_millis(250),
             acquire: redis::Script::new(ACQUIRE),
             adjust: redis::Script::new(ADJUST),
         })
@@ -114,34 +92,8 @@ impl RedisLimits {
 
     /// Bound every Redis call by `timeout` (default 250 ms).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.link = self.link.with_timeout(timeout);
         self
-    }
-
-    async fn connection(&self) -> Result<ConnectionManager, RedisLimitError> {
-        if let Some(c) = self.conn.get() {
-            return Ok(c.clone());
-        }
-        {
-            // At most one connection attempt per second while Redis is down.
-            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                return Err(RedisLimitError::Unreachable);
-            }
-            *last = Some(Instant::now());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let client = self.client.clone();
-        let conn = self
-            .conn
-            .get_or_try_init(
-                || async move { ConnectionManager::new_with_config(client, config).await },
-            )
-            .await?;
-        Ok(conn.clone())
     }
 
     fn key(&self, name: &str, which: &str) -> String {
@@ -153,18 +105,21 @@ impl RedisLimits {
         &self,
         key: &KeyEntry,
         tokens: u64,
-    ) -> Result<Decision, RedisLimitError> {
-        let mut conn = self.connection().await?;
+    ) -> Result<Decision, RedisCallError> {
         let interval = |g: Option<Gcra>| g.map_or(0, |g| g.interval_ns() / 1000);
         let mut call = self.acquire.key(self.key(&key.name, "req"));
         call.key(self.key(&key.name, "tok"))
             .arg(interval(key.limits.requests))
             .arg(interval(key.limits.tokens))
             .arg(key.limits.token_charge(tokens));
-        let (wait, rtat, ttat, now): (u64, u64, u64, u64) =
-            tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
-                .await
-                .map_err(|_| RedisLimitError::Timeout(self.timeout))??;
+        let call = &call;
+        let (wait, rtat, ttat, now): (u64, u64, u64, u64) = self
+            .link
+            .call(
+                "acquire",
+                |mut c| async move { call.invoke_async(&mut c).await },
+            )
+            .await?;
         let ns = |us: u64| us.saturating_mul(1000);
         Ok(Decision {
             allowed: wait == 0,
@@ -175,16 +130,20 @@ impl RedisLimits {
     }
 
     /// Charge or refund tokens.
-    pub(crate) async fn adjust(&self, key: &KeyEntry, delta: i64) -> Result<(), RedisLimitError> {
+    pub(crate) async fn adjust(&self, key: &KeyEntry, delta: i64) -> Result<(), RedisCallError> {
         let Some(g) = key.limits.tokens else {
             return Ok(());
         };
-        let mut conn = self.connection().await?;
         let mut call = self.adjust.key(self.key(&key.name, "tok"));
         call.arg(g.interval_ns() / 1000).arg(g.bounded(delta));
-        let _: i64 = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
-            .await
-            .map_err(|_| RedisLimitError::Timeout(self.timeout))??;
+        let call = &call;
+        let _: i64 = self
+            .link
+            .call(
+                "adjust",
+                |mut c| async move { call.invoke_async(&mut c).await },
+            )
+            .await?;
         Ok(())
     }
 }

@@ -73,7 +73,6 @@
 #![forbid(unsafe_code)]
 
 mod body;
-mod breaker;
 mod clock;
 mod config;
 mod control;

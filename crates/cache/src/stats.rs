@@ -33,7 +33,7 @@ pub(crate) struct Counters {
     pub not_stored: AtomicU64,
     pub store_errors: AtomicU64,
     pub store_skipped: AtomicU64,
-    pub breaker: crate::breaker::Breaker,
+    pub breaker: llm_proxy_core::breaker::Breaker,
     /// When the last store-error warning was logged (ms since the Unix epoch).
     last_warn_ms: AtomicU64,
     suppressed_warnings: AtomicU64,

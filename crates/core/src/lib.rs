@@ -34,16 +34,20 @@
 //! # }
 //! ```
 //!
-//! This crate has no feature flags.
+//! Feature `redis` adds [`redis::RedisLink`], the self-healing Redis
+//! connection the cache, auth and Responses id stores share.
 #![forbid(unsafe_code)]
 
 mod body;
+pub mod breaker;
 pub mod canonical;
 mod endpoint;
 mod error;
 pub mod fallback;
 mod meta;
 mod parse;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod render;
 pub mod sse;
 mod svc;

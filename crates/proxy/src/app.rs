@@ -42,7 +42,7 @@ pub enum BuildError {
     Upstream(#[from] llm_proxy_upstream::BuildError),
     /// The Redis limit store could not be set up.
     #[error("[auth] redis: {0}")]
-    AuthRedis(#[from] llm_proxy_auth::RedisLimitError),
+    AuthRedis(#[from] llm_proxy_core::redis::RedisCallError),
     /// The Redis cache store could not be set up.
     #[error("[cache] redis: {0}")]
     CacheRedis(#[from] llm_proxy_cache::StoreError),

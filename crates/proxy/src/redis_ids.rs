@@ -1,16 +1,14 @@
 //! Response ids in Redis: `<prefix>resp:<id>` -> upstream name, with a TTL.
-//! Every call is bounded; a failure is a miss (logged, counted), never an
+//! Every call goes through a [`RedisLink`] (bounded, self-healing, a
+//! breaker while Redis keeps failing); a failure is a miss (logged, counted), never an
 //! error for the client beyond the 404 an unknown id gets anyway.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use llm_proxy_core::redis::{RedisCallError, RedisLink};
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::OnceCell;
-
-const TIMEOUT: Duration = Duration::from_millis(250);
 
 /// A lazily connected Redis holding response ids.
 #[derive(Clone)]
@@ -19,8 +17,7 @@ pub struct RedisIds {
 }
 
 struct Inner {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    link: RedisLink,
     prefix: String,
     errors: AtomicU64,
 }
@@ -38,15 +35,14 @@ impl RedisIds {
     pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
         Ok(RedisIds {
             inner: Arc::new(Inner {
-                client: redis::Client::open(url)?,
-                conn: OnceCell::new(),
+                link: RedisLink::new(url)?,
                 prefix: prefix.to_owned(),
                 errors: AtomicU64::new(0),
             }),
         })
     }
 
-    /// Failed calls so far.
+    /// Failed calls so far (calls the breaker skipped included).
     pub fn errors(&self) -> u64 {
         self.inner.errors.load(Ordering::Relaxed)
     }
@@ -55,21 +51,7 @@ impl RedisIds {
         format!("{}resp:{id}", self.inner.prefix)
     }
 
-    async fn connection(&self) -> Option<ConnectionManager> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
-            .set_number_of_retries(1);
-        let client = self.inner.client.clone();
-        let init = || async move { ConnectionManager::new_with_config(client, config).await };
-        match tokio::time::timeout(TIMEOUT * 2, self.inner.conn.get_or_try_init(init)).await {
-            Ok(Ok(conn)) => Some(conn.clone()),
-            Ok(Err(e)) => self.failed(&e),
-            Err(_) => self.failed(&"connect timed out"),
-        }
-    }
-
-    fn failed<T>(&self, e: &dyn std::fmt::Display) -> Option<T> {
+    fn failed<T>(&self, e: &RedisCallError) -> Option<T> {
         let n = self.inner.errors.fetch_add(1, Ordering::Relaxed);
         if n % 100 == 0 {
             tracing::warn!(error = %e, failures = n + 1, "response-id store (redis) failed");
@@ -79,12 +61,14 @@ impl RedisIds {
 
     /// The upstream that holds `id`, if Redis knows it.
     pub async fn get(&self, id: &str) -> Option<String> {
-        let mut conn = self.connection().await?;
         let key = self.key(id);
-        match tokio::time::timeout(TIMEOUT, conn.get::<_, Option<String>>(key)).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => self.failed(&e),
-            Err(_) => self.failed(&"get timed out"),
+        let key = &key;
+        let get = |mut c: redis::aio::ConnectionManager| async move {
+            c.get::<_, Option<String>>(key).await
+        };
+        match self.inner.link.call("get", get).await {
+            Ok(found) => found,
+            Err(e) => self.failed(&e),
         }
     }
 
@@ -96,18 +80,11 @@ impl RedisIds {
         let this = self.clone();
         let (key, value) = (self.key(id), upstream.to_owned());
         rt.spawn(async move {
-            let Some(mut conn) = this.connection().await else {
-                return;
+            let set = |mut c: redis::aio::ConnectionManager| async move {
+                c.set_ex::<_, _, ()>(key, value, ttl.as_secs()).await
             };
-            let set = conn.set_ex::<_, _, ()>(key, value, ttl.as_secs());
-            match tokio::time::timeout(TIMEOUT, set).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    this.failed::<()>(&e);
-                }
-                Err(_) => {
-                    this.failed::<()>(&"set timed out");
-                }
+            if let Err(e) = this.inner.link.call("set", set).await {
+                this.failed::<()>(&e);
             }
         });
     }

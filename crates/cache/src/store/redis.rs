@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use llm_proxy_core::redis::{RedisCallError, RedisLink};
 
 use super::{Store, StoreError, StoreFuture};
 use crate::{CacheKey, Entry};
@@ -12,107 +12,87 @@ use crate::{CacheKey, Entry};
 /// compact binary form of [`Entry::encode`], expiring by Redis's own TTL
 /// (`SET … PX`).
 ///
-/// One multiplexed connection, re-established in the background when it
-/// breaks (redis-rs's `ConnectionManager`). Every call is bounded by a
-/// timeout (250 ms unless [`RedisStore::with_timeout`] says otherwise): with
-/// Redis down or slow, a lookup is a miss after at most that long, and the
-/// cache layer serves the request from upstream. `rediss://` URLs use TLS
+/// One multiplexed connection ([`RedisLink`]): re-established in the
+/// background when it fails, and replaced when it goes silent. Every call is
+/// bounded by a timeout (250 ms unless [`RedisStore::with_timeout`] says
+/// otherwise): with Redis down or slow, a lookup is a miss after at most that
+/// long, and the cache layer serves the request from upstream (its breaker
+/// then skips the store for a second at a time). `rediss://` URLs use TLS
 /// (rustls with the system's roots).
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    link: RedisLink,
     prefix: String,
-    timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.link.timeout())
             .finish_non_exhaustive()
     }
 }
 
-fn backend(error: redis::RedisError) -> StoreError {
-    StoreError::Backend {
-        store: "redis",
-        message: error.to_string(),
+fn store_error(error: RedisCallError) -> StoreError {
+    match error {
+        RedisCallError::Timeout { op, after } => StoreError::Timeout {
+            store: "redis",
+            op,
+            after,
+        },
+        other => StoreError::Backend {
+            store: "redis",
+            message: other.to_string(),
+        },
     }
 }
 
 impl RedisStore {
     /// The default limit of every Redis call: 250 ms.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+    pub const DEFAULT_TIMEOUT: Duration = RedisLink::DEFAULT_TIMEOUT;
 
     /// Connect to `url` (`redis://[user:pass@]host:port[/db]`, or `rediss://`)
-    /// and check that Redis answers, within [`RedisStore::DEFAULT_TIMEOUT`] (a little
-    /// more for TLS). Keys are prefixed with `key_prefix`.
+    /// and check that Redis answers, within four times
+    /// [`RedisStore::DEFAULT_TIMEOUT`] (a first connection may need TLS).
+    /// Keys are prefixed with `key_prefix`.
     pub async fn connect(url: &str, key_prefix: &str) -> Result<Self, StoreError> {
-        let store = Self::lazy(url, key_prefix)?;
-        let mut connection = store.connection.clone();
-        let ping = redis::cmd("PING");
-        let ping = ping.query_async::<()>(&mut connection);
-        let limit = store.timeout * 4;
-        tokio::time::timeout(limit, ping)
-            .await
-            .map_err(|_| StoreError::Timeout {
-                store: "redis",
-                op: "connect",
-                after: limit,
-            })?
-            .map_err(backend)?;
+        let mut store = Self::lazy(url, key_prefix)?;
+        let timeout = store.link.timeout();
+        store.link = store.link.with_timeout(timeout * 4);
+        let ping = store
+            .link
+            .call("connect", |mut c| async move {
+                redis::cmd("PING").query_async::<()>(&mut c).await
+            })
+            .await;
+        store.link = store.link.with_timeout(timeout);
+        ping.map_err(store_error)?;
         Ok(store)
     }
 
     /// A store for `url` that connects on first use: the proxy starts even
     /// while Redis is down (and serves misses until it is back).
     pub fn lazy(url: &str, key_prefix: &str) -> Result<Self, StoreError> {
-        if url.starts_with("rediss://") {
-            // One process-wide TLS provider; an earlier install is fine.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = redis::Client::open(url).map_err(backend)?;
-        // Calls are bounded by `self.timeout`; a (re)connect may take a little
-        // longer (TLS, a distant Redis) and runs behind the calls that time out.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(None)
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
+        // The cache layer has a breaker for every store: no second one here.
+        let link = RedisLink::new(url)
+            .map_err(|e| store_error(e.into()))?
+            .without_breaker();
         Ok(RedisStore {
-            connection,
+            link,
             prefix: key_prefix.to_owned(),
-            timeout: Self::DEFAULT_TIMEOUT,
         })
     }
 
     /// Bound every call by `timeout` instead of [`RedisStore::DEFAULT_TIMEOUT`].
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.link = self.link.with_timeout(timeout);
         self
     }
 
     /// The Redis key of a cache key.
     pub fn redis_key(&self, key: &CacheKey) -> String {
         format!("{}cache:{}", self.prefix, key.to_hex())
-    }
-
-    async fn bounded<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError::Timeout {
-                store: "redis",
-                op,
-                after: self.timeout,
-            })?
-            .map_err(backend)
     }
 }
 
@@ -132,11 +112,17 @@ fn expiry_ms(ttl: Duration) -> u64 {
 impl Store for RedisStore {
     fn get(&self, key: CacheKey) -> StoreFuture<'_, Option<Entry>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
             let mut get = redis::cmd("GET");
             get.arg(self.redis_key(&key));
-            let get = get.query_async::<Option<Vec<u8>>>(&mut connection);
-            match self.bounded("get", get).await? {
+            let get = &get;
+            let found = self
+                .link
+                .call("get", |mut c| async move {
+                    get.query_async::<Option<Vec<u8>>>(&mut c).await
+                })
+                .await
+                .map_err(store_error)?;
+            match found {
                 Some(bytes) => Ok(Some(Entry::decode(Bytes::from(bytes))?)),
                 None => Ok(None),
             }
@@ -145,15 +131,19 @@ impl Store for RedisStore {
 
     fn put(&self, key: CacheKey, entry: Entry, ttl: Duration) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
-            let millis = expiry_ms(ttl);
             let mut set = redis::cmd("SET");
             set.arg(self.redis_key(&key))
                 .arg(entry.encode())
                 .arg("PX")
-                .arg(millis);
-            let set = set.query_async::<()>(&mut connection);
-            self.bounded("put", set).await
+                .arg(expiry_ms(ttl));
+            let set = &set;
+            self.link
+                .call(
+                    "put",
+                    |mut c| async move { set.query_async::<()>(&mut c).await },
+                )
+                .await
+                .map_err(store_error)
         })
     }
 

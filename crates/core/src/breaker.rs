@@ -1,19 +1,20 @@
-//! A circuit breaker in front of the store: while a store keeps failing
-//! (Redis down), calls skip it instead of each waiting for its timeout.
+//! A circuit breaker in front of a shared store: while the store keeps
+//! failing (Redis down or silent), calls skip it instead of each waiting for
+//! its timeout.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Consecutive failures that open the breaker.
-const THRESHOLD: u32 = 3;
+pub const THRESHOLD: u32 = 3;
 /// How long an open breaker skips the store before one call probes it.
-const COOLDOWN_MS: u64 = 1000;
+pub const COOLDOWN_MS: u64 = 1000;
 
 /// Closed: every call goes to the store. Open (after [`THRESHOLD`]
 /// consecutive failures): calls skip the store for [`COOLDOWN_MS`]; then one
 /// call probes it while the others keep skipping, and a success closes the
 /// breaker.
 #[derive(Debug, Default)]
-pub(crate) struct Breaker {
+pub struct Breaker {
     failures: AtomicU32,
     /// Until when calls skip the store (ms since the Unix epoch); 0: closed.
     open_until_ms: AtomicU64,
@@ -42,6 +43,7 @@ impl Breaker {
             .is_ok()
     }
 
+    /// A call went through: close the breaker.
     pub fn success(&self) {
         // Read first: on the hit path of a healthy store, no write contends.
         if self.failures.load(Ordering::Acquire) != 0 {

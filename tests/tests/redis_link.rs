@@ -1,0 +1,101 @@
+//! The Redis link every Redis-backed store uses: a silent connection is
+//! replaced, and a failing Redis is skipped by the breaker.
+
+use std::time::Duration;
+
+use llm_proxy_core::redis::{RedisCallError, RedisLink};
+use tests::redis_server::RedisServer;
+use tests::relay::Relay;
+use tests::{HANG, free_port};
+
+async fn get(link: &RedisLink, key: &str) -> Result<Option<String>, RedisCallError> {
+    link.call("get", |mut c| async move {
+        redis::cmd("GET").arg(key).query_async(&mut c).await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_replaced() {
+    let redis = RedisServer::start().await;
+    let relay = Relay::start(redis.addr).await;
+    let link = RedisLink::new(&relay.redis_url())
+        .expect("a link")
+        .with_timeout(Duration::from_millis(200));
+    link.call("set", |mut c| async move {
+        redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async::<()>(&mut c)
+            .await
+    })
+    .await
+    .expect("set through the relay");
+    assert_eq!(relay.accepted(), 1);
+
+    // The connection goes silent: no error, no answer, ever.
+    relay.freeze();
+    let silent = get(&link, "k").await;
+    assert!(
+        matches!(silent, Err(RedisCallError::Timeout { op: "get", .. })),
+        "{silent:?}"
+    );
+    // A second call with no answer replaces the connection; calls go
+    // through a new one (the breaker may skip a few for a second first).
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        match get(&link, "k").await {
+            Ok(found) => {
+                assert_eq!(found.as_deref(), Some("v"));
+                break;
+            }
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "still failing after {HANG:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(relay.accepted(), 2, "one new connection");
+}
+
+#[tokio::test]
+async fn a_failing_redis_is_skipped_then_probed() {
+    let link = RedisLink::new(&format!("redis://127.0.0.1:{}", free_port()))
+        .expect("a link")
+        .with_timeout(Duration::from_millis(500));
+    // Nothing listens: connection refused, three times in a row…
+    for _ in 0..3 {
+        let refused = get(&link, "k").await;
+        assert!(
+            matches!(
+                refused,
+                Err(RedisCallError::Redis(_) | RedisCallError::Timeout { .. })
+            ),
+            "{refused:?}"
+        );
+    }
+    // …opens the breaker: calls are skipped without touching the network.
+    let skipped = get(&link, "k").await;
+    assert!(
+        matches!(skipped, Err(RedisCallError::Skipped)),
+        "{skipped:?}"
+    );
+    // After its cooldown one call probes Redis again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let probe = get(&link, "k").await;
+    assert!(
+        !matches!(probe, Err(RedisCallError::Skipped) | Ok(_)),
+        "{probe:?}"
+    );
+
+    // Without a breaker every call goes to Redis.
+    let unbroken = link.clone().without_breaker();
+    for _ in 0..5 {
+        let refused = get(&unbroken, "k").await;
+        assert!(
+            !matches!(refused, Err(RedisCallError::Skipped) | Ok(_)),
+            "{refused:?}"
+        );
+    }
+}
