@@ -14,23 +14,33 @@ pub struct RedisServer {
 impl RedisServer {
     /// Start one (no persistence), waiting until it answers. Fails, naming the
     /// install command, when `redis-server` is not installed.
+    ///
+    /// The port is found free and then given to redis-server, so another
+    /// process may take it in between: then this redis-server exits (and a
+    /// PONG on that port may be another test's Redis), and a new port is
+    /// tried.
     pub async fn start() -> RedisServer {
-        let port = crate::free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}): install it with `apt-get install redis-server` (scripts/test does)")
-            });
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-        let server = RedisServer {
-            addr,
-            child: Some(child),
-        };
-        server.wait_ready().await;
-        server
+        for _ in 0..5 {
+            let port = crate::free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start redis-server ({e}): install it with `apt-get install redis-server` (scripts/test does)")
+                });
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
+            let mut server = RedisServer {
+                addr,
+                child: Some(child),
+            };
+            if server.wait_ready().await {
+                return server;
+            }
+            server.stop();
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
     /// `redis://127.0.0.1:port`.
@@ -38,16 +48,24 @@ impl RedisServer {
         format!("redis://{}", self.addr)
     }
 
-    async fn wait_ready(&self) {
+    /// Whether this redis-server answers on its port (false: it exited,
+    /// its port taken by another process).
+    async fn wait_ready(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
+            if self.exited() {
+                return false;
+            }
             if let Ok(mut s) = tokio::net::TcpStream::connect(self.addr).await {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut buf = [0u8; 16];
                 if s.write_all(b"PING\r\n").await.is_ok()
                     && matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG"))
                 {
-                    return;
+                    // The PONG may be from a server that already held the
+                    // port; ours then exits soon after its failed bind.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return !self.exited();
                 }
             }
             assert!(
@@ -57,6 +75,12 @@ impl RedisServer {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
     }
 
     /// Stop it now (to test what happens when Redis goes away).
