@@ -346,3 +346,45 @@ async fn tokens_per_minute_exhausted_is_429() {
     }
     assert!(limited, "the token budget ran out");
 }
+
+/// The head of a request whose body never comes: only its first bytes are
+/// sent, and the connection is left open.
+async fn head_only(p: &TestProxy, path: &str, key: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let auth = key.map_or(String::new(), |k| format!("authorization: Bearer {k}\r\n"));
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{auth}\
+         content-length: 1000000\r\n\r\n{{\"model\":"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(HANG, conn.read(&mut answer))
+        .await
+        .expect("an answer before the body is complete")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_refused_before_the_body_is_read() {
+    // The body read timeout is far beyond HANG: only an answer from the
+    // head alone can arrive in time.
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 60000\n{}\n[auth]\n{}",
+        one_upstream(&up.base_url(), ""),
+        keys()
+    ))
+    .await;
+    for key in [None, Some("sk-wrong")] {
+        let answer = head_only(&p, "/v1/chat/completions", key).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("invalid_api_key"), "{answer}");
+    }
+    // A route the key may not use: 403, also from the head.
+    let answer = head_only(&p, "/v1/files", Some("sk-team-a")).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("route_not_allowed"), "{answer}");
+    assert_eq!(up.stats.requests(), 0);
+}

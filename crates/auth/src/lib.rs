@@ -1,7 +1,9 @@
 //! The auth layer: who is calling, which models they may use, and how fast.
 //!
 //! It sits below the parse layer (it reads [`RequestMeta`]) and above the
-//! cache and the balancer:
+//! cache and the balancer. Its [gate](AuthLayer::gate), put in front of the
+//! parse layer, refuses a missing or unknown key (and a route the key may
+//! not use) from the request's head, before any body is read or parsed:
 //!
 //! - **Keys**: configured as SHA-256 hashes ([`KeySpec`]); the presented key
 //!   (`Authorization: Bearer …`, scheme case-insensitive, or `x-api-key`) is
@@ -38,9 +40,11 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let mut key = KeySpec::from_key("team-a", "sk-team-a");
 //! key.requests_per_minute = Some(600);
+//! let auth = AuthLayer::new(vec![key]);
 //! let svc = ServiceBuilder::new()
+//!     .layer(auth.gate())
 //!     .layer(ParseLayer::new(ParseLimits::default()))
-//!     .layer(AuthLayer::new(vec![key]))
+//!     .layer(auth)
 //!     .service(service_fn(|_req: http::Request<Body>| async {
 //!         Ok::<_, Error>(http::Response::new(full("ok")))
 //!     }));
@@ -61,6 +65,7 @@
 
 mod backend;
 mod body;
+mod gate;
 mod keys;
 pub mod limit;
 #[cfg(feature = "redis")]
@@ -68,6 +73,7 @@ mod redis;
 mod service;
 
 pub use backend::LimitBackend;
+pub use gate::{AuthGate, AuthGateLayer, GateFuture};
 pub use keys::{KeyEntry, KeySpec, KeyStats, KeyTable, parse_sha256_hex, presented_key, sha256};
 #[cfg(feature = "redis")]
 pub use redis::RedisLimits;

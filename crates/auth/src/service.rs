@@ -14,13 +14,14 @@ use tower_service::Service;
 
 use crate::backend::LimitBackend;
 use crate::body::{Reconcile, UsageBody};
+use crate::gate::Authenticated;
 use crate::keys::{KeyEntry, KeySpec, KeyTable};
 use crate::limit::{Decision, Status};
 
 /// Authenticates callers, enforces model allowlists and per-key limits.
 #[derive(Clone)]
 pub struct AuthLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 pub(crate) struct Shared {
@@ -179,11 +180,16 @@ struct Admitted {
 
 /// The synchronous part: key, route, model, identity, token reservation and
 /// the usage request on streams.
-fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
-    let key = shared
-        .table
-        .authenticate(req.headers())
-        .ok_or(Error::InvalidApiKey)?;
+fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Error> {
+    // The gate in front of the parse layer, if any, already checked the head.
+    let key = match req
+        .extensions_mut()
+        .remove::<Authenticated>()
+        .and_then(|a| a.key_for(shared))
+    {
+        Some(key) => key,
+        None => shared.admit_head(req)?,
+    };
     let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() else {
         return Ok(Admitted {
             key,
@@ -194,11 +200,6 @@ fn admit(shared: &Shared, req: &mut Request<Body>) -> Result<Admitted, Error> {
             metered: consumes_tokens(Endpoint::Passthrough),
         });
     };
-    if meta.endpoint() == Endpoint::Passthrough && !key.passthrough {
-        return Err(Error::RouteNotAllowed(
-            "this route (only the model APIs; the key lacks `passthrough`)".into(),
-        ));
-    }
     if let Some(model) = meta.model()
         && !key.allows_model(model)
     {

@@ -175,6 +175,8 @@ impl Proxy {
         let below: Stack =
             BoxCloneSyncService::new(ServiceBuilder::new().option_layer(cache).service(balance));
         let stack = ServiceBuilder::new()
+            // The key is checked from the head, before the body is read.
+            .option_layer(auth.as_ref().map(AuthLayer::gate))
             .layer(ParseLayer::new(ParseLimits {
                 max_body_bytes: settings.max_body_bytes,
             }))
