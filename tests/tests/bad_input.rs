@@ -524,3 +524,73 @@ async fn a_client_that_stops_sending_its_body_gets_408() {
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     assert_eq!(up.stats.requests(), 0, "nothing went upstream");
 }
+
+/// A chat request of exactly `len` bytes.
+fn chat_of_len(len: usize) -> String {
+    let head = r#"{"model":"m","messages":[{"role":"user","content":""#;
+    let tail = r#""}]}"#;
+    format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+}
+
+/// `llm_proxy_buffered_body_bytes` from the proxy's metrics.
+async fn buffered_bytes(p: &TestProxy) -> u64 {
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("llm_proxy_buffered_body_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no buffered_body_bytes gauge in {metrics}"))
+}
+
+async fn wait_buffered(p: &TestProxy, bytes: u64) {
+    let deadline = tokio::time::Instant::now() + HANG;
+    while buffered_bytes(p).await != bytes {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {bytes} bytes buffered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "max_body_bytes = 1000\nmax_buffered_body_bytes = 1500\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let url = p.url("/v1/chat/completions");
+    // One request announces 1000 bytes and sends 20 of them: its
+    // content-length is held from the start.
+    let slow = chat_of_len(1000);
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\
+                content-type: application/json\r\ncontent-length: 1000\r\n\r\n";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&slow.as_bytes()[..20]).await.unwrap();
+    wait_buffered(&p, 1000).await;
+
+    // 1000 + 800 > 1500: refused, before its body is read.
+    let refused = post_json(&url, &chat_of_len(800)).await;
+    refused.assert_error(503, "service_unavailable", "server_overloaded");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // 1000 + 400 fits.
+    assert_eq!(post_json(&url, &chat_of_len(400)).await.status, 200);
+
+    // The slow body completes and is answered; its bytes are given back.
+    conn.write_all(&slow.as_bytes()[20..]).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(HANG, conn.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    wait_buffered(&p, 0).await;
+    assert_eq!(post_json(&url, &chat_of_len(800)).await.status, 200);
+    assert_eq!(up.stats.requests(), 3);
+}

@@ -76,6 +76,13 @@ pub enum Error {
         /// The wait, in milliseconds.
         waited_ms: u64,
     },
+    /// Buffering this request's body would pass the proxy's bound on the
+    /// request bodies it holds in memory at once (all requests together).
+    #[error("the proxy holds {limit} bytes of request bodies already; retry shortly")]
+    BodyBufferFull {
+        /// The bound, in bytes.
+        limit: usize,
+    },
     /// A content type other than JSON.
     #[error("content-type `{0}` is not supported; send application/json")]
     UnsupportedMediaType(String),
@@ -148,7 +155,7 @@ impl Error {
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             BadGateway { .. } => StatusCode::BAD_GATEWAY,
-            NoUpstreamAvailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            NoUpstreamAvailable(_) | BodyBufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -172,7 +179,7 @@ impl Error {
             }
             RateLimited { .. } => "rate_limit_error",
             BadGateway { .. } => "upstream_error",
-            NoUpstreamAvailable(_) => "service_unavailable",
+            NoUpstreamAvailable(_) | BodyBufferFull { .. } => "service_unavailable",
             UpstreamTimeout { .. } => "timeout_error",
         }
     }
@@ -199,6 +206,7 @@ impl Error {
             RateLimited { .. } => "rate_limit_exceeded",
             BadGateway { .. } => "bad_gateway",
             NoUpstreamAvailable(_) => "no_upstream_available",
+            BodyBufferFull { .. } => "server_overloaded",
             UpstreamTimeout { .. } => "upstream_timeout",
         }
     }
@@ -280,6 +288,9 @@ impl Error {
             }
             Error::MethodNotAllowed { allow, .. } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            Error::BodyBufferFull { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

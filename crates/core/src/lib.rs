@@ -40,6 +40,7 @@
 
 mod body;
 pub mod breaker;
+mod budget;
 pub mod canonical;
 mod endpoint;
 mod error;
@@ -55,10 +56,11 @@ pub mod usage;
 mod usage_filter;
 
 pub use body::{Body, BoxError, Guarded, empty, full};
+pub use budget::BodyBudget;
 pub use endpoint::{Api, Dialect, Endpoint, StreamKind, response_id};
 pub use error::{Error, ErrorBody};
 pub use meta::{Identity, RequestMeta};
-pub use parse::{Parse, ParseLayer, ParseLimits};
+pub use parse::{Parse, ParseLayer, ParseLimits, parse, parse_within};
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 pub use svc::{BoxFuture, call_boxed};
 pub use usage_filter::UsageFilter;

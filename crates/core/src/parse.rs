@@ -9,7 +9,9 @@ use serde_json::{Map, Value};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{Body, BoxError, BoxFuture, Endpoint, Error, RequestMeta, call_boxed, empty};
+use crate::{
+    Body, BodyBudget, BoxError, BoxFuture, Endpoint, Error, RequestMeta, call_boxed, empty,
+};
 
 /// Limits the parse layer enforces.
 #[derive(Clone, Copy, Debug)]
@@ -43,12 +45,23 @@ impl Default for ParseLimits {
 #[derive(Clone, Debug)]
 pub struct ParseLayer {
     limits: ParseLimits,
+    budget: Option<BodyBudget>,
 }
 
 impl ParseLayer {
     /// A parse layer with these limits.
     pub fn new(limits: ParseLimits) -> Self {
-        ParseLayer { limits }
+        ParseLayer {
+            limits,
+            budget: None,
+        }
+    }
+
+    /// Count every buffered body against `budget`: one that would pass it is
+    /// refused with 503 `server_overloaded` (see [`BodyBudget`]).
+    pub fn with_budget(mut self, budget: BodyBudget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 }
 
@@ -59,6 +72,7 @@ impl<S> Layer<S> for ParseLayer {
         Parse {
             inner,
             limits: self.limits,
+            budget: self.budget.clone(),
         }
     }
 }
@@ -68,6 +82,7 @@ impl<S> Layer<S> for ParseLayer {
 pub struct Parse<S> {
     inner: S,
     limits: ParseLimits,
+    budget: Option<BodyBudget>,
 }
 
 impl<S, B> Service<Request<B>> for Parse<S>
@@ -90,8 +105,9 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limit = self.limits.max_body_bytes;
+        let budget = self.budget.clone();
         Box::pin(async move {
-            let req = parse(req, limit).await?;
+            let req = parse_within(req, limit, budget.as_ref()).await?;
             call_boxed(&mut inner, req).await
         })
     }
@@ -103,8 +119,22 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    parse_within(req, limit, None).await
+}
+
+/// [`parse`], counting a buffered body against `budget`.
+pub async fn parse_within<B>(
+    req: Request<B>,
+    limit: usize,
+    budget: Option<&BodyBudget>,
+) -> Result<Request<Body>, Error>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let declared = content_length(req.headers());
     let endpoint = Endpoint::from_path(req.uri().path()).unwrap_or(Endpoint::Passthrough);
-    if content_length(req.headers()).is_some_and(|len| len > limit as u64) {
+    if declared.is_some_and(|len| len > limit as u64) {
         return Err(Error::RequestTooLarge { limit });
     }
     let json_content = json_content_type(req.headers())?;
@@ -114,7 +144,7 @@ where
         if let Some(ct) = json_content.err() {
             return Err(Error::UnsupportedMediaType(ct));
         }
-        let bytes = read_limited(body, limit).await?;
+        let bytes = read_limited(body, limit, declared, budget).await?;
         let json = parse_object(&bytes)?;
         match json.get("model") {
             Some(Value::String(m)) if !m.is_empty() => {}
@@ -124,7 +154,7 @@ where
     } else if json_content.is_ok() && carries_body(&parts.method, &parts.headers) {
         // Other routes: buffer JSON to learn its model; a body that is not an
         // object goes on as is, for the upstream to judge.
-        let bytes = read_limited(body, limit).await?;
+        let bytes = read_limited(body, limit, declared, budget).await?;
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(json)) => RequestMeta::parsed(endpoint, bytes, json),
             _ => {
@@ -193,21 +223,69 @@ fn carries_body(method: &http::Method, headers: &HeaderMap) -> bool {
     ) || content_length(headers).is_some()
 }
 
-async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, Error>
+/// Read a whole body of at most `limit` bytes (413 past it), holding its
+/// bytes in `budget` (503 when it has no room for them).
+async fn read_limited<B>(
+    body: B,
+    limit: usize,
+    declared: Option<u64>,
+    budget: Option<&BodyBudget>,
+) -> Result<Bytes, Error>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(Error::RequestTooLarge { limit })
+    let full = |budget: &BodyBudget| Error::BodyBufferFull {
+        limit: budget.limit(),
+    };
+    // `declared` is at most `limit` here (checked before).
+    let declared = declared.map_or(0, |d| usize::try_from(d).unwrap_or(limit).min(limit));
+    let mut claim = budget.map(BodyBudget::claim);
+    if let (Some(claim), Some(budget)) = (&mut claim, budget)
+        && !claim.hold(declared)
+    {
+        return Err(full(budget));
+    }
+    let mut body = std::pin::pin!(body);
+    let mut first = Bytes::new();
+    let mut joined: Option<Vec<u8>> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(read_error)?.into_data() else {
+            continue; // trailers
+        };
+        let total = first.len() + joined.as_ref().map_or(0, Vec::len) + data.len();
+        if total > limit {
+            return Err(Error::RequestTooLarge { limit });
         }
-        // The body's own verdict (e.g. a read timeout of the server's body).
-        Err(e) => match e.downcast::<Error>() {
-            Ok(error) => Err(*error),
-            Err(e) => Err(Error::InvalidJson(format!("could not read the body: {e}"))),
-        },
+        if let (Some(claim), Some(budget)) = (&mut claim, budget)
+            && !claim.hold(total)
+        {
+            return Err(full(budget));
+        }
+        if let Some(joined) = &mut joined {
+            joined.extend_from_slice(&data);
+        } else if first.is_empty() {
+            first = data;
+        } else if !data.is_empty() {
+            let mut all = Vec::with_capacity(declared.max(total));
+            all.extend_from_slice(&first);
+            all.extend_from_slice(&data);
+            joined = Some(all);
+        }
+    }
+    let bytes = joined.map_or(first, Bytes::from);
+    Ok(match claim {
+        Some(claim) => claim.attach(bytes),
+        None => bytes,
+    })
+}
+
+/// A body's read error as the request's error: the body's own verdict (e.g.
+/// a read timeout of the server's body), else an unreadable body.
+fn read_error(e: impl Into<BoxError>) -> Error {
+    match e.into().downcast::<Error>() {
+        Ok(error) => *error,
+        Err(e) => Error::InvalidJson(format!("could not read the body: {e}")),
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
 use llm_proxy_balance::{Backend, Balance, BalanceHandle};
 use llm_proxy_core::Api;
-use llm_proxy_core::{ParseLayer, ParseLimits};
+use llm_proxy_core::{BodyBudget, ParseLayer, ParseLimits};
 use llm_proxy_mock::{Mock, MockConfig, MockServer};
 use llm_proxy_translate::{Protocol as TranslateProtocol, Translate, TranslateConfig};
 use llm_proxy_upstream::{AuthStyle, Upstream, UpstreamConfig};
@@ -171,15 +171,20 @@ impl Proxy {
         let redis_ids = response_ids_redis(&settings)?;
         let ids = ResponseIds::new(redis_ids.clone());
         metrics.add_source(store_metrics(auth.clone(), cache.clone(), redis_ids));
+        let body_budget = BodyBudget::new(settings.max_buffered_body_bytes);
+        metrics.add_source(budget_metrics(body_budget.clone()));
         // The stack below the HTTP face, outermost first.
         let below: Stack =
             BoxCloneSyncService::new(ServiceBuilder::new().option_layer(cache).service(balance));
         let stack = ServiceBuilder::new()
             // The key is checked from the head, before the body is read.
             .option_layer(auth.as_ref().map(AuthLayer::gate))
-            .layer(ParseLayer::new(ParseLimits {
-                max_body_bytes: settings.max_body_bytes,
-            }))
+            .layer(
+                ParseLayer::new(ParseLimits {
+                    max_body_bytes: settings.max_body_bytes,
+                })
+                .with_budget(body_budget.clone()),
+            )
             .option_layer(auth.clone())
             .layer(ResponseAffinityLayer::new(ids))
             .service(EstimateLayer.layer(below));
@@ -395,6 +400,30 @@ fn response_ids_redis(settings: &Settings) -> Result<Option<RedisIds>, BuildErro
         )),
         None => Ok(None),
     }
+}
+
+/// The request bodies held in memory now, and their bound.
+fn budget_metrics(budget: BodyBudget) -> Source {
+    Box::new(move || {
+        let gauge = |name, help, value: usize| Series {
+            name,
+            help,
+            counter: false,
+            samples: vec![(Vec::new(), u64::try_from(value).unwrap_or(u64::MAX))],
+        };
+        vec![
+            gauge(
+                "buffered_body_bytes",
+                "Request body bytes held in memory now",
+                budget.in_use(),
+            ),
+            gauge(
+                "buffered_body_limit_bytes",
+                "Bound on the request body bytes held at once (max_buffered_body_bytes)",
+                budget.limit(),
+            ),
+        ]
+    })
 }
 
 /// Failed calls to shared stores, one family for every store.

@@ -35,6 +35,11 @@ pub struct Config {
     /// Requests with a larger body are answered 413.
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Request bodies held in memory at once, all requests together; a body
+    /// that would pass it is answered 503 `server_overloaded`. Absent: 1 GiB,
+    /// or `max_body_bytes` when that is more.
+    #[serde(default)]
+    pub max_buffered_body_bytes: Option<usize>,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(default = "defaults::drain_timeout_secs")]
     pub drain_timeout_secs: f64,
@@ -265,6 +270,7 @@ mod defaults {
     pub fn max_body_bytes() -> usize {
         4 * 1024 * 1024
     }
+    pub const MAX_BUFFERED_BODY_BYTES: usize = 1024 * 1024 * 1024;
     pub fn drain_timeout_secs() -> f64 {
         30.0
     }
@@ -379,6 +385,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Body limit.
     pub max_body_bytes: usize,
+    /// Bound on the request bodies held at once.
+    pub max_buffered_body_bytes: usize,
     /// Drain timeout.
     pub drain_timeout: Duration,
     /// Header read timeout.
@@ -529,6 +537,18 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             cfg.max_connections
         )));
     }
+    let max_buffered_body_bytes = match cfg.max_buffered_body_bytes {
+        None => defaults::MAX_BUFFERED_BODY_BYTES.max(cfg.max_body_bytes),
+        Some(n) if n < cfg.max_body_bytes => {
+            return Err(ConfigError(format!(
+                "{}: `max_buffered_body_bytes` ({n}) must be at least `max_body_bytes` ({}): \
+                 no body that large could ever be read",
+                path.display(),
+                cfg.max_body_bytes
+            )));
+        }
+        Some(n) => n,
+    };
     positive_ms(path, "header_read_timeout_ms", cfg.header_read_timeout_ms)?;
     if cfg.upstream.is_empty() {
         return Err(ConfigError(format!(
@@ -679,6 +699,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
     Ok(Settings {
         listen,
         max_body_bytes: cfg.max_body_bytes,
+        max_buffered_body_bytes,
         drain_timeout: duration_secs(path, "drain_timeout_secs", cfg.drain_timeout_secs)?,
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         max_connections: cfg.max_connections,
@@ -1026,6 +1047,9 @@ mod tests {
         let s = load(MIN).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(s.max_buffered_body_bytes, 1 << 30);
+        let big = load(&format!("max_body_bytes = {}\n{MIN}", 2u64 << 30)).unwrap();
+        assert_eq!(big.max_buffered_body_bytes, 2 << 30, "never below one body");
         assert_eq!(s.upstreams.len(), 1);
         assert!(s.upstream_header);
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -1036,6 +1060,14 @@ mod tests {
     fn limits_that_cannot_work_are_refused() {
         let e = load(&format!("max_connections = 4611686018427387904\n{MIN}")).unwrap_err();
         assert!(e.contains("`max_connections` must be between 1 and"), "{e}");
+        let e = load(&format!(
+            "max_body_bytes = 2000\nmax_buffered_body_bytes = 1999\n{MIN}"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("`max_buffered_body_bytes` (1999) must be at least `max_body_bytes` (2000)"),
+            "{e}"
+        );
         let e = load(&format!("header_read_timeout_ms = 0\n{MIN}")).unwrap_err();
         assert!(
             e.contains("`header_read_timeout_ms` must be at least 1"),

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::{Body, BoxError};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
@@ -91,13 +91,22 @@ impl Collector for Scraped {
                 MetricType::Gauge
             };
             let mut family = encoder.encode_descriptor(series.name, series.help, None, kind)?;
-            for (labels, value) in &series.samples {
-                let metric = family.encode_family(labels)?;
+            let encode = |metric: MetricEncoder<'_>, value: u64| {
                 if series.counter {
-                    ConstCounter::new(*value).encode(metric)?;
+                    ConstCounter::new(value).encode(metric)
                 } else {
-                    ConstGauge::new(*value as i64).encode(metric)?;
+                    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)
                 }
+            };
+            if let [(labels, value)] = series.samples.as_slice()
+                && labels.is_empty()
+            {
+                // One unlabelled value: `name 5`, not `name{} 5`.
+                encode(family, *value)?;
+                continue;
+            }
+            for (labels, value) in &series.samples {
+                encode(family.encode_family(labels)?, *value)?;
             }
         }
         Ok(())

@@ -1,0 +1,164 @@
+//! [`BodyBudget`]: a bound on the request-body bytes held in memory at once,
+//! all requests together.
+//!
+//! `max_body_bytes` bounds one request. Many requests at once — thousands of
+//! connections, or one h2 connection with a couple of hundred streams — can
+//! each hold that much while their bodies are read and until their answers
+//! end, so the product is far more than a machine's memory. A budget counts
+//! every buffered body's bytes from its first byte read until the last
+//! reference to them is dropped (they live in [`RequestMeta`](crate::RequestMeta)
+//! while the request is retried, cached or translated), and a body that
+//! would pass it is refused with 503 `server_overloaded` and `retry-after:
+//! 1`, before more of it is read. A body whose `content-length` would pass
+//! it is refused before any of it is read.
+//!
+//! The count is one atomic add and subtract per body: no lock, no wait.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+
+/// The shared bound; cheap to clone (clones share the count).
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl BodyBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        BodyBudget {
+            inner: Arc::new(Shared {
+                limit,
+                used: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The bound, in bytes.
+    pub fn limit(&self) -> usize {
+        self.inner.limit
+    }
+
+    /// Bytes held now.
+    pub fn in_use(&self) -> usize {
+        self.inner.used.load(Ordering::Relaxed)
+    }
+
+    /// An empty claim on the budget, grown as a body is read.
+    pub(crate) fn claim(&self) -> Claim {
+        Claim {
+            budget: self.inner.clone(),
+            bytes: 0,
+        }
+    }
+}
+
+/// Bytes taken from a [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    budget: Arc<Shared>,
+    bytes: usize,
+}
+
+impl Claim {
+    /// Hold at least `total` bytes; `false` (holding what it held) when the
+    /// budget has not that much left.
+    pub(crate) fn hold(&mut self, total: usize) -> bool {
+        let Some(more) = total.checked_sub(self.bytes).filter(|m| *m > 0) else {
+            return true;
+        };
+        let used = &self.budget.used;
+        let mut now = used.load(Ordering::Relaxed);
+        loop {
+            let Some(next) = now.checked_add(more).filter(|n| *n <= self.budget.limit) else {
+                return false;
+            };
+            match used.compare_exchange_weak(now, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    self.bytes = total;
+                    return true;
+                }
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    /// Give back what is held beyond `total` (a body shorter than its
+    /// `content-length` said).
+    pub(crate) fn shrink_to(&mut self, total: usize) {
+        if let Some(extra) = self.bytes.checked_sub(total).filter(|e| *e > 0) {
+            self.budget.used.fetch_sub(extra, Ordering::Relaxed);
+            self.bytes = total;
+        }
+    }
+
+    /// `bytes`, holding this claim until their last clone is dropped.
+    pub(crate) fn attach(mut self, bytes: Bytes) -> Bytes {
+        self.shrink_to(bytes.len());
+        if self.bytes == 0 {
+            return bytes;
+        }
+        Bytes::from_owner(Held {
+            bytes,
+            _claim: self,
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Body bytes and the claim that counts them.
+struct Held {
+    bytes: Bytes,
+    _claim: Claim,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_grow_within_the_limit_and_are_given_back_with_their_bytes() {
+        let budget = BodyBudget::new(100);
+        let mut a = budget.claim();
+        assert!(a.hold(60));
+        assert!(a.hold(40), "already held");
+        let mut b = budget.claim();
+        assert!(!b.hold(41), "60 + 41 > 100");
+        assert!(b.hold(40));
+        assert_eq!(budget.in_use(), 100);
+        let bytes = a.attach(Bytes::from(vec![7u8; 50]));
+        assert_eq!(budget.in_use(), 90, "shrunk to the body's length");
+        let copy = bytes.clone();
+        drop(bytes);
+        assert_eq!(budget.in_use(), 90, "a clone still holds them");
+        assert_eq!(&copy[..2], &[7, 7]);
+        drop(copy);
+        assert_eq!(budget.in_use(), 40);
+        drop(b);
+        assert_eq!(budget.in_use(), 0);
+        assert!(!budget.claim().hold(101));
+        assert!(!budget.claim().hold(usize::MAX), "no overflow");
+        assert_eq!(budget.in_use(), 0);
+    }
+}
