@@ -18,7 +18,7 @@ pub struct Relay {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Bumped by [`Relay::freeze`]: a connection accepted in an earlier
-    /// epoch stops passing data.
+    /// epoch passes nothing it reads from then on.
     epoch: watch::Sender<u64>,
     accepted: Arc<AtomicUsize>,
     task: JoinHandle<()>,
@@ -73,34 +73,34 @@ impl Drop for Relay {
     }
 }
 
-async fn relay_one(mut client: TcpStream, target: SocketAddr, mut epoch: watch::Receiver<u64>) {
+async fn relay_one(mut client: TcpStream, target: SocketAddr, epoch: watch::Receiver<u64>) {
     let Ok(mut server) = TcpStream::connect(target).await else {
         return;
     };
-    let born = *epoch.borrow_and_update();
+    let born = *epoch.borrow();
+    // Checked after every read, before its bytes are passed on: nothing read
+    // after `freeze` returned goes through.
+    let frozen = || *epoch.borrow() != born;
     let (mut cr, mut cw) = client.split();
     let (mut sr, mut sw) = server.split();
-    let pass = async {
-        let up = pipe(&mut cr, &mut sw);
-        let down = pipe(&mut sr, &mut cw);
-        tokio::join!(up, down);
-    };
-    let frozen = async {
-        let _ = epoch.wait_for(|e| *e != born).await;
-    };
-    tokio::select! {
-        () = pass => {}
-        () = frozen => {
-            // Silent for good: hold both sockets open, pass nothing.
-            std::future::pending::<()>().await;
-        }
-    }
+    tokio::join!(
+        pipe(&mut cr, &mut sw, &frozen),
+        pipe(&mut sr, &mut cw, &frozen)
+    );
 }
 
-async fn pipe(from: &mut (impl AsyncReadExt + Unpin), to: &mut (impl AsyncWriteExt + Unpin)) {
+async fn pipe(
+    from: &mut (impl AsyncReadExt + Unpin),
+    to: &mut (impl AsyncWriteExt + Unpin),
+    frozen: &impl Fn() -> bool,
+) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match from.read(&mut buf).await {
+            Ok(_) if frozen() => {
+                // Silent for good: hold both sockets open, pass nothing.
+                std::future::pending::<()>().await;
+            }
             Ok(0) | Err(_) => {
                 let _ = to.shutdown().await;
                 return;

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use llm_proxy_core::redis::{RedisCallError, RedisLink};
+use tests::HANG;
 use tests::redis_server::RedisServer;
 use tests::relay::Relay;
-use tests::{HANG, free_port};
 
 async fn get(link: &RedisLink, key: &str) -> Result<Option<String>, RedisCallError> {
     link.call("get", |mut c| async move {
@@ -61,7 +61,13 @@ async fn a_silent_connection_is_replaced() {
 
 #[tokio::test]
 async fn a_failing_redis_is_skipped_then_probed() {
-    let link = RedisLink::new(&format!("redis://127.0.0.1:{}", free_port()))
+    // A port held for the whole test and not listening: connections to it
+    // are refused (a port only found free could be taken by another test).
+    let held = tokio::net::TcpSocket::new_v4().expect("a socket");
+    held.bind("127.0.0.1:0".parse().expect("an address"))
+        .expect("bind");
+    let port = held.local_addr().expect("its address").port();
+    let link = RedisLink::new(&format!("redis://127.0.0.1:{port}"))
         .expect("a link")
         .with_timeout(Duration::from_millis(500));
     // Nothing listens: connection refused, three times in a row…
@@ -98,4 +104,47 @@ async fn a_failing_redis_is_skipped_then_probed() {
             "{refused:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_redis_that_stalls_for_a_moment_keeps_its_connection() {
+    let redis = RedisServer::start().await;
+    let relay = Relay::start(redis.addr).await;
+    let link = RedisLink::new(&relay.redis_url())
+        .expect("a link")
+        .without_breaker();
+    assert_eq!(get(&link, "k").await.expect("an answer"), None);
+    // Redis stops answering for 600 ms (as in a fork for a snapshot): every
+    // call in flight times out at once, but nothing has been silent for long.
+    let admin = redis::Client::open(redis.url()).expect("a client");
+    let mut admin = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connected");
+    redis::cmd("CLIENT")
+        .arg(&["PAUSE", "600", "ALL"])
+        .query_async::<()>(&mut admin)
+        .await
+        .expect("paused");
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let link = link.clone();
+        calls.spawn(async move { get(&link, "k").await });
+    }
+    let stalled = calls.join_all().await;
+    assert!(
+        stalled
+            .iter()
+            .all(|r| matches!(r, Err(RedisCallError::Timeout { .. }))),
+        "{stalled:?}"
+    );
+    // Once Redis answers again, the same connection serves.
+    let deadline = tokio::time::Instant::now() + HANG;
+    while get(&link, "k").await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never answered again"
+        );
+    }
+    assert_eq!(relay.accepted(), 1, "no reconnect for a short stall");
 }

@@ -10,9 +10,14 @@
 //! the manager lacks:
 //!
 //! - every call bounded by a timeout (250 ms unless set otherwise);
-//! - after [`TIMEOUTS_BEFORE_RECONNECT`] calls in a row time out with no
-//!   answer between them, the connection is presumed dead and replaced by a
-//!   new one (connected in the background, on the next call);
+//! - when [`TIMEOUTS_BEFORE_RECONNECT`] calls in a row got no answer (timed
+//!   out, or failed without Redis answering: a failed connect, a refused
+//!   login) *and* nothing has answered on the connection for twice the
+//!   timeout (at least a second), the connection is presumed dead and
+//!   replaced by a new one, connected on the next call. The wall-time
+//!   condition keeps a Redis that is alive but stalls for a moment (a fork
+//!   for a snapshot, a slow script), which times out every call in flight at
+//!   once, from being reconnected by every proxy at the same moment;
 //! - a [`Breaker`]: after [`THRESHOLD`](crate::breaker::THRESHOLD) failed
 //!   calls in a row, calls fail at once with [`RedisCallError::Skipped`] for
 //!   a second, then one call probes Redis. With Redis unreachable a request
@@ -21,20 +26,21 @@
 //!
 //! Connecting is lazy: a proxy starts while Redis is down, and its callers
 //! fall back (a cache miss, local limits, the local id map) until Redis is
-//! back. `rediss://` URLs use TLS (rustls with the `ring` provider).
+//! back. A link can be made outside a tokio runtime; its calls need one.
+//! `rediss://` URLs use TLS (rustls with the `ring` provider).
 //!
 //! This module is behind the `redis` feature.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redis::RedisResult;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisResult};
 
 use crate::breaker::Breaker;
 
-/// Calls in a row that time out before the connection is replaced.
+/// Calls in a row without an answer before the connection may be replaced.
 pub const TIMEOUTS_BEFORE_RECONNECT: u32 = 2;
 
 /// Why a call through a [`RedisLink`] failed.
@@ -42,7 +48,7 @@ pub const TIMEOUTS_BEFORE_RECONNECT: u32 = 2;
 #[non_exhaustive]
 pub enum RedisCallError {
     /// Redis answered with an error, or the connection failed.
-    #[error("redis: {0}")]
+    #[error(transparent)]
     Redis(#[from] redis::RedisError),
     /// No answer within the link's timeout.
     #[error("redis did not answer {op} within {after:?}")]
@@ -57,6 +63,19 @@ pub enum RedisCallError {
     Skipped,
 }
 
+/// Whether Redis itself answered with this error (the connection works),
+/// rather than the connection failing (I/O, a failed connect or login, a
+/// reply that does not parse).
+fn answered(error: &redis::RedisError) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::Server(_)
+            | ErrorKind::Extension
+            | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Client
+    )
+}
+
 /// A lazily connected, self-healing connection to one Redis; cheap to clone
 /// (clones share the connection). See the [module docs](self).
 #[derive(Clone)]
@@ -69,13 +88,31 @@ pub struct RedisLink {
     epoch: Instant,
 }
 
-/// The connection in use, and how its calls have fared.
+/// The connection in use (made on the first call).
 struct Slot {
-    manager: ConnectionManager,
+    manager: Option<ConnectionManager>,
     /// Bumped when `manager` is replaced, so that a late result of a call on
     /// an older connection does not count against the new one.
     generation: u64,
-    timeouts: Arc<AtomicU32>,
+    health: Arc<Health>,
+}
+
+/// How one connection's calls have fared.
+struct Health {
+    /// Calls in a row without an answer.
+    unanswered: AtomicU32,
+    /// When something last answered (the link's ms; at first, when the
+    /// connection was made).
+    answered_ms: AtomicU64,
+}
+
+impl Health {
+    fn new(now_ms: u64) -> Arc<Health> {
+        Arc::new(Health {
+            unanswered: AtomicU32::new(0),
+            answered_ms: AtomicU64::new(now_ms),
+        })
+    }
 }
 
 impl std::fmt::Debug for RedisLink {
@@ -100,22 +137,21 @@ impl RedisLink {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let client = redis::Client::open(url)?;
-        // Calls are bounded by `timeout`; a (re)connect may take a little
-        // longer (TLS, a distant Redis) and goes on behind the calls that
-        // time out, retried a few times before the next call tries again.
+        // Calls are bounded by `timeout`; a connect may take a little longer
+        // (TLS, a distant Redis) and goes on behind the calls that time out.
+        // No retries inside redis-rs: a failed connect fails its calls at
+        // once, and the breaker decides when to try again.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(None)
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+            .set_number_of_retries(0);
         Ok(RedisLink {
             client,
             config,
             slot: Arc::new(Mutex::new(Slot {
-                manager,
+                manager: None,
                 generation: 0,
-                timeouts: Arc::default(),
+                health: Health::new(1),
             })),
             timeout: Self::DEFAULT_TIMEOUT,
             breaker: Some(Arc::default()),
@@ -160,25 +196,22 @@ impl RedisLink {
         {
             return Err(RedisCallError::Skipped);
         }
-        let (manager, generation, timeouts) = {
-            let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
-            (slot.manager.clone(), slot.generation, slot.timeouts.clone())
-        };
+        let (manager, generation, health) = self.current()?;
         let result = match tokio::time::timeout(self.timeout, call(manager)).await {
             Ok(Ok(value)) => {
-                timeouts.store(0, Ordering::Relaxed);
+                self.answered(&health);
                 Ok(value)
             }
             Ok(Err(e)) => {
-                // An answer, even an error: the connection is alive (or the
-                // manager saw it fail and reconnects by itself).
-                timeouts.store(0, Ordering::Relaxed);
+                if answered(&e) {
+                    self.answered(&health);
+                } else {
+                    self.unanswered(generation, &health);
+                }
                 Err(RedisCallError::Redis(e))
             }
             Err(_) => {
-                if timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_RECONNECT {
-                    self.replace(generation);
-                }
+                self.unanswered(generation, &health);
                 Err(RedisCallError::Timeout {
                     op,
                     after: self.timeout,
@@ -196,28 +229,58 @@ impl RedisLink {
         result
     }
 
-    /// Put a new connection in place of generation `generation`'s (unless
-    /// another call already did). The old one closes when its last call ends.
-    fn replace(&self, generation: u64) {
-        let manager =
-            match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-            {
-                Ok(manager) => manager,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot make a new redis connection");
-                    return;
-                }
-            };
+    /// The connection to call on (made now if there is none yet).
+    fn current(&self) -> Result<(ConnectionManager, u64, Arc<Health>), RedisCallError> {
         let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.generation != generation {
+        let manager = match &slot.manager {
+            Some(manager) => manager.clone(),
+            None => {
+                let manager = self.connect()?;
+                slot.manager = Some(manager.clone());
+                slot.health = Health::new(self.now_ms());
+                manager
+            }
+        };
+        Ok((manager, slot.generation, slot.health.clone()))
+    }
+
+    fn connect(&self) -> Result<ConnectionManager, RedisCallError> {
+        Ok(ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.config.clone(),
+        )?)
+    }
+
+    fn answered(&self, health: &Health) {
+        if health.unanswered.load(Ordering::Relaxed) != 0 {
+            health.unanswered.store(0, Ordering::Relaxed);
+        }
+        health.answered_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A call on generation `generation` got no answer: replace the
+    /// connection when this makes it look dead (see the module docs).
+    fn unanswered(&self, generation: u64, health: &Health) {
+        let unanswered = health.unanswered.fetch_add(1, Ordering::Relaxed) + 1;
+        let silence_ms = u64::try_from((self.timeout * 2).max(Duration::from_secs(1)).as_millis())
+            .unwrap_or(u64::MAX);
+        let silent_for = self
+            .now_ms()
+            .saturating_sub(health.answered_ms.load(Ordering::Relaxed));
+        if unanswered < TIMEOUTS_BEFORE_RECONNECT || silent_for < silence_ms {
             return;
         }
-        tracing::warn!("redis stopped answering; replacing its connection");
-        *slot = Slot {
-            manager,
-            generation: generation.wrapping_add(1),
-            timeouts: Arc::default(),
-        };
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.generation != generation {
+            return; // another call replaced it already
+        }
+        tracing::warn!(
+            silent_ms = silent_for,
+            "redis stopped answering; replacing its connection"
+        );
+        // Made on the next call; the old one closes when its last call ends.
+        slot.manager = None;
+        slot.generation = generation.wrapping_add(1);
     }
 
     /// Milliseconds on the link's clock, from 1 (the breaker's 0 is "closed").
