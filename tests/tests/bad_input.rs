@@ -594,3 +594,44 @@ async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
     assert_eq!(post_json(&url, &chat_of_len(800)).await.status, 200);
     assert_eq!(up.stats.requests(), 3);
 }
+
+#[tokio::test]
+async fn an_upstream_framing_by_both_chunks_and_length_reaches_the_client_whole() {
+    // Chunked, with a content-length that disagrees (smaller, then larger):
+    // the chunks decide; the stale length must not reach the client.
+    for stale in ["3", "100000"] {
+        let addr = raw_upstream(move |mut conn| async move {
+            let mut buf = vec![0u8; 8192];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = r#"{"id":"x","object":"chat.completion","choices":[]}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {stale}\r\n\
+                 transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+            let _ = conn.read(&mut buf).await;
+        })
+        .await;
+        let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+        let answer = tokio::time::timeout(
+            HANG,
+            post_json(&p.url("/v1/chat/completions"), &chat("m", false)),
+        )
+        .await
+        .expect("answered");
+        assert_eq!(answer.status, 200, "content-length {stale}");
+        assert_eq!(
+            answer.json()["object"],
+            "chat.completion",
+            "content-length {stale}: {}",
+            answer.text()
+        );
+    }
+}

@@ -54,7 +54,16 @@ pub(crate) fn strip_request(headers: &mut HeaderMap) {
 }
 
 /// Remove hop-by-hop headers from an upstream's response.
+///
+/// A response framed by `transfer-encoding` also loses any `content-length`
+/// it came with: the transfer coding decided its length (RFC 9112 §6.3, which
+/// asks an intermediary to remove the field), and the stale value passed on
+/// would cut the client's body short, or leave it waiting for bytes that
+/// never come.
 pub(crate) fn strip_response(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_connection_named(headers);
     for name in &STRIP_RESPONSE {
         headers.remove(name);
