@@ -635,3 +635,50 @@ async fn an_upstream_framing_by_both_chunks_and_length_reaches_the_client_whole(
         );
     }
 }
+
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_and_a_busy_one_is_not() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(20.0),
+        ..MockConfig::default()
+    })
+    .await;
+    // Idle for 300 ms: closed (as an idle HTTP/1 connection would be).
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    let mut conn = tokio::spawn(conn);
+    // A stream of 20 tokens at 20 per second outlasts the idle timeout
+    // three times over, and is not cut.
+    let body = chat("m", true);
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+        .header("content-type", "application/json")
+        .header("x-mock-tokens", "20")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("answered");
+    assert_eq!(resp.status(), 200);
+    let (streamed, broken) = read_stream(resp).await;
+    assert!(!broken, "the stream ran to its end");
+    assert!(
+        String::from_utf8_lossy(&streamed).contains("data: [DONE]"),
+        "{}",
+        String::from_utf8_lossy(&streamed)
+    );
+    assert!(!conn.is_finished(), "open while it carried a stream");
+    // Then nothing: the proxy closes the connection (GOAWAY).
+    tokio::time::timeout(HANG, &mut conn)
+        .await
+        .expect("the idle connection was closed")
+        .expect("the connection task")
+        .expect("a clean close");
+}

@@ -36,6 +36,7 @@
 mod app;
 pub mod config;
 mod estimate;
+mod idle;
 pub mod metrics;
 mod preface;
 mod read_timeout;

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::app::Proxy;
+use crate::idle::{Activity, Tracked};
 use crate::metrics::Metrics;
 use crate::preface::FirstBytes;
 use crate::routes::HyperFace;
@@ -43,7 +43,7 @@ impl Proxy {
     ) -> std::io::Result<()> {
         let opts = self.conn_options();
         let metrics_task = self.spawn_metrics().await?;
-        let graceful = GracefulShutdown::new();
+        let graceful = Drain::new();
         let permits = Arc::new(Semaphore::new(opts.max_connections));
         accept_loop(
             &listener,
@@ -131,7 +131,7 @@ impl Proxy {
                                 return;
                             }
                         };
-                        let graceful = GracefulShutdown::new();
+                        let graceful = Drain::new();
                         let stop = async move {
                             let _ = stop_rx.wait_for(|stop| *stop).await;
                         };
@@ -197,8 +197,35 @@ impl Proxy {
     }
 }
 
-/// Let the connections watched by `graceful` finish, for up to `timeout`.
-async fn drain(graceful: GracefulShutdown, timeout: Duration) {
+/// Tells the connections of a listener to finish, and waits until they
+/// have (what hyper-util's `GracefulShutdown` does, for connections that
+/// may also be shut down for being idle: see [`serve_connection`]).
+#[derive(Debug)]
+struct Drain {
+    tx: watch::Sender<()>,
+}
+
+impl Drain {
+    fn new() -> Self {
+        Drain {
+            tx: watch::channel(()).0,
+        }
+    }
+
+    /// For one connection: changes when it is to finish; dropped when it has.
+    fn watcher(&self) -> watch::Receiver<()> {
+        self.tx.subscribe()
+    }
+
+    /// Tell every connection to finish, and wait until all have.
+    async fn shutdown(self) {
+        let _ = self.tx.send(());
+        self.tx.closed().await;
+    }
+}
+
+/// Let the connections of `graceful` finish, for up to `timeout`.
+async fn drain(graceful: Drain, timeout: Duration) {
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("drained"),
         () = tokio::time::sleep(timeout) => {
@@ -367,7 +394,7 @@ async fn accept_loop<S>(
     service: S,
     opts: ConnOptions,
     permits: Arc<Semaphore>,
-    graceful: &GracefulShutdown,
+    graceful: &Drain,
     shutdown: impl Future<Output = ()>,
     mut spread: Option<Spread>,
 ) where
@@ -437,7 +464,7 @@ async fn accept_loop<S>(
 fn serve_connection<S>(
     builder: &auto::Builder<TokioExecutor>,
     opts: &ConnOptions,
-    graceful: &GracefulShutdown,
+    graceful: &Drain,
     service: &S,
     stream: TcpStream,
     permit: OwnedSemaphorePermit,
@@ -446,18 +473,42 @@ fn serve_connection<S>(
     S: ConnService,
 {
     let _ = stream.set_nodelay(true);
+    let activity = Activity::new();
+    let service = Tracked {
+        inner: service.clone(),
+        activity: activity.clone(),
+    };
     let conn = builder
         .serve_connection_with_upgrades(
             TokioIo::new(FirstBytes::new(stream, opts.header_read_timeout)),
-            service.clone(),
+            service,
         )
         .into_owned();
-    let conn = graceful.watch(conn);
+    let mut stop = graceful.watcher();
+    // An HTTP/2 connection without a request for as long as an HTTP/1 one
+    // may wait for its next request's head is closed too (`idle`).
+    let idle_timeout = opts.header_read_timeout;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let mut conn = std::pin::pin!(conn);
+        let mut closing = false;
+        let ended = loop {
+            tokio::select! {
+                ended = conn.as_mut() => break ended,
+                _ = stop.changed(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = activity.idle(idle_timeout), if !closing => {
+                    tracing::debug!("closing an idle HTTP/2 connection");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "connection ended with an error");
         }
-        drop((permit, load));
+        drop((permit, load, stop));
     });
 }
 
@@ -480,7 +531,7 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    let graceful = GracefulShutdown::new();
+    let graceful = Drain::new();
     let opts = ConnOptions {
         header_read_timeout: Duration::from_secs(10),
         max_connections: 64,
