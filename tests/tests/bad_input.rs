@@ -682,3 +682,46 @@ async fn an_idle_h2c_connection_is_closed_and_a_busy_one_is_not() {
         .expect("the connection task")
         .expect("a clean close");
 }
+
+#[tokio::test]
+async fn the_error_event_after_a_cut_event_is_an_event_of_its_own() {
+    // A chunk whose event lacks its blank line, then the end of the body.
+    let addr = raw_upstream(|mut conn| async move {
+        let mut buf = vec![0u8; 8192];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n";
+        let out = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+             {:x}\r\n{event}\r\n0\r\n\r\n",
+            event.len()
+        );
+        let _ = conn.write_all(out.as_bytes()).await;
+        let _ = conn.read(&mut buf).await;
+    })
+    .await;
+    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("m", true),
+        ))
+        .await
+        .expect("response head");
+    let (body, _) = read_stream(resp).await;
+    let events = sse_data(&body);
+    let parsed: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|_| panic!("not one JSON event: {e:?}")))
+        .collect();
+    assert_eq!(parsed.len(), 2, "{events:?}");
+    assert_eq!(parsed[0]["choices"][0]["delta"]["content"], "hi");
+    assert_eq!(parsed[1]["error"]["code"], "stream_interrupted");
+}

@@ -206,8 +206,10 @@ impl HttpBody for UpstreamBody {
                     if let (Some(watch), Some(data)) = (this.watch.as_mut(), frame.data_ref())
                         && let Err(reason) = watch.observe(data)
                     {
-                        // Pass this frame on, then end with the error event.
-                        *this.state = State::interrupt(this.upstream, &reason, Some(watch.kind));
+                        // Pass this frame on, then end with the error event
+                        // (after whatever part of an event it ended with).
+                        *this.state =
+                            State::interrupt(this.upstream, &reason, Some(watch.kind), true);
                     }
                     return Poll::Ready(Some(Ok(frame)));
                 }
@@ -269,8 +271,13 @@ impl HttpBody for UpstreamBody {
                 Poll::Ready(None)
             }
             Err(reason) => {
-                *this.state =
-                    State::interrupt(this.upstream, &reason, this.watch.as_ref().map(|w| w.kind));
+                let cut = this.watch.as_ref().is_some_and(|w| w.parser.has_partial());
+                *this.state = State::interrupt(
+                    this.upstream,
+                    &reason,
+                    this.watch.as_ref().map(|w| w.kind),
+                    cut,
+                );
                 this.state.drain(this.upstream, cx)
             }
         }
@@ -299,11 +306,21 @@ fn said_all(watch: &Option<Box<StreamWatch>>) -> bool {
 
 impl State {
     /// The state that ends the stream: an error event (for watched SSE
-    /// streams), then the error itself.
-    fn interrupt(upstream: &str, reason: &str, kind: Option<StreamKind>) -> State {
+    /// streams), then the error itself. `cut` says the client may hold the
+    /// start of an event (a line or an event without its end): the error
+    /// event then starts with a blank line, so that it is an event of its
+    /// own and not glued to what came before.
+    fn interrupt(upstream: &str, reason: &str, kind: Option<StreamKind>, cut: bool) -> State {
         tracing::warn!(upstream, reason, "upstream stream interrupted");
         let message = format!("upstream `{upstream}`: {reason}");
-        let event = kind.map(|k| Error::stream_interrupted_event_for(k, &message));
+        let event = kind.map(|k| {
+            let event = Error::stream_interrupted_event_for(k, &message);
+            if cut {
+                Bytes::from([&b"\n\n"[..], &event].concat())
+            } else {
+                event
+            }
+        });
         State::Interrupting {
             flushed: event.is_none(),
             event,
