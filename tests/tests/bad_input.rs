@@ -725,3 +725,37 @@ async fn the_error_event_after_a_cut_event_is_an_event_of_its_own() {
     assert_eq!(parsed[0]["choices"][0]["delta"]["content"], "hi");
     assert_eq!(parsed[1]["error"]["code"], "stream_interrupted");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_cancelled() {
+    // The mock streams as fast as it is read, far more than socket buffers
+    // hold.
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(p.addr).await.unwrap();
+    let body = chat("m", true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         x-mock-tokens: 1000000\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Now the client reads nothing more, and keeps its connection open.
+    eventually("the upstream stream is cancelled", || {
+        up.stats.cancelled() == 1
+    })
+    .await;
+    drop(conn);
+}

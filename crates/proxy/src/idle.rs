@@ -1,39 +1,49 @@
-//! Closing HTTP/2 connections that carry no request.
+//! What a connection's task watches besides the connection itself: an
+//! HTTP/2 connection that carries no request, and a client that stops
+//! reading its answer.
 //!
-//! An idle HTTP/1 keep-alive connection is closed by hyper's header-read
-//! timeout: waiting for the next request's head is reading a head. HTTP/2
-//! has no such wait — a client may open a connection, settle its settings,
-//! answer pings and never send a request — and hyper's HTTP/2 server has no
-//! idle timeout, so each such connection would hold one of
-//! `max_connections` permits for ever. [`Activity`] counts a connection's
+//! **Idle HTTP/2.** An idle HTTP/1 keep-alive connection is closed by
+//! hyper's header-read timeout: waiting for the next request's head is
+//! reading a head. HTTP/2 has no such wait — a client may open a connection,
+//! settle its settings, answer pings and never send a request — and hyper's
+//! HTTP/2 server has no idle timeout, so each such connection would hold one
+//! of `max_connections` permits for ever. [`Activity`] counts a connection's
 //! requests in flight (from the call until the response body is dropped);
-//! [`Activity::idle`] resolves once there has been none for the timeout,
-//! and the connection is then shut down gracefully (GOAWAY).
+//! [`Activity::idle`] resolves once an HTTP/2 connection has had none for
+//! the timeout, and the connection is then shut down gracefully (GOAWAY).
 //!
-//! Only HTTP/2 connections are counted: [`Tracked`] learns the protocol from
-//! the request's version, so HTTP/1 requests pay one branch, and a
-//! connection that has carried an HTTP/1 request is left to hyper's timer.
+//! **Stalled client** (nginx's `send_timeout`). A client that stops reading
+//! a streamed answer holds its upstream request — and a model server's
+//! slot — for as long as it likes: the socket buffers fill, hyper stops
+//! asking the response body for more, and the upstream's writes block.
+//! [`Activity::stalled`] resolves when a response body has handed hyper a
+//! frame and no body of the connection has been asked for another for the
+//! timeout; the connection is then closed, which cancels the upstream
+//! request. A stream waiting for its upstream is not stalled: hyper has
+//! asked for the next frame, and the body has none yet.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use http::{Request, Response, Version};
-use http_body_util::BodyExt;
-use llm_proxy_core::{Body, Guarded};
 use tokio::time::Instant;
 
-/// One connection's requests in flight, and since when it has had none.
+/// One connection's requests in flight, and what its response bodies do.
 #[derive(Debug)]
 pub(crate) struct Activity {
     epoch: Instant,
-    /// Set by the first HTTP/1 request: hyper watches this connection.
+    /// Set by the first HTTP/1 request: hyper watches this connection's
+    /// idle time itself.
     http1: AtomicBool,
     in_flight: AtomicUsize,
     /// Milliseconds since `epoch` at which `in_flight` last fell to zero.
     idle_since_ms: AtomicU64,
+    /// Times any response body of the connection was asked for a frame.
+    body_polls: AtomicU64,
+    /// Response bodies that handed out a frame and have not been asked for
+    /// the next one.
+    unsent: AtomicUsize,
 }
 
 impl Activity {
@@ -43,11 +53,20 @@ impl Activity {
             http1: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
+            body_polls: AtomicU64::new(0),
+            unsent: AtomicUsize::new(0),
         })
     }
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A request of this version arrived.
+    pub(crate) fn saw(&self, version: http::Version) {
+        if version != http::Version::HTTP_2 && !self.http1.load(Ordering::Relaxed) {
+            self.http1.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Resolves once no request has been in flight for `timeout`; never on
@@ -77,94 +96,75 @@ impl Activity {
             tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
         }
     }
+
+    /// Resolves once a response body has waited `timeout` (measured in
+    /// quarters of it) for the client to take what it handed out, with no
+    /// body of this connection asked for more meanwhile.
+    pub(crate) async fn stalled(&self, timeout: Duration) {
+        let step = (timeout / 4).max(Duration::from_millis(1));
+        let mut polls = self.body_polls.load(Ordering::Relaxed);
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(step).await;
+            let now_polls = self.body_polls.load(Ordering::Relaxed);
+            if now_polls != polls || self.unsent.load(Ordering::Relaxed) == 0 {
+                polls = now_polls;
+                since = Instant::now();
+            } else if since.elapsed() >= timeout {
+                return;
+            }
+        }
+    }
 }
 
-/// One request in flight on a counted connection.
-struct InFlight(Arc<Activity>);
+/// One request in flight on a watched connection; its response body keeps
+/// it until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    activity: Arc<Activity>,
+    /// The body handed out a frame and has not been asked for the next.
+    handed: bool,
+}
 
 impl InFlight {
-    fn new(activity: &Arc<Activity>) -> InFlight {
+    pub(crate) fn new(activity: &Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(activity.clone())
+        InFlight {
+            activity: activity.clone(),
+            handed: false,
+        }
+    }
+
+    /// The response body is asked for a frame.
+    pub(crate) fn asked(&mut self) {
+        self.activity.body_polls.fetch_add(1, Ordering::Relaxed);
+        if self.handed {
+            self.handed = false;
+            self.activity.unsent.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The response body answered `polled`.
+    pub(crate) fn answered<T, E>(&mut self, polled: &Poll<Option<Result<T, E>>>) {
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            self.handed = true;
+            self.activity.unsent.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let activity = &self.0;
+        let activity = &self.activity;
+        if self.handed {
+            activity.unsent.fetch_sub(1, Ordering::Relaxed);
+        }
         // Stamp before the count falls: `idle` never sees zero in flight
         // with a stale stamp.
         activity
             .idle_since_ms
             .store(activity.now_ms(), Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A connection's service, counting its HTTP/2 requests in `activity`.
-#[derive(Clone, Debug)]
-pub(crate) struct Tracked<S> {
-    pub(crate) inner: S,
-    pub(crate) activity: Arc<Activity>,
-}
-
-type BoxResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
-
-pin_project_lite::pin_project! {
-    /// The future of [`Tracked`]: an HTTP/1 request's own, or an HTTP/2
-    /// request's whose body holds its [`InFlight`].
-    #[project = TrackedProj]
-    pub(crate) enum TrackedFuture<F> {
-        Plain { #[pin] inner: F },
-        Counted { inner: BoxResponseFuture },
-    }
-}
-
-impl<F> Future for TrackedFuture<F>
-where
-    F: Future<Output = Result<Response<Body>, std::convert::Infallible>>,
-{
-    type Output = Result<Response<Body>, std::convert::Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            TrackedProj::Plain { inner } => inner.poll(cx),
-            TrackedProj::Counted { inner } => inner.as_mut().poll(cx),
-        }
-    }
-}
-
-impl<S> hyper::service::Service<Request<hyper::body::Incoming>> for Tracked<S>
-where
-    S: hyper::service::Service<
-            Request<hyper::body::Incoming>,
-            Response = Response<Body>,
-            Error = std::convert::Infallible,
-            Future: Send + 'static,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = TrackedFuture<S::Future>;
-
-    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
-        if req.version() != Version::HTTP_2 {
-            if !self.activity.http1.load(Ordering::Relaxed) {
-                self.activity.http1.store(true, Ordering::Relaxed);
-            }
-            return TrackedFuture::Plain {
-                inner: self.inner.call(req),
-            };
-        }
-        let in_flight = InFlight::new(&self.activity);
-        let inner = self.inner.call(req);
-        TrackedFuture::Counted {
-            inner: Box::pin(async move {
-                let resp = inner.await?;
-                Ok(resp.map(|body| Guarded::new(body, in_flight).boxed_unsync()))
-            }),
-        }
     }
 }
 
@@ -185,5 +185,29 @@ mod tests {
         drop(second); // idle from 30 s on
         activity.idle(timeout).await;
         assert_eq!(started.elapsed(), Duration::from_secs(40));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_left_with_its_frame_is_stalled_and_one_waiting_upstream_is_not() {
+        let activity = Activity::new();
+        let timeout = Duration::from_secs(8);
+        let mut body = InFlight::new(&activity);
+        // Asked, and waiting for its upstream: never stalled.
+        body.asked();
+        body.answered::<(), ()>(&Poll::Pending);
+        let waiting = tokio::time::timeout(Duration::from_secs(60), activity.stalled(timeout));
+        assert!(waiting.await.is_err());
+        // A frame handed out, never asked for the next: stalled in about
+        // the timeout (measured in quarters).
+        body.asked();
+        body.answered::<(), ()>(&Poll::Ready(Some(Ok(()))));
+        let started = Instant::now();
+        activity.stalled(timeout).await;
+        let took = started.elapsed();
+        assert!(took >= timeout && took <= timeout + timeout / 4, "{took:?}");
+        // Asked again: no longer.
+        body.asked();
+        let waiting = tokio::time::timeout(Duration::from_secs(60), activity.stalled(timeout));
+        assert!(waiting.await.is_err());
     }
 }

@@ -9,6 +9,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::{Body, BoxError};
+
+use crate::idle::InFlight;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -194,12 +196,25 @@ impl Metrics {
         start: Instant,
         body: Body,
     ) -> ObservedBody {
+        self.observe_on(route, start, body, None)
+    }
+
+    /// [`Metrics::observe`], also telling the connection's watch (idle,
+    /// stalled client) about the body.
+    pub(crate) fn observe_on(
+        self: &Arc<Self>,
+        route: &'static str,
+        start: Instant,
+        body: Body,
+        conn: Option<InFlight>,
+    ) -> ObservedBody {
         ObservedBody {
             inner: body,
             route,
             start,
             first: false,
             metrics: self.clone(),
+            conn,
         }
     }
 }
@@ -211,6 +226,15 @@ pub struct ObservedBody {
     start: Instant,
     first: bool,
     metrics: Arc<Metrics>,
+    conn: Option<InFlight>,
+}
+
+impl std::fmt::Debug for ObservedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedBody")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpBody for ObservedBody {
@@ -221,7 +245,13 @@ impl HttpBody for ObservedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.asked();
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(conn) = self.conn.as_mut() {
+            conn.answered(&polled);
+        }
         if !self.first && matches!(polled, Poll::Ready(Some(_)) | Poll::Ready(None)) {
             self.first = true;
             let route = self.route;

@@ -19,6 +19,7 @@ use llm_proxy_core::{
 use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
+use crate::idle::{Activity, InFlight};
 use crate::metrics::Metrics;
 use crate::read_timeout::ReadTimeout;
 use llm_proxy_balance::BalanceHandle;
@@ -226,17 +227,18 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 /// The future of a [`ProxyService`] call.
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-/// [`ProxyService`] as a hyper service, for the server's connections.
+/// [`ProxyService`] as the server's connections call it: with the
+/// connection's watch (idle HTTP/2, stalled client; `crate::idle`).
 #[derive(Clone, Debug)]
 pub(crate) struct HyperFace(pub(crate) ProxyService);
 
-impl hyper::service::Service<Request<hyper::body::Incoming>> for HyperFace {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn call(&self, req: Request<hyper::body::Incoming>) -> ResponseFuture {
-        self.0.serve(req)
+impl HyperFace {
+    pub(crate) fn call_on(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        conn: &Arc<Activity>,
+    ) -> ResponseFuture {
+        self.0.serve(req, Some(InFlight::new(conn)))
     }
 }
 
@@ -256,15 +258,16 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.serve(req)
+        self.serve(req, None)
     }
 }
 
 impl ProxyService {
     /// [`Service::call`] on a shared reference: the server calls this
     /// through [`HyperFace`], without a clone of the whole service per
-    /// request as hyper-util's tower adapter makes.
-    fn serve<B>(&self, req: Request<B>) -> ResponseFuture
+    /// request as hyper-util's tower adapter makes. `conn` follows the
+    /// request for its connection's watch, into the response body.
+    fn serve<B>(&self, req: Request<B>, conn: Option<InFlight>) -> ResponseFuture
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -304,7 +307,7 @@ impl ProxyService {
             Ok(resp.map(|body| {
                 shared
                     .metrics
-                    .observe(route.label(), start, body)
+                    .observe_on(route.label(), start, body, conn)
                     .boxed_unsync()
             }))
         })

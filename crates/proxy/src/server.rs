@@ -1,22 +1,25 @@
 //! The HTTP server: accept loop, connection limit, slow-client cut-off,
 //! graceful drain on shutdown.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
+use llm_proxy_core::Body;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::app::Proxy;
-use crate::idle::{Activity, Tracked};
+use crate::idle::Activity;
 use crate::metrics::Metrics;
 use crate::preface::FirstBytes;
-use crate::routes::HyperFace;
+use crate::routes::{HyperFace, ResponseFuture};
 use crate::timer::CoarseTimer;
 
 /// How often an idle HTTP/2 connection is pinged.
@@ -234,30 +237,56 @@ async fn drain(graceful: Drain, timeout: Duration) {
     }
 }
 
-/// What serves the server's connections: a hyper service (the proxy's
-/// [`HyperFace`], or the metrics listener's).
-trait ConnService:
-    hyper::service::Service<
-        http::Request<hyper::body::Incoming>,
-        Response = http::Response<llm_proxy_core::Body>,
-        Error = std::convert::Infallible,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + 'static
-{
+/// What serves the server's connections: the proxy's [`HyperFace`], or the
+/// metrics listener's [`MetricsFace`]; called with the connection's watch.
+trait ConnService: Clone + Send + 'static {
+    fn call_on(&self, req: Request<Incoming>, conn: &Arc<Activity>) -> ResponseFuture;
 }
 
-impl<S> ConnService for S where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<llm_proxy_core::Body>,
-            Error = std::convert::Infallible,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + 'static
-{
+impl ConnService for HyperFace {
+    fn call_on(&self, req: Request<Incoming>, conn: &Arc<Activity>) -> ResponseFuture {
+        HyperFace::call_on(self, req, conn)
+    }
+}
+
+/// A [`ConnService`] as hyper calls it, on one connection.
+#[derive(Clone)]
+struct OnConn<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: ConnService> hyper::service::Service<Request<Incoming>> for OnConn<S> {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: Request<Incoming>) -> ResponseFuture {
+        self.activity.saw(req.version());
+        self.inner.call_on(req, &self.activity)
+    }
+}
+
+/// The metrics listener: `/metrics`, and 404 for anything else.
+#[derive(Clone)]
+struct MetricsFace(Arc<Metrics>);
+
+impl ConnService for MetricsFace {
+    fn call_on(&self, req: Request<Incoming>, _conn: &Arc<Activity>) -> ResponseFuture {
+        let resp = if req.uri().path() == "/metrics" {
+            let mut r = Response::new(llm_proxy_core::full(self.0.encode()));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        } else {
+            llm_proxy_core::Error::RouteNotFound(req.uri().path().to_owned()).into_response()
+        };
+        Box::pin(std::future::ready(Ok(resp)))
+    }
 }
 
 /// A connection one shard accepted and handed to another, with its share of
@@ -474,7 +503,7 @@ fn serve_connection<S>(
 {
     let _ = stream.set_nodelay(true);
     let activity = Activity::new();
-    let service = Tracked {
+    let service = OnConn {
         inner: service.clone(),
         activity: activity.clone(),
     };
@@ -485,8 +514,10 @@ fn serve_connection<S>(
         )
         .into_owned();
     let mut stop = graceful.watcher();
-    // An HTTP/2 connection without a request for as long as an HTTP/1 one
-    // may wait for its next request's head is closed too (`idle`).
+    // One knob for slow or silent clients: an HTTP/2 connection without a
+    // request for as long as an HTTP/1 one may wait for its next request's
+    // head is closed too, and so is a connection whose client does not take
+    // a response's bytes for that long (`crate::idle`).
     let idle_timeout = opts.header_read_timeout;
     tokio::spawn(async move {
         let mut conn = std::pin::pin!(conn);
@@ -503,6 +534,10 @@ fn serve_connection<S>(
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
+                () = activity.stalled(idle_timeout) => {
+                    tracing::debug!("closing a connection whose client stopped reading");
+                    break Ok(());
+                }
             }
         };
         if let Err(e) = ended {
@@ -513,24 +548,6 @@ fn serve_connection<S>(
 }
 
 async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
-    let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let metrics = metrics.clone();
-        async move {
-            let resp = if req.uri().path() == "/metrics" {
-                let mut r = http::Response::new(llm_proxy_core::full(metrics.encode()));
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                r
-            } else {
-                llm_proxy_core::Error::RouteNotFound(req.uri().path().to_owned()).into_response()
-            };
-            Ok::<_, std::convert::Infallible>(resp)
-        }
-    });
     let graceful = Drain::new();
     let opts = ConnOptions {
         header_read_timeout: Duration::from_secs(10),
@@ -539,7 +556,7 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     accept_loop(
         &listener,
-        TowerToHyperService::new(service),
+        MetricsFace(metrics),
         opts,
         permits,
         &graceful,
