@@ -69,6 +69,13 @@ pub(crate) struct Claim {
 }
 
 impl Claim {
+    /// The error for a body this claim could not hold.
+    pub(crate) fn full(&self) -> crate::Error {
+        crate::Error::BodyBufferFull {
+            limit: self.budget.limit,
+        }
+    }
+
     /// Hold at least `total` bytes; `false` (holding what it held) when the
     /// budget has not that much left.
     pub(crate) fn hold(&mut self, total: usize) -> bool {

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::budget::Claim;
 use crate::{
     Body, BodyBudget, BoxError, BoxFuture, Endpoint, Error, RequestMeta, call_boxed, empty,
 };
@@ -105,9 +106,10 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limit = self.limits.max_body_bytes;
-        let budget = self.budget.clone();
+        // The claim shares the budget: no clone of the budget itself.
+        let claim = self.budget.as_ref().map(BodyBudget::claim);
         Box::pin(async move {
-            let req = parse_within(req, limit, budget.as_ref()).await?;
+            let req = parse_claimed(req, limit, claim).await?;
             call_boxed(&mut inner, req).await
         })
     }
@@ -132,6 +134,19 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    parse_claimed(req, limit, budget.map(BodyBudget::claim)).await
+}
+
+async fn parse_claimed<B>(
+    req: Request<B>,
+    limit: usize,
+    claim: Option<Claim>,
+) -> Result<Request<Body>, Error>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut claim = claim;
     let declared = content_length(req.headers());
     let endpoint = Endpoint::from_path(req.uri().path()).unwrap_or(Endpoint::Passthrough);
     if declared.is_some_and(|len| len > limit as u64) {
@@ -144,7 +159,7 @@ where
         if let Some(ct) = json_content.err() {
             return Err(Error::UnsupportedMediaType(ct));
         }
-        let bytes = read_limited(body, limit, declared, budget).await?;
+        let bytes = read_limited(body, limit, declared, claim.take()).await?;
         let json = parse_object(&bytes)?;
         match json.get("model") {
             Some(Value::String(m)) if !m.is_empty() => {}
@@ -154,7 +169,7 @@ where
     } else if json_content.is_ok() && carries_body(&parts.method, &parts.headers) {
         // Other routes: buffer JSON to learn its model; a body that is not an
         // object goes on as is, for the upstream to judge.
-        let bytes = read_limited(body, limit, declared, budget).await?;
+        let bytes = read_limited(body, limit, declared, claim.take()).await?;
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(json)) => RequestMeta::parsed(endpoint, bytes, json),
             _ => {
@@ -224,27 +239,23 @@ fn carries_body(method: &http::Method, headers: &HeaderMap) -> bool {
 }
 
 /// Read a whole body of at most `limit` bytes (413 past it), holding its
-/// bytes in `budget` (503 when it has no room for them).
+/// bytes in `claim` (503 when its budget has no room for them).
 async fn read_limited<B>(
     body: B,
     limit: usize,
     declared: Option<u64>,
-    budget: Option<&BodyBudget>,
+    mut claim: Option<Claim>,
 ) -> Result<Bytes, Error>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let full = |budget: &BodyBudget| Error::BodyBufferFull {
-        limit: budget.limit(),
-    };
     // `declared` is at most `limit` here (checked before).
     let declared = declared.map_or(0, |d| usize::try_from(d).unwrap_or(limit).min(limit));
-    let mut claim = budget.map(BodyBudget::claim);
-    if let (Some(claim), Some(budget)) = (&mut claim, budget)
+    if let Some(claim) = &mut claim
         && !claim.hold(declared)
     {
-        return Err(full(budget));
+        return Err(claim.full());
     }
     let mut body = std::pin::pin!(body);
     let mut first = Bytes::new();
@@ -257,10 +268,10 @@ where
         if total > limit {
             return Err(Error::RequestTooLarge { limit });
         }
-        if let (Some(claim), Some(budget)) = (&mut claim, budget)
+        if let Some(claim) = &mut claim
             && !claim.hold(total)
         {
-            return Err(full(budget));
+            return Err(claim.full());
         }
         if let Some(joined) = &mut joined {
             joined.extend_from_slice(&data);

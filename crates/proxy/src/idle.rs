@@ -160,10 +160,13 @@ impl Drop for InFlight {
             activity.unsent.fetch_sub(1, Ordering::Relaxed);
         }
         // Stamp before the count falls: `idle` never sees zero in flight
-        // with a stale stamp.
-        activity
-            .idle_since_ms
-            .store(activity.now_ms(), Ordering::Release);
+        // with a stale stamp. (HTTP/1 connections need no stamp, nor the
+        // clock read.)
+        if !activity.http1.load(Ordering::Relaxed) {
+            activity
+                .idle_since_ms
+                .store(activity.now_ms(), Ordering::Release);
+        }
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
