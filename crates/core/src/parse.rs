@@ -165,6 +165,17 @@ where
             Some(Value::String(m)) if !m.is_empty() => {}
             _ => return Err(Error::MissingModel),
         }
+        // Every layer reads `stream` as a boolean; an upstream may read
+        // `"yes"` as true and stream an answer nobody here expects.
+        if json
+            .get("stream")
+            .is_some_and(|s| !matches!(s, Value::Bool(_) | Value::Null))
+        {
+            return Err(Error::UnsupportedParameter {
+                param: "stream".into(),
+                message: "`stream` must be true or false".into(),
+            });
+        }
         RequestMeta::parsed(endpoint, bytes, json)
     } else if json_content.is_ok() && carries_body(&parts.method, &parts.headers) {
         // Other routes: buffer JSON to learn its model; a body that is not an
@@ -367,6 +378,16 @@ mod tests {
             code(req(p, None, r#"{"model":"mmmmmmmmmmmmm"}"#), 10).await,
             "request_too_large"
         );
+        for stream in [r#""yes""#, "1", "{}"] {
+            let body = format!(r#"{{"model":"m","stream":{stream}}}"#);
+            let r = Request::post(p).body(crate::full(body)).expect("a request");
+            assert_eq!(code(r, 100).await, "unsupported_parameter", "{stream}");
+        }
+        for stream in ["true", "false", "null"] {
+            let body = format!(r#"{{"model":"m","stream":{stream}}}"#);
+            let r = Request::post(p).body(crate::full(body)).expect("a request");
+            assert_eq!(code(r, 100).await, "ok", "{stream}");
+        }
     }
 
     #[tokio::test]
