@@ -564,25 +564,33 @@ async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
     ))
     .await;
     let url = p.url("/v1/chat/completions");
-    // One request announces 1000 bytes and sends 20 of them: its
-    // content-length is held from the start.
-    let slow = chat_of_len(1000);
-    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\
                 content-type: application/json\r\ncontent-length: 1000\r\n\r\n";
-    conn.write_all(head.as_bytes()).await.unwrap();
-    conn.write_all(&slow.as_bytes()[..20]).await.unwrap();
-    wait_buffered(&p, 1000).await;
+    // A head that announces a body and sends none takes nothing from the
+    // others (900 fits beside it).
+    let mut empty = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    empty.write_all(head.as_bytes()).await.unwrap();
+    // (Time for the proxy to take the head in: nothing shows it.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(post_json(&url, &chat_of_len(900)).await.status, 200);
+    wait_buffered(&p, 0).await;
 
-    // 1000 + 800 > 1500: refused, before its body is read.
-    let refused = post_json(&url, &chat_of_len(800)).await;
+    // One request announces 1000 bytes and sends 700 of them: what came is
+    // held while the rest is awaited.
+    let slow = chat_of_len(1000);
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&slow.as_bytes()[..700]).await.unwrap();
+    wait_buffered(&p, 700).await;
+
+    // 700 + 900 > 1500: refused.
+    let refused = post_json(&url, &chat_of_len(900)).await;
     refused.assert_error(503, "service_unavailable", "server_overloaded");
     assert_eq!(refused.header("retry-after"), Some("1"));
-    // 1000 + 400 fits.
+    // 700 + 400 fits.
     assert_eq!(post_json(&url, &chat_of_len(400)).await.status, 200);
-
     // The slow body completes and is answered; its bytes are given back.
-    conn.write_all(&slow.as_bytes()[20..]).await.unwrap();
+    conn.write_all(&slow.as_bytes()[700..]).await.unwrap();
     let mut answer = vec![0u8; 4096];
     let n = tokio::time::timeout(HANG, conn.read(&mut answer))
         .await
@@ -591,8 +599,9 @@ async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     wait_buffered(&p, 0).await;
-    assert_eq!(post_json(&url, &chat_of_len(800)).await.status, 200);
-    assert_eq!(up.stats.requests(), 3);
+    assert_eq!(post_json(&url, &chat_of_len(900)).await.status, 200);
+    assert_eq!(up.stats.requests(), 4);
+    drop(empty);
 }
 
 #[tokio::test]
@@ -758,4 +767,51 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_cancelled() {
     })
     .await;
     drop(conn);
+}
+
+#[tokio::test]
+async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    let post = |headers: &[(&str, &str)]| {
+        let mut req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
+            "m", true,
+        ))))
+        .unwrap()
+    };
+    // A: a long stream the client does not read yet (its window fills).
+    let unread = sender
+        .clone()
+        .send_request(post(&[("x-mock-tokens", "1000000")]))
+        .await
+        .expect("A's head");
+    assert_eq!(unread.status(), 200);
+    // B: its upstream takes three timeouts to answer; nothing is wrong.
+    let mut b = sender.clone();
+    let waiting = b
+        .send_request(post(&[("x-mock-latency-ms", "1000")]))
+        .await
+        .expect("B answered");
+    assert_eq!(waiting.status(), 200);
+    let (body, broken) = read_stream(waiting).await;
+    assert!(!broken, "B ran to its end");
+    assert!(String::from_utf8_lossy(&body).contains("data: [DONE]"));
+    drop(unread);
 }

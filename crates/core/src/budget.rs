@@ -9,8 +9,8 @@
 //! reference to them is dropped (they live in [`RequestMeta`](crate::RequestMeta)
 //! while the request is retried, cached or translated), and a body that
 //! would pass it is refused with 503 `server_overloaded` and `retry-after:
-//! 1`, before more of it is read. A body whose `content-length` would pass
-//! it is refused before any of it is read.
+//! 1`, before more of it is read. Only bytes that came count: a head that
+//! announces a large body and sends nothing takes nothing.
 //!
 //! The count is one atomic add and subtract per body: no lock, no wait.
 

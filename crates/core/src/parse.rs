@@ -159,7 +159,7 @@ where
         if let Some(ct) = json_content.err() {
             return Err(Error::UnsupportedMediaType(ct));
         }
-        let bytes = read_limited(body, limit, declared, claim.take()).await?;
+        let bytes = read_limited(body, limit, claim.take()).await?;
         let json = parse_object(&bytes)?;
         match json.get("model") {
             Some(Value::String(m)) if !m.is_empty() => {}
@@ -180,7 +180,7 @@ where
     } else if json_content.is_ok() && carries_body(&parts.method, &parts.headers) {
         // Other routes: buffer JSON to learn its model; a body that is not an
         // object goes on as is, for the upstream to judge.
-        let bytes = read_limited(body, limit, declared, claim.take()).await?;
+        let bytes = read_limited(body, limit, claim.take()).await?;
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(json)) => RequestMeta::parsed(endpoint, bytes, json),
             _ => {
@@ -249,25 +249,18 @@ fn carries_body(method: &http::Method, headers: &HeaderMap) -> bool {
     ) || content_length(headers).is_some()
 }
 
-/// Read a whole body of at most `limit` bytes (413 past it), holding its
-/// bytes in `claim` (503 when its budget has no room for them).
-async fn read_limited<B>(
-    body: B,
-    limit: usize,
-    declared: Option<u64>,
-    mut claim: Option<Claim>,
-) -> Result<Bytes, Error>
+/// Read a whole body of at most `limit` bytes (413 past it), holding the
+/// bytes received in `claim` (503 when its budget has no room for them).
+///
+/// Only bytes that came are counted, not a `content-length` still to come:
+/// heads that announce bodies and send nothing must not take the budget
+/// from everyone else. Likewise the buffer grows with what comes (a body in
+/// several frames may hold up to twice its bytes while it grows).
+async fn read_limited<B>(body: B, limit: usize, mut claim: Option<Claim>) -> Result<Bytes, Error>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    // `declared` is at most `limit` here (checked before).
-    let declared = declared.map_or(0, |d| usize::try_from(d).unwrap_or(limit).min(limit));
-    if let Some(claim) = &mut claim
-        && !claim.hold(declared)
-    {
-        return Err(claim.full());
-    }
     let mut body = std::pin::pin!(body);
     let mut first = Bytes::new();
     let mut joined: Option<Vec<u8>> = None;
@@ -289,7 +282,7 @@ where
         } else if first.is_empty() {
             first = data;
         } else if !data.is_empty() {
-            let mut all = Vec::with_capacity(declared.max(total));
+            let mut all = Vec::with_capacity(total);
             all.extend_from_slice(&first);
             all.extend_from_slice(&data);
             joined = Some(all);

@@ -16,11 +16,15 @@
 //! a streamed answer holds its upstream request — and a model server's
 //! slot — for as long as it likes: the socket buffers fill, hyper stops
 //! asking the response body for more, and the upstream's writes block.
-//! [`Activity::stalled`] resolves when a response body has handed hyper a
-//! frame and no body of the connection has been asked for another for the
-//! timeout; the connection is then closed, which cancels the upstream
-//! request. A stream waiting for its upstream is not stalled: hyper has
-//! asked for the next frame, and the body has none yet.
+//! [`Activity::stalled`] resolves when every request on the connection is a
+//! response body that has handed hyper a frame, and no body has been asked
+//! for another for the timeout; the connection is then closed, which
+//! cancels the upstream requests. A stream waiting for its upstream is not
+//! stalled: hyper has asked for the next frame, and the body has none yet.
+//! On HTTP/2, one stream the client leaves unread beside others that wait
+//! for their upstream or are read does not close the connection (it would
+//! take the healthy streams with it; HTTP/2's flow control bounds what the
+//! unread one holds); when every stream on it is unread, it is closed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -97,9 +101,10 @@ impl Activity {
         }
     }
 
-    /// Resolves once a response body has waited `timeout` (measured in
-    /// quarters of it) for the client to take what it handed out, with no
-    /// body of this connection asked for more meanwhile.
+    /// Resolves once every request in flight has been a response body
+    /// waiting for the client to take what it handed out for `timeout`
+    /// (measured in quarters of it), with no body of this connection asked
+    /// for more meanwhile.
     pub(crate) async fn stalled(&self, timeout: Duration) {
         let step = (timeout / 4).max(Duration::from_millis(1));
         let mut polls = self.body_polls.load(Ordering::Relaxed);
@@ -107,7 +112,9 @@ impl Activity {
         loop {
             tokio::time::sleep(step).await;
             let now_polls = self.body_polls.load(Ordering::Relaxed);
-            if now_polls != polls || self.unsent.load(Ordering::Relaxed) == 0 {
+            let unsent = self.unsent.load(Ordering::Relaxed);
+            let all_unsent = unsent > 0 && unsent >= self.in_flight.load(Ordering::Acquire);
+            if now_polls != polls || !all_unsent {
                 polls = now_polls;
                 since = Instant::now();
             } else if since.elapsed() >= timeout {
@@ -208,6 +215,14 @@ mod tests {
         activity.stalled(timeout).await;
         let took = started.elapsed();
         assert!(took >= timeout && took <= timeout + timeout / 4, "{took:?}");
+        // Another request on the connection still waiting for its
+        // upstream: the connection is not closed for the first one.
+        let mut other = InFlight::new(&activity);
+        other.asked();
+        other.answered::<(), ()>(&Poll::Pending);
+        let waiting = tokio::time::timeout(Duration::from_secs(60), activity.stalled(timeout));
+        assert!(waiting.await.is_err());
+        drop(other);
         // Asked again: no longer.
         body.asked();
         let waiting = tokio::time::timeout(Duration::from_secs(60), activity.stalled(timeout));

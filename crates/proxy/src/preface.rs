@@ -13,10 +13,13 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::idle::Activity;
 
 /// What an HTTP/2 connection starts with (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -32,6 +35,8 @@ pin_project_lite::pin_project! {
         seen: usize,
         // `None` once disarmed.
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Told when the connection turns out to be HTTP/1.
+        activity: Option<Arc<Activity>>,
     }
 }
 
@@ -42,8 +47,24 @@ impl<T> FirstBytes<T> {
             io,
             seen: 0,
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            activity: None,
         }
     }
+
+    /// Tell `activity` as soon as the first bytes show HTTP/1 (hyper's
+    /// timers watch that connection from then on; `crate::idle`).
+    pub(crate) fn telling(mut self, activity: Arc<Activity>) -> Self {
+        self.activity = Some(activity);
+        self
+    }
+}
+
+/// Whether `read`, coming after `seen` bytes that matched, completes the
+/// preface (an HTTP/2 connection).
+fn completes_preface(seen: usize, read: &[u8]) -> bool {
+    PREFACE
+        .get(seen..)
+        .is_some_and(|rest| read.starts_with(rest))
 }
 
 /// Whether `read`, coming after `seen` bytes that matched, still matches.
@@ -72,6 +93,12 @@ impl<T: AsyncRead> AsyncRead for FirstBytes<T> {
                 } else {
                     // Decided (or at end of stream): hyper's timers rule now.
                     *this.deadline = None;
+                    if !read.is_empty()
+                        && !completes_preface(*this.seen, read)
+                        && let Some(activity) = this.activity.take()
+                    {
+                        activity.saw(http::Version::HTTP_11);
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -122,6 +149,17 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytes<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_whole_preface_completes_it() {
+        assert!(completes_preface(0, PREFACE));
+        assert!(completes_preface(
+            3,
+            b" * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"
+        ));
+        assert!(!completes_preface(0, b"POST / HTTP/1.1"));
+        assert!(!completes_preface(0, b"PRI * HTTP/2.0"));
+    }
 
     #[test]
     fn only_a_proper_prefix_of_the_preface_keeps_it_armed() {

@@ -509,7 +509,9 @@ fn serve_connection<S>(
     };
     let conn = builder
         .serve_connection_with_upgrades(
-            TokioIo::new(FirstBytes::new(stream, opts.header_read_timeout)),
+            TokioIo::new(
+                FirstBytes::new(stream, opts.header_read_timeout).telling(activity.clone()),
+            ),
             service,
         )
         .into_owned();
