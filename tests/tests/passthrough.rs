@@ -364,3 +364,58 @@ async fn a_failed_passthrough_write_is_not_retried_elsewhere_nor_its_model_rewri
         "the model is not rewritten"
     );
 }
+
+#[tokio::test]
+async fn metrics_listen_serves_metrics_apart_over_http1_and_h2c() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = mock_named("m1").await;
+    let port = free_port();
+    let proxy = proxy(&format!(
+        "metrics_listen = \"127.0.0.1:{port}\"\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    // Not on the main listener any more.
+    let main = send(request(Method::GET, &proxy.url("/metrics"), &[], "")).await;
+    assert_eq!(main.status, 404);
+    let metrics = send(request(
+        Method::GET,
+        &format!("http://{addr}/metrics"),
+        &[],
+        "",
+    ))
+    .await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .text()
+            .contains("llm_proxy_buffered_body_limit_bytes")
+    );
+    let other = send(request(
+        Method::GET,
+        &format!("http://{addr}/v1/models"),
+        &[],
+        "",
+    ))
+    .await;
+    assert_eq!(other.status, 404);
+    // h2c too.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}/metrics"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("answered");
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("llm_proxy_requests_total"));
+}

@@ -8,15 +8,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use llm_proxy_core::Body;
+use llm_proxy_core::{Body, Guarded};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::app::Proxy;
-use crate::idle::Activity;
+use crate::idle::{Activity, InFlight};
 use crate::metrics::Metrics;
 use crate::preface::FirstBytes;
 use crate::routes::{HyperFace, ResponseFuture};
@@ -272,7 +273,9 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for OnConn<S> {
 struct MetricsFace(Arc<Metrics>);
 
 impl ConnService for MetricsFace {
-    fn call_on(&self, req: Request<Incoming>, _conn: &Arc<Activity>) -> ResponseFuture {
+    fn call_on(&self, req: Request<Incoming>, conn: &Arc<Activity>) -> ResponseFuture {
+        // In flight until its body is sent: an HTTP/2 scrape is not idle.
+        let in_flight = InFlight::new(conn);
         let resp = if req.uri().path() == "/metrics" {
             let mut r = Response::new(llm_proxy_core::full(self.0.encode()));
             r.headers_mut().insert(
@@ -285,6 +288,7 @@ impl ConnService for MetricsFace {
         } else {
             llm_proxy_core::Error::RouteNotFound(req.uri().path().to_owned()).into_response()
         };
+        let resp = resp.map(|body| Guarded::new(body, in_flight).boxed_unsync());
         Box::pin(std::future::ready(Ok(resp)))
     }
 }
