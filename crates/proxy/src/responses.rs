@@ -46,8 +46,6 @@ use crate::redis_ids::RedisIds;
 const TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How many ids are kept in memory.
 const CAPACITY: usize = 100_000;
-/// JSON answers larger than this are not searched for their id.
-const MAX_JSON: usize = 4 << 20;
 
 /// Response id -> where it lives, and when it was recorded.
 type IdMap = lru::LruCache<Box<str>, (Home, Instant)>;
@@ -245,7 +243,7 @@ fn named_id(req: &Request<Body>, endpoint: Endpoint) -> Option<(String, &'static
 }
 
 enum Tap {
-    Json(Vec<u8>),
+    Json(Box<TopLevelId>),
     Sse(Box<Parser>),
     Done,
 }
@@ -266,7 +264,7 @@ impl IdTap {
         let tap = if sse {
             Tap::Sse(Box::new(Parser::new()))
         } else {
-            Tap::Json(Vec::new())
+            Tap::Json(Box::default())
         };
         IdTap {
             inner,
@@ -291,23 +289,17 @@ struct Created<'a> {
     response: Option<WithId<'a>>,
 }
 
-/// Look at one frame; `last` when no more will come.
-fn observe(tap: &mut Tap, data: &[u8], last: bool) -> Option<String> {
+/// Look at one frame.
+fn observe(tap: &mut Tap, data: &[u8]) -> Option<String> {
     let id = match tap {
-        Tap::Json(copy) => {
-            if copy.len() + data.len() > MAX_JSON {
+        Tap::Json(scan) => match scan.feed(data) {
+            Scan::Found(id) => Some(id),
+            Scan::Absent => {
                 *tap = Tap::Done;
                 return None;
             }
-            copy.extend_from_slice(data);
-            if !last {
-                return None;
-            }
-            serde_json::from_slice::<WithId<'_>>(copy)
-                .ok()
-                .and_then(|w| w.id)
-                .map(std::borrow::Cow::into_owned)
-        }
+            Scan::More => None,
+        },
         Tap::Sse(parser) => {
             // A stream read in one go holds every event in one frame, and
             // `response.created` comes first: parse up to the end of the
@@ -333,6 +325,154 @@ fn observe(tap: &mut Tap, data: &[u8], last: bool) -> Option<String> {
         *tap = Tap::Done;
     }
     id
+}
+
+/// What a [`TopLevelId`] made of the bytes so far.
+enum Scan {
+    Found(String),
+    /// No top-level string `id` (or not a JSON object): stop looking.
+    Absent,
+    More,
+}
+
+/// Reads the string `id` of a JSON object's top level as its bytes go by,
+/// without keeping them: a response object's `id` comes early (first in
+/// OpenAI's and vLLM's answers, among the first keys when sorted), and the
+/// answer may be megabytes long. Strings are skipped with their escapes;
+/// nested objects and arrays are skipped by depth.
+#[derive(Default)]
+struct TopLevelId {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    /// At depth 1, the next string is a key.
+    want_key: bool,
+    /// The depth-1 key just read is `id`.
+    id_key: bool,
+    /// The depth-1 value about to come is the `id`'s.
+    id_value: bool,
+    capture: Capture,
+    buf: Vec<u8>,
+}
+
+#[derive(Default, PartialEq)]
+enum Capture {
+    #[default]
+    None,
+    Key,
+    Value,
+}
+
+/// Longest id kept (a response id is a few dozen bytes).
+const MAX_ID: usize = 1024;
+
+impl TopLevelId {
+    fn feed(&mut self, data: &[u8]) -> Scan {
+        for &b in data {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if let Some(done) = self.end_string() {
+                        return done;
+                    }
+                    continue;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                }
+                if self.capture != Capture::None {
+                    self.buf.push(b);
+                    let max = if self.capture == Capture::Key {
+                        2
+                    } else {
+                        MAX_ID
+                    };
+                    if self.buf.len() > max {
+                        // Not the key `id`, or not an id worth keeping.
+                        self.capture = Capture::None;
+                    }
+                }
+                continue;
+            }
+            match b {
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                b'"' => {
+                    if self.depth == 0 {
+                        return Scan::Absent;
+                    }
+                    self.in_string = true;
+                    self.buf.clear();
+                    self.capture = match (self.depth, self.want_key, self.id_value) {
+                        (1, true, _) => Capture::Key,
+                        (1, false, true) => Capture::Value,
+                        _ => Capture::None,
+                    };
+                }
+                b'{' | b'[' => {
+                    if self.depth == 0 && b == b'[' {
+                        return Scan::Absent;
+                    }
+                    self.id_value = false;
+                    self.depth += 1;
+                    self.want_key = self.depth == 1;
+                }
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Scan::Absent;
+                    }
+                }
+                b',' if self.depth == 1 => {
+                    self.want_key = true;
+                    self.id_key = false;
+                    self.id_value = false;
+                }
+                b':' if self.depth == 1 => {
+                    self.id_value = self.id_key;
+                    self.want_key = false;
+                }
+                _ if self.depth == 0 => return Scan::Absent,
+                // A number or literal as a depth-1 value: not a string id.
+                _ if self.depth == 1 => self.id_value = false,
+                _ => {}
+            }
+        }
+        Scan::More
+    }
+
+    /// A string ended; `Some` when that decides the scan.
+    fn end_string(&mut self) -> Option<Scan> {
+        match std::mem::take(&mut self.capture) {
+            Capture::Key => {
+                self.id_key = self.buf == b"id";
+                self.want_key = false;
+                None
+            }
+            Capture::Value => {
+                let mut quoted = Vec::with_capacity(self.buf.len() + 2);
+                quoted.push(b'"');
+                quoted.extend_from_slice(&self.buf);
+                quoted.push(b'"');
+                Some(match serde_json::from_slice::<String>(&quoted) {
+                    Ok(id) if !id.is_empty() => Scan::Found(id),
+                    _ => Scan::Absent,
+                })
+            }
+            Capture::None => {
+                if self.depth == 1 && self.want_key {
+                    // A key too long to be `id`.
+                    self.id_key = false;
+                    self.want_key = false;
+                }
+                if self.depth == 1 && self.id_value {
+                    // An id value too long to keep.
+                    return Some(Scan::Absent);
+                }
+                None
+            }
+        }
+    }
 }
 
 /// Where the first event whose text has `response.created` ends in `data`
@@ -374,12 +514,8 @@ impl HttpBody for IdTap {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let polled = this.inner.as_mut().poll_frame(cx);
-        let last = this.inner.is_end_stream();
         let seen = match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                frame.data_ref().and_then(|d| observe(this.tap, d, last))
-            }
-            Poll::Ready(None) => observe(this.tap, &[], true),
+            Poll::Ready(Some(Ok(frame))) => frame.data_ref().and_then(|d| observe(this.tap, d)),
             _ => None,
         };
         if let Some(id) = seen {
@@ -414,14 +550,14 @@ mod tests {
         let stream = format!("{CREATED}{DELTA}{DELTA}");
         // Whole, in one frame.
         assert_eq!(
-            observe(&mut sse(), stream.as_bytes(), true).as_deref(),
+            observe(&mut sse(), stream.as_bytes()).as_deref(),
             Some("resp_1")
         );
         // Cut anywhere: the id once the event is complete.
         for cut in 1..stream.len() {
             let mut tap = sse();
-            let first = observe(&mut tap, &stream.as_bytes()[..cut], false);
-            let second = observe(&mut tap, &stream.as_bytes()[cut..], true);
+            let first = observe(&mut tap, &stream.as_bytes()[..cut]);
+            let second = observe(&mut tap, &stream.as_bytes()[cut..]);
             let id = first.or(second);
             assert_eq!(id.as_deref(), Some("resp_1"), "cut at {cut}");
         }
@@ -431,24 +567,66 @@ mod tests {
     fn a_delta_naming_response_created_before_the_event_does_not_hide_it() {
         let stream = format!("{DELTA}{CREATED}");
         assert_eq!(
-            observe(&mut sse(), stream.as_bytes(), true).as_deref(),
+            observe(&mut sse(), stream.as_bytes()).as_deref(),
             Some("resp_1")
         );
         let crlf = stream.replace('\n', "\r\n");
         assert_eq!(
-            observe(&mut sse(), crlf.as_bytes(), true).as_deref(),
+            observe(&mut sse(), crlf.as_bytes()).as_deref(),
             Some("resp_1")
         );
     }
 
     #[test]
     fn a_json_answer_gives_its_top_level_id() {
-        let mut tap = Tap::Json(Vec::new());
+        let mut tap = Tap::Json(Box::default());
         let body = br#"{"id":"resp_2","object":"response","output":[{"id":"msg_1"}]}"#;
-        assert_eq!(observe(&mut tap, &body[..10], false), None);
-        assert_eq!(
-            observe(&mut tap, &body[10..], true).as_deref(),
-            Some("resp_2")
+        assert_eq!(observe(&mut tap, &body[..10]), None);
+        assert_eq!(observe(&mut tap, &body[10..]).as_deref(), Some("resp_2"));
+    }
+
+    fn scan(body: &[u8]) -> Option<String> {
+        match TopLevelId::default().feed(body) {
+            Scan::Found(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_top_level_id_is_found_wherever_it_is_and_nested_ids_are_not() {
+        let sorted =
+            br#"{"background":false,"created_at":1,"error":null,"id":"resp_3","output":[]}"#;
+        assert_eq!(scan(sorted).as_deref(), Some("resp_3"));
+        let nested_first = br#"{"output":[{"id":"msg_1","content":[{"text":"\"id\":\"x\""}]}], "meta":{"id":"no"} , "id" : "resp_4"}"#;
+        assert_eq!(scan(nested_first).as_deref(), Some("resp_4"));
+        let tricky_keys = br#"{"idx":"a","i\"d":"b","\u0069d2":"c","id":"resp_\u0035"}"#;
+        assert_eq!(scan(tricky_keys).as_deref(), Some("resp_5"));
+        for none in [
+            &br#"{"error":{"id":"x","message":"m"}}"#[..],
+            br#"{"id":5,"x":"y"}"#,
+            br#"[{"id":"a"}]"#,
+            br#""id""#,
+            br#"{"id":"#,
+        ] {
+            assert_eq!(scan(none), None, "{}", String::from_utf8_lossy(none));
+        }
+        let long = format!(r#"{{"id":"{}"}}"#, "x".repeat(MAX_ID + 1));
+        assert_eq!(scan(long.as_bytes()), None);
+    }
+
+    #[test]
+    fn the_id_is_found_however_the_answer_is_cut_and_however_long_it_is() {
+        let body = format!(
+            r#"{{"output":[{{"content":"{}"}}],"id":"resp_6","tail":"{}"}}"#,
+            "y\\\"".repeat(3000),
+            "z".repeat(5 << 20)
         );
+        let bytes = body.as_bytes();
+        for cut in (0..bytes.len().min(20_000)).step_by(7) {
+            let mut tap = Tap::Json(Box::default());
+            let first = observe(&mut tap, &bytes[..cut]);
+            let found = first.or_else(|| observe(&mut tap, &bytes[cut..]));
+            assert_eq!(found.as_deref(), Some("resp_6"), "cut at {cut}");
+        }
     }
 }
