@@ -629,4 +629,52 @@ mod tests {
             assert_eq!(found.as_deref(), Some("resp_6"), "cut at {cut}");
         }
     }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            "[a-z\"\\\\{}\\[\\],: \u{e9}]{0,12}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::Array),
+                prop::collection::vec(
+                    (prop_oneof![Just("id".to_owned()), "[a-z\"]{0,4}"], inner),
+                    0..5
+                )
+                .prop_map(|kv| serde_json::Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever the object and wherever it is cut, the scanner finds
+        /// what serde_json reads as the top-level string `id`.
+        #[test]
+        fn the_scanner_agrees_with_serde_json(
+            fields in proptest::collection::vec(
+                (proptest::prelude::prop_oneof![
+                    proptest::strategy::Just("id".to_owned()),
+                    "[a-z\"]{0,4}"
+                ], json_value()),
+                0..6,
+            ),
+            cut in 0usize..400,
+        ) {
+            let object = serde_json::Value::Object(fields.into_iter().collect());
+            let bytes = serde_json::to_vec(&object).unwrap();
+            let want = object
+                .get("id")
+                .and_then(serde_json::Value::as_str)
+                .filter(|id| !id.is_empty() && id.len() <= MAX_ID)
+                .map(str::to_owned);
+            let cut = cut.min(bytes.len());
+            let mut tap = Tap::Json(Box::default());
+            let got = observe(&mut tap, &bytes[..cut]).or_else(|| observe(&mut tap, &bytes[cut..]));
+            proptest::prop_assert_eq!(got, want, "{}", String::from_utf8_lossy(&bytes));
+        }
+    }
 }
