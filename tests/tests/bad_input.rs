@@ -291,19 +291,7 @@ async fn client_disconnect_mid_stream_cancels_the_upstream() {
     .await;
     let p = proxy(&one_upstream(&up.base_url(), "")).await;
     let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let body = chat("m", true);
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         x-mock-tokens: 1000\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(HANG, conn.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    start_raw_stream(&mut conn, 1000).await;
     assert_eq!(up.stats.in_flight(), 1);
     drop(conn);
     // 1000 tokens at 10/s would take 100 s: the upstream must stop long before.
@@ -396,6 +384,37 @@ async fn a_client_that_sends_nothing_or_half_an_h2_preface_is_cut_off() {
     }
 }
 
+/// Read a request's head off `conn`; `false` if the connection ends first.
+async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = vec![0u8; 8192];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// Send a streamed chat request of `tokens` mock tokens on `conn`, raw, and
+/// read its answer's first bytes: a 200 head.
+async fn start_raw_stream(conn: &mut tokio::net::TcpStream, tokens: u32) {
+    let body = chat("m", true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         x-mock-tokens: {tokens}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
+
 /// An upstream on 127.0.0.1 that hands each connection to `serve`, raw.
 async fn raw_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
 where
@@ -462,13 +481,8 @@ async fn an_upstream_that_breaks_after_done_ends_the_stream_cleanly() {
     // Sends a whole stream, [DONE] included, then resets instead of ending
     // the chunked body.
     let addr = raw_upstream(|mut conn| async move {
-        let mut buf = vec![0u8; 8192];
-        let mut seen = Vec::new();
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
+        if !read_request_head(&mut conn).await {
+            return;
         }
         let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
         for event in [
@@ -611,12 +625,8 @@ async fn an_upstream_framing_by_both_chunks_and_length_reaches_the_client_whole(
     for stale in ["3", "100000"] {
         let addr = raw_upstream(move |mut conn| async move {
             let mut buf = vec![0u8; 8192];
-            let mut seen = Vec::new();
-            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => seen.extend_from_slice(&buf[..n]),
-                }
+            if !read_request_head(&mut conn).await {
+                return;
             }
             let body = r#"{"id":"x","object":"chat.completion","choices":[]}"#;
             let answer = format!(
@@ -697,12 +707,8 @@ async fn the_error_event_after_a_cut_event_is_an_event_of_its_own() {
     // A chunk whose event lacks its blank line, then the end of the body.
     let addr = raw_upstream(|mut conn| async move {
         let mut buf = vec![0u8; 8192];
-        let mut seen = Vec::new();
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
+        if !read_request_head(&mut conn).await {
+            return;
         }
         let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n";
         let out = format!(
@@ -748,19 +754,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_cancelled() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut conn = socket.connect(p.addr).await.unwrap();
-    let body = chat("m", true);
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         x-mock-tokens: 1000000\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(HANG, conn.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    start_raw_stream(&mut conn, 1_000_000).await;
     // Now the client reads nothing more, and keeps its connection open.
     eventually("the upstream stream is cancelled", || {
         up.stats.cancelled() == 1
