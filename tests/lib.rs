@@ -62,6 +62,11 @@ impl TestProxy {
         }
     }
 
+    /// Whether `serve` is still running (a drain waits for connections).
+    pub fn is_serving(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Shut down and wait for `serve` to return.
     pub async fn stop(mut self) -> std::io::Result<()> {
         self.begin_shutdown();
@@ -377,4 +382,91 @@ pub async fn run_python(script: &str, arg: String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A WebSocket client for `/v1/responses`, as Codex uses it.
+pub mod ws {
+    use std::net::SocketAddr;
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+    use crate::HANG;
+
+    /// A client's WebSocket.
+    pub type Socket = WebSocketStream<TcpStream>;
+
+    /// Open a WebSocket to the proxy at `addr`: `/v1/responses` with extra headers: the
+    /// socket and the `101` head, or the refusal's status and body.
+    pub async fn connect(
+        addr: SocketAddr,
+        headers: &[(&str, &str)],
+    ) -> Result<(Socket, http::Response<Option<Vec<u8>>>), (u16, String)> {
+        let mut req = format!("ws://{addr}/v1/responses")
+            .into_client_request()
+            .unwrap();
+        for (name, value) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let opened = tokio::time::timeout(HANG, tokio_tungstenite::client_async(req, tcp))
+            .await
+            .expect("the upgrade is answered");
+        match opened {
+            Ok((socket, head)) => Ok((socket, head)),
+            Err(WsError::Http(resp)) => {
+                let body = resp.body().clone().unwrap_or_default();
+                Err((
+                    resp.status().as_u16(),
+                    String::from_utf8_lossy(&body).into(),
+                ))
+            }
+            Err(e) => panic!("unexpected handshake error: {e}"),
+        }
+    }
+
+    /// Send one `response.create` turn and read its events up to the last
+    /// (`response.completed`, or an `error`).
+    pub async fn turn(socket: &mut Socket, body: serde_json::Value) -> Vec<serde_json::Value> {
+        let mut message = body;
+        message["type"] = "response.create".into();
+        socket
+            .send(Message::text(message.to_string()))
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        loop {
+            let next = tokio::time::timeout(HANG, socket.next())
+                .await
+                .expect("an event in time")
+                .expect("the socket stays open")
+                .expect("a readable message");
+            let Message::Text(text) = next else { continue };
+            let event: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            let last = matches!(event["type"].as_str(), Some("response.completed" | "error"));
+            events.push(event);
+            if last {
+                return events;
+            }
+        }
+    }
+
+    /// Whether the socket ends (a close, an error, or the end) within `HANG`.
+    pub async fn ends(socket: &mut Socket) -> bool {
+        let reading = async {
+            loop {
+                match socket.next().await {
+                    None | Some(Err(_) | Ok(Message::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(HANG, reading).await.is_ok()
+    }
 }

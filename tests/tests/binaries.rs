@@ -86,9 +86,9 @@ fn config_errors_are_one_line_and_exit_2() {
             "`key_sha256` must be 64 hex digits",
         ),
         (
-            "unbuilt",
+            "websocket_without_responses",
             Some(format!("{up}websocket = true\n")),
-            "not available in this build yet",
+            "`websocket = true` needs \"responses\" in `apis`",
         ),
     ];
     for (name, text, needle) in cases {

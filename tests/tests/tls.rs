@@ -8,13 +8,17 @@ use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tests::*;
 
+type Negotiated = Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>;
+
 /// A TLS mock upstream on 127.0.0.1 with a self-signed certificate for
-/// `localhost`; returns its port, the certificate's PEM and the mock's stats.
+/// `localhost`; returns its port, the certificate's PEM, the mock's stats
+/// and the protocol ALPN settled on for each connection.
 async fn tls_mock() -> (
     u16,
     String,
     llm_proxy_mock::MockStats,
     tokio::task::JoinHandle<()>,
+    Negotiated,
 ) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let pem = cert.cert.pem();
@@ -36,6 +40,8 @@ async fn tls_mock() -> (
         ..MockConfig::default()
     });
     let stats = mock.stats();
+    let alpn = Negotiated::default();
+    let negotiated = alpn.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -43,22 +49,28 @@ async fn tls_mock() -> (
             };
             let acceptor = acceptor.clone();
             let mock = mock.clone();
+            let negotiated = negotiated.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                negotiated.lock().unwrap().push(alpn);
                 let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(mock))
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(tls),
+                        TowerToHyperService::new(mock),
+                    )
                     .await;
             });
         }
     });
-    (port, pem, stats, task)
+    (port, pem, stats, task, alpn)
 }
 
 #[tokio::test]
 async fn https_upstream_with_private_ca() {
-    let (port, pem, stats, task) = tls_mock().await;
+    let (port, pem, stats, task, _) = tls_mock().await;
     let dir = scratch_dir("tls");
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, pem).unwrap();
@@ -81,5 +93,35 @@ async fn https_upstream_with_private_ca() {
     let answer = post_json(&untrusted.url("/v1/chat/completions"), &chat("m", false)).await;
     answer.assert_error(502, "upstream_error", "bad_gateway");
     assert_eq!(stats.requests(), 1);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_websocket_tunnel_to_an_https_upstream() {
+    // The upstream offers h2 and http/1.1 by ALPN; an upgrade is an
+    // HTTP/1.1 exchange, so the proxy's own connection for it offers only
+    // http/1.1.
+    let (port, pem, stats, task, alpn) = tls_mock().await;
+    let dir = scratch_dir("tls-ws");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let p = proxy(&one_upstream(
+        &format!("https://localhost:{port}/v1"),
+        &format!(
+            "tls_ca_file = \"{}\"\napis = [\"responses\"]\nwebsocket = true",
+            ca.display()
+        ),
+    ))
+    .await;
+    let (mut socket, head) = tests::ws::connect(p.addr, &[]).await.unwrap();
+    assert_eq!(head.status(), 101);
+    let events =
+        tests::ws::turn(&mut socket, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    assert_eq!(stats.requests(), 1);
+    // One connection, not settled on h2 (no ALPN at all means HTTP/1.1).
+    let alpn = alpn.lock().unwrap().clone();
+    assert_eq!(alpn.len(), 1);
+    assert_ne!(alpn[0].as_deref(), Some(b"h2".as_slice()));
     task.abort();
 }

@@ -105,6 +105,17 @@ impl KeyStats {
 }
 
 impl KeyEntry {
+    /// Whether the key may use every model of an upstream serving
+    /// `models` (`None`: any model, which only a key without an allowlist
+    /// may use).
+    pub fn allows_every_model(&self, models: Option<&[String]>) -> bool {
+        match (&self.models, models) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(allowed), Some(models)) => models.iter().all(|m| allowed.contains(m)),
+        }
+    }
+
     /// Whether the key may use `model`.
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|m| m.contains(model))
@@ -268,6 +279,29 @@ mod tests {
                 .authenticate(&headers(&[("x-api-key", b"sk-c")]))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn every_model_of_an_upstream_or_not() {
+        let mut limited = KeySpec::from_key("limited", "sk-l");
+        limited.models = Some(vec!["m1".into(), "m2".into()]);
+        let table = KeyTable::new(vec![limited, KeySpec::from_key("open", "sk-o")]);
+        let key = |k: &[u8]| {
+            let mut value = b"Bearer ".to_vec();
+            value.extend_from_slice(k);
+            table
+                .authenticate(&headers(&[("authorization", &value)]))
+                .unwrap()
+        };
+        let (limited, open) = (key(b"sk-l"), key(b"sk-o"));
+        let models = |m: &[&str]| m.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(limited.allows_every_model(Some(&models(&["m1"]))));
+        assert!(limited.allows_every_model(Some(&models(&["m2", "m1"]))));
+        assert!(!limited.allows_every_model(Some(&models(&["m1", "m3"]))));
+        // An upstream that serves any model: only for keys without a list.
+        assert!(!limited.allows_every_model(None));
+        assert!(open.allows_every_model(None));
+        assert!(open.allows_every_model(Some(&models(&["m3"]))));
     }
 
     #[test]

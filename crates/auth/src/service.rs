@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, BoxFuture, Endpoint, Error, Identity, RequestMeta, call_boxed};
+use llm_proxy_core::{
+    Body, BoxFuture, Dialect, Endpoint, Error, Identity, RequestMeta, call_boxed,
+};
 use serde_json::Value;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -66,9 +68,49 @@ impl AuthLayer {
         self.shared.table.entries()
     }
 
+    /// Admit one request whose tokens this layer cannot see (a WebSocket
+    /// tunnel): it counts against `key`'s request limit and reserves no
+    /// tokens. `Ok` with the limits' state (for [`rate_headers`]) to go
+    /// on, `None` for a key without limits; `Err` with the 429 to answer,
+    /// in `dialect`'s error shape.
+    pub async fn acquire_request(
+        &self,
+        key: &KeyEntry,
+        dialect: Dialect,
+    ) -> Result<Option<Decision>, Response<Body>> {
+        self.shared.acquire(key, 0, dialect).await
+    }
+
     /// Limit-store errors so far (the Redis backend's; 0 for local).
     pub fn store_errors(&self) -> u64 {
         self.shared.backend.errors()
+    }
+}
+
+impl Shared {
+    /// Ask `key`'s limits for one request reserving `reserve` tokens: the
+    /// decision (`None` without limits), or the 429 answer.
+    async fn acquire(
+        &self,
+        key: &KeyEntry,
+        reserve: u64,
+        dialect: Dialect,
+    ) -> Result<Option<Decision>, Response<Body>> {
+        if !key.limits.any() {
+            return Ok(None);
+        }
+        let d = self.backend.acquire(key, reserve).await;
+        if d.allowed {
+            return Ok(Some(d));
+        }
+        key.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let mut resp = Error::RateLimited {
+            retry_after_secs: d.retry_after.as_secs_f64().ceil() as u64,
+            message: format!("key `{}` is over its limit", key.name),
+        }
+        .into_response_in(dialect);
+        rate_headers(resp.headers_mut(), &d);
+        Err(resp)
     }
 }
 
@@ -124,21 +166,9 @@ where
                 metered,
             } = admitted?;
             let dialect = endpoint.dialect();
-            let decision = if key.limits.any() {
-                let d = shared.backend.acquire(&key, reserve).await;
-                if !d.allowed {
-                    key.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    let mut resp = Error::RateLimited {
-                        retry_after_secs: d.retry_after.as_secs_f64().ceil() as u64,
-                        message: format!("key `{}` is over its limit", key.name),
-                    }
-                    .into_response_in(dialect);
-                    rate_headers(resp.headers_mut(), &d);
-                    return Ok(resp);
-                }
-                Some(d)
-            } else {
-                None
+            let decision = match shared.acquire(&key, reserve, dialect).await {
+                Ok(d) => d,
+                Err(refusal) => return Ok(refusal),
             };
             let reconcile = Reconcile::new(shared.clone(), key, model, reserve);
             let fut = call_boxed(&mut inner, req);

@@ -123,6 +123,17 @@ impl<S> BalanceHandle<S> {
             .any(|m| m.state.is_available(now))
     }
 
+    /// Whether the backend named `name` takes new requests now; false for
+    /// a name it does not have.
+    pub fn is_healthy(&self, name: &str) -> bool {
+        let now = self.shared.epoch.now();
+        self.shared
+            .snapshot()
+            .members
+            .iter()
+            .any(|m| &*m.name == name && m.state.is_available(now))
+    }
+
     /// Retries made since the balancer was built.
     pub fn retries_total(&self) -> u64 {
         self.shared.retries.load(Ordering::Relaxed)

@@ -481,6 +481,15 @@ impl ResponseGen {
         })
     }
 
+    /// Event `index` as its JSON object, with its `type` and
+    /// `sequence_number`: an SSE event's data, or a WebSocket message.
+    pub(crate) fn data(&self, index: usize) -> Option<Value> {
+        let (kind, mut data) = self.payload(index)?;
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(index);
+        Some(data)
+    }
+
     /// The index of the last event: `response.completed` (or
     /// `response.incomplete`).
     fn last_event(&self) -> usize {
@@ -506,9 +515,8 @@ impl SseEvents for ResponseGen {
     /// `response.function_call_arguments.done` instead of the content part
     /// and text events. There is no `[DONE]`.
     fn event(&self, index: usize) -> Option<Bytes> {
-        let (kind, mut data) = self.payload(index)?;
-        data["type"] = json!(kind);
-        data["sequence_number"] = json!(index);
+        let data = self.data(index)?;
+        let kind = data["type"].as_str().unwrap_or_default();
         Some(named_event(kind, &data))
     }
 }

@@ -33,7 +33,7 @@ pub async fn serve(listener: TcpListener, mock: Mock) {
                     let builder = builder.clone();
                     let service = TowerToHyperService::new(mock.clone());
                     connections.spawn(async move {
-                        if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+                        if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
                             tracing::debug!(%peer, %error, "mock: connection ended with an error");
                         }
                     });

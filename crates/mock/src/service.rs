@@ -25,7 +25,7 @@ use crate::sse::SseEvents;
 use crate::stats::{InFlight, MockStats};
 
 /// Completion tokens produced when `x-mock-tokens` does not say.
-const DEFAULT_TOKENS: usize = 8;
+pub(crate) const DEFAULT_TOKENS: usize = 8;
 /// The most completion tokens `x-mock-tokens` may ask for.
 const MAX_TOKENS: usize = 1_000_000;
 
@@ -71,6 +71,11 @@ impl Mock {
     /// The configuration this mock was built from.
     pub fn config(&self) -> &MockConfig {
         &self.shared.config
+    }
+
+    /// The responses it created and remembers.
+    pub(crate) fn responses(&self) -> &Responses {
+        &self.shared.responses
     }
 
     /// The counters of this mock and all its clones.
@@ -485,6 +490,11 @@ where
         // Counted now, not when first polled, so a caller that never polls
         // (or times out at once) still shows up in the stats.
         let guard = self.stats.record_request(&parts);
+        if crate::websocket::asks_upgrade(&parts) {
+            let path = crate::route_path(parts.uri.path()).to_owned();
+            let resp = self.accept(parts, &path, guard);
+            return Box::pin(std::future::ready(Ok(resp)));
+        }
         let mock = self.clone();
         Box::pin(async move { Ok(mock.respond(parts, body, guard).await) })
     }

@@ -29,7 +29,8 @@ use crate::metrics::{Metrics, Series, Source};
 use crate::redis_ids::RedisIds;
 use crate::responses::{ResponseAffinityLayer, ResponseIds};
 use crate::routes::Stack;
-use crate::routes::{FaceOptions, ProxyService, Readiness};
+use crate::routes::{Face, FaceOptions, ProxyService, Readiness};
+use crate::websocket::{SocketUpstream, Sockets};
 use llm_proxy_cache::{CacheConfig, CacheLayer, MemoryStore, RedisStore, Store};
 use tower_layer::Layer;
 
@@ -85,6 +86,7 @@ impl Proxy {
         let readiness = Arc::new(Readiness::default());
         let mut mocks = Vec::new();
         let mut backends = Vec::with_capacity(settings.upstreams.len());
+        let mut sockets = Vec::new();
         for spec in &settings.upstreams {
             let url = match &spec.target {
                 Target::Url(url) => url.clone(),
@@ -126,6 +128,7 @@ impl Proxy {
             };
             // One pool per server shard (Proxy::serve_sharded), plus the shared one.
             cfg.shards = settings.workers;
+            cfg.upgrades = spec.websocket;
             let translate = TranslateConfig::new(
                 match spec.protocol {
                     Protocol::OpenAi => TranslateProtocol::OpenAi,
@@ -138,7 +141,15 @@ impl Proxy {
                 .into_iter()
                 .filter(|a| !spec.apis.contains(a) && translate.can_serve(*a))
                 .collect();
-            let service = Translate::new(Upstream::new(cfg)?, translate);
+            let client = Upstream::new(cfg)?;
+            if spec.websocket {
+                sockets.push(SocketUpstream {
+                    client: client.clone(),
+                    models: spec.models.clone(),
+                    idle_timeout: spec.idle_timeout,
+                });
+            }
+            let service = Translate::new(client, translate);
             let mut backend = Backend::new(spec.name.as_str(), service)
                 .with_weight(spec.weight)
                 .with_apis(spec.apis.iter().copied())
@@ -171,6 +182,8 @@ impl Proxy {
         let redis_ids = response_ids_redis(&settings)?;
         let ids = ResponseIds::new(redis_ids.clone());
         metrics.add_source(store_metrics(auth.clone(), cache.clone(), redis_ids));
+        let sockets = Sockets::new(sockets);
+        metrics.add_source(socket_metrics(sockets.open_gauge()));
         let body_budget = BodyBudget::new(settings.max_buffered_body_bytes);
         metrics.add_source(budget_metrics(body_budget.clone()));
         // The stack below the HTTP face, outermost first.
@@ -190,9 +203,12 @@ impl Proxy {
             .service(EstimateLayer.layer(below));
         let service = ProxyService::new(
             BoxCloneSyncService::new(stack),
-            auth,
-            configured_models(&settings),
-            handle,
+            Face {
+                auth,
+                models: configured_models(&settings),
+                balance: handle,
+                sockets,
+            },
             metrics.clone(),
             readiness.clone(),
             FaceOptions {
@@ -423,6 +439,18 @@ fn budget_metrics(budget: BodyBudget) -> Source {
                 budget.limit(),
             ),
         ]
+    })
+}
+
+/// WebSocket tunnels open now.
+fn socket_metrics(open: Arc<std::sync::atomic::AtomicU64>) -> Source {
+    Box::new(move || {
+        vec![Series {
+            name: "websockets_open",
+            help: "WebSocket tunnels open now (/v1/responses upgrades)",
+            counter: false,
+            samples: vec![(Vec::new(), open.load(std::sync::atomic::Ordering::Relaxed))],
+        }]
     })
 }
 

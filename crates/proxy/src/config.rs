@@ -243,9 +243,8 @@ pub struct UpstreamSection {
     /// The APIs the server serves natively.
     #[serde(default)]
     pub apis: Option<Spanned<Vec<String>>>,
-    /// Pass WebSocket upgrades on `/v1/responses` through (not in this build:
-    /// only `false` is accepted; upgrades are refused so clients fall back to
-    /// HTTP streaming).
+    /// Pass WebSocket upgrades on `/v1/responses` through (needs
+    /// `"responses"` in `apis`).
     #[serde(default)]
     pub websocket: Option<Spanned<bool>>,
 }
@@ -343,6 +342,8 @@ pub struct UpstreamSpec {
     pub idle_timeout: Duration,
     /// Extra PEM roots, read from `tls_ca_file`.
     pub extra_roots_pem: Option<Vec<u8>>,
+    /// Pass WebSocket upgrades on `/v1/responses` through to it.
+    pub websocket: bool,
 }
 
 /// An upstream's protocol.
@@ -572,16 +573,6 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 format!("duplicate upstream name `{name}`"),
             ));
         }
-        if let Some(ws) = &up.websocket
-            && *ws.get_ref()
-        {
-            return Err(err(
-                ws.span(),
-                format!(
-                    "upstream `{name}`: `websocket = true` is not available in this build yet (WebSocket upgrades are refused; clients fall back to HTTP streaming)"
-                ),
-            ));
-        }
         let protocol = match up
             .protocol
             .as_ref()
@@ -625,6 +616,18 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 }
                 apis
             }
+        };
+        let websocket = match &up.websocket {
+            Some(ws) if *ws.get_ref() && !apis.contains(&Api::Responses) => {
+                return Err(err(
+                    ws.span(),
+                    format!(
+                        "upstream `{name}`: `websocket = true` needs \"responses\" in `apis` (WebSocket upgrades are on /v1/responses)"
+                    ),
+                ));
+            }
+            Some(ws) => *ws.get_ref(),
+            None => false,
         };
         let target = match (&up.url, &up.mock) {
             (Some(url), None) => Target::Url(parse_url(url.get_ref()).map_err(|m| {
@@ -694,6 +697,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             )?,
             idle_timeout: positive_ms(path, "idle_timeout_ms", up.idle_timeout_ms)?,
             extra_roots_pem,
+            websocket,
         });
     }
     Ok(Settings {
@@ -1132,9 +1136,11 @@ mod tests {
         assert!(e.starts_with("t.toml:3: upstream `a`: bad url"), "{e}");
         let e = load(&format!("{MIN}websocket = true\n")).unwrap_err();
         assert!(
-            e.contains("`websocket = true` is not available in this build yet"),
+            e.starts_with("t.toml:4: upstream `a`: `websocket = true` needs \"responses\""),
             "{e}"
         );
+        let ok = load(&format!("{MIN}websocket = true\napis = [\"responses\"]\n")).unwrap();
+        assert!(ok.upstreams[0].websocket);
         let e = load(&format!("{MIN}apis = [\"chat\"]\n")).unwrap_err();
         assert!(
             e.starts_with("t.toml:4: upstream `a`: unknown api `chat`"),

@@ -26,15 +26,16 @@
 //! take the healthy streams with it; HTTP/2's flow control bounds what the
 //! unread one holds); when every stream on it is unread, it is closed.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::websocket::Tunnel;
+
 /// One connection's requests in flight, and what its response bodies do.
-#[derive(Debug)]
 pub(crate) struct Activity {
     epoch: Instant,
     /// Set by the first HTTP/1 request: hyper watches this connection's
@@ -48,6 +49,17 @@ pub(crate) struct Activity {
     /// Response bodies that handed out a frame and have not been asked for
     /// the next one.
     unsent: AtomicUsize,
+    /// What the connection becomes once hyper hands it over after a `101`
+    /// (`crate::websocket`); run by the connection's task.
+    tunnel: Mutex<Option<Tunnel>>,
+}
+
+impl std::fmt::Debug for Activity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activity")
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Activity {
@@ -59,7 +71,18 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             body_polls: AtomicU64::new(0),
             unsent: AtomicUsize::new(0),
+            tunnel: Mutex::new(None),
         })
+    }
+
+    /// Run `tunnel` on the connection's task once its HTTP life is over.
+    pub(crate) fn hold(&self, tunnel: Tunnel) {
+        *self.tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+    }
+
+    /// The tunnel to run, if a request set one up.
+    pub(crate) fn take_tunnel(&self) -> Option<Tunnel> {
+        self.tunnel.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn now_ms(&self) -> u64 {
@@ -134,6 +157,11 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
+    /// The connection's watch.
+    pub(crate) fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
     pub(crate) fn new(activity: &Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight {

@@ -45,6 +45,7 @@ mod responses;
 mod routes;
 mod server;
 mod timer;
+mod websocket;
 
 pub use app::{BuildError, Proxy};
 pub use routes::{ProxyService, Readiness};

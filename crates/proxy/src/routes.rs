@@ -22,6 +22,7 @@ use tower_service::Service;
 use crate::idle::{Activity, InFlight};
 use crate::metrics::Metrics;
 use crate::read_timeout::ReadTimeout;
+use crate::websocket::{self, Sockets};
 use llm_proxy_balance::BalanceHandle;
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -171,6 +172,7 @@ struct Shared {
     models: Vec<String>,
     models_json: Bytes,
     balance: BalanceHandle<crate::app::UpstreamService>,
+    sockets: Sockets,
     ids: RequestIds,
     options: FaceOptions,
 }
@@ -181,16 +183,29 @@ impl std::fmt::Debug for ProxyService {
     }
 }
 
+/// What the HTTP face answers from itself, beside the stack: `/v1/models`,
+/// `/readyz` and WebSocket upgrades.
+pub(crate) struct Face {
+    pub(crate) auth: Option<AuthLayer>,
+    pub(crate) models: Vec<String>,
+    pub(crate) balance: BalanceHandle<crate::app::UpstreamService>,
+    pub(crate) sockets: Sockets,
+}
+
 impl ProxyService {
     pub(crate) fn new(
         stack: Stack,
-        auth: Option<AuthLayer>,
-        models: Vec<String>,
-        balance: BalanceHandle<crate::app::UpstreamService>,
+        face: Face,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         options: FaceOptions,
     ) -> Self {
+        let Face {
+            auth,
+            models,
+            balance,
+            sockets,
+        } = face;
         ProxyService {
             shared: Arc::new(Shared {
                 metrics,
@@ -199,6 +214,7 @@ impl ProxyService {
                 models_json: models_json(&models),
                 models,
                 balance,
+                sockets,
                 ids: RequestIds::new(),
                 options,
             }),
@@ -284,7 +300,8 @@ impl ProxyService {
             .unwrap_or_else(|| shared.ids.next());
         let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
         Box::pin(async move {
-            let mut resp = match respond(&shared, stack, route, req, &request_id).await {
+            let on = conn.as_ref().map(InFlight::activity);
+            let mut resp = match respond(&shared, stack, route, req, &request_id, on).await {
                 Ok(resp) => resp,
                 Err(e) => e.into_response_in(route.dialect()),
             };
@@ -335,11 +352,26 @@ async fn respond<B>(
     route: Route,
     req: Request<B>,
     request_id: &HeaderValue,
+    conn: Option<&Arc<Activity>>,
 ) -> Result<Response<Body>, Error>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    if route == Route::Api(Endpoint::Responses)
+        && !shared.sockets.is_empty()
+        && websocket::wants_upgrade(&req)
+    {
+        let ctx = websocket::Ctx {
+            sockets: &shared.sockets,
+            auth: shared.auth.as_ref(),
+            balance: &shared.balance,
+            conn,
+        };
+        let (mut parts, body) = req.into_parts();
+        parts.headers.insert(REQUEST_ID, request_id.clone());
+        return websocket::open(ctx, Request::from_parts(parts, body)).await;
+    }
     if let Some((methods, allow)) = route.allow(req.uri().path())
         && !methods.contains(req.method())
     {

@@ -549,6 +549,11 @@ fn serve_connection<S>(
         if let Err(e) = ended {
             tracing::debug!(error = %e, "connection ended with an error");
         }
+        // Switched protocols: the connection lives on as a tunnel, still
+        // holding its permit, and a drain still waits for it.
+        if let Some(tunnel) = activity.take_tunnel() {
+            tunnel.await;
+        }
         drop((permit, load, stop));
     });
 }

@@ -38,6 +38,9 @@ pub struct UpstreamConfig {
     /// index `0..shards` (see [`crate::shard`]), plus one shared pool for
     /// callers outside any shard. `0` (the default): the shared pool only.
     pub shards: usize,
+    /// Accept [`Upstream::upgrade`](crate::Upstream::upgrade) calls
+    /// (WebSocket): each opens its own HTTP/1.1 connection.
+    pub upgrades: bool,
 }
 
 impl UpstreamConfig {
@@ -54,6 +57,7 @@ impl UpstreamConfig {
             pool_idle_timeout: Duration::from_secs(4),
             extra_roots_pem: None,
             shards: 0,
+            upgrades: false,
         }
     }
 

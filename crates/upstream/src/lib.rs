@@ -18,6 +18,9 @@
 //!   connection, never with a clean end. Dropping the response body closes the
 //!   upstream connection, so a client that hangs up stops the upstream's work.
 //!
+//! [`Upstream::upgrade`] passes a protocol upgrade (WebSocket) through on a
+//! connection of its own.
+//!
 //! Connections are pooled and kept alive (HTTP/1.1, and HTTP/2 where a TLS
 //! server offers it by ALPN); `TCP_NODELAY` is on. https uses rustls with the
 //! `ring` provider and the webpki roots, plus any extra PEM roots given.
@@ -50,7 +53,9 @@ mod pool;
 mod service;
 pub mod shard;
 mod tls;
+mod upgrade;
 
 pub use body::UpstreamBody;
 pub use config::{AuthStyle, BuildError, UpstreamConfig};
 pub use service::{ANTHROPIC_VERSION, ResponseFuture, Upstream};
+pub use upgrade::Upgrade;

@@ -25,23 +25,29 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 /// Cheap to clone: clones share one connection pool.
 #[derive(Clone)]
 pub struct Upstream {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     transport: Transport,
-    name: UpstreamName,
-    name_header: HeaderValue,
-    scheme: uri::Scheme,
-    authority: uri::Authority,
+    pub(crate) name: UpstreamName,
+    pub(crate) name_header: HeaderValue,
+    pub(crate) scheme: uri::Scheme,
+    pub(crate) authority: uri::Authority,
     /// The base URL's path without its trailing slash, e.g. `/v1`.
-    base_path: String,
-    credential: Option<(HeaderName, HeaderValue)>,
+    pub(crate) base_path: String,
+    pub(crate) credential: Option<(HeaderName, HeaderValue)>,
     /// An Anthropic upstream: requests without `anthropic-version` get
     /// [`ANTHROPIC_VERSION`].
-    anthropic: bool,
-    first_byte_timeout: Duration,
-    idle_timeout: Duration,
+    pub(crate) anthropic: bool,
+    /// `host[:port]` as the URL has it, for requests in origin form.
+    pub(crate) host: HeaderValue,
+    /// Connects for [`Upstream::upgrade`]: HTTP/1.1 only (an upgrade is an
+    /// HTTP/1.1 exchange), TLS for `https://`. `None` unless enabled.
+    pub(crate) upgrades: Option<HttpsConnector<HttpConnector>>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) first_byte_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 }
 
 const ANTHROPIC_VERSION_HEADER: HeaderName = HeaderName::from_static("anthropic-version");
@@ -56,10 +62,7 @@ pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 enum Transport {
     /// `http://`: HTTP/1.1 over the crate's own lean pool, with the `Host`
     /// header to send.
-    Http1 {
-        pools: Box<[Arc<Pool>]>,
-        host: HeaderValue,
-    },
+    Http1 { pools: Box<[Arc<Pool>]> },
     /// `https://`: hyper-util's client, which negotiates HTTP/2 over ALPN.
     Client(Box<[HttpClient]>),
 }
@@ -101,14 +104,14 @@ impl Upstream {
             }
         };
 
+        // `host[:port]` as the URL has it, without any `user:pass@`.
+        let host = match authority.port() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_owned(),
+        };
+        let host = HeaderValue::try_from(host).map_err(|_| bad_url())?;
         let transport = if scheme == uri::Scheme::HTTP {
             let port = authority.port_u16().unwrap_or(80);
-            // `host[:port]` as the URL has it, without any `user:pass@`.
-            let host = match authority.port() {
-                Some(port) => format!("{}:{port}", authority.host()),
-                None => authority.host().to_owned(),
-            };
-            let host = HeaderValue::try_from(host).map_err(|_| bad_url())?;
             let pools = (0..=cfg.shards)
                 .map(|_| {
                     Arc::new(Pool::new(
@@ -119,9 +122,14 @@ impl Upstream {
                     ))
                 })
                 .collect();
-            Transport::Http1 { pools, host }
+            Transport::Http1 { pools }
         } else {
             Transport::Client(Self::https_clients(&cfg)?)
+        };
+        let upgrades = if cfg.upgrades {
+            Some(Self::connector(&cfg, false)?)
+        } else {
+            None
         };
 
         let name_header = HeaderValue::from_str(&cfg.name).map_err(|_| BuildError::BadUrl {
@@ -138,14 +146,21 @@ impl Upstream {
                 base_path,
                 credential,
                 anthropic: cfg.auth_style == AuthStyle::XApiKey,
+                host,
+                upgrades,
+                connect_timeout: cfg.connect_timeout,
                 first_byte_timeout: cfg.first_byte_timeout,
                 idle_timeout: cfg.idle_timeout,
             }),
         })
     }
 
-    /// hyper-util clients with rustls (webpki roots plus any extra ones).
-    fn https_clients(cfg: &UpstreamConfig) -> Result<Box<[HttpClient]>, BuildError> {
+    /// A TCP (and, for `https://`, rustls: webpki roots plus any extra
+    /// ones) connector, offering HTTP/2 by ALPN when `http2`.
+    fn connector(
+        cfg: &UpstreamConfig,
+        http2: bool,
+    ) -> Result<HttpsConnector<HttpConnector>, BuildError> {
         let tls = crate::tls::client_config(cfg.extra_roots_pem.as_deref()).map_err(|reason| {
             BuildError::BadRoots {
                 name: cfg.name.clone(),
@@ -156,12 +171,20 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
-        let connector = HttpsConnectorBuilder::new()
+        let builder = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+            .enable_http1();
+        Ok(if http2 {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.wrap_connector(http)
+        })
+    }
+
+    /// hyper-util clients over [`Self::connector`].
+    fn https_clients(cfg: &UpstreamConfig) -> Result<Box<[HttpClient]>, BuildError> {
+        let connector = Self::connector(cfg, true)?;
         Ok((0..=cfg.shards)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
@@ -179,7 +202,7 @@ impl Upstream {
     }
 
     /// `<base path>/<rest>?<query>` for a client path `/v1/<rest>?<query>`.
-    fn path_and_query(&self, client: &Uri) -> Result<uri::PathAndQuery, Error> {
+    pub(crate) fn path_and_query(&self, client: &Uri) -> Result<uri::PathAndQuery, Error> {
         let path = client.path();
         let rest = match path.strip_prefix("/v1") {
             Some(r) if r.is_empty() || r.starts_with('/') => r,
@@ -204,7 +227,7 @@ impl Upstream {
             .map_err(|e| self.bad_gateway(format!("cannot build the upstream URL: {e}")))
     }
 
-    fn bad_gateway(&self, reason: String) -> Error {
+    pub(crate) fn bad_gateway(&self, reason: String) -> Error {
         Error::BadGateway {
             upstream: self.inner.name.0.clone(),
             reason,
@@ -268,15 +291,7 @@ impl Upstream {
                 body
             }
         };
-        if let Some((name, value)) = &self.inner.credential {
-            parts.headers.insert(name.clone(), value.clone());
-        }
-        if self.inner.anthropic && !parts.headers.contains_key(&ANTHROPIC_VERSION_HEADER) {
-            parts.headers.insert(
-                ANTHROPIC_VERSION_HEADER,
-                HeaderValue::from_static(ANTHROPIC_VERSION),
-            );
-        }
+        self.present(&mut parts.headers);
 
         let pq = self.path_and_query(&parts.uri)?;
         let mut out = Request::new(body);
@@ -284,9 +299,10 @@ impl Upstream {
         *out.headers_mut() = parts.headers;
         let shard = crate::shard::current();
         let sent = match &self.inner.transport {
-            Transport::Http1 { pools, host } => {
+            Transport::Http1 { pools } => {
                 *out.uri_mut() = Uri::from(pq);
-                out.headers_mut().insert(header::HOST, host.clone());
+                out.headers_mut()
+                    .insert(header::HOST, self.inner.host.clone());
                 let pool = shard
                     .and_then(|i| pools.get(i))
                     .unwrap_or(&pools[pools.len() - 1]);
@@ -323,7 +339,7 @@ impl Upstream {
         };
 
         let (mut parts, incoming) = resp.into_parts();
-        headers::strip_response(&mut parts.headers);
+        self.mark(&mut parts);
         let is_sse = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -335,10 +351,6 @@ impl Upstream {
             // the upstream's.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        parts
-            .headers
-            .insert(UPSTREAM_HEADER, self.inner.name_header.clone());
-        parts.extensions.insert(self.inner.name.clone());
         let body = UpstreamBody::new(
             incoming,
             self.inner.idle_timeout,
@@ -349,7 +361,31 @@ impl Upstream {
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 
-    fn classify_pool(&self, e: SendError) -> Error {
+    /// Set the upstream's own credential (the client's was stripped) and,
+    /// for an Anthropic upstream, a default `anthropic-version`.
+    pub(crate) fn present(&self, headers: &mut http::HeaderMap) {
+        if let Some((name, value)) = &self.inner.credential {
+            headers.insert(name.clone(), value.clone());
+        }
+        if self.inner.anthropic && !headers.contains_key(&ANTHROPIC_VERSION_HEADER) {
+            headers.insert(
+                ANTHROPIC_VERSION_HEADER,
+                HeaderValue::from_static(ANTHROPIC_VERSION),
+            );
+        }
+    }
+
+    /// Strip a response head of its hop-by-hop headers and mark it with
+    /// the upstream's name (header and extension).
+    pub(crate) fn mark(&self, parts: &mut http::response::Parts) {
+        headers::strip_response(&mut parts.headers);
+        parts
+            .headers
+            .insert(UPSTREAM_HEADER, self.inner.name_header.clone());
+        parts.extensions.insert(self.inner.name.clone());
+    }
+
+    pub(crate) fn classify_pool(&self, e: SendError) -> Error {
         if let SendError::Request(e) = &e
             && let Some(client) = client_fault(e)
         {

@@ -1,0 +1,256 @@
+//! WebSocket on `/v1/responses` (Codex's transport) through the proxy, over
+//! real sockets: the tunnel, which upstream and which keys, limits, refusals,
+//! the idle timeout, hang-ups and the drain.
+
+use http::Method;
+use llm_proxy_mock::MockApi;
+use tests::ws::{connect, ends, turn};
+use tests::*;
+
+fn ws_upstream(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[upstream]]\nname = \"{name}\"\nurl = \"{url}\"\napis = [\"responses\"]\nwebsocket = true\n{extra}\n"
+    )
+}
+
+async fn metrics(p: &TestProxy) -> String {
+    send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text()
+}
+
+#[tokio::test]
+async fn a_websocket_tunnel_carries_turns_to_the_upstream_with_its_own_key() {
+    let up = mock_named("m").await;
+    let p = proxy(&ws_upstream(
+        "up",
+        &up.base_url(),
+        "api_key = \"sk-upstream\"",
+    ))
+    .await;
+
+    let (mut socket, head) = connect(
+        p.addr,
+        &[
+            ("authorization", "Bearer sk-client"),
+            ("openai-beta", "responses_websockets=2026-02-04"),
+        ],
+    )
+    .await
+    .expect("switched");
+    assert_eq!(head.status(), 101);
+    assert_eq!(head.headers()["x-llm-proxy-upstream"], "up");
+    assert!(head.headers().contains_key("x-request-id"));
+    // The upstream saw its own key, not the client's; other headers as sent.
+    let seen = up.stats.last_request_headers().unwrap();
+    assert_eq!(seen["authorization"], "Bearer sk-upstream");
+    assert_eq!(seen["openai-beta"], "responses_websockets=2026-02-04");
+    assert_eq!(up.stats.last_path().as_deref(), Some("/v1/responses"));
+
+    let first = turn(
+        &mut socket,
+        serde_json::json!({"model": "m", "input": "Hi"}),
+    )
+    .await;
+    let kinds: Vec<&str> = first.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"response.created"));
+    assert_eq!(kinds.last(), Some(&"response.completed"), "{kinds:?}");
+    assert!(kinds.contains(&"response.output_text.delta"), "{kinds:?}");
+    // The next turn builds on the first, on the same upstream.
+    let id = first.last().unwrap()["response"]["id"].as_str().unwrap();
+    let second = turn(
+        &mut socket,
+        serde_json::json!({"model": "m", "input": "More", "previous_response_id": id}),
+    )
+    .await;
+    assert_eq!(second.last().unwrap()["type"], "response.completed");
+    let body = up.stats.last_request_body().unwrap();
+    assert!(
+        String::from_utf8_lossy(&body).contains(id),
+        "the second turn reached the upstream unchanged"
+    );
+
+    let m = metrics(&p).await;
+    assert!(m.contains("llm_proxy_websockets_open 1"), "{m}");
+    assert!(
+        m.contains(r#"llm_proxy_requests_total{route="responses",status="101",upstream="up"} 1"#),
+        "{m}"
+    );
+    // A close from the client ends the upstream's session too.
+    socket.close(None).await.unwrap();
+    assert!(ends(&mut socket).await);
+    eventually("the upstream session ends", || up.stats.in_flight() == 0).await;
+    drop(socket);
+    let closed = async {
+        while !metrics(&p).await.contains("llm_proxy_websockets_open 0") {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(HANG, closed)
+        .await
+        .expect("the tunnel is counted closed");
+}
+
+#[tokio::test]
+async fn an_upgrade_goes_to_the_first_healthy_upstream_the_key_may_use() {
+    let (a, b, c) = (
+        mock_named("a").await,
+        mock_named("b").await,
+        mock_named("c").await,
+    );
+    let toml = format!(
+        "[balance]\neject_after_failures = 1\neject_secs = 600\n\
+         [[upstream]]\nname = \"a\"\nurl = \"{}\"\napis = [\"responses\"]\nmodels = [\"ma\"]\n\
+         {}{}\
+         [auth]\n\
+         [[auth.keys]]\nname = \"open\"\nkey = \"sk-open\"\n\
+         [[auth.keys]]\nname = \"mc\"\nkey = \"sk-mc\"\nmodels = [\"mc\"]\n\
+         [[auth.keys]]\nname = \"other\"\nkey = \"sk-other\"\nmodels = [\"ma\"]\n\
+         [[auth.keys]]\nname = \"metered\"\nkey = \"sk-metered\"\ntokens_per_minute = 100000\n\
+         [[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 1\n",
+        a.base_url(),
+        ws_upstream("b", &b.base_url(), "models = [\"mb\"]"),
+        ws_upstream("c", &c.base_url(), "models = [\"mc\"]"),
+    );
+    let p = proxy(&toml).await;
+    let upstream_of = |head: &http::Response<Option<Vec<u8>>>| {
+        head.headers()["x-llm-proxy-upstream"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // `a` takes no upgrades; `b` is first in config order.
+    let (_s, head) = connect(p.addr, &[("authorization", "Bearer sk-open")])
+        .await
+        .unwrap();
+    assert_eq!(upstream_of(&head), "b");
+    // A key limited to `mc` may not use `b` (it serves `mb`) over a tunnel.
+    let (_s, head) = connect(p.addr, &[("x-api-key", "sk-mc")]).await.unwrap();
+    assert_eq!(upstream_of(&head), "c");
+    // No upstream whose every model the key may use; a token limit the
+    // tunnel would skip: refused as a plain GET is, so HTTP is used.
+    for key in ["Bearer sk-other", "Bearer sk-metered"] {
+        let (status, body) = connect(p.addr, &[("authorization", key)])
+            .await
+            .unwrap_err();
+        assert_eq!(status, 405, "{key}: {body}");
+        assert!(body.contains("method_not_allowed"), "{body}");
+    }
+    // No key, or an unknown one.
+    let (status, body) = connect(p.addr, &[]).await.unwrap_err();
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = connect(p.addr, &[("authorization", "Bearer sk-nope")])
+        .await
+        .unwrap_err();
+    assert_eq!(status, 401);
+    // One request per upgrade against the request limit.
+    let (_s, head) = connect(p.addr, &[("authorization", "Bearer sk-slow")])
+        .await
+        .unwrap();
+    assert_eq!(head.headers()["x-ratelimit-remaining-requests"], "0");
+    let (status, body) = connect(p.addr, &[("authorization", "Bearer sk-slow")])
+        .await
+        .unwrap_err();
+    assert_eq!(status, 429, "{body}");
+
+    // `b` fails a request and rests: the next upgrade goes to `c`.
+    let failed = send(request(
+        Method::POST,
+        &p.url("/v1/responses"),
+        &[
+            ("authorization", "Bearer sk-open"),
+            ("content-type", "application/json"),
+            ("x-mock-fail", "500"),
+        ],
+        r#"{"model": "mb", "input": "x"}"#,
+    ))
+    .await;
+    assert_eq!(failed.status, 500, "{}", failed.text());
+    let (_s, head) = connect(p.addr, &[("authorization", "Bearer sk-open")])
+        .await
+        .unwrap();
+    assert_eq!(upstream_of(&head), "c");
+    assert_eq!(a.stats.requests(), 0);
+}
+
+#[tokio::test]
+async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
+    // A server without the Responses API answers the upgrade with its 404.
+    let chat_only = mock(llm_proxy_mock::MockConfig {
+        apis: Some(vec![MockApi::ChatCompletions]),
+        ..Default::default()
+    })
+    .await;
+    let p = proxy(&ws_upstream("up", &chat_only.base_url(), "")).await;
+    let (status, body) = connect(p.addr, &[]).await.unwrap_err();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("Invalid URL"), "{body}");
+
+    // Nothing listening: 502.
+    let port = free_port();
+    let p = proxy(&ws_upstream(
+        "gone",
+        &format!("http://127.0.0.1:{port}/v1"),
+        "",
+    ))
+    .await;
+    let (status, body) = connect(p.addr, &[]).await.unwrap_err();
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("could not connect"), "{body}");
+
+    // A plain GET (no upgrade) is still 405.
+    let plain = send(request(Method::GET, &p.url("/v1/responses"), &[], "")).await;
+    plain.assert_error(405, "invalid_request_error", "method_not_allowed");
+}
+
+#[tokio::test]
+async fn a_silent_tunnel_is_closed_after_the_idle_timeout() {
+    let up = mock_named("m").await;
+    let p = proxy(&ws_upstream("up", &up.base_url(), "idle_timeout_ms = 300")).await;
+    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    // Traffic keeps it open past the timeout...
+    for _ in 0..3 {
+        let events = turn(&mut socket, serde_json::json!({"model": "m", "input": "x"})).await;
+        assert_eq!(events.last().unwrap()["type"], "response.completed");
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    // ...silence closes it, at both ends.
+    assert!(ends(&mut socket).await);
+    eventually("the upstream session ends", || up.stats.in_flight() == 0).await;
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_closes_the_upstream_side() {
+    let up = mock_named("m").await;
+    let p = proxy(&ws_upstream("up", &up.base_url(), "")).await;
+    let (socket, _) = connect(p.addr, &[]).await.unwrap();
+    eventually("the upstream session opens", || up.stats.in_flight() == 1).await;
+    // No close frame: the TCP connection just goes.
+    drop(socket);
+    eventually("the upstream session ends", || up.stats.in_flight() == 0).await;
+}
+
+#[tokio::test]
+async fn a_drain_lets_an_open_tunnel_finish() {
+    let up = mock_named("m").await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 60\n{}",
+        ws_upstream("up", &up.base_url(), "")
+    ))
+    .await;
+    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    p.begin_shutdown();
+    // Draining: new connections are refused, the tunnel still works.
+    eventually("the listener closes", || {
+        std::net::TcpStream::connect(p.addr).is_err()
+    })
+    .await;
+    let events = turn(&mut socket, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    assert!(p.is_serving(), "the drain waits for the tunnel");
+    socket.close(None).await.unwrap();
+    assert!(ends(&mut socket).await);
+    drop(socket);
+    p.stop().await.unwrap();
+}
