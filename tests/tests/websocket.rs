@@ -199,6 +199,21 @@ async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("could not connect"), "{body}");
 
+    // The next upstream is tried, as far as the balancer's retries go.
+    let up = mock_named("m").await;
+    let gone = format!("http://127.0.0.1:{port}/v1");
+    let two = format!(
+        "{}{}",
+        ws_upstream("gone", &gone, ""),
+        ws_upstream("up", &up.base_url(), "")
+    );
+    let retried = proxy(&two).await;
+    let (_socket, head) = connect(retried.addr, &[]).await.unwrap();
+    assert_eq!(head.headers()["x-llm-proxy-upstream"], "up");
+    let once = proxy(&format!("[balance]\nmax_retries = 0\n{two}")).await;
+    let (status, _) = connect(once.addr, &[]).await.unwrap_err();
+    assert_eq!(status, 502);
+
     // A plain GET (no upgrade) is still 405.
     let plain = send(request(Method::GET, &p.url("/v1/responses"), &[], "")).await;
     plain.assert_error(405, "invalid_request_error", "method_not_allowed");

@@ -182,7 +182,7 @@ impl Proxy {
         let redis_ids = response_ids_redis(&settings)?;
         let ids = ResponseIds::new(redis_ids.clone());
         metrics.add_source(store_metrics(auth.clone(), cache.clone(), redis_ids));
-        let sockets = Sockets::new(sockets);
+        let sockets = Sockets::new(sockets, settings.balance.max_retries);
         metrics.add_source(socket_metrics(sockets.open_gauge()));
         let body_budget = BodyBudget::new(settings.max_buffered_body_bytes);
         metrics.add_source(budget_metrics(body_budget.clone()));

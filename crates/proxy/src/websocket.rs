@@ -7,7 +7,9 @@
 //! config order with `websocket = true` that is healthy and that the
 //! caller's key may use; it counts as one request against the key's request
 //! limit; with no such upstream it is refused as a plain `GET
-//! /v1/responses` is (405), and the client falls back to HTTP.
+//! /v1/responses` is (405), and the client falls back to HTTP. One that
+//! cannot be reached is passed over for the next (up to the balancer's
+//! `max_retries`), as a request would be retried elsewhere.
 //!
 //! Once switched, the connection is a byte tunnel: the proxy does not read
 //! the frames. So a key may use an upstream over a WebSocket only when
@@ -49,6 +51,8 @@ pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 #[derive(Debug, Default)]
 pub(crate) struct Sockets {
     upstreams: Vec<SocketUpstream>,
+    /// Upstreams tried per upgrade: the balancer's `max_retries` + 1.
+    attempts: usize,
     /// Tunnels open now.
     open: Arc<AtomicU64>,
 }
@@ -65,9 +69,10 @@ pub(crate) struct SocketUpstream {
 }
 
 impl Sockets {
-    pub(crate) fn new(upstreams: Vec<SocketUpstream>) -> Self {
+    pub(crate) fn new(upstreams: Vec<SocketUpstream>, max_retries: u32) -> Self {
         Sockets {
             upstreams,
+            attempts: usize::try_from(max_retries).map_or(usize::MAX, |r| r.saturating_add(1)),
             open: Arc::default(),
         }
     }
@@ -123,19 +128,26 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         Some(auth) => Some(auth.authenticate(req.headers())?),
         None => None,
     };
-    let chosen = ctx.sockets.upstreams.iter().find(|u| {
-        key.as_ref()
-            .is_none_or(|k| k.limits.tokens.is_none() && k.allows_every_model(u.models.as_deref()))
-            && ctx.balance.is_healthy(u.client.name())
-    });
-    let Some(upstream) = chosen else {
+    let mut candidates = ctx
+        .sockets
+        .upstreams
+        .iter()
+        .filter(|u| {
+            key.as_ref().is_none_or(|k| {
+                k.limits.tokens.is_none() && k.allows_every_model(u.models.as_deref())
+            }) && ctx.balance.is_healthy(u.client.name())
+        })
+        .take(ctx.sockets.attempts)
+        .collect::<Vec<_>>()
+        .into_iter();
+    if candidates.len() == 0 {
         tracing::debug!("no WebSocket upstream for this key: refused");
         return Err(Error::MethodNotAllowed {
             method: req.method().to_string(),
             path: req.uri().path().to_owned(),
             allow: "POST",
         });
-    };
+    }
     let decision = match (ctx.auth, &key) {
         (Some(auth), Some(key)) => match auth.acquire_request(key, Dialect::OpenAi).await {
             Ok(decision) => decision,
@@ -145,13 +157,31 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
     };
     let client_side = hyper::upgrade::on(&mut req);
     let (parts, _body) = req.into_parts();
-    let (head, io) = match upstream
-        .client
-        .upgrade(Request::from_parts(parts, ()))
-        .await?
-    {
-        Upgrade::Refused(resp) => return Ok(resp),
-        Upgrade::Switched { head, io } => (head, io),
+    // An upstream that cannot be reached (or breaks the exchange, or does
+    // not answer in time) is passed over for the next one, up to the
+    // balancer's retry count: an upgrade is a `GET`, and nothing of the
+    // session has happened yet.
+    let mut failed = None;
+    let (upstream, head, io) = loop {
+        let Some(upstream) = candidates.next() else {
+            return Err(failed.unwrap_or_else(|| {
+                Error::NoUpstreamAvailable("no WebSocket upstream could be tried".into())
+            }));
+        };
+        let mut attempt = Request::new(());
+        *attempt.method_mut() = parts.method.clone();
+        *attempt.uri_mut() = parts.uri.clone();
+        *attempt.version_mut() = parts.version;
+        *attempt.headers_mut() = parts.headers.clone();
+        match upstream.client.upgrade(attempt).await {
+            Ok(Upgrade::Switched { head, io }) => break (upstream, head, io),
+            Ok(Upgrade::Refused(resp)) => return Ok(resp),
+            Err(e @ (Error::BadGateway { .. } | Error::UpstreamTimeout { .. })) => {
+                tracing::debug!(upstream = %upstream.client.name(), error = %e, "WebSocket upgrade failed");
+                failed = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
     };
     let tunnel = splice(
         client_side,
