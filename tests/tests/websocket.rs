@@ -269,3 +269,19 @@ async fn a_drain_lets_an_open_tunnel_finish() {
     drop(socket);
     p.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_demo_config_serves_requests_and_websockets() {
+    let demo = std::fs::read_to_string(workspace_root().join("examples/demo.toml")).unwrap();
+    let p = proxy(&demo).await;
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("demo-small", false)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let (mut socket, head) = connect(p.addr, &[]).await.unwrap();
+    assert_eq!(head.headers()["x-llm-proxy-upstream"], "mock-a");
+    let events = turn(
+        &mut socket,
+        serde_json::json!({"model": "demo-large", "input": "Hello"}),
+    )
+    .await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+}
