@@ -78,3 +78,15 @@ pub struct PinnedUpstream(pub std::sync::Arc<str>);
 /// served the request. Read by metrics and by the proxy's response headers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamName(pub std::sync::Arc<str>);
+
+/// Whether `token` is one of the comma-separated values of the `name`
+/// headers, compared case-insensitively (`connection: keep-alive, Upgrade`
+/// lists `upgrade`).
+pub fn header_lists(headers: &http::HeaderMap, name: &http::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}

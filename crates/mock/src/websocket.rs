@@ -14,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Response, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use llm_proxy_core::header_lists;
 use serde_json::{Value, json};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,18 +28,9 @@ use crate::{Mock, MockApi};
 
 /// Whether `parts` asks to switch to WebSocket.
 pub(crate) fn asks_upgrade(parts: &http::request::Parts) -> bool {
-    let lists = |name, token: &str| {
-        parts
-            .headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
     parts.method == http::Method::GET
-        && lists(header::UPGRADE, "websocket")
-        && lists(header::CONNECTION, "upgrade")
+        && header_lists(&parts.headers, &header::UPGRADE, "websocket")
+        && header_lists(&parts.headers, &header::CONNECTION, "upgrade")
 }
 
 impl Mock {

@@ -32,12 +32,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, Method, Request, Response, Version, header};
+use http::{Method, Request, Response, Version, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use llm_proxy_auth::{AuthLayer, rate_headers};
 use llm_proxy_balance::BalanceHandle;
-use llm_proxy_core::{Body, Dialect, Error};
+use llm_proxy_core::{Body, Dialect, Error, header_lists};
 use llm_proxy_upstream::{Upgrade, Upstream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -94,19 +94,9 @@ impl Sockets {
 pub(crate) fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == Method::GET
         && req.version() == Version::HTTP_11
-        && has_token(req.headers(), &header::UPGRADE, "websocket")
-        && has_token(req.headers(), &header::CONNECTION, "upgrade")
+        && header_lists(req.headers(), &header::UPGRADE, "websocket")
+        && header_lists(req.headers(), &header::CONNECTION, "upgrade")
         && req.extensions().get::<OnUpgrade>().is_some()
-}
-
-/// Whether a comma-separated header lists `token` (case-insensitively).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// What [`open`] needs of the proxy.
@@ -306,15 +296,15 @@ mod tests {
 
     #[test]
     fn upgrade_tokens_are_found_in_lists_in_any_case() {
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.append(
             header::CONNECTION,
             HeaderValue::from_static("keep-alive, Upgrade"),
         );
         h.append(header::UPGRADE, HeaderValue::from_static("WebSocket"));
-        assert!(has_token(&h, &header::CONNECTION, "upgrade"));
-        assert!(has_token(&h, &header::UPGRADE, "websocket"));
-        assert!(!has_token(&h, &header::CONNECTION, "close"));
+        assert!(header_lists(&h, &header::CONNECTION, "upgrade"));
+        assert!(header_lists(&h, &header::UPGRADE, "websocket"));
+        assert!(!header_lists(&h, &header::CONNECTION, "close"));
         let req = Request::get("/v1/responses")
             .header(header::CONNECTION, "upgrade")
             .header(header::UPGRADE, "websocket")
