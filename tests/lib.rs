@@ -384,6 +384,35 @@ pub async fn run_python(script: &str, arg: String) {
     );
 }
 
+/// Read a request's head off `conn`; `false` if the connection ends first.
+pub async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = vec![0u8; 8192];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::io::AsyncReadExt::read(conn, &mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// An upstream on 127.0.0.1 that hands each connection to `serve`, raw.
+pub async fn raw_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(serve(conn));
+        }
+    });
+    addr
+}
+
 /// A WebSocket client for `/v1/responses`, as Codex uses it.
 pub mod ws {
     use std::net::SocketAddr;

@@ -384,19 +384,6 @@ async fn a_client_that_sends_nothing_or_half_an_h2_preface_is_cut_off() {
     }
 }
 
-/// Read a request's head off `conn`; `false` if the connection ends first.
-async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
-    let mut buf = vec![0u8; 8192];
-    let mut seen = Vec::new();
-    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-        match conn.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-    true
-}
-
 /// Send a streamed chat request of `tokens` mock tokens on `conn`, raw, and
 /// read its answer's first bytes: a 200 head.
 async fn start_raw_stream(conn: &mut tokio::net::TcpStream, tokens: u32) {
@@ -413,22 +400,6 @@ async fn start_raw_stream(conn: &mut tokio::net::TcpStream, tokens: u32) {
         .unwrap()
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-}
-
-/// An upstream on 127.0.0.1 that hands each connection to `serve`, raw.
-async fn raw_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
-where
-    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((conn, _)) = listener.accept().await {
-            tokio::spawn(serve(conn));
-        }
-    });
-    addr
 }
 
 #[tokio::test]

@@ -2,10 +2,12 @@
 //! real sockets: the tunnel, which upstream and which keys, limits, refusals,
 //! the idle timeout, hang-ups and the drain.
 
+use futures_util::{SinkExt, StreamExt};
 use http::Method;
 use llm_proxy_mock::MockApi;
 use tests::ws::{connect, ends, turn};
 use tests::*;
+use tokio_tungstenite::tungstenite::Message;
 
 fn ws_upstream(name: &str, url: &str, extra: &str) -> String {
     format!(
@@ -34,6 +36,7 @@ async fn a_websocket_tunnel_carries_turns_to_the_upstream_with_its_own_key() {
         &[
             ("authorization", "Bearer sk-client"),
             ("openai-beta", "responses_websockets=2026-02-04"),
+            ("sec-websocket-extensions", "permessage-deflate"),
         ],
     )
     .await
@@ -45,6 +48,8 @@ async fn a_websocket_tunnel_carries_turns_to_the_upstream_with_its_own_key() {
     let seen = up.stats.last_request_headers().unwrap();
     assert_eq!(seen["authorization"], "Bearer sk-upstream");
     assert_eq!(seen["openai-beta"], "responses_websockets=2026-02-04");
+    // No extension is negotiated: the proxy reads the messages.
+    assert!(!seen.contains_key("sec-websocket-extensions"));
     assert_eq!(up.stats.last_path().as_deref(), Some("/v1/responses"));
 
     let first = turn(
@@ -128,15 +133,18 @@ async fn an_upgrade_goes_to_the_first_healthy_upstream_the_key_may_use() {
     // A key limited to `mc` may not use `b` (it serves `mb`) over a tunnel.
     let (_s, head) = connect(p.addr, &[("x-api-key", "sk-mc")]).await.unwrap();
     assert_eq!(upstream_of(&head), "c");
-    // No upstream whose every model the key may use; a token limit the
-    // tunnel would skip: refused as a plain GET is, so HTTP is used.
-    for key in ["Bearer sk-other", "Bearer sk-metered"] {
-        let (status, body) = connect(p.addr, &[("authorization", key)])
-            .await
-            .unwrap_err();
-        assert_eq!(status, 405, "{key}: {body}");
-        assert!(body.contains("method_not_allowed"), "{body}");
-    }
+    // No WebSocket upstream serves a model the key may use: refused as a
+    // plain GET is, so HTTP is used.
+    let (status, body) = connect(p.addr, &[("authorization", "Bearer sk-other")])
+        .await
+        .unwrap_err();
+    assert_eq!(status, 405, "{body}");
+    assert!(body.contains("method_not_allowed"), "{body}");
+    // A token limit is kept per turn (see below): no reason to refuse.
+    let (_s, head) = connect(p.addr, &[("authorization", "Bearer sk-metered")])
+        .await
+        .unwrap();
+    assert_eq!(upstream_of(&head), "b");
     // No key, or an unknown one.
     let (status, body) = connect(p.addr, &[]).await.unwrap_err();
     assert_eq!(status, 401, "{body}");
@@ -174,6 +182,158 @@ async fn an_upgrade_goes_to_the_first_healthy_upstream_the_key_may_use() {
     assert_eq!(a.stats.requests(), 0);
 }
 
+async fn post_response(p: &TestProxy, key: &str, body: serde_json::Value) -> Answer {
+    send(request(
+        Method::POST,
+        &p.url("/v1/responses"),
+        &[("authorization", key), ("content-type", "application/json")],
+        body.to_string(),
+    ))
+    .await
+}
+
+async fn get_response(p: &TestProxy, key: &str, id: &str) -> Answer {
+    send(request(
+        Method::GET,
+        &p.url(&format!("/v1/responses/{id}")),
+        &[("authorization", key)],
+        "",
+    ))
+    .await
+}
+
+/// The one event of a refused turn.
+fn refusal(events: &[serde_json::Value]) -> (u64, String) {
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["type"], "error", "{e}");
+    (
+        e["status"].as_u64().unwrap(),
+        e["error"]["code"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn each_turn_is_held_to_what_a_request_is_held_to() {
+    let up = mock_named("m").await;
+    let toml = format!(
+        "{}[auth]\n\
+         [[auth.keys]]\nname = \"alice\"\nkey = \"sk-alice\"\n\
+         [[auth.keys]]\nname = \"bob\"\nkey = \"sk-bob\"\nmodels = [\"m\"]\ntokens_per_minute = 100000\n\
+         [[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 2\n",
+        ws_upstream("up", &up.base_url(), "models = [\"m\", \"m2\"]"),
+    );
+    let p = proxy(&toml).await;
+    let alice_id = post_response(
+        &p,
+        "Bearer sk-alice",
+        serde_json::json!({"model": "m", "input": "secret"}),
+    )
+    .await
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (mut bob, _) = connect(p.addr, &[("authorization", "Bearer sk-bob")])
+        .await
+        .unwrap();
+
+    // Another key's response does not exist for bob, as over HTTP.
+    let events = turn(
+        &mut bob,
+        serde_json::json!({"model": "m", "input": "x", "previous_response_id": alice_id}),
+    )
+    .await;
+    assert_eq!(refusal(&events), (404, "response_not_found".into()));
+    // A model off bob's list, though the upstream serves it.
+    let events = turn(&mut bob, serde_json::json!({"model": "m2", "input": "x"})).await;
+    assert_eq!(refusal(&events), (403, "model_not_allowed".into()));
+    // Refused messages never reached the upstream.
+    assert!(
+        up.stats
+            .last_request_body()
+            .is_none_or(|b| !String::from_utf8_lossy(&b).contains("m2"))
+    );
+
+    // A turn of his own: its id is remembered as bob's, so HTTP finds it
+    // for him (a fallback mid-conversation) and not for alice.
+    let events = turn(&mut bob, serde_json::json!({"model": "m", "input": "mine"})).await;
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "response.completed", "{events:?}");
+    let bob_id = done["response"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(get_response(&p, "Bearer sk-bob", &bob_id).await.status, 200);
+    assert_eq!(
+        get_response(&p, "Bearer sk-alice", &bob_id).await.status,
+        404
+    );
+    let events = turn(
+        &mut bob,
+        serde_json::json!({"model": "m", "input": "more", "previous_response_id": bob_id}),
+    )
+    .await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    // His tokens are counted from the turns' usage.
+    let usage = &events.last().unwrap()["response"]["usage"];
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    let output = done["response"]["usage"]["output_tokens"].as_u64().unwrap()
+        + usage["output_tokens"].as_u64().unwrap();
+    assert!(
+        metrics.contains(&format!(
+            r#"llm_proxy_tokens_total{{key="bob",model="m",kind="output"}} {output}"#
+        )),
+        "{metrics}"
+    );
+
+    // A model this upstream does not serve cannot be sent to it.
+    let (mut alice, _) = connect(p.addr, &[("authorization", "Bearer sk-alice")])
+        .await
+        .unwrap();
+    let events = turn(
+        &mut alice,
+        serde_json::json!({"model": "elsewhere", "input": "x"}),
+    )
+    .await;
+    assert_eq!(refusal(&events), (404, "api_not_served".into()));
+    // Not JSON, and binary: refused, and the session goes on.
+    alice.send(Message::text("not json")).await.unwrap();
+    alice.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    for code in ["invalid_json", "unsupported_parameter"] {
+        let next = tokio::time::timeout(HANG, alice.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+        assert_eq!(event["error"]["code"], code, "{event}");
+    }
+    let events = turn(&mut alice, serde_json::json!({"model": "m2", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+
+    // Each turn is a request against the key's request limit (the upgrade
+    // was the first of two).
+    let (mut slow, _) = connect(p.addr, &[("authorization", "Bearer sk-slow")])
+        .await
+        .unwrap();
+    let events = turn(&mut slow, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    let events = turn(&mut slow, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(refusal(&events), (429, "rate_limit_exceeded".into()));
+
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    assert!(
+        metrics.contains("llm_proxy_websocket_turns_total 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("llm_proxy_websocket_refused_total 6"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
     // A server without the Responses API answers the upgrade with its 404.
@@ -207,12 +367,44 @@ async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
         ws_upstream("gone", &gone, ""),
         ws_upstream("up", &up.base_url(), "")
     );
-    let retried = proxy(&two).await;
+    let retried = proxy(&format!("[balance]\neject_after_failures = 2\n{two}")).await;
     let (_socket, head) = connect(retried.addr, &[]).await.unwrap();
     assert_eq!(head.headers()["x-llm-proxy-upstream"], "up");
+    // The failures count towards `gone`'s ejection, as failed requests do.
+    let (_socket, _) = connect(retried.addr, &[]).await.unwrap();
+    let metrics = send(request(Method::GET, &retried.url("/metrics"), &[], ""))
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"llm_proxy_ejections_total{upstream="gone"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"llm_proxy_upstream_healthy{upstream="gone"} 0"#),
+        "{metrics}"
+    );
     let once = proxy(&format!("[balance]\nmax_retries = 0\n{two}")).await;
     let (status, _) = connect(once.addr, &[]).await.unwrap_err();
     assert_eq!(status, 502);
+
+    // A 101 that is not a plain WebSocket (no `upgrade: websocket`, or an
+    // extension nobody offered it) is the upstream's failure: 502.
+    for head in [
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-extensions: permessage-deflate\r\n\r\n",
+    ] {
+        let addr = raw_upstream(move |mut conn| async move {
+            if read_request_head(&mut conn).await {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await;
+                tokio::time::sleep(HANG).await;
+            }
+        })
+        .await;
+        let odd = proxy(&ws_upstream("odd", &format!("http://{addr}/v1"), "")).await;
+        let (status, body) = connect(odd.addr, &[]).await.unwrap_err();
+        assert_eq!(status, 502, "{body}");
+    }
 
     // A plain GET (no upgrade) is still 405.
     let plain = send(request(Method::GET, &p.url("/v1/responses"), &[], "")).await;

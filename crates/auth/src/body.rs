@@ -67,7 +67,7 @@ impl Reconcile {
         i64::try_from(self.reserved).unwrap_or(i64::MAX)
     }
 
-    fn settle(&self, usage: Option<Usage>) {
+    pub(crate) fn settle(&self, usage: Option<Usage>) {
         let Some(u) = usage else {
             if self.failed {
                 self.refund();

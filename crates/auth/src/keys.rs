@@ -105,14 +105,12 @@ impl KeyStats {
 }
 
 impl KeyEntry {
-    /// Whether the key may use every model of an upstream serving
-    /// `models` (`None`: any model, which only a key without an allowlist
-    /// may use).
-    pub fn allows_every_model(&self, models: Option<&[String]>) -> bool {
+    /// Whether the key may use any model of an upstream serving `models`
+    /// (`None`: any model).
+    pub fn allows_any_model(&self, models: Option<&[String]>) -> bool {
         match (&self.models, models) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            (Some(allowed), Some(models)) => models.iter().all(|m| allowed.contains(m)),
+            (None, _) | (_, None) => true,
+            (Some(allowed), Some(models)) => models.iter().any(|m| allowed.contains(m)),
         }
     }
 
@@ -282,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn every_model_of_an_upstream_or_not() {
+    fn any_model_of_an_upstream_or_not() {
         let mut limited = KeySpec::from_key("limited", "sk-l");
         limited.models = Some(vec!["m1".into(), "m2".into()]);
         let table = KeyTable::new(vec![limited, KeySpec::from_key("open", "sk-o")]);
@@ -295,13 +293,12 @@ mod tests {
         };
         let (limited, open) = (key(b"sk-l"), key(b"sk-o"));
         let models = |m: &[&str]| m.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        assert!(limited.allows_every_model(Some(&models(&["m1"]))));
-        assert!(limited.allows_every_model(Some(&models(&["m2", "m1"]))));
-        assert!(!limited.allows_every_model(Some(&models(&["m1", "m3"]))));
-        // An upstream that serves any model: only for keys without a list.
-        assert!(!limited.allows_every_model(None));
-        assert!(open.allows_every_model(None));
-        assert!(open.allows_every_model(Some(&models(&["m3"]))));
+        assert!(limited.allows_any_model(Some(&models(&["m1"]))));
+        assert!(limited.allows_any_model(Some(&models(&["m3", "m2"]))));
+        assert!(!limited.allows_any_model(Some(&models(&["m3", "m4"]))));
+        assert!(limited.allows_any_model(None));
+        assert!(open.allows_any_model(None));
+        assert!(open.allows_any_model(Some(&models(&["m3"]))));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
+use llm_proxy_core::usage::Usage;
 use llm_proxy_core::{
     Body, BoxFuture, Dialect, Endpoint, Error, Identity, RequestMeta, call_boxed,
 };
@@ -81,6 +82,42 @@ impl AuthLayer {
         self.shared.acquire(key, 0, dialect).await
     }
 
+    /// Admit one turn of a WebSocket session by `key` (a `response.create`
+    /// message, read into `meta`): the model allowlist, then one request and
+    /// the turn's token reservation against the key's limits, as the layer
+    /// admits a request. Settle the [`Turn`] with its usage when it ends.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ModelNotAllowed`], or [`Error::RateLimited`] (counted in
+    /// the key's `rate_limited`).
+    pub async fn admit_turn(&self, key: &Arc<KeyEntry>, meta: &RequestMeta) -> Result<Turn, Error> {
+        if let Some(model) = meta.model()
+            && !key.allows_model(model)
+        {
+            return Err(Error::ModelNotAllowed(model.to_owned()));
+        }
+        let reserve = if key.limits.tokens.is_some() {
+            key.limits.token_charge(estimate_tokens(meta))
+        } else {
+            0
+        };
+        let decision = self
+            .shared
+            .decide(key, reserve)
+            .await
+            .map_err(|denied| rate_limited(key, &denied))?;
+        Ok(Turn {
+            reconcile: Reconcile::new(
+                self.shared.clone(),
+                key.clone(),
+                meta.model_arc().cloned(),
+                reserve,
+            ),
+            decision,
+        })
+    }
+
     /// Limit-store errors so far (the Redis backend's; 0 for local).
     pub fn store_errors(&self) -> u64 {
         self.shared.backend.errors()
@@ -96,6 +133,16 @@ impl Shared {
         reserve: u64,
         dialect: Dialect,
     ) -> Result<Option<Decision>, Response<Body>> {
+        self.decide(key, reserve).await.map_err(|denied| {
+            let mut resp = rate_limited(key, &denied).into_response_in(dialect);
+            rate_headers(resp.headers_mut(), &denied);
+            resp
+        })
+    }
+
+    /// Ask `key`'s limits for one request reserving `reserve` tokens: the
+    /// decision (`None` without limits), or the denial (counted).
+    async fn decide(&self, key: &KeyEntry, reserve: u64) -> Result<Option<Decision>, Decision> {
         if !key.limits.any() {
             return Ok(None);
         }
@@ -104,13 +151,47 @@ impl Shared {
             return Ok(Some(d));
         }
         key.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-        let mut resp = Error::RateLimited {
-            retry_after_secs: d.retry_after.as_secs_f64().ceil() as u64,
-            message: format!("key `{}` is over its limit", key.name),
-        }
-        .into_response_in(dialect);
-        rate_headers(resp.headers_mut(), &d);
-        Err(resp)
+        Err(d)
+    }
+}
+
+/// The 429 of a denied decision.
+fn rate_limited(key: &KeyEntry, denied: &Decision) -> Error {
+    Error::RateLimited {
+        retry_after_secs: denied.retry_after.as_secs_f64().ceil() as u64,
+        message: format!("key `{}` is over its limit", key.name),
+    }
+}
+
+/// A WebSocket turn admitted by [`AuthLayer::admit_turn`]: its token
+/// reservation, to settle with the usage the upstream reports.
+pub struct Turn {
+    reconcile: Reconcile,
+    /// The key's limits after admitting it (`None` without limits).
+    pub decision: Option<Decision>,
+}
+
+impl std::fmt::Debug for Turn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turn")
+            .field("decision", &self.decision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Turn {
+    /// The turn is over. With `usage`, the reservation is replaced by it
+    /// (and the tokens counted by model); without, it stands when the turn
+    /// `succeeded` as far as anyone knows (a session cut before the usage
+    /// came: as a stream cut before its usage chunk), and is given back
+    /// when it failed (the upstream generated nothing).
+    pub fn settle(self, usage: Option<Usage>, succeeded: bool) {
+        let status = if succeeded {
+            http::StatusCode::OK
+        } else {
+            http::StatusCode::INTERNAL_SERVER_ERROR
+        };
+        self.reconcile.answered(status).settle(usage);
     }
 }
 

@@ -212,14 +212,7 @@ where
     let now = shared.epoch.now();
     match verdict {
         Verdict::Success => state.update_health(|h| h.on_success(now)),
-        Verdict::Failure => {
-            state.observe_failure(now, start.elapsed());
-            if state.update_health(|h| h.on_failure(now, &shared.policy)) {
-                state.count_ejection();
-                shared.ejections.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(upstream = %state.name, "upstream ejected after consecutive failures");
-            }
-        }
+        Verdict::Failure => record_failure(shared, state, now, start.elapsed()),
         Verdict::Throttled(ns) => state.update_health(|h| h.on_throttled(now, ns, &shared.policy)),
         Verdict::Pass | Verdict::Fatal => {}
     }
@@ -234,6 +227,22 @@ where
         })
     });
     (outcome, verdict)
+}
+
+/// A failure of `state`'s backend at `now`, after `elapsed`: towards its
+/// ejection.
+pub(crate) fn record_failure<S>(
+    shared: &Shared<S>,
+    state: &BackendState,
+    now: u64,
+    elapsed: std::time::Duration,
+) {
+    state.observe_failure(now, elapsed);
+    if state.update_health(|h| h.on_failure(now, &shared.policy)) {
+        state.count_ejection();
+        shared.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(upstream = %state.name, "upstream ejected after consecutive failures");
+    }
 }
 
 #[cfg(test)]

@@ -134,6 +134,25 @@ impl<S> BalanceHandle<S> {
             .any(|m| &*m.name == name && m.state.is_available(now))
     }
 
+    /// Tell the balancer how an exchange with the backend named `name`
+    /// went outside its own requests (a WebSocket upgrade the proxy sent
+    /// itself): a success resets its failure count, a failure (no
+    /// connection, no answer in time) counts towards its ejection, as a
+    /// request's would. `elapsed` is how long the failure took.
+    pub fn report(&self, name: &str, outcome: Result<(), std::time::Duration>) {
+        let now = self.shared.epoch.now();
+        let set = self.shared.snapshot();
+        let Some(member) = set.members.iter().find(|m| &*m.name == name) else {
+            return;
+        };
+        match outcome {
+            Ok(()) => member.state.update_health(|h| h.on_success(now)),
+            Err(elapsed) => {
+                crate::attempt::record_failure(&self.shared, &member.state, now, elapsed);
+            }
+        }
+    }
+
     /// Retries made since the balancer was built.
     pub fn retries_total(&self) -> u64 {
         self.shared.retries.load(Ordering::Relaxed)

@@ -30,7 +30,7 @@ use crate::redis_ids::RedisIds;
 use crate::responses::{ResponseAffinityLayer, ResponseIds};
 use crate::routes::Stack;
 use crate::routes::{Face, FaceOptions, ProxyService, Readiness};
-use crate::websocket::{SocketUpstream, Sockets};
+use crate::websocket::{SocketCounters, SocketUpstream, Sockets};
 use llm_proxy_cache::{CacheConfig, CacheLayer, MemoryStore, RedisStore, Store};
 use tower_layer::Layer;
 
@@ -182,8 +182,13 @@ impl Proxy {
         let redis_ids = response_ids_redis(&settings)?;
         let ids = ResponseIds::new(redis_ids.clone());
         metrics.add_source(store_metrics(auth.clone(), cache.clone(), redis_ids));
-        let sockets = Sockets::new(sockets, settings.balance.max_retries);
-        metrics.add_source(socket_metrics(sockets.open_gauge()));
+        let sockets = Sockets::new(
+            sockets,
+            settings.balance.max_retries,
+            ids.clone(),
+            settings.max_body_bytes,
+        );
+        metrics.add_source(socket_metrics(sockets.counters()));
         let body_budget = BodyBudget::new(settings.max_buffered_body_bytes);
         metrics.add_source(budget_metrics(body_budget.clone()));
         // The stack below the HTTP face, outermost first.
@@ -442,15 +447,36 @@ fn budget_metrics(budget: BodyBudget) -> Source {
     })
 }
 
-/// WebSocket tunnels open now.
-fn socket_metrics(open: Arc<std::sync::atomic::AtomicU64>) -> Source {
+/// WebSocket sessions: open now, turns passed on, messages refused.
+fn socket_metrics(counters: Arc<SocketCounters>) -> Source {
+    use std::sync::atomic::Ordering::Relaxed;
     Box::new(move || {
-        vec![Series {
-            name: "websockets_open",
-            help: "WebSocket tunnels open now (/v1/responses upgrades)",
-            counter: false,
-            samples: vec![(Vec::new(), open.load(std::sync::atomic::Ordering::Relaxed))],
-        }]
+        let one = |name, help, counter, value: &std::sync::atomic::AtomicU64| Series {
+            name,
+            help,
+            counter,
+            samples: vec![(Vec::new(), value.load(Relaxed))],
+        };
+        vec![
+            one(
+                "websockets_open",
+                "WebSocket sessions open now (/v1/responses upgrades)",
+                false,
+                &counters.open,
+            ),
+            one(
+                "websocket_turns",
+                "response.create messages passed on to an upstream",
+                true,
+                &counters.turns,
+            ),
+            one(
+                "websocket_refused",
+                "WebSocket client messages refused with an error message",
+                true,
+                &counters.refused,
+            ),
+        ]
     })
 }
 

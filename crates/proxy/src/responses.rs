@@ -142,6 +142,19 @@ impl ResponseIds {
     }
 }
 
+impl ResponseIds {
+    /// Remember that `id` lives on `upstream` and belongs to `owner` (a
+    /// WebSocket turn's, read from its `response.created` message).
+    pub(crate) fn remember(&self, id: &str, upstream: Arc<str>, owner: Option<Arc<str>>) {
+        self.record(id, &Home { upstream, owner });
+    }
+
+    /// The upstream holding `id`, if `owner` created it.
+    pub(crate) async fn home_of(&self, id: &str, owner: Option<&str>) -> Option<Arc<str>> {
+        self.lookup(id, owner).await
+    }
+}
+
 /// Pins requests that name a response id to the upstream holding it.
 #[derive(Clone, Debug)]
 pub struct ResponseAffinityLayer {
@@ -277,16 +290,16 @@ impl IdTap {
 
 /// A response object, or anything with an `id`: just the id.
 #[derive(serde::Deserialize)]
-struct WithId<'a> {
+pub(crate) struct WithId<'a> {
     #[serde(borrow)]
-    id: Option<std::borrow::Cow<'a, str>>,
+    pub(crate) id: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// A `response.created` event: just its response's id.
 #[derive(serde::Deserialize)]
-struct Created<'a> {
+pub(crate) struct Created<'a> {
     #[serde(borrow)]
-    response: Option<WithId<'a>>,
+    pub(crate) response: Option<WithId<'a>>,
 }
 
 /// Look at one frame.

@@ -1,60 +1,107 @@
 //! WebSocket on `/v1/responses`: Codex opens one before falling back to
-//! HTTP streaming.
+//! HTTP streaming, then sends one `{"type": "response.create", …}` message
+//! per turn and reads the turn's events back as messages.
 //!
-//! The upgrade request carries no model (the model comes later, in each
-//! `response.create` message), so it cannot be routed like a request body.
-//! DESIGN.md pins what happens: the upgrade goes to the first upstream in
-//! config order with `websocket = true` that is healthy and that the
-//! caller's key may use; it counts as one request against the key's request
-//! limit; with no such upstream it is refused as a plain `GET
-//! /v1/responses` is (405), and the client falls back to HTTP. One that
-//! cannot be reached is passed over for the next (up to the balancer's
-//! `max_retries`), as a request would be retried elsewhere.
+//! **The upgrade.** It carries no model (the model comes in each message),
+//! so it cannot be routed like a request body. DESIGN.md pins what happens:
+//! it goes to the first upstream in config order with `websocket = true`
+//! that is healthy and that the caller's key may use (one of its models is
+//! on the key's allowlist); it counts as one request against the key's
+//! request limit; with no such upstream it is refused as a plain `GET
+//! /v1/responses` is (405), and the client falls back to HTTP. An upstream
+//! that cannot be reached is passed over for the next (up to the balancer's
+//! `max_retries`), as a request would be retried elsewhere, and the failure
+//! counts towards its ejection, as a request's would.
 //!
-//! Once switched, the connection is a byte tunnel: the proxy does not read
-//! the frames. So a key may use an upstream over a WebSocket only when
-//! nothing the proxy enforces per request would be skipped: its allowlist
-//! covers every model the upstream serves (an upstream that serves any
-//! model is only for keys without an allowlist), and it has no token limit
-//! (the tunnel's tokens cannot be counted). Such keys get the 405 and use
-//! HTTP, where both are enforced.
+//! **The session.** The proxy ends the WebSocket on both sides and relays
+//! it message by message, so that a turn is held to what a request is:
 //!
-//! The tunnel lives on the client connection's task (it holds the
+//! - a `response.create` names a model the key may use (403 otherwise) and
+//!   the upstream serves (its `models`; 404 otherwise), and counts against
+//!   the key's limits as a request does: one request, its token estimate
+//!   reserved, then settled with the `usage` of the turn's
+//!   `response.completed` (or `.incomplete`, `.failed`), refunded on an
+//!   `error`;
+//! - a `previous_response_id` must belong to the key and live on this
+//!   session's upstream (404 `response_not_found` otherwise: the upstream
+//!   holds every tenant's responses under one key), and the id of every
+//!   `response.created` is remembered with its owner, as for HTTP, so a
+//!   client that falls back to HTTP mid-conversation finds its responses;
+//! - a refused message is answered on the socket with an `error` message
+//!   (`{"type": "error", "status": …, "error": {…}}`) and not sent on;
+//!   binary messages are refused the same way; client messages are bounded
+//!   by `max_body_bytes`.
+//!
+//! Pings are answered at each hop and passed on (so liveness carries
+//! through); the upstream is offered no extensions (`permessage-deflate`
+//! would hide the messages), and one that switches to anything but a plain
+//! WebSocket is a 502.
+//!
+//! The session lives on the client connection's task (it holds the
 //! connection's `max_connections` permit, and a drain waits for it up to the
-//! drain timeout), and is closed when either side closes, or when neither
-//! has sent a byte for the upstream's `idle_timeout_ms` (nginx's
-//! `proxy_read_timeout` for WebSockets, which defaults to 60 s as well).
+//! drain timeout), and ends when either side closes (the other is sent the
+//! close), or when neither has sent a message for the upstream's
+//! `idle_timeout_ms` (nginx's `proxy_read_timeout` for WebSockets, which
+//! defaults to 60 s as well).
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, Response, Version, header};
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use llm_proxy_auth::{AuthLayer, rate_headers};
+use llm_proxy_auth::{AuthLayer, KeyEntry, Turn, rate_headers};
 use llm_proxy_balance::BalanceHandle;
-use llm_proxy_core::{Body, Dialect, Error, header_lists};
+use llm_proxy_core::{Body, Dialect, Endpoint, Error, RequestMeta, header_lists, usage};
 use llm_proxy_upstream::{Upgrade, Upstream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::idle::Activity;
+use crate::responses::{Created, ResponseIds};
 
-/// A tunnel to run once hyper has handed the client's connection over.
+/// A session to run once hyper has handed the client's connection over.
 pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The upstreams that take WebSocket upgrades, in config order.
-#[derive(Debug, Default)]
+const SEC_WEBSOCKET_EXTENSIONS: header::HeaderName =
+    header::HeaderName::from_static("sec-websocket-extensions");
+
+/// Messages waiting for a slow client, per session.
+const CLIENT_QUEUE: usize = 32;
+
+/// The upstreams that take WebSocket upgrades, in config order, and what
+/// their sessions share.
+#[derive(Debug)]
 pub(crate) struct Sockets {
     upstreams: Vec<SocketUpstream>,
     /// Upstreams tried per upgrade: the balancer's `max_retries` + 1.
     attempts: usize,
-    /// Tunnels open now.
-    open: Arc<AtomicU64>,
+    /// Where response ids are remembered (the HTTP path's map).
+    ids: Arc<ResponseIds>,
+    /// The longest client message: `max_body_bytes`.
+    max_message_bytes: usize,
+    counters: Arc<SocketCounters>,
+}
+
+/// What the metrics read.
+#[derive(Debug, Default)]
+pub(crate) struct SocketCounters {
+    /// Sessions open now.
+    pub(crate) open: AtomicU64,
+    /// `response.create` messages sent on to an upstream.
+    pub(crate) turns: AtomicU64,
+    /// Client messages refused with an `error` message.
+    pub(crate) refused: AtomicU64,
 }
 
 /// One upstream with `websocket = true`.
@@ -64,16 +111,23 @@ pub(crate) struct SocketUpstream {
     pub(crate) client: Upstream,
     /// The models it serves; `None`: any.
     pub(crate) models: Option<Vec<String>>,
-    /// The longest silence of a tunnel to it.
+    /// The longest silence of a session with it.
     pub(crate) idle_timeout: Duration,
 }
 
 impl Sockets {
-    pub(crate) fn new(upstreams: Vec<SocketUpstream>, max_retries: u32) -> Self {
+    pub(crate) fn new(
+        upstreams: Vec<SocketUpstream>,
+        max_retries: u32,
+        ids: Arc<ResponseIds>,
+        max_message_bytes: usize,
+    ) -> Self {
         Sockets {
             upstreams,
             attempts: usize::try_from(max_retries).map_or(usize::MAX, |r| r.saturating_add(1)),
-            open: Arc::default(),
+            ids,
+            max_message_bytes,
+            counters: Arc::default(),
         }
     }
 
@@ -82,9 +136,9 @@ impl Sockets {
         self.upstreams.is_empty()
     }
 
-    /// The gauge of open tunnels.
-    pub(crate) fn open_gauge(&self) -> Arc<AtomicU64> {
-        self.open.clone()
+    /// The counters, for metrics.
+    pub(crate) fn counters(&self) -> Arc<SocketCounters> {
+        self.counters.clone()
     }
 }
 
@@ -104,14 +158,14 @@ pub(crate) struct Ctx<'a> {
     pub(crate) sockets: &'a Sockets,
     pub(crate) auth: Option<&'a AuthLayer>,
     pub(crate) balance: &'a BalanceHandle<crate::app::UpstreamService>,
-    /// The client connection's watch, whose task runs the tunnel; `None`
-    /// outside the proxy's server (an embedding app's), where the tunnel
+    /// The client connection's watch, whose task runs the session; `None`
+    /// outside the proxy's server (an embedding app's), where the session
     /// gets a task of its own.
     pub(crate) conn: Option<&'a Arc<Activity>>,
 }
 
 /// Answer an upgrade request on `/v1/responses` (see the module docs): the
-/// upstream's `101` with the tunnel set up behind it, the upstream's own
+/// upstream's `101` with the session set up behind it, the upstream's own
 /// refusal, or the proxy's error.
 pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Response<Body>, Error> {
     let key = match ctx.auth {
@@ -123,9 +177,9 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         .upstreams
         .iter()
         .filter(|u| {
-            key.as_ref().is_none_or(|k| {
-                k.limits.tokens.is_none() && k.allows_every_model(u.models.as_deref())
-            }) && ctx.balance.is_healthy(u.client.name())
+            key.as_ref()
+                .is_none_or(|k| k.allows_any_model(u.models.as_deref()))
+                && ctx.balance.is_healthy(u.client.name())
         })
         .take(ctx.sockets.attempts)
         .collect::<Vec<_>>()
@@ -146,11 +200,12 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         _ => None,
     };
     let client_side = hyper::upgrade::on(&mut req);
-    let (parts, _body) = req.into_parts();
+    let (mut parts, _body) = req.into_parts();
+    // The proxy reads the messages: no extension may change their bytes.
+    parts.headers.remove(SEC_WEBSOCKET_EXTENSIONS);
     // An upstream that cannot be reached (or breaks the exchange, or does
-    // not answer in time) is passed over for the next one, up to the
-    // balancer's retry count: an upgrade is a `GET`, and nothing of the
-    // session has happened yet.
+    // not answer in time) is passed over for the next one: an upgrade is
+    // a `GET`, and nothing of the session has happened yet.
     let mut failed = None;
     let (upstream, head, io) = loop {
         let Some(upstream) = candidates.next() else {
@@ -163,25 +218,57 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         *attempt.uri_mut() = parts.uri.clone();
         *attempt.version_mut() = parts.version;
         *attempt.headers_mut() = parts.headers.clone();
+        let started = Instant::now();
+        let name = upstream.client.name();
         match upstream.client.upgrade(attempt).await {
-            Ok(Upgrade::Switched { head, io }) => break (upstream, head, io),
-            Ok(Upgrade::Refused(resp)) => return Ok(resp),
+            Ok(Upgrade::Switched { head, io }) => {
+                ctx.balance.report(name, Ok(()));
+                break (upstream, head, io);
+            }
+            Ok(Upgrade::Refused(resp)) => {
+                if resp.status().is_server_error() {
+                    ctx.balance.report(name, Err(started.elapsed()));
+                }
+                return Ok(resp);
+            }
             Err(e @ (Error::BadGateway { .. } | Error::UpstreamTimeout { .. })) => {
-                tracing::debug!(upstream = %upstream.client.name(), error = %e, "WebSocket upgrade failed");
+                tracing::debug!(upstream = %name, error = %e, "WebSocket upgrade failed");
+                // As a failed request would: towards the upstream's ejection.
+                ctx.balance.report(name, Err(started.elapsed()));
                 failed = Some(e);
             }
             Err(e) => return Err(e),
         }
     };
-    let tunnel = splice(
+    if !header_lists(head.headers(), &header::UPGRADE, "websocket")
+        || head.headers().contains_key(SEC_WEBSOCKET_EXTENSIONS)
+    {
+        // Dropping `io` closes the upstream's connection.
+        return Err(Error::BadGateway {
+            upstream: upstream.client.name().clone(),
+            reason: "the upstream switched to something other than a plain WebSocket".into(),
+        });
+    }
+    let session = Session {
+        auth: ctx.auth.cloned(),
+        owner: key.as_ref().map(|k| k.name.clone()),
+        key,
+        ids: ctx.sockets.ids.clone(),
+        upstream: upstream.client.name().clone(),
+        models: upstream.models.clone(),
+        turns: Mutex::default(),
+        counters: ctx.sockets.counters.clone(),
+    };
+    let run = relay(
         client_side,
         io,
+        session,
         upstream.idle_timeout,
-        ctx.sockets.open.clone(),
+        ctx.sockets.max_message_bytes,
     );
     match ctx.conn {
-        Some(conn) => conn.hold(Box::pin(tunnel)),
-        None => drop(tokio::spawn(tunnel)),
+        Some(conn) => conn.hold(Box::pin(run)),
+        None => drop(tokio::spawn(run)),
     }
     let mut resp = head.map(|()| llm_proxy_core::empty());
     if let Some(decision) = &decision {
@@ -190,14 +277,172 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
     Ok(resp)
 }
 
-/// Copy bytes both ways between the client's connection, once hyper hands
-/// it over, and the upstream's, until both directions end or neither side
-/// sends a byte for `idle`.
-async fn splice(
+/// One client's session with one upstream.
+struct Session {
+    auth: Option<AuthLayer>,
+    key: Option<Arc<KeyEntry>>,
+    /// The key's name: the owner of the responses created here.
+    owner: Option<Arc<str>>,
+    ids: Arc<ResponseIds>,
+    upstream: Arc<str>,
+    models: Option<Vec<String>>,
+    /// Turns sent on and not answered yet, oldest first (the upstream
+    /// answers them in order).
+    turns: Mutex<VecDeque<Turn>>,
+    counters: Arc<SocketCounters>,
+}
+
+impl Session {
+    /// Check a client's text message: `Ok` with whether it starts a turn
+    /// (a `response.create`) and the turn's reservation (with a key), or
+    /// the error to answer with.
+    async fn admit(&self, text: &str) -> Result<(bool, Option<Turn>), Error> {
+        let json = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(json)) => json,
+            Ok(_) => return Err(Error::InvalidBody),
+            Err(e) => return Err(Error::InvalidJson(e.to_string())),
+        };
+        if let Some(id) = json.get("previous_response_id").and_then(Value::as_str) {
+            self.check_id(id).await?;
+        }
+        if json.get("type").and_then(Value::as_str) != Some("response.create") {
+            // Not a turn: passed on, as the HTTP path passes unknown fields.
+            return Ok((false, None));
+        }
+        let meta = turn_meta(text, json)?;
+        let model = meta.model().unwrap_or_default();
+        if let Some(models) = &self.models
+            && !models.iter().any(|m| m == model)
+        {
+            return Err(Error::ApiNotServed(format!(
+                "model `{model}` is not served by `{}`, this WebSocket's upstream; send it over HTTP",
+                self.upstream
+            )));
+        }
+        let turn = match (&self.auth, &self.key) {
+            (Some(auth), Some(key)) => Some(auth.admit_turn(key, &meta).await?),
+            _ => None,
+        };
+        Ok((true, turn))
+    }
+
+    /// A response id named by a message: the key's, on this upstream.
+    async fn check_id(&self, id: &str) -> Result<(), Error> {
+        match self.ids.home_of(id, self.owner.as_deref()).await {
+            Some(home) if home == self.upstream => Ok(()),
+            Some(home) => Err(Error::ResponseNotFound(format!(
+                "previous_response_id `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
+            ))),
+            None => Err(Error::ResponseNotFound(format!(
+                "previous_response_id `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
+            ))),
+        }
+    }
+
+    /// Read an upstream's text message: remember the ids it creates, settle
+    /// the turns it ends.
+    fn observe(&self, text: &str) {
+        // Most messages are deltas: skip them without parsing.
+        let kind = [
+            "response.created",
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+            "\"error\"",
+        ]
+        .into_iter()
+        .find(|k| text.contains(k));
+        let Some(kind) = kind else { return };
+        if kind == "response.created" {
+            if let Ok(created) = serde_json::from_str::<TypedCreated<'_>>(text)
+                && created.kind == "response.created"
+                && let Some(id) = created.created.response.and_then(|r| r.id)
+            {
+                self.ids
+                    .remember(&id, self.upstream.clone(), self.owner.clone());
+            }
+            return;
+        }
+        let Ok(event) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        let ended = match event.get("type").and_then(Value::as_str) {
+            Some("response.completed" | "response.incomplete" | "response.failed") => {
+                let usage = event.get("response").and_then(usage::from_value);
+                Some((usage, true))
+            }
+            Some("error") => Some((None, false)),
+            _ => None,
+        };
+        if let Some((usage, succeeded)) = ended
+            && let Some(turn) = self.next_turn()
+        {
+            turn.settle(usage, succeeded);
+        }
+    }
+
+    fn next_turn(&self) -> Option<Turn> {
+        self.turns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+    }
+
+    /// The session is over: turns cut before their end keep their
+    /// reservation, as a stream cut before its usage does.
+    fn finish(&self) {
+        while let Some(turn) = self.next_turn() {
+            turn.settle(None, true);
+        }
+    }
+}
+
+/// A `response.created` message: its type, and its response's id.
+#[derive(serde::Deserialize)]
+struct TypedCreated<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(flatten, borrow)]
+    created: Created<'a>,
+}
+
+/// A `response.create` message as the request it stands for.
+fn turn_meta(text: &str, json: Map<String, Value>) -> Result<RequestMeta, Error> {
+    match json.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => {}
+        _ => return Err(Error::MissingModel),
+    }
+    Ok(RequestMeta::parsed(
+        Endpoint::Responses,
+        Bytes::copy_from_slice(text.as_bytes()),
+        json,
+    ))
+}
+
+/// The `error` message answering a refused client message.
+fn error_message(e: &Error) -> Message {
+    let value = serde_json::json!({
+        "type": "error",
+        "status": e.status().as_u16(),
+        "error": {
+            "type": e.error_type(),
+            "code": e.code(),
+            "message": e.to_string(),
+            "param": e.param(),
+        },
+    });
+    Message::text(value.to_string())
+}
+
+/// Relay the session's messages between the client's connection, once
+/// hyper hands it over, and the upstream's, until either side closes or
+/// neither sends a message for `idle`.
+async fn relay(
     client: OnUpgrade,
-    upstream: TokioIo<hyper::upgrade::Upgraded>,
+    upstream: TokioIo<Upgraded>,
+    session: Session,
     idle: Duration,
-    open: Arc<AtomicU64>,
+    max_message_bytes: usize,
 ) {
     let client = match client.await {
         Ok(client) => TokioIo::new(client),
@@ -206,111 +451,217 @@ async fn splice(
             return;
         }
     };
-    open.fetch_add(1, Ordering::Relaxed);
-    let epoch = Instant::now();
-    let heard = AtomicU64::new(0);
-    let mut client = Stamped {
-        io: client,
-        epoch,
-        heard: &heard,
-    };
-    let mut upstream = Stamped {
-        io: upstream,
-        epoch,
-        heard: &heard,
-    };
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    let mut copy = std::pin::pin!(copy);
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        let silent_ms = millis_since(epoch).saturating_sub(heard.load(Ordering::Relaxed));
-        let left_ms = idle_ms.saturating_sub(silent_ms);
-        if left_ms == 0 {
-            tracing::debug!(idle_ms, "closing a silent WebSocket tunnel");
-            break;
-        }
+    let counters = session.counters.clone();
+    counters.open.fetch_add(1, Ordering::Relaxed);
+    let bounded = WebSocketConfig::default()
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes));
+    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(bounded)).await;
+    let upstream = WebSocketStream::from_raw_socket(upstream, Role::Client, None).await;
+    let (client_tx, client_rx) = client.split();
+    let (upstream_tx, upstream_rx) = upstream.split();
+    let (to_client, queued) = mpsc::channel(CLIENT_QUEUE);
+    let clock = Clock::new();
+
+    let talk = async {
+        let up = pin!(pump_up(
+            &session,
+            client_rx,
+            upstream_tx,
+            to_client.clone(),
+            &clock
+        ));
+        let mut down = pin!(pump_down(&session, upstream_rx, to_client, &clock));
         tokio::select! {
-            copied = copy.as_mut() => {
-                match copied {
-                    Ok((up, down)) => tracing::debug!(up, down, "WebSocket tunnel closed"),
-                    Err(e) => tracing::debug!(error = %e, "WebSocket tunnel broke"),
-                }
+            () = &mut down => {}
+            // The client is gone: the upstream was sent the close; let its
+            // side end (bounded by the idle watch below).
+            () = up => down.await,
+        }
+    };
+    let writer = write_client(queued, client_tx);
+    tokio::select! {
+        _ = async { tokio::join!(talk, writer) } => {}
+        () = clock.silent_for(idle) => {
+            tracing::debug!(idle_ms = idle.as_millis() as u64, "closing a silent WebSocket session");
+        }
+    }
+    session.finish();
+    counters.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+type ClientRx = futures_util::stream::SplitStream<WebSocketStream<TokioIo<Upgraded>>>;
+type ClientTx = futures_util::stream::SplitSink<WebSocketStream<TokioIo<Upgraded>>, Message>;
+type UpstreamRx = futures_util::stream::SplitStream<WebSocketStream<TokioIo<Upgraded>>>;
+type UpstreamTx = futures_util::stream::SplitSink<WebSocketStream<TokioIo<Upgraded>>, Message>;
+
+/// Client -> upstream: each message checked, refused ones answered.
+async fn pump_up(
+    session: &Session,
+    mut client: ClientRx,
+    mut upstream: UpstreamTx,
+    to_client: mpsc::Sender<Message>,
+    clock: &Clock,
+) {
+    while let Some(message) = client.next().await {
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket client message unreadable");
                 break;
             }
-            () = tokio::time::sleep(Duration::from_millis(left_ms)) => {}
+        };
+        clock.heard();
+        let refusal = match &message {
+            Message::Text(text) => match session.admit(text.as_str()).await {
+                Ok((is_turn, turn)) => {
+                    if let Some(turn) = turn {
+                        session
+                            .turns
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push_back(turn);
+                    }
+                    if is_turn {
+                        session.counters.turns.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None
+                }
+                Err(e) => Some(e),
+            },
+            Message::Binary(_) => Some(Error::UnsupportedParameter {
+                param: "message".into(),
+                message: "binary messages are not supported; send JSON text".into(),
+            }),
+            // Answered by this hop; the upstream gets its own.
+            Message::Pong(_) | Message::Frame(_) => continue,
+            Message::Ping(_) => None,
+            Message::Close(_) => {
+                let _ = upstream.send(message).await;
+                return;
+            }
+        };
+        if let Some(e) = refusal {
+            session.counters.refused.fetch_add(1, Ordering::Relaxed);
+            if to_client.send(error_message(&e)).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        if upstream.send(message).await.is_err() {
+            break;
         }
     }
-    open.fetch_sub(1, Ordering::Relaxed);
+    // The client went without a close: close the upstream's side.
+    let _ = upstream.close().await;
 }
 
-fn millis_since(epoch: Instant) -> u64 {
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+/// Upstream -> client: each message read for ids and usage, then queued.
+async fn pump_down(
+    session: &Session,
+    mut upstream: UpstreamRx,
+    to_client: mpsc::Sender<Message>,
+    clock: &Clock,
+) {
+    while let Some(message) = upstream.next().await {
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upstream message unreadable");
+                break;
+            }
+        };
+        clock.heard();
+        match &message {
+            Message::Text(text) => session.observe(text.as_str()),
+            // Answers to the pings passed on; the client had its own.
+            Message::Pong(_) | Message::Frame(_) => continue,
+            Message::Close(_) => {
+                let _ = to_client.send(message).await;
+                return;
+            }
+            Message::Ping(_) | Message::Binary(_) => {}
+        }
+        if to_client.send(message).await.is_err() {
+            return;
+        }
+    }
+    // The upstream went without a close: tell the client.
+    let _ = to_client.send(Message::Close(None)).await;
 }
 
-/// One end of a tunnel, stamping `heard` whenever bytes come from it.
-struct Stamped<'a, T> {
-    io: T,
+/// Send the queued messages to the client, then close its side.
+async fn write_client(mut queued: mpsc::Receiver<Message>, mut client: ClientTx) {
+    while let Some(message) = queued.recv().await {
+        if client.send(message).await.is_err() {
+            return;
+        }
+    }
+    let _ = client.close().await;
+}
+
+/// When either side of a session last sent a message.
+struct Clock {
     epoch: Instant,
-    /// Milliseconds since `epoch` at which either end last sent bytes.
-    heard: &'a AtomicU64,
+    /// Milliseconds since `epoch`.
+    heard: AtomicU64,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Stamped<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.heard
-                .store(millis_since(self.epoch), Ordering::Relaxed);
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            epoch: Instant::now(),
+            heard: AtomicU64::new(0),
         }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn heard(&self) {
+        self.heard.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing was heard for `idle`.
+    async fn silent_for(&self, idle: Duration) {
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let silent_ms = self
+                .now_ms()
+                .saturating_sub(self.heard.load(Ordering::Relaxed));
+            let left_ms = idle_ms.saturating_sub(silent_ms);
+            if left_ms == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(left_ms)).await;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
-    fn upgrade_tokens_are_found_in_lists_in_any_case() {
-        let mut h = http::HeaderMap::new();
-        h.append(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, Upgrade"),
-        );
-        h.append(header::UPGRADE, HeaderValue::from_static("WebSocket"));
-        assert!(header_lists(&h, &header::CONNECTION, "upgrade"));
-        assert!(header_lists(&h, &header::UPGRADE, "websocket"));
-        assert!(!header_lists(&h, &header::CONNECTION, "close"));
+    fn an_upgrade_needs_a_connection_to_hand_over() {
         let req = Request::get("/v1/responses")
-            .header(header::CONNECTION, "upgrade")
-            .header(header::UPGRADE, "websocket")
+            .header(header::CONNECTION, "keep-alive, Upgrade")
+            .header(header::UPGRADE, "WebSocket")
             .body(())
             .unwrap();
-        // Without a connection to hand over (not from hyper's server).
+        // Not from hyper's server: nothing to hand over.
         assert!(!wants_upgrade(&req));
+    }
+
+    #[test]
+    fn refusals_are_error_messages_with_status_and_code() {
+        let Message::Text(text) = error_message(&Error::ModelNotAllowed("m".into())) else {
+            panic!("a text message");
+        };
+        let value: Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(value["type"], "error");
+        assert_eq!(value["status"], 403);
+        assert_eq!(value["error"]["code"], "model_not_allowed");
     }
 }
