@@ -248,6 +248,19 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     // A model off bob's list, though the upstream serves it.
     let events = turn(&mut bob, serde_json::json!({"model": "m2", "input": "x"})).await;
     assert_eq!(refusal(&events), (403, "model_not_allowed".into()));
+    // Whatever the message's type: an upstream may be laxer about it.
+    bob.send(Message::text(
+        r#"{"type": "Response.Create", "model": "m2", "input": "x"}"#,
+    ))
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(HANG, bob.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+    assert_eq!(event["error"]["code"], "model_not_allowed", "{event}");
     // Refused messages never reached the upstream.
     assert!(
         up.stats
@@ -329,7 +342,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("llm_proxy_websocket_refused_total 6"),
+        metrics.contains("llm_proxy_websocket_refused_total 7"),
         "{metrics}"
     );
 }

@@ -20,8 +20,9 @@
 //!   the upstream serves (its `models`; 404 otherwise), and counts against
 //!   the key's limits as a request does: one request, its token estimate
 //!   reserved, then settled with the `usage` of the turn's
-//!   `response.completed` (or `.incomplete`, `.failed`), refunded on an
-//!   `error`;
+//!   `response.completed` (or `.incomplete`, `.failed`; turns end in
+//!   order; one the upstream ends with an `error` keeps its reservation,
+//!   since an `error` may answer a message that was no turn);
 //! - a `previous_response_id` must belong to the key and live on this
 //!   session's upstream (404 `response_not_found` otherwise: the upstream
 //!   holds every tenant's responses under one key), and the id of every
@@ -305,12 +306,31 @@ impl Session {
         if let Some(id) = json.get("previous_response_id").and_then(Value::as_str) {
             self.check_id(id).await?;
         }
+        // Whatever the message's type: a model it names is checked (an
+        // upstream may be laxer about `type` than this match).
+        if let Some(model) = json.get("model").and_then(Value::as_str) {
+            self.check_model(model)?;
+        }
         if json.get("type").and_then(Value::as_str) != Some("response.create") {
             // Not a turn: passed on, as the HTTP path passes unknown fields.
             return Ok((false, None));
         }
         let meta = turn_meta(text, json)?;
-        let model = meta.model().unwrap_or_default();
+        let turn = match (&self.auth, &self.key) {
+            (Some(auth), Some(key)) => Some(auth.admit_turn(key, &meta).await?),
+            _ => None,
+        };
+        Ok((true, turn))
+    }
+
+    /// A model named by a message: one the key may use and the upstream
+    /// serves.
+    fn check_model(&self, model: &str) -> Result<(), Error> {
+        if let Some(key) = &self.key
+            && !key.allows_model(model)
+        {
+            return Err(Error::ModelNotAllowed(model.to_owned()));
+        }
         if let Some(models) = &self.models
             && !models.iter().any(|m| m == model)
         {
@@ -319,11 +339,7 @@ impl Session {
                 self.upstream
             )));
         }
-        let turn = match (&self.auth, &self.key) {
-            (Some(auth), Some(key)) => Some(auth.admit_turn(key, &meta).await?),
-            _ => None,
-        };
-        Ok((true, turn))
+        Ok(())
     }
 
     /// A response id named by a message: the key's, on this upstream.
@@ -366,18 +382,16 @@ impl Session {
         let Ok(event) = serde_json::from_str::<Value>(text) else {
             return;
         };
-        let ended = match event.get("type").and_then(Value::as_str) {
-            Some("response.completed" | "response.incomplete" | "response.failed") => {
-                let usage = event.get("response").and_then(usage::from_value);
-                Some((usage, true))
-            }
-            Some("error") => Some((None, false)),
-            _ => None,
-        };
-        if let Some((usage, succeeded)) = ended
+        // The turns end in order. An `error` cannot be told apart from the
+        // answer to a message that was not a turn: it ends none, and a turn
+        // it did end keeps its reservation (settled when the session ends),
+        // so no message can make another turn go uncounted.
+        if let Some("response.completed" | "response.incomplete" | "response.failed") =
+            event.get("type").and_then(Value::as_str)
             && let Some(turn) = self.next_turn()
         {
-            turn.settle(usage, succeeded);
+            let usage = event.get("response").and_then(usage::from_value);
+            turn.settle(usage, true);
         }
     }
 
