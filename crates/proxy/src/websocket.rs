@@ -402,12 +402,31 @@ impl Session {
             .pop_front()
     }
 
-    /// The session is over: turns cut before their end keep their
-    /// reservation, as a stream cut before its usage does.
-    fn finish(&self) {
+}
+
+impl Drop for Session {
+    /// The session is over (or dropped mid-way): turns cut before their end
+    /// keep their reservation, as a stream cut before its usage does.
+    fn drop(&mut self) {
         while let Some(turn) = self.next_turn() {
             turn.settle(None, true);
         }
+    }
+}
+
+/// Counts a session open while it lives.
+struct Open(Arc<SocketCounters>);
+
+impl Open {
+    fn new(counters: Arc<SocketCounters>) -> Self {
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        Open(counters)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -465,8 +484,7 @@ async fn relay(
             return;
         }
     };
-    let counters = session.counters.clone();
-    counters.open.fetch_add(1, Ordering::Relaxed);
+    let _open = Open::new(session.counters.clone());
     let bounded = WebSocketConfig::default()
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes));
@@ -500,8 +518,6 @@ async fn relay(
             tracing::debug!(idle_ms = idle.as_millis() as u64, "closing a silent WebSocket session");
         }
     }
-    session.finish();
-    counters.open.fetch_sub(1, Ordering::Relaxed);
 }
 
 type ClientRx = futures_util::stream::SplitStream<WebSocketStream<TokioIo<Upgraded>>>;
