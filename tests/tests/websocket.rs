@@ -248,19 +248,22 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     // A model off bob's list, though the upstream serves it.
     let events = turn(&mut bob, serde_json::json!({"model": "m2", "input": "x"})).await;
     assert_eq!(refusal(&events), (403, "model_not_allowed".into()));
-    // Whatever the message's type: an upstream may be laxer about it.
-    bob.send(Message::text(
-        r#"{"type": "Response.Create", "model": "m2", "input": "x"}"#,
-    ))
-    .await
-    .unwrap();
-    let next = tokio::time::timeout(HANG, bob.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
-    assert_eq!(event["error"]["code"], "model_not_allowed", "{event}");
+    // Only turns go on (an upstream may be laxer about `type` than this
+    // proxy), and a repeated key is refused (an upstream may read the
+    // other one).
+    for raw in [
+        r#"{"type": "Response.Create", "model": "m", "input": "x"}"#,
+        r#"{"type": "response.create", "model": "m2", "model": "m", "input": "x"}"#,
+    ] {
+        bob.send(Message::text(raw)).await.unwrap();
+        let next = tokio::time::timeout(HANG, bob.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+        assert_eq!(event["type"], "error", "{raw}: {event}");
+    }
     // Refused messages never reached the upstream.
     assert!(
         up.stats
@@ -342,7 +345,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("llm_proxy_websocket_refused_total 7"),
+        metrics.contains("llm_proxy_websocket_refused_total 8"),
         "{metrics}"
     );
 }
@@ -489,4 +492,243 @@ async fn the_demo_config_serves_requests_and_websockets() {
     )
     .await;
     assert_eq!(events.last().unwrap()["type"], "response.completed");
+}
+
+/// A WebSocket upstream that answers each turn as OpenAI does, in two
+/// messages: `response.created`, then `response.completed` with `output`
+/// tokens of usage; both echo the turn's `metadata`.
+async fn usage_upstream(output: u64) -> std::net::SocketAddr {
+    raw_upstream(move |conn| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        let mut n = 0;
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let body: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            n += 1;
+            let id = format!("resp_{n}");
+            let created = serde_json::json!({"type": "response.created",
+                "response": {"id": id, "status": "in_progress", "metadata": body["metadata"]}});
+            let done = serde_json::json!({"type": "response.completed",
+                "response": {"id": id, "status": "completed", "model": body["model"],
+                    "metadata": body["metadata"],
+                    "usage": {"input_tokens": 10, "output_tokens": output, "total_tokens": 10 + output}}});
+            for m in [created, done] {
+                if ws.send(Message::text(m.to_string())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_turn_is_charged_its_usage_whatever_its_messages_say() {
+    let addr = usage_upstream(5000).await;
+    let p = proxy(&format!(
+        "{}[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 3000\n",
+        ws_upstream("up", &format!("http://{addr}/v1"), "")
+    ))
+    .await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    // The completed message mentions `response.created` (echoed metadata,
+    // or a model's output): it is read by its type, and settles the turn.
+    let marked =
+        serde_json::json!({"model": "m", "input": "x", "metadata": {"x": "response.created"}});
+    let events = turn(&mut s, marked.clone()).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    // 5000 tokens used of 3000 a minute: the next turn is refused.
+    let events = turn(&mut s, marked).await;
+    assert_eq!(refusal(&events), (429, "rate_limit_exceeded".into()));
+}
+
+#[tokio::test]
+async fn an_upstream_error_ends_its_own_turn_and_no_other() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "{}[auth]\n[[auth.keys]]\nname = \"bob\"\nkey = \"sk-bob\"\ntokens_per_minute = 100000\n",
+        ws_upstream("up", &up.base_url(), "models = [\"cheap\", \"dear\"]")
+    ))
+    .await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-bob")])
+        .await
+        .unwrap();
+    // The upstream refuses this turn (the mock wants `input` as a string
+    // or a list).
+    let events = turn(&mut s, serde_json::json!({"model": "cheap", "input": 1})).await;
+    assert_eq!(events.last().unwrap()["type"], "error", "{events:?}");
+    let events = turn(&mut s, serde_json::json!({"model": "dear", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    let tokens: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("tokens_total{"))
+        .collect();
+    assert!(
+        tokens
+            .iter()
+            .any(|l| l.contains(r#"model="dear",kind="output""#))
+            && !tokens.iter().any(|l| l.contains(r#"model="cheap""#)),
+        "{tokens:?}"
+    );
+}
+
+#[tokio::test]
+async fn closes_are_answered_and_an_oversized_message_is_1009() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "max_body_bytes = 1024\n{}",
+        ws_upstream("up", &up.base_url(), "")
+    ))
+    .await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    let big =
+        serde_json::json!({"type": "response.create", "model": "m", "input": "x".repeat(4096)});
+    s.send(Message::text(big.to_string())).await.unwrap();
+    match tokio::time::timeout(HANG, s.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Size),
+        other => panic!("expected a 1009 close, got {other:?}"),
+    }
+
+    // A client's close is answered with a close (RFC 6455 §5.5.1), even
+    // when the upstream never answers its own.
+    let deaf = raw_upstream(|conn| async move {
+        let Ok(ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        tokio::time::sleep(HANG * 3).await;
+        drop(ws);
+    })
+    .await;
+    let p = proxy(&ws_upstream("up", &format!("http://{deaf}/v1"), "")).await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    s.close(None).await.unwrap();
+    match tokio::time::timeout(HANG, s.next()).await.unwrap() {
+        Some(Ok(Message::Close(_))) | None => {}
+        other => panic!("expected the close answered, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn hostile_client_frames_end_the_session_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "max_body_bytes = 1024\n{}",
+        ws_upstream("up", &up.base_url(), "")
+    ))
+    .await;
+    /// A client frame, masked with a zero key (the payload as it is).
+    fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![b0];
+        if payload.len() < 126 {
+            f.push(0x80 | payload.len() as u8);
+        } else {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+    let ok = br#"{"type":"response.create","model":"m","input":"x"}"#;
+    let mut fragmented = frame(0x01, &ok[..10]);
+    fragmented.extend(frame(0x89, b"p"));
+    fragmented.extend(frame(0x00, &ok[10..20]));
+    fragmented.extend(frame(0x80, &ok[20..]));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("invalid utf-8 text", frame(0x81, &[0xff, 0xfe])),
+        ("close 1005", frame(0x88, &[0x03, 0xed])),
+        ("close of 1 byte", frame(0x88, &[0x03])),
+        (
+            "close with a bad reason",
+            frame(0x88, &[0x03, 0xe8, 0xff, 0xfe]),
+        ),
+        ("continuation first", frame(0x80, b"a")),
+        (
+            "huge length",
+            vec![
+                0x81, 0xff, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+            ],
+        ),
+        ("long ping", frame(0x89, &[0u8; 200])),
+        ("rsv bits", frame(0xc1, b"{}")),
+        ("unmasked", vec![0x81, 0x02, b'{', b'}']),
+        ("reserved opcode", frame(0x83, b"x")),
+        ("fragmented control", frame(0x09, b"x")),
+        ("a fragmented turn with a ping inside", fragmented),
+    ];
+    for (what, bytes) in cases {
+        let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        tcp.write_all(
+            b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(read_request_head(&mut tcp).await, "{what}: a 101");
+        tcp.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        let ended = tokio::time::timeout(HANG, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+                if what.starts_with("a fragmented turn")
+                    && String::from_utf8_lossy(&got).contains("response.completed")
+                {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "{what}: the session ends");
+    }
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    drop(s);
+    let closed = async {
+        while !metrics(&p).await.contains("llm_proxy_websockets_open 0") {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(HANG, closed)
+        .await
+        .expect("every session ended");
+}
+
+#[tokio::test]
+async fn many_turns_sent_before_reading_do_not_deadlock() {
+    let up = mock_named("m").await;
+    let p = proxy(&ws_upstream("up", &up.base_url(), "")).await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    let n = 50;
+    for i in 0..n {
+        let m = serde_json::json!({"type": "response.create", "model": "m",
+            "input": format!("{i} {}", "y".repeat(100_000))});
+        s.send(Message::text(m.to_string())).await.unwrap();
+    }
+    let mut done = 0;
+    while done < n {
+        let next = tokio::time::timeout(HANG, s.next())
+            .await
+            .expect("no deadlock")
+            .unwrap()
+            .unwrap();
+        if next.to_text().unwrap().contains("\"response.completed\"") {
+            done += 1;
+        }
+    }
 }

@@ -60,7 +60,7 @@ pub use budget::BodyBudget;
 pub use endpoint::{Api, Dialect, Endpoint, StreamKind, response_id};
 pub use error::{Error, ErrorBody};
 pub use meta::{Identity, RequestMeta};
-pub use parse::{Parse, ParseLayer, ParseLimits, parse, parse_within};
+pub use parse::{Parse, ParseLayer, ParseLimits, parse, parse_object, parse_within};
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 pub use svc::{BoxFuture, call_boxed};
 pub use usage_filter::UsageFilter;

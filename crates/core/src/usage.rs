@@ -75,7 +75,12 @@ pub fn from_json(body: &[u8]) -> Option<Usage> {
 
 /// [`from_json`] on an already parsed response.
 pub fn from_value(value: &serde_json::Value) -> Option<Usage> {
-    let usage = value.get("usage")?;
+    from_usage_value(value.get("usage")?)
+}
+
+/// A `usage` object itself (any dialect's fields); `None` when null or not
+/// a valid usage object.
+pub fn from_usage_value(usage: &serde_json::Value) -> Option<Usage> {
     if usage.is_null() {
         return None;
     }

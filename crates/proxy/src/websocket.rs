@@ -16,13 +16,16 @@
 //! **The session.** The proxy ends the WebSocket on both sides and relays
 //! it message by message, so that a turn is held to what a request is:
 //!
-//! - a `response.create` names a model the key may use (403 otherwise) and
-//!   the upstream serves (its `models`; 404 otherwise), and counts against
-//!   the key's limits as a request does: one request, its token estimate
-//!   reserved, then settled with the `usage` of the turn's
-//!   `response.completed` (or `.incomplete`, `.failed`; turns end in
-//!   order; one the upstream ends with an `error` keeps its reservation,
-//!   since an `error` may answer a message that was no turn);
+//! - only `response.create` messages go on (another `type` could be a turn
+//!   to a laxer upstream), and none with a top-level key given twice (the
+//!   upstream must read what was checked);
+//! - a turn names a model the key may use (403 otherwise) and the upstream
+//!   serves (its `models`; 404 otherwise), and counts against the key's
+//!   limits as a request does: one request, its token estimate reserved,
+//!   then settled with the `usage` of its response's `response.completed`
+//!   (or `.incomplete`, `.failed`), matched by the id its
+//!   `response.created` gave it; an `error` before that gives the
+//!   reservation back, one after it keeps it;
 //! - a `previous_response_id` must belong to the key and live on this
 //!   session's upstream (404 `response_not_found` otherwise: the upstream
 //!   holds every tenant's responses under one key), and the id of every
@@ -30,8 +33,7 @@
 //!   client that falls back to HTTP mid-conversation finds its responses;
 //! - a refused message is answered on the socket with an `error` message
 //!   (`{"type": "error", "status": …, "error": {…}}`) and not sent on;
-//!   binary messages are refused the same way; client messages are bounded
-//!   by `max_body_bytes`.
+//!   client messages are bounded by `max_body_bytes` (1009 past it).
 //!
 //! Pings are answered at each hop and passed on (so liveness carries
 //! through); the upstream is offered no extensions (`permessage-deflate`
@@ -59,17 +61,21 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use llm_proxy_auth::{AuthLayer, KeyEntry, Turn, rate_headers};
 use llm_proxy_balance::BalanceHandle;
-use llm_proxy_core::{Body, Dialect, Endpoint, Error, RequestMeta, header_lists, usage};
+use llm_proxy_core::{
+    Body, Dialect, Endpoint, Error, RequestMeta, header_lists, parse_object, usage,
+};
 use llm_proxy_upstream::{Upgrade, Upstream};
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::idle::Activity;
-use crate::responses::{Created, ResponseIds};
+use crate::responses::ResponseIds;
 
 /// A session to run once hyper has handed the client's connection over.
 pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -77,7 +83,8 @@ pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 const SEC_WEBSOCKET_EXTENSIONS: header::HeaderName =
     header::HeaderName::from_static("sec-websocket-extensions");
 
-/// Messages waiting for a slow client, per session.
+/// Messages waiting for a slow client, per session (and
+/// [`CLIENT_QUEUE_BYTES`]).
 const CLIENT_QUEUE: usize = 32;
 
 /// The upstreams that take WebSocket upgrades, in config order, and what
@@ -287,40 +294,45 @@ struct Session {
     ids: Arc<ResponseIds>,
     upstream: Arc<str>,
     models: Option<Vec<String>>,
-    /// Turns sent on and not answered yet, oldest first (the upstream
-    /// answers them in order).
-    turns: Mutex<VecDeque<Turn>>,
+    /// Turns sent on and not ended yet, oldest first.
+    turns: Mutex<VecDeque<Pending>>,
     counters: Arc<SocketCounters>,
 }
 
 impl Session {
-    /// Check a client's text message: `Ok` with whether it starts a turn
-    /// (a `response.create`) and the turn's reservation (with a key), or
-    /// the error to answer with.
-    async fn admit(&self, text: &str) -> Result<(bool, Option<Turn>), Error> {
-        let json = match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(json)) => json,
-            Ok(_) => return Err(Error::InvalidBody),
-            Err(e) => return Err(Error::InvalidJson(e.to_string())),
-        };
-        if let Some(id) = json.get("previous_response_id").and_then(Value::as_str) {
+    /// Check a client's text message, a `response.create`: `Ok` with the
+    /// turn's reservation (with a key), or the error to answer with.
+    async fn admit(&self, text: &str) -> Result<Option<Turn>, Error> {
+        // Repeated top-level keys are refused: the upstream must read the
+        // `type`, `model` and `previous_response_id` checked here.
+        let json = parse_object(text.as_bytes())?;
+        match json.get("type").and_then(Value::as_str) {
+            Some("response.create") => {}
+            other => {
+                return Err(Error::UnsupportedParameter {
+                    param: "type".into(),
+                    message: format!(
+                        "messages of type {} are not supported here; send response.create",
+                        other.map_or_else(|| "(none)".to_owned(), |t| format!("`{t}`"))
+                    ),
+                });
+            }
+        }
+        if let Some(id) = json.get("previous_response_id") {
+            let Some(id) = id.as_str() else {
+                return Err(Error::UnsupportedParameter {
+                    param: "previous_response_id".into(),
+                    message: "`previous_response_id` must be a string".into(),
+                });
+            };
             self.check_id(id).await?;
         }
-        // Whatever the message's type: a model it names is checked (an
-        // upstream may be laxer about `type` than this match).
-        if let Some(model) = json.get("model").and_then(Value::as_str) {
-            self.check_model(model)?;
-        }
-        if json.get("type").and_then(Value::as_str) != Some("response.create") {
-            // Not a turn: passed on, as the HTTP path passes unknown fields.
-            return Ok((false, None));
-        }
         let meta = turn_meta(text, json)?;
-        let turn = match (&self.auth, &self.key) {
-            (Some(auth), Some(key)) => Some(auth.admit_turn(key, &meta).await?),
-            _ => None,
-        };
-        Ok((true, turn))
+        self.check_model(meta.model().unwrap_or_default())?;
+        match (&self.auth, &self.key) {
+            (Some(auth), Some(key)) => Ok(Some(auth.admit_turn(key, &meta).await?)),
+            _ => Ok(None),
+        }
     }
 
     /// A model named by a message: one the key may use and the upstream
@@ -358,58 +370,107 @@ impl Session {
     /// Read an upstream's text message: remember the ids it creates, settle
     /// the turns it ends.
     fn observe(&self, text: &str) {
-        // Most messages are deltas: skip them without parsing.
-        let kind = [
+        // Most messages are deltas: skip them without parsing. (What is
+        // decided below is decided on the parsed top-level `type`.)
+        const ENDS: [&str; 5] = [
             "response.created",
             "response.completed",
             "response.incomplete",
             "response.failed",
             "\"error\"",
-        ]
-        .into_iter()
-        .find(|k| text.contains(k));
-        let Some(kind) = kind else { return };
-        if kind == "response.created" {
-            if let Ok(created) = serde_json::from_str::<TypedCreated<'_>>(text)
-                && created.kind == "response.created"
-                && let Some(id) = created.created.response.and_then(|r| r.id)
-            {
-                self.ids
-                    .remember(&id, self.upstream.clone(), self.owner.clone());
-            }
+        ];
+        if !ENDS.iter().any(|k| text.contains(k)) {
             return;
         }
-        let Ok(event) = serde_json::from_str::<Value>(text) else {
+        let Ok(event) = serde_json::from_str::<Event<'_>>(text) else {
             return;
         };
-        // The turns end in order. An `error` cannot be told apart from the
-        // answer to a message that was not a turn: it ends none, and a turn
-        // it did end keeps its reservation (settled when the session ends),
-        // so no message can make another turn go uncounted.
-        if let Some("response.completed" | "response.incomplete" | "response.failed") =
-            event.get("type").and_then(Value::as_str)
-            && let Some(turn) = self.next_turn()
-        {
-            let usage = event.get("response").and_then(usage::from_value);
-            turn.settle(usage, true);
+        let id = event.response.as_ref().and_then(|r| r.id.as_deref());
+        match &*event.kind {
+            "response.created" => {
+                if let Some(id) = id {
+                    self.ids
+                        .remember(id, self.upstream.clone(), self.owner.clone());
+                    self.with_turns(|turns| {
+                        if let Some(p) = turns.iter_mut().find(|p| p.id.is_none()) {
+                            p.id = Some(id.into());
+                        }
+                    });
+                }
+            }
+            "response.completed" | "response.incomplete" | "response.failed" => {
+                let usage = event
+                    .response
+                    .as_ref()
+                    .and_then(|r| r.usage.as_ref())
+                    .and_then(usage::from_usage_value);
+                // The turn that created this response; else the oldest one
+                // not started (an upstream that sent no `response.created`).
+                let pending = self.with_turns(|turns| {
+                    let at = turns
+                        .iter()
+                        .position(|p| p.id.is_some() && p.id.as_deref() == id)
+                        .or_else(|| turns.iter().position(|p| p.id.is_none()))?;
+                    turns.remove(at)
+                });
+                if let Some(pending) = pending {
+                    pending.turn.settle(usage, true);
+                }
+            }
+            "error" => {
+                // Only turns are sent on, so an error answers one: the
+                // oldest not started generated nothing (given back); else
+                // the oldest started one broke mid-way (its reservation
+                // stands, as for a stream cut before its usage).
+                let pending =
+                    self.with_turns(|turns| match turns.iter().position(|p| p.id.is_none()) {
+                        Some(at) => turns.remove(at).map(|p| (p, false)),
+                        None => turns.pop_front().map(|p| (p, true)),
+                    });
+                if let Some((pending, started)) = pending {
+                    pending.turn.settle(None, started);
+                }
+            }
+            _ => {}
         }
     }
 
-    fn next_turn(&self) -> Option<Turn> {
-        self.turns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()
+    fn with_turns<R>(&self, f: impl FnOnce(&mut VecDeque<Pending>) -> R) -> R {
+        f(&mut self.turns.lock().unwrap_or_else(PoisonError::into_inner))
     }
+}
 
+/// A turn sent on, and the id of the response it created once known.
+struct Pending {
+    turn: Turn,
+    id: Option<Box<str>>,
+}
+
+/// An upstream's message: its top-level type, and its response's id and
+/// usage when it carries a response.
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    response: Option<EventResponse<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct EventResponse<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    usage: Option<Value>,
 }
 
 impl Drop for Session {
     /// The session is over (or dropped mid-way): turns cut before their end
     /// keep their reservation, as a stream cut before its usage does.
     fn drop(&mut self) {
-        while let Some(turn) = self.next_turn() {
-            turn.settle(None, true);
+        for pending in
+            std::mem::take(&mut *self.turns.get_mut().unwrap_or_else(PoisonError::into_inner))
+        {
+            pending.turn.settle(None, true);
         }
     }
 }
@@ -428,15 +489,6 @@ impl Drop for Open {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// A `response.created` message: its type, and its response's id.
-#[derive(serde::Deserialize)]
-struct TypedCreated<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
-    #[serde(flatten, borrow)]
-    created: Created<'a>,
 }
 
 /// A `response.create` message as the request it stands for.
@@ -485,14 +537,22 @@ async fn relay(
         }
     };
     let _open = Open::new(session.counters.clone());
-    let bounded = WebSocketConfig::default()
+    let from_client = WebSocketConfig::default()
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes));
-    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(bounded)).await;
-    let upstream = WebSocketStream::from_raw_socket(upstream, Role::Client, None).await;
+    let from_upstream = WebSocketConfig::default()
+        .max_message_size(Some(MAX_UPSTREAM_MESSAGE))
+        .max_frame_size(Some(MAX_UPSTREAM_MESSAGE));
+    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(from_client)).await;
+    let upstream =
+        WebSocketStream::from_raw_socket(upstream, Role::Client, Some(from_upstream)).await;
     let (client_tx, client_rx) = client.split();
     let (upstream_tx, upstream_rx) = upstream.split();
     let (to_client, queued) = mpsc::channel(CLIENT_QUEUE);
+    let queue = ClientQueue {
+        tx: to_client,
+        bytes: Arc::new(Semaphore::new(CLIENT_QUEUE_BYTES)),
+    };
     let clock = Clock::new();
 
     let talk = async {
@@ -500,15 +560,17 @@ async fn relay(
             &session,
             client_rx,
             upstream_tx,
-            to_client.clone(),
+            queue.clone(),
             &clock
         ));
-        let mut down = pin!(pump_down(&session, upstream_rx, to_client, &clock));
+        let mut down = pin!(pump_down(&session, upstream_rx, queue, &clock));
         tokio::select! {
             () = &mut down => {}
-            // The client is gone: the upstream was sent the close; let its
-            // side end (bounded by the idle watch below).
-            () = up => down.await,
+            // The client closed or went: the upstream was sent a close; give
+            // it a moment to answer (the client has its answer already).
+            () = up => {
+                let _ = tokio::time::timeout(CLOSE_GRACE.min(idle), down).await;
+            }
         }
     };
     let writer = write_client(queued, client_tx);
@@ -520,17 +582,48 @@ async fn relay(
     }
 }
 
+/// The longest message taken from an upstream: a `response.completed`
+/// carries the whole response (a long answer is hundreds of KiB).
+const MAX_UPSTREAM_MESSAGE: usize = 16 << 20;
+
+/// Bytes of upstream messages waiting for a slow client, per session (one
+/// message larger than this still goes, alone).
+const CLIENT_QUEUE_BYTES: usize = 4 << 20;
+
+/// How long the upstream may take to answer a close once the client left.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 type ClientRx = futures_util::stream::SplitStream<WebSocketStream<TokioIo<Upgraded>>>;
 type ClientTx = futures_util::stream::SplitSink<WebSocketStream<TokioIo<Upgraded>>, Message>;
 type UpstreamRx = futures_util::stream::SplitStream<WebSocketStream<TokioIo<Upgraded>>>;
 type UpstreamTx = futures_util::stream::SplitSink<WebSocketStream<TokioIo<Upgraded>>, Message>;
+
+/// Messages for the client, bounded in number and in bytes: each holds
+/// permits for its size until it is written.
+#[derive(Clone)]
+struct ClientQueue {
+    tx: mpsc::Sender<(Message, Option<OwnedSemaphorePermit>)>,
+    bytes: Arc<Semaphore>,
+}
+
+impl ClientQueue {
+    /// Queue `message`, waiting while the queue is full; `false` once the
+    /// client's writer is gone.
+    async fn send(&self, message: Message) -> bool {
+        let size = u32::try_from(message.len().clamp(1, CLIENT_QUEUE_BYTES)).unwrap_or(u32::MAX);
+        let Ok(permit) = self.bytes.clone().acquire_many_owned(size).await else {
+            return false;
+        };
+        self.tx.send((message, Some(permit))).await.is_ok()
+    }
+}
 
 /// Client -> upstream: each message checked, refused ones answered.
 async fn pump_up(
     session: &Session,
     mut client: ClientRx,
     mut upstream: UpstreamTx,
-    to_client: mpsc::Sender<Message>,
+    to_client: ClientQueue,
     clock: &Clock,
 ) {
     while let Some(message) = client.next().await {
@@ -538,23 +631,25 @@ async fn pump_up(
             Ok(message) => message,
             Err(e) => {
                 tracing::debug!(error = %e, "WebSocket client message unreadable");
+                if let WsError::Capacity(_) = e {
+                    // RFC 6455 §7.4.1: 1009, too big to process.
+                    let close = CloseFrame {
+                        code: CloseCode::Size,
+                        reason: "message too big".into(),
+                    };
+                    to_client.send(Message::Close(Some(close))).await;
+                }
                 break;
             }
         };
         clock.heard();
         let refusal = match &message {
             Message::Text(text) => match session.admit(text.as_str()).await {
-                Ok((is_turn, turn)) => {
+                Ok(turn) => {
                     if let Some(turn) = turn {
-                        session
-                            .turns
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push_back(turn);
+                        session.with_turns(|turns| turns.push_back(Pending { turn, id: None }));
                     }
-                    if is_turn {
-                        session.counters.turns.fetch_add(1, Ordering::Relaxed);
-                    }
+                    session.counters.turns.fetch_add(1, Ordering::Relaxed);
                     None
                 }
                 Err(e) => Some(e),
@@ -567,13 +662,16 @@ async fn pump_up(
             Message::Pong(_) | Message::Frame(_) => continue,
             Message::Ping(_) => None,
             Message::Close(_) => {
+                // Tungstenite has queued the client's answer: the writer
+                // flushes it when it finds the socket closing.
+                to_client.send(Message::Close(None)).await;
                 let _ = upstream.send(message).await;
                 return;
             }
         };
         if let Some(e) = refusal {
             session.counters.refused.fetch_add(1, Ordering::Relaxed);
-            if to_client.send(error_message(&e)).await.is_err() {
+            if !to_client.send(error_message(&e)).await {
                 break;
             }
             continue;
@@ -590,7 +688,7 @@ async fn pump_up(
 async fn pump_down(
     session: &Session,
     mut upstream: UpstreamRx,
-    to_client: mpsc::Sender<Message>,
+    to_client: ClientQueue,
     clock: &Clock,
 ) {
     while let Some(message) = upstream.next().await {
@@ -607,24 +705,29 @@ async fn pump_down(
             // Answers to the pings passed on; the client had its own.
             Message::Pong(_) | Message::Frame(_) => continue,
             Message::Close(_) => {
-                let _ = to_client.send(message).await;
+                to_client.send(message).await;
                 return;
             }
             Message::Ping(_) | Message::Binary(_) => {}
         }
-        if to_client.send(message).await.is_err() {
+        if !to_client.send(message).await {
             return;
         }
     }
     // The upstream went without a close: tell the client.
-    let _ = to_client.send(Message::Close(None)).await;
+    to_client.send(Message::Close(None)).await;
 }
 
-/// Send the queued messages to the client, then close its side.
-async fn write_client(mut queued: mpsc::Receiver<Message>, mut client: ClientTx) {
-    while let Some(message) = queued.recv().await {
-        if client.send(message).await.is_err() {
-            return;
+/// Send the queued messages to the client, then close its side (which also
+/// sends the answer to a close of the client's, if one is waiting).
+async fn write_client(
+    mut queued: mpsc::Receiver<(Message, Option<OwnedSemaphorePermit>)>,
+    mut client: ClientTx,
+) {
+    while let Some((message, _permit)) = queued.recv().await {
+        if let Err(e) = client.send(message).await {
+            tracing::debug!(error = %e, "WebSocket client write ended");
+            break;
         }
     }
     let _ = client.close().await;
