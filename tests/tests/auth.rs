@@ -159,6 +159,46 @@ async fn passthrough_routes_need_the_passthrough_flag() {
 }
 
 #[tokio::test]
+async fn a_responses_conversation_needs_the_passthrough_flag() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "{}\n[auth]\n{}",
+        one_upstream(&up.base_url(), "apis = [\"responses\"]"),
+        keys()
+    ))
+    .await;
+    let body = r#"{"model": "small", "input": "x", "conversation": "conv_123"}"#;
+    let post = |key: &'static str| {
+        request(
+            Method::POST,
+            &p.url("/v1/responses"),
+            &[("authorization", key), ("content-type", "application/json")],
+            body,
+        )
+    };
+    // No way to make a conversation of its own: none of anyone else's.
+    send(post("Bearer sk-team-a"))
+        .await
+        .assert_error(403, "permission_error", "route_not_allowed");
+    assert_eq!(up.stats.requests(), 0);
+    let allowed = send(post("Bearer sk-ops")).await;
+    assert_eq!(allowed.status, 200, "{}", allowed.text());
+    assert_eq!(up.stats.requests(), 1);
+    // `conversation: null` names none.
+    let none = send(request(
+        Method::POST,
+        &p.url("/v1/responses"),
+        &[
+            ("authorization", "Bearer sk-team-a"),
+            ("content-type", "application/json"),
+        ],
+        r#"{"model": "small", "input": "x", "conversation": null}"#,
+    ))
+    .await;
+    assert_eq!(none.status, 200, "{}", none.text());
+}
+
+#[tokio::test]
 async fn requests_per_minute_gives_exact_429_and_headers() {
     let (_up, p) =
         setup("[[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 3\n").await;

@@ -264,6 +264,13 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
         assert_eq!(event["type"], "error", "{raw}: {event}");
     }
+    // A conversation, without `passthrough`, as over HTTP.
+    let events = turn(
+        &mut bob,
+        serde_json::json!({"model": "m", "input": "x", "conversation": "conv_1"}),
+    )
+    .await;
+    assert_eq!(refusal(&events), (403, "route_not_allowed".into()));
     // Refused messages never reached the upstream.
     assert!(
         up.stats
@@ -345,7 +352,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("llm_proxy_websocket_refused_total 8"),
+        metrics.contains("llm_proxy_websocket_refused_total 9"),
         "{metrics}"
     );
 }

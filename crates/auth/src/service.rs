@@ -92,11 +92,7 @@ impl AuthLayer {
     /// [`Error::ModelNotAllowed`], or [`Error::RateLimited`] (counted in
     /// the key's `rate_limited`).
     pub async fn admit_turn(&self, key: &Arc<KeyEntry>, meta: &RequestMeta) -> Result<Turn, Error> {
-        if let Some(model) = meta.model()
-            && !key.allows_model(model)
-        {
-            return Err(Error::ModelNotAllowed(model.to_owned()));
-        }
+        check_body(key, meta)?;
         let reserve = if key.limits.tokens.is_some() {
             key.limits.token_charge(estimate_tokens(meta))
         } else {
@@ -311,11 +307,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
             metered: consumes_tokens(Endpoint::Passthrough),
         });
     };
-    if let Some(model) = meta.model()
-        && !key.allows_model(model)
-    {
-        return Err(Error::ModelNotAllowed(model.to_owned()));
-    }
+    check_body(&key, meta)?;
     meta.set_identity(Identity {
         name: key.name.clone(),
     });
@@ -337,6 +329,36 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         endpoint,
         metered,
     })
+}
+
+/// What a key may name in a request body: a model on its allowlist, and a
+/// Responses `conversation` only with `passthrough`. Conversations are made
+/// and read through `/v1/conversations`, a passthrough route, so a key
+/// without it has none of its own; and the proxy does not know which key
+/// made which conversation (the upstream holds every tenant's under one
+/// upstream key), so an id learnt elsewhere must not open one.
+fn check_body(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
+    if let Some(model) = meta.model()
+        && !key.allows_model(model)
+    {
+        return Err(Error::ModelNotAllowed(model.to_owned()));
+    }
+    if !key.passthrough
+        && matches!(
+            meta.endpoint(),
+            Endpoint::Responses | Endpoint::ResponsesCompact | Endpoint::ResponsesInputTokens
+        )
+        && meta
+            .json()
+            .and_then(|j| j.get("conversation"))
+            .is_some_and(|c| !c.is_null())
+    {
+        return Err(Error::RouteNotAllowed(
+            "the `conversation` parameter (conversations are a passthrough API; the key lacks `passthrough`)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether requests to `endpoint` consume tokens, so that they reserve
