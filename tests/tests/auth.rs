@@ -199,6 +199,27 @@ async fn a_responses_conversation_needs_the_passthrough_flag() {
 }
 
 #[tokio::test]
+async fn a_passthrough_request_without_a_body_reserves_no_tokens() {
+    let (_up, p) = setup(
+        "[[auth.keys]]\nname = \"ops\"\nkey = \"sk-ops\"\npassthrough = true\ntokens_per_minute = 300\n",
+    )
+    .await;
+    // Each would have kept a 256-token reservation (no usage comes back):
+    // the second would have been refused.
+    for _ in 0..3 {
+        let listed = send(request(
+            Method::GET,
+            &p.url("/v1/files"),
+            &[("authorization", "Bearer sk-ops")],
+            "",
+        ))
+        .await;
+        assert_eq!(listed.status, 404, "forwarded; the mock has no /files");
+        assert_eq!(listed.header("x-ratelimit-remaining-tokens"), Some("300"));
+    }
+}
+
+#[tokio::test]
 async fn requests_per_minute_gives_exact_429_and_headers() {
     let (_up, p) =
         setup("[[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 3\n").await;

@@ -380,8 +380,12 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
 
 /// The token reservation: prompt bytes / 4, plus the completion cap the
 /// request names (`max_tokens`, `max_completion_tokens`, `max_output_tokens`),
-/// else 256.
+/// else 256. A request without a JSON body (a passthrough `GET`, a file
+/// upload) names neither: 0, and its answer's `usage`, if any, is charged.
 pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
+    if meta.json().is_none() {
+        return 0;
+    }
     let prompt = meta.original_body().map_or(0, |b| b.len() as u64) / 4;
     let cap = meta
         .json()
