@@ -264,6 +264,20 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
         assert_eq!(event["type"], "error", "{raw}: {event}");
     }
+    // Codex's acknowledgement names a response: bob's own goes on (not
+    // answered), alice's is refused.
+    bob.send(Message::text(
+        serde_json::json!({"type": "response.processed", "response_id": alice_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(HANG, bob.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+    assert_eq!(event["error"]["code"], "response_not_found", "{event}");
     // A conversation, without `passthrough`, as over HTTP.
     let events = turn(
         &mut bob,
@@ -285,6 +299,15 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     assert_eq!(done["type"], "response.completed", "{events:?}");
     let bob_id = done["response"]["id"].as_str().unwrap().to_owned();
     assert_eq!(get_response(&p, "Bearer sk-bob", &bob_id).await.status, 200);
+    let processed =
+        serde_json::json!({"type": "response.processed", "response_id": bob_id}).to_string();
+    bob.send(Message::text(processed.clone())).await.unwrap();
+    eventually("the acknowledgement reaches the upstream", || {
+        up.stats
+            .last_request_body()
+            .is_some_and(|b| b == processed.as_bytes())
+    })
+    .await;
     assert_eq!(
         get_response(&p, "Bearer sk-alice", &bob_id).await.status,
         404
@@ -352,7 +375,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("llm_proxy_websocket_refused_total 9"),
+        metrics.contains("llm_proxy_websocket_refused_total 10"),
         "{metrics}"
     );
 }

@@ -337,7 +337,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
 /// without it has none of its own; and the proxy does not know which key
 /// made which conversation (the upstream holds every tenant's under one
 /// upstream key), so an id learnt elsewhere must not open one.
-fn check_body(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
+pub fn check_body(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
     if let Some(model) = meta.model()
         && !key.allows_model(model)
     {

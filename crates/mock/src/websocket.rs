@@ -4,6 +4,8 @@
 //! `type`), answered by the same events a streamed response sends, one text
 //! message each, ending with `response.completed`. An error is one
 //! `{"type": "error", "error": {…}}` message; the socket stays open.
+//! `response.processed` and `response.append` messages are recorded and
+//! not answered.
 //!
 //! Served only by [`serve`](crate::serve)'s connections (an upgrade needs the
 //! connection); each session counts as one request in flight until it
@@ -121,11 +123,17 @@ impl Mock {
             Ok(body) => body,
             Err(e) => return error(ApiError::bad_request(format!("invalid JSON: {e}"), None)),
         };
-        if body.get("type").and_then(Value::as_str) != Some("response.create") {
-            return error(ApiError::bad_request(
-                "expected a message of type response.create",
-                Some("type"),
-            ));
+        match body.get("type").and_then(Value::as_str) {
+            Some("response.create") => {}
+            // Acknowledgements and (older clients') more input: recorded,
+            // not answered.
+            Some("response.processed" | "response.append") => return Vec::new(),
+            _ => {
+                return error(ApiError::bad_request(
+                    "expected a message of type response.create",
+                    Some("type"),
+                ));
+            }
         }
         if let Some(fields) = body.as_object_mut() {
             fields.remove("type");

@@ -16,9 +16,12 @@
 //! **The session.** The proxy ends the WebSocket on both sides and relays
 //! it message by message, so that a turn is held to what a request is:
 //!
-//! - only `response.create` messages go on (another `type` could be a turn
-//!   to a laxer upstream), and none with a top-level key given twice (the
-//!   upstream must read what was checked);
+//! - only Codex's messages go on: `response.create` (a turn),
+//!   `response.processed` and `response.append` (another `type` could be a
+//!   turn to a laxer upstream), none with a top-level key given twice (the
+//!   upstream must read what was checked); any id a message names
+//!   (`previous_response_id`, `response_id`) must belong to the key and
+//!   live on this session's upstream, any model it names pass the checks;
 //! - a turn names a model the key may use (403 otherwise) and the upstream
 //!   serves (its `models`; 404 otherwise), and counts against the key's
 //!   limits as a request does: one request, its token estimate reserved,
@@ -59,13 +62,13 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, Response, Version, header};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use llm_proxy_auth::{AuthLayer, KeyEntry, Turn, rate_headers};
+use llm_proxy_auth::{AuthLayer, KeyEntry, Turn, check_body, rate_headers};
 use llm_proxy_balance::BalanceHandle;
 use llm_proxy_core::{
     Body, Dialect, Endpoint, Error, RequestMeta, header_lists, parse_object, usage,
 };
 use llm_proxy_upstream::{Upgrade, Upstream};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -300,14 +303,19 @@ struct Session {
 }
 
 impl Session {
-    /// Check a client's text message, a `response.create`: `Ok` with the
-    /// turn's reservation (with a key), or the error to answer with.
-    async fn admit(&self, text: &str) -> Result<Option<Turn>, Error> {
+    /// Check a client's text message: `Ok` with the reservation of the
+    /// turn it starts (a `response.create`, with a key), or the error to
+    /// answer with.
+    async fn admit(&self, text: &str) -> Result<(bool, Option<Turn>), Error> {
         // Repeated top-level keys are refused: the upstream must read the
-        // `type`, `model` and `previous_response_id` checked here.
+        // `type`, `model` and ids checked here.
         let json = parse_object(text.as_bytes())?;
-        match json.get("type").and_then(Value::as_str) {
-            Some("response.create") => {}
+        let turn = match json.get("type").and_then(Value::as_str) {
+            Some("response.create") => true,
+            // Codex's other messages: that it has read a response, and
+            // (older versions) more input for the response in progress,
+            // whose usage its turn's `response.completed` reports.
+            Some("response.processed" | "response.append") => false,
             other => {
                 return Err(Error::UnsupportedParameter {
                     param: "type".into(),
@@ -317,32 +325,41 @@ impl Session {
                     ),
                 });
             }
+        };
+        for param in ["previous_response_id", "response_id"] {
+            if let Some(id) = json.get(param) {
+                let Some(id) = id.as_str() else {
+                    return Err(Error::UnsupportedParameter {
+                        param: param.into(),
+                        message: format!("`{param}` must be a string"),
+                    });
+                };
+                self.check_id(param, id).await?;
+            }
         }
-        if let Some(id) = json.get("previous_response_id") {
-            let Some(id) = id.as_str() else {
-                return Err(Error::UnsupportedParameter {
-                    param: "previous_response_id".into(),
-                    message: "`previous_response_id` must be a string".into(),
-                });
-            };
-            self.check_id(id).await?;
+        let meta = RequestMeta::parsed(
+            Endpoint::Responses,
+            Bytes::copy_from_slice(text.as_bytes()),
+            json,
+        );
+        match meta.model() {
+            Some(model) => self.check_model(model)?,
+            None if turn => return Err(Error::MissingModel),
+            None => {}
         }
-        let meta = turn_meta(text, json)?;
-        self.check_model(meta.model().unwrap_or_default())?;
-        match (&self.auth, &self.key) {
-            (Some(auth), Some(key)) => Ok(Some(auth.admit_turn(key, &meta).await?)),
-            _ => Ok(None),
+        let Some(key) = &self.key else {
+            return Ok((turn, None));
+        };
+        check_body(key, &meta)?;
+        match (&self.auth, turn) {
+            (Some(auth), true) => Ok((true, Some(auth.admit_turn(key, &meta).await?))),
+            _ => Ok((turn, None)),
         }
     }
 
-    /// A model named by a message: one the key may use and the upstream
-    /// serves.
+    /// A model named by a message: one the upstream serves (the key's
+    /// allowlist is the auth layer's [`check_body`]).
     fn check_model(&self, model: &str) -> Result<(), Error> {
-        if let Some(key) = &self.key
-            && !key.allows_model(model)
-        {
-            return Err(Error::ModelNotAllowed(model.to_owned()));
-        }
         if let Some(models) = &self.models
             && !models.iter().any(|m| m == model)
         {
@@ -354,15 +371,16 @@ impl Session {
         Ok(())
     }
 
-    /// A response id named by a message: the key's, on this upstream.
-    async fn check_id(&self, id: &str) -> Result<(), Error> {
+    /// A response id named by a message (as `param`): the key's, on this
+    /// upstream.
+    async fn check_id(&self, param: &str, id: &str) -> Result<(), Error> {
         match self.ids.home_of(id, self.owner.as_deref()).await {
             Some(home) if home == self.upstream => Ok(()),
             Some(home) => Err(Error::ResponseNotFound(format!(
-                "previous_response_id `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
+                "{param} `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
             ))),
             None => Err(Error::ResponseNotFound(format!(
-                "previous_response_id `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
+                "{param} `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
             ))),
         }
     }
@@ -489,19 +507,6 @@ impl Drop for Open {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// A `response.create` message as the request it stands for.
-fn turn_meta(text: &str, json: Map<String, Value>) -> Result<RequestMeta, Error> {
-    match json.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => {}
-        _ => return Err(Error::MissingModel),
-    }
-    Ok(RequestMeta::parsed(
-        Endpoint::Responses,
-        Bytes::copy_from_slice(text.as_bytes()),
-        json,
-    ))
 }
 
 /// The `error` message answering a refused client message.
@@ -645,11 +650,13 @@ async fn pump_up(
         clock.heard();
         let refusal = match &message {
             Message::Text(text) => match session.admit(text.as_str()).await {
-                Ok(turn) => {
+                Ok((is_turn, turn)) => {
                     if let Some(turn) = turn {
                         session.with_turns(|turns| turns.push_back(Pending { turn, id: None }));
                     }
-                    session.counters.turns.fetch_add(1, Ordering::Relaxed);
+                    if is_turn {
+                        session.counters.turns.fetch_add(1, Ordering::Relaxed);
+                    }
                     None
                 }
                 Err(e) => Some(e),
