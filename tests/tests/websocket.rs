@@ -366,6 +366,19 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     assert_eq!(events.last().unwrap()["type"], "response.completed");
     let events = turn(&mut slow, serde_json::json!({"model": "m", "input": "x"})).await;
     assert_eq!(refusal(&events), (429, "rate_limit_exceeded".into()));
+    // More input may start a response: it counts as a turn too.
+    slow.send(Message::text(
+        serde_json::json!({"type": "response.append", "input": "more"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(HANG, slow.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+    assert_eq!(event["error"]["code"], "rate_limit_exceeded", "{event}");
 
     let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
         .await
@@ -375,7 +388,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("llm_proxy_websocket_refused_total 10"),
+        metrics.contains("llm_proxy_websocket_refused_total 11"),
         "{metrics}"
     );
 }

@@ -16,9 +16,9 @@
 //! **The session.** The proxy ends the WebSocket on both sides and relays
 //! it message by message, so that a turn is held to what a request is:
 //!
-//! - only Codex's messages go on: `response.create` (a turn),
-//!   `response.processed` and `response.append` (another `type` could be a
-//!   turn to a laxer upstream), none with a top-level key given twice (the
+//! - only Codex's messages go on: `response.create` and `response.append`
+//!   (turns), `response.processed` (another `type` could be a turn to a
+//!   laxer upstream), none with a top-level key given twice (the
 //!   upstream must read what was checked); any id a message names
 //!   (`previous_response_id`, `response_id`) must belong to the key and
 //!   live on this session's upstream, any model it names pass the checks;
@@ -310,12 +310,14 @@ impl Session {
         // Repeated top-level keys are refused: the upstream must read the
         // `type`, `model` and ids checked here.
         let json = parse_object(text.as_bytes())?;
-        let turn = match json.get("type").and_then(Value::as_str) {
-            Some("response.create") => true,
-            // Codex's other messages: that it has read a response, and
-            // (older versions) more input for the response in progress,
-            // whose usage its turn's `response.completed` reports.
-            Some("response.processed" | "response.append") => false,
+        let kind = json.get("type").and_then(Value::as_str);
+        let create = kind == Some("response.create");
+        let turn = match kind {
+            // A turn; and (older Codex) more input, which may start one:
+            // counted as one, so nothing generates uncounted.
+            Some("response.create" | "response.append") => true,
+            // That Codex has read a response.
+            Some("response.processed") => false,
             other => {
                 return Err(Error::UnsupportedParameter {
                     param: "type".into(),
@@ -344,7 +346,7 @@ impl Session {
         );
         match meta.model() {
             Some(model) => self.check_model(model)?,
-            None if turn => return Err(Error::MissingModel),
+            None if create => return Err(Error::MissingModel),
             None => {}
         }
         let Some(key) = &self.key else {
