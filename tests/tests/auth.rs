@@ -217,6 +217,19 @@ async fn a_passthrough_request_without_a_body_reserves_no_tokens() {
         assert_eq!(listed.status, 404, "forwarded; the mock has no /files");
         assert_eq!(listed.header("x-ratelimit-remaining-tokens"), Some("300"));
     }
+    // A body that is not JSON (an upload that may run a model) still
+    // reserves the default estimate.
+    let upload = send(request(
+        Method::POST,
+        &p.url("/v1/audio/transcriptions"),
+        &[
+            ("authorization", "Bearer sk-ops"),
+            ("content-type", "multipart/form-data; boundary=x"),
+        ],
+        "--x\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--x--\r\n",
+    ))
+    .await;
+    assert_eq!(upload.header("x-ratelimit-remaining-tokens"), Some("44"));
 }
 
 #[tokio::test]

@@ -775,3 +775,280 @@ async fn many_turns_sent_before_reading_do_not_deadlock() {
         }
     }
 }
+
+// Upstreams scripted message by message, for how turns are settled.
+
+fn created(id: &str) -> String {
+    serde_json::json!({"type": "response.created", "response": {"id": id, "status": "in_progress"}})
+        .to_string()
+}
+fn completed(id: &str, output: u64) -> String {
+    serde_json::json!({"type": "response.completed", "response": {"id": id, "status": "completed",
+        "usage": {"input_tokens": 10, "output_tokens": output, "total_tokens": 10 + output}}})
+    .to_string()
+}
+fn error() -> String {
+    serde_json::json!({"type": "error", "status": 400,
+        "error": {"type": "invalid_request_error", "message": "unsupported"}})
+    .to_string()
+}
+
+/// Read until a `response.completed`; returns every event type seen.
+async fn until_completed(s: &mut tests::ws::Socket) -> Vec<String> {
+    let mut kinds = Vec::new();
+    loop {
+        let next = tokio::time::timeout(HANG, s.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Message::Text(t) = next else { continue };
+        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+        let k = v["type"].as_str().unwrap().to_owned();
+        kinds.push(k.clone());
+        if k == "response.completed" {
+            return kinds;
+        }
+    }
+}
+
+async fn proxy_with(addr: std::net::SocketAddr) -> TestProxy {
+    proxy(&format!(
+        "{}[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 3000\n",
+        ws_upstream("up", &format!("http://{addr}/v1"), "")
+    ))
+    .await
+}
+
+/// An upstream that answers `response.processed` with an `error` (as one
+/// that does not know that type would), in order with the next turn.
+#[tokio::test]
+async fn an_error_that_answers_no_turn_leaves_no_usage_uncounted() {
+    let addr = raw_upstream(|conn| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        let mut owe_error = false;
+        let mut n = 0;
+        while let Some(Ok(Message::Text(text))) = ws.next().await {
+            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            match v["type"].as_str() {
+                Some("response.processed") => owe_error = true,
+                Some("response.create") => {
+                    let mut out = Vec::new();
+                    if std::mem::take(&mut owe_error) {
+                        out.push(error());
+                    }
+                    n += 1;
+                    let id = format!("resp_{n}");
+                    out.push(created(&id));
+                    out.push(completed(&id, 5000));
+                    for m in out {
+                        ws.send(Message::text(m)).await.unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    // An acknowledgement (no id needed), then a turn, back to back.
+    s.send(Message::text(r#"{"type":"response.processed"}"#))
+        .await
+        .unwrap();
+    s.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"x"}"#,
+    ))
+    .await
+    .unwrap();
+    let kinds = until_completed(&mut s).await;
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("error"),
+        "{kinds:?}"
+    );
+    // 5010 tokens were generated against a 3000/min limit: the next turn
+    // must be refused (as `a_turn_is_charged_its_usage_whatever_its_messages_say`).
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    let tokens: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("tokens_total{"))
+        .collect();
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "error",
+        "the 5010-token turn is counted: {tokens:?}"
+    );
+}
+
+/// An upstream that fails a started turn with an `error` (mid-stream) while
+/// the client has already sent the next one.
+#[tokio::test]
+async fn a_midstream_error_leaves_the_next_turns_usage_counted() {
+    let addr = raw_upstream(|conn| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        let mut n = 0;
+        while let Some(Ok(Message::Text(_))) = ws.next().await {
+            n += 1;
+            let id = format!("resp_{n}");
+            let out = if n == 1 {
+                vec![created(&id)] // started; ends when the next message comes
+            } else if n == 2 {
+                vec![error(), created(&id), completed(&id, 5000)]
+            } else {
+                vec![created(&id), completed(&id, 10)]
+            };
+            for m in out {
+                ws.send(Message::text(m)).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    s.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"a"}"#,
+    ))
+    .await
+    .unwrap();
+    // Wait for A's response.created before sending B.
+    let next = tokio::time::timeout(HANG, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(next.to_text().unwrap().contains("response.created"));
+    s.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"b"}"#,
+    ))
+    .await
+    .unwrap();
+    until_completed(&mut s).await;
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "error",
+        "B's 5010 tokens are counted"
+    );
+}
+
+/// `response.append` is a turn the mock (and a real upstream that only
+/// appends) never answers: every later turn's usage settles the turn
+/// before it, and the model-less append's Reconcile drops the per-model
+/// token statistics of the first real turn.
+#[tokio::test]
+async fn an_unanswered_append_does_not_shift_settlement() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "{}[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 1000000\n",
+        ws_upstream("up", &up.base_url(), "")
+    ))
+    .await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    s.send(Message::text(
+        r#"{"type":"response.append","input":"more"}"#,
+    ))
+    .await
+    .unwrap();
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"llm_proxy_tokens_total{key="k",model="m",kind="output"}"#),
+        "the completed turn's tokens are counted for model m: {:?}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("tokens_total"))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The client closes once it has the answer's text (before
+/// `response.completed`): the upstream's last messages, in flight, arrive
+/// in the 5 s grace, but the relay stops reading at the first one the gone
+/// writer cannot take, so the turn's usage is never read.
+#[tokio::test]
+async fn usage_that_comes_after_the_client_left_is_charged() {
+    let addr = raw_upstream(|conn| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        let mut n = 0;
+        while let Some(Ok(Message::Text(_))) = ws.next().await {
+            n += 1;
+            let id = format!("resp_{n}");
+            ws.send(Message::text(created(&id))).await.unwrap();
+            if n == 1 {
+                ws.send(Message::text(
+                    r#"{"type":"response.output_text.done","text":"answer"}"#,
+                ))
+                .await
+                .unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                for m in [
+                    r#"{"type":"response.content_part.done"}"#.to_owned(),
+                    r#"{"type":"response.output_item.done"}"#.to_owned(),
+                    completed(&id, 5000),
+                ] {
+                    let _ = ws.send(Message::text(m)).await;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                return;
+            }
+            ws.send(Message::text(completed(&id, 10))).await.unwrap();
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    s.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"x"}"#,
+    ))
+    .await
+    .unwrap();
+    loop {
+        let next = tokio::time::timeout(HANG, s.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if next.to_text().unwrap().contains("output_text.done") {
+            break;
+        }
+    }
+    s.close(None).await.unwrap();
+    // The usage comes within the grace the upstream gets after a close.
+    let charged = async {
+        loop {
+            let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+                .await
+                .text();
+            if metrics.lines().any(|l| {
+                l.contains("tokens_total{") && l.contains("output") && l.ends_with(" 5000")
+            }) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(HANG, charged)
+        .await
+        .expect("the 5000 output tokens that came after the client left are charged");
+}

@@ -52,6 +52,13 @@ impl Reconcile {
         }
     }
 
+    /// The model to count the tokens under, when the request named none.
+    pub(crate) fn default_model(&mut self, model: &str) {
+        if self.model.is_none() {
+            self.model = Some(Arc::from(model));
+        }
+    }
+
     /// Record the answer's status: an error answer without usage is refunded.
     pub(crate) fn answered(mut self, status: StatusCode) -> Self {
         self.failed = !status.is_success();

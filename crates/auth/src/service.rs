@@ -114,6 +114,16 @@ impl AuthLayer {
         })
     }
 
+    /// Charge `key` tokens it used outside any admitted turn (a response
+    /// on a WebSocket whose turn cannot be told: its usage is not lost).
+    pub fn charge_usage(&self, key: &Arc<KeyEntry>, model: Option<&str>, usage: Usage) {
+        let mut turn = Reconcile::new(self.shared.clone(), key.clone(), None, 0);
+        if let Some(model) = model {
+            turn.default_model(model);
+        }
+        turn.settle(Some(usage));
+    }
+
     /// Limit-store errors so far (the Redis backend's; 0 for local).
     pub fn store_errors(&self) -> u64 {
         self.shared.backend.errors()
@@ -176,6 +186,12 @@ impl std::fmt::Debug for Turn {
 }
 
 impl Turn {
+    /// The model its tokens are counted under when its message named none
+    /// (a `response.append`): the one its response reports.
+    pub fn default_model(&mut self, model: &str) {
+        self.reconcile.default_model(model);
+    }
+
     /// The turn is over. With `usage`, the reservation is replaced by it
     /// (and the tokens counted by model); without, it stands when the turn
     /// `succeeded` as far as anyone knows (a session cut before the usage
@@ -297,6 +313,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         Some(key) => key,
         None => shared.admit_head(req)?,
     };
+    let no_body = bodiless(req.headers());
     let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() else {
         return Ok(Admitted {
             key,
@@ -314,7 +331,9 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
     let endpoint = meta.endpoint();
     let metered = consumes_tokens(endpoint);
     let limited = metered && key.limits.tokens.is_some();
-    let reserve = if limited {
+    // A request without a body (a passthrough `GET`) runs no model: it
+    // reserves nothing, and its answer's `usage`, if any, is charged.
+    let reserve = if limited && !(meta.json().is_none() && no_body) {
         key.limits.token_charge(estimate_tokens(meta))
     } else {
         0
@@ -378,14 +397,19 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
     )
 }
 
+/// Whether a request's head announces no body: no `transfer-encoding`, and
+/// no `content-length` or a zero one.
+fn bodiless(headers: &HeaderMap) -> bool {
+    !headers.contains_key(http::header::TRANSFER_ENCODING)
+        && headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
+}
+
 /// The token reservation: prompt bytes / 4, plus the completion cap the
 /// request names (`max_tokens`, `max_completion_tokens`, `max_output_tokens`),
-/// else 256. A request without a JSON body (a passthrough `GET`, a file
-/// upload) names neither: 0, and its answer's `usage`, if any, is charged.
+/// else 256.
 pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
-    if meta.json().is_none() {
-        return 0;
-    }
     let prompt = meta.original_body().map_or(0, |b| b.len() as u64) / 4;
     let cap = meta
         .json()

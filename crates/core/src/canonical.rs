@@ -94,7 +94,7 @@ fn write_json<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test should panic on unexpected input
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
@@ -190,7 +190,7 @@ mod tests {
         }
     }
 
-    fn value_strategy() -> impl Strategy<Value = Value> {
+    pub(crate) fn value_strategy() -> impl Strategy<Value = Value> {
         // Binary fractions with few digits: serde_json parses those exactly
         // even without its `float_roundtrip` feature.
         let float = (-1_000_000i32..1_000_000, 0i32..10)

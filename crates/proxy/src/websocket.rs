@@ -28,7 +28,11 @@
 //!   then settled with the `usage` of its response's `response.completed`
 //!   (or `.incomplete`, `.failed`), matched by the id its
 //!   `response.created` gave it; an `error` before that gives the
-//!   reservation back, one after it keeps it;
+//!   reservation back, one after it keeps it, and a response's usage that
+//!   no turn is left to take is charged to the key all the same (so an
+//!   `error` taken for the wrong turn's leaves nothing uncounted); after
+//!   the client leaves, the upstream is still read for a few seconds, for
+//!   the usage of a turn the client did not wait for;
 //! - a `previous_response_id` must belong to the key and live on this
 //!   session's upstream (404 `response_not_found` otherwise: the upstream
 //!   holds every tenant's responses under one key), and the id of every
@@ -306,7 +310,7 @@ impl Session {
     /// Check a client's text message: `Ok` with the reservation of the
     /// turn it starts (a `response.create`, with a key), or the error to
     /// answer with.
-    async fn admit(&self, text: &str) -> Result<(bool, Option<Turn>), Error> {
+    async fn admit(&self, text: &str) -> Result<Admitted, Error> {
         // Repeated top-level keys are refused: the upstream must read the
         // `type`, `model` and ids checked here.
         let json = parse_object(text.as_bytes())?;
@@ -329,7 +333,7 @@ impl Session {
             }
         };
         for param in ["previous_response_id", "response_id"] {
-            if let Some(id) = json.get(param) {
+            if let Some(id) = json.get(param).filter(|id| !id.is_null()) {
                 let Some(id) = id.as_str() else {
                     return Err(Error::UnsupportedParameter {
                         param: param.into(),
@@ -349,13 +353,18 @@ impl Session {
             None if create => return Err(Error::MissingModel),
             None => {}
         }
+        let admitted = |reservation| Admitted {
+            turn,
+            create,
+            reservation,
+        };
         let Some(key) = &self.key else {
-            return Ok((turn, None));
+            return Ok(admitted(None));
         };
         check_body(key, &meta)?;
         match (&self.auth, turn) {
-            (Some(auth), true) => Ok((true, Some(auth.admit_turn(key, &meta).await?))),
-            _ => Ok((turn, None)),
+            (Some(auth), true) => Ok(admitted(Some(auth.admit_turn(key, &meta).await?))),
+            _ => Ok(admitted(None)),
         }
     }
 
@@ -406,14 +415,15 @@ impl Session {
             return;
         };
         let id = event.response.as_ref().and_then(|r| r.id.as_deref());
+        let model = event.response.as_ref().and_then(|r| r.model.as_deref());
         match &*event.kind {
             "response.created" => {
                 if let Some(id) = id {
                     self.ids
                         .remember(id, self.upstream.clone(), self.owner.clone());
                     self.with_turns(|turns| {
-                        if let Some(p) = turns.iter_mut().find(|p| p.id.is_none()) {
-                            p.id = Some(id.into());
+                        if let Some(at) = unstarted(turns) {
+                            turns[at].id = Some(id.into());
                         }
                     });
                 }
@@ -430,23 +440,37 @@ impl Session {
                     let at = turns
                         .iter()
                         .position(|p| p.id.is_some() && p.id.as_deref() == id)
-                        .or_else(|| turns.iter().position(|p| p.id.is_none()))?;
+                        .or_else(|| unstarted(turns))?;
                     turns.remove(at)
                 });
-                if let Some(pending) = pending {
-                    pending.turn.settle(usage, true);
+                match (pending, usage) {
+                    (Some(mut pending), usage) => {
+                        if let Some(model) = model {
+                            pending.turn.default_model(model);
+                        }
+                        pending.turn.settle(usage, true);
+                    }
+                    // No turn left to settle (one an `error` already ended
+                    // was this one after all): the tokens are still the key's.
+                    (None, Some(usage)) => {
+                        if let (Some(auth), Some(key)) = (&self.auth, &self.key) {
+                            auth.charge_usage(key, model, usage);
+                        }
+                    }
+                    (None, None) => {}
                 }
             }
             "error" => {
-                // Only turns are sent on, so an error answers one: the
-                // oldest not started generated nothing (given back); else
-                // the oldest started one broke mid-way (its reservation
-                // stands, as for a stream cut before its usage).
-                let pending =
-                    self.with_turns(|turns| match turns.iter().position(|p| p.id.is_none()) {
-                        Some(at) => turns.remove(at).map(|p| (p, false)),
-                        None => turns.pop_front().map(|p| (p, true)),
-                    });
+                // An error answers a message: the oldest turn not started
+                // generated nothing (given back; should it be another's
+                // error after all, that turn's usage is charged when its
+                // response ends, above); else the oldest started one broke
+                // mid-way (its reservation stands, as for a stream cut
+                // before its usage).
+                let pending = self.with_turns(|turns| match unstarted(turns) {
+                    Some(at) => turns.remove(at).map(|p| (p, false)),
+                    None => turns.pop_front().map(|p| (p, true)),
+                });
                 if let Some((pending, started)) = pending {
                     pending.turn.settle(None, started);
                 }
@@ -460,10 +484,30 @@ impl Session {
     }
 }
 
+/// What [`Session::admit`] made of a client message.
+struct Admitted {
+    /// It may start a response: a `response.create` or `.append`.
+    turn: bool,
+    /// A `response.create`.
+    create: bool,
+    /// The turn's reservation, with a key.
+    reservation: Option<Turn>,
+}
+
 /// A turn sent on, and the id of the response it created once known.
 struct Pending {
     turn: Turn,
+    /// A `response.create` (not an append, which may start no response).
+    create: bool,
     id: Option<Box<str>>,
+}
+
+/// The oldest turn without a response yet, creates before appends.
+fn unstarted(turns: &VecDeque<Pending>) -> Option<usize> {
+    turns
+        .iter()
+        .position(|p| p.create && p.id.is_none())
+        .or_else(|| turns.iter().position(|p| p.id.is_none()))
 }
 
 /// An upstream's message: its top-level type, and its response's id and
@@ -480,6 +524,8 @@ struct Event<'a> {
 struct EventResponse<'a> {
     #[serde(borrow)]
     id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
     usage: Option<Value>,
 }
 
@@ -649,14 +695,25 @@ async fn pump_up(
                 break;
             }
         };
-        clock.heard();
+        // A client's pings alone do not keep a session whose client reads
+        // nothing alive (the upstream's answers to them do, when read).
+        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+            clock.heard();
+        }
         let refusal = match &message {
             Message::Text(text) => match session.admit(text.as_str()).await {
-                Ok((is_turn, turn)) => {
-                    if let Some(turn) = turn {
-                        session.with_turns(|turns| turns.push_back(Pending { turn, id: None }));
+                Ok(admitted) => {
+                    if let Some(turn) = admitted.reservation {
+                        let create = admitted.create;
+                        session.with_turns(|turns| {
+                            turns.push_back(Pending {
+                                turn,
+                                create,
+                                id: None,
+                            });
+                        });
                     }
-                    if is_turn {
+                    if admitted.turn {
                         session.counters.turns.fetch_add(1, Ordering::Relaxed);
                     }
                     None
@@ -693,13 +750,16 @@ async fn pump_up(
     let _ = upstream.close().await;
 }
 
-/// Upstream -> client: each message read for ids and usage, then queued.
+/// Upstream -> client: each message read for ids and usage, then queued;
+/// once the client is gone, still read (for the usage of a turn it did not
+/// wait for) until the upstream closes or the relay stops it.
 async fn pump_down(
     session: &Session,
     mut upstream: UpstreamRx,
     to_client: ClientQueue,
     clock: &Clock,
 ) {
+    let mut client_gone = false;
     while let Some(message) = upstream.next().await {
         let message = match message {
             Ok(message) => message,
@@ -714,17 +774,21 @@ async fn pump_down(
             // Answers to the pings passed on; the client had its own.
             Message::Pong(_) | Message::Frame(_) => continue,
             Message::Close(_) => {
-                to_client.send(message).await;
+                if !client_gone {
+                    to_client.send(message).await;
+                }
                 return;
             }
             Message::Ping(_) | Message::Binary(_) => {}
         }
-        if !to_client.send(message).await {
-            return;
+        if !client_gone && !to_client.send(message).await {
+            client_gone = true;
         }
     }
     // The upstream went without a close: tell the client.
-    to_client.send(Message::Close(None)).await;
+    if !client_gone {
+        to_client.send(Message::Close(None)).await;
+    }
 }
 
 /// Send the queued messages to the client, then close its side (which also
