@@ -313,7 +313,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         Some(key) => key,
         None => shared.admit_head(req)?,
     };
-    let no_body = bodiless(req.headers());
+    let no_body = http_body::Body::is_end_stream(req.body());
     let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() else {
         return Ok(Admitted {
             key,
@@ -395,15 +395,6 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
             | Endpoint::MessagesCountTokens
             | Endpoint::Models
     )
-}
-
-/// Whether a request's head announces no body: no `transfer-encoding`, and
-/// no `content-length` or a zero one.
-fn bodiless(headers: &HeaderMap) -> bool {
-    !headers.contains_key(http::header::TRANSFER_ENCODING)
-        && headers
-            .get(http::header::CONTENT_LENGTH)
-            .is_none_or(|v| v.as_bytes() == b"0")
 }
 
 /// The token reservation: prompt bytes / 4, plus the completion cap the
