@@ -233,6 +233,40 @@ async fn a_passthrough_request_without_a_body_reserves_no_tokens() {
 }
 
 #[tokio::test]
+async fn an_h2_upload_without_content_length_keeps_its_reservation() {
+    // HTTP/2 carries a body in DATA frames: no content-length, no
+    // transfer-encoding, a body all the same.
+    let (_up, p) = setup(
+        "[[auth.keys]]\nname = \"ops\"\nkey = \"sk-ops\"\npassthrough = true\ntokens_per_minute = 300\n",
+    )
+    .await;
+    type Chunks = futures_util::stream::Iter<
+        std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>>,
+    >;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::StreamBody<Chunks>>();
+    let chunks = vec![
+        Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"--x\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\n",
+        ))),
+        Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"whisper\r\n--x--\r\n",
+        ))),
+    ];
+    let req = http::Request::post(p.url("/v1/audio/transcriptions"))
+        .header("authorization", "Bearer sk-ops")
+        .header("content-type", "multipart/form-data; boundary=x")
+        .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+            chunks,
+        )))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-ratelimit-remaining-tokens"], "44");
+}
+
+#[tokio::test]
 async fn requests_per_minute_gives_exact_429_and_headers() {
     let (_up, p) =
         setup("[[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 3\n").await;

@@ -403,6 +403,36 @@ async fn start_raw_stream(conn: &mut tokio::net::TcpStream, tokens: u32) {
 }
 
 #[tokio::test]
+async fn repeated_keys_are_refused_in_objects_only() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let post = |path: &str, body: &'static str| {
+        send(request(
+            Method::POST,
+            &p.url(path),
+            &[("content-type", "application/json")],
+            body,
+        ))
+    };
+    // An object whose model (or anything in it) reads two ways: refused.
+    post(
+        "/v1/chat/completions",
+        r#"{"model":"m","model":"n","messages":[]}"#,
+    )
+    .await
+    .assert_error(400, "invalid_request_error", "invalid_json");
+    post("/v1/some/passthrough", r#"{"model":"m","x":{"a":1,"a":2}}"#)
+        .await
+        .assert_error(400, "invalid_request_error", "invalid_json");
+    assert_eq!(up.stats.requests(), 0);
+    // A passthrough body that is not an object goes on as it is, for the
+    // upstream to judge (the mock has no such route: 404).
+    let array = post("/v1/some/passthrough", r#"[{"a":1,"a":2}]"#).await;
+    assert_eq!(array.status, 404, "{}", array.text());
+    assert_eq!(up.stats.requests(), 1);
+}
+
+#[tokio::test]
 async fn a_streamed_passthrough_body_over_the_limit_is_413_not_the_upstreams_fault() {
     // An upstream that reads whatever comes and never answers.
     let addr = raw_upstream(|mut conn| async move {

@@ -1052,3 +1052,178 @@ async fn usage_that_comes_after_the_client_left_is_charged() {
         .await
         .expect("the 5000 output tokens that came after the client left are charged");
 }
+
+/// Wait until no session is open (its turns are settled when it closes).
+async fn sessions_closed(p: &TestProxy) {
+    let closed = async {
+        while !metrics(p).await.contains("llm_proxy_websockets_open 0") {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(HANG, closed)
+        .await
+        .expect("every session closed");
+}
+
+/// Tokens left to `sk-k` (of 3000 a minute, refilling 50 a second), read
+/// from a fresh upgrade's `101`, which reserves none.
+async fn remaining_tokens(p: &TestProxy) -> u64 {
+    sessions_closed(p).await;
+    let (mut s, head) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    let _ = s.close(None).await;
+    head.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_error_during_a_started_turn_does_not_count_its_usage_twice() {
+    // The upstream answers an acknowledgement with an error while a turn
+    // streams, then ends the turn with 110 tokens of usage.
+    let addr = raw_upstream(|conn| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        while let Some(Ok(Message::Text(text))) = ws.next().await {
+            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            let out = match v["type"].as_str() {
+                Some("response.create") => vec![created("resp_1")],
+                Some("response.processed") => vec![error(), completed("resp_1", 100)],
+                _ => vec![],
+            };
+            for m in out {
+                ws.send(Message::text(m)).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let before = remaining_tokens(&p).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    s.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"x"}"#,
+    ))
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(HANG, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.to_text().unwrap().contains("response.created"));
+    s.send(Message::text(r#"{"type":"response.processed"}"#))
+        .await
+        .unwrap();
+    until_completed(&mut s).await;
+    drop(s);
+    let charged = before.saturating_sub(remaining_tokens(&p).await);
+    // The 110 tokens used (less what refilled meanwhile), not 110 on top of
+    // the ~260-token reservation.
+    assert!(charged <= 110, "charged {charged}");
+}
+
+#[tokio::test]
+async fn an_error_taken_for_the_wrong_turn_then_a_cut_keeps_the_reservation() {
+    // The error for an acknowledgement comes in order with the next turn's
+    // events; the turn is still generating when the client leaves.
+    let addr = raw_upstream(|conn| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        let mut owe_error = false;
+        while let Some(Ok(Message::Text(text))) = ws.next().await {
+            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            let out = match v["type"].as_str() {
+                Some("response.processed") => {
+                    owe_error = true;
+                    vec![]
+                }
+                Some("response.create") if std::mem::take(&mut owe_error) => vec![
+                    error(),
+                    created("resp_1"),
+                    r#"{"type":"response.output_text.delta","delta":"a long answer"}"#.to_owned(),
+                ],
+                _ => vec![],
+            };
+            for m in out {
+                ws.send(Message::text(m)).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let before = remaining_tokens(&p).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    s.send(Message::text(r#"{"type":"response.processed"}"#))
+        .await
+        .unwrap();
+    s.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"x","max_output_tokens":2000}"#,
+    ))
+    .await
+    .unwrap();
+    loop {
+        let m = tokio::time::timeout(HANG, s.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if m.to_text().unwrap().contains("output_text.delta") {
+            break;
+        }
+    }
+    drop(s);
+    let charged = before.saturating_sub(remaining_tokens(&p).await);
+    assert!(
+        charged > 1500,
+        "the ~2000-token reservation stands; charged {charged}"
+    );
+}
+
+#[tokio::test]
+async fn an_append_no_response_began_for_keeps_no_reservation() {
+    let up = mock_named("m").await;
+    let p = proxy_with(up.addr).await;
+    let before = remaining_tokens(&p).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    let used = events.last().unwrap()["response"]["usage"]["total_tokens"]
+        .as_u64()
+        .unwrap();
+    // The mock takes appends as more input for nothing: no response.
+    let append = r#"{"type":"response.append","input":"more"}"#;
+    s.send(Message::text(append)).await.unwrap();
+    eventually("the append reaches the upstream", || {
+        up.stats
+            .last_request_body()
+            .is_some_and(|b| b == append.as_bytes())
+    })
+    .await;
+    drop(s);
+    let charged = before.saturating_sub(remaining_tokens(&p).await);
+    assert!(charged <= used, "charged {charged}, used {used}");
+    // Only `type` and `response_id` in an acknowledgement.
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    s.send(Message::text(r#"{"type":"response.processed","bogus":1}"#))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(HANG, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+    assert_eq!(event["error"]["param"], "bogus", "{event}");
+}

@@ -70,6 +70,21 @@ impl Reconcile {
         self.shared.backend.adjust(&self.key, -self.reserved());
     }
 
+    /// Give the reservation back and hold none from now on (a later
+    /// settlement charges the whole usage); the amount given back.
+    pub(crate) fn give_back(&mut self) -> u64 {
+        self.refund();
+        std::mem::take(&mut self.reserved)
+    }
+
+    /// Charge `amount` again as the reservation (after [`give_back`]).
+    ///
+    /// [`give_back`]: Reconcile::give_back
+    pub(crate) fn reserve(&mut self, amount: u64) {
+        self.reserved = amount;
+        self.shared.backend.adjust(&self.key, self.reserved());
+    }
+
     fn reserved(&self) -> i64 {
         i64::try_from(self.reserved).unwrap_or(i64::MAX)
     }

@@ -111,6 +111,7 @@ impl AuthLayer {
                 reserve,
             ),
             decision,
+            given_back: None,
         })
     }
 
@@ -175,6 +176,9 @@ pub struct Turn {
     reconcile: Reconcile,
     /// The key's limits after admitting it (`None` without limits).
     pub decision: Option<Decision>,
+    /// The reservation given back by [`Turn::give_back`], until
+    /// [`Turn::reserve_again`].
+    given_back: Option<u64>,
 }
 
 impl std::fmt::Debug for Turn {
@@ -186,6 +190,30 @@ impl std::fmt::Debug for Turn {
 }
 
 impl Turn {
+    /// Nothing was generated, as far as anyone knows (the upstream answered
+    /// an `error` before the turn's response began): give the reservation
+    /// back. The turn stays open: should a response turn out to be its
+    /// after all, [`Turn::reserve_again`] when it begins, and its usage is
+    /// charged in full when it ends.
+    pub fn give_back(&mut self) {
+        if self.given_back.is_none() {
+            self.given_back = Some(self.reconcile.give_back());
+        }
+    }
+
+    /// Whether the reservation was given back (and not taken again).
+    pub fn is_given_back(&self) -> bool {
+        self.given_back.is_some()
+    }
+
+    /// A response began for a turn whose reservation was given back: charge
+    /// it again, so that a session cut before the usage comes keeps it.
+    pub fn reserve_again(&mut self) {
+        if let Some(amount) = self.given_back.take() {
+            self.reconcile.reserve(amount);
+        }
+    }
+
     /// The model its tokens are counted under when its message named none
     /// (a `response.append`): the one its response reports.
     pub fn default_model(&mut self, model: &str) {

@@ -327,8 +327,14 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Error> {
 }
 
 /// `bytes` as an object without repeated keys; `None` for JSON that is not
-/// an object. A repeated key is an error of category `Data`.
+/// an object. A repeated key in an object is an error of category `Data`.
 fn object_of(bytes: &[u8]) -> Result<Option<Map<String, Value>>, serde_json::Error> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        // Not an object (if JSON at all): checked, not built, and repeats in
+        // it decide nothing here.
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)?;
+        return Ok(None);
+    }
     match serde_json::from_slice::<Unique>(bytes)? {
         Unique(Value::Object(map)) => Ok(Some(map)),
         Unique(_) => Ok(None),

@@ -18,7 +18,7 @@
 //!
 //! - only Codex's messages go on: `response.create` and `response.append`
 //!   (turns), `response.processed` (another `type` could be a turn to a
-//!   laxer upstream), none with a top-level key given twice (the
+//!   laxer upstream), none with a key given twice in any object (the
 //!   upstream must read what was checked); any id a message names
 //!   (`previous_response_id`, `response_id`) must belong to the key and
 //!   live on this session's upstream, any model it names pass the checks;
@@ -27,10 +27,11 @@
 //!   limits as a request does: one request, its token estimate reserved,
 //!   then settled with the `usage` of its response's `response.completed`
 //!   (or `.incomplete`, `.failed`), matched by the id its
-//!   `response.created` gave it; an `error` before that gives the
-//!   reservation back, one after it keeps it, and a response's usage that
-//!   no turn is left to take is charged to the key all the same (so an
-//!   `error` taken for the wrong turn's leaves nothing uncounted); after
+//!   `response.created` gave it; an `error` gives the reservation of the
+//!   oldest turn still waiting back, and the turn stays open (its
+//!   reservation taken again should a response begin for it after all); a
+//!   response's usage that no turn is left to take is charged to the key
+//!   all the same, so no generation goes uncounted and none twice; after
 //!   the client leaves, the upstream is still read for a few seconds, for
 //!   the usage of a turn the client did not wait for;
 //! - a `previous_response_id` must belong to the key and live on this
@@ -320,8 +321,22 @@ impl Session {
             // A turn; and (older Codex) more input, which may start one:
             // counted as one, so nothing generates uncounted.
             Some("response.create" | "response.append") => true,
-            // That Codex has read a response.
-            Some("response.processed") => false,
+            // That Codex has read a response: nothing else in it (what an
+            // upstream might answer with an `error`, or act on, unchecked).
+            Some("response.processed") => {
+                if let Some(other) = json
+                    .keys()
+                    .find(|k| !matches!(k.as_str(), "type" | "response_id"))
+                {
+                    return Err(Error::UnsupportedParameter {
+                        param: other.clone(),
+                        message: format!(
+                            "`response.processed` takes `response_id` only, not `{other}`"
+                        ),
+                    });
+                }
+                false
+            }
             other => {
                 return Err(Error::UnsupportedParameter {
                     param: "type".into(),
@@ -418,15 +433,19 @@ impl Session {
         let model = event.response.as_ref().and_then(|r| r.model.as_deref());
         match &*event.kind {
             "response.created" => {
-                if let Some(id) = id {
-                    self.ids
-                        .remember(id, self.upstream.clone(), self.owner.clone());
-                    self.with_turns(|turns| {
-                        if let Some(at) = unstarted(turns) {
-                            turns[at].id = Some(id.into());
-                        }
-                    });
-                }
+                let Some(id) = id else { return };
+                self.ids
+                    .remember(id, self.upstream.clone(), self.owner.clone());
+                self.with_turns(|turns| {
+                    // The oldest turn waiting for its response; else one an
+                    // `error` was taken for (its reservation is taken again).
+                    let at = waiting(turns).or_else(|| given_back(turns));
+                    if let Some(at) = at {
+                        let pending = &mut turns[at];
+                        pending.turn.reserve_again();
+                        pending.id = Some(id.into());
+                    }
+                });
             }
             "response.completed" | "response.incomplete" | "response.failed" => {
                 let usage = event
@@ -435,12 +454,14 @@ impl Session {
                     .and_then(|r| r.usage.as_ref())
                     .and_then(usage::from_usage_value);
                 // The turn that created this response; else the oldest one
-                // not started (an upstream that sent no `response.created`).
+                // without a response (an upstream that sent no
+                // `response.created`).
                 let pending = self.with_turns(|turns| {
                     let at = turns
                         .iter()
                         .position(|p| p.id.is_some() && p.id.as_deref() == id)
-                        .or_else(|| unstarted(turns))?;
+                        .or_else(|| waiting(turns))
+                        .or_else(|| given_back(turns))?;
                     turns.remove(at)
                 });
                 match (pending, usage) {
@@ -450,8 +471,7 @@ impl Session {
                         }
                         pending.turn.settle(usage, true);
                     }
-                    // No turn left to settle (one an `error` already ended
-                    // was this one after all): the tokens are still the key's.
+                    // No turn to settle: the tokens are still the key's.
                     (None, Some(usage)) => {
                         if let (Some(auth), Some(key)) = (&self.auth, &self.key) {
                             auth.charge_usage(key, model, usage);
@@ -461,19 +481,28 @@ impl Session {
                 }
             }
             "error" => {
-                // An error answers a message: the oldest turn not started
-                // generated nothing (given back; should it be another's
-                // error after all, that turn's usage is charged when its
-                // response ends, above); else the oldest started one broke
-                // mid-way (its reservation stands, as for a stream cut
-                // before its usage).
-                let pending = self.with_turns(|turns| match unstarted(turns) {
-                    Some(at) => turns.remove(at).map(|p| (p, false)),
-                    None => turns.pop_front().map(|p| (p, true)),
+                // An error answers a message: taken to be the oldest turn
+                // still waiting for its response, which generated nothing;
+                // its reservation is given back, and it stays open (should
+                // a response turn out to be its after all, the reservation
+                // is taken again, and the usage charged). An error once every
+                // turn has begun is a started turn's: it stands as it is,
+                // settled by its response's end or by the session's.
+                self.with_turns(|turns| {
+                    if let Some(at) = waiting(turns) {
+                        turns[at].turn.give_back();
+                    }
+                    // Bounded: the oldest turns given back go (nothing held).
+                    while turns.iter().filter(|p| p.turn.is_given_back()).count() > MAX_GIVEN_BACK {
+                        if let Some(at) = given_back(turns)
+                            && let Some(gone) = turns.remove(at)
+                        {
+                            gone.turn.settle(None, true);
+                        } else {
+                            break;
+                        }
+                    }
                 });
-                if let Some((pending, started)) = pending {
-                    pending.turn.settle(None, started);
-                }
             }
             _ => {}
         }
@@ -502,12 +531,26 @@ struct Pending {
     id: Option<Box<str>>,
 }
 
-/// The oldest turn without a response yet, creates before appends.
-fn unstarted(turns: &VecDeque<Pending>) -> Option<usize> {
+/// Turns given back and still open, at most, per session.
+const MAX_GIVEN_BACK: usize = 64;
+
+/// The oldest turn waiting for its response (reservation held), creates
+/// before appends.
+fn waiting(turns: &VecDeque<Pending>) -> Option<usize> {
+    oldest(turns, |p| p.id.is_none() && !p.turn.is_given_back())
+}
+
+/// The oldest turn without a response whose reservation an `error` gave
+/// back, creates before appends.
+fn given_back(turns: &VecDeque<Pending>) -> Option<usize> {
+    oldest(turns, |p| p.id.is_none() && p.turn.is_given_back())
+}
+
+fn oldest(turns: &VecDeque<Pending>, matches: impl Fn(&Pending) -> bool) -> Option<usize> {
     turns
         .iter()
-        .position(|p| p.create && p.id.is_none())
-        .or_else(|| turns.iter().position(|p| p.id.is_none()))
+        .position(|p| p.create && matches(p))
+        .or_else(|| turns.iter().position(matches))
 }
 
 /// An upstream's message: its top-level type, and its response's id and
@@ -531,12 +574,15 @@ struct EventResponse<'a> {
 
 impl Drop for Session {
     /// The session is over (or dropped mid-way): turns cut before their end
-    /// keep their reservation, as a stream cut before its usage does.
+    /// keep their reservation, as a stream cut before its usage does; an
+    /// append no response began for fed another turn's response (whose
+    /// usage counts it) or started nothing: given back.
     fn drop(&mut self) {
-        for pending in
-            std::mem::take(&mut *self.turns.get_mut().unwrap_or_else(PoisonError::into_inner))
-        {
-            pending.turn.settle(None, true);
+        let turns =
+            std::mem::take(&mut *self.turns.get_mut().unwrap_or_else(PoisonError::into_inner));
+        for pending in turns {
+            let started = pending.create || pending.id.is_some();
+            pending.turn.settle(None, started);
         }
     }
 }
