@@ -460,6 +460,20 @@ pub mod ws {
         }
     }
 
+    /// The next text message, as JSON (other messages skipped).
+    pub async fn next_event(socket: &mut Socket) -> serde_json::Value {
+        loop {
+            let next = tokio::time::timeout(HANG, socket.next())
+                .await
+                .expect("a message in time")
+                .expect("the socket stays open")
+                .expect("a readable message");
+            if let Message::Text(text) = next {
+                return serde_json::from_str(text.as_str()).expect("a JSON message");
+            }
+        }
+    }
+
     /// Send one `response.create` turn and read its events up to the last
     /// (`response.completed`, or an `error`).
     pub async fn turn(socket: &mut Socket, body: serde_json::Value) -> Vec<serde_json::Value> {
@@ -471,13 +485,7 @@ pub mod ws {
             .unwrap();
         let mut events = Vec::new();
         loop {
-            let next = tokio::time::timeout(HANG, socket.next())
-                .await
-                .expect("an event in time")
-                .expect("the socket stays open")
-                .expect("a readable message");
-            let Message::Text(text) = next else { continue };
-            let event: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            let event = next_event(socket).await;
             let last = matches!(event["type"].as_str(), Some("response.completed" | "error"));
             events.push(event);
             if last {

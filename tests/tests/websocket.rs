@@ -5,7 +5,7 @@
 use futures_util::{SinkExt, StreamExt};
 use http::Method;
 use llm_proxy_mock::MockApi;
-use tests::ws::{connect, ends, turn};
+use tests::ws::{connect, ends, next_event, turn};
 use tests::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -86,14 +86,7 @@ async fn a_websocket_tunnel_carries_turns_to_the_upstream_with_its_own_key() {
     assert!(ends(&mut socket).await);
     eventually("the upstream session ends", || up.stats.in_flight() == 0).await;
     drop(socket);
-    let closed = async {
-        while !metrics(&p).await.contains("llm_proxy_websockets_open 0") {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(HANG, closed)
-        .await
-        .expect("the tunnel is counted closed");
+    sessions_closed(&p).await;
 }
 
 #[tokio::test]
@@ -256,12 +249,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         r#"{"type": "response.create", "model": "m2", "model": "m", "input": "x"}"#,
     ] {
         bob.send(Message::text(raw)).await.unwrap();
-        let next = tokio::time::timeout(HANG, bob.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+        let event = next_event(&mut bob).await;
         assert_eq!(event["type"], "error", "{raw}: {event}");
     }
     // Codex's acknowledgement names a response: bob's own goes on (not
@@ -271,12 +259,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     ))
     .await
     .unwrap();
-    let next = tokio::time::timeout(HANG, bob.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+    let event = next_event(&mut bob).await;
     assert_eq!(event["error"]["code"], "response_not_found", "{event}");
     // A conversation, without `passthrough`, as over HTTP.
     let events = turn(
@@ -346,12 +329,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     alice.send(Message::text("not json")).await.unwrap();
     alice.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
     for code in ["invalid_json", "unsupported_parameter"] {
-        let next = tokio::time::timeout(HANG, alice.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+        let event = next_event(&mut alice).await;
         assert_eq!(event["error"]["code"], code, "{event}");
     }
     let events = turn(&mut alice, serde_json::json!({"model": "m2", "input": "x"})).await;
@@ -372,12 +350,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     ))
     .await
     .unwrap();
-    let next = tokio::time::timeout(HANG, slow.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+    let event = next_event(&mut slow).await;
     assert_eq!(event["error"]["code"], "rate_limit_exceeded", "{event}");
 
     let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
@@ -541,16 +514,9 @@ async fn the_demo_config_serves_requests_and_websockets() {
 /// messages: `response.created`, then `response.completed` with `output`
 /// tokens of usage; both echo the turn's `metadata`.
 async fn usage_upstream(output: u64) -> std::net::SocketAddr {
-    raw_upstream(move |conn| async move {
-        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
-            return;
-        };
+    scripted(move || {
         let mut n = 0;
-        while let Some(Ok(message)) = ws.next().await {
-            let Message::Text(text) = message else {
-                continue;
-            };
-            let body: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        move |body: &serde_json::Value| {
             n += 1;
             let id = format!("resp_{n}");
             let created = serde_json::json!({"type": "response.created",
@@ -559,11 +525,7 @@ async fn usage_upstream(output: u64) -> std::net::SocketAddr {
                 "response": {"id": id, "status": "completed", "model": body["model"],
                     "metadata": body["metadata"],
                     "usage": {"input_tokens": 10, "output_tokens": output, "total_tokens": 10 + output}}});
-            for m in [created, done] {
-                if ws.send(Message::text(m.to_string())).await.is_err() {
-                    return;
-                }
-            }
+            vec![created.to_string(), done.to_string()]
         }
     })
     .await
@@ -742,14 +704,7 @@ async fn hostile_client_frames_end_the_session_cleanly() {
     let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
     assert_eq!(events.last().unwrap()["type"], "response.completed");
     drop(s);
-    let closed = async {
-        while !metrics(&p).await.contains("llm_proxy_websockets_open 0") {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(HANG, closed)
-        .await
-        .expect("every session ended");
+    sessions_closed(&p).await;
 }
 
 #[tokio::test]
@@ -778,6 +733,38 @@ async fn many_turns_sent_before_reading_do_not_deadlock() {
 
 // Upstreams scripted message by message, for how turns are settled.
 
+/// A WebSocket upstream that answers each client text message with what
+/// `script` (made afresh for each connection) returns for it, in order.
+async fn scripted<F, S>(script: F) -> std::net::SocketAddr
+where
+    F: Fn() -> S + Send + Sync + 'static,
+    S: FnMut(&serde_json::Value) -> Vec<String> + Send + 'static,
+{
+    let script = std::sync::Arc::new(script);
+    raw_upstream(move |conn| {
+        let mut answer = script();
+        async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+                return;
+            };
+            while let Some(Ok(message)) = ws.next().await {
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let Ok(value) = serde_json::from_str(text.as_str()) else {
+                    continue;
+                };
+                for reply in answer(&value) {
+                    if ws.send(Message::text(reply)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await
+}
+
 fn created(id: &str) -> String {
     serde_json::json!({"type": "response.created", "response": {"id": id, "status": "in_progress"}})
         .to_string()
@@ -797,16 +784,10 @@ fn error() -> String {
 async fn until_completed(s: &mut tests::ws::Socket) -> Vec<String> {
     let mut kinds = Vec::new();
     loop {
-        let next = tokio::time::timeout(HANG, s.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let Message::Text(t) = next else { continue };
-        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
-        let k = v["type"].as_str().unwrap().to_owned();
-        kinds.push(k.clone());
-        if k == "response.completed" {
+        let kind = next_event(s).await["type"].as_str().unwrap().to_owned();
+        let done = kind == "response.completed";
+        kinds.push(kind);
+        if done {
             return kinds;
         }
     }
@@ -824,31 +805,25 @@ async fn proxy_with(addr: std::net::SocketAddr) -> TestProxy {
 /// that does not know that type would), in order with the next turn.
 #[tokio::test]
 async fn an_error_that_answers_no_turn_leaves_no_usage_uncounted() {
-    let addr = raw_upstream(|conn| async move {
-        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
-            return;
-        };
-        let mut owe_error = false;
-        let mut n = 0;
-        while let Some(Ok(Message::Text(text))) = ws.next().await {
-            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
-            match v["type"].as_str() {
-                Some("response.processed") => owe_error = true,
-                Some("response.create") => {
-                    let mut out = Vec::new();
-                    if std::mem::take(&mut owe_error) {
-                        out.push(error());
-                    }
-                    n += 1;
-                    let id = format!("resp_{n}");
-                    out.push(created(&id));
-                    out.push(completed(&id, 5000));
-                    for m in out {
-                        ws.send(Message::text(m)).await.unwrap();
-                    }
-                }
-                _ => {}
+    let addr = scripted(|| {
+        let (mut owe_error, mut n) = (false, 0);
+        move |v: &serde_json::Value| match v["type"].as_str() {
+            Some("response.processed") => {
+                owe_error = true;
+                vec![]
             }
+            Some("response.create") => {
+                let mut out = Vec::new();
+                if std::mem::take(&mut owe_error) {
+                    out.push(error());
+                }
+                n += 1;
+                let id = format!("resp_{n}");
+                out.push(created(&id));
+                out.push(completed(&id, 5000));
+                out
+            }
+            _ => vec![],
         }
     })
     .await;
@@ -892,23 +867,16 @@ async fn an_error_that_answers_no_turn_leaves_no_usage_uncounted() {
 /// the client has already sent the next one.
 #[tokio::test]
 async fn a_midstream_error_leaves_the_next_turns_usage_counted() {
-    let addr = raw_upstream(|conn| async move {
-        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
-            return;
-        };
+    let addr = scripted(|| {
         let mut n = 0;
-        while let Some(Ok(Message::Text(_))) = ws.next().await {
+        move |_: &serde_json::Value| {
             n += 1;
             let id = format!("resp_{n}");
-            let out = if n == 1 {
-                vec![created(&id)] // started; ends when the next message comes
-            } else if n == 2 {
-                vec![error(), created(&id), completed(&id, 5000)]
-            } else {
-                vec![created(&id), completed(&id, 10)]
-            };
-            for m in out {
-                ws.send(Message::text(m)).await.unwrap();
+            match n {
+                // Started; ends when the next message comes.
+                1 => vec![created(&id)],
+                2 => vec![error(), created(&id), completed(&id, 5000)],
+                _ => vec![created(&id), completed(&id, 10)],
             }
         }
     })
@@ -923,12 +891,7 @@ async fn a_midstream_error_leaves_the_next_turns_usage_counted() {
     .await
     .unwrap();
     // Wait for A's response.created before sending B.
-    let next = tokio::time::timeout(HANG, s.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(next.to_text().unwrap().contains("response.created"));
+    assert_eq!(next_event(&mut s).await["type"], "response.created");
     s.send(Message::text(
         r#"{"type":"response.create","model":"m","input":"b"}"#,
     ))
@@ -1023,16 +986,7 @@ async fn usage_that_comes_after_the_client_left_is_charged() {
     ))
     .await
     .unwrap();
-    loop {
-        let next = tokio::time::timeout(HANG, s.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if next.to_text().unwrap().contains("output_text.done") {
-            break;
-        }
-    }
+    while next_event(&mut s).await["type"] != "response.output_text.done" {}
     s.close(None).await.unwrap();
     // The usage comes within the grace the upstream gets after a close.
     let charged = async {
@@ -1084,20 +1038,11 @@ async fn remaining_tokens(p: &TestProxy) -> u64 {
 async fn an_error_during_a_started_turn_does_not_count_its_usage_twice() {
     // The upstream answers an acknowledgement with an error while a turn
     // streams, then ends the turn with 110 tokens of usage.
-    let addr = raw_upstream(|conn| async move {
-        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
-            return;
-        };
-        while let Some(Ok(Message::Text(text))) = ws.next().await {
-            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
-            let out = match v["type"].as_str() {
-                Some("response.create") => vec![created("resp_1")],
-                Some("response.processed") => vec![error(), completed("resp_1", 100)],
-                _ => vec![],
-            };
-            for m in out {
-                ws.send(Message::text(m)).await.unwrap();
-            }
+    let addr = scripted(|| {
+        |v: &serde_json::Value| match v["type"].as_str() {
+            Some("response.create") => vec![created("resp_1")],
+            Some("response.processed") => vec![error(), completed("resp_1", 100)],
+            _ => vec![],
         }
     })
     .await;
@@ -1111,12 +1056,7 @@ async fn an_error_during_a_started_turn_does_not_count_its_usage_twice() {
     ))
     .await
     .unwrap();
-    let first = tokio::time::timeout(HANG, s.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(first.to_text().unwrap().contains("response.created"));
+    assert_eq!(next_event(&mut s).await["type"], "response.created");
     s.send(Message::text(r#"{"type":"response.processed"}"#))
         .await
         .unwrap();
@@ -1132,28 +1072,19 @@ async fn an_error_during_a_started_turn_does_not_count_its_usage_twice() {
 async fn an_error_taken_for_the_wrong_turn_then_a_cut_keeps_the_reservation() {
     // The error for an acknowledgement comes in order with the next turn's
     // events; the turn is still generating when the client leaves.
-    let addr = raw_upstream(|conn| async move {
-        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
-            return;
-        };
+    let addr = scripted(|| {
         let mut owe_error = false;
-        while let Some(Ok(Message::Text(text))) = ws.next().await {
-            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
-            let out = match v["type"].as_str() {
-                Some("response.processed") => {
-                    owe_error = true;
-                    vec![]
-                }
-                Some("response.create") if std::mem::take(&mut owe_error) => vec![
-                    error(),
-                    created("resp_1"),
-                    r#"{"type":"response.output_text.delta","delta":"a long answer"}"#.to_owned(),
-                ],
-                _ => vec![],
-            };
-            for m in out {
-                ws.send(Message::text(m)).await.unwrap();
+        move |v: &serde_json::Value| match v["type"].as_str() {
+            Some("response.processed") => {
+                owe_error = true;
+                vec![]
             }
+            Some("response.create") if std::mem::take(&mut owe_error) => vec![
+                error(),
+                created("resp_1"),
+                r#"{"type":"response.output_text.delta","delta":"a long answer"}"#.to_owned(),
+            ],
+            _ => vec![],
         }
     })
     .await;
@@ -1170,16 +1101,7 @@ async fn an_error_taken_for_the_wrong_turn_then_a_cut_keeps_the_reservation() {
     ))
     .await
     .unwrap();
-    loop {
-        let m = tokio::time::timeout(HANG, s.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if m.to_text().unwrap().contains("output_text.delta") {
-            break;
-        }
-    }
+    while next_event(&mut s).await["type"] != "response.output_text.delta" {}
     drop(s);
     let charged = before.saturating_sub(remaining_tokens(&p).await);
     assert!(
@@ -1219,11 +1141,6 @@ async fn an_append_no_response_began_for_keeps_no_reservation() {
     s.send(Message::text(r#"{"type":"response.processed","bogus":1}"#))
         .await
         .unwrap();
-    let next = tokio::time::timeout(HANG, s.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let event: serde_json::Value = serde_json::from_str(next.to_text().unwrap()).unwrap();
+    let event = next_event(&mut s).await;
     assert_eq!(event["error"]["param"], "bogus", "{event}");
 }
