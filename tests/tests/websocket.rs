@@ -906,10 +906,9 @@ async fn a_midstream_error_leaves_the_next_turns_usage_counted() {
     );
 }
 
-/// `response.append` is a turn the mock (and a real upstream that only
-/// appends) never answers: every later turn's usage settles the turn
-/// before it, and the model-less append's Reconcile drops the per-model
-/// token statistics of the first real turn.
+/// A `response.append` the mock (like an upstream that only appends) never
+/// answers must not take the next turn's response, nor lose its tokens'
+/// model.
 #[tokio::test]
 async fn an_unanswered_append_does_not_shift_settlement() {
     let up = mock_named("m").await;
@@ -941,10 +940,9 @@ async fn an_unanswered_append_does_not_shift_settlement() {
     );
 }
 
-/// The client closes once it has the answer's text (before
-/// `response.completed`): the upstream's last messages, in flight, arrive
-/// in the 5 s grace, but the relay stops reading at the first one the gone
-/// writer cannot take, so the turn's usage is never read.
+/// The client closes once it has the answer's text, before
+/// `response.completed`: the upstream's last messages, usage included,
+/// arrive within the grace the relay gives it, and are read.
 #[tokio::test]
 async fn usage_that_comes_after_the_client_left_is_charged() {
     let addr = raw_upstream(|conn| async move {
