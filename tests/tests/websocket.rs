@@ -1142,3 +1142,108 @@ async fn an_append_no_response_began_for_keeps_no_reservation() {
     let event = next_event(&mut s).await;
     assert_eq!(event["error"]["param"], "bogus", "{event}");
 }
+
+#[tokio::test]
+async fn an_append_holds_no_reservation_until_a_response_begins_for_it() {
+    // An upstream that takes appends as more input for nothing.
+    let up = mock_named("m").await;
+    let p = proxy_with(up.addr).await;
+    let before = remaining_tokens(&p).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    // Held, it would keep the whole bucket for as long as the session
+    // lasts (and give it back at the end, refilled or not).
+    let append = r#"{"type":"response.append","input":"x","max_output_tokens":3000}"#;
+    s.send(Message::text(append)).await.unwrap();
+    eventually("the append reaches the upstream", || {
+        up.stats
+            .last_request_body()
+            .is_some_and(|b| b == append.as_bytes())
+    })
+    .await;
+    let (mut other, head) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    let during: u64 = head.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        during + 100 >= before,
+        "{during} left of {before} while the append is out"
+    );
+    let _ = other.close(None).await;
+    drop(s);
+}
+
+#[tokio::test]
+async fn an_error_for_an_append_then_a_cut_keeps_the_creates_reservation() {
+    // In order: the error answers the append; the create's response begins
+    // and is still generating when the client leaves.
+    let addr = scripted(|| {
+        let mut owe_error = false;
+        move |v: &serde_json::Value| match v["type"].as_str() {
+            Some("response.append") => {
+                owe_error = true;
+                vec![]
+            }
+            Some("response.create") if std::mem::take(&mut owe_error) => vec![
+                error(),
+                created("resp_1"),
+                r#"{"type":"response.output_text.delta","delta":"a long answer"}"#.to_owned(),
+            ],
+            _ => vec![],
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let before = remaining_tokens(&p).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    s.send(Message::text(r#"{"type":"response.append","input":"x"}"#))
+        .await
+        .unwrap();
+    s.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"x","max_output_tokens":2000}"#,
+    ))
+    .await
+    .unwrap();
+    while next_event(&mut s).await["type"] != "response.output_text.delta" {}
+    drop(s);
+    let charged = before.saturating_sub(remaining_tokens(&p).await);
+    assert!(
+        charged > 1500,
+        "the create's ~2000-token reservation stands; charged {charged}"
+    );
+}
+
+#[tokio::test]
+async fn a_completed_with_an_escaped_type_is_still_charged() {
+    // `response.complete\u0064` is `response.completed` to any JSON reader.
+    let addr = scripted(|| {
+        let mut n = 0;
+        move |_: &serde_json::Value| {
+            n += 1;
+            let id = format!("resp_{n}");
+            let done =
+                completed(&id, 5000).replace("response.completed", r"response.complete\u0064");
+            vec![created(&id), done]
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(
+        events.last().unwrap()["response"]["usage"]["total_tokens"],
+        5010
+    );
+    // 5010 tokens reported against 3000 a minute: the next turn is refused.
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(refusal(&events), (429, "rate_limit_exceeded".into()));
+}

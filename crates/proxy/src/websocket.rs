@@ -24,16 +24,17 @@
 //!   live on this session's upstream, any model it names pass the checks;
 //! - a turn names a model the key may use (403 otherwise) and the upstream
 //!   serves (its `models`; 404 otherwise), and counts against the key's
-//!   limits as a request does: one request, its token estimate reserved,
-//!   then settled with the `usage` of its response's `response.completed`
-//!   (or `.incomplete`, `.failed`), matched by the id its
-//!   `response.created` gave it; an `error` gives the reservation of the
-//!   oldest turn still waiting back, and the turn stays open (its
-//!   reservation taken again should a response begin for it after all); a
+//!   limits as a request does: one request, and a create's token estimate
+//!   reserved (an append's only once a response begins for it); settled
+//!   with the `usage` of its response's `response.completed` (or
+//!   `.incomplete`, `.failed`), matched by the id its `response.created`
+//!   gave it; an `error` answers the oldest turn nothing has answered yet
+//!   (the upstream answers in order): its reservation is given back, and it
+//!   stays open (taken again should a response begin for it after all); a
 //!   response's usage that no turn is left to take is charged to the key
-//!   all the same, so no generation goes uncounted and none twice; after
-//!   the client leaves, the upstream is still read for a few seconds, for
-//!   the usage of a turn the client did not wait for;
+//!   all the same, so no reported usage goes uncounted and none twice;
+//!   after the client leaves, the upstream is still read for a few seconds,
+//!   for the usage of a turn the client did not wait for;
 //! - a `previous_response_id` must belong to the key and live on this
 //!   session's upstream (404 `response_not_found` otherwise: the upstream
 //!   holds every tenant's responses under one key), and the id of every
@@ -423,7 +424,9 @@ impl Session {
             "response.failed",
             "\"error\"",
         ];
-        if !ENDS.iter().any(|k| text.contains(k)) {
+        // (An escaped type, `response.complete\u0064`, reads the same to
+        // the client: any escape is parsed too.)
+        if !text.contains("\\u") && !ENDS.iter().any(|k| text.contains(k)) {
             return;
         }
         let Ok(event) = serde_json::from_str::<Event<'_>>(text) else {
@@ -437,11 +440,10 @@ impl Session {
                 self.ids
                     .remember(id, self.upstream.clone(), self.owner.clone());
                 self.with_turns(|turns| {
-                    // The oldest turn waiting for its response; else one an
-                    // `error` was taken for (its reservation is taken again).
-                    let at = waiting(turns).or_else(|| given_back(turns));
-                    if let Some(at) = at {
+                    if let Some(at) = unstarted(turns) {
                         let pending = &mut turns[at];
+                        // Held from now on (an append's, or one an `error`
+                        // was taken for): a cut keeps it.
                         pending.turn.reserve_again();
                         pending.id = Some(id.into());
                     }
@@ -460,8 +462,7 @@ impl Session {
                     let at = turns
                         .iter()
                         .position(|p| p.id.is_some() && p.id.as_deref() == id)
-                        .or_else(|| waiting(turns))
-                        .or_else(|| given_back(turns))?;
+                        .or_else(|| unstarted(turns))?;
                     turns.remove(at)
                 });
                 match (pending, usage) {
@@ -481,31 +482,44 @@ impl Session {
                 }
             }
             "error" => {
-                // An error answers a message: taken to be the oldest turn
-                // still waiting for its response, which generated nothing;
-                // its reservation is given back, and it stays open (should
-                // a response turn out to be its after all, the reservation
-                // is taken again, and the usage charged). An error once every
-                // turn has begun is a started turn's: it stands as it is,
-                // settled by its response's end or by the session's.
+                // The upstream answers in order: an error answers the oldest
+                // message no response or error has answered yet. That turn
+                // generated nothing: its reservation is given back, and it
+                // stays open (should a response turn out to be its after
+                // all, the reservation is taken again, and the usage
+                // charged). An error once every turn has begun is a started
+                // turn's: it stands, settled by its response's end or the
+                // session's.
                 self.with_turns(|turns| {
-                    if let Some(at) = waiting(turns) {
-                        turns[at].turn.give_back();
-                    }
-                    // Bounded: the oldest turns given back go (nothing held).
-                    while turns.iter().filter(|p| p.turn.is_given_back()).count() > MAX_GIVEN_BACK {
-                        if let Some(at) = given_back(turns)
-                            && let Some(gone) = turns.remove(at)
-                        {
-                            gone.turn.settle(None, true);
-                        } else {
-                            break;
-                        }
+                    if let Some(pending) = turns.iter_mut().find(|p| p.id.is_none() && !p.errored) {
+                        pending.errored = true;
+                        pending.turn.give_back();
                     }
                 });
             }
             _ => {}
         }
+    }
+
+    /// Book a turn sent on (see [`Pending`] and [`MAX_PENDING`]).
+    fn push(&self, mut turn: Turn, create: bool) {
+        if !create {
+            turn.give_back();
+        }
+        self.with_turns(|turns| {
+            if turns.len() >= MAX_PENDING
+                && let Some(at) = turns.iter().position(|p| p.id.is_none())
+                && let Some(dropped) = turns.remove(at)
+            {
+                dropped.turn.settle(None, true);
+            }
+            turns.push_back(Pending {
+                turn,
+                create,
+                errored: false,
+                id: None,
+            });
+        });
     }
 
     fn with_turns<R>(&self, f: impl FnOnce(&mut VecDeque<Pending>) -> R) -> R {
@@ -526,31 +540,31 @@ struct Admitted {
 /// A turn sent on, and the id of the response it created once known.
 struct Pending {
     turn: Turn,
-    /// A `response.create` (not an append, which may start no response).
+    /// A `response.create`. An append may start no response (it adds input
+    /// to one in progress): it holds no reservation until one begins for it.
     create: bool,
+    /// An `error` was taken to answer it.
+    errored: bool,
     id: Option<Box<str>>,
 }
 
-/// Turns given back and still open, at most, per session.
-const MAX_GIVEN_BACK: usize = 64;
+/// Turns sent on and not ended, at most, per session: past it the oldest
+/// without a response is dropped from the books (a create keeps its
+/// reservation, an append holds none), so a client whose messages the
+/// upstream never answers cannot grow the queue.
+const MAX_PENDING: usize = 256;
 
-/// The oldest turn waiting for its response (reservation held), creates
-/// before appends.
-fn waiting(turns: &VecDeque<Pending>) -> Option<usize> {
-    oldest(turns, |p| p.id.is_none() && !p.turn.is_given_back())
-}
-
-/// The oldest turn without a response whose reservation an `error` gave
-/// back, creates before appends.
-fn given_back(turns: &VecDeque<Pending>) -> Option<usize> {
-    oldest(turns, |p| p.id.is_none() && p.turn.is_given_back())
-}
-
-fn oldest(turns: &VecDeque<Pending>, matches: impl Fn(&Pending) -> bool) -> Option<usize> {
-    turns
-        .iter()
-        .position(|p| p.create && matches(p))
-        .or_else(|| turns.iter().position(matches))
+/// The turn a response that begins belongs to: the oldest without one,
+/// creates before appends (an append may start none), turns no `error` was
+/// taken for before those.
+fn unstarted(turns: &VecDeque<Pending>) -> Option<usize> {
+    let first = |matches: &dyn Fn(&Pending) -> bool| {
+        turns
+            .iter()
+            .position(|p| p.create && matches(p))
+            .or_else(|| turns.iter().position(matches))
+    };
+    first(&|p| p.id.is_none() && !p.errored).or_else(|| first(&|p| p.id.is_none()))
 }
 
 /// An upstream's message: its top-level type, and its response's id and
@@ -750,14 +764,7 @@ async fn pump_up(
             Message::Text(text) => match session.admit(text.as_str()).await {
                 Ok(admitted) => {
                     if let Some(turn) = admitted.reservation {
-                        let create = admitted.create;
-                        session.with_turns(|turns| {
-                            turns.push_back(Pending {
-                                turn,
-                                create,
-                                id: None,
-                            });
-                        });
+                        session.push(turn, admitted.create);
                     }
                     if admitted.turn {
                         session.counters.turns.fetch_add(1, Ordering::Relaxed);
@@ -894,6 +901,45 @@ impl Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Appends the upstream never answers (it takes them as more input)
+    /// do not grow a session's books without bound.
+    #[tokio::test]
+    async fn unanswered_appends_do_not_grow_the_turn_queue() {
+        let auth = AuthLayer::new(vec![llm_proxy_auth::KeySpec::from_key("k", "sk-k")]);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer sk-k".parse().unwrap());
+        let key = auth.authenticate(&headers).unwrap();
+        let session = Session {
+            auth: Some(auth),
+            owner: Some(key.name.clone()),
+            key: Some(key),
+            ids: ResponseIds::new(None),
+            upstream: "up".into(),
+            models: None,
+            turns: Mutex::default(),
+            counters: Arc::default(),
+        };
+        for i in 0..5_000 {
+            let text = if i % 100 == 0 {
+                r#"{"type":"response.create","model":"m","input":"x"}"#
+            } else {
+                r#"{"type":"response.append","input":"x"}"#
+            };
+            let admitted = session.admit(text).await.unwrap();
+            session.push(admitted.reservation.unwrap(), admitted.create);
+            if i % 100 == 0 {
+                let id = format!("r{i}");
+                session.observe(&format!(
+                    r#"{{"type":"response.created","response":{{"id":"{id}"}}}}"#
+                ));
+                session.observe(&format!(
+                    r#"{{"type":"response.completed","response":{{"id":"{id}","usage":{{"input_tokens":1,"output_tokens":1}}}}}}"#
+                ));
+            }
+        }
+        assert!(session.with_turns(|t| t.len()) <= MAX_PENDING);
+    }
 
     #[test]
     fn an_upgrade_needs_a_connection_to_hand_over() {
