@@ -444,19 +444,50 @@ async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
 }
 
 #[tokio::test]
-async fn a_silent_tunnel_is_closed_after_the_idle_timeout() {
+async fn a_silent_session_is_closed_with_1001_at_both_ends() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     let up = mock_named("m").await;
-    let p = proxy(&ws_upstream("up", &up.base_url(), "idle_timeout_ms = 300")).await;
+    // Between turns (a person reading, typing): websocket_idle_timeout_ms.
+    let p = proxy(&ws_upstream(
+        "up",
+        &up.base_url(),
+        "idle_timeout_ms = 60000\nwebsocket_idle_timeout_ms = 300",
+    ))
+    .await;
     let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
-    // Traffic keeps it open past the timeout...
+    // Traffic keeps it open past the bound...
     for _ in 0..3 {
         let events = turn(&mut socket, serde_json::json!({"model": "m", "input": "x"})).await;
         assert_eq!(events.last().unwrap()["type"], "response.completed");
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     }
-    // ...silence closes it, at both ends.
-    assert!(ends(&mut socket).await);
+    // ...silence closes it, and the client is told (so it reconnects
+    // before sending its next turn), as is the upstream.
+    match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected a 1001 close, got {other:?}"),
+    }
     eventually("the upstream session ends", || up.stats.in_flight() == 0).await;
+
+    // Within a turn (the upstream owes an answer): idle_timeout_ms.
+    let mute = scripted(|| |_: &serde_json::Value| Vec::new()).await;
+    let p = proxy(&ws_upstream(
+        "up",
+        &format!("http://{mute}/v1"),
+        "idle_timeout_ms = 300\nwebsocket_idle_timeout_ms = 600000",
+    ))
+    .await;
+    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    socket
+        .send(Message::text(
+            r#"{"type":"response.create","model":"m","input":"x"}"#,
+        ))
+        .await
+        .unwrap();
+    match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected a 1001 close, got {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -147,6 +147,7 @@ impl Proxy {
                     client: client.clone(),
                     models: spec.models.clone(),
                     idle_timeout: spec.idle_timeout,
+                    between_turns: spec.websocket_idle_timeout,
                 });
             }
             let service = Translate::new(client, translate);

@@ -247,6 +247,10 @@ pub struct UpstreamSection {
     /// `"responses"` in `apis`).
     #[serde(default)]
     pub websocket: Option<Spanned<bool>>,
+    /// Longest silence of a WebSocket session between turns (within a
+    /// turn, `idle_timeout_ms`).
+    #[serde(default = "defaults::websocket_idle_timeout_ms")]
+    pub websocket_idle_timeout_ms: u64,
 }
 
 /// `mock = { … }`: an in-process mock LLM on a loopback port.
@@ -290,6 +294,9 @@ mod defaults {
     }
     pub fn idle_timeout_ms() -> u64 {
         60_000
+    }
+    pub fn websocket_idle_timeout_ms() -> u64 {
+        600_000
     }
     pub fn max_entries() -> usize {
         10_000
@@ -344,6 +351,8 @@ pub struct UpstreamSpec {
     pub extra_roots_pem: Option<Vec<u8>>,
     /// Pass WebSocket upgrades on `/v1/responses` through to it.
     pub websocket: bool,
+    /// Longest silence of a WebSocket session between turns.
+    pub websocket_idle_timeout: Duration,
 }
 
 /// An upstream's protocol.
@@ -698,6 +707,11 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             idle_timeout: positive_ms(path, "idle_timeout_ms", up.idle_timeout_ms)?,
             extra_roots_pem,
             websocket,
+            websocket_idle_timeout: positive_ms(
+                path,
+                "websocket_idle_timeout_ms",
+                up.websocket_idle_timeout_ms,
+            )?,
         });
     }
     Ok(Settings {
@@ -1141,6 +1155,10 @@ mod tests {
         );
         let ok = load(&format!("{MIN}websocket = true\napis = [\"responses\"]\n")).unwrap();
         assert!(ok.upstreams[0].websocket);
+        assert_eq!(
+            ok.upstreams[0].websocket_idle_timeout,
+            Duration::from_secs(600)
+        );
         let e = load(&format!("{MIN}apis = [\"chat\"]\n")).unwrap_err();
         assert!(
             e.starts_with("t.toml:4: upstream `a`: unknown api `chat`"),

@@ -52,14 +52,15 @@
 //! The session lives on the client connection's task (it holds the
 //! connection's `max_connections` permit, and a drain waits for it up to the
 //! drain timeout), and ends when either side closes (the other is sent the
-//! close), or when neither has sent a message for the upstream's
-//! `idle_timeout_ms` (nginx's `proxy_read_timeout` for WebSockets, which
-//! defaults to 60 s as well).
+//! close), or when it is silent too long: the upstream's `idle_timeout_ms`
+//! while a turn is open, its `websocket_idle_timeout_ms` between turns (a
+//! person reading; Codex sends no pings). Then both sides get a 1001 close,
+//! so the client reconnects for its next turn instead of failing it.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -75,7 +76,7 @@ use llm_proxy_core::{
 };
 use llm_proxy_upstream::{Upgrade, Upstream};
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -128,8 +129,10 @@ pub(crate) struct SocketUpstream {
     pub(crate) client: Upstream,
     /// The models it serves; `None`: any.
     pub(crate) models: Option<Vec<String>>,
-    /// The longest silence of a session with it.
+    /// The longest silence of a session with it while a turn is open.
     pub(crate) idle_timeout: Duration,
+    /// The longest silence of a session with it between turns.
+    pub(crate) between_turns: Duration,
 }
 
 impl Sockets {
@@ -274,13 +277,17 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         upstream: upstream.client.name().clone(),
         models: upstream.models.clone(),
         turns: Mutex::default(),
+        open_turns: AtomicUsize::new(0),
         counters: ctx.sockets.counters.clone(),
     };
     let run = relay(
         client_side,
         io,
         session,
-        upstream.idle_timeout,
+        Silence {
+            in_turn: upstream.idle_timeout,
+            between_turns: upstream.between_turns,
+        },
         ctx.sockets.max_message_bytes,
     );
     match ctx.conn {
@@ -305,6 +312,9 @@ struct Session {
     models: Option<Vec<String>>,
     /// Turns sent on and not ended yet, oldest first.
     turns: Mutex<VecDeque<Pending>>,
+    /// `response.create` messages sent on whose response has not ended
+    /// (with or without a key): which silence bound applies.
+    open_turns: AtomicUsize,
     counters: Arc<SocketCounters>,
 }
 
@@ -434,6 +444,14 @@ impl Session {
         };
         let id = event.response.as_ref().and_then(|r| r.id.as_deref());
         let model = event.response.as_ref().and_then(|r| r.model.as_deref());
+        if matches!(
+            &*event.kind,
+            "response.completed" | "response.incomplete" | "response.failed" | "error"
+        ) {
+            let _ = self
+                .open_turns
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
         match &*event.kind {
             "response.created" => {
                 let Some(id) = id else { return };
@@ -639,7 +657,7 @@ async fn relay(
     client: OnUpgrade,
     upstream: TokioIo<Upgraded>,
     session: Session,
-    idle: Duration,
+    silence: Silence,
     max_message_bytes: usize,
 ) {
     let client = match client.await {
@@ -667,6 +685,7 @@ async fn relay(
         bytes: Arc::new(Semaphore::new(CLIENT_QUEUE_BYTES)),
     };
     let clock = Clock::new();
+    let closing = Notify::new();
 
     let talk = async {
         let up = pin!(pump_up(
@@ -674,25 +693,48 @@ async fn relay(
             client_rx,
             upstream_tx,
             queue.clone(),
-            &clock
+            &clock,
+            &closing,
         ));
         let mut down = pin!(pump_down(&session, upstream_rx, queue, &clock));
         tokio::select! {
             () = &mut down => {}
-            // The client closed or went: the upstream was sent a close; give
-            // it a moment to answer (the client has its answer already).
+            // The client closed or went (or the session is closing): the
+            // upstream was sent a close; give it a moment to answer.
             () = up => {
-                let _ = tokio::time::timeout(CLOSE_GRACE.min(idle), down).await;
+                let _ = tokio::time::timeout(CLOSE_GRACE, down).await;
             }
         }
     };
     let writer = write_client(queued, client_tx);
+    let mut all = pin!(async { tokio::join!(talk, writer) });
+    let bound = || {
+        if session.open_turns.load(Ordering::Relaxed) > 0 {
+            silence.in_turn
+        } else {
+            silence.between_turns
+        }
+    };
     tokio::select! {
-        _ = async { tokio::join!(talk, writer) } => {}
-        () = clock.silent_for(idle) => {
-            tracing::debug!(idle_ms = idle.as_millis() as u64, "closing a silent WebSocket session");
+        _ = &mut all => {}
+        () = clock.silent_for(bound, silence.in_turn.min(silence.between_turns)) => {
+            tracing::debug!("closing a silent WebSocket session");
+            // Both sides are told (1001, going away), so a client marks
+            // its socket closed before it sends the next turn on it.
+            closing.notify_one();
+            let _ = tokio::time::timeout(CLOSE_GRACE, all).await;
         }
     }
+}
+
+/// How long a session may be silent.
+#[derive(Clone, Copy, Debug)]
+struct Silence {
+    /// While a turn is open (the upstream owes an answer): the upstream's
+    /// `idle_timeout_ms`.
+    in_turn: Duration,
+    /// Between turns (a person reading or typing): `websocket_idle_timeout_ms`.
+    between_turns: Duration,
 }
 
 /// The longest message taken from an upstream: a `response.completed`
@@ -738,8 +780,24 @@ async fn pump_up(
     mut upstream: UpstreamTx,
     to_client: ClientQueue,
     clock: &Clock,
+    closing: &Notify,
 ) {
-    while let Some(message) = client.next().await {
+    loop {
+        let message = tokio::select! {
+            message = client.next() => message,
+            () = closing.notified() => {
+                let away = || {
+                    Message::Close(Some(CloseFrame {
+                        code: CloseCode::Away,
+                        reason: "idle".into(),
+                    }))
+                };
+                to_client.send(away()).await;
+                let _ = upstream.send(away()).await;
+                return;
+            }
+        };
+        let Some(message) = message else { break };
         let message = match message {
             Ok(message) => message,
             Err(e) => {
@@ -765,6 +823,9 @@ async fn pump_up(
                 Ok(admitted) => {
                     if let Some(turn) = admitted.reservation {
                         session.push(turn, admitted.create);
+                    }
+                    if admitted.create {
+                        session.open_turns.fetch_add(1, Ordering::Relaxed);
                     }
                     if admitted.turn {
                         session.counters.turns.fetch_add(1, Ordering::Relaxed);
@@ -882,10 +943,12 @@ impl Clock {
         self.heard.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Resolves once nothing was heard for `idle`.
-    async fn silent_for(&self, idle: Duration) {
-        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    /// Resolves once nothing was heard for `idle()`, which may change
+    /// meanwhile: it is asked again at least every `recheck`.
+    async fn silent_for(&self, idle: impl Fn() -> Duration, recheck: Duration) {
+        let recheck_ms = u64::try_from(recheck.as_millis()).unwrap_or(u64::MAX);
         loop {
+            let idle_ms = u64::try_from(idle().as_millis()).unwrap_or(u64::MAX);
             let silent_ms = self
                 .now_ms()
                 .saturating_sub(self.heard.load(Ordering::Relaxed));
@@ -893,7 +956,7 @@ impl Clock {
             if left_ms == 0 {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(left_ms)).await;
+            tokio::time::sleep(Duration::from_millis(left_ms.min(recheck_ms).max(1))).await;
         }
     }
 }
@@ -918,6 +981,7 @@ mod tests {
             upstream: "up".into(),
             models: None,
             turns: Mutex::default(),
+            open_turns: AtomicUsize::new(0),
             counters: Arc::default(),
         };
         for i in 0..5_000 {
