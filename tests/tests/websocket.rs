@@ -1278,3 +1278,61 @@ async fn a_completed_with_an_escaped_type_is_still_charged() {
     let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
     assert_eq!(refusal(&events), (429, "rate_limit_exceeded".into()));
 }
+
+#[tokio::test]
+async fn a_null_id_is_no_id() {
+    let up = mock_named("m").await;
+    let p = proxy(&ws_upstream("up", &up.base_url(), "")).await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    let events = turn(
+        &mut s,
+        serde_json::json!({"model": "m", "input": "x", "previous_response_id": null}),
+    )
+    .await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+}
+
+#[tokio::test]
+async fn a_client_that_only_pings_and_reads_nothing_is_closed() {
+    // A turn whose answer floods the client, which reads none of it and
+    // sends pings: the queue to it fills, the upstream is no longer read,
+    // and pings alone do not keep the session alive.
+    let flood = scripted(|| {
+        |_: &serde_json::Value| {
+            let delta = serde_json::json!({"type": "response.output_text.delta", "delta": "x".repeat(100_000)})
+                .to_string();
+            vec![delta; 200]
+        }
+    })
+    .await;
+    let p = proxy(&ws_upstream(
+        "up",
+        &format!("http://{flood}/v1"),
+        "idle_timeout_ms = 300",
+    ))
+    .await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    s.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"x"}"#,
+    ))
+    .await
+    .unwrap();
+    let open = async {
+        while !metrics(&p).await.contains("llm_proxy_websockets_open 1") {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(HANG, open).await.expect("the session opens");
+    let pinging = async {
+        loop {
+            if s.send(Message::Ping(vec![1].into())).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        () = pinging => {}
+        () = sessions_closed(&p) => {}
+    }
+}
