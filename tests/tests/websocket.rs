@@ -1322,7 +1322,9 @@ async fn a_client_that_only_pings_and_reads_nothing_is_closed() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(HANG, open).await.expect("the session opens");
+    tokio::time::timeout(HANG, open)
+        .await
+        .expect("the session opens");
     let pinging = async {
         loop {
             if s.send(Message::Ping(vec![1].into())).await.is_err() {
