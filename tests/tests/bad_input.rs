@@ -239,6 +239,23 @@ async fn broken_stream(p: &TestProxy, fail: &str) -> (String, bool) {
     (String::from_utf8_lossy(&body).into_owned(), broke)
 }
 
+/// A streamed chat request through a proxy in front of the (raw) upstream
+/// at `addr`: the body the client got, and whether it broke.
+async fn stream_through(addr: std::net::SocketAddr) -> (bytes::Bytes, bool) {
+    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("m", true),
+        ))
+        .await
+        .expect("response head");
+    assert_eq!(resp.status(), 200);
+    read_stream(resp).await
+}
+
 fn assert_interrupted(body: &str, broke: bool) {
     assert!(broke, "the connection is closed, not cleanly ended: {body}");
     assert!(!body.contains("[DONE]"), "no fake clean end: {body}");
@@ -498,18 +515,7 @@ async fn an_upstream_that_breaks_after_done_ends_the_stream_cleanly() {
         drop(conn);
     })
     .await;
-    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &p.url("/v1/chat/completions"),
-            &[("content-type", "application/json")],
-            chat("m", true),
-        ))
-        .await
-        .expect("response head");
-    assert_eq!(resp.status(), 200);
-    let (body, broke) = read_stream(resp).await;
+    let (body, broke) = stream_through(addr).await;
     let body = String::from_utf8_lossy(&body);
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     assert!(!body.contains("stream_interrupted"), "{body}");
@@ -721,17 +727,7 @@ async fn the_error_event_after_a_cut_event_is_an_event_of_its_own() {
         let _ = conn.read(&mut buf).await;
     })
     .await;
-    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &p.url("/v1/chat/completions"),
-            &[("content-type", "application/json")],
-            chat("m", true),
-        ))
-        .await
-        .expect("response head");
-    let (body, _) = read_stream(resp).await;
+    let (body, _) = stream_through(addr).await;
     let events = sse_data(&body);
     let parsed: Vec<serde_json::Value> = events
         .iter()

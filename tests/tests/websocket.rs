@@ -1099,12 +1099,22 @@ async fn an_error_during_a_started_turn_does_not_count_its_usage_twice() {
 
 #[tokio::test]
 async fn an_error_taken_for_the_wrong_turn_then_a_cut_keeps_the_reservation() {
-    // The error for an acknowledgement comes in order with the next turn's
-    // events; the turn is still generating when the client leaves.
-    let addr = scripted(|| {
+    error_for_a_message_then_a_cut(r#"{"type":"response.processed"}"#).await;
+}
+
+/// In order: the upstream's error answers `first` (an acknowledgement or an
+/// append), then the create's response begins and is still generating when
+/// the client leaves: the create's ~2000-token reservation stands.
+async fn error_for_a_message_then_a_cut(first: &'static str) {
+    let first_type: String = serde_json::from_str::<serde_json::Value>(first).unwrap()["type"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let addr = scripted(move || {
+        let first_type = first_type.clone();
         let mut owe_error = false;
         move |v: &serde_json::Value| match v["type"].as_str() {
-            Some("response.processed") => {
+            Some(t) if t == first_type => {
                 owe_error = true;
                 vec![]
             }
@@ -1122,9 +1132,7 @@ async fn an_error_taken_for_the_wrong_turn_then_a_cut_keeps_the_reservation() {
     let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
         .await
         .unwrap();
-    s.send(Message::text(r#"{"type":"response.processed"}"#))
-        .await
-        .unwrap();
+    s.send(Message::text(first)).await.unwrap();
     s.send(Message::text(
         r#"{"type":"response.create","model":"m","input":"x","max_output_tokens":2000}"#,
     ))
@@ -1135,7 +1143,7 @@ async fn an_error_taken_for_the_wrong_turn_then_a_cut_keeps_the_reservation() {
     let charged = before.saturating_sub(remaining_tokens(&p).await);
     assert!(
         charged > 1500,
-        "the ~2000-token reservation stands; charged {charged}"
+        "{first}: the create's ~2000-token reservation stands; charged {charged}"
     );
 }
 
@@ -1211,44 +1219,7 @@ async fn an_append_holds_no_reservation_until_a_response_begins_for_it() {
 
 #[tokio::test]
 async fn an_error_for_an_append_then_a_cut_keeps_the_creates_reservation() {
-    // In order: the error answers the append; the create's response begins
-    // and is still generating when the client leaves.
-    let addr = scripted(|| {
-        let mut owe_error = false;
-        move |v: &serde_json::Value| match v["type"].as_str() {
-            Some("response.append") => {
-                owe_error = true;
-                vec![]
-            }
-            Some("response.create") if std::mem::take(&mut owe_error) => vec![
-                error(),
-                created("resp_1"),
-                r#"{"type":"response.output_text.delta","delta":"a long answer"}"#.to_owned(),
-            ],
-            _ => vec![],
-        }
-    })
-    .await;
-    let p = proxy_with(addr).await;
-    let before = remaining_tokens(&p).await;
-    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
-        .await
-        .unwrap();
-    s.send(Message::text(r#"{"type":"response.append","input":"x"}"#))
-        .await
-        .unwrap();
-    s.send(Message::text(
-        r#"{"type":"response.create","model":"m","input":"x","max_output_tokens":2000}"#,
-    ))
-    .await
-    .unwrap();
-    while next_event(&mut s).await["type"] != "response.output_text.delta" {}
-    drop(s);
-    let charged = before.saturating_sub(remaining_tokens(&p).await);
-    assert!(
-        charged > 1500,
-        "the create's ~2000-token reservation stands; charged {charged}"
-    );
+    error_for_a_message_then_a_cut(r#"{"type":"response.append","input":"x"}"#).await;
 }
 
 #[tokio::test]
