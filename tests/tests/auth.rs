@@ -167,23 +167,34 @@ async fn a_responses_conversation_needs_the_passthrough_flag() {
         keys()
     ))
     .await;
-    let body = r#"{"model": "small", "input": "x", "conversation": "conv_123"}"#;
+    let made = send(request(
+        Method::POST,
+        &p.url("/v1/conversations"),
+        &[
+            ("authorization", "Bearer sk-ops"),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+    ))
+    .await;
+    let id = made.json()["id"].as_str().unwrap().to_owned();
+    let body = format!(r#"{{"model": "small", "input": "x", "conversation": "{id}"}}"#);
     let post = |key: &'static str| {
         request(
             Method::POST,
             &p.url("/v1/responses"),
             &[("authorization", key), ("content-type", "application/json")],
-            body,
+            body.clone(),
         )
     };
     // No way to make a conversation of its own: none of anyone else's.
     send(post("Bearer sk-team-a"))
         .await
         .assert_error(403, "permission_error", "route_not_allowed");
-    assert_eq!(up.stats.requests(), 0);
+    assert_eq!(up.stats.requests(), 1);
     let allowed = send(post("Bearer sk-ops")).await;
     assert_eq!(allowed.status, 200, "{}", allowed.text());
-    assert_eq!(up.stats.requests(), 1);
+    assert_eq!(up.stats.requests(), 2);
     // `conversation: null` names none.
     let none = send(request(
         Method::POST,

@@ -529,3 +529,173 @@ async fn token_limits_count_responses_and_messages_usage() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// `POST /v1/conversations` through `p`: the new conversation's id and the
+/// upstream that made it.
+async fn new_conversation(p: &TestProxy, headers: &[(&str, &str)]) -> (String, String) {
+    let made = post_with(&p.url("/v1/conversations"), "{}".into(), headers).await;
+    assert_eq!(made.status, 200, "{}", made.text());
+    let home = made.header("x-llm-proxy-upstream").unwrap().to_owned();
+    (made.json()["id"].as_str().unwrap().to_owned(), home)
+}
+
+fn in_conversation(conversation: serde_json::Value, stream: bool) -> String {
+    serde_json::json!({"model": "m", "input": "And then?", "stream": stream,
+        "conversation": conversation})
+    .to_string()
+}
+
+/// A conversation's own paths, with the method each is read or ended by.
+fn conversation_paths(id: &str) -> [(Method, String); 3] {
+    [
+        (Method::GET, format!("/v1/conversations/{id}")),
+        (Method::GET, format!("/v1/conversations/{id}/items")),
+        (Method::DELETE, format!("/v1/conversations/{id}")),
+    ]
+}
+
+#[tokio::test]
+async fn a_conversation_follows_its_upstream() {
+    let (_ups, toml) = three_upstreams().await;
+    let p = proxy(&toml).await;
+    let (id, home) = new_conversation(&p, &[]).await;
+    // Balanced round robin over three upstreams, each turn still goes to
+    // the one holding the conversation, however the conversation is named.
+    for (i, named) in [serde_json::json!(id), serde_json::json!({"id": id})]
+        .into_iter()
+        .cycle()
+        .take(6)
+        .enumerate()
+    {
+        let stream = i % 3 == 2;
+        let next = post_with(&p.url("/v1/responses"), in_conversation(named, stream), &[]).await;
+        assert_eq!(next.status, 200, "{}", next.text());
+        assert_eq!(next.header("x-llm-proxy-upstream"), Some(home.as_str()));
+    }
+    for endpoint in ["/v1/responses/input_tokens", "/v1/responses/compact"] {
+        let next = post_with(
+            &p.url(endpoint),
+            in_conversation(id.clone().into(), false),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            next.header("x-llm-proxy-upstream"),
+            Some(home.as_str()),
+            "{endpoint}"
+        );
+    }
+    for (method, path) in conversation_paths(&id) {
+        let got = send(request(method.clone(), &p.url(&path), &[], "")).await;
+        assert_eq!(
+            (got.status.as_u16(), got.header("x-llm-proxy-upstream")),
+            (200, Some(home.as_str())),
+            "{method} {path}: {}",
+            got.text()
+        );
+    }
+    // A conversation the proxy never saw made (before it ran, or made
+    // elsewhere) is routed as the request would be without it: the
+    // upstream answers.
+    let unknown = post_with(
+        &p.url("/v1/responses"),
+        in_conversation("conv_never".into(), false),
+        &[],
+    )
+    .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+    assert!(unknown.header("x-llm-proxy-upstream").is_some());
+    assert_eq!(
+        unknown.json()["error"]["message"],
+        "Conversation with id 'conv_never' not found."
+    );
+}
+
+#[tokio::test]
+async fn conversations_follow_across_proxies_and_stay_with_their_key() {
+    let redis = RedisServer::start().await;
+    let (ups, toml) = three_upstreams().await;
+    let keys = format!(
+        "[auth]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"conv:\"\n\
+         [[auth.keys]]\nname = \"a\"\nkey = \"sk-a\"\npassthrough = true\n\
+         [[auth.keys]]\nname = \"b\"\nkey = \"sk-b\"\npassthrough = true\n",
+        redis.url()
+    );
+    // The second proxy lists the upstreams the other way round, so a
+    // passthrough request it does not pin goes elsewhere; the third no
+    // longer has the first upstream.
+    let block = |i: usize| {
+        format!(
+            "[[upstream]]\nname = \"{}\"\nurl = \"{}\"\n{ALL_APIS}\n",
+            ["a", "b", "c"][i],
+            ups[i].base_url()
+        )
+    };
+    let forward = format!("{toml}{keys}");
+    let reversed: String = (0..3).rev().map(block).collect();
+    let without_a: String = (1..3).map(block).collect();
+    let first = proxy(&forward).await;
+    let second = proxy(&format!("{reversed}{keys}")).await;
+    let third = proxy(&format!("{without_a}{keys}")).await;
+    let a = ("authorization", "Bearer sk-a");
+    let b = ("authorization", "Bearer sk-b");
+    let (id, home) = new_conversation(&first, &[a]).await;
+    assert_eq!(home, "a");
+    // The id reaches Redis in the background: the other proxy finds it
+    // soon, and sends the conversation's own paths to its upstream.
+    let get = |p: &TestProxy, key: (&'static str, &'static str)| {
+        send(request(
+            Method::GET,
+            &p.url(&format!("/v1/conversations/{id}")),
+            &[key],
+            "",
+        ))
+    };
+    let mut found = None;
+    for _ in 0..100 {
+        let got = get(&second, a).await;
+        if got.status == 200 {
+            found = got.header("x-llm-proxy-upstream").map(str::to_owned);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(found.as_deref(), Some("a"));
+    let next = post_with(
+        &second.url("/v1/responses"),
+        in_conversation(id.clone().into(), false),
+        &[a],
+    )
+    .await;
+    assert_eq!(
+        (next.status.as_u16(), next.header("x-llm-proxy-upstream")),
+        (200, Some("a")),
+        "{}",
+        next.text()
+    );
+    // Another key is told it does not exist, whatever it tries.
+    for p in [&first, &second] {
+        for (method, path) in conversation_paths(&id) {
+            send(request(method, &p.url(&path), &[b], ""))
+                .await
+                .assert_error(404, "not_found_error", "conversation_not_found");
+        }
+        post_with(
+            &p.url("/v1/responses"),
+            in_conversation(serde_json::json!({"id": id}), true),
+            &[b],
+        )
+        .await
+        .assert_error(404, "not_found_error", "conversation_not_found");
+    }
+    // A proxy without its upstream says so, rather than guessing.
+    let gone = get(&third, a).await;
+    gone.assert_error(404, "not_found_error", "conversation_not_found");
+    assert!(
+        gone.text().contains("not configured any more"),
+        "{}",
+        gone.text()
+    );
+    // Its owner still has it.
+    assert_eq!(get(&first, a).await.status, 200);
+}

@@ -1309,3 +1309,72 @@ async fn a_client_that_only_pings_and_reads_nothing_is_closed() {
         () = sessions_closed(&p) => {}
     }
 }
+
+#[tokio::test]
+async fn a_conversation_is_held_to_its_upstream_and_key() {
+    // Passthrough goes to `plain`, the first upstream; WebSockets to `ws`.
+    let plain = mock_named("plain").await;
+    let ws = mock_named("ws").await;
+    let toml = format!(
+        "[[upstream]]\nname = \"plain\"\nurl = \"{}\"\napis = [\"responses\"]\n{}[auth]\n\
+         [[auth.keys]]\nname = \"carol\"\nkey = \"sk-carol\"\npassthrough = true\n\
+         [[auth.keys]]\nname = \"dave\"\nkey = \"sk-dave\"\npassthrough = true\n",
+        plain.base_url(),
+        ws_upstream("ws", &ws.base_url(), ""),
+    );
+    let p = proxy(&toml).await;
+    let make = |url: String, key: &'static str, body: &'static str| {
+        send(request(
+            Method::POST,
+            &url,
+            &[("authorization", key), ("content-type", "application/json")],
+            body,
+        ))
+    };
+    let made = make(p.url("/v1/conversations"), "Bearer sk-carol", "{}").await;
+    assert_eq!(made.header("x-llm-proxy-upstream"), Some("plain"));
+    let on_plain = made.json()["id"].as_str().unwrap().to_owned();
+    // One the proxy never saw made, on the WebSocket's upstream (another
+    // body: the mocks' ids derive from it).
+    let direct = make(
+        format!("{}/conversations", ws.base_url()),
+        "Bearer x",
+        r#"{"metadata": {"made": "directly"}}"#,
+    )
+    .await;
+    let on_ws = direct.json()["id"].as_str().unwrap().to_owned();
+    let in_conversation =
+        |id: &str| serde_json::json!({"model": "m", "input": "x", "conversation": id});
+
+    let (mut carol, _) = connect(p.addr, &[("authorization", "Bearer sk-carol")])
+        .await
+        .unwrap();
+    // Hers, but on the other upstream: refused before it reaches this one.
+    let events = turn(&mut carol, in_conversation(&on_plain)).await;
+    assert_eq!(refusal(&events), (404, "conversation_not_found".into()));
+    assert!(
+        events[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lives on upstream `plain`")
+    );
+    // One the proxy does not know goes on, and the upstream holds it.
+    let events = turn(&mut carol, in_conversation(&on_ws)).await;
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "response.completed",
+        "{events:?}"
+    );
+    // Carol's conversation does not exist for dave.
+    let (mut dave, _) = connect(p.addr, &[("authorization", "Bearer sk-dave")])
+        .await
+        .unwrap();
+    let events = turn(&mut dave, in_conversation(&on_plain)).await;
+    assert_eq!(refusal(&events), (404, "conversation_not_found".into()));
+    assert!(
+        events[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not found for this API key")
+    );
+}

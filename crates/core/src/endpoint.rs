@@ -208,9 +208,50 @@ pub fn response_id(path: &str) -> Option<&str> {
     (!id.is_empty() && !reserved).then_some(id)
 }
 
+/// What a path under `/v1/conversations` is: the collection itself
+/// (`POST` creates a conversation), or one conversation's own path
+/// (`/v1/conversations/{id}`, `/v1/conversations/{id}/items[/{item}]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConversationPath<'a> {
+    /// `/v1/conversations`.
+    Collection,
+    /// A path naming this conversation id.
+    Id(&'a str),
+}
+
+/// Where `path` is in OpenAI's Conversations API, if it is.
+pub fn conversation_path(path: &str) -> Option<ConversationPath<'_>> {
+    let rest = path.strip_prefix("/v1/conversations")?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Some(ConversationPath::Collection);
+    }
+    let rest = rest.strip_prefix('/')?;
+    let id = rest.split_once('/').map_or(rest, |(id, _)| id);
+    (!id.is_empty()).then_some(ConversationPath::Id(id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conversation_paths() {
+        use ConversationPath::*;
+        for (path, want) in [
+            ("/v1/conversations", Some(Collection)),
+            ("/v1/conversations/", Some(Collection)),
+            ("/v1/conversations/conv_1", Some(Id("conv_1"))),
+            ("/v1/conversations/conv_1/", Some(Id("conv_1"))),
+            ("/v1/conversations/conv_1/items", Some(Id("conv_1"))),
+            ("/v1/conversations/conv_1/items/msg_2", Some(Id("conv_1"))),
+            ("/v1/conversationsx", None),
+            ("/v1/conversations//items", None),
+            ("/v1/files/conv_1", None),
+        ] {
+            assert_eq!(conversation_path(path), want, "{path}");
+        }
+    }
 
     #[test]
     fn classifies_paths() {

@@ -50,6 +50,10 @@ pub enum Error {
     /// upstream is gone).
     #[error("{0}")]
     ResponseNotFound(String),
+    /// A conversation id this proxy knows, but not for the asking key, or
+    /// whose upstream is gone.
+    #[error("{0}")]
+    ConversationNotFound(String),
     /// No such path.
     #[error("no route for {0}")]
     RouteNotFound(String),
@@ -146,9 +150,11 @@ impl Error {
             }
             InvalidApiKey => StatusCode::UNAUTHORIZED,
             ModelNotAllowed(_) | RouteNotAllowed(_) => StatusCode::FORBIDDEN,
-            ModelNotFound(_) | ApiNotServed(_) | ResponseNotFound(_) | RouteNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ModelNotFound(_)
+            | ApiNotServed(_)
+            | ResponseNotFound(_)
+            | ConversationNotFound(_)
+            | RouteNotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -174,9 +180,11 @@ impl Error {
             | UnsupportedMediaType(_) => "invalid_request_error",
             InvalidApiKey => "authentication_error",
             ModelNotAllowed(_) | RouteNotAllowed(_) => "permission_error",
-            ModelNotFound(_) | ApiNotServed(_) | ResponseNotFound(_) | RouteNotFound(_) => {
-                "not_found_error"
-            }
+            ModelNotFound(_)
+            | ApiNotServed(_)
+            | ResponseNotFound(_)
+            | ConversationNotFound(_)
+            | RouteNotFound(_) => "not_found_error",
             RateLimited { .. } => "rate_limit_error",
             BadGateway { .. } => "upstream_error",
             NoUpstreamAvailable(_) | BodyBufferFull { .. } => "service_unavailable",
@@ -198,6 +206,7 @@ impl Error {
             ModelNotFound(_) => "model_not_found",
             ApiNotServed(_) => "api_not_served",
             ResponseNotFound(_) => "response_not_found",
+            ConversationNotFound(_) => "conversation_not_found",
             RouteNotFound(_) => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             RequestTooLarge { .. } => "request_too_large",

@@ -57,7 +57,9 @@ mod usage_filter;
 
 pub use body::{Body, BoxError, Guarded, empty, full};
 pub use budget::BodyBudget;
-pub use endpoint::{Api, Dialect, Endpoint, StreamKind, response_id};
+pub use endpoint::{
+    Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
+};
 pub use error::{Error, ErrorBody};
 pub use meta::{Identity, RequestMeta};
 pub use parse::{Parse, ParseLayer, ParseLimits, parse, parse_object, parse_within};

@@ -85,6 +85,13 @@
 //! mock remembers the last 1024 stored responses: `previous_response_id`
 //! naming another id gets `404` with code `previous_response_not_found`.
 //!
+//! Conversations (OpenAI's Conversations API) are made by `POST
+//! /v1/conversations` (`conv_<hex>`, with the request's `metadata`), read by
+//! `GET /v1/conversations/{id}` and `…/items` (an empty list), and deleted by
+//! `DELETE`; the mock remembers the last 1024. A response whose
+//! `conversation` (an id, or an object with `id`) the mock did not make is
+//! `404` with `param` `conversation`; otherwise the response echoes it.
+//!
 //! Streamed, each event is `event: <type>` and `data:` JSON with `type` and
 //! `sequence_number`: `response.created` and `response.in_progress` (status
 //! `in_progress`, no output, `usage: null`), `response.output_item.added`,

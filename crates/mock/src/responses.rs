@@ -17,10 +17,13 @@ use crate::text::{self, Hasher};
 /// first.
 pub(crate) const STORE_CAPACITY: usize = 1024;
 
-/// The Responses API's state: the responses created (and stored) so far.
+/// The Responses API's state: the responses created (and stored) so far,
+/// and the conversations (OpenAI's Conversations API) they may add to.
 #[derive(Debug, Default)]
 pub(crate) struct Responses {
     store: Mutex<Store>,
+    /// Conversations, as [`Store`] keeps responses (the last 1024).
+    conversations: Mutex<Store>,
     /// Responses created so far: makes every id unique.
     created: AtomicU64,
 }
@@ -66,6 +69,80 @@ impl Responses {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn conversations(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.conversations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `POST /conversations`: a new conversation, with the request's
+    /// `metadata` (the body may be empty).
+    pub(crate) fn create_conversation(
+        &self,
+        body: &Value,
+        bytes: &[u8],
+    ) -> Result<Value, ApiError> {
+        let metadata = match body {
+            Value::Null => json!({}),
+            body => object(body)?
+                .get("metadata")
+                .filter(|m| !m.is_null())
+                .cloned()
+                .unwrap_or_else(|| json!({})),
+        };
+        let unique = self.unique_seed(bytes);
+        let conversation = json!({
+            "id": format!("conv_{:016x}", text::derive(unique, b"conv")),
+            "object": "conversation",
+            "created_at": CREATED,
+            "metadata": metadata,
+        });
+        self.conversations().insert(conversation.clone());
+        Ok(conversation)
+    }
+
+    /// `GET /conversations/{id}`.
+    pub(crate) fn get_conversation(&self, id: &str) -> Result<Value, ApiError> {
+        self.conversations()
+            .by_id
+            .get(id)
+            .cloned()
+            .ok_or_else(|| conversation_not_found(id, None))
+    }
+
+    /// `DELETE /conversations/{id}`.
+    pub(crate) fn delete_conversation(&self, id: &str) -> Result<Value, ApiError> {
+        self.conversations()
+            .remove(id)
+            .ok_or_else(|| conversation_not_found(id, None))?;
+        Ok(json!({ "id": id, "object": "conversation.deleted", "deleted": true }))
+    }
+
+    /// `GET /conversations/{id}/items`: an empty list.
+    pub(crate) fn conversation_items(&self, id: &str) -> Result<Value, ApiError> {
+        self.get_conversation(id)?;
+        Ok(empty_list())
+    }
+
+    /// The id of the conversation a create request adds to, which must be
+    /// one this mock made (`conversation`: an id, or an object with `id`).
+    fn check_conversation(&self, request: &Map<String, Value>) -> Result<(), ApiError> {
+        let id = match request.get("conversation") {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::String(id)) => id,
+            Some(Value::Object(c)) => match c.get("id") {
+                Some(Value::String(id)) => id,
+                _ => return Err(bad_conversation()),
+            },
+            Some(_) => return Err(bad_conversation()),
+        };
+        if self.conversations().by_id.contains_key(id) {
+            Ok(())
+        } else {
+            Err(conversation_not_found(id, Some("conversation")))
+        }
+    }
+
     /// A hash unique to this request: its body and how many responses came
     /// before it. Ids derive from it.
     fn unique_seed(&self, body: &[u8]) -> u64 {
@@ -87,6 +164,7 @@ impl Responses {
     ) -> Result<ResponseGen, ApiError> {
         let request = object(body)?;
         let conversation = conversation(request)?;
+        self.check_conversation(request)?;
         match request.get("previous_response_id") {
             None | Some(Value::Null) => {}
             Some(Value::String(previous)) => {
@@ -164,6 +242,11 @@ impl Responses {
             "status": status,
             "background": echo("background", json!(false)),
             "completed_at": if incomplete { Value::Null } else { json!(CREATED) },
+            "conversation": match request.get("conversation") {
+                Some(Value::String(id)) => json!({ "id": id }),
+                Some(Value::Object(c)) => json!({ "id": c.get("id") }),
+                _ => Value::Null,
+            },
             "error": null,
             "incomplete_details": if incomplete {
                 json!({ "reason": "max_output_tokens" })
@@ -232,13 +315,7 @@ impl Responses {
     /// `GET /responses/{id}/input_items`: an empty list.
     pub(crate) fn input_items(&self, id: &str) -> Result<Value, ApiError> {
         self.get(id)?;
-        Ok(json!({
-            "object": "list",
-            "data": [],
-            "first_id": null,
-            "last_id": null,
-            "has_more": false,
-        }))
+        Ok(empty_list())
     }
 
     /// `POST /responses/compact`: one compaction item standing for the
@@ -279,6 +356,31 @@ pub(crate) fn input_tokens(body: &Value, body_len: usize) -> Result<Value, ApiEr
 fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
     body.as_object()
         .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object", None))
+}
+
+fn empty_list() -> Value {
+    json!({
+        "object": "list",
+        "data": [],
+        "first_id": null,
+        "last_id": null,
+        "has_more": false,
+    })
+}
+
+fn conversation_not_found(id: &str, param: Option<&'static str>) -> ApiError {
+    ApiError::not_found_param(
+        format!("Conversation with id '{id}' not found."),
+        param,
+        None,
+    )
+}
+
+fn bad_conversation() -> ApiError {
+    ApiError::bad_request(
+        "Invalid type for 'conversation': expected a conversation id or an object with `id`.",
+        Some("conversation"),
+    )
 }
 
 fn not_found(id: &str) -> ApiError {

@@ -181,6 +181,9 @@ impl Mock {
         if path == "/messages" || path.starts_with("/messages/") {
             return route_messages(request, &params);
         }
+        if path == "/conversations" || path.starts_with("/conversations/") {
+            return self.route_conversations(request);
+        }
         match (method, path) {
             (&Method::POST, "/chat/completions" | "/completions") => {
                 let api = if path == "/completions" {
@@ -259,6 +262,34 @@ impl Mock {
             (&Method::GET, Some(id), Some("input_items"), None) if !id.is_empty() => {
                 responses.input_items(id)?
             }
+            _ => return Err(unknown_route(method, path)),
+        };
+        Ok(Reply::Json(reply))
+    }
+
+    /// The Conversations API's routes.
+    fn route_conversations(&self, request: &Route<'_>) -> Result<Reply, ApiError> {
+        let Route {
+            method,
+            path,
+            bytes,
+            ..
+        } = *request;
+        let responses = &self.shared.responses;
+        let sub = path.strip_prefix("/conversations").unwrap_or(path);
+        let segments: Vec<&str> = sub.split('/').skip(1).collect();
+        let reply = match (method, segments.as_slice()) {
+            (&Method::POST, []) => {
+                let body = if bytes.is_empty() {
+                    Value::Null
+                } else {
+                    parse_json(bytes)?
+                };
+                responses.create_conversation(&body, bytes)?
+            }
+            (&Method::GET, [id]) if !id.is_empty() => responses.get_conversation(id)?,
+            (&Method::DELETE, [id]) if !id.is_empty() => responses.delete_conversation(id)?,
+            (&Method::GET, [id, "items"]) if !id.is_empty() => responses.conversation_items(id)?,
             _ => return Err(unknown_route(method, path)),
         };
         Ok(Reply::Json(reply))

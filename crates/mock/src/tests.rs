@@ -890,6 +890,61 @@ async fn responses_are_remembered_by_id() {
 }
 
 #[tokio::test]
+async fn conversations_are_made_read_deleted_and_named_by_responses() {
+    let mock = Mock::default();
+    let body = json!({"metadata": {"topic": "demo"}});
+    let made = json_of(send(&mock, post("/v1/conversations", &body, &[])).await).await;
+    let id = made["id"].as_str().expect("id").to_owned();
+    assert!(id.starts_with("conv_"), "{made}");
+    assert_eq!(made["object"], "conversation");
+    assert_eq!(made["metadata"], json!({"topic": "demo"}));
+    // An empty body makes one too.
+    let empty = send(&mock, request("POST", "/v1/conversations", &[])).await;
+    assert_eq!(empty.status(), StatusCode::OK);
+    let get = |path: String| request("GET", &path, &[]);
+    assert_eq!(
+        json_of(send(&mock, get(format!("/v1/conversations/{id}"))).await).await,
+        made
+    );
+    let items = json_of(send(&mock, get(format!("/v1/conversations/{id}/items"))).await).await;
+    assert_eq!(items["object"], "list");
+    // A response adds to it, named by id or by object.
+    for named in [json!(id), json!({"id": id})] {
+        let mut turn = respond(json!("hi"));
+        turn["conversation"] = named;
+        let answer = json_of(send(&mock, post("/responses", &turn, &[])).await).await;
+        assert_eq!(answer["conversation"], json!({"id": id}));
+    }
+    let mut turn = respond(json!("hi"));
+    turn["conversation"] = json!("conv_unknown");
+    let response = send(&mock, post("/responses", &turn, &[])).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        json_of(response).await["error"],
+        json!({
+            "message": "Conversation with id 'conv_unknown' not found.",
+            "type": "invalid_request_error",
+            "param": "conversation",
+            "code": null,
+        })
+    );
+    turn["conversation"] = json!(5);
+    let response = send(&mock, post("/responses", &turn, &[])).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // Deleted, it is gone.
+    let path = format!("/v1/conversations/{id}");
+    let deleted = json_of(send(&mock, request("DELETE", &path, &[])).await).await;
+    assert_eq!(
+        deleted,
+        json!({"id": id, "object": "conversation.deleted", "deleted": true})
+    );
+    for path in [path.clone(), format!("{path}/items")] {
+        let response = send(&mock, get(path)).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+}
+
+#[tokio::test]
 async fn responses_count_input_tokens_and_compact() {
     let mock = Mock::default();
     let body = respond(json!("hello"));

@@ -1,4 +1,5 @@
-//! Response ids in Redis: `<prefix>resp:<id>` -> upstream name, with a TTL.
+//! Response and conversation ids in Redis: `<prefix><namespace>:<id>` ->
+//! upstream name (namespace `resp` or `conv`), with a TTL.
 //! Every call goes through a [`RedisLink`] (bounded, self-healing, a
 //! breaker while Redis keeps failing); a failure is a miss (logged, counted), never an
 //! error for the client beyond the 404 an unknown id gets anyway.
@@ -47,8 +48,8 @@ impl RedisIds {
         self.inner.errors.load(Ordering::Relaxed)
     }
 
-    fn key(&self, id: &str) -> String {
-        format!("{}resp:{id}", self.inner.prefix)
+    fn key(&self, namespace: &str, id: &str) -> String {
+        format!("{}{namespace}:{id}", self.inner.prefix)
     }
 
     fn failed<T>(&self, e: &RedisCallError) -> Option<T> {
@@ -59,9 +60,9 @@ impl RedisIds {
         None
     }
 
-    /// The upstream that holds `id`, if Redis knows it.
-    pub async fn get(&self, id: &str) -> Option<String> {
-        let key = self.key(id);
+    /// The upstream that holds `id` of `namespace`, if Redis knows it.
+    pub async fn get(&self, namespace: &str, id: &str) -> Option<String> {
+        let key = self.key(namespace, id);
         let key = &key;
         let get = |mut c: redis::aio::ConnectionManager| async move {
             c.get::<_, Option<String>>(key).await
@@ -72,13 +73,14 @@ impl RedisIds {
         }
     }
 
-    /// Remember `id -> upstream` for `ttl`, in the background.
-    pub fn set(&self, id: &str, upstream: &str, ttl: Duration) {
+    /// Remember `id` of `namespace` -> `upstream` for `ttl`, in the
+    /// background.
+    pub fn set(&self, namespace: &str, id: &str, upstream: &str, ttl: Duration) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let this = self.clone();
-        let (key, value) = (self.key(id), upstream.to_owned());
+        let (key, value) = (self.key(namespace, id), upstream.to_owned());
         rt.spawn(async move {
             let set = |mut c: redis::aio::ConnectionManager| async move {
                 c.set_ex::<_, _, ()>(key, value, ttl.as_secs()).await

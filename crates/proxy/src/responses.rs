@@ -24,6 +24,14 @@
 //! last byte of the answer that carries it is passed on, so a client's
 //! follow-up can never outrun it on this proxy; through Redis the write is
 //! in flight for a moment after.
+//!
+//! Conversations (OpenAI's Conversations API) are kept the same way, in
+//! their own map (`<prefix>conv:<id>` in Redis): recorded from answers to
+//! `POST /v1/conversations`, and pinned when a Responses request names one
+//! in `conversation` or a `/v1/conversations/{id}` path names one. One
+//! difference: a conversation id the map does not know is routed as if it
+//! were not named (conversations are long-lived and made outside the proxy
+//! too), while one another key made is a 404 `conversation_not_found`.
 
 use std::num::NonZeroUsize;
 use std::pin::Pin;
@@ -36,7 +44,10 @@ use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use llm_proxy_core::sse::Parser;
-use llm_proxy_core::{Body, BoxError, Endpoint, Error, PinnedUpstream, RequestMeta, UpstreamName};
+use llm_proxy_core::{
+    Body, BoxError, ConversationPath, Endpoint, Error, PinnedUpstream, RequestMeta, UpstreamName,
+    conversation_path,
+};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -85,9 +96,40 @@ impl Home {
     }
 }
 
-/// Where response ids are remembered.
+/// What an id names. Each kind has its own map, and its own Redis
+/// namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A stored response (`resp_…`).
+    Response,
+    /// A conversation of OpenAI's Conversations API (`conv_…`).
+    Conversation,
+}
+
+impl Kind {
+    fn namespace(self) -> &'static str {
+        match self {
+            Kind::Response => "resp",
+            Kind::Conversation => "conv",
+        }
+    }
+}
+
+/// What the map says of an id, to the key asking.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// The asking key's, on this upstream.
+    Yours(Arc<str>),
+    /// Another key's.
+    NotYours,
+    /// Never seen (or expired, or recorded by a proxy on another Redis).
+    Unknown,
+}
+
+/// Where response and conversation ids are remembered.
 pub struct ResponseIds {
-    memory: Mutex<IdMap>,
+    responses: Mutex<IdMap>,
+    conversations: Mutex<IdMap>,
     redis: Option<RedisIds>,
 }
 
@@ -104,26 +146,34 @@ impl ResponseIds {
     pub fn new(redis: Option<RedisIds>) -> Arc<Self> {
         let capacity = NonZeroUsize::new(CAPACITY).expect("a non-zero constant");
         Arc::new(ResponseIds {
-            memory: Mutex::new(lru::LruCache::new(capacity)),
+            responses: Mutex::new(lru::LruCache::new(capacity)),
+            conversations: Mutex::new(lru::LruCache::new(capacity)),
             redis,
         })
     }
 
-    fn record(&self, id: &str, home: &Home) {
-        self.memory
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn memory(&self, kind: Kind) -> std::sync::MutexGuard<'_, IdMap> {
+        match kind {
+            Kind::Response => &self.responses,
+            Kind::Conversation => &self.conversations,
+        }
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, kind: Kind, id: &str, home: &Home) {
+        self.memory(kind)
             .put(id.into(), (home.clone(), Instant::now()));
         if let Some(redis) = &self.redis {
-            redis.set(id, &home.encode(), TTL);
+            redis.set(kind.namespace(), id, &home.encode(), TTL);
         }
     }
 
-    /// The upstream holding `id`, if `owner` (the asking key, `None` without
-    /// auth) created it.
-    async fn lookup(&self, id: &str, owner: Option<&str>) -> Option<Arc<str>> {
+    /// Where `id` lives, as `owner` (the asking key, `None` without auth)
+    /// may know it.
+    pub(crate) async fn lookup(&self, kind: Kind, id: &str, owner: Option<&str>) -> Found {
         let local = {
-            let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut memory = self.memory(kind);
             match memory.get(id) {
                 Some((home, at)) if at.elapsed() < TTL => Some(home.clone()),
                 Some(_) => {
@@ -135,23 +185,24 @@ impl ResponseIds {
         };
         let home = match (local, &self.redis) {
             (Some(home), _) => home,
-            (None, Some(redis)) => Home::decode(&redis.get(id).await?),
-            (None, None) => return None,
+            (None, Some(redis)) => match redis.get(kind.namespace(), id).await {
+                Some(value) => Home::decode(&value),
+                None => return Found::Unknown,
+            },
+            (None, None) => return Found::Unknown,
         };
-        (home.owner.as_deref() == owner).then_some(home.upstream)
+        if home.owner.as_deref() == owner {
+            Found::Yours(home.upstream)
+        } else {
+            Found::NotYours
+        }
     }
-}
 
-impl ResponseIds {
-    /// Remember that `id` lives on `upstream` and belongs to `owner` (a
-    /// WebSocket turn's, read from its `response.created` message).
+    /// Remember that response `id` lives on `upstream` and belongs to
+    /// `owner` (a WebSocket turn's, read from its `response.created`
+    /// message).
     pub(crate) fn remember(&self, id: &str, upstream: Arc<str>, owner: Option<Arc<str>>) {
-        self.record(id, &Home { upstream, owner });
-    }
-
-    /// The upstream holding `id`, if `owner` created it.
-    pub(crate) async fn home_of(&self, id: &str, owner: Option<&str>) -> Option<Arc<str>> {
-        self.lookup(id, owner).await
+        self.record(Kind::Response, id, &Home { upstream, owner });
     }
 }
 
@@ -213,44 +264,132 @@ where
             let owner = meta
                 .and_then(RequestMeta::identity)
                 .map(|identity| identity.name.clone());
-            if let Some((id, param)) = named_id(&req, endpoint) {
-                let upstream = ids.lookup(&id, owner.as_deref()).await.ok_or_else(|| {
-                    Error::ResponseNotFound(format!(
+            let named = Named::of(&req, endpoint);
+            let mut pinned = false;
+            if let Some((id, param)) = named.response {
+                let Found::Yours(upstream) =
+                    ids.lookup(Kind::Response, &id, owner.as_deref()).await
+                else {
+                    return Err(Error::ResponseNotFound(format!(
                         "{param} `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
-                    ))
-                })?;
+                    )));
+                };
                 req.extensions_mut().insert(PinnedUpstream(upstream));
+                pinned = true;
             }
-            let resp = inner.call(req).await?;
-            if endpoint != Endpoint::Responses || !resp.status().is_success() {
+            // A conversation this proxy saw made is pinned to its upstream
+            // and kept to its key; one it never saw (made before it, or
+            // elsewhere) is routed as the request would be without it.
+            let mut by_conversation = None;
+            if let Some(id) = named.conversation {
+                match ids.lookup(Kind::Conversation, &id, owner.as_deref()).await {
+                    Found::Yours(upstream) => {
+                        if !pinned {
+                            req.extensions_mut()
+                                .insert(PinnedUpstream(upstream.clone()));
+                            by_conversation = Some((id, upstream));
+                        }
+                    }
+                    Found::NotYours => {
+                        return Err(Error::ConversationNotFound(format!(
+                            "conversation `{id}` was not found for this API key"
+                        )));
+                    }
+                    Found::Unknown => {}
+                }
+            }
+            let creates = match endpoint {
+                Endpoint::Responses => Some(Kind::Response),
+                Endpoint::Passthrough
+                    if req.method() == http::Method::POST
+                        && conversation_path(req.uri().path())
+                            == Some(ConversationPath::Collection) =>
+                {
+                    Some(Kind::Conversation)
+                }
+                _ => None,
+            };
+            let resp = match inner.call(req).await {
+                // The balancer's answer to a pin on an upstream gone from
+                // the config.
+                Err(Error::ResponseNotFound(_)) if let Some((id, upstream)) = by_conversation => {
+                    return Err(Error::ConversationNotFound(format!(
+                        "conversation `{id}` lives on upstream `{upstream}`, which is not configured any more"
+                    )));
+                }
+                other => other?,
+            };
+            let Some(kind) = creates.filter(|_| resp.status().is_success()) else {
                 return Ok(resp);
-            }
+            };
             let Some(UpstreamName(upstream)) = resp.extensions().get::<UpstreamName>().cloned()
             else {
                 return Ok(resp);
             };
-            let sse = resp
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| ct.starts_with("text/event-stream"));
+            let sse = kind == Kind::Response
+                && resp
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|ct| ct.starts_with("text/event-stream"));
             let home = Home { upstream, owner };
-            Ok(resp.map(|body| IdTap::new(body, sse, ids, home).boxed_unsync()))
+            Ok(resp.map(|body| IdTap::new(body, sse, ids, kind, home).boxed_unsync()))
         })
     }
 }
 
-/// The response id a request names, and the name of what named it.
-fn named_id(req: &Request<Body>, endpoint: Endpoint) -> Option<(String, &'static str)> {
-    match endpoint {
-        Endpoint::ResponseById => {
-            llm_proxy_core::response_id(req.uri().path()).map(|id| (id.to_owned(), "response id"))
+/// The ids a request names.
+#[derive(Default)]
+struct Named {
+    /// A response id, and the name of what named it.
+    response: Option<(String, &'static str)>,
+    /// A conversation id.
+    conversation: Option<String>,
+}
+
+impl Named {
+    fn of(req: &Request<Body>, endpoint: Endpoint) -> Named {
+        let path = req.uri().path();
+        match endpoint {
+            Endpoint::ResponseById => Named {
+                response: llm_proxy_core::response_id(path)
+                    .map(|id| (id.to_owned(), "response id")),
+                conversation: None,
+            },
+            Endpoint::Responses | Endpoint::ResponsesCompact | Endpoint::ResponsesInputTokens => {
+                let Some(json) = req
+                    .extensions()
+                    .get::<RequestMeta>()
+                    .and_then(RequestMeta::json)
+                else {
+                    return Named::default();
+                };
+                Named {
+                    response: json
+                        .get("previous_response_id")
+                        .and_then(serde_json::Value::as_str)
+                        .map(|id| (id.to_owned(), "previous_response_id")),
+                    conversation: conversation_id(json).map(str::to_owned),
+                }
+            }
+            Endpoint::Passthrough => Named {
+                response: None,
+                conversation: match conversation_path(path) {
+                    Some(ConversationPath::Id(id)) => Some(id.to_owned()),
+                    _ => None,
+                },
+            },
+            _ => Named::default(),
         }
-        Endpoint::Responses | Endpoint::ResponsesCompact | Endpoint::ResponsesInputTokens => {
-            let json = req.extensions().get::<RequestMeta>()?.json()?;
-            let id = json.get("previous_response_id")?.as_str()?;
-            Some((id.to_owned(), "previous_response_id"))
-        }
+    }
+}
+
+/// The conversation a Responses request adds to: `conversation` is its id,
+/// or an object with its `id`.
+pub(crate) fn conversation_id(json: &serde_json::Map<String, serde_json::Value>) -> Option<&str> {
+    match json.get("conversation")? {
+        serde_json::Value::String(id) => Some(id),
+        serde_json::Value::Object(c) => c.get("id")?.as_str(),
         _ => None,
     }
 }
@@ -262,18 +401,20 @@ enum Tap {
 }
 
 pin_project_lite::pin_project! {
-    /// An answer to `POST /v1/responses` on its way out, read for its id.
+    /// An answer to `POST /v1/responses` (or `POST /v1/conversations`) on
+    /// its way out, read for its id.
     pub struct IdTap {
         #[pin]
         inner: Body,
         tap: Tap,
         ids: Arc<ResponseIds>,
+        kind: Kind,
         home: Home,
     }
 }
 
 impl IdTap {
-    fn new(inner: Body, sse: bool, ids: Arc<ResponseIds>, home: Home) -> Self {
+    fn new(inner: Body, sse: bool, ids: Arc<ResponseIds>, kind: Kind, home: Home) -> Self {
         let tap = if sse {
             Tap::Sse(Box::new(Parser::new()))
         } else {
@@ -283,6 +424,7 @@ impl IdTap {
             inner,
             tap,
             ids,
+            kind,
             home,
         }
     }
@@ -532,7 +674,7 @@ impl HttpBody for IdTap {
             _ => None,
         };
         if let Some(id) = seen {
-            this.ids.record(&id, this.home);
+            this.ids.record(*this.kind, &id, this.home);
         }
         polled
     }

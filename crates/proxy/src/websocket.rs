@@ -85,7 +85,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::idle::Activity;
-use crate::responses::ResponseIds;
+use crate::responses::{Found, Kind, ResponseIds, conversation_id};
 
 /// A session to run once hyper has handed the client's connection over.
 pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -369,6 +369,9 @@ impl Session {
                 self.check_id(param, id).await?;
             }
         }
+        if let Some(id) = conversation_id(&json) {
+            self.check_conversation(id).await?;
+        }
         let meta = RequestMeta::parsed(
             Endpoint::Responses,
             Bytes::copy_from_slice(text.as_bytes()),
@@ -411,14 +414,38 @@ impl Session {
     /// A response id named by a message (as `param`): the key's, on this
     /// upstream.
     async fn check_id(&self, param: &str, id: &str) -> Result<(), Error> {
-        match self.ids.home_of(id, self.owner.as_deref()).await {
-            Some(home) if home == self.upstream => Ok(()),
-            Some(home) => Err(Error::ResponseNotFound(format!(
+        match self
+            .ids
+            .lookup(Kind::Response, id, self.owner.as_deref())
+            .await
+        {
+            Found::Yours(home) if home == self.upstream => Ok(()),
+            Found::Yours(home) => Err(Error::ResponseNotFound(format!(
                 "{param} `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
             ))),
-            None => Err(Error::ResponseNotFound(format!(
+            Found::NotYours | Found::Unknown => Err(Error::ResponseNotFound(format!(
                 "{param} `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
             ))),
+        }
+    }
+
+    /// A conversation named by a message: when this proxy saw it made, the
+    /// key's, on this upstream (one it never saw goes on, as over HTTP).
+    async fn check_conversation(&self, id: &str) -> Result<(), Error> {
+        match self
+            .ids
+            .lookup(Kind::Conversation, id, self.owner.as_deref())
+            .await
+        {
+            Found::Yours(home) if home != self.upstream => {
+                Err(Error::ConversationNotFound(format!(
+                    "conversation `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
+                )))
+            }
+            Found::NotYours => Err(Error::ConversationNotFound(format!(
+                "conversation `{id}` was not found for this API key"
+            ))),
+            Found::Yours(_) | Found::Unknown => Ok(()),
         }
     }
 
