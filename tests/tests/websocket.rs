@@ -1378,3 +1378,32 @@ async fn a_conversation_is_held_to_its_upstream_and_key() {
             .contains("not found for this API key")
     );
 }
+
+#[tokio::test]
+async fn a_response_that_ends_twice_is_charged_once() {
+    let addr = scripted(|| {
+        |v: &serde_json::Value| match v["type"].as_str() {
+            Some("response.create") => vec![
+                created("resp_1"),
+                completed("resp_1", 1000),
+                completed("resp_1", 1000),
+            ],
+            _ => vec![],
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let before = remaining_tokens(&p).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    // The repeat reaches the client too (the proxy relays, it does not
+    // edit), once the proxy has read it.
+    assert_eq!(next_event(&mut s).await["type"], "response.completed");
+    drop(s);
+    let charged = before.saturating_sub(remaining_tokens(&p).await);
+    // 1010 tokens used (less what refilled meanwhile), not 2020.
+    assert!((900..=1010).contains(&charged), "charged {charged}");
+}

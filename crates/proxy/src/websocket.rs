@@ -278,6 +278,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         models: upstream.models.clone(),
         turns: Mutex::default(),
         open_turns: AtomicUsize::new(0),
+        ended: Mutex::default(),
         counters: ctx.sockets.counters.clone(),
     };
     let run = relay(
@@ -315,8 +316,14 @@ struct Session {
     /// `response.create` messages sent on whose response has not ended
     /// (with or without a key): which silence bound applies.
     open_turns: AtomicUsize,
+    /// The responses that ended last (at most [`ENDED_KEPT`]): a second end
+    /// of one is ignored, not charged again.
+    ended: Mutex<VecDeque<Box<str>>>,
     counters: Arc<SocketCounters>,
 }
+
+/// How many ended responses a session remembers, to ignore a repeated end.
+const ENDED_KEPT: usize = 16;
 
 impl Session {
     /// Check a client's text message: `Ok` with the reservation of the
@@ -471,10 +478,19 @@ impl Session {
         };
         let id = event.response.as_ref().and_then(|r| r.id.as_deref());
         let model = event.response.as_ref().and_then(|r| r.model.as_deref());
-        if matches!(
+        let ends = matches!(
             &*event.kind,
-            "response.completed" | "response.incomplete" | "response.failed" | "error"
-        ) {
+            "response.completed" | "response.incomplete" | "response.failed"
+        );
+        if ends
+            && let Some(id) = id
+            && !self.first_end(id)
+        {
+            // A response that already ended (an upstream that repeats
+            // itself): its turn is settled, its tokens charged.
+            return;
+        }
+        if ends || event.kind == "error" {
             let _ = self
                 .open_turns
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
@@ -544,6 +560,20 @@ impl Session {
             }
             _ => {}
         }
+    }
+
+    /// Whether response `id` ends for the first time (as far as the last
+    /// [`ENDED_KEPT`] ends tell); remembers it.
+    fn first_end(&self, id: &str) -> bool {
+        let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        if ended.iter().any(|e| &**e == id) {
+            return false;
+        }
+        if ended.len() == ENDED_KEPT {
+            ended.pop_front();
+        }
+        ended.push_back(id.into());
+        true
     }
 
     /// Book a turn sent on (see [`Pending`] and [`MAX_PENDING`]).
@@ -1009,6 +1039,7 @@ mod tests {
             models: None,
             turns: Mutex::default(),
             open_turns: AtomicUsize::new(0),
+            ended: Mutex::default(),
             counters: Arc::default(),
         };
         for i in 0..5_000 {
