@@ -507,3 +507,50 @@ async fn a_wrong_key_is_refused_before_the_body_is_read() {
     assert!(answer.contains("route_not_allowed"), "{answer}");
     assert_eq!(up.stats.requests(), 0);
 }
+
+#[tokio::test]
+async fn a_background_response_under_a_token_limit_must_bound_itself() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "{}\n[auth]\n\
+         [[auth.keys]]\nname = \"tpm\"\nkey = \"sk-tpm\"\ntokens_per_minute = 1000\n\
+         [[auth.keys]]\nname = \"free\"\nkey = \"sk-free\"\n",
+        one_upstream(&up.base_url(), "apis = [\"responses\"]")
+    ))
+    .await;
+    let post = |key: &'static str, body: serde_json::Value| {
+        send(request(
+            Method::POST,
+            &p.url("/v1/responses"),
+            &[("authorization", key), ("content-type", "application/json")],
+            body.to_string(),
+        ))
+    };
+    let background = |cap: Option<u64>| {
+        let mut body = serde_json::json!({"model": "m", "input": "x", "background": true});
+        if let Some(cap) = cap {
+            body["max_output_tokens"] = cap.into();
+        }
+        body
+    };
+    // Unbounded, or bounded beyond what one reservation can charge.
+    for cap in [None, Some(5000)] {
+        let refused = post("Bearer sk-tpm", background(cap)).await;
+        refused.assert_error(400, "invalid_request_error", "unsupported_parameter");
+        assert_eq!(refused.json()["error"]["param"], "max_output_tokens");
+    }
+    assert_eq!(up.stats.requests(), 0);
+    // Bounded within the limit; and a key without a token limit as it likes.
+    let bounded = post("Bearer sk-tpm", background(Some(100))).await;
+    assert_eq!(bounded.status, 200, "{}", bounded.text());
+    let free = post("Bearer sk-free", background(None)).await;
+    assert_eq!(free.status, 200, "{}", free.text());
+    // Not in the background: settled from its usage, as ever.
+    let plain = post(
+        "Bearer sk-tpm",
+        serde_json::json!({"model": "m", "input": "x"}),
+    )
+    .await;
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert_eq!(up.stats.requests(), 3);
+}

@@ -378,12 +378,16 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
     })
 }
 
-/// What a key may name in a request body: a model on its allowlist, and a
-/// Responses `conversation` only with `passthrough`. Conversations are made
-/// and read through `/v1/conversations`, a passthrough route, so a key
-/// without it has none of its own; and the proxy does not know which key
-/// made which conversation (the upstream holds every tenant's under one
-/// upstream key), so an id learnt elsewhere must not open one.
+/// What a key may name in a request body: a model on its allowlist; a
+/// Responses `conversation` only with `passthrough`; and, under a token
+/// limit, a Responses `background` only with a bound (see
+/// [`check_background`]).
+///
+/// Conversations are made and read through `/v1/conversations`, a
+/// passthrough route, so a key without it has none of its own; and the
+/// proxy knows which key made a conversation only when it saw it made (the
+/// upstream holds every tenant's under one upstream key), so an id learnt
+/// elsewhere must not open one.
 pub fn check_body(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
     if let Some(model) = meta.model()
         && !key.allows_model(model)
@@ -403,6 +407,50 @@ pub fn check_body(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
         return Err(Error::RouteNotAllowed(
             "the `conversation` parameter (conversations are a passthrough API; the key lacks `passthrough`)"
                 .into(),
+        ));
+    }
+    check_background(key, meta)
+}
+
+/// A background response (`"background": true`) generates after its answer
+/// has gone: its usage never passes through the proxy, so the reservation
+/// is all it is charged. Under a token limit it must therefore bound itself
+/// with `max_output_tokens`, and its estimate (prompt bytes / 4 plus that
+/// cap) must fit in the limit, which caps any one reservation; otherwise a
+/// key could generate without limit for 256 tokens a request.
+fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
+    let Some(tokens) = key.limits.tokens else {
+        return Ok(());
+    };
+    let Some(json) = meta
+        .json()
+        .filter(|_| meta.endpoint() == Endpoint::Responses)
+    else {
+        return Ok(());
+    };
+    if json.get("background").and_then(Value::as_bool) != Some(true) {
+        return Ok(());
+    }
+    let refuse = |message: String| {
+        Err(Error::UnsupportedParameter {
+            param: "max_output_tokens".into(),
+            message,
+        })
+    };
+    if json
+        .get("max_output_tokens")
+        .and_then(Value::as_u64)
+        .is_none()
+    {
+        return refuse(
+            "a background response needs `max_output_tokens` under this key's token limit: its usage never reaches the proxy, so its estimate is its charge".into(),
+        );
+    }
+    let estimate = estimate_tokens(meta);
+    if estimate > u64::from(tokens.limit) {
+        return refuse(format!(
+            "a background response is charged its estimate ({estimate} tokens: prompt bytes / 4 plus `max_output_tokens`), which must fit in this key's limit of {} tokens per minute",
+            tokens.limit
         ));
     }
     Ok(())
