@@ -580,7 +580,7 @@ async fn wait_buffered(p: &TestProxy, bytes: u64) {
 async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
     let up = mock_named("m").await;
     let p = proxy(&format!(
-        "max_body_bytes = 1000\nmax_buffered_body_bytes = 1500\n{}",
+        "max_body_bytes = 1000\nmax_buffered_body_bytes = 3500\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
@@ -604,11 +604,13 @@ async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
     conn.write_all(&slow.as_bytes()[..700]).await.unwrap();
     wait_buffered(&p, 700).await;
 
-    // 700 + 900 > 1500: refused.
+    // A body holds its bytes and the value they are parsed into: a chat
+    // request of 900 bytes, ~3200 in all (two objects, ~630 each, an array
+    // and its strings), fits alone. Beside the 700: refused.
     let refused = post_json(&url, &chat_of_len(900)).await;
     refused.assert_error(503, "service_unavailable", "server_overloaded");
     assert_eq!(refused.header("retry-after"), Some("1"));
-    // 700 + 400 fits.
+    // 700 + 400 (~2200 parsed) fits.
     assert_eq!(post_json(&url, &chat_of_len(400)).await.status, 200);
     // The slow body completes and is answered; its bytes are given back.
     conn.write_all(&slow.as_bytes()[700..]).await.unwrap();
@@ -805,4 +807,29 @@ async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
     assert!(!broken, "B ran to its end");
     assert!(String::from_utf8_lossy(&body).contains("data: [DONE]"));
     drop(unread);
+}
+
+#[tokio::test]
+async fn a_body_that_parses_into_far_more_than_its_bytes_is_counted_as_such() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "max_body_bytes = 65536\nmax_buffered_body_bytes = 1048576\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let url = p.url("/v1/chat/completions");
+    // 60 KiB of `{"":0}` objects: ~6 MiB once parsed (a B-tree leaf each),
+    // past the 1 MiB budget though the bytes are well within it.
+    let mut heavy = String::from(r#"{"model":"m","messages":[],"x":["#);
+    while heavy.len() < 60 << 10 {
+        heavy.push_str(r#"{"":0},"#);
+    }
+    heavy.push_str("0]}");
+    let refused = post_json(&url, &heavy).await;
+    refused.assert_error(503, "service_unavailable", "server_overloaded");
+    assert_eq!(up.stats.requests(), 0);
+    wait_buffered(&p, 0).await;
+    // The same bytes of chat text parse into about themselves.
+    assert_eq!(post_json(&url, &chat_of_len(60 << 10)).await.status, 200);
+    wait_buffered(&p, 0).await;
 }

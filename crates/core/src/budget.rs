@@ -98,6 +98,12 @@ impl Claim {
         }
     }
 
+    /// What the budget has left for this claim to grow by.
+    pub(crate) fn room(&self) -> usize {
+        let used = self.budget.used.load(Ordering::Relaxed);
+        self.budget.limit.saturating_sub(used)
+    }
+
     /// Give back what is held beyond `total` (a body shorter than its
     /// `content-length` said).
     pub(crate) fn shrink_to(&mut self, total: usize) {
@@ -107,9 +113,9 @@ impl Claim {
         }
     }
 
-    /// `bytes`, holding this claim until their last clone is dropped.
-    pub(crate) fn attach(mut self, bytes: Bytes) -> Bytes {
-        self.shrink_to(bytes.len());
+    /// `bytes`, holding this claim (what it holds: the bytes, and what was
+    /// built from them) until their last clone is dropped.
+    pub(crate) fn attach(self, bytes: Bytes) -> Bytes {
         if self.bytes == 0 {
             return bytes;
         }
@@ -154,6 +160,7 @@ mod tests {
         assert!(!b.hold(41), "60 + 41 > 100");
         assert!(b.hold(40));
         assert_eq!(budget.in_use(), 100);
+        a.shrink_to(50);
         let bytes = a.attach(Bytes::from(vec![7u8; 50]));
         assert_eq!(budget.in_use(), 90, "shrunk to the body's length");
         let copy = bytes.clone();
