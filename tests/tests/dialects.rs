@@ -688,6 +688,28 @@ async fn conversations_follow_across_proxies_and_stay_with_their_key() {
         .await
         .assert_error(404, "not_found_error", "conversation_not_found");
     }
+    // With auth, one the proxy never saw made cannot be told to be the
+    // key's: refused before any upstream sees it, as a response id is.
+    post_with(
+        &first.url("/v1/responses"),
+        in_conversation("conv_never".into(), false),
+        &[a],
+    )
+    .await
+    .assert_error(404, "not_found_error", "conversation_not_found");
+    // A path an upstream might decode into the id is no route at all.
+    let escaped = id.replacen('_', "%5F", 1);
+    for p in [&first, &second] {
+        for path in [
+            format!("/v1/conversations/{escaped}"),
+            format!("/v1//conversations/{id}"),
+            format!("/v1/conversations/conv_x/../{id}"),
+        ] {
+            send(request(Method::GET, &p.url(&path), &[b], ""))
+                .await
+                .assert_error(404, "not_found_error", "route_not_found");
+        }
+    }
     // A proxy without its upstream says so, rather than guessing.
     let gone = get(&third, a).await;
     gone.assert_error(404, "not_found_error", "conversation_not_found");

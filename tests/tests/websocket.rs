@@ -1312,17 +1312,21 @@ async fn a_client_that_only_pings_and_reads_nothing_is_closed() {
 
 #[tokio::test]
 async fn a_conversation_is_held_to_its_upstream_and_key() {
-    // Passthrough goes to `plain`, the first upstream; WebSockets to `ws`.
+    // `plain` serves model `p` (no WebSocket), `ws` model `m`: a
+    // passthrough body's model picks where a conversation is made.
     let plain = mock_named("plain").await;
     let ws = mock_named("ws").await;
-    let toml = format!(
-        "[[upstream]]\nname = \"plain\"\nurl = \"{}\"\napis = [\"responses\"]\n{}[auth]\n\
-         [[auth.keys]]\nname = \"carol\"\nkey = \"sk-carol\"\npassthrough = true\n\
-         [[auth.keys]]\nname = \"dave\"\nkey = \"sk-dave\"\npassthrough = true\n",
+    let upstreams = format!(
+        "[[upstream]]\nname = \"plain\"\nurl = \"{}\"\napis = [\"responses\"]\nmodels = [\"p\"]\n{}",
         plain.base_url(),
-        ws_upstream("ws", &ws.base_url(), ""),
+        ws_upstream("ws", &ws.base_url(), "models = [\"m\"]"),
     );
-    let p = proxy(&toml).await;
+    let p = proxy(&format!(
+        "{upstreams}[auth]\n\
+         [[auth.keys]]\nname = \"carol\"\nkey = \"sk-carol\"\npassthrough = true\n\
+         [[auth.keys]]\nname = \"dave\"\nkey = \"sk-dave\"\npassthrough = true\n"
+    ))
+    .await;
     let make = |url: String, key: &'static str, body: &'static str| {
         send(request(
             Method::POST,
@@ -1331,51 +1335,81 @@ async fn a_conversation_is_held_to_its_upstream_and_key() {
             body,
         ))
     };
-    let made = make(p.url("/v1/conversations"), "Bearer sk-carol", "{}").await;
-    assert_eq!(made.header("x-llm-proxy-upstream"), Some("plain"));
-    let on_plain = made.json()["id"].as_str().unwrap().to_owned();
-    // One the proxy never saw made, on the WebSocket's upstream (another
-    // body: the mocks' ids derive from it).
+    let made_on = |answer: Answer, home: &str| {
+        assert_eq!(
+            answer.header("x-llm-proxy-upstream"),
+            Some(home),
+            "{}",
+            answer.text()
+        );
+        answer.json()["id"].as_str().unwrap().to_owned()
+    };
+    let url = p.url("/v1/conversations");
+    let on_plain = made_on(
+        make(url.clone(), "Bearer sk-carol", r#"{"model": "p"}"#).await,
+        "plain",
+    );
+    let on_ws = made_on(
+        make(url, "Bearer sk-carol", r#"{"model": "m"}"#).await,
+        "ws",
+    );
+    // One the proxy never saw made, on the WebSocket's upstream.
     let direct = make(
         format!("{}/conversations", ws.base_url()),
         "Bearer x",
         r#"{"metadata": {"made": "directly"}}"#,
     )
-    .await;
-    let on_ws = direct.json()["id"].as_str().unwrap().to_owned();
+    .await
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let in_conversation =
         |id: &str| serde_json::json!({"model": "m", "input": "x", "conversation": id});
+    let refused_with = |events: &[serde_json::Value], words: &str| {
+        assert_eq!(refusal(events), (404, "conversation_not_found".into()));
+        let message = events[0]["error"]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{message}");
+    };
 
     let (mut carol, _) = connect(p.addr, &[("authorization", "Bearer sk-carol")])
         .await
         .unwrap();
-    // Hers, but on the other upstream: refused before it reaches this one.
-    let events = turn(&mut carol, in_conversation(&on_plain)).await;
-    assert_eq!(refusal(&events), (404, "conversation_not_found".into()));
-    assert!(
-        events[0]["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("lives on upstream `plain`")
-    );
-    // One the proxy does not know goes on, and the upstream holds it.
+    // Hers, on this upstream: goes on.
     let events = turn(&mut carol, in_conversation(&on_ws)).await;
     assert_eq!(
         events.last().unwrap()["type"],
         "response.completed",
         "{events:?}"
     );
-    // Carol's conversation does not exist for dave.
+    // Hers, but on the other upstream: refused before it reaches this one.
+    refused_with(
+        &turn(&mut carol, in_conversation(&on_plain)).await,
+        "lives on upstream `plain`",
+    );
+    // One the proxy does not know: with auth, whose it is cannot be told.
+    refused_with(
+        &turn(&mut carol, in_conversation(&direct)).await,
+        "not known to this proxy",
+    );
+    // Carol's does not exist for dave.
     let (mut dave, _) = connect(p.addr, &[("authorization", "Bearer sk-dave")])
         .await
         .unwrap();
-    let events = turn(&mut dave, in_conversation(&on_plain)).await;
-    assert_eq!(refusal(&events), (404, "conversation_not_found".into()));
-    assert!(
-        events[0]["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not found for this API key")
+    refused_with(
+        &turn(&mut dave, in_conversation(&on_ws)).await,
+        "not known to this proxy",
+    );
+
+    // Without auth (one tenant) one the proxy does not know goes on, and the
+    // upstream holds it.
+    let open = proxy(&upstreams).await;
+    let (mut anyone, _) = connect(open.addr, &[]).await.unwrap();
+    let events = turn(&mut anyone, in_conversation(&direct)).await;
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "response.completed",
+        "{events:?}"
     );
 }
 

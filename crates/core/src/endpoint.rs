@@ -93,9 +93,14 @@ pub enum StreamKind {
 }
 
 impl Endpoint {
-    /// Classify a request path (without query). `None` for paths outside `/v1/`.
+    /// Classify a request path (without query). `None` for paths outside
+    /// `/v1/`, and for paths an upstream may read as another path than the
+    /// proxy does (see [`is_plain`]).
     pub fn from_path(path: &str) -> Option<Endpoint> {
         let rest = path.strip_prefix("/v1/")?.trim_end_matches('/');
+        if !is_plain(rest) {
+            return None;
+        }
         Some(match rest {
             "chat/completions" => Endpoint::ChatCompletions,
             "completions" => Endpoint::Completions,
@@ -195,6 +200,21 @@ impl Endpoint {
     }
 }
 
+/// Whether a path (after `/v1/`, trailing slashes trimmed) means one thing
+/// to every server: no empty segment, no `.` or `..` segment, no
+/// percent-escape, no backslash. The proxy routes, pins and checks ids by
+/// the path as written and forwards it as written; an upstream that merges
+/// slashes, resolves dot segments or decodes escapes (as nginx and most web
+/// frameworks do) would read `/v1//conversations/x`,
+/// `/v1/conversations/mine/../theirs` or `/v1/conversations/conv%5Fx` as a
+/// path the proxy never checked. OpenAI's API paths need none of these.
+fn is_plain(rest: &str) -> bool {
+    !rest.contains(['%', '\\'])
+        && rest
+            .split('/')
+            .all(|segment| !matches!(segment, "" | "." | ".."))
+}
+
 /// The response id of `/v1/responses/{id}`, `/v1/responses/{id}/cancel` and
 /// `/v1/responses/{id}/input_items`.
 pub fn response_id(path: &str) -> Option<&str> {
@@ -234,6 +254,34 @@ pub fn conversation_path(path: &str) -> Option<ConversationPath<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_an_upstream_may_read_otherwise_are_not_routed() {
+        for path in [
+            "/v1//conversations/conv_1",
+            "/v1/conversations//conv_1",
+            "/v1/conversations/mine/../theirs",
+            "/v1/conversations/./conv_1",
+            "/v1/conversations/conv%5F1",
+            "/v1/responses/resp%5F1",
+            "/v1/chat%2Fcompletions",
+            "/v1/files\\x",
+            "/v1/..",
+        ] {
+            assert_eq!(Endpoint::from_path(path), None, "{path}");
+        }
+        for path in [
+            "/v1/files/file-1",
+            "/v1/conversations/conv_1/",
+            "/v1/a.b/c..d",
+        ] {
+            assert_eq!(
+                Endpoint::from_path(path),
+                Some(Endpoint::Passthrough),
+                "{path}"
+            );
+        }
+    }
 
     #[test]
     fn conversation_paths() {

@@ -28,10 +28,11 @@
 //! Conversations (OpenAI's Conversations API) are kept the same way, in
 //! their own map (`<prefix>conv:<id>` in Redis): recorded from answers to
 //! `POST /v1/conversations`, and pinned when a Responses request names one
-//! in `conversation` or a `/v1/conversations/{id}` path names one. One
-//! difference: a conversation id the map does not know is routed as if it
-//! were not named (conversations are long-lived and made outside the proxy
-//! too), while one another key made is a 404 `conversation_not_found`.
+//! in `conversation` or a `/v1/conversations/{id}` path names one; each use
+//! keeps one for another TTL. One difference, without auth only: a
+//! conversation id the map does not know is routed as if it were not named
+//! (conversations are long-lived and made outside the proxy too). With auth
+//! it is a 404 `conversation_not_found`, as another key's is.
 
 use std::num::NonZeroUsize;
 use std::pin::Pin;
@@ -198,6 +199,12 @@ impl ResponseIds {
         }
     }
 
+    /// Keep conversation `id` (of `owner`, on `upstream`) for another TTL:
+    /// a conversation in use is not forgotten.
+    pub(crate) fn keep_conversation(&self, id: &str, upstream: Arc<str>, owner: Option<Arc<str>>) {
+        self.record(Kind::Conversation, id, &Home { upstream, owner });
+    }
+
     /// Remember that response `id` lives on `upstream` and belongs to
     /// `owner` (a WebSocket turn's, read from its `response.created`
     /// message).
@@ -278,23 +285,25 @@ where
                 pinned = true;
             }
             // A conversation this proxy saw made is pinned to its upstream
-            // and kept to its key; one it never saw (made before it, or
-            // elsewhere) is routed as the request would be without it.
+            // and kept to its key (each use keeps it for another TTL). One
+            // it never saw (made before it, or elsewhere) is, without auth,
+            // routed as the request would be without it; with auth it is
+            // refused, as a response id is: the proxy cannot tell whose it
+            // is (it may be one evicted from the map, or one Redis could
+            // not answer for).
             let mut by_conversation = None;
             if let Some(id) = named.conversation {
                 match ids.lookup(Kind::Conversation, &id, owner.as_deref()).await {
                     Found::Yours(upstream) => {
+                        ids.keep_conversation(&id, upstream.clone(), owner.clone());
                         if !pinned {
                             req.extensions_mut()
                                 .insert(PinnedUpstream(upstream.clone()));
                             by_conversation = Some((id, upstream));
                         }
                     }
-                    Found::NotYours => {
-                        return Err(Error::ConversationNotFound(format!(
-                            "conversation `{id}` was not found for this API key"
-                        )));
-                    }
+                    Found::NotYours => return Err(conversation_not_found(&id)),
+                    Found::Unknown if owner.is_some() => return Err(conversation_not_found(&id)),
                     Found::Unknown => {}
                 }
             }
@@ -336,6 +345,14 @@ where
             Ok(resp.map(|body| IdTap::new(body, sse, ids, kind, home).boxed_unsync()))
         })
     }
+}
+
+/// The answer to a key naming a conversation it cannot use: as if it did
+/// not exist.
+pub(crate) fn conversation_not_found(id: &str) -> Error {
+    Error::ConversationNotFound(format!(
+        "conversation `{id}` is not known to this proxy for this API key (made by another key, made elsewhere, or unused for 7 days)"
+    ))
 }
 
 /// The ids a request names.

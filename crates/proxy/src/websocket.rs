@@ -85,7 +85,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::idle::Activity;
-use crate::responses::{Found, Kind, ResponseIds, conversation_id};
+use crate::responses::{Found, Kind, ResponseIds, conversation_id, conversation_not_found};
 
 /// A session to run once hyper has handed the client's connection over.
 pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -376,9 +376,6 @@ impl Session {
                 self.check_id(param, id).await?;
             }
         }
-        if let Some(id) = conversation_id(&json) {
-            self.check_conversation(id).await?;
-        }
         let meta = RequestMeta::parsed(
             Endpoint::Responses,
             Bytes::copy_from_slice(text.as_bytes()),
@@ -394,10 +391,17 @@ impl Session {
             create,
             reservation,
         };
+        // What the key may name first (a `conversation` needs
+        // `passthrough`), then where a conversation lives, as over HTTP.
+        if let Some(key) = &self.key {
+            check_body(key, &meta)?;
+        }
+        if let Some(id) = meta.json().and_then(conversation_id) {
+            self.check_conversation(id).await?;
+        }
         let Some(key) = &self.key else {
             return Ok(admitted(None));
         };
-        check_body(key, &meta)?;
         match (&self.auth, turn) {
             (Some(auth), true) => Ok(admitted(Some(auth.admit_turn(key, &meta).await?))),
             _ => Ok(admitted(None)),
@@ -436,8 +440,9 @@ impl Session {
         }
     }
 
-    /// A conversation named by a message: when this proxy saw it made, the
-    /// key's, on this upstream (one it never saw goes on, as over HTTP).
+    /// A conversation named by a message: the key's, on this upstream, when
+    /// this proxy saw it made; one it never saw goes on without auth and is
+    /// refused with it, as over HTTP.
     async fn check_conversation(&self, id: &str) -> Result<(), Error> {
         match self
             .ids
@@ -449,10 +454,13 @@ impl Session {
                     "conversation `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
                 )))
             }
-            Found::NotYours => Err(Error::ConversationNotFound(format!(
-                "conversation `{id}` was not found for this API key"
-            ))),
-            Found::Yours(_) | Found::Unknown => Ok(()),
+            Found::Yours(home) => {
+                self.ids.keep_conversation(id, home, self.owner.clone());
+                Ok(())
+            }
+            Found::NotYours => Err(conversation_not_found(id)),
+            Found::Unknown if self.owner.is_some() => Err(conversation_not_found(id)),
+            Found::Unknown => Ok(()),
         }
     }
 
