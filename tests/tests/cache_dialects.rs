@@ -237,3 +237,67 @@ async fn incomplete_and_broken_answers_are_not_stored() {
         );
     }
 }
+
+#[tokio::test]
+async fn answers_that_depend_on_more_than_the_body_bypass_the_cache() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    let with = |base: String, extra: serde_json::Value| {
+        let mut body: serde_json::Value = serde_json::from_str(&base).unwrap();
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body.to_string()
+    };
+    let messages = |extra| with(messages_body(false), extra);
+    let cases = [
+        // A code-execution container keeps files between requests.
+        (MESSAGES, messages(json!({"container": "container_1"}))),
+        (
+            MESSAGES,
+            messages(json!({"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]})),
+        ),
+        (
+            MESSAGES,
+            messages(json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]})),
+        ),
+        (
+            RESPONSES,
+            responses_body(
+                false,
+                json!({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}),
+            ),
+        ),
+        (
+            RESPONSES,
+            responses_body(false, json!({"tools": [{"type": "web_search_preview"}]})),
+        ),
+        (
+            "/v1/chat/completions",
+            with(chat("m", false), json!({"web_search_options": {}})),
+        ),
+    ];
+    for (path, body) in cases {
+        for _ in 0..2 {
+            let answer = if path == MESSAGES {
+                post_messages(&p.url(path), &body).await
+            } else {
+                post_json(&p.url(path), &body).await
+            };
+            assert_eq!(cache(&answer), Some("bypass"), "{body}");
+        }
+    }
+    // A function tool (run by the client) is part of the body: cached.
+    let tools = responses_body(
+        false,
+        json!({"tools": [{"type": "function", "name": "f", "parameters": {}}]}),
+    );
+    assert_eq!(
+        cache(&post_json(&p.url(RESPONSES), &tools).await),
+        Some("miss")
+    );
+    assert_eq!(
+        cache(&post_json(&p.url(RESPONSES), &tools).await),
+        Some("hit")
+    );
+}

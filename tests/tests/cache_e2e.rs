@@ -336,3 +336,73 @@ async fn redis_going_away_degrades_to_misses() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn the_query_string_is_part_of_the_key() {
+    let up = mock_named("m").await;
+    let p = proxy(&memory(&up.base_url())).await;
+    let at = |query: &str| p.url(&format!("{CHAT_PATH}{query}"));
+    let body = chat("m", false);
+    let cache_of = |a: Answer| a.header("x-llm-proxy-cache").map(str::to_owned);
+    assert_eq!(
+        cache_of(post_json(&at("?api-version=1"), &body).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        cache_of(post_json(&at("?api-version=2"), &body).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        cache_of(post_json(&at(""), &body).await).as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        cache_of(post_json(&at("?api-version=2"), &body).await).as_deref(),
+        Some("hit")
+    );
+    assert_eq!(up.stats.requests(), 3);
+}
+
+#[tokio::test]
+async fn an_error_answered_with_200_is_not_stored() {
+    // OpenRouter-style: `200` with an error object, then a real answer.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let addr = raw_upstream(move |mut conn| {
+        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            while read_request_head(&mut conn).await {
+                let body = if n == 0 {
+                    r#"{"error":{"message":"upstream overloaded","code":502}}"#
+                } else {
+                    r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                return;
+            }
+        }
+    })
+    .await;
+    let p = proxy(&memory(&format!("http://{addr}/v1"))).await;
+    let first = post_json(&p.url(CHAT_PATH), &chat("m", false)).await;
+    assert!(
+        first.text().contains("upstream overloaded"),
+        "{}",
+        first.text()
+    );
+    // (Storing happens off the client's path: give it time to go wrong.)
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let second = post_json(&p.url(CHAT_PATH), &chat("m", false)).await;
+    assert_eq!(
+        second.header("x-llm-proxy-cache"),
+        Some("miss"),
+        "{}",
+        second.text()
+    );
+    assert_eq!(second.json()["object"], "chat.completion");
+}

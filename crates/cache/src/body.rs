@@ -320,21 +320,35 @@ fn owned_content_type(ct: &[u8]) -> Bytes {
     }
 }
 
-/// Whether `body` is JSON that follows `rule`.
+/// Whether `body` is a JSON answer that follows `rule`. Never one that is
+/// an error: some OpenAI-compatible servers (OpenRouter among them) answer
+/// `200` with `{"error": …}`, and Anthropic's errors are
+/// `{"type": "error", …}`; stored, such an answer would be replayed for the
+/// whole TTL.
 fn json_follows(body: &[u8], rule: JsonRule) -> bool {
     #[derive(serde::Deserialize)]
-    struct Status<'a> {
+    struct Answer<'a> {
         #[serde(default, borrow)]
         status: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+        /// `null` reads as absent.
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
+    }
+    // An object: serde would also read a struct from an array.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return false;
+    }
+    let Ok(answer) = serde_json::from_slice::<Answer<'_>>(body) else {
+        return false;
+    };
+    if answer.error.is_some() || answer.kind.as_deref() == Some("error") {
+        return false;
     }
     match rule {
-        JsonRule::Any => serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok(),
-        // An object: serde would also read a struct from an array.
-        JsonRule::CompletedResponse => {
-            body.trim_ascii_start().starts_with(b"{")
-                && serde_json::from_slice::<Status<'_>>(body)
-                    .is_ok_and(|response| response.status.as_deref() == Some("completed"))
-        }
+        JsonRule::Any => true,
+        JsonRule::CompletedResponse => answer.status.as_deref() == Some("completed"),
     }
 }
 
@@ -501,6 +515,28 @@ mod tests {
         }
         assert!(json_follows(
             br#"{"id":"r","status":"failed"}"#,
+            JsonRule::Any
+        ));
+    }
+
+    #[test]
+    fn an_error_answered_with_200_is_never_stored() {
+        for body in [
+            &br#"{"error":{"message":"upstream overloaded","code":502}}"#[..],
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"m"}}"#,
+            br#"{"id":"r","status":"completed","error":{"code":"x"}}"#,
+            br#"[{"id":"x"}]"#,
+            br#""text""#,
+        ] {
+            let text = String::from_utf8_lossy(body);
+            assert!(!json_follows(body, JsonRule::Any), "{text}");
+            assert!(!json_follows(body, JsonRule::CompletedResponse), "{text}");
+        }
+        // `error: null`, as every Responses object has, is no error.
+        let fine = br#"{"id":"r","status":"completed","error":null}"#;
+        assert!(json_follows(fine, JsonRule::CompletedResponse));
+        assert!(json_follows(
+            br#"{"type":"message","content":[]}"#,
             JsonRule::Any
         ));
     }

@@ -20,8 +20,9 @@ use crate::CacheScope;
 /// - `user`, `safety_identifier`: end-user ids for the provider's abuse
 ///   monitoring;
 /// - `prompt_cache_key`: a routing hint for the provider's prompt cache;
-/// - `stream_options`: only decides whether the usage chunk is sent, which
-///   the cache decides per client at replay.
+/// - `stream_options`: its `include_usage` only decides whether the usage
+///   chunk is sent, which the cache decides per client at replay; its other
+///   fields go back into the key (see `write_canonical_body`).
 ///
 /// `stream` is part of the key: a streamed entry holds SSE frames, a plain
 /// one a JSON body.
@@ -169,9 +170,26 @@ impl CacheKey {
         body: &Map<String, Value>,
         headers: &HeaderMap,
     ) -> CacheKey {
+        CacheKey::build(endpoint, None, scope, body, headers)
+    }
+
+    fn build(
+        endpoint: Endpoint,
+        query: Option<&str>,
+        scope: &KeyScope,
+        body: &Map<String, Value>,
+        headers: &HeaderMap,
+    ) -> CacheKey {
         let mut hasher = blake3::Hasher::new();
         hasher.update(KEY_VERSION);
         hasher.update(endpoint.as_str().as_bytes()).update(b"\0");
+        if let Some(query) = query.filter(|q| !q.is_empty()) {
+            // (Absent, the key is what it was before queries counted.)
+            hasher
+                .update(b"?")
+                .update(&(query.len() as u64).to_le_bytes())
+                .update(query.as_bytes());
+        }
         scope.hash_into(&mut hasher);
         if endpoint == Endpoint::Messages {
             hash_headers(&mut hasher, headers, MESSAGES_KEY_HEADERS);
@@ -194,12 +212,19 @@ impl CacheKey {
     }
 
     /// The key of a request whose body the parse layer buffered, or `None`
-    /// when it did not.
-    pub fn for_request(meta: &RequestMeta, headers: &HeaderMap, scope: CacheScope) -> Option<Self> {
+    /// when it did not. The request's query string, which goes upstream
+    /// with it (Azure's `api-version`, say), is part of the key.
+    pub fn for_request(
+        meta: &RequestMeta,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        scope: CacheScope,
+    ) -> Option<Self> {
         let body = meta.json()?;
         let scope = KeyScope::of_request(meta, headers, scope);
-        Some(CacheKey::with_headers(
+        Some(CacheKey::build(
             meta.endpoint(),
+            query,
             &scope,
             body,
             headers,
@@ -241,7 +266,21 @@ fn write_canonical_body(endpoint: Endpoint, body: &Map<String, Value>, canonical
             canonical.extend_from_slice(b"\0metadata\0");
             write_canonical_map_without(metadata, &["user_id"], canonical);
         }
-        _ => write_canonical_map_without(body, excluded_fields(endpoint), canonical),
+        _ => {
+            let excluded = excluded_fields(endpoint);
+            write_canonical_map_without(body, excluded, canonical);
+            // Of `stream_options`, only `include_usage` is left out (the
+            // cache asks for the usage chunk and decides per client at
+            // replay); the rest (`include_obfuscation`, vLLM's
+            // `continuous_usage_stats`) changes the stream.
+            if excluded.contains(&"stream_options")
+                && let Some(Value::Object(options)) = body.get("stream_options")
+                && options.keys().any(|k| k != "include_usage")
+            {
+                canonical.extend_from_slice(b"\0stream_options\0");
+                write_canonical_map_without(options, &["include_usage"], canonical);
+            }
+        }
     }
 }
 
@@ -302,7 +341,8 @@ mod tests {
         assert!(EXCLUDED_FIELDS.is_sorted());
         let m = meta(r#"{"model":"m","messages":[{"role":"user","content":"hi","user":"x"}]}"#);
         let n = meta(r#"{"model":"m","messages":[{"role":"user","content":"hi","user":"y"}]}"#);
-        let key = |m: &RequestMeta| CacheKey::for_request(m, &HeaderMap::new(), CacheScope::Shared);
+        let key =
+            |m: &RequestMeta| CacheKey::for_request(m, &HeaderMap::new(), None, CacheScope::Shared);
         assert_ne!(key(&m), key(&n));
     }
 
@@ -355,6 +395,62 @@ mod tests {
         let options = json!({"model": "m", "store": false, "input": "x",
             "stream_options": {"include_obfuscation": false}});
         assert_ne!(key(options), plain);
+    }
+
+    #[test]
+    fn chat_keys_leave_out_only_include_usage_of_stream_options() {
+        let key = |options: Option<Value>| {
+            let mut body = json!({"model": "m", "messages": [], "stream": true});
+            if let Some(options) = options {
+                body["stream_options"] = options;
+            }
+            CacheKey::new(
+                Endpoint::ChatCompletions,
+                &KeyScope::Shared,
+                body.as_object().unwrap(),
+            )
+        };
+        let plain = key(None);
+        for same in [
+            json!({}),
+            json!({"include_usage": true}),
+            json!({"include_usage": false}),
+            Value::Null,
+        ] {
+            assert_eq!(key(Some(same.clone())), plain, "{same}");
+        }
+        let stats = key(Some(
+            json!({"include_usage": true, "continuous_usage_stats": true}),
+        ));
+        assert_ne!(stats, plain);
+        assert_eq!(
+            stats,
+            key(Some(
+                json!({"continuous_usage_stats": true, "include_usage": false})
+            ))
+        );
+        assert_ne!(key(Some(json!({"include_obfuscation": false}))), plain);
+    }
+
+    #[test]
+    fn the_query_string_is_part_of_the_key() {
+        let m = meta(r#"{"model":"m","messages":[]}"#);
+        let key = |query| CacheKey::for_request(&m, &HeaderMap::new(), query, CacheScope::Shared);
+        assert_eq!(key(None), key(Some("")));
+        assert_eq!(
+            key(None),
+            Some(CacheKey::new(
+                Endpoint::ChatCompletions,
+                &KeyScope::Shared,
+                m.json().unwrap()
+            )),
+            "no query: the key it always was"
+        );
+        assert_ne!(key(Some("api-version=2024-02-01")), key(None));
+        assert_ne!(
+            key(Some("api-version=2024-02-01")),
+            key(Some("api-version=2025-04-01"))
+        );
     }
 
     #[test]

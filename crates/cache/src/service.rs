@@ -93,18 +93,23 @@ impl Plan {
         let endpoint = meta.endpoint();
         let json = meta.json()?;
         let served = match endpoint {
-            Endpoint::ChatCompletions
-            | Endpoint::Completions
-            | Endpoint::Embeddings
-            | Endpoint::Messages => true,
-            Endpoint::Responses => is_stateless_response(json),
+            Endpoint::ChatCompletions => !set(json, "web_search_options"),
+            Endpoint::Completions | Endpoint::Embeddings => true,
+            Endpoint::Messages => {
+                !reads_outside_state(json, MESSAGES_SERVER_TOOLS)
+                    && !set(json, "container")
+                    && !set(json, "mcp_servers")
+            }
+            Endpoint::Responses => {
+                is_stateless_response(json) && !reads_outside_state(json, RESPONSES_HOSTED_TOOLS)
+            }
             _ => false,
         };
         if !served {
             return None;
         }
         Some(Plan {
-            key: CacheKey::for_request(meta, req.headers(), config.scope)?,
+            key: CacheKey::for_request(meta, req.headers(), req.uri().query(), config.scope)?,
             control: CacheControl::from_headers(req.headers()),
             stream: meta.is_stream().then(|| endpoint.stream_kind()).flatten(),
             responses: endpoint == Endpoint::Responses,
@@ -125,11 +130,43 @@ impl Plan {
 /// (the API stores by default), no `previous_response_id`, no `conversation`
 /// (`null` counts as absent) and no `background: true`.
 fn is_stateless_response(json: &Map<String, Value>) -> bool {
-    let set = |field: &str| json.get(field).is_some_and(|v| !v.is_null());
     json.get("store") == Some(&Value::Bool(false))
-        && !set("previous_response_id")
-        && !set("conversation")
+        && !set(json, "previous_response_id")
+        && !set(json, "conversation")
         && json.get("background") != Some(&Value::Bool(true))
+}
+
+/// Whether `field` is in the body and not `null`.
+fn set(json: &Map<String, Value>, field: &str) -> bool {
+    json.get(field).is_some_and(|v| !v.is_null())
+}
+
+/// Types (prefixes) of the Responses tools the upstream runs itself, whose
+/// results come from outside the request: files in vector stores, the web,
+/// a code container, MCP servers, image generation.
+const RESPONSES_HOSTED_TOOLS: &[&str] = &[
+    "code_interpreter",
+    "file_search",
+    "image_generation",
+    "mcp",
+    "web_search",
+];
+
+/// Types (prefixes) of Anthropic's server tools (run by the API, not the
+/// client): web search and fetch, code execution in a container.
+const MESSAGES_SERVER_TOOLS: &[&str] = &["code_execution", "web_fetch", "web_search"];
+
+/// Whether a tool of the body has a type starting with one of `types`: the
+/// answer then depends on more than the body.
+fn reads_outside_state(json: &Map<String, Value>, types: &[&str]) -> bool {
+    let Some(Value::Array(tools)) = json.get("tools") else {
+        return false;
+    };
+    tools.iter().any(|tool| {
+        tool.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| types.iter().any(|prefix| t.starts_with(prefix)))
+    })
 }
 
 fn include_usage(json: &Map<String, Value>) -> Option<bool> {

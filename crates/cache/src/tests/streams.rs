@@ -73,7 +73,8 @@ async fn usage_sharing_a_frame_is_filtered_on_replay() {
         Bytes::from_static(STREAM.as_bytes()),
         serde_json::from_str(STREAM).unwrap(),
     );
-    let key = CacheKey::for_request(&meta, &HeaderMap::new(), crate::CacheScope::PerKey).unwrap();
+    let key =
+        CacheKey::for_request(&meta, &HeaderMap::new(), None, crate::CacheScope::PerKey).unwrap();
     let frames = stream_frames(7, true);
     let (head, tail) = frames.split_at(frames.len() - 2);
     let mut stored: Vec<Bytes> = head.to_vec();
