@@ -69,8 +69,9 @@ impl<B> TranslateBody<B> {
 }
 
 /// Queue the client's error event and start failing.
-fn fail(map: &StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: String) {
+fn fail(map: &mut StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: String) {
     tracing::warn!(reason = %reason, "translated stream interrupted");
+    map.before_failure(out);
     out.extend_from_slice(&Error::stream_interrupted_event_for(
         map.client_kind(),
         &reason,

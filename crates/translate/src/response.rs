@@ -19,7 +19,7 @@ use crate::{chat_over_messages, messages_over_chat, responses_over_chat};
 
 /// The largest whole (non-streamed) answer translated: far above any chat
 /// completion, and a bound on what an upstream can make the proxy hold.
-const MAX_ANSWER_BYTES: usize = 32 << 20;
+pub(crate) const MAX_ANSWER_BYTES: usize = 32 << 20;
 /// The largest error body read; longer ones get a generic message.
 const MAX_ERROR_BYTES: usize = 64 << 10;
 

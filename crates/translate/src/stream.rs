@@ -15,6 +15,30 @@ use crate::responses_over_chat::stream::ChatToResponses;
 /// goes past it fails like any other malformed upstream stream.
 pub(crate) const MAX_BLOCKS: usize = 1024;
 
+/// The most bytes of output (text and tool arguments) a translated stream
+/// holds: a Responses stream keeps its whole output for
+/// `response.completed`, and a tool's arguments wait for its name. The
+/// bound of a whole translated answer; past it the stream fails like any
+/// other malformed upstream stream.
+pub(crate) const MAX_HELD_BYTES: usize = crate::response::MAX_ANSWER_BYTES;
+
+/// Whether a tool-call delta at the index of a call that has `id` (the
+/// upstream's own when `upstream_id`) is another call: one whose non-empty
+/// id differs. Some servers (Ollama) give every call of a turn index 0,
+/// each with its own id; read by index alone they would merge into one
+/// call with the arguments of both.
+pub(crate) fn is_another_call(
+    id: &str,
+    upstream_id: bool,
+    delta: &crate::chat::ToolCallDelta<'_>,
+) -> bool {
+    upstream_id
+        && delta
+            .id
+            .as_deref()
+            .is_some_and(|new| !new.is_empty() && new != id)
+}
+
 /// What happened to one upstream event.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Step {
@@ -52,6 +76,17 @@ impl StreamMap {
             StreamMap::ChatToMessages(m) => m.is_finished(),
             StreamMap::MessagesToChat(m) => m.is_finished(),
             StreamMap::ChatToResponses(m) => m.is_finished(),
+        }
+    }
+
+    /// Before the error event that ends a failed stream: a Responses
+    /// stream that failed on its first event opens with `response.created`
+    /// (and `in_progress`) first, as every Responses stream does, so that
+    /// SDK stream helpers read the error as the API's, not as a malformed
+    /// stream.
+    pub(crate) fn before_failure(&mut self, out: &mut Vec<u8>) {
+        if let StreamMap::ChatToResponses(m) = self {
+            m.open_if_unstarted(out);
         }
     }
 

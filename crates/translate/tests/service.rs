@@ -262,3 +262,30 @@ async fn streams_that_end_early_or_report_errors_fail() {
     .await;
     assert!(got.unwrap().broke);
 }
+
+#[tokio::test]
+async fn a_responses_stream_that_fails_at_once_still_opens_with_response_created() {
+    // The upstream's first event is already an error: the client's stream
+    // opens as every Responses stream does, then ends with the error, so
+    // that SDK stream helpers read an API error, not a malformed stream.
+    let error =
+        "data: {\"error\":{\"message\":\"model overloaded\",\"type\":\"server_error\"}}\n\n";
+    let (_, got) = call(
+        chat_only(),
+        "/v1/responses",
+        &json!({"model": "m", "input": "x", "stream": true}),
+        Answer::sse(error),
+    )
+    .await;
+    let got = got.unwrap();
+    assert!(got.broke);
+    let names: Vec<Option<String>> = got.events().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            Some("response.created".to_owned()),
+            Some("response.in_progress".to_owned()),
+            Some("error".to_owned())
+        ]
+    );
+}

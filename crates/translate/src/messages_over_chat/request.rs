@@ -30,6 +30,7 @@ const MAPPED: &[&str] = &[
     "metadata",
     "thinking",
     "output_format",
+    "output_config",
 ];
 /// Fields that need Anthropic's servers: refused.
 const REFUSED: &[&str] = &["mcp_servers", "container"];
@@ -61,9 +62,7 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
     if let Some(user) = field(src, "metadata").and_then(|m| str_of(m, "user_id")) {
         out.insert("user".into(), json!(user));
     }
-    if let Some(format) = field(src, "output_format") {
-        out.insert("response_format".into(), output_format(format)?);
-    }
+    output_config(src, &mut out)?;
     let thinking = field(src, "thinking")
         .and_then(|t| str_of(t, "type"))
         .is_some_and(|t| t != "disabled");
@@ -77,6 +76,51 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
         thinking,
     };
     Ok((out, ctx))
+}
+
+/// Structured outputs and effort: `output_config.format` (the current
+/// spelling; the beta's `output_format` is read too, one or the other) as
+/// `response_format`, `output_config.effort` as `reasoning_effort`.
+/// Anything else in `output_config` would change the answer in a way chat
+/// cannot say: refused, not dropped.
+fn output_config(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), Error> {
+    let config = field(src, "output_config");
+    if let Some(config) = config {
+        let Some(config) = config.as_object() else {
+            return Err(unsupported("output_config", "must be an object"));
+        };
+        for (key, value) in config {
+            match key.as_str() {
+                _ if value.is_null() => {}
+                "format" => {}
+                "effort" => {
+                    let effort = value
+                        .as_str()
+                        .ok_or_else(|| unsupported("output_config.effort", "must be a string"))?;
+                    out.insert("reasoning_effort".into(), json!(effort));
+                }
+                other => {
+                    return Err(unsupported(
+                        format!("output_config.{other}"),
+                        "has no chat-completions equivalent",
+                    ));
+                }
+            }
+        }
+    }
+    let format = config.and_then(|c| field(c.as_object()?, "format"));
+    let format = match (format, field(src, "output_format")) {
+        (Some(_), Some(_)) => {
+            return Err(unsupported(
+                "output_format",
+                "and `output_config.format` cannot both be given",
+            ));
+        }
+        (Some(format), None) | (None, Some(format)) => format,
+        (None, None) => return Ok(()),
+    };
+    out.insert("response_format".into(), output_format(format)?);
+    Ok(())
 }
 
 fn stop_sequences(src: &Map<String, Value>) -> Result<Vec<String>, Error> {

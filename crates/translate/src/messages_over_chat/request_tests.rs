@@ -181,6 +181,32 @@ fn plain_text_document_and_output_format() {
 }
 
 #[test]
+fn output_config_format_and_effort_are_translated() {
+    let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+    let (out, _) = translate(json!({"model": "m", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+        "output_config": {"format": {"type": "json_schema", "schema": schema}, "effort": "low"}}))
+    .unwrap();
+    assert_eq!(
+        out["response_format"]["json_schema"]["schema"], schema,
+        "{out:?}"
+    );
+    assert_eq!(out["reasoning_effort"], "low");
+    let base = |config: Value| {
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "output_config": config})
+    };
+    assert_eq!(
+        refused(base(json!({"task_budget": {"tokens": 5}}))),
+        "output_config.task_budget"
+    );
+    assert_eq!(refused(base(json!("json"))), "output_config");
+    let mut both = base(json!({"format": {"type": "json_schema", "schema": {}}}));
+    both["output_format"] = json!({"type": "json_schema", "schema": {}});
+    assert_eq!(refused(both), "output_format");
+}
+
+#[test]
 fn refusals_name_the_field() {
     let base = |extra: Value| {
         let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});

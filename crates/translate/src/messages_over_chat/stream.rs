@@ -27,7 +27,7 @@ use serde_json::json;
 
 use super::{Context, stop_reason, tool_use_id};
 use crate::chat::{Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, Step};
+use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, is_another_call};
 use crate::wire::{restyle_id, write_event};
 
 /// The state of one translated stream.
@@ -57,6 +57,8 @@ enum Open {
 struct Tool {
     chat_index: u64,
     id: String,
+    /// `id` is the upstream's (not one made up for a call that had none).
+    upstream_id: bool,
     name: String,
     /// The block index, once started.
     block: Option<u32>,
@@ -139,8 +141,9 @@ impl ChatToMessages {
             {
                 return Step::Fail(why);
             }
-            if let Some(reason) = &choice.finish_reason {
-                self.finish = Some(reason.to_string());
+            // (An empty one, as some servers send, is none.)
+            if let Some(reason) = choice.finish_reason.as_deref().filter(|r| !r.is_empty()) {
+                self.finish = Some(reason.to_owned());
                 self.matched = choice.stop_reason.clone();
                 self.close_all(out);
             }
@@ -221,7 +224,16 @@ impl ChatToMessages {
                 (None, Some(last)) => last.chat_index,
                 _ => self.tools.len() as u64,
             });
-        let pos = match self.tools.iter().position(|t| t.chat_index == chat_index) {
+        // The newest call at that index; a delta naming another id there
+        // is a new call (Ollama numbers every call of a turn 0).
+        let found = self
+            .tools
+            .iter()
+            .rposition(|t| t.chat_index == chat_index)
+            .filter(|&pos| {
+                !is_another_call(&self.tools[pos].id, self.tools[pos].upstream_id, call)
+            });
+        let pos = match found {
             Some(pos) if self.tools[pos].closed => {
                 return Step::Fail(format!(
                     "the upstream went back to tool call {chat_index} after starting another; \
@@ -238,6 +250,7 @@ impl ChatToMessages {
                 self.tools.push(Tool {
                     chat_index,
                     id: String::new(),
+                    upstream_id: false,
                     name: String::new(),
                     block: None,
                     closed: false,
@@ -248,8 +261,11 @@ impl ChatToMessages {
         };
         let function = call.function.as_ref();
         let tool = &mut self.tools[pos];
-        if let (Some(id), true) = (&call.id, tool.id.is_empty()) {
+        if let (Some(id), true) = (&call.id, tool.id.is_empty())
+            && !id.is_empty()
+        {
             tool.id = id.to_string();
+            tool.upstream_id = true;
         }
         let arguments = function.and_then(|f| f.arguments.as_deref()).unwrap_or("");
         match tool.block {
@@ -269,6 +285,11 @@ impl ChatToMessages {
                     tool.name.push_str(name);
                 }
                 tool.pending.push_str(arguments);
+                if tool.pending.len() > MAX_HELD_BYTES {
+                    return Step::Fail(format!(
+                        "the upstream sent over {MAX_HELD_BYTES} bytes of tool arguments before the tool's name"
+                    ));
+                }
                 if !tool.name.is_empty() {
                     self.start_tool(pos, out);
                 }

@@ -308,3 +308,90 @@ fn tool_calls_without_ids_get_block_index_ids() {
         .collect();
     assert_eq!(ids, [&json!("toolu_1"), &json!("toolu_2")]);
 }
+
+#[test]
+fn reused_index_with_a_new_id_is_a_new_tool_call() {
+    // Ollama gives every call of a turn index 0, each with its own id.
+    let call = |id: &str, args: &str| {
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
+                "function": {"name": "write", "arguments": args}}]}),
+            None,
+        )
+    };
+    let chunks = [
+        call("call_a", r#"{"path":"a"}"#),
+        call("call_b", r#"{"path":"b"}"#),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(Context::default(), &refs);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    let starts: Vec<&Value> = out
+        .iter()
+        .filter(|(n, _)| n.as_deref() == Some("content_block_start"))
+        .map(|(_, v)| &v["content_block"])
+        .collect();
+    assert_eq!(starts.len(), 2, "two tool_use blocks: {out:?}");
+    assert_eq!(
+        (starts[0]["id"].as_str(), starts[1]["id"].as_str()),
+        (Some("call_a"), Some("call_b"))
+    );
+    let inputs: Vec<&str> = out
+        .iter()
+        .filter_map(|(_, v)| v["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(inputs, [r#"{"path":"a"}"#, r#"{"path":"b"}"#]);
+    // The same id again, or none, is more of the same call.
+    let more = chunk(
+        json!({"tool_calls": [{"index": 0, "id": "call_a", "function": {"arguments": "}"}}]}),
+        None,
+    );
+    let chunks = [call("call_a", r#"{"path":"a""#), more];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, _) = run(Context::default(), &refs);
+    let starts = out
+        .iter()
+        .filter(|(n, _)| n.as_deref() == Some("content_block_start"))
+        .count();
+    assert_eq!(starts, 1);
+}
+
+#[test]
+fn arguments_that_never_get_a_name_are_bounded() {
+    let piece = "x".repeat(1 << 20);
+    let mut m = ChatToMessages::new(Context::default());
+    let mut out = Vec::new();
+    let mut failed = false;
+    for _ in 0..40 {
+        let c = chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+            None,
+        );
+        out.clear();
+        if let Step::Fail(_) = m.event(&data(&c), &mut out) {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "40 MiB of nameless arguments held");
+}
+
+#[test]
+fn an_empty_finish_reason_is_none() {
+    let chunks = [
+        chunk(json!({"content": "a"}), Some("")),
+        chunk(json!({"content": "b"}), Some("")),
+        chunk(json!({}), Some("stop")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, _) = run(Context::default(), &refs);
+    let starts = out
+        .iter()
+        .filter(|(n, _)| n.as_deref() == Some("content_block_start"))
+        .count();
+    assert_eq!(starts, 1, "one text block: {out:?}");
+    assert_eq!(out.last().unwrap().0.as_deref(), Some("message_stop"));
+}

@@ -19,6 +19,8 @@ pub(crate) struct Message {
 pub(crate) struct Call {
     pub id: String,
     pub call_id: String,
+    /// `call_id` is the upstream's (not one made up for a call without).
+    pub upstream_id: bool,
     pub name: String,
     pub arguments: String,
     /// The chat `index` of the tool call.

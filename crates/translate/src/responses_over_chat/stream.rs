@@ -18,7 +18,7 @@ use super::items::{Call, Events, Item, Message};
 use super::response::item_id;
 use super::{Context, State, call_id, response_object, status, usage_json};
 use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, Step};
+use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, is_another_call};
 use crate::wire::{now_secs, restyle_id};
 
 /// The state of one translated stream.
@@ -36,6 +36,8 @@ pub(crate) struct ChatToResponses {
     open: Option<usize>,
     finish: Option<String>,
     usage: Option<Usage>,
+    /// Bytes of output held in `items` (bounded by [`MAX_HELD_BYTES`]).
+    held: usize,
 }
 
 impl ChatToResponses {
@@ -53,12 +55,21 @@ impl ChatToResponses {
             open: None,
             finish: None,
             usage: None,
+            held: 0,
         }
     }
 
     /// Whether the final `response.completed` has been sent.
     pub(crate) fn is_finished(&self) -> bool {
         self.finished
+    }
+
+    /// `response.created` and `response.in_progress`, unless they went
+    /// out already.
+    pub(crate) fn open_if_unstarted(&mut self, out: &mut Vec<u8>) {
+        if !self.started {
+            self.start(&Chunk::default(), out);
+        }
     }
 
     /// Translate one upstream event.
@@ -88,10 +99,16 @@ impl ChatToResponses {
             {
                 return Step::Fail(why);
             }
-            if let Some(reason) = &choice.finish_reason {
-                self.finish = Some(reason.to_string());
+            // (An empty one, as some servers send, is none.)
+            if let Some(reason) = choice.finish_reason.as_deref().filter(|r| !r.is_empty()) {
+                self.finish = Some(reason.to_owned());
                 self.close(out);
             }
+        }
+        if self.held > MAX_HELD_BYTES {
+            return Step::Fail(format!(
+                "the upstream's answer is larger than {MAX_HELD_BYTES} bytes"
+            ));
         }
         Step::Continue
     }
@@ -161,6 +178,7 @@ impl ChatToResponses {
                 index
             }
         };
+        self.held += text.len();
         if let Item::Message(m) = &mut self.items[index] {
             m.text.push_str(text);
             self.events.text_delta(out, &m.id, index, text);
@@ -178,10 +196,15 @@ impl ChatToResponses {
             (None, Some(last)) => last,
             _ => self.items.len() as u64,
         });
+        // The newest call at that index; a delta naming another id there
+        // is a new call (Ollama numbers every call of a turn 0).
         let found = self
             .items
             .iter()
-            .position(|i| matches!(i, Item::Call(c) if c.chat_index == chat_index));
+            .rposition(|i| matches!(i, Item::Call(c) if c.chat_index == chat_index))
+            .filter(|&i| {
+                !matches!(&self.items[i], Item::Call(c) if is_another_call(&c.call_id, c.upstream_id, call))
+            });
         match found {
             Some(i) if self.open != Some(i) => Err(format!(
                 "the upstream went back to tool call {chat_index} after starting another"
@@ -196,6 +219,7 @@ impl ChatToResponses {
                 let call = Call {
                     id: String::new(),
                     call_id: String::new(),
+                    upstream_id: false,
                     name: String::new(),
                     arguments: String::new(),
                     chat_index,
@@ -216,10 +240,14 @@ impl ChatToResponses {
         let Item::Call(call) = &mut self.items[index] else {
             return;
         };
-        if let (true, Some(id)) = (call.call_id.is_empty(), &delta.id) {
+        if let (true, Some(id)) = (call.call_id.is_empty(), &delta.id)
+            && !id.is_empty()
+        {
             call.call_id = id.to_string();
+            call.upstream_id = true;
         }
         call.arguments.push_str(fragment);
+        self.held += fragment.len();
         if call.added {
             if !fragment.is_empty() {
                 self.events.arguments_delta(out, &call.id, index, fragment);

@@ -215,3 +215,46 @@ fn a_later_unusable_usage_keeps_the_earlier_one() {
         9
     );
 }
+
+#[test]
+fn reused_index_with_a_new_id_is_a_new_function_call() {
+    // Ollama gives every call of a turn index 0, each with its own id.
+    let call = |id: &str, args: &str| {
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
+                "function": {"name": "write", "arguments": args}}]}),
+            None,
+        )
+    };
+    let chunks = [
+        call("call_a", r#"{"path":"a"}"#),
+        call("call_b", r#"{"path":"b"}"#),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let (out, steps) = run(Context::default(), &chunks);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    let (_, done) = out.last().unwrap();
+    let output = done["response"]["output"].as_array().unwrap();
+    assert_eq!(output.len(), 2, "{output:?}");
+    assert_eq!(output[0]["call_id"], "call_a");
+    assert_eq!(output[0]["arguments"], r#"{"path":"a"}"#);
+    assert_eq!(output[1]["call_id"], "call_b");
+    assert_eq!(output[1]["arguments"], r#"{"path":"b"}"#);
+}
+
+#[test]
+fn the_output_a_stream_holds_is_bounded() {
+    let piece = "x".repeat(1 << 20);
+    let mut m = ChatToResponses::new(Context::default());
+    let mut out = Vec::new();
+    let mut failed = false;
+    for _ in 0..40 {
+        out.clear();
+        if let Step::Fail(_) = m.event(&data(&chunk(json!({"content": piece}), None)), &mut out) {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "40 MiB of text held for response.completed");
+}
