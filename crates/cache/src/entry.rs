@@ -51,6 +51,13 @@ pub enum UsageChunk {
 #[error("stored cache entry is malformed: {0}")]
 pub struct DecodeError(&'static str);
 
+#[cfg(test)]
+impl DecodeError {
+    pub(crate) fn for_tests() -> Self {
+        DecodeError("a test's")
+    }
+}
+
 const FORMAT_VERSION: u8 = 1;
 const KIND_JSON: u8 = 0;
 const KIND_STREAM: u8 = 1;

@@ -153,7 +153,12 @@ impl Counters {
     pub(crate) fn store_error(&self, store: &'static str, op: &'static str, error: &StoreError) {
         Self::bump(&self.store_errors);
         let now = crate::clock::now_ms();
-        if self.breaker.failure(now) {
+        if matches!(error, StoreError::Corrupt(_)) {
+            // The store answered: one bad value (another version's, or
+            // damaged) is that entry's miss, not a reason to leave the
+            // store alone for every key.
+            self.breaker.success();
+        } else if self.breaker.failure(now) {
             tracing::warn!(
                 store,
                 "cache store keeps failing; skipping it for a second at a time"
@@ -178,5 +183,32 @@ impl Counters {
         } else {
             self.suppressed_warnings.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_that_do_not_decode_do_not_trip_the_breaker() {
+        let counters = Counters::default();
+        let corrupt = StoreError::Corrupt(crate::entry::DecodeError::for_tests());
+        for _ in 0..10 {
+            counters.store_error("redis", "get", &corrupt);
+        }
+        assert!(counters.store_allowed());
+        assert_eq!(counters.store_errors.load(Ordering::Relaxed), 10);
+        let down = StoreError::Backend {
+            store: "redis",
+            message: "connection refused".into(),
+        };
+        for _ in 0..3 {
+            counters.store_error("redis", "get", &down);
+        }
+        assert!(
+            !counters.store_allowed(),
+            "an unreachable store is left alone"
+        );
     }
 }
