@@ -554,3 +554,53 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
     assert_eq!(plain.status, 200, "{}", plain.text());
     assert_eq!(up.stats.requests(), 3);
 }
+
+/// A key allowed only `small` is not served `secret` when `small`'s
+/// upstreams fail and `fallbacks` names `secret`: fallbacks stay within the
+/// key's allowlist.
+#[tokio::test]
+async fn a_fallback_does_not_bypass_the_model_allowlist() {
+    let secret = mock_named("secret").await;
+    let dead = free_port();
+    let toml = format!(
+        "[[upstream]]\nname = \"small-up\"\nurl = \"http://127.0.0.1:{dead}/v1\"\nmodels = [\"small\"]\n\
+         [[upstream]]\nname = \"secret-up\"\nurl = \"{}\"\nmodels = [\"secret\"]\n\
+         [balance]\nfallbacks = {{ \"small\" = [\"secret\"] }}\n\
+         [auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\nmodels = [\"small\"]\n",
+        secret.base_url()
+    );
+    let p = proxy(&toml).await;
+    // The key may not ask for `secret` itself.
+    let direct = chat_with(&p, &[("authorization", b"Bearer sk-k")], "secret").await;
+    assert_eq!(direct.status, 403);
+    let a = chat_with(&p, &[("authorization", b"Bearer sk-k")], "small").await;
+    assert_eq!(
+        secret.stats.requests(),
+        0,
+        "served by a model outside the key's allowlist: {} {}",
+        a.status,
+        a.header("x-llm-proxy-upstream").unwrap_or("")
+    );
+}
+
+/// DESIGN pins rate-limit headers "on every response to a limited key":
+/// an upstream failure answered by the proxy itself (502) has them too
+/// (the request counted).
+#[tokio::test]
+async fn a_502_to_a_limited_key_carries_the_rate_limit_headers() {
+    let dead = free_port();
+    let toml = format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\nrequests_per_minute = 10\n",
+        one_upstream(&format!("http://127.0.0.1:{dead}/v1"), "")
+    );
+    let p = proxy(&toml).await;
+    let a = chat_with(&p, &[("authorization", b"Bearer sk-k")], "m").await;
+    assert_eq!(a.status, 502, "{}", a.text());
+    let b = chat_with(&p, &[("authorization", b"Bearer sk-k")], "m").await;
+    assert_eq!(
+        b.header("x-ratelimit-remaining-requests"),
+        Some("8"),
+        "two requests counted; headers: {:?}",
+        b.headers
+    );
+}

@@ -202,3 +202,42 @@ async fn an_upstream_error_answer_gives_the_reservation_back() {
         assert_eq!(ok.status, 200, "after a {status}: {}", ok.text());
     }
 }
+
+/// A Messages stream cut after `message_start` (input + 1 output token)
+/// but before `message_delta` keeps its reservation, as a chat stream cut
+/// before its usage does: `message_start`'s count is only a floor.
+#[tokio::test]
+async fn a_cut_messages_stream_keeps_its_reservation() {
+    let (_up, p) = setup(2000, "").await;
+    let body = serde_json::json!({"model": "small", "max_tokens": 1500, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let req = request(
+        Method::POST,
+        &p.url("/v1/messages"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", KEY),
+            ("anthropic-version", "2023-06-01"),
+            ("x-mock-tokens", "1500"),
+            ("x-mock-fail", "drop"),
+            ("x-mock-drop-after", "1000"),
+        ],
+        body,
+    );
+    let resp = client().request(req).await.expect("sent");
+    assert_eq!(resp.status(), 200);
+    let (data, _broke) = read_stream(resp).await;
+    let deltas = String::from_utf8_lossy(&data)
+        .matches("event: content_block_delta")
+        .count();
+    assert!(deltas > 900, "the client got {deltas} tokens");
+    // ~1500+ reserved; the client received ~1000 tokens.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let left = remaining_once(&p, |_| true).await;
+    assert!(
+        left < 1100,
+        "only {} charged for {deltas} tokens delivered",
+        2000 - left
+    );
+}

@@ -134,3 +134,51 @@ async fn a_silent_redis_connection_is_replaced() {
     }
     assert_eq!(relay.accepted(), 2);
 }
+
+/// A token limit above 60 000 000 per minute (an interval under 1 µs) is
+/// enforced on Redis as in memory: of two in-flight requests that each
+/// reserve the whole limit, the second is refused.
+#[tokio::test]
+async fn a_large_token_limit_is_enforced_on_redis_too() {
+    let redis = RedisServer::start().await;
+    let up = mock_named("m").await;
+    for auth in [
+        String::new(),
+        format!(
+            "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"big:\"",
+            redis.url()
+        ),
+    ] {
+        let toml = format!(
+            "{}\n[auth]\n{auth}\n[[auth.keys]]\nname = \"big\"\nkey = \"sk-big\"\ntokens_per_minute = 100000000\n",
+            one_upstream(&up.base_url(), "")
+        );
+        let p = proxy(&toml).await;
+        let body = serde_json::json!({"model": "m", "max_tokens": 200_000_000u64,
+            "messages": [{"role": "user", "content": "hi"}]})
+        .to_string();
+        let go = || {
+            send(request(
+                Method::POST,
+                &p.url("/v1/chat/completions"),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", "Bearer sk-big"),
+                    ("x-mock-latency-ms", "500"),
+                ],
+                body.clone(),
+            ))
+        };
+        let first = tokio::spawn(go());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = go().await;
+        let first = first.await.unwrap();
+        assert_eq!(first.status, 200, "backend {auth:?}");
+        assert_eq!(
+            second.status,
+            429,
+            "backend {auth:?}: the whole limit is already reserved; remaining-tokens {:?}",
+            second.header("x-ratelimit-remaining-tokens")
+        );
+    }
+}

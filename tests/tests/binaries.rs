@@ -341,6 +341,16 @@ async fn workers_share_the_connections_evenly() {
                 .unwrap_or_else(|| panic!("{line} in {metrics}"))
         })
         .collect();
-    assert_eq!(per_shard, [5, 5], "ten open connections over two threads");
+    // Ten open connections over two threads (and maybe the start-up probe
+    // of `wait_listening`, if its close has not been read yet on a busy
+    // machine): one thread at most one ahead.
+    let (total, spread) = (
+        per_shard.iter().sum::<u64>(),
+        per_shard[0].abs_diff(per_shard[1]),
+    );
+    assert!(
+        (10..=11).contains(&total) && spread <= 1,
+        "{per_shard:?}: ten open connections over two threads"
+    );
     drop(open);
 }

@@ -89,6 +89,21 @@ impl Reconcile {
         i64::try_from(self.reserved).unwrap_or(i64::MAX)
     }
 
+    /// Settle a request whose usage is known to be at least `floor`: the
+    /// reservation, or `floor` when that is more.
+    pub(crate) fn settle_at_least(&self, floor: Usage) {
+        if let Some(model) = &self.model {
+            self.key
+                .stats
+                .add_tokens(model, floor.input_tokens, floor.output_tokens);
+        }
+        let used = i64::try_from(floor.total()).unwrap_or(i64::MAX);
+        let more = used.saturating_sub(self.reserved());
+        if more > 0 {
+            self.shared.backend.adjust(&self.key, more);
+        }
+    }
+
     pub(crate) fn settle(&self, usage: Option<Usage>) {
         let Some(u) = usage else {
             if self.failed {
@@ -268,10 +283,18 @@ fn finish(
 /// once. A JSON body cut short does not parse: its reservation stands.
 fn conclude(watch: &mut Watch, usage: &mut Option<Usage>, reconcile: &mut Option<Reconcile>) {
     let Some(r) = reconcile.take() else { return };
-    if let Watch::Json(copy) = watch
-        && !copy.is_empty()
-    {
-        *usage = usage::from_json(copy);
+    match watch {
+        Watch::Json(copy) if !copy.is_empty() => *usage = usage::from_json(copy),
+        // A stream cut before its final count (a Messages stream after
+        // `message_start`): what it reported is a floor; the reservation
+        // stands above it, as for any stream cut before its usage.
+        Watch::Sse { stream, .. } if !stream.is_complete() => {
+            if let Some(floor) = *usage {
+                r.settle_at_least(floor);
+                return;
+            }
+        }
+        _ => {}
     }
     r.settle(*usage);
 }

@@ -62,7 +62,7 @@ pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
 pub struct KeyEntry {
     /// The key's name.
     pub name: Arc<str>,
-    models: Option<HashSet<String>>,
+    models: Option<Arc<HashSet<String>>>,
     /// May use passthrough routes.
     pub passthrough: bool,
     /// Its limits and their local state.
@@ -118,6 +118,12 @@ impl KeyEntry {
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|m| m.contains(model))
     }
+
+    /// The key's allowlist, for the request's extensions; `None` when it
+    /// may use any model.
+    pub fn allowlist(&self) -> Option<llm_proxy_core::ModelAllowlist> {
+        self.models.clone().map(llm_proxy_core::ModelAllowlist)
+    }
 }
 
 /// Every configured key, by hash.
@@ -134,7 +140,7 @@ impl KeyTable {
             .map(|s| {
                 let entry = KeyEntry {
                     name: Arc::from(s.name),
-                    models: s.models.map(|m| m.into_iter().collect()),
+                    models: s.models.map(|m| Arc::new(m.into_iter().collect())),
                     passthrough: s.passthrough,
                     limits: Limits::new(s.requests_per_minute, s.tokens_per_minute),
                     stats: KeyStats::default(),

@@ -15,8 +15,16 @@ use llm_proxy_core::redis::{RedisCallError, RedisLink};
 use crate::keys::KeyEntry;
 use crate::limit::{Decision, Gcra};
 
+/// A limit's interval in µs, with its fraction: above 60 000 000 a minute
+/// it is under one µs, and whole µs would make it 0 ("no limit") or loosen
+/// it (40 000 000 would be enforced as 60 000 000). Lua numbers are
+/// doubles: exact enough at any `u32` limit.
+fn micros(g: Gcra) -> f64 {
+    g.interval_ns() as f64 / 1000.0
+}
+
 /// The acquire script. ARGV: request interval µs (0 = no limit), token
-/// interval µs (0 = none), token cost (already capped by
+/// interval µs (0 = none; both with their fractions), token cost (already capped by
 /// [`Limits::token_charge`](crate::limit::Limits::token_charge), so both
 /// backends charge, settle and refund the same amount). Returns
 /// `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
@@ -106,7 +114,7 @@ impl RedisLimits {
         key: &KeyEntry,
         tokens: u64,
     ) -> Result<Decision, RedisCallError> {
-        let interval = |g: Option<Gcra>| g.map_or(0, |g| g.interval_ns() / 1000);
+        let interval = |g: Option<Gcra>| g.map_or(0.0, micros);
         let mut call = self.acquire.key(self.key(&key.name, "req"));
         call.key(self.key(&key.name, "tok"))
             .arg(interval(key.limits.requests))
@@ -135,7 +143,7 @@ impl RedisLimits {
             return Ok(());
         };
         let mut call = self.adjust.key(self.key(&key.name, "tok"));
-        call.arg(g.interval_ns() / 1000).arg(g.bounded(delta));
+        call.arg(micros(g)).arg(g.bounded(delta));
         let call = &call;
         let _: i64 = self
             .link

@@ -298,7 +298,15 @@ where
                 Err(e) => {
                     // Nothing was generated: give the reservation back.
                     reconcile.refund();
-                    return Err(e);
+                    let Some(d) = &decision else {
+                        return Err(e);
+                    };
+                    // The request counted: a limited key hears how much
+                    // it has left on this answer too (DESIGN: headers on
+                    // every response to a limited key).
+                    let mut resp = e.into_response_in(dialect);
+                    rate_headers(resp.headers_mut(), d);
+                    return Ok(resp);
                 }
             };
             let (mut parts, body) = resp.into_parts();
@@ -342,6 +350,9 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         None => shared.admit_head(req)?,
     };
     let no_body = http_body::Body::is_end_stream(req.body());
+    if let Some(allowlist) = key.allowlist() {
+        req.extensions_mut().insert(allowlist);
+    }
     let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() else {
         return Ok(Admitted {
             key,

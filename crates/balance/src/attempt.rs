@@ -105,7 +105,8 @@ where
     let (parts, body) = req.into_parts();
     let meta = parts.extensions.get::<RequestMeta>().cloned();
     let pin = parts.extensions.get::<llm_proxy_core::PinnedUpstream>();
-    let route = Route::new(&shared.config, &set, meta.as_ref(), pin)?;
+    let allowed = parts.extensions.get::<llm_proxy_core::ModelAllowlist>();
+    let route = Route::new(&shared.config, &set, meta.as_ref(), pin, allowed)?;
     // Retried elsewhere: only the model APIs, whose requests any upstream
     // of the model answers alike. A passthrough write (files, batches,
     // fine-tunes) names ids that live on one upstream and may have taken

@@ -13,7 +13,7 @@
 //!
 //! Within a pass the strategy's [`Picker`](crate::Picker) chooses.
 
-use llm_proxy_core::{Api, Endpoint, Error, PinnedUpstream, RequestMeta};
+use llm_proxy_core::{Api, Endpoint, Error, ModelAllowlist, PinnedUpstream, RequestMeta};
 
 use crate::config::{BalanceConfig, Strategy};
 use crate::picker::LoadView;
@@ -56,6 +56,7 @@ impl<'a> Route<'a> {
         set: &'a BackendSet<S>,
         meta: Option<&'a RequestMeta>,
         pin: Option<&PinnedUpstream>,
+        allowed: Option<&ModelAllowlist>,
     ) -> Result<Self, Error> {
         let endpoint = meta.map_or(Endpoint::Passthrough, RequestMeta::endpoint);
         let model = meta.and_then(RequestMeta::model);
@@ -89,12 +90,14 @@ impl<'a> Route<'a> {
                 // Fallbacks stand in for a model API's answer; a passthrough
                 // body's model (a fine-tune's base model, say) is never
                 // rewritten.
+                // And never a model the caller's key may not use.
                 let fallbacks = cfg
                     .fallbacks
                     .get(model)
                     .filter(|_| endpoint.has_model_body())
                     .into_iter()
-                    .flatten();
+                    .flatten()
+                    .filter(|fb| allowed.is_none_or(|a| a.allows(fb)));
                 std::iter::once((own, None))
                     .chain(fallbacks.filter_map(|fb| Some((set.group(fb)?, Some(fb.as_str())))))
                     .collect()

@@ -61,7 +61,7 @@ pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
 };
 pub use error::{Error, ErrorBody};
-pub use meta::{Identity, RequestMeta};
+pub use meta::{Identity, ModelAllowlist, RequestMeta};
 pub use parse::{Parse, ParseLayer, ParseLimits, parse, parse_object, parse_within};
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 pub use svc::{BoxFuture, call_boxed};

@@ -13,6 +13,19 @@ pub struct Identity {
     pub name: Arc<str>,
 }
 
+/// The models a caller may use, when its key limits them: the auth layer
+/// puts it in the request's extensions, so that a later layer that picks a
+/// model itself (the balancer's fallbacks) stays within it.
+#[derive(Clone, Debug)]
+pub struct ModelAllowlist(pub Arc<std::collections::HashSet<String>>);
+
+impl ModelAllowlist {
+    /// Whether `model` is on the list.
+    pub fn allows(&self, model: &str) -> bool {
+        self.0.contains(model)
+    }
+}
+
 /// What the parse layer learned about a request, read by every later layer
 /// from the request's extensions.
 ///

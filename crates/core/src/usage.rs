@@ -250,6 +250,9 @@ mod usage_only_tests {
 pub struct StreamUsage {
     kind: crate::StreamKind,
     usage: Option<Usage>,
+    /// The stream's final count came (chat's usage chunk, Responses' end
+    /// event, Messages' `message_delta`), not only Messages' opening one.
+    complete: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -281,7 +284,11 @@ struct Counts {
 impl StreamUsage {
     /// Watch a stream of `kind`.
     pub fn new(kind: crate::StreamKind) -> Self {
-        StreamUsage { kind, usage: None }
+        StreamUsage {
+            kind,
+            usage: None,
+            complete: false,
+        }
     }
 
     /// Look at one event's `data:` payload.
@@ -290,6 +297,7 @@ impl StreamUsage {
         if self.kind == StreamKind::Chat {
             if let Some(u) = from_sse_data(data) {
                 self.usage = Some(u);
+                self.complete = true;
             }
             return;
         }
@@ -310,6 +318,7 @@ impl StreamUsage {
                         input_tokens: c.input_tokens.unwrap_or(0),
                         output_tokens: c.output_tokens.unwrap_or(0),
                     });
+                    self.complete = true;
                 }
             }
             (StreamKind::Messages, "message_start") => {
@@ -339,6 +348,7 @@ impl StreamUsage {
                         u.input_tokens = input;
                     }
                     self.usage = Some(u);
+                    self.complete = true;
                 }
             }
             _ => {}
@@ -348,6 +358,13 @@ impl StreamUsage {
     /// The usage seen so far.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// Whether the usage seen is the stream's final count. Not so for a
+    /// Messages stream cut after `message_start`, whose usage (the input,
+    /// and one output token) is only a floor of what was generated.
+    pub fn is_complete(&self) -> bool {
+        self.complete
     }
 }
 
