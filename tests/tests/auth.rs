@@ -539,6 +539,21 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
         refused.assert_error(400, "invalid_request_error", "unsupported_parameter");
         assert_eq!(refused.json()["error"]["param"], "max_output_tokens");
     }
+    // A small `max_tokens` beside it does not shrink the estimate.
+    let mut both = background(Some(5000));
+    both["max_tokens"] = 1.into();
+    post("Bearer sk-tpm", both).await.assert_error(
+        400,
+        "invalid_request_error",
+        "unsupported_parameter",
+    );
+    // Context kept upstream is input the estimate cannot see.
+    // (A `conversation` is refused the same way; this key may name none.)
+    let mut body = background(Some(100));
+    body["previous_response_id"] = "resp_1".into();
+    let refused = post("Bearer sk-tpm", body).await;
+    refused.assert_error(400, "invalid_request_error", "unsupported_parameter");
+    assert_eq!(refused.json()["error"]["param"], "previous_response_id");
     assert_eq!(up.stats.requests(), 0);
     // Bounded within the limit; and a key without a token limit as it likes.
     let bounded = post("Bearer sk-tpm", background(Some(100))).await;

@@ -1441,3 +1441,29 @@ async fn a_response_that_ends_twice_is_charged_once() {
     // 1010 tokens used (less what refilled meanwhile), not 2020.
     assert!((900..=1010).contains(&charged), "charged {charged}");
 }
+
+#[tokio::test]
+async fn a_message_is_held_in_the_body_budget_while_it_is_checked() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "max_body_bytes = 65536\nmax_buffered_body_bytes = 1048576\n{}",
+        ws_upstream("up", &up.base_url(), "")
+    ))
+    .await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    // 60 KiB of `{"":0}` objects: ~6 MiB once parsed, past the whole budget.
+    let mut heavy =
+        String::from(r#"{"type":"response.create","model":"m","input":"x","metadata":{"x":["#);
+    while heavy.len() < 60 << 10 {
+        heavy.push_str(r#"{"":0},"#);
+    }
+    heavy.push_str("0]}}");
+    s.send(Message::text(heavy)).await.unwrap();
+    let event = next_event(&mut s).await;
+    assert_eq!(event["type"], "error", "{event}");
+    assert_eq!(event["status"], 413, "{event}");
+    assert_eq!(event["error"]["code"], "request_too_large", "{event}");
+    // The session goes on, and the budget is whole again.
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+}

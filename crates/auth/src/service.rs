@@ -426,9 +426,11 @@ pub fn check_body(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
 /// A background response (`"background": true`) generates after its answer
 /// has gone: its usage never passes through the proxy, so the reservation
 /// is all it is charged. Under a token limit it must therefore bound itself
-/// with `max_output_tokens`, and its estimate (prompt bytes / 4 plus that
-/// cap) must fit in the limit, which caps any one reservation; otherwise a
-/// key could generate without limit for 256 tokens a request.
+/// with `max_output_tokens`, its estimate (prompt bytes / 4 plus the
+/// largest cap it names) must fit in the limit, which caps any one
+/// reservation, and it may not continue a `previous_response_id` or a
+/// `conversation` (input the estimate cannot see); otherwise a key could
+/// generate without limit for 256 tokens a request.
 fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
     let Some(tokens) = key.limits.tokens else {
         return Ok(());
@@ -456,6 +458,17 @@ fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
         return refuse(
             "a background response needs `max_output_tokens` under this key's token limit: its usage never reaches the proxy, so its estimate is its charge".into(),
         );
+    }
+    // Context kept upstream is input the estimate cannot see.
+    for state in ["previous_response_id", "conversation"] {
+        if json.get(state).is_some_and(|v| !v.is_null()) {
+            return Err(Error::UnsupportedParameter {
+                param: state.into(),
+                message: format!(
+                    "a background response cannot continue `{state}` under this key's token limit: its usage never reaches the proxy, and the context it adds is not in the request"
+                ),
+            });
+        }
     }
     let estimate = estimate_tokens(meta);
     if estimate > u64::from(tokens.limit) {
@@ -489,12 +502,16 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
 /// else 256.
 pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
     let prompt = meta.original_body().map_or(0, |b| b.len() as u64) / 4;
+    // The largest cap named: a body may name several, and which one an
+    // upstream honours is its own business (`max_tokens: 1` beside a large
+    // `max_output_tokens` must not shrink the reservation).
     let cap = meta
         .json()
         .and_then(|j| {
             ["max_tokens", "max_completion_tokens", "max_output_tokens"]
                 .iter()
-                .find_map(|k| j.get(*k).and_then(Value::as_u64))
+                .filter_map(|k| j.get(*k).and_then(Value::as_u64))
+                .max()
         })
         .unwrap_or(256);
     prompt.saturating_add(cap)

@@ -98,10 +98,9 @@ impl Claim {
         }
     }
 
-    /// What the budget has left for this claim to grow by.
-    pub(crate) fn room(&self) -> usize {
-        let used = self.budget.used.load(Ordering::Relaxed);
-        self.budget.limit.saturating_sub(used)
+    /// The whole budget, in bytes.
+    pub(crate) fn limit(&self) -> usize {
+        self.budget.limit
     }
 
     /// Give back what is held beyond `total` (a body shorter than its

@@ -201,18 +201,63 @@ impl Endpoint {
 }
 
 /// Whether a path (after `/v1/`, trailing slashes trimmed) means one thing
-/// to every server: no empty segment, no `.` or `..` segment, no
-/// percent-escape, no backslash. The proxy routes, pins and checks ids by
-/// the path as written and forwards it as written; an upstream that merges
-/// slashes, resolves dot segments or decodes escapes (as nginx and most web
-/// frameworks do) would read `/v1//conversations/x`,
-/// `/v1/conversations/mine/../theirs` or `/v1/conversations/conv%5Fx` as a
-/// path the proxy never checked. OpenAI's API paths need none of these.
+/// to every server. The proxy routes, pins and checks ids by the path as
+/// written and forwards it as written; an upstream that merges slashes,
+/// resolves dot segments, drops `;parameters` or decodes escapes (as nginx,
+/// servlet containers and most web frameworks do) would read
+/// `/v1//conversations/x`, `/v1/conversations/mine/../theirs`,
+/// `/v1/conversations;x/theirs` or `/v1/conversations/conv%5Fx` as a path
+/// the proxy never checked. Refused:
+///
+/// - an empty, `.` or `..` segment, a backslash or a `;`, written or
+///   escaped;
+/// - an escape of an unreserved character (`%5F` for `_`: the same path
+///   as the character itself, RFC 3986), or a malformed escape;
+/// - any escape under `responses/` and `conversations/`, where ids are
+///   checked (`responses%2Fresp_x` decodes to one).
+///
+/// Other escapes pass: the SDKs escape path parameters, so a model id with
+/// a slash is `/v1/models/meta-llama%2FLlama-3.1-8B-Instruct`.
 fn is_plain(rest: &str) -> bool {
-    !rest.contains(['%', '\\'])
-        && rest
-            .split('/')
-            .all(|segment| !matches!(segment, "" | "." | ".."))
+    if !segments_are_plain(rest.as_bytes()) {
+        return false;
+    }
+    if !rest.contains('%') {
+        return true;
+    }
+    let Some(decoded) = percent_decode(rest.as_bytes()) else {
+        return false;
+    };
+    let checked = ["responses", "conversations"];
+    let first = decoded.split(|b| *b == b'/').next().unwrap_or_default();
+    segments_are_plain(&decoded) && !checked.iter().any(|c| first == c.as_bytes())
+}
+
+fn segments_are_plain(path: &[u8]) -> bool {
+    !path.iter().any(|b| matches!(b, b'\\' | b';'))
+        && path
+            .split(|b| *b == b'/')
+            .all(|segment| !matches!(segment, b"" | b"." | b".."))
+}
+
+/// `path` with its escapes decoded; `None` for a malformed escape or one of
+/// an unreserved character.
+fn percent_decode(path: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(path.len());
+    let mut bytes = path.iter();
+    while let Some(&b) = bytes.next() {
+        if b != b'%' {
+            out.push(b);
+            continue;
+        }
+        let hex = |c: Option<&u8>| c.and_then(|c| char::from(*c).to_digit(16));
+        let byte = u8::try_from(hex(bytes.next())? * 16 + hex(bytes.next())?).ok()?;
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            return None;
+        }
+        out.push(byte);
+    }
+    Some(out)
 }
 
 /// The response id of `/v1/responses/{id}`, `/v1/responses/{id}/cancel` and
@@ -263,8 +308,18 @@ mod tests {
             "/v1/conversations/mine/../theirs",
             "/v1/conversations/./conv_1",
             "/v1/conversations/conv%5F1",
+            "/v1/conversations;x/conv_1",
+            "/v1/conversations/conv_x%2F..%2Fconv_y",
             "/v1/responses/resp%5F1",
-            "/v1/chat%2Fcompletions",
+            "/v1/responses%2Fresp_1",
+            "/v1/responses/resp_1%20",
+            "/v1/chat%2Fcompletions/%2E%2E",
+            "/v1/models/%2E%2E",
+            "/v1/models/a%2F..%2Fb",
+            "/v1/models/a%5Cb",
+            "/v1/models/a%3Bb",
+            "/v1/models/a%2",
+            "/v1/models/a%zz",
             "/v1/files\\x",
             "/v1/..",
         ] {
@@ -274,6 +329,10 @@ mod tests {
             "/v1/files/file-1",
             "/v1/conversations/conv_1/",
             "/v1/a.b/c..d",
+            // As the SDKs escape a model id with a slash, or a space.
+            "/v1/models/meta-llama%2FLlama-3.1-8B-Instruct",
+            "/v1/models/my%20model",
+            "/v1/models/caf%C3%A9",
         ] {
             assert_eq!(
                 Endpoint::from_path(path),

@@ -73,6 +73,16 @@ pub enum Error {
         /// The limit, in bytes.
         limit: usize,
     },
+    /// The body, with the value it is parsed into, is more than the bound on
+    /// all request bodies held at once (`max_buffered_body_bytes`): it could
+    /// never be held, however idle the proxy.
+    #[error(
+        "request body, parsed, needs more than the {limit} bytes this proxy holds for all request bodies at once"
+    )]
+    ParsedTooLarge {
+        /// The bound, in bytes.
+        limit: usize,
+    },
     /// The client stopped sending its request body: nothing came for the
     /// read timeout.
     #[error("no request body bytes for {waited_ms} ms: the request is abandoned")]
@@ -156,7 +166,7 @@ impl Error {
             | ConversationNotFound(_)
             | RouteNotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTooLarge { .. } | ParsedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -176,6 +186,7 @@ impl Error {
             | UnsupportedParameter { .. }
             | MethodNotAllowed { .. }
             | RequestTooLarge { .. }
+            | ParsedTooLarge { .. }
             | RequestTimeout { .. }
             | UnsupportedMediaType(_) => "invalid_request_error",
             InvalidApiKey => "authentication_error",
@@ -209,7 +220,7 @@ impl Error {
             ConversationNotFound(_) => "conversation_not_found",
             RouteNotFound(_) => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
-            RequestTooLarge { .. } => "request_too_large",
+            RequestTooLarge { .. } | ParsedTooLarge { .. } => "request_too_large",
             RequestTimeout { .. } => "request_timeout",
             UnsupportedMediaType(_) => "unsupported_media_type",
             RateLimited { .. } => "rate_limit_exceeded",

@@ -62,7 +62,10 @@ pub use endpoint::{
 };
 pub use error::{Error, ErrorBody};
 pub use meta::{Identity, ModelAllowlist, RequestMeta};
-pub use parse::{Parse, ParseLayer, ParseLimits, parse, parse_object, parse_within};
+pub use parse::{
+    BudgetHold, Parse, ParseLayer, ParseLimits, parse, parse_object, parse_object_within,
+    parse_within,
+};
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 pub use svc::{BoxFuture, call_boxed};
 pub use usage_filter::UsageFilter;

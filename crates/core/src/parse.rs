@@ -1,6 +1,6 @@
 //! The parse layer: body limit, content type, one JSON parse, [`RequestMeta`].
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -161,11 +161,11 @@ where
             return Err(Error::UnsupportedMediaType(ct));
         }
         let bytes = read_limited(body, limit, claim.as_mut()).await?;
-        let (json, built) = match object_within(&bytes, room(claim.as_ref())) {
+        let (json, built) = match object_within(&bytes, claim.as_mut()) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return Err(Error::InvalidBody),
             Err(Unparsed::Json(e)) => return Err(Error::InvalidJson(e.to_string())),
-            Err(Unparsed::OverBudget) => return Err(full(claim.as_ref())),
+            Err(Unparsed::OverBudget(error)) => return Err(error),
         };
         let bytes = hold(claim, bytes, built)?;
         match json.get("model") {
@@ -188,7 +188,7 @@ where
         // Other routes: buffer JSON to learn its model; a body that is not an
         // object goes on as is, for the upstream to judge.
         let bytes = read_limited(body, limit, claim.as_mut()).await?;
-        match object_within(&bytes, room(claim.as_ref())) {
+        match object_within(&bytes, claim.as_mut()) {
             Ok(Some((json, built))) => {
                 RequestMeta::parsed(endpoint, hold(claim, bytes, built)?, json)
             }
@@ -196,7 +196,7 @@ where
             Err(Unparsed::Json(e)) if e.is_data() => {
                 return Err(Error::InvalidJson(e.to_string()));
             }
-            Err(Unparsed::OverBudget) => return Err(full(claim.as_ref())),
+            Err(Unparsed::OverBudget(error)) => return Err(error),
             _ => {
                 let bytes = hold(claim, bytes, 0)?;
                 let meta = RequestMeta::unbuffered(endpoint);
@@ -310,17 +310,6 @@ where
     Ok(joined.map_or(first, Bytes::from))
 }
 
-/// How many bytes a parse may build: what the budget has left (the body's
-/// own bytes are held already); no bound without a budget.
-fn room(claim: Option<&Claim>) -> usize {
-    claim.map_or(usize::MAX, Claim::room)
-}
-
-/// The budget's error (without a budget, none is ever over).
-fn full(claim: Option<&Claim>) -> Error {
-    claim.map_or(Error::BodyBufferFull { limit: 0 }, Claim::full)
-}
-
 /// `bytes`, holding `claim` for them and for the `built` bytes of the value
 /// parsed from them, until their last clone is dropped (the parsed value
 /// lives beside them in [`RequestMeta`]).
@@ -329,8 +318,9 @@ fn hold(claim: Option<Claim>, bytes: Bytes, built: usize) -> Result<Bytes, Error
         return Ok(bytes);
     };
     claim.shrink_to(bytes.len());
-    if !claim.hold(bytes.len().saturating_add(built)) {
-        return Err(claim.full());
+    let needed = bytes.len().saturating_add(built);
+    if !claim.hold(needed) {
+        return Err(over_budget(&claim, needed));
     }
     Ok(claim.attach(bytes))
 }
@@ -357,12 +347,56 @@ fn read_error(e: impl Into<BoxError>) -> Error {
 /// message's `content` could store the answer to the other. The check is
 /// free: the parse looks each key up to insert it anyway.
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Error> {
-    match object_within(bytes, usize::MAX) {
-        Ok(Some((map, _))) => Ok(map),
+    parse_object_within(bytes, None).map(|(map, _)| map)
+}
+
+/// [`parse_object`], holding `bytes` and the value they are parsed into in
+/// `budget` (see [`BodyBudget`]) until the returned [`BudgetHold`] is
+/// dropped: 503 `server_overloaded` when the budget has no room for them
+/// now, 413 `request_too_large` when it never could.
+pub fn parse_object_within(
+    bytes: &[u8],
+    budget: Option<&BodyBudget>,
+) -> Result<(Map<String, Value>, BudgetHold), Error> {
+    let mut claim = budget.map(BodyBudget::claim);
+    if let Some(claim) = &mut claim
+        && !claim.hold(bytes.len())
+    {
+        return Err(over_budget(claim, bytes.len()));
+    }
+    match object_within(bytes, claim.as_mut()) {
+        Ok(Some((map, built))) => {
+            if let Some(claim) = &mut claim {
+                claim.shrink_to(bytes.len());
+                if !claim.hold(bytes.len().saturating_add(built)) {
+                    return Err(over_budget(claim, bytes.len().saturating_add(built)));
+                }
+            }
+            Ok((map, BudgetHold { _claim: claim }))
+        }
         Ok(None) => Err(Error::InvalidBody),
         Err(Unparsed::Json(e)) => Err(Error::InvalidJson(e.to_string())),
-        // (No value reaches `usize::MAX` bytes.)
-        Err(Unparsed::OverBudget) => Err(full(None)),
+        Err(Unparsed::OverBudget(error)) => Err(error),
+    }
+}
+
+/// Bytes held in a [`BodyBudget`] for a parsed body; given back when
+/// dropped.
+#[derive(Debug)]
+pub struct BudgetHold {
+    _claim: Option<Claim>,
+}
+
+/// The answer to a body whose bytes and value (`needed` bytes so far) the
+/// claim's budget could not hold: 413 when the whole budget is too small
+/// for them, 503 when others hold what is missing now.
+fn over_budget(claim: &Claim, needed: usize) -> Error {
+    if needed > claim.limit() {
+        Error::ParsedTooLarge {
+            limit: claim.limit(),
+        }
+    } else {
+        claim.full()
     }
 }
 
@@ -373,19 +407,21 @@ type Built = (Map<String, Value>, usize);
 enum Unparsed {
     /// Not JSON, or a key repeated (category `Data`).
     Json(serde_json::Error),
-    /// The value would hold more than its bound.
-    OverBudget,
+    /// The claim could not hold the value as it grew: the answer.
+    OverBudget(Error),
 }
 
 /// `bytes` as an object without repeated keys, and the heap bytes the
 /// value holds (an estimate, see [`Tally`]); `None` for JSON that is not an
-/// object. Building stops once the value would hold more than `cap` bytes.
+/// object. With a `claim` (holding the body's bytes), the value is held in
+/// it as it grows, and building stops once the claim cannot hold more.
 ///
 /// The parsed value, not the body, is most of a request's memory: a small
 /// JSON object becomes a B-tree leaf of some 600 bytes, so a body of
 /// `{"":0}` objects holds ~100 times its size once parsed, and plain chat
-/// messages ~9 times. The body budget counts both.
-fn object_within(bytes: &[u8], cap: usize) -> Result<Option<Built>, Unparsed> {
+/// messages ~9 times. The body budget counts both, from the first byte
+/// built: no parse builds much past what the budget has room for.
+fn object_within(bytes: &[u8], claim: Option<&mut Claim>) -> Result<Option<Built>, Unparsed> {
     if bytes.trim_ascii_start().first() != Some(&b'{') {
         // Not an object (if JSON at all): checked, not built, and repeats in
         // it decide nothing here.
@@ -394,18 +430,26 @@ fn object_within(bytes: &[u8], cap: usize) -> Result<Option<Built>, Unparsed> {
     }
     let tally = Tally {
         built: Cell::new(0),
-        cap,
+        base: bytes.len(),
+        held: Cell::new(0),
+        claim: claim.map(RefCell::new),
+        over: Cell::new(false),
     };
     match build(bytes, &tally) {
         Ok(Value::Object(map)) => Ok(Some((map, tally.built.get()))),
         Ok(_) => Ok(None),
-        Err(_) if tally.built.get() > cap => Err(Unparsed::OverBudget),
-        Err(e) => Err(Unparsed::Json(e)),
+        Err(e) => match &tally.claim {
+            Some(claim) if tally.over.get() => {
+                let needed = tally.base.saturating_add(tally.built.get());
+                Err(Unparsed::OverBudget(over_budget(&claim.borrow(), needed)))
+            }
+            _ => Err(Unparsed::Json(e)),
+        },
     }
 }
 
 /// `bytes` as one JSON value, tallied.
-fn build(bytes: &[u8], tally: &Tally) -> Result<Value, serde_json::Error> {
+fn build(bytes: &[u8], tally: &Tally<'_>) -> Result<Value, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde::de::DeserializeSeed::deserialize(Unique(tally), &mut de)?;
     de.end()?;
@@ -413,7 +457,7 @@ fn build(bytes: &[u8], tally: &Tally) -> Result<Value, serde_json::Error> {
 }
 
 /// The heap bytes a value being built holds, estimated from the shapes it
-/// is made of, and the most it may hold.
+/// is made of, and the claim that holds them.
 ///
 /// The estimate follows serde_json's `Value` on a 64-bit target: an array
 /// holds a slot per element of its capacity; an object (a `BTreeMap`) holds
@@ -422,9 +466,15 @@ fn build(bytes: &[u8], tally: &Tally) -> Result<Value, serde_json::Error> {
 /// value slots; a string or key holds its capacity. Measured against an
 /// allocator that counts, it is within a few percent for bodies of small
 /// objects, of numbers and of chat messages.
-struct Tally {
+struct Tally<'c> {
     built: Cell<usize>,
-    cap: usize,
+    /// The body's bytes, which the claim holds besides the value.
+    base: usize,
+    /// How much of the value the claim holds now (a step ahead of it).
+    held: Cell<usize>,
+    claim: Option<RefCell<&'c mut Claim>>,
+    /// The claim could not hold more.
+    over: Cell<bool>,
 }
 
 /// A `Value`'s slot in an array or an object.
@@ -433,14 +483,32 @@ const SLOT: usize = std::mem::size_of::<Value>();
 const LEAF: usize = 11 * (std::mem::size_of::<String>() + SLOT) + 16;
 /// Entries per leaf, counted low.
 const PER_LEAF: usize = 6;
+/// How far ahead of the value the claim is grown: one atomic update per
+/// step, not per node.
+const STEP: usize = 64 << 10;
 
-impl Tally {
+impl Tally<'_> {
     fn add<E: serde::de::Error>(&self, bytes: usize) -> Result<(), E> {
         let built = self.built.get().saturating_add(bytes);
         self.built.set(built);
-        if built > self.cap {
-            return Err(E::custom("the parsed body passes the body budget"));
+        let Some(claim) = &self.claim else {
+            return Ok(());
+        };
+        if built <= self.held.get() {
+            return Ok(());
         }
+        let mut claim = claim.borrow_mut();
+        let needed = self.base.saturating_add(built);
+        // A step ahead, but never past the whole budget for want of the
+        // step alone.
+        let ahead = needed.saturating_add(STEP).min(claim.limit()).max(needed);
+        // (The step is room others may need: without it, just what is.)
+        let held = [ahead, needed].into_iter().find(|&total| claim.hold(total));
+        let Some(held) = held else {
+            self.over.set(true);
+            return Err(E::custom("the parsed body passes the body budget"));
+        };
+        self.held.set(held - self.base);
         Ok(())
     }
 }
@@ -449,9 +517,9 @@ impl Tally {
 /// `Value` visitor builds, with the repeat an error instead of last-wins),
 /// tallied as it is built.
 #[derive(Clone, Copy)]
-struct Unique<'t>(&'t Tally);
+struct Unique<'t, 'c>(&'t Tally<'c>);
 
-impl<'de> serde::de::DeserializeSeed<'de> for Unique<'_> {
+impl<'de> serde::de::DeserializeSeed<'de> for Unique<'_, '_> {
     type Value = Value;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
@@ -460,9 +528,9 @@ impl<'de> serde::de::DeserializeSeed<'de> for Unique<'_> {
 }
 
 /// A key, tallied.
-struct Key<'t>(&'t Tally);
+struct Key<'t, 'c>(&'t Tally<'c>);
 
-impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
+impl<'de> serde::de::DeserializeSeed<'de> for Key<'_, '_> {
     type Value = String;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
@@ -472,7 +540,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for Unique<'_> {
+impl<'de> serde::de::Visitor<'de> for Unique<'_, '_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -618,7 +686,14 @@ mod tests {
         #[test]
         fn parses_as_serde_json_does(value in crate::canonical::tests::value_strategy()) {
             let bytes = serde_json::to_vec(&value).unwrap();
-            let ours = build(&bytes, &Tally { built: Cell::new(0), cap: usize::MAX }).unwrap();
+            let tally = Tally {
+                built: Cell::new(0),
+                base: 0,
+                held: Cell::new(0),
+                claim: None,
+                over: Cell::new(false),
+            };
+            let ours = build(&bytes, &tally).unwrap();
             proptest::prop_assert_eq!(ours, value);
         }
     }
@@ -647,7 +722,7 @@ mod tests {
             ),
         ] {
             let body = body_of(unit, 1 << 20);
-            let (_, built) = object_within(body.as_bytes(), usize::MAX)
+            let (_, built) = object_within(body.as_bytes(), None)
                 .ok()
                 .flatten()
                 .expect("an object");
@@ -665,12 +740,35 @@ mod tests {
         // 64 KiB of bytes that become ~6 MiB of objects: refused, though
         // the bytes fit, and nothing stays held.
         let heavy = body_of(r#"{"":0},"#, 64 << 10);
-        let r = Request::post("/v1/chat/completions")
-            .body(full(heavy))
-            .expect("a request");
-        let err = parse_within(r, 1 << 20, Some(&budget)).await.unwrap_err();
-        assert_eq!(err.code(), "server_overloaded");
+        let post = |body: String| {
+            Request::post("/v1/chat/completions")
+                .body(full(body))
+                .expect("a request")
+        };
+        // More than the whole budget: 413, not a 503 to retry for ever.
+        let err = parse_within(post(heavy), 1 << 20, Some(&budget))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "request_too_large");
+        assert_eq!(err.status(), 413);
         assert_eq!(budget.in_use(), 0);
+        // Would fit alone, not beside what another request holds: 503.
+        let text = |len: usize| format!(r#"{{"model":"m","input":"{}"}}"#, "x".repeat(len));
+        let other = parse_within(post(text(300 << 10)), 1 << 20, Some(&budget))
+            .await
+            .unwrap();
+        assert!(budget.in_use() > 600 << 10, "{}", budget.in_use());
+        let err = parse_within(post(text(300 << 10)), 1 << 20, Some(&budget))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "server_overloaded");
+        drop(other);
+        assert_eq!(budget.in_use(), 0);
+        // The budget held while a value is built stays near what it holds:
+        // a refused parse never holds more than the budget.
+        let r = parse_within(post(text(300 << 10)), 1 << 20, Some(&budget)).await;
+        assert!(r.is_ok());
+        drop(r);
         // A plain body holds its bytes and what they were parsed into while
         // the request lives, and gives both back.
         let plain = format!(

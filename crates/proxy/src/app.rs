@@ -183,15 +183,16 @@ impl Proxy {
         let redis_ids = response_ids_redis(&settings)?;
         let ids = ResponseIds::new(redis_ids.clone());
         metrics.add_source(store_metrics(auth.clone(), cache.clone(), redis_ids));
+        let body_budget = BodyBudget::new(settings.max_buffered_body_bytes);
+        metrics.add_source(budget_metrics(body_budget.clone()));
         let sockets = Sockets::new(
             sockets,
             settings.balance.max_retries,
             ids.clone(),
             settings.max_body_bytes,
+            Some(body_budget.clone()),
         );
         metrics.add_source(socket_metrics(sockets.counters()));
-        let body_budget = BodyBudget::new(settings.max_buffered_body_bytes);
-        metrics.add_source(budget_metrics(body_budget.clone()));
         // The stack below the HTTP face, outermost first.
         let below: Stack =
             BoxCloneSyncService::new(ServiceBuilder::new().option_layer(cache).service(balance));

@@ -72,7 +72,8 @@ use hyper_util::rt::TokioIo;
 use llm_proxy_auth::{AuthLayer, KeyEntry, Turn, check_body, rate_headers};
 use llm_proxy_balance::BalanceHandle;
 use llm_proxy_core::{
-    Body, Dialect, Endpoint, Error, RequestMeta, header_lists, parse_object, usage,
+    Body, BodyBudget, Dialect, Endpoint, Error, RequestMeta, header_lists, parse_object_within,
+    usage,
 };
 use llm_proxy_upstream::{Upgrade, Upstream};
 use serde_json::Value;
@@ -108,6 +109,9 @@ pub(crate) struct Sockets {
     ids: Arc<ResponseIds>,
     /// The longest client message: `max_body_bytes`.
     max_message_bytes: usize,
+    /// The bound on request bodies held at once, which a client message
+    /// and its parsed value count against while it is checked.
+    budget: Option<BodyBudget>,
     counters: Arc<SocketCounters>,
 }
 
@@ -141,12 +145,14 @@ impl Sockets {
         max_retries: u32,
         ids: Arc<ResponseIds>,
         max_message_bytes: usize,
+        budget: Option<BodyBudget>,
     ) -> Self {
         Sockets {
             upstreams,
             attempts: usize::try_from(max_retries).map_or(usize::MAX, |r| r.saturating_add(1)),
             ids,
             max_message_bytes,
+            budget,
             counters: Arc::default(),
         }
     }
@@ -279,6 +285,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         turns: Mutex::default(),
         open_turns: AtomicUsize::new(0),
         ended: Mutex::default(),
+        budget: ctx.sockets.budget.clone(),
         counters: ctx.sockets.counters.clone(),
     };
     let run = relay(
@@ -319,6 +326,8 @@ struct Session {
     /// The responses that ended last (at most [`ENDED_KEPT`]): a second end
     /// of one is ignored, not charged again.
     ended: Mutex<VecDeque<Box<str>>>,
+    /// See [`Sockets`].
+    budget: Option<BodyBudget>,
     counters: Arc<SocketCounters>,
 }
 
@@ -332,7 +341,8 @@ impl Session {
     async fn admit(&self, text: &str) -> Result<Admitted, Error> {
         // Repeated top-level keys are refused: the upstream must read the
         // `type`, `model` and ids checked here.
-        let json = parse_object(text.as_bytes())?;
+        // Held in the body budget while it is checked.
+        let (json, _held) = parse_object_within(text.as_bytes(), self.budget.as_ref())?;
         let kind = json.get("type").and_then(Value::as_str);
         let create = kind == Some("response.create");
         let turn = match kind {
@@ -1048,6 +1058,7 @@ mod tests {
             turns: Mutex::default(),
             open_turns: AtomicUsize::new(0),
             ended: Mutex::default(),
+            budget: None,
             counters: Arc::default(),
         };
         for i in 0..5_000 {

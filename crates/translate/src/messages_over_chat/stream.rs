@@ -42,6 +42,9 @@ pub(crate) struct ChatToMessages {
     finish: Option<String>,
     matched: Option<serde_json::Value>,
     usage: Option<Usage>,
+    /// Bytes of arguments held for tools whose name has not come, all
+    /// together (bounded by [`MAX_HELD_BYTES`]).
+    pending_bytes: usize,
 }
 
 /// The block that is open now.
@@ -108,6 +111,7 @@ impl ChatToMessages {
             finish: None,
             matched: None,
             usage: None,
+            pending_bytes: 0,
         }
     }
 
@@ -285,7 +289,8 @@ impl ChatToMessages {
                     tool.name.push_str(name);
                 }
                 tool.pending.push_str(arguments);
-                if tool.pending.len() > MAX_HELD_BYTES {
+                self.pending_bytes += arguments.len();
+                if self.pending_bytes > MAX_HELD_BYTES {
                     return Step::Fail(format!(
                         "the upstream sent over {MAX_HELD_BYTES} bytes of tool arguments before the tool's name"
                     ));
@@ -307,6 +312,7 @@ impl ChatToMessages {
         let block = json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}});
         write_block_start(out, index, block);
         let pending = std::mem::take(&mut tool.pending);
+        self.pending_bytes = self.pending_bytes.saturating_sub(pending.len());
         if !pending.is_empty() {
             write_delta(
                 out,

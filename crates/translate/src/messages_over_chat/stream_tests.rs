@@ -395,3 +395,20 @@ fn an_empty_finish_reason_is_none() {
     assert_eq!(starts, 1, "one text block: {out:?}");
     assert_eq!(out.last().unwrap().0.as_deref(), Some("message_stop"));
 }
+
+#[test]
+fn nameless_arguments_are_bounded_in_total() {
+    // Each call (a new id at index 0) under the bound, all of them over it.
+    let piece = "x".repeat(12 << 20);
+    let mut m = ChatToMessages::new(Context::default());
+    let mut out = Vec::new();
+    let failed = (0..3).any(|n| {
+        let c = chunk(
+            json!({"tool_calls": [{"index": 0, "id": format!("call_{n}"), "function": {"arguments": piece}}]}),
+            None,
+        );
+        out.clear();
+        matches!(m.event(&data(&c), &mut out), Step::Fail(_))
+    });
+    assert!(failed, "36 MiB of nameless arguments held over three calls");
+}
