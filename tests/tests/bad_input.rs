@@ -834,3 +834,53 @@ async fn a_body_that_parses_into_far_more_than_its_bytes_is_counted_as_such() {
     assert_eq!(post_json(&url, &chat_of_len(60 << 10)).await.status, 200);
     wait_buffered(&p, 0).await;
 }
+
+#[tokio::test]
+async fn a_slow_but_steady_upload_is_not_a_first_byte_timeout() {
+    // The upstream reads the whole chunked body, then answers at once.
+    let addr = raw_upstream(|mut conn| async move {
+        let (mut buf, mut seen) = (vec![0u8; 8192], Vec::new());
+        while !seen.ends_with(b"0\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = conn
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        let _ = conn.read(&mut buf).await;
+    })
+    .await;
+    let p = proxy(&one_upstream(
+        &format!("http://{addr}/v1"),
+        "first_byte_timeout_ms = 600",
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n\
+          transfer-encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // 1.5 s of upload, a chunk every 250 ms: longer than the first-byte
+    // timeout, never silent for long.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        conn.write_all(b"4\r\nxxxx\r\n").await.unwrap();
+    }
+    conn.write_all(b"0\r\n\r\n").await.unwrap();
+    let (mut answer, mut buf) = (Vec::new(), vec![0u8; 4096]);
+    let _ = tokio::time::timeout(HANG, async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}

@@ -208,9 +208,14 @@ async fn a_second_signal_during_the_drain_stops_at_once() {
         assert!(status.success());
     };
     kill("-TERM");
-    // Draining: still running a moment later.
+    // Draining: still running a moment later, and no longer listening: a
+    // new connection is refused, not left in a backlog nobody serves.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(child.0.try_wait().unwrap().is_none(), "draining, not gone");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "a new connection during the drain was accepted"
+    );
     kill("-INT");
     let exit = exit_of(child, "the second signal stops the proxy").await;
     assert_eq!(exit.0.code(), Some(1), "stderr: {}", exit.1);

@@ -148,6 +148,10 @@ impl Proxy {
                 })?;
             threads.push(thread);
         }
+        // Each shard has its own handle on the socket, and drops it when it
+        // stops accepting: this one must not keep the socket listening (and
+        // the kernel completing handshakes nobody serves) through the drain.
+        drop(listener);
         drop(drained_tx);
         let early_end = tokio::select! {
             () = shutdown => false,

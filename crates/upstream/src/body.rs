@@ -414,3 +414,58 @@ mod tests {
         assert!(chat.observe(b"data: {}\n\n").is_err(), "data after [DONE]");
     }
 }
+
+pin_project_lite::pin_project! {
+    /// A request body streamed upstream, that says when it has ended: the
+    /// first-byte timeout runs from the end of the request, not through
+    /// the client's upload.
+    pub(crate) struct Uploading {
+        #[pin]
+        inner: llm_proxy_core::Body,
+        ended: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+}
+
+impl Uploading {
+    /// `inner`, and what resolves once it has ended (or was dropped).
+    pub(crate) fn new(inner: llm_proxy_core::Body) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            Uploading {
+                inner,
+                ended: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+impl HttpBody for Uploading {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if ended && let Some(tx) = this.ended.take() {
+            let _ = tx.send(());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -5,9 +5,12 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
-/// plus the client's credentials, which never go upstream.
-const STRIP: [HeaderName; 12] = [
+/// plus the client's credentials and cookies, which never go upstream (the
+/// proxy is the upstream's client, with its own key; a browser's cookies for
+/// the proxy's origin are not the model provider's to read).
+const STRIP: [HeaderName; 13] = [
     header::CONNECTION,
+    header::COOKIE,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
@@ -21,9 +24,11 @@ const STRIP: [HeaderName; 12] = [
     PROXY_CONNECTION,
 ];
 
-/// Hop-by-hop headers of a response.
-const STRIP_RESPONSE: [HeaderName; 6] = [
+/// Hop-by-hop headers of a response, and cookies: the upstream's are set
+/// for the proxy, its client, not for the proxy's clients.
+const STRIP_RESPONSE: [HeaderName; 7] = [
     header::CONNECTION,
+    header::SET_COOKIE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
@@ -74,12 +79,12 @@ fn strip_connection_named(headers: &mut HeaderMap) {
     if !headers.contains_key(header::CONNECTION) {
         return;
     }
+    // As bytes: a value with one byte past ASCII still names the others.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -88,6 +93,31 @@ fn strip_connection_named(headers: &mut HeaderMap) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn headers_named_by_a_connection_value_past_ascii_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-private, caf\xe9").unwrap(),
+        );
+        h.insert("x-private", "internal".parse().unwrap());
+        super::strip_request(&mut h);
+        assert!(!h.contains_key("x-private"), "{h:?}");
+        assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn cookies_stay_on_their_side() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "session=abc".parse().unwrap());
+        strip_request(&mut h);
+        assert!(!h.contains_key(header::COOKIE));
+        let mut h = HeaderMap::new();
+        h.insert(header::SET_COOKIE, "__cf_bm=x; path=/".parse().unwrap());
+        strip_response(&mut h);
+        assert!(!h.contains_key(header::SET_COOKIE));
+    }
+
     use super::*;
 
     #[test]

@@ -5,6 +5,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Request, Response, Uri, header, uri};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -13,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName};
 use tower_service::Service;
 
-use crate::body::UpstreamBody;
+use crate::body::{Uploading, UpstreamBody};
 use crate::config::{AuthStyle, BuildError, UpstreamConfig};
 use crate::headers;
 use crate::pool::{Pool, SendError};
@@ -266,6 +267,31 @@ impl Service<Request<Body>> for Upstream {
     }
 }
 
+/// `send`'s output, unless the first-byte timeout passes first: counted from
+/// now for a request whose body has all gone, else from when `uploaded`
+/// resolves (the body ended, or was dropped).
+async fn head_within<F: Future>(
+    first_byte: Duration,
+    uploaded: Option<tokio::sync::oneshot::Receiver<()>>,
+    send: F,
+) -> Option<F::Output> {
+    let Some(ended) = uploaded else {
+        return tokio::time::timeout(first_byte, send).await.ok();
+    };
+    let timer = async {
+        let _ = ended.await;
+        tokio::time::sleep(first_byte).await;
+    };
+    let (mut send, mut timer) = (std::pin::pin!(send), std::pin::pin!(timer));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(sent) = send.as_mut().poll(cx) {
+            return Poll::Ready(Some(sent));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
 impl Upstream {
     async fn send(self, req: Request<Body>) -> Result<Response<Body>, Error> {
         let (mut parts, body) = req.into_parts();
@@ -291,6 +317,17 @@ impl Upstream {
                 body
             }
         };
+        // A body still coming from the client: the first-byte timeout
+        // starts once it has all gone (a slow, steady upload is the
+        // client's time, bounded by its own read timeout, not the
+        // upstream's).
+        let (body, uploaded) = if body.is_end_stream() {
+            (body, None)
+        } else {
+            let (body, ended) = Uploading::new(body);
+            (body.boxed_unsync(), Some(ended))
+        };
+        let first_byte = self.inner.first_byte_timeout;
         self.present(&mut parts.headers);
 
         let pq = self.path_and_query(&parts.uri)?;
@@ -306,7 +343,7 @@ impl Upstream {
                 let pool = shard
                     .and_then(|i| pools.get(i))
                     .unwrap_or(&pools[pools.len() - 1]);
-                tokio::time::timeout(self.inner.first_byte_timeout, pool.send(out))
+                head_within(first_byte, uploaded, pool.send(out))
                     .await
                     .map(|sent| {
                         sent.map(|(resp, lease)| (resp, Some(lease)))
@@ -323,19 +360,19 @@ impl Upstream {
                 let client = shard
                     .and_then(|i| clients.get(i))
                     .unwrap_or(&clients[clients.len() - 1]);
-                tokio::time::timeout(self.inner.first_byte_timeout, client.request(out))
+                head_within(first_byte, uploaded, client.request(out))
                     .await
                     .map(|sent| sent.map(|resp| (resp, None)).map_err(|e| self.classify(&e)))
             }
         };
         let (resp, lease) = match sent {
-            Err(_elapsed) => {
+            None => {
                 return Err(Error::UpstreamTimeout {
                     upstream: self.inner.name.0.clone(),
                     phase: "waiting for the response head",
                 });
             }
-            Ok(sent) => sent?,
+            Some(sent) => sent?,
         };
 
         let (mut parts, incoming) = resp.into_parts();
