@@ -35,4 +35,23 @@ try:
 except openai.NotFoundError as e:
     assert e.code == "response_not_found", e.body
 
+# Conversations: made through the proxy, each turn goes to the upstream
+# that holds it (round robin would send every other one elsewhere).
+conversation = client.conversations.create(metadata={"topic": "sdk"})
+assert conversation.id.startswith("conv_"), conversation
+for n in range(4):
+    turn = client.responses.create(model="gpt-ok", input=f"turn {n}", conversation=conversation.id)
+    assert turn.status == "completed", turn
+assert client.conversations.retrieve(conversation.id).id == conversation.id
+items = client.conversations.items.list(conversation.id)
+assert items.data == [], items
+assert client.conversations.delete(conversation.id).deleted
+
+# A model id with a slash, as the SDK escapes it, is a route (the upstream
+# answers for it).
+try:
+    client.models.retrieve("meta-llama/Llama-3.1-8B-Instruct")
+except openai.NotFoundError as e:
+    assert "does not exist" in str(e.body), e.body
+
 print("openai responses sdk: all checks passed")
