@@ -397,6 +397,73 @@ pub async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
     true
 }
 
+/// Read one request off `conn`: its head, and its body by its
+/// `content-length` (none: empty); `None` if the connection ends first.
+pub async fn read_request(conn: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = vec![0u8; 8192];
+    let mut seen = Vec::new();
+    let head_end = loop {
+        if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match tokio::io::AsyncReadExt::read(conn, &mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = seen[head_end..].to_vec();
+    while body.len() < length {
+        match tokio::io::AsyncReadExt::read(conn, &mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some((head, body))
+}
+
+/// An upstream answering every request with `answer(body)`: status and
+/// body, written an event at a time (closing the connection after).
+pub async fn sse_upstream(
+    answer: impl Fn(&[u8]) -> (u16, String) + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    let answer = std::sync::Arc::new(answer);
+    raw_upstream(move |mut conn| {
+        let answer = answer.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let Some((_, body)) = read_request(&mut conn).await else {
+                return;
+            };
+            let (status, text) = answer(&body);
+            let kind = if status == 200 {
+                "text/event-stream"
+            } else {
+                "application/json"
+            };
+            let head = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                text.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            // An event at a time, as a server streams them.
+            for event in text.split_inclusive("\n\n") {
+                let _ = conn.write_all(event.as_bytes()).await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    })
+    .await
+}
+
 /// An upstream on 127.0.0.1 that hands each connection to `serve`, raw.
 pub async fn raw_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
 where

@@ -619,3 +619,78 @@ async fn a_502_to_a_limited_key_carries_the_rate_limit_headers() {
         b.headers
     );
 }
+
+const SSE_DELTA: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\n";
+const SSE_USAGE: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1,\"total_tokens\":6}}\n\n";
+
+fn limited_key(addr: std::net::SocketAddr) -> String {
+    format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 100000\n",
+        one_upstream(&format!("http://{addr}/v1"), "")
+    )
+}
+
+async fn stream_as_k(p: &TestProxy, body: String) -> Answer {
+    send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[
+            ("authorization", "Bearer sk-k"),
+            ("content-type", "application/json"),
+        ],
+        body,
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn an_upstream_that_refuses_stream_options_still_serves_a_limited_key() {
+    // Some servers (older Azure API versions) reject the field the proxy
+    // adds to count a limited key's tokens: it is sent again without.
+    let addr = sse_upstream(|body| {
+        if String::from_utf8_lossy(body).contains("stream_options") {
+            let error = r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}"#;
+            (400, error.to_owned())
+        } else {
+            (200, format!("{SSE_DELTA}data: [DONE]\n\n"))
+        }
+    })
+    .await;
+    let p = proxy(&limited_key(addr)).await;
+    let answer = stream_as_k(&p, chat("m", true)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(answer.text().contains("\"hi\""), "{}", answer.text());
+    // A request's own 400 is not sent twice, and comes back as it came.
+    let own =
+        sse_upstream(|_| (400, r#"{"error":{"message":"bad temperature"}}"#.to_owned())).await;
+    let p = proxy(&limited_key(own)).await;
+    let answer = stream_as_k(&p, chat("m", true)).await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.text().contains("bad temperature"));
+}
+
+#[tokio::test]
+async fn leaving_out_the_usage_chunk_keeps_everything_else() {
+    // Keep-alive comments (OpenRouter's while the model thinks) reach a
+    // limited key's client, whose usage chunk is left out.
+    let addr = sse_upstream(|_| {
+        (
+            200,
+            format!(": OPENROUTER PROCESSING\n\n{SSE_DELTA}{SSE_USAGE}data: [DONE]\n\n"),
+        )
+    })
+    .await;
+    let p = proxy(&limited_key(addr)).await;
+    let text = stream_as_k(&p, chat("m", true)).await.text();
+    assert!(text.starts_with(": OPENROUTER PROCESSING\n\n"), "{text}");
+    assert!(
+        text.contains("\"hi\"") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert!(!text.contains("\"usage\""), "{text}");
+    // Asked for, the chunk stays.
+    let mut asked: serde_json::Value = serde_json::from_str(&chat("m", true)).unwrap();
+    asked["stream_options"] = serde_json::json!({"include_usage": true});
+    let text = stream_as_k(&p, asked.to_string()).await.text();
+    assert!(text.contains("\"usage\""), "{text}");
+}

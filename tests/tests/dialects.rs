@@ -721,3 +721,68 @@ async fn conversations_follow_across_proxies_and_stay_with_their_key() {
     // Its owner still has it.
     assert_eq!(get(&first, a).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_responses_event_of_megabytes_is_not_a_broken_stream() {
+    // An image tool's result is base64 in `response.output_item.done`, and
+    // again in `response.completed`: events of megabytes, in earnest.
+    let image = "A".repeat(1_500_000);
+    let addr = sse_upstream(move |_| {
+        let event =
+            |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+        let item =
+            serde_json::json!({"type": "image_generation_call", "id": "ig_1", "result": image});
+        let body = [
+            event(
+                "response.created",
+                serde_json::json!({"type": "response.created",
+                "response": {"id": "resp_big", "status": "in_progress"}}),
+            ),
+            event(
+                "response.output_item.done",
+                serde_json::json!({"type": "response.output_item.done",
+                "output_index": 0, "item": item}),
+            ),
+            event(
+                "response.completed",
+                serde_json::json!({"type": "response.completed",
+                "response": {"id": "resp_big", "status": "completed", "output": [item],
+                    "usage": {"input_tokens": 10, "output_tokens": 1000, "total_tokens": 1010}}}),
+            ),
+        ]
+        .concat();
+        (200, body)
+    })
+    .await;
+    let p = proxy(&format!(
+        "{}[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 100000\n",
+        one_upstream(&format!("http://{addr}/v1"), "apis = [\"responses\"]")
+    ))
+    .await;
+    let answer = post_with(
+        &p.url("/v1/responses"),
+        responses_body(true, None),
+        &[("authorization", "Bearer sk-k")],
+    )
+    .await;
+    let text = answer.text();
+    assert!(
+        !text.contains("stream_interrupted"),
+        "{}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    assert!(text.trim_end().ends_with('}') && text.contains("response.completed"));
+    // Its usage, in the large `response.completed`, was read.
+    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"llm_proxy_tokens_total{key="k",model="m",kind="output"} 1000"#),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("tokens_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -10,7 +10,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::StreamKind;
 use llm_proxy_core::sse::Parser;
 use llm_proxy_core::usage::{self, StreamUsage, Usage};
-use llm_proxy_core::{Body, BoxError};
+use llm_proxy_core::{Body, BoxError, UsageFilter};
 
 use crate::keys::KeyEntry;
 use crate::service::Shared;
@@ -130,7 +130,6 @@ enum Watch {
     Sse {
         parser: Box<Parser>,
         stream: StreamUsage,
-        strip: bool,
     },
     /// A JSON body, copied up to `MAX_JSON_TEE`.
     Json(Vec<u8>),
@@ -162,69 +161,63 @@ pin_project_lite::pin_project! {
 }
 
 impl UsageBody {
-    /// `strip`: the usage chunk was requested by the proxy, not the client, so
-    /// it is removed from what the client receives.
+    /// `inner`, watched for its usage, as the client's body: when `strip`
+    /// (the usage chunk was requested by the proxy, not the client), the
+    /// usage chunk is left out of what the client receives, after it was
+    /// counted (core's [`UsageFilter`], which passes every other byte on as
+    /// it came: comments, keep-alives, event boundaries).
     /// `sse`: the body is a stream of this kind.
-    pub(crate) fn new(
+    pub(crate) fn client_body(
         inner: Body,
         sse: Option<StreamKind>,
         strip: bool,
         reconcile: Reconcile,
-    ) -> Self {
-        UsageBody {
+    ) -> Body {
+        let watched = UsageBody {
             inner,
             watch: if let Some(kind) = sse {
                 Watch::Sse {
                     parser: Box::new(Parser::new()),
                     stream: StreamUsage::new(kind),
-                    strip,
                 }
             } else {
                 Watch::Json(Vec::new())
             },
             usage: None,
             reconcile: Some(reconcile),
+        };
+        if strip && sse.is_some() {
+            Body::new(UsageFilter::new(watched))
+        } else {
+            Body::new(watched)
         }
     }
 }
 
-/// Watch one frame. Returns the frame to pass on: the same bytes, or, when
-/// stripping, the complete events in it re-encoded without the usage chunk
-/// (an event split across frames goes out with the frame that completes it).
-fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: Bytes) -> Bytes {
+/// Watch one frame, which goes on unchanged.
+fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: &Bytes) {
     match watch {
-        Watch::Sse {
-            parser,
-            stream,
-            strip,
-        } => {
-            if parser.push(&data).is_err() {
-                // Not SSE we can read: pass it on untouched, stop watching.
-                let out = if *strip { Bytes::new() } else { data };
+        Watch::Sse { parser, stream } => {
+            if parser.push(data).is_err() {
+                // Not SSE we can read: stop watching.
                 *watch = Watch::Off;
-                return out;
+                return;
             }
-            let mut out = Vec::new();
             while let Some(event) = parser.next_event_ref() {
                 stream.observe(&event.data);
                 if stream.usage().is_some() {
                     *usage = stream.usage();
                 }
-                if *strip && !usage::is_usage_only_chunk(&event.data) {
-                    out.extend_from_slice(&llm_proxy_core::sse::encode(event));
-                }
             }
-            if *strip { Bytes::from(out) } else { data }
         }
         Watch::Json(copy) => {
             if copy.len() + data.len() <= MAX_JSON_TEE {
-                copy.extend_from_slice(&data);
+                copy.extend_from_slice(data);
             } else {
                 *watch = Watch::Off;
             }
-            data
         }
-        Watch::Off => data,
+        Watch::Off => {}
     }
 }
 
@@ -236,23 +229,14 @@ impl HttpBody for UsageBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        loop {
-            let polled = this.inner.as_mut().poll_frame(cx);
-            let frame = match polled {
-                Poll::Ready(Some(Ok(frame))) => frame,
-                other => return finish(other, this.watch, this.usage, this.reconcile),
-            };
-            let frame = match frame.into_data() {
-                Ok(data) => observe(this.watch, this.usage, data),
-                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
-            };
-            // A frame that held only a stripped chunk (or half an event) is
-            // not sent empty: read on.
-            if !frame.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(frame))));
-            }
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            observe(this.watch, this.usage, data);
         }
+        finish(polled, this.watch, this.usage, this.reconcile)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -260,10 +244,7 @@ impl HttpBody for UsageBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.watch {
-            Watch::Sse { strip: true, .. } => SizeHint::default(),
-            _ => self.inner.size_hint(),
-        }
+        self.inner.size_hint()
     }
 }
 

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
-use http_body_util::BodyExt;
+use llm_proxy_core::refusal::{self, refuses_stream_options};
 use llm_proxy_core::usage::Usage;
 use llm_proxy_core::{
     Body, BoxFuture, Dialect, Endpoint, Error, Identity, RequestMeta, call_boxed,
@@ -281,7 +281,8 @@ where
             let Admitted {
                 key,
                 reserve,
-                strip_usage,
+                mut strip_usage,
+                unedited,
                 model,
                 endpoint,
                 metered,
@@ -292,8 +293,25 @@ where
                 Err(refusal) => return Ok(refusal),
             };
             let reconcile = Reconcile::new(shared.clone(), key, model, reserve);
-            let fut = call_boxed(&mut inner, req);
-            let resp = match fut.await {
+            // The request as the client sent it, to send again should the
+            // upstream refuse the `stream_options` added to it.
+            let again = unedited.map(|original| (original, inner.clone()));
+            let sent = match (again, call_boxed(&mut inner, req).await) {
+                (Some((original, mut inner)), Ok(first)) => {
+                    match refuses_stream_options(first).await {
+                        (true, _refusal) => {
+                            tracing::debug!(
+                                "the upstream refused stream_options; retrying without"
+                            );
+                            strip_usage = false;
+                            call_boxed(&mut inner, original).await
+                        }
+                        (false, first) => Ok(first),
+                    }
+                }
+                (_, sent) => sent,
+            };
+            let resp = match sent {
                 Ok(resp) => resp,
                 Err(e) => {
                     // Nothing was generated: give the reservation back.
@@ -320,7 +338,11 @@ where
                 .stream_kind()
                 .filter(|_| is_event_stream(&parts.headers));
             let reconcile = reconcile.answered(parts.status);
-            let body = UsageBody::new(body, sse, strip_usage, reconcile).boxed_unsync();
+            if strip_usage && sse.is_some() {
+                // The chunk left out changes the length.
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+            }
+            let body = UsageBody::client_body(body, sse, strip_usage, reconcile);
             Ok(Response::from_parts(parts, body))
         })
     }
@@ -330,7 +352,10 @@ struct Admitted {
     key: Arc<KeyEntry>,
     /// Tokens charged up front: the estimate as the token limit charges it.
     reserve: u64,
+    /// The layer asked for the usage chunk: it is left out of the answer.
     strip_usage: bool,
+    /// With `strip_usage`, the request before that edit.
+    unedited: Option<Request<Body>>,
     model: Option<Arc<str>>,
     endpoint: Endpoint,
     /// The endpoint consumes tokens: reserve, and reconcile with its usage.
@@ -358,6 +383,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
             key,
             reserve: 0,
             strip_usage: false,
+            unedited: None,
             model: None,
             endpoint: Endpoint::Passthrough,
             metered: consumes_tokens(Endpoint::Passthrough),
@@ -377,12 +403,19 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
     } else {
         0
     };
-    let strip_usage = limited && request_stream_usage(meta);
     let model = meta.model_arc().cloned();
+    let wants_usage = limited && lacks_stream_usage(meta);
+    let unedited = wants_usage.then(|| refusal::copy_request(req));
+    let strip_usage = wants_usage
+        && req
+            .extensions_mut()
+            .get_mut::<RequestMeta>()
+            .is_some_and(request_stream_usage);
     Ok(Admitted {
         key,
         reserve,
         strip_usage,
+        unedited: unedited.filter(|_| strip_usage),
         model,
         endpoint,
         metered,
@@ -521,16 +554,7 @@ pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
 /// a usage chunk. Returns true when the client did not ask for it, so the
 /// chunk must be stripped from what the client receives.
 fn request_stream_usage(meta: &mut RequestMeta) -> bool {
-    if !meta.is_stream() || !meta.endpoint().streams_done_sentinel() {
-        return false;
-    }
-    let asked = meta
-        .json()
-        .and_then(|j| j.get("stream_options"))
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    if asked {
+    if !lacks_stream_usage(meta) {
         return false;
     }
     if let Some(json) = meta.json_mut() {
@@ -545,6 +569,19 @@ fn request_stream_usage(meta: &mut RequestMeta) -> bool {
         }
     }
     true
+}
+
+/// A streamed chat or completions request whose client did not ask for the
+/// usage chunk.
+fn lacks_stream_usage(meta: &RequestMeta) -> bool {
+    meta.is_stream()
+        && meta.endpoint().streams_done_sentinel()
+        && meta
+            .json()
+            .and_then(|j| j.get("stream_options"))
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            != Some(true)
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
@@ -601,6 +638,7 @@ pub fn format_reset(d: Duration) -> String {
 #[allow(clippy::unwrap_used)] // a test should panic on unexpected input
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use llm_proxy_core::{ParseLayer, ParseLimits, full};
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 

@@ -184,11 +184,26 @@ fn dialect_end(kind: StreamKind, event: &Event) -> Option<bool> {
     }
 }
 
-/// An `{"error": …}` event, as a chat stream broken mid-way ends with.
+/// An error in a chat stream: `{"error": …}`, as a stream broken mid-way
+/// ends with, or an error object (`"object": "error"`, as vLLM's older
+/// servers and those that copy them send mid-stream, before `[DONE]`; or
+/// `"type": "error"`).
 fn is_error_event(data: &str) -> bool {
-    data.contains("\"error\"")
-        && serde_json::from_str::<serde_json::Value>(data)
-            .is_ok_and(|value| value.get("error").is_some())
+    #[derive(serde::Deserialize)]
+    struct Chunk<'a> {
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
+        #[serde(default, borrow)]
+        object: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    data.contains("error")
+        && serde_json::from_str::<Chunk<'_>>(data).is_ok_and(|chunk| {
+            chunk.error.is_some()
+                || chunk.object.as_deref() == Some("error")
+                || chunk.kind.as_deref() == Some("error")
+        })
 }
 
 impl CacheBody {
@@ -451,6 +466,29 @@ mod tests {
         };
         frames.iter().for_each(|f| watch.observe(f.as_bytes()));
         watch.clean_end()
+    }
+
+    #[test]
+    fn chat_streams_with_an_error_chunk_are_not_clean() {
+        let c = StreamKind::Chat;
+        let delta = "data: {\"choices\":[{\"delta\":{\"content\":\"an error\"}}]}\n\n";
+        let done = "data: [DONE]\n\n";
+        assert!(
+            clean(c, &[delta, done]),
+            "a word in the content is no error"
+        );
+        for error in [
+            r#"data: {"error":{"message":"boom"}}"#,
+            r#"data: {"object":"error","message":"CUDA out of memory","code":500}"#,
+            r#"data: {"type":"error","message":"m"}"#,
+        ] {
+            let error = format!("{error}\n\n");
+            assert!(!clean(c, &[delta, &error, done]), "{error}");
+        }
+        assert!(clean(
+            c,
+            &[r#"data: {"error":null,"choices":[]}"#, "\n\n", done]
+        ));
     }
 
     #[test]

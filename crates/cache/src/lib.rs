@@ -80,7 +80,6 @@ mod entry;
 mod flight;
 mod key;
 mod layer;
-mod refusal;
 mod replay;
 mod service;
 mod stats;

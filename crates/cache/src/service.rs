@@ -14,10 +14,10 @@ use tower_service::Service;
 
 use crate::body::{CacheBody, JsonRule, Tee, Watch};
 use crate::flight::{Flights, Head, Joined, Leader};
-use crate::refusal::refuses_stream_options;
 use crate::replay::{self, CacheStatus};
 use crate::stats::Counters;
 use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store, StoreError};
+use llm_proxy_core::refusal::{copy_head, refuses_stream_options};
 
 /// What every clone of a [`Cache`] shares.
 pub(crate) struct Shared {
@@ -329,7 +329,7 @@ where
     // has it; keep the unedited request in case the upstream refuses
     // `stream_options`.
     let unedited = if plan.strips_usage() {
-        let original = copy_parts(&parts);
+        let original = copy_head(&parts);
         let edited = parts
             .extensions
             .get_mut::<RequestMeta>()
@@ -412,17 +412,6 @@ fn ask_for_usage(meta: &mut RequestMeta) -> bool {
         }
         None => false,
     }
-}
-
-/// A copy of a request's head (its body lives in `RequestMeta`).
-fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
-    let mut copy = Request::new(());
-    *copy.method_mut() = parts.method.clone();
-    *copy.uri_mut() = parts.uri.clone();
-    *copy.version_mut() = parts.version;
-    *copy.headers_mut() = parts.headers.clone();
-    *copy.extensions_mut() = parts.extensions.clone();
-    copy.into_parts().0
 }
 
 /// Call `inner` once it is ready. Boxed: awaiting `S::Future` inside the

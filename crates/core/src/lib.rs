@@ -49,6 +49,7 @@ mod meta;
 mod parse;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod refusal;
 mod render;
 pub mod sse;
 mod svc;

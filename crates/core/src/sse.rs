@@ -24,8 +24,12 @@ use bytes::Bytes;
 /// The `data` payload that ends an OpenAI-style stream.
 pub const DONE: &str = "[DONE]";
 
-/// The default limit of [`Parser::new`]: 1 MiB.
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// The default limit of [`Parser::new`]: 32 MiB, the bound of a whole
+/// translated answer. One event can be that large in earnest: a Responses
+/// stream repeats the whole response in `response.completed`, with an
+/// image tool's base64 images, and `response.created` carries the request's
+/// `instructions`. Past it, a stream counts as broken.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 32 << 20;
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 

@@ -1,5 +1,6 @@
-//! Whether an upstream's `400`/`422` refused the `stream_options` the cache
-//! added to a streamed chat request (some servers reject the field), so that
+//! Whether an upstream's `400`/`422` refused the `stream_options` a layer
+//! added to a streamed chat request (the cache, or the auth layer counting
+//! tokens, ask for the usage chunk; some servers reject the field), so that
 //! the request is worth sending again without it.
 //!
 //! Any other `400` is the request's own fault and goes to the client as it
@@ -9,22 +10,22 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::{Body, BoxError};
 use bytes::{Bytes, BytesMut};
 use http::{Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, BoxError};
 
 /// The most of an error body read to look for the field's name. Error bodies
 /// are a few hundred bytes; a longer one is passed on unread past this.
 const MAX_READ: usize = 64 * 1024;
 
-/// The words that show an error is about the usage request the cache added.
+/// The words that show an error is about the usage request a layer added.
 const MENTIONS: [&[u8]; 2] = [b"stream_options", b"include_usage"];
 
 /// Whether `response` refuses `stream_options`, and the response to pass on
 /// in its place when it does not (the same head and the same bytes).
-pub(crate) async fn refuses_stream_options(response: Response<Body>) -> (bool, Response<Body>) {
+pub async fn refuses_stream_options(response: Response<Body>) -> (bool, Response<Body>) {
     if !matches!(
         response.status(),
         StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY
@@ -56,7 +57,7 @@ pub(crate) async fn refuses_stream_options(response: Response<Body>) -> (bool, R
     let read = read.freeze();
     let refused = mentions_stream_options(&read);
     let rest = if ended || error.is_some() {
-        llm_proxy_core::empty()
+        crate::empty()
     } else {
         body
     };
@@ -66,6 +67,30 @@ pub(crate) async fn refuses_stream_options(response: Response<Body>) -> (bool, R
         rest,
     };
     (refused, Response::from_parts(parts, Body::new(replay)))
+}
+
+/// A copy of a request's head, to send it again (its body lives in
+/// [`RequestMeta`](crate::RequestMeta)): method, URI, version, headers and
+/// extensions.
+pub fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut copy = http::Request::new(());
+    *copy.method_mut() = parts.method.clone();
+    *copy.uri_mut() = parts.uri.clone();
+    *copy.version_mut() = parts.version;
+    *copy.headers_mut() = parts.headers.clone();
+    *copy.extensions_mut() = parts.extensions.clone();
+    copy.into_parts().0
+}
+
+/// [`copy_head`] of a whole request, as a request with an empty body.
+pub fn copy_request<B>(req: &http::Request<B>) -> http::Request<Body> {
+    let mut copy = http::Request::new(crate::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    copy
 }
 
 fn mentions_stream_options(body: &[u8]) -> bool {
@@ -122,7 +147,7 @@ impl HttpBody for Replay {
 #[allow(clippy::unwrap_used)] // a test should panic on unexpected input
 mod tests {
     use super::*;
-    use llm_proxy_core::full;
+    use crate::full;
 
     fn response(status: u16, body: Body) -> Response<Body> {
         let mut response = Response::new(body);
