@@ -15,6 +15,8 @@ fn config_error(name: &str, text: Option<&str>) -> (i32, String) {
     }
     let mut child = std::process::Command::new(example_binary("llm-proxy"))
         .args(["--config", path.to_str().unwrap()])
+        // For the case of a secret read from an empty variable.
+        .env("LLM_PROXY_TEST_EMPTY", "")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -89,6 +91,23 @@ fn config_errors_are_one_line_and_exit_2() {
             "websocket_without_responses",
             Some(format!("{up}websocket = true\n")),
             "`websocket = true` needs \"responses\" in `apis`",
+        ),
+        (
+            "empty_env_secret",
+            Some(format!("{up}api_key = \"env:LLM_PROXY_TEST_EMPTY\"\n")),
+            ":4: upstream `a`: `api_key`: environment variable `LLM_PROXY_TEST_EMPTY` is empty",
+        ),
+        (
+            "huge_workers",
+            Some(format!("workers = 18446744073709551615\n{up}")),
+            "`workers` must be between 0",
+        ),
+        (
+            "metrics_on_listen",
+            Some(format!(
+                "listen = \"127.0.0.1:9000\"\nmetrics_listen = \"127.0.0.1:9000\"\n{up}"
+            )),
+            "`metrics_listen` is `listen`",
         ),
     ];
     for (name, text, needle) in cases {

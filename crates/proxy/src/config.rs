@@ -496,6 +496,8 @@ impl Settings {
 
 /// The most `max_connections` can be: what one semaphore can count.
 const MAX_CONNECTIONS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+/// The most `workers`: one thread (and runtime, and upstream pool) each.
+const MAX_WORKERS: usize = 1024;
 
 /// The longest `ttl_secs`: ten years ("for ever", without overflowing a clock).
 const MAX_TTL_SECS: f64 = 10.0 * 365.0 * 86_400.0;
@@ -540,6 +542,25 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         ),
         _ => None,
     };
+    if metrics_listen == Some(listen) {
+        return Err(ConfigError(format!(
+            "{}: `metrics_listen` is `listen` ({listen}): give metrics an address of their own, or leave it out to serve them on `listen`",
+            path.display()
+        )));
+    }
+    if cfg.max_body_bytes == 0 {
+        return Err(ConfigError(format!(
+            "{}: `max_body_bytes` must be at least 1: with 0 every request with a body is refused",
+            path.display()
+        )));
+    }
+    if cfg.workers > MAX_WORKERS {
+        return Err(ConfigError(format!(
+            "{}: `workers` must be between 0 (one per CPU) and {MAX_WORKERS}, not {}",
+            path.display(),
+            cfg.workers
+        )));
+    }
     if cfg.max_connections == 0 || cfg.max_connections > MAX_CONNECTIONS {
         return Err(ConfigError(format!(
             "{}: `max_connections` must be between 1 and {MAX_CONNECTIONS}, not {}",
@@ -666,8 +687,17 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             .api_key
             .as_ref()
             .map(|k| {
-                resolve_secret(k.get_ref())
-                    .map_err(|m| err(k.span(), format!("upstream `{name}`: `api_key`: {m}")))
+                let key = resolve_secret(k.get_ref())
+                    .map_err(|m| err(k.span(), format!("upstream `{name}`: `api_key`: {m}")))?;
+                if http::HeaderValue::from_str(&key).is_err() {
+                    return Err(err(
+                        k.span(),
+                        format!(
+                            "upstream `{name}`: `api_key` must be printable text (it is sent as a header)"
+                        ),
+                    ));
+                }
+                Ok(key)
             })
             .transpose()?;
         let extra_roots_pem = match up.tls_ca_file.as_ref().filter(|f| !f.get_ref().is_empty()) {
@@ -690,6 +720,14 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 })?)
             }
         };
+        if up.models.as_ref().is_some_and(Vec::is_empty) {
+            return Err(err(
+                up.name.span(),
+                format!(
+                    "upstream `{name}`: `models` is empty, so it would serve nothing; leave it out to serve every model"
+                ),
+            ));
+        }
         upstreams.push(UpstreamSpec {
             name,
             target,
@@ -853,6 +891,18 @@ fn validate_balance(
         .collect();
     let every_model = upstreams.iter().any(|u| u.models.is_none());
     for (from, to) in &b.fallbacks {
+        if !every_model && !served.contains(from.as_str()) {
+            return Err(ConfigError(format!(
+                "{}: [balance] fallbacks: `{from}` is a model no upstream serves, so it never needs a fallback",
+                path.display()
+            )));
+        }
+        if to.iter().any(|model| model == from) {
+            return Err(ConfigError(format!(
+                "{}: [balance] fallbacks: `{from}` falls back to itself",
+                path.display()
+            )));
+        }
         for model in to {
             if !every_model && !served.contains(model.as_str()) {
                 return Err(ConfigError(format!(
@@ -1043,9 +1093,16 @@ fn parse_url(s: &str) -> Result<http::Uri, String> {
 /// A secret: `env:NAME` reads the environment variable, anything else is literal.
 pub fn resolve_secret(value: &str) -> Result<String, String> {
     match value.strip_prefix("env:") {
-        Some(var) => {
-            std::env::var(var).map_err(|_| format!("environment variable `{var}` is not set"))
-        }
+        Some(var) => match std::env::var(var) {
+            Ok(value) if value.is_empty() => Err(format!("environment variable `{var}` is empty")),
+            Ok(value) => Ok(value),
+            Err(std::env::VarError::NotPresent) => {
+                Err(format!("environment variable `{var}` is not set"))
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(format!("environment variable `{var}` is not UTF-8"))
+            }
+        },
         None => Ok(value.to_owned()),
     }
 }
@@ -1072,6 +1129,54 @@ mod tests {
         assert!(s.upstream_header);
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         assert_eq!(s.workers, cpus);
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused() {
+        let refused = |src: String, says: &str| {
+            let e = load(&src).unwrap_err();
+            assert!(e.contains(says), "{src}: {e}");
+        };
+        refused(
+            format!("workers = 18446744073709551615\n{MIN}"),
+            "`workers` must be between 0",
+        );
+        refused(
+            format!("workers = 1025\n{MIN}"),
+            "`workers` must be between 0",
+        );
+        refused(
+            format!("max_body_bytes = 0\n{MIN}"),
+            "`max_body_bytes` must be at least 1",
+        );
+        refused(
+            format!("listen = \"127.0.0.1:9000\"\nmetrics_listen = \"127.0.0.1:9000\"\n{MIN}"),
+            "`metrics_listen` is `listen`",
+        );
+        refused(
+            format!("{MIN}models = []\n"),
+            "t.toml:2: upstream `a`: `models` is empty",
+        );
+        refused(
+            format!("{MIN}api_key = \"a\\nb\"\n"),
+            "t.toml:4: upstream `a`: `api_key` must be printable",
+        );
+        let served = "[[upstream]]\nname = \"a\"\nurl = \"http://h/v1\"\nmodels = [\"m\", \"n\"]\n";
+        refused(
+            format!("{served}[balance]\nfallbacks = {{ \"m\" = [\"m\"] }}\n"),
+            "`m` falls back to itself",
+        );
+        refused(
+            format!("{served}[balance]\nfallbacks = {{ \"x\" = [\"m\"] }}\n"),
+            "`x` is a model no upstream serves",
+        );
+        assert!(
+            load(&format!(
+                "{served}[balance]\nfallbacks = {{ \"m\" = [\"n\"] }}\n"
+            ))
+            .is_ok()
+        );
+        assert!(load(&format!("workers = 1024\n{MIN}")).is_ok());
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! Prometheus metrics of the proxy (names pinned in DESIGN.md).
 
-use std::fmt::Write as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,8 +27,36 @@ pub struct Name(pub Arc<str>);
 
 impl EncodeLabelValue for Name {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        encoder.write_str(&self.0)
+        write_escaped(encoder, &self.0)
     }
+}
+
+/// A label value written as the text format wants it: `\`, `"` and line
+/// feeds escaped (prometheus-client 0.24 writes values raw). Values come
+/// from config (upstream and key names) and from clients (a model a key
+/// names): unescaped, a model named `x"} 1\nfake_total 9` would add a line
+/// to the scrape, or break it for the scraper.
+struct Escaped<'a>(&'a str);
+
+impl EncodeLabelValue for Escaped<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        write_escaped(encoder, self.0)
+    }
+}
+
+fn write_escaped(out: &mut impl std::fmt::Write, value: &str) -> std::fmt::Result {
+    if !value.contains(['\\', '"', '\n']) {
+        return out.write_str(value);
+    }
+    for c in value.chars() {
+        match c {
+            '\\' => out.write_str("\\\\")?,
+            '"' => out.write_str("\\\"")?,
+            '\n' => out.write_str("\\n")?,
+            c => out.write_char(c)?,
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,7 +135,11 @@ impl Collector for Scraped {
                 continue;
             }
             for (labels, value) in &series.samples {
-                encode(family.encode_family(labels)?, *value)?;
+                let labels: Vec<(&str, Escaped<'_>)> = labels
+                    .iter()
+                    .map(|(name, value)| (*name, Escaped(value)))
+                    .collect();
+                encode(family.encode_family(&labels)?, *value)?;
             }
         }
         Ok(())
@@ -122,8 +153,8 @@ impl std::fmt::Debug for Metrics {
 }
 
 fn latency_histogram() -> Histogram {
-    // 100 µs .. ~105 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+    // 100 µs .. ~14 min: a long generation streams for minutes.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 24))
 }
 
 impl Metrics {
@@ -279,5 +310,36 @@ impl Drop for ObservedBody {
             .duration
             .get_or_create(&RouteLabels { route })
             .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let metrics = Metrics::new();
+        let model = "x\"} 1\nllm_proxy_injected_total 12345\n#";
+        metrics.add_source(Box::new(move || {
+            vec![Series {
+                name: "tokens",
+                help: "Tokens.",
+                counter: true,
+                samples: vec![(vec![("model", model.to_owned())], 7)],
+            }]
+        }));
+        let upstream: Arc<str> = Arc::from("a\"b\\c");
+        metrics.count_request("chat_completions", 200, Some(&upstream));
+        let text = metrics.encode();
+        assert!(
+            !text.lines().any(|l| l.starts_with("llm_proxy_injected")),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"model="x\"} 1\nllm_proxy_injected_total 12345\n#"} 7"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"upstream="a\"b\\c""#), "{text}");
     }
 }
