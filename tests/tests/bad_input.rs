@@ -884,3 +884,68 @@ async fn a_slow_but_steady_upload_is_not_a_first_byte_timeout() {
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_an_upload_is_a_first_byte_timeout() {
+    // It reads the head, then neither reads the body nor answers: the
+    // upload blocks, which is the upstream's time, not the client's.
+    let addr = raw_upstream(|mut conn| async move {
+        if read_request_head(&mut conn).await {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    })
+    .await;
+    let p = proxy(&one_upstream(
+        &format!("http://{addr}/v1"),
+        "first_byte_timeout_ms = 600",
+    ))
+    .await;
+    let conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut read, mut write) = conn.into_split();
+    let writer = tokio::spawn(async move {
+        let head = "POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n\
+                    transfer-encoding: chunked\r\n\r\n";
+        if write.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+        // As fast as it is taken, until the proxy stops taking it.
+        while write.write_all(chunk.as_bytes()).await.is_ok() {}
+    });
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let _ = tokio::time::timeout(HANG, async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text:?}");
+}
+
+#[tokio::test]
+async fn a_tls_upstream_that_never_speaks_is_a_first_byte_timeout() {
+    // TCP connects; the TLS handshake never completes.
+    let addr = raw_upstream(|conn| async move {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(conn);
+    })
+    .await;
+    let p = proxy(&one_upstream(
+        &format!("https://{addr}/v1"),
+        "first_byte_timeout_ms = 600",
+    ))
+    .await;
+    let answer = tokio::time::timeout(
+        HANG,
+        post_json(&p.url("/v1/chat/completions"), &chat("m", false)),
+    )
+    .await
+    .expect("answered within the bound");
+    answer.assert_error(504, "timeout_error", "upstream_timeout");
+}

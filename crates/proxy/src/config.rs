@@ -542,7 +542,8 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         ),
         _ => None,
     };
-    if metrics_listen == Some(listen) {
+    // (Port 0 twice is two ports, each chosen by the system.)
+    if metrics_listen == Some(listen) && listen.port() != 0 {
         return Err(ConfigError(format!(
             "{}: `metrics_listen` is `listen` ({listen}): give metrics an address of their own, or leave it out to serve them on `listen`",
             path.display()
@@ -1177,6 +1178,12 @@ mod tests {
             .is_ok()
         );
         assert!(load(&format!("workers = 1024\n{MIN}")).is_ok());
+        assert!(
+            load(&format!(
+                "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n{MIN}"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -415,28 +415,72 @@ mod tests {
     }
 }
 
+/// The time a request has been the upstream's to answer: since it was sent,
+/// less the time its body spent waiting for the client's next bytes (a
+/// slow upload is the client's time, bounded by its own read timeout).
+#[derive(Debug)]
+pub(crate) struct UploadClock {
+    sent: std::time::Instant,
+    state: std::sync::Mutex<Waits>,
+}
+
+#[derive(Debug, Default)]
+struct Waits {
+    /// Time spent waiting for the client, in waits that ended.
+    waited: Duration,
+    /// The wait going on now.
+    since: Option<std::time::Instant>,
+}
+
+impl UploadClock {
+    pub(crate) fn start() -> Arc<Self> {
+        Arc::new(UploadClock {
+            sent: std::time::Instant::now(),
+            state: std::sync::Mutex::default(),
+        })
+    }
+
+    fn waits(&self) -> std::sync::MutexGuard<'_, Waits> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The time that counts against the first-byte timeout so far.
+    pub(crate) fn upstreams_time(&self) -> Duration {
+        let now = std::time::Instant::now();
+        let waits = self.waits();
+        let waiting = waits.since.map_or(Duration::ZERO, |since| now - since);
+        (now - self.sent).saturating_sub(waits.waited + waiting)
+    }
+
+    fn waiting(&self, pending: bool) {
+        let mut waits = self.waits();
+        match (pending, waits.since) {
+            (true, None) => waits.since = Some(std::time::Instant::now()),
+            (false, Some(since)) => {
+                waits.waited += since.elapsed();
+                waits.since = None;
+            }
+            _ => {}
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A request body streamed upstream, that says when it has ended: the
-    /// first-byte timeout runs from the end of the request, not through
-    /// the client's upload.
+    /// A request body streamed upstream from the client: the time it waits
+    /// for the client's bytes does not count against the first-byte
+    /// timeout (see [`UploadClock`]).
     pub(crate) struct Uploading {
         #[pin]
         inner: llm_proxy_core::Body,
-        ended: Option<tokio::sync::oneshot::Sender<()>>,
+        clock: Arc<UploadClock>,
     }
 }
 
 impl Uploading {
-    /// `inner`, and what resolves once it has ended (or was dropped).
-    pub(crate) fn new(inner: llm_proxy_core::Body) -> (Self, tokio::sync::oneshot::Receiver<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (
-            Uploading {
-                inner,
-                ended: Some(tx),
-            },
-            rx,
-        )
+    pub(crate) fn new(inner: llm_proxy_core::Body, clock: Arc<UploadClock>) -> Self {
+        Uploading { inner, clock }
     }
 }
 
@@ -448,16 +492,9 @@ impl HttpBody for Uploading {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        let ended = match &polled {
-            Poll::Ready(None | Some(Err(_))) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            Poll::Pending => false,
-        };
-        if ended && let Some(tx) = this.ended.take() {
-            let _ = tx.send(());
-        }
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        this.clock.waiting(polled.is_pending());
         polled
     }
 

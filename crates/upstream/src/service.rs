@@ -5,7 +5,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Request, Response, Uri, header, uri};
-use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -14,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName};
 use tower_service::Service;
 
-use crate::body::{Uploading, UpstreamBody};
+use crate::body::{UploadClock, Uploading, UpstreamBody};
 use crate::config::{AuthStyle, BuildError, UpstreamConfig};
 use crate::headers;
 use crate::pool::{Pool, SendError};
@@ -267,20 +266,25 @@ impl Service<Request<Body>> for Upstream {
     }
 }
 
-/// `send`'s output, unless the first-byte timeout passes first: counted from
-/// now for a request whose body has all gone, else from when `uploaded`
-/// resolves (the body ended, or was dropped).
+/// `send`'s output, unless the first-byte timeout passes first: counted
+/// from now, less, for a body streamed from the client, the time it waited
+/// for the client's bytes (`uploaded`).
 async fn head_within<F: Future>(
     first_byte: Duration,
-    uploaded: Option<tokio::sync::oneshot::Receiver<()>>,
+    uploaded: Option<Arc<UploadClock>>,
     send: F,
 ) -> Option<F::Output> {
-    let Some(ended) = uploaded else {
+    let Some(clock) = uploaded else {
         return tokio::time::timeout(first_byte, send).await.ok();
     };
     let timer = async {
-        let _ = ended.await;
-        tokio::time::sleep(first_byte).await;
+        loop {
+            let spent = clock.upstreams_time();
+            if spent >= first_byte {
+                return;
+            }
+            tokio::time::sleep(first_byte - spent).await;
+        }
     };
     let (mut send, mut timer) = (std::pin::pin!(send), std::pin::pin!(timer));
     std::future::poll_fn(|cx| {
@@ -301,6 +305,7 @@ impl Upstream {
             .or_else(|| Endpoint::from_path(parts.uri.path()))
             .unwrap_or(Endpoint::Passthrough);
         let buffered = meta.and_then(RequestMeta::body_for_upstream);
+        let buffered_body = buffered.is_some();
         let client_length = parts.headers.remove(header::CONTENT_LENGTH);
         headers::strip_request(&mut parts.headers);
         let body = match buffered {
@@ -317,15 +322,17 @@ impl Upstream {
                 body
             }
         };
-        // A body still coming from the client: the first-byte timeout
-        // starts once it has all gone (a slow, steady upload is the
-        // client's time, bounded by its own read timeout, not the
-        // upstream's).
-        let (body, uploaded) = if body.is_end_stream() {
+        // A body still coming from the client: the time it waits for the
+        // client's bytes is not the upstream's (a slow, steady upload is
+        // bounded by the client's own read timeout).
+        let (body, uploaded) = if buffered_body {
             (body, None)
         } else {
-            let (body, ended) = Uploading::new(body);
-            (body.boxed_unsync(), Some(ended))
+            let clock = UploadClock::start();
+            (
+                Uploading::new(body, clock.clone()).boxed_unsync(),
+                Some(clock),
+            )
         };
         let first_byte = self.inner.first_byte_timeout;
         self.present(&mut parts.headers);
