@@ -1,6 +1,8 @@
 //! The proxy in front of one mock upstream: every endpoint passes through,
 //! streams stream, credentials are swapped, ids and metrics are there.
 
+use std::time::Duration;
+
 use http::Method;
 use http_body_util::BodyExt;
 use tests::*;
@@ -418,4 +420,37 @@ async fn metrics_listen_serves_metrics_apart_over_http1_and_h2c() {
         .unwrap()
         .to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("llm_proxy_requests_total"));
+}
+
+#[tokio::test]
+async fn a_request_abandoned_before_its_head_is_counted_as_499() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let slow = request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("x-mock-latency-ms", "2000"),
+        ],
+        chat("m", false),
+    );
+    // The client gives up before the upstream answers.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), send(slow))
+            .await
+            .is_err()
+    );
+    let line = r#"llm_proxy_requests_total{route="chat_completions",status="499",upstream=""} 1"#;
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
+            .await
+            .text();
+        if metrics.contains(line) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

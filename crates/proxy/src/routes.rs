@@ -300,6 +300,12 @@ impl ProxyService {
             .unwrap_or_else(|| shared.ids.next());
         let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
         Box::pin(async move {
+            // Counted as 499 (nginx's "client closed request") should the
+            // client go before the head: this future is then dropped.
+            let abandoned = Abandoned {
+                metrics: Some(shared.metrics.clone()),
+                route: route.label(),
+            };
             let on = conn.as_ref().map(InFlight::activity);
             let mut resp = match respond(&shared, stack, route, req, &request_id, on).await {
                 Ok(resp) => resp,
@@ -311,6 +317,7 @@ impl ProxyService {
             }
             resp.headers_mut().insert(REQUEST_ID, request_id.clone());
             let upstream = resp.extensions().get::<UpstreamName>().map(|u| &u.0);
+            abandoned.answered();
             shared
                 .metrics
                 .count_request(route.label(), status.as_u16(), upstream);
@@ -330,6 +337,32 @@ impl ProxyService {
         })
     }
 }
+
+/// A request in progress until its head is ready: dropped before that (the
+/// client went away and hyper dropped the request's future), it is counted
+/// with status 499, as nginx logs it.
+struct Abandoned {
+    metrics: Option<Arc<Metrics>>,
+    route: &'static str,
+}
+
+impl Abandoned {
+    fn answered(mut self) {
+        self.metrics = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.count_request(self.route, CLIENT_CLOSED, None);
+        }
+    }
+}
+
+/// The status a request the client abandoned before its head is counted
+/// with (nginx's).
+const CLIENT_CLOSED: u16 = 499;
 
 /// `GET /v1/models`: every configured model, or with auth on, the ones the
 /// caller's key may use.
