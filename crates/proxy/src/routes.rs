@@ -303,7 +303,7 @@ impl ProxyService {
             // Counted as 499 (nginx's "client closed request") should the
             // client go before the head: this future is then dropped.
             let abandoned = Abandoned {
-                metrics: Some(shared.metrics.clone()),
+                metrics: Some(&shared.metrics),
                 route: route.label(),
             };
             let on = conn.as_ref().map(InFlight::activity);
@@ -341,18 +341,18 @@ impl ProxyService {
 /// A request in progress until its head is ready: dropped before that (the
 /// client went away and hyper dropped the request's future), it is counted
 /// with status 499, as nginx logs it.
-struct Abandoned {
-    metrics: Option<Arc<Metrics>>,
+struct Abandoned<'a> {
+    metrics: Option<&'a Metrics>,
     route: &'static str,
 }
 
-impl Abandoned {
+impl Abandoned<'_> {
     fn answered(mut self) {
         self.metrics = None;
     }
 }
 
-impl Drop for Abandoned {
+impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if let Some(metrics) = &self.metrics {
             metrics.count_request(self.route, CLIENT_CLOSED, None);
