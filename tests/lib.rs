@@ -55,6 +55,13 @@ impl TestProxy {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        let answer = send(request(Method::GET, &self.url("/metrics"), &[], "")).await;
+        assert_eq!(answer.status, 200, "GET /metrics: {}", answer.text());
+        answer.text()
+    }
+
     /// Start the graceful shutdown (as SIGTERM would) without waiting.
     pub fn begin_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {

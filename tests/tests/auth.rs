@@ -300,9 +300,7 @@ async fn requests_per_minute_gives_exact_429_and_headers() {
     assert_eq!(limited.header("x-ratelimit-limit-requests"), Some("3"));
     assert_eq!(limited.header("x-ratelimit-remaining-requests"), Some("0"));
     assert_eq!(limited.header("x-ratelimit-reset-requests"), Some("1m0s"));
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains(r#"llm_proxy_rate_limited_total{key="slow"} 1"#),
         "{metrics}"
@@ -352,9 +350,7 @@ async fn tpm_reconciles(stream: bool) {
     // sees nearly the whole budget again.
     let next = eventually_answer(&p, &body(10), |a| remaining_tokens(a) > 99_000).await;
     assert_eq!(next.status, 200);
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains(r#"llm_proxy_tokens_total{key="t",model="small",kind="output"} "#),
         "{metrics}"

@@ -60,9 +60,7 @@ async fn redis_down_falls_back_to_local_limits() {
         statuses.push(call(&p).await.status.as_u16());
     }
     assert_eq!(statuses, [200, 200, 200, 200, 429]);
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     assert!(
         metrics.lines().any(
             |l| l.starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#)

@@ -175,6 +175,11 @@ async fn unreachable_upstream_is_502() {
             .unwrap()
             .contains("`up`")
     );
+    // Counted against the upstream that failed, as nginx's and Envoy's
+    // per-upstream counters do.
+    let metrics = p.metrics().await;
+    let line = r#"llm_proxy_requests_total{route="chat_completions",status="502",upstream="up"} 1"#;
+    assert!(metrics.contains(line), "{metrics}");
 }
 
 #[tokio::test]
@@ -191,6 +196,9 @@ async fn upstream_first_byte_timeout_is_504() {
     ))
     .await;
     answer.assert_error(504, "timeout_error", "upstream_timeout");
+    let metrics = p.metrics().await;
+    let line = r#"llm_proxy_requests_total{route="chat_completions",status="504",upstream="up"} 1"#;
+    assert!(metrics.contains(line), "{metrics}");
     // The abandoned upstream request is cancelled, not left running.
     eventually("the hung upstream request is dropped", || {
         up.stats.in_flight() == 0
@@ -555,9 +563,7 @@ fn chat_of_len(len: usize) -> String {
 
 /// `llm_proxy_buffered_body_bytes` from the proxy's metrics.
 async fn buffered_bytes(p: &TestProxy) -> u64 {
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     metrics
         .lines()
         .find_map(|l| l.strip_prefix("llm_proxy_buffered_body_bytes "))

@@ -236,9 +236,7 @@ async fn cache_control_and_scopes() {
         Some("miss")
     );
     assert_eq!(upstream_calls(&up), 5);
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains(r#"llm_proxy_cache_events_total{event="hit"} 1"#),
         "{metrics}"
@@ -323,9 +321,7 @@ async fn redis_going_away_degrades_to_misses() {
         assert_eq!(answer.header("x-llm-proxy-cache"), Some("miss"));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     // The cache's store errors (whatever the label names it), not the auth's.
     assert!(
         metrics

@@ -56,9 +56,7 @@ async fn responses_and_messages_pass_through_streamed_and_not() {
     let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
     assert_eq!(last["type"], "message_stop");
 
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     for route in ["responses", "messages"] {
         assert!(
             metrics.contains(&format!(
@@ -773,9 +771,7 @@ async fn a_responses_event_of_megabytes_is_not_a_broken_stream() {
     );
     assert!(text.trim_end().ends_with('}') && text.contains("response.completed"));
     // Its usage, in the large `response.completed`, was read.
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains(r#"llm_proxy_tokens_total{key="k",model="m",kind="output"} 1000"#),
         "{}",

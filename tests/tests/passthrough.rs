@@ -444,9 +444,7 @@ async fn a_request_abandoned_before_its_head_is_counted_as_499() {
     let line = r#"llm_proxy_requests_total{route="chat_completions",status="499",upstream=""} 1"#;
     let deadline = tokio::time::Instant::now() + HANG;
     loop {
-        let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-            .await
-            .text();
+        let metrics = p.metrics().await;
         if metrics.contains(line) {
             break;
         }

@@ -16,9 +16,7 @@ fn ws_upstream(name: &str, url: &str, extra: &str) -> String {
 }
 
 async fn metrics(p: &TestProxy) -> String {
-    send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text()
+    p.metrics().await
 }
 
 #[tokio::test]
@@ -303,9 +301,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     assert_eq!(events.last().unwrap()["type"], "response.completed");
     // His tokens are counted from the turns' usage.
     let usage = &events.last().unwrap()["response"]["usage"];
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     let output = done["response"]["usage"]["output_tokens"].as_u64().unwrap()
         + usage["output_tokens"].as_u64().unwrap();
     assert!(
@@ -353,9 +349,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     let event = next_event(&mut slow).await;
     assert_eq!(event["error"]["code"], "rate_limit_exceeded", "{event}");
 
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains("llm_proxy_websocket_turns_total 4"),
         "{metrics}"
@@ -404,9 +398,7 @@ async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
     assert_eq!(head.headers()["x-llm-proxy-upstream"], "up");
     // The failures count towards `gone`'s ejection, as failed requests do.
     let (_socket, _) = connect(retried.addr, &[]).await.unwrap();
-    let metrics = send(request(Method::GET, &retried.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = retried.metrics().await;
     assert!(
         metrics.contains(r#"llm_proxy_ejections_total{upstream="gone"} 1"#),
         "{metrics}"
@@ -601,9 +593,7 @@ async fn an_upstream_error_ends_its_own_turn_and_no_other() {
     assert_eq!(events.last().unwrap()["type"], "error", "{events:?}");
     let events = turn(&mut s, serde_json::json!({"model": "dear", "input": "x"})).await;
     assert_eq!(events.last().unwrap()["type"], "response.completed");
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     let tokens: Vec<&str> = metrics
         .lines()
         .filter(|l| l.contains("tokens_total{"))
@@ -880,9 +870,7 @@ async fn an_error_that_answers_no_turn_leaves_no_usage_uncounted() {
     // 5010 tokens were generated against a 3000/min limit: the next turn
     // must be refused (as `a_turn_is_charged_its_usage_whatever_its_messages_say`).
     let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     let tokens: Vec<&str> = metrics
         .lines()
         .filter(|l| l.contains("tokens_total{"))
@@ -958,9 +946,7 @@ async fn an_unanswered_append_does_not_shift_settlement() {
     .unwrap();
     let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
     assert_eq!(events.last().unwrap()["type"], "response.completed");
-    let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-        .await
-        .text();
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains(r#"llm_proxy_tokens_total{key="k",model="m",kind="output"}"#),
         "the completed turn's tokens are counted for model m: {:?}",
@@ -1020,9 +1006,7 @@ async fn usage_that_comes_after_the_client_left_is_charged() {
     // The usage comes within the grace the upstream gets after a close.
     let charged = async {
         loop {
-            let metrics = send(request(Method::GET, &p.url("/metrics"), &[], ""))
-                .await
-                .text();
+            let metrics = p.metrics().await;
             if metrics.lines().any(|l| {
                 l.contains("tokens_total{") && l.contains("output") && l.ends_with(" 5000")
             }) {

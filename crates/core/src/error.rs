@@ -312,6 +312,12 @@ impl Error {
             Error::BodyBufferFull { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            Error::BadGateway { upstream, .. } | Error::UpstreamTimeout { upstream, .. } => {
+                // Which upstream failed, for the metrics' `upstream` label,
+                // as on the answers upstreams give.
+                resp.extensions_mut()
+                    .insert(crate::UpstreamName(upstream.clone()));
+            }
             _ => {}
         }
         resp.extensions_mut().insert(self);
