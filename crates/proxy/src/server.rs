@@ -352,16 +352,30 @@ impl Spread {
         best
     }
 
-    /// Hand `stream` to shard `to`; false when it cannot take it (it has
-    /// stopped: the connection is closed, as one still in the backlog).
-    fn hand(&self, to: usize, stream: TcpStream, permit: OwnedSemaphorePermit) -> bool {
-        let handed = stream
-            .into_std()
-            .is_ok_and(|stream| self.inboxes[to].send((stream, permit)).is_ok());
-        if !handed {
-            self.loads[to].fetch_sub(1, Ordering::Relaxed);
-        }
-        handed
+    /// Hand `stream` to shard `to`, which [`pick`](Self::pick) counted it
+    /// in. When `to` has stopped taking connections (its drain began first),
+    /// the connection comes back, counted in this shard's load, to be served
+    /// here: it was accepted, so it is answered.
+    fn hand(&self, to: usize, stream: TcpStream, permit: OwnedSemaphorePermit) -> Option<Handoff> {
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand a connection to another shard");
+                self.loads[to].fetch_sub(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        let mpsc::error::SendError(back) = self.inboxes[to].send((stream, permit)).err()?;
+        self.loads[to].fetch_sub(1, Ordering::Relaxed);
+        self.loads[self.me].fetch_add(1, Ordering::Relaxed);
+        Some(back)
+    }
+
+    /// Stop taking connections from other shards, and return those handed
+    /// over already: they are served like this shard's own (and drained).
+    fn close(&mut self) -> Vec<Handoff> {
+        self.inbox.close();
+        std::iter::from_fn(|| self.inbox.try_recv().ok()).collect()
     }
 
     fn guard(&self) -> Load {
@@ -458,16 +472,32 @@ async fn accept_loop<S>(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
         .keep_alive_timeout(opts.header_read_timeout);
+    // A connection another shard accepted, counted in this shard's load.
+    let serve_handed =
+        |spread: &Spread, (stream, permit): Handoff| match TcpStream::from_std(stream) {
+            Ok(stream) => {
+                let load = Some(spread.guard());
+                serve_connection(&builder, &opts, graceful, &service, stream, permit, load);
+            }
+            Err(e) => {
+                drop(spread.guard());
+                tracing::warn!(error = %e, "cannot take a handed-off connection");
+            }
+        };
     tokio::pin!(shutdown);
     loop {
         let (stream, permit) = tokio::select! {
-            () = &mut shutdown => return,
-            Some((stream, permit)) = handed(&mut spread) => {
-                // Counted in this shard's load by the shard that accepted it.
-                let load = spread.as_ref().map(Spread::guard);
-                match TcpStream::from_std(stream) {
-                    Ok(stream) => serve_connection(&builder, &opts, graceful, &service, stream, permit, load),
-                    Err(e) => tracing::warn!(error = %e, "cannot take a handed-off connection"),
+            () = &mut shutdown => {
+                if let Some(spread) = &mut spread {
+                    for handoff in spread.close() {
+                        serve_handed(spread, handoff);
+                    }
+                }
+                return;
+            }
+            Some(handoff) = handed(&mut spread) => {
+                if let Some(spread) = &spread {
+                    serve_handed(spread, handoff);
                 }
                 continue;
             }
@@ -482,17 +512,20 @@ async fn accept_loop<S>(
                 }
             },
         };
-        let load = match &spread {
-            None => None,
+        match &spread {
+            None => serve_connection(&builder, &opts, graceful, &service, stream, permit, None),
             Some(spread) => match spread.pick() {
-                to if to == spread.me => Some(spread.guard()),
+                to if to == spread.me => {
+                    let load = Some(spread.guard());
+                    serve_connection(&builder, &opts, graceful, &service, stream, permit, load);
+                }
                 to => {
-                    spread.hand(to, stream, permit);
-                    continue;
+                    if let Some(back) = spread.hand(to, stream, permit) {
+                        serve_handed(spread, back);
+                    }
                 }
             },
-        };
-        serve_connection(&builder, &opts, graceful, &service, stream, permit, load);
+        }
     }
 }
 
@@ -661,5 +694,54 @@ mod tests {
         drop(guard);
         assert_eq!(spreads[0].pick(), 2);
         assert_eq!(loads(&spreads[0]), [1, 1, 1]);
+    }
+
+    /// A connection on 127.0.0.1, the server's end, with a permit.
+    async fn accepted(
+        listener: &TcpListener,
+        permits: &Arc<Semaphore>,
+    ) -> (TcpStream, OwnedSemaphorePermit, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, permit) = accept(listener, permits).await.unwrap().unwrap();
+        (server, permit, client)
+    }
+
+    #[tokio::test]
+    async fn a_connection_for_a_stopped_shard_comes_back_and_one_handed_before_is_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let permits = Arc::new(Semaphore::new(8));
+        let mut spreads = Spread::shards(2);
+        let loads = |spread: &Spread| -> Vec<usize> {
+            spread
+                .loads
+                .iter()
+                .map(|l| l.load(Ordering::Relaxed))
+                .collect()
+        };
+        // Shard 1 is emptier: it is handed the next connection, and keeps it
+        // in its inbox until it serves it.
+        spreads[0].loads[0].store(3, Ordering::Relaxed);
+        let (server, permit, _client_a) = accepted(&listener, &permits).await;
+        let to = spreads[0].pick();
+        assert_eq!(to, 1);
+        assert!(spreads[0].hand(to, server, permit).is_none());
+        assert_eq!(loads(&spreads[0]), [3, 1]);
+        // Shard 1's drain begins: what it was handed is returned to serve,
+        // not dropped unanswered with the inbox.
+        let kept = spreads[1].close();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(permits.available_permits(), 7);
+        // Shard 1 takes no more: the next connection comes back to shard 0,
+        // counted there, with its permit.
+        let (server, permit, _client_b) = accepted(&listener, &permits).await;
+        let to = spreads[0].pick();
+        assert_eq!(to, 1);
+        let back = spreads[0].hand(to, server, permit).expect("handed back");
+        assert_eq!(loads(&spreads[0]), [4, 1]);
+        assert_eq!(permits.available_permits(), 6);
+        drop((back, kept));
+        assert_eq!(permits.available_permits(), 8);
     }
 }
