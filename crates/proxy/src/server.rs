@@ -675,16 +675,18 @@ impl ShutdownSignals {
 mod tests {
     use super::*;
 
+    /// Each shard's load as `spread` sees it.
+    fn loads(spread: &Spread) -> Vec<usize> {
+        spread
+            .loads
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .collect()
+    }
+
     #[test]
     fn the_shard_with_the_fewest_connections_takes_the_next() {
         let spreads = Spread::shards(3);
-        let loads = |spread: &Spread| -> Vec<usize> {
-            spread
-                .loads
-                .iter()
-                .map(|l| l.load(Ordering::Relaxed))
-                .collect()
-        };
         // A tie goes to the shard that accepted.
         assert_eq!(spreads[1].pick(), 1);
         assert_eq!(spreads[1].pick(), 0);
@@ -713,13 +715,6 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let permits = Arc::new(Semaphore::new(8));
         let mut spreads = Spread::shards(2);
-        let loads = |spread: &Spread| -> Vec<usize> {
-            spread
-                .loads
-                .iter()
-                .map(|l| l.load(Ordering::Relaxed))
-                .collect()
-        };
         // Shard 1 is emptier: it is handed the next connection, and keeps it
         // in its inbox until it serves it.
         spreads[0].loads[0].store(3, Ordering::Relaxed);
