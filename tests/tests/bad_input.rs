@@ -111,6 +111,39 @@ async fn wrong_method_is_405_with_allow() {
     assert_eq!(answer.header("allow"), Some("GET, HEAD"));
 }
 
+/// Passthrough routes take the methods of an API, not `TRACE` (an upstream
+/// that serves it would echo the key the proxy adds), `CONNECT` or made-up
+/// ones: none reaches the upstream.
+#[tokio::test]
+async fn passthrough_refuses_trace_connect_and_unknown_methods() {
+    let (up, p) = one().await;
+    let all = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+    for method in ["TRACE", "FOO"] {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let answer = send(request(method.clone(), &p.url("/v1/files"), &[], "")).await;
+        answer.assert_error(405, "invalid_request_error", "method_not_allowed");
+        assert_eq!(answer.header("allow"), Some(all), "{method}");
+    }
+    // CONNECT with an origin-form target, as a raw request.
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(b"CONNECT /v1/files HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert_eq!(up.stats.requests(), 0, "nothing reached the upstream");
+    // The API's own methods still pass.
+    for method in [Method::GET, Method::DELETE, Method::OPTIONS] {
+        send(request(method, &p.url("/v1/files"), &[], "")).await;
+    }
+    assert_eq!(up.stats.requests(), 3);
+}
+
 #[tokio::test]
 async fn body_over_limit_is_413() {
     let (up, p) = one().await;

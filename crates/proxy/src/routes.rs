@@ -126,6 +126,19 @@ impl Route {
         const GET: &[Method] = &[Method::GET, Method::HEAD];
         const POST: &[Method] = &[Method::POST];
         const GET_DELETE: &[Method] = &[Method::GET, Method::HEAD, Method::DELETE];
+        // What an API may use. Not `TRACE`, which an upstream that serves it
+        // echoes with the upstream's key the proxy added, nor `CONNECT`,
+        // whose 2xx hyper takes for a tunnel nobody opens, nor methods
+        // nobody defined: nginx and Envoy refuse them too.
+        const API: &[Method] = &[
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ];
         match self {
             Route::Api(Endpoint::ResponseById) => Some(if path.ends_with("/cancel") {
                 (POST, "POST")
@@ -138,7 +151,8 @@ impl Route {
                 Some((GET, "GET, HEAD"))
             }
             Route::Api(e) if e.method() == Some(Method::POST) => Some((POST, "POST")),
-            _ => None,
+            Route::Api(_) => Some((API, "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")),
+            Route::NotFound => None,
         }
     }
 }
