@@ -274,6 +274,21 @@ async fn client_request_id_is_kept_and_upstream_header_can_be_off() {
         up.stats.last_request_headers().unwrap()["x-request-id"],
         "my-id-42"
     );
+    // Only visible ASCII is kept (a tab or a space is a value of `to_str`).
+    for odd in ["my\tid", "my id"] {
+        let answer = send(request(
+            Method::POST,
+            &proxy.url("/v1/chat/completions"),
+            &[("content-type", "application/json"), ("x-request-id", odd)],
+            chat("m", false),
+        ))
+        .await;
+        let id = answer.header("x-request-id").unwrap();
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -403,6 +418,16 @@ async fn metrics_listen_serves_metrics_apart_over_http1_and_h2c() {
     ))
     .await;
     assert_eq!(other.status, 404);
+    for probe in ["/healthz", "/readyz"] {
+        let answer = send(request(
+            Method::GET,
+            &format!("http://{addr}{probe}"),
+            &[],
+            "",
+        ))
+        .await;
+        assert_eq!(answer.status, 200, "{probe}");
+    }
     // h2c too.
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
@@ -420,6 +445,59 @@ async fn metrics_listen_serves_metrics_apart_over_http1_and_h2c() {
         .unwrap()
         .to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("llm_proxy_requests_total"));
+    let (status, length, body) = h2_head(&mut sender, &format!("http://{addr}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(length.is_some_and(|n| n > 0), "{length:?}");
+    assert!(body.is_empty());
+}
+
+/// `HEAD` on h2c: the status, `content-length`, and the body (none, when
+/// the server does right).
+async fn h2_head(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    url: &str,
+) -> (u16, Option<u64>, bytes::Bytes) {
+    let req = http::Request::head(url)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("answered");
+    let length = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let status = resp.status().as_u16();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_else(|e| bytes::Bytes::from(format!("body error: {e}")));
+    (status, length, body)
+}
+
+/// hyper's HTTP/2 server sends a `HEAD` answer's body if it has one: the
+/// proxy's own answers (probes, models, errors) must have none.
+#[tokio::test]
+async fn head_over_h2c_has_no_body() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = mock_named("m1").await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    for (path, want) in [
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/metrics", 200),
+        ("/v1/models", 200),
+        ("/nowhere", 404),
+    ] {
+        let (status, length, body) = h2_head(&mut sender, &p.url(path)).await;
+        assert_eq!(status, want, "{path}");
+        assert!(length.is_some_and(|n| n > 0), "{path}: {length:?}");
+        assert!(body.is_empty(), "{path}: {body:?}");
+    }
 }
 
 #[tokio::test]

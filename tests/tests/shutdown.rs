@@ -13,11 +13,18 @@ async fn drain_lets_an_in_flight_stream_finish() {
         ..MockConfig::default()
     })
     .await;
+    let port = free_port();
     let mut p = proxy(&format!(
-        "drain_timeout_secs = 10\n{}",
+        "drain_timeout_secs = 10\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
+    let probe = format!("http://127.0.0.1:{port}/readyz");
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    assert_eq!(
+        send(request(Method::GET, &probe, &[], "")).await.status,
+        200
+    );
     let resp = client()
         .request(request(
             Method::POST,
@@ -45,6 +52,12 @@ async fn drain_lets_an_in_flight_stream_finish() {
     .await;
     // No new connections.
     eventually_async(|| async { tokio::net::TcpStream::connect(p.addr).await.is_err() }).await;
+    // A readiness probe on the metrics listener, still open, sees the drain.
+    let draining = send(request(Method::GET, &probe, &[], "")).await;
+    assert_eq!(
+        (draining.status, draining.text().as_str()),
+        (http::StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    );
     let (body, broke) = read_stream(resp).await;
     assert!(!broke);
     assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));

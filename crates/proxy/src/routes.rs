@@ -86,20 +86,37 @@ impl RequestIds {
 /// What a path is, for routing and for the metrics `route` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
-    Healthz,
-    Readyz,
-    Metrics,
+    Own(Own),
     Api(Endpoint),
     NotFound,
 }
 
+/// The routes the proxy answers itself, on its listener and on
+/// `metrics_listen`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Own {
+    Healthz,
+    Readyz,
+    Metrics,
+}
+
+impl Own {
+    pub(crate) fn of(path: &str) -> Option<Own> {
+        match path {
+            "/healthz" => Some(Own::Healthz),
+            "/readyz" => Some(Own::Readyz),
+            "/metrics" => Some(Own::Metrics),
+            _ => None,
+        }
+    }
+}
+
 impl Route {
     fn of(path: &str, serve_metrics: bool) -> Route {
-        match path {
-            "/healthz" => Route::Healthz,
-            "/readyz" => Route::Readyz,
-            "/metrics" if serve_metrics => Route::Metrics,
-            _ => Endpoint::from_path(path).map_or(Route::NotFound, Route::Api),
+        match Own::of(path) {
+            Some(Own::Metrics) if !serve_metrics => Route::NotFound,
+            Some(own) => Route::Own(own),
+            None => Endpoint::from_path(path).map_or(Route::NotFound, Route::Api),
         }
     }
 
@@ -113,9 +130,9 @@ impl Route {
 
     fn label(self) -> &'static str {
         match self {
-            Route::Healthz => "healthz",
-            Route::Readyz => "readyz",
-            Route::Metrics => "metrics",
+            Route::Own(Own::Healthz) => "healthz",
+            Route::Own(Own::Readyz) => "readyz",
+            Route::Own(Own::Metrics) => "metrics",
             Route::Api(e) => e.as_str(),
             Route::NotFound => "not_found",
         }
@@ -147,9 +164,7 @@ impl Route {
             } else {
                 (GET_DELETE, "GET, HEAD, DELETE")
             }),
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::Api(Endpoint::Models) => {
-                Some((GET, "GET, HEAD"))
-            }
+            Route::Own(_) | Route::Api(Endpoint::Models) => Some((GET, "GET, HEAD")),
             Route::Api(e) if e.method() == Some(Method::POST) => Some((POST, "POST")),
             Route::Api(_) => Some((API, "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")),
             Route::NotFound => None,
@@ -178,6 +193,30 @@ pub struct ProxyService {
 
 /// Everything below the HTTP face: parse, auth, …, upstream.
 pub(crate) type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
+
+impl Shared {
+    /// The answer to a route the proxy serves itself: `/healthz`,
+    /// `/readyz`, `/metrics`.
+    fn own(&self, route: Own) -> Response<Body> {
+        match route {
+            Own::Healthz => text(StatusCode::OK, "text/plain", "ok\n"),
+            Own::Readyz if self.readiness.is_draining() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            }
+            Own::Readyz if !self.balance.any_healthy() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "no healthy upstream\n",
+            ),
+            Own::Readyz => text(StatusCode::OK, "text/plain", "ready\n"),
+            Own::Metrics => text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics.encode(),
+            ),
+        }
+    }
+}
 
 struct Shared {
     metrics: Arc<Metrics>,
@@ -254,6 +293,20 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
     resp
 }
 
+/// A response to `HEAD`, without its body but with the length a `GET`
+/// would have had. hyper's HTTP/1 server leaves a `HEAD` answer's body out
+/// itself; its HTTP/2 server sends it, which the client must treat as a
+/// protocol error.
+pub(crate) fn head_only(mut resp: Response<Body>) -> Response<Body> {
+    if let Some(len) = http_body::Body::size_hint(resp.body()).exact()
+        && !resp.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    resp.map(|_| llm_proxy_core::empty())
+}
+
 /// The future of a [`ProxyService`] call.
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
@@ -293,6 +346,23 @@ where
 }
 
 impl ProxyService {
+    /// What the `metrics_listen` listener answers: `/metrics`, and
+    /// `/healthz` and `/readyz` as the main listener does (a readiness probe
+    /// on this port sees a drain as 503 once the main listener has closed);
+    /// 404 for anything else.
+    pub(crate) fn serve_own<B>(&self, req: &Request<B>) -> Response<Body> {
+        let path = req.uri().path();
+        let resp = match Own::of(path) {
+            Some(own) => self.shared.own(own),
+            None => Error::RouteNotFound(path.to_owned()).into_response(),
+        };
+        if req.method() == Method::HEAD {
+            head_only(resp)
+        } else {
+            resp
+        }
+    }
+
     /// [`Service::call`] on a shared reference: the server calls this
     /// through [`HyperFace`], without a clone of the whole service per
     /// request as hyper-util's tower adapter makes. `conn` follows the
@@ -309,9 +379,12 @@ impl ProxyService {
         let request_id = req
             .headers()
             .get(REQUEST_ID)
-            .filter(|v| (1..=200).contains(&v.len()) && v.to_str().is_ok())
+            .filter(|v| {
+                (1..=200).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_graphic)
+            })
             .cloned()
             .unwrap_or_else(|| shared.ids.next());
+        let head = req.method() == Method::HEAD;
         let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
         Box::pin(async move {
             // Counted as 499 (nginx's "client closed request") should the
@@ -325,6 +398,9 @@ impl ProxyService {
                 Ok(resp) => resp,
                 Err(e) => e.into_response_in(route.dialect()),
             };
+            if head {
+                resp = head_only(resp);
+            }
             let status = resp.status();
             if !shared.options.upstream_header {
                 resp.headers_mut().remove(UPSTREAM_HEADER);
@@ -429,23 +505,7 @@ where
         });
     }
     match route {
-        Route::Healthz => Ok(text(StatusCode::OK, "text/plain", "ok\n")),
-        Route::Readyz if shared.readiness.is_draining() => Ok(text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "draining\n",
-        )),
-        Route::Readyz if !shared.balance.any_healthy() => Ok(text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "no healthy upstream\n",
-        )),
-        Route::Readyz => Ok(text(StatusCode::OK, "text/plain", "ready\n")),
-        Route::Metrics => Ok(text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
-        )),
+        Route::Own(own) => Ok(shared.own(own)),
         Route::Api(Endpoint::Models) => Ok(text(
             StatusCode::OK,
             "application/json",

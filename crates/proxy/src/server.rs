@@ -18,9 +18,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::app::Proxy;
 use crate::idle::{Activity, InFlight};
-use crate::metrics::Metrics;
+
 use crate::preface::FirstBytes;
-use crate::routes::{HyperFace, ResponseFuture};
+use crate::routes::{HyperFace, ProxyService, ResponseFuture};
 use crate::timer::CoarseTimer;
 
 /// How often an idle HTTP/2 connection is pinged.
@@ -191,7 +191,7 @@ impl Proxy {
             Some(addr) => {
                 let listener = TcpListener::bind(addr).await?;
                 tracing::info!(%addr, "serving /metrics");
-                Some(tokio::spawn(serve_metrics(listener, self.metrics.clone())))
+                Some(tokio::spawn(serve_metrics(listener, self.service.clone())))
             }
             None => None,
         })
@@ -272,26 +272,16 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for OnConn<S> {
     }
 }
 
-/// The metrics listener: `/metrics`, and 404 for anything else.
+/// The metrics listener: `/metrics`, `/healthz`, `/readyz`
+/// ([`ProxyService::serve_own`]).
 #[derive(Clone)]
-struct MetricsFace(Arc<Metrics>);
+struct MetricsFace(ProxyService);
 
 impl ConnService for MetricsFace {
     fn call_on(&self, req: Request<Incoming>, conn: &Arc<Activity>) -> ResponseFuture {
         // In flight until its body is sent: an HTTP/2 scrape is not idle.
         let in_flight = InFlight::new(conn);
-        let resp = if req.uri().path() == "/metrics" {
-            let mut r = Response::new(llm_proxy_core::full(self.0.encode()));
-            r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            r
-        } else {
-            llm_proxy_core::Error::RouteNotFound(req.uri().path().to_owned()).into_response()
-        };
+        let resp = self.0.serve_own(&req);
         let resp = resp.map(|body| Guarded::new(body, in_flight).boxed_unsync());
         Box::pin(std::future::ready(Ok(resp)))
     }
@@ -595,7 +585,7 @@ fn serve_connection<S>(
     });
 }
 
-async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
+async fn serve_metrics(listener: TcpListener, service: ProxyService) {
     let graceful = Drain::new();
     let opts = ConnOptions {
         header_read_timeout: Duration::from_secs(10),
@@ -604,7 +594,7 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     accept_loop(
         &listener,
-        MetricsFace(metrics),
+        MetricsFace(service),
         opts,
         permits,
         &graceful,
