@@ -111,6 +111,33 @@ async fn wrong_method_is_405_with_allow() {
     assert_eq!(answer.header("allow"), Some("GET, HEAD"));
 }
 
+/// A body whose HTTP framing is broken is not "invalid JSON": 400
+/// `invalid_body`, saying it could not be read.
+#[tokio::test]
+async fn a_body_with_broken_chunks_is_400_invalid_body() {
+    let (up, p) = one().await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\n{\"mod\r\nzz\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(HANG, conn.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""code":"invalid_body""#), "{answer}");
+    assert!(
+        answer.contains("could not read the request body"),
+        "{answer}"
+    );
+    assert_eq!(up.stats.requests(), 0);
+}
+
 /// Passthrough routes take the methods of an API, not `TRACE` (an upstream
 /// that serves it would echo the key the proxy adds), `CONNECT` or made-up
 /// ones: none reaches the upstream.

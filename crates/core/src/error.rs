@@ -20,6 +20,10 @@ pub enum Error {
     /// The body is JSON but not an object.
     #[error("request body must be a JSON object")]
     InvalidBody,
+    /// The body could not be read: broken framing (a bad chunk), or cut
+    /// short by the client.
+    #[error("could not read the request body: {0}")]
+    UnreadableBody(String),
     /// The body has no string `model`.
     #[error("request body has no string field `model`")]
     MissingModel,
@@ -155,9 +159,11 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         use Error::*;
         match self {
-            InvalidJson(_) | InvalidBody | MissingModel | UnsupportedParameter { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            InvalidJson(_)
+            | InvalidBody
+            | UnreadableBody(_)
+            | MissingModel
+            | UnsupportedParameter { .. } => StatusCode::BAD_REQUEST,
             InvalidApiKey => StatusCode::UNAUTHORIZED,
             ModelNotAllowed(_) | RouteNotAllowed(_) => StatusCode::FORBIDDEN,
             ModelNotFound(_)
@@ -182,6 +188,7 @@ impl Error {
         match self {
             InvalidJson(_)
             | InvalidBody
+            | UnreadableBody(_)
             | MissingModel
             | UnsupportedParameter { .. }
             | MethodNotAllowed { .. }
@@ -208,7 +215,7 @@ impl Error {
         use Error::*;
         match self {
             InvalidJson(_) => "invalid_json",
-            InvalidBody => "invalid_body",
+            InvalidBody | UnreadableBody(_) => "invalid_body",
             MissingModel => "missing_model",
             UnsupportedParameter { .. } => "unsupported_parameter",
             InvalidApiKey => "invalid_api_key",

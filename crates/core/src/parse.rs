@@ -330,7 +330,7 @@ fn hold(claim: Option<Claim>, bytes: Bytes, built: usize) -> Result<Bytes, Error
 fn read_error(e: impl Into<BoxError>) -> Error {
     match e.into().downcast::<Error>() {
         Ok(error) => *error,
-        Err(e) => Error::InvalidJson(format!("could not read the body: {e}")),
+        Err(e) => Error::UnreadableBody(e.to_string()),
     }
 }
 
