@@ -48,3 +48,43 @@ async fn a_fallback_models_answer_is_not_cached_for_the_primary_model() {
     let again = post_json(&p.url(CHAT_PATH), &chat("small", false)).await;
     assert_eq!(again.header("x-llm-proxy-cache"), Some("hit"));
 }
+
+/// In the shared scope, a request coalesced on another key's request must
+/// not be handed that key's fallback answer: its own key may not use the
+/// fallback model.
+#[tokio::test]
+async fn a_fallback_answer_is_not_handed_to_a_coalesced_key_that_may_not_use_it() {
+    let small = mock(MockConfig {
+        name: "small".into(),
+        latency: std::time::Duration::from_millis(600),
+        ..MockConfig::default()
+    })
+    .await;
+    let toml = config(&small.base_url()).replace(
+        "[cache]\n",
+        "[auth]\n\
+         [[auth.keys]]\nname = \"all\"\nkey = \"sk-all\"\nmodels = [\"big\", \"small\"]\n\
+         [[auth.keys]]\nname = \"big-only\"\nkey = \"sk-big\"\nmodels = [\"big\"]\n\
+         [cache]\nscope = \"shared\"\n",
+    );
+    let p = proxy(&toml).await;
+    let ask = |key: &'static str| {
+        send(request(
+            http::Method::POST,
+            &p.url(CHAT_PATH),
+            &[("content-type", "application/json"), ("authorization", key)],
+            chat("big", false),
+        ))
+    };
+    let leader = ask("Bearer sk-all");
+    let follower = async {
+        // Joins while the leader waits for `small`.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        ask("Bearer sk-big").await
+    };
+    let (leader, follower) = tokio::join!(leader, follower);
+    assert_eq!(leader.status, 200, "{}", leader.text());
+    assert!(leader.text().contains("\"model\":\"small\""));
+    assert_eq!(follower.status, 502, "{}", follower.text());
+    assert!(!follower.text().contains("\"model\":\"small\""));
+}

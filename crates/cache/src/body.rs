@@ -27,7 +27,9 @@ use crate::{CacheKey, Entry, EntryBody, UsageChunk};
 /// with its dialect's last event (`data: [DONE]`, `response.completed`,
 /// `message_stop`) and nothing broken or failed before it. An answer from a
 /// fallback model ([`ServedByFallback`](llm_proxy_core::fallback::ServedByFallback))
-/// reaches the client and the coalesced requests but is never stored. An
+/// reaches the client and the coalesced requests but is never stored (in
+/// the shared scope under auth it does not come here: the coalesced
+/// requests may be other keys', which start over with their own requests). An
 /// error of the upstream body, or the client dropping this body before its
 /// end, leaves nothing stored. When the client leaves while coalesced
 /// requests still read the answer, a task takes over reading the upstream

@@ -84,6 +84,9 @@ struct Plan {
     responses: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
     wants_usage: bool,
+    /// Shared scope under auth: the requests coalesced on this one may
+    /// come from keys with other model allowlists.
+    shared_across_keys: bool,
 }
 
 impl Plan {
@@ -114,6 +117,8 @@ impl Plan {
             stream: meta.is_stream().then(|| endpoint.stream_kind()).flatten(),
             responses: endpoint == Endpoint::Responses,
             wants_usage: include_usage(json) == Some(true),
+            shared_across_keys: config.scope == crate::CacheScope::Shared
+                && meta.identity().is_some(),
         })
     }
 
@@ -359,7 +364,16 @@ where
             return Ok(response);
         }
     };
-    let (mut parts, body) = response.into_parts();
+    let (parts, body) = response.into_parts();
+    let fallback = parts.extensions.get::<ServedByFallback>().is_some();
+    if fallback && plan.shared_across_keys {
+        // A fallback model answered, within this key's allowlist: the
+        // requests coalesced on it may be another key's, which may not use
+        // that model. They start over, each with its own request.
+        leader.fail();
+        Counters::bump(&shared.counters.not_stored);
+        return Ok(to_client(parts, body, plan, status));
+    }
     let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
     leader.start(Head {
         content_type: content_type.clone(),
@@ -377,19 +391,30 @@ where
         },
         bytes: 0,
         too_large: false,
-        storable: parts.extensions.get::<ServedByFallback>().is_none(),
+        storable: !fallback,
         handed_over: false,
     };
-    let body = CacheBody::new(body, tee);
+    let body = Body::new(CacheBody::new(body, tee));
+    Ok(to_client(parts, body, plan, status))
+}
+
+/// The answer for the client: without the usage chunk the cache asked for
+/// on its behalf, marked with the cache's verdict.
+fn to_client(
+    mut parts: http::response::Parts,
+    body: Body,
+    plan: &Plan,
+    status: CacheStatus,
+) -> Response<Body> {
     let body = if plan.strips_usage() {
         parts.headers.remove(header::CONTENT_LENGTH);
         Body::new(UsageFilter::new(body))
     } else {
-        Body::new(body)
+        body
     };
     let mut response = Response::from_parts(parts, body);
     replay::mark(&mut response, status);
-    Ok(response)
+    response
 }
 
 /// Set `stream_options.include_usage = true`; `false` if the body's
