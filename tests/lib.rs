@@ -438,7 +438,8 @@ pub async fn read_request(conn: &mut tokio::net::TcpStream) -> Option<(String, V
 }
 
 /// An upstream answering every request with `answer(body)`: status and
-/// body, written an event at a time (closing the connection after).
+/// body, written an event at a time (closing the connection after). A
+/// `200` is an event stream, unless its body is a JSON object.
 pub async fn sse_upstream(
     answer: impl Fn(&[u8]) -> (u16, String) + Send + Sync + 'static,
 ) -> std::net::SocketAddr {
@@ -451,7 +452,7 @@ pub async fn sse_upstream(
                 return;
             };
             let (status, text) = answer(&body);
-            let kind = if status == 200 {
+            let kind = if status == 200 && !text.starts_with('{') {
                 "text/event-stream"
             } else {
                 "application/json"

@@ -241,3 +241,46 @@ async fn a_cut_messages_stream_keeps_its_reservation() {
         2000 - left
     );
 }
+
+/// Anthropic counts prompt read from (or written to) its prompt cache apart
+/// from `input_tokens`: a token limit counts it too, streamed or not.
+#[tokio::test]
+async fn anthropic_prompt_cache_tokens_count_against_the_limit() {
+    let addr = sse_upstream(|body| {
+        let stream = String::from_utf8_lossy(body).contains("\"stream\":true");
+        let usage = r#"{"input_tokens":3,"cache_read_input_tokens":4000,"cache_creation_input_tokens":1000,"output_tokens":5}"#;
+        if stream {
+            (200, format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"small\",\"content\":[],\"usage\":{usage}}}}}\n\n\
+                 event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\"}},\"usage\":{{\"output_tokens\":5}}}}\n\n\
+                 event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n"
+            ))
+        } else {
+            (200, format!(
+                "{{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"small\",\"content\":[{{\"type\":\"text\",\"text\":\"hi\"}}],\"stop_reason\":\"end_turn\",\"usage\":{usage}}}"
+            ))
+        }
+    })
+    .await;
+    let toml = format!(
+        "[[upstream]]\nname = \"claude\"\nurl = \"http://{addr}/v1\"\nmodels = [\"small\"]\napis = [\"messages\"]\n\
+         [auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 20000\n"
+    );
+    let p = proxy(&toml).await;
+    for stream in [true, false] {
+        let before = remaining_once(&p, |_| true).await;
+        let body = serde_json::json!({"model": "small", "max_tokens": 10, "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}]})
+        .to_string();
+        let a = post(&p, "/v1/messages", &[], body).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        // 5003 input and 5 output: the reservation (~40) is settled at 5008
+        // (less what the limit gave back meanwhile, 333 a second).
+        let left = remaining_once(&p, |r| r + 4000 < before).await;
+        let charged = before - left;
+        assert!(
+            (4900..=5010).contains(&charged),
+            "stream {stream}: {charged} charged"
+        );
+    }
+}

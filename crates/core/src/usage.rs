@@ -47,11 +47,37 @@ struct UsageFields {
     completion_tokens: Option<u64>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+/// Anthropic's input: `input_tokens` counts only the prompt read fresh;
+/// what was read from or written to its prompt cache is counted apart.
+/// All three are prompt the model processed (OpenAI's `prompt_tokens`
+/// includes its cached tokens), so all three are input here.
+fn anthropic_input(
+    input: Option<u64>,
+    cache_read: Option<u64>,
+    cache_creation: Option<u64>,
+) -> Option<u64> {
+    match (input, cache_read, cache_creation) {
+        (None, None, None) => None,
+        _ => Some(
+            input
+                .unwrap_or(0)
+                .saturating_add(cache_read.unwrap_or(0))
+                .saturating_add(cache_creation.unwrap_or(0)),
+        ),
+    }
 }
 
 impl UsageFields {
     fn into_usage(self) -> Option<Usage> {
-        let input = self.prompt_tokens.or(self.input_tokens);
+        let input = self.prompt_tokens.or(anthropic_input(
+            self.input_tokens,
+            self.cache_read_input_tokens,
+            self.cache_creation_input_tokens,
+        ));
         let output = self.completion_tokens.or(self.output_tokens);
         if input.is_none() && output.is_none() {
             return None;
@@ -140,8 +166,13 @@ mod tests {
     fn responses_and_anthropic_naming() {
         let body = r#"{"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}"#;
         assert_eq!(both(body), usage(5, 7));
-        let body = r#"{"type":"message","usage":{"input_tokens":5,"cache_read_input_tokens":2,"output_tokens":1}}"#;
-        assert_eq!(both(body), usage(5, 1));
+        // Anthropic counts its prompt cache's reads and writes apart from
+        // `input_tokens`: they are input too.
+        let body = r#"{"type":"message","usage":{"input_tokens":5,"cache_read_input_tokens":2,"cache_creation_input_tokens":3,"output_tokens":1}}"#;
+        assert_eq!(both(body), usage(10, 1));
+        let body =
+            r#"{"usage":{"input_tokens":0,"cache_read_input_tokens":40000,"output_tokens":4}}"#;
+        assert_eq!(both(body), usage(40000, 4));
     }
 
     #[test]
@@ -279,6 +310,21 @@ struct Counts {
     input_tokens: Option<u64>,
     #[serde(default)]
     output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl Counts {
+    /// All the input, the prompt cache's included ([`anthropic_input`]).
+    fn input(&self) -> Option<u64> {
+        anthropic_input(
+            self.input_tokens,
+            self.cache_read_input_tokens,
+            self.cache_creation_input_tokens,
+        )
+    }
 }
 
 impl StreamUsage {
@@ -315,7 +361,7 @@ impl StreamUsage {
             ) => {
                 if let Some(c) = event.response.and_then(|r| r.usage) {
                     self.usage = Some(Usage {
-                        input_tokens: c.input_tokens.unwrap_or(0),
+                        input_tokens: c.input().unwrap_or(0),
                         output_tokens: c.output_tokens.unwrap_or(0),
                     });
                     self.complete = true;
@@ -326,10 +372,10 @@ impl StreamUsage {
                 // model reads at least one token of prompt. A translated
                 // stream starts so before its upstream's usage is known.
                 if let Some(c) = event.message.and_then(|m| m.usage)
-                    && (c.input_tokens.unwrap_or(0) > 0 || c.output_tokens.unwrap_or(0) > 0)
+                    && (c.input().unwrap_or(0) > 0 || c.output_tokens.unwrap_or(0) > 0)
                 {
                     self.usage = Some(Usage {
-                        input_tokens: c.input_tokens.unwrap_or(0),
+                        input_tokens: c.input().unwrap_or(0),
                         output_tokens: c.output_tokens.unwrap_or(0),
                     });
                 }
@@ -338,13 +384,13 @@ impl StreamUsage {
                 // Null counts: the usage is not known (no count at all).
                 if let Some(c) = event
                     .usage
-                    .filter(|c| c.input_tokens.is_some() || c.output_tokens.is_some())
+                    .filter(|c| c.input().is_some() || c.output_tokens.is_some())
                 {
                     let mut u = self.usage.unwrap_or_default();
                     if let Some(out) = c.output_tokens {
                         u.output_tokens = out;
                     }
-                    if let Some(input) = c.input_tokens.filter(|i| *i > 0) {
+                    if let Some(input) = c.input().filter(|i| *i > 0) {
                         u.input_tokens = input;
                     }
                     self.usage = Some(u);
@@ -383,6 +429,22 @@ mod stream_usage_tests {
             s.usage(),
             Some(Usage {
                 input_tokens: 25,
+                output_tokens: 15
+            })
+        );
+    }
+
+    #[test]
+    fn messages_prompt_cache_tokens_are_input() {
+        let mut s = StreamUsage::new(StreamKind::Messages);
+        s.observe(r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":3,"cache_creation_input_tokens":0,"cache_read_input_tokens":40000,"output_tokens":1}}}"#);
+        assert_eq!(s.usage().map(|u| u.input_tokens), Some(40003));
+        // Newer servers repeat the cumulative counts at the end.
+        s.observe(r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":3,"cache_creation_input_tokens":100,"cache_read_input_tokens":40000,"output_tokens":15}}"#);
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                input_tokens: 40103,
                 output_tokens: 15
             })
         );
