@@ -31,12 +31,12 @@ pub(crate) struct Choice<'a> {
 
 /// A request's candidate groups, in the order they are tried.
 pub(crate) struct Route<'a> {
-    /// (group, fallback model name: `None` for the request's own model).
-    chain: Vec<(&'a Group, Option<&'a str>)>,
+    /// (group, fallback model name: `None` for the request's own model,
+    /// the tier its members serve the request's API at).
+    chain: Vec<(&'a Group, Option<&'a str>, Tier)>,
     model: Option<&'a str>,
     endpoint: Endpoint,
     api: Option<Api>,
-    tier: Tier,
     key: Option<u64>,
     /// The one member a pinned request may use.
     pinned: Option<usize>,
@@ -76,12 +76,11 @@ impl<'a> Route<'a> {
                 model,
                 endpoint,
                 api,
-                tier: Tier::Translated,
                 key: None,
                 pinned: Some(member),
             });
         }
-        let chain = match model {
+        let groups: Vec<(&Group, Option<&str>)> = match model {
             None => vec![(&set.passthrough, None)],
             Some(model) => {
                 let own = set
@@ -103,21 +102,27 @@ impl<'a> Route<'a> {
                     .collect()
             }
         };
-        let any_serves = |tier| {
-            chain.iter().any(|(group, _)| {
-                group
-                    .members
-                    .iter()
-                    .any(|&m| set.members[m].serves(api, tier))
+        // Within a model's group, native always wins: translation only when
+        // none of its upstreams serves the API natively. Each group on its
+        // own: a fallback served natively does not shut out the model's own
+        // upstreams that translate (it would take every request while they
+        // are healthy). A group that serves the API neither way is left out.
+        let serves = |group: &Group, tier| {
+            group
+                .members
+                .iter()
+                .any(|&m| set.members[m].serves(api, tier))
+        };
+        let chain: Vec<_> = groups
+            .into_iter()
+            .filter_map(|(group, fallback)| {
+                let tier = [Tier::Native, Tier::Translated]
+                    .into_iter()
+                    .find(|&tier| serves(group, tier))?;
+                Some((group, fallback, tier))
             })
-        };
-        // Native always wins: translation only when nothing serves it natively.
-        let tier = if any_serves(Tier::Native) {
-            Tier::Native
-        } else {
-            Tier::Translated
-        };
-        if api.is_some() && tier == Tier::Translated && !any_serves(Tier::Translated) {
+            .collect();
+        if api.is_some() && chain.is_empty() {
             let api = api.map_or("", Api::as_str);
             return Err(Error::ApiNotServed(match model {
                 Some(model) => format!("no upstream serves the `{api}` API for model `{model}`"),
@@ -133,7 +138,6 @@ impl<'a> Route<'a> {
             model,
             endpoint,
             api,
-            tier,
             key,
             pinned: None,
         })
@@ -168,7 +172,7 @@ impl<'a> Route<'a> {
             });
         }
         for pass in [Pass::HealthyUntried, Pass::Untried, Pass::HealthyTried] {
-            for &(group, model) in &self.chain {
+            for &(group, model, tier) in &self.chain {
                 let view = View {
                     set,
                     group,
@@ -176,7 +180,7 @@ impl<'a> Route<'a> {
                     now,
                     pass,
                     api: self.api,
-                    tier: self.tier,
+                    tier,
                 };
                 if let Some(i) = group.picker.pick(&view, self.key, random) {
                     return Some(Choice {

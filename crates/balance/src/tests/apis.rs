@@ -101,3 +101,36 @@ async fn native_wins_over_translation_and_translation_fills_in() {
     let (_, body) = send(&only_translating, messages("m")).await.unwrap();
     assert_eq!(body, "translating");
 }
+
+/// The tier is chosen per model: a fallback served natively does not shut
+/// out the request's own model where it is served only by translation.
+#[tokio::test]
+async fn a_native_fallback_does_not_shut_out_the_models_translating_upstreams() {
+    let fleet = Fleet::default();
+    let cfg = BalanceConfig {
+        fallbacks: std::collections::HashMap::from([("big".to_owned(), vec!["small".to_owned()])]),
+        ..BalanceConfig::default()
+    };
+    let b = Balance::new(
+        [
+            fleet
+                .backend("claude")
+                .with_models(["big"])
+                .with_apis([Api::ChatCompletions])
+                .with_translated_apis([Api::Messages]),
+            fleet
+                .backend("small-native")
+                .with_models(["small"])
+                .with_apis([Api::Messages]),
+        ],
+        cfg,
+    );
+    for _ in 0..4 {
+        let (_, body) = send(&b, messages("big")).await.unwrap();
+        assert_eq!(body, "claude");
+    }
+    // The fallback still stands in once the model's own upstream fails.
+    fleet.set("claude", Mode::Refused);
+    let (_, body) = send(&b, messages("big")).await.unwrap();
+    assert_eq!(body, "small-native");
+}
