@@ -284,3 +284,43 @@ async fn anthropic_prompt_cache_tokens_count_against_the_limit() {
         );
     }
 }
+
+/// A non-streamed answer larger than the 1 MiB the auth layer keeps whole
+/// is still charged its usage (read from its end), and a key overdrawn by it
+/// may still count tokens (which costs none), on both backends.
+async fn a_large_answer_is_charged_its_usage(auth_extra: &str) {
+    let (_up, p) = setup(1000, auth_extra).await;
+    let body = serde_json::json!({"model": "small",
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let a = post(
+        &p,
+        "/v1/chat/completions",
+        &[("x-mock-tokens", "200000")],
+        body,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(a.body.len() > 1 << 20, "{} bytes", a.body.len());
+    assert_eq!(a.json()["usage"]["completion_tokens"], 200_000);
+    // Reserved ~260; settled at 200k, far beyond the minute's 1000.
+    let left = remaining_once(&p, |r| r == 0).await;
+    assert_eq!(left, 0);
+    let next = post(&p, "/v1/chat/completions", &[], chat_body(1, 5)).await;
+    assert_eq!(next.status, 429, "{}", next.text());
+}
+
+#[tokio::test]
+async fn a_large_answer_is_charged_its_usage_locally() {
+    a_large_answer_is_charged_its_usage("").await;
+}
+
+#[tokio::test]
+async fn a_large_answer_is_charged_its_usage_on_redis() {
+    let redis = RedisServer::start().await;
+    let auth = format!(
+        "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"big-answer:\"",
+        redis.url()
+    );
+    a_large_answer_is_charged_its_usage(&auth).await;
+}

@@ -15,9 +15,14 @@ use llm_proxy_core::{Body, BoxError, UsageFilter};
 use crate::keys::KeyEntry;
 use crate::service::Shared;
 
-/// Non-streamed bodies larger than this are not searched for usage (the
-/// reservation stands).
+/// Non-streamed bodies up to this size are kept whole and parsed for their
+/// usage at the end.
 const MAX_JSON_TEE: usize = 1 << 20;
+
+/// Of a larger one, at least the last this many bytes are kept, where its
+/// `usage` stands ([`usage::from_json_tail`]): `n > 1` or `logprobs` take an
+/// ordinary answer past 1 MiB, and its tokens must still be counted.
+const JSON_TAIL: usize = 64 << 10;
 
 /// Settles a request's token account once its response is over: the real
 /// usage replaces the reservation; without usage, a success (a stream cut
@@ -133,7 +138,9 @@ enum Watch {
     },
     /// A JSON body, copied up to `MAX_JSON_TEE`.
     Json(Vec<u8>),
-    /// Too large to look at.
+    /// A larger JSON body: its last `JSON_TAIL` to `2 * JSON_TAIL` bytes.
+    Tail(Vec<u8>),
+    /// Not SSE that can be read.
     Off,
 }
 
@@ -211,11 +218,16 @@ fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: &Bytes) {
             }
         }
         Watch::Json(copy) => {
-            if copy.len() + data.len() <= MAX_JSON_TEE {
-                copy.extend_from_slice(data);
-            } else {
-                *watch = Watch::Off;
+            copy.extend_from_slice(data);
+            if copy.len() > MAX_JSON_TEE {
+                let mut tail = std::mem::take(copy);
+                keep_tail(&mut tail);
+                *watch = Watch::Tail(tail);
             }
+        }
+        Watch::Tail(tail) => {
+            tail.extend_from_slice(data);
+            keep_tail(tail);
         }
         Watch::Off => {}
     }
@@ -260,12 +272,20 @@ fn finish(
     polled
 }
 
+/// Drop all but the last `JSON_TAIL` bytes once twice that is held.
+fn keep_tail(tail: &mut Vec<u8>) {
+    if tail.len() > 2 * JSON_TAIL {
+        tail.drain(..tail.len() - JSON_TAIL);
+    }
+}
+
 /// The body is over (ended or dropped): read a JSON body's usage and settle,
 /// once. A JSON body cut short does not parse: its reservation stands.
 fn conclude(watch: &mut Watch, usage: &mut Option<Usage>, reconcile: &mut Option<Reconcile>) {
     let Some(r) = reconcile.take() else { return };
     match watch {
         Watch::Json(copy) if !copy.is_empty() => *usage = usage::from_json(copy),
+        Watch::Tail(tail) => *usage = usage::from_json_tail(tail),
         // A stream cut before its final count (a Messages stream after
         // `message_start`): what it reported is a floor; the reservation
         // stands above it, as for any stream cut before its usage.

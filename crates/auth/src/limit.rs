@@ -195,7 +195,12 @@ pub fn decide(
     cost: u64,
 ) -> Decision {
     let r = requests.map(|g| g.check(tat[0], now, 1));
-    let t = tokens.map(|g| g.check(tat[1], now, cost));
+    // A request that reserves no tokens (counting tokens, reading a stored
+    // response) is held to the request limit only, even while the key's
+    // tokens are overdrawn.
+    let t = tokens
+        .filter(|_| cost > 0)
+        .map(|g| g.check(tat[1], now, cost));
     let wait = [r, t]
         .iter()
         .filter_map(|c| match c {
@@ -272,6 +277,18 @@ mod tests {
         // A refund never banks capacity beyond a full bucket.
         l.adjust_tokens(0, -10_000);
         assert_eq!(l.acquire(0, 0).tokens.unwrap().remaining, 100);
+    }
+
+    #[test]
+    fn a_request_without_tokens_passes_while_tokens_are_overdrawn() {
+        let l = Limits::new(Some(100), Some(100));
+        assert!(l.acquire(0, 100).allowed);
+        l.adjust_tokens(0, 5000);
+        assert!(!l.acquire(0, 1).allowed);
+        let d = l.acquire(0, 0);
+        assert!(d.allowed);
+        assert_eq!(d.tokens.unwrap().remaining, 0);
+        assert_eq!(d.requests.unwrap().remaining, 98);
     }
 
     #[test]

@@ -40,13 +40,16 @@ local rnew = math.max(rtat, now) + ri
 local tnew = math.max(ttat, now) + cost * ti
 local wait = 0
 if ri > 0 and rnew - now > window then wait = math.max(wait, rnew - now - window) end
-if ti > 0 and tnew - now > window then wait = math.max(wait, tnew - now - window) end
+if ti > 0 and cost > 0 and tnew - now > window then wait = math.max(wait, tnew - now - window) end
+-- A reply's number is truncated to an integer: a wait under 1 µs must not
+-- read as 0, which means allowed, when nothing was written.
+wait = math.ceil(wait)
 if wait == 0 then
   if ri > 0 then
     redis.call('SET', KEYS[1], string.format('%.0f', rnew), 'PX', math.ceil((rnew - now) / 1000) + 1000)
     rtat = rnew
   end
-  if ti > 0 then
+  if ti > 0 and cost > 0 then
     redis.call('SET', KEYS[2], string.format('%.0f', tnew), 'PX', math.ceil((tnew - now) / 1000) + 1000)
     ttat = tnew
   end

@@ -99,6 +99,32 @@ pub fn from_json(body: &[u8]) -> Option<Usage> {
         .into_usage()
 }
 
+/// The usage of a JSON response of which only the end is at hand, because
+/// the whole was too large to keep: the object of the last `"usage"` key in
+/// `tail`, read where it stands. OpenAI, vLLM, llama.cpp and Anthropic write
+/// `usage` after the content, so the end of a large answer holds it. An
+/// unescaped `"usage"` followed by `:` is a key in valid JSON (a quote
+/// inside a string is escaped); a nested one would be read only if no
+/// top-level one came after it.
+pub fn from_json_tail(tail: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        end = at;
+        let escapes = tail[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if escapes % 2 == 1 {
+            continue;
+        }
+        let Some(value) = tail[at + KEY.len()..].trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        // One value, whatever follows it.
+        let mut de = serde_json::Deserializer::from_slice(value);
+        return UsageFields::deserialize(&mut de).ok()?.into_usage();
+    }
+    None
+}
+
 /// [`from_json`] on an already parsed response.
 pub fn from_value(value: &serde_json::Value) -> Option<Usage> {
     from_usage_value(value.get("usage")?)
@@ -221,6 +247,34 @@ mod tests {
         // The word in content is not a usage object.
         let mention = r#"{"choices":[{"delta":{"content":"\"usage\""}}]}"#;
         assert_eq!(from_sse_data(mention), None);
+    }
+
+    #[test]
+    fn usage_from_the_end_of_a_large_answer() {
+        let body = r#"{"id":"x","choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 9}"}}],"usage":{"prompt_tokens":12,"completion_tokens":250000,"total_tokens":250012},"system_fingerprint":"fp"}"#;
+        // The tail alone, cut anywhere before `usage`.
+        for cut in [0, 20, body.find("\"usage\"").unwrap()] {
+            assert_eq!(
+                from_json_tail(&body.as_bytes()[cut..]),
+                usage(12, 250000),
+                "{cut}"
+            );
+        }
+        // The mention in content is escaped: not a key.
+        let mention = r#"te\"usage\": {\"prompt_tokens\": 9}"}}]}"#;
+        assert_eq!(from_json_tail(mention.as_bytes()), None);
+        // Anthropic's, with its cache counts.
+        let messages = r#"..."stop_reason":"end_turn","usage":{"input_tokens":3,"cache_read_input_tokens":7,"output_tokens":5}}"#;
+        assert_eq!(from_json_tail(messages.as_bytes()), usage(10, 5));
+        for bad in [
+            r#""usage":null}"#,
+            r#""usage":{"prompt_tokens":-1}}"#,
+            r#""usage""#,
+            r#"no usage here"#,
+            r#""usage":{"prompt_tokens":3"#,
+        ] {
+            assert_eq!(from_json_tail(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]
