@@ -324,3 +324,61 @@ async fn a_large_answer_is_charged_its_usage_on_redis() {
     );
     a_large_answer_is_charged_its_usage(&auth).await;
 }
+
+/// A client that hangs up on a stream without `max_tokens` (reserved 256
+/// output tokens) after receiving far more is charged what it received.
+#[tokio::test]
+async fn a_stream_the_client_leaves_is_charged_at_least_what_it_delivered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock(MockConfig {
+        name: "m".into(),
+        tokens_per_second: Some(2000.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let toml = format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 3000\n",
+        one_upstream(&up.base_url(), APIS)
+    );
+    let p = proxy(&toml).await;
+    for (path, body, delta) in [
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": "small", "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}),
+            "\"content\"",
+        ),
+        (
+            "/v1/responses",
+            serde_json::json!({"model": "small", "stream": true, "input": "hi"}),
+            "event: response.output_text.delta",
+        ),
+    ] {
+        let before = remaining_once(&p, |_| true).await;
+        let body = body.to_string();
+        let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             authorization: {KEY}\r\nx-mock-tokens: 100000\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(format!("{head}{body}").as_bytes())
+            .await
+            .unwrap();
+        let mut seen = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while seen < 800 {
+            let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+                .await
+                .expect("streaming")
+                .unwrap();
+            assert!(n > 0, "{path}: the stream ended");
+            seen += String::from_utf8_lossy(&buf[..n]).matches(delta).count();
+        }
+        drop(conn);
+        // Reserved ~270; 800+ delivered: the key is charged those (less the
+        // 50 a second the limit gives back).
+        let left = remaining_once(&p, |r| r + 600 < before).await;
+        assert!(before - left >= 650, "{path}: {} charged", before - left);
+    }
+}

@@ -37,6 +37,9 @@ pub(crate) struct Reconcile {
     ///
     /// [`Limits::token_charge`]: crate::limit::Limits::token_charge
     reserved: u64,
+    /// The prompt's estimate (bytes / 4), for the floor of a stream cut
+    /// before its usage.
+    prompt: u64,
     /// The answer's status was not a success.
     failed: bool,
 }
@@ -53,8 +56,16 @@ impl Reconcile {
             key,
             model,
             reserved,
+            prompt: 0,
             failed: false,
         }
+    }
+
+    /// The prompt's estimate in tokens: a stream cut before its usage is
+    /// charged at least that and one token an event it delivered.
+    pub(crate) fn with_prompt(mut self, prompt: u64) -> Self {
+        self.prompt = prompt;
+        self
     }
 
     /// The model to count the tokens under, when the request named none.
@@ -94,10 +105,25 @@ impl Reconcile {
         i64::try_from(self.reserved).unwrap_or(i64::MAX)
     }
 
-    /// Settle a request whose usage is known to be at least `floor`: the
-    /// reservation, or `floor` when that is more.
-    pub(crate) fn settle_at_least(&self, floor: Usage) {
-        if let Some(model) = &self.model {
+    /// Settle a stream cut before its final count: what it `reported` (a
+    /// Messages stream's `message_start`) and the `delivered` token events
+    /// are floors of what was generated; it is charged the reservation, or
+    /// the floor when that is more. (A client that hangs up on a stream
+    /// without `max_tokens` stops it, but what it received was generated.)
+    pub(crate) fn settle_cut(&self, reported: Option<Usage>, delivered: u64) {
+        let floor = match reported {
+            Some(u) => Usage {
+                output_tokens: u.output_tokens.max(delivered),
+                ..u
+            },
+            None => Usage {
+                input_tokens: self.prompt,
+                output_tokens: delivered,
+            },
+        };
+        if let Some(model) = &self.model
+            && (reported.is_some() || delivered > 0)
+        {
             self.key
                 .stats
                 .add_tokens(model, floor.input_tokens, floor.output_tokens);
@@ -286,14 +312,15 @@ fn conclude(watch: &mut Watch, usage: &mut Option<Usage>, reconcile: &mut Option
     match watch {
         Watch::Json(copy) if !copy.is_empty() => *usage = usage::from_json(copy),
         Watch::Tail(tail) => *usage = usage::from_json_tail(tail),
-        // A stream cut before its final count (a Messages stream after
-        // `message_start`): what it reported is a floor; the reservation
-        // stands above it, as for any stream cut before its usage.
-        Watch::Sse { stream, .. } if !stream.is_complete() => {
-            if let Some(floor) = *usage {
-                r.settle_at_least(floor);
-                return;
-            }
+        // A stream cut before its final count: what it reported (a Messages
+        // stream after `message_start`) and delivered are floors; the
+        // reservation stands above them. An error answer in SSE delivered
+        // nothing and reported nothing: refunded below.
+        Watch::Sse { stream, .. }
+            if !stream.is_complete() && (usage.is_some() || stream.delivered() > 0) =>
+        {
+            r.settle_cut(*usage, stream.delivered());
+            return;
         }
         _ => {}
     }

@@ -286,13 +286,14 @@ where
                 model,
                 endpoint,
                 metered,
+                prompt,
             } = admitted?;
             let dialect = endpoint.dialect();
             let decision = match shared.acquire(&key, reserve, dialect).await {
                 Ok(d) => d,
                 Err(refusal) => return Ok(refusal),
             };
-            let reconcile = Reconcile::new(shared.clone(), key, model, reserve);
+            let reconcile = Reconcile::new(shared.clone(), key, model, reserve).with_prompt(prompt);
             // The request as the client sent it, to send again should the
             // upstream refuse the `stream_options` added to it.
             let again = unedited.map(|original| (original, inner.clone()));
@@ -360,6 +361,8 @@ struct Admitted {
     endpoint: Endpoint,
     /// The endpoint consumes tokens: reserve, and reconcile with its usage.
     metered: bool,
+    /// The prompt's estimate in tokens, with a reservation.
+    prompt: u64,
 }
 
 /// The synchronous part: key, route, model, identity, token reservation and
@@ -387,6 +390,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
             model: None,
             endpoint: Endpoint::Passthrough,
             metered: consumes_tokens(Endpoint::Passthrough),
+            prompt: 0,
         });
     };
     check_body(&key, meta)?;
@@ -398,10 +402,13 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
     let limited = metered && key.limits.tokens.is_some();
     // A request without a body (a passthrough `GET`) runs no model: it
     // reserves nothing, and its answer's `usage`, if any, is charged.
-    let reserve = if limited && !(meta.json().is_none() && no_body) {
-        key.limits.token_charge(estimate_tokens(meta))
+    let (reserve, prompt) = if limited && !(meta.json().is_none() && no_body) {
+        (
+            key.limits.token_charge(estimate_tokens(meta)),
+            prompt_tokens(meta),
+        )
     } else {
-        0
+        (0, 0)
     };
     let model = meta.model_arc().cloned();
     let wants_usage = limited && lacks_stream_usage(meta);
@@ -419,6 +426,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         model,
         endpoint,
         metered,
+        prompt,
     })
 }
 
@@ -534,7 +542,7 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
 /// request names (`max_tokens`, `max_completion_tokens`, `max_output_tokens`),
 /// else 256.
 pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
-    let prompt = meta.original_body().map_or(0, |b| b.len() as u64) / 4;
+    let prompt = prompt_tokens(meta);
     // The largest cap named: a body may name several, and which one an
     // upstream honours is its own business (`max_tokens: 1` beside a large
     // `max_output_tokens` must not shrink the reservation).
@@ -548,6 +556,11 @@ pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
         })
         .unwrap_or(256);
     prompt.saturating_add(cap)
+}
+
+/// The prompt's part of [`estimate_tokens`]: the body's bytes / 4.
+fn prompt_tokens(meta: &RequestMeta) -> u64 {
+    meta.original_body().map_or(0, |b| b.len() as u64) / 4
 }
 
 /// For a streamed chat or completions request, make sure the upstream sends

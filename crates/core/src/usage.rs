@@ -338,6 +338,8 @@ pub struct StreamUsage {
     /// The stream's final count came (chat's usage chunk, Responses' end
     /// event, Messages' `message_delta`), not only Messages' opening one.
     complete: bool,
+    /// Events that carried generated tokens.
+    delivered: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -388,6 +390,7 @@ impl StreamUsage {
             kind,
             usage: None,
             complete: false,
+            delivered: 0,
         }
     }
 
@@ -398,9 +401,25 @@ impl StreamUsage {
             if let Some(u) = from_sse_data(data) {
                 self.usage = Some(u);
                 self.complete = true;
+            } else if data != "[DONE]" {
+                // A chunk: a token or more (the role's and the finish
+                // reason's chunks count too: two at most).
+                self.delivered += 1;
             }
             return;
         }
+        // Output deltas: `response.output_text.delta`,
+        // `response.function_call_arguments.delta`, … and Messages'
+        // `content_block_delta`. A substring, not a parse: servers put
+        // `type` first or last, and an event whose text ends in `.delta`
+        // counts one too many, which a floor can bear. The event is still
+        // read for usage below.
+        let delta = match self.kind {
+            StreamKind::Responses => data.contains(".delta\""),
+            StreamKind::Messages => data.contains("\"content_block_delta\""),
+            StreamKind::Chat => false,
+        };
+        self.delivered += u64::from(delta);
         if !data.contains("usage") {
             return;
         }
@@ -460,6 +479,13 @@ impl StreamUsage {
         self.usage
     }
 
+    /// How many events carried generated tokens, one or more each: a floor
+    /// of the output of a stream cut before its usage came (a model server
+    /// sends a token an event, or more when it batches them).
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
     /// Whether the usage seen is the stream's final count. Not so for a
     /// Messages stream cut after `message_start`, whose usage (the input,
     /// and one output token) is only a floor of what was generated.
@@ -486,6 +512,40 @@ mod stream_usage_tests {
                 output_tokens: 15
             })
         );
+    }
+
+    #[test]
+    fn token_events_are_counted_in_each_dialect() {
+        let mut chat = StreamUsage::new(StreamKind::Chat);
+        chat.observe(r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#);
+        for _ in 0..3 {
+            chat.observe(r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#);
+        }
+        chat.observe("[DONE]");
+        assert_eq!(chat.delivered(), 4);
+        let mut responses = StreamUsage::new(StreamKind::Responses);
+        for data in [
+            r#"{"type":"response.created","response":{"id":"r"}}"#,
+            r#"{"type":"response.output_text.delta","delta":"usage"}"#,
+            r#"{"type":"response.function_call_arguments.delta","delta":"{"}"#,
+            r#"{"type":"response.output_text.done","text":"x"}"#,
+            r#"{"response":{"id":"r","output":[{"content":[{"text":"a"}]}],"usage":{"input_tokens":5,"output_tokens":2}},"type":"response.completed"}"#,
+        ] {
+            responses.observe(data);
+        }
+        assert_eq!(responses.delivered(), 2);
+        assert_eq!(responses.usage().map(|u| u.output_tokens), Some(2));
+        let mut messages = StreamUsage::new(StreamKind::Messages);
+        for data in [
+            r#"{"type":"message_start","message":{"usage":{"input_tokens":2}}}"#,
+            r#"{"type":"content_block_start","index":0}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"usage"}}"#,
+        ] {
+            messages.observe(data);
+        }
+        assert_eq!(messages.delivered(), 2);
+        assert_eq!(messages.usage().map(|u| u.input_tokens), Some(2));
     }
 
     #[test]
