@@ -307,6 +307,32 @@ async fn requests_per_minute_gives_exact_429_and_headers() {
     );
 }
 
+/// Listing models is a request like any other: it counts against the
+/// key's request limit and carries its headers.
+#[tokio::test]
+async fn listing_models_counts_against_the_request_limit() {
+    let (_up, p) =
+        setup("[[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 3\n").await;
+    let list = || {
+        send(request(
+            Method::GET,
+            &p.url("/v1/models"),
+            &[("authorization", "Bearer sk-slow")],
+            "",
+        ))
+    };
+    for remaining in ["2", "1"] {
+        let ok = list().await;
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.header("x-ratelimit-remaining-requests"), Some(remaining));
+    }
+    let ok = chat_with(&p, &[("authorization", b"Bearer sk-slow")], "small").await;
+    assert_eq!(ok.header("x-ratelimit-remaining-requests"), Some("0"));
+    let limited = list().await;
+    limited.assert_error(429, "rate_limit_error", "rate_limit_exceeded");
+    assert_eq!(limited.header("retry-after"), Some("20"));
+}
+
 fn remaining_tokens(a: &Answer) -> i64 {
     a.header("x-ratelimit-remaining-tokens")
         .expect("token headers")

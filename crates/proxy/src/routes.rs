@@ -456,17 +456,29 @@ const CLIENT_CLOSED: u16 = 499;
 
 /// `GET /v1/models`: every configured model, or with auth on, the ones the
 /// caller's key may use.
-fn models_for<B>(shared: &Shared, req: &Request<B>) -> Result<Bytes, Error> {
+/// `GET /v1/models`: the models of the config, with auth only those the
+/// key may use; a request against the key's request limit, answered with
+/// its rate-limit headers.
+async fn models(shared: &Shared, headers: &http::HeaderMap) -> Result<Response<Body>, Error> {
+    const JSON: &str = "application/json";
     let Some(auth) = &shared.auth else {
-        return Ok(shared.models_json.clone());
+        return Ok(text(StatusCode::OK, JSON, shared.models_json.clone()));
     };
-    let key = auth.authenticate(req.headers())?;
+    let key = auth.authenticate(headers)?;
+    let decision = match auth.acquire_request(&key, Dialect::OpenAi).await {
+        Ok(decision) => decision,
+        Err(refusal) => return Ok(refusal),
+    };
     let allowed: Vec<&String> = shared
         .models
         .iter()
         .filter(|m| key.allows_model(m))
         .collect();
-    Ok(models_json(&allowed))
+    let mut resp = text(StatusCode::OK, JSON, models_json(&allowed));
+    if let Some(d) = &decision {
+        llm_proxy_auth::rate_headers(resp.headers_mut(), d);
+    }
+    Ok(resp)
 }
 
 async fn respond<B>(
@@ -506,11 +518,7 @@ where
     }
     match route {
         Route::Own(own) => Ok(shared.own(own)),
-        Route::Api(Endpoint::Models) => Ok(text(
-            StatusCode::OK,
-            "application/json",
-            models_for(shared, &req)?,
-        )),
+        Route::Api(Endpoint::Models) => models(shared, req.headers()).await,
         Route::Api(_) => {
             let (mut parts, body) = req.into_parts();
             parts.headers.insert(REQUEST_ID, request_id.clone());
