@@ -180,3 +180,84 @@ async fn a_large_token_limit_is_enforced_on_redis_too() {
         );
     }
 }
+
+/// `key`'s remaining tokens as proxy `p` reports them (a `count_tokens`
+/// request, which reserves none).
+async fn tokens_left(p: &TestProxy, key: &str) -> u32 {
+    let a = send(request(
+        Method::POST,
+        &p.url("/v1/messages/count_tokens"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", key),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
+    ))
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    a.header("x-ratelimit-remaining-tokens")
+        .expect("token headers")
+        .parse()
+        .unwrap()
+}
+
+/// A reservation taken from local limits while Redis was silent is settled
+/// locally: its refund, made after Redis is back, must not credit the
+/// fleet's bucket with tokens Redis never charged.
+#[tokio::test]
+async fn a_reservation_taken_while_redis_failed_is_not_refunded_into_redis() {
+    let redis = RedisServer::start().await;
+    let relay = relay::Relay::start(redis.addr).await;
+    let up = mock_named("m").await;
+    let config = |url: &str| {
+        format!(
+            "{}\n[auth]\nbackend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"t6:\"\n\
+             [[auth.keys]]\nname = \"fleet\"\nkey = \"sk-fleet\"\ntokens_per_minute = 1000\n",
+            one_upstream(&up.base_url(), "")
+        )
+    };
+    let a = proxy(&config(&relay.redis_url())).await;
+    let b = proxy(&config(&redis.url())).await;
+    let post = |headers: &[(&'static str, &'static str)], max_tokens: u32| {
+        let mut all = vec![
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-fleet"),
+        ];
+        all.extend_from_slice(headers);
+        let body = serde_json::json!({"model": "m", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "hi"}]});
+        send(request(
+            Method::POST,
+            &a.url("/v1/chat/completions"),
+            &all,
+            body.to_string(),
+        ))
+    };
+    // ~800 tokens charged in Redis.
+    let spent = post(&[("x-mock-tokens", "800")], 800).await;
+    assert_eq!(spent.status, 200);
+    let left = tokens_left(&b, "Bearer sk-fleet").await;
+    assert!(left < 300, "{left}");
+    // Redis goes silent: the next request is decided by proxy `a` alone,
+    // reserving ~500. While its upstream works, a second call times out
+    // too, a second after the last answer: `a` replaces its connection
+    // (the relay passes new ones). The request then fails upstream, and its
+    // reservation is given back, with Redis answering again.
+    relay.freeze();
+    let failed = post(
+        &[("x-mock-fail", "500"), ("x-mock-latency-ms", "2500")],
+        500,
+    );
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokens_left(&a, "Bearer sk-fleet").await
+    };
+    let (failed, _) = tokio::join!(failed, second);
+    assert_eq!(failed.status, 500);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The fleet's bucket is where it was (plus the refill of ~2 s at
+    // 1000 a minute), not ~500 richer.
+    let after = tokens_left(&b, "Bearer sk-fleet").await;
+    assert!(after < left + 150, "{left} then {after}");
+}

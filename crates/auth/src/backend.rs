@@ -59,16 +59,28 @@ impl LimitBackend {
                 Ok(d) => d,
                 Err(e) => {
                     self.failed(&e);
-                    key.limits.acquire(self.now(), tokens)
+                    Decision {
+                        held_locally: true,
+                        ..key.limits.acquire(self.now(), tokens)
+                    }
                 }
             },
         }
     }
 
-    /// Charge (`delta > 0`) or refund (`delta < 0`) tokens. Does not wait:
-    /// the Redis update runs in the background.
-    pub fn adjust(self: &Arc<Self>, key: &Arc<KeyEntry>, delta: i64) {
+    /// Charge (`delta > 0`) or refund (`delta < 0`) tokens of a request
+    /// whose reservation is `held_locally` ([`Decision::held_locally`]) or
+    /// in the store. Does not wait: the Redis update runs in the background.
+    ///
+    /// A reservation taken locally while Redis failed is settled locally: a
+    /// refund sent to Redis once it is back would credit the fleet's bucket
+    /// with tokens it never charged.
+    pub fn adjust(self: &Arc<Self>, key: &Arc<KeyEntry>, delta: i64, held_locally: bool) {
         if delta == 0 || key.limits.tokens.is_none() {
+            return;
+        }
+        if held_locally {
+            key.limits.adjust_tokens(self.now(), delta);
             return;
         }
         match &self.kind {

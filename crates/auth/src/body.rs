@@ -13,6 +13,7 @@ use llm_proxy_core::usage::{self, StreamUsage, Usage};
 use llm_proxy_core::{Body, BoxError, UsageFilter};
 
 use crate::keys::KeyEntry;
+use crate::limit::Decision;
 use crate::service::Shared;
 
 /// Non-streamed bodies up to this size are kept whole and parsed for their
@@ -40,6 +41,9 @@ pub(crate) struct Reconcile {
     /// The prompt's estimate (bytes / 4), for the floor of a stream cut
     /// before its usage.
     prompt: u64,
+    /// The reservation was taken from this process's limits while the
+    /// shared store failed: settle it here.
+    held_locally: bool,
     /// The answer's status was not a success.
     failed: bool,
 }
@@ -57,8 +61,21 @@ impl Reconcile {
             model,
             reserved,
             prompt: 0,
+            held_locally: false,
             failed: false,
         }
+    }
+
+    /// Where the reservation was taken: settle it there.
+    pub(crate) fn held_by(mut self, decision: Option<&Decision>) -> Self {
+        self.held_locally = decision.is_some_and(|d| d.held_locally);
+        self
+    }
+
+    fn adjust(&self, delta: i64) {
+        self.shared
+            .backend
+            .adjust(&self.key, delta, self.held_locally);
     }
 
     /// The prompt's estimate in tokens: a stream cut before its usage is
@@ -83,7 +100,7 @@ impl Reconcile {
 
     /// Give the whole reservation back: nothing was generated.
     pub(crate) fn refund(&self) {
-        self.shared.backend.adjust(&self.key, -self.reserved());
+        self.adjust(-self.reserved());
     }
 
     /// Give the reservation back and hold none from now on (a later
@@ -98,7 +115,7 @@ impl Reconcile {
     /// [`give_back`]: Reconcile::give_back
     pub(crate) fn reserve(&mut self, amount: u64) {
         self.reserved = amount;
-        self.shared.backend.adjust(&self.key, self.reserved());
+        self.adjust(self.reserved());
     }
 
     fn reserved(&self) -> i64 {
@@ -131,7 +148,7 @@ impl Reconcile {
         let used = i64::try_from(floor.total()).unwrap_or(i64::MAX);
         let more = used.saturating_sub(self.reserved());
         if more > 0 {
-            self.shared.backend.adjust(&self.key, more);
+            self.adjust(more);
         }
     }
 
@@ -150,9 +167,7 @@ impl Reconcile {
         // Counts come from the upstream: one beyond i64 is a charge, not a
         // negative number that credits the limit.
         let used = i64::try_from(u.total()).unwrap_or(i64::MAX);
-        self.shared
-            .backend
-            .adjust(&self.key, used.saturating_sub(self.reserved()));
+        self.adjust(used.saturating_sub(self.reserved()));
     }
 }
 

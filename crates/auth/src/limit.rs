@@ -135,6 +135,10 @@ pub struct Decision {
     pub requests: Option<Status>,
     /// The tokens limit's state after the decision.
     pub tokens: Option<Status>,
+    /// Decided by this process's own limits because the shared store
+    /// (Redis) failed: the request's reservation is held here, and is
+    /// settled here, not in the store.
+    pub held_locally: bool,
 }
 
 /// A key's limits and their local (in-process) state.
@@ -221,6 +225,7 @@ pub fn decide(
         retry_after: wait.unwrap_or_default(),
         requests: requests.map(|g| g.status(tat[0], now)),
         tokens: tokens.map(|g| g.status(tat[1], now)),
+        held_locally: false,
     }
 }
 

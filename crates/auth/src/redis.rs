@@ -137,6 +137,7 @@ impl RedisLimits {
             retry_after: Duration::from_micros(wait),
             requests: key.limits.requests.map(|g| g.status(ns(rtat), ns(now))),
             tokens: key.limits.tokens.map(|g| g.status(ns(ttat), ns(now))),
+            held_locally: false,
         })
     }
 

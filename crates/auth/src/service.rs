@@ -109,7 +109,8 @@ impl AuthLayer {
                 key.clone(),
                 meta.model_arc().cloned(),
                 reserve,
-            ),
+            )
+            .held_by(decision.as_ref()),
             decision,
             given_back: None,
         })
@@ -293,7 +294,9 @@ where
                 Ok(d) => d,
                 Err(refusal) => return Ok(refusal),
             };
-            let reconcile = Reconcile::new(shared.clone(), key, model, reserve).with_prompt(prompt);
+            let reconcile = Reconcile::new(shared.clone(), key, model, reserve)
+                .with_prompt(prompt)
+                .held_by(decision.as_ref());
             // The request as the client sent it, to send again should the
             // upstream refuse the `stream_options` added to it.
             let again = unedited.map(|original| (original, inner.clone()));
