@@ -10,8 +10,13 @@
 //!   and ends an ejection early (a panic-routed request just proved it works).
 //! - A 429 rests the backend for its `retry-after` (default 1 s, capped);
 //!   it is neither a failure nor a success, and only time ends it.
-//! - Active probes: a 2xx ends an ejection early, a failure marks the
-//!   backend down until the next success (probe or request).
+//! - Active probes: a failure marks the backend down until the next
+//!   success (probe or request); a 2xx clears that mark only. An ejection
+//!   runs its course: a probe of `/v1/models` answered does not show that
+//!   the model answers (the common LLM server failure: HTTP up, model
+//!   broken), as Envoy keeps outlier ejection apart from its health checks.
+//! - Failures while resting (panic-routed requests) are not counted: the
+//!   backend is not re-ejected the moment its rest ends.
 
 /// The knobs of the state machine, from [`BalanceConfig`](crate::BalanceConfig).
 #[derive(Clone, Copy, Debug)]
@@ -55,9 +60,11 @@ impl Health {
 
     /// A failure; `true` when it ejects the backend.
     pub(crate) fn on_failure(&mut self, now: u64, p: &Policy) -> bool {
+        if self.ejected_until.is_some_and(|until| now < until) {
+            return false;
+        }
         self.failures = self.failures.saturating_add(1);
-        let resting = self.ejected_until.is_some_and(|until| now < until);
-        if resting || self.failures < p.eject_after {
+        if self.failures < p.eject_after {
             return false;
         }
         if let Some(end) = self.ejected_until {
@@ -82,14 +89,8 @@ impl Health {
     }
 
     /// An active probe's result.
-    pub(crate) fn on_probe(&mut self, now: u64, ok: bool) {
-        if ok {
-            self.probe_down = false;
-            self.failures = 0;
-            self.end_ejection(now);
-        } else {
-            self.probe_down = true;
-        }
+    pub(crate) fn on_probe(&mut self, ok: bool) {
+        self.probe_down = !ok;
     }
 
     fn end_ejection(&mut self, now: u64) {
@@ -153,6 +154,24 @@ mod tests {
         assert!(fail(&mut h, 0, 3));
         assert!(!fail(&mut h, S, 10));
         assert_eq!(h.down_until(), 30 * S);
+        // Nor do they count once the rest is over: it takes `eject_after`
+        // new ones.
+        assert!(!fail(&mut h, 30 * S, 2));
+        assert!(h.on_failure(30 * S, &P));
+    }
+
+    #[test]
+    fn a_probe_success_does_not_end_an_ejection() {
+        let mut h = Health::default();
+        assert!(fail(&mut h, 0, 3));
+        h.on_probe(true);
+        assert_eq!(
+            h.down_until(),
+            30 * S,
+            "probes see /v1/models, not the model"
+        );
+        h.on_success(5 * S);
+        assert_eq!(h.down_until(), 5 * S, "a request that worked does");
     }
 
     #[test]
@@ -169,18 +188,18 @@ mod tests {
         h.on_throttled(0, 1000 * S, &P);
         assert_eq!(h.down_until(), 300 * S);
         h.on_success(S);
-        h.on_probe(S, true);
+        h.on_probe(true);
         assert_eq!(h.down_until(), 300 * S);
     }
 
     #[test]
     fn probe_failure_holds_until_a_success() {
         let mut h = Health::default();
-        h.on_probe(0, false);
+        h.on_probe(false);
         assert_eq!(h.down_until(), u64::MAX);
-        h.on_probe(S, true);
+        h.on_probe(true);
         assert_eq!(h.down_until(), 0);
-        h.on_probe(2 * S, false);
+        h.on_probe(false);
         h.on_success(3 * S);
         assert_eq!(h.down_until(), 0);
     }

@@ -70,9 +70,11 @@ where
         async move {
             let ok = tokio::time::timeout(timeout, probe(svc, path))
                 .await
-                .unwrap_or(false);
-            let now = shared.epoch.now();
-            state.update_health(|h| h.on_probe(now, ok));
+                .unwrap_or(Some(false));
+            // A probe refused with 429 says the server is up and busy:
+            // requests' own 429s rest it; the probe changes nothing.
+            let Some(ok) = ok else { return };
+            state.update_health(|h| h.on_probe(ok));
             if !ok {
                 tracing::debug!(upstream = %state.name, "health check failed");
             }
@@ -81,20 +83,21 @@ where
     futures_util::future::join_all(probes).await;
 }
 
-async fn probe<S>(svc: S, path: &str) -> bool
+/// One probe: `Some(healthy)`, or `None` for a 429 (up, but busy).
+async fn probe<S>(svc: S, path: &str) -> Option<bool>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
     S::Future: Send + 'static,
 {
     let Ok(req) = Request::get(path).body(llm_proxy_core::empty()) else {
-        return false;
+        return Some(false);
     };
     match crate::attempt::call(svc, req).await {
         Ok(resp) => {
-            let ok = resp.status().is_success();
+            let status = resp.status();
             let _ = tokio::time::timeout(DRAIN_LIMIT, resp.into_body().collect()).await;
-            ok
+            (status != http::StatusCode::TOO_MANY_REQUESTS).then_some(status.is_success())
         }
-        Err(_) => false,
+        Err(_) => Some(false),
     }
 }

@@ -100,8 +100,11 @@ fn checked(every: u64) -> BalanceConfig {
     }
 }
 
+/// Probes mark a backend down and up again; an ejection (requests failed)
+/// runs its course whatever `/v1/models` says, and a probe refused with 429
+/// changes nothing.
 #[tokio::test(start_paused = true)]
-async fn health_check_brings_an_ejected_backend_back_early() {
+async fn health_checks_mark_down_and_up_but_leave_ejections_to_run() {
     let fleet = Fleet::default();
     fleet.set("a", Mode::Refused);
     let b = balance(&fleet, &["a", "b"], checked(5));
@@ -112,16 +115,25 @@ async fn health_check_brings_an_ejected_backend_back_early() {
     fleet.set("a", Mode::Ok(Duration::ZERO));
     tokio::time::sleep(secs(5)).await;
     assert!(stats(&h, "a").healthy, "a passing probe brings it back");
-    // A request failure ejects for 30 s; the next probe ends that early.
+    // Busy, not down: a probe's 429 leaves it healthy.
+    fleet.set("a", Mode::Status(429, None));
+    tokio::time::sleep(secs(5)).await;
+    assert!(stats(&h, "a").healthy, "a 429 probe is no failure");
+    // A request failure ejects for 30 s; passing probes do not end that.
     fleet.set("a", Mode::Status(500, None));
     for i in 0..2 {
         let _ = send(&b, chat("m", &i.to_string())).await;
     }
     assert!(!stats(&h, "a").healthy);
     fleet.set("a", Mode::Ok(Duration::ZERO));
-    tokio::time::sleep(secs(5)).await;
-    assert!(stats(&h, "a").healthy, "back after 5 s, not 30 s");
-    assert!(fleet.probes() >= 6);
+    tokio::time::sleep(secs(10)).await;
+    assert!(
+        !stats(&h, "a").healthy,
+        "still resting after two passing probes"
+    );
+    tokio::time::sleep(secs(21)).await;
+    assert!(stats(&h, "a").healthy, "back after its 30 s");
+    assert!(fleet.probes() >= 14);
 }
 
 #[tokio::test(start_paused = true)]
