@@ -231,4 +231,8 @@ impl<S> LoadView for View<'_, S> {
     fn cost(&self, i: usize) -> f64 {
         self.set.members[self.group.members[i]].state.cost(self.now)
     }
+
+    fn is_retry(&self) -> bool {
+        !self.tried.is_empty()
+    }
 }

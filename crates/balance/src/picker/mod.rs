@@ -34,6 +34,14 @@ pub trait LoadView {
     fn cost(&self, i: usize) -> f64 {
         f64::from(self.in_flight(i))
     }
+
+    /// Whether this pick is a retry of a request another backend failed.
+    /// A rotation does not advance for it: if it did, with two backends
+    /// every request would start on the one that fails (its retry moving
+    /// the rotation past the other). Defaults to false.
+    fn is_retry(&self) -> bool {
+        false
+    }
 }
 
 /// A plain description of one backend's load, for callers that keep loads in
@@ -187,6 +195,9 @@ impl<L: LoadView + ?Sized> LoadView for Bounded<'_, L> {
     }
     fn cost(&self, i: usize) -> f64 {
         self.inner.cost(i)
+    }
+    fn is_retry(&self) -> bool {
+        self.inner.is_retry()
     }
 }
 

@@ -17,7 +17,11 @@ impl RoundRobin {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let start = if loads.is_retry() {
+            self.next.load(Ordering::Relaxed)
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed)
+        } % n;
         (0..n)
             .map(|k| (start + k) % n)
             .find(|&i| loads.is_available(i))

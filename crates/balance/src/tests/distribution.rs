@@ -168,3 +168,46 @@ async fn prefix_affinity_sheds_when_its_backend_is_overloaded() {
     drop(held);
     assert!(h.snapshot().iter().all(|s| s.in_flight == 0));
 }
+
+/// A retry does not advance the rotation: a failing backend gets its share
+/// of first attempts, not every one (with two backends, a retry moving the
+/// rotation past the healthy one sent each request to the failing one
+/// first).
+#[tokio::test(start_paused = true)]
+async fn round_robin_retries_do_not_turn_the_rotation() {
+    for names in [&["a", "b"][..], &["a", "b", "c"]] {
+        let fleet = Fleet::default();
+        fleet.set("a", Mode::Status(500, None));
+        let b = balance(
+            &fleet,
+            names,
+            BalanceConfig {
+                // Never ejected: every first attempt shows.
+                eject_after_failures: u32::MAX,
+                ..cfg(Strategy::RoundRobin)
+            },
+        );
+        let rounds = 10 * names.len();
+        for i in 0..rounds {
+            send(&b, chat("m", &i.to_string())).await.unwrap();
+        }
+        let seen = fleet.seen();
+        let firsts = seen
+            .iter()
+            .filter(|s| s.path != "/v1/models")
+            .fold((0, None::<&str>), |(a_first, prev), s| {
+                // A request's first attempt is the one whose text differs
+                // from the previous attempt's.
+                let first = prev != Some(s.text.as_str());
+                (
+                    a_first + usize::from(first && s.backend == "a"),
+                    Some(&s.text),
+                )
+            })
+            .0;
+        assert_eq!(
+            firsts, 10,
+            "{names:?}: `a` went first {firsts} times of {rounds}"
+        );
+    }
+}
