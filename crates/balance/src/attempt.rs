@@ -33,7 +33,8 @@ enum Verdict {
     Success,
     /// A 4xx other than 429 (or 501): the request's fault; passed through.
     Pass,
-    /// 429: rest the backend this long (ns), then maybe retry elsewhere.
+    /// 429, or 503 with `retry-after` (overloaded: come back then): rest
+    /// the backend this long (ns), then maybe retry elsewhere.
     Throttled(u64),
     /// Connect error, timeout, 5xx: counts towards ejection; retryable.
     Failure,
@@ -48,6 +49,9 @@ fn classify(outcome: &Outcome) -> Verdict {
     match outcome {
         Ok(resp) => match resp.status() {
             StatusCode::TOO_MANY_REQUESTS => Verdict::Throttled(retry_after_ns(resp)),
+            StatusCode::SERVICE_UNAVAILABLE if resp.headers().contains_key(header::RETRY_AFTER) => {
+                Verdict::Throttled(retry_after_ns(resp))
+            }
             StatusCode::NOT_IMPLEMENTED => Verdict::Pass,
             s if s.is_server_error() => Verdict::Failure,
             s if s.is_client_error() => Verdict::Pass,
@@ -266,6 +270,11 @@ mod tests {
         assert_eq!(classify(&resp(404, None)), Verdict::Pass);
         assert_eq!(classify(&resp(501, None)), Verdict::Pass);
         assert_eq!(classify(&resp(503, None)), Verdict::Failure);
+        // Overloaded, saying when to come back: a rest, not a failure.
+        assert_eq!(
+            classify(&resp(503, Some("3"))),
+            Verdict::Throttled(3_000_000_000)
+        );
         assert_eq!(
             classify(&resp(429, Some("7"))),
             Verdict::Throttled(7_000_000_000)
