@@ -216,9 +216,10 @@ where
     let verdict = classify(&outcome);
     let now = shared.epoch.now();
     match verdict {
-        Verdict::Success => state.update_health(|h| h.on_success(now)),
-        Verdict::Failure => record_failure(shared, state, now, start.elapsed()),
-        Verdict::Throttled(ns) => state.update_health(|h| h.on_throttled(now, ns, &shared.policy)),
+        // The failure count is reset by the body's clean end (FirstFrame).
+        Verdict::Success => state.update_health(|h| h.on_answered(now)),
+        Verdict::Failure => state.record_failure(now, start.elapsed()),
+        Verdict::Throttled(ns) => state.rest(now, ns),
         Verdict::Pass | Verdict::Fatal => {}
     }
     let sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
@@ -232,22 +233,6 @@ where
         })
     });
     (outcome, verdict)
-}
-
-/// A failure of `state`'s backend at `now`, after `elapsed`: towards its
-/// ejection.
-pub(crate) fn record_failure<S>(
-    shared: &Shared<S>,
-    state: &BackendState,
-    now: u64,
-    elapsed: std::time::Duration,
-) {
-    state.observe_failure(now, elapsed);
-    if state.update_health(|h| h.on_failure(now, &shared.policy)) {
-        state.count_ejection();
-        shared.ejections.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(upstream = %state.name, "upstream ejected after consecutive failures");
-    }
 }
 
 #[cfg(test)]

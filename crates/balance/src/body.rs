@@ -1,11 +1,18 @@
-//! The response body wrapper that takes the latency sample of `p2c_ewma`.
+//! The response body wrapper that takes the latency sample of `p2c_ewma` and
+//! tells the backend's health how the body ended.
 //!
 //! The sample is the time from sending the request to the first body frame
 //! (time to first token for a stream; the whole answer for a buffered one),
 //! never the response head alone: an LLM server may send the head before it
 //! has produced anything. A body that ends without a frame is sampled at its
 //! end; one dropped before its first frame (the client hung up) gives no
-//! sample, and one whose first poll fails counts as a failed attempt would.
+//! sample.
+//!
+//! A body that fails (the upstream broke it: a reset, a stall, invalid SSE)
+//! is a failure of its backend, towards its ejection, at any frame; one
+//! that ends, or is dropped, without failing resets the backend's failure
+//! count. The head's 200 alone does not: a server that breaks every stream
+//! mid-way answers every head with 200.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,20 +24,45 @@ use tokio::time::Instant;
 use crate::state::{BackendState, Epoch};
 
 pin_project_lite::pin_project! {
-    /// Records the time to the first frame of `inner` into a backend's
-    /// latency estimate.
+    /// Watches `inner` for its backend: the time to its first frame into
+    /// the latency estimate, and how it ends into the health state.
     pub(crate) struct FirstFrame<B> {
         #[pin]
         inner: B,
-        sample: Option<(Arc<BackendState>, Epoch, Instant)>,
+        watch: Option<Watch>,
+    }
+
+    impl<B> PinnedDrop for FirstFrame<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(watch) = this.project().watch.take() {
+                watch.state.update_health(|h| h.on_clean_end());
+            }
+        }
     }
 }
 
+/// The backend, the clock and the send time; whether the first frame was
+/// sampled.
+pub(crate) struct Watch {
+    state: Arc<BackendState>,
+    epoch: Epoch,
+    start: Instant,
+    sampled: bool,
+}
+
 impl<B> FirstFrame<B> {
-    /// Wrap `inner`; `sample` is the backend, the clock and the send time
-    /// (none: nothing to record).
+    /// Wrap `inner`, the body of an answer of `state`'s backend sent at
+    /// `start` (none: nothing to record).
     pub(crate) fn new(inner: B, sample: Option<(Arc<BackendState>, Epoch, Instant)>) -> Self {
-        FirstFrame { inner, sample }
+        FirstFrame {
+            inner,
+            watch: sample.map(|(state, epoch, start)| Watch {
+                state,
+                epoch,
+                start,
+                sampled: false,
+            }),
+        }
     }
 }
 
@@ -44,13 +76,22 @@ impl<B: HttpBody> HttpBody for FirstFrame<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(frame) = &polled {
-            if let Some((state, epoch, start)) = this.sample.take() {
-                let now = epoch.now();
-                match frame {
-                    Some(Err(_)) => state.observe_failure(now, start.elapsed()),
-                    _ => state.observe(now, start.elapsed()),
+        if let Poll::Ready(frame) = &polled
+            && let Some(watch) = this.watch
+        {
+            let now = watch.epoch.now();
+            match frame {
+                Some(Err(_)) => {
+                    // Taken: no clean end at the drop.
+                    if let Some(watch) = this.watch.take() {
+                        watch.state.record_failure(now, watch.start.elapsed());
+                    }
                 }
+                _ if !watch.sampled => {
+                    watch.sampled = true;
+                    watch.state.observe(now, watch.start.elapsed());
+                }
+                _ => {}
             }
         }
         polled

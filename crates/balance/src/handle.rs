@@ -147,9 +147,7 @@ impl<S> BalanceHandle<S> {
         };
         match outcome {
             Ok(()) => member.state.update_health(|h| h.on_success(now)),
-            Err(elapsed) => {
-                crate::attempt::record_failure(&self.shared, &member.state, now, elapsed);
-            }
+            Err(elapsed) => member.state.record_failure(now, elapsed),
         }
     }
 

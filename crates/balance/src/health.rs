@@ -8,6 +8,10 @@
 //!   rest ended forgets its streak.
 //! - A success (2xx) resets the failure count, clears a probe's "down" mark
 //!   and ends an ejection early (a panic-routed request just proved it works).
+//!   The answer's head does the last two ([`Health::on_answered`]); the
+//!   count is reset when its body ends without breaking
+//!   ([`Health::on_clean_end`]), so that a server that always breaks its
+//!   streams mid-way, whose heads are all 200, is ejected too.
 //! - A 429 rests the backend for its `retry-after` (default 1 s, capped);
 //!   it is neither a failure nor a success, and only time ends it.
 //! - Active probes: a failure marks the backend down until the next
@@ -52,10 +56,23 @@ impl Health {
         self.ejected_until.unwrap_or(0).max(self.throttled_until)
     }
 
+    /// A whole success: [`on_answered`](Self::on_answered) and
+    /// [`on_clean_end`](Self::on_clean_end).
     pub(crate) fn on_success(&mut self, now: u64) {
-        self.failures = 0;
+        self.on_answered(now);
+        self.on_clean_end();
+    }
+
+    /// An answer's head below 400: the backend is up.
+    pub(crate) fn on_answered(&mut self, now: u64) {
         self.probe_down = false;
         self.end_ejection(now);
+    }
+
+    /// An answered request's body ended (or the client left) without the
+    /// upstream breaking it: the failure count starts over.
+    pub(crate) fn on_clean_end(&mut self) {
+        self.failures = 0;
     }
 
     /// A failure; `true` when it ejects the backend.

@@ -79,7 +79,7 @@ pub(crate) struct Shared<S> {
     pub(crate) budget: TpsBudget,
     pub(crate) epoch: Epoch,
     pub(crate) retries: AtomicU64,
-    pub(crate) ejections: AtomicU64,
+    pub(crate) ejections: Arc<AtomicU64>,
     pub(crate) probe: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
@@ -114,7 +114,13 @@ impl<S: Clone> Shared<S> {
             let state = states
                 .get(&backend.name)
                 .and_then(Weak::upgrade)
-                .unwrap_or_else(|| Arc::new(BackendState::new(backend.name.clone())));
+                .unwrap_or_else(|| {
+                    Arc::new(BackendState::new(
+                        backend.name.clone(),
+                        self.policy,
+                        self.ejections.clone(),
+                    ))
+                });
             states.insert(backend.name.clone(), Arc::downgrade(&state));
             Arc::new(Member::new(backend, state))
         };
@@ -149,7 +155,7 @@ where
             budget: config.retry_budget.build(),
             epoch: Epoch::new(),
             retries: AtomicU64::new(0),
-            ejections: AtomicU64::new(0),
+            ejections: Arc::default(),
             probe: Mutex::new(None),
             config,
         });

@@ -48,19 +48,25 @@ pub(crate) struct BackendState {
     down_until: AtomicU64,
     health: Mutex<Health>,
     ejections: AtomicU64,
+    /// The balancer's policy and its ejection count, for failures recorded
+    /// where no balancer is at hand (a response body that breaks).
+    policy: Policy,
+    ejections_total: Arc<AtomicU64>,
     /// Peak-EWMA estimate (f64 bits) and when it was last updated.
     ewma_ns: AtomicU64,
     ewma_at: AtomicU64,
 }
 
 impl BackendState {
-    pub(crate) fn new(name: Arc<str>) -> Self {
+    pub(crate) fn new(name: Arc<str>, policy: Policy, ejections_total: Arc<AtomicU64>) -> Self {
         BackendState {
             name,
             in_flight: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             ejections: AtomicU64::new(0),
+            policy,
+            ejections_total,
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
             ewma_at: AtomicU64::new(0),
         }
@@ -122,9 +128,20 @@ impl BackendState {
         out
     }
 
-    /// Count an ejection (the caller also counts it fleet-wide).
-    pub(crate) fn count_ejection(&self) {
-        self.ejections.fetch_add(1, Ordering::Relaxed);
+    /// A failure at `now`, after `elapsed`: in the latency estimate, and
+    /// towards the backend's ejection (counted here and balancer-wide).
+    pub(crate) fn record_failure(&self, now: u64, elapsed: Duration) {
+        self.observe_failure(now, elapsed);
+        if self.update_health(|h| h.on_failure(now, &self.policy)) {
+            self.ejections.fetch_add(1, Ordering::Relaxed);
+            self.ejections_total.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(upstream = %self.name, "upstream ejected after consecutive failures");
+        }
+    }
+
+    /// A 429's (or a 503's) rest of `ns`.
+    pub(crate) fn rest(&self, now: u64, ns: u64) {
+        self.update_health(|h| h.on_throttled(now, ns, &self.policy));
     }
 
     fn lock_health(&self) -> MutexGuard<'_, Health> {

@@ -113,6 +113,37 @@ async fn no_retry_once_a_response_is_returned() {
     assert!(b.handle().snapshot().iter().all(|s| s.in_flight == 0));
 }
 
+/// A server that answers every head with 200 and then breaks the body is
+/// ejected like one that answers 500; bodies that end whole reset the
+/// count.
+#[tokio::test(start_paused = true)]
+async fn streams_broken_mid_way_eject_their_backend() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Broken);
+    let b = balance(&fleet, &["a"], rr());
+    let h = b.handle();
+    let broken = || async {
+        let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.into_body().collect().await.is_err());
+    };
+    // Two breaks, a whole answer, two breaks: never three in a row.
+    broken().await;
+    broken().await;
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    send(&b, chat("m", "ok")).await.unwrap();
+    fleet.set("a", Mode::Broken);
+    broken().await;
+    broken().await;
+    assert!(stats(&h, "a").healthy);
+    assert_eq!(stats(&h, "a").ejections, 0);
+    // The third in a row ejects it.
+    broken().await;
+    assert!(!stats(&h, "a").healthy);
+    assert_eq!(stats(&h, "a").ejections, 1);
+    assert_eq!(h.ejections_total(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn retry_budget_stops_a_retry_storm() {
     let fleet = Fleet::default();
