@@ -97,7 +97,9 @@ impl Endpoint {
     /// `/v1/`, and for paths an upstream may read as another path than the
     /// proxy does (see [`is_plain`]).
     pub fn from_path(path: &str) -> Option<Endpoint> {
-        let rest = path.strip_prefix("/v1/")?.trim_end_matches('/');
+        // One trailing slash is the same route; more are an empty segment.
+        let rest = path.strip_prefix("/v1/")?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
         if !is_plain(rest) {
             return None;
         }
@@ -322,6 +324,8 @@ mod tests {
             "/v1/models/a%zz",
             "/v1/files\\x",
             "/v1/..",
+            "/v1/chat/completions//",
+            "/v1/models///",
         ] {
             assert_eq!(Endpoint::from_path(path), None, "{path}");
         }
