@@ -359,45 +359,112 @@ async fn the_query_string_is_part_of_the_key() {
     assert_eq!(up.stats.requests(), 3);
 }
 
-#[tokio::test]
-async fn an_error_answered_with_200_is_not_stored() {
-    // OpenRouter-style: `200` with an error object, then a real answer.
+/// An upstream answering each request with the next of `answers`
+/// (content type, body), then the last one again.
+async fn answers_in_turn(answers: Vec<(&'static str, String)>) -> std::net::SocketAddr {
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = calls.clone();
-    let addr = raw_upstream(move |mut conn| {
-        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let answers = std::sync::Arc::new(answers);
+    raw_upstream(move |mut conn| {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let answers = answers.clone();
         async move {
             use tokio::io::AsyncWriteExt;
             if read_request_head(&mut conn).await {
-                let body = if n == 0 {
-                    r#"{"error":{"message":"upstream overloaded","code":502}}"#
-                } else {
-                    r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#
-                };
+                let (kind, body) = &answers[n.min(answers.len() - 1)];
                 let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = conn.write_all(answer.as_bytes()).await;
             }
         }
     })
+    .await
+}
+
+/// A `200` whose answer is an error, whatever its shape (OpenRouter's
+/// `{"error"}`, vLLM's `{"object":"error"}`, a chat stream with an event
+/// named `error`), is passed on and not stored.
+#[tokio::test]
+async fn an_error_answered_with_200_is_not_stored() {
+    let good = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+    let chunk = r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+    let cases = [
+        (false, r#"{"error":{"message":"upstream overloaded","code":502}}"#.to_owned()),
+        (false, r#"{"object":"error","message":"CUDA out of memory","type":"InternalServerError","code":500}"#.to_owned()),
+        (true, format!(
+            "data: {chunk}\n\nevent: error\ndata: {{\"message\":\"model overloaded\",\"code\":503}}\n\ndata: {chunk}\n\ndata: [DONE]\n\n"
+        )),
+    ];
+    for (stream, bad) in cases {
+        let (kind, again) = if stream {
+            (
+                "text/event-stream",
+                format!("data: {chunk}\n\ndata: [DONE]\n\n"),
+            )
+        } else {
+            ("application/json", good.to_owned())
+        };
+        let addr = answers_in_turn(vec![(kind, bad.clone()), (kind, again)]).await;
+        let p = proxy(&memory(&format!("http://{addr}/v1"))).await;
+        let first = post_json(&p.url(CHAT_PATH), &chat("m", stream)).await;
+        assert_eq!(first.status, 200);
+        assert_eq!(first.text(), bad);
+        // (Storing happens off the client's path: give it time to go wrong.)
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let second = post_json(&p.url(CHAT_PATH), &chat("m", stream)).await;
+        assert_eq!(
+            second.header("x-llm-proxy-cache"),
+            Some("miss"),
+            "{bad}: {}",
+            second.text()
+        );
+        assert_ne!(second.text(), bad);
+    }
+}
+
+/// A request coalesced on a stream that breaks gets what the leader's client
+/// got: the chunks, then the `stream_interrupted` event, over real sockets
+/// (hyper drops the frames a body holds when it fails without a pause).
+#[tokio::test]
+async fn a_follower_of_a_broken_stream_gets_the_error_event() {
+    let up = mock(MockConfig {
+        name: "m".into(),
+        tokens_per_second: Some(50.0),
+        ..MockConfig::default()
+    })
     .await;
-    let p = proxy(&memory(&format!("http://{addr}/v1"))).await;
-    let first = post_json(&p.url(CHAT_PATH), &chat("m", false)).await;
-    assert!(
-        first.text().contains("upstream overloaded"),
-        "{}",
-        first.text()
-    );
-    // (Storing happens off the client's path: give it time to go wrong.)
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let second = post_json(&p.url(CHAT_PATH), &chat("m", false)).await;
-    assert_eq!(
-        second.header("x-llm-proxy-cache"),
-        Some("miss"),
-        "{}",
-        second.text()
-    );
-    assert_eq!(second.json()["object"], "chat.completion");
+    let p = proxy(&memory(&up.base_url())).await;
+    let headers = [
+        ("x-mock-fail", "drop"),
+        ("x-mock-drop-after", "6"),
+        ("x-mock-tokens", "50"),
+    ];
+    // The body as far as it came, and the cache's verdict.
+    let read = || async {
+        let mut all = vec![("content-type", "application/json")];
+        all.extend_from_slice(&headers);
+        let req = request(Method::POST, &p.url(CHAT_PATH), &all, chat("m", true));
+        let resp = client().request(req).await.expect("answered");
+        let cache = resp.headers().get("x-llm-proxy-cache").cloned();
+        let (body, broke) = read_stream(resp).await;
+        (body, broke, cache)
+    };
+    let follower = async {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        read().await
+    };
+    let (leader, follower) = tokio::join!(read(), follower);
+    assert_eq!(follower.2.as_ref().map(|v| v.as_bytes()), Some(&b"hit"[..]));
+    assert_eq!(upstream_calls(&up), 1);
+    for (body, broke, _) in [&leader, &follower] {
+        assert!(broke, "the connection is closed after the event");
+        let data = sse_data(body);
+        assert!(
+            data.last()
+                .is_some_and(|d| d.contains("stream_interrupted")),
+            "{data:?}"
+        );
+    }
+    assert_eq!(leader.0, follower.0);
 }

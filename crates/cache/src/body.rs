@@ -127,7 +127,9 @@ impl SseWatch {
             }
             match self.kind {
                 StreamKind::Chat => {
-                    if is_error_event(&event.data) {
+                    // Named `error`, as Responses and Messages streams name
+                    // theirs, or shaped as one.
+                    if event.event.as_deref() == Some("error") || is_error_event(&event.data) {
                         self.broken = true;
                     } else if event.is_done() {
                         self.done = true;
@@ -202,10 +204,18 @@ fn is_error_event(data: &str) -> bool {
     }
     data.contains("error")
         && serde_json::from_str::<Chunk<'_>>(data).is_ok_and(|chunk| {
-            chunk.error.is_some()
-                || chunk.object.as_deref() == Some("error")
-                || chunk.kind.as_deref() == Some("error")
+            is_error_shape(
+                chunk.error.is_some(),
+                chunk.object.as_deref(),
+                chunk.kind.as_deref(),
+            )
         })
+}
+
+/// An error object by its fields: an `error` member (OpenAI, OpenRouter),
+/// `"object": "error"` (vLLM), `"type": "error"` (Anthropic).
+fn is_error_shape(error: bool, object: Option<&str>, kind: Option<&str>) -> bool {
+    error || object == Some("error") || kind == Some("error")
 }
 
 impl CacheBody {
@@ -338,10 +348,9 @@ fn owned_content_type(ct: &[u8]) -> Bytes {
 }
 
 /// Whether `body` is a JSON answer that follows `rule`. Never one that is
-/// an error: some OpenAI-compatible servers (OpenRouter among them) answer
-/// `200` with `{"error": …}`, and Anthropic's errors are
-/// `{"type": "error", …}`; stored, such an answer would be replayed for the
-/// whole TTL.
+/// an error ([`is_error_shape`]): some OpenAI-compatible servers
+/// (OpenRouter, vLLM) answer `200` with one; stored, it would be replayed
+/// for the whole TTL.
 fn json_follows(body: &[u8], rule: JsonRule) -> bool {
     #[derive(serde::Deserialize)]
     struct Answer<'a> {
@@ -349,6 +358,8 @@ fn json_follows(body: &[u8], rule: JsonRule) -> bool {
         status: Option<std::borrow::Cow<'a, str>>,
         #[serde(default, rename = "type", borrow)]
         kind: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        object: Option<std::borrow::Cow<'a, str>>,
         /// `null` reads as absent.
         #[serde(default)]
         error: Option<serde::de::IgnoredAny>,
@@ -360,7 +371,11 @@ fn json_follows(body: &[u8], rule: JsonRule) -> bool {
     let Ok(answer) = serde_json::from_slice::<Answer<'_>>(body) else {
         return false;
     };
-    if answer.error.is_some() || answer.kind.as_deref() == Some("error") {
+    if is_error_shape(
+        answer.error.is_some(),
+        answer.object.as_deref(),
+        answer.kind.as_deref(),
+    ) {
         return false;
     }
     match rule {

@@ -87,6 +87,7 @@ pub(crate) fn from_flight(
         follower,
         next: 0,
         ended: false,
+        flushed: false,
     };
     let body = if filter_usage {
         UsageFilter::new(body).boxed_unsync()
@@ -154,6 +155,10 @@ struct FlightBody {
     follower: Follower,
     next: usize,
     ended: bool,
+    /// The flight broke: paused once before failing, so that hyper writes
+    /// out the frames it holds (the leader's error event among them)
+    /// instead of dropping them with the connection.
+    flushed: bool,
 }
 
 impl HttpBody for FlightBody {
@@ -172,6 +177,11 @@ impl HttpBody for FlightBody {
             Poll::Ready(Some(Ok(frame))) => {
                 self.next += 1;
                 Poll::Ready(Some(Ok(Frame::data(frame))))
+            }
+            Poll::Ready(Some(Err(_))) if !self.flushed => {
+                self.flushed = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Ready(Some(Err(_))) => {
                 self.ended = true;

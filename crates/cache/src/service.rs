@@ -228,6 +228,11 @@ where
         let leader = Leader::detached(plan.key);
         return fetch(inner, &shared, &plan, req, leader, CacheStatus::Bypass).await;
     }
+    // One wait for the whole request: a follower whose leader fails
+    // follows the next one, but not for another `max_wait` each time (N
+    // identical requests to a hung upstream would be answered one
+    // `first_byte_timeout` after another).
+    let deadline = tokio::time::Instant::now() + shared.config.max_wait;
     loop {
         match shared.flights.join(plan.key) {
             Joined::Lead(leader) => {
@@ -245,7 +250,7 @@ where
             Joined::Follow(follower) => {
                 Counters::bump(&counters.coalesced);
                 let head = poll_fn(|cx| follower.poll_head(cx));
-                match tokio::time::timeout(shared.config.max_wait, head).await {
+                match tokio::time::timeout_at(deadline, head).await {
                     Ok(Ok(head)) => {
                         let age = head
                             .stored_at_ms

@@ -165,6 +165,29 @@ async fn a_follower_stops_waiting_after_max_wait() {
     assert_eq!(h.stats.snapshot().coalesced, 1);
 }
 
+/// A follower whose leaders fail one after another waits `max_wait` in
+/// all, not `max_wait` for each of them.
+#[tokio::test(start_paused = true)]
+async fn max_wait_bounds_the_whole_wait_across_failed_leaders() {
+    let h = harness(CacheConfig {
+        max_wait: 50 * MS,
+        ..CacheConfig::default()
+    });
+    h.fake.script(&[(Behaviour::Status(500), 45 * MS); 6]);
+    let started = tokio::time::Instant::now();
+    let answers = all((0..4).map(|_| spawn(&h, CHAT, &[])).collect()).await;
+    assert!(
+        started.elapsed() < 120 * MS,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.status == StatusCode::INTERNAL_SERVER_ERROR)
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stream_goes_on_for_followers_when_the_leaders_client_leaves() {
     let h = harness(CacheConfig::default());
