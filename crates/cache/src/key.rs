@@ -147,8 +147,10 @@ impl CacheKey {
     }
 
     /// The key of a request to `endpoint` in `scope` with this JSON body and
-    /// these request headers (only Messages keys read any: `anthropic-beta`
-    /// and `anthropic-version`, each value as sent, in order).
+    /// these request headers: `anthropic-beta` and `anthropic-version`, each
+    /// value as sent, in order (always for Messages; for another endpoint
+    /// when it has one, since translation forwards them to a Messages
+    /// upstream).
     ///
     /// ```
     /// use llm_proxy_cache::{CacheKey, KeyScope};
@@ -191,7 +193,14 @@ impl CacheKey {
                 .update(query.as_bytes());
         }
         scope.hash_into(&mut hasher);
-        if endpoint == Endpoint::Messages {
+        // They reach an Anthropic upstream whatever the client's API (a
+        // translated chat request carries them too): in the key of any
+        // request that has them, and always in a Messages key.
+        if endpoint == Endpoint::Messages
+            || MESSAGES_KEY_HEADERS
+                .iter()
+                .any(|name| headers.contains_key(*name))
+        {
             hash_headers(&mut hasher, headers, MESSAGES_KEY_HEADERS);
         }
         thread_local! {
@@ -516,9 +525,13 @@ mod tests {
         assert_ne!(beta(&[a]), beta(&[b]));
         assert_ne!(beta(&[a, b]), beta(&[("anthropic-beta", "a,b")]));
         assert_eq!(beta(&[("anthropic-beta", " a ")]), beta(&[a]));
-        // Other endpoints do not read them.
+        // Other endpoints read them when present: translated to Messages,
+        // the request carries them upstream.
+        let chat = key(Endpoint::ChatCompletions, &[version, a]);
+        assert_ne!(chat, key(Endpoint::ChatCompletions, &[version, b]));
+        assert_ne!(chat, key(Endpoint::ChatCompletions, &[]));
         assert_eq!(
-            key(Endpoint::ChatCompletions, &[version, a]),
+            key(Endpoint::ChatCompletions, &[("x-other", "1")]),
             key(Endpoint::ChatCompletions, &[])
         );
     }
