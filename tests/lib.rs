@@ -472,6 +472,13 @@ pub async fn sse_upstream(
     .await
 }
 
+/// The port of an upstream that is down: every connection it accepts is
+/// closed at once, unanswered. Unlike a port found free and left unbound, no
+/// other test's server can take it meanwhile.
+pub async fn dead_port() -> u16 {
+    raw_upstream(|conn| async move { drop(conn) }).await.port()
+}
+
 /// An upstream on 127.0.0.1 that hands each connection to `serve`, raw.
 pub async fn raw_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
 where

@@ -598,7 +598,7 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
 #[tokio::test]
 async fn a_fallback_does_not_bypass_the_model_allowlist() {
     let secret = mock_named("secret").await;
-    let dead = free_port();
+    let dead = dead_port().await;
     let toml = format!(
         "[[upstream]]\nname = \"small-up\"\nurl = \"http://127.0.0.1:{dead}/v1\"\nmodels = [\"small\"]\n\
          [[upstream]]\nname = \"secret-up\"\nurl = \"{}\"\nmodels = [\"secret\"]\n\
@@ -625,7 +625,7 @@ async fn a_fallback_does_not_bypass_the_model_allowlist() {
 /// (the request counted).
 #[tokio::test]
 async fn a_502_to_a_limited_key_carries_the_rate_limit_headers() {
-    let dead = free_port();
+    let dead = dead_port().await;
     let toml = format!(
         "{}\n[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\nrequests_per_minute = 10\n",
         one_upstream(&format!("http://127.0.0.1:{dead}/v1"), "")

@@ -225,7 +225,7 @@ async fn body_over_limit_is_refused_without_reading_the_rest() {
 
 #[tokio::test]
 async fn unreachable_upstream_is_502() {
-    let port = free_port();
+    let port = dead_port().await;
     let p = proxy(&one_upstream(&format!("http://127.0.0.1:{port}/v1"), "")).await;
     let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
     answer.assert_error(502, "upstream_error", "bad_gateway");

@@ -468,3 +468,32 @@ async fn a_follower_of_a_broken_stream_gets_the_error_event() {
     }
     assert_eq!(leader.0, follower.0);
 }
+
+/// The upstreams' failures pass through the cache like their answers do:
+/// marked with its verdict (DESIGN: the header is absent only where no
+/// cache layer runs), in the client's dialect.
+#[tokio::test]
+async fn upstream_failures_carry_the_cache_header() {
+    let dead = dead_port().await;
+    let p = proxy(&memory(&format!("http://127.0.0.1:{dead}/v1"))).await;
+    let miss = post_json(&p.url(CHAT_PATH), &chat("m", false)).await;
+    miss.assert_error(502, "upstream_error", "bad_gateway");
+    assert_eq!(miss.header("x-llm-proxy-cache"), Some("miss"));
+    let bypass = post(
+        &p.url(CHAT_PATH),
+        &chat("m", false),
+        &[("cache-control", "no-store")],
+    )
+    .await;
+    assert_eq!(bypass.status, 502);
+    assert_eq!(bypass.header("x-llm-proxy-cache"), Some("bypass"));
+    let messages = post(
+        &p.url("/v1/messages"),
+        r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(messages.status, 502);
+    assert_eq!(messages.json()["type"], "error", "{}", messages.text());
+    assert_eq!(messages.header("x-llm-proxy-cache"), Some("miss"));
+}

@@ -8,8 +8,8 @@ const CHAT_PATH: &str = "/v1/chat/completions";
 
 /// `big` at a port nobody listens on, falling back to `small` on `small_url`,
 /// with the memory cache.
-fn config(small_url: &str) -> String {
-    let dead = free_port();
+async fn config(small_url: &str) -> String {
+    let dead = dead_port().await;
     format!(
         "[[upstream]]\nname = \"big\"\nurl = \"http://127.0.0.1:{dead}/v1\"\nmodels = [\"big\"]\n\
          [[upstream]]\nname = \"small\"\nurl = \"{small_url}\"\nmodels = [\"small\"]\n\
@@ -22,7 +22,7 @@ fn config(small_url: &str) -> String {
 #[tokio::test]
 async fn a_fallback_models_answer_is_not_cached_for_the_primary_model() {
     let small = mock_named("small").await;
-    let p = proxy(&config(&small.base_url())).await;
+    let p = proxy(&config(&small.base_url()).await).await;
     for stream in [false, true] {
         let before = small.stats.requests_for(CHAT_PATH);
         let first = post_json(&p.url(CHAT_PATH), &chat("big", stream)).await;
@@ -60,7 +60,7 @@ async fn a_fallback_answer_is_not_handed_to_a_coalesced_key_that_may_not_use_it(
         ..MockConfig::default()
     })
     .await;
-    let toml = config(&small.base_url()).replace(
+    let toml = config(&small.base_url()).await.replace(
         "[cache]\n",
         "[auth]\n\
          [[auth.keys]]\nname = \"all\"\nkey = \"sk-all\"\nmodels = [\"big\", \"small\"]\n\

@@ -19,7 +19,7 @@ async fn openai_python_sdk_works_against_the_proxy() {
 #[tokio::test]
 async fn anthropic_python_sdk_works_and_gets_its_error_classes() {
     let up = mock_named("m").await;
-    let dead = free_port();
+    let dead = dead_port().await;
     let toml = format!(
         "max_body_bytes = 8000\n\
          [[upstream]]\nname = \"m\"\nurl = \"{}\"\napis = [\"messages\"]\nmodels = [\"claude-ok\", \"claude-other\"]\n\

@@ -292,7 +292,11 @@ async fn store(tee: Tee, frames: Vec<Bytes>, kind: Kind) {
         Some(entry) => {
             let len = entry.body_len() as u64;
             match shared.put(key, entry).await {
-                Ok(()) => {
+                Ok(false) => {
+                    counters.store_ok();
+                    Counters::bump(&counters.not_stored);
+                }
+                Ok(true) => {
                     counters.store_ok();
                     Counters::bump(&counters.stored);
                     counters

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode, header};
 use llm_proxy_core::fallback::ServedByFallback;
-use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, StreamKind, UsageFilter, empty};
+use llm_proxy_core::{Body, Dialect, Endpoint, Error, RequestMeta, StreamKind, UsageFilter, empty};
 use serde_json::{Map, Value};
 use tower::ServiceExt;
 use tower_service::Service;
@@ -53,14 +53,16 @@ impl Shared {
     }
 
     /// [`Store::put`] for the configured TTL; the memory store without its
-    /// boxed future.
-    pub(crate) async fn put(&self, key: CacheKey, entry: Entry) -> Result<(), StoreError> {
+    /// boxed future. `Ok(false)`: the memory store did not keep it (too
+    /// large).
+    pub(crate) async fn put(&self, key: CacheKey, entry: Entry) -> Result<bool, StoreError> {
         match self.store.as_memory() {
-            Some(memory) => {
-                memory.put_now(key, entry, self.config.ttl);
-                Ok(())
-            }
-            None => self.store.put(key, entry, self.config.ttl).await,
+            Some(memory) => Ok(memory.put_now(key, entry, self.config.ttl)),
+            None => self
+                .store
+                .put(key, entry, self.config.ttl)
+                .await
+                .map(|()| true),
         }
     }
 }
@@ -87,6 +89,8 @@ struct Plan {
     /// Shared scope under auth: the requests coalesced on this one may
     /// come from keys with other model allowlists.
     shared_across_keys: bool,
+    /// Whose error shape the client reads.
+    dialect: Dialect,
 }
 
 impl Plan {
@@ -119,6 +123,7 @@ impl Plan {
             wants_usage: include_usage(json) == Some(true),
             shared_across_keys: config.scope == crate::CacheScope::Shared
                 && meta.identity().is_some(),
+            dialect: endpoint.dialect(),
         })
     }
 
@@ -195,14 +200,14 @@ where
         let plan = Plan::of(&req, &self.shared.config).filter(|plan| !plan.control.no_store);
         let Some(plan) = plan else {
             Counters::bump(&self.shared.counters.bypasses);
+            let dialect = req
+                .extensions()
+                .get::<RequestMeta>()
+                .map_or(Dialect::OpenAi, |meta| meta.endpoint().dialect());
             let clone = self.inner.clone();
             let mut ready = std::mem::replace(&mut self.inner, clone);
             let future: BoxFuture = Box::pin(ready.call(req));
-            return Box::pin(async move {
-                let mut response = future.await?;
-                replay::mark(&mut response, CacheStatus::Bypass);
-                Ok(response)
-            });
+            return Box::pin(async move { marked(future.await, dialect, CacheStatus::Bypass) });
         };
         // The cached path may wait (for the store, for a flight) before it
         // calls the inner service, if it calls it at all: it readies a clone
@@ -364,9 +369,7 @@ where
         other => {
             leader.fail();
             Counters::bump(&shared.counters.not_stored);
-            let mut response = other?;
-            replay::mark(&mut response, status);
-            return Ok(response);
+            return marked(other, plan.dialect, status);
         }
     };
     let (parts, body) = response.into_parts();
@@ -420,6 +423,29 @@ fn to_client(
     let mut response = Response::from_parts(parts, body);
     replay::mark(&mut response, status);
     response
+}
+
+/// The inner service's answer, marked with the cache's verdict. The
+/// upstreams' failures (502, 504, 503 when none could be tried) are answered
+/// here, in the client's dialect, so that they carry the cache header like
+/// any answer the cache passed on; other errors (a route the balancer
+/// refused, say) go up as they are, to the layers that answer them.
+fn marked(
+    result: Result<Response<Body>, Error>,
+    dialect: Dialect,
+    status: CacheStatus,
+) -> Result<Response<Body>, Error> {
+    let mut response = match result {
+        Ok(response) => response,
+        Err(
+            e @ (Error::BadGateway { .. }
+            | Error::UpstreamTimeout { .. }
+            | Error::NoUpstreamAvailable(_)),
+        ) => e.into_response_in(dialect),
+        Err(e) => return Err(e),
+    };
+    replay::mark(&mut response, status);
+    Ok(response)
 }
 
 /// Set `stream_options.include_usage = true`; `false` if the body's

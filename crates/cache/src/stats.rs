@@ -71,6 +71,9 @@ pub struct StatsSnapshot {
     pub evictions: u64,
     /// Entries the store dropped because their TTL ran out.
     pub expirations: u64,
+    /// Entries the memory store did not keep: larger than a shard's part of
+    /// `max_bytes` (also counted in `not_stored`).
+    pub too_large: u64,
     /// Entries held now, if the store can tell.
     pub entries: Option<u64>,
     /// Body bytes held now, if the store can tell.
@@ -80,7 +83,7 @@ pub struct StatsSnapshot {
 impl StatsSnapshot {
     /// The event counters by the `event` label of
     /// `llm_proxy_cache_events_total`.
-    pub fn events(&self) -> [(&'static str, u64); 8] {
+    pub fn events(&self) -> [(&'static str, u64); 9] {
         [
             ("hit", self.hits),
             ("miss", self.misses),
@@ -90,6 +93,7 @@ impl StatsSnapshot {
             ("not_stored", self.not_stored),
             ("eviction", self.evictions),
             ("expiration", self.expirations),
+            ("too_large", self.too_large),
         ]
     }
 }
@@ -112,6 +116,7 @@ impl CacheStats {
             store_skipped: load(&c.store_skipped),
             evictions: usage.map_or(0, |u| u.evictions),
             expirations: usage.map_or(0, |u| u.expirations),
+            too_large: usage.map_or(0, |u| u.too_large),
             entries: usage.map(|u| u.entries),
             bytes: usage.map(|u| u.bytes),
         }

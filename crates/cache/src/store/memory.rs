@@ -125,16 +125,24 @@ impl MemoryStore {
     }
 
     /// Keep `entry` under `key` for `ttl`, without the boxed future of
-    /// [`Store::put`]. A `ttl` past what the clock can count (say
-    /// `Duration::MAX`) never expires.
-    pub fn put_now(&self, key: CacheKey, entry: Entry, ttl: Duration) {
+    /// [`Store::put`]; `false` when it is not kept: larger than its shard's
+    /// part of `max_bytes` (counted in [`StoreUsage::too_large`]). A `ttl`
+    /// past what the clock can count (say `Duration::MAX`) never expires.
+    pub fn put_now(&self, key: CacheKey, entry: Entry, ttl: Duration) -> bool {
         let bytes = entry.body_len();
         let expires_at = Instant::now().checked_add(ttl);
         let mut shard = self.shard(&key);
         if bytes > shard.max_bytes || shard.max_entries == 0 {
+            let limit = shard.max_bytes;
             drop(shard);
-            self.too_large.fetch_add(1, Ordering::Relaxed);
-            return;
+            if self.too_large.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    bytes,
+                    limit,
+                    "a cache entry is larger than its shard's part of max_bytes: not kept (raise max_bytes; further ones are counted in llm_proxy_cache_events_total{{event=\"too_large\"}})"
+                );
+            }
+            return false;
         }
         let stored = Stored {
             entry,
@@ -161,6 +169,7 @@ impl MemoryStore {
         }
         drop(shard);
         self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        true
     }
 }
 
@@ -171,7 +180,8 @@ impl Store for MemoryStore {
     }
 
     fn put(&self, key: CacheKey, entry: Entry, ttl: Duration) -> StoreFuture<'_, ()> {
-        self.put_now(key, entry, ttl);
+        // Not kept: counted in the usage, as the trait has no way to say.
+        let _kept = self.put_now(key, entry, ttl);
         Box::pin(std::future::ready(Ok(())))
     }
 

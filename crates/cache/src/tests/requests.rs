@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use tower::ServiceExt;
-
 use super::fake::answer_json;
 use super::*;
 use crate::CacheScope;
@@ -103,12 +101,10 @@ async fn failures_are_not_stored() {
     let h = harness(CacheConfig::default());
     let failed = h.send(chat(CHAT, &[("x-fake", "500")])).await;
     assert_eq!((failed.status.as_u16(), failed.cache()), (500, "miss"));
-    let refused = h
-        .svc
-        .clone()
-        .oneshot(chat(CHAT, &[("x-fake", "error")]))
-        .await;
-    assert_eq!(refused.unwrap_err().code(), "bad_gateway");
+    // The upstream's failure is answered here, marked like an answer.
+    let refused = h.send(chat(CHAT, &[("x-fake", "error")])).await;
+    assert_eq!((refused.status.as_u16(), refused.cache()), (502, "miss"));
+    assert_eq!(refused.json()["error"]["code"], "bad_gateway");
     let invalid = h.send(chat(CHAT, &[("x-fake", "invalid-json")])).await;
     assert_eq!((invalid.status.as_u16(), invalid.cache()), (200, "miss"));
     let broken = h.send(chat(CHAT, &[("x-fake", "break")])).await;
@@ -130,6 +126,20 @@ async fn answers_over_max_entry_bytes_are_not_stored() {
     assert_eq!(first.json(), answer_json(1), "passed on whole");
     assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "miss");
     assert_eq!(h.stats.snapshot().stored, 0);
+}
+
+/// An answer larger than the memory store's shard may hold is not kept,
+/// and says so: `not_stored` and `too_large`, not `store`.
+#[tokio::test]
+async fn an_answer_the_memory_store_cannot_hold_is_counted_as_not_stored() {
+    // One shard of 100 bytes: the ~150-byte answer does not fit.
+    let h = harness_with(CacheConfig::default(), MemoryStore::new(1, 100));
+    let first = h.send(chat(CHAT, &[])).await;
+    assert_eq!(first.json(), answer_json(1), "passed on whole");
+    assert_eq!(h.send(chat(CHAT, &[])).await.cache(), "miss");
+    let stats = h.stats.snapshot();
+    assert_eq!((stats.stored, stats.not_stored, stats.too_large), (0, 2, 2));
+    assert!(stats.events().contains(&("too_large", 2)));
 }
 
 #[tokio::test]
