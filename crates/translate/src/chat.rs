@@ -18,7 +18,7 @@ pub(crate) struct Chunk<'a> {
     pub id: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
     pub model: Option<Cow<'a, str>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::lenient_u64")]
     pub created: Option<u64>,
     #[serde(borrow, default)]
     pub choices: Option<Vec<ChunkChoice<'a>>>,
@@ -94,7 +94,7 @@ pub(crate) struct ToolCallDelta<'a> {
 pub(crate) struct FunctionDelta<'a> {
     #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
     pub name: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
+    #[serde(borrow, default, deserialize_with = "crate::wire::arguments")]
     pub arguments: Option<Cow<'a, str>>,
 }
 

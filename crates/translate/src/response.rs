@@ -169,7 +169,12 @@ pub(crate) fn convert_error(status: StatusCode, body: &[u8], from: Dialect, to: 
         return Bytes::copy_from_slice(body);
     }
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    // `{"error": {…}}` (OpenAI, Anthropic's inner object), or the error
+    // object itself at the top: vLLM's older `{"object": "error", …}`.
+    let error = parsed.as_ref().and_then(|v| {
+        v.get("error")
+            .or_else(|| (v.get("object").and_then(Value::as_str) == Some("error")).then_some(v))
+    });
     let message = error
         .and_then(|e| {
             e.get("message")
@@ -205,6 +210,23 @@ pub(crate) fn convert_error(status: StatusCode, body: &[u8], from: Dialect, to: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vllm_top_level_error_object_is_unwrapped() {
+        let body = br#"{"object":"error","message":"This model's maximum context length is 4096 tokens","type":"BadRequestError","param":null,"code":400}"#;
+        let out = convert_error(
+            StatusCode::BAD_REQUEST,
+            body,
+            Dialect::OpenAi,
+            Dialect::Anthropic,
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "This model's maximum context length is 4096 tokens"
+        );
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
 
     #[test]
     fn openai_error_to_anthropic() {

@@ -23,10 +23,12 @@ pub(crate) const MAX_BLOCKS: usize = 1024;
 pub(crate) const MAX_HELD_BYTES: usize = crate::response::MAX_ANSWER_BYTES;
 
 /// Whether a tool-call delta at the index of a call that has `id` (the
-/// upstream's own when `upstream_id`) is another call: one whose non-empty
-/// id differs. Some servers (Ollama) give every call of a turn index 0,
-/// each with its own id; read by index alone they would merge into one
-/// call with the arguments of both.
+/// upstream's own when `upstream_id`) is another call: one that names a
+/// function under another non-empty id. Some servers (Ollama) give every
+/// call of a turn index 0, each with its own id and name; read by index
+/// alone they would merge into one call with the arguments of both. Others
+/// (LM Studio, mlx) send a new id with every piece of one call's arguments,
+/// without a name: those pieces are the same call.
 pub(crate) fn is_another_call(
     id: &str,
     upstream_id: bool,
@@ -37,6 +39,40 @@ pub(crate) fn is_another_call(
             .id
             .as_deref()
             .is_some_and(|new| !new.is_empty() && new != id)
+        && names_a_function(delta)
+}
+
+fn names_a_function(delta: &crate::chat::ToolCallDelta<'_>) -> bool {
+    delta
+        .function
+        .as_ref()
+        .and_then(|f| f.name.as_deref())
+        .is_some_and(|name| !name.is_empty())
+}
+
+/// The chat `index` of the call a tool-call delta belongs to, among the
+/// calls so far (`(index, id)`, oldest first; `id` empty when the upstream
+/// gave none). Its own `index` when it has one; without (some servers send
+/// none): the call whose id it repeats, else a new call when it names a
+/// function, else the last call (the next piece of its arguments), else a
+/// new one (`next`).
+pub(crate) fn chat_index<'a>(
+    delta: &crate::chat::ToolCallDelta<'_>,
+    mut calls: impl DoubleEndedIterator<Item = (u64, &'a str)> + Clone,
+    next: u64,
+) -> u64 {
+    if let Some(index) = delta.index {
+        return index;
+    }
+    let id = delta.id.as_deref().filter(|id| !id.is_empty());
+    if let Some((index, _)) = id.and_then(|id| calls.clone().rev().find(|(_, known)| *known == id))
+    {
+        return index;
+    }
+    if names_a_function(delta) {
+        return next;
+    }
+    calls.next_back().map_or(next, |(index, _)| index)
 }
 
 /// What happened to one upstream event.

@@ -76,6 +76,49 @@ pub(crate) fn arguments_to_input(arguments: &str) -> Value {
     serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.to_owned()))
 }
 
+/// A chat tool call's `arguments` as its JSON text: the string it should
+/// be, or the JSON of an object or array a server sent instead (llama.cpp
+/// did for a while) rather than losing them; `None` when absent or null.
+pub(crate) fn arguments_text(function: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match function.get("arguments")? {
+        Value::String(s) => Some(std::borrow::Cow::Borrowed(s)),
+        Value::Null => None,
+        other => Some(std::borrow::Cow::Owned(other.to_string())),
+    }
+}
+
+/// Deserialize tool-call `arguments` of a streamed delta: a string, or an
+/// object or array sent in its place (as its JSON text).
+pub(crate) fn arguments<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Arguments<'a> {
+        Text(#[serde(borrow)] Cow<'a, str>),
+        Json(Value),
+    }
+    Ok(match Option::<Arguments<'de>>::deserialize(d)? {
+        None | Some(Arguments::Json(Value::Null)) => None,
+        Some(Arguments::Text(text)) => Some(text),
+        Some(Arguments::Json(json)) => Some(Cow::Owned(json.to_string())),
+    })
+}
+
+/// Deserialize a number the translation does not need exactly (`created`):
+/// a non-negative integer, a float's whole part, anything else none, never
+/// a failed chunk.
+pub(crate) fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let value = Option::<Value>::deserialize(d)?;
+    Ok(value.and_then(|v| {
+        v.as_u64().or_else(|| {
+            v.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+                .map(|f| f as u64)
+        })
+    }))
+}
+
 /// Anthropic's `input` as the JSON text chat's `arguments` are.
 pub(crate) fn input_to_arguments(input: &Value) -> String {
     match input {

@@ -447,7 +447,12 @@ proptest! {
         }
         let expected_text: String = blocks.iter().filter_map(|b| match b { Segment::Text(p) | Segment::Reasoning(p) => Some(p.concat()), _ => None }).collect();
         prop_assert_eq!(text, expected_text);
-        let expected_calls: Vec<(String, String)> = blocks.iter().filter_map(|b| match b { Segment::Tool { name, pieces } => Some((name.clone(), pieces.concat())), _ => None }).collect();
+        // A call without input gets `{}`, as a whole answer's does.
+        let arguments = |pieces: &[String]| match pieces.concat() {
+            joined if joined.is_empty() => "{}".to_owned(),
+            joined => joined,
+        };
+        let expected_calls: Vec<(String, String)> = blocks.iter().filter_map(|b| match b { Segment::Tool { name, pieces } => Some((name.clone(), arguments(pieces))), _ => None }).collect();
         prop_assert_eq!(calls.into_values().collect::<Vec<_>>(), expected_calls);
     }
 }

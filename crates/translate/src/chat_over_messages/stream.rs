@@ -72,8 +72,10 @@ struct UpstreamDelta<'a> {
 enum Block {
     Text,
     Thinking,
-    /// A tool call with this chat `index`.
+    /// A tool call with this chat `index`, no arguments sent yet.
     Tool(u32),
+    /// A tool call whose arguments have begun.
+    ToolArgs(u32),
     /// The forced `response_format` tool: its input is the content.
     Json,
     Other,
@@ -140,6 +142,7 @@ impl MessagesToChat {
                 return self.block_start(up.index, up.content_block.as_ref(), out);
             }
             "content_block_delta" => self.block_delta(up.index, up.delta.as_ref(), out),
+            "content_block_stop" => self.block_stop(up.index, out),
             "message_delta" => {
                 self.count(up.usage.as_ref());
                 let reason = up.delta.as_ref().and_then(|d| d.stop_reason.as_deref());
@@ -152,7 +155,7 @@ impl MessagesToChat {
                 let error = up.error.as_ref().unwrap_or(&Value::Null);
                 return Step::Fail(error_message(error));
             }
-            // ping, content_block_stop, and events this translation does not know
+            // ping, and events this translation does not know
             _ => {}
         }
         Step::Continue
@@ -289,21 +292,13 @@ impl MessagesToChat {
             (Some("text_delta"), _) => d.content = delta.text.as_deref(),
             (Some("thinking_delta"), _) => d.reasoning_content = delta.thinking.as_deref(),
             (Some("input_json_delta"), Block::Json) => d.content = delta.partial_json.as_deref(),
-            (Some("input_json_delta"), Block::Tool(call)) => {
+            (Some("input_json_delta"), Block::Tool(call) | Block::ToolArgs(call)) => {
                 let arguments = delta.partial_json.as_deref().unwrap_or("");
                 if arguments.is_empty() {
                     return;
                 }
-                let call = OutToolCall {
-                    index: call,
-                    id: None,
-                    kind: None,
-                    function: OutFunction {
-                        name: None,
-                        arguments,
-                    },
-                };
-                d.tool_calls = Some([call]);
+                self.set_block(index, Block::ToolArgs(call));
+                d.tool_calls = Some([arguments_delta(call, arguments)]);
             }
             // signature and citation deltas have no chat form
             _ => return,
@@ -313,6 +308,33 @@ impl MessagesToChat {
             && d.tool_calls.is_none();
         if !empty {
             self.write(out, d, None);
+        }
+    }
+
+    /// The end of a block: a tool call that got no arguments (a tool
+    /// without input: Anthropic streams `{}` in its start and an empty
+    /// delta) gets `{}`, as a whole answer's has and as OpenAI sends: a
+    /// client parses `arguments` as JSON, and `""` is not.
+    fn block_stop(&mut self, index: Option<u64>, out: &mut Vec<u8>) {
+        let block = index
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.blocks.get(i).copied());
+        if let Some(Block::Tool(call)) = block {
+            self.set_block(index, Block::ToolArgs(call));
+            let d = OutDelta {
+                tool_calls: Some([arguments_delta(call, "{}")]),
+                ..OutDelta::default()
+            };
+            self.write(out, d, None);
+        }
+    }
+
+    fn set_block(&mut self, index: Option<u64>, block: Block) {
+        if let Some(slot) = index
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.blocks.get_mut(i))
+        {
+            *slot = block;
         }
     }
 
@@ -364,6 +386,19 @@ impl MessagesToChat {
             usage: None,
         };
         write_data(out, &chunk);
+    }
+}
+
+/// A chat tool-call delta carrying a piece of `call`'s arguments.
+fn arguments_delta(call: u32, arguments: &str) -> OutToolCall<'_> {
+    OutToolCall {
+        index: call,
+        id: None,
+        kind: None,
+        function: OutFunction {
+            name: None,
+            arguments,
+        },
     }
 }
 

@@ -36,7 +36,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
             "type": "tool_use",
             "id": id,
             "name": str_of(function, "name").unwrap_or_default(),
-            "input": arguments_to_input(str_of(function, "arguments").unwrap_or_default()),
+            "input": arguments_to_input(&crate::wire::arguments_text(function).unwrap_or_default()),
         }));
     }
     let had_calls = calls.is_some_and(|c| !c.is_empty());
@@ -124,6 +124,15 @@ mod tests {
             "usage": {"prompt_tokens": 0, "completion_tokens": 0}});
         let out = response(&chat, &Context::default()).unwrap();
         assert_eq!(out["usage"], json!({"input_tokens": 0, "output_tokens": 0}));
+    }
+
+    #[test]
+    fn arguments_sent_as_an_object_are_the_input() {
+        let chat = json!({"choices": [{"finish_reason": "tool_calls", "message": {
+            "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "f", "arguments": {"city": "Paris"}}}]}}]});
+        let out = response(&chat, &Context::default()).unwrap();
+        assert_eq!(out["content"][0]["input"], json!({"city": "Paris"}));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use serde_json::json;
 
 use super::{Context, stop_reason, tool_use_id};
 use crate::chat::{Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, is_another_call};
+use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call};
 use crate::wire::{restyle_id, write_event};
 
 /// The state of one translated stream.
@@ -222,12 +222,11 @@ impl ChatToMessages {
     }
 
     fn tool_delta(&mut self, call: &ToolCallDelta<'_>, out: &mut Vec<u8>) -> Step {
-        let chat_index = call
-            .index
-            .unwrap_or_else(|| match (&call.id, self.tools.last()) {
-                (None, Some(last)) => last.chat_index,
-                _ => self.tools.len() as u64,
-            });
+        let chat_index = chat_index(
+            call,
+            self.tools.iter().map(|t| (t.chat_index, t.id.as_str())),
+            self.tools.len() as u64,
+        );
         // The newest call at that index; a delta naming another id there
         // is a new call (Ollama numbers every call of a turn 0).
         let found = self

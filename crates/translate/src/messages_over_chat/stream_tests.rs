@@ -412,3 +412,90 @@ fn nameless_arguments_are_bounded_in_total() {
     });
     assert!(failed, "36 MiB of nameless arguments held over three calls");
 }
+
+/// The tool_use blocks of a translated stream: (id, name, input JSON text).
+fn tool_blocks(out: &[(Option<String>, Value)]) -> Vec<(String, String, String)> {
+    let mut blocks: Vec<(String, String, String)> = Vec::new();
+    for (name, v) in out {
+        match name.as_deref() {
+            Some("content_block_start") if v["content_block"]["type"] == "tool_use" => {
+                let b = &v["content_block"];
+                blocks.push((
+                    b["id"].as_str().unwrap_or_default().to_owned(),
+                    b["name"].as_str().unwrap_or_default().to_owned(),
+                    String::new(),
+                ));
+            }
+            Some("content_block_delta") => {
+                if let (Some(part), Some(last)) =
+                    (v["delta"]["partial_json"].as_str(), blocks.last_mut())
+                {
+                    last.2.push_str(part);
+                }
+            }
+            _ => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn a_new_id_without_a_name_is_more_of_the_same_call() {
+    // LM Studio, mlx: every argument piece under a fresh id, no name.
+    let piece = |index: Option<u64>, id: &str, name: Option<&str>, args: &str| {
+        let mut call = json!({"id": id, "type": "function", "function": {"arguments": args}});
+        if let Some(index) = index {
+            call["index"] = json!(index);
+        }
+        if let Some(name) = name {
+            call["function"]["name"] = json!(name);
+        }
+        chunk(json!({"tool_calls": [call]}), None)
+    };
+    for index in [Some(0), None] {
+        let chunks = [
+            piece(index, "call_A", Some("get_weather"), ""),
+            piece(index, "call_B", None, r#"{"city":"#),
+            piece(index, "call_C", None, r#""Paris"}"#),
+            // Without an index, an id seen before is its call again.
+            piece(index, "call_A", None, ""),
+            chunk(json!({}), Some("tool_calls")),
+            "[DONE]".to_owned(),
+        ];
+        let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let (out, steps) = run(Context::default(), &refs);
+        assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+        assert_eq!(
+            tool_blocks(&out),
+            [(
+                "call_A".to_owned(),
+                "get_weather".to_owned(),
+                r#"{"city":"Paris"}"#.to_owned()
+            )],
+            "index {index:?}"
+        );
+    }
+}
+
+#[test]
+fn arguments_sent_as_an_object_are_kept_and_odd_fields_do_not_fail() {
+    let chunks = [
+        json!({"id": "c", "created": 1712345678.25, "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}}]})
+        .to_string(),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(Context::default(), &refs);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    assert_eq!(
+        tool_blocks(&out),
+        [(
+            "call_1".to_owned(),
+            "get_weather".to_owned(),
+            r#"{"city":"Paris"}"#.to_owned()
+        )]
+    );
+}

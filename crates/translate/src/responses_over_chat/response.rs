@@ -56,7 +56,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
             "id": item_id("fc", bare, index),
             "call_id": call_id(str_of(call, "id"), index),
             "name": str_of(function, "name").unwrap_or_default(),
-            "arguments": str_of(function, "arguments").unwrap_or("{}"),
+            "arguments": crate::wire::arguments_text(function).unwrap_or("{}".into()),
             "status": "completed",
         }));
     }
@@ -110,6 +110,22 @@ mod tests {
             // What the auth layer reads: no usage, so the reservation stands.
             assert_eq!(llm_proxy_core::usage::from_value(&out), None, "{usage:?}");
         }
+    }
+
+    #[test]
+    fn arguments_sent_as_an_object_are_kept() {
+        let chat = json!({"choices": [{"finish_reason": "tool_calls", "message": {
+            "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "f", "arguments": {"city": "Paris"}}}]}}]});
+        let out = response(&chat, &Context::default()).unwrap();
+        let call = out["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["type"] == "function_call")
+            .unwrap()
+            .clone();
+        assert_eq!(call["arguments"], r#"{"city":"Paris"}"#);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::items::{Call, Events, Item, Message};
 use super::response::item_id;
 use super::{Context, State, call_id, response_object, status, usage_json};
 use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, is_another_call};
+use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call};
 use crate::wire::{now_secs, restyle_id};
 
 /// The state of one translated stream.
@@ -188,14 +188,11 @@ impl ChatToResponses {
     /// The output index of the call this delta belongs to, opening a new
     /// call item when it is the first piece of a call.
     fn call_index(&mut self, call: &ToolCallDelta<'_>, out: &mut Vec<u8>) -> Result<usize, String> {
-        let last_call = self.items.iter().rev().find_map(|i| match i {
-            Item::Call(c) => Some(c.chat_index),
+        let calls = self.items.iter().filter_map(|i| match i {
+            Item::Call(c) => Some((c.chat_index, c.call_id.as_str())),
             Item::Message(_) => None,
         });
-        let chat_index = call.index.unwrap_or(match (&call.id, last_call) {
-            (None, Some(last)) => last,
-            _ => self.items.len() as u64,
-        });
+        let chat_index = chat_index(call, calls, self.items.len() as u64);
         // The newest call at that index; a delta naming another id there
         // is a new call (Ollama numbers every call of a turn 0).
         let found = self

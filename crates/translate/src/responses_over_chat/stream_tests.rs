@@ -258,3 +258,54 @@ fn the_output_a_stream_holds_is_bounded() {
     }
     assert!(failed, "40 MiB of text held for response.completed");
 }
+
+#[test]
+fn a_new_id_without_a_name_is_more_of_the_same_call() {
+    // LM Studio, mlx: every argument piece under a fresh id, no name.
+    let piece = |index: Option<u64>, id: &str, name: Option<&str>, args: &str| {
+        let mut call = json!({"id": id, "type": "function", "function": {"arguments": args}});
+        if let Some(index) = index {
+            call["index"] = json!(index);
+        }
+        if let Some(name) = name {
+            call["function"]["name"] = json!(name);
+        }
+        chunk(json!({"tool_calls": [call]}), None)
+    };
+    for index in [Some(0), None] {
+        let chunks = [
+            piece(index, "call_A", Some("get_weather"), ""),
+            piece(index, "call_B", None, r#"{"city":"#),
+            piece(index, "call_C", None, r#""Paris"}"#),
+            piece(index, "call_A", None, ""),
+            chunk(json!({}), Some("tool_calls")),
+            "[DONE]".to_owned(),
+        ];
+        let (out, steps) = run(Context::default(), &chunks);
+        assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+        let (_, done) = out.last().unwrap();
+        let output = done["response"]["output"].as_array().unwrap();
+        assert_eq!(output.len(), 1, "index {index:?}: {output:?}");
+        assert_eq!(output[0]["call_id"], "call_A");
+        assert_eq!(output[0]["name"], "get_weather");
+        assert_eq!(output[0]["arguments"], r#"{"city":"Paris"}"#);
+    }
+}
+
+#[test]
+fn arguments_sent_as_an_object_are_kept() {
+    let chunks = [
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
+            None,
+        ),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let (out, steps) = run(Context::default(), &chunks);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    let (_, done) = out.last().unwrap();
+    let output = done["response"]["output"].as_array().unwrap();
+    assert_eq!(output[0]["arguments"], r#"{"city":"Paris"}"#);
+}
