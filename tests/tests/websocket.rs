@@ -493,28 +493,60 @@ async fn a_client_that_vanishes_closes_the_upstream_side() {
     eventually("the upstream session ends", || up.stats.in_flight() == 0).await;
 }
 
+/// A drain lets the turn under way end, then closes the session with 1001
+/// (Codex reconnects for its next turn), and closes an idle one at once:
+/// neither holds the shutdown for `drain_timeout`.
 #[tokio::test]
-async fn a_drain_lets_an_open_tunnel_finish() {
-    let up = mock_named("m").await;
+async fn a_drain_ends_sessions_once_their_turn_is_done() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let up = mock(MockConfig {
+        name: "m".into(),
+        tokens_per_second: Some(50.0),
+        ..MockConfig::default()
+    })
+    .await;
     let mut p = proxy(&format!(
         "drain_timeout_secs = 60\n{}",
         ws_upstream("up", &up.base_url(), "")
     ))
     .await;
-    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    let (mut idle, _) = connect(p.addr, &[]).await.unwrap();
+    let (mut busy, _) = connect(p.addr, &[]).await.unwrap();
+    busy.send(Message::text(
+        r#"{"type":"response.create","model":"m","input":"x"}"#,
+    ))
+    .await
+    .unwrap();
+    // The turn has begun.
+    let first = tokio::time::timeout(HANG, busy.next()).await.unwrap();
+    assert!(matches!(first, Some(Ok(Message::Text(_)))), "{first:?}");
+    let started = tokio::time::Instant::now();
     p.begin_shutdown();
-    // Draining: new connections are refused, the tunnel still works.
-    eventually("the listener closes", || {
-        std::net::TcpStream::connect(p.addr).is_err()
-    })
-    .await;
-    let events = turn(&mut socket, serde_json::json!({"model": "m", "input": "x"})).await;
-    assert_eq!(events.last().unwrap()["type"], "response.completed");
-    assert!(p.is_serving(), "the drain waits for the tunnel");
-    socket.close(None).await.unwrap();
-    assert!(ends(&mut socket).await);
-    drop(socket);
+    let away = |frame: Option<Result<Message, _>>| match frame {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::Away);
+            assert_eq!(frame.reason.as_str(), "shutting down");
+        }
+        other => panic!("expected a 1001 close, got {other:?}"),
+    };
+    away(tokio::time::timeout(HANG, idle.next()).await.unwrap());
+    // The busy session gets the rest of its turn, then the close.
+    let mut last = None;
+    loop {
+        match tokio::time::timeout(HANG, busy.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                last = Some(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+            }
+            close => {
+                away(close);
+                break;
+            }
+        }
+    }
+    assert_eq!(last.unwrap()["type"], "response.completed");
+    drop((idle, busy));
     p.stop().await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
 
 #[tokio::test]

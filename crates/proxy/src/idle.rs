@@ -52,6 +52,9 @@ pub(crate) struct Activity {
     /// What the connection becomes once hyper hands it over after a `101`
     /// (`crate::websocket`); run by the connection's task.
     tunnel: Mutex<Option<Tunnel>>,
+    /// The server's drain began: a tunnel ends its session.
+    draining: AtomicBool,
+    drain: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Activity {
@@ -72,7 +75,26 @@ impl Activity {
             body_polls: AtomicU64::new(0),
             unsent: AtomicUsize::new(0),
             tunnel: Mutex::new(None),
+            draining: AtomicBool::new(false),
+            drain: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The server's drain began: tell the connection's tunnel.
+    pub(crate) fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain.notify_waiters();
+    }
+
+    /// Resolves once the server's drain has begun.
+    pub(crate) async fn draining(&self) {
+        let notified = self.drain.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        if self.draining.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
     }
 
     /// Run `tunnel` on the connection's task once its HTTP life is over.

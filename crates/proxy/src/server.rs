@@ -555,11 +555,14 @@ fn serve_connection<S>(
     tokio::spawn(async move {
         let mut conn = std::pin::pin!(conn);
         let mut closing = false;
+        let mut drained = false;
         let ended = loop {
             tokio::select! {
                 ended = conn.as_mut() => break ended,
                 _ = stop.changed(), if !closing => {
                     closing = true;
+                    drained = true;
+                    activity.drain();
                     conn.as_mut().graceful_shutdown();
                 }
                 () = activity.idle(idle_timeout), if !closing => {
@@ -577,9 +580,21 @@ fn serve_connection<S>(
             tracing::debug!(error = %e, "connection ended with an error");
         }
         // Switched protocols: the connection lives on as a tunnel, still
-        // holding its permit, and a drain still waits for it.
-        if let Some(tunnel) = activity.take_tunnel() {
-            tunnel.await;
+        // holding its permit, and a drain still waits for it. It is told
+        // when the drain begins, to end its session (a WebSocket closes
+        // with 1001 once no turn is open).
+        if let Some(mut tunnel) = activity.take_tunnel() {
+            if drained {
+                tunnel.await;
+            } else {
+                tokio::select! {
+                    () = &mut tunnel => {}
+                    _ = stop.changed() => {
+                        activity.drain();
+                        tunnel.await;
+                    }
+                }
+            }
         }
         drop((permit, load, stop));
     });

@@ -297,6 +297,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
             between_turns: upstream.between_turns,
         },
         ctx.sockets.max_message_bytes,
+        ctx.conn.cloned(),
     );
     match ctx.conn {
         Some(conn) => conn.hold(Box::pin(run)),
@@ -726,14 +727,16 @@ fn error_message(e: &Error) -> Message {
 }
 
 /// Relay the session's messages between the client's connection, once
-/// hyper hands it over, and the upstream's, until either side closes or
-/// neither sends a message for `idle`.
+/// hyper hands it over, and the upstream's, until either side closes,
+/// neither sends a message for `idle`, or the server drains (`conn`'s
+/// drain: the session is closed once no turn is open).
 async fn relay(
     client: OnUpgrade,
     upstream: TokioIo<Upgraded>,
     session: Session,
     silence: Silence,
     max_message_bytes: usize,
+    conn: Option<Arc<Activity>>,
 ) {
     let client = match client.await {
         Ok(client) => TokioIo::new(client),
@@ -760,7 +763,7 @@ async fn relay(
         bytes: Arc::new(Semaphore::new(CLIENT_QUEUE_BYTES)),
     };
     let clock = Clock::new();
-    let closing = Notify::new();
+    let closing = Closing::default();
 
     let talk = async {
         let up = pin!(pump_up(
@@ -790,15 +793,53 @@ async fn relay(
             silence.between_turns
         }
     };
-    tokio::select! {
-        _ = &mut all => {}
+    // The server drains: the turn under way (if any) ends as it would,
+    // then the session is closed as a silent one is.
+    let drained = async {
+        match &conn {
+            Some(conn) => conn.draining().await,
+            None => std::future::pending().await,
+        }
+        while session.open_turns.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    };
+    let reason = tokio::select! {
+        _ = &mut all => return,
         () = clock.silent_for(bound, silence.in_turn.min(silence.between_turns)) => {
             tracing::debug!("closing a silent WebSocket session");
-            // Both sides are told (1001, going away), so a client marks
-            // its socket closed before it sends the next turn on it.
-            closing.notify_one();
-            let _ = tokio::time::timeout(CLOSE_GRACE, all).await;
+            "idle"
         }
+        () = drained => {
+            tracing::debug!("closing a WebSocket session: the server is shutting down");
+            "shutting down"
+        }
+    };
+    // Both sides are told (1001, going away), so a client marks its socket
+    // closed before it sends the next turn on it.
+    closing.close(reason);
+    let _ = tokio::time::timeout(CLOSE_GRACE, all).await;
+}
+
+/// How often a drained session looks whether its open turn has ended.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Tells the client pump to close both sides with 1001, and why.
+#[derive(Default)]
+struct Closing {
+    notify: Notify,
+    reason: std::sync::OnceLock<&'static str>,
+}
+
+impl Closing {
+    fn close(&self, reason: &'static str) {
+        let _ = self.reason.set(reason);
+        self.notify.notify_one();
+    }
+
+    async fn closed(&self) -> &'static str {
+        self.notify.notified().await;
+        self.reason.get().copied().unwrap_or("going away")
     }
 }
 
@@ -855,16 +896,16 @@ async fn pump_up(
     mut upstream: UpstreamTx,
     to_client: ClientQueue,
     clock: &Clock,
-    closing: &Notify,
+    closing: &Closing,
 ) {
     loop {
         let message = tokio::select! {
             message = client.next() => message,
-            () = closing.notified() => {
+            reason = closing.closed() => {
                 let away = || {
                     Message::Close(Some(CloseFrame {
                         code: CloseCode::Away,
-                        reason: "idle".into(),
+                        reason: reason.into(),
                     }))
                 };
                 to_client.send(away()).await;
