@@ -808,6 +808,10 @@ where
                     continue;
                 };
                 for reply in answer(&value) {
+                    // Gone without a close, as a crashed server.
+                    if reply == DROP {
+                        return;
+                    }
                     if ws.send(Message::text(reply)).await.is_err() {
                         return;
                     }
@@ -817,6 +821,9 @@ where
     })
     .await
 }
+
+/// A scripted reply that drops the upstream's connection, unclosed.
+const DROP: &str = "\0drop";
 
 fn created(id: &str) -> String {
     serde_json::json!({"type": "response.created", "response": {"id": id, "status": "in_progress"}})
@@ -1482,4 +1489,37 @@ async fn a_message_is_held_in_the_body_budget_while_it_is_checked() {
     // The session goes on, and the budget is whole again.
     let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
     assert_eq!(events.last().unwrap()["type"], "response.completed");
+}
+
+/// An upstream that breaks off mid-turn is no clean end: the client gets the
+/// `stream_interrupted` error, then a 1011 close.
+#[tokio::test]
+async fn an_upstream_that_breaks_mid_turn_is_an_error_and_1011() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let broken =
+        scripted(|| |_: &serde_json::Value| vec![created("resp_1"), DROP.to_owned()]).await;
+    let p = proxy(&ws_upstream("up", &format!("http://{broken}/v1"), "")).await;
+    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    socket
+        .send(Message::text(
+            r#"{"type":"response.create","model":"m","input":"x"}"#,
+        ))
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    let close = loop {
+        match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                texts.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert_eq!(texts[1]["type"], "error");
+    assert_eq!(texts[1]["error"]["code"], "stream_interrupted");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Error),
+        other => panic!("expected a 1011 close, got {other:?}"),
+    }
 }

@@ -990,11 +990,13 @@ async fn pump_down(
     clock: &Clock,
 ) {
     let mut client_gone = false;
+    let mut broke = None;
     while let Some(message) = upstream.next().await {
         let message = match message {
             Ok(message) => message,
             Err(e) => {
                 tracing::debug!(error = %e, "WebSocket upstream message unreadable");
+                broke = Some(e);
                 break;
             }
         };
@@ -1015,10 +1017,42 @@ async fn pump_down(
             client_gone = true;
         }
     }
-    // The upstream went without a close: tell the client.
+    // The upstream went without a close (it broke, or sent what cannot be
+    // read): never a clean-looking end. A turn under way gets the error
+    // event an interrupted HTTP stream ends with, then the close says 1011.
     if !client_gone {
-        to_client.send(Message::Close(None)).await;
+        if session.open_turns.load(Ordering::Relaxed) > 0 {
+            let reason = match &broke {
+                Some(e) => format!("the upstream's WebSocket failed: {e}"),
+                None => "the upstream's WebSocket closed without a close frame".to_owned(),
+            };
+            to_client
+                .send(interrupted(&session.upstream, &reason))
+                .await;
+        }
+        to_client
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Error,
+                reason: "upstream connection lost".into(),
+            })))
+            .await;
     }
+}
+
+/// The `error` message for a turn the upstream broke off: as an
+/// interrupted Responses stream's, code `stream_interrupted`.
+fn interrupted(upstream: &str, reason: &str) -> Message {
+    let value = serde_json::json!({
+        "type": "error",
+        "status": 502,
+        "error": {
+            "type": "upstream_error",
+            "code": "stream_interrupted",
+            "message": format!("upstream `{upstream}`: {reason}"),
+            "param": null,
+        },
+    });
+    Message::text(value.to_string())
 }
 
 /// Send the queued messages to the client, then close its side (which also
