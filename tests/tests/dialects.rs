@@ -346,6 +346,15 @@ async fn a_response_id_is_only_found_by_the_key_that_created_it() {
         ))
         .await;
         deleted.assert_error(404, "not_found_error", "response_not_found");
+        // Any path under the id names it, not only those the proxy knows.
+        let other = send(request(
+            Method::GET,
+            &p.url(&format!("/v1/responses/{id}/tool_outputs")),
+            &[b],
+            "",
+        ))
+        .await;
+        other.assert_error(404, "not_found_error", "response_not_found");
     }
     assert_eq!(
         by_id(&first, a).await.status,

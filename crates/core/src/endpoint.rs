@@ -262,14 +262,16 @@ fn percent_decode(path: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The response id of `/v1/responses/{id}`, `/v1/responses/{id}/cancel` and
-/// `/v1/responses/{id}/input_items`.
+/// The response id of `/v1/responses/{id}` and of every path under it
+/// (`/cancel`, `/input_items`, and any other an upstream may serve): a path
+/// that names a response is pinned to its upstream and checked against its
+/// owner, whatever follows the id (failing closed, as conversation paths
+/// do).
 pub fn response_id(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/v1/responses/")?.trim_end_matches('/');
     let id = match rest.split_once('/') {
         None => rest,
-        Some((id, "cancel" | "input_items")) => id,
-        Some(_) => return None,
+        Some((id, _)) => id,
     };
     let reserved = matches!(id, "compact" | "input_tokens");
     (!id.is_empty() && !reserved).then_some(id)
@@ -392,10 +394,13 @@ mod tests {
             Endpoint::from_path("/v1/responses/resp_1/cancel"),
             Some(Endpoint::ResponseById)
         );
+        // Any path under a response id names it: pinned and owner-checked.
         assert_eq!(
             Endpoint::from_path("/v1/responses/resp_1/other"),
-            Some(Endpoint::Passthrough)
+            Some(Endpoint::ResponseById)
         );
+        assert_eq!(response_id("/v1/responses/resp_1/x/y"), Some("resp_1"));
+        assert_eq!(response_id("/v1/responses/compact/x"), None);
         assert_eq!(
             Endpoint::from_path("/v1/messages/count_tokens"),
             Some(Endpoint::MessagesCountTokens)
