@@ -217,7 +217,7 @@ where
     let now = shared.epoch.now();
     match verdict {
         // The failure count is reset by the body's clean end (FirstFrame).
-        Verdict::Success => state.update_health(|h| h.on_answered(now)),
+        Verdict::Success => state.answered(now),
         Verdict::Failure => state.record_failure(now, start.elapsed()),
         Verdict::Throttled(ns) => state.rest(now, ns),
         Verdict::Pass | Verdict::Fatal => {}

@@ -35,7 +35,7 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for FirstFrame<B> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(watch) = this.project().watch.take() {
-                watch.state.update_health(|h| h.on_clean_end());
+                watch.state.clean_end();
             }
         }
     }

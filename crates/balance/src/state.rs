@@ -3,7 +3,7 @@
 //! in-flight guards inside response bodies and the health checker; it
 //! outlives the backend's removal for as long as a guard holds it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub(crate) struct BackendState {
     /// Unavailable until this time (ns since the epoch); `u64::MAX` = until
     /// the next success. Written under `health`, read without a lock.
     down_until: AtomicU64,
+    /// Whether the failure count is above zero. Written under `health`,
+    /// read without a lock: a clean end has nothing to reset otherwise.
+    failing: AtomicBool,
     health: Mutex<Health>,
     ejections: AtomicU64,
     /// The balancer's policy and its ejection count, for failures recorded
@@ -63,6 +66,7 @@ impl BackendState {
             name,
             in_flight: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
             health: Mutex::new(Health::default()),
             ejections: AtomicU64::new(0),
             policy,
@@ -125,7 +129,25 @@ impl BackendState {
         let out = f(&mut health);
         self.down_until
             .store(health.down_until(), Ordering::Relaxed);
+        self.failing.store(health.failures > 0, Ordering::Relaxed);
         out
+    }
+
+    /// An answer's head below 400 at `now` ([`Health::on_answered`]). The
+    /// usual case, a backend neither resting nor marked down, changes
+    /// nothing and takes no lock.
+    pub(crate) fn answered(&self, now: u64) {
+        if self.down_until.load(Ordering::Relaxed) > now {
+            self.update_health(|h| h.on_answered(now));
+        }
+    }
+
+    /// An answered body ended without breaking ([`Health::on_clean_end`]);
+    /// no lock unless there are failures to forget.
+    pub(crate) fn clean_end(&self) {
+        if self.failing.load(Ordering::Relaxed) {
+            self.update_health(Health::on_clean_end);
+        }
     }
 
     /// A failure at `now`, after `elapsed`: in the latency estimate, and
