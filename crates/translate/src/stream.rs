@@ -50,6 +50,16 @@ fn names_a_function(delta: &crate::chat::ToolCallDelta<'_>) -> bool {
         .is_some_and(|name| !name.is_empty())
 }
 
+/// Add a piece of a tool's name to what came of it: some servers (Gemini's
+/// OpenAI-compatible API) split a name across deltas, others (MiniMax)
+/// repeat the whole name in every delta; a piece equal to the name so far
+/// is such a repeat.
+pub(crate) fn join_name(name: &mut String, piece: &str) {
+    if *name != piece {
+        name.push_str(piece);
+    }
+}
+
 /// The chat `index` of the call a tool-call delta belongs to, among the
 /// calls so far (`(index, id)`, oldest first; `id` empty when the upstream
 /// gave none). Its own `index` when it has one; without (some servers send

@@ -27,7 +27,7 @@ use serde_json::json;
 
 use super::{Context, stop_reason, tool_use_id};
 use crate::chat::{Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call};
+use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name};
 use crate::wire::{restyle_id, write_event};
 
 /// The state of one translated stream.
@@ -205,6 +205,7 @@ impl ChatToMessages {
             }
             _ => {}
         }
+        self.start_named(out);
         self.close(out);
         let index = self.take_index();
         let block = match kind {
@@ -250,6 +251,7 @@ impl ChatToMessages {
                 ));
             }
             None => {
+                self.start_named(out);
                 self.tools.push(Tool {
                     chat_index,
                     id: String::new(),
@@ -285,7 +287,7 @@ impl ChatToMessages {
             }
             None => {
                 if let Some(name) = function.and_then(|f| f.name.as_deref()) {
-                    tool.name.push_str(name);
+                    join_name(&mut tool.name, name);
                 }
                 tool.pending.push_str(arguments);
                 self.pending_bytes += arguments.len();
@@ -294,12 +296,25 @@ impl ChatToMessages {
                         "the upstream sent over {MAX_HELD_BYTES} bytes of tool arguments before the tool's name"
                     ));
                 }
-                if !tool.name.is_empty() {
+                // The block starts with its name, which may still be coming
+                // in pieces until the arguments begin (or another block, or
+                // the end: `start_named`).
+                if !tool.name.is_empty() && !tool.pending.is_empty() {
                     self.start_tool(pos, out);
                 }
             }
         }
         Step::Continue
+    }
+
+    /// Start the tool calls that have their name but no block yet (their
+    /// arguments have not begun): another block comes.
+    fn start_named(&mut self, out: &mut Vec<u8>) {
+        for pos in 0..self.tools.len() {
+            if self.tools[pos].block.is_none() && !self.tools[pos].name.is_empty() {
+                self.start_tool(pos, out);
+            }
+        }
     }
 
     fn start_tool(&mut self, pos: usize, out: &mut Vec<u8>) {

@@ -129,8 +129,10 @@ fn name_after_arguments_and_interleaving() {
             json!({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ":1}"}}]}),
             None,
         ),
+        // A call starts with its first arguments (its name may come in
+        // pieces until then).
         chunk(
-            json!({"tool_calls": [{"index": 1, "id": "c2", "function": {"name": "g", "arguments": ""}}]}),
+            json!({"tool_calls": [{"index": 1, "id": "c2", "function": {"name": "g", "arguments": "{}"}}]}),
             None,
         ),
         chunk(
@@ -498,4 +500,43 @@ fn arguments_sent_as_an_object_are_kept_and_odd_fields_do_not_fail() {
             r#"{"city":"Paris"}"#.to_owned()
         )]
     );
+}
+
+#[test]
+fn a_name_in_pieces_or_repeated_is_one_name() {
+    let piece = |name: &str, args: &str| {
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": name, "arguments": args}}]}),
+            None,
+        )
+    };
+    // Gemini splits it; MiniMax repeats it whole with every piece.
+    for chunks in [
+        [
+            piece("get_", ""),
+            piece("weather", ""),
+            piece("", r#"{"a":1}"#),
+        ],
+        [
+            piece("get_weather", ""),
+            piece("get_weather", r#"{"a":"#),
+            piece("get_weather", "1}"),
+        ],
+    ] {
+        let mut all = chunks.to_vec();
+        all.push(chunk(json!({}), Some("tool_calls")));
+        all.push("[DONE]".to_owned());
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let (out, steps) = run(Context::default(), &refs);
+        assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+        assert_eq!(
+            tool_blocks(&out),
+            [(
+                "call_1".to_owned(),
+                "get_weather".to_owned(),
+                r#"{"a":1}"#.to_owned()
+            )]
+        );
+    }
 }

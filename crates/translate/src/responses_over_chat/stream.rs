@@ -18,7 +18,7 @@ use super::items::{Call, Events, Item, Message};
 use super::response::item_id;
 use super::{Context, State, call_id, response_object, status, usage_json};
 use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call};
+use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name};
 use crate::wire::{now_secs, restyle_id};
 
 /// The state of one translated stream.
@@ -252,9 +252,11 @@ impl ChatToResponses {
             return;
         }
         if let Some(name) = function.and_then(|f| f.name.as_deref()) {
-            call.name.push_str(name);
+            join_name(&mut call.name, name);
         }
-        if !call.name.is_empty() {
+        // Announced with its name, which may still be coming in pieces until
+        // the arguments begin (or another item, or the end: `close`).
+        if !call.name.is_empty() && !call.arguments.is_empty() {
             self.announce(index, out);
         }
     }

@@ -309,3 +309,43 @@ fn arguments_sent_as_an_object_are_kept() {
     let output = done["response"]["output"].as_array().unwrap();
     assert_eq!(output[0]["arguments"], r#"{"city":"Paris"}"#);
 }
+
+#[test]
+fn a_name_in_pieces_or_repeated_is_one_name() {
+    let piece = |name: &str, args: &str| {
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": name, "arguments": args}}]}),
+            None,
+        )
+    };
+    for chunks in [
+        [
+            piece("get_", ""),
+            piece("weather", ""),
+            piece("", r#"{"a":1}"#),
+        ],
+        [
+            piece("get_weather", ""),
+            piece("get_weather", r#"{"a":"#),
+            piece("get_weather", "1}"),
+        ],
+    ] {
+        let mut all = chunks.to_vec();
+        all.push(chunk(json!({}), Some("tool_calls")));
+        all.push("[DONE]".to_owned());
+        let (out, steps) = run(Context::default(), &all);
+        assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+        let added: Vec<&Value> = out
+            .iter()
+            .filter(|(n, _)| n.as_deref() == Some("response.output_item.added"))
+            .map(|(_, v)| &v["item"])
+            .collect();
+        assert_eq!(added.len(), 1);
+        assert_eq!(added[0]["name"], "get_weather");
+        let (_, done) = out.last().unwrap();
+        let output = done["response"]["output"].as_array().unwrap();
+        assert_eq!(output[0]["name"], "get_weather");
+        assert_eq!(output[0]["arguments"], r#"{"a":1}"#);
+    }
+}
