@@ -1522,4 +1522,25 @@ async fn an_upstream_that_breaks_mid_turn_is_an_error_and_1011() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Error),
         other => panic!("expected a 1011 close, got {other:?}"),
     }
+    // It counts against the upstream, as a stream it broke would: after
+    // three in a row (a switched upgrade does not forget them) it rests,
+    // and no upstream is left for an upgrade.
+    for _ in 0..2 {
+        let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+        socket
+            .send(Message::text(
+                r#"{"type":"response.create","model":"m","input":"x"}"#,
+            ))
+            .await
+            .unwrap();
+        while let Some(Ok(Message::Text(_))) =
+            tokio::time::timeout(HANG, socket.next()).await.unwrap()
+        {}
+    }
+    let resting = r#"llm_proxy_upstream_healthy{upstream="up"} 0"#;
+    let deadline = tokio::time::Instant::now() + HANG;
+    while !p.metrics().await.contains(resting) {
+        assert!(tokio::time::Instant::now() < deadline, "never ejected");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -209,7 +209,9 @@ pin_project_lite::pin_project! {
 }
 
 impl UsageBody {
-    /// `inner`, watched for its usage, as the client's body: when `strip`
+    /// `inner`, watched for its usage, as the client's body (a body that is
+    /// neither an event stream nor JSON, a file download say, is not looked
+    /// at): when `strip`
     /// (the usage chunk was requested by the proxy, not the client), the
     /// usage chunk is left out of what the client receives, after it was
     /// counted (core's [`UsageFilter`], which passes every other byte on as
@@ -218,18 +220,19 @@ impl UsageBody {
     pub(crate) fn client_body(
         inner: Body,
         sse: Option<StreamKind>,
+        json: bool,
         strip: bool,
         reconcile: Reconcile,
     ) -> Body {
         let watched = UsageBody {
             inner,
-            watch: if let Some(kind) = sse {
-                Watch::Sse {
+            watch: match sse {
+                Some(kind) => Watch::Sse {
                     parser: Box::new(Parser::new()),
                     stream: StreamUsage::new(kind),
-                }
-            } else {
-                Watch::Json(Vec::new())
+                },
+                None if json => Watch::Json(Vec::new()),
+                None => Watch::Off,
             },
             usage: None,
             reconcile: Some(reconcile),
@@ -329,10 +332,12 @@ fn conclude(watch: &mut Watch, usage: &mut Option<Usage>, reconcile: &mut Option
         Watch::Tail(tail) => *usage = usage::from_json_tail(tail),
         // A stream cut before its final count: what it reported (a Messages
         // stream after `message_start`) and delivered are floors; the
-        // reservation stands above them. An error answer in SSE delivered
-        // nothing and reported nothing: refunded below.
+        // reservation stands above them. An error answer (its status) in
+        // SSE generated nothing: refunded below.
         Watch::Sse { stream, .. }
-            if !stream.is_complete() && (usage.is_some() || stream.delivered() > 0) =>
+            if !stream.is_complete()
+                && !r.failed
+                && (usage.is_some() || stream.delivered() > 0) =>
         {
             r.settle_cut(*usage, stream.delivered());
             return;

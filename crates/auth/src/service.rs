@@ -346,7 +346,8 @@ where
                 // The chunk left out changes the length.
                 parts.headers.remove(http::header::CONTENT_LENGTH);
             }
-            let body = UsageBody::client_body(body, sse, strip_usage, reconcile);
+            let json = is_json(&parts.headers);
+            let body = UsageBody::client_body(body, sse, json, strip_usage, reconcile);
             Ok(Response::from_parts(parts, body))
         })
     }
@@ -588,6 +589,19 @@ fn request_stream_usage(meta: &mut RequestMeta) -> bool {
 }
 
 /// A streamed chat or completions request whose client did not ask for the
+/// Whether an answer is JSON, as far as its `content-type` says (none says
+/// nothing: an upstream that leaves it out answers JSON all the same).
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| {
+            ct.as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"json"))
+        })
+}
+
 /// usage chunk.
 fn lacks_stream_usage(meta: &RequestMeta) -> bool {
     meta.is_stream()
@@ -665,6 +679,16 @@ mod tests {
         status: u16,
         body: &'static str,
     ) -> impl Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone {
+        stack_typed(tpm, status, "application/json", body)
+    }
+
+    /// [`stack`] whose upstream answers with `content_type`.
+    fn stack_typed(
+        tpm: u32,
+        status: u16,
+        content_type: &'static str,
+        body: &'static str,
+    ) -> impl Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone {
         let mut key = KeySpec::from_key("k", "sk");
         key.tokens_per_minute = Some(tpm);
         ServiceBuilder::new()
@@ -675,7 +699,7 @@ mod tests {
                 *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                 resp.headers_mut().insert(
                     http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
+                    HeaderValue::from_static(content_type),
                 );
                 Ok::<_, Error>(resp)
             }))
@@ -773,6 +797,41 @@ mod tests {
                 .0,
             429
         );
+    }
+
+    /// An error status sent as an event stream generated nothing, however
+    /// many events it has: refunded like any error answer.
+    #[tokio::test]
+    async fn an_error_status_as_a_stream_is_refunded() {
+        let err = "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n";
+        let svc = stack_typed(2000, 503, "text/event-stream", err);
+        let body = || {
+            serde_json::json!({"model": "m", "max_tokens": 1500, "stream": true,
+                "messages": [{"role": "user", "content": "x"}]})
+            .to_string()
+        };
+        assert_eq!(call(&svc, "/v1/chat/completions", body()).await.0, 503);
+        assert_eq!(
+            call(&svc, "/v1/chat/completions", body()).await.0,
+            503,
+            "the first reservation was given back"
+        );
+    }
+
+    /// A body that is neither JSON nor an event stream (a file) is not read
+    /// for usage, whatever bytes it holds.
+    #[tokio::test]
+    async fn a_file_is_not_read_for_usage() {
+        // Over the 1 MiB kept whole, with a usage-looking tail.
+        let file: &'static str = format!(
+            "PK\u{3}\u{4}{}{{\"usage\":{{\"prompt_tokens\":900,\"completion_tokens\":90}}}}",
+            "x".repeat(2 << 20)
+        )
+        .leak();
+        let svc = stack_typed(1000, 200, "application/octet-stream", file);
+        call(&svc, "/v1/chat/completions", chat_body(1, 10)).await;
+        let (_, remaining) = call(&svc, "/v1/chat/completions", chat_body(1, 10)).await;
+        assert!(remaining.unwrap() > 900, "{remaining:?}");
     }
 
     #[tokio::test]

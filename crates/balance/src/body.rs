@@ -21,6 +21,8 @@ use std::task::{Context, Poll};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
 
+use llm_proxy_core::{BoxError, is_upstream_fault};
+
 use crate::state::{BackendState, Epoch};
 
 pin_project_lite::pin_project! {
@@ -66,9 +68,9 @@ impl<B> FirstFrame<B> {
     }
 }
 
-impl<B: HttpBody> HttpBody for FirstFrame<B> {
+impl<B: HttpBody<Error = BoxError>> HttpBody for FirstFrame<B> {
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -81,9 +83,13 @@ impl<B: HttpBody> HttpBody for FirstFrame<B> {
         {
             let now = watch.epoch.now();
             match frame {
-                Some(Err(_)) => {
-                    // Taken: no clean end at the drop.
-                    if let Some(watch) = this.watch.take() {
+                Some(Err(e)) => {
+                    // Taken: no clean end at the drop. An error that is not
+                    // the upstream's (a translation that cannot go on) is
+                    // no failure of it either.
+                    if let Some(watch) = this.watch.take()
+                        && is_upstream_fault(e)
+                    {
                         watch.state.record_failure(now, watch.start.elapsed());
                     }
                 }

@@ -135,20 +135,38 @@ impl<S> BalanceHandle<S> {
     }
 
     /// Tell the balancer how an exchange with the backend named `name`
-    /// went outside its own requests (a WebSocket upgrade the proxy sent
-    /// itself): a success resets its failure count, a failure (no
-    /// connection, no answer in time) counts towards its ejection, as a
-    /// request's would. `elapsed` is how long the failure took.
+    /// went outside its own requests (a WebSocket session the proxy opened
+    /// itself): a whole success resets its failure count, a failure (no
+    /// connection, no answer in time, a session it broke off) counts
+    /// towards its ejection, as a request's would. `elapsed` is how long
+    /// the failure took.
     pub fn report(&self, name: &str, outcome: Result<(), std::time::Duration>) {
         let now = self.shared.epoch.now();
-        let set = self.shared.snapshot();
-        let Some(member) = set.members.iter().find(|m| &*m.name == name) else {
+        let Some(state) = self.state_of(name) else {
             return;
         };
         match outcome {
-            Ok(()) => member.state.update_health(|h| h.on_success(now)),
-            Err(elapsed) => member.state.record_failure(now, elapsed),
+            Ok(()) => state.update_health(|h| h.on_success(now)),
+            Err(elapsed) => state.record_failure(now, elapsed),
         }
+    }
+
+    /// Tell the balancer that the backend named `name` answered (a
+    /// WebSocket upgrade switched): as a request's answer head, it ends a
+    /// rest early, but its failure count stands until what it answered
+    /// ends whole ([`report`](Self::report) `Ok`) or breaks (`Err`).
+    pub fn answered(&self, name: &str) {
+        if let Some(state) = self.state_of(name) {
+            state.answered(self.shared.epoch.now());
+        }
+    }
+
+    fn state_of(&self, name: &str) -> Option<Arc<crate::state::BackendState>> {
+        let set = self.shared.snapshot();
+        set.members
+            .iter()
+            .find(|m| &*m.name == name)
+            .map(|m| m.state.clone())
     }
 
     /// Retries made since the balancer was built.

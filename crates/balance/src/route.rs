@@ -80,8 +80,22 @@ impl<'a> Route<'a> {
                 pinned: Some(member),
             });
         }
-        let groups: Vec<(&Group, Option<&str>)> = match model {
-            None => vec![(&set.passthrough, None)],
+        // Within a model's group, native always wins: translation only when
+        // none of its upstreams serves the API natively. Each group on its
+        // own: a fallback served natively does not shut out the model's own
+        // upstreams that translate (it would take every request while they
+        // are healthy). A group that serves the API neither way is left out.
+        let tiered = |(group, fallback): (&'a Group, Option<&'a str>)| {
+            let tier = [Tier::Native, Tier::Translated].into_iter().find(|&tier| {
+                group
+                    .members
+                    .iter()
+                    .any(|&m| set.members[m].serves(api, tier))
+            })?;
+            Some((group, fallback, tier))
+        };
+        let chain: Vec<_> = match model {
+            None => tiered((&set.passthrough, None)).into_iter().collect(),
             Some(model) => {
                 let own = set
                     .group(model)
@@ -99,29 +113,10 @@ impl<'a> Route<'a> {
                     .filter(|fb| allowed.is_none_or(|a| a.allows(fb)));
                 std::iter::once((own, None))
                     .chain(fallbacks.filter_map(|fb| Some((set.group(fb)?, Some(fb.as_str())))))
+                    .filter_map(tiered)
                     .collect()
             }
         };
-        // Within a model's group, native always wins: translation only when
-        // none of its upstreams serves the API natively. Each group on its
-        // own: a fallback served natively does not shut out the model's own
-        // upstreams that translate (it would take every request while they
-        // are healthy). A group that serves the API neither way is left out.
-        let serves = |group: &Group, tier| {
-            group
-                .members
-                .iter()
-                .any(|&m| set.members[m].serves(api, tier))
-        };
-        let chain: Vec<_> = groups
-            .into_iter()
-            .filter_map(|(group, fallback)| {
-                let tier = [Tier::Native, Tier::Translated]
-                    .into_iter()
-                    .find(|&tier| serves(group, tier))?;
-                Some((group, fallback, tier))
-            })
-            .collect();
         if api.is_some() && chain.is_empty() {
             let api = api.map_or("", Api::as_str);
             return Err(Error::ApiNotServed(match model {

@@ -237,7 +237,7 @@ where
     // follows the next one, but not for another `max_wait` each time (N
     // identical requests to a hung upstream would be answered one
     // `first_byte_timeout` after another).
-    let deadline = tokio::time::Instant::now() + shared.config.max_wait;
+    let mut deadline = None;
     loop {
         match shared.flights.join(plan.key) {
             Joined::Lead(leader) => {
@@ -255,7 +255,10 @@ where
             Joined::Follow(follower) => {
                 Counters::bump(&counters.coalesced);
                 let head = poll_fn(|cx| follower.poll_head(cx));
-                match tokio::time::timeout_at(deadline, head).await {
+                // (Set on the first wait: a leader reads no clock for it.)
+                let until = *deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + shared.config.max_wait);
+                match tokio::time::timeout_at(until, head).await {
                     Ok(Ok(head)) => {
                         let age = head
                             .stored_at_ms

@@ -4,6 +4,29 @@ use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 /// A boxed, thread-safe error, as body errors are carried.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A response body's error that is the proxy's own doing, not its
+/// upstream's: a translation that cannot carry on (interleaved tool calls,
+/// a bound it keeps), or an error the upstream reported in its stream and
+/// ended cleanly. The balancer does not count it against the upstream's
+/// health; an error of any other type from a response body is the
+/// upstream's (its connection broke, it stalled, it sent what is not a
+/// stream).
+#[derive(Debug)]
+pub struct NotUpstreamFault(pub String);
+
+impl std::fmt::Display for NotUpstreamFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotUpstreamFault {}
+
+/// Whether a body error is its upstream's fault (see [`NotUpstreamFault`]).
+pub fn is_upstream_fault(e: &BoxError) -> bool {
+    !e.is::<NotUpstreamFault>()
+}
+
 /// The body type of every request and response in the stack.
 ///
 /// Streamed responses stay streamed: this is a boxed `http_body::Body` that

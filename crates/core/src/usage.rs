@@ -118,9 +118,13 @@ pub fn from_json_tail(tail: &[u8]) -> Option<Usage> {
         let Some(value) = tail[at + KEY.len()..].trim_ascii_start().strip_prefix(b":") else {
             continue;
         };
-        // One value, whatever follows it.
+        // One value, whatever follows it; not a usage object (a `metadata`
+        // entry of that name, say): look further back.
         let mut de = serde_json::Deserializer::from_slice(value);
-        return UsageFields::deserialize(&mut de).ok()?.into_usage();
+        match UsageFields::deserialize(&mut de) {
+            Ok(fields) => return fields.into_usage(),
+            Err(_) => continue,
+        }
     }
     None
 }
@@ -275,6 +279,9 @@ mod tests {
         ] {
             assert_eq!(from_json_tail(bad.as_bytes()), None, "{bad}");
         }
+        // A later key of that name that is no usage object is passed over.
+        let later = r#""usage":{"input_tokens":4,"output_tokens":2},"metadata":{"usage":"x"}}"#;
+        assert_eq!(from_json_tail(later.as_bytes()), usage(4, 2));
     }
 
     #[test]
@@ -401,9 +408,9 @@ impl StreamUsage {
             if let Some(u) = from_sse_data(data) {
                 self.usage = Some(u);
                 self.complete = true;
-            } else if data != "[DONE]" {
+            } else if data != "[DONE]" && !data.starts_with("{\"error\"") {
                 // A chunk: a token or more (the role's and the finish
-                // reason's chunks count too: two at most).
+                // reason's chunks count too: two at most; an error is none).
                 self.delivered += 1;
             }
             return;

@@ -156,6 +156,8 @@ impl Route {
             Method::DELETE,
             Method::OPTIONS,
         ];
+        // One trailing slash is the same route.
+        let path = path.strip_suffix('/').unwrap_or(path);
         match self {
             Route::Api(Endpoint::ResponseById) => Some(if path.ends_with("/cancel") {
                 (POST, "POST")
@@ -298,7 +300,11 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 /// itself; its HTTP/2 server sends it, which the client must treat as a
 /// protocol error.
 pub(crate) fn head_only(mut resp: Response<Body>) -> Response<Body> {
-    if let Some(len) = http_body::Body::size_hint(resp.body()).exact()
+    // (An upstream's answer to `HEAD` has no body of its own to measure:
+    // its headers stand as they came.)
+    if let Some(len) = http_body::Body::size_hint(resp.body())
+        .exact()
+        .filter(|len| *len > 0)
         && !resp.headers().contains_key(header::CONTENT_LENGTH)
     {
         resp.headers_mut()
@@ -454,8 +460,6 @@ impl Drop for Abandoned<'_> {
 /// with (nginx's).
 const CLIENT_CLOSED: u16 = 499;
 
-/// `GET /v1/models`: every configured model, or with auth on, the ones the
-/// caller's key may use.
 /// `GET /v1/models`: the models of the config, with auth only those the
 /// key may use; a request against the key's request limit, answered with
 /// its rate-limit headers.

@@ -60,7 +60,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -248,7 +248,10 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         let name = upstream.client.name();
         match upstream.client.upgrade(attempt).await {
             Ok(Upgrade::Switched { head, io }) => {
-                ctx.balance.report(name, Ok(()));
+                // Its failure count stands until the session ends: one
+                // that breaks every session is ejected like a server that
+                // breaks every stream.
+                ctx.balance.answered(name);
                 break (upstream, head, io);
             }
             Ok(Upgrade::Refused(resp)) => {
@@ -281,6 +284,8 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         key,
         ids: ctx.sockets.ids.clone(),
         upstream: upstream.client.name().clone(),
+        balance: ctx.balance.clone(),
+        client_done: AtomicBool::new(false),
         models: upstream.models.clone(),
         turns: Mutex::default(),
         open_turns: AtomicUsize::new(0),
@@ -318,6 +323,11 @@ struct Session {
     owner: Option<Arc<str>>,
     ids: Arc<ResponseIds>,
     upstream: Arc<str>,
+    /// Told how the session ended, for the upstream's health.
+    balance: BalanceHandle<crate::app::UpstreamService>,
+    /// The client's side is done (it closed, went, or the proxy closed the
+    /// session): the upstream's side ends because of that.
+    client_done: AtomicBool,
     models: Option<Vec<String>>,
     /// Turns sent on and not ended yet, oldest first.
     turns: Mutex<VecDeque<Pending>>,
@@ -766,14 +776,19 @@ async fn relay(
     let closing = Closing::default();
 
     let talk = async {
-        let up = pin!(pump_up(
-            &session,
-            client_rx,
-            upstream_tx,
-            queue.clone(),
-            &clock,
-            &closing,
-        ));
+        let to_client = queue.clone();
+        let up = pin!(async {
+            pump_up(
+                &session,
+                client_rx,
+                upstream_tx,
+                to_client,
+                &clock,
+                &closing,
+            )
+            .await;
+            session.client_done.store(true, Ordering::Relaxed);
+        });
         let mut down = pin!(pump_down(&session, upstream_rx, queue, &clock));
         tokio::select! {
             () = &mut down => {}
@@ -1006,6 +1021,8 @@ async fn pump_down(
             // Answers to the pings passed on; the client had its own.
             Message::Pong(_) | Message::Frame(_) => continue,
             Message::Close(_) => {
+                // Ended whole: the upstream's failure count starts over.
+                session.balance.report(&session.upstream, Ok(()));
                 if !client_gone {
                     to_client.send(message).await;
                 }
@@ -1020,8 +1037,17 @@ async fn pump_down(
     // The upstream went without a close (it broke, or sent what cannot be
     // read): never a clean-looking end. A turn under way gets the error
     // event an interrupted HTTP stream ends with, then the close says 1011.
+    let in_turn = session.open_turns.load(Ordering::Relaxed) > 0;
+    if in_turn && !session.client_done.load(Ordering::Relaxed) {
+        // It broke off a turn the client still waited for: towards its
+        // ejection, as a stream it broke would be. (Once the client's side
+        // is done, the proxy closed the session: no fault of the upstream.)
+        session
+            .balance
+            .report(&session.upstream, Err(Duration::ZERO));
+    }
     if !client_gone {
-        if session.open_turns.load(Ordering::Relaxed) > 0 {
+        if in_turn {
             let reason = match &broke {
                 Some(e) => format!("the upstream's WebSocket failed: {e}"),
                 None => "the upstream's WebSocket closed without a close frame".to_owned(),
@@ -1129,6 +1155,12 @@ mod tests {
             key: Some(key),
             ids: ResponseIds::new(None),
             upstream: "up".into(),
+            balance: llm_proxy_balance::Balance::<crate::app::UpstreamService>::new(
+                Vec::new(),
+                llm_proxy_balance::BalanceConfig::default(),
+            )
+            .handle(),
+            client_done: AtomicBool::new(false),
             models: None,
             turns: Mutex::default(),
             open_turns: AtomicUsize::new(0),

@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::sse::Parser;
-use llm_proxy_core::{BoxError, Error};
+use llm_proxy_core::{BoxError, Error, NotUpstreamFault, is_upstream_fault};
 
 use crate::stream::{Step, StreamMap};
 
@@ -43,6 +43,8 @@ enum Phase {
     Failing {
         flushed: bool,
         reason: Option<String>,
+        /// The upstream broke the stream (see [`fail`]).
+        upstream: bool,
     },
     Done,
 }
@@ -68,8 +70,11 @@ impl<B> TranslateBody<B> {
     }
 }
 
-/// Queue the client's error event and start failing.
-fn fail(map: &mut StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: String) {
+/// Queue the client's error event and start failing; `upstream`: the
+/// upstream broke the stream (its body failed or ended early, or is not
+/// SSE), rather than the translation could not carry on or the upstream
+/// reported an error in it.
+fn fail(map: &mut StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: String, upstream: bool) {
     tracing::warn!(reason = %reason, "translated stream interrupted");
     map.before_failure(out);
     out.extend_from_slice(&Error::stream_interrupted_event_for(
@@ -79,6 +84,7 @@ fn fail(map: &mut StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: Strin
     *phase = Phase::Failing {
         flushed: false,
         reason: Some(reason),
+        upstream,
     };
 }
 
@@ -97,6 +103,7 @@ fn feed(
                 out,
                 phase,
                 format!("the upstream stream is not valid SSE: {e}"),
+                true,
             );
         }
         return;
@@ -106,7 +113,10 @@ fn feed(
             continue;
         }
         if let Step::Fail(reason) = map.event(event, out) {
-            fail(map, out, phase, reason);
+            // What the translation cannot carry on with, or an error the
+            // upstream reported in its stream: not held against its health
+            // (a native stream's own error event is not either).
+            fail(map, out, phase, reason, false);
             return;
         }
     }
@@ -132,7 +142,11 @@ where
             }
             match this.phase {
                 Phase::Done => return Poll::Ready(None),
-                Phase::Failing { flushed, reason } => {
+                Phase::Failing {
+                    flushed,
+                    reason,
+                    upstream,
+                } => {
                     if !*flushed {
                         // hyper writes queued frames out while the body is
                         // pending and drops them when it fails.
@@ -141,8 +155,13 @@ where
                         return Poll::Pending;
                     }
                     let reason = reason.take().unwrap_or_default();
+                    let error: BoxError = if *upstream {
+                        reason.into()
+                    } else {
+                        Box::new(NotUpstreamFault(reason))
+                    };
                     *this.phase = Phase::Done;
-                    return Poll::Ready(Some(Err(reason.into())));
+                    return Poll::Ready(Some(Err(error)));
                 }
                 Phase::Streaming => {}
             }
@@ -160,6 +179,7 @@ where
                         this.out,
                         this.phase,
                         format!("the upstream stream failed: {e}"),
+                        is_upstream_fault(&e),
                     );
                 }
                 // The client has its whole answer; what follows is no loss.
@@ -167,7 +187,7 @@ where
                 None if this.map.is_finished() => *this.phase = Phase::Done,
                 None => {
                     let reason = "the upstream ended the stream before its last event".to_owned();
-                    fail(this.map, this.out, this.phase, reason);
+                    fail(this.map, this.out, this.phase, reason, true);
                 }
             }
         }

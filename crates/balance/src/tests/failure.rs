@@ -144,6 +144,21 @@ async fn streams_broken_mid_way_eject_their_backend() {
     assert_eq!(h.ejections_total(), 1);
 }
 
+/// A body the proxy itself cannot carry on (a translation) is no failure
+/// of the upstream.
+#[tokio::test(start_paused = true)]
+async fn streams_the_proxy_breaks_do_not_eject_their_backend() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::BrokenByProxy);
+    let b = balance(&fleet, &["a"], rr());
+    for _ in 0..5 {
+        let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+        assert!(resp.into_body().collect().await.is_err());
+    }
+    assert!(stats(&b.handle(), "a").healthy);
+    assert_eq!(stats(&b.handle(), "a").ejections, 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn retry_budget_stops_a_retry_storm() {
     let fleet = Fleet::default();

@@ -32,6 +32,9 @@ pub(crate) enum Mode {
     Refused,
     /// 200, one body frame, then a broken stream.
     Broken,
+    /// 200, one body frame, then an error that is the proxy's own (a
+    /// translation that cannot carry on).
+    BrokenByProxy,
 }
 
 /// What one fake call saw.
@@ -164,10 +167,15 @@ impl Service<Request<Body>> for Fake {
                     }
                     Ok(resp)
                 }
-                Mode::Broken => {
+                Mode::Broken | Mode::BrokenByProxy => {
+                    let error: llm_proxy_core::BoxError = if matches!(mode, Mode::Broken) {
+                        "reset".into()
+                    } else {
+                        Box::new(llm_proxy_core::NotUpstreamFault("cannot translate".into()))
+                    };
                     let frames: Vec<Result<http_body::Frame<Bytes>, llm_proxy_core::BoxError>> = vec![
                         Ok(http_body::Frame::data(Bytes::from("partial"))),
-                        Err("reset".into()),
+                        Err(error),
                     ];
                     let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
                     Ok(Response::new(body.boxed_unsync()))
