@@ -470,12 +470,7 @@ async fn a_silent_session_is_closed_with_1001_at_both_ends() {
     ))
     .await;
     let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
-    socket
-        .send(Message::text(
-            r#"{"type":"response.create","model":"m","input":"x"}"#,
-        ))
-        .await
-        .unwrap();
+    send_create(&mut socket).await;
     match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
         other => panic!("expected a 1001 close, got {other:?}"),
@@ -512,11 +507,7 @@ async fn a_drain_ends_sessions_once_their_turn_is_done() {
     .await;
     let (mut idle, _) = connect(p.addr, &[]).await.unwrap();
     let (mut busy, _) = connect(p.addr, &[]).await.unwrap();
-    busy.send(Message::text(
-        r#"{"type":"response.create","model":"m","input":"x"}"#,
-    ))
-    .await
-    .unwrap();
+    send_create(&mut busy).await;
     // The turn has begun.
     let first = tokio::time::timeout(HANG, busy.next()).await.unwrap();
     assert!(matches!(first, Some(Ok(Message::Text(_)))), "{first:?}");
@@ -822,6 +813,16 @@ where
     .await
 }
 
+/// Send a `response.create` turn for model `m`.
+async fn send_create(socket: &mut ws::Socket) {
+    socket
+        .send(Message::text(
+            r#"{"type":"response.create","model":"m","input":"x"}"#,
+        ))
+        .await
+        .unwrap();
+}
+
 /// A scripted reply that drops the upstream's connection, unclosed.
 const DROP: &str = "\0drop";
 
@@ -895,11 +896,7 @@ async fn an_error_that_answers_no_turn_leaves_no_usage_uncounted() {
     s.send(Message::text(r#"{"type":"response.processed"}"#))
         .await
         .unwrap();
-    s.send(Message::text(
-        r#"{"type":"response.create","model":"m","input":"x"}"#,
-    ))
-    .await
-    .unwrap();
+    send_create(&mut s).await;
     let kinds = until_completed(&mut s).await;
     assert_eq!(
         kinds.first().map(String::as_str),
@@ -1035,11 +1032,7 @@ async fn usage_that_comes_after_the_client_left_is_charged() {
     let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
         .await
         .unwrap();
-    s.send(Message::text(
-        r#"{"type":"response.create","model":"m","input":"x"}"#,
-    ))
-    .await
-    .unwrap();
+    send_create(&mut s).await;
     while next_event(&mut s).await["type"] != "response.output_text.done" {}
     s.close(None).await.unwrap();
     // The usage comes within the grace the upstream gets after a close.
@@ -1103,11 +1096,7 @@ async fn an_error_during_a_started_turn_does_not_count_its_usage_twice() {
     let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
         .await
         .unwrap();
-    s.send(Message::text(
-        r#"{"type":"response.create","model":"m","input":"x"}"#,
-    ))
-    .await
-    .unwrap();
+    send_create(&mut s).await;
     assert_eq!(next_event(&mut s).await["type"], "response.created");
     s.send(Message::text(r#"{"type":"response.processed"}"#))
         .await
@@ -1306,11 +1295,7 @@ async fn a_client_that_only_pings_and_reads_nothing_is_closed() {
     ))
     .await;
     let (mut s, _) = connect(p.addr, &[]).await.unwrap();
-    s.send(Message::text(
-        r#"{"type":"response.create","model":"m","input":"x"}"#,
-    ))
-    .await
-    .unwrap();
+    send_create(&mut s).await;
     let open = async {
         while !metrics(&p).await.contains("llm_proxy_websockets_open 1") {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -1500,12 +1485,7 @@ async fn an_upstream_that_breaks_mid_turn_is_an_error_and_1011() {
         scripted(|| |_: &serde_json::Value| vec![created("resp_1"), DROP.to_owned()]).await;
     let p = proxy(&ws_upstream("up", &format!("http://{broken}/v1"), "")).await;
     let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
-    socket
-        .send(Message::text(
-            r#"{"type":"response.create","model":"m","input":"x"}"#,
-        ))
-        .await
-        .unwrap();
+    send_create(&mut socket).await;
     let mut texts = Vec::new();
     let close = loop {
         match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
@@ -1527,12 +1507,7 @@ async fn an_upstream_that_breaks_mid_turn_is_an_error_and_1011() {
     // and no upstream is left for an upgrade.
     for _ in 0..2 {
         let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
-        socket
-            .send(Message::text(
-                r#"{"type":"response.create","model":"m","input":"x"}"#,
-            ))
-            .await
-            .unwrap();
+        send_create(&mut socket).await;
         while let Some(Ok(Message::Text(_))) =
             tokio::time::timeout(HANG, socket.next()).await.unwrap()
         {}

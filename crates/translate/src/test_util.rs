@@ -78,3 +78,60 @@ pub(crate) fn chat_answers_without_usage() -> impl Iterator<Item = (Option<Value
         (usage, chat)
     })
 }
+
+/// Streamed tool-call scenarios that must each come out as one call,
+/// `get_weather` with arguments `{"city":"Paris"}`: every chat `delta` of
+/// each, before its finish chunk.
+pub(crate) fn one_call_scenarios() -> Vec<(&'static str, Vec<Value>)> {
+    let piece = |index: Option<u64>, id: &str, name: Option<&str>, args: &str| {
+        let mut call =
+            serde_json::json!({"id": id, "type": "function", "function": {"arguments": args}});
+        if let Some(index) = index {
+            call["index"] = index.into();
+        }
+        if let Some(name) = name {
+            call["function"]["name"] = name.into();
+        }
+        serde_json::json!({"tool_calls": [call]})
+    };
+    let fresh_ids = |index| {
+        vec![
+            piece(index, "call_A", Some("get_weather"), ""),
+            piece(index, "call_B", None, r#"{"city":"#),
+            piece(index, "call_C", None, r#""Paris"}"#),
+            // Without an index, an id seen before is its call again.
+            piece(index, "call_A", None, ""),
+        ]
+    };
+    vec![
+        // LM Studio, mlx: every argument piece under a fresh id, no name.
+        ("fresh ids at index 0", fresh_ids(Some(0))),
+        ("fresh ids without index", fresh_ids(None)),
+        // Gemini splits the name.
+        (
+            "name in pieces",
+            vec![
+                piece(Some(0), "call_A", Some("get_"), ""),
+                piece(Some(0), "call_A", Some("weather"), ""),
+                piece(Some(0), "call_A", Some(""), r#"{"city":"Paris"}"#),
+            ],
+        ),
+        // MiniMax repeats it whole with every piece.
+        (
+            "name repeated",
+            vec![
+                piece(Some(0), "call_A", Some("get_weather"), ""),
+                piece(Some(0), "call_A", Some("get_weather"), r#"{"city":"#),
+                piece(Some(0), "call_A", Some("get_weather"), r#""Paris"}"#),
+            ],
+        ),
+        // llama.cpp, for a while: arguments as an object.
+        (
+            "arguments as an object",
+            vec![
+                serde_json::json!({"tool_calls": [{"index": 0, "id": "call_A", "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
+            ],
+        ),
+    ]
+}

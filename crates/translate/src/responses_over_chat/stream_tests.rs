@@ -260,92 +260,28 @@ fn the_output_a_stream_holds_is_bounded() {
 }
 
 #[test]
-fn a_new_id_without_a_name_is_more_of_the_same_call() {
-    // LM Studio, mlx: every argument piece under a fresh id, no name.
-    let piece = |index: Option<u64>, id: &str, name: Option<&str>, args: &str| {
-        let mut call = json!({"id": id, "type": "function", "function": {"arguments": args}});
-        if let Some(index) = index {
-            call["index"] = json!(index);
-        }
-        if let Some(name) = name {
-            call["function"]["name"] = json!(name);
-        }
-        chunk(json!({"tool_calls": [call]}), None)
-    };
-    for index in [Some(0), None] {
-        let chunks = [
-            piece(index, "call_A", Some("get_weather"), ""),
-            piece(index, "call_B", None, r#"{"city":"#),
-            piece(index, "call_C", None, r#""Paris"}"#),
-            piece(index, "call_A", None, ""),
-            chunk(json!({}), Some("tool_calls")),
-            "[DONE]".to_owned(),
-        ];
+fn each_way_servers_send_one_call_is_one_function_call() {
+    for (what, deltas) in crate::test_util::one_call_scenarios() {
+        let mut chunks: Vec<String> = deltas.into_iter().map(|d| chunk(d, None)).collect();
+        chunks.push(chunk(json!({}), Some("tool_calls")));
+        chunks.push("[DONE]".to_owned());
         let (out, steps) = run(Context::default(), &chunks);
-        assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
-        let (_, done) = out.last().unwrap();
-        let output = done["response"]["output"].as_array().unwrap();
-        assert_eq!(output.len(), 1, "index {index:?}: {output:?}");
-        assert_eq!(output[0]["call_id"], "call_A");
-        assert_eq!(output[0]["name"], "get_weather");
-        assert_eq!(output[0]["arguments"], r#"{"city":"Paris"}"#);
-    }
-}
-
-#[test]
-fn arguments_sent_as_an_object_are_kept() {
-    let chunks = [
-        chunk(
-            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
-            None,
-        ),
-        chunk(json!({}), Some("tool_calls")),
-        "[DONE]".to_owned(),
-    ];
-    let (out, steps) = run(Context::default(), &chunks);
-    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
-    let (_, done) = out.last().unwrap();
-    let output = done["response"]["output"].as_array().unwrap();
-    assert_eq!(output[0]["arguments"], r#"{"city":"Paris"}"#);
-}
-
-#[test]
-fn a_name_in_pieces_or_repeated_is_one_name() {
-    let piece = |name: &str, args: &str| {
-        chunk(
-            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                "function": {"name": name, "arguments": args}}]}),
-            None,
-        )
-    };
-    for chunks in [
-        [
-            piece("get_", ""),
-            piece("weather", ""),
-            piece("", r#"{"a":1}"#),
-        ],
-        [
-            piece("get_weather", ""),
-            piece("get_weather", r#"{"a":"#),
-            piece("get_weather", "1}"),
-        ],
-    ] {
-        let mut all = chunks.to_vec();
-        all.push(chunk(json!({}), Some("tool_calls")));
-        all.push("[DONE]".to_owned());
-        let (out, steps) = run(Context::default(), &all);
-        assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+        assert!(
+            steps.iter().all(|s| *s == Step::Continue),
+            "{what}: {steps:?}"
+        );
         let added: Vec<&Value> = out
             .iter()
             .filter(|(n, _)| n.as_deref() == Some("response.output_item.added"))
             .map(|(_, v)| &v["item"])
             .collect();
-        assert_eq!(added.len(), 1);
-        assert_eq!(added[0]["name"], "get_weather");
+        assert_eq!(added.len(), 1, "{what}");
+        assert_eq!(added[0]["name"], "get_weather", "{what}");
         let (_, done) = out.last().unwrap();
         let output = done["response"]["output"].as_array().unwrap();
-        assert_eq!(output[0]["name"], "get_weather");
-        assert_eq!(output[0]["arguments"], r#"{"a":1}"#);
+        assert_eq!(output.len(), 1, "{what}: {output:?}");
+        assert_eq!(output[0]["call_id"], "call_A", "{what}");
+        assert_eq!(output[0]["name"], "get_weather", "{what}");
+        assert_eq!(output[0]["arguments"], r#"{"city":"Paris"}"#, "{what}");
     }
 }
