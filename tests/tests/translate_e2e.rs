@@ -280,3 +280,40 @@ async fn a_native_upstream_wins_over_a_translating_one() {
     }
     assert_eq!(chat.stats.requests(), 0);
 }
+
+/// A translated stream that the upstream breaks counts against it as a
+/// native one does: the client gets its dialect's error event, and three in
+/// a row eject the upstream.
+#[tokio::test]
+async fn a_translated_stream_the_upstream_breaks_counts_against_it() {
+    let up = only(MockApi::ChatCompletions, "chat").await;
+    let p = over_chat(&up).await;
+    let body = json!({"model": "demo", "max_tokens": 50, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        let req = request(
+            Method::POST,
+            &p.url("/v1/messages"),
+            &[
+                ("content-type", "application/json"),
+                ("anthropic-version", "2023-06-01"),
+                ("x-mock-fail", "drop"),
+                ("x-mock-drop-after", "3"),
+            ],
+            body.to_string(),
+        );
+        let resp = client().request(req).await.expect("answered");
+        assert_eq!(resp.status(), 200);
+        let (data, _) = read_stream(resp).await;
+        assert!(
+            String::from_utf8_lossy(&data).contains("event: error"),
+            "{}",
+            String::from_utf8_lossy(&data)
+        );
+    }
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains(r#"llm_proxy_upstream_healthy{upstream="chat"} 0"#),
+        "{metrics}"
+    );
+}

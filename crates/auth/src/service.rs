@@ -588,7 +588,6 @@ fn request_stream_usage(meta: &mut RequestMeta) -> bool {
     true
 }
 
-/// A streamed chat or completions request whose client did not ask for the
 /// Whether an answer is JSON, as far as its `content-type` says (none says
 /// nothing: an upstream that leaves it out answers JSON all the same).
 fn is_json(headers: &http::HeaderMap) -> bool {
@@ -602,6 +601,7 @@ fn is_json(headers: &http::HeaderMap) -> bool {
         })
 }
 
+/// A streamed chat or completions request whose client did not ask for the
 /// usage chunk.
 fn lacks_stream_usage(meta: &RequestMeta) -> bool {
     meta.is_stream()

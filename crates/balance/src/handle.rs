@@ -161,6 +161,15 @@ impl<S> BalanceHandle<S> {
         }
     }
 
+    /// Tell the balancer that what the backend named `name` answered (a
+    /// WebSocket session) ended whole: its failure count starts over. A
+    /// rest or a probe's mark stands (the answer may be hours old).
+    pub fn ended_whole(&self, name: &str) {
+        if let Some(state) = self.state_of(name) {
+            state.clean_end();
+        }
+    }
+
     fn state_of(&self, name: &str) -> Option<Arc<crate::state::BackendState>> {
         let set = self.shared.snapshot();
         set.members

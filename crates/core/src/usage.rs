@@ -121,9 +121,11 @@ pub fn from_json_tail(tail: &[u8]) -> Option<Usage> {
         // One value, whatever follows it; not a usage object (a `metadata`
         // entry of that name, say): look further back.
         let mut de = serde_json::Deserializer::from_slice(value);
-        match UsageFields::deserialize(&mut de) {
-            Ok(fields) => return fields.into_usage(),
-            Err(_) => continue,
+        if let Some(usage) = UsageFields::deserialize(&mut de)
+            .ok()
+            .and_then(UsageFields::into_usage)
+        {
+            return Some(usage);
         }
     }
     None
@@ -281,6 +283,9 @@ mod tests {
         }
         // A later key of that name that is no usage object is passed over.
         let later = r#""usage":{"input_tokens":4,"output_tokens":2},"metadata":{"usage":"x"}}"#;
+        assert_eq!(from_json_tail(later.as_bytes()), usage(4, 2));
+        let later =
+            r#""usage":{"input_tokens":4,"output_tokens":2},"metadata":{"usage":{"note":1}}}"#;
         assert_eq!(from_json_tail(later.as_bytes()), usage(4, 2));
     }
 

@@ -315,6 +315,14 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
     Ok(resp)
 }
 
+impl Session {
+    /// The upstream broke off a turn (it went, closed or stalled while the
+    /// client waited): towards its ejection, as a stream it broke would be.
+    fn broke_off(&self) {
+        self.balance.report(&self.upstream, Err(Duration::ZERO));
+    }
+}
+
 /// One client's session with one upstream.
 struct Session {
     auth: Option<AuthLayer>,
@@ -777,18 +785,14 @@ async fn relay(
 
     let talk = async {
         let to_client = queue.clone();
-        let up = pin!(async {
-            pump_up(
-                &session,
-                client_rx,
-                upstream_tx,
-                to_client,
-                &clock,
-                &closing,
-            )
-            .await;
-            session.client_done.store(true, Ordering::Relaxed);
-        });
+        let up = pin!(pump_up(
+            &session,
+            client_rx,
+            upstream_tx,
+            to_client,
+            &clock,
+            &closing,
+        ));
         let mut down = pin!(pump_down(&session, upstream_rx, queue, &clock));
         tokio::select! {
             () = &mut down => {}
@@ -823,6 +827,11 @@ async fn relay(
         _ = &mut all => return,
         () = clock.silent_for(bound, silence.in_turn.min(silence.between_turns)) => {
             tracing::debug!("closing a silent WebSocket session");
+            if session.open_turns.load(Ordering::Relaxed) > 0 {
+                // The upstream owed an answer and stalled: as a stream
+                // that stalls, a failure of it.
+                session.broke_off();
+            }
             "idle"
         }
         () = drained => {
@@ -923,6 +932,7 @@ async fn pump_up(
                         reason: reason.into(),
                     }))
                 };
+                session.client_done.store(true, Ordering::Relaxed);
                 to_client.send(away()).await;
                 let _ = upstream.send(away()).await;
                 return;
@@ -973,6 +983,7 @@ async fn pump_up(
             Message::Pong(_) | Message::Frame(_) => continue,
             Message::Ping(_) => None,
             Message::Close(_) => {
+                session.client_done.store(true, Ordering::Relaxed);
                 // Tungstenite has queued the client's answer: the writer
                 // flushes it when it finds the socket closing.
                 to_client.send(Message::Close(None)).await;
@@ -992,6 +1003,7 @@ async fn pump_up(
         }
     }
     // The client went without a close: close the upstream's side.
+    session.client_done.store(true, Ordering::Relaxed);
     let _ = upstream.close().await;
 }
 
@@ -1021,8 +1033,19 @@ async fn pump_down(
             // Answers to the pings passed on; the client had its own.
             Message::Pong(_) | Message::Frame(_) => continue,
             Message::Close(_) => {
-                // Ended whole: the upstream's failure count starts over.
-                session.balance.report(&session.upstream, Ok(()));
+                if session.open_turns.load(Ordering::Relaxed) > 0
+                    && !session.client_done.load(Ordering::Relaxed)
+                {
+                    // It closed on a turn the client waited for: broken off.
+                    session.broke_off();
+                    if !client_gone {
+                        let reason = "the upstream closed the session during a turn";
+                        to_client.send(interrupted(&session.upstream, reason)).await;
+                    }
+                } else {
+                    // Ended whole: its failure count starts over.
+                    session.balance.ended_whole(&session.upstream);
+                }
                 if !client_gone {
                     to_client.send(message).await;
                 }
@@ -1039,12 +1062,10 @@ async fn pump_down(
     // event an interrupted HTTP stream ends with, then the close says 1011.
     let in_turn = session.open_turns.load(Ordering::Relaxed) > 0;
     if in_turn && !session.client_done.load(Ordering::Relaxed) {
-        // It broke off a turn the client still waited for: towards its
-        // ejection, as a stream it broke would be. (Once the client's side
-        // is done, the proxy closed the session: no fault of the upstream.)
-        session
-            .balance
-            .report(&session.upstream, Err(Duration::ZERO));
+        // It broke off a turn the client still waited for. (Once the
+        // client's side is done, the proxy closed the session: no fault of
+        // the upstream.)
+        session.broke_off();
     }
     if !client_gone {
         if in_turn {

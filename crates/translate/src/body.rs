@@ -113,10 +113,13 @@ fn feed(
             continue;
         }
         if let Step::Fail(reason) = map.event(event, out) {
-            // What the translation cannot carry on with, or an error the
-            // upstream reported in its stream: not held against its health
-            // (a native stream's own error event is not either).
-            fail(map, out, phase, reason, false);
+            // The upstream client's own event for a stream the upstream
+            // broke (reset, stall, early end) comes before its body fails:
+            // the upstream's fault. What the translation cannot carry on
+            // with, or an error the upstream reported, is not held against
+            // its health.
+            let broken = event.data.contains("\"stream_interrupted\"");
+            fail(map, out, phase, reason, broken);
             return;
         }
     }

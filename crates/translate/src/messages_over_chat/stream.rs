@@ -10,8 +10,9 @@
 //! - reasoning text only ever in `thinking` blocks (and only when the client
 //!   enabled thinking), never inside a text block;
 //! - tool calls as `tool_use` blocks with `input_json_delta` pieces; a tool
-//!   call starts once its name is known (arguments that came before are sent
-//!   then);
+//!   call starts once its name is known and its arguments begin (arguments
+//!   that came before the name are sent then; a name may come in pieces), or
+//!   when another block comes or the message ends;
 //! - at the upstream's `[DONE]`: every block stopped, one `message_delta`
 //!   with the stop reason and usage (`input_tokens` too: chat reports them
 //!   only at the end), one `message_stop`.

@@ -3,8 +3,9 @@
 //! `response.created` and `response.in_progress` come first (on the first
 //! chunk). Text opens a `message` item (`response.output_item.added`,
 //! `response.content_part.added`) and streams `response.output_text.delta`;
-//! a tool call opens a `function_call` item once its name is known and
-//! streams `response.function_call_arguments.delta`. Items are produced one
+//! a tool call opens a `function_call` item once its name is known and its
+//! arguments begin (or another item comes, or the end), and streams
+//! `response.function_call_arguments.delta`. Items are produced one
 //! after another; each is finished (`….done` events, `output_item.done`)
 //! before the next opens. At the upstream's `[DONE]`, `response.completed`
 //! (or `response.incomplete` for `length` and `content_filter`) carries the
