@@ -61,6 +61,7 @@ impl Upstream {
             return Err(self.bad_gateway("the request asks for no upgrade".into()));
         };
         headers::strip_request(&mut parts.headers);
+        strip_credential_protocols(&mut parts.headers);
         self.present(&mut parts.headers);
         parts.headers.insert(header::UPGRADE, protocol);
         parts
@@ -140,5 +141,76 @@ impl Upstream {
                 )))
             }
         }
+    }
+}
+/// The subprotocol OpenAI's WebSocket APIs take a key in, from browsers
+/// that cannot set headers: `openai-insecure-api-key.<key>`.
+const KEY_PROTOCOL: &str = "openai-insecure-api-key.";
+
+/// Leave out of `sec-websocket-protocol` the subprotocols that carry a
+/// credential ([`KEY_PROTOCOL`]): as with `authorization`, the client's
+/// credentials never reach the upstream. The header goes when nothing is
+/// left of it.
+fn strip_credential_protocols(headers: &mut http::HeaderMap) {
+    let name = header::SEC_WEBSOCKET_PROTOCOL;
+    let carries_key = |token: &str| {
+        token
+            .get(..KEY_PROTOCOL.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(KEY_PROTOCOL))
+    };
+    let offered: Vec<String> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !offered.iter().any(|t| carries_key(t)) {
+        return;
+    }
+    headers.remove(&name);
+    let kept: Vec<&str> = offered
+        .iter()
+        .map(String::as_str)
+        .filter(|t| !carries_key(t))
+        .collect();
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", "))
+        && !kept.is_empty()
+    {
+        headers.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_in_a_subprotocol_does_not_go_upstream() {
+        let protocols = |offered: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for value in offered {
+                headers.append(header::SEC_WEBSOCKET_PROTOCOL, value.parse().unwrap());
+            }
+            strip_credential_protocols(&mut headers);
+            headers
+                .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            protocols(&["realtime, openai-insecure-api-key.sk-secret"]),
+            ["realtime"]
+        );
+        assert_eq!(
+            protocols(&["realtime", "OpenAI-Insecure-Api-Key.sk-secret", "v2"]),
+            ["realtime, v2"]
+        );
+        assert!(protocols(&["openai-insecure-api-key.sk-secret"]).is_empty());
+        // Without a key, untouched (two lines stay two).
+        assert_eq!(protocols(&["a", "b"]), ["a", "b"]);
     }
 }
