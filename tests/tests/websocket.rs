@@ -471,6 +471,15 @@ async fn a_silent_session_is_closed_with_1001_at_both_ends() {
     .await;
     let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
     send_create(&mut socket).await;
+    // The turn the upstream left unanswered is an error first, as a stream
+    // that stalls ends with one.
+    match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
+        Some(Ok(Message::Text(text))) => {
+            let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(error["error"]["code"], "stream_interrupted", "{error}");
+        }
+        other => panic!("expected the turn's error, got {other:?}"),
+    }
     match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
         other => panic!("expected a 1001 close, got {other:?}"),

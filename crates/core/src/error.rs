@@ -133,6 +133,10 @@ pub enum Error {
     },
 }
 
+/// The error `code` of the event a stream broken mid-way ends with, in
+/// every dialect ([`Error::stream_interrupted_event_for`]).
+pub const INTERRUPTED_CODE: &str = "stream_interrupted";
+
 /// The JSON error object OpenAI clients parse: `{"error":{…}}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {
@@ -340,10 +344,11 @@ impl Error {
         let data = match kind {
             StreamKind::Chat => return Self::stream_interrupted_event(reason),
             StreamKind::Responses => serde_json::json!({
-                "type": "error", "code": "stream_interrupted", "message": reason, "param": null,
+                "type": "error", "code": INTERRUPTED_CODE, "message": reason, "param": null,
             }),
             StreamKind::Messages => serde_json::json!({
-                "type": "error", "error": {"type": "api_error", "message": reason},
+                "type": "error",
+                "error": {"type": "api_error", "message": reason, "code": INTERRUPTED_CODE},
             }),
         };
         bytes::Bytes::from(format!("event: error\ndata: {data}\n\n"))
@@ -357,7 +362,7 @@ impl Error {
                 message: reason,
                 kind: "upstream_error",
                 param: None,
-                code: "stream_interrupted",
+                code: INTERRUPTED_CODE,
             },
         };
         let json = serde_json::to_string(&body).expect("an ErrorBody of strings always serialises");

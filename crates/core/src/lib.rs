@@ -61,7 +61,7 @@ pub use budget::BodyBudget;
 pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
 };
-pub use error::{Error, ErrorBody};
+pub use error::{Error, ErrorBody, INTERRUPTED_CODE};
 pub use meta::{Identity, ModelAllowlist, RequestMeta};
 pub use parse::{
     BudgetHold, Parse, ParseLayer, ParseLimits, parse, parse_object, parse_object_within,

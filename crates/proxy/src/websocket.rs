@@ -286,6 +286,8 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         upstream: upstream.client.name().clone(),
         balance: ctx.balance.clone(),
         client_done: AtomicBool::new(false),
+        broke: AtomicBool::new(false),
+        waiting_on_client: AtomicBool::new(false),
         models: upstream.models.clone(),
         turns: Mutex::default(),
         open_turns: AtomicUsize::new(0),
@@ -318,8 +320,12 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
 impl Session {
     /// The upstream broke off a turn (it went, closed or stalled while the
     /// client waited): towards its ejection, as a stream it broke would be.
+    /// Reported once per session: a stall the proxy closes on is not
+    /// reported again when the upstream's side then ends.
     fn broke_off(&self) {
-        self.balance.report(&self.upstream, Err(Duration::ZERO));
+        if !self.broke.swap(true, Ordering::Relaxed) {
+            self.balance.report(&self.upstream, Err(Duration::ZERO));
+        }
     }
 }
 
@@ -336,6 +342,11 @@ struct Session {
     /// The client's side is done (it closed, went, or the proxy closed the
     /// session): the upstream's side ends because of that.
     client_done: AtomicBool,
+    /// The upstream broke off a turn ([`Session::broke_off`]).
+    broke: AtomicBool,
+    /// The upstream pump waits for room in the client's queue (the client
+    /// does not read): a silence then is not the upstream's.
+    waiting_on_client: AtomicBool,
     models: Option<Vec<String>>,
     /// Turns sent on and not ended yet, oldest first.
     turns: Mutex<VecDeque<Pending>>,
@@ -827,10 +838,19 @@ async fn relay(
         _ = &mut all => return,
         () = clock.silent_for(bound, silence.in_turn.min(silence.between_turns)) => {
             tracing::debug!("closing a silent WebSocket session");
-            if session.open_turns.load(Ordering::Relaxed) > 0 {
+            if session.open_turns.load(Ordering::Relaxed) > 0
+                && !session.waiting_on_client.load(Ordering::Relaxed)
+            {
                 // The upstream owed an answer and stalled: as a stream
-                // that stalls, a failure of it.
+                // that stalls, a failure of it, and the client hears so
+                // before the close.
+                session.client_done.store(true, Ordering::Relaxed);
                 session.broke_off();
+                let reason = format!(
+                    "no message from the upstream for {} ms during a turn",
+                    silence.in_turn.as_millis()
+                );
+                closing.tell_first(interrupted(&session.upstream, &reason));
             }
             "idle"
         }
@@ -853,9 +873,20 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 struct Closing {
     notify: Notify,
     reason: std::sync::OnceLock<&'static str>,
+    /// A message for the client before the close (a turn's error).
+    first: Mutex<Option<Message>>,
 }
 
 impl Closing {
+    /// Send the client `message` before the close.
+    fn tell_first(&self, message: Message) {
+        *self.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
+    }
+
+    fn take_first(&self) -> Option<Message> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     fn close(&self, reason: &'static str) {
         let _ = self.reason.set(reason);
         self.notify.notify_one();
@@ -933,6 +964,9 @@ async fn pump_up(
                     }))
                 };
                 session.client_done.store(true, Ordering::Relaxed);
+                if let Some(first) = closing.take_first() {
+                    to_client.send(first).await;
+                }
                 to_client.send(away()).await;
                 let _ = upstream.send(away()).await;
                 return;
@@ -1018,11 +1052,15 @@ async fn pump_down(
 ) {
     let mut client_gone = false;
     let mut broke = None;
+    let mut too_big = false;
     while let Some(message) = upstream.next().await {
         let message = match message {
             Ok(message) => message,
             Err(e) => {
                 tracing::debug!(error = %e, "WebSocket upstream message unreadable");
+                // A message over the proxy's own bound is no fault of the
+                // upstream's health.
+                too_big = matches!(e, WsError::Capacity(_));
                 broke = Some(e);
                 break;
             }
@@ -1042,7 +1080,7 @@ async fn pump_down(
                         let reason = "the upstream closed the session during a turn";
                         to_client.send(interrupted(&session.upstream, reason)).await;
                     }
-                } else {
+                } else if !session.broke.load(Ordering::Relaxed) {
                     // Ended whole: its failure count starts over.
                     session.balance.ended_whole(&session.upstream);
                 }
@@ -1053,15 +1091,17 @@ async fn pump_down(
             }
             Message::Ping(_) | Message::Binary(_) => {}
         }
-        if !client_gone && !to_client.send(message).await {
-            client_gone = true;
+        if !client_gone {
+            session.waiting_on_client.store(true, Ordering::Relaxed);
+            client_gone = !to_client.send(message).await;
+            session.waiting_on_client.store(false, Ordering::Relaxed);
         }
     }
     // The upstream went without a close (it broke, or sent what cannot be
     // read): never a clean-looking end. A turn under way gets the error
     // event an interrupted HTTP stream ends with, then the close says 1011.
     let in_turn = session.open_turns.load(Ordering::Relaxed) > 0;
-    if in_turn && !session.client_done.load(Ordering::Relaxed) {
+    if in_turn && !too_big && !session.client_done.load(Ordering::Relaxed) {
         // It broke off a turn the client still waited for. (Once the
         // client's side is done, the proxy closed the session: no fault of
         // the upstream.)
@@ -1182,6 +1222,8 @@ mod tests {
             )
             .handle(),
             client_done: AtomicBool::new(false),
+            broke: AtomicBool::new(false),
+            waiting_on_client: AtomicBool::new(false),
             models: None,
             turns: Mutex::default(),
             open_turns: AtomicUsize::new(0),

@@ -88,6 +88,23 @@ fn fail(map: &mut StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: Strin
     };
 }
 
+/// Whether an event is the one the upstream client ends a stream the
+/// upstream broke with: an error whose `code` (or its `error`'s) is
+/// `stream_interrupted`, in any dialect.
+fn is_interrupted_event(data: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Coded<'a> {
+        #[serde(default, borrow)]
+        code: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        error: Option<Box<Coded<'a>>>,
+    }
+    let interrupted = |c: &Coded<'_>| c.code.as_deref() == Some(llm_proxy_core::INTERRUPTED_CODE);
+    data.contains(llm_proxy_core::INTERRUPTED_CODE)
+        && serde_json::from_str::<Coded<'_>>(data)
+            .is_ok_and(|c| interrupted(&c) || c.error.as_deref().is_some_and(interrupted))
+}
+
 /// Translate the events completed by one upstream frame.
 fn feed(
     parser: &mut Parser,
@@ -115,10 +132,14 @@ fn feed(
         if let Step::Fail(reason) = map.event(event, out) {
             // The upstream client's own event for a stream the upstream
             // broke (reset, stall, early end) comes before its body fails:
-            // the upstream's fault. What the translation cannot carry on
-            // with, or an error the upstream reported, is not held against
-            // its health.
-            let broken = event.data.contains("\"stream_interrupted\"");
+            // the upstream's fault. A stream cut mid-event has that event
+            // cut short first, then the client's: look on in this frame.
+            // What the translation cannot carry on with, or an error the
+            // upstream reported, is not held against its health.
+            let mut broken = is_interrupted_event(&event.data);
+            while !broken && let Some(next) = parser.next_event_ref() {
+                broken = is_interrupted_event(&next.data);
+            }
             fail(map, out, phase, reason, broken);
             return;
         }

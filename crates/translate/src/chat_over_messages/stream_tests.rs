@@ -335,3 +335,44 @@ fn no_upstream_usage_means_no_usage_chunk() {
         assert_eq!(watch.usage(), None, "{usage:?}");
     }
 }
+
+/// Whose fault a failed translated stream is, as the balancer reads it: the
+/// upstream's when it broke the stream (the upstream client's own
+/// interrupted event comes, after an event it cut short); the proxy's own
+/// when the translation could not go on (here, a block index past the
+/// bound).
+#[tokio::test]
+async fn a_stream_the_upstream_broke_is_its_fault_one_the_translation_cannot_carry_is_not() {
+    use crate::body::TranslateBody;
+    use crate::stream::StreamMap;
+    use http_body_util::{BodyExt, Full};
+
+    let start = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"c\",\"usage\":{\"input_tokens\":1}}}\n\n",
+    );
+    let cut = format!(
+        // An event cut short, closed by the upstream client, then its own.
+        "{start}event: content_block_delta\ndata: {{\"type\":\"content_bl\n\n{}",
+        String::from_utf8_lossy(&llm_proxy_core::Error::stream_interrupted_event_for(
+            llm_proxy_core::StreamKind::Messages,
+            "connection reset",
+        ))
+    );
+    let huge = format!(
+        "{start}event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"index\":1099511627776,\"content_block\":{{\"type\":\"text\",\"text\":\"\"}}}}\n\n"
+    );
+    for (upstream, theirs) in [(cut, true), (huge, false)] {
+        let map = StreamMap::MessagesToChat(Box::new(MessagesToChat::new(Context::default())));
+        let mut body = TranslateBody::new(Full::new(bytes::Bytes::from(upstream)), map);
+        let mut error = None;
+        while let Some(frame) = body.frame().await {
+            if let Err(e) = frame {
+                error = Some(e);
+                break;
+            }
+        }
+        let error = error.expect("the body fails");
+        assert_eq!(llm_proxy_core::is_upstream_fault(&error), theirs, "{error}");
+    }
+}
