@@ -138,12 +138,26 @@ impl Plan {
 /// Whether a `POST /v1/responses` body leaves no state on the server and
 /// reads none, so that its answer may be cached: `store` explicitly `false`
 /// (the API stores by default), no `previous_response_id`, no `conversation`
-/// (`null` counts as absent) and no `background: true`.
+/// (`null` counts as absent), no `background: true`, and no input item that
+/// is a reference to an item the upstream keeps (`item_reference`).
 fn is_stateless_response(json: &Map<String, Value>) -> bool {
     json.get("store") == Some(&Value::Bool(false))
         && !set(json, "previous_response_id")
         && !set(json, "conversation")
         && json.get("background") != Some(&Value::Bool(true))
+        && !references_items(json)
+}
+
+/// Whether the `input` of a Responses body names an item by id
+/// (`{"type": "item_reference", "id": …}`): what it holds is upstream
+/// state the body does not show.
+fn references_items(json: &Map<String, Value>) -> bool {
+    let Some(Value::Array(input)) = json.get("input") else {
+        return false;
+    };
+    input
+        .iter()
+        .any(|item| item.get("type").and_then(Value::as_str) == Some("item_reference"))
 }
 
 /// Whether `field` is in the body and not `null`.

@@ -86,6 +86,7 @@ async fn stateful_responses_bypass_the_cache() {
         r#"{"model":"m","store":false,"conversation":"conv_1","input":"hi"}"#,
         r#"{"model":"m","stream":true,"input":"hi"}"#,
         r#"{"model":"m","stream":true,"store":false,"previous_response_id":"resp_0","input":"hi"}"#,
+        r#"{"model":"m","store":false,"input":[{"type":"item_reference","id":"msg_1"}]}"#,
     ];
     for body in stateful {
         for _ in 0..2 {
