@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, BoxError, UsageFilter, full};
+use llm_proxy_core::{Body, BoxError, FlushBeforeError, UsageFilter, full};
 
 use crate::flight::{Follower, Head};
 use crate::{Entry, EntryBody, UsageChunk};
@@ -87,7 +87,7 @@ pub(crate) fn from_flight(
         follower,
         next: 0,
         ended: false,
-        flushed: false,
+        flush: FlushBeforeError::default(),
     };
     let body = if filter_usage {
         UsageFilter::new(body).boxed_unsync()
@@ -158,7 +158,7 @@ struct FlightBody {
     /// The flight broke: paused once before failing, so that hyper writes
     /// out the frames it holds (the leader's error event among them)
     /// instead of dropping them with the connection.
-    flushed: bool,
+    flush: FlushBeforeError,
 }
 
 impl HttpBody for FlightBody {
@@ -178,11 +178,7 @@ impl HttpBody for FlightBody {
                 self.next += 1;
                 Poll::Ready(Some(Ok(Frame::data(frame))))
             }
-            Poll::Ready(Some(Err(_))) if !self.flushed => {
-                self.flushed = true;
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
+            Poll::Ready(Some(Err(_))) if self.flush.poll(cx).is_pending() => Poll::Pending,
             Poll::Ready(Some(Err(_))) => {
                 self.ended = true;
                 Poll::Ready(Some(Err(

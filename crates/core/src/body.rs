@@ -4,6 +4,32 @@ use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 /// A boxed, thread-safe error, as body errors are carried.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A pause before a body fails. hyper writes out the frames a body has
+/// handed it while the body is pending, and drops them when it fails: a
+/// body that ends with an error event and then an error pauses once (waking
+/// itself) between the two, so the event reaches the client.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FlushBeforeError {
+    flushed: bool,
+}
+
+impl FlushBeforeError {
+    /// One that has already paused (nothing to flush).
+    pub fn flushed() -> Self {
+        FlushBeforeError { flushed: true }
+    }
+
+    /// `Pending` (woken at once) the first time, `Ready` after.
+    pub fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.flushed {
+            return std::task::Poll::Ready(());
+        }
+        self.flushed = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// A response body's error that is the proxy's own doing, not its
 /// upstream's: a translation that cannot carry on (interleaved tool calls,
 /// a bound it keeps), or an error the upstream reported in its stream and

@@ -56,7 +56,9 @@ mod svc;
 pub mod usage;
 mod usage_filter;
 
-pub use body::{Body, BoxError, Guarded, NotUpstreamFault, empty, full, is_upstream_fault};
+pub use body::{
+    Body, BoxError, FlushBeforeError, Guarded, NotUpstreamFault, empty, full, is_upstream_fault,
+};
 pub use budget::BodyBudget;
 pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,

@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::sse::Parser;
-use llm_proxy_core::{BoxError, Error, NotUpstreamFault, is_upstream_fault};
+use llm_proxy_core::{BoxError, Error, FlushBeforeError, NotUpstreamFault, is_upstream_fault};
 
 use crate::stream::{Step, StreamMap};
 
@@ -41,7 +41,7 @@ enum Phase {
     /// The error event is queued; pause once so the server writes it out,
     /// then fail with `reason`.
     Failing {
-        flushed: bool,
+        flush: FlushBeforeError,
         reason: Option<String>,
         /// The upstream broke the stream (see [`fail`]).
         upstream: bool,
@@ -82,7 +82,7 @@ fn fail(map: &mut StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: Strin
         &reason,
     ));
     *phase = Phase::Failing {
-        flushed: false,
+        flush: FlushBeforeError::default(),
         reason: Some(reason),
         upstream,
     };
@@ -167,17 +167,12 @@ where
             match this.phase {
                 Phase::Done => return Poll::Ready(None),
                 Phase::Failing {
-                    flushed,
+                    flush,
                     reason,
                     upstream,
                 } => {
-                    if !*flushed {
-                        // hyper writes queued frames out while the body is
-                        // pending and drops them when it fails.
-                        *flushed = true;
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
+                    // The client's error event goes out before the failure.
+                    ready!(flush.poll(cx));
                     let reason = reason.take().unwrap_or_default();
                     let error: BoxError = if *upstream {
                         reason.into()

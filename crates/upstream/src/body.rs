@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use llm_proxy_core::sse::Parser;
-use llm_proxy_core::{BoxError, Error, StreamKind};
+use llm_proxy_core::{BoxError, Error, FlushBeforeError, StreamKind};
 use tokio::time::{Instant, Sleep};
 
 use crate::pool::Lease;
@@ -79,7 +79,7 @@ enum State {
     /// error (which makes the server close the connection).
     Interrupting {
         event: Option<Bytes>,
-        flushed: bool,
+        flush: FlushBeforeError,
         error: Option<BoxError>,
     },
     Finished,
@@ -322,7 +322,11 @@ impl State {
             }
         });
         State::Interrupting {
-            flushed: event.is_none(),
+            flush: if event.is_none() {
+                FlushBeforeError::flushed()
+            } else {
+                FlushBeforeError::default()
+            },
             event,
             error: Some(message.into()),
         }
@@ -336,7 +340,7 @@ impl State {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let State::Interrupting {
             event,
-            flushed,
+            flush,
             error: err,
         } = self
         else {
@@ -345,14 +349,8 @@ impl State {
         if let Some(event) = event.take() {
             return Poll::Ready(Some(Ok(Frame::data(event))));
         }
-        if !*flushed {
-            // hyper writes buffered frames out when the body is pending, and
-            // drops them when it fails: pause once so the error event reaches
-            // the client before the connection is closed.
-            *flushed = true;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
+        // The error event reaches the client before the connection closes.
+        std::task::ready!(flush.poll(cx));
         let err = err
             .take()
             .unwrap_or_else(|| error(upstream, "stream failed"));
