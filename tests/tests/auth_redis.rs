@@ -261,3 +261,55 @@ async fn a_reservation_taken_while_redis_failed_is_not_refunded_into_redis() {
     let after = tokens_left(&b, "Bearer sk-fleet").await;
     assert!(after < left + 150, "{left} then {after}");
 }
+
+/// Something else wrote the limit's keys (another type, not a number): the
+/// fleet's limit still holds, decided by Redis, and the keys are written
+/// over.
+#[tokio::test]
+async fn a_damaged_limit_key_is_written_over() {
+    let redis = RedisServer::start().await;
+    let up = mock_named("m").await;
+    let a = proxy(&config(&up.base_url(), &redis.url(), "t9:")).await;
+    let b = proxy(&config(&up.base_url(), &redis.url(), "t9:")).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for damage in ["not-a-number", "hash"] {
+        let key = "t9:rl:{fleet}:req";
+        if damage == "hash" {
+            redis::cmd("DEL")
+                .arg(key)
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+            redis::cmd("HSET")
+                .arg(&[key, "f", "v"])
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+        } else {
+            redis::cmd("SET")
+                .arg(&[key, damage])
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+        }
+        let mut statuses = Vec::new();
+        for p in [&a, &b, &a, &b, &a, &b] {
+            statuses.push(call(p).await.status.as_u16());
+        }
+        // rpm 4 across the fleet, as if the key had been absent.
+        assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{damage}");
+        let state = fleet_state(&redis, "t9:").await.expect("written over");
+        assert!(state.parse::<f64>().is_ok(), "{damage}: {state}");
+        // No Redis call failed: nothing fell back to local limits.
+        for p in [&a, &b] {
+            let metrics = p.metrics().await;
+            assert!(
+                !metrics.lines().any(|l| l
+                    .starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#)
+                    && !l.ends_with(" 0")),
+                "{damage}: {metrics}"
+            );
+        }
+    }
+}

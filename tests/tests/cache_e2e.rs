@@ -331,6 +331,16 @@ async fn redis_going_away_degrades_to_misses() {
                 && !l.ends_with(" 0")),
         "{metrics}"
     );
+    // Then the breaker skips the store: counted too.
+    let answer = post_json(&url, &chat("m", false)).await;
+    assert_eq!(answer.header("x-llm-proxy-cache"), Some("miss"));
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with(r#"llm_proxy_cache_events_total{event="store_skipped"}"#)
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -148,3 +148,34 @@ async fn a_redis_that_stalls_for_a_moment_keeps_its_connection() {
     }
     assert_eq!(relay.accepted(), 1, "no reconnect for a short stall");
 }
+
+/// Redis closes the link's connection (a restart, its `timeout` setting, a
+/// `CLIENT KILL`) while it stays up: the next call is answered, on a new
+/// connection, not failed.
+#[tokio::test]
+async fn a_connection_redis_closed_is_replaced_within_the_call() {
+    let redis = RedisServer::start().await;
+    let relay = Relay::start(redis.addr).await;
+    let link = RedisLink::new(&relay.redis_url()).expect("a link");
+    assert_eq!(get(&link, "k").await.expect("an answer"), None);
+    let admin = redis::Client::open(redis.url()).expect("a client");
+    let mut admin = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connected");
+    for round in 1..=3 {
+        let killed: u64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query_async(&mut admin)
+            .await
+            .expect("killed");
+        assert_eq!(killed, 1, "the link's connection");
+        // The close reaches the link before its next call.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            get(&link, "k").await.expect("answered after the close"),
+            None
+        );
+        assert_eq!(relay.accepted(), 1 + round, "one new connection a close");
+    }
+}

@@ -29,13 +29,21 @@ fn micros(g: Gcra) -> f64 {
 /// backends charge, settle and refund the same amount). Returns
 /// `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
 const ACQUIRE: &str = r"
+-- A key's time, 0 when it holds none: absent, or something the proxy did
+-- not write there (another type, not a number), which the next write
+-- replaces.
+local function tat(key)
+  local v = redis.pcall('GET', key)
+  if type(v) ~= 'string' then return 0 end
+  return tonumber(v) or 0
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = 60000000
 local ri, ti = tonumber(ARGV[1]), tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
-local rtat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
+local rtat = tat(KEYS[1])
+local ttat = tat(KEYS[2])
 local rnew = math.max(rtat, now) + ri
 local tnew = math.max(ttat, now) + cost * ti
 local wait = 0
@@ -60,10 +68,17 @@ return {wait, rtat, ttat, now}
 /// The adjust script. ARGV: token interval µs, delta tokens (may be
 /// negative; [`Gcra::bounded`]).
 const ADJUST: &str = r"
+-- A key's time, 0 when it holds none: absent, or something the proxy did
+-- not write there (another type, not a number), which the next write
+-- replaces.
+local function tat(key)
+  local v = redis.pcall('GET', key)
+  if type(v) ~= 'string' then return 0 end
+  return tonumber(v) or 0
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local new = math.max(tat, now) + tonumber(ARGV[2]) * tonumber(ARGV[1])
+local new = math.max(tat(KEYS[1]), now) + tonumber(ARGV[2]) * tonumber(ARGV[1])
 if new <= now then
   redis.call('DEL', KEYS[1])
 else

@@ -308,7 +308,11 @@ where
                                 "the upstream refused stream_options; retrying without"
                             );
                             strip_usage = false;
-                            call_boxed(&mut inner, original).await
+                            // A clone: readied before its call.
+                            match std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
+                                Ok(()) => call_boxed(&mut inner, original).await,
+                                Err(e) => Err(e),
+                            }
                         }
                         (false, first) => Ok(first),
                     }
@@ -386,6 +390,13 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         req.extensions_mut().insert(allowlist);
     }
     let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() else {
+        if Endpoint::from_path(req.uri().path()).is_some_and(Endpoint::has_model_body) {
+            // Unparsed, its model and size are unknown: let through, it
+            // would pass every allowlist and limit.
+            return Err(Error::Misconfigured(
+                "the auth layer needs the parse layer in front of it".into(),
+            ));
+        }
         return Ok(Admitted {
             key,
             reserve: 0,
@@ -873,5 +884,88 @@ mod tests {
             serde_json::from_str(body).unwrap(),
         );
         assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 256);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod stacking_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use llm_proxy_core::{ParseLayer, ParseLimits, full};
+    use std::sync::atomic::AtomicUsize;
+    use tower::limit::ConcurrencyLimitLayer;
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    fn limited_key() -> KeySpec {
+        let mut key = KeySpec::from_key("k", "sk");
+        key.tokens_per_minute = Some(100_000);
+        key.models = Some(vec!["allowed".into()]);
+        key
+    }
+
+    fn chat(model: &str, stream: bool) -> Request<Body> {
+        let body = serde_json::json!({"model": model, "stream": stream,
+            "messages": [{"role": "user", "content": "x"}]});
+        Request::post("/v1/chat/completions")
+            .header("authorization", "Bearer sk")
+            .header("content-type", "application/json")
+            .body(full(body.to_string()))
+            .unwrap()
+    }
+
+    /// The resend without `stream_options` goes through an inner service
+    /// that pushes back (which panics when called unready).
+    #[tokio::test]
+    async fn the_resend_without_stream_options_readies_its_service() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let upstream = service_fn(move |_req: Request<Body>| {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                let mut resp = if first {
+                    let mut resp = Response::new(full(
+                        r#"{"error":{"message":"unknown field stream_options"}}"#,
+                    ));
+                    *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+                    resp
+                } else {
+                    Response::new(full("data: {\"choices\":[]}\n\ndata: [DONE]\n\n"))
+                };
+                let kind = if first {
+                    "application/json"
+                } else {
+                    "text/event-stream"
+                };
+                resp.headers_mut()
+                    .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(kind));
+                Ok::<_, Error>(resp)
+            }
+        });
+        let svc = ServiceBuilder::new()
+            .layer(ParseLayer::new(ParseLimits::default()))
+            .layer(AuthLayer::new(vec![limited_key()]))
+            .layer(ConcurrencyLimitLayer::new(1))
+            .service(upstream);
+        let resp = svc.oneshot(chat("allowed", true)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "sent again without it");
+    }
+
+    /// Without the parse layer in front, a model request is refused as a
+    /// misconfiguration, not let past the key's allowlist.
+    #[tokio::test]
+    async fn a_model_request_unparsed_is_refused() {
+        let upstream = service_fn(|_req: Request<Body>| async {
+            Ok::<_, Error>(Response::new(full("generated")))
+        });
+        let svc = ServiceBuilder::new()
+            .layer(AuthLayer::new(vec![limited_key()]))
+            .layer(ParseLayer::new(ParseLimits::default()))
+            .service(upstream);
+        let err = svc.oneshot(chat("forbidden", false)).await.unwrap_err();
+        assert!(matches!(err, Error::Misconfigured(_)), "{err}");
+        assert_eq!(err.status(), 500);
     }
 }

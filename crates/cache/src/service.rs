@@ -223,16 +223,19 @@ where
             let future: BoxFuture = Box::pin(ready.call(req));
             return Box::pin(async move { marked(future.await, dialect, CacheStatus::Bypass) });
         };
-        // The cached path may wait (for the store, for a flight) before it
-        // calls the inner service, if it calls it at all: it readies a clone
-        // of its own then, and `self.inner` keeps what `poll_ready` reserved
-        // for the next call.
-        Box::pin(serve(self.inner.clone(), self.shared.clone(), plan, req))
+        // The service `poll_ready` readied goes with the request (a clone
+        // takes its place): what it reserved is this request's, held while
+        // the request waits (for the store, for a flight) and given back
+        // when it is answered without the inner service.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        Box::pin(serve(ready, self.shared.clone(), plan, req))
     }
 }
 
+/// `ready` has been polled ready: its first call needs no `poll_ready`.
 async fn serve<S>(
-    inner: S,
+    ready: S,
     shared: Arc<Shared>,
     plan: Plan,
     req: Request<Body>,
@@ -245,7 +248,7 @@ where
     if plan.control.no_cache {
         Counters::bump(&counters.bypasses);
         let leader = Leader::detached(plan.key);
-        return fetch(inner, &shared, &plan, req, leader, CacheStatus::Bypass).await;
+        return fetch(ready, &shared, &plan, req, leader, CacheStatus::Bypass).await;
     }
     // One wait for the whole request: a follower whose leader fails
     // follows the next one, but not for another `max_wait` each time (N
@@ -264,7 +267,7 @@ where
                     return Ok(response);
                 }
                 Counters::bump(&counters.misses);
-                return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
+                return fetch(ready, &shared, &plan, req, leader, CacheStatus::Miss).await;
             }
             Joined::Follow(follower) => {
                 Counters::bump(&counters.coalesced);
@@ -293,7 +296,7 @@ where
                         drop(follower);
                         Counters::bump(&counters.misses);
                         let leader = Leader::detached(plan.key);
-                        return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
+                        return fetch(ready, &shared, &plan, req, leader, CacheStatus::Miss).await;
                     }
                 }
             }
@@ -344,8 +347,9 @@ fn entry_frames(entry: &Entry) -> Vec<bytes::Bytes> {
 /// Ask the inner service, and tee a `200` into the flight and the store
 /// (not the store when a fallback model answered: the key is the client's
 /// model's).
+/// `ready` has been polled ready (see [`serve`]).
 async fn fetch<S>(
-    inner: S,
+    mut ready: S,
     shared: &Arc<Shared>,
     plan: &Plan,
     req: Request<Body>,
@@ -370,12 +374,16 @@ where
     } else {
         None
     };
-    let response = call(inner.clone(), Request::from_parts(parts, empty())).await;
-    let response = match (unedited, response) {
-        (Some(original), Ok(first)) => match refuses_stream_options(first).await {
+    // A second call, should there be one, readies a clone of its own.
+    let again = unedited.map(|original| (original, ready.clone()));
+    let first = boxed(ready.call(Request::from_parts(parts, empty())));
+    drop(ready);
+    let response = first.await;
+    let response = match (again, response) {
+        (Some((original, inner)), Ok(first)) => match refuses_stream_options(first).await {
             (true, _refusal) => {
                 tracing::debug!("the upstream refused stream_options; retrying without");
-                call(inner, Request::from_parts(original, empty())).await
+                boxed(inner.oneshot(Request::from_parts(original, empty()))).await
             }
             (false, first) => Ok(first),
         },
@@ -421,6 +429,16 @@ where
     };
     let body = Body::new(CacheBody::new(body, tee));
     Ok(to_client(parts, body, plan, status))
+}
+
+/// Boxed: awaiting `S::Future` inside the caller's `async fn` trips
+/// rustc's higher-ranked `Send` inference over the `dyn Error` in [`Body`]
+/// (as in core's parse layer).
+fn boxed<F>(future: F) -> BoxFuture
+where
+    F: Future<Output = Result<Response<Body>, Error>> + Send + 'static,
+{
+    Box::pin(future)
 }
 
 /// The answer for the client: without the usage chunk the cache asked for
@@ -485,15 +503,4 @@ fn ask_for_usage(meta: &mut RequestMeta) -> bool {
         }
         None => false,
     }
-}
-
-/// Call `inner` once it is ready. Boxed: awaiting `S::Future` inside the
-/// caller's `async fn` trips rustc's higher-ranked `Send` inference over the
-/// `dyn Error` in [`Body`] (as in core's parse layer).
-fn call<S>(inner: S, req: Request<Body>) -> BoxFuture
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    Box::pin(inner.oneshot(req))
 }

@@ -83,7 +83,7 @@ pub struct StatsSnapshot {
 impl StatsSnapshot {
     /// The event counters by the `event` label of
     /// `llm_proxy_cache_events_total`.
-    pub fn events(&self) -> [(&'static str, u64); 9] {
+    pub fn events(&self) -> [(&'static str, u64); 10] {
         [
             ("hit", self.hits),
             ("miss", self.misses),
@@ -94,6 +94,7 @@ impl StatsSnapshot {
             ("eviction", self.evictions),
             ("expiration", self.expirations),
             ("too_large", self.too_large),
+            ("store_skipped", self.store_skipped),
         ]
     }
 }
@@ -158,10 +159,10 @@ impl Counters {
     pub(crate) fn store_error(&self, store: &'static str, op: &'static str, error: &StoreError) {
         Self::bump(&self.store_errors);
         let now = crate::clock::now_ms();
-        if matches!(error, StoreError::Corrupt(_)) {
+        if matches!(error, StoreError::Corrupt(_) | StoreError::Refused { .. }) {
             // The store answered: one bad value (another version's, or
-            // damaged) is that entry's miss, not a reason to leave the
-            // store alone for every key.
+            // damaged), or a refused call (a full Redis), is that entry's
+            // miss, not a reason to leave the store alone for every key.
             self.breaker.success();
         } else if self.breaker.failure(now) {
             tracing::warn!(

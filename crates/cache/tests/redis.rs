@@ -264,3 +264,28 @@ async fn redis_stopped_mid_test_degrades_to_misses() {
     assert!(stats.store_errors >= 3, "{stats:?}");
     assert!(stats.store_skipped >= 1, "the breaker opened: {stats:?}");
 }
+
+/// A full Redis (`maxmemory`, no eviction) refuses writes with `OOM`: the
+/// answers go unstored, but what is stored is still served — refused calls
+/// are no outage, and do not make the cache skip Redis.
+#[tokio::test]
+async fn a_full_redis_refuses_writes_and_still_serves_hits() {
+    let server = RedisServer::start().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let proxy = instance(
+        RedisStore::connect(&server.url(), "f:").await.unwrap(),
+        calls.clone(),
+    );
+    assert_eq!(proxy.ask(CHAT).await.0, "miss");
+    assert_eq!(proxy.ask(CHAT).await.0, "hit");
+    // Full from now on: any write is refused.
+    redis_cli(&server, &["CONFIG", "SET", "maxmemory", "1"]).await;
+    for n in 0..5 {
+        let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"q{n}"}}]}}"#);
+        assert_eq!(proxy.ask(&body).await.0, "miss");
+    }
+    let stats = proxy.stats.snapshot();
+    assert_eq!(stats.store_errors, 5, "five refused writes");
+    assert_eq!(stats.store_skipped, 0, "Redis was never skipped");
+    assert_eq!(proxy.ask(CHAT).await.0, "hit");
+}

@@ -123,6 +123,11 @@ pub enum Error {
     /// No attempt could be made at all.
     #[error("no upstream available: {0}")]
     NoUpstreamAvailable(String),
+    /// The stack is put together wrongly: a layer lacks what a layer in
+    /// front of it should have done (e.g. the auth layer without the parse
+    /// layer before it). A 500: no request can fix it.
+    #[error("the proxy is misconfigured: {0}")]
+    Misconfigured(String),
     /// The upstream did not answer in time.
     #[error("upstream `{upstream}` timed out {phase}")]
     UpstreamTimeout {
@@ -183,6 +188,7 @@ impl Error {
             BadGateway { .. } => StatusCode::BAD_GATEWAY,
             NoUpstreamAvailable(_) | BodyBufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -211,6 +217,7 @@ impl Error {
             BadGateway { .. } => "upstream_error",
             NoUpstreamAvailable(_) | BodyBufferFull { .. } => "service_unavailable",
             UpstreamTimeout { .. } => "timeout_error",
+            Misconfigured(_) => "server_error",
         }
     }
 
@@ -239,6 +246,7 @@ impl Error {
             NoUpstreamAvailable(_) => "no_upstream_available",
             BodyBufferFull { .. } => "server_overloaded",
             UpstreamTimeout { .. } => "upstream_timeout",
+            Misconfigured(_) => "misconfigured",
         }
     }
 

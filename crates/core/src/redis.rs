@@ -19,7 +19,8 @@
 //!   for a snapshot, a slow script), which times out every call in flight at
 //!   once, from being reconnected by every proxy at the same moment;
 //! - a [`Breaker`]: after [`THRESHOLD`](crate::breaker::THRESHOLD) failed
-//!   calls in a row, calls fail at once with [`RedisCallError::Skipped`] for
+//!   calls in a row (an error reply from Redis is no failure: it answered),
+//!   calls fail at once with [`RedisCallError::Skipped`] for
 //!   a second, then one call probes Redis. With Redis unreachable a request
 //!   pays nothing for it, instead of a timeout each. A caller with a breaker
 //!   of its own (the cache layer has one for every store) turns it off.
@@ -61,6 +62,14 @@ pub enum RedisCallError {
     /// Not tried: Redis kept failing, and the breaker skips it for a while.
     #[error("redis keeps failing; skipped for up to a second")]
     Skipped,
+}
+
+impl RedisCallError {
+    /// Whether Redis answered, with an error reply (`OOM`, `WRONGTYPE`, a
+    /// script's error): the call failed, but Redis is there.
+    pub fn is_reply(&self) -> bool {
+        matches!(self, RedisCallError::Redis(e) if answered(e))
+    }
 }
 
 /// Whether Redis itself answered with this error (the connection works),
@@ -179,6 +188,15 @@ impl RedisLink {
     /// Run one call, named `op` in errors: `call` gets a handle on the
     /// current connection and is bounded by the link's timeout.
     ///
+    /// A call that finds the connection dropped (Redis restarted, or closed
+    /// an idle connection: its `timeout` setting, a failover, a middlebox)
+    /// is made once more, on the connection the manager makes in its place,
+    /// within the same timeout: such a call was, as a rule, never sent. (A
+    /// connection reset between the command's arrival and its reply is the
+    /// exception: the command then runs twice. The link's callers send
+    /// commands that are idempotent, or, for the limits' script, whose
+    /// repetition only errs on the strict side.)
+    ///
     /// ```no_run
     /// # async fn f(link: llm_proxy_core::redis::RedisLink) -> Result<(), llm_proxy_core::redis::RedisCallError> {
     /// let value: Option<String> = link
@@ -188,7 +206,7 @@ impl RedisLink {
     /// ```
     pub async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, RedisCallError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         if let Some(breaker) = &self.breaker
@@ -197,7 +215,16 @@ impl RedisLink {
             return Err(RedisCallError::Skipped);
         }
         let (manager, generation, health) = self.current()?;
-        let result = match tokio::time::timeout(self.timeout, call(manager)).await {
+        let once_more = async {
+            match call(manager.clone()).await {
+                Err(e) if e.is_connection_dropped() => {
+                    tracing::debug!(error = %e, op, "redis connection dropped; calling again");
+                    call(manager).await
+                }
+                done => done,
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, once_more).await {
             Ok(Ok(value)) => {
                 self.answered(&health);
                 Ok(value)
@@ -220,7 +247,10 @@ impl RedisLink {
         };
         if let Some(breaker) = &self.breaker {
             match &result {
+                // An error Redis answered with (a full Redis's `OOM`, a
+                // `WRONGTYPE`) is that call's: Redis is there.
                 Ok(_) => breaker.success(),
+                Err(e) if e.is_reply() => breaker.success(),
                 Err(_) => {
                     breaker.failure(self.now_ms());
                 }

@@ -65,10 +65,11 @@ impl RedisIds {
         let key = self.key(namespace, id);
         let key = &key;
         let get = |mut c: redis::aio::ConnectionManager| async move {
-            c.get::<_, Option<String>>(key).await
+            c.get::<_, Option<Vec<u8>>>(key).await
         };
         match self.inner.link.call("get", get).await {
-            Ok(found) => found,
+            // (Not UTF-8: not an upstream name the proxy wrote.)
+            Ok(found) => found.and_then(|name| String::from_utf8(name).ok()),
             Err(e) => self.failed(&e),
         }
     }
@@ -82,6 +83,7 @@ impl RedisIds {
         let this = self.clone();
         let (key, value) = (self.key(namespace, id), upstream.to_owned());
         rt.spawn(async move {
+            let (key, value) = (&key, &value);
             let set = |mut c: redis::aio::ConnectionManager| async move {
                 c.set_ex::<_, _, ()>(key, value, ttl.as_secs()).await
             };

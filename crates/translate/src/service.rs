@@ -168,9 +168,14 @@ where
 
 /// Rewrite the request for the upstream: body, endpoint, path, headers.
 fn prepare(direction: Direction, req: &mut Request<Body>) -> Result<Translation, Error> {
-    let meta = req.extensions_mut().get_mut::<RequestMeta>().ok_or_else(|| {
-        Error::ApiNotServed("this upstream needs a translated request, and translation needs the parse layer's RequestMeta".into())
-    })?;
+    let meta = req
+        .extensions_mut()
+        .get_mut::<RequestMeta>()
+        .ok_or_else(|| {
+            Error::Misconfigured(
+                "the translate layer needs the parse layer's RequestMeta in front of it".into(),
+            )
+        })?;
     let json = meta.json().ok_or(Error::InvalidBody)?;
     let (body, translation) = match direction {
         Direction::MessagesOverChat => {

@@ -110,6 +110,15 @@ pub enum StoreError {
         /// What it said.
         message: String,
     },
+    /// The store answered, refusing the call (a full Redis's `OOM`, a key
+    /// of another type): that call's failure, not the store's.
+    #[error("{store} refused the call: {message}")]
+    Refused {
+        /// The store's kind.
+        store: &'static str,
+        /// What it said.
+        message: String,
+    },
     /// A stored value could not be decoded (written by an incompatible
     /// version, or damaged).
     #[error(transparent)]

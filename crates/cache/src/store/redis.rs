@@ -41,6 +41,10 @@ fn store_error(error: RedisCallError) -> StoreError {
             op,
             after,
         },
+        reply if reply.is_reply() => StoreError::Refused {
+            store: "redis",
+            message: reply.to_string(),
+        },
         other => StoreError::Backend {
             store: "redis",
             message: other.to_string(),
