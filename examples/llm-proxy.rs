@@ -20,26 +20,40 @@ use llm_proxy::config::Settings;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: llm-proxy --config FILE";
+const USAGE: &str = "usage: llm-proxy --config FILE   (also --version, --help)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut config: Option<PathBuf> = None;
     while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => config = args.next().map(PathBuf::from),
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        match flag {
+            "--config" | "-c" => {
+                if config.is_some() {
+                    eprintln!("llm-proxy: --config given twice. {USAGE}");
+                    return ExitCode::from(2);
+                }
+                config = inline.or_else(|| args.next()).map(PathBuf::from);
+            }
             "--help" | "-h" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
+            "--version" | "-V" => {
+                println!("llm-proxy {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
             other => {
-                eprintln!("llm-proxy: unknown argument `{other}`\n{USAGE}");
+                eprintln!("llm-proxy: unknown argument `{other}`. {USAGE}");
                 return ExitCode::from(2);
             }
         }
     }
     let Some(config) = config else {
-        eprintln!("llm-proxy: --config FILE is required\n{USAGE}");
+        eprintln!("llm-proxy: --config FILE is required. {USAGE}");
         return ExitCode::from(2);
     };
     let settings = match Settings::from_file(&config) {

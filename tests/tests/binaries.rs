@@ -378,3 +378,33 @@ async fn workers_share_the_connections_evenly() {
     );
     drop(open);
 }
+
+#[test]
+fn the_command_line_is_read_as_users_write_it() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(example_binary("llm-proxy"))
+            .args(args)
+            .output()
+            .expect("run llm-proxy");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("llm-proxy "), "{stdout}");
+    // `--config=FILE` is `--config FILE`: a missing file is a config error.
+    let (code, _, stderr) = run(&["--config=/nonexistent/llm-proxy.toml"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.starts_with("llm-proxy: config error: ") && stderr.contains("/nonexistent/"),
+        "{stderr}"
+    );
+    for args in [&["--config", "a", "--config", "b"][..], &["--frobnicate"]] {
+        let (code, _, stderr) = run(args);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    }
+}

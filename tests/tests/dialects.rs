@@ -102,7 +102,7 @@ async fn the_proxys_own_requests_to_an_anthropic_upstream_name_the_api_version()
     // request without `anthropic-version`, which would mark it down for good.
     let up = mock_named("claude").await;
     let p = proxy(&format!(
-        "{}\n[balance]\nhealth_check_secs = 0.05\n",
+        "{}\n[balance]\nhealth_check_secs = 0.1\n",
         one_upstream(&up.base_url(), "protocol = \"anthropic\"")
     ))
     .await;

@@ -427,6 +427,16 @@ async fn metrics_listen_serves_metrics_apart_over_http1_and_h2c() {
         ))
         .await;
         assert_eq!(answer.status, 200, "{probe}");
+        // As on the main listener: read-only.
+        let post = send(request(
+            Method::POST,
+            &format!("http://{addr}{probe}"),
+            &[],
+            "",
+        ))
+        .await;
+        assert_eq!(post.status, 405, "{probe}");
+        assert_eq!(post.header("allow"), Some("GET, HEAD"), "{probe}");
     }
     // h2c too.
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();

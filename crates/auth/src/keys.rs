@@ -83,11 +83,17 @@ pub struct KeyStats {
 /// client cannot grow the metrics without bound by inventing model names.
 const MAX_MODELS_PER_KEY: usize = 64;
 
+/// The longest model name kept as a label; longer ones (a client's, passed
+/// to an upstream that takes any name) count as `other`, so that neither a
+/// scrape nor the map grows with what a client sends.
+const MAX_MODEL_LABEL_BYTES: usize = 256;
+
 impl KeyStats {
     /// Count `input` and `output` tokens used with `model`.
     pub fn add_tokens(&self, model: &Arc<str>, input: u64, output: u64) {
         let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = if map.contains_key(model) || map.len() < MAX_MODELS_PER_KEY {
+        let known = map.contains_key(model) || map.len() < MAX_MODELS_PER_KEY;
+        let slot = if known && model.len() <= MAX_MODEL_LABEL_BYTES {
             map.entry(model.clone()).or_default()
         } else {
             map.entry(Arc::from("other")).or_default()
@@ -220,6 +226,30 @@ mod tests {
             h.append(*k, http::HeaderValue::from_bytes(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn model_labels_are_bounded_in_number_and_length() {
+        let stats = KeyStats::default();
+        for n in 0..70 {
+            stats.add_tokens(&Arc::from(format!("m{n}")), 1, 0);
+        }
+        stats.add_tokens(&Arc::from("m0"), 1, 0);
+        stats.add_tokens(&Arc::from("x".repeat(300)), 1, 0);
+        let tokens = stats.tokens();
+        assert_eq!(tokens.len(), MAX_MODELS_PER_KEY + 1);
+        let count = |name: &str| {
+            tokens
+                .iter()
+                .find(|(m, ..)| &**m == name)
+                .map(|(_, input, _)| *input)
+        };
+        assert_eq!(count("m0"), Some(2));
+        assert_eq!(count("other"), Some(7), "6 past the cap, 1 too long");
+        // A long name is `other` even while there is room.
+        let stats = KeyStats::default();
+        stats.add_tokens(&Arc::from("x".repeat(300)), 1, 0);
+        assert_eq!(&*stats.tokens()[0].0, "other");
     }
 
     #[test]

@@ -79,19 +79,26 @@ impl Default for PrefixConfig {
 }
 
 impl PrefixConfig {
+    /// The bounds `block_bytes` is clamped to.
+    pub const BLOCK_BYTES: std::ops::RangeInclusive<usize> = 16..=65_536;
+    /// The bounds `prefix_blocks` is clamped to.
+    pub const PREFIX_BLOCKS: std::ops::RangeInclusive<usize> = 1..=1024;
+    /// The bounds `virtual_nodes` is clamped to.
+    pub const VIRTUAL_NODES: std::ops::RangeInclusive<usize> = 1..=1024;
+
     /// `block_bytes` within its documented bounds.
     pub(crate) fn block_bytes_clamped(&self) -> usize {
-        self.block_bytes.clamp(16, 65_536)
+        clamp(self.block_bytes, &Self::BLOCK_BYTES)
     }
 
     /// `prefix_blocks` within its documented bounds.
     pub(crate) fn prefix_blocks_clamped(&self) -> usize {
-        self.prefix_blocks.clamp(1, 1024)
+        clamp(self.prefix_blocks, &Self::PREFIX_BLOCKS)
     }
 
     /// `virtual_nodes` within its documented bounds.
     pub(crate) fn virtual_nodes_clamped(&self) -> usize {
-        self.virtual_nodes.clamp(1, 1024)
+        clamp(self.virtual_nodes, &Self::VIRTUAL_NODES)
     }
 
     /// `load_factor`, non-negative and finite (NaN and negatives are 0).
@@ -204,4 +211,8 @@ impl Default for BalanceConfig {
             retry_budget: RetryBudget::default(),
         }
     }
+}
+
+fn clamp(value: usize, bounds: &std::ops::RangeInclusive<usize>) -> usize {
+    value.clamp(*bounds.start(), *bounds.end())
 }

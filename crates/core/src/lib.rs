@@ -47,6 +47,7 @@ mod error;
 pub mod fallback;
 mod meta;
 mod parse;
+pub mod redact;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod refusal;
@@ -63,7 +64,7 @@ pub use budget::BodyBudget;
 pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
 };
-pub use error::{Error, ErrorBody, INTERRUPTED_CODE};
+pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE};
 pub use meta::{Identity, ModelAllowlist, RequestMeta};
 pub use parse::{
     BudgetHold, Parse, ParseLayer, ParseLimits, parse, parse_object, parse_object_within,

@@ -139,13 +139,13 @@ pub struct CacheSection {
     pub backend: Spanned<String>,
     /// Memory store: most entries kept.
     #[serde(default = "defaults::max_entries")]
-    pub max_entries: usize,
+    pub max_entries: Spanned<usize>,
     /// Memory store: most body bytes kept.
     #[serde(default = "defaults::max_bytes")]
-    pub max_bytes: usize,
+    pub max_bytes: Spanned<usize>,
     /// How long an entry lives.
     #[serde(default = "defaults::ttl_secs")]
-    pub ttl_secs: f64,
+    pub ttl_secs: Spanned<f64>,
     /// `per_key` or `shared`.
     #[serde(default)]
     pub scope: Option<Spanned<String>>,
@@ -298,14 +298,14 @@ mod defaults {
     pub fn websocket_idle_timeout_ms() -> u64 {
         600_000
     }
-    pub fn max_entries() -> usize {
-        10_000
+    pub fn max_entries() -> Spanned<usize> {
+        Spanned::new(0..0, 10_000)
     }
-    pub fn max_bytes() -> usize {
-        268_435_456
+    pub fn max_bytes() -> Spanned<usize> {
+        Spanned::new(0..0, 268_435_456)
     }
-    pub fn ttl_secs() -> f64 {
-        3600.0
+    pub fn ttl_secs() -> Spanned<f64> {
+        Spanned::new(0..0, 3600.0)
     }
     pub fn weight() -> u32 {
         1
@@ -499,6 +499,10 @@ const MAX_CONNECTIONS: usize = tokio::sync::Semaphore::MAX_PERMITS;
 /// The most `workers`: one thread (and runtime, and upstream pool) each.
 const MAX_WORKERS: usize = 1024;
 
+/// The shortest `ttl_secs`: an entry that expires as it is stored is
+/// a cache that answers nothing.
+const MIN_TTL_SECS: f64 = 0.001;
+
 /// The longest `ttl_secs`: ten years ("for ever", without overflowing a clock).
 const MAX_TTL_SECS: f64 = 10.0 * 365.0 * 86_400.0;
 
@@ -507,7 +511,7 @@ const MAX_TTL_SECS: f64 = 10.0 * 365.0 * 86_400.0;
 fn positive_ms(path: &Path, key: &str, ms: u64) -> Result<Duration, ConfigError> {
     if ms == 0 {
         return Err(ConfigError(format!(
-            "{}: `{key}` must be at least 1 (milliseconds)",
+            "{}: {key} must be at least 1 (milliseconds)",
             path.display()
         )));
     }
@@ -517,7 +521,7 @@ fn positive_ms(path: &Path, key: &str, ms: u64) -> Result<Duration, ConfigError>
 fn duration_secs(path: &Path, key: &str, secs: f64) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(secs).map_err(|_| {
         ConfigError(format!(
-            "{}: `{key}` must be a non-negative number of seconds, not {secs}",
+            "{}: {key} must be a non-negative number of seconds, not {secs}",
             path.display()
         ))
     })
@@ -581,7 +585,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         }
         Some(n) => n,
     };
-    positive_ms(path, "header_read_timeout_ms", cfg.header_read_timeout_ms)?;
+    positive_ms(path, "`header_read_timeout_ms`", cfg.header_read_timeout_ms)?;
     if cfg.upstream.is_empty() {
         return Err(ConfigError(format!(
             "{}: no [[upstream]] configured: at least one is needed",
@@ -592,7 +596,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
     let mut upstreams = Vec::with_capacity(cfg.upstream.len());
     for up in cfg.upstream {
         let name = up.name.get_ref().clone();
-        if name.is_empty() || http::HeaderValue::from_str(&name).is_err() {
+        if name.trim().is_empty() || http::HeaderValue::from_str(&name).is_err() {
             return Err(err(
                 up.name.span(),
                 format!("upstream name `{name}` must be non-empty printable text"),
@@ -630,6 +634,14 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 Api::Messages,
             ],
             None => protocol.default_apis(),
+            Some(list) if list.get_ref().is_empty() => {
+                return Err(err(
+                    list.span(),
+                    format!(
+                        "upstream `{name}`: `apis` is empty, so it would serve nothing; leave it out for its protocol's APIs"
+                    ),
+                ));
+            }
             Some(list) => {
                 let mut apis = Vec::new();
                 for api in list.get_ref() {
@@ -664,7 +676,10 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             (Some(url), None) => Target::Url(parse_url(url.get_ref()).map_err(|m| {
                 err(
                     url.span(),
-                    format!("upstream `{name}`: bad url `{}`: {m}", url.get_ref()),
+                    format!(
+                        "upstream `{name}`: bad url `{}`: {m}",
+                        llm_proxy_core::redact::url(url.get_ref())
+                    ),
                 )
             })?),
             (None, Some(mock)) => Target::Mock {
@@ -729,6 +744,19 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 ),
             ));
         }
+        if let Some(model) = up.models.iter().flatten().find(|m| m.trim().is_empty()) {
+            return Err(err(
+                up.name.span(),
+                format!("upstream `{name}`: `models` holds an empty name ({model:?})"),
+            ));
+        }
+        let ms = |key: &str, value: u64| {
+            positive_ms(path, &format!("upstream `{name}`: `{key}`"), value)
+        };
+        let connect_timeout = ms("connect_timeout_ms", up.connect_timeout_ms)?;
+        let first_byte_timeout = ms("first_byte_timeout_ms", up.first_byte_timeout_ms)?;
+        let idle_timeout = ms("idle_timeout_ms", up.idle_timeout_ms)?;
+        let websocket_idle_timeout = ms("websocket_idle_timeout_ms", up.websocket_idle_timeout_ms)?;
         upstreams.push(UpstreamSpec {
             name,
             target,
@@ -737,27 +765,19 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             weight: up.weight,
             protocol,
             apis,
-            connect_timeout: positive_ms(path, "connect_timeout_ms", up.connect_timeout_ms)?,
-            first_byte_timeout: positive_ms(
-                path,
-                "first_byte_timeout_ms",
-                up.first_byte_timeout_ms,
-            )?,
-            idle_timeout: positive_ms(path, "idle_timeout_ms", up.idle_timeout_ms)?,
+            connect_timeout,
+            first_byte_timeout,
+            idle_timeout,
             extra_roots_pem,
             websocket,
-            websocket_idle_timeout: positive_ms(
-                path,
-                "websocket_idle_timeout_ms",
-                up.websocket_idle_timeout_ms,
-            )?,
+            websocket_idle_timeout,
         });
     }
     Ok(Settings {
         listen,
         max_body_bytes: cfg.max_body_bytes,
         max_buffered_body_bytes,
-        drain_timeout: duration_secs(path, "drain_timeout_secs", cfg.drain_timeout_secs)?,
+        drain_timeout: duration_secs(path, "`drain_timeout_secs`", cfg.drain_timeout_secs)?,
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         max_connections: cfg.max_connections,
         workers: match cfg.workers {
@@ -791,21 +811,23 @@ fn validate_cache(path: &Path, src: &str, c: &CacheSection) -> Result<CacheSpec,
     };
     let store = match c.backend.get_ref().as_str() {
         "memory" => {
+            // Unused (DESIGN.md's example shows it beside the memory
+            // backend), but a typo in it is still caught.
             if let Some(url) = &c.redis_url {
-                return Err(err(
-                    url.span(),
-                    "[cache] `redis_url` is set but backend is \"memory\"".into(),
-                ));
+                check_redis_url(url.get_ref())
+                    .map_err(|m| err(url.span(), format!("[cache] `redis_url`: {m}")))?;
             }
-            if c.max_entries == 0 || c.max_bytes == 0 {
-                return Err(err(
-                    c.backend.span(),
-                    "[cache] `max_entries` and `max_bytes` must be at least 1".into(),
-                ));
+            for (key, value) in [("max_entries", &c.max_entries), ("max_bytes", &c.max_bytes)] {
+                if *value.get_ref() == 0 {
+                    return Err(err(
+                        value.span(),
+                        format!("[cache] `{key}` must be at least 1"),
+                    ));
+                }
             }
             CacheStore::Memory {
-                max_entries: c.max_entries,
-                max_bytes: c.max_bytes,
+                max_entries: *c.max_entries.get_ref(),
+                max_bytes: *c.max_bytes.get_ref(),
             }
         }
         "redis" => {
@@ -830,16 +852,18 @@ fn validate_cache(path: &Path, src: &str, c: &CacheSection) -> Result<CacheSpec,
             ));
         }
     };
+    let secs = *c.ttl_secs.get_ref();
+    if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&secs) {
+        return Err(err(
+            c.ttl_secs.span(),
+            format!(
+                "[cache] `ttl_secs` must be from {MIN_TTL_SECS} to {MAX_TTL_SECS} (ten years), not {secs}: \
+                 to store nothing, leave out [cache] or set `enabled = false`"
+            ),
+        ));
+    }
     Ok(CacheSpec {
-        ttl: match c.ttl_secs {
-            secs if secs > MAX_TTL_SECS => {
-                return Err(ConfigError(format!(
-                    "{}: [cache] `ttl_secs` must be at most {MAX_TTL_SECS} (ten years), not {secs}",
-                    path.display()
-                )));
-            }
-            secs => duration_secs(path, "ttl_secs", secs)?,
-        },
+        ttl: duration_secs(path, "[cache] `ttl_secs`", secs)?,
         scope,
         store,
     })
@@ -864,6 +888,7 @@ fn validate_balance(
             max_spread: p.and_then(|p| p.max_spread).unwrap_or(d.max_spread),
         }
     };
+    check_balance_numbers(path, b)?;
     let strategy = match b
         .strategy
         .as_ref()
@@ -916,12 +941,12 @@ fn validate_balance(
     let mut cfg = BalanceConfig {
         strategy,
         max_retries: b.max_retries,
-        eject_after_failures: b.eject_after_failures.max(1),
-        eject: duration_secs(path, "eject_secs", b.eject_secs)?,
+        eject_after_failures: b.eject_after_failures,
+        eject: duration_secs(path, "[balance] `eject_secs`", b.eject_secs)?,
         fallbacks: b.fallbacks.clone(),
         ..BalanceConfig::default()
     };
-    let every = duration_secs(path, "health_check_secs", b.health_check_secs)?;
+    let every = duration_secs(path, "[balance] `health_check_secs`", b.health_check_secs)?;
     if let Some(p) = &b.health_check_path
         && !p.starts_with('/')
     {
@@ -946,16 +971,79 @@ fn validate_balance(
     Ok(cfg)
 }
 
+/// The most retries a request may make: each one is a whole attempt on
+/// an upstream, back to back.
+const MAX_RETRIES: u32 = 10;
+
+/// The shortest interval of active health checks.
+const MIN_HEALTH_CHECK_SECS: f64 = 0.1;
+
+/// `[balance]` numbers that cannot work (a value the balancer would
+/// otherwise clamp, or one that turns it into a retry loop) are refused.
+fn check_balance_numbers(path: &Path, b: &BalanceSection) -> Result<(), ConfigError> {
+    let fail = |msg: String| Err(ConfigError(format!("{}: [balance] {msg}", path.display())));
+    if b.max_retries > MAX_RETRIES {
+        return fail(format!(
+            "`max_retries` must be at most {MAX_RETRIES}, not {}",
+            b.max_retries
+        ));
+    }
+    if b.eject_after_failures == 0 {
+        return fail("`eject_after_failures` must be at least 1".into());
+    }
+    let every = b.health_check_secs;
+    let every_ok = every == 0.0 || every >= MIN_HEALTH_CHECK_SECS;
+    if !every_ok {
+        return fail(format!(
+            "`health_check_secs` must be 0 (no active checks) or at least {MIN_HEALTH_CHECK_SECS}, not {every}"
+        ));
+    }
+    if let Some(r) = b.retry_budget_ratio
+        && !(0.0..=1.0).contains(&r)
+    {
+        return fail(format!(
+            "`retry_budget_ratio` must be from 0 to 1 (a fraction of requests), not {r}"
+        ));
+    }
+    if let Some(p) = &b.prefix_affinity {
+        use llm_proxy_balance::PrefixConfig as P;
+        let bounded = [
+            ("block_bytes", p.block_bytes, P::BLOCK_BYTES),
+            ("prefix_blocks", p.prefix_blocks, P::PREFIX_BLOCKS),
+            ("virtual_nodes", p.virtual_nodes, P::VIRTUAL_NODES),
+        ];
+        for (key, value, bounds) in bounded {
+            if let Some(v) = value
+                && !bounds.contains(&v)
+            {
+                return fail(format!(
+                    "prefix_affinity `{key}` must be from {} to {}, not {v}",
+                    bounds.start(),
+                    bounds.end()
+                ));
+            }
+        }
+        if let Some(f) = p.load_factor
+            && !(f >= 0.0 && f.is_finite())
+        {
+            return fail(format!(
+                "prefix_affinity `load_factor` must be a number ≥ 0, not {f}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, ConfigError> {
     let err =
         |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
     let backend = match a.backend.get_ref().as_str() {
         "memory" => {
+            // Unused (DESIGN.md's example shows it beside the memory
+            // backend), but a typo in it is still caught.
             if let Some(url) = &a.redis_url {
-                return Err(err(
-                    url.span(),
-                    "[auth] `redis_url` is set but backend is \"memory\"".into(),
-                ));
+                check_redis_url(url.get_ref())
+                    .map_err(|m| err(url.span(), format!("[auth] `redis_url`: {m}")))?;
             }
             LimitStore::Memory
         }
@@ -983,6 +1071,13 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
     };
     let mut names = HashSet::new();
     let mut hashes = HashSet::new();
+    if a.keys.is_empty() {
+        return Err(ConfigError(format!(
+            "{}: [auth] has no [[auth.keys]], so every request would be refused (401): \
+             add a key, or set `enabled = false`",
+            path.display()
+        )));
+    }
     let mut keys = Vec::with_capacity(a.keys.len());
     for k in &a.keys {
         let name = k.name.get_ref().clone();
@@ -1054,21 +1149,7 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
 pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
     redis::Client::open(url)
         .map(|_| ())
-        .map_err(|e| format!("`{}`: {e}", redact_userinfo(url)))
-}
-
-/// `url` with any `user:password@` replaced by `***@`: a config error goes
-/// to the terminal and the logs, a Redis password must not.
-fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.into();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]).into(),
-        None => url.into(),
-    }
+        .map_err(|e| format!("`{}`: {e}", llm_proxy_core::redact::url(url)))
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -1088,6 +1169,15 @@ fn parse_url(s: &str) -> Result<http::Uri, String> {
     if uri.query().is_some() {
         return Err("a base URL takes no query".into());
     }
+    if s.contains('#') {
+        return Err("a base URL takes no fragment".into());
+    }
+    let authority = uri.authority().map_or("", http::uri::Authority::as_str);
+    if authority.contains('@') {
+        return Err("credentials in the URL are not sent: give the key as `api_key`".into());
+    }
+    llm_proxy_upstream::port_of(uri.authority().expect("a host was found"))
+        .map_err(str::to_owned)?;
     Ok(uri)
 }
 
@@ -1154,6 +1244,19 @@ mod tests {
             format!("listen = \"127.0.0.1:9000\"\nmetrics_listen = \"127.0.0.1:9000\"\n{MIN}"),
             "`metrics_listen` is `listen`",
         );
+        for (url, says) in [
+            (
+                "http://127.0.0.1:99999/v1",
+                "the port must be a number from 1 to 65535",
+            ),
+            (
+                "http://u:p@127.0.0.1:9/v1",
+                "credentials in the URL are not sent",
+            ),
+            ("http://127.0.0.1:9/v1#f", "a base URL takes no fragment"),
+        ] {
+            refused(MIN.replace("http://127.0.0.1:9/v1", url), says);
+        }
         refused(
             format!("{MIN}models = []\n"),
             "t.toml:2: upstream `a`: `models` is empty",
@@ -1216,23 +1319,84 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.contains("`health_check_path` must start with `/`"), "{e}");
-        let e = load(&format!("{MIN}[cache]\nttl_secs = 1e19\n")).unwrap_err();
-        assert!(e.contains("`ttl_secs` must be at most"), "{e}");
+        for ttl in ["1e19", "0", "nan"] {
+            let e = load(&format!("{MIN}[cache]\nttl_secs = {ttl}\n")).unwrap_err();
+            assert!(
+                e.contains("t.toml:5: [cache] `ttl_secs` must be from"),
+                "{e}"
+            );
+        }
         assert!(load(&format!("{MIN}[cache]\nttl_secs = 86400\n")).is_ok());
+        let e = load(&format!("{MIN}\n\n[cache]\nmax_bytes = 0\n")).unwrap_err();
+        assert!(
+            e.contains("t.toml:7: [cache] `max_bytes` must be at least 1"),
+            "{e}"
+        );
+        // DESIGN.md's example: a `redis_url` beside the memory backend.
+        for section in ["cache", "auth"] {
+            let keys = if section == "auth" {
+                "[[auth.keys]]\nname = \"k\"\nkey = \"sk\"\n"
+            } else {
+                ""
+            };
+            let src = format!(
+                "{MIN}[{section}]\nbackend = \"memory\"\nredis_url = \"redis://127.0.0.1:6379\"\n{keys}"
+            );
+            assert!(load(&src).is_ok(), "{section}: {:?}", load(&src).err());
+        }
+        let e = load(&format!("{MIN}[auth]\n")).unwrap_err();
+        assert!(e.contains("[auth] has no [[auth.keys]]"), "{e}");
+        for (balance, says) in [
+            ("max_retries = 11", "`max_retries` must be at most 10"),
+            (
+                "eject_after_failures = 0",
+                "`eject_after_failures` must be at least 1",
+            ),
+            ("health_check_secs = 0.001", "`health_check_secs` must be 0"),
+            (
+                "retry_budget_ratio = -1.0",
+                "`retry_budget_ratio` must be from 0 to 1",
+            ),
+            (
+                "retry_budget_ratio = nan",
+                "`retry_budget_ratio` must be from 0 to 1",
+            ),
+            (
+                "[balance.prefix_affinity]\nblock_bytes = 0",
+                "`block_bytes` must be from 16 to 65536",
+            ),
+            (
+                "[balance.prefix_affinity]\nvirtual_nodes = 100000000",
+                "`virtual_nodes` must be from 1 to 1024",
+            ),
+            (
+                "[balance.prefix_affinity]\nload_factor = nan",
+                "`load_factor` must be a number",
+            ),
+        ] {
+            let e = load(&format!("{MIN}[balance]\n{balance}\n")).unwrap_err();
+            assert!(e.contains(says), "{balance}: {e}");
+        }
+        let e = load(&format!("{MIN}connect_timeout_ms = 0\n")).unwrap_err();
+        assert!(e.contains("upstream `a`: `connect_timeout_ms`"), "{e}");
+        for (field, says) in [
+            ("apis = []", "`apis` is empty"),
+            ("models = [\"\"]", "`models` holds an empty name"),
+        ] {
+            let e = load(&format!("{MIN}{field}\n")).unwrap_err();
+            assert!(e.contains(says), "{field}: {e}");
+        }
+        let e = load("[[upstream]]\nname = \" \"\nurl = \"http://127.0.0.1:9/v1\"\n").unwrap_err();
+        assert!(e.contains("must be non-empty printable text"), "{e}");
     }
 
     #[test]
-    fn a_redis_password_is_not_echoed() {
-        assert_eq!(
-            redact_userinfo("redis://user:s3cret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(
-            redact_userinfo("redis://host/0?x=a@b"),
-            "redis://host/0?x=a@b"
-        );
+    fn a_password_is_not_echoed() {
         let e = check_redis_url("redis://:s3cret@bad host:notaport").unwrap_err();
         assert!(!e.contains("s3cret"), "{e}");
+        let e = load(&MIN.replace("http://127.0.0.1:9/v1", "ftp://bob:s3cret@127.0.0.1:9/v1"))
+            .unwrap_err();
+        assert!(e.contains("bad url") && !e.contains("s3cret"), "{e}");
     }
 
     #[test]

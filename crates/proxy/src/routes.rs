@@ -358,9 +358,21 @@ impl ProxyService {
     /// 404 for anything else.
     pub(crate) fn serve_own<B>(&self, req: &Request<B>) -> Response<Body> {
         let path = req.uri().path();
-        let resp = match Own::of(path) {
-            Some(own) => self.shared.own(own),
-            None => Error::RouteNotFound(path.to_owned()).into_response(),
+        let route = Own::of(path).map(Route::Own);
+        let allowed = |route: &Route| {
+            route
+                .allow(path)
+                .filter(|(methods, _)| !methods.contains(req.method()))
+        };
+        let resp = match route {
+            Some(route) if let Some((_, allow)) = allowed(&route) => Error::MethodNotAllowed {
+                method: req.method().to_string(),
+                path: path.to_owned(),
+                allow,
+            }
+            .into_response(),
+            Some(Route::Own(own)) => self.shared.own(own),
+            _ => Error::RouteNotFound(path.to_owned()).into_response(),
         };
         if req.method() == Method::HEAD {
             head_only(resp)

@@ -189,7 +189,12 @@ impl Proxy {
     async fn spawn_metrics(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
         Ok(match self.settings.metrics_listen {
             Some(addr) => {
-                let listener = TcpListener::bind(addr).await?;
+                let listener = TcpListener::bind(addr).await.map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot listen on {addr} (`metrics_listen`): {e}"),
+                    )
+                })?;
                 tracing::info!(%addr, "serving /metrics");
                 Some(tokio::spawn(serve_metrics(listener, self.service.clone())))
             }

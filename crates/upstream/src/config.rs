@@ -72,14 +72,20 @@ impl UpstreamConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// The URL is not an absolute http(s) URL.
-    #[error("upstream `{name}`: url `{url}` must be an absolute http:// or https:// URL")]
+    /// The URL is not one to send requests to: not an absolute http(s) URL,
+    /// or one with credentials or a port out of range.
+    #[error("upstream `{name}`: url `{url}`: {reason}")]
     BadUrl {
         /// The upstream's name.
         name: Arc<str>,
-        /// The URL given.
+        /// The URL given, without secrets ([`llm_proxy_core::redact::url`]).
         url: String,
+        /// What is wrong with it.
+        reason: &'static str,
     },
+    /// The name cannot be sent as a header value (`x-llm-proxy-upstream`).
+    #[error("upstream name `{0:?}` must be printable text (it is sent as a header)")]
+    BadName(Arc<str>),
     /// The key cannot be sent as a header value.
     #[error("upstream `{0}`: api_key contains characters not allowed in an HTTP header")]
     BadKey(Arc<str>),

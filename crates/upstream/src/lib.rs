@@ -57,5 +57,5 @@ mod upgrade;
 
 pub use body::UpstreamBody;
 pub use config::{AuthStyle, BuildError, UpstreamConfig};
-pub use service::{ANTHROPIC_VERSION, ResponseFuture, Upstream};
+pub use service::{ANTHROPIC_VERSION, ResponseFuture, Upstream, port_of};
 pub use upgrade::Upgrade;

@@ -79,15 +79,23 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     /// Build the client for one upstream.
     pub fn new(cfg: UpstreamConfig) -> Result<Self, BuildError> {
-        let bad_url = || BuildError::BadUrl {
+        let bad_url = |reason| BuildError::BadUrl {
             name: cfg.name.clone(),
-            url: cfg.url.to_string(),
+            url: llm_proxy_core::redact::url(&cfg.url.to_string()).into_owned(),
+            reason,
         };
-        let scheme = cfg.url.scheme().cloned().ok_or_else(bad_url)?;
+        let not_absolute = || bad_url("must be an absolute http:// or https:// URL");
+        let scheme = cfg.url.scheme().cloned().ok_or_else(not_absolute)?;
         if scheme != uri::Scheme::HTTP && scheme != uri::Scheme::HTTPS {
-            return Err(bad_url());
+            return Err(not_absolute());
         }
-        let authority = cfg.url.authority().cloned().ok_or_else(bad_url)?;
+        let authority = cfg.url.authority().cloned().ok_or_else(not_absolute)?;
+        if authority.as_str().contains('@') {
+            return Err(bad_url(
+                "credentials in the URL are not sent: give the key as `api_key`",
+            ));
+        }
+        let port = port_of(&authority).map_err(bad_url)?;
         let base_path = cfg.url.path().trim_end_matches('/').to_owned();
 
         let credential = match &cfg.api_key {
@@ -109,9 +117,9 @@ impl Upstream {
             Some(port) => format!("{}:{port}", authority.host()),
             None => authority.host().to_owned(),
         };
-        let host = HeaderValue::try_from(host).map_err(|_| bad_url())?;
+        let host = HeaderValue::try_from(host).map_err(|_| not_absolute())?;
         let transport = if scheme == uri::Scheme::HTTP {
-            let port = authority.port_u16().unwrap_or(80);
+            let port = port.unwrap_or(80);
             let pools = (0..=cfg.shards)
                 .map(|_| {
                     Arc::new(Pool::new(
@@ -132,10 +140,8 @@ impl Upstream {
             None
         };
 
-        let name_header = HeaderValue::from_str(&cfg.name).map_err(|_| BuildError::BadUrl {
-            name: cfg.name.clone(),
-            url: "(the name is not a valid header value)".into(),
-        })?;
+        let name_header =
+            HeaderValue::from_str(&cfg.name).map_err(|_| BuildError::BadName(cfg.name.clone()))?;
         Ok(Upstream {
             inner: Arc::new(Inner {
                 transport,
@@ -504,6 +510,26 @@ fn source_chain<'a>(
     std::iter::successors(Some(e), |e| e.source())
 }
 
+/// The port `authority` names, if any: `Err` for one that is no TCP port
+/// (`http::Uri` takes any digits; `:99999` must not mean port 80).
+pub fn port_of(authority: &uri::Authority) -> Result<Option<u16>, &'static str> {
+    let text = authority.as_str();
+    let text = text.rsplit_once('@').map_or(text, |(_, host)| host);
+    let host_end = if text.starts_with('[') {
+        text.find(']').map_or(text.len(), |close| close + 1)
+    } else {
+        text.rfind(':').unwrap_or(text.len())
+    };
+    match text[host_end..].strip_prefix(':') {
+        // `host:` names no port: the scheme's.
+        None | Some("") => Ok(None),
+        Some(digits) => match digits.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(Some(port)),
+            _ => Err("the port must be a number from 1 to 65535"),
+        },
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test should panic on unexpected input
 mod tests {
@@ -514,6 +540,27 @@ mod tests {
         let upstream = Upstream::new(cfg).unwrap();
         let client: Uri = client.parse().unwrap();
         upstream.path_and_query(&client).unwrap().to_string()
+    }
+
+    #[test]
+    fn a_port_out_of_range_or_credentials_are_refused() {
+        let port = |authority: &str| port_of(&authority.parse().unwrap());
+        assert_eq!(port("h"), Ok(None));
+        assert_eq!(port("h:"), Ok(None));
+        assert_eq!(port("h:8080"), Ok(Some(8080)));
+        assert_eq!(port("[::1]"), Ok(None));
+        assert_eq!(port("[::1]:65535"), Ok(Some(65535)));
+        assert!(port("h:99999").is_err());
+        assert!(port("[::1]:65536").is_err());
+        assert!(port("h:0").is_err());
+        for url in [
+            "http://127.0.0.1:99999/v1",
+            "http://u:s3cret@127.0.0.1:1/v1",
+        ] {
+            let cfg = UpstreamConfig::new("u", url.parse().unwrap());
+            let e = Upstream::new(cfg).unwrap_err().to_string();
+            assert!(!e.contains("s3cret"), "{e}");
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,68 @@
+//! Secrets out of what is shown: a URL as an error message or a log line
+//! may print it.
+
+use std::borrow::Cow;
+
+/// `url` with its `user:password@` replaced by `***@`, and the value of any
+/// query parameter whose name holds `pass`, `secret`, `token` or `key`
+/// (redis-rs reads `?password=`) replaced by `***`.
+pub fn url(url: &str) -> Cow<'_, str> {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.into();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let mut out: Cow<'_, str> = match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]).into(),
+        None => url.into(),
+    };
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let (query, fragment) = query.split_at(query.find('#').unwrap_or(query.len()));
+        let mut changed = false;
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, value)) if secret_name(name) && !value.is_empty() => {
+                    changed = true;
+                    format!("{name}=***")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        if changed {
+            out = format!("{head}{}{fragment}", params.join("&")).into();
+        }
+    }
+    out
+}
+
+fn secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "secret", "token", "key"]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_and_secret_parameters_are_hidden() {
+        assert_eq!(
+            url("redis://user:s3cret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(url("redis://host/0?x=a@b"), "redis://host/0?x=a@b");
+        assert_eq!(
+            url("redis://host/0?db=1&password=s3cret#f"),
+            "redis://host/0?db=1&password=***#f"
+        );
+        assert_eq!(
+            url("http://a:b@h/v1?api_key=k"),
+            "http://***@h/v1?api_key=***"
+        );
+        assert_eq!(url("not a url"), "not a url");
+    }
+}
