@@ -1,5 +1,7 @@
 //! llm-proxy nested in an existing axum app: the app keeps its own routes and
-//! mounts the whole proxy (routing, metrics, health) under `/llm`.
+//! mounts the whole proxy (routing, metrics, health) under `/llm`. SIGTERM or
+//! Ctrl-C turns `/llm/readyz` to 503, stops accepting, and lets requests in
+//! flight finish (up to 30 s).
 //!
 //! ```text
 //! cargo run -p examples --example axum_embed -- [LISTEN] [UPSTREAM_BASE_URL]
@@ -8,6 +10,7 @@
 //! ```
 
 use std::path::Path;
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
@@ -32,6 +35,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("app on http://{listen}, llm-proxy under /llm -> {url}");
-    axum::serve(listener, app).await?;
+    let readiness = proxy.readiness();
+    let (draining, mut drained) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        llm_proxy::shutdown_signal().await;
+        readiness.start_draining();
+        let _ = draining.send(true);
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    // axum waits for every connection to finish: bound the wait.
+    let deadline = async {
+        let _ = drained.wait_for(|draining| *draining).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = deadline => eprintln!("requests still in flight after 30 s; stopping"),
+    }
     Ok(())
 }

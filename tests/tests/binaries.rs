@@ -408,3 +408,51 @@ fn the_command_line_is_read_as_users_write_it() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
     }
 }
+
+/// `example` (serving on `listen` in front of a slow mock) gets `signal`
+/// while a stream is in flight: the stream finishes whole, the example
+/// exits 0.
+async fn a_signal_drains_the_example(example: &str, signal: &str, path: &str) {
+    let up = mock(llm_proxy_mock::MockConfig {
+        name: "m".into(),
+        tokens_per_second: Some(20.0),
+        ..llm_proxy_mock::MockConfig::default()
+    })
+    .await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = run_example(example, &[&listen, &up.base_url()]);
+    wait_listening(listen.parse().unwrap()).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &format!("http://{listen}{path}"),
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "10"),
+            ],
+            chat("m", true),
+        ))
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    let status = std::process::Command::new("kill")
+        .args([signal, &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (body, broke) = read_stream(resp).await;
+    assert!(!broke, "{example}: the in-flight stream finished cleanly");
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+    let exit = exit_of(child, "the example exited after draining").await;
+    assert_eq!(exit.0.code(), Some(0), "{example}: stderr: {}", exit.1);
+}
+
+#[tokio::test]
+async fn minimal_drains_on_ctrl_c() {
+    a_signal_drains_the_example("minimal", "-INT", "/v1/chat/completions").await;
+}
+
+#[tokio::test]
+async fn axum_embed_drains_on_sigterm() {
+    a_signal_drains_the_example("axum_embed", "-TERM", "/llm/v1/chat/completions").await;
+}

@@ -540,3 +540,27 @@ async fn a_request_abandoned_before_its_head_is_counted_as_499() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An app that serves the proxy's service itself turns `/readyz` to 503
+/// through [`llm_proxy::Proxy::readiness`].
+#[tokio::test]
+async fn an_embedding_app_can_mark_the_proxy_draining() {
+    use tower::ServiceExt;
+    let up = mock_named("m").await;
+    let settings = llm_proxy::config::Settings::from_str(
+        std::path::Path::new("<inline>"),
+        &one_upstream(&up.base_url(), ""),
+    )
+    .unwrap();
+    let proxy = llm_proxy::Proxy::build(settings).await.unwrap();
+    let readyz = || {
+        proxy.service().oneshot(
+            http::Request::get("/readyz")
+                .body(llm_proxy_core::empty())
+                .unwrap(),
+        )
+    };
+    assert_eq!(readyz().await.unwrap().status(), 200);
+    proxy.readiness().start_draining();
+    assert_eq!(readyz().await.unwrap().status(), 503);
+}

@@ -17,9 +17,11 @@ pub struct KeySpec {
     pub sha256: [u8; 32],
     /// Models this key may use; `None` = every model.
     pub models: Option<Vec<String>>,
-    /// Requests per minute (GCRA, burst = the limit).
+    /// Requests per minute (GCRA, burst = the limit). `Some(0)` is taken
+    /// as 1 ([`Gcra::per_minute`](crate::limit::Gcra::per_minute)): to refuse a
+    /// key, leave it out.
     pub requests_per_minute: Option<u32>,
-    /// Prompt + completion tokens per minute.
+    /// Prompt + completion tokens per minute (`Some(0)`: as 1).
     pub tokens_per_minute: Option<u32>,
     /// May this key use `/v1` paths beyond the model APIs.
     pub passthrough: bool,

@@ -447,8 +447,8 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
 
 /// What a key may name in a request body: a model on its allowlist; a
 /// Responses `conversation` only with `passthrough`; and, under a token
-/// limit, a Responses `background` only with a bound (see
-/// [`check_background`]).
+/// limit, a Responses `background` only with a bound on its output
+/// (`max_output_tokens`).
 ///
 /// Conversations are made and read through `/v1/conversations`, a
 /// passthrough route, so a key without it has none of its own; and the

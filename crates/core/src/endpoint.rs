@@ -95,7 +95,7 @@ pub enum StreamKind {
 impl Endpoint {
     /// Classify a request path (without query). `None` for paths outside
     /// `/v1/`, and for paths an upstream may read as another path than the
-    /// proxy does (see [`is_plain`]).
+    /// proxy does: `//`, `.` and `..` segments, `;`, backslashes, escapes.
     pub fn from_path(path: &str) -> Option<Endpoint> {
         // One trailing slash is the same route; more are an empty segment.
         let rest = path.strip_prefix("/v1/")?;

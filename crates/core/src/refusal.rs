@@ -5,7 +5,7 @@
 //!
 //! Any other `400` is the request's own fault and goes to the client as it
 //! came, after one trip upstream, not two. The error body is read (up to
-//! [`MAX_READ`] bytes) to tell the two apart, and then given back intact.
+//! 64 KiB) to tell the two apart, and then given back intact.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -243,6 +243,14 @@ impl Proxy {
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
+
+    /// The proxy's readiness. An app that serves [`Proxy::service`] itself
+    /// calls [`Readiness::start_draining`] when its graceful shutdown
+    /// begins, so that `/readyz` answers 503 and load balancers stop
+    /// sending new requests ([`Proxy::serve`] does this itself).
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
+    }
 }
 
 fn build_auth(spec: &AuthSpec) -> Result<AuthLayer, BuildError> {

@@ -128,7 +128,7 @@ pub struct PrefixSection {
 }
 
 /// `[cache]`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSection {
     /// Turn the cache layer on.
@@ -158,7 +158,7 @@ pub struct CacheSection {
 }
 
 /// `[auth]`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSection {
     /// Turn the auth layer on.
@@ -179,7 +179,7 @@ pub struct AuthSection {
 }
 
 /// One `[[auth.keys]]`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySection {
     /// The key's name (its identity in logs, metrics, cache scope).
@@ -205,7 +205,7 @@ pub struct KeySection {
 }
 
 /// One `[[upstream]]`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     /// Unique name.
@@ -263,6 +263,43 @@ pub struct MockSection {
     /// Streaming pace; absent = as fast as possible.
     #[serde(default)]
     pub tokens_per_second: Option<f64>,
+}
+
+// The sections that may hold a secret (a literal key, a Redis password)
+// show only their name or nothing in `Debug`.
+impl std::fmt::Debug for KeySection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySection")
+            .field("name", self.name.get_ref())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for UpstreamSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSection")
+            .field("name", self.name.get_ref())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for CacheSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheSection")
+            .field("enabled", &self.enabled)
+            .field("backend", self.backend.get_ref())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for AuthSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSection")
+            .field("enabled", &self.enabled)
+            .field("backend", self.backend.get_ref())
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
 }
 
 mod defaults {
@@ -324,8 +361,8 @@ mod defaults {
     }
 }
 
-/// A validated upstream, secrets resolved.
-#[derive(Debug, Clone)]
+/// A validated upstream, secrets resolved (its `Debug` shows no key).
+#[derive(Clone)]
 pub struct UpstreamSpec {
     /// Unique name.
     pub name: String,
@@ -353,6 +390,29 @@ pub struct UpstreamSpec {
     pub websocket: bool,
     /// Longest silence of a WebSocket session between turns.
     pub websocket_idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for UpstreamSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSpec")
+            .field("name", &self.name)
+            .field("target", &self.target)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("models", &self.models)
+            .field("weight", &self.weight)
+            .field("protocol", &self.protocol)
+            .field("apis", &self.apis)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("first_byte_timeout", &self.first_byte_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field(
+                "extra_roots_pem",
+                &self.extra_roots_pem.as_ref().map(Vec::len),
+            )
+            .field("websocket", &self.websocket)
+            .field("websocket_idle_timeout", &self.websocket_idle_timeout)
+            .finish()
+    }
 }
 
 /// An upstream's protocol.
@@ -430,8 +490,8 @@ pub struct CacheSpec {
     pub store: CacheStore,
 }
 
-/// Where cache entries live.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where cache entries live (its `Debug` shows no Redis password).
+#[derive(Clone, PartialEq, Eq)]
 pub enum CacheStore {
     /// In this process, bounded by entries and bytes.
     Memory {
@@ -458,8 +518,8 @@ pub struct AuthSpec {
     pub backend: LimitStore,
 }
 
-/// Where rate-limit state lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where rate-limit state lives (its `Debug` shows no Redis password).
+#[derive(Clone, PartialEq, Eq)]
 pub enum LimitStore {
     /// In this process.
     Memory,
@@ -470,6 +530,38 @@ pub enum LimitStore {
         /// Prefix of every key.
         key_prefix: String,
     },
+}
+
+impl std::fmt::Debug for CacheStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheStore::Memory {
+                max_entries,
+                max_bytes,
+            } => f
+                .debug_struct("Memory")
+                .field("max_entries", max_entries)
+                .field("max_bytes", max_bytes)
+                .finish(),
+            CacheStore::Redis { url, key_prefix } => redis_debug(f, url, key_prefix),
+        }
+    }
+}
+
+impl std::fmt::Debug for LimitStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitStore::Memory => f.write_str("Memory"),
+            LimitStore::Redis { url, key_prefix } => redis_debug(f, url, key_prefix),
+        }
+    }
+}
+
+fn redis_debug(f: &mut std::fmt::Formatter<'_>, url: &str, key_prefix: &str) -> std::fmt::Result {
+    f.debug_struct("Redis")
+        .field("url", &llm_proxy_core::redact::url(url))
+        .field("key_prefix", &key_prefix)
+        .finish()
 }
 
 impl Settings {
@@ -1388,6 +1480,28 @@ mod tests {
         }
         let e = load("[[upstream]]\nname = \" \"\nurl = \"http://127.0.0.1:9/v1\"\n").unwrap_err();
         assert!(e.contains("must be non-empty printable text"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_holds_no_secret() {
+        let src = format!(
+            "{MIN}api_key = \"sk-upstream-s3cret\"\n\
+             [cache]\nbackend = \"redis\"\nredis_url = \"redis://:s3cret@127.0.0.1:6379\"\n\
+             [auth]\nbackend = \"redis\"\nredis_url = \"redis://u:s3cret@127.0.0.1:6379\"\n\
+             [[auth.keys]]\nname = \"k\"\nkey = \"sk-client-s3cret\"\n"
+        );
+        let settings = load(&src).unwrap();
+        let raw: Config = toml::from_str(&src).unwrap();
+        let upstream =
+            llm_proxy_upstream::UpstreamConfig::new("u", "http://127.0.0.1:9/v1".parse().unwrap())
+                .api_key("sk-upstream-s3cret");
+        for shown in [
+            format!("{settings:?}"),
+            format!("{raw:?}"),
+            format!("{upstream:?}"),
+        ] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
     }
 
     #[test]

@@ -33,6 +33,14 @@ struct ConnOptions {
     max_connections: usize,
 }
 
+impl ConnOptions {
+    /// `max_connections` as a semaphore takes it: `Settings` has public
+    /// fields, and one set by hand past tokio's bound must not panic.
+    fn permits(&self) -> usize {
+        self.max_connections.clamp(1, Semaphore::MAX_PERMITS)
+    }
+}
+
 impl Proxy {
     /// Serve on `listener` (and on `metrics_listen`, if configured) until
     /// `shutdown` resolves; then stop accepting, mark `/readyz` as draining,
@@ -48,7 +56,7 @@ impl Proxy {
         let opts = self.conn_options();
         let metrics_task = self.spawn_metrics().await?;
         let graceful = Drain::new();
-        let permits = Arc::new(Semaphore::new(opts.max_connections));
+        let permits = Arc::new(Semaphore::new(opts.permits()));
         accept_loop(
             &listener,
             HyperFace(self.service.clone()),
@@ -91,7 +99,7 @@ impl Proxy {
         let drain_timeout = self.settings.drain_timeout;
         let listener = listener.into_std()?;
         let metrics_task = self.spawn_metrics().await?;
-        let permits = Arc::new(Semaphore::new(opts.max_connections));
+        let permits = Arc::new(Semaphore::new(opts.permits()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (exit_tx, exit_rx) = tokio::sync::watch::channel(false);
         // Each shard holds a sender until it has drained; the channel closes
@@ -611,7 +619,7 @@ async fn serve_metrics(listener: TcpListener, service: ProxyService) {
         header_read_timeout: Duration::from_secs(10),
         max_connections: 64,
     };
-    let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let permits = Arc::new(Semaphore::new(opts.permits()));
     accept_loop(
         &listener,
         MetricsFace(service),
@@ -683,6 +691,18 @@ impl ShutdownSignals {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn any_max_connections_makes_a_semaphore() {
+        for (max, permits) in [(0, 1), (10, 10), (usize::MAX, Semaphore::MAX_PERMITS)] {
+            let opts = ConnOptions {
+                header_read_timeout: Duration::from_secs(1),
+                max_connections: max,
+            };
+            assert_eq!(opts.permits(), permits);
+            let _semaphore = Semaphore::new(opts.permits());
+        }
+    }
+
     use super::*;
 
     /// Each shard's load as `spread` sees it.

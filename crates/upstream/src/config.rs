@@ -12,7 +12,8 @@ pub enum AuthStyle {
 }
 
 /// Everything the upstream client needs to know about one upstream.
-#[derive(Clone, Debug)]
+/// (Its `Debug` shows no key, and the URL without credentials.)
+#[derive(Clone)]
 pub struct UpstreamConfig {
     /// A name for logs, metrics and the `x-llm-proxy-upstream` header.
     pub name: Arc<str>,
@@ -41,6 +42,27 @@ pub struct UpstreamConfig {
     /// Accept [`Upstream::upgrade`](crate::Upstream::upgrade) calls
     /// (WebSocket): each opens its own HTTP/1.1 connection.
     pub upgrades: bool,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("name", &self.name)
+            .field("url", &llm_proxy_core::redact::url(&self.url.to_string()))
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("auth_style", &self.auth_style)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("first_byte_timeout", &self.first_byte_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("pool_idle_timeout", &self.pool_idle_timeout)
+            .field(
+                "extra_roots_pem",
+                &self.extra_roots_pem.as_ref().map(Vec::len),
+            )
+            .field("shards", &self.shards)
+            .field("upgrades", &self.upgrades)
+            .finish()
+    }
 }
 
 impl UpstreamConfig {
