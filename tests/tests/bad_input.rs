@@ -777,33 +777,36 @@ async fn an_idle_h2c_connection_is_closed_and_a_busy_one_is_not() {
         .expect("a clean close");
 }
 
+/// An upstream whose last event lacks its blank line, then ends its body.
+/// Nothing may complete that event for the client (a line break would:
+/// `data: [DONE]` would read as a clean end, cut JSON as garbage): the
+/// stream fails, with no error event, and the client drops the unfinished
+/// event with the connection, as SSE has it.
 #[tokio::test]
-async fn the_error_event_after_a_cut_event_is_an_event_of_its_own() {
-    // A chunk whose event lacks its blank line, then the end of the body.
-    let addr = raw_upstream(|mut conn| async move {
-        let mut buf = vec![0u8; 8192];
-        if !read_request_head(&mut conn).await {
-            return;
-        }
-        let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n";
-        let out = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
-             {:x}\r\n{event}\r\n0\r\n\r\n",
-            event.len()
-        );
-        let _ = conn.write_all(out.as_bytes()).await;
-        let _ = conn.read(&mut buf).await;
-    })
-    .await;
-    let (body, _) = stream_through(addr).await;
-    let events = sse_data(&body);
-    let parsed: Vec<serde_json::Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap_or_else(|_| panic!("not one JSON event: {e:?}")))
-        .collect();
-    assert_eq!(parsed.len(), 2, "{events:?}");
-    assert_eq!(parsed[0]["choices"][0]["delta"]["content"], "hi");
-    assert_eq!(parsed[1]["error"]["code"], "stream_interrupted");
+async fn a_stream_cut_mid_event_fails_without_completing_the_event() {
+    for event in [
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n",
+        "data: [DONE]\n",
+        "data: {\"choices\":[{\"index\":0,\"del",
+    ] {
+        let addr = raw_upstream(move |mut conn| async move {
+            let mut buf = vec![0u8; 8192];
+            if !read_request_head(&mut conn).await {
+                return;
+            }
+            let out = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+                 {:x}\r\n{event}\r\n0\r\n\r\n",
+                event.len()
+            );
+            let _ = conn.write_all(out.as_bytes()).await;
+            let _ = conn.read(&mut buf).await;
+        })
+        .await;
+        let (body, broke) = stream_through(addr).await;
+        assert!(broke, "{event:?}: the stream fails");
+        assert_eq!(&body[..], event.as_bytes(), "nothing after the cut event");
+    }
 }
 
 #[tokio::test]
@@ -1014,4 +1017,133 @@ async fn a_tls_upstream_that_never_speaks_is_a_first_byte_timeout() {
     .await
     .expect("answered within the bound");
     answer.assert_error(504, "timeout_error", "upstream_timeout");
+}
+
+/// A body that fails in the very read that brought the head (a bad chunk
+/// size right after the first chunk): the client still gets the head, then
+/// a broken body, not a connection closed with no answer at all.
+#[tokio::test]
+async fn a_body_failing_with_its_head_still_sends_the_head() {
+    let addr = raw_upstream(|mut conn| async move {
+        let mut buf = vec![0u8; 8192];
+        if !read_request_head(&mut conn).await {
+            return;
+        }
+        let out = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n\
+                   5\r\n{\"a\":\r\nzz\r\n";
+        let _ = conn.write_all(out.as_bytes()).await;
+        let _ = conn.read(&mut buf).await;
+    })
+    .await;
+    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+    for _ in 0..3 {
+        let resp = client()
+            .request(request(
+                Method::POST,
+                &p.url("/v1/chat/completions"),
+                &[("content-type", "application/json")],
+                chat("m", false),
+            ))
+            .await
+            .expect("a response head");
+        assert_eq!(resp.status(), 200);
+        let (_, broke) = read_stream(resp).await;
+        assert!(broke);
+    }
+}
+
+/// An upstream answering `head` to the request (then holding its end).
+async fn answering(head: &'static str) -> std::net::SocketAddr {
+    raw_upstream(move |mut conn| async move {
+        let mut buf = vec![0u8; 8192];
+        if !read_request_head(&mut conn).await {
+            return;
+        }
+        let _ = conn.write_all(head.as_bytes()).await;
+        let _ = conn.read(&mut buf).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_unasked_for_101_is_a_502() {
+    let addr = answering(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+    post_json(&p.url("/v1/chat/completions"), &chat("m", false))
+        .await
+        .assert_error(502, "upstream_error", "bad_gateway");
+}
+
+#[tokio::test]
+async fn the_clients_http_version_is_the_proxys_not_the_upstreams() {
+    let addr =
+        answering("HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"ok\":true}").await;
+    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("m", false),
+        ))
+        .await
+        .expect("a response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+}
+
+/// `Text/Event-Stream` is an event stream: a cut one ends with the error
+/// event as `text/event-stream` does.
+#[tokio::test]
+async fn media_types_are_read_in_any_case() {
+    let addr = answering(
+        "HTTP/1.1 200 OK\r\ncontent-type: Text/Event-Stream\r\ncontent-length: 58\r\n\r\n\
+         data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+    )
+    .await;
+    let (body, _) = stream_through(addr).await;
+    let events = sse_data(&body);
+    assert!(
+        events
+            .last()
+            .is_some_and(|e| e.contains("stream_interrupted")),
+        "{events:?}"
+    );
+}
+
+/// An upstream that compresses though asked for `identity`: the layers
+/// could read nothing of it (usage, ids, the cache's checks) and a
+/// coalesced follower would get bytes it cannot decode — a 502. A
+/// transfer coding other than chunked is one everywhere: its header does
+/// not reach the client, which could not undo it.
+#[tokio::test]
+async fn an_answer_the_proxy_cannot_read_is_a_502() {
+    for head in [
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\nxxxx",
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n\r\n4\r\nxxxx\r\n0\r\n\r\n",
+    ] {
+        let addr = answering(head).await;
+        let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+        post_json(&p.url("/v1/chat/completions"), &chat("m", false))
+            .await
+            .assert_error(502, "upstream_error", "bad_gateway");
+    }
+    // A passthrough download keeps its content coding.
+    let addr = answering(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\nxxxx",
+    )
+    .await;
+    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+    let file = send(request(
+        Method::GET,
+        &p.url("/v1/files/f1/content"),
+        &[],
+        "",
+    ))
+    .await;
+    assert_eq!(file.status, 200);
+    assert_eq!(file.header("content-encoding"), Some("gzip"));
 }

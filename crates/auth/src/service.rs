@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
+use llm_proxy_core::media::is_event_stream;
 use llm_proxy_core::refusal::{self, refuses_stream_options};
 use llm_proxy_core::usage::Usage;
 use llm_proxy_core::{
@@ -623,13 +624,6 @@ fn lacks_stream_usage(meta: &RequestMeta) -> bool {
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             != Some(true)
-}
-
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
 }
 
 /// The `x-ratelimit-*` headers of a decision.

@@ -45,6 +45,7 @@ pub mod canonical;
 mod endpoint;
 mod error;
 pub mod fallback;
+pub mod media;
 mod meta;
 mod parse;
 pub mod redact;

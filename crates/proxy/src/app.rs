@@ -121,6 +121,7 @@ impl Proxy {
             cfg.connect_timeout = spec.connect_timeout;
             cfg.first_byte_timeout = spec.first_byte_timeout;
             cfg.idle_timeout = spec.idle_timeout;
+            cfg.pool_idle_timeout = spec.pool_idle_timeout;
             cfg.extra_roots_pem = spec.extra_roots_pem.clone();
             cfg.auth_style = match spec.protocol {
                 Protocol::OpenAi => AuthStyle::Bearer,

@@ -251,6 +251,10 @@ pub struct UpstreamSection {
     /// turn, `idle_timeout_ms`).
     #[serde(default = "defaults::websocket_idle_timeout_ms")]
     pub websocket_idle_timeout_ms: u64,
+    /// How long an unused pooled connection is kept: below the server's
+    /// own keep-alive timeout.
+    #[serde(default = "defaults::pool_idle_timeout_ms")]
+    pub pool_idle_timeout_ms: u64,
 }
 
 /// `mock = { … }`: an in-process mock LLM on a loopback port.
@@ -332,6 +336,9 @@ mod defaults {
     pub fn idle_timeout_ms() -> u64 {
         60_000
     }
+    pub fn pool_idle_timeout_ms() -> u64 {
+        4_000
+    }
     pub fn websocket_idle_timeout_ms() -> u64 {
         600_000
     }
@@ -390,6 +397,8 @@ pub struct UpstreamSpec {
     pub websocket: bool,
     /// Longest silence of a WebSocket session between turns.
     pub websocket_idle_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    pub pool_idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for UpstreamSpec {
@@ -411,6 +420,7 @@ impl std::fmt::Debug for UpstreamSpec {
             )
             .field("websocket", &self.websocket)
             .field("websocket_idle_timeout", &self.websocket_idle_timeout)
+            .field("pool_idle_timeout", &self.pool_idle_timeout)
             .finish()
     }
 }
@@ -849,6 +859,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         let first_byte_timeout = ms("first_byte_timeout_ms", up.first_byte_timeout_ms)?;
         let idle_timeout = ms("idle_timeout_ms", up.idle_timeout_ms)?;
         let websocket_idle_timeout = ms("websocket_idle_timeout_ms", up.websocket_idle_timeout_ms)?;
+        let pool_idle_timeout = ms("pool_idle_timeout_ms", up.pool_idle_timeout_ms)?;
         upstreams.push(UpstreamSpec {
             name,
             target,
@@ -863,6 +874,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             extra_roots_pem,
             websocket,
             websocket_idle_timeout,
+            pool_idle_timeout,
         });
     }
     Ok(Settings {
@@ -1309,6 +1321,12 @@ mod tests {
         let big = load(&format!("max_body_bytes = {}\n{MIN}", 2u64 << 30)).unwrap();
         assert_eq!(big.max_buffered_body_bytes, 2 << 30, "never below one body");
         assert_eq!(s.upstreams.len(), 1);
+        assert_eq!(s.upstreams[0].pool_idle_timeout, Duration::from_secs(4));
+        let short = load(&format!("{MIN}pool_idle_timeout_ms = 1500\n")).unwrap();
+        assert_eq!(
+            short.upstreams[0].pool_idle_timeout,
+            Duration::from_millis(1500)
+        );
         assert!(s.upstream_header);
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         assert_eq!(s.workers, cpus);

@@ -335,12 +335,8 @@ where
             else {
                 return Ok(resp);
             };
-            let sse = kind == Kind::Response
-                && resp
-                    .headers()
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|ct| ct.starts_with("text/event-stream"));
+            let sse =
+                kind == Kind::Response && llm_proxy_core::media::is_event_stream(resp.headers());
             let home = Home { upstream, owner };
             Ok(resp.map(|body| IdTap::new(body, sse, ids, kind, home).boxed_unsync()))
         })

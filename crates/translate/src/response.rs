@@ -85,11 +85,7 @@ pub(crate) async fn translate(
         .extensions
         .get::<UpstreamName>()
         .map_or_else(|| Arc::from("upstream"), |u| u.0.clone());
-    let is_sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+    let is_sse = llm_proxy_core::media::is_event_stream(&parts.headers);
     if !parts.status.is_success() {
         let bytes = collect(body, MAX_ERROR_BYTES).await.unwrap_or_default();
         let converted = convert_error(

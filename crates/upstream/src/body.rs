@@ -207,9 +207,10 @@ impl HttpBody for UpstreamBody {
                         && let Err(reason) = watch.observe(data)
                     {
                         // Pass this frame on, then end with the error event
-                        // (after whatever part of an event it ended with).
+                        // (or, if it ended mid-event, just fail).
+                        let cut = watch.parser.has_partial();
                         *this.state =
-                            State::interrupt(this.upstream, &reason, Some(watch.kind), true);
+                            State::interrupt(this.upstream, &reason, Some(watch.kind), cut);
                     }
                     return Poll::Ready(Some(Ok(frame)));
                 }
@@ -306,27 +307,23 @@ fn said_all(watch: &Option<Box<StreamWatch>>) -> bool {
 
 impl State {
     /// The state that ends the stream: an error event (for watched SSE
-    /// streams), then the error itself. `cut` says the client may hold the
-    /// start of an event (a line or an event without its end): the error
-    /// event then starts with a blank line, so that it is an event of its
-    /// own and not glued to what came before.
+    /// streams), then the error itself, after a pause that lets what was
+    /// sent (the head too, when the body fails at once) reach the client.
+    ///
+    /// `cut`: the client holds the start of an event (a line, or an event
+    /// without its blank line). No event can follow then: its first line
+    /// break would complete the cut one, and the client would act on it (a
+    /// cut `data: [DONE]` would read as a clean end, cut JSON as garbage).
+    /// The stream just fails, and the client, as SSE has it, drops the
+    /// unfinished event with the connection.
     fn interrupt(upstream: &str, reason: &str, kind: Option<StreamKind>, cut: bool) -> State {
         tracing::warn!(upstream, reason, "upstream stream interrupted");
         let message = format!("upstream `{upstream}`: {reason}");
-        let event = kind.map(|k| {
-            let event = Error::stream_interrupted_event_for(k, &message);
-            if cut {
-                Bytes::from([&b"\n\n"[..], &event].concat())
-            } else {
-                event
-            }
-        });
+        let event = kind
+            .filter(|_| !cut)
+            .map(|k| Error::stream_interrupted_event_for(k, &message));
         State::Interrupting {
-            flush: if event.is_none() {
-                FlushBeforeError::flushed()
-            } else {
-                FlushBeforeError::default()
-            },
+            flush: FlushBeforeError::default(),
             event,
             error: Some(message.into()),
         }

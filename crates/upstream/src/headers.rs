@@ -3,6 +3,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const PROXY_AUTHENTICATION_INFO: HeaderName = HeaderName::from_static("proxy-authentication-info");
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus the client's credentials and cookies, which never go upstream (the
@@ -24,11 +25,15 @@ const STRIP: [HeaderName; 13] = [
     PROXY_CONNECTION,
 ];
 
-/// Hop-by-hop headers of a response, and cookies: the upstream's are set
-/// for the proxy, its client, not for the proxy's clients.
-const STRIP_RESPONSE: [HeaderName; 7] = [
+/// Hop-by-hop headers of a response, and cookies and proxy authentication
+/// (RFC 9110 §11.7): the upstream's are for the proxy, its client, not for
+/// the proxy's clients.
+const STRIP_RESPONSE: [HeaderName; 10] = [
     header::CONNECTION,
     header::SET_COOKIE,
+    header::PROXY_AUTHENTICATE,
+    PROXY_AUTHENTICATION_INFO,
+    header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
@@ -75,6 +80,29 @@ pub(crate) fn strip_response(headers: &mut HeaderMap) {
     }
 }
 
+/// Why an answer's bytes are not the message itself, when they are not:
+/// a transfer coding other than `chunked` (its header is stripped, so the
+/// client could not undo it), or, where the layers read the answer
+/// (`readable`), a content coding other than `identity`, which the proxy
+/// asked for (see [`strip_request`]).
+pub(crate) fn unreadable_coding(headers: &HeaderMap, readable: bool) -> Option<&'static str> {
+    let codings = |name| {
+        headers
+            .get_all(name)
+            .into_iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty())
+    };
+    if codings(header::TRANSFER_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"chunked")) {
+        return Some("a transfer coding other than chunked");
+    }
+    if readable && codings(header::CONTENT_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"identity")) {
+        return Some("a compressed answer (content-encoding), though asked for identity");
+    }
+    None
+}
+
 fn strip_connection_named(headers: &mut HeaderMap) {
     if !headers.contains_key(header::CONNECTION) {
         return;
@@ -116,6 +144,39 @@ mod tests {
         h.insert(header::SET_COOKIE, "__cf_bm=x; path=/".parse().unwrap());
         strip_response(&mut h);
         assert!(!h.contains_key(header::SET_COOKIE));
+    }
+
+    #[test]
+    fn proxy_authentication_is_the_proxys() {
+        let mut h = HeaderMap::new();
+        h.insert(header::PROXY_AUTHENTICATE, "Basic".parse().unwrap());
+        h.insert("proxy-authentication-info", "x".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+        strip_response(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::WWW_AUTHENTICATE));
+    }
+
+    #[test]
+    fn codings_the_layers_cannot_read() {
+        let with = |name: header::HeaderName, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(name, value.parse().unwrap());
+            h
+        };
+        let te = |v| with(header::TRANSFER_ENCODING, v);
+        let ce = |v| with(header::CONTENT_ENCODING, v);
+        assert!(unreadable_coding(&te("chunked"), true).is_none());
+        assert!(unreadable_coding(&te("Chunked"), true).is_none());
+        assert!(unreadable_coding(&te("gzip, chunked"), false).is_some());
+        assert!(unreadable_coding(&ce("identity"), true).is_none());
+        assert!(unreadable_coding(&ce("gzip"), true).is_some());
+        assert!(
+            unreadable_coding(&ce("gzip"), false).is_none(),
+            "passthrough"
+        );
+        assert!(unreadable_coding(&HeaderMap::new(), true).is_none());
     }
 
     use super::*;

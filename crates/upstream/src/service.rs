@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Request, Response, Uri, header, uri};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header, uri};
 use http_body_util::BodyExt;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -389,12 +389,21 @@ impl Upstream {
         };
 
         let (mut parts, incoming) = resp.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            // Only `upgrade` asks for a protocol switch: relayed, this one
+            // would leave the client a connection in no known protocol.
+            return Err(self.bad_gateway("an unasked-for 101 Switching Protocols".into()));
+        }
+        if let Some(coding) =
+            headers::unreadable_coding(&parts.headers, endpoint != Endpoint::Passthrough)
+        {
+            return Err(self.bad_gateway(format!("the upstream sent {coding}")));
+        }
+        // The client's version is this hop's, not the upstream's (an
+        // HTTP/1.0 server's answer goes to an HTTP/1.1 client as 1.1).
+        parts.version = http::Version::HTTP_11;
         self.mark(&mut parts);
-        let is_sse = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        let is_sse = llm_proxy_core::media::is_event_stream(&parts.headers);
         let watch = endpoint.stream_kind().filter(|_| is_sse);
         if watch.is_some() {
             // A watched stream may gain a final error event: its length is not
