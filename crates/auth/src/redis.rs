@@ -164,9 +164,10 @@ impl RedisLimits {
         let mut call = self.adjust.key(self.key(&key.name, "tok"));
         call.arg(micros(g)).arg(g.bounded(delta));
         let call = &call;
+        // Once: a refund run twice would give tokens back twice.
         let _: i64 = self
             .link
-            .call(
+            .call_once(
                 "adjust",
                 |mut c| async move { call.invoke_async(&mut c).await },
             )

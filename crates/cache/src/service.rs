@@ -233,6 +233,42 @@ where
     }
 }
 
+/// The inner service a request will call, if it calls one: the one
+/// `poll_ready` readied (what it reserved held for this request), or, once
+/// the request has given that back, a clone to ready when it calls.
+enum Inner<S> {
+    Ready(S),
+    Unready(S),
+}
+
+impl<S> Inner<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    /// Give back what `poll_ready` reserved (a follower waits for another
+    /// request's answer: a slot of a concurrency limit below would be held
+    /// for nothing, and might be the one its leader needs).
+    fn unready(&mut self) {
+        if let Inner::Ready(ready) = self {
+            *self = Inner::Unready(ready.clone());
+        }
+    }
+
+    fn call(self, req: Request<Body>) -> BoxFuture {
+        match self {
+            Inner::Ready(mut ready) => boxed(ready.call(req)),
+            Inner::Unready(inner) => boxed(inner.oneshot(req)),
+        }
+    }
+
+    fn clone_unready(&self) -> S {
+        match self {
+            Inner::Ready(s) | Inner::Unready(s) => s.clone(),
+        }
+    }
+}
+
 /// `ready` has been polled ready: its first call needs no `poll_ready`.
 async fn serve<S>(
     ready: S,
@@ -245,10 +281,11 @@ where
     S::Future: Send + 'static,
 {
     let counters = &shared.counters;
+    let mut inner = Inner::Ready(ready);
     if plan.control.no_cache {
         Counters::bump(&counters.bypasses);
         let leader = Leader::detached(plan.key);
-        return fetch(ready, &shared, &plan, req, leader, CacheStatus::Bypass).await;
+        return fetch(inner, &shared, &plan, req, leader, CacheStatus::Bypass).await;
     }
     // One wait for the whole request: a follower whose leader fails
     // follows the next one, but not for another `max_wait` each time (N
@@ -267,9 +304,10 @@ where
                     return Ok(response);
                 }
                 Counters::bump(&counters.misses);
-                return fetch(ready, &shared, &plan, req, leader, CacheStatus::Miss).await;
+                return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
             }
             Joined::Follow(follower) => {
+                inner.unready();
                 Counters::bump(&counters.coalesced);
                 let head = poll_fn(|cx| follower.poll_head(cx));
                 // (Set on the first wait: a leader reads no clock for it.)
@@ -296,7 +334,7 @@ where
                         drop(follower);
                         Counters::bump(&counters.misses);
                         let leader = Leader::detached(plan.key);
-                        return fetch(ready, &shared, &plan, req, leader, CacheStatus::Miss).await;
+                        return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
                     }
                 }
             }
@@ -347,9 +385,8 @@ fn entry_frames(entry: &Entry) -> Vec<bytes::Bytes> {
 /// Ask the inner service, and tee a `200` into the flight and the store
 /// (not the store when a fallback model answered: the key is the client's
 /// model's).
-/// `ready` has been polled ready (see [`serve`]).
 async fn fetch<S>(
-    mut ready: S,
+    inner: Inner<S>,
     shared: &Arc<Shared>,
     plan: &Plan,
     req: Request<Body>,
@@ -375,9 +412,8 @@ where
         None
     };
     // A second call, should there be one, readies a clone of its own.
-    let again = unedited.map(|original| (original, ready.clone()));
-    let first = boxed(ready.call(Request::from_parts(parts, empty())));
-    drop(ready);
+    let again = unedited.map(|original| (original, inner.clone_unready()));
+    let first = inner.call(Request::from_parts(parts, empty()));
     let response = first.await;
     let response = match (again, response) {
         (Some((original, inner)), Ok(first)) => match refuses_stream_options(first).await {

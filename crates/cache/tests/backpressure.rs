@@ -122,3 +122,74 @@ async fn a_hit_gives_its_slot_back() {
     assert_eq!(resp.headers()["x-llm-proxy-cache"], "hit");
     assert_eq!(answer(svc, "b").await, "miss");
 }
+
+/// A follower gives its slot back while it waits: with a limit of one, the
+/// leader's second call (the resend without `stream_options`, which the
+/// upstream refused) must not wait for the follower's `max_wait`.
+#[tokio::test]
+async fn a_follower_holds_no_slot_while_it_waits() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let upstream = service_fn(move |_req: Request<Body>| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut resp = if n == 0 {
+                let mut resp = Response::new(full(
+                    r#"{"error":{"message":"unknown field stream_options"}}"#,
+                ));
+                *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+                resp
+            } else {
+                Response::new(full(
+                    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+                ))
+            };
+            let kind = if n == 0 {
+                "application/json"
+            } else {
+                "text/event-stream"
+            };
+            resp.headers_mut()
+                .insert("content-type", kind.parse().unwrap());
+            Ok::<_, Error>(resp)
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(ParseLayer::new(ParseLimits::default()))
+        .layer(CacheLayer::new(
+            CacheConfig::default(),
+            MemoryStore::new(100, 1 << 20),
+        ))
+        .layer(ConcurrencyLimitLayer::new(1))
+        .service(upstream);
+    let streamed = || {
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(full(
+                r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}"#,
+            ))
+            .unwrap()
+    };
+    let mut leader = svc.clone();
+    ServiceExt::<Request<Body>>::ready(&mut leader)
+        .await
+        .unwrap();
+    let leading = tokio::spawn(leader.call(streamed()));
+    // Readied once the leader's first call gives its slot back; then it
+    // follows the leader's flight.
+    let mut follower = svc.clone();
+    ServiceExt::<Request<Body>>::ready(&mut follower)
+        .await
+        .unwrap();
+    let following = tokio::spawn(follower.call(streamed()));
+    for task in [leading, following] {
+        let resp = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("answered, not stuck behind a follower's slot")
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "refused once, sent again");
+}

@@ -6,13 +6,16 @@ use std::borrow::Cow;
 /// `url` with its `user:password@` replaced by `***@`, and the value of any
 /// query parameter whose name holds `pass`, `secret`, `token` or `key`
 /// (redis-rs reads `?password=`) replaced by `***`.
+///
+/// Everything up to the last `@` counts as userinfo: a password with an
+/// unescaped `/`, `?` or `#` (as generated ones have) is hidden too, at the
+/// price of hiding a path that holds an `@`.
 pub fn url(url: &str) -> Cow<'_, str> {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.into();
     };
     let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let mut out: Cow<'_, str> = match rest[..authority_end].rfind('@') {
+    let mut out: Cow<'_, str> = match rest.rfind('@') {
         Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]).into(),
         None => url.into(),
     };
@@ -54,7 +57,8 @@ mod tests {
             url("redis://user:s3cret@host:6379/0"),
             "redis://***@host:6379/0"
         );
-        assert_eq!(url("redis://host/0?x=a@b"), "redis://host/0?x=a@b");
+        assert_eq!(url("redis://:se#cr/et@host:1"), "redis://***@host:1");
+        assert_eq!(url("http://u:pa/ss@h/v1"), "http://***@h/v1");
         assert_eq!(
             url("redis://host/0?db=1&password=s3cret#f"),
             "redis://host/0?db=1&password=***#f"

@@ -64,6 +64,29 @@ pub enum RedisCallError {
     Skipped,
 }
 
+/// Whether a connection that was up broke (closed by Redis, reset): not
+/// one that could not be made (refused, no such socket: Redis is down, and
+/// a second try would only fail again).
+fn dropped_in_use(error: &redis::RedisError) -> bool {
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        // (redis-rs keeps its cause behind an `Arc`.)
+        let io = e.downcast_ref::<std::io::Error>().or_else(|| {
+            e.downcast_ref::<Shared>()
+                .and_then(|shared| shared.downcast_ref::<std::io::Error>())
+        });
+        if let Some(io) = io {
+            return !matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) && error.is_connection_dropped();
+        }
+        source = e.source();
+    }
+    error.is_connection_dropped()
+}
+
 impl RedisCallError {
     /// Whether Redis answered, with an error reply (`OOM`, `WRONGTYPE`, a
     /// script's error): the call failed, but Redis is there.
@@ -193,9 +216,10 @@ impl RedisLink {
     /// is made once more, on the connection the manager makes in its place,
     /// within the same timeout: such a call was, as a rule, never sent. (A
     /// connection reset between the command's arrival and its reply is the
-    /// exception: the command then runs twice. The link's callers send
-    /// commands that are idempotent, or, for the limits' script, whose
-    /// repetition only errs on the strict side.)
+    /// exception: the command then runs twice. Callers send here commands
+    /// that are idempotent, or whose repetition only errs on the strict
+    /// side, as the limits' charge; a refund goes through
+    /// [`RedisLink::call_once`].)
     ///
     /// ```no_run
     /// # async fn f(link: llm_proxy_core::redis::RedisLink) -> Result<(), llm_proxy_core::redis::RedisCallError> {
@@ -209,6 +233,30 @@ impl RedisLink {
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        self.call_with(op, call, true).await
+    }
+
+    /// [`RedisLink::call`] without the second attempt on a dropped
+    /// connection, for a command that must not run twice (one that gives
+    /// something back: a refund).
+    pub async fn call_once<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, RedisCallError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.call_with(op, call, false).await
+    }
+
+    async fn call_with<T, F, Fut>(
+        &self,
+        op: &'static str,
+        call: F,
+        again: bool,
+    ) -> Result<T, RedisCallError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         if let Some(breaker) = &self.breaker
             && !breaker.allow(|| self.now_ms())
         {
@@ -217,7 +265,7 @@ impl RedisLink {
         let (manager, generation, health) = self.current()?;
         let once_more = async {
             match call(manager.clone()).await {
-                Err(e) if e.is_connection_dropped() => {
+                Err(e) if again && dropped_in_use(&e) => {
                     tracing::debug!(error = %e, op, "redis connection dropped; calling again");
                     call(manager).await
                 }
@@ -318,5 +366,19 @@ impl RedisLink {
         u64::try_from(self.epoch.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .saturating_add(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_that_broke_is_tried_again_one_never_made_is_not() {
+        let io = |kind| redis::RedisError::from(std::io::Error::new(kind, "x"));
+        assert!(dropped_in_use(&io(std::io::ErrorKind::BrokenPipe)));
+        assert!(dropped_in_use(&io(std::io::ErrorKind::ConnectionReset)));
+        assert!(!dropped_in_use(&io(std::io::ErrorKind::ConnectionRefused)));
+        assert!(!dropped_in_use(&io(std::io::ErrorKind::NotFound)));
     }
 }

@@ -1262,6 +1262,10 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_url(s: &str) -> Result<http::Uri, String> {
+    // Before parsing: a password with a `/` would read as a port.
+    if s.contains('@') {
+        return Err("credentials in the URL are not sent: give the key as `api_key`".into());
+    }
     let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
@@ -1275,10 +1279,6 @@ fn parse_url(s: &str) -> Result<http::Uri, String> {
     }
     if s.contains('#') {
         return Err("a base URL takes no fragment".into());
-    }
-    let authority = uri.authority().map_or("", http::uri::Authority::as_str);
-    if authority.contains('@') {
-        return Err("credentials in the URL are not sent: give the key as `api_key`".into());
     }
     llm_proxy_upstream::port_of(uri.authority().expect("a host was found"))
         .map_err(str::to_owned)?;
@@ -1361,6 +1361,10 @@ mod tests {
             ),
             (
                 "http://u:p@127.0.0.1:9/v1",
+                "credentials in the URL are not sent",
+            ),
+            (
+                "http://u:p/w@127.0.0.1:9/v1",
                 "credentials in the URL are not sent",
             ),
             ("http://127.0.0.1:9/v1#f", "a base URL takes no fragment"),

@@ -132,10 +132,11 @@ fn feed(
         if let Step::Fail(reason) = map.event(event, out) {
             // The upstream client's own event for a stream the upstream
             // broke (reset, stall, early end) comes before its body fails:
-            // the upstream's fault. A stream cut mid-event has that event
-            // cut short first, then the client's: look on in this frame.
-            // What the translation cannot carry on with, or an error the
-            // upstream reported, is not held against its health.
+            // the upstream's fault. (It may follow, in this frame, an
+            // event the translation failed on: look on. A stream cut
+            // mid-event gets no such event; its body just fails.) What the
+            // translation cannot carry on with, or an error the upstream
+            // reported, is not held against its health.
             let mut broken = is_interrupted_event(&event.data);
             while !broken && let Some(next) = parser.next_event_ref() {
                 broken = is_interrupted_event(&next.data);
