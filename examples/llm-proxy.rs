@@ -70,6 +70,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Each request in flight holds a client and an upstream connection
+    // (and an HTTP/2 connection may carry 128 requests): the usual soft
+    // limit of 1024 descriptors is a few hundred requests. As nginx's
+    // `worker_rlimit_nofile`, take what the hard limit allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
 
     // The main thread's runtime runs the signal handler, `metrics_listen`,
     // and what the build spawns; requests are served by `workers` shard

@@ -964,9 +964,12 @@ async fn an_upstream_that_stops_reading_an_upload_is_a_first_byte_timeout() {
         }
     })
     .await;
-    let p = proxy(&one_upstream(
-        &format!("http://{addr}/v1"),
-        "first_byte_timeout_ms = 600",
+    // A body limit far past what the sockets' buffers can take (a
+    // kernel's autotuned receive buffer may hold tens of MiB), so that the
+    // upload blocks before it is too large.
+    let p = proxy(&format!(
+        "max_body_bytes = 1073741824\n{}",
+        one_upstream(&format!("http://{addr}/v1"), "first_byte_timeout_ms = 600")
     ))
     .await;
     let conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();

@@ -49,6 +49,10 @@ pub(crate) struct Activity {
     /// Response bodies that handed out a frame and have not been asked for
     /// the next one.
     unsent: AtomicUsize,
+    /// One more than the millisecond (since `epoch`) from which writes to
+    /// the connection have not gone through (the socket's send buffer is
+    /// full); 0 while they do.
+    write_blocked_ms: AtomicU64,
     /// What the connection becomes once hyper hands it over after a `101`
     /// (`crate::websocket`); run by the connection's task.
     tunnel: Mutex<Option<Tunnel>>,
@@ -74,6 +78,7 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             body_polls: AtomicU64::new(0),
             unsent: AtomicUsize::new(0),
+            write_blocked_ms: AtomicU64::new(0),
             tunnel: Mutex::new(None),
             draining: AtomicBool::new(false),
             drain: tokio::sync::Notify::new(),
@@ -109,6 +114,22 @@ impl Activity {
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A write to the connection could not go through (its socket's send
+    /// buffer is full: the client is not reading).
+    pub(crate) fn write_pending(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) == 0 {
+            self.write_blocked_ms
+                .store(self.now_ms().saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// A write to the connection went through.
+    pub(crate) fn wrote(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) != 0 {
+            self.write_blocked_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A request of this version arrived.
@@ -149,13 +170,21 @@ impl Activity {
     /// Resolves once every request in flight has been a response body
     /// waiting for the client to take what it handed out for `timeout`
     /// (measured in quarters of it), with no body of this connection asked
-    /// for more meanwhile.
+    /// for more meanwhile; or once no write to the connection has gone
+    /// through for `timeout` (nginx's `send_timeout`: an HTTP/2 client that
+    /// reads nothing at all, while one of its streams keeps its window open
+    /// and so keeps being asked for frames that pile up unsent).
     pub(crate) async fn stalled(&self, timeout: Duration) {
         let step = (timeout / 4).max(Duration::from_millis(1));
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let mut polls = self.body_polls.load(Ordering::Relaxed);
         let mut since = Instant::now();
         loop {
             tokio::time::sleep(step).await;
+            let blocked = self.write_blocked_ms.load(Ordering::Relaxed);
+            if blocked != 0 && self.now_ms().saturating_sub(blocked - 1) >= timeout_ms {
+                return;
+            }
             let now_polls = self.body_polls.load(Ordering::Relaxed);
             let unsent = self.unsent.load(Ordering::Relaxed);
             let all_unsent = unsent > 0 && unsent >= self.in_flight.load(Ordering::Acquire);
@@ -245,6 +274,37 @@ mod tests {
         drop(second); // idle from 30 s on
         activity.idle(timeout).await;
         assert_eq!(started.elapsed(), Duration::from_secs(40));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_that_do_not_go_through_for_the_timeout_are_a_stall() {
+        let activity = Activity::new();
+        let timeout = Duration::from_secs(8);
+        // A body keeps being asked for frames (its stream's window is
+        // open), but nothing reaches the client.
+        let mut body = InFlight::new(&activity);
+        body.asked();
+        activity.write_pending();
+        let started = Instant::now();
+        let stalled = activity.stalled(timeout);
+        let mut stalled = std::pin::pin!(stalled);
+        loop {
+            tokio::select! {
+                () = &mut stalled => break,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    body.asked();
+                    body.answered::<(), ()>(&Poll::Ready(Some(Ok(()))));
+                    activity.write_pending();
+                }
+            }
+        }
+        let took = started.elapsed();
+        assert!(took >= timeout && took <= timeout + timeout / 4, "{took:?}");
+        // Writes that go through again: no stall.
+        activity.wrote();
+        body.asked();
+        let waiting = tokio::time::timeout(Duration::from_secs(60), activity.stalled(timeout));
+        assert!(waiting.await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

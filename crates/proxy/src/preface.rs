@@ -37,6 +37,8 @@ pin_project_lite::pin_project! {
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
         // Told when the connection turns out to be HTTP/1.
         activity: Option<Arc<Activity>>,
+        // Told whether writes go through.
+        writes: Option<Arc<Activity>>,
     }
 }
 
@@ -48,15 +50,32 @@ impl<T> FirstBytes<T> {
             seen: 0,
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
             activity: None,
+            writes: None,
         }
     }
 
     /// Tell `activity` as soon as the first bytes show HTTP/1 (hyper's
     /// timers watch that connection from then on; `crate::idle`).
     pub(crate) fn telling(mut self, activity: Arc<Activity>) -> Self {
+        self.writes = Some(activity.clone());
         self.activity = Some(activity);
         self
     }
+}
+
+/// Tell `activity` whether a write went through (`crate::idle`'s stall).
+fn tell_writes(
+    activity: Option<&Activity>,
+    written: Poll<io::Result<usize>>,
+) -> Poll<io::Result<usize>> {
+    if let Some(activity) = activity {
+        match &written {
+            Poll::Ready(Ok(n)) if *n > 0 => activity.wrote(),
+            Poll::Pending => activity.write_pending(),
+            _ => {}
+        }
+    }
+    written
 }
 
 /// Whether `read`, coming after `seen` bytes that matched, completes the
@@ -120,7 +139,8 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytes<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        let this = self.project();
+        tell_writes(this.writes.as_deref(), this.io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -128,7 +148,11 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytes<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        tell_writes(
+            this.writes.as_deref(),
+            this.io.poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -23,6 +23,12 @@ use crate::preface::FirstBytes;
 use crate::routes::{HyperFace, ProxyService, ResponseFuture};
 use crate::timer::CoarseTimer;
 
+/// Streams one HTTP/2 connection may have open at once.
+const H2_MAX_STREAMS: u32 = 128;
+
+/// Bytes of answer an HTTP/2 stream may have queued for the socket.
+const H2_MAX_SEND_BUF: usize = 64 << 10;
+
 /// How often an idle HTTP/2 connection is pinged.
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -474,7 +480,13 @@ async fn accept_loop<S>(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
-        .keep_alive_timeout(opts.header_read_timeout);
+        .keep_alive_timeout(opts.header_read_timeout)
+        // What one connection may hold for a client: nginx's 128 streams,
+        // each with at most 64 KiB of answer queued (hyper: 200 × 400 KiB,
+        // ~80 MiB a connection that reads nothing). A token stream never
+        // comes near; a large JSON answer waits for the socket instead.
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_MAX_SEND_BUF);
     // A connection another shard accepted, counted in this shard's load.
     let serve_handed =
         |spread: &Spread, (stream, permit): Handoff| match TcpStream::from_std(stream) {
