@@ -1150,3 +1150,44 @@ async fn an_answer_the_proxy_cannot_read_is_a_502() {
     assert_eq!(file.status, 200);
     assert_eq!(file.header("content-encoding"), Some("gzip"));
 }
+
+/// An HTTP/2 client that settles the connection, sends no request, and
+/// never answers the proxy's frames (not the GOAWAY's ping either) is
+/// closed about two timeouts in, not at hyper's keep-alive (30 s): it would
+/// hold one of `max_connections` for that long.
+#[tokio::test]
+async fn an_idle_h2_client_that_ignores_goaway_is_closed() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 300\nmax_connections = 1\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame; then nothing, ever.
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // (Within `HANG`, 10 s: hyper alone would wait 30 s for its ping.)
+    assert!(closed_by_proxy(&mut idle).await, "closed");
+    let req = request(Method::GET, &p.url("/healthz"), &[], String::new());
+    let health = tokio::time::timeout(HANG, send(req)).await.expect("served");
+    assert_eq!(health.status, 200);
+}
+
+/// A request head over 64 KiB is refused (431), not held and sent on.
+#[tokio::test]
+async fn a_huge_request_head_is_refused() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let big = "x".repeat(100 << 10);
+    let answer = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[("content-type", "application/json"), ("x-big", &big)],
+        chat("m", false),
+    ))
+    .await;
+    assert_eq!(answer.status, 431);
+    assert_eq!(up.stats.requests(), 0);
+}

@@ -23,6 +23,9 @@ use crate::preface::FirstBytes;
 use crate::routes::{HyperFace, ProxyService, ResponseFuture};
 use crate::timer::CoarseTimer;
 
+/// The HTTP/1 read buffer's bound, which bounds a request head.
+const H1_MAX_BUF: usize = 64 << 10;
+
 /// Streams one HTTP/2 connection may have open at once.
 const H2_MAX_STREAMS: u32 = 128;
 
@@ -473,6 +476,10 @@ async fn accept_loop<S>(
         // most 16 buffers per `writev`, so a burst of SSE events (one buffer
         // each) would take two system calls; copying a few KiB is cheaper.
         .writev(false)
+        // A request head of at most 64 KiB (hyper's default is ~400 KiB,
+        // which 10 000 slow connections hold for the header timeout: 4 GB;
+        // nginx takes at most 4 × 8 KiB). A larger one is answered 431.
+        .max_buf_size(H1_MAX_BUF)
         .keep_alive(true);
     // A peer that stops answering pings is gone: close its connection
     // instead of holding its permit.
@@ -581,9 +588,17 @@ fn serve_connection<S>(
         let mut conn = std::pin::pin!(conn);
         let mut closing = false;
         let mut drained = false;
+        // An idle HTTP/2 connection told to go (GOAWAY) that does not close
+        // is closed at the next timeout: hyper waits for the answer to a
+        // ping it then sends, for as long as its keep-alive allows.
+        let mut gone_by = None;
         let ended = loop {
             tokio::select! {
                 ended = conn.as_mut() => break ended,
+                () = sleep_until_some(gone_by) => {
+                    tracing::debug!("an idle HTTP/2 connection did not close when told");
+                    break Ok(());
+                }
                 _ = stop.changed(), if !closing => {
                     closing = true;
                     drained = true;
@@ -593,6 +608,7 @@ fn serve_connection<S>(
                 () = activity.idle(idle_timeout), if !closing => {
                     tracing::debug!("closing an idle HTTP/2 connection");
                     closing = true;
+                    gone_by = Some(tokio::time::Instant::now() + idle_timeout);
                     conn.as_mut().graceful_shutdown();
                 }
                 () = activity.stalled(idle_timeout) => {
@@ -623,6 +639,14 @@ fn serve_connection<S>(
         }
         drop((permit, load, stop));
     });
+}
+
+/// Resolves at `deadline`; never without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn serve_metrics(listener: TcpListener, service: ProxyService) {
