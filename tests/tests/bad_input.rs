@@ -309,17 +309,22 @@ async fn broken_stream(p: &TestProxy, fail: &str) -> (String, bool) {
 
 /// A streamed chat request through a proxy in front of the (raw) upstream
 /// at `addr`: the body the client got, and whether it broke.
-async fn stream_through(addr: std::net::SocketAddr) -> (bytes::Bytes, bool) {
-    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
-    let resp = client()
+/// A chat request through `p`, streamed or not: its answer, unread.
+async fn chat_through(p: &TestProxy, stream: bool) -> http::Response<hyper::body::Incoming> {
+    client()
         .request(request(
             Method::POST,
             &p.url("/v1/chat/completions"),
             &[("content-type", "application/json")],
-            chat("m", true),
+            chat("m", stream),
         ))
         .await
-        .expect("response head");
+        .expect("response head")
+}
+
+async fn stream_through(addr: std::net::SocketAddr) -> (bytes::Bytes, bool) {
+    let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+    let resp = chat_through(&p, true).await;
     assert_eq!(resp.status(), 200);
     read_stream(resp).await
 }
@@ -1040,15 +1045,7 @@ async fn a_body_failing_with_its_head_still_sends_the_head() {
     .await;
     let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
     for _ in 0..3 {
-        let resp = client()
-            .request(request(
-                Method::POST,
-                &p.url("/v1/chat/completions"),
-                &[("content-type", "application/json")],
-                chat("m", false),
-            ))
-            .await
-            .expect("a response head");
+        let resp = chat_through(&p, false).await;
         assert_eq!(resp.status(), 200);
         let (_, broke) = read_stream(resp).await;
         assert!(broke);
@@ -1085,15 +1082,7 @@ async fn the_clients_http_version_is_the_proxys_not_the_upstreams() {
     let addr =
         answering("HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"ok\":true}").await;
     let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &p.url("/v1/chat/completions"),
-            &[("content-type", "application/json")],
-            chat("m", false),
-        ))
-        .await
-        .expect("a response");
+    let resp = chat_through(&p, false).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), http::Version::HTTP_11);
 }

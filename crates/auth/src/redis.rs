@@ -23,12 +23,8 @@ fn micros(g: Gcra) -> f64 {
     g.interval_ns() as f64 / 1000.0
 }
 
-/// The acquire script. ARGV: request interval µs (0 = no limit), token
-/// interval µs (0 = none; both with their fractions), token cost (already capped by
-/// [`Limits::token_charge`](crate::limit::Limits::token_charge), so both
-/// backends charge, settle and refund the same amount). Returns
-/// `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
-const ACQUIRE: &str = r"
+/// What both scripts start with: `tat(key)`, the time a key holds.
+const TAT: &str = r"
 -- A key's time, 0 when it holds none: absent, or something the proxy did
 -- not write there (another type, not a number), which the next write
 -- replaces.
@@ -37,6 +33,14 @@ local function tat(key)
   if type(v) ~= 'string' then return 0 end
   return tonumber(v) or 0
 end
+";
+
+/// The acquire script. ARGV: request interval µs (0 = no limit), token
+/// interval µs (0 = none; both with their fractions), token cost (already capped by
+/// [`Limits::token_charge`](crate::limit::Limits::token_charge), so both
+/// backends charge, settle and refund the same amount). Returns
+/// `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
+const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = 60000000
@@ -68,14 +72,6 @@ return {wait, rtat, ttat, now}
 /// The adjust script. ARGV: token interval µs, delta tokens (may be
 /// negative; [`Gcra::bounded`]).
 const ADJUST: &str = r"
--- A key's time, 0 when it holds none: absent, or something the proxy did
--- not write there (another type, not a number), which the next write
--- replaces.
-local function tat(key)
-  local v = redis.pcall('GET', key)
-  if type(v) ~= 'string' then return 0 end
-  return tonumber(v) or 0
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local new = math.max(tat(KEYS[1]), now) + tonumber(ARGV[2]) * tonumber(ARGV[1])
@@ -111,8 +107,8 @@ impl RedisLimits {
         Ok(RedisLimits {
             link: RedisLink::new(url)?,
             prefix: prefix.to_owned(),
-            acquire: redis::Script::new(ACQUIRE),
-            adjust: redis::Script::new(ADJUST),
+            acquire: redis::Script::new(&format!("{TAT}{ACQUIRE}")),
+            adjust: redis::Script::new(&format!("{TAT}{ADJUST}")),
         })
     }
 
