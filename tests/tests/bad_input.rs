@@ -1180,3 +1180,83 @@ async fn a_huge_request_head_is_refused() {
     assert_eq!(answer.status, 431);
     assert_eq!(up.stats.requests(), 0);
 }
+
+/// A request an HTTP/2 client sent just after the proxy's GOAWAY for an
+/// idle connection (before it could see it) is taken, and answered whole:
+/// the connection is dropped for ignoring the GOAWAY only once it is idle.
+#[tokio::test]
+async fn a_request_sent_as_an_idle_h2_connection_is_told_to_go_is_answered() {
+    let p = proxy(
+        "header_read_timeout_ms = 300\n[[upstream]]\nname = \"m\"\nmock = { tokens_per_second = 10 }\n",
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(4, 0, 0, &[]));
+    conn.write_all(&hello).await.unwrap();
+    // The next frame's type, flags and stream (None: the connection closed).
+    let mut buf = Vec::new();
+    let mut next_frame = async |conn: &mut tokio::net::TcpStream| -> Option<(u8, u8, u32)> {
+        loop {
+            if buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() >= 9 + len {
+                    let head = (
+                        buf[3],
+                        buf[4],
+                        u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff,
+                    );
+                    buf.drain(..9 + len);
+                    return Some(head);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(HANG, conn.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    };
+    // Idle: the proxy tells the connection to go.
+    while next_frame(&mut conn).await.expect("a GOAWAY").0 != 7 {}
+    // A request, as a pooled client sends one before it sees that.
+    let literal = |name: &str, value: &str| {
+        let mut h = vec![0u8, name.len() as u8];
+        h.extend(name.as_bytes());
+        h.push(value.len() as u8);
+        h.extend(value.as_bytes());
+        h
+    };
+    let body = chat("m", true);
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/v1/chat/completions"),
+        (":authority", "x"),
+        ("content-type", "application/json"),
+        ("x-mock-tokens", "10"),
+    ] {
+        block.extend(literal(name, value));
+    }
+    let mut request = frame(1, 0x4, 1, &block);
+    request.extend(frame(0, 0x1, 1, body.as_bytes()));
+    conn.write_all(&request).await.unwrap();
+    // Its answer streams for about a second, past the next timeout, and
+    // ends whole.
+    loop {
+        match next_frame(&mut conn).await {
+            Some((0, flags, 1)) if flags & 0x1 != 0 => break,
+            Some((3, _, 1)) => panic!("the stream was reset"),
+            Some(_) => {}
+            None => panic!("the connection was closed before the answer ended"),
+        }
+    }
+}

@@ -116,6 +116,11 @@ impl Activity {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Requests in flight on the connection.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// A write to the connection could not go through (its socket's send
     /// buffer is full: the client is not reading).
     pub(crate) fn write_pending(&self) {

@@ -596,6 +596,13 @@ fn serve_connection<S>(
             tokio::select! {
                 ended = conn.as_mut() => break ended,
                 () = sleep_until_some(gone_by) => {
+                    // A request the client sent before it saw the GOAWAY
+                    // was taken, and is answered: wait for it (a client
+                    // that stops reading it is `stalled`).
+                    if activity.in_flight() > 0 {
+                        gone_by = Some(tokio::time::Instant::now() + idle_timeout);
+                        continue;
+                    }
                     tracing::debug!("an idle HTTP/2 connection did not close when told");
                     break Ok(());
                 }
