@@ -15,6 +15,15 @@ async fn get(link: &RedisLink, key: &str) -> Result<Option<String>, RedisCallErr
     .await
 }
 
+/// A connection of its own to `redis`, beside the link's.
+async fn admin(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("a client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connected")
+}
+
 #[tokio::test]
 async fn a_silent_connection_is_replaced() {
     let redis = RedisServer::start().await;
@@ -116,11 +125,7 @@ async fn a_redis_that_stalls_for_a_moment_keeps_its_connection() {
     assert_eq!(get(&link, "k").await.expect("an answer"), None);
     // Redis stops answering for 600 ms (as in a fork for a snapshot): every
     // call in flight times out at once, but nothing has been silent for long.
-    let admin = redis::Client::open(redis.url()).expect("a client");
-    let mut admin = admin
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connected");
+    let mut admin = admin(&redis).await;
     redis::cmd("CLIENT")
         .arg(&["PAUSE", "600", "ALL"])
         .query_async::<()>(&mut admin)
@@ -158,11 +163,7 @@ async fn a_connection_redis_closed_is_replaced_within_the_call() {
     let relay = Relay::start(redis.addr).await;
     let link = RedisLink::new(&relay.redis_url()).expect("a link");
     assert_eq!(get(&link, "k").await.expect("an answer"), None);
-    let admin = redis::Client::open(redis.url()).expect("a client");
-    let mut admin = admin
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connected");
+    let mut admin = admin(&redis).await;
     for round in 1..=3 {
         let killed: u64 = redis::cmd("CLIENT")
             .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])

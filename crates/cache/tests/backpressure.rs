@@ -43,15 +43,26 @@ fn stack(
             Ok::<_, Error>(resp)
         }
     });
-    let svc = ServiceBuilder::new()
+    (over_a_limit(limit, upstream), calls)
+}
+
+/// Parse, cache, then a limit of `limit` calls in flight over `upstream`.
+fn over_a_limit<U>(
+    limit: usize,
+    upstream: U,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = Error, Future: Send> + Clone
+where
+    U: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
+    U::Future: Send + 'static,
+{
+    ServiceBuilder::new()
         .layer(ParseLayer::new(ParseLimits::default()))
         .layer(CacheLayer::new(
             CacheConfig::default(),
             MemoryStore::new(100, 1 << 20),
         ))
         .layer(ConcurrencyLimitLayer::new(limit))
-        .service(upstream);
-    (svc, calls)
+        .service(upstream)
 }
 
 async fn answer(
@@ -154,14 +165,7 @@ async fn a_follower_holds_no_slot_while_it_waits() {
             Ok::<_, Error>(resp)
         }
     });
-    let svc = ServiceBuilder::new()
-        .layer(ParseLayer::new(ParseLimits::default()))
-        .layer(CacheLayer::new(
-            CacheConfig::default(),
-            MemoryStore::new(100, 1 << 20),
-        ))
-        .layer(ConcurrencyLimitLayer::new(1))
-        .service(upstream);
+    let svc = over_a_limit(1, upstream);
     let streamed = || {
         Request::post("/v1/chat/completions")
             .header("content-type", "application/json")
