@@ -126,6 +126,40 @@ fn config_errors_are_one_line_and_exit_2() {
     }
 }
 
+#[tokio::test]
+async fn a_redis_that_refuses_the_proxy_stops_it_at_start() {
+    let redis = tests::redis_server::RedisServer::start().await;
+    let mut admin = redis::Client::open(redis.url())
+        .expect("a client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connected");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("right")
+        .query_async::<()>(&mut admin)
+        .await
+        .expect("a password set");
+    let config = format!(
+        "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\n\
+         [auth]\nbackend = \"redis\"\nredis_url = \"redis://:wrong@{}\"\n\
+         [[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\n",
+        redis.addr
+    );
+    let (code, stderr) =
+        tokio::task::spawn_blocking(move || config_error("redis_refuses", Some(&config)))
+            .await
+            .expect("ran");
+    assert_eq!(code, 2, "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("[auth] redis_url redis://***@127.0.0.1:") && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("wrong"), "the password shown: {stderr}");
+}
+
 /// The exit status and stderr of `child`, which must exit within `HANG`
 /// (`what` says why it should).
 async fn exit_of(mut child: Child, what: &'static str) -> (std::process::ExitStatus, String) {

@@ -235,10 +235,23 @@ async fn cache_control_and_scopes() {
             .header("x-llm-proxy-cache"),
         Some("miss")
     );
-    assert_eq!(upstream_calls(&up), 5);
+    // One credential is one scope, whichever header carries it and however
+    // `Bearer` is spelled; a credential of another scheme is another scope.
+    for (same, label) in [
+        (("x-api-key", "alice"), "hit"),
+        (("authorization", "bearer  alice "), "hit"),
+        (("authorization", "Basic alice"), "miss"),
+    ] {
+        assert_eq!(
+            post(&url, &body, &[same]).await.header("x-llm-proxy-cache"),
+            Some(label),
+            "{same:?}"
+        );
+    }
+    assert_eq!(upstream_calls(&up), 6);
     let metrics = p.metrics().await;
     assert!(
-        metrics.contains(r#"llm_proxy_cache_events_total{event="hit"} 1"#),
+        metrics.contains(r#"llm_proxy_cache_events_total{event="hit"} 3"#),
         "{metrics}"
     );
 }

@@ -180,3 +180,37 @@ async fn a_connection_redis_closed_is_replaced_within_the_call() {
         assert_eq!(relay.accepted(), 1 + round, "one new connection a close");
     }
 }
+
+#[tokio::test]
+async fn a_refusal_is_told_from_an_outage() {
+    let mut redis = RedisServer::start().await;
+    let within = Duration::from_secs(2);
+    let ping =
+        |url: String| async move { RedisLink::new(&url).expect("a link").ping(within).await };
+    let missing_db = ping(format!("{}/99", redis.url())).await;
+    assert!(
+        missing_db.as_ref().is_err_and(RedisCallError::is_refusal),
+        "{missing_db:?}"
+    );
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("pw")
+        .query_async::<()>(&mut admin(&redis).await)
+        .await
+        .expect("a password set");
+    for url in [redis.url(), format!("redis://:wrong@{}", redis.addr)] {
+        let refused = ping(url).await;
+        assert!(
+            refused.as_ref().is_err_and(RedisCallError::is_refusal),
+            "{refused:?}"
+        );
+    }
+    ping(format!("redis://:pw@{}", redis.addr))
+        .await
+        .expect("the right password");
+    // Nobody there: an outage, not a refusal.
+    redis.stop();
+    let away = ping(format!("redis://:pw@{}", redis.addr)).await;
+    assert!(away.as_ref().is_err_and(|e| !e.is_refusal()), "{away:?}");
+}

@@ -7,6 +7,7 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::limit::Limits;
+pub use llm_proxy_core::credential::presented_key;
 
 /// One configured key, as the auth layer is given it.
 #[derive(Clone, Debug)]
@@ -184,40 +185,6 @@ impl KeyTable {
     }
 }
 
-/// The key a client presented: `Authorization: Bearer <key>` (scheme
-/// case-insensitive, whitespace trimmed) or else `x-api-key: <key>`.
-/// Anything malformed or empty is `None`.
-pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
-        let value = trim(auth.as_bytes());
-        let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ')?);
-        if !scheme.eq_ignore_ascii_case(b"bearer") {
-            return None;
-        }
-        let key = trim(rest);
-        return valid(key);
-    }
-    let key = trim(headers.get("x-api-key")?.as_bytes());
-    valid(key)
-}
-
-fn trim(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &bytes[start..end]
-}
-
-/// A key is non-empty visible ASCII without spaces.
-fn valid(key: &[u8]) -> Option<&[u8]> {
-    (!key.is_empty() && key.iter().all(|b| b.is_ascii_graphic())).then_some(key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,44 +219,6 @@ mod tests {
         let stats = KeyStats::default();
         stats.add_tokens(&Arc::from("x".repeat(300)), 1, 0);
         assert_eq!(&*stats.tokens()[0].0, "other");
-    }
-
-    #[test]
-    fn presented_key_forms() {
-        assert_eq!(
-            presented_key(&headers(&[("authorization", b"Bearer sk-1")])),
-            Some(&b"sk-1"[..])
-        );
-        assert_eq!(
-            presented_key(&headers(&[("authorization", b"bearer   sk-1  ")])),
-            Some(&b"sk-1"[..])
-        );
-        assert_eq!(
-            presented_key(&headers(&[("authorization", b"BEARER sk-1")])),
-            Some(&b"sk-1"[..])
-        );
-        assert_eq!(
-            presented_key(&headers(&[("authorization", b"Bearer")])),
-            None
-        );
-        assert_eq!(
-            presented_key(&headers(&[("authorization", b"Bearer ")])),
-            None
-        );
-        assert_eq!(
-            presented_key(&headers(&[("authorization", b"Basic abc")])),
-            None
-        );
-        assert_eq!(
-            presented_key(&headers(&[("authorization", b"Bearer a b")])),
-            None
-        );
-        assert_eq!(
-            presented_key(&headers(&[("x-api-key", b" sk-2 ")])),
-            Some(&b"sk-2"[..])
-        );
-        assert_eq!(presented_key(&headers(&[("x-api-key", b"\xffsk")])), None);
-        assert_eq!(presented_key(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use llm_proxy_core::canonical::write_canonical_map_without;
+use llm_proxy_core::credential::presented_key;
 use llm_proxy_core::{Endpoint, RequestMeta};
 use serde_json::{Map, Value};
 
@@ -72,8 +73,10 @@ pub enum KeyScope {
 
 impl KeyScope {
     /// The scope of a request: for [`CacheScope::PerKey`], the auth layer's
-    /// identity when set, else a hash of the `authorization` header (trimmed),
-    /// else of `x-api-key`, else anonymous.
+    /// identity when set, else a hash of the key the client presented
+    /// ([`presented_key`]: `Authorization: Bearer`, scheme in any case, else
+    /// `x-api-key`), else a hash of any other non-empty `authorization` or
+    /// `x-api-key` value, else anonymous.
     pub fn of_request(meta: &RequestMeta, headers: &HeaderMap, scope: CacheScope) -> KeyScope {
         if scope == CacheScope::Shared {
             return KeyScope::Shared;
@@ -81,13 +84,26 @@ impl KeyScope {
         if let Some(identity) = meta.identity() {
             return KeyScope::Identity(identity.name.clone());
         }
-        let credential = ["authorization", "x-api-key"]
+        // The key as the auth layer reads it, so that `Bearer k`,
+        // `bearer k` and `x-api-key: k` are one scope. A credential of
+        // another form (`Basic …`) is a scope of its own, hashed whole and
+        // tagged apart: never anonymous, never a key's.
+        if let Some(key) = presented_key(headers) {
+            return KeyScope::Credential(*blake3::hash(key).as_bytes());
+        }
+        let other = ["authorization", "x-api-key"]
             .iter()
             .filter_map(|name| headers.get(*name))
             .map(|value| value.as_bytes().trim_ascii())
             .find(|value| !value.is_empty());
-        match credential {
-            Some(credential) => KeyScope::Credential(*blake3::hash(credential).as_bytes()),
+        match other {
+            Some(other) => KeyScope::Credential(
+                *blake3::Hasher::new()
+                    .update(b"other credential:")
+                    .update(other)
+                    .finalize()
+                    .as_bytes(),
+            ),
             None => KeyScope::Anonymous,
         }
     }
@@ -549,8 +565,17 @@ mod tests {
             bearer_a,
             per_key(&headers(&[("authorization", "Bearer b")]))
         );
-        // The credential counts, not the header that carried it.
-        assert_eq!(bearer_a, per_key(&headers(&[("x-api-key", "Bearer a")])));
+        // The key counts, not the header that carried it or the scheme's case.
+        assert_eq!(bearer_a, per_key(&headers(&[("x-api-key", "a")])));
+        assert_eq!(
+            bearer_a,
+            per_key(&headers(&[("authorization", "bearer a")]))
+        );
+        // A credential of another form is a scope of its own.
+        let basic_a = per_key(&headers(&[("authorization", "Basic a")]));
+        assert!(basic_a != bearer_a && basic_a != KeyScope::Anonymous);
+        assert_ne!(basic_a, per_key(&headers(&[("authorization", "Basic b")])));
+        assert_ne!(bearer_a, per_key(&headers(&[("x-api-key", "Bearer a")])));
         assert_eq!(per_key(&HeaderMap::new()), KeyScope::Anonymous);
         assert_eq!(
             per_key(&headers(&[("authorization", " ")])),

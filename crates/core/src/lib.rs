@@ -42,6 +42,7 @@ mod body;
 pub mod breaker;
 mod budget;
 pub mod canonical;
+pub mod credential;
 mod endpoint;
 mod error;
 pub mod fallback;

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisResult};
+use redis::{ErrorKind, RedisResult, ServerErrorKind};
 
 use crate::breaker::Breaker;
 
@@ -92,6 +92,28 @@ impl RedisCallError {
     /// script's error): the call failed, but Redis is there.
     pub fn is_reply(&self) -> bool {
         matches!(self, RedisCallError::Redis(e) if answered(e))
+    }
+
+    /// Whether Redis turned the connection down for a reason that waiting
+    /// will not mend: a refused login (a wrong or missing password, an ACL
+    /// user without the right), a database it does not have, or another
+    /// error reply to a `PING`. Not a Redis that is loading its data, or a
+    /// cluster or replica that is not ready yet: those pass.
+    pub fn is_refusal(&self) -> bool {
+        let RedisCallError::Redis(e) = self else {
+            return false;
+        };
+        match e.kind() {
+            ErrorKind::AuthenticationFailed | ErrorKind::Extension => true,
+            ErrorKind::Server(kind) => !matches!(
+                kind,
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -305,6 +327,24 @@ impl RedisLink {
             }
         }
         result
+    }
+
+    /// Whether Redis answers a `PING` on this link's connection (connecting
+    /// it now), waiting up to `within` for the connect and the answer: a
+    /// start-up check. Neither the link's breaker nor its reconnect logic
+    /// hear of it. See [`RedisCallError::is_refusal`] for the errors that
+    /// mean a wrong setting rather than a Redis that is away.
+    pub async fn ping(&self, within: Duration) -> Result<(), RedisCallError> {
+        let (mut manager, ..) = self.current()?;
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(within, ping.query_async::<String>(&mut manager)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(RedisCallError::Redis(e)),
+            Err(_) => Err(RedisCallError::Timeout {
+                op: "ping",
+                after: within,
+            }),
+        }
     }
 
     /// The connection to call on (made now if there is none yet).

@@ -1,6 +1,7 @@
 //! Assembly: validated settings -> the service stack, outermost first.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
 use llm_proxy_balance::{Backend, Balance, BalanceHandle};
@@ -50,6 +51,17 @@ pub enum BuildError {
     /// The Redis for response ids could not be set up.
     #[error("response ids: redis: {0}")]
     IdsRedis(redis::RedisError),
+    /// A configured Redis refused the proxy at start-up: a wrong or
+    /// missing password, a database it does not have.
+    #[error("{section} redis_url {url}: redis refused the proxy: {source}")]
+    RedisRefused {
+        /// The config section whose `redis_url` it is (`[auth]`, `[cache]`).
+        section: &'static str,
+        /// The URL, its password hidden.
+        url: String,
+        /// What Redis answered.
+        source: llm_proxy_core::redis::RedisCallError,
+    },
     /// An in-process mock upstream could not start.
     #[error("upstream `{name}`: cannot start the mock: {source}")]
     Mock {
@@ -81,7 +93,13 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Build the stack. Must run inside a tokio runtime (mock upstreams are
     /// spawned on it).
+    ///
+    /// Each configured Redis is asked for a `PING` first (up to 2 s): one
+    /// that refuses the proxy (a wrong password, a missing database) fails
+    /// the build with [`BuildError::RedisRefused`]; one that does not
+    /// answer is logged, and its features fall back until it does.
     pub async fn build(settings: Settings) -> Result<Proxy, BuildError> {
+        check_redis(&settings).await?;
         let metrics = Metrics::new();
         let readiness = Arc::new(Readiness::default());
         let mut mocks = Vec::new();
@@ -413,6 +431,54 @@ fn cache_metrics(cache: CacheLayer) -> Source {
         }
         series
     })
+}
+
+/// How long the start-up check waits for each configured Redis.
+const REDIS_CHECK: Duration = Duration::from_secs(2);
+
+/// Ask each configured Redis for a `PING` before anything is built. One that
+/// refuses the proxy (a wrong password, a missing database) is a setting to
+/// fix: the build fails, naming it, rather than every request falling back
+/// for ever. One that is away or slow is only logged: the proxy starts, and
+/// its Redis features fall back until Redis answers.
+async fn check_redis(settings: &Settings) -> Result<(), BuildError> {
+    let cache = settings.cache.as_ref().and_then(|c| match &c.store {
+        CacheStore::Redis { url, .. } => Some(("[cache]", url)),
+        CacheStore::Memory { .. } => None,
+    });
+    let auth = settings.auth.as_ref().and_then(|a| match &a.backend {
+        LimitStore::Redis { url, .. } => Some(("[auth]", url)),
+        LimitStore::Memory => None,
+    });
+    let mut checked: Vec<&String> = Vec::new();
+    for (section, url) in auth.into_iter().chain(cache) {
+        if checked.contains(&url) {
+            continue;
+        }
+        checked.push(url);
+        let shown = llm_proxy_core::redact::url(url).into_owned();
+        // (A URL redis-rs cannot read fails the store's own set-up below.)
+        let Ok(link) = llm_proxy_core::redis::RedisLink::new(url) else {
+            continue;
+        };
+        match link.ping(REDIS_CHECK).await {
+            Ok(()) => tracing::debug!(section, url = %shown, "redis answers"),
+            Err(source) if source.is_refusal() => {
+                return Err(BuildError::RedisRefused {
+                    section,
+                    url: shown,
+                    source,
+                });
+            }
+            Err(error) => tracing::warn!(
+                section,
+                url = %shown,
+                %error,
+                "redis does not answer at start-up; its features fall back until it does"
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// The Redis for response ids: the cache's when the cache uses Redis, else

@@ -820,6 +820,14 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             .transpose()?;
         let extra_roots_pem = match up.tls_ca_file.as_ref().filter(|f| !f.get_ref().is_empty()) {
             None => None,
+            Some(ca) if !matches!(&target, Target::Url(u) if u.scheme_str() == Some("https")) => {
+                return Err(err(
+                    ca.span(),
+                    format!(
+                        "upstream `{name}`: `tls_ca_file` is for an https `url`; this upstream does not use TLS"
+                    ),
+                ));
+            }
             Some(ca) => {
                 let file = PathBuf::from(ca.get_ref());
                 let file = if file.is_relative() {
@@ -1578,6 +1586,11 @@ mod tests {
         );
         let e = load(&format!("{MIN}[cache]\nscope = \"everyone\"\n")).unwrap_err();
         assert!(e.starts_with("t.toml:5: [cache] scope `everyone`"), "{e}");
+        let e = load(&format!("{MIN}tls_ca_file = \"ca.pem\"\n")).unwrap_err();
+        assert_eq!(
+            e,
+            "t.toml:4: upstream `a`: `tls_ca_file` is for an https `url`; this upstream does not use TLS"
+        );
         let e = load(&format!("{MIN}[balance]\neject_secs = -1\n")).unwrap_err();
         assert!(
             e.contains("`eject_secs` must be a non-negative number"),

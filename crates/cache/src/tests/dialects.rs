@@ -87,6 +87,9 @@ async fn stateful_responses_bypass_the_cache() {
         r#"{"model":"m","stream":true,"input":"hi"}"#,
         r#"{"model":"m","stream":true,"store":false,"previous_response_id":"resp_0","input":"hi"}"#,
         r#"{"model":"m","store":false,"input":[{"type":"item_reference","id":"msg_1"}]}"#,
+        // A reference may leave its type out.
+        r#"{"model":"m","store":false,"input":[{"id":"msg_1"}]}"#,
+        r#"{"model":"m","store":false,"input":[{"type":null,"id":"msg_1"}]}"#,
     ];
     for body in stateful {
         for _ in 0..2 {
@@ -108,6 +111,14 @@ async fn stateful_responses_bypass_the_cache() {
     let nulls = r#"{"model":"m","store":false,"previous_response_id":null,"conversation":null,"background":false,"input":"hi"}"#;
     assert_eq!(h.send(responses(nulls, &[])).await.cache(), "miss");
     assert_eq!(h.send(responses(nulls, &[])).await.cache(), "hit");
+    // A message without a `type` is no reference, with or without an id.
+    for message in [
+        r#"{"model":"m","store":false,"input":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"m","store":false,"input":[{"id":"msg_2","role":"user","content":"hi"}]}"#,
+    ] {
+        assert_eq!(h.send(responses(message, &[])).await.cache(), "miss");
+        assert_eq!(h.send(responses(message, &[])).await.cache(), "hit");
+    }
 }
 
 #[tokio::test]

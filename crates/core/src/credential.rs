@@ -1,0 +1,89 @@
+//! The credential a client presents, read the one way the auth layer and
+//! the cache's per-key scope both read it.
+
+use http::HeaderMap;
+
+/// The key a client presented: `Authorization: Bearer <key>` (scheme
+/// case-insensitive, whitespace trimmed) or else `x-api-key: <key>`.
+/// Anything malformed or empty is `None`.
+pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
+        let value = trim(auth.as_bytes());
+        let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ')?);
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return None;
+        }
+        let key = trim(rest);
+        return valid(key);
+    }
+    let key = trim(headers.get("x-api-key")?.as_bytes());
+    valid(key)
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &bytes[start..end]
+}
+
+/// A key is non-empty visible ASCII without spaces.
+fn valid(key: &[u8]) -> Option<&[u8]> {
+    (!key.is_empty() && key.iter().all(|b| b.is_ascii_graphic())).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn presented_key_forms() {
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Bearer sk-1")])),
+            Some(&b"sk-1"[..])
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"bearer   sk-1  ")])),
+            Some(&b"sk-1"[..])
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"BEARER sk-1")])),
+            Some(&b"sk-1"[..])
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Bearer")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Bearer ")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Basic abc")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", b"Bearer a b")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("x-api-key", b" sk-2 ")])),
+            Some(&b"sk-2"[..])
+        );
+        assert_eq!(presented_key(&headers(&[("x-api-key", b"\xffsk")])), None);
+        assert_eq!(presented_key(&HeaderMap::new()), None);
+    }
+}
