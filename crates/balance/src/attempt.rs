@@ -22,7 +22,7 @@ use tower_service::Service;
 use crate::body::FirstFrame;
 use crate::route::Route;
 use crate::service::Shared;
-use crate::state::{BackendState, InFlight};
+use crate::state::{BackendState, Epoch, InFlight};
 
 type Outcome = Result<Response<Body>, Error>;
 
@@ -212,7 +212,14 @@ where
     // sees its own earlier picks.
     let guard = InFlight::new(state.clone());
     let start = Instant::now();
+    let mut waiting = Waiting {
+        state,
+        epoch: shared.epoch,
+        start,
+        armed: true,
+    };
     let outcome = call(svc, req).await;
+    waiting.armed = false;
     let verdict = classify(&outcome);
     let now = shared.epoch.now();
     match verdict {
@@ -233,6 +240,26 @@ where
         })
     });
     (outcome, verdict)
+}
+
+/// An attempt waiting for its answer's head. Dropped armed (the request was
+/// cancelled: the client hung up, or a deadline above ran out), it tells the
+/// backend's latency estimate it took at least this long
+/// ([`BackendState::observe_at_least`]).
+struct Waiting<'a> {
+    state: &'a BackendState,
+    epoch: Epoch,
+    start: Instant,
+    armed: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state
+                .observe_at_least(self.epoch.now(), self.start.elapsed());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,14 +5,16 @@
 //! (time to first token for a stream; the whole answer for a buffered one),
 //! never the response head alone: an LLM server may send the head before it
 //! has produced anything. A body that ends without a frame is sampled at its
-//! end; one dropped before its first frame (the client hung up) gives no
-//! sample.
+//! end. One dropped before its first frame (the client hung up) says the
+//! first frame takes at least that long: its wait may raise the estimate,
+//! never lower it, so that a server that sends heads and then nothing does
+//! not look fast to clients that give up on it.
 //!
 //! A body that fails (the upstream broke it: a reset, a stall, invalid SSE)
 //! is a failure of its backend, towards its ejection, at any frame; one
-//! that ends, or is dropped, without failing resets the backend's failure
-//! count. The head's 200 alone does not: a server that breaks every stream
-//! mid-way answers every head with 200.
+//! that ends, or is dropped after its first frame, without failing resets
+//! the backend's failure count. The head's 200 alone does not: a server
+//! that breaks every stream mid-way answers every head with 200.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,8 +38,14 @@ pin_project_lite::pin_project! {
 
     impl<B> PinnedDrop for FirstFrame<B> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(watch) = this.project().watch.take() {
-                watch.state.clean_end();
+            match this.project().watch.take() {
+                Some(watch) if watch.sampled => watch.state.clean_end(),
+                // Dropped before its first frame: the backend took at least
+                // this long, and showed nothing of its health.
+                Some(watch) => watch
+                    .state
+                    .observe_at_least(watch.epoch.now(), watch.start.elapsed()),
+                None => {}
             }
         }
     }

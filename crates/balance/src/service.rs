@@ -119,6 +119,7 @@ impl<S: Clone> Shared<S> {
                         backend.name.clone(),
                         self.policy,
                         self.ejections.clone(),
+                        self.epoch.now(),
                     ))
                 });
             states.insert(backend.name.clone(), Arc::downgrade(&state));
@@ -126,7 +127,12 @@ impl<S: Clone> Shared<S> {
         };
         change(&mut members, &mut make);
         states.retain(|_, state| state.strong_count() > 0);
-        let set = Arc::new(BackendSet::new(&self.config.strategy, members));
+        let previous = self.snapshot();
+        let set = Arc::new(BackendSet::new(
+            &self.config.strategy,
+            members,
+            Some(&previous),
+        ));
         *self.set.write().unwrap_or_else(PoisonError::into_inner) = set;
     }
 }
@@ -149,7 +155,11 @@ where
     /// `config.health_check` is set and a tokio runtime is running.
     pub fn new(backends: impl IntoIterator<Item = Backend<S>>, config: BalanceConfig) -> Self {
         let shared = Arc::new(Shared {
-            set: RwLock::new(Arc::new(BackendSet::new(&config.strategy, Vec::new()))),
+            set: RwLock::new(Arc::new(BackendSet::new(
+                &config.strategy,
+                Vec::new(),
+                None,
+            ))),
             states: Mutex::new(HashMap::new()),
             policy: policy_of(&config),
             budget: config.retry_budget.build(),

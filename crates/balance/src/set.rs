@@ -147,11 +147,22 @@ impl<S: Clone> Member<S> {
 pub(crate) struct Group {
     /// Indices into [`BackendSet::members`], in config order.
     pub(crate) members: Vec<usize>,
-    pub(crate) picker: Picker,
+    /// Shared with the same group of the set this one replaced when its
+    /// members (names and weights, in order) are the same, and otherwise
+    /// built with that group's rotation state carried over: a change to
+    /// the set, or a backend put back unchanged (as discovery does on every
+    /// refresh), keeps the rotation turning instead of starting it over at
+    /// the first backend.
+    pub(crate) picker: Arc<Picker>,
 }
 
 impl Group {
-    fn new<S>(strategy: &Strategy, all: &[Arc<Member<S>>], members: Vec<usize>) -> Group {
+    fn new<S>(
+        strategy: &Strategy,
+        all: &[Arc<Member<S>>],
+        members: Vec<usize>,
+        previous: Option<(&Group, &[Arc<Member<S>>])>,
+    ) -> Group {
         let view: Vec<PickerMember<'_>> = members
             .iter()
             .map(|&i| PickerMember {
@@ -159,10 +170,26 @@ impl Group {
                 weight: all[i].weight,
             })
             .collect();
-        Group {
-            picker: Picker::new(strategy, &view),
-            members,
-        }
+        let picker =
+            match previous {
+                Some((group, old))
+                    if group.members.len() == view.len()
+                        && group.members.iter().zip(&view).all(|(&i, m)| {
+                            *old[i].name == *m.name && old[i].weight == m.weight
+                        }) =>
+                {
+                    group.picker.clone()
+                }
+                Some((group, old)) => {
+                    let picker = Picker::new(strategy, &view);
+                    let then: Vec<&str> = group.members.iter().map(|&i| &*old[i].name).collect();
+                    let now: Vec<&str> = view.iter().map(|m| m.name).collect();
+                    picker.carry_over(&group.picker, &then, &now);
+                    Arc::new(picker)
+                }
+                None => Arc::new(Picker::new(strategy, &view)),
+            };
+        Group { picker, members }
     }
 }
 
@@ -177,7 +204,13 @@ pub(crate) struct BackendSet<S> {
 }
 
 impl<S> BackendSet<S> {
-    pub(crate) fn new(strategy: &Strategy, members: Vec<Arc<Member<S>>>) -> Self {
+    /// The set of `members`, its pickers carried over from `previous` (the
+    /// set it replaces) where a group is unchanged.
+    pub(crate) fn new(
+        strategy: &Strategy,
+        members: Vec<Arc<Member<S>>>,
+        previous: Option<&BackendSet<S>>,
+    ) -> Self {
         let wildcard: Vec<usize> = (0..members.len())
             .filter(|&i| members[i].models.is_none())
             .collect();
@@ -190,18 +223,28 @@ impl<S> BackendSet<S> {
                 }
             }
         }
+        let old_members = previous.map(|p| p.members.as_slice());
         let by_model = listed
             .into_iter()
             .map(|(model, mut group)| {
                 group.extend(wildcard.iter().copied());
                 group.sort_unstable();
-                (model.to_owned(), Group::new(strategy, &members, group))
+                let previous = previous
+                    .and_then(|p| p.by_model.get(model))
+                    .zip(old_members);
+                (
+                    model.to_owned(),
+                    Group::new(strategy, &members, group, previous),
+                )
             })
             .collect();
-        let any_model = (!wildcard.is_empty()).then(|| Group::new(strategy, &members, wildcard));
+        let any_model = (!wildcard.is_empty()).then(|| {
+            let previous = previous.and_then(|p| p.any_model.as_ref()).zip(old_members);
+            Group::new(strategy, &members, wildcard, previous)
+        });
         let passthrough = Group {
             members: (0..members.len()).collect(),
-            picker: Picker::first_available(members.len()),
+            picker: Arc::new(Picker::first_available(members.len())),
         };
         BackendSet {
             members,

@@ -55,13 +55,22 @@ pub(crate) struct BackendState {
     /// where no balancer is at hand (a response body that breaks).
     policy: Policy,
     ejections_total: Arc<AtomicU64>,
-    /// Peak-EWMA estimate (f64 bits) and when it was last updated.
+    /// Peak-EWMA estimate (f64 bits) and when it was last updated (at
+    /// first, when the backend was added: the default decays from then).
     ewma_ns: AtomicU64,
     ewma_at: AtomicU64,
+    /// Whether a sample has replaced the default estimate.
+    sampled: AtomicBool,
 }
 
 impl BackendState {
-    pub(crate) fn new(name: Arc<str>, policy: Policy, ejections_total: Arc<AtomicU64>) -> Self {
+    /// The state of backend `name`, added at `now`.
+    pub(crate) fn new(
+        name: Arc<str>,
+        policy: Policy,
+        ejections_total: Arc<AtomicU64>,
+        now: u64,
+    ) -> Self {
         BackendState {
             name,
             in_flight: AtomicU32::new(0),
@@ -72,7 +81,8 @@ impl BackendState {
             policy,
             ejections_total,
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
-            ewma_at: AtomicU64::new(0),
+            ewma_at: AtomicU64::new(now),
+            sampled: AtomicBool::new(false),
         }
     }
 
@@ -90,10 +100,14 @@ impl BackendState {
 
     /// Peak-EWMA cost: the decayed latency estimate × (in-flight + 1).
     pub(crate) fn cost(&self, now: u64) -> f64 {
+        self.estimate(now) * (f64::from(self.in_flight()) + 1.0)
+    }
+
+    /// The latency estimate at `now` (ns), decayed since its last update.
+    fn estimate(&self, now: u64) -> f64 {
         let est = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let at = self.ewma_at.load(Ordering::Relaxed);
-        let decay = (-(now.saturating_sub(at) as f64) / EWMA_DECAY_NS).exp();
-        est * decay * (f64::from(self.in_flight()) + 1.0)
+        est * (-(now.saturating_sub(at) as f64) / EWMA_DECAY_NS).exp()
     }
 
     /// Record a latency sample (time to first body frame): a peak replaces
@@ -106,14 +120,29 @@ impl BackendState {
         let at = self.ewma_at.load(Ordering::Relaxed);
         // The first sample replaces the default outright; later ones follow
         // tower's peak-EWMA.
-        let next = if rtt > est || at == 0 {
+        let first =
+            !self.sampled.load(Ordering::Relaxed) && !self.sampled.swap(true, Ordering::Relaxed);
+        let next = if rtt > est || first {
             rtt
         } else {
             let decay = (-(now.saturating_sub(at) as f64) / EWMA_DECAY_NS).exp();
             est * decay + rtt * (1.0 - decay)
         };
         self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
-        self.ewma_at.store(now.max(1), Ordering::Relaxed);
+        self.ewma_at.store(now, Ordering::Relaxed);
+    }
+
+    /// A wait of `waited` for a first frame that did not come (the client
+    /// gave up: the attempt was cancelled, or the body dropped before its
+    /// first frame). The latency is at least that: it may raise the
+    /// estimate, never lower it. Without this, a backend that takes
+    /// requests and never answers them would be sampled never, and look
+    /// cheaper the longer it hangs (as tower's `PeakEwma` records a dropped
+    /// request's time).
+    pub(crate) fn observe_at_least(&self, now: u64, waited: Duration) {
+        if duration_ns(waited) as f64 > self.estimate(now) {
+            self.observe(now, waited);
+        }
     }
 
     /// Record a failed attempt in the latency estimate.

@@ -149,3 +149,129 @@ async fn a_stream_counts_in_flight_until_its_last_frame() {
     drop(body);
     assert_eq!(handle.snapshot()[0].in_flight, 0);
 }
+
+/// An upstream that answers every request with a `200 text/event-stream`
+/// head and then nothing, holding the connection: HTTP up, model stuck.
+async fn stuck_after_the_head() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("a local address");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                            transfer-encoding: chunked\r\n\r\n";
+                if conn.write_all(head.as_bytes()).await.is_ok() {
+                    while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+                }
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// Under `p2c_ewma`, a backend whose answers never come is learnt to be
+/// slow from the clients that give up on it (their wait is a lower bound of
+/// its latency), before the proxy's own 60 s timeouts: whether it hangs
+/// before the head, or sends the head and then no token. Without that it
+/// was never sampled, its default estimate decayed towards nothing, and it
+/// drew nearly every request.
+#[tokio::test]
+async fn p2c_ewma_learns_from_clients_that_give_up() {
+    let hung = mock("hung", Some(Failure::Hang), None).await;
+    for (stuck, stream) in [
+        (hung.base_url(), false),
+        (stuck_after_the_head().await, true),
+    ] {
+        // Slower than the default estimate, so the stuck one looks better
+        // until it is sampled.
+        let healthy = llm_proxy_mock::spawn(Mock::new(MockConfig {
+            name: "healthy".into(),
+            latency: Duration::from_millis(300),
+            ..MockConfig::default()
+        }))
+        .await
+        .expect("bind a mock");
+        let (svc, handle) = stack(
+            vec![
+                upstream("stuck", &stuck),
+                upstream("healthy", &healthy.base_url()),
+            ],
+            BalanceConfig::default(),
+        );
+        let patience = Duration::from_millis(400);
+        let mut gave_up = 0;
+        for _ in 0..6 {
+            let answered = tokio::time::timeout(patience, async {
+                let resp = svc.clone().oneshot(chat(stream)).await.expect("an answer");
+                let mut body = resp.into_body();
+                // The first token (or the whole answer).
+                body.frame().await;
+                body
+            })
+            .await;
+            match answered {
+                Ok(body) => {
+                    tokio::time::timeout(HANG, body.collect())
+                        .await
+                        .expect("no hang")
+                        .expect("a whole body");
+                }
+                Err(_) => gave_up += 1,
+            }
+        }
+        assert!(
+            gave_up <= 1,
+            "stream {stream}: {gave_up} of 6 requests went to the stuck backend; {:?}",
+            handle.snapshot()
+        );
+    }
+}
+
+/// Round robin with one backend ejected shares its turns among the others,
+/// instead of handing them all to its neighbour in config order.
+#[tokio::test]
+async fn round_robin_shares_an_ejected_backends_turns() {
+    let a = mock("a", None, None).await;
+    let c = mock("c", None, None).await;
+    let (svc, handle) = stack(
+        vec![
+            upstream("a", &a.base_url()),
+            upstream("dead", &dead_url().await),
+            upstream("c", &c.base_url()),
+        ],
+        BalanceConfig {
+            eject_after_failures: 1,
+            ..rr()
+        },
+    );
+    let send = || async {
+        let resp = tokio::time::timeout(HANG, svc.clone().oneshot(chat(false)))
+            .await
+            .expect("no hang")
+            .expect("an answer");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.expect("a whole body");
+    };
+    for _ in 0..3 {
+        send().await;
+    }
+    assert!(!handle.snapshot()[1].healthy, "dead is ejected");
+    let calls = |m: &MockServer| m.stats.requests_for("/chat/completions");
+    let (a0, c0) = (calls(&a), calls(&c));
+    for _ in 0..100 {
+        send().await;
+    }
+    let (a_n, c_n) = (calls(&a) - a0, calls(&c) - c0);
+    assert_eq!((a_n, c_n), (50, 50));
+}

@@ -138,6 +138,20 @@ impl Picker {
         }
     }
 
+    /// Carry the rotation state of `from`, the picker this one replaces,
+    /// over a change of members (`from_names` then, `names` now): a
+    /// rotation goes on from its turn, a weighted backend keeps its score,
+    /// instead of every change starting over at the first backend.
+    pub(crate) fn carry_over(&self, from: &Picker, from_names: &[&str], names: &[&str]) {
+        match (&self.kind, &from.kind) {
+            (Kind::RoundRobin(now), Kind::RoundRobin(then)) => now.carry_over(then),
+            (Kind::Weighted(now), Kind::Weighted(then)) => {
+                now.carry_over(then, from_names, names);
+            }
+            _ => {}
+        }
+    }
+
     /// How many backends the picker was built for.
     pub fn len(&self) -> usize {
         self.len

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{LoadView, PickerMember};
 
-/// Each available backend in turn.
+/// Each available backend in turn. The turns count over the backends
+/// available now, so that one taken out shares its turns among all the
+/// others instead of handing them to its neighbour.
 #[derive(Debug, Default)]
 pub(super) struct RoundRobin {
     next: AtomicUsize,
@@ -14,17 +16,26 @@ pub(super) struct RoundRobin {
 impl RoundRobin {
     pub(super) fn pick<L: LoadView + ?Sized>(&self, loads: &L) -> Option<usize> {
         let n = loads.len();
-        if n == 0 {
+        let available = (0..n).filter(|&i| loads.is_available(i)).count();
+        if available == 0 {
             return None;
         }
-        let start = if loads.is_retry() {
+        let turn = if loads.is_retry() {
             self.next.load(Ordering::Relaxed)
         } else {
             self.next.fetch_add(1, Ordering::Relaxed)
-        } % n;
+        };
         (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| loads.is_available(i))
+            .filter(|&i| loads.is_available(i))
+            .nth(turn % available)
+            // (One taken out between the two reads.)
+            .or_else(|| (0..n).find(|&i| loads.is_available(i)))
+    }
+
+    /// Go on from `from`'s turn.
+    pub(super) fn carry_over(&self, from: &RoundRobin) {
+        self.next
+            .store(from.next.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 
@@ -43,6 +54,24 @@ impl SmoothWeighted {
         SmoothWeighted {
             current: Mutex::new(vec![0; weights.len()]),
             weights,
+        }
+    }
+
+    /// Give each backend the score it had in `from` (matched by name).
+    pub(super) fn carry_over(&self, from: &SmoothWeighted, from_names: &[&str], names: &[&str]) {
+        let then = from
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut now = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (score, name) in now.iter_mut().zip(names) {
+            if let Some(i) = from_names.iter().position(|n| n == name) {
+                *score = then.get(i).copied().unwrap_or(0);
+            }
         }
     }
 

@@ -151,3 +151,65 @@ async fn health_check_stops_with_the_balancer() {
         "no probe after the last clone is gone"
     );
 }
+
+/// A backend put back unchanged (as discovery does on every refresh), or
+/// a change to another backend, keeps the rotation turning: rebuilding the
+/// set must not start it over at the first backend.
+#[tokio::test(start_paused = true)]
+async fn an_unchanged_backend_put_back_keeps_the_rotation() {
+    for strategy in [Strategy::RoundRobin, Strategy::Weighted] {
+        let fleet = Fleet::default();
+        let b = balance(
+            &fleet,
+            &["a", "b"],
+            BalanceConfig {
+                strategy: strategy.clone(),
+                ..BalanceConfig::default()
+            },
+        );
+        let h = b.handle();
+        for i in 0..20 {
+            h.insert(fleet.backend("b"));
+            if i % 2 == 0 {
+                h.insert(fleet.backend("c"));
+            } else {
+                h.remove("c");
+            }
+            send(&b, chat("m", "x")).await.unwrap();
+        }
+        let (a, b, c) = (fleet.calls("a"), fleet.calls("b"), fleet.calls("c"));
+        // (With `c` in the set on half the requests, the group changes;
+        // what must not happen is `a` taking every request.)
+        assert!(a < 15 && b > 0, "{strategy:?}: a {a}, b {b}, c {c}");
+    }
+}
+
+/// A backend added while the balancer runs starts from the default
+/// estimate, not from one decayed since the balancer's start to nothing:
+/// under `p2c_ewma` it must not take every request of a burst while its
+/// first answer is outstanding.
+#[tokio::test(start_paused = true)]
+async fn a_backend_added_later_does_not_take_a_whole_burst() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Ok(Duration::from_millis(100)));
+    let b = balance(&fleet, &["a"], BalanceConfig::default());
+    let h = b.handle();
+    tokio::time::advance(secs(600)).await;
+    for _ in 0..3 {
+        send(&b, chat("m", "x")).await.unwrap();
+    }
+    fleet.set("b", Mode::Ok(secs(10)));
+    h.insert(fleet.backend("b"));
+    let burst: Vec<_> = (0..40)
+        .map(|i| {
+            let b = b.clone();
+            tokio::spawn(async move { send(&b, chat("m", &i.to_string())).await.map(|_| ()) })
+        })
+        .collect();
+    for task in burst {
+        task.await.unwrap().unwrap();
+    }
+    let (a, b) = (fleet.calls("a") - 3, fleet.calls("b"));
+    assert_eq!(a + b, 40);
+    assert!(b <= 20, "the new backend took {b} of 40 (a: {a})");
+}
