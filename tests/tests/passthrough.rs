@@ -564,3 +564,36 @@ async fn an_embedding_app_can_mark_the_proxy_draining() {
     proxy.readiness().start_draining();
     assert_eq!(readyz().await.unwrap().status(), 503);
 }
+
+/// `/readyz` answers 503 when every upstream is out for its health (here:
+/// ejected after failures), but not while the only upstream rests after a
+/// 429: a provider's rate limit, seen by every replica alike, must not pull
+/// the proxies out of their load balancer.
+#[tokio::test]
+async fn readiness_follows_ejection_not_rate_limits() {
+    let limited = mock(llm_proxy_mock::MockConfig {
+        name: "m".into(),
+        failure: Some(llm_proxy_mock::Failure::RateLimited {
+            retry_after_secs: 60,
+        }),
+        ..llm_proxy_mock::MockConfig::default()
+    })
+    .await;
+    let failing = mock(llm_proxy_mock::MockConfig {
+        name: "m".into(),
+        failure: Some(llm_proxy_mock::Failure::Status(500)),
+        ..llm_proxy_mock::MockConfig::default()
+    })
+    .await;
+    for (up, status, ready) in [(&limited, 429, 200), (&failing, 500, 503)] {
+        let proxy = proxy(&one_upstream(
+            &up.base_url(),
+            "\n[balance]\nmax_retries = 0\neject_after_failures = 1\n",
+        ))
+        .await;
+        let answer = post_json(&proxy.url("/v1/chat/completions"), &chat("m", false)).await;
+        assert_eq!(answer.status, status);
+        let readyz = send(request(Method::GET, &proxy.url("/readyz"), &[], "")).await;
+        assert_eq!(readyz.status, ready, "after a {status}: {}", readyz.text());
+    }
+}

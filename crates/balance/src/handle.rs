@@ -113,14 +113,18 @@ impl<S> BalanceHandle<S> {
             .collect()
     }
 
-    /// Whether any backend takes new requests now (for `/readyz`).
+    /// Whether any backend is up now: neither ejected nor failing its
+    /// health checks (for `/readyz`). One resting after a 429 is up: an
+    /// upstream's rate limit is not the proxy's to be pulled out of a load
+    /// balancer for (every replica behind it would see the same 429s, and
+    /// clients would get refused connections instead of the 429).
     pub fn any_healthy(&self) -> bool {
         let now = self.shared.epoch.now();
         self.shared
             .snapshot()
             .members
             .iter()
-            .any(|m| m.state.is_available(now))
+            .any(|m| m.state.is_up(now))
     }
 
     /// Whether the backend named `name` takes new requests now; false for

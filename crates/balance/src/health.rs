@@ -56,6 +56,16 @@ impl Health {
         self.ejected_until.unwrap_or(0).max(self.throttled_until)
     }
 
+    /// Until when the backend is out for its health (ejected, or failing
+    /// its probes: `u64::MAX`), leaving a 429's rest aside: a throttled
+    /// backend is up, only busy.
+    pub(crate) fn sick_until(&self) -> u64 {
+        if self.probe_down {
+            return u64::MAX;
+        }
+        self.ejected_until.unwrap_or(0)
+    }
+
     /// A whole success: [`on_answered`](Self::on_answered) and
     /// [`on_clean_end`](Self::on_clean_end).
     pub(crate) fn on_success(&mut self, now: u64) {

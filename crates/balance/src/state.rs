@@ -46,6 +46,9 @@ pub(crate) struct BackendState {
     /// Unavailable until this time (ns since the epoch); `u64::MAX` = until
     /// the next success. Written under `health`, read without a lock.
     down_until: AtomicU64,
+    /// The same without a 429's rest ([`Health::sick_until`]); written
+    /// under `health`.
+    sick_until: AtomicU64,
     /// Whether the failure count is above zero. Written under `health`,
     /// read without a lock: a clean end has nothing to reset otherwise.
     failing: AtomicBool,
@@ -75,6 +78,7 @@ impl BackendState {
             name,
             in_flight: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
+            sick_until: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             health: Mutex::new(Health::default()),
             ejections: AtomicU64::new(0),
@@ -96,6 +100,12 @@ impl BackendState {
 
     pub(crate) fn is_available(&self, now: u64) -> bool {
         now >= self.down_until.load(Ordering::Relaxed)
+    }
+
+    /// Whether it is neither ejected nor failing its probes: available, or
+    /// only resting after a 429 (for readiness).
+    pub(crate) fn is_up(&self, now: u64) -> bool {
+        now >= self.sick_until.load(Ordering::Relaxed)
     }
 
     /// Peak-EWMA cost: the decayed latency estimate × (in-flight + 1).
@@ -158,6 +168,8 @@ impl BackendState {
         let out = f(&mut health);
         self.down_until
             .store(health.down_until(), Ordering::Relaxed);
+        self.sick_until
+            .store(health.sick_until(), Ordering::Relaxed);
         self.failing.store(health.failures > 0, Ordering::Relaxed);
         out
     }

@@ -217,6 +217,12 @@ async fn exhausted_retries_return_the_upstreams_own_answer() {
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "2");
     assert_eq!(fleet.total(), 1, "a throttled backend is not retried");
+    let h = b.handle();
+    assert!(!stats(&h, "a").healthy, "resting");
+    assert!(
+        h.any_healthy(),
+        "a rate limit does not make the proxy unready"
+    );
     drop(resp);
 
     // `retry-after: 0` too: the backend rests the default second.
