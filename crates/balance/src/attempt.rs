@@ -129,9 +129,11 @@ where
     };
     shared.budget.deposit();
     let mut tried: Vec<usize> = Vec::new();
+    let mut spent: Vec<usize> = Vec::new();
     let mut last: Option<Outcome> = None;
     for attempt in 0..attempts {
-        let Some(choice) = route.choose(&set, &tried, shared.epoch.now(), crate::random()) else {
+        let now = shared.epoch.now();
+        let Some(choice) = route.choose(&set, &tried, &spent, now, crate::random()) else {
             break;
         };
         if attempt > 0 {
@@ -167,11 +169,21 @@ where
             Verdict::Success | Verdict::Pass | Verdict::Fatal => return outcome,
             Verdict::Failure | Verdict::Throttled(_) => {
                 tried.push(choice.member);
+                if timed_out_waiting(&outcome) {
+                    spent.push(choice.member);
+                }
                 last = Some(outcome);
             }
         }
     }
     last.unwrap_or_else(|| Err(no_attempt(&route)))
+}
+
+/// Whether the upstream took the request and sent no head within its
+/// first-byte timeout: the client has waited that long once already, and
+/// that upstream is not tried again for it (another one may be).
+fn timed_out_waiting(outcome: &Outcome) -> bool {
+    matches!(outcome, Err(Error::UpstreamTimeout { phase, .. }) if *phase == Error::WAITING_FOR_HEAD)
 }
 
 fn no_attempt(route: &Route<'_>) -> Error {

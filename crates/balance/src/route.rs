@@ -9,7 +9,9 @@
 //! 2. panic routing: not yet tried, resting or not, in the same order
 //!    (rather than 503 while a resting server may be back);
 //! 3. healthy, tried before (one upstream can be retried after a transient
-//!    failure; an upstream that just answered 429 or was ejected is not).
+//!    failure; an upstream that just answered 429 or was ejected is not, and
+//!    neither is one that left the request without a head until its
+//!    first-byte timeout: the client has waited that long once).
 //!
 //! Within a pass the strategy's [`Picker`](crate::Picker) chooses.
 
@@ -149,10 +151,13 @@ impl<'a> Route<'a> {
     }
 
     /// The backend for the next attempt; `None` when no pass finds one.
+    /// `tried`: the members tried so far; `spent`: those of them never to
+    /// be tried again in this request (they timed out).
     pub(crate) fn choose<S>(
         &self,
         set: &BackendSet<S>,
         tried: &[usize],
+        spent: &[usize],
         now: u64,
         random: u64,
     ) -> Option<Choice<'a>> {
@@ -160,7 +165,8 @@ impl<'a> Route<'a> {
             // No other upstream can honour a pinned request: retry it only
             // there, and only while it is healthy.
             let again = tried.contains(&member);
-            let usable = !again || set.members[member].state.is_available(now);
+            let usable =
+                !again || (!spent.contains(&member) && set.members[member].state.is_available(now));
             return usable.then_some(Choice {
                 member,
                 model: None,
@@ -172,6 +178,7 @@ impl<'a> Route<'a> {
                     set,
                     group,
                     tried,
+                    spent,
                     now,
                     pass,
                     api: self.api,
@@ -194,6 +201,7 @@ struct View<'v, S> {
     set: &'v BackendSet<S>,
     group: &'v Group,
     tried: &'v [usize],
+    spent: &'v [usize],
     now: u64,
     pass: Pass,
     api: Option<Api>,
@@ -215,7 +223,7 @@ impl<S> LoadView for View<'_, S> {
         match self.pass {
             Pass::HealthyUntried => !tried && healthy(),
             Pass::Untried => !tried,
-            Pass::HealthyTried => tried && healthy(),
+            Pass::HealthyTried => tried && !self.spent.contains(&member) && healthy(),
         }
     }
 

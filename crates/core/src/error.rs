@@ -164,6 +164,10 @@ pub struct ErrorObject<'a> {
 }
 
 impl Error {
+    /// The `phase` of an [`Error::UpstreamTimeout`] whose upstream took the
+    /// request and sent no response head within its first-byte timeout.
+    pub const WAITING_FOR_HEAD: &'static str = "waiting for the response head";
+
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {
         use Error::*;

@@ -382,7 +382,7 @@ impl Upstream {
             None => {
                 return Err(Error::UpstreamTimeout {
                     upstream: self.inner.name.0.clone(),
-                    phase: "waiting for the response head",
+                    phase: Error::WAITING_FOR_HEAD,
                 });
             }
             Some(sent) => sent?,

@@ -108,7 +108,7 @@ impl Upstream {
             Err(_elapsed) => {
                 return Err(Error::UpstreamTimeout {
                     upstream: inner.name.0.clone(),
-                    phase: "waiting for the response head",
+                    phase: Error::WAITING_FOR_HEAD,
                 });
             }
             Ok(Err(e)) => return Err(self.classify_pool(SendError::Request(e))),

@@ -344,3 +344,30 @@ async fn response_extensions_are_kept() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"a");
 }
+
+/// An upstream that left the request without a head until its first-byte
+/// timeout is not tried again for that request: the client has waited that
+/// long once. Another upstream is; and one that failed fast (a 5xx) may be
+/// tried again as before.
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_upstream_is_not_retried_for_the_same_request() {
+    let cfg = BalanceConfig {
+        max_retries: 2,
+        ..rr()
+    };
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::TimedOut);
+    let b = balance(&fleet, &["a"], cfg.clone());
+    let err = b.clone().oneshot(chat("m", "x")).await.unwrap_err();
+    assert_eq!(err.code(), "upstream_timeout");
+    assert_eq!(fleet.total(), 1, "one wait for the head, not three");
+
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::TimedOut);
+    fleet.set("b", Mode::Status(500, None));
+    let b = balance(&fleet, &["a", "b"], cfg);
+    let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    assert_eq!(resp.status(), 500);
+    let order: Vec<String> = fleet.seen().into_iter().map(|s| s.backend).collect();
+    assert_eq!(order, ["a", "b", "b"]);
+}

@@ -30,6 +30,8 @@ pub(crate) enum Mode {
     Status(u16, Option<&'static str>),
     /// A connection failure.
     Refused,
+    /// No head within the first-byte timeout.
+    TimedOut,
     /// 200, one body frame, then a broken stream.
     Broken,
     /// 200, one body frame, then an error that is the proxy's own (a
@@ -180,6 +182,10 @@ impl Service<Request<Body>> for Fake {
                     let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
                     Ok(Response::new(body.boxed_unsync()))
                 }
+                Mode::TimedOut => Err(Error::UpstreamTimeout {
+                    upstream: name,
+                    phase: Error::WAITING_FOR_HEAD,
+                }),
                 Mode::Refused => Err(Error::BadGateway {
                     upstream: name,
                     reason: "could not connect: connection refused".into(),
