@@ -53,27 +53,34 @@ pub(crate) fn mark(response: &mut Response<Body>, status: CacheStatus) {
 /// stream replayed frame by frame, without its usage chunk unless
 /// `keep_usage`: only chat and completions streams have one to leave out).
 pub(crate) fn from_entry(entry: &Entry, keep_usage: bool, age_secs: u64) -> Response<Body> {
-    let (body, default_type) = match &entry.body {
-        EntryBody::Json(bytes) => (full(bytes.clone()), "application/json"),
-        EntryBody::Stream { frames, usage } => {
-            let body = match (usage, keep_usage) {
-                (UsageChunk::Frame(index), false) => {
-                    Replay::new(frames.clone(), Some(*index as usize)).boxed_unsync()
-                }
-                (UsageChunk::Inside, false) => {
-                    UsageFilter::new(Replay::new(frames.clone(), None)).boxed_unsync()
-                }
-                _ => Replay::new(frames.clone(), None).boxed_unsync(),
-            };
-            (body, "text/event-stream")
-        }
+    let body = match &entry.body {
+        EntryBody::Json(bytes) => full(bytes.clone()),
+        EntryBody::Stream { frames, usage } => match (usage, keep_usage) {
+            (UsageChunk::Frame(index), false) => {
+                Replay::new(frames.clone(), Some(*index as usize)).boxed_unsync()
+            }
+            (UsageChunk::Inside, false) => {
+                UsageFilter::new(Replay::new(frames.clone(), None)).boxed_unsync()
+            }
+            _ => Replay::new(frames.clone(), None).boxed_unsync(),
+        },
     };
-    let content_type = entry
+    hit(body, Some(content_type(entry)), age_secs)
+}
+
+/// The content type an entry is served with: the stored one, else the
+/// usual one of its kind (an upstream may have sent none).
+pub(crate) fn content_type(entry: &Entry) -> HeaderValue {
+    entry
         .content_type
         .clone()
         .and_then(|ct| HeaderValue::from_maybe_shared(ct).ok())
-        .unwrap_or(HeaderValue::from_static(default_type));
-    hit(body, Some(content_type), age_secs)
+        .unwrap_or_else(|| {
+            HeaderValue::from_static(match entry.body {
+                EntryBody::Json(_) => "application/json",
+                EntryBody::Stream { .. } => "text/event-stream",
+            })
+        })
 }
 
 /// A coalesced request's answer: the leader's frames as they arrive.

@@ -316,7 +316,11 @@ where
             }
             Joined::Follow(follower) => {
                 inner.unready();
-                Counters::bump(&counters.coalesced);
+                // A request, once: not again when it follows the next
+                // leader after its first one failed.
+                if deadline.is_none() {
+                    Counters::bump(&counters.coalesced);
+                }
                 let head = poll_fn(|cx| follower.poll_head(cx));
                 // (Set on the first wait: a leader reads no clock for it.)
                 let until = *deadline
@@ -375,10 +379,7 @@ async fn lookup(shared: &Shared, plan: &Plan) -> Option<Entry> {
 
 fn head_of(entry: &Entry) -> Head {
     Head {
-        content_type: entry
-            .content_type
-            .clone()
-            .and_then(|ct| http::HeaderValue::from_maybe_shared(ct).ok()),
+        content_type: Some(crate::replay::content_type(entry)),
         stored_at_ms: Some(entry.stored_at_ms),
     }
 }

@@ -325,7 +325,7 @@ fn balance_metrics(handle: BalanceHandle<UpstreamService>) -> Source {
             },
             Series {
                 name: "retries",
-                help: "Attempts retried on another upstream",
+                help: "Attempts retried (on another upstream, or on one tried before when none is left)",
                 counter: true,
                 samples: vec![(vec![], handle.retries_total())],
             },

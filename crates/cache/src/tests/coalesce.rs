@@ -123,6 +123,9 @@ async fn when_the_leader_fails_one_follower_retries() {
     for answer in answers.iter().filter(|a| a.status == StatusCode::OK) {
         assert_eq!(answer.json(), answer_json(2));
     }
+    // Seven requests waited, each counted once (six followed twice).
+    let stats = h.stats.snapshot();
+    assert_eq!((stats.coalesced, stats.misses), (7, 2));
 }
 
 #[tokio::test(start_paused = true)]
@@ -338,4 +341,41 @@ async fn a_fallback_models_answer_is_shared_but_not_stored() {
         assert_eq!(h.send(chat(body, &[])).await.cache(), "hit");
         assert_eq!(h.calls(), 2);
     }
+}
+
+/// An entry stored without a content type (its upstream sent none) is
+/// served with its kind's usual one, to the request that found it and to
+/// those that joined its lookup alike.
+#[tokio::test(start_paused = true)]
+async fn followers_of_a_lookup_get_the_hits_content_type() {
+    let store = SlowStore::default();
+    let h = harness_with(CacheConfig::default(), store.clone());
+    let meta = llm_proxy_core::RequestMeta::parsed(
+        llm_proxy_core::Endpoint::ChatCompletions,
+        bytes::Bytes::from_static(STREAM.as_bytes()),
+        serde_json::from_str(STREAM).unwrap(),
+    );
+    let key = crate::CacheKey::for_request(
+        &meta,
+        &http::HeaderMap::new(),
+        None,
+        crate::CacheScope::PerKey,
+    )
+    .unwrap();
+    let entry = crate::Entry {
+        stored_at_ms: crate::clock::now_ms(),
+        content_type: None,
+        body: crate::EntryBody::Stream {
+            frames: stream_frames(1, false).into(),
+            usage: crate::UsageChunk::Absent,
+        },
+    };
+    store.inner.put_now(key, entry, Duration::from_secs(60));
+    let answers = all((0..3).map(|_| spawn(&h, STREAM, &[])).collect()).await;
+    for answer in &answers {
+        assert_eq!(answer.cache(), "hit");
+        assert_eq!(answer.headers["content-type"], "text/event-stream");
+    }
+    assert_eq!(h.stats.snapshot().coalesced, 2);
+    assert_eq!(h.calls(), 0);
 }
