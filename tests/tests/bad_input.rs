@@ -820,7 +820,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_cancelled() {
     // hold.
     let up = mock_named("m").await;
     let p = proxy(&format!(
-        "header_read_timeout_ms = 300\n{}",
+        "send_timeout_ms = 300\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
@@ -836,12 +836,49 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_cancelled() {
     drop(conn);
 }
 
+/// The send timeout is its own knob: a client that takes none of its
+/// answer for longer than `header_read_timeout_ms`, but less than
+/// `send_timeout_ms`, gets its whole stream. (HTTP/2, so that the pause
+/// shows at once: the stream's window fills, and its body waits.)
+#[tokio::test]
+async fn a_reader_that_pauses_within_the_send_timeout_is_not_cut() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 100\nsend_timeout_ms = 20000\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+        .header("content-type", "application/json")
+        .header("x-mock-tokens", "2000")
+        .body(http_body_util::Full::new(bytes::Bytes::from(chat(
+            "m", true,
+        ))))
+        .unwrap();
+    let answer = sender.send_request(req).await.expect("a head");
+    assert_eq!(answer.status(), 200);
+    // Five header timeouts without taking a byte.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (body, broken) = read_stream(answer).await;
+    assert!(!broken, "cut after {} bytes", body.len());
+    assert!(String::from_utf8_lossy(&body).contains("data: [DONE]"));
+    assert_eq!(up.stats.cancelled(), 0);
+}
+
 #[tokio::test]
 async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = mock_named("m").await;
     let p = proxy(&format!(
-        "header_read_timeout_ms = 300\n{}",
+        "send_timeout_ms = 300\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;

@@ -46,6 +46,10 @@ pub struct Config {
     /// Clients that take longer to send their request head are cut off.
     #[serde(default = "defaults::header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
+    /// A connection whose client takes none of its answers' bytes for this
+    /// long is closed (nginx's `send_timeout`).
+    #[serde(default = "defaults::send_timeout_ms")]
+    pub send_timeout_ms: u64,
     /// Connections served at once; more wait in the accept queue.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
@@ -321,6 +325,9 @@ mod defaults {
     pub fn header_read_timeout_ms() -> u64 {
         10_000
     }
+    pub fn send_timeout_ms() -> u64 {
+        60_000
+    }
     pub fn max_connections() -> usize {
         10_000
     }
@@ -471,6 +478,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Header read timeout.
     pub header_read_timeout: Duration,
+    /// Send timeout: how long a client may take none of its answers' bytes.
+    pub send_timeout: Duration,
     /// Connection limit.
     pub max_connections: usize,
     /// Server threads (shards), at least 1.
@@ -688,6 +697,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         Some(n) => n,
     };
     positive_ms(path, "`header_read_timeout_ms`", cfg.header_read_timeout_ms)?;
+    positive_ms(path, "`send_timeout_ms`", cfg.send_timeout_ms)?;
     if cfg.upstream.is_empty() {
         return Err(ConfigError(format!(
             "{}: no [[upstream]] configured: at least one is needed",
@@ -891,6 +901,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         max_buffered_body_bytes,
         drain_timeout: duration_secs(path, "`drain_timeout_secs`", cfg.drain_timeout_secs)?,
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+        send_timeout: Duration::from_millis(cfg.send_timeout_ms),
         max_connections: cfg.max_connections,
         workers: match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),

@@ -39,6 +39,7 @@ const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Clone, Copy, Debug)]
 struct ConnOptions {
     header_read_timeout: Duration,
+    send_timeout: Duration,
     max_connections: usize,
 }
 
@@ -199,6 +200,7 @@ impl Proxy {
     fn conn_options(&self) -> ConnOptions {
         ConnOptions {
             header_read_timeout: self.settings.header_read_timeout,
+            send_timeout: self.settings.send_timeout,
             max_connections: self.settings.max_connections,
         }
     }
@@ -579,11 +581,12 @@ fn serve_connection<S>(
         )
         .into_owned();
     let mut stop = graceful.watcher();
-    // One knob for slow or silent clients: an HTTP/2 connection without a
-    // request for as long as an HTTP/1 one may wait for its next request's
-    // head is closed too, and so is a connection whose client does not take
-    // a response's bytes for that long (`crate::idle`).
+    // An HTTP/2 connection without a request for as long as an HTTP/1 one
+    // may wait for its next request's head is closed too; a connection
+    // whose client does not take its answers' bytes is closed after
+    // `send_timeout` (`crate::idle`).
     let idle_timeout = opts.header_read_timeout;
+    let send_timeout = opts.send_timeout;
     tokio::spawn(async move {
         let mut conn = std::pin::pin!(conn);
         let mut closing = false;
@@ -618,7 +621,7 @@ fn serve_connection<S>(
                     gone_by = Some(tokio::time::Instant::now() + idle_timeout);
                     conn.as_mut().graceful_shutdown();
                 }
-                () = activity.stalled(idle_timeout) => {
+                () = activity.stalled(send_timeout) => {
                     tracing::debug!("closing a connection whose client stopped reading");
                     break Ok(());
                 }
@@ -660,6 +663,7 @@ async fn serve_metrics(listener: TcpListener, service: ProxyService) {
     let graceful = Drain::new();
     let opts = ConnOptions {
         header_read_timeout: Duration::from_secs(10),
+        send_timeout: Duration::from_secs(60),
         max_connections: 64,
     };
     let permits = Arc::new(Semaphore::new(opts.permits()));
@@ -739,6 +743,7 @@ mod tests {
         for (max, permits) in [(0, 1), (10, 10), (usize::MAX, Semaphore::MAX_PERMITS)] {
             let opts = ConnOptions {
                 header_read_timeout: Duration::from_secs(1),
+                send_timeout: Duration::from_secs(1),
                 max_connections: max,
             };
             assert_eq!(opts.permits(), permits);
