@@ -477,3 +477,65 @@ fn an_odd_created_does_not_fail_the_stream() {
     let (_, steps) = run(Context::default(), &refs);
     assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
 }
+
+/// A chunk with one tool-call delta at chat index 0 and no id.
+fn at_zero(name: Option<&str>, args: &str) -> String {
+    let mut function = json!({"arguments": args});
+    if let Some(name) = name {
+        function["name"] = json!(name);
+    }
+    chunk(
+        json!({"tool_calls": [{"index": 0, "type": "function", "function": function}]}),
+        None,
+    )
+}
+
+#[test]
+fn parallel_calls_whole_at_index_zero_without_ids_are_separate() {
+    // Gemini's OpenAI-compatible API: each parallel call whole in its own
+    // chunk, every one at index 0, none with an id.
+    let chunks = [
+        at_zero(Some("read"), r#"{"path":"a.md"}"#),
+        at_zero(Some("read"), r#"{"path":"b.md"}"#),
+        at_zero(Some("list"), "{}"),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(Context::default(), &refs);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    assert_eq!(
+        tool_blocks(&out),
+        [
+            ("toolu_0".into(), "read".into(), r#"{"path":"a.md"}"#.into()),
+            ("toolu_1".into(), "read".into(), r#"{"path":"b.md"}"#.into()),
+            ("toolu_2".into(), "list".into(), "{}".into()),
+        ]
+    );
+}
+
+#[test]
+fn a_name_repeated_with_unfinished_arguments_is_the_same_call() {
+    // MiniMax repeats the name with every piece, here without ids: pieces
+    // whose arguments are not yet one JSON value join; a repeat of the
+    // name with no arguments after they are complete adds nothing.
+    let chunks = [
+        at_zero(Some("get_weather"), ""),
+        at_zero(Some("get_weather"), r#"{"city":{"name":"#),
+        at_zero(Some("get_weather"), r#""Paris"}"#),
+        at_zero(Some("get_weather"), "}"),
+        at_zero(Some("get_weather"), ""),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, _) = run(Context::default(), &refs);
+    assert_eq!(
+        tool_blocks(&out),
+        [(
+            "toolu_0".into(),
+            "get_weather".into(),
+            r#"{"city":{"name":"Paris"}}"#.into()
+        )]
+    );
+}

@@ -19,7 +19,9 @@ use super::items::{Call, Events, Item, Message};
 use super::response::item_id;
 use super::{Context, State, call_id, response_object, status, usage_json};
 use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name};
+use crate::stream::{
+    ArgumentsEnd, MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name,
+};
 use crate::wire::{now_secs, restyle_id};
 
 /// The state of one translated stream.
@@ -194,15 +196,15 @@ impl ChatToResponses {
             Item::Message(_) => None,
         });
         let chat_index = chat_index(call, calls, self.items.len() as u64);
-        // The newest call at that index; a delta naming another id there
-        // is a new call (Ollama numbers every call of a turn 0).
+        // The newest call at that index, unless the delta starts another
+        // there (Ollama and Gemini number every call of a turn 0).
         let found = self
             .items
             .iter()
             .rposition(|i| matches!(i, Item::Call(c) if c.chat_index == chat_index))
-            .filter(|&i| {
-                !matches!(&self.items[i], Item::Call(c) if is_another_call(&c.call_id, c.upstream_id, call))
-            });
+            .filter(
+                |&i| !matches!(&self.items[i], Item::Call(c) if is_another_call(&c.so_far(), call)),
+            );
         match found {
             Some(i) if self.open != Some(i) => Err(format!(
                 "the upstream went back to tool call {chat_index} after starting another"
@@ -220,6 +222,7 @@ impl ChatToResponses {
                     upstream_id: false,
                     name: String::new(),
                     arguments: String::new(),
+                    arguments_end: ArgumentsEnd::default(),
                     chat_index,
                     added: false,
                 };
@@ -245,6 +248,7 @@ impl ChatToResponses {
             call.upstream_id = true;
         }
         call.arguments.push_str(fragment);
+        call.arguments_end.push(fragment);
         self.held += fragment.len();
         if call.added {
             if !fragment.is_empty() {

@@ -285,3 +285,83 @@ fn each_way_servers_send_one_call_is_one_function_call() {
         assert_eq!(output[0]["arguments"], r#"{"city":"Paris"}"#, "{what}");
     }
 }
+
+/// A chunk with one tool-call delta at chat index 0 and no id.
+fn at_zero(name: Option<&str>, args: &str) -> String {
+    let mut function = json!({"arguments": args});
+    if let Some(name) = name {
+        function["name"] = json!(name);
+    }
+    chunk(
+        json!({"tool_calls": [{"index": 0, "type": "function", "function": function}]}),
+        None,
+    )
+}
+
+/// `(call_id, name, arguments)` of the calls in `response.completed`.
+fn completed_calls(out: &[(Option<String>, Value)]) -> Vec<(String, String, String)> {
+    let (_, done) = out.last().unwrap();
+    done["response"]["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "function_call")
+        .map(|i| {
+            let s = |k: &str| i[k].as_str().unwrap_or_default().to_owned();
+            (s("call_id"), s("name"), s("arguments"))
+        })
+        .collect()
+}
+
+#[test]
+fn parallel_calls_whole_at_index_zero_without_ids_are_separate() {
+    // Gemini's OpenAI-compatible API: each parallel call whole in its own
+    // chunk, every one at index 0, none with an id.
+    let chunks = [
+        at_zero(Some("read"), r#"{"path":"a.md"}"#),
+        at_zero(Some("read"), r#"{"path":"b.md"}"#),
+        at_zero(Some("list"), "{}"),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let (out, steps) = run(Context::default(), &chunks);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    assert_eq!(
+        completed_calls(&out),
+        [
+            ("call_0".into(), "read".into(), r#"{"path":"a.md"}"#.into()),
+            ("call_1".into(), "read".into(), r#"{"path":"b.md"}"#.into()),
+            ("call_2".into(), "list".into(), "{}".into()),
+        ]
+    );
+    let deltas: Vec<&str> = out
+        .iter()
+        .filter_map(|(_, v)| {
+            (v["type"] == "response.function_call_arguments.delta").then(|| v["delta"].as_str())?
+        })
+        .collect();
+    assert_eq!(deltas, [r#"{"path":"a.md"}"#, r#"{"path":"b.md"}"#, "{}"]);
+}
+
+#[test]
+fn a_name_repeated_with_unfinished_arguments_is_the_same_call() {
+    // MiniMax repeats the name with every piece, here without ids.
+    let chunks = [
+        at_zero(Some("get_weather"), ""),
+        at_zero(Some("get_weather"), r#"{"city":{"name":"#),
+        at_zero(Some("get_weather"), r#""Paris"}"#),
+        at_zero(Some("get_weather"), "}"),
+        at_zero(Some("get_weather"), ""),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let (out, _) = run(Context::default(), &chunks);
+    assert_eq!(
+        completed_calls(&out),
+        [(
+            "call_0".into(),
+            "get_weather".into(),
+            r#"{"city":{"name":"Paris"}}"#.into()
+        )]
+    );
+}
