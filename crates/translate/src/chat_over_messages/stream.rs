@@ -25,7 +25,7 @@ use crate::chat::{
     OutChoice, OutChunk, OutDelta, OutFunction, OutToolCall, error_message, usage_json,
 };
 use crate::stream::{MAX_BLOCKS, Step};
-use crate::wire::{input_to_arguments, now_secs, restyle_id, str_of, write_data};
+use crate::wire::{bare_id, input_to_arguments, now_secs, restyle_id, str_of, write_data};
 
 /// One Anthropic event, read lazily: deltas borrowed, rarer parts as values.
 #[derive(Deserialize)]
@@ -116,7 +116,8 @@ impl MessagesToChat {
         MessagesToChat {
             model: ctx.model.clone(),
             ctx,
-            id: "chatcmpl-translated".to_owned(),
+            // The upstream's, when its `message_start` gives a usable one.
+            id: restyle_id("chatcmpl-", None),
             created: now_secs(),
             started: false,
             finished: false,
@@ -174,10 +175,10 @@ impl MessagesToChat {
 
     fn message_start(&mut self, message: Option<&Value>, out: &mut Vec<u8>) {
         if let Some(message) = message {
-            if let Some(id) = str_of(message, "id") {
-                self.id = restyle_id("chatcmpl-", id);
+            if let Some(id) = bare_id(str_of(message, "id")) {
+                self.id = format!("chatcmpl-{id}");
             }
-            if let Some(model) = str_of(message, "model") {
+            if let Some(model) = str_of(message, "model").filter(|m| !m.is_empty()) {
                 self.model = model.to_owned();
             }
             self.count(message.get("usage"));

@@ -32,7 +32,7 @@ use crate::stream::{
     ArgumentsEnd, CallSoFar, MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call,
     join_name,
 };
-use crate::wire::{restyle_id, write_event};
+use crate::wire::{bare_id, model_or, restyle_id, write_event};
 
 /// The state of one translated stream.
 #[derive(Debug)]
@@ -148,7 +148,14 @@ impl ChatToMessages {
             }
             Err(reason) => return Step::Fail(reason),
         };
-        self.start(chunk.id.as_deref(), chunk.model.as_deref(), out);
+        // A chunk without choices or a usable id (Azure opens with a
+        // prompt-filter chunk whose id and model are empty) does not name
+        // the message: the next one may.
+        if bare_id(chunk.id.as_deref()).is_some()
+            || chunk.choices.as_ref().is_some_and(|c| !c.is_empty())
+        {
+            self.start(chunk.id.as_deref(), chunk.model.as_deref(), out);
+        }
         if let Some(usage) = chunk.usage {
             self.usage = Some(usage);
         }
@@ -179,10 +186,10 @@ impl ChatToMessages {
         }
         self.started = true;
         let message = json!({
-            "id": restyle_id("msg_", id.unwrap_or("translated")),
+            "id": restyle_id("msg_", id),
             "type": "message",
             "role": "assistant",
-            "model": model.unwrap_or(&self.ctx.model),
+            "model": model_or(model, &self.ctx.model),
             "content": [],
             "stop_reason": null,
             "stop_sequence": null,

@@ -539,3 +539,61 @@ fn a_name_repeated_with_unfinished_arguments_is_the_same_call() {
         )]
     );
 }
+
+/// The `message` of a translated stream's `message_start`.
+fn message_start(ctx: Context, chunks: &[String]) -> Value {
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(ctx, &refs);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    assert_eq!(out.last().unwrap().0.as_deref(), Some("message_stop"));
+    out[0].1["message"].clone()
+}
+
+#[test]
+fn empty_or_missing_ids_and_models_are_not_used() {
+    let ctx = || Context {
+        model: "claude-x".into(),
+        ..Context::default()
+    };
+    let with = |id: Option<&str>, model: &str, delta: Value, finish: Option<&str>| {
+        let mut c = json!({"model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if let Some(id) = id {
+            c["id"] = json!(id);
+        }
+        c.to_string()
+    };
+    // Azure opens with a prompt-filter chunk with an empty id and model.
+    let azure = [
+        json!({"id": "", "model": "", "object": "", "created": 0, "choices": [],
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
+        .to_string(),
+        with(
+            Some("chatcmpl-az1"),
+            "gpt-4o",
+            json!({"content": "hi"}),
+            None,
+        ),
+        with(Some("chatcmpl-az1"), "gpt-4o", json!({}), Some("stop")),
+        "[DONE]".to_owned(),
+    ];
+    let message = message_start(ctx(), &azure);
+    assert_eq!(message["id"], "msg_az1");
+    assert_eq!(message["model"], "gpt-4o");
+    // TGI: an empty id throughout; a server with an empty model, or none.
+    for id in [Some(""), None] {
+        let chunks = [
+            with(id, "", json!({"content": "hi"}), None),
+            with(id, "", json!({}), Some("stop")),
+            "[DONE]".to_owned(),
+        ];
+        let first = message_start(ctx(), &chunks);
+        let second = message_start(ctx(), &chunks);
+        assert_eq!(first["model"], "claude-x", "{id:?}");
+        let made = first["id"].as_str().unwrap();
+        assert!(
+            made.len() > "msg_".len() + 8 && made.starts_with("msg_"),
+            "{made}"
+        );
+        assert_ne!(first["id"], second["id"], "a fresh id for each answer");
+    }
+}

@@ -22,7 +22,7 @@ use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
 use crate::stream::{
     ArgumentsEnd, MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name,
 };
-use crate::wire::{now_secs, restyle_id};
+use crate::wire::{bare_id, now_secs, restyle_id};
 
 /// The state of one translated stream.
 #[derive(Debug)]
@@ -49,7 +49,8 @@ impl ChatToResponses {
         ChatToResponses {
             model: ctx.model.clone(),
             ctx,
-            id: "resp_translated".to_owned(),
+            // Set by `start`.
+            id: String::new(),
             created_at: now_secs(),
             events: Events::default(),
             started: false,
@@ -85,7 +86,13 @@ impl ChatToResponses {
             }
             Err(reason) => return Step::Fail(reason),
         };
-        if !self.started {
+        // A chunk without choices or a usable id (Azure opens with a
+        // prompt-filter chunk whose id and model are empty) does not name
+        // the response: the next one may.
+        if !self.started
+            && (bare_id(chunk.id.as_deref()).is_some()
+                || chunk.choices.as_ref().is_some_and(|c| !c.is_empty()))
+        {
             self.start(&chunk, out);
         }
         if let Some(usage) = chunk.usage {
@@ -131,10 +138,8 @@ impl ChatToResponses {
 
     fn start(&mut self, chunk: &Chunk<'_>, out: &mut Vec<u8>) {
         self.started = true;
-        if let Some(id) = &chunk.id {
-            self.id = restyle_id("resp_", id);
-        }
-        if let Some(model) = &chunk.model {
+        self.id = restyle_id("resp_", chunk.id.as_deref());
+        if let Some(model) = chunk.model.as_deref().filter(|m| !m.is_empty()) {
             self.model = model.to_string();
         }
         if let Some(created) = chunk.created {

@@ -365,3 +365,71 @@ fn a_name_repeated_with_unfinished_arguments_is_the_same_call() {
         )]
     );
 }
+
+#[test]
+fn empty_or_missing_ids_and_models_are_not_used() {
+    let ctx = || Context {
+        model: "gpt-x".into(),
+        ..Context::default()
+    };
+    let with = |id: Option<&str>, model: &str, delta: Value, finish: Option<&str>| {
+        let mut c = json!({"model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if let Some(id) = id {
+            c["id"] = json!(id);
+        }
+        c.to_string()
+    };
+    let call = json!({"tool_calls": [{"index": 0, "type": "function",
+        "function": {"name": "f", "arguments": "{}"}}]});
+    // Azure opens with a prompt-filter chunk with an empty id and model.
+    let azure = vec![
+        json!({"id": "", "model": "", "object": "", "created": 0, "choices": [],
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
+        .to_string(),
+        with(
+            Some("chatcmpl-az1"),
+            "gpt-4o",
+            json!({"content": "hi"}),
+            None,
+        ),
+        with(Some("chatcmpl-az1"), "gpt-4o", call.clone(), None),
+        with(
+            Some("chatcmpl-az1"),
+            "gpt-4o",
+            json!({}),
+            Some("tool_calls"),
+        ),
+        "[DONE]".to_owned(),
+    ];
+    let (out, _) = run(ctx(), &azure);
+    let created = &out[0].1["response"];
+    assert_eq!(created["id"], "resp_az1");
+    assert_eq!(created["model"], "gpt-4o");
+    let done = &out.last().unwrap().1["response"];
+    assert_eq!(done["output"][0]["id"], "msg_az1");
+    assert_eq!(done["output"][1]["id"], "fc_az1_1");
+    // TGI: an empty id throughout; a server with an empty model, or none.
+    for id in [Some(""), None] {
+        let chunks = vec![
+            with(id, "", json!({"content": "hi"}), None),
+            with(id, "", call.clone(), None),
+            with(id, "", json!({}), Some("tool_calls")),
+            "[DONE]".to_owned(),
+        ];
+        let (first, _) = run(ctx(), &chunks);
+        let (second, _) = run(ctx(), &chunks);
+        let response = &first.last().unwrap().1["response"];
+        assert_eq!(response["model"], "gpt-x", "{id:?}");
+        let made = response["id"].as_str().unwrap();
+        let bare = made.strip_prefix("resp_").unwrap();
+        assert!(bare.len() > 8, "{made}");
+        assert_eq!(response["output"][0]["id"], format!("msg_{bare}"));
+        assert_eq!(response["output"][1]["id"], format!("fc_{bare}_1"));
+        assert_eq!(first[0].1["response"]["id"], made, "one id throughout");
+        assert_ne!(
+            second.last().unwrap().1["response"]["id"],
+            made,
+            "a fresh id for each answer"
+        );
+    }
+}
