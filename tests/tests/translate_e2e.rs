@@ -317,3 +317,113 @@ async fn a_translated_stream_the_upstream_breaks_counts_against_it() {
         "{metrics}"
     );
 }
+
+/// A chat server that refuses the `stream_options` a translation adds
+/// (older Azure API versions: 400; TGI: 422) still serves translated
+/// streams: the request is sent once more without, and the client's stream
+/// ends as its dialect's does, without usage. A refusal of anything else is
+/// not sent twice and reaches the client in its dialect.
+#[tokio::test]
+async fn translated_streams_to_a_server_that_refuses_stream_options() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const CHUNKS: &str = "data: {\"id\":\"chatcmpl-1\",\"model\":\"demo\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n\
+        data: {\"id\":\"chatcmpl-1\",\"model\":\"demo\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+        data: [DONE]\n\n";
+    let refusals = [
+        (
+            400,
+            r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}"#,
+        ),
+        (
+            422,
+            r#"{"error":"Input validation error: extra field stream_options","error_type":"validation"}"#,
+        ),
+    ];
+    for (status, refusal) in refusals {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let count = asked.clone();
+        let addr = sse_upstream(move |body| {
+            count.fetch_add(1, Ordering::SeqCst);
+            if String::from_utf8_lossy(body).contains("stream_options") {
+                (status, refusal.to_owned())
+            } else {
+                (200, CHUNKS.to_owned())
+            }
+        })
+        .await;
+        let p = proxy(&format!(
+            "[[upstream]]\nname = \"chat\"\nurl = \"http://{addr}\"\napis = [\"chat_completions\"]\n\
+             models = [\"demo\"]\n[balance]\nmax_retries = 0\n"
+        ))
+        .await;
+
+        let messages = json!({"model": "demo", "max_tokens": 50, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let answer = post(
+            &p.url("/v1/messages"),
+            &messages,
+            &[("anthropic-version", "2023-06-01")],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{status}: {}", answer.text());
+        let got = events(&answer);
+        let text: String = got
+            .iter()
+            .filter_map(|e| e["delta"]["text"].as_str())
+            .collect();
+        assert_eq!(text, "hi", "{status}");
+        let delta = got.iter().find(|e| e["type"] == "message_delta").unwrap();
+        assert_eq!(
+            delta["usage"],
+            json!({"input_tokens": null, "output_tokens": null})
+        );
+        assert_eq!(got.last().unwrap()["type"], "message_stop", "{status}");
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "{status}: sent once more");
+
+        let responses = json!({"model": "demo", "stream": true, "store": false, "input": "hi"});
+        let answer = post(&p.url("/v1/responses"), &responses, &[]).await;
+        assert_eq!(answer.status, 200, "{status}: {}", answer.text());
+        let got = events(&answer);
+        let last = got.last().unwrap();
+        assert_eq!(last["type"], "response.completed", "{status}");
+        assert_eq!(last["response"]["usage"], Value::Null);
+        assert_eq!(
+            last["response"]["output"][0]["content"][0]["text"], "hi",
+            "{status}"
+        );
+        assert_eq!(asked.load(Ordering::SeqCst), 4, "{status}: sent once more");
+    }
+
+    // Any other 400 comes once, in the client's dialect.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    let addr = sse_upstream(move |_| {
+        count.fetch_add(1, Ordering::SeqCst);
+        (
+            400,
+            r#"{"error":{"message":"bad temperature","type":"invalid_request_error"}}"#.to_owned(),
+        )
+    })
+    .await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"chat\"\nurl = \"http://{addr}\"\napis = [\"chat_completions\"]\n\
+         models = [\"demo\"]\n[balance]\nmax_retries = 0\n"
+    ))
+    .await;
+    let messages = json!({"model": "demo", "max_tokens": 50, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let answer = post(
+        &p.url("/v1/messages"),
+        &messages,
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(
+        answer.json(),
+        json!({"type": "error", "error": {"type": "invalid_request_error", "message": "bad temperature"}})
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "not sent twice");
+}

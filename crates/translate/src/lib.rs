@@ -16,7 +16,10 @@
 //!   gets the translated body and endpoint, the path is rewritten, and the
 //!   answer is translated back: whole answers as JSON, streams event by
 //!   event with no buffering ([`TranslateBody`]), error answers into the
-//!   client's error shape with their status;
+//!   client's error shape with their status; a translated stream whose
+//!   usage request (`stream_options`, added by the translation) the
+//!   upstream refuses is sent once more without it (so the wrapped service
+//!   must be `Clone`);
 //! - refuses what no translation can serve: `404 api_not_served` when the
 //!   upstream lacks the API (a balancer avoids this by filtering candidates
 //!   with [`TranslateConfig::can_serve`] /

@@ -20,8 +20,12 @@ use crate::{chat_over_messages, messages_over_chat, responses_over_chat};
 /// The largest whole (non-streamed) answer translated: far above any chat
 /// completion, and a bound on what an upstream can make the proxy hold.
 pub(crate) const MAX_ANSWER_BYTES: usize = 32 << 20;
-/// The largest error body read; longer ones get a generic message.
+/// The most of an error body read; the message of a longer one is the
+/// start of its text.
 const MAX_ERROR_BYTES: usize = 64 << 10;
+/// The most characters of an upstream's error text that become the
+/// client's message when it is not a readable JSON error.
+const MAX_MESSAGE_CHARS: usize = 500;
 
 /// What the response translation needs from the request, per direction.
 #[derive(Debug)]
@@ -87,10 +91,10 @@ pub(crate) async fn translate(
         .map_or_else(|| Arc::from("upstream"), |u| u.0.clone());
     let is_sse = llm_proxy_core::media::is_event_stream(&parts.headers);
     if !parts.status.is_success() {
-        let bytes = collect(body, MAX_ERROR_BYTES).await.unwrap_or_default();
+        let error = read_error(body).await;
         let converted = convert_error(
             parts.status,
-            &bytes,
+            &error,
             translation.upstream_dialect(),
             translation.client_dialect(),
         );
@@ -143,6 +147,41 @@ async fn collect(mut body: Body, limit: usize) -> Result<Bytes, String> {
     Ok(Bytes::from(buf))
 }
 
+/// An upstream's error body as far as it was read.
+#[derive(Debug, Default)]
+pub(crate) struct ErrorBody {
+    /// The bytes read, at most [`MAX_ERROR_BYTES`].
+    pub bytes: Bytes,
+    /// Why the bytes are not the whole body, when they are not.
+    pub cut: Option<&'static str>,
+}
+
+/// Read an error body up to [`MAX_ERROR_BYTES`], keeping what came of one
+/// that is longer or breaks off.
+async fn read_error(mut body: Body) -> ErrorBody {
+    let mut buf = Vec::new();
+    let mut cut = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            cut = Some("broke off");
+            break;
+        };
+        if let Ok(data) = frame.into_data() {
+            let room = MAX_ERROR_BYTES - buf.len();
+            if data.len() > room {
+                buf.extend_from_slice(&data[..room]);
+                cut = Some("is longer than 64 KiB");
+                break;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    ErrorBody {
+        bytes: Bytes::from(buf),
+        cut,
+    }
+}
+
 /// Anthropic's error `type` for a status (as core renders the proxy's own
 /// errors), so the `anthropic` SDK raises its matching exception class.
 fn anthropic_type(status: StatusCode) -> &'static str {
@@ -160,11 +199,23 @@ fn anthropic_type(status: StatusCode) -> &'static str {
 }
 
 /// An upstream error body in the client's dialect, keeping its message.
-pub(crate) fn convert_error(status: StatusCode, body: &[u8], from: Dialect, to: Dialect) -> Bytes {
-    if from == to {
-        return Bytes::copy_from_slice(body);
+/// A whole JSON body in the client's own dialect goes on as it came; one
+/// that is not JSON, or was cut, becomes a fresh error whose message is the
+/// start of its text.
+pub(crate) fn convert_error(
+    status: StatusCode,
+    body: &ErrorBody,
+    from: Dialect,
+    to: Dialect,
+) -> Bytes {
+    let parsed: Option<Value> = body
+        .cut
+        .is_none()
+        .then(|| serde_json::from_slice(&body.bytes).ok())
+        .flatten();
+    if from == to && parsed.is_some() {
+        return body.bytes.clone();
     }
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
     // `{"error": {…}}` (OpenAI, Anthropic's inner object), or the error
     // object itself at the top: vLLM's older `{"object": "error", …}`.
     let error = parsed.as_ref().and_then(|v| {
@@ -178,15 +229,7 @@ pub(crate) fn convert_error(status: StatusCode, body: &[u8], from: Dialect, to: 
                 .or_else(|| e.as_str())
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(body);
-            let text = text.trim();
-            if text.is_empty() {
-                format!("the upstream answered {status}")
-            } else {
-                text.chars().take(500).collect()
-            }
-        });
+        .unwrap_or_else(|| text_message(status, body));
     let converted = match to {
         Dialect::Anthropic => json!({
             "type": "error",
@@ -203,16 +246,46 @@ pub(crate) fn convert_error(status: StatusCode, body: &[u8], from: Dialect, to: 
     Bytes::from(converted.to_string())
 }
 
+/// The message of an error body that is not a readable JSON error: the
+/// start of its text, saying when the body was cut.
+fn text_message(status: StatusCode, body: &ErrorBody) -> String {
+    let text = String::from_utf8_lossy(&body.bytes);
+    let text = text.trim();
+    let mut chars = text.chars();
+    let mut message: String = chars.by_ref().take(MAX_MESSAGE_CHARS).collect();
+    let more = chars.next().is_some();
+    match (message.is_empty(), body.cut) {
+        (true, None) => format!("the upstream answered {status}"),
+        (true, Some(cut)) => format!("the upstream answered {status}; its error body {cut}"),
+        (false, None) if more => {
+            message.push('…');
+            message
+        }
+        (false, None) => message,
+        (false, Some(cut)) => {
+            message.push_str(&format!("… (the upstream's error body {cut})"));
+            message
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn whole(body: &[u8]) -> ErrorBody {
+        ErrorBody {
+            bytes: Bytes::copy_from_slice(body),
+            cut: None,
+        }
+    }
 
     #[test]
     fn vllm_top_level_error_object_is_unwrapped() {
         let body = br#"{"object":"error","message":"This model's maximum context length is 4096 tokens","type":"BadRequestError","param":null,"code":400}"#;
         let out = convert_error(
             StatusCode::BAD_REQUEST,
-            body,
+            &whole(body),
             Dialect::OpenAi,
             Dialect::Anthropic,
         );
@@ -229,7 +302,7 @@ mod tests {
         let body = br#"{"error":{"message":"model overloaded","type":"server_error","code":null}}"#;
         let out = convert_error(
             StatusCode::SERVICE_UNAVAILABLE,
-            body,
+            &whole(body),
             Dialect::OpenAi,
             Dialect::Anthropic,
         );
@@ -245,7 +318,7 @@ mod tests {
         let body = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: too big"}}"#;
         let out = convert_error(
             StatusCode::BAD_REQUEST,
-            body,
+            &whole(body),
             Dialect::Anthropic,
             Dialect::OpenAi,
         );
@@ -255,19 +328,67 @@ mod tests {
         assert!(v["error"].get("param").is_some());
         let out = convert_error(
             StatusCode::BAD_GATEWAY,
-            b"<html>bad</html>",
+            &whole(b"<html>bad</html>"),
             Dialect::OpenAi,
             Dialect::Anthropic,
         );
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["error"]["message"], "<html>bad</html>");
         assert_eq!(v["error"]["type"], "api_error");
+        let json = br#"{"error":{"message":"m","type":"t","param":"p","code":"c"}}"#;
         let same = convert_error(
             StatusCode::BAD_REQUEST,
-            b"x",
+            &whole(json),
             Dialect::OpenAi,
             Dialect::OpenAi,
         );
-        assert_eq!(&same[..], b"x");
+        assert_eq!(
+            &same[..],
+            json,
+            "the client's own dialect goes on as it came"
+        );
+        let same = convert_error(
+            StatusCode::BAD_REQUEST,
+            &whole(b"x"),
+            Dialect::OpenAi,
+            Dialect::OpenAi,
+        );
+        let v: Value = serde_json::from_slice(&same).unwrap();
+        assert_eq!(v["error"]["message"], "x", "not JSON: a fresh error");
+    }
+
+    #[test]
+    fn a_cut_body_is_not_copied_and_its_message_is_bounded() {
+        let long = format!(r#"{{"error":{{"message":"{}"#, "y".repeat(10_000));
+        for (cut, to) in [
+            ("is longer than 64 KiB", Dialect::OpenAi),
+            ("broke off", Dialect::Anthropic),
+        ] {
+            let body = ErrorBody {
+                bytes: Bytes::from(long.clone()),
+                cut: Some(cut),
+            };
+            let out = convert_error(StatusCode::BAD_REQUEST, &body, Dialect::OpenAi, to);
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.starts_with(&long[..500]), "{message}");
+            assert!(message.ends_with(&format!("(the upstream's error body {cut})")));
+            assert!(message.chars().count() < 600, "{message}");
+        }
+        let body = ErrorBody {
+            bytes: Bytes::new(),
+            cut: Some("broke off"),
+        };
+        let out = convert_error(
+            StatusCode::BAD_GATEWAY,
+            &body,
+            Dialect::OpenAi,
+            Dialect::OpenAi,
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "the upstream answered 502 Bad Gateway; its error body broke off"
+        );
     }
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, Uri, header};
-use llm_proxy_core::{Body, Endpoint, Error, RequestMeta};
+use llm_proxy_core::refusal::{copy_request, refuses_stream_options};
+use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, call_boxed};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -47,7 +48,9 @@ impl<S> Layer<S> for TranslateLayer {
 
 /// Serves a request in the client's dialect from an upstream that speaks
 /// another (see the [crate docs](crate)). Requests the upstream serves
-/// natively pass through untouched.
+/// natively pass through untouched. A clone of the inner service sends a
+/// translated stream once more, without `stream_options`, when the
+/// upstream refuses them.
 #[derive(Clone, Debug)]
 pub struct Translate<S> {
     inner: S,
@@ -121,7 +124,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 
 impl<S> Service<Request<Body>> for Translate<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -148,8 +151,14 @@ where
             },
             Plan::Translate(direction) => match prepare(direction, &mut req) {
                 Err(error) => State::Failed { error: Some(error) },
-                Ok(translation) => {
-                    let future = translated(self.inner.call(req), translation);
+                Ok((translation, asked_usage)) => {
+                    // Should the upstream refuse the `stream_options` the
+                    // translation added, the request goes once more
+                    // without: a copy of its head (the body is in its
+                    // `RequestMeta`) and a clone of the service, readied
+                    // only then.
+                    let again = asked_usage.then(|| (copy_request(&req), self.inner.clone()));
+                    let future = translated(self.inner.call(req), translation, again);
                     State::Translated { future }
                 }
             },
@@ -158,16 +167,48 @@ where
     }
 }
 
-/// The inner answer, translated.
-fn translated<F>(answer: F, translation: Translation) -> Translated
+/// The inner answer, translated; `again`: the request (head) to send once
+/// more without `stream_options`, and the service to send it with, should
+/// the upstream refuse them (see [`refuses_stream_options`]).
+fn translated<F, S>(
+    answer: F,
+    translation: Translation,
+    again: Option<(Request<Body>, S)>,
+) -> Translated
 where
     F: Future<Output = Result<Response<Body>, Error>> + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
+    S::Future: Send + 'static,
 {
-    Box::pin(async move { response::translate(answer.await?, translation).await })
+    Box::pin(async move {
+        let mut answer = answer.await?;
+        if let Some((mut req, mut inner)) = again {
+            let (refused, first) = refuses_stream_options(answer).await;
+            answer = if refused {
+                tracing::debug!("the upstream refused stream_options; retrying without");
+                drop(first);
+                if let Some(json) = req
+                    .extensions_mut()
+                    .get_mut::<RequestMeta>()
+                    .and_then(RequestMeta::json_mut)
+                {
+                    json.remove("stream_options");
+                }
+                std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                call_boxed(&mut inner, req).await?
+            } else {
+                first
+            };
+        }
+        response::translate(answer, translation).await
+    })
 }
 
 /// Rewrite the request for the upstream: body, endpoint, path, headers.
-fn prepare(direction: Direction, req: &mut Request<Body>) -> Result<Translation, Error> {
+/// Also whether the translated body asks for the usage chunk
+/// (`stream_options`): a chat body is built whole by the translation, so
+/// that is always the translation's own doing.
+fn prepare(direction: Direction, req: &mut Request<Body>) -> Result<(Translation, bool), Error> {
     let meta = req
         .extensions_mut()
         .get_mut::<RequestMeta>()
@@ -191,6 +232,8 @@ fn prepare(direction: Direction, req: &mut Request<Body>) -> Result<Translation,
             (body, Translation::ResponsesOverChat(Box::new(ctx)))
         }
     };
+    let asked_usage = direction.upstream_endpoint() == Endpoint::ChatCompletions
+        && body.contains_key("stream_options");
     meta.translate_to(direction.upstream_endpoint(), body);
     *req.uri_mut() = upstream_uri(req.uri(), direction.upstream_path())?;
     let headers = req.headers_mut();
@@ -203,7 +246,7 @@ fn prepare(direction: Direction, req: &mut Request<Body>) -> Result<Translation,
         );
     }
     tracing::debug!(?direction, "translated request");
-    Ok(translation)
+    Ok((translation, asked_usage))
 }
 
 /// `uri` with its path replaced by `path` (query kept).

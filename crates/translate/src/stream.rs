@@ -22,24 +22,128 @@ pub(crate) const MAX_BLOCKS: usize = 1024;
 /// other malformed upstream stream.
 pub(crate) const MAX_HELD_BYTES: usize = crate::response::MAX_ANSWER_BYTES;
 
-/// Whether a tool-call delta at the index of a call that has `id` (the
-/// upstream's own when `upstream_id`) is another call: one that names a
-/// function under another non-empty id. Some servers (Ollama) give every
-/// call of a turn index 0, each with its own id and name; read by index
-/// alone they would merge into one call with the arguments of both. Others
-/// (LM Studio, mlx) send a new id with every piece of one call's arguments,
-/// without a name: those pieces are the same call.
+/// What a translation knows of the call a tool-call delta's `index`
+/// points at, to tell whether the delta is the next piece of that call or
+/// the first of another.
+pub(crate) struct CallSoFar<'a> {
+    /// The call's id (the upstream's own when `upstream_id`).
+    pub id: &'a str,
+    /// `id` is the upstream's (not one made up for a call that had none).
+    pub upstream_id: bool,
+    /// The call's name so far.
+    pub name: &'a str,
+    /// Where the call's arguments so far stand.
+    pub arguments: &'a ArgumentsEnd,
+}
+
+/// Whether a tool-call delta at the index of `call` is another call.
+///
+/// - One that names a function under another non-empty id. Some servers
+///   (Ollama) give every call of a turn index 0, each with its own id and
+///   name; read by index alone they would merge into one call with the
+///   arguments of both. Others (LM Studio, mlx) send a new id with every
+///   piece of one call's arguments, without a name: those pieces are the
+///   same call.
+/// - One that names a function once `call`'s arguments are one whole JSON
+///   value, and carries arguments or a name other than the call's: Gemini's
+///   OpenAI-compatible API sends each parallel call whole in its own chunk,
+///   every one at index 0 and none with an id. MiniMax repeats the name
+///   with every piece of one call's arguments: while they are unfinished
+///   the pieces join, and a bare repeat of the name after them adds
+///   nothing (read as a call, it would invent one without arguments).
 pub(crate) fn is_another_call(
-    id: &str,
-    upstream_id: bool,
+    call: &CallSoFar<'_>,
     delta: &crate::chat::ToolCallDelta<'_>,
 ) -> bool {
-    upstream_id
-        && delta
-            .id
-            .as_deref()
-            .is_some_and(|new| !new.is_empty() && new != id)
-        && names_a_function(delta)
+    if !names_a_function(delta) {
+        return false;
+    }
+    let new_id = delta
+        .id
+        .as_deref()
+        .is_some_and(|new| !new.is_empty() && new != call.id);
+    if call.upstream_id && new_id {
+        return true;
+    }
+    let function = delta.function.as_ref();
+    let arguments = function
+        .and_then(|f| f.arguments.as_deref())
+        .is_some_and(|a| !a.is_empty());
+    let repeats_the_name = function.and_then(|f| f.name.as_deref()) == Some(call.name);
+    call.arguments.is_complete() && (arguments || !repeats_the_name)
+}
+
+/// Whether a tool call's arguments, read a piece at a time, are one whole
+/// JSON object or array yet (tool arguments are objects): the nesting and
+/// strings are followed as the pieces come, so no piece is read twice and
+/// the arguments need not be kept. Invalid JSON is not told apart from
+/// valid: arguments that close their outermost bracket are complete.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ArgumentsEnd {
+    state: ArgumentsState,
+    /// Open brackets.
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ArgumentsState {
+    /// Nothing but whitespace so far.
+    #[default]
+    Empty,
+    /// Inside the outermost object or array.
+    Open,
+    /// The outermost bracket closed, nothing but whitespace after it.
+    Complete,
+    /// Something else: a value that is not an object or array, or more
+    /// after the outermost bracket closed.
+    Other,
+}
+
+impl ArgumentsEnd {
+    /// Take the next piece of the arguments.
+    pub(crate) fn push(&mut self, piece: &str) {
+        for &byte in piece.as_bytes() {
+            match self.state {
+                ArgumentsState::Other => return,
+                ArgumentsState::Empty | ArgumentsState::Complete => {
+                    if byte.is_ascii_whitespace() {
+                        continue;
+                    }
+                    self.state = match (self.state, byte) {
+                        (ArgumentsState::Empty, b'{' | b'[') => {
+                            self.depth = 1;
+                            ArgumentsState::Open
+                        }
+                        _ => ArgumentsState::Other,
+                    };
+                }
+                ArgumentsState::Open if self.in_string => match byte {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => self.in_string = false,
+                    _ => {}
+                },
+                ArgumentsState::Open => match byte {
+                    b'"' => self.in_string = true,
+                    b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+                    b'}' | b']' => {
+                        self.depth -= 1;
+                        if self.depth == 0 {
+                            self.state = ArgumentsState::Complete;
+                        }
+                    }
+                    _ => {}
+                },
+            }
+        }
+    }
+
+    /// The arguments so far are one whole JSON object or array.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.state == ArgumentsState::Complete
+    }
 }
 
 fn names_a_function(delta: &crate::chat::ToolCallDelta<'_>) -> bool {
@@ -143,5 +247,113 @@ impl StreamMap {
             StreamMap::MessagesToChat(_) => StreamKind::Chat,
             StreamMap::ChatToResponses(_) => StreamKind::Responses,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where `pieces` leave a call's arguments.
+    fn end_of(pieces: &[&str]) -> ArgumentsEnd {
+        let mut end = ArgumentsEnd::default();
+        for piece in pieces {
+            end.push(piece);
+        }
+        end
+    }
+
+    #[test]
+    fn arguments_are_complete_where_json_reads_one_object_or_array() {
+        let texts = [
+            "",
+            "  ",
+            "{}",
+            " { } \n",
+            r#"{"path":"a.md"}"#,
+            r#"{"a":{"b":[1,{"c":"}"}]},"d":"\"}"}"#,
+            r#"{"q":"\\"}"#,
+            "[1,2]",
+            r#"{"a":"#,
+            r#"{"a":"}"#,
+            r#"{"a":{"b":1}"#,
+            r#"{"a":1}{"b":2}"#,
+            r#"{"a":1} x"#,
+            "\"text\"",
+            "42",
+        ];
+        for text in texts {
+            let whole = text.trim_start().starts_with(['{', '['])
+                && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+            // Cut anywhere, in any number of pieces: the same answer.
+            for cut in (0..=text.len()).filter(|&c| text.is_char_boundary(c)) {
+                let (a, b) = text.split_at(cut);
+                assert_eq!(
+                    end_of(&[a, b]).is_complete(),
+                    whole,
+                    "{text:?} cut at {cut}"
+                );
+            }
+            let bytes: Vec<String> = text.chars().map(String::from).collect();
+            let pieces: Vec<&str> = bytes.iter().map(String::as_str).collect();
+            assert_eq!(
+                end_of(&pieces).is_complete(),
+                whole,
+                "{text:?} a char at a time"
+            );
+        }
+    }
+
+    #[test]
+    fn a_named_delta_after_whole_arguments_is_another_call() {
+        let delta = |id: Option<&str>, name: Option<&str>, arguments: &str| {
+            let json = serde_json::json!({"index": 0, "id": id,
+                "function": {"name": name, "arguments": arguments}});
+            json.to_string()
+        };
+        let is_another = |so_far: &CallSoFar<'_>, text: &str| {
+            let delta: crate::chat::ToolCallDelta<'_> = serde_json::from_str(text).unwrap();
+            is_another_call(so_far, &delta)
+        };
+        let whole = end_of(&[r#"{"path":"a.md"}"#]);
+        let open = end_of(&[r#"{"path":"#]);
+        let call = |arguments, upstream_id| CallSoFar {
+            id: "call_a",
+            upstream_id,
+            name: "read",
+            arguments,
+        };
+        // Gemini: the next call whole, same name or another.
+        assert!(is_another(
+            &call(&whole, false),
+            &delta(None, Some("read"), "{}")
+        ));
+        assert!(is_another(
+            &call(&whole, false),
+            &delta(None, Some("list"), "")
+        ));
+        // MiniMax: the name repeated with the pieces of one call.
+        assert!(!is_another(
+            &call(&open, false),
+            &delta(None, Some("read"), "\"a\"}")
+        ));
+        assert!(!is_another(
+            &call(&whole, false),
+            &delta(None, Some("read"), "")
+        ));
+        // No name: more of the call (LM Studio's fresh ids too).
+        assert!(!is_another(
+            &call(&whole, true),
+            &delta(Some("call_b"), None, "}")
+        ));
+        // Ollama: a new id with a name.
+        assert!(is_another(
+            &call(&open, true),
+            &delta(Some("call_b"), Some("read"), "")
+        ));
+        assert!(!is_another(
+            &call(&open, true),
+            &delta(Some("call_a"), Some("read"), "")
+        ));
     }
 }

@@ -150,13 +150,54 @@ pub(crate) fn now_secs() -> u64 {
 }
 
 /// An id in another dialect's style: `prefix` + the upstream id without its
-/// own prefix (`chatcmpl-abc` -> `msg_abc`).
-pub(crate) fn restyle_id(prefix: &str, id: &str) -> String {
+/// own prefix (`chatcmpl-abc` -> `msg_abc`). An upstream that gives no id,
+/// or an empty one (Azure's first chunk, TGI), gets a fresh one
+/// ([`fresh_id`]): a constant would hand every such answer the same id,
+/// and the proxy routes a Responses client's follow-ups by its response id.
+pub(crate) fn restyle_id(prefix: &str, id: Option<&str>) -> String {
+    match bare_id(id) {
+        Some(bare) => format!("{prefix}{bare}"),
+        None => format!("{prefix}{}", fresh_id()),
+    }
+}
+
+/// The upstream's id without its own prefix, when there is anything left.
+pub(crate) fn bare_id(id: Option<&str>) -> Option<&str> {
+    let id = id?;
     let bare = ["chatcmpl-", "msg_", "resp_", "cmpl-"]
         .iter()
         .find_map(|p| id.strip_prefix(p))
         .unwrap_or(id);
-    format!("{prefix}{bare}")
+    Some(bare).filter(|b| !b.is_empty())
+}
+
+/// The upstream's `model`, unless it is absent or empty (Azure's first
+/// chunk): then the client's.
+pub(crate) fn model_or<'a>(upstream: Option<&'a str>, client: &'a str) -> &'a str {
+    upstream.filter(|m| !m.is_empty()).unwrap_or(client)
+}
+
+/// An id no other answer of any proxy process gets: 32 hex digits, a
+/// per-process random prefix (from the OS-seeded `RandomState` and the
+/// clock) and a counter, so that making one costs no system call.
+pub(crate) fn fresh_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix:016x}{n:016x}")
 }
 
 #[cfg(test)]
@@ -175,11 +216,33 @@ mod tests {
             input_to_arguments(&serde_json::json!({"a":1})),
             r#"{"a":1}"#
         );
-        assert_eq!(restyle_id("msg_", "chatcmpl-x1"), "msg_x1");
-        assert_eq!(restyle_id("resp_", "abc"), "resp_abc");
+        assert_eq!(restyle_id("msg_", Some("chatcmpl-x1")), "msg_x1");
+        assert_eq!(restyle_id("resp_", Some("abc")), "resp_abc");
         assert_eq!(tool_call_id(Some("call_x"), "toolu_", 3), "call_x");
         assert_eq!(tool_call_id(Some(""), "toolu_", 3), "toolu_3");
         assert_eq!(tool_call_id(None, "call_", 0), "call_0");
+    }
+
+    #[test]
+    fn an_unusable_upstream_id_gets_a_fresh_one_each_time() {
+        let mut seen = std::collections::HashSet::new();
+        for id in [
+            None,
+            Some(""),
+            Some("chatcmpl-"),
+            Some("resp_"),
+            None,
+            Some(""),
+        ] {
+            let made = restyle_id("resp_", id);
+            let bare = made.strip_prefix("resp_").expect("the prefix");
+            assert_eq!(bare.len(), 32, "{made}");
+            assert!(bare.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+            assert!(seen.insert(made.clone()), "{made} twice");
+        }
+        assert_eq!(model_or(Some(""), "client"), "client");
+        assert_eq!(model_or(None, "client"), "client");
+        assert_eq!(model_or(Some("up"), "client"), "up");
     }
 
     #[test]

@@ -135,6 +135,17 @@ async fn upstream_errors_take_the_clients_shape_and_keep_their_status() {
     assert_eq!(got.json()["error"]["type"], "overloaded_error");
 
     // Responses over chat: both OpenAI-shaped, passed as they are.
+    let body = r#"{"error":{"message":"bad input","type":"invalid_request_error","param":"input","code":null}}"#;
+    let (_, got) = call(
+        chat_only(),
+        "/v1/responses",
+        &json!({"model": "m", "input": "x"}),
+        Answer::json(400, body),
+    )
+    .await;
+    let got = got.unwrap();
+    assert_eq!((got.status.as_u16(), &got.body[..]), (400, body.as_bytes()));
+    // ... unless the body is not JSON: an OpenAI error carrying its text.
     let (_, got) = call(
         chat_only(),
         "/v1/responses",
@@ -143,7 +154,61 @@ async fn upstream_errors_take_the_clients_shape_and_keep_their_status() {
     )
     .await;
     let got = got.unwrap();
-    assert_eq!((got.status.as_u16(), &got.body[..]), (500, &b"oops"[..]));
+    assert_eq!(got.status.as_u16(), 500);
+    assert_eq!(
+        got.json(),
+        json!({"error": {"message": "oops", "type": "upstream_error", "param": null, "code": null}})
+    );
+}
+
+#[tokio::test]
+async fn an_error_body_too_long_or_broken_off_keeps_its_start() {
+    let long = format!(
+        r#"{{"error":{{"message":"context too long: {}"}}}}"#,
+        "x".repeat(100 << 10)
+    );
+    let broken = Answer {
+        status: 400,
+        content_type: "application/json",
+        frames: vec![
+            Ok(r#"{"error":{"message":"bad"#.into()),
+            Err("connection reset".into()),
+        ],
+    };
+    let cases = [
+        (
+            "/v1/messages",
+            messages_request(false),
+            Answer::json(413, long.clone()),
+        ),
+        ("/v1/messages", messages_request(false), broken.clone()),
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": "x"}),
+            Answer::json(413, long),
+        ),
+        ("/v1/responses", json!({"model": "m", "input": "x"}), broken),
+    ];
+    for (path, request, answer) in cases {
+        let status = answer.status;
+        let (_, got) = call(chat_only(), path, &request, answer).await;
+        let got = got.unwrap();
+        assert_eq!(got.status.as_u16(), status, "{path}");
+        assert_eq!(got.headers["content-type"], "application/json");
+        let json = got.json();
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(r#"{"error":{"message":""#),
+            "{path}: {message}"
+        );
+        assert!(message.len() < 1024, "{path}: the message is bounded");
+        if path == "/v1/messages" {
+            assert_eq!(json["type"], "error", "Anthropic's shape");
+        } else {
+            assert_eq!(json["error"]["type"], "upstream_error", "OpenAI's shape");
+            assert!(json["error"].get("code").is_some());
+        }
+    }
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::{Context, finish_reason};
 use crate::chat::usage_json;
-use crate::wire::{input_to_arguments, now_secs, restyle_id, str_of};
+use crate::wire::{input_to_arguments, model_or, now_secs, restyle_id, str_of};
 
 /// Anthropic usage, as far as chat reports it.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -96,10 +96,10 @@ pub(crate) fn response(message: &Value, ctx: &Context) -> Result<Value, String> 
         out_message["tool_calls"] = Value::Array(calls);
     }
     let mut answer = json!({
-        "id": restyle_id("chatcmpl-", str_of(message, "id").unwrap_or("translated")),
+        "id": restyle_id("chatcmpl-", str_of(message, "id")),
         "object": "chat.completion",
         "created": now_secs(),
-        "model": str_of(message, "model").unwrap_or(&ctx.model),
+        "model": model_or(str_of(message, "model"), &ctx.model),
         "choices": [{
             "index": 0,
             "message": out_message,

@@ -7,7 +7,10 @@
 //! `message_stop` the usage chunk (when the client asked for
 //! `stream_options.include_usage` and the upstream reported usage) and
 //! `data: [DONE]`. The forced tool of a
-//! `response_format` answer streams as `content`. A block `index` at or past
+//! `response_format` answer streams as `content`. Content a block's start
+//! gives whole (a tool's `input` other than `{}`, text, thinking) is sent
+//! too: a tool's start input when no `input_json_delta` follows it. A
+//! block `index` at or past
 //! [`MAX_BLOCKS`] is a malformed stream and fails it.
 
 use std::borrow::Cow;
@@ -22,7 +25,7 @@ use crate::chat::{
     OutChoice, OutChunk, OutDelta, OutFunction, OutToolCall, error_message, usage_json,
 };
 use crate::stream::{MAX_BLOCKS, Step};
-use crate::wire::{now_secs, restyle_id, str_of, write_data};
+use crate::wire::{bare_id, input_to_arguments, now_secs, restyle_id, str_of, write_data};
 
 /// One Anthropic event, read lazily: deltas borrowed, rarer parts as values.
 #[derive(Deserialize)]
@@ -76,8 +79,11 @@ enum Block {
     Tool(u32),
     /// A tool call whose arguments have begun.
     ToolArgs(u32),
-    /// The forced `response_format` tool: its input is the content.
+    /// The forced `response_format` tool: its input is the content. No
+    /// input sent yet.
     Json,
+    /// The forced tool whose input has begun.
+    JsonArgs,
     Other,
 }
 
@@ -92,6 +98,10 @@ pub(crate) struct MessagesToChat {
     finished: bool,
     finish_sent: bool,
     blocks: Vec<Block>,
+    /// The `input` a tool block's start gave (block index, JSON text), when
+    /// it is not the empty object: sent at the block's end if no
+    /// `input_json_delta` came instead.
+    start_inputs: Vec<(usize, String)>,
     tool_count: u32,
     /// The upstream reported usable usage: only then is there a usage chunk.
     counted: bool,
@@ -106,12 +116,14 @@ impl MessagesToChat {
         MessagesToChat {
             model: ctx.model.clone(),
             ctx,
-            id: "chatcmpl-translated".to_owned(),
+            // The upstream's, when its `message_start` gives a usable one.
+            id: restyle_id("chatcmpl-", None),
             created: now_secs(),
             started: false,
             finished: false,
             finish_sent: false,
             blocks: Vec::new(),
+            start_inputs: Vec::new(),
             tool_count: 0,
             counted: false,
             input: 0,
@@ -163,10 +175,10 @@ impl MessagesToChat {
 
     fn message_start(&mut self, message: Option<&Value>, out: &mut Vec<u8>) {
         if let Some(message) = message {
-            if let Some(id) = str_of(message, "id") {
-                self.id = restyle_id("chatcmpl-", id);
+            if let Some(id) = bare_id(str_of(message, "id")) {
+                self.id = format!("chatcmpl-{id}");
             }
-            if let Some(model) = str_of(message, "model") {
+            if let Some(model) = str_of(message, "model").filter(|m| !m.is_empty()) {
                 self.model = model.to_owned();
             }
             self.count(message.get("usage"));
@@ -238,17 +250,30 @@ impl MessagesToChat {
             self.blocks.resize(slot + 1, Block::Other);
         }
         self.blocks[slot] = kind;
+        // Anthropic gives an empty start (`{}` input) and the content in
+        // deltas; other servers may give it whole here, with no delta.
+        self.start_inputs.retain(|(at, _)| *at != slot);
+        if let Some(input) = block
+            .get("input")
+            .filter(|i| !i.is_null() && i.as_object().is_none_or(|o| !o.is_empty()))
+        {
+            self.start_inputs.push((slot, input_to_arguments(input)));
+        }
         match kind {
-            Block::Text => {
-                if let Some(text) = str_of(block, "text").filter(|t| !t.is_empty()) {
-                    self.write(
-                        out,
-                        OutDelta {
-                            content: Some(text),
-                            ..OutDelta::default()
-                        },
-                        None,
-                    );
+            Block::Text | Block::Thinking => {
+                let key = if kind == Block::Text {
+                    "text"
+                } else {
+                    "thinking"
+                };
+                if let Some(text) = str_of(block, key).filter(|t| !t.is_empty()) {
+                    let mut d = OutDelta::default();
+                    if kind == Block::Text {
+                        d.content = Some(text);
+                    } else {
+                        d.reasoning_content = Some(text);
+                    }
+                    self.write(out, d, None);
                 }
             }
             Block::Tool(call) => {
@@ -291,7 +316,14 @@ impl MessagesToChat {
         match (delta.kind.as_deref(), block) {
             (Some("text_delta"), _) => d.content = delta.text.as_deref(),
             (Some("thinking_delta"), _) => d.reasoning_content = delta.thinking.as_deref(),
-            (Some("input_json_delta"), Block::Json) => d.content = delta.partial_json.as_deref(),
+            (Some("input_json_delta"), Block::Json | Block::JsonArgs) => {
+                let content = delta.partial_json.as_deref().unwrap_or("");
+                if content.is_empty() {
+                    return;
+                }
+                self.set_block(index, Block::JsonArgs);
+                d.content = Some(content);
+            }
             (Some("input_json_delta"), Block::Tool(call) | Block::ToolArgs(call)) => {
                 let arguments = delta.partial_json.as_deref().unwrap_or("");
                 if arguments.is_empty() {
@@ -311,22 +343,35 @@ impl MessagesToChat {
         }
     }
 
-    /// The end of a block: a tool call that got no arguments (a tool
-    /// without input: Anthropic streams `{}` in its start and an empty
-    /// delta) gets `{}`, as a whole answer's has and as OpenAI sends: a
-    /// client parses `arguments` as JSON, and `""` is not.
+    /// The end of a block: a tool call that got no input in deltas gets
+    /// the input its start gave (a server that sends it whole there), else
+    /// `{}` (a tool without input: Anthropic streams `{}` in its start and
+    /// an empty delta), as a whole answer's has and as OpenAI sends: a
+    /// client parses `arguments` as JSON, and `""` is not. The forced
+    /// `response_format` tool's start input is the content likewise.
     fn block_stop(&mut self, index: Option<u64>, out: &mut Vec<u8>) {
-        let block = index
-            .and_then(|i| usize::try_from(i).ok())
-            .and_then(|i| self.blocks.get(i).copied());
-        if let Some(Block::Tool(call)) = block {
-            self.set_block(index, Block::ToolArgs(call));
-            let d = OutDelta {
-                tool_calls: Some([arguments_delta(call, "{}")]),
-                ..OutDelta::default()
-            };
-            self.write(out, d, None);
+        let Some(slot) = index.and_then(|i| usize::try_from(i).ok()) else {
+            return;
+        };
+        let start_input = self
+            .start_inputs
+            .iter()
+            .position(|(at, _)| *at == slot)
+            .map(|pos| self.start_inputs.swap_remove(pos).1);
+        let input = start_input.as_deref().unwrap_or("{}");
+        let mut d = OutDelta::default();
+        match self.blocks.get(slot).copied() {
+            Some(Block::Tool(call)) => {
+                self.set_block(index, Block::ToolArgs(call));
+                d.tool_calls = Some([arguments_delta(call, input)]);
+            }
+            Some(Block::Json) => {
+                self.set_block(index, Block::JsonArgs);
+                d.content = Some(input);
+            }
+            _ => return,
         }
+        self.write(out, d, None);
     }
 
     fn set_block(&mut self, index: Option<u64>, block: Block) {

@@ -376,3 +376,88 @@ async fn a_stream_the_upstream_broke_is_its_fault_one_the_translation_cannot_car
         assert_eq!(llm_proxy_core::is_upstream_fault(&error), theirs, "{error}");
     }
 }
+
+/// The arguments each tool call of a translated stream got, in call order.
+fn call_arguments(out: &[(Option<String>, Value)]) -> Vec<String> {
+    let mut calls: Vec<String> = Vec::new();
+    for call in out
+        .iter()
+        .filter_map(|(_, v)| v["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+    {
+        let index = call["index"].as_u64().unwrap() as usize;
+        if calls.len() <= index {
+            calls.resize(index + 1, String::new());
+        }
+        calls[index].push_str(call["function"]["arguments"].as_str().unwrap());
+    }
+    calls
+}
+
+#[test]
+fn an_input_given_whole_in_the_block_start_is_the_arguments() {
+    // A Messages-compatible server that gives the input in the start block
+    // and sends no input_json_delta; then a real Anthropic one (`{}` in the
+    // start, the input in deltas); then a tool without input.
+    let mut up = vec![
+        start(),
+        block(
+            0,
+            json!({"type": "tool_use", "id": "toolu_a", "name": "read", "input": {"path": "a.md"}}),
+        ),
+        stop(0),
+        block(
+            1,
+            json!({"type": "tool_use", "id": "toolu_b", "name": "read", "input": {}}),
+        ),
+        delta(
+            1,
+            json!({"type": "input_json_delta", "partial_json": "{\"path\":\"b.md\"}"}),
+        ),
+        stop(1),
+        block(
+            2,
+            json!({"type": "tool_use", "id": "toolu_c", "name": "list", "input": {}}),
+        ),
+        stop(2),
+    ];
+    up.extend(end("tool_use", 9));
+    let (out, steps) = run(Context::default(), &up);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    assert_eq!(
+        call_arguments(&out),
+        [r#"{"path":"a.md"}"#, r#"{"path":"b.md"}"#, "{}"]
+    );
+}
+
+#[test]
+fn text_thinking_and_forced_json_given_whole_in_the_block_start_are_kept() {
+    let mut up = vec![
+        start(),
+        block(
+            0,
+            json!({"type": "thinking", "thinking": "hmm", "signature": ""}),
+        ),
+        stop(0),
+        block(1, json!({"type": "text", "text": "Here:"})),
+        stop(1),
+        block(
+            2,
+            json!({"type": "tool_use", "id": "t", "name": "answer", "input": {"a": 1}}),
+        ),
+        stop(2),
+    ];
+    up.extend(end("tool_use", 5));
+    let ctx = Context {
+        json_tool: Some("answer".into()),
+        ..Context::default()
+    };
+    let (out, _) = run(ctx, &up);
+    let field = |key: &str| -> String {
+        out.iter()
+            .filter_map(|(_, v)| v["choices"][0]["delta"][key].as_str())
+            .collect()
+    };
+    assert_eq!(field("reasoning_content"), "hmm");
+    assert_eq!(field("content"), r#"Here:{"a":1}"#);
+}

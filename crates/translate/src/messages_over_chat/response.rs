@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::{Context, stop_reason, tool_use_id};
 use crate::chat::Usage;
-use crate::wire::{arguments_to_input, restyle_id, str_of};
+use crate::wire::{arguments_to_input, model_or, restyle_id, str_of};
 
 /// Translate a `chat.completion` into an Anthropic `message`. `Err` names
 /// what is missing when the upstream's answer is not a chat completion.
@@ -54,10 +54,10 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         None => json!({"input_tokens": null, "output_tokens": null}),
     };
     Ok(json!({
-        "id": restyle_id("msg_", str_of(chat, "id").unwrap_or("translated")),
+        "id": restyle_id("msg_", str_of(chat, "id")),
         "type": "message",
         "role": "assistant",
-        "model": str_of(chat, "model").unwrap_or(&ctx.model),
+        "model": model_or(str_of(chat, "model"), &ctx.model),
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
@@ -147,6 +147,26 @@ mod tests {
         assert_eq!(out["content"][1]["id"], "toolu_1");
         assert_eq!(out["content"][2]["id"], "toolu_2");
         assert_eq!(out["content"][3]["id"], "call_9");
+    }
+
+    #[test]
+    fn empty_or_missing_ids_and_models_are_not_used() {
+        let ctx = Context {
+            model: "claude-x".into(),
+            ..Context::default()
+        };
+        for id in [Some(""), None] {
+            let mut chat = json!({"model": "", "choices": [{"finish_reason": "stop", "message": {"content": "a"}}]});
+            if let Some(id) = id {
+                chat["id"] = json!(id);
+            }
+            let first = response(&chat, &ctx).unwrap();
+            let second = response(&chat, &ctx).unwrap();
+            assert_eq!(first["model"], "claude-x", "{id:?}");
+            let made = first["id"].as_str().unwrap();
+            assert!(made.starts_with("msg_") && made.len() > 12, "{made}");
+            assert_ne!(first["id"], second["id"], "a fresh id for each answer");
+        }
     }
 
     #[test]

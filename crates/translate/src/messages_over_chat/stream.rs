@@ -28,8 +28,11 @@ use serde_json::json;
 
 use super::{Context, stop_reason, tool_use_id};
 use crate::chat::{Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name};
-use crate::wire::{restyle_id, write_event};
+use crate::stream::{
+    ArgumentsEnd, CallSoFar, MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call,
+    join_name,
+};
+use crate::wire::{bare_id, model_or, restyle_id, write_event};
 
 /// The state of one translated stream.
 #[derive(Debug)]
@@ -69,6 +72,20 @@ struct Tool {
     closed: bool,
     /// Arguments that came before the name.
     pending: String,
+    /// Whether the arguments so far are whole, to tell the next call at
+    /// the same chat index from more of this one.
+    arguments: ArgumentsEnd,
+}
+
+impl Tool {
+    fn so_far(&self) -> CallSoFar<'_> {
+        CallSoFar {
+            id: &self.id,
+            upstream_id: self.upstream_id,
+            name: &self.name,
+            arguments: &self.arguments,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -131,7 +148,14 @@ impl ChatToMessages {
             }
             Err(reason) => return Step::Fail(reason),
         };
-        self.start(chunk.id.as_deref(), chunk.model.as_deref(), out);
+        // A chunk without choices or a usable id (Azure opens with a
+        // prompt-filter chunk whose id and model are empty) does not name
+        // the message: the next one may.
+        if bare_id(chunk.id.as_deref()).is_some()
+            || chunk.choices.as_ref().is_some_and(|c| !c.is_empty())
+        {
+            self.start(chunk.id.as_deref(), chunk.model.as_deref(), out);
+        }
         if let Some(usage) = chunk.usage {
             self.usage = Some(usage);
         }
@@ -162,10 +186,10 @@ impl ChatToMessages {
         }
         self.started = true;
         let message = json!({
-            "id": restyle_id("msg_", id.unwrap_or("translated")),
+            "id": restyle_id("msg_", id),
             "type": "message",
             "role": "assistant",
-            "model": model.unwrap_or(&self.ctx.model),
+            "model": model_or(model, &self.ctx.model),
             "content": [],
             "stop_reason": null,
             "stop_sequence": null,
@@ -229,15 +253,13 @@ impl ChatToMessages {
             self.tools.iter().map(|t| (t.chat_index, t.id.as_str())),
             self.tools.len() as u64,
         );
-        // The newest call at that index; a delta naming another id there
-        // is a new call (Ollama numbers every call of a turn 0).
+        // The newest call at that index, unless the delta starts another
+        // there (Ollama and Gemini number every call of a turn 0).
         let found = self
             .tools
             .iter()
             .rposition(|t| t.chat_index == chat_index)
-            .filter(|&pos| {
-                !is_another_call(&self.tools[pos].id, self.tools[pos].upstream_id, call)
-            });
+            .filter(|&pos| !is_another_call(&self.tools[pos].so_far(), call));
         let pos = match found {
             Some(pos) if self.tools[pos].closed => {
                 return Step::Fail(format!(
@@ -261,6 +283,7 @@ impl ChatToMessages {
                     block: None,
                     closed: false,
                     pending: String::new(),
+                    arguments: ArgumentsEnd::default(),
                 });
                 self.tools.len() - 1
             }
@@ -274,6 +297,7 @@ impl ChatToMessages {
             tool.upstream_id = true;
         }
         let arguments = function.and_then(|f| f.arguments.as_deref()).unwrap_or("");
+        tool.arguments.push(arguments);
         match tool.block {
             Some(index) => {
                 if !arguments.is_empty() {

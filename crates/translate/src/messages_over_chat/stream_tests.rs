@@ -477,3 +477,123 @@ fn an_odd_created_does_not_fail_the_stream() {
     let (_, steps) = run(Context::default(), &refs);
     assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
 }
+
+/// A chunk with one tool-call delta at chat index 0 and no id.
+fn at_zero(name: Option<&str>, args: &str) -> String {
+    let mut function = json!({"arguments": args});
+    if let Some(name) = name {
+        function["name"] = json!(name);
+    }
+    chunk(
+        json!({"tool_calls": [{"index": 0, "type": "function", "function": function}]}),
+        None,
+    )
+}
+
+#[test]
+fn parallel_calls_whole_at_index_zero_without_ids_are_separate() {
+    // Gemini's OpenAI-compatible API: each parallel call whole in its own
+    // chunk, every one at index 0, none with an id.
+    let chunks = [
+        at_zero(Some("read"), r#"{"path":"a.md"}"#),
+        at_zero(Some("read"), r#"{"path":"b.md"}"#),
+        at_zero(Some("list"), "{}"),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(Context::default(), &refs);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    assert_eq!(
+        tool_blocks(&out),
+        [
+            ("toolu_0".into(), "read".into(), r#"{"path":"a.md"}"#.into()),
+            ("toolu_1".into(), "read".into(), r#"{"path":"b.md"}"#.into()),
+            ("toolu_2".into(), "list".into(), "{}".into()),
+        ]
+    );
+}
+
+#[test]
+fn a_name_repeated_with_unfinished_arguments_is_the_same_call() {
+    // MiniMax repeats the name with every piece, here without ids: pieces
+    // whose arguments are not yet one JSON value join; a repeat of the
+    // name with no arguments after they are complete adds nothing.
+    let chunks = [
+        at_zero(Some("get_weather"), ""),
+        at_zero(Some("get_weather"), r#"{"city":{"name":"#),
+        at_zero(Some("get_weather"), r#""Paris"}"#),
+        at_zero(Some("get_weather"), "}"),
+        at_zero(Some("get_weather"), ""),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, _) = run(Context::default(), &refs);
+    assert_eq!(
+        tool_blocks(&out),
+        [(
+            "toolu_0".into(),
+            "get_weather".into(),
+            r#"{"city":{"name":"Paris"}}"#.into()
+        )]
+    );
+}
+
+/// The `message` of a translated stream's `message_start`.
+fn message_start(ctx: Context, chunks: &[String]) -> Value {
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(ctx, &refs);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    assert_eq!(out.last().unwrap().0.as_deref(), Some("message_stop"));
+    out[0].1["message"].clone()
+}
+
+#[test]
+fn empty_or_missing_ids_and_models_are_not_used() {
+    let ctx = || Context {
+        model: "claude-x".into(),
+        ..Context::default()
+    };
+    let with = |id: Option<&str>, model: &str, delta: Value, finish: Option<&str>| {
+        let mut c = json!({"model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if let Some(id) = id {
+            c["id"] = json!(id);
+        }
+        c.to_string()
+    };
+    // Azure opens with a prompt-filter chunk with an empty id and model.
+    let azure = [
+        json!({"id": "", "model": "", "object": "", "created": 0, "choices": [],
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
+        .to_string(),
+        with(
+            Some("chatcmpl-az1"),
+            "gpt-4o",
+            json!({"content": "hi"}),
+            None,
+        ),
+        with(Some("chatcmpl-az1"), "gpt-4o", json!({}), Some("stop")),
+        "[DONE]".to_owned(),
+    ];
+    let message = message_start(ctx(), &azure);
+    assert_eq!(message["id"], "msg_az1");
+    assert_eq!(message["model"], "gpt-4o");
+    // TGI: an empty id throughout; a server with an empty model, or none.
+    for id in [Some(""), None] {
+        let chunks = [
+            with(id, "", json!({"content": "hi"}), None),
+            with(id, "", json!({}), Some("stop")),
+            "[DONE]".to_owned(),
+        ];
+        let first = message_start(ctx(), &chunks);
+        let second = message_start(ctx(), &chunks);
+        assert_eq!(first["model"], "claude-x", "{id:?}");
+        let made = first["id"].as_str().unwrap();
+        assert!(
+            made.len() > "msg_".len() + 8 && made.starts_with("msg_"),
+            "{made}"
+        );
+        assert_ne!(first["id"], second["id"], "a fresh id for each answer");
+    }
+}

@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::text_part;
+use crate::stream::{ArgumentsEnd, CallSoFar};
 use crate::wire::write_event;
 
 /// A `message` output item.
@@ -23,10 +24,26 @@ pub(crate) struct Call {
     pub upstream_id: bool,
     pub name: String,
     pub arguments: String,
+    /// Whether `arguments` are whole, to tell the next call at the same
+    /// chat index from more of this one.
+    pub arguments_end: ArgumentsEnd,
     /// The chat `index` of the tool call.
     pub chat_index: u64,
     /// `output_item.added` was sent (the name is known).
     pub added: bool,
+}
+
+impl Call {
+    /// The call as [`is_another_call`](crate::stream::is_another_call)
+    /// reads it.
+    pub(crate) fn so_far(&self) -> CallSoFar<'_> {
+        CallSoFar {
+            id: &self.call_id,
+            upstream_id: self.upstream_id,
+            name: &self.name,
+            arguments: &self.arguments_end,
+        }
+    }
 }
 
 /// An output item.

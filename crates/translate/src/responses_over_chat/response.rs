@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::{Context, State, call_id, response_object, status, text_part, usage_json};
 use crate::chat::Usage;
 use crate::messages_over_chat::response::text_content;
-use crate::wire::{now_secs, restyle_id, str_of};
+use crate::wire::{model_or, now_secs, restyle_id, str_of};
 
 /// The id of output item `index` of response `bare` (the upstream's id
 /// without its prefix).
@@ -25,7 +25,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         .and_then(|c| c.first())
         .ok_or("the upstream's chat completion has no choices")?;
     let message = choice.get("message").unwrap_or(&Value::Null);
-    let id = restyle_id("resp_", str_of(chat, "id").unwrap_or("translated"));
+    let id = restyle_id("resp_", str_of(chat, "id"));
     let bare = id.trim_start_matches("resp_");
     let (status, incomplete) = status(str_of(choice, "finish_reason"));
     let mut output = Vec::new();
@@ -68,7 +68,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     let state = State {
         id: &id,
         created_at,
-        model: str_of(chat, "model").unwrap_or(&ctx.model),
+        model: model_or(str_of(chat, "model"), &ctx.model),
         status,
         incomplete,
         output,
@@ -139,6 +139,30 @@ mod tests {
         assert_eq!(out["output"][0]["call_id"], "call_0");
         assert_eq!(out["output"][1]["call_id"], "call_1");
         assert_eq!(out["output"][1]["id"], "fc_3_1");
+    }
+
+    #[test]
+    fn empty_or_missing_ids_and_models_are_not_used() {
+        let ctx = Context {
+            model: "gpt-x".into(),
+            ..Context::default()
+        };
+        for id in [Some(""), None] {
+            let mut chat = json!({"model": "", "choices": [{"finish_reason": "tool_calls", "message": {
+                "content": "a", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]});
+            if let Some(id) = id {
+                chat["id"] = json!(id);
+            }
+            let first = response(&chat, &ctx).unwrap();
+            let second = response(&chat, &ctx).unwrap();
+            assert_eq!(first["model"], "gpt-x", "{id:?}");
+            let made = first["id"].as_str().unwrap();
+            let bare = made.strip_prefix("resp_").unwrap();
+            assert!(bare.len() > 8, "{made}");
+            assert_eq!(first["output"][0]["id"], format!("msg_{bare}"));
+            assert_eq!(first["output"][1]["id"], format!("fc_{bare}_1"));
+            assert_ne!(first["id"], second["id"], "a fresh id for each answer");
+        }
     }
 
     #[test]

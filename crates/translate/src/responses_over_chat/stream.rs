@@ -19,8 +19,10 @@ use super::items::{Call, Events, Item, Message};
 use super::response::item_id;
 use super::{Context, State, call_id, response_object, status, usage_json};
 use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
-use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name};
-use crate::wire::{now_secs, restyle_id};
+use crate::stream::{
+    ArgumentsEnd, MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name,
+};
+use crate::wire::{bare_id, now_secs, restyle_id};
 
 /// The state of one translated stream.
 #[derive(Debug)]
@@ -47,7 +49,8 @@ impl ChatToResponses {
         ChatToResponses {
             model: ctx.model.clone(),
             ctx,
-            id: "resp_translated".to_owned(),
+            // Set by `start`.
+            id: String::new(),
             created_at: now_secs(),
             events: Events::default(),
             started: false,
@@ -83,7 +86,13 @@ impl ChatToResponses {
             }
             Err(reason) => return Step::Fail(reason),
         };
-        if !self.started {
+        // A chunk without choices or a usable id (Azure opens with a
+        // prompt-filter chunk whose id and model are empty) does not name
+        // the response: the next one may.
+        if !self.started
+            && (bare_id(chunk.id.as_deref()).is_some()
+                || chunk.choices.as_ref().is_some_and(|c| !c.is_empty()))
+        {
             self.start(&chunk, out);
         }
         if let Some(usage) = chunk.usage {
@@ -129,10 +138,8 @@ impl ChatToResponses {
 
     fn start(&mut self, chunk: &Chunk<'_>, out: &mut Vec<u8>) {
         self.started = true;
-        if let Some(id) = &chunk.id {
-            self.id = restyle_id("resp_", id);
-        }
-        if let Some(model) = &chunk.model {
+        self.id = restyle_id("resp_", chunk.id.as_deref());
+        if let Some(model) = chunk.model.as_deref().filter(|m| !m.is_empty()) {
             self.model = model.to_string();
         }
         if let Some(created) = chunk.created {
@@ -194,15 +201,15 @@ impl ChatToResponses {
             Item::Message(_) => None,
         });
         let chat_index = chat_index(call, calls, self.items.len() as u64);
-        // The newest call at that index; a delta naming another id there
-        // is a new call (Ollama numbers every call of a turn 0).
+        // The newest call at that index, unless the delta starts another
+        // there (Ollama and Gemini number every call of a turn 0).
         let found = self
             .items
             .iter()
             .rposition(|i| matches!(i, Item::Call(c) if c.chat_index == chat_index))
-            .filter(|&i| {
-                !matches!(&self.items[i], Item::Call(c) if is_another_call(&c.call_id, c.upstream_id, call))
-            });
+            .filter(
+                |&i| !matches!(&self.items[i], Item::Call(c) if is_another_call(&c.so_far(), call)),
+            );
         match found {
             Some(i) if self.open != Some(i) => Err(format!(
                 "the upstream went back to tool call {chat_index} after starting another"
@@ -220,6 +227,7 @@ impl ChatToResponses {
                     upstream_id: false,
                     name: String::new(),
                     arguments: String::new(),
+                    arguments_end: ArgumentsEnd::default(),
                     chat_index,
                     added: false,
                 };
@@ -245,6 +253,7 @@ impl ChatToResponses {
             call.upstream_id = true;
         }
         call.arguments.push_str(fragment);
+        call.arguments_end.push(fragment);
         self.held += fragment.len();
         if call.added {
             if !fragment.is_empty() {

@@ -285,3 +285,151 @@ fn each_way_servers_send_one_call_is_one_function_call() {
         assert_eq!(output[0]["arguments"], r#"{"city":"Paris"}"#, "{what}");
     }
 }
+
+/// A chunk with one tool-call delta at chat index 0 and no id.
+fn at_zero(name: Option<&str>, args: &str) -> String {
+    let mut function = json!({"arguments": args});
+    if let Some(name) = name {
+        function["name"] = json!(name);
+    }
+    chunk(
+        json!({"tool_calls": [{"index": 0, "type": "function", "function": function}]}),
+        None,
+    )
+}
+
+/// `(call_id, name, arguments)` of the calls in `response.completed`.
+fn completed_calls(out: &[(Option<String>, Value)]) -> Vec<(String, String, String)> {
+    let (_, done) = out.last().unwrap();
+    done["response"]["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "function_call")
+        .map(|i| {
+            let s = |k: &str| i[k].as_str().unwrap_or_default().to_owned();
+            (s("call_id"), s("name"), s("arguments"))
+        })
+        .collect()
+}
+
+#[test]
+fn parallel_calls_whole_at_index_zero_without_ids_are_separate() {
+    // Gemini's OpenAI-compatible API: each parallel call whole in its own
+    // chunk, every one at index 0, none with an id.
+    let chunks = [
+        at_zero(Some("read"), r#"{"path":"a.md"}"#),
+        at_zero(Some("read"), r#"{"path":"b.md"}"#),
+        at_zero(Some("list"), "{}"),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let (out, steps) = run(Context::default(), &chunks);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    assert_eq!(
+        completed_calls(&out),
+        [
+            ("call_0".into(), "read".into(), r#"{"path":"a.md"}"#.into()),
+            ("call_1".into(), "read".into(), r#"{"path":"b.md"}"#.into()),
+            ("call_2".into(), "list".into(), "{}".into()),
+        ]
+    );
+    let deltas: Vec<&str> = out
+        .iter()
+        .filter_map(|(_, v)| {
+            (v["type"] == "response.function_call_arguments.delta").then(|| v["delta"].as_str())?
+        })
+        .collect();
+    assert_eq!(deltas, [r#"{"path":"a.md"}"#, r#"{"path":"b.md"}"#, "{}"]);
+}
+
+#[test]
+fn a_name_repeated_with_unfinished_arguments_is_the_same_call() {
+    // MiniMax repeats the name with every piece, here without ids.
+    let chunks = [
+        at_zero(Some("get_weather"), ""),
+        at_zero(Some("get_weather"), r#"{"city":{"name":"#),
+        at_zero(Some("get_weather"), r#""Paris"}"#),
+        at_zero(Some("get_weather"), "}"),
+        at_zero(Some("get_weather"), ""),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let (out, _) = run(Context::default(), &chunks);
+    assert_eq!(
+        completed_calls(&out),
+        [(
+            "call_0".into(),
+            "get_weather".into(),
+            r#"{"city":{"name":"Paris"}}"#.into()
+        )]
+    );
+}
+
+#[test]
+fn empty_or_missing_ids_and_models_are_not_used() {
+    let ctx = || Context {
+        model: "gpt-x".into(),
+        ..Context::default()
+    };
+    let with = |id: Option<&str>, model: &str, delta: Value, finish: Option<&str>| {
+        let mut c = json!({"model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if let Some(id) = id {
+            c["id"] = json!(id);
+        }
+        c.to_string()
+    };
+    let call = json!({"tool_calls": [{"index": 0, "type": "function",
+        "function": {"name": "f", "arguments": "{}"}}]});
+    // Azure opens with a prompt-filter chunk with an empty id and model.
+    let azure = vec![
+        json!({"id": "", "model": "", "object": "", "created": 0, "choices": [],
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
+        .to_string(),
+        with(
+            Some("chatcmpl-az1"),
+            "gpt-4o",
+            json!({"content": "hi"}),
+            None,
+        ),
+        with(Some("chatcmpl-az1"), "gpt-4o", call.clone(), None),
+        with(
+            Some("chatcmpl-az1"),
+            "gpt-4o",
+            json!({}),
+            Some("tool_calls"),
+        ),
+        "[DONE]".to_owned(),
+    ];
+    let (out, _) = run(ctx(), &azure);
+    let created = &out[0].1["response"];
+    assert_eq!(created["id"], "resp_az1");
+    assert_eq!(created["model"], "gpt-4o");
+    let done = &out.last().unwrap().1["response"];
+    assert_eq!(done["output"][0]["id"], "msg_az1");
+    assert_eq!(done["output"][1]["id"], "fc_az1_1");
+    // TGI: an empty id throughout; a server with an empty model, or none.
+    for id in [Some(""), None] {
+        let chunks = vec![
+            with(id, "", json!({"content": "hi"}), None),
+            with(id, "", call.clone(), None),
+            with(id, "", json!({}), Some("tool_calls")),
+            "[DONE]".to_owned(),
+        ];
+        let (first, _) = run(ctx(), &chunks);
+        let (second, _) = run(ctx(), &chunks);
+        let response = &first.last().unwrap().1["response"];
+        assert_eq!(response["model"], "gpt-x", "{id:?}");
+        let made = response["id"].as_str().unwrap();
+        let bare = made.strip_prefix("resp_").unwrap();
+        assert!(bare.len() > 8, "{made}");
+        assert_eq!(response["output"][0]["id"], format!("msg_{bare}"));
+        assert_eq!(response["output"][1]["id"], format!("fc_{bare}_1"));
+        assert_eq!(first[0].1["response"]["id"], made, "one id throughout");
+        assert_ne!(
+            second.last().unwrap().1["response"]["id"],
+            made,
+            "a fresh id for each answer"
+        );
+    }
+}
