@@ -576,6 +576,16 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
     let refused = post("Bearer sk-tpm", body).await;
     refused.assert_error(400, "invalid_request_error", "unsupported_parameter");
     assert_eq!(refused.json()["error"]["param"], "previous_response_id");
+    // A `background` a lax server reads as true is held to the same checks.
+    for lax in [serde_json::json!("true"), 1.into(), "yes".into()] {
+        let mut body = background(None);
+        body["background"] = lax.clone();
+        post("Bearer sk-tpm", body).await.assert_error(
+            400,
+            "invalid_request_error",
+            "unsupported_parameter",
+        );
+    }
     assert_eq!(up.stats.requests(), 0);
     // Bounded within the limit; and a key without a token limit as it likes.
     let bounded = post("Bearer sk-tpm", background(Some(100))).await;

@@ -203,6 +203,23 @@ async fn an_upstream_error_answer_gives_the_reservation_back() {
     }
 }
 
+/// Each of `n` completions is generated whole: the reservation is the cap
+/// times `n`, so that concurrent `n > 1` requests cannot all run at once
+/// under a limit one of them fills.
+#[tokio::test]
+async fn a_request_for_n_completions_reserves_n_caps() {
+    let (_up, p) = setup(1000, "").await;
+    let mut body: serde_json::Value = serde_json::from_str(&chat_body(5, 10)).unwrap();
+    body["n"] = 50.into();
+    let answer = post(&p, "/v1/chat/completions", &[], body.to_string()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let left = remaining_tokens(&answer);
+    assert!(
+        left <= 500,
+        "50 completions of 10 reserved: {left} of 1000 left"
+    );
+}
+
 /// A Messages stream cut after `message_start` (input + 1 output token)
 /// but before `message_delta` keeps its reservation, as a chat stream cut
 /// before its usage does: `message_start`'s count is only a floor.

@@ -498,7 +498,12 @@ fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
     else {
         return Ok(());
     };
-    if json.get("background").and_then(Value::as_bool) != Some(true) {
+    // Anything but absent, `null` or `false` may read as true upstream (a
+    // lax server takes `"true"` or `1`): held to the checks.
+    if matches!(
+        json.get("background"),
+        None | Some(Value::Null | Value::Bool(false))
+    ) {
         return Ok(());
     }
     let refuse = |message: String| {
@@ -556,14 +561,15 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
 
 /// The token reservation: prompt bytes / 4, plus the completion cap the
 /// request names (`max_tokens`, `max_completion_tokens`, `max_output_tokens`),
-/// else 256.
+/// else 256, times the completions it asks for (`n`, or completions'
+/// `best_of` when larger: each is generated whole).
 pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
     let prompt = prompt_tokens(meta);
+    let json = meta.json();
     // The largest cap named: a body may name several, and which one an
     // upstream honours is its own business (`max_tokens: 1` beside a large
     // `max_output_tokens` must not shrink the reservation).
-    let cap = meta
-        .json()
+    let cap = json
         .and_then(|j| {
             ["max_tokens", "max_completion_tokens", "max_output_tokens"]
                 .iter()
@@ -571,7 +577,16 @@ pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
                 .max()
         })
         .unwrap_or(256);
-    prompt.saturating_add(cap)
+    let completions = json
+        .and_then(|j| {
+            ["n", "best_of"]
+                .iter()
+                .filter_map(|k| j.get(*k).and_then(Value::as_u64))
+                .max()
+        })
+        .unwrap_or(1)
+        .max(1);
+    prompt.saturating_add(cap.saturating_mul(completions))
 }
 
 /// The prompt's part of [`estimate_tokens`]: the body's bytes / 4.
@@ -878,6 +893,25 @@ mod tests {
             serde_json::from_str(body).unwrap(),
         );
         assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 256);
+        // Each of `n` completions (or `best_of`, the larger) is generated
+        // whole; nonsense counts as one.
+        for (body, completions) in [
+            (r#"{"model":"m","max_tokens":10,"n":100}"#, 100),
+            (r#"{"model":"m","max_tokens":10,"n":2,"best_of":5}"#, 5),
+            (r#"{"model":"m","max_tokens":10,"n":0}"#, 1),
+            (r#"{"model":"m","max_tokens":10,"n":"9"}"#, 1),
+        ] {
+            let meta = RequestMeta::parsed(
+                Endpoint::ChatCompletions,
+                bytes::Bytes::from(body),
+                serde_json::from_str(body).unwrap(),
+            );
+            assert_eq!(
+                estimate_tokens(&meta),
+                body.len() as u64 / 4 + 10 * completions,
+                "{body}"
+            );
+        }
     }
 }
 
