@@ -1528,3 +1528,238 @@ async fn an_upstream_that_breaks_mid_turn_is_an_error_and_1011() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// An upstream `error` that answers a message which opened no turn (a
+/// `response.processed`) does not close the turn under way: its silence is
+/// still bounded by `idle_timeout_ms`, and the client hears
+/// `stream_interrupted`.
+#[tokio::test]
+async fn an_error_for_an_acknowledgement_does_not_close_the_open_turn() {
+    let addr = scripted(|| {
+        |v: &serde_json::Value| match v["type"].as_str() {
+            // The turn begins, then the upstream stalls.
+            Some("response.create") => vec![created("resp_1")],
+            Some("response.processed") => vec![error()],
+            _ => vec![],
+        }
+    })
+    .await;
+    let p = proxy(&ws_upstream(
+        "up",
+        &format!("http://{addr}/v1"),
+        "idle_timeout_ms = 300\nwebsocket_idle_timeout_ms = 600000",
+    ))
+    .await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    send_create(&mut s).await;
+    assert_eq!(next_event(&mut s).await["type"], "response.created");
+    s.send(Message::text(r#"{"type":"response.processed"}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut s).await["type"], "error");
+    let event = next_event(&mut s).await;
+    assert_eq!(event["error"]["code"], "stream_interrupted", "{event}");
+}
+
+/// A drain lets a turn under way end, even after an `error` that answered
+/// another message, and only then closes with 1001.
+#[tokio::test]
+async fn a_drain_does_not_cut_a_turn_after_an_acknowledgement_error() {
+    let addr = raw_upstream(|conn| async move {
+        let Ok(ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        let (write, mut read) = ws.split();
+        let write = std::sync::Arc::new(tokio::sync::Mutex::new(write));
+        while let Some(Ok(Message::Text(text))) = read.next().await {
+            let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            let write = write.clone();
+            match v["type"].as_str() {
+                // A turn that streams for a second.
+                Some("response.create") => drop(tokio::spawn(async move {
+                    let _ = write
+                        .lock()
+                        .await
+                        .send(Message::text(created("resp_1")))
+                        .await;
+                    for _ in 0..10 {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        let delta = r#"{"type":"response.output_text.delta","delta":"x"}"#;
+                        let _ = write.lock().await.send(Message::text(delta)).await;
+                    }
+                    let _ = write
+                        .lock()
+                        .await
+                        .send(Message::text(completed("resp_1", 10)))
+                        .await;
+                })),
+                // A type it does not know.
+                _ => {
+                    let _ = write.lock().await.send(Message::text(error())).await;
+                }
+            }
+        }
+    })
+    .await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 60\n{}",
+        ws_upstream("up", &format!("http://{addr}/v1"), "")
+    ))
+    .await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    send_create(&mut s).await;
+    assert_eq!(next_event(&mut s).await["type"], "response.created");
+    s.send(Message::text(r#"{"type":"response.processed"}"#))
+        .await
+        .unwrap();
+    while next_event(&mut s).await["type"] != "error" {}
+    p.begin_shutdown();
+    let mut last = None;
+    let end = loop {
+        match tokio::time::timeout(HANG, s.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+                last = Some(event["type"].as_str().unwrap().to_owned());
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => break other,
+        }
+    };
+    assert_eq!(
+        last.as_deref(),
+        Some("response.completed"),
+        "the drain cut the turn under way with {end:?}"
+    );
+}
+
+/// The client's key in `sec-websocket-protocol` is stripped even when
+/// another token of the header is not ASCII.
+#[tokio::test]
+async fn a_subprotocol_key_beside_a_non_ascii_token_is_still_stripped() {
+    use tokio::io::AsyncWriteExt;
+    let up = mock_named("m").await;
+    let p = proxy(&ws_upstream(
+        "up",
+        &up.base_url(),
+        "api_key = \"sk-upstream\"",
+    ))
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let mut head =
+        b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+        sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        sec-websocket-protocol: openai-insecure-api-key.sk-client-secret, caf"
+            .to_vec();
+    head.extend_from_slice(b"\xe9\r\n\r\n");
+    tcp.write_all(&head).await.unwrap();
+    assert!(
+        tokio::time::timeout(HANG, read_request_head(&mut tcp))
+            .await
+            .unwrap(),
+        "an answer"
+    );
+    let seen = up
+        .stats
+        .last_request_headers()
+        .expect("the upgrade reached the upstream");
+    for value in seen.get_all("sec-websocket-protocol") {
+        assert!(
+            !String::from_utf8_lossy(value.as_bytes()).contains("sk-client-secret"),
+            "the client's key reached the upstream: {value:?}"
+        );
+    }
+}
+
+/// A close for silence reaches the upstream as a 1001 even when the client
+/// reads nothing (its queue full).
+#[tokio::test]
+async fn an_idle_close_reaches_the_upstream_when_the_client_reads_nothing() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let addr = raw_upstream(move |conn| {
+        let tx = tx.clone();
+        async move {
+            let Ok(ws) = tokio_tungstenite::accept_async(conn).await else {
+                return;
+            };
+            let (mut write, mut read) = ws.split();
+            // An answer the client never reads.
+            tokio::spawn(async move {
+                let delta = serde_json::json!({"type": "response.output_text.delta",
+                    "delta": "x".repeat(100_000)})
+                .to_string();
+                while write.send(Message::text(delta.clone())).await.is_ok() {}
+            });
+            while let Some(m) = read.next().await {
+                let end = !matches!(
+                    m,
+                    Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))
+                );
+                let _ = tx.send(format!("{m:?}"));
+                if end {
+                    return;
+                }
+            }
+            let _ = tx.send("the end, without a close".into());
+        }
+    })
+    .await;
+    let p = proxy(&ws_upstream(
+        "up",
+        &format!("http://{addr}/v1"),
+        "idle_timeout_ms = 300\nwebsocket_idle_timeout_ms = 300",
+    ))
+    .await;
+    let (_socket, _) = connect(p.addr, &[]).await.unwrap();
+    let seen = tokio::time::timeout(HANG, rx.recv())
+        .await
+        .expect("the upstream's session ends")
+        .unwrap();
+    assert!(
+        seen.starts_with("Ok(Close(Some(CloseFrame { code: Away"),
+        "the upstream got no 1001: {seen}"
+    );
+}
+
+/// The upstream's own close is answered (the close handshake completes),
+/// and passed on to the client.
+#[tokio::test]
+async fn an_upstream_close_is_answered_upstream() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let addr = raw_upstream(move |conn| {
+        let tx = tx.clone();
+        async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+                return;
+            };
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            ws.close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await
+            .unwrap();
+            let answer = tokio::time::timeout(HANG, ws.next()).await;
+            let _ = tx.send(format!("{answer:?}"));
+        }
+    })
+    .await;
+    let p = proxy(&ws_upstream("up", &format!("http://{addr}/v1"), "")).await;
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    match tokio::time::timeout(HANG, s.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::Normal);
+            assert_eq!(frame.reason.as_str(), "bye");
+        }
+        other => panic!("expected the upstream's close, got {other:?}"),
+    }
+    let seen = tokio::time::timeout(HANG, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        seen.starts_with("Ok(Some(Ok(Close(") || seen == "Ok(None)",
+        "the upstream's close was never answered: {seen}"
+    );
+}

@@ -291,6 +291,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         models: upstream.models.clone(),
         turns: Mutex::default(),
         open_turns: AtomicUsize::new(0),
+        creates: Mutex::default(),
         ended: Mutex::default(),
         budget: ctx.sockets.budget.clone(),
         counters: ctx.sockets.counters.clone(),
@@ -353,6 +354,10 @@ struct Session {
     /// `response.create` messages sent on whose response has not ended
     /// (with or without a key): which silence bound applies.
     open_turns: AtomicUsize,
+    /// The open creates, in order: the id of the response each began, once
+    /// its `response.created` came (at most [`MAX_PENDING`]).
+    /// `open_turns` is its length, read without the lock.
+    creates: Mutex<VecDeque<Option<Box<str>>>>,
     /// The responses that ended last (at most [`ENDED_KEPT`]): a second end
     /// of one is ignored, not charged again.
     ended: Mutex<VecDeque<Box<str>>>,
@@ -538,10 +543,32 @@ impl Session {
             // itself): its turn is settled, its tokens charged.
             return;
         }
-        if ends || event.kind == "error" {
-            let _ = self
-                .open_turns
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        // Which creates are open: one whose response began ends with that
+        // response's end (or the session); an `error` ends only a create no
+        // response began for (an `error` may answer a message that opened
+        // no turn, as a `response.processed`).
+        if ends || matches!(&*event.kind, "response.created" | "error") {
+            self.with_creates(|creates| match &*event.kind {
+                "response.created" => {
+                    if let (Some(id), Some(slot)) = (id, creates.iter_mut().find(|c| c.is_none())) {
+                        *slot = Some(id.into());
+                    }
+                }
+                "error" if !ends => {
+                    if let Some(at) = creates.iter().position(Option::is_none) {
+                        creates.remove(at);
+                    }
+                }
+                _ => {
+                    let at = creates
+                        .iter()
+                        .position(|c| c.is_some() && c.as_deref() == id)
+                        .or_else(|| creates.iter().position(Option::is_none));
+                    if let Some(at) = at {
+                        creates.remove(at);
+                    }
+                }
+            });
         }
         match &*event.kind {
             "response.created" => {
@@ -643,6 +670,16 @@ impl Session {
                 id: None,
             });
         });
+    }
+
+    fn with_creates<R>(&self, f: impl FnOnce(&mut VecDeque<Option<Box<str>>>) -> R) -> R {
+        let mut creates = self.creates.lock().unwrap_or_else(PoisonError::into_inner);
+        let r = f(&mut creates);
+        if creates.len() > MAX_PENDING {
+            creates.pop_front();
+        }
+        self.open_turns.store(creates.len(), Ordering::Relaxed);
+        r
     }
 
     fn with_turns<R>(&self, f: impl FnOnce(&mut VecDeque<Pending>) -> R) -> R {
@@ -964,11 +1001,13 @@ async fn pump_up(
                     }))
                 };
                 session.client_done.store(true, Ordering::Relaxed);
+                // The upstream first: a client that reads nothing must not
+                // keep it from hearing the close.
+                let _ = tokio::time::timeout(CLOSE_GRACE, upstream.send(away())).await;
                 if let Some(first) = closing.take_first() {
                     to_client.send(first).await;
                 }
                 to_client.send(away()).await;
-                let _ = upstream.send(away()).await;
                 return;
             }
         };
@@ -1000,7 +1039,7 @@ async fn pump_up(
                         session.push(turn, admitted.create);
                     }
                     if admitted.create {
-                        session.open_turns.fetch_add(1, Ordering::Relaxed);
+                        session.with_creates(|c| c.push_back(None));
                     }
                     if admitted.turn {
                         session.counters.turns.fetch_add(1, Ordering::Relaxed);
@@ -1087,6 +1126,9 @@ async fn pump_down(
                 if !client_gone {
                     to_client.send(message).await;
                 }
+                // Tungstenite queued the answer to its close: the next read
+                // flushes it (and then ends).
+                let _ = tokio::time::timeout(CLOSE_GRACE, upstream.next()).await;
                 return;
             }
             Message::Ping(_) | Message::Binary(_) => {}
@@ -1227,6 +1269,7 @@ mod tests {
             models: None,
             turns: Mutex::default(),
             open_turns: AtomicUsize::new(0),
+            creates: Mutex::default(),
             ended: Mutex::default(),
             budget: None,
             counters: Arc::default(),

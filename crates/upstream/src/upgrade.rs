@@ -153,30 +153,30 @@ const KEY_PROTOCOL: &str = "openai-insecure-api-key.";
 /// left of it.
 fn strip_credential_protocols(headers: &mut http::HeaderMap) {
     let name = header::SEC_WEBSOCKET_PROTOCOL;
-    let carries_key = |token: &str| {
+    // As bytes: a value with a byte past ASCII still carries its tokens.
+    let carries_key = |token: &[u8]| {
         token
             .get(..KEY_PROTOCOL.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(KEY_PROTOCOL))
+            .is_some_and(|p| p.eq_ignore_ascii_case(KEY_PROTOCOL.as_bytes()))
     };
-    let offered: Vec<String> = headers
+    let offered: Vec<Vec<u8>> = headers
         .get_all(&name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
-        .map(str::to_owned)
+        .map(<[u8]>::to_vec)
         .collect();
     if !offered.iter().any(|t| carries_key(t)) {
         return;
     }
     headers.remove(&name);
-    let kept: Vec<&str> = offered
+    let kept: Vec<&[u8]> = offered
         .iter()
-        .map(String::as_str)
+        .map(Vec::as_slice)
         .filter(|t| !carries_key(t))
         .collect();
-    if let Ok(value) = HeaderValue::from_str(&kept.join(", "))
+    if let Ok(value) = HeaderValue::from_bytes(&kept.join(&b", "[..]))
         && !kept.is_empty()
     {
         headers.insert(name, value);
