@@ -399,3 +399,58 @@ async fn a_stream_the_client_leaves_is_charged_at_least_what_it_delivered() {
         assert!(before - left >= 650, "{path}: {} charged", before - left);
     }
 }
+
+/// A JSON answer is generated whole before its head, and its `usage` is at
+/// its end: a client that reads its start and hangs up is charged that
+/// usage (the proxy reads on for it), not only the reservation.
+#[tokio::test]
+async fn a_json_answer_the_client_leaves_is_charged_its_usage() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Far past what socket buffers hold between the proxy and a client
+    // that stopped reading.
+    let filler = "x".repeat(16 << 20);
+    let body: &'static str = format!(
+        r#"{{"id":"c","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"{filler}"}}}}],"usage":{{"prompt_tokens":10,"completion_tokens":50000,"total_tokens":50010}}}}"#
+    )
+    .leak();
+    let addr = raw_upstream(move |mut conn| async move {
+        if read_request(&mut conn).await.is_none() {
+            return;
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
+        let _ = conn.write_all(body.as_bytes()).await;
+    })
+    .await;
+    let p = proxy(&format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 10000\n",
+        one_upstream(&format!("http://{addr}/v1"), APIS)
+    ))
+    .await;
+    let request = r#"{"model":"small","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{request}",
+        request.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // The head and the start of the answer, then the client goes.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 16 << 10];
+    tokio::time::timeout(HANG, async {
+        while got < 256 << 10 {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the answer comes");
+            got += n;
+        }
+    })
+    .await
+    .expect("the start of the answer");
+    drop(conn);
+    // 50,010 tokens generated against 10,000 a minute: nothing left.
+    remaining_once(&p, |r| r == 0).await;
+}

@@ -1763,3 +1763,54 @@ async fn an_upstream_close_is_answered_upstream() {
         "the upstream's close was never answered: {seen}"
     );
 }
+
+/// A turn cut after its response streamed (the upstream gone without an
+/// end) is charged at least one token a delta the client received, as an
+/// HTTP stream cut before its usage is, not only its reservation.
+#[tokio::test]
+async fn a_turn_cut_mid_response_is_charged_what_it_delivered() {
+    let addr = raw_upstream(|conn| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(_) = message else { continue };
+            if ws.send(Message::text(created("resp_cut"))).await.is_err() {
+                return;
+            }
+            for _ in 0..2000 {
+                let delta = r#"{"type":"response.output_text.delta","item_id":"msg_1","output_index":0,"content_index":0,"delta":"tok"}"#;
+                if ws.send(Message::text(delta)).await.is_err() {
+                    return;
+                }
+            }
+            // Gone without a close, mid-response.
+            return;
+        }
+    })
+    .await;
+    let p = proxy_with(addr).await;
+    let before = remaining_tokens(&p).await;
+    let (mut s, _) = connect(p.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    send_create(&mut s).await;
+    let mut deltas = 0;
+    let read_all = async {
+        while let Some(Ok(m)) = s.next().await {
+            if let Message::Text(t) = m
+                && t.contains("output_text.delta")
+            {
+                deltas += 1;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(HANG, read_all).await;
+    assert_eq!(deltas, 2000, "the client received every delta");
+    let charged = before.saturating_sub(remaining_tokens(&p).await);
+    // (Allowing for a few seconds of refill at 50 a second.)
+    assert!(
+        charged >= 1800,
+        "a turn that delivered 2000 deltas was charged {charged} tokens"
+    );
+}

@@ -3,10 +3,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
 use llm_proxy_core::StreamKind;
 use llm_proxy_core::sse::Parser;
 use llm_proxy_core::usage::{self, StreamUsage, Usage};
@@ -203,6 +205,19 @@ pin_project_lite::pin_project! {
             // hyper drops a body with a known length after its last frame
             // without polling it to the end: settle here too.
             let this = this.project();
+            // A JSON answer the client left before its end was generated
+            // whole before its head, and its `usage` is at its end: read
+            // on for it (a while) rather than keep the reservation.
+            if matches!(this.watch, Watch::Json(_) | Watch::Tail(_))
+                && !this.inner.is_end_stream()
+                && this.reconcile.as_ref().is_some_and(|r| !r.failed)
+                && let Some(reconcile) = this.reconcile.take()
+            {
+                let inner = std::mem::replace(this.inner.get_mut(), llm_proxy_core::empty());
+                let watch = std::mem::replace(this.watch, Watch::Off);
+                read_on(inner, watch, this.usage.take(), reconcile);
+                return;
+            }
             conclude(this.watch, this.usage, this.reconcile);
         }
     }
@@ -314,6 +329,34 @@ fn finish(
         conclude(watch, usage, reconcile);
     }
     polled
+}
+
+/// How long the rest of a JSON answer its client left is read for its
+/// usage.
+const USAGE_GRACE: Duration = Duration::from_secs(5);
+
+/// Read the rest of `inner`, a JSON answer whose client left before its
+/// end, for its usage (up to [`USAGE_GRACE`]), then settle: the answer was
+/// generated whole before its head, and a client that reads its start and
+/// hangs up must not be charged only the reservation. Without a runtime,
+/// settle now.
+fn read_on(mut inner: Body, mut watch: Watch, mut usage: Option<Usage>, reconcile: Reconcile) {
+    let mut reconcile = Some(reconcile);
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        conclude(&mut watch, &mut usage, &mut reconcile);
+        return;
+    };
+    runtime.spawn(async move {
+        let _ = tokio::time::timeout(USAGE_GRACE, async {
+            while let Some(Ok(frame)) = inner.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    observe(&mut watch, &mut usage, data);
+                }
+            }
+        })
+        .await;
+        conclude(&mut watch, &mut usage, &mut reconcile);
+    });
 }
 
 /// Drop all but the last `JSON_TAIL` bytes once twice that is held.

@@ -111,7 +111,8 @@ impl AuthLayer {
                 meta.model_arc().cloned(),
                 reserve,
             )
-            .held_by(decision.as_ref()),
+            .held_by(decision.as_ref())
+            .with_prompt(prompt_tokens(meta)),
             decision,
             given_back: None,
         })
@@ -234,6 +235,16 @@ impl Turn {
             http::StatusCode::INTERNAL_SERVER_ERROR
         };
         self.reconcile.answered(status).settle(usage);
+    }
+
+    /// The turn's response was cut before its usage came (the session
+    /// ended), after `delivered` output deltas reached the client: charged
+    /// its reservation, or the prompt's estimate plus one token a delta
+    /// when that is more, as an HTTP stream cut before its usage is.
+    pub fn settle_cut(self, delivered: u64) {
+        self.reconcile
+            .answered(http::StatusCode::OK)
+            .settle_cut(None, delivered);
     }
 }
 

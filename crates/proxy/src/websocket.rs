@@ -291,6 +291,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         models: upstream.models.clone(),
         turns: Mutex::default(),
         open_turns: AtomicUsize::new(0),
+        deltas: AtomicU64::new(0),
         creates: Mutex::default(),
         ended: Mutex::default(),
         budget: ctx.sockets.budget.clone(),
@@ -354,6 +355,8 @@ struct Session {
     /// `response.create` messages sent on whose response has not ended
     /// (with or without a key): which silence bound applies.
     open_turns: AtomicUsize,
+    /// Output deltas the upstream sent so far (counted with a key only).
+    deltas: AtomicU64,
     /// The open creates, in order: the id of the response each began, once
     /// its `response.created` came (at most [`MAX_PENDING`]).
     /// `open_turns` is its length, read without the lock.
@@ -512,6 +515,12 @@ impl Session {
     /// Read an upstream's text message: remember the ids it creates, settle
     /// the turns it ends.
     fn observe(&self, text: &str) {
+        // Output deltas, counted for a key's turns: a turn cut before its
+        // usage is charged at least one token a delta it delivered (a
+        // substring, as `StreamUsage` counts them on HTTP).
+        if self.key.is_some() && text.contains(".delta\"") {
+            self.deltas.fetch_add(1, Ordering::Relaxed);
+        }
         // Most messages are deltas: skip them without parsing. (What is
         // decided below is decided on the parsed top-level `type`.)
         const ENDS: [&str; 5] = [
@@ -582,6 +591,7 @@ impl Session {
                         // was taken for): a cut keeps it.
                         pending.turn.reserve_again();
                         pending.id = Some(id.into());
+                        pending.deltas_from = self.deltas.load(Ordering::Relaxed);
                     }
                 });
             }
@@ -665,6 +675,7 @@ impl Session {
             }
             turns.push_back(Pending {
                 turn,
+                deltas_from: 0,
                 create,
                 errored: false,
                 id: None,
@@ -700,6 +711,10 @@ struct Admitted {
 /// A turn sent on, and the id of the response it created once known.
 struct Pending {
     turn: Turn,
+    /// The session's count of output deltas when its response began: the
+    /// deltas after it, up to the next response's start, are its (the
+    /// upstream runs one response at a time).
+    deltas_from: u64,
     /// A `response.create`. An append may start no response (it adds input
     /// to one in progress): it holds no reservation until one begins for it.
     create: bool,
@@ -754,8 +769,27 @@ impl Drop for Session {
     fn drop(&mut self) {
         let turns =
             std::mem::take(&mut *self.turns.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let deltas = *self.deltas.get_mut();
+        // A begun response's deltas run to the next one's start.
+        let mut starts: Vec<u64> = turns
+            .iter()
+            .filter(|p| p.id.is_some())
+            .map(|p| p.deltas_from)
+            .collect();
+        starts.sort_unstable();
         for pending in turns {
-            let started = pending.create || pending.id.is_some();
+            if pending.id.is_some() {
+                let end = starts
+                    .iter()
+                    .find(|&&s| s > pending.deltas_from)
+                    .copied()
+                    .unwrap_or(deltas);
+                pending
+                    .turn
+                    .settle_cut(end.saturating_sub(pending.deltas_from));
+                continue;
+            }
+            let started = pending.create;
             pending.turn.settle(None, started);
         }
     }
@@ -1269,6 +1303,7 @@ mod tests {
             models: None,
             turns: Mutex::default(),
             open_turns: AtomicUsize::new(0),
+            deltas: AtomicU64::new(0),
             creates: Mutex::default(),
             ended: Mutex::default(),
             budget: None,
