@@ -454,3 +454,42 @@ async fn a_json_answer_the_client_leaves_is_charged_its_usage() {
     // 50,010 tokens generated against 10,000 a minute: nothing left.
     remaining_once(&p, |r| r == 0).await;
 }
+
+/// vLLM writes `prompt_logprobs` after `usage`, and they can run to
+/// megabytes: the usage of a large answer is read wherever it stands, not
+/// only in its last bytes.
+#[tokio::test]
+async fn a_large_answer_whose_usage_is_not_at_its_end_is_charged_it() {
+    use tokio::io::AsyncWriteExt;
+    let logprobs: Vec<serde_json::Value> = (0..40_000)
+        .map(|i| serde_json::json!({"1234": {"logprob": -1.5, "rank": i, "decoded_token": "tok"}}))
+        .collect();
+    // Written in vLLM's order (`json!` would sort the keys).
+    let body: &'static str = format!(
+        r#"{{"id":"c","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}}}}],"usage":{{"prompt_tokens":10,"completion_tokens":50000,"total_tokens":50010}},"prompt_logprobs":{}}}"#,
+        serde_json::Value::from(logprobs)
+    )
+    .leak();
+    assert!(body.len() > 2 << 20, "{} bytes", body.len());
+    let addr = raw_upstream(move |mut conn| async move {
+        if read_request(&mut conn).await.is_none() {
+            return;
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
+        let _ = conn.write_all(body.as_bytes()).await;
+    })
+    .await;
+    let p = proxy(&format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 10000\n",
+        one_upstream(&format!("http://{addr}/v1"), APIS)
+    ))
+    .await;
+    let answer = post(&p, "/v1/chat/completions", &[], chat_body(1, 5)).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body.len(), body.len());
+    remaining_once(&p, |r| r == 0).await;
+}

@@ -181,8 +181,9 @@ enum Watch {
     },
     /// A JSON body, copied up to `MAX_JSON_TEE`.
     Json(Vec<u8>),
-    /// A larger JSON body: its last `JSON_TAIL` to `2 * JSON_TAIL` bytes.
-    Tail(Vec<u8>),
+    /// A larger JSON body: its last `JSON_TAIL` to `2 * JSON_TAIL` bytes,
+    /// and the last `usage` read in what was dropped before them.
+    Tail(Vec<u8>, Option<Usage>),
     /// Not SSE that can be read.
     Off,
 }
@@ -208,7 +209,7 @@ pin_project_lite::pin_project! {
             // A JSON answer the client left before its end was generated
             // whole before its head, and its `usage` is at its end: read
             // on for it (a while) rather than keep the reservation.
-            if matches!(this.watch, Watch::Json(_) | Watch::Tail(_))
+            if matches!(this.watch, Watch::Json(_) | Watch::Tail(..))
                 && !this.inner.is_end_stream()
                 && this.reconcile.as_ref().is_some_and(|r| !r.failed)
                 && let Some(reconcile) = this.reconcile.take()
@@ -280,13 +281,14 @@ fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: &Bytes) {
             copy.extend_from_slice(data);
             if copy.len() > MAX_JSON_TEE {
                 let mut tail = std::mem::take(copy);
-                keep_tail(&mut tail);
-                *watch = Watch::Tail(tail);
+                let mut seen = None;
+                keep_tail(&mut tail, &mut seen);
+                *watch = Watch::Tail(tail, seen);
             }
         }
-        Watch::Tail(tail) => {
+        Watch::Tail(tail, seen) => {
             tail.extend_from_slice(data);
-            keep_tail(tail);
+            keep_tail(tail, seen);
         }
         Watch::Off => {}
     }
@@ -359,9 +361,17 @@ fn read_on(mut inner: Body, mut watch: Watch, mut usage: Option<Usage>, reconcil
     });
 }
 
-/// Drop all but the last `JSON_TAIL` bytes once twice that is held.
-fn keep_tail(tail: &mut Vec<u8>) {
+/// Drop all but the last `JSON_TAIL` bytes once twice that is held,
+/// reading a `usage` in them first into `seen`: most servers write `usage`
+/// last, but not all (vLLM writes `prompt_logprobs` after it, which can
+/// run to megabytes), and a usage lost is a request charged its
+/// reservation only. (A `usage` shorter than `JSON_TAIL` is whole in the
+/// buffer when its key is dropped.)
+fn keep_tail(tail: &mut Vec<u8>, seen: &mut Option<Usage>) {
     if tail.len() > 2 * JSON_TAIL {
+        if let Some(usage) = usage::from_json_tail(tail) {
+            *seen = Some(usage);
+        }
         tail.drain(..tail.len() - JSON_TAIL);
     }
 }
@@ -372,7 +382,7 @@ fn conclude(watch: &mut Watch, usage: &mut Option<Usage>, reconcile: &mut Option
     let Some(r) = reconcile.take() else { return };
     match watch {
         Watch::Json(copy) if !copy.is_empty() => *usage = usage::from_json(copy),
-        Watch::Tail(tail) => *usage = usage::from_json_tail(tail),
+        Watch::Tail(tail, seen) => *usage = usage::from_json_tail(tail).or(*seen),
         // A stream cut before its final count: what it reported (a Messages
         // stream after `message_start`) and delivered are floors; the
         // reservation stands above them. An error answer (its status) in
