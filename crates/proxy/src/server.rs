@@ -589,6 +589,11 @@ fn serve_connection<S>(
     let send_timeout = opts.send_timeout;
     tokio::spawn(async move {
         let mut conn = std::pin::pin!(conn);
+        // Made once: it keeps its own count of how long the client has
+        // taken nothing, which a fresh one each turn of the loop (every
+        // `idle_timeout` while an idle HTTP/2 connection told to go still
+        // has a request) would start over.
+        let mut stalled = std::pin::pin!(activity.stalled(send_timeout));
         let mut closing = false;
         let mut drained = false;
         // An idle HTTP/2 connection told to go (GOAWAY) that does not close
@@ -621,7 +626,7 @@ fn serve_connection<S>(
                     gone_by = Some(tokio::time::Instant::now() + idle_timeout);
                     conn.as_mut().graceful_shutdown();
                 }
-                () = activity.stalled(send_timeout) => {
+                () = stalled.as_mut() => {
                     tracing::debug!("closing a connection whose client stopped reading");
                     break Ok(());
                 }

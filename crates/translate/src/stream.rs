@@ -65,10 +65,15 @@ pub(crate) fn is_another_call(
     if call.upstream_id && new_id {
         return true;
     }
+    // Its own upstream id: by definition the same call.
+    if call.upstream_id && delta.id.as_deref() == Some(call.id) {
+        return false;
+    }
     let function = delta.function.as_ref();
+    // (A piece of whitespace carries no arguments of a call of its own.)
     let arguments = function
         .and_then(|f| f.arguments.as_deref())
-        .is_some_and(|a| !a.is_empty());
+        .is_some_and(|a| !a.trim().is_empty());
     let repeats_the_name = function.and_then(|f| f.name.as_deref()) == Some(call.name);
     call.arguments.is_complete() && (arguments || !repeats_the_name)
 }
@@ -261,6 +266,28 @@ mod tests {
             end.push(piece);
         }
         end
+    }
+
+    #[test]
+    fn a_delta_with_the_calls_own_id_or_only_whitespace_is_the_same_call() {
+        let whole = end_of(&[r#"{"a":1}"#]);
+        let call = CallSoFar {
+            id: "call_1",
+            upstream_id: true,
+            name: "f",
+            arguments: &whole,
+        };
+        for text in [
+            r#"{"index":0,"id":"call_1","function":{"name":"f","arguments":"\n"}}"#,
+            r#"{"index":0,"id":"call_1","function":{"name":"f","arguments":"{}"}}"#,
+            r#"{"index":0,"function":{"name":"f","arguments":" "}}"#,
+        ] {
+            let delta: crate::chat::ToolCallDelta<'_> = serde_json::from_str(text).unwrap();
+            assert!(!is_another_call(&call, &delta), "{text}");
+        }
+        let another = r#"{"index":0,"function":{"name":"f","arguments":"{}"}}"#;
+        let delta: crate::chat::ToolCallDelta<'_> = serde_json::from_str(another).unwrap();
+        assert!(is_another_call(&call, &delta));
     }
 
     #[test]
