@@ -427,3 +427,96 @@ async fn translated_streams_to_a_server_that_refuses_stream_options() {
     );
     assert_eq!(asked.load(Ordering::SeqCst), 1, "not sent twice");
 }
+
+/// An upstream that ignores `stream: true` and answers with one JSON
+/// object: the client that asked for a stream (Claude Code, Codex always
+/// do) gets the stream its dialect expects, told from the whole answer.
+#[tokio::test]
+async fn a_whole_answer_to_a_streamed_request_reaches_the_client_as_a_stream() {
+    let chat_answer = json!({"id": "chatcmpl-9", "object": "chat.completion", "created": 1,
+        "model": "demo", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "Let me look.", "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "read", "arguments": "{\"path\":\"a.md\"}"}}]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
+    .to_string();
+    let up = sse_upstream(move |_| (200, chat_answer.clone())).await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"chat\"\nurl = \"http://{up}/v1\"\napis = [\"chat_completions\"]\n"
+    ))
+    .await;
+    // Messages (Claude Code).
+    let body = json!({"model": "demo", "max_tokens": 64, "stream": true,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let answer = post(
+        &p.url("/v1/messages"),
+        &body,
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("content-type"), Some("text/event-stream"));
+    let kinds: Vec<String> = events(&answer)
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("message_start"));
+    assert_eq!(kinds.last().map(String::as_str), Some("message_stop"));
+    let text = answer.text();
+    assert!(
+        text.contains("Let me look.") && text.contains("tool_use"),
+        "{text}"
+    );
+    assert!(text.contains(r#""stop_reason":"tool_use""#), "{text}");
+    // Responses (Codex).
+    let body = json!({"model": "demo", "stream": true, "store": false, "input": "Hi"});
+    let answer = post(&p.url("/v1/responses"), &body, &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("content-type"), Some("text/event-stream"));
+    let completed = events(&answer)
+        .into_iter()
+        .find(|e| e["type"] == "response.completed")
+        .expect("response.completed");
+    let output = completed["response"]["output"].as_array().unwrap();
+    assert!(
+        output
+            .iter()
+            .any(|i| i["type"] == "function_call" && i["arguments"] == "{\"path\":\"a.md\"}"),
+        "{completed}"
+    );
+    assert_eq!(completed["response"]["usage"]["total_tokens"], 12);
+}
+
+/// The same from an Anthropic upstream to a chat client that streams.
+#[tokio::test]
+async fn a_whole_message_to_a_streamed_chat_request_reaches_the_client_as_chunks() {
+    let message = json!({"id": "msg_9", "type": "message", "role": "assistant", "model": "claude",
+        "content": [{"type": "text", "text": "Hello there"}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 4, "output_tokens": 2}})
+    .to_string();
+    let up = sse_upstream(move |_| (200, message.clone())).await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"claude\"\nurl = \"http://{up}/v1\"\nprotocol = \"anthropic\"\n"
+    ))
+    .await;
+    let body = json!({"model": "claude", "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let answer = post(&p.url("/v1/chat/completions"), &body, &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("content-type"), Some("text/event-stream"));
+    let chunks = events(&answer);
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Hello there");
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "stop")
+    );
+    assert!(chunks.iter().any(|c| c["usage"]["total_tokens"] == 6));
+    assert_eq!(chunks.last(), Some(&Value::String("[DONE]".into())));
+}

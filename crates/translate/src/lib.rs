@@ -82,6 +82,7 @@ mod response;
 mod responses_over_chat;
 mod service;
 mod stream;
+mod synthesize;
 #[cfg(test)]
 mod test_util;
 mod wire;

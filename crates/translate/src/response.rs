@@ -79,10 +79,12 @@ impl Translation {
     }
 }
 
-/// Translate the upstream's response for the client.
+/// Translate the upstream's response for the client, who asked for a
+/// stream when `streamed`.
 pub(crate) async fn translate(
     resp: Response<Body>,
     translation: Translation,
+    streamed: bool,
 ) -> Result<Response<Body>, Error> {
     let (mut parts, body) = resp.into_parts();
     let upstream: Arc<str> = parts
@@ -112,6 +114,21 @@ pub(crate) async fn translate(
     let bytes = collect(body, MAX_ANSWER_BYTES).await.map_err(bad)?;
     let answer: Value = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("the upstream's answer is not JSON: {e}")))?;
+    if streamed {
+        // The upstream ignored `stream: true`: the client reads only events.
+        let sse = match translation.upstream_dialect() {
+            Dialect::Anthropic => crate::synthesize::messages_stream(&answer),
+            Dialect::OpenAi => crate::synthesize::chat_stream(&answer),
+        };
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::CONTENT_ENCODING);
+        let body = TranslateBody::new(llm_proxy_core::full(sse), translation.into_stream());
+        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+    }
     let translated = translation
         .whole(&answer)
         .map_err(|e| bad(format!("the upstream's answer cannot be translated: {e}")))?;

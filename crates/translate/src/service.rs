@@ -151,14 +151,14 @@ where
             },
             Plan::Translate(direction) => match prepare(direction, &mut req) {
                 Err(error) => State::Failed { error: Some(error) },
-                Ok((translation, asked_usage)) => {
+                Ok((translation, asked_usage, streamed)) => {
                     // Should the upstream refuse the `stream_options` the
                     // translation added, the request goes once more
                     // without: a copy of its head (the body is in its
                     // `RequestMeta`) and a clone of the service, readied
                     // only then.
                     let again = asked_usage.then(|| (copy_request(&req), self.inner.clone()));
-                    let future = translated(self.inner.call(req), translation, again);
+                    let future = translated(self.inner.call(req), translation, streamed, again);
                     State::Translated { future }
                 }
             },
@@ -173,6 +173,7 @@ where
 fn translated<F, S>(
     answer: F,
     translation: Translation,
+    streamed: bool,
     again: Option<(Request<Body>, S)>,
 ) -> Translated
 where
@@ -200,15 +201,19 @@ where
                 first
             };
         }
-        response::translate(answer, translation).await
+        response::translate(answer, translation, streamed).await
     })
 }
 
 /// Rewrite the request for the upstream: body, endpoint, path, headers.
 /// Also whether the translated body asks for the usage chunk
-/// (`stream_options`): a chat body is built whole by the translation, so
-/// that is always the translation's own doing.
-fn prepare(direction: Direction, req: &mut Request<Body>) -> Result<(Translation, bool), Error> {
+/// (`stream_options`: a chat body is built whole by the translation, so
+/// that is always the translation's own doing), and whether the client
+/// asked for a stream.
+fn prepare(
+    direction: Direction,
+    req: &mut Request<Body>,
+) -> Result<(Translation, bool, bool), Error> {
     let meta = req
         .extensions_mut()
         .get_mut::<RequestMeta>()
@@ -234,6 +239,7 @@ fn prepare(direction: Direction, req: &mut Request<Body>) -> Result<(Translation
     };
     let asked_usage = direction.upstream_endpoint() == Endpoint::ChatCompletions
         && body.contains_key("stream_options");
+    let streamed = meta.is_stream();
     meta.translate_to(direction.upstream_endpoint(), body);
     *req.uri_mut() = upstream_uri(req.uri(), direction.upstream_path())?;
     let headers = req.headers_mut();
@@ -246,7 +252,7 @@ fn prepare(direction: Direction, req: &mut Request<Body>) -> Result<(Translation
         );
     }
     tracing::debug!(?direction, "translated request");
-    Ok((translation, asked_usage))
+    Ok((translation, asked_usage, streamed))
 }
 
 /// `uri` with its path replaced by `path` (query kept).

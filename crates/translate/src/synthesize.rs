@@ -1,0 +1,206 @@
+//! A whole upstream answer told as the stream its client asked for.
+//!
+//! A client that asked to stream (Claude Code and Codex always do) reads
+//! only events; an upstream that ignored `stream: true` and answered with
+//! one JSON object would leave it with a body it cannot read. The answer is
+//! written out as the event stream the upstream would have sent, in its own
+//! dialect, and that goes through the same stream translation as a real
+//! one: one code path for what the client sees.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+/// An upstream's chat completion as the chunks of a chat stream: the role,
+/// reasoning, content, refusal and each tool call in turn, the finish
+/// reason, the usage, `[DONE]` (first choice only: a translated request
+/// asks for one).
+pub(crate) fn chat_stream(answer: &Value) -> String {
+    let choice = &answer["choices"][0];
+    let message = &choice["message"];
+    let chunk = |choices: Value| {
+        json!({
+            "id": answer["id"],
+            "object": "chat.completion.chunk",
+            "created": answer["created"],
+            "model": answer["model"],
+            "choices": choices,
+        })
+    };
+    let delta = |delta: Value| chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]));
+    let mut chunks = vec![delta(json!({"role": "assistant"}))];
+    for field in ["reasoning_content", "reasoning", "content", "refusal"] {
+        if let Some(text) = message[field].as_str().filter(|t| !t.is_empty()) {
+            chunks.push(delta(json!({ field: text })));
+        }
+    }
+    for (index, call) in message["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        chunks.push(delta(json!({"tool_calls": [{
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {
+                "name": call["function"]["name"],
+                "arguments": call["function"]["arguments"],
+            },
+        }]})));
+    }
+    chunks.push(chunk(
+        json!([{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]),
+    ));
+    if answer["usage"].is_object() {
+        let mut usage = chunk(json!([]));
+        usage["usage"] = answer["usage"].clone();
+        chunks.push(usage);
+    }
+    let mut sse = String::new();
+    for chunk in chunks {
+        let _ = write!(sse, "data: {chunk}\n\n");
+    }
+    sse.push_str("data: [DONE]\n\n");
+    sse
+}
+
+/// An upstream's Anthropic message as the events of a Messages stream:
+/// `message_start`, each content block (started empty, its content in one
+/// delta), `message_delta` with the stop reason and usage, `message_stop`.
+pub(crate) fn messages_stream(answer: &Value) -> String {
+    let mut start = answer.clone();
+    start["content"] = json!([]);
+    start["stop_reason"] = Value::Null;
+    start["stop_sequence"] = Value::Null;
+    let mut events = vec![json!({"type": "message_start", "message": start})];
+    for (index, block) in answer["content"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let (empty, delta) = match block["type"].as_str() {
+            Some("text") => (
+                json!({"type": "text", "text": ""}),
+                Some(json!({"type": "text_delta", "text": block["text"]})),
+            ),
+            Some("thinking") => (
+                json!({"type": "thinking", "thinking": ""}),
+                Some(json!({"type": "thinking_delta", "thinking": block["thinking"]})),
+            ),
+            Some("tool_use") => (
+                json!({"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}),
+                Some(
+                    json!({"type": "input_json_delta", "partial_json": block["input"].to_string()}),
+                ),
+            ),
+            // Whole in its start (`redacted_thinking`, server tools' blocks).
+            _ => (block.clone(), None),
+        };
+        events.push(json!({"type": "content_block_start", "index": index, "content_block": empty}));
+        if let Some(delta) = delta {
+            events.push(json!({"type": "content_block_delta", "index": index, "delta": delta}));
+        }
+        if let Some(signature) = block["signature"].as_str() {
+            events.push(json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "signature_delta", "signature": signature}}));
+        }
+        events.push(json!({"type": "content_block_stop", "index": index}));
+    }
+    events.push(json!({
+        "type": "message_delta",
+        "delta": {"stop_reason": answer["stop_reason"], "stop_sequence": answer["stop_sequence"]},
+        "usage": answer["usage"],
+    }));
+    events.push(json!({"type": "message_stop"}));
+    let mut sse = String::new();
+    for event in events {
+        let _ = write!(
+            sse,
+            "event: {}\ndata: {event}\n\n",
+            event["type"].as_str().unwrap_or("")
+        );
+    }
+    sse
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(sse: &str) -> Vec<Value> {
+        sse.split("\n\n")
+            .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_chat_answer_becomes_its_chunks() {
+        let answer = json!({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant",
+                "content": "Hi", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                    {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": "{\"a\":1}"}}]}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}});
+        let sse = chat_stream(&answer);
+        assert!(sse.ends_with("data: [DONE]\n\n"));
+        let chunks = data(&sse);
+        let deltas: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .map(|c| &c["delta"])
+            .collect();
+        assert_eq!(deltas[0]["role"], "assistant");
+        assert_eq!(deltas[1]["content"], "Hi");
+        assert_eq!(deltas[2]["tool_calls"][0]["function"]["name"], "f");
+        assert_eq!(deltas[3]["tool_calls"][0]["index"], 1);
+        assert_eq!(chunks[4]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(chunks[5]["usage"]["total_tokens"], 7);
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["id"] == "c1" && c["object"] == "chat.completion.chunk")
+        );
+    }
+
+    #[test]
+    fn a_message_becomes_its_events() {
+        let answer = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+            "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "sig"},
+                {"type": "text", "text": "Hi"},
+                {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 3, "output_tokens": 9}});
+        let events = data(&messages_stream(&answer));
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        assert_eq!(events[0]["message"]["content"], json!([]));
+        assert_eq!(events[0]["message"]["usage"]["input_tokens"], 3);
+        assert_eq!(events[3]["delta"]["signature"], "sig");
+        assert_eq!(events[9]["delta"]["partial_json"], "{\"a\":1}");
+        assert_eq!(events[11]["delta"]["stop_reason"], "tool_use");
+        assert_eq!(events[11]["usage"]["output_tokens"], 9);
+    }
+}
