@@ -400,6 +400,29 @@ async fn a_stream_the_client_leaves_is_charged_at_least_what_it_delivered() {
     }
 }
 
+/// A proxy whose key `sk-t` has 10,000 tokens a minute, in front of an
+/// upstream that answers every request with the JSON `body`.
+async fn answering(body: &'static str) -> TestProxy {
+    use tokio::io::AsyncWriteExt;
+    let addr = raw_upstream(move |mut conn| async move {
+        if read_request(&mut conn).await.is_none() {
+            return;
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
+        let _ = conn.write_all(body.as_bytes()).await;
+    })
+    .await;
+    proxy(&format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 10000\n",
+        one_upstream(&format!("http://{addr}/v1"), APIS)
+    ))
+    .await
+}
+
 /// A JSON answer is generated whole before its head, and its `usage` is at
 /// its end: a client that reads its start and hangs up is charged that
 /// usage (the proxy reads on for it), not only the reservation.
@@ -413,23 +436,7 @@ async fn a_json_answer_the_client_leaves_is_charged_its_usage() {
         r#"{{"id":"c","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"{filler}"}}}}],"usage":{{"prompt_tokens":10,"completion_tokens":50000,"total_tokens":50010}}}}"#
     )
     .leak();
-    let addr = raw_upstream(move |mut conn| async move {
-        if read_request(&mut conn).await.is_none() {
-            return;
-        }
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        let _ = conn.write_all(head.as_bytes()).await;
-        let _ = conn.write_all(body.as_bytes()).await;
-    })
-    .await;
-    let p = proxy(&format!(
-        "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 10000\n",
-        one_upstream(&format!("http://{addr}/v1"), APIS)
-    ))
-    .await;
+    let p = answering(body).await;
     let request = r#"{"model":"small","messages":[{"role":"user","content":"hi"}]}"#;
     let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     let head = format!(
@@ -460,7 +467,6 @@ async fn a_json_answer_the_client_leaves_is_charged_its_usage() {
 /// only in its last bytes.
 #[tokio::test]
 async fn a_large_answer_whose_usage_is_not_at_its_end_is_charged_it() {
-    use tokio::io::AsyncWriteExt;
     let logprobs: Vec<serde_json::Value> = (0..40_000)
         .map(|i| serde_json::json!({"1234": {"logprob": -1.5, "rank": i, "decoded_token": "tok"}}))
         .collect();
@@ -471,23 +477,7 @@ async fn a_large_answer_whose_usage_is_not_at_its_end_is_charged_it() {
     )
     .leak();
     assert!(body.len() > 2 << 20, "{} bytes", body.len());
-    let addr = raw_upstream(move |mut conn| async move {
-        if read_request(&mut conn).await.is_none() {
-            return;
-        }
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        let _ = conn.write_all(head.as_bytes()).await;
-        let _ = conn.write_all(body.as_bytes()).await;
-    })
-    .await;
-    let p = proxy(&format!(
-        "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 10000\n",
-        one_upstream(&format!("http://{addr}/v1"), APIS)
-    ))
-    .await;
+    let p = answering(body).await;
     let answer = post(&p, "/v1/chat/completions", &[], chat_body(1, 5)).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.body.len(), body.len());

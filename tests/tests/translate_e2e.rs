@@ -323,6 +323,28 @@ async fn a_translated_stream_the_upstream_breaks_counts_against_it() {
 /// streams: the request is sent once more without, and the client's stream
 /// ends as its dialect's does, without usage. A refusal of anything else is
 /// not sent twice and reaches the client in its dialect.
+/// A proxy over the chat-only upstream at `addr` (serving `demo`), without
+/// retries.
+async fn chat_only(addr: std::net::SocketAddr) -> TestProxy {
+    proxy(&format!(
+        "[[upstream]]\nname = \"chat\"\nurl = \"http://{addr}\"\napis = [\"chat_completions\"]\n\
+         models = [\"demo\"]\n[balance]\nmax_retries = 0\n"
+    ))
+    .await
+}
+
+/// A streamed Messages request for `demo` through `p`.
+async fn streamed_messages(p: &TestProxy) -> Answer {
+    let messages = json!({"model": "demo", "max_tokens": 50, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    post(
+        &p.url("/v1/messages"),
+        &messages,
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn translated_streams_to_a_server_that_refuses_stream_options() {
     use std::sync::Arc;
@@ -353,20 +375,9 @@ async fn translated_streams_to_a_server_that_refuses_stream_options() {
             }
         })
         .await;
-        let p = proxy(&format!(
-            "[[upstream]]\nname = \"chat\"\nurl = \"http://{addr}\"\napis = [\"chat_completions\"]\n\
-             models = [\"demo\"]\n[balance]\nmax_retries = 0\n"
-        ))
-        .await;
+        let p = chat_only(addr).await;
 
-        let messages = json!({"model": "demo", "max_tokens": 50, "stream": true,
-            "messages": [{"role": "user", "content": "hi"}]});
-        let answer = post(
-            &p.url("/v1/messages"),
-            &messages,
-            &[("anthropic-version", "2023-06-01")],
-        )
-        .await;
+        let answer = streamed_messages(&p).await;
         assert_eq!(answer.status, 200, "{status}: {}", answer.text());
         let got = events(&answer);
         let text: String = got
@@ -407,19 +418,8 @@ async fn translated_streams_to_a_server_that_refuses_stream_options() {
         )
     })
     .await;
-    let p = proxy(&format!(
-        "[[upstream]]\nname = \"chat\"\nurl = \"http://{addr}\"\napis = [\"chat_completions\"]\n\
-         models = [\"demo\"]\n[balance]\nmax_retries = 0\n"
-    ))
-    .await;
-    let messages = json!({"model": "demo", "max_tokens": 50, "stream": true,
-        "messages": [{"role": "user", "content": "hi"}]});
-    let answer = post(
-        &p.url("/v1/messages"),
-        &messages,
-        &[("anthropic-version", "2023-06-01")],
-    )
-    .await;
+    let p = chat_only(addr).await;
+    let answer = streamed_messages(&p).await;
     assert_eq!(answer.status, 400);
     assert_eq!(
         answer.json(),
