@@ -348,6 +348,7 @@ fn read_on(mut inner: Body, mut watch: Watch, mut usage: Option<Usage>, reconcil
         conclude(&mut watch, &mut usage, &mut reconcile);
         return;
     };
+    tracing::debug!("a JSON answer's client left before its end: reading on for its usage");
     runtime.spawn(async move {
         let _ = tokio::time::timeout(USAGE_GRACE, async {
             while let Some(Ok(frame)) = inner.frame().await {
