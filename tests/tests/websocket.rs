@@ -372,6 +372,31 @@ async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
     let (status, body) = connect(p.addr, &[]).await.unwrap_err();
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("Invalid URL"), "{body}");
+    // A 404 says nothing of the upstream's health.
+    assert!(
+        p.metrics()
+            .await
+            .contains(r#"llm_proxy_upstream_healthy{upstream="up"} 1"#)
+    );
+
+    // A 429 rests the upstream for its `retry-after`, as a request's does.
+    let limited = raw_upstream(|mut conn| async move {
+        use tokio::io::AsyncWriteExt;
+        if read_request_head(&mut conn).await {
+            let _ = conn
+                .write_all(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 60\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let p = proxy(&ws_upstream("up", &format!("http://{limited}/v1"), "")).await;
+    let (status, _) = connect(p.addr, &[]).await.unwrap_err();
+    assert_eq!(status, 429);
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains(r#"llm_proxy_upstream_healthy{upstream="up"} 0"#),
+        "{metrics}"
+    );
 
     // Nothing listening: 502.
     let port = free_port();

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use http::request::Parts;
 use http::{Request, Response, StatusCode, header};
@@ -47,27 +48,57 @@ const DEFAULT_RETRY_AFTER_NS: u64 = 1_000_000_000;
 
 fn classify(outcome: &Outcome) -> Verdict {
     match outcome {
-        Ok(resp) => match resp.status() {
-            StatusCode::TOO_MANY_REQUESTS => Verdict::Throttled(retry_after_ns(resp)),
-            StatusCode::SERVICE_UNAVAILABLE if resp.headers().contains_key(header::RETRY_AFTER) => {
-                Verdict::Throttled(retry_after_ns(resp))
-            }
-            StatusCode::NOT_IMPLEMENTED => Verdict::Pass,
-            s if s.is_server_error() => Verdict::Failure,
-            s if s.is_client_error() => Verdict::Pass,
-            _ => Verdict::Success,
-        },
+        Ok(resp) => classify_head(resp.status(), resp.headers()),
         Err(Error::BadGateway { .. } | Error::UpstreamTimeout { .. }) => Verdict::Failure,
         Err(_) => Verdict::Fatal,
     }
+}
+
+/// What an answer's head says of its backend.
+fn classify_head(status: StatusCode, headers: &http::HeaderMap) -> Verdict {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => Verdict::Throttled(retry_after_ns(headers)),
+        StatusCode::SERVICE_UNAVAILABLE if headers.contains_key(header::RETRY_AFTER) => {
+            Verdict::Throttled(retry_after_ns(headers))
+        }
+        StatusCode::NOT_IMPLEMENTED => Verdict::Pass,
+        s if s.is_server_error() => Verdict::Failure,
+        s if s.is_client_error() => Verdict::Pass,
+        _ => Verdict::Success,
+    }
+}
+
+/// Apply what an answer's head says to its backend's health (a failure
+/// took `elapsed`); the verdict.
+fn judge(state: &BackendState, now: u64, verdict: Verdict, elapsed: Duration) -> Verdict {
+    match verdict {
+        // The failure count is reset by the body's clean end (FirstFrame).
+        Verdict::Success => state.answered(now),
+        Verdict::Failure => state.record_failure(now, elapsed),
+        Verdict::Throttled(ns) => state.rest(now, ns),
+        Verdict::Pass | Verdict::Fatal => {}
+    }
+    verdict
+}
+
+/// [`BalanceHandle::refused`](crate::BalanceHandle::refused): an answer's
+/// head outside the balancer's own requests, judged as one of theirs.
+pub(crate) fn judge_head(
+    state: &BackendState,
+    now: u64,
+    status: StatusCode,
+    headers: &http::HeaderMap,
+    elapsed: Duration,
+) {
+    judge(state, now, classify_head(status, headers), elapsed);
 }
 
 /// `retry-after` in whole seconds (the HTTP-date form is rare from LLM
 /// servers and gets the default, and so does `0`: a backend that has just
 /// refused must rest a while, or the request it refused would be retried
 /// on it at once).
-fn retry_after_ns(resp: &Response<Body>) -> u64 {
-    resp.headers()
+fn retry_after_ns(headers: &http::HeaderMap) -> u64 {
+    headers
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
@@ -232,15 +263,8 @@ where
     };
     let outcome = call(svc, req).await;
     waiting.armed = false;
-    let verdict = classify(&outcome);
     let now = shared.epoch.now();
-    match verdict {
-        // The failure count is reset by the body's clean end (FirstFrame).
-        Verdict::Success => state.answered(now),
-        Verdict::Failure => state.record_failure(now, start.elapsed()),
-        Verdict::Throttled(ns) => state.rest(now, ns),
-        Verdict::Pass | Verdict::Fatal => {}
-    }
+    let verdict = judge(state, now, classify(&outcome), start.elapsed());
     let sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
     let outcome = outcome.map(|resp| {
         resp.map(|body| {

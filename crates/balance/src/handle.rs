@@ -155,6 +155,24 @@ impl<S> BalanceHandle<S> {
         }
     }
 
+    /// Tell the balancer how the backend named `name` answered an exchange
+    /// outside its own requests (a WebSocket upgrade it refused), by the
+    /// answer's head, judged as the balancer judges its own: a 429, or a
+    /// 503 with `retry-after`, rests it for that long; another 5xx counts
+    /// towards its ejection (`elapsed`: how long it took); a 4xx says
+    /// nothing of it; below 400 it answered.
+    pub fn refused(
+        &self,
+        name: &str,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+        elapsed: std::time::Duration,
+    ) {
+        if let Some(state) = self.state_of(name) {
+            crate::attempt::judge_head(&state, self.shared.epoch.now(), status, headers, elapsed);
+        }
+    }
+
     /// Tell the balancer that the backend named `name` answered (a
     /// WebSocket upgrade switched): as a request's answer head, it ends a
     /// rest early, but its failure count stands until what it answered

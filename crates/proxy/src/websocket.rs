@@ -255,9 +255,10 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
                 break (upstream, head, io);
             }
             Ok(Upgrade::Refused(resp)) => {
-                if resp.status().is_server_error() {
-                    ctx.balance.report(name, Err(started.elapsed()));
-                }
+                // A 429 rests the upstream, a 5xx counts against it, as a
+                // request's answer would.
+                ctx.balance
+                    .refused(name, resp.status(), resp.headers(), started.elapsed());
                 return Ok(resp);
             }
             Err(e @ (Error::BadGateway { .. } | Error::UpstreamTimeout { .. })) => {
