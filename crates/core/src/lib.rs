@@ -46,6 +46,7 @@ pub mod credential;
 mod endpoint;
 mod error;
 pub mod fallback;
+pub mod ids;
 pub mod media;
 mod meta;
 mod parse;

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -42,44 +42,6 @@ impl Readiness {
     /// Whether draining has started.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
-    }
-}
-
-/// Request ids: a per-process random prefix and a counter, so that making
-/// one costs no system call.
-#[derive(Debug)]
-struct RequestIds {
-    prefix: u64,
-    next: AtomicU64,
-}
-
-impl RequestIds {
-    fn new() -> Self {
-        use std::hash::{BuildHasher, Hasher};
-        // RandomState is seeded from the OS once per process.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        RequestIds {
-            prefix: h.finish(),
-            next: AtomicU64::new(0),
-        }
-    }
-
-    /// 32 hex digits: the prefix, then the counter; no formatting machinery.
-    fn next(&self) -> HeaderValue {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut id = [0u8; 32];
-        for (i, digit) in id.iter_mut().enumerate() {
-            let word = if i < 16 { self.prefix } else { n };
-            *digit = HEX[((word >> (60 - 4 * (i % 16))) & 0xf) as usize];
-        }
-        HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
     }
 }
 
@@ -228,7 +190,7 @@ struct Shared {
     models_json: Bytes,
     balance: BalanceHandle<crate::app::UpstreamService>,
     sockets: Sockets,
-    ids: RequestIds,
+    ids: llm_proxy_core::ids::UniqueIds,
     options: FaceOptions,
 }
 
@@ -270,7 +232,7 @@ impl ProxyService {
                 models,
                 balance,
                 sockets,
-                ids: RequestIds::new(),
+                ids: llm_proxy_core::ids::UniqueIds::new(),
                 options,
             }),
             stack,
@@ -401,7 +363,10 @@ impl ProxyService {
                 (1..=200).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_graphic)
             })
             .cloned()
-            .unwrap_or_else(|| shared.ids.next());
+            .unwrap_or_else(|| {
+                HeaderValue::from_bytes(&shared.ids.next_id())
+                    .expect("hex digits are a valid header value")
+            });
         let head = req.method() == Method::HEAD;
         let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
         Box::pin(async move {
@@ -543,20 +508,5 @@ where
             stack.call(req).await
         }
         Route::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_are_hex_and_distinct() {
-        let ids = RequestIds {
-            prefix: 0x0123_4567_89ab_cdef,
-            next: AtomicU64::new(0xfe),
-        };
-        assert_eq!(ids.next(), "0123456789abcdef00000000000000fe");
-        assert_eq!(ids.next(), "0123456789abcdef00000000000000ff");
     }
 }

@@ -152,12 +152,12 @@ pub(crate) fn now_secs() -> u64 {
 /// An id in another dialect's style: `prefix` + the upstream id without its
 /// own prefix (`chatcmpl-abc` -> `msg_abc`). An upstream that gives no id,
 /// or an empty one (Azure's first chunk, TGI), gets a fresh one
-/// ([`fresh_id`]): a constant would hand every such answer the same id,
+/// ([`llm_proxy_core::ids::unique_id`]): a constant would hand every such answer the same id,
 /// and the proxy routes a Responses client's follow-ups by its response id.
 pub(crate) fn restyle_id(prefix: &str, id: Option<&str>) -> String {
     match bare_id(id) {
         Some(bare) => format!("{prefix}{bare}"),
-        None => format!("{prefix}{}", fresh_id()),
+        None => format!("{prefix}{}", llm_proxy_core::ids::unique_id()),
     }
 }
 
@@ -175,29 +175,6 @@ pub(crate) fn bare_id(id: Option<&str>) -> Option<&str> {
 /// chunk): then the client's.
 pub(crate) fn model_or<'a>(upstream: Option<&'a str>, client: &'a str) -> &'a str {
     upstream.filter(|m| !m.is_empty()).unwrap_or(client)
-}
-
-/// An id no other answer of any proxy process gets: 32 hex digits, a
-/// per-process random prefix (from the OS-seeded `RandomState` and the
-/// clock) and a counter, so that making one costs no system call.
-pub(crate) fn fresh_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        h.write_u32(std::process::id());
-        h.finish()
-    });
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix:016x}{n:016x}")
 }
 
 #[cfg(test)]
