@@ -265,9 +265,16 @@ where
     waiting.armed = false;
     let now = shared.epoch.now();
     let verdict = judge(state, now, classify(&outcome), start.elapsed());
-    let sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
+    let mut sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
     let outcome = outcome.map(|resp| {
         resp.map(|body| {
+            // A body that is over at its head (`content-length: 0`, a
+            // `HEAD`) may never be polled: it is whole now.
+            if sample.is_some() && http_body::Body::is_end_stream(&body) {
+                sample = None;
+                state.observe(now, start.elapsed());
+                state.clean_end();
+            }
             let timed = FirstFrame::new(
                 body,
                 sample.map(|(epoch, start)| (guard.state().clone(), epoch, start)),

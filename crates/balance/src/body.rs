@@ -5,7 +5,8 @@
 //! (time to first token for a stream; the whole answer for a buffered one),
 //! never the response head alone: an LLM server may send the head before it
 //! has produced anything. A body that ends without a frame is sampled at its
-//! end. One dropped before its first frame (the client hung up) says the
+//! end, and one that is over at its head (`content-length: 0`), which may
+//! never be polled, at its head (`attempt.rs`). One dropped before its first frame (the client hung up) says the
 //! first frame takes at least that long: its wait may raise the estimate,
 //! never lower it, so that a server that sends heads and then nothing does
 //! not look fast to clients that give up on it.

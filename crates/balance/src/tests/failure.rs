@@ -371,3 +371,37 @@ async fn a_timed_out_upstream_is_not_retried_for_the_same_request() {
     let order: Vec<String> = fleet.seen().into_iter().map(|s| s.backend).collect();
     assert_eq!(order, ["a", "b", "b"]);
 }
+
+/// An answer whose body is over at its head (`content-length: 0`, a
+/// `HEAD`) is whole when it arrives: it resets the failure count though
+/// nobody polls its body (hyper does not).
+#[tokio::test(start_paused = true)]
+async fn an_empty_answer_unpolled_resets_the_failure_count() {
+    let fleet = Fleet::default();
+    let b = balance(
+        &fleet,
+        &["a"],
+        BalanceConfig {
+            eject_after_failures: 3,
+            max_retries: 0,
+            ..rr()
+        },
+    );
+    let h = b.handle();
+    for mode in [
+        Mode::Status(500, None),
+        Mode::Status(500, None),
+        Mode::Empty,
+        Mode::Status(500, None),
+        Mode::Status(500, None),
+    ] {
+        fleet.set("a", mode);
+        // The answer's body is dropped unpolled.
+        drop(b.clone().oneshot(chat("m", "x")).await.unwrap());
+    }
+    assert!(
+        stats(&h, "a").healthy,
+        "two failures since the empty answer"
+    );
+    assert_eq!(stats(&h, "a").ejections, 0);
+}

@@ -32,6 +32,8 @@ pub(crate) enum Mode {
     Refused,
     /// No head within the first-byte timeout.
     TimedOut,
+    /// 200 with an empty body (over at its head).
+    Empty,
     /// 200, one body frame, then a broken stream.
     Broken,
     /// 200, one body frame, then an error that is the proxy's own (a
@@ -182,6 +184,7 @@ impl Service<Request<Body>> for Fake {
                     let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
                     Ok(Response::new(body.boxed_unsync()))
                 }
+                Mode::Empty => Ok(Response::new(llm_proxy_core::empty())),
                 Mode::TimedOut => Err(Error::UpstreamTimeout {
                     upstream: name,
                     phase: Error::WAITING_FOR_HEAD,
