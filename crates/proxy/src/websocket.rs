@@ -684,6 +684,21 @@ impl Session {
         });
     }
 
+    /// The turn booked last was never sent (the upstream's connection
+    /// failed): its reservation is given back.
+    fn unbook_last(&self) {
+        let unsent = self.with_turns(|turns| {
+            if turns.back().is_some_and(|p| p.id.is_none()) {
+                turns.pop_back()
+            } else {
+                None
+            }
+        });
+        if let Some(pending) = unsent {
+            pending.turn.settle(None, false);
+        }
+    }
+
     fn with_creates<R>(&self, f: impl FnOnce(&mut VecDeque<Option<Box<str>>>) -> R) -> R {
         let mut creates = self.creates.lock().unwrap_or_else(PoisonError::into_inner);
         let r = f(&mut creates);
@@ -1067,11 +1082,13 @@ async fn pump_up(
         if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
             clock.heard();
         }
+        let mut booked = false;
         let refusal = match &message {
             Message::Text(text) => match session.admit(text.as_str()).await {
                 Ok(admitted) => {
                     if let Some(turn) = admitted.reservation {
                         session.push(turn, admitted.create);
+                        booked = true;
                     }
                     if admitted.create {
                         session.with_creates(|c| c.push_back(None));
@@ -1107,6 +1124,10 @@ async fn pump_up(
             continue;
         }
         if upstream.send(message).await.is_err() {
+            // Never sent: the turn just booked generated nothing.
+            if booked {
+                session.unbook_last();
+            }
             break;
         }
     }
@@ -1279,15 +1300,16 @@ impl Clock {
 mod tests {
     use super::*;
 
-    /// Appends the upstream never answers (it takes them as more input)
-    /// do not grow a session's books without bound.
-    #[tokio::test]
-    async fn unanswered_appends_do_not_grow_the_turn_queue() {
-        let auth = AuthLayer::new(vec![llm_proxy_auth::KeySpec::from_key("k", "sk-k")]);
+    /// A session of key `sk-k` (with `tokens_per_minute`, when given).
+    fn session(tokens_per_minute: Option<u32>) -> Session {
+        let auth = AuthLayer::new(vec![llm_proxy_auth::KeySpec {
+            tokens_per_minute,
+            ..llm_proxy_auth::KeySpec::from_key("k", "sk-k")
+        }]);
         let mut headers = http::HeaderMap::new();
         headers.insert(header::AUTHORIZATION, "Bearer sk-k".parse().unwrap());
         let key = auth.authenticate(&headers).unwrap();
-        let session = Session {
+        Session {
             auth: Some(auth),
             owner: Some(key.name.clone()),
             key: Some(key),
@@ -1309,7 +1331,44 @@ mod tests {
             ended: Mutex::default(),
             budget: None,
             counters: Arc::default(),
+        }
+    }
+
+    /// A turn booked and then never sent (the upstream's connection
+    /// failed under the send) gives its reservation back.
+    #[tokio::test]
+    async fn a_turn_never_sent_gives_its_reservation_back() {
+        let session = session(Some(10_000));
+        let create =
+            r#"{"type":"response.create","model":"m","input":"x","max_output_tokens":1000}"#;
+        let remaining = |admitted: &Admitted| {
+            admitted
+                .reservation
+                .as_ref()
+                .and_then(|t| t.decision)
+                .and_then(|d| d.tokens)
+                .map(|t| t.remaining)
+                .unwrap()
         };
+        let first = session.admit(create).await.unwrap();
+        let after_one = remaining(&first);
+        assert!(after_one < 9_000, "{after_one}");
+        session.push(first.reservation.unwrap(), true);
+        session.unbook_last();
+        assert_eq!(session.with_turns(|t| t.len()), 0);
+        let second = session.admit(create).await.unwrap();
+        assert!(
+            remaining(&second) + 5 >= after_one,
+            "the unsent turn's reservation came back: {} then {after_one}",
+            remaining(&second)
+        );
+    }
+
+    /// Appends the upstream never answers (it takes them as more input)
+    /// do not grow a session's books without bound.
+    #[tokio::test]
+    async fn unanswered_appends_do_not_grow_the_turn_queue() {
+        let session = session(None);
         for i in 0..5_000 {
             let text = if i % 100 == 0 {
                 r#"{"type":"response.create","model":"m","input":"x"}"#
