@@ -80,8 +80,9 @@
 //! caps it: `"status": "incomplete"` with `incomplete_details.reason`
 //! `max_output_tokens`.
 //!
-//! Ids hash the request body and the number of responses the mock created
-//! before it, so they are unique, yet the same on every run of a test. The
+//! Ids hash the mock's name, the request body and the number of responses
+//! the mock created before it, so they are unique (also between two mocks
+//! of different names), yet the same on every run of a test. The
 //! mock remembers the last 1024 stored responses: `previous_response_id`
 //! naming another id gets `404` with code `previous_response_not_found`.
 //!

@@ -26,6 +26,9 @@ pub(crate) struct Responses {
     conversations: Mutex<Store>,
     /// Responses created so far: makes every id unique.
     created: AtomicU64,
+    /// The mock's name, in every id: two mocks (the demo's two upstreams)
+    /// do not make the same ids.
+    name: String,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +65,14 @@ impl Store {
 }
 
 impl Responses {
+    /// The state of the mock named `name`.
+    pub(crate) fn named(name: &str) -> Self {
+        Responses {
+            name: name.to_owned(),
+            ..Responses::default()
+        }
+    }
+
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         // Every update of the store leaves it consistent.
         self.store
@@ -149,6 +160,7 @@ impl Responses {
         let count = self.created.fetch_add(1, Ordering::SeqCst);
         let mut hasher = Hasher::new();
         hasher.write(b"response");
+        hasher.write(self.name.as_bytes());
         hasher.write(body);
         hasher.write(&count.to_le_bytes());
         hasher.finish()

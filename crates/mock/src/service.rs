@@ -55,6 +55,7 @@ pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Inf
 impl Mock {
     /// A mock behaving as `config` says.
     pub fn new(config: MockConfig) -> Self {
+        let responses = Responses::named(&config.name);
         let name_header = Some(config.name.as_str())
             .filter(|name| !name.is_empty())
             .and_then(|name| HeaderValue::from_str(name).ok());
@@ -62,7 +63,7 @@ impl Mock {
             shared: Arc::new(Shared {
                 config,
                 name_header,
-                responses: Responses::default(),
+                responses,
             }),
             stats: MockStats::default(),
         }

@@ -11,6 +11,13 @@ use std::time::Duration;
 use llm_proxy_core::redis::{RedisCallError, RedisLink};
 use redis::AsyncCommands;
 
+/// Set `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds unless it holds
+/// another value: 1 when set, 0 when it is another's. (A script of a few
+/// bytes: `EVAL` each time, no `SCRIPT LOAD` to lose on a restart.)
+const CLAIM: &str = "local v = redis.call('GET', KEYS[1]) \
+if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1 end \
+return 0";
+
 /// A lazily connected Redis holding response ids.
 #[derive(Clone)]
 pub struct RedisIds {
@@ -74,22 +81,32 @@ impl RedisIds {
         }
     }
 
-    /// Remember `id` of `namespace` -> `upstream` for `ttl`, in the
-    /// background.
-    pub fn set(&self, namespace: &str, id: &str, upstream: &str, ttl: Duration) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
+    /// Claim `id` of `namespace` for `value` (its upstream and owner) for
+    /// `ttl`: set when the id is free or already holds `value` (then its
+    /// TTL is renewed), in one step on Redis. `Some(false)`: the id is
+    /// another's, and stays so. `None`: Redis could not be asked.
+    pub async fn claim(
+        &self,
+        namespace: &str,
+        id: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Option<bool> {
+        let key = self.key(namespace, id);
+        let (key, secs) = (&key, ttl.as_secs().max(1));
+        let claim = |mut c: redis::aio::ConnectionManager| async move {
+            redis::cmd("EVAL")
+                .arg(CLAIM)
+                .arg(1)
+                .arg(key)
+                .arg(value)
+                .arg(secs)
+                .query_async::<i64>(&mut c)
+                .await
         };
-        let this = self.clone();
-        let (key, value) = (self.key(namespace, id), upstream.to_owned());
-        rt.spawn(async move {
-            let (key, value) = (&key, &value);
-            let set = |mut c: redis::aio::ConnectionManager| async move {
-                c.set_ex::<_, _, ()>(key, value, ttl.as_secs()).await
-            };
-            if let Err(e) = this.inner.link.call("set", set).await {
-                this.failed::<()>(&e);
-            }
-        });
+        match self.inner.link.call("claim", claim).await {
+            Ok(claimed) => Some(claimed == 1),
+            Err(e) => self.failed(&e),
+        }
     }
 }

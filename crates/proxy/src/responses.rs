@@ -60,7 +60,28 @@ const TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const CAPACITY: usize = 100_000;
 
 /// Response id -> where it lives, and when it was recorded.
-type IdMap = lru::LruCache<Box<str>, (Home, Instant)>;
+type IdMap = lru::LruCache<Box<str>, Held>;
+
+/// Where an id lives, since when, and (with Redis) Redis's answer to its
+/// claim: `None` until Redis has answered.
+struct Held {
+    home: Home,
+    at: Instant,
+    pending: Option<tokio::sync::watch::Receiver<Option<bool>>>,
+}
+
+/// The longest a lookup waits for Redis to answer an id's claim (its calls
+/// are bounded at 250 ms; past this the id is taken as recorded here).
+const CLAIM_WAIT: Duration = Duration::from_secs(1);
+
+/// An answer carried an id another key or upstream holds.
+fn collision(kind: Kind, home: &Home) {
+    tracing::warn!(
+        kind = kind.namespace(),
+        upstream = %home.upstream,
+        "an answer carried an id another key or upstream holds; it stays theirs"
+    );
+}
 
 /// The upstream holding a response, and the auth key that created it
 /// (`None` without auth).
@@ -162,12 +183,65 @@ impl ResponseIds {
         .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn record(&self, kind: Kind, id: &str, home: &Home) {
-        self.memory(kind)
-            .put(id.into(), (home.clone(), Instant::now()));
-        if let Some(redis) = &self.redis {
-            redis.set(kind.namespace(), id, &home.encode(), TTL);
+    /// Record that `id` lives at `home`, unless it is another's: the first
+    /// to record an id keeps it for its TTL (and renews it by recording it
+    /// again). An answer that carries an id already held by another key or
+    /// upstream (a client that made the upstream reuse it: vLLM takes a
+    /// `request_id`, and names chat completions after `x-request-id`; or
+    /// two upstreams that make the same id) changes nothing: an id is
+    /// never taken from its owner. With Redis the claim is made there too
+    /// (one script, for every proxy on it); until Redis answers, a lookup
+    /// of the id waits for it, so a follow-up neither outruns the record
+    /// nor finds an id Redis then refuses. With Redis unreachable, memory
+    /// alone decides.
+    fn record(self: &Arc<Self>, kind: Kind, id: &str, home: &Home) {
+        let claim = match (&self.redis, tokio::runtime::Handle::try_current()) {
+            (Some(redis), Ok(runtime)) => Some((redis.clone(), runtime)),
+            _ => None,
+        };
+        let (verdict, pending) = tokio::sync::watch::channel(None);
+        let pending = claim.as_ref().map(|_| pending);
+        {
+            let mut memory = self.memory(kind);
+            if let Some(held) = memory.peek(id)
+                && held.at.elapsed() < TTL
+                && held.home != *home
+            {
+                drop(memory);
+                collision(kind, home);
+                return;
+            }
+            memory.put(
+                id.into(),
+                Held {
+                    home: home.clone(),
+                    at: Instant::now(),
+                    pending,
+                },
+            );
         }
+        let Some((redis, runtime)) = claim else {
+            return;
+        };
+        let (this, id, home) = (self.clone(), id.to_owned(), home.clone());
+        runtime.spawn(async move {
+            let granted = redis
+                .claim(kind.namespace(), &id, &home.encode(), TTL)
+                .await
+                // Redis unreachable: memory decides, as without Redis.
+                .unwrap_or(true);
+            if !granted {
+                collision(kind, &home);
+                let mut memory = this.memory(kind);
+                if memory
+                    .peek(id.as_str())
+                    .is_some_and(|held| held.home == home)
+                {
+                    memory.pop(id.as_str());
+                }
+            }
+            let _ = verdict.send(Some(granted));
+        });
     }
 
     /// Where `id` lives, as `owner` (the asking key, `None` without auth)
@@ -176,13 +250,30 @@ impl ResponseIds {
         let local = {
             let mut memory = self.memory(kind);
             match memory.get(id) {
-                Some((home, at)) if at.elapsed() < TTL => Some(home.clone()),
+                Some(held) if held.at.elapsed() < TTL => {
+                    Some((held.home.clone(), held.pending.clone()))
+                }
                 Some(_) => {
                     memory.pop(id);
                     None
                 }
                 None => None,
             }
+        };
+        // Recorded here a moment ago, and Redis has not answered its claim
+        // yet: that answer decides (refused: the id is another's, which
+        // Redis tells below).
+        let local = match local {
+            Some((home, Some(mut pending))) => {
+                let answered =
+                    tokio::time::timeout(CLAIM_WAIT, pending.wait_for(Option::is_some)).await;
+                match answered {
+                    Ok(Ok(verdict)) if *verdict == Some(false) => None,
+                    _ => Some(home),
+                }
+            }
+            Some((home, None)) => Some(home),
+            None => None,
         };
         let home = match (local, &self.redis) {
             (Some(home), _) => home,
@@ -201,14 +292,24 @@ impl ResponseIds {
 
     /// Keep conversation `id` (of `owner`, on `upstream`) for another TTL:
     /// a conversation in use is not forgotten.
-    pub(crate) fn keep_conversation(&self, id: &str, upstream: Arc<str>, owner: Option<Arc<str>>) {
+    pub(crate) fn keep_conversation(
+        self: &Arc<Self>,
+        id: &str,
+        upstream: Arc<str>,
+        owner: Option<Arc<str>>,
+    ) {
         self.record(Kind::Conversation, id, &Home { upstream, owner });
     }
 
     /// Remember that response `id` lives on `upstream` and belongs to
     /// `owner` (a WebSocket turn's, read from its `response.created`
     /// message).
-    pub(crate) fn remember(&self, id: &str, upstream: Arc<str>, owner: Option<Arc<str>>) {
+    pub(crate) fn remember(
+        self: &Arc<Self>,
+        id: &str,
+        upstream: Arc<str>,
+        owner: Option<Arc<str>>,
+    ) {
         self.record(Kind::Response, id, &Home { upstream, owner });
     }
 }

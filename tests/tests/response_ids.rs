@@ -1,0 +1,231 @@
+//! Response ids are never taken from their owner: an answer that carries
+//! an id another key (or another upstream) holds changes nothing, however
+//! the client made the upstream reuse it (vLLM's `request_id`, its
+//! `x-request-id` naming of chat completions), in memory and on Redis.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use http::Method;
+use tests::redis_server::RedisServer;
+use tests::*;
+
+const ALL_APIS: &str =
+    "apis = [\"chat_completions\", \"completions\", \"embeddings\", \"responses\", \"messages\"]";
+
+/// An upstream that behaves as vLLM's Responses server does: the response's
+/// `id` is the request's `request_id` when the client gives one, a stored
+/// response is kept under that id unless `store` is false, and
+/// `GET /v1/responses/{id}` reads it back.
+async fn vllm_like_upstream() -> std::net::SocketAddr {
+    let store: Arc<Mutex<HashMap<String, serde_json::Value>>> = Arc::default();
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    raw_upstream(move |mut conn| {
+        let store = store.clone();
+        let counter = counter.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let Some((head, body)) = read_request(&mut conn).await else {
+                return;
+            };
+            let line = head.lines().next().unwrap_or_default().to_owned();
+            let mut parts = line.split(' ');
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, text) = if method == "POST" && path == "/v1/responses" {
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let id = req["request_id"]
+                    .as_str()
+                    .map_or_else(|| format!("resp_{n:032x}feedface"), str::to_owned);
+                let answer = serde_json::json!({
+                    "id": id, "object": "response", "status": "completed", "model": req["model"],
+                    "output": [{"type": "message", "id": format!("msg_{n}"), "role": "assistant",
+                        "content": [{"type": "output_text", "text": format!("echo: {}", req["input"])}]}],
+                    "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+                });
+                if req["store"] != serde_json::Value::Bool(false) {
+                    store.lock().unwrap().insert(id, answer.clone());
+                }
+                (200, answer.to_string())
+            } else if let Some(id) = path.strip_prefix("/v1/responses/") {
+                match store.lock().unwrap().get(id) {
+                    Some(found) => (200, found.to_string()),
+                    None => (
+                        404,
+                        r#"{"error":{"message":"not found","type":"invalid_request_error","param":null,"code":null}}"#
+                            .to_owned(),
+                    ),
+                }
+            } else {
+                (
+                    404,
+                    r#"{"error":{"message":"no route","type":"invalid_request_error","param":null,"code":null}}"#
+                        .to_owned(),
+                )
+            };
+            let head = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                text.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(text.as_bytes()).await;
+        }
+    })
+    .await
+}
+
+/// A chat completions server as vLLM's: the completion's id is
+/// `chatcmpl-<x-request-id>` when the client sends that header.
+async fn vllm_like_chat_upstream() -> std::net::SocketAddr {
+    raw_upstream(|mut conn| async move {
+        use tokio::io::AsyncWriteExt;
+        let Some((head, _body)) = read_request(&mut conn).await else {
+            return;
+        };
+        let rid = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("x-request-id")
+                    .then(|| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| "random".to_owned());
+        let text = serde_json::json!({
+            "id": format!("chatcmpl-{rid}"), "object": "chat.completion", "created": 1, "model": "c",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        })
+        .to_string();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            text.len()
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
+        let _ = conn.write_all(text.as_bytes()).await;
+    })
+    .await
+}
+
+/// Keys `sk-a` and `sk-b`; `auth` goes into the `[auth]` section (a Redis
+/// backend, whose Redis the id map then shares).
+fn two_keys(auth: &str) -> String {
+    format!(
+        "[auth]\n{auth}[[auth.keys]]\nname = \"a\"\nkey = \"sk-a\"\n[[auth.keys]]\nname = \"b\"\nkey = \"sk-b\"\n"
+    )
+}
+
+async fn post(url: &str, body: serde_json::Value, key: &str, extra: &[(&str, &str)]) -> Answer {
+    let auth = format!("Bearer {key}");
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("authorization", &auth),
+    ];
+    headers.extend_from_slice(extra);
+    send(request(Method::POST, url, &headers, body.to_string())).await
+}
+
+async fn get(url: &str, key: &str) -> Answer {
+    let auth = format!("Bearer {key}");
+    send(request(Method::GET, url, &[("authorization", &auth)], "")).await
+}
+
+/// Key a's response, then key b's attempt to take its id by making the
+/// upstream answer with it: a keeps it, b can read none of it.
+async fn a_keeps_its_id(redis: &str) {
+    let up = vllm_like_upstream().await;
+    let p = proxy(&format!(
+        "{}\n{}",
+        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
+        two_keys(redis)
+    ))
+    .await;
+    let created = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "a's secret plan"}),
+        "sk-a",
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.text());
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let url = p.url(&format!("/v1/responses/{id}"));
+    eventually_status(&url, "sk-a", 200).await;
+    let hijack = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "x", "store": false, "request_id": id}),
+        "sk-b",
+        &[],
+    )
+    .await;
+    assert_eq!(hijack.status, 200, "{}", hijack.text());
+    // (Time for a claim on Redis to be refused.)
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    get(&url, "sk-b")
+        .await
+        .assert_error(404, "not_found_error", "response_not_found");
+    let read = get(&url, "sk-a").await;
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert!(read.text().contains("a's secret plan"));
+}
+
+/// `GET url` as `key` answers `status`, once an id recorded in the
+/// background has landed.
+async fn eventually_status(url: &str, key: &str, status: u16) {
+    for _ in 0..200 {
+        if get(url, key).await.status == status {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{url} never answered {status}");
+}
+
+#[tokio::test]
+async fn an_id_is_never_taken_from_its_owner() {
+    a_keeps_its_id("").await;
+}
+
+#[tokio::test]
+async fn an_id_is_never_taken_from_its_owner_on_redis() {
+    let redis = RedisServer::start().await;
+    a_keeps_its_id(&format!(
+        "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"ids:\"\n",
+        redis.url()
+    ))
+    .await;
+}
+
+/// The same through a client-chosen `x-request-id` and translation: b's
+/// translated answer carries a's id, and a keeps its response.
+#[tokio::test]
+async fn an_id_made_again_through_x_request_id_stays_its_owners() {
+    let native = vllm_like_upstream().await;
+    let chat = vllm_like_chat_upstream().await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"native\"\nurl = \"http://{native}/v1\"\nmodels = [\"m\"]\n{ALL_APIS}\n\
+         [[upstream]]\nname = \"chat\"\nurl = \"http://{chat}/v1\"\nmodels = [\"c\"]\napis = [\"chat_completions\"]\n{}",
+        two_keys("")
+    ))
+    .await;
+    let created = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "a's secret plan"}),
+        "sk-a",
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.text());
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let bare = id.strip_prefix("resp_").unwrap();
+    let again = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "c", "input": "x", "store": false}),
+        "sk-b",
+        &[("x-request-id", bare)],
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.json()["id"], id.as_str(), "b's answer carries a's id");
+    let read = get(&p.url(&format!("/v1/responses/{id}")), "sk-a").await;
+    assert_eq!(read.status, 200, "a lost its response: {}", read.text());
+}
