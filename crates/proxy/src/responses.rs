@@ -199,8 +199,13 @@ impl ResponseIds {
             (Some(redis), Ok(runtime)) => Some((redis.clone(), runtime)),
             _ => None,
         };
-        let (verdict, pending) = tokio::sync::watch::channel(None);
-        let pending = claim.as_ref().map(|_| pending);
+        let (verdict, pending) = match claim {
+            Some(_) => {
+                let (verdict, pending) = tokio::sync::watch::channel(None);
+                (Some(verdict), Some(pending))
+            }
+            None => (None, None),
+        };
         {
             let mut memory = self.memory(kind);
             if let Some(held) = memory.peek(id)
@@ -220,7 +225,7 @@ impl ResponseIds {
                 },
             );
         }
-        let Some((redis, runtime)) = claim else {
+        let (Some((redis, runtime)), Some(verdict)) = (claim, verdict) else {
             return;
         };
         let (this, id, home) = (self.clone(), id.to_owned(), home.clone());
