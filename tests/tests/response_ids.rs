@@ -129,6 +129,19 @@ async fn get(url: &str, key: &str) -> Answer {
     send(request(Method::GET, url, &[("authorization", &auth)], "")).await
 }
 
+/// Key a creates a stored response through `p`: its id.
+async fn a_creates(p: &TestProxy) -> String {
+    let created = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "a's secret plan"}),
+        "sk-a",
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.text());
+    created.json()["id"].as_str().unwrap().to_owned()
+}
+
 /// Key a's response, then key b's attempt to take its id by making the
 /// upstream answer with it: a keeps it, b can read none of it.
 async fn a_keeps_its_id(redis: &str) {
@@ -139,15 +152,7 @@ async fn a_keeps_its_id(redis: &str) {
         two_keys(redis)
     ))
     .await;
-    let created = post(
-        &p.url("/v1/responses"),
-        serde_json::json!({"model": "m", "input": "a's secret plan"}),
-        "sk-a",
-        &[],
-    )
-    .await;
-    assert_eq!(created.status, 200, "{}", created.text());
-    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let id = a_creates(&p).await;
     let url = p.url(&format!("/v1/responses/{id}"));
     eventually_status(&url, "sk-a", 200).await;
     let hijack = post(
@@ -207,15 +212,7 @@ async fn an_id_made_again_through_x_request_id_stays_its_owners() {
         two_keys("")
     ))
     .await;
-    let created = post(
-        &p.url("/v1/responses"),
-        serde_json::json!({"model": "m", "input": "a's secret plan"}),
-        "sk-a",
-        &[],
-    )
-    .await;
-    assert_eq!(created.status, 200, "{}", created.text());
-    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let id = a_creates(&p).await;
     let bare = id.strip_prefix("resp_").unwrap();
     let again = post(
         &p.url("/v1/responses"),
