@@ -543,7 +543,7 @@ fn socket_metrics(counters: Arc<SocketCounters>) -> Source {
             ),
             one(
                 "websocket_turns",
-                "response.create messages passed on to an upstream",
+                "Turns (response.create and response.append messages) admitted and passed on",
                 true,
                 &counters.turns,
             ),
