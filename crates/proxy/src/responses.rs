@@ -62,17 +62,37 @@ const CAPACITY: usize = 100_000;
 /// Response id -> where it lives, and when it was recorded.
 type IdMap = lru::LruCache<Box<str>, Held>;
 
-/// Where an id lives, since when, and (with Redis) Redis's answer to its
-/// claim: `None` until Redis has answered.
+/// Where an id lives, since when, and what Redis said of it.
 struct Held {
     home: Home,
     at: Instant,
-    pending: Option<tokio::sync::watch::Receiver<Option<bool>>>,
+    claim: Claim,
+}
+
+/// Redis's word on an id held in memory.
+enum Claim {
+    /// Granted (or no Redis: memory is the whole map).
+    Held,
+    /// Asked, not answered yet: the answer comes on this channel.
+    Pending(tokio::sync::watch::Receiver<Option<bool>>),
+    /// Redis could not be asked: a lookup asks it (and Redis wins) before
+    /// taking memory's word.
+    Unconfirmed,
 }
 
 /// The longest a lookup waits for Redis to answer an id's claim (its calls
 /// are bounded at 250 ms; past this the id is taken as recorded here).
 const CLAIM_WAIT: Duration = Duration::from_secs(1);
+
+/// What [`ResponseIds::hold`] did.
+enum Hold {
+    /// Another holds the id: nothing.
+    Refused,
+    /// `home` held it, granted: renewed in place.
+    Renewed,
+    /// Held now, with the claim given.
+    New,
+}
 
 /// An answer carried an id another key or upstream holds.
 fn collision(kind: Kind, home: &Home) {
@@ -195,58 +215,77 @@ impl ResponseIds {
     /// nor finds an id Redis then refuses. With Redis unreachable, memory
     /// alone decides.
     fn record(self: &Arc<Self>, kind: Kind, id: &str, home: &Home) {
-        let claim = match (&self.redis, tokio::runtime::Handle::try_current()) {
-            (Some(redis), Ok(runtime)) => Some((redis.clone(), runtime)),
-            _ => None,
-        };
-        let (verdict, pending) = match claim {
-            Some(_) => {
-                let (verdict, pending) = tokio::sync::watch::channel(None);
-                (Some(verdict), Some(pending))
-            }
-            None => (None, None),
-        };
-        {
-            let mut memory = self.memory(kind);
-            if let Some(held) = memory.peek(id)
-                && held.at.elapsed() < TTL
-                && held.home != *home
-            {
-                drop(memory);
-                collision(kind, home);
-                return;
-            }
-            memory.put(
-                id.into(),
-                Held {
-                    home: home.clone(),
-                    at: Instant::now(),
-                    pending,
-                },
-            );
-        }
-        let (Some((redis, runtime)), Some(verdict)) = (claim, verdict) else {
+        let Some((redis, runtime)) = self
+            .redis
+            .clone()
+            .zip(tokio::runtime::Handle::try_current().ok())
+        else {
+            self.hold(kind, id, home, || Claim::Held);
             return;
+        };
+        let (verdict, pending) = tokio::sync::watch::channel(None);
+        // Held and granted already, a renewal is made on Redis in the
+        // background while lookups go on from memory.
+        let renewal = match self.hold(kind, id, home, || Claim::Pending(pending.clone())) {
+            Hold::Refused => return,
+            Hold::Renewed => true,
+            Hold::New => false,
         };
         let (this, id, home) = (self.clone(), id.to_owned(), home.clone());
         runtime.spawn(async move {
-            let granted = redis
+            let answer = redis
                 .claim(kind.namespace(), &id, &home.encode(), TTL)
-                .await
-                // Redis unreachable: memory decides, as without Redis.
-                .unwrap_or(true);
-            if !granted {
-                collision(kind, &home);
-                let mut memory = this.memory(kind);
-                if memory
-                    .peek(id.as_str())
-                    .is_some_and(|held| held.home == home)
-                {
+                .await;
+            let mut memory = this.memory(kind);
+            let ours = memory.peek_mut(id.as_str()).filter(|held| {
+                held.home == home
+                    && match &held.claim {
+                        Claim::Pending(rx) => rx.same_channel(&pending),
+                        _ => renewal,
+                    }
+            });
+            match (answer, ours) {
+                (Some(true), Some(held)) => held.claim = Claim::Held,
+                (None, Some(held)) => held.claim = Claim::Unconfirmed,
+                (Some(false), Some(_)) => {
                     memory.pop(id.as_str());
                 }
+                _ => {}
             }
-            let _ = verdict.send(Some(granted));
+            drop(memory);
+            if answer == Some(false) {
+                collision(kind, &home);
+            }
+            let _ = verdict.send(Some(answer != Some(false)));
         });
+    }
+
+    /// Hold `id` at `home` in memory, unless another holds it there: a new
+    /// entry gets `claim()`; one `home` already holds is renewed in place.
+    fn hold(&self, kind: Kind, id: &str, home: &Home, claim: impl FnOnce() -> Claim) -> Hold {
+        let mut memory = self.memory(kind);
+        if let Some(held) = memory.get_mut(id)
+            && held.at.elapsed() < TTL
+        {
+            if held.home != *home {
+                drop(memory);
+                collision(kind, home);
+                return Hold::Refused;
+            }
+            if matches!(held.claim, Claim::Held) {
+                held.at = Instant::now();
+                return Hold::Renewed;
+            }
+        }
+        memory.put(
+            id.into(),
+            Held {
+                home: home.clone(),
+                at: Instant::now(),
+                claim: claim(),
+            },
+        );
+        Hold::New
     }
 
     /// Where `id` lives, as `owner` (the asking key, `None` without auth)
@@ -255,9 +294,14 @@ impl ResponseIds {
         let local = {
             let mut memory = self.memory(kind);
             match memory.get(id) {
-                Some(held) if held.at.elapsed() < TTL => {
-                    Some((held.home.clone(), held.pending.clone()))
-                }
+                Some(held) if held.at.elapsed() < TTL => Some((
+                    held.home.clone(),
+                    match &held.claim {
+                        Claim::Held => None,
+                        Claim::Pending(rx) => Some(Some(rx.clone())),
+                        Claim::Unconfirmed => Some(None),
+                    },
+                )),
                 Some(_) => {
                     memory.pop(id);
                     None
@@ -265,11 +309,12 @@ impl ResponseIds {
                 None => None,
             }
         };
-        // Recorded here a moment ago, and Redis has not answered its claim
-        // yet: that answer decides (refused: the id is another's, which
-        // Redis tells below).
         let local = match local {
-            Some((home, Some(mut pending))) => {
+            Some((home, None)) => Some(home),
+            // Recorded here a moment ago, and Redis has not answered its
+            // claim yet: that answer decides (refused: the id is another's,
+            // which Redis tells below).
+            Some((home, Some(Some(mut pending)))) => {
                 let answered =
                     tokio::time::timeout(CLAIM_WAIT, pending.wait_for(Option::is_some)).await;
                 match answered {
@@ -277,7 +322,15 @@ impl ResponseIds {
                     _ => Some(home),
                 }
             }
-            Some((home, None)) => Some(home),
+            // Recorded while Redis could not be asked: Redis, when it
+            // answers now, wins.
+            Some((home, Some(None))) => match &self.redis {
+                Some(redis) => match redis.get(kind.namespace(), id).await {
+                    Some(value) => Some(Home::decode(&value)),
+                    None => Some(home),
+                },
+                None => Some(home),
+            },
             None => None,
         };
         let home = match (local, &self.redis) {

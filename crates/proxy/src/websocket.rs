@@ -1082,7 +1082,7 @@ async fn pump_up(
         if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
             clock.heard();
         }
-        let mut booked = false;
+        let (mut booked, mut created) = (false, false);
         let refusal = match &message {
             Message::Text(text) => match session.admit(text.as_str()).await {
                 Ok(admitted) => {
@@ -1092,6 +1092,7 @@ async fn pump_up(
                     }
                     if admitted.create {
                         session.with_creates(|c| c.push_back(None));
+                        created = true;
                     }
                     if admitted.turn {
                         session.counters.turns.fetch_add(1, Ordering::Relaxed);
@@ -1124,9 +1125,17 @@ async fn pump_up(
             continue;
         }
         if upstream.send(message).await.is_err() {
-            // Never sent: the turn just booked generated nothing.
+            // Never sent: the turn just booked generated nothing, and
+            // opened no turn the upstream owes an answer.
             if booked {
                 session.unbook_last();
+            }
+            if created {
+                session.with_creates(|c| {
+                    if c.back().is_some_and(Option::is_none) {
+                        c.pop_back();
+                    }
+                });
             }
             break;
         }
