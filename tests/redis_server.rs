@@ -83,6 +83,33 @@ impl RedisServer {
             .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Start it again on its port, after [`RedisServer::stop`] (a Redis
+    /// that comes back), empty; waits until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.addr.port().to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        assert!(
+            self.wait_ready().await,
+            "redis-server came back on {}",
+            self.addr
+        );
+    }
+
     /// Stop it now (to test what happens when Redis goes away).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

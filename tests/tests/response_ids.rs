@@ -226,3 +226,55 @@ async fn an_id_made_again_through_x_request_id_stays_its_owners() {
     let read = get(&p.url(&format!("/v1/responses/{id}")), "sk-a").await;
     assert_eq!(read.status, 200, "a lost its response: {}", read.text());
 }
+
+/// An id recorded while Redis could not be asked is held unconfirmed: once
+/// Redis answers again, its record wins. (Key b made the upstream answer
+/// with an id Redis gives to key a: b does not get it.)
+#[tokio::test]
+async fn an_id_recorded_while_redis_was_away_yields_to_redis() {
+    let up = vllm_like_upstream().await;
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    redis.stop();
+    let p = proxy(&format!(
+        "{}\n{}",
+        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
+        two_keys(&format!(
+            "backend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"away:\"\n"
+        ))
+    ))
+    .await;
+    let id = "resp_0123456789abcdef";
+    let answer = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "x", "request_id": id}),
+        "sk-b",
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    // Redis comes back, holding the id as key a's.
+    redis.restart().await;
+    let mut admin = redis::Client::open(url.as_str())
+        .expect("a client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connected");
+    redis::cmd("SET")
+        .arg(format!("away:resp:{id}"))
+        .arg("up\u{1f}a")
+        .query_async::<()>(&mut admin)
+        .await
+        .expect("set");
+    // Until the link reconnects, memory answers; then Redis does.
+    let by_id = p.url(&format!("/v1/responses/{id}"));
+    for _ in 0..200 {
+        if get(&by_id, "sk-b").await.status == 404 {
+            let a = get(&by_id, "sk-a").await;
+            assert_eq!(a.status, 200, "{}", a.text());
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("key b kept an id Redis gives to key a");
+}
