@@ -1,16 +1,24 @@
-//! Unique ids made without a system call: a random per-process prefix and
-//! a counter, as 32 hex digits. Request ids, and the ids of translated
-//! answers whose upstream gave none.
+//! Unique ids made without a system call, that no one can guess: a counter
+//! and a keyed hash of it, as 32 hex digits. Request ids, and the ids of
+//! translated answers whose upstream gave none.
+//!
+//! Unguessable, because ids travel: a request id is echoed to the client
+//! and sent upstream as `x-request-id`, and some servers name what they
+//! make after it (vLLM's chat completions), which can become a response id.
+//! Ids that could be predicted would let a client claim another's response
+//! id before it exists (the proxy's id map keeps an id with whoever records
+//! it first).
 
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Hands out ids: its prefix (random, from the OS-seeded `RandomState`,
-/// the clock and the process id), then a counter.
+/// Hands out ids: a keyed hash of the counter (the key random, from the
+/// OS-seeded `RandomState`, per instance), then the counter, so ids are
+/// unique within an instance and unguessable outside it.
 #[derive(Debug)]
 pub struct UniqueIds {
-    prefix: u64,
+    key: std::collections::hash_map::RandomState,
     next: AtomicU64,
 }
 
@@ -21,34 +29,23 @@ impl Default for UniqueIds {
 }
 
 impl UniqueIds {
-    /// Ids with a fresh random prefix.
+    /// Ids under a fresh random key.
     pub fn new() -> Self {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        h.write_u32(std::process::id());
-        Self::with_prefix(h.finish(), 0)
-    }
-
-    /// Ids with this prefix, counting from `first` (for tests).
-    pub fn with_prefix(prefix: u64, first: u64) -> Self {
         UniqueIds {
-            prefix,
-            next: AtomicU64::new(first),
+            key: std::collections::hash_map::RandomState::new(),
+            next: AtomicU64::new(0),
         }
     }
 
-    /// The next id: 32 lowercase hex digits, the prefix then the counter
-    /// (no formatting machinery).
+    /// The next id: 32 lowercase hex digits, the keyed hash of the counter
+    /// then the counter (no formatting machinery).
     pub fn next_id(&self) -> [u8; 32] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mask = self.key.hash_one(n);
         let mut id = [0u8; 32];
         for (i, digit) in id.iter_mut().enumerate() {
-            let word = if i < 16 { self.prefix } else { n };
+            let word = if i < 16 { mask } else { n };
             *digit = HEX[((word >> (60 - 4 * (i % 16))) & 0xf) as usize];
         }
         id
@@ -68,11 +65,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_hex_and_distinct() {
-        let ids = UniqueIds::with_prefix(0x0123_4567_89ab_cdef, 0xfe);
-        assert_eq!(&ids.next_id(), b"0123456789abcdef00000000000000fe");
-        assert_eq!(&ids.next_id(), b"0123456789abcdef00000000000000ff");
-        let (a, b) = (unique_id(), unique_id());
-        assert!(a != b && a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()));
+    fn ids_are_hex_distinct_and_not_a_count() {
+        let ids = UniqueIds::new();
+        let (a, b) = (ids.next_id(), ids.next_id());
+        assert!(a.iter().chain(&b).all(u8::is_ascii_hexdigit));
+        assert_eq!(&a[16..], b"0000000000000000");
+        assert_eq!(&b[16..], b"0000000000000001");
+        // The first half does not count along with the second.
+        assert_ne!(a[..16], b[..16]);
+        // Another instance's ids differ at the same count.
+        assert_ne!(UniqueIds::new().next_id(), a);
+        let (x, y) = (unique_id(), unique_id());
+        assert!(x != y && x.len() == 32);
     }
 }
