@@ -1699,33 +1699,26 @@ async fn a_subprotocol_key_beside_a_non_ascii_token_is_still_stripped() {
 /// reads nothing (its queue full).
 #[tokio::test]
 async fn an_idle_close_reaches_the_upstream_when_the_client_reads_nothing() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let addr = raw_upstream(move |conn| {
-        let tx = tx.clone();
-        async move {
-            let Ok(ws) = tokio_tungstenite::accept_async(conn).await else {
+    let (addr, mut rx) = reporting_ws_upstream(|ws, tx| async move {
+        let (mut write, mut read) = ws.split();
+        // An answer the client never reads.
+        tokio::spawn(async move {
+            let delta = serde_json::json!({"type": "response.output_text.delta",
+                "delta": "x".repeat(100_000)})
+            .to_string();
+            while write.send(Message::text(delta.clone())).await.is_ok() {}
+        });
+        while let Some(m) = read.next().await {
+            let end = !matches!(
+                m,
+                Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))
+            );
+            let _ = tx.send(format!("{m:?}"));
+            if end {
                 return;
-            };
-            let (mut write, mut read) = ws.split();
-            // An answer the client never reads.
-            tokio::spawn(async move {
-                let delta = serde_json::json!({"type": "response.output_text.delta",
-                    "delta": "x".repeat(100_000)})
-                .to_string();
-                while write.send(Message::text(delta.clone())).await.is_ok() {}
-            });
-            while let Some(m) = read.next().await {
-                let end = !matches!(
-                    m,
-                    Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))
-                );
-                let _ = tx.send(format!("{m:?}"));
-                if end {
-                    return;
-                }
             }
-            let _ = tx.send("the end, without a close".into());
         }
+        let _ = tx.send("the end, without a close".into());
     })
     .await;
     let p = proxy(&ws_upstream(
@@ -1751,23 +1744,16 @@ async fn an_idle_close_reaches_the_upstream_when_the_client_reads_nothing() {
 async fn an_upstream_close_is_answered_upstream() {
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let addr = raw_upstream(move |conn| {
-        let tx = tx.clone();
-        async move {
-            let Ok(mut ws) = tokio_tungstenite::accept_async(conn).await else {
-                return;
-            };
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            ws.close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "bye".into(),
-            }))
-            .await
-            .unwrap();
-            let answer = tokio::time::timeout(HANG, ws.next()).await;
-            let _ = tx.send(format!("{answer:?}"));
-        }
+    let (addr, mut rx) = reporting_ws_upstream(|mut ws, tx| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+        let answer = tokio::time::timeout(HANG, ws.next()).await;
+        let _ = tx.send(format!("{answer:?}"));
     })
     .await;
     let p = proxy(&ws_upstream("up", &format!("http://{addr}/v1"), "")).await;
@@ -1838,4 +1824,36 @@ async fn a_turn_cut_mid_response_is_charged_what_it_delivered() {
         charged >= 1800,
         "a turn that delivered 2000 deltas was charged {charged} tokens"
     );
+}
+
+/// A WebSocket upstream that hands each session to `serve`, with a
+/// channel on which it reports what it saw.
+async fn reporting_ws_upstream<F, Fut>(
+    serve: F,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+)
+where
+    F: Fn(
+            tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+            tokio::sync::mpsc::UnboundedSender<String>,
+        ) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let addr = raw_upstream(move |conn| {
+        let (tx, serve) = (tx.clone(), serve.clone());
+        async move {
+            if let Ok(ws) = tokio_tungstenite::accept_async(conn).await {
+                serve(ws, tx).await;
+            }
+        }
+    })
+    .await;
+    (addr, rx)
 }
