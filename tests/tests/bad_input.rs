@@ -567,6 +567,40 @@ async fn a_streamed_passthrough_body_over_the_limit_is_413_not_the_upstreams_fau
     assert!(text.contains("request_too_large"), "{text}");
 }
 
+/// A streamed body the client breaks (a bad chunk) fails the upstream
+/// request through no fault of the upstream's: the client's 400, and no
+/// failure towards the upstream's ejection (one would eject it here).
+#[tokio::test]
+async fn a_streamed_body_the_client_breaks_is_400_and_not_held_against_the_upstream() {
+    // An upstream that reads whatever comes and never answers.
+    let addr = raw_upstream(|mut conn| async move {
+        let mut buf = vec![0u8; 8192];
+        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let p = proxy(&one_upstream(
+        &format!("http://{addr}/v1"),
+        "first_byte_timeout_ms = 5000\n[balance]\neject_after_failures = 1",
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    // The first chunk is on its way upstream; then a broken one.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(b"zz\r\n").await.unwrap();
+    let answer = read_until_closed(&mut conn).await.expect("answered");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains(r#""code":"invalid_body""#), "{text}");
+    let readyz = send(request(Method::GET, &p.url("/readyz"), &[], "")).await;
+    assert_eq!(readyz.status, 200, "the client's body ejected the upstream");
+}
+
 #[tokio::test]
 async fn an_upstream_that_breaks_after_done_ends_the_stream_cleanly() {
     // Sends a whole stream, [DONE] included, then resets instead of ending

@@ -479,6 +479,17 @@ impl Uploading {
     }
 }
 
+/// A failure of the client's body is the client's, not the upstream's: its
+/// own verdict (over the limit, a read timeout), else an unreadable body
+/// (broken chunks, an upload cut short).
+fn client_error(e: BoxError) -> BoxError {
+    if e.is::<Error>() {
+        e
+    } else {
+        Box::new(Error::UnreadableBody(e.to_string()))
+    }
+}
+
 impl HttpBody for Uploading {
     type Data = Bytes;
     type Error = BoxError;
@@ -490,7 +501,7 @@ impl HttpBody for Uploading {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         this.clock.waiting(polled.is_pending());
-        polled
+        polled.map(|frame| frame.map(|frame| frame.map_err(client_error)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -491,16 +491,20 @@ impl Upstream {
 
 /// The client's fault, not the upstream's: a streamed request body that
 /// went over `max_body_bytes` while it was being sent (the parse layer's
-/// body fails with [`Error::RequestTooLarge`]) or stopped coming (the
-/// server's body fails with [`Error::RequestTimeout`]). It is the client's
-/// 413 or 408, and the balancer must not hold it against the upstream.
+/// body fails with [`Error::RequestTooLarge`]), stopped coming (the
+/// server's body fails with [`Error::RequestTimeout`]) or could not be read
+/// (broken chunks: [`Error::UnreadableBody`], see `Uploading`). It is the
+/// client's 413, 408 or 400, and the balancer must not hold it against the
+/// upstream.
 fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
     source_chain(e)
         .filter_map(|s| s.downcast_ref::<Error>())
         .find(|e| {
             matches!(
                 e,
-                Error::RequestTooLarge { .. } | Error::RequestTimeout { .. }
+                Error::RequestTooLarge { .. }
+                    | Error::RequestTimeout { .. }
+                    | Error::UnreadableBody(_)
             )
         })
         .cloned()
