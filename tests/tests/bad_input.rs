@@ -769,6 +769,44 @@ async fn an_upstream_framing_by_both_chunks_and_length_reaches_the_client_whole(
     }
 }
 
+/// An upstream repeating its `content-length` (two fields, or `n, n`)
+/// gets one to the client: repeated, HTTP/2 clients (nghttp2, so curl)
+/// refuse the answer as malformed, and RFC 9112 section 6.3 asks an
+/// intermediary to pass on a single value.
+#[tokio::test]
+async fn a_repeated_content_length_reaches_the_client_once() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    for repeated in [
+        "content-length: 2\r\ncontent-length: 2",
+        "content-length: 2, 2",
+    ] {
+        let addr = raw_upstream(move |mut conn| async move {
+            while read_request(&mut conn).await.is_some() {
+                let answer = format!("HTTP/1.1 200 OK\r\n{repeated}\r\n\r\nok");
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        })
+        .await;
+        let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
+        let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2c handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get(p.url("/v1/files"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(HANG, sender.send_request(req))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        assert_eq!(resp.status(), 200, "{repeated}");
+        let lengths: Vec<_> = resp.headers().get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["2"], "{repeated}");
+    }
+}
+
 #[tokio::test]
 async fn an_idle_h2c_connection_is_closed_and_a_busy_one_is_not() {
     use hyper_util::rt::{TokioExecutor, TokioIo};

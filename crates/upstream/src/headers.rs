@@ -69,10 +69,13 @@ pub(crate) fn strip_request(headers: &mut HeaderMap) {
 /// it came with: the transfer coding decided its length (RFC 9112 §6.3, which
 /// asks an intermediary to remove the field), and the stale value passed on
 /// would cut the client's body short, or leave it waiting for bytes that
-/// never come.
+/// never come. A length given more than once (`2, 2`, or two fields) goes on
+/// once (§6.3 again): repeated, HTTP/2 clients refuse the answer.
 pub(crate) fn strip_response(headers: &mut HeaderMap) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
+    } else {
+        single_content_length(headers);
     }
     strip_connection_named(headers);
     for name in &STRIP_RESPONSE {
@@ -101,6 +104,37 @@ pub(crate) fn unreadable_coding(headers: &HeaderMap, readable: bool) -> Option<&
         return Some("a compressed answer (content-encoding), though asked for identity");
     }
     None
+}
+
+/// One `content-length` field with one value, where the upstream repeated
+/// it; none where the repeats disagree (the body's own length then tells
+/// the client's connection).
+fn single_content_length(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = fields.next() else {
+        return;
+    };
+    if fields.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    let mut values = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    let one = values.next().map(<[u8]>::to_vec);
+    let agree = one.as_deref().is_some_and(|one| values.all(|v| v == one));
+    match one
+        .filter(|_| agree)
+        .map(|one| HeaderValue::from_bytes(&one))
+    {
+        Some(Ok(one)) => {
+            headers.insert(header::CONTENT_LENGTH, one);
+        }
+        _ => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+    }
 }
 
 fn strip_connection_named(headers: &mut HeaderMap) {
@@ -144,6 +178,26 @@ mod tests {
         h.insert(header::SET_COOKIE, "__cf_bm=x; path=/".parse().unwrap());
         strip_response(&mut h);
         assert!(!h.contains_key(header::SET_COOKIE));
+    }
+
+    #[test]
+    fn a_repeated_content_length_goes_on_once() {
+        let lengths = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_LENGTH, v.parse().unwrap());
+            }
+            strip_response(&mut h);
+            h.get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(lengths(&["5"]), ["5"]);
+        assert_eq!(lengths(&["5", "5"]), ["5"]);
+        assert_eq!(lengths(&["5, 5"]), ["5"]);
+        assert!(lengths(&["5", "6"]).is_empty());
+        assert!(lengths(&[]).is_empty());
     }
 
     #[test]
