@@ -152,11 +152,17 @@ impl Pool {
 
     /// Send `req` on an idle connection, or on a new one. A request that a
     /// reused connection could not take (the server had closed it while it
-    /// was idle; hyper hands the request back unsent) goes out again.
+    /// was idle; hyper hands the request back unsent) goes out again. So
+    /// does, once, a safe request without a body (`GET`, `HEAD`, `OPTIONS`,
+    /// `TRACE`) that a reused connection took and then closed with no
+    /// answer: the server's keep-alive timeout ran out as the request
+    /// arrived. As Go's client and browsers do (RFC 9110, 9.2.2); a request
+    /// that may have taken effect is not sent twice.
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let mut replay = Replay::of(&req);
         loop {
             let (mut conn, reused) = match self.checkout() {
                 Some(conn) => (conn, true),
@@ -187,7 +193,13 @@ impl Pool {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(SendError::Request(e.into_error())),
+                    _ => {
+                        let e = e.into_error();
+                        match replay.take() {
+                            Some(again) if reused && closed_unanswered(&e) => req = again.request(),
+                            _ => return Err(SendError::Request(e)),
+                        }
+                    }
                 },
             }
         }
@@ -261,6 +273,55 @@ impl Pool {
             )
         }))
     }
+}
+
+/// What it takes to send a safe, bodiless request again: its head.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    /// A copy of `req`'s head if it may be sent twice.
+    fn of(req: &Request<Body>) -> Option<Replay> {
+        use http::Method;
+        let safe = matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        (safe && http_body::Body::is_end_stream(req.body())).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(self) -> Request<Body> {
+        let mut req = Request::new(llm_proxy_core::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Whether the server closed the connection before any of its answer came:
+/// an end of the stream, or a reset, while hyper waited for a head.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    e.is_incomplete_message()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+                )
+            })
 }
 
 #[cfg(test)]
@@ -519,6 +580,74 @@ mod tests {
             "ok",
             "a new connection, not the closed one"
         );
+    }
+
+    /// A server whose first connection answers one request, then takes the
+    /// next one and closes without an answer (its keep-alive timeout ran
+    /// out as the request came). Later connections answer every request.
+    /// Counts the requests that reached it.
+    async fn closes_on_the_second_request() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let count = count.clone();
+                let closes = std::mem::take(&mut first);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for n in 0.. {
+                        // Each test request fits one read.
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if closes && n == 1 {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_safe_request_a_reused_connection_drops_goes_out_again() {
+        let (addr, seen) = closes_on_the_second_request().await;
+        let mut up = upstream(addr, Duration::from_secs(30));
+        assert_eq!(get(&mut up).await, "ok");
+        assert_eq!(get(&mut up).await, "ok", "sent again on a new connection");
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_post_a_reused_connection_drops_is_not_sent_twice() {
+        let (addr, seen) = closes_on_the_second_request().await;
+        let mut up = upstream(addr, Duration::from_secs(30));
+        assert_eq!(get(&mut up).await, "ok");
+        let req = Request::post("/v1/files")
+            .body(llm_proxy_core::full("{}"))
+            .unwrap();
+        assert!(up.call(req).await.is_err(), "it may have taken effect");
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        // A GET with a body is not replayed either.
+        let (addr, seen) = closes_on_the_second_request().await;
+        let mut up = upstream(addr, Duration::from_secs(30));
+        assert_eq!(get(&mut up).await, "ok");
+        let req = Request::get("/v1/x")
+            .body(llm_proxy_core::full("{}"))
+            .unwrap();
+        assert!(up.call(req).await.is_err());
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
     }
 
     #[test]
