@@ -19,6 +19,10 @@ use crate::stats::InFlight;
 /// unflushed HTTP/1 bytes and queued HTTP/2 frames of a failed body).
 const FLUSH_BEFORE_DROP: Duration = Duration::from_millis(10);
 
+/// The deadline of a pause too long to add to the clock (tokio's own
+/// "far future": about 30 years).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// The error a body fails with under `Failure::DropMidStream`.
 #[derive(Debug)]
 pub(crate) struct DroppedMidStream;
@@ -196,7 +200,12 @@ impl SseStream {
     /// Waits `interval` once per call sequence: arms the timer, and disarms it
     /// when it fires.
     fn poll_pause(&mut self, interval: Duration, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = Instant::now() + interval;
+        // A pace slower than the clock can count (1e-19 tokens per second)
+        // waits as `tokio::time::sleep` does for such a duration.
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(interval)
+            .unwrap_or_else(|| now + FAR_FUTURE);
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));

@@ -515,6 +515,22 @@ async fn tokens_per_second_paces_the_stream() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pace_too_slow_for_the_clock_waits_instead_of_panicking() {
+    // 1e-19 tokens per second: a token every 1e19 s, a valid `Duration`
+    // that no `Instant` can be pushed by.
+    let mock = Mock::new(MockConfig {
+        tokens_per_second: Some(1e-19),
+        ..MockConfig::default()
+    });
+    let response = send(&mock, post("/chat/completions", &streamed_chat("hi"), &[])).await;
+    let mut body = response.into_body();
+    // The role chunk at once; the first token never comes.
+    assert!(body.frame().await.is_some());
+    let token = tokio::time::timeout(Duration::from_secs(3600), body.frame()).await;
+    assert!(token.is_err(), "the first token waits");
+}
+
+#[tokio::test(start_paused = true)]
 async fn dropping_a_streamed_body_counts_as_cancelled() {
     let mock = Mock::new(MockConfig {
         tokens_per_second: Some(1.0),
