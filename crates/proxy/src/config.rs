@@ -794,10 +794,22 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                     ),
                 )
             })?),
-            (None, Some(mock)) => Target::Mock {
-                latency: Duration::from_millis(mock.latency_ms),
-                tokens_per_second: mock.tokens_per_second.filter(|t| *t > 0.0),
-            },
+            (None, Some(mock)) => {
+                if let Some(tps) = mock.tokens_per_second
+                    && !(tps.is_finite() && tps > 0.0)
+                {
+                    return Err(err(
+                        up.name.span(),
+                        format!(
+                            "upstream `{name}`: mock `tokens_per_second` must be above 0, not {tps}: leave it out to stream as fast as the client reads"
+                        ),
+                    ));
+                }
+                Target::Mock {
+                    latency: Duration::from_millis(mock.latency_ms),
+                    tokens_per_second: mock.tokens_per_second,
+                }
+            }
             (Some(url), Some(_)) => {
                 return Err(err(
                     url.span(),
@@ -1521,6 +1533,19 @@ mod tests {
         }
         let e = load("[[upstream]]\nname = \" \"\nurl = \"http://127.0.0.1:9/v1\"\n").unwrap_err();
         assert!(e.contains("must be non-empty printable text"), "{e}");
+    }
+
+    #[test]
+    fn a_mock_pace_that_cannot_work_is_refused() {
+        let mock = "[[upstream]]\nname = \"m\"\nmock = { tokens_per_second = TPS }\n";
+        for tps in ["0.0", "-5.0", "nan", "inf"] {
+            let e = load(&mock.replace("TPS", tps)).unwrap_err();
+            assert!(
+                e.contains("t.toml:2: upstream `m`: mock `tokens_per_second` must be above 0"),
+                "{tps}: {e}"
+            );
+        }
+        assert!(load(&mock.replace("TPS", "0.5")).is_ok());
     }
 
     #[test]
