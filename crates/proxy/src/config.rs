@@ -1090,6 +1090,16 @@ fn validate_balance(
             path.display()
         )));
     }
+    // A path no request can carry would fail every probe: every upstream
+    // marked down by the checker itself.
+    if let Some(p) = &b.health_check_path
+        && p.parse::<http::Uri>().is_err()
+    {
+        return Err(ConfigError(format!(
+            "{}: [balance] `health_check_path` `{p}` is not a URL path (%-encode spaces and other characters a URL cannot hold)",
+            path.display()
+        )));
+    }
     if !every.is_zero() {
         let mut hc = HealthCheck::every(every);
         if let Some(p) = &b.health_check_path {
@@ -1546,6 +1556,26 @@ mod tests {
             );
         }
         assert!(load(&mock.replace("TPS", "0.5")).is_ok());
+    }
+
+    #[test]
+    fn a_health_check_path_that_is_no_url_path_is_refused() {
+        // The probe could never be sent: every upstream would be marked
+        // unhealthy by the checker, and `/readyz` would answer 503.
+        let e = load(&format!(
+            "{MIN}[balance]\nhealth_check_secs = 1\nhealth_check_path = \"/models?a b\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("[balance] `health_check_path` `/models?a b` is not a URL path"),
+            "{e}"
+        );
+        assert!(
+            load(&format!(
+                "{MIN}[balance]\nhealth_check_secs = 1\nhealth_check_path = \"/models?a=b%20c\"\n"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]
