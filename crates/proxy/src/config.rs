@@ -829,6 +829,14 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             .map(|k| {
                 let key = resolve_secret(k.get_ref())
                     .map_err(|m| err(k.span(), format!("upstream `{name}`: `api_key`: {m}")))?;
+                if key.is_empty() {
+                    return Err(err(
+                        k.span(),
+                        format!(
+                            "upstream `{name}`: `api_key` is empty: leave it out to send no key"
+                        ),
+                    ));
+                }
                 if http::HeaderValue::from_str(&key).is_err() {
                     return Err(err(
                         k.span(),
@@ -1575,6 +1583,17 @@ mod tests {
                 "{MIN}[balance]\nhealth_check_secs = 1\nhealth_check_path = \"/models?a=b%20c\"\n"
             ))
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn an_empty_api_key_is_refused() {
+        // As one from an empty variable: it would go out as
+        // `Authorization: Bearer ` (or an empty `x-api-key`).
+        let e = load(&format!("{MIN}api_key = \"\"\n")).unwrap_err();
+        assert!(
+            e.contains("t.toml:4: upstream `a`: `api_key` is empty"),
+            "{e}"
         );
     }
 
