@@ -106,7 +106,7 @@ fn main() -> ExitCode {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("llm-proxy: cannot listen on {addr}: {e}");
+                eprintln!("llm-proxy: cannot listen on {addr} (`listen`): {e}");
                 return ExitCode::FAILURE;
             }
         };

@@ -126,6 +126,28 @@ fn config_errors_are_one_line_and_exit_2() {
     }
 }
 
+#[test]
+fn an_address_in_use_is_a_start_up_failure_naming_its_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let up = "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\n";
+    for (key, text) in [
+        ("listen", format!("listen = \"{addr}\"\n{up}")),
+        (
+            "metrics_listen",
+            format!("listen = \"127.0.0.1:0\"\nmetrics_listen = \"{addr}\"\n{up}"),
+        ),
+    ] {
+        let (code, stderr) = config_error(&format!("in_use_{key}"), Some(&text));
+        assert_eq!(code, 1, "{key}: exit code; stderr: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot listen on {addr} (`{key}`)")),
+            "{key}: {stderr}"
+        );
+    }
+    drop(taken);
+}
+
 #[tokio::test]
 async fn a_redis_that_refuses_the_proxy_stops_it_at_start() {
     let redis = tests::redis_server::RedisServer::start().await;
