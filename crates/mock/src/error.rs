@@ -68,13 +68,17 @@ impl ApiError {
         }
     }
 
-    /// An injected `Failure::Status`.
+    /// An injected `Failure::Status`. A 1xx is no final answer (hyper
+    /// would send an empty 500 for it), so it is refused as an invalid one.
     pub(crate) fn injected(status: u16) -> Self {
-        let Ok(status) = StatusCode::from_u16(status) else {
+        let Some(status) = StatusCode::from_u16(status)
+            .ok()
+            .filter(|s| !s.is_informational())
+        else {
             return Self {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 message: format!(
-                    "mock: injected failure status {status} is not a valid HTTP status"
+                    "mock: injected failure status {status} is not a valid final HTTP status"
                 ),
                 kind: "server_error",
                 param: None,

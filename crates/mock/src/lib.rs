@@ -122,7 +122,7 @@
 //!
 //! | header | effect |
 //! | --- | --- |
-//! | `x-mock-fail: 500` (any status) | that status with an error body (OpenAI's format, or Anthropic's on `/messages`) |
+//! | `x-mock-fail: 500` (any final status, 200–999; a 1xx is answered 500) | that status with an error body (OpenAI's format, or Anthropic's on `/messages`) |
 //! | `x-mock-fail: 429` | [`Failure::RateLimited`] with `retry-after: 1` |
 //! | `x-mock-fail: drop` | [`Failure::DropMidStream`] after `x-mock-drop-after` (default 2) frames |
 //! | `x-mock-fail: hang` | [`Failure::Hang`] |

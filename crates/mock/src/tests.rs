@@ -361,6 +361,26 @@ async fn status_failure_answers_error_json() {
 }
 
 #[tokio::test]
+async fn an_injected_informational_status_is_an_openai_error() {
+    // A 1xx is no final answer: hyper would send an empty 500 for it
+    // (101: a switch to a protocol nobody asked for).
+    for status in ["100", "101", "103", "199"] {
+        let response = send(
+            &Mock::default(),
+            post("/chat/completions", &chat("hi"), &[("x-mock-fail", status)]),
+        )
+        .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{status}"
+        );
+        let error = json_of(response).await;
+        assert_eq!(error["error"]["code"], "mock_injected_failure", "{status}");
+    }
+}
+
+#[tokio::test]
 async fn rate_limited_sets_retry_after() {
     let mock = Mock::new(MockConfig {
         failure: Some(Failure::RateLimited {
