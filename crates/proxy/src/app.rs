@@ -401,7 +401,7 @@ fn cache_metrics(cache: CacheLayer) -> Source {
         let snap = cache.stats().snapshot();
         let mut series = vec![Series {
             name: "cache_events",
-            help: "Cache events: hit, miss, bypass, coalesced, store, not_stored, eviction, expiration, too_large",
+            help: "Cache events: hit, miss, bypass, coalesced, store, not_stored, eviction, expiration, too_large, store_skipped",
             counter: true,
             samples: snap
                 .events()
