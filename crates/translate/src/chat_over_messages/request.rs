@@ -182,8 +182,9 @@ fn plain_text(path: &str, content: Option<&Value>) -> Result<String, Error> {
 }
 
 fn text_block(text: &str) -> Option<Value> {
-    // Anthropic rejects empty text blocks.
-    (!text.is_empty()).then(|| json!({"type": "text", "text": text}))
+    // Anthropic rejects empty text blocks, and those of only whitespace
+    // ("text content blocks must contain non-whitespace text").
+    (!text.trim().is_empty()).then(|| json!({"type": "text", "text": text}))
 }
 
 fn user_blocks(path: &str, message: &Value) -> Result<Vec<Value>, Error> {

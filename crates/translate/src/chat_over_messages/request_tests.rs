@@ -242,3 +242,26 @@ fn more_refusals() {
         "messages[0].content[0].image_url.url"
     );
 }
+
+#[test]
+fn whitespace_only_text_is_left_out() {
+    // Anthropic rejects text blocks of only whitespace ("text content blocks
+    // must contain non-whitespace text") as it does empty ones; a model's
+    // "\n\n" before its tool call comes back in the next request.
+    let (out, _) = translate(with(json!({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": " "}, {"type": "text", "text": "Weather?"}]},
+        {"role": "assistant", "content": "\n\n", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+        {"role": "user", "content": "\n"},
+    ]})))
+    .unwrap();
+    assert_eq!(
+        out["messages"],
+        json!([
+            {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "f", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "18C"}]},
+        ])
+    );
+}
