@@ -304,11 +304,18 @@ fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), E
         };
         let name = str_of(function, "name")
             .ok_or_else(|| unsupported(format!("tools[{i}].function.name"), "must be a string"))?;
-        let schema = function
+        let mut schema = function
             .get("parameters")
             .filter(|p| !p.is_null())
             .cloned()
             .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        // Chat servers take a schema without `type` (`parameters: {}`):
+        // arguments are an object anyway. Anthropic requires the `type`.
+        if let Some(schema) = schema.as_object_mut() {
+            schema
+                .entry("type")
+                .or_insert_with(|| Value::String("object".into()));
+        }
         let mut t = json!({"name": name, "input_schema": schema});
         if let Some(d) = str_of(function, "description") {
             t["description"] = json!(d);

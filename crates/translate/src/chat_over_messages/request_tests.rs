@@ -265,3 +265,19 @@ fn whitespace_only_text_is_left_out() {
         ])
     );
 }
+
+#[test]
+fn parameters_without_a_type_are_an_object_schema() {
+    // Chat servers take `parameters: {}` (or properties without `type`);
+    // Anthropic answers 400 "tools.0.custom.input_schema.type: Field required".
+    let tools = json!([
+        {"type": "function", "function": {"name": "f", "parameters": {}}},
+        {"type": "function", "function": {"name": "g", "parameters": {"properties": {"a": {"type": "string"}}}}},
+    ]);
+    let (out, _) = translate(with(json!({"tools": tools}))).unwrap();
+    assert_eq!(out["tools"][0]["input_schema"], json!({"type": "object"}));
+    assert_eq!(
+        out["tools"][1]["input_schema"],
+        json!({"type": "object", "properties": {"a": {"type": "string"}}})
+    );
+}
