@@ -54,14 +54,21 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
         out.insert("system".into(), json!(system.join("\n\n")));
     }
     out.insert("messages".into(), Value::Array(turns));
-    match field(src, "stop") {
-        Some(Value::String(s)) => {
-            out.insert("stop_sequences".into(), json!([s]));
+    let stop = match field(src, "stop") {
+        Some(Value::String(s)) => Some(json!([s])),
+        Some(list @ Value::Array(_)) => Some(list.clone()),
+        _ => None,
+    };
+    if let Some(stop) = stop {
+        // Anthropic rejects a stop sequence that is empty or only whitespace.
+        let blank = |s: &Value| s.as_str().is_some_and(|s| s.trim().is_empty());
+        if stop.as_array().is_some_and(|list| list.iter().any(blank)) {
+            return Err(unsupported(
+                "stop",
+                "may not hold an empty or whitespace-only sequence on this upstream (Anthropic Messages rejects them)",
+            ));
         }
-        Some(list @ Value::Array(_)) => {
-            out.insert("stop_sequences".into(), list.clone());
-        }
-        _ => {}
+        out.insert("stop_sequences".into(), stop);
     }
     if let Some(user) = field(src, "user").and_then(Value::as_str) {
         out.insert("metadata".into(), json!({"user_id": user}));

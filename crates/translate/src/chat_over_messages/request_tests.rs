@@ -281,3 +281,15 @@ fn parameters_without_a_type_are_an_object_schema() {
         json!({"type": "object", "properties": {"a": {"type": "string"}}})
     );
 }
+
+#[test]
+fn whitespace_stop_sequences_are_refused() {
+    // Anthropic answers 400 "stop_sequences: each stop sequence must contain
+    // non-whitespace" (and "must be non-empty"); chat clients often send
+    // `stop: ["\n"]`. Refused before anything is sent, naming `stop`.
+    assert_eq!(refused(with(json!({"stop": "\n"}))), "stop");
+    assert_eq!(refused(with(json!({"stop": ["END", " "]}))), "stop");
+    assert_eq!(refused(with(json!({"stop": [""]}))), "stop");
+    let (out, _) = translate(with(json!({"stop": ["\nEND", "x "]}))).unwrap();
+    assert_eq!(out["stop_sequences"], json!(["\nEND", "x "]));
+}
