@@ -135,3 +135,22 @@ pub(crate) fn one_call_scenarios() -> Vec<(&'static str, Vec<Value>)> {
         ),
     ]
 }
+
+/// Tool-call ids as a test can compare them: each id the translation made
+/// up (`prefix` + 32 hex digits, fresh every time) becomes `prefix#n`, `n`
+/// counting distinct made-up ids in order; the upstream's stay as they are.
+pub(crate) fn made_up_ids(ids: impl IntoIterator<Item = String>, prefix: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    ids.into_iter()
+        .map(|id| match id.strip_prefix(prefix) {
+            Some(rest) if rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                let n = seen.iter().position(|s| *s == id).unwrap_or_else(|| {
+                    seen.push(id.clone());
+                    seen.len() - 1
+                });
+                format!("{prefix}#{n}")
+            }
+            _ => id,
+        })
+        .collect()
+}

@@ -129,16 +129,15 @@ pub(crate) fn input_to_arguments(input: &Value) -> String {
 }
 
 /// A tool call's id: the upstream's, or, when it sent none (or an empty
-/// one), `{prefix}{index}` with the call's block or output index, distinct
-/// within an answer. Streams and whole answers invent ids this one way.
-pub(crate) fn tool_call_id(
-    id: Option<&str>,
-    prefix: &str,
-    index: impl std::fmt::Display,
-) -> String {
+/// one), `{prefix}` + a fresh id ([`llm_proxy_core::ids::unique_id`]),
+/// never the same for two calls: the client sends every turn's calls back,
+/// pairs results to calls by id alone, and Anthropic refuses a
+/// conversation whose `tool_use` ids repeat. (An index would repeat in
+/// every answer.) Streams and whole answers invent ids this one way.
+pub(crate) fn tool_call_id(id: Option<&str>, prefix: &str) -> String {
     match id.filter(|id| !id.is_empty()) {
         Some(id) => id.to_owned(),
-        None => format!("{prefix}{index}"),
+        None => format!("{prefix}{}", llm_proxy_core::ids::unique_id()),
     }
 }
 
@@ -195,9 +194,10 @@ mod tests {
         );
         assert_eq!(restyle_id("msg_", Some("chatcmpl-x1")), "msg_x1");
         assert_eq!(restyle_id("resp_", Some("abc")), "resp_abc");
-        assert_eq!(tool_call_id(Some("call_x"), "toolu_", 3), "call_x");
-        assert_eq!(tool_call_id(Some(""), "toolu_", 3), "toolu_3");
-        assert_eq!(tool_call_id(None, "call_", 0), "call_0");
+        assert_eq!(tool_call_id(Some("call_x"), "toolu_"), "call_x");
+        let made = tool_call_id(Some(""), "toolu_");
+        assert!(made.starts_with("toolu_") && made.len() == 6 + 32, "{made}");
+        assert_ne!(tool_call_id(None, "call_"), tool_call_id(None, "call_"));
     }
 
     #[test]

@@ -25,10 +25,10 @@ pub(crate) struct Context {
     pub thinking: bool,
 }
 
-/// The id of a `tool_use` block at content index `block`: the upstream's
-/// tool-call id, or `toolu_{block}` when it sent none.
-pub(crate) fn tool_use_id(id: Option<&str>, block: impl std::fmt::Display) -> String {
-    crate::wire::tool_call_id(id, "toolu_", block)
+/// The id of a `tool_use` block: the upstream's tool-call id, or `toolu_`
+/// + a fresh id when it sent none.
+pub(crate) fn tool_use_id(id: Option<&str>) -> String {
+    crate::wire::tool_call_id(id, "toolu_")
 }
 
 /// Anthropic's `stop_reason` (and `stop_sequence`) for a chat

@@ -31,7 +31,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     let calls = message.get("tool_calls").and_then(Value::as_array);
     for call in calls.into_iter().flatten() {
         let function = call.get("function").unwrap_or(&Value::Null);
-        let id = tool_use_id(str_of(call, "id"), content.len());
+        let id = tool_use_id(str_of(call, "id"));
         content.push(json!({
             "type": "tool_use",
             "id": id,
@@ -143,10 +143,18 @@ mod tests {
                 {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}},
                 {"id": "call_9", "type": "function", "function": {"name": "h", "arguments": "{}"}}]}}]});
         let out = response(&chat, &Context::default()).unwrap();
-        // As the stream names them: `toolu_` + the block index.
-        assert_eq!(out["content"][1]["id"], "toolu_1");
-        assert_eq!(out["content"][2]["id"], "toolu_2");
+        let made_up = |out: &Value, i: usize| out["content"][i]["id"].as_str().unwrap().to_owned();
+        let (a, b) = (made_up(&out, 1), made_up(&out, 2));
+        assert!(
+            a.starts_with("toolu_") && b.starts_with("toolu_") && a != b,
+            "{a} {b}"
+        );
         assert_eq!(out["content"][3]["id"], "call_9");
+        // Nor is one reused by a later answer: Anthropic refuses a
+        // conversation whose `tool_use` ids repeat ("`tool_use` ids must be
+        // unique"), and clients pair results to calls by id alone.
+        let again = response(&chat, &Context::default()).unwrap();
+        assert!(![a, b].contains(&made_up(&again, 1)), "{again}");
     }
 
     #[test]

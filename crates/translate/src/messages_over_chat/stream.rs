@@ -346,7 +346,7 @@ impl ChatToMessages {
         self.close(out);
         let index = self.take_index();
         let tool = &mut self.tools[pos];
-        tool.id = tool_use_id(Some(&tool.id), index);
+        tool.id = tool_use_id(Some(&tool.id));
         tool.block = Some(index);
         let block = json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}});
         write_block_start(out, index, block);

@@ -287,7 +287,7 @@ fn unusable_usage_does_not_fail_the_stream() {
 }
 
 #[test]
-fn tool_calls_without_ids_get_block_index_ids() {
+fn tool_calls_without_ids_get_fresh_ids() {
     let call = |index: u64, name: &str| {
         chunk(
             json!({"tool_calls": [{"index": index, "function": {"name": name, "arguments": "{}"}}]}),
@@ -303,12 +303,14 @@ fn tool_calls_without_ids_get_block_index_ids() {
     ];
     let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
     let (out, _) = run(Context::default(), &refs);
-    let ids: Vec<&Value> = out
+    let ids = out
         .iter()
         .filter(|(_, v)| v["content_block"]["type"] == "tool_use")
-        .map(|(_, v)| &v["content_block"]["id"])
-        .collect();
-    assert_eq!(ids, [&json!("toolu_1"), &json!("toolu_2")]);
+        .map(|(_, v)| v["content_block"]["id"].as_str().unwrap().to_owned());
+    assert_eq!(
+        crate::test_util::made_up_ids(ids, "toolu_"),
+        ["toolu_#0", "toolu_#1"]
+    );
 }
 
 #[test]
@@ -438,6 +440,10 @@ fn tool_blocks(out: &[(Option<String>, Value)]) -> Vec<(String, String, String)>
             _ => {}
         }
     }
+    let ids = crate::test_util::made_up_ids(blocks.iter().map(|b| b.0.clone()), "toolu_");
+    for (block, id) in blocks.iter_mut().zip(ids) {
+        block.0 = id;
+    }
     blocks
 }
 
@@ -507,9 +513,17 @@ fn parallel_calls_whole_at_index_zero_without_ids_are_separate() {
     assert_eq!(
         tool_blocks(&out),
         [
-            ("toolu_0".into(), "read".into(), r#"{"path":"a.md"}"#.into()),
-            ("toolu_1".into(), "read".into(), r#"{"path":"b.md"}"#.into()),
-            ("toolu_2".into(), "list".into(), "{}".into()),
+            (
+                "toolu_#0".into(),
+                "read".into(),
+                r#"{"path":"a.md"}"#.into()
+            ),
+            (
+                "toolu_#1".into(),
+                "read".into(),
+                r#"{"path":"b.md"}"#.into()
+            ),
+            ("toolu_#2".into(), "list".into(), "{}".into()),
         ]
     );
 }
@@ -533,7 +547,7 @@ fn a_name_repeated_with_unfinished_arguments_is_the_same_call() {
     assert_eq!(
         tool_blocks(&out),
         [(
-            "toolu_0".into(),
+            "toolu_#0".into(),
             "get_weather".into(),
             r#"{"city":{"name":"Paris"}}"#.into()
         )]

@@ -70,10 +70,10 @@ pub(crate) fn usage_json(usage: &Usage) -> Value {
     })
 }
 
-/// The `call_id` of a `function_call` item at output index `index`: the
-/// upstream's tool-call id, or `call_{index}` when it sent none.
-pub(crate) fn call_id(id: Option<&str>, index: usize) -> String {
-    crate::wire::tool_call_id(id, "call_", index)
+/// The `call_id` of a `function_call` item: the upstream's tool-call id,
+/// or `call_` + a fresh id when it sent none.
+pub(crate) fn call_id(id: Option<&str>) -> String {
+    crate::wire::tool_call_id(id, "call_")
 }
 
 /// The parts of a `response` object that change while it is produced.

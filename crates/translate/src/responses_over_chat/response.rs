@@ -54,7 +54,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         output.push(json!({
             "type": "function_call",
             "id": item_id("fc", bare, index),
-            "call_id": call_id(str_of(call, "id"), index),
+            "call_id": call_id(str_of(call, "id")),
             "name": str_of(function, "name").unwrap_or_default(),
             "arguments": crate::wire::arguments_text(function).unwrap_or("{}".into()),
             "status": "completed",
@@ -135,10 +135,18 @@ mod tests {
                 {"type": "function", "function": {"name": "f", "arguments": "{}"}},
                 {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}]});
         let out = response(&chat, &Context::default()).unwrap();
-        // As the stream names them: `call_` + the output index.
-        assert_eq!(out["output"][0]["call_id"], "call_0");
-        assert_eq!(out["output"][1]["call_id"], "call_1");
+        let made_up =
+            |out: &Value, i: usize| out["output"][i]["call_id"].as_str().unwrap().to_owned();
+        let (a, b) = (made_up(&out, 0), made_up(&out, 1));
+        assert!(
+            a.starts_with("call_") && b.starts_with("call_") && a != b,
+            "{a} {b}"
+        );
         assert_eq!(out["output"][1]["id"], "fc_3_1");
+        // Nor is one reused by a later answer: the client sends every
+        // turn's calls back, and pairs outputs to calls by `call_id`.
+        let again = response(&chat, &Context::default()).unwrap();
+        assert!(![a, b].contains(&made_up(&again, 0)), "{again}");
     }
 
     #[test]

@@ -280,7 +280,7 @@ impl ChatToResponses {
         };
         call.added = true;
         call.id = id;
-        call.call_id = call_id(Some(&call.call_id), index);
+        call.call_id = call_id(Some(&call.call_id));
         let pending = call.arguments.clone();
         self.events.added(out, index, &self.items[index]);
         if !pending.is_empty() {

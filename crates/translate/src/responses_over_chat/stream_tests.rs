@@ -301,7 +301,7 @@ fn at_zero(name: Option<&str>, args: &str) -> String {
 /// `(call_id, name, arguments)` of the calls in `response.completed`.
 fn completed_calls(out: &[(Option<String>, Value)]) -> Vec<(String, String, String)> {
     let (_, done) = out.last().unwrap();
-    done["response"]["output"]
+    let mut calls: Vec<(String, String, String)> = done["response"]["output"]
         .as_array()
         .unwrap()
         .iter()
@@ -310,7 +310,12 @@ fn completed_calls(out: &[(Option<String>, Value)]) -> Vec<(String, String, Stri
             let s = |k: &str| i[k].as_str().unwrap_or_default().to_owned();
             (s("call_id"), s("name"), s("arguments"))
         })
-        .collect()
+        .collect();
+    let ids = crate::test_util::made_up_ids(calls.iter().map(|c| c.0.clone()), "call_");
+    for (call, id) in calls.iter_mut().zip(ids) {
+        call.0 = id;
+    }
+    calls
 }
 
 #[test]
@@ -329,9 +334,9 @@ fn parallel_calls_whole_at_index_zero_without_ids_are_separate() {
     assert_eq!(
         completed_calls(&out),
         [
-            ("call_0".into(), "read".into(), r#"{"path":"a.md"}"#.into()),
-            ("call_1".into(), "read".into(), r#"{"path":"b.md"}"#.into()),
-            ("call_2".into(), "list".into(), "{}".into()),
+            ("call_#0".into(), "read".into(), r#"{"path":"a.md"}"#.into()),
+            ("call_#1".into(), "read".into(), r#"{"path":"b.md"}"#.into()),
+            ("call_#2".into(), "list".into(), "{}".into()),
         ]
     );
     let deltas: Vec<&str> = out
@@ -359,7 +364,7 @@ fn a_name_repeated_with_unfinished_arguments_is_the_same_call() {
     assert_eq!(
         completed_calls(&out),
         [(
-            "call_0".into(),
+            "call_#0".into(),
             "get_weather".into(),
             r#"{"city":{"name":"Paris"}}"#.into()
         )]
