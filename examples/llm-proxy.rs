@@ -36,7 +36,11 @@ fn main() -> ExitCode {
                     eprintln!("llm-proxy: --config given twice. {USAGE}");
                     return ExitCode::from(2);
                 }
-                config = inline.or_else(|| args.next()).map(PathBuf::from);
+                let Some(value) = inline.or_else(|| args.next()).filter(|v| !v.is_empty()) else {
+                    eprintln!("llm-proxy: --config needs a file. {USAGE}");
+                    return ExitCode::from(2);
+                };
+                config = Some(PathBuf::from(value));
             }
             "--help" | "-h" => {
                 println!("{USAGE}");

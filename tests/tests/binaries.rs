@@ -463,6 +463,22 @@ fn the_command_line_is_read_as_users_write_it() {
         assert_eq!(code, Some(2), "{args:?}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
     }
+    for args in [&["--config"][..], &["--config="]] {
+        let (code, _, stderr) = run(args);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert!(
+            stderr.contains("--config needs a file"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // A device that never ends is refused, not read forever (a hang here
+    // is the test's timeout).
+    let (code, _, stderr) = run(&["--config", "/dev/zero"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("/dev/zero: cannot read the config file: larger than 16 MiB"),
+        "{stderr}"
+    );
 }
 
 /// `example` (serving on `listen` in front of a slow mock) gets `signal`

@@ -586,12 +586,21 @@ fn redis_debug(f: &mut std::fmt::Formatter<'_>, url: &str, key_prefix: &str) -> 
 impl Settings {
     /// Read, parse and validate a config file.
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError(format!(
-                "{}: cannot read the config file: {e}",
-                path.display()
-            ))
-        })?;
+        let src = read_bounded(path)
+            .and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "stream did not contain valid UTF-8",
+                    )
+                })
+            })
+            .map_err(|e| {
+                ConfigError(format!(
+                    "{}: cannot read the config file: {e}",
+                    path.display()
+                ))
+            })?;
         Settings::from_str(path, &src)
     }
 
@@ -603,6 +612,27 @@ impl Settings {
         })?;
         validate(path, src, cfg)
     }
+}
+
+/// The most a file the config reads (the config itself, a `tls_ca_file`)
+/// may hold: a path to a device or a huge file by mistake is refused
+/// instead of read without end.
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Read `path` whole, refusing more than [`MAX_FILE_BYTES`].
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} MiB", MAX_FILE_BYTES >> 20),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The most `max_connections` can be: what one semaphore can count.
@@ -865,7 +895,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 } else {
                     file
                 };
-                Some(std::fs::read(&file).map_err(|e| {
+                Some(read_bounded(&file).map_err(|e| {
                     err(
                         ca.span(),
                         format!(
