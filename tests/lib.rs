@@ -20,6 +20,30 @@ pub use llm_proxy_mock::{Failure, Mock, MockConfig, MockServer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// An HTTP/2 (prior knowledge, h2c) client connection to `addr`, its
+/// connection driven by a spawned task (returned, for tests that watch it
+/// end).
+pub async fn h2c<B>(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    JoinHandle<hyper::Result<()>>,
+)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    (sender, tokio::spawn(conn))
+}
+
 /// Generous bound for anything that should happen "now": catches hangs only.
 pub const HANG: Duration = Duration::from_secs(10);
 

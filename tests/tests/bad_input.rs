@@ -775,7 +775,6 @@ async fn an_upstream_framing_by_both_chunks_and_length_reaches_the_client_whole(
 /// intermediary to pass on a single value.
 #[tokio::test]
 async fn a_repeated_content_length_reaches_the_client_once() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     for repeated in [
         "content-length: 2\r\ncontent-length: 2",
         "content-length: 2, 2",
@@ -788,12 +787,7 @@ async fn a_repeated_content_length_reaches_the_client_once() {
         })
         .await;
         let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
-        let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .expect("h2c handshake");
-        tokio::spawn(conn);
+        let (mut sender, _conn) = h2c(p.addr).await;
         let req = http::Request::get(p.url("/v1/files"))
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();
@@ -809,7 +803,6 @@ async fn a_repeated_content_length_reaches_the_client_once() {
 
 #[tokio::test]
 async fn an_idle_h2c_connection_is_closed_and_a_busy_one_is_not() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = mock(MockConfig {
         name: "slow".into(),
         tokens_per_second: Some(20.0),
@@ -822,12 +815,7 @@ async fn an_idle_h2c_connection_is_closed_and_a_busy_one_is_not() {
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    let mut conn = tokio::spawn(conn);
+    let (mut sender, mut conn) = h2c(p.addr).await;
     // A stream of 20 tokens at 20 per second outlasts the idle timeout
     // three times over, and is not cut.
     let body = chat("m", true);

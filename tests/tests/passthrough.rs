@@ -384,7 +384,6 @@ async fn a_failed_passthrough_write_is_not_retried_elsewhere_nor_its_model_rewri
 
 #[tokio::test]
 async fn metrics_listen_serves_metrics_apart_over_http1_and_h2c() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = mock_named("m1").await;
     let port = free_port();
     let proxy = proxy(&format!(
@@ -439,12 +438,7 @@ async fn metrics_listen_serves_metrics_apart_over_http1_and_h2c() {
         post.assert_error(405, "invalid_request_error", "method_not_allowed");
     }
     // h2c too.
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c(addr).await;
     let req = http::Request::get(format!("http://{addr}/metrics"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -487,15 +481,9 @@ async fn h2_head(
 /// proxy's own answers (probes, models, errors) must have none.
 #[tokio::test]
 async fn head_over_h2c_has_no_body() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = mock_named("m1").await;
     let p = proxy(&one_upstream(&up.base_url(), "")).await;
-    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c(p.addr).await;
     for (path, want) in [
         ("/healthz", 200),
         ("/readyz", 200),
