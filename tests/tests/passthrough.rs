@@ -104,6 +104,31 @@ async fn credentials_are_swapped() {
     );
 }
 
+/// Azure OpenAI's SDK sends its key as `api-key`: a credential the client
+/// meant for the proxy, which must not reach the model provider (nor
+/// stand beside the upstream's own key, for a server that reads it first).
+#[tokio::test]
+async fn an_azure_style_api_key_does_not_go_upstream() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "api_key = \"sk-upstream\"")).await;
+    let req = request(
+        Method::POST,
+        &proxy.url("/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("api-key", "sk-client-secret"),
+        ],
+        chat("m", false),
+    );
+    assert_eq!(send(req).await.status, 200);
+    let seen = up
+        .stats
+        .last_request_headers()
+        .expect("upstream saw a request");
+    assert!(seen.get("api-key").is_none(), "{seen:?}");
+    assert_eq!(seen["authorization"], "Bearer sk-upstream");
+}
+
 #[tokio::test]
 async fn first_streamed_chunk_arrives_before_the_upstream_finishes() {
     let up = mock(MockConfig {

@@ -1,6 +1,8 @@
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// Azure OpenAI's key header, which its SDKs send instead of `authorization`.
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const PROXY_AUTHENTICATION_INFO: HeaderName = HeaderName::from_static("proxy-authentication-info");
@@ -9,7 +11,7 @@ const PROXY_AUTHENTICATION_INFO: HeaderName = HeaderName::from_static("proxy-aut
 /// plus the client's credentials and cookies, which never go upstream (the
 /// proxy is the upstream's client, with its own key; a browser's cookies for
 /// the proxy's origin are not the model provider's to read).
-const STRIP: [HeaderName; 13] = [
+const STRIP: [HeaderName; 14] = [
     header::CONNECTION,
     header::COOKIE,
     header::TE,
@@ -21,6 +23,7 @@ const STRIP: [HeaderName; 13] = [
     header::AUTHORIZATION,
     header::CONTENT_LENGTH,
     X_API_KEY,
+    API_KEY,
     KEEP_ALIVE,
     PROXY_CONNECTION,
 ];
@@ -240,6 +243,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer client".parse().unwrap());
         h.insert("x-api-key", "client".parse().unwrap());
+        h.insert("api-key", "client".parse().unwrap());
         h.insert("connection", "keep-alive, x-private".parse().unwrap());
         h.insert("x-private", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
