@@ -93,6 +93,8 @@ async fn credentials_table() {
         ("hashed key", &[("authorization", b"Bearer sk-hashed")], 200),
         ("x-api-key", &[("x-api-key", b"sk-team-a")], 200),
         ("empty x-api-key", &[("x-api-key", b"")], 401),
+        ("Azure api-key", &[("api-key", b"sk-team-a")], 200),
+        ("unknown api-key", &[("api-key", b"sk-nope")], 401),
     ];
     let mut first_401: Option<bytes::Bytes> = None;
     for (name, headers, status) in cases {
@@ -109,6 +111,7 @@ async fn credentials_table() {
     let seen = up.stats.last_request_headers().unwrap();
     assert_eq!(seen["authorization"], "Bearer sk-upstream");
     assert!(seen.get("x-api-key").is_none());
+    assert!(seen.get("api-key").is_none());
 }
 
 #[tokio::test]

@@ -4,8 +4,9 @@
 use http::HeaderMap;
 
 /// The key a client presented: `Authorization: Bearer <key>` (scheme
-/// case-insensitive, whitespace trimmed) or else `x-api-key: <key>`.
-/// Anything malformed or empty is `None`.
+/// case-insensitive, whitespace trimmed), else `x-api-key: <key>`
+/// (Anthropic's SDKs), else `api-key: <key>` (Azure OpenAI's). Anything
+/// malformed or empty is `None`.
 pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
         let value = trim(auth.as_bytes());
@@ -16,8 +17,10 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
         let key = trim(rest);
         return valid(key);
     }
-    let key = trim(headers.get("x-api-key")?.as_bytes());
-    valid(key)
+    let key = headers
+        .get("x-api-key")
+        .or_else(|| headers.get("api-key"))?;
+    valid(trim(key.as_bytes()))
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
@@ -84,6 +87,15 @@ mod tests {
             Some(&b"sk-2"[..])
         );
         assert_eq!(presented_key(&headers(&[("x-api-key", b"\xffsk")])), None);
+        assert_eq!(
+            presented_key(&headers(&[("api-key", b"sk-3")])),
+            Some(&b"sk-3"[..])
+        );
+        // The first of the three that is there decides.
+        assert_eq!(
+            presented_key(&headers(&[("x-api-key", b"sk-2"), ("api-key", b"sk-3")])),
+            Some(&b"sk-2"[..])
+        );
         assert_eq!(presented_key(&HeaderMap::new()), None);
     }
 }
