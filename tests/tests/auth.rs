@@ -310,6 +310,54 @@ async fn requests_per_minute_gives_exact_429_and_headers() {
     );
 }
 
+/// The upstream's own `x-ratelimit-*` headers (the operator's account with
+/// the provider) do not reach clients: a key limited in requests only does
+/// not read the upstream's token figures as its own, an unlimited key gets
+/// none.
+#[tokio::test]
+async fn the_upstreams_rate_limit_headers_do_not_reach_clients() {
+    use tokio::io::AsyncWriteExt;
+    let addr = raw_upstream(|mut conn| async move {
+        while read_request(&mut conn).await.is_some() {
+            let body = r#"{"id":"c","object":"chat.completion","created":1,"model":"small","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 x-ratelimit-limit-tokens: 30000000\r\nx-ratelimit-remaining-tokens: 29999000\r\n\
+                 x-ratelimit-limit-requests: 10000\r\nx-ratelimit-reset-requests: 6ms\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if conn.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let p = proxy(&format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"rpm\"\nkey = \"sk-rpm\"\nrequests_per_minute = 100\n\
+         [[auth.keys]]\nname = \"free\"\nkey = \"sk-free\"\n",
+        one_upstream(&format!("http://{addr}/v1"), "")
+    ))
+    .await;
+    let limited = chat_with(&p, &[("authorization", b"Bearer sk-rpm")], "small").await;
+    assert_eq!(limited.status, 200, "{}", limited.text());
+    assert_eq!(limited.header("x-ratelimit-limit-requests"), Some("100"));
+    assert_eq!(limited.header("x-ratelimit-remaining-requests"), Some("99"));
+    assert_ne!(limited.header("x-ratelimit-reset-requests"), Some("6ms"));
+    assert_eq!(limited.header("x-ratelimit-limit-tokens"), None);
+    assert_eq!(limited.header("x-ratelimit-remaining-tokens"), None);
+    let free = chat_with(&p, &[("authorization", b"Bearer sk-free")], "small").await;
+    assert_eq!(free.status, 200, "{}", free.text());
+    for name in [
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-reset-requests",
+    ] {
+        assert_eq!(free.header(name), None, "{name}");
+    }
+}
+
 /// Listing models is a request like any other: it counts against the
 /// key's request limit and carries its headers.
 #[tokio::test]

@@ -348,6 +348,7 @@ where
                 }
             };
             let (mut parts, body) = resp.into_parts();
+            strip_upstream_rate_headers(&mut parts.headers);
             if let Some(d) = &decision {
                 rate_headers(&mut parts.headers, d);
             }
@@ -650,6 +651,22 @@ fn lacks_stream_usage(meta: &RequestMeta) -> bool {
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             != Some(true)
+}
+
+/// Remove the upstream's own `x-ratelimit-*` headers from an answer: they
+/// describe the operator's account with the provider, not the client's key,
+/// and beside the proxy's headers (a key limited in requests only) they
+/// would read as the key's other limit.
+fn strip_upstream_rate_headers(headers: &mut HeaderMap) {
+    // One pass over the names first: most answers have none.
+    let upstream: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-ratelimit-"))
+        .cloned()
+        .collect();
+    for name in upstream {
+        headers.remove(name);
+    }
 }
 
 /// The `x-ratelimit-*` headers of a decision.
