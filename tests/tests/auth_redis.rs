@@ -315,3 +315,48 @@ async fn a_damaged_limit_key_is_written_over() {
         }
     }
 }
+
+/// Something else wrote a limit's key with text Lua reads as a number no
+/// clock reaches (`nan`, `inf`, `1e300`): as for any value the proxy did
+/// not write, the fleet's limit still holds, decided by Redis, and the key
+/// is written over — not every decision failing (a script error, or a wait
+/// that overflows Redis's integer reply) and falling back to local limits
+/// for as long as the key stays.
+#[tokio::test]
+async fn a_limit_key_holding_no_real_time_is_written_over() {
+    let redis = RedisServer::start().await;
+    let up = mock_named("m").await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for (i, damage) in ["nan", "inf", "1e300"].into_iter().enumerate() {
+        // Fresh proxies each round: no breaker or local state carried over.
+        let prefix = format!("t10-{i}:");
+        let a = proxy(&config(&up.base_url(), &redis.url(), &prefix)).await;
+        let b = proxy(&config(&up.base_url(), &redis.url(), &prefix)).await;
+        redis::cmd("SET")
+            .arg(&[format!("{prefix}rl:{{fleet}}:req").as_str(), damage])
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let mut statuses = Vec::new();
+        for p in [&a, &b, &a, &b, &a, &b] {
+            statuses.push(call(p).await.status.as_u16());
+        }
+        // rpm 4 across the fleet, as if the key had been absent.
+        assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{damage}");
+        let state = fleet_state(&redis, &prefix).await.expect("written over");
+        assert!(
+            state.parse::<f64>().is_ok_and(f64::is_finite),
+            "{damage}: {state}"
+        );
+        for p in [&a, &b] {
+            let metrics = p.metrics().await;
+            assert!(
+                !metrics.lines().any(|l| l
+                    .starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#)
+                    && !l.ends_with(" 0")),
+                "{damage}: {metrics}"
+            );
+        }
+    }
+}

@@ -27,11 +27,16 @@ fn micros(g: Gcra) -> f64 {
 const TAT: &str = r"
 -- A key's time, 0 when it holds none: absent, or something the proxy did
 -- not write there (another type, not a number), which the next write
--- replaces.
+-- replaces. So is a number no TAT reaches: Lua reads `nan`, `inf` and
+-- `1e300` as numbers, and they would fail every decision (a `nan` expiry,
+-- a wait beyond Redis's integer reply). The bound, 2^53 us (the year
+-- 2255), is where doubles stop holding whole microseconds.
 local function tat(key)
   local v = redis.pcall('GET', key)
   if type(v) ~= 'string' then return 0 end
-  return tonumber(v) or 0
+  local n = tonumber(v)
+  if n == nil or n ~= n or n < 0 or n > 9007199254740992 then return 0 end
+  return n
 end
 ";
 
