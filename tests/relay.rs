@@ -5,8 +5,8 @@
 //! data as usual.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +21,7 @@ pub struct Relay {
     /// epoch passes nothing it reads from then on.
     epoch: watch::Sender<u64>,
     accepted: Arc<AtomicUsize>,
+    target: Arc<Mutex<SocketAddr>>,
     task: JoinHandle<()>,
 }
 
@@ -31,15 +32,18 @@ impl Relay {
         let addr = listener.local_addr().expect("addr");
         let (epoch, _) = watch::channel(0u64);
         let accepted = Arc::new(AtomicUsize::new(0));
+        let target = Arc::new(Mutex::new(target));
         let task = tokio::spawn({
             let epoch = epoch.clone();
             let accepted = accepted.clone();
+            let target = target.clone();
             async move {
                 let mut conns = tokio::task::JoinSet::new();
                 while let Ok((client, _)) = listener.accept().await {
                     accepted.fetch_add(1, Ordering::Relaxed);
                     let epoch = epoch.subscribe();
-                    conns.spawn(relay_one(client, target, epoch));
+                    let to = *target.lock().expect("not poisoned");
+                    conns.spawn(relay_one(client, to, epoch));
                 }
             }
         });
@@ -47,6 +51,7 @@ impl Relay {
             addr,
             epoch,
             accepted,
+            target,
             task,
         }
     }
@@ -54,6 +59,12 @@ impl Relay {
     /// Freeze every connection open now: they stay open and pass nothing.
     pub fn freeze(&self) {
         self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Relay connections made from now on to `target` (an address that
+    /// moved, as a failover moves a DNS name); open ones stay where they are.
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().expect("not poisoned") = target;
     }
 
     /// Connections accepted so far.

@@ -214,3 +214,53 @@ async fn a_refusal_is_told_from_an_outage() {
     let away = ping(format!("redis://:pw@{}", redis.addr)).await;
     assert!(away.as_ref().is_err_and(|e| !e.is_refusal()), "{away:?}");
 }
+
+/// A failover that demotes the primary without closing its connections
+/// (`REPLICAOF`, as an operator or a Kubernetes operator does it) and moves
+/// its address to the new primary: the link's connection now leads to a
+/// replica, whose every write is refused with `READONLY`. The link makes a
+/// new connection, to where the address leads now, instead of sending every
+/// write to the replica for as long as the old connection lives.
+#[tokio::test]
+async fn a_connection_to_a_demoted_primary_is_replaced() {
+    let old = RedisServer::start().await;
+    let new = RedisServer::start().await;
+    let relay = Relay::start(old.addr).await;
+    let link = RedisLink::new(&relay.redis_url()).expect("a link");
+    let set = || {
+        link.call("set", |mut c| async move {
+            redis::cmd("SET")
+                .arg("k")
+                .arg("v")
+                .query_async::<()>(&mut c)
+                .await
+        })
+    };
+    set().await.expect("set on the primary");
+    let mut demoted = admin(&old).await;
+    // (The replica loads the primary's data without writing a file.)
+    redis::cmd("CONFIG")
+        .arg(&["SET", "repl-diskless-load", "swapdb"])
+        .query_async::<()>(&mut demoted)
+        .await
+        .expect("set");
+    redis::cmd("REPLICAOF")
+        .arg(new.addr.ip().to_string())
+        .arg(new.addr.port())
+        .query_async::<()>(&mut demoted)
+        .await
+        .expect("demoted");
+    relay.retarget(new.addr);
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        match set().await {
+            Ok(()) => break,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "still writing to the replica after {HANG:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(relay.accepted(), 2, "one new connection");
+}

@@ -18,6 +18,11 @@
 //!   condition keeps a Redis that is alive but stalls for a moment (a fork
 //!   for a snapshot, a slow script), which times out every call in flight at
 //!   once, from being reconnected by every proxy at the same moment;
+//! - a reply `READONLY` (the connection leads to a replica: a failover
+//!   demoted the primary without closing its connections, and may have
+//!   moved its address to the new one) replaces the connection too, at most
+//!   once a second, so that writes follow the address instead of going to
+//!   the replica for as long as the old connection lives;
 //! - a [`Breaker`]: after [`THRESHOLD`](crate::breaker::THRESHOLD) failed
 //!   calls in a row (an error reply from Redis is no failure: it answered),
 //!   calls fail at once with [`RedisCallError::Skipped`] for
@@ -158,6 +163,8 @@ struct Health {
     /// When something last answered (the link's ms; at first, when the
     /// connection was made).
     answered_ms: AtomicU64,
+    /// When the connection was made (the link's ms).
+    made_ms: u64,
 }
 
 impl Health {
@@ -165,6 +172,7 @@ impl Health {
         Arc::new(Health {
             unanswered: AtomicU32::new(0),
             answered_ms: AtomicU64::new(now_ms),
+            made_ms: now_ms,
         })
     }
 }
@@ -302,6 +310,9 @@ impl RedisLink {
             Ok(Err(e)) => {
                 if answered(&e) {
                     self.answered(&health);
+                    if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) {
+                        self.read_only(generation, &health);
+                    }
                 } else {
                     self.unanswered(generation, &health);
                 }
@@ -397,6 +408,22 @@ impl RedisLink {
             "redis stopped answering; replacing its connection"
         );
         // Made on the next call; the old one closes when its last call ends.
+        slot.manager = None;
+        slot.generation = generation.wrapping_add(1);
+    }
+
+    /// A call on generation `generation` was answered `READONLY`: replace
+    /// the connection, unless it was made less than a second ago (the
+    /// address still leads to a replica: not a new connection a call).
+    fn read_only(&self, generation: u64, health: &Health) {
+        if self.now_ms().saturating_sub(health.made_ms) < 1000 {
+            return;
+        }
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.generation != generation {
+            return;
+        }
+        tracing::warn!("redis answered READONLY (a replica now); replacing its connection");
         slot.manager = None;
         slot.generation = generation.wrapping_add(1);
     }
