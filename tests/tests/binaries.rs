@@ -180,6 +180,29 @@ async fn a_redis_that_refuses_the_proxy_stops_it_at_start() {
         "{stderr}"
     );
     assert!(!stderr.contains("wrong"), "the password shown: {stderr}");
+    // An ACL user that may PING but run no script, or touch no key under
+    // the prefix: every limit would fall back to this proxy's own.
+    for (name, rules) in [
+        ("noscript", &["on", ">pw", "~*", "+@all", "-@scripting"][..]),
+        ("otherkeys", &["on", ">pw", "~other:*", "+@all"]),
+    ] {
+        let mut acl = redis::cmd("ACL");
+        acl.arg("SETUSER").arg(name).arg(rules);
+        acl.query_async::<()>(&mut admin).await.expect("a user");
+        let config = format!(
+            "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\n\
+             [cache]\nbackend = \"redis\"\nredis_url = \"redis://{name}:pw@{}\"\n",
+            redis.addr
+        );
+        let (code, stderr) = tokio::task::spawn_blocking(move || config_error(name, Some(&config)))
+            .await
+            .expect("ran");
+        assert_eq!(code, 2, "{name}: stderr: {stderr}");
+        assert!(
+            stderr.contains("[cache] redis_url") && stderr.contains("refused"),
+            "{name}: {stderr}"
+        );
+    }
 }
 
 /// The exit status and stderr of `child`, which must exit within `HANG`

@@ -358,6 +358,31 @@ impl RedisLink {
         }
     }
 
+    /// [`RedisLink::ping`], then whether this connection may do what the
+    /// proxy's features do: run a script that writes a key under
+    /// `key_prefix` (an expiry set on a key that does not exist: nothing is
+    /// written). An ACL user that may `PING` but not `EVAL`, or not touch
+    /// the prefix's keys, is refused here rather than at every request. A
+    /// replica (`READONLY`) is not a refusal: a failover may be under way.
+    pub async fn check(&self, within: Duration, key_prefix: &str) -> Result<(), RedisCallError> {
+        self.ping(within).await?;
+        let (mut manager, ..) = self.current()?;
+        let mut probe = redis::cmd("EVAL");
+        probe
+            .arg("return redis.call('PEXPIRE', KEYS[1], 1)")
+            .arg(1)
+            .arg(format!("{key_prefix}startup-probe"));
+        match tokio::time::timeout(within, probe.query_async::<i64>(&mut manager)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) => Ok(()),
+            Ok(Err(e)) => Err(RedisCallError::Redis(e)),
+            Err(_) => Err(RedisCallError::Timeout {
+                op: "eval",
+                after: within,
+            }),
+        }
+    }
+
     /// The connection to call on (made now if there is none yet).
     fn current(&self) -> Result<(ConnectionManager, u64, Arc<Health>), RedisCallError> {
         let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);

@@ -443,25 +443,25 @@ const REDIS_CHECK: Duration = Duration::from_secs(2);
 /// its Redis features fall back until Redis answers.
 async fn check_redis(settings: &Settings) -> Result<(), BuildError> {
     let cache = settings.cache.as_ref().and_then(|c| match &c.store {
-        CacheStore::Redis { url, .. } => Some(("[cache]", url)),
+        CacheStore::Redis { url, key_prefix } => Some(("[cache]", url, key_prefix)),
         CacheStore::Memory { .. } => None,
     });
     let auth = settings.auth.as_ref().and_then(|a| match &a.backend {
-        LimitStore::Redis { url, .. } => Some(("[auth]", url)),
+        LimitStore::Redis { url, key_prefix } => Some(("[auth]", url, key_prefix)),
         LimitStore::Memory => None,
     });
-    let mut checked: Vec<&String> = Vec::new();
-    for (section, url) in auth.into_iter().chain(cache) {
-        if checked.contains(&url) {
+    let mut checked: Vec<(&String, &String)> = Vec::new();
+    for (section, url, key_prefix) in auth.into_iter().chain(cache) {
+        if checked.contains(&(url, key_prefix)) {
             continue;
         }
-        checked.push(url);
+        checked.push((url, key_prefix));
         let shown = llm_proxy_core::redact::url(url).into_owned();
         // (A URL redis-rs cannot read fails the store's own set-up below.)
         let Ok(link) = llm_proxy_core::redis::RedisLink::new(url) else {
             continue;
         };
-        match link.ping(REDIS_CHECK).await {
+        match link.check(REDIS_CHECK, key_prefix).await {
             Ok(()) => tracing::debug!(section, url = %shown, "redis answers"),
             Err(source) if source.is_refusal() => {
                 return Err(BuildError::RedisRefused {
