@@ -10,8 +10,11 @@ const PROXY_AUTHENTICATION_INFO: HeaderName = HeaderName::from_static("proxy-aut
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus the client's credentials and cookies, which never go upstream (the
 /// proxy is the upstream's client, with its own key; a browser's cookies for
-/// the proxy's origin are not the model provider's to read).
-const STRIP: [HeaderName; 14] = [
+/// the proxy's origin are not the model provider's to read), and `expect`:
+/// the client's `100-continue` was answered by the proxy's server (or the
+/// body read whole already), and the upstream client sends the body without
+/// waiting for a `100`, so an upstream could only refuse it (`417`).
+const STRIP: [HeaderName; 15] = [
     header::CONNECTION,
     header::COOKIE,
     header::TE,
@@ -22,6 +25,7 @@ const STRIP: [HeaderName; 14] = [
     header::HOST,
     header::AUTHORIZATION,
     header::CONTENT_LENGTH,
+    header::EXPECT,
     X_API_KEY,
     API_KEY,
     KEEP_ALIVE,
@@ -249,6 +253,7 @@ mod tests {
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-request-id", "abc".parse().unwrap());
         h.insert("accept-encoding", "gzip, br".parse().unwrap());
+        h.insert("expect", "100-continue".parse().unwrap());
         strip_request(&mut h);
         assert_eq!(h.len(), 2);
         assert!(h.contains_key("x-request-id"));
