@@ -215,6 +215,11 @@ impl ResponseIds {
     /// nor finds an id Redis then refuses. With Redis unreachable, memory
     /// alone decides.
     fn record(self: &Arc<Self>, kind: Kind, id: &str, home: &Home) {
+        // Not an id worth keeping (an answer's or a WebSocket message's
+        // `id` is the upstream's to choose).
+        if id.is_empty() || id.len() > MAX_ID {
+            return;
+        }
         let Some((redis, runtime)) = self
             .redis
             .clone()
@@ -291,6 +296,11 @@ impl ResponseIds {
     /// Where `id` lives, as `owner` (the asking key, `None` without auth)
     /// may know it.
     pub(crate) async fn lookup(&self, kind: Kind, id: &str, owner: Option<&str>) -> Found {
+        // Never recorded (see `record`): not worth a trip to Redis with a
+        // key as long as the client cared to make it.
+        if id.is_empty() || id.len() > MAX_ID {
+            return Found::Unknown;
+        }
         let local = {
             let mut memory = self.memory(kind);
             match memory.get(id) {
@@ -870,6 +880,28 @@ mod tests {
 
     fn sse() -> Tap {
         Tap::Sse(Box::new(Parser::new()))
+    }
+
+    #[tokio::test]
+    async fn an_id_too_long_to_keep_is_neither_kept_nor_looked_up() {
+        let ids = ResponseIds::new(None);
+        let long = "r".repeat(MAX_ID + 1);
+        ids.remember(&long, Arc::from("a"), None);
+        ids.remember("", Arc::from("a"), None);
+        ids.remember("resp_ok", Arc::from("a"), None);
+        assert!(matches!(
+            ids.lookup(Kind::Response, &long, None).await,
+            Found::Unknown
+        ));
+        assert!(matches!(
+            ids.lookup(Kind::Response, "", None).await,
+            Found::Unknown
+        ));
+        assert!(matches!(
+            ids.lookup(Kind::Response, "resp_ok", None).await,
+            Found::Yours(_)
+        ));
+        assert_eq!(ids.memory(Kind::Response).len(), 1);
     }
 
     #[test]
