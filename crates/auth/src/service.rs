@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use llm_proxy_core::media::is_event_stream;
-use llm_proxy_core::refusal::{self, refuses_stream_options};
+use llm_proxy_core::refusal::{self, StreamOptionsRefused, refuses_stream_options};
 use llm_proxy_core::usage::Usage;
 use llm_proxy_core::{
     Body, BoxFuture, Dialect, Endpoint, Error, Identity, RequestMeta, call_boxed,
@@ -313,13 +313,14 @@ where
             // upstream refuse the `stream_options` added to it.
             let again = unedited.map(|original| (original, inner.clone()));
             let sent = match (again, call_boxed(&mut inner, req).await) {
-                (Some((original, mut inner)), Ok(first)) => {
+                (Some((mut original, mut inner)), Ok(first)) => {
                     match refuses_stream_options(first).await {
                         (true, _refusal) => {
                             tracing::debug!(
                                 "the upstream refused stream_options; retrying without"
                             );
                             strip_usage = false;
+                            original.extensions_mut().insert(StreamOptionsRefused);
                             // A clone: readied before its call.
                             match std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
                                 Ok(()) => call_boxed(&mut inner, original).await,
@@ -399,6 +400,8 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         None => shared.admit_head(req)?,
     };
     let no_body = http_body::Body::is_end_stream(req.body());
+    // Sent again by a layer above whose `stream_options` the upstream refused.
+    let refused = req.extensions().get::<StreamOptionsRefused>().is_some();
     if let Some(allowlist) = key.allowlist() {
         req.extensions_mut().insert(allowlist);
     }
@@ -439,7 +442,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         (0, 0)
     };
     let model = meta.model_arc().cloned();
-    let wants_usage = limited && lacks_stream_usage(meta);
+    let wants_usage = limited && lacks_stream_usage(meta) && !refused;
     let unedited = wants_usage.then(|| refusal::copy_request(req));
     let strip_usage = wants_usage
         && req

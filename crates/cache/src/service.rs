@@ -17,7 +17,7 @@ use crate::flight::{Flights, Head, Joined, Leader};
 use crate::replay::{self, CacheStatus};
 use crate::stats::Counters;
 use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store, StoreError};
-use llm_proxy_core::refusal::{copy_head, refuses_stream_options};
+use llm_proxy_core::refusal::{StreamOptionsRefused, copy_head, refuses_stream_options};
 
 /// What every clone of a [`Cache`] shares.
 pub(crate) struct Shared {
@@ -410,16 +410,17 @@ where
     // Ask for the usage chunk on the client's behalf, so the stored stream
     // has it; keep the unedited request in case the upstream refuses
     // `stream_options`.
-    let unedited = if plan.strips_usage() {
-        let original = copy_head(&parts);
-        let edited = parts
-            .extensions
-            .get_mut::<RequestMeta>()
-            .is_some_and(ask_for_usage);
-        edited.then_some(original)
-    } else {
-        None
-    };
+    let unedited =
+        if plan.strips_usage() && parts.extensions.get::<StreamOptionsRefused>().is_none() {
+            let original = copy_head(&parts);
+            let edited = parts
+                .extensions
+                .get_mut::<RequestMeta>()
+                .is_some_and(ask_for_usage);
+            edited.then_some(original)
+        } else {
+            None
+        };
     // A second call, should there be one, readies a clone of its own.
     let again = unedited.map(|original| (original, inner.clone_unready()));
     let first = inner.call(Request::from_parts(parts, empty()));
@@ -428,6 +429,8 @@ where
         (Some((original, inner)), Ok(first)) => match refuses_stream_options(first).await {
             (true, _refusal) => {
                 tracing::debug!("the upstream refused stream_options; retrying without");
+                let mut original = original;
+                original.extensions.insert(StreamOptionsRefused);
                 boxed(inner.oneshot(Request::from_parts(original, empty()))).await
             }
             (false, first) => Ok(first),

@@ -69,6 +69,13 @@ pub async fn refuses_stream_options(response: Response<Body>) -> (bool, Response
     (refused, Response::from_parts(parts, Body::new(replay)))
 }
 
+/// On a request sent again after its upstream refused the
+/// `stream_options` a layer added: the upstream takes none, so no layer
+/// below adds them again (with the auth layer and the cache both asking
+/// for usage, the upstream would otherwise get the refused field twice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamOptionsRefused;
+
 /// A copy of a request's head, to send it again (its body lives in
 /// [`RequestMeta`](crate::RequestMeta)): method, URI, version, headers and
 /// extensions.
