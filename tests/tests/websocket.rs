@@ -1857,3 +1857,87 @@ where
     .await;
     (addr, rx)
 }
+
+/// An upstream's own `x-ratelimit-*` headers (its provider account's) do
+/// not reach a client through an upgrade either, switched or refused: with
+/// auth on, these headers only ever speak of the key (as on HTTP, see
+/// `the_upstreams_rate_limit_headers_do_not_reach_clients` in auth.rs).
+#[tokio::test]
+async fn the_upstreams_rate_limit_headers_do_not_reach_websocket_clients() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    const PROVIDER: &str = "x-ratelimit-limit-tokens: 30000000\r\n\
+                            x-ratelimit-remaining-tokens: 29999000\r\n\
+                            x-ratelimit-reset-requests: 6ms\r\n";
+    let switching = raw_upstream(|mut conn| async move {
+        let Some((head, _)) = read_request(&mut conn).await else {
+            return;
+        };
+        let key = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_owned())
+            })
+            .unwrap_or_default();
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+             sec-websocket-accept: {}\r\n{PROVIDER}\r\n",
+            derive_accept_key(key.as_bytes())
+        );
+        if conn.write_all(answer.as_bytes()).await.is_ok() {
+            tokio::time::sleep(HANG).await;
+        }
+    })
+    .await;
+    let refusing = raw_upstream(|mut conn| async move {
+        if read_request_head(&mut conn).await {
+            let answer = format!(
+                "HTTP/1.1 429 Too Many Requests\r\nretry-after: 60\r\n{PROVIDER}content-length: 0\r\n\r\n"
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+        }
+    })
+    .await;
+    let keys =
+        "[auth]\n[[auth.keys]]\nname = \"rpm\"\nkey = \"sk-rpm\"\nrequests_per_minute = 100\n";
+    let p = proxy(&format!(
+        "{}{keys}",
+        ws_upstream("up", &format!("http://{switching}/v1"), "")
+    ))
+    .await;
+    let (_socket, head) = connect(p.addr, &[("authorization", "Bearer sk-rpm")])
+        .await
+        .unwrap();
+    let h = head.headers();
+    assert_eq!(h["x-ratelimit-remaining-requests"], "99");
+    assert_ne!(h["x-ratelimit-reset-requests"], "6ms");
+    assert!(!h.contains_key("x-ratelimit-limit-tokens"), "{h:?}");
+    assert!(!h.contains_key("x-ratelimit-remaining-tokens"), "{h:?}");
+
+    let p = proxy(&format!(
+        "{}{keys}",
+        ws_upstream("up", &format!("http://{refusing}/v1"), "")
+    ))
+    .await;
+    let refused = send(request(
+        Method::GET,
+        &p.url("/v1/responses"),
+        &[
+            ("authorization", "Bearer sk-rpm"),
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        "",
+    ))
+    .await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    // The key's own headers, as on every answer to a limited key.
+    assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("99"));
+    assert_ne!(refused.header("x-ratelimit-reset-requests"), Some("6ms"));
+    assert_eq!(refused.header("x-ratelimit-limit-tokens"), None);
+    assert_eq!(refused.header("x-ratelimit-remaining-tokens"), None);
+}

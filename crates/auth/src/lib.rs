@@ -77,4 +77,7 @@ pub use gate::{AuthGate, AuthGateLayer, GateFuture};
 pub use keys::{KeyEntry, KeySpec, KeyStats, KeyTable, parse_sha256_hex, presented_key, sha256};
 #[cfg(feature = "redis")]
 pub use redis::RedisLimits;
-pub use service::{Auth, AuthLayer, Turn, check_body, estimate_tokens, format_reset, rate_headers};
+pub use service::{
+    Auth, AuthLayer, Turn, check_body, estimate_tokens, format_reset, rate_headers,
+    strip_upstream_rate_headers,
+};

@@ -659,8 +659,10 @@ fn lacks_stream_usage(meta: &RequestMeta) -> bool {
 /// Remove the upstream's own `x-ratelimit-*` headers from an answer: they
 /// describe the operator's account with the provider, not the client's key,
 /// and beside the proxy's headers (a key limited in requests only) they
-/// would read as the key's other limit.
-fn strip_upstream_rate_headers(headers: &mut HeaderMap) {
+/// would read as the key's other limit. The auth layer does it on every
+/// answer; an answer that does not pass through it (a WebSocket upgrade's)
+/// calls it with [`rate_headers`].
+pub fn strip_upstream_rate_headers(headers: &mut HeaderMap) {
     // One pass over the names first: most answers have none.
     let upstream: Vec<http::HeaderName> = headers
         .keys()

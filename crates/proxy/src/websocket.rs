@@ -69,7 +69,9 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, Response, Version, header};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use llm_proxy_auth::{AuthLayer, KeyEntry, Turn, check_body, rate_headers};
+use llm_proxy_auth::{
+    AuthLayer, KeyEntry, Turn, check_body, rate_headers, strip_upstream_rate_headers,
+};
 use llm_proxy_balance::BalanceHandle;
 use llm_proxy_core::{
     Body, BodyBudget, Dialect, Endpoint, Error, RequestMeta, header_lists, parse_object_within,
@@ -198,6 +200,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         Some(auth) => Some(auth.authenticate(req.headers())?),
         None => None,
     };
+    let authenticated = key.is_some();
     let mut candidates = ctx
         .sockets
         .upstreams
@@ -254,11 +257,12 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
                 ctx.balance.answered(name);
                 break (upstream, head, io);
             }
-            Ok(Upgrade::Refused(resp)) => {
+            Ok(Upgrade::Refused(mut resp)) => {
                 // A 429 rests the upstream, a 5xx counts against it, as a
                 // request's answer would.
                 ctx.balance
                     .refused(name, resp.status(), resp.headers(), started.elapsed());
+                key_rate_headers(&mut resp, authenticated, decision.as_ref());
                 return Ok(resp);
             }
             Err(e @ (Error::BadGateway { .. } | Error::UpstreamTimeout { .. })) => {
@@ -314,10 +318,24 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         None => drop(tokio::spawn(run)),
     }
     let mut resp = head.map(|()| llm_proxy_core::empty());
-    if let Some(decision) = &decision {
+    key_rate_headers(&mut resp, authenticated, decision.as_ref());
+    Ok(resp)
+}
+
+/// With auth on, what the auth layer does to every answer through it: the
+/// upstream's `x-ratelimit-*` headers (its provider account's) removed, and
+/// a limited key's own added.
+fn key_rate_headers<B>(
+    resp: &mut Response<B>,
+    authenticated: bool,
+    decision: Option<&llm_proxy_auth::limit::Decision>,
+) {
+    if authenticated {
+        strip_upstream_rate_headers(resp.headers_mut());
+    }
+    if let Some(decision) = decision {
         rate_headers(resp.headers_mut(), decision);
     }
-    Ok(resp)
 }
 
 impl Session {
