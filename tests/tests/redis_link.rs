@@ -264,3 +264,64 @@ async fn a_connection_to_a_demoted_primary_is_replaced() {
     }
     assert_eq!(relay.accepted(), 2, "one new connection");
 }
+
+/// The start-up check asks of a Redis no more than the proxy's features
+/// do: an ACL user allowed exactly the commands they run (scripts, and in
+/// them or beside them `GET`, `SET`, `DEL`, `TIME`, on the prefix's keys)
+/// passes; one that may not write those keys is refused.
+#[tokio::test]
+async fn the_start_up_check_asks_only_what_the_features_use() {
+    let redis = RedisServer::start().await;
+    let mut admin = admin(&redis).await;
+    for (name, rules) in [
+        (
+            "least",
+            &[
+                "on",
+                ">pw",
+                "~pfx:*",
+                "+ping",
+                "+@scripting",
+                "+get",
+                "+set",
+                "+del",
+                "+time",
+            ][..],
+        ),
+        (
+            "nowrite",
+            &[
+                "on",
+                ">pw",
+                "~pfx:*",
+                "+ping",
+                "+@scripting",
+                "+get",
+                "+time",
+            ],
+        ),
+    ] {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(name)
+            .arg(rules)
+            .query_async::<()>(&mut admin)
+            .await
+            .expect("a user");
+    }
+    let check = |user: &str| {
+        let url = format!("redis://{user}:pw@{}", redis.addr);
+        async move {
+            RedisLink::new(&url)
+                .expect("a link")
+                .check(Duration::from_secs(2), "pfx:")
+                .await
+        }
+    };
+    check("least").await.expect("what the features need");
+    let refused = check("nowrite").await;
+    assert!(
+        refused.as_ref().is_err_and(RedisCallError::is_refusal),
+        "{refused:?}"
+    );
+}

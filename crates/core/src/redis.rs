@@ -360,19 +360,22 @@ impl RedisLink {
 
     /// [`RedisLink::ping`], then whether this connection may do what the
     /// proxy's features do: run a script that writes a key under
-    /// `key_prefix` (an expiry set on a key that does not exist: nothing is
-    /// written). An ACL user that may `PING` but not `EVAL`, or not touch
-    /// the prefix's keys, is refused here rather than at every request. A
-    /// replica (`READONLY`) is not a refusal: a failover may be under way.
+    /// `key_prefix` with `SET`, the command every store writes with (`XX`,
+    /// on a key that does not exist: nothing is written). An ACL user that
+    /// may `PING` but not `EVAL`, or not write the prefix's keys, is
+    /// refused here rather than at every request; one allowed only the
+    /// commands the features run is not. A replica (`READONLY`) is not a
+    /// refusal: a failover may be under way.
     pub async fn check(&self, within: Duration, key_prefix: &str) -> Result<(), RedisCallError> {
         self.ping(within).await?;
         let (mut manager, ..) = self.current()?;
         let mut probe = redis::cmd("EVAL");
         probe
-            .arg("return redis.call('PEXPIRE', KEYS[1], 1)")
+            .arg("return redis.call('SET', KEYS[1], '', 'XX', 'PX', 1)")
             .arg(1)
             .arg(format!("{key_prefix}startup-probe"));
-        match tokio::time::timeout(within, probe.query_async::<i64>(&mut manager)).await {
+        let probed = probe.query_async::<redis::Value>(&mut manager);
+        match tokio::time::timeout(within, probed).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) => Ok(()),
             Ok(Err(e)) => Err(RedisCallError::Redis(e)),
