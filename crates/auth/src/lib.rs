@@ -6,9 +6,10 @@
 //! not use) from the request's head, before any body is read or parsed:
 //!
 //! - **Keys**: configured as SHA-256 hashes ([`KeySpec`]); the presented key
-//!   (`Authorization: Bearer …`, scheme case-insensitive, or `x-api-key`) is
-//!   hashed and looked up, so timing does not reveal key content. Missing,
-//!   empty, malformed or unknown keys all get the same 401 `invalid_api_key`.
+//!   (`Authorization: Bearer …`, scheme case-insensitive, else `x-api-key`,
+//!   else `api-key`) is hashed and looked up, so timing does not reveal key
+//!   content. Missing, empty, malformed or unknown keys all get the same 401
+//!   `invalid_api_key`.
 //!   The key's *name* becomes the request's [`Identity`] (cache scope,
 //!   metrics, logs); the key itself is never logged or forwarded.
 //! - **Access**: an optional per-key model allowlist (403

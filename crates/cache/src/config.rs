@@ -7,7 +7,7 @@ use std::time::Duration;
 pub enum CacheScope {
     /// Each caller has its own entries: the auth layer's key name when it ran,
     /// else a hash of the credential the client presented (`authorization`,
-    /// else `x-api-key`; none: one anonymous scope). No tenant can learn from
+    /// else `x-api-key`, else `api-key`; none: one anonymous scope). No tenant can learn from
     /// hit timing what another tenant asked.
     #[default]
     PerKey,

@@ -75,8 +75,8 @@ impl KeyScope {
     /// The scope of a request: for [`CacheScope::PerKey`], the auth layer's
     /// identity when set, else a hash of the key the client presented
     /// ([`presented_key`]: `Authorization: Bearer`, scheme in any case, else
-    /// `x-api-key`), else a hash of any other non-empty `authorization` or
-    /// `x-api-key` value, else anonymous.
+    /// `x-api-key`, else `api-key`), else a hash of any other non-empty
+    /// `authorization`, `x-api-key` or `api-key` value, else anonymous.
     pub fn of_request(meta: &RequestMeta, headers: &HeaderMap, scope: CacheScope) -> KeyScope {
         if scope == CacheScope::Shared {
             return KeyScope::Shared;
@@ -91,7 +91,7 @@ impl KeyScope {
         if let Some(key) = presented_key(headers) {
             return KeyScope::Credential(*blake3::hash(key).as_bytes());
         }
-        let other = ["authorization", "x-api-key"]
+        let other = ["authorization", "x-api-key", "api-key"]
             .iter()
             .filter_map(|name| headers.get(*name))
             .map(|value| value.as_bytes().trim_ascii())
@@ -576,6 +576,12 @@ mod tests {
         assert!(basic_a != bearer_a && basic_a != KeyScope::Anonymous);
         assert_ne!(basic_a, per_key(&headers(&[("authorization", "Basic b")])));
         assert_ne!(bearer_a, per_key(&headers(&[("x-api-key", "Bearer a")])));
+        // Azure's `api-key` is read as the auth layer reads it, whatever it
+        // holds: a key, or a scope of its own, never the anonymous one.
+        assert_eq!(bearer_a, per_key(&headers(&[("api-key", "a")])));
+        let odd = per_key(&headers(&[("api-key", "Bearer a")]));
+        assert!(odd != bearer_a && odd != KeyScope::Anonymous, "{odd:?}");
+        assert_eq!(odd, per_key(&headers(&[("x-api-key", "Bearer a")])));
         assert_eq!(per_key(&HeaderMap::new()), KeyScope::Anonymous);
         assert_eq!(
             per_key(&headers(&[("authorization", " ")])),

@@ -6,8 +6,8 @@
 //!
 //! - joins the configured base URL (with its version prefix, like an SDK's
 //!   `base_url`) with the client path: `/v1/<rest>?<q>` goes to `<url>/<rest>?<q>`;
-//! - removes the client's credentials (`authorization`, `x-api-key`) and the
-//!   hop-by-hop headers, and sets the upstream's own key;
+//! - removes the client's credentials (`authorization`, `x-api-key`,
+//!   `api-key`) and the hop-by-hop headers, and sets the upstream's own key;
 //! - sends the body from [`RequestMeta`](llm_proxy_core::RequestMeta) (the
 //!   client's bytes unless a layer edited the parsed body) or, for unparsed
 //!   routes, streams the request body through;
