@@ -157,14 +157,18 @@ impl Pool {
     /// `TRACE`) that a reused connection took and then closed with no
     /// answer: the server's keep-alive timeout ran out as the request
     /// arrived. As Go's client and browsers do (RFC 9110, 9.2.2); a request
-    /// that may have taken effect is not sent twice.
+    /// that may have taken effect is not sent twice. The replay goes on a
+    /// new connection: the other idle ones may be in the same race (opened
+    /// together, they time out together).
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let mut replay = Replay::of(&req);
+        let mut replayed = false;
         loop {
-            let (mut conn, reused) = match self.checkout() {
+            let idle = if replayed { None } else { self.checkout() };
+            let (mut conn, reused) = match idle {
                 Some(conn) => (conn, true),
                 // Boxed: the connect future is large and rarely needed; inline
                 // it would be moved (copied) with every request's future.
@@ -196,7 +200,10 @@ impl Pool {
                     _ => {
                         let e = e.into_error();
                         match replay.take() {
-                            Some(again) if reused && closed_unanswered(&e) => req = again.request(),
+                            Some(again) if reused && closed_unanswered(&e) => {
+                                req = again.request();
+                                replayed = true;
+                            }
                             _ => return Err(SendError::Request(e)),
                         }
                     }
@@ -587,16 +594,24 @@ mod tests {
     /// out as the request came). Later connections answer every request.
     /// Counts the requests that reached it.
     async fn closes_on_the_second_request() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        first_connections_close_on_the_second_request(1).await
+    }
+
+    /// [`closes_on_the_second_request`] for the first `closing` connections.
+    async fn first_connections_close_on_the_second_request(
+        closing: usize,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(AtomicUsize::new(0));
         let count = seen.clone();
         tokio::spawn(async move {
-            let mut first = true;
+            let mut accepted = 0;
             while let Ok((mut stream, _)) = listener.accept().await {
                 let count = count.clone();
-                let closes = std::mem::take(&mut first);
+                let closes = accepted < closing;
+                accepted += 1;
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     for n in 0.. {
@@ -627,6 +642,23 @@ mod tests {
         assert_eq!(get(&mut up).await, "ok");
         assert_eq!(get(&mut up).await, "ok", "sent again on a new connection");
         assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    /// The keep-alive race on every idle connection at once (they were
+    /// opened together by a burst, and the server's timeout runs out for
+    /// all of them together): the request goes out once more on a new
+    /// connection, not on another idle one that drops it too.
+    #[tokio::test]
+    async fn a_safe_request_goes_out_again_on_a_new_connection() {
+        let (addr, seen) = first_connections_close_on_the_second_request(2).await;
+        let up = upstream(addr, Duration::from_secs(30));
+        let (mut a, mut b) = (up.clone(), up.clone());
+        // Two requests at once: two connections, both idle after.
+        let (x, y) = tokio::join!(get(&mut a), get(&mut b));
+        assert_eq!((x.as_str(), y.as_str()), ("ok", "ok"));
+        let mut up = up;
+        assert_eq!(get(&mut up).await, "ok", "sent again on a new connection");
+        assert_eq!(seen.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]
