@@ -6,9 +6,14 @@
 //!
 //! ```text
 //! request id + tracing + metrics   (this crate: ProxyService)
+//!   -> key from the head           (llm-proxy-auth: AuthGate, when [auth] is set)
 //!   -> body limit + parse          (llm-proxy-core: ParseLayer)
 //!   -> auth                        (llm-proxy-auth: AuthLayer, when [auth] is set)
+//!   -> response id -> upstream     (this crate: ResponseAffinity)
+//!   -> local count_tokens          (this crate: Estimate)
+//!   -> cache                       (llm-proxy-cache: CacheLayer, when [cache] is set)
 //!   -> balance                     (llm-proxy-balance: Balance)
+//!   -> per upstream: translate     (llm-proxy-translate: Translate)
 //!   -> upstream client             (llm-proxy-upstream: Upstream)
 //! ```
 //!
