@@ -247,10 +247,14 @@ impl Pool {
 
     /// A new connection.
     async fn connect(&self) -> Result<Box<Conn>, SendError> {
-        let stream = tokio::time::timeout(self.connect_timeout, self.tcp())
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let stream = tokio::time::timeout_at(deadline, self.tcp(deadline))
             .await
             .map_err(|_elapsed| SendError::ConnectTimeout)?
-            .map_err(|e| SendError::Connect(e.into()))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut => SendError::ConnectTimeout,
+                _ => SendError::Connect(e.into()),
+            })?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -264,22 +268,46 @@ impl Pool {
     }
 
     /// Resolve the host (no lookup for an IP literal) and connect to the
-    /// first address that answers.
-    async fn tcp(&self) -> std::io::Result<TcpStream> {
-        let mut last = None;
-        for addr in tokio::net::lookup_host((&*self.host, self.port)).await? {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            std::io::Error::new(
+    /// first address that answers by `deadline`.
+    async fn tcp(&self, deadline: tokio::time::Instant) -> std::io::Result<TcpStream> {
+        let addrs: Vec<_> = tokio::net::lookup_host((&*self.host, self.port))
+            .await?
+            .collect();
+        if addrs.is_empty() {
+            return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("`{}` resolves to no address", self.host),
-            )
-        }))
+            ));
+        }
+        connect_any(&addrs, deadline).await
     }
+}
+
+/// Connect to the first of `addrs` that answers by `deadline`. What time is
+/// left is shared out among the addresses still to try, as hyper-util's
+/// connector does: an address that swallows its SYN (an unreachable IPv6
+/// address listed first) gets its share, not the whole connect timeout, and
+/// the next one is tried in time.
+async fn connect_any(
+    addrs: &[std::net::SocketAddr],
+    deadline: tokio::time::Instant,
+) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for (i, addr) in addrs.iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = Some(e),
+            Err(_elapsed) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out"),
+                ));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()))
 }
 
 /// What it takes to send a safe, bodiless request again: its head.
@@ -680,6 +708,37 @@ mod tests {
             .unwrap();
         assert!(up.call(req).await.is_err());
         assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    /// A listener that takes no connection: its accept queue (of one) is
+    /// full, so the kernel drops further SYNs and a connect hangs, as one to
+    /// an unreachable address does. Keep the returned filler alive.
+    async fn black_hole() -> (std::net::SocketAddr, tokio::net::TcpListener, TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let filler = TcpStream::connect(addr).await.unwrap();
+        (addr, listener, filler)
+    }
+
+    #[tokio::test]
+    async fn an_address_that_swallows_the_connect_leaves_time_for_the_next() {
+        let (hole, _listener, _filler) = black_hole().await;
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        // Bounded as `Pool::connect` bounds it: the whole connect timeout.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let stream = tokio::time::timeout_at(deadline, connect_any(&[hole, good_addr], deadline))
+            .await
+            .expect("the second address, within the connect timeout")
+            .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good_addr);
+        // Only addresses that swallow it: a timeout, which the pool reports
+        // as its connect timeout (504), not as a refusal (502).
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        let err = connect_any(&[hole, hole], deadline).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
     }
 
     #[test]
