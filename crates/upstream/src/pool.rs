@@ -710,6 +710,47 @@ mod tests {
         assert_eq!(seen.load(Ordering::SeqCst), 2);
     }
 
+    #[tokio::test]
+    async fn a_request_queued_as_the_server_closes_comes_back_unsent() {
+        // The server closes the connection while it sits idle, settled,
+        // just before a request is queued on it: nothing polled it in
+        // between, so its driver first learns of the close with the request
+        // waiting in hyper's channel.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            let _ = close_rx.await;
+            drop(conn);
+        });
+        let pool = Pool::new(
+            "127.0.0.1",
+            addr.port(),
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        );
+        let mut conn = pool.connect().await.unwrap();
+        assert!(conn.settle(), "open and ready");
+        close_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let req = Request::get("/v1/models")
+            .body(llm_proxy_core::empty())
+            .unwrap();
+        let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| {
+                let _ = conn.drive(cx);
+                response.as_mut().poll(cx)
+            }),
+        )
+        .await
+        .expect("an answer, not a wait for the first-byte timeout");
+        let mut err = sent.expect_err("the connection is closed");
+        assert!(err.take_message().is_some(), "handed back unsent");
+    }
+
     /// A listener that takes no connection: its accept queue (of one) is
     /// full, so the kernel drops further SYNs and a connect hangs, as one to
     /// an unreachable address does. Keep the returned filler alive.
