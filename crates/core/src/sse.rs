@@ -91,6 +91,9 @@ pub struct Parser {
     pending_cr: bool,
     /// No line has been completed yet, so a BOM may still start the stream.
     at_stream_start: bool,
+    /// Where in the chunk pushed last the last event ended (see
+    /// [`Parser::last_event_end`]).
+    last_event_end: Option<usize>,
     /// A field line of the current event has been seen.
     in_event: bool,
     /// Data lines of the current event, each followed by `\n`.
@@ -136,6 +139,7 @@ impl Parser {
             line: Vec::new(),
             pending_cr: false,
             at_stream_start: true,
+            last_event_end: None,
             in_event: false,
             data: String::new(),
             event_type: String::new(),
@@ -156,6 +160,8 @@ impl Parser {
     /// On error the unfinished event and the rest of `chunk` are discarded;
     /// the stream is not trustworthy after that and should not be fed on.
     pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), SseError> {
+        let len = chunk.len();
+        self.last_event_end = None;
         if self.pending_cr && !chunk.is_empty() {
             self.pending_cr = false;
             if let Some(rest) = chunk.strip_prefix(b"\n") {
@@ -173,15 +179,18 @@ impl Parser {
                 [_, rest @ ..] => rest,
                 [] => &[],
             };
-            if self.line.is_empty() {
-                self.process_line(line)?;
+            let ends_event = if self.line.is_empty() {
+                self.process_line(line)?
             } else {
                 let mut buffered = std::mem::take(&mut self.line);
                 buffered.extend_from_slice(line);
                 let result = self.process_line(&buffered);
                 buffered.clear();
                 self.line = buffered;
-                result?;
+                result?
+            };
+            if ends_event {
+                self.last_event_end = Some(len - chunk.len());
             }
         }
         if !chunk.is_empty() {
@@ -191,6 +200,14 @@ impl Parser {
             self.line.extend_from_slice(chunk);
         }
         Ok(())
+    }
+
+    /// Where in the chunk given to the last [`Parser::push`] the last event
+    /// ended, just past its blank line (an event without data counts too);
+    /// `None` when no event ended in it. The bytes before are whole events
+    /// and comments, the bytes after the start of the next.
+    pub fn last_event_end(&self) -> Option<usize> {
+        self.last_event_end
     }
 
     /// Pops the next complete event, in stream order.
@@ -294,8 +311,9 @@ impl Parser {
         self.in_event = false;
     }
 
-    /// Handles one complete line, without its terminator.
-    fn process_line(&mut self, mut line: &[u8]) -> Result<(), SseError> {
+    /// Handles one complete line, without its terminator; `true` when it was
+    /// the blank line that ends an event.
+    fn process_line(&mut self, mut line: &[u8]) -> Result<bool, SseError> {
         if self.at_stream_start {
             self.at_stream_start = false;
             line = line.strip_prefix(BOM).unwrap_or(line);
@@ -303,9 +321,9 @@ impl Parser {
         let (name, value) = match memchr::memchr(b':', line) {
             None if line.is_empty() => {
                 self.dispatch();
-                return Ok(());
+                return Ok(true);
             }
-            Some(0) => return Ok(()),
+            Some(0) => return Ok(false),
             Some(colon) => {
                 let value = &line[colon + 1..];
                 (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
@@ -341,7 +359,7 @@ impl Parser {
         if self.buffered_bytes() > self.max_event_bytes {
             return Err(self.too_large());
         }
-        Ok(())
+        Ok(false)
     }
 
     fn dispatch(&mut self) {
@@ -675,6 +693,24 @@ mod tests {
             parser.push(b"data: 0123456789\n\n").unwrap();
         }
         assert_eq!(std::iter::from_fn(|| parser.next_event()).count(), 10);
+    }
+
+    #[test]
+    fn last_event_end_is_past_the_blank_line() {
+        let mut parser = Parser::new();
+        parser
+            .push(b"data: a\n\ndata: b\r\n\r\n: c\ndata: d")
+            .unwrap();
+        assert_eq!(parser.last_event_end(), Some(20));
+        parser.push(b"\r").unwrap();
+        assert_eq!(parser.last_event_end(), None);
+        // The `\n` of a `\r\n` cut in two is no line of its own.
+        parser.push(b"\n\r").unwrap();
+        assert_eq!(parser.last_event_end(), Some(2));
+        parser.push(b"\nevent: e\n\n").unwrap();
+        assert_eq!(parser.last_event_end(), Some(11), "an event without data");
+        parser.push(b": only a comment\n\n").unwrap();
+        assert_eq!(parser.last_event_end(), Some(18));
     }
 
     #[test]

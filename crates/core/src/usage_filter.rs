@@ -22,9 +22,10 @@ pin_project_lite::pin_project! {
     /// Frame boundaries: a frame that ends on an event boundary and holds no
     /// usage-only chunk passes through unchanged, byte for byte and without
     /// delay (OpenAI-compatible servers send one event per frame, so their
-    /// streams keep their boundaries exactly). A frame that ends mid-event is held
-    /// until the event completes and then sent together with the rest of it: a
-    /// filter cannot hand on an event before it knows what the event is. The
+    /// streams keep their boundaries exactly). Of a frame that ends mid-event,
+    /// the events it completes go out at once and the unfinished one is held
+    /// until it completes: a filter cannot hand on an event before it knows
+    /// what the event is. The
     /// frame holding the usage-only chunk is re-encoded event by event without
     /// it (comments in that frame are dropped, `event`/`id`/`retry` fields kept),
     /// and so is the rest of an event that started in that frame. If the stream
@@ -116,6 +117,19 @@ fn filter_frame(parser: &mut Option<Parser>, held: &mut Held, data: Bytes) -> St
         .any(|e| is_usage_only_chunk(&e.data));
     if !drop_one && !held.reencode {
         if p.has_partial() {
+            // The events that ended in this frame go out now, as they came;
+            // only the unfinished one waits for its end.
+            if let Some(end) = p.last_event_end() {
+                held.events.clear();
+                let out = if held.raw.is_empty() {
+                    data.slice(..end)
+                } else {
+                    held.raw.extend_from_slice(&data[..end]);
+                    held.raw.split().freeze()
+                };
+                held.raw.extend_from_slice(&data[end..]);
+                return Step::Send(out);
+            }
             // Lines that add nothing to the parser's event (comments, `id`,
             // `event`) would keep an event open without bound: past the
             // parser's own limit, stop filtering.
@@ -365,6 +379,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn events_go_out_when_every_frame_ends_mid_event() {
+        // An upstream (or a relay before it) whose writes never line up with
+        // events: each frame ends a delta and starts the next. The client
+        // must get every delta as its frame comes, not the whole answer at
+        // the end of the stream.
+        let (head, tail) = DELTA.split_at(DELTA.len() - 10);
+        let mut frames = vec![head.to_string()];
+        frames.extend(std::iter::repeat_n(format!("{tail}{head}"), 50));
+        let frames: VecDeque<Item> = frames
+            .into_iter()
+            .map(|f| Ok(Frame::data(Bytes::from(f))))
+            .collect();
+        // The upstream goes quiet after them, the stream still open.
+        let body = http_body_util::StreamBody::new(futures_util::StreamExt::chain(
+            futures_util::stream::iter(frames),
+            futures_util::stream::pending(),
+        ));
+        let mut filter = std::pin::pin!(UsageFilter::new(body));
+        let mut out = Vec::new();
+        while let Some(Some(frame)) = futures_util::FutureExt::now_or_never(filter.as_mut().frame())
+        {
+            out.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(String::from_utf8(out).unwrap(), DELTA.repeat(50));
+    }
+
+    #[tokio::test]
     async fn oversized_events_turn_the_filter_off() {
         let big = format!(
             "data: {}",
@@ -372,5 +413,74 @@ mod tests {
         );
         let (out, _) = run(data(&[DELTA, &big, "\n\n", USAGE])).await;
         assert_eq!(out.concat(), format!("{DELTA}{big}\n\n{USAGE}").as_bytes());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod props {
+    use super::*;
+    use crate::sse::Event;
+    use proptest::prelude::*;
+
+    /// The events a parser reads in `bytes`.
+    fn events(bytes: &[u8]) -> Vec<Event> {
+        let mut parser = Parser::new();
+        parser.push(bytes).unwrap();
+        std::iter::from_fn(|| parser.next_event()).collect()
+    }
+
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z\u{e9}\u{1F600}]{0,6}".prop_map(|t| format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{t}\"}}}}]}}\n\n"
+            )),
+            Just(
+                "data:{\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n"
+                    .to_owned()
+            ),
+            Just(": keep-alive\n\n".to_owned()),
+            Just("event: x\nid: 3\nretry: 10\ndata: a\ndata: b\n\n".to_owned()),
+            Just("event: lonely\n\n".to_owned()),
+            Just("data: [DONE]\n\n".to_owned()),
+        ]
+    }
+
+    proptest! {
+        /// However the stream is cut and whatever its line endings, the
+        /// client reads the same events less the usage-only chunk, and each
+        /// event as soon as the frame that completes it came.
+        #[test]
+        fn any_cuts_any_line_endings(
+            pieces in proptest::collection::vec(piece(), 0..10),
+            ending in prop_oneof![Just("\n"), Just("\r"), Just("\r\n")],
+            bom in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..400, 0..12),
+        ) {
+            let mut stream = pieces.concat().replace('\n', ending);
+            if bom {
+                stream.insert(0, '\u{FEFF}');
+            }
+            let bytes = stream.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let mut parser = Some(Parser::new());
+            let mut held = Held::default();
+            let mut sent = Vec::new();
+            let mut start = 0;
+            for &cut in &cuts {
+                let frame = Bytes::copy_from_slice(&bytes[start..cut]);
+                start = cut;
+                if let Step::Send(out) = filter_frame(&mut parser, &mut held, frame) {
+                    sent.extend_from_slice(&out);
+                }
+                let want: Vec<Event> = events(&bytes[..cut])
+                    .into_iter()
+                    .filter(|e| !is_usage_only_chunk(&e.data))
+                    .collect();
+                prop_assert_eq!(events(&sent), want, "after {} of {:?}", cut, stream);
+            }
+        }
     }
 }
