@@ -483,3 +483,59 @@ async fn a_large_answer_whose_usage_is_not_at_its_end_is_charged_it() {
     assert_eq!(answer.body.len(), body.len());
     remaining_once(&p, |r| r == 0).await;
 }
+
+/// The proxy asks for the usage chunk on the key's behalf and strips it:
+/// an upstream whose writes never line up with its events (each ends one
+/// delta and starts the next) still reaches the client delta by delta, not
+/// only when the stream ends.
+#[tokio::test]
+async fn a_stream_whose_frames_never_end_on_an_event_streams_through_the_usage_filter() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const DELTA: &str =
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok\"}}]}\n\n";
+    let addr = raw_upstream(|mut conn| async move {
+        if read_request(&mut conn).await.is_none() {
+            return;
+        }
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                    transfer-encoding: chunked\r\n\r\n";
+        let _ = conn.write_all(head.as_bytes()).await;
+        let (start, end) = DELTA.split_at(DELTA.len() - 7);
+        let mut piece = start.to_owned();
+        for _ in 0..20 {
+            let chunk = format!("{:x}\r\n{piece}\r\n", piece.len());
+            if conn.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            piece = format!("{end}{start}");
+        }
+        // Then the upstream goes quiet, the stream open.
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let p = proxy(&format!(
+        "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 10000\n",
+        one_upstream(&format!("http://{addr}/v1"), APIS)
+    ))
+    .await;
+    let request = r#"{"model":"small","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{request}",
+        request.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    let mut buf = vec![0u8; 16 << 10];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while seen.matches("\"tok\"").count() < 19 {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the deltas did not come while the stream is open: {seen:?}"));
+}
