@@ -218,6 +218,10 @@ fn is_error_shape(error: bool, object: Option<&str>, kind: Option<&str>) -> bool
     error || object == Some("error") || kind == Some("error")
 }
 
+/// How far past `max_entry_bytes` an answer too large to store is still kept
+/// for the requests that follow it (they joined before it grew too large).
+const FOLLOWED_CAP_FACTOR: usize = 4;
+
 impl CacheBody {
     pub(crate) fn new(inner: Body, tee: Tee) -> Self {
         CacheBody {
@@ -230,10 +234,13 @@ impl CacheBody {
 impl Tee {
     fn observe(&mut self, data: &Bytes) {
         self.bytes += data.len();
-        if self.bytes > self.shared.config.max_entry_bytes {
-            // Too large to store: keep frames only while someone follows.
+        let max = self.shared.config.max_entry_bytes;
+        if self.bytes > max {
+            // Too large to store: keep frames only for those who follow
+            // already, and only so far.
             self.too_large = true;
-            self.leader.drop_frames_unless_followed();
+            self.leader
+                .too_large(self.bytes, max.saturating_mul(FOLLOWED_CAP_FACTOR));
         }
         self.leader.push(data);
         if let Watch::Sse(watch) = &mut self.watch {

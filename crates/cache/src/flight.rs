@@ -219,14 +219,23 @@ impl Leader {
         });
     }
 
-    /// Stop keeping frames if nobody follows; `false` if someone does.
-    pub fn drop_frames_unless_followed(&mut self) -> bool {
-        if self.retire_unless_followed() {
+    /// The answer has grown too large to store, to `kept` bytes so far.
+    /// No request joins it from now on (it would read it from its first
+    /// frame, however long it runs). Its frames are kept only while those
+    /// who joined read them, and at most `cap` bytes of them: past that,
+    /// they are dropped and those followers fail (their clients get a
+    /// broken stream, as after a leader's failure), so an answer that never
+    /// ends cannot grow the buffer without bound. `true` once the frames
+    /// are dropped.
+    pub fn too_large(&mut self, kept: usize, cap: usize) -> bool {
+        self.retire();
+        if kept <= cap && self.flight.followers.load(Ordering::SeqCst) > 0 {
             return false;
         }
-        let mut state = self.flight.state();
-        state.dropped_frames = true;
-        state.frames = Vec::new();
+        self.flight.update(|state| {
+            state.dropped_frames = true;
+            state.frames = Vec::new();
+        });
         true
     }
 
@@ -252,10 +261,12 @@ impl Leader {
 
     /// Whether followers read this flight (if not, it is retired at once).
     pub fn retire_unless_followed(&mut self) -> bool {
-        let followed = self
-            .flights
-            .as_ref()
-            .is_some_and(|flights| flights.retire_unless_followed(&self.flight));
+        let Some(flights) = &self.flights else {
+            // Out of the map (too large to share further): nobody can join,
+            // and those who joined before still count.
+            return self.flight.followers.load(Ordering::SeqCst) > 0;
+        };
+        let followed = flights.retire_unless_followed(&self.flight);
         if !followed {
             // Out of the map already: nothing for `retire` or the drop to do.
             self.flights = None;
@@ -348,6 +359,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_too_large_to_store_takes_no_new_followers_and_keeps_frames_only_so_far() {
+        let flights = Arc::new(Flights::new());
+        let Joined::Lead(mut leader) = flights.join(key()) else {
+            panic!("first leads")
+        };
+        let Joined::Follow(follower) = flights.join(key()) else {
+            panic!("second follows")
+        };
+        leader.start(live());
+        leader.push(&Bytes::from_static(b"a"));
+        // Too large to store, under the cap: the follower keeps reading.
+        assert!(!leader.too_large(100, 200));
+        leader.push(&Bytes::from_static(b"b"));
+        let second = poll_fn(|cx| follower.poll_frame(1, cx)).await;
+        assert_eq!(second.unwrap().unwrap(), "b");
+        // A request arriving now leads its own flight: it would read this
+        // one from its first frame, however long it runs.
+        let Joined::Lead(other) = flights.join(key()) else {
+            panic!("no new follower")
+        };
+        drop(other);
+        // Still followed (a leader whose client left reads on for it).
+        assert!(leader.retire_unless_followed());
+        // Past the cap the frames go, and the follower fails, also one
+        // that was waiting for the next frame.
+        let waiting = tokio::spawn(async move { poll_fn(|cx| follower.poll_frame(2, cx)).await });
+        tokio::task::yield_now().await;
+        assert!(leader.too_large(300, 200));
+        assert!(matches!(waiting.await.unwrap(), Some(Err(End::Failed))));
+        assert!(!leader.retire_unless_followed(), "its follower is gone");
+    }
+
+    #[tokio::test]
     async fn followers_read_live_frames_then_the_end() {
         let flights = Arc::new(Flights::new());
         let Joined::Lead(mut leader) = flights.join(key()) else {
@@ -423,10 +467,10 @@ mod tests {
         let Joined::Follow(follower) = flights.join(key()) else {
             panic!()
         };
-        assert!(!leader.drop_frames_unless_followed());
+        assert!(!leader.too_large(10, 100));
         drop(follower);
         leader.push(&Bytes::from_static(b"a"));
-        assert!(leader.drop_frames_unless_followed());
+        assert!(leader.too_large(11, 100));
         // Retired: the next request leads a flight of its own.
         assert!(matches!(flights.join(key()), Joined::Lead(_)));
         assert_eq!(leader.complete(), None);

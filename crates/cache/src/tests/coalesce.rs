@@ -379,3 +379,34 @@ async fn followers_of_a_lookup_get_the_hits_content_type() {
     assert_eq!(h.stats.snapshot().coalesced, 2);
     assert_eq!(h.calls(), 0);
 }
+
+/// An answer that grows too large to store is shared no further: a request
+/// arriving then makes its own upstream call instead of reading it from the
+/// first frame, and one that joined before is cut once the frames kept for
+/// it pass four times `max_entry_bytes`, so an upstream that streams for
+/// ever cannot grow the buffer without bound.
+#[tokio::test(start_paused = true)]
+async fn an_answer_too_large_to_store_is_shared_only_so_far() {
+    let h = harness(CacheConfig {
+        max_entry_bytes: 100,
+        ..CacheConfig::default()
+    });
+    let total: usize = stream_frames(1, false).iter().map(Bytes::len).sum();
+    assert!(total > 400, "the stream outgrows the cap ({total} bytes)");
+    let leader = spawn(&h, STREAM, &[("x-fake-frame-ms", "10")]);
+    tokio::time::sleep(MS).await;
+    let follower = spawn(&h, STREAM, &[]);
+    // A few frames in: over 100 bytes, under 400.
+    tokio::time::sleep(15 * MS).await;
+    let late = spawn(&h, STREAM, &[]);
+    let (leader, follower, late) = (
+        leader.await.unwrap(),
+        follower.await.unwrap(),
+        late.await.unwrap(),
+    );
+    assert_eq!(leader.frames, stream_frames(1, false));
+    assert!(leader.error.is_none());
+    assert!(follower.error.is_some(), "cut past the cap: {follower:?}");
+    assert!(late.error.is_none(), "{late:?}");
+    assert_eq!(h.calls(), 2, "the late request made its own call");
+}
