@@ -283,6 +283,27 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Call `attempt` until it succeeds (every 50 ms); the test fails, naming
+/// `what` and the last error, after `HANG`.
+pub async fn until_ok<T, E, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} after {HANG:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

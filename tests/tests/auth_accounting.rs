@@ -428,7 +428,7 @@ async fn answering(body: &'static str) -> TestProxy {
 /// usage (the proxy reads on for it), not only the reservation.
 #[tokio::test]
 async fn a_json_answer_the_client_leaves_is_charged_its_usage() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     // Far past what socket buffers hold between the proxy and a client
     // that stopped reading.
     let filler = "x".repeat(16 << 20);
@@ -437,14 +437,11 @@ async fn a_json_answer_the_client_leaves_is_charged_its_usage() {
     )
     .leak();
     let p = answering(body).await;
-    let request = r#"{"model":"small","messages":[{"role":"user","content":"hi"}]}"#;
-    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{request}",
-        request.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut conn = raw_chat(
+        &p,
+        r#"{"model":"small","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
     // The head and the start of the answer, then the client goes.
     let mut got = 0usize;
     let mut buf = vec![0u8; 16 << 10];
@@ -519,14 +516,11 @@ async fn a_stream_whose_frames_never_end_on_an_event_streams_through_the_usage_f
         one_upstream(&format!("http://{addr}/v1"), APIS)
     ))
     .await;
-    let request = r#"{"model":"small","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{request}",
-        request.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut conn = raw_chat(
+        &p,
+        r#"{"model":"small","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
     let mut seen = String::new();
     let mut buf = vec![0u8; 16 << 10];
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -538,4 +532,18 @@ async fn a_stream_whose_frames_never_end_on_an_event_streams_through_the_usage_f
     })
     .await
     .unwrap_or_else(|_| panic!("the deltas did not come while the stream is open: {seen:?}"));
+}
+
+/// A chat completion `request` written on a raw connection to `p` with the
+/// test key: the connection, for a test to read (or drop) as a client would.
+async fn raw_chat(p: &TestProxy, request: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{request}",
+        request.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn
 }

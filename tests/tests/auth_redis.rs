@@ -295,12 +295,8 @@ async fn a_damaged_limit_key_is_written_over() {
                 .await
                 .unwrap();
         }
-        let mut statuses = Vec::new();
-        for p in [&a, &b, &a, &b, &a, &b] {
-            statuses.push(call(p).await.status.as_u16());
-        }
         // rpm 4 across the fleet, as if the key had been absent.
-        assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{damage}");
+        four_pass_across_the_fleet(&a, &b, damage).await;
         let state = fleet_state(&redis, "t9:").await.expect("written over");
         assert!(state.parse::<f64>().is_ok(), "{damage}: {state}");
         // No Redis call failed: nothing fell back to local limits.
@@ -314,6 +310,16 @@ async fn a_damaged_limit_key_is_written_over() {
             );
         }
     }
+}
+
+/// Six calls alternating between proxies `a` and `b` under the fleet's
+/// rpm 4: four pass, the rest get 429.
+async fn four_pass_across_the_fleet(a: &TestProxy, b: &TestProxy, what: &str) {
+    let mut statuses = Vec::new();
+    for p in [a, b, a, b, a, b] {
+        statuses.push(call(p).await.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{what}");
 }
 
 /// Something else wrote a limit's key with text Lua reads as a number no
@@ -338,12 +344,8 @@ async fn a_limit_key_holding_no_real_time_is_written_over() {
             .query_async::<()>(&mut conn)
             .await
             .unwrap();
-        let mut statuses = Vec::new();
-        for p in [&a, &b, &a, &b, &a, &b] {
-            statuses.push(call(p).await.status.as_u16());
-        }
         // rpm 4 across the fleet, as if the key had been absent.
-        assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{damage}");
+        four_pass_across_the_fleet(&a, &b, damage).await;
         let state = fleet_state(&redis, &prefix).await.expect("written over");
         assert!(
             state.parse::<f64>().is_ok_and(f64::is_finite),

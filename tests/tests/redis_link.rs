@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use llm_proxy_core::redis::{RedisCallError, RedisLink};
-use tests::HANG;
 use tests::redis_server::RedisServer;
 use tests::relay::Relay;
+use tests::until_ok;
 
 async fn get(link: &RedisLink, key: &str) -> Result<Option<String>, RedisCallError> {
     link.call("get", |mut c| async move {
@@ -51,20 +51,8 @@ async fn a_silent_connection_is_replaced() {
     );
     // A second call with no answer replaces the connection; calls go
     // through a new one (the breaker may skip a few for a second first).
-    let deadline = tokio::time::Instant::now() + HANG;
-    loop {
-        match get(&link, "k").await {
-            Ok(found) => {
-                assert_eq!(found.as_deref(), Some("v"));
-                break;
-            }
-            Err(e) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "still failing after {HANG:?}: {e}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let found = until_ok("still failing", || get(&link, "k")).await;
+    assert_eq!(found.as_deref(), Some("v"));
     assert_eq!(relay.accepted(), 2, "one new connection");
 }
 
@@ -144,13 +132,7 @@ async fn a_redis_that_stalls_for_a_moment_keeps_its_connection() {
         "{stalled:?}"
     );
     // Once Redis answers again, the same connection serves.
-    let deadline = tokio::time::Instant::now() + HANG;
-    while get(&link, "k").await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never answered again"
-        );
-    }
+    until_ok("never answered again", || get(&link, "k")).await;
     assert_eq!(relay.accepted(), 1, "no reconnect for a short stall");
 }
 
@@ -251,17 +233,7 @@ async fn a_connection_to_a_demoted_primary_is_replaced() {
         .await
         .expect("demoted");
     relay.retarget(new.addr);
-    let deadline = tokio::time::Instant::now() + HANG;
-    loop {
-        match set().await {
-            Ok(()) => break,
-            Err(e) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "still writing to the replica after {HANG:?}: {e}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ok("still writing to the replica", set).await;
     assert_eq!(relay.accepted(), 2, "one new connection");
 }
 

@@ -351,6 +351,17 @@ mod tests {
         CacheKey::from_bytes([3; 32])
     }
 
+    /// The first request for `key()` leads, the second follows.
+    fn lead_and_follow(flights: &Arc<Flights>) -> (Leader, Follower) {
+        let Joined::Lead(leader) = flights.join(key()) else {
+            panic!("first leads")
+        };
+        let Joined::Follow(follower) = flights.join(key()) else {
+            panic!("second follows")
+        };
+        (leader, follower)
+    }
+
     fn live() -> Head {
         Head {
             content_type: None,
@@ -361,12 +372,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_too_large_to_store_takes_no_new_followers_and_keeps_frames_only_so_far() {
         let flights = Arc::new(Flights::new());
-        let Joined::Lead(mut leader) = flights.join(key()) else {
-            panic!("first leads")
-        };
-        let Joined::Follow(follower) = flights.join(key()) else {
-            panic!("second follows")
-        };
+        let (mut leader, follower) = lead_and_follow(&flights);
         leader.start(live());
         leader.push(&Bytes::from_static(b"a"));
         // Too large to store, under the cap: the follower keeps reading.
@@ -394,12 +400,7 @@ mod tests {
     #[tokio::test]
     async fn followers_read_live_frames_then_the_end() {
         let flights = Arc::new(Flights::new());
-        let Joined::Lead(mut leader) = flights.join(key()) else {
-            panic!("first leads")
-        };
-        let Joined::Follow(follower) = flights.join(key()) else {
-            panic!("second follows")
-        };
+        let (mut leader, follower) = lead_and_follow(&flights);
         leader.start(live());
         poll_fn(|cx| follower.poll_head(cx)).await.unwrap();
         leader.push(&Bytes::from_static(b"a"));
@@ -433,12 +434,7 @@ mod tests {
     #[tokio::test]
     async fn a_completed_leader_that_dies_before_retiring_leaves_the_map() {
         let flights = Arc::new(Flights::new());
-        let Joined::Lead(mut leader) = flights.join(key()) else {
-            panic!()
-        };
-        let Joined::Follow(follower) = flights.join(key()) else {
-            panic!()
-        };
+        let (mut leader, follower) = lead_and_follow(&flights);
         leader.start(live());
         leader.push(&Bytes::from_static(b"a"));
         assert!(leader.complete().is_some());
@@ -461,12 +457,7 @@ mod tests {
     #[test]
     fn unfollowed_flights_retire_and_drop_their_frames() {
         let flights = Arc::new(Flights::new());
-        let Joined::Lead(mut leader) = flights.join(key()) else {
-            panic!()
-        };
-        let Joined::Follow(follower) = flights.join(key()) else {
-            panic!()
-        };
+        let (mut leader, follower) = lead_and_follow(&flights);
         assert!(!leader.too_large(10, 100));
         drop(follower);
         leader.push(&Bytes::from_static(b"a"));
