@@ -300,15 +300,21 @@ async fn a_damaged_limit_key_is_written_over() {
         let state = fleet_state(&redis, "t9:").await.expect("written over");
         assert!(state.parse::<f64>().is_ok(), "{damage}: {state}");
         // No Redis call failed: nothing fell back to local limits.
-        for p in [&a, &b] {
-            let metrics = p.metrics().await;
-            assert!(
-                !metrics.lines().any(|l| l
-                    .starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#)
-                    && !l.ends_with(" 0")),
-                "{damage}: {metrics}"
-            );
-        }
+        no_auth_store_errors(&[&a, &b], damage).await;
+    }
+}
+
+/// No Redis call of the auth layer failed on any of `proxies`: nothing fell
+/// back to local limits.
+async fn no_auth_store_errors(proxies: &[&TestProxy], what: &str) {
+    for p in proxies {
+        let metrics = p.metrics().await;
+        assert!(
+            !metrics.lines().any(|l| l
+                .starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#)
+                && !l.ends_with(" 0")),
+            "{what}: {metrics}"
+        );
     }
 }
 
@@ -351,14 +357,6 @@ async fn a_limit_key_holding_no_real_time_is_written_over() {
             state.parse::<f64>().is_ok_and(f64::is_finite),
             "{damage}: {state}"
         );
-        for p in [&a, &b] {
-            let metrics = p.metrics().await;
-            assert!(
-                !metrics.lines().any(|l| l
-                    .starts_with(r#"llm_proxy_store_errors_total{store="auth"}"#)
-                    && !l.ends_with(" 0")),
-                "{damage}: {metrics}"
-            );
-        }
+        no_auth_store_errors(&[&a, &b], damage).await;
     }
 }
