@@ -65,7 +65,8 @@ pub(crate) struct Flight {
 struct State {
     head: Option<Head>,
     frames: Vec<Bytes>,
-    /// Frames are no longer kept (too large to store, and nobody follows).
+    /// Frames are no longer kept (too large to store, and nobody follows or
+    /// the followers' share passed its cap).
     dropped_frames: bool,
     end: Option<End>,
     wakers: Vec<Waker>,
@@ -174,8 +175,9 @@ impl Flight {
 #[derive(Debug)]
 pub(crate) struct Leader {
     flight: Arc<Flight>,
-    /// `None` for a flight nobody can join (a `no-cache` request, or a
-    /// follower that stopped waiting).
+    /// `None` for a flight nobody can join (a `no-cache` request, a
+    /// follower that stopped waiting, or an answer too large to share
+    /// further), or once it left the map.
     flights: Option<Arc<Flights>>,
     finished: bool,
 }
@@ -263,8 +265,11 @@ impl Leader {
     pub fn retire_unless_followed(&mut self) -> bool {
         let Some(flights) = &self.flights else {
             // Out of the map (too large to share further): nobody can join,
-            // and those who joined before still count.
-            return self.flight.followers.load(Ordering::SeqCst) > 0;
+            // and those who joined before still count, unless their frames
+            // are gone (past the cap: they fail on their next read, and the
+            // upstream must not be read on for them).
+            return self.flight.followers.load(Ordering::SeqCst) > 0
+                && !self.flight.state().dropped_frames;
         };
         let followed = flights.retire_unless_followed(&self.flight);
         if !followed {
@@ -395,6 +400,20 @@ mod tests {
         assert!(leader.too_large(300, 200));
         assert!(matches!(waiting.await.unwrap(), Some(Err(End::Failed))));
         assert!(!leader.retire_unless_followed(), "its follower is gone");
+    }
+
+    #[test]
+    fn followers_past_the_cap_are_no_reason_to_read_on() {
+        let flights = Arc::new(Flights::new());
+        let (mut leader, follower) = lead_and_follow(&flights);
+        leader.start(live());
+        assert!(!leader.too_large(100, 200));
+        assert!(leader.retire_unless_followed(), "under the cap: read on");
+        assert!(leader.too_large(300, 200));
+        // The follower has not read its failure yet, but its frames are
+        // gone: a leader whose client left stops reading the upstream.
+        assert!(!leader.retire_unless_followed());
+        drop(follower);
     }
 
     #[tokio::test]
