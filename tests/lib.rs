@@ -449,6 +449,15 @@ pub async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
     true
 }
 
+/// The value of header `name` (any case) in a raw request or response
+/// `head`, trimmed.
+pub fn head_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (key, value) = l.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
 /// Read one request off `conn`: its head, and its body by its
 /// `content-length` (none: empty); `None` if the connection ends first.
 pub async fn read_request(conn: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
@@ -464,13 +473,8 @@ pub async fn read_request(conn: &mut tokio::net::TcpStream) -> Option<(String, V
         }
     };
     let head = String::from_utf8_lossy(&seen[..head_end]).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
+    let length: usize = head_value(&head, "content-length")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut body = seen[head_end..].to_vec();
     while body.len() < length {

@@ -82,14 +82,7 @@ async fn vllm_like_chat_upstream() -> std::net::SocketAddr {
         let Some((head, _body)) = read_request(&mut conn).await else {
             return;
         };
-        let rid = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("x-request-id")
-                    .then(|| v.trim().to_owned())
-            })
-            .unwrap_or_else(|| "random".to_owned());
+        let rid = head_value(&head, "x-request-id").unwrap_or("random");
         let text = serde_json::json!({
             "id": format!("chatcmpl-{rid}"), "object": "chat.completion", "created": 1, "model": "c",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],

@@ -1873,14 +1873,7 @@ async fn the_upstreams_rate_limit_headers_do_not_reach_websocket_clients() {
         let Some((head, _)) = read_request(&mut conn).await else {
             return;
         };
-        let key = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| value.trim().to_owned())
-            })
-            .unwrap_or_default();
+        let key = head_value(&head, "sec-websocket-key").unwrap_or_default();
         let answer = format!(
             "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
              sec-websocket-accept: {}\r\n{PROVIDER}\r\n",
