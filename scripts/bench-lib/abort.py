@@ -33,22 +33,14 @@ def close(s, reset):
     s.close()
 
 
-def stream(addr, key, model, i):
-    body = json.dumps({
-        "model": model,
-        "stream": True,
-        "messages": [{"role": "user", "content": f"abort {i}"}],
-    }).encode()
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\n"
-        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+def send_and_leave(addr, i, data, wait_for_event):
+    """Send `data` on a new connection, read up to the first event if asked,
+    then close (every other time with a reset)."""
     s = connect(addr)
     try:
-        s.sendall(head + body)
+        s.sendall(data)
         seen = b""
-        while b"data:" not in seen:
+        while wait_for_event and b"data:" not in seen:
             chunk = s.recv(4096)
             if not chunk:
                 return "closed_early"
@@ -60,28 +52,32 @@ def stream(addr, key, model, i):
         close(s, reset=i % 2 == 0)
 
 
+def stream(addr, key, model, i):
+    body = json.dumps({
+        "model": model,
+        "stream": True,
+        "messages": [{"role": "user", "content": f"abort {i}"}],
+    }).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return send_and_leave(addr, i, head + body, wait_for_event=True)
+
+
 def half_head(addr, _key, _model, i):
-    s = connect(addr)
-    try:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\nContent-Le")
-        return "ok"
-    finally:
-        close(s, reset=i % 2 == 0)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\nContent-Le"
+    return send_and_leave(addr, i, head, wait_for_event=False)
 
 
 def half_body(addr, key, _model, i):
-    s = connect(addr)
-    try:
-        s.sendall(
-            (
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\n"
-                f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-                "Content-Length: 1000\r\n\r\n" + '{"model":"soak","messages":['
-            ).encode()
-        )
-        return "ok"
-    finally:
-        close(s, reset=i % 2 == 0)
+    data = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n" + '{"model":"soak","messages":['
+    ).encode()
+    return send_and_leave(addr, i, data, wait_for_event=False)
 
 
 def main():
