@@ -16,7 +16,10 @@ use llm_proxy::config::Settings;
 // mimalloc: the proxy allocates a few small buffers per request (hyper's read
 // buffers, header maps, futures); see docs/BENCHMARKS.md for the A/B. Built
 // without transparent huge pages (`no_thp`): with them, idle RSS is 16 MiB
-// instead of 7, for no measurable speed.
+// instead of 7, for no measurable speed. Version 2 of the C library (`v2`):
+// the crate's default, version 3, serves every allocation over 1 KiB (a boxed
+// future, hyper's buffers) by over-allocating for alignment, a slow path
+// that v2 takes only for alignments over 16 (docs/BENCHMARKS.md, session 12).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

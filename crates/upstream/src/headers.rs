@@ -1,12 +1,5 @@
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-/// Azure OpenAI's key header, which its SDKs send instead of `authorization`.
-const API_KEY: HeaderName = HeaderName::from_static("api-key");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-const PROXY_AUTHENTICATION_INFO: HeaderName = HeaderName::from_static("proxy-authentication-info");
-
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus the client's credentials and cookies, which never go upstream (the
 /// proxy is the upstream's client, with its own key; a browser's cookies for
@@ -14,39 +7,49 @@ const PROXY_AUTHENTICATION_INFO: HeaderName = HeaderName::from_static("proxy-aut
 /// the client's `100-continue` was answered by the proxy's server (or the
 /// body read whole already), and the upstream client sends the body without
 /// waiting for a `100`, so an upstream could only refuse it (`417`).
-const STRIP: [HeaderName; 15] = [
-    header::CONNECTION,
-    header::COOKIE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::HOST,
-    header::AUTHORIZATION,
-    header::CONTENT_LENGTH,
-    header::EXPECT,
-    X_API_KEY,
-    API_KEY,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-];
+/// `api-key` is Azure OpenAI's key header, which its SDKs send instead of
+/// `authorization`.
+///
+/// A `match` on the (lowercase) name: a length switch, then one compare.
+fn stripped_from_request(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "cookie"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "host"
+            | "authorization"
+            | "content-length"
+            | "expect"
+            | "x-api-key"
+            | "api-key"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
 
 /// Hop-by-hop headers of a response, and cookies and proxy authentication
 /// (RFC 9110 §11.7): the upstream's are for the proxy, its client, not for
 /// the proxy's clients.
-const STRIP_RESPONSE: [HeaderName; 10] = [
-    header::CONNECTION,
-    header::SET_COOKIE,
-    header::PROXY_AUTHENTICATE,
-    PROXY_AUTHENTICATION_INFO,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-];
+fn stripped_from_response(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "set-cookie"
+            | "proxy-authenticate"
+            | "proxy-authentication-info"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
 
 /// Remove hop-by-hop headers (also those named by `connection`), the client's
 /// credentials and the framing headers the client connection will recompute;
@@ -61,9 +64,7 @@ const STRIP_RESPONSE: [HeaderName; 10] = [
 /// server, where compressing a token stream saves little.
 pub(crate) fn strip_request(headers: &mut HeaderMap) {
     strip_connection_named(headers);
-    for name in &STRIP {
-        headers.remove(name);
-    }
+    remove_where(headers, stripped_from_request);
     headers.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
@@ -85,8 +86,36 @@ pub(crate) fn strip_response(headers: &mut HeaderMap) {
         single_content_length(headers);
     }
     strip_connection_named(headers);
-    for name in &STRIP_RESPONSE {
-        headers.remove(name);
+    remove_where(headers, stripped_from_response);
+}
+
+/// Remove every header whose name `strip` picks.
+///
+/// One pass over the names present rather than a hashed lookup per name
+/// that could be there: a message carries a handful of names and few of
+/// those. The names found are removed in a second step, as the map cannot
+/// change while its names are read; a message with more of them than one
+/// step takes is scanned again.
+fn remove_where(headers: &mut HeaderMap, strip: impl Fn(&HeaderName) -> bool) {
+    const BATCH: usize = 4;
+    loop {
+        let mut found: [Option<HeaderName>; BATCH] = Default::default();
+        let mut n = 0;
+        for name in headers.keys() {
+            if strip(name) {
+                found[n] = Some(name.clone());
+                n += 1;
+                if n == BATCH {
+                    break;
+                }
+            }
+        }
+        for name in found.iter().flatten() {
+            headers.remove(name);
+        }
+        if n < BATCH {
+            return;
+        }
     }
 }
 
@@ -173,6 +202,67 @@ mod tests {
         super::strip_request(&mut h);
         assert!(!h.contains_key("x-private"), "{h:?}");
         assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn every_listed_header_goes_however_many_come() {
+        const REQUEST: [&str; 15] = [
+            "connection",
+            "cookie",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "host",
+            "authorization",
+            "content-length",
+            "expect",
+            "x-api-key",
+            "api-key",
+            "keep-alive",
+            "proxy-connection",
+        ];
+        let mut h = HeaderMap::new();
+        for name in REQUEST.iter().rev() {
+            h.append(*name, HeaderValue::from_static("a"));
+            h.append(*name, HeaderValue::from_static("b"));
+        }
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        strip_request(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept-encoding", "content-type", "x-kept"]);
+
+        let response = [
+            "connection",
+            "set-cookie",
+            "proxy-authenticate",
+            "proxy-authentication-info",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+        ];
+        let mut h = HeaderMap::new();
+        for name in response {
+            h.insert(name, HeaderValue::from_static("a"));
+        }
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        strip_response(&mut h);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["content-type"]
+        );
     }
 
     #[test]
