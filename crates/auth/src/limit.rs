@@ -50,9 +50,20 @@ impl Gcra {
         }
     }
 
-    /// Nanoseconds between two units at the steady rate (60 s / limit).
+    /// Nanoseconds between two units at the steady rate (60 s / limit,
+    /// rounded down).
     pub fn interval_ns(&self) -> u64 {
         self.interval_ns
+    }
+
+    /// Nanoseconds `units` take at the steady rate: `units · 60 s / limit`,
+    /// rounded down once for the whole amount, not once a unit. (Above ~60
+    /// million a minute a unit is a few ns, and `units · interval_ns` would
+    /// let through up to 7% more than the limit names: u32::MAX a minute is
+    /// 13.97 ns a unit, not 13.)
+    fn span(&self, units: u64) -> u64 {
+        let ns = u128::from(units) * u128::from(WINDOW_NS) / u128::from(self.limit);
+        u64::try_from(ns).unwrap_or(u64::MAX)
     }
 
     /// What a request of `cost` units is charged: `cost`, at most the whole
@@ -68,9 +79,7 @@ impl Gcra {
     /// charged [`charge(cost)`](Self::charge).
     pub fn check(&self, tat: u64, now: u64, cost: u64) -> Check {
         let cost = self.charge(cost);
-        let new_tat = tat
-            .max(now)
-            .saturating_add(cost.saturating_mul(self.interval_ns));
+        let new_tat = tat.max(now).saturating_add(self.span(cost));
         let ahead = new_tat - now;
         if ahead <= WINDOW_NS {
             Check::Allowed(new_tat)
@@ -92,7 +101,7 @@ impl Gcra {
     pub fn adjust(&self, tat: u64, now: u64, delta: i64) -> u64 {
         let delta = self.bounded(delta);
         let base = tat.max(now);
-        let amount = delta.unsigned_abs().saturating_mul(self.interval_ns);
+        let amount = self.span(delta.unsigned_abs());
         if delta >= 0 {
             base.saturating_add(amount)
         } else {
@@ -104,10 +113,13 @@ impl Gcra {
     /// time until the limit is whole again.
     pub fn status(&self, tat: u64, now: u64) -> Status {
         let used = tat.max(now) - now;
-        let remaining = WINDOW_NS.saturating_sub(used) / self.interval_ns;
+        // The most units whose span fits in what is left of the window:
+        // the largest `r` with `r · 60 s / limit < left + 1 ns`.
+        let left = u128::from(WINDOW_NS.saturating_sub(used));
+        let remaining = ((left + 1) * u128::from(self.limit) - 1) / u128::from(WINDOW_NS);
         Status {
             limit: self.limit,
-            remaining: remaining.min(u64::from(self.limit)) as u32,
+            remaining: remaining.min(u128::from(self.limit)) as u32,
             reset: Duration::from_nanos(used),
         }
     }
@@ -313,6 +325,26 @@ mod tests {
         assert_eq!(l.acquire(0, 0).tokens.unwrap().remaining, 390);
         assert!(!l.acquire(0, reserve).allowed);
         assert_eq!(Limits::new(Some(5), None).token_charge(10), 0);
+    }
+
+    /// 60 s / u32::MAX is 13.97 ns a unit: charged as a whole 13 ns, a
+    /// huge limit let through 7% more than it names.
+    #[test]
+    fn a_huge_limit_lets_through_what_it_names_and_no_more() {
+        for limit in [u32::MAX, 700_000_000] {
+            let l = Limits::new(None, Some(limit));
+            let all = u64::from(limit);
+            let d = l.acquire(0, all);
+            assert!(d.allowed, "{limit}: a whole limit on a full bucket");
+            assert_eq!(d.tokens.unwrap().remaining, 0, "{limit}");
+            assert!(!l.acquire(0, all / 50).allowed, "{limit}: 2% more at once");
+            // Half a minute on, half of it is back, not more.
+            assert!(l.acquire(30 * S, all / 2).allowed, "{limit}");
+            assert!(!l.acquire(30 * S, all / 50).allowed, "{limit}: 2% more");
+            // Given back whole, the bucket reads whole.
+            l.adjust_tokens(30 * S, -i64::from(limit));
+            assert_eq!(l.acquire(90 * S, 0).tokens.unwrap().remaining, limit);
+        }
     }
 
     #[test]

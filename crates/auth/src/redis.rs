@@ -17,10 +17,11 @@ use crate::limit::{Decision, Gcra};
 
 /// A limit's interval in µs, with its fraction: above 60 000 000 a minute
 /// it is under one µs, and whole µs would make it 0 ("no limit") or loosen
-/// it (40 000 000 would be enforced as 60 000 000). Lua numbers are
-/// doubles: exact enough at any `u32` limit.
+/// it (40 000 000 would be enforced as 60 000 000); so would whole ns above
+/// a few hundred million (u32::MAX a minute is 13.97 ns, not 13). Lua
+/// numbers are doubles: exact enough at any `u32` limit.
 fn micros(g: Gcra) -> f64 {
-    g.interval_ns() as f64 / 1000.0
+    60_000_000.0 / f64::from(g.limit)
 }
 
 /// What both scripts start with: `tat(key)`, the time a key holds.
