@@ -17,8 +17,13 @@ use crate::config::HealthCheck;
 use crate::service::Shared;
 
 /// Bodies of probe answers are read (to keep pooled connections reusable)
-/// for at most this long.
+/// for at most this long,
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// and at most this many bytes, each dropped as it comes: an upstream that
+/// answers with an endless body must not fill the proxy's memory (nor keep
+/// it busy) for the drain's whole second.
+const DRAIN_BYTES: usize = 1 << 20;
 
 /// How long one probe may take: the interval, but at least a second (a
 /// short interval must not fail every probe of an upstream that takes a
@@ -95,9 +100,22 @@ where
     match crate::attempt::call(svc, req).await {
         Ok(resp) => {
             let status = resp.status();
-            let _ = tokio::time::timeout(DRAIN_LIMIT, resp.into_body().collect()).await;
+            let _ = tokio::time::timeout(DRAIN_LIMIT, drain(resp.into_body())).await;
             (status != http::StatusCode::TOO_MANY_REQUESTS).then_some(status.is_success())
         }
         Err(_) => Some(false),
+    }
+}
+
+/// Read `body` to its end, keeping nothing, unless it holds more than
+/// [`DRAIN_BYTES`] (then it is dropped, and its connection with it).
+async fn drain(mut body: Body) {
+    let mut read = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        // (Empty frames count too: the loop ends whatever the upstream sends.)
+        read = read.saturating_add(frame.data_ref().map_or(0, |d| d.len()).max(1));
+        if read > DRAIN_BYTES {
+            return;
+        }
     }
 }

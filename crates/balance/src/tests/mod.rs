@@ -39,6 +39,9 @@ pub(crate) enum Mode {
     /// 200, one body frame, then an error that is the proxy's own (a
     /// translation that cannot carry on).
     BrokenByProxy,
+    /// 200 with a body that never ends: 64 KiB frames, as fast as they are
+    /// read, each counted here.
+    Endless(Arc<std::sync::atomic::AtomicU64>),
 }
 
 /// What one fake call saw.
@@ -182,6 +185,18 @@ impl Service<Request<Body>> for Fake {
                         Err(error),
                     ];
                     let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                    Ok(Response::new(body.boxed_unsync()))
+                }
+                Mode::Endless(served) => {
+                    const FRAME: &[u8] = &[b'x'; 64 * 1024];
+                    let frames = futures_util::stream::unfold(served, |served| async move {
+                        // Pending between frames, as a socket's body is.
+                        tokio::task::yield_now().await;
+                        served.fetch_add(FRAME.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        let frame = http_body::Frame::data(Bytes::from_static(FRAME));
+                        Some((Ok::<_, llm_proxy_core::BoxError>(frame), served))
+                    });
+                    let body = http_body_util::StreamBody::new(frames);
                     Ok(Response::new(body.boxed_unsync()))
                 }
                 Mode::Empty => Ok(Response::new(llm_proxy_core::empty())),

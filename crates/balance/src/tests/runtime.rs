@@ -152,6 +152,31 @@ async fn health_check_stops_with_the_balancer() {
     );
 }
 
+/// A probe answered with a body that never ends (a hostile or broken
+/// upstream) reads only a bounded amount of it: the body is there to keep
+/// the connection reusable, not to be kept.
+#[tokio::test]
+async fn a_probe_reads_a_bounded_amount_of_an_endless_body() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let fleet = Fleet::default();
+    let served = Arc::new(AtomicU64::new(0));
+    fleet.set("a", Mode::Endless(served.clone()));
+    let b = balance(&fleet, &["a"], checked(60));
+    let h = b.handle();
+    // (Real time: the first round runs at once, its drain ends within 1 s.)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fleet.probes(), 1);
+    assert!(stats(&h, "a").healthy, "a 200 is a passing probe");
+    let read = served.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        served.load(Ordering::Relaxed),
+        read,
+        "the probe stopped reading"
+    );
+    assert!(read <= 2 << 20, "the probe read {read} bytes of its answer");
+}
+
 /// A backend put back unchanged (as discovery does on every refresh), or
 /// a change to another backend, keeps the rotation turning: rebuilding the
 /// set must not start it over at the first backend.
