@@ -15,7 +15,8 @@
 //! - A 429 rests the backend for its `retry-after` (default 1 s, capped);
 //!   it is neither a failure nor a success, and only time ends it.
 //! - Active probes: a failure marks the backend down until the next
-//!   success (probe or request); a 2xx clears that mark only. An ejection
+//!   success (probe or request), unless a request was answered while the
+//!   probe waited (`probe.rs`); a 2xx clears that mark only. An ejection
 //!   runs its course: a probe of `/v1/models` answered does not show that
 //!   the model answers (the common LLM server failure: HTTP up, model
 //!   broken), as Envoy keeps outlier ejection apart from its health checks.

@@ -69,16 +69,25 @@ where
     S::Future: Send + 'static,
 {
     let set = shared.snapshot();
+    let epoch = shared.epoch;
     let probes = set.members.iter().map(|member| {
         let svc = member.service();
         let state = member.state.clone();
         async move {
+            let sent = epoch.now();
             let ok = tokio::time::timeout(timeout, probe(svc, path))
                 .await
                 .unwrap_or(Some(false));
             // A probe refused with 429 says the server is up and busy:
             // requests' own 429s rest it; the probe changes nothing.
             let Some(ok) = ok else { return };
+            // Requests answered while the probe waited are newer news than
+            // its failure (a server busy with them may be slow to list its
+            // models, or time the probe out): it stays up.
+            if !ok && state.answered_since(sent) {
+                tracing::debug!(upstream = %state.name, "health check failed, but requests were answered meanwhile");
+                return;
+            }
             state.update_health(|h| h.on_probe(ok));
             if !ok {
                 tracing::debug!(upstream = %state.name, "health check failed");

@@ -52,6 +52,10 @@ pub(crate) struct BackendState {
     /// Whether the failure count is above zero. Written under `health`,
     /// read without a lock: a clean end has nothing to reset otherwise.
     failing: AtomicBool,
+    /// One past the time of the last answer's head below 400 (0: none
+    /// yet), so a probe that failed can tell whether requests were
+    /// answered while it waited.
+    answered_after: AtomicU64,
     health: Mutex<Health>,
     ejections: AtomicU64,
     /// The balancer's policy and its ejection count, for failures recorded
@@ -80,6 +84,7 @@ impl BackendState {
             down_until: AtomicU64::new(0),
             sick_until: AtomicU64::new(0),
             failing: AtomicBool::new(false),
+            answered_after: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             ejections: AtomicU64::new(0),
             policy,
@@ -178,9 +183,16 @@ impl BackendState {
     /// usual case, a backend neither resting nor marked down, changes
     /// nothing and takes no lock.
     pub(crate) fn answered(&self, now: u64) {
+        self.answered_after
+            .fetch_max(now.saturating_add(1), Ordering::Relaxed);
         if self.down_until.load(Ordering::Relaxed) > now {
             self.update_health(|h| h.on_answered(now));
         }
+    }
+
+    /// Whether an answer's head below 400 came at `since` or later.
+    pub(crate) fn answered_since(&self, since: u64) -> bool {
+        self.answered_after.load(Ordering::Relaxed) > since
     }
 
     /// An answered body ended without breaking ([`Health::on_clean_end`]);

@@ -42,6 +42,9 @@ pub(crate) enum Mode {
     /// 200 with a body that never ends: 64 KiB frames, as fast as they are
     /// read, each counted here.
     Endless(Arc<std::sync::atomic::AtomicU64>),
+    /// Requests answered 200 at once; health probes (`/v1/models`) only
+    /// after this delay (a server too busy for its model list).
+    SlowProbes(Duration),
 }
 
 /// What one fake call saw.
@@ -157,6 +160,11 @@ impl Service<Request<Body>> for Fake {
                 .unwrap_or(Mode::Ok(Duration::ZERO))
         };
         let name = self.name.clone();
+        let mode = match mode {
+            Mode::SlowProbes(delay) if req.uri().path() == "/v1/models" => Mode::Ok(delay),
+            Mode::SlowProbes(_) => Mode::Ok(Duration::ZERO),
+            mode => mode,
+        };
         Box::pin(async move {
             match mode {
                 Mode::Ok(delay) => {
@@ -200,6 +208,7 @@ impl Service<Request<Body>> for Fake {
                     Ok(Response::new(body.boxed_unsync()))
                 }
                 Mode::Empty => Ok(Response::new(llm_proxy_core::empty())),
+                Mode::SlowProbes(_) => unreachable!("mapped above"),
                 Mode::TimedOut => Err(Error::UpstreamTimeout {
                     upstream: name,
                     phase: Error::WAITING_FOR_HEAD,

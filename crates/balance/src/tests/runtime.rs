@@ -152,6 +152,35 @@ async fn health_check_stops_with_the_balancer() {
     );
 }
 
+/// A probe that times out says nothing against a backend that answered
+/// requests while it waited: those answers are newer than the probe's
+/// silence (a server busy with requests may be slow to list its models).
+/// A probe that fails with nothing answered meanwhile still marks it down.
+#[tokio::test(start_paused = true)]
+async fn a_probe_timeout_does_not_mark_down_a_backend_that_answered_meanwhile() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::SlowProbes(secs(5)));
+    let b = balance(&fleet, &["a"], checked(2));
+    let h = b.handle();
+    // The first probe went out at 0 and times out at 2 s; requests are
+    // answered at once in between.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        send(&b, chat("m", "x")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        fleet.probes(),
+        2,
+        "the first probe timed out, the next is out"
+    );
+    assert!(stats(&h, "a").healthy, "answered while the probe waited");
+    assert!(h.any_healthy());
+    // The second probe (sent at 2 s) sees no request answered: down at 4 s.
+    tokio::time::sleep(secs(2)).await;
+    assert!(!stats(&h, "a").healthy, "a silent probe, nothing answered");
+}
+
 /// A probe answered with a body that never ends (a hostile or broken
 /// upstream) reads only a bounded amount of it: the body is there to keep
 /// the connection reusable, not to be kept.
