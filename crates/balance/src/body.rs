@@ -14,8 +14,10 @@
 //! A body that fails (the upstream broke it: a reset, a stall, invalid SSE)
 //! is a failure of its backend, towards its ejection, at any frame; one
 //! that ends, or is dropped after its first frame, without failing resets
-//! the backend's failure count. The head's 200 alone does not: a server
-//! that breaks every stream mid-way answers every head with 200.
+//! the backend's failure count, unless a failure was counted after its head
+//! came (a stream answered before the backend began to fail says nothing of
+//! it now). The head's 200 alone does not: a server that breaks every
+//! stream mid-way answers every head with 200.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,7 +42,7 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for FirstFrame<B> {
         fn drop(this: Pin<&mut Self>) {
             match this.project().watch.take() {
-                Some(watch) if watch.sampled => watch.state.clean_end(),
+                Some(watch) if watch.sampled => watch.state.clean_end_of(watch.seen),
                 // Dropped before its first frame: the backend took at least
                 // this long, and showed nothing of its health.
                 Some(watch) => watch
@@ -52,12 +54,13 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// The backend, the clock and the send time; whether the first frame was
-/// sampled.
+/// The backend, the clock and the send time; the backend's failures
+/// counted when the head came; whether the first frame was sampled.
 pub(crate) struct Watch {
     state: Arc<BackendState>,
     epoch: Epoch,
     start: Instant,
+    seen: u64,
     sampled: bool,
 }
 
@@ -68,6 +71,7 @@ impl<B> FirstFrame<B> {
         FirstFrame {
             inner,
             watch: sample.map(|(state, epoch, start)| Watch {
+                seen: state.failures_seen(),
                 state,
                 epoch,
                 start,

@@ -11,7 +11,10 @@
 //!   The answer's head does the last two ([`Health::on_answered`]); the
 //!   count is reset when its body ends without breaking
 //!   ([`Health::on_clean_end`]), so that a server that always breaks its
-//!   streams mid-way, whose heads are all 200, is ejected too.
+//!   streams mid-way, whose heads are all 200, is ejected too; and only if
+//!   no failure was counted after its head ([`Health::on_clean_end_of`]),
+//!   so that long streams answered earlier do not hide a server that now
+//!   fails every new request.
 //! - A 429 rests the backend for its `retry-after` (default 1 s, capped);
 //!   it is neither a failure nor a success, and only time ends it.
 //! - Active probes: a failure marks the backend down until the next
@@ -36,6 +39,9 @@ pub(crate) struct Policy {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Health {
     pub(crate) failures: u32,
+    /// Failures counted ever: an answer notes it at its head, and its
+    /// clean end resets the count only if no failure was counted since.
+    pub(crate) failures_seen: u64,
     /// End of the current (or last) ejection, if ever ejected.
     pub(crate) ejected_until: Option<u64>,
     /// Length of the last rest.
@@ -86,12 +92,23 @@ impl Health {
         self.failures = 0;
     }
 
+    /// [`on_clean_end`](Self::on_clean_end) of an answer whose head came
+    /// when `failures_seen` was `seen`: only if no failure was counted
+    /// since. A stream answered before the backend began to fail, ending
+    /// whole while it fails every new request, says nothing of it now.
+    pub(crate) fn on_clean_end_of(&mut self, seen: u64) {
+        if self.failures_seen == seen {
+            self.on_clean_end();
+        }
+    }
+
     /// A failure; `true` when it ejects the backend.
     pub(crate) fn on_failure(&mut self, now: u64, p: &Policy) -> bool {
         if self.ejected_until.is_some_and(|until| now < until) {
             return false;
         }
         self.failures = self.failures.saturating_add(1);
+        self.failures_seen = self.failures_seen.wrapping_add(1);
         if self.failures < p.eject_after {
             return false;
         }

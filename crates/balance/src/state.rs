@@ -56,6 +56,8 @@ pub(crate) struct BackendState {
     /// yet), so a probe that failed can tell whether requests were
     /// answered while it waited.
     answered_after: AtomicU64,
+    /// [`Health::failures_seen`]; written under `health`.
+    failures_seen: AtomicU64,
     health: Mutex<Health>,
     ejections: AtomicU64,
     /// The balancer's policy and its ejection count, for failures recorded
@@ -85,6 +87,7 @@ impl BackendState {
             sick_until: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             answered_after: AtomicU64::new(0),
+            failures_seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             ejections: AtomicU64::new(0),
             policy,
@@ -176,6 +179,8 @@ impl BackendState {
         self.sick_until
             .store(health.sick_until(), Ordering::Relaxed);
         self.failing.store(health.failures > 0, Ordering::Relaxed);
+        self.failures_seen
+            .store(health.failures_seen, Ordering::Relaxed);
         out
     }
 
@@ -200,6 +205,21 @@ impl BackendState {
     pub(crate) fn clean_end(&self) {
         if self.failing.load(Ordering::Relaxed) {
             self.update_health(Health::on_clean_end);
+        }
+    }
+
+    /// Failures counted so far, noted at an answer's head for
+    /// [`clean_end_of`](Self::clean_end_of).
+    pub(crate) fn failures_seen(&self) -> u64 {
+        self.failures_seen.load(Ordering::Relaxed)
+    }
+
+    /// An answered body ended without breaking, its head having come when
+    /// [`failures_seen`](Self::failures_seen) was `seen`
+    /// ([`Health::on_clean_end_of`]).
+    pub(crate) fn clean_end_of(&self, seen: u64) {
+        if self.failing.load(Ordering::Relaxed) {
+            self.update_health(|h| h.on_clean_end_of(seen));
         }
     }
 

@@ -405,3 +405,63 @@ async fn an_empty_answer_unpolled_resets_the_failure_count() {
     );
     assert_eq!(stats(&h, "a").ejections, 0);
 }
+
+/// Streams answered before a backend began to fail, ending whole while it
+/// fails every new request, do not reset its failure count: they say how
+/// it was when they were answered, not how it is now. Otherwise a server
+/// that refuses every new request is never ejected as long as it has
+/// long streams left to finish.
+#[tokio::test(start_paused = true)]
+async fn old_streams_ending_whole_do_not_hide_new_failures() {
+    let fleet = Fleet::default();
+    let b = balance(
+        &fleet,
+        &["a"],
+        BalanceConfig {
+            eject_after_failures: 3,
+            max_retries: 0,
+            ..rr()
+        },
+    );
+    let h = b.handle();
+    // Three answers whose bodies are still on their way to their clients.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(b.clone().oneshot(chat("m", "long")).await.unwrap());
+    }
+    fleet.set("a", Mode::Status(500, None));
+    for stream in streams {
+        let (status, _) = send(&b, chat("m", "new")).await.unwrap();
+        assert_eq!(status, 500);
+        // One of the old streams ends whole.
+        stream.into_body().collect().await.unwrap();
+    }
+    assert_eq!(
+        stats(&h, "a").ejections,
+        1,
+        "three new requests failed in a row"
+    );
+    assert!(!stats(&h, "a").healthy);
+    // An answer that came after the failures still resets the count.
+    let fleet = Fleet::default();
+    let b = balance(
+        &fleet,
+        &["a"],
+        BalanceConfig {
+            eject_after_failures: 3,
+            max_retries: 0,
+            ..rr()
+        },
+    );
+    for mode in [
+        Mode::Status(500, None),
+        Mode::Status(500, None),
+        Mode::Ok(Duration::ZERO),
+        Mode::Status(500, None),
+        Mode::Status(500, None),
+    ] {
+        fleet.set("a", mode);
+        send(&b, chat("m", "x")).await.unwrap();
+    }
+    assert_eq!(stats(&b.handle(), "a").ejections, 0);
+}
