@@ -69,11 +69,21 @@ fn classify_head(status: StatusCode, headers: &http::HeaderMap) -> Verdict {
 }
 
 /// Apply what an answer's head says to its backend's health (a failure
-/// took `elapsed`); the verdict.
-fn judge(state: &BackendState, now: u64, verdict: Verdict, elapsed: Duration) -> Verdict {
+/// took `elapsed`; `sent`: the backend's ejections when the request was
+/// sent, if it is one of the balancer's); the verdict.
+fn judge(
+    state: &BackendState,
+    now: u64,
+    verdict: Verdict,
+    elapsed: Duration,
+    sent: Option<u64>,
+) -> Verdict {
     match verdict {
         // The failure count is reset by the body's clean end (FirstFrame).
-        Verdict::Success => state.answered(now),
+        Verdict::Success => match sent {
+            Some(seen) => state.answered_of(now, seen),
+            None => state.answered(now),
+        },
         Verdict::Failure => state.record_failure(now, elapsed),
         Verdict::Throttled(ns) => state.rest(now, ns),
         Verdict::Pass | Verdict::Fatal => {}
@@ -90,7 +100,7 @@ pub(crate) fn judge_head(
     headers: &http::HeaderMap,
     elapsed: Duration,
 ) {
-    judge(state, now, classify_head(status, headers), elapsed);
+    judge(state, now, classify_head(status, headers), elapsed, None);
 }
 
 /// `retry-after` in whole seconds (the HTTP-date form is rare from LLM
@@ -254,6 +264,7 @@ where
     // Counted at decision time, before any await: a burst decided together
     // sees its own earlier picks.
     let guard = InFlight::new(state.clone());
+    let ejections = state.ejections_seen();
     let start = Instant::now();
     let mut waiting = Waiting {
         state,
@@ -264,7 +275,13 @@ where
     let outcome = call(svc, req).await;
     waiting.armed = false;
     let now = shared.epoch.now();
-    let verdict = judge(state, now, classify(&outcome), start.elapsed());
+    let verdict = judge(
+        state,
+        now,
+        classify(&outcome),
+        start.elapsed(),
+        Some(ejections),
+    );
     let mut sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
     let outcome = outcome.map(|resp| {
         resp.map(|body| {

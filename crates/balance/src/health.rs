@@ -7,7 +7,9 @@
 //!   A backend that stays un-ejected for as long as its last rest after that
 //!   rest ended forgets its streak.
 //! - A success (2xx) resets the failure count, clears a probe's "down" mark
-//!   and ends an ejection early (a panic-routed request just proved it works).
+//!   and ends an ejection early (a panic-routed request just proved it works;
+//!   the answer to a request sent before the ejection does not,
+//!   [`Health::on_answered_of`]).
 //!   The answer's head does the last two ([`Health::on_answered`]); the
 //!   count is reset when its body ends without breaking
 //!   ([`Health::on_clean_end`]), so that a server that always breaks its
@@ -42,6 +44,9 @@ pub(crate) struct Health {
     /// Failures counted ever: an answer notes it at its head, and its
     /// clean end resets the count only if no failure was counted since.
     pub(crate) failures_seen: u64,
+    /// Ejections ever: a request notes it when it is sent, and its answer
+    /// ends an ejection only if it was sent during it (panic routing).
+    pub(crate) ejections_seen: u64,
     /// End of the current (or last) ejection, if ever ejected.
     pub(crate) ejected_until: Option<u64>,
     /// Length of the last rest.
@@ -86,6 +91,17 @@ impl Health {
         self.end_ejection(now);
     }
 
+    /// [`on_answered`](Self::on_answered) for a request sent when
+    /// `ejections_seen` was `seen`: an ejection that began after it was
+    /// sent stands (the answer is older news than the failures that
+    /// ejected the backend).
+    pub(crate) fn on_answered_of(&mut self, now: u64, seen: u64) {
+        self.probe_down = false;
+        if self.ejections_seen == seen {
+            self.end_ejection(now);
+        }
+    }
+
     /// An answered request's body ended (or the client left) without the
     /// upstream breaking it: the failure count starts over.
     pub(crate) fn on_clean_end(&mut self) {
@@ -122,6 +138,7 @@ impl Health {
         let cap = p.eject_ns.saturating_mul(u64::from(p.max_multiplier));
         let rest = p.eject_ns.saturating_mul(growth).min(cap);
         self.ejected_until = Some(now.saturating_add(rest));
+        self.ejections_seen = self.ejections_seen.wrapping_add(1);
         self.last_rest = rest;
         self.failures = 0;
         true

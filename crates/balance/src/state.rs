@@ -58,6 +58,8 @@ pub(crate) struct BackendState {
     answered_after: AtomicU64,
     /// [`Health::failures_seen`]; written under `health`.
     failures_seen: AtomicU64,
+    /// [`Health::ejections_seen`]; written under `health`.
+    ejections_seen: AtomicU64,
     health: Mutex<Health>,
     ejections: AtomicU64,
     /// The balancer's policy and its ejection count, for failures recorded
@@ -88,6 +90,7 @@ impl BackendState {
             failing: AtomicBool::new(false),
             answered_after: AtomicU64::new(0),
             failures_seen: AtomicU64::new(0),
+            ejections_seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             ejections: AtomicU64::new(0),
             policy,
@@ -181,6 +184,8 @@ impl BackendState {
         self.failing.store(health.failures > 0, Ordering::Relaxed);
         self.failures_seen
             .store(health.failures_seen, Ordering::Relaxed);
+        self.ejections_seen
+            .store(health.ejections_seen, Ordering::Relaxed);
         out
     }
 
@@ -205,6 +210,23 @@ impl BackendState {
     pub(crate) fn clean_end(&self) {
         if self.failing.load(Ordering::Relaxed) {
             self.update_health(Health::on_clean_end);
+        }
+    }
+
+    /// Ejections so far, noted when a request is sent for
+    /// [`answered_of`](Self::answered_of).
+    pub(crate) fn ejections_seen(&self) -> u64 {
+        self.ejections_seen.load(Ordering::Relaxed)
+    }
+
+    /// [`answered`](Self::answered) for a request sent when
+    /// [`ejections_seen`](Self::ejections_seen) was `seen`
+    /// ([`Health::on_answered_of`]).
+    pub(crate) fn answered_of(&self, now: u64, seen: u64) {
+        self.answered_after
+            .fetch_max(now.saturating_add(1), Ordering::Relaxed);
+        if self.down_until.load(Ordering::Relaxed) > now {
+            self.update_health(|h| h.on_answered_of(now, seen));
         }
     }
 

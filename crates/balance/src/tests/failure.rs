@@ -465,3 +465,35 @@ async fn old_streams_ending_whole_do_not_hide_new_failures() {
     }
     assert_eq!(stats(&b.handle(), "a").ejections, 0);
 }
+
+/// Only a request sent while its backend rests (panic routing) ends the
+/// rest by succeeding: one sent before the ejection, whose answer comes
+/// after it (a long non-streamed answer), says nothing of the backend now.
+#[tokio::test(start_paused = true)]
+async fn an_answer_to_a_request_sent_before_the_ejection_does_not_end_it() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Ok(secs(10)));
+    let b = balance(
+        &fleet,
+        &["a", "b"],
+        BalanceConfig {
+            eject_after_failures: 1,
+            max_retries: 0,
+            ..rr()
+        },
+    );
+    let h = b.handle();
+    let slow = tokio::spawn({
+        let b = b.clone();
+        async move { send(&b, chat("m", "slow")).await.map(|(s, _)| s) }
+    });
+    tokio::time::sleep(secs(1)).await;
+    fleet.set("a", Mode::Status(500, None));
+    // Round robin: b, then a (which fails and is ejected for 30 s).
+    send(&b, chat("m", "x")).await.unwrap();
+    let (status, _) = send(&b, chat("m", "y")).await.unwrap();
+    assert_eq!(status, 500);
+    assert!(!stats(&h, "a").healthy);
+    assert_eq!(slow.await.unwrap().unwrap(), 200);
+    assert!(!stats(&h, "a").healthy, "the old answer ended the ejection");
+}
