@@ -37,6 +37,8 @@ const DEFAULT_RTT_NS: f64 = 250e6;
 /// The least a failed attempt weighs in the estimate, so a backend that
 /// fails fast never looks fast.
 const FAILURE_PENALTY_NS: f64 = 1e9;
+/// How far apart answers are noted for a probe ([`BackendState::answered_since`]).
+const ANSWER_NOTE_NS: u64 = 1_000_000;
 
 /// Run-time state of one backend.
 #[derive(Debug)]
@@ -193,14 +195,27 @@ impl BackendState {
     /// usual case, a backend neither resting nor marked down, changes
     /// nothing and takes no lock.
     pub(crate) fn answered(&self, now: u64) {
-        self.answered_after
-            .fetch_max(now.saturating_add(1), Ordering::Relaxed);
+        self.answered_with(now, |h| h.on_answered(now));
+    }
+
+    fn answered_with(&self, now: u64, on_health: impl FnOnce(&mut Health)) {
+        // Noted at most once a millisecond: the line is shared by every
+        // worker, and a write per answer would move it between their cores
+        // on each request. A probe waits a second or more for its answer,
+        // so a busy backend's answers are seen all the same.
+        let noted = self.answered_after.load(Ordering::Relaxed);
+        if noted == 0 || now >= noted.saturating_add(ANSWER_NOTE_NS) {
+            self.answered_after
+                .store(now.saturating_add(1), Ordering::Relaxed);
+        }
         if self.down_until.load(Ordering::Relaxed) > now {
-            self.update_health(|h| h.on_answered(now));
+            self.update_health(on_health);
         }
     }
 
-    /// Whether an answer's head below 400 came at `since` or later.
+    /// Whether an answer's head below 400 came at `since` or later (one
+    /// that came within a millisecond of the one noted before it may go
+    /// unseen: see `answered`).
     pub(crate) fn answered_since(&self, since: u64) -> bool {
         self.answered_after.load(Ordering::Relaxed) > since
     }
@@ -223,11 +238,7 @@ impl BackendState {
     /// [`ejections_seen`](Self::ejections_seen) was `seen`
     /// ([`Health::on_answered_of`]).
     pub(crate) fn answered_of(&self, now: u64, seen: u64) {
-        self.answered_after
-            .fetch_max(now.saturating_add(1), Ordering::Relaxed);
-        if self.down_until.load(Ordering::Relaxed) > now {
-            self.update_health(|h| h.on_answered_of(now, seen));
-        }
+        self.answered_with(now, |h| h.on_answered_of(now, seen));
     }
 
     /// Failures counted so far, noted at an answer's head for

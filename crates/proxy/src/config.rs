@@ -1160,6 +1160,9 @@ const MAX_RETRIES: u32 = 10;
 
 /// The shortest interval of active health checks.
 const MIN_HEALTH_CHECK_SECS: f64 = 0.1;
+/// The longest probe interval: a day. (Far longer overflows the clock
+/// when the probe task adds the interval to the time now.)
+const MAX_HEALTH_CHECK_SECS: f64 = 86_400.0;
 
 /// `[balance]` numbers that cannot work (a value the balancer would
 /// otherwise clamp, or one that turns it into a retry loop) are refused.
@@ -1175,10 +1178,10 @@ fn check_balance_numbers(path: &Path, b: &BalanceSection) -> Result<(), ConfigEr
         return fail("`eject_after_failures` must be at least 1".into());
     }
     let every = b.health_check_secs;
-    let every_ok = every == 0.0 || every >= MIN_HEALTH_CHECK_SECS;
+    let every_ok = every == 0.0 || (MIN_HEALTH_CHECK_SECS..=MAX_HEALTH_CHECK_SECS).contains(&every);
     if !every_ok {
         return fail(format!(
-            "`health_check_secs` must be 0 (no active checks) or at least {MIN_HEALTH_CHECK_SECS}, not {every}"
+            "`health_check_secs` must be 0 (no active checks) or from {MIN_HEALTH_CHECK_SECS} to {MAX_HEALTH_CHECK_SECS} (a day), not {every}"
         ));
     }
     if let Some(r) = b.retry_budget_ratio
@@ -1546,6 +1549,7 @@ mod tests {
                 "`eject_after_failures` must be at least 1",
             ),
             ("health_check_secs = 0.001", "`health_check_secs` must be 0"),
+            ("health_check_secs = 1e19", "`health_check_secs` must be 0"),
             (
                 "retry_budget_ratio = -1.0",
                 "`retry_budget_ratio` must be from 0 to 1",
