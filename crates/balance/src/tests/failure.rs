@@ -378,15 +378,7 @@ async fn a_timed_out_upstream_is_not_retried_for_the_same_request() {
 #[tokio::test(start_paused = true)]
 async fn an_empty_answer_unpolled_resets_the_failure_count() {
     let fleet = Fleet::default();
-    let b = balance(
-        &fleet,
-        &["a"],
-        BalanceConfig {
-            eject_after_failures: 3,
-            max_retries: 0,
-            ..rr()
-        },
-    );
+    let b = one_ejected_after_three(&fleet);
     let h = b.handle();
     for mode in [
         Mode::Status(500, None),
@@ -414,15 +406,7 @@ async fn an_empty_answer_unpolled_resets_the_failure_count() {
 #[tokio::test(start_paused = true)]
 async fn old_streams_ending_whole_do_not_hide_new_failures() {
     let fleet = Fleet::default();
-    let b = balance(
-        &fleet,
-        &["a"],
-        BalanceConfig {
-            eject_after_failures: 3,
-            max_retries: 0,
-            ..rr()
-        },
-    );
+    let b = one_ejected_after_three(&fleet);
     let h = b.handle();
     // Three answers whose bodies are still on their way to their clients.
     let mut streams = Vec::new();
@@ -444,15 +428,7 @@ async fn old_streams_ending_whole_do_not_hide_new_failures() {
     assert!(!stats(&h, "a").healthy);
     // An answer that came after the failures still resets the count.
     let fleet = Fleet::default();
-    let b = balance(
-        &fleet,
-        &["a"],
-        BalanceConfig {
-            eject_after_failures: 3,
-            max_retries: 0,
-            ..rr()
-        },
-    );
+    let b = one_ejected_after_three(&fleet);
     for mode in [
         Mode::Status(500, None),
         Mode::Status(500, None),
@@ -496,4 +472,17 @@ async fn an_answer_to_a_request_sent_before_the_ejection_does_not_end_it() {
     assert!(!stats(&h, "a").healthy);
     assert_eq!(slow.await.unwrap().unwrap(), 200);
     assert!(!stats(&h, "a").healthy, "the old answer ended the ejection");
+}
+
+/// One backend, `a`, ejected after three failures in a row; no retries.
+fn one_ejected_after_three(fleet: &Fleet) -> Balance<Fake> {
+    balance(
+        fleet,
+        &["a"],
+        BalanceConfig {
+            eject_after_failures: 3,
+            max_retries: 0,
+            ..rr()
+        },
+    )
 }
