@@ -114,6 +114,12 @@ pub(crate) async fn translate(
     let bytes = collect(body, MAX_ANSWER_BYTES).await.map_err(bad)?;
     let answer: Value = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("the upstream's answer is not JSON: {e}")))?;
+    // Also for a client that streams: an answer that is not the upstream's
+    // dialect (an error object some servers send with 200) told as a
+    // stream would be an empty, successful answer that loses its message.
+    let translated = translation
+        .whole(&answer)
+        .map_err(|e| bad(format!("the upstream's answer cannot be translated: {e}")))?;
     if streamed {
         // The upstream ignored `stream: true`: the client reads only events.
         let sse = match translation.upstream_dialect() {
@@ -129,9 +135,6 @@ pub(crate) async fn translate(
         let body = TranslateBody::new(llm_proxy_core::full(sse), translation.into_stream());
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     }
-    let translated = translation
-        .whole(&answer)
-        .map_err(|e| bad(format!("the upstream's answer cannot be translated: {e}")))?;
     Ok(json_response(parts, Bytes::from(translated.to_string())))
 }
 
@@ -407,5 +410,53 @@ mod tests {
             v["error"]["message"],
             "the upstream answered 502 Bad Gateway; its error body broke off"
         );
+    }
+}
+
+#[cfg(test)]
+mod whole_answer_to_a_stream_tests {
+    use super::*;
+
+    /// An upstream that answers a streamed request with a 200 JSON body
+    /// that is not an answer of its dialect (an error object some servers
+    /// send with 200, or anything else) is a bad gateway, as the same body
+    /// is for a request that did not stream: never an empty, successful
+    /// stream that loses the upstream's message.
+    #[tokio::test]
+    async fn a_json_body_that_is_not_an_answer_is_a_bad_gateway_streamed_or_not() {
+        // The client's API, and what its upstream answered.
+        let cases = [
+            (
+                "messages",
+                r#"{"error":{"message":"model is loading","type":"server_error"}}"#,
+            ),
+            (
+                "responses",
+                r#"{"error":{"message":"model is loading","type":"server_error"}}"#,
+            ),
+            (
+                "chat",
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            ),
+            ("messages", "[]"),
+            ("responses", r#""ok""#),
+            ("chat", "42"),
+        ];
+        let translation = |api| match api {
+            "messages" => Translation::MessagesOverChat(Default::default()),
+            "responses" => Translation::ResponsesOverChat(Default::default()),
+            _ => Translation::ChatOverMessages(Default::default()),
+        };
+        for (api, body) in cases {
+            for streamed in [false, true] {
+                let resp = Response::new(llm_proxy_core::full(body));
+                let result = translate(resp, translation(api), streamed).await;
+                assert!(
+                    matches!(result, Err(Error::BadGateway { .. })),
+                    "{body} (streamed: {streamed}): {:?}",
+                    result.map(|r| r.status())
+                );
+            }
+        }
     }
 }
