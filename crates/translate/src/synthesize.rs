@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 /// An upstream's chat completion as the chunks of a chat stream: the role,
-/// reasoning, content, refusal and each tool call in turn, the finish
+/// reasoning (under one name), content, refusal and each tool call in turn, the finish
 /// reason, the usage, `[DONE]` (first choice only: a translated request
 /// asks for one).
 pub(crate) fn chat_stream(answer: &Value) -> String {
@@ -29,8 +29,21 @@ pub(crate) fn chat_stream(answer: &Value) -> String {
     };
     let delta = |delta: Value| chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]));
     let mut chunks = vec![delta(json!({"role": "assistant"}))];
-    for field in ["reasoning_content", "reasoning", "content", "refusal"] {
-        if let Some(text) = message[field].as_str().filter(|t| !t.is_empty()) {
+    // The reasoning under one name only: vLLM gives the same text under
+    // both (`reasoning_content` for older clients), and a stream's delta
+    // reads them as one. Content may come as text parts, as a whole
+    // answer's translation reads it.
+    let reasoning = ["reasoning_content", "reasoning"]
+        .into_iter()
+        .find_map(|field| message[field].as_str().filter(|t| !t.is_empty()));
+    let content = crate::messages_over_chat::response::text_content(message.get("content"));
+    let texts = [
+        ("reasoning_content", reasoning.map(str::to_owned)),
+        ("content", content),
+        ("refusal", message["refusal"].as_str().map(str::to_owned)),
+    ];
+    for (field, text) in texts {
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
             chunks.push(delta(json!({ field: text })));
         }
     }
@@ -202,5 +215,53 @@ mod tests {
         assert_eq!(events[9]["delta"]["partial_json"], "{\"a\":1}");
         assert_eq!(events[11]["delta"]["stop_reason"], "tool_use");
         assert_eq!(events[11]["usage"]["output_tokens"], 9);
+    }
+
+    /// The Messages answer a client that streams gets from a whole chat
+    /// answer: the synthesised chunks through the stream translation.
+    fn as_messages_stream(answer: &Value) -> Vec<Value> {
+        let mut parser = llm_proxy_core::sse::Parser::new();
+        parser.push(chat_stream(answer).as_bytes()).unwrap();
+        let ctx = crate::messages_over_chat::Context {
+            thinking: true,
+            ..Default::default()
+        };
+        let mut map = crate::messages_over_chat::stream::ChatToMessages::new(ctx);
+        let mut out = Vec::new();
+        while let Some(event) = parser.next_event() {
+            assert_eq!(map.event(&event, &mut out), crate::stream::Step::Continue);
+        }
+        data(std::str::from_utf8(&out).unwrap())
+    }
+
+    #[test]
+    fn reasoning_under_both_names_and_content_in_parts_come_once() {
+        // vLLM fills `reasoning` and, for older clients, `reasoning_content`
+        // with the same text; some servers give content as text parts.
+        let answer = json!({"id": "c1", "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "reasoning": "think", "reasoning_content": "think",
+                "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}}]});
+        let events = as_messages_stream(&answer);
+        let thinking: String = events
+            .iter()
+            .filter_map(|e| e["delta"]["thinking"].as_str())
+            .collect();
+        let text: String = events
+            .iter()
+            .filter_map(|e| e["delta"]["text"].as_str())
+            .collect();
+        assert_eq!(thinking, "think");
+        assert_eq!(text, "Hello");
+        // As the whole answer says it.
+        let whole = crate::messages_over_chat::response::response(
+            &answer,
+            &crate::messages_over_chat::Context {
+                thinking: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(whole["content"][0]["thinking"], "think");
+        assert_eq!(whole["content"][1]["text"], "Hello");
     }
 }
