@@ -46,8 +46,9 @@ pub(crate) struct ChatToMessages {
     finish: Option<String>,
     matched: Option<serde_json::Value>,
     usage: Option<Usage>,
-    /// Bytes of arguments held for tools whose name has not come, all
-    /// together (bounded by [`MAX_HELD_BYTES`]).
+    /// Bytes held for tool calls, all together (bounded by
+    /// [`MAX_HELD_BYTES`]): arguments waiting for their tool's name, and
+    /// the upstream's names and ids (kept for the whole stream).
     pending_bytes: usize,
 }
 
@@ -295,6 +296,7 @@ impl ChatToMessages {
         {
             tool.id = id.to_string();
             tool.upstream_id = true;
+            self.pending_bytes += id.len();
         }
         let arguments = function.and_then(|f| f.arguments.as_deref()).unwrap_or("");
         tool.arguments.push(arguments);
@@ -312,13 +314,16 @@ impl ChatToMessages {
             }
             None => {
                 if let Some(name) = function.and_then(|f| f.name.as_deref()) {
+                    let before = tool.name.len();
                     join_name(&mut tool.name, name);
+                    self.pending_bytes += tool.name.len() - before;
                 }
                 tool.pending.push_str(arguments);
                 self.pending_bytes += arguments.len();
                 if self.pending_bytes > MAX_HELD_BYTES {
                     return Step::Fail(format!(
-                        "the upstream sent over {MAX_HELD_BYTES} bytes of tool arguments before the tool's name"
+                        "the upstream sent over {MAX_HELD_BYTES} bytes of tool names, ids and \
+                         arguments before their tool's name"
                     ));
                 }
                 // The block starts with its name, which may still be coming

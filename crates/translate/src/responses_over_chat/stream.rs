@@ -39,7 +39,8 @@ pub(crate) struct ChatToResponses {
     open: Option<usize>,
     finish: Option<String>,
     usage: Option<Usage>,
-    /// Bytes of output held in `items` (bounded by [`MAX_HELD_BYTES`]).
+    /// Bytes of output held in `items`: text, and calls' arguments, names
+    /// and upstream ids (bounded by [`MAX_HELD_BYTES`]).
     held: usize,
 }
 
@@ -251,6 +252,7 @@ impl ChatToResponses {
         {
             call.call_id = id.to_string();
             call.upstream_id = true;
+            self.held += id.len();
         }
         call.arguments.push_str(fragment);
         call.arguments_end.push(fragment);
@@ -262,7 +264,9 @@ impl ChatToResponses {
             return;
         }
         if let Some(name) = function.and_then(|f| f.name.as_deref()) {
+            let before = call.name.len();
             join_name(&mut call.name, name);
+            self.held += call.name.len() - before;
         }
         // Announced with its name, which may still be coming in pieces until
         // the arguments begin (or another item, or the end: `close`).
