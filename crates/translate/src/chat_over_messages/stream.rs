@@ -24,7 +24,7 @@ use super::{Context, finish_reason};
 use crate::chat::{
     OutChoice, OutChunk, OutDelta, OutFunction, OutToolCall, error_message, usage_json,
 };
-use crate::stream::{MAX_BLOCKS, Step};
+use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step};
 use crate::wire::{bare_id, input_to_arguments, now_secs, restyle_id, str_of, write_data};
 
 /// One Anthropic event, read lazily: deltas borrowed, rarer parts as values.
@@ -258,6 +258,14 @@ impl MessagesToChat {
             .filter(|i| !i.is_null() && i.as_object().is_none_or(|o| !o.is_empty()))
         {
             self.start_inputs.push((slot, input_to_arguments(input)));
+            // Held until their blocks stop: bounded all together, as a
+            // whole answer is.
+            let held: usize = self.start_inputs.iter().map(|(_, i)| i.len()).sum();
+            if held > MAX_HELD_BYTES {
+                return Step::Fail(format!(
+                    "the upstream's content block starts hold over {MAX_HELD_BYTES} bytes of input"
+                ));
+            }
         }
         match kind {
             Block::Text | Block::Thinking => {

@@ -461,3 +461,24 @@ fn text_thinking_and_forced_json_given_whole_in_the_block_start_are_kept() {
     assert_eq!(field("reasoning_content"), "hmm");
     assert_eq!(field("content"), r#"Here:{"a":1}"#);
 }
+
+#[test]
+fn inputs_held_from_block_starts_are_bounded_in_total() {
+    // Each tool block's start gives a large input whole and is never
+    // stopped: each under the bound, all of them over it.
+    let input = json!({"data": "x".repeat(12 << 20)});
+    let mut m = MessagesToChat::new(Context::default());
+    let mut out = Vec::new();
+    let failed = (0..3).any(|n| {
+        let (name, data) = block(
+            n,
+            json!({"type": "tool_use", "id": format!("toolu_{n}"), "name": "f", "input": input}),
+        );
+        out.clear();
+        matches!(
+            m.event(&named(name, &data.to_string()), &mut out),
+            Step::Fail(_)
+        )
+    });
+    assert!(failed, "36 MiB of block-start inputs held");
+}
