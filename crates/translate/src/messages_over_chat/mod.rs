@@ -37,7 +37,10 @@ pub(crate) fn tool_use_id(id: Option<&str>) -> String {
 /// `stop` is `end_turn`, unless the upstream names the stop string that
 /// matched (vLLM's `stop_reason`) and it is one of the request's
 /// `stop_sequences`: then `stop_sequence`. Servers that say `stop` after
-/// tool calls (older llama.cpp, Ollama) get `tool_use`.
+/// tool calls (older llama.cpp, Ollama) get `tool_use`; `tool_calls`
+/// without any tool call gets what `stop` would: a client told `tool_use`
+/// looks for a `tool_use` block to run and finds none (Claude Code then
+/// answers a tool result for no call).
 pub(crate) fn stop_reason(
     finish_reason: Option<&str>,
     matched: Option<&serde_json::Value>,
@@ -46,7 +49,6 @@ pub(crate) fn stop_reason(
 ) -> (&'static str, Option<String>) {
     match finish_reason {
         Some("length") => ("max_tokens", None),
-        Some("tool_calls" | "function_call") => ("tool_use", None),
         Some("content_filter") => ("refusal", None),
         _ if had_tool_calls => ("tool_use", None),
         _ => {
@@ -93,6 +95,15 @@ mod tests {
             "tool_use"
         );
         assert_eq!(stop_reason(Some("stop"), None, true, &ctx).0, "tool_use");
+        assert_eq!(
+            stop_reason(Some("tool_calls"), None, false, &ctx).0,
+            "end_turn",
+            "no tool call to use"
+        );
+        assert_eq!(
+            stop_reason(Some("function_call"), None, false, &ctx).0,
+            "end_turn"
+        );
         assert_eq!(
             stop_reason(Some("content_filter"), None, false, &ctx).0,
             "refusal"

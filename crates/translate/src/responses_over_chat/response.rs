@@ -56,7 +56,9 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
             "id": item_id("fc", bare, index),
             "call_id": call_id(str_of(call, "id")),
             "name": str_of(function, "name").unwrap_or_default(),
-            "arguments": crate::wire::arguments_text(function).unwrap_or("{}".into()),
+            "arguments": crate::wire::arguments_text(function)
+                .filter(|a| !a.is_empty())
+                .unwrap_or("{}".into()),
             "status": "completed",
         }));
     }
@@ -126,6 +128,17 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(call["arguments"], r#"{"city":"Paris"}"#);
+    }
+
+    #[test]
+    fn calls_without_arguments_have_an_empty_object() {
+        let chat = json!({"id": "chatcmpl-4", "choices": [{"finish_reason": "tool_calls", "message": {
+            "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": ""}},
+                {"id": "b", "type": "function", "function": {"name": "g"}}]}}]});
+        let out = response(&chat, &Context::default()).unwrap();
+        assert_eq!(out["output"][0]["arguments"], "{}");
+        assert_eq!(out["output"][1]["arguments"], "{}");
     }
 
     #[test]

@@ -301,6 +301,15 @@ impl ChatToResponses {
         if matches!(&self.items[index], Item::Call(c) if !c.added) {
             self.announce(index, out);
         }
+        // A call with no arguments has `{}`, as a whole answer's does:
+        // clients parse them as JSON, and `""` is not.
+        if let Item::Call(c) = &mut self.items[index]
+            && c.arguments.is_empty()
+        {
+            c.arguments.push_str("{}");
+            let id = self.item_id("fc", index);
+            self.events.arguments_delta(out, &id, index, "{}");
+        }
         let (status, _) = status(self.finish.as_deref());
         self.events.done(out, index, &self.items[index], status);
     }

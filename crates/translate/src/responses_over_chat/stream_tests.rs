@@ -468,3 +468,35 @@ fn names_and_ids_of_function_calls_are_bounded_too() {
     });
     assert!(failed, "36 MiB of call ids held");
 }
+
+/// A call that comes with no arguments has `{}`, in its deltas, its
+/// `….done` events and the completed response, as in a whole answer:
+/// clients parse arguments as JSON, and `""` is not.
+#[test]
+fn a_call_without_arguments_has_an_empty_object() {
+    let chunks = [
+        at_zero(Some("now"), ""),
+        chunk(json!({}), Some("tool_calls")),
+        "[DONE]".to_owned(),
+    ];
+    let (out, _) = run(Context::default(), &chunks);
+    let deltas: String = out
+        .iter()
+        .filter(|(n, _)| n.as_deref() == Some("response.function_call_arguments.delta"))
+        .map(|(_, v)| v["delta"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(deltas, "{}");
+    let done = out
+        .iter()
+        .find(|(n, _)| n.as_deref() == Some("response.function_call_arguments.done"))
+        .unwrap();
+    assert_eq!(done.1["arguments"], "{}");
+    let item = out
+        .iter()
+        .find(|(n, _)| n.as_deref() == Some("response.output_item.done"))
+        .unwrap();
+    assert_eq!(item.1["item"]["arguments"], "{}");
+    let calls = completed_calls(&out);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].2, "{}");
+}
