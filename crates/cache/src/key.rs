@@ -6,7 +6,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use llm_proxy_core::canonical::write_canonical_map_without;
 use llm_proxy_core::credential::presented_key;
 use llm_proxy_core::{Endpoint, RequestMeta};
@@ -52,7 +52,10 @@ pub fn excluded_fields(endpoint: Endpoint) -> &'static [&'static str] {
 
 /// Request headers that go into the key of a Messages request: they select
 /// the API version and beta features, which change the answer.
-const MESSAGES_KEY_HEADERS: &[&str] = &["anthropic-beta", "anthropic-version"];
+const MESSAGES_KEY_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("anthropic-beta"),
+    HeaderName::from_static("anthropic-version"),
+];
 
 /// Changes whenever what goes into a key or an entry changes meaning, so that
 /// entries of an older proxy in a shared Redis are never served.
@@ -91,9 +94,9 @@ impl KeyScope {
         if let Some(key) = presented_key(headers) {
             return KeyScope::Credential(*blake3::hash(key).as_bytes());
         }
-        let other = ["authorization", "x-api-key", "api-key"]
+        let other = llm_proxy_core::credential::CREDENTIAL_HEADERS
             .iter()
-            .filter_map(|name| headers.get(*name))
+            .filter_map(|name| headers.get(name))
             .map(|value| value.as_bytes().trim_ascii())
             .find(|value| !value.is_empty());
         match other {
@@ -215,9 +218,9 @@ impl CacheKey {
         if endpoint == Endpoint::Messages
             || MESSAGES_KEY_HEADERS
                 .iter()
-                .any(|name| headers.contains_key(*name))
+                .any(|name| headers.contains_key(name))
         {
-            hash_headers(&mut hasher, headers, MESSAGES_KEY_HEADERS);
+            hash_headers(&mut hasher, headers, &MESSAGES_KEY_HEADERS);
         }
         thread_local! {
             // The canonical bytes are hashed and dropped: one buffer per
@@ -314,11 +317,11 @@ const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
 /// Each header of `names`: its name, how many values it has, and each value
 /// (trimmed), length-prefixed.
-fn hash_headers(hasher: &mut blake3::Hasher, headers: &HeaderMap, names: &[&str]) {
+fn hash_headers(hasher: &mut blake3::Hasher, headers: &HeaderMap, names: &[HeaderName]) {
     for name in names {
-        let values = headers.get_all(*name);
+        let values = headers.get_all(name);
         hasher
-            .update(name.as_bytes())
+            .update(name.as_str().as_bytes())
             .update(b"\0")
             .update(&(values.iter().count() as u64).to_le_bytes());
         for value in values {

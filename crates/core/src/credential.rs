@@ -1,7 +1,16 @@
 //! The credential a client presents, read the one way the auth layer and
 //! the cache's per-key scope both read it.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+/// Anthropic's key header.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// Azure OpenAI's key header.
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
+/// The headers a client presents a credential in, in the order
+/// [`presented_key`] reads them.
+pub const CREDENTIAL_HEADERS: [HeaderName; 3] = [http::header::AUTHORIZATION, X_API_KEY, API_KEY];
 
 /// The key a client presented: `Authorization: Bearer <key>` (scheme
 /// case-insensitive, whitespace trimmed), else `x-api-key: <key>`
@@ -17,9 +26,9 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
         let key = trim(rest);
         return valid(key);
     }
-    let key = headers
-        .get("x-api-key")
-        .or_else(|| headers.get("api-key"))?;
+    // By constant names: a `&str` name is parsed and checked on every
+    // lookup.
+    let key = headers.get(X_API_KEY).or_else(|| headers.get(API_KEY))?;
     valid(trim(key.as_bytes()))
 }
 
