@@ -324,6 +324,13 @@ impl Follower {
         Poll::Pending
     }
 
+    /// Whether the flight dropped its frames (the answer grew past what is
+    /// kept for followers): a follower that fails then lost part of the
+    /// answer, the leader's own end (an error event) among it.
+    pub fn frames_dropped(&self) -> bool {
+        self.flight.state().dropped_frames
+    }
+
     /// The frame at `index`, or the end, or `Pending` (the waker is kept).
     pub fn poll_frame(
         &self,

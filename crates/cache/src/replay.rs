@@ -9,7 +9,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, BoxError, FlushBeforeError, UsageFilter, full};
+use llm_proxy_core::sse::Parser;
+use llm_proxy_core::{Body, BoxError, Error, FlushBeforeError, StreamKind, UsageFilter, full};
 
 use crate::flight::{Follower, Head};
 use crate::{Entry, EntryBody, UsageChunk};
@@ -83,10 +84,12 @@ pub(crate) fn content_type(entry: &Entry) -> HeaderValue {
         })
 }
 
-/// A coalesced request's answer: the leader's frames as they arrive.
+/// A coalesced request's answer: the leader's frames as they arrive
+/// (`stream`: the kind of stream the request asked for, if it did).
 pub(crate) fn from_flight(
     follower: Follower,
     head: &Head,
+    stream: Option<StreamKind>,
     filter_usage: bool,
     age_secs: u64,
 ) -> Response<Body> {
@@ -95,6 +98,8 @@ pub(crate) fn from_flight(
         next: 0,
         ended: false,
         flush: FlushBeforeError::default(),
+        sse: stream.map(|kind| (kind, Parser::new())),
+        told: false,
     };
     let body = if filter_usage {
         UsageFilter::new(body).boxed_unsync()
@@ -166,7 +171,18 @@ struct FlightBody {
     /// out the frames it holds (the leader's error event among them)
     /// instead of dropping them with the connection.
     flush: FlushBeforeError,
+    /// For a stream, its kind and where the client is in it (`None` once
+    /// it proved not to be SSE): a follower cut because the flight dropped
+    /// its frames ends with its dialect's error event, when the client
+    /// holds no unfinished event.
+    sse: Option<(StreamKind, Parser)>,
+    /// Whether that event was considered already.
+    told: bool,
 }
+
+/// Why a follower of an answer that outgrew what is kept for it is cut.
+const CUT: &str =
+    "the answer of the identical request this one was coalesced with grew too large to share";
 
 impl HttpBody for FlightBody {
     type Data = Bytes;
@@ -183,10 +199,32 @@ impl HttpBody for FlightBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
                 self.next += 1;
+                if let Some((_, parser)) = &mut self.sse {
+                    if parser.push(&frame).is_ok() {
+                        while parser.next_event_ref().is_some() {}
+                    } else {
+                        self.sse = None;
+                    }
+                }
                 Poll::Ready(Some(Ok(Frame::data(frame))))
             }
-            Poll::Ready(Some(Err(_))) if self.flush.poll(cx).is_pending() => Poll::Pending,
             Poll::Ready(Some(Err(_))) => {
+                if !self.told && self.follower.frames_dropped() {
+                    // The frames this follower lost may have held the
+                    // leader's error event: it gets one of its own, unless
+                    // it holds the start of an event (which the event would
+                    // complete).
+                    self.told = true;
+                    if let Some((kind, parser)) = &self.sse
+                        && !parser.has_partial()
+                    {
+                        let event = Error::stream_interrupted_event_for(*kind, CUT);
+                        return Poll::Ready(Some(Ok(Frame::data(event))));
+                    }
+                }
+                if self.flush.poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
                 self.ended = true;
                 Poll::Ready(Some(Err(
                     "the answer of the identical request this one was coalesced with broke off"
@@ -206,5 +244,66 @@ impl HttpBody for FlightBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on unexpected input
+mod tests {
+    use super::*;
+    use crate::CacheKey;
+    use crate::flight::{Flights, Joined};
+    use http_body_util::BodyExt;
+
+    /// What a follower's client gets when the flight drops its frames after
+    /// `sent` went out: the frames (the event it ends with, if any, last)
+    /// before its stream fails.
+    async fn cut_after(sent: &'static [u8]) -> Vec<Bytes> {
+        let flights = Arc::new(Flights::new());
+        let key = CacheKey::from_bytes([5; 32]);
+        let Joined::Lead(mut leader) = flights.join(key) else {
+            panic!("first leads")
+        };
+        let Joined::Follow(follower) = flights.join(key) else {
+            panic!("second follows")
+        };
+        let head = Head {
+            content_type: None,
+            stored_at_ms: None,
+        };
+        leader.start(head.clone());
+        leader.push(&Bytes::from_static(sent));
+        let mut body = from_flight(follower, &head, Some(StreamKind::Chat), false, 0).into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(leader.too_large(300, 200), "past the cap");
+        let mut frames = vec![first];
+        let mut failed = false;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => frames.push(frame.into_data().unwrap()),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(failed, "a cut follower's stream fails: {frames:?}");
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_follower_cut_between_events_gets_the_error_event_and_mid_event_none() {
+        let frames = cut_after(b"data: {\"a\":1}\n\n").await;
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert!(
+            std::str::from_utf8(&frames[1])
+                .unwrap()
+                .contains("\"code\":\"stream_interrupted\""),
+            "{frames:?}"
+        );
+        // Holding the start of an event, the client gets no event: its first
+        // line break would complete the cut one.
+        let frames = cut_after(b"data: {\"a\":1}\n\ndata: {\"b\"").await;
+        assert_eq!(frames.len(), 1, "{frames:?}");
     }
 }

@@ -338,7 +338,13 @@ where
                         }
                         Counters::bump(&counters.hits);
                         let filter = plan.strips_usage();
-                        return Ok(replay::from_flight(follower, &head, filter, age.as_secs()));
+                        return Ok(replay::from_flight(
+                            follower,
+                            &head,
+                            plan.stream,
+                            filter,
+                            age.as_secs(),
+                        ));
                     }
                     // The leader failed before its head: start over.
                     Ok(Err(_retry)) => continue,

@@ -410,3 +410,39 @@ async fn an_answer_too_large_to_store_is_shared_only_so_far() {
     assert!(late.error.is_none(), "{late:?}");
     assert_eq!(h.calls(), 2, "the late request made its own call");
 }
+
+/// A follower cut because the answer it reads passed the cap is a stream
+/// broken mid-way, as DESIGN.md pins it: it ends with the
+/// `stream_interrupted` error event (the frames it lost held no such
+/// event), then the close, never a silent cut.
+#[tokio::test(start_paused = true)]
+async fn a_follower_cut_past_the_cap_gets_the_interrupted_event() {
+    let h = harness(CacheConfig {
+        max_entry_bytes: 100,
+        ..CacheConfig::default()
+    });
+    let leader = spawn(&h, STREAM, &[("x-fake-frame-ms", "10")]);
+    tokio::time::sleep(MS).await;
+    let follower = spawn(&h, STREAM, &[]);
+    let (leader, follower) = (leader.await.unwrap(), follower.await.unwrap());
+    assert!(leader.error.is_none());
+    assert!(follower.error.is_some(), "cut past the cap: {follower:?}");
+    let last = follower.frames.last().unwrap();
+    let data = sse_data(last);
+    assert_eq!(data.len(), 1, "{last:?}");
+    let event: serde_json::Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(event["error"]["code"], "stream_interrupted", "{event}");
+    // Every frame before it is one the leader's client got too.
+    let before = &follower.frames[..follower.frames.len() - 1];
+    assert_eq!(before, &leader.frames[..before.len()]);
+}
+
+/// The `data:` payloads of an SSE text.
+fn sse_data(bytes: &[u8]) -> Vec<String> {
+    std::str::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
