@@ -701,7 +701,7 @@ enum Capture {
 }
 
 /// Longest id kept (a response id is a few dozen bytes).
-const MAX_ID: usize = 1024;
+pub(crate) const MAX_ID: usize = 1024;
 
 impl TopLevelId {
     fn feed(&mut self, data: &[u8]) -> Scan {

@@ -88,7 +88,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::idle::Activity;
-use crate::responses::{Found, Kind, ResponseIds, conversation_id, conversation_not_found};
+use crate::responses::{Found, Kind, MAX_ID, ResponseIds, conversation_id, conversation_not_found};
 
 /// A session to run once hyper has handed the client's connection over.
 pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -557,7 +557,13 @@ impl Session {
         let Ok(event) = serde_json::from_str::<Event<'_>>(text) else {
             return;
         };
-        let id = event.response.as_ref().and_then(|r| r.id.as_deref());
+        // An id over the id map's cap is no id (an upstream's messages run
+        // to 16 MiB: the books below would keep it).
+        let id = event
+            .response
+            .as_ref()
+            .and_then(|r| r.id.as_deref())
+            .filter(|id| id.len() <= MAX_ID);
         let model = event.response.as_ref().and_then(|r| r.model.as_deref());
         let ends = matches!(
             &*event.kind,
@@ -1415,6 +1421,36 @@ mod tests {
             }
         }
         assert!(session.with_turns(|t| t.len()) <= MAX_PENDING);
+    }
+
+    /// A hostile upstream's ids run to its 16 MiB message bound: one over
+    /// the id map's cap is no id, and none is kept in a session's books.
+    #[tokio::test]
+    async fn an_upstreams_overlong_ids_are_not_kept() {
+        let session = session(None);
+        let create = r#"{"type":"response.create","model":"m","input":"x"}"#;
+        let admitted = session.admit(create).await.unwrap();
+        session.push(admitted.reservation.unwrap(), true);
+        session.with_creates(|c| c.push_back(None));
+        let long = "r".repeat(1 << 20);
+        session.observe(&format!(
+            r#"{{"type":"response.created","response":{{"id":"{long}"}}}}"#
+        ));
+        for i in 0..ENDED_KEPT {
+            session.observe(&format!(
+                r#"{{"type":"response.completed","response":{{"id":"{i}{long}"}}}}"#
+            ));
+        }
+        let ended: usize = session.ended.lock().unwrap().iter().map(|e| e.len()).sum();
+        let creates: usize = session.with_creates(|c| c.iter().flatten().map(|id| id.len()).sum());
+        let turns: usize = session.with_turns(|t| {
+            t.iter()
+                .filter_map(|p| p.id.as_ref())
+                .map(|id| id.len())
+                .sum()
+        });
+        assert_eq!((ended, creates, turns), (0, 0, 0));
+        assert_eq!(session.open_turns.load(Ordering::Relaxed), 0);
     }
 
     #[test]
