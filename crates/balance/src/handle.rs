@@ -48,6 +48,14 @@ pub struct BackendStats {
     pub ejections: u64,
 }
 
+/// What the balancer had counted of a backend at one moment
+/// ([`BalanceHandle::seen`]): its failures and ejections so far.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    failures: u64,
+    ejections: u64,
+}
+
 impl<S: Clone> BalanceHandle<S> {
     /// Add `backend`, or replace the one of the same name (keeping its
     /// in-flight count and health).
@@ -173,22 +181,40 @@ impl<S> BalanceHandle<S> {
         }
     }
 
+    /// What the balancer has counted of the backend named `name` so far,
+    /// to note when an exchange outside its own requests is sent (for
+    /// [`answered`](Self::answered)) and when it is answered (for
+    /// [`ended_whole`](Self::ended_whole)); `None` if there is no such
+    /// backend.
+    pub fn seen(&self, name: &str) -> Option<Seen> {
+        self.state_of(name).map(|state| Seen {
+            failures: state.failures_seen(),
+            ejections: state.ejections_seen(),
+        })
+    }
+
     /// Tell the balancer that the backend named `name` answered (a
-    /// WebSocket upgrade switched): as a request's answer head, it ends a
-    /// rest early, but its failure count stands until what it answered
-    /// ends whole ([`report`](Self::report) `Ok`) or breaks (`Err`).
-    pub fn answered(&self, name: &str) {
+    /// WebSocket upgrade switched) an exchange sent when it had counted
+    /// `sent`: as a request's answer head, it ends a rest early — unless
+    /// the rest began after the exchange was sent (the answer is older news
+    /// than the failures that ejected it). Its failure count stands until
+    /// what it answered ends whole ([`ended_whole`](Self::ended_whole)) or
+    /// breaks ([`report`](Self::report) `Err`).
+    pub fn answered(&self, name: &str, sent: Seen) {
         if let Some(state) = self.state_of(name) {
-            state.answered(self.shared.epoch.now());
+            state.answered_of(self.shared.epoch.now(), sent.ejections);
         }
     }
 
     /// Tell the balancer that what the backend named `name` answered (a
-    /// WebSocket session) ended whole: its failure count starts over. A
-    /// rest or a probe's mark stands (the answer may be hours old).
-    pub fn ended_whole(&self, name: &str) {
+    /// WebSocket session), when it had counted `answered`, ended whole: its
+    /// failure count starts over, unless failures were counted since the
+    /// answer (a session that began before the backend began to fail says
+    /// nothing of it now). A rest or a probe's mark stands (the answer may
+    /// be hours old).
+    pub fn ended_whole(&self, name: &str, answered: Seen) {
         if let Some(state) = self.state_of(name) {
-            state.clean_end();
+            state.clean_end_of(answered.failures);
         }
     }
 

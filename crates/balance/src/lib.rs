@@ -164,7 +164,7 @@ mod set;
 mod state;
 
 pub use config::{BalanceConfig, HealthCheck, PrefixConfig, RetryBudget, Strategy};
-pub use handle::{BackendStats, BalanceHandle};
+pub use handle::{BackendStats, BalanceHandle, Seen};
 pub use picker::{Load, LoadView, Picker, PickerMember};
 pub use prefix::PromptPrefix;
 pub use service::{Balance, BalanceLayer, ResponseFuture};

@@ -249,12 +249,15 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         *attempt.headers_mut() = parts.headers.clone();
         let started = Instant::now();
         let name = upstream.client.name();
+        let sent = ctx.balance.seen(name);
         match upstream.client.upgrade(attempt).await {
             Ok(Upgrade::Switched { head, io }) => {
                 // Its failure count stands until the session ends: one
                 // that breaks every session is ejected like a server that
                 // breaks every stream.
-                ctx.balance.answered(name);
+                if let Some(sent) = sent {
+                    ctx.balance.answered(name, sent);
+                }
                 break (upstream, head, io);
             }
             Ok(Upgrade::Refused(mut resp)) => {
@@ -289,6 +292,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         key,
         ids: ctx.sockets.ids.clone(),
         upstream: upstream.client.name().clone(),
+        answered: ctx.balance.seen(upstream.client.name()),
         balance: ctx.balance.clone(),
         client_done: AtomicBool::new(false),
         broke: AtomicBool::new(false),
@@ -360,6 +364,10 @@ struct Session {
     upstream: Arc<str>,
     /// Told how the session ended, for the upstream's health.
     balance: BalanceHandle<crate::app::UpstreamService>,
+    /// What the balancer had counted of the upstream when it answered the
+    /// upgrade: a session that ends whole resets its failure count only
+    /// if none was counted since.
+    answered: Option<llm_proxy_balance::Seen>,
     /// The client's side is done (it closed, went, or the proxy closed the
     /// session): the upstream's side ends because of that.
     client_done: AtomicBool,
@@ -1209,8 +1217,11 @@ async fn pump_down(
                         to_client.send(interrupted(&session.upstream, reason)).await;
                     }
                 } else if !session.broke.load(Ordering::Relaxed) {
-                    // Ended whole: its failure count starts over.
-                    session.balance.ended_whole(&session.upstream);
+                    // Ended whole: its failure count starts over (unless
+                    // failures were counted since it began).
+                    if let Some(answered) = session.answered {
+                        session.balance.ended_whole(&session.upstream, answered);
+                    }
                 }
                 if !client_gone {
                     to_client.send(message).await;
@@ -1348,6 +1359,7 @@ mod tests {
             key: Some(key),
             ids: ResponseIds::new(None),
             upstream: "up".into(),
+            answered: None,
             balance: llm_proxy_balance::Balance::<crate::app::UpstreamService>::new(
                 Vec::new(),
                 llm_proxy_balance::BalanceConfig::default(),

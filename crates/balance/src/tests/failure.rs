@@ -474,6 +474,33 @@ async fn an_answer_to_a_request_sent_before_the_ejection_does_not_end_it() {
     assert!(!stats(&h, "a").healthy, "the old answer ended the ejection");
 }
 
+/// An exchange outside the balancer's requests (a WebSocket session,
+/// told through the handle) is judged as its requests are: one answered
+/// before the backend began to fail that ends whole does not reset the
+/// failures counted since, and one sent before an ejection does not end it.
+#[tokio::test(start_paused = true)]
+async fn sessions_told_through_the_handle_are_ordered_like_requests() {
+    let fleet = Fleet::default();
+    let b = one_ejected_after_three(&fleet);
+    let h = b.handle();
+    let long_ago = h.seen("a").expect("backend a");
+    fleet.set("a", Mode::Status(500, None));
+    for _ in 0..2 {
+        send(&b, chat("m", "x")).await.unwrap();
+    }
+    // The old session ends whole: the two failures stand.
+    h.ended_whole("a", long_ago);
+    send(&b, chat("m", "x")).await.unwrap();
+    assert_eq!(stats(&h, "a").ejections, 1, "three failures in a row");
+    // An upgrade sent before the ejection, answered after it, leaves it.
+    h.answered("a", long_ago);
+    assert!(!stats(&h, "a").healthy);
+    // One sent during the ejection ends it.
+    h.answered("a", h.seen("a").unwrap());
+    assert!(stats(&h, "a").healthy);
+    assert!(h.seen("gone").is_none());
+}
+
 /// One backend, `a`, ejected after three failures in a row; no retries.
 fn one_ejected_after_three(fleet: &Fleet) -> Balance<Fake> {
     balance(
