@@ -131,7 +131,20 @@ impl ChatToResponses {
             model: &self.model,
             status,
             incomplete,
-            output: self.items.iter().map(|i| i.json(status)).collect(),
+            // Items finished before the last were finished whole (their
+            // `output_item.done` said so); the end's status is the last's.
+            output: self
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    item.json(if i + 1 == self.items.len() {
+                        status
+                    } else {
+                        "completed"
+                    })
+                })
+                .collect(),
             usage,
         };
         response_object(&self.ctx, state)

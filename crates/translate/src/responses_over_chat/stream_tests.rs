@@ -500,3 +500,49 @@ fn a_call_without_arguments_has_an_empty_object() {
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].2, "{}");
 }
+
+/// Cut by `length` after a message and a call: the message was finished
+/// whole before the call began, and reads `completed` in the final
+/// response as in its own `output_item.done`. A message cut by the limit
+/// is `incomplete` in both.
+#[test]
+fn only_the_item_cut_by_the_limit_is_incomplete() {
+    let statuses = |chunks: &[String]| {
+        let (out, _) = run(Context::default(), chunks);
+        let done: Vec<Value> = out
+            .iter()
+            .filter(|(n, _)| n.as_deref() == Some("response.output_item.done"))
+            .map(|(_, v)| v["item"]["status"].clone())
+            .collect();
+        let (name, last) = out.last().unwrap();
+        assert_eq!(name.as_deref(), Some("response.incomplete"));
+        let fin: Vec<Value> = last["response"]["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["status"].clone())
+            .collect();
+        (done, fin)
+    };
+    let (done, fin) = statuses(&[
+        chunk(
+            json!({"role": "assistant", "content": "Let me check."}),
+            None,
+        ),
+        at_zero(Some("lookup"), "{\"q\":"),
+        chunk(json!({}), Some("length")),
+        "[DONE]".to_owned(),
+    ]);
+    assert_eq!(done, [json!("completed"), json!("completed")]);
+    assert_eq!(fin, done);
+    let (done, fin) = statuses(&[
+        chunk(
+            json!({"role": "assistant", "content": "It was a dark"}),
+            None,
+        ),
+        chunk(json!({}), Some("length")),
+        "[DONE]".to_owned(),
+    ]);
+    assert_eq!(done, [json!("incomplete")]);
+    assert_eq!(fin, done);
+}
