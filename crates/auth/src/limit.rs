@@ -62,8 +62,15 @@ impl Gcra {
     /// let through up to 7% more than the limit names: u32::MAX a minute is
     /// 13.97 ns a unit, not 13.)
     fn span(&self, units: u64) -> u64 {
-        let ns = u128::from(units) * u128::from(WINDOW_NS) / u128::from(self.limit);
+        let ns = u128::from(units) * u128::from(WINDOW_NS) / u128::from(self.units());
         u64::try_from(ns).unwrap_or(u64::MAX)
+    }
+
+    /// The limit the clock arithmetic divides by: `limit`, at least 1 (the
+    /// field is public, and may have been set to 0 since
+    /// [`per_minute`](Self::per_minute)).
+    pub(crate) fn units(&self) -> u32 {
+        self.limit.max(1)
     }
 
     /// What a request of `cost` units is charged: `cost`, at most the whole
@@ -116,7 +123,7 @@ impl Gcra {
         // The most units whose span fits in what is left of the window:
         // the largest `r` with `r · 60 s / limit < left + 1 ns`.
         let left = u128::from(WINDOW_NS.saturating_sub(used));
-        let remaining = ((left + 1) * u128::from(self.limit) - 1) / u128::from(WINDOW_NS);
+        let remaining = ((left + 1) * u128::from(self.units()) - 1) / u128::from(WINDOW_NS);
         Status {
             limit: self.limit,
             remaining: remaining.min(u128::from(self.limit)) as u32,
@@ -345,6 +352,18 @@ mod tests {
             l.adjust_tokens(30 * S, -i64::from(limit));
             assert_eq!(l.acquire(90 * S, 0).tokens.unwrap().remaining, limit);
         }
+    }
+
+    /// `limit` is a public field: set to 0 after `per_minute` (which makes
+    /// it at least 1), it must not divide by zero; it charges nothing, as
+    /// it did when the interval alone was used.
+    #[test]
+    fn a_limit_set_to_zero_afterwards_does_not_panic() {
+        let mut g = Gcra::per_minute(5);
+        g.limit = 0;
+        assert_eq!(g.check(0, 0, 3), Check::Allowed(0));
+        assert_eq!(g.adjust(7, 0, 3), 7);
+        assert_eq!(g.status(0, 0).remaining, 0);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::limit::{Decision, Gcra};
 /// a few hundred million (u32::MAX a minute is 13.97 ns, not 13). Lua
 /// numbers are doubles: exact enough at any `u32` limit.
 fn micros(g: Gcra) -> f64 {
-    60_000_000.0 / f64::from(g.limit)
+    60_000_000.0 / f64::from(g.units())
 }
 
 /// What both scripts start with: `tat(key)`, the time a key holds.
