@@ -1160,8 +1160,9 @@ const MAX_RETRIES: u32 = 10;
 
 /// The shortest interval of active health checks.
 const MIN_HEALTH_CHECK_SECS: f64 = 0.1;
-/// The longest probe interval: a day. (Far longer overflows the clock
-/// when the probe task adds the interval to the time now.)
+/// The longest probe interval: a day. (Longer is a mistake, not a
+/// schedule; the probe task itself takes any interval, as tokio caps a
+/// period at about 30 years.)
 const MAX_HEALTH_CHECK_SECS: f64 = 86_400.0;
 
 /// `[balance]` numbers that cannot work (a value the balancer would

@@ -181,6 +181,32 @@ async fn a_probe_timeout_does_not_mark_down_a_backend_that_answered_meanwhile() 
     assert!(!stats(&h, "a").healthy, "a silent probe, nothing answered");
 }
 
+/// An interval too long for the clock (the proxy's config refuses one
+/// over a day, but a `HealthCheck` built in code takes any `Duration`)
+/// does not panic the probe task (`now + interval` would overflow an
+/// `Instant`; tokio caps an interval's period), which would end the
+/// checks silently.
+#[tokio::test]
+async fn a_huge_probe_interval_does_not_kill_the_probe_task() {
+    let fleet = Fleet::default();
+    let b = balance(
+        &fleet,
+        &["a"],
+        BalanceConfig {
+            health_check: Some(HealthCheck::every(Duration::MAX)),
+            ..rr()
+        },
+    );
+    // (Real time: the first round runs at once.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fleet.probes(), 1);
+    let probe = b.shared.probe.lock().unwrap();
+    assert!(
+        !probe.as_ref().expect("a probe task").is_finished(),
+        "the probe task ended (panicked) after its first round"
+    );
+}
+
 /// A probe answered with a body that never ends (a hostile or broken
 /// upstream) reads only a bounded amount of it: the body is there to keep
 /// the connection reusable, not to be kept.
