@@ -31,6 +31,10 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     let mut output = Vec::new();
     let text = text_content(message.get("content")).filter(|t| !t.is_empty());
     let refusal = str_of(message, "refusal").filter(|r| !r.is_empty());
+    let calls = message.get("tool_calls").and_then(Value::as_array);
+    // Cut by the limit, the last item is: a message that calls follow was
+    // finished whole, as the stream says of it.
+    let cut = status != "completed" && calls.is_none_or(Vec::is_empty);
     if text.is_some() || refusal.is_some() {
         let mut parts = Vec::new();
         parts.extend(text.as_deref().map(text_part));
@@ -38,17 +42,12 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         output.push(json!({
             "type": "message",
             "id": item_id("msg", bare, output.len()),
-            "status": if status == "completed" { "completed" } else { "incomplete" },
+            "status": if cut { "incomplete" } else { "completed" },
             "role": "assistant",
             "content": parts,
         }));
     }
-    for call in message
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for call in calls.into_iter().flatten() {
         let function = call.get("function").unwrap_or(&Value::Null);
         let index = output.len();
         output.push(json!({
@@ -128,6 +127,26 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(call["arguments"], r#"{"city":"Paris"}"#);
+    }
+
+    /// Cut by the limit after a message and a call, the call is the item
+    /// cut: the message was finished whole, as the stream of the same
+    /// answer says (`only_the_item_cut_by_the_limit_is_incomplete`).
+    #[test]
+    fn a_message_followed_by_calls_is_not_the_item_cut() {
+        let call = json!([{"id": "a", "type": "function",
+            "function": {"name": "f", "arguments": "{\"q\":"}}]);
+        for (calls, message) in [(Some(call), "completed"), (None, "incomplete")] {
+            let mut message_json = json!({"role": "assistant", "content": "Let me check."});
+            if let Some(calls) = calls {
+                message_json["tool_calls"] = calls;
+            }
+            let chat = json!({"id": "chatcmpl-5", "choices": [{"finish_reason": "length",
+                "message": message_json}]});
+            let out = response(&chat, &Context::default()).unwrap();
+            assert_eq!(out["status"], "incomplete");
+            assert_eq!(out["output"][0]["status"], message, "{out}");
+        }
     }
 
     #[test]
