@@ -154,3 +154,31 @@ pub(crate) fn made_up_ids(ids: impl IntoIterator<Item = String>, prefix: &str) -
         })
         .collect()
 }
+
+/// Chat chunks that make a stream translator hold ever more of its tool
+/// calls, in two scenarios each of which must fail the stream before its
+/// end: a name that keeps coming in 1 MiB pieces, each unlike the name so
+/// far (no arguments, so nothing is sent on yet: 40 MiB), and three calls
+/// whose ids, kept for the whole stream, are 12 MiB each.
+pub(crate) fn tool_calls_held_without_bound() -> [Vec<String>; 2] {
+    let chunk = |call: Value| {
+        serde_json::json!({"id": "chatcmpl-1", "choices": [{"index": 0,
+            "delta": {"tool_calls": [call]}, "finish_reason": null}]})
+        .to_string()
+    };
+    let (x, y) = ("x".repeat(1 << 20), "y".repeat(1 << 20));
+    let names = (0..40)
+        .map(|n| {
+            let piece = if n % 2 == 0 { &x } else { &y };
+            chunk(serde_json::json!({"index": 0, "function": {"name": piece, "arguments": ""}}))
+        })
+        .collect();
+    let id = "i".repeat(12 << 20);
+    let ids = (0..3)
+        .map(|n| {
+            chunk(serde_json::json!({"index": n, "id": format!("{id}{n}"),
+                "function": {"name": "f", "arguments": "{}"}}))
+        })
+        .collect();
+    [names, ids]
+}

@@ -614,31 +614,16 @@ fn empty_or_missing_ids_and_models_are_not_used() {
 
 #[test]
 fn names_and_ids_of_tool_calls_are_bounded_too() {
-    // A name that keeps coming in pieces (no arguments, so no block yet):
-    // each piece differs from the name so far, so each is joined.
-    let (x, y) = ("x".repeat(1 << 20), "y".repeat(1 << 20));
-    let mut m = ChatToMessages::new(Context::default());
-    let mut out = Vec::new();
-    let failed = (0..40).any(|n| {
-        let piece = if n % 2 == 0 { &x } else { &y };
-        let c = chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"name": piece, "arguments": ""}}]}),
-            None,
-        );
-        out.clear();
-        matches!(m.event(&data(&c), &mut out), Step::Fail(_))
-    });
-    assert!(failed, "40 MiB of a tool's name held");
-    // Calls whose ids (kept for the whole stream) are huge.
-    let id = "i".repeat(12 << 20);
-    let mut m = ChatToMessages::new(Context::default());
-    let failed = (0..3).any(|n| {
-        let c = chunk(
-            json!({"tool_calls": [{"index": n, "id": format!("{id}{n}"), "function": {"name": "f", "arguments": "{}"}}]}),
-            None,
-        );
-        out.clear();
-        matches!(m.event(&data(&c), &mut out), Step::Fail(_))
-    });
-    assert!(failed, "36 MiB of tool-call ids held");
+    for (what, chunks) in ["a name in pieces", "huge ids"]
+        .into_iter()
+        .zip(crate::test_util::tool_calls_held_without_bound())
+    {
+        let mut m = ChatToMessages::new(Context::default());
+        let mut out = Vec::new();
+        let failed = chunks.iter().any(|c| {
+            out.clear();
+            matches!(m.event(&data(c), &mut out), Step::Fail(_))
+        });
+        assert!(failed, "{what}: held without bound");
+    }
 }
