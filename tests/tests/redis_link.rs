@@ -15,7 +15,26 @@ async fn get(link: &RedisLink, key: &str) -> Result<Option<String>, RedisCallErr
     .await
 }
 
+/// `SET k v` through the link.
+async fn set_k(link: &RedisLink) -> Result<(), RedisCallError> {
+    link.call("set", |mut c| async move {
+        redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async::<()>(&mut c)
+            .await
+    })
+    .await
+}
+
 /// A connection of its own to `redis`, beside the link's.
+/// Run an admin command that must succeed (`what` names it if it fails).
+async fn admin_cmd(conn: &mut redis::aio::MultiplexedConnection, args: &[&str], what: &str) {
+    let mut cmd = redis::cmd(args[0]);
+    cmd.arg(&args[1..]);
+    cmd.query_async::<()>(conn).await.expect(what);
+}
+
 async fn admin(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis.url())
         .expect("a client")
@@ -31,15 +50,7 @@ async fn a_silent_connection_is_replaced() {
     let link = RedisLink::new(&relay.redis_url())
         .expect("a link")
         .with_timeout(Duration::from_millis(200));
-    link.call("set", |mut c| async move {
-        redis::cmd("SET")
-            .arg("k")
-            .arg("v")
-            .query_async::<()>(&mut c)
-            .await
-    })
-    .await
-    .expect("set through the relay");
+    set_k(&link).await.expect("set through the relay");
     assert_eq!(relay.accepted(), 1);
 
     // The connection goes silent: no error, no answer, ever.
@@ -114,11 +125,7 @@ async fn a_redis_that_stalls_for_a_moment_keeps_its_connection() {
     // Redis stops answering for 600 ms (as in a fork for a snapshot): every
     // call in flight times out at once, but nothing has been silent for long.
     let mut admin = admin(&redis).await;
-    redis::cmd("CLIENT")
-        .arg(&["PAUSE", "600", "ALL"])
-        .query_async::<()>(&mut admin)
-        .await
-        .expect("paused");
+    admin_cmd(&mut admin, &["CLIENT", "PAUSE", "600", "ALL"], "paused").await;
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..10 {
         let link = link.clone();
@@ -174,13 +181,12 @@ async fn a_refusal_is_told_from_an_outage() {
         missing_db.as_ref().is_err_and(RedisCallError::is_refusal),
         "{missing_db:?}"
     );
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("requirepass")
-        .arg("pw")
-        .query_async::<()>(&mut admin(&redis).await)
-        .await
-        .expect("a password set");
+    admin_cmd(
+        &mut admin(&redis).await,
+        &["CONFIG", "SET", "requirepass", "pw"],
+        "a password set",
+    )
+    .await;
     for url in [redis.url(), format!("redis://:wrong@{}", redis.addr)] {
         let refused = ping(url).await;
         assert!(
@@ -209,29 +215,18 @@ async fn a_connection_to_a_demoted_primary_is_replaced() {
     let new = RedisServer::start().await;
     let relay = Relay::start(old.addr).await;
     let link = RedisLink::new(&relay.redis_url()).expect("a link");
-    let set = || {
-        link.call("set", |mut c| async move {
-            redis::cmd("SET")
-                .arg("k")
-                .arg("v")
-                .query_async::<()>(&mut c)
-                .await
-        })
-    };
+    let set = || set_k(&link);
     set().await.expect("set on the primary");
     let mut demoted = admin(&old).await;
     // (The replica loads the primary's data without writing a file.)
-    redis::cmd("CONFIG")
-        .arg(&["SET", "repl-diskless-load", "swapdb"])
-        .query_async::<()>(&mut demoted)
-        .await
-        .expect("set");
-    redis::cmd("REPLICAOF")
-        .arg(new.addr.ip().to_string())
-        .arg(new.addr.port())
-        .query_async::<()>(&mut demoted)
-        .await
-        .expect("demoted");
+    admin_cmd(
+        &mut demoted,
+        &["CONFIG", "SET", "repl-diskless-load", "swapdb"],
+        "set",
+    )
+    .await;
+    let (ip, port) = (new.addr.ip().to_string(), new.addr.port().to_string());
+    admin_cmd(&mut demoted, &["REPLICAOF", &ip, &port], "demoted").await;
     relay.retarget(new.addr);
     until_ok("still writing to the replica", set).await;
     assert_eq!(relay.accepted(), 2, "one new connection");
@@ -273,13 +268,12 @@ async fn the_start_up_check_asks_only_what_the_features_use() {
             ],
         ),
     ] {
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg(name)
-            .arg(rules)
-            .query_async::<()>(&mut admin)
-            .await
-            .expect("a user");
+        let args: Vec<&str> = ["ACL", "SETUSER", name]
+            .iter()
+            .chain(rules)
+            .copied()
+            .collect();
+        admin_cmd(&mut admin, &args, "a user").await;
     }
     let check = |user: &str| {
         let url = format!("redis://{user}:pw@{}", redis.addr);
