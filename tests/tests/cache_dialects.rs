@@ -301,3 +301,31 @@ async fn answers_that_depend_on_more_than_the_body_bypass_the_cache() {
         Some("hit")
     );
 }
+
+#[tokio::test]
+async fn stream_false_and_no_stream_share_an_entry() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    let without_stream = |body: String| {
+        let mut body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        body.as_object_mut().unwrap().remove("stream");
+        body.to_string()
+    };
+    let cases = [
+        ("/v1/chat/completions", chat("m", false)),
+        (RESPONSES, responses_body(false, json!({}))),
+        (MESSAGES, messages_body(false)),
+    ];
+    for (path, body) in cases {
+        let first = post_messages(&p.url(path), &body).await;
+        assert_eq!((first.status.as_u16(), cache(&first)), (200, Some("miss")));
+        let second = post_messages(&p.url(path), &without_stream(body)).await;
+        assert_eq!(
+            (second.status.as_u16(), cache(&second)),
+            (200, Some("hit")),
+            "{path}: `\"stream\": false` asks for what no `stream` does"
+        );
+        assert_eq!(second.body, first.body, "{path}");
+        assert_eq!(up.stats.requests_for(path), 1, "{path}");
+    }
+}

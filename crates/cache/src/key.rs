@@ -1,7 +1,8 @@
 //! Cache keys: a blake3 hash of the endpoint, the scope and the canonical
-//! request body minus the fields of [`excluded_fields`] (for Messages, also
-//! minus `metadata.user_id`, plus the `anthropic-version` and
-//! `anthropic-beta` headers).
+//! request body minus the fields of [`excluded_fields`] and a `"stream":
+//! false` where that is the default (for Messages, also minus
+//! `metadata.user_id`, plus the `anthropic-version` and `anthropic-beta`
+//! headers).
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,7 +27,8 @@ use crate::CacheScope;
 ///   fields go back into the key (see `write_canonical_body`).
 ///
 /// `stream` is part of the key: a streamed entry holds SSE frames, a plain
-/// one a JSON body.
+/// one a JSON body. Only `"stream": false` is left out, where it asks for
+/// what no `stream` does (see `stream_defaults_off`).
 pub const EXCLUDED_FIELDS: &[&str] = &[
     "prompt_cache_key",
     "safety_identifier",
@@ -47,6 +49,47 @@ pub fn excluded_fields(endpoint: Endpoint) -> &'static [&'static str] {
         Endpoint::Responses => RESPONSES_EXCLUDED_FIELDS,
         Endpoint::Messages => &[],
         _ => EXCLUDED_FIELDS,
+    }
+}
+
+/// [`EXCLUDED_FIELDS`] and `stream`, for a body with `"stream": false`.
+const EXCLUDED_FIELDS_AND_STREAM: &[&str] = &[
+    "prompt_cache_key",
+    "safety_identifier",
+    "stream",
+    "stream_options",
+    "user",
+];
+
+/// [`RESPONSES_EXCLUDED_FIELDS`] and `stream`, for a body with `"stream": false`.
+const RESPONSES_EXCLUDED_FIELDS_AND_STREAM: &[&str] =
+    &["prompt_cache_key", "safety_identifier", "stream", "user"];
+
+/// Whether `endpoint`'s API has a `stream` parameter that defaults to
+/// `false`, so that `"stream": false` asks for the answer an absent `stream`
+/// gets: chat completions, completions, Responses and Messages. Not
+/// embeddings, which have no `stream` (an upstream may refuse the field).
+fn stream_defaults_off(endpoint: Endpoint) -> bool {
+    matches!(
+        endpoint,
+        Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Responses
+            | Endpoint::Messages
+    )
+}
+
+/// The top-level fields left out of the key of `body`: those of
+/// [`excluded_fields`], and `stream` when it is `false` where that is the
+/// default.
+fn skipped_fields(endpoint: Endpoint, body: &Map<String, Value>) -> &'static [&'static str] {
+    let unstreamed =
+        stream_defaults_off(endpoint) && body.get("stream") == Some(&Value::Bool(false));
+    match (endpoint, unstreamed) {
+        (_, false) => excluded_fields(endpoint),
+        (Endpoint::Responses, true) => RESPONSES_EXCLUDED_FIELDS_AND_STREAM,
+        (Endpoint::Messages, true) => &["stream"],
+        (_, true) => EXCLUDED_FIELDS_AND_STREAM,
     }
 }
 
@@ -284,19 +327,25 @@ impl CacheKey {
 
 /// The canonical bytes of a request body as they go into its key.
 fn write_canonical_body(endpoint: Endpoint, body: &Map<String, Value>, canonical: &mut Vec<u8>) {
+    let skipped = skipped_fields(endpoint, body);
     match body.get("metadata") {
         Some(Value::Object(metadata)) if endpoint == Endpoint::Messages => {
             // `metadata.user_id` is Anthropic's end-user id (as `user` is
             // OpenAI's): the body without `metadata`, then `metadata`
             // without `user_id`. Canonical JSON never holds a NUL byte,
             // so the separator keeps the two parts apart.
-            write_canonical_map_without(body, &["metadata"], canonical);
+            let outside: &[&str] = if skipped.contains(&"stream") {
+                &["metadata", "stream"]
+            } else {
+                &["metadata"]
+            };
+            write_canonical_map_without(body, outside, canonical);
             canonical.extend_from_slice(b"\0metadata\0");
             write_canonical_map_without(metadata, &["user_id"], canonical);
         }
         _ => {
             let excluded = excluded_fields(endpoint);
-            write_canonical_map_without(body, excluded, canonical);
+            write_canonical_map_without(body, skipped, canonical);
             // Of `stream_options`, only `include_usage` is left out (the
             // cache asks for the usage chunk and decides per client at
             // replay); the rest (`include_obfuscation`, vLLM's
@@ -388,6 +437,44 @@ mod tests {
             streamed.as_object().unwrap(),
         );
         assert_ne!(emb, streamed);
+    }
+
+    #[test]
+    fn stream_false_is_no_stream_where_that_is_the_default() {
+        let key = |endpoint, body: Value| {
+            CacheKey::new(endpoint, &KeyScope::Shared, body.as_object().unwrap())
+        };
+        let metadata = json!({"user_id": "a", "other": 1});
+        for endpoint in [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Responses,
+            Endpoint::Messages,
+        ] {
+            for extra in [json!({}), json!({"metadata": metadata, "user": "u"})] {
+                let with = |stream: Option<Value>| {
+                    let mut body = json!({"model": "m", "input": "x", "messages": []});
+                    body.as_object_mut()
+                        .unwrap()
+                        .extend(extra.as_object().unwrap().clone());
+                    if let Some(stream) = stream {
+                        body["stream"] = stream;
+                    }
+                    key(endpoint, body)
+                };
+                let absent = with(None);
+                assert_eq!(with(Some(json!(false))), absent, "{endpoint:?} {extra}");
+                assert_ne!(with(Some(json!(true))), absent, "{endpoint:?} {extra}");
+            }
+        }
+        // Embeddings have no `stream`: a body that sends one is another body.
+        assert_ne!(
+            key(
+                Endpoint::Embeddings,
+                json!({"model": "m", "input": "x", "stream": false})
+            ),
+            key(Endpoint::Embeddings, json!({"model": "m", "input": "x"}))
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!   minus the end-user ids of [`excluded_fields`] (for Messages,
 //!   `metadata.user_id`, and the `anthropic-version` and `anthropic-beta`
 //!   headers go in). Key order and whitespace do not split the cache;
-//!   `stream` is part of the key.
+//!   `stream` is part of the key (`"stream": false` is no `stream`, where
+//!   the API defaults to `false`).
 //! - **Streams**: a miss is teed to the client as it arrives ([`CacheBody`])
 //!   and stored only if it ended cleanly in its dialect (`data: [DONE]`,
 //!   `response.completed`, `message_stop`); a hit replays the stored frames
