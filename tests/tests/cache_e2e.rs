@@ -520,3 +520,22 @@ async fn upstream_failures_carry_the_cache_header() {
     assert_eq!(messages.json()["type"], "error", "{}", messages.text());
     assert_eq!(messages.header("x-llm-proxy-cache"), Some("miss"));
 }
+
+#[tokio::test]
+async fn integers_beyond_64_bits_never_share_an_answer() {
+    let up = mock_named("m").await;
+    let p = proxy(&memory(&up.base_url())).await;
+    let seeded = |seed: &str| chat("m", false).replacen('{', &format!(r#"{{"seed":{seed},"#), 1);
+    // serde_json reads both as the f64 2^64; an upstream that reads integers
+    // exactly sees two requests.
+    for seed in ["18446744073709551616", "18446744073709551617"] {
+        let answer = post_json(&p.url(CHAT_PATH), &seeded(seed)).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.header("x-llm-proxy-cache")),
+            (200, Some("bypass")),
+            "{seed}: {}",
+            answer.text()
+        );
+    }
+    assert_eq!(upstream_calls(&up), 2);
+}

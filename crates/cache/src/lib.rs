@@ -13,7 +13,9 @@
 //!   `metadata.user_id`, and the `anthropic-version` and `anthropic-beta`
 //!   headers go in). Key order and whitespace do not split the cache;
 //!   `stream` is part of the key (`"stream": false` is no `stream`, where
-//!   the API defaults to `false`).
+//!   the API defaults to `false`). A body holding an integer beyond 64
+//!   bits, which `serde_json` reads as the nearest `f64`, is not served
+//!   (`bypass`): its key could not tell it from its neighbours.
 //! - **Streams**: a miss is teed to the client as it arrives ([`CacheBody`])
 //!   and stored only if it ended cleanly in its dialect (`data: [DONE]`,
 //!   `response.completed`, `message_stop`); a hit replays the stored frames

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode, header};
+use llm_proxy_core::canonical::holds_inexact_integer;
 use llm_proxy_core::fallback::ServedByFallback;
 use llm_proxy_core::{Body, Dialect, Endpoint, Error, RequestMeta, StreamKind, UsageFilter, empty};
 use serde_json::{Map, Value};
@@ -112,6 +113,10 @@ impl Plan {
             }
             _ => false,
         };
+        // An integer beyond 64 bits was parsed to the nearest `f64`: bodies
+        // that differ in it would share a key (and one would get the other's
+        // answer), so such a body is not served at all.
+        let served = served && !json.values().any(holds_inexact_integer);
         if !served {
             return None;
         }

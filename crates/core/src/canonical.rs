@@ -5,6 +5,12 @@
 //! as `serde_json` prints them. Two requests that differ only in key order or
 //! formatting therefore canonicalise to the same bytes.
 //!
+//! Numbers are only as exact as `serde_json` parses them: an integer beyond
+//! 64 bits becomes the nearest `f64`, so `18446744073709551616` and
+//! `18446744073709551617` canonicalise alike, while an upstream that reads
+//! integers exactly (Python's `json`) tells them apart. A value for which
+//! [`holds_inexact_integer`] is true must not be keyed on its canonical form.
+//!
 //! ```
 //! use llm_proxy_core::canonical::to_canonical;
 //!
@@ -41,6 +47,35 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             out.push(b']');
         }
         Value::Object(map) => write_object(map.iter(), &[], out),
+    }
+}
+
+/// Whether `value` holds a number that `serde_json` parsed from an integer
+/// too large for 64 bits (it keeps those as the nearest `f64`, losing
+/// digits): its canonical form then stands for several JSON texts an
+/// upstream may read differently.
+///
+/// Every integer from `i64::MIN` to `u64::MAX` parses exactly, so this is
+/// any `f64` of magnitude 2^63 or more. A float written that large
+/// (`1e19`) cannot be told apart from such an integer and counts too.
+///
+/// ```
+/// use llm_proxy_core::canonical::holds_inexact_integer;
+///
+/// let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+/// assert!(holds_inexact_integer(&parse(r#"{"seed": 18446744073709551616}"#)));
+/// assert!(!holds_inexact_integer(&parse(r#"{"seed": 18446744073709551615}"#)));
+/// assert!(!holds_inexact_integer(&parse(r#"[-9223372036854775808, 0.5, 1e18]"#)));
+/// ```
+pub fn holds_inexact_integer(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => number.as_f64().is_some_and(|float| {
+            // 2^63: below it, any integer a body can hold fits an i64 or u64.
+            number.is_f64() && float.abs() >= 9_223_372_036_854_775_808.0
+        }),
+        Value::Array(items) => items.iter().any(holds_inexact_integer),
+        Value::Object(map) => map.values().any(holds_inexact_integer),
+        Value::Null | Value::Bool(_) | Value::String(_) => false,
     }
 }
 
@@ -160,6 +195,38 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn integers_beyond_64_bits_are_inexact() {
+        let parse = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        for inexact in [
+            "18446744073709551616",
+            "18446744073709551617",
+            "-9223372036854775809",
+            "-99999999999999999999999",
+            "1e19",
+        ] {
+            let nested = parse(&format!(r#"{{"a": [1, {{"seed": {inexact}}}]}}"#));
+            assert!(holds_inexact_integer(&nested), "{inexact}");
+        }
+        // Two of them that an exact reader tells apart share a canonical form:
+        // why the cache must not key on it.
+        assert_eq!(
+            to_canonical(&parse("18446744073709551616")),
+            to_canonical(&parse("18446744073709551617"))
+        );
+        for exact in [
+            "18446744073709551615",
+            "-9223372036854775808",
+            "9223372036854775807",
+            "1.5",
+            "-0.0",
+            "9.2e18",
+            r#"{"a": ["18446744073709551616", null, true]}"#,
+        ] {
+            assert!(!holds_inexact_integer(&parse(exact)), "{exact}");
+        }
+    }
+
     /// Serialises `value` with whitespace and every object's keys in reverse
     /// order, so that parsing it back must undo both.
     fn write_scrambled(value: &Value, out: &mut String) {
@@ -229,6 +296,12 @@ pub(crate) mod tests {
             write_scrambled(&value, &mut scrambled);
             let reparsed: Value = serde_json::from_str(&scrambled).unwrap();
             prop_assert_eq!(to_canonical(&reparsed), canonical);
+        }
+
+        #[test]
+        fn integers_within_64_bits_are_exact(i in any::<i64>(), u in any::<u64>()) {
+            let text = format!("[{i}, {u}]");
+            prop_assert!(!holds_inexact_integer(&serde_json::from_str(&text).unwrap()));
         }
 
         #[test]

@@ -97,6 +97,36 @@ async fn completions_and_embeddings_are_cached_other_routes_bypass() {
 }
 
 #[tokio::test]
+async fn bodies_with_integers_beyond_64_bits_bypass() {
+    let h = harness(CacheConfig::default());
+    let seeded = |seed: &str| {
+        format!(r#"{{"model":"m","seed":{seed},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+    };
+    // Both parse to the f64 2^64: keyed on their canonical form, the second
+    // would get the first's answer.
+    for (n, seed) in ["18446744073709551616", "18446744073709551617"]
+        .into_iter()
+        .enumerate()
+    {
+        let answer = h.send(chat(&seeded(seed), &[])).await;
+        assert_eq!(
+            (answer.cache(), answer.json()),
+            ("bypass", answer_json(n + 1))
+        );
+    }
+    // Nested, anywhere in the body.
+    let nested = r#"{"model":"m","messages":[],"tools":[{"max":[-99999999999999999999]}]}"#;
+    assert_eq!(h.send(chat(nested, &[])).await.cache(), "bypass");
+    // The largest integers that parse exactly are cached as ever.
+    for seed in ["18446744073709551615", "-9223372036854775808"] {
+        assert_eq!(h.send(chat(&seeded(seed), &[])).await.cache(), "miss");
+        assert_eq!(h.send(chat(&seeded(seed), &[])).await.cache(), "hit");
+    }
+    assert_eq!(h.calls(), 5);
+    assert_eq!(h.stats.snapshot().stored, 2);
+}
+
+#[tokio::test]
 async fn failures_are_not_stored() {
     let h = harness(CacheConfig::default());
     let failed = h.send(chat(CHAT, &[("x-fake", "500")])).await;
