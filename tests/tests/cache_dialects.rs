@@ -329,3 +329,49 @@ async fn stream_false_and_no_stream_share_an_entry() {
         assert_eq!(up.stats.requests_for(path), 1, "{path}");
     }
 }
+
+#[tokio::test]
+async fn only_if_cached_misses_are_504_in_each_dialect() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    let only = [
+        ANTHROPIC[0],
+        ANTHROPIC[1],
+        ("cache-control", "only-if-cached"),
+    ];
+    let messages = send(request(
+        Method::POST,
+        &p.url(MESSAGES),
+        &only,
+        messages_body(false),
+    ))
+    .await;
+    assert_eq!(
+        (messages.status.as_u16(), cache(&messages)),
+        (504, Some("miss"))
+    );
+    let json = messages.json();
+    assert_eq!(
+        (&json["type"], &json["error"]["type"]),
+        (&"error".into(), &"timeout_error".into()),
+        "Anthropic-shaped: {json}"
+    );
+    let body = responses_body(false, json!({}));
+    let responses = send(request(Method::POST, &p.url(RESPONSES), &only, body)).await;
+    assert_eq!(
+        (responses.status.as_u16(), cache(&responses)),
+        (504, Some("miss"))
+    );
+    assert_eq!(responses.json()["error"]["code"], "not_cached");
+    // A stateful Responses request is never served from the cache.
+    let stored = json!({"model": "m", "input": "x"}).to_string();
+    let stateful = send(request(Method::POST, &p.url(RESPONSES), &only, stored)).await;
+    assert_eq!(
+        (stateful.status.as_u16(), cache(&stateful)),
+        (504, Some("bypass"))
+    );
+    assert_eq!(
+        up.stats.requests_for(MESSAGES) + up.stats.requests_for(RESPONSES),
+        0
+    );
+}

@@ -539,3 +539,45 @@ async fn integers_beyond_64_bits_never_share_an_answer() {
     }
     assert_eq!(upstream_calls(&up), 2);
 }
+
+#[tokio::test]
+async fn only_if_cached_and_pragma_no_cache() {
+    let up = mock_named("m").await;
+    let p = proxy(&memory(&up.base_url())).await;
+    let url = p.url(CHAT_PATH);
+    let body = chat("m", false);
+    let only = ("cache-control", "only-if-cached");
+    // Nothing stored: a 504 without asking the upstream.
+    let miss = post(&url, &body, &[only]).await;
+    assert_eq!(
+        (miss.status.as_u16(), miss.header("x-llm-proxy-cache")),
+        (504, Some("miss"))
+    );
+    let error = &miss.json()["error"];
+    assert_eq!(
+        (&error["type"], &error["code"], &error["param"]),
+        (
+            &"timeout_error".into(),
+            &"not_cached".into(),
+            &serde_json::Value::Null
+        ),
+        "{}",
+        miss.text()
+    );
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(upstream_calls(&up), 0);
+    let first = post(&url, &body, &[]).await;
+    let hit = post(&url, &body, &[only]).await;
+    assert_eq!(
+        (hit.status.as_u16(), hit.header("x-llm-proxy-cache")),
+        (200, Some("hit"))
+    );
+    assert_eq!(hit.body, first.body);
+    // `pragma: no-cache` without `cache-control` is `no-cache`.
+    let fresh = post(&url, &body, &[("pragma", "no-cache")]).await;
+    assert_eq!(
+        (fresh.status.as_u16(), fresh.header("x-llm-proxy-cache")),
+        (200, Some("bypass"))
+    );
+    assert_eq!(upstream_calls(&up), 2);
+}

@@ -26,7 +26,9 @@
 //! - **Coalescing**: concurrent identical requests share one upstream call;
 //!   followers receive the leader's frames live, retry when the leader fails
 //!   before answering, and give up waiting after [`CacheConfig::max_wait`].
-//! - **Controls**: `cache-control: no-cache`, `no-store`, `max-age=N`
+//! - **Controls**: `cache-control: no-cache`, `no-store`, `max-age=N`,
+//!   `only-if-cached` (a stored entry or a 504 `not_cached`, never the
+//!   upstream), and `pragma: no-cache` without `cache-control`
 //!   ([`CacheControl`]); responses carry `x-llm-proxy-cache: hit|miss|bypass`
 //!   ([`CACHE_HEADER`]) and `age` on hits.
 //! - **Stores**: [`MemoryStore`] (sharded LRU, bounded by entries and bytes,

@@ -24,10 +24,11 @@ pub const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-llm-
 pub enum CacheStatus {
     /// Answered from a stored entry, or by an identical request in flight.
     Hit,
-    /// Looked up, not found: answered by the upstream.
+    /// Looked up, not found: answered by the upstream (or, for
+    /// `only-if-cached`, with a 504).
     Miss,
-    /// Not looked up: `no-cache`, `no-store`, or a request the cache does
-    /// not serve.
+    /// Not looked up: `no-cache` (or `pragma: no-cache`), `no-store`, or a
+    /// request the cache does not serve.
     Bypass,
 }
 

@@ -231,6 +231,15 @@ where
                 .extensions()
                 .get::<RequestMeta>()
                 .map_or(Dialect::OpenAi, |meta| meta.endpoint().dialect());
+            if CacheControl::from_headers(req.headers()).only_if_cached {
+                // Nothing stored can answer it (`no-store`, or a request the
+                // cache does not serve), and it may not go upstream: what
+                // `poll_ready` reserved goes back with the readied service.
+                let clone = self.inner.clone();
+                drop(std::mem::replace(&mut self.inner, clone));
+                let response = not_cached(dialect, CacheStatus::Bypass);
+                return Box::pin(async move { Ok(response) });
+            }
             let clone = self.inner.clone();
             let mut ready = std::mem::replace(&mut self.inner, clone);
             let future: BoxFuture = Box::pin(ready.call(req));
@@ -294,6 +303,12 @@ where
     S::Future: Send + 'static,
 {
     let counters = &shared.counters;
+    if plan.control.only_if_cached {
+        // The inner service, readied, is dropped unused: what it reserved
+        // goes back.
+        drop(ready);
+        return Ok(from_store_only(&shared, &plan).await);
+    }
     let mut inner = Inner::Ready(ready);
     if plan.control.no_cache {
         Counters::bump(&counters.bypasses);
@@ -310,9 +325,7 @@ where
             Joined::Lead(leader) => {
                 if let Some(entry) = lookup(&shared, &plan).await {
                     Counters::bump(&counters.hits);
-                    let now = crate::clock::now_ms();
-                    let keep_usage = !plan.strips_usage();
-                    let response = replay::from_entry(&entry, keep_usage, entry.age(now).as_secs());
+                    let response = replay_entry(&plan, &entry);
                     leader.serve(|| (head_of(&entry), entry_frames(&entry)));
                     return Ok(response);
                 }
@@ -386,6 +399,42 @@ async fn lookup(shared: &Shared, plan: &Plan) -> Option<Entry> {
     let age = entry.age(crate::clock::now_ms());
     let too_old = plan.control.max_age.is_some_and(|max| age > max);
     (!too_old).then_some(entry)
+}
+
+/// The answer to an `only-if-cached` request: a stored entry, or a 504.
+/// It joins no flight: an answer still on its way from the upstream is not
+/// stored yet, and waiting for the upstream is what the client ruled out.
+async fn from_store_only(shared: &Shared, plan: &Plan) -> Response<Body> {
+    let counters = &shared.counters;
+    if plan.control.no_cache {
+        // No stored answer may be used without the upstream's say.
+        Counters::bump(&counters.bypasses);
+        return not_cached(plan.dialect, CacheStatus::Bypass);
+    }
+    match lookup(shared, plan).await {
+        Some(entry) => {
+            Counters::bump(&counters.hits);
+            replay_entry(plan, &entry)
+        }
+        None => {
+            Counters::bump(&counters.misses);
+            not_cached(plan.dialect, CacheStatus::Miss)
+        }
+    }
+}
+
+/// A hit on `entry`, with the usage chunk only if the client asked for it.
+fn replay_entry(plan: &Plan, entry: &Entry) -> Response<Body> {
+    let age = entry.age(crate::clock::now_ms());
+    replay::from_entry(entry, !plan.strips_usage(), age.as_secs())
+}
+
+/// The 504 of an `only-if-cached` request the cache cannot answer, in the
+/// client's dialect, marked with the cache's verdict.
+fn not_cached(dialect: Dialect, status: CacheStatus) -> Response<Body> {
+    let mut response = Error::NotCached.into_response_in(dialect);
+    replay::mark(&mut response, status);
+    response
 }
 
 fn head_of(entry: &Entry) -> Head {

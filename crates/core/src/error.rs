@@ -136,6 +136,13 @@ pub enum Error {
         /// Which wait ran out, e.g. "waiting for the response head".
         phase: &'static str,
     },
+    /// The request may be answered only from the cache (`cache-control:
+    /// only-if-cached`, RFC 9111 §5.2.1.7), and the cache holds no answer
+    /// it may use: a 504, as the RFC asks, without asking an upstream.
+    #[error(
+        "no stored answer for this request, and `cache-control: only-if-cached` forbids asking an upstream"
+    )]
+    NotCached,
 }
 
 /// The error `code` of the event a stream broken mid-way ends with, in
@@ -191,7 +198,7 @@ impl Error {
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             BadGateway { .. } => StatusCode::BAD_GATEWAY,
             NoUpstreamAvailable(_) | BodyBufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamTimeout { .. } | NotCached => StatusCode::GATEWAY_TIMEOUT,
             Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -220,7 +227,7 @@ impl Error {
             RateLimited { .. } => "rate_limit_error",
             BadGateway { .. } => "upstream_error",
             NoUpstreamAvailable(_) | BodyBufferFull { .. } => "service_unavailable",
-            UpstreamTimeout { .. } => "timeout_error",
+            UpstreamTimeout { .. } | NotCached => "timeout_error",
             Misconfigured(_) => "server_error",
         }
     }
@@ -250,6 +257,7 @@ impl Error {
             NoUpstreamAvailable(_) => "no_upstream_available",
             BodyBufferFull { .. } => "server_overloaded",
             UpstreamTimeout { .. } => "upstream_timeout",
+            NotCached => "not_cached",
             Misconfigured(_) => "misconfigured",
         }
     }
@@ -419,6 +427,31 @@ mod tests {
             std::str::from_utf8(&ev)
                 .unwrap()
                 .starts_with("event: error\ndata: {")
+        );
+    }
+
+    #[test]
+    fn not_cached_is_a_504_in_either_dialect() {
+        let resp = Error::NotCached.into_response_in(Dialect::OpenAi);
+        assert_eq!(resp.status(), 504);
+        let v: serde_json::Value = serde_json::from_slice(&Error::NotCached.to_json()).unwrap();
+        assert_eq!(
+            (
+                &v["error"]["type"],
+                &v["error"]["code"],
+                &v["error"]["param"]
+            ),
+            (
+                &"timeout_error".into(),
+                &"not_cached".into(),
+                &serde_json::Value::Null
+            )
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&Error::NotCached.to_json_in(Dialect::Anthropic)).unwrap();
+        assert_eq!(
+            (&v["type"], &v["error"]["type"]),
+            (&"error".into(), &"timeout_error".into())
         );
     }
 

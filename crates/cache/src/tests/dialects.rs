@@ -134,6 +134,24 @@ async fn messages_miss_then_hit_with_the_same_bytes() {
 }
 
 #[tokio::test]
+async fn only_if_cached_misses_are_504_in_the_dialect_of_the_route() {
+    let h = harness(CacheConfig::default());
+    let only = [("cache-control", "only-if-cached")];
+    let miss = h.send(messages(MESSAGE, &only)).await;
+    assert_eq!((miss.status.as_u16(), miss.cache()), (504, "miss"));
+    let json = miss.json();
+    assert_eq!(
+        (&json["type"], &json["error"]["type"]),
+        (&"error".into(), &"timeout_error".into())
+    );
+    assert_eq!(h.calls(), 0);
+    h.send(messages(MESSAGE, &[])).await;
+    let hit = h.send(messages(MESSAGE, &only)).await;
+    assert_eq!((hit.status.as_u16(), hit.cache()), (200, "hit"));
+    assert_eq!(hit.body(), json_bytes(messages_json(1)));
+}
+
+#[tokio::test]
 async fn messages_stream_miss_then_hit_replays_the_same_frames() {
     let h = harness(CacheConfig::default());
     let first = h.send(messages(MESSAGE_STREAM, &[])).await;

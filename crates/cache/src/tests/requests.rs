@@ -195,6 +195,68 @@ async fn no_store_neither_looks_up_nor_stores() {
     assert_eq!(h.stats.snapshot().stored, 1);
 }
 
+#[tokio::test]
+async fn pragma_no_cache_is_no_cache_without_cache_control() {
+    let h = harness(CacheConfig::default());
+    h.send(chat(CHAT, &[])).await;
+    let fresh = h.send(chat(CHAT, &[("pragma", "no-cache")])).await;
+    assert_eq!((fresh.cache(), fresh.json()), ("bypass", answer_json(2)));
+    // Stored: the next plain request gets the fresh answer.
+    let hit = h.send(chat(CHAT, &[])).await;
+    assert_eq!((hit.cache(), hit.json()), ("hit", answer_json(2)));
+    // With a Cache-Control header, Pragma is not read.
+    let both = [("pragma", "no-cache"), ("cache-control", "max-age=60")];
+    assert_eq!(h.send(chat(CHAT, &both)).await.cache(), "hit");
+    assert_eq!(h.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_if_cached_answers_from_the_store_or_with_504() {
+    let h = harness(CacheConfig::default());
+    let only = ("cache-control", "only-if-cached");
+    let miss = h.send(chat(CHAT, &[only])).await;
+    assert_eq!(
+        (miss.status.as_u16(), miss.cache()),
+        (504, "miss"),
+        "{:?}",
+        miss.body()
+    );
+    assert_eq!(miss.headers["content-type"], "application/json");
+    let error = &miss.json()["error"];
+    assert_eq!(
+        (&error["type"], &error["code"]),
+        (&"timeout_error".into(), &"not_cached".into())
+    );
+    assert_eq!(h.calls(), 0, "never upstream");
+    h.send(chat(CHAT, &[])).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let hit = h.send(chat(CHAT, &[only])).await;
+    assert_eq!(
+        (hit.status.as_u16(), hit.cache(), hit.json()),
+        (200, "hit", answer_json(1))
+    );
+    assert_eq!(hit.headers["age"], "10");
+    // With other directives: an entry too old for max-age, one that
+    // no-cache or no-store may not use, a request the cache does not serve.
+    for (control, verdict) in [
+        ("only-if-cached, max-age=5", "miss"),
+        ("only-if-cached, no-cache", "bypass"),
+        ("only-if-cached, no-store", "bypass"),
+    ] {
+        let answer = h.send(chat(CHAT, &[("cache-control", control)])).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.cache()),
+            (504, verdict),
+            "{control}"
+        );
+    }
+    let files = h.send(post("/v1/files", r#"{"model":"m"}"#, &[only])).await;
+    assert_eq!((files.status.as_u16(), files.cache()), (504, "bypass"));
+    assert_eq!(h.calls(), 1);
+    let stats = h.stats.snapshot();
+    assert_eq!((stats.hits, stats.misses, stats.bypasses), (1, 3, 3));
+}
+
 #[tokio::test(start_paused = true)]
 async fn max_age_accepts_only_younger_entries() {
     let h = harness(CacheConfig::default());
