@@ -189,6 +189,12 @@ impl std::hash::Hash for CacheKey {
 impl CacheKey {
     /// The key of a request to `endpoint` in `scope` with this JSON body.
     ///
+    /// The body's numbers count as `serde_json` parsed them: bodies that
+    /// differ only in an integer beyond 64 bits get one key. The cache
+    /// layer does not serve such bodies
+    /// ([`holds_inexact_integer`](llm_proxy_core::canonical::holds_inexact_integer));
+    /// another user of keys should check too.
+    ///
     /// ```
     /// use llm_proxy_cache::{CacheKey, KeyScope};
     /// use llm_proxy_core::Endpoint;
