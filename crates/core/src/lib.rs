@@ -34,7 +34,7 @@
 //! # }
 //! ```
 //!
-//! Feature `redis` adds [`redis::RedisLink`], the self-healing Redis
+//! Feature `redis` adds `redis::RedisLink`, the self-healing Redis
 //! connection the cache, auth and Responses id stores share.
 #![forbid(unsafe_code)]
 
