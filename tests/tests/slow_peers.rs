@@ -1,0 +1,388 @@
+//! Slow, stalled and vanishing peers on either side of the proxy: every one
+//! ends in its status, or a clean close, within its timeout, and none makes
+//! the proxy hold more than a bounded amount of anything.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::Method;
+use tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Read from `conn` until the proxy closes it (EOF or reset); `false` if it
+/// is still open after [`HANG`].
+async fn closed_within_hang(conn: &mut tokio::net::tcp::OwnedReadHalf) -> bool {
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(HANG, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Clients that trickle a request head a byte at a time on new connections,
+/// as many as `max_connections`: hyper's header timeout is one deadline for
+/// the whole head, not a silence between bytes, so each is cut off, and its
+/// permit is back for the next client.
+#[tokio::test]
+async fn trickled_heads_are_cut_off_and_free_their_permits() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 300\nmax_connections = 2\n{}",
+        one_upstream(&up.base_url(), "models = [\"m\"]")
+    ))
+    .await;
+    let mut tricklers = Vec::new();
+    for _ in 0..2 {
+        let conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let (mut read, mut write) = conn.into_split();
+        // One byte every 20 ms, far faster than the 300 ms timeout, for
+        // ever: a head that never ends.
+        let writer = tokio::spawn(async move {
+            let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: ";
+            for byte in head.iter().chain(std::iter::repeat(&b'a')) {
+                if write.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        tricklers.push(tokio::spawn(async move {
+            let closed = closed_within_hang(&mut read).await;
+            writer.abort();
+            closed
+        }));
+    }
+    for trickler in tricklers {
+        assert!(trickler.await.unwrap(), "a trickled head was not cut off");
+    }
+    let health = send(request(Method::GET, &p.url("/healthz"), &[], "")).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(up.stats.requests(), 0);
+}
+
+/// An upstream that answers every request with `head` (written at once),
+/// then keeps the connection open, silent, until the proxy closes it.
+async fn answering_then_silent(head: Vec<u8>) -> std::net::SocketAddr {
+    let head = Arc::new(head);
+    raw_upstream(move |mut conn| {
+        let head = head.clone();
+        async move {
+            if !read_request_head(&mut conn).await {
+                return;
+            }
+            let _ = conn.write_all(&head).await;
+            let mut buf = [0u8; 1024];
+            while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+        }
+    })
+    .await
+}
+
+async fn chat_via(addr: std::net::SocketAddr, upstream_keys: &str, stream: bool) -> Answer {
+    let p = proxy(&one_upstream(
+        &format!("http://{addr}/v1"),
+        &format!("{upstream_keys}\n[balance]\nmax_retries = 0"),
+    ))
+    .await;
+    post_json(&p.url("/v1/chat/completions"), &chat("m", stream)).await
+}
+
+/// A response head the upstream trickles a line at a time, never ending it,
+/// is bounded by `first_byte_timeout` as a whole (504); one that is too
+/// large or has too many fields is a broken answer (502).
+#[tokio::test]
+async fn an_endless_or_huge_upstream_head_is_504_or_502() {
+    let trickling = raw_upstream(|mut conn| async move {
+        if !read_request_head(&mut conn).await {
+            return;
+        }
+        if conn.write_all(b"HTTP/1.1 200 OK\r\n").await.is_err() {
+            return;
+        }
+        // A header line every 50 ms, each well within any idle bound.
+        for i in 0u64.. {
+            let line = format!("x-trickle-{i}: a\r\n");
+            if conn.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let answer = chat_via(
+        trickling,
+        "first_byte_timeout_ms = 500\nidle_timeout_ms = 200",
+        false,
+    )
+    .await;
+    answer.assert_error(504, "timeout_error", "upstream_timeout");
+
+    let mut huge = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n".to_vec();
+    while huge.len() < 2 << 20 {
+        huge.extend_from_slice(
+            format!("x-big-{}: {}\r\n", huge.len(), "a".repeat(1000)).as_bytes(),
+        );
+    }
+    let answer = chat_via(
+        answering_then_silent(huge).await,
+        "first_byte_timeout_ms = 5000",
+        false,
+    )
+    .await;
+    answer.assert_error(502, "upstream_error", "bad_gateway");
+
+    let mut many = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n".to_vec();
+    for i in 0..500 {
+        many.extend_from_slice(format!("x-h-{i}: a\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"content-length: 2\r\n\r\n{}");
+    let answer = chat_via(
+        answering_then_silent(many).await,
+        "first_byte_timeout_ms = 5000",
+        false,
+    )
+    .await;
+    answer.assert_error(502, "upstream_error", "bad_gateway");
+}
+
+/// A non-streamed answer whose head came and whose body then stalls: the
+/// client has the head already, so the body fails (a closed connection)
+/// after `idle_timeout`, rather than hanging or looking whole.
+#[tokio::test]
+async fn a_json_body_that_stalls_after_its_head_fails_after_the_idle_timeout() {
+    let up = answering_then_silent(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":"
+            .to_vec(),
+    )
+    .await;
+    let p = proxy(&one_upstream(
+        &format!("http://{up}/v1"),
+        "idle_timeout_ms = 200",
+    ))
+    .await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("m", false),
+        ))
+        .await
+        .expect("a head");
+    assert_eq!(resp.status(), 200);
+    let (body, broke) = read_stream(resp).await;
+    assert!(broke, "a cut body must not look whole: {body:?}");
+    assert!(body.len() < 100);
+}
+
+/// An upstream that writes an endless event stream as fast as it can, and
+/// counts the bytes its socket took.
+async fn firehose(written: Arc<AtomicU64>, cap: u64) -> std::net::SocketAddr {
+    raw_upstream(move |mut conn| {
+        let written = written.clone();
+        async move {
+            if !read_request_head(&mut conn).await {
+                return;
+            }
+            let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            if conn.write_all(head).await.is_err() {
+                return;
+            }
+            let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"xxxxxxxxxxxxxxxx\"}}]}\n\n";
+            let chunk = format!("{:x}\r\n{event}\r\n", event.len()).repeat(64);
+            while written.load(Ordering::Relaxed) < cap {
+                if conn.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }
+    })
+    .await
+}
+
+/// Wait until `written` has not grown for a while (the writer is blocked);
+/// its value then. Panics if it reaches `cap` (nothing held it back).
+async fn settled(written: &AtomicU64, cap: u64) -> u64 {
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = written.load(Ordering::Relaxed);
+        assert!(now < cap, "the upstream wrote {now} bytes unhindered");
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// A client that stops reading a fast stream (well within `send_timeout`):
+/// the proxy stops reading the upstream once a bounded amount is queued,
+/// over HTTP/1.1 and HTTP/2, rather than buffering the stream in memory.
+#[tokio::test]
+async fn a_client_that_stops_reading_holds_the_upstream_back() {
+    // Kernel socket buffers on loopback take a few MiB each way; an
+    // unbounded proxy would take all 256 MiB within the wait.
+    const CAP: u64 = 256 << 20;
+    const BOUND: u64 = 48 << 20;
+    let written = Arc::new(AtomicU64::new(0));
+    let up = firehose(written.clone(), CAP).await;
+    let p = proxy(&format!(
+        "send_timeout_ms = 60000\n{}",
+        one_upstream(&format!("http://{up}/v1"), "")
+    ))
+    .await;
+
+    // HTTP/1.1: read the head, then nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(p.addr).await.unwrap();
+    let body = chat("m", true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let held = settled(&written, CAP).await;
+    assert!(
+        held < BOUND,
+        "HTTP/1.1: {held} bytes taken from the upstream"
+    );
+    drop(conn);
+
+    // HTTP/2: the stream's window fills, and nothing is read after it.
+    written.store(0, Ordering::Relaxed);
+    let (mut sender, _conn) = h2c(p.addr).await;
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(chat(
+            "m", true,
+        ))))
+        .unwrap();
+    let unread = tokio::time::timeout(HANG, sender.send_request(req))
+        .await
+        .unwrap()
+        .expect("a head");
+    assert_eq!(unread.status(), 200);
+    let held = settled(&written, CAP).await;
+    assert!(held < BOUND, "HTTP/2: {held} bytes taken from the upstream");
+    drop(unread);
+}
+
+/// An HTTP/2 client that resets its stream (drops the response) cancels
+/// the upstream request, before the head as after it, and the connection
+/// goes on serving.
+#[tokio::test]
+async fn an_h2_stream_reset_cancels_its_upstream_request() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(10.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let (mut sender, conn) = h2c(p.addr).await;
+    let post = |headers: &[(&str, &str)]| {
+        let mut req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
+            "m", true,
+        ))))
+        .unwrap()
+    };
+    // After the head: a 100 s stream, reset after its first frame.
+    let resp = sender
+        .send_request(post(&[("x-mock-tokens", "1000")]))
+        .await
+        .expect("a head");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    use http_body_util::BodyExt;
+    tokio::time::timeout(HANG, body.frame())
+        .await
+        .expect("a first frame")
+        .expect("a frame")
+        .expect("data");
+    drop(body);
+    eventually("the reset stream's upstream is cancelled", || {
+        up.stats.cancelled() == 1 && up.stats.in_flight() == 0
+    })
+    .await;
+    // Before the head: an upstream that takes 100 s to answer.
+    let waiting = tokio::spawn({
+        let mut sender = sender.clone();
+        let req = post(&[("x-mock-latency-ms", "100000")]);
+        async move { sender.send_request(req).await }
+    });
+    eventually("the slow request is upstream", || up.stats.in_flight() == 1).await;
+    waiting.abort();
+    eventually("the reset request's upstream is dropped", || {
+        up.stats.in_flight() == 0
+    })
+    .await;
+    // The connection carries on.
+    let again = sender
+        .send_request(post(&[("x-mock-tokens", "2")]))
+        .await
+        .expect("served after the resets");
+    let (body, broken) = read_stream(again).await;
+    assert!(!broken);
+    assert!(String::from_utf8_lossy(&body).contains("data: [DONE]"));
+    assert!(!conn.is_finished());
+}
+
+/// A connection in the middle of sending its head when the drain begins is
+/// still bounded by the header timeout: the drain ends long before its
+/// `drain_timeout`, and an idle keep-alive connection is closed at once.
+#[tokio::test]
+async fn a_drain_does_not_wait_for_a_half_sent_head_or_an_idle_connection() {
+    let up = mock_named("m").await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 60\nheader_read_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let half = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut half_read, mut half_write) = half.into_split();
+    half_write
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.begin_shutdown();
+    let (idle_read, _idle_write) = idle.into_split();
+    let mut idle_read = idle_read;
+    assert!(
+        closed_within_hang(&mut idle_read).await,
+        "idle connection left open"
+    );
+    assert!(
+        closed_within_hang(&mut half_read).await,
+        "half-sent head left open"
+    );
+    p.stop().await.expect("serve returns Ok");
+}
