@@ -348,6 +348,45 @@ async fn an_h2_stream_reset_cancels_its_upstream_request() {
     assert!(!conn.is_finished());
 }
 
+/// A stream that outlasts the drain timeout is cut when `serve` returns:
+/// the client's connection closes and the upstream request is cancelled,
+/// rather than both living on after the server said it was done.
+#[tokio::test]
+async fn a_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(10.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 0.3\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "1000"),
+            ],
+            chat("m", true),
+        ))
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    p.begin_shutdown();
+    p.stop().await.expect("serve returns Ok");
+    let (_, broke) = read_stream(resp).await;
+    assert!(broke, "a stream cut by the drain must not look whole");
+    eventually("the upstream stream is cancelled", || {
+        up.stats.cancelled() == 1
+    })
+    .await;
+}
+
 /// A connection in the middle of sending its head when the drain begins is
 /// still bounded by the header timeout: the drain ends long before its
 /// `drain_timeout`, and an idle keep-alive connection is closed at once.

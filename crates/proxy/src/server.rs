@@ -54,7 +54,8 @@ impl ConnOptions {
 impl Proxy {
     /// Serve on `listener` (and on `metrics_listen`, if configured) until
     /// `shutdown` resolves; then stop accepting, mark `/readyz` as draining,
-    /// and let in-flight requests finish for up to `drain_timeout`.
+    /// and let in-flight requests finish for up to `drain_timeout`; then close
+    /// the connections still open, and return once they are closed.
     ///
     /// Connections are served on the calling runtime; see
     /// [`Proxy::serve_sharded`] for the thread-per-core server of the binary.
@@ -235,12 +236,16 @@ impl Proxy {
 #[derive(Debug)]
 struct Drain {
     tx: watch::Sender<()>,
+    /// `true` once the drain timeout has passed: the connections still open
+    /// close at once.
+    cut: watch::Sender<bool>,
 }
 
 impl Drain {
     fn new() -> Self {
         Drain {
             tx: watch::channel(()).0,
+            cut: watch::channel(false).0,
         }
     }
 
@@ -249,21 +254,36 @@ impl Drain {
         self.tx.subscribe()
     }
 
-    /// Tell every connection to finish, and wait until all have.
-    async fn shutdown(self) {
-        let _ = self.tx.send(());
-        self.tx.closed().await;
+    /// For one connection: resolves when it is to close, finished or not
+    /// (never if the `Drain` is dropped: its `watcher`s then tell the
+    /// connections to finish, as before).
+    fn cut_off(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut cut = self.cut.subscribe();
+        async move {
+            if cut.wait_for(|cut| *cut).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
-/// Let the connections of `graceful` finish, for up to `timeout`.
+/// Let the connections of `graceful` finish, for up to `timeout`; then close
+/// those still open, and wait until they have. Without the cut, a stream
+/// past the timeout would live on after `serve` returned on an embedder's
+/// runtime (still holding its upstream request), where the binary's shard
+/// runtimes merely happened to drop it.
 async fn drain(graceful: Drain, timeout: Duration) {
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("drained"),
-        () = tokio::time::sleep(timeout) => {
-            tracing::warn!("drain timeout reached; closing remaining connections");
-        }
+    let _ = graceful.tx.send(());
+    if tokio::time::timeout(timeout, graceful.tx.closed())
+        .await
+        .is_ok()
+    {
+        tracing::info!("drained");
+        return;
     }
+    tracing::warn!("drain timeout reached; closing remaining connections");
+    let _ = graceful.cut.send(true);
+    graceful.tx.closed().await;
 }
 
 /// What serves the server's connections: the proxy's [`HyperFace`], or the
@@ -587,70 +607,77 @@ fn serve_connection<S>(
     // `send_timeout` (`crate::idle`).
     let idle_timeout = opts.header_read_timeout;
     let send_timeout = opts.send_timeout;
+    let cut_off = graceful.cut_off();
     tokio::spawn(async move {
-        let mut conn = std::pin::pin!(conn);
-        // Made once: it keeps its own count of how long the client has
-        // taken nothing, which a fresh one each turn of the loop (every
-        // `idle_timeout` while an idle HTTP/2 connection told to go still
-        // has a request) would start over.
-        let mut stalled = std::pin::pin!(activity.stalled(send_timeout));
-        let mut closing = false;
-        let mut drained = false;
-        // An idle HTTP/2 connection told to go (GOAWAY) that does not close
-        // is closed at the next timeout: hyper waits for the answer to a
-        // ping it then sends, for as long as its keep-alive allows.
-        let mut gone_by = None;
-        let ended = loop {
-            tokio::select! {
-                ended = conn.as_mut() => break ended,
-                () = sleep_until_some(gone_by) => {
-                    // A request the client sent before it saw the GOAWAY
-                    // was taken, and is answered: wait for it (a client
-                    // that stops reading it is `stalled`).
-                    if activity.in_flight() > 0 {
-                        gone_by = Some(tokio::time::Instant::now() + idle_timeout);
-                        continue;
+        let served = async {
+            let mut conn = std::pin::pin!(conn);
+            // Made once: it keeps its own count of how long the client has
+            // taken nothing, which a fresh one each turn of the loop (every
+            // `idle_timeout` while an idle HTTP/2 connection told to go still
+            // has a request) would start over.
+            let mut stalled = std::pin::pin!(activity.stalled(send_timeout));
+            let mut closing = false;
+            let mut drained = false;
+            // An idle HTTP/2 connection told to go (GOAWAY) that does not close
+            // is closed at the next timeout: hyper waits for the answer to a
+            // ping it then sends, for as long as its keep-alive allows.
+            let mut gone_by = None;
+            let ended = loop {
+                tokio::select! {
+                    ended = conn.as_mut() => break ended,
+                    () = sleep_until_some(gone_by) => {
+                        // A request the client sent before it saw the GOAWAY
+                        // was taken, and is answered: wait for it (a client
+                        // that stops reading it is `stalled`).
+                        if activity.in_flight() > 0 {
+                            gone_by = Some(tokio::time::Instant::now() + idle_timeout);
+                            continue;
+                        }
+                        tracing::debug!("an idle HTTP/2 connection did not close when told");
+                        break Ok(());
                     }
-                    tracing::debug!("an idle HTTP/2 connection did not close when told");
-                    break Ok(());
+                    _ = stop.changed(), if !closing => {
+                        closing = true;
+                        drained = true;
+                        activity.drain();
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = activity.idle(idle_timeout), if !closing => {
+                        tracing::debug!("closing an idle HTTP/2 connection");
+                        closing = true;
+                        gone_by = Some(tokio::time::Instant::now() + idle_timeout);
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = stalled.as_mut() => {
+                        tracing::debug!("closing a connection whose client stopped reading");
+                        break Ok(());
+                    }
                 }
-                _ = stop.changed(), if !closing => {
-                    closing = true;
-                    drained = true;
-                    activity.drain();
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = activity.idle(idle_timeout), if !closing => {
-                    tracing::debug!("closing an idle HTTP/2 connection");
-                    closing = true;
-                    gone_by = Some(tokio::time::Instant::now() + idle_timeout);
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = stalled.as_mut() => {
-                    tracing::debug!("closing a connection whose client stopped reading");
-                    break Ok(());
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            // Switched protocols: the connection lives on as a tunnel, still
+            // holding its permit, and a drain still waits for it. It is told
+            // when the drain begins, to end its session (a WebSocket closes
+            // with 1001 once no turn is open).
+            if let Some(mut tunnel) = activity.take_tunnel() {
+                if drained {
+                    tunnel.await;
+                } else {
+                    tokio::select! {
+                        () = &mut tunnel => {}
+                        _ = stop.changed() => {
+                            activity.drain();
+                            tunnel.await;
+                        }
+                    }
                 }
             }
         };
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
-        // Switched protocols: the connection lives on as a tunnel, still
-        // holding its permit, and a drain still waits for it. It is told
-        // when the drain begins, to end its session (a WebSocket closes
-        // with 1001 once no turn is open).
-        if let Some(mut tunnel) = activity.take_tunnel() {
-            if drained {
-                tunnel.await;
-            } else {
-                tokio::select! {
-                    () = &mut tunnel => {}
-                    _ = stop.changed() => {
-                        activity.drain();
-                        tunnel.await;
-                    }
-                }
-            }
+        tokio::select! {
+            () = served => {}
+            () = cut_off => tracing::debug!("closing a connection still open at the drain timeout"),
         }
         drop((permit, load, stop));
     });
