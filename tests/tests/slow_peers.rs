@@ -425,3 +425,130 @@ async fn a_drain_does_not_wait_for_a_half_sent_head_or_an_idle_connection() {
     );
     p.stop().await.expect("serve returns Ok");
 }
+
+/// A client that stops sending a body already streaming to the upstream (a
+/// passthrough upload) gets 408, and the upstream request is dropped (its
+/// connection closed), not left waiting for the rest.
+#[tokio::test]
+async fn a_stalled_streamed_upload_is_408_and_its_upstream_request_dropped() {
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let addr = raw_upstream(move |mut conn| {
+        let seen = seen_tx.clone();
+        async move {
+            if !read_request_head(&mut conn).await {
+                return;
+            }
+            let _ = seen.send("head");
+            let mut buf = vec![0u8; 8192];
+            while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+            let _ = seen.send("closed");
+        }
+    })
+    .await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 300\n{}",
+        one_upstream(
+            &format!("http://{addr}/v1"),
+            "first_byte_timeout_ms = 20000\n[balance]\neject_after_failures = 1"
+        )
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    let seen = tokio::time::timeout(HANG, seen_rx.recv()).await.unwrap();
+    assert_eq!(seen, Some("head"));
+    let answer = tokio::time::timeout(HANG, async {
+        let (mut answer, mut buf) = (Vec::new(), vec![0u8; 4096]);
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        answer
+    })
+    .await
+    .expect("answered within the bound");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let seen = tokio::time::timeout(HANG, seen_rx.recv()).await.unwrap();
+    assert_eq!(seen, Some("closed"), "the upstream request is dropped");
+    let readyz = send(request(Method::GET, &p.url("/readyz"), &[], "")).await;
+    assert_eq!(
+        readyz.status, 200,
+        "the client's stall ejected the upstream"
+    );
+}
+
+/// An HTTP/2 request whose body stops coming (no `END_STREAM`) is 408 as
+/// on HTTP/1.1, and the connection's other streams are unaffected.
+#[tokio::test]
+async fn an_h2_body_that_stops_coming_is_408() {
+    use http_body_util::BodyExt;
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let (mut sender, _conn) = h2c(p.addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(1);
+    let body = http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|frame| (frame, rx))
+    }));
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"{\"model\":",
+    ))))
+    .await
+    .unwrap();
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+        .header("content-type", "application/json")
+        .body(body.boxed())
+        .unwrap();
+    let resp = tokio::time::timeout(HANG, sender.send_request(req))
+        .await
+        .expect("answered within the bound")
+        .expect("a head");
+    assert_eq!(resp.status(), 408);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"code\":\"request_timeout\""),
+        "{body:?}"
+    );
+    assert_eq!(up.stats.requests(), 0);
+    drop(tx);
+}
+
+/// An upstream whose accept queue is full (the SYN goes unanswered) is a
+/// connect timeout: 504.
+#[tokio::test]
+async fn an_upstream_that_never_accepts_is_a_connect_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Fill the accept queue (never accepted) until a connect hangs.
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(conn) => fillers.push(conn.unwrap()),
+            Err(_elapsed) => break,
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    let answer = chat_via(addr, "connect_timeout_ms = 200", false).await;
+    answer.assert_error(504, "timeout_error", "upstream_timeout");
+    drop((fillers, listener));
+}
