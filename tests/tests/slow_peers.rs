@@ -389,12 +389,13 @@ async fn a_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
 
 /// A connection in the middle of sending its head when the drain begins is
 /// still bounded by the header timeout: the drain ends long before its
-/// `drain_timeout`, and an idle keep-alive connection is closed at once.
+/// `drain_timeout`; an idle keep-alive connection is closed at once, while
+/// the other still waits.
 #[tokio::test]
 async fn a_drain_does_not_wait_for_a_half_sent_head_or_an_idle_connection() {
     let up = mock_named("m").await;
     let mut p = proxy(&format!(
-        "drain_timeout_secs = 60\nheader_read_timeout_ms = 300\n{}",
+        "drain_timeout_secs = 60\nheader_read_timeout_ms = 2000\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
@@ -418,6 +419,11 @@ async fn a_drain_does_not_wait_for_a_half_sent_head_or_an_idle_connection() {
     assert!(
         closed_within_hang(&mut idle_read).await,
         "idle connection left open"
+    );
+    let still_open = half_read.try_read(&mut buf);
+    assert!(
+        matches!(&still_open, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the idle connection closes first: {still_open:?}"
     );
     assert!(
         closed_within_hang(&mut half_read).await,
@@ -551,4 +557,94 @@ async fn an_upstream_that_never_accepts_is_a_connect_timeout() {
     let answer = chat_via(addr, "connect_timeout_ms = 200", false).await;
     answer.assert_error(504, "timeout_error", "upstream_timeout");
     drop((fillers, listener));
+}
+
+/// A client that leaves during the drain ends its stream there: the drain
+/// does not wait out `drain_timeout` for it, and its upstream request is
+/// cancelled.
+#[tokio::test]
+async fn a_client_that_leaves_during_the_drain_ends_it() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(10.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 60\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "1000"),
+            ],
+            chat("m", true),
+        ))
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    p.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(p.is_serving(), "the drain waits for the stream");
+    drop(resp);
+    p.stop().await.expect("serve returns Ok");
+    eventually("the upstream stream is cancelled", || {
+        up.stats.cancelled() == 1
+    })
+    .await;
+}
+
+/// A kept-alive HTTP/1.1 connection that has sent part of its next request
+/// when the drain begins is not idle: the request is read to its end and
+/// answered (`connection: close`), then the connection closes, as nginx
+/// does. Closed at once, the client would lose a request it had started to
+/// send, which it may not retry (a `POST`).
+#[tokio::test]
+async fn a_request_half_sent_on_a_kept_alive_connection_at_the_drain_is_answered() {
+    let up = mock_named("m").await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 10\nheader_read_timeout_ms = 5000\n{}",
+        one_upstream(&up.base_url(), "models = [\"m\"]")
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let body = chat("m", false);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (first, rest) = req.split_at(30);
+    conn.write_all(first.as_bytes()).await.unwrap();
+    // The proxy has read the first bytes; then the drain begins.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = conn.write_all(rest.as_bytes()).await;
+    let (mut read, _write) = conn.into_split();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG, async {
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(text.contains("connection: close"), "{text}");
+    p.stop().await.expect("serve returns Ok");
 }

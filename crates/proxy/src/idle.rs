@@ -56,9 +56,14 @@ pub(crate) struct Activity {
     /// What the connection becomes once hyper hands it over after a `101`
     /// (`crate::websocket`); run by the connection's task.
     tunnel: Mutex<Option<Tunnel>>,
+    /// Bytes came from the client since the last request in flight ended:
+    /// on HTTP/1, the next request's head is on its way.
+    read_since_request: AtomicBool,
     /// The server's drain began: a tunnel ends its session.
     draining: AtomicBool,
     drain: tokio::sync::Notify,
+    /// Told of a request taken during the drain.
+    taken_in_drain: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Activity {
@@ -80,8 +85,10 @@ impl Activity {
             unsent: AtomicUsize::new(0),
             write_blocked_ms: AtomicU64::new(0),
             tunnel: Mutex::new(None),
+            read_since_request: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             drain: tokio::sync::Notify::new(),
+            taken_in_drain: tokio::sync::Notify::new(),
         })
     }
 
@@ -135,6 +142,33 @@ impl Activity {
         if self.write_blocked_ms.load(Ordering::Relaxed) != 0 {
             self.write_blocked_ms.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// A read from the connection brought bytes.
+    pub(crate) fn read_some(&self) {
+        if !self.read_since_request.load(Ordering::Relaxed) {
+            self.read_since_request.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// An HTTP/1 connection with no request in flight whose client has sent
+    /// some of its next request: hyper would close it as idle, and lose
+    /// that request, if told to shut down now.
+    pub(crate) fn request_under_way(&self) -> bool {
+        self.http1.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && self.read_since_request.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once a request is in flight (call it once the drain began).
+    pub(crate) async fn request_taken(&self) {
+        let notified = self.taken_in_drain.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        notified.await;
     }
 
     /// A request of this version arrived.
@@ -220,6 +254,9 @@ impl InFlight {
 
     pub(crate) fn new(activity: &Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        if activity.draining.load(Ordering::Acquire) {
+            activity.taken_in_drain.notify_waiters();
+        }
         InFlight {
             activity: activity.clone(),
             handed: false,
@@ -258,6 +295,10 @@ impl Drop for InFlight {
                 .idle_since_ms
                 .store(activity.now_ms(), Ordering::Release);
         }
+        // What the client sends from now on is its next request (bytes of
+        // this one's body read late may count as such: the header timeout
+        // still bounds the wait for a head that is not coming).
+        activity.read_since_request.store(false, Ordering::Relaxed);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -37,8 +37,8 @@ pin_project_lite::pin_project! {
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
         // Told when the connection turns out to be HTTP/1.
         activity: Option<Arc<Activity>>,
-        // Told whether writes go through.
-        writes: Option<Arc<Activity>>,
+        // Told whether writes go through, and when reads bring bytes.
+        watch: Option<Arc<Activity>>,
     }
 }
 
@@ -50,14 +50,14 @@ impl<T> FirstBytes<T> {
             seen: 0,
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
             activity: None,
-            writes: None,
+            watch: None,
         }
     }
 
     /// Tell `activity` as soon as the first bytes show HTTP/1 (hyper's
     /// timers watch that connection from then on; `crate::idle`).
     pub(crate) fn telling(mut self, activity: Arc<Activity>) -> Self {
-        self.writes = Some(activity.clone());
+        self.watch = Some(activity.clone());
         self.activity = Some(activity);
         self
     }
@@ -101,7 +101,14 @@ impl<T: AsyncRead> AsyncRead for FirstBytes<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.project();
         let Some(deadline) = this.deadline.as_mut() else {
-            return this.io.poll_read(cx, buf);
+            let before = buf.filled().len();
+            let read = this.io.poll_read(cx, buf);
+            if let Some(watch) = this.watch.as_deref()
+                && buf.filled().len() > before
+            {
+                watch.read_some();
+            }
+            return read;
         };
         let before = buf.filled().len();
         match this.io.poll_read(cx, buf) {
@@ -140,7 +147,7 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytes<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        tell_writes(this.writes.as_deref(), this.io.poll_write(cx, buf))
+        tell_writes(this.watch.as_deref(), this.io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -149,10 +156,7 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytes<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        tell_writes(
-            this.writes.as_deref(),
-            this.io.poll_write_vectored(cx, bufs),
-        )
+        tell_writes(this.watch.as_deref(), this.io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

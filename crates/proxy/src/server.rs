@@ -618,6 +618,8 @@ fn serve_connection<S>(
             let mut stalled = std::pin::pin!(activity.stalled(send_timeout));
             let mut closing = false;
             let mut drained = false;
+            // Drained while a request was under way: shut down once taken.
+            let mut awaiting_request = false;
             // An idle HTTP/2 connection told to go (GOAWAY) that does not close
             // is closed at the next timeout: hyper waits for the answer to a
             // ping it then sends, for as long as its keep-alive allows.
@@ -640,6 +642,18 @@ fn serve_connection<S>(
                         closing = true;
                         drained = true;
                         activity.drain();
+                        // hyper closes an HTTP/1 connection between requests at
+                        // once, even with part of the next one read: let that
+                        // one come (the header timeout bounds it), answer it,
+                        // then close, as nginx does.
+                        if activity.request_under_way() {
+                            awaiting_request = true;
+                        } else {
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                    () = activity.request_taken(), if awaiting_request => {
+                        awaiting_request = false;
                         conn.as_mut().graceful_shutdown();
                     }
                     () = activity.idle(idle_timeout), if !closing => {
