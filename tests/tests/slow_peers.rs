@@ -648,3 +648,81 @@ async fn a_request_half_sent_on_a_kept_alive_connection_at_the_drain_is_answered
     assert!(text.contains("connection: close"), "{text}");
     p.stop().await.expect("serve returns Ok");
 }
+
+/// A coalesced stream whose leader's client stays but stops reading: the
+/// followers wait only until `send_timeout` cuts the leader's client, then
+/// get the whole answer from a task that reads on for them (the upstream is
+/// not cancelled), not a stall for as long as the leader's client stays.
+/// (Threads of their own for the clients: on one thread shared with a mock
+/// streaming at full speed, the follower's client would itself read too
+/// slowly for the send timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_of_a_leader_that_stops_reading_get_the_whole_stream() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "send_timeout_ms = 1000\n{}\n[cache]\nenabled = true\nbackend = \"memory\"\n",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    // Far more than the sockets' buffers hold: the leader's client blocks.
+    let tokens = "20000";
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut leader = socket.connect(p.addr).await.unwrap();
+    let body = chat("m", true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         x-mock-tokens: {tokens}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    leader.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(HANG, leader.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let follower = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", tokens),
+            ],
+            body,
+        ))
+        .await
+        .expect("answered");
+    assert_eq!(
+        follower
+            .headers()
+            .get("x-llm-proxy-cache")
+            .map(|v| v.as_bytes()),
+        Some(&b"hit"[..])
+    );
+    let (streamed, broken) = read_stream(follower).await;
+    assert!(!broken, "cut after {} bytes", streamed.len());
+    assert_eq!(
+        sse_data(&streamed).last().map(String::as_str),
+        Some("[DONE]")
+    );
+    assert_eq!((up.stats.requests(), up.stats.cancelled()), (1, 0));
+    // The leader's client was cut (its stream never ended), not served to
+    // the end.
+    let (mut leader_read, _leader_write) = leader.into_split();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(HANG, async {
+        loop {
+            match leader_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        !rest.ends_with(b"0\r\n\r\n"),
+        "the leader's client was not cut"
+    );
+}
