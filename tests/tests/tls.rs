@@ -125,3 +125,77 @@ async fn a_websocket_tunnel_to_an_https_upstream() {
     assert_ne!(alpn[0].as_deref(), Some(b"h2".as_slice()));
     task.abort();
 }
+
+/// Streams on one HTTP/2 upstream connection share its flow-control window:
+/// data the proxy has received for a stream whose client does not read
+/// holds the connection's window until it is read. Clients that stop
+/// reading (each within `send_timeout`) must not take the window from the
+/// connection's other streams, which would then get their heads and no
+/// body until the idle timeout breaks them.
+#[tokio::test]
+async fn clients_that_stop_reading_do_not_starve_an_h2_upstreams_other_streams() {
+    let (port, pem, _stats, task, alpn) = tls_mock().await;
+    let dir = scratch_dir("tls-h2-window");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let p = proxy(&format!(
+        "send_timeout_ms = 60000\n{}",
+        one_upstream(
+            &format!("https://localhost:{port}/v1"),
+            &format!("tls_ca_file = \"{}\"", ca.display()),
+        )
+    ))
+    .await;
+    // Four long, fast streams whose client reads their heads and nothing
+    // more (HTTP/2 with a 64 KiB window, so that nothing but flow control
+    // holds them back): each can take a stream's whole window upstream,
+    // together more than hyper's default window for the connection.
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    let mut unread = Vec::new();
+    for _ in 0..4 {
+        let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+            .header("content-type", "application/json")
+            .header("x-mock-tokens", "1000000")
+            .body(http_body_util::Full::new(bytes::Bytes::from(chat(
+                "m", true,
+            ))))
+            .unwrap();
+        let resp = tokio::time::timeout(HANG, sender.clone().send_request(req))
+            .await
+            .expect("a head in time")
+            .expect("a head");
+        assert_eq!(resp.status(), 200);
+        unread.push(resp);
+    }
+    // Let the upstream fill whatever windows it may.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let answer = tokio::time::timeout(
+        HANG,
+        client().request(request(
+            http::Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("m", false),
+        )),
+    )
+    .await
+    .expect("a head in time")
+    .expect("answered");
+    assert_eq!(answer.status(), 200);
+    let body = tokio::time::timeout(HANG, http_body_util::BodyExt::collect(answer.into_body()))
+        .await
+        .expect("the other stream's body is not starved")
+        .expect("a whole body");
+    assert!(!body.to_bytes().is_empty());
+    // All on one HTTP/2 connection.
+    let alpn = alpn.lock().unwrap().clone();
+    assert_eq!(alpn, [Some(b"h2".to_vec())]);
+    drop(unread);
+    task.abort();
+}

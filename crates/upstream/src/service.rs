@@ -52,6 +52,16 @@ pub(crate) struct Inner {
 
 const ANTHROPIC_VERSION_HEADER: HeaderName = HeaderName::from_static("anthropic-version");
 
+/// The receive window of an HTTP/2 upstream connection, all its streams
+/// together (1 GiB; each stream's own stays hyper's 2 MiB). Data received
+/// for a stream whose client does not read holds the connection's window
+/// until it is read: with hyper's 5 MiB, three clients that stop reading
+/// (each within `send_timeout`) would leave every other request on the
+/// connection its response head and no body. What a stream holds stays
+/// bounded by its own window, as an HTTP/1.1 request's by its socket's
+/// buffers.
+const H2_CONNECTION_WINDOW: u32 = 1 << 30;
+
 /// The API version sent to an Anthropic upstream when the request names
 /// none (Anthropic refuses requests without one): what the proxy's own
 /// requests (health checks) and clients that leave it out get.
@@ -197,6 +207,7 @@ impl Upstream {
                     .pool_idle_timeout(cfg.pool_idle_timeout)
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
+                    .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
                     .build(connector.clone())
             })
             .collect())
