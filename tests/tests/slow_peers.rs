@@ -726,3 +726,40 @@ async fn followers_of_a_leader_that_stops_reading_get_the_whole_stream() {
         "the leader's client was not cut"
     );
 }
+
+/// An HTTP/2 connection with a stream in flight when the drain begins: the
+/// stream runs to its end, then the connection closes and `serve` returns.
+#[tokio::test]
+async fn a_drain_lets_an_h2_stream_finish_then_closes_its_connection() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(20.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 10\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let (mut sender, conn) = h2c(p.addr).await;
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+        .header("content-type", "application/json")
+        .header("x-mock-tokens", "10")
+        .body(http_body_util::Full::new(bytes::Bytes::from(chat(
+            "m", true,
+        ))))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("a head");
+    assert_eq!(resp.status(), 200);
+    p.begin_shutdown();
+    let (body, broken) = read_stream(resp).await;
+    assert!(!broken, "the stream was cut by the drain");
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+    tokio::time::timeout(HANG, conn)
+        .await
+        .expect("the connection closed after its stream")
+        .expect("the connection task")
+        .expect("a clean close (GOAWAY)");
+    p.stop().await.expect("serve returns Ok");
+}
