@@ -520,3 +520,45 @@ async fn a_whole_message_to_a_streamed_chat_request_reaches_the_client_as_chunks
     assert!(chunks.iter().any(|c| c["usage"]["total_tokens"] == 6));
     assert_eq!(chunks.last(), Some(&Value::String("[DONE]".into())));
 }
+
+/// The events of a streamed Messages answer and of a streamed Responses
+/// answer for `demo` through `p`, each of which must have come with 200.
+async fn both_streams(p: &TestProxy) -> (Vec<Value>, Vec<Value>) {
+    let messages = streamed_messages(p).await;
+    assert_eq!(messages.status, 200, "{}", messages.text());
+    let body = json!({"model": "demo", "stream": true, "store": false, "input": "hi"});
+    let responses = post(&p.url("/v1/responses"), &body, &[]).await;
+    assert_eq!(responses.status, 200, "{}", responses.text());
+    (events(&messages), events(&responses))
+}
+
+/// An upstream that keeps its connection busy between chunks — with SSE
+/// comments (`: ping`) or with events whose data is empty (`data: `) — is
+/// translated as if it had not: such events carry nothing.
+#[tokio::test]
+async fn keep_alives_in_a_chat_stream_reach_no_client_and_break_nothing() {
+    const CHUNKS: &str = ": ping\n\n\
+        data: \n\n\
+        data: {\"id\":\"chatcmpl-1\",\"model\":\"demo\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n\
+        data:\n\n\
+        : ping\n\n\
+        data: {\"id\":\"chatcmpl-1\",\"model\":\"demo\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+        data: \n\n\
+        data: [DONE]\n\n";
+    let addr = sse_upstream(|_| (200, CHUNKS.to_owned())).await;
+    let p = chat_only(addr).await;
+    let (messages, responses) = both_streams(&p).await;
+    let text: String = messages
+        .iter()
+        .filter_map(|e| e["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(text, "hi", "{messages:?}");
+    assert_eq!(messages.last().unwrap()["type"], "message_stop");
+    assert!(
+        messages.iter().all(|e| e["type"] != "error"),
+        "{messages:?}"
+    );
+    let last = responses.last().unwrap();
+    assert_eq!(last["type"], "response.completed", "{responses:?}");
+    assert_eq!(last["response"]["output"][0]["content"][0]["text"], "hi");
+}

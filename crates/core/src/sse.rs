@@ -55,6 +55,14 @@ impl Event {
     pub fn is_done(&self) -> bool {
         self.data == DONE
     }
+
+    /// Whether the event's data is empty or only whitespace: a keep-alive
+    /// (some servers send `data: ` lines, or empty data events, between
+    /// chunks), which carries nothing. A comment line (`: ping`) makes no
+    /// event at all.
+    pub fn is_blank(&self) -> bool {
+        self.data.trim_ascii().is_empty()
+    }
 }
 
 /// What can go wrong while parsing an event stream.
@@ -582,6 +590,15 @@ mod tests {
         let events = parse_all(&[b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"]);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].data, "a\nb");
+    }
+
+    #[test]
+    fn empty_data_is_an_event_that_is_blank() {
+        let events = parse_all(&[b"data: \n\ndata:\n\ndata:  \ndata:\n\ndata: x\n\n"]);
+        let data: Vec<_> = events.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["", "", " \n", "x"]);
+        let blank: Vec<_> = events.iter().map(Event::is_blank).collect();
+        assert_eq!(blank, [true, true, true, false]);
     }
 
     #[test]

@@ -217,7 +217,12 @@ pub(crate) enum StreamMap {
 
 impl StreamMap {
     /// Translate one upstream event, appending the client's events to `out`.
+    /// A blank event (empty data: a keep-alive some servers send between
+    /// chunks) carries nothing, in any dialect, and translates into nothing.
     pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
+        if event.is_blank() {
+            return Step::Continue;
+        }
         match self {
             StreamMap::ChatToMessages(m) => m.event(event, out),
             StreamMap::MessagesToChat(m) => m.event(event, out),
@@ -258,6 +263,83 @@ impl StreamMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh stream translation of each direction, and a stream its
+    /// upstream could send: one text, finished.
+    fn directions() -> [(StreamMap, &'static str); 3] {
+        const CHAT: &str = concat!(
+            "data: {\"id\":\"chatcmpl-7\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"id\":\"chatcmpl-7\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"id\":\"chatcmpl-7\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        const MESSAGES: &str = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_7\",\"model\":\"c\",\"usage\":{\"input_tokens\":3}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":1}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        [
+            (
+                StreamMap::ChatToMessages(Box::new(ChatToMessages::new(Default::default()))),
+                CHAT,
+            ),
+            (
+                StreamMap::ChatToResponses(Box::new(ChatToResponses::new(Default::default()))),
+                CHAT,
+            ),
+            (
+                StreamMap::MessagesToChat(Box::new(MessagesToChat::new(Default::default()))),
+                MESSAGES,
+            ),
+        ]
+    }
+
+    /// Translate a whole upstream stream: the client's events (as JSON,
+    /// without the proxy clock's `created`), and whether it was finished
+    /// with no step failing.
+    fn translate(map: &mut StreamMap, upstream: &str) -> (Vec<serde_json::Value>, bool) {
+        let mut parser = llm_proxy_core::sse::Parser::new();
+        parser.push(upstream.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let mut clean = true;
+        while let Some(event) = parser.next_event() {
+            clean &= map.event(&event, &mut out) == Step::Continue;
+        }
+        let events = crate::test_util::events(&out)
+            .into_iter()
+            .map(|(_, mut json)| {
+                if let Some(object) = json.as_object_mut() {
+                    object.remove("created");
+                }
+                json
+            })
+            .collect();
+        (events, clean && map.is_finished())
+    }
+
+    #[test]
+    fn keep_alives_translate_into_nothing_in_every_direction() {
+        // Before every event: a comment, and events whose data is empty or
+        // only whitespace (`data: ` lines some servers send to keep the
+        // connection busy).
+        const KEEP_ALIVES: &str = ": ping\n\ndata: \n\ndata:\n\ndata:  \ndata:\n\n";
+        for ((mut map, upstream), (mut again, _)) in directions().into_iter().zip(directions()) {
+            let with_keep_alives: String = upstream
+                .split_inclusive("\n\n")
+                .flat_map(|event| [KEEP_ALIVES, event])
+                .chain([KEEP_ALIVES])
+                .collect();
+            let (plain, clean) = translate(&mut map, upstream);
+            assert!(clean, "{plain:?}");
+            let (kept, clean) = translate(&mut again, &with_keep_alives);
+            assert!(clean, "keep-alives fail no stream: {kept:?}");
+            // (Every id here is the upstream's: none is made up afresh.)
+            assert_eq!(kept, plain);
+        }
+    }
 
     /// Where `pieces` leave a call's arguments.
     fn end_of(pieces: &[&str]) -> ArgumentsEnd {

@@ -126,6 +126,11 @@ impl StreamWatch {
     fn observe(&mut self, chunk: &[u8]) -> Result<(), String> {
         self.parser.push(chunk).map_err(|e| e.to_string())?;
         while let Some(event) = self.parser.next_event_ref() {
+            // A keep-alive (`data: ` with nothing in it) is not a garbled
+            // event: it carries nothing, and passes on as it came.
+            if event.is_blank() {
+                continue;
+            }
             if self.kind == StreamKind::Chat && event.is_done() {
                 self.done = true;
                 continue;
@@ -407,6 +412,20 @@ mod tests {
             .unwrap();
         assert!(chat.done);
         assert!(chat.observe(b"data: {}\n\n").is_err(), "data after [DONE]");
+    }
+
+    #[test]
+    fn keep_alives_are_not_a_broken_stream() {
+        for kind in [
+            StreamKind::Chat,
+            StreamKind::Responses,
+            StreamKind::Messages,
+        ] {
+            let mut w = watch(kind);
+            w.observe(b": ping\n\ndata: \n\ndata:\n\ndata:  \n\n")
+                .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            assert!(!w.done, "{kind:?}");
+        }
     }
 }
 
