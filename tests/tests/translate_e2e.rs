@@ -562,3 +562,86 @@ async fn keep_alives_in_a_chat_stream_reach_no_client_and_break_nothing() {
     assert_eq!(last["type"], "response.completed", "{responses:?}");
     assert_eq!(last["response"]["output"][0]["content"][0]["text"], "hi");
 }
+
+/// Mistral's reasoning models give `content` as an array of parts, thinking
+/// and text, streamed and whole: the text is the client's text, the
+/// thinking its reasoning (a Messages client that enabled thinking gets it
+/// as a thinking block), the same either way.
+#[tokio::test]
+async fn content_in_parts_is_read_streamed_and_whole() {
+    let thinking = json!({"type": "thinking", "thinking": [{"type": "text", "text": "Hmm."}]});
+    let text = json!({"type": "text", "text": "Paris."});
+    let chunk = |delta: Value, finish: Value| {
+        let chunk = json!({"id": "chatcmpl-1", "model": "demo",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {chunk}\n\n")
+    };
+    let stream = [
+        chunk(
+            json!({"role": "assistant", "content": [thinking.clone()]}),
+            Value::Null,
+        ),
+        chunk(json!({"content": [text.clone()]}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    let whole = json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "demo",
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": [thinking, text]}}]})
+    .to_string();
+    let addr = sse_upstream(move |body| {
+        let request: Value = serde_json::from_slice(body).unwrap_or_default();
+        match request["stream"].as_bool() {
+            Some(true) => (200, stream.clone()),
+            _ => (200, whole.clone()),
+        }
+    })
+    .await;
+    let p = chat_only(addr).await;
+    let expected = json!([{"type": "thinking", "thinking": "Hmm.", "signature": ""},
+        {"type": "text", "text": "Paris."}]);
+    for stream in [true, false] {
+        let body = json!({"model": "demo", "max_tokens": 2048, "stream": stream,
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "messages": [{"role": "user", "content": "Capital of France?"}]});
+        let answer = post(
+            &p.url("/v1/messages"),
+            &body,
+            &[("anthropic-version", "2023-06-01")],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let content = if stream {
+            let got = events(&answer);
+            assert_eq!(got.last().unwrap()["type"], "message_stop", "{got:?}");
+            let read = |key: &str| -> String {
+                got.iter()
+                    .filter_map(|e| e["delta"][key].as_str())
+                    .collect()
+            };
+            json!([{"type": "thinking", "thinking": read("thinking"), "signature": ""},
+                {"type": "text", "text": read("text")}])
+        } else {
+            answer.json()["content"].clone()
+        };
+        assert_eq!(content, expected, "stream: {stream}");
+
+        let body = json!({"model": "demo", "stream": stream, "store": false, "input": "hi"});
+        let answer = post(&p.url("/v1/responses"), &body, &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let response = if stream {
+            let last = events(&answer).pop().unwrap();
+            assert_eq!(last["type"], "response.completed", "{last}");
+            last["response"].clone()
+        } else {
+            answer.json()
+        };
+        let output = response["output"].as_array().unwrap();
+        assert_eq!(output.len(), 1, "stream: {stream}: {output:?}");
+        assert_eq!(
+            output[0]["content"][0]["text"], "Paris.",
+            "stream: {stream}"
+        );
+    }
+}

@@ -10,6 +10,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::content::{Content, first_reasoning};
+
 /// One `chat.completion.chunk` (or the error payload an interrupted stream
 /// ends with). Unknown fields are skipped.
 #[derive(Debug, Default, Deserialize)]
@@ -54,8 +56,8 @@ pub(crate) struct ChunkChoice<'a> {
 /// A chunk's delta.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct Delta<'a> {
-    #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
-    pub content: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "crate::content::deserialize")]
+    pub content: Option<Content<'a>>,
     #[serde(borrow, default, deserialize_with = "crate::wire::borrowed")]
     pub refusal: Option<Cow<'a, str>>,
     /// DeepSeek/vLLM's reasoning text.
@@ -69,12 +71,23 @@ pub(crate) struct Delta<'a> {
 }
 
 impl<'a> Delta<'a> {
-    /// The reasoning text of this delta, under either name.
+    /// The reasoning text of this delta, under any of its names.
     pub fn reasoning_text(&self) -> Option<&str> {
-        self.reasoning_content
-            .as_deref()
-            .or(self.reasoning.as_deref())
-            .filter(|s| !s.is_empty())
+        first_reasoning([
+            self.reasoning_content.as_deref(),
+            self.reasoning.as_deref(),
+            self.content.as_ref().and_then(|c| c.thinking.as_deref()),
+        ])
+    }
+
+    /// The text of this delta: its content's, then its refusal's (a
+    /// refusal is told as text).
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        let content = self.content.as_ref().and_then(|c| c.text.as_deref());
+        [content, self.refusal.as_deref()]
+            .into_iter()
+            .flatten()
+            .filter(|t| !t.is_empty())
     }
 }
 

@@ -77,6 +77,7 @@ mod body;
 mod chat;
 mod chat_over_messages;
 mod config;
+mod content;
 mod messages_over_chat;
 mod response;
 mod responses_over_chat;

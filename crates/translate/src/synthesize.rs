@@ -29,21 +29,17 @@ pub(crate) fn chat_stream(answer: &Value) -> String {
     };
     let delta = |delta: Value| chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]));
     let mut chunks = vec![delta(json!({"role": "assistant"}))];
-    // The reasoning under one name only: vLLM gives the same text under
-    // both (`reasoning_content` for older clients), and a stream's delta
-    // reads them as one. Content may come as text parts, as a whole
-    // answer's translation reads it.
-    let reasoning = ["reasoning_content", "reasoning"]
-        .into_iter()
-        .find_map(|field| message[field].as_str().filter(|t| !t.is_empty()));
-    let content = crate::messages_over_chat::response::text_content(message.get("content"));
+    // Read as a whole answer's translation reads it: the reasoning under
+    // one name only (vLLM gives the same text under both, and a stream's
+    // delta reads them as one), content in parts as its text and thinking.
+    let read = crate::content::Message::read(message);
     let texts = [
-        ("reasoning_content", reasoning.map(str::to_owned)),
-        ("content", content),
-        ("refusal", message["refusal"].as_str().map(str::to_owned)),
+        ("reasoning_content", read.reasoning()),
+        ("content", read.text()),
+        ("refusal", read.refusal()),
     ];
     for (field, text) in texts {
-        if let Some(text) = text.filter(|t| !t.is_empty()) {
+        if let Some(text) = text {
             chunks.push(delta(json!({ field: text })));
         }
     }
@@ -263,5 +259,22 @@ mod tests {
         .unwrap();
         assert_eq!(whole["content"][0]["thinking"], "think");
         assert_eq!(whole["content"][1]["text"], "Hello");
+    }
+
+    #[test]
+    fn content_in_parts_streams_as_its_whole_answer_reads() {
+        // Mistral's reasoning models: thinking and text parts.
+        let (_, message) = crate::test_util::content_in_parts();
+        let answer = json!({"id": "c1", "choices": [{"index": 0, "finish_reason": "stop",
+            "message": message}]});
+        let events = as_messages_stream(&answer);
+        let read = |key: &str| -> String {
+            events
+                .iter()
+                .filter_map(|e| e["delta"][key].as_str())
+                .collect()
+        };
+        assert_eq!(read("thinking"), "Let me think. Yes.");
+        assert_eq!(read("text"), "Paris.");
     }
 }

@@ -182,3 +182,28 @@ pub(crate) fn tool_calls_held_without_bound() -> [Vec<String>; 2] {
         .collect();
     [names, ids]
 }
+
+/// An answer of Mistral's reasoning models, content in parts: the deltas
+/// of its stream, and the `message` of the same answer whole. Both read as
+/// reasoning `Let me think. Yes.` and text `Paris.` (a part of another
+/// type says nothing a translation can tell).
+pub(crate) fn content_in_parts() -> (Vec<Value>, Value) {
+    use serde_json::json;
+    let thinking = |t: &str| json!({"type": "thinking", "thinking": [{"type": "text", "text": t}]});
+    let text = |t: &str| json!({"type": "text", "text": t});
+    let reference = json!({"type": "reference", "reference_ids": [1]});
+    let deltas = vec![
+        json!({"role": "assistant", "content": [thinking("Let me think.")]}),
+        json!({"content": [{"type": "thinking", "thinking": " Yes."}]}),
+        json!({"content": [text("Par"), reference.clone()]}),
+        json!({"content": "is."}),
+    ];
+    let message = json!({"role": "assistant", "content": [
+        thinking("Let me think."),
+        {"type": "thinking", "thinking": " Yes."},
+        text("Par"),
+        reference,
+        text("is."),
+    ]});
+    (deltas, message)
+}

@@ -4,6 +4,7 @@ use serde_json::{Value, json};
 
 use super::{Context, stop_reason, tool_use_id};
 use crate::chat::Usage;
+use crate::content::Message;
 use crate::wire::{arguments_to_input, model_or, restyle_id, str_of};
 
 /// Translate a `chat.completion` into an Anthropic `message`. `Err` names
@@ -15,18 +16,13 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         .and_then(|c| c.first())
         .ok_or("the upstream's chat completion has no choices")?;
     let message = choice.get("message").unwrap_or(&Value::Null);
+    let read = Message::read(message);
     let mut content = Vec::new();
-    if ctx.thinking {
-        let reasoning =
-            str_of(message, "reasoning_content").or_else(|| str_of(message, "reasoning"));
-        if let Some(thinking) = reasoning.filter(|t| !t.is_empty()) {
-            content.push(json!({"type": "thinking", "thinking": thinking, "signature": ""}));
-        }
+    if let Some(thinking) = read.reasoning().filter(|_| ctx.thinking) {
+        content.push(json!({"type": "thinking", "thinking": thinking, "signature": ""}));
     }
-    for key in ["content", "refusal"] {
-        if let Some(text) = text_content(message.get(key)).filter(|t| !t.is_empty()) {
-            content.push(json!({"type": "text", "text": text}));
-        }
+    for text in [read.text(), read.refusal()].into_iter().flatten() {
+        content.push(json!({"type": "text", "text": text}));
     }
     let calls = message.get("tool_calls").and_then(Value::as_array);
     for call in calls.into_iter().flatten() {
@@ -63,15 +59,6 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         "stop_sequence": sequence,
         "usage": usage,
     }))
-}
-
-/// A message's `content`: a string, or (some servers) an array of text parts.
-pub(crate) fn text_content(value: Option<&Value>) -> Option<String> {
-    match value? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => Some(parts.iter().filter_map(|p| str_of(p, "text")).collect()),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -208,11 +208,9 @@ impl ChatToMessages {
             let index = self.open_block(Open::Thinking(0), out);
             write_delta(out, index, DeltaOut::Thinking { thinking });
         }
-        for text in [&delta.content, &delta.refusal].into_iter().flatten() {
-            if !text.is_empty() {
-                let index = self.open_block(Open::Text(0), out);
-                write_delta(out, index, DeltaOut::Text { text });
-            }
+        for text in delta.texts() {
+            let index = self.open_block(Open::Text(0), out);
+            write_delta(out, index, DeltaOut::Text { text });
         }
         for call in delta.tool_calls.iter().flatten() {
             if let Step::Fail(why) = self.tool_delta(call, out) {

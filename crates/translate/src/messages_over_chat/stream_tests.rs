@@ -627,3 +627,48 @@ fn names_and_ids_of_tool_calls_are_bounded_too() {
         assert!(failed, "{what}: held without bound");
     }
 }
+
+#[test]
+fn content_in_parts_is_text_and_thinking_as_in_a_whole_answer() {
+    let (deltas, message) = crate::test_util::content_in_parts();
+    let mut chunks: Vec<String> = deltas.into_iter().map(|d| chunk(d, None)).collect();
+    chunks.push(chunk(json!({}), Some("stop")));
+    chunks.push("[DONE]".to_owned());
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let whole = json!({"id": "chatcmpl-7", "model": "llama",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": message}]});
+    for thinking in [true, false] {
+        let ctx = Context {
+            thinking,
+            ..Context::default()
+        };
+        let (out, steps) = run(ctx.clone(), &refs);
+        assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+        // The blocks the stream made, each with its text.
+        let mut blocks: Vec<Value> = Vec::new();
+        for (name, v) in &out {
+            match name.as_deref() {
+                Some("content_block_start") => blocks.push(v["content_block"].clone()),
+                Some("content_block_delta") => {
+                    let block = blocks.last_mut().unwrap();
+                    for key in ["text", "thinking"] {
+                        if let Some(piece) = v["delta"][key].as_str() {
+                            let so_far = block[key].as_str().unwrap_or_default();
+                            block[key] = json!(format!("{so_far}{piece}"));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let expected = if thinking {
+            json!([{"type": "thinking", "thinking": "Let me think. Yes.", "signature": ""},
+                {"type": "text", "text": "Paris."}])
+        } else {
+            json!([{"type": "text", "text": "Paris."}])
+        };
+        assert_eq!(Value::Array(blocks), expected, "thinking: {thinking}");
+        let whole = crate::messages_over_chat::response::response(&whole, &ctx).unwrap();
+        assert_eq!(whole["content"], expected, "whole, thinking: {thinking}");
+    }
+}

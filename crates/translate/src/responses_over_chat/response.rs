@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::{Context, State, call_id, response_object, status, text_part, usage_json};
 use crate::chat::Usage;
-use crate::messages_over_chat::response::text_content;
+use crate::content::Message;
 use crate::wire::{model_or, now_secs, restyle_id, str_of};
 
 /// The id of output item `index` of response `bare` (the upstream's id
@@ -29,15 +29,15 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     let bare = id.trim_start_matches("resp_");
     let (status, incomplete) = status(str_of(choice, "finish_reason"));
     let mut output = Vec::new();
-    let text = text_content(message.get("content")).filter(|t| !t.is_empty());
-    let refusal = str_of(message, "refusal").filter(|r| !r.is_empty());
+    let read = Message::read(message);
+    let (text, refusal) = (read.text(), read.refusal());
     let calls = message.get("tool_calls").and_then(Value::as_array);
     // Cut by the limit, the last item is: a message that calls follow was
     // finished whole, as the stream says of it.
     let cut = status != "completed" && calls.is_none_or(Vec::is_empty);
     if text.is_some() || refusal.is_some() {
         let mut parts = Vec::new();
-        parts.extend(text.as_deref().map(text_part));
+        parts.extend(text.map(text_part));
         parts.extend(refusal.map(|r| json!({"type": "refusal", "refusal": r})));
         output.push(json!({
             "type": "message",

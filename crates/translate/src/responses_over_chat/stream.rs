@@ -170,10 +170,8 @@ impl ChatToResponses {
     }
 
     fn delta(&mut self, delta: &Delta<'_>, out: &mut Vec<u8>) -> Step {
-        for text in [&delta.content, &delta.refusal].into_iter().flatten() {
-            if !text.is_empty() {
-                self.text(text, out);
-            }
+        for text in delta.texts() {
+            self.text(text, out);
         }
         for call in delta.tool_calls.iter().flatten() {
             match self.call_index(call, out) {

@@ -532,3 +532,29 @@ fn only_the_item_cut_by_the_limit_is_incomplete() {
     assert_eq!(done, [json!("incomplete")]);
     assert_eq!(fin, done);
 }
+
+#[test]
+fn content_in_parts_is_the_text_as_in_a_whole_answer() {
+    let (deltas, message) = crate::test_util::content_in_parts();
+    let mut chunks: Vec<String> = deltas.into_iter().map(|d| chunk(d, None)).collect();
+    chunks.push(chunk(json!({}), Some("stop")));
+    chunks.push("[DONE]".to_owned());
+    let (out, steps) = run(Context::default(), &chunks);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    let deltas: String = out
+        .iter()
+        .filter(|(n, _)| n.as_deref() == Some("response.output_text.delta"))
+        .filter_map(|(_, v)| v["delta"].as_str())
+        .collect();
+    assert_eq!(deltas, "Paris.");
+    let (name, done) = out.last().unwrap();
+    assert_eq!(name.as_deref(), Some("response.completed"));
+    let whole = json!({"id": "chatcmpl-5", "created": 9, "model": "llama",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": message}]});
+    let whole =
+        crate::responses_over_chat::response::response(&whole, &Context::default()).unwrap();
+    // Reasoning is dropped, streamed or not; the output is the same.
+    assert_eq!(done["response"]["output"], whole["output"]);
+    assert_eq!(whole["output"][0]["content"][0]["text"], "Paris.");
+    assert_eq!(whole["output"].as_array().unwrap().len(), 1);
+}
