@@ -645,3 +645,113 @@ async fn content_in_parts_is_read_streamed_and_whole() {
         );
     }
 }
+
+/// A server that answers in OpenAI's legacy function-calling format
+/// (`function_call` instead of `tool_calls`), streamed and whole: the
+/// client sees the call as its dialect's tool call, with an id made up for
+/// it, and a finish reason that says a tool is to run.
+#[tokio::test]
+async fn a_legacy_function_call_reaches_the_client_as_a_tool_call() {
+    let chunk = |delta: Value, finish: Value| {
+        let chunk = json!({"id": "chatcmpl-1", "model": "demo",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {chunk}\n\n")
+    };
+    let stream = [
+        chunk(
+            json!({"role": "assistant", "content": null,
+                "function_call": {"name": "get_weather", "arguments": ""}}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"function_call": {"arguments": "{\"city\":"}}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"function_call": {"arguments": "\"Paris\"}"}}),
+            Value::Null,
+        ),
+        chunk(json!({}), json!("function_call")),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    let whole = json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "demo",
+        "choices": [{"index": 0, "finish_reason": "function_call",
+            "message": {"role": "assistant", "content": null,
+                "function_call": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}}]})
+    .to_string();
+    let addr = sse_upstream(move |body| {
+        let request: Value = serde_json::from_slice(body).unwrap_or_default();
+        match request["stream"].as_bool() {
+            Some(true) => (200, stream.clone()),
+            _ => (200, whole.clone()),
+        }
+    })
+    .await;
+    let p = chat_only(addr).await;
+    for stream in [true, false] {
+        let body = json!({"model": "demo", "max_tokens": 64, "stream": stream,
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]});
+        let answer = post(
+            &p.url("/v1/messages"),
+            &body,
+            &[("anthropic-version", "2023-06-01")],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let (tool, input, stop) = if stream {
+            let got = events(&answer);
+            let start = got
+                .iter()
+                .find(|e| e["content_block"]["type"] == "tool_use")
+                .unwrap_or_else(|| panic!("a tool_use block: {got:?}"));
+            let input: String = got
+                .iter()
+                .filter_map(|e| e["delta"]["partial_json"].as_str())
+                .collect();
+            let end = got.iter().find(|e| e["type"] == "message_delta").unwrap();
+            let input: Value = serde_json::from_str(&input).unwrap();
+            (
+                start["content_block"].clone(),
+                input,
+                end["delta"]["stop_reason"].clone(),
+            )
+        } else {
+            let message = answer.json();
+            let tool = message["content"][0].clone();
+            (
+                tool.clone(),
+                tool["input"].clone(),
+                message["stop_reason"].clone(),
+            )
+        };
+        assert_eq!(tool["name"], "get_weather", "stream: {stream}");
+        assert!(tool["id"].as_str().unwrap().starts_with("toolu_"), "{tool}");
+        assert_eq!(input, json!({"city": "Paris"}), "stream: {stream}");
+        assert_eq!(stop, "tool_use", "stream: {stream}");
+
+        let body = json!({"model": "demo", "stream": stream, "store": false, "input": "hi",
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]});
+        let answer = post(&p.url("/v1/responses"), &body, &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let response = if stream {
+            let last = events(&answer).pop().unwrap();
+            assert_eq!(last["type"], "response.completed", "{last}");
+            last["response"].clone()
+        } else {
+            answer.json()
+        };
+        let call = &response["output"][0];
+        assert_eq!(
+            call["type"], "function_call",
+            "stream: {stream}: {response}"
+        );
+        assert_eq!(call["name"], "get_weather");
+        assert_eq!(call["arguments"], "{\"city\":\"Paris\"}");
+        assert!(
+            call["call_id"].as_str().unwrap().starts_with("call_"),
+            "{call}"
+        );
+    }
+}

@@ -68,6 +68,10 @@ pub(crate) struct Delta<'a> {
     pub reasoning: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+    /// The legacy (pre-`tools`) form of a call: see
+    /// [`Delta::legacy_call`].
+    #[serde(borrow, default)]
+    pub function_call: Option<FunctionDelta<'a>>,
 }
 
 impl<'a> Delta<'a> {
@@ -80,6 +84,27 @@ impl<'a> Delta<'a> {
         ])
     }
 
+    /// The legacy `function_call` of this delta (OpenAI's format before
+    /// `tools`, which some servers still send) as a piece of a tool call:
+    /// the one call of such an answer, at index 0, without an id (one is
+    /// made up for it, as for any call without). None when the delta has
+    /// `tool_calls`, or a `function_call` that says nothing.
+    pub fn legacy_call(&self) -> Option<ToolCallDelta<'_>> {
+        let function = self.function_call.as_ref()?;
+        let (name, arguments) = (function.name.as_deref(), function.arguments.as_deref());
+        if self.tool_calls.as_ref().is_some_and(|c| !c.is_empty()) || !is_a_call(name, arguments) {
+            return None;
+        }
+        Some(ToolCallDelta {
+            index: Some(0),
+            id: None,
+            function: Some(FunctionDelta {
+                name: name.map(Cow::Borrowed),
+                arguments: arguments.map(Cow::Borrowed),
+            }),
+        })
+    }
+
     /// The text of this delta: its content's, then its refusal's (a
     /// refusal is told as text).
     pub fn texts(&self) -> impl Iterator<Item = &str> {
@@ -89,6 +114,12 @@ impl<'a> Delta<'a> {
             .flatten()
             .filter(|t| !t.is_empty())
     }
+}
+
+/// Whether a legacy `function_call` with this name and arguments says
+/// anything (some servers send `{}` or null fields with every message).
+pub(crate) fn is_a_call(name: Option<&str>, arguments: Option<&str>) -> bool {
+    !name.unwrap_or_default().is_empty() || !arguments.unwrap_or_default().is_empty()
 }
 
 /// A piece of one tool call.
@@ -291,6 +322,34 @@ mod tests {
             call.function.as_ref().unwrap().arguments.as_deref(),
             Some("{\"a\"")
         );
+    }
+
+    #[test]
+    fn a_legacy_function_call_is_call_0_without_an_id_unless_it_says_nothing() {
+        let legacy = |delta: &str| {
+            let delta: Delta<'_> = serde_json::from_str(delta).unwrap();
+            delta.legacy_call().map(|c| {
+                let f = c.function.unwrap();
+                let name = f.name.map(String::from);
+                (c.index, c.id.is_none(), name, f.arguments.map(String::from))
+            })
+        };
+        assert_eq!(
+            legacy(r#"{"function_call":{"name":"f","arguments":""}}"#),
+            Some((Some(0), true, Some("f".into()), Some("".into())))
+        );
+        assert_eq!(
+            legacy(r#"{"function_call":{"arguments":{"a":1}}}"#),
+            Some((Some(0), true, None, Some(r#"{"a":1}"#.into())))
+        );
+        for nothing in [
+            r#"{"function_call":null}"#,
+            r#"{"function_call":{}}"#,
+            r#"{"function_call":{"name":"","arguments":null}}"#,
+            r#"{"function_call":{"name":"f"},"tool_calls":[{"index":0}]}"#,
+        ] {
+            assert_eq!(legacy(nothing), None, "{nothing}");
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::chat::is_a_call;
+
 /// The reasoning of a delta or message: the first non-empty of
 /// `reasoning_content` (DeepSeek, vLLM), `reasoning` (newer vLLM, Ollama;
 /// vLLM fills both with the same text) and the content's `thinking` parts
@@ -137,9 +139,11 @@ pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
 }
 
 /// A whole answer's `message`, read as a stream's deltas are: its text
-/// (content in parts too), refusal and reasoning (under any of its names).
+/// (content in parts too), refusal, reasoning (under any of its names) and
+/// tool calls (a legacy `function_call` too).
 #[derive(Debug)]
 pub(crate) struct Message<'a> {
+    message: &'a Value,
     content: Content<'a>,
     refusal: Content<'a>,
     reasoning_content: Option<&'a str>,
@@ -151,6 +155,7 @@ impl<'a> Message<'a> {
     pub fn read(message: &'a Value) -> Message<'a> {
         let str_of = |key| message.get(key).and_then(Value::as_str);
         Message {
+            message,
             content: Content::from_value(message.get("content")),
             refusal: Content::from_value(message.get("refusal")),
             reasoning_content: str_of("reasoning_content"),
@@ -168,7 +173,35 @@ impl<'a> Message<'a> {
         self.refusal.text.as_deref().filter(|t| !t.is_empty())
     }
 
-    /// The message's reasoning, as [`Delta::reasoning_text`] reads a delta's.
+    /// The message's tool calls: its `tool_calls`, or, without any, a
+    /// legacy `function_call` as its one call, without an id, as
+    /// [`Delta::legacy_call`](crate::chat::Delta::legacy_call) reads a
+    /// delta's.
+    pub fn calls(&self) -> Vec<Call<'a>> {
+        static NONE: Value = Value::Null;
+        let calls = self.message.get("tool_calls").and_then(Value::as_array);
+        if let Some(calls) = calls.filter(|c| !c.is_empty()) {
+            return calls
+                .iter()
+                .map(|call| Call {
+                    id: call.get("id").and_then(Value::as_str),
+                    function: call.get("function").unwrap_or(&NONE),
+                })
+                .collect();
+        }
+        let legacy = self.message.get("function_call").filter(|f| {
+            let name = f.get("name").and_then(Value::as_str);
+            is_a_call(name, crate::wire::arguments_text(f).as_deref())
+        });
+        legacy
+            .map(|function| Call { id: None, function })
+            .into_iter()
+            .collect()
+    }
+
+    /// The message's reasoning, as
+    /// [`Delta::reasoning_text`](crate::chat::Delta::reasoning_text) reads a
+    /// delta's.
     pub fn reasoning(&self) -> Option<&str> {
         first_reasoning([
             self.reasoning_content,
@@ -176,6 +209,15 @@ impl<'a> Message<'a> {
             self.content.thinking.as_deref(),
         ])
     }
+}
+
+/// A tool call of a whole answer.
+#[derive(Debug)]
+pub(crate) struct Call<'a> {
+    /// The upstream's id, if it gave one.
+    pub id: Option<&'a str>,
+    /// Its `function`: `name` and `arguments`.
+    pub function: &'a Value,
 }
 
 #[cfg(test)]

@@ -43,19 +43,14 @@ pub(crate) fn chat_stream(answer: &Value) -> String {
             chunks.push(delta(json!({ field: text })));
         }
     }
-    for (index, call) in message["tool_calls"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
+    for (index, call) in read.calls().into_iter().enumerate() {
         chunks.push(delta(json!({"tool_calls": [{
             "index": index,
-            "id": call["id"],
+            "id": call.id,
             "type": "function",
             "function": {
-                "name": call["function"]["name"],
-                "arguments": call["function"]["arguments"],
+                "name": call.function["name"],
+                "arguments": call.function["arguments"],
             },
         }]})));
     }
@@ -276,5 +271,28 @@ mod tests {
         };
         assert_eq!(read("thinking"), "Let me think. Yes.");
         assert_eq!(read("text"), "Paris.");
+    }
+
+    #[test]
+    fn a_legacy_function_call_streams_as_a_tool_call() {
+        let (_, message) = crate::test_util::legacy_function_call();
+        let answer = json!({"id": "c1", "choices": [{"index": 0, "finish_reason": "function_call",
+            "message": message}]});
+        let events = as_messages_stream(&answer);
+        let tool = events
+            .iter()
+            .find(|e| e["content_block"]["type"] == "tool_use")
+            .expect("a tool_use block");
+        assert_eq!(tool["content_block"]["name"], "get_weather");
+        let arguments: String = events
+            .iter()
+            .filter_map(|e| e["delta"]["partial_json"].as_str())
+            .collect();
+        assert_eq!(arguments, r#"{"city":"Paris"}"#);
+        let end = events
+            .iter()
+            .find(|e| e["type"] == "message_delta")
+            .unwrap();
+        assert_eq!(end["delta"]["stop_reason"], "tool_use");
     }
 }

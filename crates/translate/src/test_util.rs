@@ -207,3 +207,22 @@ pub(crate) fn content_in_parts() -> (Vec<Value>, Value) {
     ]});
     (deltas, message)
 }
+
+/// An answer with a legacy `function_call` (OpenAI's format before
+/// `tools`, which some servers still send): the deltas of its stream, with
+/// the `function_call` finish reason, and the `message` of the same answer
+/// whole. Both are one call of `get_weather` with arguments
+/// `{"city":"Paris"}`, and no id. (A `function_call` that says nothing, as
+/// some servers send with every message, is no call.)
+pub(crate) fn legacy_function_call() -> (Vec<Value>, Value) {
+    use serde_json::json;
+    let deltas = vec![
+        json!({"role": "assistant", "content": null, "function_call": {"name": null, "arguments": ""}}),
+        json!({"function_call": {"name": "get_weather", "arguments": ""}}),
+        json!({"function_call": {"arguments": "{\"city\":"}}),
+        json!({"function_call": {"arguments": "\"Paris\"}"}, "tool_calls": null}),
+    ];
+    let message = json!({"role": "assistant", "content": null,
+        "function_call": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}});
+    (deltas, message)
+}

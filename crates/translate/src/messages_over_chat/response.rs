@@ -24,22 +24,20 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     for text in [read.text(), read.refusal()].into_iter().flatten() {
         content.push(json!({"type": "text", "text": text}));
     }
-    let calls = message.get("tool_calls").and_then(Value::as_array);
-    for call in calls.into_iter().flatten() {
-        let function = call.get("function").unwrap_or(&Value::Null);
-        let id = tool_use_id(str_of(call, "id"));
+    let calls = read.calls();
+    for call in &calls {
+        let function = call.function;
         content.push(json!({
             "type": "tool_use",
-            "id": id,
+            "id": tool_use_id(call.id),
             "name": str_of(function, "name").unwrap_or_default(),
             "input": arguments_to_input(&crate::wire::arguments_text(function).unwrap_or_default()),
         }));
     }
-    let had_calls = calls.is_some_and(|c| !c.is_empty());
     let (reason, sequence) = stop_reason(
         str_of(choice, "finish_reason"),
         choice.get("stop_reason"),
-        had_calls,
+        !calls.is_empty(),
         ctx,
     );
     // Anthropic's `usage` is required; when the upstream reported none its

@@ -212,7 +212,8 @@ impl ChatToMessages {
             let index = self.open_block(Open::Text(0), out);
             write_delta(out, index, DeltaOut::Text { text });
         }
-        for call in delta.tool_calls.iter().flatten() {
+        let legacy = delta.legacy_call();
+        for call in delta.tool_calls.iter().flatten().chain(&legacy) {
             if let Step::Fail(why) = self.tool_delta(call, out) {
                 return Step::Fail(why);
             }

@@ -672,3 +672,39 @@ fn content_in_parts_is_text_and_thinking_as_in_a_whole_answer() {
         assert_eq!(whole["content"], expected, "whole, thinking: {thinking}");
     }
 }
+
+#[test]
+fn a_legacy_function_call_is_a_tool_use_as_in_a_whole_answer() {
+    let (deltas, message) = crate::test_util::legacy_function_call();
+    let mut chunks: Vec<String> = deltas.into_iter().map(|d| chunk(d, None)).collect();
+    chunks.push(chunk(json!({}), Some("function_call")));
+    chunks.push("[DONE]".to_owned());
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(Context::default(), &refs);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    let call = (
+        "toolu_#0".to_owned(),
+        "get_weather".to_owned(),
+        r#"{"city":"Paris"}"#.to_owned(),
+    );
+    assert_eq!(tool_blocks(&out), [call]);
+    let (_, delta) = out
+        .iter()
+        .find(|(n, _)| n.as_deref() == Some("message_delta"))
+        .unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+
+    let whole = json!({"id": "chatcmpl-7", "choices": [{"index": 0,
+        "finish_reason": "function_call", "message": message}]});
+    let whole = crate::messages_over_chat::response::response(&whole, &Context::default()).unwrap();
+    let content = whole["content"].as_array().unwrap();
+    assert_eq!(content.len(), 1, "{content:?}");
+    assert_eq!(content[0]["name"], "get_weather");
+    assert_eq!(content[0]["input"], json!({"city": "Paris"}));
+    let id = content[0]["id"].as_str().unwrap();
+    assert_eq!(
+        crate::test_util::made_up_ids([id.to_owned()], "toolu_"),
+        ["toolu_#0"]
+    );
+    assert_eq!(whole["stop_reason"], "tool_use");
+}

@@ -31,10 +31,10 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     let mut output = Vec::new();
     let read = Message::read(message);
     let (text, refusal) = (read.text(), read.refusal());
-    let calls = message.get("tool_calls").and_then(Value::as_array);
+    let calls = read.calls();
     // Cut by the limit, the last item is: a message that calls follow was
     // finished whole, as the stream says of it.
-    let cut = status != "completed" && calls.is_none_or(Vec::is_empty);
+    let cut = status != "completed" && calls.is_empty();
     if text.is_some() || refusal.is_some() {
         let mut parts = Vec::new();
         parts.extend(text.map(text_part));
@@ -47,13 +47,13 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
             "content": parts,
         }));
     }
-    for call in calls.into_iter().flatten() {
-        let function = call.get("function").unwrap_or(&Value::Null);
+    for call in &calls {
+        let function = call.function;
         let index = output.len();
         output.push(json!({
             "type": "function_call",
             "id": item_id("fc", bare, index),
-            "call_id": call_id(str_of(call, "id")),
+            "call_id": call_id(call.id),
             "name": str_of(function, "name").unwrap_or_default(),
             "arguments": crate::wire::arguments_text(function)
                 .filter(|a| !a.is_empty())

@@ -173,7 +173,8 @@ impl ChatToResponses {
         for text in delta.texts() {
             self.text(text, out);
         }
-        for call in delta.tool_calls.iter().flatten() {
+        let legacy = delta.legacy_call();
+        for call in delta.tool_calls.iter().flatten().chain(&legacy) {
             match self.call_index(call, out) {
                 Ok(index) => self.call_delta(index, call, out),
                 Err(why) => return Step::Fail(why),

@@ -558,3 +558,31 @@ fn content_in_parts_is_the_text_as_in_a_whole_answer() {
     assert_eq!(whole["output"][0]["content"][0]["text"], "Paris.");
     assert_eq!(whole["output"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_legacy_function_call_is_a_function_call_as_in_a_whole_answer() {
+    let (deltas, message) = crate::test_util::legacy_function_call();
+    let mut chunks: Vec<String> = deltas.into_iter().map(|d| chunk(d, None)).collect();
+    chunks.push(chunk(json!({}), Some("function_call")));
+    chunks.push("[DONE]".to_owned());
+    let (out, steps) = run(Context::default(), &chunks);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    let call = (
+        "call_#0".to_owned(),
+        "get_weather".to_owned(),
+        r#"{"city":"Paris"}"#.to_owned(),
+    );
+    assert_eq!(completed_calls(&out), std::slice::from_ref(&call));
+    assert_eq!(out.last().unwrap().1["response"]["status"], "completed");
+
+    let whole = json!({"id": "chatcmpl-5", "choices": [{"index": 0,
+        "finish_reason": "function_call", "message": message}]});
+    let whole =
+        crate::responses_over_chat::response::response(&whole, &Context::default()).unwrap();
+    let output = whole["output"].as_array().unwrap();
+    assert_eq!(output.len(), 1, "{output:?}");
+    let s = |k: &str| output[0][k].as_str().unwrap_or_default().to_owned();
+    let made_up = crate::test_util::made_up_ids([s("call_id")], "call_").remove(0);
+    assert_eq!((made_up, s("name"), s("arguments")), call);
+    assert_eq!(whole["status"], "completed");
+}
