@@ -70,7 +70,7 @@ pub(crate) struct Delta<'a> {
     pub tool_calls: Option<Vec<ToolCallDelta<'a>>>,
     /// The legacy (pre-`tools`) form of a call: see
     /// [`Delta::legacy_call`].
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "legacy_function")]
     pub function_call: Option<FunctionDelta<'a>>,
 }
 
@@ -114,6 +114,23 @@ impl<'a> Delta<'a> {
             .flatten()
             .filter(|t| !t.is_empty())
     }
+}
+
+/// Deserialize a delta's legacy `function_call`: anything but an object
+/// is none, as it was before the field was read, not a failed stream.
+fn legacy_function<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<FunctionDelta<'de>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Legacy<'a> {
+        Call(#[serde(borrow)] FunctionDelta<'a>),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Option::<Legacy<'de>>::deserialize(d)? {
+        Some(Legacy::Call(function)) => Some(function),
+        _ => None,
+    })
 }
 
 /// Whether a legacy `function_call` with this name and arguments says
@@ -347,6 +364,8 @@ mod tests {
             r#"{"function_call":{}}"#,
             r#"{"function_call":{"name":"","arguments":null}}"#,
             r#"{"function_call":{"name":"f"},"tool_calls":[{"index":0}]}"#,
+            r#"{"function_call":"auto"}"#,
+            r#"{"function_call":[]}"#,
         ] {
             assert_eq!(legacy(nothing), None, "{nothing}");
         }

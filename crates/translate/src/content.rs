@@ -1,7 +1,8 @@
 //! What a chat answer says, read alike from a whole answer's `message`
-//! and from a stream's deltas ([`Delta`](crate::chat::Delta)): its text,
-//! its reasoning under any of the names servers give it, and its content
-//! in parts.
+//! ([`Message`]) and from a stream's deltas
+//! ([`Delta`](crate::chat::Delta)): its text and content in parts, its
+//! reasoning under any of the names servers give it, and its tool calls,
+//! a legacy `function_call` among them.
 
 use std::borrow::Cow;
 
