@@ -119,6 +119,11 @@ impl SseWatch {
         }
         let (mut events, mut usage_here) = (0, false);
         while let Some(event) = self.parser.next_event_ref() {
+            if event.is_blank() {
+                // A keep-alive (`data: ` with nothing in it) carries
+                // nothing, before or after the end; replayed as it came.
+                continue;
+            }
             events += 1;
             if self.done {
                 // Nothing may follow the last event.
@@ -517,6 +522,25 @@ mod tests {
             c,
             &[r#"data: {"error":null,"choices":[]}"#, "\n\n", done]
         ));
+    }
+
+    #[test]
+    fn keep_alives_neither_end_nor_break_a_stream() {
+        let keep_alive = "data: \n\n";
+        for (kind, end) in [
+            (StreamKind::Chat, "data: [DONE]\n\n"),
+            (
+                StreamKind::Responses,
+                "data: {\"type\":\"response.completed\"}\n\n",
+            ),
+            (
+                StreamKind::Messages,
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ),
+        ] {
+            assert!(clean(kind, &[keep_alive, end, keep_alive]), "{kind:?}");
+            assert!(!clean(kind, &[keep_alive]), "{kind:?}");
+        }
     }
 
     #[test]

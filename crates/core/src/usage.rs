@@ -413,9 +413,13 @@ impl StreamUsage {
             if let Some(u) = from_sse_data(data) {
                 self.usage = Some(u);
                 self.complete = true;
-            } else if data != "[DONE]" && !data.starts_with("{\"error\"") {
+            } else if data != "[DONE]"
+                && !data.starts_with("{\"error\"")
+                && !data.trim_ascii().is_empty()
+            {
                 // A chunk: a token or more (the role's and the finish
-                // reason's chunks count too: two at most; an error is none).
+                // reason's chunks count too: two at most; an error is none,
+                // nor a keep-alive's empty data).
                 self.delivered += 1;
             }
             return;
@@ -533,6 +537,9 @@ mod stream_usage_tests {
         for _ in 0..3 {
             chat.observe(r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#);
         }
+        // Keep-alives (`data: ` lines) carry no token.
+        chat.observe("");
+        chat.observe(" ");
         chat.observe("[DONE]");
         assert_eq!(chat.delivered(), 4);
         let mut responses = StreamUsage::new(StreamKind::Responses);
