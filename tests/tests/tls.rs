@@ -199,3 +199,36 @@ async fn clients_that_stop_reading_do_not_starve_an_h2_upstreams_other_streams()
     drop(unread);
     task.abort();
 }
+
+/// `http2 = false`: the proxy offers the https upstream HTTP/1.1 only (with
+/// HTTP/2, requests in flight together share one connection, up to the
+/// server's stream cap).
+#[tokio::test]
+async fn http2_false_keeps_an_https_upstream_on_http1_connections() {
+    let (port, pem, stats, task, alpn) = tls_mock().await;
+    let dir = scratch_dir("tls-h1");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let p = proxy(&one_upstream(
+        &format!("https://localhost:{port}/v1"),
+        &format!("tls_ca_file = \"{}\"\nhttp2 = false", ca.display()),
+    ))
+    .await;
+    let url = p.url("/v1/chat/completions");
+    let body = chat("m", true);
+    let (a, b) = tokio::join!(post_json(&url, &body), post_json(&url, &body));
+    for answer in [a, b] {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(
+            sse_data(&answer.body).last().map(String::as_str),
+            Some("[DONE]")
+        );
+    }
+    assert_eq!(stats.requests(), 2);
+    let alpn = alpn.lock().unwrap().clone();
+    assert!(!alpn.is_empty());
+    for protocol in &alpn {
+        assert_ne!(protocol.as_deref(), Some(b"h2".as_slice()), "{alpn:?}");
+    }
+    task.abort();
+}

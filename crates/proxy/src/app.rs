@@ -148,6 +148,7 @@ impl Proxy {
             // One pool per server shard (Proxy::serve_sharded), plus the shared one.
             cfg.shards = settings.workers;
             cfg.upgrades = spec.websocket;
+            cfg.http2 = spec.http2;
             let translate = TranslateConfig::new(
                 match spec.protocol {
                     Protocol::OpenAi => TranslateProtocol::OpenAi,

@@ -259,6 +259,9 @@ pub struct UpstreamSection {
     /// own keep-alive timeout.
     #[serde(default = "defaults::pool_idle_timeout_ms")]
     pub pool_idle_timeout_ms: u64,
+    /// Offer HTTP/2 to an `https://` upstream (default `true`).
+    #[serde(default)]
+    pub http2: Option<Spanned<bool>>,
 }
 
 /// `mock = { … }`: an in-process mock LLM on a loopback port.
@@ -406,6 +409,8 @@ pub struct UpstreamSpec {
     pub websocket_idle_timeout: Duration,
     /// How long an unused pooled connection is kept.
     pub pool_idle_timeout: Duration,
+    /// Offer HTTP/2 (ALPN) to an `https://` upstream.
+    pub http2: bool,
 }
 
 impl std::fmt::Debug for UpstreamSpec {
@@ -428,6 +433,7 @@ impl std::fmt::Debug for UpstreamSpec {
             .field("websocket", &self.websocket)
             .field("websocket_idle_timeout", &self.websocket_idle_timeout)
             .field("pool_idle_timeout", &self.pool_idle_timeout)
+            .field("http2", &self.http2)
             .finish()
     }
 }
@@ -928,6 +934,19 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         let idle_timeout = ms("idle_timeout_ms", up.idle_timeout_ms)?;
         let websocket_idle_timeout = ms("websocket_idle_timeout_ms", up.websocket_idle_timeout_ms)?;
         let pool_idle_timeout = ms("pool_idle_timeout_ms", up.pool_idle_timeout_ms)?;
+        let http2 = match &up.http2 {
+            Some(h2) if !matches!(&target, Target::Url(url) if url.scheme() == Some(&http::uri::Scheme::HTTPS)) =>
+            {
+                return Err(err(
+                    h2.span(),
+                    format!(
+                        "upstream `{name}`: `http2` is for https:// upstreams (an http:// one, or a mock, speaks HTTP/1.1)"
+                    ),
+                ));
+            }
+            Some(h2) => *h2.get_ref(),
+            None => true,
+        };
         upstreams.push(UpstreamSpec {
             name,
             target,
@@ -943,6 +962,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             websocket,
             websocket_idle_timeout,
             pool_idle_timeout,
+            http2,
         });
     }
     Ok(Settings {
@@ -1693,6 +1713,14 @@ mod tests {
             e.starts_with("t.toml:4: upstream `a`: `websocket = true` needs \"responses\""),
             "{e}"
         );
+        let e = load(&format!("{MIN}http2 = false\n")).unwrap_err();
+        assert!(
+            e.starts_with("t.toml:4: upstream `a`: `http2` is for https:// upstreams"),
+            "{e}"
+        );
+        let https = "[[upstream]]\nname = \"a\"\nurl = \"https://h/v1\"\n";
+        assert!(load(https).unwrap().upstreams[0].http2);
+        assert!(!load(&format!("{https}http2 = false\n")).unwrap().upstreams[0].http2);
         let ok = load(&format!("{MIN}websocket = true\napis = [\"responses\"]\n")).unwrap();
         assert!(ok.upstreams[0].websocket);
         assert_eq!(

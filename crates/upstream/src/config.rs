@@ -42,6 +42,13 @@ pub struct UpstreamConfig {
     /// Accept [`Upstream::upgrade`](crate::Upstream::upgrade) calls
     /// (WebSocket): each opens its own HTTP/1.1 connection.
     pub upgrades: bool,
+    /// Offer HTTP/2 (ALPN `h2`) to an `https://` upstream (the default).
+    /// HTTP/2 puts every request of a pool on one connection, whose
+    /// concurrent streams the server limits (often 100–250): past that,
+    /// requests wait. `false` keeps to HTTP/1.1, one pooled connection per
+    /// request in flight, as nginx proxies. `http://` upstreams speak
+    /// HTTP/1.1 either way.
+    pub http2: bool,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -61,6 +68,7 @@ impl std::fmt::Debug for UpstreamConfig {
             )
             .field("shards", &self.shards)
             .field("upgrades", &self.upgrades)
+            .field("http2", &self.http2)
             .finish()
     }
 }
@@ -80,6 +88,7 @@ impl UpstreamConfig {
             extra_roots_pem: None,
             shards: 0,
             upgrades: false,
+            http2: true,
         }
     }
 

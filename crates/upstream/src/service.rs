@@ -200,7 +200,7 @@ impl Upstream {
 
     /// hyper-util clients over [`Self::connector`].
     fn https_clients(cfg: &UpstreamConfig) -> Result<Box<[HttpClient]>, BuildError> {
-        let connector = Self::connector(cfg, true)?;
+        let connector = Self::connector(cfg, cfg.http2)?;
         Ok((0..=cfg.shards)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
