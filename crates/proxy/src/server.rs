@@ -235,34 +235,48 @@ impl Proxy {
 /// may also be shut down for being idle: see [`serve_connection`]).
 #[derive(Debug)]
 struct Drain {
-    tx: watch::Sender<()>,
-    /// `true` once the drain timeout has passed: the connections still open
-    /// close at once.
-    cut: watch::Sender<bool>,
+    tx: watch::Sender<Phase>,
+}
+
+/// Where a [`Drain`] is: what its connections are to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Finish what is under way, take nothing new.
+    Draining,
+    /// The drain timeout passed: close now, finished or not.
+    Cut,
 }
 
 impl Drain {
     fn new() -> Self {
         Drain {
-            tx: watch::channel(()).0,
-            cut: watch::channel(false).0,
+            tx: watch::channel(Phase::Serving).0,
         }
     }
 
-    /// For one connection: changes when it is to finish; dropped when it has.
-    fn watcher(&self) -> watch::Receiver<()> {
+    /// For one connection: changes when it is to finish, and again when it
+    /// is to close at once; dropped when it has. (One channel for both, so
+    /// that a connection polls one watch per wake-up, not two.) A dropped
+    /// `Drain` reads as `Draining`.
+    fn watcher(&self) -> watch::Receiver<Phase> {
         self.tx.subscribe()
     }
+}
 
-    /// For one connection: resolves when it is to close, finished or not
-    /// (never if the `Drain` is dropped: its `watcher`s then tell the
-    /// connections to finish, as before).
-    fn cut_off(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut cut = self.cut.subscribe();
-        async move {
-            if cut.wait_for(|cut| *cut).await.is_err() {
-                std::future::pending::<()>().await;
-            }
+/// What a connection's `watcher` says now that it changed (or its `Drain`
+/// was dropped: `Draining`, and `watching` turns off, as a dropped sender
+/// reads as changed at every poll).
+fn phase_now(
+    changed: Result<(), watch::error::RecvError>,
+    stop: &mut watch::Receiver<Phase>,
+    watching: &mut bool,
+) -> Phase {
+    match changed {
+        Ok(()) => *stop.borrow_and_update(),
+        Err(_) => {
+            *watching = false;
+            Phase::Draining
         }
     }
 }
@@ -273,7 +287,7 @@ impl Drain {
 /// runtime (still holding its upstream request), where the binary's shard
 /// runtimes merely happened to drop it.
 async fn drain(graceful: Drain, timeout: Duration) {
-    let _ = graceful.tx.send(());
+    graceful.tx.send_replace(Phase::Draining);
     if tokio::time::timeout(timeout, graceful.tx.closed())
         .await
         .is_ok()
@@ -282,7 +296,7 @@ async fn drain(graceful: Drain, timeout: Duration) {
         return;
     }
     tracing::warn!("drain timeout reached; closing remaining connections");
-    let _ = graceful.cut.send(true);
+    graceful.tx.send_replace(Phase::Cut);
     graceful.tx.closed().await;
 }
 
@@ -607,38 +621,44 @@ fn serve_connection<S>(
     // `send_timeout` (`crate::idle`).
     let idle_timeout = opts.header_read_timeout;
     let send_timeout = opts.send_timeout;
-    let cut_off = graceful.cut_off();
     tokio::spawn(async move {
-        let served = async {
-            let mut conn = std::pin::pin!(conn);
-            // Made once: it keeps its own count of how long the client has
-            // taken nothing, which a fresh one each turn of the loop (every
-            // `idle_timeout` while an idle HTTP/2 connection told to go still
-            // has a request) would start over.
-            let mut stalled = std::pin::pin!(activity.stalled(send_timeout));
-            let mut closing = false;
-            let mut drained = false;
-            // Drained while a request was under way: shut down once taken.
-            let mut awaiting_request = false;
-            // An idle HTTP/2 connection told to go (GOAWAY) that does not close
-            // is closed at the next timeout: hyper waits for the answer to a
-            // ping it then sends, for as long as its keep-alive allows.
-            let mut gone_by = None;
-            let ended = loop {
-                tokio::select! {
-                    ended = conn.as_mut() => break ended,
-                    () = sleep_until_some(gone_by) => {
-                        // A request the client sent before it saw the GOAWAY
-                        // was taken, and is answered: wait for it (a client
-                        // that stops reading it is `stalled`).
-                        if activity.in_flight() > 0 {
-                            gone_by = Some(tokio::time::Instant::now() + idle_timeout);
-                            continue;
-                        }
-                        tracing::debug!("an idle HTTP/2 connection did not close when told");
+        let mut conn = std::pin::pin!(conn);
+        // Made once: it keeps its own count of how long the client has
+        // taken nothing, which a fresh one each turn of the loop (every
+        // `idle_timeout` while an idle HTTP/2 connection told to go still
+        // has a request) would start over.
+        let mut stalled = std::pin::pin!(activity.stalled(send_timeout));
+        let mut closing = false;
+        let mut drained = false;
+        // Until the cut (or the `Drain` dropped), `stop` has more to say.
+        let mut watching = true;
+        let mut cut = false;
+        // Drained while a request was under way: shut down once taken.
+        let mut awaiting_request = false;
+        // An idle HTTP/2 connection told to go (GOAWAY) that does not close
+        // is closed at the next timeout: hyper waits for the answer to a
+        // ping it then sends, for as long as its keep-alive allows.
+        let mut gone_by = None;
+        let ended = loop {
+            tokio::select! {
+                ended = conn.as_mut() => break ended,
+                () = sleep_until_some(gone_by) => {
+                    // A request the client sent before it saw the GOAWAY
+                    // was taken, and is answered: wait for it (a client
+                    // that stops reading it is `stalled`).
+                    if activity.in_flight() > 0 {
+                        gone_by = Some(tokio::time::Instant::now() + idle_timeout);
+                        continue;
+                    }
+                    tracing::debug!("an idle HTTP/2 connection did not close when told");
+                    break Ok(());
+                }
+                changed = stop.changed(), if watching => match phase_now(changed, &mut stop, &mut watching) {
+                    Phase::Cut => {
+                        cut = true;
                         break Ok(());
                     }
-                    _ = stop.changed(), if !closing => {
+                    Phase::Draining if !closing => {
                         closing = true;
                         drained = true;
                         activity.drain();
@@ -652,46 +672,51 @@ fn serve_connection<S>(
                             conn.as_mut().graceful_shutdown();
                         }
                     }
-                    () = activity.request_taken(), if awaiting_request => {
-                        awaiting_request = false;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    () = activity.idle(idle_timeout), if !closing => {
-                        tracing::debug!("closing an idle HTTP/2 connection");
-                        closing = true;
-                        gone_by = Some(tokio::time::Instant::now() + idle_timeout);
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    () = stalled.as_mut() => {
-                        tracing::debug!("closing a connection whose client stopped reading");
-                        break Ok(());
-                    }
+                    Phase::Draining | Phase::Serving => {}
+                },
+                () = activity.request_taken(), if awaiting_request => {
+                    awaiting_request = false;
+                    conn.as_mut().graceful_shutdown();
                 }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            // Switched protocols: the connection lives on as a tunnel, still
-            // holding its permit, and a drain still waits for it. It is told
-            // when the drain begins, to end its session (a WebSocket closes
-            // with 1001 once no turn is open).
-            if let Some(mut tunnel) = activity.take_tunnel() {
-                if drained {
-                    tunnel.await;
-                } else {
-                    tokio::select! {
-                        () = &mut tunnel => {}
-                        _ = stop.changed() => {
-                            activity.drain();
-                            tunnel.await;
-                        }
-                    }
+                () = activity.idle(idle_timeout), if !closing => {
+                    tracing::debug!("closing an idle HTTP/2 connection");
+                    closing = true;
+                    gone_by = Some(tokio::time::Instant::now() + idle_timeout);
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = stalled.as_mut() => {
+                    tracing::debug!("closing a connection whose client stopped reading");
+                    break Ok(());
                 }
             }
         };
-        tokio::select! {
-            () = served => {}
-            () = cut_off => tracing::debug!("closing a connection still open at the drain timeout"),
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        // Switched protocols: the connection lives on as a tunnel, still
+        // holding its permit, and a drain still waits for it. It is told
+        // when the drain begins, to end its session (a WebSocket closes
+        // with 1001 once no turn is open), and closed at the cut.
+        if let Some(mut tunnel) = activity.take_tunnel().filter(|_| !cut) {
+            loop {
+                tokio::select! {
+                    () = &mut tunnel => break,
+                    changed = stop.changed(), if watching => match phase_now(changed, &mut stop, &mut watching) {
+                        Phase::Cut => {
+                            cut = true;
+                            break;
+                        }
+                        Phase::Draining if !drained => {
+                            drained = true;
+                            activity.drain();
+                        }
+                        Phase::Draining | Phase::Serving => {}
+                    },
+                }
+            }
+        }
+        if cut {
+            tracing::debug!("closing a connection still open at the drain timeout");
         }
         drop((permit, load, stop));
     });
