@@ -763,3 +763,79 @@ async fn a_drain_lets_an_h2_stream_finish_then_closes_its_connection() {
         .expect("a clean close (GOAWAY)");
     p.stop().await.expect("serve returns Ok");
 }
+
+/// The same for the first request of a connection, whose first bytes the
+/// proxy reads while still telling HTTP/1 from an HTTP/2 preface: answered,
+/// then closed at once (the drain does not wait out `drain_timeout` for it).
+#[tokio::test]
+async fn a_first_request_half_sent_at_the_drain_is_answered_then_closed() {
+    let up = mock_named("m").await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 30\nheader_read_timeout_ms = 5000\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    // The proxy has read the first bytes; then the drain begins.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = conn.write_all(b"host: x\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(HANG, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(closed.is_ok(), "the connection is closed once answered");
+    p.stop().await.expect("serve returns Ok");
+}
+/// A half-sent next request answered within one poll of its connection
+/// (`/healthz`) is answered, and its connection then closed at once (with
+/// no `connection: close`: hyper wrote the answer before it was told), not
+/// left open until the drain's cut.
+#[tokio::test]
+async fn a_next_request_answered_at_once_at_the_drain_closes_its_connection() {
+    let up = mock_named("m").await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 30\nheader_read_timeout_ms = 5000\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    conn.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    // The proxy has read the first bytes; then the drain begins.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = conn.write_all(b"host: x\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(HANG, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(closed.is_ok(), "the connection is closed once answered");
+    p.stop().await.expect("serve returns Ok");
+}
