@@ -348,19 +348,24 @@ async fn an_h2_stream_reset_cancels_its_upstream_request() {
     assert!(!conn.is_finished());
 }
 
-/// A stream that outlasts the drain timeout is cut when `serve` returns:
-/// the client's connection closes and the upstream request is cancelled,
-/// rather than both living on after the server said it was done.
-#[tokio::test]
-async fn a_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
+/// A stream of 1000 tokens at 10 a second (100 s) under way through a proxy
+/// with `drain_timeout_secs = drain`: the mock, the proxy and the answer
+/// whose body is still coming.
+async fn long_stream_with_drain_timeout(
+    drain: &str,
+) -> (
+    MockServer,
+    TestProxy,
+    hyper::Response<hyper::body::Incoming>,
+) {
     let up = mock(MockConfig {
         name: "slow".into(),
         tokens_per_second: Some(10.0),
         ..MockConfig::default()
     })
     .await;
-    let mut p = proxy(&format!(
-        "drain_timeout_secs = 0.3\n{}",
+    let p = proxy(&format!(
+        "drain_timeout_secs = {drain}\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
@@ -377,6 +382,15 @@ async fn a_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
         .await
         .expect("stream starts");
     assert_eq!(resp.status(), 200);
+    (up, p, resp)
+}
+
+/// A stream that outlasts the drain timeout is cut when `serve` returns:
+/// the client's connection closes and the upstream request is cancelled,
+/// rather than both living on after the server said it was done.
+#[tokio::test]
+async fn a_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
+    let (up, mut p, resp) = long_stream_with_drain_timeout("0.3").await;
     p.begin_shutdown();
     p.stop().await.expect("serve returns Ok");
     let (_, broke) = read_stream(resp).await;
@@ -564,30 +578,7 @@ async fn an_upstream_that_never_accepts_is_a_connect_timeout() {
 /// cancelled.
 #[tokio::test]
 async fn a_client_that_leaves_during_the_drain_ends_it() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(10.0),
-        ..MockConfig::default()
-    })
-    .await;
-    let mut p = proxy(&format!(
-        "drain_timeout_secs = 60\n{}",
-        one_upstream(&up.base_url(), "")
-    ))
-    .await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &p.url("/v1/chat/completions"),
-            &[
-                ("content-type", "application/json"),
-                ("x-mock-tokens", "1000"),
-            ],
-            chat("m", true),
-        ))
-        .await
-        .expect("stream starts");
-    assert_eq!(resp.status(), 200);
+    let (up, mut p, resp) = long_stream_with_drain_timeout("60").await;
     p.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(p.is_serving(), "the drain waits for the stream");
