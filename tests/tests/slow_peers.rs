@@ -348,6 +348,19 @@ async fn an_h2_stream_reset_cancels_its_upstream_request() {
     assert!(!conn.is_finished());
 }
 
+/// A connection to `addr` that has had one request (`GET /healthz`)
+/// answered, kept alive for the next; and a read buffer.
+async fn kept_alive(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, Vec<u8>) {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    (conn, buf)
+}
+
 /// A stream of 1000 tokens at 10 a second (100 s) under way through a proxy
 /// with `drain_timeout_secs = drain`: the mock, the proxy and the answer
 /// whose body is still coming.
@@ -413,13 +426,7 @@ async fn a_drain_does_not_wait_for_a_half_sent_head_or_an_idle_connection() {
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    let mut idle = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = idle.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let (idle, mut buf) = kept_alive(p.addr).await;
     let half = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     let (mut half_read, mut half_write) = half.into_split();
     half_write
@@ -603,13 +610,7 @@ async fn a_request_half_sent_on_a_kept_alive_connection_at_the_drain_is_answered
         one_upstream(&up.base_url(), "models = [\"m\"]")
     ))
     .await;
-    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = conn.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let (mut conn, mut buf) = kept_alive(p.addr).await;
     let body = chat("m", false);
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
@@ -802,13 +803,7 @@ async fn a_next_request_answered_at_once_at_the_drain_closes_its_connection() {
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = conn.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let (mut conn, mut buf) = kept_alive(p.addr).await;
     conn.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
     // The proxy has read the first bytes; then the drain begins.
     tokio::time::sleep(Duration::from_millis(100)).await;
