@@ -1,24 +1,26 @@
 //! Prometheus metrics of the proxy (names pinned in DESIGN.md).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::{Body, BoxError};
 
 use crate::idle::InFlight;
+use foldhash::fast::FixedState;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 /// A shared name as a label value, without copying it per request.
@@ -59,28 +61,23 @@ fn write_escaped(out: &mut impl std::fmt::Write, value: &str) -> std::fmt::Resul
     Ok(())
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Debug, EncodeLabelSet)]
 struct RequestLabels {
     route: &'static str,
     status: u16,
     upstream: Name,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Debug, EncodeLabelSet)]
 struct RouteLabels {
     route: &'static str,
 }
 
-type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
-
 /// The proxy's metrics registry.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    duration: HistogramFamily,
-    ttfb: HistogramFamily,
-    /// The `upstream` label of answers no upstream gave.
-    no_upstream: Name,
+    /// Every thread's counts of the requests it answered.
+    shards: Arc<Shards>,
     sources: Arc<std::sync::RwLock<Vec<Source>>>,
 }
 
@@ -152,41 +149,17 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs .. ~14 min: a long generation streams for minutes.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 24))
-}
-
 impl Metrics {
     /// A registry with every metric registered and no samples.
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("llm_proxy");
-        let requests = Family::default();
-        let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        let ttfb: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        registry.register(
-            "requests",
-            "Requests answered, by route, status and upstream",
-            requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from request to the end of the response body",
-            duration.clone(),
-        );
-        registry.register(
-            "time_to_first_byte_seconds",
-            "Time from request to the first response body byte",
-            ttfb.clone(),
-        );
+        let shards = Arc::new(Shards::default());
+        registry.register_collector(Box::new(Answered(shards.clone())));
         let sources = Arc::new(std::sync::RwLock::new(Vec::new()));
         registry.register_collector(Box::new(Scraped(sources.clone())));
         Arc::new(Metrics {
             registry,
-            requests,
-            duration,
-            ttfb,
-            no_upstream: Name(Arc::from("")),
+            shards,
             sources,
         })
     }
@@ -209,14 +182,14 @@ impl Metrics {
 
     /// Count one answered request.
     pub fn count_request(&self, route: &'static str, status: u16, upstream: Option<&Arc<str>>) {
-        let upstream = upstream.map_or_else(|| self.no_upstream.clone(), |u| Name(u.clone()));
-        self.requests
-            .get_or_create(&RequestLabels {
-                route,
-                status,
-                upstream,
-            })
-            .inc();
+        self.shards.with_counts(|counts| {
+            let by_upstream = counts.requests.entry((route, status)).or_default();
+            let name = upstream.map_or("", |u| &**u);
+            match by_upstream.iter_mut().find(|(u, _)| **u == *name) {
+                Some((_, n)) => *n += 1,
+                None => by_upstream.push((upstream.cloned().unwrap_or_else(|| Arc::from("")), 1)),
+            }
+        });
     }
 
     /// Wrap a response body so that its time to first byte and duration are
@@ -247,6 +220,263 @@ impl Metrics {
             metrics: self.clone(),
             conn,
         }
+    }
+
+    /// Record one latency of `route`'s answers.
+    fn time(&self, route: &'static str, latency: Latency, elapsed: Duration) {
+        self.shards.with_counts(|counts| {
+            let times = counts.times.entry(route).or_default();
+            match latency {
+                Latency::FirstByte => times.ttfb.observe(elapsed),
+                Latency::Whole => times.duration.observe(elapsed),
+            }
+        });
+    }
+}
+
+/// Which latency of an answer.
+#[derive(Clone, Copy)]
+enum Latency {
+    /// To the first byte of the body.
+    FirstByte,
+    /// To the end of the body (or the client's going away).
+    Whole,
+}
+
+/// The counts of answered requests, one [`Counts`] per thread that answered
+/// any.
+///
+/// Every request adds to three of them (the request counter and two
+/// latency histograms). With prometheus-client's own types that was two
+/// write locks and three read locks on maps and histograms every thread
+/// shares: each lock's cache line moved between cores on every request, and
+/// the write locks made requests on different cores wait for each other.
+/// Here a thread writes only its own [`Counts`], under a lock no other thread
+/// takes except a scrape, which adds them all up.
+#[derive(Debug)]
+struct Shards {
+    /// Unique per registry, to find this registry's shard among a thread's.
+    id: ShardsId,
+    all: Mutex<Vec<Arc<Mutex<Counts>>>>,
+    /// For a body dropped while its thread is being torn down, when the
+    /// thread's own shards are gone: shared, so locked by any thread.
+    spare: Arc<Mutex<Counts>>,
+}
+
+impl Default for Shards {
+    fn default() -> Self {
+        let spare = Arc::new(Mutex::new(Counts::default()));
+        Shards {
+            id: ShardsId::default(),
+            all: Mutex::new(vec![spare.clone()]),
+            spare,
+        }
+    }
+}
+
+/// A number no other [`Shards`] of the process has.
+#[derive(Debug)]
+struct ShardsId(u64);
+
+impl Default for ShardsId {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        ShardsId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A thread's shard of one registry, and whether that registry is alive.
+struct LocalShard {
+    id: u64,
+    registry: Weak<Shards>,
+    counts: Arc<Mutex<Counts>>,
+}
+
+thread_local! {
+    /// This thread's shards, one per registry it has counted for (one,
+    /// unless a process runs several proxies).
+    static LOCAL: RefCell<Vec<LocalShard>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Shards {
+    /// Run `f` on this thread's counts.
+    fn with_counts(self: &Arc<Self>, f: impl FnOnce(&mut Counts)) {
+        let id = self.id.0;
+        let mut f = Some(f);
+        let counted = LOCAL.try_with(|local| {
+            let mut local = local.borrow_mut();
+            let at = match local.iter().position(|s| s.id == id) {
+                Some(at) => at,
+                None => {
+                    // Shards of registries gone are dropped here, not on
+                    // the way of every request.
+                    local.retain(|s| s.registry.strong_count() > 0);
+                    let counts = Arc::new(Mutex::new(Counts::default()));
+                    lock(&self.all).push(counts.clone());
+                    local.push(LocalShard {
+                        id,
+                        registry: Arc::downgrade(self),
+                        counts,
+                    });
+                    local.len() - 1
+                }
+            };
+            if let Some(f) = f.take() {
+                f(&mut lock(&local[at].counts));
+            }
+        });
+        if let (Err(_), Some(f)) = (counted, f) {
+            f(&mut lock(&self.spare));
+        }
+    }
+
+    /// Every thread's counts, added up.
+    fn total(&self) -> Counts {
+        let mut total = Counts::default();
+        for shard in lock(&self.all).iter() {
+            let counts = lock(shard);
+            for (&key, upstreams) in &counts.requests {
+                let into = total.requests.entry(key).or_default();
+                for (name, n) in upstreams {
+                    match into.iter_mut().find(|(u, _)| u == name) {
+                        Some((_, sum)) => *sum += n,
+                        None => into.push((name.clone(), *n)),
+                    }
+                }
+            }
+            for (&route, times) in &counts.times {
+                let into = total.times.entry(route).or_default();
+                into.duration.add(&times.duration);
+                into.ttfb.add(&times.ttfb);
+            }
+        }
+        total
+    }
+}
+
+/// A lock nobody holds across a panic that matters: counts are plain
+/// numbers, whole after any step.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One thread's counts (or, at a scrape, everyone's).
+#[derive(Debug, Default)]
+struct Counts {
+    /// Answers by route and status, then by upstream (`""` for none): a
+    /// handful per route, found by comparing names.
+    requests: HashMap<(&'static str, u16), ByUpstream, FixedState>,
+    /// Latencies by route.
+    times: HashMap<&'static str, RouteTimes, FixedState>,
+}
+
+/// Counts by upstream name.
+type ByUpstream = Vec<(Arc<str>, u64)>;
+
+#[derive(Debug, Default)]
+struct RouteTimes {
+    duration: Histogram,
+    ttfb: Histogram,
+}
+
+/// Latency buckets: 100 µs doubling to ~14 min (a long generation streams
+/// for minutes), then `+Inf`.
+const BUCKETS: usize = 24;
+/// The first bucket's upper bound.
+const FIRST_BOUND: Duration = Duration::from_micros(100);
+
+/// A latency histogram with the buckets of prometheus-client's
+/// `exponential_buckets(0.0001, 2.0, 24)`, counted per bucket (a scrape
+/// makes them cumulative).
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [u64; BUCKETS + 1],
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, elapsed: Duration) {
+        self.buckets[bucket(elapsed)] += 1;
+        self.sum += elapsed.as_secs_f64();
+    }
+
+    fn add(&mut self, other: &Histogram) {
+        for (into, n) in self.buckets.iter_mut().zip(&other.buckets) {
+            *into += n;
+        }
+        self.sum += other.sum;
+    }
+
+    fn encode(&self, mut metric: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let bounds = exponential_buckets(FIRST_BOUND.as_secs_f64(), 2.0, BUCKETS as u16)
+            .chain(std::iter::once(f64::MAX));
+        let buckets: Vec<(f64, u64)> = bounds.zip(self.buckets.iter().copied()).collect();
+        let count = self.buckets.iter().sum();
+        metric.encode_histogram::<NoLabelSet>(self.sum, count, &buckets, None)
+    }
+}
+
+/// The bucket of `elapsed`: the first whose bound (`FIRST_BOUND` × 2^i) it
+/// does not pass, else `+Inf`.
+fn bucket(elapsed: Duration) -> usize {
+    let first = FIRST_BOUND.as_nanos();
+    let nanos = elapsed.as_nanos();
+    if nanos <= first {
+        return 0;
+    }
+    // (first × 2^(i-1), first × 2^i] is bucket i.
+    let over = (nanos - 1) / first;
+    let i = (u128::BITS - over.leading_zeros()) as usize;
+    i.min(BUCKETS)
+}
+
+/// Encodes the answered requests of [`Shards`] on each scrape.
+#[derive(Debug)]
+struct Answered(Arc<Shards>);
+
+impl Collector for Answered {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let total = self.0.total();
+        let mut requests: Vec<_> = total.requests.iter().collect();
+        requests.sort_unstable_by_key(|(key, _)| *key);
+        let mut family = encoder.encode_descriptor(
+            "requests",
+            "Requests answered, by route, status and upstream",
+            None,
+            MetricType::Counter,
+        )?;
+        for (&(route, status), upstreams) in requests {
+            for (upstream, n) in upstreams {
+                let labels = RequestLabels {
+                    route,
+                    status,
+                    upstream: Name(upstream.clone()),
+                };
+                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut routes: Vec<_> = total.times.iter().collect();
+        routes.sort_unstable_by_key(|(route, _)| *route);
+        type Which = fn(&RouteTimes) -> &Histogram;
+        let latencies: [(&str, &str, Which); 2] = [
+            (
+                "request_duration_seconds",
+                "Time from request to the end of the response body",
+                |t| &t.duration,
+            ),
+            (
+                "time_to_first_byte_seconds",
+                "Time from request to the first response body byte",
+                |t| &t.ttfb,
+            ),
+        ];
+        for (name, help, which) in latencies {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (route, times) in &routes {
+                which(times).encode(family.encode_family(&RouteLabels { route })?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -285,11 +515,8 @@ impl HttpBody for ObservedBody {
         }
         if !self.first && matches!(polled, Poll::Ready(Some(_)) | Poll::Ready(None)) {
             self.first = true;
-            let route = self.route;
             self.metrics
-                .ttfb
-                .get_or_create(&RouteLabels { route })
-                .observe(self.start.elapsed().as_secs_f64());
+                .time(self.route, Latency::FirstByte, self.start.elapsed());
         }
         polled
     }
@@ -305,17 +532,124 @@ impl HttpBody for ObservedBody {
 
 impl Drop for ObservedBody {
     fn drop(&mut self) {
-        let route = self.route;
         self.metrics
-            .duration
-            .get_or_create(&RouteLabels { route })
-            .observe(self.start.elapsed().as_secs_f64());
+            .time(self.route, Latency::Whole, self.start.elapsed());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lines of `text` that start with `prefix`, the prefix cut.
+    fn lines_of<'t>(text: &'t str, prefix: &str) -> Vec<&'t str> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .collect()
+    }
+
+    #[test]
+    fn latencies_render_as_prometheus_client_histograms_do() {
+        let metrics = Metrics::new();
+        let mut registry = Registry::default();
+        let reference = prometheus_client::metrics::histogram::Histogram::new(exponential_buckets(
+            0.0001, 2.0, 24,
+        ));
+        registry.register("reference", "", reference.clone());
+        // Zero, bounds exactly, just past them, between them, past the last.
+        let micros = [
+            0,
+            1,
+            99,
+            100,
+            101,
+            150,
+            200,
+            201,
+            399,
+            400,
+            401,
+            1_000,
+            52_000,
+            1_600_000,
+            838_860_800,
+            838_860_801,
+            3_600_000_000,
+        ];
+        for (i, &us) in micros.iter().enumerate() {
+            let elapsed = Duration::from_micros(us);
+            reference.observe(elapsed.as_secs_f64());
+            let latency = if i % 2 == 0 {
+                Latency::Whole
+            } else {
+                Latency::FirstByte
+            };
+            metrics.time("chat_completions", latency, elapsed);
+            // The other histogram of the route gets every value too, so
+            // that both can be compared with the one reference.
+            let other = match latency {
+                Latency::Whole => Latency::FirstByte,
+                Latency::FirstByte => Latency::Whole,
+            };
+            metrics.time("chat_completions", other, elapsed);
+        }
+        let mut expected = String::new();
+        prometheus_client::encoding::text::encode(&mut expected, &registry).unwrap();
+        let text = metrics.encode();
+        for name in ["request_duration_seconds", "time_to_first_byte_seconds"] {
+            let ours: Vec<String> = lines_of(&text, &format!("llm_proxy_{name}_"))
+                .iter()
+                .map(|l| {
+                    l.replace(r#",route="chat_completions""#, "")
+                        .replace(r#"{route="chat_completions"}"#, "")
+                })
+                .collect();
+            let reference: Vec<&str> = lines_of(&expected, "reference_");
+            assert_eq!(ours, reference, "{text}");
+        }
+        assert!(
+            text.contains(r#"_bucket{le="+Inf",route="chat_completions"} 17"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"_bucket{le="0.0001",route="chat_completions"} 4"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn counts_from_every_thread_add_up() {
+        let metrics = Metrics::new();
+        let upstream: Arc<str> = Arc::from("up");
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..100 {
+                        metrics.count_request("chat_completions", 200, Some(&upstream));
+                        // Another allocation of the same name counts as it.
+                        metrics.count_request("chat_completions", 200, Some(&Arc::from("up")));
+                        metrics.count_request("chat_completions", 502, None);
+                        metrics.time("embeddings", Latency::Whole, Duration::from_millis(1));
+                    }
+                });
+            }
+        });
+        metrics.count_request("chat_completions", 200, Some(&upstream));
+        let text = metrics.encode();
+        for line in [
+            r#"llm_proxy_requests_total{route="chat_completions",status="200",upstream="up"} 801"#,
+            r#"llm_proxy_requests_total{route="chat_completions",status="502",upstream=""} 400"#,
+            r#"llm_proxy_request_duration_seconds_count{route="embeddings"} 400"#,
+            r#"llm_proxy_time_to_first_byte_seconds_count{route="embeddings"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // A second registry on the same threads counts apart.
+        let other = Metrics::new();
+        other.count_request("chat_completions", 200, Some(&upstream));
+        assert!(other.encode().contains(r#"upstream="up"} 1"#));
+        assert!(metrics.encode().contains(r#"upstream="up"} 801"#));
+    }
 
     #[test]
     fn label_values_are_escaped() {
