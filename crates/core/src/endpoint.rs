@@ -100,9 +100,7 @@ impl Endpoint {
         // One trailing slash is the same route; more are an empty segment.
         let rest = path.strip_prefix("/v1/")?;
         let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if !is_plain(rest) {
-            return None;
-        }
+        // The fixed routes are plain paths: only the others need the check.
         Some(match rest {
             "chat/completions" => Endpoint::ChatCompletions,
             "completions" => Endpoint::Completions,
@@ -113,6 +111,7 @@ impl Endpoint {
             "messages" => Endpoint::Messages,
             "messages/count_tokens" => Endpoint::MessagesCountTokens,
             "models" => Endpoint::Models,
+            _ if !is_plain(rest) => return None,
             _ if response_id(path).is_some() => Endpoint::ResponseById,
             _ => Endpoint::Passthrough,
         })
