@@ -278,7 +278,7 @@ impl Service<Request<Body>> for Upstream {
     fn call(&mut self, req: Request<Body>) -> ResponseFuture {
         let this = self.clone();
         ResponseFuture {
-            inner: Box::pin(async move { this.send(req).await }),
+            inner: Box::pin(this.send(req)),
         }
     }
 }
@@ -286,31 +286,59 @@ impl Service<Request<Body>> for Upstream {
 /// `send`'s output, unless the first-byte timeout passes first: counted
 /// from now, less, for a body streamed from the client, the time it waited
 /// for the client's bytes (`uploaded`).
-async fn head_within<F: Future>(
+fn head_within<F: Future>(
     first_byte: Duration,
     uploaded: Option<Arc<UploadClock>>,
     send: F,
-) -> Option<F::Output> {
-    let Some(clock) = uploaded else {
-        return tokio::time::timeout(first_byte, send).await.ok();
-    };
-    let timer = async {
-        loop {
-            let spent = clock.upstreams_time();
-            if spent >= first_byte {
-                return;
-            }
-            tokio::time::sleep(first_byte - spent).await;
-        }
-    };
-    let (mut send, mut timer) = (std::pin::pin!(send), std::pin::pin!(timer));
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(sent) = send.as_mut().poll(cx) {
+) -> HeadWithin<F> {
+    HeadWithin {
+        send,
+        timer: tokio::time::sleep(first_byte),
+        first_byte,
+        uploaded,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`head_within`]. Not an `async fn`: its state would
+    /// hold `send` twice (the argument, and the timeout's own), a KiB more
+    /// in every request's future.
+    struct HeadWithin<F> {
+        #[pin]
+        send: F,
+        #[pin]
+        timer: tokio::time::Sleep,
+        first_byte: Duration,
+        uploaded: Option<Arc<UploadClock>>,
+    }
+}
+
+impl<F: Future> Future for HeadWithin<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(sent) = this.send.poll(cx) {
             return Poll::Ready(Some(sent));
         }
-        timer.as_mut().poll(cx).map(|()| None)
-    })
-    .await
+        loop {
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The time waiting for the client's bytes does not count: wait
+            // out what the upstream has left.
+            let spent = this
+                .uploaded
+                .as_ref()
+                .map_or(*this.first_byte, |clock| clock.upstreams_time());
+            let Some(left) = this.first_byte.checked_sub(spent).filter(|l| !l.is_zero()) else {
+                return Poll::Ready(None);
+            };
+            this.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + left);
+        }
+    }
 }
 
 impl Upstream {
