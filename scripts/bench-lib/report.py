@@ -12,7 +12,8 @@ import sys
 
 from rounds import by_round, fmt, load, med, series
 
-TARGETS = ["direct", "nginx", "llm-proxy"]
+# "hyper-floor" only with scripts/bench --floor.
+ALL_TARGETS = ["direct", "nginx", "llm-proxy", "hyper-floor"]
 
 
 def mib(kb):
@@ -24,6 +25,8 @@ def main():
     meta = next((r for r in records if r.get("kind") == "meta"), {})
     rss = next((r for r in records if r.get("kind") == "rss"), {})
     tput = by_round(records, "kind", "tput")
+    seen = {r.get("target") for r in records}
+    targets = [t for t in ALL_TARGETS if t in seen]
     lat = by_round(records, "kind", "lat")
     ttft = by_round(records, "kind", "ttft")
     out = []
@@ -47,7 +50,7 @@ def main():
     w("")
     w("| target | req/s | ÷ direct | wrk errors |")
     w("| --- | --- | --- | --- |")
-    for t in TARGETS:
+    for t in targets:
         rps = series(tput, lambda r, t=t: r[t]["rps"])
         ratio = series(tput, lambda r, t=t: r[t]["rps"] / r["direct"]["rps"])
         errs = sum(sum(v for k, v in r[t].items() if k.startswith("err_"))
@@ -60,7 +63,7 @@ def main():
     w("")
     w("| target | p50 | p99 | added p50 vs direct | added p99 vs direct |")
     w("| --- | --- | --- | --- | --- |")
-    for t in TARGETS:
+    for t in targets:
         p50 = series(lat, lambda r, t=t: r[t]["p50_us"])
         p99 = series(lat, lambda r, t=t: r[t]["p99_us"])
         a50 = series(lat, lambda r, t=t: r[t]["p50_us"] - r["direct"]["p50_us"])
@@ -81,7 +84,7 @@ def main():
     w("")
     w("| target | first data p50 | first token p50 | first token p99 | Δ first token p50 vs direct |")
     w("| --- | --- | --- | --- | --- |")
-    for t in TARGETS:
+    for t in targets:
         fd = series(ttft, lambda r, t=t: r[t]["first_data_p50_us"])
         ft = series(ttft, lambda r, t=t: r[t]["first_token_p50_us"])
         ft99 = series(ttft, lambda r, t=t: r[t]["first_token_p99_us"])
@@ -129,6 +132,13 @@ def main():
         w(f"| added p50 at 1 connection: llm-proxy / nginx | {med(a_p):+.0f} µs / {med(a_n):+.0f} µs "
           f"(llm-proxy − nginx: {fmt(a_pn, '+.0f', ' µs')}) | llm-proxy ≤ nginx | "
           f"{verdict(med(a_p) <= med(a_n))} |")
+    if "hyper-floor" in targets:
+        r_fn = series(tput, lambda r: r["hyper-floor"]["rps"] / r["nginx"]["rps"])
+        r_pf = series(tput, lambda r: r["llm-proxy"]["rps"] / r["hyper-floor"]["rps"])
+        a_f = series(lat, lambda r: r["hyper-floor"]["p50_us"] - r["direct"]["p50_us"])
+        w(f"| throughput hyper floor ÷ nginx (reference) | {fmt(r_fn, '.2f')} | – | – |")
+        w(f"| throughput llm-proxy ÷ hyper floor | {fmt(r_pf, '.2f')} | – | – |")
+        w(f"| added p50 at 1 connection: hyper floor (reference) | {fmt(a_f, '+.0f', ' µs')} | – | – |")
     if d_tt:
         w(f"| TTFT Δ vs direct: llm-proxy | {fmt(d_tt, '+.0f', ' µs')} | ≤ 1000 µs | "
           f"{verdict(med(d_tt) <= 1000)} |")
