@@ -431,12 +431,21 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let endpoint = req
+            .extensions()
+            .get::<RequestMeta>()
+            .map_or(Endpoint::Passthrough, RequestMeta::endpoint);
+        if !Named::may_name(endpoint) {
+            // Chat, completions, embeddings, Messages, models: no id to
+            // follow or record. Straight through, without a future of its
+            // own.
+            return self.inner.call(req);
+        }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let ids = self.ids.clone();
         Box::pin(async move {
             let meta = req.extensions().get::<RequestMeta>();
-            let endpoint = meta.map_or(Endpoint::Passthrough, RequestMeta::endpoint);
             let owner = meta
                 .and_then(RequestMeta::identity)
                 .map(|identity| identity.name.clone());
@@ -530,6 +539,19 @@ struct Named {
 }
 
 impl Named {
+    /// Whether a request to `endpoint` may name an id, or make one to
+    /// record ([`Named::of`] and the ids an answer creates).
+    fn may_name(endpoint: Endpoint) -> bool {
+        matches!(
+            endpoint,
+            Endpoint::ResponseById
+                | Endpoint::Responses
+                | Endpoint::ResponsesCompact
+                | Endpoint::ResponsesInputTokens
+                | Endpoint::Passthrough
+        )
+    }
+
     fn of(req: &Request<Body>, endpoint: Endpoint) -> Named {
         let path = req.uri().path();
         match endpoint {
