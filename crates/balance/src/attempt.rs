@@ -7,8 +7,11 @@
 //! attempt. A response is judged by its head only, before any byte of it has
 //! gone to the client, and once a response is returned it is never retried.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::request::Parts;
@@ -16,7 +19,6 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use llm_proxy_core::{Body, Error, Guarded, RequestMeta};
 use tokio::time::Instant;
-use tower::ServiceExt;
 use tower::retry::budget::Budget;
 use tower_service::Service;
 
@@ -236,17 +238,50 @@ fn no_attempt(route: &Route<'_>) -> Error {
 
 /// Await `svc`'s readiness, then call it. Boxed and built in a plain `fn`:
 /// holding `S::Future` inside an `async fn` trips the compiler's
-/// higher-ranked `Send` check on `Body`'s boxed error type.
+/// higher-ranked `Send` check on `Body`'s boxed error type. One box, with
+/// `S::Future` in it ([`ReadyThenCall`]).
 pub(crate) fn call<S>(svc: S, req: Request<Body>) -> crate::ResponseFuture
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
     S::Future: Send + 'static,
 {
-    Box::pin(async move {
-        let mut svc = svc.ready_oneshot().await?;
-        let fut: crate::ResponseFuture = Box::pin(svc.call(req));
-        fut.await
+    Box::pin(ReadyThenCall::Ready {
+        svc: Some((svc, req)),
     })
+}
+
+pin_project_lite::pin_project! {
+    /// `svc` driven to readiness, then called with the request (tower's
+    /// `Oneshot`, for a service that answers `Error`).
+    #[project = ReadyThenCallProj]
+    enum ReadyThenCall<S, F> {
+        Ready { svc: Option<(S, Request<Body>)> },
+        Calling { #[pin] fut: F },
+    }
+}
+
+impl<S> Future for ReadyThenCall<S, S::Future>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Error>,
+{
+    type Output = Result<Response<Body>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                ReadyThenCallProj::Ready { svc } => {
+                    let (service, _) = svc.as_mut().expect("polled after the call was made");
+                    if let Err(e) = std::task::ready!(service.poll_ready(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                    let (mut service, req) = svc.take().expect("checked above");
+                    let fut = service.call(req);
+                    self.set(ReadyThenCall::Calling { fut });
+                }
+                ReadyThenCallProj::Calling { fut } => return fut.poll(cx),
+            }
+        }
+    }
 }
 
 /// One attempt: count it, send it, record what it says about the backend,
