@@ -22,15 +22,14 @@ const ALL_APIS: [Api; 5] = [
     Api::Messages,
 ];
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 
 use crate::config::{AuthSpec, CacheSpec, CacheStore, LimitStore, Protocol, Settings, Target};
 use crate::estimate::EstimateLayer;
 use crate::metrics::{Metrics, Series, Source};
 use crate::redis_ids::RedisIds;
 use crate::responses::{ResponseAffinityLayer, ResponseIds};
-use crate::routes::Stack;
 use crate::routes::{Face, FaceOptions, ProxyService, Readiness};
+use crate::stack::Stack;
 use crate::websocket::{SocketCounters, SocketUpstream, Sockets};
 use llm_proxy_cache::{CacheConfig, CacheLayer, MemoryStore, RedisStore, Store};
 use tower_layer::Layer;
@@ -214,11 +213,13 @@ impl Proxy {
         );
         metrics.add_source(socket_metrics(sockets.counters()));
         // The stack below the HTTP face, outermost first.
-        let below: Stack =
-            BoxCloneSyncService::new(ServiceBuilder::new().option_layer(cache).service(balance));
-        let stack = ServiceBuilder::new()
-            // The key is checked from the head, before the body is read.
-            .option_layer(auth.as_ref().map(AuthLayer::gate))
+        // Each layer present or not, without tower's `Either` (whose
+        // futures would need boxing again).
+        let below = match cache {
+            Some(cache) => Stack::new(cache.layer(balance)),
+            None => Stack::new(balance),
+        };
+        let parsed = ServiceBuilder::new()
             .layer(
                 ParseLayer::new(ParseLimits {
                     max_body_bytes: settings.max_body_bytes,
@@ -228,8 +229,13 @@ impl Proxy {
             .option_layer(auth.clone())
             .layer(ResponseAffinityLayer::new(ids))
             .service(EstimateLayer.layer(below));
+        let stack = match &auth {
+            // The key is checked from the head, before the body is read.
+            Some(auth) => Stack::boxing(auth.gate().layer(parsed)),
+            None => Stack::new(parsed),
+        };
         let service = ProxyService::new(
-            BoxCloneSyncService::new(stack),
+            stack,
             Face {
                 auth,
                 models: configured_models(&settings),

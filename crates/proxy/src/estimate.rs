@@ -7,11 +7,10 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, header};
 use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, full};
-use tower::util::BoxCloneSyncService;
 use tower_layer::Layer;
 use tower_service::Service;
 
-type Inner = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
+type Inner = crate::stack::Stack;
 use llm_proxy_core::BoxFuture;
 
 /// Answers token-count requests locally when no upstream can.

@@ -49,6 +49,7 @@ mod redis_ids;
 mod responses;
 mod routes;
 mod server;
+mod stack;
 mod timer;
 mod websocket;
 

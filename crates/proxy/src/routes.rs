@@ -16,12 +16,12 @@ use llm_proxy_auth::AuthLayer;
 use llm_proxy_core::{
     Body, BoxError, Dialect, Endpoint, Error, UPSTREAM_HEADER, UpstreamName, full,
 };
-use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
 use crate::idle::{Activity, InFlight};
 use crate::metrics::Metrics;
 use crate::read_timeout::ReadTimeout;
+use crate::stack::Stack;
 use crate::websocket::{self, Sockets};
 use llm_proxy_balance::BalanceHandle;
 
@@ -154,9 +154,6 @@ pub struct ProxyService {
     shared: Arc<Shared>,
     stack: Stack,
 }
-
-/// Everything below the HTTP face: parse, auth, …, upstream.
-pub(crate) type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Error>;
 
 impl Shared {
     /// The answer to a route the proxy serves itself: `/healthz`,
