@@ -16,6 +16,7 @@
 //! Within a pass the strategy's [`Picker`](crate::Picker) chooses.
 
 use llm_proxy_core::{Api, Endpoint, Error, ModelAllowlist, PinnedUpstream, RequestMeta};
+use smallvec::SmallVec;
 
 use crate::config::{BalanceConfig, Strategy};
 use crate::picker::LoadView;
@@ -35,7 +36,8 @@ pub(crate) struct Choice<'a> {
 pub(crate) struct Route<'a> {
     /// (group, fallback model name: `None` for the request's own model,
     /// the tier its members serve the request's API at).
-    chain: Vec<(&'a Group, Option<&'a str>, Tier)>,
+    /// Inline for a model and one fallback: most requests allocate none.
+    chain: SmallVec<[(&'a Group, Option<&'a str>, Tier); 2]>,
     model: Option<&'a str>,
     endpoint: Endpoint,
     api: Option<Api>,
@@ -74,7 +76,7 @@ impl<'a> Route<'a> {
                     ))
                 })?;
             return Ok(Route {
-                chain: Vec::new(),
+                chain: SmallVec::new(),
                 model,
                 endpoint,
                 api,
@@ -96,7 +98,7 @@ impl<'a> Route<'a> {
             })?;
             Some((group, fallback, tier))
         };
-        let chain: Vec<_> = match model {
+        let chain: SmallVec<[_; 2]> = match model {
             None => tiered((&set.passthrough, None)).into_iter().collect(),
             Some(model) => {
                 let own = set
