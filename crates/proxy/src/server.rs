@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::app::Proxy;
+use crate::gated::Gated;
 use crate::idle::{Activity, InFlight};
 
 use crate::preface::FirstBytes;
@@ -640,9 +641,29 @@ fn serve_connection<S>(
         // ping it then sends, for as long as its keep-alive allows.
         let mut gone_by = None;
         let ended = loop {
-            tokio::select! {
-                ended = conn.as_mut() => break ended,
-                () = sleep_until_some(gone_by) => {
+            let step = {
+                let watched = async {
+                    tokio::select! {
+                        () = sleep_until_some(gone_by) => Watched::GoneBy,
+                        changed = stop.changed(), if watching => Watched::Stop(changed),
+                        () = activity.request_taken(), if awaiting_request => Watched::RequestTaken,
+                        () = activity.idle(idle_timeout), if !closing => Watched::Idle,
+                        () = stalled.as_mut() => Watched::Stalled,
+                    }
+                };
+                // The task is woken for every read and write of its
+                // requests: the watchers are polled only when one of them
+                // woke it.
+                let watched = std::pin::pin!(Gated::new(watched));
+                tokio::select! {
+                    biased;
+                    ended = conn.as_mut() => Err(ended),
+                    watched = watched => Ok(watched),
+                }
+            };
+            match step {
+                Err(ended) => break ended,
+                Ok(Watched::GoneBy) => {
                     // A request the client sent before it saw the GOAWAY
                     // was taken, and is answered: wait for it (a client
                     // that stops reading it is `stalled`).
@@ -653,7 +674,7 @@ fn serve_connection<S>(
                     tracing::debug!("an idle HTTP/2 connection did not close when told");
                     break Ok(());
                 }
-                changed = stop.changed(), if watching => match phase_now(changed, &mut stop, &mut watching) {
+                Ok(Watched::Stop(changed)) => match phase_now(changed, &mut stop, &mut watching) {
                     Phase::Cut => {
                         cut = true;
                         break Ok(());
@@ -674,17 +695,17 @@ fn serve_connection<S>(
                     }
                     Phase::Draining | Phase::Serving => {}
                 },
-                () = activity.request_taken(), if awaiting_request => {
+                Ok(Watched::RequestTaken) => {
                     awaiting_request = false;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = activity.idle(idle_timeout), if !closing => {
+                Ok(Watched::Idle) => {
                     tracing::debug!("closing an idle HTTP/2 connection");
                     closing = true;
                     gone_by = Some(tokio::time::Instant::now() + idle_timeout);
                     conn.as_mut().graceful_shutdown();
                 }
-                () = stalled.as_mut() => {
+                Ok(Watched::Stalled) => {
                     tracing::debug!("closing a connection whose client stopped reading");
                     break Ok(());
                 }
@@ -720,6 +741,20 @@ fn serve_connection<S>(
         }
         drop((permit, load, stop));
     });
+}
+
+/// What a connection's watchers saw (see `serve_connection`).
+enum Watched {
+    /// An HTTP/2 connection told to go is still open.
+    GoneBy,
+    /// The drain's phase changed (or its sender is gone).
+    Stop(Result<(), watch::error::RecvError>),
+    /// The request under way when the drain began was taken.
+    RequestTaken,
+    /// An HTTP/2 connection has had no request for the idle timeout.
+    Idle,
+    /// The client stopped taking its answers' bytes.
+    Stalled,
 }
 
 /// Resolves at `deadline`; never without one.
