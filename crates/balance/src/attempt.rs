@@ -19,7 +19,6 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use llm_proxy_core::{Body, Error, Guarded, RequestMeta};
 use tokio::time::Instant;
-use tower::retry::budget::Budget;
 use tower_service::Service;
 
 use crate::body::FirstFrame;
@@ -170,17 +169,20 @@ where
         parts: Some(parts),
         body: Some(body),
     };
-    shared.budget.deposit();
+    let mut now = shared.epoch.now();
+    shared.budget.deposit(now);
     let mut tried: Vec<usize> = Vec::new();
     let mut spent: Vec<usize> = Vec::new();
     let mut last: Option<Outcome> = None;
     for attempt in 0..attempts {
-        let now = shared.epoch.now();
+        if attempt > 0 {
+            now = shared.epoch.now();
+        }
         let Some(choice) = route.choose(&set, &tried, &spent, now, crate::random()) else {
             break;
         };
         if attempt > 0 {
-            if !shared.budget.withdraw() {
+            if !shared.budget.withdraw(now) {
                 tracing::debug!("retry budget exhausted; answering with the last attempt");
                 break;
             }

@@ -132,7 +132,7 @@ impl HealthCheck {
 }
 
 /// How many retries the balancer may spend, fleet-wide, so that a failing
-/// fleet is not hammered (tower's `TpsBudget`).
+/// fleet is not hammered (as tower's `TpsBudget`, see `budget.rs`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryBudget {
     /// The window over which requests deposit and retries withdraw
@@ -155,18 +155,9 @@ impl Default for RetryBudget {
 }
 
 impl RetryBudget {
-    /// The tower budget, with every value clamped into what it accepts.
-    pub(crate) fn build(&self) -> tower::retry::budget::TpsBudget {
-        let window = self
-            .window
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let ratio = if self.ratio.is_finite() {
-            self.ratio.clamp(0.0, 1000.0)
-        } else {
-            0.0
-        };
-        let min = self.min_per_sec.min(1_000_000);
-        tower::retry::budget::TpsBudget::new(window, min, ratio)
+    /// The budget, starting at `now` on the balancer's clock.
+    pub(crate) fn build(&self, now: u64) -> crate::budget::Budget {
+        crate::budget::Budget::new(self.window, self.min_per_sec, self.ratio, now)
     }
 }
 

@@ -107,8 +107,9 @@
 //! - An attempt fails on a connect error or timeout (`Error::BadGateway`,
 //!   `Error::UpstreamTimeout`) or a 5xx answer other than 501; it is retried
 //!   on another backend, up to [`BalanceConfig::max_retries`], while the
-//!   fleet-wide [`RetryBudget`] allows (tower's `TpsBudget`: 20% of requests
-//!   over 10 s plus 3/s by default). A 429 rests that backend for its
+//!   fleet-wide [`RetryBudget`] allows (kept as tower's `TpsBudget` keeps
+//!   it, without its lock per request: 20% of requests over 10 s plus 3/s
+//!   by default). A 429 rests that backend for its
 //!   `retry-after` (default 1 s, capped by `max_retry_after`) and is retried
 //!   elsewhere the same way. Other 4xx answers and other errors are passed
 //!   through at once, never retried and never counted as failures.
@@ -151,6 +152,7 @@
 
 mod attempt;
 mod body;
+mod budget;
 mod config;
 mod handle;
 mod hash;

@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use llm_proxy_core::{Body, Error};
-use tower::retry::budget::TpsBudget;
 use tower_service::Service;
 
 use crate::config::BalanceConfig;
@@ -76,7 +75,7 @@ pub(crate) struct Shared<S> {
     states: Mutex<HashMap<Arc<str>, Weak<BackendState>>>,
     pub(crate) config: BalanceConfig,
     pub(crate) policy: Policy,
-    pub(crate) budget: TpsBudget,
+    pub(crate) budget: crate::budget::Budget,
     pub(crate) epoch: Epoch,
     pub(crate) retries: AtomicU64,
     pub(crate) ejections: Arc<AtomicU64>,
@@ -154,6 +153,7 @@ where
     /// earlier one's name replaces it). Starts the health checker when
     /// `config.health_check` is set and a tokio runtime is running.
     pub fn new(backends: impl IntoIterator<Item = Backend<S>>, config: BalanceConfig) -> Self {
+        let epoch = Epoch::new();
         let shared = Arc::new(Shared {
             set: RwLock::new(Arc::new(BackendSet::new(
                 &config.strategy,
@@ -162,8 +162,8 @@ where
             ))),
             states: Mutex::new(HashMap::new()),
             policy: policy_of(&config),
-            budget: config.retry_budget.build(),
-            epoch: Epoch::new(),
+            budget: config.retry_budget.build(epoch.now()),
+            epoch,
             retries: AtomicU64::new(0),
             ejections: Arc::default(),
             probe: Mutex::new(None),
