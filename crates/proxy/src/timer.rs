@@ -50,8 +50,11 @@ struct Entry {
     waker: AtomicWaker,
 }
 
-/// One sleep of a [`CoarseTimer`]. hyper keeps one per connection and resets
-/// it for each request: a reset stores the new deadline and allocates nothing.
+/// One sleep of a [`CoarseTimer`]. hyper (1.12) makes one for each request
+/// head it waits for and drops it once the head is read, so that a sleep
+/// costs two allocations (this box and its entry); a reset, which hyper
+/// makes only of a sleep it kept, stores the new deadline and allocates
+/// nothing.
 #[derive(Debug)]
 struct CoarseSleep {
     entry: Arc<Entry>,
