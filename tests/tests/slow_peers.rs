@@ -825,3 +825,82 @@ async fn a_next_request_answered_at_once_at_the_drain_closes_its_connection() {
     assert!(closed.is_ok(), "the connection is closed once answered");
     p.stop().await.expect("serve returns Ok");
 }
+
+/// The rest of a half-sent next request that comes in the same turn of the
+/// runtime as the drain (the connection's task wakes for both at once) is
+/// answered, and the connection then closed at once, whichever of the two
+/// the task sees first: not kept alive until its header timeout. Many
+/// connections, so that some take and answer the request in the turn that
+/// tells them of the drain. The drain begins on a read from a socket, so
+/// that the runtime learns of it and of the requests' rest in one poll of
+/// its I/O driver.
+#[tokio::test]
+async fn next_requests_completed_as_the_drain_begins_close_their_connections() {
+    let up = mock_named("m").await;
+    let settings = llm_proxy::config::Settings::from_str(
+        std::path::Path::new("test.toml"),
+        &format!(
+            "drain_timeout_secs = 30\nheader_read_timeout_ms = 5000\n{}",
+            one_upstream(&up.base_url(), "")
+        ),
+    )
+    .expect("test config is valid");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let side = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut bell = tokio::net::TcpStream::connect(side.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut ring, _) = side.accept().await.unwrap();
+    let proxy = llm_proxy::Proxy::build(settings)
+        .await
+        .expect("proxy builds");
+    let served = tokio::spawn(proxy.serve(listener, async move {
+        let _ = ring.read(&mut [0u8; 1]).await;
+    }));
+    let mut conns = Vec::new();
+    for _ in 0..40 {
+        let (mut conn, _) = kept_alive(addr).await;
+        conn.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        conns.push(conn);
+    }
+    // The proxy has read the first bytes; then the drain and the rest come.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bell.write_all(b"!").await.unwrap();
+    for conn in &mut conns {
+        conn.write_all(b"host: x\r\n\r\n").await.unwrap();
+    }
+    let answers: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
+            tokio::spawn(async move {
+                let mut answer = Vec::new();
+                let mut buf = vec![0u8; 4096];
+                // Well within the header timeout.
+                let closed = tokio::time::timeout(Duration::from_secs(2), async {
+                    loop {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => answer.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                })
+                .await
+                .is_ok();
+                (String::from_utf8_lossy(&answer).into_owned(), closed)
+            })
+        })
+        .collect();
+    let mut left_open = 0;
+    for answer in answers {
+        let (text, closed) = answer.await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+        left_open += usize::from(!closed);
+    }
+    assert_eq!(left_open, 0, "connections kept alive through the drain");
+    tokio::time::timeout(HANG, served)
+        .await
+        .expect("serve returns")
+        .unwrap()
+        .expect("serve returns Ok");
+}

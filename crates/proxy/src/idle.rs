@@ -62,6 +62,8 @@ pub(crate) struct Activity {
     /// The server's drain began: a tunnel ends its session.
     draining: AtomicBool,
     drain: tokio::sync::Notify,
+    /// A request was taken during the drain (it may be answered already).
+    took_in_drain: AtomicBool,
     /// Told of a request taken during the drain.
     taken_in_drain: tokio::sync::Notify,
 }
@@ -88,6 +90,7 @@ impl Activity {
             read_since_request: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             drain: tokio::sync::Notify::new(),
+            took_in_drain: AtomicBool::new(false),
             taken_in_drain: tokio::sync::Notify::new(),
         })
     }
@@ -160,12 +163,15 @@ impl Activity {
             && self.read_since_request.load(Ordering::Relaxed)
     }
 
-    /// Resolves once a request is in flight (call it once the drain began).
+    /// Resolves once a request was taken since the drain began, whether
+    /// still in flight or answered already: hyper may take and answer one
+    /// within the poll of its connection that comes before this is first
+    /// polled (call it once the drain began).
     pub(crate) async fn request_taken(&self) {
         let notified = self.taken_in_drain.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        if self.took_in_drain.load(Ordering::Acquire) {
             return;
         }
         notified.await;
@@ -255,6 +261,7 @@ impl InFlight {
     pub(crate) fn new(activity: &Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         if activity.draining.load(Ordering::Acquire) {
+            activity.took_in_drain.store(true, Ordering::Release);
             activity.taken_in_drain.notify_waiters();
         }
         InFlight {
