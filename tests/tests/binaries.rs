@@ -266,6 +266,53 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
     assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
 }
 
+/// SIGTERM with a stream that outlasts `drain_timeout` on the sharded
+/// server (two workers): each shard cuts what is left at the timeout, the
+/// stream breaks, and the process exits 0 soon after, not at the stream's
+/// end.
+#[tokio::test]
+async fn sigterm_cuts_a_stream_past_the_drain_timeout_then_exits_0() {
+    let port = free_port();
+    let dir = scratch_dir("sigterm-cut");
+    let path = dir.join("proxy.toml");
+    // A stream that would take 50 s, a drain of 0.5 s.
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nworkers = 2\ndrain_timeout_secs = 0.5\n\
+             [[upstream]]\nname = \"m\"\nmock = {{ tokens_per_second = 2 }}\n"
+        ),
+    )
+    .unwrap();
+    let child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &format!("http://{addr}/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "100"),
+            ],
+            chat("any", true),
+        ))
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (_, broke) = tokio::time::timeout(HANG, read_stream(resp))
+        .await
+        .expect("the stream was cut at the drain timeout");
+    assert!(broke, "a stream cut by the drain must not look whole");
+    let exit = exit_of(child, "proxy exited after the drain's cut").await;
+    assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
+}
+
 #[tokio::test]
 async fn a_second_signal_during_the_drain_stops_at_once() {
     let port = free_port();

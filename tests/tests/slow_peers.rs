@@ -904,3 +904,42 @@ async fn next_requests_completed_as_the_drain_begins_close_their_connections() {
         .unwrap()
         .expect("serve returns Ok");
 }
+
+/// The same over HTTP/2: a stream past the drain timeout is cut when
+/// `serve` returns, its connection closed and its upstream request
+/// cancelled.
+#[tokio::test]
+async fn an_h2_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
+    let up = mock(MockConfig {
+        name: "slow".into(),
+        tokens_per_second: Some(10.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 0.3\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let (mut sender, conn) = h2c(p.addr).await;
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+        .header("content-type", "application/json")
+        .header("x-mock-tokens", "1000")
+        .body(http_body_util::Full::new(bytes::Bytes::from(chat(
+            "m", true,
+        ))))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("a head");
+    assert_eq!(resp.status(), 200);
+    p.begin_shutdown();
+    p.stop().await.expect("serve returns Ok");
+    let (_, broke) = read_stream(resp).await;
+    assert!(broke, "a stream cut by the drain must not look whole");
+    let _ = tokio::time::timeout(HANG, conn)
+        .await
+        .expect("the connection closed at the cut");
+    eventually("the upstream stream is cancelled", || {
+        up.stats.cancelled() == 1
+    })
+    .await;
+}
