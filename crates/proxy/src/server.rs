@@ -99,8 +99,9 @@ impl Proxy {
     /// The calling runtime keeps `shutdown`, the `metrics_listen` server and
     /// whatever [`Proxy::build`] spawned (in-process mocks, health checks).
     /// When `shutdown` resolves every shard stops accepting and drains for up
-    /// to `drain_timeout`; the shard runtimes are dropped only once all shards
-    /// are done (a background task may live on any of them).
+    /// to `drain_timeout`, then closes its connections still open; the shard
+    /// runtimes are dropped only once all shards are done (a background task
+    /// may live on any of them).
     pub async fn serve_sharded(
         self,
         listener: TcpListener,
