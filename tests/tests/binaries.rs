@@ -224,41 +224,58 @@ async fn exit_of(mut child: Child, what: &'static str) -> (std::process::ExitSta
     .unwrap()
 }
 
-#[tokio::test]
-async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
+/// `examples/llm-proxy.rs` started on `config` (what follows `listen`),
+/// with its mock streaming `tokens` tokens to a chat request under way:
+/// the process, its address and the stream's answer.
+async fn proxy_streaming(
+    dir: &str,
+    config: &str,
+    tokens: u32,
+) -> (
+    Child,
+    std::net::SocketAddr,
+    hyper::Response<hyper::body::Incoming>,
+) {
     let port = free_port();
-    let dir = scratch_dir("sigterm");
-    let path = dir.join("proxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 20\n[[upstream]]\nname = \"m\"\n\
-             mock = {{ tokens_per_second = 20 }}\n"
-        ),
-    )
-    .unwrap();
+    let path = scratch_dir(dir).join("proxy.toml");
+    std::fs::write(&path, format!("listen = \"127.0.0.1:{port}\"\n{config}")).unwrap();
     let child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_listening(addr).await;
-    let url = format!("http://{addr}/v1/chat/completions");
     let resp = client()
         .request(request(
             Method::POST,
-            &url,
+            &format!("http://{addr}/v1/chat/completions"),
             &[
                 ("content-type", "application/json"),
-                ("x-mock-tokens", "10"),
+                ("x-mock-tokens", &tokens.to_string()),
             ],
             chat("any", true),
         ))
         .await
         .expect("stream starts");
     assert_eq!(resp.status(), 200);
+    (child, addr, resp)
+}
+
+/// Send `signal` (as `kill` spells it: `-TERM`) to `child`.
+fn signal(child: &Child, signal: &str) {
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
+        .args([signal, &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
+    let (child, _, resp) = proxy_streaming(
+        "sigterm",
+        "drain_timeout_secs = 20\n[[upstream]]\nname = \"m\"\nmock = { tokens_per_second = 20 }\n",
+        10,
+    )
+    .await;
+    signal(&child, "-TERM");
     let (body, broke) = read_stream(resp).await;
     assert!(!broke, "the in-flight stream finished cleanly");
     assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
@@ -272,39 +289,15 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
 /// end.
 #[tokio::test]
 async fn sigterm_cuts_a_stream_past_the_drain_timeout_then_exits_0() {
-    let port = free_port();
-    let dir = scratch_dir("sigterm-cut");
-    let path = dir.join("proxy.toml");
     // A stream that would take 50 s, a drain of 0.5 s.
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nworkers = 2\ndrain_timeout_secs = 0.5\n\
-             [[upstream]]\nname = \"m\"\nmock = {{ tokens_per_second = 2 }}\n"
-        ),
+    let (child, _, resp) = proxy_streaming(
+        "sigterm-cut",
+        "workers = 2\ndrain_timeout_secs = 0.5\n\
+         [[upstream]]\nname = \"m\"\nmock = { tokens_per_second = 2 }\n",
+        100,
     )
-    .unwrap();
-    let child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr).await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &format!("http://{addr}/v1/chat/completions"),
-            &[
-                ("content-type", "application/json"),
-                ("x-mock-tokens", "100"),
-            ],
-            chat("any", true),
-        ))
-        .await
-        .expect("stream starts");
-    assert_eq!(resp.status(), 200);
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    .await;
+    signal(&child, "-TERM");
     let (_, broke) = tokio::time::timeout(HANG, read_stream(resp))
         .await
         .expect("the stream was cut at the drain timeout");
@@ -315,44 +308,15 @@ async fn sigterm_cuts_a_stream_past_the_drain_timeout_then_exits_0() {
 
 #[tokio::test]
 async fn a_second_signal_during_the_drain_stops_at_once() {
-    let port = free_port();
-    let dir = scratch_dir("second-signal");
-    let path = dir.join("proxy.toml");
     // A 60 s drain and a stream that would take 50 s: only the second
     // signal can end this within the test's bound.
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 60\n[[upstream]]\nname = \"m\"\n\
-             mock = {{ tokens_per_second = 2 }}\n"
-        ),
+    let (mut child, addr, resp) = proxy_streaming(
+        "second-signal",
+        "drain_timeout_secs = 60\n[[upstream]]\nname = \"m\"\nmock = { tokens_per_second = 2 }\n",
+        100,
     )
-    .unwrap();
-    let mut child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr).await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &format!("http://{addr}/v1/chat/completions"),
-            &[
-                ("content-type", "application/json"),
-                ("x-mock-tokens", "100"),
-            ],
-            chat("any", true),
-        ))
-        .await
-        .expect("stream starts");
-    assert_eq!(resp.status(), 200);
-    let pid = child.0.id().to_string();
-    let kill = |signal: &str| {
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    kill("-TERM");
+    .await;
+    signal(&child, "-TERM");
     // Draining: still running a moment later, and no longer listening: a
     // new connection is refused, not left in a backlog nobody serves.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -361,7 +325,7 @@ async fn a_second_signal_during_the_drain_stops_at_once() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "a new connection during the drain was accepted"
     );
-    kill("-INT");
+    signal(&child, "-INT");
     let exit = exit_of(child, "the second signal stops the proxy").await;
     assert_eq!(exit.0.code(), Some(1), "stderr: {}", exit.1);
     assert!(exit.1.contains("second signal"), "stderr: {}", exit.1);

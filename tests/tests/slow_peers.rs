@@ -719,6 +719,28 @@ async fn followers_of_a_leader_that_stops_reading_get_the_whole_stream() {
     );
 }
 
+/// A streamed chat request of `tokens` tokens over a new h2c connection
+/// to `addr`: its answer (200) and the connection's future.
+async fn h2c_stream(
+    addr: std::net::SocketAddr,
+    tokens: u32,
+) -> (
+    http::Response<hyper::body::Incoming>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let (mut sender, conn) = h2c(addr).await;
+    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-mock-tokens", tokens)
+        .body(http_body_util::Full::new(bytes::Bytes::from(chat(
+            "m", true,
+        ))))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("a head");
+    assert_eq!(resp.status(), 200);
+    (resp, conn)
+}
+
 /// An HTTP/2 connection with a stream in flight when the drain begins: the
 /// stream runs to its end, then the connection closes and `serve` returns.
 #[tokio::test]
@@ -734,16 +756,7 @@ async fn a_drain_lets_an_h2_stream_finish_then_closes_its_connection() {
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    let (mut sender, conn) = h2c(p.addr).await;
-    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
-        .header("content-type", "application/json")
-        .header("x-mock-tokens", "10")
-        .body(http_body_util::Full::new(bytes::Bytes::from(chat(
-            "m", true,
-        ))))
-        .unwrap();
-    let resp = sender.send_request(req).await.expect("a head");
-    assert_eq!(resp.status(), 200);
+    let (resp, conn) = h2c_stream(p.addr, 10).await;
     p.begin_shutdown();
     let (body, broken) = read_stream(resp).await;
     assert!(!broken, "the stream was cut by the drain");
@@ -921,16 +934,7 @@ async fn an_h2_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    let (mut sender, conn) = h2c(p.addr).await;
-    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
-        .header("content-type", "application/json")
-        .header("x-mock-tokens", "1000")
-        .body(http_body_util::Full::new(bytes::Bytes::from(chat(
-            "m", true,
-        ))))
-        .unwrap();
-    let resp = sender.send_request(req).await.expect("a head");
-    assert_eq!(resp.status(), 200);
+    let (resp, conn) = h2c_stream(p.addr, 1000).await;
     p.begin_shutdown();
     p.stop().await.expect("serve returns Ok");
     let (_, broke) = read_stream(resp).await;
