@@ -114,6 +114,10 @@ impl Budget {
         if elapsed < self.slot_ns {
             return;
         }
+        // The next slot begins where the slots gone by end, not now: a roll
+        // made late (the first request after a slot's end) must not stretch
+        // the window.
+        let next_start = start + elapsed / self.slot_ns * self.slot_ns;
         let mut index = self.index.load(Ordering::Relaxed);
         self.slots[index].store(self.writer.swap(0, Ordering::Relaxed), Ordering::Relaxed);
         // Slots as old as the window are emptied (all of them, after a
@@ -128,7 +132,7 @@ impl Budget {
         }
         self.slots[index].store(0, Ordering::Relaxed);
         self.index.store(index, Ordering::Relaxed);
-        self.slot_start.store(now, Ordering::Release);
+        self.slot_start.store(next_start, Ordering::Release);
     }
 }
 
@@ -187,6 +191,20 @@ mod tests {
             b.deposit(0);
         }
         assert!(!b.withdraw(1000 * SEC));
+    }
+
+    #[test]
+    fn sparse_requests_expire_with_the_window() {
+        // A request every 1.9 s (slots of 1 s): the slots roll once per
+        // request, late by most of a slot each time, and must still age
+        // deposits by the clock, not by the rolls.
+        let b = budget(0, 1.0);
+        for n in 0..=10 {
+            b.deposit(n * 19 * SEC / 10);
+        }
+        // At 19 s, the window holds the requests of 11.4, 13.3, 15.2, 17.1
+        // and 19 s (the slot of 9.5 s is a window old).
+        assert_eq!(retries(&b, 19 * SEC), 5);
     }
 
     #[test]
