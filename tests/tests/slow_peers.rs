@@ -10,20 +10,31 @@ use http::Method;
 use tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Read from `conn` until the proxy closes it (EOF or reset); `false` if it
-/// is still open after [`HANG`].
-async fn closed_within_hang(conn: &mut tokio::net::tcp::OwnedReadHalf) -> bool {
+/// Read from `conn` until the proxy closes it (EOF or reset) or `within`
+/// passes: what came, and whether it was closed.
+async fn read_to_close(
+    conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> (Vec<u8>, bool) {
+    let mut answer = Vec::new();
     let mut buf = vec![0u8; 4096];
-    tokio::time::timeout(HANG, async {
+    let closed = tokio::time::timeout(within, async {
         loop {
             match conn.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
             }
         }
     })
     .await
-    .is_ok()
+    .is_ok();
+    (answer, closed)
+}
+
+/// Read from `conn` until the proxy closes it (EOF or reset); `false` if it
+/// is still open after [`HANG`].
+async fn closed_within_hang(conn: &mut tokio::net::tcp::OwnedReadHalf) -> bool {
+    read_to_close(conn, HANG).await.1
 }
 
 /// Clients that trickle a request head a byte at a time on new connections,
@@ -349,8 +360,8 @@ async fn an_h2_stream_reset_cancels_its_upstream_request() {
 }
 
 /// A connection to `addr` that has had one request (`GET /healthz`)
-/// answered, kept alive for the next; and a read buffer.
-async fn kept_alive(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, Vec<u8>) {
+/// answered, kept alive for the next.
+async fn kept_alive(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
@@ -358,7 +369,7 @@ async fn kept_alive(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, Vec<u
     let mut buf = vec![0u8; 4096];
     let n = conn.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    (conn, buf)
+    conn
 }
 
 /// A stream of 1000 tokens at 10 a second (100 s) under way through a proxy
@@ -426,7 +437,8 @@ async fn a_drain_does_not_wait_for_a_half_sent_head_or_an_idle_connection() {
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    let (idle, mut buf) = kept_alive(p.addr).await;
+    let idle = kept_alive(p.addr).await;
+    let mut buf = vec![0u8; 4096];
     let half = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     let (mut half_read, mut half_write) = half.into_split();
     half_write
@@ -610,7 +622,7 @@ async fn a_request_half_sent_on_a_kept_alive_connection_at_the_drain_is_answered
         one_upstream(&up.base_url(), "models = [\"m\"]")
     ))
     .await;
-    let (mut conn, mut buf) = kept_alive(p.addr).await;
+    let mut conn = kept_alive(p.addr).await;
     let body = chat("m", false);
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
@@ -625,16 +637,7 @@ async fn a_request_half_sent_on_a_kept_alive_connection_at_the_drain_is_answered
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = conn.write_all(rest.as_bytes()).await;
     let (mut read, _write) = conn.into_split();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(HANG, async {
-        loop {
-            match read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let (answer, _) = read_to_close(&mut read, HANG).await;
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
     assert!(text.contains("connection: close"), "{text}");
@@ -703,16 +706,7 @@ async fn followers_of_a_leader_that_stops_reading_get_the_whole_stream() {
     // The leader's client was cut (its stream never ended), not served to
     // the end.
     let (mut leader_read, _leader_write) = leader.into_split();
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(HANG, async {
-        loop {
-            match leader_read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => rest.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let (rest, _) = read_to_close(&mut leader_read, HANG).await;
     assert!(
         !rest.ends_with(b"0\r\n\r\n"),
         "the leader's client was not cut"
@@ -787,21 +781,11 @@ async fn a_first_request_half_sent_at_the_drain_is_answered_then_closed() {
     p.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = conn.write_all(b"host: x\r\n\r\n").await;
-    let mut answer = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    let closed = tokio::time::timeout(HANG, async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let (answer, closed) = read_to_close(&mut conn, HANG).await;
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
     assert!(text.contains("connection: close"), "{text}");
-    assert!(closed.is_ok(), "the connection is closed once answered");
+    assert!(closed, "the connection is closed once answered");
     p.stop().await.expect("serve returns Ok");
 }
 /// A half-sent next request answered within one poll of its connection
@@ -816,26 +800,17 @@ async fn a_next_request_answered_at_once_at_the_drain_closes_its_connection() {
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    let (mut conn, mut buf) = kept_alive(p.addr).await;
+    let mut conn = kept_alive(p.addr).await;
     conn.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
     // The proxy has read the first bytes; then the drain begins.
     tokio::time::sleep(Duration::from_millis(100)).await;
     p.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = conn.write_all(b"host: x\r\n\r\n").await;
-    let mut answer = Vec::new();
-    let closed = tokio::time::timeout(HANG, async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let (answer, closed) = read_to_close(&mut conn, HANG).await;
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
-    assert!(closed.is_ok(), "the connection is closed once answered");
+    assert!(closed, "the connection is closed once answered");
     p.stop().await.expect("serve returns Ok");
 }
 
@@ -873,7 +848,7 @@ async fn next_requests_completed_as_the_drain_begins_close_their_connections() {
     }));
     let mut conns = Vec::new();
     for _ in 0..40 {
-        let (mut conn, _) = kept_alive(addr).await;
+        let mut conn = kept_alive(addr).await;
         conn.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
         conns.push(conn);
     }
@@ -887,19 +862,8 @@ async fn next_requests_completed_as_the_drain_begins_close_their_connections() {
         .into_iter()
         .map(|mut conn| {
             tokio::spawn(async move {
-                let mut answer = Vec::new();
-                let mut buf = vec![0u8; 4096];
                 // Well within the header timeout.
-                let closed = tokio::time::timeout(Duration::from_secs(2), async {
-                    loop {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => answer.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                })
-                .await
-                .is_ok();
+                let (answer, closed) = read_to_close(&mut conn, Duration::from_secs(2)).await;
                 (String::from_utf8_lossy(&answer).into_owned(), closed)
             })
         })
