@@ -484,6 +484,53 @@ fn an_odd_created_does_not_fail_the_stream() {
     assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
 }
 
+#[test]
+fn fields_that_are_not_strings_read_as_absent_as_in_a_whole_answer() {
+    // A whole answer's message is read with `as_str`: a number or an
+    // object where a string belongs is no text. A stream's delta reads the
+    // same, rather than failing the whole translated stream on it.
+    let chunks = [
+        chunk(
+            json!({"reasoning": 5, "reasoning_content": {"text": "x"}, "refusal": [1]}),
+            None,
+        ),
+        chunk(json!({"content": "hi", "reasoning": "hmm"}), None),
+        // A legacy call with a name that is not a string: an empty-named
+        // call, as the whole answer reads it.
+        chunk(
+            json!({"function_call": {"name": 3, "arguments": "{}"}}),
+            None,
+        ),
+        json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": 7}]}).to_string(),
+        chunk(json!({}), Some("stop")),
+        "[DONE]".to_owned(),
+    ];
+    let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let (out, steps) = run(
+        Context {
+            thinking: true,
+            ..Context::default()
+        },
+        &refs,
+    );
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    let deltas: Vec<&Value> = out
+        .iter()
+        .filter(|(name, _)| name.as_deref() == Some("content_block_delta"))
+        .map(|(_, v)| &v["delta"])
+        .collect();
+    assert_eq!(
+        deltas,
+        [
+            &json!({"type": "thinking_delta", "thinking": "hmm"}),
+            &json!({"type": "text_delta", "text": "hi"}),
+            &json!({"type": "input_json_delta", "partial_json": "{}"}),
+        ]
+    );
+    assert_eq!(tool_blocks(&out)[0].1, "");
+    assert_eq!(names(&out).last().map(String::as_str), Some("message_stop"));
+}
+
 /// A chunk with one tool-call delta at chat index 0 and no id.
 fn at_zero(name: Option<&str>, args: &str) -> String {
     let mut function = json!({"arguments": args});
