@@ -83,18 +83,24 @@ impl Budget {
     }
 
     /// Whether a retry may be made now (and if so, it is paid for).
+    ///
+    /// Paid first, then checked, and given back when the budget did not
+    /// hold it: concurrent retries never take more than it holds (checked
+    /// first, as `TpsBudget` does, each could see the last retry's worth
+    /// and take it). Racing for the last of it, both may give it back.
     pub(crate) fn withdraw(&self, now: u64) -> bool {
         self.expire(now);
+        self.writer.fetch_sub(self.withdraw, Ordering::Relaxed);
         let held = self
             .slots
             .iter()
             .map(|slot| slot.load(Ordering::Relaxed))
             .fold(self.writer.load(Ordering::Relaxed), i64::saturating_add)
             .saturating_add(self.reserve);
-        if held < self.withdraw {
+        if held < 0 {
+            self.writer.fetch_add(self.withdraw, Ordering::Relaxed);
             return false;
         }
-        self.writer.fetch_sub(self.withdraw, Ordering::Relaxed);
         true
     }
 
@@ -205,6 +211,28 @@ mod tests {
         // At 19 s, the window holds the requests of 11.4, 13.3, 15.2, 17.1
         // and 19 s (the slot of 9.5 s is a window old).
         assert_eq!(retries(&b, 19 * SEC), 5);
+    }
+
+    #[test]
+    fn racing_retries_never_take_more_than_the_budget_holds() {
+        // The reserve holds 10 retries; 8 threads ask for 1,600.
+        let b = budget(1, 0.0);
+        let granted = AtomicUsize::new(0);
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..200 {
+                        if b.withdraw(SEC) {
+                            granted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let granted = granted.into_inner();
+        assert!((1..=10).contains(&granted), "{granted} retries granted");
     }
 
     #[test]
