@@ -258,8 +258,9 @@ struct Shards {
     /// Unique per registry, to find this registry's shard among a thread's.
     id: ShardsId,
     all: Mutex<Vec<Arc<Mutex<Counts>>>>,
-    /// For a body dropped while its thread is being torn down, when the
-    /// thread's own shards are gone: shared, so locked by any thread.
+    /// The counts of threads that have ended, and of a body dropped while
+    /// its thread is being torn down, when the thread's own shards are
+    /// gone: shared, so locked by any thread.
     spare: Arc<Mutex<Counts>>,
 }
 
@@ -290,6 +291,21 @@ struct LocalShard {
     id: u64,
     registry: Weak<Shards>,
     counts: Arc<Mutex<Counts>>,
+}
+
+impl Drop for LocalShard {
+    /// A thread that ends (or a registry's shard pruned) gives its counts
+    /// to the registry's spare and leaves the list a scrape reads, which
+    /// so stays as long as the threads alive, not as all that ever counted.
+    fn drop(&mut self) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let mut all = lock(&registry.all);
+        all.retain(|shard| !Arc::ptr_eq(shard, &self.counts));
+        // Under the list's lock: a scrape sees the counts in one place.
+        lock(&registry.spare).add(&lock(&self.counts));
+    }
 }
 
 thread_local! {
@@ -334,21 +350,7 @@ impl Shards {
     fn total(&self) -> Counts {
         let mut total = Counts::default();
         for shard in lock(&self.all).iter() {
-            let counts = lock(shard);
-            for (&key, upstreams) in &counts.requests {
-                let into = total.requests.entry(key).or_default();
-                for (name, n) in upstreams {
-                    match into.iter_mut().find(|(u, _)| u == name) {
-                        Some((_, sum)) => *sum += n,
-                        None => into.push((name.clone(), *n)),
-                    }
-                }
-            }
-            for (&route, times) in &counts.times {
-                let into = total.times.entry(route).or_default();
-                into.duration.add(&times.duration);
-                into.ttfb.add(&times.ttfb);
-            }
+            total.add(&lock(shard));
         }
         total
     }
@@ -368,6 +370,26 @@ struct Counts {
     requests: HashMap<(&'static str, u16), ByUpstream, FixedState>,
     /// Latencies by route.
     times: HashMap<&'static str, RouteTimes, FixedState>,
+}
+
+impl Counts {
+    /// Add `other`'s counts to these.
+    fn add(&mut self, other: &Counts) {
+        for (&key, upstreams) in &other.requests {
+            let into = self.requests.entry(key).or_default();
+            for (name, n) in upstreams {
+                match into.iter_mut().find(|(u, _)| u == name) {
+                    Some((_, sum)) => *sum += n,
+                    None => into.push((name.clone(), *n)),
+                }
+            }
+        }
+        for (&route, times) in &other.times {
+            let into = self.times.entry(route).or_default();
+            into.duration.add(&times.duration);
+            into.ttfb.add(&times.ttfb);
+        }
+    }
 }
 
 /// Counts by upstream name.
@@ -634,7 +656,11 @@ mod tests {
                 });
             }
         });
+        // The threads that ended gave their counts to the spare: a scrape
+        // reads it and this thread's shard, not a shard per thread that
+        // ever counted.
         metrics.count_request("chat_completions", 200, Some(&upstream));
+        assert_eq!(lock(&metrics.shards.all).len(), 2);
         let text = metrics.encode();
         for line in [
             r#"llm_proxy_requests_total{route="chat_completions",status="200",upstream="up"} 801"#,
