@@ -40,16 +40,24 @@ impl UniqueIds {
     /// The next id: 32 lowercase hex digits, the keyed hash of the counter
     /// then the counter (no formatting machinery).
     pub fn next_id(&self) -> [u8; 32] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mask = self.key.hash_one(n);
         let mut id = [0u8; 32];
-        for (i, digit) in id.iter_mut().enumerate() {
-            let word = if i < 16 { mask } else { n };
-            *digit = HEX[((word >> (60 - 4 * (i % 16))) & 0xf) as usize];
-        }
+        id[..16].copy_from_slice(&hex(mask));
+        id[16..].copy_from_slice(&hex(n));
         id
     }
+}
+
+/// `word`'s 16 hex digits, most significant first (a loop of known
+/// length, unrolled).
+fn hex(word: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (i, digit) in out.iter_mut().enumerate() {
+        *digit = HEX[((word >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// An id from one process-wide [`UniqueIds`], as text.
