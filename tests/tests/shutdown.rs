@@ -78,3 +78,32 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn metrics_connections_close_before_serve_returns() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock(MockConfig::default()).await;
+    let port = free_port();
+    let p = proxy(&format!(
+        "drain_timeout_secs = 1\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    // A scrape whose head is still coming at the shutdown.
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // Accepted and being read before the shutdown begins.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    p.stop().await.expect("serve returns Ok");
+    // Closed by then, not at its header timeout (10 s) on the runtime
+    // `serve` has returned to.
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("the metrics connection is closed once serve returns");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}

@@ -83,8 +83,8 @@ impl Proxy {
         drop(listener);
         self.log_draining();
         drain(graceful, self.settings.drain_timeout).await;
-        if let Some(task) = metrics_task {
-            task.abort();
+        if let Some(metrics) = metrics_task {
+            metrics.finish().await;
         }
         Ok(())
     }
@@ -189,8 +189,8 @@ impl Proxy {
         for thread in threads {
             panicked |= thread.join().is_err();
         }
-        if let Some(task) = metrics_task {
-            task.abort();
+        if let Some(metrics) = metrics_task {
+            metrics.finish().await;
         }
         if early_end || panicked {
             return Err(std::io::Error::other(
@@ -208,7 +208,7 @@ impl Proxy {
         }
     }
 
-    async fn spawn_metrics(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+    async fn spawn_metrics(&self) -> std::io::Result<Option<MetricsServer>> {
         Ok(match self.settings.metrics_listen {
             Some(addr) => {
                 let listener = TcpListener::bind(addr).await.map_err(|e| {
@@ -218,7 +218,14 @@ impl Proxy {
                     )
                 })?;
                 tracing::info!(%addr, "serving /metrics");
-                Some(tokio::spawn(serve_metrics(listener, self.service.clone())))
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                let task = tokio::spawn(serve_metrics(
+                    listener,
+                    self.service.clone(),
+                    stopped,
+                    self.settings.drain_timeout,
+                ));
+                Some(MetricsServer { stop, task })
             }
             None => None,
         })
@@ -766,7 +773,32 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn serve_metrics(listener: TcpListener, service: ProxyService) {
+/// The `metrics_listen` server, serving beside the proxy's listener (and
+/// through its drain: a scrape then shows the requests still in flight).
+#[derive(Debug)]
+struct MetricsServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Stop accepting, let the scrapes under way finish, close the rest,
+    /// and return once its connections are closed: like the proxy's own,
+    /// they must not outlive `serve` on an embedder's runtime.
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `stop`
+/// fires (or its sender is dropped), then drain as the proxy does.
+async fn serve_metrics(
+    listener: TcpListener,
+    service: ProxyService,
+    stop: tokio::sync::oneshot::Receiver<()>,
+    drain_timeout: Duration,
+) {
     let graceful = Drain::new();
     let opts = ConnOptions {
         header_read_timeout: Duration::from_secs(10),
@@ -780,10 +812,14 @@ async fn serve_metrics(listener: TcpListener, service: ProxyService) {
         opts,
         permits,
         &graceful,
-        std::future::pending(),
+        async move {
+            let _ = stop.await;
+        },
         None,
     )
     .await;
+    drop(listener);
+    drain(graceful, drain_timeout).await;
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C) from the time it is
