@@ -128,8 +128,12 @@ impl<'a> Route<'a> {
                 None => format!("no upstream serves the `{api}` API"),
             }));
         }
-        let key = match (&cfg.strategy, meta.and_then(RequestMeta::json)) {
-            (Strategy::PrefixAffinity(p), Some(json)) => PromptPrefix::from_json(json, p),
+        // The body is built for the prefix strategy alone (see
+        // `RequestMeta::json`).
+        let key = match &cfg.strategy {
+            Strategy::PrefixAffinity(p) => meta
+                .and_then(RequestMeta::json)
+                .and_then(|json| PromptPrefix::from_json(json, p)),
             _ => None,
         };
         Ok(Route {

@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -29,21 +29,42 @@ impl ModelAllowlist {
 /// What the parse layer learned about a request, read by every later layer
 /// from the request's extensions.
 ///
-/// The JSON body is parsed once, here. A layer that must change the body (a
-/// fallback `model`, `stream_options.include_usage`) edits the parsed object
-/// through [`RequestMeta::json_mut`]; the upstream client then sends
-/// [`RequestMeta::body_for_upstream`], which re-serialises only an edited body
-/// and otherwise hands back the client's bytes unchanged.
+/// The JSON body is checked once, in the parse layer (well-formed, an
+/// object, no key repeated, within the body budget), and built into a
+/// value at most once: when a layer first asks for it
+/// ([`RequestMeta::json`]), shared by every clone of the metadata. A
+/// request no layer reads (plain routing reads only `model` and `stream`,
+/// learned by the check) is never built at all. A layer that must change
+/// the body (a fallback `model`, `stream_options.include_usage`) edits the
+/// parsed object through [`RequestMeta::json_mut`]; the upstream client
+/// then sends [`RequestMeta::body_for_upstream`], which re-serialises only
+/// an edited body and otherwise hands back the client's bytes unchanged.
 #[derive(Clone, Debug)]
 pub struct RequestMeta {
     endpoint: Endpoint,
     model: Option<Arc<str>>,
     stream: bool,
     body: Option<Bytes>,
-    json: Option<Arc<Map<String, Value>>>,
+    json: Option<Arc<Tree>>,
+    /// The body has a top-level `previous_response_id` or `conversation`.
+    names_state: bool,
     edited: bool,
     identity: Option<Identity>,
 }
+
+/// Whether a body names server state (see [`RequestMeta::names_state`]).
+fn names_state(json: &Map<String, Value>) -> bool {
+    STATE_KEYS.iter().any(|key| json.contains_key(*key))
+}
+
+/// The top-level keys by which a Responses request names state that lives
+/// on one upstream.
+pub(crate) const STATE_KEYS: [&str; 2] = ["previous_response_id", "conversation"];
+
+/// The body's value, built on first use from the body's bytes (`None` in
+/// it: the bytes did not parse as an object, which the parse layer's check
+/// rules out).
+type Tree = OnceLock<Option<Map<String, Value>>>;
 
 impl RequestMeta {
     /// Metadata for a request whose JSON body was parsed into `json`.
@@ -55,7 +76,32 @@ impl RequestMeta {
             model,
             stream,
             body: Some(body),
-            json: Some(Arc::new(json)),
+            names_state: names_state(&json),
+            json: Some(Arc::new(OnceLock::from(Some(json)))),
+            edited: false,
+            identity: None,
+        }
+    }
+
+    /// Metadata for a request whose JSON body has been checked (a JSON
+    /// object without repeated keys, see [`crate::parse_object`]) but not
+    /// built: [`RequestMeta::json`] builds it when first asked. The check
+    /// found its `model` and `stream`, and whether it
+    /// [names state](RequestMeta::names_state).
+    pub fn checked(
+        endpoint: Endpoint,
+        body: Bytes,
+        model: Option<Arc<str>>,
+        stream: bool,
+        names_state: bool,
+    ) -> Self {
+        RequestMeta {
+            endpoint,
+            model,
+            stream,
+            body: Some(body),
+            names_state,
+            json: Some(Arc::new(OnceLock::new())),
             edited: false,
             identity: None,
         }
@@ -70,6 +116,7 @@ impl RequestMeta {
             stream: false,
             body: None,
             json: None,
+            names_state: false,
             edited: false,
             identity: None,
         }
@@ -95,17 +142,43 @@ impl RequestMeta {
         self.stream
     }
 
-    /// The parsed body, when the request had a JSON body.
+    /// Whether the body has a top-level `previous_response_id` or
+    /// `conversation` key (whatever its value): a Responses request that
+    /// may continue state kept on one upstream. One without either is
+    /// routed without building its body.
+    pub fn names_state(&self) -> bool {
+        self.names_state
+    }
+
+    /// The parsed body, when the request had a JSON body (built now, if
+    /// no layer has asked for it before).
     pub fn json(&self) -> Option<&Map<String, Value>> {
-        self.json.as_deref()
+        let tree = self.json.as_deref()?;
+        tree.get_or_init(|| {
+            let bytes = self.body.as_deref()?;
+            serde_json::from_slice(bytes).ok()
+        })
+        .as_ref()
+    }
+
+    /// Whether the body's value has been built (a layer has asked for
+    /// it), for tests and diagnostics: a request no layer reads is never
+    /// built.
+    pub fn is_built(&self) -> bool {
+        self.json
+            .as_deref()
+            .is_some_and(|tree| tree.get().is_some())
     }
 
     /// The parsed body for editing; marks the body as edited so that it is
     /// re-serialised before it is sent. `None` when the body was not parsed.
+    /// The edit is this metadata's own: clones made before it keep the
+    /// client's body.
     pub fn json_mut(&mut self) -> Option<&mut Map<String, Value>> {
-        let json = self.json.as_mut()?;
+        self.json()?;
+        let tree = self.json.as_mut()?;
         self.edited = true;
-        Some(Arc::make_mut(json))
+        Arc::make_mut(tree).get_mut()?.as_mut()
     }
 
     /// Replace the body's `model` (a fallback), keeping metadata and body in step.
@@ -126,7 +199,8 @@ impl RequestMeta {
         }
         self.stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
         self.endpoint = endpoint;
-        self.json = Some(Arc::new(json));
+        self.names_state = names_state(&json);
+        self.json = Some(Arc::new(OnceLock::from(Some(json))));
         self.edited = true;
     }
 
@@ -143,9 +217,9 @@ impl RequestMeta {
     /// The bytes to send upstream: the client's bytes unchanged, or the edited
     /// object serialised once. `None` when the body is not buffered.
     pub fn body_for_upstream(&self) -> Option<Bytes> {
-        match (&self.json, self.edited) {
-            (Some(json), true) => Some(Bytes::from(
-                serde_json::to_vec(json.as_ref()).expect("a JSON map always serialises"),
+        match (self.edited, self.json.as_deref().and_then(OnceLock::get)) {
+            (true, Some(Some(json))) => Some(Bytes::from(
+                serde_json::to_vec(json).expect("a JSON map always serialises"),
             )),
             _ => self.body.clone(),
         }

@@ -1,6 +1,8 @@
 //! The parse layer: body limit, content type, one JSON parse, [`RequestMeta`].
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -44,10 +46,18 @@ impl Default for ParseLimits {
 ///
 /// The request handed to the inner service carries an empty body when the
 /// body was buffered: the bytes live in [`RequestMeta`].
+///
+/// A model body is checked (well-formed, an object, no key repeated at any
+/// depth, within the budget) without being built: the layers that read it
+/// build it on first use ([`RequestMeta::json`]), and a stack whose layers
+/// read only `model` and `stream` never does. A stack whose layers read
+/// every body (a cache, token limits) builds it here, in the same pass as
+/// the check: see [`ParseLayer::build_eagerly`].
 #[derive(Clone, Debug)]
 pub struct ParseLayer {
     limits: ParseLimits,
     budget: Option<BodyBudget>,
+    eager: bool,
 }
 
 impl ParseLayer {
@@ -56,7 +66,17 @@ impl ParseLayer {
         ParseLayer {
             limits,
             budget: None,
+            eager: false,
         }
+    }
+
+    /// Build every model body's value as it is checked (one pass), rather
+    /// than when a layer first asks for it (a check, then a build): for
+    /// stacks in which a layer reads every body, such as a cache (its key)
+    /// or token limits (their estimate).
+    pub fn build_eagerly(mut self, eager: bool) -> Self {
+        self.eager = eager;
+        self
     }
 
     /// Count every buffered body against `budget`: one that would pass it is
@@ -75,6 +95,7 @@ impl<S> Layer<S> for ParseLayer {
             inner,
             limits: self.limits,
             budget: self.budget.clone(),
+            eager: self.eager,
         }
     }
 }
@@ -85,6 +106,7 @@ pub struct Parse<S> {
     inner: S,
     limits: ParseLimits,
     budget: Option<BodyBudget>,
+    eager: bool,
 }
 
 impl<S, B> Service<Request<B>> for Parse<S>
@@ -109,8 +131,9 @@ where
         let limit = self.limits.max_body_bytes;
         // The claim shares the budget: no clone of the budget itself.
         let claim = self.budget.as_ref().map(BodyBudget::claim);
+        let eager = self.eager;
         Box::pin(async move {
-            let req = parse_claimed(req, limit, claim).await?;
+            let req = parse_claimed(req, limit, claim, eager).await?;
             call_boxed(&mut inner, req).await
         })
     }
@@ -135,13 +158,14 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    parse_claimed(req, limit, budget.map(BodyBudget::claim)).await
+    parse_claimed(req, limit, budget.map(BodyBudget::claim), false).await
 }
 
 async fn parse_claimed<B>(
     req: Request<B>,
     limit: usize,
     claim: Option<Claim>,
+    eager: bool,
 ) -> Result<Request<Body>, Error>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -161,29 +185,27 @@ where
             return Err(Error::UnsupportedMediaType(ct));
         }
         let bytes = read_limited(body, limit, claim.as_mut()).await?;
-        let (json, built) = match object_within(&bytes, claim.as_mut()) {
-            Ok(Some(parsed)) => parsed,
+        if eager {
+            return built_model_body(parts, bytes, claim, endpoint);
+        }
+        let (top, built) = match check_object(&bytes, claim.as_mut()) {
+            Ok(Some(checked)) => checked,
             Ok(None) => return Err(Error::InvalidBody),
             Err(Unparsed::Json(e)) => return Err(Error::InvalidJson(e.to_string())),
             Err(Unparsed::OverBudget(error)) => return Err(error),
         };
+        let model = match top.model {
+            Seen::Str(m) if !m.is_empty() => Ok(Arc::<str>::from(m)),
+            _ => Err(Error::MissingModel),
+        };
+        let stream = match top.stream {
+            Seen::Absent | Seen::Null => Ok(false),
+            Seen::Bool(stream) => Ok(stream),
+            Seen::Str(_) | Seen::Other => Err(stream_not_a_bool()),
+        };
+        let names_state = top.names_state;
         let bytes = hold(claim, bytes, built)?;
-        match json.get("model") {
-            Some(Value::String(m)) if !m.is_empty() => {}
-            _ => return Err(Error::MissingModel),
-        }
-        // Every layer reads `stream` as a boolean; an upstream may read
-        // `"yes"` as true and stream an answer nobody here expects.
-        if json
-            .get("stream")
-            .is_some_and(|s| !matches!(s, Value::Bool(_) | Value::Null))
-        {
-            return Err(Error::UnsupportedParameter {
-                param: "stream".into(),
-                message: "`stream` must be true or false".into(),
-            });
-        }
-        RequestMeta::parsed(endpoint, bytes, json)
+        RequestMeta::checked(endpoint, bytes, Some(model?), stream?, names_state)
     } else if json_content.is_ok() && carries_body(&parts.method, &parts.headers) {
         // Other routes: buffer JSON to learn its model; a body that is not an
         // object goes on as is, for the upstream to judge.
@@ -221,6 +243,46 @@ where
     };
     parts.extensions.insert(meta);
     Ok(Request::from_parts(parts, empty()))
+}
+
+/// A model body built as it is checked ([`ParseLayer::build_eagerly`]),
+/// with the same answers as the check alone.
+fn built_model_body(
+    mut parts: http::request::Parts,
+    bytes: Bytes,
+    mut claim: Option<Claim>,
+    endpoint: Endpoint,
+) -> Result<Request<Body>, Error> {
+    let (json, built) = match object_within(&bytes, claim.as_mut()) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return Err(Error::InvalidBody),
+        Err(Unparsed::Json(e)) => return Err(Error::InvalidJson(e.to_string())),
+        Err(Unparsed::OverBudget(error)) => return Err(error),
+    };
+    let bytes = hold(claim, bytes, built)?;
+    match json.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => {}
+        _ => return Err(Error::MissingModel),
+    }
+    if json
+        .get("stream")
+        .is_some_and(|s| !matches!(s, Value::Bool(_) | Value::Null))
+    {
+        return Err(stream_not_a_bool());
+    }
+    parts
+        .extensions
+        .insert(RequestMeta::parsed(endpoint, bytes, json));
+    Ok(Request::from_parts(parts, empty()))
+}
+
+/// Every layer reads `stream` as a boolean; an upstream may read `"yes"`
+/// as true and stream an answer nobody here expects.
+fn stream_not_a_bool() -> Error {
+    Error::UnsupportedParameter {
+        param: "stream".into(),
+        message: "`stream` must be true or false".into(),
+    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -438,13 +500,7 @@ fn object_within(bytes: &[u8], claim: Option<&mut Claim>) -> Result<Option<Built
     match build(bytes, &tally) {
         Ok(Value::Object(map)) => Ok(Some((map, tally.built.get()))),
         Ok(_) => Ok(None),
-        Err(e) => match &tally.claim {
-            Some(claim) if tally.over.get() => {
-                let needed = tally.base.saturating_add(tally.built.get());
-                Err(Unparsed::OverBudget(over_budget(&claim.borrow(), needed)))
-            }
-            _ => Err(Unparsed::Json(e)),
-        },
+        Err(e) => Err(tally_error(&tally, e)),
     }
 }
 
@@ -610,6 +666,268 @@ impl<'de> serde::de::Visitor<'de> for Unique<'_, '_> {
     }
 }
 
+/// What the check of a model body learned for the layers that read no
+/// more of it: its `model` and `stream` fields.
+struct Top<'de> {
+    model: Seen<'de>,
+    stream: Seen<'de>,
+    /// A key of [`crate::meta::STATE_KEYS`] is there.
+    names_state: bool,
+}
+
+/// A value as the check saw it: only strings and booleans are kept, and
+/// strings only where asked for (the top level's `model`).
+enum Seen<'de> {
+    Absent,
+    Str(Cow<'de, str>),
+    Bool(bool),
+    Null,
+    Other,
+}
+
+/// `bytes` checked as [`object_within`] checks them, building nothing: the
+/// same errors (malformed JSON, a repeated key at any depth, a value past
+/// the claim) and the same tally of what the value would hold once built,
+/// which the claim holds from now on (the value is built when a layer first
+/// asks for it, see [`RequestMeta::json`]). `None` for JSON that is not an
+/// object.
+fn check_object<'de>(
+    bytes: &'de [u8],
+    claim: Option<&mut Claim>,
+) -> Result<Option<(Top<'de>, usize)>, Unparsed> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(Unparsed::Json)?;
+        return Ok(None);
+    }
+    let tally = Tally {
+        built: Cell::new(0),
+        base: bytes.len(),
+        held: Cell::new(0),
+        claim: claim.map(RefCell::new),
+        over: Cell::new(false),
+    };
+    let checked = (|| {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let top = serde::de::Deserializer::deserialize_map(&mut de, TopCheck(&tally))?;
+        de.end()?;
+        Ok(top)
+    })();
+    match checked {
+        Ok(top) => Ok(Some((top, tally.built.get()))),
+        Err(e) => Err(tally_error(&tally, e)),
+    }
+}
+
+/// Why a tallied parse or check failed: the claim, or the JSON.
+fn tally_error(tally: &Tally<'_>, e: serde_json::Error) -> Unparsed {
+    match &tally.claim {
+        Some(claim) if tally.over.get() => {
+            let needed = tally.base.saturating_add(tally.built.get());
+            Unparsed::OverBudget(over_budget(&claim.borrow(), needed))
+        }
+        _ => Unparsed::Json(e),
+    }
+}
+
+/// The top-level object of a model body, checked.
+struct TopCheck<'t, 'c>(&'t Tally<'c>);
+
+impl<'de> serde::de::Visitor<'de> for TopCheck<'_, '_> {
+    type Value = Top<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Top<'de>, A::Error> {
+        let mut top = Top {
+            model: Seen::Absent,
+            stream: Seen::Absent,
+            names_state: false,
+        };
+        check_map(self.0, a, |key, a| {
+            let capture = key == "model";
+            let seen = a.next_value_seed(Check {
+                tally: self.0,
+                capture,
+            })?;
+            match key {
+                "model" => top.model = seen,
+                "stream" => top.stream = seen,
+                _ => top.names_state |= crate::meta::STATE_KEYS.contains(&key),
+            }
+            Ok(())
+        })?;
+        Ok(top)
+    }
+}
+
+/// The keys of one object, to find a repeat: compared one by one while
+/// they are few (most objects), hashed past that.
+const FEW_KEYS: usize = 16;
+
+/// Check the entries of an object as [`Unique`] builds them: each key
+/// tallied and compared with the others, then its value read by `value`.
+fn check_map<'de, A: serde::de::MapAccess<'de>>(
+    tally: &Tally<'_>,
+    mut a: A,
+    mut value: impl FnMut(&str, &mut A) -> Result<(), A::Error>,
+) -> Result<(), A::Error> {
+    let mut few: smallvec::SmallVec<[Cow<'de, str>; FEW_KEYS]> = smallvec::SmallVec::new();
+    let mut many: Option<std::collections::HashSet<Cow<'de, str>>> = None;
+    let mut len = 0usize;
+    while let Some(key) = a.next_key_seed(CheckKey)? {
+        tally.add(key.len())?;
+        if len % PER_LEAF == 0 {
+            tally.add(LEAF)?;
+        }
+        len += 1;
+        let repeated = match &mut many {
+            Some(many) => !many.insert(key.clone()),
+            None if few.len() < FEW_KEYS => {
+                let repeated = few.contains(&key);
+                few.push(key.clone());
+                repeated
+            }
+            None => {
+                let mut set: std::collections::HashSet<Cow<'de, str>> = few.drain(..).collect();
+                let repeated = !set.insert(key.clone());
+                many = Some(set);
+                repeated
+            }
+        };
+        if repeated {
+            return Err(serde::de::Error::custom(format_args!(
+                "duplicate key `{key}`"
+            )));
+        }
+        value(&key, &mut a)?;
+    }
+    Ok(())
+}
+
+/// An object's key, borrowed from the body unless it has escapes.
+struct CheckKey;
+
+impl<'de> serde::de::DeserializeSeed<'de> for CheckKey {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CheckKey {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(s))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(s.to_owned()))
+    }
+}
+
+/// A value checked as [`Unique`] builds it, tallied, building nothing; a
+/// string is kept only when `capture` asks for it.
+#[derive(Clone, Copy)]
+struct Check<'t, 'c> {
+    tally: &'t Tally<'c>,
+    capture: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Check<'_, '_> {
+    type Value = Seen<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Seen<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Check<'_, '_> {
+    type Value = Seen<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Seen<'de>, A::Error> {
+        let inner = Check {
+            tally: self.tally,
+            capture: false,
+        };
+        check_map(self.tally, a, |_, a| a.next_value_seed(inner).map(drop))?;
+        Ok(Seen::Other)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Seen<'de>, A::Error> {
+        // The slots a `Vec<Value>` grows to as `Unique` pushes into it.
+        let mut capacity = a.size_hint().unwrap_or(0).min(4096);
+        self.tally.add(capacity * SLOT)?;
+        let inner = Check {
+            tally: self.tally,
+            capture: false,
+        };
+        let mut len = 0usize;
+        while a.next_element_seed(inner)?.is_some() {
+            len += 1;
+            if len > capacity {
+                let grown = (capacity * 2).max(len).max(MIN_SLOTS);
+                self.tally.add((grown - capacity) * SLOT)?;
+                capacity = grown;
+            }
+        }
+        Ok(Seen::Other)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Seen<'de>, E> {
+        Ok(Seen::Bool(b))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Seen<'de>, E> {
+        Ok(Seen::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Seen<'de>, E> {
+        Ok(Seen::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Seen<'de>, E> {
+        Ok(Seen::Other)
+    }
+
+    fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Seen<'de>, E> {
+        self.tally.add(s.len())?;
+        Ok(if self.capture {
+            Seen::Str(Cow::Borrowed(s))
+        } else {
+            Seen::Other
+        })
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Seen<'de>, E> {
+        self.tally.add(s.len())?;
+        Ok(if self.capture {
+            Seen::Str(Cow::Owned(s.to_owned()))
+        } else {
+            Seen::Other
+        })
+    }
+
+    fn visit_unit<E>(self) -> Result<Seen<'de>, E> {
+        Ok(Seen::Null)
+    }
+}
+
+/// The fewest slots a `Vec` of `Value`s allocates (std's `RawVec` for
+/// elements of this size).
+const MIN_SLOTS: usize = 4;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,7 +999,132 @@ mod tests {
         }
     }
 
+    /// The tally of the check that builds nothing, or its error.
+    fn checked(bytes: &[u8]) -> Result<usize, String> {
+        match check_object(bytes, None) {
+            Ok(Some((_, built))) => Ok(built),
+            Ok(None) => Err("not an object".into()),
+            Err(Unparsed::Json(e)) => Err(e.to_string()),
+            Err(Unparsed::OverBudget(e)) => Err(e.to_string()),
+        }
+    }
+
+    /// The tally of the parse that builds, or its error.
+    fn built(bytes: &[u8]) -> Result<usize, String> {
+        match object_within(bytes, None) {
+            Ok(Some((_, built))) => Ok(built),
+            Ok(None) => Err("not an object".into()),
+            Err(Unparsed::Json(e)) => Err(e.to_string()),
+            Err(Unparsed::OverBudget(e)) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn the_check_refuses_what_the_build_refuses() {
+        let many: String = (0..40).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        for body in [
+            r#"{"model":"m","model":"n"}"#.to_owned(),
+            // A key written with an escape is the same key.
+            r#"{"model":"m","mod\u0065l":"n"}"#.to_owned(),
+            r#"{"model":"m","x":[{"a":1,"b":{"c":1,"c":2}}]}"#.to_owned(),
+            // Past the keys compared one by one: hashed.
+            format!(r#"{{{many}"k3":0}}"#),
+            format!(r#"{{"x":{{{many}"k39":0}}}}"#),
+            format!(r#"{{{many}"k40":0}}"#),
+            r#"{"model":"m"} x"#.to_owned(),
+            r#"{"model":"m","x":"\ud800"}"#.to_owned(),
+            r#"{"model":"m","x":"\u00ff\n"}"#.to_owned(),
+            r#"{"model":"m","x":1e999}"#.to_owned(),
+            format!("{}{}", "{\"a\":[".repeat(200), "]}".repeat(200)),
+            "[1]".to_owned(),
+            "{".to_owned(),
+        ] {
+            let (check, build) = (checked(body.as_bytes()), built(body.as_bytes()));
+            assert_eq!(
+                check.is_ok(),
+                build.is_ok(),
+                "{body}: {check:?} / {build:?}"
+            );
+            assert_eq!(check, build, "{body}");
+        }
+        // Bytes that are not UTF-8 inside a string: refused by both.
+        let mut bytes = br#"{"model":"m","x":""#.to_vec();
+        bytes.extend_from_slice(&[0xff, b'"', b'}']);
+        assert!(checked(&bytes).is_err() && built(&bytes).is_err());
+    }
+
+    #[tokio::test]
+    async fn built_eagerly_or_not_a_body_gets_the_same_answer() {
+        let bodies = [
+            "{",
+            "[1]",
+            "{}",
+            r#"{"model":1}"#,
+            r#"{"model":""}"#,
+            r#"{"model":"m"}"#,
+            r#"{"model":"m","stream":"yes"}"#,
+            r#"{"model":"m","stream":null}"#,
+            r#"{"model":"m","stream":true,"stream":true}"#,
+            r#"{"model":"m","x":[{"a":1,"a":2}]}"#,
+            r#"{"model":"m","input":"x"} 1"#,
+            r#"{"model":"mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"}"#,
+        ];
+        for body in bodies {
+            let mut answers = Vec::new();
+            for eager in [false, true] {
+                let budget = BodyBudget::new(1 << 10);
+                let r = req("/v1/chat/completions", None, body);
+                let parsed = parse_claimed(r, 50, Some(budget.claim()), eager).await;
+                answers.push(match parsed {
+                    Ok(r) => {
+                        let meta = r.extensions().get::<RequestMeta>().unwrap();
+                        assert_eq!(meta.is_built(), eager, "{body}");
+                        let json = meta.json().expect("built when asked");
+                        format!("ok {:?} {} {}", meta.model(), meta.is_stream(), json.len())
+                    }
+                    Err(e) => e.to_string(),
+                });
+            }
+            assert_eq!(answers[0], answers[1], "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_model_body_is_built_only_when_asked_for() {
+        let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let parsed = parse(req("/v1/chat/completions", None, body), 1000)
+            .await
+            .unwrap();
+        let meta = parsed.extensions().get::<RequestMeta>().unwrap().clone();
+        assert_eq!((meta.model(), meta.is_stream()), (Some("m"), true));
+        let copy = meta.clone();
+        // Built once, for every copy.
+        let json = meta.json().expect("built");
+        assert_eq!(json["messages"][0]["content"], "hi");
+        assert!(std::ptr::eq(json, copy.json().unwrap()));
+        assert_eq!(meta.body_for_upstream().unwrap(), body.as_bytes());
+        // An edit is the copy's own.
+        let mut edited = copy.clone();
+        edited.set_model("n");
+        assert_eq!(meta.json().unwrap()["model"], "m");
+        let sent: Value = serde_json::from_slice(&edited.body_for_upstream().unwrap()).unwrap();
+        assert_eq!(
+            (&sent["model"], &sent["stream"]),
+            (&Value::from("n"), &Value::from(true))
+        );
+    }
+
     proptest::proptest! {
+        /// The check that builds nothing tallies what the build holds.
+        #[test]
+        fn the_check_tallies_as_the_build(value in crate::canonical::tests::value_strategy()) {
+            let mut object = Map::new();
+            object.insert("model".into(), Value::from("m"));
+            object.insert("v".into(), value);
+            let bytes = serde_json::to_vec(&object).unwrap();
+            proptest::prop_assert_eq!(checked(&bytes), built(&bytes));
+        }
+
         /// Without repeats, the same value serde_json's own parse makes.
         #[test]
         fn parses_as_serde_json_does(value in crate::canonical::tests::value_strategy()) {

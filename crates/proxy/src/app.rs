@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llm_proxy_auth::{AuthLayer, LimitBackend, RedisLimits};
-use llm_proxy_balance::{Backend, Balance, BalanceHandle};
+use llm_proxy_balance::{Backend, Balance, BalanceHandle, Strategy};
 use llm_proxy_core::Api;
 use llm_proxy_core::{BodyBudget, ParseLayer, ParseLimits};
 use llm_proxy_mock::{Mock, MockConfig, MockServer};
@@ -215,6 +215,16 @@ impl Proxy {
         // The stack below the HTTP face, outermost first.
         // Each layer present or not, without tower's `Either` (whose
         // futures would need boxing again).
+        // A cache (its key), token limits (their estimate) and prefix
+        // routing (its prompt) read every body: built as it is checked.
+        // Otherwise only the requests a layer reads (a translation, a
+        // `previous_response_id`) are built.
+        let every_body_read = cache.is_some()
+            || matches!(settings.balance.strategy, Strategy::PrefixAffinity(_))
+            || settings
+                .auth
+                .as_ref()
+                .is_some_and(|a| a.keys.iter().any(|k| k.tokens_per_minute.is_some()));
         let below = match cache {
             Some(cache) => Stack::new(cache.layer(balance)),
             None => Stack::new(balance),
@@ -224,7 +234,8 @@ impl Proxy {
                 ParseLayer::new(ParseLimits {
                     max_body_bytes: settings.max_body_bytes,
                 })
-                .with_budget(body_budget.clone()),
+                .with_budget(body_budget.clone())
+                .build_eagerly(every_body_read),
             )
             .option_layer(auth.clone())
             .layer(ResponseAffinityLayer::new(ids))

@@ -561,9 +561,11 @@ impl Named {
                 conversation: None,
             },
             Endpoint::Responses | Endpoint::ResponsesCompact | Endpoint::ResponsesInputTokens => {
+                // A body that names no state is not built for it.
                 let Some(json) = req
                     .extensions()
                     .get::<RequestMeta>()
+                    .filter(|meta| meta.names_state())
                     .and_then(RequestMeta::json)
                 else {
                     return Named::default();
@@ -902,6 +904,32 @@ mod tests {
 
     fn sse() -> Tap {
         Tap::Sse(Box::new(Parser::new()))
+    }
+
+    #[tokio::test]
+    async fn only_a_body_that_names_state_is_built_to_read_it() {
+        for (body, built, named) in [
+            (r#"{"model":"m","input":"hi"}"#, false, None),
+            (
+                r#"{"model":"m","previous_response_id":"resp_1","input":"hi"}"#,
+                true,
+                Some("resp_1"),
+            ),
+            (r#"{"model":"m","conversation":null}"#, true, None),
+        ] {
+            let req = Request::post("/v1/responses")
+                .body(llm_proxy_core::full(body))
+                .unwrap();
+            let req = llm_proxy_core::parse(req, 1000).await.unwrap();
+            let named_now = Named::of(&req, Endpoint::Responses);
+            let meta = req.extensions().get::<RequestMeta>().unwrap();
+            assert_eq!(meta.is_built(), built, "{body}");
+            assert_eq!(
+                named_now.response.map(|(id, _)| id).as_deref(),
+                named,
+                "{body}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -15,6 +15,22 @@ fn cfg(strategy: Strategy) -> BalanceConfig {
 }
 
 #[tokio::test(start_paused = true)]
+async fn only_the_prefix_strategy_builds_the_body() {
+    // The body is built when a layer first reads it: routing by model
+    // reads only what the parse layer's check learned.
+    for (strategy, built) in [
+        (Strategy::RoundRobin, false),
+        (Strategy::default(), false),
+        (Strategy::PrefixAffinity(PrefixConfig::default()), true),
+    ] {
+        let fleet = Fleet::default();
+        let b = balance(&fleet, &["a", "b"], cfg(strategy.clone()));
+        send(&b, chat("m", "hi")).await.unwrap();
+        assert_eq!(fleet.seen()[0].built, built, "{strategy:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn round_robin_is_even() {
     let fleet = Fleet::default();
     let b = balance(&fleet, &["a", "b", "c"], cfg(Strategy::RoundRobin));

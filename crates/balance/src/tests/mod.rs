@@ -56,6 +56,8 @@ pub(crate) struct Seen {
     pub(crate) path: String,
     /// The last message's text.
     pub(crate) text: String,
+    /// Whether the body's value had been built when the request came.
+    pub(crate) built: bool,
 }
 
 #[derive(Default)]
@@ -129,6 +131,7 @@ impl Service<Request<Body>> for Fake {
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let meta = req.extensions().get::<RequestMeta>();
+        let built = meta.is_some_and(RequestMeta::is_built);
         let body_model = meta
             .and_then(RequestMeta::body_for_upstream)
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -152,6 +155,7 @@ impl Service<Request<Body>> for Fake {
                 body_model,
                 path: req.uri().path().to_owned(),
                 text,
+                built,
             });
             fleet
                 .modes
@@ -222,21 +226,24 @@ impl Service<Request<Body>> for Fake {
     }
 }
 
-/// A buffered chat request for `model` whose user message is `text`.
+/// A buffered chat request for `model` whose user message is `text`, as
+/// the parse layer hands it on (checked, its body not built).
 pub(crate) fn chat(model: &str, text: &str) -> Request<Body> {
     let json = serde_json::json!({
         "model": model,
         "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}],
     });
     let bytes = Bytes::from(json.to_string());
-    let serde_json::Value::Object(map) = json else {
-        unreachable!("built as an object")
-    };
     let mut req = Request::post("/v1/chat/completions")
         .body(llm_proxy_core::empty())
         .expect("a valid request");
-    req.extensions_mut()
-        .insert(RequestMeta::parsed(Endpoint::ChatCompletions, bytes, map));
+    req.extensions_mut().insert(RequestMeta::checked(
+        Endpoint::ChatCompletions,
+        bytes,
+        Some(model.into()),
+        false,
+        false,
+    ));
     req
 }
 
