@@ -155,8 +155,9 @@ impl RequestMeta {
     pub fn json(&self) -> Option<&Map<String, Value>> {
         let tree = self.json.as_deref()?;
         tree.get_or_init(|| {
-            let bytes = self.body.as_deref()?;
-            serde_json::from_slice(bytes).ok()
+            // Checked UTF-8 once, not string by string (see `parse`).
+            let text = std::str::from_utf8(self.body.as_deref()?).ok()?;
+            serde_json::from_str(text).ok()
         })
         .as_ref()
     }
