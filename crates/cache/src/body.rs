@@ -384,7 +384,7 @@ fn json_follows(body: &[u8], rule: JsonRule) -> bool {
     if !body.trim_ascii_start().starts_with(b"{") {
         return false;
     }
-    let Ok(answer) = serde_json::from_slice::<Answer<'_>>(body) else {
+    let Ok(answer) = llm_proxy_core::json_from_slice::<Answer<'_>>(body) else {
         return false;
     };
     if is_error_shape(

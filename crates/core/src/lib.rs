@@ -70,8 +70,8 @@ pub use endpoint::{
 pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE};
 pub use meta::{Identity, ModelAllowlist, RequestMeta};
 pub use parse::{
-    BudgetHold, Parse, ParseLayer, ParseLimits, parse, parse_object, parse_object_within,
-    parse_within,
+    BudgetHold, Parse, ParseLayer, ParseLimits, json_from_slice, parse, parse_object,
+    parse_object_within, parse_within,
 };
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 pub use svc::{BoxFuture, call_boxed};

@@ -154,12 +154,8 @@ impl RequestMeta {
     /// no layer has asked for it before).
     pub fn json(&self) -> Option<&Map<String, Value>> {
         let tree = self.json.as_deref()?;
-        tree.get_or_init(|| {
-            // Checked UTF-8 once, not string by string (see `parse`).
-            let text = std::str::from_utf8(self.body.as_deref()?).ok()?;
-            serde_json::from_str(text).ok()
-        })
-        .as_ref()
+        tree.get_or_init(|| crate::json_from_slice(self.body.as_deref()?).ok())
+            .as_ref()
     }
 
     /// Whether the body's value has been built (a layer has asked for

@@ -525,6 +525,18 @@ fn read_json<'de, T>(
     }
 }
 
+/// `bytes` as a `T`, as `serde_json::from_slice` reads them, with UTF-8
+/// checked once for the whole text rather than string by string (see
+/// [`read_json`]); the same errors.
+pub fn json_from_slice<'de, T: serde::Deserialize<'de>>(
+    bytes: &'de [u8],
+) -> Result<T, serde_json::Error> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    }
+}
+
 /// A read of one JSON value, whatever serde_json reads it from.
 trait ReadWith<'de, T> {
     fn read<R: serde_json::de::Read<'de>>(

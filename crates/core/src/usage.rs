@@ -93,7 +93,7 @@ impl UsageFields {
 /// object. `None` if the body is not a JSON object, or `usage` is missing,
 /// null, or not a valid usage object.
 pub fn from_json(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<Envelope>(body)
+    crate::json_from_slice::<Envelope>(body)
         .ok()?
         .usage?
         .into_usage()

@@ -112,7 +112,7 @@ pub(crate) async fn translate(
         reason,
     };
     let bytes = collect(body, MAX_ANSWER_BYTES).await.map_err(bad)?;
-    let answer: Value = serde_json::from_slice(&bytes)
+    let answer: Value = llm_proxy_core::json_from_slice(&bytes)
         .map_err(|e| bad(format!("the upstream's answer is not JSON: {e}")))?;
     // Also for a client that streams: an answer that is not the upstream's
     // dialect (an error object some servers send with 200) told as a
@@ -231,7 +231,7 @@ pub(crate) fn convert_error(
     let parsed: Option<Value> = body
         .cut
         .is_none()
-        .then(|| serde_json::from_slice(&body.bytes).ok())
+        .then(|| llm_proxy_core::json_from_slice(&body.bytes).ok())
         .flatten();
     if from == to && parsed.is_some() {
         return body.bytes.clone();
