@@ -20,7 +20,7 @@ use crate::{CacheKey, Entry, EntryBody, UsageChunk};
 /// The body of a response the cache missed: the upstream's frames pass to
 /// the client as they come, unchanged and without waiting, while a copy goes
 /// to the requests coalesced on this one and, at a clean end, to the store
-/// (written by a spawned task, never in the client's way).
+/// (after the last frame; in a spawned task when the store waits).
 ///
 /// Stored only when it ended cleanly: a JSON body that parses (for Responses,
 /// a response with `"status": "completed"`), or an SSE stream that ended
@@ -272,7 +272,15 @@ impl Tee {
             self.leader.retire();
             return;
         };
-        runtime.spawn(store(self, frames, kind));
+        // Tried here first: a store that answers at once (the memory store
+        // never waits) costs no task. One that waits (Redis) goes on in a
+        // task, which polls it again (so the first poll's waker, a no-op,
+        // is never needed).
+        let mut store = Box::pin(store(self, frames, kind));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if store.as_mut().poll(&mut cx).is_pending() {
+            runtime.spawn(store);
+        }
     }
 
     /// The answer will not be finished: fail the flight, store nothing.
