@@ -117,23 +117,64 @@ fn retry_after_ns(headers: &http::HeaderMap) -> u64 {
         .map_or(DEFAULT_RETRY_AFTER_NS, |s| (s.min(1e9) * 1e9) as u64)
 }
 
-/// The saved request head and the body of the first attempt.
+/// The request of the first attempt, and what a retry is rebuilt from.
 struct Template {
-    parts: Option<Parts>,
-    body: Option<Body>,
+    /// The client's head and body, for the first attempt.
+    first: Option<Request<Body>>,
+    /// A copy of the head for retries (none when there can be none). Its
+    /// extensions are left out when they were only the request's
+    /// [`RequestMeta`], which a retry puts back from `meta`: a copy of an
+    /// extension map is three allocations.
+    spare: Option<Parts>,
+    /// The retries' head lacks the request's extensions: put `meta` back.
+    bare: bool,
 }
 
 impl Template {
-    /// The request for the next attempt; the head is cloned unless this is
-    /// the last attempt there can be.
-    fn next(&mut self, last: bool, fallback: Option<&RequestMeta>) -> Option<Request<Body>> {
-        let parts = if last {
-            self.parts.take()?
-        } else {
-            self.parts.clone()?
+    fn new(parts: Parts, body: Body, retries: bool, meta: Option<&RequestMeta>) -> Self {
+        let bare = meta.is_some() && parts.extensions.len() == 1;
+        let spare = retries.then(|| {
+            let (mut head, ()) = Request::new(()).into_parts();
+            head.method = parts.method.clone();
+            head.uri = parts.uri.clone();
+            head.version = parts.version;
+            head.headers = parts.headers.clone();
+            if !bare {
+                head.extensions = parts.extensions.clone();
+            }
+            head
+        });
+        Template {
+            first: Some(Request::from_parts(parts, body)),
+            spare,
+            bare,
+        }
+    }
+
+    /// The request for the next attempt (`last`: no attempt can follow
+    /// it), with `fallback` as its metadata when the attempt serves
+    /// another model.
+    fn next(
+        &mut self,
+        last: bool,
+        meta: Option<&RequestMeta>,
+        fallback: Option<&RequestMeta>,
+    ) -> Option<Request<Body>> {
+        let mut req = match self.first.take() {
+            Some(first) => first,
+            None => {
+                let parts = if last {
+                    self.spare.take()?
+                } else {
+                    self.spare.clone()?
+                };
+                let mut req = Request::from_parts(parts, llm_proxy_core::empty());
+                if let (true, Some(meta)) = (self.bare, meta) {
+                    req.extensions_mut().insert(meta.clone());
+                }
+                req
+            }
         };
-        let body = self.body.take().unwrap_or_else(llm_proxy_core::empty);
-        let mut req = Request::from_parts(parts, body);
         if let Some(meta) = fallback {
             req.extensions_mut().insert(meta.clone());
         }
@@ -165,10 +206,7 @@ where
     } else {
         1
     };
-    let mut template = Template {
-        parts: Some(parts),
-        body: Some(body),
-    };
+    let mut template = Template::new(parts, body, attempts > 1, meta.as_ref());
     let mut now = shared.epoch.now();
     shared.budget.deposit(now);
     let mut tried: Vec<usize> = Vec::new();
@@ -195,7 +233,8 @@ where
             m.set_model(model);
             m
         });
-        let Some(req) = template.next(attempt + 1 == attempts, fallback.as_ref()) else {
+        let Some(req) = template.next(attempt + 1 == attempts, meta.as_ref(), fallback.as_ref())
+        else {
             break;
         };
         // The previous failure is superseded: release its backend now.

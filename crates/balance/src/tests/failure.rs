@@ -17,6 +17,36 @@ fn rr() -> BalanceConfig {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_carries_the_requests_metadata_and_extensions() {
+    #[derive(Clone)]
+    struct Tag;
+    // Only the metadata, and the metadata beside an embedder's extension.
+    for extra in [false, true] {
+        let fleet = Fleet::default();
+        fleet.set("a", Mode::Refused);
+        let b = balance(&fleet, &["a", "b"], rr());
+        let mut req = chat("m", "hello");
+        if extra {
+            req.extensions_mut().insert(Tag);
+        }
+        let (status, body) = send(&b, req).await.unwrap();
+        assert_eq!((status.as_u16(), body.as_str()), (200, "b"));
+        let seen = fleet.seen();
+        let [first, retry] = seen.as_slice() else {
+            panic!("two attempts: {seen:?}");
+        };
+        assert_eq!((first.backend.as_str(), retry.backend.as_str()), ("a", "b"));
+        for attempt in [first, retry] {
+            assert_eq!(attempt.extensions, 1 + usize::from(extra), "{attempt:?}");
+            assert_eq!(
+                (attempt.model.as_deref(), attempt.text.as_str()),
+                (Some("m"), "hello")
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn failing_backend_is_ejected_and_returns_after_its_rest() {
     let fleet = Fleet::default();
     fleet.set("a", Mode::Refused);

@@ -58,6 +58,8 @@ pub(crate) struct Seen {
     pub(crate) text: String,
     /// Whether the body's value had been built when the request came.
     pub(crate) built: bool,
+    /// How many extensions the request carried.
+    pub(crate) extensions: usize,
 }
 
 #[derive(Default)]
@@ -156,6 +158,7 @@ impl Service<Request<Body>> for Fake {
                 path: req.uri().path().to_owned(),
                 text,
                 built,
+                extensions: req.extensions().len(),
             });
             fleet
                 .modes
