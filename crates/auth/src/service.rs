@@ -482,6 +482,9 @@ pub fn check_body(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
             meta.endpoint(),
             Endpoint::Responses | Endpoint::ResponsesCompact | Endpoint::ResponsesInputTokens
         )
+        // Only a body that names state can hold a `conversation`: the
+        // others are not built for this (see `RequestMeta::names_state`).
+        && meta.names_state()
         && meta
             .json()
             .and_then(|j| j.get("conversation"))
