@@ -728,6 +728,25 @@ mod tests {
     use llm_proxy_core::{ParseLayer, ParseLimits, full};
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 
+    #[tokio::test]
+    async fn a_responses_body_is_built_for_its_conversation_only_when_it_names_state() {
+        let table = crate::KeyTable::new(vec![crate::KeySpec::from_key("k", "sk-k")]);
+        let key = table.entries().next().unwrap().clone();
+        for (body, built, allowed) in [
+            (r#"{"model":"m","input":"hi"}"#, false, true),
+            (r#"{"model":"m","conversation":null}"#, true, true),
+            (r#"{"model":"m","conversation":"conv_1"}"#, true, false),
+        ] {
+            let req = http::Request::post("/v1/responses")
+                .body(llm_proxy_core::full(body))
+                .unwrap();
+            let req = llm_proxy_core::parse(req, 1000).await.unwrap();
+            let meta = req.extensions().get::<RequestMeta>().unwrap();
+            assert_eq!(check_body(&key, meta).is_ok(), allowed, "{body}");
+            assert_eq!(meta.is_built(), built, "{body}");
+        }
+    }
+
     /// An auth stack with one key, `sk`, of `tpm` tokens per minute, over an
     /// upstream that answers `status` with `body`.
     fn stack(
