@@ -484,9 +484,25 @@ enum Unparsed {
 /// messages ~9 times. The body budget counts both, from the first byte
 /// built: no parse builds much past what the budget has room for.
 fn object_within(bytes: &[u8], claim: Option<&mut Claim>) -> Result<Option<Built>, Unparsed> {
+    Ok(
+        tallied(bytes, claim, |tally| build(bytes, tally))?.and_then(
+            |(value, built)| match value {
+                Value::Object(map) => Some((map, built)),
+                _ => None,
+            },
+        ),
+    )
+}
+
+/// What `read` makes of `bytes`, an object, with `claim` holding what it
+/// tallies, and the tally; `None` for JSON that is not an object (checked,
+/// not read: repeats in it decide nothing here).
+fn tallied<'c, T>(
+    bytes: &[u8],
+    claim: Option<&'c mut Claim>,
+    read: impl for<'t> FnOnce(&'t Tally<'c>) -> Result<T, serde_json::Error>,
+) -> Result<Option<(T, usize)>, Unparsed> {
     if bytes.trim_ascii_start().first() != Some(&b'{') {
-        // Not an object (if JSON at all): checked, not built, and repeats in
-        // it decide nothing here.
         serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(Unparsed::Json)?;
         return Ok(None);
     }
@@ -497,9 +513,8 @@ fn object_within(bytes: &[u8], claim: Option<&mut Claim>) -> Result<Option<Built
         claim: claim.map(RefCell::new),
         over: Cell::new(false),
     };
-    match build(bytes, &tally) {
-        Ok(Value::Object(map)) => Ok(Some((map, tally.built.get()))),
-        Ok(_) => Ok(None),
+    match read(&tally) {
+        Ok(value) => Ok(Some((value, tally.built.get()))),
         Err(e) => Err(tally_error(&tally, e)),
     }
 }
@@ -741,21 +756,7 @@ fn check_object<'de>(
     bytes: &'de [u8],
     claim: Option<&mut Claim>,
 ) -> Result<Option<(Top<'de>, usize)>, Unparsed> {
-    if bytes.trim_ascii_start().first() != Some(&b'{') {
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(Unparsed::Json)?;
-        return Ok(None);
-    }
-    let tally = Tally {
-        built: Cell::new(0),
-        base: bytes.len(),
-        held: Cell::new(0),
-        claim: claim.map(RefCell::new),
-        over: Cell::new(false),
-    };
-    match read_json(bytes, TopCheck(&tally)) {
-        Ok(top) => Ok(Some((top, tally.built.get()))),
-        Err(e) => Err(tally_error(&tally, e)),
-    }
+    tallied(bytes, claim, |tally| read_json(bytes, TopCheck(tally)))
 }
 
 /// Why a tallied parse or check failed: the claim, or the JSON.
