@@ -541,8 +541,9 @@ fn read_json<'de, T>(
 }
 
 /// `bytes` as a `T`, as `serde_json::from_slice` reads them, with UTF-8
-/// checked once for the whole text rather than string by string (see
-/// [`read_json`]); the same errors.
+/// checked once for the whole text rather than string by string (the
+/// slice reader checks each string as it reads it: a call per key and per
+/// value); the same errors.
 pub fn json_from_slice<'de, T: serde::Deserialize<'de>>(
     bytes: &'de [u8],
 ) -> Result<T, serde_json::Error> {
