@@ -641,11 +641,14 @@ mod tests {
 
     #[test]
     fn counts_from_every_thread_add_up() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let upstream: Arc<str> = Arc::from("up");
-        std::thread::scope(|scope| {
-            for _ in 0..4 {
-                scope.spawn(|| {
+        // Joined, not scoped: a scope may end before its threads' locals
+        // are dropped; a join waits for the thread's end.
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (metrics, upstream) = (metrics.clone(), upstream.clone());
+                std::thread::spawn(move || {
                     for _ in 0..100 {
                         metrics.count_request("chat_completions", 200, Some(&upstream));
                         // Another allocation of the same name counts as it.
@@ -653,9 +656,12 @@ mod tests {
                         metrics.count_request("chat_completions", 502, None);
                         metrics.time("embeddings", Latency::Whole, Duration::from_millis(1));
                     }
-                });
-            }
-        });
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
         // The threads that ended gave their counts to the spare: a scrape
         // reads it and this thread's shard, not a shard per thread that
         // ever counted.
