@@ -1061,17 +1061,16 @@ mod tests {
 
     /// The tally of the check that builds nothing, or its error.
     fn checked(bytes: &[u8]) -> Result<usize, String> {
-        match check_object(bytes, None) {
-            Ok(Some((_, built))) => Ok(built),
-            Ok(None) => Err("not an object".into()),
-            Err(Unparsed::Json(e)) => Err(e.to_string()),
-            Err(Unparsed::OverBudget(e)) => Err(e.to_string()),
-        }
+        tally_or_error(check_object(bytes, None))
     }
 
     /// The tally of the parse that builds, or its error.
     fn built(bytes: &[u8]) -> Result<usize, String> {
-        match object_within(bytes, None) {
+        tally_or_error(object_within(bytes, None))
+    }
+
+    fn tally_or_error<T>(outcome: Result<Option<(T, usize)>, Unparsed>) -> Result<usize, String> {
+        match outcome {
             Ok(Some((_, built))) => Ok(built),
             Ok(None) => Err("not an object".into()),
             Err(Unparsed::Json(e)) => Err(e.to_string()),
