@@ -102,3 +102,12 @@ pub fn header_lists(headers: &http::HeaderMap, name: &http::HeaderName, token: &
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
+
+/// `bytes` as text when they are valid UTF-8, checked with SIMD where the
+/// CPU has it (`simdutf8`): several times faster than `str::from_utf8` on
+/// the kilobytes of JSON that bodies and stream events are, and the same
+/// answer. Callers that need to know where invalid input breaks fall back
+/// to the standard library's error.
+pub fn utf8(bytes: &[u8]) -> Option<&str> {
+    simdutf8::basic::from_utf8(bytes).ok()
+}

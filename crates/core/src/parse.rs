@@ -534,9 +534,9 @@ fn read_json<'de, T>(
     bytes: &'de [u8],
     read: impl ReadWith<'de, T>,
 ) -> Result<T, serde_json::Error> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => read.all(serde_json::Deserializer::from_str(text)),
-        Err(_) => read.all(serde_json::Deserializer::from_slice(bytes)),
+    match crate::utf8(bytes) {
+        Some(text) => read.all(serde_json::Deserializer::from_str(text)),
+        None => read.all(serde_json::Deserializer::from_slice(bytes)),
     }
 }
 
@@ -547,9 +547,9 @@ fn read_json<'de, T>(
 pub fn json_from_slice<'de, T: serde::Deserialize<'de>>(
     bytes: &'de [u8],
 ) -> Result<T, serde_json::Error> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(bytes),
+    match crate::utf8(bytes) {
+        Some(text) => serde_json::from_str(text),
+        None => serde_json::from_slice(bytes),
     }
 }
 

@@ -92,16 +92,23 @@ pub enum SseError {
 #[derive(Debug)]
 pub struct Parser {
     max_event_bytes: usize,
-    /// The bytes of an unfinished line, kept across chunks.
-    line: Vec<u8>,
-    /// The last chunk ended in `\r`: a `\n` starting the next one belongs to
-    /// the same line break.
-    pending_cr: bool,
-    /// No line has been completed yet, so a BOM may still start the stream.
-    at_stream_start: bool,
+    lines: Lines,
     /// Where in the chunk pushed last the last event ended (see
     /// [`Parser::last_event_end`]).
     last_event_end: Option<usize>,
+    event: Building,
+    ready: VecDeque<Event>,
+    /// The event [`Parser::next_event_ref`] lent out last.
+    lent: Option<Event>,
+    /// Buffers of events that were lent and are done with, reused for the
+    /// next events' data and names instead of allocating afresh.
+    spare_data: Vec<String>,
+    spare_names: Vec<String>,
+}
+
+/// The fields of the event being read, and what carries over between events.
+#[derive(Debug, Default)]
+struct Building {
     /// A field line of the current event has been seen.
     in_event: bool,
     /// Data lines of the current event, each followed by `\n`.
@@ -111,13 +118,6 @@ pub struct Parser {
     retry: Option<u64>,
     last_event_id: String,
     reconnection_time: Option<u64>,
-    ready: VecDeque<Event>,
-    /// The event [`Parser::next_event_ref`] lent out last.
-    lent: Option<Event>,
-    /// Buffers of events that were lent and are done with, reused for the
-    /// next events' data and names instead of allocating afresh.
-    spare_data: Vec<String>,
-    spare_names: Vec<String>,
 }
 
 /// At most this many spare buffers of each kind are kept.
@@ -144,17 +144,9 @@ impl Parser {
     pub fn with_max_event_bytes(limit: usize) -> Self {
         Self {
             max_event_bytes: limit,
-            line: Vec::new(),
-            pending_cr: false,
-            at_stream_start: true,
+            lines: Lines::default(),
             last_event_end: None,
-            in_event: false,
-            data: String::new(),
-            event_type: String::new(),
-            id: None,
-            retry: None,
-            last_event_id: String::new(),
-            reconnection_time: None,
+            event: Building::default(),
             ready: VecDeque::new(),
             lent: None,
             spare_data: Vec::new(),
@@ -167,45 +159,38 @@ impl Parser {
     ///
     /// On error the unfinished event and the rest of `chunk` are discarded;
     /// the stream is not trustworthy after that and should not be fed on.
-    pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), SseError> {
-        let len = chunk.len();
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), SseError> {
         self.last_event_end = None;
-        if self.pending_cr && !chunk.is_empty() {
-            self.pending_cr = false;
-            if let Some(rest) = chunk.strip_prefix(b"\n") {
-                chunk = rest;
+        let Self {
+            max_event_bytes,
+            lines,
+            event,
+            ready,
+            spare_data,
+            spare_names,
+            ..
+        } = self;
+        let limit = *max_event_bytes;
+        let split = lines.split(chunk, |line| {
+            let ends = event.line(line, limit)?;
+            if ends {
+                event.dispatch(ready, spare_data, spare_names);
             }
-        }
-        while let Some(end) = memchr::memchr2(b'\n', b'\r', chunk) {
-            let (line, rest) = chunk.split_at(end);
-            chunk = match rest {
-                [b'\r', b'\n', rest @ ..] => rest,
-                [b'\r'] => {
-                    self.pending_cr = true;
-                    &[]
-                }
-                [_, rest @ ..] => rest,
-                [] => &[],
-            };
-            let ends_event = if self.line.is_empty() {
-                self.process_line(line)?
-            } else {
-                let mut buffered = std::mem::take(&mut self.line);
-                buffered.extend_from_slice(line);
-                let result = self.process_line(&buffered);
-                buffered.clear();
-                self.line = buffered;
-                result?
-            };
-            if ends_event {
-                self.last_event_end = Some(len - chunk.len());
+            Ok(ends)
+        });
+        let (last_event_end, tail) = match split {
+            Ok(split) => split,
+            Err(e) => {
+                self.reset_event();
+                return Err(e);
             }
-        }
-        if !chunk.is_empty() {
-            if self.buffered_bytes() + chunk.len() > self.max_event_bytes {
+        };
+        self.last_event_end = last_event_end;
+        if !tail.is_empty() {
+            if self.buffered_bytes() + tail.len() > self.max_event_bytes {
                 return Err(self.too_large());
             }
-            self.line.extend_from_slice(chunk);
+            self.lines.keep(tail);
         }
         Ok(())
     }
@@ -272,8 +257,7 @@ impl Parser {
     /// whether an event was cut off.
     pub fn finish(&mut self) -> Option<Event> {
         self.reset_event();
-        self.pending_cr = false;
-        self.at_stream_start = true;
+        self.lines.restart();
         None
     }
 
@@ -281,26 +265,23 @@ impl Parser {
     /// stream, a sign that the stream was cut mid-event. Comment lines alone
     /// (keep-alives) do not count.
     pub fn has_partial(&self) -> bool {
-        !self.line.is_empty() || self.in_event
+        self.lines.buffered() > 0 || self.event.in_event
     }
 
     /// The spec's "last event ID": the latest `id` field seen in the stream,
     /// empty if none. It carries over from event to event.
     pub fn last_event_id(&self) -> &str {
-        &self.last_event_id
+        &self.event.last_event_id
     }
 
     /// The spec's reconnection time: the latest valid `retry` field seen in
     /// the stream, in milliseconds.
     pub fn reconnection_time(&self) -> Option<u64> {
-        self.reconnection_time
+        self.event.reconnection_time
     }
 
     fn buffered_bytes(&self) -> usize {
-        self.line.len()
-            + self.data.len()
-            + self.event_type.len()
-            + self.id.as_ref().map_or(0, String::len)
+        self.lines.buffered() + self.event.buffered_bytes()
     }
 
     fn too_large(&mut self) -> SseError {
@@ -311,7 +292,17 @@ impl Parser {
     }
 
     fn reset_event(&mut self) {
-        self.line.clear();
+        self.lines.clear();
+        self.event.reset();
+    }
+}
+
+impl Building {
+    fn buffered_bytes(&self) -> usize {
+        self.data.len() + self.event_type.len() + self.id.as_ref().map_or(0, String::len)
+    }
+
+    fn reset(&mut self) {
         self.data.clear();
         self.event_type.clear();
         self.id = None;
@@ -320,23 +311,12 @@ impl Parser {
     }
 
     /// Handles one complete line, without its terminator; `true` when it was
-    /// the blank line that ends an event.
-    fn process_line(&mut self, mut line: &[u8]) -> Result<bool, SseError> {
-        if self.at_stream_start {
-            self.at_stream_start = false;
-            line = line.strip_prefix(BOM).unwrap_or(line);
-        }
-        let (name, value) = match memchr::memchr(b':', line) {
-            None if line.is_empty() => {
-                self.dispatch();
-                return Ok(true);
-            }
-            Some(0) => return Ok(false),
-            Some(colon) => {
-                let value = &line[colon + 1..];
-                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
-            }
-            None => (line, &[][..]),
+    /// the blank line that ends an event (which the caller then dispatches).
+    fn line(&mut self, line: &[u8], limit: usize) -> Result<bool, SseError> {
+        let (name, value) = match field(line) {
+            Field::Blank => return Ok(true),
+            Field::Comment => return Ok(false),
+            Field::Named(name, value) => (name, value),
         };
         self.in_event = true;
         // Line breaks and ':' are ASCII, so decoding each value on its own is
@@ -364,13 +344,19 @@ impl Parser {
             }
             _ => {}
         }
-        if self.buffered_bytes() > self.max_event_bytes {
-            return Err(self.too_large());
+        if self.buffered_bytes() > limit {
+            self.reset();
+            return Err(SseError::EventTooLarge { limit });
         }
         Ok(false)
     }
 
-    fn dispatch(&mut self) {
+    fn dispatch(
+        &mut self,
+        ready: &mut VecDeque<Event>,
+        spare_data: &mut Vec<String>,
+        spare_names: &mut Vec<String>,
+    ) {
         self.in_event = false;
         let id = self.id.take();
         let retry = self.retry.take();
@@ -383,20 +369,318 @@ impl Parser {
         // one that starts at this event's size instead of growing again from
         // nothing.
         let event = (!self.event_type.is_empty()).then(|| {
-            let name = self.spare_names.pop().unwrap_or_default();
+            let name = spare_names.pop().unwrap_or_default();
             std::mem::replace(&mut self.event_type, name)
         });
-        let next = match self.spare_data.pop() {
+        let next = match spare_data.pop() {
             Some(spare) => spare,
             None => String::with_capacity(self.data.capacity()),
         };
         let data = std::mem::replace(&mut self.data, next);
-        self.ready.push_back(Event {
+        ready.push_back(Event {
             event,
             data,
             id,
             retry,
         });
+    }
+}
+
+/// One event as [`Outlines`] reads it: its type and its data, as the bytes
+/// the stream sent (not decoded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outline<'a> {
+    /// The `event` field, empty when absent.
+    pub event: &'a [u8],
+    /// The `data` lines, joined with `\n`.
+    pub data: &'a [u8],
+}
+
+impl Outline<'_> {
+    /// Whether this is the `data: [DONE]` sentinel that ends an OpenAI stream.
+    pub fn is_done(&self) -> bool {
+        self.data == DONE.as_bytes()
+    }
+
+    /// Whether the data is empty or only whitespace (see [`Event::is_blank`]).
+    pub fn is_blank(&self) -> bool {
+        self.data.trim_ascii().is_empty()
+    }
+
+    /// The data decoded as [`Parser`] decodes it: invalid UTF-8 replaced
+    /// with U+FFFD.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match crate::utf8(self.data) {
+            Some(text) => std::borrow::Cow::Borrowed(text),
+            None => String::from_utf8_lossy(self.data),
+        }
+    }
+}
+
+/// Reads an event stream for each event's [`Outline`], and nothing more:
+/// no text is decoded, no `id` or `retry` kept, no event queued. For code
+/// that checks a stream's shape as it passes (did the last event come, is
+/// each event a JSON object) and reads the text of few events, if any.
+/// Lines are split exactly as [`Parser`] splits them.
+///
+/// ```
+/// use llm_proxy_core::sse::{Outlines, SseError};
+///
+/// let mut outlines = Outlines::new();
+/// let mut seen = Vec::new();
+/// outlines
+///     .push(b"event: a\ndata: 1\n\ndata: [DO", |event| {
+///         seen.push((event.event.to_vec(), event.data.to_vec()));
+///         Ok::<_, SseError>(())
+///     })
+///     .unwrap();
+/// assert_eq!(seen, [(b"a".to_vec(), b"1".to_vec())]);
+/// assert!(outlines.has_partial());
+/// outlines
+///     .push(b"NE]\n\n", |event| {
+///         assert!(event.is_done());
+///         Ok::<_, SseError>(())
+///     })
+///     .unwrap();
+/// ```
+#[derive(Debug)]
+pub struct Outlines {
+    max_event_bytes: usize,
+    lines: Lines,
+    in_event: bool,
+    event: Vec<u8>,
+    /// Data lines of the current event, each followed by `\n`.
+    data: Vec<u8>,
+}
+
+impl Default for Outlines {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Outlines {
+    /// A reader that accepts events of up to [`DEFAULT_MAX_EVENT_BYTES`].
+    pub fn new() -> Self {
+        Self::with_max_event_bytes(DEFAULT_MAX_EVENT_BYTES)
+    }
+
+    /// A reader that fails with [`SseError::EventTooLarge`] once the event
+    /// being read (its type and data plus the unfinished line) exceeds
+    /// `limit` bytes.
+    pub fn with_max_event_bytes(limit: usize) -> Self {
+        Self {
+            max_event_bytes: limit,
+            lines: Lines::default(),
+            in_event: false,
+            event: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+
+    /// Feeds the next bytes of the stream, calling `each` with every event
+    /// they complete, in order. An error from `each` stops the read at that
+    /// event and is returned; the rest of `chunk` is not read.
+    ///
+    /// On error the unfinished event and the rest of `chunk` are discarded;
+    /// the stream is not trustworthy after that and should not be fed on.
+    pub fn push<E: From<SseError>>(
+        &mut self,
+        chunk: &[u8],
+        mut each: impl FnMut(Outline<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let limit = self.max_event_bytes;
+        let Self {
+            lines,
+            in_event,
+            event,
+            data,
+            ..
+        } = self;
+        let split = lines.split(chunk, |line| {
+            let (name, value) = match field(line) {
+                Field::Blank => {
+                    *in_event = false;
+                    if !data.is_empty() {
+                        data.pop(); // the `\n` after the last data line
+                        let outline = Outline { event, data };
+                        let read = each(outline);
+                        event.clear();
+                        data.clear();
+                        read?;
+                    }
+                    event.clear();
+                    return Ok(true);
+                }
+                Field::Comment => return Ok(false),
+                Field::Named(name, value) => (name, value),
+            };
+            *in_event = true;
+            match name {
+                b"data" => {
+                    data.extend_from_slice(value);
+                    data.push(b'\n');
+                }
+                b"event" => {
+                    event.clear();
+                    event.extend_from_slice(value);
+                }
+                _ => {}
+            }
+            if event.len() + data.len() > limit {
+                return Err(E::from(SseError::EventTooLarge { limit }));
+            }
+            Ok(false)
+        });
+        let tail = match split {
+            Ok((_, tail)) => tail,
+            Err(e) => {
+                self.reset_event();
+                return Err(e);
+            }
+        };
+        if !tail.is_empty() {
+            if self.lines.buffered() + self.event.len() + self.data.len() + tail.len() > limit {
+                self.reset_event();
+                return Err(E::from(SseError::EventTooLarge { limit }));
+            }
+            self.lines.keep(tail);
+        }
+        Ok(())
+    }
+
+    /// Whether bytes of an unfinished line or event are buffered (see
+    /// [`Parser::has_partial`]).
+    pub fn has_partial(&self) -> bool {
+        self.lines.buffered() > 0 || self.in_event
+    }
+
+    fn reset_event(&mut self) {
+        self.lines.clear();
+        self.in_event = false;
+        self.event.clear();
+        self.data.clear();
+    }
+}
+
+/// The line splitting of an event stream, the part [`Parser`] and
+/// [`Outlines`] share: lines end with `\r\n`, `\n` or `\r`, possibly split
+/// across chunks; the stream's first line may start with a BOM.
+#[derive(Debug)]
+struct Lines {
+    /// The bytes of an unfinished line, kept across chunks.
+    line: Vec<u8>,
+    /// The last chunk ended in `\r`: a `\n` starting the next one belongs to
+    /// the same line break.
+    pending_cr: bool,
+    /// No line has been completed yet, so a BOM may still start the stream.
+    at_stream_start: bool,
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Lines {
+            line: Vec::new(),
+            pending_cr: false,
+            at_stream_start: true,
+        }
+    }
+}
+
+impl Lines {
+    /// Hands each line that `chunk` completes to `each`, without its line
+    /// break (and the stream's BOM); `each` says whether the line ended an
+    /// event. Returns where in `chunk` the last event ended, and the
+    /// unfinished last line, for the caller to [`Lines::keep`] once it has
+    /// checked its size.
+    fn split<'c, E>(
+        &mut self,
+        mut chunk: &'c [u8],
+        mut each: impl FnMut(&[u8]) -> Result<bool, E>,
+    ) -> Result<(Option<usize>, &'c [u8]), E> {
+        let len = chunk.len();
+        let mut last_event_end = None;
+        if self.pending_cr && !chunk.is_empty() {
+            self.pending_cr = false;
+            if let Some(rest) = chunk.strip_prefix(b"\n") {
+                chunk = rest;
+            }
+        }
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', chunk) {
+            let (line, rest) = chunk.split_at(end);
+            chunk = match rest {
+                [b'\r', b'\n', rest @ ..] => rest,
+                [b'\r'] => {
+                    self.pending_cr = true;
+                    &[]
+                }
+                [_, rest @ ..] => rest,
+                [] => &[],
+            };
+            let at_start = std::mem::replace(&mut self.at_stream_start, false);
+            fn strip(line: &[u8], at_start: bool) -> &[u8] {
+                if at_start {
+                    line.strip_prefix(BOM).unwrap_or(line)
+                } else {
+                    line
+                }
+            }
+            let ends_event = if self.line.is_empty() {
+                each(strip(line, at_start))?
+            } else {
+                let mut buffered = std::mem::take(&mut self.line);
+                buffered.extend_from_slice(line);
+                let result = each(strip(&buffered, at_start));
+                buffered.clear();
+                self.line = buffered;
+                result?
+            };
+            if ends_event {
+                last_event_end = Some(len - chunk.len());
+            }
+        }
+        Ok((last_event_end, chunk))
+    }
+
+    /// Keep the start of a line that the next chunk finishes.
+    fn keep(&mut self, tail: &[u8]) {
+        self.line.extend_from_slice(tail);
+    }
+
+    fn buffered(&self) -> usize {
+        self.line.len()
+    }
+
+    fn clear(&mut self) {
+        self.line.clear();
+    }
+
+    /// A new stream follows.
+    fn restart(&mut self) {
+        self.pending_cr = false;
+        self.at_stream_start = true;
+    }
+}
+
+/// What one line of an event stream is.
+enum Field<'l> {
+    /// The blank line that ends an event.
+    Blank,
+    /// A comment (`:` first).
+    Comment,
+    /// A field: its name and value (the value's one leading space dropped).
+    Named(&'l [u8], &'l [u8]),
+}
+
+fn field(line: &[u8]) -> Field<'_> {
+    match memchr::memchr(b':', line) {
+        None if line.is_empty() => Field::Blank,
+        Some(0) => Field::Comment,
+        Some(colon) => {
+            let value = &line[colon + 1..];
+            Field::Named(&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+        }
+        None => Field::Named(line, &[]),
     }
 }
 
@@ -456,13 +740,13 @@ fn write_data(out: &mut Vec<u8>, data: &str) {
 }
 
 /// Appends `bytes` decoded as UTF-8, invalid sequences replaced with
-/// U+FFFD (as the spec decodes a stream). Valid input, the usual case, takes
-/// `str::from_utf8`'s word-at-a-time ASCII path, several times faster than
+/// U+FFFD (as the spec decodes a stream). Valid input, the usual case, is
+/// checked by [`crate::utf8`], many times faster than
 /// `String::from_utf8_lossy`'s chunk iterator.
 fn push_lossy(out: &mut String, bytes: &[u8]) {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => out.push_str(text),
-        Err(_) => out.push_str(&String::from_utf8_lossy(bytes)),
+    match crate::utf8(bytes) {
+        Some(text) => out.push_str(text),
+        None => out.push_str(&String::from_utf8_lossy(bytes)),
     }
 }
 
@@ -815,6 +1099,97 @@ mod tests {
             })
     }
 
+    /// What [`Outlines`] reads from `chunks`, as [`Parser`]'s events (type
+    /// and data, decoded as the parser decodes them), and whether it ends
+    /// with a partial event.
+    fn outline_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Event>, bool) {
+        let mut outlines = Outlines::new();
+        let mut events = Vec::new();
+        for chunk in chunks {
+            outlines
+                .push(chunk, |outline| {
+                    events.push(Event {
+                        event: (!outline.event.is_empty())
+                            .then(|| String::from_utf8_lossy(outline.event).into_owned()),
+                        data: outline.text().into_owned(),
+                        ..Event::default()
+                    });
+                    Ok::<_, SseError>(())
+                })
+                .unwrap();
+        }
+        (events, outlines.has_partial())
+    }
+
+    fn without_ids(events: Vec<Event>) -> Vec<Event> {
+        events
+            .into_iter()
+            .map(|e| Event {
+                id: None,
+                retry: None,
+                ..e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn outlines_read_the_sample_as_the_parser_does() {
+        for size in 1..SAMPLE.len() {
+            let (events, partial) = outline_chunks(SAMPLE.chunks(size));
+            assert_eq!(events, without_ids(sample_events()), "chunks of {size}");
+            assert!(!partial);
+        }
+    }
+
+    #[test]
+    fn outlines_stop_where_the_reader_says_and_at_the_limit() {
+        let mut outlines = Outlines::new();
+        let mut seen = 0;
+        let stopped = outlines.push(b"data: 1\n\ndata: 2\n\ndata: 3\n\n", |outline| {
+            seen += 1;
+            if outline.data == b"2" {
+                return Err(SseError::EventTooLarge { limit: 0 });
+            }
+            Ok(())
+        });
+        assert!(stopped.is_err());
+        assert_eq!(seen, 2, "the third event is not read");
+        assert!(!outlines.has_partial());
+
+        let mut small = Outlines::with_max_event_bytes(8);
+        let ok = |_: Outline<'_>| Ok::<_, SseError>(());
+        assert!(small.push(b"data: 1234\n", ok).is_ok());
+        assert!(matches!(
+            small.push(b"data: 56789\n", ok),
+            Err(SseError::EventTooLarge { limit: 8 })
+        ));
+        assert!(!small.has_partial(), "the event is dropped");
+        assert!(small.push(b"data: 12", ok).is_ok());
+        assert!(small.push(b"3", ok).is_err(), "an unfinished line counts");
+    }
+
+    /// Stream-like bytes: field names, separators, line breaks of every kind,
+    /// a BOM, and bytes that are not UTF-8.
+    fn wire_strategy() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(b"data:".to_vec()),
+            Just(b"data: ".to_vec()),
+            Just(b"event: ".to_vec()),
+            Just(b"id: 7".to_vec()),
+            Just(b"retry: 10".to_vec()),
+            Just(b":".to_vec()),
+            Just(b"\n".to_vec()),
+            Just(b"\r".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just(b"\n\n".to_vec()),
+            Just(BOM.to_vec()),
+            Just(b"[DONE]".to_vec()),
+            Just(vec![0xff, 0xc3]),
+            "[a-z{}\" ]{1,6}".prop_map(String::into_bytes),
+        ];
+        proptest::collection::vec(piece, 0..40).prop_map(|pieces| pieces.concat())
+    }
+
     proptest! {
         #[test]
         fn encode_then_parse_in_any_chunks(
@@ -835,6 +1210,28 @@ mod tests {
             let mut parser = Parser::new();
             prop_assert_eq!(parse_chunks(&mut parser, chunks), events);
             prop_assert!(!parser.has_partial());
+        }
+
+        #[test]
+        fn outlines_agree_with_the_parser_on_any_bytes_in_any_chunks(
+            wire in wire_strategy(),
+            sizes in proptest::collection::vec(1usize..24, 1..16),
+        ) {
+            let mut chunks = Vec::new();
+            let mut rest = &wire[..];
+            for size in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+                chunks.push(chunk);
+                rest = tail;
+            }
+            let mut parser = Parser::new();
+            let parsed = without_ids(parse_chunks(&mut parser, chunks.iter().copied()));
+            let (outlined, partial) = outline_chunks(chunks.iter().copied());
+            prop_assert_eq!(outlined, parsed);
+            prop_assert_eq!(partial, parser.has_partial());
         }
     }
 }

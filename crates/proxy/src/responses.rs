@@ -44,7 +44,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llm_proxy_core::sse::Parser;
+use llm_proxy_core::sse::{Outlines, SseError};
 use llm_proxy_core::{
     Body, BoxError, ConversationPath, Endpoint, Error, PinnedUpstream, RequestMeta, UpstreamName,
     conversation_path,
@@ -602,7 +602,7 @@ pub(crate) fn conversation_id(json: &serde_json::Map<String, serde_json::Value>)
 
 enum Tap {
     Json(Box<TopLevelId>),
-    Sse(Box<Parser>),
+    Sse(Box<Outlines>),
     Done,
 }
 
@@ -622,7 +622,7 @@ pin_project_lite::pin_project! {
 impl IdTap {
     fn new(inner: Body, sse: bool, ids: Arc<ResponseIds>, kind: Kind, home: Home) -> Self {
         let tap = if sse {
-            Tap::Sse(Box::new(Parser::new()))
+            Tap::Sse(Box::default())
         } else {
             Tap::Json(Box::default())
         };
@@ -636,18 +636,94 @@ impl IdTap {
     }
 }
 
-/// A response object, or anything with an `id`: just the id.
-#[derive(serde::Deserialize)]
-pub(crate) struct WithId<'a> {
-    #[serde(borrow)]
-    pub(crate) id: Option<std::borrow::Cow<'a, str>>,
+/// The `id` of the `response` object in a `response.created` event's data.
+///
+/// The event repeats the whole response (its instructions, tools, metadata:
+/// kilobytes), and the id is among the response's first keys, so the data is
+/// read up to the id and no further. `None` when the data is not a JSON
+/// object, has no `response` object, or that object has no string `id` (up
+/// to where the read stopped).
+fn created_response_id(data: &str) -> Option<String> {
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_str(data);
+    // Finding the id ends the read with an error on purpose: it is the one
+    // way to leave serde_json's map before its closing brace.
+    let _ = serde::Deserializer::deserialize_map(
+        &mut de,
+        Field {
+            name: "response",
+            then: Then::Object(&mut found),
+        },
+    );
+    found
 }
 
-/// A `response.created` event: just its response's id.
-#[derive(serde::Deserialize)]
-pub(crate) struct Created<'a> {
-    #[serde(borrow)]
-    pub(crate) response: Option<WithId<'a>>,
+/// Visits a JSON object for one key, and reads that key's value with `then`.
+struct Field<'f> {
+    name: &'static str,
+    then: Then<'f>,
+}
+
+enum Then<'f> {
+    /// The value is the response object: read its `id`.
+    Object(&'f mut Option<String>),
+    /// The value is the id: keep it, then stop.
+    Id(&'f mut Option<String>),
+}
+
+/// Whether a key is the wanted one, without allocating for it.
+struct KeyIs(&'static str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIs {
+    type Value = bool;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeyIs {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
+        Ok(key == self.0)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Field<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        use serde::de::{Error as _, IgnoredAny};
+        let Field { name, then } = self;
+        while let Some(wanted) = map.next_key_seed(KeyIs(name))? {
+            if !wanted {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            return match then {
+                Then::Object(found) => map.next_value_seed(Field {
+                    name: "id",
+                    then: Then::Id(found),
+                }),
+                Then::Id(found) => {
+                    *found = map.next_value::<Option<String>>()?;
+                    Err(A::Error::custom("stop"))
+                }
+            };
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Field<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
 }
 
 /// Look at one frame.
@@ -661,25 +737,14 @@ fn observe(tap: &mut Tap, data: &[u8]) -> Option<String> {
             }
             Scan::More => None,
         },
-        Tap::Sse(parser) => {
-            // A stream read in one go holds every event in one frame, and
-            // `response.created` comes first: parse up to the end of the
-            // first event that names it, and the rest only if that was not
-            // the one.
-            let (head, rest) = data.split_at(first_created_event_end(data));
-            let mut found = created_id(parser, head);
-            if found.is_none() && !rest.is_empty() {
-                found = created_id(parser, rest);
+        Tap::Sse(outlines) => match created_id(outlines, data) {
+            Some(Ok(id)) => Some(id),
+            Some(Err(())) => {
+                *tap = Tap::Done;
+                return None;
             }
-            match found {
-                Some(Ok(id)) => Some(id),
-                Some(Err(())) => {
-                    *tap = Tap::Done;
-                    return None;
-                }
-                None => None,
-            }
-        }
+            None => None,
+        },
         Tap::Done => None,
     };
     if id.is_some() {
@@ -836,33 +901,39 @@ impl TopLevelId {
     }
 }
 
-/// Where the first event whose text has `response.created` ends in `data`
-/// (after its blank line), or `data`'s length.
-fn first_created_event_end(data: &[u8]) -> usize {
-    let Some(at) = memchr::memmem::find(data, b"response.created") else {
-        return data.len();
-    };
-    memchr::memmem::find(&data[at..], b"\n\n").map_or(data.len(), |end| at + end + 2)
+/// How reading a stream for its id ended early.
+enum Stop {
+    /// The `response.created` event's id.
+    Found(String),
+    /// The stream cannot be read (the tap gives up).
+    Unreadable,
 }
 
-/// Feed `chunk` to the stream's parser; `Some(Ok(id))` at the
+impl From<SseError> for Stop {
+    fn from(_: SseError) -> Self {
+        Stop::Unreadable
+    }
+}
+
+/// Feed `chunk` to the stream's reader; `Some(Ok(id))` at the
 /// `response.created` event's id, `Some(Err(()))` when the stream cannot be
-/// read (the tap gives up), `None` while no id was seen.
-fn created_id(parser: &mut Parser, chunk: &[u8]) -> Option<Result<String, ()>> {
-    if parser.push(chunk).is_err() {
-        return Some(Err(()));
-    }
-    while let Some(event) = parser.next_event_ref() {
-        if !event.data.contains("response.created") {
-            continue;
-        }
-        if let Ok(created) = serde_json::from_str::<Created<'_>>(&event.data)
-            && let Some(id) = created.response.and_then(|r| r.id)
+/// read (the tap gives up), `None` while no id was seen. The read stops at
+/// the id: a stream read in one go holds every event in one frame, and
+/// `response.created` comes first.
+fn created_id(outlines: &mut Outlines, chunk: &[u8]) -> Option<Result<String, ()>> {
+    let read = outlines.push(chunk, |event| {
+        if memchr::memmem::find(event.data, b"response.created").is_some()
+            && let Some(id) = created_response_id(&event.text())
         {
-            return Some(Ok(id.into_owned()));
+            return Err(Stop::Found(id));
         }
+        Ok(())
+    });
+    match read {
+        Ok(()) => None,
+        Err(Stop::Found(id)) => Some(Ok(id)),
+        Err(Stop::Unreadable) => Some(Err(())),
     }
-    None
 }
 
 impl HttpBody for IdTap {
@@ -902,8 +973,36 @@ mod tests {
     const CREATED: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"object\":\"response\",\"id\":\"resp_1\",\"status\":\"in_progress\"}}\n\n";
     const DELTA: &str = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"response.created is a name\"}\n\n";
 
+    #[test]
+    fn a_created_events_response_id_is_read_up_to_the_id() {
+        let read = |data: &str| created_response_id(data);
+        assert_eq!(
+            read(
+                r#"{"type":"response.created","item":{"id":"no"},"response":{"output":[{"id":"msg"}],"i\u0064":"resp_1"}}"#
+            ),
+            Some("resp_1".into())
+        );
+        // The read stops at the id: what follows is not looked at.
+        assert_eq!(
+            read(r#"{"response":{"id":"resp_2","tools":[oops"#),
+            Some("resp_2".into())
+        );
+        for data in [
+            r#"{"type":"response.output_text.delta","delta":"response.created"}"#,
+            r#"{"response":null}"#,
+            r#"{"response":{"id":7}}"#,
+            r#"{"response":{"id":null,"x":1}}"#,
+            r#"{"response":{"object":"response"}}"#,
+            r#"{"response":{"object":"resp"#,
+            r#"["response",{"id":"x"}]"#,
+            "response.created",
+        ] {
+            assert_eq!(read(data), None, "{data}");
+        }
+    }
+
     fn sse() -> Tap {
-        Tap::Sse(Box::new(Parser::new()))
+        Tap::Sse(Box::default())
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use llm_proxy_core::sse::Parser;
+use llm_proxy_core::sse::{Outlines, SseError};
 use llm_proxy_core::{BoxError, Error, FlushBeforeError, StreamKind};
 use tokio::time::{Instant, Sleep};
 
@@ -62,8 +62,17 @@ pin_project_lite::pin_project! {
 
 struct StreamWatch {
     kind: StreamKind,
-    parser: Parser,
+    outlines: Outlines,
     done: bool,
+}
+
+/// Why a watched stream is not a valid stream of its kind.
+struct Garbled(String);
+
+impl From<SseError> for Garbled {
+    fn from(e: SseError) -> Self {
+        Garbled(e.to_string())
+    }
 }
 
 /// Just the `type` of an event's data, which also checks that it is JSON.
@@ -103,7 +112,7 @@ impl UpstreamBody {
             watch: watch.map(|kind| {
                 Box::new(StreamWatch {
                     kind,
-                    parser: Parser::new(),
+                    outlines: Outlines::new(),
                     done: false,
                 })
             }),
@@ -124,58 +133,67 @@ impl StreamWatch {
     /// Feed a chunk; `Err(reason)` when the stream is not a valid stream of
     /// its kind.
     fn observe(&mut self, chunk: &[u8]) -> Result<(), String> {
-        self.parser.push(chunk).map_err(|e| e.to_string())?;
-        while let Some(event) = self.parser.next_event_ref() {
+        let StreamWatch {
+            kind,
+            outlines,
+            done,
+        } = self;
+        let kind = *kind;
+        let garbled = |reason: &str| Garbled(reason.into());
+        let watched = outlines.push(chunk, |event| {
             // A keep-alive (`data: ` with nothing in it) is not a garbled
             // event: it carries nothing, and passes on as it came.
             if event.is_blank() {
-                continue;
+                return Ok(());
             }
-            if self.kind == StreamKind::Chat && event.is_done() {
-                self.done = true;
-                continue;
+            if kind == StreamKind::Chat && event.is_done() {
+                *done = true;
+                return Ok(());
             }
-            if self.done && self.kind == StreamKind::Chat {
-                return Err("data after [DONE]".into());
+            if *done && kind == StreamKind::Chat {
+                return Err(garbled("data after [DONE]"));
             }
             // Each dialect's events are JSON objects. Checking the shape is
             // enough to catch a garbled stream; the client's parser reads the
             // rest. The full parse is only needed for a `type` with no
             // `event:` line to name it.
-            if !looks_like_object(&event.data) {
-                return Err("the upstream sent an SSE event whose data is not JSON".into());
+            if !looks_like_object(event.data) {
+                return Err(garbled(NOT_JSON));
             }
+            let text;
             let typed;
-            let name = match (self.kind, event.event.as_deref()) {
-                (StreamKind::Chat, _) => "",
-                (_, Some(name)) => name,
-                (_, None) => {
-                    let Ok(parsed) = serde_json::from_str::<Typed<'_>>(&event.data) else {
-                        return Err("the upstream sent an SSE event whose data is not JSON".into());
-                    };
-                    typed = parsed;
-                    typed.kind.as_deref().unwrap_or("")
+            let name = match (kind, event.event) {
+                (StreamKind::Chat, _) => &b""[..],
+                (_, b"") => {
+                    text = event.text();
+                    typed =
+                        serde_json::from_str::<Typed<'_>>(&text).map_err(|_| garbled(NOT_JSON))?;
+                    typed.kind.as_deref().unwrap_or("").as_bytes()
                 }
+                (_, name) => name,
             };
             // The dialect's own last event, or the upstream's own error event:
             // either is a clean end of the stream.
-            self.done |= match self.kind {
+            *done |= match kind {
                 StreamKind::Chat => false,
                 StreamKind::Responses => matches!(
                     name,
-                    "response.completed" | "response.failed" | "response.incomplete" | "error"
+                    b"response.completed" | b"response.failed" | b"response.incomplete" | b"error"
                 ),
-                StreamKind::Messages => matches!(name, "message_stop" | "error"),
+                StreamKind::Messages => matches!(name, b"message_stop" | b"error"),
             };
-        }
-        Ok(())
+            Ok(())
+        });
+        watched.map_err(|Garbled(reason)| reason)
     }
 }
 
+const NOT_JSON: &str = "the upstream sent an SSE event whose data is not JSON";
+
 /// `{…}`, give or take surrounding whitespace.
-fn looks_like_object(data: &str) -> bool {
+fn looks_like_object(data: &[u8]) -> bool {
     let data = data.trim_ascii();
-    data.starts_with('{') && data.ends_with('}')
+    data.starts_with(b"{") && data.ends_with(b"}")
 }
 
 fn error(upstream: &str, reason: &str) -> BoxError {
@@ -213,7 +231,7 @@ impl HttpBody for UpstreamBody {
                     {
                         // Pass this frame on, then end with the error event
                         // (or, if it ended mid-event, just fail).
-                        let cut = watch.parser.has_partial();
+                        let cut = watch.outlines.has_partial();
                         *this.state =
                             State::interrupt(this.upstream, &reason, Some(watch.kind), cut);
                     }
@@ -277,7 +295,10 @@ impl HttpBody for UpstreamBody {
                 Poll::Ready(None)
             }
             Err(reason) => {
-                let cut = this.watch.as_ref().is_some_and(|w| w.parser.has_partial());
+                let cut = this
+                    .watch
+                    .as_ref()
+                    .is_some_and(|w| w.outlines.has_partial());
                 *this.state = State::interrupt(
                     this.upstream,
                     &reason,
@@ -368,7 +389,7 @@ mod tests {
     fn watch(kind: StreamKind) -> StreamWatch {
         StreamWatch {
             kind,
-            parser: Parser::new(),
+            outlines: Outlines::new(),
             done: false,
         }
     }
