@@ -79,6 +79,13 @@ async fn send(svc: &Svc, req: Request<Body>) -> (String, Vec<Bytes>, bool) {
     (label, frames, failed)
 }
 
+/// The SSE events the frames carry, as text.
+fn events(frames: &[Bytes]) -> Vec<String> {
+    let mut parser = llm_proxy_core::sse::Parser::new();
+    parser.push(&frames.concat()).unwrap();
+    std::iter::from_fn(|| parser.next_event().map(|e| e.data)).collect()
+}
+
 fn has_usage_chunk(frames: &[Bytes]) -> bool {
     frames.iter().any(|f| {
         let f = String::from_utf8_lossy(f);
@@ -106,10 +113,16 @@ async fn streams_are_stored_with_usage_and_replayed_frame_for_frame() {
         has_usage_chunk(&asked),
         "stored, and replayed to a client that asks"
     );
+    let (first, asked) = (events(&first), events(&asked));
     assert_eq!(
         asked.len(),
         first.len() + 1,
-        "the same chunks plus the usage chunk"
+        "the same events plus the usage chunk"
+    );
+    assert!(
+        asked
+            .iter()
+            .all(|e| first.contains(e) || e.contains("\"usage\":{"))
     );
     assert_eq!(mock.stats.requests_for(PATH), 1);
 }

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use llm_proxy_core::sse::{Outlines, SseError};
@@ -15,7 +15,8 @@ use crate::pool::Lease;
 pin_project_lite::pin_project! {
     /// An upstream's response body on its way to the client.
     ///
-    /// Frames pass through as they arrive, unchanged. The body
+    /// Bytes pass through as they arrive, unchanged; frames the upstream
+    /// sent together (read at once) leave as one frame. The body
     ///
     /// - fails when the upstream is silent for longer than the idle timeout;
     /// - for an SSE stream of a model API, watches the events: a stream that
@@ -44,6 +45,9 @@ pin_project_lite::pin_project! {
         // once the body has ended (dropped with the body otherwise, which
         // closes the connection).
         lease: Option<Lease>,
+        // What the upstream body gave after the frames gathered into the
+        // last one (its end, an error, trailers), for the next poll.
+        held: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
     }
 
     impl PinnedDrop for UpstreamBody {
@@ -119,6 +123,7 @@ impl UpstreamBody {
             state: State::Streaming,
             upstream,
             lease: None,
+            held: None,
         }
     }
 
@@ -207,9 +212,9 @@ impl HttpBody for UpstreamBody {
     /// On a pooled `http://` connection the body drives the connection
     /// itself (see `pool.rs`): when hyper's channel has no chunk, the
     /// connection is polled here, reads what the socket holds into the
-    /// channel, and the chunk is taken in the same poll. A burst of events
-    /// read at once thus reaches hyper's server frame after frame with no
-    /// `Pending` between them, and leaves in one `writev`.
+    /// channel, and the chunk is taken in the same poll. The chunks of a
+    /// burst of events read at once are taken in one poll, one after the
+    /// other, and leave as one frame (up to `GATHER_MAX` bytes).
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -221,71 +226,94 @@ impl HttpBody for UpstreamBody {
             State::Streaming => {}
         }
 
-        let mut driven = false;
-        let outcome = loop {
-            match this.inner.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    *this.idle_armed = false;
-                    if let (Some(watch), Some(data)) = (this.watch.as_mut(), frame.data_ref())
-                        && let Err(reason) = watch.observe(data)
-                    {
-                        // Pass this frame on, then end with the error event
-                        // (or, if it ended mid-event, just fail).
-                        let cut = watch.outlines.has_partial();
-                        *this.state =
-                            State::interrupt(this.upstream, &reason, Some(watch.kind), cut);
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                // After the dialect's last event the stream has said all it
-                // had to: a connection that then fails or goes quiet ends it
-                // cleanly (no error event after `[DONE]`), though it is not
-                // reused.
-                Poll::Ready(Some(Err(_))) if said_all(this.watch) => break Ok(()),
-                Poll::Ready(Some(Err(e))) => {
-                    break Err(format!("the upstream connection failed: {e}"));
-                }
-                Poll::Ready(None) => {
-                    // The upstream's message is complete: its connection can
-                    // serve another request.
-                    if let Some(lease) = this.lease.take() {
-                        lease.release();
-                    }
-                    break match this.watch.as_ref() {
-                        Some(watch) if !watch.done => Err(match watch.kind {
-                            StreamKind::Chat => "the upstream ended the stream without [DONE]",
-                            StreamKind::Responses => {
-                                "the upstream ended the stream before response.completed"
+        let polled = match this.held.take() {
+            Some(held) => Poll::Ready(held),
+            None => poll_next(this.inner.as_mut(), this.lease, cx),
+        };
+        let outcome = match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.idle_armed = false;
+                let mut data = match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                };
+                let mut watched = watch(this.watch, this.upstream, this.state, &data);
+                if watched && data.len() < GATHER_MAX && !this.inner.is_end_stream() {
+                    // Whatever else the upstream has sent already goes
+                    // out with this frame: one frame through the layers
+                    // above and one chunk from hyper's server instead of
+                    // one per event. Nothing waits for it.
+                    let mut gathered: Option<BytesMut> = None;
+                    let mut len = data.len();
+                    while watched && len < GATHER_MAX {
+                        let next = match poll_next(this.inner.as_mut(), this.lease, cx) {
+                            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                                Ok(next) => next,
+                                Err(frame) => {
+                                    *this.held = Some(Some(Ok(frame)));
+                                    break;
+                                }
+                            },
+                            Poll::Ready(other) => {
+                                *this.held = Some(other);
+                                break;
                             }
-                            StreamKind::Messages => {
-                                "the upstream ended the stream before message_stop"
-                            }
+                            Poll::Pending => break,
+                        };
+                        watched = watch(this.watch, this.upstream, this.state, &next);
+                        len += next.len();
+                        let buf = gathered.get_or_insert_with(|| {
+                            let mut buf = BytesMut::with_capacity(2 * len);
+                            buf.extend_from_slice(&data);
+                            buf
+                        });
+                        buf.extend_from_slice(&next);
+                    }
+                    if let Some(buf) = gathered {
+                        data = buf.freeze();
+                    }
+                }
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            // After the dialect's last event the stream has said all it
+            // had to: a connection that then fails or goes quiet ends it
+            // cleanly (no error event after `[DONE]`), though it is not
+            // reused.
+            Poll::Ready(Some(Err(_))) if said_all(this.watch) => Ok(()),
+            Poll::Ready(Some(Err(e))) => Err(format!("the upstream connection failed: {e}")),
+            Poll::Ready(None) => {
+                // The upstream's message is complete: its connection can
+                // serve another request.
+                if let Some(lease) = this.lease.take() {
+                    lease.release();
+                }
+                match this.watch.as_ref() {
+                    Some(watch) if !watch.done => Err(match watch.kind {
+                        StreamKind::Chat => "the upstream ended the stream without [DONE]",
+                        StreamKind::Responses => {
+                            "the upstream ended the stream before response.completed"
                         }
-                        .to_owned()),
-                        _ => Ok(()),
-                    };
+                        StreamKind::Messages => "the upstream ended the stream before message_stop",
+                    }
+                    .to_owned()),
+                    _ => Ok(()),
                 }
-                Poll::Pending if !driven && this.lease.is_some() => {
-                    driven = true;
-                    if let Some(lease) = this.lease.as_mut() {
-                        let _ = lease.drive(cx);
-                    }
+            }
+            Poll::Pending => {
+                if !*this.idle_armed {
+                    *this.idle_armed = true;
+                    this.idle
+                        .as_mut()
+                        .reset(Instant::now() + *this.idle_timeout);
                 }
-                Poll::Pending => {
-                    if !*this.idle_armed {
-                        *this.idle_armed = true;
-                        this.idle
-                            .as_mut()
-                            .reset(Instant::now() + *this.idle_timeout);
-                    }
-                    ready!(this.idle.as_mut().poll(cx));
-                    if said_all(this.watch) {
-                        break Ok(());
-                    }
-                    break Err(format!(
+                ready!(this.idle.as_mut().poll(cx));
+                if said_all(this.watch) {
+                    Ok(())
+                } else {
+                    Err(format!(
                         "no data from the upstream for {} ms",
                         this.idle_timeout.as_millis()
-                    ));
+                    ))
                 }
             }
         };
@@ -314,6 +342,7 @@ impl HttpBody for UpstreamBody {
         matches!(self.state, State::Finished)
             || (matches!(self.state, State::Streaming)
                 && self.watch.is_none()
+                && matches!(self.held, None | Some(None))
                 && self.inner.is_end_stream())
     }
 
@@ -322,6 +351,52 @@ impl HttpBody for UpstreamBody {
             self.inner.size_hint()
         } else {
             SizeHint::default()
+        }
+    }
+}
+
+/// Frames gathered into one come to at most about this many bytes.
+pub(crate) const GATHER_MAX: usize = 16 * 1024;
+
+/// The upstream body's next frame. On a pooled connection, when hyper's
+/// channel has none, the connection is driven once to read what the socket
+/// holds (see `pool.rs`).
+fn poll_next(
+    mut inner: Pin<&mut Incoming>,
+    lease: &mut Option<Lease>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    if let Poll::Ready(polled) = inner.as_mut().poll_frame(cx) {
+        return Poll::Ready(polled);
+    }
+    match lease {
+        Some(lease) => {
+            let _ = lease.drive(cx);
+            inner.poll_frame(cx)
+        }
+        None => Poll::Pending,
+    }
+}
+
+/// Show a data frame to the stream's watch; `false` when the stream broke
+/// there (the state is then set to end it, after this frame).
+fn watch(
+    watch: &mut Option<Box<StreamWatch>>,
+    upstream: &str,
+    state: &mut State,
+    data: &Bytes,
+) -> bool {
+    let Some(watch) = watch else {
+        return true;
+    };
+    match watch.observe(data) {
+        Ok(()) => true,
+        Err(reason) => {
+            // Pass this frame on, then end with the error event (or, if it
+            // ended mid-event, just fail).
+            let cut = watch.outlines.has_partial();
+            *state = State::interrupt(upstream, &reason, Some(watch.kind), cut);
+            false
         }
     }
 }

@@ -487,7 +487,7 @@ mod tests {
             let _ = stream.read(&mut buf).await.unwrap();
             let chunks = |from: usize, n: usize| -> String {
                 (from..from + n)
-                    .map(|i| format!("5\r\nchk{i:02}\r\n"))
+                    .map(|i| format!("5\r\nc{i:04}\r\n"))
                     .collect()
             };
             let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
@@ -519,28 +519,48 @@ mod tests {
         let req = Request::get("/v1/x").body(llm_proxy_core::empty()).unwrap();
         let mut body = up.call(req).await.unwrap().into_body();
         // Until the first frame comes out, yield to the scheduler like a
-        // server would; from then on the whole burst must be ready.
-        let mut frames = 0;
-        let mut pending_after_first = 0;
+        // server would; the whole burst must come out in that frame.
+        let mut lens = Vec::new();
         loop {
             let polled = std::future::poll_fn(|cx| Poll::Ready(poll_once(&mut body, cx))).await;
             match polled {
-                Some(Some(len)) => {
-                    assert_eq!(len, 5);
-                    frames += 1;
-                }
+                Some(Some(len)) => lens.push(len),
                 Some(None) => break,
-                None if frames == 10 => break,
-                None => {
-                    if frames > 0 {
-                        pending_after_first += 1;
-                    }
-                    tokio::task::yield_now().await;
-                }
+                None if lens.iter().sum::<usize>() == 50 => break,
+                None => tokio::task::yield_now().await,
             }
         }
-        assert_eq!(frames, 10);
-        assert_eq!(pending_after_first, 0, "the burst went out in pieces");
+        assert_eq!(
+            lens,
+            [50],
+            "ten chunks of five bytes, sent at once, leave as one frame"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gathered_frame_stops_growing_at_the_bound() {
+        let (_tx, go) = tokio::sync::oneshot::channel();
+        let addr = chunked_server(4000, 0, go).await;
+        let mut up = upstream(addr, Duration::from_secs(30));
+        let req = Request::get("/v1/x").body(llm_proxy_core::empty()).unwrap();
+        let mut body = up.call(req).await.unwrap().into_body();
+        let mut lens = Vec::new();
+        while lens.iter().sum::<usize>() < 20_000 {
+            match std::future::poll_fn(|cx| Poll::Ready(poll_once(&mut body, cx))).await {
+                Some(Some(len)) => lens.push(len),
+                Some(None) => break,
+                None => tokio::task::yield_now().await,
+            }
+        }
+        assert_eq!(lens.iter().sum::<usize>(), 20_000);
+        assert!(
+            (2..=10).contains(&lens.len()),
+            "gathered, up to the bound: {lens:?}"
+        );
+        assert!(
+            lens.iter().all(|&len| len < crate::body::GATHER_MAX + 5),
+            "{lens:?}"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -556,10 +576,10 @@ mod tests {
         let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
             .await
             .expect("the first chunk comes out on its own");
-        assert_eq!(first.unwrap().unwrap().into_data().unwrap(), "chk00");
+        assert_eq!(first.unwrap().unwrap().into_data().unwrap(), "c0000");
         tx.send(()).unwrap();
         let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(second, "chk01");
+        assert_eq!(second, "c0001");
         assert!(body.frame().await.is_none());
     }
 
