@@ -84,118 +84,123 @@ def main():
     hit = by_round(records, "group", "cache-hit")
     miss = by_round(records, "group", "cache-miss")
     bal = by_round(records, "group", "balance")
-    w("## Cache (`[cache] backend = \"memory\"`), `wrk -t2 -c32`, non-streamed chat completion")
-    w("")
-    w("**Hits**: the same request over and over (all hits after the first), against the mock itself.")
-    w("")
-    tput_table(hit, [("direct", "direct (mock)"), ("cache-hit", "llm-proxy, cache hits")], "direct", "direct")
-    ref = series({k: {**hit.get(k, {}), **{"one": v["one"]}} for k, v in bal.items() if "one" in v},
-                 lambda r: r["one"]["rps"] / r["direct"]["rps"])
-    if ref:
-        w(f"For reference, llm-proxy without cache forwarding the same request (the balancer's "
-          f"one-upstream run of the same round) ÷ direct: {fmt(ref, '.2f')}.")
+    if hit or miss:
+        w("## Cache (`[cache] backend = \"memory\"`), `wrk -t2 -c32`, non-streamed chat completion")
         w("")
-    w("**Misses**: every body different (a counter in the message, `scripts/bench-lib/unique.lua`); "
-      "llm-proxy with the cache on vs the same proxy without `[cache]`.")
-    w("")
-    tput_table(miss, [("cache-off", "llm-proxy, no cache"), ("cache-on", "llm-proxy, cache on (all misses)")],
-               "cache-off", "no cache")
-    ev = metrics.get("cache_events")
-    if ev:
-        w("Cache events counted by the cache proxy over the whole run (`llm_proxy_cache_events_total`): "
-          + ", ".join(f"`{k}` {int(v):,}" for k, v in sorted(ev.items())) + ".")
+        w("**Hits**: the same request over and over (all hits after the first), against the mock itself.")
         w("")
-    r_hit = series(hit, lambda r: r["cache-hit"]["rps"] / r["direct"]["rps"])
-    r_miss = series(miss, lambda r: r["cache-on"]["rps"] / r["cache-off"]["rps"])
-    summary.append(("cache hits: llm-proxy ÷ direct", fmt(r_hit, ".2f"), "≥ 0.80",
-                    verdict_min(med(r_hit), 0.80)))
-    if r_miss:
-        c = [1 - x for x in r_miss]
-        summary.append(("cache miss cost: 1 − (cache on ÷ no cache), unique bodies", fmt(c, "+.1%"), "< 5%",
-                        verdict_cost(med(c), 0.05)))
+        tput_table(hit, [("direct", "direct (mock)"), ("cache-hit", "llm-proxy, cache hits")], "direct", "direct")
+        ref = series({k: {**hit.get(k, {}), **{"one": v["one"]}} for k, v in bal.items() if "one" in v},
+                     lambda r: r["one"]["rps"] / r["direct"]["rps"])
+        if ref:
+            w(f"For reference, llm-proxy without cache forwarding the same request (the balancer's "
+              f"one-upstream run of the same round) ÷ direct: {fmt(ref, '.2f')}.")
+            w("")
+        w("**Misses**: every body different (a counter in the message, `scripts/bench-lib/unique.lua`); "
+          "llm-proxy with the cache on vs the same proxy without `[cache]`.")
+        w("")
+        tput_table(miss, [("cache-off", "llm-proxy, no cache"), ("cache-on", "llm-proxy, cache on (all misses)")],
+                   "cache-off", "no cache")
+        ev = metrics.get("cache_events")
+        if ev:
+            w("Cache events counted by the cache proxy over the whole run (`llm_proxy_cache_events_total`): "
+              + ", ".join(f"`{k}` {int(v):,}" for k, v in sorted(ev.items())) + ".")
+            w("")
+        r_hit = series(hit, lambda r: r["cache-hit"]["rps"] / r["direct"]["rps"])
+        r_miss = series(miss, lambda r: r["cache-on"]["rps"] / r["cache-off"]["rps"])
+        summary.append(("cache hits: llm-proxy ÷ direct", fmt(r_hit, ".2f"), "≥ 0.80",
+                        verdict_min(med(r_hit), 0.80)))
+        if r_miss:
+            c = [1 - x for x in r_miss]
+            summary.append(("cache miss cost: 1 − (cache on ÷ no cache), unique bodies", fmt(c, "+.1%"), "< 5%",
+                            verdict_cost(med(c), 0.05)))
 
     # Auth.
     auth = by_round(records, "group", "auth")
-    w("## Auth (`[auth]`, one key, limits far above the load), `wrk -t2 -c32`, non-streamed chat completion")
-    w("")
-    w("Both send `authorization: Bearer <key>`; the proxy without `[auth]` ignores it.")
-    w("")
-    tput_table(auth, [("no-auth", "llm-proxy, no auth"), ("auth", "llm-proxy, auth")], "no-auth", "no auth")
-    r_auth = series(auth, lambda r: r["auth"]["rps"] / r["no-auth"]["rps"])
-    if r_auth:
-        c = [1 - x for x in r_auth]
-        summary.append(("auth cost: 1 − (auth ÷ no auth)", fmt(c, "+.1%"), "< 5%", verdict_cost(med(c), 0.05)))
+    if auth:
+        w("## Auth (`[auth]`, one key, limits far above the load), `wrk -t2 -c32`, non-streamed chat completion")
+        w("")
+        w("Both send `authorization: Bearer <key>`; the proxy without `[auth]` ignores it.")
+        w("")
+        tput_table(auth, [("no-auth", "llm-proxy, no auth"), ("auth", "llm-proxy, auth")], "no-auth", "no auth")
+        r_auth = series(auth, lambda r: r["auth"]["rps"] / r["no-auth"]["rps"])
+        if r_auth:
+            c = [1 - x for x in r_auth]
+            summary.append(("auth cost: 1 − (auth ÷ no auth)", fmt(c, "+.1%"), "< 5%", verdict_cost(med(c), 0.05)))
 
     # Balancer.
-    w("## Balancer (default `p2c_ewma`), `wrk -t2 -c32`, non-streamed chat completion")
-    w("")
-    w("Two upstreams (two upstream entries, both on one `mock_server` process, so that the comparison is of the balancer and not of a second busy process on 2 cores) vs one.")
-    w("")
-    tput_table(bal, [("one", "llm-proxy, 1 upstream"), ("two", "llm-proxy, 2 upstreams")], "one", "1 upstream")
-    up = metrics.get("two_upstream_requests")
-    if up:
-        w("Requests per upstream of the two-upstream proxy over the whole run: "
-          + ", ".join(f"`{k}` {int(v):,}" for k, v in sorted(up.items())) + ".")
+    if bal:
+        w("## Balancer (default `p2c_ewma`), `wrk -t2 -c32`, non-streamed chat completion")
         w("")
-    r_bal = series(bal, lambda r: r["two"]["rps"] / r["one"]["rps"])
-    summary.append(("balancer: 2 upstreams ÷ 1 upstream", fmt(r_bal, ".2f"), "≥ 1 (no loss)",
-                    verdict_min(med(r_bal), 1.0)))
+        w("Two upstreams (two upstream entries, both on one `mock_server` process, so that the comparison is of the balancer and not of a second busy process on 2 cores) vs one.")
+        w("")
+        tput_table(bal, [("one", "llm-proxy, 1 upstream"), ("two", "llm-proxy, 2 upstreams")], "one", "1 upstream")
+        up = metrics.get("two_upstream_requests")
+        if up:
+            w("Requests per upstream of the two-upstream proxy over the whole run: "
+              + ", ".join(f"`{k}` {int(v):,}" for k, v in sorted(up.items())) + ".")
+            w("")
+        r_bal = series(bal, lambda r: r["two"]["rps"] / r["one"]["rps"])
+        summary.append(("balancer: 2 upstreams ÷ 1 upstream", fmt(r_bal, ".2f"), "≥ 1 (no loss)",
+                        verdict_min(med(r_bal), 1.0)))
 
     # Dialects.
-    w("## Dialects, streamed: whole-request latency at 1 connection (`wrk -t1 -c1 --latency`), µs")
-    w("")
-    w("Mock at full speed, 8 tokens. Chat: `POST /v1/chat/completions` `\"stream\":true`; Responses: "
-      "`POST /v1/responses` `{\"model\",\"input\":\"hi\",\"stream\":true}`; Messages: `POST /v1/messages` "
-      "with `anthropic-version: 2023-06-01`, `max_tokens` 64, `\"stream\":true`. Direct = the mock; "
-      "nginx = a plain reverse proxy in front of the same mock (the reference: what any proxy adds to "
-      "these streams); llm-proxy = one upstream, no cache, no auth.")
-    w("")
-    w("| dialect | direct p50 | nginx added p50 | llm-proxy p50 | llm-proxy added p50 | direct p99 | "
-      "llm-proxy p99 | llm-proxy added p99 | llm-proxy req/s | wrk errors |")
-    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    dialects = [("chat", "chat completions"), ("responses", "Responses"), ("messages", "Messages")]
-    rounds = {d: by_round(records, "group", f"dialect-{d}") for d, _ in dialects}
-    added, nginx_added = {}, {}
-    for d, label in dialects:
-        rr = rounds[d]
-        added[d] = {k: v["llm-proxy"]["p50_us"] - v["direct"]["p50_us"]
-                    for k, v in rr.items() if "llm-proxy" in v and "direct" in v}
-        nginx_added[d] = {k: v["nginx"]["p50_us"] - v["direct"]["p50_us"]
-                          for k, v in rr.items() if "nginx" in v and "direct" in v}
-        dp50 = series(rr, lambda r: r["direct"]["p50_us"])
-        pp50 = series(rr, lambda r: r["llm-proxy"]["p50_us"])
-        dp99 = series(rr, lambda r: r["direct"]["p99_us"])
-        pp99 = series(rr, lambda r: r["llm-proxy"]["p99_us"])
-        a99 = series(rr, lambda r: r["llm-proxy"]["p99_us"] - r["direct"]["p99_us"])
-        rps = series(rr, lambda r: r["llm-proxy"]["rps"])
-        errs = errors(rr, "direct") + errors(rr, "nginx") + errors(rr, "llm-proxy")
-        w(f"| {label} | {fmt(dp50, '.0f')} | {fmt(list(nginx_added[d].values()), '+.0f')} | "
-          f"{fmt(pp50, '.0f')} | {fmt(list(added[d].values()), '+.0f')} | "
-          f"{fmt(dp99, '.0f')} | {fmt(pp99, '.0f')} | {fmt(a99, '+.0f')} | {fmt(rps, ',.0f')} | {errs} |")
-    w("")
-    chat_added = med(list(added["chat"].values()))
-    w(f"Judged \"same as chat\" when a dialect's added p50 is within 10% of chat's added p50 or within "
-      f"{DIALECT_FLOOR_US} µs of it, whichever is larger (differences taken within each round, then the "
-      "median). nginx's own difference on the same streams is given beside it: a dialect whose answer "
-      "is larger (Responses sends about twice chat's bytes and events) costs any proxy more.")
-    w("")
-    for d, label in dialects[1:]:
-        diffs = [added[d][k] - added["chat"][k] for k in sorted(added[d]) if k in added["chat"]]
-        if not diffs or chat_added is None:
-            continue
-        m = med(diffs)
-        allowed = max(0.10 * abs(chat_added), DIALECT_FLOOR_US)
-        ok = abs(m) <= allowed
-        pct = f", {m / chat_added:+.0%} of chat's" if chat_added else ""
-        summary.append((f"{label} added p50 − chat's added p50", f"{fmt(diffs, '+.0f', ' µs')}{pct}",
-                        f"within ±{allowed:.0f} µs (10% of chat's {chat_added:+.0f} µs, floor "
-                        f"{DIALECT_FLOOR_US} µs)",
-                        "met" if ok else ("slower than chat" if m > 0 else "faster than chat")))
-        ndiffs = [nginx_added[d][k] - nginx_added["chat"][k]
-                  for k in sorted(nginx_added[d]) if k in nginx_added["chat"]]
-        if ndiffs:
-            summary.append((f"reference: nginx's {label} added p50 − its chat added p50",
-                            fmt(ndiffs, '+.0f', ' µs'), "–", "–"))
+    rounds = {d: by_round(records, "group", f"dialect-{d}") for d in ("chat", "responses", "messages")}
+    if any(rounds.values()):
+        w("## Dialects, streamed: whole-request latency at 1 connection (`wrk -t1 -c1 --latency`), µs")
+        w("")
+        w("Mock at full speed, 8 tokens. Chat: `POST /v1/chat/completions` `\"stream\":true`; Responses: "
+          "`POST /v1/responses` `{\"model\",\"input\":\"hi\",\"stream\":true}`; Messages: `POST /v1/messages` "
+          "with `anthropic-version: 2023-06-01`, `max_tokens` 64, `\"stream\":true`. Direct = the mock; "
+          "nginx = a plain reverse proxy in front of the same mock (the reference: what any proxy adds to "
+          "these streams); llm-proxy = one upstream, no cache, no auth.")
+        w("")
+        w("| dialect | direct p50 | nginx added p50 | llm-proxy p50 | llm-proxy added p50 | direct p99 | "
+          "llm-proxy p99 | llm-proxy added p99 | llm-proxy req/s | wrk errors |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        dialects = [("chat", "chat completions"), ("responses", "Responses"), ("messages", "Messages")]
+        rounds = {d: by_round(records, "group", f"dialect-{d}") for d, _ in dialects}
+        added, nginx_added = {}, {}
+        for d, label in dialects:
+            rr = rounds[d]
+            added[d] = {k: v["llm-proxy"]["p50_us"] - v["direct"]["p50_us"]
+                        for k, v in rr.items() if "llm-proxy" in v and "direct" in v}
+            nginx_added[d] = {k: v["nginx"]["p50_us"] - v["direct"]["p50_us"]
+                              for k, v in rr.items() if "nginx" in v and "direct" in v}
+            dp50 = series(rr, lambda r: r["direct"]["p50_us"])
+            pp50 = series(rr, lambda r: r["llm-proxy"]["p50_us"])
+            dp99 = series(rr, lambda r: r["direct"]["p99_us"])
+            pp99 = series(rr, lambda r: r["llm-proxy"]["p99_us"])
+            a99 = series(rr, lambda r: r["llm-proxy"]["p99_us"] - r["direct"]["p99_us"])
+            rps = series(rr, lambda r: r["llm-proxy"]["rps"])
+            errs = errors(rr, "direct") + errors(rr, "nginx") + errors(rr, "llm-proxy")
+            w(f"| {label} | {fmt(dp50, '.0f')} | {fmt(list(nginx_added[d].values()), '+.0f')} | "
+              f"{fmt(pp50, '.0f')} | {fmt(list(added[d].values()), '+.0f')} | "
+              f"{fmt(dp99, '.0f')} | {fmt(pp99, '.0f')} | {fmt(a99, '+.0f')} | {fmt(rps, ',.0f')} | {errs} |")
+        w("")
+        chat_added = med(list(added["chat"].values()))
+        w(f"Judged \"same as chat\" when a dialect's added p50 is within 10% of chat's added p50 or within "
+          f"{DIALECT_FLOOR_US} µs of it, whichever is larger (differences taken within each round, then the "
+          "median). nginx's own difference on the same streams is given beside it: a dialect whose answer "
+          "is larger (Responses sends about twice chat's bytes and events) costs any proxy more.")
+        w("")
+        for d, label in dialects[1:]:
+            diffs = [added[d][k] - added["chat"][k] for k in sorted(added[d]) if k in added["chat"]]
+            if not diffs or chat_added is None:
+                continue
+            m = med(diffs)
+            allowed = max(0.10 * abs(chat_added), DIALECT_FLOOR_US)
+            ok = abs(m) <= allowed
+            pct = f", {m / chat_added:+.0%} of chat's" if chat_added else ""
+            summary.append((f"{label} added p50 − chat's added p50", f"{fmt(diffs, '+.0f', ' µs')}{pct}",
+                            f"within ±{allowed:.0f} µs (10% of chat's {chat_added:+.0f} µs, floor "
+                            f"{DIALECT_FLOOR_US} µs)",
+                            "met" if ok else ("slower than chat" if m > 0 else "faster than chat")))
+            ndiffs = [nginx_added[d][k] - nginx_added["chat"][k]
+                      for k in sorted(nginx_added[d]) if k in nginx_added["chat"]]
+            if ndiffs:
+                summary.append((f"reference: nginx's {label} added p50 − its chat added p50",
+                                fmt(ndiffs, '+.0f', ' µs'), "–", "–"))
 
     w("## Summary against the targets")
     w("")
