@@ -12,8 +12,8 @@ import sys
 
 from rounds import by_round, fmt, load, med, series
 
-# "hyper-floor" only with scripts/bench --floor.
-ALL_TARGETS = ["direct", "nginx", "llm-proxy", "hyper-floor"]
+# "hyper-floor" only with scripts/bench --floor, "llm-proxy-pgo" with --pgo.
+ALL_TARGETS = ["direct", "nginx", "llm-proxy", "llm-proxy-pgo", "hyper-floor"]
 
 
 def mib(kb):
@@ -132,6 +132,19 @@ def main():
         w(f"| added p50 at 1 connection: llm-proxy / nginx | {med(a_p):+.0f} µs / {med(a_n):+.0f} µs "
           f"(llm-proxy − nginx: {fmt(a_pn, '+.0f', ' µs')}) | llm-proxy ≤ nginx | "
           f"{verdict(med(a_p) <= med(a_n))} |")
+    if "llm-proxy-pgo" in targets:
+        r_gn = series(tput, lambda r: r["llm-proxy-pgo"]["rps"] / r["nginx"]["rps"])
+        r_gp = series(tput, lambda r: r["llm-proxy-pgo"]["rps"] / r["llm-proxy"]["rps"])
+        a_g = series(lat, lambda r: r["llm-proxy-pgo"]["p50_us"] - r["direct"]["p50_us"])
+        a_gn = series(lat, lambda r: r["llm-proxy-pgo"]["p50_us"] - r["nginx"]["p50_us"])
+        if r_gn:
+            m = med(r_gn)
+            w(f"| throughput llm-proxy PGO build ÷ nginx | {fmt(r_gn, '.2f')} | ≥ 1 | "
+              f"{verdict(m >= 1.0, m >= 0.95)} |")
+        w(f"| throughput llm-proxy PGO build ÷ plain build | {fmt(r_gp, '.2f')} | – | – |")
+        if a_g and a_n:
+            w(f"| added p50 at 1 connection: llm-proxy PGO build | {med(a_g):+.0f} µs "
+              f"(− nginx: {fmt(a_gn, '+.0f', ' µs')}) | ≤ nginx | {verdict(med(a_g) <= med(a_n))} |")
     if "hyper-floor" in targets:
         r_fn = series(tput, lambda r: r["hyper-floor"]["rps"] / r["nginx"]["rps"])
         r_pf = series(tput, lambda r: r["llm-proxy"]["rps"] / r["hyper-floor"]["rps"])
