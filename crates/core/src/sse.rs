@@ -501,15 +501,19 @@ impl Outlines {
             let (name, value) = match field(line) {
                 Field::Blank => {
                     *in_event = false;
-                    if !data.is_empty() {
+                    let read = if data.is_empty() {
+                        Ok(())
+                    } else {
                         data.pop(); // the `\n` after the last data line
-                        let outline = Outline { event, data };
-                        let read = each(outline);
-                        event.clear();
-                        data.clear();
-                        read?;
-                    }
+                        each(Outline { event, data })
+                    };
                     event.clear();
+                    data.clear();
+                    if data.capacity() > MAX_SPARE_CAPACITY {
+                        // One large event: not kept for the small ones after it.
+                        *data = Vec::new();
+                    }
+                    read?;
                     return Ok(true);
                 }
                 Field::Comment => return Ok(false),
@@ -1166,6 +1170,23 @@ mod tests {
         assert!(!small.has_partial(), "the event is dropped");
         assert!(small.push(b"data: 12", ok).is_ok());
         assert!(small.push(b"3", ok).is_err(), "an unfinished line counts");
+    }
+
+    #[test]
+    fn outlines_do_not_keep_a_large_events_buffer() {
+        let mut outlines = Outlines::new();
+        let large = format!("data: {}\n\n", "x".repeat(MAX_SPARE_CAPACITY + 1));
+        let mut seen = Vec::new();
+        for chunk in [large.as_bytes(), b"data: small\n\n"] {
+            outlines
+                .push(chunk, |e| {
+                    seen.push(e.data.len());
+                    Ok::<_, SseError>(())
+                })
+                .unwrap();
+            assert!(outlines.data.capacity() <= MAX_SPARE_CAPACITY);
+        }
+        assert_eq!(seen, [MAX_SPARE_CAPACITY + 1, 5]);
     }
 
     /// Stream-like bytes: field names, separators, line breaks of every kind,
