@@ -186,11 +186,10 @@ impl Parser {
             }
         };
         self.last_event_end = last_event_end;
-        if !tail.is_empty() {
-            if self.buffered_bytes() + tail.len() > self.max_event_bytes {
-                return Err(self.too_large());
-            }
-            self.lines.keep(tail);
+        let held = self.event.buffered_bytes();
+        if let Err(e) = self.lines.keep(tail, held, self.max_event_bytes) {
+            self.reset_event();
+            return Err(e);
         }
         Ok(())
     }
@@ -278,17 +277,6 @@ impl Parser {
     /// the stream, in milliseconds.
     pub fn reconnection_time(&self) -> Option<u64> {
         self.event.reconnection_time
-    }
-
-    fn buffered_bytes(&self) -> usize {
-        self.lines.buffered() + self.event.buffered_bytes()
-    }
-
-    fn too_large(&mut self) -> SseError {
-        self.reset_event();
-        SseError::EventTooLarge {
-            limit: self.max_event_bytes,
-        }
     }
 
     fn reset_event(&mut self) {
@@ -543,12 +531,12 @@ impl Outlines {
                 return Err(e);
             }
         };
-        if !tail.is_empty() {
-            if self.lines.buffered() + self.event.len() + self.data.len() + tail.len() > limit {
-                self.reset_event();
-                return Err(E::from(SseError::EventTooLarge { limit }));
-            }
-            self.lines.keep(tail);
+        if let Err(e) = self
+            .lines
+            .keep(tail, self.event.len() + self.data.len(), limit)
+        {
+            self.reset_event();
+            return Err(E::from(e));
         }
         Ok(())
     }
@@ -646,9 +634,18 @@ impl Lines {
         Ok((last_event_end, chunk))
     }
 
-    /// Keep the start of a line that the next chunk finishes.
-    fn keep(&mut self, tail: &[u8]) {
+    /// Keep the start of a line that the next chunk finishes, unless it
+    /// would take the event past `limit` with the `held` bytes of its fields
+    /// read so far.
+    fn keep(&mut self, tail: &[u8], held: usize, limit: usize) -> Result<(), SseError> {
+        if tail.is_empty() {
+            return Ok(());
+        }
+        if self.line.len() + held + tail.len() > limit {
+            return Err(SseError::EventTooLarge { limit });
+        }
         self.line.extend_from_slice(tail);
+        Ok(())
     }
 
     fn buffered(&self) -> usize {
