@@ -172,7 +172,7 @@ impl Parser {
         } = self;
         let limit = *max_event_bytes;
         let split = lines.split(chunk, |line| {
-            let ends = event.line(line, limit)?;
+            let ends = event.line(line.bytes(), limit)?;
             if ends {
                 event.dispatch(ready, spare_data, spare_names);
             }
@@ -485,15 +485,29 @@ impl Outlines {
             data,
             ..
         } = self;
+        // The current event's type and data while each is one line of
+        // `chunk`: borrowed from it, and copied into `event` / `data` only
+        // when the event goes on past the chunk or has more data lines.
+        let mut here_event: Option<&[u8]> = None;
+        let mut here_data: Option<&[u8]> = None;
         let split = lines.split(chunk, |line| {
-            let (name, value) = match field(line) {
+            let (name, value) = match field(line.bytes()) {
                 Field::Blank => {
                     *in_event = false;
-                    let read = if data.is_empty() {
-                        Ok(())
-                    } else {
-                        data.pop(); // the `\n` after the last data line
-                        each(Outline { event, data })
+                    let event_type = here_event.take().unwrap_or(event);
+                    let read = match here_data.take() {
+                        Some(one) => each(Outline {
+                            event: event_type,
+                            data: one,
+                        }),
+                        None if data.is_empty() => Ok(()),
+                        None => {
+                            data.pop(); // the `\n` after the last data line
+                            each(Outline {
+                                event: event_type,
+                                data,
+                            })
+                        }
                     };
                     event.clear();
                     data.clear();
@@ -509,17 +523,31 @@ impl Outlines {
             };
             *in_event = true;
             match name {
-                b"data" => {
-                    data.extend_from_slice(value);
-                    data.push(b'\n');
-                }
+                b"data" => match line.in_chunk(value) {
+                    Some(value) if here_data.is_none() && data.is_empty() => {
+                        here_data = Some(value)
+                    }
+                    _ => {
+                        if let Some(first) = here_data.take() {
+                            data.extend_from_slice(first);
+                            data.push(b'\n');
+                        }
+                        data.extend_from_slice(value);
+                        data.push(b'\n');
+                    }
+                },
                 b"event" => {
                     event.clear();
-                    event.extend_from_slice(value);
+                    here_event = line.in_chunk(value);
+                    if here_event.is_none() {
+                        event.extend_from_slice(value);
+                    }
                 }
                 _ => {}
             }
-            if event.len() + data.len() > limit {
+            let event_len = here_event.map_or(event.len(), <[u8]>::len);
+            let data_len = here_data.map_or(data.len(), |one| one.len() + 1);
+            if event_len + data_len > limit {
                 return Err(E::from(SseError::EventTooLarge { limit }));
             }
             Ok(false)
@@ -531,6 +559,14 @@ impl Outlines {
                 return Err(e);
             }
         };
+        // The event goes on in the next chunk: keep what this one lent.
+        if let Some(event_type) = here_event {
+            self.event.extend_from_slice(event_type);
+        }
+        if let Some(one) = here_data {
+            self.data.extend_from_slice(one);
+            self.data.push(b'\n');
+        }
         if let Err(e) = self
             .lines
             .keep(tail, self.event.len() + self.data.len(), limit)
@@ -588,7 +624,7 @@ impl Lines {
     fn split<'c, E>(
         &mut self,
         mut chunk: &'c [u8],
-        mut each: impl FnMut(&[u8]) -> Result<bool, E>,
+        mut each: impl FnMut(Line<'c, '_>) -> Result<bool, E>,
     ) -> Result<(Option<usize>, &'c [u8]), E> {
         let len = chunk.len();
         let mut last_event_end = None;
@@ -618,11 +654,11 @@ impl Lines {
                 }
             }
             let ends_event = if self.line.is_empty() {
-                each(strip(line, at_start))?
+                each(Line::InChunk(strip(line, at_start)))?
             } else {
                 let mut buffered = std::mem::take(&mut self.line);
                 buffered.extend_from_slice(line);
-                let result = each(strip(&buffered, at_start));
+                let result = each(Line::Joined(strip(&buffered, at_start)));
                 buffered.clear();
                 self.line = buffered;
                 result?
@@ -660,6 +696,35 @@ impl Lines {
     fn restart(&mut self) {
         self.pending_cr = false;
         self.at_stream_start = true;
+    }
+}
+
+/// A line as [`Lines::split`] hands it on.
+#[derive(Clone, Copy)]
+enum Line<'c, 'b> {
+    /// The line lies whole in the chunk being split: a borrow of it.
+    InChunk(&'c [u8]),
+    /// The line began in an earlier chunk: joined in the line buffer.
+    Joined(&'b [u8]),
+}
+
+impl<'c> Line<'c, '_> {
+    fn bytes(&self) -> &[u8] {
+        match *self {
+            Line::InChunk(line) | Line::Joined(line) => line,
+        }
+    }
+
+    /// `tail`, a tail of this line (a field's value), as a borrow of the
+    /// chunk when the line lies in it.
+    fn in_chunk(&self, tail: &[u8]) -> Option<&'c [u8]> {
+        match *self {
+            Line::InChunk(line) => {
+                debug_assert!(line.ends_with(tail));
+                Some(&line[line.len() - tail.len()..])
+            }
+            Line::Joined(_) => None,
+        }
     }
 }
 
@@ -1190,10 +1255,21 @@ mod tests {
     /// a BOM, and bytes that are not UTF-8.
     fn wire_strategy() -> impl Strategy<Value = Vec<u8>> {
         let piece = prop_oneof![
+            Just(b"id: 7".to_vec()),
+            Just(vec![0xff, 0xc3]),
+            valid_piece_strategy(),
+        ];
+        proptest::collection::vec(piece, 0..40).prop_map(|pieces| pieces.concat())
+    }
+
+    /// Pieces of a stream in which `Parser` and `Outlines` hold the same
+    /// bytes of an event: no `id` (which only the parser keeps) and valid
+    /// UTF-8 (which it keeps as sent).
+    fn valid_piece_strategy() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
             Just(b"data:".to_vec()),
             Just(b"data: ".to_vec()),
             Just(b"event: ".to_vec()),
-            Just(b"id: 7".to_vec()),
             Just(b"retry: 10".to_vec()),
             Just(b":".to_vec()),
             Just(b"\n".to_vec()),
@@ -1202,10 +1278,23 @@ mod tests {
             Just(b"\n\n".to_vec()),
             Just(BOM.to_vec()),
             Just(b"[DONE]".to_vec()),
-            Just(vec![0xff, 0xc3]),
             "[a-z{}\" ]{1,6}".prop_map(String::into_bytes),
-        ];
-        proptest::collection::vec(piece, 0..40).prop_map(|pieces| pieces.concat())
+        ]
+    }
+
+    /// Splits `wire` into chunks of the given sizes, in turn.
+    fn cut<'w>(wire: &'w [u8], sizes: &[usize]) -> Vec<&'w [u8]> {
+        let mut chunks = Vec::new();
+        let mut rest = wire;
+        for size in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+            chunks.push(chunk);
+            rest = tail;
+        }
+        chunks
     }
 
     proptest! {
@@ -1215,18 +1304,8 @@ mod tests {
             sizes in proptest::collection::vec(1usize..24, 1..16),
         ) {
             let wire: Vec<u8> = events.iter().flat_map(|e| encode(e).to_vec()).collect();
-            let mut chunks = Vec::new();
-            let mut rest = &wire[..];
-            for size in sizes.iter().cycle() {
-                if rest.is_empty() {
-                    break;
-                }
-                let (chunk, tail) = rest.split_at((*size).min(rest.len()));
-                chunks.push(chunk);
-                rest = tail;
-            }
             let mut parser = Parser::new();
-            prop_assert_eq!(parse_chunks(&mut parser, chunks), events);
+            prop_assert_eq!(parse_chunks(&mut parser, cut(&wire, &sizes)), events);
             prop_assert!(!parser.has_partial());
         }
 
@@ -1235,21 +1314,56 @@ mod tests {
             wire in wire_strategy(),
             sizes in proptest::collection::vec(1usize..24, 1..16),
         ) {
-            let mut chunks = Vec::new();
-            let mut rest = &wire[..];
-            for size in sizes.iter().cycle() {
-                if rest.is_empty() {
-                    break;
-                }
-                let (chunk, tail) = rest.split_at((*size).min(rest.len()));
-                chunks.push(chunk);
-                rest = tail;
-            }
+            let chunks = cut(&wire, &sizes);
             let mut parser = Parser::new();
             let parsed = without_ids(parse_chunks(&mut parser, chunks.iter().copied()));
             let (outlined, partial) = outline_chunks(chunks.iter().copied());
             prop_assert_eq!(outlined, parsed);
             prop_assert_eq!(partial, parser.has_partial());
+        }
+
+        /// Events borrowed from a chunk and events copied across chunks
+        /// count alike against the size limit: the same events come out
+        /// before the same refusal as from the parser.
+        #[test]
+        fn outlines_refuse_a_large_event_where_the_parser_does(
+            pieces in proptest::collection::vec(valid_piece_strategy(), 0..40),
+            sizes in proptest::collection::vec(1usize..24, 1..16),
+            limit in 0usize..40,
+        ) {
+            let wire = pieces.concat();
+            let chunks = cut(&wire, &sizes);
+            let mut parser = Parser::with_max_event_bytes(limit);
+            let mut parsed = Vec::new();
+            let mut parser_refused = false;
+            for chunk in &chunks {
+                let pushed = parser.push(chunk);
+                parsed.extend(std::iter::from_fn(|| parser.next_event()));
+                if pushed.is_err() {
+                    parser_refused = true;
+                    break;
+                }
+            }
+            let mut outlines = Outlines::with_max_event_bytes(limit);
+            let mut outlined = Vec::new();
+            let mut outlines_refused = false;
+            for chunk in &chunks {
+                let pushed = outlines.push(chunk, |outline| {
+                    outlined.push(Event {
+                        event: (!outline.event.is_empty())
+                            .then(|| String::from_utf8_lossy(outline.event).into_owned()),
+                        data: outline.text().into_owned(),
+                        ..Event::default()
+                    });
+                    Ok::<_, SseError>(())
+                });
+                if pushed.is_err() {
+                    outlines_refused = true;
+                    break;
+                }
+            }
+            prop_assert_eq!(outlines_refused, parser_refused);
+            prop_assert_eq!(outlined, without_ids(parsed));
         }
     }
 }
