@@ -21,9 +21,9 @@ NOISE_RATIO = 0.05
 # 10% of chat's added p50, or within this many µs of it, whichever is larger;
 # one below that is cheaper than chat's, which the target (no dialect costs
 # more than chat) also accepts.
-# wrk's p50 has 1 µs resolution, but on this VM direct's own p50 moves by tens
-# of µs between runs (scheduling of client and server on the 2 vCPUs), so a
-# few µs of difference between dialects is below what one run can resolve.
+# On this VM a target's p50 moves by a few µs even with requests interleaved
+# (scheduling of client, proxy and mock on the 2 vCPUs), so a few µs of
+# difference between dialects is below what one run can resolve.
 DIALECT_FLOOR_US = 5
 
 
@@ -43,7 +43,8 @@ def main():
     w("")
     w(f"- commit `{meta.get('commit', '?')}`; {meta.get('cpu', '?')}, {meta.get('nproc', '?')} cores "
       f"shared by load generator, proxies and mocks; kernel {meta.get('kernel', '?')}; {meta.get('wrk', 'wrk')}")
-    w(f"- {meta.get('rounds', '?')} round(s) × {meta.get('duration', '?')} s per wrk run; in every round "
+    w(f"- {meta.get('rounds', '?')} round(s) × {meta.get('duration', '?')} s per wrk run (dialects: 200 requests "
+      "per target per second of it); in every round "
       "each comparison's targets run back to back, order rotated each round (so is the order of the "
       "scenarios)")
     w(f"- load average at start: {meta.get('loadavg', '?')}; other rustc/cargo processes at start: "
@@ -146,39 +147,42 @@ def main():
         summary.append(("balancer: 2 upstreams ÷ 1 upstream", fmt(r_bal, ".2f"), "≥ 1 (no loss)",
                         verdict_min(med(r_bal), 1.0)))
 
-    # Dialects.
-    rounds = {d: by_round(records, "group", f"dialect-{d}") for d in ("chat", "responses", "messages")}
-    if any(rounds.values()):
-        w("## Dialects, streamed: whole-request latency at 1 connection (`wrk -t1 -c1 --latency`), µs")
+    # Dialects: one interleaved run per round, targets named DIALECT/TARGET.
+    drounds = by_round(records, "group", "dialects")
+    if drounds:
+        w("## Dialects, streamed: whole-request latency, one request at a time, µs")
         w("")
         w("Mock at full speed, 8 tokens. Chat: `POST /v1/chat/completions` `\"stream\":true`; Responses: "
-          "`POST /v1/responses` `{\"model\",\"input\":\"hi\",\"stream\":true}`; Messages: `POST /v1/messages` "
-          "with `anthropic-version: 2023-06-01`, `max_tokens` 64, `\"stream\":true`. Direct = the mock; "
-          "nginx = a plain reverse proxy in front of the same mock (the reference: what any proxy adds to "
-          "these streams); llm-proxy = one upstream, no cache, no auth.")
+          "`POST /v1/responses` `\"stream\":true`; Messages: `POST /v1/messages` with "
+          "`anthropic-version: 2023-06-01`, `\"stream\":true`. Direct = the mock; nginx = a plain "
+          "reverse proxy in front of the same mock (the reference: what any proxy adds to these "
+          "streams); llm-proxy = one upstream, no cache, no auth. The nine dialect × target pairs "
+          "are measured in one client, one request at a time, interleaved request by request "
+          "(`scripts/bench-lib/ttft.py --whole`: time from writing the request to the response's "
+          "last byte), so that the machine's drift hits them alike.")
         w("")
         w("| dialect | direct p50 | nginx added p50 | llm-proxy p50 | llm-proxy added p50 | direct p99 | "
-          "llm-proxy p99 | llm-proxy added p99 | llm-proxy req/s | wrk errors |")
-        w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "llm-proxy p99 | llm-proxy added p99 | errors |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         dialects = [("chat", "chat completions"), ("responses", "Responses"), ("messages", "Messages")]
-        rounds = {d: by_round(records, "group", f"dialect-{d}") for d, _ in dialects}
         added, nginx_added = {}, {}
         for d, label in dialects:
-            rr = rounds[d]
-            added[d] = {k: v["llm-proxy"]["p50_us"] - v["direct"]["p50_us"]
-                        for k, v in rr.items() if "llm-proxy" in v and "direct" in v}
-            nginx_added[d] = {k: v["nginx"]["p50_us"] - v["direct"]["p50_us"]
-                              for k, v in rr.items() if "nginx" in v and "direct" in v}
-            dp50 = series(rr, lambda r: r["direct"]["p50_us"])
-            pp50 = series(rr, lambda r: r["llm-proxy"]["p50_us"])
-            dp99 = series(rr, lambda r: r["direct"]["p99_us"])
-            pp99 = series(rr, lambda r: r["llm-proxy"]["p99_us"])
-            a99 = series(rr, lambda r: r["llm-proxy"]["p99_us"] - r["direct"]["p99_us"])
-            rps = series(rr, lambda r: r["llm-proxy"]["rps"])
-            errs = errors(rr, "direct") + errors(rr, "nginx") + errors(rr, "llm-proxy")
+            def at(r, target, figure, d=d):
+                return r[f"{d}/{target}"][f"whole_{figure}_us"]
+            added[d] = {k: at(v, "llm-proxy", "p50") - at(v, "direct", "p50")
+                        for k, v in drounds.items() if f"{d}/llm-proxy" in v and f"{d}/direct" in v}
+            nginx_added[d] = {k: at(v, "nginx", "p50") - at(v, "direct", "p50")
+                              for k, v in drounds.items() if f"{d}/nginx" in v and f"{d}/direct" in v}
+            dp50 = series(drounds, lambda r: at(r, "direct", "p50"))
+            pp50 = series(drounds, lambda r: at(r, "llm-proxy", "p50"))
+            dp99 = series(drounds, lambda r: at(r, "direct", "p99"))
+            pp99 = series(drounds, lambda r: at(r, "llm-proxy", "p99"))
+            a99 = series(drounds, lambda r: at(r, "llm-proxy", "p99") - at(r, "direct", "p99"))
+            errs = sum(r.get(f"{d}/{t}", {}).get("errors", 0)
+                       for r in drounds.values() for t in ("direct", "nginx", "llm-proxy"))
             w(f"| {label} | {fmt(dp50, '.0f')} | {fmt(list(nginx_added[d].values()), '+.0f')} | "
               f"{fmt(pp50, '.0f')} | {fmt(list(added[d].values()), '+.0f')} | "
-              f"{fmt(dp99, '.0f')} | {fmt(pp99, '.0f')} | {fmt(a99, '+.0f')} | {fmt(rps, ',.0f')} | {errs} |")
+              f"{fmt(dp99, '.0f')} | {fmt(pp99, '.0f')} | {fmt(a99, '+.0f')} | {errs} |")
         w("")
         chat_added = med(list(added["chat"].values()))
         w(f"Judged \"same as chat\" when a dialect's added p50 is within 10% of chat's added p50 or within "
@@ -203,6 +207,11 @@ def main():
             if ndiffs:
                 summary.append((f"reference: nginx's {label} added p50 − its chat added p50",
                                 fmt(ndiffs, '+.0f', ' µs'), "–", "–"))
+        chat_vs_nginx = [added["chat"][k] - nginx_added["chat"][k]
+                         for k in sorted(added["chat"]) if k in nginx_added["chat"]]
+        if chat_vs_nginx:
+            summary.append(("streamed chat: llm-proxy added p50 − nginx's", fmt(chat_vs_nginx, '+.0f', ' µs'),
+                            "–", "–"))
 
     w("## Summary against the targets")
     w("")

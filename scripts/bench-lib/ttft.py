@@ -23,6 +23,12 @@ Per request it records, from just before the request is written:
                sends it one token interval later, e.g. 20 ms at 50 tokens/s)
 
 and prints one JSON object: per target the sample medians/percentiles in µs.
+
+With --whole it records instead, per request, `whole`: the time to the
+response's last byte (nothing is parsed but the HTTP framing, so that a
+stream cut into more reads costs the client as little as possible). A
+target may then name its own dialect (`NAME=HOST:PORT@MODEL#DIALECT`), so
+that streams of several dialects interleave request by request too.
 """
 
 import argparse
@@ -35,14 +41,14 @@ PROMPT = "Stream a short greeting."
 DIALECTS = ("chat", "messages", "responses")
 
 
-def request_bytes(host, dialect, model):
+def request_bytes(host, dialect, model, max_tokens=2):
     extra = ""
     if dialect == "chat":
         path = "/v1/chat/completions"
         body = {
             "model": model,
             "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": 2,
+            "max_tokens": max_tokens,
             "stream": True,
         }
     elif dialect == "messages":
@@ -50,7 +56,7 @@ def request_bytes(host, dialect, model):
         extra = "anthropic-version: 2023-06-01\r\n"
         body = {
             "model": model,
-            "max_tokens": 2,
+            "max_tokens": max_tokens,
             "stream": True,
             "messages": [{"role": "user", "content": PROMPT}],
         }
@@ -59,7 +65,7 @@ def request_bytes(host, dialect, model):
         body = {
             "model": model,
             "input": PROMPT,
-            "max_output_tokens": 2,
+            "max_output_tokens": max_tokens,
             "stream": True,
         }
     body = json.dumps(body).encode()
@@ -105,12 +111,14 @@ def is_token(dialect, data):
 
 
 class Target:
-    def __init__(self, name, addr, model, dialect, timeout):
+    def __init__(self, name, addr, model, dialect, timeout, whole=False, max_tokens=2):
         self.name = name
         self.dialect = dialect
+        self.whole = whole
+        self.last_byte = []
         host, port = addr.rsplit(":", 1)
         self.addr = (host, int(port))
-        self.request = request_bytes(addr, dialect, model)
+        self.request = request_bytes(addr, dialect, model, max_tokens)
         self.timeout = timeout
         self.sock = None
         self.first_data = []
@@ -132,7 +140,8 @@ class Target:
                 self.sock = None
 
     def one(self):
-        """One streamed request; returns (first_data_ns, first_token_ns)."""
+        """One streamed request; returns (first_data_ns, first_token_ns), or
+        with `whole` (last_byte_ns, last_byte_ns)."""
         if self.sock is None:
             self.connect()
         sock = self.sock
@@ -188,14 +197,19 @@ class Target:
                         break
                     if len(raw) < nl + 2 + size + 2:
                         break
-                    body += raw[nl + 2:nl + 2 + size]
+                    if not self.whole:
+                        body += raw[nl + 2:nl + 2 + size]
                     raw = raw[nl + 2 + size + 2:]
             else:
-                body += raw
+                if not self.whole:
+                    body += raw
                 if remaining is not None:
                     remaining -= len(raw)
                     finished = remaining <= 0
                 raw = b""
+            if self.whole:
+                t_data = t_token = now
+                continue
             if t_data is None and b"data:" in body:
                 t_data = now
             if t_token is None:
@@ -234,16 +248,24 @@ def main():
     ap.add_argument("--round", type=int, help="print JSON lines for scripts/bench, tagged with this round")
     ap.add_argument("--dialect", choices=DIALECTS, default="chat",
                     help="API of the requests (default chat)")
+    ap.add_argument("--max-tokens", type=int, default=2,
+                    help="the requests' max_tokens / max_output_tokens (default 2)")
+    ap.add_argument("--whole", action="store_true",
+                    help="record the time to the last byte instead (see above)")
     ap.add_argument("targets", nargs="+", help="NAME=HOST:PORT or NAME=HOST:PORT@MODEL "
-                    "(model default: bench)")
+                    "(model default: bench), with --whole also ...#DIALECT")
     args = ap.parse_args()
     targets = []
     for spec in args.targets:
         name, _, addr = spec.partition("=")
+        addr, _, dialect = addr.partition("#")
         addr, _, model = addr.partition("@")
         if not name or ":" not in addr:
-            ap.error(f"target {spec!r} is not NAME=HOST:PORT[@MODEL]")
-        targets.append(Target(name, addr, model or "bench", args.dialect, args.timeout))
+            ap.error(f"target {spec!r} is not NAME=HOST:PORT[@MODEL][#DIALECT]")
+        if dialect and (not args.whole or dialect not in DIALECTS):
+            ap.error(f"target {spec!r}: a dialect of its own needs --whole and one of {DIALECTS}")
+        targets.append(Target(name, addr, model or "bench", dialect or args.dialect, args.timeout,
+                              args.whole, args.max_tokens))
     deadline = time.monotonic() + args.max_seconds
     total = args.warmup + args.requests
     for i in range(total):
@@ -264,10 +286,25 @@ def main():
                     sys.exit(f"ttft: too many errors on {t.name}")
                 continue
             if i >= args.warmup:
-                t.first_data.append(d / 1000.0)
-                t.first_token.append(k / 1000.0)
+                if t.whole:
+                    t.last_byte.append(d / 1000.0)
+                else:
+                    t.first_data.append(d / 1000.0)
+                    t.first_token.append(k / 1000.0)
     out = {}
     for t in targets:
+        if t.whole:
+            out[t.name] = {
+                "dialect": t.dialect,
+                "n": len(t.last_byte),
+                "errors": t.errors,
+                "connects": t.connects,
+                "whole_p50_us": percentile(t.last_byte, 50),
+                "whole_p90_us": percentile(t.last_byte, 90),
+                "whole_p99_us": percentile(t.last_byte, 99),
+            }
+            t.close()
+            continue
         out[t.name] = {
             "n": len(t.first_token),
             "errors": t.errors,
@@ -282,8 +319,9 @@ def main():
     if args.round is None:
         print(json.dumps(out))
     else:
+        kind = "whole" if args.whole else "ttft"
         for name, stats in out.items():
-            print(json.dumps({"kind": "ttft", "round": args.round, "target": name, **stats}))
+            print(json.dumps({"kind": kind, "round": args.round, "target": name, **stats}))
 
 
 if __name__ == "__main__":
