@@ -35,7 +35,7 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
         Value::Bool(true) => out.extend_from_slice(b"true"),
         Value::Bool(false) => out.extend_from_slice(b"false"),
         Value::Number(number) => write_json(number, out),
-        Value::String(string) => write_json(string, out),
+        Value::String(string) => write_str(string, out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -114,11 +114,35 @@ fn write_entries<'a>(
             out.push(b',');
         }
         first = false;
-        write_json(key, out);
+        write_str(key, out);
         out.push(b':');
         write_canonical(value, out);
     }
     out.push(b'}');
+}
+
+/// Writes a string exactly as `serde_json` does. It escapes only `"`, `\\`
+/// and control characters (below U+0020); a string without them (most of a
+/// prompt's text) is copied in one go instead of byte by byte.
+fn write_str(string: &str, out: &mut Vec<u8>) {
+    if needs_escape(string.as_bytes()) {
+        write_json(string, out);
+    } else {
+        out.reserve(string.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(string.as_bytes());
+        out.push(b'"');
+    }
+}
+
+/// Whether `bytes` hold a byte that `serde_json` escapes in a string. Read
+/// in blocks without an early exit inside each, so that the compiler can
+/// vectorise the check.
+fn needs_escape(bytes: &[u8]) -> bool {
+    let escaped = |byte: u8| byte < 0x20 || byte == b'"' || byte == b'\\';
+    let mut blocks = bytes.chunks_exact(32);
+    blocks.any(|block| block.iter().fold(false, |any, &byte| any | escaped(byte)))
+        || blocks.remainder().iter().any(|&byte| escaped(byte))
 }
 
 /// Writes a string or number exactly as `serde_json` does.
@@ -181,6 +205,23 @@ pub(crate) mod tests {
             &mut out,
         );
         assert_eq!(out, b"{}");
+    }
+
+    proptest! {
+        /// Strings with one byte that may need escaping (every byte below
+        /// 0x80) anywhere among plain text, around the check's block size,
+        /// come out as serde_json writes them.
+        #[test]
+        fn strings_are_written_as_serde_json_writes_them(
+            before in "[a-z \u{e9}\u{1F600}]{0,70}",
+            byte in 0u8..0x80,
+            after in "[a-z \u{e9}]{0,40}",
+        ) {
+            let string = format!("{before}{}{after}", char::from(byte));
+            let mut out = Vec::new();
+            write_str(&string, &mut out);
+            prop_assert_eq!(out, serde_json::to_vec(&string).unwrap());
+        }
     }
 
     #[test]
