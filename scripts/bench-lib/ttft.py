@@ -39,11 +39,21 @@ import time
 
 PROMPT = "Stream a short greeting."
 DIALECTS = ("chat", "messages", "responses")
+# With --whole only: `plain`, a non-streamed chat completion (scripts/bench's
+# request: bench-lib/chat.lua).
+WHOLE_ONLY = ("plain",)
 
 
 def request_bytes(host, dialect, model, max_tokens=2):
     extra = ""
-    if dialect == "chat":
+    if dialect == "plain":
+        path = "/v1/chat/completions"
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+            "max_tokens": 16,
+        }
+    elif dialect == "chat":
         path = "/v1/chat/completions"
         body = {
             "model": model,
@@ -73,7 +83,7 @@ def request_bytes(host, dialect, model, max_tokens=2):
         f"POST {path} HTTP/1.1\r\n"
         f"Host: {host}\r\n"
         "Content-Type: application/json\r\n"
-        "Accept: text/event-stream\r\n"
+        f"Accept: {'application/json' if dialect == 'plain' else 'text/event-stream'}\r\n"
         f"{extra}"
         f"Content-Length: {len(body)}\r\n"
         "\r\n"
@@ -262,8 +272,9 @@ def main():
         addr, _, model = addr.partition("@")
         if not name or ":" not in addr:
             ap.error(f"target {spec!r} is not NAME=HOST:PORT[@MODEL][#DIALECT]")
-        if dialect and (not args.whole or dialect not in DIALECTS):
-            ap.error(f"target {spec!r}: a dialect of its own needs --whole and one of {DIALECTS}")
+        if dialect and (not args.whole or dialect not in DIALECTS + WHOLE_ONLY):
+            ap.error(f"target {spec!r}: a dialect of its own needs --whole and one of "
+                     f"{DIALECTS + WHOLE_ONLY}")
         targets.append(Target(name, addr, model or "bench", dialect or args.dialect, args.timeout,
                               args.whole, args.max_tokens))
     deadline = time.monotonic() + args.max_seconds
