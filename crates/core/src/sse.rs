@@ -1168,18 +1168,23 @@ mod tests {
     /// What [`Outlines`] reads from `chunks`, as [`Parser`]'s events (type
     /// and data, decoded as the parser decodes them), and whether it ends
     /// with a partial event.
+    /// An outline as the parser would give its event (no id or retry).
+    fn as_event(outline: Outline<'_>) -> Event {
+        Event {
+            event: (!outline.event.is_empty())
+                .then(|| String::from_utf8_lossy(outline.event).into_owned()),
+            data: outline.text().into_owned(),
+            ..Event::default()
+        }
+    }
+
     fn outline_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Event>, bool) {
         let mut outlines = Outlines::new();
         let mut events = Vec::new();
         for chunk in chunks {
             outlines
                 .push(chunk, |outline| {
-                    events.push(Event {
-                        event: (!outline.event.is_empty())
-                            .then(|| String::from_utf8_lossy(outline.event).into_owned()),
-                        data: outline.text().into_owned(),
-                        ..Event::default()
-                    });
+                    events.push(as_event(outline));
                     Ok::<_, SseError>(())
                 })
                 .unwrap();
@@ -1349,12 +1354,7 @@ mod tests {
             let mut outlines_refused = false;
             for chunk in &chunks {
                 let pushed = outlines.push(chunk, |outline| {
-                    outlined.push(Event {
-                        event: (!outline.event.is_empty())
-                            .then(|| String::from_utf8_lossy(outline.event).into_owned()),
-                        data: outline.text().into_owned(),
-                        ..Event::default()
-                    });
+                    outlined.push(as_event(outline));
                     Ok::<_, SseError>(())
                 });
                 if pushed.is_err() {
