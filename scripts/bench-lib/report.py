@@ -153,7 +153,7 @@ def main():
     if r_pn:
         m = med(r_pn)
         w(f"| throughput llm-proxy ÷ nginx | {fmt(r_pn, '.2f')} | ≥ 1 | {verdict(m >= 1.0, m >= 0.95)} |")
-    if a_p and a_n:
+    if a_p and a_n and a_pn:
         w(f"| added p50 at 1 connection: llm-proxy / nginx | {med(a_p):+.0f} µs / {med(a_n):+.0f} µs "
           f"(llm-proxy − nginx: {fmt(a_pn, '+.0f', ' µs')}) | llm-proxy ≤ nginx | "
           f"{verdict(med(a_pn) <= 0)} |")
@@ -171,7 +171,7 @@ def main():
             w(f"| throughput llm-proxy PGO build ÷ nginx | {fmt(r_gn, '.2f')} | ≥ 1 | "
               f"{verdict(m >= 1.0, m >= 0.95)} |")
         w(f"| throughput llm-proxy PGO build ÷ plain build | {fmt(r_gp, '.2f')} | – | – |")
-        if a_g and a_n:
+        if a_g and a_gn:
             w(f"| added p50 at 1 connection: llm-proxy PGO build | {med(a_g):+.0f} µs "
               f"(− nginx: {fmt(a_gn, '+.0f', ' µs')}) | ≤ nginx | {verdict(med(a_gn) <= 0)} |")
         i_gn = series(inter, lambda r: r["llm-proxy-pgo"]["whole_p50_us"] - r["nginx"]["whole_p50_us"])

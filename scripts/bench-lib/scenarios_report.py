@@ -169,10 +169,15 @@ def main():
         for d, label in dialects:
             def at(r, target, figure, d=d):
                 return r[f"{d}/{target}"][f"whole_{figure}_us"]
-            added[d] = {k: at(v, "llm-proxy", "p50") - at(v, "direct", "p50")
-                        for k, v in drounds.items() if f"{d}/llm-proxy" in v and f"{d}/direct" in v}
-            nginx_added[d] = {k: at(v, "nginx", "p50") - at(v, "direct", "p50")
-                              for k, v in drounds.items() if f"{d}/nginx" in v and f"{d}/direct" in v}
+
+            def added_over_direct(target, d=d):
+                # Rounds where both figures exist (a target with no request
+                # done in time has none).
+                return {k: at(v, target, "p50") - at(v, "direct", "p50") for k, v in drounds.items()
+                        if v.get(f"{d}/{target}", {}).get("whole_p50_us") is not None
+                        and v.get(f"{d}/direct", {}).get("whole_p50_us") is not None}
+            added[d] = added_over_direct("llm-proxy")
+            nginx_added[d] = added_over_direct("nginx")
             dp50 = series(drounds, lambda r: at(r, "direct", "p50"))
             pp50 = series(drounds, lambda r: at(r, "llm-proxy", "p50"))
             dp99 = series(drounds, lambda r: at(r, "direct", "p99"))

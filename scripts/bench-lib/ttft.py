@@ -4,6 +4,8 @@
 
     ttft.py --requests 200 --warmup 10 [--dialect chat|messages|responses] \
         NAME=HOST:PORT[@MODEL] [NAME=HOST:PORT[@MODEL] ...]
+    ttft.py --whole [--max-tokens N] ... NAME=HOST:PORT[@MODEL][#DIALECT] ...
+        (DIALECT: chat, messages, responses, or plain: non-streamed chat)
 
 Sends sequential streamed requests of one API dialect (default `chat`:
 `POST /v1/chat/completions`; `messages`: Anthropic's `POST /v1/messages`;
@@ -259,12 +261,15 @@ def main():
     ap.add_argument("--dialect", choices=DIALECTS, default="chat",
                     help="API of the requests (default chat)")
     ap.add_argument("--max-tokens", type=int, default=2,
-                    help="the requests' max_tokens / max_output_tokens (default 2)")
+                    help="the streamed requests' max_tokens / max_output_tokens (default 2; "
+                    "`plain` asks for 16, as scripts/bench's wrk request does)")
     ap.add_argument("--whole", action="store_true",
                     help="record the time to the last byte instead (see above)")
     ap.add_argument("targets", nargs="+", help="NAME=HOST:PORT or NAME=HOST:PORT@MODEL "
                     "(model default: bench), with --whole also ...#DIALECT")
     args = ap.parse_args()
+    if args.max_tokens < 1:
+        ap.error("--max-tokens must be at least 1")
     targets = []
     for spec in args.targets:
         name, _, addr = spec.partition("=")

@@ -1165,9 +1165,6 @@ mod tests {
             })
     }
 
-    /// What [`Outlines`] reads from `chunks`, as [`Parser`]'s events (type
-    /// and data, decoded as the parser decodes them), and whether it ends
-    /// with a partial event.
     /// An outline as the parser would give its event (no id or retry).
     fn as_event(outline: Outline<'_>) -> Event {
         Event {
@@ -1178,6 +1175,9 @@ mod tests {
         }
     }
 
+    /// What [`Outlines`] reads from `chunks`, as [`Parser`]'s events (type
+    /// and data, decoded as the parser decodes them), and whether it ends
+    /// with a partial event.
     fn outline_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Event>, bool) {
         let mut outlines = Outlines::new();
         let mut events = Vec::new();
@@ -1242,7 +1242,10 @@ mod tests {
     #[test]
     fn outlines_do_not_keep_a_large_events_buffer() {
         let mut outlines = Outlines::new();
-        let large = format!("data: {}\n\n", "x".repeat(MAX_SPARE_CAPACITY + 1));
+        // Two data lines: an event of one line in one chunk is lent from
+        // the chunk and never reaches the buffer.
+        let half = "x".repeat(MAX_SPARE_CAPACITY / 2);
+        let large = format!("data: {half}\ndata: {half}\n\n");
         let mut seen = Vec::new();
         for chunk in [large.as_bytes(), b"data: small\n\n"] {
             outlines
@@ -1254,6 +1257,56 @@ mod tests {
             assert!(outlines.data.capacity() <= MAX_SPARE_CAPACITY);
         }
         assert_eq!(seen, [MAX_SPARE_CAPACITY + 1, 5]);
+    }
+
+    /// Events at the size limit, cut at every point, with every limit
+    /// around their size: `Outlines` delivers and refuses as `Parser` does,
+    /// whether a field is lent from the chunk or kept across chunks.
+    #[test]
+    fn outlines_refuse_at_the_parsers_limit_wherever_the_stream_is_cut() {
+        let samples: [&[u8]; 4] = [
+            b"event: abc\ndata: x\n\n",
+            b"data: 12\ndata: 345\n\nevent: e\n\n",
+            b"event: a\nevent: bcd\ndata:\n\ndata: [DONE]\n\n",
+            b"\xEF\xBB\xBFdata: ab\r\nevent: zz\r\n\r\n",
+        ];
+        for wire in samples {
+            for limit in 0..=wire.len() {
+                for cut in 0..=wire.len() {
+                    let (a, b) = wire.split_at(cut);
+                    let mut parser = Parser::with_max_event_bytes(limit);
+                    let mut parsed = Vec::new();
+                    let mut parser_refused = false;
+                    for chunk in [a, b] {
+                        let pushed = parser.push(chunk);
+                        parsed.extend(std::iter::from_fn(|| parser.next_event()));
+                        if pushed.is_err() {
+                            parser_refused = true;
+                            break;
+                        }
+                    }
+                    let mut outlines = Outlines::with_max_event_bytes(limit);
+                    let mut outlined = Vec::new();
+                    let mut outlines_refused = false;
+                    for chunk in [a, b] {
+                        let pushed = outlines.push(chunk, |outline| {
+                            outlined.push(as_event(outline));
+                            Ok::<_, SseError>(())
+                        });
+                        if pushed.is_err() {
+                            outlines_refused = true;
+                            break;
+                        }
+                    }
+                    let case = format!(
+                        "{:?} limit {limit} cut {cut}",
+                        String::from_utf8_lossy(wire)
+                    );
+                    assert_eq!(outlines_refused, parser_refused, "{case}");
+                    assert_eq!(outlined, without_ids(parsed), "{case}");
+                }
+            }
+        }
     }
 
     /// Stream-like bytes: field names, separators, line breaks of every kind,
