@@ -12,8 +12,9 @@ import sys
 
 from rounds import by_round, fmt, load, med, series
 
-# "hyper-floor" only with scripts/bench --floor, "llm-proxy-pgo" with --pgo.
-ALL_TARGETS = ["direct", "nginx", "llm-proxy", "llm-proxy-pgo", "hyper-floor"]
+# "hyper-floor" only with scripts/bench --floor, "llm-proxy-pgo" with --pgo,
+# "hyper-floor-pgo" with both.
+ALL_TARGETS = ["direct", "nginx", "llm-proxy", "llm-proxy-pgo", "hyper-floor", "hyper-floor-pgo"]
 
 
 def mib(kb):
@@ -185,6 +186,20 @@ def main():
         w(f"| throughput hyper floor ÷ nginx (reference) | {fmt(r_fn, '.2f')} | – | – |")
         w(f"| throughput llm-proxy ÷ hyper floor | {fmt(r_pf, '.2f')} | – | – |")
         w(f"| added p50 at 1 connection: hyper floor (reference) | {fmt(a_f, '+.0f', ' µs')} | – | – |")
+    if "hyper-floor-pgo" in targets and "llm-proxy-pgo" in targets:
+        # Both built with PGO: what llm-proxy's own layers cost, the build alike.
+        r_qn = series(tput, lambda r: r["hyper-floor-pgo"]["rps"] / r["nginx"]["rps"])
+        r_gq = series(tput, lambda r: r["llm-proxy-pgo"]["rps"] / r["hyper-floor-pgo"]["rps"])
+        i_qn = series(inter, lambda r: r["hyper-floor-pgo"]["whole_p50_us"] - r["nginx"]["whole_p50_us"])
+        i_gq = series(inter, lambda r: r["llm-proxy-pgo"]["whole_p50_us"]
+                      - r["hyper-floor-pgo"]["whole_p50_us"])
+        w(f"| throughput hyper floor PGO build ÷ nginx (reference) | {fmt(r_qn, '.2f')} | – | – |")
+        w(f"| throughput llm-proxy PGO ÷ hyper floor PGO | {fmt(r_gq, '.2f')} | – | – |")
+        if i_qn and i_gq:
+            w(f"| added p50 at 1 connection, interleaved: hyper floor PGO − nginx (reference) | "
+              f"{fmt(i_qn, '+.0f', ' µs')} | – | – |")
+            w(f"| added p50 at 1 connection, interleaved: llm-proxy PGO − hyper floor PGO | "
+              f"{fmt(i_gq, '+.0f', ' µs')} | – | – |")
     if d_tt:
         w(f"| TTFT Δ vs direct: llm-proxy | {fmt(d_tt, '+.0f', ' µs')} | ≤ 1000 µs | "
           f"{verdict(med(d_tt) <= 1000)} |")

@@ -9,6 +9,8 @@
 //! error answers. A failed upstream exchange drops the client's connection.
 //!
 //! `hyper-floor LISTEN UPSTREAM [THREADS]`, addresses as `127.0.0.1:8080`.
+//! SIGINT or SIGTERM ends it with `exit(0)`, so that a build instrumented
+//! for PGO (`scripts/build-pgo --floor`) writes its profile.
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +40,7 @@ fn main() -> Result<(), BoxError> {
         [l, u, t] => (l.parse()?, u.parse()?, t.parse()?),
         _ => return Err("usage: hyper-floor LISTEN UPSTREAM [THREADS]".into()),
     };
+    std::thread::spawn(exit_on_signal);
     let threads: Vec<_> = (0..threads)
         .map(|_| std::thread::spawn(move || shard(listen, upstream)))
         .collect();
@@ -45,6 +48,32 @@ fn main() -> Result<(), BoxError> {
         thread.join().map_err(|_| "a thread panicked")??;
     }
     Ok(())
+}
+
+/// Exits the process (its `atexit` handlers run) on SIGINT or SIGTERM.
+fn exit_on_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    else {
+        return;
+    };
+    let signalled = runtime.block_on(async {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return false;
+        };
+        tokio::select! {
+            _ = int.recv() => true,
+            _ = term.recv() => true,
+        }
+    });
+    if signalled {
+        std::process::exit(0);
+    }
 }
 
 /// One thread: its own listener on the shared port, runtime and pool.
