@@ -154,16 +154,21 @@ impl KeyScope {
         }
     }
 
-    fn hash_into(&self, hasher: &mut blake3::Hasher) {
+    /// Appends the scope's bytes as the key hashes them.
+    fn write_into(&self, out: &mut Vec<u8>) {
         match self {
-            KeyScope::Shared => hasher.update(b"S"),
-            KeyScope::Anonymous => hasher.update(b"A"),
-            KeyScope::Credential(hash) => hasher.update(b"C").update(hash),
-            KeyScope::Identity(name) => hasher
-                .update(b"I")
-                .update(&(name.len() as u64).to_le_bytes())
-                .update(name.as_bytes()),
-        };
+            KeyScope::Shared => out.push(b'S'),
+            KeyScope::Anonymous => out.push(b'A'),
+            KeyScope::Credential(hash) => {
+                out.push(b'C');
+                out.extend_from_slice(hash);
+            }
+            KeyScope::Identity(name) => {
+                out.push(b'I');
+                out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+                out.extend_from_slice(name.as_bytes());
+            }
+        }
     }
 }
 
@@ -250,42 +255,42 @@ impl CacheKey {
         body: &Map<String, Value>,
         headers: &HeaderMap,
     ) -> CacheKey {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(KEY_VERSION);
-        hasher.update(endpoint.as_str().as_bytes()).update(b"\0");
-        if let Some(query) = query.filter(|q| !q.is_empty()) {
-            // (Absent, the key is what it was before queries counted.)
-            hasher
-                .update(b"?")
-                .update(&(query.len() as u64).to_le_bytes())
-                .update(query.as_bytes());
-        }
-        scope.hash_into(&mut hasher);
-        // They reach an Anthropic upstream whatever the client's API (a
-        // translated chat request carries them too): in the key of any
-        // request that has them, and always in a Messages key.
-        if endpoint == Endpoint::Messages
-            || MESSAGES_KEY_HEADERS
-                .iter()
-                .any(|name| headers.contains_key(name))
-        {
-            hash_headers(&mut hasher, headers, &MESSAGES_KEY_HEADERS);
-        }
         thread_local! {
-            // The canonical bytes are hashed and dropped: one buffer per
-            // thread serves every key.
-            static CANONICAL: std::cell::RefCell<Vec<u8>> =
+            // What the key hashes is written out and hashed in one go (a
+            // `blake3::Hasher` fed piece by piece pays for every piece):
+            // one buffer per thread serves every key.
+            static KEYED: std::cell::RefCell<Vec<u8>> =
                 std::cell::RefCell::new(Vec::with_capacity(1024));
         }
-        CANONICAL.with_borrow_mut(|canonical| {
-            canonical.clear();
-            write_canonical_body(endpoint, body, canonical);
-            hasher.update(canonical);
-            if canonical.capacity() > MAX_KEPT_BUFFER {
-                *canonical = Vec::with_capacity(1024);
+        KEYED.with_borrow_mut(|keyed| {
+            keyed.clear();
+            keyed.extend_from_slice(KEY_VERSION);
+            keyed.extend_from_slice(endpoint.as_str().as_bytes());
+            keyed.push(b'\0');
+            if let Some(query) = query.filter(|q| !q.is_empty()) {
+                // (Absent, the key is what it was before queries counted.)
+                keyed.push(b'?');
+                keyed.extend_from_slice(&(query.len() as u64).to_le_bytes());
+                keyed.extend_from_slice(query.as_bytes());
             }
-        });
-        CacheKey(*hasher.finalize().as_bytes())
+            scope.write_into(keyed);
+            // They reach an Anthropic upstream whatever the client's API (a
+            // translated chat request carries them too): in the key of any
+            // request that has them, and always in a Messages key.
+            if endpoint == Endpoint::Messages
+                || MESSAGES_KEY_HEADERS
+                    .iter()
+                    .any(|name| headers.contains_key(name))
+            {
+                write_headers(keyed, headers, &MESSAGES_KEY_HEADERS);
+            }
+            write_canonical_body(endpoint, body, keyed);
+            let key = CacheKey(*blake3::hash(keyed).as_bytes());
+            if keyed.capacity() > MAX_KEPT_BUFFER {
+                *keyed = Vec::with_capacity(1024);
+            }
+            key
+        })
     }
 
     /// The key of a request whose body the parse layer buffered, or `None`
@@ -370,20 +375,18 @@ fn write_canonical_body(endpoint: Endpoint, body: &Map<String, Value>, canonical
 /// A key buffer grown past this (a huge request) is not kept for the next.
 const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
-/// Each header of `names`: its name, how many values it has, and each value
-/// (trimmed), length-prefixed.
-fn hash_headers(hasher: &mut blake3::Hasher, headers: &HeaderMap, names: &[HeaderName]) {
+/// Appends each header of `names`: its name, how many values it has, and
+/// each value (trimmed), length-prefixed.
+fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap, names: &[HeaderName]) {
     for name in names {
         let values = headers.get_all(name);
-        hasher
-            .update(name.as_str().as_bytes())
-            .update(b"\0")
-            .update(&(values.iter().count() as u64).to_le_bytes());
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.push(b'\0');
+        out.extend_from_slice(&(values.iter().count() as u64).to_le_bytes());
         for value in values {
             let value = value.as_bytes().trim_ascii();
-            hasher
-                .update(&(value.len() as u64).to_le_bytes())
-                .update(value);
+            out.extend_from_slice(&(value.len() as u64).to_le_bytes());
+            out.extend_from_slice(value);
         }
     }
 }
@@ -418,6 +421,52 @@ mod tests {
             .map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap()))
             .collect()
     }
+
+    /// Keys outlive a build: a Redis store shared by proxies of several
+    /// versions, entries stored before an upgrade. The same request must
+    /// get the same key from every version (`KEY_VERSION` changes when it
+    /// may not); these were computed by the versions before session 18,
+    /// which fed the hasher piece by piece.
+    #[test]
+    fn keys_do_not_change_between_versions() {
+        let chat =
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "u"});
+        let chat = chat.as_object().unwrap();
+        let messages = json!({"model": "c", "max_tokens": 9, "messages": [],
+            "metadata": {"user_id": "u", "k": 1}});
+        let messages = messages.as_object().unwrap();
+        let beta = headers(&[
+            ("anthropic-version", "2023-06-01"),
+            ("anthropic-beta", " a "),
+        ]);
+        let team = KeyScope::Identity(Arc::from("team-a"));
+        let presented = KeyScope::Credential([7; 32]);
+        let keys = [
+            CacheKey::new(Endpoint::ChatCompletions, &KeyScope::Shared, chat),
+            CacheKey::new(Endpoint::ChatCompletions, &KeyScope::Anonymous, chat),
+            CacheKey::new(Endpoint::ChatCompletions, &team, chat),
+            CacheKey::new(Endpoint::Embeddings, &presented, chat),
+            CacheKey::build(
+                Endpoint::ChatCompletions,
+                Some("api-version=1"),
+                &team,
+                chat,
+                &beta,
+            ),
+            CacheKey::with_headers(Endpoint::Messages, &KeyScope::Shared, messages, &beta),
+        ];
+        let hex: Vec<String> = keys.iter().map(CacheKey::to_hex).collect();
+        assert_eq!(hex, GOLDEN, "{hex:#?}");
+    }
+
+    const GOLDEN: [&str; 6] = [
+        "27b62da29fbd8ba49438d5855792c69066825c2267d5cb30641559a111b155c0",
+        "c8617f261e151eed82cabdc82edc93e91271ee3745fef6fff614e8b0113b5894",
+        "f2fff004c40dbc75bd9d895d2722eb944227683ba9229d612eb58f32fe9da211",
+        "06d178dc27ccdffb825917bebb2f6202017de0a0db64a0a2f5411c4e38e29ab6",
+        "0929e59674cef98685a262d2c6c1cde5518ff0a0a30091146ff726f286e643eb",
+        "658e7393a3ce17bf57f5e4e6c68f6e86a9d24385fe8737fa97a00d3277a92115",
+    ];
 
     #[test]
     fn excluded_fields_are_sorted_and_top_level_only() {
