@@ -350,14 +350,8 @@ where
     };
     let outcome = call(svc, req).await;
     waiting.armed = false;
-    let now = shared.epoch.now();
-    let verdict = judge(
-        state,
-        now,
-        classify(&outcome),
-        start.elapsed(),
-        Some(ejections),
-    );
+    let (now, elapsed) = shared.epoch.now_since(start);
+    let verdict = judge(state, now, classify(&outcome), elapsed, Some(ejections));
     let mut sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
     let outcome = outcome.map(|resp| {
         resp.map(|body| {
@@ -365,7 +359,7 @@ where
             // `HEAD`) may never be polled: it is whole now.
             if sample.is_some() && http_body::Body::is_end_stream(&body) {
                 sample = None;
-                state.observe(now, start.elapsed());
+                state.observe(now, elapsed);
                 state.clean_end();
             }
             let timed = FirstFrame::new(
@@ -392,8 +386,8 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.state
-                .observe_at_least(self.epoch.now(), self.start.elapsed());
+            let (now, elapsed) = self.epoch.now_since(self.start);
+            self.state.observe_at_least(now, elapsed);
         }
     }
 }

@@ -45,9 +45,10 @@ pin_project_lite::pin_project! {
                 Some(watch) if watch.sampled => watch.state.clean_end_of(watch.seen),
                 // Dropped before its first frame: the backend took at least
                 // this long, and showed nothing of its health.
-                Some(watch) => watch
-                    .state
-                    .observe_at_least(watch.epoch.now(), watch.start.elapsed()),
+                Some(watch) => {
+                    let (now, elapsed) = watch.epoch.now_since(watch.start);
+                    watch.state.observe_at_least(now, elapsed);
+                }
                 None => {}
             }
         }
@@ -94,7 +95,7 @@ impl<B: HttpBody<Error = BoxError>> HttpBody for FirstFrame<B> {
         if let Poll::Ready(frame) = &polled
             && let Some(watch) = this.watch
         {
-            let now = watch.epoch.now();
+            // The clock is read only where the frame tells something.
             match frame {
                 Some(Err(e)) => {
                     // Taken: no clean end at the drop. An error that is not
@@ -103,12 +104,14 @@ impl<B: HttpBody<Error = BoxError>> HttpBody for FirstFrame<B> {
                     if let Some(watch) = this.watch.take()
                         && is_upstream_fault(e)
                     {
-                        watch.state.record_failure(now, watch.start.elapsed());
+                        let (now, elapsed) = watch.epoch.now_since(watch.start);
+                        watch.state.record_failure(now, elapsed);
                     }
                 }
                 _ if !watch.sampled => {
                     watch.sampled = true;
-                    watch.state.observe(now, watch.start.elapsed());
+                    let (now, elapsed) = watch.epoch.now_since(watch.start);
+                    watch.state.observe(now, elapsed);
                 }
                 _ => {}
             }

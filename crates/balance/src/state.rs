@@ -24,6 +24,16 @@ impl Epoch {
     pub(crate) fn now(&self) -> u64 {
         duration_ns(Instant::now().saturating_duration_since(self.0))
     }
+
+    /// The time now on this clock, and how long it has been since `start`:
+    /// one reading of the clock for both.
+    pub(crate) fn now_since(&self, start: Instant) -> (u64, Duration) {
+        let now = Instant::now();
+        (
+            duration_ns(now.saturating_duration_since(self.0)),
+            now.saturating_duration_since(start),
+        )
+    }
 }
 
 pub(crate) fn duration_ns(d: Duration) -> u64 {
