@@ -355,9 +355,12 @@ impl Upstream {
         headers::strip_request(&mut parts.headers);
         let body = match buffered {
             Some(bytes) => {
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, bytes.len().into());
+                // The client's own value when it still holds (the body
+                // went unedited): no new header value to allocate.
+                let length = client_length
+                    .filter(|v| states_length(v, bytes.len()))
+                    .unwrap_or_else(|| bytes.len().into());
+                parts.headers.insert(header::CONTENT_LENGTH, length);
                 llm_proxy_core::full(bytes)
             }
             None => {
@@ -582,6 +585,18 @@ pub fn port_of(authority: &uri::Authority) -> Result<Option<u16>, &'static str> 
     }
 }
 
+/// Whether a `content-length` value is exactly `len` in plain decimal (no
+/// sign, no leading zero, no space): one that may be forwarded as it is.
+fn states_length(value: &HeaderValue, len: usize) -> bool {
+    let digits = value.as_bytes();
+    (digits == b"0" || digits.first().is_some_and(|d| (b'1'..=b'9').contains(d)))
+        && digits.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse::<usize>().ok())
+            == Some(len)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test should panic on unexpected input
 mod tests {
@@ -592,6 +607,27 @@ mod tests {
         let upstream = Upstream::new(cfg).unwrap();
         let client: Uri = client.parse().unwrap();
         upstream.path_and_query(&client).unwrap().to_string()
+    }
+
+    #[test]
+    fn only_a_plain_length_that_holds_is_forwarded_as_sent() {
+        let states = |v: &'static str, len| states_length(&HeaderValue::from_static(v), len);
+        assert!(states("16", 16));
+        assert!(states("0", 0));
+        assert!(states("18446744073709551615", usize::MAX));
+        for (v, len) in [
+            ("17", 16),
+            ("016", 16),
+            ("+16", 16),
+            (" 16", 16),
+            ("16 ", 16),
+            ("", 0),
+            ("00", 0),
+            ("1e1", 10),
+            ("18446744073709551616", usize::MAX),
+        ] {
+            assert!(!states(v, len), "{v:?}");
+        }
     }
 
     #[test]
