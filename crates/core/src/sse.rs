@@ -1175,6 +1175,39 @@ mod tests {
         }
     }
 
+    /// `chunks` read with `limit` by `Parser` and by `Outlines`: the events
+    /// each delivered, and whether each refused (each stops at its refusal).
+    fn read_both_within<'c>(
+        limit: usize,
+        chunks: impl IntoIterator<Item = &'c [u8]> + Clone,
+    ) -> ((Vec<Event>, bool), (Vec<Event>, bool)) {
+        let mut parser = Parser::with_max_event_bytes(limit);
+        let mut parsed = Vec::new();
+        let mut parser_refused = false;
+        for chunk in chunks.clone() {
+            let pushed = parser.push(chunk);
+            parsed.extend(std::iter::from_fn(|| parser.next_event()));
+            if pushed.is_err() {
+                parser_refused = true;
+                break;
+            }
+        }
+        let mut outlines = Outlines::with_max_event_bytes(limit);
+        let mut outlined = Vec::new();
+        let mut outlines_refused = false;
+        for chunk in chunks {
+            let pushed = outlines.push(chunk, |outline| {
+                outlined.push(as_event(outline));
+                Ok::<_, SseError>(())
+            });
+            if pushed.is_err() {
+                outlines_refused = true;
+                break;
+            }
+        }
+        ((parsed, parser_refused), (outlined, outlines_refused))
+    }
+
     /// What [`Outlines`] reads from `chunks`, as [`Parser`]'s events (type
     /// and data, decoded as the parser decodes them), and whether it ends
     /// with a partial event.
@@ -1274,30 +1307,8 @@ mod tests {
             for limit in 0..=wire.len() {
                 for cut in 0..=wire.len() {
                     let (a, b) = wire.split_at(cut);
-                    let mut parser = Parser::with_max_event_bytes(limit);
-                    let mut parsed = Vec::new();
-                    let mut parser_refused = false;
-                    for chunk in [a, b] {
-                        let pushed = parser.push(chunk);
-                        parsed.extend(std::iter::from_fn(|| parser.next_event()));
-                        if pushed.is_err() {
-                            parser_refused = true;
-                            break;
-                        }
-                    }
-                    let mut outlines = Outlines::with_max_event_bytes(limit);
-                    let mut outlined = Vec::new();
-                    let mut outlines_refused = false;
-                    for chunk in [a, b] {
-                        let pushed = outlines.push(chunk, |outline| {
-                            outlined.push(as_event(outline));
-                            Ok::<_, SseError>(())
-                        });
-                        if pushed.is_err() {
-                            outlines_refused = true;
-                            break;
-                        }
-                    }
+                    let ((parsed, parser_refused), (outlined, outlines_refused)) =
+                        read_both_within(limit, [a, b]);
                     let case = format!(
                         "{:?} limit {limit} cut {cut}",
                         String::from_utf8_lossy(wire)
@@ -1391,30 +1402,8 @@ mod tests {
         ) {
             let wire = pieces.concat();
             let chunks = cut(&wire, &sizes);
-            let mut parser = Parser::with_max_event_bytes(limit);
-            let mut parsed = Vec::new();
-            let mut parser_refused = false;
-            for chunk in &chunks {
-                let pushed = parser.push(chunk);
-                parsed.extend(std::iter::from_fn(|| parser.next_event()));
-                if pushed.is_err() {
-                    parser_refused = true;
-                    break;
-                }
-            }
-            let mut outlines = Outlines::with_max_event_bytes(limit);
-            let mut outlined = Vec::new();
-            let mut outlines_refused = false;
-            for chunk in &chunks {
-                let pushed = outlines.push(chunk, |outline| {
-                    outlined.push(as_event(outline));
-                    Ok::<_, SseError>(())
-                });
-                if pushed.is_err() {
-                    outlines_refused = true;
-                    break;
-                }
-            }
+            let ((parsed, parser_refused), (outlined, outlines_refused)) =
+                read_both_within(limit, chunks.iter().copied());
             prop_assert_eq!(outlines_refused, parser_refused);
             prop_assert_eq!(outlined, without_ids(parsed));
         }
