@@ -1,12 +1,13 @@
 //! The proxy's HTTP face: request ids, metrics, the fixed routes, and the
 //! model API stack behind them.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -275,18 +276,42 @@ pub(crate) fn head_only(mut resp: Response<Body>) -> Response<Body> {
 /// The future of a [`ProxyService`] call.
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-/// [`ProxyService`] as the server's connections call it: with the
-/// connection's watch (idle HTTP/2, stalled client; `crate::idle`).
+/// [`ProxyService`] as the server serves it: shared by a shard's
+/// connections, each of which calls it through its own [`ConnFace`].
 #[derive(Clone, Debug)]
 pub(crate) struct HyperFace(pub(crate) ProxyService);
 
 impl HyperFace {
+    /// What one connection calls.
+    pub(crate) fn conn(&self) -> ConnFace {
+        ConnFace {
+            shared: self.0.shared.clone(),
+            stack: RefCell::new(self.0.stack.clone()),
+        }
+    }
+}
+
+/// [`ProxyService`] as one connection calls it: with the connection's
+/// watch (idle HTTP/2, stalled client; `crate::idle`), and with its own
+/// handle on the stack. A request is handed to the stack in place, as long
+/// as the stack answers ready at once (all of its layers do): no clone of
+/// the stack per request. hyper calls a connection's service through a
+/// shared reference, one call at a time, hence the `RefCell`.
+pub(crate) struct ConnFace {
+    shared: Arc<Shared>,
+    stack: RefCell<Stack>,
+}
+
+impl ConnFace {
     pub(crate) fn call_on(
         &self,
         req: Request<hyper::body::Incoming>,
         conn: &Arc<Activity>,
     ) -> ResponseFuture {
-        self.0.serve(req, Some(InFlight::new(conn)))
+        // Not held past the call: the stack's call is synchronous and does
+        // not come back here.
+        let mut stack = self.stack.borrow_mut();
+        serve(&self.shared, &mut stack, req, Some(InFlight::new(conn)))
     }
 }
 
@@ -301,12 +326,12 @@ where
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The stack below is always ready (it has no backpressure of its own);
-        // it is driven to readiness per call in `respond`.
+        // it is driven to readiness per call (`call_stack`).
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.serve(req, None)
+        serve(&self.shared, &mut self.stack, req, None)
     }
 }
 
@@ -339,72 +364,146 @@ impl ProxyService {
             resp
         }
     }
+}
 
-    /// [`Service::call`] on a shared reference: the server calls this
-    /// through [`HyperFace`], without a clone of the whole service per
-    /// request as hyper-util's tower adapter makes. `conn` follows the
-    /// request for its connection's watch, into the response body.
-    fn serve<B>(&self, req: Request<B>, conn: Option<InFlight>) -> ResponseFuture
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let start = Instant::now();
-        let shared = self.shared.clone();
-        let stack = self.stack.clone();
-        let route = Route::of(req.uri().path(), shared.options.serve_metrics);
-        let request_id = req
-            .headers()
-            .get(REQUEST_ID)
-            .filter(|v| {
-                (1..=200).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_graphic)
-            })
-            .cloned()
-            .unwrap_or_else(|| {
-                HeaderValue::from_bytes(&shared.ids.next_id())
-                    .expect("hex digits are a valid header value")
-            });
-        let head = req.method() == Method::HEAD;
-        let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
-        Box::pin(async move {
-            // Counted as 499 (nginx's "client closed request") should the
-            // client go before the head: this future is then dropped.
-            let abandoned = Abandoned {
-                metrics: Some(&shared.metrics),
-                route: route.label(),
-            };
-            let on = conn.as_ref().map(InFlight::activity);
-            let mut resp = match respond(&shared, stack, route, req, &request_id, on).await {
-                Ok(resp) => resp,
-                Err(e) => e.into_response_in(route.dialect()),
-            };
-            if head {
-                resp = head_only(resp);
-            }
-            let status = resp.status();
-            if !shared.options.upstream_header {
-                resp.headers_mut().remove(UPSTREAM_HEADER);
-            }
-            resp.headers_mut().insert(REQUEST_ID, request_id.clone());
-            let upstream = resp.extensions().get::<UpstreamName>().map(|u| &u.0);
-            abandoned.answered();
+/// One request, through the HTTP face: its id, its route, the stack (or
+/// the face's own answer), its metrics. `conn` follows the request for its
+/// connection's watch, into the response body.
+fn serve<B>(
+    shared: &Arc<Shared>,
+    stack: &mut Stack,
+    req: Request<B>,
+    conn: Option<InFlight>,
+) -> ResponseFuture
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let start = Instant::now();
+    let route = Route::of(req.uri().path(), shared.options.serve_metrics);
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| (1..=200).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_graphic))
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_bytes(&shared.ids.next_id())
+                .expect("hex digits are a valid header value")
+        });
+    let head = req.method() == Method::HEAD;
+    let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
+    // The stack is called here, before the future: what it answers is all
+    // the future holds of it.
+    let answer = match Way::of(shared, route, &req) {
+        Way::Stack => {
+            let (mut parts, body) = req.into_parts();
+            parts.headers.insert(REQUEST_ID, request_id.clone());
+            let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+            call_stack(stack, req)
+        }
+        Way::Face(face) => Box::pin(respond(
+            shared.clone(),
+            face,
+            req,
+            request_id.clone(),
+            conn.as_ref().map(|c| c.activity().clone()),
+        )),
+    };
+    let shared = shared.clone();
+    Box::pin(async move {
+        // Counted as 499 (nginx's "client closed request") should the
+        // client go before the head: this future is then dropped.
+        let abandoned = Abandoned {
+            metrics: Some(&shared.metrics),
+            route: route.label(),
+        };
+        let mut resp = match answer.await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response_in(route.dialect()),
+        };
+        if head {
+            resp = head_only(resp);
+        }
+        let status = resp.status();
+        if !shared.options.upstream_header {
+            resp.headers_mut().remove(UPSTREAM_HEADER);
+        }
+        resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+        let upstream = resp.extensions().get::<UpstreamName>().map(|u| &u.0);
+        abandoned.answered();
+        shared
+            .metrics
+            .count_request(route.label(), status.as_u16(), upstream);
+        tracing::debug!(
+            request_id = request_id.to_str().unwrap_or(""),
+            route = route.label(),
+            status = status.as_u16(),
+            upstream = upstream.map(|u| &**u).unwrap_or(""),
+            "response head"
+        );
+        Ok(resp.map(|body| {
             shared
                 .metrics
-                .count_request(route.label(), status.as_u16(), upstream);
-            tracing::debug!(
-                request_id = request_id.to_str().unwrap_or(""),
-                route = route.label(),
-                status = status.as_u16(),
-                upstream = upstream.map(|u| &**u).unwrap_or(""),
-                "response head"
-            );
-            Ok(resp.map(|body| {
-                shared
-                    .metrics
-                    .observe_on(route.label(), start, body, conn)
-                    .boxed_unsync()
-            }))
-        })
+                .observe_on(route.label(), start, body, conn)
+                .boxed_unsync()
+        }))
+    })
+}
+
+/// The stack's answer to `req`: called at once when the stack is ready at
+/// once, as every layer of it is; otherwise a clone is driven to readiness
+/// in the answer's future (the tower idiom), and `stack` stays as it was.
+fn call_stack(stack: &mut Stack, req: Request<Body>) -> llm_proxy_core::BoxFuture {
+    let mut cx = Context::from_waker(Waker::noop());
+    match stack.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => stack.call(req),
+        Poll::Ready(Err(e)) => Box::pin(std::future::ready(Err(e))),
+        Poll::Pending => {
+            let mut stack = stack.clone();
+            Box::pin(async move {
+                std::future::poll_fn(|cx| stack.poll_ready(cx)).await?;
+                stack.call(req).await
+            })
+        }
+    }
+}
+
+/// Who answers a request: the stack, or the face itself.
+enum Way {
+    Stack,
+    Face(FaceRoute),
+}
+
+/// What the face answers itself.
+enum FaceRoute {
+    /// A WebSocket upgrade on `/v1/responses`.
+    Socket,
+    /// A method the route does not take.
+    NotAllowed(&'static str),
+    Own(Own),
+    Models,
+    NotFound,
+}
+
+impl Way {
+    fn of<B>(shared: &Shared, route: Route, req: &Request<B>) -> Way {
+        if route == Route::Api(Endpoint::Responses)
+            && !shared.sockets.is_empty()
+            && websocket::wants_upgrade(req)
+        {
+            return Way::Face(FaceRoute::Socket);
+        }
+        if let Some((methods, allow)) = route.allow(req.uri().path())
+            && !methods.contains(req.method())
+        {
+            return Way::Face(FaceRoute::NotAllowed(allow));
+        }
+        match route {
+            Route::Own(own) => Way::Face(FaceRoute::Own(own)),
+            Route::Api(Endpoint::Models) => Way::Face(FaceRoute::Models),
+            Route::Api(_) => Way::Stack,
+            Route::NotFound => Way::Face(FaceRoute::NotFound),
+        }
     }
 }
 
@@ -459,53 +558,116 @@ async fn models(shared: &Shared, headers: &http::HeaderMap) -> Result<Response<B
     Ok(resp)
 }
 
+/// The face's own answer (its future boxed apart from the request's, whose
+/// size it would set).
 async fn respond<B>(
-    shared: &Shared,
-    mut stack: Stack,
-    route: Route,
+    shared: Arc<Shared>,
+    face: FaceRoute,
     req: Request<B>,
-    request_id: &HeaderValue,
-    conn: Option<&Arc<Activity>>,
+    request_id: HeaderValue,
+    conn: Option<Arc<Activity>>,
 ) -> Result<Response<Body>, Error>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    if route == Route::Api(Endpoint::Responses)
-        && !shared.sockets.is_empty()
-        && websocket::wants_upgrade(&req)
-    {
-        let ctx = websocket::Ctx {
-            sockets: &shared.sockets,
-            auth: shared.auth.as_ref(),
-            balance: &shared.balance,
-            conn,
-        };
-        let (mut parts, body) = req.into_parts();
-        parts.headers.insert(REQUEST_ID, request_id.clone());
-        // Boxed, as `models` below: inline, the largest branch sets the
-        // size of every request's future (4.5 KiB for the socket's).
-        return Box::pin(websocket::open(ctx, Request::from_parts(parts, body))).await;
-    }
-    if let Some((methods, allow)) = route.allow(req.uri().path())
-        && !methods.contains(req.method())
-    {
-        return Err(Error::MethodNotAllowed {
+    match face {
+        FaceRoute::Socket => {
+            let ctx = websocket::Ctx {
+                sockets: &shared.sockets,
+                auth: shared.auth.as_ref(),
+                balance: &shared.balance,
+                conn: conn.as_ref(),
+            };
+            let (mut parts, body) = req.into_parts();
+            parts.headers.insert(REQUEST_ID, request_id);
+            // Boxed, as `models` below: inline, the largest branch sets the
+            // size of this future (4.5 KiB for the socket's).
+            Box::pin(websocket::open(ctx, Request::from_parts(parts, body))).await
+        }
+        FaceRoute::NotAllowed(allow) => Err(Error::MethodNotAllowed {
             method: req.method().to_string(),
             path: req.uri().path().to_owned(),
             allow,
-        });
+        }),
+        FaceRoute::Own(own) => Ok(shared.own(own)),
+        FaceRoute::Models => Box::pin(models(&shared, req.headers())).await,
+        FaceRoute::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
     }
-    match route {
-        Route::Own(own) => Ok(shared.own(own)),
-        Route::Api(Endpoint::Models) => Box::pin(models(shared, req.headers())).await,
-        Route::Api(_) => {
-            let (mut parts, body) = req.into_parts();
-            parts.headers.insert(REQUEST_ID, request_id.clone());
-            let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-            std::future::poll_fn(|cx| stack.poll_ready(cx)).await?;
-            stack.call(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use llm_proxy_core::BoxFuture;
+
+    use super::*;
+
+    /// A service that answers not ready to its first `poll_ready` (and
+    /// wakes the task), ready from then on; it counts its calls.
+    #[derive(Clone)]
+    struct Slow {
+        polled: Arc<AtomicBool>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Service<Request<Body>> for Slow {
+        type Response = Response<Body>;
+        type Error = Error;
+        type Future = BoxFuture;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+            if self.polled.swap(true, Ordering::SeqCst) {
+                Poll::Ready(Ok(()))
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
         }
-        Route::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
+
+        fn call(&mut self, _req: Request<Body>) -> BoxFuture {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::ready(Ok(Response::new(
+                llm_proxy_core::empty(),
+            ))))
+        }
+    }
+
+    fn request() -> Request<Body> {
+        Request::new(llm_proxy_core::empty())
+    }
+
+    #[tokio::test]
+    async fn a_stack_ready_at_once_is_called_in_place() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut stack = Stack::new(Slow {
+            polled: Arc::new(AtomicBool::new(true)),
+            calls: calls.clone(),
+        });
+        let answer = call_stack(&mut stack, request());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "called before the future runs"
+        );
+        assert_eq!(answer.await.unwrap().status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_stack_not_ready_is_driven_to_ready_in_the_future() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut stack = Stack::new(Slow {
+            polled: Arc::new(AtomicBool::new(false)),
+            calls: calls.clone(),
+        });
+        let answer = call_stack(&mut stack, request());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "not called while not ready"
+        );
+        assert_eq!(answer.await.unwrap().status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

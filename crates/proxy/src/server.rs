@@ -21,7 +21,7 @@ use crate::gated::Gated;
 use crate::idle::{Activity, InFlight};
 
 use crate::preface::FirstBytes;
-use crate::routes::{HyperFace, ProxyService, ResponseFuture};
+use crate::routes::{ConnFace, HyperFace, ProxyService, ResponseFuture};
 use crate::timer::CoarseTimer;
 
 /// The HTTP/1 read buffer's bound, which bounds a request head.
@@ -310,21 +310,42 @@ async fn drain(graceful: Drain, timeout: Duration) {
 }
 
 /// What serves the server's connections: the proxy's [`HyperFace`], or the
-/// metrics listener's [`MetricsFace`]; called with the connection's watch.
-trait ConnService: Clone + Send + 'static {
-    fn call_on(&self, req: Request<Incoming>, conn: &Arc<Activity>) -> ResponseFuture;
+/// metrics listener's [`MetricsFace`]; shared by a shard's connections,
+/// each of which gets its own [`ConnService::Conn`] to call with its watch.
+trait ConnService: Send + Sync + 'static {
+    /// What one connection calls.
+    type Conn: Send + 'static;
+
+    /// The connection's own, made when it is accepted.
+    fn conn(&self) -> Self::Conn;
+
+    /// One request on the connection watched by `activity`.
+    fn call_on(
+        conn: &Self::Conn,
+        req: Request<Incoming>,
+        activity: &Arc<Activity>,
+    ) -> ResponseFuture;
 }
 
 impl ConnService for HyperFace {
-    fn call_on(&self, req: Request<Incoming>, conn: &Arc<Activity>) -> ResponseFuture {
-        HyperFace::call_on(self, req, conn)
+    type Conn = ConnFace;
+
+    fn conn(&self) -> ConnFace {
+        HyperFace::conn(self)
+    }
+
+    fn call_on(
+        conn: &ConnFace,
+        req: Request<Incoming>,
+        activity: &Arc<Activity>,
+    ) -> ResponseFuture {
+        conn.call_on(req, activity)
     }
 }
 
 /// A [`ConnService`] as hyper calls it, on one connection.
-#[derive(Clone)]
-struct OnConn<S> {
-    inner: S,
+struct OnConn<S: ConnService> {
+    inner: S::Conn,
     activity: Arc<Activity>,
 }
 
@@ -335,7 +356,7 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for OnConn<S> {
 
     fn call(&self, req: Request<Incoming>) -> ResponseFuture {
         self.activity.saw(req.version());
-        self.inner.call_on(req, &self.activity)
+        S::call_on(&self.inner, req, &self.activity)
     }
 }
 
@@ -345,10 +366,20 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for OnConn<S> {
 struct MetricsFace(ProxyService);
 
 impl ConnService for MetricsFace {
-    fn call_on(&self, req: Request<Incoming>, conn: &Arc<Activity>) -> ResponseFuture {
+    type Conn = MetricsFace;
+
+    fn conn(&self) -> MetricsFace {
+        self.clone()
+    }
+
+    fn call_on(
+        conn: &MetricsFace,
+        req: Request<Incoming>,
+        activity: &Arc<Activity>,
+    ) -> ResponseFuture {
         // In flight until its body is sent: an HTTP/2 scrape is not idle.
-        let in_flight = InFlight::new(conn);
-        let resp = self.0.serve_own(&req);
+        let in_flight = InFlight::new(activity);
+        let resp = conn.0.serve_own(&req);
         let resp = resp.map(|body| Guarded::new(body, in_flight).boxed_unsync());
         Box::pin(std::future::ready(Ok(resp)))
     }
@@ -611,8 +642,8 @@ fn serve_connection<S>(
 {
     let _ = stream.set_nodelay(true);
     let activity = Activity::new();
-    let service = OnConn {
-        inner: service.clone(),
+    let service = OnConn::<S> {
+        inner: service.conn(),
         activity: activity.clone(),
     };
     let conn = builder
