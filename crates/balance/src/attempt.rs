@@ -151,6 +151,12 @@ impl Template {
         }
     }
 
+    /// The extensions of the first attempt's request, while it has not
+    /// been taken.
+    fn extensions(&self) -> Option<&http::Extensions> {
+        self.first.as_ref().map(Request::extensions)
+    }
+
     /// The request for the next attempt (`last`: no attempt can follow
     /// it), with `fallback` as its metadata when the attempt serves
     /// another model.
@@ -183,17 +189,19 @@ impl Template {
 }
 
 /// Serve one request (the body of [`Balance`](crate::Balance)'s future).
-pub(crate) async fn serve<S>(shared: Arc<Shared<S>>, req: Request<Body>) -> Outcome
+///
+/// The request is split and its template made before the future, which
+/// then holds it once (in the template): an `async fn` would hold it as its
+/// argument, as the split head, and in the template.
+pub(crate) fn serve<S>(
+    shared: Arc<Shared<S>>,
+    req: Request<Body>,
+) -> impl Future<Output = Outcome> + Send + 'static
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let set = shared.snapshot();
-    let (parts, body) = req.into_parts();
-    let meta = parts.extensions.get::<RequestMeta>().cloned();
-    let pin = parts.extensions.get::<llm_proxy_core::PinnedUpstream>();
-    let allowed = parts.extensions.get::<llm_proxy_core::ModelAllowlist>();
-    let route = Route::new(&shared.config, &set, meta.as_ref(), pin, allowed)?;
+    let meta = req.extensions().get::<RequestMeta>().cloned();
     // Retried elsewhere: only the model APIs, whose requests any upstream
     // of the model answers alike. A passthrough write (files, batches,
     // fine-tunes) names ids that live on one upstream and may have taken
@@ -206,61 +214,91 @@ where
     } else {
         1
     };
+    let (parts, body) = req.into_parts();
     let mut template = Template::new(parts, body, attempts > 1, meta.as_ref());
-    let mut now = shared.epoch.now();
-    shared.budget.deposit(now);
-    let mut tried: Vec<usize> = Vec::new();
-    let mut spent: Vec<usize> = Vec::new();
-    let mut last: Option<Outcome> = None;
-    for attempt in 0..attempts {
-        if attempt > 0 {
-            now = shared.epoch.now();
-        }
-        let Some(choice) = route.choose(&set, &tried, &spent, now, crate::random()) else {
-            break;
+    async move {
+        let set = shared.snapshot();
+        let route = {
+            let extensions = template.extensions();
+            let pin = extensions.and_then(|e| e.get::<llm_proxy_core::PinnedUpstream>());
+            let allowed = extensions.and_then(|e| e.get::<llm_proxy_core::ModelAllowlist>());
+            Route::new(&shared.config, &set, meta.as_ref(), pin, allowed)?
         };
-        if attempt > 0 {
-            if !shared.budget.withdraw(now) {
-                tracing::debug!("retry budget exhausted; answering with the last attempt");
+        let mut now = shared.epoch.now();
+        shared.budget.deposit(now);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut spent: Vec<usize> = Vec::new();
+        let mut last: Option<Outcome> = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                now = shared.epoch.now();
+            }
+            let Some(choice) = route.choose(&set, &tried, &spent, now, crate::random()) else {
                 break;
-            }
-            shared.retries.fetch_add(1, Ordering::Relaxed);
-        }
-        let fallback = choice.model.map(|model| {
-            let mut m = meta
-                .clone()
-                .unwrap_or_else(|| RequestMeta::unbuffered(route.endpoint()));
-            m.set_model(model);
-            m
-        });
-        let Some(req) = template.next(attempt + 1 == attempts, meta.as_ref(), fallback.as_ref())
-        else {
-            break;
-        };
-        // The previous failure is superseded: release its backend now.
-        drop(last.take());
-        let member = set.members[choice.member].clone();
-        tracing::debug!(upstream = %member.name, attempt, "balancer attempt");
-        let (mut outcome, verdict) = send(&shared, &member.state, member.service(), req).await;
-        if let (Some(model), Ok(response)) = (choice.model, &mut outcome) {
-            // Not the answer of the client's model: the cache must not keep
-            // it under that model's key.
-            response
-                .extensions_mut()
-                .insert(llm_proxy_core::fallback::ServedByFallback(model.into()));
-        }
-        match verdict {
-            Verdict::Success | Verdict::Pass | Verdict::Fatal => return outcome,
-            Verdict::Failure | Verdict::Throttled(_) => {
-                tried.push(choice.member);
-                if timed_out_waiting(&outcome) {
-                    spent.push(choice.member);
+            };
+            if attempt > 0 {
+                if !shared.budget.withdraw(now) {
+                    tracing::debug!("retry budget exhausted; answering with the last attempt");
+                    break;
                 }
-                last = Some(outcome);
+                shared.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let member = &set.members[choice.member];
+            // The request is made and handed to `send` in one expression: a
+            // local holding it would keep its room in this future beside the
+            // attempt's, even once moved out.
+            let made = template
+                .next(
+                    attempt + 1 == attempts,
+                    meta.as_ref(),
+                    fallback(&meta, &route, choice.model).as_ref(),
+                )
+                .map(|req| {
+                    // The previous failure is superseded: release its backend now.
+                    drop(last.take());
+                    tracing::debug!(upstream = %member.name, attempt, "balancer attempt");
+                    send(&shared, &member.state, member.service(), req)
+                });
+            let (mut outcome, verdict) = match made {
+                Some(attempt) => attempt.await,
+                None => break,
+            };
+            if let (Some(model), Ok(response)) = (choice.model, &mut outcome) {
+                // Not the answer of the client's model: the cache must not keep
+                // it under that model's key.
+                response
+                    .extensions_mut()
+                    .insert(llm_proxy_core::fallback::ServedByFallback(model.into()));
+            }
+            match verdict {
+                Verdict::Success | Verdict::Pass | Verdict::Fatal => return outcome,
+                Verdict::Failure | Verdict::Throttled(_) => {
+                    tried.push(choice.member);
+                    if timed_out_waiting(&outcome) {
+                        spent.push(choice.member);
+                    }
+                    last = Some(outcome);
+                }
             }
         }
+        last.unwrap_or_else(|| Err(no_attempt(&route)))
     }
-    last.unwrap_or_else(|| Err(no_attempt(&route)))
+}
+
+/// The metadata of an attempt that serves `model`, a fallback for the
+/// request's own.
+fn fallback(
+    meta: &Option<RequestMeta>,
+    route: &Route<'_>,
+    model: Option<&str>,
+) -> Option<RequestMeta> {
+    model.map(|model| {
+        let mut m = meta
+            .clone()
+            .unwrap_or_else(|| RequestMeta::unbuffered(route.endpoint()));
+        m.set_model(model);
+        m
+    })
 }
 
 /// Whether the upstream took the request and sent no head within its
@@ -327,12 +365,15 @@ where
 
 /// One attempt: count it, send it, record what it says about the backend,
 /// and tie the in-flight count to the response body.
-async fn send<S>(
-    shared: &Shared<S>,
-    state: &Arc<BackendState>,
+///
+/// The call is made (boxed, not yet polled) before the future, which holds
+/// it instead of the request.
+fn send<'a, S>(
+    shared: &'a Shared<S>,
+    state: &'a Arc<BackendState>,
     svc: S,
     req: Request<Body>,
-) -> (Outcome, Verdict)
+) -> impl Future<Output = (Outcome, Verdict)> + Send + 'a
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
     S::Future: Send + 'static,
@@ -341,35 +382,38 @@ where
     // sees its own earlier picks.
     let guard = InFlight::new(state.clone());
     let ejections = state.ejections_seen();
-    let start = Instant::now();
-    let mut waiting = Waiting {
-        state,
-        epoch: shared.epoch,
-        start,
-        armed: true,
-    };
-    let outcome = call(svc, req).await;
-    waiting.armed = false;
-    let (now, elapsed) = shared.epoch.now_since(start);
-    let verdict = judge(state, now, classify(&outcome), elapsed, Some(ejections));
-    let mut sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
-    let outcome = outcome.map(|resp| {
-        resp.map(|body| {
-            // A body that is over at its head (`content-length: 0`, a
-            // `HEAD`) may never be polled: it is whole now.
-            if sample.is_some() && http_body::Body::is_end_stream(&body) {
-                sample = None;
-                state.observe(now, elapsed);
-                state.clean_end();
-            }
-            let timed = FirstFrame::new(
-                body,
-                sample.map(|(epoch, start)| (guard.state().clone(), epoch, start)),
-            );
-            Guarded::new(timed, guard).boxed_unsync()
-        })
-    });
-    (outcome, verdict)
+    let call = call(svc, req);
+    async move {
+        let start = Instant::now();
+        let mut waiting = Waiting {
+            state,
+            epoch: shared.epoch,
+            start,
+            armed: true,
+        };
+        let outcome = call.await;
+        waiting.armed = false;
+        let (now, elapsed) = shared.epoch.now_since(start);
+        let verdict = judge(state, now, classify(&outcome), elapsed, Some(ejections));
+        let mut sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
+        let outcome = outcome.map(|resp| {
+            resp.map(|body| {
+                // A body that is over at its head (`content-length: 0`, a
+                // `HEAD`) may never be polled: it is whole now.
+                if sample.is_some() && http_body::Body::is_end_stream(&body) {
+                    sample = None;
+                    state.observe(now, elapsed);
+                    state.clean_end();
+                }
+                let timed = FirstFrame::new(
+                    body,
+                    sample.map(|(epoch, start)| (guard.state().clone(), epoch, start)),
+                );
+                Guarded::new(timed, guard).boxed_unsync()
+            })
+        });
+        (outcome, verdict)
+    }
 }
 
 /// An attempt waiting for its answer's head. Dropped armed (the request was
