@@ -160,54 +160,63 @@ impl Pool {
     /// that may have taken effect is not sent twice. The replay goes on a
     /// new connection: the other idle ones may be in the same race (opened
     /// together, they time out together).
-    pub(crate) async fn send(
-        self: &Arc<Self>,
+    ///
+    /// Not an `async fn`, whose future would hold the request twice (as
+    /// its argument and as the local sent and sent again).
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn's future holds its arguments twice"
+    )]
+    pub(crate) fn send(
+        self: Arc<Self>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
-        let mut replay = Replay::of(&req);
-        let mut replayed = false;
-        loop {
-            let idle = if replayed { None } else { self.checkout() };
-            let (mut conn, reused) = match idle {
-                Some(conn) => (conn, true),
-                // Boxed: the connect future is large and rarely needed; inline
-                // it would be moved (copied) with every request's future.
-                None => (Box::pin(self.connect()).await?, false),
-            };
-            // A pooled connection the server closed while it sat idle is
-            // noticed here, before a request is committed to it.
-            if reused && !conn.settle() {
-                continue;
-            }
-            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
-            let sent = std::future::poll_fn(|cx| {
-                // The connection writes the request and reads the head only
-                // while it is driven.
-                let _ = conn.drive(cx);
-                response.as_mut().poll(cx)
-            })
-            .await;
-            match sent {
-                Ok(resp) => {
-                    let lease = Lease {
-                        pool: self.clone(),
-                        conn,
-                    };
-                    return Ok((resp, lease));
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), SendError>> + Send + 'static {
+        // Boxed: rarely made (a safe request without a body), and inline it
+        // would take its room in every request's future.
+        let mut replay = Replay::of(&req).map(Box::new);
+        async move {
+            let mut replayed = false;
+            loop {
+                let idle = if replayed { None } else { self.checkout() };
+                let (mut conn, reused) = match idle {
+                    Some(conn) => (conn, true),
+                    // Boxed: the connect future is large and rarely needed;
+                    // inline it would be moved (copied) with every request's
+                    // future.
+                    None => (Box::pin(self.connect()).await?, false),
+                };
+                // A pooled connection the server closed while it sat idle is
+                // noticed here, before a request is committed to it.
+                if reused && !conn.settle() {
+                    continue;
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => {
-                        let e = e.into_error();
-                        match replay.take() {
-                            Some(again) if reused && closed_unanswered(&e) => {
-                                req = again.request();
-                                replayed = true;
-                            }
-                            _ => return Err(SendError::Request(e)),
-                        }
+                let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+                let sent = std::future::poll_fn(|cx| {
+                    // The connection writes the request and reads the head
+                    // only while it is driven.
+                    let _ = conn.drive(cx);
+                    response.as_mut().poll(cx)
+                })
+                .await;
+                match sent {
+                    Ok(resp) => {
+                        let lease = Lease { pool: self, conn };
+                        return Ok((resp, lease));
                     }
-                },
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        _ => {
+                            let e = e.into_error();
+                            match replay.take() {
+                                Some(again) if reused && closed_unanswered(&e) => {
+                                    req = again.request();
+                                    replayed = true;
+                                }
+                                _ => return Err(SendError::Request(e)),
+                            }
+                        }
+                    },
+                }
             }
         }
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header, uri};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -16,7 +17,7 @@ use tower_service::Service;
 use crate::body::{UploadClock, Uploading, UpstreamBody};
 use crate::config::{AuthStyle, BuildError, UpstreamConfig};
 use crate::headers;
-use crate::pool::{Pool, SendError};
+use crate::pool::{Lease, Pool, SendError};
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
@@ -283,6 +284,72 @@ impl Service<Request<Body>> for Upstream {
     }
 }
 
+/// The upstream's request, as [`Upstream::prepare`] makes it.
+struct Outgoing {
+    req: Request<Body>,
+    endpoint: Endpoint,
+    /// For a body still coming from the client: the time it waits for the
+    /// client's bytes.
+    uploaded: Option<Arc<UploadClock>>,
+}
+
+/// An answer's head as it came (with the pool's connection, if it lent one),
+/// or why none came.
+type Sent = Result<(Response<Incoming>, Option<Lease>), Error>;
+
+/// What the HTTP/1 pool's `send` is.
+trait PoolSend: Future<Output = Result<(Response<Incoming>, Lease), SendError>> + Send {}
+
+impl<F> PoolSend for F where
+    F: Future<Output = Result<(Response<Incoming>, Lease), SendError>> + Send
+{
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Upstream::send`]: the upstream's request on its way,
+    /// then its answer made the client's ([`Upstream::answer`]).
+    ///
+    /// Written by hand, not as an `async fn`: that would hold the request
+    /// as its argument, split, and rebuilt for the upstream (about 2 KiB,
+    /// copied into every request's box); this holds it once, in the send.
+    struct Exchange<P> {
+        upstream: Upstream,
+        endpoint: Endpoint,
+        #[pin]
+        state: Sending<P>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = SendingProj]
+    enum Sending<P> {
+        Pool { #[pin] head: HeadWithin<P> },
+        Client { #[pin] head: HeadWithin<hyper_util::client::legacy::ResponseFuture> },
+        Refused { #[pin] refusal: std::future::Ready<Result<Response<Body>, Error>> },
+    }
+}
+
+impl<P: PoolSend> Future for Exchange<P> {
+    type Output = Result<Response<Body>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let upstream = &*this.upstream;
+        let sent = match this.state.project() {
+            SendingProj::Pool { head } => std::task::ready!(head.poll(cx)).map(|sent| {
+                sent.map(|(resp, lease)| (resp, Some(lease)))
+                    .map_err(|e| upstream.classify_pool(e))
+            }),
+            SendingProj::Client { head } => std::task::ready!(head.poll(cx)).map(|sent| {
+                sent.map(|resp| (resp, None))
+                    .map_err(|e| upstream.classify(&e))
+            }),
+            SendingProj::Refused { refusal } => return refusal.poll(cx),
+        };
+        Poll::Ready(upstream.answer(sent, *this.endpoint))
+    }
+}
+
 /// `send`'s output, unless the first-byte timeout passes first: counted
 /// from now, less, for a body streamed from the client, the time it waited
 /// for the client's bytes (`uploaded`).
@@ -293,7 +360,8 @@ fn head_within<F: Future>(
 ) -> HeadWithin<F> {
     HeadWithin {
         send,
-        timer: tokio::time::sleep(first_byte),
+        timer: None,
+        start: tokio::time::Instant::now(),
         first_byte,
         uploaded,
     }
@@ -302,12 +370,15 @@ fn head_within<F: Future>(
 pin_project_lite::pin_project! {
     /// The future of [`head_within`]. Not an `async fn`: its state would
     /// hold `send` twice (the argument, and the timeout's own), a KiB more
-    /// in every request's future.
+    /// in every request's future. Its timer is made when it is first
+    /// polled: a service may be called outside the runtime that will run
+    /// its future.
     struct HeadWithin<F> {
         #[pin]
         send: F,
         #[pin]
-        timer: tokio::time::Sleep,
+        timer: Option<tokio::time::Sleep>,
+        start: tokio::time::Instant,
         first_byte: Duration,
         uploaded: Option<Arc<UploadClock>>,
     }
@@ -321,8 +392,13 @@ impl<F: Future> Future for HeadWithin<F> {
         if let Poll::Ready(sent) = this.send.poll(cx) {
             return Poll::Ready(Some(sent));
         }
+        if this.timer.is_none() {
+            let deadline = *this.start + *this.first_byte;
+            this.timer.set(Some(tokio::time::sleep_until(deadline)));
+        }
+        let mut timer = this.timer.as_pin_mut().expect("armed above");
         loop {
-            if this.timer.as_mut().poll(cx).is_pending() {
+            if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             // The time waiting for the client's bytes does not count: wait
@@ -334,15 +410,62 @@ impl<F: Future> Future for HeadWithin<F> {
             let Some(left) = this.first_byte.checked_sub(spent).filter(|l| !l.is_zero()) else {
                 return Poll::Ready(None);
             };
-            this.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + left);
+            timer.as_mut().reset(tokio::time::Instant::now() + left);
         }
     }
 }
 
 impl Upstream {
-    async fn send(self, req: Request<Body>) -> Result<Response<Body>, Error> {
+    /// The request sent upstream, and its answer's head with the body to
+    /// stream. The request is rebuilt for the upstream here, before the
+    /// future ([`Exchange`]), which holds it once.
+    fn send(self, req: Request<Body>) -> Exchange<impl PoolSend> {
+        let Outgoing {
+            req: out,
+            endpoint,
+            uploaded,
+        } = match self.prepare(req) {
+            Ok(outgoing) => outgoing,
+            Err(e) => {
+                return Exchange {
+                    upstream: self,
+                    endpoint: Endpoint::Passthrough,
+                    state: Sending::Refused {
+                        refusal: std::future::ready(Err(e)),
+                    },
+                };
+            }
+        };
+        let first_byte = self.inner.first_byte_timeout;
+        let shard = crate::shard::current();
+        let state = match &self.inner.transport {
+            Transport::Http1 { pools } => {
+                let pool = shard
+                    .and_then(|i| pools.get(i))
+                    .unwrap_or(&pools[pools.len() - 1]);
+                Sending::Pool {
+                    head: head_within(first_byte, uploaded, pool.clone().send(out)),
+                }
+            }
+            Transport::Client(clients) => {
+                let client = shard
+                    .and_then(|i| clients.get(i))
+                    .unwrap_or(&clients[clients.len() - 1]);
+                Sending::Client {
+                    head: head_within(first_byte, uploaded, client.request(out)),
+                }
+            }
+        };
+        Exchange {
+            upstream: self,
+            endpoint,
+            state,
+        }
+    }
+
+    /// The upstream's request: the client's, with its hop-by-hop headers
+    /// and credential replaced, the buffered body, and the upstream's path.
+    fn prepare(&self, req: Request<Body>) -> Result<Outgoing, Error> {
         let (mut parts, body) = req.into_parts();
         let meta = parts.extensions.get::<RequestMeta>();
         let endpoint = meta
@@ -382,44 +505,38 @@ impl Upstream {
                 Some(clock),
             )
         };
-        let first_byte = self.inner.first_byte_timeout;
         self.present(&mut parts.headers);
 
         let pq = self.path_and_query(&parts.uri)?;
         let mut out = Request::new(body);
         *out.method_mut() = parts.method;
         *out.headers_mut() = parts.headers;
-        let shard = crate::shard::current();
-        let sent = match &self.inner.transport {
-            Transport::Http1 { pools } => {
+        match &self.inner.transport {
+            Transport::Http1 { .. } => {
                 *out.uri_mut() = Uri::from(pq);
                 out.headers_mut()
                     .insert(header::HOST, self.inner.host.clone());
-                let pool = shard
-                    .and_then(|i| pools.get(i))
-                    .unwrap_or(&pools[pools.len() - 1]);
-                head_within(first_byte, uploaded, pool.send(out))
-                    .await
-                    .map(|sent| {
-                        sent.map(|(resp, lease)| (resp, Some(lease)))
-                            .map_err(|e| self.classify_pool(e))
-                    })
             }
-            Transport::Client(clients) => {
+            Transport::Client(_) => {
                 *out.uri_mut() = Uri::builder()
                     .scheme(self.inner.scheme.clone())
                     .authority(self.inner.authority.clone())
                     .path_and_query(pq)
                     .build()
                     .map_err(|e| self.bad_gateway(format!("cannot build the upstream URL: {e}")))?;
-                let client = shard
-                    .and_then(|i| clients.get(i))
-                    .unwrap_or(&clients[clients.len() - 1]);
-                head_within(first_byte, uploaded, client.request(out))
-                    .await
-                    .map(|sent| sent.map(|resp| (resp, None)).map_err(|e| self.classify(&e)))
             }
-        };
+        }
+        Ok(Outgoing {
+            req: out,
+            endpoint,
+            uploaded,
+        })
+    }
+
+    /// The upstream's answer (`None`: no head within the first-byte
+    /// timeout) made the client's: checked, its head marked, its body
+    /// watched and tied to its connection.
+    fn answer(&self, sent: Option<Sent>, endpoint: Endpoint) -> Result<Response<Body>, Error> {
         let (resp, lease) = match sent {
             None => {
                 return Err(Error::UpstreamTimeout {
@@ -601,6 +718,29 @@ fn states_length(value: &HeaderValue, len: usize) -> bool {
 #[allow(clippy::unwrap_used)] // a test should panic on unexpected input
 mod tests {
     use super::*;
+
+    /// The future is made at `call` and may be run by a runtime that was
+    /// not current then: nothing that needs one (a timer) is made before it
+    /// is polled.
+    #[test]
+    fn a_call_made_outside_a_runtime_runs_in_one() {
+        // Nothing listens on the discard port: refused at once.
+        let cfg = UpstreamConfig::new("u", "http://127.0.0.1:9/v1".parse().unwrap());
+        let mut upstream = Upstream::new(cfg).unwrap();
+        let req = Request::post("/v1/models")
+            .body(llm_proxy_core::empty())
+            .unwrap();
+        let answer = upstream.call(req);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let answer = runtime.block_on(answer);
+        assert!(
+            matches!(answer, Err(Error::BadGateway { .. })),
+            "{answer:?}"
+        );
+    }
 
     fn mapped(base: &str, client: &str) -> String {
         let cfg = UpstreamConfig::new("u", base.parse().unwrap());
