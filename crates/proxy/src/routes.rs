@@ -634,40 +634,27 @@ mod tests {
         }
     }
 
-    fn request() -> Request<Body> {
-        Request::new(llm_proxy_core::empty())
+    /// What `call_stack` does with a stack ready at once or not: the calls
+    /// made before its answer is awaited, then after.
+    async fn calls_of(ready_at_once: bool) -> (usize, usize) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut stack = Stack::new(Slow {
+            polled: Arc::new(AtomicBool::new(ready_at_once)),
+            calls: calls.clone(),
+        });
+        let answer = call_stack(&mut stack, Request::new(llm_proxy_core::empty()));
+        let before = calls.load(Ordering::SeqCst);
+        assert_eq!(answer.await.unwrap().status(), StatusCode::OK);
+        (before, calls.load(Ordering::SeqCst))
     }
 
     #[tokio::test]
     async fn a_stack_ready_at_once_is_called_in_place() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let mut stack = Stack::new(Slow {
-            polled: Arc::new(AtomicBool::new(true)),
-            calls: calls.clone(),
-        });
-        let answer = call_stack(&mut stack, request());
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            1,
-            "called before the future runs"
-        );
-        assert_eq!(answer.await.unwrap().status(), StatusCode::OK);
+        assert_eq!(calls_of(true).await, (1, 1));
     }
 
     #[tokio::test]
     async fn a_stack_not_ready_is_driven_to_ready_in_the_future() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let mut stack = Stack::new(Slow {
-            polled: Arc::new(AtomicBool::new(false)),
-            calls: calls.clone(),
-        });
-        let answer = call_stack(&mut stack, request());
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            0,
-            "not called while not ready"
-        );
-        assert_eq!(answer.await.unwrap().status(), StatusCode::OK);
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls_of(false).await, (0, 1));
     }
 }
