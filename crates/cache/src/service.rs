@@ -292,85 +292,96 @@ where
 }
 
 /// `ready` has been polled ready: its first call needs no `poll_ready`.
-async fn serve<S>(
+///
+/// Not an `async fn`, whose future would hold its arguments twice (as
+/// arguments and as locals), the request among them.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn's future holds its arguments twice"
+)]
+fn serve<S>(
     ready: S,
     shared: Arc<Shared>,
     plan: Plan,
     req: Request<Body>,
-) -> Result<Response<Body>, Error>
+) -> impl Future<Output = Result<Response<Body>, Error>> + Send + 'static
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let counters = &shared.counters;
-    if plan.control.only_if_cached {
-        // The inner service, readied, is dropped unused: what it reserved
-        // goes back.
-        drop(ready);
-        return Ok(from_store_only(&shared, &plan).await);
-    }
-    let mut inner = Inner::Ready(ready);
-    if plan.control.no_cache {
-        Counters::bump(&counters.bypasses);
-        let leader = Leader::detached(plan.key);
-        return fetch(inner, &shared, &plan, req, leader, CacheStatus::Bypass).await;
-    }
-    // One wait for the whole request: a follower whose leader fails
-    // follows the next one, but not for another `max_wait` each time (N
-    // identical requests to a hung upstream would be answered one
-    // `first_byte_timeout` after another).
-    let mut deadline = None;
-    loop {
-        match shared.flights.join(plan.key) {
-            Joined::Lead(leader) => {
-                if let Some(entry) = lookup(&shared, &plan).await {
-                    Counters::bump(&counters.hits);
-                    let response = replay_entry(&plan, &entry);
-                    leader.serve(|| (head_of(&entry), entry_frames(&entry)));
-                    return Ok(response);
-                }
-                Counters::bump(&counters.misses);
-                return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
-            }
-            Joined::Follow(follower) => {
-                inner.unready();
-                // A request, once: not again when it follows the next
-                // leader after its first one failed.
-                if deadline.is_none() {
-                    Counters::bump(&counters.coalesced);
-                }
-                let head = poll_fn(|cx| follower.poll_head(cx));
-                // (Set on the first wait: a leader reads no clock for it.)
-                let until = *deadline
-                    .get_or_insert_with(|| tokio::time::Instant::now() + shared.config.max_wait);
-                match tokio::time::timeout_at(until, head).await {
-                    Ok(Ok(head)) => {
-                        let age = head
-                            .stored_at_ms
-                            .map_or(0, |at| crate::clock::now_ms().saturating_sub(at));
-                        let age = std::time::Duration::from_millis(age);
-                        if plan.control.max_age.is_some_and(|max| age > max) {
-                            // A stored answer too old for this request: the
-                            // flight has left the map, so this one leads next.
-                            continue;
-                        }
+    async move {
+        let counters = &shared.counters;
+        if plan.control.only_if_cached {
+            // The inner service, readied, is dropped unused: what it reserved
+            // goes back.
+            drop(ready);
+            return Ok(from_store_only(&shared, &plan).await);
+        }
+        let mut inner = Inner::Ready(ready);
+        if plan.control.no_cache {
+            Counters::bump(&counters.bypasses);
+            let leader = Leader::detached(plan.key);
+            return fetch(inner, &shared, &plan, req, leader, CacheStatus::Bypass).await;
+        }
+        // One wait for the whole request: a follower whose leader fails
+        // follows the next one, but not for another `max_wait` each time (N
+        // identical requests to a hung upstream would be answered one
+        // `first_byte_timeout` after another).
+        let mut deadline = None;
+        loop {
+            match shared.flights.join(plan.key) {
+                Joined::Lead(leader) => {
+                    if let Some(entry) = lookup(&shared, &plan).await {
                         Counters::bump(&counters.hits);
-                        let filter = plan.strips_usage();
-                        return Ok(replay::from_flight(
-                            follower,
-                            &head,
-                            plan.stream,
-                            filter,
-                            age.as_secs(),
-                        ));
+                        let response = replay_entry(&plan, &entry);
+                        leader.serve(|| (head_of(&entry), entry_frames(&entry)));
+                        return Ok(response);
                     }
-                    // The leader failed before its head: start over.
-                    Ok(Err(_retry)) => continue,
-                    Err(_elapsed) => {
-                        drop(follower);
-                        Counters::bump(&counters.misses);
-                        let leader = Leader::detached(plan.key);
-                        return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
+                    Counters::bump(&counters.misses);
+                    return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
+                }
+                Joined::Follow(follower) => {
+                    inner.unready();
+                    // A request, once: not again when it follows the next
+                    // leader after its first one failed.
+                    if deadline.is_none() {
+                        Counters::bump(&counters.coalesced);
+                    }
+                    let head = poll_fn(|cx| follower.poll_head(cx));
+                    // (Set on the first wait: a leader reads no clock for it.)
+                    let until = *deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + shared.config.max_wait
+                    });
+                    match tokio::time::timeout_at(until, head).await {
+                        Ok(Ok(head)) => {
+                            let age = head
+                                .stored_at_ms
+                                .map_or(0, |at| crate::clock::now_ms().saturating_sub(at));
+                            let age = std::time::Duration::from_millis(age);
+                            if plan.control.max_age.is_some_and(|max| age > max) {
+                                // A stored answer too old for this request: the
+                                // flight has left the map, so this one leads next.
+                                continue;
+                            }
+                            Counters::bump(&counters.hits);
+                            let filter = plan.strips_usage();
+                            return Ok(replay::from_flight(
+                                follower,
+                                &head,
+                                plan.stream,
+                                filter,
+                                age.as_secs(),
+                            ));
+                        }
+                        // The leader failed before its head: start over.
+                        Ok(Err(_retry)) => continue,
+                        Err(_elapsed) => {
+                            drop(follower);
+                            Counters::bump(&counters.misses);
+                            let leader = Leader::detached(plan.key);
+                            return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss)
+                                .await;
+                        }
                     }
                 }
             }
