@@ -452,7 +452,10 @@ where
 
 /// The stack's answer to `req`: called at once when the stack is ready at
 /// once, as every layer of it is; otherwise a clone is driven to readiness
-/// in the answer's future (the tower idiom), and `stack` stays as it was.
+/// in the answer's future (the tower idiom). A layer that reserves capacity
+/// in `poll_ready` (none of the proxy's does) would then keep what its
+/// not-ready answer went on to reserve in the connection's own handle,
+/// until that connection's next request.
 fn call_stack(stack: &mut Stack, req: Request<Body>) -> llm_proxy_core::BoxFuture {
     let mut cx = Context::from_waker(Waker::noop());
     match stack.poll_ready(&mut cx) {
