@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use foldhash::fast::RandomState;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
@@ -79,7 +80,7 @@ pub struct KeyEntry {
 pub struct KeyStats {
     /// Requests answered 429 by this layer.
     pub rate_limited: std::sync::atomic::AtomicU64,
-    tokens: std::sync::Mutex<HashMap<Arc<str>, [u64; 2]>>,
+    tokens: std::sync::Mutex<HashMap<Arc<str>, [u64; 2], RandomState>>,
 }
 
 /// Distinct model labels kept per key; later models count as `other`, so a
@@ -95,15 +96,20 @@ impl KeyStats {
     /// Count `input` and `output` tokens used with `model`.
     pub fn add_tokens(&self, model: &Arc<str>, input: u64, output: u64) {
         let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        let known = map.contains_key(model) || map.len() < MAX_MODELS_PER_KEY;
-        let slot = if known && model.len() <= MAX_MODEL_LABEL_BYTES {
-            map.entry(model.clone()).or_default()
-        } else {
-            map.entry(Arc::from("other")).or_default()
-        };
         // The counts come from an upstream: saturate rather than overflow.
-        slot[0] = slot[0].saturating_add(input);
-        slot[1] = slot[1].saturating_add(output);
+        let add = |slot: &mut [u64; 2]| {
+            slot[0] = slot[0].saturating_add(input);
+            slot[1] = slot[1].saturating_add(output);
+        };
+        // One lookup for a model already counted (every request but its first).
+        if let Some(slot) = map.get_mut(model) {
+            return add(slot);
+        }
+        if map.len() < MAX_MODELS_PER_KEY && model.len() <= MAX_MODEL_LABEL_BYTES {
+            add(map.entry(model.clone()).or_default());
+        } else {
+            add(map.entry(Arc::from("other")).or_default());
+        }
     }
 
     /// Tokens by model: `(model, input, output)`.
@@ -138,7 +144,9 @@ impl KeyEntry {
 /// Every configured key, by hash.
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    by_hash: HashMap<[u8; 32], Arc<KeyEntry>>,
+    /// By SHA-256, hashed with foldhash (seeded at random per table):
+    /// SipHash over the 32 bytes took as long as the rest of the lookup.
+    by_hash: HashMap<[u8; 32], Arc<KeyEntry>, RandomState>,
 }
 
 impl KeyTable {

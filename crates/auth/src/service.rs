@@ -433,7 +433,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
     let limited = metered && key.limits.tokens.is_some();
     // A request without a body (a passthrough `GET`) runs no model: it
     // reserves nothing, and its answer's `usage`, if any, is charged.
-    let (reserve, prompt) = if limited && !(meta.json().is_none() && no_body) {
+    let (reserve, prompt) = if limited && (meta.has_json_body() || !no_body) {
         (
             key.limits.token_charge(estimate_tokens(meta)),
             prompt_tokens(meta),
@@ -510,10 +510,10 @@ fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
     let Some(tokens) = key.limits.tokens else {
         return Ok(());
     };
-    let Some(json) = meta
-        .json()
-        .filter(|_| meta.endpoint() == Endpoint::Responses)
-    else {
+    if meta.endpoint() != Endpoint::Responses {
+        return Ok(());
+    }
+    let Some(json) = meta.json() else {
         return Ok(());
     };
     // Anything but absent, `null` or `false` may read as true upstream (a
@@ -578,33 +578,16 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
 }
 
 /// The token reservation: prompt bytes / 4, plus the completion cap the
-/// request names (`max_tokens`, `max_completion_tokens`, `max_output_tokens`),
-/// else 256, times the completions it asks for (`n`, or completions'
-/// `best_of` when larger: each is generated whole).
+/// request names (`max_tokens`, `max_completion_tokens`, `max_output_tokens`;
+/// the largest, when it names several), else 256, times the completions it
+/// asks for (`n`, or completions' `best_of` when larger: each is generated
+/// whole). Read from what the parse layer's check learned
+/// ([`RequestMeta::generation_caps`]): the body is not built for it.
 pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
-    let prompt = prompt_tokens(meta);
-    let json = meta.json();
-    // The largest cap named: a body may name several, and which one an
-    // upstream honours is its own business (`max_tokens: 1` beside a large
-    // `max_output_tokens` must not shrink the reservation).
-    let cap = json
-        .and_then(|j| {
-            ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-                .iter()
-                .filter_map(|k| j.get(*k).and_then(Value::as_u64))
-                .max()
-        })
-        .unwrap_or(256);
-    let completions = json
-        .and_then(|j| {
-            ["n", "best_of"]
-                .iter()
-                .filter_map(|k| j.get(*k).and_then(Value::as_u64))
-                .max()
-        })
-        .unwrap_or(1)
-        .max(1);
-    prompt.saturating_add(cap.saturating_mul(completions))
+    let caps = meta.generation_caps();
+    let cap = caps.max_tokens.unwrap_or(256);
+    let completions = caps.choices.unwrap_or(1).max(1);
+    prompt_tokens(meta).saturating_add(cap.saturating_mul(completions))
 }
 
 /// The prompt's part of [`estimate_tokens`]: the body's bytes / 4.
@@ -825,6 +808,27 @@ mod tests {
         let (status, remaining) =
             call(&svc, "/v1/chat/completions", chat_body(600, 1_000_000)).await;
         assert_eq!((status, remaining), (429, Some(390)));
+    }
+
+    #[tokio::test]
+    async fn a_token_reservation_does_not_build_the_body() {
+        let mut key = KeySpec::from_key("k", "sk");
+        key.tokens_per_minute = Some(10_000);
+        let built = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = built.clone();
+        let svc = ServiceBuilder::new()
+            .layer(ParseLayer::new(ParseLimits::default()))
+            .layer(AuthLayer::new(vec![key]))
+            .service(service_fn(move |req: Request<Body>| {
+                let meta = req.extensions().get::<RequestMeta>().unwrap();
+                seen.lock().unwrap().push(meta.is_built());
+                async { Ok::<_, Error>(Response::new(full("{}"))) }
+            }));
+        // 40 bytes of prompt (10 tokens), two completions of at most 300.
+        let body = format!("{:<40}", r#"{"model":"m","max_tokens":300,"n":2}"#);
+        let (status, remaining) = call(&svc, "/v1/chat/completions", body).await;
+        assert_eq!((status, remaining), (200, Some(10_000 - 610)));
+        assert_eq!(*built.lock().unwrap(), [false]);
     }
 
     #[tokio::test]

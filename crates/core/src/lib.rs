@@ -68,7 +68,7 @@ pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
 };
 pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE};
-pub use meta::{Identity, ModelAllowlist, RequestMeta};
+pub use meta::{GenerationCaps, Identity, ModelAllowlist, RequestMeta};
 pub use parse::{
     BudgetHold, Parse, ParseLayer, ParseLimits, json_from_slice, parse, parse_object,
     parse_object_within, parse_within,

@@ -48,8 +48,50 @@ pub struct RequestMeta {
     json: Option<Arc<Tree>>,
     /// The body has a top-level `previous_response_id` or `conversation`.
     names_state: bool,
+    /// The body's generation caps, as parsed (see
+    /// [`RequestMeta::generation_caps`]).
+    caps: GenerationCaps,
     edited: bool,
     identity: Option<Identity>,
+}
+
+/// What a model body's top-level fields ask the model to generate: the
+/// largest completion cap it names (`max_tokens`, `max_completion_tokens`,
+/// `max_output_tokens`: a body may name several, and which one an upstream
+/// honours is its own business) and the most completions it asks for (`n`,
+/// or completions' `best_of` when larger). A field that is not a
+/// non-negative integer counts as absent. The parse layer's check learns
+/// them without building the body, so that a layer that reserves tokens
+/// (auth's token limits) need not build it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenerationCaps {
+    /// The largest completion cap named.
+    pub max_tokens: Option<u64>,
+    /// The most completions asked for.
+    pub choices: Option<u64>,
+}
+
+impl GenerationCaps {
+    /// The caps of a parsed body.
+    pub fn of(json: &Map<String, Value>) -> Self {
+        let mut caps = GenerationCaps::default();
+        for (key, value) in json {
+            if let Some(n) = value.as_u64() {
+                caps.note(key, n);
+            }
+        }
+        caps
+    }
+
+    /// Count the top-level field `key`, whose value is the integer `n`.
+    pub(crate) fn note(&mut self, key: &str, n: u64) {
+        let slot = match key {
+            "max_tokens" | "max_completion_tokens" | "max_output_tokens" => &mut self.max_tokens,
+            "n" | "best_of" => &mut self.choices,
+            _ => return,
+        };
+        *slot = Some(slot.map_or(n, |m| m.max(n)));
+    }
 }
 
 /// Whether a body names server state (see [`RequestMeta::names_state`]).
@@ -77,6 +119,7 @@ impl RequestMeta {
             stream,
             body: Some(body),
             names_state: names_state(&json),
+            caps: GenerationCaps::of(&json),
             json: Some(Arc::new(OnceLock::from(Some(json)))),
             edited: false,
             identity: None,
@@ -86,14 +129,16 @@ impl RequestMeta {
     /// Metadata for a request whose JSON body has been checked (a JSON
     /// object without repeated keys, see [`crate::parse_object`]) but not
     /// built: [`RequestMeta::json`] builds it when first asked. The check
-    /// found its `model` and `stream`, and whether it
-    /// [names state](RequestMeta::names_state).
+    /// found its `model` and `stream`, whether it
+    /// [names state](RequestMeta::names_state), and its
+    /// [generation caps](RequestMeta::generation_caps).
     pub fn checked(
         endpoint: Endpoint,
         body: Bytes,
         model: Option<Arc<str>>,
         stream: bool,
         names_state: bool,
+        caps: GenerationCaps,
     ) -> Self {
         RequestMeta {
             endpoint,
@@ -101,6 +146,7 @@ impl RequestMeta {
             stream,
             body: Some(body),
             names_state,
+            caps,
             json: Some(Arc::new(OnceLock::new())),
             edited: false,
             identity: None,
@@ -117,6 +163,7 @@ impl RequestMeta {
             body: None,
             json: None,
             names_state: false,
+            caps: GenerationCaps::default(),
             edited: false,
             identity: None,
         }
@@ -148,6 +195,22 @@ impl RequestMeta {
     /// routed without building its body.
     pub fn names_state(&self) -> bool {
         self.names_state
+    }
+
+    /// What the body asks the model to generate ([`GenerationCaps`]):
+    /// learned by the parse layer's check, or read again from the body
+    /// once a layer has edited it.
+    pub fn generation_caps(&self) -> GenerationCaps {
+        match self.json.as_deref().and_then(OnceLock::get) {
+            Some(Some(json)) if self.edited => GenerationCaps::of(json),
+            _ => self.caps,
+        }
+    }
+
+    /// Whether the body was read as a JSON object (checked, or built):
+    /// whether [`RequestMeta::json`] has a body to give, without building it.
+    pub fn has_json_body(&self) -> bool {
+        self.json.is_some()
     }
 
     /// The parsed body, when the request had a JSON body (built now, if

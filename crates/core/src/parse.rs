@@ -14,7 +14,8 @@ use tower_service::Service;
 
 use crate::budget::Claim;
 use crate::{
-    Body, BodyBudget, BoxError, BoxFuture, Endpoint, Error, RequestMeta, call_boxed, empty,
+    Body, BodyBudget, BoxError, BoxFuture, Endpoint, Error, GenerationCaps, RequestMeta,
+    call_boxed, empty,
 };
 
 /// Limits the parse layer enforces.
@@ -73,7 +74,7 @@ impl ParseLayer {
     /// Build every model body's value as it is checked (one pass), rather
     /// than when a layer first asks for it (a check, then a build): for
     /// stacks in which a layer reads every body, such as a cache (its key)
-    /// or token limits (their estimate).
+    /// or prefix routing (its prompt).
     pub fn build_eagerly(mut self, eager: bool) -> Self {
         self.eager = eager;
         self
@@ -306,9 +307,9 @@ fn checked_model_body(
     let stream = match top.stream {
         Seen::Absent | Seen::Null => Ok(false),
         Seen::Bool(stream) => Ok(stream),
-        Seen::Str(_) | Seen::Other => Err(stream_not_a_bool()),
+        Seen::Str(_) | Seen::Uint(_) | Seen::Other => Err(stream_not_a_bool()),
     };
-    let names_state = top.names_state;
+    let (names_state, caps) = (top.names_state, top.caps);
     let bytes = hold(claim, bytes, built)?;
     Ok(RequestMeta::checked(
         endpoint,
@@ -316,6 +317,7 @@ fn checked_model_body(
         Some(model?),
         stream?,
         names_state,
+        caps,
     ))
 }
 
@@ -809,14 +811,17 @@ struct Top<'de> {
     stream: Seen<'de>,
     /// A key of [`crate::meta::STATE_KEYS`] is there.
     names_state: bool,
+    caps: GenerationCaps,
 }
 
-/// A value as the check saw it: only strings and booleans are kept, and
-/// strings only where asked for (the top level's `model`).
+/// A value as the check saw it: only strings, booleans and non-negative
+/// integers are kept, and strings only where asked for (the top level's
+/// `model`).
 enum Seen<'de> {
     Absent,
     Str(Cow<'de, str>),
     Bool(bool),
+    Uint(u64),
     Null,
     Other,
 }
@@ -878,6 +883,7 @@ impl<'de> serde::de::Visitor<'de> for TopCheck<'_, '_> {
             model: Seen::Absent,
             stream: Seen::Absent,
             names_state: false,
+            caps: GenerationCaps::default(),
         };
         check_map(self.0, a, |key, a| {
             let capture = key == "model";
@@ -888,7 +894,12 @@ impl<'de> serde::de::Visitor<'de> for TopCheck<'_, '_> {
             match key {
                 "model" => top.model = seen,
                 "stream" => top.stream = seen,
-                _ => top.names_state |= crate::meta::STATE_KEYS.contains(&key),
+                _ => {
+                    if let Seen::Uint(n) = seen {
+                        top.caps.note(key, n);
+                    }
+                    top.names_state |= crate::meta::STATE_KEYS.contains(&key);
+                }
             }
             Ok(())
         })?;
@@ -1027,8 +1038,8 @@ impl<'de> serde::de::Visitor<'de> for Check<'_, '_> {
         Ok(Seen::Other)
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<Seen<'de>, E> {
-        Ok(Seen::Other)
+    fn visit_u64<E>(self, n: u64) -> Result<Seen<'de>, E> {
+        Ok(Seen::Uint(n))
     }
 
     fn visit_f64<E>(self, _: f64) -> Result<Seen<'de>, E> {
@@ -1222,6 +1233,9 @@ mod tests {
             r#"{"model":"m","x":[{"a":1,"a":2}]}"#,
             r#"{"model":"m","input":"x"} 1"#,
             r#"{"model":"mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"}"#,
+            r#"{"model":"m","max_tokens":100,"max_output_tokens":7,"n":2,"best_of":3}"#,
+            r#"{"model":"m","max_tokens":-1,"n":1.5,"best_of":"4","max_completion_tokens":18446744073709551615}"#,
+            r#"{"model":"m","x":{"max_tokens":5,"n":2},"previous_response_id":9}"#,
         ];
         for body in bodies {
             let mut answers = Vec::new();
@@ -1234,7 +1248,14 @@ mod tests {
                         let meta = r.extensions().get::<RequestMeta>().unwrap();
                         assert_eq!(meta.is_built(), eager, "{body}");
                         let json = meta.json().expect("built when asked");
-                        format!("ok {:?} {} {}", meta.model(), meta.is_stream(), json.len())
+                        format!(
+                            "ok {:?} {} {} {} {:?}",
+                            meta.model(),
+                            meta.is_stream(),
+                            meta.names_state(),
+                            json.len(),
+                            meta.generation_caps(),
+                        )
                     }
                     Err(e) => e.to_string(),
                 });
@@ -1266,6 +1287,25 @@ mod tests {
             (&sent["model"], &sent["stream"]),
             (&Value::from("n"), &Value::from(true))
         );
+    }
+
+    #[tokio::test]
+    async fn the_check_learns_the_generation_caps_and_an_edit_changes_them() {
+        let body =
+            r#"{"model":"m","max_tokens":100,"max_output_tokens":7,"n":2,"best_of":3,"x":{"n":9}}"#;
+        let parsed = parse(req("/v1/responses", None, body), 1000).await.unwrap();
+        let mut meta = parsed.extensions().get::<RequestMeta>().unwrap().clone();
+        let learned = GenerationCaps {
+            max_tokens: Some(100),
+            choices: Some(3),
+        };
+        assert_eq!(meta.generation_caps(), learned);
+        assert!(!meta.is_built());
+        assert_eq!(GenerationCaps::of(meta.json().unwrap()), learned);
+        meta.json_mut()
+            .unwrap()
+            .insert("max_tokens".into(), Value::from(900));
+        assert_eq!(meta.generation_caps().max_tokens, Some(900));
     }
 
     proptest::proptest! {

@@ -215,16 +215,14 @@ impl Proxy {
         // The stack below the HTTP face, outermost first.
         // Each layer present or not, without tower's `Either` (whose
         // futures would need boxing again).
-        // A cache (its key), token limits (their estimate) and prefix
-        // routing (its prompt) read every body: built as it is checked.
-        // Otherwise only the requests a layer reads (a translation, a
-        // `previous_response_id`) are built.
-        let every_body_read = cache.is_some()
-            || matches!(settings.balance.strategy, Strategy::PrefixAffinity(_))
-            || settings
-                .auth
-                .as_ref()
-                .is_some_and(|a| a.keys.iter().any(|k| k.tokens_per_minute.is_some()));
+        // A cache (its key) and prefix routing (its prompt) read every
+        // body: built as it is checked. Otherwise only the requests a layer
+        // reads (a translation, a `previous_response_id`, a stream whose
+        // usage token limits ask for, a Responses request whose
+        // `background` they check) are built; token limits estimate from
+        // what the check learned (`RequestMeta::generation_caps`).
+        let every_body_read =
+            cache.is_some() || matches!(settings.balance.strategy, Strategy::PrefixAffinity(_));
         let below = match cache {
             Some(cache) => Stack::new(cache.layer(balance)),
             None => Stack::new(balance),

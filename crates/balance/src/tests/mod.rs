@@ -246,6 +246,7 @@ pub(crate) fn chat(model: &str, text: &str) -> Request<Body> {
         Some(model.into()),
         false,
         false,
+        llm_proxy_core::GenerationCaps::default(),
     ));
     req
 }
