@@ -513,17 +513,15 @@ fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
     if meta.endpoint() != Endpoint::Responses {
         return Ok(());
     }
+    // Anything but absent, `null` or `false` may read as true upstream (a
+    // lax server takes `"true"` or `1`): held to the checks. The parse
+    // layer's check learned it: a request without one is not built here.
+    if !meta.generation_caps().background {
+        return Ok(());
+    }
     let Some(json) = meta.json() else {
         return Ok(());
     };
-    // Anything but absent, `null` or `false` may read as true upstream (a
-    // lax server takes `"true"` or `1`): held to the checks.
-    if matches!(
-        json.get("background"),
-        None | Some(Value::Null | Value::Bool(false))
-    ) {
-        return Ok(());
-    }
     let refuse = |message: String| {
         Err(Error::UnsupportedParameter {
             param: "max_output_tokens".into(),
@@ -828,7 +826,32 @@ mod tests {
         let body = format!("{:<40}", r#"{"model":"m","max_tokens":300,"n":2}"#);
         let (status, remaining) = call(&svc, "/v1/chat/completions", body).await;
         assert_eq!((status, remaining), (200, Some(10_000 - 610)));
-        assert_eq!(*built.lock().unwrap(), [false]);
+        // Nor a Responses request (its `background` is learned by the
+        // check), streamed or not, nor a streamed Messages request (its usage
+        // comes without asking). A streamed chat request is: its
+        // `stream_options` are read, and edited when they lack the usage.
+        for (path, body) in [
+            (
+                "/v1/responses",
+                r#"{"model":"m","input":"hi","background":false}"#,
+            ),
+            (
+                "/v1/responses",
+                r#"{"model":"m","input":"hi","stream":true}"#,
+            ),
+            (
+                "/v1/messages",
+                r#"{"model":"m","max_tokens":9,"messages":[],"stream":true}"#,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[],"stream":true}"#,
+            ),
+        ] {
+            let (status, _) = call(&svc, path, body.to_owned()).await;
+            assert_eq!(status, 200, "{path} {body}");
+        }
+        assert_eq!(*built.lock().unwrap(), [false, false, false, false, true]);
     }
 
     #[tokio::test]

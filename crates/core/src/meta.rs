@@ -58,9 +58,10 @@ pub struct RequestMeta {
 /// What a model body's top-level fields ask the model to generate: the
 /// largest completion cap it names (`max_tokens`, `max_completion_tokens`,
 /// `max_output_tokens`: a body may name several, and which one an upstream
-/// honours is its own business) and the most completions it asks for (`n`,
-/// or completions' `best_of` when larger). A field that is not a
-/// non-negative integer counts as absent. The parse layer's check learns
+/// honours is its own business), the most completions it asks for (`n`,
+/// or completions' `best_of` when larger), and whether it asks to go on
+/// generating after its answer (`background`). A cap or count that is not
+/// a non-negative integer counts as absent. The parse layer's check learns
 /// them without building the body, so that a layer that reserves tokens
 /// (auth's token limits) need not build it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,6 +70,9 @@ pub struct GenerationCaps {
     pub max_tokens: Option<u64>,
     /// The most completions asked for.
     pub choices: Option<u64>,
+    /// A `background` that is there and neither `null` nor `false` (a lax
+    /// server may read `"true"` or `1` as true).
+    pub background: bool,
 }
 
 impl GenerationCaps {
@@ -80,6 +84,9 @@ impl GenerationCaps {
                 caps.note(key, n);
             }
         }
+        caps.background = json
+            .get("background")
+            .is_some_and(|b| !matches!(b, Value::Null | Value::Bool(false)));
         caps
     }
 

@@ -894,6 +894,9 @@ impl<'de> serde::de::Visitor<'de> for TopCheck<'_, '_> {
             match key {
                 "model" => top.model = seen,
                 "stream" => top.stream = seen,
+                "background" => {
+                    top.caps.background = !matches!(seen, Seen::Null | Seen::Bool(false));
+                }
                 _ => {
                     if let Seen::Uint(n) = seen {
                         top.caps.note(key, n);
@@ -1236,6 +1239,10 @@ mod tests {
             r#"{"model":"m","max_tokens":100,"max_output_tokens":7,"n":2,"best_of":3}"#,
             r#"{"model":"m","max_tokens":-1,"n":1.5,"best_of":"4","max_completion_tokens":18446744073709551615}"#,
             r#"{"model":"m","x":{"max_tokens":5,"n":2},"previous_response_id":9}"#,
+            r#"{"model":"m","background":false}"#,
+            r#"{"model":"m","background":null}"#,
+            r#"{"model":"m","background":"true"}"#,
+            r#"{"model":"m","background":1,"x":{"background":true}}"#,
         ];
         for body in bodies {
             let mut answers = Vec::new();
@@ -1298,14 +1305,16 @@ mod tests {
         let learned = GenerationCaps {
             max_tokens: Some(100),
             choices: Some(3),
+            background: false,
         };
         assert_eq!(meta.generation_caps(), learned);
         assert!(!meta.is_built());
         assert_eq!(GenerationCaps::of(meta.json().unwrap()), learned);
-        meta.json_mut()
-            .unwrap()
-            .insert("max_tokens".into(), Value::from(900));
-        assert_eq!(meta.generation_caps().max_tokens, Some(900));
+        let json = meta.json_mut().unwrap();
+        json.insert("max_tokens".into(), Value::from(900));
+        json.insert("background".into(), Value::from(true));
+        let edited = meta.generation_caps();
+        assert_eq!((edited.max_tokens, edited.background), (Some(900), true));
     }
 
     proptest::proptest! {

@@ -217,10 +217,10 @@ impl Proxy {
         // futures would need boxing again).
         // A cache (its key) and prefix routing (its prompt) read every
         // body: built as it is checked. Otherwise only the requests a layer
-        // reads (a translation, a `previous_response_id`, a stream whose
-        // usage token limits ask for, a Responses request whose
-        // `background` they check) are built; token limits estimate from
-        // what the check learned (`RequestMeta::generation_caps`).
+        // reads (a translation, a `previous_response_id`, a streamed chat
+        // request whose usage token limits ask for, a Responses request in
+        // the `background`) are built; token limits estimate from what the
+        // check learned (`RequestMeta::generation_caps`).
         let every_body_read =
             cache.is_some() || matches!(settings.balance.strategy, Strategy::PrefixAffinity(_));
         let below = match cache {
