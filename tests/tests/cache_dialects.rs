@@ -276,6 +276,15 @@ async fn answers_that_depend_on_more_than_the_body_bypass_the_cache() {
             "/v1/chat/completions",
             with(chat("m", false), json!({"web_search_options": {}})),
         ),
+        // A stored completion is kept upstream, to be fetched by its id.
+        (
+            "/v1/chat/completions",
+            with(chat("m", false), json!({"store": true})),
+        ),
+        (
+            "/v1/chat/completions",
+            with(chat("m", false), json!({"store": "true"})),
+        ),
     ];
     for (path, body) in cases {
         for _ in 0..2 {
@@ -286,6 +295,12 @@ async fn answers_that_depend_on_more_than_the_body_bypass_the_cache() {
             };
             assert_eq!(cache(&answer), Some("bypass"), "{body}");
         }
+    }
+    // `store: false` is chat's default: cached.
+    let unstored = with(chat("m", false), json!({"store": false}));
+    for expected in ["miss", "hit"] {
+        let answer = post_json(&p.url("/v1/chat/completions"), &unstored).await;
+        assert_eq!(cache(&answer), Some(expected));
     }
     // A function tool (run by the client) is part of the body: cached.
     let tools = responses_body(

@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
-use llm_proxy_core::canonical::write_canonical_map_without;
+use llm_proxy_core::canonical::{write_canonical, write_canonical_map_without};
 use llm_proxy_core::credential::presented_key;
 use llm_proxy_core::{Endpoint, RequestMeta};
 use serde_json::{Map, Value};
@@ -360,13 +360,25 @@ fn write_canonical_body(endpoint: Endpoint, body: &Map<String, Value>, canonical
             // Of `stream_options`, only `include_usage` is left out (the
             // cache asks for the usage chunk and decides per client at
             // replay); the rest (`include_obfuscation`, vLLM's
-            // `continuous_usage_stats`) changes the stream.
-            if excluded.contains(&"stream_options")
-                && let Some(Value::Object(options)) = body.get("stream_options")
-                && options.keys().any(|k| k != "include_usage")
-            {
-                canonical.extend_from_slice(b"\0stream_options\0");
-                write_canonical_map_without(options, &["include_usage"], canonical);
+            // `continuous_usage_stats`) changes the stream. One that is not
+            // an object (nor `null`, which reads as absent) goes in as sent:
+            // the cache cannot ask for the usage chunk in it, so what is
+            // stored under it may lack one, and must never answer a client
+            // that asked for it.
+            if excluded.contains(&"stream_options") {
+                match body.get("stream_options") {
+                    Some(Value::Object(options)) => {
+                        if options.keys().any(|k| k != "include_usage") {
+                            canonical.extend_from_slice(b"\0stream_options\0");
+                            write_canonical_map_without(options, &["include_usage"], canonical);
+                        }
+                    }
+                    None | Some(Value::Null) => {}
+                    Some(other) => {
+                        canonical.extend_from_slice(b"\0stream_options\0");
+                        write_canonical(other, canonical);
+                    }
+                }
             }
         }
     }
@@ -600,6 +612,17 @@ mod tests {
             ))
         );
         assert_ne!(key(Some(json!({"include_obfuscation": false}))), plain);
+        // One that is not an object keys apart from every object (it cannot
+        // carry the cache's own `include_usage`), and from the others.
+        let odd: Vec<_> = [json!(true), json!("x"), json!([1]), json!(1)]
+            .into_iter()
+            .map(|options| key(Some(options)))
+            .collect();
+        for (i, k) in odd.iter().enumerate() {
+            assert_ne!(*k, plain);
+            assert_ne!(*k, stats);
+            assert!(odd[i + 1..].iter().all(|other| other != k));
+        }
     }
 
     #[test]

@@ -101,7 +101,9 @@ impl Plan {
         let endpoint = meta.endpoint();
         let json = meta.json()?;
         let served = match endpoint {
-            Endpoint::ChatCompletions => !set(json, "web_search_options"),
+            Endpoint::ChatCompletions => {
+                !set(json, "web_search_options") && !asks_to_be_stored(json)
+            }
             Endpoint::Completions | Endpoint::Embeddings => true,
             Endpoint::Messages => {
                 !reads_outside_state(json, MESSAGES_SERVER_TOOLS)
@@ -171,6 +173,16 @@ fn references_items(json: &Map<String, Value>) -> bool {
         }
         Some(_) => false,
     })
+}
+
+/// Whether a chat completions body asks the upstream to keep its answer
+/// (OpenAI's stored completions: `store` there and neither `null` nor
+/// `false`; a lax server may read `"true"` or `1` as true). The stored
+/// answer is fetched, listed and evaluated by its id upstream: a replay
+/// would record nothing there, and hand the client an id made for another
+/// request.
+fn asks_to_be_stored(json: &Map<String, Value>) -> bool {
+    set(json, "store") && json.get("store") != Some(&Value::Bool(false))
 }
 
 /// Whether `field` is in the body and not `null`.

@@ -55,6 +55,26 @@ async fn usage_chunk_is_stored_and_replayed_only_when_asked() {
 }
 
 #[tokio::test]
+async fn a_stream_options_that_is_not_an_object_never_answers_one_that_asks_for_usage() {
+    let h = harness(CacheConfig::default());
+    // The cache cannot ask for the usage in it: stored without the chunk.
+    let odd = STREAM_USAGE.replace(r#"{"include_usage":true}"#, "true");
+    let first = h.send(chat(&odd, &[])).await;
+    assert_eq!(
+        (first.cache(), &first.frames),
+        ("miss", &stream_frames(1, false))
+    );
+    assert_eq!(h.send(chat(&odd, &[])).await.cache(), "hit");
+    // A client that asks for the usage is not answered from it.
+    let asked = h.send(chat(STREAM_USAGE, &[])).await;
+    assert_eq!(
+        (asked.cache(), &asked.frames),
+        ("miss", &stream_frames(2, true))
+    );
+    assert_eq!(h.calls(), 2);
+}
+
+#[tokio::test]
 async fn a_client_that_asked_for_usage_gets_its_request_unchanged() {
     let h = harness(CacheConfig::default());
     h.send(chat(STREAM_USAGE, &[])).await;
