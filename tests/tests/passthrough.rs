@@ -49,6 +49,19 @@ async fn chat_completions_embeddings_pass_through() {
 }
 
 #[tokio::test]
+async fn a_route_with_a_trailing_slash_goes_upstream_without_it() {
+    // The proxy reads `/v1/chat/completions/` as chat completions (and may
+    // answer it from the cache): the upstream gets the route's own path,
+    // which it knows, so the answer does not depend on the slash.
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    let via = post_json(&proxy.url("/v1/chat/completions/"), &chat("m", false)).await;
+    assert_eq!(via.status, 200, "{}", via.text());
+    assert_eq!(via.json()["object"], "chat.completion");
+    assert_eq!(up.stats.requests_for("/v1/chat/completions"), 1);
+}
+
+#[tokio::test]
 async fn unchanged_body_reaches_the_upstream_byte_for_byte() {
     let up = mock_named("m1").await;
     let proxy = proxy(&one_upstream(&up.base_url(), "")).await;

@@ -220,13 +220,28 @@ impl Upstream {
     }
 
     /// `<base path>/<rest>?<query>` for a client path `/v1/<rest>?<query>`.
+    ///
+    /// One trailing slash names the same route as none
+    /// ([`Endpoint::from_path`]): a route the proxy reads (a model API,
+    /// `models`, a response by id) goes upstream without it, so that its
+    /// answer does not depend on the slash (a cached answer is served for
+    /// either). Any other path goes as the client sent it.
     pub(crate) fn path_and_query(&self, client: &Uri) -> Result<uri::PathAndQuery, Error> {
-        let path = client.path();
+        let sent = client.path();
+        let slash = sent.len() > "/v1/".len()
+            && sent.ends_with('/')
+            && Endpoint::from_path(sent).is_some_and(|e| e != Endpoint::Passthrough);
+        let path = if slash {
+            &sent[..sent.len() - 1]
+        } else {
+            sent
+        };
         let rest = match path.strip_prefix("/v1") {
             Some(r) if r.is_empty() || r.starts_with('/') => r,
             _ => path,
         };
-        if self.inner.base_path.len() + rest.len() == path.len()
+        if !slash
+            && self.inner.base_path.len() + rest.len() == path.len()
             && path.starts_with(&*self.inner.base_path)
         {
             // The usual `…/v1` upstream: the client's own path and query.
@@ -808,5 +823,17 @@ mod tests {
         // A path outside /v1 keeps its whole self.
         assert_eq!(mapped("http://127.0.0.1:1/v1", "/v10/x"), "/v1/v10/x");
         assert_eq!(mapped("http://127.0.0.1:1/v2", "/v1/models"), "/v2/models");
+        // A route the proxy reads goes without its trailing slash; another
+        // path goes as sent.
+        let v1 = "http://127.0.0.1:1/v1";
+        assert_eq!(mapped(v1, "/v1/chat/completions/?x=1"), chat);
+        assert_eq!(mapped(v1, "/v1/messages/"), "/v1/messages");
+        assert_eq!(mapped(v1, "/v1/responses/resp_1/"), "/v1/responses/resp_1");
+        assert_eq!(
+            mapped("http://127.0.0.1:1/openai/v1", "/v1/models/"),
+            "/openai/v1/models"
+        );
+        assert_eq!(mapped(v1, "/v1/files/"), "/v1/files/");
+        assert_eq!(mapped(v1, "/v1/"), "/v1/");
     }
 }
