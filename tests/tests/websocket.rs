@@ -728,29 +728,33 @@ async fn hostile_client_frames_end_the_session_cleanly() {
     fragmented.extend(frame(0x89, b"p"));
     fragmented.extend(frame(0x00, &ok[10..20]));
     fragmented.extend(frame(0x80, &ok[20..]));
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("invalid utf-8 text", frame(0x81, &[0xff, 0xfe])),
-        ("close 1005", frame(0x88, &[0x03, 0xed])),
-        ("close of 1 byte", frame(0x88, &[0x03])),
+    // With the close code the proxy answers a client's fault with (RFC 6455
+    // §7.4.1: 1002 protocol, 1007 not UTF-8, 1009 too big), where it has one.
+    let cases: Vec<(&str, Vec<u8>, Option<u16>)> = vec![
+        ("invalid utf-8 text", frame(0x81, &[0xff, 0xfe]), Some(1007)),
+        ("close 1005", frame(0x88, &[0x03, 0xed]), None),
+        ("close of 1 byte", frame(0x88, &[0x03]), None),
         (
             "close with a bad reason",
             frame(0x88, &[0x03, 0xe8, 0xff, 0xfe]),
+            None,
         ),
-        ("continuation first", frame(0x80, b"a")),
+        ("continuation first", frame(0x80, b"a"), Some(1002)),
         (
             "huge length",
             vec![
                 0x81, 0xff, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0,
             ],
+            Some(1009),
         ),
-        ("long ping", frame(0x89, &[0u8; 200])),
-        ("rsv bits", frame(0xc1, b"{}")),
-        ("unmasked", vec![0x81, 0x02, b'{', b'}']),
-        ("reserved opcode", frame(0x83, b"x")),
-        ("fragmented control", frame(0x09, b"x")),
-        ("a fragmented turn with a ping inside", fragmented),
+        ("long ping", frame(0x89, &[0u8; 200]), Some(1002)),
+        ("rsv bits", frame(0xc1, b"{}"), Some(1002)),
+        ("unmasked", vec![0x81, 0x02, b'{', b'}'], Some(1002)),
+        ("reserved opcode", frame(0x83, b"x"), Some(1002)),
+        ("fragmented control", frame(0x09, b"x"), Some(1002)),
+        ("a fragmented turn with a ping inside", fragmented, None),
     ];
-    for (what, bytes) in cases {
+    for (what, bytes, code) in cases {
         let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
         tcp.write_all(
             b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
@@ -777,6 +781,14 @@ async fn hostile_client_frames_end_the_session_cleanly() {
         })
         .await;
         assert!(ended.is_ok(), "{what}: the session ends");
+        if let Some(code) = code {
+            // The first frame the client hears: a close with that code.
+            assert!(
+                got.len() >= 4 && got[0] == 0x88,
+                "{what}: a close first, got {got:?}"
+            );
+            assert_eq!(u16::from_be_bytes([got[2], got[3]]), code, "{what}");
+        }
     }
     let (mut s, _) = connect(p.addr, &[]).await.unwrap();
     let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;

@@ -1098,11 +1098,21 @@ async fn pump_up(
             Ok(message) => message,
             Err(e) => {
                 tracing::debug!(error = %e, "WebSocket client message unreadable");
-                if let WsError::Capacity(_) = e {
-                    // RFC 6455 §7.4.1: 1009, too big to process.
+                // The client's fault, said with RFC 6455 §7.4.1's code (not
+                // left to read as the upstream's: the relay closes that
+                // side next). A connection already gone hears nothing.
+                let close = match e {
+                    WsError::Capacity(_) => Some((CloseCode::Size, "message too big")),
+                    WsError::Utf8(_) => Some((CloseCode::Invalid, "text message not UTF-8")),
+                    WsError::Protocol(_) | WsError::AttackAttempt => {
+                        Some((CloseCode::Protocol, "WebSocket protocol error"))
+                    }
+                    _ => None,
+                };
+                if let Some((code, reason)) = close {
                     let close = CloseFrame {
-                        code: CloseCode::Size,
-                        reason: "message too big".into(),
+                        code,
+                        reason: reason.into(),
                     };
                     to_client.send(Message::Close(Some(close))).await;
                 }
