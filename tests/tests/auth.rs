@@ -95,6 +95,19 @@ async fn credentials_table() {
         ("empty x-api-key", &[("x-api-key", b"")], 401),
         ("Azure api-key", &[("api-key", b"sk-team-a")], 200),
         ("unknown api-key", &[("api-key", b"sk-nope")], 401),
+        (
+            "two Authorization headers",
+            &[
+                ("authorization", b"Bearer sk-team-a"),
+                ("authorization", b"Bearer sk-nope"),
+            ],
+            401,
+        ),
+        (
+            "two x-api-key headers",
+            &[("x-api-key", b"sk-team-a"), ("x-api-key", b"sk-team-a")],
+            401,
+        ),
     ];
     let mut first_401: Option<bytes::Bytes> = None;
     for (name, headers, status) in cases {

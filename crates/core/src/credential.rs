@@ -1,7 +1,7 @@
 //! The credential a client presents, read the one way the auth layer and
 //! the cache's per-key scope both read it.
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Anthropic's key header.
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -15,9 +15,12 @@ pub const CREDENTIAL_HEADERS: [HeaderName; 3] = [http::header::AUTHORIZATION, X_
 /// The key a client presented: `Authorization: Bearer <key>` (scheme
 /// case-insensitive, whitespace trimmed), else `x-api-key: <key>`
 /// (Anthropic's SDKs), else `api-key: <key>` (Azure OpenAI's). Anything
-/// malformed or empty is `None`.
+/// malformed or empty is `None`, and so is the header read when the
+/// client sent it twice: which of the two keys counts would be a guess.
 pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
+    // By constant names: a `&str` name is parsed and checked on every
+    // lookup.
+    if let Some(auth) = only(headers, &http::header::AUTHORIZATION)? {
         let value = trim(auth.as_bytes());
         let (scheme, rest) = value.split_at(value.iter().position(|b| *b == b' ')?);
         if !scheme.eq_ignore_ascii_case(b"bearer") {
@@ -26,10 +29,19 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
         let key = trim(rest);
         return valid(key);
     }
-    // By constant names: a `&str` name is parsed and checked on every
-    // lookup.
-    let key = headers.get(X_API_KEY).or_else(|| headers.get(API_KEY))?;
+    let key = match only(headers, &X_API_KEY)? {
+        Some(key) => key,
+        None => only(headers, &API_KEY)??,
+    };
     valid(trim(key.as_bytes()))
+}
+
+/// The value of `name` if there is one (`Some(None)` if none), or `None`
+/// if there are more.
+fn only<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<Option<&'h HeaderValue>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    values.next().is_none().then_some(first)
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
@@ -59,6 +71,27 @@ mod tests {
             h.append(*k, http::HeaderValue::from_bytes(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn a_credential_header_sent_twice_presents_no_key() {
+        for name in ["authorization", "x-api-key", "api-key"] {
+            let value: &[u8] = if name == "authorization" {
+                b"Bearer sk-1"
+            } else {
+                b"sk-1"
+            };
+            assert_eq!(presented_key(&headers(&[(name, value)])), Some(&b"sk-1"[..]));
+            assert_eq!(presented_key(&headers(&[(name, value), (name, value)])), None);
+        }
+        // Only the header read counts: a repeated one it does not read is
+        // left alone.
+        let both = headers(&[
+            ("authorization", b"Bearer sk-1"),
+            ("x-api-key", b"sk-2"),
+            ("x-api-key", b"sk-3"),
+        ]);
+        assert_eq!(presented_key(&both), Some(&b"sk-1"[..]));
     }
 
     #[test]
