@@ -76,6 +76,19 @@ async fn unsupported_content_type_is_415() {
     ))
     .await;
     assert_eq!(absent.status, 200, "no content-type is accepted");
+    // A coded body the proxy would have to read as JSON: said so, not
+    // "invalid JSON", nor passed on for the upstream to decode.
+    let gzip = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ],
+        chat("m", false),
+    ))
+    .await;
+    gzip.assert_error(415, "invalid_request_error", "unsupported_media_type");
 }
 
 #[tokio::test]

@@ -81,8 +81,14 @@ mod tests {
             } else {
                 b"sk-1"
             };
-            assert_eq!(presented_key(&headers(&[(name, value)])), Some(&b"sk-1"[..]));
-            assert_eq!(presented_key(&headers(&[(name, value), (name, value)])), None);
+            assert_eq!(
+                presented_key(&headers(&[(name, value)])),
+                Some(&b"sk-1"[..])
+            );
+            assert_eq!(
+                presented_key(&headers(&[(name, value), (name, value)])),
+                None
+            );
         }
         // Only the header read counts: a repeated one it does not read is
         // left alone.

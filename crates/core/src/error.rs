@@ -104,6 +104,11 @@ pub enum Error {
     /// A content type other than JSON.
     #[error("content-type `{0}` is not supported; send application/json")]
     UnsupportedMediaType(String),
+    /// A body the proxy reads, sent with a content coding (`gzip`, say):
+    /// read as JSON it would fail, and passed on labelled it would be
+    /// decoded by an upstream that honours the label.
+    #[error("content-encoding `{0}` is not supported on this route; send the body unencoded")]
+    UnsupportedContentEncoding(String),
     /// A rate limit was hit.
     #[error("rate limit exceeded: {message}")]
     RateLimited {
@@ -194,7 +199,9 @@ impl Error {
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RequestTooLarge { .. } | ParsedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            UnsupportedMediaType(_) | UnsupportedContentEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             BadGateway { .. } => StatusCode::BAD_GATEWAY,
             NoUpstreamAvailable(_) | BodyBufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -216,7 +223,8 @@ impl Error {
             | RequestTooLarge { .. }
             | ParsedTooLarge { .. }
             | RequestTimeout { .. }
-            | UnsupportedMediaType(_) => "invalid_request_error",
+            | UnsupportedMediaType(_)
+            | UnsupportedContentEncoding(_) => "invalid_request_error",
             InvalidApiKey => "authentication_error",
             ModelNotAllowed(_) | RouteNotAllowed(_) => "permission_error",
             ModelNotFound(_)
@@ -251,7 +259,7 @@ impl Error {
             MethodNotAllowed { .. } => "method_not_allowed",
             RequestTooLarge { .. } | ParsedTooLarge { .. } => "request_too_large",
             RequestTimeout { .. } => "request_timeout",
-            UnsupportedMediaType(_) => "unsupported_media_type",
+            UnsupportedMediaType(_) | UnsupportedContentEncoding(_) => "unsupported_media_type",
             RateLimited { .. } => "rate_limit_exceeded",
             BadGateway { .. } => "bad_gateway",
             NoUpstreamAvailable(_) => "no_upstream_available",

@@ -203,10 +203,13 @@ where
             return Err(Error::RequestTooLarge { limit });
         }
         let json_content = json_content_type(req.headers())?;
-        if endpoint.has_model_body()
-            && let Err(ct) = json_content
-        {
-            return Err(Error::UnsupportedMediaType(ct));
+        if endpoint.has_model_body() {
+            if let Err(ct) = json_content {
+                return Err(Error::UnsupportedMediaType(ct));
+            }
+            if let Some(coding) = content_coding(req.headers()) {
+                return Err(Error::UnsupportedContentEncoding(coding));
+            }
         }
         let (parts, body) = req.into_parts();
         Ok(Head {
@@ -389,6 +392,24 @@ fn json_content_type(headers: &HeaderMap) -> Result<Result<(), String>, Error> {
         Ok(())
     } else {
         Err(String::from_utf8_lossy(bytes).into_owned())
+    })
+}
+
+/// The body's content codings as sent, when there is one (`identity` is
+/// none).
+fn content_coding(headers: &HeaderMap) -> Option<String> {
+    let values = headers.get_all(header::CONTENT_ENCODING);
+    let coded = values
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    coded.then(|| {
+        let sent: Vec<_> = values
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .collect();
+        sent.join(", ")
     })
 }
 
@@ -1095,6 +1116,36 @@ mod tests {
             .err()
             .map(|e| e.code())
             .unwrap_or("ok")
+    }
+
+    #[tokio::test]
+    async fn a_model_body_with_a_content_coding_is_415() {
+        let coded = |encoding: &'static str| {
+            let mut r = req("/v1/chat/completions", None, r#"{"model":"m"}"#);
+            r.headers_mut().append(
+                header::CONTENT_ENCODING,
+                http::HeaderValue::from_static(encoding),
+            );
+            r
+        };
+        for encoding in ["gzip", "br", "identity, gzip", "x-custom"] {
+            let e = parse(coded(encoding), 100).await.unwrap_err();
+            assert_eq!(
+                (e.status().as_u16(), e.code()),
+                (415, "unsupported_media_type")
+            );
+            assert!(e.to_string().contains(encoding), "{e}");
+        }
+        for encoding in ["identity", "IDENTITY", ""] {
+            assert_eq!(code(coded(encoding), 100).await, "ok", "{encoding:?}");
+        }
+        // A body the proxy passes on unread keeps its coding.
+        let mut other = req("/v1/files", Some("application/octet-stream"), "x");
+        other.headers_mut().insert(
+            header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("gzip"),
+        );
+        assert_eq!(code(other, 100).await, "ok");
     }
 
     #[tokio::test]

@@ -231,11 +231,7 @@ impl Upstream {
         let slash = sent.len() > "/v1/".len()
             && sent.ends_with('/')
             && Endpoint::from_path(sent).is_some_and(|e| e != Endpoint::Passthrough);
-        let path = if slash {
-            &sent[..sent.len() - 1]
-        } else {
-            sent
-        };
+        let path = if slash { &sent[..sent.len() - 1] } else { sent };
         let rest = match path.strip_prefix("/v1") {
             Some(r) if r.is_empty() || r.starts_with('/') => r,
             _ => path,
