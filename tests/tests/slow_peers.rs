@@ -515,6 +515,11 @@ async fn a_stalled_streamed_upload_is_408_and_its_upstream_request_dropped() {
     .expect("answered within the bound");
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "the 408 says the connection closes: {text}"
+    );
     let seen = tokio::time::timeout(HANG, seen_rx.recv()).await.unwrap();
     assert_eq!(seen, Some("closed"), "the upstream request is dropped");
     let readyz = send(request(Method::GET, &p.url("/readyz"), &[], "")).await;

@@ -391,6 +391,7 @@ where
                 .expect("hex digits are a valid header value")
         });
     let head = req.method() == Method::HEAD;
+    let h1 = req.version() < http::Version::HTTP_2;
     let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
     // The stack is called here, before the future: what it answers is all
     // the future holds of it.
@@ -425,6 +426,19 @@ where
             resp = head_only(resp);
         }
         let status = resp.status();
+        // The proxy's own 408 (the body stopped coming) ends the connection
+        // (hyper closes one whose request was not read to its end): said so,
+        // as RFC 9110 §15.5.9 asks. An upstream's own 408 is its business.
+        if h1
+            && status == StatusCode::REQUEST_TIMEOUT
+            && matches!(
+                resp.extensions().get::<Error>(),
+                Some(Error::RequestTimeout { .. })
+            )
+        {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if !shared.options.upstream_header {
             resp.headers_mut().remove(UPSTREAM_HEADER);
         }
