@@ -102,15 +102,21 @@ pub(crate) async fn translate(
         );
         return Ok(json_response(parts, converted));
     }
-    if is_sse {
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let body = TranslateBody::new(body, translation.into_stream());
-        return Ok(Response::from_parts(parts, body.boxed_unsync()));
-    }
     let bad = |reason: String| Error::BadGateway {
         upstream: upstream.clone(),
         reason,
     };
+    if is_sse {
+        if !streamed {
+            // The upstream ignored `stream: false` (or its absence): a
+            // stream for a client whose SDK reads one JSON answer is not
+            // an answer it can read.
+            return Err(bad("the upstream streamed an answer asked for whole".into()));
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let body = TranslateBody::new(body, translation.into_stream());
+        return Ok(Response::from_parts(parts, body.boxed_unsync()));
+    }
     let bytes = collect(body, MAX_ANSWER_BYTES).await.map_err(bad)?;
     let answer: Value = llm_proxy_core::json_from_slice(&bytes)
         .map_err(|e| bad(format!("the upstream's answer is not JSON: {e}")))?;
@@ -456,6 +462,30 @@ mod whole_answer_to_a_stream_tests {
                     "{body} (streamed: {streamed}): {:?}",
                     result.map(|r| r.status())
                 );
+            }
+        }
+    }
+
+    /// The reverse: a stream for a client that asked for a whole answer
+    /// (an upstream that ignored `stream: false`) is a bad gateway, never
+    /// events its SDK cannot read as one answer.
+    #[tokio::test]
+    async fn a_stream_for_a_whole_answer_is_a_bad_gateway() {
+        let sse = "data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+        for translation in [
+            Translation::MessagesOverChat(Default::default()),
+            Translation::ResponsesOverChat(Default::default()),
+        ] {
+            let resp = Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .body(llm_proxy_core::full(sse))
+                .unwrap();
+            let result = translate(resp, translation, false).await;
+            match result {
+                Err(Error::BadGateway { reason, .. }) => {
+                    assert!(reason.contains("streamed"), "{reason}");
+                }
+                other => panic!("expected a bad gateway: {:?}", other.map(|r| r.status())),
             }
         }
     }

@@ -54,9 +54,13 @@ pub(crate) fn chat_stream(answer: &Value) -> String {
             },
         }]})));
     }
-    chunks.push(chunk(
-        json!([{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]),
-    ));
+    // With vLLM's `stop_reason` (the stop string matched), which the
+    // stream translation reads from the finish chunk as from a whole answer.
+    let mut finish = json!({"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]});
+    if !choice["stop_reason"].is_null() {
+        finish["stop_reason"] = choice["stop_reason"].clone();
+    }
+    chunks.push(chunk(json!([finish])));
     if answer["usage"].is_object() {
         let mut usage = chunk(json!([]));
         usage["usage"] = answer["usage"].clone();
@@ -169,6 +173,23 @@ mod tests {
                 .iter()
                 .all(|c| c["id"] == "c1" && c["object"] == "chat.completion.chunk")
         );
+    }
+
+    #[test]
+    fn the_matched_stop_string_goes_into_the_finish_chunk() {
+        let answer = |stop_reason: Value| {
+            json!({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop", "stop_reason": stop_reason,
+                    "message": {"role": "assistant", "content": "abc"}}]})
+        };
+        let finish = |sse: String| data(&sse).last().unwrap()["choices"][0].clone();
+        let matched = finish(chat_stream(&answer(json!("END"))));
+        assert_eq!(
+            (&matched["finish_reason"], &matched["stop_reason"]),
+            (&json!("stop"), &json!("END"))
+        );
+        let plain = finish(chat_stream(&answer(Value::Null)));
+        assert!(plain.get("stop_reason").is_none(), "{plain}");
     }
 
     #[test]

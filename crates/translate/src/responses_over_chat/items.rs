@@ -55,19 +55,20 @@ pub(crate) enum Item {
 
 impl Item {
     /// The item as it stands in `response.output` once finished; `status`
-    /// is the response's.
+    /// is the response's for the last item (the one a limit cut, a call's
+    /// arguments as much as a message's text), `completed` for the others.
     pub(crate) fn json(&self, status: &str) -> Value {
+        let status = if status == "incomplete" {
+            "incomplete"
+        } else {
+            "completed"
+        };
         match self {
             Item::Message(m) => {
-                let status = if status == "incomplete" {
-                    "incomplete"
-                } else {
-                    "completed"
-                };
                 json!({"id": m.id, "type": "message", "status": status, "role": "assistant",
                     "content": [text_part(&m.text)]})
             }
-            Item::Call(c) => json!({"id": c.id, "type": "function_call", "status": "completed",
+            Item::Call(c) => json!({"id": c.id, "type": "function_call", "status": status,
                 "call_id": c.call_id, "name": c.name, "arguments": c.arguments}),
         }
     }

@@ -47,9 +47,11 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
             "content": parts,
         }));
     }
-    for call in &calls {
+    for (i, call) in calls.iter().enumerate() {
         let function = call.function;
         let index = output.len();
+        // The last call is the item a limit cut, as the stream says.
+        let cut_here = status != "completed" && i + 1 == calls.len();
         output.push(json!({
             "type": "function_call",
             "id": item_id("fc", bare, index),
@@ -58,7 +60,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
             "arguments": crate::wire::arguments_text(function)
                 .filter(|a| !a.is_empty())
                 .unwrap_or("{}".into()),
-            "status": "completed",
+            "status": if cut_here { "incomplete" } else { "completed" },
         }));
     }
     let usage = Usage::from_value(chat.get("usage"));
@@ -138,6 +140,7 @@ mod tests {
             "function": {"name": "f", "arguments": "{\"q\":"}}]);
         for (calls, message) in [(Some(call), "completed"), (None, "incomplete")] {
             let mut message_json = json!({"role": "assistant", "content": "Let me check."});
+            let with_calls = calls.is_some();
             if let Some(calls) = calls {
                 message_json["tool_calls"] = calls;
             }
@@ -146,6 +149,10 @@ mod tests {
             let out = response(&chat, &Context::default()).unwrap();
             assert_eq!(out["status"], "incomplete");
             assert_eq!(out["output"][0]["status"], message, "{out}");
+            if with_calls {
+                // Its arguments are not whole JSON: not a call to run.
+                assert_eq!(out["output"][1]["status"], "incomplete", "{out}");
+            }
         }
     }
 

@@ -519,7 +519,8 @@ fn only_the_item_cut_by_the_limit_is_incomplete() {
         chunk(json!({}), Some("length")),
         "[DONE]".to_owned(),
     ]);
-    assert_eq!(done, [json!("completed"), json!("completed")]);
+    // The message was finished whole; the call's arguments were cut.
+    assert_eq!(done, [json!("completed"), json!("incomplete")]);
     assert_eq!(fin, done);
     let (done, fin) = statuses(&[
         chunk(
