@@ -10,13 +10,25 @@ use std::borrow::Cow;
 /// Everything up to the last `@` counts as userinfo: a password with an
 /// unescaped `/`, `?` or `#` (as generated ones have) is hidden too, at the
 /// price of hiding a path that holds an `@`.
+///
+/// A string that is not quite a URL (a mistyped `https:/` or `redis//`,
+/// which an error message then quotes) is hidden the same way: all before
+/// its last `@` but a scheme's name.
 pub fn url(url: &str) -> Cow<'_, str> {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.into();
+    let kept = match url.find("://") {
+        Some(i) => i + 3,
+        None => url
+            .find(':')
+            .filter(|&i| {
+                url[..i]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            })
+            .map_or(0, |i| i + 1),
     };
-    let rest = &url[scheme_end..];
+    let rest = &url[kept..];
     let mut out: Cow<'_, str> = match rest.rfind('@') {
-        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]).into(),
+        Some(at) => format!("{}***{}", &url[..kept], &rest[at..]).into(),
         None => url.into(),
     };
     if let Some(q) = out.find('?') {
@@ -50,6 +62,18 @@ fn secret_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mistyped_url_hides_its_userinfo_too() {
+        assert_eq!(
+            url("https:/user:sk-SECRET@api.example.com/v1"),
+            "https:***@api.example.com/v1"
+        );
+        assert_eq!(url("https//user:pw@host/v1"), "***@host/v1");
+        assert_eq!(url("redis:/:S3cret@127.0.0.1:6379/0"), "redis:***@127.0.0.1:6379/0");
+        assert_eq!(url("redis//:pw@h?password=x"), "***@h?password=***");
+        assert_eq!(url("api.example.com/v1"), "api.example.com/v1");
+    }
 
     #[test]
     fn userinfo_and_secret_parameters_are_hidden() {
