@@ -2,7 +2,8 @@
 //!
 //! Reads the TOML config (DESIGN.md), builds the stack and serves it until
 //! SIGTERM/SIGINT, then drains in-flight requests and exits 0 (a second
-//! signal during the drain stops at once, exit code 1). Requests are
+//! signal during the drain, 100 ms or more after the first, stops at once,
+//! exit code 1; SIGHUP is logged and ignored). Requests are
 //! served by one thread per CPU (`workers`), each with its own runtime. A config error
 //! is one line on stderr and exit code 2. Logs go to stderr; set `RUST_LOG`
 //! (e.g. `RUST_LOG=llm_proxy=debug`) for more.
@@ -24,6 +25,10 @@ use llm_proxy::config::Settings;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: llm-proxy --config FILE   (also --version, --help)";
+
+/// A shutdown signal this soon after the first is the first sent twice,
+/// not a second one that stops the drain.
+const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -133,8 +138,18 @@ fn main() -> ExitCode {
         };
         let second = async move {
             signals.recv().await;
+            let first = tokio::time::Instant::now();
             let _ = first_tx.send(());
-            signals.recv().await;
+            // One signal sent twice (GNU `timeout` signals the process,
+            // then its process group; systemd's `KillMode=mixed` too) is
+            // not an operator's second: only one that comes later counts.
+            loop {
+                signals.recv().await;
+                if first.elapsed() >= REPEAT_WINDOW {
+                    break;
+                }
+                tracing::info!("the same signal again at once: still draining");
+            }
         };
         tokio::select! {
             served = proxy.serve_sharded(listener, drain) => match served {

@@ -306,6 +306,37 @@ async fn sigterm_cuts_a_stream_past_the_drain_timeout_then_exits_0() {
     assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
 }
 
+/// One signal sent twice at once (GNU `timeout` signals the process, then
+/// its group) is one: the drain goes on. SIGHUP (a reload, which is not
+/// built) neither stops nor drains.
+#[tokio::test]
+async fn sighup_and_a_signal_sent_twice_at_once_do_not_stop_the_drain() {
+    let (mut child, _, resp) = proxy_streaming(
+        "repeated-signal",
+        "drain_timeout_secs = 20\n[[upstream]]\nname = \"m\"\nmock = { tokens_per_second = 20 }\n",
+        10,
+    )
+    .await;
+    signal(&child, "-HUP");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the proxy"
+    );
+    signal(&child, "-TERM");
+    signal(&child, "-TERM");
+    let (body, broke) = read_stream(resp).await;
+    assert!(!broke, "the in-flight stream finished cleanly");
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+    let exit = exit_of(child, "proxy exited after draining").await;
+    assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
+    assert!(
+        exit.1.contains("SIGHUP received and ignored"),
+        "stderr: {}",
+        exit.1
+    );
+}
+
 #[tokio::test]
 async fn a_second_signal_during_the_drain_stops_at_once() {
     // A 60 s drain and a stream that would take 50 s: only the second

@@ -70,7 +70,10 @@ mod tests {
             "https:***@api.example.com/v1"
         );
         assert_eq!(url("https//user:pw@host/v1"), "***@host/v1");
-        assert_eq!(url("redis:/:S3cret@127.0.0.1:6379/0"), "redis:***@127.0.0.1:6379/0");
+        assert_eq!(
+            url("redis:/:S3cret@127.0.0.1:6379/0"),
+            "redis:***@127.0.0.1:6379/0"
+        );
         assert_eq!(url("redis//:pw@h?password=x"), "***@h?password=***");
         assert_eq!(url("api.example.com/v1"), "api.example.com/v1");
     }

@@ -1682,7 +1682,10 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("bad url") && !e.contains("s3cret"), "{e}");
         // Nor in a URL mistyped past what a parser takes.
-        for typo in ["https:/bob:s3cret@127.0.0.1:9/v1", "https//bob:s3cret@127.0.0.1:9/v1"] {
+        for typo in [
+            "https:/bob:s3cret@127.0.0.1:9/v1",
+            "https//bob:s3cret@127.0.0.1:9/v1",
+        ] {
             let e = load(&MIN.replace("http://127.0.0.1:9/v1", typo)).unwrap_err();
             assert!(!e.contains("s3cret"), "{e}");
         }

@@ -876,6 +876,11 @@ pub struct ShutdownSignals {
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    /// SIGHUP: nginx's and systemd's `ExecReload` signal, whose default
+    /// action would end the process with no drain. Reloading is not
+    /// built: it is logged and ignored.
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl ShutdownSignals {
@@ -887,18 +892,26 @@ impl ShutdownSignals {
             Ok(ShutdownSignals {
                 term: signal(SignalKind::terminate())?,
                 int: signal(SignalKind::interrupt())?,
+                hup: signal(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
         Ok(ShutdownSignals {})
     }
 
-    /// The next SIGTERM or SIGINT.
+    /// The next SIGTERM or SIGINT (a SIGHUP meanwhile is logged and
+    /// ignored).
     pub async fn recv(&mut self) {
         #[cfg(unix)]
-        tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => break tracing::info!("SIGTERM received"),
+                _ = self.int.recv() => break tracing::info!("SIGINT received"),
+                _ = self.hup.recv() => tracing::warn!(
+                    "SIGHUP received and ignored: reloading the config is not built \
+                     (restart the proxy to change it)"
+                ),
+            }
         }
         #[cfg(not(unix))]
         {
