@@ -129,6 +129,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // The port bound (a configured port 0 is the system's pick).
+        let addr = listener.local_addr().unwrap_or(addr);
         tracing::info!(%addr, workers = proxy.settings().workers, "llm-proxy listening");
         // The first SIGTERM/SIGINT drains; a second one stops at once (as
         // nginx's fast shutdown), for an operator who will not wait.

@@ -44,6 +44,56 @@ fn config_error(name: &str, text: Option<&str>) -> (i32, String) {
     (status.code().unwrap_or(-1), stderr)
 }
 
+/// A `listen` on port 0 is logged as the port the system picked, which
+/// is where the proxy answers.
+#[test]
+fn port_0_is_logged_as_the_port_bound() {
+    use std::io::BufRead;
+    let path = scratch_dir("port-0").join("proxy.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:0\"\n[[upstream]]\nname = \"m\"\nmock = {}\n",
+    )
+    .unwrap();
+    let mut child = Child(
+        std::process::Command::new(example_binary("llm-proxy"))
+            .args(["--config", path.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run llm-proxy"),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("llm-proxy listening") {
+                let _ = tx.send(line);
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(HANG)
+        .expect("a line saying where it listens");
+    // Without the log's colours.
+    let mut plain = String::new();
+    let mut rest = line.as_str();
+    while let Some(at) = rest.find('\x1b') {
+        plain.push_str(&rest[..at]);
+        rest = rest[at..].find('m').map_or("", |m| &rest[at + m + 1..]);
+    }
+    plain.push_str(rest);
+    let addr = plain
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr in {plain:?}"));
+    assert!(!addr.ends_with(":0"), "{plain}");
+    std::net::TcpStream::connect(addr).expect("the proxy answers where it says it listens");
+}
+
 #[test]
 fn config_errors_are_one_line_and_exit_2() {
     let up = "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\n";

@@ -217,6 +217,8 @@ impl Proxy {
                         format!("cannot listen on {addr} (`metrics_listen`): {e}"),
                     )
                 })?;
+                // The port bound (a configured port 0 is the system's pick).
+                let addr = listener.local_addr().unwrap_or(addr);
                 tracing::info!(%addr, "serving /metrics");
                 let (stop, stopped) = tokio::sync::oneshot::channel();
                 let task = tokio::spawn(serve_metrics(
