@@ -901,7 +901,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 } else {
                     file
                 };
-                Some(read_bounded(&file).map_err(|e| {
+                let pem = read_bounded(&file).map_err(|e| {
                     err(
                         ca.span(),
                         format!(
@@ -909,7 +909,14 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                             file.display()
                         ),
                     )
-                })?)
+                })?;
+                llm_proxy_upstream::check_roots_pem(&pem).map_err(|e| {
+                    err(
+                        ca.span(),
+                        format!("upstream `{name}`: tls_ca_file `{}`: {e}", file.display()),
+                    )
+                })?;
+                Some(pem)
             }
         };
         if up.models.as_ref().is_some_and(Vec::is_empty) {
@@ -1744,6 +1751,22 @@ mod tests {
         );
         let e = load(&format!("{MIN}[cache]\nscope = \"everyone\"\n")).unwrap_err();
         assert!(e.starts_with("t.toml:5: [cache] scope `everyone`"), "{e}");
+        // A CA file that holds no certificate: said at load, with its key,
+        // line and path, not when the first upstream connection is made.
+        let bad =
+            std::env::temp_dir().join(format!("llm-proxy-config-{}-bad.pem", std::process::id()));
+        std::fs::write(&bad, "not a certificate\n").unwrap();
+        let e = load(&format!(
+            "[[upstream]]\nname = \"a\"\nurl = \"https://h/v1\"\ntls_ca_file = \"{}\"\n",
+            bad.display()
+        ))
+        .unwrap_err();
+        let _ = std::fs::remove_file(&bad);
+        assert!(
+            e.starts_with("t.toml:4: upstream `a`: tls_ca_file `")
+                && e.ends_with("bad.pem`: no certificate found in the PEM data"),
+            "{e}"
+        );
         let e = load(&format!("{MIN}tls_ca_file = \"ca.pem\"\n")).unwrap_err();
         assert_eq!(
             e,
