@@ -326,11 +326,18 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
     )
     .await;
     signal(&child, "-TERM");
+    drained_whole(child, resp).await;
+}
+
+/// The in-flight stream `resp` finished whole, then `child` exited 0: its
+/// stderr.
+async fn drained_whole(child: Child, resp: hyper::Response<hyper::body::Incoming>) -> String {
     let (body, broke) = read_stream(resp).await;
     assert!(!broke, "the in-flight stream finished cleanly");
     assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
     let exit = exit_of(child, "proxy exited after draining").await;
     assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
+    exit.1
 }
 
 /// SIGTERM with a stream that outlasts `drain_timeout` on the sharded
@@ -375,15 +382,10 @@ async fn sighup_and_a_signal_sent_twice_at_once_do_not_stop_the_drain() {
     );
     signal(&child, "-TERM");
     signal(&child, "-TERM");
-    let (body, broke) = read_stream(resp).await;
-    assert!(!broke, "the in-flight stream finished cleanly");
-    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
-    let exit = exit_of(child, "proxy exited after draining").await;
-    assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
+    let stderr = drained_whole(child, resp).await;
     assert!(
-        exit.1.contains("SIGHUP received and ignored"),
-        "stderr: {}",
-        exit.1
+        stderr.contains("SIGHUP received and ignored"),
+        "stderr: {stderr}"
     );
 }
 
