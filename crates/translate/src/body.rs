@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::sse::Parser;
-use llm_proxy_core::{BoxError, Error, FlushBeforeError, NotUpstreamFault, is_upstream_fault};
+use llm_proxy_core::{BoxError, FlushBeforeError, NotUpstreamFault, is_upstream_fault};
 
 use crate::stream::{Step, StreamMap};
 
@@ -76,11 +76,7 @@ impl<B> TranslateBody<B> {
 /// reported an error in it.
 fn fail(map: &mut StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: String, upstream: bool) {
     tracing::warn!(reason = %reason, "translated stream interrupted");
-    map.before_failure(out);
-    out.extend_from_slice(&Error::stream_interrupted_event_for(
-        map.client_kind(),
-        &reason,
-    ));
+    map.fail_event(&reason, out);
     *phase = Phase::Failing {
         flush: FlushBeforeError::default(),
         reason: Some(reason),

@@ -239,14 +239,19 @@ impl StreamMap {
         }
     }
 
-    /// Before the error event that ends a failed stream: a Responses
-    /// stream that failed on its first event opens with `response.created`
-    /// (and `in_progress`) first, as every Responses stream does, so that
-    /// SDK stream helpers read the error as the API's, not as a malformed
-    /// stream.
-    pub(crate) fn before_failure(&mut self, out: &mut Vec<u8>) {
-        if let StreamMap::ChatToResponses(m) = self {
-            m.open_if_unstarted(out);
+    /// Queue the client's error event for a stream broken by `reason`, in
+    /// its dialect's shape. A Responses client first gets the
+    /// `response.created` (and `in_progress`) it must see before anything,
+    /// should nothing have come yet, so that SDK stream helpers read the
+    /// error as the API's and not as a malformed stream; and its `error`
+    /// event is numbered (`sequence_number`) as every other event.
+    pub(crate) fn fail_event(&mut self, reason: &str, out: &mut Vec<u8>) {
+        match self {
+            StreamMap::ChatToResponses(m) => m.interrupted(reason, out),
+            _ => out.extend_from_slice(&llm_proxy_core::Error::stream_interrupted_event_for(
+                self.client_kind(),
+                reason,
+            )),
         }
     }
 

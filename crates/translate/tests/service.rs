@@ -274,10 +274,18 @@ async fn the_upstream_clients_interrupt_event_is_translated() {
     .await;
     let got = got.unwrap();
     assert!(got.broke);
-    let (name, last) = got.events().pop().unwrap();
+    let mut events = got.events();
+    let (name, last) = events.pop().unwrap();
     assert_eq!(name.as_deref(), Some("error"));
     assert_eq!(last["code"], "stream_interrupted");
     assert_eq!(last["message"], "upstream `a`: ended without [DONE]");
+    // Numbered as every other event: the one after the last before it.
+    let before = &events.last().unwrap().1["sequence_number"];
+    assert_eq!(
+        last["sequence_number"],
+        before.as_u64().unwrap() + 1,
+        "{last}"
+    );
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@
 //! whole output and the usage. Every event has a `sequence_number`.
 //! Reasoning text is dropped; a refusal streams as text.
 
+use llm_proxy_core::INTERRUPTED_CODE;
 use llm_proxy_core::sse::Event;
 use serde_json::{Value, json};
 
@@ -71,10 +72,14 @@ impl ChatToResponses {
 
     /// `response.created` and `response.in_progress`, unless they went
     /// out already.
-    pub(crate) fn open_if_unstarted(&mut self, out: &mut Vec<u8>) {
+    /// The `error` event that ends a stream broken by `reason`, after
+    /// `response.created` should nothing have come yet; numbered.
+    pub(crate) fn interrupted(&mut self, reason: &str, out: &mut Vec<u8>) {
         if !self.started {
             self.start(&Chunk::default(), out);
         }
+        let error = json!({"code": INTERRUPTED_CODE, "message": reason, "param": null});
+        self.events.emit(out, "error", error);
     }
 
     /// Translate one upstream event.
