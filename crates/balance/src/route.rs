@@ -5,7 +5,8 @@
 //!
 //! 1. healthy and not yet tried, over the model and then each fallback model
 //!    in order (so a fallback is used once every upstream of the model has
-//!    failed in this request or is resting);
+//!    failed in this request or is resting); within a model, the upstreams
+//!    that serve the request's API natively before those that translate;
 //! 2. panic routing: not yet tried, resting or not, in the same order
 //!    (rather than 503 while a resting server may be back);
 //! 3. healthy, tried before (one upstream can be retried after a transient
@@ -84,22 +85,27 @@ impl<'a> Route<'a> {
                 pinned: Some(member),
             });
         }
-        // Within a model's group, native always wins: translation only when
-        // none of its upstreams serves the API natively. Each group on its
-        // own: a fallback served natively does not shut out the model's own
+        // Within a model's group, native first: its upstreams that reach the
+        // API only by translation come after the native ones, before the
+        // model's fallbacks (a lower preference, never shut out: they stand
+        // in while the native ones fail or rest). Each group on its own: a
+        // fallback served natively does not shut out the model's own
         // upstreams that translate (it would take every request while they
         // are healthy). A group that serves the API neither way is left out.
         let tiered = |(group, fallback): (&'a Group, Option<&'a str>)| {
-            let tier = [Tier::Native, Tier::Translated].into_iter().find(|&tier| {
-                group
-                    .members
-                    .iter()
-                    .any(|&m| set.members[m].serves(api, tier))
-            })?;
-            Some((group, fallback, tier))
+            let members = || group.members.iter().map(|&m| &set.members[m]);
+            let native = members().any(|m| m.serves(api, Tier::Native));
+            let translating =
+                members().any(|m| m.serves(api, Tier::Translated) && !m.serves(api, Tier::Native));
+            [
+                native.then_some((group, fallback, Tier::Native)),
+                translating.then_some((group, fallback, Tier::Translated)),
+            ]
+            .into_iter()
+            .flatten()
         };
         let chain: SmallVec<[_; 2]> = match model {
-            None => tiered((&set.passthrough, None)).into_iter().collect(),
+            None => tiered((&set.passthrough, None)).collect(),
             Some(model) => {
                 let own = set
                     .group(model)
@@ -117,7 +123,7 @@ impl<'a> Route<'a> {
                     .filter(|fb| allowed.is_none_or(|a| a.allows(fb)));
                 std::iter::once((own, None))
                     .chain(fallbacks.filter_map(|fb| Some((set.group(fb)?, Some(fb.as_str())))))
-                    .filter_map(tiered)
+                    .flat_map(tiered)
                     .collect()
             }
         };

@@ -102,6 +102,35 @@ async fn native_wins_over_translation_and_translation_fills_in() {
     assert_eq!(body, "translating");
 }
 
+/// A model's upstreams that translate are its second choice, not shut out:
+/// while its native upstream fails or rests, they serve it (before any
+/// fallback, and before panic routing sends it back to the resting one).
+#[tokio::test]
+async fn translating_upstreams_stand_in_while_the_native_one_fails() {
+    let fleet = Fleet::default();
+    let b = Balance::new(
+        [
+            fleet.backend("native").with_apis([Api::Messages]),
+            fleet
+                .backend("translating")
+                .with_apis([Api::ChatCompletions])
+                .with_translated_apis([Api::Messages]),
+        ],
+        BalanceConfig::default(),
+    );
+    let (_, body) = send(&b, messages("m")).await.unwrap();
+    assert_eq!(body, "native");
+    fleet.set("native", Mode::Refused);
+    for _ in 0..6 {
+        let (_, body) = send(&b, messages("m")).await.unwrap();
+        assert_eq!(body, "translating");
+    }
+    assert!(
+        fleet.calls("native") >= 2,
+        "tried first while it was not resting"
+    );
+}
+
 /// The tier is chosen per model: a fallback served natively does not shut
 /// out the request's own model where it is served only by translation.
 #[tokio::test]
