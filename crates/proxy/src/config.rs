@@ -23,6 +23,54 @@ impl ConfigError {
         let line = src[..offset.min(src.len())].matches('\n').count() + 1;
         ConfigError(format!("{}:{line}: {msg}", file.display()))
     }
+
+    /// An error about the value at `keys`: on the line of its key, or of
+    /// the table that lacks it (its value is then a default), else of the
+    /// file as a whole.
+    fn near(file: &Path, src: &str, keys: &[Seg<'_>], msg: impl std::fmt::Display) -> Self {
+        match key_offset(src, keys) {
+            Some(offset) => ConfigError::at(file, src, offset, msg),
+            None => ConfigError(format!("{}: {msg}", file.display())),
+        }
+    }
+}
+
+/// One step of a path to a value in the config text: a key of a table, or
+/// the nth table of an array of tables (`[[upstream]]`).
+#[derive(Clone, Copy, Debug)]
+enum Seg<'a> {
+    Key(&'a str),
+    Item(usize),
+}
+
+/// Where the key at `keys` starts in `src` (for an item, where the item
+/// starts). A key the text does not have, as a value left to its default,
+/// is placed at the last step it does have; `None` when not even the first.
+fn key_offset(src: &str, keys: &[Seg<'_>]) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    // Only on the way to an error, of text that parsed already.
+    let doc = DeTable::parse(src).ok()?;
+    let mut at: Option<&DeValue<'_>> = None;
+    let mut offset = None;
+    for seg in keys {
+        let table = match at {
+            None => Some(doc.get_ref()),
+            Some(value) => value.as_table(),
+        };
+        let next = match *seg {
+            Seg::Key(name) => table
+                .and_then(|table| table.get_key_value(name))
+                .map(|(key, value)| (key.span().start, value.get_ref())),
+            Seg::Item(n) => at
+                .and_then(DeValue::as_array)
+                .and_then(|items| items.get(n))
+                .map(|item| (item.span().start, item.get_ref())),
+        };
+        let Some((start, value)) = next else { break };
+        offset = Some(start);
+        at = Some(value);
+    }
+    offset
 }
 
 /// The whole configuration file.
@@ -655,22 +703,38 @@ const MAX_TTL_SECS: f64 = 10.0 * 365.0 * 86_400.0;
 
 /// A timeout of 0 ms would fail every request (or close every connection)
 /// at once: a mistake, not a setting.
-fn positive_ms(path: &Path, key: &str, ms: u64) -> Result<Duration, ConfigError> {
+fn positive_ms(
+    path: &Path,
+    src: &str,
+    at: &[Seg<'_>],
+    key: &str,
+    ms: u64,
+) -> Result<Duration, ConfigError> {
     if ms == 0 {
-        return Err(ConfigError(format!(
-            "{}: {key} must be at least 1 (milliseconds)",
-            path.display()
-        )));
+        return Err(ConfigError::near(
+            path,
+            src,
+            at,
+            format!("{key} must be at least 1 (milliseconds)"),
+        ));
     }
     Ok(Duration::from_millis(ms))
 }
 
-fn duration_secs(path: &Path, key: &str, secs: f64) -> Result<Duration, ConfigError> {
+fn duration_secs(
+    path: &Path,
+    src: &str,
+    at: &[Seg<'_>],
+    key: &str,
+    secs: f64,
+) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(secs).map_err(|_| {
-        ConfigError(format!(
-            "{}: {key} must be a non-negative number of seconds, not {secs}",
-            path.display()
-        ))
+        ConfigError::near(
+            path,
+            src,
+            at,
+            format!("{key} must be a non-negative number of seconds, not {secs}"),
+        )
     })
 }
 
@@ -695,45 +759,67 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
     };
     // (Port 0 twice is two ports, each chosen by the system.)
     if metrics_listen == Some(listen) && listen.port() != 0 {
-        return Err(ConfigError(format!(
-            "{}: `metrics_listen` is `listen` ({listen}): give metrics an address of their own, or leave it out to serve them on `listen`",
-            path.display()
-        )));
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("metrics_listen")],
+            format!(
+                "`metrics_listen` is `listen` ({listen}): give metrics an address of their own, or leave it out to serve them on `listen`"
+            ),
+        ));
     }
     if cfg.max_body_bytes == 0 {
-        return Err(ConfigError(format!(
-            "{}: `max_body_bytes` must be at least 1: with 0 every request with a body is refused",
-            path.display()
-        )));
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("max_body_bytes")],
+            "`max_body_bytes` must be at least 1: with 0 every request with a body is refused",
+        ));
     }
     if cfg.workers > MAX_WORKERS {
-        return Err(ConfigError(format!(
-            "{}: `workers` must be between 0 (one per CPU) and {MAX_WORKERS}, not {}",
-            path.display(),
-            cfg.workers
-        )));
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("workers")],
+            format!(
+                "`workers` must be between 0 (one per CPU) and {MAX_WORKERS}, not {}",
+                cfg.workers
+            ),
+        ));
     }
     if cfg.max_connections == 0 || cfg.max_connections > MAX_CONNECTIONS {
-        return Err(ConfigError(format!(
-            "{}: `max_connections` must be between 1 and {MAX_CONNECTIONS}, not {}",
-            path.display(),
-            cfg.max_connections
-        )));
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("max_connections")],
+            format!(
+                "`max_connections` must be between 1 and {MAX_CONNECTIONS}, not {}",
+                cfg.max_connections
+            ),
+        ));
     }
     let max_buffered_body_bytes = match cfg.max_buffered_body_bytes {
         None => defaults::MAX_BUFFERED_BODY_BYTES.max(cfg.max_body_bytes),
         Some(n) if n < cfg.max_body_bytes => {
-            return Err(ConfigError(format!(
-                "{}: `max_buffered_body_bytes` ({n}) must be at least `max_body_bytes` ({}): \
-                 no body that large could ever be read",
-                path.display(),
-                cfg.max_body_bytes
-            )));
+            return Err(ConfigError::near(
+                path,
+                src,
+                &[Seg::Key("max_buffered_body_bytes")],
+                format!(
+                    "`max_buffered_body_bytes` ({n}) must be at least `max_body_bytes` ({}): \
+                     no body that large could ever be read",
+                    cfg.max_body_bytes
+                ),
+            ));
         }
         Some(n) => n,
     };
-    positive_ms(path, "`header_read_timeout_ms`", cfg.header_read_timeout_ms)?;
-    positive_ms(path, "`send_timeout_ms`", cfg.send_timeout_ms)?;
+    for (key, ms) in [
+        ("header_read_timeout_ms", cfg.header_read_timeout_ms),
+        ("send_timeout_ms", cfg.send_timeout_ms),
+    ] {
+        positive_ms(path, src, &[Seg::Key(key)], &format!("`{key}`"), ms)?;
+    }
     if cfg.upstream.is_empty() {
         return Err(ConfigError(format!(
             "{}: no [[upstream]] configured: at least one is needed",
@@ -742,7 +828,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
     }
     let mut names = HashSet::new();
     let mut upstreams = Vec::with_capacity(cfg.upstream.len());
-    for up in cfg.upstream {
+    for (index, up) in cfg.upstream.into_iter().enumerate() {
         let name = up.name.get_ref().clone();
         if name.trim().is_empty() || http::HeaderValue::from_str(&name).is_err() {
             return Err(err(
@@ -934,7 +1020,14 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             ));
         }
         let ms = |key: &str, value: u64| {
-            positive_ms(path, &format!("upstream `{name}`: `{key}`"), value)
+            let at = [Seg::Key("upstream"), Seg::Item(index), Seg::Key(key)];
+            positive_ms(
+                path,
+                src,
+                &at,
+                &format!("upstream `{name}`: `{key}`"),
+                value,
+            )
         };
         let connect_timeout = ms("connect_timeout_ms", up.connect_timeout_ms)?;
         let first_byte_timeout = ms("first_byte_timeout_ms", up.first_byte_timeout_ms)?;
@@ -976,7 +1069,13 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         listen,
         max_body_bytes: cfg.max_body_bytes,
         max_buffered_body_bytes,
-        drain_timeout: duration_secs(path, "`drain_timeout_secs`", cfg.drain_timeout_secs)?,
+        drain_timeout: duration_secs(
+            path,
+            src,
+            &[Seg::Key("drain_timeout_secs")],
+            "`drain_timeout_secs`",
+            cfg.drain_timeout_secs,
+        )?,
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         send_timeout: Duration::from_millis(cfg.send_timeout_ms),
         max_connections: cfg.max_connections,
@@ -1063,7 +1162,13 @@ fn validate_cache(path: &Path, src: &str, c: &CacheSection) -> Result<CacheSpec,
         ));
     }
     Ok(CacheSpec {
-        ttl: duration_secs(path, "[cache] `ttl_secs`", secs)?,
+        ttl: duration_secs(
+            path,
+            src,
+            &[Seg::Key("cache"), Seg::Key("ttl_secs")],
+            "[cache] `ttl_secs`",
+            secs,
+        )?,
         scope,
         store,
     })
@@ -1088,7 +1193,7 @@ fn validate_balance(
             max_spread: p.and_then(|p| p.max_spread).unwrap_or(d.max_spread),
         }
     };
-    check_balance_numbers(path, b)?;
+    check_balance_numbers(path, src, b)?;
     let strategy = match b
         .strategy
         .as_ref()
@@ -1118,23 +1223,33 @@ fn validate_balance(
     let every_model = upstreams.iter().any(|u| u.models.is_none());
     for (from, to) in &b.fallbacks {
         if !every_model && !served.contains(from.as_str()) {
-            return Err(ConfigError(format!(
-                "{}: [balance] fallbacks: `{from}` is a model no upstream serves, so it never needs a fallback",
-                path.display()
-            )));
+            return Err(ConfigError::near(
+                path,
+                src,
+                &[Seg::Key("balance"), Seg::Key("fallbacks"), Seg::Key(from)],
+                format!(
+                    "[balance] fallbacks: `{from}` is a model no upstream serves, so it never needs a fallback"
+                ),
+            ));
         }
         if to.iter().any(|model| model == from) {
-            return Err(ConfigError(format!(
-                "{}: [balance] fallbacks: `{from}` falls back to itself",
-                path.display()
-            )));
+            return Err(ConfigError::near(
+                path,
+                src,
+                &[Seg::Key("balance"), Seg::Key("fallbacks"), Seg::Key(from)],
+                format!("[balance] fallbacks: `{from}` falls back to itself"),
+            ));
         }
         for model in to {
             if !every_model && !served.contains(model.as_str()) {
-                return Err(ConfigError(format!(
-                    "{}: [balance] fallbacks: `{from}` falls back to `{model}`, which no upstream serves",
-                    path.display()
-                )));
+                return Err(ConfigError::near(
+                    path,
+                    src,
+                    &[Seg::Key("balance"), Seg::Key("fallbacks"), Seg::Key(from)],
+                    format!(
+                        "[balance] fallbacks: `{from}` falls back to `{model}`, which no upstream serves"
+                    ),
+                ));
             }
         }
     }
@@ -1142,28 +1257,46 @@ fn validate_balance(
         strategy,
         max_retries: b.max_retries,
         eject_after_failures: b.eject_after_failures,
-        eject: duration_secs(path, "[balance] `eject_secs`", b.eject_secs)?,
+        eject: duration_secs(
+            path,
+            src,
+            &[Seg::Key("balance"), Seg::Key("eject_secs")],
+            "[balance] `eject_secs`",
+            b.eject_secs,
+        )?,
         fallbacks: b.fallbacks.clone(),
         ..BalanceConfig::default()
     };
-    let every = duration_secs(path, "[balance] `health_check_secs`", b.health_check_secs)?;
+    let every = duration_secs(
+        path,
+        src,
+        &[Seg::Key("balance"), Seg::Key("health_check_secs")],
+        "[balance] `health_check_secs`",
+        b.health_check_secs,
+    )?;
     if let Some(p) = &b.health_check_path
         && !p.starts_with('/')
     {
-        return Err(ConfigError(format!(
-            "{}: [balance] `health_check_path` must start with `/`, not `{p}`",
-            path.display()
-        )));
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("balance"), Seg::Key("health_check_path")],
+            format!("[balance] `health_check_path` must start with `/`, not `{p}`"),
+        ));
     }
     // A path no request can carry would fail every probe: every upstream
     // marked down by the checker itself.
     if let Some(p) = &b.health_check_path
         && p.parse::<http::Uri>().is_err()
     {
-        return Err(ConfigError(format!(
-            "{}: [balance] `health_check_path` `{p}` is not a URL path (%-encode spaces and other characters a URL cannot hold)",
-            path.display()
-        )));
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("balance"), Seg::Key("health_check_path")],
+            format!(
+                "[balance] `health_check_path` `{p}` is not a URL path (%-encode spaces and other characters a URL cannot hold)"
+            ),
+        ));
     }
     if !every.is_zero() {
         let mut hc = HealthCheck::every(every);
@@ -1194,30 +1327,51 @@ const MAX_HEALTH_CHECK_SECS: f64 = 86_400.0;
 
 /// `[balance]` numbers that cannot work (a value the balancer would
 /// otherwise clamp, or one that turns it into a retry loop) are refused.
-fn check_balance_numbers(path: &Path, b: &BalanceSection) -> Result<(), ConfigError> {
-    let fail = |msg: String| Err(ConfigError(format!("{}: [balance] {msg}", path.display())));
+fn check_balance_numbers(path: &Path, src: &str, b: &BalanceSection) -> Result<(), ConfigError> {
+    let fail = |keys: &[&str], msg: String| {
+        let at: Vec<Seg<'_>> = std::iter::once("balance")
+            .chain(keys.iter().copied())
+            .map(Seg::Key)
+            .collect();
+        Err(ConfigError::near(
+            path,
+            src,
+            &at,
+            format!("[balance] {msg}"),
+        ))
+    };
     if b.max_retries > MAX_RETRIES {
-        return fail(format!(
-            "`max_retries` must be at most {MAX_RETRIES}, not {}",
-            b.max_retries
-        ));
+        return fail(
+            &["max_retries"],
+            format!(
+                "`max_retries` must be at most {MAX_RETRIES}, not {}",
+                b.max_retries
+            ),
+        );
     }
     if b.eject_after_failures == 0 {
-        return fail("`eject_after_failures` must be at least 1".into());
+        return fail(
+            &["eject_after_failures"],
+            "`eject_after_failures` must be at least 1".into(),
+        );
     }
     let every = b.health_check_secs;
     let every_ok = every == 0.0 || (MIN_HEALTH_CHECK_SECS..=MAX_HEALTH_CHECK_SECS).contains(&every);
     if !every_ok {
-        return fail(format!(
-            "`health_check_secs` must be 0 (no active checks) or from {MIN_HEALTH_CHECK_SECS} to {MAX_HEALTH_CHECK_SECS} (a day), not {every}"
-        ));
+        return fail(
+            &["health_check_secs"],
+            format!(
+                "`health_check_secs` must be 0 (no active checks) or from {MIN_HEALTH_CHECK_SECS} to {MAX_HEALTH_CHECK_SECS} (a day), not {every}"
+            ),
+        );
     }
     if let Some(r) = b.retry_budget_ratio
         && !(0.0..=1.0).contains(&r)
     {
-        return fail(format!(
-            "`retry_budget_ratio` must be from 0 to 1 (a fraction of requests), not {r}"
-        ));
+        return fail(
+            &["retry_budget_ratio"],
+            format!("`retry_budget_ratio` must be from 0 to 1 (a fraction of requests), not {r}"),
+        );
     }
     if let Some(p) = &b.prefix_affinity {
         use llm_proxy_balance::PrefixConfig as P;
@@ -1230,19 +1384,23 @@ fn check_balance_numbers(path: &Path, b: &BalanceSection) -> Result<(), ConfigEr
             if let Some(v) = value
                 && !bounds.contains(&v)
             {
-                return fail(format!(
-                    "prefix_affinity `{key}` must be from {} to {}, not {v}",
-                    bounds.start(),
-                    bounds.end()
-                ));
+                return fail(
+                    &["prefix_affinity", key],
+                    format!(
+                        "prefix_affinity `{key}` must be from {} to {}, not {v}",
+                        bounds.start(),
+                        bounds.end()
+                    ),
+                );
             }
         }
         if let Some(f) = p.load_factor
             && !(f >= 0.0 && f.is_finite())
         {
-            return fail(format!(
-                "prefix_affinity `load_factor` must be a number ≥ 0, not {f}"
-            ));
+            return fail(
+                &["prefix_affinity", "load_factor"],
+                format!("prefix_affinity `load_factor` must be a number ≥ 0, not {f}"),
+            );
         }
     }
     Ok(())
@@ -1286,11 +1444,13 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
     let mut names = HashSet::new();
     let mut hashes = HashSet::new();
     if a.keys.is_empty() {
-        return Err(ConfigError(format!(
-            "{}: [auth] has no [[auth.keys]], so every request would be refused (401): \
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("auth")],
+            "[auth] has no [[auth.keys]], so every request would be refused (401): \
              add a key, or set `enabled = false`",
-            path.display()
-        )));
+        ));
     }
     let mut keys = Vec::with_capacity(a.keys.len());
     for k in &a.keys {
@@ -1613,6 +1773,57 @@ mod tests {
         }
         let e = load("[[upstream]]\nname = \" \"\nurl = \"http://127.0.0.1:9/v1\"\n").unwrap_err();
         assert!(e.contains("must be non-empty printable text"), "{e}");
+    }
+
+    #[test]
+    fn value_errors_name_their_line() {
+        // Each bad value on line 4, after a comment, `listen`, and a blank.
+        let head = "# llm-proxy\nlisten = \"127.0.0.1:9000\"\n\n";
+        let second = "[[upstream]]\nname = \"b\"\nurl = \"http://127.0.0.1:9/v1\"\n";
+        let top = [
+            "max_body_bytes = 0",
+            "workers = 1025",
+            "max_connections = 0",
+            "max_buffered_body_bytes = 1",
+            "header_read_timeout_ms = 0",
+            "send_timeout_ms = 0",
+            "drain_timeout_secs = -1.0",
+            "metrics_listen = \"127.0.0.1:9000\"",
+        ];
+        for bad in top {
+            let e = load(&format!("{head}{bad}\n{MIN}")).unwrap_err();
+            assert!(e.starts_with("t.toml:4: "), "{bad}: {e}");
+        }
+        // The second upstream's key, not the first's (line 10).
+        let e = load(&format!("{head}{MIN}{second}connect_timeout_ms = 0\n")).unwrap_err();
+        assert!(
+            e.starts_with("t.toml:10: upstream `b`: `connect_timeout_ms`"),
+            "{e}"
+        );
+        let sections = [
+            "[balance]\nmax_retries = 11",
+            "[balance]\neject_after_failures = 0",
+            "[balance]\neject_secs = -1.0",
+            "[balance]\nhealth_check_secs = 0.001",
+            "[balance]\nretry_budget_ratio = 2.0",
+            "[balance]\nhealth_check_path = \"health\"",
+            "[balance]\nhealth_check_path = \"/a b\"",
+            "[balance.prefix_affinity]\nblock_bytes = 0",
+            "[balance.prefix_affinity]\nload_factor = -1.0",
+            "[balance.fallbacks]\nnone = [\"a\"]",
+            "[balance.fallbacks]\na = [\"a\"]",
+            "[balance.fallbacks]\na = [\"none\"]",
+        ];
+        let models =
+            "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\nmodels = [\"a\"]\n";
+        for bad in sections {
+            // The section's header on line 8, its key on line 9.
+            let e = load(&format!("{head}{models}{bad}\n")).unwrap_err();
+            assert!(e.starts_with("t.toml:9: [balance] "), "{bad}: {e}");
+        }
+        // A section whose problem is the whole section: its header's line.
+        let e = load(&format!("{head}{MIN}[auth]\n")).unwrap_err();
+        assert!(e.starts_with("t.toml:7: [auth] has no"), "{e}");
     }
 
     #[test]
