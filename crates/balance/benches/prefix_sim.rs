@@ -12,7 +12,10 @@
 //!   100-token answers, Poisson arrivals ramping 3 → 60 QPS over 120 s;
 //! - `chat`: 800 conversations × 16 turns behind one of 4 short system
 //!   prompts (500 tokens); each turn adds ~830 user tokens and ~76 answer
-//!   tokens; conversations start over 600 s, 5 s mean think time.
+//!   tokens; conversations start over 600 s, 5 s mean think time;
+//! - `short`: the same with short turns, as in a chat app: 50-token system
+//!   prompts, user turns of 10 to 60 tokens, so that a conversation stays
+//!   below the routing key's 2 KiB for many turns.
 //!
 //! Run: `cargo bench -p llm-proxy-balance --bench prefix_sim`
 
@@ -271,14 +274,15 @@ fn system_workload(sim: &mut Sim<'_>) {
     }
 }
 
-fn chat_workload(sim: &mut Sim<'_>) {
+fn chat_workload(sim: &mut Sim<'_>, system_tokens: u32, user_tokens: (u32, u32)) {
     for c in 0..800 {
         let start = sim.rng.next() as f64 / u64::MAX as f64 * 600.0;
         let system = Segment {
             id: 10 + sim.rng.next() % 4,
-            tokens: 500,
+            tokens: system_tokens,
         };
-        let (conversation, first) = sim_model::Conversation::start(c, system, 16, &mut sim.rng);
+        let (conversation, first) =
+            sim_model::Conversation::start(c, system, 16, user_tokens, &mut sim.rng);
         sim.chats.push(conversation);
         sim.at(start, Event::Arrive(first));
     }
@@ -288,7 +292,8 @@ fn run(workload: &str, strategy: &Strategy, prefix: &PrefixConfig, seed: u64) ->
     let mut sim = Sim::new(strategy, prefix, seed);
     match workload {
         "system" => system_workload(&mut sim),
-        _ => chat_workload(&mut sim),
+        "short" => chat_workload(&mut sim, 50, (10, 60)),
+        _ => chat_workload(&mut sim, 500, (200, 1460)),
     }
     sim.run()
 }
@@ -305,7 +310,7 @@ fn main() {
         "| workload | strategy | prefix hit rate | oracle | TTFT mean (s) | TTFT p90 (s) | max/mean in-flight | leftover | ns/decision |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for workload in ["system", "chat"] {
+    for workload in ["system", "chat", "short"] {
         for strategy in &strategies {
             let reports: Vec<Report> = SEEDS
                 .iter()

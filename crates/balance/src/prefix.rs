@@ -2,14 +2,18 @@
 //! first blocks.
 //!
 //! The prompt is laid out as the server will see it, in order: a top-level
-//! `system` (Anthropic Messages) or `instructions` (Responses), then every
-//! chat message as `role` + its text, then `prompt` (completions) or `input`
-//! (embeddings, Responses). That canonical text is cut into blocks of
-//! `block_bytes`; `hash_0 = H(seed, block_0)`, `hash_i = H(hash_{i-1},
-//! block_i)`; the key is the hash after the first `prefix_blocks` blocks (or
-//! after the last, partial, block of a shorter prompt). Only those first
-//! bytes are ever copied or hashed, so a 100 kB prompt costs what a 2 kB one
-//! does.
+//! `system` (Anthropic Messages) or `instructions` (Responses), then the
+//! chat messages as `role` + text, then `prompt` (completions) or `input`
+//! (embeddings, Responses). Turns count up to and including the first one
+//! that is not `system` or `developer`: the shared preamble and the
+//! conversation's first turn, which every later turn of the conversation
+//! repeats, so that a conversation keeps its key (and its server, with the
+//! turns it has cached) as it grows, however short its turns. That text is
+//! cut into blocks of `block_bytes`; `hash_0 = H(seed, block_0)`, `hash_i =
+//! H(hash_{i-1}, block_i)`; the key is the hash after the first
+//! `prefix_blocks` blocks (or after the last, partial, block of a shorter
+//! text). Only those first bytes are ever copied or hashed, so a 100 kB
+//! prompt costs what a 2 kB one does.
 
 use serde_json::{Map, Value};
 
@@ -45,6 +49,14 @@ pub struct PromptPrefix {
     buf: Vec<u8>,
     limit: usize,
     block: usize,
+    /// The conversation's first turn is in: later turns do not count.
+    first_turn_in: bool,
+}
+
+/// Whether a turn of `role` is part of the preamble that comes before a
+/// conversation's first turn.
+fn is_preamble(role: &str) -> bool {
+    matches!(role, "system" | "developer")
 }
 
 impl PromptPrefix {
@@ -57,12 +69,14 @@ impl PromptPrefix {
             buf: Vec::with_capacity(limit.min(64 * 1024)),
             limit,
             block,
+            first_turn_in: false,
         }
     }
 
-    /// Whether the key's bytes are complete; later text cannot change it.
+    /// Whether the key's bytes are complete; later text cannot change it:
+    /// the limit is reached, or the conversation's first turn is in.
     pub fn is_full(&self) -> bool {
-        self.buf.len() >= self.limit
+        self.first_turn_in || self.buf.len() >= self.limit
     }
 
     /// Append raw text.
@@ -70,12 +84,23 @@ impl PromptPrefix {
         self.push_bytes(text.as_bytes());
     }
 
-    /// Append one chat message: its role, then its text.
+    /// Append one chat message: its role, then its text. After the first
+    /// message that is not `system` or `developer`, messages count no more.
     pub fn push_message(&mut self, role: &str, text: &str) {
+        if self.is_full() {
+            return;
+        }
         self.push_bytes(role.as_bytes());
         self.push_bytes(&[UNIT]);
         self.push_bytes(text.as_bytes());
         self.push_bytes(&[RECORD]);
+        self.end_turn(role);
+    }
+
+    /// A turn of `role` was pushed: the first that is not preamble closes
+    /// the key.
+    fn end_turn(&mut self, role: &str) {
+        self.first_turn_in |= !is_preamble(role);
     }
 
     fn push_bytes(&mut self, bytes: &[u8]) {
@@ -93,7 +118,9 @@ impl PromptPrefix {
     }
 
     /// The key of a parsed request body: `system`, `instructions`, each of
-    /// `messages` (role and text), then `prompt` and `input`, in that order.
+    /// `messages` (role and text) up to the first that is not `system` or
+    /// `developer`, then `prompt` and `input` (a Responses item with a
+    /// `role` is a turn as a message is), in that order.
     pub fn from_json(json: &Map<String, Value>, cfg: &PrefixConfig) -> Option<u64> {
         let mut p = PromptPrefix::new(cfg);
         if let Some(system) = json.get("system") {
@@ -121,12 +148,16 @@ impl PromptPrefix {
 
     /// One turn laid out as [`PromptPrefix::push_message`] does.
     fn push_turn(&mut self, role: &str, content: Option<&Value>) {
+        if self.is_full() {
+            return;
+        }
         self.push_bytes(role.as_bytes());
         self.push_bytes(&[UNIT]);
         if let Some(content) = content {
             self.push_content(content);
         }
         self.push_bytes(&[RECORD]);
+        self.end_turn(role);
     }
 
     /// The text of a content value: a string, an array of strings or parts
@@ -155,7 +186,8 @@ impl PromptPrefix {
     fn push_part(&mut self, part: &Value) {
         match part {
             Value::Object(obj) => {
-                if let Some(role) = obj.get("role").and_then(Value::as_str) {
+                let role = obj.get("role").and_then(Value::as_str);
+                if let Some(role) = role {
                     self.push_text(role);
                     self.push_bytes(&[UNIT]);
                 }
@@ -169,6 +201,10 @@ impl PromptPrefix {
                         Some(value) => self.push_content(value),
                         None => {}
                     }
+                }
+                // A Responses input item with a role is a turn.
+                if let Some(role) = role {
+                    self.end_turn(role);
                 }
             }
             other => self.push_content(other),
@@ -199,6 +235,53 @@ mod tests {
         );
         assert_eq!(a, b, "only the first 2 KiB count");
         assert!(a.is_some());
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_key_as_it_grows() {
+        // Short turns: the whole conversation is far below 2 KiB, and each
+        // turn repeats the ones before it.
+        let mut messages = vec![
+            json!({"role": "system", "content": "Be brief."}),
+            json!({"role": "developer", "content": "Answer in English."}),
+            json!({"role": "user", "content": "What is a prefix cache?"}),
+        ];
+        let first = key(json!({ "messages": messages }));
+        for turn in 0..6 {
+            messages.push(json!({"role": "assistant", "content": format!("answer {turn}")}));
+            messages.push(json!({"role": "user", "content": format!("question {turn}")}));
+            assert_eq!(key(json!({ "messages": messages })), first, "turn {turn}");
+        }
+        // Another conversation behind the same preamble has a key of its own.
+        messages[2] = json!({"role": "user", "content": "What is KV?"});
+        assert_ne!(key(json!({ "messages": messages })), first);
+        // The preamble counts: the same first turn behind another system prompt.
+        let other = key(json!({"messages": [
+            {"role": "system", "content": "Be thorough."},
+            {"role": "user", "content": "What is a prefix cache?"},
+        ]}));
+        assert_ne!(other, first);
+        // Responses input items: the same rule.
+        let items = |n: usize| {
+            let mut input =
+                vec![json!({"role": "user", "content": [{"type": "input_text", "text": "hi"}]})];
+            input.extend((0..n).map(|i| json!({"role": "assistant", "content": format!("a{i}")})));
+            key(json!({"instructions": "Be brief.", "input": input}))
+        };
+        assert!(items(0).is_some());
+        assert_eq!(items(0), items(3));
+        // Fed as text (the simulation's way), the same key.
+        let mut p = PromptPrefix::new(&PrefixConfig::default());
+        p.push_message("system", "Be brief.");
+        p.push_message("user", "hello");
+        p.push_message("assistant", "hi");
+        assert_eq!(
+            p.key(),
+            key(json!({"messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hello"},
+            ]}))
+        );
     }
 
     #[test]

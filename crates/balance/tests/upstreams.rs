@@ -275,3 +275,54 @@ async fn round_robin_shares_an_ejected_backends_turns() {
     let (a_n, c_n) = (calls(&a) - a0, calls(&c) - c0);
     assert_eq!((a_n, c_n), (50, 50));
 }
+
+#[tokio::test]
+async fn prefix_affinity_keeps_a_growing_conversation_on_one_upstream() {
+    let mocks = [
+        mock("u1", None, None).await,
+        mock("u2", None, None).await,
+        mock("u3", None, None).await,
+    ];
+    let cfg = BalanceConfig {
+        strategy: Strategy::PrefixAffinity(llm_proxy_balance::PrefixConfig::default()),
+        ..BalanceConfig::default()
+    };
+    let backends = ["u1", "u2", "u3"]
+        .iter()
+        .zip(&mocks)
+        .map(|(name, m)| upstream(name, &m.base_url()))
+        .collect();
+    let (svc, _handle) = stack(backends, cfg);
+    // Eight conversations of short turns (each far below the key's 2 KiB),
+    // sent turn by turn, each turn repeating the ones before it.
+    for c in 0..8 {
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": "Be brief."}),
+            serde_json::json!({"role": "user", "content": format!("conversation {c}: hello")}),
+        ];
+        let mut homes = Vec::new();
+        for turn in 0..6 {
+            let body = serde_json::json!({"model": "mock-model", "messages": messages});
+            let req = Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(llm_proxy_core::full(body.to_string()))
+                .expect("a valid request");
+            let resp = tokio::time::timeout(HANG, svc.clone().oneshot(req))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            homes.push(resp.headers()[UPSTREAM_HEADER].clone());
+            resp.into_body().collect().await.unwrap();
+            messages.push(
+                serde_json::json!({"role": "assistant", "content": format!("answer {turn}")}),
+            );
+            messages
+                .push(serde_json::json!({"role": "user", "content": format!("question {turn}")}));
+        }
+        assert!(
+            homes.iter().all(|home| *home == homes[0]),
+            "conversation {c} moved: {homes:?}"
+        );
+    }
+}

@@ -109,23 +109,32 @@ pub struct Conversation {
     id: usize,
     prompt: Prompt,
     turns: usize,
+    /// A user turn's tokens: from, to (exclusive).
+    user_tokens: (u32, u32),
 }
 
 impl Conversation {
     fn turn(&mut self, rng: &mut Rng) -> (Prompt, u32) {
         let user = Segment {
             id: rng.next(),
-            tokens: rng.range(200, 1460),
+            tokens: rng.range(self.user_tokens.0, self.user_tokens.1),
         };
         self.prompt.0.push(("user", user));
         (self.prompt.clone(), rng.range(20, 132))
     }
 
-    pub fn start(id: usize, system: Segment, turns: usize, rng: &mut Rng) -> (Self, Arrival) {
+    pub fn start(
+        id: usize,
+        system: Segment,
+        turns: usize,
+        user_tokens: (u32, u32),
+        rng: &mut Rng,
+    ) -> (Self, Arrival) {
         let mut c = Conversation {
             id,
             prompt: Prompt::new(vec![("system", system)]),
             turns,
+            user_tokens,
         };
         let (prompt, output) = c.turn(rng);
         let first = Arrival {
