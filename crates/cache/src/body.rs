@@ -445,9 +445,10 @@ impl HttpBody for CacheBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        // Until the inner body said `None`, the tee has not finished: the
-        // server must poll once more even if the inner body knows it is done.
-        self.inner.is_none()
+        // As the inner body says, so that a layer above (auth's usage
+        // watch) sees the end as hyper does. A server that stops polling
+        // here drops the body, and the drop finishes the tee (a clean end).
+        self.inner.as_ref().is_none_or(HttpBody::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {

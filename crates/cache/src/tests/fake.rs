@@ -47,6 +47,9 @@ pub enum Behaviour {
     /// Responses and Messages streams: an `error` event instead of the last
     /// one, as an upstream that fails mid-way sends.
     ErrorEvent,
+    /// A JSON answer of known length, whole in one frame, as hyper gives a
+    /// body with a `content-length`: it says it is at its end after it.
+    Whole,
 }
 
 #[derive(Clone, Default)]
@@ -105,6 +108,7 @@ fn behaviour(req: &Request<Body>, fake: &Fake) -> (Behaviour, Duration) {
         Some("failed") => Behaviour::Failed,
         Some("incomplete") => Behaviour::Incomplete,
         Some("error-event") => Behaviour::ErrorEvent,
+        Some("whole") => Behaviour::Whole,
         Some(status) => Behaviour::Status(status.parse().unwrap()),
         None => {
             let scripted = fake.state.script.lock().unwrap().pop_front();
@@ -154,6 +158,13 @@ impl tower::Service<Request<Body>> for Fake {
                     Ok(response)
                 }
                 Behaviour::InvalidJson => Ok(Response::new(full("{\"id\": not json"))),
+                Behaviour::Whole => {
+                    let mut response = Response::new(full(answer_json(n).to_string()));
+                    response
+                        .headers_mut()
+                        .insert("content-type", "application/json".parse().unwrap());
+                    Ok(response)
+                }
                 _ => {
                     let endpoint = meta.endpoint();
                     let (frames, content_type) = if meta.is_stream() {

@@ -29,6 +29,32 @@ async fn hit_after_identical_miss() {
 }
 
 #[tokio::test]
+async fn a_miss_read_as_hyper_reads_it_is_stored() {
+    // hyper reads a body of known length until `is_end_stream` says so,
+    // then drops it without polling for its end: the body must say so
+    // after its last byte (else a layer above, auth's usage watch, takes
+    // the drop for a client that left), and the drop must store it.
+    let h = harness(CacheConfig::default());
+    let whole = [("x-fake", "whole")];
+    let resp = h.svc.clone().oneshot(chat(CHAT, &whole)).await.unwrap();
+    assert_eq!(resp.headers()["x-llm-proxy-cache"], "miss");
+    let mut body = resp.into_body();
+    let mut read = Vec::new();
+    while !http_body::Body::is_end_stream(&body) {
+        let frame = body.frame().await.unwrap().unwrap();
+        read.extend_from_slice(frame.data_ref().unwrap());
+    }
+    drop(body);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&read).unwrap(),
+        answer_json(1)
+    );
+    let second = h.send(chat(CHAT, &whole)).await;
+    assert_eq!(second.cache(), "hit");
+    assert_eq!(h.calls(), 1);
+}
+
+#[tokio::test]
 async fn parameter_change_misses() {
     let h = harness(CacheConfig::default());
     h.send(chat(CHAT, &[])).await;
