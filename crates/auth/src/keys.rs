@@ -92,6 +92,14 @@ const MAX_MODELS_PER_KEY: usize = 64;
 /// scrape nor the map grows with what a client sends.
 const MAX_MODEL_LABEL_BYTES: usize = 256;
 
+/// Whether `model` may be a metrics label as it is: short enough, and
+/// without control characters. The text format escapes only `\`, `"` and
+/// a line feed; a carriage return (or another control character) in a label
+/// breaks scrapers that read line by line (Python's `prometheus_client`).
+fn fits_a_label(model: &str) -> bool {
+    model.len() <= MAX_MODEL_LABEL_BYTES && !model.contains(|c: char| c.is_control() && c != '\n')
+}
+
 impl KeyStats {
     /// Count `input` and `output` tokens used with `model`.
     pub fn add_tokens(&self, model: &Arc<str>, input: u64, output: u64) {
@@ -105,7 +113,7 @@ impl KeyStats {
         if let Some(slot) = map.get_mut(model) {
             return add(slot);
         }
-        if map.len() < MAX_MODELS_PER_KEY && model.len() <= MAX_MODEL_LABEL_BYTES {
+        if map.len() < MAX_MODELS_PER_KEY && fits_a_label(model) {
             add(map.entry(model.clone()).or_default());
         } else {
             add(map.entry(Arc::from("other")).or_default());
@@ -223,10 +231,17 @@ mod tests {
         };
         assert_eq!(count("m0"), Some(2));
         assert_eq!(count("other"), Some(7), "6 past the cap, 1 too long");
-        // A long name is `other` even while there is room.
+        // A long name is `other` even while there is room, as is one with
+        // a control character the text format cannot escape.
+        for name in ["x".repeat(300), "cr\rret".into(), "nul\0".into()] {
+            let stats = KeyStats::default();
+            stats.add_tokens(&Arc::from(name.as_str()), 1, 0);
+            assert_eq!(&*stats.tokens()[0].0, "other", "{name:?}");
+        }
+        // A line feed is escaped (`\n`): kept.
         let stats = KeyStats::default();
-        stats.add_tokens(&Arc::from("x".repeat(300)), 1, 0);
-        assert_eq!(&*stats.tokens()[0].0, "other");
+        stats.add_tokens(&Arc::from("lf\nname"), 1, 0);
+        assert_eq!(&*stats.tokens()[0].0, "lf\nname");
     }
 
     #[test]
