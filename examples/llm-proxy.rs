@@ -81,6 +81,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a terminal: escape codes in a log file or a
+        // collector's stream are noise to grep and to parsers.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Each request in flight holds a client and an upstream connection
     // (and an HTTP/2 connection may carry 128 requests): the usual soft
