@@ -51,8 +51,18 @@ pub enum UsageChunk {
 #[error("stored cache entry is malformed: {0}")]
 pub struct DecodeError(&'static str);
 
-#[cfg(test)]
 impl DecodeError {
+    /// An entry of the other kind (streamed or not) than its key's request.
+    pub(crate) fn wrong_kind() -> Self {
+        DecodeError("a streamed entry for a request that is not, or the reverse")
+    }
+
+    /// Stored bytes larger than any entry this proxy stores.
+    pub(crate) fn too_large() -> Self {
+        DecodeError("larger than any entry the proxy stores")
+    }
+
+    #[cfg(test)]
     pub(crate) fn for_tests() -> Self {
         DecodeError("a test's")
     }

@@ -419,8 +419,20 @@ async fn lookup(shared: &Shared, plan: &Plan) -> Option<Entry> {
             return None;
         }
     };
+    // An entry of the wrong kind for the request can only come from a
+    // damaged or foreign store (`stream` is in the key): never replayed.
+    if plan.stream.is_some() != matches!(entry.body, crate::EntryBody::Stream { .. }) {
+        let error = StoreError::Corrupt(crate::entry::DecodeError::wrong_kind());
+        shared
+            .counters
+            .store_error(shared.store.kind(), "get", &error);
+        return None;
+    }
+    // This proxy's own TTL too: a shared store holds entries for as long as
+    // the proxy that wrote them said (an older config's, another
+    // instance's).
     let age = entry.age(crate::clock::now_ms());
-    let too_old = plan.control.max_age.is_some_and(|max| age > max);
+    let too_old = age > shared.config.ttl || plan.control.max_age.is_some_and(|max| age > max);
     (!too_old).then_some(entry)
 }
 

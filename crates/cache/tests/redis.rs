@@ -115,6 +115,41 @@ async fn a_damaged_value_is_an_error_not_a_panic() {
 }
 
 #[tokio::test]
+async fn a_value_larger_than_any_entry_is_refused_unread() {
+    let server = RedisServer::start().await;
+    let store = RedisStore::connect(&server.url(), "t3:").await.unwrap();
+    let key = CacheKey::from_bytes([3; 32]);
+    // 80 MiB of another program's data under a cache key: refused, and
+    // no more than the largest entry (40 MiB) and a byte of it is read.
+    let big = "x".repeat(80 << 20);
+    redis_cli(&server, &["SET", &store.redis_key(&key), &big]).await;
+    drop(big);
+    let sent = || async {
+        let redis::Value::BulkString(info) = redis_cli(&server, &["INFO", "stats"]).await else {
+            panic!("INFO's text")
+        };
+        String::from_utf8(info)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = sent().await;
+    let got = tokio::time::timeout(HANG, store.get(key)).await.unwrap();
+    assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
+    let read = sent().await - before;
+    assert!(read < 41 << 20, "{read} bytes sent for one lookup");
+    // A short value is read, and is no entry either; an absent key is none.
+    redis_cli(&server, &["SET", &store.redis_key(&key), "z"]).await;
+    assert!(matches!(store.get(key).await, Err(StoreError::Corrupt(_))));
+    redis_cli(&server, &["DEL", &store.redis_key(&key)]).await;
+    assert!(matches!(store.get(key).await, Ok(None)));
+}
+
+#[tokio::test]
 async fn connecting_to_nothing_fails_fast() {
     let server = RedisServer::start().await;
     let url = server.url();
@@ -133,6 +168,10 @@ struct Instance {
 }
 
 fn instance(store: RedisStore, calls: Arc<AtomicUsize>) -> Instance {
+    instance_with(store, calls, CacheConfig::default())
+}
+
+fn instance_with(store: RedisStore, calls: Arc<AtomicUsize>, config: CacheConfig) -> Instance {
     let upstream = service_fn(move |req: Request<Body>| {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         let stream = req
@@ -150,7 +189,7 @@ fn instance(store: RedisStore, calls: Arc<AtomicUsize>) -> Instance {
             Ok::<_, Error>(Response::new(full(body)))
         }
     });
-    let cache = CacheLayer::new(CacheConfig::default(), store);
+    let cache = CacheLayer::new(config, store);
     let stats = cache.stats();
     let svc = ParseLayer::new(ParseLimits::default()).layer(cache.layer(upstream));
     Instance {
@@ -288,4 +327,66 @@ async fn a_full_redis_refuses_writes_and_still_serves_hits() {
     assert_eq!(stats.store_errors, 5, "five refused writes");
     assert_eq!(stats.store_skipped, 0, "Redis was never skipped");
     assert_eq!(proxy.ask(CHAT).await.0, "hit");
+}
+
+#[tokio::test]
+async fn an_entry_older_than_this_proxys_ttl_is_a_miss() {
+    // Another instance (or this one before its `ttl_secs` was lowered)
+    // wrote the entry for an hour; this one keeps answers for a second.
+    let server = RedisServer::start().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let store = || async { RedisStore::connect(&server.url(), "ttl:").await.unwrap() };
+    let long = instance(store().await, calls.clone());
+    let short = CacheConfig {
+        ttl: Duration::from_secs(1),
+        ..CacheConfig::default()
+    };
+    let short = instance_with(store().await, calls.clone(), short);
+    assert_eq!(long.ask(CHAT).await.0, "miss");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(short.ask(CHAT).await.0, "miss", "older than its own TTL");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_entry_of_the_other_kind_is_not_replayed() {
+    // `stream` is in the key, so only a damaged or foreign store can hold a
+    // streamed entry under a plain request's key: it is a miss, counted as
+    // a store error, never SSE frames for a JSON request (or the reverse).
+    let server = RedisServer::start().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let proxy = instance(
+        RedisStore::connect(&server.url(), "kind:").await.unwrap(),
+        calls.clone(),
+    );
+    assert_eq!(proxy.ask(CHAT).await.0, "miss");
+    assert_eq!(proxy.ask(STREAM).await.0, "miss");
+    let redis::Value::Array(keys) = redis_cli(&server, &["KEYS", "kind:cache:*"]).await else {
+        panic!("a list of keys")
+    };
+    let mut by_kind = [String::new(), String::new()];
+    for key in keys {
+        let redis::Value::BulkString(name) = key else {
+            panic!("a key name")
+        };
+        let name = String::from_utf8(name).unwrap();
+        let redis::Value::BulkString(value) = redis_cli(&server, &["GET", &name]).await else {
+            panic!("a value")
+        };
+        // The value's second byte is its kind: 0 JSON, 1 a stream.
+        by_kind[usize::from(value[1])] = name;
+    }
+    let [json, stream] = by_kind;
+    assert!(!json.is_empty() && !stream.is_empty());
+    redis_cli(&server, &["COPY", &stream, &json, "REPLACE"]).await;
+    let errors = proxy.stats.snapshot().store_errors;
+    let (label, body) = proxy.ask(CHAT).await;
+    assert_eq!(label, "miss");
+    assert!(body.starts_with(b"{"), "a JSON answer: {body:?}");
+    assert_eq!(proxy.stats.snapshot().store_errors, errors + 1);
+    // And the reverse.
+    redis_cli(&server, &["COPY", &json, &stream, "REPLACE"]).await;
+    let (label, body) = proxy.ask(STREAM).await;
+    assert_eq!(label, "miss");
+    assert!(body.starts_with(b"data: "), "a stream: {body:?}");
 }

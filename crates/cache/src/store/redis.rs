@@ -6,6 +6,7 @@ use bytes::Bytes;
 use llm_proxy_core::redis::{RedisCallError, RedisLink};
 
 use super::{Store, StoreError, StoreFuture};
+use crate::entry::DecodeError;
 use crate::{CacheKey, Entry};
 
 /// A store in Redis: entries under `<key_prefix>cache:<hex key>`, in the
@@ -103,6 +104,13 @@ impl RedisStore {
 /// The longest expiry given to Redis: a hundred years. Redis refuses (with
 /// an error on every `SET`) an expiry that overflows its clock, which a TTL
 /// of `Duration::MAX` would.
+/// The largest value the store writes or reads: an entry of the cache's
+/// largest answer ([`CacheConfig::max_entry_bytes`](crate::CacheConfig),
+/// 16 MiB) with room for its framing. A larger value under a cache key
+/// (another program's, or damage) is read no further than this: refused as
+/// malformed, where a `GET` would have pulled all of it into memory.
+pub(crate) const MAX_VALUE_BYTES: usize = 40 << 20;
+
 const MAX_EXPIRY_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// `ttl` as a Redis `PX` expiry: whole milliseconds, at least one (Redis
@@ -116,28 +124,43 @@ fn expiry_ms(ttl: Duration) -> u64 {
 impl Store for RedisStore {
     fn get(&self, key: CacheKey) -> StoreFuture<'_, Option<Entry>> {
         Box::pin(async move {
-            let mut get = redis::cmd("GET");
-            get.arg(self.redis_key(&key));
+            // At most one byte past the largest value: whether it is larger
+            // shows, and no more of it crosses the network. (An absent key
+            // reads as empty, as no entry encodes.)
+            let mut get = redis::cmd("GETRANGE");
+            get.arg(self.redis_key(&key)).arg(0).arg(MAX_VALUE_BYTES);
             let get = &get;
             let found = self
                 .link
                 .call("get", |mut c| async move {
-                    get.query_async::<Option<Vec<u8>>>(&mut c).await
+                    get.query_async::<Vec<u8>>(&mut c).await
                 })
                 .await
                 .map_err(store_error)?;
-            match found {
-                Some(bytes) => Ok(Some(Entry::decode(Bytes::from(bytes))?)),
-                None => Ok(None),
+            match found.len() {
+                0 => Ok(None),
+                n if n > MAX_VALUE_BYTES => Err(DecodeError::too_large().into()),
+                _ => Ok(Some(Entry::decode(Bytes::from(found))?)),
             }
         })
     }
 
     fn put(&self, key: CacheKey, entry: Entry, ttl: Duration) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            let value = entry.encode();
+            if value.len() > MAX_VALUE_BYTES {
+                // It could never be read back.
+                return Err(StoreError::Refused {
+                    store: "redis",
+                    message: format!(
+                        "an entry of {} bytes is over the store's limit",
+                        value.len()
+                    ),
+                });
+            }
             let mut set = redis::cmd("SET");
             set.arg(self.redis_key(&key))
-                .arg(entry.encode())
+                .arg(value)
                 .arg("PX")
                 .arg(expiry_ms(ttl));
             let set = &set;
