@@ -345,7 +345,8 @@ async fn four_pass_across_the_fleet(a: &TestProxy, b: &TestProxy, what: &str) {
 }
 
 /// Something else wrote a limit's key with text Lua reads as a number no
-/// clock reaches (`nan`, `inf`, `1e300`): as for any value the proxy did
+/// clock reaches (`nan`, `inf`, `1e300`), or a request time further ahead
+/// than the proxy ever writes one: as for any value the proxy did
 /// not write, the fleet's limit still holds, decided by Redis, and the key
 /// is written over — not every decision failing (a script error, or a wait
 /// that overflows Redis's integer reply) and falling back to local limits
@@ -356,7 +357,12 @@ async fn a_limit_key_holding_no_real_time_is_written_over() {
     let up = mock_named("m").await;
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for (i, damage) in ["nan", "inf", "1e300"].into_iter().enumerate() {
+    // An hour ahead of Redis's clock: never written by the proxy, which
+    // keeps a request time within a minute, as after a failover to a
+    // replica whose clock is behind.
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let ahead = (secs * 1_000_000 + micros + 3_600_000_000).to_string();
+    for (i, damage) in ["nan", "inf", "1e300", &ahead].into_iter().enumerate() {
         // Fresh proxies each round: no breaker or local state carried over.
         let prefix = format!("t10-{i}:");
         let a = proxy(&config(&up.base_url(), &redis.url(), &prefix)).await;

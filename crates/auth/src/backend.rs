@@ -14,6 +14,8 @@ pub struct LimitBackend {
     base: Instant,
     kind: Kind,
     errors: AtomicU64,
+    #[cfg(feature = "redis")]
+    warnings: llm_proxy_core::throttle::LogThrottle,
 }
 
 #[derive(Debug)]
@@ -30,6 +32,8 @@ impl LimitBackend {
             base: Instant::now(),
             kind: Kind::Local,
             errors: AtomicU64::new(0),
+            #[cfg(feature = "redis")]
+            warnings: llm_proxy_core::throttle::LogThrottle::default(),
         }
     }
 
@@ -109,12 +113,21 @@ impl LimitBackend {
         self.errors.load(Ordering::Relaxed)
     }
 
+    /// A store error: counted, and logged at most once per 10 s (with the
+    /// number of errors not logged since), so that an outage neither floods
+    /// the log at the request rate nor goes unlogged when an earlier one
+    /// was.
     #[cfg(feature = "redis")]
     fn failed(&self, e: &dyn std::fmt::Display) {
+        const WARN_EVERY_MS: u64 = 10_000;
         let n = self.errors.fetch_add(1, Ordering::Relaxed);
-        // One line per 100 failures: an outage must not flood the log.
-        if n % 100 == 0 {
-            tracing::warn!(error = %e, failures = n + 1, "rate-limit store failed; using local limits");
+        if let Some(suppressed) = self.warnings.due(self.now() / 1_000_000, WARN_EVERY_MS) {
+            tracing::warn!(
+                error = %e,
+                failures = n + 1,
+                suppressed,
+                "rate-limit store failed; using local limits"
+            );
         }
     }
 }

@@ -53,6 +53,11 @@ local window = 60000000
 local ri, ti = tonumber(ARGV[1]), tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local rtat = tat(KEYS[1])
+-- This script never writes a request time more than a window ahead: a
+-- later one is not its own (another program's, or a failover to a replica
+-- whose clock runs behind) and would lock the key out for as long. As no
+-- time. (A token time may run far ahead: a large usage settled.)
+if rtat > now + window then rtat = 0 end
 local ttat = tat(KEYS[2])
 local rnew = math.max(rtat, now) + ri
 local tnew = math.max(ttat, now) + cost * ti

@@ -34,9 +34,8 @@ pub(crate) struct Counters {
     pub store_errors: AtomicU64,
     pub store_skipped: AtomicU64,
     pub breaker: llm_proxy_core::breaker::Breaker,
-    /// When the last store-error warning was logged (ms since the Unix epoch).
-    last_warn_ms: AtomicU64,
-    suppressed_warnings: AtomicU64,
+    /// Store-error warnings, at most one per [`WARN_EVERY_MS`].
+    warnings: llm_proxy_core::throttle::LogThrottle,
 }
 
 /// One reading of [`CacheStats`]. Counters only grow; `entries` and `bytes`
@@ -170,15 +169,7 @@ impl Counters {
                 "cache store keeps failing; skipping it for a second at a time"
             );
         }
-        let last = self.last_warn_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS;
-        if due
-            && self
-                .last_warn_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let suppressed = self.suppressed_warnings.swap(0, Ordering::Relaxed);
+        if let Some(suppressed) = self.warnings.due(now, WARN_EVERY_MS) {
             tracing::warn!(
                 store,
                 op,
@@ -186,8 +177,6 @@ impl Counters {
                 suppressed,
                 "cache store failed; serving as a miss"
             );
-        } else {
-            self.suppressed_warnings.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

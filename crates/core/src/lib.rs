@@ -57,6 +57,7 @@ pub mod refusal;
 mod render;
 pub mod sse;
 mod svc;
+pub mod throttle;
 pub mod usage;
 mod usage_filter;
 
