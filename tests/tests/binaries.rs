@@ -639,3 +639,68 @@ async fn minimal_drains_on_ctrl_c() {
 async fn axum_embed_drains_on_sigterm() {
     a_signal_drains_the_example("axum_embed", "-TERM", "/llm/v1/chat/completions").await;
 }
+
+/// A stream the upstream breaks is logged at the default level once, with
+/// the request's id, so that an operator can find the client's request.
+#[tokio::test]
+async fn a_broken_stream_is_logged_with_its_request_id() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that answers one event, then hangs up mid-stream.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = upstream.accept().await.unwrap();
+        let mut buf = vec![0; 64 * 1024];
+        let _ = socket.read(&mut buf).await;
+        let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+            event.len()
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        // Dropped without the last chunk.
+    });
+    let port = free_port();
+    let path = scratch_dir("broken-log").join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 2\n[[upstream]]\nname = \"cut\"\nurl = \"http://{upstream_addr}/v1\"\n"
+        ),
+    )
+    .unwrap();
+    let child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &format!("http://{addr}/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("x-request-id", "req-broken-7"),
+            ],
+            chat("any", true),
+        ))
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status(), 200);
+    let (body, broke) = read_stream(resp).await;
+    assert!(broke, "the stream is cut: {body:?}");
+    signal(&child, "-TERM");
+    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("response body failed"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the failure: {stderr}");
+    assert!(
+        lines[0].contains("req-broken-7") && lines[0].contains("upstream `cut`"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b'),
+        "no colour codes in a pipe: {stderr}"
+    );
+}

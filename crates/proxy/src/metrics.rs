@@ -200,17 +200,19 @@ impl Metrics {
         start: Instant,
         body: Body,
     ) -> ObservedBody {
-        self.observe_on(route, start, body, None)
+        self.observe_on(route, start, body, None, None)
     }
 
     /// [`Metrics::observe`], also telling the connection's watch (idle,
-    /// stalled client) about the body.
+    /// stalled client) about the body, and logging a body that fails with
+    /// the request's id.
     pub(crate) fn observe_on(
         self: &Arc<Self>,
         route: &'static str,
         start: Instant,
         body: Body,
         conn: Option<InFlight>,
+        request_id: Option<http::HeaderValue>,
     ) -> ObservedBody {
         ObservedBody {
             inner: body,
@@ -219,6 +221,7 @@ impl Metrics {
             first: false,
             metrics: self.clone(),
             conn,
+            request_id,
         }
     }
 
@@ -510,6 +513,8 @@ pub struct ObservedBody {
     first: bool,
     metrics: Arc<Metrics>,
     conn: Option<InFlight>,
+    /// The request's `x-request-id`, for the line that says the body failed.
+    request_id: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for ObservedBody {
@@ -539,6 +544,21 @@ impl HttpBody for ObservedBody {
             self.first = true;
             self.metrics
                 .time(self.route, Latency::FirstByte, self.start.elapsed());
+        }
+        if let Poll::Ready(Some(Err(error))) = &polled {
+            // The one line an operator can tie to the client's
+            // `x-request-id`: the layer that failed (an upstream that broke
+            // its stream, went silent) says why at debug level.
+            tracing::warn!(
+                request_id = self
+                    .request_id
+                    .as_ref()
+                    .and_then(|id| id.to_str().ok())
+                    .unwrap_or(""),
+                route = self.route,
+                error = %error,
+                "response body failed"
+            );
         }
         polled
     }

@@ -458,7 +458,7 @@ where
         Ok(resp.map(|body| {
             shared
                 .metrics
-                .observe_on(route.label(), start, body, conn)
+                .observe_on(route.label(), start, body, conn, Some(request_id))
                 .boxed_unsync()
         }))
     })

@@ -75,7 +75,7 @@ impl<B> TranslateBody<B> {
 /// SSE), rather than the translation could not carry on or the upstream
 /// reported an error in it.
 fn fail(map: &mut StreamMap, out: &mut Vec<u8>, phase: &mut Phase, reason: String, upstream: bool) {
-    tracing::warn!(reason = %reason, "translated stream interrupted");
+    tracing::debug!(reason = %reason, "translated stream interrupted");
     map.fail_event(&reason, out);
     *phase = Phase::Failing {
         flush: FlushBeforeError::default(),

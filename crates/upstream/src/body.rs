@@ -418,7 +418,9 @@ impl State {
     /// The stream just fails, and the client, as SSE has it, drops the
     /// unfinished event with the connection.
     fn interrupt(upstream: &str, reason: &str, kind: Option<StreamKind>, cut: bool) -> State {
-        tracing::warn!(upstream, reason, "upstream stream interrupted");
+        // Debug: the proxy logs the failed body with its request's id (an
+        // embedder sees the body's error).
+        tracing::debug!(upstream, reason, "upstream stream interrupted");
         let message = format!("upstream `{upstream}`: {reason}");
         let event = kind
             .filter(|_| !cut)
