@@ -1992,6 +1992,23 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_config_loads() {
+        // The README's example, its secrets given as literals.
+        let readme = include_str!("../../../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .collect();
+        assert!(!blocks.is_empty(), "the README has a TOML example");
+        for block in blocks {
+            let src = block.replace("\"env:", "\"sk-from-env-");
+            let s = load(&src).unwrap_or_else(|e| panic!("{e}\n{block}"));
+            assert!(s.auth.is_some(), "the example has [auth]: {block}");
+        }
+    }
+
+    #[test]
     fn env_secrets() {
         // SAFETY of the test: a unique variable name, set once.
         let src = "[[upstream]]\nname = \"a\"\nurl = \"http://h/v1\"\napi_key = \"env:LLM_PROXY_TEST_UNSET_VAR\"\n";
