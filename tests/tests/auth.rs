@@ -146,6 +146,24 @@ async fn model_allowlist_and_models_listing() {
     };
     assert_eq!(ids(&list("Bearer sk-hashed").await), ["small"]);
     assert_eq!(ids(&list("Bearer sk-team-a").await), ["small", "large"]);
+    // One model: only one the key may use; another's is not found, as
+    // OpenAI answers for another account's model.
+    let one = |key: &'static str, id: &str| {
+        let url = p.url(&format!("/v1/models/{id}"));
+        async move { send(request(Method::GET, &url, &[("authorization", key)], "")).await }
+    };
+    let small = one("Bearer sk-hashed", "small").await;
+    assert_eq!(small.status, 200);
+    assert_eq!(small.json()["id"], "small");
+    one("Bearer sk-hashed", "large")
+        .await
+        .assert_error(404, "not_found_error", "model_not_found");
+    assert_eq!(one("Bearer sk-team-a", "large").await.status, 200);
+    one("Bearer sk-nope", "small").await.assert_error(
+        401,
+        "authentication_error",
+        "invalid_api_key",
+    );
     list("Bearer sk-nope")
         .await
         .assert_error(401, "authentication_error", "invalid_api_key");

@@ -239,6 +239,31 @@ async fn models_lists_configured_models() {
             .all(|m| m["object"] == "model")
     );
 
+    // One model, as OpenAI's "retrieve model" asks for it: from the
+    // config, never an upstream (neither serves every model); an id may
+    // hold slashes.
+    for (path, status, id) in [
+        ("/v1/models/y", 200, Some("y")),
+        ("/v1/models/z/", 200, Some("z")),
+        ("/v1/models/nope", 404, None),
+        ("/v1/models/org/nope", 404, None),
+    ] {
+        let answer = send(request(Method::GET, &proxy.url(path), &[], "")).await;
+        assert_eq!(answer.status, status, "{path}: {}", answer.text());
+        match id {
+            Some(id) => {
+                let json = answer.json();
+                assert_eq!(
+                    (json["id"].as_str(), json["object"].as_str()),
+                    (Some(id), Some("model"))
+                );
+            }
+            None => answer.assert_error(404, "not_found_error", "model_not_found"),
+        }
+    }
+    assert_eq!(a.stats.requests_for("/v1/models/y"), 0);
+    assert_eq!(b.stats.requests_for("/v1/models/y"), 0);
+
     // Routing by model: z only on b, x only on a, y on both (round robin).
     let z = post_json(&proxy.url("/v1/chat/completions"), &chat("z", false)).await;
     assert_eq!(z.header("x-llm-proxy-upstream"), Some("b"));
@@ -343,6 +368,33 @@ async fn other_v1_paths_pass_through() {
     // The mock has no /files: its own 404 comes back as it came.
     assert_eq!(answer.status, 404);
     assert_eq!(up.stats.last_path().as_deref(), Some("/v1/files?limit=2"));
+    // An upstream that serves every model (no `models` list) may know a
+    // model the config does not name: asked for it, it answers.
+    let answer = send(request(
+        Method::GET,
+        &proxy.url("/v1/models/some-model"),
+        &[],
+        "",
+    ))
+    .await;
+    assert_eq!(
+        up.stats.last_path().as_deref(),
+        Some("/v1/models/some-model")
+    );
+    assert!(
+        answer.header("x-llm-proxy-upstream").is_some(),
+        "{}",
+        answer.text()
+    );
+    // And a fine-tuned model is deleted there.
+    send(request(
+        Method::DELETE,
+        &proxy.url("/v1/models/ft:m:x"),
+        &[],
+        "",
+    ))
+    .await;
+    assert_eq!(up.stats.last_path().as_deref(), Some("/v1/models/ft:m:x"));
 }
 
 #[tokio::test]

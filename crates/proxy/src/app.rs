@@ -248,6 +248,7 @@ impl Proxy {
             Face {
                 auth,
                 models: configured_models(&settings),
+                every_model: settings.upstreams.iter().any(|u| u.models.is_none()),
                 balance: handle,
                 sockets,
             },

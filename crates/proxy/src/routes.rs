@@ -75,10 +75,18 @@ impl Own {
 }
 
 impl Route {
-    fn of(path: &str, serve_metrics: bool) -> Route {
+    fn of(path: &str, method: &Method, serve_metrics: bool) -> Route {
         match Own::of(path) {
             Some(Own::Metrics) if !serve_metrics => Route::NotFound,
             Some(own) => Route::Own(own),
+            // OpenAI's "retrieve model": the models API, as the list is.
+            // (`DELETE` of a fine-tuned model goes upstream.)
+            None if (method == Method::GET || method == Method::HEAD)
+                && model_of_path(path).is_some()
+                && Endpoint::from_path(path) == Some(Endpoint::Passthrough) =>
+            {
+                Route::Api(Endpoint::Models)
+            }
             None => Endpoint::from_path(path).map_or(Route::NotFound, Route::Api),
         }
     }
@@ -186,6 +194,8 @@ struct Shared {
     auth: Option<AuthLayer>,
     models: Vec<String>,
     models_json: Bytes,
+    /// An upstream serves every model (it has no `models` list).
+    every_model: bool,
     balance: BalanceHandle<crate::app::UpstreamService>,
     sockets: Sockets,
     ids: llm_proxy_core::ids::UniqueIds,
@@ -203,6 +213,9 @@ impl std::fmt::Debug for ProxyService {
 pub(crate) struct Face {
     pub(crate) auth: Option<AuthLayer>,
     pub(crate) models: Vec<String>,
+    /// An upstream serves every model (it has no `models` list): a model
+    /// the config does not name may still exist there.
+    pub(crate) every_model: bool,
     pub(crate) balance: BalanceHandle<crate::app::UpstreamService>,
     pub(crate) sockets: Sockets,
 }
@@ -218,6 +231,7 @@ impl ProxyService {
         let Face {
             auth,
             models,
+            every_model,
             balance,
             sockets,
         } = face;
@@ -228,6 +242,7 @@ impl ProxyService {
                 auth,
                 models_json: models_json(&models),
                 models,
+                every_model,
                 balance,
                 sockets,
                 ids: llm_proxy_core::ids::UniqueIds::new(),
@@ -240,11 +255,21 @@ impl ProxyService {
 
 /// `GET /v1/models` in OpenAI's list shape.
 fn models_json<S: AsRef<str>>(models: &[S]) -> Bytes {
-    let data: Vec<serde_json::Value> = models
-        .iter()
-        .map(|id| serde_json::json!({"id": id.as_ref(), "object": "model", "created": 0, "owned_by": "llm-proxy"}))
-        .collect();
+    let data: Vec<serde_json::Value> = models.iter().map(|id| model_object(id.as_ref())).collect();
     Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
+}
+
+/// One model in OpenAI's shape, as the list holds it.
+fn model_object(id: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-proxy"})
+}
+
+/// The model id of `GET /v1/models/{id}` (OpenAI's "retrieve model"): the
+/// rest of the path, which may hold slashes (`meta-llama/Llama-3.1-8B`).
+fn model_of_path(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/v1/models/")?;
+    let id = id.strip_suffix('/').unwrap_or(id);
+    (!id.is_empty()).then_some(id)
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -380,7 +405,7 @@ where
     B::Error: Into<BoxError>,
 {
     let start = Instant::now();
-    let route = Route::of(req.uri().path(), shared.options.serve_metrics);
+    let route = Route::of(req.uri().path(), req.method(), shared.options.serve_metrics);
     let request_id = req
         .headers()
         .get(REQUEST_ID)
@@ -517,6 +542,15 @@ impl Way {
         }
         match route {
             Route::Own(own) => Way::Face(FaceRoute::Own(own)),
+            // A model the config does not name, with an upstream that
+            // serves every model: that upstream may know it (passthrough).
+            Route::Api(Endpoint::Models)
+                if shared.every_model
+                    && model_of_path(req.uri().path())
+                        .is_some_and(|id| !shared.models.iter().any(|m| m == id)) =>
+            {
+                Way::Stack
+            }
             Route::Api(Endpoint::Models) => Way::Face(FaceRoute::Models),
             Route::Api(_) => Way::Stack,
             Route::NotFound => Way::Face(FaceRoute::NotFound),
@@ -552,23 +586,48 @@ const CLIENT_CLOSED: u16 = 499;
 
 /// `GET /v1/models`: the models of the config, with auth only those the
 /// key may use; a request against the key's request limit, answered with
-/// its rate-limit headers.
-async fn models(shared: &Shared, headers: &http::HeaderMap) -> Result<Response<Body>, Error> {
+/// its rate-limit headers. `GET /v1/models/{id}`: one of them, or 404
+/// `model_not_found` (also for a model the key may not use, as OpenAI
+/// answers for another account's model).
+async fn models(
+    shared: &Shared,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Result<Response<Body>, Error> {
     const JSON: &str = "application/json";
+    let one = model_of_path(path);
+    let listed = |id: &str| shared.models.iter().any(|m| m == id);
     let Some(auth) = &shared.auth else {
-        return Ok(text(StatusCode::OK, JSON, shared.models_json.clone()));
+        return match one {
+            None => Ok(text(StatusCode::OK, JSON, shared.models_json.clone())),
+            Some(id) if listed(id) => Ok(text(StatusCode::OK, JSON, model_object(id).to_string())),
+            Some(id) => Err(Error::ModelNotFound(id.to_owned())),
+        };
     };
     let key = auth.authenticate(headers)?;
     let decision = match auth.acquire_request(&key, Dialect::OpenAi).await {
         Ok(decision) => decision,
         Err(refusal) => return Ok(refusal),
     };
-    let allowed: Vec<&String> = shared
-        .models
-        .iter()
-        .filter(|m| key.allows_model(m))
-        .collect();
-    let mut resp = text(StatusCode::OK, JSON, models_json(&allowed));
+    let body = match one {
+        None => {
+            let allowed: Vec<&String> = shared
+                .models
+                .iter()
+                .filter(|m| key.allows_model(m))
+                .collect();
+            models_json(&allowed)
+        }
+        Some(id) if listed(id) && key.allows_model(id) => Bytes::from(model_object(id).to_string()),
+        Some(id) => {
+            let mut resp = Error::ModelNotFound(id.to_owned()).into_response();
+            if let Some(d) = &decision {
+                llm_proxy_auth::rate_headers(resp.headers_mut(), d);
+            }
+            return Ok(resp);
+        }
+    };
+    let mut resp = text(StatusCode::OK, JSON, body);
     if let Some(d) = &decision {
         llm_proxy_auth::rate_headers(resp.headers_mut(), d);
     }
@@ -608,7 +667,7 @@ where
             allow,
         }),
         FaceRoute::Own(own) => Ok(shared.own(own)),
-        FaceRoute::Models => Box::pin(models(&shared, req.headers())).await,
+        FaceRoute::Models => Box::pin(models(&shared, req.uri().path(), req.headers())).await,
         FaceRoute::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
     }
 }
