@@ -1,8 +1,7 @@
 //! The TOML configuration file of the `llm-proxy` binary (DESIGN.md's contract).
 //!
 //! Unknown keys are errors that name the key and its line. Secrets are a
-//! literal or `env:NAME`. A section or key of a layer this build does not have
-//! yet is rejected with a message saying so, never accepted and ignored.
+//! literal or `env:NAME`. Nothing unknown is accepted and ignored.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -807,7 +806,8 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 &[Seg::Key("max_buffered_body_bytes")],
                 format!(
                     "`max_buffered_body_bytes` ({n}) must be at least `max_body_bytes` ({}): \
-                     no body that large could ever be read",
+                     no body that large could ever be read (and a body's parsed form counts \
+                     too, several times its size: give it room for many)",
                     cfg.max_body_bytes
                 ),
             ));
@@ -941,7 +941,9 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             (None, None) => {
                 return Err(err(
                     up.name.span(),
-                    format!("upstream `{name}`: `url` is missing"),
+                    format!(
+                        "upstream `{name}`: `url` is missing (or `mock`, for an in-process mock)"
+                    ),
                 ));
             }
         };
