@@ -385,9 +385,14 @@ impl Drop for Child {
 
 /// Start an example binary with `args`, stdout and stderr captured.
 pub fn run_example(name: &str, args: &[&str]) -> Child {
+    run_example_logging(name, args, "warn")
+}
+
+/// [`run_example`] with `RUST_LOG` set to `log`.
+pub fn run_example_logging(name: &str, args: &[&str], log: &str) -> Child {
     let child = std::process::Command::new(example_binary(name))
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -283,7 +283,8 @@ async fn proxy_streaming(
     let port = free_port();
     let path = scratch_dir(dir).join("proxy.toml");
     std::fs::write(&path, format!("listen = \"127.0.0.1:{port}\"\n{config}")).unwrap();
-    let child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
+    // At `info`, for the lines that say how the drain ended.
+    let child = run_example_logging("llm-proxy", &["--config", path.to_str().unwrap()], "info");
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_listening(addr).await;
     let resp = client()
@@ -355,6 +356,15 @@ async fn sigterm_cuts_a_stream_past_the_drain_timeout_then_exits_0() {
     assert!(broke, "a stream cut by the drain must not look whole");
     let exit = exit_of(child, "proxy exited after the drain's cut").await;
     assert_eq!(exit.0.code(), Some(0), "stderr: {}", exit.1);
+    // One line for the whole server: not "drained" from the shard that
+    // had nothing in flight, as if the cut stream had finished.
+    let ends: Vec<&str> = exit
+        .1
+        .lines()
+        .filter(|l| l.contains("drained") || l.contains("drain timeout reached"))
+        .collect();
+    assert_eq!(ends.len(), 1, "{}", exit.1);
+    assert!(ends[0].contains("drain timeout reached"), "{}", exit.1);
 }
 
 /// One signal sent twice at once (GNU `timeout` signals the process, then

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -82,7 +82,7 @@ impl Proxy {
         self.readiness.start_draining();
         drop(listener);
         self.log_draining();
-        drain(graceful, self.settings.drain_timeout).await;
+        log_drained(drain(graceful, self.settings.drain_timeout).await);
         if let Some(metrics) = metrics_task {
             metrics.finish().await;
         }
@@ -118,6 +118,8 @@ impl Proxy {
         // Each shard holds a sender until it has drained; the channel closes
         // when every shard has drained (or its thread ended early).
         let (drained_tx, mut drained_rx) = tokio::sync::mpsc::channel::<()>(1);
+        // Whether any shard's drain timed out.
+        let cut = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(workers);
         // One shard alone has nobody to spread its connections to.
         let mut spreads = (workers > 1).then(|| {
@@ -134,6 +136,7 @@ impl Proxy {
             let mut stop_rx = stop_rx.clone();
             let mut exit_rx = exit_rx.clone();
             let drained_tx = drained_tx.clone();
+            let cut = cut.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("llm-proxy-{index}"))
                 .spawn(move || {
@@ -162,7 +165,9 @@ impl Proxy {
                         };
                         accept_loop(&listener, service, opts, permits, &graceful, stop, spread).await;
                         drop(listener);
-                        drain(graceful, drain_timeout).await;
+                        if drain(graceful, drain_timeout).await {
+                            cut.store(true, Ordering::Relaxed);
+                        }
                         drop(drained_tx);
                         let _ = exit_rx.wait_for(|exit| *exit).await;
                     });
@@ -183,6 +188,7 @@ impl Proxy {
         if !early_end {
             self.log_draining();
             while drained_rx.recv().await.is_some() {}
+            log_drained(cut.load(Ordering::Relaxed));
         }
         let _ = exit_tx.send(true);
         let mut panicked = false;
@@ -297,18 +303,30 @@ fn phase_now(
 /// past the timeout would live on after `serve` returned on an embedder's
 /// runtime (still holding its upstream request), where the binary's shard
 /// runtimes merely happened to drop it.
-async fn drain(graceful: Drain, timeout: Duration) {
+///
+/// `true` when the timeout cut connections still open. (Logged by the
+/// caller, once for all shards: one shard's "drained" would read as the
+/// whole server's while another still drains.)
+async fn drain(graceful: Drain, timeout: Duration) -> bool {
     graceful.tx.send_replace(Phase::Draining);
     if tokio::time::timeout(timeout, graceful.tx.closed())
         .await
         .is_ok()
     {
-        tracing::info!("drained");
-        return;
+        return false;
     }
-    tracing::warn!("drain timeout reached; closing remaining connections");
     graceful.tx.send_replace(Phase::Cut);
     graceful.tx.closed().await;
+    true
+}
+
+/// The one line that says how the drain ended.
+fn log_drained(cut: bool) {
+    if cut {
+        tracing::warn!("drain timeout reached: closed the connections still open");
+    } else {
+        tracing::info!("drained");
+    }
 }
 
 /// What serves the server's connections: the proxy's [`HyperFace`], or the
