@@ -511,6 +511,84 @@ async fn a_silent_session_is_closed_with_1001_at_both_ends() {
     }
 }
 
+/// An upstream that pings on its own (uvicorn and Python's `websockets` do,
+/// every 20 s) still has its silences timed: pings prove it is up, not
+/// that a turn moves or that anyone is there.
+#[tokio::test]
+async fn an_upstream_that_pings_is_still_timed_out_when_silent() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    // Pings every 50 ms; a create gets `response.created` and nothing more.
+    let pinging = raw_upstream(|conn| async move {
+        let Ok(ws) = tokio_tungstenite::accept_async(conn).await else {
+            return;
+        };
+        let (mut tx, mut rx) = ws.split();
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    if tx.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        return;
+                    }
+                }
+                message = rx.next() => match message {
+                    Some(Ok(Message::Text(_))) => {
+                        if tx.send(Message::text(created("resp_ping"))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => return,
+                },
+            }
+        }
+    })
+    .await;
+    let p = proxy(&ws_upstream(
+        "up",
+        &format!("http://{pinging}/v1"),
+        "idle_timeout_ms = 300\nwebsocket_idle_timeout_ms = 400",
+    ))
+    .await;
+    // Between turns: closed at websocket_idle_timeout_ms, pings or not.
+    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    let close = tokio::time::timeout(HANG, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("an idle session is closed though its upstream pings");
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+    // Within a turn: the turn's error at idle_timeout_ms, then the close.
+    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    send_create(&mut socket).await;
+    let mut texts = Vec::new();
+    let close = tokio::time::timeout(HANG, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => texts.push(text.to_string()),
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a stuck turn is cut though its upstream pings");
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+    assert!(
+        texts
+            .last()
+            .is_some_and(|t| t.contains("stream_interrupted")),
+        "{texts:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_vanishes_closes_the_upstream_side() {
     let up = mock_named("m").await;

@@ -1119,8 +1119,8 @@ async fn pump_up(
                 break;
             }
         };
-        // A client's pings alone do not keep a session whose client reads
-        // nothing alive (the upstream's answers to them do, when read).
+        // A client's pings do not keep a session alive, nor do the
+        // upstream's answers to them (see `pump_down`).
         if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
             clock.heard();
         }
@@ -1211,7 +1211,16 @@ async fn pump_down(
                 break;
             }
         };
-        clock.heard();
+        // Pings and pongs prove the peer is up, not that a turn moves or a
+        // person is there: a server that pings on its own (uvicorn and
+        // Python's `websockets` do, every 20 s) would otherwise hold a stuck
+        // turn open past `idle_timeout_ms`, and an idle session for ever.
+        if !matches!(
+            message,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_)
+        ) {
+            clock.heard();
+        }
         match &message {
             Message::Text(text) => session.observe(text.as_str()),
             // Answers to the pings passed on; the client had its own.
