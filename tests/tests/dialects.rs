@@ -711,6 +711,8 @@ async fn conversations_follow_across_proxies_and_stay_with_their_key() {
             format!("/v1/conversations/{escaped}"),
             format!("/v1//conversations/{id}"),
             format!("/v1/conversations/conv_x/../{id}"),
+            // A router that ignores case reads it as the conversation.
+            format!("/v1/Conversations/{id}"),
         ] {
             send(request(Method::GET, &p.url(&path), &[b], ""))
                 .await

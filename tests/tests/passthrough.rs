@@ -214,7 +214,7 @@ async fn models_lists_configured_models() {
     let b = mock_named("b").await;
     let toml = format!(
         "[[upstream]]\nname = \"a\"\nurl = \"{}\"\nmodels = [\"x\", \"y\"]\n\
-         [[upstream]]\nname = \"b\"\nurl = \"{}\"\nmodels = [\"y\", \"z\"]\n\
+         [[upstream]]\nname = \"b\"\nurl = \"{}\"\nmodels = [\"y\", \"z\", \"org/m\"]\n\
          [balance]\nstrategy = \"round_robin\"\n",
         a.base_url(),
         b.base_url()
@@ -230,7 +230,7 @@ async fn models_lists_configured_models() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["x", "y", "z"]);
+    assert_eq!(ids, ["x", "y", "z", "org/m"]);
     assert!(
         json["data"]
             .as_array()
@@ -245,6 +245,8 @@ async fn models_lists_configured_models() {
     for (path, status, id) in [
         ("/v1/models/y", 200, Some("y")),
         ("/v1/models/z/", 200, Some("z")),
+        ("/v1/models/org/m", 200, Some("org/m")),
+        ("/v1/models/org%2Fm", 200, Some("org/m")),
         ("/v1/models/nope", 404, None),
         ("/v1/models/org/nope", 404, None),
     ] {

@@ -111,6 +111,7 @@ impl Endpoint {
             "messages" => Endpoint::Messages,
             "messages/count_tokens" => Endpoint::MessagesCountTokens,
             "models" => Endpoint::Models,
+            _ if cased_otherwise(rest) => return None,
             _ if !is_plain(rest) => return None,
             _ if response_id(path).is_some() => Endpoint::ResponseById,
             _ => Endpoint::Passthrough,
@@ -234,6 +235,26 @@ fn is_plain(rest: &str) -> bool {
     segments_are_plain(&decoded) && !checked.iter().any(|c| first == c.as_bytes())
 }
 
+/// Whether the path's first segment names a route the proxy reads, in
+/// another case (`Responses/resp_1`, `Chat/completions`): an upstream whose
+/// router ignores case (some API gateways') would read it as that route,
+/// which the proxy would have forwarded unchecked as another `/v1/*` path
+/// (no owner check of a response id, no model allowlist).
+fn cased_otherwise(rest: &str) -> bool {
+    const READ: [&str; 7] = [
+        "chat",
+        "completions",
+        "conversations",
+        "embeddings",
+        "messages",
+        "models",
+        "responses",
+    ];
+    let first = rest.split('/').next().unwrap_or_default();
+    READ.iter()
+        .any(|read| first != *read && first.eq_ignore_ascii_case(read))
+}
+
 fn segments_are_plain(path: &[u8]) -> bool {
     !path.iter().any(|b| matches!(b, b'\\' | b';'))
         && path
@@ -327,6 +348,12 @@ mod tests {
             "/v1/..",
             "/v1/chat/completions//",
             "/v1/models///",
+            // Read as the route it names by a router that ignores case.
+            "/v1/Responses/resp_1",
+            "/v1/RESPONSES/resp_1/input_items",
+            "/v1/Conversations/conv_1",
+            "/v1/Chat/completions",
+            "/v1/Models/m",
         ] {
             assert_eq!(Endpoint::from_path(path), None, "{path}");
         }

@@ -265,10 +265,15 @@ fn model_object(id: &str) -> serde_json::Value {
 }
 
 /// The model id of `GET /v1/models/{id}` (OpenAI's "retrieve model"): the
-/// rest of the path, which may hold slashes (`meta-llama/Llama-3.1-8B`).
-fn model_of_path(path: &str) -> Option<&str> {
+/// rest of the path, which may hold slashes (`meta-llama/Llama-3.1-8B`),
+/// written or escaped as the SDKs escape them (`meta-llama%2FLlama-3.1-8B`).
+/// `None` when an escape does not decode to UTF-8.
+fn model_of_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
     let id = path.strip_prefix("/v1/models/")?;
     let id = id.strip_suffix('/').unwrap_or(id);
+    let id = percent_encoding::percent_decode_str(id)
+        .decode_utf8()
+        .ok()?;
     (!id.is_empty()).then_some(id)
 }
 
@@ -547,7 +552,7 @@ impl Way {
             Route::Api(Endpoint::Models)
                 if shared.every_model
                     && model_of_path(req.uri().path())
-                        .is_some_and(|id| !shared.models.iter().any(|m| m == id)) =>
+                        .is_some_and(|id| !shared.models.iter().any(|m| *m == id)) =>
             {
                 Way::Stack
             }
@@ -596,6 +601,7 @@ async fn models(
 ) -> Result<Response<Body>, Error> {
     const JSON: &str = "application/json";
     let one = model_of_path(path);
+    let one = one.as_deref();
     let listed = |id: &str| shared.models.iter().any(|m| m == id);
     let Some(auth) = &shared.auth else {
         return match one {
