@@ -436,10 +436,13 @@ async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
     let (status, _) = connect(once.addr, &[]).await.unwrap_err();
     assert_eq!(status, 502);
 
-    // A 101 that is not a plain WebSocket (no `upgrade: websocket`, or an
-    // extension nobody offered it) is the upstream's failure: 502.
+    // A 101 that is not a plain WebSocket (no `upgrade: websocket`, an
+    // extension nobody offered it, or an accept not derived from the key
+    // sent) is the upstream's failure: 502.
     for head in [
         "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-accept: AAAA\r\n\r\n",
         "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
          sec-websocket-extensions: permessage-deflate\r\n\r\n",
     ] {

@@ -82,6 +82,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -95,6 +96,9 @@ pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 const SEC_WEBSOCKET_EXTENSIONS: header::HeaderName =
     header::HeaderName::from_static("sec-websocket-extensions");
+const SEC_WEBSOCKET_KEY: header::HeaderName = header::HeaderName::from_static("sec-websocket-key");
+const SEC_WEBSOCKET_ACCEPT: header::HeaderName =
+    header::HeaderName::from_static("sec-websocket-accept");
 
 /// Messages waiting for a slow client, per session (and
 /// [`CLIENT_QUEUE_BYTES`]).
@@ -277,7 +281,20 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
             Err(e) => return Err(e),
         }
     };
-    if !header_lists(head.headers(), &header::UPGRADE, "websocket")
+    // The key went upstream as the client sent it: the answer must be the
+    // one RFC 6455 derives from it (§4.1: else the client fails the
+    // connection), not a 101 from something that does not speak WebSocket.
+    let accepts = match parts.headers.get(SEC_WEBSOCKET_KEY) {
+        Some(key) => head
+            .headers()
+            .get(SEC_WEBSOCKET_ACCEPT)
+            .is_some_and(|accept| {
+                accept.as_bytes() == derive_accept_key(key.as_bytes()).as_bytes()
+            }),
+        None => true,
+    };
+    if !accepts
+        || !header_lists(head.headers(), &header::UPGRADE, "websocket")
         || head.headers().contains_key(SEC_WEBSOCKET_EXTENSIONS)
     {
         // Dropping `io` closes the upstream's connection.
