@@ -60,10 +60,10 @@ mod tests {
         // A later outage, however many failures came before: logged.
         assert_eq!(t.due(60_000, 10_000), Some(249));
         assert_eq!(t.due(60_001, 10_000), None);
-        // A clock at 0 still counts as a time.
+        // A clock at 0 still counts as a time (as 1 ms).
         let t = LogThrottle::default();
         assert_eq!(t.due(0, 10), Some(0));
         assert_eq!(t.due(5, 10), None);
-        assert_eq!(t.due(10, 10), Some(1));
+        assert_eq!(t.due(11, 10), Some(1));
     }
 }
