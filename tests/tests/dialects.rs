@@ -282,6 +282,19 @@ async fn previous_response_id_follows_its_upstream() {
             (200, Some(home.as_str()))
         );
     }
+    // An id that is no string is refused, not sent to an upstream of the
+    // proxy's choosing unchecked (as on a WebSocket); `null` is no id.
+    for id in ["7", "[\"resp_1\"]", "{\"id\":\"resp_1\"}"] {
+        let body = format!(r#"{{"model":"m","input":"hi","previous_response_id":{id}}}"#);
+        post_with(&p.url("/v1/responses"), body, &[])
+            .await
+            .assert_error(400, "invalid_request_error", "unsupported_parameter");
+    }
+    let body = r#"{"model":"m","input":"hi","previous_response_id":null}"#.to_owned();
+    assert_eq!(
+        post_with(&p.url("/v1/responses"), body, &[]).await.status,
+        200
+    );
 }
 
 #[tokio::test]

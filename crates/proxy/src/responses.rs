@@ -449,7 +449,7 @@ where
             let owner = meta
                 .and_then(RequestMeta::identity)
                 .map(|identity| identity.name.clone());
-            let named = Named::of(&req, endpoint);
+            let named = Named::of(&req, endpoint)?;
             let mut pinned = false;
             if let Some((id, param)) = named.response {
                 let Found::Yours(upstream) =
@@ -552,9 +552,13 @@ impl Named {
         )
     }
 
-    fn of(req: &Request<Body>, endpoint: Endpoint) -> Named {
+    /// What the request names; an error for a `previous_response_id` that
+    /// is neither a string nor `null` (as on a WebSocket): passed on, it
+    /// would reach an upstream the proxy chose without the id's check,
+    /// leaving the refusal to the upstream.
+    fn of(req: &Request<Body>, endpoint: Endpoint) -> Result<Named, Error> {
         let path = req.uri().path();
-        match endpoint {
+        Ok(match endpoint {
             Endpoint::ResponseById => Named {
                 response: llm_proxy_core::response_id(path)
                     .map(|id| (id.to_owned(), "response id")),
@@ -568,13 +572,22 @@ impl Named {
                     .filter(|meta| meta.names_state())
                     .and_then(RequestMeta::json)
                 else {
-                    return Named::default();
+                    return Ok(Named::default());
+                };
+                let response = match json.get("previous_response_id") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::String(id)) => {
+                        Some((id.clone(), "previous_response_id"))
+                    }
+                    Some(_) => {
+                        return Err(Error::UnsupportedParameter {
+                            param: "previous_response_id".into(),
+                            message: "`previous_response_id` must be a string".into(),
+                        });
+                    }
                 };
                 Named {
-                    response: json
-                        .get("previous_response_id")
-                        .and_then(serde_json::Value::as_str)
-                        .map(|id| (id.to_owned(), "previous_response_id")),
+                    response,
                     conversation: conversation_id(json).map(str::to_owned),
                 }
             }
@@ -586,7 +599,7 @@ impl Named {
                 },
             },
             _ => Named::default(),
-        }
+        })
     }
 }
 
@@ -1020,7 +1033,7 @@ mod tests {
                 .body(llm_proxy_core::full(body))
                 .unwrap();
             let req = llm_proxy_core::parse(req, 1000).await.unwrap();
-            let named_now = Named::of(&req, Endpoint::Responses);
+            let named_now = Named::of(&req, Endpoint::Responses).unwrap();
             let meta = req.extensions().get::<RequestMeta>().unwrap();
             assert_eq!(meta.is_built(), built, "{body}");
             assert_eq!(
