@@ -154,6 +154,9 @@ pub enum Error {
 /// every dialect ([`Error::stream_interrupted_event_for`]).
 pub const INTERRUPTED_CODE: &str = "stream_interrupted";
 
+/// The longest error message a client is sent ([`Error::message`]).
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// The JSON error object OpenAI clients parse: `{"error":{…}}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {
@@ -279,9 +282,26 @@ impl Error {
         }
     }
 
+    /// The message a client is sent: the error's text, cut to
+    /// [`MAX_MESSAGE_BYTES`] (at a character's boundary, with `…`). Many
+    /// messages quote what the client sent (a model name, an id, a path),
+    /// which may be as long as a body: it is named, not echoed whole.
+    pub fn message(&self) -> String {
+        let mut message = self.to_string();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
+        message
+    }
+
     /// The error as OpenAI-style JSON bytes.
     pub fn to_json(&self) -> Vec<u8> {
-        let message = self.to_string();
+        let message = self.message();
         let body = ErrorBody {
             error: ErrorObject {
                 message: &message,
@@ -315,7 +335,7 @@ impl Error {
             Dialect::OpenAi => self.to_json(),
             Dialect::Anthropic => serde_json::to_vec(&serde_json::json!({
                 "type": "error",
-                "error": {"type": self.anthropic_type(), "message": self.to_string()},
+                "error": {"type": self.anthropic_type(), "message": self.message()},
             }))
             .expect("a JSON value always serialises"),
         }
@@ -401,6 +421,22 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quoted_client_value_is_cut() {
+        // A model name as long as a body: named, not echoed whole, and cut
+        // at a character's boundary.
+        let long = format!("{}é", "m".repeat(MAX_MESSAGE_BYTES - 8));
+        for dialect in [Dialect::OpenAi, Dialect::Anthropic] {
+            let json = Error::ModelNotFound(long.clone()).to_json_in(dialect);
+            let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8(), "{dialect:?}");
+            assert!(message.starts_with("model `mmm") && message.ends_with('…'));
+        }
+        let short = Error::ModelNotFound("m".into());
+        assert_eq!(short.message(), "model `m` does not exist");
+    }
 
     #[test]
     fn renders_openai_shape() {

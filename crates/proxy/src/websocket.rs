@@ -884,7 +884,7 @@ fn error_message(e: &Error) -> Message {
         "error": {
             "type": e.error_type(),
             "code": e.code(),
-            "message": e.to_string(),
+            "message": e.message(),
             "param": e.param(),
         },
     });
