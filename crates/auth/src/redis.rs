@@ -116,7 +116,7 @@ impl RedisLimits {
     /// even while Redis is down, and uses local limits until it is back.
     pub fn new(url: &str, prefix: &str) -> Result<Self, RedisCallError> {
         Ok(RedisLimits {
-            link: RedisLink::new(url)?,
+            link: RedisLink::new(url)?.used_by("auth"),
             prefix: prefix.to_owned(),
             acquire: redis::Script::new(&format!("{TAT}{ACQUIRE}")),
             adjust: redis::Script::new(&format!("{TAT}{ADJUST}")),

@@ -431,7 +431,10 @@ mod tests {
             let json = Error::ModelNotFound(long.clone()).to_json_in(dialect);
             let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
             let message = v["error"]["message"].as_str().unwrap();
-            assert!(message.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8(), "{dialect:?}");
+            assert!(
+                message.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8(),
+                "{dialect:?}"
+            );
             assert!(message.starts_with("model `mmm") && message.ends_with('…'));
         }
         let short = Error::ModelNotFound("m".into());

@@ -145,6 +145,8 @@ pub struct RedisLink {
     timeout: Duration,
     breaker: Option<Arc<Breaker>>,
     epoch: Instant,
+    /// What the link serves (`cache`, `auth`, …), in its log lines.
+    user: &'static str,
 }
 
 /// The connection in use (made on the first call).
@@ -218,7 +220,15 @@ impl RedisLink {
             timeout: Self::DEFAULT_TIMEOUT,
             breaker: Some(Arc::default()),
             epoch: Instant::now(),
+            user: "redis",
         })
+    }
+
+    /// Name what the link serves (`cache`, `auth`) in its log lines, so that
+    /// an operator with one Redis per feature knows which one failed.
+    pub fn used_by(mut self, user: &'static str) -> Self {
+        self.user = user;
+        self
     }
 
     /// Bound every call by `timeout` instead of [`RedisLink::DEFAULT_TIMEOUT`].
@@ -432,8 +442,10 @@ impl RedisLink {
             return; // another call replaced it already
         }
         tracing::warn!(
+            redis = self.user,
+            unanswered,
             silent_ms = silent_for,
-            "redis stopped answering; replacing its connection"
+            "redis calls failed or went unanswered; replacing its connection"
         );
         // Made on the next call; the old one closes when its last call ends.
         slot.manager = None;
@@ -451,7 +463,10 @@ impl RedisLink {
         if slot.generation != generation {
             return;
         }
-        tracing::warn!("redis answered READONLY (a replica now); replacing its connection");
+        tracing::warn!(
+            redis = self.user,
+            "redis answered READONLY (a replica now); replacing its connection"
+        );
         slot.manager = None;
         slot.generation = generation.wrapping_add(1);
     }

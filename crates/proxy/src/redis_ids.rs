@@ -43,7 +43,7 @@ impl RedisIds {
     pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
         Ok(RedisIds {
             inner: Arc::new(Inner {
-                link: RedisLink::new(url)?,
+                link: RedisLink::new(url)?.used_by("response ids"),
                 prefix: prefix.to_owned(),
                 errors: AtomicU64::new(0),
             }),

@@ -82,7 +82,8 @@ impl RedisStore {
         // The cache layer has a breaker for every store: no second one here.
         let link = RedisLink::new(url)
             .map_err(|e| store_error(e.into()))?
-            .without_breaker();
+            .without_breaker()
+            .used_by("cache");
         Ok(RedisStore {
             link,
             prefix: key_prefix.to_owned(),
