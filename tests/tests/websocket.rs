@@ -2027,3 +2027,57 @@ async fn the_upstreams_rate_limit_headers_do_not_reach_websocket_clients() {
     assert_eq!(refused.header("x-ratelimit-limit-tokens"), None);
     assert_eq!(refused.header("x-ratelimit-remaining-tokens"), None);
 }
+
+/// A response made on an upstream since removed from the config (its id
+/// kept in a shared Redis) cannot be continued over HTTP either: a turn
+/// naming it is told so, not sent to HTTP.
+#[tokio::test]
+async fn an_id_on_an_upstream_no_longer_configured_is_said_to_be_so() {
+    let redis = tests::redis_server::RedisServer::start().await;
+    let (a, b) = (mock_named("a").await, mock_named("b").await);
+    let auth = format!(
+        "[auth]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"gone:\"\n\
+         [[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\n",
+        redis.url()
+    );
+    let upstream = |name: &str, url: &str, models: &str| {
+        ws_upstream(name, url, &format!("models = [{models}]"))
+    };
+    let before = proxy(&format!(
+        "{}{}{auth}",
+        upstream("up-a", &a.base_url(), "\"a\""),
+        upstream("up-b", &b.base_url(), "\"b\"")
+    ))
+    .await;
+    let made = send(request(
+        Method::POST,
+        &before.url("/v1/responses"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-k"),
+        ],
+        r#"{"model":"b","input":"hi"}"#,
+    ))
+    .await;
+    assert_eq!(made.header("x-llm-proxy-upstream"), Some("up-b"));
+    let id = made.json()["id"].as_str().unwrap().to_owned();
+    // The config without up-b.
+    let after = proxy(&format!(
+        "{}{auth}",
+        upstream("up-a", &a.base_url(), "\"a\", \"b\"")
+    ))
+    .await;
+    let (mut socket, _) = connect(after.addr, &[("authorization", "Bearer sk-k")])
+        .await
+        .unwrap();
+    let events = turn(
+        &mut socket,
+        serde_json::json!({"model": "a", "input": "x", "previous_response_id": id}),
+    )
+    .await;
+    let message = events.last().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("not configured any more"), "{message}");
+}

@@ -523,6 +523,12 @@ impl Session {
             .await
         {
             Found::Yours(home) if home == self.upstream => Ok(()),
+            // Over HTTP it could not be continued either.
+            Found::Yours(home) if self.balance.seen(&home).is_none() => {
+                Err(Error::ResponseNotFound(format!(
+                    "{param} `{id}` lives on upstream `{home}`, which is not configured any more"
+                )))
+            }
             Found::Yours(home) => Err(Error::ResponseNotFound(format!(
                 "{param} `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
             ))),
@@ -541,6 +547,11 @@ impl Session {
             .lookup(Kind::Conversation, id, self.owner.as_deref())
             .await
         {
+            Found::Yours(home) if home != self.upstream && self.balance.seen(&home).is_none() => {
+                Err(Error::ConversationNotFound(format!(
+                    "conversation `{id}` lives on upstream `{home}`, which is not configured any more"
+                )))
+            }
             Found::Yours(home) if home != self.upstream => {
                 Err(Error::ConversationNotFound(format!(
                     "conversation `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
