@@ -60,8 +60,9 @@ pub struct PrefixConfig {
     /// requests on its upstream even when the mean is tiny.
     pub min_slack: u32,
     /// When the in-flight spread (max − min over healthy candidates) exceeds
-    /// this, affinity is set aside and the least loaded upstream is chosen
-    /// (default 32).
+    /// this, and twice `load_factor` of the mean in-flight (the spread the
+    /// load bound itself allows), affinity is set aside and the least
+    /// loaded upstream is chosen (default 32).
     pub max_spread: u32,
 }
 

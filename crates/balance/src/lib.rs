@@ -77,8 +77,9 @@
 //! whose in-flight count stays within
 //! `max(ceil((1 + ε)·mean), ceil(mean) + min_slack)` (consistent hashing with
 //! bounded load). When the in-flight spread exceeds
-//! [`PrefixConfig::max_spread`], or a request has no prompt, the least
-//! loaded backend is chosen instead.
+//! [`PrefixConfig::max_spread`] and twice ε of the mean (the spread the
+//! bound itself allows), or a request has no prompt, the least loaded
+//! backend is chosen instead.
 //!
 //! How this designs out what other routers shipped:
 //!

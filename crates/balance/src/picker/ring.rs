@@ -56,7 +56,7 @@ impl Ring {
             // No prompt to route by: by load alone.
             return p2c::pick(loads, random, |i| f64::from(loads.in_flight(i)));
         };
-        if stats.max - stats.min > self.max_spread {
+        if stats.max - stats.min > self.tolerated_spread(&stats) {
             // Loads have drifted apart (a stuck or slow backend): affinity
             // waits until the spread closes.
             return least_loaded(loads, random);
@@ -70,6 +70,20 @@ impl Ring {
                 i < loads.len() && loads.is_available(i) && u64::from(loads.in_flight(i)) < bound
             })
             .or_else(|| least_loaded(loads, random))
+    }
+
+    /// The in-flight spread (max − min) past which affinity is set aside:
+    /// `max_spread`, or twice ε of the mean when that is more. The bound
+    /// lets a backend sit ε·mean above the mean, and another as far below
+    /// it: under heavy load (a mean of 128 in flight, as vLLM batches) that
+    /// spread is the bound at work, not a stuck backend, and an absolute 32
+    /// alone would turn affinity off for every prefix just when the
+    /// servers' caches count most.
+    fn tolerated_spread(&self, s: &Stats) -> u32 {
+        let mean = s.sum as f64 / s.n as f64;
+        let relative = (2.0 * self.load_factor * mean).ceil();
+        // Finite and ≥ 0: the cast saturates.
+        self.max_spread.max(relative as u32)
     }
 
     /// The highest in-flight count a backend may reach with this request.

@@ -149,3 +149,32 @@ fn prefix_bound_has_slack_and_spread_falls_back() {
         "spread > 32: least loaded"
     );
 }
+
+#[test]
+fn under_heavy_load_the_bounds_own_spread_keeps_affinity() {
+    // Four backends near 128 in flight each, 60 apart: within what the
+    // bound itself allows (twice ε of the mean, 62), beyond max_spread (32).
+    let p = Picker::new(
+        &Strategy::PrefixAffinity(PrefixConfig::default()),
+        &members(&["a", "b", "c", "d"], &[1, 1, 1, 1]),
+    );
+    let mut loads = idle(4);
+    for (load, n) in loads.iter_mut().zip([156, 128, 112, 96]) {
+        load.in_flight = n;
+    }
+    // The bound: ceil(1.25 · (492 + 1) / 4) = 155, so `a` takes none.
+    let picks: Vec<usize> = (0..64u64)
+        .map(|k| {
+            p.pick(&loads[..], Some(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)), 0)
+                .unwrap()
+        })
+        .collect();
+    assert!(!picks.contains(&0), "over the bound: {picks:?}");
+    assert!(
+        picks.iter().any(|&i| i != 3),
+        "by key, not all to the least loaded: {picks:?}"
+    );
+    // A stuck backend, far past that: least loaded.
+    loads[0].in_flight = 400;
+    assert_eq!(p.pick(&loads[..], Some(7), 0), Some(3));
+}
