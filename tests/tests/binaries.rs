@@ -714,3 +714,74 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
         "no colour codes in a pipe: {stderr}"
     );
 }
+
+/// `access_log = true`: one line per request when its response ends.
+#[tokio::test]
+async fn the_access_log_has_a_line_per_request() {
+    let port = free_port();
+    let path = scratch_dir("access-log").join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\naccess_log = true\ndrain_timeout_secs = 2\n\
+             [[upstream]]\nname = \"m\"\nmock = {{}}\n"
+        ),
+    )
+    .unwrap();
+    let child = run_example_logging(
+        "llm-proxy",
+        &["--config", path.to_str().unwrap()],
+        "warn,llm_proxy::access=info",
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    for (id, stream) in [("req-plain-1", false), ("req-stream-2", true)] {
+        let resp = client()
+            .request(request(
+                Method::POST,
+                &format!("http://{addr}/v1/chat/completions?api-version=x"),
+                &[("content-type", "application/json"), ("x-request-id", id)],
+                chat("any", stream),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let (_, broke) = read_stream(resp).await;
+        assert!(!broke);
+    }
+    let missing = client()
+        .request(request(
+            Method::GET,
+            &format!("http://{addr}/v1/nowhere/../x"),
+            &[("x-request-id", "req-404-3")],
+            String::new(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    signal(&child, "-TERM");
+    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("llm_proxy::access"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    for (line, id, status) in [
+        (lines[0], "req-plain-1", "status=200"),
+        (lines[1], "req-stream-2", "status=200"),
+        (lines[2], "req-404-3", "status=404"),
+    ] {
+        assert!(line.contains(id) && line.contains(status), "{line}");
+        assert!(
+            line.contains("end=\"complete\"") || line.contains("end=complete"),
+            "{line}"
+        );
+    }
+    assert!(
+        lines[0].contains("upstream=\"m\"") && lines[0].contains("path=/v1/chat/completions"),
+        "{}",
+        lines[0]
+    );
+    assert!(!lines[0].contains("api-version"), "no query: {}", lines[0]);
+}

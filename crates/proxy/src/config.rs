@@ -107,6 +107,9 @@ pub struct Config {
     /// Send `x-llm-proxy-upstream` on responses.
     #[serde(default = "defaults::yes")]
     pub upstream_header: bool,
+    /// Log one line per request when its response ends.
+    #[serde(default)]
+    pub access_log: bool,
     /// Serve `/metrics` on this address instead of on `listen`.
     #[serde(default)]
     pub metrics_listen: Option<Spanned<String>>,
@@ -539,6 +542,8 @@ pub struct Settings {
     pub workers: usize,
     /// Send `x-llm-proxy-upstream`.
     pub upstream_header: bool,
+    /// Log one line per request when its response ends.
+    pub access_log: bool,
     /// Separate metrics address.
     pub metrics_listen: Option<SocketAddr>,
     /// The upstreams, in config order.
@@ -1086,6 +1091,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             n => n,
         },
         upstream_header: cfg.upstream_header,
+        access_log: cfg.access_log,
         metrics_listen,
         balance: match &cfg.balance {
             Some(b) => validate_balance(path, src, b, &upstreams)?,

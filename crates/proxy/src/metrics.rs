@@ -222,6 +222,8 @@ impl Metrics {
             metrics: self.clone(),
             conn,
             request_id,
+            access: None,
+            ended: None,
         }
     }
 
@@ -515,6 +517,48 @@ pub struct ObservedBody {
     conn: Option<InFlight>,
     /// The request's `x-request-id`, for the line that says the body failed.
     request_id: Option<http::HeaderValue>,
+    /// The access log's line, logged when the body is done.
+    access: Option<Box<Access>>,
+    /// How the body ended, for the access log: `None` while it runs.
+    ended: Option<&'static str>,
+}
+
+/// One request's line of the access log (`access_log = true`): logged at
+/// `info` under the target `llm_proxy::access` when its response ends.
+#[derive(Debug)]
+pub(crate) struct Access {
+    pub(crate) method: http::Method,
+    /// The path, without the query (which may carry what is not the
+    /// operator's to log).
+    pub(crate) path: String,
+    pub(crate) request_id: http::HeaderValue,
+    pub(crate) status: u16,
+    pub(crate) upstream: Option<Arc<str>>,
+}
+
+impl Access {
+    /// Log the line: `duration` from the request to the end, and how it
+    /// ended (`complete`, `failed`: the body broke, `client_left`).
+    pub(crate) fn log(&self, duration: Duration, end: &'static str) {
+        tracing::info!(
+            target: "llm_proxy::access",
+            request_id = self.request_id.to_str().unwrap_or(""),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            upstream = self.upstream.as_deref().unwrap_or(""),
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            end,
+        );
+    }
+}
+
+impl ObservedBody {
+    /// Log `access` when the body is done.
+    pub(crate) fn with_access(mut self, access: Option<Box<Access>>) -> Self {
+        self.access = access;
+        self
+    }
 }
 
 impl std::fmt::Debug for ObservedBody {
@@ -545,6 +589,11 @@ impl HttpBody for ObservedBody {
             self.metrics
                 .time(self.route, Latency::FirstByte, self.start.elapsed());
         }
+        match &polled {
+            Poll::Ready(None) => self.ended = Some("complete"),
+            Poll::Ready(Some(Err(_))) => self.ended = Some("failed"),
+            _ => {}
+        }
         if let Poll::Ready(Some(Err(error))) = &polled {
             // The one line an operator can tie to the client's
             // `x-request-id`: the layer that failed (an upstream that broke
@@ -574,8 +623,18 @@ impl HttpBody for ObservedBody {
 
 impl Drop for ObservedBody {
     fn drop(&mut self) {
-        self.metrics
-            .time(self.route, Latency::Whole, self.start.elapsed());
+        let elapsed = self.start.elapsed();
+        self.metrics.time(self.route, Latency::Whole, elapsed);
+        if let Some(access) = &self.access {
+            // hyper drops a body of known length after its last frame
+            // without polling it to its end: that is complete too.
+            let end = self.ended.unwrap_or(if self.inner.is_end_stream() {
+                "complete"
+            } else {
+                "client_left"
+            });
+            access.log(elapsed, end);
+        }
     }
 }
 

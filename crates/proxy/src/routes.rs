@@ -150,6 +150,9 @@ impl Route {
 pub struct FaceOptions {
     /// Send `x-llm-proxy-upstream`.
     pub upstream_header: bool,
+    /// Log one line per request when its response ends (target
+    /// `llm_proxy::access`, level `info`).
+    pub access_log: bool,
     /// Answer `/metrics` here (false when metrics have their own listener).
     pub serve_metrics: bool,
     /// The longest wait for each piece of a request body ([`ReadTimeout`]).
@@ -422,6 +425,16 @@ where
         });
     let head = req.method() == Method::HEAD;
     let h1 = req.version() < http::Version::HTTP_2;
+    // Only with `access_log`: nothing is copied for it otherwise.
+    let mut access = shared.options.access_log.then(|| {
+        Box::new(crate::metrics::Access {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            request_id: request_id.clone(),
+            status: CLIENT_CLOSED,
+            upstream: None,
+        })
+    });
     let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
     // The stack is called here, before the future: what it answers is all
     // the future holds of it.
@@ -447,6 +460,8 @@ where
         let abandoned = Abandoned {
             metrics: Some(&shared.metrics),
             route: route.label(),
+            start,
+            access: access.take(),
         };
         let mut resp = match answer.await {
             Ok(resp) => resp,
@@ -474,7 +489,11 @@ where
         }
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
         let upstream = resp.extensions().get::<UpstreamName>().map(|u| &u.0);
-        abandoned.answered();
+        let access = abandoned.answered().map(|mut access| {
+            access.status = status.as_u16();
+            access.upstream = upstream.cloned();
+            access
+        });
         shared
             .metrics
             .count_request(route.label(), status.as_u16(), upstream);
@@ -489,6 +508,7 @@ where
             shared
                 .metrics
                 .observe_on(route.label(), start, body, conn, Some(request_id))
+                .with_access(access)
                 .boxed_unsync()
         }))
     })
@@ -569,11 +589,16 @@ impl Way {
 struct Abandoned<'a> {
     metrics: Option<&'a Metrics>,
     route: &'static str,
+    start: Instant,
+    /// The access log's line, logged here when the client goes first.
+    access: Option<Box<crate::metrics::Access>>,
 }
 
 impl Abandoned<'_> {
-    fn answered(mut self) {
+    /// The head is ready: the access line goes on with the body.
+    fn answered(mut self) -> Option<Box<crate::metrics::Access>> {
         self.metrics = None;
+        self.access.take()
     }
 }
 
@@ -581,6 +606,9 @@ impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if let Some(metrics) = &self.metrics {
             metrics.count_request(self.route, CLIENT_CLOSED, None);
+            if let Some(access) = &self.access {
+                access.log(self.start.elapsed(), "client_left");
+            }
         }
     }
 }
