@@ -268,6 +268,19 @@ async fn exit_of(mut child: Child, what: &'static str) -> (std::process::ExitSta
     .unwrap()
 }
 
+/// `examples/llm-proxy.rs` started on `config` (what follows `listen`, in
+/// a scratch directory `dir`) with `RUST_LOG` at `log`, listening: the
+/// process and its address.
+async fn start_proxy(dir: &str, config: &str, log: &str) -> (Child, std::net::SocketAddr) {
+    let port = free_port();
+    let path = scratch_dir(dir).join("proxy.toml");
+    std::fs::write(&path, format!("listen = \"127.0.0.1:{port}\"\n{config}")).unwrap();
+    let child = run_example_logging("llm-proxy", &["--config", path.to_str().unwrap()], log);
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    (child, addr)
+}
+
 /// `examples/llm-proxy.rs` started on `config` (what follows `listen`),
 /// with its mock streaming `tokens` tokens to a chat request under way:
 /// the process, its address and the stream's answer.
@@ -280,13 +293,8 @@ async fn proxy_streaming(
     std::net::SocketAddr,
     hyper::Response<hyper::body::Incoming>,
 ) {
-    let port = free_port();
-    let path = scratch_dir(dir).join("proxy.toml");
-    std::fs::write(&path, format!("listen = \"127.0.0.1:{port}\"\n{config}")).unwrap();
     // At `info`, for the lines that say how the drain ended.
-    let child = run_example_logging("llm-proxy", &["--config", path.to_str().unwrap()], "info");
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr).await;
+    let (child, addr) = start_proxy(dir, config, "info").await;
     let resp = client()
         .request(request(
             Method::POST,
@@ -508,19 +516,12 @@ async fn keep_alive_connection(
 
 #[tokio::test]
 async fn workers_share_the_connections_evenly() {
-    let port = free_port();
-    let dir = scratch_dir("workers");
-    let path = dir.join("proxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nworkers = 2\n[[upstream]]\nname = \"m\"\nmock = {{}}\n"
-        ),
+    let (_child, addr) = start_proxy(
+        "workers",
+        "workers = 2\n[[upstream]]\nname = \"m\"\nmock = {}\n",
+        "warn",
     )
-    .unwrap();
-    let _child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr).await;
+    .await;
     // Connected together, as a client's pool opens them: whichever thread
     // accepts them, each serves half.
     let opened: Vec<_> = (0..9)
@@ -670,18 +671,14 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
         socket.write_all(head.as_bytes()).await.unwrap();
         // Dropped without the last chunk.
     });
-    let port = free_port();
-    let path = scratch_dir("broken-log").join("proxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 2\n[[upstream]]\nname = \"cut\"\nurl = \"http://{upstream_addr}/v1\"\n"
+    let (child, addr) = start_proxy(
+        "broken-log",
+        &format!(
+            "drain_timeout_secs = 2\n[[upstream]]\nname = \"cut\"\nurl = \"http://{upstream_addr}/v1\"\n"
         ),
+        "warn",
     )
-    .unwrap();
-    let child = run_example("llm-proxy", &["--config", path.to_str().unwrap()]);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr).await;
+    .await;
     let resp = client()
         .request(request(
             Method::POST,
@@ -718,23 +715,12 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
 /// `access_log = true`: one line per request when its response ends.
 #[tokio::test]
 async fn the_access_log_has_a_line_per_request() {
-    let port = free_port();
-    let path = scratch_dir("access-log").join("proxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\naccess_log = true\ndrain_timeout_secs = 2\n\
-             [[upstream]]\nname = \"m\"\nmock = {{}}\n"
-        ),
-    )
-    .unwrap();
-    let child = run_example_logging(
-        "llm-proxy",
-        &["--config", path.to_str().unwrap()],
+    let (child, addr) = start_proxy(
+        "access-log",
+        "access_log = true\ndrain_timeout_secs = 2\n[[upstream]]\nname = \"m\"\nmock = {}\n",
         "warn,llm_proxy::access=info",
-    );
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr).await;
+    )
+    .await;
     for (id, stream) in [("req-plain-1", false), ("req-stream-2", true)] {
         let resp = client()
             .request(request(
