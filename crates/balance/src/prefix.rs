@@ -5,7 +5,8 @@
 //! `system` (Anthropic Messages) or `instructions` (Responses), then the
 //! chat messages as `role` + text, then `prompt` (completions) or `input`
 //! (embeddings, Responses). Turns count up to and including the first one
-//! that is not `system` or `developer`: the shared preamble and the
+//! that is not `system` or `developer` (`system` and `instructions` are
+//! preamble): the shared preamble and the
 //! conversation's first turn, which every later turn of the conversation
 //! repeats, so that a conversation keeps its key (and its server, with the
 //! turns it has cached) as it grows, however short its turns. That text is
@@ -54,9 +55,10 @@ pub struct PromptPrefix {
 }
 
 /// Whether a turn of `role` is part of the preamble that comes before a
-/// conversation's first turn.
+/// conversation's first turn: a system or developer message, or a
+/// Responses request's `instructions`.
 fn is_preamble(role: &str) -> bool {
-    matches!(role, "system" | "developer")
+    matches!(role, "system" | "developer" | "instructions")
 }
 
 impl PromptPrefix {
@@ -270,6 +272,16 @@ mod tests {
         };
         assert!(items(0).is_some());
         assert_eq!(items(0), items(3));
+        // Behind the same instructions, another first input is another
+        // conversation (the instructions are preamble, not a turn).
+        let first_input = |text: &str| {
+            key(json!({"instructions": "Be brief.", "input": text}))
+        };
+        assert_ne!(first_input("hello"), first_input("bonjour"));
+        let first_item = |text: &str| {
+            key(json!({"instructions": "Be brief.", "input": [{"role": "user", "content": text}]}))
+        };
+        assert_ne!(first_item("hello"), first_item("bonjour"));
         // Fed as text (the simulation's way), the same key.
         let mut p = PromptPrefix::new(&PrefixConfig::default());
         p.push_message("system", "Be brief.");
