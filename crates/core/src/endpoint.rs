@@ -235,24 +235,31 @@ fn is_plain(rest: &str) -> bool {
     segments_are_plain(&decoded) && !checked.iter().any(|c| first == c.as_bytes())
 }
 
-/// Whether the path's first segment names a route the proxy reads, in
-/// another case (`Responses/resp_1`, `Chat/completions`): an upstream whose
-/// router ignores case (some API gateways') would read it as that route,
-/// which the proxy would have forwarded unchecked as another `/v1/*` path
-/// (no owner check of a response id, no model allowlist).
+/// Whether the path names a route the proxy reads, in another case
+/// (`chat/Completions`, `Responses/resp_1`): an upstream whose router
+/// ignores case (some API gateways') would read it as that route, which the
+/// proxy would have forwarded unchecked as another `/v1/*` path (no owner
+/// check of a response id, no model allowlist, no token reservation). The
+/// fixed routes are compared whole (the exact ones were matched before);
+/// the ones that hold ids, by their first segment.
 fn cased_otherwise(rest: &str) -> bool {
-    const READ: [&str; 7] = [
-        "chat",
+    const FIXED: [&str; 9] = [
+        "chat/completions",
         "completions",
-        "conversations",
         "embeddings",
         "messages",
+        "messages/count_tokens",
         "models",
         "responses",
+        "responses/compact",
+        "responses/input_tokens",
     ];
+    const WITH_IDS: [&str; 3] = ["conversations", "models", "responses"];
     let first = rest.split('/').next().unwrap_or_default();
-    READ.iter()
-        .any(|read| first != *read && first.eq_ignore_ascii_case(read))
+    FIXED.iter().any(|fixed| rest.eq_ignore_ascii_case(fixed))
+        || WITH_IDS
+            .iter()
+            .any(|read| first != *read && first.eq_ignore_ascii_case(read))
 }
 
 fn segments_are_plain(path: &[u8]) -> bool {
@@ -353,6 +360,10 @@ mod tests {
             "/v1/RESPONSES/resp_1/input_items",
             "/v1/Conversations/conv_1",
             "/v1/Chat/completions",
+            "/v1/chat/Completions",
+            "/v1/CHAT/COMPLETIONS/",
+            "/v1/messages/Count_tokens",
+            "/v1/Embeddings",
             "/v1/Models/m",
         ] {
             assert_eq!(Endpoint::from_path(path), None, "{path}");
