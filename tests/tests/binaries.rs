@@ -674,9 +674,9 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
     let (child, addr) = start_proxy(
         "broken-log",
         &format!(
-            "drain_timeout_secs = 2\n[[upstream]]\nname = \"cut\"\nurl = \"http://{upstream_addr}/v1\"\n"
+            "drain_timeout_secs = 2\naccess_log = true\n[[upstream]]\nname = \"cut\"\nurl = \"http://{upstream_addr}/v1\"\n"
         ),
-        "warn",
+        "warn,llm_proxy::access=info",
     )
     .await;
     let resp = client()
@@ -709,6 +709,16 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
     assert!(
         !stderr.contains('\x1b'),
         "no colour codes in a pipe: {stderr}"
+    );
+    // Its access line says how it ended.
+    let access: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("llm_proxy::access"))
+        .collect();
+    assert_eq!(access.len(), 1, "{stderr}");
+    assert!(
+        access[0].contains("req-broken-7") && access[0].contains("failed"),
+        "{stderr}"
     );
 }
 

@@ -274,9 +274,7 @@ mod tests {
         assert_eq!(items(0), items(3));
         // Behind the same instructions, another first input is another
         // conversation (the instructions are preamble, not a turn).
-        let first_input = |text: &str| {
-            key(json!({"instructions": "Be brief.", "input": text}))
-        };
+        let first_input = |text: &str| key(json!({"instructions": "Be brief.", "input": text}));
         assert_ne!(first_input("hello"), first_input("bonjour"));
         let first_item = |text: &str| {
             key(json!({"instructions": "Be brief.", "input": [{"role": "user", "content": text}]}))

@@ -117,11 +117,15 @@ async fn a_damaged_value_is_an_error_not_a_panic() {
 #[tokio::test]
 async fn a_value_larger_than_any_entry_is_refused_unread() {
     let server = RedisServer::start().await;
-    let store = RedisStore::connect(&server.url(), "t3:").await.unwrap();
+    assert_eq!(RedisStore::DEFAULT_MAX_VALUE_BYTES, 40 << 20);
+    let store = RedisStore::connect(&server.url(), "t3:")
+        .await
+        .unwrap()
+        .with_max_value_bytes(1 << 20);
     let key = CacheKey::from_bytes([3; 32]);
-    // 80 MiB of another program's data under a cache key: refused, and
-    // no more than the largest entry (40 MiB) and a byte of it is read.
-    let big = "x".repeat(80 << 20);
+    // 8 MiB of another program's data under a cache key: refused, and no
+    // more than the largest value (1 MiB here) and a byte of it is read.
+    let big = "x".repeat(8 << 20);
     redis_cli(&server, &["SET", &store.redis_key(&key), &big]).await;
     drop(big);
     let sent = || async {
@@ -141,7 +145,7 @@ async fn a_value_larger_than_any_entry_is_refused_unread() {
     let got = tokio::time::timeout(HANG, store.get(key)).await.unwrap();
     assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
     let read = sent().await - before;
-    assert!(read < 41 << 20, "{read} bytes sent for one lookup");
+    assert!(read < 2 << 20, "{read} bytes sent for one lookup");
     // A short value is read, and is no entry either; an absent key is none.
     redis_cli(&server, &["SET", &store.redis_key(&key), "z"]).await;
     assert!(matches!(store.get(key).await, Err(StoreError::Corrupt(_))));

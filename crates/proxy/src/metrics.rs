@@ -538,7 +538,8 @@ pub(crate) struct Access {
 
 impl Access {
     /// Log the line: `duration` from the request to the end, and how it
-    /// ended (`complete`, `failed`: the body broke, `client_left`).
+    /// ended (`complete`; `failed`: the body broke; `cut`: dropped before its
+    /// end, the client having left or the drain's timeout closed it).
     pub(crate) fn log(&self, duration: Duration, end: &'static str) {
         tracing::info!(
             target: "llm_proxy::access",
@@ -631,7 +632,7 @@ impl Drop for ObservedBody {
             let end = self.ended.unwrap_or(if self.inner.is_end_stream() {
                 "complete"
             } else {
-                "client_left"
+                "cut"
             });
             access.log(elapsed, end);
         }

@@ -607,7 +607,7 @@ impl Drop for Abandoned<'_> {
         if let Some(metrics) = &self.metrics {
             metrics.count_request(self.route, CLIENT_CLOSED, None);
             if let Some(access) = &self.access {
-                access.log(self.start.elapsed(), "client_left");
+                access.log(self.start.elapsed(), "cut");
             }
         }
     }

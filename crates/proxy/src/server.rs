@@ -82,7 +82,9 @@ impl Proxy {
         self.readiness.start_draining();
         drop(listener);
         self.log_draining();
-        log_drained(drain(graceful, self.settings.drain_timeout).await);
+        let cut = AtomicBool::new(false);
+        drain(graceful, self.settings.drain_timeout, &cut).await;
+        log_drained(&cut);
         if let Some(metrics) = metrics_task {
             metrics.finish().await;
         }
@@ -165,9 +167,7 @@ impl Proxy {
                         };
                         accept_loop(&listener, service, opts, permits, &graceful, stop, spread).await;
                         drop(listener);
-                        if drain(graceful, drain_timeout).await {
-                            cut.store(true, Ordering::Relaxed);
-                        }
+                        drain(graceful, drain_timeout, &cut).await;
                         drop(drained_tx);
                         let _ = exit_rx.wait_for(|exit| *exit).await;
                     });
@@ -188,7 +188,7 @@ impl Proxy {
         if !early_end {
             self.log_draining();
             while drained_rx.recv().await.is_some() {}
-            log_drained(cut.load(Ordering::Relaxed));
+            log_drained(&cut);
         }
         let _ = exit_tx.send(true);
         let mut panicked = false;
@@ -304,27 +304,28 @@ fn phase_now(
 /// runtime (still holding its upstream request), where the binary's shard
 /// runtimes merely happened to drop it.
 ///
-/// `true` when the timeout cut connections still open. (Logged by the
-/// caller, once for all shards: one shard's "drained" would read as the
-/// whole server's while another still drains.)
-async fn drain(graceful: Drain, timeout: Duration) -> bool {
+/// The timeout is logged when it strikes, once for all the shards that
+/// share `cut` (set then); "drained" is the caller's to log, once all are
+/// done and none was cut: one shard's "drained" would read as the whole
+/// server's while another still drains.
+async fn drain(graceful: Drain, timeout: Duration, cut: &AtomicBool) {
     graceful.tx.send_replace(Phase::Draining);
     if tokio::time::timeout(timeout, graceful.tx.closed())
         .await
         .is_ok()
     {
-        return false;
+        return;
+    }
+    if !cut.swap(true, Ordering::Relaxed) {
+        tracing::warn!("drain timeout reached: closing the connections still open");
     }
     graceful.tx.send_replace(Phase::Cut);
     graceful.tx.closed().await;
-    true
 }
 
-/// The one line that says how the drain ended.
-fn log_drained(cut: bool) {
-    if cut {
-        tracing::warn!("drain timeout reached: closed the connections still open");
-    } else {
+/// The line that says the drain ended with nothing cut.
+fn log_drained(cut: &AtomicBool) {
+    if !cut.load(Ordering::Relaxed) {
         tracing::info!("drained");
     }
 }
@@ -870,7 +871,7 @@ async fn serve_metrics(
     )
     .await;
     drop(listener);
-    drain(graceful, drain_timeout).await;
+    drain(graceful, drain_timeout, &AtomicBool::new(false)).await;
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C) from the time it is

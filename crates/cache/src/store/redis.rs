@@ -24,6 +24,7 @@ use crate::{CacheKey, Entry};
 pub struct RedisStore {
     link: RedisLink,
     prefix: String,
+    max_value_bytes: usize,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -57,6 +58,13 @@ impl RedisStore {
     /// The default limit of every Redis call: 250 ms.
     pub const DEFAULT_TIMEOUT: Duration = RedisLink::DEFAULT_TIMEOUT;
 
+    /// The largest value the store writes or reads by default
+    /// ([`RedisStore::with_max_value_bytes`]): an entry of the cache's
+    /// largest answer by default
+    /// ([`CacheConfig::max_entry_bytes`](crate::CacheConfig), 16 MiB) with
+    /// room for its framing.
+    pub const DEFAULT_MAX_VALUE_BYTES: usize = 40 << 20;
+
     /// Connect to `url` (`redis://[user:pass@]host:port[/db]`, or `rediss://`)
     /// and check that Redis answers, within four times
     /// [`RedisStore::DEFAULT_TIMEOUT`] (a first connection may need TLS).
@@ -87,12 +95,27 @@ impl RedisStore {
         Ok(RedisStore {
             link,
             prefix: key_prefix.to_owned(),
+            max_value_bytes: Self::DEFAULT_MAX_VALUE_BYTES,
         })
     }
 
     /// Bound every call by `timeout` instead of [`RedisStore::DEFAULT_TIMEOUT`].
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.link = self.link.with_timeout(timeout);
+        self
+    }
+
+    /// Write and read values of at most `bytes` (default
+    /// [`RedisStore::DEFAULT_MAX_VALUE_BYTES`]). A larger value under a cache key
+    /// (another program's, or damage) is read no further than this and
+    /// refused as malformed, where a `GET` would pull all of it into
+    /// memory; an entry that large is not written (it could not be read
+    /// back). An embedder that raises
+    /// [`CacheConfig::max_entry_bytes`](crate::CacheConfig) past 16 MiB
+    /// raises this with it: about twice the entry, for the framing of many
+    /// small frames.
+    pub fn with_max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
         self
     }
 
@@ -105,13 +128,6 @@ impl RedisStore {
 /// The longest expiry given to Redis: a hundred years. Redis refuses (with
 /// an error on every `SET`) an expiry that overflows its clock, which a TTL
 /// of `Duration::MAX` would.
-/// The largest value the store writes or reads: an entry of the cache's
-/// largest answer ([`CacheConfig::max_entry_bytes`](crate::CacheConfig),
-/// 16 MiB) with room for its framing. A larger value under a cache key
-/// (another program's, or damage) is read no further than this: refused as
-/// malformed, where a `GET` would have pulled all of it into memory.
-pub(crate) const MAX_VALUE_BYTES: usize = 40 << 20;
-
 const MAX_EXPIRY_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// `ttl` as a Redis `PX` expiry: whole milliseconds, at least one (Redis
@@ -129,7 +145,9 @@ impl Store for RedisStore {
             // shows, and no more of it crosses the network. (An absent key
             // reads as empty, as no entry encodes.)
             let mut get = redis::cmd("GETRANGE");
-            get.arg(self.redis_key(&key)).arg(0).arg(MAX_VALUE_BYTES);
+            get.arg(self.redis_key(&key))
+                .arg(0)
+                .arg(self.max_value_bytes);
             let get = &get;
             let found = self
                 .link
@@ -140,7 +158,7 @@ impl Store for RedisStore {
                 .map_err(store_error)?;
             match found.len() {
                 0 => Ok(None),
-                n if n > MAX_VALUE_BYTES => Err(DecodeError::too_large().into()),
+                n if n > self.max_value_bytes => Err(DecodeError::too_large().into()),
                 _ => Ok(Some(Entry::decode(Bytes::from(found))?)),
             }
         })
@@ -149,7 +167,7 @@ impl Store for RedisStore {
     fn put(&self, key: CacheKey, entry: Entry, ttl: Duration) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let value = entry.encode();
-            if value.len() > MAX_VALUE_BYTES {
+            if value.len() > self.max_value_bytes {
                 // It could never be read back.
                 return Err(StoreError::Refused {
                     store: "redis",
