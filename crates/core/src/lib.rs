@@ -68,7 +68,7 @@ pub use budget::BodyBudget;
 pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
 };
-pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE};
+pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE, MAX_MESSAGE_BYTES};
 pub use meta::{GenerationCaps, Identity, ModelAllowlist, RequestMeta};
 pub use parse::{
     BudgetHold, Parse, ParseLayer, ParseLimits, json_from_slice, parse, parse_object,
