@@ -169,6 +169,50 @@ async fn model_allowlist_and_models_listing() {
         .assert_error(401, "authentication_error", "invalid_api_key");
 }
 
+/// A limited key refused for what its body asks (a model off its
+/// allowlist) hears its limits on the 403 too, and the refusal counts:
+/// one that keeps asking is limited like any other (DESIGN.md: headers on
+/// every response to a limited key).
+#[tokio::test]
+async fn a_limited_keys_refusal_carries_its_limits_and_counts() {
+    let (up, p) = setup(
+        "[[auth.keys]]\nname = \"lim\"\nkey = \"sk-lim\"\nmodels = [\"small\"]\nrequests_per_minute = 3\n",
+    )
+    .await;
+    let key: &[u8] = b"Bearer sk-lim";
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let denied = chat_with(&p, &[("authorization", key)], "large").await;
+        denied.assert_error(403, "permission_error", "model_not_allowed");
+        assert_eq!(denied.header("x-ratelimit-limit-requests"), Some("3"));
+        remaining.push(
+            denied
+                .header("x-ratelimit-remaining-requests")
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(remaining, ["2", "1", "0"]);
+    // The fourth is over the limit, whatever it asks.
+    let limited = chat_with(&p, &[("authorization", key)], "small").await;
+    limited.assert_error(429, "rate_limit_error", "rate_limit_exceeded");
+    assert!(limited.header("retry-after").is_some());
+    assert_eq!(up.stats.requests_for("/chat/completions"), 0);
+    // In the Anthropic dialect on its route.
+    let messages = send(request(
+        Method::POST,
+        &p.url("/v1/messages"),
+        &[
+            ("content-type", "application/json"),
+            ("x-api-key", "sk-lim"),
+        ],
+        r#"{"model":"large","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#,
+    ))
+    .await;
+    assert_eq!(messages.status, 429, "{}", messages.text());
+    assert_eq!(messages.json()["type"], "error");
+}
+
 #[tokio::test]
 async fn passthrough_routes_need_the_passthrough_flag() {
     let (up, p) = setup(&keys()).await;

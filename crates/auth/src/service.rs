@@ -300,7 +300,26 @@ where
                 endpoint,
                 metered,
                 prompt,
-            } = admitted?;
+            } = match admitted {
+                Ok(admitted) => admitted,
+                Err(Refused::Plain(e)) => return Err(e),
+                Err(Refused::Counted(e, key, dialect)) => {
+                    // A limited key hears its limits on this answer too
+                    // (DESIGN.md: headers on every response to a limited
+                    // key), as the request counts: one that keeps sending
+                    // what it may not is limited like any other.
+                    return Ok(match shared.acquire(&key, 0, dialect).await {
+                        Ok(decision) => {
+                            let mut resp = e.into_response_in(dialect);
+                            if let Some(d) = &decision {
+                                rate_headers(resp.headers_mut(), d);
+                            }
+                            resp
+                        }
+                        Err(refusal) => refusal,
+                    });
+                }
+            };
             let dialect = endpoint.dialect();
             let decision = match shared.acquire(&key, reserve, dialect).await {
                 Ok(d) => d,
@@ -389,7 +408,23 @@ struct Admitted {
 
 /// The synchronous part: key, route, model, identity, token reservation and
 /// the usage request on streams.
-fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Error> {
+/// Why [`admit`] refused a request.
+enum Refused {
+    /// Before (or without) a key whose limits the request counts against.
+    Plain(Error),
+    /// The body asked what the key may not have (a model off its
+    /// allowlist, …): counted against the key's request limit, answered
+    /// with its headers, in the request's dialect.
+    Counted(Error, Arc<KeyEntry>, Dialect),
+}
+
+impl From<Error> for Refused {
+    fn from(e: Error) -> Self {
+        Refused::Plain(e)
+    }
+}
+
+fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refused> {
     // The gate in front of the parse layer, if any, already checked the head.
     let key = match req
         .extensions_mut()
@@ -409,9 +444,9 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
         if Endpoint::from_path(req.uri().path()).is_some_and(Endpoint::has_model_body) {
             // Unparsed, its model and size are unknown: let through, it
             // would pass every allowlist and limit.
-            return Err(Error::Misconfigured(
+            return Err(Refused::Plain(Error::Misconfigured(
                 "the auth layer needs the parse layer in front of it".into(),
-            ));
+            )));
         }
         return Ok(Admitted {
             key,
@@ -424,7 +459,14 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Erro
             prompt: 0,
         });
     };
-    check_body(&key, meta)?;
+    if let Err(e) = check_body(&key, meta) {
+        let dialect = meta.endpoint().dialect();
+        return Err(if key.limits.any() {
+            Refused::Counted(e, key, dialect)
+        } else {
+            Refused::Plain(e)
+        });
+    }
     meta.set_identity(Identity {
         name: key.name.clone(),
     });
