@@ -458,6 +458,22 @@ async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
         assert_eq!(status, 502, "{body}");
     }
 
+    // A WebSocket version other than 13 is 426, naming 13 (RFC 6455).
+    let old = send(request(
+        Method::GET,
+        &p.url("/v1/responses"),
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "8"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        "",
+    ))
+    .await;
+    assert_eq!(old.status, 426, "{}", old.text());
+    assert_eq!(old.header("sec-websocket-version"), Some("13"));
+
     // A plain GET (no upgrade) is still 405.
     let plain = send(request(Method::GET, &p.url("/v1/responses"), &[], "")).await;
     plain.assert_error(405, "invalid_request_error", "method_not_allowed");

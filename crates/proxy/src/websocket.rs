@@ -97,6 +97,8 @@ pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 const SEC_WEBSOCKET_EXTENSIONS: header::HeaderName =
     header::HeaderName::from_static("sec-websocket-extensions");
 const SEC_WEBSOCKET_KEY: header::HeaderName = header::HeaderName::from_static("sec-websocket-key");
+const SEC_WEBSOCKET_VERSION: header::HeaderName =
+    header::HeaderName::from_static("sec-websocket-version");
 const SEC_WEBSOCKET_ACCEPT: header::HeaderName =
     header::HeaderName::from_static("sec-websocket-accept");
 
@@ -224,6 +226,25 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
             path: req.uri().path().to_owned(),
             allow: "POST",
         });
+    }
+    // The proxy reads the session's frames as version 13, the only one
+    // (RFC 6455 §4.2.2: any other is answered 426 naming the versions
+    // spoken), whatever version an upstream would have agreed to.
+    if req
+        .headers()
+        .get(SEC_WEBSOCKET_VERSION)
+        .map(http::HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut resp = Error::UnsupportedParameter {
+            param: "sec-websocket-version".into(),
+            message: "this proxy speaks WebSocket version 13".into(),
+        }
+        .into_response();
+        *resp.status_mut() = http::StatusCode::UPGRADE_REQUIRED;
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, http::HeaderValue::from_static("13"));
+        return Ok(resp);
     }
     let decision = match (ctx.auth, &key) {
         (Some(auth), Some(key)) => match auth.acquire_request(key, Dialect::OpenAi).await {
