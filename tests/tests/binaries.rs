@@ -781,3 +781,41 @@ async fn the_access_log_has_a_line_per_request() {
     );
     assert!(!lines[0].contains("api-version"), "no query: {}", lines[0]);
 }
+
+/// An ejection is logged with how long the upstream rests: its return,
+/// which time alone decides, has no line of its own.
+#[tokio::test]
+async fn an_ejection_is_logged_with_its_rest() {
+    // Nothing listens there: every attempt is refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let (child, addr) = start_proxy(
+        "ejection-log",
+        &format!(
+            "[[upstream]]\nname = \"dead\"\nurl = \"http://{dead_addr}/v1\"\n\
+             [balance]\neject_after_failures = 1\neject_secs = 7\nmax_retries = 0\n"
+        ),
+        "warn",
+    )
+    .await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &format!("http://{addr}/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("any", false),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    signal(&child, "-TERM");
+    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let ejected: Vec<&str> = stderr.lines().filter(|l| l.contains("ejected")).collect();
+    assert_eq!(ejected.len(), 1, "{stderr}");
+    assert!(
+        ejected[0].contains("upstream=dead") && ejected[0].contains("rest_secs=7"),
+        "{stderr}"
+    );
+}

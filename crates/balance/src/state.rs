@@ -270,10 +270,18 @@ impl BackendState {
     /// towards the backend's ejection (counted here and balancer-wide).
     pub(crate) fn record_failure(&self, now: u64, elapsed: Duration) {
         self.observe_failure(now, elapsed);
-        if self.update_health(|h| h.on_failure(now, &self.policy)) {
+        let rest_ns =
+            self.update_health(|h| h.on_failure(now, &self.policy).then_some(h.last_rest));
+        if let Some(rest_ns) = rest_ns {
             self.ejections.fetch_add(1, Ordering::Relaxed);
             self.ejections_total.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(upstream = %self.name, "upstream ejected after consecutive failures");
+            // Its rest ends by time alone, with no line of its own: said
+            // here (a panic-routed request that is answered ends it sooner).
+            tracing::warn!(
+                upstream = %self.name,
+                rest_secs = Duration::from_nanos(rest_ns).as_secs_f64(),
+                "upstream ejected after consecutive failures; it rests, then takes requests again"
+            );
         }
     }
 
