@@ -58,6 +58,7 @@ impl DecodeError {
     }
 
     /// Stored bytes larger than any entry this proxy stores.
+    #[cfg(feature = "redis")]
     pub(crate) fn too_large() -> Self {
         DecodeError("larger than any entry the proxy stores")
     }
