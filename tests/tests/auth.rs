@@ -213,6 +213,49 @@ async fn a_limited_keys_refusal_carries_its_limits_and_counts() {
     assert_eq!(messages.json()["type"], "error");
 }
 
+/// A cap or count the estimate cannot read (`"n": 100.0`, which a lax
+/// server takes as 100 completions) reserves all the key's tokens, not the
+/// one completion of 256 it would otherwise assume.
+#[tokio::test]
+async fn an_unreadable_count_reserves_the_whole_token_limit() {
+    let (_up, p) =
+        setup("[[auth.keys]]\nname = \"tok\"\nkey = \"sk-tok\"\ntokens_per_minute = 1000\n").await;
+    let ask = |extra: &'static str| {
+        let url = p.url("/v1/chat/completions");
+        async move {
+            let body = format!(
+                r#"{{"model":"small","max_tokens":10,{extra}"messages":[{{"role":"user","content":"hi"}}]}}"#
+            );
+            send(request(
+                Method::POST,
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", "Bearer sk-tok"),
+                ],
+                body,
+            ))
+            .await
+        }
+    };
+    // On a full bucket it passes, holding all of it while it runs (its
+    // usage settles after). Read, the same count reserves about 30.
+    let unreadable = ask(r#""n":100.0,"#).await;
+    assert_eq!(unreadable.status, 200, "{}", unreadable.text());
+    assert_eq!(
+        unreadable.header("x-ratelimit-remaining-tokens"),
+        Some("0"),
+        "the whole limit is reserved"
+    );
+    let readable = ask(r#""n":1,"#).await;
+    let left: u64 = readable
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left > 900, "a readable count reserves little: {left}");
+}
+
 #[tokio::test]
 async fn passthrough_routes_need_the_passthrough_flag() {
     let (up, p) = setup(&keys()).await;

@@ -625,6 +625,12 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
 /// ([`RequestMeta::generation_caps`]): the body is not built for it.
 pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
     let caps = meta.generation_caps();
+    if caps.unreadable {
+        // `"n": 100.0` is 100 completions to a lax server: an estimate
+        // that cannot read it reserves all the key may (the charge is
+        // capped at the key's limit).
+        return u64::MAX;
+    }
     let cap = caps.max_tokens.unwrap_or(256);
     let completions = caps.choices.unwrap_or(1).max(1);
     prompt_tokens(meta).saturating_add(cap.saturating_mul(completions))

@@ -73,6 +73,10 @@ pub struct GenerationCaps {
     /// A `background` that is there and neither `null` nor `false` (a lax
     /// server may read `"true"` or `1` as true).
     pub background: bool,
+    /// A cap or count that is there but neither an unsigned integer nor
+    /// `null` (`100.0`, `"100"`: a lax server, pydantic's by default,
+    /// reads either as 100), which the caps above cannot count.
+    pub unreadable: bool,
 }
 
 impl GenerationCaps {
@@ -80,14 +84,25 @@ impl GenerationCaps {
     pub fn of(json: &Map<String, Value>) -> Self {
         let mut caps = GenerationCaps::default();
         for (key, value) in json {
-            if let Some(n) = value.as_u64() {
-                caps.note(key, n);
+            match value.as_u64() {
+                Some(n) => caps.note(key, n),
+                None if !value.is_null() => caps.note_unreadable(key),
+                None => {}
             }
         }
         caps.background = json
             .get("background")
             .is_some_and(|b| !matches!(b, Value::Null | Value::Bool(false)));
         caps
+    }
+
+    /// Note the top-level field `key`, whose value is neither an unsigned
+    /// integer nor `null`: unreadable if it is a cap or a count.
+    pub(crate) fn note_unreadable(&mut self, key: &str) {
+        self.unreadable |= matches!(
+            key,
+            "max_tokens" | "max_completion_tokens" | "max_output_tokens" | "n" | "best_of"
+        );
     }
 
     /// Count the top-level field `key`, whose value is the integer `n`.

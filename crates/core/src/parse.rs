@@ -919,8 +919,10 @@ impl<'de> serde::de::Visitor<'de> for TopCheck<'_, '_> {
                     top.caps.background = !matches!(seen, Seen::Null | Seen::Bool(false));
                 }
                 _ => {
-                    if let Seen::Uint(n) = seen {
-                        top.caps.note(key, n);
+                    match seen {
+                        Seen::Uint(n) => top.caps.note(key, n),
+                        Seen::Null => {}
+                        _ => top.caps.note_unreadable(key),
                     }
                     top.names_state |= crate::meta::STATE_KEYS.contains(&key);
                 }
@@ -1357,6 +1359,7 @@ mod tests {
             max_tokens: Some(100),
             choices: Some(3),
             background: false,
+            unreadable: false,
         };
         assert_eq!(meta.generation_caps(), learned);
         assert!(!meta.is_built());
@@ -1366,6 +1369,22 @@ mod tests {
         json.insert("background".into(), Value::from(true));
         let edited = meta.generation_caps();
         assert_eq!((edited.max_tokens, edited.background), (Some(900), true));
+        // A cap or count a lax server reads as a number, which the caps
+        // cannot: unreadable, checked or built; `null` is no value.
+        for (body, unreadable) in [
+            (r#"{"model":"m","n":100.0}"#, true),
+            (r#"{"model":"m","max_tokens":"100000"}"#, true),
+            (r#"{"model":"m","best_of":-1}"#, true),
+            (r#"{"model":"m","max_tokens":null,"x":1.5}"#, false),
+        ] {
+            let parsed = parse(req("/v1/chat/completions", None, body), 1000)
+                .await
+                .unwrap();
+            let meta = parsed.extensions().get::<RequestMeta>().unwrap();
+            assert_eq!(meta.generation_caps().unreadable, unreadable, "{body}");
+            let built = GenerationCaps::of(meta.json().unwrap());
+            assert_eq!(built.unreadable, unreadable, "{body}");
+        }
     }
 
     proptest::proptest! {
