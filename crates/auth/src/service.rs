@@ -1024,12 +1024,11 @@ mod tests {
         );
         assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 256);
         // Each of `n` completions (or `best_of`, the larger) is generated
-        // whole; nonsense counts as one.
+        // whole; zero counts as one.
         for (body, completions) in [
             (r#"{"model":"m","max_tokens":10,"n":100}"#, 100),
             (r#"{"model":"m","max_tokens":10,"n":2,"best_of":5}"#, 5),
             (r#"{"model":"m","max_tokens":10,"n":0}"#, 1),
-            (r#"{"model":"m","max_tokens":10,"n":"9"}"#, 1),
         ] {
             let meta = RequestMeta::parsed(
                 Endpoint::ChatCompletions,
@@ -1041,6 +1040,19 @@ mod tests {
                 body.len() as u64 / 4 + 10 * completions,
                 "{body}"
             );
+        }
+        // A count a lax server reads as 9 (or 100), which the estimate
+        // cannot: all there is (capped at the key's limit when charged).
+        for body in [
+            r#"{"model":"m","max_tokens":10,"n":"9"}"#,
+            r#"{"model":"m","max_tokens":10,"n":100.0}"#,
+        ] {
+            let meta = RequestMeta::parsed(
+                Endpoint::ChatCompletions,
+                bytes::Bytes::from(body),
+                serde_json::from_str(body).unwrap(),
+            );
+            assert_eq!(estimate_tokens(&meta), u64::MAX, "{body}");
         }
     }
 }
