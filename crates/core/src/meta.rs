@@ -99,20 +99,26 @@ impl GenerationCaps {
     /// Note the top-level field `key`, whose value is neither an unsigned
     /// integer nor `null`: unreadable if it is a cap or a count.
     pub(crate) fn note_unreadable(&mut self, key: &str) {
-        self.unreadable |= matches!(
-            key,
-            "max_tokens" | "max_completion_tokens" | "max_output_tokens" | "n" | "best_of"
-        );
+        self.unreadable |= self.slot(key).is_some();
     }
 
     /// Count the top-level field `key`, whose value is the integer `n`.
     pub(crate) fn note(&mut self, key: &str, n: u64) {
-        let slot = match key {
-            "max_tokens" | "max_completion_tokens" | "max_output_tokens" => &mut self.max_tokens,
-            "n" | "best_of" => &mut self.choices,
-            _ => return,
-        };
-        *slot = Some(slot.map_or(n, |m| m.max(n)));
+        if let Some(slot) = self.slot(key) {
+            *slot = Some(slot.map_or(n, |m| m.max(n)));
+        }
+    }
+
+    /// Where the top-level field `key` counts: a completion cap, or a
+    /// number of completions; `None` for any other field.
+    fn slot(&mut self, key: &str) -> Option<&mut Option<u64>> {
+        match key {
+            "max_tokens" | "max_completion_tokens" | "max_output_tokens" => {
+                Some(&mut self.max_tokens)
+            }
+            "n" | "best_of" => Some(&mut self.choices),
+            _ => None,
+        }
     }
 }
 

@@ -79,15 +79,17 @@ impl Route {
         match Own::of(path) {
             Some(Own::Metrics) if !serve_metrics => Route::NotFound,
             Some(own) => Route::Own(own),
-            // OpenAI's "retrieve model": the models API, as the list is.
-            // (`DELETE` of a fine-tuned model goes upstream.)
-            None if (method == Method::GET || method == Method::HEAD)
-                && model_of_path(path).is_some()
-                && Endpoint::from_path(path) == Some(Endpoint::Passthrough) =>
-            {
-                Route::Api(Endpoint::Models)
-            }
-            None => Endpoint::from_path(path).map_or(Route::NotFound, Route::Api),
+            None => match Endpoint::from_path(path) {
+                // OpenAI's "retrieve model": the models API, as the list
+                // is. (`DELETE` of a fine-tuned model goes upstream.)
+                Some(Endpoint::Passthrough)
+                    if (method == Method::GET || method == Method::HEAD)
+                        && model_of_path(path).is_some() =>
+                {
+                    Route::Api(Endpoint::Models)
+                }
+                endpoint => endpoint.map_or(Route::NotFound, Route::Api),
+            },
         }
     }
 
@@ -643,25 +645,24 @@ async fn models(
         Ok(decision) => decision,
         Err(refusal) => return Ok(refusal),
     };
-    let body = match one {
+    let answer = match one {
         None => {
             let allowed: Vec<&String> = shared
                 .models
                 .iter()
                 .filter(|m| key.allows_model(m))
                 .collect();
-            models_json(&allowed)
+            Ok(models_json(&allowed))
         }
-        Some(id) if listed(id) && key.allows_model(id) => Bytes::from(model_object(id).to_string()),
-        Some(id) => {
-            let mut resp = Error::ModelNotFound(id.to_owned()).into_response();
-            if let Some(d) = &decision {
-                llm_proxy_auth::rate_headers(resp.headers_mut(), d);
-            }
-            return Ok(resp);
+        Some(id) if listed(id) && key.allows_model(id) => {
+            Ok(Bytes::from(model_object(id).to_string()))
         }
+        Some(id) => Err(Error::ModelNotFound(id.to_owned())),
     };
-    let mut resp = text(StatusCode::OK, JSON, body);
+    let mut resp = match answer {
+        Ok(body) => text(StatusCode::OK, JSON, body),
+        Err(e) => e.into_response(),
+    };
     if let Some(d) = &decision {
         llm_proxy_auth::rate_headers(resp.headers_mut(), d);
     }
