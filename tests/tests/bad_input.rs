@@ -745,6 +745,145 @@ async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
     drop(empty);
 }
 
+/// An upstream that answers every request with `answer`'s head, then
+/// `body` written 64 KiB at a time, closing the connection after; counts
+/// the requests.
+async fn large_answer_upstream(
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let body = std::sync::Arc::new(body);
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    let addr = raw_upstream(move |mut conn| {
+        let (body, seen) = (body.clone(), seen.clone());
+        async move {
+            if read_request(&mut conn).await.is_none() {
+                return;
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\nconnection: close\r\n\r\n"
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            for block in body.chunks(64 << 10) {
+                if conn.write_all(block).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, count)
+}
+
+#[tokio::test]
+async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
+    // One chunk whose content is 3 MiB long, with no line break: every
+    // layer that reads the stream (the upstream client's check, the
+    // cache's tee, its usage filter) holds it until its end.
+    let mut stream =
+        br#"data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":""#
+            .to_vec();
+    stream.resize(stream.len() + (3 << 20), b'a');
+    stream.extend_from_slice(b"\"}}]}\n\ndata: [DONE]\n\n");
+    let (up, _) = large_answer_upstream("text/event-stream", stream).await;
+    let config = |budget: &str| {
+        format!(
+            "max_body_bytes = 65536\n{budget}\n{}\n[cache]\nbackend = \"memory\"\n",
+            one_upstream(&format!("http://{up}"), "")
+        )
+    };
+    // Within the event limit (32 MiB) and the default budget: it passes.
+    let roomy = proxy(&config("")).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &roomy.url("/v1/chat/completions"),
+            &[],
+            chat("m", true),
+        ))
+        .await
+        .unwrap();
+    let (body, broke) = read_stream(resp).await;
+    assert!(!broke);
+    assert!(body.len() > 3 << 20, "{}", body.len());
+    assert!(body.ends_with(b"data: [DONE]\n\n"));
+
+    // With 1 MiB for all: the stream is cut with an error event, long
+    // before its end, and every layer gives back what it held.
+    let tight = proxy(&config("max_buffered_body_bytes = 1048576")).await;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &tight.url("/v1/chat/completions"),
+            &[],
+            chat("m", true),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (body, _) = read_stream(resp).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(body.len() < 2 << 20, "{}", body.len());
+    assert!(
+        text.contains("cannot be held"),
+        "{}",
+        &text[text.len().saturating_sub(600)..]
+    );
+    assert!(!text.contains("[DONE]"));
+    wait_buffered(&tight, 0).await;
+    // Nothing was stored: the next request goes upstream, and is cut again.
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &tight.url("/v1/chat/completions"),
+            &[],
+            chat("m", true),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-llm-proxy-cache"], "miss");
+    let (body, _) = read_stream(resp).await;
+    assert!(String::from_utf8_lossy(&body).contains("cannot be held"));
+    wait_buffered(&tight, 0).await;
+}
+
+#[tokio::test]
+async fn an_answer_the_buffer_budget_cannot_hold_is_not_cached() {
+    let content = "a".repeat(600 << 10);
+    let answer = serde_json::json!({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    });
+    let answer = serde_json::to_vec(&answer).unwrap();
+    for (budget, calls) in [("", 1), ("max_buffered_body_bytes = 524288", 2)] {
+        let (up, count) = large_answer_upstream("application/json", answer.clone()).await;
+        let p = proxy(&format!(
+            "max_body_bytes = 65536\n{budget}\n{}\n[cache]\nbackend = \"memory\"\n",
+            one_upstream(&format!("http://{up}"), "")
+        ))
+        .await;
+        let url = p.url("/v1/chat/completions");
+        for _ in 0..2 {
+            let a = post_json(&url, &chat("m", false)).await;
+            assert_eq!(a.status, 200);
+            assert_eq!(a.body.len(), answer.len(), "whole, stored or not");
+        }
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            calls,
+            "budget {budget:?}"
+        );
+        wait_buffered(&p, 0).await;
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_framing_by_both_chunks_and_length_reaches_the_client_whole() {
     // Chunked, with a content-length that disagrees (smaller, then larger):

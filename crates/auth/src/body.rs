@@ -232,19 +232,21 @@ impl UsageBody {
     /// usage chunk is left out of what the client receives, after it was
     /// counted (core's [`UsageFilter`], which passes every other byte on as
     /// it came: comments, keep-alives, event boundaries).
-    /// `sse`: the body is a stream of this kind.
+    /// `sse`: the body is a stream of this kind, whose held event counts
+    /// against `budget`.
     pub(crate) fn client_body(
         inner: Body,
         sse: Option<StreamKind>,
         json: bool,
         strip: bool,
         reconcile: Reconcile,
+        budget: Option<&llm_proxy_core::BodyBudget>,
     ) -> Body {
         let watched = UsageBody {
             inner,
             watch: match sse {
                 Some(kind) => Watch::Sse {
-                    parser: Box::new(Parser::new()),
+                    parser: Box::new(Parser::new().with_budget(budget)),
                     stream: StreamUsage::new(kind),
                 },
                 None if json => Watch::Json(Vec::new()),
@@ -254,7 +256,7 @@ impl UsageBody {
             reconcile: Some(reconcile),
         };
         if strip && sse.is_some() {
-            Body::new(UsageFilter::new(watched))
+            Body::new(UsageFilter::new(watched).with_budget(budget))
         } else {
             Body::new(watched)
         }

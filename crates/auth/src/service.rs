@@ -300,6 +300,7 @@ where
                 endpoint,
                 metered,
                 prompt,
+                budget,
             } = match admitted {
                 Ok(admitted) => admitted,
                 Err(Refused::Plain(e)) => return Err(e),
@@ -384,7 +385,8 @@ where
                 parts.headers.remove(http::header::CONTENT_LENGTH);
             }
             let json = is_json(&parts.headers);
-            let body = UsageBody::client_body(body, sse, json, strip_usage, reconcile);
+            let body =
+                UsageBody::client_body(body, sse, json, strip_usage, reconcile, budget.as_ref());
             Ok(Response::from_parts(parts, body))
         })
     }
@@ -404,6 +406,8 @@ struct Admitted {
     metered: bool,
     /// The prompt's estimate in tokens, with a reservation.
     prompt: u64,
+    /// What the events a watched answer holds count against.
+    budget: Option<llm_proxy_core::BodyBudget>,
 }
 
 /// The synchronous part: key, route, model, identity, token reservation and
@@ -457,6 +461,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refu
             endpoint: Endpoint::Passthrough,
             metered: consumes_tokens(Endpoint::Passthrough),
             prompt: 0,
+            budget: None,
         });
     };
     if let Err(e) = check_body(&key, meta) {
@@ -484,6 +489,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refu
         (0, 0)
     };
     let model = meta.model_arc().cloned();
+    let budget = metered.then(|| meta.budget().cloned()).flatten();
     let wants_usage = limited && lacks_stream_usage(meta) && !refused;
     let unedited = wants_usage.then(|| refusal::copy_request(req));
     let strip_usage = wants_usage
@@ -500,6 +506,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refu
         endpoint,
         metered,
         prompt,
+        budget,
     })
 }
 

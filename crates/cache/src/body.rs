@@ -10,7 +10,7 @@ use http::HeaderValue;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::sse::{Event, Parser};
 use llm_proxy_core::usage::is_usage_only_chunk;
-use llm_proxy_core::{Body, BoxError, StreamKind};
+use llm_proxy_core::{Body, BoxError, BudgetHold, StreamKind};
 
 use crate::flight::Leader;
 use crate::service::Shared;
@@ -57,6 +57,10 @@ pub(crate) struct Tee {
     pub watch: Watch,
     pub bytes: usize,
     pub too_large: bool,
+    /// The answer's frames kept (to store, and for the requests that
+    /// follow it), counted against the proxy's body budget; nothing once
+    /// they are dropped.
+    pub held: Option<BudgetHold>,
     /// `false` for an answer that must reach the client and the followers
     /// but not the store (one from a fallback model).
     pub storable: bool,
@@ -92,11 +96,11 @@ pub(crate) struct SseWatch {
 }
 
 impl Watch {
-    /// Watch a stream of `kind`.
-    pub fn sse(kind: StreamKind) -> Self {
+    /// Watch a stream of `kind`, its held event counted against `budget`.
+    pub fn sse(kind: StreamKind, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
         Watch::Sse(Box::new(SseWatch {
             kind,
-            parser: Parser::new(),
+            parser: Parser::new().with_budget(budget),
             frames: 0,
             done: false,
             broken: false,
@@ -240,12 +244,21 @@ impl Tee {
     fn observe(&mut self, data: &Bytes) {
         self.bytes += data.len();
         let max = self.shared.config.max_entry_bytes;
-        if self.bytes > max {
+        // No room in the budget for the frames: not kept at all (the
+        // requests that follow start over).
+        let room = self.held.as_mut().is_none_or(|held| held.hold(self.bytes));
+        if self.bytes > max || !room {
             // Too large to store: keep frames only for those who follow
             // already, and only so far.
             self.too_large = true;
-            self.leader
-                .too_large(self.bytes, max.saturating_mul(FOLLOWED_CAP_FACTOR));
+            let cap = if room {
+                max.saturating_mul(FOLLOWED_CAP_FACTOR)
+            } else {
+                0
+            };
+            if self.leader.too_large(self.bytes, cap) {
+                self.held = None;
+            }
         }
         self.leader.push(data);
         if let Watch::Sse(watch) = &mut self.watch {
@@ -503,7 +516,7 @@ mod tests {
 
     /// Whether a stream of `kind` made of `frames` ended cleanly.
     fn clean(kind: StreamKind, frames: &[&str]) -> bool {
-        let Watch::Sse(mut watch) = Watch::sse(kind) else {
+        let Watch::Sse(mut watch) = Watch::sse(kind, None) else {
             unreachable!()
         };
         frames.iter().for_each(|f| watch.observe(f.as_bytes()));

@@ -8,7 +8,10 @@ use std::task::{Context, Poll};
 use http::{Request, Response, StatusCode, header};
 use llm_proxy_core::canonical::holds_inexact_integer;
 use llm_proxy_core::fallback::ServedByFallback;
-use llm_proxy_core::{Body, Dialect, Endpoint, Error, RequestMeta, StreamKind, UsageFilter, empty};
+use llm_proxy_core::{
+    Body, BodyBudget, BudgetHold, Dialect, Endpoint, Error, RequestMeta, StreamKind, UsageFilter,
+    empty,
+};
 use serde_json::{Map, Value};
 use tower::ServiceExt;
 use tower_service::Service;
@@ -92,6 +95,9 @@ struct Plan {
     shared_across_keys: bool,
     /// Whose error shape the client reads.
     dialect: Dialect,
+    /// What the answer's frames kept, and the events a watched stream
+    /// holds, count against.
+    budget: Option<BodyBudget>,
 }
 
 impl Plan {
@@ -131,6 +137,7 @@ impl Plan {
             shared_across_keys: config.scope == crate::CacheScope::Shared
                 && meta.identity().is_some(),
             dialect: endpoint.dialect(),
+            budget: meta.budget().cloned(),
         })
     }
 
@@ -561,12 +568,16 @@ where
         key: plan.key,
         content_type,
         watch: match plan.stream {
-            Some(kind) => Watch::sse(kind),
+            Some(kind) => Watch::sse(kind, plan.budget.as_ref()),
             None if plan.responses => Watch::Json(JsonRule::CompletedResponse),
             None => Watch::Json(JsonRule::Any),
         },
         bytes: 0,
         too_large: false,
+        held: plan
+            .budget
+            .as_ref()
+            .map(|budget| BudgetHold::new(Some(budget))),
         storable: !fallback,
         handed_over: false,
     };
@@ -594,7 +605,7 @@ fn to_client(
 ) -> Response<Body> {
     let body = if plan.strips_usage() {
         parts.headers.remove(header::CONTENT_LENGTH);
-        Body::new(UsageFilter::new(body))
+        Body::new(UsageFilter::new(body).with_budget(plan.budget.as_ref()))
     } else {
         body
     };

@@ -1,5 +1,5 @@
-//! [`BodyBudget`]: a bound on the request-body bytes held in memory at once,
-//! all requests together.
+//! [`BodyBudget`]: a bound on the request-body bytes (and the response
+//! events being read) held in memory at once, all requests together.
 //!
 //! `max_body_bytes` bounds one request. Many requests at once — thousands of
 //! connections, or one h2 connection with a couple of hundred streams — can
@@ -11,6 +11,17 @@
 //! would pass it is refused with 503 `server_overloaded` and `retry-after:
 //! 1`, before more of it is read. Only bytes that came count: a head that
 //! announces a large body and sends nothing takes nothing.
+//!
+//! The same budget bounds the response side: an upstream's event stream is
+//! read, as it passes, by several layers at once (the upstream client's
+//! check, the cache's tee, auth's usage count, translation), and each holds
+//! an event that spans chunks until its end, up to the event limit
+//! ([`DEFAULT_MAX_EVENT_BYTES`](crate::sse::DEFAULT_MAX_EVENT_BYTES)). An
+//! upstream that sends one endless event on many streams would otherwise
+//! hold that much per layer per stream. Each of those parsers counts what
+//! it holds ([`Parser::with_budget`](crate::sse::Parser::with_budget)); one
+//! that would pass the budget cuts its stream as broken. Events that lie
+//! whole in the chunk that brought them, the usual case, are never held.
 //!
 //! The count is one atomic add and subtract per body: no lock, no wait.
 
@@ -96,6 +107,11 @@ impl Claim {
                 Err(actual) => now = actual,
             }
         }
+    }
+
+    /// The bytes held now.
+    pub(crate) fn held(&self) -> usize {
+        self.bytes
     }
 
     /// The whole budget, in bytes.

@@ -53,6 +53,7 @@ pub struct RequestMeta {
     caps: GenerationCaps,
     edited: bool,
     identity: Option<Identity>,
+    budget: Option<crate::BodyBudget>,
 }
 
 /// What a model body's top-level fields ask the model to generate: the
@@ -151,6 +152,7 @@ impl RequestMeta {
             json: Some(Arc::new(OnceLock::from(Some(json)))),
             edited: false,
             identity: None,
+            budget: None,
         }
     }
 
@@ -178,6 +180,7 @@ impl RequestMeta {
             json: Some(Arc::new(OnceLock::new())),
             edited: false,
             identity: None,
+            budget: None,
         }
     }
 
@@ -194,6 +197,7 @@ impl RequestMeta {
             caps: GenerationCaps::default(),
             edited: false,
             identity: None,
+            budget: None,
         }
     }
 
@@ -311,6 +315,21 @@ impl RequestMeta {
             )),
             _ => self.body.clone(),
         }
+    }
+
+    /// The budget the parse layer counted this request's body against
+    /// ([`ParseLayer::with_budget`](crate::ParseLayer::with_budget)), if
+    /// any. The layers that watch the response's event stream count the
+    /// event they are assembling against it too
+    /// ([`Parser::with_budget`](crate::sse::Parser::with_budget)), so that
+    /// one budget bounds what requests and responses hold at once.
+    pub fn budget(&self) -> Option<&crate::BodyBudget> {
+        self.budget.as_ref()
+    }
+
+    /// Count the response's buffered events against `budget` too.
+    pub(crate) fn set_budget(&mut self, budget: crate::BodyBudget) {
+        self.budget = Some(budget);
     }
 
     /// The caller's identity, once the auth layer has set it.

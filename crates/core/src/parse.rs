@@ -138,9 +138,15 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         // The claim shares the budget: no clone of the budget itself.
         let claim = self.budget.as_ref().map(BodyBudget::claim);
+        let budget = self.budget.clone();
         let eager = self.eager;
         Box::pin(async move {
-            let req = head.parse(limit, claim, eager).await?;
+            let mut req = head.parse(limit, claim, eager).await?;
+            if let Some(budget) = budget
+                && let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>()
+            {
+                meta.set_budget(budget);
+            }
             call_boxed(&mut inner, req).await
         })
     }
@@ -531,7 +537,7 @@ pub fn parse_object_within(
                     return Err(over_budget(claim, bytes.len().saturating_add(built)));
                 }
             }
-            Ok((map, BudgetHold { _claim: claim }))
+            Ok((map, BudgetHold { claim }))
         }
         Ok(None) => Err(Error::InvalidBody),
         Err(Unparsed::Json(e)) => Err(Error::InvalidJson(e.to_string())),
@@ -539,11 +545,35 @@ pub fn parse_object_within(
     }
 }
 
-/// Bytes held in a [`BodyBudget`] for a parsed body; given back when
+/// Bytes held in a [`BodyBudget`] for a parsed body, or for what a layer
+/// keeps of an answer (the cache, an answer it will store); given back when
 /// dropped.
 #[derive(Debug)]
 pub struct BudgetHold {
-    _claim: Option<Claim>,
+    claim: Option<Claim>,
+}
+
+impl BudgetHold {
+    /// Nothing held yet in `budget`; with `None`, a hold that counts
+    /// nothing and always has room.
+    pub fn new(budget: Option<&BodyBudget>) -> Self {
+        BudgetHold {
+            claim: budget.map(BodyBudget::claim),
+        }
+    }
+
+    /// Hold `total` bytes in all (more than now, or less): `false`, holding
+    /// what it held, when the budget has no room for them now.
+    pub fn hold(&mut self, total: usize) -> bool {
+        match &mut self.claim {
+            None => true,
+            Some(claim) if total > claim.held() => claim.hold(total),
+            Some(claim) => {
+                claim.shrink_to(total);
+                true
+            }
+        }
+    }
 }
 
 /// The answer to a body whose bytes and value (`needed` bytes so far) the

@@ -21,6 +21,9 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use crate::BodyBudget;
+use crate::budget::Claim;
+
 /// The `data` payload that ends an OpenAI-style stream.
 pub const DONE: &str = "[DONE]";
 
@@ -73,6 +76,16 @@ pub enum SseError {
     #[error("server-sent event is larger than the limit of {limit} bytes")]
     EventTooLarge {
         /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The event being assembled would take the budget it counts against
+    /// ([`Parser::with_budget`]) past its bound: too much is held at once,
+    /// by all requests and streams together.
+    #[error(
+        "server-sent event cannot be held: the bytes held at once would pass the limit of {limit} bytes"
+    )]
+    OverBudget {
+        /// The budget's bound, in bytes.
         limit: usize,
     },
 }
@@ -152,6 +165,18 @@ impl Parser {
             spare_data: Vec::new(),
             spare_names: Vec::new(),
         }
+    }
+
+    /// Count the bytes of the event being assembled (its fields and its
+    /// unfinished line) against `budget` while they are held: when they
+    /// would pass it, [`Parser::push`] fails with [`SseError::OverBudget`].
+    /// Many streams at once could otherwise each hold an event of up to the
+    /// event limit, in each layer that watches them. Events that lie whole
+    /// in the chunk pushed are not held, and cost the budget nothing.
+    /// `None` counts nothing.
+    pub fn with_budget(mut self, budget: Option<&BodyBudget>) -> Self {
+        self.lines.claim = budget.map(BodyBudget::claim);
+        self
     }
 
     /// Feeds the next bytes of the stream. Complete events become available
@@ -466,6 +491,13 @@ impl Outlines {
         }
     }
 
+    /// Count the event being read against `budget` (see
+    /// [`Parser::with_budget`]).
+    pub fn with_budget(mut self, budget: Option<&BodyBudget>) -> Self {
+        self.lines.claim = budget.map(BodyBudget::claim);
+        self
+    }
+
     /// Feeds the next bytes of the stream, calling `each` with every event
     /// they complete, in order. An error from `each` stops the read at that
     /// event and is returned; the rest of `chunk` is not read.
@@ -603,6 +635,8 @@ struct Lines {
     pending_cr: bool,
     /// No line has been completed yet, so a BOM may still start the stream.
     at_stream_start: bool,
+    /// What the held event and line take from a budget, if one counts them.
+    claim: Option<Claim>,
 }
 
 impl Default for Lines {
@@ -611,6 +645,7 @@ impl Default for Lines {
             line: Vec::new(),
             pending_cr: false,
             at_stream_start: true,
+            claim: None,
         }
     }
 }
@@ -673,12 +708,23 @@ impl Lines {
     /// Keep the start of a line that the next chunk finishes, unless it
     /// would take the event past `limit` with the `held` bytes of its fields
     /// read so far.
+    /// The held bytes (`held` and the kept line) are counted against the
+    /// budget, if any.
     fn keep(&mut self, tail: &[u8], held: usize, limit: usize) -> Result<(), SseError> {
-        if tail.is_empty() {
-            return Ok(());
-        }
-        if self.line.len() + held + tail.len() > limit {
+        let total = self.line.len() + held + tail.len();
+        if total > limit {
             return Err(SseError::EventTooLarge { limit });
+        }
+        if let Some(claim) = &mut self.claim {
+            if total > claim.held() {
+                if !claim.hold(total) {
+                    return Err(SseError::OverBudget {
+                        limit: claim.limit(),
+                    });
+                }
+            } else {
+                claim.shrink_to(total);
+            }
         }
         self.line.extend_from_slice(tail);
         Ok(())
@@ -688,8 +734,12 @@ impl Lines {
         self.line.len()
     }
 
+    /// Drops the unfinished line, and gives back what the event held.
     fn clear(&mut self) {
         self.line.clear();
+        if let Some(claim) = &mut self.claim {
+            claim.shrink_to(0);
+        }
     }
 
     /// A new stream follows.
@@ -1039,6 +1089,42 @@ mod tests {
     fn empty_data_line_dispatches_but_no_data_does_not() {
         let events = parse_all(&[b"event: a\n\ndata\n\nevent: b\nid: 3\n\n"]);
         assert_eq!(events, [Event::default()]);
+    }
+
+    #[test]
+    fn held_events_count_against_a_shared_budget_until_they_end() {
+        let budget = BodyBudget::new(100);
+        let mut a = Parser::new().with_budget(Some(&budget));
+        let mut b = Outlines::new().with_budget(Some(&budget));
+        let no_events = |_: Outline<'_>| Ok::<_, SseError>(());
+        // Whole events in one chunk are never held.
+        a.push(b"data: 1\n\n").unwrap();
+        assert_eq!(budget.in_use(), 0);
+        assert_eq!(a.next_event().unwrap().data, "1");
+        // An unfinished line, then an event's fields, are held.
+        a.push(&[b'x'; 60]).unwrap();
+        assert_eq!(budget.in_use(), 60);
+        b.push(b"data: 0123456789\n", no_events).unwrap();
+        assert_eq!(budget.in_use(), 60 + 11);
+        let err = b.push(&[b'y'; 30], no_events).unwrap_err();
+        assert!(matches!(err, SseError::OverBudget { limit: 100 }), "{err}");
+        // The failed event is dropped, and what it held given back.
+        assert_eq!(budget.in_use(), 60);
+        assert!(!b.has_partial());
+        // The event's end gives back what it held.
+        a.push(b"\n\n").unwrap();
+        assert_eq!(a.next_event(), None, "a field without data");
+        assert_eq!(budget.in_use(), 0);
+        let mut b = Outlines::new().with_budget(Some(&budget));
+        b.push(&[b'y'; 90], no_events).unwrap();
+        assert_eq!(budget.in_use(), 90);
+        // So does the end of the stream, or the parser's drop.
+        drop(b);
+        assert_eq!(budget.in_use(), 0);
+        a.push(b"data: 12").unwrap();
+        assert_eq!(budget.in_use(), 8);
+        a.finish();
+        assert_eq!(budget.in_use(), 0);
     }
 
     #[test]

@@ -518,7 +518,8 @@ fn response_ids_redis(settings: &Settings) -> Result<Option<RedisIds>, BuildErro
     }
 }
 
-/// The request bodies held in memory now, and their bound.
+/// The request bodies (and response events) held in memory now, and their
+/// bound.
 fn budget_metrics(budget: BodyBudget) -> Source {
     Box::new(move || {
         let gauge = |name, help, value: usize| Series {
@@ -530,12 +531,12 @@ fn budget_metrics(budget: BodyBudget) -> Source {
         vec![
             gauge(
                 "buffered_body_bytes",
-                "Request body bytes held in memory now",
+                "Request body bytes, and bytes of response events being read, held in memory now",
                 budget.in_use(),
             ),
             gauge(
                 "buffered_body_limit_bytes",
-                "Bound on the request body bytes held at once (max_buffered_body_bytes)",
+                "Bound on the request body and response event bytes held at once (max_buffered_body_bytes)",
                 budget.limit(),
             ),
         ]

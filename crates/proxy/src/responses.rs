@@ -46,8 +46,8 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use llm_proxy_core::sse::{Outlines, SseError};
 use llm_proxy_core::{
-    Body, BoxError, ConversationPath, Endpoint, Error, PinnedUpstream, RequestMeta, UpstreamName,
-    conversation_path,
+    Body, BodyBudget, BoxError, ConversationPath, Endpoint, Error, PinnedUpstream, RequestMeta,
+    UpstreamName, conversation_path,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -449,6 +449,7 @@ where
             let owner = meta
                 .and_then(RequestMeta::identity)
                 .map(|identity| identity.name.clone());
+            let budget = meta.and_then(RequestMeta::budget).cloned();
             let named = Named::of(&req, endpoint)?;
             let mut pinned = false;
             if let Some((id, param)) = named.response {
@@ -516,6 +517,7 @@ where
             let sse =
                 kind == Kind::Response && llm_proxy_core::media::is_event_stream(resp.headers());
             let home = Home { upstream, owner };
+            let sse = sse.then_some(budget);
             Ok(resp.map(|body| IdTap::new(body, sse, ids, kind, home).boxed_unsync()))
         })
     }
@@ -633,11 +635,18 @@ pin_project_lite::pin_project! {
 }
 
 impl IdTap {
-    fn new(inner: Body, sse: bool, ids: Arc<ResponseIds>, kind: Kind, home: Home) -> Self {
-        let tap = if sse {
-            Tap::Sse(Box::default())
-        } else {
-            Tap::Json(Box::default())
+    /// `sse`: the answer is an event stream, whose held event counts
+    /// against this budget.
+    fn new(
+        inner: Body,
+        sse: Option<Option<BodyBudget>>,
+        ids: Arc<ResponseIds>,
+        kind: Kind,
+        home: Home,
+    ) -> Self {
+        let tap = match sse {
+            Some(budget) => Tap::Sse(Box::new(Outlines::new().with_budget(budget.as_ref()))),
+            None => Tap::Json(Box::default()),
         };
         IdTap {
             inner,

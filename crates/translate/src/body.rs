@@ -68,6 +68,13 @@ impl<B> TranslateBody<B> {
             phase: Phase::Streaming,
         }
     }
+
+    /// Count the upstream's event held while it is read against `budget`
+    /// (see [`Parser::with_budget`]).
+    pub(crate) fn with_budget(mut self, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
+        self.parser = std::mem::take(&mut self.parser).with_budget(budget);
+        self
+    }
 }
 
 /// Queue the client's error event and start failing; `upstream`: the

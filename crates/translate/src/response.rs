@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, Dialect, Error, UpstreamName};
+use llm_proxy_core::{Body, BodyBudget, Dialect, Error, UpstreamName};
 use serde_json::{Value, json};
 
 use crate::body::TranslateBody;
@@ -79,13 +79,25 @@ impl Translation {
     }
 }
 
-/// Translate the upstream's response for the client, who asked for a
-/// stream when `streamed`.
+/// How one answer is translated.
+pub(crate) struct Translating {
+    pub(crate) translation: Translation,
+    /// The client asked for a stream.
+    pub(crate) streamed: bool,
+    /// What the events of a streamed answer hold counts against.
+    pub(crate) budget: Option<BodyBudget>,
+}
+
+/// Translate the upstream's response for the client.
 pub(crate) async fn translate(
     resp: Response<Body>,
-    translation: Translation,
-    streamed: bool,
+    translating: Translating,
 ) -> Result<Response<Body>, Error> {
+    let Translating {
+        translation,
+        streamed,
+        budget,
+    } = translating;
     let (mut parts, body) = resp.into_parts();
     let upstream: Arc<str> = parts
         .extensions
@@ -114,7 +126,7 @@ pub(crate) async fn translate(
             return Err(bad("the upstream streamed an answer asked for whole".into()));
         }
         parts.headers.remove(header::CONTENT_LENGTH);
-        let body = TranslateBody::new(body, translation.into_stream());
+        let body = TranslateBody::new(body, translation.into_stream()).with_budget(budget.as_ref());
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     }
     let bytes = collect(body, MAX_ANSWER_BYTES).await.map_err(bad)?;
@@ -456,7 +468,12 @@ mod whole_answer_to_a_stream_tests {
         for (api, body) in cases {
             for streamed in [false, true] {
                 let resp = Response::new(llm_proxy_core::full(body));
-                let result = translate(resp, translation(api), streamed).await;
+                let translating = Translating {
+                    translation: translation(api),
+                    streamed,
+                    budget: None,
+                };
+                let result = translate(resp, translating).await;
                 assert!(
                     matches!(result, Err(Error::BadGateway { .. })),
                     "{body} (streamed: {streamed}): {:?}",
@@ -480,7 +497,12 @@ mod whole_answer_to_a_stream_tests {
                 .header(header::CONTENT_TYPE, "text/event-stream")
                 .body(llm_proxy_core::full(sse))
                 .unwrap();
-            let result = translate(resp, translation, false).await;
+            let translating = Translating {
+                translation,
+                streamed: false,
+                budget: None,
+            };
+            let result = translate(resp, translating).await;
             match result {
                 Err(Error::BadGateway { reason, .. }) => {
                     assert!(reason.contains("streamed"), "{reason}");

@@ -12,7 +12,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::config::{Direction, Plan, TranslateConfig};
-use crate::response::{self, Translation};
+use crate::response::{self, Translating, Translation};
 use crate::{chat_over_messages, messages_over_chat, responses_over_chat};
 
 /// Wraps one upstream's service in a [`Translate`] service.
@@ -152,13 +152,26 @@ where
             Plan::Translate(direction) => match prepare(direction, &mut req) {
                 Err(error) => State::Failed { error: Some(error) },
                 Ok((translation, asked_usage, streamed)) => {
+                    let budget = req
+                        .extensions()
+                        .get::<RequestMeta>()
+                        .and_then(RequestMeta::budget)
+                        .cloned();
                     // Should the upstream refuse the `stream_options` the
                     // translation added, the request goes once more
                     // without: a copy of its head (the body is in its
                     // `RequestMeta`) and a clone of the service, readied
                     // only then.
                     let again = asked_usage.then(|| (copy_request(&req), self.inner.clone()));
-                    let future = translated(self.inner.call(req), translation, streamed, again);
+                    let future = translated(
+                        self.inner.call(req),
+                        Translating {
+                            translation,
+                            streamed,
+                            budget,
+                        },
+                        again,
+                    );
                     State::Translated { future }
                 }
             },
@@ -172,8 +185,7 @@ where
 /// the upstream refuse them (see [`refuses_stream_options`]).
 fn translated<F, S>(
     answer: F,
-    translation: Translation,
-    streamed: bool,
+    translating: Translating,
     again: Option<(Request<Body>, S)>,
 ) -> Translated
 where
@@ -201,7 +213,7 @@ where
                 first
             };
         }
-        response::translate(answer, translation, streamed).await
+        response::translate(answer, translating).await
     })
 }
 

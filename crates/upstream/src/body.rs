@@ -127,6 +127,17 @@ impl UpstreamBody {
         }
     }
 
+    /// Count the watched stream's held event against `budget` (see
+    /// [`Outlines::with_budget`]): past it, the stream is cut as one whose
+    /// event is too large.
+    pub(crate) fn with_budget(mut self, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
+        if let (Some(watch), Some(_)) = (&mut self.watch, budget) {
+            let outlines = std::mem::take(&mut watch.outlines);
+            watch.outlines = outlines.with_budget(budget);
+        }
+        self
+    }
+
     /// Give `lease` back to its pool when the body has been received whole.
     pub(crate) fn with_lease(mut self, lease: Option<Lease>) -> Self {
         self.lease = lease;

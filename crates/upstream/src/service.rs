@@ -11,7 +11,9 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName};
+use llm_proxy_core::{
+    Body, BodyBudget, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName,
+};
 use tower_service::Service;
 
 use crate::body::{UploadClock, Uploading, UpstreamBody};
@@ -302,6 +304,8 @@ struct Outgoing {
     /// For a body still coming from the client: the time it waits for the
     /// client's bytes.
     uploaded: Option<Arc<UploadClock>>,
+    /// What a watched answer's held events count against.
+    budget: Option<BodyBudget>,
 }
 
 /// An answer's head as it came (with the pool's connection, if it lent one),
@@ -326,6 +330,7 @@ pin_project_lite::pin_project! {
     struct Exchange<P> {
         upstream: Upstream,
         endpoint: Endpoint,
+        budget: Option<BodyBudget>,
         #[pin]
         state: Sending<P>,
     }
@@ -357,7 +362,7 @@ impl<P: PoolSend> Future for Exchange<P> {
             }),
             SendingProj::Refused { refusal } => return refusal.poll(cx),
         };
-        Poll::Ready(upstream.answer(sent, *this.endpoint))
+        Poll::Ready(upstream.answer(sent, *this.endpoint, this.budget.as_ref()))
     }
 }
 
@@ -435,12 +440,14 @@ impl Upstream {
             req: out,
             endpoint,
             uploaded,
+            budget,
         } = match self.prepare(req) {
             Ok(outgoing) => outgoing,
             Err(e) => {
                 return Exchange {
                     upstream: self,
                     endpoint: Endpoint::Passthrough,
+                    budget: None,
                     state: Sending::Refused {
                         refusal: std::future::ready(Err(e)),
                     },
@@ -470,6 +477,7 @@ impl Upstream {
         Exchange {
             upstream: self,
             endpoint,
+            budget,
             state,
         }
     }
@@ -484,6 +492,7 @@ impl Upstream {
             .or_else(|| Endpoint::from_path(parts.uri.path()))
             .unwrap_or(Endpoint::Passthrough);
         let buffered = meta.and_then(RequestMeta::body_for_upstream);
+        let budget = meta.and_then(RequestMeta::budget).cloned();
         let buffered_body = buffered.is_some();
         let client_length = parts.headers.remove(header::CONTENT_LENGTH);
         headers::strip_request(&mut parts.headers);
@@ -541,13 +550,19 @@ impl Upstream {
             req: out,
             endpoint,
             uploaded,
+            budget,
         })
     }
 
     /// The upstream's answer (`None`: no head within the first-byte
     /// timeout) made the client's: checked, its head marked, its body
     /// watched and tied to its connection.
-    fn answer(&self, sent: Option<Sent>, endpoint: Endpoint) -> Result<Response<Body>, Error> {
+    fn answer(
+        &self,
+        sent: Option<Sent>,
+        endpoint: Endpoint,
+        budget: Option<&BodyBudget>,
+    ) -> Result<Response<Body>, Error> {
         let (resp, lease) = match sent {
             None => {
                 return Err(Error::UpstreamTimeout {
@@ -586,6 +601,7 @@ impl Upstream {
             watch,
             self.inner.name.0.clone(),
         )
+        .with_budget(budget)
         .with_lease(lease);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
