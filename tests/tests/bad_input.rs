@@ -1133,6 +1133,63 @@ async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
 }
 
 #[tokio::test]
+async fn unread_h2c_streams_cannot_hide_behind_a_waiting_one() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "send_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    let post = |headers: &[(&str, &str)]| {
+        let mut req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
+            "m", true,
+        ))))
+        .unwrap()
+    };
+    // Two long streams the client never reads.
+    let mut unread = Vec::new();
+    for _ in 0..2 {
+        let resp = sender
+            .clone()
+            .send_request(post(&[("x-mock-tokens", "1000000")]))
+            .await
+            .expect("a head");
+        assert_eq!(resp.status(), 200);
+        unread.push(resp);
+    }
+    // One whose upstream takes far longer than the timeout to answer: it
+    // does not keep the connection open for the unread ones.
+    let mut waiting = sender.clone();
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        HANG,
+        waiting.send_request(post(&[("x-mock-latency-ms", "20000")])),
+    )
+    .await
+    .expect("the connection is closed within the bound");
+    assert!(answer.is_err(), "closed before the waiting stream's answer");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    eventually("the upstream requests cancelled", || {
+        up.stats.cancelled() == 2 && up.stats.in_flight() == 0
+    })
+    .await;
+    drop(unread);
+}
+
+#[tokio::test]
 async fn a_body_that_parses_into_far_more_than_its_bytes_is_counted_as_such() {
     let up = mock_named("m").await;
     let p = proxy(&format!(

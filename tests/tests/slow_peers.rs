@@ -529,6 +529,99 @@ async fn a_stalled_streamed_upload_is_408_and_its_upstream_request_dropped() {
     );
 }
 
+/// A body the proxy buffers, sent a byte at a time, steadily enough for
+/// the per-read bound, is 408 once it has not come whole within
+/// `request_body_timeout_ms`; a passthrough upload at the same pace,
+/// streamed on to its upstream, has no such bound.
+#[tokio::test]
+async fn a_trickled_buffered_body_is_408_at_its_deadline_and_an_upload_is_not() {
+    let addr = raw_upstream(|mut conn| async move {
+        if let Some((_, body)) = read_request(&mut conn).await {
+            let answer = format!("{{\"received\":{}}}", body.len());
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                answer.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(answer.as_bytes()).await;
+        }
+    })
+    .await;
+    let p = proxy(&format!(
+        "header_read_timeout_ms = 1000\nrequest_body_timeout_ms = 1500\n{}",
+        one_upstream(
+            &format!("http://{addr}/v1"),
+            "first_byte_timeout_ms = 20000"
+        )
+    ))
+    .await;
+    // 30 bytes, one every 200 ms: 6 s in all, never 1 s without a byte.
+    let trickle = |head: String, body: &'static [u8]| {
+        let addr = p.addr;
+        async move {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            conn.write_all(head.as_bytes()).await.unwrap();
+            let started = std::time::Instant::now();
+            let (mut answer, mut buf) = (Vec::new(), vec![0u8; 4096]);
+            let mut pos = 0usize;
+            let result = tokio::time::timeout(HANG, async {
+                loop {
+                    tokio::select! {
+                        read = conn.read(&mut buf) => match read {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                answer.extend_from_slice(&buf[..n]);
+                                if answer.windows(4).any(|w| w == b"\r\n\r\n")
+                                    && answer.ends_with(b"}")
+                                {
+                                    break;
+                                }
+                            }
+                        },
+                        _ = tokio::time::sleep(Duration::from_millis(200)), if pos < body.len() => {
+                            if conn.write_all(&body[pos..=pos]).await.is_err() {
+                                break;
+                            }
+                            pos += 1;
+                        }
+                    }
+                }
+            })
+            .await;
+            assert!(result.is_ok(), "answered within the bound");
+            (
+                String::from_utf8_lossy(&answer).into_owned(),
+                started.elapsed(),
+            )
+        }
+    };
+    const CHAT: &[u8] = br#"{"model":"m","messages":[]}   "#;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        CHAT.len()
+    );
+    let (text, took) = trickle(head, CHAT).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    assert!(text.contains("did not come whole within 1500 ms"), "{text}");
+    assert!(
+        took < Duration::from_secs(5),
+        "cut at its deadline: {took:?}"
+    );
+
+    const FILE: &[u8] = b"0123456789abcdefghijklmnopqrst";
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n\
+         content-length: {}\r\n\r\n",
+        FILE.len()
+    );
+    let (text, took) = trickle(head, FILE).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("{\"received\":30}"), "{text}");
+    assert!(took > Duration::from_secs(5), "{took:?}");
+}
+
 /// An HTTP/2 request whose body stops coming (no `END_STREAM`) is 408 as
 /// on HTTP/1.1, and the connection's other streams are unaffected.
 #[tokio::test]

@@ -94,6 +94,13 @@ pub enum Error {
         /// The wait, in milliseconds.
         waited_ms: u64,
     },
+    /// The client sent a body the proxy buffers too slowly: it did not come
+    /// whole within the proxy's bound on the whole body.
+    #[error("the request body did not come whole within {within_ms} ms: the request is abandoned")]
+    RequestBodyTooSlow {
+        /// The bound, in milliseconds.
+        within_ms: u64,
+    },
     /// Buffering this request's body would pass the proxy's bound on the
     /// request bodies it holds in memory at once (all requests together).
     #[error("the proxy holds {limit} bytes of request bodies already; retry shortly")]
@@ -201,7 +208,7 @@ impl Error {
             | RouteNotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RequestTooLarge { .. } | ParsedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            RequestTimeout { .. } | RequestBodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             UnsupportedMediaType(_) | UnsupportedContentEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
@@ -226,6 +233,7 @@ impl Error {
             | RequestTooLarge { .. }
             | ParsedTooLarge { .. }
             | RequestTimeout { .. }
+            | RequestBodyTooSlow { .. }
             | UnsupportedMediaType(_)
             | UnsupportedContentEncoding(_) => "invalid_request_error",
             InvalidApiKey => "authentication_error",
@@ -261,7 +269,7 @@ impl Error {
             RouteNotFound(_) => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             RequestTooLarge { .. } | ParsedTooLarge { .. } => "request_too_large",
-            RequestTimeout { .. } => "request_timeout",
+            RequestTimeout { .. } | RequestBodyTooSlow { .. } => "request_timeout",
             UnsupportedMediaType(_) | UnsupportedContentEncoding(_) => "unsupported_media_type",
             RateLimited { .. } => "rate_limit_exceeded",
             BadGateway { .. } => "bad_gateway",

@@ -71,7 +71,7 @@ pub use endpoint::{
 pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE, MAX_MESSAGE_BYTES};
 pub use meta::{GenerationCaps, Identity, ModelAllowlist, RequestMeta};
 pub use parse::{
-    BudgetHold, Parse, ParseLayer, ParseLimits, json_from_slice, parse, parse_object,
+    BudgetHold, Parse, ParseLayer, ParseLimits, buffers_body, json_from_slice, parse, parse_object,
     parse_object_within, parse_within,
 };
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};

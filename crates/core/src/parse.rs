@@ -419,6 +419,14 @@ fn content_coding(headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// Whether the parse layer reads this request's whole body into memory
+/// before the layers below see it: a model route's, or a JSON one on
+/// another route. Other bodies stream on to the upstream as they come.
+pub fn buffers_body(method: &http::Method, path: &str, headers: &HeaderMap) -> bool {
+    Endpoint::from_path(path).is_some_and(Endpoint::has_model_body)
+        || (matches!(json_content_type(headers), Ok(Ok(()))) && carries_body(method, headers))
+}
+
 fn carries_body(method: &http::Method, headers: &HeaderMap) -> bool {
     if content_length(headers) == Some(0) {
         return false;

@@ -260,6 +260,7 @@ impl Proxy {
                 serve_metrics: settings.metrics_listen.is_none(),
                 // One knob for slow clients, head and body alike.
                 body_read_timeout: settings.header_read_timeout,
+                buffered_body_timeout: settings.request_body_timeout,
             },
         );
         Ok(Proxy {

@@ -93,6 +93,9 @@ pub struct Config {
     /// Clients that take longer to send their request head are cut off.
     #[serde(default = "defaults::header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
+    /// A request body the proxy buffers must come whole within this long.
+    #[serde(default = "defaults::request_body_timeout_ms")]
+    pub request_body_timeout_ms: u64,
     /// A connection whose client takes none of its answers' bytes for this
     /// long is closed (nginx's `send_timeout`).
     #[serde(default = "defaults::send_timeout_ms")]
@@ -381,6 +384,9 @@ mod defaults {
     pub fn send_timeout_ms() -> u64 {
         60_000
     }
+    pub fn request_body_timeout_ms() -> u64 {
+        60_000
+    }
     pub fn max_connections() -> usize {
         10_000
     }
@@ -534,6 +540,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Header read timeout.
     pub header_read_timeout: Duration,
+    /// The longest a body the proxy buffers may take to come whole.
+    pub request_body_timeout: Duration,
     /// Send timeout: how long a client may take none of its answers' bytes.
     pub send_timeout: Duration,
     /// Connection limit.
@@ -821,6 +829,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
     };
     for (key, ms) in [
         ("header_read_timeout_ms", cfg.header_read_timeout_ms),
+        ("request_body_timeout_ms", cfg.request_body_timeout_ms),
         ("send_timeout_ms", cfg.send_timeout_ms),
     ] {
         positive_ms(path, src, &[Seg::Key(key)], &format!("`{key}`"), ms)?;
@@ -1084,6 +1093,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             cfg.drain_timeout_secs,
         )?,
         header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+        request_body_timeout: Duration::from_millis(cfg.request_body_timeout_ms),
         send_timeout: Duration::from_millis(cfg.send_timeout_ms),
         max_connections: cfg.max_connections,
         workers: match cfg.workers {

@@ -24,7 +24,10 @@
 //! On HTTP/2, one stream the client leaves unread beside others that wait
 //! for their upstream or are read does not close the connection (it would
 //! take the healthy streams with it; HTTP/2's flow control bounds what the
-//! unread one holds); when every stream on it is unread, it is closed.
+//! unread one holds); when every stream on it is unread, it is closed, and
+//! so it is when two or more are unread and no body of it has been asked
+//! for more for the timeout: else a client could leave 127 streams unread,
+//! each holding a model server's slot, beside one that always waits.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -232,7 +235,10 @@ impl Activity {
             }
             let now_polls = self.body_polls.load(Ordering::Relaxed);
             let unsent = self.unsent.load(Ordering::Relaxed);
-            let all_unsent = unsent > 0 && unsent >= self.in_flight.load(Ordering::Acquire);
+            // One unread stream beside streams that wait is left to flow
+            // control; more are not.
+            let all_unsent =
+                unsent > 0 && (unsent >= 2 || unsent >= self.in_flight.load(Ordering::Acquire));
             if now_polls != polls || !all_unsent {
                 polls = now_polls;
                 since = Instant::now();

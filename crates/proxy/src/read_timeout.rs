@@ -1,12 +1,24 @@
-//! A bound on the wait for each piece of a client's request body.
+//! A bound on the wait for each piece of a client's request body, and on
+//! the whole of a body the proxy buffers.
 //!
 //! hyper bounds the wait for a request's head (`header_read_timeout`), not
 //! for its body: a client that sends a head, then one byte of its body a
 //! minute, would hold its connection, its permit and up to `max_body_bytes`
 //! of buffer for as long as it likes. [`ReadTimeout`] fails the body with
 //! [`Error::RequestTimeout`] (408) when no frame comes for the timeout, as
-//! nginx's `client_body_timeout` does. A body that is there at once (the
-//! usual small request, read with its head) never arms a timer.
+//! nginx's `client_body_timeout` does.
+//!
+//! A wait per piece does not bound a body sent a byte every few seconds: it
+//! would hold its connection and, when the proxy buffers it, its share of
+//! `max_buffered_body_bytes` for hours (one HTTP/2 connection's 128 streams
+//! of 4 MiB each are half the default budget). A body the proxy buffers
+//! has a deadline too ([`ReadTimeout::with_deadline`]): it must come whole
+//! within it, counted from the first wait for it, or it fails with
+//! [`Error::RequestBodyTooSlow`] (408). A body streamed on to the upstream (a
+//! file upload) has none: the upstream takes it at its own pace.
+//!
+//! A body that is there at once (the usual small request, read with its
+//! head) never arms a timer nor reads the clock.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -23,6 +35,10 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         timeout: Duration,
+        // The bound on the whole body, if any, and once the body is first
+        // waited for, when it ends.
+        whole: Option<Duration>,
+        deadline: Option<Instant>,
         // Made on the first wait, reset after a frame came.
         sleep: Option<Pin<Box<Sleep>>>,
         // A frame came since the timer was last set.
@@ -35,9 +51,17 @@ impl<B> ReadTimeout<B> {
         ReadTimeout {
             inner,
             timeout,
+            whole: None,
+            deadline: None,
             sleep: None,
             progressed: false,
         }
+    }
+
+    /// The whole body must come within `whole` of the first wait for it.
+    pub(crate) fn with_deadline(mut self, whole: Option<Duration>) -> Self {
+        self.whole = whole;
+        self
     }
 }
 
@@ -62,15 +86,32 @@ where
         let sleep = match this.sleep {
             Some(sleep) => {
                 if std::mem::take(this.progressed) {
-                    sleep.as_mut().reset(Instant::now() + timeout);
+                    sleep
+                        .as_mut()
+                        .reset(until(Instant::now() + timeout, *this.deadline));
                 }
                 sleep
             }
-            None => this.sleep.insert(Box::pin(tokio::time::sleep(timeout))),
+            None => {
+                let now = Instant::now();
+                *this.deadline = this.whole.map(|whole| now + whole);
+                let first = until(now + timeout, *this.deadline);
+                this.sleep.insert(Box::pin(tokio::time::sleep_until(first)))
+            }
         };
         ready!(sleep.as_mut().poll(cx));
-        let waited_ms = u64::try_from(this.timeout.as_millis()).unwrap_or(u64::MAX);
-        Poll::Ready(Some(Err(Box::new(Error::RequestTimeout { waited_ms }))))
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let error = match (*this.whole, *this.deadline) {
+            (Some(whole), Some(deadline)) if sleep.deadline() >= deadline => {
+                Error::RequestBodyTooSlow {
+                    within_ms: ms(whole),
+                }
+            }
+            _ => Error::RequestTimeout {
+                waited_ms: ms(timeout),
+            },
+        };
+        Poll::Ready(Some(Err(Box::new(error))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -80,6 +121,11 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// `next`, or the deadline when it comes first.
+fn until(next: Instant, deadline: Option<Instant>) -> Instant {
+    deadline.map_or(next, |deadline| next.min(deadline))
 }
 
 #[cfg(test)]
@@ -120,6 +166,43 @@ mod tests {
         assert_eq!(err.status(), http::StatusCode::REQUEST_TIMEOUT);
         assert_eq!(err.code(), "request_timeout");
         drop(feeder.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_trickle_fails_at_the_deadline_for_the_whole_body() {
+        // A byte every 5 s: never 10 s without one, but the whole body is
+        // not there 12 s after the first wait.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let body = StreamBody::new(tokio_stream_shim(rx));
+        let mut body = std::pin::pin!(
+            ReadTimeout::new(body, Duration::from_secs(10))
+                .with_deadline(Some(Duration::from_secs(12)))
+        );
+        let feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let start = Instant::now();
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(body.frame().await.unwrap().is_ok());
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(12));
+        let err = err.downcast::<Error>().unwrap();
+        assert!(matches!(
+            *err,
+            Error::RequestBodyTooSlow { within_ms: 12_000 }
+        ));
+        assert_eq!(err.status(), http::StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(err.code(), "request_timeout");
+        feeder.abort();
     }
 
     /// The receiver as a stream, without a dependency for one adapter.

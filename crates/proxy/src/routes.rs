@@ -159,6 +159,9 @@ pub struct FaceOptions {
     pub serve_metrics: bool,
     /// The longest wait for each piece of a request body ([`ReadTimeout`]).
     pub body_read_timeout: Duration,
+    /// The longest a body the proxy buffers may take to come whole
+    /// ([`ReadTimeout::with_deadline`]).
+    pub buffered_body_timeout: Duration,
 }
 
 /// The proxy as one tower `Service` over any request body: what the server
@@ -437,7 +440,10 @@ where
             upstream: None,
         })
     });
-    let req = req.map(|body| ReadTimeout::new(body, shared.options.body_read_timeout));
+    let whole = llm_proxy_core::buffers_body(req.method(), req.uri().path(), req.headers())
+        .then_some(shared.options.buffered_body_timeout);
+    let req = req
+        .map(|body| ReadTimeout::new(body, shared.options.body_read_timeout).with_deadline(whole));
     // The stack is called here, before the future: what it answers is all
     // the future holds of it.
     let answer = match Way::of(shared, route, &req) {
