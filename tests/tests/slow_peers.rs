@@ -606,6 +606,11 @@ async fn a_trickled_buffered_body_is_408_at_its_deadline_and_an_upload_is_not() 
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     assert!(text.contains("did not come whole within 1500 ms"), "{text}");
     assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "the 408 says the connection closes: {text}"
+    );
+    assert!(
         took < Duration::from_secs(5),
         "cut at its deadline: {took:?}"
     );

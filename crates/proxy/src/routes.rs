@@ -486,7 +486,7 @@ where
             && status == StatusCode::REQUEST_TIMEOUT
             && matches!(
                 resp.extensions().get::<Error>(),
-                Some(Error::RequestTimeout { .. })
+                Some(Error::RequestTimeout { .. } | Error::RequestBodyTooSlow { .. })
             )
         {
             resp.headers_mut()
