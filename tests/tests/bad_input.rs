@@ -853,6 +853,45 @@ async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
 }
 
 #[tokio::test]
+async fn an_endless_event_under_auth_and_translation_is_cut_and_gives_back_the_budget() {
+    // A Messages client over a chat upstream, with a token limit: the
+    // upstream client's check, auth's usage watch and the translation
+    // each read the stream.
+    let mut stream =
+        br#"data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":""#
+            .to_vec();
+    stream.resize(stream.len() + (3 << 20), b'a');
+    stream.extend_from_slice(b"\"}}]}\n\ndata: [DONE]\n\n");
+    let (up, _) = large_answer_upstream("text/event-stream", stream).await;
+    let p = proxy(&format!(
+        "max_body_bytes = 65536\nmax_buffered_body_bytes = 1048576\n{}\n\
+         [auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 100000\n",
+        one_upstream(&format!("http://{up}"), "")
+    ))
+    .await;
+    let body = r#"{"model":"m","max_tokens":10,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/messages"),
+            &[("x-api-key", "sk-t"), ("anthropic-version", "2023-06-01")],
+            body,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (body, _) = read_stream(resp).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("event: error"),
+        "{}",
+        &text[text.len().saturating_sub(600)..]
+    );
+    assert!(!text.contains("message_stop"));
+    wait_buffered(&p, 0).await;
+}
+
+#[tokio::test]
 async fn an_answer_the_buffer_budget_cannot_hold_is_not_cached() {
     let content = "a".repeat(600 << 10);
     let answer = serde_json::json!({
