@@ -683,6 +683,27 @@ async fn buffered_bytes(p: &TestProxy) -> u64 {
         .unwrap_or_else(|| panic!("no buffered_body_bytes gauge in {metrics}"))
 }
 
+/// `llm_proxy_buffered_answer_bytes` from the proxy's metrics.
+async fn answer_bytes(p: &TestProxy) -> u64 {
+    let metrics = p.metrics().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("llm_proxy_buffered_answer_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no buffered_answer_bytes gauge in {metrics}"))
+}
+
+async fn wait_answers(p: &TestProxy, bytes: u64) {
+    let deadline = tokio::time::Instant::now() + HANG;
+    while answer_bytes(p).await != bytes {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {bytes} answer bytes held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn wait_buffered(p: &TestProxy, bytes: u64) {
     let deadline = tokio::time::Instant::now() + HANG;
     while buffered_bytes(p).await != bytes {
@@ -793,7 +814,8 @@ async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
     let (up, _) = large_answer_upstream("text/event-stream", stream).await;
     let config = |budget: &str| {
         format!(
-            "max_body_bytes = 65536\n{budget}\n{}\n[cache]\nbackend = \"memory\"\n",
+            "max_body_bytes = 65536\n{budget}\n{}\n[cache]\nbackend = \"memory\"\n\
+             [balance]\neject_after_failures = 1\n",
             one_upstream(&format!("http://{up}"), "")
         )
     };
@@ -836,20 +858,27 @@ async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
     );
     assert!(!text.contains("[DONE]"));
     wait_buffered(&tight, 0).await;
-    // Nothing was stored: the next request goes upstream, and is cut again.
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &tight.url("/v1/chat/completions"),
-            &[],
-            chat("m", true),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(resp.headers()["x-llm-proxy-cache"], "miss");
-    let (body, _) = read_stream(resp).await;
-    assert!(String::from_utf8_lossy(&body).contains("cannot be held"));
+    wait_answers(&tight, 0).await;
+    // Nothing was stored: the next requests go upstream, and are cut again.
+    // The proxy's memory is not the upstream's fault: no ejection.
+    for _ in 0..3 {
+        let resp = client()
+            .request(request(
+                Method::POST,
+                &tight.url("/v1/chat/completions"),
+                &[],
+                chat("m", true),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-llm-proxy-cache"], "miss");
+        let (body, _) = read_stream(resp).await;
+        assert!(String::from_utf8_lossy(&body).contains("cannot be held"));
+    }
+    wait_answers(&tight, 0).await;
     wait_buffered(&tight, 0).await;
+    let readyz = send(request(Method::GET, &tight.url("/readyz"), &[], "")).await;
+    assert_eq!(readyz.status, 200, "the upstream was ejected");
 }
 
 #[tokio::test]
@@ -888,6 +917,7 @@ async fn an_endless_event_under_auth_and_translation_is_cut_and_gives_back_the_b
         &text[text.len().saturating_sub(600)..]
     );
     assert!(!text.contains("message_stop"));
+    wait_answers(&p, 0).await;
     wait_buffered(&p, 0).await;
 }
 
@@ -919,6 +949,7 @@ async fn an_answer_the_buffer_budget_cannot_hold_is_not_cached() {
             calls,
             "budget {budget:?}"
         );
+        wait_answers(&p, 0).await;
         wait_buffered(&p, 0).await;
     }
 }
@@ -1198,20 +1229,30 @@ async fn unread_h2c_streams_cannot_hide_behind_a_waiting_one() {
         ))))
         .unwrap()
     };
-    // Two long streams the client never reads.
+    // Seven long streams the client never reads, beside one whose upstream
+    // takes three timeouts to answer: left to flow control.
     let mut unread = Vec::new();
-    for _ in 0..2 {
-        let resp = sender
-            .clone()
-            .send_request(post(&[("x-mock-tokens", "1000000")]))
-            .await
-            .expect("a head");
-        assert_eq!(resp.status(), 200);
-        unread.push(resp);
+    let open_unread = || {
+        let sender = sender.clone();
+        let req = post(&[("x-mock-tokens", "1000000")]);
+        async move {
+            let resp = sender.clone().send_request(req).await.expect("a head");
+            assert_eq!(resp.status(), 200);
+            resp
+        }
+    };
+    for _ in 0..7 {
+        unread.push(open_unread().await);
     }
-    // One whose upstream takes far longer than the timeout to answer: it
-    // does not keep the connection open for the unread ones.
     let mut waiting = sender.clone();
+    let answer = waiting
+        .send_request(post(&[("x-mock-latency-ms", "1000")]))
+        .await
+        .expect("answered");
+    let (body, broken) = read_stream(answer).await;
+    assert!(!broken && String::from_utf8_lossy(&body).contains("data: [DONE]"));
+    // Eight: the connection is closed, though a stream still waits.
+    unread.push(open_unread().await);
     let started = std::time::Instant::now();
     let answer = tokio::time::timeout(
         HANG,
@@ -1222,7 +1263,7 @@ async fn unread_h2c_streams_cannot_hide_behind_a_waiting_one() {
     assert!(answer.is_err(), "closed before the waiting stream's answer");
     assert!(started.elapsed() < Duration::from_secs(10));
     eventually("the upstream requests cancelled", || {
-        up.stats.cancelled() == 2 && up.stats.in_flight() == 0
+        up.stats.cancelled() == 8 && up.stats.in_flight() == 0
     })
     .await;
     drop(unread);

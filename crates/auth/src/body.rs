@@ -246,7 +246,7 @@ impl UsageBody {
             inner,
             watch: match sse {
                 Some(kind) => Watch::Sse {
-                    parser: Box::new(Parser::new().with_budget(budget)),
+                    parser: Box::new(Parser::new().counted_in(budget)),
                     stream: StreamUsage::new(kind),
                 },
                 None if json => Watch::Json(Vec::new()),
@@ -256,7 +256,7 @@ impl UsageBody {
             reconcile: Some(reconcile),
         };
         if strip && sse.is_some() {
-            Body::new(UsageFilter::new(watched).with_budget(budget))
+            Body::new(UsageFilter::new(watched).counted_in(budget))
         } else {
             Body::new(watched)
         }

@@ -100,7 +100,7 @@ impl Watch {
     pub fn sse(kind: StreamKind, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
         Watch::Sse(Box::new(SseWatch {
             kind,
-            parser: Parser::new().with_budget(budget),
+            parser: Parser::new().counted_in(budget),
             frames: 0,
             done: false,
             broken: false,

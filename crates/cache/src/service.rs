@@ -577,7 +577,7 @@ where
         held: plan
             .budget
             .as_ref()
-            .map(|budget| BudgetHold::new(Some(budget))),
+            .map(|budget| BudgetHold::for_answer(Some(budget))),
         storable: !fallback,
         handed_over: false,
     };
@@ -605,7 +605,7 @@ fn to_client(
 ) -> Response<Body> {
     let body = if plan.strips_usage() {
         parts.headers.remove(header::CONTENT_LENGTH);
-        Body::new(UsageFilter::new(body).with_budget(plan.budget.as_ref()))
+        Body::new(UsageFilter::new(body).counted_in(plan.budget.as_ref()))
     } else {
         body
     };

@@ -12,16 +12,22 @@
 //! 1`, before more of it is read. Only bytes that came count: a head that
 //! announces a large body and sends nothing takes nothing.
 //!
-//! The same budget bounds the response side: an upstream's event stream is
-//! read, as it passes, by several layers at once (the upstream client's
-//! check, the cache's tee, auth's usage count, translation), and each holds
-//! an event that spans chunks until its end, up to the event limit
+//! The same bound, in a pool of its own, holds on the answer side: an
+//! upstream's event stream is read, as it passes, by several layers at once
+//! (the upstream client's check, the cache's tee, auth's usage count,
+//! translation), and each holds an event that spans chunks until its end,
+//! up to the event limit
 //! ([`DEFAULT_MAX_EVENT_BYTES`](crate::sse::DEFAULT_MAX_EVENT_BYTES)). An
 //! upstream that sends one endless event on many streams would otherwise
-//! hold that much per layer per stream. Each of those parsers counts what
-//! it holds ([`Parser::with_budget`](crate::sse::Parser::with_budget)); one
-//! that would pass the budget cuts its stream as broken. Events that lie
-//! whole in the chunk that brought them, the usual case, are never held.
+//! hold that much per layer per stream. Each of those parsers counts what it
+//! holds ([`Parser::counted_in`](crate::sse::Parser::counted_in)); the
+//! upstream client's check, which reads each chunk first and can end the
+//! stream with an error event, is the one bounded by it
+//! ([`Outlines::bounded_by`](crate::sse::Outlines::bounded_by)): past the
+//! bound it cuts its stream as broken. Events that lie whole in the chunk
+//! that brought them, the usual case, are never held. Answers have their
+//! own pool ([`BodyBudget::answers_in_use`]): request bodies that fill
+//! theirs do not cut answers already under way, nor the reverse.
 //!
 //! The count is one atomic add and subtract per body: no lock, no wait.
 
@@ -40,6 +46,18 @@ pub struct BodyBudget {
 struct Shared {
     limit: usize,
     used: AtomicUsize,
+    /// Bytes of answers held: a pool of its own, with the same limit.
+    answers: AtomicUsize,
+}
+
+/// Which of a budget's pools a claim counts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pool {
+    /// Request bodies, and what they are parsed into.
+    Bodies,
+    /// What the layers hold of answers: events being read, answers kept to
+    /// be stored.
+    Answers,
 }
 
 impl BodyBudget {
@@ -49,6 +67,7 @@ impl BodyBudget {
             inner: Arc::new(Shared {
                 limit,
                 used: AtomicUsize::new(0),
+                answers: AtomicUsize::new(0),
             }),
         }
     }
@@ -58,16 +77,29 @@ impl BodyBudget {
         self.inner.limit
     }
 
-    /// Bytes held now.
+    /// Bytes of request bodies held now.
     pub fn in_use(&self) -> usize {
         self.inner.used.load(Ordering::Relaxed)
     }
 
+    /// Bytes of answers held now, in their own pool of the same bound:
+    /// events being read by the layers that watch a stream, answers kept
+    /// to be stored.
+    pub fn answers_in_use(&self) -> usize {
+        self.inner.answers.load(Ordering::Relaxed)
+    }
+
     /// An empty claim on the budget, grown as a body is read.
     pub(crate) fn claim(&self) -> Claim {
+        self.claim_in(Pool::Bodies)
+    }
+
+    /// An empty claim on `pool`.
+    pub(crate) fn claim_in(&self, pool: Pool) -> Claim {
         Claim {
             budget: self.inner.clone(),
             bytes: 0,
+            pool,
         }
     }
 }
@@ -77,6 +109,7 @@ impl BodyBudget {
 pub(crate) struct Claim {
     budget: Arc<Shared>,
     bytes: usize,
+    pool: Pool,
 }
 
 impl Claim {
@@ -93,7 +126,7 @@ impl Claim {
         let Some(more) = total.checked_sub(self.bytes).filter(|m| *m > 0) else {
             return true;
         };
-        let used = &self.budget.used;
+        let used = self.counter();
         let mut now = used.load(Ordering::Relaxed);
         loop {
             let Some(next) = now.checked_add(more).filter(|n| *n <= self.budget.limit) else {
@@ -114,6 +147,26 @@ impl Claim {
         self.bytes
     }
 
+    /// Hold `total` bytes in all, more or less than now, whether or not
+    /// the budget has room for them: what is held is counted (so that the
+    /// claims that are bounded see it), never refused.
+    pub(crate) fn count(&mut self, total: usize) {
+        let counter = self.counter();
+        if total > self.bytes {
+            counter.fetch_add(total - self.bytes, Ordering::Relaxed);
+        } else if total < self.bytes {
+            counter.fetch_sub(self.bytes - total, Ordering::Relaxed);
+        }
+        self.bytes = total;
+    }
+
+    fn counter(&self) -> &AtomicUsize {
+        match self.pool {
+            Pool::Bodies => &self.budget.used,
+            Pool::Answers => &self.budget.answers,
+        }
+    }
+
     /// The whole budget, in bytes.
     pub(crate) fn limit(&self) -> usize {
         self.budget.limit
@@ -123,7 +176,7 @@ impl Claim {
     /// `content-length` said).
     pub(crate) fn shrink_to(&mut self, total: usize) {
         if let Some(extra) = self.bytes.checked_sub(total).filter(|e| *e > 0) {
-            self.budget.used.fetch_sub(extra, Ordering::Relaxed);
+            self.counter().fetch_sub(extra, Ordering::Relaxed);
             self.bytes = total;
         }
     }
@@ -144,7 +197,7 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if self.bytes > 0 {
-            self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+            self.counter().fetch_sub(self.bytes, Ordering::Relaxed);
         }
     }
 }

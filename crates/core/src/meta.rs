@@ -320,9 +320,10 @@ impl RequestMeta {
     /// The budget the parse layer counted this request's body against
     /// ([`ParseLayer::with_budget`](crate::ParseLayer::with_budget)), if
     /// any. The layers that watch the response's event stream count the
-    /// event they are assembling against it too
-    /// ([`Parser::with_budget`](crate::sse::Parser::with_budget)), so that
-    /// one budget bounds what requests and responses hold at once.
+    /// event they are assembling in its pool for answers
+    /// ([`Parser::counted_in`](crate::sse::Parser::counted_in)), so that one
+    /// bound holds for what requests hold and, apart, for what answers
+    /// hold.
     pub fn budget(&self) -> Option<&crate::BodyBudget> {
         self.budget.as_ref()
     }

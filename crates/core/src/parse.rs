@@ -562,11 +562,12 @@ pub struct BudgetHold {
 }
 
 impl BudgetHold {
-    /// Nothing held yet in `budget`; with `None`, a hold that counts
+    /// Nothing held yet in `budget`'s pool for answers
+    /// ([`BodyBudget::answers_in_use`]); with `None`, a hold that counts
     /// nothing and always has room.
-    pub fn new(budget: Option<&BodyBudget>) -> Self {
+    pub fn for_answer(budget: Option<&BodyBudget>) -> Self {
         BudgetHold {
-            claim: budget.map(BodyBudget::claim),
+            claim: budget.map(|b| b.claim_in(crate::budget::Pool::Answers)),
         }
     }
 

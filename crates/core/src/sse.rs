@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::BodyBudget;
-use crate::budget::Claim;
+use crate::budget::{Claim, Pool};
 
 /// The `data` payload that ends an OpenAI-style stream.
 pub const DONE: &str = "[DONE]";
@@ -79,8 +79,8 @@ pub enum SseError {
         limit: usize,
     },
     /// The event being assembled would take the budget it counts against
-    /// ([`Parser::with_budget`]) past its bound: too much is held at once,
-    /// by all requests and streams together.
+    /// ([`Parser::bounded_by`]) past its bound: too much is held at once,
+    /// by all streams together.
     #[error(
         "server-sent event cannot be held: the bytes held at once would pass the limit of {limit} bytes"
     )]
@@ -133,6 +133,10 @@ struct Building {
     reconnection_time: Option<u64>,
 }
 
+/// The longest `id` kept as the stream's last event id (see
+/// [`Parser::last_event_id`]).
+const MAX_LAST_EVENT_ID: usize = 1024;
+
 /// At most this many spare buffers of each kind are kept.
 const MAX_SPARE: usize = 4;
 /// A buffer that grew larger than this (for one large event) is dropped, not
@@ -168,14 +172,26 @@ impl Parser {
     }
 
     /// Count the bytes of the event being assembled (its fields and its
-    /// unfinished line) against `budget` while they are held: when they
-    /// would pass it, [`Parser::push`] fails with [`SseError::OverBudget`].
-    /// Many streams at once could otherwise each hold an event of up to the
-    /// event limit, in each layer that watches them. Events that lie whole
-    /// in the chunk pushed are not held, and cost the budget nothing.
-    /// `None` counts nothing.
-    pub fn with_budget(mut self, budget: Option<&BodyBudget>) -> Self {
-        self.lines.claim = budget.map(BodyBudget::claim);
+    /// unfinished line) in `budget`'s pool for answers
+    /// ([`BodyBudget::answers_in_use`]) while they are held, never refusing
+    /// them: many streams at once could each hold an event of up to the
+    /// event limit, in each layer that watches them, and the parser that
+    /// bounds a stream ([`Parser::bounded_by`]) sees them all. Events that
+    /// lie whole in the chunk pushed are not held, and cost nothing. `None`
+    /// counts nothing.
+    pub fn counted_in(mut self, budget: Option<&BodyBudget>) -> Self {
+        self.lines.claim = budget.map(|b| b.claim_in(Pool::Answers));
+        self.lines.bounded = false;
+        self
+    }
+
+    /// [`Parser::counted_in`], and bounded by it: when the event held would
+    /// take the pool past the budget's limit, [`Parser::push`] fails with
+    /// [`SseError::OverBudget`]. For the layer that can end its stream with
+    /// an error when that happens.
+    pub fn bounded_by(mut self, budget: Option<&BodyBudget>) -> Self {
+        self.lines.claim = budget.map(|b| b.claim_in(Pool::Answers));
+        self.lines.bounded = true;
         self
     }
 
@@ -293,7 +309,9 @@ impl Parser {
     }
 
     /// The spec's "last event ID": the latest `id` field seen in the stream,
-    /// empty if none. It carries over from event to event.
+    /// empty if none. It carries over from event to event. An id longer than
+    /// 1 KiB is not kept (it would be held for the rest of the stream): it
+    /// reads as empty.
     pub fn last_event_id(&self) -> &str {
         &self.event.last_event_id
     }
@@ -317,6 +335,9 @@ impl Building {
 
     fn reset(&mut self) {
         self.data.clear();
+        if self.data.capacity() > MAX_SPARE_CAPACITY {
+            self.data = String::new();
+        }
         self.event_type.clear();
         self.id = None;
         self.retry = None;
@@ -346,7 +367,13 @@ impl Building {
             b"id" if !value.contains(&0) => {
                 let id = String::from_utf8_lossy(value);
                 self.last_event_id.clear();
-                self.last_event_id.push_str(&id);
+                // Kept for the whole stream, and counted by nothing: an id
+                // longer than this is the event's own, not remembered.
+                if id.len() <= MAX_LAST_EVENT_ID {
+                    self.last_event_id.push_str(&id);
+                } else {
+                    self.last_event_id.shrink_to_fit();
+                }
                 self.id = Some(id.into_owned());
             }
             b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
@@ -387,7 +414,7 @@ impl Building {
         });
         let next = match spare_data.pop() {
             Some(spare) => spare,
-            None => String::with_capacity(self.data.capacity()),
+            None => String::with_capacity(self.data.capacity().min(MAX_SPARE_CAPACITY)),
         };
         let data = std::mem::replace(&mut self.data, next);
         ready.push_back(Event {
@@ -491,10 +518,18 @@ impl Outlines {
         }
     }
 
-    /// Count the event being read against `budget` (see
-    /// [`Parser::with_budget`]).
-    pub fn with_budget(mut self, budget: Option<&BodyBudget>) -> Self {
-        self.lines.claim = budget.map(BodyBudget::claim);
+    /// Count the event being read in `budget` (see [`Parser::counted_in`]).
+    pub fn counted_in(mut self, budget: Option<&BodyBudget>) -> Self {
+        self.lines.claim = budget.map(|b| b.claim_in(Pool::Answers));
+        self.lines.bounded = false;
+        self
+    }
+
+    /// Count the event being read in `budget`, and fail with
+    /// [`SseError::OverBudget`] past its limit (see [`Parser::bounded_by`]).
+    pub fn bounded_by(mut self, budget: Option<&BodyBudget>) -> Self {
+        self.lines.claim = budget.map(|b| b.claim_in(Pool::Answers));
+        self.lines.bounded = true;
         self
     }
 
@@ -546,6 +581,9 @@ impl Outlines {
                     if data.capacity() > MAX_SPARE_CAPACITY {
                         // One large event: not kept for the small ones after it.
                         *data = Vec::new();
+                    }
+                    if event.capacity() > MAX_SPARE_CAPACITY {
+                        *event = Vec::new();
                     }
                     read?;
                     return Ok(true);
@@ -637,6 +675,8 @@ struct Lines {
     at_stream_start: bool,
     /// What the held event and line take from a budget, if one counts them.
     claim: Option<Claim>,
+    /// The claim is refused past the budget's limit (else only counted).
+    bounded: bool,
 }
 
 impl Default for Lines {
@@ -646,6 +686,7 @@ impl Default for Lines {
             pending_cr: false,
             at_stream_start: true,
             claim: None,
+            bounded: false,
         }
     }
 }
@@ -695,7 +736,10 @@ impl Lines {
                 buffered.extend_from_slice(line);
                 let result = each(Line::Joined(strip(&buffered, at_start)));
                 buffered.clear();
-                self.line = buffered;
+                if buffered.capacity() <= MAX_SPARE_CAPACITY {
+                    // One long line's buffer is not kept for the short ones.
+                    self.line = buffered;
+                }
                 result?
             };
             if ends_event {
@@ -716,14 +760,14 @@ impl Lines {
             return Err(SseError::EventTooLarge { limit });
         }
         if let Some(claim) = &mut self.claim {
-            if total > claim.held() {
-                if !claim.hold(total) {
-                    return Err(SseError::OverBudget {
-                        limit: claim.limit(),
-                    });
-                }
-            } else {
+            if !self.bounded {
+                claim.count(total);
+            } else if total <= claim.held() {
                 claim.shrink_to(total);
+            } else if !claim.hold(total) {
+                return Err(SseError::OverBudget {
+                    limit: claim.limit(),
+                });
             }
         }
         self.line.extend_from_slice(tail);
@@ -737,6 +781,9 @@ impl Lines {
     /// Drops the unfinished line, and gives back what the event held.
     fn clear(&mut self) {
         self.line.clear();
+        if self.line.capacity() > MAX_SPARE_CAPACITY {
+            self.line = Vec::new();
+        }
         if let Some(claim) = &mut self.claim {
             claim.shrink_to(0);
         }
@@ -1094,37 +1141,94 @@ mod tests {
     #[test]
     fn held_events_count_against_a_shared_budget_until_they_end() {
         let budget = BodyBudget::new(100);
-        let mut a = Parser::new().with_budget(Some(&budget));
-        let mut b = Outlines::new().with_budget(Some(&budget));
+        // `a` only counts what it holds; `b` is bounded by what all hold.
+        let mut a = Parser::new().counted_in(Some(&budget));
+        let mut b = Outlines::new().bounded_by(Some(&budget));
         let no_events = |_: Outline<'_>| Ok::<_, SseError>(());
         // Whole events in one chunk are never held.
         a.push(b"data: 1\n\n").unwrap();
-        assert_eq!(budget.in_use(), 0);
+        assert_eq!(budget.answers_in_use(), 0);
         assert_eq!(a.next_event().unwrap().data, "1");
         // An unfinished line, then an event's fields, are held.
         a.push(&[b'x'; 60]).unwrap();
-        assert_eq!(budget.in_use(), 60);
+        assert_eq!(budget.answers_in_use(), 60);
         b.push(b"data: 0123456789\n", no_events).unwrap();
-        assert_eq!(budget.in_use(), 60 + 11);
+        assert_eq!(budget.answers_in_use(), 60 + 11);
         let err = b.push(&[b'y'; 30], no_events).unwrap_err();
         assert!(matches!(err, SseError::OverBudget { limit: 100 }), "{err}");
         // The failed event is dropped, and what it held given back.
-        assert_eq!(budget.in_use(), 60);
+        assert_eq!(budget.answers_in_use(), 60);
         assert!(!b.has_partial());
         // The event's end gives back what it held.
         a.push(b"\n\n").unwrap();
         assert_eq!(a.next_event(), None, "a field without data");
-        assert_eq!(budget.in_use(), 0);
-        let mut b = Outlines::new().with_budget(Some(&budget));
+        assert_eq!(budget.answers_in_use(), 0);
+        let mut b = Outlines::new().bounded_by(Some(&budget));
         b.push(&[b'y'; 90], no_events).unwrap();
-        assert_eq!(budget.in_use(), 90);
+        assert_eq!(budget.answers_in_use(), 90);
         // So does the end of the stream, or the parser's drop.
         drop(b);
-        assert_eq!(budget.in_use(), 0);
+        assert_eq!(budget.answers_in_use(), 0);
         a.push(b"data: 12").unwrap();
-        assert_eq!(budget.in_use(), 8);
+        assert_eq!(budget.answers_in_use(), 8);
         a.finish();
+        assert_eq!(budget.answers_in_use(), 0);
+        // Counting never refuses; what it holds, the bounded parser sees.
+        a.push(&[b'z'; 150]).unwrap();
+        assert_eq!(budget.answers_in_use(), 150);
+        let mut b = Outlines::new().bounded_by(Some(&budget));
+        let err = b.push(b"data: x", no_events).unwrap_err();
+        assert!(matches!(err, SseError::OverBudget { limit: 100 }), "{err}");
+        // Request bodies are a pool of their own.
         assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn a_large_event_leaves_no_large_buffer_behind() {
+        let big = vec![b'x'; 1 << 20];
+        let mut parser = Parser::new();
+        for chunk in [
+            &b"id: "[..],
+            &big,
+            b"\ndata: ",
+            &big,
+            b"\n",
+            b"data: ",
+            &big,
+            b"\n\n",
+        ] {
+            parser.push(chunk).unwrap();
+        }
+        assert_eq!(parser.next_event().unwrap().data.len(), (2 << 20) + 1);
+        assert!(parser.lines.line.capacity() <= MAX_SPARE_CAPACITY);
+        assert!(parser.event.data.capacity() <= MAX_SPARE_CAPACITY);
+        assert_eq!(parser.last_event_id(), "", "too long to keep");
+        assert!(parser.event.last_event_id.capacity() <= MAX_LAST_EVENT_ID);
+        // An event cut by an error leaves none either.
+        let mut parser = Parser::with_max_event_bytes(3 << 20);
+        parser.push(b"data: ").unwrap();
+        parser.push(&big).unwrap();
+        parser.push(b"\ndata: ").unwrap();
+        parser.push(&big).unwrap();
+        parser.push(b"\ndata: ").unwrap();
+        assert!(parser.push(&big).is_err(), "3 MiB and more");
+        assert!(parser.lines.line.capacity() <= MAX_SPARE_CAPACITY);
+        assert!(parser.event.data.capacity() <= MAX_SPARE_CAPACITY);
+
+        let mut outlines = Outlines::new();
+        let mut seen = 0;
+        for chunk in [&b"event: "[..], &big, b"\ndata: ", &big, b"\n\n"] {
+            outlines
+                .push(chunk, |event| {
+                    seen += event.data.len() + event.event.len();
+                    Ok::<_, SseError>(())
+                })
+                .unwrap();
+        }
+        assert_eq!(seen, 2 << 20);
+        assert!(outlines.lines.line.capacity() <= MAX_SPARE_CAPACITY);
+        assert!(outlines.event.capacity() <= MAX_SPARE_CAPACITY);
+        assert!(outlines.data.capacity() <= MAX_SPARE_CAPACITY);
     }
 
     #[test]

@@ -71,13 +71,12 @@ impl<B: HttpBody> UsageFilter<B> {
         }
     }
 
-    /// Count the event held while it is read against `budget` (see
-    /// [`Parser::with_budget`]). The filter also holds that event's raw
+    /// Count the event held while it is read in `budget` (see
+    /// [`Parser::counted_in`]). The filter also holds that event's raw
     /// bytes, as many again, until it knows whether to send them as they
-    /// came. Past the budget, the filter stops and passes the rest on as it
-    /// comes.
-    pub fn with_budget(mut self, budget: Option<&crate::BodyBudget>) -> Self {
-        self.parser = self.parser.map(|parser| parser.with_budget(budget));
+    /// came: that copy is not counted.
+    pub fn counted_in(mut self, budget: Option<&crate::BodyBudget>) -> Self {
+        self.parser = self.parser.map(|parser| parser.counted_in(budget));
         self
     }
 }

@@ -519,8 +519,8 @@ fn response_ids_redis(settings: &Settings) -> Result<Option<RedisIds>, BuildErro
     }
 }
 
-/// The request bodies (and response events) held in memory now, and their
-/// bound.
+/// The request bodies held in memory now, what the layers hold of answers
+/// (in a pool of their own), and their bound.
 fn budget_metrics(budget: BodyBudget) -> Source {
     Box::new(move || {
         let gauge = |name, help, value: usize| Series {
@@ -532,12 +532,17 @@ fn budget_metrics(budget: BodyBudget) -> Source {
         vec![
             gauge(
                 "buffered_body_bytes",
-                "Request body bytes, and bytes of response events being read, held in memory now",
+                "Request body bytes held in memory now",
                 budget.in_use(),
             ),
             gauge(
+                "buffered_answer_bytes",
+                "Bytes of answers held in memory now: events being read, answers kept to be cached",
+                budget.answers_in_use(),
+            ),
+            gauge(
                 "buffered_body_limit_bytes",
-                "Bound on the request body and response event bytes held at once (max_buffered_body_bytes)",
+                "Bound on the request body bytes held at once, and apart on the answer bytes (max_buffered_body_bytes)",
                 budget.limit(),
             ),
         ]

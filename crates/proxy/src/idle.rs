@@ -25,9 +25,15 @@
 //! for their upstream or are read does not close the connection (it would
 //! take the healthy streams with it; HTTP/2's flow control bounds what the
 //! unread one holds); when every stream on it is unread, it is closed, and
-//! so it is when two or more are unread and no body of it has been asked
-//! for more for the timeout: else a client could leave 127 streams unread,
-//! each holding a model server's slot, beside one that always waits.
+//! so it is when [`UNREAD_STREAMS_BESIDE_WAITING`] or more are unread and no
+//! body of it has been asked for more for the timeout: else a client could
+//! leave 127 streams unread, each holding a model server's slot, beside one
+//! that always waits. (Resetting just the unread streams would spare the
+//! waiting ones, but an unread stream's body is not polled, and its
+//! upstream connection is driven by that poll: nothing outside it can
+//! cancel it.) A gateway that multiplexes many users on one connection
+//! (Envoy, HAProxy) has some stream read now and then, or streams still
+//! waiting, unless that many of its users stop reading at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -235,10 +241,11 @@ impl Activity {
             }
             let now_polls = self.body_polls.load(Ordering::Relaxed);
             let unsent = self.unsent.load(Ordering::Relaxed);
-            // One unread stream beside streams that wait is left to flow
-            // control; more are not.
-            let all_unsent =
-                unsent > 0 && (unsent >= 2 || unsent >= self.in_flight.load(Ordering::Acquire));
+            // A few unread streams beside streams that wait are left to
+            // flow control; many are not.
+            let all_unsent = unsent > 0
+                && (unsent >= UNREAD_STREAMS_BESIDE_WAITING
+                    || unsent >= self.in_flight.load(Ordering::Acquire));
             if now_polls != polls || !all_unsent {
                 polls = now_polls;
                 since = Instant::now();
@@ -248,6 +255,11 @@ impl Activity {
         }
     }
 }
+
+/// How many unread HTTP/2 streams close a connection on which nothing has
+/// been read for the send timeout, even beside streams that wait for their
+/// upstream.
+pub(crate) const UNREAD_STREAMS_BESIDE_WAITING: usize = 8;
 
 /// One request in flight on a watched connection; its response body keeps
 /// it until dropped.

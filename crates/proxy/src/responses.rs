@@ -645,7 +645,7 @@ impl IdTap {
         home: Home,
     ) -> Self {
         let tap = match sse {
-            Some(budget) => Tap::Sse(Box::new(Outlines::new().with_budget(budget.as_ref()))),
+            Some(budget) => Tap::Sse(Box::new(Outlines::new().counted_in(budget.as_ref()))),
             None => Tap::Json(Box::default()),
         };
         IdTap {

@@ -70,9 +70,9 @@ impl<B> TranslateBody<B> {
     }
 
     /// Count the upstream's event held while it is read against `budget`
-    /// (see [`Parser::with_budget`]).
-    pub(crate) fn with_budget(mut self, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
-        self.parser = std::mem::take(&mut self.parser).with_budget(budget);
+    /// (see [`Parser::counted_in`]).
+    pub(crate) fn counted_in(mut self, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
+        self.parser = std::mem::take(&mut self.parser).counted_in(budget);
         self
     }
 }

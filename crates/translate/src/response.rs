@@ -126,7 +126,7 @@ pub(crate) async fn translate(
             return Err(bad("the upstream streamed an answer asked for whole".into()));
         }
         parts.headers.remove(header::CONTENT_LENGTH);
-        let body = TranslateBody::new(body, translation.into_stream()).with_budget(budget.as_ref());
+        let body = TranslateBody::new(body, translation.into_stream()).counted_in(budget.as_ref());
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     }
     let bytes = collect(body, MAX_ANSWER_BYTES).await.map_err(bad)?;

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use llm_proxy_core::sse::{Outlines, SseError};
-use llm_proxy_core::{BoxError, Error, FlushBeforeError, StreamKind};
+use llm_proxy_core::{BoxError, Error, FlushBeforeError, NotUpstreamFault, StreamKind};
 use tokio::time::{Instant, Sleep};
 
 use crate::pool::Lease;
@@ -70,12 +70,21 @@ struct StreamWatch {
     done: bool,
 }
 
-/// Why a watched stream is not a valid stream of its kind.
-struct Garbled(String);
+/// Why a watched stream is cut: the upstream's fault (not a valid stream
+/// of its kind), or the proxy's own (its answers' budget is full: not held
+/// against the upstream).
+#[derive(Debug)]
+enum Cut {
+    Garbled(String),
+    OverBudget(String),
+}
 
-impl From<SseError> for Garbled {
+impl From<SseError> for Cut {
     fn from(e: SseError) -> Self {
-        Garbled(e.to_string())
+        match e {
+            SseError::OverBudget { .. } => Cut::OverBudget(e.to_string()),
+            SseError::EventTooLarge { .. } => Cut::Garbled(e.to_string()),
+        }
     }
 }
 
@@ -127,13 +136,14 @@ impl UpstreamBody {
         }
     }
 
-    /// Count the watched stream's held event against `budget` (see
-    /// [`Outlines::with_budget`]): past it, the stream is cut as one whose
-    /// event is too large.
-    pub(crate) fn with_budget(mut self, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
+    /// Bound the watched stream's held event by `budget`, which counts
+    /// what every layer holds of answers (see [`Outlines::bounded_by`]):
+    /// past it, the stream is cut with an error event, as one the proxy
+    /// cannot hold (not the upstream's fault: no ejection).
+    pub(crate) fn bounded_by(mut self, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
         if let (Some(watch), Some(_)) = (&mut self.watch, budget) {
             let outlines = std::mem::take(&mut watch.outlines);
-            watch.outlines = outlines.with_budget(budget);
+            watch.outlines = outlines.bounded_by(budget);
         }
         self
     }
@@ -146,17 +156,17 @@ impl UpstreamBody {
 }
 
 impl StreamWatch {
-    /// Feed a chunk; `Err(reason)` when the stream is not a valid stream of
-    /// its kind.
-    fn observe(&mut self, chunk: &[u8]) -> Result<(), String> {
+    /// Feed a chunk; `Err` when the stream is not a valid stream of its
+    /// kind, or the proxy cannot hold its event.
+    fn observe(&mut self, chunk: &[u8]) -> Result<(), Cut> {
         let StreamWatch {
             kind,
             outlines,
             done,
         } = self;
         let kind = *kind;
-        let garbled = |reason: &str| Garbled(reason.into());
-        let watched = outlines.push(chunk, |event| {
+        let garbled = |reason: &str| Cut::Garbled(reason.into());
+        outlines.push(chunk, |event| {
             // A keep-alive (`data: ` with nothing in it) is not a garbled
             // event: it carries nothing, and passes on as it came.
             if event.is_blank() {
@@ -199,8 +209,7 @@ impl StreamWatch {
                 StreamKind::Messages => matches!(name, b"message_stop" | b"error"),
             };
             Ok(())
-        });
-        watched.map_err(|Garbled(reason)| reason)
+        })
     }
 }
 
@@ -340,7 +349,7 @@ impl HttpBody for UpstreamBody {
                     .is_some_and(|w| w.outlines.has_partial());
                 *this.state = State::interrupt(
                     this.upstream,
-                    &reason,
+                    Cut::Garbled(reason),
                     this.watch.as_ref().map(|w| w.kind),
                     cut,
                 );
@@ -402,11 +411,11 @@ fn watch(
     };
     match watch.observe(data) {
         Ok(()) => true,
-        Err(reason) => {
+        Err(why) => {
             // Pass this frame on, then end with the error event (or, if it
             // ended mid-event, just fail).
             let cut = watch.outlines.has_partial();
-            *state = State::interrupt(upstream, &reason, Some(watch.kind), cut);
+            *state = State::interrupt(upstream, why, Some(watch.kind), cut);
             false
         }
     }
@@ -428,7 +437,11 @@ impl State {
     /// cut `data: [DONE]` would read as a clean end, cut JSON as garbage).
     /// The stream just fails, and the client, as SSE has it, drops the
     /// unfinished event with the connection.
-    fn interrupt(upstream: &str, reason: &str, kind: Option<StreamKind>, cut: bool) -> State {
+    fn interrupt(upstream: &str, why: Cut, kind: Option<StreamKind>, cut: bool) -> State {
+        let (reason, ours) = match &why {
+            Cut::Garbled(reason) => (reason, false),
+            Cut::OverBudget(reason) => (reason, true),
+        };
         // Debug: the proxy logs the failed body with its request's id (an
         // embedder sees the body's error).
         tracing::debug!(upstream, reason, "upstream stream interrupted");
@@ -436,10 +449,16 @@ impl State {
         let event = kind
             .filter(|_| !cut)
             .map(|k| Error::stream_interrupted_event_for(k, &message));
+        let error: BoxError = if ours {
+            // The proxy's memory, not the upstream's stream: no ejection.
+            Box::new(NotUpstreamFault(message))
+        } else {
+            message.into()
+        };
         State::Interrupting {
             flush: FlushBeforeError::default(),
             event,
-            error: Some(message.into()),
+            error: Some(error),
         }
     }
 
@@ -532,7 +551,7 @@ mod tests {
         ] {
             let mut w = watch(kind);
             w.observe(b": ping\n\ndata: \n\ndata:\n\ndata:  \n\n")
-                .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+                .unwrap_or_else(|e| panic!("{kind:?}: {e:?}"));
             assert!(!w.done, "{kind:?}");
         }
     }

@@ -601,7 +601,7 @@ impl Upstream {
             watch,
             self.inner.name.0.clone(),
         )
-        .with_budget(budget)
+        .bounded_by(budget)
         .with_lease(lease);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
@@ -690,6 +690,7 @@ fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
                 e,
                 Error::RequestTooLarge { .. }
                     | Error::RequestTimeout { .. }
+                    | Error::RequestBodyTooSlow { .. }
                     | Error::UnreadableBody(_)
             )
         })
