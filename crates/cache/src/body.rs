@@ -227,6 +227,9 @@ fn is_error_shape(error: bool, object: Option<&str>, kind: Option<&str>) -> bool
     error || object == Some("error") || kind == Some("error")
 }
 
+/// The steps in which an answer's frames are held in the body budget.
+const HOLD_STEP: usize = 64 * 1024;
+
 /// How far past `max_entry_bytes` an answer too large to store is still kept
 /// for the requests that follow it (they joined before it grew too large).
 const FOLLOWED_CAP_FACTOR: usize = 4;
@@ -245,8 +248,15 @@ impl Tee {
         self.bytes += data.len();
         let max = self.shared.config.max_entry_bytes;
         // No room in the budget for the frames: not kept at all (the
-        // requests that follow start over).
-        let room = self.held.as_mut().is_none_or(|held| held.hold(self.bytes));
+        // requests that follow start over). Held in steps, so that most
+        // frames leave the shared count alone.
+        let room = self.held.as_mut().is_none_or(|held| {
+            held.hold(
+                self.bytes
+                    .next_multiple_of(HOLD_STEP)
+                    .min(max.saturating_mul(FOLLOWED_CAP_FACTOR)),
+            )
+        });
         if self.bytes > max || !room {
             // Too large to store: keep frames only for those who follow
             // already, and only so far.
