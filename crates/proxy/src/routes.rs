@@ -440,8 +440,15 @@ where
             upstream: None,
         })
     });
-    let whole = llm_proxy_core::buffers_body(req.method(), req.uri().path(), req.headers())
-        .then_some(shared.options.buffered_body_timeout);
+    // A model route's body is buffered, whatever its head says.
+    let buffered = match route {
+        Route::Api(endpoint) => {
+            endpoint.has_model_body()
+                || llm_proxy_core::buffers_body(req.method(), req.uri().path(), req.headers())
+        }
+        Route::Own(_) | Route::NotFound => false,
+    };
+    let whole = buffered.then_some(shared.options.buffered_body_timeout);
     let req = req
         .map(|body| ReadTimeout::new(body, shared.options.body_read_timeout).with_deadline(whole));
     // The stack is called here, before the future: what it answers is all
