@@ -673,46 +673,36 @@ fn chat_of_len(len: usize) -> String {
     format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
 }
 
-/// `llm_proxy_buffered_body_bytes` from the proxy's metrics.
-async fn buffered_bytes(p: &TestProxy) -> u64 {
+/// A gauge of the proxy's metrics, by its full name.
+async fn gauge(p: &TestProxy, name: &str) -> u64 {
     let metrics = p.metrics().await;
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("llm_proxy_buffered_body_bytes "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no buffered_body_bytes gauge in {metrics}"))
+        .unwrap_or_else(|| panic!("no {name} gauge in {metrics}"))
 }
 
-/// `llm_proxy_buffered_answer_bytes` from the proxy's metrics.
-async fn answer_bytes(p: &TestProxy) -> u64 {
-    let metrics = p.metrics().await;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("llm_proxy_buffered_answer_bytes "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no buffered_answer_bytes gauge in {metrics}"))
-}
-
-async fn wait_answers(p: &TestProxy, bytes: u64) {
+/// Wait until the gauge `name` reads `bytes`.
+async fn wait_gauge(p: &TestProxy, name: &str, bytes: u64) {
     let deadline = tokio::time::Instant::now() + HANG;
-    while answer_bytes(p).await != bytes {
+    while gauge(p, name).await != bytes {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "never {bytes} answer bytes held"
+            "{name} never {bytes}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
+/// Request body bytes held.
 async fn wait_buffered(p: &TestProxy, bytes: u64) {
-    let deadline = tokio::time::Instant::now() + HANG;
-    while buffered_bytes(p).await != bytes {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never {bytes} bytes buffered"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_gauge(p, "llm_proxy_buffered_body_bytes", bytes).await;
+}
+
+/// Bytes of answers held.
+async fn wait_answers(p: &TestProxy, bytes: u64) {
+    wait_gauge(p, "llm_proxy_buffered_answer_bytes", bytes).await;
 }
 
 #[tokio::test]
@@ -801,6 +791,19 @@ async fn large_answer_upstream(
     (addr, count)
 }
 
+/// A streamed chat request to `p`, over HTTP/1.1.
+async fn streamed_chat(p: &TestProxy) -> http::Response<hyper::body::Incoming> {
+    client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[],
+            chat("m", true),
+        ))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
     // One chunk whose content is 3 MiB long, with no line break: every
@@ -821,15 +824,7 @@ async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
     };
     // Within the event limit (32 MiB) and the default budget: it passes.
     let roomy = proxy(&config("")).await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &roomy.url("/v1/chat/completions"),
-            &[],
-            chat("m", true),
-        ))
-        .await
-        .unwrap();
+    let resp = streamed_chat(&roomy).await;
     let (body, broke) = read_stream(resp).await;
     assert!(!broke);
     assert!(body.len() > 3 << 20, "{}", body.len());
@@ -838,15 +833,7 @@ async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
     // With 1 MiB for all: the stream is cut with an error event, long
     // before its end, and every layer gives back what it held.
     let tight = proxy(&config("max_buffered_body_bytes = 1048576")).await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &tight.url("/v1/chat/completions"),
-            &[],
-            chat("m", true),
-        ))
-        .await
-        .unwrap();
+    let resp = streamed_chat(&tight).await;
     assert_eq!(resp.status(), 200);
     let (body, _) = read_stream(resp).await;
     let text = String::from_utf8_lossy(&body);
@@ -862,15 +849,7 @@ async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
     // Nothing was stored: the next requests go upstream, and are cut again.
     // The proxy's memory is not the upstream's fault: no ejection.
     for _ in 0..3 {
-        let resp = client()
-            .request(request(
-                Method::POST,
-                &tight.url("/v1/chat/completions"),
-                &[],
-                chat("m", true),
-            ))
-            .await
-            .unwrap();
+        let resp = streamed_chat(&tight).await;
         assert_eq!(resp.headers()["x-llm-proxy-cache"], "miss");
         let (body, _) = read_stream(resp).await;
         assert!(String::from_utf8_lossy(&body).contains("cannot be held"));
@@ -1155,33 +1134,49 @@ async fn a_reader_that_pauses_within_the_send_timeout_is_not_cut() {
     assert_eq!(up.stats.cancelled(), 0);
 }
 
-#[tokio::test]
-async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
+/// An h2c connection to `addr` whose streams' windows are HTTP/2's
+/// default (64 KiB): a stream the client does not read fills it soon.
+async fn h2c_small_window(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let up = mock_named("m").await;
-    let p = proxy(&format!(
-        "send_timeout_ms = 300\n{}",
-        one_upstream(&up.base_url(), "")
-    ))
-    .await;
-    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(65_535)
         .handshake(TokioIo::new(stream))
         .await
         .expect("h2c handshake");
     tokio::spawn(conn);
-    let post = |headers: &[(&str, &str)]| {
-        let mut req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
-            .header("content-type", "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
-            "m", true,
-        ))))
-        .unwrap()
-    };
+    sender
+}
+
+/// A streamed chat request to the proxy at `addr`, with `headers` (the
+/// mock's knobs).
+fn streamed_chat_h2(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
+        "m", true,
+    ))))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "send_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let sender = h2c_small_window(p.addr).await;
+    let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
     // A: a long stream the client does not read yet (its window fills).
     let unread = sender
         .clone()
@@ -1204,31 +1199,14 @@ async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
 
 #[tokio::test]
 async fn unread_h2c_streams_cannot_hide_behind_a_waiting_one() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = mock_named("m").await;
     let p = proxy(&format!(
         "send_timeout_ms = 300\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(65_535)
-        .handshake(TokioIo::new(stream))
-        .await
-        .expect("h2c handshake");
-    tokio::spawn(conn);
-    let post = |headers: &[(&str, &str)]| {
-        let mut req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
-            .header("content-type", "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
-            "m", true,
-        ))))
-        .unwrap()
-    };
+    let sender = h2c_small_window(p.addr).await;
+    let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
     // Seven long streams the client never reads, beside one whose upstream
     // takes three timeouts to answer: left to flow control.
     let mut unread = Vec::new();

@@ -180,8 +180,7 @@ impl Parser {
     /// lie whole in the chunk pushed are not held, and cost nothing. `None`
     /// counts nothing.
     pub fn counted_in(mut self, budget: Option<&BodyBudget>) -> Self {
-        self.lines.claim = budget.map(|b| b.claim_in(Pool::Answers));
-        self.lines.bounded = false;
+        self.lines.count_in(budget, false);
         self
     }
 
@@ -190,8 +189,7 @@ impl Parser {
     /// [`SseError::OverBudget`]. For the layer that can end its stream with
     /// an error when that happens.
     pub fn bounded_by(mut self, budget: Option<&BodyBudget>) -> Self {
-        self.lines.claim = budget.map(|b| b.claim_in(Pool::Answers));
-        self.lines.bounded = true;
+        self.lines.count_in(budget, true);
         self
     }
 
@@ -520,16 +518,14 @@ impl Outlines {
 
     /// Count the event being read in `budget` (see [`Parser::counted_in`]).
     pub fn counted_in(mut self, budget: Option<&BodyBudget>) -> Self {
-        self.lines.claim = budget.map(|b| b.claim_in(Pool::Answers));
-        self.lines.bounded = false;
+        self.lines.count_in(budget, false);
         self
     }
 
     /// Count the event being read in `budget`, and fail with
     /// [`SseError::OverBudget`] past its limit (see [`Parser::bounded_by`]).
     pub fn bounded_by(mut self, budget: Option<&BodyBudget>) -> Self {
-        self.lines.claim = budget.map(|b| b.claim_in(Pool::Answers));
-        self.lines.bounded = true;
+        self.lines.count_in(budget, true);
         self
     }
 
@@ -752,6 +748,13 @@ impl Lines {
     /// Keep the start of a line that the next chunk finishes, unless it
     /// would take the event past `limit` with the `held` bytes of its fields
     /// read so far.
+    /// Count what is held in `budget`'s pool for answers; `bounded`: refuse
+    /// past its limit.
+    fn count_in(&mut self, budget: Option<&BodyBudget>, bounded: bool) {
+        self.claim = budget.map(|b| b.claim_in(Pool::Answers));
+        self.bounded = bounded;
+    }
+
     /// The held bytes (`held` and the kept line) are counted against the
     /// budget, if any.
     fn keep(&mut self, tail: &[u8], held: usize, limit: usize) -> Result<(), SseError> {
