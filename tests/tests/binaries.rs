@@ -727,7 +727,8 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
 async fn the_access_log_has_a_line_per_request() {
     let (child, addr) = start_proxy(
         "access-log",
-        "access_log = true\ndrain_timeout_secs = 2\n[[upstream]]\nname = \"m\"\nmock = {}\n",
+        "access_log = true\ndrain_timeout_secs = 2\n[[upstream]]\nname = \"m\"\nmock = {}\n\
+         [auth]\n[[auth.keys]]\nname = \"team-a\"\nkey = \"sk-team-a-secret\"\n",
         "warn,llm_proxy::access=info",
     )
     .await;
@@ -736,7 +737,11 @@ async fn the_access_log_has_a_line_per_request() {
             .request(request(
                 Method::POST,
                 &format!("http://{addr}/v1/chat/completions?api-version=x"),
-                &[("content-type", "application/json"), ("x-request-id", id)],
+                &[
+                    ("content-type", "application/json"),
+                    ("x-request-id", id),
+                    ("authorization", "Bearer sk-team-a-secret"),
+                ],
                 chat("any", stream),
             ))
             .await
@@ -780,6 +785,19 @@ async fn the_access_log_has_a_line_per_request() {
         lines[0]
     );
     assert!(!lines[0].contains("api-version"), "no query: {}", lines[0]);
+    // The key's name, never the key; none for a request without one.
+    for line in &lines[..2] {
+        assert!(
+            line.contains("key=\"team-a\"") || line.contains("key=team-a"),
+            "{line}"
+        );
+        assert!(!line.contains("sk-team-a-secret"), "{line}");
+    }
+    assert!(
+        lines[2].contains("key=\"\"") || lines[2].contains("key= "),
+        "{}",
+        lines[2]
+    );
 }
 
 /// An ejection is logged with how long the upstream rests: its return,

@@ -97,6 +97,9 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         match self.shared.admit_head(&req) {
             Ok(key) => {
+                if let Some(slot) = req.extensions().get::<llm_proxy_core::CallerSlot>() {
+                    slot.set(&key.name);
+                }
                 req.extensions_mut().insert(Authenticated {
                     shared: self.shared.clone(),
                     key,

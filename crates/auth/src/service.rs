@@ -10,7 +10,7 @@ use llm_proxy_core::media::is_event_stream;
 use llm_proxy_core::refusal::{self, StreamOptionsRefused, refuses_stream_options};
 use llm_proxy_core::usage::Usage;
 use llm_proxy_core::{
-    Body, BoxFuture, Dialect, Endpoint, Error, Identity, RequestMeta, call_boxed,
+    Body, BoxFuture, CallerSlot, Dialect, Endpoint, Error, Identity, RequestMeta, call_boxed,
 };
 use serde_json::Value;
 use tower_layer::Layer;
@@ -438,6 +438,9 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refu
         Some(key) => key,
         None => shared.admit_head(req)?,
     };
+    if let Some(slot) = req.extensions().get::<CallerSlot>() {
+        slot.set(&key.name);
+    }
     let no_body = http_body::Body::is_end_stream(req.body());
     // Sent again by a layer above whose `stream_options` the upstream refused.
     let refused = req.extensions().get::<StreamOptionsRefused>().is_some();

@@ -69,7 +69,7 @@ pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
 };
 pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE, MAX_MESSAGE_BYTES};
-pub use meta::{GenerationCaps, Identity, ModelAllowlist, RequestMeta};
+pub use meta::{CallerSlot, GenerationCaps, Identity, ModelAllowlist, RequestMeta};
 pub use parse::{
     BudgetHold, Parse, ParseLayer, ParseLimits, buffers_body, json_from_slice, parse, parse_object,
     parse_object_within, parse_within,

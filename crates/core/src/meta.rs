@@ -13,6 +13,31 @@ pub struct Identity {
     pub name: Arc<str>,
 }
 
+/// Where the auth layer writes the name of the key a request came with,
+/// for a layer in front of it that reads it once the request is done (the
+/// proxy's access log): put into the request's extensions by that layer,
+/// shared by its clones. The request itself is handed on by value, and
+/// with it the [`RequestMeta`] that carries its [`Identity`].
+#[derive(Clone, Debug, Default)]
+pub struct CallerSlot(Arc<OnceLock<Arc<str>>>);
+
+impl CallerSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Record the key's name (the first name written stays).
+    pub fn set(&self, name: &Arc<str>) {
+        let _ = self.0.set(name.clone());
+    }
+
+    /// The key's name, once written.
+    pub fn get(&self) -> Option<&Arc<str>> {
+        self.0.get()
+    }
+}
+
 /// The models a caller may use, when its key limits them: the auth layer
 /// puts it in the request's extensions, so that a later layer that picks a
 /// model itself (the balancer's fallbacks) stays within it.

@@ -534,6 +534,9 @@ pub(crate) struct Access {
     pub(crate) request_id: http::HeaderValue,
     pub(crate) status: u16,
     pub(crate) upstream: Option<Arc<str>>,
+    /// The name of the key the request came with, once the auth layer has
+    /// found it.
+    pub(crate) caller: llm_proxy_core::CallerSlot,
 }
 
 impl Access {
@@ -548,6 +551,7 @@ impl Access {
             path = %self.path,
             status = self.status,
             upstream = self.upstream.as_deref().unwrap_or(""),
+            key = self.caller.get().map_or("", |name| &**name),
             duration_ms = duration.as_secs_f64() * 1000.0,
             end,
         );

@@ -410,7 +410,7 @@ impl ProxyService {
 fn serve<B>(
     shared: &Arc<Shared>,
     stack: &mut Stack,
-    req: Request<B>,
+    mut req: Request<B>,
     conn: Option<InFlight>,
 ) -> ResponseFuture
 where
@@ -438,8 +438,13 @@ where
             request_id: request_id.clone(),
             status: CLIENT_CLOSED,
             upstream: None,
+            caller: llm_proxy_core::CallerSlot::new(),
         })
     });
+    if let Some(access) = &access {
+        // The auth layer writes the key's name into it.
+        req.extensions_mut().insert(access.caller.clone());
+    }
     // A model route's body is buffered, whatever its head says.
     let buffered = match route {
         Route::Api(endpoint) => {
