@@ -830,20 +830,18 @@ async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
     assert!(body.len() > 3 << 20, "{}", body.len());
     assert!(body.ends_with(b"data: [DONE]\n\n"));
 
-    // With 1 MiB for all: the stream is cut with an error event, long
-    // before its end, and every layer gives back what it held.
+    // With 1 MiB for all: the stream is cut long before its end, and every
+    // layer gives back what it held. The client holds the start of an
+    // event: no error event can follow it (its first line would end the
+    // cut one), the stream just fails.
     let tight = proxy(&config("max_buffered_body_bytes = 1048576")).await;
     let resp = streamed_chat(&tight).await;
     assert_eq!(resp.status(), 200);
-    let (body, _) = read_stream(resp).await;
+    let (body, broke) = read_stream(resp).await;
     let text = String::from_utf8_lossy(&body);
+    assert!(broke, "the stream fails");
     assert!(body.len() < 2 << 20, "{}", body.len());
-    assert!(
-        text.contains("cannot be held"),
-        "{}",
-        &text[text.len().saturating_sub(600)..]
-    );
-    assert!(!text.contains("[DONE]"));
+    assert!(!text.contains("[DONE]") && !text.contains("\"error\""));
     wait_buffered(&tight, 0).await;
     wait_answers(&tight, 0).await;
     // Nothing was stored: the next requests go upstream, and are cut again.
@@ -851,8 +849,8 @@ async fn an_endless_event_is_cut_where_the_buffer_budget_ends() {
     for _ in 0..3 {
         let resp = streamed_chat(&tight).await;
         assert_eq!(resp.headers()["x-llm-proxy-cache"], "miss");
-        let (body, _) = read_stream(resp).await;
-        assert!(String::from_utf8_lossy(&body).contains("cannot be held"));
+        let (body, broke) = read_stream(resp).await;
+        assert!(broke && body.len() < 2 << 20, "{}", body.len());
     }
     wait_answers(&tight, 0).await;
     wait_buffered(&tight, 0).await;

@@ -760,6 +760,21 @@ async fn the_access_log_has_a_line_per_request() {
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
+    // The proxy answers the models list itself, after the key.
+    let models = client()
+        .request(request(
+            Method::GET,
+            &format!("http://{addr}/v1/models"),
+            &[
+                ("x-request-id", "req-models-4"),
+                ("authorization", "Bearer sk-team-a-secret"),
+            ],
+            String::new(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    let _ = read_stream(models).await;
     signal(&child, "-TERM");
     let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
@@ -767,11 +782,12 @@ async fn the_access_log_has_a_line_per_request() {
         .lines()
         .filter(|l| l.contains("llm_proxy::access"))
         .collect();
-    assert_eq!(lines.len(), 3, "{stderr}");
+    assert_eq!(lines.len(), 4, "{stderr}");
     for (line, id, status) in [
         (lines[0], "req-plain-1", "status=200"),
         (lines[1], "req-stream-2", "status=200"),
         (lines[2], "req-404-3", "status=404"),
+        (lines[3], "req-models-4", "status=200"),
     ] {
         assert!(line.contains(id) && line.contains(status), "{line}");
         assert!(
@@ -786,7 +802,7 @@ async fn the_access_log_has_a_line_per_request() {
     );
     assert!(!lines[0].contains("api-version"), "no query: {}", lines[0]);
     // The key's name, never the key; none for a request without one.
-    for line in &lines[..2] {
+    for line in [lines[0], lines[1], lines[3]] {
         assert!(
             line.contains("key=\"team-a\"") || line.contains("key=team-a"),
             "{line}"

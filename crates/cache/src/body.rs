@@ -227,9 +227,6 @@ fn is_error_shape(error: bool, object: Option<&str>, kind: Option<&str>) -> bool
     error || object == Some("error") || kind == Some("error")
 }
 
-/// The steps in which an answer's frames are held in the body budget.
-const HOLD_STEP: usize = 64 * 1024;
-
 /// How far past `max_entry_bytes` an answer too large to store is still kept
 /// for the requests that follow it (they joined before it grew too large).
 const FOLLOWED_CAP_FACTOR: usize = 4;
@@ -248,14 +245,18 @@ impl Tee {
         self.bytes += data.len();
         let max = self.shared.config.max_entry_bytes;
         // No room in the budget for the frames: not kept at all (the
-        // requests that follow start over). Held in steps, so that most
-        // frames leave the shared count alone.
+        // requests that follow start over). A long answer is held in steps
+        // of an eighth more than it holds, so that most of its frames leave
+        // the shared count alone, and it is over-counted by an eighth at
+        // most; a one-frame answer is held exactly.
         let room = self.held.as_mut().is_none_or(|held| {
-            held.hold(
-                self.bytes
-                    .next_multiple_of(HOLD_STEP)
-                    .min(max.saturating_mul(FOLLOWED_CAP_FACTOR)),
-            )
+            let kept = held.held();
+            self.bytes <= kept
+                || held.hold(
+                    self.bytes
+                        .max(kept + kept / 8)
+                        .min(max.saturating_mul(FOLLOWED_CAP_FACTOR)),
+                )
         });
         if self.bytes > max || !room {
             // Too large to store: keep frames only for those who follow

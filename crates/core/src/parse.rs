@@ -571,6 +571,11 @@ impl BudgetHold {
         }
     }
 
+    /// The bytes held now.
+    pub fn held(&self) -> usize {
+        self.claim.as_ref().map_or(0, Claim::held)
+    }
+
     /// Hold `total` bytes in all (more than now, or less): `false`, holding
     /// what it held, when the budget has no room for them now.
     pub fn hold(&mut self, total: usize) -> bool {

@@ -337,6 +337,9 @@ impl Building {
             self.data = String::new();
         }
         self.event_type.clear();
+        if self.event_type.capacity() > MAX_SPARE_CAPACITY {
+            self.event_type = String::new();
+        }
         self.id = None;
         self.retry = None;
         self.in_event = false;
@@ -654,6 +657,12 @@ impl Outlines {
         self.in_event = false;
         self.event.clear();
         self.data.clear();
+        if self.event.capacity() > MAX_SPARE_CAPACITY {
+            self.event = Vec::new();
+        }
+        if self.data.capacity() > MAX_SPARE_CAPACITY {
+            self.data = Vec::new();
+        }
     }
 }
 
@@ -745,9 +754,6 @@ impl Lines {
         Ok((last_event_end, chunk))
     }
 
-    /// Keep the start of a line that the next chunk finishes, unless it
-    /// would take the event past `limit` with the `held` bytes of its fields
-    /// read so far.
     /// Count what is held in `budget`'s pool for answers; `bounded`: refuse
     /// past its limit.
     fn count_in(&mut self, budget: Option<&BodyBudget>, bounded: bool) {
@@ -755,8 +761,10 @@ impl Lines {
         self.bounded = bounded;
     }
 
-    /// The held bytes (`held` and the kept line) are counted against the
-    /// budget, if any.
+    /// Keep the start of a line that the next chunk finishes, unless it
+    /// would take the event past `limit` with the `held` bytes of its fields
+    /// read so far. The held bytes (`held` and the kept line) are counted
+    /// in the budget, if any.
     fn keep(&mut self, tail: &[u8], held: usize, limit: usize) -> Result<(), SseError> {
         let total = self.line.len() + held + tail.len();
         if total > limit {
@@ -1229,6 +1237,16 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(seen, 2 << 20);
+        assert!(outlines.lines.line.capacity() <= MAX_SPARE_CAPACITY);
+        assert!(outlines.event.capacity() <= MAX_SPARE_CAPACITY);
+        assert!(outlines.data.capacity() <= MAX_SPARE_CAPACITY);
+        // Nor one cut by an error.
+        let mut outlines = Outlines::with_max_event_bytes(3 << 20);
+        let nothing = |_: Outline<'_>| Ok::<_, SseError>(());
+        for chunk in [&b"event: "[..], &big, b"\ndata: ", &big, b"\ndata: "] {
+            outlines.push(chunk, nothing).unwrap();
+        }
+        assert!(outlines.push(&big, nothing).is_err(), "3 MiB and more");
         assert!(outlines.lines.line.capacity() <= MAX_SPARE_CAPACITY);
         assert!(outlines.event.capacity() <= MAX_SPARE_CAPACITY);
         assert!(outlines.data.capacity() <= MAX_SPARE_CAPACITY);

@@ -15,7 +15,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use llm_proxy_auth::AuthLayer;
 use llm_proxy_core::{
-    Body, BoxError, Dialect, Endpoint, Error, UPSTREAM_HEADER, UpstreamName, full,
+    Body, BoxError, CallerSlot, Dialect, Endpoint, Error, UPSTREAM_HEADER, UpstreamName, full,
 };
 use tower_service::Service;
 
@@ -438,7 +438,7 @@ where
             request_id: request_id.clone(),
             status: CLIENT_CLOSED,
             upstream: None,
-            caller: llm_proxy_core::CallerSlot::new(),
+            caller: CallerSlot::new(),
         })
     });
     if let Some(access) = &access {
@@ -646,6 +646,7 @@ async fn models(
     shared: &Shared,
     path: &str,
     headers: &http::HeaderMap,
+    caller: Option<&CallerSlot>,
 ) -> Result<Response<Body>, Error> {
     const JSON: &str = "application/json";
     let one = model_of_path(path);
@@ -659,6 +660,9 @@ async fn models(
         };
     };
     let key = auth.authenticate(headers)?;
+    if let Some(caller) = caller {
+        caller.set(&key.name);
+    }
     let decision = match auth.acquire_request(&key, Dialect::OpenAi).await {
         Ok(decision) => decision,
         Err(refusal) => return Ok(refusal),
@@ -720,7 +724,10 @@ where
             allow,
         }),
         FaceRoute::Own(own) => Ok(shared.own(own)),
-        FaceRoute::Models => Box::pin(models(&shared, req.uri().path(), req.headers())).await,
+        FaceRoute::Models => {
+            let caller = req.extensions().get::<CallerSlot>();
+            Box::pin(models(&shared, req.uri().path(), req.headers(), caller)).await
+        }
         FaceRoute::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
     }
 }

@@ -206,6 +206,10 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         Some(auth) => Some(auth.authenticate(req.headers())?),
         None => None,
     };
+    if let (Some(key), Some(caller)) = (&key, req.extensions().get::<llm_proxy_core::CallerSlot>())
+    {
+        caller.set(&key.name);
+    }
     let authenticated = key.is_some();
     let mut candidates = ctx
         .sockets

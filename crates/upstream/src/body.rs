@@ -413,12 +413,19 @@ fn watch(
         Ok(()) => true,
         Err(why) => {
             // Pass this frame on, then end with the error event (or, if it
-            // ended mid-event, just fail).
-            let cut = watch.outlines.has_partial();
+            // ends mid-event, just fail). The parser dropped its unfinished
+            // event with the error: the frame tells where the client is.
+            let cut = !ends_an_event(data);
             *state = State::interrupt(upstream, why, Some(watch.kind), cut);
             false
         }
     }
+}
+
+/// Whether `frame` ends with the blank line that ends an event: the client
+/// then holds whole events only.
+fn ends_an_event(frame: &[u8]) -> bool {
+    frame.ends_with(b"\n\n") || frame.ends_with(b"\r\r") || frame.ends_with(b"\r\n\r\n")
 }
 
 /// Whether a watched stream has sent its dialect's last event.
