@@ -44,6 +44,38 @@ where
     (sender, tokio::spawn(conn))
 }
 
+/// An h2c connection to `addr` whose streams' windows are HTTP/2's
+/// default (64 KiB): a stream the client does not read fills it soon.
+pub async fn h2c_small_window(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// A streamed chat request to the proxy at `addr`, with `headers` (the
+/// mock's knobs).
+pub fn streamed_chat_h2(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
+        "m", true,
+    ))))
+    .unwrap()
+}
+
 /// Generous bound for anything that should happen "now": catches hangs only.
 pub const HANG: Duration = Duration::from_secs(10);
 

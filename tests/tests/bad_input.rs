@@ -1132,39 +1132,6 @@ async fn a_reader_that_pauses_within_the_send_timeout_is_not_cut() {
     assert_eq!(up.stats.cancelled(), 0);
 }
 
-/// An h2c connection to `addr` whose streams' windows are HTTP/2's
-/// default (64 KiB): a stream the client does not read fills it soon.
-async fn h2c_small_window(
-    addr: std::net::SocketAddr,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(65_535)
-        .handshake(TokioIo::new(stream))
-        .await
-        .expect("h2c handshake");
-    tokio::spawn(conn);
-    sender
-}
-
-/// A streamed chat request to the proxy at `addr`, with `headers` (the
-/// mock's knobs).
-fn streamed_chat_h2(
-    addr: std::net::SocketAddr,
-    headers: &[(&str, &str)],
-) -> http::Request<http_body_util::Full<bytes::Bytes>> {
-    let mut req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
-        .header("content-type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
-        "m", true,
-    ))))
-    .unwrap()
-}
-
 #[tokio::test]
 async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
     let up = mock_named("m").await;

@@ -307,17 +307,7 @@ async fn an_h2_stream_reset_cancels_its_upstream_request() {
     .await;
     let p = proxy(&one_upstream(&up.base_url(), "")).await;
     let (mut sender, conn) = h2c(p.addr).await;
-    let post = |headers: &[(&str, &str)]| {
-        let mut req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
-            .header("content-type", "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        req.body(http_body_util::Full::new(bytes::Bytes::from(chat(
-            "m", true,
-        ))))
-        .unwrap()
-    };
+    let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
     // After the head: a 100 s stream, reset after its first frame.
     let resp = sender
         .send_request(post(&[("x-mock-tokens", "1000")]))

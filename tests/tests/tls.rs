@@ -150,22 +150,10 @@ async fn clients_that_stop_reading_do_not_starve_an_h2_upstreams_other_streams()
     // more (HTTP/2 with a 64 KiB window, so that nothing but flow control
     // holds them back): each can take a stream's whole window upstream,
     // together more than hyper's default window for the connection.
-    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(65_535)
-        .handshake(TokioIo::new(stream))
-        .await
-        .expect("h2c handshake");
-    tokio::spawn(conn);
+    let sender = h2c_small_window(p.addr).await;
     let mut unread = Vec::new();
     for _ in 0..4 {
-        let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
-            .header("content-type", "application/json")
-            .header("x-mock-tokens", "1000000")
-            .body(http_body_util::Full::new(bytes::Bytes::from(chat(
-                "m", true,
-            ))))
-            .unwrap();
+        let req = streamed_chat_h2(p.addr, &[("x-mock-tokens", "1000000")]);
         let resp = tokio::time::timeout(HANG, sender.clone().send_request(req))
             .await
             .expect("a head in time")
