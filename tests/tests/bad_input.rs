@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use http::Method;
+use http_body_util::BodyExt;
 use tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1149,21 +1150,31 @@ async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
         .await
         .expect("A's head");
     assert_eq!(unread.status(), 200);
-    // B: its upstream takes three timeouts to answer; nothing is wrong.
-    let mut b = sender.clone();
-    let waiting = b
-        .send_request(post(&[("x-mock-latency-ms", "1000")]))
-        .await
-        .expect("B answered");
+    // B: its upstream takes several timeouts to answer; nothing is wrong.
+    let waiting = tokio::spawn(
+        sender
+            .clone()
+            .send_request(post(&[("x-mock-latency-ms", "3000")])),
+    );
+    // A alone is cancelled upstream, while B waits; A's stream is left to
+    // the client.
+    eventually("A's upstream request cancelled", || {
+        up.stats.cancelled() == 1
+    })
+    .await;
+    assert!(!waiting.is_finished(), "B still waits");
+    let waiting = waiting.await.unwrap().expect("B answered");
     assert_eq!(waiting.status(), 200);
     let (body, broken) = read_stream(waiting).await;
     assert!(!broken, "B ran to its end");
     assert!(String::from_utf8_lossy(&body).contains("data: [DONE]"));
-    drop(unread);
+    let (body, broken) = read_stream(unread).await;
+    assert!(broken, "A's stream fails once read");
+    assert!(!body.is_empty(), "after what it had queued");
 }
 
 #[tokio::test]
-async fn unread_h2c_streams_cannot_hide_behind_a_waiting_one() {
+async fn unread_h2c_streams_beside_a_waiting_one_are_cancelled_one_by_one() {
     let up = mock_named("m").await;
     let p = proxy(&format!(
         "send_timeout_ms = 300\n{}",
@@ -1172,43 +1183,90 @@ async fn unread_h2c_streams_cannot_hide_behind_a_waiting_one() {
     .await;
     let sender = h2c_small_window(p.addr).await;
     let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
-    // Seven long streams the client never reads, beside one whose upstream
-    // takes three timeouts to answer: left to flow control.
+    // Eight long streams the client never reads, beside one whose upstream
+    // takes a few timeouts to answer: the eight are cancelled, each, and the
+    // connection goes on.
     let mut unread = Vec::new();
-    let open_unread = || {
-        let sender = sender.clone();
+    for _ in 0..8 {
         let req = post(&[("x-mock-tokens", "1000000")]);
-        async move {
-            let resp = sender.clone().send_request(req).await.expect("a head");
-            assert_eq!(resp.status(), 200);
-            resp
-        }
-    };
-    for _ in 0..7 {
-        unread.push(open_unread().await);
+        let resp = sender.clone().send_request(req).await.expect("a head");
+        assert_eq!(resp.status(), 200);
+        unread.push(resp);
     }
-    let mut waiting = sender.clone();
-    let answer = waiting
-        .send_request(post(&[("x-mock-latency-ms", "1000")]))
+    let answer = sender
+        .clone()
+        .send_request(post(&[("x-mock-latency-ms", "2000")]))
         .await
-        .expect("answered");
+        .expect("the waiting stream answered");
     let (body, broken) = read_stream(answer).await;
     assert!(!broken && String::from_utf8_lossy(&body).contains("data: [DONE]"));
-    // Eight: the connection is closed, though a stream still waits.
-    unread.push(open_unread().await);
-    let started = std::time::Instant::now();
-    let answer = tokio::time::timeout(
-        HANG,
-        waiting.send_request(post(&[("x-mock-latency-ms", "20000")])),
-    )
-    .await
-    .expect("the connection is closed within the bound");
-    assert!(answer.is_err(), "closed before the waiting stream's answer");
-    assert!(started.elapsed() < Duration::from_secs(10));
-    eventually("the upstream requests cancelled", || {
+    eventually("the unread streams' upstream requests cancelled", || {
         up.stats.cancelled() == 8 && up.stats.in_flight() == 0
     })
     .await;
+    let answer = sender
+        .clone()
+        .send_request(post(&[]))
+        .await
+        .expect("the connection still serves");
+    let (body, broken) = read_stream(answer).await;
+    assert!(!broken && String::from_utf8_lossy(&body).contains("data: [DONE]"));
+    drop(unread);
+}
+
+/// A client that reads one stream and leaves the others unread cannot keep
+/// their upstream requests: reading one stream does not cover the others.
+#[tokio::test]
+async fn reading_one_h2c_stream_does_not_keep_unread_ones() {
+    let up = mock(MockConfig {
+        name: "m".to_owned(),
+        tokens_per_second: Some(1000.0),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = proxy(&format!(
+        "send_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let sender = h2c_small_window(p.addr).await;
+    let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
+    let long = [("x-mock-tokens", "1000000")];
+    let read = sender
+        .clone()
+        .send_request(post(&long))
+        .await
+        .expect("a head");
+    let mut read = read.into_body();
+    let mut unread = Vec::new();
+    for _ in 0..7 {
+        let resp = sender
+            .clone()
+            .send_request(post(&long))
+            .await
+            .expect("a head");
+        assert_eq!(resp.status(), 200);
+        unread.push(resp);
+    }
+    let mut next_frame = async || {
+        tokio::time::timeout(HANG, read.frame())
+            .await
+            .expect("the read stream goes on")
+            .expect("not at its end")
+            .expect("not broken")
+    };
+    let started = std::time::Instant::now();
+    while up.stats.cancelled() < 7 {
+        assert!(started.elapsed() < HANG, "the unread streams are cancelled");
+        next_frame().await;
+    }
+    // The read stream goes on, for more than a send timeout.
+    let more = std::time::Instant::now();
+    while more.elapsed() < Duration::from_millis(600) {
+        next_frame().await;
+    }
+    assert_eq!(up.stats.cancelled(), 7);
+    drop(read);
     drop(unread);
 }
 

@@ -21,25 +21,29 @@
 //! for another for the timeout; the connection is then closed, which
 //! cancels the upstream requests. A stream waiting for its upstream is not
 //! stalled: hyper has asked for the next frame, and the body has none yet.
-//! On HTTP/2, one stream the client leaves unread beside others that wait
-//! for their upstream or are read does not close the connection (it would
-//! take the healthy streams with it; HTTP/2's flow control bounds what the
-//! unread one holds); when every stream on it is unread, it is closed, and
-//! so it is when [`UNREAD_STREAMS_BESIDE_WAITING`] or more are unread and no
-//! body of it has been asked for more for the timeout: else a client could
-//! leave 127 streams unread, each holding a model server's slot, beside one
-//! that always waits. (Resetting just the unread streams would spare the
-//! waiting ones, but an unread stream's body is not polled, and its
-//! upstream connection is driven by that poll: nothing outside it can
-//! cancel it.) A gateway that multiplexes many users on one connection
-//! (Envoy, HAProxy) has some stream read now and then, or streams still
-//! waiting, unless that many of its users stop reading at once.
+//!
+//! **Unread HTTP/2 stream.** On HTTP/2 one stream may be left unread while
+//! others are read or wait for their upstream; closing the connection would
+//! take the healthy streams with it. So each HTTP/2 response body is held
+//! where the connection's watch can reach it ([`InFlight::watch`]): one the
+//! client has taken nothing of for the timeout is dropped there, which
+//! cancels its upstream request (its upstream connection is driven by the
+//! body's poll, which hyper no longer makes: only dropping the body ends
+//! it). The stream itself stays open until the client reads it again (its
+//! body then fails, and hyper resets it) or the connection ends; what it
+//! queued is bounded by HTTP/2's flow control. nginx applies its
+//! `send_timeout` to each HTTP/2 stream too.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use llm_proxy_core::{Body, BoxError};
+use slab::Slab;
 use tokio::time::Instant;
 
 use crate::websocket::Tunnel;
@@ -50,6 +54,10 @@ pub(crate) struct Activity {
     /// Set by the first HTTP/1 request: hyper watches this connection's
     /// idle time itself.
     http1: AtomicBool,
+    /// The HTTP/2 response bodies in flight, which the watch may drop.
+    streams: Mutex<Slab<Arc<Stream>>>,
+    /// Steps (quarters of the send timeout) the watch has taken.
+    ticks: AtomicU64,
     in_flight: AtomicUsize,
     /// Milliseconds since `epoch` at which `in_flight` last fell to zero.
     idle_since_ms: AtomicU64,
@@ -90,6 +98,8 @@ impl Activity {
         Arc::new(Activity {
             epoch: Instant::now(),
             http1: AtomicBool::new(false),
+            streams: Mutex::new(Slab::new()),
+            ticks: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             body_polls: AtomicU64::new(0),
@@ -227,7 +237,9 @@ impl Activity {
     /// for more meanwhile; or once no write to the connection has gone
     /// through for `timeout` (nginx's `send_timeout`: an HTTP/2 client that
     /// reads nothing at all, while one of its streams keeps its window open
-    /// and so keeps being asked for frames that pile up unsent).
+    /// and so keeps being asked for frames that pile up unsent). Meanwhile
+    /// it drops each HTTP/2 response body left unread for `timeout`
+    /// ([`InFlight::watch`]).
     pub(crate) async fn stalled(&self, timeout: Duration) {
         let step = (timeout / 4).max(Duration::from_millis(1));
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -235,17 +247,15 @@ impl Activity {
         let mut since = Instant::now();
         loop {
             tokio::time::sleep(step).await;
+            let tick = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
+            self.drop_unread(tick);
             let blocked = self.write_blocked_ms.load(Ordering::Relaxed);
             if blocked != 0 && self.now_ms().saturating_sub(blocked - 1) >= timeout_ms {
                 return;
             }
             let now_polls = self.body_polls.load(Ordering::Relaxed);
             let unsent = self.unsent.load(Ordering::Relaxed);
-            // A few unread streams beside streams that wait are left to
-            // flow control; many are not.
-            let all_unsent = unsent > 0
-                && (unsent >= UNREAD_STREAMS_BESIDE_WAITING
-                    || unsent >= self.in_flight.load(Ordering::Acquire));
+            let all_unsent = unsent > 0 && unsent >= self.in_flight.load(Ordering::Acquire);
             if now_polls != polls || !all_unsent {
                 polls = now_polls;
                 since = Instant::now();
@@ -254,12 +264,94 @@ impl Activity {
             }
         }
     }
+
+    /// Drops the body of each HTTP/2 stream that has handed out a frame and
+    /// not been asked for the next for four steps (`tick` is the step just
+    /// taken): its upstream request is cancelled.
+    fn drop_unread(&self, tick: u64) {
+        let unread = |stream: &Stream| {
+            let handed = stream.handed_at.load(Ordering::Relaxed);
+            handed != 0 && tick.saturating_sub(handed) >= UNREAD_STEPS
+        };
+        let mut dropped = Vec::new();
+        {
+            let streams = lock(&self.streams);
+            for (_, stream) in streams.iter().filter(|(_, stream)| unread(stream)) {
+                let mut body = lock(&stream.body);
+                // Asked meanwhile: it is read after all.
+                if unread(stream) {
+                    dropped.extend(body.take());
+                    stream.handed_at.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+        if !dropped.is_empty() {
+            tracing::debug!(
+                streams = dropped.len(),
+                "cancelling HTTP/2 streams whose client stopped reading them"
+            );
+        }
+        // Dropped outside the locks: the bodies' layers see a cut.
+        drop(dropped);
+    }
 }
 
-/// How many unread HTTP/2 streams close a connection on which nothing has
-/// been read for the send timeout, even beside streams that wait for their
-/// upstream.
-pub(crate) const UNREAD_STREAMS_BESIDE_WAITING: usize = 8;
+/// Steps (quarters of the send timeout) a stream's frame may wait for the
+/// client to take it: four, so that an unread stream is cancelled between
+/// one and one and a quarter send timeouts after its last frame.
+const UNREAD_STEPS: u64 = 4;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An HTTP/2 response body where the connection's watch can drop it.
+struct Stream {
+    /// `None` once dropped by the watch.
+    body: Mutex<Option<Body>>,
+    /// One more than the watch's step count when the body last handed out
+    /// a frame not yet followed by a request for the next; 0 otherwise.
+    handed_at: AtomicU64,
+}
+
+/// The body the client reads of a watched HTTP/2 stream ([`InFlight::watch`]).
+struct Watched(Arc<Stream>);
+
+impl HttpBody for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match lock(&self.0.body).as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(Some(Err(Unread.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        lock(&self.0.body)
+            .as_ref()
+            .is_some_and(HttpBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        lock(&self.0.body)
+            .as_ref()
+            .map_or_else(SizeHint::default, HttpBody::size_hint)
+    }
+}
+
+/// Why a watched stream's body failed: the watch dropped it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the client took none of this answer for the send timeout; its upstream request was cancelled"
+)]
+struct Unread;
 
 /// One request in flight on a watched connection; its response body keeps
 /// it until dropped.
@@ -268,6 +360,17 @@ pub(crate) struct InFlight {
     activity: Arc<Activity>,
     /// The body handed out a frame and has not been asked for the next.
     handed: bool,
+    /// An HTTP/2 body's place in the connection's watch, once
+    /// [`InFlight::watch`] put it there.
+    stream: Option<(usize, Arc<Stream>)>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("handed_at", &self.handed_at)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InFlight {
@@ -285,7 +388,25 @@ impl InFlight {
         InFlight {
             activity: activity.clone(),
             handed: false,
+            stream: None,
         }
+    }
+
+    /// `body`, as the client is to read it: on HTTP/2, held where the
+    /// connection's watch drops it once unread for the send timeout
+    /// (`Activity::stalled`). On HTTP/1 the watch closes the connection
+    /// instead, and `body` is returned as it is.
+    pub(crate) fn watch(&mut self, body: Body) -> Body {
+        if self.activity.http1.load(Ordering::Relaxed) || self.stream.is_some() {
+            return body;
+        }
+        let stream = Arc::new(Stream {
+            body: Mutex::new(Some(body)),
+            handed_at: AtomicU64::new(0),
+        });
+        let key = lock(&self.activity.streams).insert(stream.clone());
+        self.stream = Some((key, stream.clone()));
+        Body::new(Watched(stream))
     }
 
     /// The response body is asked for a frame.
@@ -294,6 +415,9 @@ impl InFlight {
         if self.handed {
             self.handed = false;
             self.activity.unsent.fetch_sub(1, Ordering::Relaxed);
+            if let Some((_, stream)) = &self.stream {
+                stream.handed_at.store(0, Ordering::Relaxed);
+            }
         }
     }
 
@@ -302,6 +426,10 @@ impl InFlight {
         if matches!(polled, Poll::Ready(Some(Ok(_)))) {
             self.handed = true;
             self.activity.unsent.fetch_add(1, Ordering::Relaxed);
+            if let Some((_, stream)) = &self.stream {
+                let tick = self.activity.ticks.load(Ordering::Relaxed);
+                stream.handed_at.store(tick + 1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -311,6 +439,9 @@ impl Drop for InFlight {
         let activity = &self.activity;
         if self.handed {
             activity.unsent.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some((key, _)) = self.stream.take() {
+            lock(&activity.streams).try_remove(key);
         }
         // Stamp before the count falls: `idle` never sees zero in flight
         // with a stale stamp. (HTTP/1 connections need no stamp, nor the
@@ -408,5 +539,87 @@ mod tests {
         body.asked();
         let waiting = tokio::time::timeout(Duration::from_secs(60), activity.stalled(timeout));
         assert!(waiting.await.is_err());
+    }
+
+    /// A body of frames sent on a channel; the sender tells when it is
+    /// dropped.
+    fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
+        use http_body_util::BodyExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok::<_, BoxError>(Frame::data(data)), rx))
+        });
+        (tx, http_body_util::StreamBody::new(frames).boxed_unsync())
+    }
+
+    /// Polls `body` once as hyper does, telling `conn`.
+    fn poll_once(
+        conn: &mut InFlight,
+        body: &mut Body,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        conn.asked();
+        let polled = Pin::new(body).poll_frame(&mut cx);
+        conn.answered(&polled);
+        polled
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unread_http2_stream_is_dropped_and_a_read_one_is_not() {
+        let activity = Activity::new();
+        let timeout = Duration::from_secs(8);
+        let (unread_tx, unread) = channel_body();
+        let (read_tx, read) = channel_body();
+        let mut unread_conn = InFlight::new(&activity);
+        let mut unread = unread_conn.watch(unread);
+        let mut read_conn = InFlight::new(&activity);
+        let mut read = read_conn.watch(read);
+        // Each hands out a frame; only one is asked for more, now and then.
+        unread_tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(poll_once(&mut unread_conn, &mut unread).is_ready());
+        let stalled = activity.stalled(timeout);
+        let mut stalled = std::pin::pin!(stalled);
+        let started = Instant::now();
+        while !unread_tx.is_closed() {
+            read_tx.send(Bytes::from_static(b"b")).await.unwrap();
+            assert!(matches!(
+                poll_once(&mut read_conn, &mut read),
+                Poll::Ready(Some(Ok(_)))
+            ));
+            tokio::select! {
+                () = &mut stalled => panic!("the connection is not closed for one stream"),
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            assert!(
+                started.elapsed() < timeout * 2,
+                "the unread body is dropped"
+            );
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= timeout && took <= timeout + timeout / 4 + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(!read_tx.is_closed(), "the read stream goes on");
+        // Read again, the dropped stream fails.
+        assert!(matches!(
+            poll_once(&mut unread_conn, &mut unread),
+            Poll::Ready(Some(Err(_)))
+        ));
+        drop((unread, unread_conn));
+        assert_eq!(lock(&activity.streams).len(), 1);
+        drop((read, read_conn));
+        assert!(lock(&activity.streams).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http1_bodies_are_not_held_for_the_watch() {
+        let activity = Activity::new();
+        activity.saw(http::Version::HTTP_11);
+        let mut conn = InFlight::new(&activity);
+        let (_tx, body) = channel_body();
+        let _body = conn.watch(body);
+        assert!(lock(&activity.streams).is_empty());
     }
 }

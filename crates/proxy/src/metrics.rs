@@ -211,11 +211,14 @@ impl Metrics {
         route: &'static str,
         start: Instant,
         body: Body,
-        conn: Option<InFlight>,
+        mut conn: Option<InFlight>,
         request_id: Option<http::HeaderValue>,
     ) -> ObservedBody {
         ObservedBody {
-            inner: body,
+            inner: match conn.as_mut() {
+                Some(conn) => conn.watch(body),
+                None => body,
+            },
             route,
             start,
             first: false,
