@@ -728,7 +728,7 @@ async fn the_access_log_has_a_line_per_request() {
     let (child, addr) = start_proxy(
         "access-log",
         "access_log = true\ndrain_timeout_secs = 2\n[[upstream]]\nname = \"m\"\nmock = {}\n\
-         [auth]\n[[auth.keys]]\nname = \"team-a\"\nkey = \"sk-team-a-secret\"\n",
+         websocket = true\n[auth]\n[[auth.keys]]\nname = \"team-a\"\nkey = \"sk-team-a-secret\"\n",
         "warn,llm_proxy::access=info",
     )
     .await;
@@ -775,6 +775,25 @@ async fn the_access_log_has_a_line_per_request() {
         .unwrap();
     assert_eq!(models.status(), 200);
     let _ = read_stream(models).await;
+    // A WebSocket session: its line comes when it closes.
+    let (mut socket, head) = tests::ws::connect(
+        addr,
+        &[
+            ("x-request-id", "req-ws-5"),
+            ("authorization", "Bearer sk-team-a-secret"),
+        ],
+    )
+    .await
+    .expect("switched");
+    assert_eq!(head.status(), 101);
+    let events = tests::ws::turn(
+        &mut socket,
+        serde_json::json!({"model": "any", "input": "Hi"}),
+    )
+    .await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    futures_util::SinkExt::close(&mut socket).await.unwrap();
+    assert!(tests::ws::ends(&mut socket).await);
     signal(&child, "-TERM");
     let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
@@ -782,12 +801,13 @@ async fn the_access_log_has_a_line_per_request() {
         .lines()
         .filter(|l| l.contains("llm_proxy::access"))
         .collect();
-    assert_eq!(lines.len(), 4, "{stderr}");
+    assert_eq!(lines.len(), 5, "{stderr}");
     for (line, id, status) in [
         (lines[0], "req-plain-1", "status=200"),
         (lines[1], "req-stream-2", "status=200"),
         (lines[2], "req-404-3", "status=404"),
         (lines[3], "req-models-4", "status=200"),
+        (lines[4], "req-ws-5", "status=101"),
     ] {
         assert!(line.contains(id) && line.contains(status), "{line}");
         assert!(
@@ -802,7 +822,7 @@ async fn the_access_log_has_a_line_per_request() {
     );
     assert!(!lines[0].contains("api-version"), "no query: {}", lines[0]);
     // The key's name, never the key; none for a request without one.
-    for line in [lines[0], lines[1], lines[3]] {
+    for line in [lines[0], lines[1], lines[3], lines[4]] {
         assert!(
             line.contains("key=\"team-a\"") || line.contains("key=team-a"),
             "{line}"
