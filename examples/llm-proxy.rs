@@ -1,5 +1,10 @@
 //! The llm-proxy binary: `llm-proxy --config FILE`.
 //!
+//! `llm-proxy --check --config FILE` (nginx's `-t`, Envoy's
+//! `--mode validate`) reads the config and builds the stack as a start
+//! would, then exits 0 (`… is valid` on stderr) or 2 with the error,
+//! serving nothing and binding no port.
+//!
 //! Reads the TOML config (DESIGN.md), builds the stack and serves it until
 //! SIGTERM/SIGINT, then drains in-flight requests and exits 0 (a second
 //! signal during the drain, 100 ms or more after the first, stops at once,
@@ -24,7 +29,7 @@ use llm_proxy::config::Settings;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: llm-proxy --config FILE   (also --version, --help)";
+const USAGE: &str = "usage: llm-proxy [--check] --config FILE   (also --version, --help)";
 
 /// A shutdown signal this soon after the first is the first sent twice,
 /// not a second one that stops the drain.
@@ -33,6 +38,7 @@ const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_millis(100)
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut config: Option<PathBuf> = None;
+    let mut check = false;
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
                 };
                 config = Some(PathBuf::from(value));
             }
+            "--check" | "-t" if inline.is_none() => check = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -75,16 +82,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a terminal: escape codes in a log file or a
-        // collector's stream are noise to grep and to parsers.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if check {
+        return check_build(settings, &config);
+    }
+    init_logs("info");
     // Each request in flight holds a client and an upstream connection
     // (and an HTTP/2 connection may carry 128 requests): the usual soft
     // limit of 1024 descriptors is a few hundred requests. As nginx's
@@ -97,15 +98,9 @@ fn main() -> ExitCode {
     // The main thread's runtime runs the signal handler, `metrics_listen`,
     // and what the build spawns; requests are served by `workers` shard
     // threads, each with its own runtime (Proxy::serve_sharded).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("llm-proxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         // Listening for SIGTERM/SIGINT before anything is served: a signal
@@ -172,4 +167,53 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `--check`: the stack built as a start builds it (TLS roots, keys,
+/// stores; a Redis that refuses the proxy is an error, one that does not
+/// answer only a warning, as at a start), then dropped. Logs only warnings:
+/// nothing is served.
+fn check_build(settings: Settings, config: &std::path::Path) -> ExitCode {
+    init_logs("warn");
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    runtime.block_on(async move {
+        match Proxy::build(settings).await {
+            Ok(_) => {
+                eprintln!("llm-proxy: config {} is valid", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("llm-proxy: {e}");
+                ExitCode::from(2)
+            }
+        }
+    })
+}
+
+/// Logs to stderr, at `default` unless `RUST_LOG` says otherwise.
+fn init_logs(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        // Colour only for a terminal: escape codes in a log file or a
+        // collector's stream are noise to grep and to parsers.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// The main thread's runtime.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("llm-proxy: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
 }

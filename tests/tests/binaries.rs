@@ -8,12 +8,24 @@ use http::Method;
 use tests::*;
 
 fn config_error(name: &str, text: Option<&str>) -> (i32, String) {
+    run_to_exit(name, text, &[])
+}
+
+/// `llm-proxy --check` on the config `text`: its exit code and stderr.
+fn checked(name: &str, text: &str) -> (i32, String) {
+    run_to_exit(name, Some(text), &["--check"])
+}
+
+/// The llm-proxy binary on the config `text` (none: a missing file), with
+/// `args` before `--config`, which must exit within `HANG`.
+fn run_to_exit(name: &str, text: Option<&str>, args: &[&str]) -> (i32, String) {
     let dir = scratch_dir("config");
     let path = dir.join(format!("{name}.toml"));
     if let Some(text) = text {
         std::fs::write(&path, text).unwrap();
     }
     let mut child = std::process::Command::new(example_binary("llm-proxy"))
+        .args(args)
         .args(["--config", path.to_str().unwrap()])
         // For the case of a secret read from an empty variable.
         .env("LLM_PROXY_TEST_EMPTY", "")
@@ -170,6 +182,32 @@ fn config_errors_are_one_line_and_exit_2() {
     }
 }
 
+/// `--check` (nginx's `-t`): the config read and the stack built, nothing
+/// served, exit 0; a bad config is the same one line and exit 2 as at a
+/// start.
+#[test]
+fn check_validates_a_config_without_serving_it() {
+    // Its `listen` is taken: a check binds nothing.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let up = "[[upstream]]\nname = \"m\"\nmock = {}\n";
+    let (code, stderr) = checked(
+        "check_valid",
+        &format!("listen = \"{addr}\"\n{up}[cache]\nbackend = \"memory\"\n"),
+    );
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert!(stderr.contains("check_valid.toml is valid"), "{stderr}");
+    assert!(!stderr.contains("listening"), "{stderr}");
+    let (code, stderr) = checked("check_unknown", &format!("{up}colour = \"blue\"\n"));
+    assert_eq!(code, 2, "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with("llm-proxy: config error: ") && stderr.contains("colour"),
+        "{stderr}"
+    );
+    drop(taken);
+}
+
 #[test]
 fn an_address_in_use_is_a_start_up_failure_naming_its_key() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -213,8 +251,9 @@ async fn a_redis_that_refuses_the_proxy_stops_it_at_start() {
          [[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\n",
         redis.addr
     );
+    let again = config.clone();
     let (code, stderr) =
-        tokio::task::spawn_blocking(move || config_error("redis_refuses", Some(&config)))
+        tokio::task::spawn_blocking(move || config_error("redis_refuses", Some(&again)))
             .await
             .expect("ran");
     assert_eq!(code, 2, "stderr: {stderr}");
@@ -224,6 +263,13 @@ async fn a_redis_that_refuses_the_proxy_stops_it_at_start() {
         "{stderr}"
     );
     assert!(!stderr.contains("wrong"), "the password shown: {stderr}");
+    // A check builds what a start builds: the same refusal.
+    let (code, check) =
+        tokio::task::spawn_blocking(move || checked("redis_refuses_check", &config))
+            .await
+            .expect("ran");
+    assert_eq!(code, 2, "stderr: {check}");
+    assert_eq!(check, stderr);
     // An ACL user that may PING but run no script, or touch no key under
     // the prefix: every limit would fall back to this proxy's own.
     for (name, rules) in [
