@@ -86,6 +86,16 @@ pub async fn mock(config: MockConfig) -> MockServer {
         .expect("bind a mock upstream on 127.0.0.1")
 }
 
+/// Spawn a mock upstream named `name` that streams `tokens_per_second`.
+pub async fn paced_mock(name: &str, tokens_per_second: f64) -> MockServer {
+    mock(MockConfig {
+        name: name.to_owned(),
+        tokens_per_second: Some(tokens_per_second),
+        ..MockConfig::default()
+    })
+    .await
+}
+
 /// Spawn a default mock upstream named `name`.
 pub async fn mock_named(name: &str) -> MockServer {
     mock(MockConfig {

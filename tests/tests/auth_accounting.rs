@@ -347,12 +347,7 @@ async fn a_large_answer_is_charged_its_usage_on_redis() {
 #[tokio::test]
 async fn a_stream_the_client_leaves_is_charged_at_least_what_it_delivered() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let up = mock(MockConfig {
-        name: "m".into(),
-        tokens_per_second: Some(2000.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("m", 2000.0).await;
     let toml = format!(
         "{}\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 3000\n",
         one_upstream(&up.base_url(), APIS)

@@ -373,12 +373,7 @@ async fn invalid_sse_ends_with_an_error_event_and_a_close() {
 
 #[tokio::test]
 async fn silent_upstream_mid_stream_hits_the_idle_timeout() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(1.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 1.0).await;
     let p = proxy(&one_upstream(&up.base_url(), "idle_timeout_ms = 150")).await;
     let (body, broke) = broken_stream(&p, "none").await;
     assert_interrupted(&body, broke);
@@ -387,12 +382,7 @@ async fn silent_upstream_mid_stream_hits_the_idle_timeout() {
 
 #[tokio::test]
 async fn client_disconnect_mid_stream_cancels_the_upstream() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(10.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 10.0).await;
     let p = proxy(&one_upstream(&up.base_url(), "")).await;
     let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     start_raw_stream(&mut conn, 1000).await;
@@ -1003,12 +993,7 @@ async fn a_repeated_content_length_reaches_the_client_once() {
 
 #[tokio::test]
 async fn an_idle_h2c_connection_is_closed_and_a_busy_one_is_not() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(20.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 20.0).await;
     // Idle for 300 ms: closed (as an idle HTTP/1 connection would be).
     let p = proxy(&format!(
         "header_read_timeout_ms = 300\n{}",
@@ -1218,12 +1203,7 @@ async fn unread_h2c_streams_beside_a_waiting_one_are_cancelled_one_by_one() {
 /// their upstream requests: reading one stream does not cover the others.
 #[tokio::test]
 async fn reading_one_h2c_stream_does_not_keep_unread_ones() {
-    let up = mock(MockConfig {
-        name: "m".to_owned(),
-        tokens_per_second: Some(1000.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("m", 1000.0).await;
     let p = proxy(&format!(
         "send_timeout_ms = 300\n{}",
         one_upstream(&up.base_url(), "")

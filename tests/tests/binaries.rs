@@ -653,12 +653,7 @@ fn the_command_line_is_read_as_users_write_it() {
 /// while a stream is in flight: the stream finishes whole, the example
 /// exits 0.
 async fn a_signal_drains_the_example(example: &str, signal: &str, path: &str) {
-    let up = mock(llm_proxy_mock::MockConfig {
-        name: "m".into(),
-        tokens_per_second: Some(20.0),
-        ..llm_proxy_mock::MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("m", 20.0).await;
     let listen = format!("127.0.0.1:{}", free_port());
     let child = run_example(example, &[&listen, &up.base_url()]);
     wait_listening(listen.parse().unwrap()).await;

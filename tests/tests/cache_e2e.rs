@@ -451,12 +451,7 @@ async fn an_error_answered_with_200_is_not_stored() {
 /// (hyper drops the frames a body holds when it fails without a pause).
 #[tokio::test]
 async fn a_follower_of_a_broken_stream_gets_the_error_event() {
-    let up = mock(MockConfig {
-        name: "m".into(),
-        tokens_per_second: Some(50.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("m", 50.0).await;
     let p = proxy(&memory(&up.base_url())).await;
     let headers = [
         ("x-mock-fail", "drop"),

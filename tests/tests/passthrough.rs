@@ -144,12 +144,7 @@ async fn an_azure_style_api_key_does_not_go_upstream() {
 
 #[tokio::test]
 async fn first_streamed_chunk_arrives_before_the_upstream_finishes() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(20.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 20.0).await;
     let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
     let resp = client()
         .request(request(

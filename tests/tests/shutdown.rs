@@ -7,12 +7,7 @@ use tower::ServiceExt;
 
 #[tokio::test]
 async fn drain_lets_an_in_flight_stream_finish() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(20.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 20.0).await;
     let port = free_port();
     let mut p = proxy(&format!(
         "drain_timeout_secs = 10\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",

@@ -299,12 +299,7 @@ async fn a_client_that_stops_reading_holds_the_upstream_back() {
 /// goes on serving.
 #[tokio::test]
 async fn an_h2_stream_reset_cancels_its_upstream_request() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(10.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 10.0).await;
     let p = proxy(&one_upstream(&up.base_url(), "")).await;
     let (mut sender, conn) = h2c(p.addr).await;
     let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
@@ -372,12 +367,7 @@ async fn long_stream_with_drain_timeout(
     TestProxy,
     hyper::Response<hyper::body::Incoming>,
 ) {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(10.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 10.0).await;
     let p = proxy(&format!(
         "drain_timeout_secs = {drain}\n{}",
         one_upstream(&up.base_url(), "")
@@ -832,12 +822,7 @@ async fn h2c_stream(
 /// stream runs to its end, then the connection closes and `serve` returns.
 #[tokio::test]
 async fn a_drain_lets_an_h2_stream_finish_then_closes_its_connection() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(20.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 20.0).await;
     let mut p = proxy(&format!(
         "drain_timeout_secs = 10\n{}",
         one_upstream(&up.base_url(), "")
@@ -980,12 +965,7 @@ async fn next_requests_completed_as_the_drain_begins_close_their_connections() {
 /// cancelled.
 #[tokio::test]
 async fn an_h2_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
-    let up = mock(MockConfig {
-        name: "slow".into(),
-        tokens_per_second: Some(10.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("slow", 10.0).await;
     let mut p = proxy(&format!(
         "drain_timeout_secs = 0.3\n{}",
         one_upstream(&up.base_url(), "")

@@ -625,12 +625,7 @@ async fn a_client_that_vanishes_closes_the_upstream_side() {
 #[tokio::test]
 async fn a_drain_ends_sessions_once_their_turn_is_done() {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    let up = mock(MockConfig {
-        name: "m".into(),
-        tokens_per_second: Some(50.0),
-        ..MockConfig::default()
-    })
-    .await;
+    let up = paced_mock("m", 50.0).await;
     let mut p = proxy(&format!(
         "drain_timeout_secs = 60\n{}",
         ws_upstream("up", &up.base_url(), "")
