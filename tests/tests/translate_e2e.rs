@@ -755,3 +755,95 @@ async fn a_legacy_function_call_reaches_the_client_as_a_tool_call() {
         );
     }
 }
+
+/// What an upstream sends is bounded by what it is translated into: an
+/// id repeated in every event, a stream of one-character items, or a
+/// megabyte of empty tool calls do not come out as hundreds of megabytes.
+#[tokio::test]
+async fn a_hostile_upstream_cannot_make_a_translation_balloon() {
+    let long_id = format!("chatcmpl-{}", "X".repeat(256 * 1024));
+    let id_stream = {
+        let chunk = |delta: Value| {
+            format!(
+                "data: {}\n\n",
+                json!({"id": long_id, "model": "demo", "choices": [{"index": 0, "delta": delta}]})
+            )
+        };
+        let mut sse = chunk(json!({"role": "assistant"}));
+        for _ in 0..200 {
+            sse.push_str(&chunk(json!({"content": "a"})));
+        }
+        sse + "data: [DONE]\n\n"
+    };
+    let items_stream = {
+        let item = "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"},\"finish_reason\":\"stop\"}]}\n\n";
+        item.repeat(5000) + "data: [DONE]\n\n"
+    };
+    let empty_calls =
+        json!({"id": "chatcmpl-m", "choices": [{"index": 0, "finish_reason": "tool_calls",
+        "message": {"role": "assistant", "tool_calls": vec![json!({}); 100_000]}}]})
+        .to_string();
+    let answers = std::sync::Arc::new((id_stream, items_stream, empty_calls));
+    // The whole answer in one write (`sse_upstream` paces its events).
+    let up = raw_upstream(move |mut conn| {
+        let answers = answers.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let Some((_, body)) = read_request(&mut conn).await else {
+                return;
+            };
+            let body = String::from_utf8_lossy(&body);
+            let (text, kind) = if body.contains("long id") {
+                (&answers.0, "text/event-stream")
+            } else if body.contains("many items") {
+                (&answers.1, "text/event-stream")
+            } else {
+                (&answers.2, "application/json")
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                text.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(text.as_bytes()).await;
+        }
+    })
+    .await;
+    let p = chat_only(up).await;
+    let url = p.url("/v1/responses");
+    let responses = async |input: &str, stream: bool| {
+        let body = json!({"model": "demo", "input": input, "stream": stream});
+        post(&url, &body, &[]).await
+    };
+    // The id is not repeated: the answer is some kilobytes.
+    let answer = responses("long id", true).await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        answer.body.len() < 200 * 1024,
+        "{} bytes",
+        answer.body.len()
+    );
+    let last = events(&answer).pop().unwrap();
+    assert_eq!(last["type"], "response.completed", "{last}");
+    // Past 1024 output items, the stream fails.
+    let body = json!({"model": "demo", "input": "many items", "stream": true});
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            body.to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (bytes, broke) = read_stream(resp).await;
+    assert!(broke, "the stream fails");
+    let last = sse_data(&bytes).pop().unwrap();
+    assert!(last.contains(r#""type":"error""#), "{last}");
+    assert!(bytes.len() < 4 << 20, "{} bytes", bytes.len());
+    // 100,000 empty tool calls are no answer to translate.
+    let answer = responses("calls", false).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert!(answer.text().contains("tool calls"), "{}", answer.text());
+}

@@ -225,12 +225,18 @@ impl Usage {
     }
 }
 
-/// The message of an upstream's error payload (`{"error":{"message":…}}`).
 /// Read one upstream chat event: `Ok(None)` for `data: [DONE]`, the chunk,
 /// or why it fails the stream (not a chunk, or the upstream's own error).
 pub(crate) fn read_chunk(event: &llm_proxy_core::sse::Event) -> Result<Option<Chunk<'_>>, String> {
     if event.is_done() {
         return Ok(None);
+    }
+    // An `error` event (as Anthropic names its own, and some
+    // OpenAI-compatible servers theirs) fails the stream whatever its data.
+    if event.event.as_deref() == Some("error") {
+        let data = serde_json::from_str::<Value>(&event.data)
+            .unwrap_or_else(|_| Value::String(event.data.clone()));
+        return Err(error_message(data.get("error").unwrap_or(&data)));
     }
     let chunk: Chunk<'_> = serde_json::from_str(&event.data)
         .map_err(|e| format!("the upstream sent an event that is not a chat chunk: {e}"))?;
@@ -240,10 +246,13 @@ pub(crate) fn read_chunk(event: &llm_proxy_core::sse::Event) -> Result<Option<Ch
     }
 }
 
+/// The message of an upstream's error payload (`{"error":{"message":…}}`,
+/// or a bare string, as TGI sends).
 pub(crate) fn error_message(error: &Value) -> String {
     error
         .get("message")
         .and_then(Value::as_str)
+        .or_else(|| error.as_str())
         .map(str::to_owned)
         .unwrap_or_else(|| error.to_string())
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::chat::is_a_call;
+use crate::stream::MAX_BLOCKS;
 
 /// The reasoning of a delta or message: the first non-empty of
 /// `reasoning_content` (DeepSeek, vLLM), `reasoning` (newer vLLM, Ollama;
@@ -174,30 +175,40 @@ impl<'a> Message<'a> {
         self.refusal.text.as_deref().filter(|t| !t.is_empty())
     }
 
-    /// The message's tool calls: its `tool_calls`, or, without any, a
-    /// legacy `function_call` as its one call, without an id, as
+    /// The message's tool calls: its `tool_calls` (those that are
+    /// objects), or, without any, a legacy `function_call` as its one call,
+    /// without an id, as
     /// [`Delta::legacy_call`](crate::chat::Delta::legacy_call) reads a
-    /// delta's.
-    pub fn calls(&self) -> Vec<Call<'a>> {
+    /// delta's. More than [`MAX_BLOCKS`] is not an answer to translate: each
+    /// call becomes an item of its own, so a megabyte of `{}` would become
+    /// a hundred.
+    pub fn calls(&self) -> Result<Vec<Call<'a>>, String> {
         static NONE: Value = Value::Null;
         let calls = self.message.get("tool_calls").and_then(Value::as_array);
         if let Some(calls) = calls.filter(|c| !c.is_empty()) {
-            return calls
+            if calls.len() > MAX_BLOCKS {
+                return Err(format!(
+                    "the upstream's answer has {} tool calls; at most {MAX_BLOCKS} are translated",
+                    calls.len()
+                ));
+            }
+            return Ok(calls
                 .iter()
+                .filter(|call| call.is_object())
                 .map(|call| Call {
                     id: call.get("id").and_then(Value::as_str),
                     function: call.get("function").unwrap_or(&NONE),
                 })
-                .collect();
+                .collect());
         }
         let legacy = self.message.get("function_call").filter(|f| {
             let name = f.get("name").and_then(Value::as_str);
             is_a_call(name, crate::wire::arguments_text(f).as_deref())
         });
-        legacy
+        Ok(legacy
             .map(|function| Call { id: None, function })
             .into_iter()
-            .collect()
+            .collect())
     }
 
     /// The message's reasoning, as

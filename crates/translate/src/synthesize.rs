@@ -11,6 +11,8 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use crate::wire::{MAX_ID_BYTES, input_to_arguments};
+
 /// An upstream's chat completion as the chunks of a chat stream: the role,
 /// reasoning (under one name), content, refusal and each tool call in turn, the finish
 /// reason, the usage, `[DONE]` (first choice only: a translated request
@@ -18,12 +20,19 @@ use serde_json::{Value, json};
 pub(crate) fn chat_stream(answer: &Value) -> String {
     let choice = &answer["choices"][0];
     let message = &choice["message"];
+    // Repeated in every chunk: only as long as the stream translation
+    // would use them (else none, which it reads as absent).
+    let short = |value: &Value| match value.as_str() {
+        Some(s) if s.len() <= MAX_ID_BYTES => value.clone(),
+        _ => Value::Null,
+    };
+    let (id, model) = (short(&answer["id"]), short(&answer["model"]));
     let chunk = |choices: Value| {
         json!({
-            "id": answer["id"],
+            "id": id,
             "object": "chat.completion.chunk",
             "created": answer["created"],
-            "model": answer["model"],
+            "model": model,
             "choices": choices,
         })
     };
@@ -43,7 +52,8 @@ pub(crate) fn chat_stream(answer: &Value) -> String {
             chunks.push(delta(json!({ field: text })));
         }
     }
-    for (index, call) in read.calls().into_iter().enumerate() {
+    // (Their count was checked by the whole answer's translation.)
+    for (index, call) in read.calls().unwrap_or_default().into_iter().enumerate() {
         chunks.push(delta(json!({"tool_calls": [{
             "index": index,
             "id": call.id,
@@ -98,11 +108,12 @@ pub(crate) fn messages_stream(answer: &Value) -> String {
                 json!({"type": "thinking", "thinking": ""}),
                 Some(json!({"type": "thinking_delta", "thinking": block["thinking"]})),
             ),
+            // The arguments a whole answer's translation gives them: `{}`
+            // for none, a string as it is.
             Some("tool_use") => (
                 json!({"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}),
-                Some(
-                    json!({"type": "input_json_delta", "partial_json": block["input"].to_string()}),
-                ),
+                Some(json!({"type": "input_json_delta",
+                    "partial_json": input_to_arguments(block.get("input").unwrap_or(&Value::Null))})),
             ),
             // Whole in its start (`redacted_thinking`, server tools' blocks).
             _ => (block.clone(), None),
@@ -315,5 +326,35 @@ mod tests {
             .find(|e| e["type"] == "message_delta")
             .unwrap();
         assert_eq!(end["delta"]["stop_reason"], "tool_use");
+    }
+
+    #[test]
+    fn tool_input_streams_as_a_whole_answer_gives_it() {
+        let answer = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+            "content": [
+                {"type": "tool_use", "id": "t1", "name": "f"},
+                {"type": "tool_use", "id": "t2", "name": "g", "input": "{\"k\":1}"},
+                {"type": "tool_use", "id": "t3", "name": "h", "input": {"a": 1}}],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 3, "output_tokens": 9}});
+        let arguments: Vec<String> = data(&messages_stream(&answer))
+            .iter()
+            .filter_map(|e| e["delta"]["partial_json"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(arguments, ["{}", r#"{"k":1}"#, r#"{"a":1}"#]);
+    }
+
+    #[test]
+    fn an_id_or_model_too_long_to_repeat_is_left_out_of_the_chunks() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let answer = json!({"id": long, "model": long, "choices": [{"index": 0,
+            "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}]});
+        let sse = chat_stream(&answer);
+        assert!(!sse.contains(&long));
+        assert!(
+            data(&sse)
+                .iter()
+                .all(|c| c["id"].is_null() && c["model"].is_null())
+        );
     }
 }

@@ -204,20 +204,34 @@ pub(crate) fn restyle_id(prefix: &str, id: Option<&str>) -> String {
     }
 }
 
-/// The upstream's id without its own prefix, when there is anything left.
+/// The longest upstream id or model name a translation repeats: a stream
+/// names its answer's id and model in every event, so an upstream's 1 MiB
+/// id would make each one-token event a megabyte for the client. Longer
+/// ones are not used (a fresh id, the client's model). Real ones are far
+/// shorter: OpenAI's and Anthropic's ids are under 64 bytes, LiteLLM's
+/// encoded Responses ids a few hundred.
+pub(crate) const MAX_ID_BYTES: usize = 512;
+
+/// The upstream's id without its own prefix, when there is anything left
+/// and it is no longer than [`MAX_ID_BYTES`].
 pub(crate) fn bare_id(id: Option<&str>) -> Option<&str> {
     let id = id?;
     let bare = ["chatcmpl-", "msg_", "resp_", "cmpl-"]
         .iter()
         .find_map(|p| id.strip_prefix(p))
         .unwrap_or(id);
-    Some(bare).filter(|b| !b.is_empty())
+    Some(bare).filter(|b| !b.is_empty() && b.len() <= MAX_ID_BYTES)
 }
 
-/// The upstream's `model`, unless it is absent or empty (Azure's first
-/// chunk): then the client's.
+/// The upstream's `model`, when it gives one that is not empty (Azure's
+/// first chunk has an empty one) nor longer than [`MAX_ID_BYTES`].
+pub(crate) fn upstream_model(upstream: Option<&str>) -> Option<&str> {
+    upstream.filter(|m| !m.is_empty() && m.len() <= MAX_ID_BYTES)
+}
+
+/// The upstream's `model` ([`upstream_model`]), else the client's.
 pub(crate) fn model_or<'a>(upstream: Option<&'a str>, client: &'a str) -> &'a str {
-    upstream.filter(|m| !m.is_empty()).unwrap_or(client)
+    upstream_model(upstream).unwrap_or(client)
 }
 
 #[cfg(test)]
@@ -264,6 +278,11 @@ mod tests {
         assert_eq!(model_or(Some(""), "client"), "client");
         assert_eq!(model_or(None, "client"), "client");
         assert_eq!(model_or(Some("up"), "client"), "up");
+        let long = "m".repeat(MAX_ID_BYTES + 1);
+        assert_eq!(model_or(Some(&long), "client"), "client");
+        let long = format!("chatcmpl-{}", "x".repeat(MAX_ID_BYTES + 1));
+        assert_eq!(bare_id(Some(&long)), None);
+        assert!(restyle_id("resp_", Some(&long)).len() < 64);
     }
 
     #[test]

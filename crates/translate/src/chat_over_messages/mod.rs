@@ -29,12 +29,14 @@ pub(crate) struct Context {
     pub json_tool: Option<String>,
 }
 
-/// Chat's `finish_reason` for an Anthropic `stop_reason`. The forced JSON
-/// tool's `tool_use` is a plain `stop`.
-pub(crate) fn finish_reason(stop_reason: Option<&str>, ctx: &Context) -> &'static str {
+/// Chat's `finish_reason` for an Anthropic `stop_reason`, for an answer
+/// that has tool calls (`calls`) or none. The forced JSON tool's
+/// `tool_use` is a plain `stop`, and so is a `tool_use` with no call: a
+/// chat client reads `tool_calls` as a promise of calls to run.
+pub(crate) fn finish_reason(stop_reason: Option<&str>, calls: bool, ctx: &Context) -> &'static str {
     match stop_reason {
         Some("max_tokens" | "model_context_window_exceeded") => "length",
-        Some("tool_use") if ctx.json_tool.is_none() => "tool_calls",
+        Some("tool_use") if ctx.json_tool.is_none() && calls => "tool_calls",
         Some("refusal") => "content_filter",
         _ => "stop",
     }
@@ -47,16 +49,17 @@ mod tests {
     #[test]
     fn finish_reasons() {
         let ctx = Context::default();
-        assert_eq!(finish_reason(Some("end_turn"), &ctx), "stop");
-        assert_eq!(finish_reason(Some("stop_sequence"), &ctx), "stop");
-        assert_eq!(finish_reason(Some("max_tokens"), &ctx), "length");
-        assert_eq!(finish_reason(Some("tool_use"), &ctx), "tool_calls");
-        assert_eq!(finish_reason(Some("refusal"), &ctx), "content_filter");
-        assert_eq!(finish_reason(Some("pause_turn"), &ctx), "stop");
+        assert_eq!(finish_reason(Some("end_turn"), true, &ctx), "stop");
+        assert_eq!(finish_reason(Some("stop_sequence"), true, &ctx), "stop");
+        assert_eq!(finish_reason(Some("max_tokens"), true, &ctx), "length");
+        assert_eq!(finish_reason(Some("tool_use"), true, &ctx), "tool_calls");
+        assert_eq!(finish_reason(Some("refusal"), true, &ctx), "content_filter");
+        assert_eq!(finish_reason(Some("pause_turn"), true, &ctx), "stop");
         let json = Context {
             json_tool: Some("answer".into()),
             ..Context::default()
         };
-        assert_eq!(finish_reason(Some("tool_use"), &json), "stop");
+        assert_eq!(finish_reason(Some("tool_use"), true, &json), "stop");
+        assert_eq!(finish_reason(Some("tool_use"), false, &ctx), "stop");
     }
 }

@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use super::{Context, finish_reason};
 use crate::chat::usage_json;
+use crate::stream::MAX_BLOCKS;
 use crate::wire::{input_to_arguments, model_or, now_secs, restyle_id, str_of};
 
 /// Anthropic usage, as far as chat reports it.
@@ -60,6 +61,13 @@ pub(crate) fn response(message: &Value, ctx: &Context) -> Result<Value, String> 
         .get("content")
         .and_then(Value::as_array)
         .ok_or("the upstream's answer is not an Anthropic message (no content array)")?;
+    // As a stream's: each block may become a tool call of its own.
+    if blocks.len() > MAX_BLOCKS {
+        return Err(format!(
+            "the upstream's message has {} content blocks; at most {MAX_BLOCKS} are translated",
+            blocks.len()
+        ));
+    }
     let mut text = String::new();
     let mut reasoning = String::new();
     let mut calls = Vec::new();
@@ -92,7 +100,8 @@ pub(crate) fn response(message: &Value, ctx: &Context) -> Result<Value, String> 
     if !reasoning.is_empty() {
         out_message["reasoning_content"] = json!(reasoning);
     }
-    if !calls.is_empty() {
+    let has_calls = !calls.is_empty();
+    if has_calls {
         out_message["tool_calls"] = Value::Array(calls);
     }
     let mut answer = json!({
@@ -104,7 +113,7 @@ pub(crate) fn response(message: &Value, ctx: &Context) -> Result<Value, String> 
             "index": 0,
             "message": out_message,
             "logprobs": null,
-            "finish_reason": finish_reason(str_of(message, "stop_reason"), ctx),
+            "finish_reason": finish_reason(str_of(message, "stop_reason"), has_calls, ctx),
         }],
     });
     // Chat's `usage` is optional: when the upstream reported none it is left
@@ -189,5 +198,13 @@ mod tests {
         assert_eq!(out["choices"][0]["finish_reason"], "stop");
         assert_eq!(out["model"], "m");
         assert!(response(&json!({"type": "error"}), &ctx).is_err());
+    }
+
+    #[test]
+    fn too_many_content_blocks_are_refused() {
+        let blocks = vec![json!({"type": "tool_use"}); MAX_BLOCKS + 1];
+        let message = json!({"id": "msg_1", "content": blocks, "stop_reason": "tool_use"});
+        let refused = response(&message, &Context::default()).unwrap_err();
+        assert!(refused.contains("content blocks"), "{refused}");
     }
 }

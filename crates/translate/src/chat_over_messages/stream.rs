@@ -25,7 +25,9 @@ use crate::chat::{
     OutChoice, OutChunk, OutDelta, OutFunction, OutToolCall, error_message, usage_json,
 };
 use crate::stream::{MAX_BLOCKS, MAX_HELD_BYTES, Step};
-use crate::wire::{bare_id, input_to_arguments, now_secs, restyle_id, str_of, write_data};
+use crate::wire::{
+    bare_id, input_to_arguments, now_secs, restyle_id, str_of, upstream_model, write_data,
+};
 
 /// One Anthropic event, read lazily: deltas borrowed, rarer parts as values.
 #[derive(Deserialize)]
@@ -149,6 +151,9 @@ impl MessagesToChat {
         };
         let kind = up.kind.as_deref().or(event.event.as_deref()).unwrap_or("");
         match kind {
+            "message_stop" if !self.started => {
+                return Step::Fail("the upstream ended its message before starting it".into());
+            }
             "message_start" => self.message_start(up.message.as_ref(), out),
             "content_block_start" => {
                 return self.block_start(up.index, up.content_block.as_ref(), out);
@@ -156,10 +161,12 @@ impl MessagesToChat {
             "content_block_delta" => self.block_delta(up.index, up.delta.as_ref(), out),
             "content_block_stop" => self.block_stop(up.index, out),
             "message_delta" => {
-                self.count(up.usage.as_ref());
+                self.count(up.usage.as_ref(), true);
                 let reason = up.delta.as_ref().and_then(|d| d.stop_reason.as_deref());
                 if let Some(reason) = reason {
-                    self.finish(finish_reason(Some(reason), &self.ctx), out);
+                    // Calls still waiting for their block's end count.
+                    let calls = self.tool_count > 0;
+                    self.finish(finish_reason(Some(reason), calls, &self.ctx), out);
                 }
             }
             "message_stop" => self.end(out),
@@ -178,10 +185,10 @@ impl MessagesToChat {
             if let Some(id) = bare_id(str_of(message, "id")) {
                 self.id = format!("chatcmpl-{id}");
             }
-            if let Some(model) = str_of(message, "model").filter(|m| !m.is_empty()) {
+            if let Some(model) = upstream_model(str_of(message, "model")) {
                 self.model = model.to_owned();
             }
-            self.count(message.get("usage"));
+            self.count(message.get("usage"), false);
         }
         self.role(out);
     }
@@ -200,16 +207,22 @@ impl MessagesToChat {
         self.write(out, delta, None);
     }
 
-    fn count(&mut self, usage: Option<&Value>) {
+    /// Usage from `message_start` or (`last`) `message_delta`. Only the
+    /// last counts the output: `message_start`'s output count is a
+    /// placeholder (Anthropic's is 1), and a stream whose `message_delta`
+    /// reports none has no usage chunk (its reservation is charged, as
+    /// core charges a native stream without a final count), rather than one
+    /// that says a whole answer took a token.
+    fn count(&mut self, usage: Option<&Value>, last: bool) {
         let Some(counts) = Counts::read(usage) else {
             return;
         };
-        self.counted = true;
         // message_delta repeats input counts as 0 on some servers: keep the best.
         self.input = self.input.max(counts.prompt());
         self.cached = self.cached.max(counts.cached());
-        if let Some(output) = counts.completion() {
+        if let (true, Some(output)) = (last, counts.completion()) {
             self.output = output;
+            self.counted = true;
         }
     }
 
@@ -403,6 +416,13 @@ impl MessagesToChat {
     fn end(&mut self, out: &mut Vec<u8>) {
         if self.finished {
             return;
+        }
+        // A tool block the upstream never stopped still gets its input
+        // (the one its start gave, else `{}`).
+        for slot in 0..self.blocks.len() {
+            if matches!(self.blocks[slot], Block::Tool(_) | Block::Json) {
+                self.block_stop(Some(slot as u64), out);
+            }
         }
         self.finish("stop", out);
         // No usage chunk when the upstream reported no usage: a zero one

@@ -482,3 +482,125 @@ fn inputs_held_from_block_starts_are_bounded_in_total() {
     });
     assert!(failed, "36 MiB of block-start inputs held");
 }
+
+#[test]
+fn the_output_count_is_message_deltas_not_message_starts() {
+    let ctx = Context {
+        include_usage: true,
+        ..Context::default()
+    };
+    let usage = |up: &[(&str, Value)]| {
+        let (out, _) = run(ctx.clone(), up);
+        out.iter().find_map(|(_, c)| c.get("usage").cloned())
+    };
+    let text = [
+        start(),
+        block(0, json!({"type": "text", "text": ""})),
+        delta(0, json!({"type": "text_delta", "text": "Hi"})),
+        stop(0),
+    ];
+    // message_start's placeholder output count (1) is no final count.
+    for last in [
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 50, "cache_read_input_tokens": -1}}),
+    ] {
+        let mut up = text.to_vec();
+        up.push(("message_delta", last));
+        up.push(("message_stop", json!({"type": "message_stop"})));
+        assert_eq!(usage(&up), None);
+    }
+    let mut up = text.to_vec();
+    up.extend(end("end_turn", 50));
+    let counted = usage(&up).expect("a usage chunk");
+    assert_eq!(counted["completion_tokens"], 50);
+    assert_eq!(counted["prompt_tokens"], 25);
+}
+
+#[test]
+fn a_message_stopped_before_it_started_fails() {
+    for first in [
+        vec![("message_stop", json!({"type": "message_stop"}))],
+        vec![
+            ("ping", json!({"type": "ping"})),
+            ("message_stop", json!({"type": "message_stop"})),
+        ],
+    ] {
+        let (out, steps) = run(Context::default(), &first);
+        assert!(matches!(steps.last(), Some(Step::Fail(_))), "{steps:?}");
+        assert!(out.is_empty(), "{out:?}");
+    }
+}
+
+#[test]
+fn a_tool_block_never_stopped_still_gets_its_input() {
+    let up = [
+        start(),
+        block(
+            0,
+            json!({"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"city": "Paris"}}),
+        ),
+        block(
+            1,
+            json!({"type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}),
+        ),
+        end("tool_use", 9)[0].clone(),
+        end("tool_use", 9)[1].clone(),
+    ];
+    let (out, steps) = run(Context::default(), &up);
+    assert!(steps.iter().all(|s| *s == Step::Continue), "{steps:?}");
+    let arguments = |call: u64| -> String {
+        out.iter()
+            .flat_map(|(_, c)| c["choices"][0]["delta"]["tool_calls"].as_array().cloned())
+            .flatten()
+            .filter(|t| t["index"] == call)
+            .filter_map(|t| t["function"]["arguments"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(arguments(0), r#"{"city":"Paris"}"#);
+    assert_eq!(arguments(1), "{}");
+}
+
+#[test]
+fn tool_use_without_a_tool_block_is_a_plain_stop() {
+    let mut up = vec![
+        start(),
+        block(0, json!({"type": "text", "text": ""})),
+        delta(0, json!({"type": "text_delta", "text": "Hi"})),
+        stop(0),
+    ];
+    up.extend(end("tool_use", 3));
+    let (out, _) = run(Context::default(), &up);
+    let finish: Vec<&Value> = out
+        .iter()
+        .map(|(_, c)| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, [&json!("stop")]);
+}
+
+#[test]
+fn an_upstream_id_or_model_too_long_to_repeat_is_not_used() {
+    let long = "x".repeat(crate::wire::MAX_ID_BYTES + 1);
+    let mut up = vec![(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": format!("msg_{long}"), "model": long,
+            "content": [], "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+    )];
+    up.push(block(0, json!({"type": "text", "text": ""})));
+    for _ in 0..100 {
+        up.push(delta(0, json!({"type": "text_delta", "text": "a"})));
+    }
+    up.push(stop(0));
+    up.extend(end("end_turn", 100));
+    let ctx = Context {
+        model: "client-model".into(),
+        ..Context::default()
+    };
+    let (out, steps) = run(ctx, &up);
+    assert!(steps.iter().all(|s| *s == Step::Continue));
+    for (_, chunk) in out.iter().filter(|(_, c)| c.is_object()) {
+        assert!(chunk["id"].as_str().unwrap().len() < 64, "{}", chunk["id"]);
+        assert_eq!(chunk["model"], "client-model");
+    }
+}

@@ -24,7 +24,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     for text in [read.text(), read.refusal()].into_iter().flatten() {
         content.push(json!({"type": "text", "text": text}));
     }
-    let calls = read.calls();
+    let calls = read.calls()?;
     for call in &calls {
         let function = call.function;
         content.push(json!({

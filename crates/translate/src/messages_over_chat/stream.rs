@@ -205,12 +205,16 @@ impl ChatToMessages {
 
     fn delta(&mut self, delta: &Delta<'_>, out: &mut Vec<u8>) -> Step {
         if let Some(thinking) = delta.reasoning_text().filter(|_| self.ctx.thinking) {
-            let index = self.open_block(Open::Thinking(0), out);
-            write_delta(out, index, DeltaOut::Thinking { thinking });
+            match self.open_block(Open::Thinking(0), out) {
+                Ok(index) => write_delta(out, index, DeltaOut::Thinking { thinking }),
+                Err(why) => return Step::Fail(why),
+            }
         }
         for text in delta.texts() {
-            let index = self.open_block(Open::Text(0), out);
-            write_delta(out, index, DeltaOut::Text { text });
+            match self.open_block(Open::Text(0), out) {
+                Ok(index) => write_delta(out, index, DeltaOut::Text { text }),
+                Err(why) => return Step::Fail(why),
+            }
         }
         let legacy = delta.legacy_call();
         for call in delta.tool_calls.iter().flatten().chain(&legacy) {
@@ -222,13 +226,20 @@ impl ChatToMessages {
     }
 
     /// The index of an open text or thinking block of `kind`'s sort,
-    /// stopping the open block of another sort and starting one if needed.
-    fn open_block(&mut self, kind: Open, out: &mut Vec<u8>) -> u32 {
+    /// stopping the open block of another sort and starting one if needed;
+    /// none past [`MAX_BLOCKS`] blocks (text and thinking taking turns
+    /// would open one per upstream chunk).
+    fn open_block(&mut self, kind: Open, out: &mut Vec<u8>) -> Result<u32, String> {
         match (self.open, kind) {
             (Some(Open::Text(i)), Open::Text(_)) | (Some(Open::Thinking(i)), Open::Thinking(_)) => {
-                return i;
+                return Ok(i);
             }
             _ => {}
+        }
+        if self.next_index as usize >= MAX_BLOCKS {
+            return Err(format!(
+                "the upstream's answer would take more than {MAX_BLOCKS} content blocks"
+            ));
         }
         self.start_named(out);
         self.close(out);
@@ -244,7 +255,7 @@ impl ChatToMessages {
             }
         };
         write_block_start(out, index, block);
-        index
+        Ok(index)
     }
 
     fn tool_delta(&mut self, call: &ToolCallDelta<'_>, out: &mut Vec<u8>) -> Step {

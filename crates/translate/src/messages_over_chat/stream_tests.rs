@@ -755,3 +755,49 @@ fn a_legacy_function_call_is_a_tool_use_as_in_a_whole_answer() {
     );
     assert_eq!(whole["stop_reason"], "tool_use");
 }
+
+#[test]
+fn text_and_thinking_taking_turns_are_bounded_in_blocks() {
+    let ctx = Context {
+        thinking: true,
+        ..Context::default()
+    };
+    let turns: Vec<String> = (0..=MAX_BLOCKS)
+        .map(|i| {
+            let field = if i % 2 == 0 {
+                "reasoning_content"
+            } else {
+                "content"
+            };
+            chunk(json!({ field: "x" }), None)
+        })
+        .collect();
+    let turns: Vec<&str> = turns.iter().map(String::as_str).collect();
+    let (_, steps) = run(ctx, &turns);
+    assert!(steps[..MAX_BLOCKS].iter().all(|s| *s == Step::Continue));
+    let Step::Fail(why) = &steps[MAX_BLOCKS] else {
+        panic!("block {MAX_BLOCKS} was opened");
+    };
+    assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
+}
+
+#[test]
+fn an_error_event_fails_the_stream_whatever_its_data() {
+    for (data, message) in [
+        (r#"{"message":"model crashed","code":500}"#, "model crashed"),
+        (r#"{"error":{"message":"overloaded"}}"#, "overloaded"),
+        (r#""a string""#, "a string"),
+        ("not json", "not json"),
+    ] {
+        let mut m = ChatToMessages::new(Context::default());
+        let mut out = Vec::new();
+        let first = chunk(json!({"content": "partial"}), None);
+        assert_eq!(m.event(&data_event(&first), &mut out), Step::Continue);
+        let step = m.event(&crate::test_util::named("error", data), &mut out);
+        assert_eq!(step, Step::Fail(message.into()), "{data}");
+    }
+}
+
+fn data_event(text: &str) -> llm_proxy_core::sse::Event {
+    data(text)
+}

@@ -31,7 +31,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     let mut output = Vec::new();
     let read = Message::read(message);
     let (text, refusal) = (read.text(), read.refusal());
-    let calls = read.calls();
+    let calls = read.calls()?;
     // Cut by the limit, the last item is: a message that calls follow was
     // finished whole, as the stream says of it.
     let cut = status != "completed" && calls.is_empty();
@@ -219,5 +219,21 @@ mod tests {
         assert_eq!(out["status"], "incomplete");
         assert_eq!(out["incomplete_details"]["reason"], "max_output_tokens");
         assert_eq!(out["output"][0]["status"], "incomplete");
+    }
+
+    #[test]
+    fn calls_that_are_not_objects_are_none_and_too_many_are_refused() {
+        let ctx = Context::default();
+        let answer = |calls: Vec<Value>| {
+            json!({"id": "chatcmpl-9", "choices": [{"finish_reason": "tool_calls", "message": {
+                "tool_calls": calls}}]})
+        };
+        let one = json!({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}});
+        let out = response(&answer(vec![json!(0), one.clone(), json!("x")]), &ctx).unwrap();
+        assert_eq!(out["output"].as_array().unwrap().len(), 1, "{out}");
+        assert_eq!(out["output"][0]["call_id"], "call_1");
+        let many = vec![json!(0); crate::stream::MAX_BLOCKS + 1];
+        let refused = response(&answer(many), &ctx).unwrap_err();
+        assert!(refused.contains("tool calls"), "{refused}");
     }
 }

@@ -23,7 +23,7 @@ use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
 use crate::stream::{
     ArgumentsEnd, MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name,
 };
-use crate::wire::{bare_id, now_secs, restyle_id};
+use crate::wire::{bare_id, now_secs, restyle_id, upstream_model};
 
 /// The state of one translated stream.
 #[derive(Debug)]
@@ -158,7 +158,7 @@ impl ChatToResponses {
     fn start(&mut self, chunk: &Chunk<'_>, out: &mut Vec<u8>) {
         self.started = true;
         self.id = restyle_id("resp_", chunk.id.as_deref());
-        if let Some(model) = chunk.model.as_deref().filter(|m| !m.is_empty()) {
+        if let Some(model) = upstream_model(chunk.model.as_deref()) {
             self.model = model.to_string();
         }
         if let Some(created) = chunk.created {
@@ -176,7 +176,9 @@ impl ChatToResponses {
 
     fn delta(&mut self, delta: &Delta<'_>, out: &mut Vec<u8>) -> Step {
         for text in delta.texts() {
-            self.text(text, out);
+            if let Err(why) = self.text(text, out) {
+                return Step::Fail(why);
+            }
         }
         let legacy = delta.legacy_call();
         for call in delta.tool_calls.iter().flatten().chain(&legacy) {
@@ -188,9 +190,16 @@ impl ChatToResponses {
         Step::Continue
     }
 
-    fn text(&mut self, text: &str, out: &mut Vec<u8>) {
+    fn text(&mut self, text: &str, out: &mut Vec<u8>) -> Result<(), String> {
         let index = match self.open {
             Some(i) if matches!(self.items[i], Item::Message(_)) => i,
+            _ if self.items.len() >= MAX_BLOCKS => {
+                return Err(format!(
+                    "the upstream started output item {} but a response may have at most \
+                     {MAX_BLOCKS}",
+                    self.items.len()
+                ));
+            }
             _ => {
                 self.close(out);
                 let index = self.items.len();
@@ -209,6 +218,7 @@ impl ChatToResponses {
             m.text.push_str(text);
             self.events.text_delta(out, &m.id, index, text);
         }
+        Ok(())
     }
 
     /// The output index of the call this delta belongs to, opening a new

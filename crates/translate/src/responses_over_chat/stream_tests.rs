@@ -587,3 +587,44 @@ fn a_legacy_function_call_is_a_function_call_as_in_a_whole_answer() {
     assert_eq!((made_up, s("name"), s("arguments")), call);
     assert_eq!(whole["status"], "completed");
 }
+
+#[test]
+fn message_items_beyond_the_bound_fail_the_stream() {
+    // Each finish reason ends the item; the next text opens another.
+    let text = || chunk(json!({"content": "x"}), Some("stop"));
+    let chunks: Vec<String> = (0..=MAX_BLOCKS).map(|_| text()).collect();
+    let (_, steps) = run(Context::default(), &chunks);
+    assert!(steps[..MAX_BLOCKS].iter().all(|s| *s == Step::Continue));
+    let Step::Fail(why) = &steps[MAX_BLOCKS] else {
+        panic!("output item {MAX_BLOCKS} was accepted");
+    };
+    assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
+}
+
+#[test]
+fn an_upstream_id_or_model_too_long_to_repeat_is_not_used() {
+    let long = "x".repeat(crate::wire::MAX_ID_BYTES + 1);
+    let big = |delta: Value| {
+        json!({"id": format!("chatcmpl-{long}"), "model": long, "choices": [{"index": 0, "delta": delta}]})
+            .to_string()
+    };
+    let chunks: Vec<String> = std::iter::once(big(json!({"role": "assistant"})))
+        .chain((0..100).map(|_| big(json!({"content": "a"}))))
+        .chain(["[DONE]".to_owned()])
+        .collect();
+    let ctx = Context {
+        model: "client-model".into(),
+        ..Context::default()
+    };
+    let mut m = ChatToResponses::new(ctx);
+    let mut out = Vec::new();
+    for c in &chunks {
+        assert_eq!(m.event(&data(c), &mut out), Step::Continue);
+    }
+    // Every event names the response: a short id of its own.
+    assert!(out.len() < 100 * 1024, "{} bytes", out.len());
+    let events = events(&out);
+    let done = &events.last().unwrap().1["response"];
+    assert!(done["id"].as_str().unwrap().len() < 64, "{}", done["id"]);
+    assert_eq!(done["model"], "client-model");
+}
