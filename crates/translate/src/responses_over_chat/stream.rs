@@ -36,6 +36,9 @@ pub(crate) struct ChatToResponses {
     started: bool,
     finished: bool,
     items: Vec<Item>,
+    /// The status each finished item's `output_item.done` gave it, by
+    /// output index: the final response says the same of it.
+    done: Vec<&'static str>,
     /// The item being produced (its output index).
     open: Option<usize>,
     finish: Option<String>,
@@ -58,6 +61,7 @@ impl ChatToResponses {
             started: false,
             finished: false,
             items: Vec::new(),
+            done: Vec::new(),
             open: None,
             finish: None,
             usage: None,
@@ -136,19 +140,13 @@ impl ChatToResponses {
             model: &self.model,
             status,
             incomplete,
-            // Items finished before the last were finished whole (their
-            // `output_item.done` said so); the end's status is the last's.
+            // As each finished item's `output_item.done` said; one still
+            // open has the response's status.
             output: self
                 .items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| {
-                    item.json(if i + 1 == self.items.len() {
-                        status
-                    } else {
-                        "completed"
-                    })
-                })
+                .map(|(i, item)| item.json(self.done.get(i).copied().unwrap_or(status)))
                 .collect(),
             usage,
         };
@@ -339,6 +337,9 @@ impl ChatToResponses {
         }
         let (status, _) = status(self.finish.as_deref());
         self.events.done(out, index, &self.items[index], status);
+        // Items are finished in order, each before the next opens.
+        self.done.resize(index, "completed");
+        self.done.push(status);
     }
 
     /// The upstream's `[DONE]`: the final response event.

@@ -628,3 +628,33 @@ fn an_upstream_id_or_model_too_long_to_repeat_is_not_used() {
     assert!(done["id"].as_str().unwrap().len() < 64, "{}", done["id"]);
     assert_eq!(done["model"], "client-model");
 }
+
+#[test]
+fn an_item_ends_with_the_status_its_done_event_gave_it() {
+    // A length stop, then more text: the first item was cut, as its
+    // `output_item.done` said, and the final response says so too.
+    let chunks = [
+        chunk(json!({"content": "x"}), None),
+        chunk(json!({}), Some("length")),
+        chunk(json!({"content": "more"}), None),
+        chunk(json!({}), Some("stop")),
+        "[DONE]".to_owned(),
+    ];
+    let (out, steps) = run(Context::default(), &chunks);
+    assert!(steps.iter().all(|s| *s == Step::Continue));
+    let done: Vec<&Value> = out
+        .iter()
+        .filter(|(_, e)| e["type"] == "response.output_item.done")
+        .map(|(_, e)| &e["item"]["status"])
+        .collect();
+    assert_eq!(done, [&json!("incomplete"), &json!("completed")]);
+    let last = &out.last().unwrap().1;
+    assert_eq!(last["type"], "response.completed");
+    let statuses: Vec<&Value> = last["response"]["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| &item["status"])
+        .collect();
+    assert_eq!(statuses, done);
+}
