@@ -1627,3 +1627,49 @@ async fn a_request_sent_as_an_idle_h2_connection_is_told_to_go_is_answered() {
         }
     }
 }
+
+/// A client that reads a stream slowly but steadily, slower than its
+/// upstream writes, is reading: it is not cut, however far the upstream
+/// runs ahead (the watch hands hyper the answer in pieces it can see
+/// taken).
+#[tokio::test]
+async fn a_slow_but_steady_h2c_reader_is_not_cut() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "send_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16_384)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
+    let slow = sender
+        .clone()
+        .send_request(post(&[("x-mock-tokens", "1000000")]))
+        .await
+        .expect("a head");
+    assert_eq!(slow.status(), 200);
+    let mut slow = slow.into_body();
+    // Let the upstream run far ahead, then read a frame every 50 ms for
+    // many send timeouts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let mut read = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let frame = tokio::time::timeout(HANG, slow.frame())
+            .await
+            .expect("a frame in time")
+            .expect("not at its end")
+            .unwrap_or_else(|e| panic!("cut after {read} bytes: {e}"));
+        read += frame.data_ref().map_or(0, |d| d.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.stats.cancelled(), 0);
+    drop(slow);
+}

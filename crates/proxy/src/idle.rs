@@ -278,18 +278,21 @@ impl Activity {
             let streams = lock(&self.streams);
             for (_, stream) in streams.iter().filter(|(_, stream)| unread(stream)) {
                 let mut body = lock(&stream.body);
-                // Asked meanwhile: it is read after all.
-                if unread(stream) {
+                // Asked meanwhile: it is read after all. At its end: no
+                // upstream request is left to cancel.
+                if unread(stream) && !body.as_ref().is_none_or(HttpBody::is_end_stream) {
                     dropped.extend(body.take());
                     stream.handed_at.store(0, Ordering::Relaxed);
+                    tracing::debug!(
+                        request_id = stream
+                            .request_id
+                            .as_ref()
+                            .and_then(|id| id.to_str().ok())
+                            .unwrap_or(""),
+                        "cancelling an HTTP/2 stream whose client stopped reading it"
+                    );
                 }
             }
-        }
-        if !dropped.is_empty() {
-            tracing::debug!(
-                streams = dropped.len(),
-                "cancelling HTTP/2 streams whose client stopped reading them"
-            );
         }
         // Dropped outside the locks: the bodies' layers see a cut.
         drop(dropped);
@@ -314,35 +317,82 @@ struct Stream {
     /// One more than the watch's step count when the body last handed out
     /// a frame not yet followed by a request for the next; 0 otherwise.
     handed_at: AtomicU64,
+    /// The request's `x-request-id`, for the line that says it was cut.
+    request_id: Option<http::HeaderValue>,
 }
 
+/// The most of a data frame a watched stream hands hyper at once. hyper
+/// asks for the next frame only once the last one is sent, and sends it as
+/// the client's flow-control window lets it: a frame of 16 KiB or 400 KB
+/// (an upstream that ran ahead of a slow reader; the upstream client hands
+/// on what one read brought) would be asked past only after the client
+/// read all of it, and a client still reading, slowly, would look like one
+/// that stopped. In pieces of at most this, the watch sees a client that
+/// takes 4 KiB per send timeout (68 bytes a second at the default 60 s) as
+/// reading: nginx's `send_timeout` likewise counts from the last write
+/// that went through. Token streams' frames are far smaller, and are not
+/// cut.
+const PIECE: usize = 4 * 1024;
+
 /// The body the client reads of a watched HTTP/2 stream ([`InFlight::watch`]).
-struct Watched(Arc<Stream>);
+struct Watched {
+    stream: Arc<Stream>,
+    /// What is left of a data frame handed out in [`PIECE`]s.
+    rest: Bytes,
+}
+
+impl Watched {
+    fn piece(&mut self, mut data: Bytes) -> Frame<Bytes> {
+        if data.len() > PIECE {
+            self.rest = data.split_off(PIECE);
+        }
+        Frame::data(data)
+    }
+}
 
 impl HttpBody for Watched {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match lock(&self.0.body).as_mut() {
+        let this = &mut *self;
+        if !this.rest.is_empty() {
+            let rest = std::mem::take(&mut this.rest);
+            return Poll::Ready(Some(Ok(this.piece(rest))));
+        }
+        let polled = match lock(&this.stream.body).as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(Some(Err(Unread.into()))),
+            None => return Poll::Ready(Some(Err(Unread.into()))),
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(this.piece(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        lock(&self.0.body)
-            .as_ref()
-            .is_some_and(HttpBody::is_end_stream)
+        self.rest.is_empty()
+            && lock(&self.stream.body)
+                .as_ref()
+                .is_some_and(HttpBody::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        lock(&self.0.body)
+        let mut hint = lock(&self.stream.body)
             .as_ref()
-            .map_or_else(SizeHint::default, HttpBody::size_hint)
+            .map_or_else(SizeHint::default, HttpBody::size_hint);
+        let rest = self.rest.len() as u64;
+        hint.set_lower(hint.lower().saturating_add(rest));
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -351,7 +401,7 @@ impl HttpBody for Watched {
 #[error(
     "the client took none of this answer for the send timeout; its upstream request was cancelled"
 )]
-struct Unread;
+pub(crate) struct Unread;
 
 /// One request in flight on a watched connection; its response body keeps
 /// it until dropped.
@@ -396,17 +446,21 @@ impl InFlight {
     /// connection's watch drops it once unread for the send timeout
     /// (`Activity::stalled`). On HTTP/1 the watch closes the connection
     /// instead, and `body` is returned as it is.
-    pub(crate) fn watch(&mut self, body: Body) -> Body {
+    pub(crate) fn watch(&mut self, body: Body, request_id: Option<&http::HeaderValue>) -> Body {
         if self.activity.http1.load(Ordering::Relaxed) || self.stream.is_some() {
             return body;
         }
         let stream = Arc::new(Stream {
             body: Mutex::new(Some(body)),
             handed_at: AtomicU64::new(0),
+            request_id: request_id.cloned(),
         });
         let key = lock(&self.activity.streams).insert(stream.clone());
         self.stream = Some((key, stream.clone()));
-        Body::new(Watched(stream))
+        Body::new(Watched {
+            stream,
+            rest: Bytes::new(),
+        })
     }
 
     /// The response body is asked for a frame.
@@ -572,9 +626,9 @@ mod tests {
         let (unread_tx, unread) = channel_body();
         let (read_tx, read) = channel_body();
         let mut unread_conn = InFlight::new(&activity);
-        let mut unread = unread_conn.watch(unread);
+        let mut unread = unread_conn.watch(unread, None);
         let mut read_conn = InFlight::new(&activity);
-        let mut read = read_conn.watch(read);
+        let mut read = read_conn.watch(read, None);
         // Each hands out a frame; only one is asked for more, now and then.
         unread_tx.send(Bytes::from_static(b"a")).await.unwrap();
         assert!(poll_once(&mut unread_conn, &mut unread).is_ready());
@@ -619,7 +673,45 @@ mod tests {
         activity.saw(http::Version::HTTP_11);
         let mut conn = InFlight::new(&activity);
         let (_tx, body) = channel_body();
-        let _body = conn.watch(body);
+        let _body = conn.watch(body, None);
         assert!(lock(&activity.streams).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watched_body_hands_out_large_frames_in_pieces_and_is_not_dropped_at_its_end() {
+        let activity = Activity::new();
+        let mut conn = InFlight::new(&activity);
+        let whole = Bytes::from(vec![7u8; 2 * PIECE + 100]);
+        let mut body = conn.watch(llm_proxy_core::full(whole.clone()), None);
+        let mut pieces = Vec::new();
+        while let Poll::Ready(Some(Ok(frame))) = poll_once(&mut conn, &mut body) {
+            pieces.push(frame.into_data().unwrap());
+            if body.is_end_stream() {
+                break;
+            }
+        }
+        let lengths: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        assert_eq!(lengths, [PIECE, PIECE, 100]);
+        assert_eq!(pieces.concat(), whole);
+        // Its last piece handed out and never asked past: at its end,
+        // nothing upstream to cancel, and it is not dropped (beside a
+        // stream that waits, which keeps the connection open).
+        let mut waiting = InFlight::new(&activity);
+        let (_tx, pending) = channel_body();
+        let mut pending = waiting.watch(pending, None);
+        assert!(poll_once(&mut waiting, &mut pending).is_pending());
+        let waited = tokio::time::timeout(
+            Duration::from_secs(30),
+            activity.stalled(Duration::from_secs(4)),
+        );
+        let _ = waited.await;
+        let streams = lock(&activity.streams);
+        assert_eq!(streams.len(), 2);
+        assert!(
+            streams
+                .iter()
+                .all(|(_, stream)| lock(&stream.body).is_some()),
+            "dropped at its end"
+        );
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use llm_proxy_core::{Body, BoxError};
 
-use crate::idle::InFlight;
+use crate::idle::{InFlight, Unread};
 use foldhash::fast::FixedState;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -216,7 +216,7 @@ impl Metrics {
     ) -> ObservedBody {
         ObservedBody {
             inner: match conn.as_mut() {
-                Some(conn) => conn.watch(body),
+                Some(conn) => conn.watch(body, request_id.as_ref()),
                 None => body,
             },
             route,
@@ -599,6 +599,13 @@ impl HttpBody for ObservedBody {
         }
         match &polled {
             Poll::Ready(None) => self.ended = Some("complete"),
+            // Dropped by the connection's watch: the client stopped
+            // reading (nothing failed; a client can cause it at will, so
+            // no warning either).
+            Poll::Ready(Some(Err(error))) if error.is::<Unread>() => {
+                self.ended = Some("cut");
+                return polled;
+            }
             Poll::Ready(Some(Err(_))) => self.ended = Some("failed"),
             _ => {}
         }
