@@ -312,6 +312,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// An HTTP/2 response body where the connection's watch can drop it.
 struct Stream {
+    /// Its place in the connection's `streams`.
+    key: usize,
     /// `None` once dropped by the watch.
     body: Mutex<Option<Body>>,
     /// One more than the watch's step count when the body last handed out
@@ -412,7 +414,7 @@ pub(crate) struct InFlight {
     handed: bool,
     /// An HTTP/2 body's place in the connection's watch, once
     /// [`InFlight::watch`] put it there.
-    stream: Option<(usize, Arc<Stream>)>,
+    stream: Option<Arc<Stream>>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -450,13 +452,17 @@ impl InFlight {
         if self.activity.http1.load(Ordering::Relaxed) || self.stream.is_some() {
             return body;
         }
+        let mut streams = lock(&self.activity.streams);
+        let entry = streams.vacant_entry();
         let stream = Arc::new(Stream {
+            key: entry.key(),
             body: Mutex::new(Some(body)),
             handed_at: AtomicU64::new(0),
             request_id: request_id.cloned(),
         });
-        let key = lock(&self.activity.streams).insert(stream.clone());
-        self.stream = Some((key, stream.clone()));
+        entry.insert(stream.clone());
+        drop(streams);
+        self.stream = Some(stream.clone());
         Body::new(Watched {
             stream,
             rest: Bytes::new(),
@@ -469,7 +475,7 @@ impl InFlight {
         if self.handed {
             self.handed = false;
             self.activity.unsent.fetch_sub(1, Ordering::Relaxed);
-            if let Some((_, stream)) = &self.stream {
+            if let Some(stream) = &self.stream {
                 stream.handed_at.store(0, Ordering::Relaxed);
             }
         }
@@ -480,7 +486,7 @@ impl InFlight {
         if matches!(polled, Poll::Ready(Some(Ok(_)))) {
             self.handed = true;
             self.activity.unsent.fetch_add(1, Ordering::Relaxed);
-            if let Some((_, stream)) = &self.stream {
+            if let Some(stream) = &self.stream {
                 let tick = self.activity.ticks.load(Ordering::Relaxed);
                 stream.handed_at.store(tick + 1, Ordering::Relaxed);
             }
@@ -494,8 +500,8 @@ impl Drop for InFlight {
         if self.handed {
             activity.unsent.fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some((key, _)) = self.stream.take() {
-            lock(&activity.streams).try_remove(key);
+        if let Some(stream) = self.stream.take() {
+            lock(&activity.streams).try_remove(stream.key);
         }
         // Stamp before the count falls: `idle` never sees zero in flight
         // with a stale stamp. (HTTP/1 connections need no stamp, nor the
