@@ -604,3 +604,15 @@ fn an_upstream_id_or_model_too_long_to_repeat_is_not_used() {
         assert_eq!(chunk["model"], "client-model");
     }
 }
+
+#[test]
+fn an_event_that_is_an_array_fails_the_stream() {
+    let (_, steps) = run(
+        Context::default(),
+        &[start(), ("message_delta", json!([1, 2]))],
+    );
+    assert!(
+        matches!(&steps[1], Step::Fail(why) if why.contains("not an object")),
+        "{steps:?}"
+    );
+}

@@ -801,3 +801,12 @@ fn an_error_event_fails_the_stream_whatever_its_data() {
 fn data_event(text: &str) -> llm_proxy_core::sse::Event {
     data(text)
 }
+
+#[test]
+fn a_chunk_that_is_an_array_fails_the_stream() {
+    let (_, steps) = run(Context::default(), &["[]"]);
+    assert!(
+        matches!(&steps[0], Step::Fail(why) if why.contains("not an object")),
+        "{steps:?}"
+    );
+}
