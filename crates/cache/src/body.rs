@@ -184,7 +184,9 @@ fn dialect_end(kind: StreamKind, event: &Event) -> Option<bool> {
     let name = match event.event.as_deref() {
         Some(name) => name,
         None => {
-            typed = serde_json::from_str::<Typed<'_>>(&event.data).ok()?.kind?;
+            typed = llm_proxy_core::object_from_str::<Typed<'_>>(&event.data)
+                .ok()?
+                .kind?;
             &*typed
         }
     };
@@ -212,7 +214,7 @@ fn is_error_event(data: &str) -> bool {
         kind: Option<std::borrow::Cow<'a, str>>,
     }
     data.contains("error")
-        && serde_json::from_str::<Chunk<'_>>(data).is_ok_and(|chunk| {
+        && llm_proxy_core::object_from_str::<Chunk<'_>>(data).is_ok_and(|chunk| {
             is_error_shape(
                 chunk.error.is_some(),
                 chunk.object.as_deref(),
@@ -412,11 +414,7 @@ fn json_follows(body: &[u8], rule: JsonRule) -> bool {
         #[serde(default)]
         error: Option<serde::de::IgnoredAny>,
     }
-    // An object: serde would also read a struct from an array.
-    if !body.trim_ascii_start().starts_with(b"{") {
-        return false;
-    }
-    let Ok(answer) = llm_proxy_core::json_from_slice::<Answer<'_>>(body) else {
+    let Ok(answer) = llm_proxy_core::object_from_slice::<Answer<'_>>(body) else {
         return false;
     };
     if is_error_shape(
@@ -555,6 +553,17 @@ mod tests {
             c,
             &[r#"data: {"error":null,"choices":[]}"#, "\n\n", done]
         ));
+    }
+
+    #[test]
+    fn an_array_is_no_last_event() {
+        // serde would read the type from an array's first element.
+        for (kind, last) in [
+            (StreamKind::Responses, r#"["response.completed"]"#),
+            (StreamKind::Messages, r#"["message_stop"]"#),
+        ] {
+            assert!(!clean(kind, &[&format!("data: {last}\n\n")]), "{last}");
+        }
     }
 
     #[test]

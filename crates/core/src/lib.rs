@@ -71,8 +71,8 @@ pub use endpoint::{
 pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE, MAX_MESSAGE_BYTES};
 pub use meta::{CallerSlot, GenerationCaps, Identity, ModelAllowlist, RequestMeta};
 pub use parse::{
-    BudgetHold, Parse, ParseLayer, ParseLimits, buffers_body, json_from_slice, parse, parse_object,
-    parse_object_within, parse_within,
+    BudgetHold, Parse, ParseLayer, ParseLimits, buffers_body, json_from_slice, object_from_slice,
+    object_from_str, parse, parse_object, parse_object_within, parse_within,
 };
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 pub use svc::{BoxFuture, call_boxed};

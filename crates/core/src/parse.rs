@@ -694,6 +694,33 @@ pub fn json_from_slice<'de, T: serde::Deserialize<'de>>(
     }
 }
 
+/// `bytes` as a `T` ([`json_from_slice`]), if they are a JSON object.
+/// serde reads a struct from an array too (its fields in order), and an
+/// upstream's `["response.completed"]` would read as an event of that
+/// type: what the APIs send as an object is read only from one.
+pub fn object_from_slice<'de, T: serde::Deserialize<'de>>(
+    bytes: &'de [u8],
+) -> Result<T, serde_json::Error> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(not_an_object());
+    }
+    json_from_slice(bytes)
+}
+
+/// `text` as a `T`, if it is a JSON object ([`object_from_slice`]).
+pub fn object_from_str<'de, T: serde::Deserialize<'de>>(
+    text: &'de str,
+) -> Result<T, serde_json::Error> {
+    if !text.trim_ascii_start().starts_with('{') {
+        return Err(not_an_object());
+    }
+    serde_json::from_str(text)
+}
+
+fn not_an_object() -> serde_json::Error {
+    serde::de::Error::custom("not a JSON object")
+}
+
 /// A read of one JSON value, whatever serde_json reads it from.
 trait ReadWith<'de, T> {
     fn read<R: serde_json::de::Read<'de>>(

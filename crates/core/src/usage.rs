@@ -93,7 +93,7 @@ impl UsageFields {
 /// object. `None` if the body is not a JSON object, or `usage` is missing,
 /// null, or not a valid usage object.
 pub fn from_json(body: &[u8]) -> Option<Usage> {
-    crate::json_from_slice::<Envelope>(body)
+    crate::object_from_slice::<Envelope>(body)
         .ok()?
         .usage?
         .into_usage()
@@ -229,6 +229,8 @@ mod tests {
             r#"{"usage":[1,2]}"#,
             r#"{"usage":"lots"}"#,
             r#"[{"usage":{"prompt_tokens":1}}]"#,
+            // (serde would read the struct's one field from an array)
+            r#"[{"prompt_tokens":1,"completion_tokens":2}]"#,
             r#"{"usage":{"prompt_tokens":1}"#,
             "not json",
             "",
@@ -312,7 +314,7 @@ pub fn is_usage_only_chunk(data: &str) -> bool {
     if !data.contains("\"usage\"") {
         return false;
     }
-    serde_json::from_str::<Chunk>(data)
+    crate::object_from_str::<Chunk>(data)
         .is_ok_and(|c| c.usage.is_some() && c.choices.is_none_or(|c| c.is_empty()))
 }
 
@@ -439,7 +441,7 @@ impl StreamUsage {
         if !data.contains("usage") {
             return;
         }
-        let Ok(event) = serde_json::from_str::<Event>(data) else {
+        let Ok(event) = crate::object_from_str::<Event>(data) else {
             return;
         };
         let kind = event.kind.as_deref().unwrap_or("");

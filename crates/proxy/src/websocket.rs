@@ -615,7 +615,7 @@ impl Session {
         if !text.contains("\\u") && !ENDS.iter().any(|k| text.contains(k)) {
             return;
         }
-        let Ok(event) = serde_json::from_str::<Event<'_>>(text) else {
+        let Ok(event) = llm_proxy_core::object_from_str::<Event<'_>>(text) else {
             return;
         };
         // An id over the id map's cap is no id (an upstream's messages run

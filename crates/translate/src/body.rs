@@ -104,7 +104,7 @@ fn is_interrupted_event(data: &str) -> bool {
     }
     let interrupted = |c: &Coded<'_>| c.code.as_deref() == Some(llm_proxy_core::INTERRUPTED_CODE);
     data.contains(llm_proxy_core::INTERRUPTED_CODE)
-        && serde_json::from_str::<Coded<'_>>(data)
+        && llm_proxy_core::object_from_str::<Coded<'_>>(data)
             .is_ok_and(|c| interrupted(&c) || c.error.as_deref().is_some_and(interrupted))
 }
 

@@ -238,11 +238,7 @@ pub(crate) fn read_chunk(event: &llm_proxy_core::sse::Event) -> Result<Option<Ch
             .unwrap_or_else(|_| Value::String(event.data.clone()));
         return Err(error_message(data.get("error").unwrap_or(&data)));
     }
-    // An object: serde would also read the struct from an array.
-    if !event.data.trim_start().starts_with('{') {
-        return Err("the upstream sent an event that is not a chat chunk: not an object".into());
-    }
-    let chunk: Chunk<'_> = serde_json::from_str(&event.data)
+    let chunk: Chunk<'_> = llm_proxy_core::object_from_str(&event.data)
         .map_err(|e| format!("the upstream sent an event that is not a chat chunk: {e}"))?;
     match &chunk.error {
         Some(error) => Err(error_message(error)),

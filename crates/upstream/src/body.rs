@@ -192,8 +192,8 @@ impl StreamWatch {
                 (StreamKind::Chat, _) => &b""[..],
                 (_, b"") => {
                     text = event.text();
-                    typed =
-                        serde_json::from_str::<Typed<'_>>(&text).map_err(|_| garbled(NOT_JSON))?;
+                    typed = llm_proxy_core::object_from_str::<Typed<'_>>(&text)
+                        .map_err(|_| garbled(NOT_JSON))?;
                     typed.kind.as_deref().unwrap_or("").as_bytes()
                 }
                 (_, name) => name,

@@ -141,16 +141,8 @@ impl MessagesToChat {
 
     /// Translate one upstream event.
     pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
-        // An object: serde would also read the struct from an array.
-        let object = event.data.trim_start().starts_with('{');
-        let up: Upstream<'_> = match serde_json::from_str(&event.data) {
-            Ok(up) if object => up,
-            Ok(_) => {
-                return Step::Fail(
-                    "the upstream sent an event that is not an Anthropic event: not an object"
-                        .into(),
-                );
-            }
+        let up: Upstream<'_> = match llm_proxy_core::object_from_str(&event.data) {
+            Ok(up) => up,
             Err(e) => {
                 return Step::Fail(format!(
                     "the upstream sent an event that is not an Anthropic event: {e}"

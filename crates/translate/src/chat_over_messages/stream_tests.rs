@@ -612,7 +612,7 @@ fn an_event_that_is_an_array_fails_the_stream() {
         &[start(), ("message_delta", json!([1, 2]))],
     );
     assert!(
-        matches!(&steps[1], Step::Fail(why) if why.contains("not an object")),
+        matches!(&steps[1], Step::Fail(why) if why.contains("not a JSON object")),
         "{steps:?}"
     );
 }

@@ -806,7 +806,7 @@ fn data_event(text: &str) -> llm_proxy_core::sse::Event {
 fn a_chunk_that_is_an_array_fails_the_stream() {
     let (_, steps) = run(Context::default(), &["[]"]);
     assert!(
-        matches!(&steps[0], Step::Fail(why) if why.contains("not an object")),
+        matches!(&steps[0], Step::Fail(why) if why.contains("not a JSON object")),
         "{steps:?}"
     );
 }
