@@ -271,3 +271,32 @@ async fn an_id_recorded_while_redis_was_away_yields_to_redis() {
     }
     panic!("key b kept an id Redis gives to key a");
 }
+
+/// An answer the upstream does not keep (`"store": false`) is not recorded:
+/// its id can be neither fetched nor continued, and would only take a place
+/// in the map (and in Redis, for a week) from ids that can.
+#[tokio::test]
+async fn an_unstored_answers_id_is_not_recorded() {
+    let up = vllm_like_upstream().await;
+    let p = proxy(&format!(
+        "{}\n{}",
+        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
+        two_keys("")
+    ))
+    .await;
+    let made = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "x", "store": false}),
+        "sk-a",
+        &[],
+    )
+    .await;
+    assert_eq!(made.status, 200, "{}", made.text());
+    let id = made.json()["id"].as_str().unwrap().to_owned();
+    // The proxy's own 404, not the upstream's: the request never left.
+    get(&p.url(&format!("/v1/responses/{id}")), "sk-a")
+        .await
+        .assert_error(404, "not_found_error", "response_not_found");
+    let stored = a_creates(&p).await;
+    eventually_status(&p.url(&format!("/v1/responses/{stored}")), "sk-a", 200).await;
+}

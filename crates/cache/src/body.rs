@@ -179,20 +179,33 @@ fn dialect_end(kind: StreamKind, event: &Event) -> Option<bool> {
     struct Typed<'a> {
         #[serde(default, rename = "type", borrow)]
         kind: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        response: Option<Status<'a>>,
     }
-    let typed;
+    #[derive(serde::Deserialize)]
+    struct Status<'a> {
+        #[serde(default, borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+    }
     let name = match event.event.as_deref() {
-        Some(name) => name,
+        Some(name) => std::borrow::Cow::Borrowed(name),
         None => {
-            typed = llm_proxy_core::object_from_str::<Typed<'_>>(&event.data)
+            llm_proxy_core::object_from_str::<Typed<'_>>(&event.data)
                 .ok()?
-                .kind?;
-            &*typed
+                .kind?
         }
     };
-    match (kind, name) {
+    match (kind, &*name) {
         (_, "error") => Some(false),
-        (StreamKind::Responses, "response.completed") => Some(true),
+        // As a whole answer's: `completed` only (some servers end a capped
+        // or failed answer with this event and say so in its status).
+        (StreamKind::Responses, "response.completed") => {
+            let typed = llm_proxy_core::object_from_str::<Typed<'_>>(&event.data).ok();
+            let status = typed
+                .as_ref()
+                .and_then(|t| t.response.as_ref()?.status.as_deref());
+            Some(status.is_none_or(|s| s == "completed"))
+        }
         (StreamKind::Responses, "response.failed" | "response.incomplete") => Some(false),
         (StreamKind::Messages, "message_stop") => Some(true),
         _ => None,
@@ -553,6 +566,19 @@ mod tests {
             c,
             &[r#"data: {"error":null,"choices":[]}"#, "\n\n", done]
         ));
+    }
+
+    #[test]
+    fn a_responses_stream_that_ends_completed_but_says_otherwise_is_not_clean() {
+        let r = StreamKind::Responses;
+        let end = |status: &str| {
+            format!(
+                "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"status\":\"{status}\"}}}}\n\n"
+            )
+        };
+        assert!(clean(r, &[&end("completed")]));
+        assert!(!clean(r, &[&end("incomplete")]));
+        assert!(!clean(r, &[&end("failed")]));
     }
 
     #[test]

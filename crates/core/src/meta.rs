@@ -103,6 +103,9 @@ pub struct GenerationCaps {
     /// `null` (`100.0`, `"100"`: a lax server, pydantic's by default,
     /// reads either as 100), which the caps above cannot count.
     pub unreadable: bool,
+    /// `"store": false`: the upstream keeps no answer (a Responses id of
+    /// it can be neither fetched nor continued).
+    pub unstored: bool,
 }
 
 impl GenerationCaps {
@@ -119,6 +122,7 @@ impl GenerationCaps {
         caps.background = json
             .get("background")
             .is_some_and(|b| !matches!(b, Value::Null | Value::Bool(false)));
+        caps.unstored = json.get("store") == Some(&Value::Bool(false));
         caps
     }
 

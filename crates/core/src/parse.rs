@@ -989,6 +989,7 @@ impl<'de> serde::de::Visitor<'de> for TopCheck<'_, '_> {
                 "background" => {
                     top.caps.background = !matches!(seen, Seen::Null | Seen::Bool(false));
                 }
+                "store" => top.caps.unstored = matches!(seen, Seen::Bool(false)),
                 _ => {
                     match seen {
                         Seen::Uint(n) => top.caps.note(key, n),
@@ -1422,8 +1423,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_check_learns_the_generation_caps_and_an_edit_changes_them() {
-        let body =
-            r#"{"model":"m","max_tokens":100,"max_output_tokens":7,"n":2,"best_of":3,"x":{"n":9}}"#;
+        let body = r#"{"model":"m","max_tokens":100,"max_output_tokens":7,"n":2,"best_of":3,"x":{"n":9,"store":false},"store":false}"#;
         let parsed = parse(req("/v1/responses", None, body), 1000).await.unwrap();
         let mut meta = parsed.extensions().get::<RequestMeta>().unwrap().clone();
         let learned = GenerationCaps {
@@ -1431,6 +1431,7 @@ mod tests {
             choices: Some(3),
             background: false,
             unreadable: false,
+            unstored: true,
         };
         assert_eq!(meta.generation_caps(), learned);
         assert!(!meta.is_built());
@@ -1438,8 +1439,12 @@ mod tests {
         let json = meta.json_mut().unwrap();
         json.insert("max_tokens".into(), Value::from(900));
         json.insert("background".into(), Value::from(true));
+        json.insert("store".into(), Value::from(true));
         let edited = meta.generation_caps();
-        assert_eq!((edited.max_tokens, edited.background), (Some(900), true));
+        assert_eq!(
+            (edited.max_tokens, edited.background, edited.unstored),
+            (Some(900), true, false)
+        );
         // A cap or count a lax server reads as a number, which the caps
         // cannot: unreadable, checked or built; `null` is no value.
         for (body, unreadable) in [

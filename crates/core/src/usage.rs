@@ -40,7 +40,8 @@ struct Envelope {
 }
 
 /// Any field that is not a non-negative integer fails the whole
-/// deserialisation, so garbage reads as "no usage".
+/// deserialisation, so garbage reads as "no usage"; so does a count past
+/// [`MAX_TOKENS`].
 #[derive(Deserialize)]
 struct UsageFields {
     prompt_tokens: Option<u64>,
@@ -49,6 +50,18 @@ struct UsageFields {
     output_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
+}
+
+/// The most tokens one count of one answer may say: a thousand times the
+/// largest context window served today. An upstream's `u64::MAX` (a bug,
+/// or a hostile server) is no usage, not a year of a key's token limit
+/// overdrawn, nor a counter saturated for good; the answer is then charged
+/// its reservation, as one without usage.
+pub const MAX_TOKENS: u64 = 1_000_000_000;
+
+/// Whether every count is at most [`MAX_TOKENS`].
+fn plausible(counts: &[Option<u64>]) -> bool {
+    counts.iter().flatten().all(|n| *n <= MAX_TOKENS)
 }
 
 /// Anthropic's input: `input_tokens` counts only the prompt read fresh;
@@ -73,6 +86,17 @@ fn anthropic_input(
 
 impl UsageFields {
     fn into_usage(self) -> Option<Usage> {
+        let all = [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_input_tokens,
+            self.cache_creation_input_tokens,
+        ];
+        if !plausible(&all) {
+            return None;
+        }
         let input = self.prompt_tokens.or(anthropic_input(
             self.input_tokens,
             self.cache_read_input_tokens,
@@ -310,17 +334,29 @@ pub fn is_usage_only_chunk(data: &str) -> bool {
         choices: Option<Vec<serde::de::IgnoredAny>>,
         #[serde(default)]
         usage: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
     }
     if !data.contains("\"usage\"") {
         return false;
     }
-    crate::object_from_str::<Chunk>(data)
-        .is_ok_and(|c| c.usage.is_some() && c.choices.is_none_or(|c| c.is_empty()))
+    // Never an upstream's error that carries usage too: dropped, the
+    // client would see a clean stream.
+    crate::object_from_str::<Chunk>(data).is_ok_and(|c| {
+        c.usage.is_some() && c.error.is_none() && c.choices.is_none_or(|c| c.is_empty())
+    })
 }
 
 #[cfg(test)]
 mod usage_only_tests {
     use super::is_usage_only_chunk;
+
+    #[test]
+    fn an_error_that_carries_usage_is_no_usage_only_chunk() {
+        assert!(!is_usage_only_chunk(
+            r#"{"error":{"message":"quota"},"usage":{"prompt_tokens":1,"completion_tokens":1}}"#
+        ));
+    }
 
     #[test]
     fn detects_the_usage_only_chunk() {
@@ -336,6 +372,13 @@ mod usage_only_tests {
         ));
     }
 }
+
+/// A Responses stream's last events, as they stand in its data.
+const END_EVENTS: [&str; 3] = [
+    "\"response.completed\"",
+    "\"response.incomplete\"",
+    "\"response.failed\"",
+];
 
 /// Token usage gathered from a stream's events as they pass, in any dialect:
 ///
@@ -354,6 +397,9 @@ pub struct StreamUsage {
     complete: bool,
     /// Events that carried generated tokens.
     delivered: u64,
+    /// The stream's last event came (`[DONE]`, Responses' end event,
+    /// `message_stop`): what an upstream sends after it is not counted.
+    ended: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -387,6 +433,17 @@ struct Counts {
 }
 
 impl Counts {
+    /// The counts, when every one is plausible ([`MAX_TOKENS`]).
+    fn plausible(self) -> Option<Counts> {
+        plausible(&[
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_input_tokens,
+            self.cache_creation_input_tokens,
+        ])
+        .then_some(self)
+    }
+
     /// All the input, the prompt cache's included ([`anthropic_input`]).
     fn input(&self) -> Option<u64> {
         anthropic_input(
@@ -405,20 +462,23 @@ impl StreamUsage {
             usage: None,
             complete: false,
             delivered: 0,
+            ended: false,
         }
     }
 
     /// Look at one event's `data:` payload.
     pub fn observe(&mut self, data: &str) {
         use crate::StreamKind;
+        if self.ended {
+            return;
+        }
         if self.kind == StreamKind::Chat {
-            if let Some(u) = from_sse_data(data) {
+            if data == "[DONE]" {
+                self.ended = true;
+            } else if let Some(u) = from_sse_data(data) {
                 self.usage = Some(u);
                 self.complete = true;
-            } else if data != "[DONE]"
-                && !data.starts_with("{\"error\"")
-                && !data.trim_ascii().is_empty()
-            {
+            } else if !data.starts_with("{\"error\"") && !data.trim_ascii().is_empty() {
                 // A chunk: a token or more (the role's and the finish
                 // reason's chunks count too: two at most; an error is none,
                 // nor a keep-alive's empty data).
@@ -438,7 +498,13 @@ impl StreamUsage {
             StreamKind::Chat => false,
         };
         self.delivered += u64::from(delta);
-        if !data.contains("usage") {
+        // The last event is read, usage or not.
+        let last = match self.kind {
+            StreamKind::Responses => END_EVENTS.iter().any(|end| data.contains(end)),
+            StreamKind::Messages => data.contains("\"message_stop\""),
+            StreamKind::Chat => false,
+        };
+        if !last && !data.contains("usage") {
             return;
         }
         let Ok(event) = crate::object_from_str::<Event>(data) else {
@@ -450,7 +516,7 @@ impl StreamUsage {
                 StreamKind::Responses,
                 "response.completed" | "response.incomplete" | "response.failed",
             ) => {
-                if let Some(c) = event.response.and_then(|r| r.usage) {
+                if let Some(c) = event.response.and_then(|r| r.usage?.plausible()) {
                     self.usage = Some(Usage {
                         input_tokens: c.input().unwrap_or(0),
                         output_tokens: c.output_tokens.unwrap_or(0),
@@ -462,7 +528,7 @@ impl StreamUsage {
                 // Zeros (or nulls) here are a placeholder, not a count: a
                 // model reads at least one token of prompt. A translated
                 // stream starts so before its upstream's usage is known.
-                if let Some(c) = event.message.and_then(|m| m.usage)
+                if let Some(c) = event.message.and_then(|m| m.usage?.plausible())
                     && (c.input().unwrap_or(0) > 0 || c.output_tokens.unwrap_or(0) > 0)
                 {
                     self.usage = Some(Usage {
@@ -475,6 +541,7 @@ impl StreamUsage {
                 // Null counts: the usage is not known (no count at all).
                 if let Some(c) = event
                     .usage
+                    .and_then(Counts::plausible)
                     .filter(|c| c.input().is_some() || c.output_tokens.is_some())
                 {
                     let mut u = self.usage.unwrap_or_default();
@@ -490,6 +557,13 @@ impl StreamUsage {
             }
             _ => {}
         }
+        self.ended = matches!(
+            (self.kind, kind),
+            (
+                StreamKind::Responses,
+                "response.completed" | "response.incomplete" | "response.failed"
+            ) | (StreamKind::Messages, "message_stop")
+        );
     }
 
     /// The usage seen so far.
@@ -516,6 +590,68 @@ impl StreamUsage {
 mod stream_usage_tests {
     use super::*;
     use crate::StreamKind;
+
+    #[test]
+    fn counts_past_any_context_window_are_no_usage() {
+        let huge = u64::MAX;
+        assert_eq!(
+            from_json(
+                format!(r#"{{"usage":{{"prompt_tokens":{huge},"completion_tokens":1}}}}"#)
+                    .as_bytes()
+            ),
+            None
+        );
+        assert_eq!(
+            from_json(
+                format!(r#"{{"usage":{{"prompt_tokens":1,"completion_tokens":{MAX_TOKENS}}}}}"#)
+                    .as_bytes()
+            ),
+            Some(Usage {
+                input_tokens: 1,
+                output_tokens: MAX_TOKENS
+            })
+        );
+        let mut responses = StreamUsage::new(StreamKind::Responses);
+        responses.observe(&format!(
+            r#"{{"type":"response.completed","response":{{"usage":{{"input_tokens":{huge},"output_tokens":2}}}}}}"#
+        ));
+        assert_eq!(responses.usage(), None);
+        let mut messages = StreamUsage::new(StreamKind::Messages);
+        messages.observe(&format!(
+            r#"{{"type":"message_delta","usage":{{"output_tokens":{huge}}}}}"#
+        ));
+        assert_eq!(messages.usage(), None);
+    }
+
+    #[test]
+    fn what_comes_after_the_last_event_is_not_counted() {
+        let usage = |input, output| {
+            Some(Usage {
+                input_tokens: input,
+                output_tokens: output,
+            })
+        };
+        let mut chat = StreamUsage::new(StreamKind::Chat);
+        chat.observe(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
+        chat.observe("[DONE]");
+        chat.observe(r#"{"choices":[],"usage":{"prompt_tokens":30000,"completion_tokens":30000}}"#);
+        chat.observe(r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#);
+        assert_eq!((chat.usage(), chat.delivered()), (usage(1, 1), 0));
+        let mut responses = StreamUsage::new(StreamKind::Responses);
+        let completed = |n: u64| {
+            format!(
+                r#"{{"type":"response.completed","response":{{"usage":{{"input_tokens":{n},"output_tokens":{n}}}}}}}"#
+            )
+        };
+        responses.observe(&completed(2));
+        responses.observe(&completed(40000));
+        assert_eq!(responses.usage(), usage(2, 2));
+        let mut messages = StreamUsage::new(StreamKind::Messages);
+        messages.observe(r#"{"type":"message_delta","usage":{"output_tokens":3}}"#);
+        messages.observe(r#"{"type":"message_stop"}"#);
+        messages.observe(r#"{"type":"message_delta","usage":{"output_tokens":50000}}"#);
+        assert_eq!(messages.usage(), usage(0, 3));
+    }
 
     #[test]
     fn messages_usage_from_start_and_last_delta() {

@@ -450,6 +450,10 @@ where
                 .and_then(RequestMeta::identity)
                 .map(|identity| identity.name.clone());
             let budget = meta.and_then(RequestMeta::budget).cloned();
+            // An answer the upstream does not keep: its id can be neither
+            // fetched nor continued, and is not worth a place in the map
+            // (nor in Redis for the TTL).
+            let unstored = meta.is_some_and(|m| m.generation_caps().unstored);
             let named = Named::of(&req, endpoint)?;
             let mut pinned = false;
             if let Some((id, param)) = named.response {
@@ -487,6 +491,7 @@ where
                 }
             }
             let creates = match endpoint {
+                Endpoint::Responses if unstored => None,
                 Endpoint::Responses => Some(Kind::Response),
                 Endpoint::Passthrough
                     if req.method() == http::Method::POST
