@@ -806,3 +806,36 @@ async fn a_responses_event_of_megabytes_is_not_a_broken_stream() {
             .join("\n")
     );
 }
+
+/// Some servers end a Responses stream with chat's `data: [DONE]` after
+/// its last event: the stream is whole (passed on, cached), and no fault of
+/// the upstream's.
+#[tokio::test]
+async fn a_done_after_a_responses_streams_last_event_is_harmless() {
+    let stream = [
+        r#"event: response.created
+data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_d1","object":"response","status":"in_progress","output":[]}}"#,
+        r#"event: response.output_text.delta
+data: {"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hi"}"#,
+        r#"event: response.completed
+data: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_d1","object":"response","status":"completed","output":[],"usage":{"input_tokens":1,"output_tokens":1,"total_tokens":2}}}"#,
+        "data: [DONE]",
+    ]
+    .map(|event| format!("{event}\n\n"))
+    .concat();
+    let up = sse_upstream(move |_| (200, stream.clone())).await;
+    let p = proxy(&format!(
+        "{}\n[cache]\nbackend = \"memory\"\n",
+        one_upstream(&format!("http://{up}/v1"), "apis = [\"responses\"]")
+    ))
+    .await;
+    let body = r#"{"model":"m","input":"hi","store":false,"stream":true}"#.to_owned();
+    for cached in ["miss", "hit"] {
+        let answer = post_with(&p.url("/v1/responses"), body.clone(), &[]).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("x-llm-proxy-cache"), Some(cached));
+        let text = answer.text();
+        assert!(text.contains("response.completed"), "{text}");
+        assert!(!text.contains("stream_interrupted"), "{text}");
+    }
+}

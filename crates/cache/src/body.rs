@@ -130,8 +130,10 @@ impl SseWatch {
             }
             events += 1;
             if self.done {
-                // Nothing may follow the last event.
-                self.broken = true;
+                // Nothing may follow the last event, but the `[DONE]` some
+                // servers end a Responses or Messages stream with, as a
+                // chat stream ends (the upstream check lets it pass).
+                self.broken |= !(event.is_done() && self.kind != StreamKind::Chat);
                 continue;
             }
             match self.kind {
@@ -582,6 +584,17 @@ mod tests {
     }
 
     #[test]
+    fn a_done_after_a_responses_or_messages_stream_s_end_keeps_it_clean() {
+        let done = "data: [DONE]\n\n";
+        let completed = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"status\":\"completed\"}}\n\n";
+        assert!(clean(StreamKind::Responses, &[completed, done]));
+        let stop = "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert!(clean(StreamKind::Messages, &[stop, done]));
+        // Anything else after the end is not.
+        assert!(!clean(StreamKind::Messages, &[stop, "data: {}\n\n"]));
+    }
+
+    #[test]
     fn an_array_is_no_last_event() {
         // serde would read the type from an array's first element.
         for (kind, last) in [
@@ -633,7 +646,8 @@ mod tests {
             assert!(!clean(r, &[created, &typed]), "{end}");
         }
         assert!(!clean(r, &[completed, created]), "nothing after the end");
-        assert!(!clean(r, &[completed, "data: [DONE]\n\n"]));
+        // (But chat's `[DONE]`, which some servers add.)
+        assert!(clean(r, &[completed, "data: [DONE]\n\n"]));
         // `message_stop` is not the end of a Responses stream.
         assert!(!clean(r, &["event: message_stop\ndata: {}\n\n"]));
     }

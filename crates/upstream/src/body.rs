@@ -176,6 +176,12 @@ impl StreamWatch {
                 *done = true;
                 return Ok(());
             }
+            // Some servers end a Responses or Messages stream with chat's
+            // `[DONE]` after its last event: harmless (the SDKs stop at
+            // it), passed on, and no fault of the upstream's.
+            if *done && event.is_done() {
+                return Ok(());
+            }
             if *done && kind == StreamKind::Chat {
                 return Err(garbled("data after [DONE]"));
             }
@@ -525,6 +531,24 @@ mod tests {
             .observe(b"data: {\"type\":\"response.completed\",\"response\":{}}\n\n")
             .unwrap();
         assert!(typed.done, "named by the data's type");
+    }
+
+    #[test]
+    fn a_done_after_the_last_event_of_a_responses_or_messages_stream_is_harmless() {
+        for (kind, last) in [
+            (
+                StreamKind::Responses,
+                &b"event: response.completed\ndata: {}\n\n"[..],
+            ),
+            (StreamKind::Messages, b"event: message_stop\ndata: {}\n\n"),
+        ] {
+            let mut w = watch(kind);
+            assert!(w.observe(b"data: [DONE]\n\n").is_err(), "before the end");
+            let mut w = watch(kind);
+            w.observe(last).unwrap();
+            w.observe(b"data: [DONE]\n\n").unwrap();
+            assert!(w.done);
+        }
     }
 
     #[test]
