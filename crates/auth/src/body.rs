@@ -273,7 +273,7 @@ fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: &Bytes) {
                 return;
             }
             while let Some(event) = parser.next_event_ref() {
-                stream.observe(&event.data);
+                stream.observe_event(event.event.as_deref(), &event.data);
                 if stream.usage().is_some() {
                     *usage = stream.usage();
                 }

@@ -373,11 +373,11 @@ mod usage_only_tests {
     }
 }
 
-/// A Responses stream's last events, as they stand in its data.
+/// A Responses stream's last events.
 const END_EVENTS: [&str; 3] = [
-    "\"response.completed\"",
-    "\"response.incomplete\"",
-    "\"response.failed\"",
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
 ];
 
 /// Token usage gathered from a stream's events as they pass, in any dialect:
@@ -468,7 +468,16 @@ impl StreamUsage {
 
     /// Look at one event's `data:` payload.
     pub fn observe(&mut self, data: &str) {
+        self.observe_event(None, data);
+    }
+
+    /// Look at one event: its `event:` name (`None` or empty when it has
+    /// none) and its `data:` payload. A name there names the event before
+    /// its data's `type`, as the upstream check and the cache read it, so
+    /// that all agree on where a stream ends.
+    pub fn observe_event(&mut self, name: Option<&str>, data: &str) {
         use crate::StreamKind;
+        let name = name.filter(|n| !n.is_empty());
         if self.ended {
             return;
         }
@@ -498,19 +507,22 @@ impl StreamUsage {
             StreamKind::Chat => false,
         };
         self.delivered += u64::from(delta);
-        // The last event is read, usage or not.
-        let last = match self.kind {
-            StreamKind::Responses => END_EVENTS.iter().any(|end| data.contains(end)),
-            StreamKind::Messages => data.contains("\"message_stop\""),
-            StreamKind::Chat => false,
+        // The last event is read, usage or not; so is one whose text may
+        // hide either behind an escape (`"message_sto\u0070"`).
+        let last = match (self.kind, name) {
+            (StreamKind::Responses, Some(name)) => END_EVENTS.contains(&name),
+            (StreamKind::Messages, Some(name)) => name == "message_stop",
+            (StreamKind::Responses, None) => END_EVENTS.iter().any(|end| data.contains(end)),
+            (StreamKind::Messages, None) => data.contains("message_stop"),
+            (StreamKind::Chat, _) => false,
         };
-        if !last && !data.contains("usage") {
+        if !last && !data.contains("usage") && !data.contains("\\u") {
             return;
         }
         let Ok(event) = crate::object_from_str::<Event>(data) else {
             return;
         };
-        let kind = event.kind.as_deref().unwrap_or("");
+        let kind = name.or(event.kind.as_deref()).unwrap_or("");
         match (self.kind, kind) {
             (
                 StreamKind::Responses,
@@ -621,6 +633,26 @@ mod stream_usage_tests {
             r#"{{"type":"message_delta","usage":{{"output_tokens":{huge}}}}}"#
         ));
         assert_eq!(messages.usage(), None);
+    }
+
+    #[test]
+    fn the_last_event_named_by_its_event_line_or_escaped_ends_the_count() {
+        let late = r#"{"type":"message_delta","usage":{"output_tokens":999999}}"#;
+        let mut named = StreamUsage::new(StreamKind::Messages);
+        named.observe_event(Some("message_delta"), r#"{"usage":{"output_tokens":3}}"#);
+        named.observe_event(Some("message_stop"), "{}");
+        named.observe_event(None, late);
+        assert_eq!(named.usage().map(|u| u.output_tokens), Some(3));
+        let mut escaped = StreamUsage::new(StreamKind::Responses);
+        escaped.observe(
+            r#"{"type":"response.completed","response":{"usage":{"input_tokens":2,"output_tokens":2}}}"#,
+        );
+        escaped.observe(r#"{"type":"response.completed","response":{"usage":{"input_tokens":9,"output_tokens":9}}}"#);
+        assert_eq!(escaped.usage().map(|u| u.output_tokens), Some(2));
+        let mut hidden = StreamUsage::new(StreamKind::Messages);
+        hidden.observe(r#"{"type":"message_stop"}"#);
+        hidden.observe(late);
+        assert_eq!(hidden.usage(), None);
     }
 
     #[test]

@@ -386,12 +386,15 @@ impl HttpBody for Watched {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = lock(&self.stream.body)
+        let inner = lock(&self.stream.body)
             .as_ref()
             .map_or_else(SizeHint::default, HttpBody::size_hint);
+        // A fresh hint: raising an exact one's lower bound first would
+        // pass its upper one, which `set_lower` refuses with a panic.
         let rest = self.rest.len() as u64;
-        hint.set_lower(hint.lower().saturating_add(rest));
-        if let Some(upper) = hint.upper() {
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
             hint.set_upper(upper.saturating_add(rest));
         }
         hint
@@ -692,11 +695,14 @@ mod tests {
         let mut pieces = Vec::new();
         while let Poll::Ready(Some(Ok(frame))) = poll_once(&mut conn, &mut body) {
             pieces.push(frame.into_data().unwrap());
+            let left = (whole.len() - pieces.iter().map(Bytes::len).sum::<usize>()) as u64;
+            assert_eq!(body.size_hint().exact(), Some(left));
             if body.is_end_stream() {
                 break;
             }
         }
         let lengths: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        // (Asked between pieces, the hint counts what is left.)
         assert_eq!(lengths, [PIECE, PIECE, 100]);
         assert_eq!(pieces.concat(), whole);
         // Its last piece handed out and never asked past: at its end,
