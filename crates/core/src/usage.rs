@@ -507,8 +507,11 @@ impl StreamUsage {
             StreamKind::Chat => false,
         };
         self.delivered += u64::from(delta);
-        // The last event is read, usage or not; so is one whose text may
-        // hide either behind an escape (`"message_sto\u0070"`).
+        // The last event is read, usage or not; so is one without an
+        // `event:` line whose text may hide its type behind an escape
+        // (`"message_sto\u0070"`). (Named events, as OpenAI's and
+        // Anthropic's all are, are not parsed for text in other scripts,
+        // which Python servers send escaped.)
         let last = match (self.kind, name) {
             (StreamKind::Responses, Some(name)) => END_EVENTS.contains(&name),
             (StreamKind::Messages, Some(name)) => name == "message_stop",
@@ -516,7 +519,7 @@ impl StreamUsage {
             (StreamKind::Messages, None) => data.contains("message_stop"),
             (StreamKind::Chat, _) => false,
         };
-        if !last && !data.contains("usage") && !data.contains("\\u") {
+        if !last && !data.contains("usage") && (name.is_some() || !data.contains("\\u")) {
             return;
         }
         let Ok(event) = crate::object_from_str::<Event>(data) else {
