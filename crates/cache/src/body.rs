@@ -130,10 +130,11 @@ impl SseWatch {
             }
             events += 1;
             if self.done {
-                // Nothing may follow the last event, but the `[DONE]` some
-                // servers end a Responses or Messages stream with, as a
-                // chat stream ends (the upstream check lets it pass).
-                self.broken |= !(event.is_done() && self.kind != StreamKind::Chat);
+                // Nothing may follow the last event but a `[DONE]`: the one
+                // some servers end a Responses or Messages stream with, as
+                // a chat stream ends, or a chat stream's second (the
+                // upstream check lets either pass).
+                self.broken |= !event.is_done();
                 continue;
             }
             match self.kind {
@@ -592,6 +593,8 @@ mod tests {
         assert!(clean(StreamKind::Messages, &[stop, done]));
         // Anything else after the end is not.
         assert!(!clean(StreamKind::Messages, &[stop, "data: {}\n\n"]));
+        // A chat stream's second `[DONE]`, as the upstream check reads it.
+        assert!(clean(StreamKind::Chat, &[done, done]));
     }
 
     #[test]
