@@ -1064,11 +1064,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_cancelled() {
     // The mock streams as fast as it is read, far more than socket buffers
     // hold.
     let up = mock_named("m").await;
-    let p = proxy(&format!(
-        "send_timeout_ms = 300\n{}",
-        one_upstream(&up.base_url(), "")
-    ))
-    .await;
+    let p = send_timeout_proxy(&up).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut conn = socket.connect(p.addr).await.unwrap();
@@ -1121,11 +1117,7 @@ async fn a_reader_that_pauses_within_the_send_timeout_is_not_cut() {
 #[tokio::test]
 async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
     let up = mock_named("m").await;
-    let p = proxy(&format!(
-        "send_timeout_ms = 300\n{}",
-        one_upstream(&up.base_url(), "")
-    ))
-    .await;
+    let p = send_timeout_proxy(&up).await;
     let sender = h2c_small_window(p.addr).await;
     let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
     // A: a long stream the client does not read yet (its window fills).
@@ -1161,11 +1153,7 @@ async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
 #[tokio::test]
 async fn unread_h2c_streams_beside_a_waiting_one_are_cancelled_one_by_one() {
     let up = mock_named("m").await;
-    let p = proxy(&format!(
-        "send_timeout_ms = 300\n{}",
-        one_upstream(&up.base_url(), "")
-    ))
-    .await;
+    let p = send_timeout_proxy(&up).await;
     let sender = h2c_small_window(p.addr).await;
     let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
     // Eight long streams the client never reads, beside one whose upstream
@@ -1204,11 +1192,7 @@ async fn unread_h2c_streams_beside_a_waiting_one_are_cancelled_one_by_one() {
 #[tokio::test]
 async fn reading_one_h2c_stream_does_not_keep_unread_ones() {
     let up = paced_mock("m", 1000.0).await;
-    let p = proxy(&format!(
-        "send_timeout_ms = 300\n{}",
-        one_upstream(&up.base_url(), "")
-    ))
-    .await;
+    let p = send_timeout_proxy(&up).await;
     let sender = h2c_small_window(p.addr).await;
     let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
     let long = [("x-mock-tokens", "1000000")];
@@ -1635,8 +1619,9 @@ async fn a_request_sent_as_an_idle_h2_connection_is_told_to_go_is_answered() {
 #[tokio::test]
 async fn a_slow_but_steady_h2c_reader_is_not_cut() {
     let up = mock_named("m").await;
+    // A send timeout with room for a loaded machine's hiccups.
     let p = proxy(&format!(
-        "send_timeout_ms = 300\n{}",
+        "send_timeout_ms = 1000\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
@@ -1656,20 +1641,29 @@ async fn a_slow_but_steady_h2c_reader_is_not_cut() {
         .expect("a head");
     assert_eq!(slow.status(), 200);
     let mut slow = slow.into_body();
-    // Let the upstream run far ahead, then read a frame every 50 ms for
-    // many send timeouts.
+    // Let the upstream run far ahead, then read a frame every 150 ms for
+    // several send timeouts.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     let mut read = 0;
-    while started.elapsed() < Duration::from_millis(2500) {
+    while started.elapsed() < Duration::from_millis(4000) {
         let frame = tokio::time::timeout(HANG, slow.frame())
             .await
             .expect("a frame in time")
             .expect("not at its end")
             .unwrap_or_else(|e| panic!("cut after {read} bytes: {e}"));
         read += frame.data_ref().map_or(0, |d| d.len());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert_eq!(up.stats.cancelled(), 0);
     drop(slow);
+}
+
+/// A proxy in front of `up` that cuts a client after 300 ms of not reading.
+async fn send_timeout_proxy(up: &MockServer) -> TestProxy {
+    proxy(&format!(
+        "send_timeout_ms = 300\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await
 }

@@ -3,6 +3,18 @@
 use llm_proxy_core::sse::{Event, Parser};
 use serde_json::Value;
 
+use crate::stream::{MAX_BLOCKS, Step};
+
+/// That a stream's steps went on up to [`MAX_BLOCKS`] items, blocks or
+/// calls, and the next (`what`) failed it, saying the bound.
+pub(crate) fn fails_past_the_bound(steps: &[Step], what: &str) {
+    assert!(steps[..MAX_BLOCKS].iter().all(|s| *s == Step::Continue));
+    let Step::Fail(why) = &steps[MAX_BLOCKS] else {
+        panic!("{what} {MAX_BLOCKS} was accepted");
+    };
+    assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
+}
+
 /// A `data:`-only event.
 pub(crate) fn data(data: &str) -> Event {
     Event {

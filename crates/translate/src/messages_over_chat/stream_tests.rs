@@ -247,11 +247,7 @@ fn tool_calls_beyond_the_bound_fail_the_stream() {
     let chunks: Vec<String> = (0..=MAX_BLOCKS).map(call).collect();
     let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
     let (_, steps) = run(Context::default(), &refs);
-    assert!(steps[..MAX_BLOCKS].iter().all(|s| *s == Step::Continue));
-    let Step::Fail(why) = &steps[MAX_BLOCKS] else {
-        panic!("tool call {MAX_BLOCKS} was accepted");
-    };
-    assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
+    crate::test_util::fails_past_the_bound(&steps, "tool call");
 }
 
 #[test]
@@ -774,11 +770,7 @@ fn text_and_thinking_taking_turns_are_bounded_in_blocks() {
         .collect();
     let turns: Vec<&str> = turns.iter().map(String::as_str).collect();
     let (_, steps) = run(ctx, &turns);
-    assert!(steps[..MAX_BLOCKS].iter().all(|s| *s == Step::Continue));
-    let Step::Fail(why) = &steps[MAX_BLOCKS] else {
-        panic!("block {MAX_BLOCKS} was opened");
-    };
-    assert!(why.contains(&MAX_BLOCKS.to_string()), "{why}");
+    crate::test_util::fails_past_the_bound(&steps, "block");
 }
 
 #[test]
