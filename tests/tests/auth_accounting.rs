@@ -542,3 +542,97 @@ async fn raw_chat(p: &TestProxy, request: &str) -> tokio::net::TcpStream {
     conn.write_all(head.as_bytes()).await.unwrap();
     conn
 }
+
+/// What a hostile or broken upstream says of usage does not overcharge a
+/// key: a count past any context window is no usage (the reservation is
+/// charged), usage sent after a stream's last event is not counted, and a
+/// Responses stream that ends `response.completed` but says it is
+/// `incomplete` is not cached.
+#[tokio::test]
+async fn an_upstreams_implausible_or_late_usage_is_not_charged() {
+    let up = sse_upstream(|body| {
+        let body = String::from_utf8_lossy(body);
+        let text = if body.contains("huge") {
+            let max = u64::MAX;
+            format!(
+                r#"{{"id":"c1","object":"chat.completion","created":1,"model":"small","choices":[{{"index":0,"finish_reason":"stop","message":{{"role":"assistant","content":"hi"}}}}],"usage":{{"prompt_tokens":{max},"completion_tokens":{max},"total_tokens":{max}}}}}"#
+            )
+        } else if body.contains("late") {
+            [
+                r#"data: {"id":"c2","choices":[{"index":0,"delta":{"content":"hi"}}]}"#,
+                r#"data: {"id":"c2","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+                "data: [DONE]",
+                r#"data: {"id":"c2","choices":[],"usage":{"prompt_tokens":30000,"completion_tokens":30000,"total_tokens":60000}}"#,
+            ]
+            .map(|e| format!("{e}\n\n"))
+            .concat()
+        } else {
+            [
+                r#"event: response.created
+data: {"type":"response.created","response":{"id":"resp_i1","status":"in_progress","output":[]}}"#,
+                r#"event: response.completed
+data: {"type":"response.completed","response":{"id":"resp_i1","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"output":[],"usage":{"input_tokens":1,"output_tokens":1}}}"#,
+            ]
+            .map(|e| format!("{e}\n\n"))
+            .concat()
+        };
+        (200, text)
+    })
+    .await;
+    let p = proxy(&format!(
+        "{}\n[cache]\nbackend = \"memory\"\n[auth]\n[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 20000\n",
+        one_upstream(&format!("http://{up}/v1"), APIS)
+    ))
+    .await;
+    let chat = |content: &str, stream: bool| {
+        serde_json::json!({"model": "small", "max_tokens": 10, "stream": stream,
+            "messages": [{"role": "user", "content": content}]})
+        .to_string()
+    };
+    let huge = post(
+        &p,
+        "/v1/chat/completions",
+        &[("cache-control", "no-store")],
+        chat("huge", false),
+    )
+    .await;
+    assert_eq!(huge.status, 200, "{}", huge.text());
+    // Data after `[DONE]` breaks the stream for the client; the usage in
+    // it is not counted.
+    let late = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", KEY),
+                ("cache-control", "no-store"),
+            ],
+            chat("late", true),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 200);
+    let (_, broke) = read_stream(late).await;
+    assert!(broke);
+    // Charged two reservations (tens of tokens), not a year, nor 60,000.
+    let left = remaining_once(&p, |r| r < 20000).await;
+    assert!(left > 19000, "{left} left");
+    let next = post(
+        &p,
+        "/v1/chat/completions",
+        &[("cache-control", "no-store")],
+        chat("huge", false),
+    )
+    .await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    // Capped, and said so in its last event: never stored.
+    let responses =
+        serde_json::json!({"model": "small", "input": "capped", "stream": true, "store": false})
+            .to_string();
+    for _ in 0..2 {
+        let a = post(&p, "/v1/responses", &[], responses.clone()).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.header("x-llm-proxy-cache"), Some("miss"));
+    }
+}
