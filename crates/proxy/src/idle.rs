@@ -36,7 +36,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ use llm_proxy_core::{Body, BoxError};
 use slab::Slab;
 use tokio::time::Instant;
 
+use crate::metrics::lock;
 use crate::websocket::Tunnel;
 
 /// One connection's requests in flight, and what its response bodies do.
@@ -133,12 +134,12 @@ impl Activity {
 
     /// Run `tunnel` on the connection's task once its HTTP life is over.
     pub(crate) fn hold(&self, tunnel: Tunnel) {
-        *self.tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+        *lock(&self.tunnel) = Some(tunnel);
     }
 
     /// The tunnel to run, if a request set one up.
     pub(crate) fn take_tunnel(&self) -> Option<Tunnel> {
-        self.tunnel.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.tunnel).take()
     }
 
     fn now_ms(&self) -> u64 {
@@ -303,12 +304,6 @@ impl Activity {
 /// client to take it: four, so that an unread stream is cancelled between
 /// one and one and a quarter send timeouts after its last frame.
 const UNREAD_STEPS: u64 = 4;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// An HTTP/2 response body where the connection's watch can drop it.
 struct Stream {

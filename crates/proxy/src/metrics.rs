@@ -81,6 +81,13 @@ pub struct Metrics {
     sources: Arc<std::sync::RwLock<Vec<Source>>>,
 }
 
+/// A mutex's guard, poisoned or not (every update leaves its data whole).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// One metric read from a layer at scrape time.
 #[derive(Debug)]
 pub struct Series {
@@ -362,12 +369,6 @@ impl Shards {
         }
         total
     }
-}
-
-/// A lock nobody holds across a panic that matters: counts are plain
-/// numbers, whole after any step.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One thread's counts (or, at a scrape, everyone's).
