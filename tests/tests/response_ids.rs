@@ -300,3 +300,41 @@ async fn an_unstored_answers_id_is_not_recorded() {
     let stored = a_creates(&p).await;
     eventually_status(&p.url(&format!("/v1/responses/{stored}")), "sk-a", 200).await;
 }
+
+/// One key making response after response pushes out only its own ids once
+/// the map is full: the other key's stay found (without Redis, an id pushed
+/// out is a 404).
+#[tokio::test]
+async fn a_key_making_many_responses_pushes_out_only_its_own_ids() {
+    let up = vllm_like_upstream().await;
+    let p = proxy(&format!(
+        "max_response_ids = 4\n{}\n{}",
+        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
+        two_keys("")
+    ))
+    .await;
+    let mine = [a_creates(&p).await, a_creates(&p).await];
+    let mut theirs = Vec::new();
+    for n in 0..12 {
+        let made = post(
+            &p.url("/v1/responses"),
+            serde_json::json!({"model": "m", "input": format!("flood {n}")}),
+            "sk-b",
+            &[],
+        )
+        .await;
+        assert_eq!(made.status, 200, "{}", made.text());
+        theirs.push(made.json()["id"].as_str().unwrap().to_owned());
+    }
+    for id in &mine {
+        let read = get(&p.url(&format!("/v1/responses/{id}")), "sk-a").await;
+        assert_eq!(read.status, 200, "{id}: {}", read.text());
+    }
+    for id in &theirs[10..] {
+        let read = get(&p.url(&format!("/v1/responses/{id}")), "sk-b").await;
+        assert_eq!(read.status, 200, "{id}: {}", read.text());
+    }
+    get(&p.url(&format!("/v1/responses/{}", theirs[0])), "sk-b")
+        .await
+        .assert_error(404, "not_found_error", "response_not_found");
+}

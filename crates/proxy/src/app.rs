@@ -200,7 +200,7 @@ impl Proxy {
             metrics.add_source(cache_metrics(cache.clone()));
         }
         let redis_ids = response_ids_redis(&settings)?;
-        let ids = ResponseIds::new(redis_ids.clone());
+        let ids = ResponseIds::new(redis_ids.clone(), settings.max_response_ids);
         metrics.add_source(store_metrics(auth.clone(), cache.clone(), redis_ids));
         let body_budget = BodyBudget::new(settings.max_buffered_body_bytes);
         metrics.add_source(budget_metrics(body_budget.clone()));

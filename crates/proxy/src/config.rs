@@ -107,6 +107,10 @@ pub struct Config {
     /// one per CPU.
     #[serde(default)]
     pub workers: usize,
+    /// Response ids (and, apart, conversation ids) remembered in memory;
+    /// when full, the key holding the most loses its least recently used.
+    #[serde(default = "defaults::max_response_ids")]
+    pub max_response_ids: usize,
     /// Send `x-llm-proxy-upstream` on responses.
     #[serde(default = "defaults::yes")]
     pub upstream_header: bool,
@@ -390,6 +394,9 @@ mod defaults {
     pub fn max_connections() -> usize {
         10_000
     }
+    pub fn max_response_ids() -> usize {
+        100_000
+    }
     pub fn yes() -> bool {
         true
     }
@@ -548,6 +555,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Server threads (shards), at least 1.
     pub workers: usize,
+    /// Response ids (and conversation ids) remembered in memory, each.
+    pub max_response_ids: usize,
     /// Send `x-llm-proxy-upstream`.
     pub upstream_header: bool,
     /// Log one line per request when its response ends.
@@ -808,6 +817,14 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 "`max_connections` must be between 1 and {MAX_CONNECTIONS}, not {}",
                 cfg.max_connections
             ),
+        ));
+    }
+    if cfg.max_response_ids == 0 {
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("max_response_ids")],
+            "`max_response_ids` must be at least 1".to_owned(),
         ));
     }
     let max_buffered_body_bytes = match cfg.max_buffered_body_bytes {
@@ -1100,6 +1117,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             n => n,
         },
+        max_response_ids: cfg.max_response_ids,
         upstream_header: cfg.upstream_header,
         access_log: cfg.access_log,
         metrics_listen,
@@ -1693,6 +1711,8 @@ mod tests {
 
     #[test]
     fn limits_that_cannot_work_are_refused() {
+        let e = load(&format!("max_response_ids = 0\n{MIN}")).unwrap_err();
+        assert!(e.contains("`max_response_ids` must be at least 1"), "{e}");
         let e = load(&format!("max_connections = 4611686018427387904\n{MIN}")).unwrap_err();
         assert!(e.contains("`max_connections` must be between 1 and"), "{e}");
         let e = load(&format!(

@@ -41,6 +41,7 @@
 mod app;
 pub mod config;
 mod estimate;
+mod fair_lru;
 mod gated;
 mod idle;
 pub mod metrics;

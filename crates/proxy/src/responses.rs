@@ -18,7 +18,8 @@
 //! without this any key that learnt an id could read, continue, cancel or
 //! delete another tenant's response). Without auth there is one tenant.
 //!
-//! The map is an LRU in memory (100 000 ids, 7 days), and, when the cache or
+//! The map is in memory (`max_response_ids`, 7 days; full, the key holding
+//! the most ids loses its least recently used, see [`FairLru`]), and, when the cache or
 //! auth backend is Redis, also Redis (`<prefix>resp:<id>`, same TTL), so that
 //! every proxy on that Redis finds every id. An id is recorded before the
 //! last byte of the answer that carries it is passed on, so a client's
@@ -34,7 +35,6 @@
 //! (conversations are long-lived and made outside the proxy too). With auth
 //! it is a 404 `conversation_not_found`, as another key's is.
 
-use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -52,21 +52,28 @@ use llm_proxy_core::{
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::fair_lru::{FairLru, Owned};
 use crate::redis_ids::RedisIds;
 
 /// How long an id is remembered.
 const TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How many ids are kept in memory.
-const CAPACITY: usize = 100_000;
-
-/// Response id -> where it lives, and when it was recorded.
-type IdMap = lru::LruCache<Box<str>, Held>;
+/// Response id -> where it lives, and when it was recorded; full, it
+/// drops the least recently used id of the key holding the most.
+type IdMap = FairLru<Held>;
 
 /// Where an id lives, since when, and what Redis said of it.
 struct Held {
     home: Home,
     at: Instant,
     claim: Claim,
+}
+
+impl Owned for Held {
+    type Owner = Option<Arc<str>>;
+
+    fn owner(&self) -> &Option<Arc<str>> {
+        &self.home.owner
+    }
 }
 
 /// Redis's word on an id held in memory.
@@ -184,12 +191,12 @@ impl std::fmt::Debug for ResponseIds {
 }
 
 impl ResponseIds {
-    /// A map in memory, and in Redis when `redis` is given.
-    pub fn new(redis: Option<RedisIds>) -> Arc<Self> {
-        let capacity = NonZeroUsize::new(CAPACITY).expect("a non-zero constant");
+    /// A map in memory holding up to `capacity` ids of each kind, and in
+    /// Redis when `redis` is given.
+    pub fn new(redis: Option<RedisIds>, capacity: usize) -> Arc<Self> {
         Arc::new(ResponseIds {
-            responses: Mutex::new(lru::LruCache::new(capacity)),
-            conversations: Mutex::new(lru::LruCache::new(capacity)),
+            responses: Mutex::new(FairLru::new(capacity)),
+            conversations: Mutex::new(FairLru::new(capacity)),
             redis,
         })
     }
@@ -283,7 +290,7 @@ impl ResponseIds {
             }
         }
         memory.put(
-            id.into(),
+            id,
             Held {
                 home: home.clone(),
                 at: Instant::now(),
@@ -303,7 +310,7 @@ impl ResponseIds {
         }
         let local = {
             let mut memory = self.memory(kind);
-            match memory.get(id) {
+            match memory.get_mut(id) {
                 Some(held) if held.at.elapsed() < TTL => Some((
                     held.home.clone(),
                     match &held.claim {
@@ -1060,7 +1067,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_id_too_long_to_keep_is_neither_kept_nor_looked_up() {
-        let ids = ResponseIds::new(None);
+        let ids = ResponseIds::new(None, 100_000);
         let long = "r".repeat(MAX_ID + 1);
         ids.remember(&long, Arc::from("a"), None);
         ids.remember("", Arc::from("a"), None);

@@ -1429,7 +1429,7 @@ mod tests {
             auth: Some(auth),
             owner: Some(key.name.clone()),
             key: Some(key),
-            ids: ResponseIds::new(None),
+            ids: ResponseIds::new(None, 100_000),
             upstream: "up".into(),
             answered: None,
             balance: llm_proxy_balance::Balance::<crate::app::UpstreamService>::new(
