@@ -914,3 +914,59 @@ async fn an_ejection_is_logged_with_its_rest() {
         "{stderr}"
     );
 }
+
+/// An HTTP/2 stream the client leaves unread is cut (its upstream request
+/// cancelled) with `end="cut"` in its access line and no WARN: a client can
+/// cause it at will.
+#[tokio::test]
+async fn an_unread_h2c_stream_cut_is_logged_as_cut_without_a_warning() {
+    let (child, addr) = start_proxy(
+        "unread-cut-log",
+        "send_timeout_ms = 1000\naccess_log = true\ndrain_timeout_secs = 2\n\
+         [[upstream]]\nname = \"m\"\nmock = {}\n",
+        "warn,llm_proxy::access=info",
+    )
+    .await;
+    let sender = tests::h2c_small_window(addr).await;
+    let unread = sender
+        .clone()
+        .send_request(tests::streamed_chat_h2(
+            addr,
+            &[
+                ("x-mock-tokens", "1000000"),
+                ("x-request-id", "req-unread-1"),
+            ],
+        ))
+        .await
+        .expect("a head");
+    assert_eq!(unread.status(), 200);
+    // A stream waiting for its upstream beside it keeps the connection.
+    let waiting = sender
+        .clone()
+        .send_request(tests::streamed_chat_h2(
+            addr,
+            &[
+                ("x-mock-latency-ms", "3000"),
+                ("x-request-id", "req-waits-2"),
+            ],
+        ))
+        .await
+        .expect("a head");
+    let (body, broke) = read_stream(waiting).await;
+    assert!(!broke && String::from_utf8_lossy(&body).contains("data: [DONE]"));
+    let (_, broke) = read_stream(unread).await;
+    assert!(broke, "the unread stream was cut");
+    signal(&child, "-TERM");
+    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    assert!(!stderr.contains(" WARN "), "no warning: {stderr}");
+    let cut: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("llm_proxy::access") && l.contains("req-unread-1"))
+        .collect();
+    assert_eq!(cut.len(), 1, "{stderr}");
+    assert!(
+        cut[0].contains("end=\"cut\"") || cut[0].contains("end=cut"),
+        "{stderr}"
+    );
+}
