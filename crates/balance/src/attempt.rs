@@ -17,7 +17,7 @@ use std::time::Duration;
 use http::request::Parts;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, Error, Guarded, RequestMeta};
+use llm_proxy_core::{Body, Error, Guarded, RequestMeta, Waited};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -123,16 +123,21 @@ struct Template {
     first: Option<Request<Body>>,
     /// A copy of the head for retries (none when there can be none). Its
     /// extensions are left out when they were only the request's
-    /// [`RequestMeta`], which a retry puts back from `meta`: a copy of an
-    /// extension map is three allocations.
+    /// [`RequestMeta`] and its [`Waited`], which a retry puts back from
+    /// `meta` and `waited`: a copy of an extension map is three
+    /// allocations.
     spare: Option<Parts>,
-    /// The retries' head lacks the request's extensions: put `meta` back.
+    /// The retries' head lacks the request's extensions: put `meta` (and
+    /// `waited`) back.
     bare: bool,
+    waited: Option<Waited>,
 }
 
 impl Template {
     fn new(parts: Parts, body: Body, retries: bool, meta: Option<&RequestMeta>) -> Self {
-        let bare = meta.is_some() && parts.extensions.len() == 1;
+        let waited = parts.extensions.get::<Waited>();
+        let bare = meta.is_some() && parts.extensions.len() == 1 + usize::from(waited.is_some());
+        let waited = waited.filter(|_| retries && bare).cloned();
         let spare = retries.then(|| {
             let (mut head, ()) = Request::new(()).into_parts();
             head.method = parts.method.clone();
@@ -148,6 +153,7 @@ impl Template {
             first: Some(Request::from_parts(parts, body)),
             spare,
             bare,
+            waited,
         }
     }
 
@@ -177,6 +183,9 @@ impl Template {
                 let mut req = Request::from_parts(parts, llm_proxy_core::empty());
                 if let (true, Some(meta)) = (self.bare, meta) {
                     req.extensions_mut().insert(meta.clone());
+                    if let Some(waited) = &self.waited {
+                        req.extensions_mut().insert(waited.clone());
+                    }
                 }
                 req
             }

@@ -10,7 +10,7 @@ use llm_proxy_core::canonical::holds_inexact_integer;
 use llm_proxy_core::fallback::ServedByFallback;
 use llm_proxy_core::{
     Body, BodyBudget, BudgetHold, Dialect, Endpoint, Error, RequestMeta, StreamKind, UsageFilter,
-    empty,
+    Waited, empty,
 };
 use serde_json::{Map, Value};
 use tower::ServiceExt;
@@ -371,7 +371,10 @@ where
                     let until = *deadline.get_or_insert_with(|| {
                         tokio::time::Instant::now() + shared.config.max_wait
                     });
-                    match tokio::time::timeout_at(until, head).await {
+                    // The wait for the leader's answer is the upstream's
+                    // time, not the proxy's.
+                    let waited = req.extensions().get::<Waited>();
+                    match Waited::timing(waited, tokio::time::timeout_at(until, head)).await {
                         Ok(Ok(head)) => {
                             let age = head
                                 .stored_at_ms

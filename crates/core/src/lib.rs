@@ -60,6 +60,7 @@ mod svc;
 pub mod throttle;
 pub mod usage;
 mod usage_filter;
+mod waited;
 
 pub use body::{
     Body, BoxError, FlushBeforeError, Guarded, NotUpstreamFault, empty, full, is_upstream_fault,
@@ -77,6 +78,7 @@ pub use parse::{
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 pub use svc::{BoxFuture, call_boxed};
 pub use usage_filter::UsageFilter;
+pub use waited::Waited;
 
 /// The response header that names the upstream which served a request.
 pub const UPSTREAM_HEADER: http::HeaderName = http::HeaderName::from_static("x-llm-proxy-upstream");

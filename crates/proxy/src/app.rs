@@ -256,6 +256,7 @@ impl Proxy {
             readiness.clone(),
             FaceOptions {
                 upstream_header: settings.upstream_header,
+                overhead_header: settings.overhead_header,
                 access_log: settings.access_log,
                 serve_metrics: settings.metrics_listen.is_none(),
                 // One knob for slow clients, head and body alike.

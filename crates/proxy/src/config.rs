@@ -114,6 +114,9 @@ pub struct Config {
     /// Send `x-llm-proxy-upstream` on responses.
     #[serde(default = "defaults::yes")]
     pub upstream_header: bool,
+    /// Send `x-llm-proxy-overhead-ms` on the answers to `/v1/*`.
+    #[serde(default = "defaults::yes")]
+    pub overhead_header: bool,
     /// Log one line per request when its response ends.
     #[serde(default)]
     pub access_log: bool,
@@ -559,6 +562,8 @@ pub struct Settings {
     pub max_response_ids: usize,
     /// Send `x-llm-proxy-upstream`.
     pub upstream_header: bool,
+    /// Send `x-llm-proxy-overhead-ms`.
+    pub overhead_header: bool,
     /// Log one line per request when its response ends.
     pub access_log: bool,
     /// Separate metrics address.
@@ -1119,6 +1124,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         },
         max_response_ids: cfg.max_response_ids,
         upstream_header: cfg.upstream_header,
+        overhead_header: cfg.overhead_header,
         access_log: cfg.access_log,
         metrics_listen,
         balance: match &cfg.balance {

@@ -189,12 +189,32 @@ impl Metrics {
 
     /// Count one answered request.
     pub fn count_request(&self, route: &'static str, status: u16, upstream: Option<&Arc<str>>) {
+        self.count_answer(route, status, upstream, None);
+    }
+
+    /// Count one answered request, and the proxy's overhead on it, if
+    /// measured (in one visit to the thread's counts).
+    pub(crate) fn count_answer(
+        &self,
+        route: &'static str,
+        status: u16,
+        upstream: Option<&Arc<str>>,
+        overhead: Option<Duration>,
+    ) {
         self.shards.with_counts(|counts| {
             let by_upstream = counts.requests.entry((route, status)).or_default();
             let name = upstream.map_or("", |u| &**u);
             match by_upstream.iter_mut().find(|(u, _)| **u == *name) {
                 Some((_, n)) => *n += 1,
                 None => by_upstream.push((upstream.cloned().unwrap_or_else(|| Arc::from("")), 1)),
+            }
+            if let Some(overhead) = overhead {
+                counts
+                    .times
+                    .entry(route)
+                    .or_default()
+                    .overhead
+                    .observe(overhead);
             }
         });
     }
@@ -397,6 +417,7 @@ impl Counts {
             let into = self.times.entry(route).or_default();
             into.duration.add(&times.duration);
             into.ttfb.add(&times.ttfb);
+            into.overhead.add(&times.overhead);
         }
     }
 }
@@ -408,49 +429,65 @@ type ByUpstream = Vec<(Arc<str>, u64)>;
 struct RouteTimes {
     duration: Histogram,
     ttfb: Histogram,
+    /// The proxy's own time to the head (10 µs doubling to ~84 s).
+    overhead: Histogram<10>,
 }
 
-/// Latency buckets: 100 µs doubling to ~14 min (a long generation streams
-/// for minutes), then `+Inf`.
+/// Latency buckets: by default 100 µs doubling to ~14 min (a long
+/// generation streams for minutes), then `+Inf`.
 const BUCKETS: usize = 24;
-/// The first bucket's upper bound.
-const FIRST_BOUND: Duration = Duration::from_micros(100);
 
 /// A latency histogram with the buckets of prometheus-client's
-/// `exponential_buckets(0.0001, 2.0, 24)`, counted per bucket (a scrape
-/// makes them cumulative).
-#[derive(Debug, Default)]
-struct Histogram {
+/// `exponential_buckets(FIRST_MICROS / 1e6, 2.0, 24)`, counted per bucket
+/// (a scrape makes them cumulative).
+#[derive(Debug)]
+struct Histogram<const FIRST_MICROS: u64 = 100> {
     buckets: [u64; BUCKETS + 1],
     sum: f64,
 }
 
-impl Histogram {
+impl<const FIRST_MICROS: u64> Default for Histogram<FIRST_MICROS> {
+    fn default() -> Self {
+        Histogram {
+            buckets: [0; BUCKETS + 1],
+            sum: 0.0,
+        }
+    }
+}
+
+impl<const FIRST_MICROS: u64> Histogram<FIRST_MICROS> {
+    /// The first bucket's upper bound.
+    const FIRST_BOUND: Duration = Duration::from_micros(FIRST_MICROS);
+
     fn observe(&mut self, elapsed: Duration) {
-        self.buckets[bucket(elapsed)] += 1;
+        self.buckets[bucket(elapsed, Self::FIRST_BOUND)] += 1;
         self.sum += elapsed.as_secs_f64();
     }
 
-    fn add(&mut self, other: &Histogram) {
+    fn add(&mut self, other: &Self) {
         for (into, n) in self.buckets.iter_mut().zip(&other.buckets) {
             *into += n;
         }
         self.sum += other.sum;
     }
 
+    fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
     fn encode(&self, mut metric: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let bounds = exponential_buckets(FIRST_BOUND.as_secs_f64(), 2.0, BUCKETS as u16)
+        let bounds = exponential_buckets(Self::FIRST_BOUND.as_secs_f64(), 2.0, BUCKETS as u16)
             .chain(std::iter::once(f64::MAX));
         let buckets: Vec<(f64, u64)> = bounds.zip(self.buckets.iter().copied()).collect();
-        let count = self.buckets.iter().sum();
+        let count = self.count();
         metric.encode_histogram::<NoLabelSet>(self.sum, count, &buckets, None)
     }
 }
 
-/// The bucket of `elapsed`: the first whose bound (`FIRST_BOUND` × 2^i) it
+/// The bucket of `elapsed`: the first whose bound (`first_bound` × 2^i) it
 /// does not pass, else `+Inf`.
-fn bucket(elapsed: Duration) -> usize {
-    let first = FIRST_BOUND.as_nanos();
+fn bucket(elapsed: Duration, first_bound: Duration) -> usize {
+    let first = first_bound.as_nanos();
     let nanos = elapsed.as_nanos();
     if nanos <= first {
         return 0;
@@ -505,6 +542,20 @@ impl Collector for Answered {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for (route, times) in &routes {
                 which(times).encode(family.encode_family(&RouteLabels { route })?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "overhead_seconds",
+            "The proxy's own time from request to response head: all but the waits for the \
+             client's body and the upstreams' heads",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (route, times) in &routes {
+            if times.overhead.count() > 0 {
+                times
+                    .overhead
+                    .encode(family.encode_family(&RouteLabels { route })?)?;
             }
         }
         Ok(())

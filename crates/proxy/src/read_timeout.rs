@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use llm_proxy_core::{BoxError, Error};
+use llm_proxy_core::{BoxError, Error, Waited};
 use tokio::time::{Instant, Sleep};
 
 pin_project_lite::pin_project! {
@@ -43,6 +43,10 @@ pin_project_lite::pin_project! {
         sleep: Option<Pin<Box<Sleep>>>,
         // A frame came since the timer was last set.
         progressed: bool,
+        // Where the time waited for the client's bytes is counted, and
+        // since when the body is waited for now.
+        waited: Option<Waited>,
+        waiting_since: Option<Instant>,
     }
 }
 
@@ -55,7 +59,16 @@ impl<B> ReadTimeout<B> {
             deadline: None,
             sleep: None,
             progressed: false,
+            waited: None,
+            waiting_since: None,
         }
+    }
+
+    /// Count the time waited for the body's bytes in `waited` (a body
+    /// streamed on to the upstream is not: that wait is the upstream's).
+    pub(crate) fn counting_in(mut self, waited: Option<Waited>) -> Self {
+        self.waited = waited;
+        self
     }
 
     /// The whole body must come within `whole` of the first wait for it.
@@ -80,7 +93,13 @@ where
         let this = self.project();
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             *this.progressed = true;
+            if let (Some(waited), Some(since)) = (&*this.waited, this.waiting_since.take()) {
+                waited.add(since.elapsed());
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.waited.is_some() && this.waiting_since.is_none() {
+            *this.waiting_since = Some(Instant::now());
         }
         let timeout = *this.timeout;
         let sleep = match this.sleep {
@@ -100,6 +119,9 @@ where
             }
         };
         ready!(sleep.as_mut().poll(cx));
+        if let (Some(waited), Some(since)) = (&*this.waited, this.waiting_since.take()) {
+            waited.add(since.elapsed());
+        }
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let error = match (*this.whole, *this.deadline) {
             (Some(whole), Some(deadline)) if sleep.deadline() >= deadline => {
@@ -206,6 +228,36 @@ mod tests {
     }
 
     /// The receiver as a stream, without a dependency for one adapter.
+    #[tokio::test(start_paused = true)]
+    async fn the_time_waited_for_the_bytes_is_counted() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let body = StreamBody::new(tokio_stream_shim(rx));
+        let waited = Waited::new();
+        let mut body = std::pin::pin!(
+            ReadTimeout::new(body, Duration::from_secs(10)).counting_in(Some(waited.clone()))
+        );
+        // There at once: no wait.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(waited.total(), Duration::ZERO);
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            tx.send(Ok(Frame::data(Bytes::from_static(b"b"))))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        body.frame().await.unwrap().unwrap();
+        // Work between reads is not waiting: 5 s for "b", then 1 s of the
+        // 2 s to the end.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(body.frame().await.is_none());
+        assert_eq!(waited.total(), Duration::from_secs(6));
+        feeder.await.unwrap();
+    }
+
     fn tokio_stream_shim<T>(
         mut rx: tokio::sync::mpsc::Receiver<T>,
     ) -> impl futures_util::Stream<Item = T> {

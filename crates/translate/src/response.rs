@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use llm_proxy_core::{Body, BodyBudget, Dialect, Error, UpstreamName};
+use llm_proxy_core::{Body, BodyBudget, Dialect, Error, UpstreamName, Waited};
 use serde_json::{Value, json};
 
 use crate::body::TranslateBody;
@@ -86,6 +86,9 @@ pub(crate) struct Translating {
     pub(crate) streamed: bool,
     /// What the events of a streamed answer hold counts against.
     pub(crate) budget: Option<BodyBudget>,
+    /// Where the time reading a whole answer is counted (the upstream's,
+    /// not the proxy's overhead).
+    pub(crate) waited: Option<Waited>,
 }
 
 /// Translate the upstream's response for the client.
@@ -97,6 +100,7 @@ pub(crate) async fn translate(
         translation,
         streamed,
         budget,
+        waited,
     } = translating;
     let (mut parts, body) = resp.into_parts();
     let upstream: Arc<str> = parts
@@ -105,7 +109,7 @@ pub(crate) async fn translate(
         .map_or_else(|| Arc::from("upstream"), |u| u.0.clone());
     let is_sse = llm_proxy_core::media::is_event_stream(&parts.headers);
     if !parts.status.is_success() {
-        let error = read_error(body).await;
+        let error = Waited::timing(waited.as_ref(), read_error(body)).await;
         let converted = convert_error(
             parts.status,
             &error,
@@ -129,7 +133,9 @@ pub(crate) async fn translate(
         let body = TranslateBody::new(body, translation.into_stream()).counted_in(budget.as_ref());
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     }
-    let bytes = collect(body, MAX_ANSWER_BYTES).await.map_err(bad)?;
+    let bytes = Waited::timing(waited.as_ref(), collect(body, MAX_ANSWER_BYTES))
+        .await
+        .map_err(bad)?;
     let answer: Value = llm_proxy_core::json_from_slice(&bytes)
         .map_err(|e| bad(format!("the upstream's answer is not JSON: {e}")))?;
     // Also for a client that streams: an answer that is not the upstream's
@@ -472,6 +478,7 @@ mod whole_answer_to_a_stream_tests {
                     translation: translation(api),
                     streamed,
                     budget: None,
+                    waited: None,
                 };
                 let result = translate(resp, translating).await;
                 assert!(
@@ -501,6 +508,7 @@ mod whole_answer_to_a_stream_tests {
                 translation,
                 streamed: false,
                 budget: None,
+                waited: None,
             };
             let result = translate(resp, translating).await;
             match result {

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, Uri, header};
 use llm_proxy_core::refusal::{copy_request, refuses_stream_options};
-use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, call_boxed};
+use llm_proxy_core::{Body, Endpoint, Error, RequestMeta, Waited, call_boxed};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -163,12 +163,14 @@ where
                     // `RequestMeta`) and a clone of the service, readied
                     // only then.
                     let again = asked_usage.then(|| (copy_request(&req), self.inner.clone()));
+                    let waited = req.extensions().get::<Waited>().cloned();
                     let future = translated(
                         self.inner.call(req),
                         Translating {
                             translation,
                             streamed,
                             budget,
+                            waited,
                         },
                         again,
                     );

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use llm_proxy_core::{
-    Body, BodyBudget, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName,
+    Body, BodyBudget, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName, Waited,
 };
 use tower_service::Service;
 
@@ -304,6 +304,8 @@ struct Outgoing {
     /// For a body still coming from the client: the time it waits for the
     /// client's bytes.
     uploaded: Option<Arc<UploadClock>>,
+    /// Where the wait for the answer's head is counted, if anywhere.
+    waited: Option<Waited>,
     /// What a watched answer's held events count against.
     budget: Option<BodyBudget>,
 }
@@ -368,10 +370,12 @@ impl<P: PoolSend> Future for Exchange<P> {
 
 /// `send`'s output, unless the first-byte timeout passes first: counted
 /// from now, less, for a body streamed from the client, the time it waited
-/// for the client's bytes (`uploaded`).
+/// for the client's bytes (`uploaded`). The wait, however it ends, is
+/// added to `waited`.
 fn head_within<F: Future>(
     first_byte: Duration,
     uploaded: Option<Arc<UploadClock>>,
+    waited: Option<Waited>,
     send: F,
 ) -> HeadWithin<F> {
     HeadWithin {
@@ -380,6 +384,7 @@ fn head_within<F: Future>(
         start: tokio::time::Instant::now(),
         first_byte,
         uploaded,
+        waited,
     }
 }
 
@@ -397,6 +402,7 @@ pin_project_lite::pin_project! {
         start: tokio::time::Instant,
         first_byte: Duration,
         uploaded: Option<Arc<UploadClock>>,
+        waited: Option<Waited>,
     }
 }
 
@@ -406,6 +412,9 @@ impl<F: Future> Future for HeadWithin<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let Poll::Ready(sent) = this.send.poll(cx) {
+            if let Some(waited) = this.waited.take() {
+                waited.add(this.start.elapsed());
+            }
             return Poll::Ready(Some(sent));
         }
         if this.timer.is_none() {
@@ -424,6 +433,9 @@ impl<F: Future> Future for HeadWithin<F> {
                 .as_ref()
                 .map_or(*this.first_byte, |clock| clock.upstreams_time());
             let Some(left) = this.first_byte.checked_sub(spent).filter(|l| !l.is_zero()) else {
+                if let Some(waited) = this.waited.take() {
+                    waited.add(this.start.elapsed());
+                }
                 return Poll::Ready(None);
             };
             timer.as_mut().reset(tokio::time::Instant::now() + left);
@@ -440,6 +452,7 @@ impl Upstream {
             req: out,
             endpoint,
             uploaded,
+            waited,
             budget,
         } = match self.prepare(req) {
             Ok(outgoing) => outgoing,
@@ -462,7 +475,7 @@ impl Upstream {
                     .and_then(|i| pools.get(i))
                     .unwrap_or(&pools[pools.len() - 1]);
                 Sending::Pool {
-                    head: head_within(first_byte, uploaded, pool.clone().send(out)),
+                    head: head_within(first_byte, uploaded, waited, pool.clone().send(out)),
                 }
             }
             Transport::Client(clients) => {
@@ -470,7 +483,7 @@ impl Upstream {
                     .and_then(|i| clients.get(i))
                     .unwrap_or(&clients[clients.len() - 1]);
                 Sending::Client {
-                    head: head_within(first_byte, uploaded, client.request(out)),
+                    head: head_within(first_byte, uploaded, waited, client.request(out)),
                 }
             }
         };
@@ -493,6 +506,7 @@ impl Upstream {
             .unwrap_or(Endpoint::Passthrough);
         let buffered = meta.and_then(RequestMeta::body_for_upstream);
         let budget = meta.and_then(RequestMeta::budget).cloned();
+        let waited = parts.extensions.get::<Waited>().cloned();
         let buffered_body = buffered.is_some();
         let client_length = parts.headers.remove(header::CONTENT_LENGTH);
         headers::strip_request(&mut parts.headers);
@@ -550,6 +564,7 @@ impl Upstream {
             req: out,
             endpoint,
             uploaded,
+            waited,
             budget,
         })
     }
