@@ -135,6 +135,11 @@ pub enum Error {
     /// No attempt could be made at all.
     #[error("no upstream available: {0}")]
     NoUpstreamAvailable(String),
+    /// The store of response and conversation ids (Redis) could not be
+    /// asked where an id the request names lives: a 503 to retry, not the
+    /// 404 a client would take as final.
+    #[error("{0}")]
+    IdStoreUnavailable(String),
     /// The stack is put together wrongly: a layer lacks what a layer in
     /// front of it should have done (e.g. the auth layer without the parse
     /// layer before it). A 500: no request can fix it.
@@ -214,7 +219,9 @@ impl Error {
             }
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             BadGateway { .. } => StatusCode::BAD_GATEWAY,
-            NoUpstreamAvailable(_) | BodyBufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            NoUpstreamAvailable(_) | BodyBufferFull { .. } | IdStoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             UpstreamTimeout { .. } | NotCached => StatusCode::GATEWAY_TIMEOUT,
             Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -245,7 +252,9 @@ impl Error {
             | RouteNotFound(_) => "not_found_error",
             RateLimited { .. } => "rate_limit_error",
             BadGateway { .. } => "upstream_error",
-            NoUpstreamAvailable(_) | BodyBufferFull { .. } => "service_unavailable",
+            NoUpstreamAvailable(_) | BodyBufferFull { .. } | IdStoreUnavailable(_) => {
+                "service_unavailable"
+            }
             UpstreamTimeout { .. } | NotCached => "timeout_error",
             Misconfigured(_) => "server_error",
         }
@@ -275,6 +284,7 @@ impl Error {
             BadGateway { .. } => "bad_gateway",
             NoUpstreamAvailable(_) => "no_upstream_available",
             BodyBufferFull { .. } => "server_overloaded",
+            IdStoreUnavailable(_) => "id_store_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",
             NotCached => "not_cached",
             Misconfigured(_) => "misconfigured",
@@ -376,7 +386,7 @@ impl Error {
             Error::MethodNotAllowed { allow, .. } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            Error::BodyBufferFull { .. } => {
+            Error::BodyBufferFull { .. } | Error::IdStoreUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::BadGateway { upstream, .. } | Error::UpstreamTimeout { upstream, .. } => {

@@ -493,7 +493,8 @@ async fn check_redis(settings: &Settings) -> Result<(), BuildError> {
             Err(error) => tracing::warn!(
                 section,
                 url = %shown,
-                %error,
+                // One line, whatever Redis (or what answers for it) sent.
+                error = %error.to_string().replace(['\n', '\r'], " "),
                 "redis does not answer at start-up; its features fall back until it does"
             ),
         }

@@ -1,14 +1,17 @@
 //! Response and conversation ids in Redis: `<prefix><namespace>:<id>` ->
 //! upstream name (namespace `resp` or `conv`), with a TTL.
 //! Every call goes through a [`RedisLink`] (bounded, self-healing, a
-//! breaker while Redis keeps failing); a failure is a miss (logged, counted), never an
-//! error for the client beyond the 404 an unknown id gets anyway.
+//! breaker while Redis keeps failing); a failure is logged (at most a line
+//! per 10 s) and counted, and the caller decides what it means (a lookup
+//! Redis could not answer is a 503, a claim it could not take is tried
+//! again later).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llm_proxy_core::redis::{RedisCallError, RedisLink};
+use llm_proxy_core::throttle::LogThrottle;
 use redis::AsyncCommands;
 
 /// Set `KEYS[1]` to `ARGV[1]` for `ARGV[2]` seconds unless it holds
@@ -28,7 +31,14 @@ struct Inner {
     link: RedisLink,
     prefix: String,
     errors: AtomicU64,
+    warnings: LogThrottle,
+    /// The clock of `warnings`.
+    epoch: Instant,
 }
+
+/// Redis could not be asked (down, slow, or skipped by the breaker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unreachable;
 
 impl std::fmt::Debug for RedisIds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -46,6 +56,8 @@ impl RedisIds {
                 link: RedisLink::new(url)?.used_by("response ids"),
                 prefix: prefix.to_owned(),
                 errors: AtomicU64::new(0),
+                warnings: LogThrottle::default(),
+                epoch: Instant::now(),
             }),
         })
     }
@@ -59,16 +71,30 @@ impl RedisIds {
         format!("{}{namespace}:{id}", self.inner.prefix)
     }
 
-    fn failed<T>(&self, e: &RedisCallError) -> Option<T> {
+    /// A failed call: counted, and logged at most once per 10 s (with the
+    /// number left out since), as the other stores' failures are.
+    fn failed(&self, e: &RedisCallError) -> Unreachable {
+        const WARN_EVERY_MS: u64 = 10_000;
         let n = self.inner.errors.fetch_add(1, Ordering::Relaxed);
-        if n % 100 == 0 {
-            tracing::warn!(error = %e, failures = n + 1, "response-id store (redis) failed");
+        let now = u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(suppressed) = self.inner.warnings.due(now, WARN_EVERY_MS) {
+            tracing::warn!(
+                error = %e,
+                failures = n + 1,
+                suppressed,
+                "response-id store (redis) failed"
+            );
         }
-        None
+        Unreachable
     }
 
-    /// The upstream that holds `id` of `namespace`, if Redis knows it.
-    pub async fn get(&self, namespace: &str, id: &str) -> Option<String> {
+    /// The upstream (and owner) that holds `id` of `namespace`, if Redis
+    /// knows it.
+    pub(crate) async fn get(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> Result<Option<String>, Unreachable> {
         let key = self.key(namespace, id);
         let key = &key;
         let get = |mut c: redis::aio::ConnectionManager| async move {
@@ -76,8 +102,8 @@ impl RedisIds {
         };
         match self.inner.link.call("get", get).await {
             // (Not UTF-8: not an upstream name the proxy wrote.)
-            Ok(found) => found.and_then(|name| String::from_utf8(name).ok()),
-            Err(e) => self.failed(&e),
+            Ok(found) => Ok(found.and_then(|name| String::from_utf8(name).ok())),
+            Err(e) => Err(self.failed(&e)),
         }
     }
 
@@ -106,7 +132,10 @@ impl RedisIds {
         };
         match self.inner.link.call("claim", claim).await {
             Ok(claimed) => Some(claimed == 1),
-            Err(e) => self.failed(&e),
+            Err(e) => {
+                self.failed(&e);
+                None
+            }
         }
     }
 }

@@ -35,6 +35,7 @@
 //! (conversations are long-lived and made outside the proxy too). With auth
 //! it is a 404 `conversation_not_found`, as another key's is.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -53,7 +54,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::fair_lru::{FairLru, Owned};
-use crate::redis_ids::RedisIds;
+use crate::metrics::lock;
+use crate::redis_ids::{RedisIds, Unreachable};
 
 /// How long an id is remembered.
 const TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -173,6 +175,8 @@ pub(crate) enum Found {
     NotYours,
     /// Never seen (or expired, or recorded by a proxy on another Redis).
     Unknown,
+    /// Not in memory, and Redis, which may hold it, could not be asked.
+    Unreachable,
 }
 
 /// Where response and conversation ids are remembered.
@@ -180,7 +184,18 @@ pub struct ResponseIds {
     responses: Mutex<IdMap>,
     conversations: Mutex<IdMap>,
     redis: Option<RedisIds>,
+    /// Ids recorded while Redis could not be asked, oldest first: claimed
+    /// there once it answers again, so that every proxy on it finds them.
+    unconfirmed: Mutex<VecDeque<(Kind, Box<str>)>>,
 }
+
+/// The most ids waiting to be claimed on Redis again; past it the oldest
+/// are given up (they stay known to this proxy alone).
+const MAX_UNCONFIRMED: usize = 100_000;
+/// How often ids recorded while Redis was away are claimed again.
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+/// The most claimed again at each turn (a turn stops at the first failure).
+const RECLAIM_BATCH: usize = 1_000;
 
 impl std::fmt::Debug for ResponseIds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -193,12 +208,90 @@ impl std::fmt::Debug for ResponseIds {
 impl ResponseIds {
     /// A map in memory holding up to `capacity` ids of each kind, and in
     /// Redis when `redis` is given.
+    ///
+    /// With Redis, and called on a runtime, a task on it claims on Redis
+    /// the ids recorded while Redis could not be asked, once a second,
+    /// until the map is dropped.
     pub fn new(redis: Option<RedisIds>, capacity: usize) -> Arc<Self> {
-        Arc::new(ResponseIds {
+        let with_redis = redis.is_some();
+        let ids = Arc::new(ResponseIds {
             responses: Mutex::new(FairLru::new(capacity)),
             conversations: Mutex::new(FairLru::new(capacity)),
             redis,
-        })
+            unconfirmed: Mutex::default(),
+        });
+        if let (true, Ok(runtime)) = (with_redis, tokio::runtime::Handle::try_current()) {
+            let weak = Arc::downgrade(&ids);
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(RECLAIM_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let Some(ids) = weak.upgrade() else {
+                        return;
+                    };
+                    ids.reclaim().await;
+                }
+            });
+        }
+        ids
+    }
+
+    /// Claim on Redis ids recorded while it could not be asked, oldest
+    /// first, until one fails (Redis is still away: the rest wait for the
+    /// next turn) or [`RECLAIM_BATCH`] are done. An id Redis gives another
+    /// home leaves memory (Redis wins, as a lookup would find).
+    async fn reclaim(&self) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        for _ in 0..RECLAIM_BATCH {
+            let Some((kind, id)) = lock(&self.unconfirmed).pop_front() else {
+                return;
+            };
+            let still = {
+                let mut memory = self.memory(kind);
+                match memory.peek_mut(&id) {
+                    Some(held) if matches!(held.claim, Claim::Unconfirmed) => TTL
+                        .checked_sub(held.at.elapsed())
+                        .map(|left| (held.home.clone(), left)),
+                    _ => None,
+                }
+            };
+            let Some((home, left)) = still else {
+                continue;
+            };
+            let answer = redis
+                .claim(kind.namespace(), &id, &home.encode(), left)
+                .await;
+            let mut memory = self.memory(kind);
+            let ours = memory
+                .peek_mut(&id)
+                .filter(|held| held.home == home && matches!(held.claim, Claim::Unconfirmed));
+            match (answer, ours) {
+                (Some(true), Some(held)) => held.claim = Claim::Held,
+                (Some(false), Some(_)) => {
+                    memory.pop(&id);
+                    drop(memory);
+                    collision(kind, &home);
+                }
+                (None, Some(_)) => {
+                    drop(memory);
+                    lock(&self.unconfirmed).push_front((kind, id));
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Queue `id` to be claimed on Redis again.
+    fn unconfirmed(&self, kind: Kind, id: &str) {
+        let mut queue = lock(&self.unconfirmed);
+        if queue.len() >= MAX_UNCONFIRMED {
+            queue.pop_front();
+        }
+        queue.push_back((kind, id.into()));
     }
 
     fn memory(&self, kind: Kind) -> std::sync::MutexGuard<'_, IdMap> {
@@ -256,15 +349,25 @@ impl ResponseIds {
                         _ => renewal,
                     }
             });
-            match (answer, ours) {
-                (Some(true), Some(held)) => held.claim = Claim::Held,
-                (None, Some(held)) => held.claim = Claim::Unconfirmed,
+            let unconfirmed = match (answer, ours) {
+                (Some(true), Some(held)) => {
+                    held.claim = Claim::Held;
+                    false
+                }
+                (None, Some(held)) => {
+                    held.claim = Claim::Unconfirmed;
+                    true
+                }
                 (Some(false), Some(_)) => {
                     memory.pop(id.as_str());
+                    false
                 }
-                _ => {}
-            }
+                _ => false,
+            };
             drop(memory);
+            if unconfirmed {
+                this.unconfirmed(kind, &id);
+            }
             if answer == Some(false) {
                 collision(kind, &home);
             }
@@ -343,8 +446,8 @@ impl ResponseIds {
             // answers now, wins.
             Some((home, Some(None))) => match &self.redis {
                 Some(redis) => match redis.get(kind.namespace(), id).await {
-                    Some(value) => Some(Home::decode(&value)),
-                    None => Some(home),
+                    Ok(Some(value)) => Some(Home::decode(&value)),
+                    Ok(None) | Err(Unreachable) => Some(home),
                 },
                 None => Some(home),
             },
@@ -353,8 +456,11 @@ impl ResponseIds {
         let home = match (local, &self.redis) {
             (Some(home), _) => home,
             (None, Some(redis)) => match redis.get(kind.namespace(), id).await {
-                Some(value) => Home::decode(&value),
-                None => return Found::Unknown,
+                Ok(Some(value)) => Home::decode(&value),
+                Ok(None) => return Found::Unknown,
+                // Redis may well hold it: not a 404, which a client takes
+                // as final.
+                Err(Unreachable) => return Found::Unreachable,
             },
             (None, None) => return Found::Unknown,
         };
@@ -464,12 +570,14 @@ where
             let named = Named::of(&req, endpoint)?;
             let mut pinned = false;
             if let Some((id, param)) = named.response {
-                let Found::Yours(upstream) =
-                    ids.lookup(Kind::Response, &id, owner.as_deref()).await
-                else {
-                    return Err(Error::ResponseNotFound(format!(
-                        "{param} `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
-                    )));
+                let upstream = match ids.lookup(Kind::Response, &id, owner.as_deref()).await {
+                    Found::Yours(upstream) => upstream,
+                    Found::Unreachable => {
+                        return Err(id_store_unavailable(&format!("{param} `{id}`")));
+                    }
+                    Found::NotYours | Found::Unknown => {
+                        return Err(response_not_found(&format!("{param} `{id}`")));
+                    }
                 };
                 req.extensions_mut().insert(PinnedUpstream(upstream));
                 pinned = true;
@@ -495,6 +603,9 @@ where
                     Found::NotYours => return Err(conversation_not_found(&id)),
                     Found::Unknown if owner.is_some() => return Err(conversation_not_found(&id)),
                     Found::Unknown => {}
+                    Found::Unreachable => {
+                        return Err(id_store_unavailable(&format!("conversation `{id}`")));
+                    }
                 }
             }
             let creates = match endpoint {
@@ -540,6 +651,22 @@ where
 pub(crate) fn conversation_not_found(id: &str) -> Error {
     Error::ConversationNotFound(format!(
         "conversation `{id}` is not known to this proxy for this API key (made by another key, made elsewhere, or unused for 7 days)"
+    ))
+}
+
+/// The 503 for an id (`what`: "previous_response_id `resp_1`") that only
+/// Redis could place, when Redis could not be asked.
+pub(crate) fn id_store_unavailable(what: &str) -> Error {
+    Error::IdStoreUnavailable(format!(
+        "{what} cannot be looked up now: the proxy's id store (Redis) is unreachable; retry"
+    ))
+}
+
+/// The 404 for a response id (`what`: "previous_response_id `resp_1`")
+/// the map does not give the asking key.
+pub(crate) fn response_not_found(what: &str) -> Error {
+    Error::ResponseNotFound(format!(
+        "{what} is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
     ))
 }
 

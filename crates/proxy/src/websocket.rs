@@ -89,7 +89,10 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::idle::Activity;
-use crate::responses::{Found, Kind, MAX_ID, ResponseIds, conversation_id, conversation_not_found};
+use crate::responses::{
+    Found, Kind, MAX_ID, ResponseIds, conversation_id, conversation_not_found,
+    id_store_unavailable, response_not_found,
+};
 
 /// A session to run once hyper has handed the client's connection over.
 pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -557,9 +560,8 @@ impl Session {
             Found::Yours(home) => Err(Error::ResponseNotFound(format!(
                 "{param} `{id}` lives on upstream `{home}`, not on this WebSocket's; continue it over HTTP"
             ))),
-            Found::NotYours | Found::Unknown => Err(Error::ResponseNotFound(format!(
-                "{param} `{id}` is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
-            ))),
+            Found::NotYours | Found::Unknown => Err(response_not_found(&format!("{param} `{id}`"))),
+            Found::Unreachable => Err(id_store_unavailable(&format!("{param} `{id}`"))),
         }
     }
 
@@ -589,6 +591,7 @@ impl Session {
             Found::NotYours => Err(conversation_not_found(id)),
             Found::Unknown if self.owner.is_some() => Err(conversation_not_found(id)),
             Found::Unknown => Ok(()),
+            Found::Unreachable => Err(id_store_unavailable(&format!("conversation `{id}`"))),
         }
     }
 
