@@ -715,6 +715,9 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The most `max_response_ids` can be: what the map's 32-bit slots count.
+const MAX_RESPONSE_IDS: usize = u32::MAX as usize - 1;
+
 /// The most `max_connections` can be: what one semaphore can count.
 const MAX_CONNECTIONS: usize = tokio::sync::Semaphore::MAX_PERMITS;
 /// The most `workers`: one thread (and runtime, and upstream pool) each.
@@ -824,12 +827,15 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             ),
         ));
     }
-    if cfg.max_response_ids == 0 {
+    if !(1..=MAX_RESPONSE_IDS).contains(&cfg.max_response_ids) {
         return Err(ConfigError::near(
             path,
             src,
             &[Seg::Key("max_response_ids")],
-            "`max_response_ids` must be at least 1".to_owned(),
+            format!(
+                "`max_response_ids` must be between 1 and {MAX_RESPONSE_IDS}, not {}",
+                cfg.max_response_ids
+            ),
         ));
     }
     let max_buffered_body_bytes = match cfg.max_buffered_body_bytes {
@@ -1718,7 +1724,15 @@ mod tests {
     #[test]
     fn limits_that_cannot_work_are_refused() {
         let e = load(&format!("max_response_ids = 0\n{MIN}")).unwrap_err();
-        assert!(e.contains("`max_response_ids` must be at least 1"), "{e}");
+        assert!(
+            e.contains("`max_response_ids` must be between 1 and 4294967294, not 0"),
+            "{e}"
+        );
+        let e = load(&format!("max_response_ids = 4294967295\n{MIN}")).unwrap_err();
+        assert!(
+            e.contains("`max_response_ids` must be between 1 and"),
+            "{e}"
+        );
         let e = load(&format!("max_connections = 4611686018427387904\n{MIN}")).unwrap_err();
         assert!(e.contains("`max_connections` must be between 1 and"), "{e}");
         let e = load(&format!(
