@@ -142,6 +142,69 @@ async fn an_azure_style_api_key_does_not_go_upstream() {
     assert_eq!(seen["authorization"], "Bearer sk-upstream");
 }
 
+/// The request id the proxy sends is its own header, whatever the client's
+/// `connection` names; WebSocket handshake headers on a request that is no
+/// upgrade stay behind.
+#[tokio::test]
+async fn the_request_id_goes_upstream_and_stray_handshake_headers_do_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    let body = chat("m", false);
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         connection: x-request-id, x-other, upgrade, close\r\nx-request-id: client-id-1\r\n\
+         x-other: 1\r\nupgrade: websocket\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         sec-websocket-version: 13\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(HANG, conn.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = up.stats.last_request_headers().expect("upstream saw it");
+    assert_eq!(seen["x-request-id"], "client-id-1", "{seen:?}");
+    for gone in [
+        "x-other",
+        "upgrade",
+        "sec-websocket-key",
+        "sec-websocket-version",
+    ] {
+        assert!(seen.get(gone).is_none(), "{gone}: {seen:?}");
+    }
+}
+
+/// Two content types: the proxy cannot tell which the upstream would read.
+#[tokio::test]
+async fn a_model_body_with_two_content_types_or_another_charset_is_415() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    for types in [
+        &["application/json", "text/plain"][..],
+        &["application/json; charset=utf-16"],
+    ] {
+        let mut req = request(
+            Method::POST,
+            &proxy.url("/v1/chat/completions"),
+            &[],
+            chat("m", false),
+        );
+        for t in types {
+            req.headers_mut()
+                .append(http::header::CONTENT_TYPE, t.parse().unwrap());
+        }
+        send(req)
+            .await
+            .assert_error(415, "invalid_request_error", "unsupported_media_type");
+    }
+    assert_eq!(up.stats.requests(), 0);
+}
+
 #[tokio::test]
 async fn first_streamed_chunk_arrives_before_the_upstream_finishes() {
     let up = paced_mock("slow", 20.0).await;

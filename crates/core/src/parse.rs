@@ -382,19 +382,44 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// `Ok(())` for a JSON content type or none; `Err(type)` for anything else.
 fn json_content_type(headers: &HeaderMap) -> Result<Result<(), String>, Error> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let Some(value) = values.next() else {
         return Ok(Ok(()));
     };
+    // Two types: which one the upstream reads is its choice, not the
+    // proxy's: not one JSON type.
+    if values.next().is_some() {
+        let sent: Vec<_> = headers
+            .get_all(header::CONTENT_TYPE)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .collect();
+        return Ok(Err(sent.join(", ")));
+    }
     let bytes = value.as_bytes();
-    let essence = bytes
-        .split(|b| *b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
+    let mut parts = bytes.split(|b| *b == b';');
+    let essence = parts.next().unwrap_or_default().trim_ascii();
     let suffix = essence.len().checked_sub(5).map(|at| &essence[at..]);
     let is_json = essence.eq_ignore_ascii_case(b"application/json")
         || (suffix.is_some_and(|s| s.eq_ignore_ascii_case(b"+json")) && essence.contains(&b'/'));
-    Ok(if is_json {
+    // JSON is UTF-8 (RFC 8259 §8.1): a body said to be in another charset
+    // is one the proxy would read as other than its sender meant, and the
+    // upstream as the label says.
+    let utf8 = parts.all(|param| {
+        let param = param.trim_ascii();
+        match param.get(..8) {
+            Some(name) if name.eq_ignore_ascii_case(b"charset=") => {
+                let charset = param[8..].trim_ascii();
+                let charset = charset
+                    .strip_prefix(b"\"")
+                    .and_then(|c| c.strip_suffix(b"\""))
+                    .unwrap_or(charset);
+                charset.eq_ignore_ascii_case(b"utf-8") || charset.eq_ignore_ascii_case(b"utf8")
+            }
+            _ => true,
+        }
+    });
+    Ok(if is_json && utf8 {
         Ok(())
     } else {
         Err(String::from_utf8_lossy(bytes).into_owned())
@@ -1256,6 +1281,27 @@ mod tests {
             .await,
             "ok"
         );
+        for (ct, expected) in [
+            ("application/json; charset=UTF-8", "ok"),
+            ("application/json;charset=\"utf-8\"", "ok"),
+            ("application/json; charset=utf8; x=y", "ok"),
+            ("application/json; charset=utf-16", "unsupported_media_type"),
+            (
+                "application/json; charset=\"iso-8859-1\"",
+                "unsupported_media_type",
+            ),
+        ] {
+            assert_eq!(
+                code(req(p, Some(ct), r#"{"model":"m"}"#), 100).await,
+                expected,
+                "{ct}"
+            );
+        }
+        // Two content types, whichever they are.
+        let mut two = req(p, Some("application/json"), r#"{"model":"m"}"#);
+        two.headers_mut()
+            .append(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert_eq!(code(two, 100).await, "unsupported_media_type");
         assert_eq!(
             code(req(p, None, r#"{"model":"mmmmmmmmmmmmm"}"#), 10).await,
             "request_too_large"

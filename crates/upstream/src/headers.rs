@@ -62,9 +62,19 @@ fn stripped_from_response(name: &HeaderName) -> bool {
 /// that never asked for gzip would even get gzip bytes without a
 /// `content-encoding`. The upstream hop is a LAN or loopback hop to a model
 /// server, where compressing a token stream saves little.
-pub(crate) fn strip_request(headers: &mut HeaderMap) {
-    strip_connection_named(headers);
-    remove_where(headers, stripped_from_request);
+///
+/// `upgrade`: the request asks the upstream to switch protocols, and keeps
+/// its `sec-websocket-*` headers; any other request loses them (they mean
+/// nothing without the upgrade a proxy does not pass on).
+pub(crate) fn strip_request(headers: &mut HeaderMap, upgrade: bool) {
+    strip_connection_named(headers, Some(&REQUEST_ID));
+    if upgrade {
+        remove_where(headers, stripped_from_request);
+    } else {
+        remove_where(headers, |name| {
+            stripped_from_request(name) || name.as_str().starts_with("sec-websocket-")
+        });
+    }
     headers.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
@@ -85,7 +95,7 @@ pub(crate) fn strip_response(headers: &mut HeaderMap) {
     } else {
         single_content_length(headers);
     }
-    strip_connection_named(headers);
+    strip_connection_named(headers, None);
     remove_where(headers, stripped_from_response);
 }
 
@@ -173,7 +183,12 @@ fn single_content_length(headers: &mut HeaderMap) {
     }
 }
 
-fn strip_connection_named(headers: &mut HeaderMap) {
+/// The request id the proxy sends: its own header, whatever the client's
+/// `connection` named.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Remove the headers a `connection` value names, but `keep`.
+fn strip_connection_named(headers: &mut HeaderMap, keep: Option<&HeaderName>) {
     if !headers.contains_key(header::CONNECTION) {
         return;
     }
@@ -183,6 +198,7 @@ fn strip_connection_named(headers: &mut HeaderMap) {
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
+        .filter(|n| Some(n) != keep)
         .collect();
     for name in named {
         headers.remove(name);
@@ -199,9 +215,34 @@ mod tests {
             HeaderValue::from_bytes(b"x-private, caf\xe9").unwrap(),
         );
         h.insert("x-private", "internal".parse().unwrap());
-        super::strip_request(&mut h);
+        super::strip_request(&mut h, false);
         assert!(!h.contains_key("x-private"), "{h:?}");
         assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn the_request_id_stays_whatever_connection_names_and_websocket_headers_need_an_upgrade() {
+        let with = |upgrade| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::CONNECTION,
+                HeaderValue::from_static("x-request-id, x-other"),
+            );
+            h.insert("x-request-id", "req-1".parse().unwrap());
+            h.insert("x-other", "1".parse().unwrap());
+            h.insert("sec-websocket-key", "abc".parse().unwrap());
+            h.insert("sec-websocket-version", "13".parse().unwrap());
+            super::strip_request(&mut h, upgrade);
+            h
+        };
+        let plain = with(false);
+        assert_eq!(plain.get("x-request-id").unwrap(), "req-1");
+        assert!(!plain.contains_key("x-other"));
+        assert!(!plain.contains_key("sec-websocket-key"), "{plain:?}");
+        assert!(!plain.contains_key("sec-websocket-version"));
+        let upgrade = with(true);
+        assert_eq!(upgrade.get("x-request-id").unwrap(), "req-1");
+        assert_eq!(upgrade.get("sec-websocket-key").unwrap(), "abc");
     }
 
     #[test]
@@ -233,7 +274,7 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        strip_request(&mut h);
+        strip_request(&mut h, false);
         let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept-encoding", "content-type", "x-kept"]);
@@ -269,7 +310,7 @@ mod tests {
     fn cookies_stay_on_their_side() {
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, "session=abc".parse().unwrap());
-        strip_request(&mut h);
+        strip_request(&mut h, false);
         assert!(!h.contains_key(header::COOKIE));
         let mut h = HeaderMap::new();
         h.insert(header::SET_COOKIE, "__cf_bm=x; path=/".parse().unwrap());
@@ -344,7 +385,7 @@ mod tests {
         h.insert("x-request-id", "abc".parse().unwrap());
         h.insert("accept-encoding", "gzip, br".parse().unwrap());
         h.insert("expect", "100-continue".parse().unwrap());
-        strip_request(&mut h);
+        strip_request(&mut h, false);
         assert_eq!(h.len(), 2);
         assert!(h.contains_key("x-request-id"));
         assert_eq!(h["accept-encoding"], "identity");

@@ -509,7 +509,7 @@ impl Upstream {
         let waited = parts.extensions.get::<Waited>().cloned();
         let buffered_body = buffered.is_some();
         let client_length = parts.headers.remove(header::CONTENT_LENGTH);
-        headers::strip_request(&mut parts.headers);
+        headers::strip_request(&mut parts.headers, false);
         let body = match buffered {
             Some(bytes) => {
                 // The client's own value when it still holds (the body

@@ -60,7 +60,7 @@ impl Upstream {
         let Some(protocol) = parts.headers.get(header::UPGRADE).cloned() else {
             return Err(self.bad_gateway("the request asks for no upgrade".into()));
         };
-        headers::strip_request(&mut parts.headers);
+        headers::strip_request(&mut parts.headers, true);
         strip_credential_protocols(&mut parts.headers);
         self.present(&mut parts.headers);
         parts.headers.insert(header::UPGRADE, protocol);
