@@ -483,6 +483,31 @@ pub async fn run_python(script: &str, arg: String) {
     );
 }
 
+/// Everything the proxy sends until it closes the connection (EOF or
+/// reset); `None` if it is still open after [`HANG`].
+pub async fn read_until_closed(conn: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(HANG, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| answer)
+}
+
+/// [`read_until_closed`] as text, which must come.
+pub async fn answer_text(conn: &mut tokio::net::TcpStream) -> String {
+    let answer = read_until_closed(conn).await.expect("answered and closed");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Read a request's head off `conn`; `false` if the connection ends first.
 pub async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
     let mut buf = vec![0u8; 8192];

@@ -137,12 +137,7 @@ async fn a_body_with_broken_chunks_is_400_invalid_body() {
     )
     .await
     .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(HANG, conn.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_text(&mut conn).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains(r#""code":"invalid_body""#), "{answer}");
     assert!(
@@ -429,24 +424,6 @@ async fn a_client_that_never_finishes_its_head_is_cut_off() {
     })
     .await;
     assert!(closed.is_ok(), "a stalled request head must be cut off");
-}
-
-/// Everything the proxy sends until it closes the connection (EOF or
-/// reset); `None` if it is still open after `HANG`.
-async fn read_until_closed(conn: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
-    let mut answer = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    tokio::time::timeout(HANG, async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .ok()
-    .map(|()| answer)
 }
 
 async fn closed_by_proxy(conn: &mut tokio::net::TcpStream) -> bool {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// The wait each test puts in front of the proxy.
 const WAIT: Duration = Duration::from_secs(1);
@@ -71,12 +71,7 @@ async fn the_overhead_leaves_out_the_upstreams_and_the_clients_waits() {
     conn.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(WAIT).await;
     conn.write_all(rest.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(HANG, conn.read_to_end(&mut raw))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let raw = String::from_utf8_lossy(&raw);
+    let raw = answer_text(&mut conn).await;
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
     let mut headers = http::HeaderMap::new();
     for line in raw.split("\r\n\r\n").next().unwrap().lines().skip(1) {

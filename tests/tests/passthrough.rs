@@ -147,7 +147,7 @@ async fn an_azure_style_api_key_does_not_go_upstream() {
 /// upgrade stay behind.
 #[tokio::test]
 async fn the_request_id_goes_upstream_and_stray_handshake_headers_do_not() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let up = mock_named("m1").await;
     let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
     let body = chat("m", false);
@@ -160,12 +160,7 @@ async fn the_request_id_goes_upstream_and_stray_handshake_headers_do_not() {
         body.len()
     );
     conn.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(HANG, conn.read_to_end(&mut answer))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_text(&mut conn).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let seen = up.stats.last_request_headers().expect("upstream saw it");
     assert_eq!(seen["x-request-id"], "client-id-1", "{seen:?}");
