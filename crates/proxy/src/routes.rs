@@ -520,7 +520,11 @@ where
             resp.headers_mut().remove(UPSTREAM_HEADER);
         }
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
-        let overhead = waited.map(|waited| start.elapsed().saturating_sub(waited.total()));
+        // (Not for a WebSocket's switch: the upstream's handshake is not
+        // counted as a wait, and the session's turns come after.)
+        let overhead = waited
+            .filter(|_| status != StatusCode::SWITCHING_PROTOCOLS)
+            .map(|waited| start.elapsed().saturating_sub(waited.total()));
         if let Some(overhead) = overhead
             && shared.options.overhead_header
         {
