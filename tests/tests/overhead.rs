@@ -250,3 +250,54 @@ async fn a_retrys_wait_for_the_upstream_is_not_overhead() {
     );
     overhead_under_the_wait(&answer.headers);
 }
+
+#[tokio::test]
+async fn a_websocket_upstreams_handshake_is_not_overhead() {
+    use tokio::io::AsyncReadExt;
+    // The upstream takes a second to refuse the upgrade.
+    let up = raw_upstream(|mut conn| async move {
+        if !read_request_head(&mut conn).await {
+            return;
+        }
+        tokio::time::sleep(WAIT).await;
+        let text = r#"{"error":{"message":"busy","type":"server_error","param":null,"code":null}}"#;
+        let head = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            text.len()
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
+        let _ = conn.write_all(text.as_bytes()).await;
+    })
+    .await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{up}/v1\"\napis = [\"responses\"]\nwebsocket = true\n"
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(HANG, conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before a head: {raw:?}");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+    let value = raw
+        .lines()
+        .find_map(|l| l.strip_prefix("x-llm-proxy-overhead-ms: "))
+        .expect("the overhead header");
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-llm-proxy-overhead-ms", value.trim().parse().unwrap());
+    overhead_under_the_wait(&headers);
+}

@@ -42,9 +42,9 @@ async fn a_websocket_tunnel_carries_turns_to_the_upstream_with_its_own_key() {
     assert_eq!(head.status(), 101);
     assert_eq!(head.headers()["x-llm-proxy-upstream"], "up");
     assert!(head.headers().contains_key("x-request-id"));
-    // The switch tells no overhead: the upstream's handshake is no wait
-    // the figure leaves out.
-    assert!(!head.headers().contains_key("x-llm-proxy-overhead-ms"));
+    // The switch tells the proxy's overhead, the upstream's handshake left
+    // out.
+    assert!(head.headers().contains_key("x-llm-proxy-overhead-ms"));
     // The upstream saw its own key, not the client's; other headers as sent.
     let seen = up.stats.last_request_headers().unwrap();
     assert_eq!(seen["authorization"], "Bearer sk-upstream");

@@ -10,7 +10,8 @@ use llm_proxy_core::media::is_event_stream;
 use llm_proxy_core::refusal::{self, StreamOptionsRefused, refuses_stream_options};
 use llm_proxy_core::usage::Usage;
 use llm_proxy_core::{
-    Body, BoxFuture, CallerSlot, Dialect, Endpoint, Error, Identity, RequestMeta, call_boxed,
+    Body, BoxFuture, CallerSlot, Dialect, Endpoint, Error, Identity, RequestMeta, Waited,
+    call_boxed,
 };
 use serde_json::Value;
 use tower_layer::Layer;
@@ -334,7 +335,8 @@ where
             let again = unedited.map(|original| (original, inner.clone()));
             let sent = match (again, call_boxed(&mut inner, req).await) {
                 (Some((mut original, mut inner)), Ok(first)) => {
-                    match refuses_stream_options(first).await {
+                    match refuses_stream_options(first, original.extensions().get::<Waited>()).await
+                    {
                         (true, _refusal) => {
                             tracing::debug!(
                                 "the upstream refused stream_options; retrying without"

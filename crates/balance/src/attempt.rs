@@ -135,9 +135,12 @@ struct Template {
 
 impl Template {
     fn new(parts: Parts, body: Body, retries: bool, meta: Option<&RequestMeta>) -> Self {
-        let waited = parts.extensions.get::<Waited>();
-        let bare = meta.is_some() && parts.extensions.len() == 1 + usize::from(waited.is_some());
-        let waited = waited.filter(|_| retries && bare).cloned();
+        // (Only a retry needs these: no lookup for a request that has none.)
+        let waited = retries.then(|| parts.extensions.get::<Waited>()).flatten();
+        let bare = retries
+            && meta.is_some()
+            && parts.extensions.len() == 1 + usize::from(waited.is_some());
+        let waited = waited.filter(|_| bare).cloned();
         let spare = retries.then(|| {
             let (mut head, ()) = Request::new(()).into_parts();
             head.method = parts.method.clone();

@@ -531,15 +531,17 @@ where
     let first = inner.call(Request::from_parts(parts, empty()));
     let response = first.await;
     let response = match (again, response) {
-        (Some((original, inner)), Ok(first)) => match refuses_stream_options(first).await {
-            (true, _refusal) => {
-                tracing::debug!("the upstream refused stream_options; retrying without");
-                let mut original = original;
-                original.extensions.insert(StreamOptionsRefused);
-                boxed(inner.oneshot(Request::from_parts(original, empty()))).await
+        (Some((original, inner)), Ok(first)) => {
+            match refuses_stream_options(first, original.extensions.get::<Waited>()).await {
+                (true, _refusal) => {
+                    tracing::debug!("the upstream refused stream_options; retrying without");
+                    let mut original = original;
+                    original.extensions.insert(StreamOptionsRefused);
+                    boxed(inner.oneshot(Request::from_parts(original, empty()))).await
+                }
+                (false, first) => Ok(first),
             }
-            (false, first) => Ok(first),
-        },
+        }
         (_, response) => response,
     };
     let response = match response {

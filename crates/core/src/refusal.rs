@@ -24,14 +24,23 @@ const MAX_READ: usize = 64 * 1024;
 const MENTIONS: [&[u8]; 2] = [b"stream_options", b"include_usage"];
 
 /// Whether `response` refuses `stream_options`, and the response to pass on
-/// in its place when it does not (the same head and the same bytes).
-pub async fn refuses_stream_options(response: Response<Body>) -> (bool, Response<Body>) {
+/// in its place when it does not (the same head and the same bytes). The
+/// time reading an error body is the upstream's, counted in `waited`.
+pub async fn refuses_stream_options(
+    response: Response<Body>,
+    waited: Option<&crate::Waited>,
+) -> (bool, Response<Body>) {
     if !matches!(
         response.status(),
         StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY
     ) {
         return (false, response);
     }
+    crate::Waited::timing(waited, read_refusal(response)).await
+}
+
+/// [`refuses_stream_options`] for a 400 or 422.
+async fn read_refusal(response: Response<Body>) -> (bool, Response<Body>) {
     let (parts, mut body) = response.into_parts();
     let mut read = BytesMut::new();
     let mut error = None;
@@ -170,19 +179,23 @@ mod tests {
     async fn only_errors_that_name_the_field_are_refusals() {
         let named =
             r#"{"error":{"message":"Unrecognized request argument supplied: Stream_Options"}}"#;
-        let (refused, back) = refuses_stream_options(response(400, full(named))).await;
+        let (refused, back) = refuses_stream_options(response(400, full(named)), None).await;
         assert!(refused);
         assert_eq!(bytes(back).await, named);
         let usage = r#"{"detail":[{"loc":["body","include_usage"],"msg":"extra"}]}"#;
-        assert!(refuses_stream_options(response(422, full(usage))).await.0);
+        assert!(
+            refuses_stream_options(response(422, full(usage)), None)
+                .await
+                .0
+        );
 
         let other = r#"{"error":{"message":"messages: field required"}}"#;
-        let (refused, back) = refuses_stream_options(response(400, full(other))).await;
+        let (refused, back) = refuses_stream_options(response(400, full(other)), None).await;
         assert!(!refused);
         assert_eq!(back.status(), StatusCode::BAD_REQUEST);
         assert_eq!(bytes(back).await, other, "the body is given back whole");
         // Other statuses are not read at all.
-        let (refused, back) = refuses_stream_options(response(500, full(named))).await;
+        let (refused, back) = refuses_stream_options(response(500, full(named)), None).await;
         assert!(!refused);
         assert_eq!(bytes(back).await, named);
     }
@@ -190,7 +203,7 @@ mod tests {
     #[tokio::test]
     async fn a_long_body_is_read_only_up_to_the_bound_and_passed_on_whole() {
         let long = "x".repeat(MAX_READ + 10) + "stream_options";
-        let (refused, back) = refuses_stream_options(response(400, full(long.clone()))).await;
+        let (refused, back) = refuses_stream_options(response(400, full(long.clone())), None).await;
         // One frame of a full body holds it all: it is seen.
         assert!(refused);
         assert_eq!(bytes(back).await, long);
@@ -201,7 +214,7 @@ mod tests {
             Err("reset".into()),
         ];
         let body = Body::new(http_body_util::StreamBody::new(stream_of(frames)));
-        let (refused, back) = refuses_stream_options(response(400, body)).await;
+        let (refused, back) = refuses_stream_options(response(400, body), None).await;
         assert!(!refused, "the bytes past the bound are not read");
         let mut body = back.into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -218,7 +231,7 @@ mod tests {
             Err("reset".into()),
         ];
         let body = Body::new(http_body_util::StreamBody::new(stream_of(frames)));
-        let (refused, back) = refuses_stream_options(response(400, body)).await;
+        let (refused, back) = refuses_stream_options(response(400, body), None).await;
         assert!(!refused);
         let mut body = back.into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();

@@ -101,6 +101,10 @@ enum Hold {
     Renewed,
     /// Held now, with the claim given.
     New,
+    /// `home` held it, still to be claimed on Redis: renewed in place, and
+    /// left to [`ResponseIds::reclaim`] (a claim per use while Redis is
+    /// away would queue the id again each time).
+    Waiting,
 }
 
 /// An answer carried an id another key or upstream holds.
@@ -187,10 +191,15 @@ pub struct ResponseIds {
     /// Ids recorded while Redis could not be asked, oldest first: claimed
     /// there once it answers again, so that every proxy on it finds them.
     unconfirmed: Mutex<VecDeque<(Kind, Box<str>)>>,
+    /// The most `unconfirmed` holds.
+    unconfirmed_cap: usize,
+    /// Whether the queue's overflow was logged.
+    overflowed: std::sync::atomic::AtomicBool,
 }
 
-/// The most ids waiting to be claimed on Redis again; past it the oldest
-/// are given up (they stay known to this proxy alone).
+/// The most ids waiting to be claimed on Redis again (and no more than the
+/// map holds); past it the oldest are given up (they stay known to this
+/// proxy alone).
 const MAX_UNCONFIRMED: usize = 100_000;
 /// How often ids recorded while Redis was away are claimed again.
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
@@ -219,6 +228,8 @@ impl ResponseIds {
             conversations: Mutex::new(FairLru::new(capacity)),
             redis,
             unconfirmed: Mutex::default(),
+            unconfirmed_cap: capacity.clamp(1, MAX_UNCONFIRMED),
+            overflowed: std::sync::atomic::AtomicBool::new(false),
         });
         if let (true, Ok(runtime)) = (with_redis, tokio::runtime::Handle::try_current()) {
             let weak = Arc::downgrade(&ids);
@@ -275,9 +286,13 @@ impl ResponseIds {
                     drop(memory);
                     collision(kind, &home);
                 }
-                (None, Some(_)) => {
+                (None, ours) => {
+                    let ours = ours.is_some();
                     drop(memory);
-                    lock(&self.unconfirmed).push_front((kind, id));
+                    if ours {
+                        lock(&self.unconfirmed).push_front((kind, id));
+                    }
+                    // Redis is still away: the rest wait for the next turn.
                     return;
                 }
                 _ => {}
@@ -288,8 +303,17 @@ impl ResponseIds {
     /// Queue `id` to be claimed on Redis again.
     fn unconfirmed(&self, kind: Kind, id: &str) {
         let mut queue = lock(&self.unconfirmed);
-        if queue.len() >= MAX_UNCONFIRMED {
+        if queue.len() >= self.unconfirmed_cap {
             queue.pop_front();
+            if !self
+                .overflowed
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    queued = queue.len(),
+                    "too many ids wait for Redis to come back; the oldest stay known to this proxy alone"
+                );
+            }
         }
         queue.push_back((kind, id.into()));
     }
@@ -332,7 +356,7 @@ impl ResponseIds {
         // Held and granted already, a renewal is made on Redis in the
         // background while lookups go on from memory.
         let renewal = match self.hold(kind, id, home, || Claim::Pending(pending.clone())) {
-            Hold::Refused => return,
+            Hold::Refused | Hold::Waiting => return,
             Hold::Renewed => true,
             Hold::New => false,
         };
@@ -387,9 +411,16 @@ impl ResponseIds {
                 collision(kind, home);
                 return Hold::Refused;
             }
-            if matches!(held.claim, Claim::Held) {
-                held.at = Instant::now();
-                return Hold::Renewed;
+            match held.claim {
+                Claim::Held => {
+                    held.at = Instant::now();
+                    return Hold::Renewed;
+                }
+                Claim::Unconfirmed => {
+                    held.at = Instant::now();
+                    return Hold::Waiting;
+                }
+                Claim::Pending(_) => {}
             }
         }
         memory.put(
@@ -1190,6 +1221,33 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// An id in use while Redis is away waits once in the queue of ids to
+    /// claim again, however often it is used; memory still finds it.
+    #[tokio::test]
+    async fn an_id_used_again_while_redis_is_away_is_queued_once() {
+        // Nothing listens on port 1: every call fails at once.
+        let redis = RedisIds::new("redis://127.0.0.1:1/", "t:").unwrap();
+        let ids = ResponseIds::new(Some(redis), 100);
+        let up: Arc<str> = Arc::from("up");
+        ids.keep_conversation("conv_1", up.clone(), None);
+        let queued = || lock(&ids.unconfirmed).len();
+        let started = std::time::Instant::now();
+        while queued() == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "never queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..50 {
+            ids.keep_conversation("conv_1", up.clone(), None);
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(queued(), 1);
+        assert_eq!(
+            ids.lookup(Kind::Conversation, "conv_1", None).await,
+            Found::Yours(up)
+        );
     }
 
     #[tokio::test]

@@ -460,6 +460,9 @@ where
     // What the request waits on others (its body, its upstreams), left out
     // of the proxy's overhead.
     let waited = matches!(route, Route::Api(_)).then(Waited::new);
+    if let Some(waited) = &waited {
+        req.extensions_mut().insert(waited.clone());
+    }
     let req = req.map(|body| {
         ReadTimeout::new(body, shared.options.body_read_timeout)
             .with_deadline(whole)
@@ -471,9 +474,6 @@ where
         Way::Stack => {
             let (mut parts, body) = req.into_parts();
             parts.headers.insert(REQUEST_ID, request_id.clone());
-            if let Some(waited) = &waited {
-                parts.extensions.insert(waited.clone());
-            }
             let req = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
             call_stack(stack, req)
         }
@@ -520,11 +520,7 @@ where
             resp.headers_mut().remove(UPSTREAM_HEADER);
         }
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
-        // (Not for a WebSocket's switch: the upstream's handshake is not
-        // counted as a wait, and the session's turns come after.)
-        let overhead = waited
-            .filter(|_| status != StatusCode::SWITCHING_PROTOCOLS)
-            .map(|waited| start.elapsed().saturating_sub(waited.total()));
+        let overhead = waited.map(|waited| start.elapsed().saturating_sub(waited.total()));
         if let Some(overhead) = overhead
             && shared.options.overhead_header
         {

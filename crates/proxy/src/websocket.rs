@@ -74,8 +74,8 @@ use llm_proxy_auth::{
 };
 use llm_proxy_balance::BalanceHandle;
 use llm_proxy_core::{
-    Body, BodyBudget, Dialect, Endpoint, Error, RequestMeta, header_lists, parse_object_within,
-    usage,
+    Body, BodyBudget, Dialect, Endpoint, Error, RequestMeta, Waited, header_lists,
+    parse_object_within, usage,
 };
 use llm_proxy_upstream::{Upgrade, Upstream};
 use serde_json::Value;
@@ -282,7 +282,13 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         let started = Instant::now();
         let name = upstream.client.name();
         let sent = ctx.balance.seen(name);
-        match upstream.client.upgrade(attempt).await {
+        let upgraded = upstream.client.upgrade(attempt).await;
+        // The upstream's handshake, however it went, is not the proxy's
+        // overhead.
+        if let Some(waited) = parts.extensions.get::<Waited>() {
+            waited.add(started.elapsed());
+        }
+        match upgraded {
             Ok(Upgrade::Switched { head, io }) => {
                 // Its failure count stands until the session ends: one
                 // that breaks every session is ejected like a server that

@@ -198,7 +198,8 @@ where
     Box::pin(async move {
         let mut answer = answer.await?;
         if let Some((mut req, mut inner)) = again {
-            let (refused, first) = refuses_stream_options(answer).await;
+            let (refused, first) =
+                refuses_stream_options(answer, req.extensions().get::<Waited>()).await;
             answer = if refused {
                 tracing::debug!("the upstream refused stream_options; retrying without");
                 drop(first);
