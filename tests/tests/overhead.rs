@@ -301,3 +301,46 @@ async fn a_websocket_upstreams_handshake_is_not_overhead() {
     headers.insert("x-llm-proxy-overhead-ms", value.trim().parse().unwrap());
     overhead_under_the_wait(&headers);
 }
+
+#[tokio::test]
+async fn reading_an_upstreams_refusal_of_stream_options_is_not_overhead() {
+    // The cache asks a streamed chat for its usage; this upstream refuses
+    // `stream_options` with an error whose body takes a second, then
+    // answers the client's own request.
+    let up = raw_upstream(|mut conn| async move {
+        let Some((_, body)) = read_request(&mut conn).await else {
+            return;
+        };
+        if String::from_utf8_lossy(&body).contains("stream_options") {
+            let error = r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}}"#;
+            let head = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n",
+                error.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            tokio::time::sleep(WAIT).await;
+            let _ = conn.write_all(error.as_bytes()).await;
+            return;
+        }
+        let delta = r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}"#;
+        let text = format!("data: {delta}\n\ndata: [DONE]\n\n");
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n",
+            text.len()
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
+        let _ = conn.write_all(text.as_bytes()).await;
+    })
+    .await;
+    let p = proxy(&format!(
+        "{}\n[cache]\n",
+        one_upstream(&format!("http://{up}/v1"), "")
+    ))
+    .await;
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", true)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(answer.text().contains("\"hi\""), "{}", answer.text());
+    overhead_under_the_wait(&answer.headers);
+}
