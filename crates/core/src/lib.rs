@@ -11,7 +11,10 @@
 //!   OpenAI-style error response;
 //! - [`sse`]: an incremental Server-Sent-Events parser and encoder;
 //! - [`usage`]: token usage extraction from JSON bodies and SSE streams;
-//! - [`canonical`]: canonical JSON (sorted keys, no whitespace) for cache keys.
+//! - [`canonical`]: canonical JSON (sorted keys, no whitespace) for cache keys;
+//! - [`Waited`]: the time a request waited on its peers (its client's body,
+//!   its upstreams), which layers add to and the server leaves out of the
+//!   proxy's overhead figure.
 //!
 //! # Example
 //!
