@@ -362,7 +362,7 @@ impl HttpBody for Watched {
         }
         let polled = match lock(&this.stream.body).as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx),
-            None => return Poll::Ready(Some(Err(Unread.into()))),
+            None => return Poll::Ready(Some(Err(Unread::new().into()))),
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -401,7 +401,21 @@ impl HttpBody for Watched {
 #[error(
     "the client took none of this answer for the send timeout; its upstream request was cancelled"
 )]
-pub(crate) struct Unread;
+pub(crate) struct Unread {
+    /// How the stream is reset: `CANCEL` (the answer is no longer
+    /// wanted), which hyper finds among the error's sources, where it would
+    /// otherwise say `INTERNAL_ERROR`.
+    #[source]
+    reset: h2::Error,
+}
+
+impl Unread {
+    fn new() -> Self {
+        Unread {
+            reset: h2::Reason::CANCEL.into(),
+        }
+    }
+}
 
 /// One request in flight on a watched connection; its response body keeps
 /// it until dropped.
