@@ -170,8 +170,21 @@ where
             config,
         });
         shared.change(|members, make| {
+            // Each name's place, found by hash: a search of the list per
+            // backend made a start with many upstreams quadratic (200 000
+            // took minutes).
+            let mut at: HashMap<Arc<str>, usize> = HashMap::new();
             for backend in backends {
-                upsert(members, make(backend));
+                let member = make(backend);
+                match at.entry(member.name.clone()) {
+                    std::collections::hash_map::Entry::Occupied(slot) => {
+                        members[*slot.get()] = member;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(members.len());
+                        members.push(member);
+                    }
+                }
             }
         });
         if let Some(check) = shared.config.health_check.clone() {

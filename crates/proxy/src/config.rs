@@ -17,10 +17,36 @@ use toml::Spanned;
 #[error("{0}")]
 pub struct ConfigError(String);
 
+/// The longest an error message gets, in characters (a value it quotes may
+/// be as long as the file).
+const MAX_ERROR_CHARS: usize = 1000;
+
 impl ConfigError {
+    /// An error saying `text`: on one line (control characters a value
+    /// brought in, a newline or a terminal's escape, written as escapes)
+    /// and at most [`MAX_ERROR_CHARS`] long.
+    fn new(text: String) -> Self {
+        if text.len() <= MAX_ERROR_CHARS && !text.chars().any(char::is_control) {
+            return ConfigError(text);
+        }
+        let mut line = String::with_capacity(text.len().min(MAX_ERROR_CHARS + 8));
+        for (n, c) in text.chars().enumerate() {
+            if n == MAX_ERROR_CHARS {
+                line.push('…');
+                break;
+            }
+            if c.is_control() {
+                line.extend(c.escape_default());
+            } else {
+                line.push(c);
+            }
+        }
+        ConfigError(line)
+    }
+
     fn at(file: &Path, src: &str, offset: usize, msg: impl std::fmt::Display) -> Self {
         let line = src[..offset.min(src.len())].matches('\n').count() + 1;
-        ConfigError(format!("{}:{line}: {msg}", file.display()))
+        ConfigError::new(format!("{}:{line}: {msg}", file.display()))
     }
 
     /// An error about the value at `keys`: on the line of its key, or of
@@ -29,7 +55,7 @@ impl ConfigError {
     fn near(file: &Path, src: &str, keys: &[Seg<'_>], msg: impl std::fmt::Display) -> Self {
         match key_offset(src, keys) {
             Some(offset) => ConfigError::at(file, src, offset, msg),
-            None => ConfigError(format!("{}: {msg}", file.display())),
+            None => ConfigError::new(format!("{}: {msg}", file.display())),
         }
     }
 }
@@ -676,7 +702,7 @@ impl Settings {
                 })
             })
             .map_err(|e| {
-                ConfigError(format!(
+                ConfigError::new(format!(
                     "{}: cannot read the config file: {e}",
                     path.display()
                 ))
@@ -863,7 +889,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         positive_ms(path, src, &[Seg::Key(key)], &format!("`{key}`"), ms)?;
     }
     if cfg.upstream.is_empty() {
-        return Err(ConfigError(format!(
+        return Err(ConfigError::new(format!(
             "{}: no [[upstream]] configured: at least one is needed",
             path.display()
         )));
@@ -1335,7 +1361,7 @@ fn validate_balance(
     // A path no request can carry would fail every probe: every upstream
     // marked down by the checker itself.
     if let Some(p) = &b.health_check_path
-        && p.parse::<http::Uri>().is_err()
+        && !is_url_path(p)
     {
         return Err(ConfigError::near(
             path,
@@ -1503,7 +1529,16 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
     let mut keys = Vec::with_capacity(a.keys.len());
     for k in &a.keys {
         let name = k.name.get_ref().clone();
-        if name.is_empty() || !names.insert(name.clone()) {
+        // (It names the key in logs and metrics: text, on one line.)
+        if name.trim().is_empty() || name.chars().any(char::is_control) {
+            return Err(err(
+                k.name.span(),
+                format!(
+                    "[[auth.keys]] name `{name}` must be non-empty text without control characters"
+                ),
+            ));
+        }
+        if !names.insert(name.clone()) {
             return Err(err(
                 k.name.span(),
                 format!("[[auth.keys]] name `{name}` must be unique and non-empty"),
@@ -1574,6 +1609,19 @@ pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("`{}`: {e}", llm_proxy_core::redact::url(url)))
 }
 
+/// Whether `p` is a path (and query) a request can carry as it is: ASCII,
+/// no fragment, every `%` an escape, and what `http` parses.
+fn is_url_path(p: &str) -> bool {
+    let bytes = p.as_bytes();
+    let escapes_whole = bytes.iter().enumerate().all(|(at, b)| {
+        *b != b'%'
+            || bytes
+                .get(at + 1..at + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    p.is_ascii() && !p.contains('#') && escapes_whole && p.parse::<http::Uri>().is_ok()
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:8080"))
@@ -1591,6 +1639,11 @@ fn parse_url(s: &str) -> Result<http::Uri, String> {
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err("there is no host".into());
+    }
+    // (`[fe80::1%25eth0]`: the resolver the client uses takes no zone, and
+    // every request would fail to connect.)
+    if uri.host().is_some_and(|host| host.contains('%')) {
+        return Err("an IPv6 address with a zone (`%…`) is not supported".into());
     }
     if uri.query().is_some() {
         return Err("a base URL takes no query".into());
@@ -1831,6 +1884,48 @@ mod tests {
         }
         let e = load("[[upstream]]\nname = \" \"\nurl = \"http://127.0.0.1:9/v1\"\n").unwrap_err();
         assert!(e.contains("must be non-empty printable text"), "{e}");
+    }
+
+    #[test]
+    fn an_error_is_one_bounded_line_whatever_the_value_holds() {
+        let e = load(&format!("listen = \"a\\nb\\u001b[31mred\"\n{MIN}")).unwrap_err();
+        assert!(!e.contains('\n') && !e.contains('\u{1b}'), "{e:?}");
+        assert!(e.contains("a\\nb\\u{1b}[31mred"), "{e}");
+        let long = "x".repeat(100_000);
+        let e = load(&format!("listen = \"{long}\"\n{MIN}")).unwrap_err();
+        assert!(
+            e.chars().count() <= MAX_ERROR_CHARS + 1 && e.ends_with('…'),
+            "{}",
+            e.len()
+        );
+    }
+
+    #[test]
+    fn values_that_would_fail_every_request_are_refused() {
+        for url in ["http://[fe80::1%25lo]:9/v1", "http://[::1%lo]:9/v1"] {
+            let e = load(&format!("[[upstream]]\nname = \"a\"\nurl = \"{url}\"\n")).unwrap_err();
+            assert!(e.contains("zone") || e.contains("invalid"), "{url}: {e}");
+        }
+        for p in ["/%zz", "/\\u00e9", "/h#frag", "/ok%2"] {
+            let e = load(&format!(
+                "{MIN}[balance]\nhealth_check_secs = 5\nhealth_check_path = \"{p}\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("is not a URL path"), "{p}: {e}");
+        }
+        assert!(
+            load(&format!(
+                "{MIN}[balance]\nhealth_check_secs = 5\nhealth_check_path = \"/v1/m%2Fx?a=b\"\n"
+            ))
+            .is_ok()
+        );
+        for name in [" ", "a\\nb", "a\\u0000"] {
+            let e = load(&format!(
+                "{MIN}[auth]\n[[auth.keys]]\nname = \"{name}\"\nkey = \"sk-1\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("without control characters"), "{name}: {e}");
+        }
     }
 
     #[test]
