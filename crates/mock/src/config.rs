@@ -175,10 +175,35 @@ impl MockConfig {
     }
 
     /// The pause between streamed tokens, if any.
+    ///
+    /// A rate so slow its interval passes what a `Duration` holds waits for
+    /// ever between tokens (it streamed at once before, as no rate does).
     pub(crate) fn token_interval(&self) -> Option<Duration> {
         self.tokens_per_second
             .filter(|tps| tps.is_finite() && *tps > 0.0)
-            .and_then(|tps| Duration::try_from_secs_f64(1.0 / tps).ok())
+            .map(|tps| Duration::try_from_secs_f64(1.0 / tps).unwrap_or(Duration::MAX))
             .filter(|interval| !interval.is_zero())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slower_the_rate_the_longer_the_interval() {
+        let interval = |tps| {
+            MockConfig {
+                tokens_per_second: Some(tps),
+                ..MockConfig::default()
+            }
+            .token_interval()
+        };
+        assert_eq!(interval(4.0), Some(Duration::from_millis(250)));
+        assert!(interval(1e-10).unwrap() < interval(1e-30).unwrap());
+        assert_eq!(interval(1e-30), Some(Duration::MAX));
+        assert_eq!(interval(f64::NAN), None);
+        assert_eq!(interval(0.0), None);
+        assert_eq!(interval(1e300), None, "faster than a nanosecond: no pause");
     }
 }
