@@ -1604,9 +1604,25 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
 
 /// A Redis URL the client accepts: `redis://`, `rediss://`, `redis+unix://`.
 pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
-    redis::Client::open(url)
-        .map(|_| ())
-        .map_err(|e| format!("`{}`: {e}", llm_proxy_core::redact::url(url)))
+    let shown = || llm_proxy_core::redact::url(url);
+    // The URL parser drops tabs and newlines and ends the URL at a `#`
+    // (a password holding one would be cut there): refused, not guessed.
+    if url.chars().any(char::is_control) {
+        return Err(format!("`{}` holds a control character", shown()));
+    }
+    if url.contains('#') {
+        return Err(format!(
+            "`{}`: a `#` starts a fragment; %-encode it (`%23`) in a password",
+            shown()
+        ));
+    }
+    let client = redis::Client::open(url).map_err(|e| format!("`{}`: {e}", shown()))?;
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(_, 0) | redis::ConnectionAddr::TcpTls { port: 0, .. } => {
+            Err(format!("`{}`: port 0 is no port to connect to", shown()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether `p` is a path (and query) a request can carry as it is: ASCII,
@@ -1898,6 +1914,24 @@ mod tests {
             "{}",
             e.len()
         );
+    }
+
+    #[test]
+    fn a_redis_url_the_client_would_read_otherwise_is_refused() {
+        for (url, says) in [
+            ("redis://127.0.0.1:0", "port 0"),
+            ("redis://:pa#ss@127.0.0.1:6379", "a `#` starts a fragment"),
+            ("redis://127.0.0.1:6379/0\\n", "control character"),
+        ] {
+            let e = load(&format!(
+                "{MIN}[cache]\nbackend = \"redis\"\nredis_url = \"{url}\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains(says), "{url}: {e}");
+            assert!(!e.contains("pa#ss"), "no password shown: {e}");
+        }
+        assert!(check_redis_url("redis://:pa%23ss@127.0.0.1:6379/2").is_ok());
+        assert!(check_redis_url("rediss://127.0.0.1").is_ok());
     }
 
     #[test]
