@@ -692,21 +692,23 @@ fn redis_debug(f: &mut std::fmt::Formatter<'_>, url: &str, key_prefix: &str) -> 
 impl Settings {
     /// Read, parse and validate a config file.
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
-        let src = read_bounded(path)
-            .and_then(|bytes| {
-                String::from_utf8(bytes).map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "stream did not contain valid UTF-8",
-                    )
-                })
-            })
-            .map_err(|e| {
-                ConfigError::new(format!(
-                    "{}: cannot read the config file: {e}",
-                    path.display()
-                ))
-            })?;
+        let bytes = read_bounded(path).map_err(|e| {
+            ConfigError::new(format!(
+                "{}: cannot read the config file: {e}",
+                path.display()
+            ))
+        })?;
+        let src = String::from_utf8(bytes).map_err(|e| {
+            // TOML is UTF-8: say where the first byte that is not lies.
+            let valid = e.utf8_error().valid_up_to();
+            let bytes = e.as_bytes();
+            let line = bytes[..valid].iter().filter(|&&b| b == b'\n').count() + 1;
+            ConfigError::new(format!(
+                "{}:{line}: not UTF-8 (byte 0x{:02x}); a TOML file is UTF-8",
+                path.display(),
+                bytes[valid]
+            ))
+        })?;
         Settings::from_str(path, &src)
     }
 
@@ -898,10 +900,15 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
     let mut upstreams = Vec::with_capacity(cfg.upstream.len());
     for (index, up) in cfg.upstream.into_iter().enumerate() {
         let name = up.name.get_ref().clone();
-        if name.trim().is_empty() || http::HeaderValue::from_str(&name).is_err() {
+        // (It is sent back in a header, which readers trim: `a ` would
+        // read as `a`, another upstream.)
+        if !is_display_name(&name) || http::HeaderValue::from_str(&name).is_err() {
             return Err(err(
                 up.name.span(),
-                format!("upstream name `{name}` must be non-empty printable text"),
+                format!(
+                    "upstream name `{name}` must be non-empty printable text, \
+                     without space at either end or invisible characters"
+                ),
             ));
         }
         if !names.insert(name.clone()) {
@@ -1530,11 +1537,12 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
     for k in &a.keys {
         let name = k.name.get_ref().clone();
         // (It names the key in logs and metrics: text, on one line.)
-        if name.trim().is_empty() || name.chars().any(char::is_control) {
+        if !is_display_name(&name) {
             return Err(err(
                 k.name.span(),
                 format!(
-                    "[[auth.keys]] name `{name}` must be non-empty text without control characters"
+                    "[[auth.keys]] name `{name}` must be non-empty text without control \
+                     characters, invisible characters or space at either end"
                 ),
             ));
         }
@@ -1617,12 +1625,38 @@ pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
         ));
     }
     let client = redis::Client::open(url).map_err(|e| format!("`{}`: {e}", shown()))?;
-    match client.get_connection_info().addr() {
+    let info = client.get_connection_info();
+    if info.redis_settings().db() < 0 {
+        // The client would send `SELECT -1` on every connection, and every
+        // one would fail: a mistake to say now.
+        return Err(format!(
+            "`{}`: the database number must be 0 or more",
+            shown()
+        ));
+    }
+    match info.addr() {
         redis::ConnectionAddr::Tcp(_, 0) | redis::ConnectionAddr::TcpTls { port: 0, .. } => {
             Err(format!("`{}`: port 0 is no port to connect to", shown()))
         }
         _ => Ok(()),
     }
+}
+
+/// Whether `name` can name an upstream or a key in headers, logs and
+/// metrics: two names that look alike are the same name. Not blank, no
+/// whitespace at either end and none but plain spaces inside, no control
+/// character, and none of the invisible formatting characters (zero-width
+/// spaces and joiners, direction marks, the soft hyphen, the BOM).
+fn is_display_name(name: &str) -> bool {
+    let invisible = |c: char| {
+        matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}' | '\u{feff}')
+    };
+    !name.trim().is_empty()
+        && name.trim() == name
+        && !name
+            .chars()
+            .any(|c| c.is_control() || invisible(c) || (c.is_whitespace() && c != ' '))
 }
 
 /// Whether `p` is a path (and query) a request can carry as it is: ASCII,
@@ -1898,8 +1932,16 @@ mod tests {
             let e = load(&format!("{MIN}{field}\n")).unwrap_err();
             assert!(e.contains(says), "{field}: {e}");
         }
-        let e = load("[[upstream]]\nname = \" \"\nurl = \"http://127.0.0.1:9/v1\"\n").unwrap_err();
-        assert!(e.contains("must be non-empty printable text"), "{e}");
+        for name in [" ", "a ", "\\ta", "a\\u200b"] {
+            let e = load(&format!(
+                "[[upstream]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:9/v1\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("must be non-empty printable text"),
+                "{name}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -1917,11 +1959,28 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_is_not_utf8_is_refused_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("cfg-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        let mut text = MIN.as_bytes().to_vec();
+        text.extend_from_slice(b"# caf\xe9\n");
+        std::fs::write(&path, &text).unwrap();
+        let e = Settings::from_file(&path).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.ends_with("bad.toml:4: not UTF-8 (byte 0xe9); a TOML file is UTF-8"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_redis_url_the_client_would_read_otherwise_is_refused() {
         for (url, says) in [
             ("redis://127.0.0.1:0", "port 0"),
             ("redis://:pa#ss@127.0.0.1:6379", "a `#` starts a fragment"),
             ("redis://127.0.0.1:6379/0\\n", "control character"),
+            ("redis://127.0.0.1:6379/-1", "database number"),
         ] {
             let e = load(&format!(
                 "{MIN}[cache]\nbackend = \"redis\"\nredis_url = \"{url}\"\n"
@@ -1953,7 +2012,15 @@ mod tests {
             ))
             .is_ok()
         );
-        for name in [" ", "a\\nb", "a\\u0000"] {
+        for name in [
+            " ",
+            "a\\nb",
+            "a\\u0000",
+            "ops ",
+            " ops",
+            "o\\u200dps",
+            "o\\u00a0ps",
+        ] {
             let e = load(&format!(
                 "{MIN}[auth]\n[[auth.keys]]\nname = \"{name}\"\nkey = \"sk-1\"\n"
             ))
