@@ -835,6 +835,25 @@ async fn the_access_log_has_a_line_per_request() {
     assert_eq!(events.last().unwrap()["type"], "response.completed");
     futures_util::SinkExt::close(&mut socket).await.unwrap();
     assert!(tests::ws::ends(&mut socket).await);
+    // A client that gives up while the upstream works: its line names the
+    // upstream it waited on.
+    let slow = request(
+        Method::POST,
+        &format!("http://{addr}/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "req-gone-6"),
+            ("authorization", "Bearer sk-team-a-secret"),
+            ("x-mock-latency-ms", "3000"),
+        ],
+        chat("any", false),
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), client().request(slow))
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
     signal(&child, "-TERM");
     let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
@@ -842,7 +861,15 @@ async fn the_access_log_has_a_line_per_request() {
         .lines()
         .filter(|l| l.contains("llm_proxy::access"))
         .collect();
-    assert_eq!(lines.len(), 5, "{stderr}");
+    assert_eq!(lines.len(), 6, "{stderr}");
+    assert!(
+        lines[5].contains("req-gone-6")
+            && lines[5].contains("status=499")
+            && lines[5].contains("upstream=\"m\"")
+            && lines[5].contains("key=\"team-a\""),
+        "{}",
+        lines[5]
+    );
     for (line, id, status) in [
         (lines[0], "req-plain-1", "status=200"),
         (lines[1], "req-stream-2", "status=200"),

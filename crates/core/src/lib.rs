@@ -97,6 +97,38 @@ pub struct PinnedUpstream(pub std::sync::Arc<str>);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamName(pub std::sync::Arc<str>);
 
+/// Where the upstream client writes the name of each upstream it sends a
+/// request to (the last one tried stays), for a layer in front of it that
+/// names the upstream even when no answer comes back: the proxy's access
+/// line for a request its client abandoned while an upstream worked on it.
+/// Put into the request's extensions by that layer, shared by its clones.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamSlot(std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<str>>>>);
+
+impl UpstreamSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Record `name` as the upstream the request went to last.
+    pub fn set(&self, name: &std::sync::Arc<str>) {
+        let mut slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = Some(name.clone());
+    }
+
+    /// The upstream the request went to last, if any.
+    pub fn get(&self) -> Option<std::sync::Arc<str>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// Whether `token` is one of the comma-separated values of the `name`
 /// headers, compared case-insensitively (`connection: keep-alive, Upgrade`
 /// lists `upgrade`).

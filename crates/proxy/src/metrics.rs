@@ -589,6 +589,9 @@ pub(crate) struct Access {
     pub(crate) request_id: http::HeaderValue,
     pub(crate) status: u16,
     pub(crate) upstream: Option<Arc<str>>,
+    /// The upstream the request went to last, written by the upstream
+    /// client: the line's upstream when no answer came.
+    pub(crate) tried: llm_proxy_core::UpstreamSlot,
     /// The name of the key the request came with, once the auth layer has
     /// found it.
     pub(crate) caller: llm_proxy_core::CallerSlot,
@@ -605,7 +608,12 @@ impl Access {
             method = %self.method,
             path = %self.path,
             status = self.status,
-            upstream = self.upstream.as_deref().unwrap_or(""),
+            upstream = self
+                .upstream
+                .clone()
+                .or_else(|| self.tried.get())
+                .as_deref()
+                .unwrap_or(""),
             key = self.caller.get().map_or("", |name| &**name),
             duration_ms = duration.as_secs_f64() * 1000.0,
             end,

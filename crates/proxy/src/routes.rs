@@ -15,8 +15,8 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, heade
 use http_body_util::BodyExt;
 use llm_proxy_auth::AuthLayer;
 use llm_proxy_core::{
-    Body, BoxError, CallerSlot, Dialect, Endpoint, Error, UPSTREAM_HEADER, UpstreamName, Waited,
-    full,
+    Body, BoxError, CallerSlot, Dialect, Endpoint, Error, UPSTREAM_HEADER, UpstreamName,
+    UpstreamSlot, Waited, full,
 };
 use tower_service::Service;
 
@@ -441,12 +441,15 @@ where
             request_id: request_id.clone(),
             status: CLIENT_CLOSED,
             upstream: None,
+            tried: UpstreamSlot::new(),
             caller: CallerSlot::new(),
         })
     });
     if let Some(access) = &access {
-        // The auth layer writes the key's name into it.
+        // The auth layer writes the key's name into it, the upstream client
+        // the upstream's.
         req.extensions_mut().insert(access.caller.clone());
+        req.extensions_mut().insert(access.tried.clone());
     }
     // A model route's body is buffered, whatever its head says.
     let buffered = match route {

@@ -12,7 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use llm_proxy_core::{
-    Body, BodyBudget, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName, Waited,
+    Body, BodyBudget, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName, UpstreamSlot,
+    Waited,
 };
 use tower_service::Service;
 
@@ -507,6 +508,9 @@ impl Upstream {
         let buffered = meta.and_then(RequestMeta::body_for_upstream);
         let budget = meta.and_then(RequestMeta::budget).cloned();
         let waited = parts.extensions.get::<Waited>().cloned();
+        if let Some(slot) = parts.extensions.get::<UpstreamSlot>() {
+            slot.set(&self.inner.name.0);
+        }
         let buffered_body = buffered.is_some();
         let client_length = parts.headers.remove(header::CONTENT_LENGTH);
         headers::strip_request(&mut parts.headers, false);
