@@ -59,16 +59,26 @@ impl LimitBackend {
         match &self.kind {
             Kind::Local => key.limits.acquire(self.now(), tokens),
             #[cfg(feature = "redis")]
-            Kind::Redis(r) => match r.acquire(key, tokens).await {
-                Ok(d) => d,
-                Err(e) => {
-                    self.failed(&e);
-                    Decision {
-                        held_locally: true,
-                        ..key.limits.acquire(self.now(), tokens)
+            Kind::Redis(r) => {
+                // What this process decided alone while Redis failed goes
+                // to Redis with its next call, as a floor: a bucket Redis
+                // kept (or lost) through the outage is not a fresh one.
+                let floors = key.limits.take_strayed(self.now());
+                match r.acquire(key, tokens, floors).await {
+                    Ok((decision, ahead)) => {
+                        key.limits.mirror(self.now(), ahead);
+                        decision
+                    }
+                    Err(e) => {
+                        self.failed(&e);
+                        key.limits.stray();
+                        Decision {
+                            held_locally: true,
+                            ..key.limits.acquire(self.now(), tokens)
+                        }
                     }
                 }
-            },
+            }
         }
     }
 
@@ -85,6 +95,9 @@ impl LimitBackend {
         }
         if held_locally {
             key.limits.adjust_tokens(self.now(), delta);
+            if !matches!(self.kind, Kind::Local) {
+                key.limits.stray();
+            }
             return;
         }
         match &self.kind {
@@ -102,6 +115,7 @@ impl LimitBackend {
                     {
                         this.failed(&e);
                         key.limits.adjust_tokens(this.now(), delta);
+                        key.limits.stray();
                     }
                 });
             }

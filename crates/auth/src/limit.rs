@@ -13,6 +13,7 @@
 //! formula is a few lines; both backends share it.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const WINDOW_NS: u64 = 60_000_000_000;
@@ -168,6 +169,10 @@ pub struct Limits {
     /// Tokens per minute.
     pub tokens: Option<Gcra>,
     state: Mutex<[u64; 2]>,
+    /// With a shared store: this process decided or settled something
+    /// alone (the store failed) since the store last answered, and the
+    /// store has yet to learn of it ([`Limits::take_strayed`]).
+    strayed: AtomicBool,
 }
 
 impl Limits {
@@ -177,6 +182,7 @@ impl Limits {
             requests: rpm.map(Gcra::per_minute),
             tokens: tpm.map(Gcra::per_minute),
             state: Mutex::new([0, 0]),
+            strayed: AtomicBool::new(false),
         }
     }
 
@@ -205,6 +211,38 @@ impl Limits {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state[1] = g.adjust(state[1], now, delta);
         }
+    }
+
+    /// With a shared store: take on its state, which it reported at `now`
+    /// as how far (ns) each limit's TAT ran ahead of its clock. Should the
+    /// store fail later, this process goes on from what the fleet had used,
+    /// not from a full bucket. While what was decided here alone has not
+    /// reached the store, the larger of the two stands.
+    pub(crate) fn mirror(&self, now: u64, ahead: [u64; 2]) {
+        let strayed = self.strayed.load(Ordering::Relaxed);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for (tat, ahead) in state.iter_mut().zip(ahead) {
+            let fleet = now.saturating_add(ahead);
+            *tat = if strayed { (*tat).max(fleet) } else { fleet };
+        }
+    }
+
+    /// With a shared store: this process decided or settled something
+    /// alone.
+    pub(crate) fn stray(&self) {
+        self.strayed.store(true, Ordering::Relaxed);
+    }
+
+    /// With a shared store about to answer: when this process decided or
+    /// settled something alone since it last did, how far (ns) each of its
+    /// TATs runs ahead of `now`, for the store to take as a floor (and the
+    /// mark is cleared: [`stray`](Self::stray) again if the store fails).
+    pub(crate) fn take_strayed(&self, now: u64) -> Option<[u64; 2]> {
+        if !self.strayed.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Some(state.map(|tat| tat.saturating_sub(now)))
     }
 }
 
@@ -253,6 +291,31 @@ mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_mirrored_fleet_state_is_where_local_limits_go_on_from() {
+        let limits = Limits::new(Some(3), None);
+        // The fleet had used two of three (40 s ahead) when it last answered.
+        limits.mirror(10 * S, [40 * S, 0]);
+        assert!(
+            limits.take_strayed(10 * S).is_none(),
+            "nothing decided alone"
+        );
+        assert!(limits.acquire(10 * S, 0).allowed);
+        assert!(!limits.acquire(10 * S, 0).allowed);
+        // Decided alone: what the store learns next, and the mark goes.
+        limits.stray();
+        assert_eq!(limits.take_strayed(20 * S), Some([50 * S, 0]));
+        assert!(limits.take_strayed(20 * S).is_none());
+        // While the store has yet to learn of it, a mirror keeps the larger.
+        limits.stray();
+        limits.mirror(20 * S, [10 * S, 0]);
+        assert_eq!(limits.take_strayed(20 * S), Some([50 * S, 0]));
+        // Once it has, the store's state stands, lower too (a refund).
+        limits.mirror(20 * S, [10 * S, 0]);
+        limits.stray();
+        assert_eq!(limits.take_strayed(20 * S), Some([10 * S, 0]));
+    }
 
     #[test]
     fn rpm_three_allows_three_then_one_every_twenty_seconds() {

@@ -44,8 +44,10 @@ end
 /// The acquire script. ARGV: request interval µs (0 = no limit), token
 /// interval µs (0 = none; both with their fractions), token cost (already capped by
 /// [`Limits::token_charge`](crate::limit::Limits::token_charge), so both
-/// backends charge, settle and refund the same amount). Returns
-/// `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
+/// backends charge, settle and refund the same amount), and the floors of
+/// the two times, in µs ahead of now (0 = none): what the calling proxy
+/// decided alone while Redis failed, taken on before the decision whatever
+/// it is. Returns `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -59,6 +61,15 @@ local rtat = tat(KEYS[1])
 -- time. (A token time may run far ahead: a large usage settled.)
 if rtat > now + window then rtat = 0 end
 local ttat = tat(KEYS[2])
+local function put(key, at)
+  redis.call('SET', key, string.format('%.0f', at), 'PX', math.ceil((at - now) / 1000) + 1000)
+end
+local rfloor = math.min(tonumber(ARGV[4]) or 0, window)
+local tfloor = tonumber(ARGV[5]) or 0
+local rraised = ri > 0 and rfloor > 0 and now + rfloor > rtat
+local traised = ti > 0 and tfloor > 0 and now + tfloor > ttat
+if rraised then rtat = now + rfloor end
+if traised then ttat = now + tfloor end
 local rnew = math.max(rtat, now) + ri
 local tnew = math.max(ttat, now) + cost * ti
 local wait = 0
@@ -69,14 +80,16 @@ if ti > 0 and cost > 0 and tnew - now > window then wait = math.max(wait, tnew -
 wait = math.ceil(wait)
 if wait == 0 then
   if ri > 0 then
-    redis.call('SET', KEYS[1], string.format('%.0f', rnew), 'PX', math.ceil((rnew - now) / 1000) + 1000)
     rtat = rnew
+    rraised = true
   end
   if ti > 0 and cost > 0 then
-    redis.call('SET', KEYS[2], string.format('%.0f', tnew), 'PX', math.ceil((tnew - now) / 1000) + 1000)
     ttat = tnew
+    traised = true
   end
 end
+if rraised then put(KEYS[1], rtat) end
+if traised then put(KEYS[2], ttat) end
 return {wait, rtat, ttat, now}
 ";
 
@@ -133,18 +146,25 @@ impl RedisLimits {
         format!("{}rl:{{{name}}}:{which}", self.prefix)
     }
 
-    /// Ask for one request reserving `tokens` (see [`crate::limit`]).
+    /// Ask for one request reserving `tokens` (see [`crate::limit`]), after
+    /// raising the key's times to `floors` (ns ahead of now) if given. Also
+    /// returns how far (ns) each time runs ahead of Redis's clock after the
+    /// decision.
     pub(crate) async fn acquire(
         &self,
         key: &KeyEntry,
         tokens: u64,
-    ) -> Result<Decision, RedisCallError> {
+        floors: Option<[u64; 2]>,
+    ) -> Result<(Decision, [u64; 2]), RedisCallError> {
         let interval = |g: Option<Gcra>| g.map_or(0.0, micros);
+        let [requests_floor, tokens_floor] = floors.unwrap_or_default().map(|ns| ns / 1000);
         let mut call = self.acquire.key(self.key(&key.name, "req"));
         call.key(self.key(&key.name, "tok"))
             .arg(interval(key.limits.requests))
             .arg(interval(key.limits.tokens))
-            .arg(key.limits.token_charge(tokens));
+            .arg(key.limits.token_charge(tokens))
+            .arg(requests_floor)
+            .arg(tokens_floor);
         let call = &call;
         let (wait, rtat, ttat, now): (u64, u64, u64, u64) = self
             .link
@@ -154,13 +174,15 @@ impl RedisLimits {
             )
             .await?;
         let ns = |us: u64| us.saturating_mul(1000);
-        Ok(Decision {
+        let decision = Decision {
             allowed: wait == 0,
             retry_after: Duration::from_micros(wait),
             requests: key.limits.requests.map(|g| g.status(ns(rtat), ns(now))),
             tokens: key.limits.tokens.map(|g| g.status(ns(ttat), ns(now))),
             held_locally: false,
-        })
+        };
+        let ahead = [rtat, ttat].map(|tat| ns(tat.saturating_sub(now)));
+        Ok((decision, ahead))
     }
 
     /// Charge or refund tokens.
