@@ -1662,3 +1662,52 @@ async fn send_timeout_proxy(up: &MockServer) -> TestProxy {
     ))
     .await
 }
+
+/// A cached answer's frames are counted against the answers' budget as long
+/// as a coalesced request still holds them, not only until the answer ended:
+/// a follower that never reads must not pin answers outside the budget.
+#[tokio::test]
+async fn frames_a_follower_still_holds_stay_counted_in_the_budget() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "send_timeout_ms = 1500\n{}\n[cache]\nenabled = true\nbackend = \"memory\"\n",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    // A stream of many frames: the follower's client takes a few of them,
+    // and the flight keeps them all (for the store, and for requests that
+    // join late).
+    let body = chat("m", true);
+    let headers = [
+        ("content-type", "application/json"),
+        ("x-mock-tokens", "20000"),
+        ("x-mock-latency-ms", "400"),
+    ];
+    let leader = tokio::spawn(send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &headers,
+        body.clone(),
+    )));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The follower: its client never reads, and the answer is far larger
+    // than what the sockets hold.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut follower = socket.connect(p.addr).await.unwrap();
+    let mut req = String::from("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n");
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    req.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    follower.write_all(req.as_bytes()).await.unwrap();
+    let leader = leader.await.unwrap();
+    assert_eq!(leader.status, 200);
+    assert_eq!(leader.header("x-llm-proxy-cache"), Some("miss"));
+    assert!(leader.body.len() > 200_000, "{}", leader.body.len());
+    // The leader's answer ended; the follower still holds its frames.
+    assert!(gauge(&p, "llm_proxy_buffered_answer_bytes").await > 200_000);
+    // Cut by the send timeout, it lets them go.
+    wait_answers(&p, 0).await;
+    drop(follower);
+}

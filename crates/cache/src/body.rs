@@ -12,7 +12,7 @@ use llm_proxy_core::sse::{Event, Parser};
 use llm_proxy_core::usage::is_usage_only_chunk;
 use llm_proxy_core::{Body, BoxError, BudgetHold, StreamKind};
 
-use crate::flight::Leader;
+use crate::flight::{Dropped, Leader};
 use crate::service::Shared;
 use crate::stats::Counters;
 use crate::{CacheKey, Entry, EntryBody, UsageChunk};
@@ -262,8 +262,9 @@ impl Tee {
     fn observe(&mut self, data: &Bytes) {
         self.bytes += data.len();
         let max = self.shared.config.max_entry_bytes;
-        // No room in the budget for the frames: not kept at all (the
-        // requests that follow start over). A long answer is held in steps
+        // No room in the budget for the frames: not kept at all (not
+        // stored, and the requests that follow are cut: they may have
+        // answered their clients already). A long answer is held in steps
         // of an eighth more than it holds, so that most of its frames leave
         // the shared count alone, and it is over-counted by an eighth at
         // most; a one-frame answer is held exactly.
@@ -280,12 +281,12 @@ impl Tee {
             // Too large to store: keep frames only for those who follow
             // already, and only so far.
             self.too_large = true;
-            let cap = if room {
-                max.saturating_mul(FOLLOWED_CAP_FACTOR)
+            let (cap, why) = if room {
+                (max.saturating_mul(FOLLOWED_CAP_FACTOR), Dropped::TooLarge)
             } else {
-                0
+                (0, Dropped::BudgetFull)
             };
-            if self.leader.too_large(self.bytes, cap) {
+            if self.leader.too_large(self.bytes, cap, why) {
                 self.held = None;
             }
         }
@@ -297,6 +298,7 @@ impl Tee {
 
     /// The upstream body ended without error.
     fn finish(mut self) {
+        self.leader.keep_held(self.held.take());
         let frames = self.leader.complete();
         let kind = match &self.watch {
             Watch::Sse(watch) if !watch.clean_end() => None,
@@ -328,6 +330,7 @@ impl Tee {
     /// The answer will not be finished: fail the flight, store nothing.
     fn abandon(mut self) {
         Counters::bump(&self.shared.counters.not_stored);
+        self.leader.keep_held(self.held.take());
         self.leader.fail();
     }
 }

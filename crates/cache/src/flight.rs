@@ -65,11 +65,24 @@ pub(crate) struct Flight {
 struct State {
     head: Option<Head>,
     frames: Vec<Bytes>,
-    /// Frames are no longer kept (too large to store, and nobody follows or
-    /// the followers' share passed its cap).
-    dropped_frames: bool,
+    /// Frames are no longer kept, and why.
+    dropped_frames: Option<Dropped>,
     end: Option<End>,
     wakers: Vec<Waker>,
+    /// What `frames` count against the proxy's body budget, handed over by
+    /// the tee when it ends: the frames live as long as the flight (its
+    /// followers read them), and so does their count.
+    held: Option<llm_proxy_core::BudgetHold>,
+}
+
+/// Why a flight's frames were dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dropped {
+    /// Too large to store, and nobody follows or the followers' share
+    /// passed its cap.
+    TooLarge,
+    /// The proxy's budget for the answers it holds is spent.
+    BudgetFull,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,7 +228,7 @@ impl Leader {
     /// A frame of the answer, for the followers and the store.
     pub fn push(&self, frame: &Bytes) {
         self.flight.update(|state| {
-            if !state.dropped_frames {
+            if state.dropped_frames.is_none() {
                 state.frames.push(frame.clone());
             }
         });
@@ -229,16 +242,25 @@ impl Leader {
     /// broken stream, as after a leader's failure), so an answer that never
     /// ends cannot grow the buffer without bound. `true` once the frames
     /// are dropped.
-    pub fn too_large(&mut self, kept: usize, cap: usize) -> bool {
+    pub fn too_large(&mut self, kept: usize, cap: usize, why: Dropped) -> bool {
         self.retire();
         if kept <= cap && self.flight.followers.load(Ordering::SeqCst) > 0 {
             return false;
         }
         self.flight.update(|state| {
-            state.dropped_frames = true;
+            state.dropped_frames = Some(why);
             state.frames = Vec::new();
         });
         true
+    }
+
+    /// What the frames kept so far count against the body budget: held as
+    /// long as the flight, whose followers may read its frames long after
+    /// the answer ended.
+    pub fn keep_held(&self, held: Option<llm_proxy_core::BudgetHold>) {
+        if held.is_some() {
+            self.flight.state().held = held;
+        }
     }
 
     /// The answer ended cleanly: the frames, unless they were dropped.
@@ -247,7 +269,7 @@ impl Leader {
         let mut frames = None;
         self.flight.update(|state| {
             state.end = Some(End::Complete);
-            if !state.dropped_frames {
+            if state.dropped_frames.is_none() {
                 frames = Some(state.frames.clone());
             }
         });
@@ -269,7 +291,7 @@ impl Leader {
             // are gone (past the cap: they fail on their next read, and the
             // upstream must not be read on for them).
             return self.flight.followers.load(Ordering::SeqCst) > 0
-                && !self.flight.state().dropped_frames;
+                && self.flight.state().dropped_frames.is_none();
         };
         let followed = flights.retire_unless_followed(&self.flight);
         if !followed {
@@ -327,7 +349,7 @@ impl Follower {
     /// Whether the flight dropped its frames (the answer grew past what is
     /// kept for followers): a follower that fails then lost part of the
     /// answer, the leader's own end (an error event) among it.
-    pub fn frames_dropped(&self) -> bool {
+    pub fn frames_dropped(&self) -> Option<Dropped> {
         self.flight.state().dropped_frames
     }
 
@@ -342,9 +364,9 @@ impl Follower {
             return Poll::Ready(Some(Ok(frame.clone())));
         }
         match state.end {
-            Some(End::Complete) if !state.dropped_frames => Poll::Ready(None),
+            Some(End::Complete) if state.dropped_frames.is_none() => Poll::Ready(None),
             Some(_) => Poll::Ready(Some(Err(End::Failed))),
-            None if state.dropped_frames => Poll::Ready(Some(Err(End::Failed))),
+            None if state.dropped_frames.is_some() => Poll::Ready(Some(Err(End::Failed))),
             None => {
                 Flight::wait(&mut state, cx);
                 Poll::Pending
@@ -388,7 +410,7 @@ mod tests {
         leader.start(live());
         leader.push(&Bytes::from_static(b"a"));
         // Too large to store, under the cap: the follower keeps reading.
-        assert!(!leader.too_large(100, 200));
+        assert!(!leader.too_large(100, 200, Dropped::TooLarge));
         leader.push(&Bytes::from_static(b"b"));
         let second = poll_fn(|cx| follower.poll_frame(1, cx)).await;
         assert_eq!(second.unwrap().unwrap(), "b");
@@ -404,7 +426,7 @@ mod tests {
         // that was waiting for the next frame.
         let waiting = tokio::spawn(async move { poll_fn(|cx| follower.poll_frame(2, cx)).await });
         tokio::task::yield_now().await;
-        assert!(leader.too_large(300, 200));
+        assert!(leader.too_large(300, 200, Dropped::TooLarge));
         assert!(matches!(waiting.await.unwrap(), Some(Err(End::Failed))));
         assert!(!leader.retire_unless_followed(), "its follower is gone");
     }
@@ -414,9 +436,9 @@ mod tests {
         let flights = Arc::new(Flights::new());
         let (mut leader, follower) = lead_and_follow(&flights);
         leader.start(live());
-        assert!(!leader.too_large(100, 200));
+        assert!(!leader.too_large(100, 200, Dropped::TooLarge));
         assert!(leader.retire_unless_followed(), "under the cap: read on");
-        assert!(leader.too_large(300, 200));
+        assert!(leader.too_large(300, 200, Dropped::TooLarge));
         // The follower has not read its failure yet, but its frames are
         // gone: a leader whose client left stops reading the upstream.
         assert!(!leader.retire_unless_followed());
@@ -484,10 +506,10 @@ mod tests {
     fn unfollowed_flights_retire_and_drop_their_frames() {
         let flights = Arc::new(Flights::new());
         let (mut leader, follower) = lead_and_follow(&flights);
-        assert!(!leader.too_large(10, 100));
+        assert!(!leader.too_large(10, 100, Dropped::TooLarge));
         drop(follower);
         leader.push(&Bytes::from_static(b"a"));
-        assert!(leader.too_large(11, 100));
+        assert!(leader.too_large(11, 100, Dropped::TooLarge));
         // Retired: the next request leads a flight of its own.
         assert!(matches!(flights.join(key()), Joined::Lead(_)));
         assert_eq!(leader.complete(), None);

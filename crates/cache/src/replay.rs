@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use llm_proxy_core::sse::Parser;
 use llm_proxy_core::{Body, BoxError, Error, FlushBeforeError, StreamKind, UsageFilter, full};
 
-use crate::flight::{Follower, Head};
+use crate::flight::{Dropped, Follower, Head};
 use crate::{Entry, EntryBody, UsageChunk};
 
 /// The response header that says how the cache treated a request.
@@ -185,6 +185,11 @@ struct FlightBody {
 const CUT: &str =
     "the answer of the identical request this one was coalesced with grew too large to share";
 
+/// Why a follower is cut when the proxy's memory for the answers it holds
+/// ran out while it shared one.
+const CUT_BUDGET: &str = "the proxy's memory for the answers it holds is full: \
+     the answer of the identical request this one was coalesced with could not be shared";
+
 impl HttpBody for FlightBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -210,7 +215,9 @@ impl HttpBody for FlightBody {
                 Poll::Ready(Some(Ok(Frame::data(frame))))
             }
             Poll::Ready(Some(Err(_))) => {
-                if !self.told && self.follower.frames_dropped() {
+                if !self.told
+                    && let Some(why) = self.follower.frames_dropped()
+                {
                     // The frames this follower lost may have held the
                     // leader's error event: it gets one of its own, unless
                     // it holds the start of an event (which the event would
@@ -219,7 +226,11 @@ impl HttpBody for FlightBody {
                     if let Some((kind, parser)) = &self.sse
                         && !parser.has_partial()
                     {
-                        let event = Error::stream_interrupted_event_for(*kind, CUT);
+                        let reason = match why {
+                            Dropped::TooLarge => CUT,
+                            Dropped::BudgetFull => CUT_BUDGET,
+                        };
+                        let event = Error::stream_interrupted_event_for(*kind, reason);
                         return Poll::Ready(Some(Ok(Frame::data(event))));
                     }
                 }
@@ -259,7 +270,7 @@ mod tests {
     /// What a follower's client gets when the flight drops its frames after
     /// `sent` went out: the frames (the event it ends with, if any, last)
     /// before its stream fails.
-    async fn cut_after(sent: &'static [u8]) -> Vec<Bytes> {
+    async fn cut_after(sent: &'static [u8], why: Dropped) -> Vec<Bytes> {
         let flights = Arc::new(Flights::new());
         let key = CacheKey::from_bytes([5; 32]);
         let Joined::Lead(mut leader) = flights.join(key) else {
@@ -276,7 +287,8 @@ mod tests {
         leader.push(&Bytes::from_static(sent));
         let mut body = from_flight(follower, &head, Some(StreamKind::Chat), false, 0).into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert!(leader.too_large(300, 200), "past the cap");
+        let cap = if why == Dropped::TooLarge { 200 } else { 0 };
+        assert!(leader.too_large(300, cap, why), "past the cap");
         let mut frames = vec![first];
         let mut failed = false;
         while let Some(frame) = body.frame().await {
@@ -294,17 +306,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_follower_cut_between_events_gets_the_error_event_and_mid_event_none() {
-        let frames = cut_after(b"data: {\"a\":1}\n\n").await;
-        assert_eq!(frames.len(), 2, "{frames:?}");
-        assert!(
-            std::str::from_utf8(&frames[1])
-                .unwrap()
-                .contains("\"code\":\"stream_interrupted\""),
-            "{frames:?}"
-        );
-        // Holding the start of an event, the client gets no event: its first
-        // line break would complete the cut one.
-        let frames = cut_after(b"data: {\"a\":1}\n\ndata: {\"b\"").await;
-        assert_eq!(frames.len(), 1, "{frames:?}");
+        for (why, says) in [
+            (Dropped::TooLarge, "grew too large to share"),
+            (
+                Dropped::BudgetFull,
+                "memory for the answers it holds is full",
+            ),
+        ] {
+            let frames = cut_after(b"data: {\"a\":1}\n\n", why).await;
+            assert_eq!(frames.len(), 2, "{frames:?}");
+            let event = std::str::from_utf8(&frames[1]).unwrap();
+            assert!(
+                event.contains("\"code\":\"stream_interrupted\"") && event.contains(says),
+                "{event}"
+            );
+            // Holding the start of an event, the client gets no event: its
+            // first line break would complete the cut one.
+            let frames = cut_after(b"data: {\"a\":1}\n\ndata: {\"b\"", why).await;
+            assert_eq!(frames.len(), 1, "{frames:?}");
+        }
     }
 }
