@@ -75,44 +75,56 @@ where
         let state = member.state.clone();
         async move {
             let sent = epoch.now();
-            let ok = tokio::time::timeout(timeout, probe(svc, path))
+            // Judged by the head alone, within the timeout; the body is
+            // read (and dropped) after, on its own bound.
+            let (ok, body) = tokio::time::timeout(timeout, probe(svc, path))
                 .await
-                .unwrap_or(Some(false));
-            // A probe refused with 429 says the server is up and busy:
-            // requests' own 429s rest it; the probe changes nothing.
-            let Some(ok) = ok else { return };
-            // Requests answered while the probe waited are newer news than
-            // its failure (a server busy with them may be slow to list its
-            // models, or time the probe out): it stays up.
-            if !ok && state.answered_since(sent) {
-                tracing::debug!(upstream = %state.name, "health check failed, but requests were answered meanwhile");
-                return;
-            }
-            state.update_health(|h| h.on_probe(ok));
-            if !ok {
-                tracing::debug!(upstream = %state.name, "health check failed");
+                .unwrap_or((Some(false), None));
+            record(&state, sent, ok);
+            if let Some(body) = body {
+                let _ = tokio::time::timeout(DRAIN_LIMIT, drain(body)).await;
             }
         }
     });
     futures_util::future::join_all(probes).await;
 }
 
-/// One probe: `Some(healthy)`, or `None` for a 429 (up, but busy).
-async fn probe<S>(svc: S, path: &str) -> Option<bool>
+/// What a probe's answer (`Some(healthy)`, or `None` for a 429) says of
+/// its backend.
+fn record(state: &crate::state::BackendState, sent: u64, ok: Option<bool>) {
+    // A probe refused with 429 says the server is up and busy: requests'
+    // own 429s rest it; the probe changes nothing.
+    let Some(ok) = ok else { return };
+    // Requests answered while the probe waited are newer news than its
+    // failure (a server busy with them may be slow to list its models, or
+    // time the probe out): it stays up.
+    if !ok && state.answered_since(sent) {
+        tracing::debug!(upstream = %state.name, "health check failed, but requests were answered meanwhile");
+        return;
+    }
+    state.update_health(|h| h.on_probe(ok));
+    if !ok {
+        tracing::debug!(upstream = %state.name, "health check failed");
+    }
+}
+
+/// One probe: `Some(healthy)`, or `None` for a 429 (up, but busy), and the
+/// answer's body, still to be drained.
+async fn probe<S>(svc: S, path: &str) -> (Option<bool>, Option<Body>)
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
     S::Future: Send + 'static,
 {
     let Ok(req) = Request::get(path).body(llm_proxy_core::empty()) else {
-        return Some(false);
+        return (Some(false), None);
     };
     match crate::attempt::call(svc, req).await {
         Ok(resp) => {
             let status = resp.status();
-            let _ = tokio::time::timeout(DRAIN_LIMIT, drain(resp.into_body())).await;
-            (status != http::StatusCode::TOO_MANY_REQUESTS).then_some(status.is_success())
+            let ok = (status != http::StatusCode::TOO_MANY_REQUESTS).then_some(status.is_success());
+            (ok, Some(resp.into_body()))
         }
-        Err(_) => Some(false),
+        Err(_) => (Some(false), None),
     }
 }
 

@@ -45,6 +45,8 @@ pub(crate) enum Mode {
     /// Requests answered 200 at once; health probes (`/v1/models`) only
     /// after this delay (a server too busy for its model list).
     SlowProbes(Duration),
+    /// 200 after this delay, then a body that never comes.
+    Stalled(Duration),
 }
 
 /// What one fake call saw.
@@ -215,6 +217,15 @@ impl Service<Request<Body>> for Fake {
                     Ok(Response::new(body.boxed_unsync()))
                 }
                 Mode::Empty => Ok(Response::new(llm_proxy_core::empty())),
+                Mode::Stalled(delay) => {
+                    tokio::time::sleep(delay).await;
+                    let never = futures_util::stream::pending::<
+                        Result<http_body::Frame<Bytes>, llm_proxy_core::BoxError>,
+                    >();
+                    Ok(Response::new(
+                        http_body_util::StreamBody::new(never).boxed_unsync(),
+                    ))
+                }
                 Mode::SlowProbes(_) => unreachable!("mapped above"),
                 Mode::TimedOut => Err(Error::UpstreamTimeout {
                     upstream: name,
