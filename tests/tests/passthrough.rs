@@ -730,3 +730,39 @@ async fn readiness_follows_ejection_not_rate_limits() {
         assert_eq!(readyz.status, ready, "after a {status}: {}", readyz.text());
     }
 }
+
+/// Every upstream of a model answered 429 with `retry-after`: until the
+/// first of them is back, the proxy asks none of them (no panic routing to
+/// a server that said when to come back) and answers 503
+/// `no_upstream_available` with the soonest `retry-after`.
+#[tokio::test]
+async fn upstreams_that_asked_to_be_left_alone_are_not_asked() {
+    let limited = || {
+        mock(llm_proxy_mock::MockConfig {
+            name: "m".into(),
+            failure: Some(llm_proxy_mock::Failure::RateLimited {
+                retry_after_secs: 30,
+            }),
+            ..llm_proxy_mock::MockConfig::default()
+        })
+    };
+    let (a, b) = (limited().await, limited().await);
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"a\"\nurl = \"{}\"\n[[upstream]]\nname = \"b\"\nurl = \"{}\"\n",
+        a.base_url(),
+        b.base_url()
+    ))
+    .await;
+    let url = p.url("/v1/chat/completions");
+    let first = post_json(&url, &chat("m", false)).await;
+    assert_eq!(first.status, 429, "the upstream's own answer");
+    assert_eq!((a.stats.requests(), b.stats.requests()), (1, 1));
+    for _ in 0..3 {
+        let next = post_json(&url, &chat("m", false)).await;
+        assert_eq!(next.status, 503, "{}", next.text());
+        assert_eq!(next.json()["error"]["code"], "no_upstream_available");
+        let after: u64 = next.header("retry-after").unwrap().parse().unwrap();
+        assert!((29..=30).contains(&after), "{after}");
+    }
+    assert_eq!((a.stats.requests(), b.stats.requests()), (1, 1));
+}

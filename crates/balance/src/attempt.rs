@@ -226,8 +226,18 @@ where
     } else {
         1
     };
+    // A model with fallbacks gets one attempt at them beyond
+    // `max_retries` when its own upstreams took every attempt (they may be
+    // more than `max_retries + 1`): the fallback is what the operator named
+    // for a model whose upstreams all fail.
+    let fallbacks = retryable
+        && meta
+            .as_ref()
+            .and_then(RequestMeta::model)
+            .and_then(|model| shared.config.fallbacks.get(model))
+            .is_some_and(|models| !models.is_empty());
     let (parts, body) = req.into_parts();
-    let mut template = Template::new(parts, body, attempts > 1, meta.as_ref());
+    let mut template = Template::new(parts, body, attempts > 1 || fallbacks, meta.as_ref());
     async move {
         let set = shared.snapshot();
         let route = {
@@ -241,13 +251,20 @@ where
         let mut tried: Vec<usize> = Vec::new();
         let mut spent: Vec<usize> = Vec::new();
         let mut last: Option<Outcome> = None;
-        for attempt in 0..attempts {
+        let mut fell_back = false;
+        for attempt in 0.. {
+            let extra = attempt >= attempts;
+            if extra && (fell_back || !fallbacks) {
+                break;
+            }
             if attempt > 0 {
                 now = shared.epoch.now();
             }
-            let Some(choice) = route.choose(&set, &tried, &spent, now, crate::random()) else {
+            let Some(choice) = route.choose(&set, &tried, &spent, now, crate::random(), extra)
+            else {
                 break;
             };
+            fell_back |= choice.model.is_some();
             if attempt > 0 {
                 if !shared.budget.withdraw(now) {
                     tracing::debug!("retry budget exhausted; answering with the last attempt");
@@ -259,9 +276,11 @@ where
             // The request is made and handed to `send` in one expression: a
             // local holding it would keep its room in this future beside the
             // attempt's, even once moved out.
+            // No attempt can follow this one.
+            let final_attempt = extra || (attempt + 1 == attempts && (fell_back || !fallbacks));
             let made = template
                 .next(
-                    attempt + 1 == attempts,
+                    final_attempt,
                     meta.as_ref(),
                     fallback(&meta, &route, choice.model).as_ref(),
                 )
@@ -293,7 +312,7 @@ where
                 }
             }
         }
-        last.unwrap_or_else(|| Err(no_attempt(&route)))
+        last.unwrap_or_else(|| Err(no_attempt(&route, &set, now)))
     }
 }
 
@@ -320,7 +339,23 @@ fn timed_out_waiting(outcome: &Outcome) -> bool {
     matches!(outcome, Err(Error::UpstreamTimeout { phase, .. }) if *phase == Error::WAITING_FOR_HEAD)
 }
 
-fn no_attempt(route: &Route<'_>) -> Error {
+/// Why no attempt could be made: every backend asked to be left alone
+/// (503 with the soonest one's `retry-after`), or there is none.
+fn no_attempt<S>(route: &Route<'_>, set: &crate::set::BackendSet<S>, now: u64) -> Error {
+    if let Some(until) = route.resting_until(set, now) {
+        let retry_after_secs = (until - now).div_ceil(1_000_000_000).max(1);
+        let whose = match route.model() {
+            Some(model) => format!("every upstream of model `{model}`"),
+            None => "every upstream".to_owned(),
+        };
+        return Error::UpstreamsResting {
+            message: format!(
+                "{whose} asked to be left alone (429, or 503 with retry-after) for \
+                 {retry_after_secs} s more"
+            ),
+            retry_after_secs,
+        };
+    }
     Error::NoUpstreamAvailable(match route.model() {
         Some(model) => format!("no upstream could be tried for model `{model}`"),
         None => "no upstream is configured".to_owned(),

@@ -7,8 +7,10 @@
 //!    in order (so a fallback is used once every upstream of the model has
 //!    failed in this request or is resting); within a model, the upstreams
 //!    that serve the request's API natively before those that translate;
-//! 2. panic routing: not yet tried, resting or not, in the same order
-//!    (rather than 503 while a resting server may be back);
+//! 2. panic routing: not yet tried, ejected or failing its probes, in the
+//!    same order (rather than 503 while a resting server may be back); but
+//!    not one that asked to be left alone (a 429, a 503 with
+//!    `retry-after`) for longer: it said when it will be back;
 //! 3. healthy, tried before (one upstream can be retried after a transient
 //!    failure; an upstream that just answered 429 or was ejected is not, and
 //!    neither is one that left the request without a head until its
@@ -152,6 +154,25 @@ impl<'a> Route<'a> {
         })
     }
 
+    /// When none of the backends this request may go to can take it now
+    /// because every one asked to be left alone (429, or 503 with
+    /// `retry-after`): the soonest of them is back at this time. `None`
+    /// when the route has no backend, or one that did not ask.
+    pub(crate) fn resting_until<S>(&self, set: &BackendSet<S>, now: u64) -> Option<u64> {
+        let mut soonest: Option<u64> = None;
+        for &(group, _, tier) in &self.chain {
+            for &member in &group.members {
+                let member = &set.members[member];
+                if !member.serves(self.api, tier) {
+                    continue;
+                }
+                let until = member.state.throttled_until(now)?;
+                soonest = Some(soonest.map_or(until, |s| s.min(until)));
+            }
+        }
+        soonest
+    }
+
     /// The request's own model, if it has one.
     pub(crate) fn model(&self) -> Option<&'a str> {
         self.model
@@ -164,7 +185,8 @@ impl<'a> Route<'a> {
 
     /// The backend for the next attempt; `None` when no pass finds one.
     /// `tried`: the members tried so far; `spent`: those of them never to
-    /// be tried again in this request (they timed out).
+    /// be tried again in this request (they timed out); `fallbacks_only`:
+    /// not the request's own model (its attempt beyond `max_retries`).
     pub(crate) fn choose<S>(
         &self,
         set: &BackendSet<S>,
@@ -172,6 +194,7 @@ impl<'a> Route<'a> {
         spent: &[usize],
         now: u64,
         random: u64,
+        fallbacks_only: bool,
     ) -> Option<Choice<'a>> {
         if let Some(member) = self.pinned {
             // No other upstream can honour a pinned request: retry it only
@@ -186,6 +209,9 @@ impl<'a> Route<'a> {
         }
         for pass in [Pass::HealthyUntried, Pass::Untried, Pass::HealthyTried] {
             for &(group, model, tier) in &self.chain {
+                if fallbacks_only && model.is_none() {
+                    continue;
+                }
                 let view = View {
                     set,
                     group,
@@ -234,7 +260,13 @@ impl<S> LoadView for View<'_, S> {
         let healthy = || self.set.members[member].state.is_available(self.now);
         match self.pass {
             Pass::HealthyUntried => !tried && healthy(),
-            Pass::Untried => !tried,
+            Pass::Untried => {
+                !tried
+                    && self.set.members[member]
+                        .state
+                        .throttled_until(self.now)
+                        .is_none()
+            }
             Pass::HealthyTried => tried && !self.spent.contains(&member) && healthy(),
         }
     }

@@ -61,6 +61,9 @@ pub(crate) struct BackendState {
     /// The same without a 429's rest ([`Health::sick_until`]); written
     /// under `health`.
     sick_until: AtomicU64,
+    /// The end of a 429's rest ([`Health::throttled_until`]); written under
+    /// `health`.
+    throttled_until: AtomicU64,
     /// Whether the failure count is above zero. Written under `health`,
     /// read without a lock: a clean end has nothing to reset otherwise.
     failing: AtomicBool,
@@ -99,6 +102,7 @@ impl BackendState {
             in_flight: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
             sick_until: AtomicU64::new(0),
+            throttled_until: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             answered_after: AtomicU64::new(0),
             failures_seen: AtomicU64::new(0),
@@ -129,6 +133,12 @@ impl BackendState {
     /// only resting after a 429 (for readiness).
     pub(crate) fn is_up(&self, now: u64) -> bool {
         now >= self.sick_until.load(Ordering::Relaxed)
+    }
+
+    /// Until when it asked to be left alone (a 429, or a 503 with
+    /// `retry-after`), if that is after `now`.
+    pub(crate) fn throttled_until(&self, now: u64) -> Option<u64> {
+        Some(self.throttled_until.load(Ordering::Relaxed)).filter(|&until| until > now)
     }
 
     /// Peak-EWMA cost: the decayed latency estimate × (in-flight + 1).
@@ -193,6 +203,8 @@ impl BackendState {
             .store(health.down_until(), Ordering::Relaxed);
         self.sick_until
             .store(health.sick_until(), Ordering::Relaxed);
+        self.throttled_until
+            .store(health.throttled_until, Ordering::Relaxed);
         self.failing.store(health.failures > 0, Ordering::Relaxed);
         self.failures_seen
             .store(health.failures_seen, Ordering::Relaxed);

@@ -634,7 +634,8 @@ fn marked(
         Err(
             e @ (Error::BadGateway { .. }
             | Error::UpstreamTimeout { .. }
-            | Error::NoUpstreamAvailable(_)),
+            | Error::NoUpstreamAvailable(_)
+            | Error::UpstreamsResting { .. }),
         ) => e.into_response_in(dialect),
         Err(e) => return Err(e),
     };

@@ -135,6 +135,16 @@ pub enum Error {
     /// No attempt could be made at all.
     #[error("no upstream available: {0}")]
     NoUpstreamAvailable(String),
+    /// No attempt was made: every upstream the request may go to asked to
+    /// be left alone (a 429, a 503 with `retry-after`) for a while yet. A
+    /// 503 `no_upstream_available`, with a `retry-after` of the soonest.
+    #[error("no upstream available: {message}")]
+    UpstreamsResting {
+        /// What the client is told.
+        message: String,
+        /// Seconds until the first of them is back (at least 1).
+        retry_after_secs: u64,
+    },
     /// The store of response and conversation ids (Redis) could not be
     /// asked where an id the request names lives: a 503 to retry, not the
     /// 404 a client would take as final.
@@ -219,9 +229,10 @@ impl Error {
             }
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             BadGateway { .. } => StatusCode::BAD_GATEWAY,
-            NoUpstreamAvailable(_) | BodyBufferFull { .. } | IdStoreUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            NoUpstreamAvailable(_)
+            | UpstreamsResting { .. }
+            | BodyBufferFull { .. }
+            | IdStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout { .. } | NotCached => StatusCode::GATEWAY_TIMEOUT,
             Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -252,9 +263,10 @@ impl Error {
             | RouteNotFound(_) => "not_found_error",
             RateLimited { .. } => "rate_limit_error",
             BadGateway { .. } => "upstream_error",
-            NoUpstreamAvailable(_) | BodyBufferFull { .. } | IdStoreUnavailable(_) => {
-                "service_unavailable"
-            }
+            NoUpstreamAvailable(_)
+            | UpstreamsResting { .. }
+            | BodyBufferFull { .. }
+            | IdStoreUnavailable(_) => "service_unavailable",
             UpstreamTimeout { .. } | NotCached => "timeout_error",
             Misconfigured(_) => "server_error",
         }
@@ -282,7 +294,7 @@ impl Error {
             UnsupportedMediaType(_) | UnsupportedContentEncoding(_) => "unsupported_media_type",
             RateLimited { .. } => "rate_limit_exceeded",
             BadGateway { .. } => "bad_gateway",
-            NoUpstreamAvailable(_) => "no_upstream_available",
+            NoUpstreamAvailable(_) | UpstreamsResting { .. } => "no_upstream_available",
             BodyBufferFull { .. } => "server_overloaded",
             IdStoreUnavailable(_) => "id_store_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",
@@ -376,6 +388,9 @@ impl Error {
         );
         match &self {
             Error::RateLimited {
+                retry_after_secs, ..
+            }
+            | Error::UpstreamsResting {
                 retry_after_secs, ..
             } => {
                 headers.insert(

@@ -238,6 +238,40 @@ async fn a_429_rests_its_backend_for_retry_after() {
     assert_eq!(stats(&h, "a").ejections, 0, "a 429 is no failure");
 }
 
+/// Every upstream asked to be left alone: no request reaches any of them
+/// until the first is back (no panic routing to them, no retries); the
+/// proxy answers 503 with the soonest one's `retry-after`.
+#[tokio::test(start_paused = true)]
+async fn upstreams_that_all_asked_to_be_left_alone_are_left_alone() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(429, Some("30")));
+    fleet.set("b", Mode::Status(503, Some("20")));
+    let b = balance(&fleet, &["a", "b"], rr());
+    // The first request meets both and gets the last one's answer.
+    let (status, _) = send(&b, chat("m", "x")).await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(fleet.total(), 2);
+    tokio::time::advance(secs(5)).await;
+    for i in 0..5 {
+        let e = b
+            .clone()
+            .oneshot(chat("m", &i.to_string()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "no_upstream_available", "{e}");
+        let resp = e.into_response();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["retry-after"], "15", "b is back first");
+    }
+    assert_eq!(fleet.total(), 2, "neither was asked again");
+    // Once `b` is back, it is asked.
+    fleet.set("b", Mode::Ok(Duration::ZERO));
+    tokio::time::advance(secs(15)).await;
+    let (status, body) = send(&b, chat("m", "y")).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "b"));
+    assert_eq!(fleet.calls("a"), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn exhausted_retries_return_the_upstreams_own_answer() {
     let fleet = Fleet::default();
@@ -358,6 +392,60 @@ async fn fallbacks_rewrite_the_model() {
     );
     let err = b.clone().oneshot(chat("nope", "x")).await.unwrap_err();
     assert_eq!(err.code(), "model_not_found");
+}
+
+/// A model with more upstreams than `max_retries + 1`, all failing: its
+/// fallback still gets an attempt (beyond `max_retries`), and only one;
+/// without fallbacks, `max_retries` holds as before.
+#[tokio::test(start_paused = true)]
+async fn a_fallback_gets_its_attempt_however_many_upstreams_the_model_has() {
+    let fleet = Fleet::default();
+    for big in ["big-1", "big-2", "big-3"] {
+        fleet.set(big, Mode::Status(500, None));
+    }
+    fleet.set("small-1", Mode::Status(500, None));
+    let cfg = BalanceConfig {
+        max_retries: 1,
+        fallbacks: HashMap::from([("big".to_owned(), vec!["small".to_owned()])]),
+        ..rr()
+    };
+    let b = Balance::new(backends_of(&fleet), cfg.clone());
+    let (status, _) = send(&b, chat("big", "x")).await.unwrap();
+    assert_eq!(status, 500);
+    let models: Vec<Option<String>> = fleet.seen().into_iter().map(|s| s.model).collect();
+    assert_eq!(
+        models,
+        [Some("big".into()), Some("big".into()), Some("small".into())],
+        "two of the model's (max_retries = 1), then the fallback's one"
+    );
+    // Answered by the fallback: as any answer.
+    fleet.set("small-1", Mode::Ok(Duration::ZERO));
+    let (status, body) = send(&b, chat("big", "y")).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "small-1"));
+
+    let fleet = Fleet::default();
+    for big in ["big-1", "big-2", "big-3"] {
+        fleet.set(big, Mode::Status(500, None));
+    }
+    let b = Balance::new(
+        backends_of(&fleet),
+        BalanceConfig {
+            fallbacks: HashMap::new(),
+            ..cfg
+        },
+    );
+    let (status, _) = send(&b, chat("big", "x")).await.unwrap();
+    assert_eq!(status, 500);
+    assert_eq!(fleet.total(), 2, "no fallback: max_retries + 1 attempts");
+
+    fn backends_of(fleet: &Fleet) -> [crate::Backend<Fake>; 4] {
+        [
+            fleet.backend("big-1").with_models(["big"]),
+            fleet.backend("big-2").with_models(["big"]),
+            fleet.backend("big-3").with_models(["big"]),
+            fleet.backend("small-1").with_models(["small"]),
+        ]
+    }
 }
 
 #[tokio::test(start_paused = true)]
