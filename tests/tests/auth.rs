@@ -745,6 +745,41 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
     let refused = post("Bearer sk-tpm", body).await;
     refused.assert_error(400, "invalid_request_error", "unsupported_parameter");
     assert_eq!(refused.json()["error"]["param"], "previous_response_id");
+    // So is what the upstream fetches or runs itself.
+    for (field, value, param) in [
+        ("prompt", serde_json::json!({"id": "pmpt_1"}), "prompt"),
+        (
+            "tools",
+            serde_json::json!([{"type": "web_search"}]),
+            "tools",
+        ),
+        (
+            "input",
+            serde_json::json!([{"role": "user", "content": [
+                {"type": "input_file", "file_url": "https://example.com/a.pdf"}]}]),
+            "input",
+        ),
+        (
+            "input",
+            serde_json::json!([{"role": "user", "content": [
+                {"type": "input_image", "file_id": "file_1"}]}]),
+            "input",
+        ),
+    ] {
+        let mut body = background(Some(100));
+        body[field] = value;
+        let refused = post("Bearer sk-tpm", body).await;
+        refused.assert_error(400, "invalid_request_error", "unsupported_parameter");
+        assert_eq!(refused.json()["error"]["param"], param, "{field}");
+    }
+    // What the body holds itself is counted: an image as a `data:` URL, a
+    // function tool.
+    let mut inline = background(Some(100));
+    inline["input"] = serde_json::json!([{"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]);
+    inline["tools"] = serde_json::json!([{"type": "function", "name": "f", "parameters": {}}]);
+    let inline = post("Bearer sk-tpm", inline).await;
+    assert_eq!(inline.status, 200, "{}", inline.text());
     // A `background` a lax server reads as true is held to the same checks.
     for lax in [serde_json::json!("true"), 1.into(), "yes".into()] {
         let mut body = background(None);
@@ -755,7 +790,7 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
             "unsupported_parameter",
         );
     }
-    assert_eq!(up.stats.requests(), 0);
+    assert_eq!(up.stats.requests(), 1, "the inline one");
     // Bounded within the limit; and a key without a token limit as it likes.
     let bounded = post("Bearer sk-tpm", background(Some(100))).await;
     assert_eq!(bounded.status, 200, "{}", bounded.text());
@@ -768,7 +803,7 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
     )
     .await;
     assert_eq!(plain.status, 200, "{}", plain.text());
-    assert_eq!(up.stats.requests(), 3);
+    assert_eq!(up.stats.requests(), 4);
 }
 
 /// A key allowed only `small` is not served `secret` when `small`'s

@@ -602,6 +602,16 @@ fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
             });
         }
     }
+    // So is what the upstream fetches or runs itself: a file or image it
+    // reads by id or URL, a stored prompt, a hosted tool's results.
+    if let Some((param, what)) = unseen_input(json) {
+        return Err(Error::UnsupportedParameter {
+            param: param.into(),
+            message: format!(
+                "a background response cannot use {what} under this key's token limit: its usage never reaches the proxy, and the input it adds is not in the request"
+            ),
+        });
+    }
     let estimate = estimate_tokens(meta);
     if estimate > u64::from(tokens.limit) {
         return refuse(format!(
@@ -610,6 +620,56 @@ fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// What in a Responses body adds input the upstream gets elsewhere than
+/// from the body (so that no estimate of the body counts it): the
+/// parameter that names it and what it is. A stored prompt (`prompt`), a
+/// hosted tool (any `tools` entry but `function` and `custom`: web search,
+/// file search, MCP, … run upstream and feed it their results), or an
+/// input part that names a file or an image by id or by URL (an image
+/// written out as a `data:` URL is in the body).
+fn unseen_input(json: &serde_json::Map<String, Value>) -> Option<(&'static str, &'static str)> {
+    if json.get("prompt").is_some_and(|v| !v.is_null()) {
+        return Some(("prompt", "a stored `prompt`"));
+    }
+    let hosted = |tool: &Value| {
+        !matches!(
+            tool.get("type").and_then(Value::as_str),
+            Some("function" | "custom")
+        )
+    };
+    if let Some(Value::Array(tools)) = json.get("tools")
+        && tools.iter().any(hosted)
+    {
+        return Some(("tools", "a hosted tool (one the upstream runs)"));
+    }
+    let fetched = |part: &Value| {
+        let Some(part) = part.as_object() else {
+            return false;
+        };
+        let named = |field: &str| part.get(field).is_some_and(|v| !v.is_null());
+        let by_url = |field: &str| {
+            part.get(field)
+                .and_then(Value::as_str)
+                .is_some_and(|url| !url.starts_with("data:"))
+        };
+        named("file_id") || by_url("file_url") || by_url("image_url")
+    };
+    let Some(Value::Array(items)) = json.get("input") else {
+        return None;
+    };
+    let parts = items
+        .iter()
+        .flat_map(|item| match item.get("content") {
+            Some(Value::Array(parts)) => parts.iter().collect(),
+            _ => Vec::new(),
+        })
+        .chain(items.iter());
+    parts
+        .into_iter()
+        .any(fetched)
+        .then_some(("input", "a file or an image named by id or URL"))
 }
 
 /// Whether requests to `endpoint` consume tokens, so that they reserve
