@@ -728,6 +728,14 @@ async fn readiness_follows_ejection_not_rate_limits() {
         assert_eq!(answer.status, status);
         let readyz = send(request(Method::GET, &proxy.url("/readyz"), &[], "")).await;
         assert_eq!(readyz.status, ready, "after a {status}: {}", readyz.text());
+        let (failures, throttled) = if status == 500 { (1, 0) } else { (0, 1) };
+        let metrics = proxy.metrics().await;
+        for line in [
+            format!(r#"llm_proxy_upstream_failures_total{{upstream="up"}} {failures}"#),
+            format!(r#"llm_proxy_upstream_throttled_total{{upstream="up"}} {throttled}"#),
+        ] {
+            assert!(metrics.contains(&line), "{line} in {metrics}");
+        }
     }
 }
 
@@ -765,4 +773,13 @@ async fn upstreams_that_asked_to_be_left_alone_are_not_asked() {
         assert!((29..=30).contains(&after), "{after}");
     }
     assert_eq!((a.stats.requests(), b.stats.requests()), (1, 1));
+    // What each said is counted, though the client saw only the last.
+    let metrics = p.metrics().await;
+    for line in [
+        r#"llm_proxy_upstream_throttled_total{upstream="a"} 1"#,
+        r#"llm_proxy_upstream_throttled_total{upstream="b"} 1"#,
+        r#"llm_proxy_upstream_failures_total{upstream="a"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 }

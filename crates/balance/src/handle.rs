@@ -46,6 +46,12 @@ pub struct BackendStats {
     pub healthy: bool,
     /// How many times it has been ejected.
     pub ejections: u64,
+    /// Attempts sent to it that failed (5xx, a connection or timeout
+    /// error, a body it broke), whether retried elsewhere or not.
+    pub failures: u64,
+    /// Answers of it that asked to be left alone for a while (429, or 503
+    /// with `retry-after`).
+    pub throttled: u64,
 }
 
 /// What the balancer had counted of a backend at one moment
@@ -117,6 +123,8 @@ impl<S> BalanceHandle<S> {
                 in_flight: m.state.in_flight(),
                 healthy: m.state.is_available(now),
                 ejections: m.state.ejections(),
+                failures: m.state.failed(),
+                throttled: m.state.throttled(),
             })
             .collect()
     }

@@ -77,6 +77,10 @@ pub(crate) struct BackendState {
     ejections_seen: AtomicU64,
     health: Mutex<Health>,
     ejections: AtomicU64,
+    /// Attempts that failed, ever (while resting too).
+    failed: AtomicU64,
+    /// Answers that asked it to be left alone (429, 503 with `retry-after`).
+    throttled: AtomicU64,
     /// The balancer's policy and its ejection count, for failures recorded
     /// where no balancer is at hand (a response body that breaks).
     policy: Policy,
@@ -109,6 +113,8 @@ impl BackendState {
             ejections_seen: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             ejections: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
             policy,
             ejections_total,
             ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
@@ -123,6 +129,16 @@ impl BackendState {
 
     pub(crate) fn ejections(&self) -> u64 {
         self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Attempts that failed, ever.
+    pub(crate) fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Answers that asked it to be left alone, ever.
+    pub(crate) fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_available(&self, now: u64) -> bool {
@@ -281,6 +297,7 @@ impl BackendState {
     /// A failure at `now`, after `elapsed`: in the latency estimate, and
     /// towards the backend's ejection (counted here and balancer-wide).
     pub(crate) fn record_failure(&self, now: u64, elapsed: Duration) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
         self.observe_failure(now, elapsed);
         let rest_ns =
             self.update_health(|h| h.on_failure(now, &self.policy).then_some(h.last_rest));
@@ -299,6 +316,7 @@ impl BackendState {
 
     /// A 429's (or a 503's) rest of `ns`.
     pub(crate) fn rest(&self, now: u64, ns: u64) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
         self.update_health(|h| h.on_throttled(now, ns, &self.policy));
     }
 

@@ -344,6 +344,18 @@ fn balance_metrics(handle: BalanceHandle<UpstreamService>) -> Source {
                 samples: per(&|b| b.ejections),
             },
             Series {
+                name: "upstream_failures",
+                help: "Attempts that failed (5xx, connection or timeout errors, broken bodies), retried or not, by upstream",
+                counter: true,
+                samples: per(&|b| b.failures),
+            },
+            Series {
+                name: "upstream_throttled",
+                help: "Answers asking to be left alone (429, or 503 with retry-after), retried or not, by upstream",
+                counter: true,
+                samples: per(&|b| b.throttled),
+            },
+            Series {
                 name: "retries",
                 help: "Attempts retried (on another upstream, or on one tried before when none is left)",
                 counter: true,
