@@ -130,6 +130,35 @@ async fn eight_concurrent_identical_requests_reach_the_upstream_once() {
     assert_eq!(upstream_calls(&up), 2, "one call streamed, one not");
 }
 
+/// The requests coalesced on a JSON answer announce its length, as the
+/// leader's answer and a stored hit do (not a chunked body of unknown
+/// length).
+#[tokio::test]
+async fn coalesced_json_answers_carry_their_length() {
+    let up = mock(MockConfig {
+        latency: Duration::from_millis(300),
+        ..MockConfig::default()
+    })
+    .await;
+    let p = proxy(&memory(&up.base_url())).await;
+    let url = p.url(CHAT_PATH);
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post_json(&url, &chat("m", false)).await })
+        })
+        .collect();
+    let mut hits = 0;
+    for task in tasks {
+        let answer = task.await.expect("request task");
+        assert_eq!(answer.status, 200);
+        hits += usize::from(answer.header("x-llm-proxy-cache") == Some("hit"));
+        let length = answer.header("content-length").map(str::to_owned);
+        assert_eq!(length, Some(answer.body.len().to_string()), "{answer:?}");
+    }
+    assert_eq!((hits, upstream_calls(&up)), (2, 1));
+}
+
 #[tokio::test]
 async fn failures_are_not_stored() {
     let up = mock_named("m").await;

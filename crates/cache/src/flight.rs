@@ -51,6 +51,9 @@ pub(crate) struct Head {
     /// For an answer from the store, when it was stored; `None` for a live
     /// answer (age 0).
     pub stored_at_ms: Option<u64>,
+    /// The answer's length when known (a JSON answer's `content-length`),
+    /// so that followers announce it too.
+    pub length: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -400,6 +403,7 @@ mod tests {
         Head {
             content_type: None,
             stored_at_ms: None,
+            length: None,
         }
     }
 

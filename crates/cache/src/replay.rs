@@ -97,6 +97,7 @@ pub(crate) fn from_flight(
     let body = FlightBody {
         follower,
         next: 0,
+        left: head.length,
         ended: false,
         flush: FlushBeforeError::default(),
         sse: stream.map(|kind| (kind, Parser::new())),
@@ -167,6 +168,8 @@ impl HttpBody for Replay {
 struct FlightBody {
     follower: Follower,
     next: usize,
+    /// Bytes still to come, when the answer's length is known.
+    left: Option<u64>,
     ended: bool,
     /// The flight broke: paused once before failing, so that hyper writes
     /// out the frames it holds (the leader's error event among them)
@@ -205,6 +208,9 @@ impl HttpBody for FlightBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
                 self.next += 1;
+                if let Some(left) = &mut self.left {
+                    *left = left.saturating_sub(frame.len() as u64);
+                }
                 if let Some((_, parser)) = &mut self.sse {
                     if parser.push(&frame).is_ok() {
                         while parser.next_event_ref().is_some() {}
@@ -255,7 +261,10 @@ impl HttpBody for FlightBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        match self.left {
+            Some(left) if !self.ended => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -282,6 +291,7 @@ mod tests {
         let head = Head {
             content_type: None,
             stored_at_ms: None,
+            length: None,
         };
         leader.start(head.clone());
         leader.push(&Bytes::from_static(sent));

@@ -486,6 +486,10 @@ fn head_of(entry: &Entry) -> Head {
     Head {
         content_type: Some(crate::replay::content_type(entry)),
         stored_at_ms: Some(entry.stored_at_ms),
+        length: match &entry.body {
+            EntryBody::Json(bytes) => Some(bytes.len() as u64),
+            EntryBody::Stream { .. } => None,
+        },
     }
 }
 
@@ -563,9 +567,18 @@ where
         return Ok(to_client(parts, body, plan, status));
     }
     let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
+    // A stream's length is not the followers': some of them get it
+    // without its usage chunk.
+    let length = plan
+        .stream
+        .is_none()
+        .then(|| parts.headers.get(header::CONTENT_LENGTH))
+        .flatten()
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     leader.start(Head {
         content_type: content_type.clone(),
         stored_at_ms: None,
+        length,
     });
     let tee = Tee {
         leader,
