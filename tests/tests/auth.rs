@@ -765,6 +765,17 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
                 {"type": "input_image", "file_id": "file_1"}]}]),
             "input",
         ),
+        (
+            "input",
+            serde_json::json!([{"type": "item_reference", "id": "msg_1"}]),
+            "input",
+        ),
+        (
+            "input",
+            serde_json::json!([{"type": "function_call_output", "call_id": "c1", "output": [
+                {"type": "input_file", "file_id": "file_2"}]}]),
+            "input",
+        ),
     ] {
         let mut body = background(Some(100));
         body[field] = value;

@@ -60,21 +60,23 @@ impl LimitBackend {
             Kind::Local => key.limits.acquire(self.now(), tokens),
             #[cfg(feature = "redis")]
             Kind::Redis(r) => {
-                // What this process decided alone while Redis failed goes
-                // to Redis with its next call, as a floor: a bucket Redis
-                // kept (or lost) through the outage is not a fresh one.
-                let floors = key.limits.take_strayed(self.now());
-                match r.acquire(key, tokens, floors).await {
+                // What this process charged alone while Redis failed goes to
+                // Redis with its next call, to be added there: a bucket
+                // Redis kept (or lost) through the outage is not a fresh one.
+                let alone = key.limits.take_alone();
+                match r.acquire(key, tokens, alone).await {
                     Ok((decision, ahead)) => {
-                        key.limits.mirror(self.now(), ahead);
+                        key.limits.mirror(self.now(), ahead.map(Some));
                         decision
                     }
                     Err(e) => {
                         self.failed(&e);
-                        key.limits.stray();
+                        if let Some(alone) = alone {
+                            key.limits.give_back_alone(alone);
+                        }
                         Decision {
                             held_locally: true,
-                            ..key.limits.acquire(self.now(), tokens)
+                            ..key.limits.acquire_alone(self.now(), tokens)
                         }
                     }
                 }
@@ -94,10 +96,8 @@ impl LimitBackend {
             return;
         }
         if held_locally {
-            key.limits.adjust_tokens(self.now(), delta);
-            if !matches!(self.kind, Kind::Local) {
-                key.limits.stray();
-            }
+            // Settled here, refunds too: Redis is to learn what it came to.
+            key.limits.adjust_alone(self.now(), delta, delta);
             return;
         }
         match &self.kind {
@@ -110,12 +110,15 @@ impl LimitBackend {
                 let this = self.clone();
                 let key = key.clone();
                 rt.spawn(async move {
-                    if let Kind::Redis(r) = &this.kind
-                        && let Err(e) = r.adjust(&key, delta).await
-                    {
-                        this.failed(&e);
-                        key.limits.adjust_tokens(this.now(), delta);
-                        key.limits.stray();
+                    let Kind::Redis(r) = &this.kind else { return };
+                    match r.adjust(&key, delta).await {
+                        Ok(ahead) => key.limits.mirror(this.now(), [None, Some(ahead)]),
+                        Err(e) => {
+                            this.failed(&e);
+                            // A charge Redis did not take is kept for it;
+                            // a refund is not (it may have run there).
+                            key.limits.adjust_alone(this.now(), delta, delta.max(0));
+                        }
                     }
                 });
             }

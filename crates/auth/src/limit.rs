@@ -13,7 +13,6 @@
 //! formula is a few lines; both backends share it.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const WINDOW_NS: u64 = 60_000_000_000;
@@ -168,11 +167,18 @@ pub struct Limits {
     pub requests: Option<Gcra>,
     /// Tokens per minute.
     pub tokens: Option<Gcra>,
-    state: Mutex<[u64; 2]>,
-    /// With a shared store: this process decided or settled something
-    /// alone (the store failed) since the store last answered, and the
-    /// store has yet to learn of it ([`Limits::take_strayed`]).
-    strayed: AtomicBool,
+    state: Mutex<Local>,
+}
+
+/// A key's local state.
+#[derive(Debug, Default)]
+struct Local {
+    /// The two limits' TATs.
+    tat: [u64; 2],
+    /// With a shared store: the requests and tokens this process charged
+    /// alone (the store failed) since the store last took them, for the
+    /// store to add ([`Limits::take_alone`]).
+    alone: [i64; 2],
 }
 
 impl Limits {
@@ -181,9 +187,12 @@ impl Limits {
         Limits {
             requests: rpm.map(Gcra::per_minute),
             tokens: tpm.map(Gcra::per_minute),
-            state: Mutex::new([0, 0]),
-            strayed: AtomicBool::new(false),
+            state: Mutex::default(),
         }
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, Local> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether any limit applies.
@@ -201,48 +210,91 @@ impl Limits {
     /// Ask for one request reserving `tokens`, at `now` (ns on a monotonic
     /// clock). Both limits are charged, or neither.
     pub fn acquire(&self, now: u64, tokens: u64) -> Decision {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        decide(self.requests, self.tokens, &mut state, now, tokens)
+        decide(
+            self.requests,
+            self.tokens,
+            &mut self.local().tat,
+            now,
+            tokens,
+        )
     }
 
     /// Charge (`delta > 0`) or give back (`delta < 0`) tokens.
     pub fn adjust_tokens(&self, now: u64, delta: i64) {
         if let Some(g) = self.tokens {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state[1] = g.adjust(state[1], now, delta);
+            let mut local = self.local();
+            local.tat[1] = g.adjust(local.tat[1], now, delta);
+        }
+    }
+
+    /// With a shared store that failed: [`acquire`](Self::acquire), and
+    /// what it charged is kept for the store to add once it answers again.
+    pub(crate) fn acquire_alone(&self, now: u64, tokens: u64) -> Decision {
+        let mut local = self.local();
+        let decision = decide(self.requests, self.tokens, &mut local.tat, now, tokens);
+        if decision.allowed {
+            if self.requests.is_some() {
+                local.alone[0] = local.alone[0].saturating_add(1);
+            }
+            if tokens > 0 {
+                let charged = i64::try_from(self.token_charge(tokens)).unwrap_or(i64::MAX);
+                local.alone[1] = local.alone[1].saturating_add(charged);
+            }
+        }
+        decision
+    }
+
+    /// With a shared store: tokens charged (`delta > 0`) or given back
+    /// here, and `alone` of them kept for the store to add: a settlement
+    /// of a reservation taken here alone (all of it, refunds too), or the
+    /// charge of one the store could not take (but not a refund it could
+    /// not: it may have run there after all, and must not run twice).
+    pub(crate) fn adjust_alone(&self, now: u64, delta: i64, alone: i64) {
+        if let Some(g) = self.tokens {
+            let mut local = self.local();
+            local.tat[1] = g.adjust(local.tat[1], now, delta);
+            local.alone[1] = local.alone[1].saturating_add(alone);
+        }
+    }
+
+    /// With a shared store about to answer: the requests and tokens this
+    /// process charged alone since it last took them (none: `None`), taken.
+    /// A net refund is not passed on (the store never held what was charged
+    /// here). Should the store fail, [`give_back_alone`](Self::give_back_alone).
+    pub(crate) fn take_alone(&self) -> Option<[u64; 2]> {
+        let mut local = self.local();
+        if local.alone == [0, 0] {
+            return None;
+        }
+        let alone = std::mem::take(&mut local.alone);
+        let units = alone.map(|n| u64::try_from(n).unwrap_or(0));
+        (units != [0, 0]).then_some(units)
+    }
+
+    /// What [`take_alone`](Self::take_alone) took, back: the store did not
+    /// answer.
+    pub(crate) fn give_back_alone(&self, units: [u64; 2]) {
+        let mut local = self.local();
+        for (kept, n) in local.alone.iter_mut().zip(units) {
+            *kept = kept.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
     /// With a shared store: take on its state, which it reported at `now`
-    /// as how far (ns) each limit's TAT ran ahead of its clock. Should the
-    /// store fail later, this process goes on from what the fleet had used,
-    /// not from a full bucket. While what was decided here alone has not
-    /// reached the store, the larger of the two stands.
-    pub(crate) fn mirror(&self, now: u64, ahead: [u64; 2]) {
-        let strayed = self.strayed.load(Ordering::Relaxed);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        for (tat, ahead) in state.iter_mut().zip(ahead) {
-            let fleet = now.saturating_add(ahead);
-            *tat = if strayed { (*tat).max(fleet) } else { fleet };
+    /// as how far (ns) each limit's TAT ran ahead of its clock (`None`: a
+    /// limit it did not report). Should the store fail later, this process
+    /// goes on from what the fleet had used, not from a full bucket. While
+    /// something charged here alone has yet to reach the store, the larger
+    /// of the two stands.
+    pub(crate) fn mirror(&self, now: u64, ahead: [Option<u64>; 2]) {
+        let mut local = self.local();
+        let pending = local.alone != [0, 0];
+        for (tat, ahead) in local.tat.iter_mut().zip(ahead) {
+            if let Some(ahead) = ahead {
+                let fleet = now.saturating_add(ahead);
+                *tat = if pending { (*tat).max(fleet) } else { fleet };
+            }
         }
-    }
-
-    /// With a shared store: this process decided or settled something
-    /// alone.
-    pub(crate) fn stray(&self) {
-        self.strayed.store(true, Ordering::Relaxed);
-    }
-
-    /// With a shared store about to answer: when this process decided or
-    /// settled something alone since it last did, how far (ns) each of its
-    /// TATs runs ahead of `now`, for the store to take as a floor (and the
-    /// mark is cleared: [`stray`](Self::stray) again if the store fails).
-    pub(crate) fn take_strayed(&self, now: u64) -> Option<[u64; 2]> {
-        if !self.strayed.swap(false, Ordering::Relaxed) {
-            return None;
-        }
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        Some(state.map(|tat| tat.saturating_sub(now)))
     }
 }
 
@@ -294,27 +346,33 @@ mod tests {
 
     #[test]
     fn a_mirrored_fleet_state_is_where_local_limits_go_on_from() {
-        let limits = Limits::new(Some(3), None);
-        // The fleet had used two of three (40 s ahead) when it last answered.
-        limits.mirror(10 * S, [40 * S, 0]);
-        assert!(
-            limits.take_strayed(10 * S).is_none(),
-            "nothing decided alone"
-        );
-        assert!(limits.acquire(10 * S, 0).allowed);
-        assert!(!limits.acquire(10 * S, 0).allowed);
-        // Decided alone: what the store learns next, and the mark goes.
-        limits.stray();
-        assert_eq!(limits.take_strayed(20 * S), Some([50 * S, 0]));
-        assert!(limits.take_strayed(20 * S).is_none());
-        // While the store has yet to learn of it, a mirror keeps the larger.
-        limits.stray();
-        limits.mirror(20 * S, [10 * S, 0]);
-        assert_eq!(limits.take_strayed(20 * S), Some([50 * S, 0]));
-        // Once it has, the store's state stands, lower too (a refund).
-        limits.mirror(20 * S, [10 * S, 0]);
-        limits.stray();
-        assert_eq!(limits.take_strayed(20 * S), Some([10 * S, 0]));
+        let limits = Limits::new(Some(3), Some(1000));
+        // The fleet had used two requests of three (40 s ahead) when it
+        // last answered.
+        limits.mirror(10 * S, [Some(40 * S), Some(0)]);
+        assert!(limits.take_alone().is_none(), "nothing charged alone");
+        assert!(limits.acquire_alone(10 * S, 100).allowed);
+        assert!(!limits.acquire_alone(10 * S, 100).allowed);
+        // Settled here: 30 of the 100 used.
+        limits.adjust_alone(10 * S, -70, -70);
+        // A failed refund of the store's own is not passed on; its charge is.
+        limits.adjust_alone(10 * S, -5, 0);
+        limits.adjust_alone(10 * S, 7, 7);
+        // What the store is to add: one request, 37 tokens; then nothing.
+        assert_eq!(limits.take_alone(), Some([1, 37]));
+        assert!(limits.take_alone().is_none());
+        // Given back when the store failed, and added to.
+        limits.give_back_alone([1, 37]);
+        assert!(limits.acquire_alone(30 * S, 1).allowed);
+        // While it is pending, a mirror keeps the larger.
+        let before = limits.local().tat;
+        limits.mirror(30 * S, [Some(0), Some(0)]);
+        assert_eq!(limits.local().tat, before);
+        assert_eq!(limits.take_alone(), Some([2, 38]));
+        // Once taken, the store's state stands, lower too (a refund).
+        limits.mirror(30 * S, [Some(0), None]);
+        assert_eq!(limits.local().tat[0], 30 * S);
+        assert_eq!(limits.local().tat[1], before[1], "not reported: kept");
     }
 
     #[test]

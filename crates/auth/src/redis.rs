@@ -44,10 +44,10 @@ end
 /// The acquire script. ARGV: request interval µs (0 = no limit), token
 /// interval µs (0 = none; both with their fractions), token cost (already capped by
 /// [`Limits::token_charge`](crate::limit::Limits::token_charge), so both
-/// backends charge, settle and refund the same amount), and the floors of
-/// the two times, in µs ahead of now (0 = none): what the calling proxy
-/// decided alone while Redis failed, taken on before the decision whatever
-/// it is. Returns `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
+/// backends charge, settle and refund the same amount), and the requests
+/// and tokens the calling proxy charged alone while Redis failed (0 =
+/// none), added before the decision whatever it is. Returns
+/// `{wait_us, requests_tat_us, tokens_tat_us, now_us}`.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -64,12 +64,13 @@ local ttat = tat(KEYS[2])
 local function put(key, at)
   redis.call('SET', key, string.format('%.0f', at), 'PX', math.ceil((at - now) / 1000) + 1000)
 end
-local rfloor = math.min(tonumber(ARGV[4]) or 0, window)
-local tfloor = tonumber(ARGV[5]) or 0
-local rraised = ri > 0 and rfloor > 0 and now + rfloor > rtat
-local traised = ti > 0 and tfloor > 0 and now + tfloor > ttat
-if rraised then rtat = now + rfloor end
-if traised then ttat = now + tfloor end
+local ralone = tonumber(ARGV[4]) or 0
+local talone = tonumber(ARGV[5]) or 0
+local rraised = ri > 0 and ralone > 0
+local traised = ti > 0 and talone > 0
+-- (A request time stays within a window of now, as the script keeps it.)
+if rraised then rtat = math.min(math.max(rtat, now) + ralone * ri, now + window) end
+if traised then ttat = math.max(ttat, now) + talone * ti end
 local rnew = math.max(rtat, now) + ri
 local tnew = math.max(ttat, now) + cost * ti
 local wait = 0
@@ -94,17 +95,18 @@ return {wait, rtat, ttat, now}
 ";
 
 /// The adjust script. ARGV: token interval µs, delta tokens (may be
-/// negative; [`Gcra::bounded`]).
+/// negative; [`Gcra::bounded`]). Returns how far (µs) the time runs ahead
+/// of Redis's clock after it.
 const ADJUST: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local new = math.max(tat(KEYS[1]), now) + tonumber(ARGV[2]) * tonumber(ARGV[1])
 if new <= now then
   redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+  return 0
 end
-return 1
+redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+return new - now
 ";
 
 /// A connection to the Redis that holds the limits.
@@ -147,24 +149,30 @@ impl RedisLimits {
     }
 
     /// Ask for one request reserving `tokens` (see [`crate::limit`]), after
-    /// raising the key's times to `floors` (ns ahead of now) if given. Also
-    /// returns how far (ns) each time runs ahead of Redis's clock after the
-    /// decision.
+    /// adding the requests and tokens `alone` this process charged alone,
+    /// if any. Also returns how far (ns) each time runs ahead of Redis's
+    /// clock after the decision.
     pub(crate) async fn acquire(
         &self,
         key: &KeyEntry,
         tokens: u64,
-        floors: Option<[u64; 2]>,
+        alone: Option<[u64; 2]>,
     ) -> Result<(Decision, [u64; 2]), RedisCallError> {
         let interval = |g: Option<Gcra>| g.map_or(0.0, micros);
-        let [requests_floor, tokens_floor] = floors.unwrap_or_default().map(|ns| ns / 1000);
+        let [requests_alone, tokens_alone] = alone.unwrap_or_default();
+        // (Bounded as one adjustment is: Lua's doubles stay exact.)
+        let bound = |g: Option<Gcra>, n: u64| {
+            g.map_or(0, |g| g.bounded(i64::try_from(n).unwrap_or(i64::MAX)))
+        };
+        let requests_alone = bound(key.limits.requests, requests_alone);
+        let tokens_alone = bound(key.limits.tokens, tokens_alone);
         let mut call = self.acquire.key(self.key(&key.name, "req"));
         call.key(self.key(&key.name, "tok"))
             .arg(interval(key.limits.requests))
             .arg(interval(key.limits.tokens))
             .arg(key.limits.token_charge(tokens))
-            .arg(requests_floor)
-            .arg(tokens_floor);
+            .arg(requests_alone)
+            .arg(tokens_alone);
         let call = &call;
         let (wait, rtat, ttat, now): (u64, u64, u64, u64) = self
             .link
@@ -185,22 +193,23 @@ impl RedisLimits {
         Ok((decision, ahead))
     }
 
-    /// Charge or refund tokens.
-    pub(crate) async fn adjust(&self, key: &KeyEntry, delta: i64) -> Result<(), RedisCallError> {
+    /// Charge or refund tokens; returns how far (ns) the key's token time
+    /// runs ahead of Redis's clock after it.
+    pub(crate) async fn adjust(&self, key: &KeyEntry, delta: i64) -> Result<u64, RedisCallError> {
         let Some(g) = key.limits.tokens else {
-            return Ok(());
+            return Ok(0);
         };
         let mut call = self.adjust.key(self.key(&key.name, "tok"));
         call.arg(micros(g)).arg(g.bounded(delta));
         let call = &call;
         // Once: a refund run twice would give tokens back twice.
-        let _: i64 = self
+        let ahead_us: u64 = self
             .link
             .call_once(
                 "adjust",
                 |mut c| async move { call.invoke_async(&mut c).await },
             )
             .await?;
-        Ok(())
+        Ok(ahead_us.saturating_mul(1000))
     }
 }

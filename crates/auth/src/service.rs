@@ -659,17 +659,29 @@ fn unseen_input(json: &serde_json::Map<String, Value>) -> Option<(&'static str, 
     let Some(Value::Array(items)) = json.get("input") else {
         return None;
     };
-    let parts = items
-        .iter()
-        .flat_map(|item| match item.get("content") {
-            Some(Value::Array(parts)) => parts.iter().collect(),
-            _ => Vec::new(),
-        })
-        .chain(items.iter());
-    parts
-        .into_iter()
-        .any(fetched)
-        .then_some(("input", "a file or an image named by id or URL"))
+    // An item the upstream keeps, named by id: `item_reference` (its type
+    // may be left out: an id with no role or content).
+    let reference = |item: &Value| match item.get("type") {
+        Some(Value::String(kind)) => kind == "item_reference",
+        None | Some(Value::Null) => {
+            item.get("id").is_some_and(Value::is_string)
+                && item.get("role").is_none()
+                && item.get("content").is_none()
+        }
+        Some(_) => false,
+    };
+    if items.iter().any(reference) {
+        return Some(("input", "an item stored upstream (`item_reference`)"));
+    }
+    // Parts sit in a message's `content`, or a tool output's `output`.
+    fn nested(item: &Value) -> impl Iterator<Item = &Value> {
+        ["content", "output"]
+            .into_iter()
+            .filter_map(|field| item.get(field)?.as_array())
+            .flatten()
+    }
+    let fetching = items.iter().any(fetched) || items.iter().flat_map(nested).any(fetched);
+    fetching.then_some(("input", "a file or an image named by id or URL"))
 }
 
 /// Whether requests to `endpoint` consume tokens, so that they reserve

@@ -229,15 +229,18 @@ where
     // A model with fallbacks gets one attempt at them beyond
     // `max_retries` when its own upstreams took every attempt (they may be
     // more than `max_retries + 1`): the fallback is what the operator named
-    // for a model whose upstreams all fail.
-    let fallbacks = retryable
+    // for a model whose upstreams all fail. Not with `max_retries = 0`
+    // (one call a request, whatever happens), and only when the route
+    // holds a fallback (below): the config's says whether the template
+    // must keep a head for it.
+    let fallbacks = attempts > 1
         && meta
             .as_ref()
             .and_then(RequestMeta::model)
             .and_then(|model| shared.config.fallbacks.get(model))
             .is_some_and(|models| !models.is_empty());
     let (parts, body) = req.into_parts();
-    let mut template = Template::new(parts, body, attempts > 1 || fallbacks, meta.as_ref());
+    let mut template = Template::new(parts, body, attempts > 1, meta.as_ref());
     async move {
         let set = shared.snapshot();
         let route = {
@@ -246,6 +249,9 @@ where
             let allowed = extensions.and_then(|e| e.get::<llm_proxy_core::ModelAllowlist>());
             Route::new(&shared.config, &set, meta.as_ref(), pin, allowed)?
         };
+        // (A pinned request, or one whose key may use none of them, has
+        // none.)
+        let fallbacks = fallbacks && route.has_fallbacks();
         let mut now = shared.epoch.now();
         shared.budget.deposit(now);
         let mut tried: Vec<usize> = Vec::new();

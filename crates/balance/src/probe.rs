@@ -81,8 +81,12 @@ where
                 .await
                 .unwrap_or((Some(false), None));
             record(&state, sent, ok);
+            // Drained beside the rounds, not in them: a slow body must not
+            // hold the next round back.
             if let Some(body) = body {
-                let _ = tokio::time::timeout(DRAIN_LIMIT, drain(body)).await;
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(DRAIN_LIMIT, drain(body)).await;
+                });
             }
         }
     });

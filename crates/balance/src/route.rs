@@ -173,6 +173,11 @@ impl<'a> Route<'a> {
         soonest
     }
 
+    /// Whether the route holds a fallback model (pinned: never).
+    pub(crate) fn has_fallbacks(&self) -> bool {
+        self.chain.iter().any(|(_, model, _)| model.is_some())
+    }
+
     /// The request's own model, if it has one.
     pub(crate) fn model(&self) -> Option<&'a str> {
         self.model

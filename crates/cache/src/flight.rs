@@ -251,7 +251,8 @@ impl Leader {
             return false;
         }
         self.flight.update(|state| {
-            state.dropped_frames = Some(why);
+            // (The first reason stands: followers read it after.)
+            state.dropped_frames.get_or_insert(why);
             state.frames = Vec::new();
         });
         true

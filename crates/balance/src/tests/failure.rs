@@ -438,6 +438,36 @@ async fn a_fallback_gets_its_attempt_however_many_upstreams_the_model_has() {
     assert_eq!(status, 500);
     assert_eq!(fleet.total(), 2, "no fallback: max_retries + 1 attempts");
 
+    // `max_retries = 0`: one call, fallbacks or not; and a request pinned
+    // to one upstream never goes to a fallback.
+    for (max_retries, pinned, calls) in [(0, false, 1), (1, true, 2), (0, true, 1)] {
+        let fleet = Fleet::default();
+        for big in ["big-1", "big-2", "big-3"] {
+            fleet.set(big, Mode::Status(500, None));
+        }
+        let b = Balance::new(
+            backends_of(&fleet),
+            BalanceConfig {
+                max_retries,
+                fallbacks: HashMap::from([("big".to_owned(), vec!["small".to_owned()])]),
+                ..rr()
+            },
+        );
+        let mut req = chat("big", "x");
+        if pinned {
+            req.extensions_mut()
+                .insert(llm_proxy_core::PinnedUpstream("big-1".into()));
+        }
+        let (status, _) = send(&b, req).await.unwrap();
+        assert_eq!(status, 500);
+        assert_eq!(
+            fleet.total(),
+            calls,
+            "max_retries {max_retries}, pinned {pinned}"
+        );
+        assert_eq!(fleet.calls("small-1"), 0);
+    }
+
     fn backends_of(fleet: &Fleet) -> [crate::Backend<Fake>; 4] {
         [
             fleet.backend("big-1").with_models(["big"]),
