@@ -2095,3 +2095,82 @@ async fn an_id_on_an_upstream_no_longer_configured_is_said_to_be_so() {
         .to_owned();
     assert!(message.contains("not configured any more"), "{message}");
 }
+
+/// A client message counts against the request bodies' budget from its
+/// first byte, not only once whole: sessions that each send most of a
+/// large message and stop hold the budget, and one that would pass it is
+/// closed (1013, try again later); and a message may take at most
+/// `request_body_timeout_ms` to arrive (1008 past it).
+#[tokio::test]
+async fn a_message_under_way_is_counted_and_timed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "max_body_bytes = 1048576\nmax_buffered_body_bytes = 1572864\n\
+         request_body_timeout_ms = 1500\n{}",
+        ws_upstream("up", &up.base_url(), "")
+    ))
+    .await;
+    // A text frame that announces 1 MiB (masked with a zero key), and 800
+    // KiB of it.
+    let mut partial = vec![0x81, 0x80 | 127];
+    partial.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    partial.extend_from_slice(&[0, 0, 0, 0]);
+    partial.extend(std::iter::repeat_n(b' ', 800 << 10));
+    let open = || async {
+        let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        tcp.write_all(
+            b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(read_request_head(&mut tcp).await, "a 101");
+        tcp
+    };
+    /// The close code the client hears first (`None`: the connection
+    /// ended without one).
+    async fn close_code(tcp: &mut tokio::net::TcpStream) -> Option<u16> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while got.len() < 4 {
+            match tokio::time::timeout(HANG, tcp.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return None,
+            }
+        }
+        (got[0] == 0x88).then(|| u16::from_be_bytes([got[2], got[3]]))
+    }
+    let mut first = open().await;
+    first.write_all(&partial).await.unwrap();
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        let held = p
+            .metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("llm_proxy_buffered_body_bytes ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        if held >= 700 << 10 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "held {held}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A second such message does not fit beside it.
+    let mut second = open().await;
+    let _ = second.write_all(&partial).await;
+    assert_eq!(close_code(&mut second).await, Some(1013));
+    // The first never ends: closed once it took too long.
+    assert_eq!(close_code(&mut first).await, Some(1008));
+    drop((first, second));
+    sessions_closed(&p).await;
+    // Whole messages go on as ever.
+    let (mut s, _) = connect(p.addr, &[]).await.unwrap();
+    let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+}

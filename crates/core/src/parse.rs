@@ -596,6 +596,16 @@ impl BudgetHold {
         }
     }
 
+    /// Nothing held yet in `budget`'s pool for request bodies
+    /// ([`BodyBudget::in_use`]): for bytes of a request read some other
+    /// way than as a body (a WebSocket message as it comes); with `None`, a
+    /// hold that counts nothing and always has room.
+    pub fn for_bodies(budget: Option<&BodyBudget>) -> Self {
+        BudgetHold {
+            claim: budget.map(BodyBudget::claim),
+        }
+    }
+
     /// The bytes held now.
     pub fn held(&self) -> usize {
         self.claim.as_ref().map_or(0, Claim::held)

@@ -210,6 +210,7 @@ impl Proxy {
             ids.clone(),
             settings.max_body_bytes,
             Some(body_budget.clone()),
+            settings.request_body_timeout,
         );
         metrics.add_source(socket_metrics(sockets.counters()));
         // The stack below the HTTP face, outermost first.

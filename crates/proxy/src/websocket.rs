@@ -74,7 +74,7 @@ use llm_proxy_auth::{
 };
 use llm_proxy_balance::BalanceHandle;
 use llm_proxy_core::{
-    Body, BodyBudget, Dialect, Endpoint, Error, RequestMeta, Waited, header_lists,
+    Body, BodyBudget, BudgetHold, Dialect, Endpoint, Error, RequestMeta, Waited, header_lists,
     parse_object_within, usage,
 };
 use llm_proxy_upstream::{Upgrade, Upstream};
@@ -121,8 +121,12 @@ pub(crate) struct Sockets {
     /// The longest client message: `max_body_bytes`.
     max_message_bytes: usize,
     /// The bound on request bodies held at once, which a client message
-    /// and its parsed value count against while it is checked.
+    /// counts against from its first byte read, and with its parsed value
+    /// while it is checked.
     budget: Option<BodyBudget>,
+    /// The longest a client message may take to arrive, from its first
+    /// byte: `request_body_timeout_ms`, as for a request body.
+    message_timeout: Duration,
     counters: Arc<SocketCounters>,
 }
 
@@ -157,6 +161,7 @@ impl Sockets {
         ids: Arc<ResponseIds>,
         max_message_bytes: usize,
         budget: Option<BodyBudget>,
+        message_timeout: Duration,
     ) -> Self {
         Sockets {
             upstreams,
@@ -164,6 +169,7 @@ impl Sockets {
             ids,
             max_message_bytes,
             budget,
+            message_timeout,
             counters: Arc::default(),
         }
     }
@@ -365,7 +371,11 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
             in_turn: upstream.idle_timeout,
             between_turns: upstream.between_turns,
         },
-        ctx.sockets.max_message_bytes,
+        Incoming {
+            max_bytes: ctx.sockets.max_message_bytes,
+            timeout: ctx.sockets.message_timeout,
+            budget: ctx.sockets.budget.clone(),
+        },
         ctx.conn.cloned(),
     );
     match ctx.conn {
@@ -945,11 +955,15 @@ async fn relay(
     upstream: TokioIo<Upgraded>,
     session: Session,
     silence: Silence,
-    max_message_bytes: usize,
+    incoming: Incoming,
     conn: Option<Arc<Activity>>,
 ) {
+    let meter = Arc::new(Meter::new(incoming.budget.as_ref()));
     let client = match client.await {
-        Ok(client) => TokioIo::new(client),
+        Ok(client) => Metered {
+            io: TokioIo::new(client),
+            meter: meter.clone(),
+        },
         Err(e) => {
             tracing::debug!(error = %e, "the client's connection was not handed over");
             return;
@@ -957,8 +971,8 @@ async fn relay(
     };
     let _open = Open::new(session.counters.clone());
     let from_client = WebSocketConfig::default()
-        .max_message_size(Some(max_message_bytes))
-        .max_frame_size(Some(max_message_bytes));
+        .max_message_size(Some(incoming.max_bytes))
+        .max_frame_size(Some(incoming.max_bytes));
     let from_upstream = WebSocketConfig::default()
         .max_message_size(Some(MAX_UPSTREAM_MESSAGE))
         .max_frame_size(Some(MAX_UPSTREAM_MESSAGE));
@@ -984,6 +998,7 @@ async fn relay(
             to_client,
             &clock,
             &closing,
+            (&meter, incoming.timeout),
         ));
         let mut down = pin!(pump_down(&session, upstream_rx, queue, &clock));
         tokio::select! {
@@ -1100,8 +1115,9 @@ const CLIENT_QUEUE_BYTES: usize = 4 << 20;
 /// How long the upstream may take to answer a close once the client left.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-type ClientRx = futures_util::stream::SplitStream<WebSocketStream<TokioIo<Upgraded>>>;
-type ClientTx = futures_util::stream::SplitSink<WebSocketStream<TokioIo<Upgraded>>, Message>;
+type ClientRx = futures_util::stream::SplitStream<WebSocketStream<Metered<TokioIo<Upgraded>>>>;
+type ClientTx =
+    futures_util::stream::SplitSink<WebSocketStream<Metered<TokioIo<Upgraded>>>, Message>;
 type UpstreamRx = futures_util::stream::SplitStream<WebSocketStream<TokioIo<Upgraded>>>;
 type UpstreamTx = futures_util::stream::SplitSink<WebSocketStream<TokioIo<Upgraded>>, Message>;
 
@@ -1133,10 +1149,27 @@ async fn pump_up(
     to_client: ClientQueue,
     clock: &Clock,
     closing: &Closing,
+    (meter, message_timeout): (&Meter, Duration),
 ) {
     loop {
         let message = tokio::select! {
-            message = client.next() => message,
+            message = client.next() => {
+                // Whole: what its bytes held is counted again, with what it
+                // is parsed into, while it is checked.
+                meter.message_read();
+                message
+            }
+            () = meter.overdue(message_timeout) => {
+                tracing::debug!("a WebSocket client message took too long to arrive");
+                let close = CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "message too slow".into(),
+                };
+                session.client_done.store(true, Ordering::Relaxed);
+                to_client.send(Message::Close(Some(close))).await;
+                let _ = tokio::time::timeout(CLOSE_GRACE, upstream.send(Message::Close(None))).await;
+                return;
+            }
             reason = closing.closed() => {
                 let away = || {
                     Message::Close(Some(CloseFrame {
@@ -1164,6 +1197,9 @@ async fn pump_up(
                 // left to read as the upstream's: the relay closes that
                 // side next). A connection already gone hears nothing.
                 let close = match e {
+                    WsError::Io(e) if e.get_ref().is_some_and(|e| e.is::<BudgetFull>()) => {
+                        Some((CloseCode::Again, "the proxy's memory for requests is full"))
+                    }
                     WsError::Capacity(_) => Some((CloseCode::Size, "message too big")),
                     WsError::Utf8(_) => Some((CloseCode::Invalid, "text message not UTF-8")),
                     WsError::Protocol(_) | WsError::AttackAttempt => {
@@ -1378,6 +1414,153 @@ async fn write_client(
         }
     }
     let _ = client.close().await;
+}
+
+/// What the client's messages may be: their size, how long one may take
+/// to arrive, and the budget their bytes count against as they come.
+struct Incoming {
+    max_bytes: usize,
+    timeout: Duration,
+    budget: Option<BodyBudget>,
+}
+
+/// The client's bytes read since its last whole message, counted in the
+/// request bodies' budget (the message they belong to is held meanwhile,
+/// in part, by the WebSocket reader), and when they began to come.
+struct Meter {
+    held: Mutex<BudgetHold>,
+    epoch: Instant,
+    /// Milliseconds since `epoch` (plus one) when the first byte of the
+    /// message under way came; 0: none under way.
+    began: AtomicU64,
+    /// A message began.
+    begun: Notify,
+}
+
+/// Why the client's connection could not be read on: the budget for
+/// request bodies is spent.
+#[derive(Debug)]
+struct BudgetFull;
+
+impl std::fmt::Display for BudgetFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the proxy's memory for request bodies is full")
+    }
+}
+
+impl std::error::Error for BudgetFull {}
+
+impl Meter {
+    fn new(budget: Option<&BodyBudget>) -> Self {
+        Meter {
+            held: Mutex::new(BudgetHold::for_bodies(budget)),
+            epoch: Instant::now(),
+            began: AtomicU64::new(0),
+            begun: Notify::new(),
+        }
+    }
+
+    /// `n` bytes more came; `false` when the budget has no room for them.
+    fn read(&self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        if self.began.load(Ordering::Relaxed) == 0 {
+            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.began.store(now.saturating_add(1), Ordering::Relaxed);
+            self.begun.notify_one();
+        }
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let total = held.held().saturating_add(n);
+        held.hold(total)
+    }
+
+    /// A message (or a control frame) came whole: nothing is under way.
+    fn message_read(&self) {
+        self.began.store(0, Ordering::Relaxed);
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hold(0);
+    }
+
+    /// Resolves once a message under way has taken `limit` since its first
+    /// byte.
+    async fn overdue(&self, limit: Duration) {
+        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let began = self.began.load(Ordering::Relaxed);
+            if began == 0 {
+                self.begun.notified().await;
+                continue;
+            }
+            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let due = (began - 1).saturating_add(limit_ms);
+            if now >= due {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(due - now)).await;
+        }
+    }
+}
+
+/// The client's connection, its bytes read counted by a [`Meter`].
+struct Metered<T> {
+    io: T,
+    meter: Arc<Meter>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled
+            && !self.meter.read(buf.filled().len() - before)
+        {
+            return std::task::Poll::Ready(Err(std::io::Error::other(BudgetFull)));
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// When either side of a session last sent a message.
