@@ -214,7 +214,8 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         "{}[auth]\n\
          [[auth.keys]]\nname = \"alice\"\nkey = \"sk-alice\"\n\
          [[auth.keys]]\nname = \"bob\"\nkey = \"sk-bob\"\nmodels = [\"m\"]\ntokens_per_minute = 100000\n\
-         [[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 2\n",
+         [[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 2\n\
+         [[auth.keys]]\nname = \"picky\"\nkey = \"sk-picky\"\nrequests_per_minute = 3\nmodels = [\"m\"]\n",
         ws_upstream("up", &up.base_url(), "models = [\"m\", \"m2\"]"),
     );
     let p = proxy(&toml).await;
@@ -352,13 +353,25 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     let event = next_event(&mut slow).await;
     assert_eq!(event["error"]["code"], "rate_limit_exceeded", "{event}");
 
+    // A refused turn counts as a refused request does over HTTP: the
+    // upgrade and two refusals spend a limit of three.
+    let (mut picky, _) = connect(p.addr, &[("authorization", "Bearer sk-picky")])
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let events = turn(&mut picky, serde_json::json!({"model": "m2", "input": "x"})).await;
+        assert_eq!(refusal(&events), (403, "model_not_allowed".into()));
+    }
+    let events = turn(&mut picky, serde_json::json!({"model": "m", "input": "x"})).await;
+    assert_eq!(refusal(&events), (429, "rate_limit_exceeded".into()));
+
     let metrics = p.metrics().await;
     assert!(
         metrics.contains("llm_proxy_websocket_turns_total 4"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("llm_proxy_websocket_refused_total 11"),
+        metrics.contains("llm_proxy_websocket_refused_total 14"),
         "{metrics}"
     );
 }

@@ -119,6 +119,25 @@ impl AuthLayer {
         })
     }
 
+    /// Count a refused WebSocket turn (a model the key may not use, an id
+    /// it may not name, …) against `key`'s request limit, as a refused
+    /// request is counted over HTTP. `Err` with the 429 to answer instead
+    /// when the limit is spent.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RateLimited`] (counted in the key's `rate_limited`).
+    pub async fn count_refused_turn(&self, key: &Arc<KeyEntry>) -> Result<(), Error> {
+        if !key.limits.any() {
+            return Ok(());
+        }
+        self.shared
+            .decide(key, 0)
+            .await
+            .map(drop)
+            .map_err(|denied| rate_limited(key, &denied))
+    }
+
     /// Charge `key` tokens it used outside any admitted turn (a response
     /// on a WebSocket whose turn cannot be told: its usage is not lost).
     pub fn charge_usage(&self, key: &Arc<KeyEntry>, model: Option<&str>, usage: Usage) {

@@ -463,8 +463,32 @@ const ENDED_KEPT: usize = 16;
 impl Session {
     /// Check a client's text message: `Ok` with the reservation of the
     /// turn it starts (a `response.create`, with a key), or the error to
-    /// answer with.
+    /// answer with. A refusal counts against the key's request limit, as a
+    /// refused request does over HTTP (a 429 instead once it is spent), but
+    /// for a message that is no JSON object or too large: those the parse
+    /// layer refuses over HTTP, before the key's limits.
     async fn admit(&self, text: &str) -> Result<Admitted, Error> {
+        let refused = match self.check(text).await {
+            Ok(admitted) => return Ok(admitted),
+            Err(e) => e,
+        };
+        let counted = !matches!(
+            refused,
+            Error::RateLimited { .. }
+                | Error::InvalidJson(_)
+                | Error::InvalidBody
+                | Error::BodyBufferFull { .. }
+                | Error::ParsedTooLarge { .. }
+                | Error::IdStoreUnavailable(_)
+        );
+        if let (true, Some(auth), Some(key)) = (counted, &self.auth, &self.key) {
+            auth.count_refused_turn(key).await?;
+        }
+        Err(refused)
+    }
+
+    /// [`admit`](Self::admit), before a refusal is counted.
+    async fn check(&self, text: &str) -> Result<Admitted, Error> {
         // Repeated top-level keys are refused: the upstream must read the
         // `type`, `model` and ids checked here.
         // Held in the body budget while it is checked.
