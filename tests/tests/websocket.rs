@@ -957,6 +957,12 @@ where
                     if reply == DROP {
                         return;
                     }
+                    // A clean close (1000), mid-turn or not.
+                    if reply == CLOSE {
+                        let _ = ws.close(None).await;
+                        while let Some(Ok(_)) = ws.next().await {}
+                        return;
+                    }
                     if ws.send(Message::text(reply)).await.is_err() {
                         return;
                     }
@@ -979,6 +985,8 @@ async fn send_create(socket: &mut ws::Socket) {
 
 /// A scripted reply that drops the upstream's connection, unclosed.
 const DROP: &str = "\0drop";
+/// In a scripted upstream's replies: close the session (1000) there.
+const CLOSE: &str = "\0close";
 
 fn created(id: &str) -> String {
     serde_json::json!({"type": "response.created", "response": {"id": id, "status": "in_progress"}})
@@ -1674,6 +1682,66 @@ async fn an_upstream_that_breaks_mid_turn_is_an_error_and_1011() {
     }
 }
 
+/// An upstream that closes cleanly (1000) in the middle of a turn broke
+/// it off all the same: the client gets `stream_interrupted`, then 1011,
+/// not the upstream's 1000.
+#[tokio::test]
+async fn an_upstream_closing_mid_turn_is_an_error_and_1011() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let closing =
+        scripted(|| |_: &serde_json::Value| vec![created("resp_1"), CLOSE.to_owned()]).await;
+    let p = proxy(&ws_upstream("up", &format!("http://{closing}/v1"), "")).await;
+    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    send_create(&mut socket).await;
+    let mut texts = Vec::new();
+    let close = loop {
+        match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                texts.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(texts.last().unwrap()["error"]["code"], "stream_interrupted");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Error),
+        other => panic!("expected a 1011 close, got {other:?}"),
+    }
+}
+
+/// An upgrade request that carries a body is refused: once switched, the
+/// body would be read as the session's first frames.
+#[tokio::test]
+async fn an_upgrade_with_a_body_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock_named("m").await;
+    let p = proxy(&ws_upstream("up", &up.base_url(), "")).await;
+    for framing in ["content-length: 5\r\n", "transfer-encoding: chunked\r\n"] {
+        let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let body = if framing.starts_with("content") {
+            "hello"
+        } else {
+            "5\r\nhello\r\n0\r\n\r\n"
+        };
+        tcp.write_all(
+            format!(
+                "GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+                 sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{framing}\r\n{body}"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut got = vec![0u8; 1024];
+        let n = tokio::time::timeout(HANG, tcp.read(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        let head = String::from_utf8_lossy(&got[..n]);
+        assert!(head.starts_with("HTTP/1.1 400"), "{framing}: {head}");
+    }
+}
+
 /// An upstream `error` that answers a message which opened no turn (a
 /// `response.processed`) does not close the turn under way: its silence is
 /// still bounded by `idle_timeout_ms`, and the client hears
@@ -2186,4 +2254,16 @@ async fn a_message_under_way_is_counted_and_timed() {
     let (mut s, _) = connect(p.addr, &[]).await.unwrap();
     let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;
     assert_eq!(events.last().unwrap()["type"], "response.completed");
+}
+
+/// The mock answers a client's close with its own, as RFC 6455 §5.5.1 asks
+/// (it ended the connection without one, and the proxy logged every clean
+/// close as a reset).
+#[tokio::test]
+async fn the_mock_answers_a_close() {
+    let up = mock_named("m").await;
+    let (mut socket, _) = connect(up.addr, &[]).await.unwrap();
+    socket.send(Message::Close(None)).await.unwrap();
+    let answer = tokio::time::timeout(HANG, socket.next()).await.unwrap();
+    assert!(matches!(answer, Some(Ok(Message::Close(_)))), "{answer:?}");
 }

@@ -97,8 +97,14 @@ impl Mock {
         while let Some(message) = socket.next().await {
             let text = match message {
                 Ok(Message::Text(text)) => text,
-                // Pings are answered by tungstenite; a close is echoed.
-                Ok(Message::Close(_)) | Err(_) => break,
+                // Pings are answered by tungstenite; a close is echoed:
+                // tungstenite queued the answer, and flushing it ends the
+                // session.
+                Ok(Message::Close(_)) => {
+                    let _ = socket.flush().await;
+                    break;
+                }
+                Err(_) => break,
                 Ok(_) => continue,
             };
             self.stats()

@@ -211,6 +211,18 @@ pub(crate) struct Ctx<'a> {
 /// upstream's `101` with the session set up behind it, the upstream's own
 /// refusal, or the proxy's error.
 pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Response<Body>, Error> {
+    // The connection is the client's WebSocket once switched: a body sent
+    // with the upgrade would be read as its first frames.
+    if req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+    {
+        return Err(Error::UnreadableBody(
+            "a WebSocket upgrade carries none".into(),
+        ));
+    }
     let key = match ctx.auth {
         Some(auth) => Some(auth.authenticate(req.headers())?),
         None => None,
@@ -1348,15 +1360,22 @@ async fn pump_down(
             // Answers to the pings passed on; the client had its own.
             Message::Pong(_) | Message::Frame(_) => continue,
             Message::Close(_) => {
+                let mut message = message;
                 if session.open_turns.load(Ordering::Relaxed) > 0
                     && !session.client_done.load(Ordering::Relaxed)
                 {
-                    // It closed on a turn the client waited for: broken off.
+                    // It closed on a turn the client waited for: broken off,
+                    // and so the client's close says (1011), whatever code
+                    // the upstream closed with.
                     session.broke_off();
                     if !client_gone {
                         let reason = "the upstream closed the session during a turn";
                         to_client.send(interrupted(&session.upstream, reason)).await;
                     }
+                    message = Message::Close(Some(CloseFrame {
+                        code: CloseCode::Error,
+                        reason: "the upstream closed the session during a turn".into(),
+                    }));
                 } else if !session.broke.load(Ordering::Relaxed) {
                     // Ended whole: its failure count starts over (unless
                     // failures were counted since it began).
