@@ -2267,3 +2267,57 @@ async fn the_mock_answers_a_close() {
     let answer = tokio::time::timeout(HANG, socket.next()).await.unwrap();
     assert!(matches!(answer, Some(Ok(Message::Close(_)))), "{answer:?}");
 }
+
+/// What an upstream sends counts in the answers' pool while it is read and
+/// until it is written to the client: a client that reads nothing holds
+/// it there, seen by the gauge, and gives it back when it goes.
+#[tokio::test]
+async fn upstream_messages_waiting_for_the_client_are_counted() {
+    use tokio::io::AsyncWriteExt;
+    let big = format!(
+        r#"{{"type":"response.output_text.delta","delta":"{}"}}"#,
+        "x".repeat(3 << 20)
+    );
+    let upstream = scripted(move || {
+        let big = big.clone();
+        move |_: &serde_json::Value| vec![created("resp_1"), big.clone(), big.clone()]
+    })
+    .await;
+    let p = proxy(&ws_upstream("up", &format!("http://{upstream}/v1"), "")).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(p.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(read_request_head(&mut tcp).await, "a 101");
+    // A turn (a text frame masked with a zero key), then nothing read.
+    let create = br#"{"type":"response.create","model":"m","input":"x"}"#;
+    let mut frame = vec![0x81, 0x80 | create.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(create);
+    tcp.write_all(&frame).await.unwrap();
+    let answers = |metrics: String| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("llm_proxy_buffered_answer_bytes ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = tokio::time::Instant::now() + HANG;
+    while answers(p.metrics().await) < 3 << 20 {
+        assert!(tokio::time::Instant::now() < deadline, "never counted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(tcp);
+    let deadline = tokio::time::Instant::now() + HANG;
+    while answers(p.metrics().await) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never given back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -994,7 +994,14 @@ async fn relay(
     incoming: Incoming,
     conn: Option<Arc<Activity>>,
 ) {
-    let meter = Arc::new(Meter::new(incoming.budget.as_ref()));
+    let meter = Arc::new(Meter::new(incoming.budget.as_ref(), BudgetHold::for_bodies));
+    // What the upstream sends, as it is read and until it is written to
+    // the client, counts in the answers' pool.
+    let answers = Arc::new(Meter::new(incoming.budget.as_ref(), BudgetHold::for_answer));
+    let upstream = Metered {
+        io: upstream,
+        meter: answers.clone(),
+    };
     let client = match client.await {
         Ok(client) => Metered {
             io: TokioIo::new(client),
@@ -1036,7 +1043,7 @@ async fn relay(
             &closing,
             (&meter, incoming.timeout),
         ));
-        let mut down = pin!(pump_down(&session, upstream_rx, queue, &clock));
+        let mut down = pin!(pump_down(&session, upstream_rx, queue, &clock, &answers));
         tokio::select! {
             () = &mut down => {}
             // The client closed or went (or the session is closing): the
@@ -1154,26 +1161,36 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 type ClientRx = futures_util::stream::SplitStream<WebSocketStream<Metered<TokioIo<Upgraded>>>>;
 type ClientTx =
     futures_util::stream::SplitSink<WebSocketStream<Metered<TokioIo<Upgraded>>>, Message>;
-type UpstreamRx = futures_util::stream::SplitStream<WebSocketStream<TokioIo<Upgraded>>>;
-type UpstreamTx = futures_util::stream::SplitSink<WebSocketStream<TokioIo<Upgraded>>, Message>;
+type UpstreamRx = futures_util::stream::SplitStream<WebSocketStream<Metered<TokioIo<Upgraded>>>>;
+type UpstreamTx =
+    futures_util::stream::SplitSink<WebSocketStream<Metered<TokioIo<Upgraded>>>, Message>;
 
 /// Messages for the client, bounded in number and in bytes: each holds
 /// permits for its size until it is written.
 #[derive(Clone)]
 struct ClientQueue {
-    tx: mpsc::Sender<(Message, Option<OwnedSemaphorePermit>)>,
+    tx: mpsc::Sender<Queued>,
     bytes: Arc<Semaphore>,
 }
+
+/// A message on its way to the client: its room in the session's queue,
+/// and, for an upstream's, what it holds of the answers' pool.
+type Queued = (Message, Option<OwnedSemaphorePermit>, Option<BudgetHold>);
 
 impl ClientQueue {
     /// Queue `message`, waiting while the queue is full; `false` once the
     /// client's writer is gone.
     async fn send(&self, message: Message) -> bool {
+        self.send_held(message, None).await
+    }
+
+    /// [`send`](Self::send), `held` given back once it is written.
+    async fn send_held(&self, message: Message, held: Option<BudgetHold>) -> bool {
         let size = u32::try_from(message.len().clamp(1, CLIENT_QUEUE_BYTES)).unwrap_or(u32::MAX);
         let Ok(permit) = self.bytes.clone().acquire_many_owned(size).await else {
             return false;
         };
-        self.tx.send((message, Some(permit))).await.is_ok()
+        self.tx.send((message, Some(permit), held)).await.is_ok()
     }
 }
 
@@ -1192,7 +1209,7 @@ async fn pump_up(
             message = client.next() => {
                 // Whole: what its bytes held is counted again, with what it
                 // is parsed into, while it is checked.
-                meter.message_read();
+                drop(meter.take());
                 message
             }
             () = meter.overdue(message_timeout) => {
@@ -1233,7 +1250,7 @@ async fn pump_up(
                 // left to read as the upstream's: the relay closes that
                 // side next). A connection already gone hears nothing.
                 let close = match e {
-                    WsError::Io(e) if e.get_ref().is_some_and(|e| e.is::<BudgetFull>()) => {
+                    e if is_budget_full(&e) => {
                         Some((CloseCode::Again, "the proxy's memory for requests is full"))
                     }
                     WsError::Capacity(_) => Some((CloseCode::Size, "message too big")),
@@ -1329,18 +1346,21 @@ async fn pump_down(
     mut upstream: UpstreamRx,
     to_client: ClientQueue,
     clock: &Clock,
+    answers: &Meter,
 ) {
     let mut client_gone = false;
     let mut broke = None;
     let mut too_big = false;
     while let Some(message) = upstream.next().await {
+        // What its bytes hold goes with it to the client's queue.
+        let held = answers.take();
         let message = match message {
             Ok(message) => message,
             Err(e) => {
                 tracing::debug!(error = %e, "WebSocket upstream message unreadable");
-                // A message over the proxy's own bound is no fault of the
-                // upstream's health.
-                too_big = matches!(e, WsError::Capacity(_));
+                // A message over the proxy's own bound, or past its memory
+                // for answers, is no fault of the upstream's health.
+                too_big = matches!(e, WsError::Capacity(_)) || is_budget_full(&e);
                 broke = Some(e);
                 break;
             }
@@ -1395,7 +1415,7 @@ async fn pump_down(
         }
         if !client_gone {
             session.waiting_on_client.store(true, Ordering::Relaxed);
-            client_gone = !to_client.send(message).await;
+            client_gone = !to_client.send_held(message, Some(held)).await;
             session.waiting_on_client.store(false, Ordering::Relaxed);
         }
     }
@@ -1446,11 +1466,8 @@ fn interrupted(upstream: &str, reason: &str) -> Message {
 
 /// Send the queued messages to the client, then close its side (which also
 /// sends the answer to a close of the client's, if one is waiting).
-async fn write_client(
-    mut queued: mpsc::Receiver<(Message, Option<OwnedSemaphorePermit>)>,
-    mut client: ClientTx,
-) {
-    while let Some((message, _permit)) = queued.recv().await {
+async fn write_client(mut queued: mpsc::Receiver<Queued>, mut client: ClientTx) {
+    while let Some((message, _permit, _held)) = queued.recv().await {
         if let Err(e) = client.send(message).await {
             tracing::debug!(error = %e, "WebSocket client write ended");
             break;
@@ -1467,11 +1484,14 @@ struct Incoming {
     budget: Option<BodyBudget>,
 }
 
-/// The client's bytes read since its last whole message, counted in the
-/// request bodies' budget (the message they belong to is held meanwhile,
-/// in part, by the WebSocket reader), and when they began to come.
+/// One side's bytes read since its last whole message, counted in a pool
+/// of the budget (the message they belong to is held meanwhile, in part, by
+/// the WebSocket reader), and when they began to come.
 struct Meter {
     held: Mutex<BudgetHold>,
+    budget: Option<BodyBudget>,
+    /// A new, empty hold in the pool counted in.
+    fresh: fn(Option<&BodyBudget>) -> BudgetHold,
     epoch: Instant,
     /// Milliseconds since `epoch` (plus one) when the first byte of the
     /// message under way came; 0: none under way.
@@ -1480,23 +1500,30 @@ struct Meter {
     begun: Notify,
 }
 
-/// Why the client's connection could not be read on: the budget for
-/// request bodies is spent.
+/// Why a side's connection could not be read on: its pool of the budget
+/// is spent.
 #[derive(Debug)]
 struct BudgetFull;
 
 impl std::fmt::Display for BudgetFull {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the proxy's memory for request bodies is full")
+        f.write_str("the proxy's memory for messages is full")
     }
 }
 
 impl std::error::Error for BudgetFull {}
 
+/// Whether a WebSocket error is a [`Meter`]'s full pool.
+fn is_budget_full(e: &WsError) -> bool {
+    matches!(e, WsError::Io(e) if e.get_ref().is_some_and(|e| e.is::<BudgetFull>()))
+}
+
 impl Meter {
-    fn new(budget: Option<&BodyBudget>) -> Self {
+    fn new(budget: Option<&BodyBudget>, fresh: fn(Option<&BodyBudget>) -> BudgetHold) -> Self {
         Meter {
-            held: Mutex::new(BudgetHold::for_bodies(budget)),
+            held: Mutex::new(fresh(budget)),
+            budget: budget.cloned(),
+            fresh,
             epoch: Instant::now(),
             began: AtomicU64::new(0),
             begun: Notify::new(),
@@ -1518,13 +1545,15 @@ impl Meter {
         held.hold(total)
     }
 
-    /// A message (or a control frame) came whole: nothing is under way.
-    fn message_read(&self) {
+    /// A message (or a control frame) came whole: nothing is under way,
+    /// and what its bytes held is handed to the caller.
+    fn take(&self) -> BudgetHold {
         self.began.store(0, Ordering::Relaxed);
-        self.held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .hold(0);
+        let fresh = (self.fresh)(self.budget.as_ref());
+        std::mem::replace(
+            &mut self.held.lock().unwrap_or_else(PoisonError::into_inner),
+            fresh,
+        )
     }
 
     /// Resolves once a message under way has taken `limit` since its first
@@ -1547,7 +1576,7 @@ impl Meter {
     }
 }
 
-/// The client's connection, its bytes read counted by a [`Meter`].
+/// A side's connection, its bytes read counted by a [`Meter`].
 struct Metered<T> {
     io: T,
     meter: Arc<Meter>,
