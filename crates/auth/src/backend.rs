@@ -7,6 +7,8 @@ use tokio::time::Instant;
 
 use crate::keys::KeyEntry;
 use crate::limit::Decision;
+#[cfg(feature = "redis")]
+use llm_proxy_core::redis::RedisCallError;
 
 /// The limit store of an [`AuthLayer`](crate::AuthLayer).
 #[derive(Debug)]
@@ -64,16 +66,26 @@ impl LimitBackend {
                 // Redis with its next call, to be added there: a bucket
                 // Redis kept (or lost) through the outage is not a fresh one.
                 let alone = key.limits.take_alone();
-                match r.acquire(key, tokens, alone).await {
-                    Ok((decision, ahead)) => {
-                        key.limits.mirror(self.now(), ahead.map(Some));
-                        decision
+                let answer = r.acquire(key, tokens, alone).await;
+                if let Ok((_, ahead)) = &answer {
+                    key.limits.mirror(self.now(), ahead.map(Some));
+                }
+                if let Some(units) = alone {
+                    // Sent again only when the call surely did not run (it
+                    // was skipped, or refused): a timed-out one may have run,
+                    // and adding the tally twice would lock the key out.
+                    if matches!(
+                        &answer,
+                        Err(RedisCallError::Skipped | RedisCallError::Redis(_))
+                    ) {
+                        key.limits.give_back_alone(units);
                     }
+                    key.limits.tally_done();
+                }
+                match answer {
+                    Ok((decision, _)) => decision,
                     Err(e) => {
                         self.failed(&e);
-                        if let Some(alone) = alone {
-                            key.limits.give_back_alone(alone);
-                        }
                         Decision {
                             held_locally: true,
                             ..key.limits.acquire_alone(self.now(), tokens)

@@ -179,6 +179,9 @@ struct Local {
     /// alone (the store failed) since the store last took them, for the
     /// store to add ([`Limits::take_alone`]).
     alone: [i64; 2],
+    /// Tallies taken and on their way to the store, not yet known to have
+    /// reached it ([`Limits::tally_done`]).
+    sending: u32,
 }
 
 impl Limits {
@@ -268,16 +271,27 @@ impl Limits {
         }
         let alone = std::mem::take(&mut local.alone);
         let units = alone.map(|n| u64::try_from(n).unwrap_or(0));
-        (units != [0, 0]).then_some(units)
+        if units == [0, 0] {
+            return None;
+        }
+        local.sending += 1;
+        Some(units)
     }
 
-    /// What [`take_alone`](Self::take_alone) took, back: the store did not
-    /// answer.
+    /// What [`take_alone`](Self::take_alone) took, back: the store surely
+    /// did not run the call that carried it.
     pub(crate) fn give_back_alone(&self, units: [u64; 2]) {
         let mut local = self.local();
         for (kept, n) in local.alone.iter_mut().zip(units) {
             *kept = kept.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
         }
+    }
+
+    /// A tally [`take_alone`](Self::take_alone) took has reached the store,
+    /// was given back, or was dropped (its call may have run).
+    pub(crate) fn tally_done(&self) {
+        let mut local = self.local();
+        local.sending = local.sending.saturating_sub(1);
     }
 
     /// With a shared store: take on its state, which it reported at `now`
@@ -288,7 +302,8 @@ impl Limits {
     /// of the two stands.
     pub(crate) fn mirror(&self, now: u64, ahead: [Option<u64>; 2]) {
         let mut local = self.local();
-        let pending = local.alone != [0, 0];
+        // (A tally on its way may reach the store after this answer.)
+        let pending = local.alone != [0, 0] || local.sending > 0;
         for (tat, ahead) in local.tat.iter_mut().zip(ahead) {
             if let Some(ahead) = ahead {
                 let fleet = now.saturating_add(ahead);
@@ -361,15 +376,21 @@ mod tests {
         // What the store is to add: one request, 37 tokens; then nothing.
         assert_eq!(limits.take_alone(), Some([1, 37]));
         assert!(limits.take_alone().is_none());
-        // Given back when the store failed, and added to.
+        // Given back when the store surely did not take it, and added to.
         limits.give_back_alone([1, 37]);
+        limits.tally_done();
         assert!(limits.acquire_alone(30 * S, 1).allowed);
         // While it is pending, a mirror keeps the larger.
         let before = limits.local().tat;
         limits.mirror(30 * S, [Some(0), Some(0)]);
         assert_eq!(limits.local().tat, before);
         assert_eq!(limits.take_alone(), Some([2, 38]));
-        // Once taken, the store's state stands, lower too (a refund).
+        // So it does while the tally is on its way (an answer that raced it
+        // may not hold it).
+        limits.mirror(30 * S, [Some(0), Some(0)]);
+        assert_eq!(limits.local().tat, before);
+        // Once it arrived, the store's state stands, lower too (a refund).
+        limits.tally_done();
         limits.mirror(30 * S, [Some(0), None]);
         assert_eq!(limits.local().tat[0], 30 * S);
         assert_eq!(limits.local().tat[1], before[1], "not reported: kept");

@@ -174,13 +174,14 @@ impl RedisLimits {
             .arg(requests_alone)
             .arg(tokens_alone);
         let call = &call;
-        let (wait, rtat, ttat, now): (u64, u64, u64, u64) = self
-            .link
-            .call(
-                "acquire",
-                |mut c| async move { call.invoke_async(&mut c).await },
-            )
-            .await?;
+        let invoke =
+            |mut c: redis::aio::ConnectionManager| async move { call.invoke_async(&mut c).await };
+        // With a tally, once: a second run would add it twice.
+        let (wait, rtat, ttat, now): (u64, u64, u64, u64) = if alone.is_some() {
+            self.link.call_once("acquire", invoke).await?
+        } else {
+            self.link.call("acquire", invoke).await?
+        };
         let ns = |us: u64| us.saturating_mul(1000);
         let decision = Decision {
             allowed: wait == 0,

@@ -128,7 +128,8 @@ impl AuthLayer {
     ///
     /// [`Error::RateLimited`] (counted in the key's `rate_limited`).
     pub async fn count_refused_turn(&self, key: &Arc<KeyEntry>) -> Result<(), Error> {
-        if !key.limits.any() {
+        // (A refusal reserves no tokens: only a request limit can say no.)
+        if key.limits.requests.is_none() {
             return Ok(());
         }
         self.shared
