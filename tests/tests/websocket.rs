@@ -2250,6 +2250,49 @@ async fn a_message_under_way_is_counted_and_timed() {
     assert_eq!(close_code(&mut first).await, Some(1008));
     drop((first, second));
     sessions_closed(&p).await;
+    // A ping in the middle of a fragmented message, or read together with
+    // the start of one, neither frees what the message holds nor restarts
+    // its clock.
+    let mut fragment = vec![0x01, 0x80 | 127];
+    fragment.extend_from_slice(&(800u64 << 10).to_be_bytes());
+    fragment.extend_from_slice(&[0, 0, 0, 0]);
+    fragment.extend(std::iter::repeat_n(b' ', 800 << 10));
+    let ping = [0x89, 0x80, 0, 0, 0, 0];
+    let mut then_ping = fragment.clone();
+    then_ping.extend_from_slice(&ping);
+    let mut ping_then = ping.to_vec();
+    ping_then.extend_from_slice(&partial[..100 << 10]);
+    for (what, bytes, held) in [
+        ("a fragment, then a ping", then_ping, 700 << 10),
+        ("a ping and the start of a message", ping_then, 90 << 10),
+    ] {
+        let mut tcp = open().await;
+        tcp.write_all(&bytes).await.unwrap();
+        let deadline = tokio::time::Instant::now() + HANG;
+        loop {
+            let now = p
+                .metrics()
+                .await
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("llm_proxy_buffered_body_bytes ")?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or(0);
+            if now >= held {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: held {now}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // (The ping's pong comes first.)
+        let mut buf = [0u8; 2];
+        tcp.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, [0x8a, 0x00], "{what}: a pong");
+        assert_eq!(close_code(&mut tcp).await, Some(1008), "{what}");
+    }
+    sessions_closed(&p).await;
     // Whole messages go on as ever.
     let (mut s, _) = connect(p.addr, &[]).await.unwrap();
     let events = turn(&mut s, serde_json::json!({"model": "m", "input": "x"})).await;

@@ -1209,7 +1209,7 @@ async fn pump_up(
             message = client.next() => {
                 // Whole: what its bytes held is counted again, with what it
                 // is parsed into, while it is checked.
-                drop(meter.take());
+                meter.finished(message.as_ref());
                 message
             }
             () = meter.overdue(message_timeout) => {
@@ -1352,8 +1352,8 @@ async fn pump_down(
     let mut broke = None;
     let mut too_big = false;
     while let Some(message) = upstream.next().await {
-        // What its bytes hold goes with it to the client's queue.
-        let held = answers.take();
+        // What its bytes held goes with it to the client's queue.
+        let held = answers.hold_for(answers.finished(Some(&message)));
         let message = match message {
             Ok(message) => message,
             Err(e) => {
@@ -1476,6 +1476,16 @@ async fn write_client(mut queued: mpsc::Receiver<Queued>, mut client: ClientTx) 
     let _ = client.close().await;
 }
 
+/// The most bytes a frame's header takes: two, an 8-byte length, a 4-byte
+/// mask.
+const FRAME_HEADER_MAX: usize = 14;
+
+/// What may be left counted after a whole message with nothing under way:
+/// the headers of a fragmented message's other frames. A message begun
+/// with less than this read is neither counted nor timed (its bytes are
+/// too few to matter).
+const UNDER_WAY_SLACK: usize = 4096;
+
 /// What the client's messages may be: their size, how long one may take
 /// to arrive, and the budget their bytes count against as they come.
 struct Incoming {
@@ -1545,15 +1555,45 @@ impl Meter {
         held.hold(total)
     }
 
-    /// A message (or a control frame) came whole: nothing is under way,
-    /// and what its bytes held is handed to the caller.
-    fn take(&self) -> BudgetHold {
-        self.began.store(0, Ordering::Relaxed);
-        let fresh = (self.fresh)(self.budget.as_ref());
-        std::mem::replace(
-            &mut self.held.lock().unwrap_or_else(PoisonError::into_inner),
-            fresh,
-        )
+    /// The reader gave `message` (`None`: the connection ended): what
+    /// was read beyond it stays counted (the start of another message read
+    /// with its end; after a control frame, the message it came in the
+    /// middle of, and its clock runs on). Returns the bytes its own reading
+    /// held, for the caller to count further on.
+    fn finished(&self, message: Option<&Result<Message, WsError>>) -> usize {
+        let (len, control) = match message {
+            Some(Ok(message)) => (
+                message.len(),
+                matches!(message, Message::Ping(_) | Message::Pong(_)),
+            ),
+            _ => (usize::MAX, false),
+        };
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let total = held.held();
+        let rest = total.saturating_sub(len.saturating_add(FRAME_HEADER_MAX));
+        if rest <= UNDER_WAY_SLACK {
+            // Nothing under way: what is left is a fragmented message's
+            // other headers, or too little to matter.
+            held.hold(0);
+            self.began.store(0, Ordering::Relaxed);
+            return total;
+        }
+        held.hold(rest);
+        if !control {
+            // Another message began in what was read.
+            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.began.store(now.saturating_add(1), Ordering::Relaxed);
+            self.begun.notify_one();
+        }
+        total - rest
+    }
+
+    /// A hold of `bytes` in this meter's pool (or less, when it has not the
+    /// room: the bytes are read already).
+    fn hold_for(&self, bytes: usize) -> BudgetHold {
+        let mut hold = (self.fresh)(self.budget.as_ref());
+        hold.hold(bytes);
+        hold
     }
 
     /// Resolves once a message under way has taken `limit` since its first
