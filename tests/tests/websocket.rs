@@ -863,14 +863,7 @@ async fn hostile_client_frames_end_the_session_cleanly() {
         ("a fragmented turn with a ping inside", fragmented, None),
     ];
     for (what, bytes, code) in cases {
-        let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-        tcp.write_all(
-            b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
-              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        assert!(read_request_head(&mut tcp).await, "{what}: a 101");
+        let mut tcp = upgraded(tokio::net::TcpStream::connect(p.addr).await.unwrap()).await;
         tcp.write_all(&bytes).await.unwrap();
         let mut got = Vec::new();
         let ended = tokio::time::timeout(HANG, async {
@@ -971,6 +964,25 @@ where
         }
     })
     .await
+}
+
+/// The text messages `socket` receives (as JSON) until something else: the
+/// close, or the end.
+async fn texts_until_close(
+    socket: &mut ws::Socket,
+) -> (
+    Vec<serde_json::Value>,
+    Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) {
+    let mut texts = Vec::new();
+    loop {
+        match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                texts.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+            }
+            other => return (texts, other),
+        }
+    }
 }
 
 /// Send a `response.create` turn for model `m`.
@@ -1642,28 +1654,7 @@ async fn a_message_is_held_in_the_body_budget_while_it_is_checked() {
 /// `stream_interrupted` error, then a 1011 close.
 #[tokio::test]
 async fn an_upstream_that_breaks_mid_turn_is_an_error_and_1011() {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    let broken =
-        scripted(|| |_: &serde_json::Value| vec![created("resp_1"), DROP.to_owned()]).await;
-    let p = proxy(&ws_upstream("up", &format!("http://{broken}/v1"), "")).await;
-    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
-    send_create(&mut socket).await;
-    let mut texts = Vec::new();
-    let close = loop {
-        match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
-            Some(Ok(Message::Text(text))) => {
-                texts.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
-            }
-            other => break other,
-        }
-    };
-    assert_eq!(texts.len(), 2, "{texts:?}");
-    assert_eq!(texts[1]["type"], "error");
-    assert_eq!(texts[1]["error"]["code"], "stream_interrupted");
-    match close {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Error),
-        other => panic!("expected a 1011 close, got {other:?}"),
-    }
+    let p = a_turn_ended_by(DROP).await;
     // It counts against the upstream, as a stream it broke would: after
     // three in a row (a switched upgrade does not forget them) it rests,
     // and no upstream is left for an upgrade.
@@ -1687,26 +1678,30 @@ async fn an_upstream_that_breaks_mid_turn_is_an_error_and_1011() {
 /// not the upstream's 1000.
 #[tokio::test]
 async fn an_upstream_closing_mid_turn_is_an_error_and_1011() {
+    a_turn_ended_by(CLOSE).await;
+}
+
+/// A proxy in front of an upstream that answers a turn with its
+/// `response.created`, then `end` ([`DROP`], [`CLOSE`]); its first turn's
+/// client gets that message, the `stream_interrupted` error, then a 1011
+/// close.
+async fn a_turn_ended_by(end: &'static str) -> TestProxy {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    let closing =
-        scripted(|| |_: &serde_json::Value| vec![created("resp_1"), CLOSE.to_owned()]).await;
-    let p = proxy(&ws_upstream("up", &format!("http://{closing}/v1"), "")).await;
+    let upstream =
+        scripted(move || move |_: &serde_json::Value| vec![created("resp_1"), end.to_owned()])
+            .await;
+    let p = proxy(&ws_upstream("up", &format!("http://{upstream}/v1"), "")).await;
     let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
     send_create(&mut socket).await;
-    let mut texts = Vec::new();
-    let close = loop {
-        match tokio::time::timeout(HANG, socket.next()).await.unwrap() {
-            Some(Ok(Message::Text(text))) => {
-                texts.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
-            }
-            other => break other,
-        }
-    };
-    assert_eq!(texts.last().unwrap()["error"]["code"], "stream_interrupted");
+    let (texts, close) = texts_until_close(&mut socket).await;
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert_eq!(texts[1]["type"], "error");
+    assert_eq!(texts[1]["error"]["code"], "stream_interrupted");
     match close {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Error),
         other => panic!("expected a 1011 close, got {other:?}"),
     }
+    p
 }
 
 /// An upgrade request that carries a body is refused: once switched, the
@@ -2198,17 +2193,7 @@ async fn a_message_under_way_is_counted_and_timed() {
     partial.extend_from_slice(&(1u64 << 20).to_be_bytes());
     partial.extend_from_slice(&[0, 0, 0, 0]);
     partial.extend(std::iter::repeat_n(b' ', 800 << 10));
-    let open = || async {
-        let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-        tcp.write_all(
-            b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
-              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        assert!(read_request_head(&mut tcp).await, "a 101");
-        tcp
-    };
+    let open = || async { upgraded(tokio::net::TcpStream::connect(p.addr).await.unwrap()).await };
     /// The close code the client hears first (`None`: the connection
     /// ended without one).
     async fn close_code(tcp: &mut tokio::net::TcpStream) -> Option<u16> {
@@ -2224,24 +2209,10 @@ async fn a_message_under_way_is_counted_and_timed() {
     }
     let mut first = open().await;
     first.write_all(&partial).await.unwrap();
-    let deadline = tokio::time::Instant::now() + HANG;
-    loop {
-        let held = p
-            .metrics()
-            .await
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("llm_proxy_buffered_body_bytes ")?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0);
-        if held >= 700 << 10 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "held {held}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    gauge_until(&p, "llm_proxy_buffered_body_bytes", |held| {
+        held >= 700 << 10
+    })
+    .await;
     // A second such message does not fit beside it.
     let mut second = open().await;
     let _ = second.write_all(&partial).await;
@@ -2268,24 +2239,7 @@ async fn a_message_under_way_is_counted_and_timed() {
     ] {
         let mut tcp = open().await;
         tcp.write_all(&bytes).await.unwrap();
-        let deadline = tokio::time::Instant::now() + HANG;
-        loop {
-            let now = p
-                .metrics()
-                .await
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("llm_proxy_buffered_body_bytes ")?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .unwrap_or(0);
-            if now >= held {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{what}: held {now}");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        gauge_until(&p, "llm_proxy_buffered_body_bytes", |now| now >= held).await;
         // (The ping's pong comes first.)
         let mut buf = [0u8; 2];
         tcp.read_exact(&mut buf).await.unwrap();
@@ -2329,7 +2283,45 @@ async fn upstream_messages_waiting_for_the_client_are_counted() {
     let p = proxy(&ws_upstream("up", &format!("http://{upstream}/v1"), "")).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let mut tcp = socket.connect(p.addr).await.unwrap();
+    let mut tcp = upgraded(socket.connect(p.addr).await.unwrap()).await;
+    // A turn (a text frame masked with a zero key), then nothing read.
+    let create = br#"{"type":"response.create","model":"m","input":"x"}"#;
+    let mut frame = vec![0x81, 0x80 | create.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(create);
+    tcp.write_all(&frame).await.unwrap();
+    gauge_until(&p, "llm_proxy_buffered_answer_bytes", |held| {
+        held >= 3 << 20
+    })
+    .await;
+    drop(tcp);
+    gauge_until(&p, "llm_proxy_buffered_answer_bytes", |held| held == 0).await;
+}
+
+/// Wait until the gauge `name` of the proxy's metrics satisfies `wanted`.
+async fn gauge_until(p: &TestProxy, name: &str, wanted: impl Fn(u64) -> bool) {
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        let value = p
+            .metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+            .unwrap_or(0);
+        if wanted(value) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stays {value}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `tcp` switched to WebSocket on `/v1/responses` by a hand-written
+/// upgrade (answered 101), for a test that writes frames itself.
+async fn upgraded(mut tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
     tcp.write_all(
         b"GET /v1/responses HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
           sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -2337,30 +2329,5 @@ async fn upstream_messages_waiting_for_the_client_are_counted() {
     .await
     .unwrap();
     assert!(read_request_head(&mut tcp).await, "a 101");
-    // A turn (a text frame masked with a zero key), then nothing read.
-    let create = br#"{"type":"response.create","model":"m","input":"x"}"#;
-    let mut frame = vec![0x81, 0x80 | create.len() as u8, 0, 0, 0, 0];
-    frame.extend_from_slice(create);
-    tcp.write_all(&frame).await.unwrap();
-    let answers = |metrics: String| {
-        metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("llm_proxy_buffered_answer_bytes ")?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    let deadline = tokio::time::Instant::now() + HANG;
-    while answers(p.metrics().await) < 3 << 20 {
-        assert!(tokio::time::Instant::now() < deadline, "never counted");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    drop(tcp);
-    let deadline = tokio::time::Instant::now() + HANG;
-    while answers(p.metrics().await) > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "never given back");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    tcp
 }

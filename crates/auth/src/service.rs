@@ -679,18 +679,7 @@ fn unseen_input(json: &serde_json::Map<String, Value>) -> Option<(&'static str, 
     let Some(Value::Array(items)) = json.get("input") else {
         return None;
     };
-    // An item the upstream keeps, named by id: `item_reference` (its type
-    // may be left out: an id with no role or content).
-    let reference = |item: &Value| match item.get("type") {
-        Some(Value::String(kind)) => kind == "item_reference",
-        None | Some(Value::Null) => {
-            item.get("id").is_some_and(Value::is_string)
-                && item.get("role").is_none()
-                && item.get("content").is_none()
-        }
-        Some(_) => false,
-    };
-    if items.iter().any(reference) {
+    if llm_proxy_core::references_stored_items(json) {
         return Some(("input", "an item stored upstream (`item_reference`)"));
     }
     // Parts sit in a message's `content`, or a tool output's `output`.

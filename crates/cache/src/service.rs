@@ -159,27 +159,7 @@ fn is_stateless_response(json: &Map<String, Value>) -> bool {
         && !set(json, "previous_response_id")
         && !set(json, "conversation")
         && json.get("background") != Some(&Value::Bool(true))
-        && !references_items(json)
-}
-
-/// Whether the `input` of a Responses body names an item by id: what it
-/// holds is upstream state the body does not show. A reference is
-/// `{"type": "item_reference", "id": …}`, and its `type` may be left out
-/// or `null` (`{"id": "msg_…"}`); an item without a `type` that has a
-/// `role` or `content` is a message, not a reference.
-fn references_items(json: &Map<String, Value>) -> bool {
-    let Some(Value::Array(input)) = json.get("input") else {
-        return false;
-    };
-    input.iter().any(|item| match item.get("type") {
-        Some(Value::String(kind)) => kind == "item_reference",
-        None | Some(Value::Null) => {
-            item.get("id").is_some_and(Value::is_string)
-                && item.get("role").is_none()
-                && item.get("content").is_none()
-        }
-        Some(_) => false,
-    })
+        && !llm_proxy_core::references_stored_items(json)
 }
 
 /// Whether a chat completions body asks the upstream to keep its answer

@@ -73,7 +73,9 @@ pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
 };
 pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE, MAX_MESSAGE_BYTES};
-pub use meta::{CallerSlot, GenerationCaps, Identity, ModelAllowlist, RequestMeta};
+pub use meta::{
+    CallerSlot, GenerationCaps, Identity, ModelAllowlist, RequestMeta, references_stored_items,
+};
 pub use parse::{
     BudgetHold, Parse, ParseLayer, ParseLimits, buffers_body, json_from_slice, object_from_slice,
     object_from_str, parse, parse_object, parse_object_within, parse_within,

@@ -38,6 +38,28 @@ impl CallerSlot {
     }
 }
 
+/// Whether the `input` of a Responses body names an item by id: what it
+/// holds is upstream state the body does not show (the cache must not key
+/// on the body alone; a token estimate cannot see it). A reference is
+/// `{"type": "item_reference", "id": …}`, and its `type` may be left out
+/// or `null` (`{"id": "msg_…"}`); an item without a `type` that has a
+/// `role` or `content` is a message, not a reference.
+pub fn references_stored_items(json: &serde_json::Map<String, serde_json::Value>) -> bool {
+    use serde_json::Value;
+    let Some(Value::Array(input)) = json.get("input") else {
+        return false;
+    };
+    input.iter().any(|item| match item.get("type") {
+        Some(Value::String(kind)) => kind == "item_reference",
+        None | Some(Value::Null) => {
+            item.get("id").is_some_and(Value::is_string)
+                && item.get("role").is_none()
+                && item.get("content").is_none()
+        }
+        Some(_) => false,
+    })
+}
+
 /// The models a caller may use, when its key limits them: the auth layer
 /// puts it in the request's extensions, so that a later layer that picks a
 /// model itself (the balancer's fallbacks) stays within it.

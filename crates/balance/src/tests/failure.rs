@@ -399,10 +399,7 @@ async fn fallbacks_rewrite_the_model() {
 /// without fallbacks, `max_retries` holds as before.
 #[tokio::test(start_paused = true)]
 async fn a_fallback_gets_its_attempt_however_many_upstreams_the_model_has() {
-    let fleet = Fleet::default();
-    for big in ["big-1", "big-2", "big-3"] {
-        fleet.set(big, Mode::Status(500, None));
-    }
+    let fleet = failing_bigs();
     fleet.set("small-1", Mode::Status(500, None));
     let cfg = BalanceConfig {
         max_retries: 1,
@@ -423,10 +420,7 @@ async fn a_fallback_gets_its_attempt_however_many_upstreams_the_model_has() {
     let (status, body) = send(&b, chat("big", "y")).await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "small-1"));
 
-    let fleet = Fleet::default();
-    for big in ["big-1", "big-2", "big-3"] {
-        fleet.set(big, Mode::Status(500, None));
-    }
+    let fleet = failing_bigs();
     let b = Balance::new(
         backends_of(&fleet),
         BalanceConfig {
@@ -441,10 +435,7 @@ async fn a_fallback_gets_its_attempt_however_many_upstreams_the_model_has() {
     // `max_retries = 0`: one call, fallbacks or not; and a request pinned
     // to one upstream never goes to a fallback.
     for (max_retries, pinned, calls) in [(0, false, 1), (1, true, 2), (0, true, 1)] {
-        let fleet = Fleet::default();
-        for big in ["big-1", "big-2", "big-3"] {
-            fleet.set(big, Mode::Status(500, None));
-        }
+        let fleet = failing_bigs();
         let b = Balance::new(
             backends_of(&fleet),
             BalanceConfig {
@@ -466,6 +457,15 @@ async fn a_fallback_gets_its_attempt_however_many_upstreams_the_model_has() {
             "max_retries {max_retries}, pinned {pinned}"
         );
         assert_eq!(fleet.calls("small-1"), 0);
+    }
+
+    /// `big-1`..`big-3` answering 500.
+    fn failing_bigs() -> Fleet {
+        let fleet = Fleet::default();
+        for big in ["big-1", "big-2", "big-3"] {
+            fleet.set(big, Mode::Status(500, None));
+        }
+        fleet
     }
 
     fn backends_of(fleet: &Fleet) -> [crate::Backend<Fake>; 4] {
