@@ -861,14 +861,25 @@ async fn the_access_log_has_a_line_per_request() {
         .lines()
         .filter(|l| l.contains("llm_proxy::access"))
         .collect();
-    assert_eq!(lines.len(), 6, "{stderr}");
+    assert_eq!(lines.len(), 7, "{stderr}");
+    let gone = lines.iter().find(|l| l.contains("req-gone-6")).unwrap();
     assert!(
-        lines[5].contains("req-gone-6")
-            && lines[5].contains("status=499")
-            && lines[5].contains("upstream=\"m\"")
-            && lines[5].contains("key=\"team-a\""),
-        "{}",
-        lines[5]
+        gone.contains("status=499")
+            && gone.contains("upstream=\"m\"")
+            && gone.contains("key=\"team-a\""),
+        "{gone}"
+    );
+    // The WebSocket session's own line, when it ended (the client closed).
+    let session = lines[5..]
+        .iter()
+        .find(|l| l.contains("req-ws-5"))
+        .expect("a line at the session's end");
+    assert!(
+        session.contains("status=101")
+            && session.contains("upstream=\"m\"")
+            && session.contains("key=\"team-a\"")
+            && (session.contains("end=\"closed\"") || session.contains("end=closed")),
+        "{session}"
     );
     for (line, id, status) in [
         (lines[0], "req-plain-1", "status=200"),

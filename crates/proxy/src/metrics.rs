@@ -579,8 +579,9 @@ pub struct ObservedBody {
 }
 
 /// One request's line of the access log (`access_log = true`): logged at
-/// `info` under the target `llm_proxy::access` when its response ends.
-#[derive(Debug)]
+/// `info` under the target `llm_proxy::access` when its response ends (and
+/// for a WebSocket session, once more when the session ends).
+#[derive(Clone, Debug)]
 pub(crate) struct Access {
     pub(crate) method: http::Method,
     /// The path, without the query (which may carry what is not the

@@ -450,6 +450,11 @@ where
         // the upstream's.
         req.extensions_mut().insert(access.caller.clone());
         req.extensions_mut().insert(access.tried.clone());
+        // A WebSocket session gets a line of its own when it ends.
+        if websocket::wants_upgrade(&req) {
+            req.extensions_mut()
+                .insert(websocket::SessionAccess(access.clone()));
+        }
     }
     // A model route's body is buffered, whatever its head says.
     let buffered = match route {

@@ -197,6 +197,11 @@ pub(crate) fn wants_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// What [`open`] needs of the proxy.
+/// The access log's line of an upgrade request (with `access_log = true`),
+/// logged again when its session ends.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionAccess(pub(crate) Box<crate::metrics::Access>);
+
 pub(crate) struct Ctx<'a> {
     pub(crate) sockets: &'a Sockets,
     pub(crate) auth: Option<&'a AuthLayer>,
@@ -211,6 +216,7 @@ pub(crate) struct Ctx<'a> {
 /// upstream's `101` with the session set up behind it, the upstream's own
 /// refusal, or the proxy's error.
 pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Response<Body>, Error> {
+    let access = req.extensions_mut().remove::<SessionAccess>();
     // The connection is the client's WebSocket once switched: a body sent
     // with the upgrade would be read as its first frames.
     if req.headers().contains_key(header::TRANSFER_ENCODING)
@@ -390,6 +396,16 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         },
         ctx.conn.cloned(),
     );
+    let upstream_name = upstream.client.name().clone();
+    let run = async move {
+        let start = Instant::now();
+        let end = run.await;
+        if let Some(SessionAccess(mut access)) = access {
+            access.status = 101;
+            access.upstream = Some(upstream_name);
+            access.log(start.elapsed(), end);
+        }
+    };
     match ctx.conn {
         Some(conn) => conn.hold(Box::pin(run)),
         None => drop(tokio::spawn(run)),
@@ -993,7 +1009,7 @@ async fn relay(
     silence: Silence,
     incoming: Incoming,
     conn: Option<Arc<Activity>>,
-) {
+) -> &'static str {
     let meter = Arc::new(Meter::new(incoming.budget.as_ref(), BudgetHold::for_bodies));
     // What the upstream sends, as it is read and until it is written to
     // the client, counts in the answers' pool.
@@ -1009,7 +1025,7 @@ async fn relay(
         },
         Err(e) => {
             tracing::debug!(error = %e, "the client's connection was not handed over");
-            return;
+            return "not switched";
         }
     };
     let _open = Open::new(session.counters.clone());
@@ -1074,7 +1090,7 @@ async fn relay(
         }
     };
     let reason = tokio::select! {
-        _ = &mut all => return,
+        _ = &mut all => return "closed",
         () = clock.silent_for(bound, silence.in_turn.min(silence.between_turns)) => {
             tracing::debug!("closing a silent WebSocket session");
             if session.open_turns.load(Ordering::Relaxed) > 0
@@ -1102,6 +1118,7 @@ async fn relay(
     // closed before it sends the next turn on it.
     closing.close(reason);
     let _ = tokio::time::timeout(CLOSE_GRACE, all).await;
+    reason
 }
 
 /// How often a drained session looks whether its open turn has ended.
