@@ -447,13 +447,24 @@ async fn dialect_streams_cut_midway_end_with_their_own_error_event() {
     let (body, broke) = cut("/v1/responses", responses_body(true, None)).await;
     assert!(broke);
     let text = String::from_utf8_lossy(&body);
-    let last: serde_json::Value = serde_json::from_str(sse_data(&body).last().unwrap()).unwrap();
+    let events: Vec<serde_json::Value> = sse_data(&body)
+        .iter()
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    let (last, before) = events.split_last().unwrap();
     assert_eq!(
         (last["type"].as_str(), last["code"].as_str()),
         (Some("error"), Some("stream_interrupted")),
         "{text}"
     );
     assert!(!text.contains("response.completed"));
+    // Numbered after the upstream's events, as every Responses event is.
+    let numbered = before.last().unwrap()["sequence_number"].as_u64().unwrap();
+    assert_eq!(
+        last["sequence_number"].as_u64(),
+        Some(numbered + 1),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -672,7 +672,8 @@ mod tests {
         assert!(!clean(m, &[stop, "event: ping\ndata: {}\n\n"]));
         assert!(!clean(m, &["event: response.completed\ndata: {}\n\n"]));
         // The proxy's own event for a stream cut mid-way.
-        let cut = llm_proxy_core::Error::stream_interrupted_event_for(m, "cut");
+        let cut =
+            llm_proxy_core::Error::stream_interrupted_event_for(m, "cut", &Default::default());
         assert!(!clean(m, &[start, std::str::from_utf8(&cut).unwrap()]));
     }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llm_proxy_core::sse::Parser;
+use llm_proxy_core::sse::{Parser, SequenceNumbers};
 use llm_proxy_core::{Body, BoxError, Error, FlushBeforeError, StreamKind, UsageFilter, full};
 
 use crate::flight::{Dropped, Follower, Head};
@@ -100,7 +100,7 @@ pub(crate) fn from_flight(
         left: head.length,
         ended: false,
         flush: FlushBeforeError::default(),
-        sse: stream.map(|kind| (kind, Parser::new())),
+        sse: stream.map(|kind| (kind, Parser::new(), SequenceNumbers::default())),
         told: false,
     };
     let body = if filter_usage {
@@ -178,8 +178,9 @@ struct FlightBody {
     /// For a stream, its kind and where the client is in it (`None` once
     /// it proved not to be SSE): a follower cut because the flight dropped
     /// its frames ends with its dialect's error event, when the client
-    /// holds no unfinished event.
-    sse: Option<(StreamKind, Parser)>,
+    /// holds no unfinished event (a Responses event numbered after the
+    /// stream's).
+    sse: Option<(StreamKind, Parser, SequenceNumbers)>,
     /// Whether that event was considered already.
     told: bool,
 }
@@ -211,9 +212,13 @@ impl HttpBody for FlightBody {
                 if let Some(left) = &mut self.left {
                     *left = left.saturating_sub(frame.len() as u64);
                 }
-                if let Some((_, parser)) = &mut self.sse {
+                if let Some((kind, parser, numbers)) = &mut self.sse {
                     if parser.push(&frame).is_ok() {
-                        while parser.next_event_ref().is_some() {}
+                        while let Some(event) = parser.next_event_ref() {
+                            if *kind == StreamKind::Responses {
+                                numbers.observe(event.data.as_bytes());
+                            }
+                        }
                     } else {
                         self.sse = None;
                     }
@@ -229,14 +234,14 @@ impl HttpBody for FlightBody {
                     // it holds the start of an event (which the event would
                     // complete).
                     self.told = true;
-                    if let Some((kind, parser)) = &self.sse
+                    if let Some((kind, parser, numbers)) = &self.sse
                         && !parser.has_partial()
                     {
                         let reason = match why {
                             Dropped::TooLarge => CUT,
                             Dropped::BudgetFull => CUT_BUDGET,
                         };
-                        let event = Error::stream_interrupted_event_for(*kind, reason);
+                        let event = Error::stream_interrupted_event_for(*kind, reason, numbers);
                         return Poll::Ready(Some(Ok(Frame::data(event))));
                     }
                 }
@@ -279,7 +284,7 @@ mod tests {
     /// What a follower's client gets when the flight drops its frames after
     /// `sent` went out: the frames (the event it ends with, if any, last)
     /// before its stream fails.
-    async fn cut_after(sent: &'static [u8], why: Dropped) -> Vec<Bytes> {
+    async fn cut_after(sent: &'static [u8], why: Dropped, kind: StreamKind) -> Vec<Bytes> {
         let flights = Arc::new(Flights::new());
         let key = CacheKey::from_bytes([5; 32]);
         let Joined::Lead(mut leader) = flights.join(key) else {
@@ -295,7 +300,7 @@ mod tests {
         };
         leader.start(head.clone());
         leader.push(&Bytes::from_static(sent));
-        let mut body = from_flight(follower, &head, Some(StreamKind::Chat), false, 0).into_body();
+        let mut body = from_flight(follower, &head, Some(kind), false, 0).into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         let cap = if why == Dropped::TooLarge { 200 } else { 0 };
         assert!(leader.too_large(300, cap, why), "past the cap");
@@ -323,7 +328,7 @@ mod tests {
                 "memory for the answers it holds is full",
             ),
         ] {
-            let frames = cut_after(b"data: {\"a\":1}\n\n", why).await;
+            let frames = cut_after(b"data: {\"a\":1}\n\n", why, StreamKind::Chat).await;
             assert_eq!(frames.len(), 2, "{frames:?}");
             let event = std::str::from_utf8(&frames[1]).unwrap();
             assert!(
@@ -332,8 +337,25 @@ mod tests {
             );
             // Holding the start of an event, the client gets no event: its
             // first line break would complete the cut one.
-            let frames = cut_after(b"data: {\"a\":1}\n\ndata: {\"b\"", why).await;
+            let frames = cut_after(b"data: {\"a\":1}\n\ndata: {\"b\"", why, StreamKind::Chat).await;
             assert_eq!(frames.len(), 1, "{frames:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_cut_responses_follower_gets_an_error_event_numbered_after_the_stream() {
+        let sent = concat!(
+            "event: response.created\n",
+            "data: {\"type\":\"response.created\",\"sequence_number\":0}\n\n",
+            "event: response.output_text.delta\n",
+            "data: {\"type\":\"response.output_text.delta\",\"sequence_number\":1}\n\n",
+        );
+        let frames = cut_after(sent.as_bytes(), Dropped::TooLarge, StreamKind::Responses).await;
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        let event = std::str::from_utf8(&frames[1]).unwrap();
+        let data: serde_json::Value =
+            serde_json::from_str(event.split_once("data: ").unwrap().1.trim()).unwrap();
+        assert_eq!(data["code"], "stream_interrupted", "{event}");
+        assert_eq!(data["sequence_number"], 2, "{event}");
     }
 }

@@ -420,12 +420,19 @@ impl Error {
     /// dialect's own shape: `data: {"error":{…"stream_interrupted"}}` for chat
     /// streams (DESIGN.md), an `error` event for Responses
     /// (`{"type":"error","code":"stream_interrupted",…}`) and for Messages
-    /// (`{"type":"error","error":{"type":"api_error",…}}`).
-    pub fn stream_interrupted_event_for(kind: StreamKind, reason: &str) -> bytes::Bytes {
+    /// (`{"type":"error","error":{"type":"api_error",…}}`). A Responses
+    /// event takes the stream's next `sequence_number` from `numbers` (the
+    /// other dialects' events are not numbered).
+    pub fn stream_interrupted_event_for(
+        kind: StreamKind,
+        reason: &str,
+        numbers: &crate::sse::SequenceNumbers,
+    ) -> bytes::Bytes {
         let data = match kind {
             StreamKind::Chat => return Self::stream_interrupted_event(reason),
             StreamKind::Responses => serde_json::json!({
                 "type": "error", "code": INTERRUPTED_CODE, "message": reason, "param": null,
+                "sequence_number": numbers.next(),
             }),
             StreamKind::Messages => serde_json::json!({
                 "type": "error",
@@ -502,7 +509,8 @@ mod tests {
             serde_json::from_slice(&Error::InvalidApiKey.to_json_in(Dialect::Anthropic)).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "authentication_error");
-        let ev = Error::stream_interrupted_event_for(StreamKind::Messages, "cut");
+        let ev =
+            Error::stream_interrupted_event_for(StreamKind::Messages, "cut", &Default::default());
         assert!(
             std::str::from_utf8(&ev)
                 .unwrap()

@@ -458,6 +458,59 @@ impl Outline<'_> {
     }
 }
 
+/// Where a Responses stream's numbering stands. Every event of a Responses
+/// stream carries a `sequence_number`, one more than the event before it;
+/// an event the proxy adds to the stream (the error event of a stream
+/// broken mid-way) takes the number after the highest one seen, so that a
+/// client that orders or resumes by number reads it last.
+///
+/// ```
+/// use llm_proxy_core::sse::SequenceNumbers;
+///
+/// let mut numbers = SequenceNumbers::default();
+/// assert_eq!(numbers.next(), 0);
+/// numbers.observe(br#"{"type":"response.created","sequence_number":0}"#);
+/// numbers.observe(br#"{"type":"response.output_text.delta","sequence_number" : 7,"delta":"\"sequence_number\":99"}"#);
+/// assert_eq!(numbers.next(), 8);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SequenceNumbers {
+    next: u64,
+}
+
+impl SequenceNumbers {
+    /// Note the data of one of the stream's events. The number is found by
+    /// its key, not by a parse: no JSON string can hold `"sequence_number"`
+    /// unescaped, so a match is a key (of the event, or of an object in it:
+    /// the highest one seen counts, which can only move the next number on).
+    pub fn observe(&mut self, data: &[u8]) {
+        static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"sequence_number\""));
+        for at in KEY.find_iter(data) {
+            let rest = data[at + KEY.needle().len()..].trim_ascii_start();
+            let Some(rest) = rest.strip_prefix(b":") else {
+                continue;
+            };
+            let digits = rest.trim_ascii_start();
+            let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+            // At most 19 digits: always within a `u64`; a longer number is
+            // not one a stream counts to.
+            if (1..=19).contains(&len) {
+                let number = digits[..len]
+                    .iter()
+                    .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                self.next = self.next.max(number.saturating_add(1));
+            }
+        }
+    }
+
+    /// The number the next event takes: one past the highest seen, 0 when
+    /// none was.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+}
+
 /// Reads an event stream for each event's [`Outline`], and nothing more:
 /// no text is decoded, no `id` or `retry` kept, no event queued. For code
 /// that checks a stream's shape as it passes (did the last event come, is

@@ -251,6 +251,8 @@ impl StreamMap {
             _ => out.extend_from_slice(&llm_proxy_core::Error::stream_interrupted_event_for(
                 self.client_kind(),
                 reason,
+                // Chat and Messages events are not numbered.
+                &Default::default(),
             )),
         }
     }

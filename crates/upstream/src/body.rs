@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use llm_proxy_core::sse::{Outlines, SseError};
+use llm_proxy_core::sse::{Outlines, SequenceNumbers, SseError};
 use llm_proxy_core::{BoxError, Error, FlushBeforeError, NotUpstreamFault, StreamKind};
 use tokio::time::{Instant, Sleep};
 
@@ -68,6 +68,8 @@ struct StreamWatch {
     kind: StreamKind,
     outlines: Outlines,
     done: bool,
+    /// A Responses stream's numbering, for an error event the proxy adds.
+    numbers: SequenceNumbers,
 }
 
 /// Why a watched stream is cut: the upstream's fault (not a valid stream
@@ -127,6 +129,7 @@ impl UpstreamBody {
                     kind,
                     outlines: Outlines::new(),
                     done: false,
+                    numbers: SequenceNumbers::default(),
                 })
             }),
             state: State::Streaming,
@@ -163,6 +166,7 @@ impl StreamWatch {
             kind,
             outlines,
             done,
+            numbers,
         } = self;
         let kind = *kind;
         let garbled = |reason: &str| Cut::Garbled(reason.into());
@@ -191,6 +195,9 @@ impl StreamWatch {
             // `event:` line to name it.
             if !looks_like_object(event.data) {
                 return Err(garbled(NOT_JSON));
+            }
+            if kind == StreamKind::Responses {
+                numbers.observe(event.data);
             }
             let text;
             let typed;
@@ -356,7 +363,7 @@ impl HttpBody for UpstreamBody {
                 *this.state = State::interrupt(
                     this.upstream,
                     Cut::Garbled(reason),
-                    this.watch.as_ref().map(|w| w.kind),
+                    this.watch.as_deref(),
                     cut,
                 );
                 this.state.drain(this.upstream, cx)
@@ -422,7 +429,7 @@ fn watch(
             // ends mid-event, just fail). The parser dropped its unfinished
             // event with the error: the frame tells where the client is.
             let cut = !ends_an_event(data);
-            *state = State::interrupt(upstream, why, Some(watch.kind), cut);
+            *state = State::interrupt(upstream, why, Some(&**watch), cut);
             false
         }
     }
@@ -450,7 +457,7 @@ impl State {
     /// cut `data: [DONE]` would read as a clean end, cut JSON as garbage).
     /// The stream just fails, and the client, as SSE has it, drops the
     /// unfinished event with the connection.
-    fn interrupt(upstream: &str, why: Cut, kind: Option<StreamKind>, cut: bool) -> State {
+    fn interrupt(upstream: &str, why: Cut, watch: Option<&StreamWatch>, cut: bool) -> State {
         let (reason, ours) = match &why {
             Cut::Garbled(reason) => (reason, false),
             Cut::OverBudget(reason) => (reason, true),
@@ -459,9 +466,9 @@ impl State {
         // embedder sees the body's error).
         tracing::debug!(upstream, reason, "upstream stream interrupted");
         let message = format!("upstream `{upstream}`: {reason}");
-        let event = kind
+        let event = watch
             .filter(|_| !cut)
-            .map(|k| Error::stream_interrupted_event_for(k, &message));
+            .map(|w| Error::stream_interrupted_event_for(w.kind, &message, &w.numbers));
         let error: BoxError = if ours {
             // The proxy's memory, not the upstream's stream: no ejection.
             Box::new(NotUpstreamFault(message))
@@ -511,6 +518,7 @@ mod tests {
             kind,
             outlines: Outlines::new(),
             done: false,
+            numbers: SequenceNumbers::default(),
         }
     }
 

@@ -357,6 +357,7 @@ async fn a_stream_the_upstream_broke_is_its_fault_one_the_translation_cannot_car
         String::from_utf8_lossy(&llm_proxy_core::Error::stream_interrupted_event_for(
             llm_proxy_core::StreamKind::Messages,
             "connection reset",
+            &Default::default(),
         ))
     );
     let huge = format!(
