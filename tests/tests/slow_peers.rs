@@ -984,3 +984,55 @@ async fn an_h2_stream_past_the_drain_timeout_is_closed_when_serve_returns() {
     })
     .await;
 }
+
+/// `GET path` on a new connection from `from` (an address of the loopback
+/// network): what came before the proxy closed it.
+async fn get_from(from: &str, to: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut conn = socket.connect(to).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    // Refused, the connection may be closed before the write.
+    let _ = conn.write_all(head.as_bytes()).await;
+    read_to_close(&mut conn, Duration::from_secs(5)).await.0
+}
+
+/// `max_connections_per_ip`: a client address past its limit has its new
+/// connection closed as it is accepted, unread and unanswered (counted in
+/// `/metrics`); another address is served meanwhile, and once one of the
+/// address's connections ends, its next is served too.
+#[tokio::test]
+async fn an_address_past_its_connection_limit_is_closed_at_once() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "max_connections_per_ip = 2\n{}",
+        one_upstream(&up.base_url(), "models = [\"m\"]")
+    ))
+    .await;
+    // Two connections from 127.0.0.1 that send nothing: the header timeout
+    // (10 s) would keep them open far longer than the 5 s the refused one
+    // is given to be closed in.
+    let first = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(get_from("127.0.0.1", p.addr, "/healthz").await, b"");
+    // Another address of the loopback network is not held by 127.0.0.1's.
+    let metrics = get_from("127.0.0.2", p.addr, "/metrics").await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("llm_proxy_connections_refused_total{reason=\"per_ip_limit\"} 1\n"),
+        "{metrics}"
+    );
+    // One of 127.0.0.1's ends: its next connection is served (once the
+    // proxy has seen the end: a connection before that is refused).
+    drop(first);
+    let mut answer = Vec::new();
+    for _ in 0..50 {
+        answer = get_from("127.0.0.1", p.addr, "/healthz").await;
+        if !answer.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+}

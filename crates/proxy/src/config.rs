@@ -129,6 +129,10 @@ pub struct Config {
     /// Connections served at once; more wait in the accept queue.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Connections one client address may hold at once; more are closed
+    /// as they are accepted. `0`: no limit.
+    #[serde(default)]
+    pub max_connections_per_ip: usize,
     /// Server threads (one single-threaded runtime each); absent or `0`:
     /// one per CPU.
     #[serde(default)]
@@ -582,6 +586,8 @@ pub struct Settings {
     pub send_timeout: Duration,
     /// Connection limit.
     pub max_connections: usize,
+    /// Connections one client IP address may hold at once (`0`: no limit).
+    pub max_connections_per_ip: usize,
     /// Server threads (shards), at least 1.
     pub workers: usize,
     /// Response ids (and conversation ids) remembered in memory, each.
@@ -852,6 +858,18 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             format!(
                 "`max_connections` must be between 1 and {MAX_CONNECTIONS}, not {}",
                 cfg.max_connections
+            ),
+        ));
+    }
+    if cfg.max_connections_per_ip > cfg.max_connections {
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("max_connections_per_ip")],
+            format!(
+                "`max_connections_per_ip` ({}) is over `max_connections` ({}): it would never \
+                 apply; 0 turns it off",
+                cfg.max_connections_per_ip, cfg.max_connections
             ),
         ));
     }
@@ -1157,6 +1175,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         request_body_timeout: Duration::from_millis(cfg.request_body_timeout_ms),
         send_timeout: Duration::from_millis(cfg.send_timeout_ms),
         max_connections: cfg.max_connections,
+        max_connections_per_ip: cfg.max_connections_per_ip,
         workers: match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             n => n,
@@ -1836,6 +1855,17 @@ mod tests {
             e.contains("`max_response_ids` must be between 1 and"),
             "{e}"
         );
+        let e = load(&format!(
+            "max_connections = 10\nmax_connections_per_ip = 11\n{MIN}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("`max_connections_per_ip` (11) is over"), "{e}");
+        let ok = load(&format!(
+            "max_connections = 10\nmax_connections_per_ip = 10\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!((ok.max_connections, ok.max_connections_per_ip), (10, 10));
+        assert_eq!(load(MIN).unwrap().max_connections_per_ip, 0);
         let e = load(&format!("max_connections = 4611686018427387904\n{MIN}")).unwrap_err();
         assert!(e.contains("`max_connections` must be between 1 and"), "{e}");
         let e = load(&format!(
@@ -2038,6 +2068,7 @@ mod tests {
             "max_body_bytes = 0",
             "workers = 1025",
             "max_connections = 0",
+            "max_connections_per_ip = 10001",
             "max_buffered_body_bytes = 1",
             "header_read_timeout_ms = 0",
             "send_timeout_ms = 0",

@@ -45,6 +45,7 @@ mod fair_lru;
 mod gated;
 mod idle;
 pub mod metrics;
+mod per_ip;
 mod preface;
 mod read_timeout;
 mod redis_ids;

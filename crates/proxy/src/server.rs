@@ -20,6 +20,7 @@ use crate::app::Proxy;
 use crate::gated::Gated;
 use crate::idle::{Activity, InFlight};
 
+use crate::per_ip::{IpSlot, PerIp};
 use crate::preface::FirstBytes;
 use crate::routes::{ConnFace, HyperFace, ProxyService, ResponseFuture};
 use crate::timer::CoarseTimer;
@@ -37,11 +38,13 @@ const H2_MAX_SEND_BUF: usize = 64 << 10;
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Connection settings of one listener.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct ConnOptions {
     header_read_timeout: Duration,
     send_timeout: Duration,
     max_connections: usize,
+    /// `max_connections_per_ip`, when set: shared by the listener's shards.
+    per_ip: Option<Arc<PerIp>>,
 }
 
 impl ConnOptions {
@@ -135,6 +138,7 @@ impl Proxy {
             let listener = listener.try_clone()?;
             let service = HyperFace(self.service.clone());
             let permits = permits.clone();
+            let opts = opts.clone();
             let mut stop_rx = stop_rx.clone();
             let mut exit_rx = exit_rx.clone();
             let drained_tx = drained_tx.clone();
@@ -207,10 +211,16 @@ impl Proxy {
     }
 
     fn conn_options(&self) -> ConnOptions {
+        let per_ip = PerIp::new(self.settings.max_connections_per_ip);
+        if let Some(per_ip) = &per_ip {
+            self.metrics
+                .add_source(crate::per_ip::metrics(per_ip.clone()));
+        }
         ConnOptions {
             header_read_timeout: self.settings.header_read_timeout,
             send_timeout: self.settings.send_timeout,
             max_connections: self.settings.max_connections,
+            per_ip,
         }
     }
 
@@ -407,8 +417,17 @@ impl ConnService for MetricsFace {
 }
 
 /// A connection one shard accepted and handed to another, with its share of
-/// `max_connections`.
-type Handoff = (std::net::TcpStream, OwnedSemaphorePermit);
+/// the connection limits.
+type Handoff = (std::net::TcpStream, Admitted);
+
+/// A connection's share of the connection limits, held for its life: one of
+/// `max_connections`, and one of its address's `max_connections_per_ip`
+/// when that is set.
+#[derive(Debug)]
+struct Admitted {
+    _all: OwnedSemaphorePermit,
+    _ip: Option<IpSlot>,
+}
 
 /// Spreads the connections of [`Proxy::serve_sharded`] evenly over its
 /// shards, as Envoy's `exact_balance` does: whichever shard accepts a
@@ -465,7 +484,7 @@ impl Spread {
     /// in. When `to` has stopped taking connections (its drain began first),
     /// the connection comes back, counted in this shard's load, to be served
     /// here: it was accepted, so it is answered.
-    fn hand(&self, to: usize, stream: TcpStream, permit: OwnedSemaphorePermit) -> Option<Handoff> {
+    fn hand(&self, to: usize, stream: TcpStream, permit: Admitted) -> Option<Handoff> {
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(e) => {
@@ -534,19 +553,39 @@ async fn handed(spread: &mut Option<Spread>) -> Option<Handoff> {
     }
 }
 
-/// A connection accepted with its share of `max_connections`. Beyond
-/// `max_connections`, new connections wait in the kernel's queue.
+/// A connection accepted with its share of the connection limits. Beyond
+/// `max_connections`, new connections wait in the kernel's queue; one past
+/// its address's `max_connections_per_ip` is closed at once (see
+/// [`crate::per_ip`]), and the next one accepted in its place. Cancel-safe:
+/// nothing awaits between taking a connection and returning it.
 async fn accept(
     listener: &TcpListener,
     permits: &Arc<Semaphore>,
-) -> Option<std::io::Result<(TcpStream, OwnedSemaphorePermit)>> {
+    per_ip: Option<&Arc<PerIp>>,
+) -> Option<std::io::Result<(TcpStream, Admitted)>> {
     let permit = permits.clone().acquire_owned().await.ok()?;
-    Some(
-        listener
-            .accept()
-            .await
-            .map(|(stream, _peer)| (stream, permit)),
-    )
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => return Some(Err(e)),
+        };
+        let ip = match per_ip.map(|per_ip| per_ip.admit(peer.ip())) {
+            None => None,
+            Some(Some(slot)) => Some(slot),
+            Some(None) => {
+                tracing::debug!(peer = %peer.ip(), "closing a connection past `max_connections_per_ip`");
+                drop(stream);
+                continue;
+            }
+        };
+        return Some(Ok((
+            stream,
+            Admitted {
+                _all: permit,
+                _ip: ip,
+            },
+        )));
+    }
 }
 
 async fn accept_loop<S>(
@@ -620,7 +659,7 @@ async fn accept_loop<S>(
                 }
                 continue;
             }
-            accepted = accept(listener, &permits) => match accepted {
+            accepted = accept(listener, &permits, opts.per_ip.as_ref()) => match accepted {
                 None => return,
                 Some(Ok(accepted)) => accepted,
                 Some(Err(e)) => {
@@ -656,7 +695,7 @@ fn serve_connection<S>(
     graceful: &Drain,
     service: &S,
     stream: TcpStream,
-    permit: OwnedSemaphorePermit,
+    permit: Admitted,
     load: Option<Load>,
 ) where
     S: ConnService,
@@ -856,6 +895,7 @@ async fn serve_metrics(
         header_read_timeout: Duration::from_secs(10),
         send_timeout: Duration::from_secs(60),
         max_connections: 64,
+        per_ip: None,
     };
     let permits = Arc::new(Semaphore::new(opts.permits()));
     accept_loop(
@@ -953,6 +993,7 @@ mod tests {
                 header_read_timeout: Duration::from_secs(1),
                 send_timeout: Duration::from_secs(1),
                 max_connections: max,
+                per_ip: None,
             };
             assert_eq!(opts.permits(), permits);
             let _semaphore = Semaphore::new(opts.permits());
@@ -988,11 +1029,11 @@ mod tests {
     async fn accepted(
         listener: &TcpListener,
         permits: &Arc<Semaphore>,
-    ) -> (TcpStream, OwnedSemaphorePermit, TcpStream) {
+    ) -> (TcpStream, Admitted, TcpStream) {
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (server, permit) = accept(listener, permits).await.unwrap().unwrap();
+        let (server, permit) = accept(listener, permits, None).await.unwrap().unwrap();
         (server, permit, client)
     }
 
