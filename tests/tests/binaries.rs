@@ -915,6 +915,65 @@ async fn the_access_log_has_a_line_per_request() {
     );
 }
 
+/// A request coalesced on an identical one's JSON answer is logged
+/// `complete`: hyper drops its body after the last byte of the announced
+/// length, and the body says it is at its end then.
+#[tokio::test]
+async fn a_coalesced_json_answer_is_logged_complete() {
+    let (child, addr) = start_proxy(
+        "access-log-coalesced",
+        "access_log = true\ndrain_timeout_secs = 2\n[[upstream]]\nname = \"m\"\nmock = {}\n\
+         [cache]\nbackend = \"memory\"\n",
+        "warn,llm_proxy::access=info",
+    )
+    .await;
+    let ask = |id: &'static str| {
+        let url = format!("http://{addr}/v1/chat/completions");
+        async move {
+            let resp = client()
+                .request(request(
+                    Method::POST,
+                    &url,
+                    &[
+                        ("content-type", "application/json"),
+                        ("x-request-id", id),
+                        ("x-mock-latency-ms", "300"),
+                    ],
+                    chat("any", false),
+                ))
+                .await
+                .unwrap();
+            let cache = resp.headers()["x-llm-proxy-cache"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let length = resp.headers().get("content-length").is_some();
+            let (_, broke) = read_stream(resp).await;
+            assert!(!broke);
+            (cache, length)
+        }
+    };
+    let leader = tokio::spawn(ask("req-leader-1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (followed, length) = ask("req-follower-2").await;
+    assert_eq!(leader.await.unwrap().0, "miss");
+    assert!(followed == "hit" && length, "{followed} {length}");
+    signal(&child, "-TERM");
+    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("llm_proxy::access"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    for line in lines {
+        assert!(
+            line.contains("end=\"complete\"") || line.contains("end=complete"),
+            "{line}"
+        );
+    }
+}
+
 /// An ejection is logged with how long the upstream rests: its return,
 /// which time alone decides, has no line of its own.
 #[tokio::test]

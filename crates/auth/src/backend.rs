@@ -8,6 +8,8 @@ use tokio::time::Instant;
 use crate::keys::KeyEntry;
 use crate::limit::Decision;
 #[cfg(feature = "redis")]
+use crate::limit::Tally;
+#[cfg(feature = "redis")]
 use llm_proxy_core::redis::RedisCallError;
 
 /// The limit store of an [`AuthLayer`](crate::AuthLayer).
@@ -65,12 +67,16 @@ impl LimitBackend {
                 // What this process charged alone while Redis failed goes to
                 // Redis with its next call, to be added there: a bucket
                 // Redis kept (or lost) through the outage is not a fresh one.
+                // (Dropped with this future, a client gone mid-call, the
+                // tally is no longer on its way: the call may have run.)
                 let alone = key.limits.take_alone();
-                let answer = r.acquire(key, tokens, alone).await;
+                let answer = r
+                    .acquire(key, tokens, alone.as_ref().map(Tally::units))
+                    .await;
                 if let Ok((_, ahead)) = &answer {
                     key.limits.mirror(self.now(), ahead.map(Some));
                 }
-                if let Some(units) = alone {
+                if let Some(tally) = alone {
                     // Sent again only when the call surely did not run (it
                     // was skipped, or refused): a timed-out one may have run,
                     // and adding the tally twice would lock the key out.
@@ -78,9 +84,8 @@ impl LimitBackend {
                         &answer,
                         Err(RedisCallError::Skipped | RedisCallError::Redis(_))
                     ) {
-                        key.limits.give_back_alone(units);
+                        tally.give_back();
                     }
-                    key.limits.tally_done();
                 }
                 match answer {
                     Ok((decision, _)) => decision,

@@ -179,8 +179,9 @@ struct Local {
     /// alone (the store failed) since the store last took them, for the
     /// store to add ([`Limits::take_alone`]).
     alone: [i64; 2],
-    /// Tallies taken and on their way to the store, not yet known to have
-    /// reached it ([`Limits::tally_done`]).
+    /// Tallies taken and on their way to the store ([`Tally`]s not yet
+    /// dropped).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     sending: u32,
 }
 
@@ -232,6 +233,7 @@ impl Limits {
 
     /// With a shared store that failed: [`acquire`](Self::acquire), and
     /// what it charged is kept for the store to add once it answers again.
+    #[cfg(feature = "redis")]
     pub(crate) fn acquire_alone(&self, now: u64, tokens: u64) -> Decision {
         let mut local = self.local();
         let decision = decide(self.requests, self.tokens, &mut local.tat, now, tokens);
@@ -263,8 +265,12 @@ impl Limits {
     /// With a shared store about to answer: the requests and tokens this
     /// process charged alone since it last took them (none: `None`), taken.
     /// A net refund is not passed on (the store never held what was charged
-    /// here). Should the store fail, [`give_back_alone`](Self::give_back_alone).
-    pub(crate) fn take_alone(&self) -> Option<[u64; 2]> {
+    /// here). The tally is on its way until the [`Tally`] is dropped, which
+    /// it is however the call ends: answered, failed, or its request
+    /// dropped mid-way (a client gone); should the store surely not have
+    /// run the call, [`Tally::give_back`].
+    #[cfg(feature = "redis")]
+    pub(crate) fn take_alone(&self) -> Option<Tally<'_>> {
         let mut local = self.local();
         if local.alone == [0, 0] {
             return None;
@@ -275,23 +281,10 @@ impl Limits {
             return None;
         }
         local.sending += 1;
-        Some(units)
-    }
-
-    /// What [`take_alone`](Self::take_alone) took, back: the store surely
-    /// did not run the call that carried it.
-    pub(crate) fn give_back_alone(&self, units: [u64; 2]) {
-        let mut local = self.local();
-        for (kept, n) in local.alone.iter_mut().zip(units) {
-            *kept = kept.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-    }
-
-    /// A tally [`take_alone`](Self::take_alone) took has reached the store,
-    /// was given back, or was dropped (its call may have run).
-    pub(crate) fn tally_done(&self) {
-        let mut local = self.local();
-        local.sending = local.sending.saturating_sub(1);
+        Some(Tally {
+            limits: self,
+            units,
+        })
     }
 
     /// With a shared store: take on its state, which it reported at `now`
@@ -300,6 +293,7 @@ impl Limits {
     /// goes on from what the fleet had used, not from a full bucket. While
     /// something charged here alone has yet to reach the store, the larger
     /// of the two stands.
+    #[cfg(feature = "redis")]
     pub(crate) fn mirror(&self, now: u64, ahead: [Option<u64>; 2]) {
         let mut local = self.local();
         // (A tally on its way may reach the store after this answer.)
@@ -353,12 +347,49 @@ pub fn decide(
     }
 }
 
+/// Requests and tokens charged alone, on their way to the shared store
+/// ([`Limits::take_alone`]). While one is, a mirror of the store's state
+/// keeps the larger of it and the local one (the answer may not hold the
+/// tally yet); its drop says it is no longer on its way.
+#[cfg(feature = "redis")]
+#[derive(Debug)]
+pub(crate) struct Tally<'a> {
+    limits: &'a Limits,
+    units: [u64; 2],
+}
+
+#[cfg(feature = "redis")]
+impl Tally<'_> {
+    /// The requests and tokens, as the store's call carries them.
+    pub(crate) fn units(&self) -> [u64; 2] {
+        self.units
+    }
+
+    /// Keep the tally for the next call: the store surely did not run this
+    /// one (it was skipped, or refused).
+    pub(crate) fn give_back(self) {
+        let mut local = self.limits.local();
+        for (kept, n) in local.alone.iter_mut().zip(self.units) {
+            *kept = kept.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        let mut local = self.limits.local();
+        local.sending = local.sending.saturating_sub(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
 
+    #[cfg(feature = "redis")]
     #[test]
     fn a_mirrored_fleet_state_is_where_local_limits_go_on_from() {
         let limits = Limits::new(Some(3), Some(1000));
@@ -374,23 +405,25 @@ mod tests {
         limits.adjust_alone(10 * S, -5, 0);
         limits.adjust_alone(10 * S, 7, 7);
         // What the store is to add: one request, 37 tokens; then nothing.
-        assert_eq!(limits.take_alone(), Some([1, 37]));
+        let tally = limits.take_alone().unwrap();
+        assert_eq!(tally.units(), [1, 37]);
         assert!(limits.take_alone().is_none());
         // Given back when the store surely did not take it, and added to.
-        limits.give_back_alone([1, 37]);
-        limits.tally_done();
+        tally.give_back();
         assert!(limits.acquire_alone(30 * S, 1).allowed);
         // While it is pending, a mirror keeps the larger.
         let before = limits.local().tat;
         limits.mirror(30 * S, [Some(0), Some(0)]);
         assert_eq!(limits.local().tat, before);
-        assert_eq!(limits.take_alone(), Some([2, 38]));
+        let tally = limits.take_alone().unwrap();
+        assert_eq!(tally.units(), [2, 38]);
         // So it does while the tally is on its way (an answer that raced it
         // may not hold it).
         limits.mirror(30 * S, [Some(0), Some(0)]);
         assert_eq!(limits.local().tat, before);
-        // Once it arrived, the store's state stands, lower too (a refund).
-        limits.tally_done();
+        // Once it arrived (or its call was dropped, which may have sent it),
+        // the store's state stands, lower too (a refund).
+        drop(tally);
         limits.mirror(30 * S, [Some(0), None]);
         assert_eq!(limits.local().tat[0], 30 * S);
         assert_eq!(limits.local().tat[1], before[1], "not reported: kept");

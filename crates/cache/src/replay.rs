@@ -261,8 +261,12 @@ impl HttpBody for FlightBody {
         }
     }
 
+    /// Ended, or every byte of an answer of known length went out: hyper
+    /// drops such a body after its last byte without polling it to the
+    /// end, and the layers above read the drop as a clean end only if the
+    /// body says it is at its end (the access log's `complete`).
     fn is_end_stream(&self) -> bool {
-        self.ended
+        self.ended || self.left == Some(0)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -340,6 +344,32 @@ mod tests {
             let frames = cut_after(b"data: {\"a\":1}\n\ndata: {\"b\"", why, StreamKind::Chat).await;
             assert_eq!(frames.len(), 1, "{frames:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_follower_of_known_length_is_at_its_end_after_its_last_byte() {
+        let flights = Arc::new(Flights::new());
+        let key = CacheKey::from_bytes([6; 32]);
+        let Joined::Lead(leader) = flights.join(key) else {
+            panic!("first leads")
+        };
+        let Joined::Follow(follower) = flights.join(key) else {
+            panic!("second follows")
+        };
+        let head = Head {
+            content_type: None,
+            stored_at_ms: None,
+            length: Some(4),
+        };
+        leader.start(head.clone());
+        leader.push(&Bytes::from_static(b"{\"a\""));
+        let mut body = from_flight(follower, &head, None, false, 0).into_body();
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(4));
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&frame[..], b"{\"a\"");
+        // No end of the flight yet, but nothing is left to send.
+        assert!(body.is_end_stream());
     }
 
     #[tokio::test]

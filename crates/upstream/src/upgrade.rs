@@ -79,9 +79,14 @@ impl Upstream {
             .path_and_query("/")
             .build()
             .map_err(|e| self.bad_gateway(format!("cannot build the upstream URL: {e}")))?;
-        let io = match tokio::time::timeout(inner.connect_timeout, connector.clone().call(target))
-            .await
-        {
+        // Driven ready before the call, as the `Service` contract has it
+        // (an `HttpConnector` always is, today).
+        let mut connector = connector.clone();
+        let connect = async move {
+            std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+            connector.call(target).await
+        };
+        let io = match tokio::time::timeout(inner.connect_timeout, connect).await {
             Err(_elapsed) => return Err(self.classify_pool(SendError::ConnectTimeout)),
             Ok(Err(e)) => return Err(self.classify_pool(SendError::Connect(e))),
             Ok(Ok(io)) => io,
