@@ -941,3 +941,52 @@ async fn leaving_out_the_usage_chunk_keeps_everything_else() {
     let text = stream_as_k(&p, asked.to_string()).await.text();
     assert!(text.contains("\"usage\""), "{text}");
 }
+
+/// An unlimited key's stream carries no `usage` (the proxy asks for it
+/// only under a token limit): it counts what it surely used, as a cut
+/// stream does: the prompt's estimate as input, and the chunks that
+/// carried output as output.
+#[tokio::test]
+async fn an_unlimited_keys_stream_counts_its_estimate_and_chunks() {
+    let (_up, p) = setup(&keys()).await;
+    let body = chat("small", true);
+    let answer = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-team-a"),
+        ],
+        body.clone(),
+    ))
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        sse_data(&answer.body).last().map(String::as_str),
+        Some("[DONE]")
+    );
+    let count = |metrics: &str, kind: &str| {
+        let line =
+            format!("llm_proxy_tokens_total{{key=\"team-a\",model=\"small\",kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .map(|n| n.parse::<u64>().unwrap())
+    };
+    // The count is taken when the body ends, just after the client read it.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = p.metrics().await;
+        if count(&metrics, "output").is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The mock's 8 tokens, one a chunk, and its role and finish chunks.
+    assert_eq!(count(&metrics, "output"), Some(10), "{metrics}");
+    assert_eq!(
+        count(&metrics, "input"),
+        Some(body.len() as u64 / 4),
+        "{metrics}"
+    );
+}

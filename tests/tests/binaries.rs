@@ -915,6 +915,53 @@ async fn the_access_log_has_a_line_per_request() {
     );
 }
 
+/// A WebSocket session whose turn runs past the drain's timeout is closed
+/// under it, and still gets its session-end access line (`end="cut"`).
+#[tokio::test]
+async fn a_websocket_session_cut_at_the_drain_timeout_is_logged() {
+    let (child, addr) = start_proxy(
+        "access-log-ws-cut",
+        "access_log = true\ndrain_timeout_secs = 1\n[[upstream]]\nname = \"m\"\n\
+         mock = { tokens_per_second = 2 }\nwebsocket = true\n",
+        "warn,llm_proxy::access=info",
+    )
+    .await;
+    let (mut socket, head) = tests::ws::connect(addr, &[("x-request-id", "req-ws-cut-1")])
+        .await
+        .expect("switched");
+    assert_eq!(head.status(), 101);
+    futures_util::SinkExt::send(
+        &mut socket,
+        tokio_tungstenite::tungstenite::Message::text(
+            serde_json::json!({"type": "response.create", "model": "any", "input": "Hi"})
+                .to_string(),
+        ),
+    )
+    .await
+    .unwrap();
+    // The turn is under way (8 tokens at 2 a second: 4 s, past the drain).
+    assert_eq!(
+        tests::ws::next_event(&mut socket).await["type"],
+        "response.created"
+    );
+    signal(&child, "-TERM");
+    let (status, stderr) = exit_of(child, "proxy exits at the drain's timeout").await;
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("llm_proxy::access") && l.contains("req-ws-cut-1"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[1].contains("status=101")
+            && lines[1].contains("upstream=\"m\"")
+            && (lines[1].contains("end=\"cut\"") || lines[1].contains("end=cut")),
+        "{}",
+        lines[1]
+    );
+    drop(socket);
+}
+
 /// A request coalesced on an identical one's JSON answer is logged
 /// `complete`: hyper drops its body after the last byte of the announced
 /// length, and the body says it is at its end then.

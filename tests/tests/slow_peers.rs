@@ -1036,3 +1036,58 @@ async fn an_address_past_its_connection_limit_is_closed_at_once() {
     }
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
 }
+
+/// A client that goes while sending its body (its HTTP/1 connection
+/// closed, its HTTP/2 stream reset) has abandoned the request: counted
+/// 499, as one that goes while waiting for its answer is, not as a 400 for
+/// a body that could not be read. Nothing went upstream.
+#[tokio::test]
+async fn a_client_gone_mid_body_is_counted_499() {
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), "models = [\"m\"]")).await;
+    let line = "llm_proxy_requests_total{route=\"chat_completions\",status=\"499\",upstream=\"\"} ";
+    let abandoned = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let counted = async |n: u64| {
+        for _ in 0..100 {
+            if abandoned(&p.metrics().await) == n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    };
+    // HTTP/1.1: a third of the announced body, then the connection closes.
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 3000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    conn.write_all(&[b' '; 1000]).await.unwrap();
+    drop(conn);
+    assert!(counted(1).await, "{}", p.metrics().await);
+    // HTTP/2: part of the body, then the stream is reset (the connection
+    // stays).
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let req = http::Request::post("http://x/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("content-length", "3000")
+        .body(())
+        .unwrap();
+    let (_answer, mut body) = client.send_request(req, false).unwrap();
+    body.send_data(bytes::Bytes::from(vec![b' '; 1000]), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    body.send_reset(h2::Reason::CANCEL);
+    assert!(counted(2).await, "{}", p.metrics().await);
+    assert_eq!(up.stats.requests(), 0);
+    driver.abort();
+}

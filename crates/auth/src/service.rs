@@ -426,7 +426,7 @@ struct Admitted {
     endpoint: Endpoint,
     /// The endpoint consumes tokens: reserve, and reconcile with its usage.
     metered: bool,
-    /// The prompt's estimate in tokens, with a reservation.
+    /// The prompt's estimate in tokens (bytes / 4), for a metered endpoint.
     prompt: u64,
     /// What the events a watched answer holds count against.
     budget: Option<llm_proxy_core::BodyBudget>,
@@ -505,14 +505,15 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refu
     let limited = metered && key.limits.tokens.is_some();
     // A request without a body (a passthrough `GET`) runs no model: it
     // reserves nothing, and its answer's `usage`, if any, is charged.
-    let (reserve, prompt) = if limited && (meta.has_json_body() || !no_body) {
-        (
-            key.limits.token_charge(estimate_tokens(meta)),
-            prompt_tokens(meta),
-        )
+    let reserve = if limited && (meta.has_json_body() || !no_body) {
+        key.limits.token_charge(estimate_tokens(meta))
     } else {
-        (0, 0)
+        0
     };
+    // What a stream without a final count is counted as having read (an
+    // unlimited key's, for which the proxy asks for none, or one cut
+    // before it): the prompt's estimate.
+    let prompt = if metered { prompt_tokens(meta) } else { 0 };
     let model = meta.model_arc().cloned();
     let budget = metered.then(|| meta.budget().cloned()).flatten();
     let wants_usage = limited && lacks_stream_usage(meta) && !refused;

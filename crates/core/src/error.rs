@@ -24,6 +24,13 @@ pub enum Error {
     /// short by the client.
     #[error("could not read the request body: {0}")]
     UnreadableBody(String),
+    /// The client went away while sending its body: its connection closed
+    /// (or, on HTTP/2, it reset the stream) before the body's end. Status
+    /// 499, nginx's "client closed request", as metrics and the access log
+    /// count a request abandoned before its answer; an answer rarely has
+    /// anyone to read it (a client that only shut down its sending side).
+    #[error("the client closed the request before its body's end")]
+    ClientClosedRequest,
     /// The body has no string `model`.
     #[error("request body has no string field `model`")]
     MissingModel,
@@ -200,6 +207,14 @@ pub struct ErrorObject<'a> {
     pub code: &'static str,
 }
 
+/// 499, nginx's "client closed request": not an HTTP status, a mark in
+/// its logs (and here in metrics and the access log) for a request whose
+/// client left before its answer.
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => unreachable!(),
+};
+
 impl Error {
     /// The `phase` of an [`Error::UpstreamTimeout`] whose upstream took the
     /// request and sent no response head within its first-byte timeout.
@@ -214,6 +229,7 @@ impl Error {
             | UnreadableBody(_)
             | MissingModel
             | UnsupportedParameter { .. } => StatusCode::BAD_REQUEST,
+            ClientClosedRequest => CLIENT_CLOSED_REQUEST,
             InvalidApiKey => StatusCode::UNAUTHORIZED,
             ModelNotAllowed(_) | RouteNotAllowed(_) => StatusCode::FORBIDDEN,
             ModelNotFound(_)
@@ -245,6 +261,7 @@ impl Error {
             InvalidJson(_)
             | InvalidBody
             | UnreadableBody(_)
+            | ClientClosedRequest
             | MissingModel
             | UnsupportedParameter { .. }
             | MethodNotAllowed { .. }
@@ -278,6 +295,7 @@ impl Error {
         match self {
             InvalidJson(_) => "invalid_json",
             InvalidBody | UnreadableBody(_) => "invalid_body",
+            ClientClosedRequest => "client_closed_request",
             MissingModel => "missing_model",
             UnsupportedParameter { .. } => "unsupported_parameter",
             InvalidApiKey => "invalid_api_key",

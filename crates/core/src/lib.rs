@@ -72,7 +72,9 @@ pub use budget::BodyBudget;
 pub use endpoint::{
     Api, ConversationPath, Dialect, Endpoint, StreamKind, conversation_path, response_id,
 };
-pub use error::{Error, ErrorBody, ErrorObject, INTERRUPTED_CODE, MAX_MESSAGE_BYTES};
+pub use error::{
+    CLIENT_CLOSED_REQUEST, Error, ErrorBody, ErrorObject, INTERRUPTED_CODE, MAX_MESSAGE_BYTES,
+};
 pub use meta::{
     CallerSlot, GenerationCaps, Identity, ModelAllowlist, RequestMeta, references_stored_items,
 };

@@ -28,7 +28,7 @@
 //! | `POST /completions` | `text_completion`, streamed likewise |
 //! | `POST /embeddings` | one unit vector (8 floats, or `dimensions`) per input |
 //! | `POST /responses` | a Responses API `response`, or its SSE events with `"stream": true` |
-//! | `GET /responses` with `upgrade: websocket` | a WebSocket (served connections only): each `{"type":"response.create",…}` message answered by the streamed events, one message each |
+//! | `GET /responses` with `upgrade: websocket` | a WebSocket (served connections only): each `{"type":"response.create",…}` message answered by the streamed events, one message each, `tokens_per_second` apart when that is set |
 //! | `GET /responses/{id}` | a response created before (and not `"store": false`) |
 //! | `DELETE /responses/{id}` | `{"id","object":"response","deleted":true}`; forgets it |
 //! | `POST /responses/{id}/cancel` | the response, now `"status": "cancelled"` |

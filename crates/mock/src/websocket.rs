@@ -109,7 +109,12 @@ impl Mock {
             };
             self.stats()
                 .record_body(Bytes::copy_from_slice(text.as_bytes()));
-            for reply in self.turn(text.as_str()) {
+            // Paced as a stream is: `tokens_per_second` between messages.
+            let interval = self.config().token_interval();
+            for (index, reply) in self.turn(text.as_str()).into_iter().enumerate() {
+                if let (Some(interval), 1..) = (interval, index) {
+                    tokio::time::sleep(interval).await;
+                }
                 if socket.send(Message::text(reply)).await.is_err() {
                     return;
                 }

@@ -78,6 +78,43 @@ impl<B> ReadTimeout<B> {
     }
 }
 
+/// A read error of the client's body, as the request's error: the client
+/// gone mid-body (its connection closed or reset, its HTTP/2 stream reset)
+/// is [`Error::ClientClosedRequest`], counted 499 as a request abandoned
+/// before its answer is; anything else (broken framing) is passed on, to
+/// be answered 400.
+fn client_error(e: impl Into<BoxError>) -> BoxError {
+    let e = e.into();
+    if client_went_away(&*e) {
+        Box::new(Error::ClientClosedRequest)
+    } else {
+        e
+    }
+}
+
+/// Whether `e`, or an error it was caused by, says the peer went away:
+/// hyper's body cut short (HTTP/1: the connection ended before the
+/// announced length or the last chunk), a reset or closed connection, or
+/// an HTTP/2 stream or connection the peer reset or told to go away.
+fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_io() || (h2.is_remote() && (h2.is_reset() || h2.is_go_away()));
+        }
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+    })
+}
+
 impl<B> HttpBody for ReadTimeout<B>
 where
     B: HttpBody<Data = Bytes>,
@@ -96,7 +133,7 @@ where
             if let (Some(waited), Some(since)) = (&*this.waited, this.waiting_since.take()) {
                 waited.add(since.elapsed());
             }
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            return Poll::Ready(frame.map(|f| f.map_err(client_error)));
         }
         if this.waited.is_some() && this.waiting_since.is_none() {
             *this.waiting_since = Some(Instant::now());

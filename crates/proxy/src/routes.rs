@@ -15,8 +15,8 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, heade
 use http_body_util::BodyExt;
 use llm_proxy_auth::AuthLayer;
 use llm_proxy_core::{
-    Body, BoxError, CallerSlot, Dialect, Endpoint, Error, UPSTREAM_HEADER, UpstreamName,
-    UpstreamSlot, Waited, full,
+    Body, BoxError, CLIENT_CLOSED_REQUEST, CallerSlot, Dialect, Endpoint, Error, UPSTREAM_HEADER,
+    UpstreamName, UpstreamSlot, Waited, full,
 };
 use tower_service::Service;
 
@@ -439,7 +439,7 @@ where
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
             request_id: request_id.clone(),
-            status: CLIENT_CLOSED,
+            status: CLIENT_CLOSED_REQUEST.as_u16(),
             upstream: None,
             tried: UpstreamSlot::new(),
             caller: CallerSlot::new(),
@@ -652,7 +652,7 @@ impl Abandoned<'_> {
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if let Some(metrics) = &self.metrics {
-            metrics.count_request(self.route, CLIENT_CLOSED, None);
+            metrics.count_request(self.route, CLIENT_CLOSED_REQUEST.as_u16(), None);
             if let Some(access) = &self.access {
                 access.log(self.start.elapsed(), "cut");
             }
@@ -685,10 +685,6 @@ fn overhead_value(overhead: Duration) -> HeaderValue {
     }
     HeaderValue::from_bytes(&buf[at..]).expect("digits and a dot are a valid header value")
 }
-
-/// The status a request the client abandoned before its head is counted
-/// with (nginx's).
-const CLIENT_CLOSED: u16 = 499;
 
 /// `GET /v1/models`: the models of the config, with auth only those the
 /// key may use; a request against the key's request limit, answered with

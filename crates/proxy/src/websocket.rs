@@ -202,6 +202,29 @@ pub(crate) fn wants_upgrade<B>(req: &Request<B>) -> bool {
 #[derive(Clone, Debug)]
 pub(crate) struct SessionAccess(pub(crate) Box<crate::metrics::Access>);
 
+/// The access line of a session's end, logged once: with how the session
+/// ended, or, when its future is dropped before that (the connection
+/// closed at the drain's timeout, an embedding app's runtime dropped), as
+/// `cut`.
+struct SessionLine {
+    access: Option<Box<crate::metrics::Access>>,
+    start: Instant,
+}
+
+impl SessionLine {
+    fn log(&mut self, end: &'static str) {
+        if let Some(access) = self.access.take() {
+            access.log(self.start.elapsed(), end);
+        }
+    }
+}
+
+impl Drop for SessionLine {
+    fn drop(&mut self) {
+        self.log("cut");
+    }
+}
+
 pub(crate) struct Ctx<'a> {
     pub(crate) sockets: &'a Sockets,
     pub(crate) auth: Option<&'a AuthLayer>,
@@ -396,14 +419,21 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         },
         ctx.conn.cloned(),
     );
-    let upstream_name = upstream.client.name().clone();
+    // Made before the future and moved into it: a session whose future is
+    // dropped unfinished (its connection closed at the drain's timeout) is
+    // logged as it goes.
+    let line = access.map(|SessionAccess(mut access)| {
+        access.status = 101;
+        access.upstream = Some(upstream.client.name().clone());
+        SessionLine {
+            access: Some(access),
+            start: Instant::now(),
+        }
+    });
     let run = async move {
-        let start = Instant::now();
         let end = run.await;
-        if let Some(SessionAccess(mut access)) = access {
-            access.status = 101;
-            access.upstream = Some(upstream_name);
-            access.log(start.elapsed(), end);
+        if let Some(mut line) = line {
+            line.log(end);
         }
     };
     match ctx.conn {

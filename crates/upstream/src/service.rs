@@ -698,9 +698,10 @@ impl Upstream {
 /// went over `max_body_bytes` while it was being sent (the parse layer's
 /// body fails with [`Error::RequestTooLarge`]), stopped coming (the
 /// server's body fails with [`Error::RequestTimeout`]) or could not be read
-/// (broken chunks: [`Error::UnreadableBody`], see `Uploading`). It is the
-/// client's 413, 408 or 400, and the balancer must not hold it against the
-/// upstream.
+/// (broken chunks: [`Error::UnreadableBody`], see `Uploading`) or was cut
+/// by the client leaving ([`Error::ClientClosedRequest`]). It is the
+/// client's 413, 408, 400 or 499, and the balancer must not hold it against
+/// the upstream.
 fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
     source_chain(e)
         .filter_map(|s| s.downcast_ref::<Error>())
@@ -711,6 +712,7 @@ fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
                     | Error::RequestTimeout { .. }
                     | Error::RequestBodyTooSlow { .. }
                     | Error::UnreadableBody(_)
+                    | Error::ClientClosedRequest
             )
         })
         .cloned()
