@@ -314,6 +314,23 @@ async fn exit_of(mut child: Child, what: &'static str) -> (std::process::ExitSta
     .unwrap()
 }
 
+/// SIGTERM `child` and wait for it to exit 0 (`what` says why it should):
+/// its stderr.
+async fn stderr_after_term(child: Child, what: &'static str) -> String {
+    signal(&child, "-TERM");
+    let (status, stderr) = exit_of(child, what).await;
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    stderr
+}
+
+/// The lines of `stderr` that hold every one of `parts`.
+fn lines_with<'a>(stderr: &'a str, parts: &[&str]) -> Vec<&'a str> {
+    stderr
+        .lines()
+        .filter(|l| parts.iter().all(|part| l.contains(part)))
+        .collect()
+}
+
 /// `examples/llm-proxy.rs` started on `config` (what follows `listen`, in
 /// a scratch directory `dir`) with `RUST_LOG` at `log`, listening: the
 /// process and its address.
@@ -735,13 +752,8 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
     assert_eq!(resp.status(), 200);
     let (body, broke) = read_stream(resp).await;
     assert!(broke, "the stream is cut: {body:?}");
-    signal(&child, "-TERM");
-    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("response body failed"))
-        .collect();
+    let stderr = stderr_after_term(child, "proxy exits on SIGTERM").await;
+    let lines = lines_with(&stderr, &["response body failed"]);
     assert_eq!(lines.len(), 1, "one line for the failure: {stderr}");
     assert!(
         lines[0].contains("req-broken-7") && lines[0].contains("upstream `cut`"),
@@ -752,10 +764,7 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
         "no colour codes in a pipe: {stderr}"
     );
     // Its access line says how it ended.
-    let access: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("llm_proxy::access"))
-        .collect();
+    let access = lines_with(&stderr, &["llm_proxy::access"]);
     assert_eq!(access.len(), 1, "{stderr}");
     assert!(
         access[0].contains("req-broken-7") && access[0].contains("failed"),
@@ -854,13 +863,8 @@ async fn the_access_log_has_a_line_per_request() {
             .is_err()
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    signal(&child, "-TERM");
-    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("llm_proxy::access"))
-        .collect();
+    let stderr = stderr_after_term(child, "proxy exits on SIGTERM").await;
+    let lines = lines_with(&stderr, &["llm_proxy::access"]);
     assert_eq!(lines.len(), 7, "{stderr}");
     let gone = lines.iter().find(|l| l.contains("req-gone-6")).unwrap();
     assert!(
@@ -944,13 +948,8 @@ async fn a_websocket_session_cut_at_the_drain_timeout_is_logged() {
         tests::ws::next_event(&mut socket).await["type"],
         "response.created"
     );
-    signal(&child, "-TERM");
-    let (status, stderr) = exit_of(child, "proxy exits at the drain's timeout").await;
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("llm_proxy::access") && l.contains("req-ws-cut-1"))
-        .collect();
+    let stderr = stderr_after_term(child, "proxy exits at the drain's timeout").await;
+    let lines = lines_with(&stderr, &["llm_proxy::access", "req-ws-cut-1"]);
     assert_eq!(lines.len(), 2, "{stderr}");
     assert!(
         lines[1].contains("status=101")
@@ -1005,13 +1004,8 @@ async fn a_coalesced_json_answer_is_logged_complete() {
     let (followed, length) = ask("req-follower-2").await;
     assert_eq!(leader.await.unwrap().0, "miss");
     assert!(followed == "hit" && length, "{followed} {length}");
-    signal(&child, "-TERM");
-    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("llm_proxy::access"))
-        .collect();
+    let stderr = stderr_after_term(child, "proxy exits on SIGTERM").await;
+    let lines = lines_with(&stderr, &["llm_proxy::access"]);
     assert_eq!(lines.len(), 2, "{stderr}");
     for line in lines {
         assert!(
@@ -1048,10 +1042,8 @@ async fn an_ejection_is_logged_with_its_rest() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
-    signal(&child, "-TERM");
-    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
-    let ejected: Vec<&str> = stderr.lines().filter(|l| l.contains("ejected")).collect();
+    let stderr = stderr_after_term(child, "proxy exits on SIGTERM").await;
+    let ejected = lines_with(&stderr, &["ejected"]);
     assert_eq!(ejected.len(), 1, "{stderr}");
     assert!(
         ejected[0].contains("upstream=dead") && ejected[0].contains("rest_secs=7"),
@@ -1100,14 +1092,9 @@ async fn an_unread_h2c_stream_cut_is_logged_as_cut_without_a_warning() {
     assert!(!broke && String::from_utf8_lossy(&body).contains("data: [DONE]"));
     let (_, broke) = read_stream(unread).await;
     assert!(broke, "the unread stream was cut");
-    signal(&child, "-TERM");
-    let (status, stderr) = exit_of(child, "proxy exits on SIGTERM").await;
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let stderr = stderr_after_term(child, "proxy exits on SIGTERM").await;
     assert!(!stderr.contains(" WARN "), "no warning: {stderr}");
-    let cut: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("llm_proxy::access") && l.contains("req-unread-1"))
-        .collect();
+    let cut = lines_with(&stderr, &["llm_proxy::access", "req-unread-1"]);
     assert_eq!(cut.len(), 1, "{stderr}");
     assert!(
         cut[0].contains("end=\"cut\"") || cut[0].contains("end=cut"),

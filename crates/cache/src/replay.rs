@@ -285,18 +285,24 @@ mod tests {
     use crate::flight::{Flights, Joined};
     use http_body_util::BodyExt;
 
-    /// What a follower's client gets when the flight drops its frames after
-    /// `sent` went out: the frames (the event it ends with, if any, last)
-    /// before its stream fails.
-    async fn cut_after(sent: &'static [u8], why: Dropped, kind: StreamKind) -> Vec<Bytes> {
+    /// A flight's leader, and a request that follows it.
+    fn lead_and_follow() -> (crate::flight::Leader, crate::flight::Follower) {
         let flights = Arc::new(Flights::new());
         let key = CacheKey::from_bytes([5; 32]);
-        let Joined::Lead(mut leader) = flights.join(key) else {
+        let Joined::Lead(leader) = flights.join(key) else {
             panic!("first leads")
         };
         let Joined::Follow(follower) = flights.join(key) else {
             panic!("second follows")
         };
+        (leader, follower)
+    }
+
+    /// What a follower's client gets when the flight drops its frames after
+    /// `sent` went out: the frames (the event it ends with, if any, last)
+    /// before its stream fails.
+    async fn cut_after(sent: &'static [u8], why: Dropped, kind: StreamKind) -> Vec<Bytes> {
+        let (mut leader, follower) = lead_and_follow();
         let head = Head {
             content_type: None,
             stored_at_ms: None,
@@ -348,14 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_follower_of_known_length_is_at_its_end_after_its_last_byte() {
-        let flights = Arc::new(Flights::new());
-        let key = CacheKey::from_bytes([6; 32]);
-        let Joined::Lead(leader) = flights.join(key) else {
-            panic!("first leads")
-        };
-        let Joined::Follow(follower) = flights.join(key) else {
-            panic!("second follows")
-        };
+        let (leader, follower) = lead_and_follow();
         let head = Head {
             content_type: None,
             stored_at_ms: None,
