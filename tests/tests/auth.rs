@@ -975,7 +975,7 @@ async fn an_unlimited_keys_stream_counts_its_estimate_and_chunks() {
     };
     // The count is taken when the body ends, just after the client read it.
     let mut metrics = String::new();
-    for _ in 0..50 {
+    for _ in 0..250 {
         metrics = p.metrics().await;
         if count(&metrics, "output").is_some() {
             break;

@@ -582,6 +582,48 @@ async fn a_streamed_body_the_client_breaks_is_400_and_not_held_against_the_upstr
     assert_eq!(readyz.status, 200, "the client's body ejected the upstream");
 }
 
+/// A streamed body whose client goes mid-way (the connection closed after
+/// the first chunk) is the client's abandoned request: counted 499, and no
+/// failure towards the upstream's ejection.
+#[tokio::test]
+async fn a_streamed_body_whose_client_goes_is_499_and_not_held_against_the_upstream() {
+    let addr = raw_upstream(|mut conn| async move {
+        let mut buf = vec![0u8; 8192];
+        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let p = proxy(&one_upstream(
+        &format!("http://{addr}/v1"),
+        "first_byte_timeout_ms = 5000\n[balance]\neject_after_failures = 1",
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    // The first chunk is on its way upstream; then the client is gone.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(conn);
+    let line = "llm_proxy_requests_total{route=\"passthrough\",status=\"499\",upstream=\"\"} 1\n";
+    let mut metrics = String::new();
+    for _ in 0..250 {
+        metrics = p.metrics().await;
+        if metrics.contains(line) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(metrics.contains(line), "{metrics}");
+    let readyz = send(request(Method::GET, &p.url("/readyz"), &[], "")).await;
+    assert_eq!(
+        readyz.status, 200,
+        "the client's leaving ejected the upstream"
+    );
+}
+
 #[tokio::test]
 async fn an_upstream_that_breaks_after_done_ends_the_stream_cleanly() {
     // Sends a whole stream, [DONE] included, then resets instead of ending

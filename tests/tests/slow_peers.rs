@@ -994,7 +994,9 @@ async fn get_from(from: &str, to: std::net::SocketAddr, path: &str) -> Vec<u8> {
     let head = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
     // Refused, the connection may be closed before the write.
     let _ = conn.write_all(head.as_bytes()).await;
-    read_to_close(&mut conn, Duration::from_secs(5)).await.0
+    let (answer, closed) = read_to_close(&mut conn, Duration::from_secs(5)).await;
+    assert!(closed, "the proxy closed the connection: {answer:?}");
+    answer
 }
 
 /// `max_connections_per_ip`: a client address past its limit has its new
@@ -1027,7 +1029,7 @@ async fn an_address_past_its_connection_limit_is_closed_at_once() {
     // proxy has seen the end: a connection before that is refused).
     drop(first);
     let mut answer = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..250 {
         answer = get_from("127.0.0.1", p.addr, "/healthz").await;
         if !answer.is_empty() {
             break;
@@ -1053,7 +1055,7 @@ async fn a_client_gone_mid_body_is_counted_499() {
             .map_or(0, |n| n.parse::<u64>().unwrap())
     };
     let counted = async |n: u64| {
-        for _ in 0..100 {
+        for _ in 0..250 {
             if abandoned(&p.metrics().await) == n {
                 return true;
             }

@@ -1687,9 +1687,14 @@ async fn an_upstream_closing_mid_turn_is_an_error_and_1011() {
 /// close.
 async fn a_turn_ended_by(end: &'static str) -> TestProxy {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-    let upstream =
-        scripted(move || move |_: &serde_json::Value| vec![created("resp_1"), end.to_owned()])
-            .await;
+    let first = serde_json::json!({"type": "response.created", "sequence_number": 3,
+        "response": {"id": "resp_1", "status": "in_progress"}})
+    .to_string();
+    let upstream = scripted(move || {
+        let first = first.clone();
+        move |_: &serde_json::Value| vec![first.clone(), end.to_owned()]
+    })
+    .await;
     let p = proxy(&ws_upstream("up", &format!("http://{upstream}/v1"), "")).await;
     let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
     send_create(&mut socket).await;
@@ -1697,6 +1702,8 @@ async fn a_turn_ended_by(end: &'static str) -> TestProxy {
     assert_eq!(texts.len(), 2, "{texts:?}");
     assert_eq!(texts[1]["type"], "error");
     assert_eq!(texts[1]["error"]["code"], "stream_interrupted");
+    // Numbered after the upstream's messages.
+    assert_eq!(texts[1]["sequence_number"], 4, "{texts:?}");
     match close {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Error),
         other => panic!("expected a 1011 close, got {other:?}"),

@@ -214,6 +214,11 @@ where
     S::Future: Send + 'static,
 {
     let meta = req.extensions().get::<RequestMeta>().cloned();
+    // A model request the parse layer did not read: its model is unknown,
+    // and routed as passthrough it would reach any upstream, of any model.
+    let unparsed = meta.is_none()
+        && llm_proxy_core::Endpoint::from_path(req.uri().path())
+            .is_some_and(llm_proxy_core::Endpoint::has_model_body);
     // Retried elsewhere: only the model APIs, whose requests any upstream
     // of the model answers alike. A passthrough write (files, batches,
     // fine-tunes) names ids that live on one upstream and may have taken
@@ -242,6 +247,13 @@ where
     let (parts, body) = req.into_parts();
     let mut template = Template::new(parts, body, attempts > 1, meta.as_ref());
     async move {
+        if unparsed {
+            return Err(Error::Misconfigured(
+                "the balancer needs the parse layer in front of it: it routes model requests \
+                 by the body's model"
+                    .into(),
+            ));
+        }
         let set = shared.snapshot();
         let route = {
             let extensions = template.extensions();

@@ -20,8 +20,9 @@ pub enum Error {
     /// The body is JSON but not an object.
     #[error("request body must be a JSON object")]
     InvalidBody,
-    /// The body could not be read: broken framing (a bad chunk), or cut
-    /// short by the client.
+    /// The body could not be read: broken framing (a bad chunk), or a read
+    /// that failed otherwise (a client gone is
+    /// [`Error::ClientClosedRequest`], when the server says so).
     #[error("could not read the request body: {0}")]
     UnreadableBody(String),
     /// The client went away while sending its body: its connection closed

@@ -472,6 +472,9 @@ impl Outline<'_> {
 /// numbers.observe(br#"{"type":"response.created","sequence_number":0}"#);
 /// numbers.observe(br#"{"type":"response.output_text.delta","sequence_number" : 7,"delta":"\"sequence_number\":99"}"#);
 /// assert_eq!(numbers.next(), 8);
+/// // The end of a longer key, not the key.
+/// numbers.observe(br#"{"x\"sequence_number":99}"#);
+/// assert_eq!(numbers.next(), 8);
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SequenceNumbers {
@@ -479,14 +482,20 @@ pub struct SequenceNumbers {
 }
 
 impl SequenceNumbers {
-    /// Note the data of one of the stream's events. The number is found by
-    /// its key, not by a parse: no JSON string can hold `"sequence_number"`
-    /// unescaped, so a match is a key (of the event, or of an object in it:
-    /// the highest one seen counts, which can only move the next number on).
+    /// Note the data of one of the stream's events (or any bytes holding
+    /// whole events: a match is found by its key, not by a parse). A
+    /// `"sequence_number"` whose first quote is escaped is the end of a
+    /// longer string and skipped; one that is a key in an object the event
+    /// carries (a tool's schema, say) counts too, and as the highest number
+    /// seen counts, it can only move the next number on.
     pub fn observe(&mut self, data: &[u8]) {
         static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
             std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"sequence_number\""));
         for at in KEY.find_iter(data) {
+            let escapes = data[..at].iter().rev().take_while(|b| **b == b'\\').count();
+            if escapes % 2 == 1 {
+                continue;
+            }
             let rest = data[at + KEY.needle().len()..].trim_ascii_start();
             let Some(rest) = rest.strip_prefix(b":") else {
                 continue;

@@ -81,8 +81,8 @@ impl<B> ReadTimeout<B> {
 /// A read error of the client's body, as the request's error: the client
 /// gone mid-body (its connection closed or reset, its HTTP/2 stream reset)
 /// is [`Error::ClientClosedRequest`], counted 499 as a request abandoned
-/// before its answer is; anything else (broken framing) is passed on, to
-/// be answered 400.
+/// before its answer is; anything else is passed on, to be answered 400:
+/// broken framing, and failures hyper does not say the cause of.
 fn client_error(e: impl Into<BoxError>) -> BoxError {
     let e = e.into();
     if client_went_away(&*e) {

@@ -507,6 +507,22 @@ where
             Ok(resp) => resp,
             Err(e) => e.into_response_in(route.dialect()),
         };
+        if matches!(
+            resp.extensions().get::<Error>(),
+            Some(Error::ClientClosedRequest)
+        ) {
+            // The client went while sending its body: abandoned, as one
+            // gone before its answer (the guard counts it 499 and logs it
+            // `cut`, in no histogram). An answer reaches only a client that
+            // shut down its sending side; the connection ends with it.
+            drop(abandoned);
+            if h1 {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+            return Ok(resp);
+        }
         if head {
             resp = head_only(resp);
         }

@@ -399,6 +399,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         turns: Mutex::default(),
         open_turns: AtomicUsize::new(0),
         deltas: AtomicU64::new(0),
+        next_sequence: AtomicU64::new(0),
         creates: Mutex::default(),
         ended: Mutex::default(),
         budget: ctx.sockets.budget.clone(),
@@ -503,6 +504,8 @@ struct Session {
     open_turns: AtomicUsize,
     /// Output deltas the upstream sent so far (counted with a key only).
     deltas: AtomicU64,
+    /// One past the highest `sequence_number` of the upstream's messages.
+    next_sequence: AtomicU64,
     /// The open creates, in order: the id of the response each began, once
     /// its `response.created` came (at most [`MAX_PENDING`]).
     /// `open_turns` is its length, read without the lock.
@@ -702,6 +705,10 @@ impl Session {
         if self.key.is_some() && text.contains(".delta\"") {
             self.deltas.fetch_add(1, Ordering::Relaxed);
         }
+        let mut numbers = llm_proxy_core::sse::SequenceNumbers::default();
+        numbers.observe(text.as_bytes());
+        self.next_sequence
+            .fetch_max(numbers.next(), Ordering::Relaxed);
         // Most messages are deltas: skip them without parsing. (What is
         // decided below is decided on the parsed top-level `type`.)
         const ENDS: [&str; 5] = [
@@ -1135,7 +1142,7 @@ async fn relay(
                     "no message from the upstream for {} ms during a turn",
                     silence.in_turn.as_millis()
                 );
-                closing.tell_first(interrupted(&session.upstream, &reason));
+                closing.tell_first(interrupted(&session, &reason));
             }
             "idle"
         }
@@ -1437,7 +1444,7 @@ async fn pump_down(
                     session.broke_off();
                     if !client_gone {
                         let reason = "the upstream closed the session during a turn";
-                        to_client.send(interrupted(&session.upstream, reason)).await;
+                        to_client.send(interrupted(session, reason)).await;
                     }
                     message = Message::Close(Some(CloseFrame {
                         code: CloseCode::Error,
@@ -1482,9 +1489,7 @@ async fn pump_down(
                 Some(e) => format!("the upstream's WebSocket failed: {e}"),
                 None => "the upstream's WebSocket closed without a close frame".to_owned(),
             };
-            to_client
-                .send(interrupted(&session.upstream, &reason))
-                .await;
+            to_client.send(interrupted(session, &reason)).await;
         }
         to_client
             .send(Message::Close(Some(CloseFrame {
@@ -1497,16 +1502,19 @@ async fn pump_down(
 
 /// The `error` message for a turn the upstream broke off: as an
 /// interrupted Responses stream's, code `stream_interrupted`.
-fn interrupted(upstream: &str, reason: &str) -> Message {
+fn interrupted(session: &Session, reason: &str) -> Message {
     let value = serde_json::json!({
         "type": "error",
         "status": 502,
         "error": {
             "type": "upstream_error",
             "code": "stream_interrupted",
-            "message": format!("upstream `{upstream}`: {reason}"),
+            "message": format!("upstream `{}`: {reason}", session.upstream),
             "param": null,
         },
+        // Numbered after the upstream's messages, as an HTTP stream's
+        // error event is.
+        "sequence_number": session.next_sequence.load(Ordering::Relaxed),
     });
     Message::text(value.to_string())
 }
@@ -1795,6 +1803,7 @@ mod tests {
             turns: Mutex::default(),
             open_turns: AtomicUsize::new(0),
             deltas: AtomicU64::new(0),
+            next_sequence: AtomicU64::new(0),
             creates: Mutex::default(),
             ended: Mutex::default(),
             budget: None,

@@ -428,6 +428,11 @@ fn watch(
             // Pass this frame on, then end with the error event (or, if it
             // ends mid-event, just fail). The parser dropped its unfinished
             // event with the error: the frame tells where the client is.
+            // The events past the bad one reach the client too: their
+            // numbers count (the parser stopped at the bad one).
+            if watch.kind == StreamKind::Responses {
+                watch.numbers.observe(data);
+            }
             let cut = !ends_an_event(data);
             *state = State::interrupt(upstream, why, Some(&**watch), cut);
             false
@@ -520,6 +525,27 @@ mod tests {
             done: false,
             numbers: SequenceNumbers::default(),
         }
+    }
+
+    #[test]
+    fn a_garbled_responses_event_s_error_event_is_numbered_after_all_the_frame_held() {
+        // The bad event's frame also holds numbered events after it: the
+        // client gets them, and the error event comes after them.
+        let frame = Bytes::from_static(
+            b"data: {\"type\":\"a\",\"sequence_number\":5}\n\ndata: nope\n\n\
+              data: {\"type\":\"b\",\"sequence_number\":7}\n\n",
+        );
+        let mut watched = Some(Box::new(watch(StreamKind::Responses)));
+        let mut state = State::Streaming;
+        assert!(!super::watch(&mut watched, "u", &mut state, &frame));
+        let State::Interrupting {
+            event: Some(event), ..
+        } = state
+        else {
+            panic!("an error event is to come")
+        };
+        let event = std::str::from_utf8(&event).unwrap();
+        assert!(event.contains("\"sequence_number\":8"), "{event}");
     }
 
     #[test]
@@ -666,8 +692,8 @@ impl Uploading {
 }
 
 /// A failure of the client's body is the client's, not the upstream's: its
-/// own verdict (over the limit, a read timeout), else an unreadable body
-/// (broken chunks, an upload cut short).
+/// own verdict (over the limit, a read timeout, the client gone), else an
+/// unreadable body (broken chunks).
 fn client_error(e: BoxError) -> BoxError {
     if e.is::<Error>() {
         e
