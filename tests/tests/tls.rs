@@ -10,16 +10,9 @@ use tests::*;
 
 type Negotiated = Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>;
 
-/// A TLS mock upstream on 127.0.0.1 with a self-signed certificate for
-/// `localhost`; returns its port, the certificate's PEM, the mock's stats
-/// and the protocol ALPN settled on for each connection.
-async fn tls_mock() -> (
-    u16,
-    String,
-    llm_proxy_mock::MockStats,
-    tokio::task::JoinHandle<()>,
-    Negotiated,
-) {
+/// A TLS acceptor with a self-signed certificate for `localhost` that
+/// offers h2 and http/1.1 by ALPN, and the certificate's PEM.
+fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let pem = cert.cert.pem();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
@@ -32,7 +25,27 @@ async fn tls_mock() -> (
         .with_single_cert(chain, key)
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), pem)
+}
+
+/// The PEM written where a config's `tls_ca_file` can name it.
+fn ca_file(dir: &str, pem: &str) -> std::path::PathBuf {
+    let ca = scratch_dir(dir).join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    ca
+}
+
+/// A TLS mock upstream on 127.0.0.1 with a self-signed certificate for
+/// `localhost`; returns its port, the certificate's PEM, the mock's stats
+/// and the protocol ALPN settled on for each connection.
+async fn tls_mock() -> (
+    u16,
+    String,
+    llm_proxy_mock::MockStats,
+    tokio::task::JoinHandle<()>,
+    Negotiated,
+) {
+    let (acceptor, pem) = tls_acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mock = Mock::new(MockConfig {
@@ -71,9 +84,7 @@ async fn tls_mock() -> (
 #[tokio::test]
 async fn https_upstream_with_private_ca() {
     let (port, pem, stats, task, _) = tls_mock().await;
-    let dir = scratch_dir("tls");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, pem).unwrap();
+    let ca = ca_file("tls", &pem);
     let url = format!("https://localhost:{port}/v1");
     let trusted = proxy(&one_upstream(
         &url,
@@ -102,9 +113,7 @@ async fn a_websocket_tunnel_to_an_https_upstream() {
     // HTTP/1.1 exchange, so the proxy's own connection for it offers only
     // http/1.1.
     let (port, pem, stats, task, alpn) = tls_mock().await;
-    let dir = scratch_dir("tls-ws");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, pem).unwrap();
+    let ca = ca_file("tls-ws", &pem);
     let p = proxy(&one_upstream(
         &format!("https://localhost:{port}/v1"),
         &format!(
@@ -135,9 +144,7 @@ async fn a_websocket_tunnel_to_an_https_upstream() {
 #[tokio::test]
 async fn clients_that_stop_reading_do_not_starve_an_h2_upstreams_other_streams() {
     let (port, pem, _stats, task, alpn) = tls_mock().await;
-    let dir = scratch_dir("tls-h2-window");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, pem).unwrap();
+    let ca = ca_file("tls-h2-window", &pem);
     let p = proxy(&format!(
         "send_timeout_ms = 60000\n{}",
         one_upstream(
@@ -194,9 +201,7 @@ async fn clients_that_stop_reading_do_not_starve_an_h2_upstreams_other_streams()
 #[tokio::test]
 async fn http2_false_keeps_an_https_upstream_on_http1_connections() {
     let (port, pem, stats, task, alpn) = tls_mock().await;
-    let dir = scratch_dir("tls-h1");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, pem).unwrap();
+    let ca = ca_file("tls-h1", &pem);
     let p = proxy(&one_upstream(
         &format!("https://localhost:{port}/v1"),
         &format!("tls_ca_file = \"{}\"\nhttp2 = false", ca.display()),
@@ -218,5 +223,117 @@ async fn http2_false_keeps_an_https_upstream_on_http1_connections() {
     for protocol in &alpn {
         assert_ne!(protocol.as_deref(), Some(b"h2".as_slice()), "{alpn:?}");
     }
+    task.abort();
+}
+
+/// An HTTP/2 upstream over TLS that refuses its first `refusals` streams
+/// (`REFUSED_STREAM`, as a server at its stream cap does) and answers the
+/// others with a chat completion; its port, the certificate's PEM, and the
+/// streams it answered.
+async fn refusing_h2(refusals: usize) -> (u16, String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (acceptor, pem) = tls_acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counted = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let (seen, answered) = (seen.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) < refusals {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    let body = serde_json::json!({
+                        "id": "c", "object": "chat.completion", "model": "m",
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "hi"}}],
+                    })
+                    .to_string();
+                    let head = http::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut send) = respond.send_response(head, false) {
+                        let _ = send.send_data(body.into(), true);
+                    }
+                }
+            });
+        }
+    });
+    (port, pem, answered)
+}
+
+/// A stream the upstream refused (`REFUSED_STREAM`: it processed none of
+/// it) is sent again, and is no failure of the upstream's: with
+/// `eject_after_failures = 1` it stays in rotation.
+#[tokio::test]
+async fn refused_h2_streams_are_sent_again_and_not_held_against_the_upstream() {
+    let (port, pem, answered) = refusing_h2(2).await;
+    let ca = ca_file("tls-refused", &pem);
+    let p = proxy(&one_upstream(
+        &format!("https://localhost:{port}/v1"),
+        &format!(
+            "tls_ca_file = \"{}\"\n[balance]\nmax_retries = 2\neject_after_failures = 1",
+            ca.display()
+        ),
+    ))
+    .await;
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let readyz = send(request(http::Method::GET, &p.url("/readyz"), &[], "")).await;
+    assert_eq!(readyz.status, 200, "a refused stream ejected the upstream");
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains("llm_proxy_upstream_failures_total{upstream=\"up\"} 0\n")
+            && metrics.contains("llm_proxy_retries_total 2\n"),
+        "{metrics}"
+    );
+}
+
+/// An HTTP/2 connection to the upstream that goes silently dead (the flow
+/// dropped: frozen, not closed) is found out by its unanswered ping, within
+/// the upstream's `idle_timeout_ms`, and the next request opens a new one
+/// instead of waiting its first-byte timeout on the dead one.
+#[tokio::test]
+async fn a_silently_dead_h2_connection_is_found_out_by_its_ping() {
+    let (port, pem, _stats, task, alpn) = tls_mock().await;
+    let relay = tests::relay::Relay::start(([127, 0, 0, 1], port).into()).await;
+    let ca = ca_file("tls-ping", &pem);
+    let p = proxy(&one_upstream(
+        &format!("https://localhost:{}/v1", relay.addr.port()),
+        &format!(
+            "tls_ca_file = \"{}\"\nidle_timeout_ms = 1000\nfirst_byte_timeout_ms = 20000\n\
+             pool_idle_timeout_ms = 60000",
+            ca.display()
+        ),
+    ))
+    .await;
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(alpn.lock().unwrap().clone(), [Some(b"h2".to_vec())]);
+    relay.freeze();
+    // Pinged every 500 ms, dead after a ping unanswered for 500 ms more.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let started = std::time::Instant::now();
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(relay.accepted(), 2, "a new connection");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "answered on a new connection, not after the first-byte timeout"
+    );
     task.abort();
 }

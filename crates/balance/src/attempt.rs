@@ -40,6 +40,10 @@ enum Verdict {
     Throttled(u64),
     /// Connect error, timeout, 5xx: counts towards ejection; retryable.
     Failure,
+    /// Not taken at all ([`Error::UpstreamRefused`]: an HTTP/2 stream
+    /// refused, or past a `GOAWAY`): retryable, and no failure of the
+    /// backend's.
+    Refused,
     /// Any other error of the inner service: returned as is.
     Fatal,
 }
@@ -51,6 +55,7 @@ fn classify(outcome: &Outcome) -> Verdict {
     match outcome {
         Ok(resp) => classify_head(resp.status(), resp.headers()),
         Err(Error::BadGateway { .. } | Error::UpstreamTimeout { .. }) => Verdict::Failure,
+        Err(Error::UpstreamRefused { .. }) => Verdict::Refused,
         Err(_) => Verdict::Fatal,
     }
 }
@@ -87,7 +92,7 @@ fn judge(
         },
         Verdict::Failure => state.record_failure(now, elapsed),
         Verdict::Throttled(ns) => state.rest(now, ns),
-        Verdict::Pass | Verdict::Fatal => {}
+        Verdict::Pass | Verdict::Fatal | Verdict::Refused => {}
     }
     verdict
 }
@@ -321,7 +326,7 @@ where
             }
             match verdict {
                 Verdict::Success | Verdict::Pass | Verdict::Fatal => return outcome,
-                Verdict::Failure | Verdict::Throttled(_) => {
+                Verdict::Failure | Verdict::Throttled(_) | Verdict::Refused => {
                     tried.push(choice.member);
                     if timed_out_waiting(&outcome) {
                         spent.push(choice.member);

@@ -626,6 +626,7 @@ fn marked(
         Ok(response) => response,
         Err(
             e @ (Error::BadGateway { .. }
+            | Error::UpstreamRefused { .. }
             | Error::UpstreamTimeout { .. }
             | Error::NoUpstreamAvailable(_)
             | Error::UpstreamsResting { .. }),

@@ -140,6 +140,20 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
+    /// The upstream refused the request before processing any of it: an
+    /// HTTP/2 stream reset with `REFUSED_STREAM`, or one past the last the
+    /// upstream said it would process when it went away (`GOAWAY`), or a
+    /// request its connection closed under before sending it (RFC 9113
+    /// §8.7: safe to send again). A 502 as [`Error::BadGateway`], but no
+    /// failure of the upstream's (it rotates its connections, or is at its
+    /// stream cap).
+    #[error("upstream `{upstream}` did not take the request: {reason}")]
+    UpstreamRefused {
+        /// The upstream's name.
+        upstream: Arc<str>,
+        /// What it said.
+        reason: String,
+    },
     /// No attempt could be made at all.
     #[error("no upstream available: {0}")]
     NoUpstreamAvailable(String),
@@ -245,7 +259,7 @@ impl Error {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            BadGateway { .. } | UpstreamRefused { .. } => StatusCode::BAD_GATEWAY,
             NoUpstreamAvailable(_)
             | UpstreamsResting { .. }
             | BodyBufferFull { .. }
@@ -280,7 +294,7 @@ impl Error {
             | ConversationNotFound(_)
             | RouteNotFound(_) => "not_found_error",
             RateLimited { .. } => "rate_limit_error",
-            BadGateway { .. } => "upstream_error",
+            BadGateway { .. } | UpstreamRefused { .. } => "upstream_error",
             NoUpstreamAvailable(_)
             | UpstreamsResting { .. }
             | BodyBufferFull { .. }
@@ -312,7 +326,7 @@ impl Error {
             RequestTimeout { .. } | RequestBodyTooSlow { .. } => "request_timeout",
             UnsupportedMediaType(_) | UnsupportedContentEncoding(_) => "unsupported_media_type",
             RateLimited { .. } => "rate_limit_exceeded",
-            BadGateway { .. } => "bad_gateway",
+            BadGateway { .. } | UpstreamRefused { .. } => "bad_gateway",
             NoUpstreamAvailable(_) | UpstreamsResting { .. } => "no_upstream_available",
             BodyBufferFull { .. } => "server_overloaded",
             IdStoreUnavailable(_) => "id_store_unavailable",

@@ -203,8 +203,16 @@ impl Upstream {
     }
 
     /// hyper-util clients over [`Self::connector`].
+    ///
+    /// An HTTP/2 connection carries every request of its shard: one that
+    /// goes silently dead (a NAT or firewall dropping the flow) would fail
+    /// each of them at its first-byte timeout, for as long as requests keep
+    /// it in the pool. It is pinged every [`h2_ping_interval`], in use or
+    /// idle, and closed when a ping goes unanswered for as long (its
+    /// requests fail as broken, and the next ones open a new connection).
     fn https_clients(cfg: &UpstreamConfig) -> Result<Box<[HttpClient]>, BuildError> {
         let connector = Self::connector(cfg, cfg.http2)?;
+        let ping = h2_ping_interval(cfg.idle_timeout);
         Ok((0..=cfg.shards)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
@@ -212,6 +220,9 @@ impl Upstream {
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
                     .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+                    .http2_keep_alive_interval(ping)
+                    .http2_keep_alive_timeout(ping)
+                    .http2_keep_alive_while_idle(true)
                     .build(connector.clone())
             })
             .collect())
@@ -683,6 +694,13 @@ impl Upstream {
                 phase: "connecting",
             };
         }
+        if let Some(reason) = unprocessed(e) {
+            tracing::debug!(upstream = %self.inner.name.0, reason, "request not taken");
+            return Error::UpstreamRefused {
+                upstream: self.inner.name.0.clone(),
+                reason: reason.to_owned(),
+            };
+        }
         let root = root_cause(e);
         let what = if e.is_connect() {
             "could not connect"
@@ -692,6 +710,40 @@ impl Upstream {
         tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
         self.bad_gateway(format!("{what}: {root}"))
     }
+}
+
+/// How often an HTTP/2 connection to an upstream is pinged, and how long
+/// its answer may take: half the upstream's `idle_timeout` (a connection
+/// silent that long is as dead as a stream would be), at least 1 s and at
+/// most 30 s (a long `idle_timeout` for slow models is no reason to notice
+/// a dead connection late).
+fn h2_ping_interval(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// Why the upstream surely processed none of a request that failed, if it
+/// did not (RFC 9113 §8.7): its HTTP/2 stream was refused
+/// (`REFUSED_STREAM`), or was past the last stream the upstream said it
+/// would process when it went away (a `GOAWAY` without error: an HTTP/2
+/// server rotating its connections, as nginx's `keepalive_requests` does),
+/// or the connection closed before the request was sent.
+fn unprocessed(e: &hyper_util::client::legacy::Error) -> Option<&'static str> {
+    source_chain(e).find_map(|s| {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) if h2.is_remote() => {
+                    Some("its HTTP/2 stream was refused (REFUSED_STREAM)")
+                }
+                Some(h2::Reason::NO_ERROR) if h2.is_go_away() && h2.is_remote() => {
+                    Some("its HTTP/2 connection went away (GOAWAY) before the stream")
+                }
+                _ => None,
+            };
+        }
+        s.downcast_ref::<hyper::Error>()
+            .filter(|e| e.is_canceled())
+            .map(|_| "its connection closed before it was sent")
+    })
 }
 
 /// The client's fault, not the upstream's: a streamed request body that
