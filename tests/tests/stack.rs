@@ -55,3 +55,37 @@ async fn a_refused_usage_request_is_sent_once_more_with_auth_and_cache_on() {
     assert_eq!(second.header("x-llm-proxy-cache"), Some("hit"));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// An embedder who stacks the cache above auth (with the shared scope, a
+/// hit would go to anyone: no key checked, no limit counted) gets a clear
+/// misconfiguration, not a cache that serves past the keys.
+#[tokio::test]
+async fn the_cache_stacked_above_auth_is_refused_as_misconfigured() {
+    use llm_proxy_auth::{AuthLayer, KeySpec};
+    use llm_proxy_cache::{CacheConfig, CacheLayer, MemoryStore};
+    use llm_proxy_core::{Body, Error, ParseLayer, ParseLimits, full};
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+    let svc = ServiceBuilder::new()
+        .layer(ParseLayer::new(ParseLimits::default()))
+        .layer(CacheLayer::new(
+            CacheConfig::default(),
+            MemoryStore::new(100, 1 << 20),
+        ))
+        .layer(AuthLayer::new(vec![KeySpec::from_key("k", "sk-k")]))
+        .service(service_fn(|_req: http::Request<Body>| async {
+            Ok::<_, Error>(http::Response::new(full(r#"{"id":"1","choices":[]}"#)))
+        }));
+    let req = http::Request::post("/v1/chat/completions")
+        .header("authorization", "Bearer sk-k")
+        .body(full(chat("m", false)))
+        .unwrap();
+    let err = match svc.oneshot(req).await {
+        Err(e) => e,
+        Ok(resp) => resp
+            .extensions()
+            .get::<Error>()
+            .cloned()
+            .expect("an error answer"),
+    };
+    assert!(matches!(err, Error::Misconfigured(_)), "{err}");
+}

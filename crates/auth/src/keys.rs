@@ -25,7 +25,9 @@ pub struct KeySpec {
     pub requests_per_minute: Option<u32>,
     /// Prompt + completion tokens per minute (`Some(0)`: as 1).
     pub tokens_per_minute: Option<u32>,
-    /// May this key use `/v1` paths beyond the model APIs.
+    /// May this key use routes beyond the model APIs (any path the auth
+    /// layer sees that is not a model API's: `/v1/files`, and an
+    /// embedder's own routes behind the layer alike).
     pub passthrough: bool,
 }
 

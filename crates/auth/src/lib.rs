@@ -13,8 +13,13 @@
 //!   The key's *name* becomes the request's [`Identity`] (cache scope,
 //!   metrics, logs); the key itself is never logged or forwarded.
 //! - **Access**: an optional per-key model allowlist (403
-//!   `model_not_allowed`); other `/v1/*` routes only for keys with
+//!   `model_not_allowed`); every other route (other `/v1/*` routes, and an
+//!   embedder's own routes behind the layer) only for keys with
 //!   `passthrough` (403 `route_not_allowed`).
+//! - **Order**: below the parse layer (a model request it did not read is
+//!   refused as `misconfigured`), and above the cache layer (a request that
+//!   passed the cache is refused as `misconfigured`: the cache would answer
+//!   requests whose key was never checked).
 //! - **Limits**: requests and tokens per minute, GCRA with a burst equal to
 //!   the limit ([`limit`]). Tokens are reserved up front (prompt bytes / 4
 //!   plus the request's completion cap, else 256; charged at most the whole

@@ -451,6 +451,17 @@ impl From<Error> for Refused {
 }
 
 fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refused> {
+    if req
+        .extensions()
+        .get::<llm_proxy_core::PassedCache>()
+        .is_some()
+    {
+        return Err(Refused::Plain(Error::Misconfigured(
+            "the auth layer sits below the cache layer, which would answer requests whose key \
+             was never checked: stack the cache below auth"
+                .into(),
+        )));
+    }
     // The gate in front of the parse layer, if any, already checked the head.
     let key = match req
         .extensions_mut()

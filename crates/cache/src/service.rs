@@ -222,7 +222,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        // (An auth layer below refuses it: it must sit above the cache.)
+        req.extensions_mut().insert(llm_proxy_core::PassedCache);
         let plan = Plan::of(&req, &self.shared.config).filter(|plan| !plan.control.no_store);
         let Some(plan) = plan else {
             Counters::bump(&self.shared.counters.bypasses);

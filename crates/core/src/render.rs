@@ -1,4 +1,5 @@
-//! The edge of a stack: [`Error`]s become OpenAI-style error responses.
+//! The edge of a stack: [`Error`]s become error responses, in the shape of
+//! the request's API (Anthropic's on `/v1/messages*`, OpenAI's elsewhere).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,10 +10,12 @@ use http::Response;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{Body, Error};
+use crate::{Body, Dialect, Endpoint, Error};
 
 /// Turns every [`Error`] of the inner service into its error response, so
 /// the stack can be served by hyper or nested in axum (`Error = Infallible`).
+/// The response speaks the dialect of the request's path: a Claude Code
+/// client on `/v1/messages` reads Anthropic's error shape.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RenderErrorsLayer;
 
@@ -44,9 +47,9 @@ impl<S: Clone> Clone for RenderErrors<S> {
     }
 }
 
-impl<S, R> Service<R> for RenderErrors<S>
+impl<S, B> Service<http::Request<B>> for RenderErrors<S>
 where
-    S: Service<R, Response = Response<Body>, Error = Error>,
+    S: Service<http::Request<B>, Response = Response<Body>, Error = Error>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -61,15 +64,19 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: R) -> RenderFuture<S::Future> {
+    fn call(&mut self, req: http::Request<B>) -> RenderFuture<S::Future> {
+        let dialect =
+            Endpoint::from_path(req.uri().path()).map_or(Dialect::OpenAi, Endpoint::dialect);
         match self.failed.take() {
             Some(e) => RenderFuture {
                 inner: None,
                 failed: Some(e),
+                dialect,
             },
             None => RenderFuture {
                 inner: Some(self.inner.call(req)),
                 failed: None,
+                dialect,
             },
         }
     }
@@ -81,6 +88,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Option<F>,
         failed: Option<Error>,
+        dialect: Dialect,
     }
 }
 
@@ -92,15 +100,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let dialect = *this.dialect;
         if let Some(e) = this.failed.take() {
-            return Poll::Ready(Ok(e.into_response()));
+            return Poll::Ready(Ok(e.into_response_in(dialect)));
         }
         match this.inner.as_pin_mut() {
-            Some(f) => Poll::Ready(Ok(ready!(f.poll(cx)).unwrap_or_else(Error::into_response))),
+            Some(f) => Poll::Ready(Ok(
+                ready!(f.poll(cx)).unwrap_or_else(|e| e.into_response_in(dialect))
+            )),
             None => Poll::Ready(Ok(Error::NoUpstreamAvailable(
                 "polled after completion".into(),
             )
-            .into_response())),
+            .into_response_in(dialect))),
         }
     }
 }
@@ -111,11 +122,21 @@ mod tests {
     use tower::{ServiceExt, service_fn};
 
     #[tokio::test]
-    async fn errors_become_responses() {
-        let svc = RenderErrorsLayer.layer(service_fn(|_: ()| async {
+    async fn errors_become_responses_in_the_request_s_dialect() {
+        let svc = RenderErrorsLayer.layer(service_fn(|_: http::Request<()>| async {
             Err::<Response<Body>, _>(Error::MissingModel)
         }));
-        let resp = svc.oneshot(()).await.unwrap();
-        assert_eq!(resp.status(), 400);
+        for (path, anthropic) in [("/v1/chat/completions", false), ("/v1/messages", true)] {
+            let req = http::Request::post(path).body(()).unwrap();
+            let resp = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), 400);
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            // Anthropic's shape has a top-level `type`.
+            assert_eq!(json["type"] == "error", anthropic, "{path}: {json}");
+        }
     }
 }

@@ -163,3 +163,29 @@ async fn a_native_fallback_does_not_shut_out_the_models_translating_upstreams() 
     let (_, body) = send(&b, messages("big")).await.unwrap();
     assert_eq!(body, "small-native");
 }
+
+/// A model request the parse layer did not read (an embedder's stack
+/// without it): its model is unknown, so it is refused as a
+/// misconfiguration rather than sent to any upstream as passthrough. A
+/// passthrough path goes on.
+#[tokio::test]
+async fn an_unparsed_model_request_is_refused_as_misconfigured() {
+    let fleet = Fleet::default();
+    let b = Balance::new(
+        [fleet.backend("a").with_models(["m1"])],
+        BalanceConfig::default(),
+    );
+    let unparsed = Request::post("/v1/chat/completions")
+        .body(llm_proxy_core::full(r#"{"model":"zz"}"#))
+        .expect("a valid request");
+    let err = tower::ServiceExt::oneshot(b.clone(), unparsed)
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, Error::Misconfigured(_)), "{err}");
+    assert_eq!(fleet.total(), 0);
+    let passthrough = Request::get("/v1/files")
+        .body(llm_proxy_core::empty())
+        .expect("a valid request");
+    let resp = tower::ServiceExt::oneshot(b, passthrough).await;
+    assert!(resp.is_ok(), "{:?}", resp.err());
+}
