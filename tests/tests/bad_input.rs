@@ -548,11 +548,10 @@ async fn a_streamed_passthrough_body_over_the_limit_is_413_not_the_upstreams_fau
     assert!(text.contains("request_too_large"), "{text}");
 }
 
-/// A streamed body the client breaks (a bad chunk) fails the upstream
-/// request through no fault of the upstream's: the client's 400, and no
-/// failure towards the upstream's ejection (one would eject it here).
-#[tokio::test]
-async fn a_streamed_body_the_client_breaks_is_400_and_not_held_against_the_upstream() {
+/// A proxy (whose one upstream reads whatever comes and never answers,
+/// and is ejected by one failure) and a client connection whose chunked
+/// `POST /v1/files` has sent its first chunk, on its way upstream.
+async fn upload_under_way() -> (TestProxy, tokio::net::TcpStream) {
     // An upstream that reads whatever comes and never answers.
     let addr = raw_upstream(|mut conn| async move {
         let mut buf = vec![0u8; 8192];
@@ -571,8 +570,18 @@ async fn a_streamed_body_the_client_breaks_is_400_and_not_held_against_the_upstr
     )
     .await
     .unwrap();
-    // The first chunk is on its way upstream; then a broken one.
+    // The first chunk is on its way upstream; waited for.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    (p, conn)
+}
+
+/// A streamed body the client breaks (a bad chunk) fails the upstream
+/// request through no fault of the upstream's: the client's 400, and no
+/// failure towards the upstream's ejection (one would eject it here).
+#[tokio::test]
+async fn a_streamed_body_the_client_breaks_is_400_and_not_held_against_the_upstream() {
+    let (p, mut conn) = upload_under_way().await;
+    // Then a broken chunk.
     conn.write_all(b"zz\r\n").await.unwrap();
     let answer = read_until_closed(&mut conn).await.expect("answered");
     let text = String::from_utf8_lossy(&answer);
@@ -587,25 +596,8 @@ async fn a_streamed_body_the_client_breaks_is_400_and_not_held_against_the_upstr
 /// failure towards the upstream's ejection.
 #[tokio::test]
 async fn a_streamed_body_whose_client_goes_is_499_and_not_held_against_the_upstream() {
-    let addr = raw_upstream(|mut conn| async move {
-        let mut buf = vec![0u8; 8192];
-        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
-    })
-    .await;
-    let p = proxy(&one_upstream(
-        &format!("http://{addr}/v1"),
-        "first_byte_timeout_ms = 5000\n[balance]\neject_after_failures = 1",
-    ))
-    .await;
-    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    conn.write_all(
-        b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n\
-          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
-    )
-    .await
-    .unwrap();
-    // The first chunk is on its way upstream; then the client is gone.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (p, conn) = upload_under_way().await;
+    // Then the client is gone.
     drop(conn);
     let line = "llm_proxy_requests_total{route=\"passthrough\",status=\"499\",upstream=\"\"} 1\n";
     let mut metrics = String::new();
