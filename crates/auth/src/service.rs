@@ -453,8 +453,8 @@ impl From<Error> for Refused {
 fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refused> {
     if req
         .extensions()
-        .get::<llm_proxy_core::PassedCache>()
-        .is_some()
+        .get::<RequestMeta>()
+        .is_some_and(RequestMeta::passed_cache)
     {
         return Err(Refused::Plain(Error::Misconfigured(
             "the auth layer sits below the cache layer, which would answer requests whose key \

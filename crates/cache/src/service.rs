@@ -224,7 +224,9 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         // (An auth layer below refuses it: it must sit above the cache.)
-        req.extensions_mut().insert(llm_proxy_core::PassedCache);
+        if let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() {
+            meta.mark_passed_cache();
+        }
         let plan = Plan::of(&req, &self.shared.config).filter(|plan| !plan.control.no_store);
         let Some(plan) = plan else {
             Counters::bump(&self.shared.counters.bypasses);

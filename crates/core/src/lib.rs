@@ -90,14 +90,6 @@ pub use waited::Waited;
 /// The response header that names the upstream which served a request.
 pub const UPSTREAM_HEADER: http::HeaderName = http::HeaderName::from_static("x-llm-proxy-upstream");
 
-/// Put in a request's extensions by the cache layer: the request passed
-/// through it. A layer that must sit above the cache (auth: a cache above
-/// it would answer requests whose key was never checked, from entries
-/// other keys' requests stored) refuses such a request as
-/// [`Error::Misconfigured`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PassedCache;
-
 /// Put in a request's extensions to send it to one named upstream and no
 /// other (a stateful Responses request follows the upstream that created its
 /// response). The balancer honours it; no failover to another upstream.

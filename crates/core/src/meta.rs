@@ -101,6 +101,8 @@ pub struct RequestMeta {
     edited: bool,
     identity: Option<Identity>,
     budget: Option<crate::BodyBudget>,
+    /// The cache layer passed the request on ([`RequestMeta::mark_passed_cache`]).
+    passed_cache: bool,
 }
 
 /// What a model body's top-level fields ask the model to generate: the
@@ -204,6 +206,7 @@ impl RequestMeta {
             edited: false,
             identity: None,
             budget: None,
+            passed_cache: false,
         }
     }
 
@@ -232,6 +235,7 @@ impl RequestMeta {
             edited: false,
             identity: None,
             budget: None,
+            passed_cache: false,
         }
     }
 
@@ -249,6 +253,7 @@ impl RequestMeta {
             edited: false,
             identity: None,
             budget: None,
+            passed_cache: false,
         }
     }
 
@@ -392,6 +397,20 @@ impl RequestMeta {
     /// Record the caller's identity (the auth layer does this).
     pub fn set_identity(&mut self, identity: Identity) {
         self.identity = Some(identity);
+    }
+
+    /// Mark the request as passed on by the cache layer. A layer that must
+    /// sit above the cache (auth: a cache above it would answer requests
+    /// whose key was never checked, from entries other keys' requests
+    /// stored) refuses a marked request as [`crate::Error::Misconfigured`].
+    pub fn mark_passed_cache(&mut self) {
+        self.passed_cache = true;
+    }
+
+    /// Whether the cache layer passed the request on
+    /// ([`RequestMeta::mark_passed_cache`]).
+    pub fn passed_cache(&self) -> bool {
+        self.passed_cache
     }
 }
 
