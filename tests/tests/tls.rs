@@ -28,11 +28,16 @@ fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
     (tokio_rustls::TlsAcceptor::from(Arc::new(config)), pem)
 }
 
-/// The PEM written where a config's `tls_ca_file` can name it.
-fn ca_file(dir: &str, pem: &str) -> std::path::PathBuf {
+/// The config of one upstream at `https://localhost:{port}/v1` whose
+/// certificate `pem` is trusted through `tls_ca_file` (written in the
+/// scratch directory `dir`), with the upstream keys `extra`.
+fn https_upstream(dir: &str, port: u16, pem: &str, extra: &str) -> String {
     let ca = scratch_dir(dir).join("ca.pem");
     std::fs::write(&ca, pem).unwrap();
-    ca
+    one_upstream(
+        &format!("https://localhost:{port}/v1"),
+        &format!("tls_ca_file = \"{}\"\n{extra}", ca.display()),
+    )
 }
 
 /// A TLS mock upstream on 127.0.0.1 with a self-signed certificate for
@@ -84,13 +89,8 @@ async fn tls_mock() -> (
 #[tokio::test]
 async fn https_upstream_with_private_ca() {
     let (port, pem, stats, task, _) = tls_mock().await;
-    let ca = ca_file("tls", &pem);
     let url = format!("https://localhost:{port}/v1");
-    let trusted = proxy(&one_upstream(
-        &url,
-        &format!("tls_ca_file = \"{}\"", ca.display()),
-    ))
-    .await;
+    let trusted = proxy(&https_upstream("tls", port, &pem, "")).await;
     let answer = post_json(&trusted.url("/v1/chat/completions"), &chat("m", true)).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(
@@ -113,13 +113,11 @@ async fn a_websocket_tunnel_to_an_https_upstream() {
     // HTTP/1.1 exchange, so the proxy's own connection for it offers only
     // http/1.1.
     let (port, pem, stats, task, alpn) = tls_mock().await;
-    let ca = ca_file("tls-ws", &pem);
-    let p = proxy(&one_upstream(
-        &format!("https://localhost:{port}/v1"),
-        &format!(
-            "tls_ca_file = \"{}\"\napis = [\"responses\"]\nwebsocket = true",
-            ca.display()
-        ),
+    let p = proxy(&https_upstream(
+        "tls-ws",
+        port,
+        &pem,
+        "apis = [\"responses\"]\nwebsocket = true",
     ))
     .await;
     let (mut socket, head) = tests::ws::connect(p.addr, &[]).await.unwrap();
@@ -144,13 +142,9 @@ async fn a_websocket_tunnel_to_an_https_upstream() {
 #[tokio::test]
 async fn clients_that_stop_reading_do_not_starve_an_h2_upstreams_other_streams() {
     let (port, pem, _stats, task, alpn) = tls_mock().await;
-    let ca = ca_file("tls-h2-window", &pem);
     let p = proxy(&format!(
         "send_timeout_ms = 60000\n{}",
-        one_upstream(
-            &format!("https://localhost:{port}/v1"),
-            &format!("tls_ca_file = \"{}\"", ca.display()),
-        )
+        https_upstream("tls-h2-window", port, &pem, "")
     ))
     .await;
     // Four long, fast streams whose client reads their heads and nothing
@@ -201,12 +195,7 @@ async fn clients_that_stop_reading_do_not_starve_an_h2_upstreams_other_streams()
 #[tokio::test]
 async fn http2_false_keeps_an_https_upstream_on_http1_connections() {
     let (port, pem, stats, task, alpn) = tls_mock().await;
-    let ca = ca_file("tls-h1", &pem);
-    let p = proxy(&one_upstream(
-        &format!("https://localhost:{port}/v1"),
-        &format!("tls_ca_file = \"{}\"\nhttp2 = false", ca.display()),
-    ))
-    .await;
+    let p = proxy(&https_upstream("tls-h1", port, &pem, "http2 = false")).await;
     let url = p.url("/v1/chat/completions");
     let body = chat("m", true);
     let (a, b) = tokio::join!(post_json(&url, &body), post_json(&url, &body));
@@ -281,13 +270,11 @@ async fn refusing_h2(refusals: usize) -> (u16, String, Arc<std::sync::atomic::At
 #[tokio::test]
 async fn refused_h2_streams_are_sent_again_and_not_held_against_the_upstream() {
     let (port, pem, answered) = refusing_h2(2).await;
-    let ca = ca_file("tls-refused", &pem);
-    let p = proxy(&one_upstream(
-        &format!("https://localhost:{port}/v1"),
-        &format!(
-            "tls_ca_file = \"{}\"\n[balance]\nmax_retries = 2\neject_after_failures = 1",
-            ca.display()
-        ),
+    let p = proxy(&https_upstream(
+        "tls-refused",
+        port,
+        &pem,
+        "[balance]\nmax_retries = 2\neject_after_failures = 1",
     ))
     .await;
     let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
@@ -311,14 +298,11 @@ async fn refused_h2_streams_are_sent_again_and_not_held_against_the_upstream() {
 async fn a_silently_dead_h2_connection_is_found_out_by_its_ping() {
     let (port, pem, _stats, task, alpn) = tls_mock().await;
     let relay = tests::relay::Relay::start(([127, 0, 0, 1], port).into()).await;
-    let ca = ca_file("tls-ping", &pem);
-    let p = proxy(&one_upstream(
-        &format!("https://localhost:{}/v1", relay.addr.port()),
-        &format!(
-            "tls_ca_file = \"{}\"\nidle_timeout_ms = 1000\nfirst_byte_timeout_ms = 20000\n\
-             pool_idle_timeout_ms = 60000",
-            ca.display()
-        ),
+    let p = proxy(&https_upstream(
+        "tls-ping",
+        relay.addr.port(),
+        &pem,
+        "idle_timeout_ms = 1000\nfirst_byte_timeout_ms = 20000\npool_idle_timeout_ms = 60000",
     ))
     .await;
     let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;

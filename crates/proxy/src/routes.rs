@@ -507,10 +507,12 @@ where
             Ok(resp) => resp,
             Err(e) => e.into_response_in(route.dialect()),
         };
-        if matches!(
-            resp.extensions().get::<Error>(),
-            Some(Error::ClientClosedRequest)
-        ) {
+        if resp.status() == CLIENT_CLOSED_REQUEST
+            && matches!(
+                resp.extensions().get::<Error>(),
+                Some(Error::ClientClosedRequest)
+            )
+        {
             // The client went while sending its body: abandoned, as one
             // gone before its answer (the guard counts it 499 and logs it
             // `cut`, in no histogram). An answer reaches only a client that
