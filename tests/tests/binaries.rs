@@ -882,9 +882,12 @@ async fn the_access_log_has_a_line_per_request() {
         session.contains("status=101")
             && session.contains("upstream=\"m\"")
             && session.contains("key=\"team-a\"")
-            && (session.contains("end=\"closed\"") || session.contains("end=closed")),
+            && (session.contains("end=\"closed\"") || session.contains("end=closed"))
+            && session.contains("turns=1"),
         "{session}"
     );
+    // Only the session's end line counts turns.
+    assert!(lines.iter().filter(|l| l.contains("turns=")).count() == 1);
     for (line, id, status) in [
         (lines[0], "req-plain-1", "status=200"),
         (lines[1], "req-stream-2", "status=200"),
@@ -954,7 +957,8 @@ async fn a_websocket_session_cut_at_the_drain_timeout_is_logged() {
     assert!(
         lines[1].contains("status=101")
             && lines[1].contains("upstream=\"m\"")
-            && (lines[1].contains("end=\"cut\"") || lines[1].contains("end=cut")),
+            && (lines[1].contains("end=\"cut\"") || lines[1].contains("end=cut"))
+            && lines[1].contains("turns=1"),
         "{}",
         lines[1]
     );

@@ -1617,6 +1617,21 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
                 ));
             }
         }
+        if k.models.as_ref().is_some_and(Vec::is_empty) {
+            return Err(err(
+                k.name.span(),
+                format!(
+                    "key `{name}`: `models` is empty, so the key could use no model; leave it \
+                     out to allow every model, or remove the key"
+                ),
+            ));
+        }
+        if let Some(model) = k.models.iter().flatten().find(|m| m.trim().is_empty()) {
+            return Err(err(
+                k.name.span(),
+                format!("key `{name}`: `models` holds an empty name ({model:?})"),
+            ));
+        }
         keys.push(llm_proxy_auth::KeySpec {
             name,
             sha256,
@@ -2056,6 +2071,22 @@ mod tests {
             ))
             .unwrap_err();
             assert!(e.contains("without control characters"), "{name}: {e}");
+        }
+        for (models, said) in [
+            (
+                "[]",
+                "key `k`: `models` is empty, so the key could use no model",
+            ),
+            (
+                "[\"m\", \" \"]",
+                "key `k`: `models` holds an empty name (\" \")",
+            ),
+        ] {
+            let e = load(&format!(
+                "{MIN}[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-1\"\nmodels = {models}\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains(said), "{models}: {e}");
         }
     }
 

@@ -601,8 +601,9 @@ pub(crate) struct Access {
 impl Access {
     /// Log the line: `duration` from the request to the end, and how it
     /// ended (`complete`; `failed`: the body broke; `cut`: dropped before its
-    /// end, the client having left or the drain's timeout closed it).
-    pub(crate) fn log(&self, duration: Duration, end: &'static str) {
+    /// end, the client having left or the drain's timeout closed it), and
+    /// for a WebSocket session's end, the turns it started.
+    pub(crate) fn log(&self, duration: Duration, end: &'static str, turns: Option<u64>) {
         tracing::info!(
             target: "llm_proxy::access",
             request_id = self.request_id.to_str().unwrap_or(""),
@@ -618,6 +619,7 @@ impl Access {
             key = self.caller.get().map_or("", |name| &**name),
             duration_ms = duration.as_secs_f64() * 1000.0,
             end,
+            turns,
         );
     }
 }
@@ -709,7 +711,7 @@ impl Drop for ObservedBody {
             } else {
                 "cut"
             });
-            access.log(elapsed, end);
+            access.log(elapsed, end, None);
         }
     }
 }

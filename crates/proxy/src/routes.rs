@@ -672,7 +672,7 @@ impl Drop for Abandoned<'_> {
         if let Some(metrics) = &self.metrics {
             metrics.count_request(self.route, CLIENT_CLOSED_REQUEST.as_u16(), None);
             if let Some(access) = &self.access {
-                access.log(self.start.elapsed(), "cut");
+                access.log(self.start.elapsed(), "cut", None);
             }
         }
     }

@@ -209,12 +209,15 @@ pub(crate) struct SessionAccess(pub(crate) Box<crate::metrics::Access>);
 struct SessionLine {
     access: Option<Box<crate::metrics::Access>>,
     start: Instant,
+    /// The session's [`Session::started`].
+    turns: Arc<AtomicU64>,
 }
 
 impl SessionLine {
     fn log(&mut self, end: &'static str) {
         if let Some(access) = self.access.take() {
-            access.log(self.start.elapsed(), end);
+            let turns = self.turns.load(Ordering::Relaxed);
+            access.log(self.start.elapsed(), end, Some(turns));
         }
     }
 }
@@ -404,7 +407,9 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         ended: Mutex::default(),
         budget: ctx.sockets.budget.clone(),
         counters: ctx.sockets.counters.clone(),
+        started: Arc::default(),
     };
+    let started = session.started.clone();
     let run = relay(
         client_side,
         io,
@@ -429,6 +434,7 @@ pub(crate) async fn open<B>(ctx: Ctx<'_>, mut req: Request<B>) -> Result<Respons
         SessionLine {
             access: Some(access),
             start: Instant::now(),
+            turns: started,
         }
     });
     let run = async move {
@@ -516,6 +522,10 @@ struct Session {
     /// See [`Sockets`].
     budget: Option<BodyBudget>,
     counters: Arc<SocketCounters>,
+    /// Turns this session passed on (`response.create` and
+    /// `response.append`, as [`SocketCounters::turns`]): its access line's
+    /// `turns`.
+    started: Arc<AtomicU64>,
 }
 
 /// How many ended responses a session remembers, to ignore a repeated end.
@@ -1343,6 +1353,7 @@ async fn pump_up(
                     }
                     if admitted.turn {
                         session.counters.turns.fetch_add(1, Ordering::Relaxed);
+                        session.started.fetch_add(1, Ordering::Relaxed);
                     }
                     None
                 }
@@ -1808,6 +1819,7 @@ mod tests {
             ended: Mutex::default(),
             budget: None,
             counters: Arc::default(),
+            started: Arc::default(),
         }
     }
 
