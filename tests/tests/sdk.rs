@@ -26,7 +26,7 @@ async fn anthropic_python_sdk_works_and_gets_its_error_classes() {
          [[upstream]]\nname = \"dead\"\nurl = \"http://127.0.0.1:{dead}/v1\"\napis = [\"messages\"]\nmodels = [\"claude-dead\"]\n\
          [balance]\nmax_retries = 0\n\
          [auth]\n\
-         [[auth.keys]]\nname = \"ok\"\nkey = \"sk-ok\"\nmodels = [\"claude-ok\", \"claude-dead\", \"\"]\n\
+         [[auth.keys]]\nname = \"ok\"\nkey = \"sk-ok\"\nmodels = [\"claude-ok\", \"claude-dead\"]\n\
          [[auth.keys]]\nname = \"slow\"\nkey = \"sk-slow\"\nrequests_per_minute = 1\n\
          [[auth.keys]]\nname = \"any\"\nkey = \"sk-any\"\n",
         up.base_url()
