@@ -728,22 +728,25 @@ async fn a_request_half_sent_on_a_kept_alive_connection_at_the_drain_is_answered
 }
 
 /// A coalesced stream whose leader's client stays but stops reading: the
-/// followers wait only until `send_timeout` cuts the leader's client, then
-/// get the whole answer from a task that reads on for them (the upstream is
-/// not cancelled), not a stall for as long as the leader's client stays.
-/// (Threads of their own for the clients: on one thread shared with a mock
-/// streaming at full speed, the follower's client would itself read too
-/// slowly for the send timeout.)
+/// follower reads the upstream itself and gets the whole answer at once,
+/// not a stall for as long as the leader's client stays (here far longer
+/// than the test: `send_timeout_ms` at its default); and the leader's
+/// client, when it reads again, gets the whole answer too, what the
+/// follower read for it included. (Threads of their own for the clients:
+/// on one thread shared with a mock streaming at full speed, the
+/// follower's client would itself read slowly.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_of_a_leader_that_stops_reading_get_the_whole_stream() {
     let up = mock_named("m").await;
     let p = proxy(&format!(
-        "send_timeout_ms = 1000\n{}\n[cache]\nenabled = true\nbackend = \"memory\"\n",
+        "{}\n[cache]\nenabled = true\nbackend = \"memory\"\n",
         one_upstream(&up.base_url(), "")
     ))
     .await;
-    // Far more than the sockets' buffers hold: the leader's client blocks.
-    let tokens = "20000";
+    // About 8 MB of events: past what the leader's socket and hyper's
+    // write buffer take (4 MiB of send buffer at most here, and a 4 KiB
+    // receive buffer), short of the 16 MiB the leader's queue holds.
+    let tokens = "60000";
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut leader = socket.connect(p.addr).await.unwrap();
@@ -760,6 +763,8 @@ async fn followers_of_a_leader_that_stops_reading_get_the_whole_stream() {
         .unwrap()
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The leader's client reads no more for now; let its socket fill.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let follower = client()
         .request(request(
             Method::POST,
@@ -781,19 +786,57 @@ async fn followers_of_a_leader_that_stops_reading_get_the_whole_stream() {
     );
     let (streamed, broken) = read_stream(follower).await;
     assert!(!broken, "cut after {} bytes", streamed.len());
-    assert_eq!(
-        sse_data(&streamed).last().map(String::as_str),
-        Some("[DONE]")
-    );
+    assert!(streamed.len() > 6_000_000, "{} bytes", streamed.len());
+    let events = sse_data(&streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     assert_eq!((up.stats.requests(), up.stats.cancelled()), (1, 0));
-    // The leader's client was cut (its stream never ended), not served to
-    // the end.
+    // The leader's client reads again: the whole answer, to its last chunk.
     let (mut leader_read, _leader_write) = leader.into_split();
-    let (rest, _) = read_to_close(&mut leader_read, HANG).await;
-    assert!(
-        !rest.ends_with(b"0\r\n\r\n"),
-        "the leader's client was not cut"
-    );
+    let (rest, _) = read_to_close_or_end(&mut leader_read, b"0\r\n\r\n").await;
+    let mut all = buf[..n].to_vec();
+    all.extend_from_slice(&rest);
+    let text = String::from_utf8_lossy(&all);
+    let head_end = text.find("\r\n\r\n").unwrap() + 4;
+    let dechunked = dechunk(&all[head_end..]);
+    assert_eq!(sse_data(&dechunked), events);
+}
+
+/// What `read` gives until it closes or what came ends with `end` (each
+/// read bounded by [`HANG`]).
+async fn read_to_close_or_end(
+    read: &mut tokio::net::tcp::OwnedReadHalf,
+    end: &[u8],
+) -> (Vec<u8>, bool) {
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(HANG, read.read(&mut buf))
+            .await
+            .expect("the leader's answer goes on")
+            .unwrap_or(0);
+        if n == 0 {
+            return (all, true);
+        }
+        all.extend_from_slice(&buf[..n]);
+        if all.ends_with(end) {
+            return (all, false);
+        }
+    }
+}
+
+/// The payload of an HTTP/1.1 chunked body.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line = body.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..line]).unwrap(), 16).unwrap();
+        body = &body[line + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
 }
 
 /// A streamed chat request of `tokens` tokens over a new h2c connection

@@ -1,9 +1,10 @@
 //! [`CacheBody`]: the tee that copies a missed answer into the flight and,
 //! once it ended cleanly, into the store.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
@@ -12,7 +13,7 @@ use llm_proxy_core::sse::{Event, Parser};
 use llm_proxy_core::usage::is_usage_only_chunk;
 use llm_proxy_core::{Body, BoxError, BudgetHold, StreamKind};
 
-use crate::flight::{Dropped, Leader};
+use crate::flight::{Dropped, Flight, Leader};
 use crate::service::Shared;
 use crate::stats::Counters;
 use crate::{CacheKey, Entry, EntryBody, UsageChunk};
@@ -31,21 +32,60 @@ use crate::{CacheKey, Entry, EntryBody, UsageChunk};
 /// the shared scope under auth it does not come here: the coalesced
 /// requests may be other keys', which start over with their own requests). An
 /// error of the upstream body, or the client dropping this body before its
-/// end, leaves nothing stored. When the client leaves while coalesced
-/// requests still read the answer, a task takes over reading the upstream
-/// body for them (and stores the answer if it completes); it stops, dropping
-/// the upstream body, once no one reads any more.
+/// end, leaves nothing stored.
+///
+/// The upstream body is read by whichever reader of the answer needs its
+/// next frame first (see [`flight`](crate::flight)): when the client reads
+/// more slowly than a coalesced request's, or leaves, that request's body
+/// reads on (and the answer is stored if it completes); the upstream body
+/// is dropped once no one reads any more.
 pub struct CacheBody {
-    inner: Option<Body>,
-    tee: Option<Tee>,
+    flight: Arc<Flight>,
+    /// Every frame went out (or the body failed).
+    done: bool,
+    /// The pause before the error a follower read for this client, so
+    /// that hyper writes out the frames before it (the upstream body's own
+    /// error event among them): the upstream body pauses so itself only
+    /// for the reader that polls it.
+    flush: llm_proxy_core::FlushBeforeError,
 }
 
 impl std::fmt::Debug for CacheBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheBody")
-            .field("ended", &self.inner.is_none())
-            .field("teeing", &self.tee.is_some())
-            .finish()
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A flight's upstream body while it is read, with its tee, and what a
+/// follower read of it that the leader's client has not had yet.
+pub(crate) struct Source {
+    /// `None` once it ended (or failed).
+    inner: Option<Body>,
+    /// `None` once the answer was finished or abandoned.
+    tee: Option<Tee>,
+    /// Frames for the leader's client, read from the upstream by a
+    /// follower, oldest first.
+    queue: VecDeque<Frame<Bytes>>,
+    /// Their bytes: at most `max_entry_bytes` (then the followers wait).
+    queued: usize,
+    /// The upstream body's error, read by a follower: the leader's client
+    /// gets it after the queue.
+    error: Option<BoxError>,
+    /// The leader's client left: nothing more is queued for it.
+    leader_gone: bool,
+    /// A follower waits for the queue to shrink.
+    blocked: bool,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("reading", &self.inner.is_some())
+            .field("queued", &self.queued)
+            .field("leader_gone", &self.leader_gone)
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,7 +104,6 @@ pub(crate) struct Tee {
     /// `false` for an answer that must reach the client and the followers
     /// but not the store (one from a fallback model).
     pub storable: bool,
-    pub handed_over: bool,
 }
 
 /// How the tee decides that an answer ended cleanly.
@@ -251,11 +290,144 @@ const FOLLOWED_CAP_FACTOR: usize = 4;
 
 impl CacheBody {
     pub(crate) fn new(inner: Body, tee: Tee) -> Self {
-        CacheBody {
+        let flight = tee.leader.flight().clone();
+        *flight.source() = Some(Source {
             inner: Some(inner),
             tee: Some(tee),
+            queue: VecDeque::new(),
+            queued: 0,
+            error: None,
+            leader_gone: false,
+            blocked: false,
+        });
+        if flight.followed() {
+            // A follower may have looked for the source before it was here.
+            flight.wake_all();
+        }
+        CacheBody {
+            flight,
+            done: false,
+            flush: llm_proxy_core::FlushBeforeError::default(),
         }
     }
+}
+
+/// How reading the upstream body once went.
+enum Read {
+    Frame(Frame<Bytes>),
+    End,
+    Failed(BoxError),
+}
+
+impl Source {
+    /// Read the upstream body once, with `waker`; a frame has gone to the
+    /// tee (and through it to the followers and the store). At the end the
+    /// tee is taken out, for [`settle`] to run once the source's lock is
+    /// let go.
+    fn read(&mut self, waker: &std::task::Waker) -> Poll<(Read, Option<Tee>)> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready((Read::End, None));
+        };
+        let mut cx = Context::from_waker(waker);
+        Poll::Ready(match Pin::new(inner).poll_frame(&mut cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(tee), Some(data)) = (self.tee.as_mut(), frame.data_ref()) {
+                    tee.observe(data);
+                }
+                (Read::Frame(frame), None)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                self.inner = None;
+                (Read::Failed(error), self.tee.take())
+            }
+            Poll::Ready(None) => {
+                self.inner = None;
+                (Read::End, self.tee.take())
+            }
+        })
+    }
+
+    /// The most the leader's queue holds before followers wait for it.
+    fn window(&self) -> usize {
+        self.tee
+            .as_ref()
+            .map_or(usize::MAX, |tee| tee.shared.config.max_entry_bytes)
+    }
+}
+
+/// What the end of the upstream body leaves to do with its tee: store a
+/// complete answer (`failed` false), or fail the flight.
+fn settle(tee: Option<Tee>, failed: bool) {
+    match tee {
+        Some(tee) if failed => tee.abandon(),
+        Some(tee) => tee.finish(),
+        None => {}
+    }
+}
+
+/// A follower's read of `flight`'s upstream body, when the frame it wants
+/// has not come: `true` if it read something (the flight changed), `false`
+/// when there is nothing to read now (the upstream has nothing yet, the
+/// leader's queue is full, or the body is gone); the caller has asked to
+/// be woken when the flight changes.
+pub(crate) fn pull(flight: &Arc<Flight>) -> bool {
+    let mut slot = flight.source();
+    let Some(source) = slot.as_mut() else {
+        return false;
+    };
+    if source.inner.is_none() {
+        return false;
+    }
+    if !source.leader_gone && source.queued >= source.window() {
+        source.blocked = true;
+        return false;
+    }
+    let Poll::Ready((read, tee)) = source.read(flight.fan_out()) else {
+        return false;
+    };
+    let failed = matches!(read, Read::Failed(_));
+    match read {
+        Read::Frame(frame) if !source.leader_gone => {
+            source.queued += frame.data_ref().map_or(0, Bytes::len);
+            source.queue.push_back(frame);
+        }
+        Read::Failed(error) if !source.leader_gone => source.error = Some(error),
+        Read::Frame(_) | Read::Failed(_) | Read::End => {}
+    }
+    let leader_gone = source.leader_gone;
+    if leader_gone && source.inner.is_none() {
+        *slot = None;
+    }
+    drop(slot);
+    settle(tee, failed);
+    if !leader_gone {
+        // Its queue grew, or its end came.
+        flight.wake_leader();
+    }
+    true
+}
+
+/// The last follower of `flight` left: if the leader's client left too,
+/// nobody reads the upstream body any more, and dropping it cancels its
+/// work (unless a request joined the flight meanwhile).
+pub(crate) fn unread(flight: &Arc<Flight>) {
+    let mut slot = flight.source();
+    let Some(source) = slot.as_mut() else {
+        return;
+    };
+    if !source.leader_gone
+        || source
+            .tee
+            .as_mut()
+            .is_some_and(|tee| tee.leader.retire_unless_followed())
+    {
+        return;
+    }
+    let tee = source.tee.take();
+    *slot = None;
+    drop(slot);
+    settle(tee, true);
 }
 
 impl Tee {
@@ -458,28 +630,68 @@ impl HttpBody for CacheBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let flight = &this.flight;
+        let mut slot = flight.source();
+        // (Emptied only after the leader's client went, or here.)
+        let Some(source) = slot.as_mut() else {
+            this.done = true;
             return Poll::Ready(None);
         };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let (Some(tee), Some(data)) = (this.tee.as_mut(), frame.data_ref()) {
-                    tee.observe(data);
-                }
-                Poll::Ready(Some(Ok(frame)))
+        if let Some(frame) = source.queue.pop_front() {
+            // What a follower read for this client while it was behind.
+            source.queued -= frame.data_ref().map_or(0, Bytes::len);
+            let unblocked = std::mem::take(&mut source.blocked);
+            drop(slot);
+            if unblocked {
+                flight.wake_all();
             }
-            Some(Err(error)) => {
-                this.inner = None;
-                if let Some(tee) = this.tee.take() {
-                    tee.abandon();
-                }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if source.error.is_some() {
+            if this.flush.poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let error = source.error.take();
+            *slot = None;
+            this.done = true;
+            return Poll::Ready(error.map(Err));
+        }
+        // Followers may read the upstream too, and the last to poll it is
+        // the one it wakes: with followers, it wakes every reader
+        // ([`Flight::fan_out`]); without, this body, which also says where
+        // it waits, for a follower that joins and polls it then. (Said
+        // before the read with followers, whose waker may fire at once on
+        // another thread; after it without, still under the source's lock,
+        // which such a follower must take first.)
+        let followed = flight.followed();
+        let read = if followed {
+            flight.leader_waits(cx);
+            source.read(flight.fan_out())
+        } else {
+            source.read(cx.waker())
+        };
+        let Poll::Ready((read, tee)) = read else {
+            if !followed {
+                flight.leader_waits(cx);
+            }
+            return Poll::Pending;
+        };
+        if let Read::Frame(frame) = read {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        *slot = None;
+        drop(slot);
+        this.done = true;
+        match read {
+            Read::Failed(error) => {
+                settle(tee, true);
                 Poll::Ready(Some(Err(error)))
             }
-            None => {
-                this.inner = None;
-                if let Some(tee) = this.tee.take() {
-                    tee.finish();
-                }
+            _ => {
+                settle(tee, false);
                 Poll::Ready(None)
             }
         }
@@ -489,52 +701,72 @@ impl HttpBody for CacheBody {
         // As the inner body says, so that a layer above (auth's usage
         // watch) sees the end as hyper does. A server that stops polling
         // here drops the body, and the drop finishes the tee (a clean end).
-        self.inner.as_ref().is_none_or(HttpBody::is_end_stream)
+        self.done
+            || self.flight.source().as_ref().is_none_or(|source| {
+                source.queue.is_empty()
+                    && source.error.is_none()
+                    && source.inner.as_ref().is_none_or(HttpBody::is_end_stream)
+            })
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
+        let slot = self.flight.source();
+        let Some(source) = slot.as_ref().filter(|_| !self.done) else {
+            return SizeHint::with_exact(0);
+        };
+        let inner = source
+            .inner
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), HttpBody::size_hint)
+            .map_or_else(|| SizeHint::with_exact(0), HttpBody::size_hint);
+        let queued = source.queued as u64;
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(queued));
+        }
+        hint.set_lower(inner.lower().saturating_add(queued));
+        hint
     }
 }
 
 impl Drop for CacheBody {
     fn drop(&mut self) {
-        let Some(mut tee) = self.tee.take() else {
+        if self.done {
+            return;
+        }
+        let mut slot = self.flight.source();
+        let Some(source) = slot.as_mut() else {
             return;
         };
-        let Some(inner) = self.inner.take() else {
-            return tee.abandon();
-        };
-        if inner.is_end_stream() {
-            // Every byte went out: hyper drops a body of known length after
-            // its last frame without polling it to `None`. That is a clean end.
-            return tee.finish();
-        }
-        if tee.handed_over || !tee.leader.retire_unless_followed() {
+        source.leader_gone = true;
+        source.queue.clear();
+        source.queued = 0;
+        source.error = None;
+        let unblocked = std::mem::take(&mut source.blocked);
+        let clean = match &source.inner {
+            // Every byte went out: hyper drops a body of known length
+            // after its last frame without polling it to `None`. That is
+            // a clean end.
+            Some(inner) if inner.is_end_stream() => true,
+            // Followers read on (they read the upstream themselves now).
+            Some(_)
+                if source
+                    .tee
+                    .as_mut()
+                    .is_some_and(|tee| tee.leader.retire_unless_followed()) =>
+            {
+                drop(slot);
+                if unblocked {
+                    self.flight.wake_all();
+                }
+                return;
+            }
             // Nobody else reads: dropping the upstream body cancels its work.
-            return tee.abandon();
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return tee.abandon();
+            _ => false,
         };
-        tee.handed_over = true;
-        runtime.spawn(read_for_followers(CacheBody::new(inner, tee)));
-    }
-}
-
-/// Keep reading an answer whose client left, while coalesced requests read
-/// it; dropping `body` when they are gone cancels the upstream work.
-async fn read_for_followers(mut body: CacheBody) {
-    while let Some(Ok(_)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let followed = body
-            .tee
-            .as_mut()
-            .is_some_and(|tee| tee.leader.retire_unless_followed());
-        if !followed {
-            return;
-        }
+        let tee = source.tee.take();
+        *slot = None;
+        drop(slot);
+        settle(tee, !clean);
     }
 }
 

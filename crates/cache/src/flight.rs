@@ -10,20 +10,30 @@
 //! client gone) fails the flight with a retry: each follower starts over, and
 //! the first to find no flight leads the next one. A flight that fails after
 //! the head hands its followers the same bytes the leader's client got, then
-//! the error. A leader whose client leaves mid-stream while followers read
-//! hands the upstream body over to a task that keeps reading it for them
-//! (see [`CacheBody`](crate::CacheBody)).
+//! the error.
+//!
+//! The upstream's body is the flight's [`Source`], read by whichever reader
+//! needs its next frame first: the leader's client as long as it keeps up,
+//! a follower's when the leader's falls behind or leaves. So a client that
+//! reads slowly, or not at all, holds back no other: a frame a follower
+//! reads from the upstream waits in the leader's queue, of at most
+//! `max_entry_bytes`; past that the followers wait for the leader (the
+//! bound on what one slow client makes the proxy hold). Readers that wait
+//! for the upstream are all woken when it has more ([`FanOut`]), so that
+//! the one whose client reads goes on even when the one that polled it
+//! last is stuck behind its client.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 use foldhash::fast::RandomState;
 use http::HeaderValue;
 
 use crate::CacheKey;
+use crate::body::Source;
 
 const SHARDS: usize = 16;
 
@@ -62,6 +72,29 @@ pub(crate) struct Flight {
     state: Mutex<State>,
     /// Followers that still wait or read; changed under the map's lock.
     followers: AtomicUsize,
+    /// The upstream's body while it is read (see the module docs). Locked
+    /// before `state` or the map's shard, never after.
+    source: Mutex<Option<Source>>,
+    /// The waker the source is polled with while the flight has followers:
+    /// it wakes every waiting reader ([`FanOut`]).
+    fan_out: OnceLock<Waker>,
+}
+
+/// Wakes every reader waiting on a flight: the source's waker while the
+/// flight has followers. (Weak: the source it is given to lives in the
+/// flight.)
+struct FanOut(Weak<Flight>);
+
+impl Wake for FanOut {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(flight) = self.0.upgrade() {
+            flight.wake_all();
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +105,10 @@ struct State {
     dropped_frames: Option<Dropped>,
     end: Option<End>,
     wakers: Vec<Waker>,
+    /// The leader's client's body, waiting for the upstream: woken by the
+    /// source's waker while the flight has followers ([`FanOut`]) and when a
+    /// follower reads a frame for it, but not by the leader's own frames.
+    leader: Option<Waker>,
     /// What `frames` count against the proxy's body budget, handed over by
     /// the tee when it ends: the frames live as long as the flight (its
     /// followers read them), and so does their count.
@@ -157,7 +194,57 @@ impl Flight {
             key,
             state: Mutex::default(),
             followers: AtomicUsize::new(0),
+            source: Mutex::default(),
+            fan_out: OnceLock::new(),
         }
+    }
+
+    /// The upstream's body, while it is read.
+    pub(crate) fn source(&self) -> MutexGuard<'_, Option<Source>> {
+        self.source
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether requests follow this flight.
+    pub(crate) fn followed(&self) -> bool {
+        self.followers.load(Ordering::SeqCst) > 0
+    }
+
+    /// Wake the leader's client's body with `cx` when the upstream has
+    /// more for it, or a follower read some.
+    pub(crate) fn leader_waits(&self, cx: &Context<'_>) {
+        let mut state = self.state();
+        if !state
+            .leader
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.leader = Some(cx.waker().clone());
+        }
+    }
+
+    /// Wake the leader's client's body, if it waits.
+    pub(crate) fn wake_leader(&self) {
+        let leader = self.state().leader.take();
+        if let Some(leader) = leader {
+            leader.wake();
+        }
+    }
+
+    /// Wake every waiting reader, the leader's body among them.
+    pub(crate) fn wake_all(&self) {
+        let (wakers, leader) = {
+            let mut state = self.state();
+            (std::mem::take(&mut state.wakers), state.leader.take())
+        };
+        wakers.into_iter().chain(leader).for_each(Waker::wake);
+    }
+
+    /// The waker to poll the source with while the flight has followers.
+    pub(crate) fn fan_out(self: &Arc<Self>) -> &Waker {
+        self.fan_out
+            .get_or_init(|| Waker::from(Arc::new(FanOut(Arc::downgrade(self)))))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -206,6 +293,11 @@ impl Leader {
             flights: None,
             finished: false,
         }
+    }
+
+    /// The flight this leads.
+    pub(crate) fn flight(&self) -> &Arc<Flight> {
+        &self.flight
     }
 
     /// The answer came from the store: hand it to the followers (if any;
@@ -332,7 +424,11 @@ pub(crate) struct Follower {
 
 impl Drop for Follower {
     fn drop(&mut self) {
-        self.flight.followers.fetch_sub(1, Ordering::SeqCst);
+        if self.flight.followers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The last follower: if the leader's client left too, nobody
+            // reads the upstream any more.
+            crate::body::unread(&self.flight);
+        }
     }
 }
 
@@ -358,22 +454,33 @@ impl Follower {
     }
 
     /// The frame at `index`, or the end, or `Pending` (the waker is kept).
+    /// When the frame has not come yet, this follower reads it from the
+    /// upstream itself ([`crate::body::pull`]), unless another reader does.
     pub fn poll_frame(
         &self,
         index: usize,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, End>>> {
-        let mut state = self.flight.state();
-        if let Some(frame) = state.frames.get(index) {
-            return Poll::Ready(Some(Ok(frame.clone())));
-        }
-        match state.end {
-            Some(End::Complete) if state.dropped_frames.is_none() => Poll::Ready(None),
-            Some(_) => Poll::Ready(Some(Err(End::Failed))),
-            None if state.dropped_frames.is_some() => Poll::Ready(Some(Err(End::Failed))),
-            None => {
-                Flight::wait(&mut state, cx);
-                Poll::Pending
+        loop {
+            {
+                let mut state = self.flight.state();
+                if let Some(frame) = state.frames.get(index) {
+                    return Poll::Ready(Some(Ok(frame.clone())));
+                }
+                match state.end {
+                    Some(End::Complete) if state.dropped_frames.is_none() => {
+                        return Poll::Ready(None);
+                    }
+                    Some(_) => return Poll::Ready(Some(Err(End::Failed))),
+                    None if state.dropped_frames.is_some() => {
+                        return Poll::Ready(Some(Err(End::Failed)));
+                    }
+                    // Woken when the flight changes, whoever changes it.
+                    None => Flight::wait(&mut state, cx),
+                }
+            }
+            if !crate::body::pull(&self.flight) {
+                return Poll::Pending;
             }
         }
     }

@@ -581,7 +581,6 @@ where
             .as_ref()
             .map(|budget| BudgetHold::for_answer(Some(budget))),
         storable: !fallback,
-        handed_over: false,
     };
     let body = Body::new(CacheBody::new(body, tee));
     Ok(to_client(parts, body, plan, status))

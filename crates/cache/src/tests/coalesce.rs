@@ -210,6 +210,64 @@ async fn a_stream_goes_on_for_followers_when_the_leaders_client_leaves() {
     assert_eq!(h.calls(), 1);
 }
 
+/// The rest of `body`'s frames.
+async fn rest_of(mut body: llm_proxy_core::Body) -> Vec<bytes::Bytes> {
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        frames.push(frame.unwrap().into_data().unwrap());
+    }
+    frames
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_client_stops_reading_holds_no_follower_back() {
+    let h = harness(CacheConfig::default());
+    let slow = [("x-fake-frame-ms", "10")];
+    let response = h.svc.clone().oneshot(chat(STREAM, &slow)).await.unwrap();
+    let follower = spawn(&h, STREAM, &[]);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    // The leader's client reads nothing more for now (its body is not
+    // polled): the follower reads the upstream itself, to the end.
+    let follower = tokio::time::timeout(Duration::from_secs(10), follower)
+        .await
+        .expect("the follower is not held back by the leader's client")
+        .unwrap();
+    assert_eq!(follower.frames, stream_frames(1, false));
+    assert!(follower.error.is_none());
+    // Stored at the end, read by the follower.
+    assert_eq!(h.send(chat(STREAM, &[])).await.cache(), "hit");
+    // What the follower read waited for the leader's client, none lost.
+    let mut leader = vec![first];
+    leader.extend(rest_of(body).await);
+    assert_eq!(leader, stream_frames(1, false));
+    assert_eq!(h.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_wait_for_a_slow_leader_only_past_its_queue() {
+    let frames = stream_frames(1, false);
+    // Room for the frames of about two reads in the leader's queue.
+    let window = frames[1].len() + frames[2].len();
+    let h = harness(CacheConfig {
+        max_entry_bytes: window,
+        ..CacheConfig::default()
+    });
+    let response = h.svc.clone().oneshot(chat(STREAM, &[])).await.unwrap();
+    let follower = spawn(&h, STREAM, &[]);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    tokio::time::sleep(100 * MS).await;
+    assert!(!follower.is_finished(), "held at the leader's full queue");
+    let mut leader = vec![first];
+    leader.extend(rest_of(body).await);
+    assert_eq!(leader, frames);
+    let follower = follower.await.unwrap();
+    assert_eq!(follower.frames, frames);
+    assert!(follower.error.is_none());
+    assert_eq!(h.calls(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_upstream_is_cancelled_once_nobody_reads() {
     let h = harness(CacheConfig::default());
