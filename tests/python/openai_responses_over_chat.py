@@ -69,9 +69,35 @@ for extra in ({"previous_response_id": resp.id}, {"store": True}, {"background":
     except openai.BadRequestError as e:
         assert e.status_code == 400 and e.param == next(iter(extra)), (extra, e.body)
 try:
-    client.responses.create(model="demo", input="Hello", tools=[{"type": "web_search"}])
+    client.responses.create(model="demo", input="Hello", tools=[{"type": "code_interpreter", "container": {"type": "auto"}}])
     raise AssertionError("expected BadRequestError for a built-in tool")
 except openai.BadRequestError as e:
     assert e.param == "tools[0]", e.body
+
+# Codex's tools: web search (left out: a chat server cannot search) and
+# functions in a namespace, called as the client names them.
+codex_tools = [
+    {"type": "web_search", "external_web_access": True},
+    {"type": "namespace", "name": "weather_v1", "description": "Weather tools", "tools": tools},
+]
+first = client.responses.create(model="demo", input=[ask], tools=codex_tools, store=False)
+call = next(item for item in first.output if item.type == "function_call")
+assert (call.name, call.namespace) == ("get_weather", "weather_v1"), call
+second = client.responses.create(model="demo", tools=codex_tools, store=False, input=[
+    ask,
+    {"type": "function_call", "call_id": call.call_id, "name": call.name,
+     "namespace": call.namespace, "arguments": call.arguments},
+    {"type": "function_call_output", "call_id": call.call_id, "output": "18C and sunny"},
+])
+assert second.status == "completed" and second.output_text, second
+with client.responses.stream(model="demo", input=[ask], tools=codex_tools) as stream:
+    streamed = list(stream)
+added = next(e for e in streamed if e.type == "response.output_item.added" and e.item.type == "function_call")
+assert (added.item.name, added.item.namespace) == ("get_weather", "weather_v1"), added
+done = next(e for e in streamed if e.type == "response.function_call_arguments.done")
+assert done.name == "get_weather", done
+final = stream.get_final_response()
+call = next(item for item in final.output if item.type == "function_call")
+assert (call.name, call.namespace) == ("get_weather", "weather_v1"), call
 
 print("openai responses sdk over a chat-only upstream: all checks passed")

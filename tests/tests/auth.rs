@@ -784,11 +784,13 @@ async fn a_background_response_under_a_token_limit_must_bound_itself() {
         assert_eq!(refused.json()["error"]["param"], param, "{field}");
     }
     // What the body holds itself is counted: an image as a `data:` URL, a
-    // function tool.
+    // function tool, function tools in a namespace.
     let mut inline = background(Some(100));
     inline["input"] = serde_json::json!([{"role": "user", "content": [
         {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]);
-    inline["tools"] = serde_json::json!([{"type": "function", "name": "f", "parameters": {}}]);
+    inline["tools"] = serde_json::json!([{"type": "function", "name": "f", "parameters": {}},
+        {"type": "namespace", "name": "n", "description": "N", "tools": [
+            {"type": "function", "name": "g", "parameters": {}}]}]);
     let inline = post("Bearer sk-tpm", inline).await;
     assert_eq!(inline.status, 200, "{}", inline.text());
     // A `background` a lax server reads as true is held to the same checks.

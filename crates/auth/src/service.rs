@@ -657,7 +657,8 @@ fn check_background(key: &KeyEntry, meta: &RequestMeta) -> Result<(), Error> {
 /// What in a Responses body adds input the upstream gets elsewhere than
 /// from the body (so that no estimate of the body counts it): the
 /// parameter that names it and what it is. A stored prompt (`prompt`), a
-/// hosted tool (any `tools` entry but `function` and `custom`: web search,
+/// hosted tool (any `tools` entry but `function`, `custom` and `namespace`,
+/// a group of those: web search,
 /// file search, MCP, … run upstream and feed it their results), or an
 /// input part that names a file or an image by id or by URL (an image
 /// written out as a `data:` URL is in the body).
@@ -668,7 +669,7 @@ fn unseen_input(json: &serde_json::Map<String, Value>) -> Option<(&'static str, 
     let hosted = |tool: &Value| {
         !matches!(
             tool.get("type").and_then(Value::as_str),
-            Some("function" | "custom")
+            Some("function" | "custom" | "namespace")
         )
     };
     if let Some(Value::Array(tools)) = json.get("tools")

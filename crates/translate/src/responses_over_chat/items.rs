@@ -31,9 +31,33 @@ pub(crate) struct Call {
     pub chat_index: u64,
     /// `output_item.added` was sent (the name is known).
     pub added: bool,
+    /// The namespace of a namespaced function (`name` is then its flat
+    /// name), known once the name is.
+    pub namespace: Option<String>,
 }
 
 impl Call {
+    /// The item's `type`, `call_id`, `name` (and `namespace`) and
+    /// `arguments`, as the client knows the function.
+    fn item(&self, id: &str, status: &str, arguments: &str) -> Value {
+        let mut item = json!({"id": id, "type": "function_call", "status": status,
+            "call_id": self.call_id, "arguments": arguments});
+        item["name"] = json!(self.client_name());
+        if let Some(namespace) = &self.namespace {
+            item["namespace"] = json!(namespace);
+        }
+        item
+    }
+
+    /// The function's name as the client knows it: without its namespace.
+    pub(crate) fn client_name(&self) -> &str {
+        self.namespace
+            .as_deref()
+            .and_then(|namespace| self.name.strip_prefix(namespace))
+            .and_then(|rest| rest.strip_prefix(super::NAMESPACE_SEPARATOR))
+            .unwrap_or(&self.name)
+    }
+
     /// The call as [`is_another_call`](crate::stream::is_another_call)
     /// reads it.
     pub(crate) fn so_far(&self) -> CallSoFar<'_> {
@@ -68,8 +92,7 @@ impl Item {
                 json!({"id": m.id, "type": "message", "status": status, "role": "assistant",
                     "content": [text_part(&m.text)]})
             }
-            Item::Call(c) => json!({"id": c.id, "type": "function_call", "status": status,
-                "call_id": c.call_id, "name": c.name, "arguments": c.arguments}),
+            Item::Call(c) => c.item(&c.id, status, &c.arguments),
         }
     }
 }
@@ -161,8 +184,7 @@ impl Events {
             Item::Message(m) => {
                 json!({"id": m.id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
             }
-            Item::Call(c) => json!({"id": c.id, "type": "function_call", "status": "in_progress",
-                "call_id": c.call_id, "name": c.name, "arguments": ""}),
+            Item::Call(c) => c.item(&c.id, "in_progress", ""),
         };
         self.emit(
             out,
@@ -189,7 +211,7 @@ impl Events {
                 self.emit(out, "response.content_part.done", part);
             }
             Item::Call(c) => {
-                let data = json!({"item_id": c.id, "output_index": index, "name": c.name, "arguments": c.arguments});
+                let data = json!({"item_id": c.id, "output_index": index, "name": c.client_name(), "arguments": c.arguments});
                 self.emit(out, "response.function_call_arguments.done", data);
             }
         }

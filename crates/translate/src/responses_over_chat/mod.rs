@@ -16,6 +16,8 @@ pub(crate) mod request;
 pub(crate) mod response;
 pub(crate) mod stream;
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value, json};
 
 use crate::chat::Usage;
@@ -28,6 +30,40 @@ pub(crate) struct Context {
     /// The request's fields that a `response` object repeats
     /// (`instructions`, `tools`, `temperature`, …).
     pub echo: Map<String, Value>,
+    /// The functions of the request's `namespace` tools, by the flat name
+    /// the upstream knows them by, to their namespace.
+    pub namespaced: HashMap<String, String>,
+}
+
+/// Between a namespace and a function's name in the flat name a chat
+/// upstream knows a namespaced function by.
+pub(crate) const NAMESPACE_SEPARATOR: &str = "__";
+
+impl Context {
+    /// The name and namespace the client knows the function the upstream
+    /// calls `name` by.
+    pub(crate) fn client_name<'a>(&'a self, name: &'a str) -> (&'a str, Option<&'a str>) {
+        match self.namespaced.get(name) {
+            Some(namespace) => {
+                let inner = name
+                    .strip_prefix(namespace.as_str())
+                    .and_then(|rest| rest.strip_prefix(NAMESPACE_SEPARATOR))
+                    .unwrap_or(name);
+                (inner, Some(namespace))
+            }
+            None => (name, None),
+        }
+    }
+}
+
+/// A `function_call` item's `name` (and `namespace`, for a namespaced
+/// function) as the client knows it, from the upstream's name.
+pub(crate) fn name_call(item: &mut Value, ctx: &Context, upstream_name: &str) {
+    let (name, namespace) = ctx.client_name(upstream_name);
+    item["name"] = json!(name);
+    if let Some(namespace) = namespace {
+        item["namespace"] = json!(namespace);
+    }
 }
 
 /// A field's default value.
@@ -134,6 +170,7 @@ mod tests {
         let ctx = Context {
             model: "m".into(),
             echo,
+            ..Context::default()
         };
         let state = State {
             id: "resp_1",

@@ -1,9 +1,11 @@
 //! A Responses request as a chat-completions request (stateless subset).
 
+use std::collections::{HashMap, HashSet};
+
 use llm_proxy_core::Error;
 use serde_json::{Map, Value, json};
 
-use super::{Context, ECHOED};
+use super::{Context, ECHOED, NAMESPACE_SEPARATOR};
 use crate::wire::{copy_fields, field, str_of, unsupported};
 
 /// Fields copied unchanged.
@@ -53,7 +55,7 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
     if out.get("stream").and_then(Value::as_bool) == Some(true) {
         out.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    tools(src, &mut out)?;
+    let namespaced = tools(src, &mut out)?;
     if let Some(format) = field(src, "text").and_then(|t| t.get("format")) {
         response_format(format, &mut out)?;
     }
@@ -69,7 +71,14 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    Ok((out, Context { model, echo }))
+    Ok((
+        out,
+        Context {
+            model,
+            echo,
+            namespaced,
+        },
+    ))
 }
 
 /// What needs a server that keeps responses, or runs in the background.
@@ -207,6 +216,10 @@ fn function_call(path: &str, item: &Value, messages: &mut Vec<Value>) -> Result<
         .ok_or_else(|| unsupported(format!("{path}.call_id"), "must be a string"))?;
     let name = str_of(item, "name")
         .ok_or_else(|| unsupported(format!("{path}.name"), "must be a string"))?;
+    let name = match str_of(item, "namespace") {
+        Some(namespace) => flat_name(namespace, name),
+        None => name.to_owned(),
+    };
     let call = json!({
         "id": call_id,
         "type": "function",
@@ -250,33 +263,71 @@ fn function_output(path: &str, item: &Value) -> Result<Value, Error> {
     Ok(json!({"role": "tool", "tool_call_id": call_id, "content": output}))
 }
 
-/// `tools` (function tools only) and `tool_choice`. Without tools (Codex
-/// sends `tool_choice: "auto"` on turns that have none) neither
-/// `tool_choice` nor `parallel_tool_calls` is sent: chat servers such as
-/// vLLM and OpenAI reject them without `tools`.
-fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), Error> {
+/// A namespaced function's name on a chat upstream, which has no
+/// namespaces: `{namespace}__{name}`.
+pub(crate) fn flat_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}{NAMESPACE_SEPARATOR}{name}")
+}
+
+/// Built-in tools a chat server cannot run and a model can answer without:
+/// left out rather than refused (Codex sends `web_search` on every turn).
+const DROPPED_TOOLS: &[&str] = &[
+    "web_search",
+    "web_search_preview",
+    "web_search_2025_08_26",
+    "web_search_preview_2025_03_11",
+];
+
+/// `tools` and `tool_choice`: function tools, and those of `namespace`
+/// tools under their [`flat_name`]s (returned, flat name to namespace, for
+/// the answer to name them as the client does); web search left out;
+/// other built-in tools refused. Without tools (Codex sends `tool_choice:
+/// "auto"` on turns that have none) neither `tool_choice` nor
+/// `parallel_tool_calls` is sent: chat servers such as vLLM and OpenAI
+/// reject them without `tools`.
+fn tools(
+    src: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+) -> Result<HashMap<String, String>, Error> {
+    let mut namespaced = HashMap::new();
     if let Some(list) = field(src, "tools") {
         let list = list
             .as_array()
             .ok_or_else(|| unsupported("tools", "must be an array"))?;
         let mut functions = Vec::with_capacity(list.len());
+        let mut names = HashSet::new();
         for (i, tool) in list.iter().enumerate() {
-            if str_of(tool, "type") != Some("function") {
-                let kind = str_of(tool, "type").unwrap_or("untyped");
-                return Err(unsupported(
-                    format!("tools[{i}]"),
-                    format_args!(
-                        "is a `{kind}` tool; OpenAI's built-in tools need a native Responses upstream (only function tools are translated)"
-                    ),
-                ));
-            }
-            let mut function = json!({"name": str_of(tool, "name").ok_or_else(|| unsupported(format!("tools[{i}].name"), "must be a string"))?});
-            for key in ["description", "parameters", "strict"] {
-                if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
-                    function[key] = v.clone();
+            let path = format!("tools[{i}]");
+            match str_of(tool, "type") {
+                Some("function") => {
+                    let name = tool_name(&path, tool, &mut names, None)?;
+                    functions.push(function_tool(name, tool));
                 }
+                Some("namespace") => {
+                    let namespace = str_of(tool, "name")
+                        .ok_or_else(|| unsupported(format!("{path}.name"), "must be a string"))?;
+                    let inner = tool
+                        .get("tools")
+                        .and_then(Value::as_array)
+                        .ok_or_else(|| unsupported(format!("{path}.tools"), "must be an array"))?;
+                    for (j, tool) in inner.iter().enumerate() {
+                        let path = format!("{path}.tools[{j}]");
+                        if str_of(tool, "type") != Some("function") {
+                            return Err(not_translated(&path, tool));
+                        }
+                        let name = tool_name(&path, tool, &mut names, Some(namespace))?;
+                        namespaced.insert(name.clone(), namespace.to_owned());
+                        functions.push(function_tool(name, tool));
+                    }
+                }
+                Some(kind) if DROPPED_TOOLS.contains(&kind) => {
+                    tracing::debug!(
+                        tool = kind,
+                        "a chat upstream cannot search the web; left out"
+                    );
+                }
+                _ => return Err(not_translated(&path, tool)),
             }
-            functions.push(json!({"type": "function", "function": function}));
         }
         if !functions.is_empty() {
             out.insert("tools".into(), Value::Array(functions));
@@ -286,7 +337,7 @@ fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), E
         out.remove("parallel_tool_calls");
     }
     let Some(choice) = field(src, "tool_choice") else {
-        return Ok(());
+        return Ok(namespaced);
     };
     let mapped = match (
         choice.as_str(),
@@ -295,6 +346,10 @@ fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), E
     ) {
         (Some(s @ ("auto" | "none" | "required")), _, _) => json!(s),
         (None, Some("function"), Some(name)) => {
+            let name = match str_of(choice, "namespace") {
+                Some(namespace) => flat_name(namespace, name),
+                None => name.to_owned(),
+            };
             json!({"type": "function", "function": {"name": name}})
         }
         _ => {
@@ -307,7 +362,56 @@ fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), E
     if out.contains_key("tools") {
         out.insert("tool_choice".into(), mapped);
     }
-    Ok(())
+    Ok(namespaced)
+}
+
+/// A function tool's name on the chat upstream (flat, in a namespace),
+/// unique among the request's tools.
+fn tool_name(
+    path: &str,
+    tool: &Value,
+    names: &mut HashSet<String>,
+    namespace: Option<&str>,
+) -> Result<String, Error> {
+    let name = str_of(tool, "name")
+        .ok_or_else(|| unsupported(format!("{path}.name"), "must be a string"))?;
+    let name = match namespace {
+        Some(namespace) => flat_name(namespace, name),
+        None => name.to_owned(),
+    };
+    if !names.insert(name.clone()) {
+        return Err(unsupported(
+            format!("{path}.name"),
+            format_args!(
+                "`{name}` names two tools on this upstream (a namespaced function is sent as \
+                 `<namespace>{NAMESPACE_SEPARATOR}<name>`)"
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+/// A chat function tool named `name`, from a Responses function tool.
+fn function_tool(name: String, tool: &Value) -> Value {
+    let mut function = json!({ "name": name });
+    for key in ["description", "parameters", "strict"] {
+        if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
+            function[key] = v.clone();
+        }
+    }
+    json!({"type": "function", "function": function})
+}
+
+/// The refusal of a tool a chat upstream cannot run.
+fn not_translated(path: &str, tool: &Value) -> Error {
+    let kind = str_of(tool, "type").unwrap_or("untyped");
+    unsupported(
+        path,
+        format_args!(
+            "is a `{kind}` tool; OpenAI's built-in tools need a native Responses upstream \
+             (function tools, also in a namespace, are translated; web search is left out)"
+        ),
+    )
 }
 
 /// `text.format` as chat's `response_format`.

@@ -130,6 +130,59 @@ fn tools_choice_and_format() {
 }
 
 #[test]
+fn namespaced_functions_go_flat_and_web_search_is_left_out() {
+    let f =
+        |name: &str| json!({"type": "function", "name": name, "parameters": {"type": "object"}});
+    let (out, ctx) = translate(with(json!({
+        "tools": [
+            {"type": "web_search", "external_web_access": true},
+            f("shell"),
+            {"type": "namespace", "name": "agents", "description": "Sub-agents",
+             "tools": [f("spawn"), f("close")]},
+            {"type": "web_search_preview"},
+        ],
+        "tool_choice": {"type": "function", "name": "spawn", "namespace": "agents"},
+        "input": [
+            {"role": "user", "content": "go"},
+            {"type": "function_call", "call_id": "c1", "name": "spawn", "namespace": "agents", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+        ],
+    })))
+    .unwrap();
+    let names: Vec<_> = out["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["shell", "agents__spawn", "agents__close"]);
+    assert_eq!(
+        out["tool_choice"],
+        json!({"type": "function", "function": {"name": "agents__spawn"}})
+    );
+    assert_eq!(
+        out["messages"][1]["tool_calls"][0]["function"]["name"],
+        "agents__spawn"
+    );
+    assert_eq!(ctx.client_name("agents__close"), ("close", Some("agents")));
+    assert_eq!(ctx.client_name("shell"), ("shell", None));
+    // A request with web search alone has no tools upstream.
+    let (out, _) = translate(with(
+        json!({"tools": [{"type": "web_search"}], "tool_choice": "auto"}),
+    ))
+    .unwrap();
+    assert!(out.get("tools").is_none() && out.get("tool_choice").is_none());
+    // What a chat upstream cannot tell apart, or run, is refused.
+    let clash =
+        json!({"tools": [f("a__b"), {"type": "namespace", "name": "a", "tools": [f("b")]}]});
+    assert_eq!(refused(with(clash)), "tools[1].tools[0].name");
+    let custom = json!({"tools": [{"type": "namespace", "name": "a", "tools": [{"type": "custom", "name": "c"}]}]});
+    assert_eq!(refused(with(custom)), "tools[0].tools[0]");
+    let bare = json!({"tools": [{"type": "namespace", "name": "a"}]});
+    assert_eq!(refused(with(bare)), "tools[0].tools");
+}
+
+#[test]
 fn tool_choice_without_tools_is_not_sent() {
     // Codex sends `tool_choice: "auto"` on turns without tools; vLLM
     // rejects `tool_choice` (and `parallel_tool_calls`) without `tools`.
@@ -173,7 +226,7 @@ fn stateful_and_built_in_requests_are_refused() {
     );
     assert_eq!(refused(with(json!({"prompt": {"id": "pmpt_1"}}))), "prompt");
     assert_eq!(
-        refused(with(json!({"tools": [{"type": "web_search"}]}))),
+        refused(with(json!({"tools": [{"type": "code_interpreter"}]}))),
         "tools[0]"
     );
     assert_eq!(

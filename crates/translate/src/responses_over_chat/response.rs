@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Context, State, call_id, response_object, status, text_part, usage_json};
+use super::{Context, State, call_id, name_call, response_object, status, text_part, usage_json};
 use crate::chat::Usage;
 use crate::content::Message;
 use crate::wire::{model_or, now_secs, restyle_id, str_of};
@@ -52,16 +52,17 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         let index = output.len();
         // The last call is the item a limit cut, as the stream says.
         let cut_here = status != "completed" && i + 1 == calls.len();
-        output.push(json!({
+        let mut item = json!({
             "type": "function_call",
             "id": item_id("fc", bare, index),
             "call_id": call_id(call.id),
-            "name": str_of(function, "name").unwrap_or_default(),
             "arguments": crate::wire::arguments_text(function)
                 .filter(|a| !a.is_empty())
                 .unwrap_or("{}".into()),
             "status": if cut_here { "incomplete" } else { "completed" },
-        }));
+        });
+        name_call(&mut item, ctx, str_of(function, "name").unwrap_or_default());
+        output.push(item);
     }
     let usage = Usage::from_value(chat.get("usage"));
     let created_at = chat

@@ -256,6 +256,7 @@ impl ChatToResponses {
                     arguments_end: ArgumentsEnd::default(),
                     chat_index,
                     added: false,
+                    namespace: None,
                 };
                 self.items.push(Item::Call(call));
                 self.open = Some(self.items.len() - 1);
@@ -310,6 +311,7 @@ impl ChatToResponses {
         call.added = true;
         call.id = id;
         call.call_id = call_id(Some(&call.call_id));
+        call.namespace = self.ctx.client_name(&call.name).1.map(str::to_owned);
         let pending = call.arguments.clone();
         self.events.added(out, index, &self.items[index]);
         if !pending.is_empty() {
