@@ -431,7 +431,7 @@ async fn requests_per_minute_gives_exact_429_and_headers() {
 /// The upstream's own `x-ratelimit-*` headers (the operator's account with
 /// the provider) do not reach clients: a key limited in requests only does
 /// not read the upstream's token figures as its own, an unlimited key gets
-/// none.
+/// none. Nor do Anthropic's rate-limit headers or the account's ids.
 #[tokio::test]
 async fn the_upstreams_rate_limit_headers_do_not_reach_clients() {
     use tokio::io::AsyncWriteExt;
@@ -442,6 +442,9 @@ async fn the_upstreams_rate_limit_headers_do_not_reach_clients() {
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                  x-ratelimit-limit-tokens: 30000000\r\nx-ratelimit-remaining-tokens: 29999000\r\n\
                  x-ratelimit-limit-requests: 10000\r\nx-ratelimit-reset-requests: 6ms\r\n\
+                 anthropic-ratelimit-tokens-remaining: 12345\r\n\
+                 anthropic-organization-id: org-uuid\r\nopenai-organization: org-op\r\n\
+                 openai-project: proj_op\r\nopenai-processing-ms: 7\r\n\
                  content-length: {}\r\n\r\n{body}",
                 body.len()
             );
@@ -471,9 +474,20 @@ async fn the_upstreams_rate_limit_headers_do_not_reach_clients() {
         "x-ratelimit-remaining-tokens",
         "x-ratelimit-limit-requests",
         "x-ratelimit-reset-requests",
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-organization-id",
+        "openai-organization",
+        "openai-project",
     ] {
         assert_eq!(free.header(name), None, "{name}");
+        assert_eq!(
+            limited.header(name).is_some(),
+            name.contains("requests"),
+            "{name}"
+        );
     }
+    // What is not about the account passes.
+    assert_eq!(free.header("openai-processing-ms"), Some("7"));
 }
 
 /// Listing models is a request like any other: it counts against the

@@ -85,5 +85,5 @@ pub use keys::{KeyEntry, KeySpec, KeyStats, KeyTable, parse_sha256_hex, presente
 pub use redis::RedisLimits;
 pub use service::{
     Auth, AuthLayer, Turn, check_body, estimate_tokens, format_reset, rate_headers,
-    strip_upstream_rate_headers,
+    strip_upstream_account_headers,
 };

@@ -391,7 +391,7 @@ where
                 }
             };
             let (mut parts, body) = resp.into_parts();
-            strip_upstream_rate_headers(&mut parts.headers);
+            strip_upstream_account_headers(&mut parts.headers);
             if let Some(d) = &decision {
                 rate_headers(&mut parts.headers, d);
             }
@@ -794,17 +794,30 @@ fn lacks_stream_usage(meta: &RequestMeta) -> bool {
             != Some(true)
 }
 
-/// Remove the upstream's own `x-ratelimit-*` headers from an answer: they
-/// describe the operator's account with the provider, not the client's key,
-/// and beside the proxy's headers (a key limited in requests only) they
-/// would read as the key's other limit. The auth layer does it on every
-/// answer; an answer that does not pass through it (a WebSocket upgrade's)
-/// calls it with [`rate_headers`].
-pub fn strip_upstream_rate_headers(headers: &mut HeaderMap) {
+/// Remove from an answer what the upstream says of the operator's account
+/// with the provider, not of the client's key: its rate-limit state
+/// (`x-ratelimit-*`, Anthropic's `anthropic-ratelimit-*`), which falls as
+/// every other key spends the account and, beside the proxy's headers (a
+/// key limited in requests only), would read as the key's other limit; and
+/// the account's ids (`openai-organization`, `openai-project`,
+/// `anthropic-organization-id`). The auth layer does it on every answer; an
+/// answer that does not pass through it (a WebSocket upgrade's) calls it
+/// with [`rate_headers`].
+pub fn strip_upstream_account_headers(headers: &mut HeaderMap) {
+    const ACCOUNT: [&str; 3] = [
+        "openai-organization",
+        "openai-project",
+        "anthropic-organization-id",
+    ];
     // One pass over the names first: most answers have none.
     let upstream: Vec<http::HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with("x-ratelimit-"))
+        .filter(|name| {
+            let name = name.as_str();
+            name.starts_with("x-ratelimit-")
+                || name.starts_with("anthropic-ratelimit-")
+                || ACCOUNT.contains(&name)
+        })
         .cloned()
         .collect();
     for name in upstream {

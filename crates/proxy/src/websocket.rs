@@ -70,7 +70,7 @@ use http::{Method, Request, Response, Version, header};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use llm_proxy_auth::{
-    AuthLayer, KeyEntry, Turn, check_body, rate_headers, strip_upstream_rate_headers,
+    AuthLayer, KeyEntry, Turn, check_body, rate_headers, strip_upstream_account_headers,
 };
 use llm_proxy_balance::BalanceHandle;
 use llm_proxy_core::{
@@ -461,7 +461,7 @@ fn key_rate_headers<B>(
     decision: Option<&llm_proxy_auth::limit::Decision>,
 ) {
     if authenticated {
-        strip_upstream_rate_headers(resp.headers_mut());
+        strip_upstream_account_headers(resp.headers_mut());
     }
     if let Some(decision) = decision {
         rate_headers(resp.headers_mut(), decision);
