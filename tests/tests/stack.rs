@@ -89,3 +89,63 @@ async fn the_cache_stacked_above_auth_is_refused_as_misconfigured() {
     };
     assert!(matches!(err, Error::Misconfigured(_)), "{err}");
 }
+
+/// An upstream that answers `x-should-retry: false` (as Anthropic and
+/// OpenAI do of a request that failed by itself) gets the request once,
+/// whatever `max_retries` allows, and the client gets its answer with the
+/// header; without it, the failure is tried again as configured.
+#[tokio::test]
+async fn an_upstream_that_says_do_not_retry_gets_the_request_once() {
+    use tokio::io::AsyncWriteExt;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let addr = raw_upstream(move |mut conn| {
+        let counted = counted.clone();
+        async move {
+            while let Some((head, _)) = read_request(&mut conn).await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let hint = match head_value(&head, "x-test-hint") {
+                    Some(hint) => format!("x-should-retry: {hint}\r\n"),
+                    None => String::new(),
+                };
+                let body = r#"{"error":{"message":"boom","type":"api_error"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n\
+                     {hint}content-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{addr}/v1\"\n\
+         [balance]\nmax_retries = 2\neject_after_failures = 100\n"
+    ))
+    .await;
+    let ask = |hint: Option<&'static str>| {
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend(hint.map(|h| ("x-test-hint", h)));
+        send(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &headers,
+            chat("m", false),
+        ))
+    };
+    for (hint, sent) in [
+        (Some("false"), 1),
+        (Some("FALSE"), 1),
+        (Some("true"), 3),
+        (None, 3),
+    ] {
+        calls.store(0, Ordering::SeqCst);
+        let answer = ask(hint).await;
+        assert_eq!(answer.status, 500, "{}", answer.text());
+        assert_eq!(answer.header("x-should-retry"), hint, "{hint:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), sent, "{hint:?}");
+    }
+}

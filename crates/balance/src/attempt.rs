@@ -74,6 +74,17 @@ fn classify_head(status: StatusCode, headers: &http::HeaderMap) -> Verdict {
     }
 }
 
+/// Whether an answer says it must not be sent again: `x-should-retry:
+/// false`.
+fn says_do_not_retry(outcome: &Outcome) -> bool {
+    const SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
+    outcome.as_ref().is_ok_and(|resp| {
+        resp.headers()
+            .get(SHOULD_RETRY)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"false"))
+    })
+}
+
 /// Apply what an answer's head says to its backend's health (a failure
 /// took `elapsed`; `sent`: the backend's ejections when the request was
 /// sent, if it is one of the balancer's); the verdict.
@@ -326,6 +337,11 @@ where
             }
             match verdict {
                 Verdict::Success | Verdict::Pass | Verdict::Fatal => return outcome,
+                // The upstream says the request itself failed (its
+                // `x-should-retry: false`, as Anthropic and OpenAI send):
+                // sending it again, there or to a replica, would fail again.
+                // (Its health counts the failure all the same.)
+                _ if says_do_not_retry(&outcome) => return outcome,
                 Verdict::Failure | Verdict::Throttled(_) | Verdict::Refused => {
                     tried.push(choice.member);
                     if timed_out_waiting(&outcome) {
