@@ -51,6 +51,14 @@ def expect(exc, fn):
 expect(anthropic.AuthenticationError, lambda: client("sk-wrong").messages.create(model="claude-ok", max_tokens=8, messages=messages))
 expect(anthropic.PermissionDeniedError, lambda: c.messages.create(model="claude-other", max_tokens=8, messages=messages))
 expect(anthropic.NotFoundError, lambda: client("sk-any").messages.create(model="no-such-model", max_tokens=8, messages=messages))
+# Listing models: Anthropic's shape, the key's models only; its errors too.
+models = list(c.models.list())
+assert [m.id for m in models] == ["claude-ok", "claude-dead"], models
+assert all(m.type == "model" and m.display_name == m.id and m.created_at for m in models), models
+one = c.models.retrieve("claude-ok")
+assert (one.type, one.id, one.display_name) == ("model", "claude-ok", "claude-ok"), one
+expect(anthropic.NotFoundError, lambda: c.models.retrieve("claude-other"))
+expect(anthropic.AuthenticationError, lambda: client("sk-wrong").models.list())
 big = [{"role": "user", "content": "x" * 20000}]
 expect(anthropic.RequestTooLargeError, lambda: c.messages.create(model="claude-ok", max_tokens=8, messages=big))
 slow = client("sk-slow")

@@ -204,7 +204,8 @@ struct Shared {
     readiness: Arc<Readiness>,
     auth: Option<AuthLayer>,
     models: Vec<String>,
-    models_json: Bytes,
+    /// The list without auth, in OpenAI's and in Anthropic's shape.
+    models_json: [Bytes; 2],
     /// An upstream serves every model (it has no `models` list).
     every_model: bool,
     balance: BalanceHandle<crate::app::UpstreamService>,
@@ -251,7 +252,10 @@ impl ProxyService {
                 metrics,
                 readiness,
                 auth,
-                models_json: models_json(&models),
+                models_json: [
+                    models_json(&models, Dialect::OpenAi),
+                    models_json(&models, Dialect::Anthropic),
+                ],
                 models,
                 every_model,
                 balance,
@@ -264,15 +268,49 @@ impl ProxyService {
     }
 }
 
-/// `GET /v1/models` in OpenAI's list shape.
-fn models_json<S: AsRef<str>>(models: &[S]) -> Bytes {
-    let data: Vec<serde_json::Value> = models.iter().map(|id| model_object(id.as_ref())).collect();
-    Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
+/// `GET /v1/models` in `dialect`'s list shape: OpenAI's, or Anthropic's
+/// (one page holding every model).
+fn models_json<S: AsRef<str>>(models: &[S], dialect: Dialect) -> Bytes {
+    let data: Vec<serde_json::Value> = models
+        .iter()
+        .map(|id| model_object(id.as_ref(), dialect))
+        .collect();
+    let list = match dialect {
+        Dialect::OpenAi => serde_json::json!({"object": "list", "data": data}),
+        Dialect::Anthropic => serde_json::json!({
+            "data": data,
+            "has_more": false,
+            "first_id": models.first().map(AsRef::as_ref),
+            "last_id": models.last().map(AsRef::as_ref),
+        }),
+    };
+    Bytes::from(list.to_string())
 }
 
-/// One model in OpenAI's shape, as the list holds it.
-fn model_object(id: &str) -> serde_json::Value {
-    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-proxy"})
+/// One model in `dialect`'s shape, as the list holds it.
+fn model_object(id: &str, dialect: Dialect) -> serde_json::Value {
+    match dialect {
+        Dialect::OpenAi => {
+            serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-proxy"})
+        }
+        Dialect::Anthropic => serde_json::json!({
+            "type": "model",
+            "id": id,
+            "display_name": id,
+            "created_at": "1970-01-01T00:00:00Z",
+        }),
+    }
+}
+
+/// The dialect of a `/v1/models` request: Anthropic's for a client that
+/// sends `anthropic-version` (its SDKs list models at the same path, and
+/// send the header on every request), else OpenAI's.
+fn models_dialect(headers: &http::HeaderMap) -> Dialect {
+    if headers.contains_key("anthropic-version") {
+        Dialect::Anthropic
+    } else {
+        Dialect::OpenAi
+    }
 }
 
 /// The model id of `GET /v1/models/{id}` (OpenAI's "retrieve model"): the
@@ -716,21 +754,30 @@ async fn models(
     caller: Option<&CallerSlot>,
 ) -> Result<Response<Body>, Error> {
     const JSON: &str = "application/json";
+    let dialect = models_dialect(headers);
     let one = model_of_path(path);
     let one = one.as_deref();
     let listed = |id: &str| shared.models.iter().any(|m| m == id);
     let Some(auth) = &shared.auth else {
-        return match one {
-            None => Ok(text(StatusCode::OK, JSON, shared.models_json.clone())),
-            Some(id) if listed(id) => Ok(text(StatusCode::OK, JSON, model_object(id).to_string())),
-            Some(id) => Err(Error::ModelNotFound(id.to_owned())),
-        };
+        return Ok(match one {
+            None => {
+                let list = &shared.models_json[usize::from(dialect == Dialect::Anthropic)];
+                text(StatusCode::OK, JSON, list.clone())
+            }
+            Some(id) if listed(id) => {
+                text(StatusCode::OK, JSON, model_object(id, dialect).to_string())
+            }
+            Some(id) => Error::ModelNotFound(id.to_owned()).into_response_in(dialect),
+        });
     };
-    let key = auth.authenticate(headers)?;
+    let key = match auth.authenticate(headers) {
+        Ok(key) => key,
+        Err(e) => return Ok(e.into_response_in(dialect)),
+    };
     if let Some(caller) = caller {
         caller.set(&key.name);
     }
-    let decision = match auth.acquire_request(&key, Dialect::OpenAi).await {
+    let decision = match auth.acquire_request(&key, dialect).await {
         Ok(decision) => decision,
         Err(refusal) => return Ok(refusal),
     };
@@ -741,16 +788,16 @@ async fn models(
                 .iter()
                 .filter(|m| key.allows_model(m))
                 .collect();
-            Ok(models_json(&allowed))
+            Ok(models_json(&allowed, dialect))
         }
         Some(id) if listed(id) && key.allows_model(id) => {
-            Ok(Bytes::from(model_object(id).to_string()))
+            Ok(Bytes::from(model_object(id, dialect).to_string()))
         }
         Some(id) => Err(Error::ModelNotFound(id.to_owned())),
     };
     let mut resp = match answer {
         Ok(body) => text(StatusCode::OK, JSON, body),
-        Err(e) => e.into_response(),
+        Err(e) => e.into_response_in(dialect),
     };
     if let Some(d) = &decision {
         llm_proxy_auth::rate_headers(resp.headers_mut(), d);
