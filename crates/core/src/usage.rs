@@ -130,9 +130,17 @@ pub fn from_json(body: &[u8]) -> Option<Usage> {
 /// unescaped `"usage"` followed by `:` is a key in valid JSON (a quote
 /// inside a string is escaped); a nested one would be read only if no
 /// top-level one came after it.
+///
+/// Bounded, as the tail is the upstream's to fill: the last
+/// [`TAIL_TRIES`] keys are tried, each read from at most
+/// [`TAIL_VALUE_BYTES`] (a usage object is a few hundred bytes). Unbounded,
+/// a megabyte of `"usage":{"x":{` repeated cost minutes of a worker's time
+/// (each key's value read to the end of the tail, through nesting that
+/// never closes).
 pub fn from_json_tail(tail: &[u8]) -> Option<Usage> {
     const KEY: &[u8] = b"\"usage\"";
     let mut end = tail.len();
+    let mut tries = 0;
     while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
         end = at;
         let escapes = tail[..at].iter().rev().take_while(|&&b| b == b'\\').count();
@@ -142,6 +150,11 @@ pub fn from_json_tail(tail: &[u8]) -> Option<Usage> {
         let Some(value) = tail[at + KEY.len()..].trim_ascii_start().strip_prefix(b":") else {
             continue;
         };
+        if tries == TAIL_TRIES {
+            return None;
+        }
+        tries += 1;
+        let value = &value[..value.len().min(TAIL_VALUE_BYTES)];
         // One value, whatever follows it; not a usage object (a `metadata`
         // entry of that name, say): look further back.
         let mut de = serde_json::Deserializer::from_slice(value);
@@ -154,6 +167,12 @@ pub fn from_json_tail(tail: &[u8]) -> Option<Usage> {
     }
     None
 }
+
+/// How many `"usage":` keys [`from_json_tail`] reads, from the last.
+pub const TAIL_TRIES: usize = 8;
+
+/// The most of a `"usage":` key's value [`from_json_tail`] reads.
+pub const TAIL_VALUE_BYTES: usize = 4096;
 
 /// [`from_json`] on an already parsed response.
 pub fn from_value(value: &serde_json::Value) -> Option<Usage> {
@@ -313,6 +332,30 @@ mod tests {
         let later =
             r#""usage":{"input_tokens":4,"output_tokens":2},"metadata":{"usage":{"note":1}}}"#;
         assert_eq!(from_json_tail(later.as_bytes()), usage(4, 2));
+    }
+
+    #[test]
+    fn a_tail_of_hostile_usage_keys_is_read_within_bounds() {
+        let real = r#""usage":{"prompt_tokens":1,"completion_tokens":2}"#;
+        // Keys whose values never close, a megabyte of them, after the real
+        // one: only the last few are tried, each on a few KiB.
+        let decoy = r#","usage":{"p":"","x":{"#;
+        let hostile = format!("{real}{}", decoy.repeat((1 << 20) / decoy.len()));
+        assert_eq!(from_json_tail(hostile.as_bytes()), None);
+        // Within the bound, a later key that is no usage object is passed
+        // over, as before; one more and the real one is past the bound.
+        let decoys = |n: usize| format!("{real}{}", r#","usage":"x""#.repeat(n));
+        assert_eq!(
+            from_json_tail(decoys(TAIL_TRIES - 1).as_bytes()),
+            usage(1, 2)
+        );
+        assert_eq!(from_json_tail(decoys(TAIL_TRIES).as_bytes()), None);
+        // A usage object past the value bound is not read whole.
+        let padded = format!(
+            r#""usage":{{"pad":"{}","prompt_tokens":1,"completion_tokens":2}}"#,
+            "x".repeat(TAIL_VALUE_BYTES)
+        );
+        assert_eq!(from_json_tail(padded.as_bytes()), None);
     }
 
     #[test]

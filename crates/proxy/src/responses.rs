@@ -1032,7 +1032,7 @@ impl TopLevelId {
                         return Scan::Absent;
                     }
                     self.id_value = false;
-                    self.depth += 1;
+                    self.depth = self.depth.saturating_add(1);
                     self.want_key = self.depth == 1;
                 }
                 b'}' | b']' => {
