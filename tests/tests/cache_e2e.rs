@@ -605,3 +605,29 @@ async fn only_if_cached_and_pragma_no_cache() {
     );
     assert_eq!(upstream_calls(&up), 2);
 }
+
+/// Headers the upstream answers differently to are not in the key unless
+/// `key_headers` names them: without, a request with the mock's
+/// `x-mock-tokens: 1` plants a one-token answer that an identical body
+/// without the header is then served (in the shared scope, another
+/// tenant's request); with it, the two have entries of their own.
+#[tokio::test]
+async fn key_headers_keep_answers_to_different_headers_apart() {
+    let up = mock_named("m").await;
+    for (listed, second) in [("", "hit"), ("key_headers = [\"X-Mock-Tokens\"]\n", "miss")] {
+        let p = proxy(&config(
+            &up.base_url(),
+            &format!("backend = \"memory\"\nscope = \"shared\"\n{listed}"),
+        ))
+        .await;
+        let body = chat("m", false);
+        let short = post(&p.url(CHAT_PATH), &body, &[("x-mock-tokens", "1")]).await;
+        assert_eq!(short.header("x-llm-proxy-cache"), Some("miss"));
+        let plain = post(&p.url(CHAT_PATH), &body, &[]).await;
+        assert_eq!(plain.header("x-llm-proxy-cache"), Some(second), "{listed}");
+        assert_eq!(plain.text() == short.text(), second == "hit", "{listed}");
+        let again = post(&p.url(CHAT_PATH), &body, &[("x-mock-tokens", "1")]).await;
+        assert_eq!(again.header("x-llm-proxy-cache"), Some("hit"));
+        assert_eq!(again.text(), short.text());
+    }
+}

@@ -35,7 +35,8 @@ use crate::{CacheKey, Entry, EntryBody, UsageChunk};
 /// end, leaves nothing stored.
 ///
 /// The upstream body is read by whichever reader of the answer needs its
-/// next frame first (see [`flight`](crate::flight)): when the client reads
+/// next frame first (the crate's docs say how coalesced requests share
+/// an answer): when the client reads
 /// more slowly than a coalesced request's, or leaves, that request's body
 /// reads on (and the answer is stored if it completes); the upstream body
 /// is dropped once no one reads any more.

@@ -42,16 +42,24 @@ pub struct CacheConfig {
     pub max_wait: Duration,
     /// Answers larger than this (body bytes) are passed on but not stored.
     pub max_entry_bytes: usize,
+    /// Request headers whose values go into the key, beside the two
+    /// `anthropic-*` ones that always do: headers an upstream answers
+    /// differently to (`openai-project` where projects differ in what they
+    /// serve, a provider's own feature header). A request with none of them
+    /// has the key it had without this.
+    pub key_headers: Vec<http::HeaderName>,
 }
 
 impl Default for CacheConfig {
-    /// One hour TTL, per-key scope, 60 s `max_wait`, 16 MiB entries at most.
+    /// One hour TTL, per-key scope, 60 s `max_wait`, 16 MiB entries at most,
+    /// no headers in the key but the `anthropic-*` ones.
     fn default() -> Self {
         CacheConfig {
             ttl: Duration::from_secs(3600),
             scope: CacheScope::PerKey,
             max_wait: Duration::from_secs(60),
             max_entry_bytes: 16 * 1024 * 1024,
+            key_headers: Vec::new(),
         }
     }
 }

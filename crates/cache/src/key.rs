@@ -2,7 +2,8 @@
 //! request body minus the fields of [`excluded_fields`] and a `"stream":
 //! false` where that is the default (for Messages, also minus
 //! `metadata.user_id`, plus the `anthropic-version` and `anthropic-beta`
-//! headers).
+//! headers), and the values of the configured
+//! [`key_headers`](crate::CacheConfig::key_headers) a request has.
 
 use std::fmt;
 use std::sync::Arc;
@@ -245,7 +246,7 @@ impl CacheKey {
         body: &Map<String, Value>,
         headers: &HeaderMap,
     ) -> CacheKey {
-        CacheKey::build(endpoint, None, scope, body, headers)
+        CacheKey::build(endpoint, None, scope, body, headers, &[])
     }
 
     fn build(
@@ -254,6 +255,7 @@ impl CacheKey {
         scope: &KeyScope,
         body: &Map<String, Value>,
         headers: &HeaderMap,
+        key_headers: &[HeaderName],
     ) -> CacheKey {
         thread_local! {
             // What the key hashes is written out and hashed in one go (a
@@ -284,6 +286,12 @@ impl CacheKey {
             {
                 write_headers(keyed, headers, &MESSAGES_KEY_HEADERS);
             }
+            // The configured ones, when the request has any (else the key
+            // is what it was without them).
+            if key_headers.iter().any(|name| headers.contains_key(name)) {
+                keyed.push(b'\x01');
+                write_headers(keyed, headers, key_headers);
+            }
             write_canonical_body(endpoint, body, keyed);
             let key = CacheKey(*blake3::hash(keyed).as_bytes());
             if keyed.capacity() > MAX_KEPT_BUFFER {
@@ -302,6 +310,19 @@ impl CacheKey {
         query: Option<&str>,
         scope: CacheScope,
     ) -> Option<Self> {
+        CacheKey::for_request_with(meta, headers, query, scope, &[])
+    }
+
+    /// [`CacheKey::for_request`], with the values of `key_headers` (those
+    /// of them the request has) in the key too
+    /// ([`CacheConfig::key_headers`](crate::CacheConfig::key_headers)).
+    pub fn for_request_with(
+        meta: &RequestMeta,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        scope: CacheScope,
+        key_headers: &[HeaderName],
+    ) -> Option<Self> {
         let body = meta.json()?;
         let scope = KeyScope::of_request(meta, headers, scope);
         Some(CacheKey::build(
@@ -310,6 +331,7 @@ impl CacheKey {
             &scope,
             body,
             headers,
+            key_headers,
         ))
     }
 
@@ -434,6 +456,32 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn configured_headers_split_the_key_only_when_sent() {
+        let m = meta(r#"{"model":"m","messages":[]}"#);
+        let listed = [HeaderName::from_static("openai-project")];
+        let key = |pairs: &[(&'static str, &'static str)]| {
+            CacheKey::for_request_with(&m, &headers(pairs), None, CacheScope::Shared, &listed)
+                .unwrap()
+        };
+        let plain = CacheKey::for_request(&m, &HeaderMap::new(), None, CacheScope::Shared);
+        // Without the header, the key of a proxy configured without it.
+        assert_eq!(Some(key(&[])), plain);
+        assert_eq!(key(&[("x-other", "1")]), key(&[]));
+        let a = key(&[("openai-project", "proj_a")]);
+        assert_ne!(a, key(&[]));
+        assert_ne!(a, key(&[("openai-project", "proj_b")]));
+        assert_eq!(a, key(&[("openai-project", " proj_a ")]), "trimmed");
+        // Not listed, it does not count.
+        let unlisted = CacheKey::for_request(
+            &m,
+            &headers(&[("openai-project", "proj_a")]),
+            None,
+            CacheScope::Shared,
+        );
+        assert_eq!(unlisted, plain);
+    }
+
     /// Keys outlive a build: a Redis store shared by proxies of several
     /// versions, entries stored before an upgrade. The same request must
     /// get the same key from every version (`KEY_VERSION` changes when it
@@ -464,6 +512,7 @@ mod tests {
                 &team,
                 chat,
                 &beta,
+                &[],
             ),
             CacheKey::with_headers(Endpoint::Messages, &KeyScope::Shared, messages, &beta),
         ];

@@ -26,6 +26,9 @@
 //! - **Coalescing**: concurrent identical requests share one upstream call;
 //!   followers receive the leader's frames live, retry when the leader fails
 //!   before answering, and give up waiting after [`CacheConfig::max_wait`].
+//!   The upstream's body is read by whichever request of the flight needs
+//!   its next frame first, so a client that reads slowly or not at all holds
+//!   back no other (what is read for it waits, up to `max_entry_bytes`).
 //! - **Controls**: `cache-control: no-cache`, `no-store`, `max-age=N`,
 //!   `only-if-cached` (a stored entry or a 504 `not_cached`, never the
 //!   upstream), and `pragma: no-cache` without `cache-control`

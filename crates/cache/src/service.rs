@@ -129,7 +129,13 @@ impl Plan {
             return None;
         }
         Some(Plan {
-            key: CacheKey::for_request(meta, req.headers(), req.uri().query(), config.scope)?,
+            key: CacheKey::for_request_with(
+                meta,
+                req.headers(),
+                req.uri().query(),
+                config.scope,
+                &config.key_headers,
+            )?,
             control: CacheControl::from_headers(req.headers()),
             stream: meta.is_stream().then(|| endpoint.stream_kind()).flatten(),
             responses: endpoint == Endpoint::Responses,

@@ -416,6 +416,7 @@ fn build_cache(
         // A follower waits for its leader no longer than the leader may wait
         // for its upstream's first byte.
         max_wait: first_byte,
+        key_headers: spec.key_headers.clone(),
         ..CacheConfig::default()
     };
     let store: Arc<dyn Store> = match &spec.store {

@@ -249,6 +249,9 @@ pub struct CacheSection {
     /// Prefix of every Redis key.
     #[serde(default)]
     pub key_prefix: Option<String>,
+    /// Request headers whose values join the key.
+    #[serde(default)]
+    pub key_headers: Option<Spanned<Vec<String>>>,
 }
 
 /// `[auth]`.
@@ -619,6 +622,8 @@ pub struct CacheSpec {
     pub scope: llm_proxy_cache::CacheScope,
     /// Where entries live.
     pub store: CacheStore,
+    /// Request headers whose values join the key.
+    pub key_headers: Vec<http::HeaderName>,
 }
 
 /// Where cache entries live (its `Debug` shows no Redis password).
@@ -1251,6 +1256,20 @@ fn validate_cache(path: &Path, src: &str, c: &CacheSection) -> Result<CacheSpec,
             ));
         }
     };
+    let mut key_headers = Vec::new();
+    if let Some(names) = &c.key_headers {
+        for name in names.get_ref() {
+            let parsed = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                err(
+                    names.span(),
+                    format!("[cache] `key_headers`: `{name}` is not a header name"),
+                )
+            })?;
+            if !key_headers.contains(&parsed) {
+                key_headers.push(parsed);
+            }
+        }
+    }
     let secs = *c.ttl_secs.get_ref();
     if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&secs) {
         return Err(err(
@@ -1271,6 +1290,7 @@ fn validate_cache(path: &Path, src: &str, c: &CacheSection) -> Result<CacheSpec,
         )?,
         scope,
         store,
+        key_headers,
     })
 }
 
@@ -2278,6 +2298,23 @@ mod tests {
         );
         let e = load(&format!("{MIN}[cache]\nscope = \"everyone\"\n")).unwrap_err();
         assert!(e.starts_with("t.toml:5: [cache] scope `everyone`"), "{e}");
+        let e = load(&format!(
+            "{MIN}[cache]\nkey_headers = [\"ok\", \"not ok\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("t.toml:5: [cache] `key_headers`: `not ok` is not a header name"),
+            "{e}"
+        );
+        let keyed = load(&format!(
+            "{MIN}[cache]\nkey_headers = [\"OpenAI-Project\", \"openai-project\", \"x-a\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            keyed.cache.unwrap().key_headers,
+            ["openai-project", "x-a"],
+            "lowercased, once each"
+        );
         // A CA file that holds no certificate: said at load, with its key,
         // line and path, not when the first upstream connection is made.
         let bad =
