@@ -425,10 +425,13 @@ pub(crate) fn unread(flight: &Arc<Flight>) {
     {
         return;
     }
+    // Every byte through the tee (a follower of known length stops at its
+    // last byte, without reading the end): a clean end, stored.
+    let clean = source.inner.as_ref().is_some_and(HttpBody::is_end_stream);
     let tee = source.tee.take();
     *slot = None;
     drop(slot);
-    settle(tee, true);
+    settle(tee, !clean);
 }
 
 impl Tee {
