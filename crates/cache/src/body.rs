@@ -683,18 +683,22 @@ impl HttpBody for CacheBody {
             }
             return Poll::Pending;
         };
-        if let Read::Frame(frame) = read {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        *slot = None;
-        drop(slot);
-        this.done = true;
         match read {
+            Read::Frame(frame) => Poll::Ready(Some(Ok(frame))),
             Read::Failed(error) => {
+                // Kept as a follower's read of it keeps it, for the flush
+                // pause first: a follower may have taken the upstream's own
+                // pause before its error, and hyper drops the frames it
+                // holds when a body fails without one.
+                source.error = Some(error);
+                drop(slot);
                 settle(tee, true);
-                Poll::Ready(Some(Err(error)))
+                self.poll_frame(cx)
             }
-            _ => {
+            Read::End => {
+                *slot = None;
+                drop(slot);
+                this.done = true;
                 settle(tee, false);
                 Poll::Ready(None)
             }

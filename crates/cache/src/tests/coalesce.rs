@@ -269,6 +269,72 @@ async fn followers_wait_for_a_slow_leader_only_past_its_queue() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_whole_answer_its_followers_read_after_the_leader_left_is_stored() {
+    let h = harness(CacheConfig::default());
+    let whole = [("x-fake", "whole"), ("x-fake-head-ms", "10")];
+    let leader = tokio::spawn(h.svc.clone().oneshot(chat(CHAT, &whole)));
+    tokio::time::sleep(MS).await;
+    let follower = tokio::spawn(h.svc.clone().oneshot(chat(CHAT, &whole)));
+    let leader = leader.await.unwrap().unwrap();
+    let follower = follower.await.unwrap().unwrap();
+    // The leader's client leaves before the body; the follower reads it as
+    // hyper reads a body of known length: to its last byte, then drops it
+    // without polling for the end.
+    drop(leader);
+    let mut body = follower.into_body();
+    let mut read = Vec::new();
+    while !http_body::Body::is_end_stream(&body) {
+        let frame = body.frame().await.unwrap().unwrap();
+        read.extend_from_slice(frame.data_ref().unwrap());
+    }
+    drop(body);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&read).unwrap(),
+        answer_json(1)
+    );
+    assert_eq!(h.send(chat(CHAT, &whole)).await.cache(), "hit");
+    assert_eq!(h.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_leader_pauses_before_an_error_whose_pause_a_follower_took() {
+    // hyper drops the frames it holds when a body fails without a pause
+    // first (the flush pause): the leader's client must get one even when
+    // a follower's read met the upstream's own pause before its error.
+    use http_body::Body as _;
+    use std::task::{Context, Poll, Waker};
+    let h = harness(CacheConfig::default());
+    let broken = [("x-fake", "break"), ("x-fake-head-ms", "10")];
+    let leader = tokio::spawn(h.svc.clone().oneshot(chat(STREAM, &broken)));
+    tokio::time::sleep(MS).await;
+    let follower = tokio::spawn(h.svc.clone().oneshot(chat(STREAM, &broken)));
+    let mut leader = leader.await.unwrap().unwrap().into_body();
+    let mut follower = follower.await.unwrap().unwrap().into_body();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut poll =
+        |body: &mut llm_proxy_core::Body| match std::pin::Pin::new(body).poll_frame(&mut cx) {
+            Poll::Pending => "pending",
+            Poll::Ready(Some(Ok(_))) => "frame",
+            Poll::Ready(Some(Err(_))) => "error",
+            Poll::Ready(None) => "end",
+        };
+    tokio::time::sleep(MS).await;
+    assert_eq!(poll(&mut leader), "frame");
+    tokio::time::sleep(MS).await;
+    // The follower reads the first frame, then the second for both.
+    assert_eq!(poll(&mut follower), "frame");
+    assert_eq!(poll(&mut follower), "frame");
+    tokio::time::sleep(MS).await;
+    // Its next read meets the upstream's pause before the error.
+    assert_eq!(poll(&mut follower), "pending");
+    assert_eq!(poll(&mut leader), "frame");
+    assert_eq!(poll(&mut leader), "pending", "paused before the error");
+    assert_eq!(poll(&mut leader), "error");
+    assert_eq!(poll(&mut leader), "end");
+    assert_eq!(h.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_upstream_is_cancelled_once_nobody_reads() {
     let h = harness(CacheConfig::default());
     let slow = [("x-fake-frame-ms", "10")];

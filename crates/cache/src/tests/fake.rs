@@ -159,10 +159,12 @@ impl tower::Service<Request<Body>> for Fake {
                 }
                 Behaviour::InvalidJson => Ok(Response::new(full("{\"id\": not json"))),
                 Behaviour::Whole => {
-                    let mut response = Response::new(full(answer_json(n).to_string()));
-                    response
-                        .headers_mut()
-                        .insert("content-type", "application/json".parse().unwrap());
+                    let answer = answer_json(n).to_string();
+                    let length = answer.len();
+                    let mut response = Response::new(full(answer));
+                    let headers = response.headers_mut();
+                    headers.insert("content-type", "application/json".parse().unwrap());
+                    headers.insert("content-length", length.into());
                     Ok(response)
                 }
                 _ => {
@@ -418,10 +420,20 @@ fn channel_body(fake: Fake, frames: Vec<Result<Bytes, BoxError>>, delay: Duratio
             }
         }
     });
-    Body::new(ChannelBody(rx))
+    Body::new(ChannelBody {
+        rx,
+        error: None,
+        flush: llm_proxy_core::FlushBeforeError::default(),
+    })
 }
 
-struct ChannelBody(mpsc::Receiver<Result<Bytes, BoxError>>);
+/// The frames a task sends; an error comes after a flush pause, as the
+/// upstream crate's bodies give theirs.
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+    error: Option<BoxError>,
+    flush: llm_proxy_core::FlushBeforeError,
+}
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;
@@ -431,8 +443,14 @@ impl http_body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|item| item.map(|frame| frame.map(Frame::data)))
+        let this = &mut *self;
+        if this.error.is_none() {
+            match std::task::ready!(this.rx.poll_recv(cx)) {
+                Some(Err(error)) => this.error = Some(error),
+                item => return Poll::Ready(item.map(|frame| frame.map(Frame::data))),
+            }
+        }
+        std::task::ready!(this.flush.poll(cx));
+        Poll::Ready(this.error.take().map(Err))
     }
 }
