@@ -149,3 +149,55 @@ async fn an_upstream_that_says_do_not_retry_gets_the_request_once() {
         assert_eq!(calls.load(Ordering::SeqCst), sent, "{hint:?}");
     }
 }
+
+/// `x-should-retry: false` on a 429 speaks of that upstream's account or
+/// load, not of the request: the balancer tries another upstream (here a
+/// second name for the same server, which answers the second call).
+#[tokio::test]
+async fn a_throttled_answer_that_says_do_not_retry_still_fails_over() {
+    use tokio::io::AsyncWriteExt;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let addr = raw_upstream(move |mut conn| {
+        let counted = counted.clone();
+        async move {
+            while read_request(&mut conn).await.is_some() {
+                let answer = if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let body = r#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#;
+                    format!(
+                        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+                         x-should-retry: false\r\nretry-after: 30\r\n\
+                         content-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    let body = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"a\"\nurl = \"http://{addr}/v1\"\n\
+         [[upstream]]\nname = \"b\"\nurl = \"http://{addr}/v1\"\n\
+         [balance]\nmax_retries = 2\n"
+    ))
+    .await;
+    let answer = send(request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        &[("content-type", "application/json")],
+        chat("m", false),
+    ))
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -338,10 +338,12 @@ where
             match verdict {
                 Verdict::Success | Verdict::Pass | Verdict::Fatal => return outcome,
                 // The upstream says the request itself failed (its
-                // `x-should-retry: false`, as Anthropic and OpenAI send):
-                // sending it again, there or to a replica, would fail again.
-                // (Its health counts the failure all the same.)
-                _ if says_do_not_retry(&outcome) => return outcome,
+                // `x-should-retry: false` on a 5xx, as Anthropic and OpenAI
+                // send): sending it again, there or to a replica, would fail
+                // again. (Its health counts the failure all the same.) On a
+                // 429 it speaks of that upstream's account or load, which
+                // another upstream does not share: that one is tried.
+                Verdict::Failure if says_do_not_retry(&outcome) => return outcome,
                 Verdict::Failure | Verdict::Throttled(_) | Verdict::Refused => {
                     tried.push(choice.member);
                     if timed_out_waiting(&outcome) {
