@@ -1,9 +1,10 @@
-//! Property tests with a hostile upstream: well-formed answers mutated at
-//! random (a value swapped for any JSON, an event dropped, repeated, moved
-//! or cut short, a field of the wrong type, a number out of range) go
-//! through every translation, whole and streamed. Whatever the upstream
-//! sends, the client gets an answer or an error in its own dialect — never
-//! a panic, a hang, or a stream that is not SSE of JSON events.
+//! Property tests with a hostile upstream and a hostile client: well-formed
+//! answers and requests mutated at random (a value swapped for any JSON, a
+//! field added, an event dropped, repeated, moved or cut short) go through
+//! every translation, whole and streamed. Whatever either side sends, the
+//! client gets an answer or an error in its own dialect, and the upstream a
+//! JSON request — never a panic, a hang, or a stream that is not SSE of
+//! JSON events.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -170,9 +171,15 @@ fn mutated(mut events: Vec<(Option<&'static str>, Value)>, mutations: &[Mutation
     }
     let mut text: String = events
         .iter()
-        .map(|(name, data)| match name {
-            Some(name) => format!("event: {name}\ndata: {data}\n\n"),
-            None => format!("data: {data}\n\n"),
+        .map(|(name, data)| {
+            let data = match data.as_str() {
+                Some("[DONE]") => "[DONE]".to_owned(),
+                _ => data.to_string(),
+            };
+            match name {
+                Some(name) => format!("event: {name}\ndata: {data}\n\n"),
+                None => format!("data: {data}\n\n"),
+            }
         })
         .collect();
     if let Some(at) = cut {
@@ -279,11 +286,10 @@ fn messages_answer() -> Value {
 
 /// The translations: an upstream of `protocol` serving `api`, asked on
 /// `path` by a client.
-const ROUTES: [(Protocol, Api, &str); 4] = [
+const ROUTES: [(Protocol, Api, &str); 3] = [
     (Protocol::OpenAi, Api::ChatCompletions, "/v1/messages"),
     (Protocol::OpenAi, Api::ChatCompletions, "/v1/responses"),
     (Protocol::Anthropic, Api::Messages, "/v1/chat/completions"),
-    (Protocol::Anthropic, Api::Messages, "/v1/responses"),
 ];
 
 /// The client's request on `path`.
@@ -304,9 +310,64 @@ fn request(path: &str, stream: bool) -> Value {
     }
 }
 
+/// A client request on `path` with most of what its dialect may hold: a
+/// system prompt, images, tool calls and their results, reasoning, sampling
+/// and format settings.
+fn rich_request(path: &str, stream: bool) -> Value {
+    match path {
+        "/v1/messages" => json!({"model": "m", "max_tokens": 100, "stream": stream,
+            "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+            "temperature": 0.5, "top_p": 0.9, "top_k": 5, "stop_sequences": ["x"],
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "tool_choice": {"type": "tool", "name": "f"},
+            "metadata": {"user_id": "u"},
+            "tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "x"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "t", "signature": "s"},
+                    {"type": "text", "text": "calling"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                    "content": [{"type": "text", "text": "42"}], "is_error": false}]}]}),
+        "/v1/responses" => json!({"model": "m", "stream": stream, "instructions": "be brief",
+            "max_output_tokens": 100, "temperature": 0.5, "parallel_tool_calls": true,
+            "tool_choice": {"type": "function", "name": "f"},
+            "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}, "strict": true}},
+            "reasoning": {"effort": "low", "summary": "auto"},
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}},
+                {"type": "namespace", "name": "ns", "tools": [{"type": "function", "name": "g", "parameters": {}}]}],
+            "input": [
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "t"}]},
+                {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{\"a\":1}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "42"},
+                {"role": "assistant", "content": "ok"}]}),
+        _ => json!({"model": "m", "stream": stream, "max_tokens": 100, "temperature": 0.5,
+            "stop": ["x"], "n": 1, "stream_options": {"include_usage": true},
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "x"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"}]}),
+    }
+}
+
 /// Runs one request through translation against `answer`; checks what the
 /// client gets is in its shape (SSE of JSON events, or JSON).
 fn check(route: usize, stream: bool, answer: Answer) -> Result<(), TestCaseError> {
+    let (_, _, path) = ROUTES[route % ROUTES.len()];
+    check_request(route, &request(path, stream), answer)
+}
+
+/// [`check`], with this client request.
+fn check_request(route: usize, request: &Value, answer: Answer) -> Result<(), TestCaseError> {
     let (protocol, api, path) = ROUTES[route % ROUTES.len()];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -316,7 +377,7 @@ fn check(route: usize, stream: bool, answer: Answer) -> Result<(), TestCaseError
     let got = rt.block_on(async {
         tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            call(config, path, &request(path, stream), answer),
+            call(config, path, request, answer),
         )
         .await
     });
@@ -377,7 +438,7 @@ proptest! {
 
     #[test]
     fn mutated_streams_never_break_a_translation(
-        route in 0usize..4,
+        route in 0usize..3,
         mutations in proptest::collection::vec(mutation(), 1..4),
         frame in 1usize..48,
     ) {
@@ -392,7 +453,7 @@ proptest! {
 
     #[test]
     fn mutated_whole_answers_never_break_a_translation(
-        route in 0usize..4,
+        route in 0usize..3,
         mutations in proptest::collection::vec(mutation(), 1..4),
         status in prop_oneof![Just(200u16), Just(400), Just(500)],
     ) {
@@ -405,5 +466,56 @@ proptest! {
         let text = mutated(vec![(None, answer)], &mutations);
         let body = text.trim_start_matches("data: ").trim_end().to_owned();
         check(route, false, Answer::json(status, body))?;
+    }
+
+    #[test]
+    fn mutated_requests_never_break_a_translation(
+        route in 0usize..3,
+        stream in any::<bool>(),
+        mutations in proptest::collection::vec(mutation(), 1..4),
+    ) {
+        let (_, api, path) = ROUTES[route];
+        let mutations: Vec<_> = mutations.into_iter().filter(|m| matches!(m, Mutation::Replace(..) | Mutation::Insert(..))).collect();
+        let text = mutated(vec![(None, rich_request(path, stream))], &mutations);
+        let request: Value = serde_json::from_str(text.trim_start_matches("data: ").trim_end()).unwrap();
+        let answer = match (api, stream) {
+            (Api::Messages, true) => Answer::sse(&mutated(messages_events(), &[])),
+            (Api::Messages, false) => Answer::json(200, messages_answer().to_string()),
+            (_, true) => Answer::sse(&mutated(chat_events(), &[])),
+            (_, false) => Answer::json(200, chat_answer().to_string()),
+        };
+        check_request(route, &request, answer)?;
+    }
+}
+
+/// The requests and answers the mutations start from go through every
+/// translation whole (else the properties above would test only refusals).
+#[test]
+fn the_unmutated_requests_and_answers_are_translated() {
+    for (protocol, api, path) in ROUTES {
+        for stream in [false, true] {
+            let answer = match (api, stream) {
+                (Api::Messages, true) => Answer::sse(&mutated(messages_events(), &[])),
+                (Api::Messages, false) => Answer::json(200, messages_answer().to_string()),
+                (_, true) => Answer::sse(&mutated(chat_events(), &[])),
+                (_, false) => Answer::json(200, chat_answer().to_string()),
+            };
+            for request in [request(path, stream), rich_request(path, stream)] {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let config = TranslateConfig::new(protocol, [api]);
+                let (seen, got) = rt.block_on(call(config, path, &request, answer.clone()));
+                let got = got.unwrap();
+                assert!(seen.is_some(), "{path} {stream}: sent upstream");
+                assert_eq!(got.status, 200, "{path} {stream}: {:?}", got.body);
+                assert!(!got.broke, "{path} {stream}: {:?}", got.body);
+                assert!(
+                    !String::from_utf8_lossy(&got.body).contains("\"error\":{"),
+                    "{path} {stream}: {:?}",
+                    got.body
+                );
+            }
+        }
     }
 }
