@@ -170,6 +170,40 @@ async fn a_connection_redis_closed_is_replaced_within_the_call() {
     }
 }
 
+/// A call made while Redis was down leaves redis-rs's manager holding the
+/// failed reconnect, and the next call, however long after Redis came back,
+/// got that stale refusal (a forced cache miss, a limit decided locally, a
+/// 503 for a response id). The refusal of a connection, not of a command,
+/// is tried once more: the first call after Redis is back is answered.
+#[tokio::test]
+async fn the_first_call_after_redis_came_back_is_answered() {
+    let mut redis = RedisServer::start().await;
+    let link = RedisLink::new(&redis.url()).expect("a link");
+    set_k(&link).await.expect("set");
+    redis.stop();
+    let away = get(&link, "k").await;
+    assert!(away.is_err(), "{away:?}");
+    redis.restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    set_k(&link).await.expect("answered once Redis is back");
+    assert_eq!(
+        get(&link, "k").await.expect("an answer").as_deref(),
+        Some("v")
+    );
+    // And with a call that must not run twice.
+    redis.stop();
+    assert!(get(&link, "k").await.is_err());
+    redis.restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let once: Option<String> = link
+        .call_once("get", |mut c| async move {
+            redis::cmd("GET").arg("k").query_async(&mut c).await
+        })
+        .await
+        .expect("answered once Redis is back");
+    assert_eq!(once, None, "a new, empty Redis");
+}
+
 #[tokio::test]
 async fn a_refusal_is_told_from_an_outage() {
     let mut redis = RedisServer::start().await;

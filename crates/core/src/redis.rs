@@ -23,6 +23,10 @@
 //!   moved its address to the new one) replaces the connection too, at most
 //!   once a second, so that writes follow the address instead of going to
 //!   the replica for as long as the old connection lives;
+//! - a call refused a connection (not a command) is made once more, within
+//!   its timeout: the manager hands a call the outcome of its last
+//!   reconnect however old it is, so a call made while Redis was down
+//!   would otherwise fail the first call after Redis came back;
 //! - a [`Breaker`]: after [`THRESHOLD`](crate::breaker::THRESHOLD) failed
 //!   calls in a row (an error reply from Redis is no failure: it answered),
 //!   calls fail at once with [`RedisCallError::Skipped`] for
@@ -69,10 +73,8 @@ pub enum RedisCallError {
     Skipped,
 }
 
-/// Whether a connection that was up broke (closed by Redis, reset): not
-/// one that could not be made (refused, no such socket: Redis is down, and
-/// a second try would only fail again).
-fn dropped_in_use(error: &redis::RedisError) -> bool {
+/// The I/O error behind `error`, if any.
+fn io_kind(error: &redis::RedisError) -> Option<std::io::ErrorKind> {
     type Shared = Arc<dyn std::error::Error + Send + Sync>;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
@@ -82,14 +84,26 @@ fn dropped_in_use(error: &redis::RedisError) -> bool {
                 .and_then(|shared| shared.downcast_ref::<std::io::Error>())
         });
         if let Some(io) = io {
-            return !matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            ) && error.is_connection_dropped();
+            return Some(io.kind());
         }
         source = e.source();
     }
-    error.is_connection_dropped()
+    None
+}
+
+/// Whether the connection could not be made (refused, no such socket): the
+/// command was never sent.
+fn never_connected(error: &redis::RedisError) -> bool {
+    matches!(
+        io_kind(error),
+        Some(std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
+    )
+}
+
+/// Whether a connection that was up broke (closed by Redis, reset): not
+/// one that could not be made.
+fn dropped_in_use(error: &redis::RedisError) -> bool {
+    !never_connected(error) && error.is_connection_dropped()
 }
 
 impl RedisCallError {
@@ -305,6 +319,15 @@ impl RedisLink {
         let (manager, generation, health) = self.current()?;
         let once_more = async {
             match call(manager.clone()).await {
+                // The manager hands a call the outcome of its last
+                // reconnect, however old: one made while Redis was down
+                // fails the first call after Redis came back. The command
+                // was not sent; one more try connects anew (and is refused
+                // at once if Redis is still down).
+                Err(e) if never_connected(&e) => {
+                    tracing::debug!(error = %e, op, "redis connection not made; calling again");
+                    call(manager).await
+                }
                 Err(e) if again && dropped_in_use(&e) => {
                     tracing::debug!(error = %e, op, "redis connection dropped; calling again");
                     call(manager).await
@@ -484,11 +507,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_connection_that_broke_is_tried_again_one_never_made_is_not() {
+    fn which_failed_calls_are_made_once_more() {
         let io = |kind| redis::RedisError::from(std::io::Error::new(kind, "x"));
         assert!(dropped_in_use(&io(std::io::ErrorKind::BrokenPipe)));
         assert!(dropped_in_use(&io(std::io::ErrorKind::ConnectionReset)));
         assert!(!dropped_in_use(&io(std::io::ErrorKind::ConnectionRefused)));
         assert!(!dropped_in_use(&io(std::io::ErrorKind::NotFound)));
+        // A connection never made is tried once more, by any call.
+        assert!(never_connected(&io(std::io::ErrorKind::ConnectionRefused)));
+        assert!(never_connected(&io(std::io::ErrorKind::NotFound)));
+        assert!(!never_connected(&io(std::io::ErrorKind::BrokenPipe)));
     }
 }
