@@ -1068,6 +1068,17 @@ async fn an_unread_h2c_stream_cut_is_logged_as_cut_without_a_warning() {
     )
     .await;
     let sender = tests::h2c_small_window(addr).await;
+    // A stream waiting for its upstream beside the unread one keeps the
+    // connection (one whose every stream stalled is closed): sent first, so
+    // that it does even on a machine slow to send the second.
+    let waiting = tokio::spawn(sender.clone().send_request(tests::streamed_chat_h2(
+        addr,
+        &[
+            ("x-mock-latency-ms", "3000"),
+            ("x-request-id", "req-waits-2"),
+        ],
+    )));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let unread = sender
         .clone()
         .send_request(tests::streamed_chat_h2(
@@ -1080,18 +1091,7 @@ async fn an_unread_h2c_stream_cut_is_logged_as_cut_without_a_warning() {
         .await
         .expect("a head");
     assert_eq!(unread.status(), 200);
-    // A stream waiting for its upstream beside it keeps the connection.
-    let waiting = sender
-        .clone()
-        .send_request(tests::streamed_chat_h2(
-            addr,
-            &[
-                ("x-mock-latency-ms", "3000"),
-                ("x-request-id", "req-waits-2"),
-            ],
-        ))
-        .await
-        .expect("a head");
+    let waiting = waiting.await.unwrap().expect("a head");
     let (body, broke) = read_stream(waiting).await;
     assert!(!broke && String::from_utf8_lossy(&body).contains("data: [DONE]"));
     let (_, broke) = read_stream(unread).await;

@@ -61,6 +61,8 @@ pub struct Fake {
 struct State {
     calls: AtomicUsize,
     cancelled: AtomicUsize,
+    /// Answer bodies not dropped yet.
+    live: Arc<AtomicUsize>,
     script: Mutex<VecDeque<(Behaviour, Duration)>>,
     bodies: Mutex<Vec<Value>>,
 }
@@ -73,6 +75,11 @@ impl Fake {
     /// Streams whose body was dropped before the end.
     pub fn cancelled(&self) -> usize {
         self.state.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Streamed (and two-frame JSON) answer bodies not dropped yet.
+    pub fn live(&self) -> usize {
+        self.state.live.load(Ordering::SeqCst)
     }
 
     /// Behaviours for the next calls, in order, each with the time its
@@ -411,6 +418,8 @@ pub fn messages_frames(n: usize, behaviour: Behaviour) -> Vec<Bytes> {
 /// task notices (and counts) a body dropped before the end.
 fn channel_body(fake: Fake, frames: Vec<Result<Bytes, BoxError>>, delay: Duration) -> Body {
     let (tx, rx) = mpsc::channel(1);
+    let live = fake.state.live.clone();
+    live.fetch_add(1, Ordering::SeqCst);
     tokio::spawn(async move {
         for frame in frames {
             tokio::time::sleep(delay).await;
@@ -421,6 +430,7 @@ fn channel_body(fake: Fake, frames: Vec<Result<Bytes, BoxError>>, delay: Duratio
         }
     });
     Body::new(ChannelBody {
+        live,
         rx,
         error: None,
         flush: llm_proxy_core::FlushBeforeError::default(),
@@ -430,9 +440,16 @@ fn channel_body(fake: Fake, frames: Vec<Result<Bytes, BoxError>>, delay: Duratio
 /// The frames a task sends; an error comes after a flush pause, as the
 /// upstream crate's bodies give theirs.
 struct ChannelBody {
+    live: Arc<AtomicUsize>,
     rx: mpsc::Receiver<Result<Bytes, BoxError>>,
     error: Option<BoxError>,
     flush: llm_proxy_core::FlushBeforeError,
+}
+
+impl Drop for ChannelBody {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl http_body::Body for ChannelBody {

@@ -6,6 +6,7 @@ mod dialects;
 mod fake;
 mod requests;
 mod streams;
+mod stress;
 
 use std::sync::Arc;
 
