@@ -508,6 +508,16 @@ pub async fn answer_text(conn: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// An HTTP/1.1 answer with a JSON `body`, as a raw upstream writes it:
+/// `status` (`"200 OK"`), then `headers` (each line ending in `\r\n`).
+pub fn json_answer(status: &str, headers: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{headers}\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// Read a request's head off `conn`; `false` if the connection ends first.
 pub async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
     let mut buf = vec![0u8; 8192];

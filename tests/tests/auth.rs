@@ -438,15 +438,14 @@ async fn the_upstreams_rate_limit_headers_do_not_reach_clients() {
     let addr = raw_upstream(|mut conn| async move {
         while read_request(&mut conn).await.is_some() {
             let body = r#"{"id":"c","object":"chat.completion","created":1,"model":"small","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                 x-ratelimit-limit-tokens: 30000000\r\nx-ratelimit-remaining-tokens: 29999000\r\n\
+            let answer = json_answer(
+                "200 OK",
+                "x-ratelimit-limit-tokens: 30000000\r\nx-ratelimit-remaining-tokens: 29999000\r\n\
                  x-ratelimit-limit-requests: 10000\r\nx-ratelimit-reset-requests: 6ms\r\n\
                  anthropic-ratelimit-tokens-remaining: 12345\r\n\
                  anthropic-organization-id: org-uuid\r\nopenai-organization: org-op\r\n\
-                 openai-project: proj_op\r\nopenai-processing-ms: 7\r\n\
-                 content-length: {}\r\n\r\n{body}",
-                body.len()
+                 openai-project: proj_op\r\nopenai-processing-ms: 7\r\n",
+                body,
             );
             if conn.write_all(answer.as_bytes()).await.is_err() {
                 return;

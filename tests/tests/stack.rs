@@ -109,11 +109,7 @@ async fn an_upstream_that_says_do_not_retry_gets_the_request_once() {
                     None => String::new(),
                 };
                 let body = r#"{"error":{"message":"boom","type":"api_error"}}"#;
-                let answer = format!(
-                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n\
-                     {hint}content-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
+                let answer = json_answer("500 Internal Server Error", &hint, body);
                 if conn.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
@@ -163,19 +159,16 @@ async fn a_throttled_answer_that_says_do_not_retry_still_fails_over() {
         async move {
             while read_request(&mut conn).await.is_some() {
                 let answer = if counted.fetch_add(1, Ordering::SeqCst) == 0 {
-                    let body = r#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#;
-                    format!(
-                        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
-                         x-should-retry: false\r\nretry-after: 30\r\n\
-                         content-length: {}\r\n\r\n{body}",
-                        body.len()
+                    json_answer(
+                        "429 Too Many Requests",
+                        "x-should-retry: false\r\nretry-after: 30\r\n",
+                        r#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#,
                     )
                 } else {
-                    let body = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
-                    format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                         content-length: {}\r\n\r\n{body}",
-                        body.len()
+                    json_answer(
+                        "200 OK",
+                        "",
+                        r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
                     )
                 };
                 if conn.write_all(answer.as_bytes()).await.is_err() {

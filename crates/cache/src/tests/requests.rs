@@ -38,17 +38,7 @@ async fn a_miss_read_as_hyper_reads_it_is_stored() {
     let whole = [("x-fake", "whole")];
     let resp = h.svc.clone().oneshot(chat(CHAT, &whole)).await.unwrap();
     assert_eq!(resp.headers()["x-llm-proxy-cache"], "miss");
-    let mut body = resp.into_body();
-    let mut read = Vec::new();
-    while !http_body::Body::is_end_stream(&body) {
-        let frame = body.frame().await.unwrap().unwrap();
-        read.extend_from_slice(frame.data_ref().unwrap());
-    }
-    drop(body);
-    assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&read).unwrap(),
-        answer_json(1)
-    );
+    assert_eq!(read_as_hyper_does(resp.into_body()).await, answer_json(1));
     let second = h.send(chat(CHAT, &whole)).await;
     assert_eq!(second.cache(), "hit");
     assert_eq!(h.calls(), 1);
