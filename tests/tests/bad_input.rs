@@ -147,6 +147,50 @@ async fn a_body_with_broken_chunks_is_400_invalid_body() {
     assert_eq!(up.stats.requests(), 0);
 }
 
+/// A body sent with a transfer coding besides `chunked` (`gzip, chunked`,
+/// or `chunked` twice): hyper removes the chunking only, so the body would
+/// reach the upstream still coded and unlabelled. 501, as nginx answers,
+/// on a passthrough route and a model route alike; `chunked` alone passes.
+#[tokio::test]
+async fn a_transfer_coding_besides_chunked_is_501() {
+    let (up, p) = one().await;
+    for (path, codings) in [
+        ("/v1/files", "transfer-encoding: gzip, chunked\r\n"),
+        (
+            "/v1/files",
+            "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+        ),
+        (
+            "/v1/chat/completions",
+            "transfer-encoding: identity, chunked\r\n",
+        ),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\n{codings}\r\n\
+             5\r\nhello\r\n0\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let answer = answer_text(&mut conn).await;
+        assert!(answer.starts_with("HTTP/1.1 501"), "{codings}: {answer}");
+        assert!(
+            answer.contains(r#""code":"unsupported_transfer_coding""#),
+            "{answer}"
+        );
+    }
+    assert_eq!(up.stats.requests(), 0);
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          transfer-encoding: Chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = answer_text(&mut conn).await;
+    assert!(!answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert_eq!(up.stats.requests(), 1, "chunked alone goes through");
+}
+
 /// Passthrough routes take the methods of an API, not `TRACE` (an upstream
 /// that serves it would echo the key the proxy adds), `CONNECT` or made-up
 /// ones: none reaches the upstream.

@@ -124,6 +124,12 @@ pub enum Error {
     /// decoded by an upstream that honours the label.
     #[error("content-encoding `{0}` is not supported on this route; send the body unencoded")]
     UnsupportedContentEncoding(String),
+    /// A request body sent with a transfer coding other than `chunked`
+    /// alone (`gzip, chunked`; `chunked` twice): hyper removes the chunking
+    /// only, and the body would go on coded and unlabelled (RFC 9112 §6.1:
+    /// 501).
+    #[error("transfer-encoding `{0}` is not supported; send the body with `chunked` alone")]
+    UnsupportedTransferCoding(String),
     /// A rate limit was hit.
     #[error("rate limit exceeded: {message}")]
     RateLimited {
@@ -266,6 +272,7 @@ impl Error {
             | IdStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout { .. } | NotCached => StatusCode::GATEWAY_TIMEOUT,
             Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -285,7 +292,8 @@ impl Error {
             | RequestTimeout { .. }
             | RequestBodyTooSlow { .. }
             | UnsupportedMediaType(_)
-            | UnsupportedContentEncoding(_) => "invalid_request_error",
+            | UnsupportedContentEncoding(_)
+            | UnsupportedTransferCoding(_) => "invalid_request_error",
             InvalidApiKey => "authentication_error",
             ModelNotAllowed(_) | RouteNotAllowed(_) => "permission_error",
             ModelNotFound(_)
@@ -333,6 +341,7 @@ impl Error {
             UpstreamTimeout { .. } => "upstream_timeout",
             NotCached => "not_cached",
             Misconfigured(_) => "misconfigured",
+            UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
         }
     }
 

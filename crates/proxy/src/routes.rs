@@ -653,10 +653,15 @@ enum FaceRoute {
     Own(Own),
     Models,
     NotFound,
+    /// A body sent with a transfer coding besides `chunked`.
+    TransferCoding(String),
 }
 
 impl Way {
     fn of<B>(shared: &Shared, route: Route, req: &Request<B>) -> Way {
+        if let Some(coding) = transfer_coding_beyond_chunked(req.headers()) {
+            return Way::Face(FaceRoute::TransferCoding(coding));
+        }
         if route == Route::Api(Endpoint::Responses)
             && !shared.sockets.is_empty()
             && websocket::wants_upgrade(req)
@@ -843,6 +848,32 @@ where
             Box::pin(models(&shared, req.uri().path(), req.headers(), caller)).await
         }
         FaceRoute::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
+        FaceRoute::TransferCoding(coding) => Err(Error::UnsupportedTransferCoding(coding)),
+    }
+}
+
+/// The request's `transfer-encoding`, when it says more than `chunked`
+/// once. hyper refuses a coding list that does not end in `chunked`, but
+/// reads `gzip, chunked` (or `chunked` twice) as chunked and leaves the
+/// rest on the body, which would then go upstream coded and unlabelled.
+/// nginx answers such a request 501, as RFC 9112 §6.1 has it.
+fn transfer_coding_beyond_chunked(headers: &http::HeaderMap) -> Option<String> {
+    let values = headers.get_all(header::TRANSFER_ENCODING);
+    let mut codings = values
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => None,
+        (Some(only), None) if only.eq_ignore_ascii_case(b"chunked") => None,
+        _ => Some(
+            values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
     }
 }
 
