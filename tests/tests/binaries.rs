@@ -902,7 +902,7 @@ async fn the_access_log_has_a_line_per_request() {
         );
     }
     assert!(
-        lines[0].contains("upstream=\"m\"") && lines[0].contains("path=/v1/chat/completions"),
+        lines[0].contains("upstream=\"m\"") && lines[0].contains("path=\"/v1/chat/completions\""),
         "{}",
         lines[0]
     );

@@ -608,7 +608,7 @@ impl Access {
             target: "llm_proxy::access",
             request_id = self.request_id.to_str().unwrap_or(""),
             method = %self.method,
-            path = %self.path,
+            path = self.path.as_str(),
             status = self.status,
             upstream = self
                 .upstream
