@@ -1005,3 +1005,83 @@ async fn an_unlimited_keys_stream_counts_its_estimate_and_chunks() {
         "{metrics}"
     );
 }
+
+/// `cors_allow_origins`: a browser app on a listed origin has its preflight
+/// (sent without the key) answered, and may read every answer, refusals
+/// included; an origin not listed gets what it would without the setting.
+#[tokio::test]
+async fn listed_browser_origins_may_call_and_others_may_not() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "cors_allow_origins = [\"https://app.example\"]\n{}\n\
+         [auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\n",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let url = p.url("/v1/chat/completions");
+    let preflight = |origin| {
+        send(request(
+            Method::OPTIONS,
+            &url,
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization, content-type",
+                ),
+            ],
+            "",
+        ))
+    };
+    let allowed = preflight("https://app.example").await;
+    assert_eq!(allowed.status, 204, "{}", allowed.text());
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        allowed.header("access-control-allow-headers"),
+        Some("authorization, content-type")
+    );
+    assert!(
+        allowed
+            .header("access-control-allow-methods")
+            .is_some_and(|m| m.contains("POST"))
+    );
+    assert!(allowed.header("x-request-id").is_some());
+    let other = preflight("https://elsewhere.example").await;
+    other.assert_error(405, "invalid_request_error", "method_not_allowed");
+    assert_eq!(other.header("access-control-allow-origin"), None);
+
+    let ask = |origin: &'static str, key: Option<&'static str>| {
+        let mut headers = vec![("origin", origin), ("content-type", "application/json")];
+        headers.extend(key.map(|k| ("authorization", k)));
+        send(request(Method::POST, &url, &headers, chat("m", false)))
+    };
+    let answer = ask("https://app.example", Some("Bearer sk-k")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(
+        answer.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(answer.header("access-control-expose-headers"), Some("*"));
+    assert!(
+        answer
+            .headers
+            .get_all("vary")
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"origin"))
+    );
+    let refused = ask("https://app.example", None).await;
+    refused.assert_error(401, "authentication_error", "invalid_api_key");
+    assert_eq!(
+        refused.header("access-control-allow-origin"),
+        Some("https://app.example"),
+        "the app may read why"
+    );
+    let other = ask("https://elsewhere.example", Some("Bearer sk-k")).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    assert_eq!(up.stats.requests(), 2, "no preflight reached the upstream");
+}

@@ -263,6 +263,7 @@ impl Proxy {
                 // One knob for slow clients, head and body alike.
                 body_read_timeout: settings.header_read_timeout,
                 buffered_body_timeout: settings.request_body_timeout,
+                cors: crate::Cors::new(settings.cors_allow_origins.iter().cloned()),
             },
         );
         Ok(Proxy {

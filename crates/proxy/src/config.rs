@@ -150,6 +150,10 @@ pub struct Config {
     /// Log one line per request when its response ends.
     #[serde(default)]
     pub access_log: bool,
+    /// Origins browser apps may call the proxy from (`*`: any); empty:
+    /// no CORS.
+    #[serde(default)]
+    pub cors_allow_origins: Vec<Spanned<String>>,
     /// Serve `/metrics` on this address instead of on `listen`.
     #[serde(default)]
     pub metrics_listen: Option<Spanned<String>>,
@@ -601,6 +605,8 @@ pub struct Settings {
     pub overhead_header: bool,
     /// Log one line per request when its response ends.
     pub access_log: bool,
+    /// Origins allowed by CORS (`*`: any); empty: no CORS.
+    pub cors_allow_origins: Vec<String>,
     /// Separate metrics address.
     pub metrics_listen: Option<SocketAddr>,
     /// The upstreams, in config order.
@@ -771,6 +777,18 @@ const MAX_TTL_SECS: f64 = 10.0 * 365.0 * 86_400.0;
 
 /// A timeout of 0 ms would fail every request (or close every connection)
 /// at once: a mistake, not a setting.
+/// Whether `s` is an origin as a browser sends it: `http` or `https`, then
+/// a host and maybe a port, nothing else.
+fn is_origin(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return false;
+    };
+    matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@', ' ', '*'])
+        && http::uri::Authority::try_from(rest).is_ok()
+}
+
 fn positive_ms(
     path: &Path,
     src: &str,
@@ -835,6 +853,21 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 "`metrics_listen` is `listen` ({listen}): give metrics an address of their own, or leave it out to serve them on `listen`"
             ),
         ));
+    }
+    let mut cors_allow_origins = Vec::with_capacity(cfg.cors_allow_origins.len());
+    for origin in &cfg.cors_allow_origins {
+        let o = origin.get_ref();
+        if o != "*" && !is_origin(o) {
+            return Err(err(
+                origin.span(),
+                format!(
+                    "`cors_allow_origins`: `{o}` is not an origin: `*`, or a scheme and host \
+                     as a browser sends them (`https://app.example.com`, \
+                     `http://localhost:3000`), without a path or a trailing slash"
+                ),
+            ));
+        }
+        cors_allow_origins.push(o.to_ascii_lowercase());
     }
     if cfg.max_body_bytes == 0 {
         return Err(ConfigError::near(
@@ -1189,6 +1222,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         upstream_header: cfg.upstream_header,
         overhead_header: cfg.overhead_header,
         access_log: cfg.access_log,
+        cors_allow_origins,
         metrics_listen,
         balance: match &cfg.balance {
             Some(b) => validate_balance(path, src, b, &upstreams)?,
@@ -1805,6 +1839,33 @@ mod tests {
         assert!(s.upstream_header);
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         assert_eq!(s.workers, cpus);
+    }
+
+    #[test]
+    fn cors_origins_are_origins() {
+        let s = load(&format!(
+            "cors_allow_origins = [\"https://App.example.com\", \"http://localhost:3000\", \"*\"]\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(
+            s.cors_allow_origins,
+            ["https://app.example.com", "http://localhost:3000", "*"]
+        );
+        assert!(load(MIN).unwrap().cors_allow_origins.is_empty());
+        for bad in [
+            "https://app.example.com/",
+            "app.example.com",
+            "ftp://app.example.com",
+            "https://",
+            "https://*.example.com",
+            "https://user@app.example.com",
+        ] {
+            let e = load(&format!("cors_allow_origins = [\"{bad}\"]\n{MIN}")).unwrap_err();
+            assert!(
+                e.contains("is not an origin") && e.contains(":1:"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

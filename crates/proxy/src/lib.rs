@@ -40,6 +40,7 @@
 
 mod app;
 pub mod config;
+mod cors;
 mod estimate;
 mod fair_lru;
 mod gated;
@@ -57,5 +58,6 @@ mod timer;
 mod websocket;
 
 pub use app::{BuildError, Proxy};
+pub use cors::Cors;
 pub use routes::{ProxyService, Readiness};
 pub use server::{ShutdownSignals, shutdown_signal};

@@ -165,6 +165,8 @@ pub struct FaceOptions {
     /// The longest a body the proxy buffers may take to come whole
     /// ([`ReadTimeout::with_deadline`]).
     pub buffered_body_timeout: Duration,
+    /// The origins browser apps may call from (`None`: no CORS).
+    pub cors: Option<crate::Cors>,
 }
 
 /// The proxy as one tower `Service` over any request body: what the server
@@ -471,6 +473,12 @@ where
         });
     let head = req.method() == Method::HEAD;
     let h1 = req.version() < http::Version::HTTP_2;
+    // An allowed browser origin: its answer says it may read it.
+    let cors_origin = shared
+        .options
+        .cors
+        .as_ref()
+        .and_then(|cors| cors.allowed(req.headers()).cloned());
     // Only with `access_log`: nothing is copied for it otherwise.
     let mut access = shared.options.access_log.then(|| {
         Box::new(crate::metrics::Access {
@@ -584,6 +592,9 @@ where
             resp.headers_mut().remove(UPSTREAM_HEADER);
         }
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+        if let (Some(cors), Some(origin)) = (&shared.options.cors, cors_origin) {
+            cors.mark(origin, resp.headers_mut());
+        }
         let overhead = waited.map(|waited| start.elapsed().saturating_sub(waited.total()));
         if let Some(overhead) = overhead
             && shared.options.overhead_header
@@ -655,12 +666,19 @@ enum FaceRoute {
     NotFound,
     /// A body sent with a transfer coding besides `chunked`.
     TransferCoding(String),
+    /// A CORS preflight from an allowed origin.
+    Preflight,
 }
 
 impl Way {
     fn of<B>(shared: &Shared, route: Route, req: &Request<B>) -> Way {
         if let Some(coding) = transfer_coding_beyond_chunked(req.headers()) {
             return Way::Face(FaceRoute::TransferCoding(coding));
+        }
+        if let Some(cors) = &shared.options.cors
+            && cors.is_preflight(req.method(), req.headers())
+        {
+            return Way::Face(FaceRoute::Preflight);
         }
         if route == Route::Api(Endpoint::Responses)
             && !shared.sockets.is_empty()
@@ -849,6 +867,10 @@ where
         }
         FaceRoute::NotFound => Err(Error::RouteNotFound(req.uri().path().to_owned())),
         FaceRoute::TransferCoding(coding) => Err(Error::UnsupportedTransferCoding(coding)),
+        FaceRoute::Preflight => match &shared.options.cors {
+            Some(cors) => Ok(cors.preflight(req.headers())),
+            None => Err(Error::RouteNotFound(req.uri().path().to_owned())),
+        },
     }
 }
 
