@@ -1085,3 +1085,61 @@ async fn listed_browser_origins_may_call_and_others_may_not() {
     assert_eq!(other.header("access-control-allow-origin"), None);
     assert_eq!(up.stats.requests(), 2, "no preflight reached the upstream");
 }
+
+/// With `cors_allow_origins`, the proxy's list decides who reads its
+/// answers: an upstream's own CORS headers (vLLM and LiteLLM allow every
+/// origin by default) reach no browser, and every answer varies by origin.
+#[tokio::test]
+async fn the_upstreams_cors_headers_do_not_widen_the_list() {
+    use tokio::io::AsyncWriteExt;
+    let addr = raw_upstream(|mut conn| async move {
+        while read_request(&mut conn).await.is_some() {
+            let answer = json_answer(
+                "200 OK",
+                "access-control-allow-origin: *\r\naccess-control-allow-credentials: true\r\n",
+                r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
+            );
+            if conn.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let p = proxy(&format!(
+        "cors_allow_origins = [\"https://app.example\"]\n{}",
+        one_upstream(&format!("http://{addr}/v1"), "")
+    ))
+    .await;
+    let ask = |origin: Option<&'static str>| {
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend(origin.map(|o| ("origin", o)));
+        send(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &headers,
+            chat("m", false),
+        ))
+    };
+    for (origin, allowed) in [
+        (Some("https://app.example"), Some("https://app.example")),
+        (Some("https://elsewhere.example"), None),
+        (None, None),
+    ] {
+        let answer = ask(origin).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(
+            answer.header("access-control-allow-origin"),
+            allowed,
+            "{origin:?}"
+        );
+        assert_eq!(answer.header("access-control-allow-credentials"), None);
+        assert!(
+            answer
+                .headers
+                .get_all("vary")
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"origin")),
+            "{origin:?}"
+        );
+    }
+}

@@ -775,20 +775,27 @@ const MIN_TTL_SECS: f64 = 0.001;
 /// The longest `ttl_secs`: ten years ("for ever", without overflowing a clock).
 const MAX_TTL_SECS: f64 = 10.0 * 365.0 * 86_400.0;
 
-/// A timeout of 0 ms would fail every request (or close every connection)
-/// at once: a mistake, not a setting.
-/// Whether `s` is an origin as a browser sends it: `http` or `https`, then
-/// a host and maybe a port, nothing else.
-fn is_origin(s: &str) -> bool {
-    let Some((scheme, rest)) = s.split_once("://") else {
-        return false;
+/// `s` as a browser sends an origin (`http` or `https`, a host, a port
+/// unless the scheme's own: a browser leaves out `:443` and `:80`), in
+/// lowercase; `None` when it is not one.
+fn origin(s: &str) -> Option<String> {
+    let s = s.to_ascii_lowercase();
+    let (scheme, rest) = s.split_once("://")?;
+    let default_port = match scheme {
+        "https" => ":443",
+        "http" => ":80",
+        _ => return None,
     };
-    matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https")
-        && !rest.is_empty()
+    let rest = rest.strip_suffix(default_port).unwrap_or(rest);
+    let fine = !rest.is_empty()
+        && !rest.ends_with(':')
         && !rest.contains(['/', '?', '#', '@', ' ', '*'])
-        && http::uri::Authority::try_from(rest).is_ok()
+        && http::uri::Authority::try_from(rest).is_ok();
+    fine.then(|| format!("{scheme}://{rest}"))
 }
 
+/// A timeout of 0 ms would fail every request (or close every connection)
+/// at once: a mistake, not a setting.
 fn positive_ms(
     path: &Path,
     src: &str,
@@ -857,7 +864,12 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
     let mut cors_allow_origins = Vec::with_capacity(cfg.cors_allow_origins.len());
     for origin in &cfg.cors_allow_origins {
         let o = origin.get_ref();
-        if o != "*" && !is_origin(o) {
+        let normal = if o == "*" {
+            Some(o.clone())
+        } else {
+            self::origin(o)
+        };
+        let Some(normal) = normal else {
             return Err(err(
                 origin.span(),
                 format!(
@@ -866,8 +878,8 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                      `http://localhost:3000`), without a path or a trailing slash"
                 ),
             ));
-        }
-        cors_allow_origins.push(o.to_ascii_lowercase());
+        };
+        cors_allow_origins.push(normal);
     }
     if cfg.max_body_bytes == 0 {
         return Err(ConfigError::near(
@@ -1851,6 +1863,19 @@ mod tests {
             s.cors_allow_origins,
             ["https://app.example.com", "http://localhost:3000", "*"]
         );
+        // As a browser sends it: without the scheme's own port.
+        let s = load(&format!(
+            "cors_allow_origins = [\"https://a.example:443\", \"http://b.example:80\", \"https://c.example:80\"]\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(
+            s.cors_allow_origins,
+            [
+                "https://a.example",
+                "http://b.example",
+                "https://c.example:80"
+            ]
+        );
         assert!(load(MIN).unwrap().cors_allow_origins.is_empty());
         for bad in [
             "https://app.example.com/",
@@ -1859,6 +1884,7 @@ mod tests {
             "https://",
             "https://*.example.com",
             "https://user@app.example.com",
+            "https://app.example.com:",
         ] {
             let e = load(&format!("cors_allow_origins = [\"{bad}\"]\n{MIN}")).unwrap_err();
             assert!(

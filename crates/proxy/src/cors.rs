@@ -82,22 +82,51 @@ impl Cors {
         resp
     }
 
-    /// Mark an answer to an allowed `origin`: it may read it, and its
-    /// headers (`x-request-id`, the rate-limit headers, `retry-after`).
-    pub(crate) fn mark(&self, origin: HeaderValue, headers: &mut HeaderMap) {
-        let allow = if self.any {
-            HeaderValue::from_static("*")
+    /// Mark an answer: for an allowed `origin`, that it may read it and
+    /// its headers (`x-request-id`, the rate-limit headers, `retry-after`);
+    /// for any other, nothing. What the upstream said of CORS is dropped
+    /// first (vLLM and LiteLLM allow every origin by default): the proxy's
+    /// list decides who reads its answers. Not on the face's own answer to
+    /// a preflight (`preflight`), which holds its own.
+    pub(crate) fn mark(
+        &self,
+        origin: Option<HeaderValue>,
+        headers: &mut HeaderMap,
+        preflight: bool,
+    ) {
+        if !preflight {
+            strip_upstreams(headers);
+        }
+        if self.any {
+            // The same for every request: no `vary` needed.
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
         } else {
-            origin
-        };
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+            // For a cache between: the answer depends on the origin.
+            headers.append(header::VARY, HeaderValue::from_static("origin"));
+            match origin {
+                Some(origin) => headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin),
+                None => return,
+            };
+        }
         headers.insert(
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
             HeaderValue::from_static("*"),
         );
-        if !self.any {
-            headers.append(header::VARY, HeaderValue::from_static("origin"));
-        }
+    }
+}
+
+/// Removes the `access-control-*` headers an upstream sent.
+fn strip_upstreams(headers: &mut HeaderMap) {
+    let theirs: Vec<_> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in theirs {
+        headers.remove(name);
     }
 }
 

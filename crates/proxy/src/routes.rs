@@ -524,7 +524,9 @@ where
     });
     // The stack is called here, before the future: what it answers is all
     // the future holds of it.
-    let answer = match Way::of(shared, route, &req) {
+    let way = Way::of(shared, route, &req);
+    let preflight = matches!(way, Way::Face(FaceRoute::Preflight));
+    let answer = match way {
         Way::Stack => {
             let (mut parts, body) = req.into_parts();
             parts.headers.insert(REQUEST_ID, request_id.clone());
@@ -592,8 +594,8 @@ where
             resp.headers_mut().remove(UPSTREAM_HEADER);
         }
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
-        if let (Some(cors), Some(origin)) = (&shared.options.cors, cors_origin) {
-            cors.mark(origin, resp.headers_mut());
+        if let Some(cors) = &shared.options.cors {
+            cors.mark(cors_origin, resp.headers_mut(), preflight);
         }
         let overhead = waited.map(|waited| start.elapsed().saturating_sub(waited.total()));
         if let Some(overhead) = overhead
