@@ -116,6 +116,44 @@ async fn what_was_decided_while_redis_was_away_reaches_it_once_back() {
     );
 }
 
+/// What a proxy let through alone and has since refilled is not owed to
+/// Redis once it is back: a key that kept within its limit through an
+/// outage is not refused after it for the outage's whole spend.
+#[tokio::test]
+async fn what_refilled_while_redis_was_away_is_not_owed_once_back() {
+    let mut redis = RedisServer::start().await;
+    let up = mock_named("m").await;
+    // rpm 600: a request every 0.1 s.
+    let p = proxy(&format!(
+        "{}\n[auth]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"t11:\"\n\
+         [[auth.keys]]\nname = \"fleet\"\nkey = \"sk-fleet\"\nrequests_per_minute = 600\n",
+        one_upstream(&up.base_url(), ""),
+        redis.url()
+    ))
+    .await;
+    assert_eq!(call(&p).await.status, 200);
+    redis.stop();
+    for _ in 0..5 {
+        assert_eq!(call(&p).await.status, 200);
+    }
+    // Half a second of requests, refilled in a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.restart().await;
+    let deadline = tokio::time::Instant::now() + HANG;
+    let ahead = loop {
+        assert_eq!(call(&p).await.status, 200);
+        if let Some(ahead) = fleet_ahead(&redis, "t11:").await {
+            break ahead;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "Redis never asked");
+        // (Each request decided alone meanwhile refills too.)
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    };
+    // Only the request Redis decided: without the refill taken off, the
+    // five let through alone (0.5 s) would be owed again.
+    assert!(ahead <= Duration::from_millis(100), "Redis {ahead:?} ahead");
+}
+
 /// How far the request time of key `fleet` under `prefix` runs ahead of
 /// Redis's clock, once Redis holds one.
 async fn fleet_ahead(redis: &RedisServer, prefix: &str) -> Option<Duration> {

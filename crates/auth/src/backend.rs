@@ -69,7 +69,7 @@ impl LimitBackend {
                 // Redis kept (or lost) through the outage is not a fresh one.
                 // (Dropped with this future, a client gone mid-call, the
                 // tally is no longer on its way: the call may have run.)
-                let alone = key.limits.take_alone();
+                let alone = key.limits.take_alone(self.now());
                 let answer = r
                     .acquire(key, tokens, alone.as_ref().map(Tally::units))
                     .await;

@@ -293,13 +293,13 @@ pub struct KeySection {
     pub key_sha256: Option<Spanned<String>>,
     /// Models this key may use.
     #[serde(default)]
-    pub models: Option<Vec<String>>,
+    pub models: Option<Spanned<Vec<String>>>,
     /// Requests per minute.
     #[serde(default)]
-    pub requests_per_minute: Option<u32>,
+    pub requests_per_minute: Option<Spanned<u32>>,
     /// Tokens per minute.
     #[serde(default)]
-    pub tokens_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<Spanned<u32>>,
     /// May use other `/v1/*` routes.
     #[serde(default)]
     pub passthrough: bool,
@@ -319,7 +319,7 @@ pub struct UpstreamSection {
     pub api_key: Option<Spanned<String>>,
     /// Models served; absent = every model.
     #[serde(default)]
-    pub models: Option<Vec<String>>,
+    pub models: Option<Spanned<Vec<String>>>,
     /// `openai` or `anthropic`: how the key is sent, and the default `apis`.
     #[serde(default)]
     pub protocol: Option<Spanned<String>>,
@@ -370,7 +370,7 @@ pub struct MockSection {
     pub latency_ms: u64,
     /// Streaming pace; absent = as fast as possible.
     #[serde(default)]
-    pub tokens_per_second: Option<f64>,
+    pub tokens_per_second: Option<Spanned<f64>>,
 }
 
 // The sections that may hold a secret (a literal key, a Redis password)
@@ -1060,11 +1060,12 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 )
             })?),
             (None, Some(mock)) => {
-                if let Some(tps) = mock.tokens_per_second
-                    && !(tps.is_finite() && tps > 0.0)
+                if let Some(tps) = &mock.tokens_per_second
+                    && !(tps.get_ref().is_finite() && *tps.get_ref() > 0.0)
                 {
+                    let (at, tps) = (tps.span(), tps.get_ref());
                     return Err(err(
-                        up.name.span(),
+                        at,
                         format!(
                             "upstream `{name}`: mock `tokens_per_second` must be above 0, not {tps}: leave it out to stream as fast as the client reads"
                         ),
@@ -1072,7 +1073,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 }
                 Target::Mock {
                     latency: Duration::from_millis(mock.latency_ms),
-                    tokens_per_second: mock.tokens_per_second,
+                    tokens_per_second: mock.tokens_per_second.as_ref().map(|t| *t.get_ref()),
                 }
             }
             (Some(url), Some(_)) => {
@@ -1150,17 +1151,21 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 Some(pem)
             }
         };
-        if up.models.as_ref().is_some_and(Vec::is_empty) {
+        if let Some(models) = &up.models
+            && models.get_ref().is_empty()
+        {
             return Err(err(
-                up.name.span(),
+                models.span(),
                 format!(
                     "upstream `{name}`: `models` is empty, so it would serve nothing; leave it out to serve every model"
                 ),
             ));
         }
-        if let Some(model) = up.models.iter().flatten().find(|m| m.trim().is_empty()) {
+        if let Some(models) = &up.models
+            && let Some(model) = models.get_ref().iter().find(|m| m.trim().is_empty())
+        {
             return Err(err(
-                up.name.span(),
+                models.span(),
                 format!("upstream `{name}`: `models` holds an empty name ({model:?})"),
             ));
         }
@@ -1196,7 +1201,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             name,
             target,
             api_key,
-            models: up.models,
+            models: up.models.map(Spanned::into_inner),
             weight: up.weight,
             protocol,
             apis,
@@ -1671,39 +1676,45 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
             ));
         }
         for (what, value) in [
-            ("requests_per_minute", k.requests_per_minute),
-            ("tokens_per_minute", k.tokens_per_minute),
+            ("requests_per_minute", &k.requests_per_minute),
+            ("tokens_per_minute", &k.tokens_per_minute),
         ] {
-            if value == Some(0) {
+            if let Some(value) = value
+                && *value.get_ref() == 0
+            {
                 return Err(err(
-                    k.name.span(),
+                    value.span(),
                     format!(
                         "key `{name}`: `{what}` must be at least 1 (leave it out for no limit)"
                     ),
                 ));
             }
         }
-        if k.models.as_ref().is_some_and(Vec::is_empty) {
+        if let Some(models) = &k.models
+            && models.get_ref().is_empty()
+        {
             return Err(err(
-                k.name.span(),
+                models.span(),
                 format!(
                     "key `{name}`: `models` is empty, so the key could use no model; leave it \
                      out to allow every model, or remove the key"
                 ),
             ));
         }
-        if let Some(model) = k.models.iter().flatten().find(|m| m.trim().is_empty()) {
+        if let Some(models) = &k.models
+            && let Some(model) = models.get_ref().iter().find(|m| m.trim().is_empty())
+        {
             return Err(err(
-                k.name.span(),
+                models.span(),
                 format!("key `{name}`: `models` holds an empty name ({model:?})"),
             ));
         }
         keys.push(llm_proxy_auth::KeySpec {
             name,
             sha256,
-            models: k.models.clone(),
-            requests_per_minute: k.requests_per_minute,
-            tokens_per_minute: k.tokens_per_minute,
+            models: k.models.as_ref().map(|m| m.get_ref().clone()),
+            requests_per_minute: k.requests_per_minute.as_ref().map(|r| *r.get_ref()),
+            tokens_per_minute: k.tokens_per_minute.as_ref().map(|t| *t.get_ref()),
             passthrough: k.passthrough,
         });
     }
@@ -1935,7 +1946,7 @@ mod tests {
         }
         refused(
             format!("{MIN}models = []\n"),
-            "t.toml:2: upstream `a`: `models` is empty",
+            "t.toml:4: upstream `a`: `models` is empty",
         );
         refused(
             format!("{MIN}api_key = \"a\\nb\"\n"),
@@ -2078,8 +2089,11 @@ mod tests {
         let e = load(&format!("{MIN}connect_timeout_ms = 0\n")).unwrap_err();
         assert!(e.contains("upstream `a`: `connect_timeout_ms`"), "{e}");
         for (field, says) in [
-            ("apis = []", "`apis` is empty"),
-            ("models = [\"\"]", "`models` holds an empty name"),
+            ("apis = []", "t.toml:4: upstream `a`: `apis` is empty"),
+            (
+                "models = [\"\"]",
+                "t.toml:4: upstream `a`: `models` holds an empty name",
+            ),
         ] {
             let e = load(&format!("{MIN}{field}\n")).unwrap_err();
             assert!(e.contains(says), "{field}: {e}");
@@ -2179,21 +2193,30 @@ mod tests {
             .unwrap_err();
             assert!(e.contains("without control characters"), "{name}: {e}");
         }
-        for (models, said) in [
+        // Each on line 8, the key's own (not its section's `name`).
+        for (line, said) in [
             (
-                "[]",
-                "key `k`: `models` is empty, so the key could use no model",
+                "models = []",
+                "t.toml:8: key `k`: `models` is empty, so the key could use no model",
             ),
             (
-                "[\"m\", \" \"]",
-                "key `k`: `models` holds an empty name (\" \")",
+                "models = [\"m\", \" \"]",
+                "t.toml:8: key `k`: `models` holds an empty name (\" \")",
+            ),
+            (
+                "requests_per_minute = 0",
+                "t.toml:8: key `k`: `requests_per_minute` must be at least 1",
+            ),
+            (
+                "tokens_per_minute = 0",
+                "t.toml:8: key `k`: `tokens_per_minute` must be at least 1",
             ),
         ] {
             let e = load(&format!(
-                "{MIN}[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-1\"\nmodels = {models}\n"
+                "{MIN}[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-1\"\n{line}\n"
             ))
             .unwrap_err();
-            assert!(e.contains(said), "{models}: {e}");
+            assert!(e.contains(said), "{line}: {e}");
         }
     }
 
@@ -2252,12 +2275,18 @@ mod tests {
     #[test]
     fn a_mock_pace_that_cannot_work_is_refused() {
         let mock = "[[upstream]]\nname = \"m\"\nmock = { tokens_per_second = TPS }\n";
+        let table = "[[upstream]]\nname = \"m\"\n[upstream.mock]\nlatency_ms = 1\ntokens_per_second = TPS\n";
         for tps in ["0.0", "-5.0", "nan", "inf"] {
-            let e = load(&mock.replace("TPS", tps)).unwrap_err();
-            assert!(
-                e.contains("t.toml:2: upstream `m`: mock `tokens_per_second` must be above 0"),
-                "{tps}: {e}"
-            );
+            // The error names the key's own line.
+            for (src, line) in [(mock, 3), (table, 5)] {
+                let e = load(&src.replace("TPS", tps)).unwrap_err();
+                assert!(
+                    e.contains(&format!(
+                        "t.toml:{line}: upstream `m`: mock `tokens_per_second` must be above 0"
+                    )),
+                    "{tps}: {e}"
+                );
+            }
         }
         assert!(load(&mock.replace("TPS", "0.5")).is_ok());
     }
