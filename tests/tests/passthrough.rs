@@ -739,6 +739,46 @@ async fn readiness_follows_ejection_not_rate_limits() {
     }
 }
 
+/// An upstream that breaks every stream after its 200 head, ejected, is
+/// not let back by the head of a request panic-routed to it (with other
+/// upstreams failing, such requests come often): its rest runs on, and
+/// its broken body does not eject it a second time.
+#[tokio::test]
+async fn a_panic_routed_stream_that_breaks_does_not_end_the_rest() {
+    let breaking = mock(llm_proxy_mock::MockConfig {
+        name: "m".into(),
+        failure: Some(llm_proxy_mock::Failure::DropMidStream { after_chunks: 1 }),
+        ..llm_proxy_mock::MockConfig::default()
+    })
+    .await;
+    let proxy = proxy(&one_upstream(
+        &breaking.base_url(),
+        "\n[balance]\nmax_retries = 0\neject_after_failures = 1\n",
+    ))
+    .await;
+    for _ in 0..2 {
+        // The second is panic-routed: the only upstream rests.
+        let resp = client()
+            .request(request(
+                Method::POST,
+                &proxy.url("/v1/chat/completions"),
+                &[("content-type", "application/json")],
+                chat("m", true),
+            ))
+            .await
+            .expect("response head");
+        assert_eq!(resp.status(), 200);
+        let (body, broke) = read_stream(resp).await;
+        let body = String::from_utf8_lossy(&body);
+        assert!(broke && body.contains("stream_interrupted"), "{body}");
+        let readyz = send(request(Method::GET, &proxy.url("/readyz"), &[], "")).await;
+        assert_eq!(readyz.status, 503, "{}", readyz.text());
+    }
+    let metrics = proxy.metrics().await;
+    let line = r#"llm_proxy_ejections_total{upstream="up"} 1"#;
+    assert!(metrics.contains(line), "{line} in {metrics}");
+}
+
 /// Every upstream of a model answered 429 with `retry-after`: until the
 /// first of them is back, the proxy asks none of them (no panic routing to
 /// a server that said when to come back) and answers 503

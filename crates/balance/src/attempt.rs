@@ -30,7 +30,7 @@ type Outcome = Result<Response<Body>, Error>;
 
 /// What an attempt's outcome means for health and for retrying.
 #[derive(Debug, PartialEq)]
-enum Verdict {
+pub(crate) enum Verdict {
     /// Below 400: answered; resets the failure count.
     Success,
     /// A 4xx other than 429 (or 501): the request's fault; passed through.
@@ -60,8 +60,9 @@ fn classify(outcome: &Outcome) -> Verdict {
     }
 }
 
-/// What an answer's head says of its backend.
-fn classify_head(status: StatusCode, headers: &http::HeaderMap) -> Verdict {
+/// What an answer's head says of its backend (also a probe's: a 429, or a
+/// 503 with `retry-after`, is busy, not down).
+pub(crate) fn classify_head(status: StatusCode, headers: &http::HeaderMap) -> Verdict {
     match status {
         StatusCode::TOO_MANY_REQUESTS => Verdict::Throttled(retry_after_ns(headers)),
         StatusCode::SERVICE_UNAVAILABLE if headers.contains_key(header::RETRY_AFTER) => {
@@ -87,25 +88,28 @@ fn says_do_not_retry(outcome: &Outcome) -> bool {
 
 /// Apply what an answer's head says to its backend's health (a failure
 /// took `elapsed`; `sent`: the backend's ejections when the request was
-/// sent, if it is one of the balancer's); the verdict.
+/// sent, if it is one of the balancer's); the verdict, and whether the
+/// request was panic-routed into the ejection that still runs (its body's
+/// whole end is to end it: [`BackendState::answered_of`]).
 fn judge(
     state: &BackendState,
     now: u64,
     verdict: Verdict,
     elapsed: Duration,
     sent: Option<u64>,
-) -> Verdict {
+) -> (Verdict, bool) {
+    let mut panic_routed = false;
     match verdict {
         // The failure count is reset by the body's clean end (FirstFrame).
         Verdict::Success => match sent {
-            Some(seen) => state.answered_of(now, seen),
+            Some(seen) => panic_routed = state.answered_of(now, seen),
             None => state.answered(now),
         },
         Verdict::Failure => state.record_failure(now, elapsed),
         Verdict::Throttled(ns) => state.rest(now, ns),
         Verdict::Pass | Verdict::Fatal | Verdict::Refused => {}
     }
-    verdict
+    (verdict, panic_routed)
 }
 
 /// [`BalanceHandle::refused`](crate::BalanceHandle::refused): an answer's
@@ -482,7 +486,8 @@ where
         let outcome = call.await;
         waiting.armed = false;
         let (now, elapsed) = shared.epoch.now_since(start);
-        let verdict = judge(state, now, classify(&outcome), elapsed, Some(ejections));
+        let (verdict, panic_routed) =
+            judge(state, now, classify(&outcome), elapsed, Some(ejections));
         let mut sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
         let outcome = outcome.map(|resp| {
             resp.map(|body| {
@@ -492,10 +497,14 @@ where
                     sample = None;
                     state.observe(now, elapsed);
                     state.clean_end();
+                    if panic_routed {
+                        state.whole_of(now, ejections);
+                    }
                 }
                 let timed = FirstFrame::new(
                     body,
                     sample.map(|(epoch, start)| (guard.state().clone(), epoch, start)),
+                    panic_routed.then_some(ejections),
                 );
                 Guarded::new(timed, guard).boxed_unsync()
             })

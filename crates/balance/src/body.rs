@@ -17,7 +17,10 @@
 //! the backend's failure count, unless a failure was counted after its head
 //! came (a stream answered before the backend began to fail says nothing of
 //! it now). The head's 200 alone does not: a server that breaks every
-//! stream mid-way answers every head with 200.
+//! stream mid-way answers every head with 200. For that reason too, a
+//! request panic-routed into its backend's ejection ends the ejection when
+//! its body ends whole (its last frame read, or the body at its end when
+//! dropped), not at its head nor when its client leaves mid-way.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,8 +44,16 @@ pin_project_lite::pin_project! {
 
     impl<B> PinnedDrop for FirstFrame<B> {
         fn drop(this: Pin<&mut Self>) {
-            match this.project().watch.take() {
-                Some(watch) if watch.sampled => watch.state.clean_end_of(watch.seen),
+            let this = this.project();
+            match this.watch.take() {
+                Some(watch) if watch.sampled => {
+                    watch.state.clean_end_of(watch.seen);
+                    if let Some(seen) = watch.ends_rest
+                        && watch.ended
+                    {
+                        watch.state.whole_of(watch.epoch.now(), seen);
+                    }
+                }
                 // Dropped before its first frame: the backend took at least
                 // this long, and showed nothing of its health.
                 Some(watch) => {
@@ -56,19 +67,29 @@ pin_project_lite::pin_project! {
 }
 
 /// The backend, the clock and the send time; the backend's failures
-/// counted when the head came; whether the first frame was sampled.
+/// counted when the head came; whether the first frame was sampled; the
+/// ejection a panic-routed request was sent into, which its whole end
+/// ends; whether its last frame was read.
 pub(crate) struct Watch {
     state: Arc<BackendState>,
     epoch: Epoch,
     start: Instant,
     seen: u64,
     sampled: bool,
+    ends_rest: Option<u64>,
+    ended: bool,
 }
 
 impl<B> FirstFrame<B> {
     /// Wrap `inner`, the body of an answer of `state`'s backend sent at
-    /// `start` (none: nothing to record).
-    pub(crate) fn new(inner: B, sample: Option<(Arc<BackendState>, Epoch, Instant)>) -> Self {
+    /// `start` (none: nothing to record); `ends_rest`: the backend's
+    /// ejections when the request was sent, if it was panic-routed into
+    /// the one that still runs.
+    pub(crate) fn new(
+        inner: B,
+        sample: Option<(Arc<BackendState>, Epoch, Instant)>,
+        ends_rest: Option<u64>,
+    ) -> Self {
         FirstFrame {
             inner,
             watch: sample.map(|(state, epoch, start)| Watch {
@@ -77,6 +98,8 @@ impl<B> FirstFrame<B> {
                 epoch,
                 start,
                 sampled: false,
+                ends_rest,
+                ended: false,
             }),
         }
     }
@@ -90,11 +113,16 @@ impl<B: HttpBody<Error = BoxError>> HttpBody for FirstFrame<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         if let Poll::Ready(frame) = &polled
             && let Some(watch) = this.watch
         {
+            // (A body at its end after a frame may not be polled again.)
+            watch.ended |= frame.is_none()
+                || (watch.ends_rest.is_some()
+                    && matches!(frame, Some(Ok(_)))
+                    && this.inner.is_end_stream());
             // The clock is read only where the frame tells something.
             match frame {
                 Some(Err(e)) => {

@@ -207,10 +207,15 @@ impl<S> BalanceHandle<S> {
     /// the rest began after the exchange was sent (the answer is older news
     /// than the failures that ejected it). Its failure count stands until
     /// what it answered ends whole ([`ended_whole`](Self::ended_whole)) or
-    /// breaks ([`report`](Self::report) `Err`).
+    /// breaks ([`report`](Self::report) `Err`). (A request's answer ends
+    /// the rest only once its body ends whole; a session may last hours,
+    /// and its switch is a whole exchange of its own.)
     pub fn answered(&self, name: &str, sent: Seen) {
         if let Some(state) = self.state_of(name) {
-            state.answered_of(self.shared.epoch.now(), sent.ejections);
+            let now = self.shared.epoch.now();
+            if state.answered_of(now, sent.ejections) {
+                state.whole_of(now, sent.ejections);
+            }
         }
     }
 

@@ -4,19 +4,27 @@
 //! - `eject_after` consecutive failures (connect error, timeout, 5xx) eject
 //!   the backend: it rests for `eject × 2^(streak − 1)`, capped at
 //!   `eject × max_multiplier`, where the streak counts ejections in a row.
-//!   A backend that stays un-ejected for as long as its last rest after that
-//!   rest ended forgets its streak.
+//!   A backend whose next failing request was sent as long as its last
+//!   rest after that rest ended forgets its streak. (Sent, not failed: a
+//!   server that hangs fails each request a whole timeout after it was
+//!   sent, and measured from the failure its streak would be forgotten
+//!   whenever the timeout is longer than its rest, its rest never doubling.)
 //! - A success (2xx) resets the failure count, clears a probe's "down" mark
 //!   and ends an ejection early (a panic-routed request just proved it works;
 //!   the answer to a request sent before the ejection does not,
 //!   [`Health::on_answered_of`]).
-//!   The answer's head does the last two ([`Health::on_answered`]); the
+//!   The answer's head clears the mark ([`Health::on_answered`]); the
 //!   count is reset when its body ends without breaking
 //!   ([`Health::on_clean_end`]), so that a server that always breaks its
 //!   streams mid-way, whose heads are all 200, is ejected too; and only if
 //!   no failure was counted after its head ([`Health::on_clean_end_of`]),
 //!   so that long streams answered earlier do not hide a server that now
-//!   fails every new request.
+//!   fails every new request. For the same reason the ejection a
+//!   panic-routed request was sent into ends when its body ends whole
+//!   ([`Health::on_whole_of`]), not at its head: a server that breaks every
+//!   stream, let back by the 200 head of each request that other
+//!   backends' failures panic-route to it, would take its whole share
+//!   again each time, breaking it.
 //! - A 429 rests the backend for its `retry-after` (default 1 s, capped);
 //!   it is neither a failure nor a success, and only time ends it.
 //! - Active probes: a failure marks the backend down until the next
@@ -91,12 +99,23 @@ impl Health {
         self.end_ejection(now);
     }
 
-    /// [`on_answered`](Self::on_answered) for a request sent when
-    /// `ejections_seen` was `seen`: an ejection that began after it was
-    /// sent stands (the answer is older news than the failures that
-    /// ejected the backend).
-    pub(crate) fn on_answered_of(&mut self, now: u64, seen: u64) {
+    /// An answer's head below 400, to a request sent when
+    /// `ejections_seen` was `seen`: it clears a probe's mark. Whether the
+    /// request was panic-routed into the ejection that still runs (sent
+    /// during it): then its body's whole end ends it
+    /// ([`on_whole_of`](Self::on_whole_of)). An ejection that began after
+    /// the request was sent stands either way (the answer is older news
+    /// than the failures that ejected the backend).
+    pub(crate) fn on_answered_of(&mut self, now: u64, seen: u64) -> bool {
         self.probe_down = false;
+        self.ejections_seen == seen && self.ejected_until.is_some_and(|until| until > now)
+    }
+
+    /// The body of an answer to a request panic-routed into an ejection
+    /// (sent when `ejections_seen` was `seen`) ended whole: the backend
+    /// carried a request to its end, and that ejection ends, unless
+    /// another began since.
+    pub(crate) fn on_whole_of(&mut self, now: u64, seen: u64) {
         if self.ejections_seen == seen {
             self.end_ejection(now);
         }
@@ -118,8 +137,9 @@ impl Health {
         }
     }
 
-    /// A failure; `true` when it ejects the backend.
-    pub(crate) fn on_failure(&mut self, now: u64, p: &Policy) -> bool {
+    /// A failure at `now` of a request sent at `sent`; `true` when it
+    /// ejects the backend.
+    pub(crate) fn on_failure(&mut self, now: u64, sent: u64, p: &Policy) -> bool {
         if self.ejected_until.is_some_and(|until| now < until) {
             return false;
         }
@@ -128,10 +148,10 @@ impl Health {
         if self.failures < p.eject_after {
             return false;
         }
-        if let Some(end) = self.ejected_until {
-            if now.saturating_sub(end) >= self.last_rest {
-                self.streak = 0;
-            }
+        if let Some(end) = self.ejected_until
+            && sent.saturating_sub(end) >= self.last_rest
+        {
+            self.streak = 0;
         }
         self.streak = self.streak.saturating_add(1);
         let growth = 1u64 << (self.streak - 1).min(32);
@@ -179,7 +199,7 @@ mod tests {
 
     fn fail(h: &mut Health, now: u64, n: u32) -> bool {
         (0..n)
-            .map(|_| h.on_failure(now, &P))
+            .map(|_| h.on_failure(now, now, &P))
             .fold(false, |a, b| a | b)
     }
 
@@ -189,7 +209,7 @@ mod tests {
         assert!(!fail(&mut h, 0, 2));
         h.on_success(0);
         assert!(!fail(&mut h, 0, 2), "a success reset the count");
-        assert!(h.on_failure(0, &P));
+        assert!(h.on_failure(0, 0, &P));
         assert_eq!(h.down_until(), 30 * S);
     }
 
@@ -219,7 +239,60 @@ mod tests {
         // Nor do they count once the rest is over: it takes `eject_after`
         // new ones.
         assert!(!fail(&mut h, 30 * S, 2));
-        assert!(h.on_failure(30 * S, &P));
+        assert!(h.on_failure(30 * S, 30 * S, &P));
+    }
+
+    /// A server that hangs fails each request a whole timeout (here 60 s,
+    /// longer than its 30 s rest) after it was sent: sent at once after
+    /// its rest, the failures continue its streak.
+    #[test]
+    fn a_hung_backends_rest_doubles_all_the_same() {
+        let mut h = Health::default();
+        let mut end = 0;
+        let mut rests = Vec::new();
+        for _ in 0..4 {
+            let failed = end + 60 * S;
+            assert!(
+                (0..3)
+                    .map(|_| h.on_failure(failed, end, &P))
+                    .fold(false, |a, b| a | b)
+            );
+            rests.push((h.down_until() - failed) / S);
+            end = h.down_until();
+        }
+        assert_eq!(rests, vec![30, 60, 120, 240]);
+        // Sent once it had been up for as long as its last rest: forgotten.
+        let sent = end + 240 * S;
+        assert!(
+            (0..3)
+                .map(|_| h.on_failure(sent + 60 * S, sent, &P))
+                .fold(false, |a, b| a | b)
+        );
+        assert_eq!(h.down_until() - (sent + 60 * S), 30 * S);
+    }
+
+    /// A request panic-routed into an ejection ends it when its body ends
+    /// whole, not at its head: a server that breaks every stream answers
+    /// every head with 200.
+    #[test]
+    fn a_panic_routed_request_ends_its_ejection_when_whole() {
+        let mut h = Health::default();
+        assert!(fail(&mut h, 0, 3));
+        let seen = h.ejections_seen;
+        h.on_probe(false);
+        assert!(h.on_answered_of(S, seen), "sent into the ejection");
+        assert_eq!(h.down_until(), 30 * S, "the head cleared the mark only");
+        h.on_whole_of(2 * S, seen);
+        assert_eq!(h.down_until(), 2 * S);
+        // Sent before an ejection, answered during it: older news.
+        let before = h.ejections_seen;
+        assert!(fail(&mut h, 3 * S, 3));
+        assert!(!h.on_answered_of(4 * S, before));
+        h.on_whole_of(4 * S, before);
+        assert!(h.down_until() > 4 * S);
+        // Sent and answered while it was not ejected: nothing to end.
+        let mut h = Health::default();
+        assert!(!h.on_answered_of(0, h.ejections_seen));
     }
 
     #[test]

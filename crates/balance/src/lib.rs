@@ -130,12 +130,14 @@
 //!   before (a lone backend may be retried after a transient failure).
 //! - [`BalanceConfig::eject_after_failures`] consecutive failures eject a
 //!   backend for [`BalanceConfig::eject`], doubling on each ejection in a row
-//!   up to `max_eject_multiplier ×`; a backend that stays un-ejected for as
-//!   long as its last rest forgets the streak. A success resets the count
-//!   and ends a rest early.
+//!   up to `max_eject_multiplier ×`; a backend whose next failing request
+//!   was sent as long as its last rest after it forgets the streak. A
+//!   success resets the count once its body ends whole, and so ends the
+//!   rest early when it was panic-routed there.
 //! - Optional active checks ([`HealthCheck`]) send `GET /v1/models` through
-//!   every backend each interval: a 2xx brings an ejected backend back early,
-//!   a failure keeps it out until its next success.
+//!   every backend each interval: a failure keeps a backend out until its
+//!   next success, a 2xx clears that (an ejection runs its course), and a
+//!   busy answer (429, or 503 with `retry-after`) changes nothing.
 //!
 //! # Run-time changes and observability
 //!

@@ -93,11 +93,11 @@ where
     futures_util::future::join_all(probes).await;
 }
 
-/// What a probe's answer (`Some(healthy)`, or `None` for a 429) says of
+/// What a probe's answer (`Some(healthy)`, or `None` when busy: a 429, or a 503 with `retry-after`) says of
 /// its backend.
 fn record(state: &crate::state::BackendState, sent: u64, ok: Option<bool>) {
-    // A probe refused with 429 says the server is up and busy: requests'
-    // own 429s rest it; the probe changes nothing.
+    // A probe refused as busy says the server is up: requests'
+    // own refusals rest it; the probe changes nothing.
     let Some(ok) = ok else { return };
     // Requests answered while the probe waited are newer news than its
     // failure (a server busy with them may be slow to list its models, or
@@ -112,7 +112,7 @@ fn record(state: &crate::state::BackendState, sent: u64, ok: Option<bool>) {
     }
 }
 
-/// One probe: `Some(healthy)`, or `None` for a 429 (up, but busy), and the
+/// One probe: `Some(healthy)`, or `None` when busy (up: a 429, or a 503 with `retry-after`), and the
 /// answer's body, still to be drained.
 async fn probe<S>(svc: S, path: &str) -> (Option<bool>, Option<Body>)
 where
@@ -125,7 +125,13 @@ where
     match crate::attempt::call(svc, req).await {
         Ok(resp) => {
             let status = resp.status();
-            let ok = (status != http::StatusCode::TOO_MANY_REQUESTS).then_some(status.is_success());
+            // Busy (a 429, or a 503 with `retry-after`: shedding load) is
+            // not down, as for requests.
+            let busy = matches!(
+                crate::attempt::classify_head(status, resp.headers()),
+                crate::attempt::Verdict::Throttled(_)
+            );
+            let ok = (!busy).then_some(status.is_success());
             (ok, Some(resp.into_body()))
         }
         Err(_) => (Some(false), None),

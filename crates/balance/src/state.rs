@@ -236,7 +236,7 @@ impl BackendState {
         self.answered_with(now, |h| h.on_answered(now));
     }
 
-    fn answered_with(&self, now: u64, on_health: impl FnOnce(&mut Health)) {
+    fn answered_with<R: Default>(&self, now: u64, on_health: impl FnOnce(&mut Health) -> R) -> R {
         // Noted at most once a millisecond: the line is shared by every
         // worker, and a write per answer would move it between their cores
         // on each request. A probe waits a second or more for its answer,
@@ -247,7 +247,9 @@ impl BackendState {
                 .store(now.saturating_add(1), Ordering::Relaxed);
         }
         if self.down_until.load(Ordering::Relaxed) > now {
-            self.update_health(on_health);
+            self.update_health(on_health)
+        } else {
+            R::default()
         }
     }
 
@@ -274,9 +276,18 @@ impl BackendState {
 
     /// [`answered`](Self::answered) for a request sent when
     /// [`ejections_seen`](Self::ejections_seen) was `seen`
-    /// ([`Health::on_answered_of`]).
-    pub(crate) fn answered_of(&self, now: u64, seen: u64) {
-        self.answered_with(now, |h| h.on_answered_of(now, seen));
+    /// ([`Health::on_answered_of`]): whether it was panic-routed into the
+    /// ejection that still runs, which its body's whole end is to end
+    /// ([`whole_of`](Self::whole_of)).
+    pub(crate) fn answered_of(&self, now: u64, seen: u64) -> bool {
+        self.answered_with(now, |h| h.on_answered_of(now, seen))
+    }
+
+    /// The body of an answer to a request panic-routed into an ejection
+    /// (sent when [`ejections_seen`](Self::ejections_seen) was `seen`)
+    /// ended whole at `now` ([`Health::on_whole_of`]).
+    pub(crate) fn whole_of(&self, now: u64, seen: u64) {
+        self.update_health(|h| h.on_whole_of(now, seen));
     }
 
     /// Failures counted so far, noted at an answer's head for
@@ -299,8 +310,9 @@ impl BackendState {
     pub(crate) fn record_failure(&self, now: u64, elapsed: Duration) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         self.observe_failure(now, elapsed);
+        let sent = now.saturating_sub(duration_ns(elapsed));
         let rest_ns =
-            self.update_health(|h| h.on_failure(now, &self.policy).then_some(h.last_rest));
+            self.update_health(|h| h.on_failure(now, sent, &self.policy).then_some(h.last_rest));
         if let Some(rest_ns) = rest_ns {
             self.ejections.fetch_add(1, Ordering::Relaxed);
             self.ejections_total.fetch_add(1, Ordering::Relaxed);

@@ -105,6 +105,47 @@ async fn repeated_ejection_rests_longer() {
     assert!(stats(&h, "a").healthy);
 }
 
+/// A server that hangs fails each request a whole first-byte timeout
+/// after it was sent: with the timeout (60 s) longer than its rest (30 s),
+/// its rests double all the same, as a dead server's do.
+#[tokio::test(start_paused = true)]
+async fn a_hung_backend_rests_longer_each_time() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Hangs(secs(60)));
+    let b = balance(
+        &fleet,
+        &["a", "b"],
+        BalanceConfig {
+            max_retries: 0,
+            ..rr()
+        },
+    );
+    let h = b.handle();
+    let mut rests = Vec::new();
+    for round in 1..=3 {
+        // Each client's request to `a` waits its 60 s; three in a row eject it.
+        let calls = fleet.calls("a");
+        let clients: Vec<_> = (0..6)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { send(&b, chat("m", &i.to_string())).await })
+            })
+            .collect();
+        for client in clients {
+            let _ = client.await.unwrap();
+        }
+        assert_eq!(fleet.calls("a") - calls, 3, "round {round}");
+        assert_eq!(stats(&h, "a").ejections, round);
+        let mut rest = 0;
+        while !stats(&h, "a").healthy {
+            tokio::time::advance(secs(1)).await;
+            rest += 1;
+        }
+        rests.push(rest);
+    }
+    assert_eq!(rests, [30, 60, 120]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn all_resting_and_one_healthy_again_succeeds() {
     let fleet = Fleet::default();
@@ -588,6 +629,49 @@ async fn old_streams_ending_whole_do_not_hide_new_failures() {
         send(&b, chat("m", "x")).await.unwrap();
     }
     assert_eq!(stats(&b.handle(), "a").ejections, 0);
+}
+
+/// A request panic-routed to a resting backend ends its rest when its
+/// body ends whole, not at its head: a server that breaks every stream
+/// answers every head with 200, and would be let back by each request the
+/// other backends' failures panic-route to it.
+#[tokio::test(start_paused = true)]
+async fn a_panic_routed_answer_ends_the_rest_only_once_whole() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Broken);
+    let b = balance(
+        &fleet,
+        &["a"],
+        BalanceConfig {
+            eject_after_failures: 1,
+            max_retries: 0,
+            ..rr()
+        },
+    );
+    let h = b.handle();
+    let resp = b.clone().oneshot(chat("m", "x")).await.unwrap();
+    assert!(resp.into_body().collect().await.is_err());
+    assert!(!stats(&h, "a").healthy);
+    // Panic-routed (it is the only backend): a 200 head, then a break.
+    let resp = b.clone().oneshot(chat("m", "y")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!stats(&h, "a").healthy, "let back by its head");
+    assert!(resp.into_body().collect().await.is_err());
+    assert!(!stats(&h, "a").healthy);
+    assert_eq!(stats(&h, "a").ejections, 1, "its rest runs on");
+    // A client that leaves mid-way shows nothing either.
+    fleet.set("a", Mode::Endless(Default::default()));
+    let resp = b.clone().oneshot(chat("m", "z")).await.unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    assert!(!stats(&h, "a").healthy);
+    // One that ends whole ends it.
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    let resp = b.clone().oneshot(chat("m", "w")).await.unwrap();
+    assert!(!stats(&h, "a").healthy);
+    resp.into_body().collect().await.unwrap();
+    assert!(stats(&h, "a").healthy);
 }
 
 /// Only a request sent while its backend rests (panic routing) ends the

@@ -32,6 +32,9 @@ pub(crate) enum Mode {
     Refused,
     /// No head within the first-byte timeout.
     TimedOut,
+    /// No head within a first-byte timeout of this long: the timeout
+    /// after it (a server that hangs).
+    Hangs(Duration),
     /// 200 with an empty body (over at its head).
     Empty,
     /// 200, one body frame, then a broken stream.
@@ -231,6 +234,13 @@ impl Service<Request<Body>> for Fake {
                     upstream: name,
                     phase: Error::WAITING_FOR_HEAD,
                 }),
+                Mode::Hangs(timeout) => {
+                    tokio::time::sleep(timeout).await;
+                    Err(Error::UpstreamTimeout {
+                        upstream: name,
+                        phase: Error::WAITING_FOR_HEAD,
+                    })
+                }
                 Mode::Refused => Err(Error::BadGateway {
                     upstream: name,
                     reason: "could not connect: connection refused".into(),

@@ -101,8 +101,8 @@ fn checked(every: u64) -> BalanceConfig {
 }
 
 /// Probes mark a backend down and up again; an ejection (requests failed)
-/// runs its course whatever `/v1/models` says, and a probe refused with 429
-/// changes nothing.
+/// runs its course whatever `/v1/models` says, and a probe refused as busy
+/// (429, or 503 with `retry-after`: shedding load) changes nothing.
 #[tokio::test(start_paused = true)]
 async fn health_checks_mark_down_and_up_but_leave_ejections_to_run() {
     let fleet = Fleet::default();
@@ -119,6 +119,9 @@ async fn health_checks_mark_down_and_up_but_leave_ejections_to_run() {
     fleet.set("a", Mode::Status(429, None));
     tokio::time::sleep(secs(5)).await;
     assert!(stats(&h, "a").healthy, "a 429 probe is no failure");
+    fleet.set("a", Mode::Status(503, Some("2")));
+    tokio::time::sleep(secs(5)).await;
+    assert!(stats(&h, "a").healthy, "nor is a 503 with retry-after");
     // A request failure ejects for 30 s; passing probes do not end that.
     fleet.set("a", Mode::Status(500, None));
     for i in 0..2 {
