@@ -187,6 +187,12 @@ struct Local {
     /// alone (the store failed) since the store last took them, for the
     /// store to add ([`Limits::take_alone`]).
     alone: [i64; 2],
+    /// With a shared store: the tokens time as it would be without the
+    /// store's own reservations given back here alone (the store did not
+    /// take the refund): they lowered the local time, not the store's, and
+    /// must not lower what a tally owes it ([`Limits::take_alone`]). The
+    /// tokens time itself but for those.
+    shadow: u64,
     /// Tallies taken and on their way to the store ([`Tally`]s not yet
     /// dropped).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -249,9 +255,12 @@ impl Limits {
             if self.requests.is_some() {
                 local.alone[0] = local.alone[0].saturating_add(1);
             }
-            if tokens > 0 {
-                let charged = i64::try_from(self.token_charge(tokens)).unwrap_or(i64::MAX);
+            if let Some(g) = self.tokens
+                && tokens > 0
+            {
+                let charged = i64::try_from(g.charge(tokens)).unwrap_or(i64::MAX);
                 local.alone[1] = local.alone[1].saturating_add(charged);
+                local.shadow = g.adjust(local.shadow, now, charged);
             }
         }
         decision
@@ -267,6 +276,7 @@ impl Limits {
             let mut local = self.local();
             local.tat[1] = g.adjust(local.tat[1], now, delta);
             local.alone[1] = local.alone[1].saturating_add(alone);
+            local.shadow = g.adjust(local.shadow, now, alone);
         }
     }
 
@@ -292,11 +302,9 @@ impl Limits {
         }
         let alone = std::mem::take(&mut local.alone);
         let mut units = alone.map(|n| u64::try_from(n).unwrap_or(0));
-        for ((units, limit), tat) in units
-            .iter_mut()
-            .zip([self.requests, self.tokens])
-            .zip(local.tat)
-        {
+        // (Reckoned without the store's own refunds given back here.)
+        let tats = [local.tat[0], local.shadow];
+        for ((units, limit), tat) in units.iter_mut().zip([self.requests, self.tokens]).zip(tats) {
             *units = limit.map_or(0, |g| (*units).min(g.owed(tat, now)));
         }
         if units == [0, 0] {
@@ -325,6 +333,14 @@ impl Limits {
                 let fleet = now.saturating_add(ahead);
                 *tat = if pending { (*tat).max(fleet) } else { fleet };
             }
+        }
+        if let Some(ahead) = ahead[1] {
+            let fleet = now.saturating_add(ahead);
+            local.shadow = if pending {
+                local.shadow.max(fleet)
+            } else {
+                fleet
+            };
         }
     }
 }
@@ -417,14 +433,15 @@ mod tests {
         let limits = Limits::new(Some(3), Some(1000));
         // The fleet had used two requests of three (40 s ahead) when it
         // last answered.
-        // Of tokens, 600 of 1000 (36 s ahead).
-        limits.mirror(10 * S, [Some(40 * S), Some(36 * S)]);
+        limits.mirror(10 * S, [Some(40 * S), Some(0)]);
         assert!(limits.take_alone(10 * S).is_none(), "nothing charged alone");
         assert!(limits.acquire_alone(10 * S, 100).allowed);
         assert!(!limits.acquire_alone(10 * S, 100).allowed);
         // Settled here: 30 of the 100 used.
         limits.adjust_alone(10 * S, -70, -70);
-        // A failed refund of the store's own is not passed on; its charge is.
+        // A failed refund of the store's own is not passed on (nor does it
+        // lower what the tally owes: it lowered the local time alone); its
+        // charge is.
         limits.adjust_alone(10 * S, -5, 0);
         limits.adjust_alone(10 * S, 7, 7);
         // What the store is to add: one request, 37 tokens; then nothing.
@@ -438,8 +455,10 @@ mod tests {
         let before = limits.local().tat;
         limits.mirror(30 * S, [Some(0), Some(0)]);
         assert_eq!(limits.local().tat, before);
+        // Two requests; of 38 tokens, the one charged now (the 37 charged
+        // at 10 s, 2.2 s of the limit, have refilled).
         let tally = limits.take_alone(30 * S).unwrap();
-        assert_eq!(tally.units(), [2, 38]);
+        assert_eq!(tally.units(), [2, 1]);
         // So it does while the tally is on its way (an answer that raced it
         // may not hold it).
         limits.mirror(30 * S, [Some(0), Some(0)]);
@@ -480,6 +499,16 @@ mod tests {
         // Charged alone, and refilled before the store answers: nothing.
         assert!(limits.acquire_alone(40 * S, 50).allowed);
         assert!(limits.take_alone(100 * S).is_none());
+        // A refund of the store's own given back here (it failed there) does
+        // not eat into what was charged alone: 500 held by the store, 500
+        // charged alone, the store's refund of its 500 failed.
+        let limits = Limits::new(None, Some(1000));
+        limits.mirror(0, [None, Some(30 * S)]);
+        assert!(limits.acquire_alone(45 * S, 500).allowed);
+        limits.adjust_alone(45 * S, -500, 0);
+        assert_eq!(limits.take_alone(45 * S).unwrap().units(), [0, 500]);
+        let limits = Limits::new(Some(60), Some(600));
+        limits.mirror(0, [Some(0), Some(0)]);
         // Given back, a tally is owed no longer than it is here.
         assert!(limits.acquire_alone(100 * S, 10).allowed);
         let tally = limits.take_alone(100 * S).unwrap();

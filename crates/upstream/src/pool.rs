@@ -20,7 +20,12 @@
 //! time, with a `Pending` — and a `writev` — after each. Driven inline, the
 //! burst flows through in one poll. An idle connection is not polled by
 //! anyone: a close by the server is noticed when it is next taken out
-//! (`settle`), before a request is committed to it.
+//! (`settle`), before a request is committed to it, or by the pool's
+//! reaper: while connections sit idle, a task of the thread that last put
+//! one back wakes when the oldest expires, and closes the expired ones and
+//! those the server closed. Without it a pool no request takes from keeps
+//! its connections (and their sockets, in `CLOSE_WAIT` once the server
+//! closed them) for as long as no request comes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,13 +47,22 @@ const MAX_IDLE: usize = 1024;
 /// Idle HTTP/1.1 connections to one upstream, for one shard (or shared).
 #[derive(Debug)]
 pub(crate) struct Pool {
-    /// Oldest first: `since` never decreases along the stack.
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Stack>,
     /// The host to resolve, without IPv6 brackets.
     host: Box<str>,
     port: u16,
     connect_timeout: Duration,
     idle_timeout: Duration,
+}
+
+/// The idle connections, and whether a reaper watches them (set and
+/// cleared under the lock, so that a connection put back as the reaper
+/// leaves an empty stack starts another).
+#[derive(Debug, Default)]
+struct Stack {
+    /// Oldest first: `since` never decreases along the stack.
+    conns: Vec<Idle>,
+    reaped: bool,
 }
 
 #[derive(Debug)]
@@ -98,6 +112,17 @@ impl Conn {
     }
 }
 
+/// The reaper of a pool's idle connections ([`Pool::expire`]), as long as
+/// the pool lives and holds any.
+async fn reap(pool: std::sync::Weak<Pool>) {
+    loop {
+        let Some(next) = pool.upgrade().and_then(|pool| pool.expire()) else {
+            return;
+        };
+        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
+    }
+}
+
 /// Why a request could not be sent.
 #[derive(Debug)]
 pub(crate) enum SendError {
@@ -120,7 +145,7 @@ pub(crate) struct Lease {
 impl Lease {
     /// The response is over: the connection may serve another request.
     pub(crate) fn release(self) {
-        self.pool.put(self.conn);
+        Pool::put(&self.pool, self.conn);
     }
 
     /// Drive the connection (its body's reader calls this when hyper's
@@ -142,7 +167,7 @@ impl Pool {
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
         Pool {
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Stack::default()),
             host: host.into(),
             port,
             connect_timeout,
@@ -225,7 +250,7 @@ impl Pool {
     /// caller lets it settle before using it).
     fn checkout(&self) -> Option<Box<Conn>> {
         let mut idle = self.lock();
-        while let Some(entry) = idle.pop() {
+        while let Some(entry) = idle.conns.pop() {
             // A connection idle for too long is dropped (which closes it).
             if entry.since.elapsed() < self.idle_timeout {
                 return Some(entry.conn);
@@ -234,22 +259,46 @@ impl Pool {
         None
     }
 
-    fn put(&self, mut conn: Box<Conn>) {
+    fn put(pool: &Arc<Self>, mut conn: Box<Conn>) {
         // Not ready: still busy with its last exchange, or closed.
         if !conn.settle() {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.lock();
+        let mut idle = pool.lock();
         // Expired connections sit at the bottom of the stack: close them.
-        let expired = idle.partition_point(|e| now.duration_since(e.since) >= self.idle_timeout);
-        idle.drain(..expired);
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle { conn, since: now });
+        let expired = idle
+            .conns
+            .partition_point(|e| now.duration_since(e.since) >= pool.idle_timeout);
+        idle.conns.drain(..expired);
+        if idle.conns.len() < MAX_IDLE {
+            idle.conns.push(Idle { conn, since: now });
+            // (Outside a runtime, as a test's thread may be, expiry waits
+            // for the next checkout or put, as it did before the reaper.)
+            if !idle.reaped
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                idle.reaped = true;
+                runtime.spawn(reap(Arc::downgrade(pool)));
+            }
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
+    /// Close the expired idle connections and those the server closed;
+    /// when the next one expires, if any is left (none: the reaper stops,
+    /// under the lock).
+    fn expire(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        let timeout = self.idle_timeout;
+        idle.conns
+            .retain_mut(|e| now.duration_since(e.since) < timeout && e.conn.settle());
+        let next = idle.conns.first().map(|e| e.since + timeout);
+        idle.reaped = next.is_some();
+        next
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Stack> {
         // The stack holds no invariant a panic could break.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -466,6 +515,45 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert_eq!(get(&mut up).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An idle connection no request takes is closed when it expires (one
+    /// the server closed then too: no socket is left in `CLOSE_WAIT`): the
+    /// pool's reaper, with no request to do it.
+    #[tokio::test]
+    async fn idle_connections_are_closed_without_a_request() {
+        // Counts the connections open at the server: its side ends when
+        // the proxy's closes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let count = open.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(llm_proxy_core::full("ok")))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    count.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        let mut up = upstream(addr, Duration::from_millis(100));
+        assert_eq!(get(&mut up).await, "ok");
+        assert_eq!(open.load(Ordering::SeqCst), 1, "kept for the next request");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an idle connection outlived its timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
