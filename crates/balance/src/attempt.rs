@@ -105,7 +105,7 @@ fn judge(
             Some(seen) => panic_routed = state.answered_of(now, seen),
             None => state.answered(now),
         },
-        Verdict::Failure => state.record_failure(now, elapsed),
+        Verdict::Failure => state.record_failure(now, elapsed, true),
         Verdict::Throttled(ns) => state.rest(now, ns),
         Verdict::Pass | Verdict::Fatal | Verdict::Refused => {}
     }

@@ -19,8 +19,9 @@
 //! it now). The head's 200 alone does not: a server that breaks every
 //! stream mid-way answers every head with 200. For that reason too, a
 //! request panic-routed into its backend's ejection ends the ejection when
-//! its body ends whole (its last frame read, or the body at its end when
-//! dropped), not at its head nor when its client leaves mid-way.
+//! its body ends whole (its last frame read, or the body at its end after
+//! a frame, as hyper stops reading a body of known length), not at its
+//! head nor when its client leaves mid-way.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -133,7 +134,7 @@ impl<B: HttpBody<Error = BoxError>> HttpBody for FirstFrame<B> {
                         && is_upstream_fault(e)
                     {
                         let (now, elapsed) = watch.epoch.now_since(watch.start);
-                        watch.state.record_failure(now, elapsed);
+                        watch.state.record_failure(now, elapsed, false);
                     }
                 }
                 _ if !watch.sampled => {

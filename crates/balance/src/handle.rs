@@ -167,7 +167,7 @@ impl<S> BalanceHandle<S> {
         };
         match outcome {
             Ok(()) => state.update_health(|h| h.on_success(now)),
-            Err(elapsed) => state.record_failure(now, elapsed),
+            Err(elapsed) => state.record_failure(now, elapsed, false),
         }
     }
 

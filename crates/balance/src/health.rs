@@ -4,11 +4,14 @@
 //! - `eject_after` consecutive failures (connect error, timeout, 5xx) eject
 //!   the backend: it rests for `eject × 2^(streak − 1)`, capped at
 //!   `eject × max_multiplier`, where the streak counts ejections in a row.
-//!   A backend whose next failing request was sent as long as its last
-//!   rest after that rest ended forgets its streak. (Sent, not failed: a
-//!   server that hangs fails each request a whole timeout after it was
+//!   A backend whose next failure came as long as its last rest after
+//!   that rest ended forgets its streak; a failure with no head (no
+//!   connection, a timeout, a 5xx) counts from when its request was sent:
+//!   a server that hangs fails each request a whole timeout after it was
 //!   sent, and measured from the failure its streak would be forgotten
-//!   whenever the timeout is longer than its rest, its rest never doubling.)
+//!   whenever the timeout is longer than its rest, its rest never
+//!   doubling. (A stream broken off counts from when it broke: it may
+//!   have run for minutes, the backend well meanwhile.)
 //! - A success (2xx) resets the failure count, clears a probe's "down" mark
 //!   and ends an ejection early (a panic-routed request just proved it works;
 //!   the answer to a request sent before the ejection does not,

@@ -307,10 +307,19 @@ impl BackendState {
 
     /// A failure at `now`, after `elapsed`: in the latency estimate, and
     /// towards the backend's ejection (counted here and balancer-wide).
-    pub(crate) fn record_failure(&self, now: u64, elapsed: Duration) {
+    /// `headless`: no head came (no connection, no answer in time, a 5xx
+    /// head): its streak is judged by when the request was sent (a hung
+    /// server fails a whole timeout later); a body or session broken off
+    /// by when it broke (a stream may have run for minutes, well after the
+    /// backend's last rest, before it did).
+    pub(crate) fn record_failure(&self, now: u64, elapsed: Duration, headless: bool) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         self.observe_failure(now, elapsed);
-        let sent = now.saturating_sub(duration_ns(elapsed));
+        let sent = if headless {
+            now.saturating_sub(duration_ns(elapsed))
+        } else {
+            now
+        };
         let rest_ns =
             self.update_health(|h| h.on_failure(now, sent, &self.policy).then_some(h.last_rest));
         if let Some(rest_ns) = rest_ns {
@@ -370,5 +379,39 @@ pub(crate) fn policy_of(cfg: &crate::BalanceConfig) -> Policy {
         eject_ns: duration_ns(cfg.eject),
         max_multiplier: cfg.max_eject_multiplier.max(1),
         max_retry_after_ns: duration_ns(cfg.max_retry_after),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    /// Ejected by one failure, for 30 s, doubling.
+    fn backend() -> BackendState {
+        let policy = crate::health::Policy {
+            eject_after: 1,
+            eject_ns: 30 * S,
+            max_multiplier: 10,
+            max_retry_after_ns: 300 * S,
+        };
+        BackendState::new("a".into(), policy, Arc::default(), 0)
+    }
+
+    /// A stream broken off counts from when it broke (it may have run for
+    /// minutes, the backend well meanwhile); a failure without a head from
+    /// when its request was sent (a hung server's timeout).
+    #[test]
+    fn a_failures_streak_counts_from_its_send_only_without_a_head() {
+        for (headless, rest) in [(false, 30), (true, 60)] {
+            let b = backend();
+            b.record_failure(0, Duration::ZERO, true);
+            assert!(!b.is_available(29 * S));
+            // Sent at 40 s (10 s after the rest ended), failed at 400 s.
+            b.record_failure(400 * S, Duration::from_secs(360), headless);
+            assert!(!b.is_available((399 + rest) * S), "headless: {headless}");
+            assert!(b.is_available((400 + rest) * S), "headless: {headless}");
+        }
     }
 }

@@ -22,7 +22,8 @@
 //! anyone: a close by the server is noticed when it is next taken out
 //! (`settle`), before a request is committed to it, or by the pool's
 //! reaper: while connections sit idle, a task of the thread that last put
-//! one back wakes when the oldest expires, and closes the expired ones and
+//! one back wakes when the oldest expires (up to 100 ms later, to take
+//! those expiring meanwhile with it), and closes the expired ones and
 //! those the server closed. Without it a pool no request takes from keeps
 //! its connections (and their sockets, in `CLOSE_WAIT` once the server
 //! closed them) for as long as no request comes.
@@ -31,7 +32,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, which the reaper sleeps on (and a paused test's clock).
+use tokio::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -112,14 +116,34 @@ impl Conn {
     }
 }
 
+/// How late the reaper may wake after the oldest idle connection expired:
+/// those that expire meanwhile go with it, so that connections put back at
+/// scattered times cost at most one wake (and one scan) per this.
+const REAP_SLACK: Duration = Duration::from_millis(100);
+
 /// The reaper of a pool's idle connections ([`Pool::expire`]), as long as
 /// the pool lives and holds any.
 async fn reap(pool: std::sync::Weak<Pool>) {
+    /// A reaper dropped unfinished (its runtime shut down) is no longer
+    /// watching: the next connection put back starts another.
+    struct Watching(std::sync::Weak<Pool>, bool);
+    impl Drop for Watching {
+        fn drop(&mut self) {
+            if self.1
+                && let Some(pool) = self.0.upgrade()
+            {
+                pool.lock().reaped = false;
+            }
+        }
+    }
+    let mut watching = Watching(pool, true);
     loop {
-        let Some(next) = pool.upgrade().and_then(|pool| pool.expire()) else {
+        let Some(next) = watching.0.upgrade().and_then(|pool| pool.expire()) else {
+            // (`expire` said so under the lock.)
+            watching.1 = false;
             return;
         };
-        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
+        tokio::time::sleep_until(next + REAP_SLACK).await;
     }
 }
 

@@ -666,11 +666,23 @@ async fn a_panic_routed_answer_ends_the_rest_only_once_whole() {
     body.frame().await.unwrap().unwrap();
     drop(body);
     assert!(!stats(&h, "a").healthy);
-    // One that ends whole ends it.
+    // One that ends whole ends it: here its one frame read, at its end
+    // after it, and dropped unread further (as hyper's server does with a
+    // body of known length).
     fleet.set("a", Mode::Ok(Duration::ZERO));
     let resp = b.clone().oneshot(chat("m", "w")).await.unwrap();
     assert!(!stats(&h, "a").healthy);
-    resp.into_body().collect().await.unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    assert!(stats(&h, "a").healthy);
+    // So does one over at its head (never polled), at its head.
+    fleet.set("a", Mode::Broken);
+    let resp = b.clone().oneshot(chat("m", "v")).await.unwrap();
+    assert!(resp.into_body().collect().await.is_err());
+    assert!(!stats(&h, "a").healthy);
+    fleet.set("a", Mode::Empty);
+    let _resp = b.clone().oneshot(chat("m", "u")).await.unwrap();
     assert!(stats(&h, "a").healthy);
 }
 
