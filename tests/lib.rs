@@ -392,6 +392,20 @@ pub async fn wait_listening(addr: SocketAddr) {
     }
 }
 
+/// A chat completion for model `m` through the proxy `p`: its answer's
+/// head, the body still to read (with [`read_stream`] when it may break).
+pub async fn chat_through(p: &TestProxy, stream: bool) -> http::Response<hyper::body::Incoming> {
+    client()
+        .request(request(
+            http::Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            chat("m", stream),
+        ))
+        .await
+        .expect("response head")
+}
+
 /// Read a streamed body to its end: the bytes received, and whether it ended
 /// with an error (a broken connection) rather than cleanly.
 pub async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> (Bytes, bool) {

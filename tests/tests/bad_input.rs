@@ -363,18 +363,6 @@ async fn broken_stream(p: &TestProxy, fail: &str) -> (String, bool) {
 /// A streamed chat request through a proxy in front of the (raw) upstream
 /// at `addr`: the body the client got, and whether it broke.
 /// A chat request through `p`, streamed or not: its answer, unread.
-async fn chat_through(p: &TestProxy, stream: bool) -> http::Response<hyper::body::Incoming> {
-    client()
-        .request(request(
-            Method::POST,
-            &p.url("/v1/chat/completions"),
-            &[("content-type", "application/json")],
-            chat("m", stream),
-        ))
-        .await
-        .expect("response head")
-}
-
 async fn stream_through(addr: std::net::SocketAddr) -> (bytes::Bytes, bool) {
     let p = proxy(&one_upstream(&format!("http://{addr}/v1"), "")).await;
     let resp = chat_through(&p, true).await;

@@ -758,15 +758,7 @@ async fn a_panic_routed_stream_that_breaks_does_not_end_the_rest() {
     .await;
     for _ in 0..2 {
         // The second is panic-routed: the only upstream rests.
-        let resp = client()
-            .request(request(
-                Method::POST,
-                &proxy.url("/v1/chat/completions"),
-                &[("content-type", "application/json")],
-                chat("m", true),
-            ))
-            .await
-            .expect("response head");
+        let resp = chat_through(&proxy, true).await;
         assert_eq!(resp.status(), 200);
         let (body, broke) = read_stream(resp).await;
         let body = String::from_utf8_lossy(&body);

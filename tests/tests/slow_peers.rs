@@ -178,15 +178,7 @@ async fn a_json_body_that_stalls_after_its_head_fails_after_the_idle_timeout() {
         "idle_timeout_ms = 200",
     ))
     .await;
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &p.url("/v1/chat/completions"),
-            &[("content-type", "application/json")],
-            chat("m", false),
-        ))
-        .await
-        .expect("a head");
+    let resp = chat_through(&p, false).await;
     assert_eq!(resp.status(), 200);
     let (body, broke) = read_stream(resp).await;
     assert!(broke, "a cut body must not look whole: {body:?}");
