@@ -194,3 +194,106 @@ async fn a_throttled_answer_that_says_do_not_retry_still_fails_over() {
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// Two upstreams that serve one model under their own names
+/// (`served_names`): each gets the body with its name — a chat request, a
+/// Messages request translated to chat, a passthrough JSON body naming the
+/// model — while the client, its key's allowlist and the model list know
+/// only the model's own name.
+#[tokio::test]
+async fn each_upstream_is_asked_for_the_model_under_its_served_name() {
+    let serving = |served: &'static str| {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let log = seen.clone();
+        let answer = move |body: &[u8]| {
+            let body: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            let model = body["model"].as_str().unwrap_or_default().to_owned();
+            log.lock().unwrap().push(model.clone());
+            if model != served {
+                let error = format!(
+                    r#"{{"error":{{"message":"The model `{model}` does not exist.","type":"NotFoundError","code":404}}}}"#
+                );
+                return (404, error);
+            }
+            let answer = serde_json::json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": served,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+            });
+            (200, answer.to_string())
+        };
+        (seen, answer)
+    };
+    let (seen_a, answer_a) = serving("meta-llama/Llama-3.1-8B-Instruct");
+    let (seen_b, answer_b) = serving("llama3.1:8b");
+    let a = sse_upstream(answer_a).await;
+    let b = sse_upstream(answer_b).await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"vllm\"\nurl = \"http://{a}/v1\"\nmodels = [\"llama\"]\n\
+         served_names = {{ llama = \"meta-llama/Llama-3.1-8B-Instruct\" }}\n\
+         [[upstream]]\nname = \"ollama\"\nurl = \"http://{b}/v1\"\n\
+         served_names = {{ llama = \"llama3.1:8b\" }}\n\
+         [balance]\nstrategy = \"round_robin\"\nmax_retries = 0\n\
+         [auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\nmodels = [\"llama\"]\n\
+         passthrough = true\n"
+    ))
+    .await;
+    let ask = |path: &'static str, body: &'static str| {
+        send(request(
+            Method::POST,
+            &p.url(path),
+            &[
+                ("authorization", "Bearer sk-k"),
+                ("content-type", "application/json"),
+                ("anthropic-version", "2023-06-01"),
+            ],
+            body,
+        ))
+    };
+    let chat = r#"{"model":"llama","messages":[{"role":"user","content":"hi"}]}"#;
+    let messages =
+        r#"{"model":"llama","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    for _ in 0..2 {
+        let answer = ask("/v1/chat/completions", chat).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let answer = ask("/v1/messages", messages).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.json()["content"][0]["text"], "hi");
+    }
+    let answer = ask(
+        "/v1/images/generations",
+        r#"{"model":"llama","prompt":"x"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    {
+        let (seen_a, seen_b) = (seen_a.lock().unwrap(), seen_b.lock().unwrap());
+        assert_eq!(seen_a.len() + seen_b.len(), 5);
+        assert!(
+            seen_a.len() >= 2 && seen_b.len() >= 2,
+            "{seen_a:?} {seen_b:?}"
+        );
+        assert!(
+            seen_a
+                .iter()
+                .all(|m| m == "meta-llama/Llama-3.1-8B-Instruct")
+        );
+        assert!(seen_b.iter().all(|m| m == "llama3.1:8b"));
+    }
+    // The key may use `llama`; the list names it, not the served names.
+    let models = send(request(
+        Method::GET,
+        &p.url("/v1/models"),
+        &[("authorization", "Bearer sk-k")],
+        "",
+    ))
+    .await;
+    let ids: Vec<_> = models.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["llama"]);
+}

@@ -187,13 +187,13 @@ impl Template {
     }
 
     /// The request for the next attempt (`last`: no attempt can follow
-    /// it), with `fallback` as its metadata when the attempt serves
-    /// another model.
+    /// it), with `own` as its metadata when the attempt has its own body
+    /// (another model, or the model under its upstream's name for it).
     fn next(
         &mut self,
         last: bool,
         meta: Option<&RequestMeta>,
-        fallback: Option<&RequestMeta>,
+        own: Option<&RequestMeta>,
     ) -> Option<Request<Body>> {
         let mut req = match self.first.take() {
             Some(first) => first,
@@ -213,7 +213,7 @@ impl Template {
                 req
             }
         };
-        if let Some(meta) = fallback {
+        if let Some(meta) = own {
             req.extensions_mut().insert(meta.clone());
         }
         Some(req)
@@ -320,7 +320,7 @@ where
                 .next(
                     final_attempt,
                     meta.as_ref(),
-                    fallback(&meta, &route, choice.model).as_ref(),
+                    attempt_meta(&meta, &route, choice.model, member).as_ref(),
                 )
                 .map(|req| {
                     // The previous failure is superseded: release its backend now.
@@ -361,20 +361,22 @@ where
     }
 }
 
-/// The metadata of an attempt that serves `model`, a fallback for the
-/// request's own.
-fn fallback(
+/// The metadata of an attempt, when it is not the request's own: it
+/// serves `fallback`, a model standing in for the request's, or `member`
+/// serves the model under another name. `None`: the request goes as it is.
+fn attempt_meta<S>(
     meta: &Option<RequestMeta>,
     route: &Route<'_>,
-    model: Option<&str>,
+    fallback: Option<&str>,
+    member: &crate::set::Member<S>,
 ) -> Option<RequestMeta> {
-    model.map(|model| {
-        let mut m = meta
-            .clone()
-            .unwrap_or_else(|| RequestMeta::unbuffered(route.endpoint()));
-        m.set_model(model);
-        m
-    })
+    let model = fallback.or_else(|| meta.as_ref().and_then(RequestMeta::model))?;
+    let model = member.served_name(model).or(fallback)?;
+    let mut m = meta
+        .clone()
+        .unwrap_or_else(|| RequestMeta::unbuffered(route.endpoint()));
+    m.set_model(model);
+    Some(m)
 }
 
 /// Whether the upstream took the request and sent no head within its

@@ -128,6 +128,10 @@
 //!   `RequestMeta::set_model`); if none, panic routing tries backends not
 //!   yet tried even though they rest; failing that, a healthy backend tried
 //!   before (a lone backend may be retried after a transient failure).
+//! - A backend that serves a model under another name
+//!   ([`Backend::with_served_names`]) gets the request with `model` rewritten
+//!   to that name, the same way; the next attempt, on another backend, goes
+//!   with that backend's name for it.
 //! - [`BalanceConfig::eject_after_failures`] consecutive failures eject a
 //!   backend for [`BalanceConfig::eject`], doubling on each ejection in a row
 //!   up to `max_eject_multiplier ×`; a backend whose next failing request

@@ -40,6 +40,11 @@ pub struct Backend<S> {
     /// APIs it serves only by translation: a candidate for them only when no
     /// candidate serves the API natively (native always wins).
     pub translated_apis: Vec<Api>,
+    /// The name it serves a model under, where that differs from the
+    /// model's name to clients (vLLM's `--served-model-name`, an Ollama
+    /// tag, a provider's dated name): a request for the model is sent here
+    /// with its body's `model` rewritten (empty: none rewritten).
+    pub served_names: HashMap<String, String>,
 }
 
 impl<S> Backend<S> {
@@ -52,6 +57,7 @@ impl<S> Backend<S> {
             weight: 1,
             apis: None,
             translated_apis: Vec::new(),
+            served_names: HashMap::new(),
         }
     }
 
@@ -78,6 +84,25 @@ impl<S> Backend<S> {
         self
     }
 
+    /// Serve these models under other names: each `(model, served)` pair
+    /// sends a request for `model` here with its body's `model` set to
+    /// `served` (a request the parse layer read as JSON; see
+    /// [`RequestMeta::set_model`](llm_proxy_core::RequestMeta::set_model)).
+    /// The model keeps its own name everywhere else: routing, key
+    /// allowlists, the cache key, usage.
+    pub fn with_served_names<I, M, N>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = (M, N)>,
+        M: Into<String>,
+        N: Into<String>,
+    {
+        self.served_names = names
+            .into_iter()
+            .map(|(model, served)| (model.into(), served.into()))
+            .collect();
+        self
+    }
+
     /// Set the weight for [`Strategy::Weighted`].
     pub fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight;
@@ -100,12 +125,21 @@ pub(crate) struct Member<S> {
     pub(crate) weight: u32,
     pub(crate) apis: Option<Vec<Api>>,
     pub(crate) translated_apis: Vec<Api>,
+    served_names: HashMap<String, String>,
     /// Behind a lock so that `S` need not be `Sync`; held only to clone.
     service: Mutex<S>,
     pub(crate) state: Arc<BackendState>,
 }
 
 impl<S> Member<S> {
+    /// The name it serves `model` under, when that is another name.
+    pub(crate) fn served_name(&self, model: &str) -> Option<&str> {
+        if self.served_names.is_empty() {
+            return None;
+        }
+        self.served_names.get(model).map(String::as_str)
+    }
+
     /// Whether it serves `api` at `tier` (`None`: a route outside the model
     /// APIs, which every backend takes).
     pub(crate) fn serves(&self, api: Option<Api>, tier: Tier) -> bool {
@@ -127,6 +161,7 @@ impl<S: Clone> Member<S> {
             weight: backend.weight,
             apis: backend.apis,
             translated_apis: backend.translated_apis,
+            served_names: backend.served_names,
             service: Mutex::new(backend.service),
             state,
         }

@@ -114,7 +114,14 @@ impl Proxy {
                     let mock = Mock::new(MockConfig {
                         latency: *latency,
                         tokens_per_second: *tokens_per_second,
-                        models: spec.models.clone().unwrap_or_default(),
+                        // The names it is asked for: its own for a model
+                        // it serves under another.
+                        models: spec
+                            .models
+                            .iter()
+                            .flatten()
+                            .map(|m| spec.served_names.get(m).unwrap_or(m).clone())
+                            .collect(),
                         name: spec.name.clone(),
                         ..MockConfig::default()
                     });
@@ -173,7 +180,8 @@ impl Proxy {
             let mut backend = Backend::new(spec.name.as_str(), service)
                 .with_weight(spec.weight)
                 .with_apis(spec.apis.iter().copied())
-                .with_translated_apis(translated);
+                .with_translated_apis(translated)
+                .with_served_names(spec.served_names.clone());
             backend.models = spec.models.clone();
             backends.push(backend);
         }

@@ -3,7 +3,7 @@
 //! Unknown keys are errors that name the key and its line. Secrets are a
 //! literal or `env:NAME`. Nothing unknown is accepted and ignored.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -320,6 +320,9 @@ pub struct UpstreamSection {
     /// Models served; absent = every model.
     #[serde(default)]
     pub models: Option<Spanned<Vec<String>>>,
+    /// Model -> the name this upstream serves it under.
+    #[serde(default)]
+    pub served_names: Option<Spanned<BTreeMap<String, String>>>,
     /// `openai` or `anthropic`: how the key is sent, and the default `apis`.
     #[serde(default)]
     pub protocol: Option<Spanned<String>>,
@@ -492,6 +495,9 @@ pub struct UpstreamSpec {
     pub api_key: Option<String>,
     /// Models served; `None` = every model.
     pub models: Option<Vec<String>>,
+    /// Model -> the name this upstream serves it under (the body's `model`
+    /// is rewritten for it); empty: every model under its own name.
+    pub served_names: BTreeMap<String, String>,
     /// Share for strategy `weighted`.
     pub weight: u32,
     /// How the upstream wants its key, and its native dialect.
@@ -523,6 +529,7 @@ impl std::fmt::Debug for UpstreamSpec {
             .field("target", &self.target)
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .field("models", &self.models)
+            .field("served_names", &self.served_names)
             .field("weight", &self.weight)
             .field("protocol", &self.protocol)
             .field("apis", &self.apis)
@@ -829,6 +836,53 @@ fn duration_secs(
             format!("{key} must be a non-negative number of seconds, not {secs}"),
         )
     })
+}
+
+/// An upstream's `served_names`: each a model it serves (in its `models`,
+/// when it lists them) and a name, both non-empty.
+fn served_names(
+    name: &str,
+    up: &UpstreamSection,
+    websocket: bool,
+    err: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let Some(names) = &up.served_names else {
+        return Ok(BTreeMap::new());
+    };
+    let at = names.span();
+    for (model, served) in names.get_ref() {
+        if model.trim().is_empty() || served.trim().is_empty() {
+            return Err(err(
+                at,
+                format!(
+                    "upstream `{name}`: `served_names` holds an empty name ({model:?} = {served:?})"
+                ),
+            ));
+        }
+        if let Some(models) = &up.models
+            && !models.get_ref().contains(model)
+        {
+            return Err(err(
+                at,
+                format!(
+                    "upstream `{name}`: `served_names` names model `{model}`, which its `models` does not list"
+                ),
+            ));
+        }
+    }
+    if websocket && !names.get_ref().is_empty() {
+        // A WebSocket session's messages go upstream as the client sent
+        // them: a model in one would reach the upstream under the
+        // client's name for it.
+        return Err(err(
+            at,
+            format!(
+                "upstream `{name}`: `served_names` is not built for WebSocket sessions (`websocket = true`): \
+                 their messages, which name the model, are passed through unchanged"
+            ),
+        ));
+    }
+    Ok(names.get_ref().clone())
 }
 
 fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError> {
@@ -1169,6 +1223,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                 format!("upstream `{name}`: `models` holds an empty name ({model:?})"),
             ));
         }
+        let served_names = served_names(&name, &up, websocket, &err)?;
         let ms = |key: &str, value: u64| {
             let at = [Seg::Key("upstream"), Seg::Item(index), Seg::Key(key)];
             positive_ms(
@@ -1202,6 +1257,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             target,
             api_key,
             models: up.models.map(Spanned::into_inner),
+            served_names,
             weight: up.weight,
             protocol,
             apis,
@@ -1843,6 +1899,48 @@ mod tests {
     }
 
     const MIN: &str = "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\n";
+
+    #[test]
+    fn served_names_map_a_listed_model_to_a_name_and_nothing_else() {
+        let ok = load(&format!(
+            "{MIN}models = [\"llama\", \"qwen\"]\n\
+             served_names = {{ llama = \"meta-llama/Llama-3.1-8B-Instruct\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.upstreams[0].served_names,
+            BTreeMap::from([(
+                "llama".to_owned(),
+                "meta-llama/Llama-3.1-8B-Instruct".to_owned()
+            )])
+        );
+        assert!(load(MIN).unwrap().upstreams[0].served_names.is_empty());
+        // Without `models`, any model may be renamed.
+        let any = load(&format!("{MIN}served_names = {{ x = \"y\" }}\n")).unwrap();
+        assert_eq!(any.upstreams[0].served_names["x"], "y");
+        for (extra, error) in [
+            (
+                "models = [\"llama\"]\nserved_names = { lama = \"x\" }",
+                "t.toml:5: upstream `a`: `served_names` names model `lama`, which its `models` does not list",
+            ),
+            (
+                "served_names = { llama = \" \" }",
+                "t.toml:4: upstream `a`: `served_names` holds an empty name (\"llama\" = \" \")",
+            ),
+            (
+                "served_names = { \"\" = \"x\" }",
+                "t.toml:4: upstream `a`: `served_names` holds an empty name (\"\" = \"x\")",
+            ),
+            ("served_names = { llama = 3 }", "t.toml:4"),
+            (
+                "apis = [\"responses\"]\nwebsocket = true\nserved_names = { llama = \"x\" }",
+                "t.toml:6: upstream `a`: `served_names` is not built for WebSocket sessions",
+            ),
+        ] {
+            let e = load(&format!("{MIN}{extra}\n")).unwrap_err();
+            assert!(e.starts_with(error), "{extra}: {e}");
+        }
+    }
 
     #[test]
     fn minimal_config_has_defaults() {

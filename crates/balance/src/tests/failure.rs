@@ -435,6 +435,56 @@ async fn fallbacks_rewrite_the_model() {
     assert_eq!(err.code(), "model_not_found");
 }
 
+/// Each backend gets the model under its own name for it: the first
+/// attempt's rewrite does not follow the request to the next backend, a
+/// backend without one gets the client's body as sent, and a fallback model
+/// is renamed by the backend that serves it.
+#[tokio::test(start_paused = true)]
+async fn each_backend_gets_the_model_under_its_served_name() {
+    let fleet = Fleet::default();
+    for down in ["vllm", "ollama", "plain"] {
+        fleet.set(down, Mode::Refused);
+    }
+    let cfg = BalanceConfig {
+        fallbacks: HashMap::from([("llama".to_owned(), vec!["small".to_owned()])]),
+        max_retries: 3,
+        ..rr()
+    };
+    let b = Balance::new(
+        [
+            fleet
+                .backend("vllm")
+                .with_models(["llama"])
+                .with_served_names([("llama", "meta-llama/Llama-3.1-8B-Instruct")]),
+            fleet
+                .backend("ollama")
+                .with_models(["llama"])
+                .with_served_names([("llama", "llama3.1:8b"), ("other", "x")]),
+            fleet.backend("plain").with_models(["llama"]),
+            fleet
+                .backend("tiny")
+                .with_models(["small"])
+                .with_served_names([("small", "qwen2.5:0.5b")]),
+        ],
+        cfg,
+    );
+    // Every upstream of the model tried in turn (in the picker's order),
+    // then the fallback.
+    let (status, body) = send(&b, chat("llama", "x")).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "tiny"));
+    let seen = fleet.seen();
+    assert_eq!(seen.len(), 4);
+    let sent: HashMap<String, (Option<String>, Option<String>)> = seen
+        .into_iter()
+        .map(|s| (s.backend, (s.model, s.body_model)))
+        .collect();
+    let served = |model: &str| (Some(model.to_owned()), Some(model.to_owned()));
+    assert_eq!(sent["vllm"], served("meta-llama/Llama-3.1-8B-Instruct"));
+    assert_eq!(sent["ollama"], served("llama3.1:8b"));
+    assert_eq!(sent["plain"], served("llama"), "the client's own name");
+    assert_eq!(sent["tiny"], served("qwen2.5:0.5b"), "the fallback's");
+}
+
 /// A model with more upstreams than `max_retries + 1`, all failing: its
 /// fallback still gets an attempt (beyond `max_retries`), and only one;
 /// without fallbacks, `max_retries` holds as before.
