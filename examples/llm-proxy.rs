@@ -113,7 +113,7 @@ fn main() -> ExitCode {
             }
         };
         let addr = settings.listen;
-        let listener = match tokio::net::TcpListener::bind(addr).await {
+        let listener = match llm_proxy::listen(addr) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("llm-proxy: cannot listen on {addr} (`listen`): {e}");

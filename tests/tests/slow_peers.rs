@@ -1128,3 +1128,77 @@ async fn a_client_gone_mid_body_is_counted_499() {
     assert_eq!(up.stats.requests(), 0);
     driver.abort();
 }
+
+/// One answer off a kept-alive connection, head and body (by its length).
+async fn answer(conn: &mut tokio::net::TcpStream) -> String {
+    let (head, body) = read_request(conn).await.expect("an answer");
+    format!("{head}{}", String::from_utf8_lossy(&body))
+}
+
+/// The proxy out of file descriptors when it must connect to an upstream:
+/// the client gets 503 `server_overloaded` with `retry-after`, at once (no
+/// retry: another upstream would fare no better), and the upstream is not
+/// blamed — not ejected, `/readyz` still 200 — so the proxy serves as soon
+/// as descriptors are free again. (Each test runs in its own process under
+/// nextest: the limit lowered here is this test's alone.)
+#[tokio::test]
+async fn a_proxy_out_of_file_descriptors_answers_503_and_blames_no_upstream() {
+    let up = mock_named("up").await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"{}\"\n\
+         [balance]\neject_after_failures = 1\nmax_retries = 2\n",
+        up.base_url()
+    ))
+    .await;
+    // A connection made before the limit, with a request on it: the
+    // proxy's side of it is open.
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+    conn.write_all(get("/healthz").as_bytes()).await.unwrap();
+    assert!(answer(&mut conn).await.starts_with("HTTP/1.1 200"));
+
+    // Take every descriptor left under a limit just above the highest one
+    // open: the next socket the proxy asks for is refused (EMFILE).
+    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    rlimit::setrlimit(rlimit::Resource::NOFILE, highest + 1, hard).unwrap();
+    let mut held = Vec::new();
+    while let Ok(file) = std::fs::File::open("/dev/null") {
+        held.push(file);
+    }
+    let chat_body = chat("m", false);
+    let chat_request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{chat_body}",
+        chat_body.len()
+    );
+    conn.write_all(chat_request.as_bytes()).await.unwrap();
+    let refused = answer(&mut conn).await;
+    drop(held);
+    rlimit::setrlimit(rlimit::Resource::NOFILE, soft, hard).unwrap();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+    assert!(
+        refused.contains("\"code\":\"server_overloaded\""),
+        "{refused}"
+    );
+
+    // Descriptors free again: the upstream was never out.
+    conn.write_all(get("/readyz").as_bytes()).await.unwrap();
+    let ready = answer(&mut conn).await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    conn.write_all(chat_request.as_bytes()).await.unwrap();
+    let served = answer(&mut conn).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let metrics = p.metrics().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("llm_proxy_upstream_failures_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

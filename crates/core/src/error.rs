@@ -116,6 +116,18 @@ pub enum Error {
         /// The bound, in bytes.
         limit: usize,
     },
+    /// The proxy itself ran short of what a connection to an upstream
+    /// takes (open files, local ports, socket memory) opening one: no
+    /// fault of the upstream's, and another would fare no better.
+    #[error(
+        "the proxy cannot open a connection to upstream `{upstream}` now: {reason}; retry shortly"
+    )]
+    OutOfResources {
+        /// The upstream it tried to reach.
+        upstream: String,
+        /// What ran short, as the system said.
+        reason: String,
+    },
     /// A content type other than JSON.
     #[error("content-type `{0}` is not supported; send application/json")]
     UnsupportedMediaType(String),
@@ -269,6 +281,7 @@ impl Error {
             NoUpstreamAvailable(_)
             | UpstreamsResting { .. }
             | BodyBufferFull { .. }
+            | OutOfResources { .. }
             | IdStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout { .. } | NotCached => StatusCode::GATEWAY_TIMEOUT,
             Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -306,6 +319,7 @@ impl Error {
             NoUpstreamAvailable(_)
             | UpstreamsResting { .. }
             | BodyBufferFull { .. }
+            | OutOfResources { .. }
             | IdStoreUnavailable(_) => "service_unavailable",
             UpstreamTimeout { .. } | NotCached => "timeout_error",
             Misconfigured(_) => "server_error",
@@ -336,7 +350,7 @@ impl Error {
             RateLimited { .. } => "rate_limit_exceeded",
             BadGateway { .. } | UpstreamRefused { .. } => "bad_gateway",
             NoUpstreamAvailable(_) | UpstreamsResting { .. } => "no_upstream_available",
-            BodyBufferFull { .. } => "server_overloaded",
+            BodyBufferFull { .. } | OutOfResources { .. } => "server_overloaded",
             IdStoreUnavailable(_) => "id_store_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",
             NotCached => "not_cached",
@@ -443,7 +457,9 @@ impl Error {
             Error::MethodNotAllowed { allow, .. } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            Error::BodyBufferFull { .. } | Error::IdStoreUnavailable(_) => {
+            Error::BodyBufferFull { .. }
+            | Error::OutOfResources { .. }
+            | Error::IdStoreUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::BadGateway { upstream, .. } | Error::UpstreamTimeout { upstream, .. } => {

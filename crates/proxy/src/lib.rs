@@ -29,7 +29,7 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let settings = Settings::from_file("examples/demo.toml".as_ref())?;
-//! let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+//! let listener = llm_proxy::listen(settings.listen)?;
 //! let proxy = Proxy::build(settings).await?;
 //! proxy.serve(listener, llm_proxy::shutdown_signal()).await?;
 //! # Ok(()) }
@@ -60,4 +60,4 @@ mod websocket;
 pub use app::{BuildError, Proxy};
 pub use cors::Cors;
 pub use routes::{ProxyService, Readiness};
-pub use server::{ShutdownSignals, shutdown_signal};
+pub use server::{LISTEN_BACKLOG, ShutdownSignals, listen, shutdown_signal};

@@ -17,6 +17,27 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::app::Proxy;
+
+/// How many connections the kernel queues for a listener bound by
+/// [`listen`] before they are accepted (capped by `net.core.somaxconn`,
+/// 4096 on Linux since 5.4). Connections past `max_connections` wait
+/// there: with the standard library's 128 (tokio's `TcpListener::bind`),
+/// the 129th one's SYN is dropped and the client waits out its SYN retries
+/// (1, 3, 7 s, …) before it is even queued.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` for [`Proxy::serve`]: `SO_REUSEADDR`, as tokio's
+/// `TcpListener::bind` sets it, and an accept queue of [`LISTEN_BACKLOG`].
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 use crate::gated::Gated;
 use crate::idle::{Activity, InFlight};
 
@@ -227,7 +248,7 @@ impl Proxy {
     async fn spawn_metrics(&self) -> std::io::Result<Option<MetricsServer>> {
         Ok(match self.settings.metrics_listen {
             Some(addr) => {
-                let listener = TcpListener::bind(addr).await.map_err(|e| {
+                let listener = listen(addr).map_err(|e| {
                     std::io::Error::new(
                         e.kind(),
                         format!("cannot listen on {addr} (`metrics_listen`): {e}"),
@@ -643,6 +664,10 @@ async fn accept_loop<S>(
             }
         };
     tokio::pin!(shutdown);
+    // Out of file descriptors, accept fails every 20 ms until one is
+    // closed: a line per 10 s of it, with how many were left out.
+    let warnings = llm_proxy_core::throttle::LogThrottle::default();
+    let started = std::time::Instant::now();
     loop {
         let (stream, permit) = tokio::select! {
             () = &mut shutdown => {
@@ -664,7 +689,10 @@ async fn accept_loop<S>(
                 Some(Ok(accepted)) => accepted,
                 Some(Err(e)) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    if let Some(left_out) = warnings.due(now_ms, 10_000) {
+                        tracing::warn!(error = %e, left_out, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -986,6 +1014,28 @@ impl ShutdownSignals {
 
 #[cfg(test)]
 mod tests {
+    /// Connections the server has not accepted yet are queued, not
+    /// dropped, past the standard library's 128: all of 300 (or as many as
+    /// the kernel's `somaxconn` allows) complete their handshake while
+    /// nothing accepts. With a queue of 128, the rest have their SYN
+    /// dropped and wait a second or more for a retry.
+    #[tokio::test]
+    async fn unaccepted_connections_queue_past_128() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(128);
+        let n = somaxconn.min(300);
+        let listener = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..n)
+            .map(|_| tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)));
+        let done = futures_util::future::join_all(connects).await;
+        let connected = done.iter().filter(|c| matches!(c, Ok(Ok(_)))).count();
+        assert_eq!(connected, n, "of {n} (somaxconn {somaxconn})");
+        drop(listener);
+    }
+
     #[test]
     fn any_max_connections_makes_a_semaphore() {
         for (max, permits) in [(0, 1), (10, 10), (usize::MAX, Semaphore::MAX_PERMITS)] {

@@ -660,6 +660,16 @@ impl Upstream {
         parts.extensions.insert(self.inner.name.clone());
     }
 
+    /// A connection the proxy could not open for want of its own
+    /// resources: 503, and no failure of this upstream's.
+    fn out_of_resources(&self, reason: String) -> Error {
+        tracing::debug!(upstream = %self.inner.name.0, %reason, "no resources to connect");
+        Error::OutOfResources {
+            upstream: self.inner.name.0.to_string(),
+            reason,
+        }
+    }
+
     pub(crate) fn classify_pool(&self, e: SendError) -> Error {
         if let SendError::Request(e) = &e
             && let Some(client) = client_fault(e)
@@ -673,7 +683,12 @@ impl Upstream {
                     phase: "connecting",
                 };
             }
-            SendError::Connect(e) => ("could not connect", root_cause(&*e)),
+            SendError::Connect(e) => {
+                if let Some(reason) = out_of_resources(&*e) {
+                    return self.out_of_resources(reason);
+                }
+                ("could not connect", root_cause(&*e))
+            }
             SendError::Request(e) => ("request failed", root_cause(&e)),
         };
         tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
@@ -683,6 +698,11 @@ impl Upstream {
     fn classify(&self, e: &hyper_util::client::legacy::Error) -> Error {
         if let Some(client) = client_fault(e) {
             return client;
+        }
+        if e.is_connect()
+            && let Some(reason) = out_of_resources(e)
+        {
+            return self.out_of_resources(reason);
         }
         let timed_out = source_chain(e).any(|s| {
             s.downcast_ref::<std::io::Error>()
@@ -771,6 +791,32 @@ fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
 }
 
 /// The innermost error's message.
+/// What the proxy ran short of, when an error (or one it wraps) says it
+/// could not open a connection for want of its own resources: open files
+/// (its own limit or the system's), socket buffers, memory. Not a missing
+/// local address (`EADDRNOTAVAIL`): that is as often an address the
+/// machine cannot reach as a lack of free ports, and the first is the
+/// upstream's to be judged for.
+fn out_of_resources(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    source_chain(e).find_map(|s| {
+        let io = s.downcast_ref::<std::io::Error>()?;
+        short_of_resources(io).then(|| io.to_string())
+    })
+}
+
+#[cfg(unix)]
+fn short_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+#[cfg(not(unix))]
+fn short_of_resources(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::OutOfMemory
+}
+
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     source_chain(e)
         .last()
