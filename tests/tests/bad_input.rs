@@ -276,6 +276,106 @@ async fn body_over_limit_is_refused_without_reading_the_rest() {
     assert!(head.contains("request_too_large"), "{head}");
 }
 
+/// A client that writes its whole body before it reads (as `httpx`
+/// does under the `openai` SDK) reads the 413 for a body over the limit,
+/// announced or chunked, instead of a reset: the rest of the body is read
+/// and dropped, and after a body read whole the connection serves the next
+/// request.
+#[tokio::test]
+async fn a_client_still_sending_its_body_reads_the_413() {
+    let (up, p) = one().await;
+    let body = vec![b' '; 8 << 20];
+    for chunked in [false, true] {
+        let conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let (mut read, mut write) = conn.into_split();
+        let framing = if chunked {
+            "transfer-encoding: chunked".to_owned()
+        } else {
+            format!("content-length: {}", body.len())
+        };
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             {framing}\r\n\r\n"
+        );
+        let sent = body.clone();
+        let writer = tokio::spawn(async move {
+            write.write_all(head.as_bytes()).await?;
+            if chunked {
+                for piece in sent.chunks(64 << 10) {
+                    write
+                        .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                        .await?;
+                    write.write_all(piece).await?;
+                    write.write_all(b"\r\n").await?;
+                }
+                write.write_all(b"0\r\n\r\n").await?;
+            } else {
+                write.write_all(&sent).await?;
+            }
+            Ok::<_, std::io::Error>(write)
+        });
+        let mut answer = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(HANG, read.read(&mut buf))
+                .await
+                .unwrap()
+            {
+                Ok(0) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("chunked {chunked}: {e} after {answer:?}"),
+            }
+        }
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "chunked {chunked}: {text}"
+        );
+        // The whole body was taken: the connection goes on.
+        let mut write = tokio::time::timeout(HANG, writer)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("chunked {chunked}: the body was cut: {e}"));
+        write
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        while !String::from_utf8_lossy(&answer).contains("HTTP/1.1 200") {
+            match tokio::time::timeout(HANG, read.read(&mut buf))
+                .await
+                .unwrap()
+            {
+                Ok(0) | Err(_) => panic!("chunked {chunked}: closed after the 413"),
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+    assert_eq!(up.stats.requests(), 0);
+}
+
+/// A client that waits for `100 Continue` before its body is refused
+/// without it: its body is not asked for (it would be read only to be
+/// dropped).
+#[tokio::test]
+async fn a_client_expecting_100_continue_gets_the_413_without_it() {
+    let (_up, p) = one().await;
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    conn.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          expect: 100-continue\r\ncontent-length: 8000000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = tokio::time::timeout(HANG, read_until_closed(&mut conn))
+        .await
+        .expect("answered and closed")
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+}
+
 #[tokio::test]
 async fn unreachable_upstream_is_502() {
     let port = dead_port().await;

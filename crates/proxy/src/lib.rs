@@ -45,6 +45,7 @@ mod estimate;
 mod fair_lru;
 mod gated;
 mod idle;
+mod linger;
 pub mod metrics;
 mod per_ip;
 mod preface;

@@ -392,6 +392,7 @@ impl ConnFace {
         // Not held past the call: the stack's call is synchronous and does
         // not come back here.
         let mut stack = self.stack.borrow_mut();
+        let req = crate::linger::Lingering::wrap(req);
         serve(&self.shared, &mut stack, req, Some(InFlight::new(conn)))
     }
 }
