@@ -203,12 +203,13 @@ async fn a_throttled_answer_that_says_do_not_retry_still_fails_over() {
 #[tokio::test]
 async fn each_upstream_is_asked_for_the_model_under_its_served_name() {
     let serving = |served: &'static str| {
-        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
         let log = seen.clone();
-        let answer = move |body: &[u8]| {
-            let body: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let answer = move |raw: &[u8]| {
+            let body: serde_json::Value = serde_json::from_slice(raw).unwrap_or_default();
             let model = body["model"].as_str().unwrap_or_default().to_owned();
-            log.lock().unwrap().push(model.clone());
+            let raw = String::from_utf8_lossy(raw).into_owned();
+            log.lock().unwrap().push((model.clone(), raw));
             if model != served {
                 let error = format!(
                     r#"{{"error":{{"message":"The model `{model}` does not exist.","type":"NotFoundError","code":404}}}}"#
@@ -232,7 +233,7 @@ async fn each_upstream_is_asked_for_the_model_under_its_served_name() {
     let p = proxy(&format!(
         "[[upstream]]\nname = \"vllm\"\nurl = \"http://{a}/v1\"\nmodels = [\"llama\"]\n\
          served_names = {{ llama = \"meta-llama/Llama-3.1-8B-Instruct\" }}\n\
-         [[upstream]]\nname = \"ollama\"\nurl = \"http://{b}/v1\"\n\
+         [[upstream]]\nname = \"ollama\"\nurl = \"http://{b}/v1\"\nmodels = [\"llama\"]\n\
          served_names = {{ llama = \"llama3.1:8b\" }}\n\
          [balance]\nstrategy = \"round_robin\"\nmax_retries = 0\n\
          [auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\nmodels = [\"llama\"]\n\
@@ -274,12 +275,20 @@ async fn each_upstream_is_asked_for_the_model_under_its_served_name() {
             seen_a.len() >= 2 && seen_b.len() >= 2,
             "{seen_a:?} {seen_b:?}"
         );
-        assert!(
-            seen_a
+        let served_a = "meta-llama/Llama-3.1-8B-Instruct";
+        assert!(seen_a.iter().all(|(m, _)| m == served_a));
+        assert!(seen_b.iter().all(|(m, _)| m == "llama3.1:8b"));
+        // A chat body, unedited, goes as sent but for its model's name.
+        let as_sent = |served: &str| chat.replace("\"llama\"", &format!("\"{served}\""));
+        let chats = seen_a
+            .iter()
+            .filter(|(_, raw)| *raw == as_sent(served_a))
+            .count()
+            + seen_b
                 .iter()
-                .all(|m| m == "meta-llama/Llama-3.1-8B-Instruct")
-        );
-        assert!(seen_b.iter().all(|m| m == "llama3.1:8b"));
+                .filter(|(_, raw)| *raw == as_sent("llama3.1:8b"))
+                .count();
+        assert_eq!(chats, 2, "{seen_a:?} {seen_b:?}");
     }
     // The key may use `llama`; the list names it, not the served names.
     let models = send(request(

@@ -190,6 +190,55 @@ pub(crate) const STATE_KEYS: [&str; 2] = ["previous_response_id", "conversation"
 /// rules out).
 type Tree = OnceLock<Option<Map<String, Value>>>;
 
+/// `body`, a JSON object, with its top-level `model` string replaced by
+/// `model` and every other byte as it was; `None` when it is not an object
+/// with a string `model`.
+fn with_model(body: &[u8], model: &str) -> Option<Bytes> {
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    /// The raw value of a top-level `model`.
+    struct Model<'a>(Option<&'a RawValue>);
+    impl<'de> Deserialize<'de> for Model<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Find;
+            impl<'de> Visitor<'de> for Find {
+                type Value = Model<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Model<'de>, A::Error> {
+                    let mut found = None;
+                    while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                        let value: &'de RawValue = map.next_value()?;
+                        if key == "model" {
+                            found = Some(value);
+                        }
+                    }
+                    Ok(Model(found))
+                }
+            }
+            d.deserialize_map(Find)
+        }
+    }
+
+    let raw = serde_json::from_slice::<Model<'_>>(body).ok()?.0?.get();
+    if !raw.starts_with('"') {
+        return None;
+    }
+    // Where the value lies in the body (it is borrowed from it).
+    let start = (raw.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let end = start
+        .checked_add(raw.len())
+        .filter(|&end| end <= body.len())?;
+    let name = serde_json::to_vec(model).ok()?;
+    let mut out = Vec::with_capacity(body.len() - raw.len() + name.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(&name);
+    out.extend_from_slice(&body[end..]);
+    Some(Bytes::from(out))
+}
+
 impl RequestMeta {
     /// Metadata for a request whose JSON body was parsed into `json`.
     pub fn parsed(endpoint: Endpoint, body: Bytes, json: Map<String, Value>) -> Self {
@@ -329,9 +378,23 @@ impl RequestMeta {
         Arc::make_mut(tree).get_mut()?.as_mut()
     }
 
-    /// Replace the body's `model` (a fallback), keeping metadata and body in step.
+    /// Replace the body's `model` (a fallback, an upstream's own name for
+    /// the model), keeping metadata and body in step. A body no layer has
+    /// edited keeps every other byte as the client sent it (the model's
+    /// string alone is replaced in its bytes): key order matters to a
+    /// model (a `json_schema`'s `properties` are generated in order), and
+    /// a re-serialised map would sort its keys. An edited body is edited
+    /// once more, and re-serialised.
     pub fn set_model(&mut self, model: &str) {
-        if let Some(json) = self.json_mut() {
+        if !self.edited
+            && let Some(spliced) = self.body.as_deref().and_then(|b| with_model(b, model))
+        {
+            self.body = Some(spliced);
+            if self.json.is_some() {
+                // Built again from the new bytes, should a layer ask.
+                self.json = Some(Arc::new(OnceLock::new()));
+            }
+        } else if let Some(json) = self.json_mut() {
             json.insert("model".to_owned(), Value::String(model.to_owned()));
         }
         self.model = Some(Arc::from(model));
@@ -444,6 +507,41 @@ mod tests {
         let out: Value = serde_json::from_slice(&m.body_for_upstream().unwrap()).unwrap();
         assert_eq!(out["model"], "b");
         assert_eq!(out["x"], 1);
+    }
+
+    #[test]
+    fn a_new_model_leaves_every_other_byte_of_an_unedited_body() {
+        let raw = r#"{"stream":true, "model" : "llama", "response_format":{"type":"json_schema","json_schema":{"schema":{"properties":{"reasoning":{},"answer":{}},"model":"inner"}}},"t":1.000000000000000001,"n":18446744073709551616}"#;
+        let mut m = meta(raw);
+        assert_eq!(m.json().unwrap()["model"], "llama", "built before");
+        m.set_model("meta-llama/\"8B\"");
+        let want = raw.replace(r#""llama""#, r#""meta-llama/\"8B\"""#);
+        assert_eq!(m.body_for_upstream().unwrap(), want.as_bytes());
+        assert_eq!(m.model(), Some("meta-llama/\"8B\""));
+        assert_eq!(
+            m.json().unwrap()["model"],
+            "meta-llama/\"8B\"",
+            "built anew"
+        );
+        assert!(!m.is_edited());
+        // Edited after: the edit holds the new name.
+        m.json_mut().unwrap().insert("x".into(), Value::Null);
+        let out: Value = serde_json::from_slice(&m.body_for_upstream().unwrap()).unwrap();
+        assert_eq!(out["model"], "meta-llama/\"8B\"");
+        // An edited body is edited: its keys come out in the map's order.
+        m.set_model("c");
+        let out: Value = serde_json::from_slice(&m.body_for_upstream().unwrap()).unwrap();
+        assert_eq!(
+            (&out["model"], &out["x"]),
+            (&Value::from("c"), &Value::Null)
+        );
+        // Not a string model: edited instead.
+        let mut m = meta(r#"{"model":null,"b":2,"a":1}"#);
+        m.set_model("d");
+        assert_eq!(
+            m.body_for_upstream().unwrap(),
+            r#"{"a":1,"b":2,"model":"d"}"#.as_bytes()
+        );
     }
 
     #[test]

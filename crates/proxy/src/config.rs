@@ -850,6 +850,16 @@ fn served_names(
         return Ok(BTreeMap::new());
     };
     let at = names.span();
+    // Listed, its models are the upstream's in `GET /v1/models`, and a
+    // name given the wrong way round is caught here.
+    let Some(models) = &up.models else {
+        return Err(err(
+            at,
+            format!(
+                "upstream `{name}`: `served_names` needs `models`, the names clients use for the models it serves"
+            ),
+        ));
+    };
     for (model, served) in names.get_ref() {
         if model.trim().is_empty() || served.trim().is_empty() {
             return Err(err(
@@ -859,9 +869,21 @@ fn served_names(
                 ),
             ));
         }
-        if let Some(models) = &up.models
-            && !models.get_ref().contains(model)
-        {
+        if served.trim() != served || served.chars().any(char::is_control) {
+            return Err(err(
+                at,
+                format!(
+                    "upstream `{name}`: `served_names`: {served:?} has space at an end or a control character"
+                ),
+            ));
+        }
+        if model == served {
+            return Err(err(
+                at,
+                format!("upstream `{name}`: `served_names` gives `{model}` its own name"),
+            ));
+        }
+        if !models.get_ref().contains(model) {
             return Err(err(
                 at,
                 format!(
@@ -1915,26 +1937,38 @@ mod tests {
             )])
         );
         assert!(load(MIN).unwrap().upstreams[0].served_names.is_empty());
-        // Without `models`, any model may be renamed.
-        let any = load(&format!("{MIN}served_names = {{ x = \"y\" }}\n")).unwrap();
-        assert_eq!(any.upstreams[0].served_names["x"], "y");
+        let l = "models = [\"llama\"]\n";
         for (extra, error) in [
             (
-                "models = [\"llama\"]\nserved_names = { lama = \"x\" }",
+                "served_names = { x = \"y\" }".to_owned(),
+                "t.toml:4: upstream `a`: `served_names` needs `models`",
+            ),
+            (
+                format!("{l}served_names = {{ lama = \"x\" }}"),
                 "t.toml:5: upstream `a`: `served_names` names model `lama`, which its `models` does not list",
             ),
             (
-                "served_names = { llama = \" \" }",
-                "t.toml:4: upstream `a`: `served_names` holds an empty name (\"llama\" = \" \")",
+                format!("{l}served_names = {{ llama = \"llama\" }}"),
+                "t.toml:5: upstream `a`: `served_names` gives `llama` its own name",
             ),
             (
-                "served_names = { \"\" = \"x\" }",
-                "t.toml:4: upstream `a`: `served_names` holds an empty name (\"\" = \"x\")",
+                format!("{l}served_names = {{ llama = \" x\" }}"),
+                "t.toml:5: upstream `a`: `served_names`: \" x\" has space at an end",
             ),
-            ("served_names = { llama = 3 }", "t.toml:4"),
             (
-                "apis = [\"responses\"]\nwebsocket = true\nserved_names = { llama = \"x\" }",
-                "t.toml:6: upstream `a`: `served_names` is not built for WebSocket sessions",
+                format!("{l}served_names = {{ llama = \" \" }}"),
+                "t.toml:5: upstream `a`: `served_names` holds an empty name (\"llama\" = \" \")",
+            ),
+            (
+                format!("{l}served_names = {{ \"\" = \"x\" }}"),
+                "t.toml:5: upstream `a`: `served_names` holds an empty name (\"\" = \"x\")",
+            ),
+            (format!("{l}served_names = {{ llama = 3 }}"), "t.toml:5"),
+            (
+                format!(
+                    "{l}apis = [\"responses\"]\nwebsocket = true\nserved_names = {{ llama = \"x\" }}"
+                ),
+                "t.toml:7: upstream `a`: `served_names` is not built for WebSocket sessions",
             ),
         ] {
             let e = load(&format!("{MIN}{extra}\n")).unwrap_err();
