@@ -532,6 +532,16 @@ pub fn json_answer(status: &str, headers: &str, body: &str) -> String {
     )
 }
 
+/// A raw HTTP/1.1 `POST /v1/chat/completions` of the JSON `body`, with its
+/// length, as a client writes it on a socket.
+pub fn raw_chat_post(body: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// Read a request's head off `conn`; `false` if the connection ends first.
 pub async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
     let mut buf = vec![0u8; 8192];

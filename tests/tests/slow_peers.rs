@@ -247,12 +247,7 @@ async fn a_client_that_stops_reading_holds_the_upstream_back() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut conn = socket.connect(p.addr).await.unwrap();
-    let body = chat("m", true);
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let req = raw_chat_post(&chat("m", true));
     conn.write_all(req.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 1024];
     let n = tokio::time::timeout(HANG, conn.read(&mut buf))
@@ -1170,12 +1165,7 @@ async fn a_proxy_out_of_file_descriptors_answers_503_and_blames_no_upstream() {
     while let Ok(file) = std::fs::File::open("/dev/null") {
         held.push(file);
     }
-    let chat_body = chat("m", false);
-    let chat_request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n{chat_body}",
-        chat_body.len()
-    );
+    let chat_request = raw_chat_post(&chat("m", false));
     conn.write_all(chat_request.as_bytes()).await.unwrap();
     let refused = answer(&mut conn).await;
     drop(held);
