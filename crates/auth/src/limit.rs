@@ -28,7 +28,6 @@ const MAX_ADJUST_WINDOWS: i64 = 60 * 24 * 365;
 pub struct Gcra {
     /// Units per minute.
     pub limit: u32,
-    interval_ns: u64,
 }
 
 /// The outcome of a check against one limit.
@@ -43,17 +42,15 @@ pub enum Check {
 impl Gcra {
     /// A limit of `limit` per minute (at least 1).
     pub fn per_minute(limit: u32) -> Self {
-        let limit = limit.max(1);
         Gcra {
-            limit,
-            interval_ns: WINDOW_NS / u64::from(limit),
+            limit: limit.max(1),
         }
     }
 
     /// Nanoseconds between two units at the steady rate (60 s / limit,
-    /// rounded down).
+    /// rounded down; a `limit` of 0 counts as 1).
     pub fn interval_ns(&self) -> u64 {
-        self.interval_ns
+        self.span(1)
     }
 
     /// Nanoseconds `units` take at the steady rate: `units · 60 s / limit`,
@@ -638,5 +635,50 @@ mod tests {
         assert_eq!(g.adjust(tat, 0, i64::MIN), 0, "and a huge refund a refund");
         assert_eq!(g.bounded(i64::MAX), 1000 * MAX_ADJUST_WINDOWS);
         assert_eq!(g.bounded(-5), -5);
+    }
+
+    /// `remaining` is the units that fit now, and no more: a bucket a
+    /// nanosecond past a whole unit reads one fewer (the headers promised
+    /// a request the limit then refused).
+    #[test]
+    fn remaining_is_what_fits_now_and_no_more() {
+        // A request a second; the second one a nanosecond before 1 s.
+        let l = Limits::new(Some(60), None);
+        assert_eq!(l.acquire(0, 0).requests.unwrap().remaining, 59);
+        let d = l.acquire(S - 1, 0);
+        assert!(d.allowed);
+        // 2 s charged, 1 s − 1 ns gone by: 58 more fit, not 59.
+        assert_eq!(d.requests.unwrap().remaining, 58);
+        for i in 0..58 {
+            assert!(l.acquire(S - 1, 0).allowed, "request {i}");
+        }
+        assert!(
+            !l.acquire(S - 1, 0).allowed,
+            "the 59th the headers did not promise"
+        );
+    }
+
+    /// One adjustment moves a limit by up to a year's worth of it: a
+    /// usage report of a week's worth is charged whole.
+    #[test]
+    fn an_adjustment_is_bounded_at_a_year_of_the_limit() {
+        let g = Gcra::per_minute(100);
+        assert_eq!(g.bounded(i64::MAX), 100 * 60 * 24 * 365);
+        assert_eq!(g.bounded(i64::MIN), -100 * 60 * 24 * 365);
+        let week_min: i64 = 7 * 24 * 60;
+        assert_eq!(g.adjust(0, 0, 100 * week_min), week_min as u64 * 60 * S);
+    }
+
+    /// The interval follows `limit`, a public field a caller may set after
+    /// construction.
+    #[test]
+    fn interval_is_the_steady_rate() {
+        assert_eq!(Gcra::per_minute(3).interval_ns(), 20 * S);
+        assert_eq!(Gcra::per_minute(0).interval_ns(), 60 * S);
+        let mut g = Gcra::per_minute(3);
+        g.limit = 4;
+        assert_eq!(g.interval_ns(), 15 * S);
+        g.limit = 0;
+        assert_eq!(g.interval_ns(), 60 * S);
     }
 }

@@ -1262,4 +1262,19 @@ mod stacking_tests {
         assert!(matches!(err, Error::Misconfigured(_)), "{err}");
         assert_eq!(err.status(), 500);
     }
+
+    /// A key without limits is not run through the limiter: no decision
+    /// (so no `x-ratelimit-*` headers, and with Redis no round trip per
+    /// request); a limited key gets one.
+    #[tokio::test]
+    async fn a_key_without_limits_gets_no_decision() {
+        let mut rpm = KeySpec::from_key("rpm", "sk-rpm");
+        rpm.requests_per_minute = Some(5);
+        let layer = AuthLayer::new(vec![KeySpec::from_key("free", "sk-free"), rpm]);
+        let key = |name: &str| layer.keys().find(|k| &*k.name == name).unwrap().clone();
+        let free = layer.acquire_request(&key("free"), Dialect::OpenAi).await;
+        assert!(free.unwrap().is_none());
+        let limited = layer.acquire_request(&key("rpm"), Dialect::OpenAi).await;
+        assert!(limited.unwrap().is_some());
+    }
 }

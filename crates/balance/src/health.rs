@@ -341,4 +341,21 @@ mod tests {
         h.on_success(3 * S);
         assert_eq!(h.down_until(), 0);
     }
+
+    /// An ejection ended early by a success was a rest as long as it
+    /// lasted: failures sent soon after it go on with the streak (the
+    /// next rest doubles), those sent as long after it as it lasted do not.
+    #[test]
+    fn an_ejection_ended_early_was_a_rest_as_long_as_it_lasted() {
+        let mut h = Health::default();
+        assert!(fail(&mut h, 0, 3));
+        h.on_success(5 * S);
+        // Sent 1 s after a 5 s rest: the streak goes on.
+        assert!(fail(&mut h, 6 * S, 3));
+        assert_eq!(h.down_until(), 66 * S);
+        // Let back after 10 s of its 60; sent 10 s after that: forgotten.
+        h.on_success(16 * S);
+        assert!(fail(&mut h, 26 * S, 3));
+        assert_eq!(h.down_until(), 56 * S);
+    }
 }

@@ -414,4 +414,60 @@ mod tests {
             assert!(b.is_available((400 + rest) * S), "headless: {headless}");
         }
     }
+
+    /// Peak-EWMA's cost is the estimate times the requests in flight plus
+    /// one: at the same latency, a backend with two in flight costs three
+    /// times an idle one.
+    #[test]
+    fn cost_weighs_the_estimate_by_the_requests_in_flight() {
+        let b = Arc::new(backend());
+        assert_eq!(b.cost(0), DEFAULT_RTT_NS);
+        let _one = InFlight::new(b.clone());
+        let _two = InFlight::new(b.clone());
+        assert_eq!(b.cost(0), 3.0 * DEFAULT_RTT_NS);
+    }
+
+    /// The estimate decays with time (a backend that was slow once is
+    /// tried again), and a lower sample is blended in by the time since
+    /// the last one instead of replacing it; a peak replaces it at once.
+    #[test]
+    fn the_estimate_decays_and_blends_lower_samples() {
+        let e = (-1f64).exp(); // one decay constant: 10 s
+        let b = backend();
+        b.observe(0, Duration::from_secs(2));
+        assert_eq!(b.cost(0), 2e9, "the first sample replaces the default");
+        let decayed = b.cost(10 * S);
+        assert!((decayed - 2e9 * e).abs() < 1.0, "{decayed}");
+        b.observe(10 * S, Duration::from_secs(1));
+        let blended = b.cost(10 * S);
+        assert!(
+            (blended - (2e9 * e + 1e9 * (1.0 - e))).abs() < 1.0,
+            "{blended}"
+        );
+        b.observe(10 * S, Duration::from_secs(3));
+        assert_eq!(b.cost(10 * S), 3e9, "a peak replaces it");
+    }
+
+    /// A failed attempt weighs at least a second in the estimate: a
+    /// backend that fails fast (a refused connection) never looks fast.
+    #[test]
+    fn a_fast_failure_weighs_a_second_in_the_estimate() {
+        let b = backend();
+        b.record_failure(0, Duration::from_millis(2), true);
+        assert_eq!(b.cost(0), FAILURE_PENALTY_NS);
+    }
+
+    /// Answers are noted for a probe that fails meanwhile (it leaves the
+    /// backend up): the first, and later ones a millisecond or more after
+    /// the last noted.
+    #[test]
+    fn answers_are_noted_for_a_failing_probe() {
+        let b = backend();
+        assert!(!b.answered_since(0));
+        b.answered(5 * S);
+        assert!(b.answered_since(5 * S));
+        assert!(!b.answered_since(5 * S + 1));
+        b.answered(10 * S);
+        assert!(b.answered_since(10 * S), "a later answer is noted too");
+    }
 }

@@ -968,4 +968,46 @@ mod tests {
             prop_assert_eq!(key(&with_user), key(&body));
         }
     }
+
+    /// Only Messages reads `metadata` for an end-user id: a chat body with
+    /// a `metadata` object still leaves its `user` (and the rest of
+    /// `EXCLUDED_FIELDS`) out of the key.
+    #[test]
+    fn a_chat_body_with_metadata_still_leaves_user_out() {
+        let key = |v: serde_json::Value| {
+            CacheKey::new(
+                Endpoint::ChatCompletions,
+                &KeyScope::Shared,
+                v.as_object().unwrap(),
+            )
+        };
+        let alice = json!({"model": "m", "messages": [], "metadata": {"user_id": "x"},
+            "user": "alice", "stream_options": {"include_usage": true}});
+        let bob = json!({"model": "m", "messages": [], "metadata": {"user_id": "x"},
+            "user": "bob"});
+        assert_eq!(key(alice), key(bob));
+    }
+
+    /// A store picks a key's shard by its first eight bytes, and a map
+    /// bucket by the next eight: both from the key, not a constant (all
+    /// keys in one shard leave a sharded store a fraction of its bounds;
+    /// all in one bucket make every lookup a scan).
+    #[test]
+    fn shard_and_map_hashes_come_from_the_key() {
+        use std::hash::BuildHasher;
+        let key = |model: &str| {
+            let body = json!({"model": model, "messages": []});
+            CacheKey::new(
+                Endpoint::ChatCompletions,
+                &KeyScope::Shared,
+                body.as_object().unwrap(),
+            )
+        };
+        let (a, b) = (key("a"), key("b"));
+        let first = |k: &CacheKey| u64::from_le_bytes(k.as_bytes()[..8].try_into().unwrap());
+        assert_eq!(a.shard_hash(), first(&a));
+        assert_ne!(a.shard_hash(), b.shard_hash());
+        let state = std::hash::RandomState::new();
+        assert_ne!(state.hash_one(a), state.hash_one(b));
+    }
 }
