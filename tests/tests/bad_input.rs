@@ -843,7 +843,7 @@ async fn wait_answers(p: &TestProxy, bytes: u64) {
 async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
     let up = mock_named("m").await;
     let p = proxy(&format!(
-        "max_body_bytes = 1000\nmax_buffered_body_bytes = 3500\n{}",
+        "max_body_bytes = 1000\nmax_buffered_body_bytes = 3300\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
@@ -868,12 +868,12 @@ async fn bodies_past_the_buffer_budget_are_503_until_it_is_given_back() {
     wait_buffered(&p, 700).await;
 
     // A body holds its bytes and the value they are parsed into: a chat
-    // request of 900 bytes, ~3200 in all (two objects, ~630 each, an array
+    // request of 900 bytes, ~2800 in all (two objects, ~360 each, an array
     // and its strings), fits alone. Beside the 700: refused.
     let refused = post_json(&url, &chat_of_len(900)).await;
     refused.assert_error(503, "service_unavailable", "server_overloaded");
     assert_eq!(refused.header("retry-after"), Some("1"));
-    // 700 + 400 (~2200 parsed) fits.
+    // 700 + 400 (~1800 parsed) fits.
     assert_eq!(post_json(&url, &chat_of_len(400)).await.status, 200);
     // The slow body completes and is answered; its bytes are given back.
     conn.write_all(&slow.as_bytes()[700..]).await.unwrap();

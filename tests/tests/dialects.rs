@@ -440,7 +440,8 @@ async fn dialect_streams_cut_midway_end_with_their_own_error_event() {
     assert!(broke);
     let text = String::from_utf8_lossy(&body);
     assert!(
-        text.ends_with("\n\n") && text.contains("event: error\ndata: {\"error\":{"),
+        text.ends_with("\n\n")
+            && text.contains("event: error\ndata: {\"type\":\"error\",\"error\":{"),
         "{text}"
     );
     assert!(!text.contains("message_stop"));

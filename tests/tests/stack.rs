@@ -306,3 +306,79 @@ async fn each_upstream_is_asked_for_the_model_under_its_served_name() {
         .collect();
     assert_eq!(ids, ["llama"]);
 }
+
+/// Key order reaches the upstream as the client wrote it, where a layer
+/// edits the body (the cache and a token-limited key ask a streamed chat
+/// for its usage chunk) and where the translation layer writes a new one
+/// (Messages over chat): a model generates a `json_schema`'s properties,
+/// and a tool's arguments, in the schema's order (`reasoning` before
+/// `answer` is the point of such a schema).
+#[tokio::test]
+async fn edited_and_translated_bodies_keep_the_clients_key_order() {
+    for tail in [
+        "[cache]\nbackend = \"memory\"\n",
+        "[auth]\n[[auth.keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 100000\n",
+    ] {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let log = seen.clone();
+        let addr = sse_upstream(move |raw| {
+            let raw = String::from_utf8_lossy(raw).into_owned();
+            let stream = raw.contains(r#""stream":true"#);
+            log.lock().unwrap().push(raw);
+            if stream {
+                let delta = r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}"#;
+                let usage = r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+                return (200, format!("data: {delta}\n\ndata: {usage}\n\ndata: [DONE]\n\n"));
+            }
+            let answer = serde_json::json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+            });
+            (200, answer.to_string())
+        })
+        .await;
+        let p = proxy(&format!(
+            "[[upstream]]\nname = \"up\"\nurl = \"http://{addr}/v1\"\n{tail}"
+        ))
+        .await;
+        let ask = |path: &'static str, body: &'static str| {
+            send(request(
+                Method::POST,
+                &p.url(path),
+                &[
+                    ("authorization", "Bearer sk-k"),
+                    ("content-type", "application/json"),
+                    ("anthropic-version", "2023-06-01"),
+                ],
+                body,
+            ))
+        };
+        let chat = r#"{"stream":true,"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"a","schema":{"type":"object","properties":{"reasoning":{"type":"string"},"answer":{"type":"string"}},"required":["reasoning","answer"]}}}}"#;
+        let answer = ask("/v1/chat/completions", chat).await;
+        assert_eq!(answer.status, 200, "{tail}: {}", answer.text());
+        let messages = r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"hi"}],"tools":[{"name":"t","input_schema":{"type":"object","properties":{"zeta":{"type":"string"},"alpha":{"type":"string"}}}}]}"#;
+        let answer = ask("/v1/messages", messages).await;
+        assert_eq!(answer.status, 200, "{tail}: {}", answer.text());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "{tail}: {seen:?}");
+        let before = |raw: &str, a: &str, b: &str| {
+            let at = |key: &str| {
+                raw.find(&format!("\"{key}\""))
+                    .unwrap_or_else(|| panic!("{key} in {raw}"))
+            };
+            at(a) < at(b)
+        };
+        // The edit happened (the layer asked for usage), and kept the order.
+        assert!(seen[0].contains("include_usage"), "{tail}: {}", seen[0]);
+        assert!(before(&seen[0], "stream", "model"), "{tail}: {}", seen[0]);
+        assert!(
+            before(&seen[0], "reasoning", "answer"),
+            "{tail}: {}",
+            seen[0]
+        );
+        assert!(before(&seen[0], "name", "schema"), "{tail}: {}", seen[0]);
+        assert!(before(&seen[1], "zeta", "alpha"), "{tail}: {}", seen[1]);
+    }
+}

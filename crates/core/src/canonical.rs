@@ -86,9 +86,11 @@ pub fn write_canonical_map_without(map: &Map<String, Value>, skip: &[&str], out:
     write_object(map.iter(), skip, out);
 }
 
-/// Writes an object's entries sorted by key. `serde_json`'s map is a
-/// `BTreeMap` unless its `preserve_order` feature is on, so the entries are
-/// usually sorted already: check before paying for a sort.
+/// Writes an object's entries sorted by key. The workspace builds
+/// `serde_json` with `preserve_order` (a body's keys reach the upstream in
+/// the client's order), so a map holds them as the body had them: sorted
+/// now and then (check before paying for a sort), and sorted on the stack
+/// when they are few (a chat message's `role` and `content`).
 fn write_object<'a, I>(entries: I, skip: &[&str], out: &mut Vec<u8>)
 where
     I: Iterator<Item = (&'a String, &'a Value)> + Clone,
@@ -96,7 +98,7 @@ where
     if entries.clone().map(|(key, _)| key).is_sorted() {
         write_entries(entries, skip, out);
     } else {
-        let mut sorted: Vec<_> = entries.collect();
+        let mut sorted: smallvec::SmallVec<[_; 8]> = entries.collect();
         sorted.sort_unstable_by_key(|(key, _)| *key);
         write_entries(sorted.into_iter(), skip, out);
     }
@@ -176,15 +178,26 @@ pub(crate) mod tests {
 
     #[test]
     fn sorts_unsorted_entries() {
-        // The map is sorted here, so feed its entries backwards to reach the
-        // path that `preserve_order` would take.
-        let value = json!({"a": 1, "c": {"z": 0, "y": 1}, "b": [2]});
+        let value = json!({"c": {"z": 0, "y": 1}, "b": [2], "a": 1});
         let Value::Object(map) = &value else {
             unreachable!()
         };
+        assert_eq!(map.keys().next().unwrap(), "c", "the map keeps the order");
         let mut out = Vec::new();
-        write_object(map.iter().rev(), &["b"], &mut out);
+        write_object(map.iter(), &["b"], &mut out);
         assert_eq!(out, br#"{"a":1,"c":{"y":1,"z":0}}"#);
+        // Past the entries sorted on the stack.
+        let many: Map<String, Value> = (0..20)
+            .rev()
+            .map(|i| (format!("k{i:02}"), json!(i)))
+            .collect();
+        let mut out = Vec::new();
+        write_object(many.iter(), &[], &mut out);
+        let want: Vec<String> = (0..20).map(|i| format!(r#""k{i:02}":{i}"#)).collect();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{{{}}}", want.join(","))
+        );
     }
 
     #[test]

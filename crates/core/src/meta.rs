@@ -381,10 +381,10 @@ impl RequestMeta {
     /// Replace the body's `model` (a fallback, an upstream's own name for
     /// the model), keeping metadata and body in step. A body no layer has
     /// edited keeps every other byte as the client sent it (the model's
-    /// string alone is replaced in its bytes): key order matters to a
-    /// model (a `json_schema`'s `properties` are generated in order), and
-    /// a re-serialised map would sort its keys. An edited body is edited
-    /// once more, and re-serialised.
+    /// string alone is replaced in its bytes): a re-serialised body keeps
+    /// its keys' order, but not its numbers' spelling (`1e3` comes out
+    /// `1000.0`, an integer past 64 bits as the nearest float) nor its
+    /// whitespace. An edited body is edited once more, and re-serialised.
     pub fn set_model(&mut self, model: &str) {
         if !self.edited
             && let Some(spliced) = self.body.as_deref().and_then(|b| with_model(b, model))
@@ -535,12 +535,12 @@ mod tests {
             (&out["model"], &out["x"]),
             (&Value::from("c"), &Value::Null)
         );
-        // Not a string model: edited instead.
-        let mut m = meta(r#"{"model":null,"b":2,"a":1}"#);
+        // Not a string model: edited instead, its keys in the client's order.
+        let mut m = meta(r#"{"model":null, "b":2,"a":1}"#);
         m.set_model("d");
         assert_eq!(
             m.body_for_upstream().unwrap(),
-            r#"{"a":1,"b":2,"model":"d"}"#.as_bytes()
+            r#"{"model":"d","b":2,"a":1}"#.as_bytes()
         );
     }
 

@@ -147,7 +147,7 @@ impl Mock {
             }
         }
         if let Some(fields) = body.as_object_mut() {
-            fields.remove("type");
+            fields.shift_remove("type");
         }
         let models = self.config().model_ids();
         let params = GenerationParams {

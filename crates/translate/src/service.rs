@@ -208,7 +208,7 @@ where
                     .get_mut::<RequestMeta>()
                     .and_then(RequestMeta::json_mut)
                 {
-                    json.remove("stream_options");
+                    json.shift_remove("stream_options");
                 }
                 std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
                 call_boxed(&mut inner, req).await?

@@ -319,7 +319,7 @@ mod tests {
             .into_iter()
             .map(|(_, mut json)| {
                 if let Some(object) = json.as_object_mut() {
-                    object.remove("created");
+                    object.shift_remove("created");
                 }
                 json
             })

@@ -334,7 +334,7 @@ fn tools(
         }
     }
     if !out.contains_key("tools") {
-        out.remove("parallel_tool_calls");
+        out.shift_remove("parallel_tool_calls");
     }
     let Some(choice) = field(src, "tool_choice") else {
         return Ok(namespaced);
