@@ -117,6 +117,43 @@ async fn credentials_are_swapped() {
     );
 }
 
+/// An upstream's `headers` go with every request, in place of the
+/// client's of the same name; the client's OpenAI organization and
+/// project, which would pick what the operator's key bills, do not go.
+#[tokio::test]
+async fn an_upstreams_headers_replace_the_clients_and_its_org_is_the_operators() {
+    let up = mock_named("m1").await;
+    let proxy = proxy(&one_upstream(
+        &up.base_url(),
+        "api_key = \"sk-upstream\"\n\
+         headers = { \"OpenAI-Organization\" = \"org-operator\", \"X-Team\" = \"platform\" }",
+    ))
+    .await;
+    let req = request(
+        Method::POST,
+        &proxy.url("/v1/chat/completions"),
+        &[
+            ("content-type", "application/json"),
+            ("openai-organization", "org-client"),
+            ("openai-project", "proj-client"),
+            ("x-team", "mallory"),
+            ("anthropic-beta", "kept"),
+        ],
+        chat("m", false),
+    );
+    assert_eq!(send(req).await.status, 200);
+    let seen = up
+        .stats
+        .last_request_headers()
+        .expect("upstream saw a request");
+    let all = |name: &str| seen.get_all(name).iter().cloned().collect::<Vec<_>>();
+    assert_eq!(all("openai-organization"), ["org-operator"]);
+    assert_eq!(all("x-team"), ["platform"]);
+    assert!(seen.get("openai-project").is_none());
+    assert_eq!(seen["anthropic-beta"], "kept");
+    assert_eq!(seen["authorization"], "Bearer sk-upstream");
+}
+
 /// Azure OpenAI's SDK sends its key as `api-key`: a credential the client
 /// meant for the proxy, which must not reach the model provider (nor
 /// stand beside the upstream's own key, for a server that reads it first).

@@ -155,6 +155,7 @@ impl Proxy {
             cfg.shards = settings.workers;
             cfg.upgrades = spec.websocket;
             cfg.http2 = spec.http2;
+            cfg.headers = spec.headers.clone();
             let translate = TranslateConfig::new(
                 match spec.protocol {
                     Protocol::OpenAi => TranslateProtocol::OpenAi,

@@ -323,6 +323,9 @@ pub struct UpstreamSection {
     /// Model -> the name this upstream serves it under.
     #[serde(default)]
     pub served_names: Option<Spanned<BTreeMap<String, String>>>,
+    /// Headers set on every request to it: name -> literal or `env:NAME`.
+    #[serde(default)]
+    pub headers: Option<Spanned<BTreeMap<String, String>>>,
     /// `openai` or `anthropic`: how the key is sent, and the default `apis`.
     #[serde(default)]
     pub protocol: Option<Spanned<String>>,
@@ -498,6 +501,9 @@ pub struct UpstreamSpec {
     /// Model -> the name this upstream serves it under (the body's `model`
     /// is rewritten for it); empty: every model under its own name.
     pub served_names: BTreeMap<String, String>,
+    /// Headers set on every request to it, replacing the client's of the
+    /// same name; values resolved (its `Debug` shows only the names).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Share for strategy `weighted`.
     pub weight: u32,
     /// How the upstream wants its key, and its native dialect.
@@ -530,6 +536,14 @@ impl std::fmt::Debug for UpstreamSpec {
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .field("models", &self.models)
             .field("served_names", &self.served_names)
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
+            )
             .field("weight", &self.weight)
             .field("protocol", &self.protocol)
             .field("apis", &self.apis)
@@ -907,6 +921,46 @@ fn served_names(
     Ok(names.get_ref().clone())
 }
 
+/// An upstream's `headers`: each name one the proxy does not set itself
+/// (nor its `api_key`), each value (after `env:`) non-empty header text.
+fn upstream_headers(
+    name: &str,
+    up: &UpstreamSection,
+    key_header: Option<&str>,
+    err: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, ConfigError> {
+    let Some(headers) = &up.headers else {
+        return Ok(Vec::new());
+    };
+    let at = headers.span();
+    let mut out: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
+    for (header, value) in headers.get_ref() {
+        let bad = |why: &str| {
+            err(
+                at.clone(),
+                format!("upstream `{name}`: header `{header}`: {why}"),
+            )
+        };
+        let parsed = http::HeaderName::from_bytes(header.as_bytes())
+            .map_err(|_| bad("not a header name"))?;
+        llm_proxy_upstream::settable_header(&parsed).map_err(bad)?;
+        if key_header == Some(parsed.as_str()) {
+            return Err(bad("`api_key` sets this header"));
+        }
+        if out.iter().any(|(seen, _)| *seen == parsed) {
+            return Err(bad("given twice (header names are case-insensitive)"));
+        }
+        let value = resolve_secret(value).map_err(|m| bad(&m))?;
+        if value.is_empty() {
+            return Err(bad("empty value"));
+        }
+        let value = http::HeaderValue::from_str(&value)
+            .map_err(|_| bad("the value must be printable text"))?;
+        out.push((parsed, value));
+    }
+    Ok(out)
+}
+
 fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError> {
     let err =
         |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, src, span.start, msg);
@@ -1246,6 +1300,11 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             ));
         }
         let served_names = served_names(&name, &up, websocket, &err)?;
+        let key_header = api_key.as_ref().map(|_| match protocol {
+            Protocol::OpenAi => "authorization",
+            Protocol::Anthropic => "x-api-key",
+        });
+        let headers = upstream_headers(&name, &up, key_header, &err)?;
         let ms = |key: &str, value: u64| {
             let at = [Seg::Key("upstream"), Seg::Item(index), Seg::Key(key)];
             positive_ms(
@@ -1280,6 +1339,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             api_key,
             models: up.models.map(Spanned::into_inner),
             served_names,
+            headers,
             weight: up.weight,
             protocol,
             apis,
@@ -1921,6 +1981,74 @@ mod tests {
     }
 
     const MIN: &str = "[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9/v1\"\n";
+
+    #[test]
+    fn upstream_headers_are_header_text_the_proxy_does_not_set() {
+        let ok = load(&format!(
+            "{MIN}headers = {{ \"OpenAI-Organization\" = \"org-1\", x-team = \"a b\" }}\n"
+        ))
+        .unwrap();
+        let headers: Vec<_> = ok.upstreams[0]
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            headers,
+            [("openai-organization", "org-1"), ("x-team", "a b")]
+        );
+        assert!(load(MIN).unwrap().upstreams[0].headers.is_empty());
+        // `authorization` is the operator's to set, unless `api_key` does.
+        assert!(
+            load(&format!(
+                "{MIN}headers = {{ authorization = \"Bearer x\" }}\n"
+            ))
+            .is_ok()
+        );
+        for (extra, error) in [
+            (
+                "api_key = \"k\"\nheaders = { Authorization = \"Bearer x\" }",
+                "t.toml:5: upstream `a`: header `Authorization`: `api_key` sets this header",
+            ),
+            (
+                "protocol = \"anthropic\"\napi_key = \"k\"\nheaders = { x-api-key = \"x\" }",
+                "t.toml:6: upstream `a`: header `x-api-key`: `api_key` sets this header",
+            ),
+            (
+                "headers = { Host = \"evil\" }",
+                "t.toml:4: upstream `a`: header `Host`: the proxy sets this header itself",
+            ),
+            (
+                "headers = { \"x a\" = \"1\" }",
+                "t.toml:4: upstream `a`: header `x a`: not a header name",
+            ),
+            (
+                "headers = { x-a = \"1\", X-A = \"2\" }",
+                "t.toml:4: upstream `a`: header `x-a`: given twice",
+            ),
+            (
+                "headers = { x-a = \"\" }",
+                "t.toml:4: upstream `a`: header `x-a`: empty value",
+            ),
+            (
+                "headers = { x-a = \"a\\nb\" }",
+                "t.toml:4: upstream `a`: header `x-a`: the value must be printable text",
+            ),
+            (
+                "headers = { x-a = \"env:LLM_PROXY_TEST_SURELY_UNSET\" }",
+                "t.toml:4: upstream `a`: header `x-a`: environment variable `LLM_PROXY_TEST_SURELY_UNSET` is not set",
+            ),
+        ] {
+            let e = load(&format!("{MIN}{extra}\n")).unwrap_err();
+            assert!(e.starts_with(error), "{extra}: {e}");
+        }
+        // Its `Debug` shows the names, not the values.
+        let debug = format!("{:?}", ok.upstreams[0]);
+        assert!(
+            debug.contains("openai-organization") && !debug.contains("org-1"),
+            "{debug}"
+        );
+    }
 
     #[test]
     fn served_names_map_a_listed_model_to_a_name_and_nothing_else() {

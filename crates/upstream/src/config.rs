@@ -49,6 +49,15 @@ pub struct UpstreamConfig {
     /// request in flight, as nginx proxies. `http://` upstreams speak
     /// HTTP/1.1 either way.
     pub http2: bool,
+    /// Headers set on every request to this upstream, in place of any the
+    /// client sent under the same name (an OpenAI organization or project,
+    /// a gateway's own key): nginx's `proxy_set_header`, LiteLLM's
+    /// `extra_headers`. A name the proxy itself manages (framing,
+    /// connection, `host`, content coding, the `api_key`'s header) is
+    /// refused by [`Upstream::new`](crate::Upstream::new), see
+    /// [`settable_header`](crate::settable_header). Their values are marked
+    /// sensitive, and `Debug` shows only their names.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -69,6 +78,14 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("shards", &self.shards)
             .field("upgrades", &self.upgrades)
             .field("http2", &self.http2)
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -89,6 +106,7 @@ impl UpstreamConfig {
             shards: 0,
             upgrades: false,
             http2: true,
+            headers: Vec::new(),
         }
     }
 
@@ -120,6 +138,17 @@ pub enum BuildError {
     /// The key cannot be sent as a header value.
     #[error("upstream `{0}`: api_key contains characters not allowed in an HTTP header")]
     BadKey(Arc<str>),
+    /// A header of [`UpstreamConfig::headers`] is one the proxy sets itself,
+    /// or is given twice.
+    #[error("upstream `{name}`: header `{header}`: {reason}")]
+    BadHeader {
+        /// The upstream's name.
+        name: Arc<str>,
+        /// The header's name.
+        header: http::HeaderName,
+        /// Why it cannot be set.
+        reason: &'static str,
+    },
     /// The extra root certificates could not be used.
     #[error("upstream `{name}`: tls roots: {reason}")]
     BadRoots {

@@ -8,7 +8,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 /// body read whole already), and the upstream client sends the body without
 /// waiting for a `100`, so an upstream could only refuse it (`417`).
 /// `api-key` is Azure OpenAI's key header, which its SDKs send instead of
-/// `authorization`.
+/// `authorization`. `openai-organization` and `openai-project` pick which
+/// of the upstream key's organizations and projects a request is billed
+/// to: the key is the operator's, and so is that choice (an upstream's
+/// `headers` sets them).
 ///
 /// A `match` on the (lowercase) name: a length switch, then one compare.
 fn stripped_from_request(name: &HeaderName) -> bool {
@@ -27,9 +30,40 @@ fn stripped_from_request(name: &HeaderName) -> bool {
             | "expect"
             | "x-api-key"
             | "api-key"
+            | "openai-organization"
+            | "openai-project"
             | "keep-alive"
             | "proxy-connection"
     )
+}
+
+/// Whether `name` may be set on every request to an upstream (its
+/// `headers`): `Err` with the reason for a header the proxy manages itself
+/// (a connection's, the body's framing and coding, `host`, `expect`, the
+/// WebSocket handshake's); the upstream's key goes in its own setting.
+pub fn settable_header(name: &HeaderName) -> Result<(), &'static str> {
+    let name = name.as_str();
+    let managed = matches!(
+        name,
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "content-type"
+            | "content-encoding"
+            | "accept-encoding"
+            | "expect"
+            | "keep-alive"
+            | "proxy-connection"
+    ) || name.starts_with("sec-websocket-");
+    if managed {
+        Err("the proxy sets this header itself")
+    } else {
+        Ok(())
+    }
 }
 
 /// Hop-by-hop headers of a response, and cookies and proxy authentication
@@ -207,6 +241,20 @@ fn strip_connection_named(headers: &mut HeaderMap, keep: Option<&HeaderName>) {
 
 #[cfg(test)]
 mod tests {
+    /// The client's OpenAI organization and project would pick what the
+    /// operator's key bills: they do not go upstream.
+    #[test]
+    fn the_clients_openai_organization_and_project_are_stripped() {
+        let mut h = super::HeaderMap::new();
+        h.insert("openai-organization", "org-c".parse().unwrap());
+        h.insert("openai-project", "proj-c".parse().unwrap());
+        h.insert("openai-beta", "assistants=v2".parse().unwrap());
+        super::strip_request(&mut h, false);
+        assert!(!h.contains_key("openai-organization"));
+        assert!(!h.contains_key("openai-project"));
+        assert_eq!(h["openai-beta"], "assistants=v2");
+    }
+
     #[test]
     fn headers_named_by_a_connection_value_past_ascii_are_stripped() {
         let mut h = HeaderMap::new();

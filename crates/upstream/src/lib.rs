@@ -57,6 +57,7 @@ mod upgrade;
 
 pub use body::UpstreamBody;
 pub use config::{AuthStyle, BuildError, UpstreamConfig};
+pub use headers::settable_header;
 pub use service::{ANTHROPIC_VERSION, ResponseFuture, Upstream, port_of};
 pub use tls::check_roots_pem;
 pub use upgrade::Upgrade;

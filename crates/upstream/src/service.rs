@@ -41,6 +41,8 @@ pub(crate) struct Inner {
     /// The base URL's path without its trailing slash, e.g. `/v1`.
     pub(crate) base_path: String,
     pub(crate) credential: Option<(HeaderName, HeaderValue)>,
+    /// [`UpstreamConfig::headers`], checked.
+    pub(crate) headers: Box<[(HeaderName, HeaderValue)]>,
     /// An Anthropic upstream: requests without `anthropic-version` get
     /// [`ANTHROPIC_VERSION`].
     pub(crate) anthropic: bool,
@@ -126,6 +128,25 @@ impl Upstream {
             }
         };
 
+        let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(cfg.headers.len());
+        for (name, value) in &cfg.headers {
+            let bad = |reason| BuildError::BadHeader {
+                name: cfg.name.clone(),
+                header: name.clone(),
+                reason,
+            };
+            headers::settable_header(name).map_err(bad)?;
+            if credential.as_ref().is_some_and(|(key, _)| key == name) {
+                return Err(bad("`api_key` sets this header"));
+            }
+            if headers.iter().any(|(seen, _)| seen == name) {
+                return Err(bad("given twice"));
+            }
+            let mut value = value.clone();
+            value.set_sensitive(true);
+            headers.push((name.clone(), value));
+        }
+
         // `host[:port]` as the URL has it, without any `user:pass@`.
         let host = match authority.port() {
             Some(port) => format!("{}:{port}", authority.host()),
@@ -165,6 +186,7 @@ impl Upstream {
                 authority,
                 base_path,
                 credential,
+                headers: headers.into_boxed_slice(),
                 anthropic: cfg.auth_style == AuthStyle::XApiKey,
                 host,
                 upgrades,
@@ -636,10 +658,14 @@ impl Upstream {
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 
-    /// Set the upstream's own credential (the client's was stripped) and,
-    /// for an Anthropic upstream, a default `anthropic-version`.
+    /// Set the upstream's own credential (the client's was stripped) and
+    /// headers (replacing the client's of the same names) and, for an
+    /// Anthropic upstream, a default `anthropic-version`.
     pub(crate) fn present(&self, headers: &mut http::HeaderMap) {
         if let Some((name, value)) = &self.inner.credential {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.inner.headers {
             headers.insert(name.clone(), value.clone());
         }
         if self.inner.anthropic && !headers.contains_key(&ANTHROPIC_VERSION_HEADER) {
@@ -936,6 +962,63 @@ mod tests {
             let e = Upstream::new(cfg).unwrap_err().to_string();
             assert!(!e.contains("s3cret"), "{e}");
         }
+    }
+
+    /// An upstream's headers: none the proxy sets itself, not the key's
+    /// header beside an `api_key`, no name twice; the rest go on every
+    /// request, replacing the client's, marked sensitive.
+    #[test]
+    fn an_upstreams_headers_are_checked_and_presented() {
+        fn build(
+            key: Option<&str>,
+            style: AuthStyle,
+            headers: &[(&'static str, &'static str)],
+        ) -> Result<Upstream, BuildError> {
+            let mut cfg = UpstreamConfig::new("u", "http://127.0.0.1:1/v1".parse().unwrap());
+            cfg.api_key = key.map(str::to_owned);
+            cfg.auth_style = style;
+            cfg.headers = headers
+                .iter()
+                .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+                .collect();
+            Upstream::new(cfg)
+        }
+        let refused = |key, style, headers: &[(&'static str, &'static str)]| {
+            build(key, style, headers).err().map(|e| e.to_string())
+        };
+        for name in [
+            "content-length",
+            "host",
+            "accept-encoding",
+            "sec-websocket-key",
+            "te",
+        ] {
+            let e = refused(None, AuthStyle::Bearer, &[(name, "x")]).expect(name);
+            assert!(e.contains("sets this header itself"), "{e}");
+        }
+        let e = refused(Some("k"), AuthStyle::Bearer, &[("authorization", "x")]).unwrap();
+        assert!(e.contains("`api_key` sets this header"), "{e}");
+        let e = refused(Some("k"), AuthStyle::XApiKey, &[("x-api-key", "x")]).unwrap();
+        assert!(e.contains("`api_key` sets this header"), "{e}");
+        let e = refused(None, AuthStyle::Bearer, &[("x-a", "1"), ("x-a", "2")]).unwrap();
+        assert!(e.contains("given twice"), "{e}");
+        // Without an `api_key`, its header is the operator's to set.
+        let up = build(
+            None,
+            AuthStyle::Bearer,
+            &[("authorization", "Bearer gw"), ("x-a", "1")],
+        )
+        .unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.append("x-a", HeaderValue::from_static("client"));
+        headers.append("x-a", HeaderValue::from_static("client too"));
+        headers.insert("x-b", HeaderValue::from_static("kept"));
+        up.present(&mut headers);
+        let x_a: Vec<_> = headers.get_all("x-a").iter().collect();
+        assert_eq!(x_a, ["1"]);
+        assert!(x_a[0].is_sensitive());
+        assert_eq!(headers["authorization"], "Bearer gw");
+        assert_eq!(headers["x-b"], "kept");
     }
 
     #[tokio::test]
