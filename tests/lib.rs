@@ -542,6 +542,66 @@ pub fn raw_chat_post(body: &str) -> String {
     )
 }
 
+/// With the proxy `p` (one upstream, ejected after one failure, two
+/// retries) out of file descriptors, a chat request is a 503
+/// `server_overloaded` with `retry-after: 1`, and no failure of the
+/// upstream's: `/readyz` stays 200 and the next request, with descriptors
+/// free again, is served. Lowers this process's `RLIMIT_NOFILE` for a
+/// moment (each test runs in its own process under nextest).
+pub async fn out_of_descriptors_is_503_and_no_failure(p: &TestProxy) {
+    use tokio::io::AsyncWriteExt;
+    async fn read_answer(conn: &mut tokio::net::TcpStream) -> String {
+        let (head, body) = read_request(conn).await.expect("an answer");
+        format!("{head}{}", String::from_utf8_lossy(&body))
+    }
+    // A connection made before the limit, with a request on it: the
+    // proxy's side of it is open.
+    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+    conn.write_all(get("/healthz").as_bytes()).await.unwrap();
+    assert!(read_answer(&mut conn).await.starts_with("HTTP/1.1 200"));
+
+    // Take every descriptor left under a limit just above the highest one
+    // open: the next socket the proxy asks for is refused (EMFILE).
+    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    rlimit::setrlimit(rlimit::Resource::NOFILE, highest + 1, hard).unwrap();
+    let mut held = Vec::new();
+    while let Ok(file) = std::fs::File::open("/dev/null") {
+        held.push(file);
+    }
+    let chat_request = raw_chat_post(&chat("m", false));
+    conn.write_all(chat_request.as_bytes()).await.unwrap();
+    let refused = read_answer(&mut conn).await;
+    drop(held);
+    rlimit::setrlimit(rlimit::Resource::NOFILE, soft, hard).unwrap();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+    assert!(
+        refused.contains("\"code\":\"server_overloaded\""),
+        "{refused}"
+    );
+
+    // Descriptors free again: the upstream was never out.
+    conn.write_all(get("/readyz").as_bytes()).await.unwrap();
+    let ready = read_answer(&mut conn).await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    conn.write_all(chat_request.as_bytes()).await.unwrap();
+    let served = read_answer(&mut conn).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let metrics = p.metrics().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("llm_proxy_upstream_failures_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
 /// Read a request's head off `conn`; `false` if the connection ends first.
 pub async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
     let mut buf = vec![0u8; 8192];

@@ -1124,12 +1124,6 @@ async fn a_client_gone_mid_body_is_counted_499() {
     driver.abort();
 }
 
-/// One answer off a kept-alive connection, head and body (by its length).
-async fn answer(conn: &mut tokio::net::TcpStream) -> String {
-    let (head, body) = read_request(conn).await.expect("an answer");
-    format!("{head}{}", String::from_utf8_lossy(&body))
-}
-
 /// The proxy out of file descriptors when it must connect to an upstream:
 /// the client gets 503 `server_overloaded` with `retry-after`, at once (no
 /// retry: another upstream would fare no better), and the upstream is not
@@ -1145,50 +1139,20 @@ async fn a_proxy_out_of_file_descriptors_answers_503_and_blames_no_upstream() {
         up.base_url()
     ))
     .await;
-    // A connection made before the limit, with a request on it: the
-    // proxy's side of it is open.
-    let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
-    conn.write_all(get("/healthz").as_bytes()).await.unwrap();
-    assert!(answer(&mut conn).await.starts_with("HTTP/1.1 200"));
+    out_of_descriptors_is_503_and_no_failure(&p).await;
+}
 
-    // Take every descriptor left under a limit just above the highest one
-    // open: the next socket the proxy asks for is refused (EMFILE).
-    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
-    let highest = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-        .max()
-        .unwrap();
-    rlimit::setrlimit(rlimit::Resource::NOFILE, highest + 1, hard).unwrap();
-    let mut held = Vec::new();
-    while let Ok(file) = std::fs::File::open("/dev/null") {
-        held.push(file);
-    }
-    let chat_request = raw_chat_post(&chat("m", false));
-    conn.write_all(chat_request.as_bytes()).await.unwrap();
-    let refused = answer(&mut conn).await;
-    drop(held);
-    rlimit::setrlimit(rlimit::Resource::NOFILE, soft, hard).unwrap();
-    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
-    assert!(refused.contains("retry-after: 1"), "{refused}");
-    assert!(
-        refused.contains("\"code\":\"server_overloaded\""),
-        "{refused}"
-    );
-
-    // Descriptors free again: the upstream was never out.
-    conn.write_all(get("/readyz").as_bytes()).await.unwrap();
-    let ready = answer(&mut conn).await;
-    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    conn.write_all(chat_request.as_bytes()).await.unwrap();
-    let served = answer(&mut conn).await;
-    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
-    let metrics = p.metrics().await;
-    assert!(
-        !metrics
-            .lines()
-            .any(|l| l.starts_with("llm_proxy_upstream_failures_total") && !l.ends_with(" 0")),
-        "{metrics}"
-    );
+/// The same, for an upstream named by a host name: the lookup, out of
+/// descriptors, fails as a name not found, and is still no failure of the
+/// upstream's.
+#[tokio::test]
+async fn out_of_descriptors_a_name_lookup_blames_no_upstream() {
+    let up = mock_named("up").await;
+    let url = up.base_url().replace("127.0.0.1", "localhost");
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"{url}\"\n\
+         [balance]\neject_after_failures = 1\nmax_retries = 2\n"
+    ))
+    .await;
+    out_of_descriptors_is_503_and_no_failure(&p).await;
 }

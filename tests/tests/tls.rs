@@ -107,6 +107,22 @@ async fn https_upstream_with_private_ca() {
     task.abort();
 }
 
+/// Out of file descriptors, a connection to an https upstream (hyper's
+/// client, DNS, then TLS) fails as one to an http upstream does: 503,
+/// and no failure of the upstream's.
+#[tokio::test]
+async fn out_of_descriptors_an_https_upstream_is_not_blamed() {
+    let (port, pem, stats, task, _) = tls_mock().await;
+    let p = proxy(&format!(
+        "{}[balance]\neject_after_failures = 1\nmax_retries = 2\n",
+        https_upstream("tls-emfile", port, &pem, "")
+    ))
+    .await;
+    out_of_descriptors_is_503_and_no_failure(&p).await;
+    assert!(stats.requests() >= 1);
+    task.abort();
+}
+
 #[tokio::test]
 async fn a_websocket_tunnel_to_an_https_upstream() {
     // The upstream offers h2 and http/1.1 by ALPN; an upgrade is an

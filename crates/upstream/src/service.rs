@@ -710,7 +710,7 @@ impl Upstream {
                 };
             }
             SendError::Connect(e) => {
-                if let Some(reason) = out_of_resources(&*e) {
+                if let Some(reason) = out_of_resources(&*e).or_else(descriptors_exhausted) {
                     return self.out_of_resources(reason);
                 }
                 ("could not connect", root_cause(&*e))
@@ -726,7 +726,7 @@ impl Upstream {
             return client;
         }
         if e.is_connect()
-            && let Some(reason) = out_of_resources(e)
+            && let Some(reason) = out_of_resources(e).or_else(descriptors_exhausted)
         {
             return self.out_of_resources(reason);
         }
@@ -828,6 +828,25 @@ fn out_of_resources(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         let io = s.downcast_ref::<std::io::Error>()?;
         short_of_resources(io).then(|| io.to_string())
     })
+}
+
+/// Whether this process is out of file descriptors now, asked after a
+/// connect failed with no error that says so: a name lookup out of them
+/// fails as a name not found (glibc's resolver, unable to open
+/// `/etc/hosts` or a socket to the DNS server, reports `EAI_NONAME`). One
+/// descriptor asked for, and given back at once, tells; only on the
+/// failure path.
+#[cfg(unix)]
+fn descriptors_exhausted() -> Option<String> {
+    match std::fs::File::open("/dev/null") {
+        Err(e) if short_of_resources(&e) => Some(e.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(not(unix))]
+fn descriptors_exhausted() -> Option<String> {
+    None
 }
 
 #[cfg(unix)]
