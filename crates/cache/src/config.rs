@@ -44,8 +44,8 @@ pub struct CacheConfig {
     pub max_entry_bytes: usize,
     /// Request headers whose values go into the key, beside the two
     /// `anthropic-*` ones that always do: headers an upstream answers
-    /// differently to (`openai-project` where projects differ in what they
-    /// serve, a provider's own feature header). A request with none of them
+    /// differently to (a provider's own feature header, such as
+    /// `openai-beta`). A request with none of them
     /// has the key it had without this.
     pub key_headers: Vec<http::HeaderName>,
 }

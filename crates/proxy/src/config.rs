@@ -954,6 +954,10 @@ fn upstream_headers(
         if value.is_empty() {
             return Err(bad("empty value"));
         }
+        if value.trim() != value {
+            // HTTP/2 calls a field value with space at an end malformed.
+            return Err(bad("space at an end of the value"));
+        }
         let value = http::HeaderValue::from_str(&value)
             .map_err(|_| bad("the value must be printable text"))?;
         out.push((parsed, value));
@@ -2029,6 +2033,14 @@ mod tests {
             (
                 "headers = { x-a = \"\" }",
                 "t.toml:4: upstream `a`: header `x-a`: empty value",
+            ),
+            (
+                "headers = { x-a = \"v \" }",
+                "t.toml:4: upstream `a`: header `x-a`: space at an end of the value",
+            ),
+            (
+                "headers = { X-Request-Id = \"fixed\" }",
+                "t.toml:4: upstream `a`: header `X-Request-Id`: the proxy sends each request's own id",
             ),
             (
                 "headers = { x-a = \"a\\nb\" }",

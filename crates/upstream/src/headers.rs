@@ -40,7 +40,8 @@ fn stripped_from_request(name: &HeaderName) -> bool {
 /// Whether `name` may be set on every request to an upstream (its
 /// `headers`): `Err` with the reason for a header the proxy manages itself
 /// (a connection's, the body's framing and coding, `host`, `expect`, the
-/// WebSocket handshake's); the upstream's key goes in its own setting.
+/// WebSocket handshake's, each request's `x-request-id`); the upstream's
+/// key goes in its own setting.
 pub fn settable_header(name: &HeaderName) -> Result<(), &'static str> {
     let name = name.as_str();
     let managed = matches!(
@@ -61,6 +62,10 @@ pub fn settable_header(name: &HeaderName) -> Result<(), &'static str> {
     ) || name.starts_with("sec-websocket-");
     if managed {
         Err("the proxy sets this header itself")
+    } else if name == "x-request-id" {
+        // One value on every request would make the upstream's logs and
+        // ids (vLLM names its answers after it) collide.
+        Err("the proxy sends each request's own id")
     } else {
         Ok(())
     }

@@ -142,6 +142,19 @@ impl Upstream {
             if headers.iter().any(|(seen, _)| seen == name) {
                 return Err(bad("given twice"));
             }
+            if value.is_empty()
+                || value
+                    .as_bytes()
+                    .first()
+                    .is_some_and(|b| b.is_ascii_whitespace())
+                || value
+                    .as_bytes()
+                    .last()
+                    .is_some_and(|b| b.is_ascii_whitespace())
+            {
+                // HTTP/2 calls a field value with space at an end malformed.
+                return Err(bad("an empty value, or one with space at an end"));
+            }
             let mut value = value.clone();
             value.set_sensitive(true);
             headers.push((name.clone(), value));
@@ -1021,6 +1034,12 @@ mod tests {
         assert!(e.contains("`api_key` sets this header"), "{e}");
         let e = refused(None, AuthStyle::Bearer, &[("x-a", "1"), ("x-a", "2")]).unwrap();
         assert!(e.contains("given twice"), "{e}");
+        let e = refused(None, AuthStyle::Bearer, &[("x-request-id", "1")]).unwrap();
+        assert!(e.contains("each request's own id"), "{e}");
+        for value in ["", " v", "v\t"] {
+            let e = refused(None, AuthStyle::Bearer, &[("x-a", value)]).expect(value);
+            assert!(e.contains("space at an end"), "{e}");
+        }
         // Without an `api_key`, its header is the operator's to set.
         let up = build(
             None,
