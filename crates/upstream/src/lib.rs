@@ -48,6 +48,7 @@
 
 mod body;
 mod config;
+mod dns;
 mod headers;
 mod pool;
 mod service;

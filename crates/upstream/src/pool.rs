@@ -44,6 +44,8 @@ use hyper_util::rt::TokioIo;
 use llm_proxy_core::Body;
 use tokio::net::TcpStream;
 
+use crate::dns::Dns;
+
 /// At most this many idle connections are kept per pool; more are closed
 /// when their response ends.
 const MAX_IDLE: usize = 1024;
@@ -52,8 +54,9 @@ const MAX_IDLE: usize = 1024;
 #[derive(Debug)]
 pub(crate) struct Pool {
     idle: Mutex<Stack>,
-    /// The host to resolve, without IPv6 brackets.
-    host: Box<str>,
+    /// The host's addresses, looked up now and then ([`Dns`]), shared
+    /// with the upstream's other pools.
+    dns: Arc<Dns>,
     port: u16,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -181,18 +184,14 @@ impl Lease {
 
 impl Pool {
     pub(crate) fn new(
-        host: &str,
+        dns: Arc<Dns>,
         port: u16,
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> Self {
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
         Pool {
             idle: Mutex::new(Stack::default()),
-            host: host.into(),
+            dns,
             port,
             connect_timeout,
             idle_timeout,
@@ -349,18 +348,13 @@ impl Pool {
         }))
     }
 
-    /// Resolve the host (no lookup for an IP literal) and connect to the
-    /// first address that answers by `deadline`.
+    /// Resolve the host (no lookup for an IP literal, none while a recent
+    /// one's addresses are kept) and connect to the first address that
+    /// answers by `deadline`.
     async fn tcp(&self, deadline: tokio::time::Instant) -> std::io::Result<TcpStream> {
-        let addrs: Vec<_> = tokio::net::lookup_host((&*self.host, self.port))
-            .await?
+        let addrs: Vec<_> = (self.dns.resolve().await?.iter())
+            .map(|addr| std::net::SocketAddr::new(addr.ip(), self.port))
             .collect();
-        if addrs.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("`{}` resolves to no address", self.host),
-            ));
-        }
         connect_any(&addrs, deadline).await
     }
 }
@@ -866,7 +860,7 @@ mod tests {
             drop(conn);
         });
         let pool = Pool::new(
-            "127.0.0.1",
+            Arc::new(Dns::new("127.0.0.1")),
             addr.port(),
             Duration::from_secs(1),
             Duration::from_secs(30),
@@ -925,7 +919,8 @@ mod tests {
 
     #[test]
     fn ipv6_hosts_lose_their_brackets() {
-        let pool = Pool::new("[::1]", 80, Duration::from_secs(1), Duration::from_secs(1));
-        assert_eq!(&*pool.host, "::1");
+        let dns = Arc::new(Dns::new("[::1]"));
+        let pool = Pool::new(dns, 80, Duration::from_secs(1), Duration::from_secs(1));
+        assert_eq!(pool.dns.host(), "::1");
     }
 }

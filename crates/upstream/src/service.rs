@@ -10,6 +10,8 @@ use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+
+use crate::dns::{Dns, Resolver};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use llm_proxy_core::{
     Body, BodyBudget, Endpoint, Error, RequestMeta, UPSTREAM_HEADER, UpstreamName, UpstreamSlot,
@@ -22,7 +24,9 @@ use crate::config::{AuthStyle, BuildError, UpstreamConfig};
 use crate::headers;
 use crate::pool::{Lease, Pool, SendError};
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// TCP through the upstream's kept addresses ([`Dns`]), then TLS.
+type Connector = HttpsConnector<HttpConnector<Resolver>>;
+type HttpClient = Client<Connector, Body>;
 
 /// A tower `Service` that sends requests to one upstream LLM server.
 ///
@@ -50,7 +54,7 @@ pub(crate) struct Inner {
     pub(crate) host: HeaderValue,
     /// Connects for [`Upstream::upgrade`]: HTTP/1.1 only (an upgrade is an
     /// HTTP/1.1 exchange), TLS for `https://`. `None` unless enabled.
-    pub(crate) upgrades: Option<HttpsConnector<HttpConnector>>,
+    pub(crate) upgrades: Option<Connector>,
     pub(crate) connect_timeout: Duration,
     pub(crate) first_byte_timeout: Duration,
     pub(crate) idle_timeout: Duration,
@@ -166,12 +170,14 @@ impl Upstream {
             None => authority.host().to_owned(),
         };
         let host = HeaderValue::try_from(host).map_err(|_| not_absolute())?;
+        // One host, looked up for all of this upstream's pools and clients.
+        let dns = Arc::new(Dns::new(authority.host()));
         let transport = if scheme == uri::Scheme::HTTP {
             let port = port.unwrap_or(80);
             let pools = (0..=cfg.shards)
                 .map(|_| {
                     Arc::new(Pool::new(
-                        authority.host(),
+                        dns.clone(),
                         port,
                         cfg.connect_timeout,
                         cfg.pool_idle_timeout,
@@ -180,10 +186,10 @@ impl Upstream {
                 .collect();
             Transport::Http1 { pools }
         } else {
-            Transport::Client(Self::https_clients(&cfg)?)
+            Transport::Client(Self::https_clients(&cfg, &dns)?)
         };
         let upgrades = if cfg.upgrades {
-            Some(Self::connector(&cfg, false)?)
+            Some(Self::connector(&cfg, false, &dns)?)
         } else {
             None
         };
@@ -215,14 +221,15 @@ impl Upstream {
     fn connector(
         cfg: &UpstreamConfig,
         http2: bool,
-    ) -> Result<HttpsConnector<HttpConnector>, BuildError> {
+        dns: &Arc<Dns>,
+    ) -> Result<Connector, BuildError> {
         let tls = crate::tls::client_config(cfg.extra_roots_pem.as_deref()).map_err(|reason| {
             BuildError::BadRoots {
                 name: cfg.name.clone(),
                 reason,
             }
         })?;
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(Resolver(dns.clone()));
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
@@ -245,8 +252,11 @@ impl Upstream {
     /// it in the pool. It is pinged every [`h2_ping_interval`], in use or
     /// idle, and closed when a ping goes unanswered for as long (its
     /// requests fail as broken, and the next ones open a new connection).
-    fn https_clients(cfg: &UpstreamConfig) -> Result<Box<[HttpClient]>, BuildError> {
-        let connector = Self::connector(cfg, cfg.http2)?;
+    fn https_clients(
+        cfg: &UpstreamConfig,
+        dns: &Arc<Dns>,
+    ) -> Result<Box<[HttpClient]>, BuildError> {
+        let connector = Self::connector(cfg, cfg.http2, dns)?;
         let ping = h2_ping_interval(cfg.idle_timeout);
         Ok((0..=cfg.shards)
             .map(|_| {
