@@ -7,9 +7,10 @@
 //! runs up to 512), and as many queries to the DNS server. nginx looks an
 //! upstream's name up once, when it reads its config; Envoy's `strict_dns`
 //! clusters look it up again every 5 s. This does as Envoy does: one lookup
-//! at a time, its addresses kept for [`REFRESH`], a failure kept for none
-//! (the next connection asks again). A host that is an IP address is never
-//! looked up.
+//! at a time, its addresses kept for [`REFRESH`]. A failure is kept for
+//! none: the connections that waited for the failed lookup get its error
+//! (not one slow lookup after another), the next one asks again. A host
+//! that is an IP address is never looked up.
 
 use std::future::Future;
 use std::io;
@@ -31,9 +32,12 @@ pub(crate) const REFRESH: Duration = Duration::from_secs(5);
 pub(crate) struct Dns {
     host: Box<str>,
     /// The host as an address: nothing to look up.
-    literal: Option<IpAddr>,
+    literal: Option<Arc<[SocketAddr]>>,
     /// The last lookup's addresses, and when they were found.
     kept: Mutex<Option<(Instant, Arc<[SocketAddr]>)>>,
+    /// The last failed lookup: when it ended, and its error (kind and
+    /// text), for the connections that were waiting for it.
+    failed: Mutex<Option<(Instant, io::ErrorKind, String)>>,
     /// Held by the one connection looking the name up; the others wait for
     /// its answer instead of asking too. Only taken when `kept` is stale.
     lookup: tokio::sync::Mutex<()>,
@@ -49,8 +53,12 @@ impl Dns {
             .unwrap_or(host);
         Dns {
             host: host.into(),
-            literal: host.parse().ok(),
+            literal: host
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| Arc::from([SocketAddr::new(ip, 0)])),
             kept: Mutex::new(None),
+            failed: Mutex::new(None),
             lookup: tokio::sync::Mutex::new(()),
         }
     }
@@ -74,39 +82,55 @@ impl Dns {
         F: FnOnce(Box<str>) -> Fut,
         Fut: Future<Output = io::Result<Vec<SocketAddr>>>,
     {
-        if let Some(ip) = self.literal {
-            return Ok(Arc::from([SocketAddr::new(ip, 0)]));
+        if let Some(addr) = &self.literal {
+            return Ok(addr.clone());
         }
         if let Some(addrs) = self.fresh() {
             return Ok(addrs);
         }
+        let asked = Instant::now();
         let _turn = self.lookup.lock().await;
-        // Another connection may have looked it up while this one waited.
+        // Another connection may have looked it up while this one waited,
+        // or failed to: its answer is this one's.
         if let Some(addrs) = self.fresh() {
             return Ok(addrs);
         }
-        let addrs: Arc<[SocketAddr]> = look_up(self.host.clone()).await?.into();
-        if addrs.is_empty() {
-            return Err(io::Error::new(
+        if let Some((at, kind, error)) = &*lock(&self.failed)
+            && *at > asked
+        {
+            return Err(io::Error::new(*kind, error.clone()));
+        }
+        let found = match look_up(self.host.clone()).await {
+            Ok(addrs) if addrs.is_empty() => Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("`{}` resolves to no address", self.host),
-            ));
+            )),
+            found => found,
+        };
+        match found {
+            Ok(addrs) => {
+                let addrs: Arc<[SocketAddr]> = addrs.into();
+                *lock(&self.kept) = Some((Instant::now(), addrs.clone()));
+                Ok(addrs)
+            }
+            Err(e) => {
+                *lock(&self.failed) = Some((Instant::now(), e.kind(), e.to_string()));
+                Err(e)
+            }
         }
-        *self.lock() = Some((Instant::now(), addrs.clone()));
-        Ok(addrs)
     }
 
     fn fresh(&self) -> Option<Arc<[SocketAddr]>> {
-        match &*self.lock() {
+        match &*lock(&self.kept) {
             Some((at, addrs)) if at.elapsed() < REFRESH => Some(addrs.clone()),
             _ => None,
         }
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Arc<[SocketAddr]>)>> {
-        // A list of addresses holds no invariant a panic could break.
-        self.kept.lock().unwrap_or_else(|e| e.into_inner())
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // An answer kept holds no invariant a panic could break.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// [`Dns`] as hyper-util's connector asks a resolver: it sets the port.
@@ -210,6 +234,24 @@ mod tests {
         assert_eq!(&*found.await.unwrap(), [addr("10.0.0.1:0")]);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
 
+        // Connections waiting for a lookup that fails get its error; the
+        // next one asks again.
+        let dns = Arc::new(Dns::new("other.internal"));
+        let waiting = (0..4).map(|_| {
+            let (dns, calls) = (dns.clone(), calls.clone());
+            tokio::spawn(async move {
+                let failed = counted(&calls, Err(io::Error::other("no such host")));
+                dns.resolve_with(failed).await
+            })
+        });
+        for got in futures_join(waiting).await {
+            assert_eq!(got.unwrap_err().to_string(), "no such host");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "one lookup for the four");
+        let again = dns.resolve_with(counted(&calls, Ok(vec![addr("10.0.0.9:0")])));
+        assert_eq!(&*again.await.unwrap(), [addr("10.0.0.9:0")]);
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+
         for (host, ip) in [
             ("127.0.0.1", "127.0.0.1:0"),
             ("[::1]", "[::1]:0"),
@@ -219,7 +261,7 @@ mod tests {
             let got = dns.resolve_with(counted(&calls, Err(io::ErrorKind::Other.into())));
             assert_eq!(&*got.await.unwrap(), [addr(ip)], "{host}");
         }
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
     }
 
     /// Every task's output, in order.
