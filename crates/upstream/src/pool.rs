@@ -350,12 +350,18 @@ impl Pool {
 
     /// Resolve the host (no lookup for an IP literal, none while a recent
     /// one's addresses are kept) and connect to the first address that
-    /// answers by `deadline`.
+    /// answers by `deadline`; none answering, the addresses are forgotten
+    /// (the upstream may have moved).
     async fn tcp(&self, deadline: tokio::time::Instant) -> std::io::Result<TcpStream> {
-        let addrs: Vec<_> = (self.dns.resolve().await?.iter())
-            .map(|addr| std::net::SocketAddr::new(addr.ip(), self.port))
-            .collect();
-        connect_any(&addrs, deadline).await
+        let mut addrs = self.dns.resolve().await?;
+        for addr in &mut addrs {
+            addr.set_port(self.port);
+        }
+        let connected = connect_any(&addrs, deadline).await;
+        if connected.is_err() {
+            self.dns.forget();
+        }
+        connected
     }
 }
 
@@ -915,6 +921,26 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
         let err = connect_any(&[hole, hole], deadline).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    /// A connect that no kept address takes forgets them: an upstream
+    /// that moved is looked up again by the next connect, not in 5 s.
+    #[tokio::test]
+    async fn a_failed_connect_forgets_the_kept_addresses() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dns = Arc::new(Dns::new("localhost"));
+        let pool = Pool::new(
+            dns.clone(),
+            port,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        );
+        assert!(pool.connect().await.is_ok());
+        assert!(dns.keeps());
+        drop(listener);
+        assert!(pool.connect().await.is_err());
+        assert!(!dns.keeps());
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub(crate) struct Inner {
     pub(crate) credential: Option<(HeaderName, HeaderValue)>,
     /// [`UpstreamConfig::headers`], checked.
     pub(crate) headers: Box<[(HeaderName, HeaderValue)]>,
+    /// The host's addresses, for the https clients' connects (the HTTP/1
+    /// pools hold it too): forgotten when a connect fails.
+    dns: Arc<Dns>,
     /// An Anthropic upstream: requests without `anthropic-version` get
     /// [`ANTHROPIC_VERSION`].
     pub(crate) anthropic: bool,
@@ -206,6 +209,7 @@ impl Upstream {
                 base_path,
                 credential,
                 headers: headers.into_boxed_slice(),
+                dns,
                 anthropic: cfg.auth_style == AuthStyle::XApiKey,
                 host,
                 upgrades,
@@ -747,6 +751,11 @@ impl Upstream {
     fn classify(&self, e: &hyper_util::client::legacy::Error) -> Error {
         if let Some(client) = client_fault(e) {
             return client;
+        }
+        if e.is_connect() {
+            // None of the kept addresses took it: the upstream may have
+            // moved, and the next connect looks it up again.
+            self.inner.dns.forget();
         }
         if e.is_connect()
             && let Some(reason) = out_of_resources(e).or_else(descriptors_exhausted)
