@@ -153,7 +153,10 @@ impl Dns {
             let mut state = self.lock();
             match (&state.kept, &state.pending) {
                 (Some((at, addrs)), _) if at.elapsed() < REFRESH => return Ok(addrs.clone()),
-                (_, Some(pending)) => pending.clone(),
+                // (A lookup's task ends it before it answers: one still
+                // pending with its sender gone was dropped unfinished, by
+                // its runtime shutting down, and another is started.)
+                (_, Some(pending)) if pending.has_changed().is_ok() => pending.clone(),
                 _ => {
                     let (tx, rx) = watch::channel(None);
                     state.pending = Some(rx.clone());
@@ -380,6 +383,30 @@ mod tests {
         let found = dns.resolve_with(counted(&calls, 10, Ok(vec![addr("10.0.0.1:0")])));
         assert_eq!(found.await.unwrap(), [addr("10.0.0.1:0")]);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    /// A lookup whose task was dropped unfinished (its runtime shut down:
+    /// each server thread has its own) does not hold the name for ever.
+    #[test]
+    fn a_lookup_dropped_unfinished_is_started_again() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+        };
+        let dns = Arc::new(Dns::new("upstream.internal"));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let first = runtime();
+        let gave_up = first.block_on(async {
+            let lookup = dns.resolve_with(counted(&calls, 60_000, two()));
+            tokio::time::timeout(Duration::from_millis(10), lookup).await
+        });
+        assert!(gave_up.is_err());
+        drop(first);
+        let got = runtime().block_on(dns.resolve_with(counted(&calls, 1, two())));
+        assert_eq!(got.unwrap().len(), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
