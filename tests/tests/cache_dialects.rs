@@ -296,11 +296,17 @@ async fn answers_that_depend_on_more_than_the_body_bypass_the_cache() {
             assert_eq!(cache(&answer), Some("bypass"), "{body}");
         }
     }
-    // `store: false` is chat's default: cached.
-    let unstored = with(chat("m", false), json!({"store": false}));
-    for expected in ["miss", "hit"] {
-        let answer = post_json(&p.url("/v1/chat/completions"), &unstored).await;
-        assert_eq!(cache(&answer), Some(expected));
+    // `store: false` is chat's default, `null` reads as absent: cached.
+    for absent in [
+        json!({"store": false}),
+        json!({"store": null}),
+        json!({"web_search_options": null}),
+    ] {
+        let unstored = with(chat("m", false), absent);
+        for expected in ["miss", "hit"] {
+            let answer = post_json(&p.url("/v1/chat/completions"), &unstored).await;
+            assert_eq!(cache(&answer), Some(expected), "{unstored}");
+        }
     }
     // A function tool (run by the client) is part of the body: cached.
     let tools = responses_body(

@@ -1,5 +1,7 @@
-//! Cache key computation for a 1 KiB and a 64 KiB chat request, and the
-//! memory store's get/put under 2 threads (sharded against one shard).
+//! Cache key computation for a 1 KiB and a 64 KiB chat request; the
+//! canonical bytes of a request body made from its bytes, in one pass or by
+//! parsing it first; and the memory store's get/put under 2 threads
+//! (sharded against one shard).
 //!
 //! `cargo bench -p llm-proxy-cache --bench cache -- --warm-up-time 1 --measurement-time 2`
 #![allow(missing_docs, clippy::unwrap_used)]
@@ -43,6 +45,47 @@ fn key(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(len as u64));
         group.bench_function(name, |b| {
             b.iter(|| CacheKey::new(Endpoint::ChatCompletions, &scope, black_box(&body)))
+        });
+    }
+    group.finish();
+}
+
+/// The canonical bytes of a body (without `user`) from its bytes: parsed
+/// into a value and written from it, or written in one pass. The small
+/// body is the end-to-end bench's.
+fn canonical(c: &mut Criterion) {
+    use llm_proxy_core::canonical::{
+        write_canonical_map_without, write_canonical_object_from_slice,
+    };
+    let mut group = c.benchmark_group("canonical");
+    let small = br#"{"model":"bench","messages":[{"role":"user","content":"Say hello to the benchmark. 1234-1-5678"}],"max_tokens":16}"#.to_vec();
+    for (name, bytes) in [
+        ("small", small),
+        ("1KiB", serde_json::to_vec(&chat_request(1024)).unwrap()),
+        (
+            "64KiB",
+            serde_json::to_vec(&chat_request(64 * 1024)).unwrap(),
+        ),
+    ] {
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        let mut out = Vec::with_capacity(bytes.len() + 64);
+        group.bench_function(BenchmarkId::new("parsed", name), |b| {
+            b.iter(|| {
+                out.clear();
+                let body: Map<String, Value> = serde_json::from_slice(black_box(&bytes)).unwrap();
+                write_canonical_map_without(&body, &["user"], &mut out);
+                out.len()
+            })
+        });
+        group.bench_function(BenchmarkId::new("one_pass", name), |b| {
+            b.iter(|| {
+                out.clear();
+                write_canonical_object_from_slice(black_box(&bytes), &mut out, |key, _| {
+                    key != "user"
+                })
+                .unwrap();
+                out.len()
+            })
         });
     }
     group.finish();
@@ -123,5 +166,11 @@ fn memory_store(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, key, memory_store_one_thread, memory_store);
+criterion_group!(
+    benches,
+    key,
+    canonical,
+    memory_store_one_thread,
+    memory_store
+);
 criterion_main!(benches);

@@ -9,7 +9,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
-use llm_proxy_core::canonical::{write_canonical, write_canonical_map_without};
+use llm_proxy_core::canonical::{
+    write_canonical, write_canonical_map_without, write_canonical_object_from_slice,
+};
 use llm_proxy_core::credential::presented_key;
 use llm_proxy_core::{Endpoint, RequestMeta};
 use serde_json::{Map, Value};
@@ -257,6 +259,30 @@ impl CacheKey {
         headers: &HeaderMap,
         key_headers: &[HeaderName],
     ) -> CacheKey {
+        let Ok((key, ())) = CacheKey::build_with(
+            endpoint,
+            query,
+            scope,
+            headers,
+            key_headers,
+            |keyed| -> Result<(), std::convert::Infallible> {
+                write_canonical_body(endpoint, body, keyed);
+                Ok(())
+            },
+        );
+        key
+    }
+
+    /// The key of everything but the body, which `write_body` appends to
+    /// what is hashed; its error leaves the key unmade.
+    fn build_with<T, E>(
+        endpoint: Endpoint,
+        query: Option<&str>,
+        scope: &KeyScope,
+        headers: &HeaderMap,
+        key_headers: &[HeaderName],
+        write_body: impl FnOnce(&mut Vec<u8>) -> Result<T, E>,
+    ) -> Result<(CacheKey, T), E> {
         thread_local! {
             // What the key hashes is written out and hashed in one go (a
             // `blake3::Hasher` fed piece by piece pays for every piece):
@@ -292,12 +318,12 @@ impl CacheKey {
                 keyed.push(b'\x01');
                 write_headers(keyed, headers, key_headers);
             }
-            write_canonical_body(endpoint, body, keyed);
+            let written = write_body(keyed);
             let key = CacheKey(*blake3::hash(keyed).as_bytes());
             if keyed.capacity() > MAX_KEPT_BUFFER {
                 *keyed = Vec::with_capacity(1024);
             }
-            key
+            Ok((key, written?))
         })
     }
 
@@ -333,6 +359,56 @@ impl CacheKey {
             headers,
             key_headers,
         ))
+    }
+
+    /// The key [`CacheKey::for_request_with`] gives a chat completions,
+    /// completions or embeddings request, made in one pass over the
+    /// body's bytes without building its value
+    /// ([`write_canonical_object_from_slice`]); with what the pass saw of
+    /// the body's top-level fields. `None` when the request is of another
+    /// API (whose key leaves out nested fields), or its body is not the
+    /// client's bytes (a layer edited it), or not one JSON object with
+    /// unique keys: its key is then made from the parsed body.
+    pub(crate) fn for_flat_request(
+        meta: &RequestMeta,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        scope: CacheScope,
+        key_headers: &[HeaderName],
+        mut observe: impl FnMut(&str, &[u8]),
+    ) -> Option<FlatBody> {
+        let endpoint = meta.endpoint();
+        if !matches!(
+            endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+        ) || meta.is_edited()
+        {
+            return None;
+        }
+        let body = meta.original_body()?;
+        let scope = KeyScope::of_request(meta, headers, scope);
+        let unstreamed_skips_stream = stream_defaults_off(endpoint);
+        let (key, (facts, stream_options)) =
+            CacheKey::build_with(endpoint, query, &scope, headers, key_headers, |keyed| {
+                let mut stream_options = None;
+                let facts = write_canonical_object_from_slice(body, keyed, |field, value| {
+                    observe(field, value);
+                    if field == "stream_options" {
+                        // Canonical bytes: they parse.
+                        stream_options = serde_json::from_slice(value).ok();
+                    }
+                    !(EXCLUDED_FIELDS.contains(&field)
+                        || (unstreamed_skips_stream && field == "stream" && value == b"false"))
+                })?;
+                write_stream_options(stream_options.as_ref(), keyed);
+                Ok::<_, serde_json::Error>((facts, stream_options))
+            })
+            .ok()?;
+        Some(FlatBody {
+            key,
+            inexact_integer: facts.inexact_integer,
+            stream_options,
+        })
     }
 
     /// A key from its bytes, as [`CacheKey::as_bytes`] gave them.
@@ -377,31 +453,46 @@ fn write_canonical_body(endpoint: Endpoint, body: &Map<String, Value>, canonical
             write_canonical_map_without(metadata, &["user_id"], canonical);
         }
         _ => {
-            let excluded = excluded_fields(endpoint);
             write_canonical_map_without(body, skipped, canonical);
-            // Of `stream_options`, only `include_usage` is left out (the
-            // cache asks for the usage chunk and decides per client at
-            // replay); the rest (`include_obfuscation`, vLLM's
-            // `continuous_usage_stats`) changes the stream. One that is not
-            // an object (nor `null`, which reads as absent) goes in as sent:
-            // the cache cannot ask for the usage chunk in it, so what is
-            // stored under it may lack one, and must never answer a client
-            // that asked for it.
-            if excluded.contains(&"stream_options") {
-                match body.get("stream_options") {
-                    Some(Value::Object(options)) => {
-                        if options.keys().any(|k| k != "include_usage") {
-                            canonical.extend_from_slice(b"\0stream_options\0");
-                            write_canonical_map_without(options, &["include_usage"], canonical);
-                        }
-                    }
-                    None | Some(Value::Null) => {}
-                    Some(other) => {
-                        canonical.extend_from_slice(b"\0stream_options\0");
-                        write_canonical(other, canonical);
-                    }
-                }
+            if excluded_fields(endpoint).contains(&"stream_options") {
+                write_stream_options(body.get("stream_options"), canonical);
             }
+        }
+    }
+}
+
+/// What [`CacheKey::for_flat_request`] made of a body.
+pub(crate) struct FlatBody {
+    /// The request's key.
+    pub(crate) key: CacheKey,
+    /// The body holds a number for which
+    /// [`holds_inexact_integer`](llm_proxy_core::canonical::holds_inexact_integer)
+    /// is true: such a body is not served.
+    pub(crate) inexact_integer: bool,
+    /// The body's `stream_options`, parsed.
+    pub(crate) stream_options: Option<Value>,
+}
+
+/// Appends what of a body's `stream_options` (left out of its canonical
+/// bytes) goes into the key. Of an object, all but `include_usage` (the
+/// cache asks for the usage chunk and decides per client at replay); the
+/// rest (`include_obfuscation`, vLLM's `continuous_usage_stats`) changes
+/// the stream. One that is not an object (nor `null`, which reads as
+/// absent) goes in as sent: the cache cannot ask for the usage chunk in it,
+/// so what is stored under it may lack one, and must never answer a client
+/// that asked for it.
+fn write_stream_options(options: Option<&Value>, canonical: &mut Vec<u8>) {
+    match options {
+        Some(Value::Object(options)) => {
+            if options.keys().any(|k| k != "include_usage") {
+                canonical.extend_from_slice(b"\0stream_options\0");
+                write_canonical_map_without(options, &["include_usage"], canonical);
+            }
+        }
+        None | Some(Value::Null) => {}
+        Some(other) => {
+            canonical.extend_from_slice(b"\0stream_options\0");
+            write_canonical(other, canonical);
         }
     }
 }
@@ -967,6 +1058,135 @@ mod tests {
             with_user.insert("stream_options".into(), json!({"include_usage": true}));
             prop_assert_eq!(key(&with_user), key(&body));
         }
+    }
+
+    /// A chat, completions or embeddings body with `fields` added, for
+    /// the flat key: the excluded fields and `stream` in their forms.
+    fn flat_strategy() -> impl Strategy<Value = Map<String, Value>> {
+        let special = prop_oneof![
+            Just(("stream", json!(false))),
+            Just(("stream", json!(true))),
+            Just(("stream", Value::Null)),
+            Just(("stream_options", json!({"include_usage": true}))),
+            Just(("stream_options", json!({"include_usage": false, "x": [1]}))),
+            Just(("stream_options", json!({"continuous_usage_stats": true}))),
+            Just(("stream_options", Value::Null)),
+            Just(("stream_options", json!("odd"))),
+            Just(("user", json!("u"))),
+            Just(("safety_identifier", json!({"a": 1}))),
+            Just(("prompt_cache_key", json!(null))),
+            Just(("store", json!(true))),
+        ];
+        (body_strategy(), proptest::collection::vec(special, 0..4)).prop_map(
+            |(mut body, special)| {
+                for (key, value) in special {
+                    body.insert(key.into(), value);
+                }
+                body
+            },
+        )
+    }
+
+    proptest! {
+        /// The key made in one pass over a body's bytes is the key made
+        /// from its parsed value, whatever the scope, query and headers.
+        #[test]
+        fn the_flat_key_is_the_parsed_bodys(
+            body in flat_strategy(),
+            endpoint in prop_oneof![
+                Just(Endpoint::ChatCompletions),
+                Just(Endpoint::Completions),
+                Just(Endpoint::Embeddings),
+            ],
+            shared in any::<bool>(),
+            query in prop_oneof![Just(None), Just(Some("api-version=1"))],
+            with_headers in any::<bool>(),
+            compact in any::<bool>(),
+        ) {
+            // Keys reversed, or in the map's order (sorted, then the
+            // special ones).
+            let value = Value::Object(body.clone());
+            let text = if compact { value.to_string() } else { scrambled(&value) };
+            let m = RequestMeta::parsed(endpoint, Bytes::from(text), body);
+            let h = if with_headers {
+                headers(&[("authorization", "Bearer k"), ("anthropic-version", "1"),
+                    ("x-team", "a")])
+            } else {
+                HeaderMap::new()
+            };
+            let scope = if shared { CacheScope::Shared } else { CacheScope::PerKey };
+            let listed = [HeaderName::from_static("x-team")];
+            let mut seen = Vec::new();
+            let flat = CacheKey::for_flat_request(&m, &h, query, scope, &listed, |field, _| {
+                seen.push(field.to_owned());
+            })
+            .unwrap();
+            let parsed = CacheKey::for_request_with(&m, &h, query, scope, &listed).unwrap();
+            prop_assert_eq!(flat.key, parsed);
+            let json = m.json().unwrap();
+            prop_assert_eq!(flat.stream_options.as_ref(), json.get("stream_options"));
+            let mut fields: Vec<String> = json.keys().cloned().collect();
+            fields.sort();
+            prop_assert_eq!(seen, fields, "every top-level field seen, in key order");
+        }
+    }
+
+    #[test]
+    fn the_flat_key_is_for_unedited_flat_bodies_only() {
+        let key = |m: &RequestMeta| {
+            CacheKey::for_flat_request(
+                m,
+                &HeaderMap::new(),
+                None,
+                CacheScope::Shared,
+                &[],
+                |_, _| {},
+            )
+            .map(|flat| flat.key)
+        };
+        let body = r#"{"model":"m","messages":[],"seed":18446744073709551616}"#;
+        let m = meta(body);
+        let flat = CacheKey::for_flat_request(
+            &m,
+            &HeaderMap::new(),
+            None,
+            CacheScope::Shared,
+            &[],
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(flat.inexact_integer);
+        assert!(flat.stream_options.is_none());
+        // Edited: the bytes are not the body any more.
+        let mut edited = meta(r#"{"model":"m","messages":[]}"#);
+        edited.json_mut().unwrap().insert("n".into(), json!(2));
+        assert_eq!(key(&edited), None);
+        // Responses and Messages leave nested fields out: not flat.
+        for endpoint in [Endpoint::Responses, Endpoint::Messages] {
+            let m = RequestMeta::parsed(
+                endpoint,
+                Bytes::from_static(br#"{"model":"m"}"#),
+                serde_json::from_str(r#"{"model":"m"}"#).unwrap(),
+            );
+            assert_eq!(key(&m), None, "{endpoint:?}");
+        }
+        // Not one object with unique keys (the parse layer refuses those).
+        for bytes in [&br#"{"model":"m","n":1,"n":2}"#[..], b"[]", b"{"] {
+            let m = RequestMeta::checked(
+                Endpoint::ChatCompletions,
+                Bytes::copy_from_slice(bytes),
+                None,
+                false,
+                false,
+                Default::default(),
+            );
+            assert_eq!(key(&m), None);
+        }
+        // Not buffered.
+        assert_eq!(
+            key(&RequestMeta::unbuffered(Endpoint::ChatCompletions)),
+            None
+        );
     }
 
     /// Only Messages reads `metadata` for an end-user id: a chat body with

@@ -105,8 +105,70 @@ impl Plan {
     fn of(req: &Request<Body>, config: &CacheConfig) -> Option<Plan> {
         let meta = req.extensions().get::<RequestMeta>()?;
         let endpoint = meta.endpoint();
+        let (key, wants_usage) = match Plan::keyed_flat(req, meta, config) {
+            Some(keyed) => keyed?,
+            None => Plan::keyed_built(req, meta, config)?,
+        };
+        Some(Plan {
+            key,
+            control: CacheControl::from_headers(req.headers()),
+            stream: meta.is_stream().then(|| endpoint.stream_kind()).flatten(),
+            responses: endpoint == Endpoint::Responses,
+            wants_usage,
+            shared_across_keys: config.scope == crate::CacheScope::Shared
+                && meta.identity().is_some(),
+            dialect: endpoint.dialect(),
+            budget: meta.budget().cloned(),
+        })
+    }
+
+    /// The key of a chat completions, completions or embeddings request,
+    /// and whether its client asked for the usage chunk, made from its
+    /// bytes in one pass ([`CacheKey::for_flat_request`]); `Some(None)`
+    /// when the cache does not serve it, `None` when it must be read from
+    /// the parsed body ([`Plan::keyed_built`]). Decides as that does.
+    fn keyed_flat(
+        req: &Request<Body>,
+        meta: &RequestMeta,
+        config: &CacheConfig,
+    ) -> Option<Option<(CacheKey, bool)>> {
+        let chat = meta.endpoint() == Endpoint::ChatCompletions;
+        let mut served = true;
+        let flat = CacheKey::for_flat_request(
+            meta,
+            req.headers(),
+            req.uri().query(),
+            config.scope,
+            &config.key_headers,
+            |field, value| {
+                // `set` and `asks_to_be_stored`, on the canonical bytes.
+                served &= !(chat
+                    && match field {
+                        "web_search_options" => value != b"null",
+                        "store" => value != b"null" && value != b"false",
+                        _ => false,
+                    });
+            },
+        )?;
+        let served = served && !flat.inexact_integer;
+        let wants_usage = flat
+            .stream_options
+            .as_ref()
+            .and_then(|options| options.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true);
+        Some(served.then_some((flat.key, wants_usage)))
+    }
+
+    /// The key of a request the cache serves, and whether its client asked
+    /// for the usage chunk, read from its parsed body.
+    fn keyed_built(
+        req: &Request<Body>,
+        meta: &RequestMeta,
+        config: &CacheConfig,
+    ) -> Option<(CacheKey, bool)> {
         let json = meta.json()?;
-        let served = match endpoint {
+        let served = match meta.endpoint() {
             Endpoint::ChatCompletions => {
                 !set(json, "web_search_options") && !asks_to_be_stored(json)
             }
@@ -128,23 +190,14 @@ impl Plan {
         if !served {
             return None;
         }
-        Some(Plan {
-            key: CacheKey::for_request_with(
-                meta,
-                req.headers(),
-                req.uri().query(),
-                config.scope,
-                &config.key_headers,
-            )?,
-            control: CacheControl::from_headers(req.headers()),
-            stream: meta.is_stream().then(|| endpoint.stream_kind()).flatten(),
-            responses: endpoint == Endpoint::Responses,
-            wants_usage: include_usage(json) == Some(true),
-            shared_across_keys: config.scope == crate::CacheScope::Shared
-                && meta.identity().is_some(),
-            dialect: endpoint.dialect(),
-            budget: meta.budget().cloned(),
-        })
+        let key = CacheKey::for_request_with(
+            meta,
+            req.headers(),
+            req.uri().query(),
+            config.scope,
+            &config.key_headers,
+        )?;
+        Some((key, include_usage(json) == Some(true)))
     }
 
     /// A chat or completions stream whose client did not ask for the usage

@@ -19,6 +19,7 @@
 //! ```
 
 use serde::Serialize;
+use serde::de::DeserializeSeed;
 use serde_json::{Map, Value};
 
 /// The canonical bytes of `value`.
@@ -86,6 +87,296 @@ pub fn write_canonical_map_without(map: &Map<String, Value>, skip: &[&str], out:
     write_object(map.iter(), skip, out);
 }
 
+/// What [`write_canonical_object_from_slice`] learned of the body on its
+/// way through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SliceFacts {
+    /// The body holds a number for which [`holds_inexact_integer`] is
+    /// true: its canonical form stands for several JSON texts.
+    pub inexact_integer: bool,
+}
+
+/// Appends the canonical bytes of the JSON object in `bytes` to `out`, in
+/// one pass over them, without building its [`Value`]: the same bytes as
+/// [`write_canonical_map_without`] writes for the parsed object, for less
+/// than parsing it costs (no map, no string, no number kept).
+///
+/// `keep` sees each top-level field, its key and its value's canonical
+/// bytes, before the object is written out: `false` leaves the field out.
+/// Nested fields are all kept.
+///
+/// An error for what is not one JSON object, and for an object (at any
+/// depth) that repeats a key, which a parsed object keeps once (the last):
+/// the caller may parse the body instead, or refuse it as
+/// [`parse_object`](crate::parse_object) does.
+///
+/// ```
+/// use llm_proxy_core::canonical::write_canonical_object_from_slice;
+///
+/// let mut out = Vec::new();
+/// let body = br#"{ "user": "u", "b": {"z": 1, "y": [2, 1e3]}, "a": "\u00e9" }"#;
+/// write_canonical_object_from_slice(body, &mut out, |key, _| key != "user").unwrap();
+/// assert_eq!(out, r#"{"a":"é","b":{"y":[2,1000.0],"z":1}}"#.as_bytes());
+/// ```
+pub fn write_canonical_object_from_slice(
+    bytes: &[u8],
+    out: &mut Vec<u8>,
+    keep: impl FnMut(&str, &[u8]) -> bool,
+) -> Result<SliceFacts, serde_json::Error> {
+    // Checked whole at once (with SIMD): the reader then takes each string
+    // as it is, where one over bytes checks each on its own.
+    let Some(text) = crate::utf8(bytes) else {
+        // (serde_json's error, which says where.)
+        return serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+            .and_then(|_| Err(serde::de::Error::custom("the body is not valid UTF-8")));
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let mut writer = SliceWriter {
+        out,
+        inexact_integer: false,
+    };
+    TopObject {
+        writer: &mut writer,
+        keep,
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok(SliceFacts {
+        inexact_integer: writer.inexact_integer,
+    })
+}
+
+/// One field of an object as [`SliceWriter`] wrote it: its key, where
+/// `"key":value` starts in the output, where the value starts, where it
+/// ends.
+struct Written<'de> {
+    key: std::borrow::Cow<'de, str>,
+    start: usize,
+    value: usize,
+    end: usize,
+}
+
+/// Fields of one object written so far: most objects have few.
+type Fields<'de> = smallvec::SmallVec<[Written<'de>; 8]>;
+
+/// Writes each value it is handed as canonical bytes.
+struct SliceWriter<'o> {
+    out: &'o mut Vec<u8>,
+    inexact_integer: bool,
+}
+
+impl SliceWriter<'_> {
+    /// Writes the fields of the map `map` reads as `"key":value`, comma
+    /// separated, in the body's order, and says where each went.
+    fn fields<'de, A: serde::de::MapAccess<'de>>(
+        &mut self,
+        mut map: A,
+    ) -> Result<Fields<'de>, A::Error> {
+        let mut fields = Fields::new();
+        while let Some(key) = map.next_key_seed(BorrowedKey)? {
+            if !fields.is_empty() {
+                self.out.push(b',');
+            }
+            let start = self.out.len();
+            match &key {
+                std::borrow::Cow::Borrowed(key) => write_unescaped(key, self.out),
+                std::borrow::Cow::Owned(key) => write_str(key, self.out),
+            }
+            self.out.push(b':');
+            let value = self.out.len();
+            map.next_value_seed(&mut *self)?;
+            fields.push(Written {
+                key,
+                start,
+                value,
+                end: self.out.len(),
+            });
+        }
+        Ok(fields)
+    }
+
+    /// Rewrites the fields written from `open` (just past the object's
+    /// `{`) in key order, without those `keep` refuses, and closes the
+    /// object. A repeated key is an error.
+    fn close<E: serde::de::Error>(
+        &mut self,
+        open: usize,
+        mut fields: Fields<'_>,
+        mut keep: impl FnMut(&Written<'_>, &[u8]) -> bool,
+        filtered: bool,
+    ) -> Result<(), E> {
+        if !filtered && fields.windows(2).all(|pair| pair[0].key < pair[1].key) {
+            // Written in order already (and so without a repeated key).
+            self.out.push(b'}');
+            return Ok(());
+        }
+        fields.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        if let Some(pair) = fields.windows(2).find(|pair| pair[0].key == pair[1].key) {
+            return Err(E::custom(format_args!(
+                "the key `{}` appears twice in one object",
+                pair[0].key
+            )));
+        }
+        let region = smallvec::SmallVec::<[u8; 1024]>::from_slice(&self.out[open..]);
+        self.out.truncate(open);
+        let mut first = true;
+        for field in &fields {
+            let written = &region[field.start - open..field.end - open];
+            if !keep(field, &written[field.value - field.start..]) {
+                continue;
+            }
+            if !first {
+                self.out.push(b',');
+            }
+            first = false;
+            self.out.extend_from_slice(written);
+        }
+        self.out.push(b'}');
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for &mut SliceWriter<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut SliceWriter<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.out.extend_from_slice(b"null");
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.out
+            .extend_from_slice(if v { b"true" } else { b"false" });
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        // As serde_json writes integers.
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        // As `holds_inexact_integer` reads a parsed number.
+        self.inexact_integer |= v.abs() >= 9_223_372_036_854_775_808.0;
+        // A parsed number is finite: written as a `Number` holding it is.
+        write_json(&v, self.out);
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        write_str(v, self.out);
+        Ok(())
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<(), E> {
+        write_unescaped(v, self.out);
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.out.push(b'[');
+        let mut first = true;
+        loop {
+            let at = self.out.len();
+            if !first {
+                self.out.push(b',');
+            }
+            if seq.next_element_seed(&mut *self)?.is_none() {
+                self.out.truncate(at);
+                break;
+            }
+            first = false;
+        }
+        self.out.push(b']');
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        self.out.push(b'{');
+        let open = self.out.len();
+        let fields = self.fields(map)?;
+        self.close(open, fields, |_, _| true, false)
+    }
+}
+
+/// The top-level object: its fields go through `keep`.
+struct TopObject<'w, 'o, F> {
+    writer: &'w mut SliceWriter<'o>,
+    keep: F,
+}
+
+impl<'de, F: FnMut(&str, &[u8]) -> bool> DeserializeSeed<'de> for TopObject<'_, '_, F> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_map(self)
+    }
+}
+
+impl<'de, F: FnMut(&str, &[u8]) -> bool> serde::de::Visitor<'de> for TopObject<'_, '_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        let TopObject { writer, mut keep } = self;
+        writer.out.push(b'{');
+        let open = writer.out.len();
+        let fields = writer.fields(map)?;
+        writer.close(open, fields, |field, value| keep(&field.key, value), true)
+    }
+}
+
+/// A key, borrowed from the body when it has no escape in it.
+struct BorrowedKey;
+
+impl<'de> DeserializeSeed<'de> for BorrowedKey {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BorrowedKey {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_owned()))
+    }
+}
+
 /// Writes an object's entries sorted by key. The workspace builds
 /// `serde_json` with `preserve_order` (a body's keys reach the upstream in
 /// the client's order), so a map holds them as the body had them: sorted
@@ -135,6 +426,18 @@ fn write_str(string: &str, out: &mut Vec<u8>) {
         out.extend_from_slice(string.as_bytes());
         out.push(b'"');
     }
+}
+
+/// Writes a string borrowed from a JSON text as it stood there: between
+/// its quotes, a string without an escape in the text has no `"`, no `\\`
+/// and no control character (the parser refuses one raw), so serde_json
+/// escapes nothing in it.
+fn write_unescaped(string: &str, out: &mut Vec<u8>) {
+    debug_assert!(!needs_escape(string.as_bytes()));
+    out.reserve(string.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(string.as_bytes());
+    out.push(b'"');
 }
 
 /// Whether `bytes` hold a byte that `serde_json` escapes in a string. Read
@@ -331,6 +634,115 @@ pub(crate) mod tests {
                     .prop_map(|entries| Value::Object(entries.into_iter().collect())),
             ]
         })
+    }
+
+    /// The canonical bytes of `body` written from its bytes, and what the
+    /// pass learned.
+    fn from_slice(body: &str, skip: &[&str]) -> Result<(String, SliceFacts), serde_json::Error> {
+        let mut out = b"prefix".to_vec();
+        let facts = write_canonical_object_from_slice(body.as_bytes(), &mut out, |key, _| {
+            !skip.contains(&key)
+        })?;
+        assert_eq!(&out[..6], b"prefix", "appended");
+        Ok((String::from_utf8(out[6..].to_vec()).unwrap(), facts))
+    }
+
+    #[test]
+    fn from_slice_writes_what_the_parsed_object_writes() {
+        let body = r#" { "z" : [ 1 , -2 , 0.5 , 1e3 , -0 , true , false , null , "a\"\n\u00e9" ] ,
+            "a\u0062" : { "y" : { }, "x" : [ ] , "\u0000" : "" }, "b": {"only": 1},
+            "m": 18446744073709551615, "user": {"dropped": [1]}, "": 0 } "#;
+        let parsed: Value = serde_json::from_str(body).unwrap();
+        let mut want = Vec::new();
+        write_canonical_map_without(parsed.as_object().unwrap(), &["user"], &mut want);
+        let (got, facts) = from_slice(body, &["user"]).unwrap();
+        assert_eq!(got, String::from_utf8(want).unwrap());
+        assert!(!facts.inexact_integer);
+        // Everything left out, or nothing there.
+        assert_eq!(
+            from_slice(body, &["z", "ab", "b", "m", "user", ""])
+                .unwrap()
+                .0,
+            "{}"
+        );
+        assert_eq!(from_slice("{}", &[]).unwrap().0, "{}");
+    }
+
+    #[test]
+    fn from_slice_shows_keep_each_top_level_value() {
+        let mut seen = Vec::new();
+        let body = br#"{"stream": false, "o": {"b": 1, "a": [ 2 ]}, "n": null}"#;
+        let mut out = Vec::new();
+        write_canonical_object_from_slice(body, &mut out, |key, value| {
+            seen.push(format!("{key}={}", String::from_utf8_lossy(value)));
+            !(key == "stream" && value == b"false")
+        })
+        .unwrap();
+        seen.sort();
+        assert_eq!(seen, ["n=null", r#"o={"a":[2],"b":1}"#, "stream=false"]);
+        assert_eq!(out, br#"{"n":null,"o":{"a":[2],"b":1}}"#);
+    }
+
+    #[test]
+    fn from_slice_finds_inexact_integers_at_any_depth() {
+        for body in [
+            r#"{"seed": 18446744073709551616}"#,
+            r#"{"a": [1, {"b": [-9223372036854775809]}]}"#,
+            r#"{"user": 1e19}"#,
+        ] {
+            let (_, facts) = from_slice(body, &["user"]).unwrap();
+            assert!(facts.inexact_integer, "{body}");
+        }
+        let (_, facts) =
+            from_slice(r#"{"a": [18446744073709551615, "1e19", 9.2e18]}"#, &[]).unwrap();
+        assert!(!facts.inexact_integer);
+    }
+
+    #[test]
+    fn from_slice_refuses_what_is_not_one_object_with_unique_keys() {
+        for body in [
+            "[]",
+            "1",
+            "",
+            "{",
+            r#"{"a": 1} {"b": 2}"#,
+            r#"{"a": 1,}"#,
+            r#"{"a": 1, "a": 2}"#,
+            r#"{"b": {"x": 1, "y": 2, "x": 3}}"#,
+            r#"{"b": [{"k": 1, "\u006b": 2}]}"#,
+            "{\"a\": \"\u{1}\"}",
+        ] {
+            assert!(from_slice(body, &[]).is_err(), "{body}");
+        }
+        // Not UTF-8: refused whole, before a byte is written.
+        let mut out = Vec::new();
+        let error = write_canonical_object_from_slice(b"{\"a\": \"\xff\"}", &mut out, |_, _| true)
+            .unwrap_err();
+        assert!(out.is_empty(), "{error}");
+        let error = from_slice(r#"{"b": 1, "a": {"x": 1, "x": 2}}"#, &[]).unwrap_err();
+        assert!(error.to_string().contains("`x` appears twice"), "{error}");
+    }
+
+    proptest! {
+        /// Written from a scrambled text of any object (keys reversed,
+        /// whitespace), the bytes are those of the parsed object, without
+        /// the top-level keys left out; and the inexact integers are found.
+        #[test]
+        fn from_slice_agrees_with_the_parsed_object(
+            fields in proptest::collection::vec((".{0,3}", value_strategy()), 0..8),
+            skipped in proptest::collection::vec(".{0,3}", 0..3),
+        ) {
+            let map: Map<String, Value> = fields.into_iter().collect();
+            let value = Value::Object(map.clone());
+            let mut scrambled = String::new();
+            write_scrambled(&value, &mut scrambled);
+            let skip: Vec<&str> = skipped.iter().map(String::as_str).collect();
+            let mut want = Vec::new();
+            write_canonical_map_without(&map, &skip, &mut want);
+            let (got, facts) = from_slice(&scrambled, &skip).unwrap();
+            prop_assert_eq!(got.as_bytes(), &want[..]);
+            prop_assert_eq!(facts.inexact_integer, holds_inexact_integer(&value));
+        }
     }
 
     proptest! {

@@ -73,8 +73,8 @@ impl ParseLayer {
 
     /// Build every model body's value as it is checked (one pass), rather
     /// than when a layer first asks for it (a check, then a build): for
-    /// stacks in which a layer reads every body, such as a cache (its key)
-    /// or prefix routing (its prompt).
+    /// stacks in which a layer reads every body, such as prefix routing
+    /// (its prompt).
     pub fn build_eagerly(mut self, eager: bool) -> Self {
         self.eager = eager;
         self

@@ -225,14 +225,15 @@ impl Proxy {
         // The stack below the HTTP face, outermost first.
         // Each layer present or not, without tower's `Either` (whose
         // futures would need boxing again).
-        // A cache (its key) and prefix routing (its prompt) read every
-        // body: built as it is checked. Otherwise only the requests a layer
-        // reads (a translation, a `previous_response_id`, a streamed chat
-        // request whose usage token limits ask for, a Responses request in
-        // the `background`) are built; token limits estimate from what the
-        // check learned (`RequestMeta::generation_caps`).
-        let every_body_read =
-            cache.is_some() || matches!(settings.balance.strategy, Strategy::PrefixAffinity(_));
+        // Prefix routing reads every body (its prompt): built as it is
+        // checked. Otherwise only the requests a layer reads (a
+        // translation, a `previous_response_id`, a streamed chat request
+        // whose usage token limits ask for, a Responses request in the
+        // `background`, a Responses or Messages request the cache keys) are
+        // built; the cache keys chat, completions and embeddings from their
+        // bytes in one pass, and token limits estimate from what the check
+        // learned (`RequestMeta::generation_caps`).
+        let every_body_read = matches!(settings.balance.strategy, Strategy::PrefixAffinity(_));
         let below = match cache {
             Some(cache) => Stack::new(cache.layer(balance)),
             None => Stack::new(balance),
