@@ -609,7 +609,11 @@ fn json_follows(body: &[u8], rule: JsonRule) -> bool {
         #[serde(default)]
         error: Option<serde::de::IgnoredAny>,
     }
-    let Ok(answer) = llm_proxy_core::object_from_slice::<Answer<'_>>(body) else {
+    // Text first: serde_json skips the strings it ignores without checking
+    // that they are UTF-8.
+    let Some(Ok(answer)) =
+        llm_proxy_core::utf8(body).map(llm_proxy_core::object_from_str::<Answer<'_>>)
+    else {
         return false;
     };
     if is_error_shape(
@@ -946,6 +950,8 @@ mod tests {
             br#"{"id":"r","status":"completed","error":{"code":"x"}}"#,
             br#"[{"id":"x"}]"#,
             br#""text""#,
+            // Not JSON: a string (one it ignores) that is not UTF-8.
+            b"{\"id\":\"r\xff\",\"choices\":[]}",
         ] {
             let text = String::from_utf8_lossy(body);
             assert!(!json_follows(body, JsonRule::Any), "{text}");
