@@ -10,11 +10,16 @@
 //! at a time, on a task of its own (a connection that gives up waiting does
 //! not take the lookup with it), its addresses kept for [`REFRESH`] and
 //! handed out from a rotating start (a burst spreads over a host's
-//! addresses as a rotating DNS server would spread it). A failure is kept
-//! for none: the connections waiting for the lookup get its error, the next
-//! one asks again. A connection that fails to every kept address forgets
-//! them ([`Dns::forget`]): an upstream that moved is looked up again at
-//! once. A host that is an IP address is never looked up.
+//! addresses as a rotating DNS server would spread it). A lookup that fails
+//! where addresses are kept (a DNS server down, a timeout) keeps them for
+//! another [`REFRESH`], as Envoy keeps a cluster's hosts when a refresh
+//! fails: a DNS outage does not take down upstreams that still answer.
+//! One that fails with nothing kept is kept for none: the connections
+//! waiting for the lookup get its error, the next one asks again. A
+//! connection that fails to every kept address forgets them
+//! ([`Dns::forget`]): an upstream that moved is looked up again at once,
+//! and stale addresses that no longer answer are not served on. A host
+//! that is an IP address is never looked up.
 
 use std::future::Future;
 use std::io;
@@ -173,7 +178,7 @@ impl Dns {
                             Ok(addrs) => Ok(Arc::from(addrs)),
                             Err(e) => Err(Failure::of(&e)),
                         };
-                        record(&answer);
+                        let answer = record(answer);
                         let _ = tx.send(Some(answer));
                     });
                     rx
@@ -192,18 +197,35 @@ impl Dns {
     }
 
     /// What the lookup task calls with its answer: keep addresses found,
-    /// and end the lookup for the connections to come.
-    fn recorder(&self) -> impl FnOnce(&Answer) + Send + 'static {
+    /// end the lookup for the connections to come, and say what its
+    /// waiters get: the addresses found, or after a failed lookup the
+    /// addresses kept (kept another [`REFRESH`]), else the failure.
+    fn recorder(&self) -> impl FnOnce(Answer) -> Answer + Send + 'static {
         // The task holds no `Dns` (an `Upstream` dropped mid-lookup is
         // dropped); it reaches the state through a weak handle.
         let weak = Arc::downgrade(&self.state);
+        let host = self.host.clone();
         move |answer| {
-            if let Some(state) = weak.upgrade() {
-                let mut state = lock(&state);
-                state.pending = None;
-                if let Ok(addrs) = answer {
-                    state.kept = Some((Instant::now(), addrs.clone()));
+            let Some(state) = weak.upgrade() else {
+                return answer;
+            };
+            let mut state = lock(&state);
+            state.pending = None;
+            match (answer, &mut state.kept) {
+                (Ok(addrs), kept) => {
+                    *kept = Some((Instant::now(), addrs.clone()));
+                    Ok(addrs)
                 }
+                (Err(failure), Some((at, addrs))) => {
+                    tracing::warn!(
+                        host = %host,
+                        error = %failure.text,
+                        "upstream host lookup failed: its last addresses stay in use"
+                    );
+                    *at = Instant::now();
+                    Ok(addrs.clone())
+                }
+                (Err(failure), _) => Err(failure),
             }
         }
     }
@@ -383,6 +405,53 @@ mod tests {
         let found = dns.resolve_with(counted(&calls, 10, Ok(vec![addr("10.0.0.1:0")])));
         assert_eq!(found.await.unwrap(), [addr("10.0.0.1:0")]);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    /// A refresh that fails keeps the last addresses in use (a DNS outage
+    /// does not take down upstreams that still answer), for another
+    /// refresh; forgotten (every address failed), they are not served on.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_keeps_the_last_addresses() {
+        let dns = Arc::new(Dns::new("upstream.internal"));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let down = || Err(io::Error::other("dns server down"));
+        dns.resolve_with(counted(&calls, 10, two())).await.unwrap();
+        tokio::time::advance(REFRESH + Duration::from_millis(1)).await;
+        let got = at_once(&dns, &calls, 3, 10, down).await;
+        for addrs in got {
+            let mut addrs = addrs.unwrap();
+            addrs.sort();
+            assert_eq!(addrs, two().unwrap());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one failed lookup");
+        // Kept for another refresh: no lookup per connection while DNS is down.
+        tokio::time::advance(REFRESH - Duration::from_millis(100)).await;
+        assert_eq!(
+            dns.resolve_with(counted(&calls, 10, down()))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(
+            dns.resolve_with(counted(&calls, 10, down()))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // A lookup that answers again replaces them.
+        tokio::time::advance(REFRESH).await;
+        let moved = dns.resolve_with(counted(&calls, 10, Ok(vec![addr("10.0.0.3:0")])));
+        assert_eq!(moved.await.unwrap(), [addr("10.0.0.3:0")]);
+        // Forgotten, a failure is the connection's error.
+        dns.forget();
+        let failed = dns.resolve_with(counted(&calls, 10, down())).await;
+        assert_eq!(failed.unwrap_err().to_string(), "dns server down");
+        assert!(!dns.keeps());
     }
 
     /// A lookup whose task was dropped unfinished (its runtime shut down:
