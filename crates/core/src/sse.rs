@@ -117,6 +117,20 @@ pub struct Parser {
     /// next events' data and names instead of allocating afresh.
     spare_data: Vec<String>,
     spare_names: Vec<String>,
+    /// Where the events in `ready` lie in the stream, when asked for
+    /// ([`Parser::with_spans`]); `None` when not.
+    spans: Option<Spans>,
+}
+
+/// Where in the stream the events a [`Parser`] read lie.
+#[derive(Debug, Default)]
+struct Spans {
+    /// Bytes pushed before the current chunk.
+    pushed: u64,
+    /// Just past the blank line that ended the last event (of any kind).
+    boundary: u64,
+    /// One per event in `ready`, in order.
+    ready: VecDeque<std::ops::Range<u64>>,
 }
 
 /// The fields of the event being read, and what carries over between events.
@@ -168,7 +182,15 @@ impl Parser {
             lent: None,
             spare_data: Vec::new(),
             spare_names: Vec::new(),
+            spans: None,
         }
+    }
+
+    /// Also say where in the stream each event lies
+    /// ([`Parser::next_event_with_span`]).
+    pub fn with_spans(mut self) -> Self {
+        self.spans = Some(Spans::default());
+        self
     }
 
     /// Count the bytes of the event being assembled (its fields and its
@@ -207,16 +229,27 @@ impl Parser {
             ready,
             spare_data,
             spare_names,
+            spans,
             ..
         } = self;
         let limit = *max_event_bytes;
-        let split = lines.split(chunk, |line| {
+        let split = lines.split(chunk, |line, line_end| {
             let ends = event.line(line.bytes(), limit)?;
             if ends {
-                event.dispatch(ready, spare_data, spare_names);
+                let dispatched = event.dispatch(ready, spare_data, spare_names);
+                if let Some(spans) = spans.as_mut() {
+                    let end = spans.pushed + line_end as u64;
+                    if dispatched {
+                        spans.ready.push_back(spans.boundary..end);
+                    }
+                    spans.boundary = end;
+                }
             }
             Ok(ends)
         });
+        if let Some(spans) = self.spans.as_mut() {
+            spans.pushed += chunk.len() as u64;
+        }
         let (last_event_end, tail) = match split {
             Ok(split) => split,
             Err(e) => {
@@ -243,7 +276,41 @@ impl Parser {
 
     /// Pops the next complete event, in stream order.
     pub fn next_event(&mut self) -> Option<Event> {
-        self.ready.pop_front()
+        self.pop()
+    }
+
+    /// [`Parser::next_event`], with where the event lies in the stream
+    /// (offsets from the first byte pushed): from just past the blank line
+    /// that ended the event before it (so with the comments, and the blank
+    /// lines and events without data, between the two) to just past its
+    /// own blank line. The span is empty for a parser made without
+    /// [`Parser::with_spans`].
+    ///
+    /// ```
+    /// use llm_proxy_core::sse::Parser;
+    ///
+    /// let mut parser = Parser::new().with_spans();
+    /// parser.push(b"data: a\n\n: ping\n").unwrap();
+    /// parser.push(b"data: b\n\n").unwrap();
+    /// assert_eq!(parser.next_event_with_span().unwrap().1, 0..9);
+    /// // With the comment before it.
+    /// assert_eq!(parser.next_event_with_span().unwrap().1, 9..25);
+    /// ```
+    pub fn next_event_with_span(&mut self) -> Option<(Event, std::ops::Range<u64>)> {
+        let span = match self.spans.as_mut() {
+            Some(spans) => spans.ready.front().cloned().unwrap_or_default(),
+            None => 0..0,
+        };
+        Some((self.pop()?, span))
+    }
+
+    /// The next ready event, and its span gone with it.
+    fn pop(&mut self) -> Option<Event> {
+        let event = self.ready.pop_front()?;
+        if let Some(spans) = self.spans.as_mut() {
+            spans.ready.pop_front();
+        }
+        Some(event)
     }
 
     /// Like [`Parser::next_event`], but lends the event instead of giving it
@@ -266,7 +333,7 @@ impl Parser {
         if let Some(done) = self.lent.take() {
             self.recycle(done);
         }
-        let event = self.ready.pop_front()?;
+        let event = self.pop()?;
         Some(self.lent.insert(event))
     }
 
@@ -392,18 +459,19 @@ impl Building {
         Ok(false)
     }
 
+    /// Ends the event: into `ready` if it has data (`true`), else dropped.
     fn dispatch(
         &mut self,
         ready: &mut VecDeque<Event>,
         spare_data: &mut Vec<String>,
         spare_names: &mut Vec<String>,
-    ) {
+    ) -> bool {
         self.in_event = false;
         let id = self.id.take();
         let retry = self.retry.take();
         if self.data.is_empty() {
             self.event_type.clear();
-            return;
+            return false;
         }
         self.data.pop(); // the `\n` after the last data line
         // The next event's buffers: a spare one (see `next_event_ref`), or
@@ -424,6 +492,7 @@ impl Building {
             id,
             retry,
         });
+        true
     }
 }
 
@@ -618,7 +687,7 @@ impl Outlines {
         // when the event goes on past the chunk or has more data lines.
         let mut here_event: Option<&[u8]> = None;
         let mut here_data: Option<&[u8]> = None;
-        let split = lines.split(chunk, |line| {
+        let split = lines.split(chunk, |line, _| {
             let (name, value) = match field(line.bytes()) {
                 Field::Blank => {
                     *in_event = false;
@@ -760,14 +829,14 @@ impl Default for Lines {
 
 impl Lines {
     /// Hands each line that `chunk` completes to `each`, without its line
-    /// break (and the stream's BOM); `each` says whether the line ended an
-    /// event. Returns where in `chunk` the last event ended, and the
+    /// break (and the stream's BOM), with where in `chunk` it ended (past
+    /// its break); `each` says whether the line ended an event. Returns where in `chunk` the last event ended, and the
     /// unfinished last line, for the caller to [`Lines::keep`] once it has
     /// checked its size.
     fn split<'c, E>(
         &mut self,
         mut chunk: &'c [u8],
-        mut each: impl FnMut(Line<'c, '_>) -> Result<bool, E>,
+        mut each: impl FnMut(Line<'c, '_>, usize) -> Result<bool, E>,
     ) -> Result<(Option<usize>, &'c [u8]), E> {
         let len = chunk.len();
         let mut last_event_end = None;
@@ -796,12 +865,13 @@ impl Lines {
                     line
                 }
             }
+            let line_end = len - chunk.len();
             let ends_event = if self.line.is_empty() {
-                each(Line::InChunk(strip(line, at_start)))?
+                each(Line::InChunk(strip(line, at_start)), line_end)?
             } else {
                 let mut buffered = std::mem::take(&mut self.line);
                 buffered.extend_from_slice(line);
-                let result = each(Line::Joined(strip(&buffered, at_start)));
+                let result = each(Line::Joined(strip(&buffered, at_start)), line_end);
                 buffered.clear();
                 if buffered.capacity() <= MAX_SPARE_CAPACITY {
                     // One long line's buffer is not kept for the short ones.
@@ -810,7 +880,7 @@ impl Lines {
                 result?
             };
             if ends_event {
-                last_event_end = Some(len - chunk.len());
+                last_event_end = Some(line_end);
             }
         }
         Ok((last_event_end, chunk))

@@ -25,10 +25,10 @@ pin_project_lite::pin_project! {
     /// streams keep their boundaries exactly). Of a frame that ends mid-event,
     /// the events it completes go out at once and the unfinished one is held
     /// until it completes: a filter cannot hand on an event before it knows
-    /// what the event is. The
-    /// frame holding the usage-only chunk is re-encoded event by event without
-    /// it (comments in that frame are dropped, `event`/`id`/`retry` fields kept),
-    /// and so is the rest of an event that started in that frame. If the stream
+    /// what the event is. From the frame that completes the usage-only
+    /// chunk, the chunk's bytes are cut (with the comments and blank lines
+    /// between it and the event before it, not yet sent); every other byte
+    /// goes out as it came, never re-encoded. If the stream
     /// is not valid SSE (an event over the parser's limit, or one kept open
     /// past that limit by lines that add nothing to it), the filter stops
     /// filtering and passes the rest through unchanged, after what it held.
@@ -64,7 +64,7 @@ impl<B: HttpBody> UsageFilter<B> {
     pub fn new(inner: B) -> Self {
         UsageFilter {
             inner,
-            parser: Some(Parser::new()),
+            parser: Some(Parser::new().with_spans()),
             held: Held::default(),
             trailers: None,
             failed: None,
@@ -90,24 +90,19 @@ enum Step {
 /// The filter's state between frames.
 #[derive(Default)]
 struct Held {
-    /// Raw bytes of frames that ended mid-event, not yet sent.
+    /// The bytes of the stream from `start` on, not yet sent: the start of
+    /// an event whose end has not come.
     raw: BytesMut,
-    /// The complete events among `raw`, parsed but not yet sent: if a later
-    /// frame holds the usage-only chunk, `raw` cannot go out as it is and
-    /// these are re-encoded instead.
-    events: Vec<sse::Event>,
-    /// The current partial event started in a re-encoded frame, so its raw
-    /// beginning is gone: send it re-encoded too.
-    reencode: bool,
+    /// Where `raw` starts in the stream: everything before it was sent, or
+    /// cut.
+    start: u64,
 }
 
 impl Held {
     /// What is held, to send as it is at the end of the stream (or before
-    /// an error or trailers); `None` when nothing is. Complete events held
-    /// are in `raw` unless `reencode`, and then there are none: only the
-    /// partial event's end, which the spec discards at the end of a stream.
+    /// an error or trailers); `None` when nothing is.
     fn take_rest(&mut self) -> Option<Bytes> {
-        self.events.clear();
+        self.start += self.raw.len() as u64;
         (!self.raw.is_empty()).then(|| self.raw.split().freeze())
     }
 }
@@ -119,26 +114,24 @@ fn filter_frame(parser: &mut Option<Parser>, held: &mut Held, data: Bytes) -> St
     if p.push(&data).is_err() {
         return stop_filtering(parser, held, &data);
     }
-    let before = held.events.len();
-    held.events.extend(std::iter::from_fn(|| p.next_event()));
-    let drop_one = held.events[before..]
-        .iter()
-        .any(|e| is_usage_only_chunk(&e.data));
-    if !drop_one && !held.reencode {
-        if p.has_partial() {
-            // The events that ended in this frame go out now, as they came;
-            // only the unfinished one waits for its end.
-            if let Some(end) = p.last_event_end() {
-                held.events.clear();
-                let out = if held.raw.is_empty() {
-                    data.slice(..end)
-                } else {
-                    held.raw.extend_from_slice(&data[..end]);
-                    held.raw.split().freeze()
-                };
-                held.raw.extend_from_slice(&data[end..]);
-                return Step::Send(out);
-            }
+    // Where this frame starts and ends in the stream.
+    let first = held.start + held.raw.len() as u64;
+    let last = first + data.len() as u64;
+    // The usage-only chunks this frame completed, each with the comments
+    // before it: cut, from what has not been sent.
+    let mut cuts: smallvec::SmallVec<[std::ops::Range<u64>; 1]> = smallvec::SmallVec::new();
+    while let Some((event, span)) = p.next_event_with_span() {
+        if is_usage_only_chunk(&event.data) {
+            cuts.push(span.start.max(held.start)..span.end);
+        }
+    }
+    // What may go: up to the end of the last event this frame completed,
+    // or all of it when it ends between events; the unfinished event
+    // waits for its end.
+    let until = match (p.has_partial(), p.last_event_end()) {
+        (false, _) => last,
+        (true, Some(end)) => first + end as u64,
+        (true, None) => {
             // Lines that add nothing to the parser's event (comments, `id`,
             // `event`) would keep an event open without bound: past the
             // parser's own limit, stop filtering.
@@ -148,23 +141,33 @@ fn filter_frame(parser: &mut Option<Parser>, held: &mut Held, data: Bytes) -> St
             held.raw.extend_from_slice(&data);
             return Step::Wait;
         }
-        held.events.clear();
-        if held.raw.is_empty() {
-            return Step::Send(data);
-        }
-        held.raw.extend_from_slice(&data);
-        return Step::Send(held.raw.split().freeze());
+    };
+    if cuts.is_empty() && held.raw.is_empty() {
+        // The events that ended in this frame go out now, as they came
+        // (the frame itself when it ends between events).
+        let sent = (until - first) as usize;
+        held.raw.extend_from_slice(&data[sent..]);
+        held.start = until;
+        return Step::Send(if sent == data.len() {
+            data
+        } else {
+            data.slice(..sent)
+        });
     }
-    // This frame's raw bytes cannot go out as they are: send every complete
-    // event not yet sent, re-encoded, without the usage-only chunk.
-    held.raw.clear();
-    held.reencode = p.has_partial();
-    let mut out = BytesMut::new();
-    for event in held.events.drain(..) {
-        if !is_usage_only_chunk(&event.data) {
-            out.extend_from_slice(&sse::encode(&event));
-        }
+    // The held bytes and the frame's, from `held.start` up to `until`, less
+    // the cuts.
+    held.raw.extend_from_slice(&data);
+    let all = held.raw.split().freeze();
+    let at = |offset: u64| (offset - held.start) as usize;
+    let mut out = BytesMut::with_capacity(all.len());
+    let mut from = held.start;
+    for cut in cuts.iter().filter(|cut| cut.start < cut.end) {
+        out.extend_from_slice(&all[at(from)..at(cut.start.max(from))]);
+        from = from.max(cut.end);
     }
+    out.extend_from_slice(&all[at(from)..at(until)]);
+    held.raw.extend_from_slice(&all[at(until)..]);
+    held.start = until;
     if out.is_empty() {
         Step::Wait
     } else {
@@ -176,17 +179,8 @@ fn filter_frame(parser: &mut Option<Parser>, held: &mut Held, data: Bytes) -> St
 /// unchanged, after what it holds, losing nothing.
 fn stop_filtering(parser: &mut Option<Parser>, held: &mut Held, data: &[u8]) -> Step {
     *parser = None;
-    let mut out = BytesMut::new();
-    if held.reencode {
-        // The raw beginning of the open event is gone; what is held are
-        // complete events only.
-        for event in held.events.drain(..) {
-            out.extend_from_slice(&sse::encode(&event));
-        }
-    } else {
-        held.events.clear();
-        out.extend_from_slice(&held.raw);
-    }
+    let mut out = BytesMut::with_capacity(held.raw.len() + data.len());
+    out.extend_from_slice(&held.raw);
     held.raw.clear();
     out.extend_from_slice(data);
     Step::Send(out.freeze())
@@ -320,6 +314,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_the_usage_chunks_bytes_are_cut() {
+        // Comments, other fields and line endings beside it go out as they
+        // came, not re-encoded; the comment right before it goes with it.
+        let rest = "event: x\r\nid: 7\r\ndata:y\r\n\r\n";
+        let joined = format!(": ping\n\n{FINISH}: gone\n{USAGE}{rest}{DONE}");
+        let (out, _) = run(data(&[DELTA, &joined])).await;
+        assert_eq!(
+            out.concat(),
+            format!("{DELTA}: ping\n\n{FINISH}{rest}{DONE}").as_bytes()
+        );
+    }
+
+    #[tokio::test]
     async fn split_events_are_held_until_complete() {
         let (a, b) = DELTA.split_at(10);
         let (u1, u2) = USAGE.split_at(20);
@@ -328,7 +335,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn event_started_beside_the_usage_chunk_is_reencoded() {
+    async fn event_started_beside_the_usage_chunk_is_not_lost() {
         let (d1, d2) = DONE.split_at(4);
         let first = format!("{USAGE}{d1}");
         let (out, _) = run(data(&[DELTA, &first, d2])).await;
@@ -474,7 +481,7 @@ mod props {
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
             cuts.push(bytes.len());
             cuts.sort_unstable();
-            let mut parser = Some(Parser::new());
+            let mut parser = Some(Parser::new().with_spans());
             let mut held = Held::default();
             let mut sent = Vec::new();
             let mut start = 0;
