@@ -90,6 +90,9 @@ struct Plan {
     responses: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
     wants_usage: bool,
+    /// The body has no `stream_options`: asking for the usage chunk adds
+    /// the field to its bytes, without building the body.
+    no_stream_options: bool,
     /// Shared scope under auth: the requests coalesced on this one may
     /// come from keys with other model allowlists.
     shared_across_keys: bool,
@@ -105,7 +108,11 @@ impl Plan {
     fn of(req: &Request<Body>, config: &CacheConfig) -> Option<Plan> {
         let meta = req.extensions().get::<RequestMeta>()?;
         let endpoint = meta.endpoint();
-        let (key, wants_usage) = match Plan::keyed_flat(req, meta, config) {
+        let Keyed {
+            key,
+            wants_usage,
+            no_stream_options,
+        } = match Plan::keyed_flat(req, meta, config) {
             Some(keyed) => keyed?,
             None => Plan::keyed_built(req, meta, config)?,
         };
@@ -115,6 +122,7 @@ impl Plan {
             stream: meta.is_stream().then(|| endpoint.stream_kind()).flatten(),
             responses: endpoint == Endpoint::Responses,
             wants_usage,
+            no_stream_options,
             shared_across_keys: config.scope == crate::CacheScope::Shared
                 && meta.identity().is_some(),
             dialect: endpoint.dialect(),
@@ -123,7 +131,7 @@ impl Plan {
     }
 
     /// The key of a chat completions, completions or embeddings request,
-    /// and whether its client asked for the usage chunk, made from its
+    /// and what its `stream_options` ask, made from its
     /// bytes in one pass ([`CacheKey::for_flat_request`]); `Some(None)`
     /// when the cache does not serve it, `None` when it must be read from
     /// the parsed body ([`Plan::keyed_built`]). Decides as that does.
@@ -131,7 +139,7 @@ impl Plan {
         req: &Request<Body>,
         meta: &RequestMeta,
         config: &CacheConfig,
-    ) -> Option<Option<(CacheKey, bool)>> {
+    ) -> Option<Option<Keyed>> {
         let chat = meta.endpoint() == Endpoint::ChatCompletions;
         let mut served = true;
         let flat = CacheKey::for_flat_request(
@@ -157,16 +165,16 @@ impl Plan {
             .and_then(|options| options.get("include_usage"))
             .and_then(Value::as_bool)
             == Some(true);
-        Some(served.then_some((flat.key, wants_usage)))
+        Some(served.then_some(Keyed {
+            key: flat.key,
+            wants_usage,
+            no_stream_options: flat.stream_options.is_none(),
+        }))
     }
 
-    /// The key of a request the cache serves, and whether its client asked
-    /// for the usage chunk, read from its parsed body.
-    fn keyed_built(
-        req: &Request<Body>,
-        meta: &RequestMeta,
-        config: &CacheConfig,
-    ) -> Option<(CacheKey, bool)> {
+    /// The key of a request the cache serves, and what its `stream_options`
+    /// ask, read from its parsed body.
+    fn keyed_built(req: &Request<Body>, meta: &RequestMeta, config: &CacheConfig) -> Option<Keyed> {
         let json = meta.json()?;
         let served = match meta.endpoint() {
             Endpoint::ChatCompletions => {
@@ -197,7 +205,11 @@ impl Plan {
             config.scope,
             &config.key_headers,
         )?;
-        Some((key, include_usage(json) == Some(true)))
+        Some(Keyed {
+            key,
+            wants_usage: include_usage(json) == Some(true),
+            no_stream_options: !json.contains_key("stream_options"),
+        })
     }
 
     /// A chat or completions stream whose client did not ask for the usage
@@ -206,6 +218,15 @@ impl Plan {
     fn strips_usage(&self) -> bool {
         self.stream == Some(StreamKind::Chat) && !self.wants_usage
     }
+}
+
+/// A request's key, and what its `stream_options` ask.
+struct Keyed {
+    key: CacheKey,
+    /// `stream_options.include_usage` is `true`.
+    wants_usage: bool,
+    /// There is no `stream_options`.
+    no_stream_options: bool,
 }
 
 /// Whether a `POST /v1/responses` body leaves no state on the server and
@@ -568,7 +589,7 @@ where
             let edited = parts
                 .extensions
                 .get_mut::<RequestMeta>()
-                .is_some_and(ask_for_usage);
+                .is_some_and(|meta| ask_for_usage(meta, plan.no_stream_options));
             edited.then_some(original)
         } else {
             None
@@ -701,8 +722,18 @@ fn marked(
 
 /// Set `stream_options.include_usage = true`; `false` if the body's
 /// `stream_options` is something other than an object (left to the upstream
-/// to judge).
-fn ask_for_usage(meta: &mut RequestMeta) -> bool {
+/// to judge). A body without `stream_options` (`absent`) gets the field
+/// added to its bytes, without being built.
+fn ask_for_usage(meta: &mut RequestMeta, absent: bool) -> bool {
+    if absent {
+        return meta.add_field(
+            "stream_options",
+            &Value::Object(Map::from_iter([(
+                "include_usage".to_owned(),
+                Value::Bool(true),
+            )])),
+        );
+    }
     let Some(json) = meta.json_mut() else {
         return false;
     };

@@ -93,16 +93,34 @@ fn has_usage_chunk(frames: &[Bytes]) -> bool {
     })
 }
 
+/// Asking for the usage chunk adds `stream_options` to the client's bytes:
+/// its spacing and numbers' spelling reach the upstream as sent.
+#[tokio::test]
+async fn the_usage_option_is_added_to_the_clients_bytes() {
+    let (svc, mock) = stack(Duration::ZERO).await;
+    let body = "{ \"model\" : \"m\", \"stream\": true, \"temperature\": 1e0,\n  \"messages\": [{\"content\": \"hi\", \"role\": \"user\"}] }\n";
+    let req = Request::post(PATH)
+        .header("content-type", "application/json")
+        .body(full(body))
+        .unwrap();
+    let (label, _, failed) = send(&svc, req).await;
+    assert_eq!((label.as_str(), failed), ("miss", false));
+    let sent = mock.stats.last_request_body().unwrap();
+    let want = body.replace("}] }", "}] ,\"stream_options\":{\"include_usage\":true}}");
+    assert_eq!(std::str::from_utf8(&sent).unwrap(), want);
+}
+
 #[tokio::test]
 async fn streams_are_stored_with_usage_and_replayed_frame_for_frame() {
     let (svc, mock) = stack(Duration::ZERO).await;
     let (label, first, failed) = send(&svc, chat(true, false, &[])).await;
     assert_eq!((label.as_str(), failed), ("miss", false));
     assert!(!has_usage_chunk(&first), "not asked for, not sent");
-    let sent: serde_json::Value =
-        serde_json::from_slice(&mock.stats.last_request_body().unwrap()).unwrap();
+    let sent = mock.stats.last_request_body().unwrap();
+    // Added to the client's bytes, which are otherwise as they came.
     assert_eq!(
-        sent["stream_options"]["include_usage"], true,
+        std::str::from_utf8(&sent).unwrap(),
+        r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#,
         "asked for on the client's behalf"
     );
     let (label, replay, _) = send(&svc, chat(true, false, &[])).await;

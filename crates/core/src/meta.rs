@@ -190,6 +190,32 @@ pub(crate) const STATE_KEYS: [&str; 2] = ["previous_response_id", "conversation"
 /// rules out).
 type Tree = OnceLock<Option<Map<String, Value>>>;
 
+/// `body`, a JSON object, with the field `name` set to `value` added at
+/// its end and every other byte as it was; `None` when it does not end as
+/// an object does.
+fn with_field(body: &[u8], name: &str, value: &Value) -> Option<Bytes> {
+    // JSON's whitespace: a checked body holds no other outside its strings.
+    let blank = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let close = body.iter().rposition(|b| !blank(b))?;
+    if body[close] != b'}' {
+        return None;
+    }
+    // Just after the opening brace, when the object is empty: a `{` before
+    // the closing `}` of the top level can only be its own.
+    let before = body[..close].iter().rposition(|b| !blank(b))?;
+    let empty = body[before] == b'{';
+    let mut out = Vec::with_capacity(body.len() + name.len() + 48);
+    out.extend_from_slice(&body[..close]);
+    if !empty {
+        out.push(b',');
+    }
+    serde_json::to_writer(&mut out, name).ok()?;
+    out.push(b':');
+    serde_json::to_writer(&mut out, value).ok()?;
+    out.extend_from_slice(&body[close..]);
+    Some(Bytes::from(out))
+}
+
 /// `body`, a JSON object, with its top-level `model` string replaced by
 /// `model` and every other byte as it was; `None` when it is not an object
 /// with a string `model`.
@@ -400,6 +426,52 @@ impl RequestMeta {
         self.model = Some(Arc::from(model));
     }
 
+    /// Add the top-level field `name`, set to `value`, to a body that does
+    /// not have it: the caller has read the body (a field it had would be
+    /// repeated in an unedited one). A body no layer has edited keeps every
+    /// other byte as the client sent it (the field goes in before the
+    /// object's closing brace, and nothing is re-serialised); an edited one
+    /// gets it in its parsed object. `false` when the request has no JSON
+    /// body.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use llm_proxy_core::{Endpoint, RequestMeta};
+    ///
+    /// let body = br#"{"model": "m", "stream": true}"#;
+    /// let json = serde_json::from_slice(body).unwrap();
+    /// let mut meta = RequestMeta::parsed(Endpoint::ChatCompletions, Bytes::from_static(body), json);
+    /// assert!(meta.add_field("stream_options", &serde_json::json!({"include_usage": true})));
+    /// assert_eq!(
+    ///     meta.body_for_upstream().unwrap(),
+    ///     r#"{"model": "m", "stream": true,"stream_options":{"include_usage":true}}"#
+    /// );
+    /// assert!(!meta.is_edited());
+    /// assert_eq!(meta.json().unwrap()["stream_options"]["include_usage"], true);
+    /// ```
+    pub fn add_field(&mut self, name: &str, value: &Value) -> bool {
+        if !self.edited
+            && let Some(spliced) = self
+                .body
+                .as_deref()
+                .and_then(|b| with_field(b, name, value))
+        {
+            self.body = Some(spliced);
+            if self.json.is_some() {
+                // Built again from the new bytes, should a layer ask.
+                self.json = Some(Arc::new(OnceLock::new()));
+            }
+            return true;
+        }
+        match self.json_mut() {
+            Some(json) => {
+                json.insert(name.to_owned(), value.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Turn the request into one of another API (the translation layer does
     /// this): the endpoint and the whole parsed body are replaced, `model` and
     /// `stream` are read again from the new body, and the body counts as
@@ -497,6 +569,37 @@ mod tests {
         assert!(m.is_stream());
         assert_eq!(m.model(), Some("m"));
         assert_eq!(m.body_for_upstream().unwrap(), raw.as_bytes());
+    }
+
+    #[test]
+    fn an_added_field_leaves_every_other_byte_of_an_unedited_body() {
+        let options = serde_json::json!({"include_usage": true});
+        for (raw, want) in [
+            (
+                "{\"model\":\"m\",\"t\":1.0e0,\"o\":{\"a\":{}}} \r\n",
+                "{\"model\":\"m\",\"t\":1.0e0,\"o\":{\"a\":{}},\"k\":{\"include_usage\":true}} \r\n",
+            ),
+            ("{ \n}", "{ \n\"k\":{\"include_usage\":true}}"),
+            ("\t{}", "\t{\"k\":{\"include_usage\":true}}"),
+        ] {
+            let mut m = meta(raw);
+            assert!(m.json().is_some(), "built before");
+            assert!(m.add_field("k", &options));
+            assert!(!m.is_edited());
+            assert_eq!(m.body_for_upstream().unwrap(), want.as_bytes(), "{raw:?}");
+            assert_eq!(m.json().unwrap()["k"], options, "built anew");
+        }
+        // An edited body gets it in its parsed object.
+        let mut m = meta(r#"{"model":"a"}"#);
+        m.json_mut().unwrap().insert("x".into(), Value::Null);
+        assert!(m.add_field("k", &options));
+        let out: Value = serde_json::from_slice(&m.body_for_upstream().unwrap()).unwrap();
+        assert_eq!(
+            out,
+            serde_json::json!({"model": "a", "x": null, "k": options})
+        );
+        // No JSON body: nothing to add to.
+        assert!(!RequestMeta::unbuffered(Endpoint::ChatCompletions).add_field("k", &options));
     }
 
     #[test]
