@@ -1263,6 +1263,16 @@ async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
     let p = send_timeout_proxy(&up).await;
     let sender = h2c_small_window(p.addr).await;
     let post = |headers: &[(&str, &str)]| streamed_chat_h2(p.addr, headers);
+    // B: its upstream takes several timeouts to answer; nothing is wrong.
+    // It is in flight before A stalls, however long the machine takes: a
+    // connection whose every stream stalled is closed (B sent only after A
+    // stalled would find it gone).
+    let waiting = tokio::spawn(
+        sender
+            .clone()
+            .send_request(post(&[("x-mock-latency-ms", "4000")])),
+    );
+    eventually("B reached the upstream", || up.stats.in_flight() == 1).await;
     // A: a long stream the client does not read yet (its window fills).
     let unread = sender
         .clone()
@@ -1270,12 +1280,6 @@ async fn one_unread_h2c_stream_does_not_take_a_waiting_one_down() {
         .await
         .expect("A's head");
     assert_eq!(unread.status(), 200);
-    // B: its upstream takes several timeouts to answer; nothing is wrong.
-    let waiting = tokio::spawn(
-        sender
-            .clone()
-            .send_request(post(&[("x-mock-latency-ms", "3000")])),
-    );
     // A alone is cancelled upstream, while B waits; A's stream is left to
     // the client.
     eventually("A's upstream request cancelled", || {
