@@ -620,6 +620,42 @@ async fn stream_usage_is_kept_when_the_client_asked() {
     );
 }
 
+/// A limited key's stream is asked for its usage chunk on the client's
+/// behalf: the field is added to the client's bytes, which otherwise reach
+/// the upstream as they came; `stream_options` that are not an object are
+/// the upstream's to judge, and left as sent.
+#[tokio::test]
+async fn the_usage_option_is_added_to_a_limited_keys_bytes() {
+    let (up, p) =
+        setup("[[auth.keys]]\nname = \"t\"\nkey = \"sk-t\"\ntokens_per_minute = 100000\n").await;
+    let chat = |body: &str| {
+        send(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer sk-t"),
+            ],
+            body.to_owned(),
+        ))
+    };
+    let body = "{ \"model\" : \"small\", \"stream\": true, \"temperature\": 1e0,\n  \"messages\": [{\"content\": \"hi\", \"role\": \"user\"}] }\n";
+    let a = chat(body).await;
+    assert_eq!(a.status, 200);
+    let sent = up.stats.last_request_body().unwrap();
+    let want = body.replace("}] }", "}] ,\"stream_options\":{\"include_usage\":true}}");
+    assert_eq!(std::str::from_utf8(&sent).unwrap(), want);
+    assert!(
+        !sse_data(&a.body)
+            .iter()
+            .any(|e| llm_proxy_core::usage::is_usage_only_chunk(e)),
+        "not asked for, not sent"
+    );
+    let body = r#"{"model":"small","stream":true,"stream_options":"x","messages":[]}"#;
+    chat(body).await;
+    assert_eq!(&up.stats.last_request_body().unwrap()[..], body.as_bytes());
+}
+
 #[tokio::test]
 async fn tokens_per_minute_exhausted_is_429() {
     let (_up, p) =

@@ -749,23 +749,17 @@ fn prompt_tokens(meta: &RequestMeta) -> u64 {
 
 /// For a streamed chat or completions request, make sure the upstream sends
 /// a usage chunk. Returns true when the client did not ask for it, so the
-/// chunk must be stripped from what the client receives.
+/// chunk must be stripped from what the client receives; false also when
+/// the request's `stream_options` cannot take the ask (not an object: the
+/// upstream refuses it, or the stream is counted without it).
 fn request_stream_usage(meta: &mut RequestMeta) -> bool {
     if !lacks_stream_usage(meta) {
         return false;
     }
-    if let Some(json) = meta.json_mut() {
-        let options = json
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if !options.is_object() {
-            *options = Value::Object(Default::default());
-        }
-        if let Value::Object(o) = options {
-            o.insert("include_usage".into(), Value::Bool(true));
-        }
-    }
-    true
+    let absent = meta
+        .json()
+        .is_some_and(|json| !json.contains_key("stream_options"));
+    meta.ask_for_stream_usage(absent)
 }
 
 /// Whether an answer is JSON, as far as its `content-type` says (none says
@@ -986,7 +980,9 @@ mod tests {
             .layer(AuthLayer::new(vec![key]))
             .service(service_fn(move |req: Request<Body>| {
                 let meta = req.extensions().get::<RequestMeta>().unwrap();
-                seen.lock().unwrap().push(meta.is_built());
+                seen.lock()
+                    .unwrap()
+                    .push((meta.is_built(), meta.is_edited()));
                 async { Ok::<_, Error>(Response::new(full("{}"))) }
             }));
         // 40 bytes of prompt (10 tokens), two completions of at most 300.
@@ -996,7 +992,8 @@ mod tests {
         // Nor a Responses request (its `background` is learned by the
         // check), streamed or not, nor a streamed Messages request (its usage
         // comes without asking). A streamed chat request is: its
-        // `stream_options` are read, and edited when they lack the usage.
+        // `stream_options` are read; lacking, they are added to the client's
+        // bytes, which are sent as they are (not re-serialised).
         for (path, body) in [
             (
                 "/v1/responses",
@@ -1018,7 +1015,11 @@ mod tests {
             let (status, _) = call(&svc, path, body.to_owned()).await;
             assert_eq!(status, 200, "{path} {body}");
         }
-        assert_eq!(*built.lock().unwrap(), [false, false, false, false, true]);
+        let plain = (false, false);
+        assert_eq!(
+            *built.lock().unwrap(),
+            [plain, plain, plain, plain, (true, false)]
+        );
     }
 
     #[tokio::test]

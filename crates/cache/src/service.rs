@@ -589,7 +589,7 @@ where
             let edited = parts
                 .extensions
                 .get_mut::<RequestMeta>()
-                .is_some_and(|meta| ask_for_usage(meta, plan.no_stream_options));
+                .is_some_and(|meta| meta.ask_for_stream_usage(plan.no_stream_options));
             edited.then_some(original)
         } else {
             None
@@ -718,36 +718,4 @@ fn marked(
     };
     replay::mark(&mut response, status);
     Ok(response)
-}
-
-/// Set `stream_options.include_usage = true`; `false` if the body's
-/// `stream_options` is something other than an object (left to the upstream
-/// to judge). A body without `stream_options` (`absent`) gets the field
-/// added to its bytes, without being built.
-fn ask_for_usage(meta: &mut RequestMeta, absent: bool) -> bool {
-    if absent {
-        return meta.add_field(
-            "stream_options",
-            &Value::Object(Map::from_iter([(
-                "include_usage".to_owned(),
-                Value::Bool(true),
-            )])),
-        );
-    }
-    let Some(json) = meta.json_mut() else {
-        return false;
-    };
-    let options = json
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if options.is_null() {
-        *options = Value::Object(Map::new());
-    }
-    match options.as_object_mut() {
-        Some(options) => {
-            options.insert("include_usage".into(), Value::Bool(true));
-            true
-        }
-        None => false,
-    }
 }

@@ -416,10 +416,9 @@ impl RequestMeta {
             && let Some(spliced) = self.body.as_deref().and_then(|b| with_model(b, model))
         {
             self.body = Some(spliced);
-            if self.json.is_some() {
-                // Built again from the new bytes, should a layer ask.
-                self.json = Some(Arc::new(OnceLock::new()));
-            }
+            self.spliced(|json| {
+                json.insert("model".to_owned(), Value::String(model.to_owned()));
+            });
         } else if let Some(json) = self.json_mut() {
             json.insert("model".to_owned(), Value::String(model.to_owned()));
         }
@@ -457,15 +456,79 @@ impl RequestMeta {
                 .and_then(|b| with_field(b, name, value))
         {
             self.body = Some(spliced);
-            if self.json.is_some() {
-                // Built again from the new bytes, should a layer ask.
-                self.json = Some(Arc::new(OnceLock::new()));
-            }
+            self.spliced(|json| {
+                json.insert(name.to_owned(), value.clone());
+            });
             return true;
         }
         match self.json_mut() {
             Some(json) => {
                 json.insert(name.to_owned(), value.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keep the body's value in step with bytes just spliced: a built one
+    /// gets the same `edit` (it then equals the new bytes' value, and is not
+    /// built again), an unbuilt one is built from the new bytes should a
+    /// layer ask. The body does not count as edited.
+    fn spliced(&mut self, edit: impl FnOnce(&mut Map<String, Value>)) {
+        let Some(tree) = self.json.as_mut() else {
+            return;
+        };
+        if tree.get().is_some() {
+            if let Some(json) = Arc::make_mut(tree).get_mut().and_then(Option::as_mut) {
+                edit(json);
+            }
+        } else {
+            // A fresh one: clones made before share the old, which would
+            // be built from their own (old) bytes.
+            *tree = Arc::new(OnceLock::new());
+        }
+    }
+
+    /// Ask the upstream for a streamed answer's usage chunk: set
+    /// `stream_options.include_usage` to `true`. `absent`: the caller read
+    /// the body, and it has no `stream_options`; the field is then added to
+    /// its bytes ([`RequestMeta::add_field`]) without the body being built.
+    /// `false` when the body's `stream_options` is something other than an
+    /// object or `null` (left to the upstream to judge), or there is no JSON
+    /// body.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use llm_proxy_core::{Endpoint, RequestMeta};
+    ///
+    /// let body = br#"{"model":"m","stream":true,"stream_options":null}"#;
+    /// let json = serde_json::from_slice(body).unwrap();
+    /// let mut meta = RequestMeta::parsed(Endpoint::ChatCompletions, Bytes::from_static(body), json);
+    /// assert!(meta.ask_for_stream_usage(false));
+    /// assert_eq!(meta.json().unwrap()["stream_options"]["include_usage"], true);
+    /// ```
+    pub fn ask_for_stream_usage(&mut self, absent: bool) -> bool {
+        if absent {
+            return self.add_field(
+                "stream_options",
+                &Value::Object(Map::from_iter([(
+                    "include_usage".to_owned(),
+                    Value::Bool(true),
+                )])),
+            );
+        }
+        let Some(json) = self.json_mut() else {
+            return false;
+        };
+        let options = json
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if options.is_null() {
+            *options = Value::Object(Map::new());
+        }
+        match options.as_object_mut() {
+            Some(options) => {
+                options.insert("include_usage".into(), Value::Bool(true));
                 true
             }
             None => false,
@@ -600,6 +663,46 @@ mod tests {
         );
         // No JSON body: nothing to add to.
         assert!(!RequestMeta::unbuffered(Endpoint::ChatCompletions).add_field("k", &options));
+    }
+
+    #[test]
+    fn a_splice_keeps_the_value_in_step_with_the_bytes() {
+        let options = serde_json::json!({"include_usage": true});
+        let reparsed = |m: &RequestMeta| {
+            serde_json::from_slice::<Map<String, Value>>(&m.body_for_upstream().unwrap()).unwrap()
+        };
+        let raw = r#"{"model":"a","stream":true,"n":1.50}"#;
+        // Built before: the value is edited as the bytes were, not built
+        // again; a clone made before keeps the client's.
+        let mut m = meta(raw);
+        assert!(m.is_built());
+        let before = m.clone();
+        assert!(m.add_field("stream_options", &options));
+        m.set_model("b");
+        assert!(m.is_built() && !m.is_edited());
+        assert_eq!(m.json().unwrap(), &reparsed(&m));
+        assert_eq!(before.json().unwrap(), &reparsed(&before));
+        assert_eq!(before.body_for_upstream().unwrap(), raw.as_bytes());
+        // Not built: built from the new bytes when asked, and a clone made
+        // before builds its own from the client's.
+        let unbuilt = |body: &'static str| {
+            let mut m = RequestMeta::parsed(
+                Endpoint::ChatCompletions,
+                Bytes::from_static(body.as_bytes()),
+                Map::new(),
+            );
+            m.json = Some(Arc::new(OnceLock::new()));
+            m
+        };
+        let mut m = unbuilt(raw);
+        let before = m.clone();
+        assert!(m.add_field("stream_options", &options));
+        m.set_model("b");
+        assert!(!m.is_built());
+        assert_eq!(m.json().unwrap(), &reparsed(&m));
+        assert_eq!(m.json().unwrap()["model"], "b");
+        assert_eq!(before.json().unwrap()["model"], "a");
+        assert!(!before.json().unwrap().contains_key("stream_options"));
     }
 
     #[test]
