@@ -396,3 +396,52 @@ async fn only_if_cached_misses_are_504_in_each_dialect() {
         0
     );
 }
+
+/// An object whose one key is serde_json's raw-value marker is an object
+/// like any other: keyed as the upstream gets it, not as the JSON text in
+/// its string (serde_json's own `Value` reader reads it so, which would
+/// make two different requests one entry, and a shared cache's client
+/// could store an answer under another's request).
+#[tokio::test]
+async fn a_raw_value_marker_object_is_keyed_as_sent() {
+    let up = mock_named("m").await;
+    let p = proxy(&config(&up.base_url())).await;
+    let marker = "$serde_json::private::RawValue";
+    let chat = |options: serde_json::Value| {
+        json!({"model": "m", "stream_options": options, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string()
+    };
+    let cases = [
+        // Keyed from the built body.
+        (
+            p.url(RESPONSES),
+            responses_body(false, json!({"metadata": {"k": "v"}})),
+            responses_body(false, json!({"metadata": {marker: "{\"k\":\"v\"}"}})),
+        ),
+        // Keyed in one pass over the bytes; `stream_options` read back.
+        (
+            p.url("/v1/chat/completions"),
+            chat(json!({"continuous_usage_stats": true})),
+            chat(json!({marker: "{\"continuous_usage_stats\":true}"})),
+        ),
+    ];
+    for (url, plain, marked) in cases {
+        let calls = up.stats.requests();
+        let first = post_json(&url, &plain).await;
+        assert_eq!(cache(&first), Some("miss"), "{}", first.text());
+        let second = post_json(&url, &marked).await;
+        assert_eq!(cache(&second), Some("miss"), "{marked}: {}", second.text());
+        assert_eq!(up.stats.requests(), calls + 2, "{marked}");
+    }
+    // A streamed request whose `stream_options` is such an object gets the
+    // usage option in it, not in a second `stream_options`.
+    let body =
+        json!({"model": "m", "stream": true, "stream_options": {marker: "x"}, "messages": []});
+    post_json(&p.url("/v1/chat/completions"), &body.to_string()).await;
+    let sent = up.stats.last_request_body().unwrap();
+    let sent = llm_proxy_core::value_from_slice(&sent).expect("one stream_options");
+    assert_eq!(
+        sent["stream_options"],
+        json!({marker: "x", "include_usage": true})
+    );
+}

@@ -394,12 +394,14 @@ impl CacheKey {
                 let facts = write_canonical_object_from_slice(body, keyed, |field, value| {
                     observe(field, value);
                     if field == "stream_options" {
-                        // Canonical bytes: they parse.
-                        stream_options = serde_json::from_slice(value).ok();
+                        // Read as the tree path reads it: an object stays
+                        // one (canonical bytes, so read they are).
+                        stream_options = Some(llm_proxy_core::value_from_slice(value));
                     }
                     !(EXCLUDED_FIELDS.contains(&field)
                         || (unstreamed_skips_stream && field == "stream" && value == b"false"))
                 })?;
+                let stream_options = stream_options.transpose()?;
                 write_stream_options(stream_options.as_ref(), keyed);
                 Ok::<_, serde_json::Error>((facts, stream_options))
             })
@@ -469,7 +471,7 @@ pub(crate) struct FlatBody {
     /// [`holds_inexact_integer`](llm_proxy_core::canonical::holds_inexact_integer)
     /// is true: such a body is not served.
     pub(crate) inexact_integer: bool,
-    /// The body's `stream_options`, parsed.
+    /// The body's `stream_options`, parsed; `None` when it has none.
     pub(crate) stream_options: Option<Value>,
 }
 
@@ -1072,6 +1074,11 @@ mod tests {
             Just(("stream_options", json!({"continuous_usage_stats": true}))),
             Just(("stream_options", Value::Null)),
             Just(("stream_options", json!("odd"))),
+            // serde_json's raw-value marker: an object like any other.
+            Just((
+                "stream_options",
+                json!({"$serde_json::private::RawValue": "{\"continuous_usage_stats\":true}"})
+            )),
             Just(("user", json!("u"))),
             Just(("safety_identifier", json!({"a": 1}))),
             Just(("prompt_cache_key", json!(null))),

@@ -80,7 +80,7 @@ pub use meta::{
 };
 pub use parse::{
     BudgetHold, Parse, ParseLayer, ParseLimits, buffers_body, json_from_slice, object_from_slice,
-    object_from_str, parse, parse_object, parse_object_within, parse_within,
+    object_from_str, parse, parse_object, parse_object_within, parse_within, value_from_slice,
 };
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 pub use svc::{BoxFuture, call_boxed};

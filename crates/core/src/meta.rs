@@ -380,7 +380,7 @@ impl RequestMeta {
     /// no layer has asked for it before).
     pub fn json(&self) -> Option<&Map<String, Value>> {
         let tree = self.json.as_deref()?;
-        tree.get_or_init(|| crate::json_from_slice(self.body.as_deref()?).ok())
+        tree.get_or_init(|| crate::parse::object_tree(self.body.as_deref()?))
             .as_ref()
     }
 
@@ -625,6 +625,14 @@ mod tests {
         )
     }
 
+    /// A meta whose body's value is built from `body` when first asked for,
+    /// as the parse layer leaves it.
+    fn unbuilt(endpoint: Endpoint, body: &'static str) -> RequestMeta {
+        let mut m = RequestMeta::parsed(endpoint, Bytes::from_static(body.as_bytes()), Map::new());
+        m.json = Some(Arc::new(OnceLock::new()));
+        m
+    }
+
     #[test]
     fn unchanged_body_goes_byte_for_byte() {
         let raw = r#"{ "model" : "m",   "stream":true }"#;
@@ -685,16 +693,7 @@ mod tests {
         assert_eq!(before.body_for_upstream().unwrap(), raw.as_bytes());
         // Not built: built from the new bytes when asked, and a clone made
         // before builds its own from the client's.
-        let unbuilt = |body: &'static str| {
-            let mut m = RequestMeta::parsed(
-                Endpoint::ChatCompletions,
-                Bytes::from_static(body.as_bytes()),
-                Map::new(),
-            );
-            m.json = Some(Arc::new(OnceLock::new()));
-            m
-        };
-        let mut m = unbuilt(raw);
+        let mut m = unbuilt(Endpoint::ChatCompletions, raw);
         let before = m.clone();
         assert!(m.add_field("stream_options", &options));
         m.set_model("b");
@@ -703,6 +702,17 @@ mod tests {
         assert_eq!(m.json().unwrap()["model"], "b");
         assert_eq!(before.json().unwrap()["model"], "a");
         assert!(!before.json().unwrap().contains_key("stream_options"));
+    }
+
+    #[test]
+    fn the_value_built_from_the_bytes_keeps_every_object_an_object() {
+        // serde_json's own reader would read the marker object as `5`.
+        let body = r#"{"model":"m","metadata":{"$serde_json::private::RawValue":"5"}}"#;
+        let m = unbuilt(Endpoint::Responses, body);
+        assert_eq!(
+            m.json().unwrap()["metadata"],
+            serde_json::json!({"$serde_json::private::RawValue": "5"})
+        );
     }
 
     #[test]

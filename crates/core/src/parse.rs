@@ -729,6 +729,42 @@ pub fn json_from_slice<'de, T: serde::Deserialize<'de>>(
     }
 }
 
+/// `bytes` as one JSON value, read as the parse layer reads a body: a key
+/// repeated in any object is an error, and every object is read as the
+/// object it is. (serde_json's own `Value` reader, with the `raw_value`
+/// feature the workspace builds it with, reads a nested object whose one
+/// key is `$serde_json::private::RawValue` as the JSON text its string
+/// holds: `{"$serde_json::private::RawValue":"5"}` comes out `5`. The
+/// upstream gets the object; a cache key made from such a reading would
+/// make two different requests one.) Use it, not `serde_json`'s readers,
+/// for any value a client sent.
+///
+/// ```
+/// let text = br#"{"a":{"$serde_json::private::RawValue":"5"}}"#;
+/// let read = llm_proxy_core::value_from_slice(text).unwrap();
+/// assert!(read["a"].is_object());
+/// assert!(llm_proxy_core::value_from_slice(br#"{"a":1,"a":2}"#).is_err());
+/// ```
+pub fn value_from_slice(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    let tally = Tally {
+        built: Cell::new(0),
+        base: bytes.len(),
+        held: Cell::new(0),
+        claim: None,
+        over: Cell::new(false),
+    };
+    build(bytes, &tally)
+}
+
+/// The object `bytes` hold, read as [`value_from_slice`] reads them; `None`
+/// for anything else.
+pub(crate) fn object_tree(bytes: &[u8]) -> Option<Map<String, Value>> {
+    match value_from_slice(bytes) {
+        Ok(Value::Object(map)) => Some(map),
+        _ => None,
+    }
+}
+
 /// `bytes` as a `T` ([`json_from_slice`]), if they are a JSON object.
 /// serde reads a struct from an array too (its fields in order), and an
 /// upstream's `["response.completed"]` would read as an event of that
