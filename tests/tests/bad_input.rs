@@ -1788,12 +1788,18 @@ async fn a_request_sent_as_an_idle_h2_connection_is_told_to_go_is_answered() {
 /// upstream writes, is reading: it is not cut, however far the upstream
 /// runs ahead (the watch hands hyper the answer in pieces it can see
 /// taken).
-#[tokio::test]
+// Two workers: the unpaced mock streaming flat out into the proxy does not
+// hold up the client's reads (as on one thread, on a loaded machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_steady_h2c_reader_is_not_cut() {
     let up = mock_named("m").await;
-    // A send timeout with room for a loaded machine's hiccups.
+    // A send timeout with room for a loaded machine's hiccups: the first
+    // window (16 KiB) goes out at once, and the proxy is asked for more
+    // only once the client has read half of it, two reads and their
+    // sleeps later; on a loaded machine those come late (1 s was seen to
+    // be too little).
     let p = proxy(&format!(
-        "send_timeout_ms = 1000\n{}",
+        "send_timeout_ms = 2000\n{}",
         one_upstream(&up.base_url(), "")
     ))
     .await;
@@ -1818,7 +1824,7 @@ async fn a_slow_but_steady_h2c_reader_is_not_cut() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     let mut read = 0;
-    while started.elapsed() < Duration::from_millis(4000) {
+    while started.elapsed() < Duration::from_millis(6000) {
         let frame = tokio::time::timeout(HANG, slow.frame())
             .await
             .expect("a frame in time")
