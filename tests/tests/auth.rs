@@ -550,7 +550,7 @@ async fn tpm_reconciles(stream: bool) {
         assert!(
             !events
                 .iter()
-                .any(|e| llm_proxy_core::usage::is_usage_only_chunk(e)),
+                .any(llm_proxy_core::usage::is_usage_only_chunk),
             "the client did not ask for usage: the chunk the proxy requested is stripped"
         );
     }
@@ -616,7 +616,7 @@ async fn stream_usage_is_kept_when_the_client_asked() {
     assert!(
         events
             .iter()
-            .any(|e| llm_proxy_core::usage::is_usage_only_chunk(e))
+            .any(llm_proxy_core::usage::is_usage_only_chunk)
     );
 }
 
@@ -648,7 +648,7 @@ async fn the_usage_option_is_added_to_a_limited_keys_bytes() {
     assert!(
         !sse_data(&a.body)
             .iter()
-            .any(|e| llm_proxy_core::usage::is_usage_only_chunk(e)),
+            .any(llm_proxy_core::usage::is_usage_only_chunk),
         "not asked for, not sent"
     );
     let body = r#"{"model":"small","stream":true,"stream_options":"x","messages":[]}"#;

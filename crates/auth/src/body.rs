@@ -10,7 +10,7 @@ use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use llm_proxy_core::StreamKind;
-use llm_proxy_core::sse::Parser;
+use llm_proxy_core::sse::{Outlines, SseError};
 use llm_proxy_core::usage::{self, StreamUsage, Usage};
 use llm_proxy_core::{Body, BoxError, UsageFilter};
 
@@ -176,7 +176,7 @@ impl Reconcile {
 enum Watch {
     /// An SSE stream, parsed as it passes.
     Sse {
-        parser: Box<Parser>,
+        outlines: Box<Outlines>,
         stream: StreamUsage,
     },
     /// A JSON body, copied up to `MAX_JSON_TEE`.
@@ -246,7 +246,7 @@ impl UsageBody {
             inner,
             watch: match sse {
                 Some(kind) => Watch::Sse {
-                    parser: Box::new(Parser::new().counted_in(budget)),
+                    outlines: Box::new(Outlines::new().counted_in(budget)),
                     stream: StreamUsage::new(kind),
                 },
                 None if json => Watch::Json(Vec::new()),
@@ -266,17 +266,18 @@ impl UsageBody {
 /// Watch one frame, which goes on unchanged.
 fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: &Bytes) {
     match watch {
-        Watch::Sse { parser, stream } => {
-            if parser.push(data).is_err() {
-                // Not SSE we can read: stop watching.
-                *watch = Watch::Off;
-                return;
-            }
-            while let Some(event) = parser.next_event_ref() {
-                stream.observe_event(event.event.as_deref(), &event.data);
+        Watch::Sse { outlines, stream } => {
+            let read = outlines.push(data, |event| {
+                let name = llm_proxy_core::utf8_lossy(event.event);
+                stream.observe_event(Some(&name), &event.text());
                 if stream.usage().is_some() {
                     *usage = stream.usage();
                 }
+                Ok::<_, SseError>(())
+            });
+            if read.is_err() {
+                // Not SSE we can read: stop watching.
+                *watch = Watch::Off;
             }
         }
         Watch::Json(copy) => {

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use llm_proxy_core::sse::{Event, Parser};
+use llm_proxy_core::sse::{Outline, Outlines, SseError};
 use llm_proxy_core::usage::is_usage_only_chunk;
 use llm_proxy_core::{Body, BoxError, BudgetHold, StreamKind};
 
@@ -128,7 +128,7 @@ pub(crate) enum JsonRule {
 
 pub(crate) struct SseWatch {
     kind: StreamKind,
-    parser: Parser,
+    outlines: Outlines,
     frames: u32,
     done: bool,
     broken: bool,
@@ -140,7 +140,7 @@ impl Watch {
     pub fn sse(kind: StreamKind, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
         Watch::Sse(Box::new(SseWatch {
             kind,
-            parser: Parser::new().counted_in(budget),
+            outlines: Outlines::new().counted_in(budget),
             frames: 0,
             done: false,
             broken: false,
@@ -156,48 +156,56 @@ impl SseWatch {
         if self.broken {
             return;
         }
-        let at_boundary = !self.parser.has_partial();
-        if self.parser.push(data).is_err() {
-            self.broken = true;
-            return;
-        }
+        let at_boundary = !self.outlines.has_partial();
+        let SseWatch {
+            kind,
+            outlines,
+            done,
+            broken,
+            ..
+        } = self;
         let (mut events, mut usage_here) = (0, false);
-        while let Some(event) = self.parser.next_event_ref() {
+        let read = outlines.push(data, |event| {
             if event.is_blank() {
                 // A keep-alive (`data: ` with nothing in it) carries
                 // nothing, before or after the end; replayed as it came.
-                continue;
+                return Ok(());
             }
             events += 1;
-            if self.done {
+            if *done {
                 // Nothing may follow the last event but a `[DONE]`: the one
                 // some servers end a Responses or Messages stream with, as
                 // a chat stream ends, or a chat stream's second (the
                 // upstream check lets either pass).
-                self.broken |= !event.is_done();
-                continue;
+                *broken |= !event.is_done();
+                return Ok(());
             }
-            match self.kind {
+            match *kind {
                 StreamKind::Chat => {
                     // Named `error`, as Responses and Messages streams name
                     // theirs, or shaped as one.
-                    if event.event.as_deref() == Some("error") || is_error_event(&event.data) {
-                        self.broken = true;
+                    if event.event == b"error" || is_error_event(event.data) {
+                        *broken = true;
                     } else if event.is_done() {
-                        self.done = true;
-                    } else if is_usage_only_chunk(&event.data) {
+                        *done = true;
+                    } else if is_usage_only_chunk(event.data) {
                         usage_here = true;
                     }
                 }
                 kind => match dialect_end(kind, event) {
-                    Some(true) => self.done = true,
-                    Some(false) => self.broken = true,
+                    Some(true) => *done = true,
+                    Some(false) => *broken = true,
                     None => {}
                 },
             }
+            Ok::<_, SseError>(())
+        });
+        if read.is_err() {
+            self.broken = true;
+            return;
         }
         if usage_here {
-            let alone = at_boundary && events == 1 && !self.parser.has_partial();
+            let alone = at_boundary && events == 1 && !self.outlines.has_partial();
             self.usage = match self.usage {
                 UsageChunk::Absent if alone => UsageChunk::Frame(index),
                 _ => UsageChunk::Inside,
@@ -206,7 +214,7 @@ impl SseWatch {
     }
 
     fn clean_end(&self) -> bool {
-        self.done && !self.broken && !self.parser.has_partial()
+        self.done && !self.broken && !self.outlines.has_partial()
     }
 }
 
@@ -217,7 +225,7 @@ impl SseWatch {
 /// upstream sends when it fails mid-way and the proxy when the upstream
 /// breaks), `None` for any other. The event's name is its `event:` line,
 /// else its data's `type`, as the upstream client reads it.
-fn dialect_end(kind: StreamKind, event: &Event) -> Option<bool> {
+fn dialect_end(kind: StreamKind, event: Outline<'_>) -> Option<bool> {
     #[derive(serde::Deserialize)]
     struct Typed<'a> {
         #[serde(default, rename = "type", borrow)]
@@ -230,20 +238,21 @@ fn dialect_end(kind: StreamKind, event: &Event) -> Option<bool> {
         #[serde(default, borrow)]
         status: Option<std::borrow::Cow<'a, str>>,
     }
-    let name = match event.event.as_deref() {
-        Some(name) => std::borrow::Cow::Borrowed(name),
-        None => {
-            llm_proxy_core::object_from_str::<Typed<'_>>(&event.data)
+    let data = event.text();
+    let name = match event.event {
+        b"" => {
+            llm_proxy_core::object_from_str::<Typed<'_>>(&data)
                 .ok()?
                 .kind?
         }
+        name => llm_proxy_core::utf8_lossy(name),
     };
     match (kind, &*name) {
         (_, "error") => Some(false),
         // As a whole answer's: `completed` only (some servers end a capped
         // or failed answer with this event and say so in its status).
         (StreamKind::Responses, "response.completed") => {
-            let typed = llm_proxy_core::object_from_str::<Typed<'_>>(&event.data).ok();
+            let typed = llm_proxy_core::object_from_str::<Typed<'_>>(&data).ok();
             let status = typed
                 .as_ref()
                 .and_then(|t| t.response.as_ref()?.status.as_deref());
@@ -259,7 +268,7 @@ fn dialect_end(kind: StreamKind, event: &Event) -> Option<bool> {
 /// ends with, or an error object (`"object": "error"`, as vLLM's older
 /// servers and those that copy them send mid-stream, before `[DONE]`; or
 /// `"type": "error"`).
-fn is_error_event(data: &str) -> bool {
+fn is_error_event(data: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Chunk<'a> {
         #[serde(default)]
@@ -269,14 +278,17 @@ fn is_error_event(data: &str) -> bool {
         #[serde(default, rename = "type", borrow)]
         kind: Option<std::borrow::Cow<'a, str>>,
     }
-    data.contains("error")
-        && llm_proxy_core::object_from_str::<Chunk<'_>>(data).is_ok_and(|chunk| {
-            is_error_shape(
-                chunk.error.is_some(),
-                chunk.object.as_deref(),
-                chunk.kind.as_deref(),
-            )
-        })
+    static ERROR: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"error"));
+    ERROR.find(data).is_some()
+        && llm_proxy_core::object_from_str::<Chunk<'_>>(&llm_proxy_core::utf8_lossy(data))
+            .is_ok_and(|chunk| {
+                is_error_shape(
+                    chunk.error.is_some(),
+                    chunk.object.as_deref(),
+                    chunk.kind.as_deref(),
+                )
+            })
 }
 
 /// An error object by its fields: an `error` member (OpenAI, OpenRouter),

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use llm_proxy_core::sse::{Parser, SequenceNumbers};
+use llm_proxy_core::sse::{Outlines, SequenceNumbers, SseError};
 use llm_proxy_core::{Body, BoxError, Error, FlushBeforeError, StreamKind, UsageFilter, full};
 
 use crate::flight::{Dropped, Follower, Head};
@@ -100,7 +100,7 @@ pub(crate) fn from_flight(
         left: head.length,
         ended: false,
         flush: FlushBeforeError::default(),
-        sse: stream.map(|kind| (kind, Parser::new(), SequenceNumbers::default())),
+        sse: stream.map(|kind| (kind, Outlines::new(), SequenceNumbers::default())),
         told: false,
     };
     let body = if filter_usage {
@@ -180,7 +180,7 @@ struct FlightBody {
     /// its frames ends with its dialect's error event, when the client
     /// holds no unfinished event (a Responses event numbered after the
     /// stream's).
-    sse: Option<(StreamKind, Parser, SequenceNumbers)>,
+    sse: Option<(StreamKind, Outlines, SequenceNumbers)>,
     /// Whether that event was considered already.
     told: bool,
 }
@@ -212,14 +212,14 @@ impl HttpBody for FlightBody {
                 if let Some(left) = &mut self.left {
                     *left = left.saturating_sub(frame.len() as u64);
                 }
-                if let Some((kind, parser, numbers)) = &mut self.sse {
-                    if parser.push(&frame).is_ok() {
-                        while let Some(event) = parser.next_event_ref() {
-                            if *kind == StreamKind::Responses {
-                                numbers.observe(event.data.as_bytes());
-                            }
+                if let Some((kind, outlines, numbers)) = &mut self.sse {
+                    let read = outlines.push(&frame, |event| {
+                        if *kind == StreamKind::Responses {
+                            numbers.observe(event.data);
                         }
-                    } else {
+                        Ok::<_, SseError>(())
+                    });
+                    if read.is_err() {
                         self.sse = None;
                     }
                 }
@@ -234,8 +234,8 @@ impl HttpBody for FlightBody {
                     // it holds the start of an event (which the event would
                     // complete).
                     self.told = true;
-                    if let Some((kind, parser, numbers)) = &self.sse
-                        && !parser.has_partial()
+                    if let Some((kind, outlines, numbers)) = &self.sse
+                        && !outlines.has_partial()
                     {
                         let reason = match why {
                             Dropped::TooLarge => CUT,

@@ -153,3 +153,12 @@ pub fn header_lists(headers: &http::HeaderMap, name: &http::HeaderName, token: &
 pub fn utf8(bytes: &[u8]) -> Option<&str> {
     simdutf8::basic::from_utf8(bytes).ok()
 }
+
+/// `bytes` as text, invalid UTF-8 replaced with U+FFFD: borrowed when they
+/// are valid ([`utf8`]), as they almost always are.
+pub fn utf8_lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match utf8(bytes) {
+        Some(text) => std::borrow::Cow::Borrowed(text),
+        None => String::from_utf8_lossy(bytes),
+    }
+}

@@ -520,10 +520,7 @@ impl Outline<'_> {
     /// The data decoded as [`Parser`] decodes it: invalid UTF-8 replaced
     /// with U+FFFD.
     pub fn text(&self) -> std::borrow::Cow<'_, str> {
-        match crate::utf8(self.data) {
-            Some(text) => std::borrow::Cow::Borrowed(text),
-            None => String::from_utf8_lossy(self.data),
-        }
+        crate::utf8_lossy(self.data)
     }
 }
 
@@ -623,6 +620,12 @@ pub struct Outlines {
     event: Vec<u8>,
     /// Data lines of the current event, each followed by `\n`.
     data: Vec<u8>,
+    /// Bytes pushed before the current chunk.
+    pushed: u64,
+    /// Just past the blank line that ended the last event (of any kind).
+    boundary: u64,
+    /// See [`Outlines::last_event_end`].
+    last_event_end: Option<usize>,
 }
 
 impl Default for Outlines {
@@ -647,6 +650,9 @@ impl Outlines {
             in_event: false,
             event: Vec::new(),
             data: Vec::new(),
+            pushed: 0,
+            boundary: 0,
+            last_event_end: None,
         }
     }
 
@@ -674,12 +680,47 @@ impl Outlines {
         chunk: &[u8],
         mut each: impl FnMut(Outline<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.push_spanned(chunk, |outline, _| each(outline))
+    }
+
+    /// [`Outlines::push`], with where each event lies in the stream
+    /// (offsets from the first byte pushed), as
+    /// [`Parser::next_event_with_span`] says it: from just past the blank
+    /// line that ended the event before it (so with the comments, and the
+    /// blank lines and events without data, between the two) to just past
+    /// its own blank line.
+    ///
+    /// ```
+    /// use llm_proxy_core::sse::{Outlines, SseError};
+    ///
+    /// let mut outlines = Outlines::new();
+    /// let mut spans = Vec::new();
+    /// for chunk in [&b"data: a\n\n: ping\n"[..], b"data: b\n\n"] {
+    ///     outlines
+    ///         .push_spanned(chunk, |_, span| {
+    ///             spans.push(span);
+    ///             Ok::<_, SseError>(())
+    ///         })
+    ///         .unwrap();
+    /// }
+    /// // The second with the comment before it.
+    /// assert_eq!(spans, [0..9, 9..25]);
+    /// ```
+    pub fn push_spanned<E: From<SseError>>(
+        &mut self,
+        chunk: &[u8],
+        mut each: impl FnMut(Outline<'_>, std::ops::Range<u64>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let limit = self.max_event_bytes;
+        self.last_event_end = None;
+        let pushed = self.pushed;
+        self.pushed += chunk.len() as u64;
         let Self {
             lines,
             in_event,
             event,
             data,
+            boundary,
             ..
         } = self;
         // The current event's type and data while each is one line of
@@ -687,23 +728,31 @@ impl Outlines {
         // when the event goes on past the chunk or has more data lines.
         let mut here_event: Option<&[u8]> = None;
         let mut here_data: Option<&[u8]> = None;
-        let split = lines.split(chunk, |line, _| {
+        let split = lines.split(chunk, |line, line_end| {
             let (name, value) = match field(line.bytes()) {
                 Field::Blank => {
                     *in_event = false;
+                    let end = pushed + line_end as u64;
+                    let span = std::mem::replace(boundary, end)..end;
                     let event_type = here_event.take().unwrap_or(event);
                     let read = match here_data.take() {
-                        Some(one) => each(Outline {
-                            event: event_type,
-                            data: one,
-                        }),
+                        Some(one) => each(
+                            Outline {
+                                event: event_type,
+                                data: one,
+                            },
+                            span,
+                        ),
                         None if data.is_empty() => Ok(()),
                         None => {
                             data.pop(); // the `\n` after the last data line
-                            each(Outline {
-                                event: event_type,
-                                data,
-                            })
+                            each(
+                                Outline {
+                                    event: event_type,
+                                    data,
+                                },
+                                span,
+                            )
                         }
                     };
                     event.clear();
@@ -753,7 +802,10 @@ impl Outlines {
             Ok(false)
         });
         let tail = match split {
-            Ok((_, tail)) => tail,
+            Ok((last_event_end, tail)) => {
+                self.last_event_end = last_event_end;
+                tail
+            }
             Err(e) => {
                 self.reset_event();
                 return Err(e);
@@ -781,6 +833,13 @@ impl Outlines {
     /// [`Parser::has_partial`]).
     pub fn has_partial(&self) -> bool {
         self.lines.buffered() > 0 || self.in_event
+    }
+
+    /// Where in the chunk given to the last push the last event ended (see
+    /// [`Parser::last_event_end`]); `None` when none did, or the push
+    /// failed.
+    pub fn last_event_end(&self) -> Option<usize> {
+        self.last_event_end
     }
 
     fn reset_event(&mut self) {
@@ -1732,6 +1791,32 @@ mod tests {
             let (outlined, partial) = outline_chunks(chunks.iter().copied());
             prop_assert_eq!(outlined, parsed);
             prop_assert_eq!(partial, parser.has_partial());
+        }
+
+        /// Each event's span, and where in each chunk the last event
+        /// ended, are the parser's.
+        #[test]
+        fn outlines_place_events_where_the_parser_does(
+            wire in wire_strategy(),
+            sizes in proptest::collection::vec(1usize..24, 1..16),
+        ) {
+            let mut parser = Parser::new().with_spans();
+            let mut outlines = Outlines::new();
+            for chunk in cut(&wire, &sizes) {
+                parser.push(chunk).unwrap();
+                let parsed: Vec<_> = std::iter::from_fn(|| parser.next_event_with_span())
+                    .map(|(event, span)| (event.data, span))
+                    .collect();
+                let mut outlined = Vec::new();
+                outlines
+                    .push_spanned(chunk, |outline, span| {
+                        outlined.push((outline.text().into_owned(), span));
+                        Ok::<_, SseError>(())
+                    })
+                    .unwrap();
+                prop_assert_eq!(outlined, parsed);
+                prop_assert_eq!(outlines.last_event_end(), parser.last_event_end());
+            }
         }
 
         /// Events borrowed from a chunk and events copied across chunks

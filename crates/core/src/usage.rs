@@ -370,7 +370,9 @@ mod tests {
 
 /// Whether an SSE `data:` payload is the usage-only chunk OpenAI sends last
 /// when `stream_options.include_usage` is set: `"choices": []` with `usage`.
-pub fn is_usage_only_chunk(data: &str) -> bool {
+/// The payload as text, or as the bytes the stream sent (read as
+/// [`Outline::text`](crate::sse::Outline::text) decodes them).
+pub fn is_usage_only_chunk(data: impl AsRef<[u8]>) -> bool {
     #[derive(serde::Deserialize)]
     struct Chunk {
         #[serde(default)]
@@ -383,12 +385,14 @@ pub fn is_usage_only_chunk(data: &str) -> bool {
     // Most events are not: found out with one SIMD search, built once.
     static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
-    if USAGE.find(data.as_bytes()).is_none() {
+    let data = data.as_ref();
+    if USAGE.find(data).is_none() {
         return false;
     }
+    let text = crate::utf8_lossy(data);
     // Never an upstream's error that carries usage too: dropped, the
     // client would see a clean stream.
-    crate::object_from_str::<Chunk>(data).is_ok_and(|c| {
+    crate::object_from_str::<Chunk>(&text).is_ok_and(|c| {
         c.usage.is_some() && c.error.is_none() && c.choices.is_none_or(|c| c.is_empty())
     })
 }

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::sse::{self, Parser};
+use crate::sse::{self, Outlines, SseError};
 use crate::usage::is_usage_only_chunk;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -50,7 +50,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         // `None` once the stream proved not to be SSE: pass through from then on.
-        parser: Option<Parser>,
+        parser: Option<Outlines>,
         // What came and has not gone out yet.
         held: Held,
         // Trailers or an error of the inner body, returned after `held` went out.
@@ -64,7 +64,7 @@ impl<B: HttpBody> UsageFilter<B> {
     pub fn new(inner: B) -> Self {
         UsageFilter {
             inner,
-            parser: Some(Parser::new().with_spans()),
+            parser: Some(Outlines::new()),
             held: Held::default(),
             trailers: None,
             failed: None,
@@ -72,7 +72,7 @@ impl<B: HttpBody> UsageFilter<B> {
     }
 
     /// Count the event held while it is read in `budget` (see
-    /// [`Parser::counted_in`]). The filter also holds that event's raw
+    /// [`Outlines::counted_in`]). The filter also holds that event's raw
     /// bytes, as many again, until it knows whether to send them as they
     /// came: that copy is not counted.
     pub fn counted_in(mut self, budget: Option<&crate::BodyBudget>) -> Self {
@@ -107,24 +107,26 @@ impl Held {
     }
 }
 
-fn filter_frame(parser: &mut Option<Parser>, held: &mut Held, data: Bytes) -> Step {
+fn filter_frame(parser: &mut Option<Outlines>, held: &mut Held, data: Bytes) -> Step {
     let Some(p) = parser.as_mut() else {
         return Step::Send(data);
     };
-    if p.push(&data).is_err() {
+    // The usage-only chunks this frame completes, each with the comments
+    // before it: cut, from what has not been sent.
+    let mut cuts: smallvec::SmallVec<[std::ops::Range<u64>; 1]> = smallvec::SmallVec::new();
+    let unsent = held.start;
+    let pushed = p.push_spanned(&data, |event, span| {
+        if is_usage_only_chunk(event.data) {
+            cuts.push(span.start.max(unsent)..span.end);
+        }
+        Ok::<_, SseError>(())
+    });
+    if pushed.is_err() {
         return stop_filtering(parser, held, &data);
     }
     // Where this frame starts and ends in the stream.
     let first = held.start + held.raw.len() as u64;
     let last = first + data.len() as u64;
-    // The usage-only chunks this frame completed, each with the comments
-    // before it: cut, from what has not been sent.
-    let mut cuts: smallvec::SmallVec<[std::ops::Range<u64>; 1]> = smallvec::SmallVec::new();
-    while let Some((event, span)) = p.next_event_with_span() {
-        if is_usage_only_chunk(&event.data) {
-            cuts.push(span.start.max(held.start)..span.end);
-        }
-    }
     // What may go: up to the end of the last event this frame completed,
     // or all of it when it ends between events; the unfinished event
     // waits for its end.
@@ -177,7 +179,7 @@ fn filter_frame(parser: &mut Option<Parser>, held: &mut Held, data: Bytes) -> St
 
 /// Not an event stream the filter can follow: pass the rest through
 /// unchanged, after what it holds, losing nothing.
-fn stop_filtering(parser: &mut Option<Parser>, held: &mut Held, data: &[u8]) -> Step {
+fn stop_filtering(parser: &mut Option<Outlines>, held: &mut Held, data: &[u8]) -> Step {
     *parser = None;
     let mut out = BytesMut::with_capacity(held.raw.len() + data.len());
     out.extend_from_slice(&held.raw);
@@ -436,7 +438,7 @@ mod tests {
 #[allow(clippy::unwrap_used)] // a test should panic on unexpected input
 mod props {
     use super::*;
-    use crate::sse::Event;
+    use crate::sse::{Event, Parser};
     use proptest::prelude::*;
 
     /// The events a parser reads in `bytes`.
@@ -481,7 +483,7 @@ mod props {
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
             cuts.push(bytes.len());
             cuts.sort_unstable();
-            let mut parser = Some(Parser::new().with_spans());
+            let mut parser = Some(Outlines::new());
             let mut held = Held::default();
             let mut sent = Vec::new();
             let mut start = 0;
