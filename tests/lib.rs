@@ -409,9 +409,18 @@ pub async fn chat_through(p: &TestProxy, stream: bool) -> http::Response<hyper::
 /// Read a streamed body to its end: the bytes received, and whether it ended
 /// with an error (a broken connection) rather than cleanly.
 pub async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> (Bytes, bool) {
+    read_stream_within(resp, HANG).await
+}
+
+/// [`read_stream`] with its own bound, for a body too big to be read by
+/// [`HANG`] on a loaded machine.
+pub async fn read_stream_within(
+    resp: http::Response<hyper::body::Incoming>,
+    within: Duration,
+) -> (Bytes, bool) {
     let mut body = resp.into_body();
     let mut data = Vec::new();
-    let broke = tokio::time::timeout(HANG, async {
+    let broke = tokio::time::timeout(within, async {
         loop {
             match body.frame().await {
                 None => return false,

@@ -771,7 +771,9 @@ async fn followers_of_a_leader_that_stops_reading_get_the_whole_stream() {
             .map(|v| v.as_bytes()),
         Some(&b"hit"[..])
     );
-    let (streamed, broken) = read_stream(follower).await;
+    // ~13 MB through the debug-built proxy: ~3 s idle, past 20 s on a
+    // loaded 2-core machine; HANG (10 s) would cut a slow but steady read.
+    let (streamed, broken) = read_stream_within(follower, 6 * HANG).await;
     assert!(!broken, "cut after {} bytes", streamed.len());
     assert!(streamed.len() > 6_000_000, "{} bytes", streamed.len());
     let events = sse_data(&streamed);
