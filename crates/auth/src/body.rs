@@ -184,6 +184,10 @@ enum Watch {
     /// A larger JSON body: its last `JSON_TAIL` to `2 * JSON_TAIL` bytes,
     /// and the last `usage` read in what was dropped before them.
     Tail(Vec<u8>, Option<Usage>),
+    /// An SSE stream that stopped being readable (an event past the
+    /// reader's limit): what it told before, which decides how it is
+    /// settled as a stream's count does.
+    Unreadable(StreamUsage),
     /// Not SSE that can be read.
     Off,
 }
@@ -276,8 +280,10 @@ fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: &Bytes) {
                 Ok::<_, SseError>(())
             });
             if read.is_err() {
-                // Not SSE we can read: stop watching.
-                *watch = Watch::Off;
+                // Not SSE we can read: stop watching, keeping what it told
+                // (a Messages stream's opening count is a floor, not its
+                // final count).
+                *watch = Watch::Unreadable(*stream);
             }
         }
         Watch::Json(copy) => {
@@ -293,7 +299,7 @@ fn observe(watch: &mut Watch, usage: &mut Option<Usage>, data: &Bytes) {
             tail.extend_from_slice(data);
             keep_tail(tail, seen);
         }
-        Watch::Off => {}
+        Watch::Unreadable(_) | Watch::Off => {}
     }
 }
 
@@ -391,7 +397,7 @@ fn conclude(watch: &mut Watch, usage: &mut Option<Usage>, reconcile: &mut Option
         // stream after `message_start`) and delivered are floors; the
         // reservation stands above them. An error answer (its status) in
         // SSE generated nothing: refunded below.
-        Watch::Sse { stream, .. }
+        Watch::Sse { stream, .. } | Watch::Unreadable(stream)
             if !stream.is_complete()
                 && !r.failed
                 && (usage.is_some() || stream.delivered() > 0) =>
@@ -402,4 +408,37 @@ fn conclude(watch: &mut Watch, usage: &mut Option<Usage>, reconcile: &mut Option
         _ => {}
     }
     r.settle(*usage);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream whose events stop being readable after `message_start` is
+    /// still known to be short of its final count: settled as a cut
+    /// stream (its reservation stands), not on the opening count.
+    #[test]
+    fn a_stream_that_turns_unreadable_keeps_what_it_told() {
+        let mut watch = Watch::Sse {
+            outlines: Box::new(Outlines::with_max_event_bytes(256)),
+            stream: StreamUsage::new(StreamKind::Messages),
+        };
+        let mut usage = None;
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":\
+                     {\"usage\":{\"input_tokens\":500,\"output_tokens\":1}}}\n\n";
+        observe(&mut watch, &mut usage, &Bytes::from(start));
+        let large = format!("event: content_block_delta\ndata: {}", "x".repeat(300));
+        observe(&mut watch, &mut usage, &Bytes::from(large));
+        let Watch::Unreadable(stream) = &watch else {
+            panic!("the watch forgot the stream's count")
+        };
+        assert!(!stream.is_complete());
+        assert_eq!(
+            usage,
+            Some(Usage {
+                input_tokens: 500,
+                output_tokens: 1
+            })
+        );
+    }
 }

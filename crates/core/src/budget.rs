@@ -19,8 +19,9 @@
 //! up to the event limit
 //! ([`DEFAULT_MAX_EVENT_BYTES`](crate::sse::DEFAULT_MAX_EVENT_BYTES)). An
 //! upstream that sends one endless event on many streams would otherwise
-//! hold that much per layer per stream. Each of those parsers counts what it
-//! holds ([`Parser::counted_in`](crate::sse::Parser::counted_in)); the
+//! hold that much per layer per stream. Each of those readers counts what it
+//! holds ([`Outlines::counted_in`](crate::sse::Outlines::counted_in), and
+//! translation's [`Parser::counted_in`](crate::sse::Parser::counted_in)); the
 //! upstream client's check, which reads each chunk first and can end the
 //! stream with an error event, is the one bounded by it
 //! ([`Outlines::bounded_by`](crate::sse::Outlines::bounded_by)): past the

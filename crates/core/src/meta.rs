@@ -575,7 +575,7 @@ impl RequestMeta {
     /// ([`ParseLayer::with_budget`](crate::ParseLayer::with_budget)), if
     /// any. The layers that watch the response's event stream count the
     /// event they are assembling in its pool for answers
-    /// ([`Parser::counted_in`](crate::sse::Parser::counted_in)), so that one
+    /// ([`Outlines::counted_in`](crate::sse::Outlines::counted_in)), so that one
     /// bound holds for what requests hold and, apart, for what answers
     /// hold.
     pub fn budget(&self) -> Option<&crate::BodyBudget> {

@@ -588,9 +588,12 @@ impl SequenceNumbers {
 
 /// Reads an event stream for each event's [`Outline`], and nothing more:
 /// no text is decoded, no `id` or `retry` kept, no event queued. For code
-/// that checks a stream's shape as it passes (did the last event come, is
-/// each event a JSON object) and reads the text of few events, if any.
-/// Lines are split exactly as [`Parser`] splits them.
+/// that watches a stream as it passes it on (did the last event come, is
+/// each event a JSON object, which event holds the usage) and decodes an
+/// event's text only when it reads it ([`Outline::text`]). Lines are split
+/// exactly as [`Parser`] splits them; an event's size, for its limit, is
+/// its type's and data's bytes as sent (the parser also counts its `id`,
+/// and its data as decoded).
 ///
 /// ```
 /// use llm_proxy_core::sse::{Outlines, SseError};
@@ -801,11 +804,8 @@ impl Outlines {
             }
             Ok(false)
         });
-        let tail = match split {
-            Ok((last_event_end, tail)) => {
-                self.last_event_end = last_event_end;
-                tail
-            }
+        let (last_event_end, tail) = match split {
+            Ok(split) => split,
             Err(e) => {
                 self.reset_event();
                 return Err(e);
@@ -826,6 +826,7 @@ impl Outlines {
             self.reset_event();
             return Err(E::from(e));
         }
+        self.last_event_end = last_event_end;
         Ok(())
     }
 
@@ -1675,6 +1676,17 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_push_says_no_event_ended_in_it() {
+        let mut outlines = Outlines::with_max_event_bytes(8);
+        let ok = |_: Outline<'_>| Ok::<_, SseError>(());
+        assert!(outlines.push(b"data: a\n\ndata: b", ok).is_ok());
+        assert_eq!(outlines.last_event_end(), Some(9));
+        // An event ends in the chunk, but the line after it is too long.
+        assert!(outlines.push(b"\n\ndata: 0123456789", ok).is_err());
+        assert_eq!(outlines.last_event_end(), None);
+    }
+
+    #[test]
     fn outlines_do_not_keep_a_large_events_buffer() {
         let mut outlines = Outlines::new();
         // Two data lines: an event of one line in one chunk is lent from
@@ -1805,12 +1817,12 @@ mod tests {
             for chunk in cut(&wire, &sizes) {
                 parser.push(chunk).unwrap();
                 let parsed: Vec<_> = std::iter::from_fn(|| parser.next_event_with_span())
-                    .map(|(event, span)| (event.data, span))
+                    .map(|(event, span)| (Event { id: None, retry: None, ..event }, span))
                     .collect();
                 let mut outlined = Vec::new();
                 outlines
                     .push_spanned(chunk, |outline, span| {
-                        outlined.push((outline.text().into_owned(), span));
+                        outlined.push((as_event(outline), span));
                         Ok::<_, SseError>(())
                     })
                     .unwrap();

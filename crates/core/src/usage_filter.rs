@@ -29,7 +29,7 @@ pin_project_lite::pin_project! {
     /// chunk, the chunk's bytes are cut (with the comments and blank lines
     /// between it and the event before it, not yet sent); every other byte
     /// goes out as it came, never re-encoded. If the stream
-    /// is not valid SSE (an event over the parser's limit, or one kept open
+    /// is not valid SSE (an event over the reader's limit, or one kept open
     /// past that limit by lines that add nothing to it), the filter stops
     /// filtering and passes the rest through unchanged, after what it held.
     ///
@@ -50,7 +50,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         // `None` once the stream proved not to be SSE: pass through from then on.
-        parser: Option<Outlines>,
+        outlines: Option<Outlines>,
         // What came and has not gone out yet.
         held: Held,
         // Trailers or an error of the inner body, returned after `held` went out.
@@ -64,7 +64,7 @@ impl<B: HttpBody> UsageFilter<B> {
     pub fn new(inner: B) -> Self {
         UsageFilter {
             inner,
-            parser: Some(Outlines::new()),
+            outlines: Some(Outlines::new()),
             held: Held::default(),
             trailers: None,
             failed: None,
@@ -76,7 +76,7 @@ impl<B: HttpBody> UsageFilter<B> {
     /// bytes, as many again, until it knows whether to send them as they
     /// came: that copy is not counted.
     pub fn counted_in(mut self, budget: Option<&crate::BodyBudget>) -> Self {
-        self.parser = self.parser.map(|parser| parser.counted_in(budget));
+        self.outlines = self.outlines.map(|outlines| outlines.counted_in(budget));
         self
     }
 }
@@ -107,8 +107,8 @@ impl Held {
     }
 }
 
-fn filter_frame(parser: &mut Option<Outlines>, held: &mut Held, data: Bytes) -> Step {
-    let Some(p) = parser.as_mut() else {
+fn filter_frame(outlines: &mut Option<Outlines>, held: &mut Held, data: Bytes) -> Step {
+    let Some(p) = outlines.as_mut() else {
         return Step::Send(data);
     };
     // The usage-only chunks this frame completes, each with the comments
@@ -122,7 +122,7 @@ fn filter_frame(parser: &mut Option<Outlines>, held: &mut Held, data: Bytes) -> 
         Ok::<_, SseError>(())
     });
     if pushed.is_err() {
-        return stop_filtering(parser, held, &data);
+        return stop_filtering(outlines, held, &data);
     }
     // Where this frame starts and ends in the stream.
     let first = held.start + held.raw.len() as u64;
@@ -134,11 +134,11 @@ fn filter_frame(parser: &mut Option<Outlines>, held: &mut Held, data: Bytes) -> 
         (false, _) => last,
         (true, Some(end)) => first + end as u64,
         (true, None) => {
-            // Lines that add nothing to the parser's event (comments, `id`,
+            // Lines that add nothing to the reader's event (comments, `id`,
             // `event`) would keep an event open without bound: past the
-            // parser's own limit, stop filtering.
+            // reader's own limit, stop filtering.
             if held.raw.len() + data.len() > sse::DEFAULT_MAX_EVENT_BYTES {
-                return stop_filtering(parser, held, &data);
+                return stop_filtering(outlines, held, &data);
             }
             held.raw.extend_from_slice(&data);
             return Step::Wait;
@@ -179,8 +179,8 @@ fn filter_frame(parser: &mut Option<Outlines>, held: &mut Held, data: Bytes) -> 
 
 /// Not an event stream the filter can follow: pass the rest through
 /// unchanged, after what it holds, losing nothing.
-fn stop_filtering(parser: &mut Option<Outlines>, held: &mut Held, data: &[u8]) -> Step {
-    *parser = None;
+fn stop_filtering(outlines: &mut Option<Outlines>, held: &mut Held, data: &[u8]) -> Step {
+    *outlines = None;
     let mut out = BytesMut::with_capacity(held.raw.len() + data.len());
     out.extend_from_slice(&held.raw);
     held.raw.clear();
@@ -234,7 +234,7 @@ where
                     return Poll::Ready(Some(Ok(Frame::data(rest))));
                 }
             };
-            match filter_frame(this.parser, this.held, frame) {
+            match filter_frame(this.outlines, this.held, frame) {
                 Step::Send(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
                 Step::Wait => continue,
             }
@@ -362,7 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_event_kept_open_without_end_turns_the_filter_off() {
-        // `event:` lines add nothing to the parser's buffers, so its limit
+        // `event:` lines add nothing to the reader's buffers, so its limit
         // never trips; the filter's own bound must.
         let mut frames = vec![DELTA.to_string(), "data: {}\n".to_string()];
         let filler = "event: x\n".repeat(4096 / 9);
@@ -483,14 +483,14 @@ mod props {
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
             cuts.push(bytes.len());
             cuts.sort_unstable();
-            let mut parser = Some(Outlines::new());
+            let mut outlines = Some(Outlines::new());
             let mut held = Held::default();
             let mut sent = Vec::new();
             let mut start = 0;
             for &cut in &cuts {
                 let frame = Bytes::copy_from_slice(&bytes[start..cut]);
                 start = cut;
-                if let Step::Send(out) = filter_frame(&mut parser, &mut held, frame) {
+                if let Step::Send(out) = filter_frame(&mut outlines, &mut held, frame) {
                     sent.extend_from_slice(&out);
                 }
                 let want: Vec<Event> = events(&bytes[..cut])
