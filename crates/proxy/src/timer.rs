@@ -248,7 +248,9 @@ mod tests {
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(sleep.as_mut().poll(&mut cx).is_pending());
-        timer.sweeper.sweep(Instant::now());
+        // A sweep just before the deadline (not the clock's now: a thread
+        // paused past the deadline here would make this one fire it).
+        timer.sweeper.sweep(deadline - Duration::from_millis(1));
         assert!(sleep.as_mut().poll(&mut cx).is_pending());
         sweep_after(&timer, deadline).await;
         assert!(sleep.as_mut().poll(&mut cx).is_ready());
@@ -275,7 +277,7 @@ mod tests {
         );
         assert!(sleep.as_mut().poll(&mut cx).is_pending());
         assert_eq!(timer.sweeper.lock().len(), 1, "listed again");
-        timer.sweeper.sweep(Instant::now());
+        timer.sweeper.sweep(second - Duration::from_millis(1));
         assert!(sleep.as_mut().poll(&mut cx).is_pending());
         sweep_after(&timer, second).await;
         assert!(sleep.as_mut().poll(&mut cx).is_ready());
