@@ -24,7 +24,6 @@
 
 use llm_proxy_core::sse::Event;
 use serde::Serialize;
-use serde_json::json;
 
 use super::{Context, stop_reason, tool_use_id};
 use crate::chat::{Delta, ToolCallDelta, Usage, read_chunk};
@@ -108,6 +107,89 @@ enum DeltaOut<'a> {
     InputJson { partial_json: &'a str },
 }
 
+/// The events written once a message or block, typed as the deltas are:
+/// no `serde_json::Value` built (each of its objects' keys hashed into an
+/// index map) only to be written out. Fields in Anthropic's order.
+#[derive(Serialize)]
+struct MessageStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: StartedMessage<'a>,
+}
+
+#[derive(Serialize)]
+struct StartedMessage<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: [(); 0],
+    stop_reason: Option<()>,
+    stop_sequence: Option<()>,
+    usage: Counts,
+}
+
+/// Token counts; `None` is written `null`.
+#[derive(Serialize)]
+struct Counts {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct BlockStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+    content_block: BlockOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type")]
+enum BlockOut<'a> {
+    #[serde(rename = "thinking")]
+    Thinking {
+        thinking: &'static str,
+        signature: &'static str,
+    },
+    #[serde(rename = "text")]
+    Text { text: &'static str },
+    #[serde(rename = "tool_use")]
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: Empty,
+    },
+}
+
+/// `{}`.
+#[derive(Serialize)]
+struct Empty {}
+
+/// `content_block_stop` and `message_stop`: a type, and a block's index.
+#[derive(Serialize)]
+struct Stop {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct MessageDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    delta: StopDelta<'a>,
+    usage: Counts,
+}
+
+#[derive(Serialize)]
+struct StopDelta<'a> {
+    stop_reason: &'static str,
+    stop_sequence: Option<&'a str>,
+}
+
 fn write_delta(out: &mut Vec<u8>, index: u32, delta: DeltaOut<'_>) {
     let event = BlockDelta {
         kind: "content_block_delta",
@@ -186,21 +268,24 @@ impl ChatToMessages {
             return;
         }
         self.started = true;
-        let message = json!({
-            "id": restyle_id("msg_", id),
-            "type": "message",
-            "role": "assistant",
-            "model": model_or(model, &self.ctx.model),
-            "content": [],
-            "stop_reason": null,
-            "stop_sequence": null,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
-        });
-        write_event(
-            out,
-            "message_start",
-            &json!({"type": "message_start", "message": message}),
-        );
+        let id = restyle_id("msg_", id);
+        let start = MessageStart {
+            kind: "message_start",
+            message: StartedMessage {
+                id: &id,
+                kind: "message",
+                role: "assistant",
+                model: model_or(model, &self.ctx.model),
+                content: [],
+                stop_reason: None,
+                stop_sequence: None,
+                usage: Counts {
+                    input_tokens: Some(0),
+                    output_tokens: Some(0),
+                },
+            },
+        };
+        write_event(out, "message_start", &start);
     }
 
     fn delta(&mut self, delta: &Delta<'_>, out: &mut Vec<u8>) -> Step {
@@ -247,11 +332,14 @@ impl ChatToMessages {
         let block = match kind {
             Open::Thinking(_) => {
                 self.open = Some(Open::Thinking(index));
-                json!({"type": "thinking", "thinking": "", "signature": ""})
+                BlockOut::Thinking {
+                    thinking: "",
+                    signature: "",
+                }
             }
             _ => {
                 self.open = Some(Open::Text(index));
-                json!({"type": "text", "text": ""})
+                BlockOut::Text { text: "" }
             }
         };
         write_block_start(out, index, block);
@@ -363,7 +451,11 @@ impl ChatToMessages {
         let tool = &mut self.tools[pos];
         tool.id = tool_use_id(Some(&tool.id));
         tool.block = Some(index);
-        let block = json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}});
+        let block = BlockOut::ToolUse {
+            id: &tool.id,
+            name: &tool.name,
+            input: Empty {},
+        };
         write_block_start(out, index, block);
         let pending = std::mem::take(&mut tool.pending);
         self.pending_bytes = self.pending_bytes.saturating_sub(pending.len());
@@ -395,11 +487,11 @@ impl ChatToMessages {
                 self.tools[pos].block.unwrap_or_default()
             }
         };
-        write_event(
-            out,
-            "content_block_stop",
-            &json!({"type": "content_block_stop", "index": index}),
-        );
+        let stop = Stop {
+            kind: "content_block_stop",
+            index: Some(index),
+        };
+        write_event(out, "content_block_stop", &stop);
     }
 
     /// Stop the open block and send any tool call still waiting for its name.
@@ -430,23 +522,33 @@ impl ChatToMessages {
         // SDKs want the object, and a zero would read as real usage (core's
         // `StreamUsage` takes null counts, like `message_start`'s zeros, as
         // no count at all).
-        let usage = match self.usage {
-            Some(u) => json!({"input_tokens": u.input(), "output_tokens": u.output()}),
-            None => json!({"input_tokens": null, "output_tokens": null}),
+        let delta = MessageDelta {
+            kind: "message_delta",
+            delta: StopDelta {
+                stop_reason: reason,
+                stop_sequence: sequence.as_deref(),
+            },
+            usage: Counts {
+                input_tokens: self.usage.map(|u| u.input()),
+                output_tokens: self.usage.map(|u| u.output()),
+            },
         };
-        let delta = json!({
-            "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": sequence},
-            "usage": usage,
-        });
         write_event(out, "message_delta", &delta);
-        write_event(out, "message_stop", &json!({"type": "message_stop"}));
+        let stop = Stop {
+            kind: "message_stop",
+            index: None,
+        };
+        write_event(out, "message_stop", &stop);
         self.finished = true;
     }
 }
 
-fn write_block_start(out: &mut Vec<u8>, index: u32, block: serde_json::Value) {
-    let event = json!({"type": "content_block_start", "index": index, "content_block": block});
+fn write_block_start(out: &mut Vec<u8>, index: u32, block: BlockOut<'_>) {
+    let event = BlockStart {
+        kind: "content_block_start",
+        index,
+        content_block: block,
+    };
     write_event(out, "content_block_start", &event);
 }
 

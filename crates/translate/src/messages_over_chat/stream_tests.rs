@@ -1,6 +1,6 @@
 use super::*;
 use crate::test_util::{data, events, names};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn run(ctx: Context, chunks: &[&str]) -> (Vec<(Option<String>, Value)>, Vec<Step>) {
     let mut m = ChatToMessages::new(ctx);
@@ -801,4 +801,47 @@ fn a_chunk_that_is_an_array_fails_the_stream() {
         matches!(&steps[0], Step::Fail(why) if why.contains("not a JSON object")),
         "{steps:?}"
     );
+}
+
+/// The events written once a message or block, byte for byte: Anthropic's
+/// field order, `null`s, the empty `content` and `input`.
+#[test]
+fn the_frame_events_as_written() {
+    let ctx = Context {
+        thinking: true,
+        ..Context::default()
+    };
+    let mut m = ChatToMessages::new(ctx);
+    let mut out = Vec::new();
+    let chunks = [
+        chunk(
+            json!({"role": "assistant", "reasoning_content": "hm"}),
+            None,
+        ),
+        chunk(json!({"content": "Hi"}), None),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]}),
+            Some("tool_calls"),
+        ),
+        "[DONE]".to_owned(),
+    ];
+    for c in &chunks {
+        assert_eq!(m.event(&data(c), &mut out), Step::Continue);
+    }
+    let text = String::from_utf8(out).unwrap();
+    let expected = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_7\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"llama\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":0,\"output_tokens\":0}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"hm\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"call_1\",\"name\":\"f\",\"input\":{}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{}\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":2}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"input_tokens\":null,\"output_tokens\":null}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    assert_eq!(text, expected);
 }
