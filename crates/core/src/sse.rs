@@ -1106,14 +1106,9 @@ fn write_data(out: &mut Vec<u8>, data: &str) {
 }
 
 /// Appends `bytes` decoded as UTF-8, invalid sequences replaced with
-/// U+FFFD (as the spec decodes a stream). Valid input, the usual case, is
-/// checked by [`crate::utf8`], many times faster than
-/// `String::from_utf8_lossy`'s chunk iterator.
+/// U+FFFD (as the spec decodes a stream; [`crate::utf8_lossy`]).
 fn push_lossy(out: &mut String, bytes: &[u8]) {
-    match crate::utf8(bytes) {
-        Some(text) => out.push_str(text),
-        None => out.push_str(&String::from_utf8_lossy(bytes)),
-    }
+    out.push_str(&crate::utf8_lossy(bytes));
 }
 
 #[cfg(test)]
