@@ -650,3 +650,136 @@ fn an_item_ends_with_the_status_its_done_event_gave_it() {
         .collect();
     assert_eq!(statuses, done);
 }
+
+/// The context of a request that names some echoed fields (a null one
+/// takes its default) and a namespaced tool.
+fn echoing_context() -> Context {
+    let request = json!({
+        "model": "m", "stream": true, "input": "hi",
+        "instructions": "be brief",
+        "temperature": null,
+        "metadata": {"k": "v"},
+        "tools": [{"type": "namespace", "name": "ns", "tools": [
+            {"type": "function", "name": "g", "parameters": {"type": "object"}}]}],
+    });
+    let (_, ctx) = super::super::request::request(request.as_object().unwrap()).unwrap();
+    ctx
+}
+
+/// Every event of a stream, byte for byte: field order, `null`s, the
+/// echoed request fields and their defaults, a namespaced call, a call
+/// without arguments.
+#[test]
+fn the_events_as_written() {
+    let mut m = ChatToResponses::new(echoing_context());
+    let mut out = Vec::new();
+    let chunks = [
+        chunk(json!({"role": "assistant", "content": "Hi"}), None),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "ns__g", "arguments": "{\"x\":"}}]}),
+            None,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+            None,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 1, "id": "call_2", "function": {"name": "f"}}]}),
+            Some("tool_calls"),
+        ),
+        usage(),
+        "[DONE]".to_owned(),
+    ];
+    for c in &chunks {
+        assert_eq!(m.event(&data(c), &mut out), Step::Continue);
+    }
+    let text = String::from_utf8(out).unwrap();
+    let expected = concat!(
+        "event: response.created\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":\"be brief\",\"max_output_tokens\":null,\"metadata\":{\"k\":\"v\"},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[{\"type\":\"namespace\",\"name\":\"ns\",\"tools\":[{\"type\":\"function\",\"name\":\"g\",\"parameters\":{\"type\":\"object\"}}]}],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.created\",\"sequence_number\":0}\n\n",
+        "event: response.in_progress\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":\"be brief\",\"max_output_tokens\":null,\"metadata\":{\"k\":\"v\"},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[{\"type\":\"namespace\",\"name\":\"ns\",\"tools\":[{\"type\":\"function\",\"name\":\"g\",\"parameters\":{\"type\":\"object\"}}]}],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.in_progress\",\"sequence_number\":1}\n\n",
+        "event: response.output_item.added\ndata: {\"output_index\":0,\"item\":{\"id\":\"msg_5\",\"type\":\"message\",\"status\":\"in_progress\",\"role\":\"assistant\",\"content\":[]},\"type\":\"response.output_item.added\",\"sequence_number\":2}\n\n",
+        "event: response.content_part.added\ndata: {\"item_id\":\"msg_5\",\"output_index\":0,\"content_index\":0,\"part\":{\"type\":\"output_text\",\"text\":\"\",\"annotations\":[],\"logprobs\":[]},\"type\":\"response.content_part.added\",\"sequence_number\":3}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":4,\"item_id\":\"msg_5\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi\",\"logprobs\":[]}\n\n",
+        "event: response.output_text.done\ndata: {\"item_id\":\"msg_5\",\"output_index\":0,\"content_index\":0,\"text\":\"Hi\",\"logprobs\":[],\"type\":\"response.output_text.done\",\"sequence_number\":5}\n\n",
+        "event: response.content_part.done\ndata: {\"item_id\":\"msg_5\",\"output_index\":0,\"content_index\":0,\"part\":{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[],\"logprobs\":[]},\"type\":\"response.content_part.done\",\"sequence_number\":6}\n\n",
+        "event: response.output_item.done\ndata: {\"output_index\":0,\"item\":{\"id\":\"msg_5\",\"type\":\"message\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[],\"logprobs\":[]}]},\"type\":\"response.output_item.done\",\"sequence_number\":7}\n\n",
+        "event: response.output_item.added\ndata: {\"output_index\":1,\"item\":{\"id\":\"fc_5_1\",\"type\":\"function_call\",\"status\":\"in_progress\",\"call_id\":\"call_1\",\"arguments\":\"\",\"name\":\"g\",\"namespace\":\"ns\"},\"type\":\"response.output_item.added\",\"sequence_number\":8}\n\n",
+        "event: response.function_call_arguments.delta\ndata: {\"type\":\"response.function_call_arguments.delta\",\"sequence_number\":9,\"item_id\":\"fc_5_1\",\"output_index\":1,\"delta\":\"{\\\"x\\\":\"}\n\n",
+        "event: response.function_call_arguments.delta\ndata: {\"type\":\"response.function_call_arguments.delta\",\"sequence_number\":10,\"item_id\":\"fc_5_1\",\"output_index\":1,\"delta\":\"1}\"}\n\n",
+        "event: response.function_call_arguments.done\ndata: {\"item_id\":\"fc_5_1\",\"output_index\":1,\"name\":\"g\",\"arguments\":\"{\\\"x\\\":1}\",\"type\":\"response.function_call_arguments.done\",\"sequence_number\":11}\n\n",
+        "event: response.output_item.done\ndata: {\"output_index\":1,\"item\":{\"id\":\"fc_5_1\",\"type\":\"function_call\",\"status\":\"completed\",\"call_id\":\"call_1\",\"arguments\":\"{\\\"x\\\":1}\",\"name\":\"g\",\"namespace\":\"ns\"},\"type\":\"response.output_item.done\",\"sequence_number\":12}\n\n",
+        "event: response.output_item.added\ndata: {\"output_index\":2,\"item\":{\"id\":\"fc_5_2\",\"type\":\"function_call\",\"status\":\"in_progress\",\"call_id\":\"call_2\",\"arguments\":\"\",\"name\":\"f\"},\"type\":\"response.output_item.added\",\"sequence_number\":13}\n\n",
+        "event: response.function_call_arguments.delta\ndata: {\"type\":\"response.function_call_arguments.delta\",\"sequence_number\":14,\"item_id\":\"fc_5_2\",\"output_index\":2,\"delta\":\"{}\"}\n\n",
+        "event: response.function_call_arguments.done\ndata: {\"item_id\":\"fc_5_2\",\"output_index\":2,\"name\":\"f\",\"arguments\":\"{}\",\"type\":\"response.function_call_arguments.done\",\"sequence_number\":15}\n\n",
+        "event: response.output_item.done\ndata: {\"output_index\":2,\"item\":{\"id\":\"fc_5_2\",\"type\":\"function_call\",\"status\":\"completed\",\"call_id\":\"call_2\",\"arguments\":\"{}\",\"name\":\"f\"},\"type\":\"response.output_item.done\",\"sequence_number\":16}\n\n",
+        "event: response.completed\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"completed\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[{\"id\":\"msg_5\",\"type\":\"message\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[],\"logprobs\":[]}]},{\"id\":\"fc_5_1\",\"type\":\"function_call\",\"status\":\"completed\",\"call_id\":\"call_1\",\"arguments\":\"{\\\"x\\\":1}\",\"name\":\"g\",\"namespace\":\"ns\"},{\"id\":\"fc_5_2\",\"type\":\"function_call\",\"status\":\"completed\",\"call_id\":\"call_2\",\"arguments\":\"{}\",\"name\":\"f\"}],\"previous_response_id\":null,\"store\":false,\"usage\":{\"input_tokens\":7,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":2,\"output_tokens_details\":{\"reasoning_tokens\":0},\"total_tokens\":9},\"instructions\":\"be brief\",\"max_output_tokens\":null,\"metadata\":{\"k\":\"v\"},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[{\"type\":\"namespace\",\"name\":\"ns\",\"tools\":[{\"type\":\"function\",\"name\":\"g\",\"parameters\":{\"type\":\"object\"}}]}],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.completed\",\"sequence_number\":17}\n\n",
+    );
+    assert_eq!(text, expected);
+}
+
+/// A stream cut by the token limit, without usage, byte for byte.
+#[test]
+fn an_incomplete_stream_as_written() {
+    let mut m = ChatToResponses::new(Context::default());
+    let mut out = Vec::new();
+    let chunks = [
+        chunk(json!({"content": "Hi"}), Some("length")),
+        "[DONE]".to_owned(),
+    ];
+    for c in &chunks {
+        assert_eq!(m.event(&data(c), &mut out), Step::Continue);
+    }
+    let text = String::from_utf8(out).unwrap();
+    let expected = concat!(
+        "event: response.created\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":null,\"max_output_tokens\":null,\"metadata\":{},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.created\",\"sequence_number\":0}\n\n",
+        "event: response.in_progress\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":null,\"max_output_tokens\":null,\"metadata\":{},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.in_progress\",\"sequence_number\":1}\n\n",
+        "event: response.output_item.added\ndata: {\"output_index\":0,\"item\":{\"id\":\"msg_5\",\"type\":\"message\",\"status\":\"in_progress\",\"role\":\"assistant\",\"content\":[]},\"type\":\"response.output_item.added\",\"sequence_number\":2}\n\n",
+        "event: response.content_part.added\ndata: {\"item_id\":\"msg_5\",\"output_index\":0,\"content_index\":0,\"part\":{\"type\":\"output_text\",\"text\":\"\",\"annotations\":[],\"logprobs\":[]},\"type\":\"response.content_part.added\",\"sequence_number\":3}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":4,\"item_id\":\"msg_5\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi\",\"logprobs\":[]}\n\n",
+        "event: response.output_text.done\ndata: {\"item_id\":\"msg_5\",\"output_index\":0,\"content_index\":0,\"text\":\"Hi\",\"logprobs\":[],\"type\":\"response.output_text.done\",\"sequence_number\":5}\n\n",
+        "event: response.content_part.done\ndata: {\"item_id\":\"msg_5\",\"output_index\":0,\"content_index\":0,\"part\":{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[],\"logprobs\":[]},\"type\":\"response.content_part.done\",\"sequence_number\":6}\n\n",
+        "event: response.output_item.done\ndata: {\"output_index\":0,\"item\":{\"id\":\"msg_5\",\"type\":\"message\",\"status\":\"incomplete\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[],\"logprobs\":[]}]},\"type\":\"response.output_item.done\",\"sequence_number\":7}\n\n",
+        "event: response.incomplete\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"incomplete\",\"background\":false,\"error\":null,\"incomplete_details\":{\"reason\":\"max_output_tokens\"},\"model\":\"llama\",\"output\":[{\"id\":\"msg_5\",\"type\":\"message\",\"status\":\"incomplete\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[],\"logprobs\":[]}]}],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":null,\"max_output_tokens\":null,\"metadata\":{},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.incomplete\",\"sequence_number\":8}\n\n",
+    );
+    assert_eq!(text, expected);
+}
+
+/// A stream broken before its first event, byte for byte.
+#[test]
+fn an_interrupted_stream_as_written() {
+    let mut m = ChatToResponses::new(Context::default());
+    let mut out = Vec::new();
+    m.interrupted("the upstream went away", &mut out);
+    let text = String::from_utf8(out).unwrap();
+    // The id and time are made up here (no chunk named them).
+    let events = events(text.as_bytes());
+    let response = &events[0].1["response"];
+    let (id, at) = (response["id"].as_str().unwrap(), &response["created_at"]);
+    let expected = concat!(
+        "event: response.created\ndata: {\"response\":{\"id\":\"{ID}\",\"object\":\"response\",\"created_at\":{AT},\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":null,\"max_output_tokens\":null,\"metadata\":{},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.created\",\"sequence_number\":0}\n\n",
+        "event: response.in_progress\ndata: {\"response\":{\"id\":\"{ID}\",\"object\":\"response\",\"created_at\":{AT},\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":null,\"max_output_tokens\":null,\"metadata\":{},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.in_progress\",\"sequence_number\":1}\n\n",
+        "event: error\ndata: {\"code\":\"stream_interrupted\",\"message\":\"the upstream went away\",\"param\":null,\"type\":\"error\",\"sequence_number\":2}\n\n",
+    );
+    let expected = expected
+        .replace("{ID}", id)
+        .replace("{AT}", &at.to_string());
+    assert_eq!(text, expected);
+}
+
+/// A whole answer, byte for byte.
+#[test]
+fn a_whole_answer_as_written() {
+    let whole = json!({"id": "chatcmpl-5", "created": 9, "model": "llama",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "Hi", "refusal": "no",
+            "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "ns__g", "arguments": "{\"x\":1}"}}]}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
+            "prompt_tokens_details": {"cached_tokens": 3}}});
+    let whole = crate::responses_over_chat::response::response(&whole, &echoing_context()).unwrap();
+    let text = serde_json::to_string(&whole).unwrap();
+    assert_eq!(
+        text,
+        "{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"completed\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[{\"type\":\"message\",\"id\":\"msg_5\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[],\"logprobs\":[]},{\"type\":\"refusal\",\"refusal\":\"no\"}]},{\"type\":\"function_call\",\"id\":\"fc_5_1\",\"call_id\":\"call_1\",\"arguments\":\"{\\\"x\\\":1}\",\"status\":\"completed\",\"name\":\"g\",\"namespace\":\"ns\"}],\"previous_response_id\":null,\"store\":false,\"usage\":{\"input_tokens\":7,\"input_tokens_details\":{\"cached_tokens\":3},\"output_tokens\":2,\"output_tokens_details\":{\"reasoning_tokens\":0},\"total_tokens\":9},\"instructions\":\"be brief\",\"max_output_tokens\":null,\"metadata\":{\"k\":\"v\"},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[{\"type\":\"namespace\",\"name\":\"ns\",\"tools\":[{\"type\":\"function\",\"name\":\"g\",\"parameters\":{\"type\":\"object\"}}]}],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null}"
+    );
+}
