@@ -2,9 +2,9 @@
 //! describe them, numbered by [`Events`].
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
-use super::text_part;
+use super::TextPart;
 use crate::stream::{ArgumentsEnd, CallSoFar};
 use crate::wire::write_event;
 
@@ -37,18 +37,6 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    /// The item's `type`, `call_id`, `name` (and `namespace`) and
-    /// `arguments`, as the client knows the function.
-    fn item(&self, id: &str, status: &str, arguments: &str) -> Value {
-        let mut item = json!({"id": id, "type": "function_call", "status": status,
-            "call_id": self.call_id, "arguments": arguments});
-        item["name"] = json!(self.client_name());
-        if let Some(namespace) = &self.namespace {
-            item["namespace"] = json!(namespace);
-        }
-        item
-    }
-
     /// The function's name as the client knows it: without its namespace.
     pub(crate) fn client_name(&self) -> &str {
         self.namespace
@@ -77,23 +65,85 @@ pub(crate) enum Item {
     Call(Call),
 }
 
-impl Item {
-    /// The item as it stands in `response.output` once finished; `status`
-    /// is the response's for the last item (the one a limit cut, a call's
-    /// arguments as much as a message's text), `completed` for the others.
-    pub(crate) fn json(&self, status: &str) -> Value {
-        let status = if status == "incomplete" {
-            "incomplete"
-        } else {
-            "completed"
-        };
-        match self {
+/// An item as an event or a `response` object writes it: as it was
+/// opened (no text, no arguments yet) or as it stands.
+pub(crate) struct ItemOut<'a> {
+    pub item: &'a Item,
+    pub status: &'a str,
+    /// With its text or arguments (`false`: as `output_item.added` says
+    /// it, before any came).
+    pub whole: bool,
+}
+
+impl Serialize for ItemOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.item {
             Item::Message(m) => {
-                json!({"id": m.id, "type": "message", "status": status, "role": "assistant",
-                    "content": [text_part(&m.text)]})
+                let mut item = serializer.serialize_struct("Message", 5)?;
+                item.serialize_field("id", &m.id)?;
+                item.serialize_field("type", "message")?;
+                item.serialize_field("status", self.status)?;
+                item.serialize_field("role", "assistant")?;
+                let part = TextPart::new(&m.text);
+                let content: &[TextPart<'_>] = if self.whole {
+                    std::slice::from_ref(&part)
+                } else {
+                    &[]
+                };
+                item.serialize_field("content", content)?;
+                item.end()
             }
-            Item::Call(c) => c.item(&c.id, status, &c.arguments),
+            Item::Call(c) => {
+                let mut item = serializer.serialize_struct("FunctionCall", 7)?;
+                item.serialize_field("id", &c.id)?;
+                item.serialize_field("type", "function_call")?;
+                item.serialize_field("status", self.status)?;
+                item.serialize_field("call_id", &c.call_id)?;
+                let arguments = if self.whole { c.arguments.as_str() } else { "" };
+                item.serialize_field("arguments", arguments)?;
+                item.serialize_field("name", c.client_name())?;
+                if let Some(namespace) = &c.namespace {
+                    item.serialize_field("namespace", namespace)?;
+                } else {
+                    item.skip_field("namespace")?;
+                }
+                item.end()
+            }
         }
+    }
+}
+
+/// The status a finished item has in `response.output`: the response's
+/// for the last item (the one a limit cut, a call's arguments as much as a
+/// message's text), `completed` for the others.
+pub(crate) fn finished_status(status: &str) -> &'static str {
+    if status == "incomplete" {
+        "incomplete"
+    } else {
+        "completed"
+    }
+}
+
+/// `response.output` as it stands: each item as its `output_item.done`
+/// said it (`done`, by output index); one still open has `status`.
+pub(crate) struct Output<'a> {
+    pub items: &'a [Item],
+    pub done: &'a [&'static str],
+    pub status: &'a str,
+}
+
+impl Serialize for Output<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.items.len()))?;
+        for (i, item) in self.items.iter().enumerate() {
+            let status = finished_status(self.done.get(i).copied().unwrap_or(self.status));
+            seq.serialize_element(&ItemOut {
+                item,
+                status,
+                whole: true,
+            })?;
+        }
+        seq.end()
     }
 }
 
@@ -101,6 +151,16 @@ impl Item {
 #[derive(Debug, Default)]
 pub(crate) struct Events {
     next: u64,
+}
+
+/// An event's own fields, then its `type` and `sequence_number`.
+#[derive(Serialize)]
+struct Numbered<T> {
+    #[serde(flatten)]
+    data: T,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
 }
 
 #[derive(Serialize)]
@@ -125,20 +185,58 @@ struct ArgumentsDelta<'a> {
     delta: &'a str,
 }
 
+/// `output_item.added` and `output_item.done`.
+#[derive(Serialize)]
+struct ItemEvent<'a> {
+    output_index: usize,
+    item: ItemOut<'a>,
+}
+
+/// `content_part.added` and `content_part.done`.
+#[derive(Serialize)]
+struct PartEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    part: TextPart<'a>,
+}
+
+/// `output_text.done`.
+#[derive(Serialize)]
+struct TextDone<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    text: &'a str,
+    logprobs: [(); 0],
+}
+
+/// `function_call_arguments.done`.
+#[derive(Serialize)]
+struct ArgumentsDone<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    name: &'a str,
+    arguments: &'a str,
+}
+
 impl Events {
     fn take(&mut self) -> u64 {
         self.next += 1;
         self.next - 1
     }
 
-    /// An event built as JSON (the rarer ones).
-    pub(crate) fn emit(&mut self, out: &mut Vec<u8>, name: &'static str, mut data: Value) {
-        data["type"] = json!(name);
-        data["sequence_number"] = json!(self.take());
-        write_event(out, name, &data);
+    /// An event of its own fields `data`, numbered.
+    pub(crate) fn emit(&mut self, out: &mut Vec<u8>, name: &'static str, data: impl Serialize) {
+        let event = Numbered {
+            data,
+            kind: name,
+            sequence_number: self.take(),
+        };
+        write_event(out, name, &event);
     }
 
-    /// `response.output_text.delta` (typed: one per token).
+    /// `response.output_text.delta` (one per token).
     pub(crate) fn text_delta(
         &mut self,
         out: &mut Vec<u8>,
@@ -159,7 +257,7 @@ impl Events {
         write_event(out, kind, &event);
     }
 
-    /// `response.function_call_arguments.delta` (typed: one per piece).
+    /// `response.function_call_arguments.delta` (one per piece).
     pub(crate) fn arguments_delta(
         &mut self,
         out: &mut Vec<u8>,
@@ -180,19 +278,22 @@ impl Events {
 
     /// `output_item.added` and, for a message, `content_part.added`.
     pub(crate) fn added(&mut self, out: &mut Vec<u8>, index: usize, item: &Item) {
-        let json = match item {
-            Item::Message(m) => {
-                json!({"id": m.id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
-            }
-            Item::Call(c) => c.item(&c.id, "in_progress", ""),
+        let added = ItemEvent {
+            output_index: index,
+            item: ItemOut {
+                item,
+                status: "in_progress",
+                whole: false,
+            },
         };
-        self.emit(
-            out,
-            "response.output_item.added",
-            json!({"output_index": index, "item": json}),
-        );
+        self.emit(out, "response.output_item.added", added);
         if let Item::Message(m) = item {
-            let part = json!({"item_id": m.id, "output_index": index, "content_index": 0, "part": text_part("")});
+            let part = PartEvent {
+                item_id: &m.id,
+                output_index: index,
+                content_index: 0,
+                part: TextPart::new(""),
+            };
             self.emit(out, "response.content_part.added", part);
         }
     }
@@ -201,21 +302,40 @@ impl Events {
     pub(crate) fn done(&mut self, out: &mut Vec<u8>, index: usize, item: &Item, status: &str) {
         match item {
             Item::Message(m) => {
-                let base = json!({"item_id": m.id, "output_index": index, "content_index": 0});
-                let mut done = base.clone();
-                done["text"] = json!(m.text);
-                done["logprobs"] = json!([]);
+                let done = TextDone {
+                    item_id: &m.id,
+                    output_index: index,
+                    content_index: 0,
+                    text: &m.text,
+                    logprobs: [],
+                };
                 self.emit(out, "response.output_text.done", done);
-                let mut part = base;
-                part["part"] = text_part(&m.text);
+                let part = PartEvent {
+                    item_id: &m.id,
+                    output_index: index,
+                    content_index: 0,
+                    part: TextPart::new(&m.text),
+                };
                 self.emit(out, "response.content_part.done", part);
             }
             Item::Call(c) => {
-                let data = json!({"item_id": c.id, "output_index": index, "name": c.client_name(), "arguments": c.arguments});
-                self.emit(out, "response.function_call_arguments.done", data);
+                let done = ArgumentsDone {
+                    item_id: &c.id,
+                    output_index: index,
+                    name: c.client_name(),
+                    arguments: &c.arguments,
+                };
+                self.emit(out, "response.function_call_arguments.done", done);
             }
         }
-        let data = json!({"output_index": index, "item": item.json(status)});
-        self.emit(out, "response.output_item.done", data);
+        let done = ItemEvent {
+            output_index: index,
+            item: ItemOut {
+                item,
+                status: finished_status(status),
+                whole: true,
+            },
+        };
+        self.emit(out, "response.output_item.done", done);
     }
 }

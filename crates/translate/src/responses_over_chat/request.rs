@@ -62,10 +62,7 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
     if let Some(effort) = field(src, "reasoning").and_then(|r| str_of(r, "effort")) {
         out.insert("reasoning_effort".into(), json!(effort));
     }
-    let echo = ECHOED
-        .iter()
-        .filter_map(|(key, _)| src.get(*key).map(|v| ((*key).to_owned(), v.clone())))
-        .collect();
+    let echo = std::array::from_fn(|i| field(src, ECHOED[i].0).cloned());
     let model = src
         .get("model")
         .and_then(Value::as_str)

@@ -48,8 +48,8 @@ fn string_input_and_instructions() {
     ] {
         assert!(out.get(dropped).is_none(), "{dropped}");
     }
-    assert_eq!(ctx.echo["instructions"], "Be brief.");
-    assert_eq!(ctx.echo["metadata"], json!({"k": "v"}));
+    assert_eq!(ctx.echoed("instructions"), Some(&json!("Be brief.")));
+    assert_eq!(ctx.echoed("metadata"), Some(&json!({"k": "v"})));
     assert_eq!(ctx.model, "llama");
 }
 
@@ -196,7 +196,7 @@ fn tool_choice_without_tools_is_not_sent() {
             assert!(out.get(key).is_none(), "{key} sent for {extra}");
         }
         assert_eq!(
-            ctx.echo.get("tool_choice"),
+            ctx.echoed("tool_choice"),
             extra.get("tool_choice"),
             "the response still echoes the request"
         );

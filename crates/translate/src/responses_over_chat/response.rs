@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Context, State, call_id, name_call, response_object, status, text_part, usage_json};
+use super::{Context, ResponseObject, TextPart, call_id, name_call, status};
 use crate::chat::Usage;
 use crate::content::Message;
 use crate::wire::{model_or, now_secs, restyle_id, str_of};
@@ -37,7 +37,7 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
     let cut = status != "completed" && calls.is_empty();
     if text.is_some() || refusal.is_some() {
         let mut parts = Vec::new();
-        parts.extend(text.map(text_part));
+        parts.extend(text.map(|text| json!(TextPart::new(text))));
         parts.extend(refusal.map(|r| json!({"type": "refusal", "refusal": r})));
         output.push(json!({
             "type": "message",
@@ -69,16 +69,17 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         .get("created")
         .and_then(Value::as_u64)
         .unwrap_or_else(now_secs);
-    let state = State {
+    let object = ResponseObject {
+        ctx,
         id: &id,
         created_at,
         model: model_or(str_of(chat, "model"), &ctx.model),
         status,
         incomplete,
         output,
-        usage: usage.as_ref().map(usage_json),
+        usage: usage.as_ref().map(Into::into),
     };
-    Ok(response_object(ctx, state))
+    Ok(json!(object))
 }
 
 #[cfg(test)]

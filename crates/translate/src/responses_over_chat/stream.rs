@@ -14,11 +14,11 @@
 
 use llm_proxy_core::INTERRUPTED_CODE;
 use llm_proxy_core::sse::Event;
-use serde_json::{Value, json};
+use serde::Serialize;
 
-use super::items::{Call, Events, Item, Message};
+use super::items::{Call, Events, Item, Message, Output};
 use super::response::item_id;
-use super::{Context, State, call_id, response_object, status, usage_json};
+use super::{Context, ResponseObject, ResponsesUsage, call_id, status};
 use crate::chat::{Chunk, Delta, ToolCallDelta, Usage, read_chunk};
 use crate::stream::{
     ArgumentsEnd, MAX_BLOCKS, MAX_HELD_BYTES, Step, chat_index, is_another_call, join_name,
@@ -82,7 +82,11 @@ impl ChatToResponses {
         if !self.started {
             self.start(&Chunk::default(), out);
         }
-        let error = json!({"code": INTERRUPTED_CODE, "message": reason, "param": null});
+        let error = Interrupted {
+            code: INTERRUPTED_CODE,
+            message: reason,
+            param: (),
+        };
         self.events.emit(out, "error", error);
     }
 
@@ -133,24 +137,31 @@ impl ChatToResponses {
         Step::Continue
     }
 
-    fn object(&self, status: &str, incomplete: Option<&str>, usage: Option<Value>) -> Value {
-        let state = State {
+    /// `response.created` and the others that carry the whole `response`
+    /// as it stands.
+    fn emit_response(
+        &mut self,
+        out: &mut Vec<u8>,
+        name: &'static str,
+        status: &str,
+        incomplete: Option<&str>,
+        usage: Option<ResponsesUsage>,
+    ) {
+        let response = ResponseObject {
+            ctx: &self.ctx,
             id: &self.id,
             created_at: self.created_at,
             model: &self.model,
             status,
             incomplete,
-            // As each finished item's `output_item.done` said; one still
-            // open has the response's status.
-            output: self
-                .items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| item.json(self.done.get(i).copied().unwrap_or(status)))
-                .collect(),
+            output: Output {
+                items: &self.items,
+                done: &self.done,
+                status,
+            },
             usage,
         };
-        response_object(&self.ctx, state)
+        self.events.emit(out, name, ResponseEvent { response });
     }
 
     fn start(&mut self, chunk: &Chunk<'_>, out: &mut Vec<u8>) {
@@ -163,8 +174,7 @@ impl ChatToResponses {
             self.created_at = created;
         }
         for name in ["response.created", "response.in_progress"] {
-            let response = self.object("in_progress", None, None);
-            self.events.emit(out, name, json!({"response": response}));
+            self.emit_response(out, name, "in_progress", None, None);
         }
     }
 
@@ -354,16 +364,29 @@ impl ChatToResponses {
         }
         self.close(out);
         let (status, incomplete) = status(self.finish.as_deref());
-        let usage = self.usage.as_ref().map(usage_json);
-        let response = self.object(status, incomplete, usage);
+        let usage = self.usage.as_ref().map(Into::into);
         let name = if status == "completed" {
             "response.completed"
         } else {
             "response.incomplete"
         };
-        self.events.emit(out, name, json!({"response": response}));
+        self.emit_response(out, name, status, incomplete, usage);
         self.finished = true;
     }
+}
+
+/// The events that carry the `response` object.
+#[derive(Serialize)]
+struct ResponseEvent<'a> {
+    response: ResponseObject<'a, Output<'a>>,
+}
+
+/// The `error` event of a broken stream.
+#[derive(Serialize)]
+struct Interrupted<'a> {
+    code: &'a str,
+    message: &'a str,
+    param: (),
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 use super::*;
 use crate::test_util::{data, events, names};
+use serde_json::{Value, json};
 
 fn run(ctx: Context, chunks: &[String]) -> (Vec<(Option<String>, Value)>, Vec<Step>) {
     let mut m = ChatToResponses::new(ctx);
