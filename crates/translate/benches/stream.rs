@@ -168,6 +168,86 @@ fn per_event(c: &mut Criterion) {
     group.finish();
 }
 
+/// A request the size a coding agent sends (Claude Code, Codex): a long
+/// system prompt, 20 tools with JSON schemas, 60 turns of text, tool calls
+/// and their results; about 100 KiB.
+fn agent_messages_body() -> String {
+    let prose = "Read the file, then change the function so that it handles the empty case; \
+                 keep the tests green and explain what changed. "
+        .repeat(8);
+    let code = "fn main() {\n    let x = \"quoted\";\n    println!(\"{x}\");\n}\n".repeat(20);
+    let tools: Vec<serde_json::Value> = (0..20)
+        .map(|i| {
+            serde_json::json!({
+                "name": format!("tool_{i}"),
+                "description": prose,
+                "input_schema": {"type": "object", "properties": {
+                    "path": {"type": "string", "description": "The file to act on."},
+                    "line": {"type": "integer", "minimum": 0},
+                    "options": {"type": "object", "properties": {
+                        "recursive": {"type": "boolean"}, "pattern": {"type": "string"}}}},
+                    "required": ["path"]},
+            })
+        })
+        .collect();
+    let mut messages = vec![serde_json::json!({"role": "user", "content": prose})];
+    for i in 0..20 {
+        let id = format!("toolu_{i:04}");
+        messages.push(serde_json::json!({"role": "assistant", "content": [
+            {"type": "text", "text": prose},
+            {"type": "tool_use", "id": id, "name": format!("tool_{}", i % 20),
+                "input": {"path": "src/main.rs", "line": i}}]}));
+        messages.push(serde_json::json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": id, "content": code}]}));
+    }
+    serde_json::json!({
+        "model": "m", "max_tokens": 8192, "stream": true,
+        "system": [{"type": "text", "text": prose.repeat(10)}],
+        "tools": tools, "messages": messages,
+    })
+    .to_string()
+}
+
+/// From an agent-sized request to the first frame of the answer: the
+/// request's translation (read, rebuilt as chat, written) against the
+/// same body sent on as it came.
+fn agent_request(c: &mut Criterion) {
+    let rt = runtime();
+    let body: &'static str = Box::leak(agent_messages_body().into_boxed_str());
+    let chat_only = TranslateConfig::new(Protocol::OpenAi, [Api::ChatCompletions]);
+    let native = TranslateConfig::new(Protocol::Anthropic, []);
+    let cases = [
+        Case {
+            name: "agent_messages_to_chat",
+            svc: stack(chat_only, chat_stream()),
+            path: "/v1/messages",
+            body,
+        },
+        Case {
+            name: "agent_messages_native",
+            svc: stack(native, anthropic_stream()),
+            path: "/v1/messages",
+            body,
+        },
+    ];
+    let mut group = c.benchmark_group("agent_request");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    for case in cases {
+        group.bench_function(case.name, |b| {
+            b.to_async(&rt).iter_batched(
+                || case.request(),
+                |req| async {
+                    let resp = case.svc.clone().oneshot(req).await.unwrap();
+                    let mut body = resp.into_body();
+                    body.frame().await.unwrap().unwrap()
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
 /// From the request to the first frame of the answer.
 fn first_event(c: &mut Criterion) {
     let rt = runtime();
@@ -191,6 +271,6 @@ fn first_event(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
-    targets = per_event, first_event
+    targets = per_event, first_event, agent_request
 }
 criterion_main!(benches);

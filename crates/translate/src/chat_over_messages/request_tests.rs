@@ -293,3 +293,48 @@ fn whitespace_stop_sequences_are_refused() {
     let (out, _) = translate(with(json!({"stop": ["\nEND", "x "]}))).unwrap();
     assert_eq!(out["stop_sequences"], json!(["\nEND", "x "]));
 }
+
+/// A request of every kind of message, translated byte for byte: the
+/// Messages request's field order.
+#[test]
+fn the_request_as_written() {
+    let (out, _) = translate(json!({
+        "model": "claude", "max_tokens": 100, "stream": true, "temperature": 1.5,
+        "stop": "END", "user": "u1",
+        "tools": [{"type": "function", "function": {"name": "read", "description": "Read a file.",
+            "parameters": {"properties": {"path": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "bare"}}],
+        "tool_choice": "required", "parallel_tool_calls": false,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": [{"type": "text", "text": "Be kind."}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+            {"role": "assistant", "content": "Reading.", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "read", "arguments": "{\"path\":\"a.md\"}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "bare", "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "gone"},
+            {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "ok"}]},
+            {"role": "user", "content": "Go on."},
+        ],
+    }))
+    .unwrap();
+    assert_eq!(
+        out.to_string(),
+        "{\"model\":\"claude\",\"stream\":true,\"max_tokens\":100,\"temperature\":1.0,\"system\":\"Be brief.\\n\\nBe kind.\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"Look:\"},{\"type\":\"image\",\"source\":{\"type\":\"base64\",\"media_type\":\"image/png\",\"data\":\"AAAA\"}},{\"type\":\"image\",\"source\":{\"type\":\"url\",\"url\":\"https://x/y.png\"}}]},{\"role\":\"assistant\",\"content\":[{\"type\":\"text\",\"text\":\"Reading.\"},{\"type\":\"tool_use\",\"id\":\"call_1\",\"name\":\"read\",\"input\":{\"path\":\"a.md\"}},{\"type\":\"tool_use\",\"id\":\"call_2\",\"name\":\"bare\",\"input\":{}}]},{\"role\":\"user\",\"content\":[{\"type\":\"tool_result\",\"tool_use_id\":\"call_1\",\"content\":\"gone\"},{\"type\":\"tool_result\",\"tool_use_id\":\"call_2\",\"content\":\"ok\"},{\"type\":\"text\",\"text\":\"Go on.\"}]}],\"stop_sequences\":[\"END\"],\"metadata\":{\"user_id\":\"u1\"},\"tools\":[{\"name\":\"read\",\"input_schema\":{\"properties\":{\"path\":{\"type\":\"string\"}},\"type\":\"object\"},\"description\":\"Read a file.\"},{\"name\":\"bare\",\"input_schema\":{\"type\":\"object\",\"properties\":{}}}],\"tool_choice\":{\"type\":\"any\",\"disable_parallel_tool_use\":true}}"
+    );
+}
+
+/// A structured-output request, translated byte for byte: the forced tool.
+#[test]
+fn a_structured_output_request_as_written() {
+    let (out, _) = translate(with(json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object"}}}})))
+    .unwrap();
+    assert_eq!(
+        out.to_string(),
+        "{\"model\":\"claude\",\"max_tokens\":4096,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"hi\"}]}],\"tools\":[{\"name\":\"answer\",\"description\":\"Give your final answer as this tool's input: JSON that matches the schema.\",\"input_schema\":{\"type\":\"object\"}}],\"tool_choice\":{\"type\":\"tool\",\"name\":\"answer\"}}"
+    );
+}

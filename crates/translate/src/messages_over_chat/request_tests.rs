@@ -281,3 +281,43 @@ fn refusals_name_the_field() {
     let (out, _) = translate(base(json!({"service_tier": "auto", "mcp_servers": null}))).unwrap();
     assert!(out.get("service_tier").is_none());
 }
+
+/// A request of every kind of block, translated byte for byte: the chat
+/// request's field order.
+#[test]
+fn the_request_as_written() {
+    let (out, _) = translate(json!({
+        "model": "claude", "max_tokens": 100, "stream": true, "stop_sequences": ["END"],
+        "system": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}],
+        "metadata": {"user_id": "u1"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "output_config": {"effort": "high", "format": {"type": "json_schema", "schema": {"type": "object"}}},
+        "tools": [{"name": "read", "description": "Read a file.", "strict": true,
+            "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}},
+            {"name": "bare"}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+                {"type": "document", "title": "Notes", "source": {"type": "text", "data": "n"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "s"},
+                {"type": "text", "text": "Reading."},
+                {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.md"}},
+                {"type": "tool_use", "id": "toolu_2", "name": "bare"}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": true, "content": [
+                    {"type": "text", "text": "gone"},
+                    {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": "ok"},
+                {"type": "text", "text": "Go on."}]},
+            {"role": "assistant", "content": "Done."},
+        ],
+    }))
+    .unwrap();
+    assert_eq!(
+        out.to_string(),
+        "{\"model\":\"claude\",\"max_tokens\":100,\"stream\":true,\"messages\":[{\"role\":\"system\",\"content\":\"Be brief.\\n\\nBe kind.\"},{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"Look:\"},{\"type\":\"image_url\",\"image_url\":{\"url\":\"data:image/png;base64,AAAA\"}},{\"type\":\"text\",\"text\":\"Notes\\n\\nn\"}]},{\"role\":\"assistant\",\"content\":\"Reading.\",\"tool_calls\":[{\"id\":\"toolu_1\",\"type\":\"function\",\"function\":{\"name\":\"read\",\"arguments\":\"{\\\"path\\\":\\\"a.md\\\"}\"}},{\"id\":\"toolu_2\",\"type\":\"function\",\"function\":{\"name\":\"bare\",\"arguments\":\"{}\"}}]},{\"role\":\"tool\",\"tool_call_id\":\"toolu_1\",\"content\":\"Error: gone\"},{\"role\":\"tool\",\"tool_call_id\":\"toolu_2\",\"content\":\"ok\"},{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"Go on.\"},{\"type\":\"image_url\",\"image_url\":{\"url\":\"https://x/y.png\"}}]},{\"role\":\"assistant\",\"content\":\"Done.\"}],\"stream_options\":{\"include_usage\":true},\"stop\":[\"END\"],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"read\",\"description\":\"Read a file.\",\"parameters\":{\"type\":\"object\",\"properties\":{\"path\":{\"type\":\"string\"}}},\"strict\":true}},{\"type\":\"function\",\"function\":{\"name\":\"bare\",\"parameters\":{\"type\":\"object\"}}}],\"tool_choice\":\"required\",\"parallel_tool_calls\":false,\"user\":\"u1\",\"reasoning_effort\":\"high\",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"output\",\"schema\":{\"type\":\"object\"},\"strict\":true}}}"
+    );
+}

@@ -261,3 +261,38 @@ fn stateful_and_built_in_requests_are_refused() {
         .is_ok()
     );
 }
+
+/// A request of every kind of item, translated byte for byte: the chat
+/// request's field order.
+#[test]
+fn the_request_as_written() {
+    let (out, _) = translate(with(json!({
+        "stream": true, "instructions": "Be brief.", "max_output_tokens": 100,
+        "temperature": 0.5, "user": "u1", "reasoning": {"effort": "low"},
+        "text": {"format": {"type": "json_schema", "name": "answer", "strict": true,
+            "schema": {"type": "object"}}},
+        "tools": [{"type": "function", "name": "read", "description": "Read a file.",
+            "parameters": {"type": "object"}, "strict": true},
+            {"type": "namespace", "name": "ns", "tools": [{"type": "function", "name": "g"}]}],
+        "tool_choice": {"type": "function", "name": "read"},
+        "input": [
+            {"role": "developer", "content": "Be kind."},
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "Look:"},
+                {"type": "input_image", "image_url": "https://x/y.png", "detail": "low"}]},
+            {"type": "reasoning", "summary": []},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Reading."}]},
+            {"type": "function_call", "call_id": "call_1", "name": "read", "arguments": "{\"path\":\"a.md\"}"},
+            {"type": "function_call", "call_id": "call_2", "namespace": "ns", "name": "g"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "gone"},
+            {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "ok"}]},
+            {"type": "function_call", "call_id": "call_3", "name": "read", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_3", "output": "again"},
+        ],
+    })))
+    .unwrap();
+    assert_eq!(
+        out.to_string(),
+        "{\"model\":\"llama\",\"temperature\":0.5,\"stream\":true,\"user\":\"u1\",\"messages\":[{\"role\":\"system\",\"content\":\"Be brief.\"},{\"role\":\"system\",\"content\":\"Be kind.\"},{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"Look:\"},{\"type\":\"image_url\",\"image_url\":{\"url\":\"https://x/y.png\",\"detail\":\"low\"}}]},{\"role\":\"assistant\",\"content\":\"Reading.\",\"tool_calls\":[{\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"read\",\"arguments\":\"{\\\"path\\\":\\\"a.md\\\"}\"}},{\"id\":\"call_2\",\"type\":\"function\",\"function\":{\"name\":\"ns__g\",\"arguments\":\"{}\"}}]},{\"role\":\"tool\",\"tool_call_id\":\"call_1\",\"content\":\"gone\"},{\"role\":\"tool\",\"tool_call_id\":\"call_2\",\"content\":\"ok\"},{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"call_3\",\"type\":\"function\",\"function\":{\"name\":\"read\",\"arguments\":\"{}\"}}]},{\"role\":\"tool\",\"tool_call_id\":\"call_3\",\"content\":\"again\"}],\"max_tokens\":100,\"stream_options\":{\"include_usage\":true},\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"read\",\"description\":\"Read a file.\",\"parameters\":{\"type\":\"object\"},\"strict\":true}},{\"type\":\"function\",\"function\":{\"name\":\"ns__g\"}}],\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"read\"}},\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"answer\",\"schema\":{\"type\":\"object\"},\"strict\":true}},\"reasoning_effort\":\"low\"}"
+    );
+}
