@@ -101,6 +101,20 @@ pub(crate) fn str_of<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
     value.get(key).and_then(Value::as_str)
 }
 
+/// A JSON object of `fields`, in order, their values moved in: `json!`
+/// writes every value it is given out again through `to_value`, a copy
+/// of each string and of every node of a `Value`, which a translated
+/// request (long conversations, large tool schemas) would pay for its
+/// whole size.
+pub(crate) fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect(),
+    )
+}
+
 /// Copy the present, non-null fields `keys` from `src` to `out` unchanged.
 pub(crate) fn copy_fields(src: &Map<String, Value>, out: &mut Map<String, Value>, keys: &[&str]) {
     for key in keys {

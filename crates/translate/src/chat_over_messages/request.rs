@@ -7,7 +7,7 @@ use llm_proxy_core::Error;
 use serde_json::{Map, Value, json};
 
 use super::{Context, DEFAULT_MAX_TOKENS};
-use crate::wire::{field, str_of, unsupported};
+use crate::wire::{field, object, str_of, unsupported};
 
 /// Fields mapped below.
 const MAPPED: &[&str] = &[
@@ -51,7 +51,7 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
     }
     let (system, turns) = messages(src)?;
     if !system.is_empty() {
-        out.insert("system".into(), json!(system.join("\n\n")));
+        out.insert("system".into(), system.join("\n\n").into());
     }
     out.insert("messages".into(), Value::Array(turns));
     let stop = match field(src, "stop") {
@@ -165,7 +165,7 @@ fn messages(src: &Map<String, Value>) -> Result<(Vec<String>, Vec<Value>), Error
     let turns = turns
         .into_iter()
         .filter(|(_, blocks)| !blocks.is_empty())
-        .map(|(role, blocks)| json!({"role": role, "content": blocks}))
+        .map(|(role, blocks)| object([("role", role.into()), ("content", Value::Array(blocks))]))
         .collect();
     Ok((system, turns))
 }
@@ -237,7 +237,7 @@ fn image_block(path: &str, part: &Value) -> Result<Value, Error> {
         }
         None => json!({"type": "url", "url": url}),
     };
-    Ok(json!({"type": "image", "source": source}))
+    Ok(object([("type", "image".into()), ("source", source)]))
 }
 
 fn assistant_blocks(path: &str, message: &Value) -> Result<Vec<Value>, Error> {
@@ -278,16 +278,23 @@ fn tool_use(path: &str, call: &Value) -> Result<Value, Error> {
             "must be a JSON object",
         ));
     }
-    Ok(
-        json!({"type": "tool_use", "id": str_of(call, "id").unwrap_or_default(), "name": name, "input": input}),
-    )
+    Ok(object([
+        ("type", "tool_use".into()),
+        ("id", str_of(call, "id").unwrap_or_default().into()),
+        ("name", name.into()),
+        ("input", input),
+    ]))
 }
 
 fn tool_result(path: &str, message: &Value) -> Result<Value, Error> {
     let id = str_of(message, "tool_call_id")
         .ok_or_else(|| unsupported(format!("{path}.tool_call_id"), "must be a string"))?;
     let content = plain_text(path, message.get("content"))?;
-    Ok(json!({"type": "tool_result", "tool_use_id": id, "content": content}))
+    Ok(object([
+        ("type", "tool_result".into()),
+        ("tool_use_id", id.into()),
+        ("content", content.into()),
+    ]))
 }
 
 /// `tools`, `tool_choice` and `parallel_tool_calls`.
@@ -323,7 +330,7 @@ fn tools(src: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), E
                 .entry("type")
                 .or_insert_with(|| Value::String("object".into()));
         }
-        let mut t = json!({"name": name, "input_schema": schema});
+        let mut t = object([("name", name.into()), ("input_schema", schema)]);
         if let Some(d) = str_of(function, "description") {
             t["description"] = json!(d);
         }
@@ -397,12 +404,15 @@ fn response_format(
             "must describe an object on this upstream (tool inputs are objects)",
         ));
     }
-    let tool = json!({
-        "name": name,
-        "description": "Give your final answer as this tool's input: JSON that matches the schema.",
-        "input_schema": schema,
-    });
-    out.insert("tools".into(), json!([tool]));
+    let tool = object([
+        ("name", name.as_str().into()),
+        (
+            "description",
+            "Give your final answer as this tool's input: JSON that matches the schema.".into(),
+        ),
+        ("input_schema", schema),
+    ]);
+    out.insert("tools".into(), Value::Array(vec![tool]));
     out.insert("tool_choice".into(), json!({"type": "tool", "name": name}));
     Ok(Some(name))
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::Context;
 use super::tools::{output_format, tools};
-use crate::wire::{copy_fields, field, str_of, unsupported};
+use crate::wire::{copy_fields, field, object, str_of, unsupported};
 
 /// Top-level fields copied unchanged (`top_k` is a vLLM/llama.cpp extension
 /// of chat completions).
@@ -139,7 +139,10 @@ fn stop_sequences(src: &Map<String, Value>) -> Result<Vec<String>, Error> {
 fn messages(src: &Map<String, Value>) -> Result<Vec<Value>, Error> {
     let mut out = Vec::new();
     if let Some(system) = field(src, "system") {
-        out.push(json!({"role": "system", "content": system_text(system)?}));
+        out.push(object([
+            ("role", "system".into()),
+            ("content", system_text(system)?.into()),
+        ]));
     }
     let turns = field(src, "messages")
         .and_then(Value::as_array)
@@ -212,7 +215,10 @@ fn user_turn(path: &str, turn: &Value, out: &mut Vec<Value>) -> Result<(), Error
     if parts.is_empty() {
         return Ok(());
     }
-    out.push(json!({"role": "user", "content": collapse(parts)}));
+    out.push(object([
+        ("role", "user".into()),
+        ("content", collapse(parts)),
+    ]));
     Ok(())
 }
 
@@ -274,7 +280,7 @@ fn document_text(path: &str, block: &Value) -> Result<Value, Error> {
                 Some(title) => format!("{title}\n\n{data}"),
                 None => data.to_owned(),
             };
-            Ok(json!({"type": "text", "text": text}))
+            Ok(object([("type", "text".into()), ("text", text.into())]))
         }
         _ => Err(unsupported(
             format!("{path}.source"),
@@ -313,7 +319,11 @@ fn tool_message(path: &str, block: &Value, images: &mut Vec<Value>) -> Result<Va
     if block.get("is_error").and_then(Value::as_bool) == Some(true) {
         content.insert_str(0, "Error: ");
     }
-    Ok(json!({"role": "tool", "tool_call_id": id, "content": content}))
+    Ok(object([
+        ("role", "tool".into()),
+        ("tool_call_id", id.into()),
+        ("content", content.into()),
+    ]))
 }
 
 /// An assistant turn: text blocks as `content`, `tool_use` blocks as
@@ -353,12 +363,18 @@ fn tool_call(path: &str, block: &Value) -> Result<Value, Error> {
         str_of(block, "id").ok_or_else(|| unsupported(format!("{path}.id"), "must be a string"))?;
     let name = str_of(block, "name")
         .ok_or_else(|| unsupported(format!("{path}.name"), "must be a string"))?;
-    let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
-    Ok(json!({
-        "id": id,
-        "type": "function",
-        "function": {"name": name, "arguments": crate::wire::input_to_arguments(&input)},
-    }))
+    let arguments = match block.get("input") {
+        Some(input) => crate::wire::input_to_arguments(input),
+        None => "{}".to_owned(),
+    };
+    Ok(object([
+        ("id", id.into()),
+        ("type", "function".into()),
+        (
+            "function",
+            object([("name", name.into()), ("arguments", arguments.into())]),
+        ),
+    ]))
 }
 
 #[cfg(test)]

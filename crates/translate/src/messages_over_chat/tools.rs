@@ -4,7 +4,7 @@
 use llm_proxy_core::Error;
 use serde_json::{Map, Value, json};
 
-use crate::wire::{field, str_of, unsupported};
+use crate::wire::{field, object, str_of, unsupported};
 
 /// `tools` and `tool_choice`. Anthropic-defined tool types (`bash_…`,
 /// `web_search_…`, `text_editor_…`, `computer_…`) run on Anthropic's side or
@@ -85,17 +85,27 @@ fn function_tool(i: usize, tool: &Value) -> Result<Value, Error> {
     if let Some(strict) = tool.get("strict").and_then(Value::as_bool) {
         function["strict"] = json!(strict);
     }
-    Ok(json!({"type": "function", "function": function}))
+    Ok(object([
+        ("type", "function".into()),
+        ("function", function),
+    ]))
 }
 
 /// Anthropic's structured outputs (`output_format: {type: json_schema,
 /// schema}`) as chat's `response_format`.
 pub(crate) fn output_format(format: &Value) -> Result<Value, Error> {
     match (str_of(format, "type"), format.get("schema")) {
-        (Some("json_schema"), Some(schema)) => Ok(json!({
-            "type": "json_schema",
-            "json_schema": {"name": "output", "schema": schema, "strict": true},
-        })),
+        (Some("json_schema"), Some(schema)) => Ok(object([
+            ("type", "json_schema".into()),
+            (
+                "json_schema",
+                object([
+                    ("name", "output".into()),
+                    ("schema", schema.clone()),
+                    ("strict", true.into()),
+                ]),
+            ),
+        ])),
         _ => Err(unsupported(
             "output_format",
             "must be {\"type\": \"json_schema\", \"schema\": …}",

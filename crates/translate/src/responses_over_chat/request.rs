@@ -6,7 +6,7 @@ use llm_proxy_core::Error;
 use serde_json::{Map, Value, json};
 
 use super::{Context, ECHOED, NAMESPACE_SEPARATOR};
-use crate::wire::{copy_fields, field, str_of, unsupported};
+use crate::wire::{copy_fields, field, object, str_of, unsupported};
 
 /// Fields copied unchanged.
 const COPIED: &[&str] = &[
@@ -166,7 +166,7 @@ fn message(path: &str, item: &Value) -> Result<Value, Error> {
             ));
         }
     };
-    Ok(json!({"role": role, "content": content}))
+    Ok(object([("role", role.into()), ("content", content)]))
 }
 
 fn content_part(path: &str, part: &Value) -> Result<Value, Error> {
@@ -183,7 +183,7 @@ fn content_part(path: &str, part: &Value) -> Result<Value, Error> {
                 if let Some(detail) = str_of(part, "detail") {
                     image["detail"] = json!(detail);
                 }
-                Ok(json!({"type": "image_url", "image_url": image}))
+                Ok(object([("type", "image_url".into()), ("image_url", image)]))
             }
             None => Err(unsupported(
                 format!("{path}.image_url"),
@@ -217,19 +217,27 @@ fn function_call(path: &str, item: &Value, messages: &mut Vec<Value>) -> Result<
         Some(namespace) => flat_name(namespace, name),
         None => name.to_owned(),
     };
-    let call = json!({
-        "id": call_id,
-        "type": "function",
-        "function": {"name": name, "arguments": str_of(item, "arguments").unwrap_or("{}")},
-    });
+    let arguments = str_of(item, "arguments").unwrap_or("{}");
+    let call = object([
+        ("id", call_id.into()),
+        ("type", "function".into()),
+        (
+            "function",
+            object([("name", name.into()), ("arguments", arguments.into())]),
+        ),
+    ]);
     match messages.last_mut() {
         Some(last) if str_of(last, "role") == Some("assistant") => {
             match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
                 Some(calls) => calls.push(call),
-                None => last["tool_calls"] = json!([call]),
+                None => last["tool_calls"] = Value::Array(vec![call]),
             }
         }
-        _ => messages.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+        _ => messages.push(object([
+            ("role", "assistant".into()),
+            ("content", Value::Null),
+            ("tool_calls", Value::Array(vec![call])),
+        ])),
     }
     Ok(())
 }
@@ -257,7 +265,11 @@ fn function_output(path: &str, item: &Value) -> Result<Value, Error> {
             ));
         }
     };
-    Ok(json!({"role": "tool", "tool_call_id": call_id, "content": output}))
+    Ok(object([
+        ("role", "tool".into()),
+        ("tool_call_id", call_id.into()),
+        ("content", output.into()),
+    ]))
 }
 
 /// A namespaced function's name on a chat upstream, which has no
@@ -396,7 +408,7 @@ fn function_tool(name: String, tool: &Value) -> Value {
             function[key] = v.clone();
         }
     }
-    json!({"type": "function", "function": function})
+    object([("type", "function".into()), ("function", function)])
 }
 
 /// The refusal of a tool a chat upstream cannot run.
@@ -423,7 +435,7 @@ fn response_format(format: &Value, out: &mut Map<String, Value>) -> Result<(), E
                     spec[key] = v.clone();
                 }
             }
-            json!({"type": "json_schema", "json_schema": spec})
+            object([("type", "json_schema".into()), ("json_schema", spec)])
         }
         _ => {
             return Err(unsupported(
