@@ -169,8 +169,8 @@ fn per_event(c: &mut Criterion) {
 }
 
 /// A request the size a coding agent sends (Claude Code, Codex): a long
-/// system prompt, 20 tools with JSON schemas, 60 turns of text, tool calls
-/// and their results; about 100 KiB.
+/// system prompt, 20 tools with JSON schemas, 41 turns of text, tool calls
+/// and their results (code, with its escapes); about 85 KiB.
 fn agent_messages_body() -> String {
     let prose = "Read the file, then change the function so that it handles the empty case; \
                  keep the tests green and explain what changed. "

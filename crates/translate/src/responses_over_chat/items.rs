@@ -226,7 +226,9 @@ impl Events {
         self.next - 1
     }
 
-    /// An event of its own fields `data`, numbered.
+    /// An event of its own fields `data`, numbered. `data` serialises as
+    /// a struct or a map (its fields are the event's) without a `type` or
+    /// `sequence_number` of its own.
     pub(crate) fn emit(&mut self, out: &mut Vec<u8>, name: &'static str, data: impl Serialize) {
         let event = Numbered {
             data,
