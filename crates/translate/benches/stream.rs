@@ -16,7 +16,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BatchSize, BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main,
+};
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
@@ -232,19 +235,7 @@ fn agent_request(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("agent_request");
     group.throughput(Throughput::Bytes(body.len() as u64));
-    for case in cases {
-        group.bench_function(case.name, |b| {
-            b.to_async(&rt).iter_batched(
-                || case.request(),
-                |req| async {
-                    let resp = case.svc.clone().oneshot(req).await.unwrap();
-                    let mut body = resp.into_body();
-                    body.frame().await.unwrap().unwrap()
-                },
-                BatchSize::SmallInput,
-            )
-        });
-    }
+    to_first_frame(&rt, &mut group, cases);
     group.finish();
 }
 
@@ -252,9 +243,19 @@ fn agent_request(c: &mut Criterion) {
 fn first_event(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("first_event");
-    for case in cases() {
+    to_first_frame(&rt, &mut group, cases());
+    group.finish();
+}
+
+/// Each case's time from the request to the first frame of its answer.
+fn to_first_frame(
+    rt: &tokio::runtime::Runtime,
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    cases: impl IntoIterator<Item = Case>,
+) {
+    for case in cases {
         group.bench_function(case.name, |b| {
-            b.to_async(&rt).iter_batched(
+            b.to_async(rt).iter_batched(
                 || case.request(),
                 |req| async {
                     let resp = case.svc.clone().oneshot(req).await.unwrap();
@@ -265,7 +266,6 @@ fn first_event(c: &mut Criterion) {
             )
         });
     }
-    group.finish();
 }
 
 criterion_group! {

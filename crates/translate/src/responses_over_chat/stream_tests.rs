@@ -667,13 +667,21 @@ fn echoing_context() -> Context {
     ctx
 }
 
+/// What a stream of `chunks`, each translated, writes.
+fn written(ctx: Context, chunks: &[String]) -> String {
+    let mut m = ChatToResponses::new(ctx);
+    let mut out = Vec::new();
+    for c in chunks {
+        assert_eq!(m.event(&data(c), &mut out), Step::Continue);
+    }
+    String::from_utf8(out).unwrap()
+}
+
 /// Every event of a stream, byte for byte: field order, `null`s, the
 /// echoed request fields and their defaults, a namespaced call, a call
 /// without arguments.
 #[test]
 fn the_events_as_written() {
-    let mut m = ChatToResponses::new(echoing_context());
-    let mut out = Vec::new();
     let chunks = [
         chunk(json!({"role": "assistant", "content": "Hi"}), None),
         chunk(
@@ -691,10 +699,7 @@ fn the_events_as_written() {
         usage(),
         "[DONE]".to_owned(),
     ];
-    for c in &chunks {
-        assert_eq!(m.event(&data(c), &mut out), Step::Continue);
-    }
-    let text = String::from_utf8(out).unwrap();
+    let text = written(echoing_context(), &chunks);
     let expected = concat!(
         "event: response.created\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":\"be brief\",\"max_output_tokens\":null,\"metadata\":{\"k\":\"v\"},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[{\"type\":\"namespace\",\"name\":\"ns\",\"tools\":[{\"type\":\"function\",\"name\":\"g\",\"parameters\":{\"type\":\"object\"}}]}],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.created\",\"sequence_number\":0}\n\n",
         "event: response.in_progress\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":\"be brief\",\"max_output_tokens\":null,\"metadata\":{\"k\":\"v\"},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[{\"type\":\"namespace\",\"name\":\"ns\",\"tools\":[{\"type\":\"function\",\"name\":\"g\",\"parameters\":{\"type\":\"object\"}}]}],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.in_progress\",\"sequence_number\":1}\n\n",
@@ -721,16 +726,11 @@ fn the_events_as_written() {
 /// A stream cut by the token limit, without usage, byte for byte.
 #[test]
 fn an_incomplete_stream_as_written() {
-    let mut m = ChatToResponses::new(Context::default());
-    let mut out = Vec::new();
     let chunks = [
         chunk(json!({"content": "Hi"}), Some("length")),
         "[DONE]".to_owned(),
     ];
-    for c in &chunks {
-        assert_eq!(m.event(&data(c), &mut out), Step::Continue);
-    }
-    let text = String::from_utf8(out).unwrap();
+    let text = written(Context::default(), &chunks);
     let expected = concat!(
         "event: response.created\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":null,\"max_output_tokens\":null,\"metadata\":{},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.created\",\"sequence_number\":0}\n\n",
         "event: response.in_progress\ndata: {\"response\":{\"id\":\"resp_5\",\"object\":\"response\",\"created_at\":9,\"status\":\"in_progress\",\"background\":false,\"error\":null,\"incomplete_details\":null,\"model\":\"llama\",\"output\":[],\"previous_response_id\":null,\"store\":false,\"usage\":null,\"instructions\":null,\"max_output_tokens\":null,\"metadata\":{},\"parallel_tool_calls\":true,\"reasoning\":{\"effort\":null,\"summary\":null},\"temperature\":1.0,\"text\":{\"format\":{\"type\":\"text\"}},\"tool_choice\":\"auto\",\"tools\":[],\"top_p\":1.0,\"truncation\":\"disabled\",\"user\":null},\"type\":\"response.in_progress\",\"sequence_number\":1}\n\n",
