@@ -243,6 +243,15 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
     // A model off bob's list, though the upstream serves it.
     let events = turn(&mut bob, serde_json::json!({"model": "m2", "input": "x"})).await;
     assert_eq!(refusal(&events), (403, "model_not_allowed".into()));
+    // And one the upstream does not serve: the same refusal, as over HTTP,
+    // so that a key cannot tell which of the models it may not use are
+    // served here.
+    let events = turn(
+        &mut bob,
+        serde_json::json!({"model": "elsewhere", "input": "x"}),
+    )
+    .await;
+    assert_eq!(refusal(&events), (403, "model_not_allowed".into()));
     // Only turns go on (an upstream may be laxer about `type` than this
     // proxy), and a repeated key is refused (an upstream may read the
     // other one).
@@ -371,7 +380,7 @@ async fn each_turn_is_held_to_what_a_request_is_held_to() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("llm_proxy_websocket_refused_total 14"),
+        metrics.contains("llm_proxy_websocket_refused_total 15"),
         "{metrics}"
     );
 }

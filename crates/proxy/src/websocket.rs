@@ -596,8 +596,27 @@ impl Session {
                 });
             }
         };
+        let meta = RequestMeta::parsed(
+            Endpoint::Responses,
+            Bytes::copy_from_slice(text.as_bytes()),
+            json,
+        );
+        // In the order HTTP checks them, where the auth layer comes before
+        // routing: what the key may name first (its models; a
+        // `conversation` needs `passthrough`), so that a key learns nothing
+        // of the models it may not use; then what this upstream serves,
+        // the responses it continues and where a conversation lives.
+        if let Some(key) = &self.key {
+            check_body(key, &meta)?;
+        }
+        match meta.model() {
+            Some(model) => self.check_model(model)?,
+            None if create => return Err(Error::MissingModel),
+            None => {}
+        }
+        let json = meta.json();
         for param in ["previous_response_id", "response_id"] {
-            if let Some(id) = json.get(param).filter(|id| !id.is_null()) {
+            if let Some(id) = json.and_then(|j| j.get(param)).filter(|id| !id.is_null()) {
                 let Some(id) = id.as_str() else {
                     return Err(Error::UnsupportedParameter {
                         param: param.into(),
@@ -607,29 +626,14 @@ impl Session {
                 self.check_id(param, id).await?;
             }
         }
-        let meta = RequestMeta::parsed(
-            Endpoint::Responses,
-            Bytes::copy_from_slice(text.as_bytes()),
-            json,
-        );
-        match meta.model() {
-            Some(model) => self.check_model(model)?,
-            None if create => return Err(Error::MissingModel),
-            None => {}
+        if let Some(id) = json.and_then(conversation_id) {
+            self.check_conversation(id).await?;
         }
         let admitted = |reservation| Admitted {
             turn,
             create,
             reservation,
         };
-        // What the key may name first (a `conversation` needs
-        // `passthrough`), then where a conversation lives, as over HTTP.
-        if let Some(key) = &self.key {
-            check_body(key, &meta)?;
-        }
-        if let Some(id) = meta.json().and_then(conversation_id) {
-            self.check_conversation(id).await?;
-        }
         let Some(key) = &self.key else {
             return Ok(admitted(None));
         };
