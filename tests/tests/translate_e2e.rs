@@ -563,6 +563,105 @@ async fn keep_alives_in_a_chat_stream_reach_no_client_and_break_nothing() {
     assert_eq!(last["response"]["output"][0]["content"][0]["text"], "hi");
 }
 
+/// An answer the upstream gave up on (vLLM's `finish_reason` `abort` or
+/// `error`), or whose stream ended (`[DONE]`) before it finished, here
+/// over half a tool call's arguments, reaches a translated client as its
+/// dialect's error event, never as a clean `tool_use` or `completed` whose
+/// client would run the call with what came of its arguments. Whole, it is
+/// a 502.
+#[tokio::test]
+async fn an_answer_the_upstream_gave_up_on_is_never_a_clean_end() {
+    const CALL: &str = "data: {\"id\":\"chatcmpl-1\",\"model\":\"demo\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"write\",\"arguments\":\"{\\\"path\\\": \\\"a\\\", \\\"con\"}}]}}]}\n\n";
+    for finish in [
+        r#","finish_reason":"abort""#,
+        r#","finish_reason":"error""#,
+        "",
+    ] {
+        let stream = format!(
+            "{CALL}data: {{\"id\":\"chatcmpl-1\",\"model\":\"demo\",\"choices\":[{{\"index\":0,\"delta\":{{}}{finish}}}]}}\n\n\
+             data: [DONE]\n\n"
+        );
+        let addr = sse_upstream(move |_| (200, stream.clone())).await;
+        let p = chat_only(addr).await;
+        // Each stream ends with its error event and a close.
+        let broken = |path: &'static str, body: Value| {
+            let url = p.url(path);
+            async move {
+                let headers = [
+                    ("content-type", "application/json"),
+                    ("anthropic-version", "2023-06-01"),
+                ];
+                let resp = client()
+                    .request(request(Method::POST, &url, &headers, body.to_string()))
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                let (bytes, broke) = read_stream(resp).await;
+                assert!(broke, "{path}: the connection is closed, never a clean end");
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .map(|d| serde_json::from_str::<Value>(d).unwrap())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let messages = broken(
+            "/v1/messages",
+            json!({"model": "demo", "max_tokens": 50, "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        let responses = broken(
+            "/v1/responses",
+            json!({"model": "demo", "stream": true, "store": false, "input": "hi"}),
+        )
+        .await;
+        let last = messages.last().unwrap();
+        assert_eq!(last["type"], "error", "{finish}: {messages:?}");
+        assert_eq!(last["error"]["type"], "api_error", "{last}");
+        assert!(
+            messages.iter().all(|e| e["type"] != "message_delta"),
+            "{finish}: {messages:?}"
+        );
+        let last = responses.last().unwrap();
+        assert_eq!(last["type"], "error", "{finish}: {responses:?}");
+        assert!(
+            responses.iter().all(|e| e["type"] != "response.completed"
+                && e["type"] != "response.function_call_arguments.done"),
+            "{finish}: {responses:?}"
+        );
+    }
+    // Whole: a 502 in the client's dialect.
+    let answer = json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "demo",
+        "choices": [{"index": 0, "finish_reason": "abort", "message": {"role": "assistant", "content": "The answer is"}}]})
+    .to_string();
+    let addr = sse_upstream(move |_| (200, answer.clone())).await;
+    let p = chat_only(addr).await;
+    let messages = json!({"model": "demo", "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let whole = post(
+        &p.url("/v1/messages"),
+        &messages,
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(whole.status, 502, "{}", whole.text());
+    assert_eq!(whole.json()["type"], "error", "{}", whole.text());
+    assert!(
+        whole.text().contains("finish_reason `abort`"),
+        "{}",
+        whole.text()
+    );
+    let body = json!({"model": "demo", "store": false, "input": "hi"});
+    let whole = post(&p.url("/v1/responses"), &body, &[]).await;
+    assert_eq!(whole.status, 502, "{}", whole.text());
+    assert!(
+        whole.text().contains("finish_reason `abort`"),
+        "{}",
+        whole.text()
+    );
+}
+
 /// Mistral's reasoning models give `content` as an array of parts, thinking
 /// and text, streamed and whole: the text is the client's text, the
 /// thinking its reasoning (a Messages client that enabled thinking gets it
@@ -773,7 +872,8 @@ async fn a_hostile_upstream_cannot_make_a_translation_balloon() {
         for _ in 0..200 {
             sse.push_str(&chunk(json!({"content": "a"})));
         }
-        sse + "data: [DONE]\n\n"
+        sse + "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+               data: [DONE]\n\n"
     };
     let items_stream = {
         let item = "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"},\"finish_reason\":\"stop\"}]}\n\n";

@@ -39,6 +39,26 @@ fn usable_usage<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Usage>,
     Ok(Usage::from_value(value.as_ref()))
 }
 
+/// Why an answer whose choice ended with this `finish_reason` is no
+/// answer: vLLM ends one it gave up on (the request aborted in the engine,
+/// an error while generating) with `abort` or `error`. A native chat client
+/// reads the reason itself; a translated one would be told its dialect's
+/// clean end (`end_turn`, `tool_use`, `completed`) over what may be half a
+/// tool call's arguments, so the answer fails instead. `None`: it ended as
+/// answers end.
+pub(crate) fn failed_finish(finish_reason: &str) -> Option<String> {
+    matches!(finish_reason, "abort" | "error")
+        .then(|| format!("the upstream gave up on its answer (finish_reason `{finish_reason}`)"))
+}
+
+/// Why a stream that ended (`[DONE]`) before its choice had a
+/// `finish_reason` is no answer: every chat stream's choice ends with one,
+/// and a stream cut short then closed with `[DONE]` (as some gateways
+/// close the streams they lose) looks the same. (A whole answer without
+/// one is taken as finished: it came whole.)
+pub(crate) const UNFINISHED: &str =
+    "the upstream's stream ended ([DONE]) before its answer finished (no finish_reason)";
+
 /// A choice of a chunk.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct ChunkChoice<'a> {

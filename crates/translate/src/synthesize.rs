@@ -66,7 +66,13 @@ pub(crate) fn chat_stream(answer: &Value) -> String {
     }
     // With vLLM's `stop_reason` (the stop string matched), which the
     // stream translation reads from the finish chunk as from a whole answer.
-    let mut finish = json!({"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]});
+    // A whole answer without a finish reason was taken as finished (a
+    // stream without one is not: see `chat::UNFINISHED`).
+    let finish_reason = match &choice["finish_reason"] {
+        Value::String(reason) if !reason.is_empty() => reason.as_str(),
+        _ => "stop",
+    };
+    let mut finish = json!({"index": 0, "delta": {}, "finish_reason": finish_reason});
     if !choice["stop_reason"].is_null() {
         finish["stop_reason"] = choice["stop_reason"].clone();
     }
@@ -201,6 +207,13 @@ mod tests {
         );
         let plain = finish(chat_stream(&answer(Value::Null)));
         assert!(plain.get("stop_reason").is_none(), "{plain}");
+        // A whole answer without a finish reason was taken as finished, so
+        // its stream is too (one without one is not).
+        for missing in [Value::Null, json!("")] {
+            let mut whole = answer(Value::Null);
+            whole["choices"][0]["finish_reason"] = missing;
+            assert_eq!(finish(chat_stream(&whole))["finish_reason"], "stop");
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         .and_then(Value::as_array)
         .and_then(|c| c.first())
         .ok_or("the upstream's chat completion has no choices")?;
+    if let Some(why) = str_of(choice, "finish_reason").and_then(crate::chat::failed_finish) {
+        return Err(why);
+    }
     let message = choice.get("message").unwrap_or(&Value::Null);
     let read = Message::read(message);
     let mut content = Vec::new();
@@ -176,5 +179,24 @@ mod tests {
         assert_eq!(out["stop_reason"], "max_tokens");
         assert_eq!(out["model"], "client");
         assert!(response(&json!({"id": "x"}), &ctx).is_err());
+    }
+
+    #[test]
+    fn an_answer_the_upstream_gave_up_on_is_no_message() {
+        // vLLM's `abort` and `error`, here over half a call's arguments.
+        for reason in ["abort", "error"] {
+            let chat = json!({"choices": [{"finish_reason": reason, "message": {"tool_calls": [
+                {"id": "c1", "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}}]});
+            assert_eq!(
+                response(&chat, &Context::default()),
+                Err(format!(
+                    "the upstream gave up on its answer (finish_reason `{reason}`)"
+                ))
+            );
+        }
+        // A whole answer without a reason came whole: finished.
+        let chat = json!({"choices": [{"message": {"content": "a"}}]});
+        let out = response(&chat, &Context::default()).unwrap();
+        assert_eq!(out["stop_reason"], "end_turn");
     }
 }

@@ -225,10 +225,7 @@ impl ChatToMessages {
     pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
         let chunk = match read_chunk(event) {
             Ok(Some(chunk)) => chunk,
-            Ok(None) => {
-                self.end(out);
-                return Step::Continue;
-            }
+            Ok(None) => return self.end(out),
             Err(reason) => return Step::Fail(reason),
         };
         // A chunk without choices or a usable id (Azure opens with a
@@ -255,6 +252,9 @@ impl ChatToMessages {
             }
             // (An empty one, as some servers send, is none.)
             if let Some(reason) = choice.finish_reason.as_deref().filter(|r| !r.is_empty()) {
+                if let Some(why) = crate::chat::failed_finish(reason) {
+                    return Step::Fail(why);
+                }
                 self.finish = Some(reason.to_owned());
                 self.matched = choice.stop_reason.clone();
                 self.close_all(out);
@@ -505,10 +505,14 @@ impl ChatToMessages {
         }
     }
 
-    /// The upstream's `[DONE]`: the stop reason, usage and `message_stop`.
-    fn end(&mut self, out: &mut Vec<u8>) {
+    /// The upstream's `[DONE]`: the stop reason, usage and `message_stop`
+    /// (a failure when the answer never finished).
+    fn end(&mut self, out: &mut Vec<u8>) -> Step {
         if self.finished {
-            return;
+            return Step::Continue;
+        }
+        if self.finish.is_none() {
+            return Step::Fail(crate::chat::UNFINISHED.into());
         }
         self.start(None, None, out);
         self.close_all(out);
@@ -540,6 +544,7 @@ impl ChatToMessages {
         };
         write_event(out, "message_stop", &stop);
         self.finished = true;
+        Step::Continue
     }
 }
 

@@ -214,18 +214,44 @@ fn stop_sequence_length_errors_and_empty_streams() {
     );
     assert_eq!(out[out.len() - 2].1["delta"]["stop_reason"], "max_tokens");
 
-    let (out, _) = run(
-        Context {
-            model: "m".into(),
-            ..Context::default()
-        },
-        &["[DONE]"],
+    // A stream that ends before its answer finished (nothing at all, or
+    // half a tool call's arguments and no finish reason) is no answer,
+    // whatever `[DONE]` says; nor is one the upstream gave up on (vLLM's
+    // `abort`, `error`): never told as a clean `end_turn` or `tool_use`.
+    let cut_call = chunk(
+        json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}),
+        None,
     );
-    assert_eq!(
-        names(&out),
-        ["message_start", "message_delta", "message_stop"]
-    );
-    assert_eq!(out[0].1["message"]["model"], "m");
+    for (chunks, why) in [
+        (vec!["[DONE]"], crate::chat::UNFINISHED.to_owned()),
+        (
+            vec![&cut_call, USAGE, "[DONE]"],
+            crate::chat::UNFINISHED.to_owned(),
+        ),
+        (
+            vec![&cut_call, &chunk(json!({}), Some("abort")), "[DONE]"],
+            "the upstream gave up on its answer (finish_reason `abort`)".to_owned(),
+        ),
+        (
+            vec![
+                &chunk(json!({"content": "The answer is"}), Some("error")),
+                "[DONE]",
+            ],
+            "the upstream gave up on its answer (finish_reason `error`)".to_owned(),
+        ),
+    ] {
+        let (out, steps) = run(Context::default(), &chunks);
+        // (The body stops reading at the first failure.)
+        let failed = steps.into_iter().find(|step| *step != Step::Continue);
+        assert_eq!(failed, Some(Step::Fail(why)), "{chunks:?}");
+        let names = names(&out);
+        assert!(
+            !names
+                .iter()
+                .any(|n| n == "message_delta" || n == "message_stop"),
+            "{chunks:?}: {names:?}"
+        );
+    }
 
     let (_, steps) = run(
         Context::default(),

@@ -24,6 +24,9 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         .and_then(Value::as_array)
         .and_then(|c| c.first())
         .ok_or("the upstream's chat completion has no choices")?;
+    if let Some(why) = str_of(choice, "finish_reason").and_then(crate::chat::failed_finish) {
+        return Err(why);
+    }
     let message = choice.get("message").unwrap_or(&Value::Null);
     let id = restyle_id("resp_", str_of(chat, "id"));
     let bare = id.trim_start_matches("resp_");
@@ -221,6 +224,25 @@ mod tests {
         assert_eq!(out["status"], "incomplete");
         assert_eq!(out["incomplete_details"]["reason"], "max_output_tokens");
         assert_eq!(out["output"][0]["status"], "incomplete");
+    }
+
+    #[test]
+    fn an_answer_the_upstream_gave_up_on_is_no_response() {
+        // vLLM's `abort` and `error`, here over half a call's arguments.
+        for reason in ["abort", "error"] {
+            let chat = json!({"choices": [{"finish_reason": reason, "message": {"tool_calls": [
+                {"id": "c1", "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}}]});
+            assert_eq!(
+                response(&chat, &Context::default()),
+                Err(format!(
+                    "the upstream gave up on its answer (finish_reason `{reason}`)"
+                ))
+            );
+        }
+        // A whole answer without a reason came whole: finished.
+        let chat = json!({"choices": [{"message": {"content": "a"}}]});
+        let out = response(&chat, &Context::default()).unwrap();
+        assert_eq!(out["status"], "completed");
     }
 
     #[test]

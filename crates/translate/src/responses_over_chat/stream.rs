@@ -94,10 +94,7 @@ impl ChatToResponses {
     pub(crate) fn event(&mut self, event: &Event, out: &mut Vec<u8>) -> Step {
         let chunk = match read_chunk(event) {
             Ok(Some(chunk)) => chunk,
-            Ok(None) => {
-                self.end(out);
-                return Step::Continue;
-            }
+            Ok(None) => return self.end(out),
             Err(reason) => return Step::Fail(reason),
         };
         // A chunk without choices or a usable id (Azure opens with a
@@ -125,6 +122,9 @@ impl ChatToResponses {
             }
             // (An empty one, as some servers send, is none.)
             if let Some(reason) = choice.finish_reason.as_deref().filter(|r| !r.is_empty()) {
+                if let Some(why) = crate::chat::failed_finish(reason) {
+                    return Step::Fail(why);
+                }
                 self.finish = Some(reason.to_owned());
                 self.close(out);
             }
@@ -354,10 +354,14 @@ impl ChatToResponses {
         self.done.push(status);
     }
 
-    /// The upstream's `[DONE]`: the final response event.
-    fn end(&mut self, out: &mut Vec<u8>) {
+    /// The upstream's `[DONE]`: the final response event (a failure when
+    /// the answer never finished).
+    fn end(&mut self, out: &mut Vec<u8>) -> Step {
         if self.finished {
-            return;
+            return Step::Continue;
+        }
+        if self.finish.is_none() {
+            return Step::Fail(crate::chat::UNFINISHED.into());
         }
         if !self.started {
             self.start(&Chunk::default(), out);
@@ -372,6 +376,7 @@ impl ChatToResponses {
         };
         self.emit_response(out, name, status, incomplete, usage);
         self.finished = true;
+        Step::Continue
     }
 }
 

@@ -140,15 +140,50 @@ fn length_is_incomplete_and_errors_fail() {
     );
     assert_eq!(last.1["response"]["output"][0]["status"], "incomplete");
 
-    let (out, _) = run(Context::default(), &["[DONE]".to_owned()]);
-    assert_eq!(
-        names(&out),
-        [
-            "response.created",
-            "response.in_progress",
-            "response.completed"
-        ]
+    // A stream that ends before its answer finished (nothing at all, or
+    // half a call's arguments and no finish reason), or that the upstream
+    // gave up on (vLLM's `abort`, `error`), is no answer: never
+    // `completed` (nor its items).
+    let cut_call = chunk(
+        json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}),
+        None,
     );
+    let unfinished = crate::chat::UNFINISHED.to_owned();
+    let gave_up = |reason| format!("the upstream gave up on its answer (finish_reason `{reason}`)");
+    for (chunks, why) in [
+        (vec!["[DONE]".to_owned()], unfinished.clone()),
+        (
+            vec![cut_call.clone(), usage(), "[DONE]".to_owned()],
+            unfinished,
+        ),
+        (
+            vec![
+                cut_call,
+                chunk(json!({}), Some("abort")),
+                "[DONE]".to_owned(),
+            ],
+            gave_up("abort"),
+        ),
+        (
+            vec![
+                chunk(json!({"content": "The answer is"}), Some("error")),
+                "[DONE]".to_owned(),
+            ],
+            gave_up("error"),
+        ),
+    ] {
+        let (out, steps) = run(Context::default(), &chunks);
+        // (The body stops reading at the first failure.)
+        let failed = steps.into_iter().find(|step| *step != Step::Continue);
+        assert_eq!(failed, Some(Step::Fail(why)), "{chunks:?}");
+        let names = names(&out);
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.ends_with(".done") || n == "response.completed"),
+            "{chunks:?}: {names:?}"
+        );
+    }
 
     let (_, steps) = run(
         Context::default(),
@@ -603,7 +638,7 @@ fn an_upstream_id_or_model_too_long_to_repeat_is_not_used() {
     };
     let chunks: Vec<String> = std::iter::once(big(json!({"role": "assistant"})))
         .chain((0..100).map(|_| big(json!({"content": "a"}))))
-        .chain(["[DONE]".to_owned()])
+        .chain([chunk(json!({}), Some("stop")), "[DONE]".to_owned()])
         .collect();
     let ctx = Context {
         model: "client-model".into(),
