@@ -475,6 +475,72 @@ async fn an_error_answered_with_200_is_not_stored() {
     }
 }
 
+/// The requests coalesced on a JSON answer that is an error sent with `200`
+/// are not handed the error as a hit: each asks the upstream itself, as
+/// without a cache (not one flight after another).
+#[tokio::test]
+async fn followers_of_an_error_answered_with_200_ask_the_upstream_themselves() {
+    let good = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+    let bad = r#"{"error":{"message":"upstream overloaded","code":502}}"#;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let addr = raw_upstream(move |mut conn| {
+        let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            if read_request_head(&mut conn).await {
+                // The first answer late, so that the others coalesce on it.
+                let body = if n == 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    bad
+                } else {
+                    good
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        }
+    })
+    .await;
+    let p = proxy(&memory(&format!("http://{addr}/v1"))).await;
+    let url = p.url(CHAT_PATH);
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post_json(&url, &chat("m", false)).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        let answer = task.await.expect("request task");
+        assert_eq!(answer.status, 200);
+        answers.push((
+            answer.text(),
+            answer.header("x-llm-proxy-cache").map(str::to_owned),
+        ));
+    }
+    answers.sort();
+    let (errors, goods): (Vec<_>, Vec<_>) = answers.iter().partition(|(text, _)| text == bad);
+    // The leader's client gets what the upstream said, as a miss; every
+    // other request an answer of its own.
+    assert_eq!(
+        errors,
+        [&(bad.to_owned(), Some("miss".to_owned()))],
+        "{answers:?}"
+    );
+    assert_eq!(goods.len(), 4, "{answers:?}");
+    assert!(
+        goods
+            .iter()
+            .all(|(text, cache)| text == good && cache.as_deref() == Some("miss")),
+        "{answers:?}"
+    );
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 5);
+}
+
 /// A request coalesced on a stream that breaks gets what the leader's client
 /// got: the chunks, then the `stream_interrupted` event, over real sockets
 /// (hyper drops the frames a body holds when it fails without a pause).

@@ -487,15 +487,34 @@ impl Tee {
     /// The upstream body ended without error.
     fn finish(mut self) {
         self.leader.keep_held(self.held.take());
+        // A JSON answer is judged before its end is told: its followers
+        // wait for it whole, and one that is no answer to share (an error
+        // some servers send with `200`) fails the flight, which sends them
+        // to the upstream on their own rather than hand them the error as a
+        // hit.
+        let json = match (&self.watch, self.leader.frames()) {
+            (Watch::Json(rule), Some(frames)) => {
+                let all = joined(&frames);
+                if !json_follows(&all, *rule) {
+                    Counters::bump(&self.shared.counters.not_stored);
+                    self.leader.fail();
+                    return;
+                }
+                Some(all)
+            }
+            _ => None,
+        };
         let frames = self.leader.complete();
-        let kind = match &self.watch {
-            Watch::Sse(watch) if !watch.clean_end() => None,
-            Watch::Sse(watch) => Some(Kind::Stream(watch.usage)),
-            Watch::Json(rule) => Some(Kind::Json(*rule)),
+        let kind = match (&self.watch, frames) {
+            (Watch::Sse(watch), Some(frames)) if watch.clean_end() => {
+                Some(Kind::Stream(frames, watch.usage))
+            }
+            (Watch::Json(_), _) => json.map(Kind::Json),
+            _ => None,
         };
         let counters = &self.shared.counters;
         let storable = self.storable && !self.too_large;
-        let (Some(kind), Some(frames), true) = (kind, frames, storable) else {
+        let (Some(kind), true) = (kind, storable) else {
             Counters::bump(&counters.not_stored);
             self.leader.retire();
             return;
@@ -508,7 +527,7 @@ impl Tee {
         // never waits) costs no task. One that waits (Redis) goes on in a
         // task, which polls it again (so the first poll's waker, a no-op,
         // is never needed).
-        let mut store = Box::pin(store(self, frames, kind));
+        let mut store = Box::pin(store(self, kind));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         if store.as_mut().poll(&mut cx).is_pending() {
             runtime.spawn(store);
@@ -525,13 +544,15 @@ impl Tee {
 
 /// What a cleanly ended answer is stored as.
 enum Kind {
-    Json(JsonRule),
-    Stream(UsageChunk),
+    /// Its bytes, judged an answer ([`json_follows`]).
+    Json(Bytes),
+    /// Its frames, and where the usage chunk is.
+    Stream(Vec<Bytes>, UsageChunk),
 }
 
 /// Build the entry off the client's path and write it; the flight stays
 /// joinable (as a finished answer) until the store has it.
-async fn store(tee: Tee, frames: Vec<Bytes>, kind: Kind) {
+async fn store(tee: Tee, kind: Kind) {
     let Tee {
         mut leader,
         shared,
@@ -540,42 +561,43 @@ async fn store(tee: Tee, frames: Vec<Bytes>, kind: Kind) {
         ..
     } = tee;
     let counters = &shared.counters;
-    match entry(frames, kind, content_type) {
-        Some(_) if !counters.store_allowed() => Counters::bump(&counters.not_stored),
-        Some(entry) => {
-            let len = entry.body_len() as u64;
-            match shared.put(key, entry).await {
-                Ok(false) => {
-                    counters.store_ok();
-                    Counters::bump(&counters.not_stored);
-                }
-                Ok(true) => {
-                    counters.store_ok();
-                    Counters::bump(&counters.stored);
-                    counters
-                        .stored_bytes
-                        .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-                }
-                Err(error) => counters.store_error(shared.store.kind(), "put", &error),
+    if counters.store_allowed() {
+        let entry = entry(kind, content_type);
+        let len = entry.body_len() as u64;
+        match shared.put(key, entry).await {
+            Ok(false) => {
+                counters.store_ok();
+                Counters::bump(&counters.not_stored);
             }
+            Ok(true) => {
+                counters.store_ok();
+                Counters::bump(&counters.stored);
+                counters
+                    .stored_bytes
+                    .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(error) => counters.store_error(shared.store.kind(), "put", &error),
         }
-        None => Counters::bump(&counters.not_stored),
+    } else {
+        Counters::bump(&counters.not_stored);
     }
     leader.retire();
 }
 
 /// The frames copied into one allocation (they may be slices of larger
-/// network buffers, which the store must not keep alive), as an entry.
-fn entry(frames: Vec<Bytes>, kind: Kind, content_type: Option<HeaderValue>) -> Option<Entry> {
+/// network buffers, which the store must not keep alive).
+fn joined(frames: &[Bytes]) -> Bytes {
     let mut all = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
     frames.iter().for_each(|frame| all.extend_from_slice(frame));
-    let all = all.freeze();
+    all.freeze()
+}
+
+/// The answer as an entry, in one allocation.
+fn entry(kind: Kind, content_type: Option<HeaderValue>) -> Entry {
     let body = match kind {
-        Kind::Json(rule) => {
-            json_follows(&all, rule).then_some(())?;
-            EntryBody::Json(all)
-        }
-        Kind::Stream(usage) => {
+        Kind::Json(all) => EntryBody::Json(all),
+        Kind::Stream(frames, usage) => {
+            let all = joined(&frames);
             let mut start = 0;
             let frames = frames
                 .iter()
@@ -587,11 +609,11 @@ fn entry(frames: Vec<Bytes>, kind: Kind, content_type: Option<HeaderValue>) -> O
             EntryBody::Stream { frames, usage }
         }
     };
-    Some(Entry {
+    Entry {
         stored_at_ms: crate::clock::now_ms(),
         content_type: content_type.map(|ct| owned_content_type(ct.as_bytes())),
         body,
-    })
+    }
 }
 
 /// The content type as bytes of its own (the header value may be a slice of

@@ -61,9 +61,6 @@ pub(crate) struct Head {
     /// For an answer from the store, when it was stored; `None` for a live
     /// answer (age 0).
     pub stored_at_ms: Option<u64>,
-    /// The answer's length when known (a JSON answer's `content-length`),
-    /// so that followers announce it too.
-    pub length: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -359,6 +356,12 @@ impl Leader {
         }
     }
 
+    /// The frames so far, unless they were dropped.
+    pub fn frames(&self) -> Option<Vec<Bytes>> {
+        let state = self.flight.state();
+        state.dropped_frames.is_none().then(|| state.frames.clone())
+    }
+
     /// The answer ended cleanly: the frames, unless they were dropped.
     pub fn complete(&mut self) -> Option<Vec<Bytes>> {
         self.finished = true;
@@ -446,6 +449,25 @@ impl Follower {
         Poll::Pending
     }
 
+    /// The whole answer, into `frames` (those there already are its
+    /// first), read as [`Follower::poll_frame`] reads them; `Retry` when
+    /// the flight failed before its end (or dropped its frames, or its
+    /// leader judged the answer none to share): a JSON answer is only any
+    /// use whole, so its followers answer their clients once it is.
+    pub fn poll_whole(
+        &self,
+        frames: &mut Vec<Bytes>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Retry>> {
+        loop {
+            match std::task::ready!(self.poll_frame(frames.len(), cx)) {
+                Some(Ok(frame)) => frames.push(frame),
+                None => return Poll::Ready(Ok(())),
+                Some(Err(_)) => return Poll::Ready(Err(Retry)),
+            }
+        }
+    }
+
     /// Whether the flight dropped its frames (the answer grew past what is
     /// kept for followers): a follower that fails then lost part of the
     /// answer, the leader's own end (an error event) among it.
@@ -511,7 +533,6 @@ mod tests {
         Head {
             content_type: None,
             stored_at_ms: None,
-            length: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, header};
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use llm_proxy_core::sse::{Outlines, SequenceNumbers, SseError};
 use llm_proxy_core::{Body, BoxError, Error, FlushBeforeError, StreamKind, UsageFilter, full};
@@ -85,22 +85,21 @@ pub(crate) fn content_type(entry: &Entry) -> HeaderValue {
         })
 }
 
-/// A coalesced request's answer: the leader's frames as they arrive
-/// (`stream`: the kind of stream the request asked for, if it did).
+/// A coalesced request's stream (of `kind`): the leader's frames as they
+/// arrive.
 pub(crate) fn from_flight(
     follower: Follower,
     head: &Head,
-    stream: Option<StreamKind>,
+    kind: StreamKind,
     filter_usage: bool,
     age_secs: u64,
 ) -> Response<Body> {
     let body = FlightBody {
         follower,
         next: 0,
-        left: head.length,
         ended: false,
         flush: FlushBeforeError::default(),
-        sse: stream.map(|kind| (kind, Outlines::new(), SequenceNumbers::default())),
+        sse: Some((kind, Outlines::new(), SequenceNumbers::default())),
         told: false,
     };
     let body = if filter_usage {
@@ -109,6 +108,16 @@ pub(crate) fn from_flight(
         body.boxed_unsync()
     };
     hit(body, head.content_type.clone(), age_secs)
+}
+
+/// A coalesced request's JSON answer, read whole from its flight
+/// ([`Follower::poll_whole`]).
+pub(crate) fn whole_from_flight(head: &Head, frames: Vec<Bytes>, age_secs: u64) -> Response<Body> {
+    let body = match <[Bytes; 1]>::try_from(frames) {
+        Ok([one]) => one,
+        Err(frames) => Bytes::from(frames.concat()),
+    };
+    hit(full(body), head.content_type.clone(), age_secs)
 }
 
 fn hit(body: Body, content_type: Option<HeaderValue>, age_secs: u64) -> Response<Body> {
@@ -168,8 +177,6 @@ impl HttpBody for Replay {
 struct FlightBody {
     follower: Follower,
     next: usize,
-    /// Bytes still to come, when the answer's length is known.
-    left: Option<u64>,
     ended: bool,
     /// The flight broke: paused once before failing, so that hyper writes
     /// out the frames it holds (the leader's error event among them)
@@ -209,9 +216,6 @@ impl HttpBody for FlightBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
                 self.next += 1;
-                if let Some(left) = &mut self.left {
-                    *left = left.saturating_sub(frame.len() as u64);
-                }
                 if let Some((kind, outlines, numbers)) = &mut self.sse {
                     let read = outlines.push(&frame, |event| {
                         if *kind == StreamKind::Responses {
@@ -261,19 +265,8 @@ impl HttpBody for FlightBody {
         }
     }
 
-    /// Ended, or every byte of an answer of known length went out: hyper
-    /// drops such a body after its last byte without polling it to the
-    /// end, and the layers above read the drop as a clean end only if the
-    /// body says it is at its end (the access log's `complete`).
     fn is_end_stream(&self) -> bool {
-        self.ended || self.left == Some(0)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.left {
-            Some(left) if !self.ended => SizeHint::with_exact(left),
-            _ => SizeHint::default(),
-        }
+        self.ended
     }
 }
 
@@ -306,11 +299,10 @@ mod tests {
         let head = Head {
             content_type: None,
             stored_at_ms: None,
-            length: None,
         };
         leader.start(head.clone());
         leader.push(&Bytes::from_static(sent));
-        let mut body = from_flight(follower, &head, Some(kind), false, 0).into_body();
+        let mut body = from_flight(follower, &head, kind, false, 0).into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         let cap = if why == Dropped::TooLarge { 200 } else { 0 };
         assert!(leader.too_large(300, cap, why), "past the cap");
@@ -353,22 +345,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_follower_of_known_length_is_at_its_end_after_its_last_byte() {
-        let (leader, follower) = lead_and_follow();
+    async fn a_json_follower_gets_the_whole_answer_or_starts_over() {
         let head = Head {
-            content_type: None,
+            content_type: Some(HeaderValue::from_static("application/json")),
             stored_at_ms: None,
-            length: Some(4),
         };
+        // The answer in two frames: one body of its length.
+        let (mut leader, follower) = lead_and_follow();
         leader.start(head.clone());
         leader.push(&Bytes::from_static(b"{\"a\""));
-        let mut body = from_flight(follower, &head, None, false, 0).into_body();
-        assert!(!body.is_end_stream());
-        assert_eq!(body.size_hint().exact(), Some(4));
-        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(&frame[..], b"{\"a\"");
-        // No end of the flight yet, but nothing is left to send.
-        assert!(body.is_end_stream());
+        let whole = tokio::spawn(async move {
+            let mut frames = Vec::new();
+            std::future::poll_fn(|cx| follower.poll_whole(&mut frames, cx))
+                .await
+                .map(|()| frames)
+        });
+        tokio::task::yield_now().await;
+        leader.push(&Bytes::from_static(b":1}"));
+        assert!(leader.complete().is_some());
+        let frames = whole.await.unwrap().unwrap();
+        let response = whole_from_flight(&head, frames, 0);
+        assert_eq!(response.headers()[CACHE_HEADER], "hit");
+        let body = response.into_body();
+        assert_eq!(body.size_hint().exact(), Some(7));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "{\"a\":1}");
+        // Failed after its head (or judged no answer to share): nothing
+        // for the client yet, and the follower starts over.
+        let (mut leader, follower) = lead_and_follow();
+        leader.start(head);
+        leader.push(&Bytes::from_static(b"{\"error\""));
+        leader.fail();
+        let mut frames = Vec::new();
+        let whole = std::future::poll_fn(|cx| follower.poll_whole(&mut frames, cx)).await;
+        assert!(whole.is_err());
     }
 
     #[tokio::test]

@@ -438,7 +438,9 @@ where
                     // The wait for the leader's answer is the upstream's
                     // time, not the proxy's.
                     let waited = req.extensions().get::<Waited>();
-                    match Waited::timing(waited, tokio::time::timeout_at(until, head)).await {
+                    let alone = match Waited::timing(waited, tokio::time::timeout_at(until, head))
+                        .await
+                    {
                         Ok(Ok(head)) => {
                             let age = head
                                 .stored_at_ms
@@ -449,26 +451,40 @@ where
                                 // flight has left the map, so this one leads next.
                                 continue;
                             }
-                            Counters::bump(&counters.hits);
-                            let filter = plan.strips_usage();
-                            return Ok(replay::from_flight(
-                                follower,
-                                &head,
-                                plan.stream,
-                                filter,
-                                age.as_secs(),
-                            ));
+                            if let Some(kind) = plan.stream {
+                                Counters::bump(&counters.hits);
+                                let filter = plan.strips_usage();
+                                return Ok(replay::from_flight(
+                                    follower,
+                                    &head,
+                                    kind,
+                                    filter,
+                                    age.as_secs(),
+                                ));
+                            }
+                            // A JSON answer: read whole before it is
+                            // answered (see `Follower::poll_whole`).
+                            let mut frames = Vec::new();
+                            let whole = poll_fn(|cx| follower.poll_whole(&mut frames, cx));
+                            if Waited::timing(waited, whole).await.is_ok() {
+                                Counters::bump(&counters.hits);
+                                return Ok(replay::whole_from_flight(&head, frames, age.as_secs()));
+                            }
+                            // No answer to share (an error sent with `200`,
+                            // say), or none at all: each follower asks the
+                            // upstream itself, at once, as it would without
+                            // a cache, rather than lead the next flight in
+                            // turn.
+                            follower
                         }
                         // The leader failed before its head: start over.
                         Ok(Err(_retry)) => continue,
-                        Err(_elapsed) => {
-                            drop(follower);
-                            Counters::bump(&counters.misses);
-                            let leader = Leader::detached(plan.key);
-                            return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss)
-                                .await;
-                        }
-                    }
+                        Err(_elapsed) => follower,
+                    };
+                    drop(alone);
+                    Counters::bump(&counters.misses);
+                    let leader = Leader::detached(plan.key);
+                    return fetch(inner, &shared, &plan, req, leader, CacheStatus::Miss).await;
                 }
             }
         }
@@ -550,10 +566,6 @@ fn head_of(entry: &Entry) -> Head {
     Head {
         content_type: Some(crate::replay::content_type(entry)),
         stored_at_ms: Some(entry.stored_at_ms),
-        length: match &entry.body {
-            EntryBody::Json(bytes) => Some(bytes.len() as u64),
-            EntryBody::Stream { .. } => None,
-        },
     }
 }
 
@@ -631,18 +643,9 @@ where
         return Ok(to_client(parts, body, plan, status));
     }
     let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
-    // A stream's length is not the followers': some of them get it
-    // without its usage chunk.
-    let length = plan
-        .stream
-        .is_none()
-        .then(|| parts.headers.get(header::CONTENT_LENGTH))
-        .flatten()
-        .and_then(|v| v.to_str().ok()?.parse().ok());
     leader.start(Head {
         content_type: content_type.clone(),
         stored_at_ms: None,
-        length,
     });
     let tee = Tee {
         leader,
