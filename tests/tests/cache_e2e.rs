@@ -541,6 +541,51 @@ async fn followers_of_an_error_answered_with_200_ask_the_upstream_themselves() {
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 5);
 }
 
+/// An upstream that refuses `stream_options` (older Azure API versions,
+/// TGI) streams without the usage chunk the cache asks for: a client that
+/// asks for it itself is not served such a stream from the cache, in
+/// either order, but gets the upstream's own answer to its request (the
+/// refusal), as without a cache; one that does not ask is served it.
+#[tokio::test]
+async fn a_stream_without_the_refused_usage_chunk_answers_no_client_that_asked() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let addr = sse_upstream(move |body| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if String::from_utf8_lossy(body).contains("stream_options") {
+            let error = r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error"}}"#;
+            return (400, error.to_owned());
+        }
+        let delta = r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}"#;
+        (200, format!("data: {delta}\n\ndata: [DONE]\n\n"))
+    })
+    .await;
+    let calls = move || calls.load(std::sync::atomic::Ordering::SeqCst);
+    let p = proxy(&memory(&format!("http://{addr}/v1"))).await;
+    let plain = chat("m", true);
+    let mut asking: serde_json::Value = serde_json::from_str(&plain).unwrap();
+    asking["stream_options"] = serde_json::json!({"include_usage": true});
+    let asking = asking.to_string();
+    let ask = async |body: &str| post_json(&p.url(CHAT_PATH), body).await;
+
+    // Stored by a client that did not ask: the refused ask, then its own.
+    let first = ask(&plain).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-llm-proxy-cache"), Some("miss"));
+    assert_eq!(calls(), 2);
+    // One that asks gets what the upstream says to its request.
+    let refused = ask(&asking).await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert_eq!(refused.header("x-llm-proxy-cache"), Some("miss"));
+    assert_eq!(calls(), 3);
+    // The stored stream still serves those that do not ask.
+    let hit = ask(&plain).await;
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.header("x-llm-proxy-cache"), Some("hit"));
+    assert_eq!(hit.text(), first.text());
+    assert_eq!(calls(), 3);
+}
+
 /// A request coalesced on a stream that breaks gets what the leader's client
 /// got: the chunks, then the `stream_interrupted` event, over real sockets
 /// (hyper drops the frames a body holds when it fails without a pause).

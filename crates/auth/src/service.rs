@@ -534,6 +534,9 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refu
             .extensions_mut()
             .get_mut::<RequestMeta>()
             .is_some_and(request_stream_usage);
+    if strip_usage {
+        req.extensions_mut().insert(refusal::UsageAskedByLayer);
+    }
     Ok(Admitted {
         key,
         reserve,

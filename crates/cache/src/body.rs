@@ -109,8 +109,8 @@ pub(crate) struct Tee {
 
 /// How the tee decides that an answer ended cleanly.
 pub(crate) enum Watch {
-    /// A JSON body: it must parse and follow the rule (checked in the store
-    /// task).
+    /// A JSON body: it must parse and follow the rule (checked when it
+    /// ends, before its followers are told).
     Json(JsonRule),
     /// An SSE stream: it must end with its dialect's clean last event.
     Sse(Box<SseWatch>),
@@ -136,15 +136,24 @@ pub(crate) struct SseWatch {
 }
 
 impl Watch {
-    /// Watch a stream of `kind`, its held event counted against `budget`.
-    pub fn sse(kind: StreamKind, budget: Option<&llm_proxy_core::BodyBudget>) -> Self {
+    /// Watch a stream of `kind`, its held event counted against `budget`
+    /// (`usage_refused`: the upstream refused `stream_options`).
+    pub fn sse(
+        kind: StreamKind,
+        budget: Option<&llm_proxy_core::BodyBudget>,
+        usage_refused: bool,
+    ) -> Self {
         Watch::Sse(Box::new(SseWatch {
             kind,
             outlines: Outlines::new().counted_in(budget),
             frames: 0,
             done: false,
             broken: false,
-            usage: UsageChunk::Absent,
+            usage: if usage_refused {
+                UsageChunk::Refused
+            } else {
+                UsageChunk::Absent
+            },
         }))
     }
 }
@@ -207,7 +216,7 @@ impl SseWatch {
         if usage_here {
             let alone = at_boundary && events == 1 && !self.outlines.has_partial();
             self.usage = match self.usage {
-                UsageChunk::Absent if alone => UsageChunk::Frame(index),
+                UsageChunk::Absent | UsageChunk::Refused if alone => UsageChunk::Frame(index),
                 _ => UsageChunk::Inside,
             };
         }
@@ -822,7 +831,7 @@ mod tests {
 
     /// Whether a stream of `kind` made of `frames` ended cleanly.
     fn clean(kind: StreamKind, frames: &[&str]) -> bool {
-        let Watch::Sse(mut watch) = Watch::sse(kind, None) else {
+        let Watch::Sse(mut watch) = Watch::sse(kind, None, false) else {
             unreachable!()
         };
         frames.iter().for_each(|f| watch.observe(f.as_bytes()));

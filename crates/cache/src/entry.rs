@@ -44,6 +44,11 @@ pub enum UsageChunk {
     Frame(u32),
     /// It shares a frame with other events: a replay filters the stream.
     Inside,
+    /// The stream has none because the upstream refused `stream_options`
+    /// (older Azure API versions, TGI): a request that asks for the usage
+    /// chunk is not answered with it (its own answer from that upstream is
+    /// the refusal).
+    Refused,
 }
 
 /// Why stored bytes could not be decoded into an [`Entry`].
@@ -110,6 +115,7 @@ impl Entry {
                         out.put_u32_le(*index);
                     }
                     UsageChunk::Inside => out.put_u8(2),
+                    UsageChunk::Refused => out.put_u8(3),
                 }
                 out.put_u32_le(len_u32(frames.len()));
                 for frame in frames.iter() {
@@ -141,6 +147,7 @@ impl Entry {
                     0 => UsageChunk::Absent,
                     1 => UsageChunk::Frame(get_u32(&mut buf)?),
                     2 => UsageChunk::Inside,
+                    3 => UsageChunk::Refused,
                     _ => return Err(DecodeError("unknown usage tag")),
                 };
                 let count = get_u32(&mut buf)? as usize;
@@ -236,6 +243,7 @@ mod tests {
             ),
             stream(&[], UsageChunk::Absent),
             stream(&["x"], UsageChunk::Inside),
+            stream(&["data: [DONE]\n\n"], UsageChunk::Refused),
         ] {
             let bytes = Bytes::from(entry.encode());
             assert_eq!(Entry::decode(bytes).unwrap(), entry);

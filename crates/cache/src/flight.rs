@@ -61,6 +61,9 @@ pub(crate) struct Head {
     /// For an answer from the store, when it was stored; `None` for a live
     /// answer (age 0).
     pub stored_at_ms: Option<u64>,
+    /// A chat stream without the usage chunk because the upstream refused
+    /// `stream_options`: not for a request that asks for the chunk.
+    pub usage_refused: bool,
 }
 
 #[derive(Debug)]
@@ -533,6 +536,7 @@ mod tests {
         Head {
             content_type: None,
             stored_at_ms: None,
+            usage_refused: false,
         }
     }
 

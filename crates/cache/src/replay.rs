@@ -299,6 +299,7 @@ mod tests {
         let head = Head {
             content_type: None,
             stored_at_ms: None,
+            usage_refused: false,
         };
         leader.start(head.clone());
         leader.push(&Bytes::from_static(sent));
@@ -349,6 +350,7 @@ mod tests {
         let head = Head {
             content_type: Some(HeaderValue::from_static("application/json")),
             stored_at_ms: None,
+            usage_refused: false,
         };
         // The answer in two frames: one body of its length.
         let (mut leader, follower) = lead_and_follow();

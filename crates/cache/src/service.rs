@@ -20,8 +20,10 @@ use crate::body::{CacheBody, JsonRule, Tee, Watch};
 use crate::flight::{Flights, Head, Joined, Leader};
 use crate::replay::{self, CacheStatus};
 use crate::stats::Counters;
-use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store, StoreError};
-use llm_proxy_core::refusal::{StreamOptionsRefused, copy_head, refuses_stream_options};
+use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store, StoreError, UsageChunk};
+use llm_proxy_core::refusal::{
+    StreamOptionsRefused, UsageAskedByLayer, copy_head, refuses_stream_options,
+};
 
 /// What every clone of a [`Cache`] shares.
 pub(crate) struct Shared {
@@ -88,8 +90,12 @@ struct Plan {
     stream: Option<StreamKind>,
     /// A Responses request: a JSON answer is stored only when `completed`.
     responses: bool,
-    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    /// The request asks for the usage chunk (`stream_options.include_usage`).
     wants_usage: bool,
+    /// The client asked for it (not a layer above for itself, see
+    /// [`UsageAskedByLayer`]): a stream without it because the upstream
+    /// refused `stream_options` is no answer to this request.
+    client_wants_usage: bool,
     /// The body has no `stream_options`: asking for the usage chunk adds
     /// the field to its bytes, without building the body.
     no_stream_options: bool,
@@ -122,6 +128,8 @@ impl Plan {
             stream: meta.is_stream().then(|| endpoint.stream_kind()).flatten(),
             responses: endpoint == Endpoint::Responses,
             wants_usage,
+            client_wants_usage: wants_usage
+                && req.extensions().get::<UsageAskedByLayer>().is_none(),
             no_stream_options,
             shared_across_keys: config.scope == crate::CacheScope::Shared
                 && meta.identity().is_some(),
@@ -451,31 +459,49 @@ where
                                 // flight has left the map, so this one leads next.
                                 continue;
                             }
-                            if let Some(kind) = plan.stream {
-                                Counters::bump(&counters.hits);
-                                let filter = plan.strips_usage();
-                                return Ok(replay::from_flight(
-                                    follower,
-                                    &head,
-                                    kind,
-                                    filter,
-                                    age.as_secs(),
-                                ));
+                            match plan.stream {
+                                // A stream that lacks the usage chunk this
+                                // request's client asked for, because the
+                                // upstream refused `stream_options`: the
+                                // upstream's own answer to it is what it
+                                // gets.
+                                Some(_) if head.usage_refused && plan.client_wants_usage => {
+                                    follower
+                                }
+                                Some(kind) => {
+                                    Counters::bump(&counters.hits);
+                                    let filter = plan.strips_usage();
+                                    return Ok(replay::from_flight(
+                                        follower,
+                                        &head,
+                                        kind,
+                                        filter,
+                                        age.as_secs(),
+                                    ));
+                                }
+                                None => {
+                                    // A JSON answer: read whole before it
+                                    // is answered (see
+                                    // `Follower::poll_whole`).
+                                    let mut frames = Vec::new();
+                                    let whole = poll_fn(|cx| follower.poll_whole(&mut frames, cx));
+                                    if Waited::timing(waited, whole).await.is_ok() {
+                                        Counters::bump(&counters.hits);
+                                        return Ok(replay::whole_from_flight(
+                                            &head,
+                                            frames,
+                                            age.as_secs(),
+                                        ));
+                                    }
+                                    // No answer to share (an error sent
+                                    // with `200`, say), or none at all: each
+                                    // follower asks the upstream itself, at
+                                    // once, as it would without a cache,
+                                    // rather than lead the next flight in
+                                    // turn.
+                                    follower
+                                }
                             }
-                            // A JSON answer: read whole before it is
-                            // answered (see `Follower::poll_whole`).
-                            let mut frames = Vec::new();
-                            let whole = poll_fn(|cx| follower.poll_whole(&mut frames, cx));
-                            if Waited::timing(waited, whole).await.is_ok() {
-                                Counters::bump(&counters.hits);
-                                return Ok(replay::whole_from_flight(&head, frames, age.as_secs()));
-                            }
-                            // No answer to share (an error sent with `200`,
-                            // say), or none at all: each follower asks the
-                            // upstream itself, at once, as it would without
-                            // a cache, rather than lead the next flight in
-                            // turn.
-                            follower
                         }
                         // The leader failed before its head: start over.
                         Ok(Err(_retry)) => continue,
@@ -523,7 +549,17 @@ async fn lookup(shared: &Shared, plan: &Plan) -> Option<Entry> {
     // instance's).
     let age = entry.age(crate::clock::now_ms());
     let too_old = age > shared.config.ttl || plan.control.max_age.is_some_and(|max| age > max);
-    (!too_old).then_some(entry)
+    // Stored without the usage chunk this request's client asked for,
+    // because the upstream refused `stream_options`: not its answer.
+    let refused = plan.client_wants_usage
+        && matches!(
+            entry.body,
+            EntryBody::Stream {
+                usage: UsageChunk::Refused,
+                ..
+            }
+        );
+    (!too_old && !refused).then_some(entry)
 }
 
 /// The answer to an `only-if-cached` request: a stored entry, or a 504.
@@ -566,6 +602,13 @@ fn head_of(entry: &Entry) -> Head {
     Head {
         content_type: Some(crate::replay::content_type(entry)),
         stored_at_ms: Some(entry.stored_at_ms),
+        usage_refused: matches!(
+            entry.body,
+            EntryBody::Stream {
+                usage: UsageChunk::Refused,
+                ..
+            }
+        ),
     }
 }
 
@@ -592,20 +635,24 @@ where
     S::Future: Send + 'static,
 {
     let (mut parts, _empty) = req.into_parts();
+    // The upstream refused `stream_options` (asked by a layer above, or
+    // below by the cache itself): its stream has no usage chunk, and a
+    // client that asks for one must not be served it
+    // ([`UsageChunk::Refused`]).
+    let mut usage_refused = parts.extensions.get::<StreamOptionsRefused>().is_some();
     // Ask for the usage chunk on the client's behalf, so the stored stream
     // has it; keep the unedited request in case the upstream refuses
     // `stream_options`.
-    let unedited =
-        if plan.strips_usage() && parts.extensions.get::<StreamOptionsRefused>().is_none() {
-            let original = copy_head(&parts);
-            let edited = parts
-                .extensions
-                .get_mut::<RequestMeta>()
-                .is_some_and(|meta| meta.ask_for_stream_usage(plan.no_stream_options));
-            edited.then_some(original)
-        } else {
-            None
-        };
+    let unedited = if plan.strips_usage() && !usage_refused {
+        let original = copy_head(&parts);
+        let edited = parts
+            .extensions
+            .get_mut::<RequestMeta>()
+            .is_some_and(|meta| meta.ask_for_stream_usage(plan.no_stream_options));
+        edited.then_some(original)
+    } else {
+        None
+    };
     // A second call, should there be one, readies a clone of its own.
     let again = unedited.map(|original| (original, inner.clone_unready()));
     let first = inner.call(Request::from_parts(parts, empty()));
@@ -615,6 +662,7 @@ where
             match refuses_stream_options(first, original.extensions.get::<Waited>()).await {
                 (true, _refusal) => {
                     tracing::debug!("the upstream refused stream_options; retrying without");
+                    usage_refused = true;
                     let mut original = original;
                     original.extensions.insert(StreamOptionsRefused);
                     boxed(inner.oneshot(Request::from_parts(original, empty()))).await
@@ -643,9 +691,11 @@ where
         return Ok(to_client(parts, body, plan, status));
     }
     let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
+    let usage_refused = usage_refused && plan.stream == Some(StreamKind::Chat);
     leader.start(Head {
         content_type: content_type.clone(),
         stored_at_ms: None,
+        usage_refused,
     });
     let tee = Tee {
         leader,
@@ -653,7 +703,7 @@ where
         key: plan.key,
         content_type,
         watch: match plan.stream {
-            Some(kind) => Watch::sse(kind, plan.budget.as_ref()),
+            Some(kind) => Watch::sse(kind, plan.budget.as_ref(), usage_refused),
             None if plan.responses => Watch::Json(JsonRule::CompletedResponse),
             None => Watch::Json(JsonRule::Any),
         },

@@ -85,6 +85,15 @@ async fn read_refusal(response: Response<Body>) -> (bool, Response<Body>) {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamOptionsRefused;
 
+/// On a streamed chat request whose `stream_options.include_usage` a layer
+/// added for itself (the auth layer, to count a limited key's tokens),
+/// which cuts the usage chunk out again before the client: the client did
+/// not ask for it. A layer below that keeps answers (the cache) may then
+/// answer with a stream that lacks the chunk because the upstream refused
+/// `stream_options`; one the client asked for, it may not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageAskedByLayer;
+
 /// A copy of a request's head, to send it again (its body lives in
 /// [`RequestMeta`](crate::RequestMeta)): method, URI, version, headers and
 /// extensions.

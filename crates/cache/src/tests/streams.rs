@@ -164,13 +164,15 @@ async fn an_upstream_that_refuses_stream_options_is_asked_again_without() {
     let bodies = h.fake.bodies();
     assert!(bodies[0].get("stream_options").is_some());
     assert!(bodies[1].get("stream_options").is_none());
-    // Stored without a usage chunk: a client that asks gets none from the
-    // cache either (there is none to give).
+    // Stored without a usage chunk, which a client that asks for it does
+    // not get from that entry: it goes upstream with its own request (this
+    // time taken, with the chunk), …
     let asked = h.send(chat(STREAM_USAGE, &[])).await;
-    assert_eq!(
-        (asked.cache(), &asked.frames),
-        ("hit", &stream_frames(2, false))
-    );
+    assert_eq!(asked.cache(), "miss");
+    assert_eq!(asked.frames, stream_frames(3, true));
+    // … while one that does not ask is answered from the cache.
+    let plain = h.send(chat(STREAM, &[])).await;
+    assert_eq!(plain.cache(), "hit");
 }
 
 #[tokio::test]
