@@ -563,6 +563,37 @@ async fn keep_alives_in_a_chat_stream_reach_no_client_and_break_nothing() {
     assert_eq!(last["response"]["output"][0]["content"][0]["text"], "hi");
 }
 
+/// A Responses client whose tool returned a screenshot (an `input_image`
+/// in a `function_call_output`, as a computer-use agent sends) is served by
+/// a chat-only upstream: the image reaches it in a user message after the
+/// tool message.
+#[tokio::test]
+async fn a_function_output_image_reaches_a_chat_upstream() {
+    let up = only(MockApi::ChatCompletions, "chat").await;
+    let p = over_chat(&up).await;
+    let body = json!({"model": "demo", "store": false, "input": [
+        {"role": "user", "content": "Look at the screen."},
+        {"type": "function_call", "call_id": "call_1", "name": "screenshot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [
+            {"type": "input_text", "text": "1280x800"},
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}]},
+    ]});
+    let answer = post(&p.url("/v1/responses"), &body, &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["status"], "completed");
+    let sent: Value = serde_json::from_slice(&up.stats.last_request_body().unwrap()).unwrap();
+    let messages = sent["messages"].as_array().unwrap();
+    assert_eq!(
+        messages[2],
+        json!({"role": "tool", "tool_call_id": "call_1", "content": "1280x800"})
+    );
+    assert_eq!(
+        messages[3],
+        json!({"role": "user", "content": [{"type": "image_url",
+            "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]})
+    );
+}
+
 /// An answer the upstream gave up on (vLLM's `finish_reason` `abort` or
 /// `error`), or whose stream ended (`[DONE]`) before it finished, here
 /// over half a tool call's arguments, reaches a translated client as its
@@ -657,6 +688,17 @@ async fn an_answer_the_upstream_gave_up_on_is_never_a_clean_end() {
     assert_eq!(whole.status, 502, "{}", whole.text());
     assert!(
         whole.text().contains("finish_reason `abort`"),
+        "{}",
+        whole.text()
+    );
+    // An error sent with `200`: a 502 in the upstream's own words.
+    let error = r#"{"error":{"message":"the model is overloaded","code":502}}"#;
+    let addr = sse_upstream(move |_| (200, error.to_owned())).await;
+    let p = chat_only(addr).await;
+    let whole = post(&p.url("/v1/responses"), &body, &[]).await;
+    assert_eq!(whole.status, 502, "{}", whole.text());
+    assert!(
+        whole.text().contains("the model is overloaded"),
         "{}",
         whole.text()
     );

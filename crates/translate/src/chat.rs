@@ -277,6 +277,25 @@ pub(crate) fn error_message(error: &Value) -> String {
         .unwrap_or_else(|| error.to_string())
 }
 
+/// The message of a whole answer that is an error some servers send with
+/// `200` (OpenRouter's `{"error": …}`, vLLM's `{"object": "error", …}`),
+/// if it is one: the upstream's own words for the client, rather than what
+/// such an answer lacks.
+pub(crate) fn answer_error(answer: &Value) -> Option<String> {
+    if let Some(error) = answer.get("error").filter(|e| !e.is_null()) {
+        return Some(format!(
+            "the upstream answered with an error: {}",
+            error_message(error)
+        ));
+    }
+    (answer.get("object").and_then(Value::as_str) == Some("error")).then(|| {
+        format!(
+            "the upstream answered with an error: {}",
+            error_message(answer)
+        )
+    })
+}
+
 /// A chunk written for a chat client.
 #[derive(Debug, Serialize)]
 pub(crate) struct OutChunk<'a> {

@@ -10,6 +10,9 @@ use crate::wire::{arguments_to_input, model_or, restyle_id, str_of};
 /// Translate a `chat.completion` into an Anthropic `message`. `Err` names
 /// what is missing when the upstream's answer is not a chat completion.
 pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
+    if let Some(error) = crate::chat::answer_error(chat) {
+        return Err(error);
+    }
     let choice = chat
         .get("choices")
         .and_then(Value::as_array)
@@ -179,6 +182,23 @@ mod tests {
         assert_eq!(out["stop_reason"], "max_tokens");
         assert_eq!(out["model"], "client");
         assert!(response(&json!({"id": "x"}), &ctx).is_err());
+        // An error sent with `200` is told in the upstream's own words.
+        for (error, words) in [
+            (
+                json!({"error": {"message": "overloaded", "code": 502}}),
+                "overloaded",
+            ),
+            (json!({"error": "rate limited"}), "rate limited"),
+            (
+                json!({"object": "error", "message": "CUDA out of memory", "code": 500}),
+                "CUDA out of memory",
+            ),
+        ] {
+            assert_eq!(
+                response(&error, &ctx),
+                Err(format!("the upstream answered with an error: {words}"))
+            );
+        }
     }
 
     #[test]

@@ -113,13 +113,21 @@ fn input(src: &Map<String, Value>, messages: &mut Vec<Value>) -> Result<(), Erro
             ));
         }
     };
+    // Images of function outputs (chat tool messages hold text only), for
+    // the user message after the outputs in a row.
+    let mut moved_images = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let path = format!("input[{i}]");
         let kind = str_of(item, "type").or_else(|| item.get("role").map(|_| "message"));
+        if kind != Some("function_call_output") {
+            images_after_outputs(&mut moved_images, messages);
+        }
         match kind {
             Some("message") => messages.push(message(&path, item)?),
             Some("function_call") => function_call(&path, item, messages)?,
-            Some("function_call_output") => messages.push(function_output(&path, item)?),
+            Some("function_call_output") => {
+                messages.push(function_output(&path, item, &mut moved_images)?);
+            }
             // a stateless client's own reasoning items: chat servers take none back
             Some("reasoning") => {}
             Some("item_reference") => {
@@ -136,7 +144,19 @@ fn input(src: &Map<String, Value>, messages: &mut Vec<Value>) -> Result<(), Erro
             }
         }
     }
+    images_after_outputs(&mut moved_images, messages);
     Ok(())
+}
+
+/// The images of the function outputs just translated, as a user message
+/// after their `tool` messages (which must follow their calls unbroken).
+fn images_after_outputs(images: &mut Vec<Value>, messages: &mut Vec<Value>) {
+    if !images.is_empty() {
+        messages.push(object([
+            ("role", "user".into()),
+            ("content", Value::Array(std::mem::take(images))),
+        ]));
+    }
 }
 
 fn message(path: &str, item: &Value) -> Result<Value, Error> {
@@ -242,21 +262,31 @@ fn function_call(path: &str, item: &Value, messages: &mut Vec<Value>) -> Result<
     Ok(())
 }
 
-fn function_output(path: &str, item: &Value) -> Result<Value, Error> {
+/// A `function_call_output` item as a `tool` message: its text parts
+/// joined; its images (a screenshot a tool took) go to `images`, for a user
+/// message after it, as a Messages tool result's do.
+fn function_output(path: &str, item: &Value, images: &mut Vec<Value>) -> Result<Value, Error> {
     let call_id = str_of(item, "call_id")
         .ok_or_else(|| unsupported(format!("{path}.call_id"), "must be a string"))?;
     let output = match item.get("output") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => {
-            let texts: Option<Vec<&str>> = parts.iter().map(|p| str_of(p, "text")).collect();
-            texts
-                .ok_or_else(|| {
-                    unsupported(
-                        format!("{path}.output"),
-                        "may hold only text parts on this upstream",
-                    )
-                })?
-                .join("\n")
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                match (str_of(part, "type"), str_of(part, "text")) {
+                    (Some("input_image"), _) => {
+                        images.push(content_part(&format!("{path}.output[{j}]"), part)?);
+                    }
+                    (_, Some(text)) => texts.push(text),
+                    (_, None) => {
+                        return Err(unsupported(
+                            format!("{path}.output"),
+                            "may hold only text and image parts on this upstream",
+                        ));
+                    }
+                }
+            }
+            texts.join("\n")
         }
         _ => {
             return Err(unsupported(

@@ -212,6 +212,55 @@ fn tool_choice_without_tools_is_not_sent() {
     );
 }
 
+/// A tool that returns an image (a screenshot): chat `tool` messages hold
+/// text only, so the images go to a user message after the outputs in a
+/// row (which must follow their calls unbroken), as a Messages tool
+/// result's do.
+#[test]
+fn images_of_function_outputs_follow_the_outputs() {
+    let screenshot = json!({"type": "input_image", "image_url": "data:image/png;base64,AAAA"});
+    let (out, _) = translate(with(json!({"input": [
+        {"type": "function_call", "call_id": "call_1", "name": "screenshot", "arguments": "{}"},
+        {"type": "function_call", "call_id": "call_2", "name": "read", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [
+            {"type": "input_text", "text": "the screen"}, screenshot]},
+        {"type": "function_call_output", "call_id": "call_2", "output": "text"},
+        {"type": "message", "role": "user", "content": "What do you see?"},
+        {"type": "function_call", "call_id": "call_3", "name": "screenshot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_3", "output": [screenshot]},
+    ]})))
+    .unwrap();
+    let image = json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}});
+    assert_eq!(
+        out["messages"],
+        json!([
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "screenshot", "arguments": "{}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "read", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "the screen"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "text"},
+            {"role": "user", "content": [image]},
+            {"role": "user", "content": "What do you see?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_3", "type": "function", "function": {"name": "screenshot", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_3", "content": ""},
+            {"role": "user", "content": [image]},
+        ])
+    );
+    // An image it cannot take is refused where it is; a file, as before.
+    let output = |part: Value| {
+        with(json!({"input": [{"type": "function_call_output", "call_id": "c", "output": [part]}]}))
+    };
+    assert_eq!(
+        refused(output(json!({"type": "input_image", "file_id": "f"}))),
+        "input[0].output[0].image_url"
+    );
+    assert_eq!(
+        refused(output(json!({"type": "input_file", "file_id": "f"}))),
+        "input[0].output"
+    );
+}
+
 #[test]
 fn stateful_and_built_in_requests_are_refused() {
     assert_eq!(

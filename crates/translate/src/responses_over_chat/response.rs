@@ -19,6 +19,9 @@ pub(crate) fn item_id(prefix: &str, bare: &str, index: usize) -> String {
 /// Translate a `chat.completion` into a `response`. `Err` names what is
 /// missing when the upstream's answer is not a chat completion.
 pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
+    if let Some(error) = crate::chat::answer_error(chat) {
+        return Err(error);
+    }
     let choice = chat
         .get("choices")
         .and_then(Value::as_array)
