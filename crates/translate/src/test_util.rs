@@ -238,3 +238,61 @@ pub(crate) fn legacy_function_call() -> (Vec<Value>, Value) {
         "function_call": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}});
     (deltas, message)
 }
+
+/// Why an answer the upstream gave up on with `reason` fails.
+fn gave_up(reason: &str) -> String {
+    format!("the upstream gave up on its answer (finish_reason `{reason}`)")
+}
+
+/// Whole chat answers the upstream gave up on (vLLM's `abort`, `error`),
+/// here over half a call's arguments, and why each is no answer.
+pub(crate) fn answers_given_up() -> [(Value, String); 2] {
+    ["abort", "error"].map(|reason| {
+        let answer = serde_json::json!({"choices": [{"finish_reason": reason, "message": {"tool_calls": [
+            {"id": "c1", "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}}]});
+        (answer, gave_up(reason))
+    })
+}
+
+/// Chat streams (their events' data, in order) that end before their
+/// answer finished (nothing at all, or half a call's arguments and no
+/// finish reason) or that the upstream gave up on (vLLM's `abort`,
+/// `error`), and why each fails.
+pub(crate) fn unfinished_streams() -> [(Vec<String>, String); 4] {
+    let chunk = |delta: Value, finish: Option<&str>| {
+        serde_json::json!({"id": "chatcmpl-9", "model": "llama",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        .to_string()
+    };
+    let cut_call = chunk(
+        serde_json::json!({"tool_calls": [{"index": 0, "id": "call_1",
+            "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}),
+        None,
+    );
+    let usage =
+        r#"{"id":"chatcmpl-9","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}"#;
+    let done = || "[DONE]".to_owned();
+    let unfinished = crate::chat::UNFINISHED.to_owned();
+    [
+        (vec![done()], unfinished.clone()),
+        (vec![cut_call.clone(), usage.to_owned(), done()], unfinished),
+        (
+            vec![
+                cut_call,
+                chunk(serde_json::json!({}), Some("abort")),
+                done(),
+            ],
+            gave_up("abort"),
+        ),
+        (
+            vec![
+                chunk(
+                    serde_json::json!({"content": "The answer is"}),
+                    Some("error"),
+                ),
+                done(),
+            ],
+            gave_up("error"),
+        ),
+    ]
+}

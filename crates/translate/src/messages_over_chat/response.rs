@@ -203,16 +203,8 @@ mod tests {
 
     #[test]
     fn an_answer_the_upstream_gave_up_on_is_no_message() {
-        // vLLM's `abort` and `error`, here over half a call's arguments.
-        for reason in ["abort", "error"] {
-            let chat = json!({"choices": [{"finish_reason": reason, "message": {"tool_calls": [
-                {"id": "c1", "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}}]});
-            assert_eq!(
-                response(&chat, &Context::default()),
-                Err(format!(
-                    "the upstream gave up on its answer (finish_reason `{reason}`)"
-                ))
-            );
+        for (chat, why) in crate::test_util::answers_given_up() {
+            assert_eq!(response(&chat, &Context::default()), Err(why));
         }
         // A whole answer without a reason came whole: finished.
         let chat = json!({"choices": [{"message": {"content": "a"}}]});

@@ -218,28 +218,8 @@ fn stop_sequence_length_errors_and_empty_streams() {
     // half a tool call's arguments and no finish reason) is no answer,
     // whatever `[DONE]` says; nor is one the upstream gave up on (vLLM's
     // `abort`, `error`): never told as a clean `end_turn` or `tool_use`.
-    let cut_call = chunk(
-        json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}),
-        None,
-    );
-    for (chunks, why) in [
-        (vec!["[DONE]"], crate::chat::UNFINISHED.to_owned()),
-        (
-            vec![&cut_call, USAGE, "[DONE]"],
-            crate::chat::UNFINISHED.to_owned(),
-        ),
-        (
-            vec![&cut_call, &chunk(json!({}), Some("abort")), "[DONE]"],
-            "the upstream gave up on its answer (finish_reason `abort`)".to_owned(),
-        ),
-        (
-            vec![
-                &chunk(json!({"content": "The answer is"}), Some("error")),
-                "[DONE]",
-            ],
-            "the upstream gave up on its answer (finish_reason `error`)".to_owned(),
-        ),
-    ] {
+    for (chunks, why) in crate::test_util::unfinished_streams() {
+        let chunks: Vec<&str> = chunks.iter().map(String::as_str).collect();
         let (out, steps) = run(Context::default(), &chunks);
         // (The body stops reading at the first failure.)
         let failed = steps.into_iter().find(|step| *step != Step::Continue);

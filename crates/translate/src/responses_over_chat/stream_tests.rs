@@ -144,34 +144,7 @@ fn length_is_incomplete_and_errors_fail() {
     // half a call's arguments and no finish reason), or that the upstream
     // gave up on (vLLM's `abort`, `error`), is no answer: never
     // `completed` (nor its items).
-    let cut_call = chunk(
-        json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "write", "arguments": "{\"path\": \"a\", \"con"}}]}),
-        None,
-    );
-    let unfinished = crate::chat::UNFINISHED.to_owned();
-    let gave_up = |reason| format!("the upstream gave up on its answer (finish_reason `{reason}`)");
-    for (chunks, why) in [
-        (vec!["[DONE]".to_owned()], unfinished.clone()),
-        (
-            vec![cut_call.clone(), usage(), "[DONE]".to_owned()],
-            unfinished,
-        ),
-        (
-            vec![
-                cut_call,
-                chunk(json!({}), Some("abort")),
-                "[DONE]".to_owned(),
-            ],
-            gave_up("abort"),
-        ),
-        (
-            vec![
-                chunk(json!({"content": "The answer is"}), Some("error")),
-                "[DONE]".to_owned(),
-            ],
-            gave_up("error"),
-        ),
-    ] {
+    for (chunks, why) in crate::test_util::unfinished_streams() {
         let (out, steps) = run(Context::default(), &chunks);
         // (The body stops reading at the first failure.)
         let failed = steps.into_iter().find(|step| *step != Step::Continue);
