@@ -371,3 +371,62 @@ async fn an_id_made_while_redis_was_away_reaches_it_once_it_is_back() {
         .await
         .assert_error(404, "not_found_error", "response_not_found");
 }
+
+/// A stored response read back as a stream (`GET /v1/responses/{id}
+/// ?stream=true`, how a client resumes a background response) that the
+/// upstream cuts short ends as a created one's does: the `error` event,
+/// numbered after the stream's, and a close, never a clean end.
+#[tokio::test]
+async fn a_response_read_back_as_a_stream_and_cut_short_is_no_clean_end() {
+    let up = raw_upstream(|mut conn| async move {
+        use tokio::io::AsyncWriteExt;
+        let Some((head, _body)) = read_request(&mut conn).await else {
+            return;
+        };
+        let answer = if head.starts_with("POST") {
+            let text = r#"{"id":"resp_cut","object":"response","status":"queued","background":true,"output":[]}"#;
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                text.len()
+            )
+        } else {
+            // Two events, then a clean close: no `response.completed`.
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
+             event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_cut\",\"status\":\"in_progress\",\"output\":[]}}\n\n\
+             event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"m\",\"output_index\":0,\"content_index\":0,\"delta\":\"hel\"}\n\n"
+                .to_owned()
+        };
+        let _ = conn.write_all(answer.as_bytes()).await;
+    })
+    .await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{up}/v1\"\napis = [\"responses\"]\n"
+    ))
+    .await;
+    let created = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "hi", "background": true}),
+        "none",
+        &[],
+    )
+    .await;
+    assert_eq!(created.json()["id"], "resp_cut", "{}", created.text());
+    let resp = client()
+        .request(request(
+            Method::GET,
+            &p.url("/v1/responses/resp_cut?stream=true&starting_after=0"),
+            &[],
+            "",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (bytes, broke) = read_stream(resp).await;
+    assert!(broke, "the connection is closed, never a clean end");
+    let text = String::from_utf8_lossy(&bytes);
+    let last = sse_data(&bytes).last().cloned().unwrap_or_default();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["type"], "error", "{text}");
+    assert_eq!(last["code"], "stream_interrupted", "{text}");
+    assert_eq!(last["sequence_number"], 2, "{text}");
+}

@@ -169,10 +169,13 @@ impl Endpoint {
     }
 
     /// How a streamed answer of this endpoint is framed, if it streams.
+    /// A stored response read back as a stream (`GET
+    /// /v1/responses/{id}?stream=true`, how a client resumes a background
+    /// response) is framed as the stream that made it.
     pub fn stream_kind(self) -> Option<StreamKind> {
         match self {
             Endpoint::ChatCompletions | Endpoint::Completions => Some(StreamKind::Chat),
-            Endpoint::Responses => Some(StreamKind::Responses),
+            Endpoint::Responses | Endpoint::ResponseById => Some(StreamKind::Responses),
             Endpoint::Messages => Some(StreamKind::Messages),
             _ => None,
         }
