@@ -279,6 +279,52 @@ async fn passthrough_routes_need_the_passthrough_flag() {
     assert_eq!(up.stats.requests(), 1);
 }
 
+/// Every error the proxy gives on the Messages API's paths is Anthropic's
+/// shape, also on those it passes through (the Message Batches API,
+/// `/v1/messages/batches…`) or does not route: Anthropic's SDKs read no
+/// other.
+#[tokio::test]
+async fn errors_under_v1_messages_are_anthropic_shaped_on_every_path() {
+    let (up, p) = setup(&keys()).await;
+    let anthropic = |answer: &Answer, status: u16, kind: &str| {
+        assert_eq!(answer.status.as_u16(), status, "{}", answer.text());
+        let json = answer.json();
+        assert_eq!(json["type"], "error", "{json}");
+        assert_eq!(json["error"]["type"], kind, "{json}");
+    };
+    let batches = p.url("/v1/messages/batches");
+    let ask = |method: Method, url: &str, key: &str| {
+        let auth = format!("Bearer {key}");
+        let req = request(method, url, &[("authorization", &auth)], "");
+        send(req)
+    };
+    anthropic(
+        &ask(Method::GET, &batches, "sk-wrong").await,
+        401,
+        "authentication_error",
+    );
+    anthropic(
+        &ask(Method::POST, &batches, "sk-team-a").await,
+        403,
+        "permission_error",
+    );
+    anthropic(
+        &ask(Method::TRACE, &batches, "sk-ops").await,
+        405,
+        "invalid_request_error",
+    );
+    anthropic(
+        &ask(Method::POST, &p.url("/v1/messages//count_tokens"), "sk-ops").await,
+        404,
+        "not_found_error",
+    );
+    assert_eq!(up.stats.requests(), 0);
+    // Beside them, the OpenAI routes keep OpenAI's shape.
+    ask(Method::GET, &p.url("/v1/files"), "sk-wrong")
+        .await
+        .assert_error(401, "authentication_error", "invalid_api_key");
+}
+
 #[tokio::test]
 async fn a_responses_conversation_needs_the_passthrough_flag() {
     let up = mock_named("m").await;

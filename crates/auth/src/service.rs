@@ -319,6 +319,7 @@ where
                 unedited,
                 model,
                 endpoint,
+                dialect,
                 metered,
                 prompt,
                 budget,
@@ -342,7 +343,6 @@ where
                     });
                 }
             };
-            let dialect = endpoint.dialect();
             let decision = match shared.acquire(&key, reserve, dialect).await {
                 Ok(d) => d,
                 Err(refusal) => return Ok(refusal),
@@ -424,6 +424,8 @@ struct Admitted {
     unedited: Option<Request<Body>>,
     model: Option<Arc<str>>,
     endpoint: Endpoint,
+    /// Whose error shape the request is answered in.
+    dialect: Dialect,
     /// The endpoint consumes tokens: reserve, and reconcile with its usage.
     metered: bool,
     /// The prompt's estimate in tokens (bytes / 4), for a metered endpoint.
@@ -495,13 +497,14 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refu
             unedited: None,
             model: None,
             endpoint: Endpoint::Passthrough,
+            dialect: Endpoint::Passthrough.dialect_at(req.uri().path()),
             metered: consumes_tokens(Endpoint::Passthrough),
             prompt: 0,
             budget: None,
         });
     };
     if let Err(e) = check_body(&key, meta) {
-        let dialect = meta.endpoint().dialect();
+        let dialect = meta.endpoint().dialect_at(req.uri().path());
         return Err(if key.limits.any() {
             Refused::Counted(e, key, dialect)
         } else {
@@ -544,6 +547,7 @@ fn admit(shared: &Arc<Shared>, req: &mut Request<Body>) -> Result<Admitted, Refu
         unedited: unedited.filter(|_| strip_usage),
         model,
         endpoint,
+        dialect: endpoint.dialect_at(req.uri().path()),
         metered,
         prompt,
         budget,

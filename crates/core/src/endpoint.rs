@@ -168,6 +168,23 @@ impl Endpoint {
         }
     }
 
+    /// Whose error shape a request for `path` to this endpoint is answered
+    /// in: [`Endpoint::dialect`], and Anthropic's anywhere under
+    /// `/v1/messages` (the Message Batches API, `/v1/messages/batches…`,
+    /// passes through; a path the proxy does not route there), so that
+    /// every error the proxy gives on the Messages API's paths is the shape
+    /// Anthropic's SDKs read.
+    pub fn dialect_at(self, path: &str) -> Dialect {
+        let messages = path
+            .strip_prefix("/v1/messages")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        if messages {
+            Dialect::Anthropic
+        } else {
+            self.dialect()
+        }
+    }
+
     /// How a streamed answer of this endpoint is framed, if it streams.
     /// A stored response read back as a stream (`GET
     /// /v1/responses/{id}?stream=true`, how a client resumes a background
@@ -464,6 +481,18 @@ mod tests {
             assert_eq!(Api::from_name(api.as_str()), Some(api));
         }
         assert_eq!(Endpoint::Messages.dialect(), Dialect::Anthropic);
+        for (path, dialect) in [
+            ("/v1/messages/batches", Dialect::Anthropic),
+            (
+                "/v1/messages/batches/msgbatch_1/results",
+                Dialect::Anthropic,
+            ),
+            ("/v1/messages//count_tokens", Dialect::Anthropic),
+            ("/v1/messagesx", Dialect::OpenAi),
+            ("/v1/files", Dialect::OpenAi),
+        ] {
+            assert_eq!(Endpoint::Passthrough.dialect_at(path), dialect, "{path}");
+        }
         assert_eq!(Endpoint::ResponseById.api(), Some(Api::Responses));
     }
 }

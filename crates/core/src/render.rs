@@ -65,8 +65,10 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> RenderFuture<S::Future> {
-        let dialect =
-            Endpoint::from_path(req.uri().path()).map_or(Dialect::OpenAi, Endpoint::dialect);
+        let path = req.uri().path();
+        let dialect = Endpoint::from_path(path)
+            .unwrap_or(Endpoint::Passthrough)
+            .dialect_at(path);
         match self.failed.take() {
             Some(e) => RenderFuture {
                 inner: None,

@@ -94,11 +94,13 @@ impl Route {
         }
     }
 
-    /// Whose error shape this route answers in.
-    fn dialect(self) -> Dialect {
+    /// Whose error shape this route answers in, for a request to `path`
+    /// ([`Endpoint::dialect_at`]: a path under `/v1/messages` the proxy
+    /// does not route is answered as one it passes through there).
+    fn dialect(self, path: &str) -> Dialect {
         match self {
-            Route::Api(e) => e.dialect(),
-            _ => Dialect::OpenAi,
+            Route::Api(e) => e.dialect_at(path),
+            Route::Own(_) | Route::NotFound => Endpoint::Passthrough.dialect_at(path),
         }
     }
 
@@ -525,6 +527,7 @@ where
     });
     // The stack is called here, before the future: what it answers is all
     // the future holds of it.
+    let dialect = route.dialect(req.uri().path());
     let way = Way::of(shared, route, &req);
     let preflight = matches!(way, Way::Face(FaceRoute::Preflight));
     let answer = match way {
@@ -554,7 +557,7 @@ where
         };
         let mut resp = match answer.await {
             Ok(resp) => resp,
-            Err(e) => e.into_response_in(route.dialect()),
+            Err(e) => e.into_response_in(dialect),
         };
         if resp.status() == CLIENT_CLOSED_REQUEST
             && matches!(
