@@ -348,6 +348,38 @@ mod tests {
         }
     }
 
+    /// A chat stream that ends before its answer finished, or that the
+    /// upstream gave up on, is no answer in either dialect it is translated
+    /// into: its first failure says why, and no event of a clean end
+    /// (Messages' `message_delta` and `message_stop`, a Responses item's
+    /// `….done` and `response.completed`) came before it. (The body reads
+    /// nothing past the first failure.)
+    #[test]
+    fn an_unfinished_chat_stream_is_no_answer_in_any_dialect() {
+        for (chunks, why) in crate::test_util::unfinished_streams() {
+            let chat = directions()
+                .into_iter()
+                .filter(|(map, _)| !matches!(map, StreamMap::MessagesToChat(_)));
+            for (mut map, _) in chat {
+                let mut out = Vec::new();
+                let failed = chunks
+                    .iter()
+                    .map(|chunk| map.event(&crate::test_util::data(chunk), &mut out))
+                    .find(|step| *step != Step::Continue);
+                assert_eq!(failed, Some(Step::Fail(why.clone())), "{chunks:?}");
+                let names = crate::test_util::names(&crate::test_util::events(&out));
+                assert!(
+                    !names.iter().any(|n| {
+                        ["message_delta", "message_stop", "response.completed"]
+                            .contains(&n.as_str())
+                            || n.ends_with(".done")
+                    }),
+                    "{chunks:?}: {names:?}"
+                );
+            }
+        }
+    }
+
     /// Where `pieces` leave a call's arguments.
     fn end_of(pieces: &[&str]) -> ArgumentsEnd {
         let mut end = ArgumentsEnd::default();
