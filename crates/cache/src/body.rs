@@ -501,17 +501,18 @@ impl Tee {
         // some servers send with `200`) fails the flight, which sends them
         // to the upstream on their own rather than hand them the error as a
         // hit.
-        let json = match (&self.watch, self.leader.frames()) {
-            (Watch::Json(rule), Some(frames)) => {
-                let all = joined(&frames);
-                if !json_follows(&all, *rule) {
+        let json = match &self.watch {
+            Watch::Json(rule) => {
+                let rule = *rule;
+                let all = self.leader.frames().map(|frames| joined(&frames));
+                if all.as_ref().is_some_and(|all| !json_follows(all, rule)) {
                     Counters::bump(&self.shared.counters.not_stored);
                     self.leader.fail();
                     return;
                 }
-                Some(all)
+                all
             }
-            _ => None,
+            Watch::Sse(_) => None,
         };
         let frames = self.leader.complete();
         let kind = match (&self.watch, frames) {

@@ -79,6 +79,18 @@ const KIND_JSON: u8 = 0;
 const KIND_STREAM: u8 = 1;
 
 impl Entry {
+    /// A stream without the usage chunk because the upstream refused
+    /// `stream_options` ([`UsageChunk::Refused`]).
+    pub fn usage_refused(&self) -> bool {
+        matches!(
+            self.body,
+            EntryBody::Stream {
+                usage: UsageChunk::Refused,
+                ..
+            }
+        )
+    }
+
     /// The bytes of the answer's body (what stores bound their size by).
     pub fn body_len(&self) -> usize {
         match &self.body {

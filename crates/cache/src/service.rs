@@ -20,7 +20,7 @@ use crate::body::{CacheBody, JsonRule, Tee, Watch};
 use crate::flight::{Flights, Head, Joined, Leader};
 use crate::replay::{self, CacheStatus};
 use crate::stats::Counters;
-use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store, StoreError, UsageChunk};
+use crate::{CacheConfig, CacheControl, CacheKey, Entry, EntryBody, Store, StoreError};
 use llm_proxy_core::refusal::{
     StreamOptionsRefused, UsageAskedByLayer, copy_head, refuses_stream_options,
 };
@@ -551,14 +551,7 @@ async fn lookup(shared: &Shared, plan: &Plan) -> Option<Entry> {
     let too_old = age > shared.config.ttl || plan.control.max_age.is_some_and(|max| age > max);
     // Stored without the usage chunk this request's client asked for,
     // because the upstream refused `stream_options`: not its answer.
-    let refused = plan.client_wants_usage
-        && matches!(
-            entry.body,
-            EntryBody::Stream {
-                usage: UsageChunk::Refused,
-                ..
-            }
-        );
+    let refused = plan.client_wants_usage && entry.usage_refused();
     (!too_old && !refused).then_some(entry)
 }
 
@@ -602,13 +595,7 @@ fn head_of(entry: &Entry) -> Head {
     Head {
         content_type: Some(crate::replay::content_type(entry)),
         stored_at_ms: Some(entry.stored_at_ms),
-        usage_refused: matches!(
-            entry.body,
-            EntryBody::Stream {
-                usage: UsageChunk::Refused,
-                ..
-            }
-        ),
+        usage_refused: entry.usage_refused(),
     }
 }
 
