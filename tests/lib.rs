@@ -406,6 +406,22 @@ pub async fn chat_through(p: &TestProxy, stream: bool) -> http::Response<hyper::
         .expect("response head")
 }
 
+/// Send `req`, whose answer must be a `200` stream that breaks (its
+/// connection closed before a clean end, as a cut stream must): the bytes
+/// the client got.
+pub async fn a_broken_stream(req: Request<Full<Bytes>>) -> Bytes {
+    let uri = req.uri().clone();
+    let resp = client().request(req).await.expect("response head");
+    assert_eq!(resp.status(), 200, "{uri}");
+    let (bytes, broke) = read_stream(resp).await;
+    assert!(
+        broke,
+        "{uri}: the connection is closed, never a clean end: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    bytes
+}
+
 /// Read a streamed body to its end: the bytes received, and whether it ended
 /// with an error (a broken connection) rather than cleanly.
 pub async fn read_stream(resp: http::Response<hyper::body::Incoming>) -> (Bytes, bool) {

@@ -233,18 +233,13 @@ async fn a_cut_stream_ends_with_the_clients_error_event_and_a_close() {
         ("x-mock-fail", "drop"),
         ("x-mock-drop-after", "3"),
     ];
-    let resp = client()
-        .request(request(
-            Method::POST,
-            &p.url("/v1/messages"),
-            &headers,
-            body.to_string(),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let (bytes, broke) = read_stream(resp).await;
-    assert!(broke, "the connection is closed, never a clean end");
+    let bytes = a_broken_stream(request(
+        Method::POST,
+        &p.url("/v1/messages"),
+        &headers,
+        body.to_string(),
+    ))
+    .await;
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.contains("event: error"), "{text}");
     assert!(!text.contains("message_stop"), "{text}");
@@ -622,16 +617,9 @@ async fn an_answer_the_upstream_gave_up_on_is_never_a_clean_end() {
                     ("content-type", "application/json"),
                     ("anthropic-version", "2023-06-01"),
                 ];
-                let resp = client()
-                    .request(request(Method::POST, &url, &headers, body.to_string()))
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 200);
-                let (bytes, broke) = read_stream(resp).await;
-                assert!(broke, "{path}: the connection is closed, never a clean end");
-                let text = String::from_utf8_lossy(&bytes).into_owned();
-                text.lines()
-                    .filter_map(|l| l.strip_prefix("data: "))
+                let req = request(Method::POST, &url, &headers, body.to_string());
+                sse_data(&a_broken_stream(req).await)
+                    .iter()
                     .map(|d| serde_json::from_str::<Value>(d).unwrap())
                     .collect::<Vec<_>>()
             }
