@@ -977,3 +977,90 @@ async fn a_hostile_upstream_cannot_make_a_translation_balloon() {
     assert_eq!(answer.status, 502, "{}", answer.text());
     assert!(answer.text().contains("tool calls"), "{}", answer.text());
 }
+
+/// An upstream that streams under another media type — none (Starlette's
+/// `StreamingResponse` unless told), `text/plain`, even `application/json`
+/// — as clients reading events whatever the type never notice, is
+/// translated as the stream it is, as it comes: the client reads its
+/// first event while the upstream still holds the rest.
+#[tokio::test]
+async fn a_stream_under_another_media_type_is_translated_as_it_comes() {
+    use http_body_util::BodyExt;
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    let chunk = |delta: Value, finish: Value| {
+        let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+            "model": "demo", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {chunk}\n\n")
+    };
+    let first = chunk(json!({"role": "assistant", "content": "Hel"}), Value::Null);
+    let rest = chunk(json!({"content": "lo"}), Value::Null)
+        + &chunk(json!({}), json!("stop"))
+        + "data: [DONE]\n\n";
+    for kind in [
+        "",
+        "content-type: text/plain\r\n",
+        "content-type: application/json\r\n",
+    ] {
+        let go_on = Arc::new(tokio::sync::Notify::new());
+        let (first, rest, upstream_go_on) = (first.clone(), rest.clone(), go_on.clone());
+        let up = raw_upstream(move |mut conn| {
+            let (first, rest, go_on) = (first.clone(), rest.clone(), upstream_go_on.clone());
+            async move {
+                let Some(_) = read_request(&mut conn).await else {
+                    return;
+                };
+                let head = format!("HTTP/1.1 200 OK\r\n{kind}connection: close\r\n\r\n");
+                let _ = conn.write_all(format!("{head}{first}").as_bytes()).await;
+                let _ = tokio::time::timeout(2 * HANG, go_on.notified()).await;
+                let _ = conn.write_all(rest.as_bytes()).await;
+            }
+        })
+        .await;
+        let p = chat_only(up).await;
+        let body = json!({"model": "demo", "max_tokens": 50, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let req = request(
+            Method::POST,
+            &p.url("/v1/messages"),
+            &[
+                ("content-type", "application/json"),
+                ("anthropic-version", "2023-06-01"),
+            ],
+            body.to_string(),
+        );
+        let resp = tokio::time::timeout(HANG, client().request(req))
+            .await
+            .expect("the head before the upstream's end")
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{kind:?}");
+        assert_eq!(
+            resp.headers().get("content-type").unwrap(),
+            "text/event-stream",
+            "{kind:?}"
+        );
+        let mut body = resp.into_body();
+        let mut seen = Vec::new();
+        tokio::time::timeout(HANG, async {
+            while !String::from_utf8_lossy(&seen).contains("\"Hel\"") {
+                let frame = body.frame().await.expect("more").expect("a frame");
+                seen.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..]));
+            }
+        })
+        .await
+        .expect("the first event before the upstream's end");
+        go_on.notify_one();
+        let rest = body.collect().await.expect("a clean end").to_bytes();
+        seen.extend_from_slice(&rest);
+        let text = String::from_utf8_lossy(&seen);
+        assert!(text.contains("\"lo\""), "{kind:?}: {text}");
+        assert!(
+            text.contains(r#""stop_reason":"end_turn""#),
+            "{kind:?}: {text}"
+        );
+        assert!(
+            text.ends_with("data: {\"type\":\"message_stop\"}\n\n"),
+            "{kind:?}: {text}"
+        );
+    }
+}

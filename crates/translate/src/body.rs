@@ -75,6 +75,19 @@ impl<B> TranslateBody<B> {
         self.parser = std::mem::take(&mut self.parser).counted_in(budget);
         self
     }
+
+    /// Translate `start`, the upstream's first bytes, read already (to
+    /// tell a stream sent under another media type), before the rest.
+    pub(crate) fn started_with(mut self, start: &[u8]) -> Self {
+        feed(
+            &mut self.parser,
+            &mut self.map,
+            &mut self.out,
+            &mut self.phase,
+            start,
+        );
+        self
+    }
 }
 
 /// Queue the client's error event and start failing; `upstream`: the
