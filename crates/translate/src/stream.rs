@@ -380,6 +380,56 @@ mod tests {
         }
     }
 
+    /// An upstream that gives two calls of one answer the same id: the
+    /// second gets a fresh one, in either dialect (the client pairs results
+    /// to calls by id alone, and Anthropic refuses repeated `tool_use` ids).
+    #[test]
+    fn a_tool_call_id_repeated_in_one_answer_is_given_once() {
+        let call = |index: u32, name: &str| {
+            format!(
+                r#"{{"choices":[{{"index":0,"delta":{{"tool_calls":[{{"index":{index},"id":"call_1","type":"function","function":{{"name":"{name}","arguments":"{{}}"}}}}]}}}}]}}"#
+            )
+        };
+        let chunks = [
+            call(0, "f"),
+            call(1, "g"),
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#.to_owned(),
+            "[DONE]".to_owned(),
+        ];
+        let chat = directions()
+            .into_iter()
+            .filter(|(map, _)| !matches!(map, StreamMap::MessagesToChat(_)));
+        for (mut map, _) in chat {
+            let mut out = Vec::new();
+            for chunk in &chunks {
+                assert_eq!(
+                    map.event(&crate::test_util::data(chunk), &mut out),
+                    Step::Continue
+                );
+            }
+            let ids: Vec<String> = crate::test_util::events(&out)
+                .iter()
+                .filter_map(|(_, v)| {
+                    let block = &v["content_block"];
+                    let item = &v["item"];
+                    match (v["type"].as_str(), item["type"].as_str()) {
+                        (Some("content_block_start"), _) if block["type"] == "tool_use" => {
+                            block["id"].as_str()
+                        }
+                        (Some("response.output_item.added"), Some("function_call")) => {
+                            item["call_id"].as_str()
+                        }
+                        _ => None,
+                    }
+                    .map(str::to_owned)
+                })
+                .collect();
+            assert_eq!(ids.len(), 2, "{ids:?}");
+            assert_eq!(ids[0], "call_1");
+            assert!(ids[1] != "call_1" && !ids[1].is_empty(), "{ids:?}");
+        }
+    }
+
     /// Where `pieces` leave a call's arguments.
     fn end_of(pieces: &[&str]) -> ArgumentsEnd {
         let mut end = ArgumentsEnd::default();

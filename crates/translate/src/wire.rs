@@ -187,13 +187,14 @@ pub(crate) fn input_to_arguments(input: &Value) -> String {
 }
 
 /// A tool call's id: the upstream's, or, when it sent none (or an empty
-/// one), `{prefix}` + a fresh id ([`llm_proxy_core::ids::unique_id`]),
+/// one, or one that `taken` says an earlier call of the same answer was
+/// given), `{prefix}` + a fresh id ([`llm_proxy_core::ids::unique_id`]),
 /// never the same for two calls: the client sends every turn's calls back,
 /// pairs results to calls by id alone, and Anthropic refuses a
 /// conversation whose `tool_use` ids repeat. (An index would repeat in
 /// every answer.) Streams and whole answers invent ids this one way.
-pub(crate) fn tool_call_id(id: Option<&str>, prefix: &str) -> String {
-    match id.filter(|id| !id.is_empty()) {
+pub(crate) fn tool_call_id(id: Option<&str>, prefix: &str, taken: impl Fn(&str) -> bool) -> String {
+    match id.filter(|id| !id.is_empty() && !taken(id)) {
         Some(id) => id.to_owned(),
         None => format!("{prefix}{}", llm_proxy_core::ids::unique_id()),
     }
@@ -266,10 +267,20 @@ mod tests {
         );
         assert_eq!(restyle_id("msg_", Some("chatcmpl-x1")), "msg_x1");
         assert_eq!(restyle_id("resp_", Some("abc")), "resp_abc");
-        assert_eq!(tool_call_id(Some("call_x"), "toolu_"), "call_x");
-        let made = tool_call_id(Some(""), "toolu_");
+        let free = |_: &str| false;
+        assert_eq!(tool_call_id(Some("call_x"), "toolu_", free), "call_x");
+        let made = tool_call_id(Some(""), "toolu_", free);
         assert!(made.starts_with("toolu_") && made.len() == 6 + 32, "{made}");
-        assert_ne!(tool_call_id(None, "call_"), tool_call_id(None, "call_"));
+        assert_ne!(
+            tool_call_id(None, "call_", free),
+            tool_call_id(None, "call_", free)
+        );
+        // An id an earlier call of the answer has is not given again.
+        let again = tool_call_id(Some("call_x"), "call_", |id| id == "call_x");
+        assert!(
+            again.starts_with("call_") && again.len() == 5 + 32,
+            "{again}"
+        );
     }
 
     #[test]

@@ -26,9 +26,9 @@ pub(crate) struct Context {
 }
 
 /// The id of a `tool_use` block: the upstream's tool-call id, or `toolu_`
-/// + a fresh id when it sent none.
-pub(crate) fn tool_use_id(id: Option<&str>) -> String {
-    crate::wire::tool_call_id(id, "toolu_")
+/// + a fresh id when it sent none or one `taken` by an earlier block.
+pub(crate) fn tool_use_id(id: Option<&str>, taken: impl Fn(&str) -> bool) -> String {
+    crate::wire::tool_call_id(id, "toolu_", taken)
 }
 
 /// Anthropic's `stop_reason` (and `stop_sequence`) for a chat

@@ -31,11 +31,14 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
         content.push(json!({"type": "text", "text": text}));
     }
     let calls = read.calls()?;
+    let mut ids: Vec<String> = Vec::with_capacity(calls.len());
     for call in &calls {
         let function = call.function;
+        let id = tool_use_id(call.id, |id| ids.iter().any(|given| given == id));
+        ids.push(id.clone());
         content.push(json!({
             "type": "tool_use",
-            "id": tool_use_id(call.id),
+            "id": id,
             "name": str_of(function, "name").unwrap_or_default(),
             "input": arguments_to_input(&crate::wire::arguments_text(function).unwrap_or_default()),
         }));
@@ -132,7 +135,8 @@ mod tests {
             "tool_calls": [
                 {"type": "function", "function": {"name": "f", "arguments": "{}"}},
                 {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}},
-                {"id": "call_9", "type": "function", "function": {"name": "h", "arguments": "{}"}}]}}]});
+                {"id": "call_9", "type": "function", "function": {"name": "h", "arguments": "{}"}},
+                {"id": "call_9", "type": "function", "function": {"name": "i", "arguments": "{}"}}]}}]});
         let out = response(&chat, &Context::default()).unwrap();
         let made_up = |out: &Value, i: usize| out["content"][i]["id"].as_str().unwrap().to_owned();
         let (a, b) = (made_up(&out, 1), made_up(&out, 2));
@@ -141,6 +145,9 @@ mod tests {
             "{a} {b}"
         );
         assert_eq!(out["content"][3]["id"], "call_9");
+        // An id an earlier call of the answer has is not given again.
+        let d = made_up(&out, 4);
+        assert!(d.starts_with("toolu_") && ![&a, &b].contains(&&d), "{d}");
         // Nor is one reused by a later answer: Anthropic refuses a
         // conversation whose `tool_use` ids repeat ("`tool_use` ids must be
         // unique"), and clients pair results to calls by id alone.

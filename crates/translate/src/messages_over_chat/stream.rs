@@ -448,8 +448,12 @@ impl ChatToMessages {
     fn start_tool(&mut self, pos: usize, out: &mut Vec<u8>) {
         self.close(out);
         let index = self.take_index();
+        // Not yet started, the tool cannot take its own id.
+        let id = tool_use_id(Some(&self.tools[pos].id), |id| {
+            self.tools.iter().any(|t| t.block.is_some() && t.id == id)
+        });
         let tool = &mut self.tools[pos];
-        tool.id = tool_use_id(Some(&tool.id));
+        tool.id = id;
         tool.block = Some(index);
         let block = BlockOut::ToolUse {
             id: &tool.id,

@@ -146,9 +146,10 @@ impl From<&Usage> for ResponsesUsage {
 }
 
 /// The `call_id` of a `function_call` item: the upstream's tool-call id,
-/// or `call_` + a fresh id when it sent none.
-pub(crate) fn call_id(id: Option<&str>) -> String {
-    crate::wire::tool_call_id(id, "call_")
+/// or `call_` + a fresh id when it sent none or one `taken` by an earlier
+/// item.
+pub(crate) fn call_id(id: Option<&str>, taken: impl Fn(&str) -> bool) -> String {
+    crate::wire::tool_call_id(id, "call_", taken)
 }
 
 /// A whole `response` object, written as it stands: `output` is the

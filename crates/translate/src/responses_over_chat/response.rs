@@ -53,15 +53,18 @@ pub(crate) fn response(chat: &Value, ctx: &Context) -> Result<Value, String> {
             "content": parts,
         }));
     }
+    let mut ids: Vec<String> = Vec::with_capacity(calls.len());
     for (i, call) in calls.iter().enumerate() {
         let function = call.function;
+        let id = call_id(call.id, |id| ids.iter().any(|given| given == id));
+        ids.push(id.clone());
         let index = output.len();
         // The last call is the item a limit cut, as the stream says.
         let cut_here = status != "completed" && i + 1 == calls.len();
         let mut item = json!({
             "type": "function_call",
             "id": item_id("fc", bare, index),
-            "call_id": call_id(call.id),
+            "call_id": id,
             "arguments": crate::wire::arguments_text(function)
                 .filter(|a| !a.is_empty())
                 .unwrap_or("{}".into()),
@@ -180,10 +183,16 @@ mod tests {
         let chat = json!({"id": "chatcmpl-3", "choices": [{"finish_reason": "tool_calls", "message": {
             "tool_calls": [
                 {"type": "function", "function": {"name": "f", "arguments": "{}"}},
-                {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}]});
+                {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+                {"id": "call_9", "type": "function", "function": {"name": "h", "arguments": "{}"}},
+                {"id": "call_9", "type": "function", "function": {"name": "i", "arguments": "{}"}}]}}]});
         let out = response(&chat, &Context::default()).unwrap();
         let made_up =
             |out: &Value, i: usize| out["output"][i]["call_id"].as_str().unwrap().to_owned();
+        // An id an earlier call of the answer has is not given again.
+        assert_eq!(made_up(&out, 2), "call_9");
+        let d = made_up(&out, 3);
+        assert!(d.starts_with("call_") && d != "call_9", "{d}");
         let (a, b) = (made_up(&out, 0), made_up(&out, 1));
         assert!(
             a.starts_with("call_") && b.starts_with("call_") && a != b,

@@ -315,12 +315,21 @@ impl ChatToResponses {
     /// its name.
     fn announce(&mut self, index: usize, out: &mut Vec<u8>) {
         let id = self.item_id("fc", index);
+        let Some(Item::Call(call)) = self.items.get(index) else {
+            return;
+        };
+        // Not yet added, the call cannot take its own id.
+        let call_id = call_id(Some(&call.call_id), |id| {
+            self.items
+                .iter()
+                .any(|item| matches!(item, Item::Call(c) if c.added && c.call_id == id))
+        });
         let Item::Call(call) = &mut self.items[index] else {
             return;
         };
         call.added = true;
         call.id = id;
-        call.call_id = call_id(Some(&call.call_id));
+        call.call_id = call_id;
         call.namespace = self.ctx.client_name(&call.name).1.map(str::to_owned);
         let pending = call.arguments.clone();
         self.events.added(out, index, &self.items[index]);
