@@ -202,9 +202,16 @@ fn blocks<'a>(path: &str, turn: &'a Value) -> Result<std::borrow::Cow<'a, [Value
 /// order; then the rest of the turn is one user message. Images inside tool
 /// results (chat tool messages hold text only) move to that user message.
 fn user_turn(path: &str, turn: &Value, out: &mut Vec<Value>) -> Result<(), Error> {
+    let blocks = blocks(path, turn)?;
+    if blocks.is_empty() {
+        // Anthropic refuses it ("all messages must have non-empty
+        // content"); left out, the turns around it would run together, or
+        // the upstream would get no messages at all.
+        return Err(unsupported(format!("{path}.content"), "must not be empty"));
+    }
     let mut parts = Vec::new();
     let mut moved_images = Vec::new();
-    for (j, block) in blocks(path, turn)?.iter().enumerate() {
+    for (j, block) in blocks.iter().enumerate() {
         let bpath = format!("{path}.content.{j}");
         match str_of(block, "type") {
             Some("tool_result") => out.push(tool_message(&bpath, block, &mut moved_images)?),

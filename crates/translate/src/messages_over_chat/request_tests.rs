@@ -238,6 +238,14 @@ fn refusals_name_the_field() {
         refused(base(json!({"system": [{"type": "image"}]}))),
         "system"
     );
+    // An empty user turn (Anthropic refuses it too), not left out.
+    assert_eq!(
+        refused(base(json!({"messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": []}]}))),
+        "messages.2.content"
+    );
     assert_eq!(
         refused(base(json!({"stop_sequences": "END"}))),
         "stop_sequences"
