@@ -711,6 +711,39 @@ async fn a_request_abandoned_before_its_head_is_counted_as_499() {
     }
 }
 
+/// A client that closes its connection right after its request (before
+/// the proxy first polls the request's future) is counted as 499 too, each
+/// time: its request was read, and given an id.
+#[tokio::test]
+async fn a_request_whose_client_closes_at_once_is_counted_as_499() {
+    use tokio::io::AsyncWriteExt;
+    const CLIENTS: usize = 20;
+    let up = mock_named("m").await;
+    let p = proxy(&one_upstream(&up.base_url(), "")).await;
+    let body = chat("m", false);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         x-mock-latency-ms: 2000\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for _ in 0..CLIENTS {
+        let mut conn = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        conn.write_all(req.as_bytes()).await.unwrap();
+    }
+    let line = format!(
+        r#"llm_proxy_requests_total{{route="chat_completions",status="499",upstream=""}} {CLIENTS}"#
+    );
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        let metrics = p.metrics().await;
+        if metrics.contains(&line) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// An app that serves the proxy's service itself turns `/readyz` to 503
 /// through [`llm_proxy::Proxy::readiness`].
 #[tokio::test]

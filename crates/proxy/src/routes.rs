@@ -545,16 +545,17 @@ where
             conn.as_ref().map(|c| c.activity().clone()),
         )),
     };
-    let shared = shared.clone();
+    // Counted as 499 (nginx's "client closed request") should the client
+    // go before the head: the future is then dropped, perhaps before it
+    // was first polled (a client that closes right after its request).
+    let mut abandoned = Abandoned {
+        shared: shared.clone(),
+        armed: true,
+        route: route.label(),
+        start,
+        access: access.take(),
+    };
     Box::pin(async move {
-        // Counted as 499 (nginx's "client closed request") should the
-        // client go before the head: this future is then dropped.
-        let abandoned = Abandoned {
-            metrics: Some(&shared.metrics),
-            route: route.label(),
-            start,
-            access: access.take(),
-        };
         let mut resp = match answer.await {
             Ok(resp) => resp,
             Err(e) => e.into_response_in(dialect),
@@ -577,6 +578,8 @@ where
             resp.headers_mut().insert(REQUEST_ID, request_id.clone());
             return Ok(resp);
         }
+        let access = abandoned.answered();
+        let shared = &abandoned.shared;
         if head {
             resp = head_only(resp);
         }
@@ -609,7 +612,7 @@ where
                 .insert(OVERHEAD_HEADER, overhead_value(overhead));
         }
         let upstream = resp.extensions().get::<UpstreamName>().map(|u| &u.0);
-        let access = abandoned.answered().map(|mut access| {
+        let access = access.map(|mut access| {
             access.status = status.as_u16();
             access.upstream = upstream.cloned();
             access
@@ -718,25 +721,28 @@ impl Way {
 /// A request in progress until its head is ready: dropped before that (the
 /// client went away and hyper dropped the request's future), it is counted
 /// with status 499, as nginx logs it.
-struct Abandoned<'a> {
-    metrics: Option<&'a Metrics>,
+struct Abandoned {
+    shared: Arc<Shared>,
+    /// Not answered yet: counted when dropped.
+    armed: bool,
     route: &'static str,
     start: Instant,
     /// The access log's line, logged here when the client goes first.
     access: Option<Box<crate::metrics::Access>>,
 }
 
-impl Abandoned<'_> {
+impl Abandoned {
     /// The head is ready: the access line goes on with the body.
-    fn answered(mut self) -> Option<Box<crate::metrics::Access>> {
-        self.metrics = None;
+    fn answered(&mut self) -> Option<Box<crate::metrics::Access>> {
+        self.armed = false;
         self.access.take()
     }
 }
 
-impl Drop for Abandoned<'_> {
+impl Drop for Abandoned {
     fn drop(&mut self) {
-        if let Some(metrics) = &self.metrics {
+        if self.armed {
+            let metrics = &self.shared.metrics;
             metrics.count_request(self.route, CLIENT_CLOSED_REQUEST.as_u16(), None);
             if let Some(access) = &self.access {
                 access.log(self.start.elapsed(), "cut", None);
