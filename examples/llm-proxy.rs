@@ -13,6 +13,7 @@
 //! is one line on stderr and exit code 2. Logs go to stderr; set `RUST_LOG`
 //! (e.g. `RUST_LOG=llm_proxy=debug`) for more.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,6 +29,15 @@ use llm_proxy::config::Settings;
 // that v2 takes only for alignments over 16 (docs/BENCHMARKS.md, session 12).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `eprintln!` that cannot panic: a stderr nobody reads any more (a log
+/// pipe whose reader went, a full disk) must not end the process, least of
+/// all in the middle of a drain. What cannot be written is lost.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 const USAGE: &str = "usage: llm-proxy [--check] --config FILE   (also --version, --help)";
 
@@ -47,38 +57,38 @@ fn main() -> ExitCode {
         match flag {
             "--config" | "-c" => {
                 if config.is_some() {
-                    eprintln!("llm-proxy: --config given twice. {USAGE}");
+                    say!("llm-proxy: --config given twice. {USAGE}");
                     return ExitCode::from(2);
                 }
                 let Some(value) = inline.or_else(|| args.next()).filter(|v| !v.is_empty()) else {
-                    eprintln!("llm-proxy: --config needs a file. {USAGE}");
+                    say!("llm-proxy: --config needs a file. {USAGE}");
                     return ExitCode::from(2);
                 };
                 config = Some(PathBuf::from(value));
             }
             "--check" | "-t" if inline.is_none() => check = true,
             "--help" | "-h" => {
-                println!("{USAGE}");
+                let _ = writeln!(std::io::stdout(), "{USAGE}");
                 return ExitCode::SUCCESS;
             }
             "--version" | "-V" => {
-                println!("llm-proxy {}", env!("CARGO_PKG_VERSION"));
+                let _ = writeln!(std::io::stdout(), "llm-proxy {}", env!("CARGO_PKG_VERSION"));
                 return ExitCode::SUCCESS;
             }
             other => {
-                eprintln!("llm-proxy: unknown argument `{other}`. {USAGE}");
+                say!("llm-proxy: unknown argument `{other}`. {USAGE}");
                 return ExitCode::from(2);
             }
         }
     }
     let Some(config) = config else {
-        eprintln!("llm-proxy: --config FILE is required. {USAGE}");
+        say!("llm-proxy: --config FILE is required. {USAGE}");
         return ExitCode::from(2);
     };
     let settings = match Settings::from_file(&config) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("llm-proxy: config error: {e}");
+            say!("llm-proxy: config error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -108,7 +118,7 @@ fn main() -> ExitCode {
         let mut signals = match llm_proxy::ShutdownSignals::new() {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("llm-proxy: cannot listen for signals: {e}");
+                say!("llm-proxy: cannot listen for signals: {e}");
                 return ExitCode::FAILURE;
             }
         };
@@ -116,14 +126,14 @@ fn main() -> ExitCode {
         let listener = match llm_proxy::listen(addr) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("llm-proxy: cannot listen on {addr} (`listen`): {e}");
+                say!("llm-proxy: cannot listen on {addr} (`listen`): {e}");
                 return ExitCode::FAILURE;
             }
         };
         let proxy = match Proxy::build(settings).await {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("llm-proxy: {e}");
+                say!("llm-proxy: {e}");
                 return ExitCode::from(2);
             }
         };
@@ -155,12 +165,12 @@ fn main() -> ExitCode {
             served = proxy.serve_sharded(listener, drain) => match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("llm-proxy: {e}");
+                    say!("llm-proxy: {e}");
                     ExitCode::FAILURE
                 }
             },
             () = second => {
-                eprintln!("llm-proxy: a second signal: stopping without finishing the drain");
+                say!("llm-proxy: a second signal: stopping without finishing the drain");
                 // Not a return: the runtime's drop would wait for its
                 // blocking threads.
                 std::process::exit(1);
@@ -182,11 +192,11 @@ fn check_build(settings: Settings, config: &std::path::Path) -> ExitCode {
     runtime.block_on(async move {
         match Proxy::build(settings).await {
             Ok(_) => {
-                eprintln!("llm-proxy: config {} is valid", config.display());
+                say!("llm-proxy: config {} is valid", config.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("llm-proxy: {e}");
+                say!("llm-proxy: {e}");
                 ExitCode::from(2)
             }
         }
@@ -201,6 +211,10 @@ fn init_logs(default: &str) {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is lost, not reported with
+        // `eprintln!`, which would panic on the same broken stderr (a log
+        // pipe whose reader went) and end the process.
+        .log_internal_errors(false)
         // Colour only for a terminal: escape codes in a log file or a
         // collector's stream are noise to grep and to parsers.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -213,7 +227,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| {
-            eprintln!("llm-proxy: cannot start the runtime: {e}");
+            say!("llm-proxy: cannot start the runtime: {e}");
             ExitCode::FAILURE
         })
 }

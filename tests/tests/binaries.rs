@@ -303,7 +303,9 @@ async fn exit_of(mut child: Child, what: &'static str) -> (std::process::ExitSta
         loop {
             if let Some(status) = child.0.try_wait().unwrap() {
                 let mut err = String::new();
-                let _ = child.0.stderr.take().unwrap().read_to_string(&mut err);
+                if let Some(mut stderr) = child.0.stderr.take() {
+                    let _ = stderr.read_to_string(&mut err);
+                }
                 return (status, err);
             }
             assert!(std::time::Instant::now() < deadline, "{what}");
@@ -462,6 +464,41 @@ async fn sighup_and_a_signal_sent_twice_at_once_do_not_stop_the_drain() {
         stderr.contains("SIGHUP received and ignored"),
         "stderr: {stderr}"
     );
+}
+
+/// A stderr nobody reads any more (a log pipe whose reader went) loses
+/// the logs, nothing else: requests are answered and logged (into the
+/// broken pipe), SIGHUP is ignored, and SIGTERM drains an in-flight
+/// stream and exits 0.
+#[tokio::test]
+async fn a_broken_stderr_loses_logs_not_requests_nor_the_drain() {
+    let (mut child, addr, resp) = proxy_streaming(
+        "broken-stderr",
+        "access_log = true\ndrain_timeout_secs = 20\n\
+         [[upstream]]\nname = \"m\"\nmock = { tokens_per_second = 20 }\n",
+        10,
+    )
+    .await;
+    // The reader goes: each write to stderr now fails (EPIPE).
+    drop(child.0.stderr.take());
+    for _ in 0..3 {
+        let answer = send(request(
+            Method::POST,
+            &format!("http://{addr}/v1/chat/completions"),
+            &[("content-type", "application/json"), ("x-mock-tokens", "1")],
+            chat("any", false),
+        ))
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    signal(&child, "-HUP");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the proxy"
+    );
+    signal(&child, "-TERM");
+    drained_whole(child, resp).await;
 }
 
 #[tokio::test]
