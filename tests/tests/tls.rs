@@ -337,3 +337,31 @@ async fn a_silently_dead_h2_connection_is_found_out_by_its_ping() {
     );
     task.abort();
 }
+
+/// A server that takes the TCP connection and never answers the TLS
+/// handshake is bounded by `connect_timeout_ms` (TCP and TLS together),
+/// not by the first-byte timeout: 504 `upstream_timeout`, connecting. The
+/// first-byte timeout is past the test's bound, so waiting on it fails.
+#[tokio::test]
+async fn a_tls_handshake_never_answered_is_bounded_by_the_connect_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let p = proxy(&format!(
+        "{}[balance]\nmax_retries = 0\n",
+        one_upstream(
+            &format!("https://127.0.0.1:{port}/v1"),
+            "connect_timeout_ms = 300\nfirst_byte_timeout_ms = 60000\n",
+        )
+    ))
+    .await;
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
+    answer.assert_error(504, "timeout_error", "upstream_timeout");
+    assert!(answer.text().contains("connecting"), "{}", answer.text());
+    silent.abort();
+}

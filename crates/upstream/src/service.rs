@@ -24,9 +24,50 @@ use crate::config::{AuthStyle, BuildError, UpstreamConfig};
 use crate::headers;
 use crate::pool::{Lease, Pool, SendError};
 
-/// TCP through the upstream's kept addresses ([`Dns`]), then TLS.
-type Connector = HttpsConnector<HttpConnector<Resolver>>;
+/// TCP through the upstream's kept addresses ([`Dns`]), then TLS, within
+/// the upstream's `connect_timeout`.
+type Connector = TimedConnector;
 type HttpClient = Client<Connector, Body>;
+type TlsConnector = HttpsConnector<HttpConnector<Resolver>>;
+
+/// A [`TlsConnector`] bounded as a whole by the upstream's
+/// `connect_timeout`: `HttpConnector` times the TCP connect alone, so a
+/// server that takes the connection but never finishes its TLS handshake
+/// would hold the request until its first-byte timeout (a minute, by
+/// default), and its failover as long. Past it: an I/O `TimedOut`, which
+/// [`Upstream::classify`] answers with 504 `upstream_timeout`, as a TCP
+/// connect's.
+#[derive(Clone)]
+pub(crate) struct TimedConnector {
+    inner: TlsConnector,
+    timeout: Duration,
+}
+
+impl Service<Uri> for TimedConnector {
+    type Response = <TlsConnector as Service<Uri>>::Response;
+    type Error = llm_proxy_core::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connect = self.inner.call(dst);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            tokio::time::timeout(timeout, connect)
+                .await
+                .unwrap_or_else(|_elapsed| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect (TCP and TLS) timed out",
+                    )
+                    .into())
+                })
+        })
+    }
+}
 
 /// A tower `Service` that sends requests to one upstream LLM server.
 ///
@@ -241,10 +282,14 @@ impl Upstream {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1();
-        Ok(if http2 {
+        let inner = if http2 {
             builder.enable_http2().wrap_connector(http)
         } else {
             builder.wrap_connector(http)
+        };
+        Ok(TimedConnector {
+            inner,
+            timeout: cfg.connect_timeout,
         })
     }
 
