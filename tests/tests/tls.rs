@@ -365,3 +365,111 @@ async fn a_tls_handshake_never_answered_is_bounded_by_the_connect_timeout() {
     assert!(answer.text().contains("connecting"), "{}", answer.text());
     silent.abort();
 }
+
+/// How [`late_ending_h2`] ends each answer after its last byte.
+#[derive(Clone, Copy, Debug)]
+enum H2End {
+    /// An empty DATA frame with END_STREAM, a moment later (as nginx's
+    /// often do).
+    LateEmptyFrame,
+    /// Trailers, a moment later.
+    Trailers,
+}
+
+/// An h2 upstream over TLS whose answers (JSON with its length, or an
+/// event stream) end `end`: its port and certificate.
+async fn late_ending_h2(end: H2End) -> (u16, String) {
+    let (acceptor, pem) = tls_acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut sent = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            sent.extend_from_slice(&chunk);
+                        }
+                        let streamed = String::from_utf8_lossy(&sent).contains(r#""stream":true"#);
+                        let message = serde_json::json!({"role": "assistant", "content": "hi"});
+                        let (kind, text) = if streamed {
+                            let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+                                let c = serde_json::json!({"id": "c", "object": "chat.completion.chunk",
+                                    "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                                format!("data: {c}\n\n")
+                            };
+                            let text = chunk(message, serde_json::Value::Null)
+                                + &chunk(serde_json::json!({}), "stop".into())
+                                + "data: [DONE]\n\n";
+                            ("text/event-stream", text)
+                        } else {
+                            let text = serde_json::json!({"id": "c", "object": "chat.completion",
+                                "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                                "message": message}]})
+                            .to_string();
+                            ("application/json", text)
+                        };
+                        let mut head = http::Response::builder().header("content-type", kind);
+                        if !streamed {
+                            head = head.header("content-length", text.len());
+                        }
+                        let Ok(mut send) = respond.send_response(head.body(()).unwrap(), false)
+                        else {
+                            return;
+                        };
+                        let _ = send.send_data(text.into(), false);
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        let _ = match end {
+                            H2End::LateEmptyFrame => send.send_data(bytes::Bytes::new(), true),
+                            H2End::Trailers => {
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("x-upstream-trailer", "1".parse().unwrap());
+                                send.send_trailers(trailers)
+                            }
+                        };
+                    });
+                }
+            });
+        }
+    });
+    (port, pem)
+}
+
+/// An h2 answer whose end comes after its last byte — in an empty frame
+/// of its own, or with trailers — is a whole answer: cached (the next
+/// request is a hit), streamed or not. Trailers are not passed on.
+#[tokio::test]
+async fn an_h2_answer_ended_after_its_last_byte_is_whole() {
+    for end in [H2End::LateEmptyFrame, H2End::Trailers] {
+        let (port, pem) = late_ending_h2(end).await;
+        let p = proxy(&format!(
+            "{}[cache]\nenabled = true\n",
+            https_upstream("tls-late-end", port, &pem, "")
+        ))
+        .await;
+        for stream in [false, true] {
+            let first = post_json(&p.url("/v1/chat/completions"), &chat("m", stream)).await;
+            assert_eq!(first.status, 200, "{end:?}: {}", first.text());
+            assert!(first.text().contains("hi"), "{end:?}: {}", first.text());
+            assert_eq!(first.header("x-upstream-trailer"), None);
+            let second = post_json(&p.url("/v1/chat/completions"), &chat("m", stream)).await;
+            assert_eq!(
+                second.header("x-llm-proxy-cache"),
+                Some("hit"),
+                "{end:?}, stream {stream}: {}",
+                p.metrics().await
+            );
+            assert_eq!(second.body, first.body, "{end:?}, stream {stream}");
+        }
+    }
+}

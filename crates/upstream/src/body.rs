@@ -259,9 +259,20 @@ impl HttpBody for UpstreamBody {
             State::Streaming => {}
         }
 
-        let polled = match this.held.take() {
-            Some(held) => Poll::Ready(held),
-            None => poll_next(this.inner.as_mut(), this.lease, cx),
+        let polled = loop {
+            let polled = match this.held.take() {
+                Some(held) => Poll::Ready(held),
+                None => poll_next(this.inner.as_mut(), this.lease, cx),
+            };
+            // An upstream's trailers (HTTP/2 servers may send them) are
+            // not passed on: they mean nothing to an LLM client, and hyper's
+            // server ends a body at its trailers without polling it again,
+            // so every layer above would take the answer for one cut short
+            // (never cached, logged `cut`).
+            match polled {
+                Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {}
+                polled => break polled,
+            }
         };
         let outcome = match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -371,12 +382,17 @@ impl HttpBody for UpstreamBody {
         }
     }
 
+    /// Also at the last byte of a body of known length: hyper's server
+    /// drops a body of known length after that byte without polling it
+    /// again, and every layer above tells a clean end from a cut one by
+    /// this. An HTTP/1 body is at its end there; an HTTP/2 stream may end
+    /// only with a later empty frame (nginx's often do).
     fn is_end_stream(&self) -> bool {
         matches!(self.state, State::Finished)
             || (matches!(self.state, State::Streaming)
                 && self.watch.is_none()
                 && matches!(self.held, None | Some(None))
-                && self.inner.is_end_stream())
+                && (self.inner.is_end_stream() || self.inner.size_hint().exact() == Some(0)))
     }
 
     fn size_hint(&self) -> SizeHint {
