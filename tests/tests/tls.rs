@@ -306,6 +306,30 @@ async fn refused_h2_streams_are_sent_again_and_not_held_against_the_upstream() {
     );
 }
 
+/// Refused every time, the request is a 502 counted for the upstream
+/// that refused it (its `upstream` label), as any other 502 it causes.
+#[tokio::test]
+async fn a_502_of_refused_h2_streams_is_counted_for_the_upstream() {
+    let (port, pem, answered) = refusing_h2(usize::MAX).await;
+    let p = proxy(&https_upstream(
+        "tls-refused-all",
+        port,
+        &pem,
+        "[balance]\nmax_retries = 1",
+    ))
+    .await;
+    let answer = post_json(&p.url("/v1/chat/completions"), &chat("m", false)).await;
+    answer.assert_error(502, "upstream_error", "bad_gateway");
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let metrics = p.metrics().await;
+    assert!(
+        metrics.contains(
+            "llm_proxy_requests_total{route=\"chat_completions\",status=\"502\",upstream=\"up\"} 1\n"
+        ),
+        "{metrics}"
+    );
+}
+
 /// An HTTP/2 connection to the upstream that goes silently dead (the flow
 /// dropped: frozen, not closed) is found out by its unanswered ping, within
 /// the upstream's `idle_timeout_ms`, and the next request opens a new one

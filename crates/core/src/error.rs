@@ -462,7 +462,9 @@ impl Error {
             | Error::IdStoreUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            Error::BadGateway { upstream, .. } | Error::UpstreamTimeout { upstream, .. } => {
+            Error::BadGateway { upstream, .. }
+            | Error::UpstreamRefused { upstream, .. }
+            | Error::UpstreamTimeout { upstream, .. } => {
                 // Which upstream failed, for the metrics' `upstream` label,
                 // as on the answers upstreams give.
                 resp.extensions_mut()
