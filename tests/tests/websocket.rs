@@ -2212,7 +2212,7 @@ async fn a_message_under_way_is_counted_and_timed() {
     let open = || async { upgraded(tokio::net::TcpStream::connect(p.addr).await.unwrap()).await };
     /// The close code the client hears first (`None`: the connection
     /// ended without one).
-    async fn close_code(tcp: &mut tokio::net::TcpStream) -> Option<u16> {
+    async fn close_code(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16> {
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
         while got.len() < 4 {
@@ -2346,4 +2346,119 @@ async fn upgraded(mut tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
     .unwrap();
     assert!(read_request_head(&mut tcp).await, "a 101");
     tcp
+}
+
+/// A client frame, masked with a zero key (the payload as it is), of at
+/// most 125 bytes.
+fn small_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut f = vec![b0, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The code of the close frame the proxy sends on `tcp`, reading past
+/// other frames (pongs); `None` if the connection ends first or no close
+/// comes within `HANG`.
+async fn close_code(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(HANG, async {
+        loop {
+            // Whole frames first (the proxy's are unmasked).
+            while got.len() >= 2 {
+                let len = usize::from(got[1] & 0x7f);
+                let (head, len) = match len {
+                    126 if got.len() >= 4 => (4, usize::from(u16::from_be_bytes([got[2], got[3]]))),
+                    126 => break,
+                    127 => return None,
+                    len => (2, len),
+                };
+                if got.len() < head + len {
+                    break;
+                }
+                if got[0] == 0x88 {
+                    return (len >= 2).then(|| u16::from_be_bytes([got[head], got[head + 1]]));
+                }
+                got.drain(..head + len);
+            }
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A client that pings on while it reads nothing (each pong waits in the
+/// proxy's write buffer) is closed, soon after its connection stops taking
+/// writes: the pongs do not pile up without bound.
+#[tokio::test]
+async fn a_client_that_pings_on_and_reads_nothing_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    const MOST_PINGS: usize = 200_000;
+    let up = mock_named("m").await;
+    let p = proxy(&ws_upstream("up", &up.base_url(), "")).await;
+    // A small receive buffer: the proxy's writes stall soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = upgraded(socket.connect(p.addr).await.unwrap()).await;
+    let batch: Vec<u8> = (0..100)
+        .flat_map(|_| small_frame(0x89, &[b'p'; 125]))
+        .collect();
+    let deadline = tokio::time::Instant::now() + 2 * HANG;
+    let mut sent = 0;
+    let closed = loop {
+        if sent >= MOST_PINGS {
+            break false;
+        }
+        match tokio::time::timeout_at(deadline, tcp.write_all(&batch)).await {
+            Ok(Ok(())) => sent += 100,
+            Ok(Err(_)) => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "still open after {sent} pings");
+    assert!(sent < MOST_PINGS / 2, "{sent} pings taken");
+}
+
+/// A message under way must come whole within `request_body_timeout_ms` of
+/// its first byte, pings in its middle or not: they do not restart its
+/// clock. The session is closed with 1008.
+#[tokio::test]
+async fn pings_in_a_slow_message_do_not_restart_its_clock() {
+    use tokio::io::AsyncWriteExt;
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "request_body_timeout_ms = 1000\n{}",
+        ws_upstream("up", &up.base_url(), "")
+    ))
+    .await;
+    for ping in [false, true] {
+        let mut tcp = upgraded(tokio::net::TcpStream::connect(p.addr).await.unwrap()).await;
+        let (mut read, mut write) = tcp.split();
+        // The first fragment of a text message whose rest never comes.
+        write
+            .write_all(&small_frame(0x01, br#"{"type":"response.create","#))
+            .await
+            .unwrap();
+        let pinging = async {
+            for _ in 0..(HANG.as_millis() / 300) {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                if ping && write.write_all(&small_frame(0x89, b"p")).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let code = tokio::select! {
+            code = close_code(&mut read) => code,
+            () = pinging => None,
+        };
+        assert_eq!(code, Some(1008), "pings: {ping}");
+    }
+    drop(up);
 }

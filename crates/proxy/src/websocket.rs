@@ -1272,6 +1272,8 @@ async fn pump_up(
     closing: &Closing,
     (meter, message_timeout): (&Meter, Duration),
 ) {
+    // Pings since the client's connection last took a write.
+    let mut pings_unread = 0usize;
     loop {
         let message = tokio::select! {
             message = client.next() => {
@@ -1369,7 +1371,29 @@ async fn pump_up(
             }),
             // Answered by this hop; the upstream gets its own.
             Message::Pong(_) | Message::Frame(_) => continue,
-            Message::Ping(_) => None,
+            // Each ping's pong waits in the connection's write buffer
+            // while the client reads nothing: a client that pings on
+            // without reading would grow it without bound.
+            Message::Ping(_) if meter.stalled() => {
+                pings_unread += 1;
+                if pings_unread > MAX_PINGS_UNREAD {
+                    tracing::debug!("a WebSocket client pings on and reads nothing");
+                    let close = CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "pings while reading nothing".into(),
+                    };
+                    session.client_done.store(true, Ordering::Relaxed);
+                    to_client.send(Message::Close(Some(close))).await;
+                    let _ = tokio::time::timeout(CLOSE_GRACE, upstream.send(Message::Close(None)))
+                        .await;
+                    return;
+                }
+                None
+            }
+            Message::Ping(_) => {
+                pings_unread = 0;
+                None
+            }
             Message::Close(_) => {
                 session.client_done.store(true, Ordering::Relaxed);
                 // Tungstenite has queued the client's answer: the writer
@@ -1538,23 +1562,42 @@ fn interrupted(session: &Session, reason: &str) -> Message {
 /// sends the answer to a close of the client's, if one is waiting).
 async fn write_client(mut queued: mpsc::Receiver<Queued>, mut client: ClientTx) {
     while let Some((message, _permit, _held)) = queued.recv().await {
+        if let Message::Close(_) = message {
+            // The session is over: a client that reads nothing has as
+            // long to take the close as an upstream has to answer one.
+            let close = async {
+                // Closed either way: the send fails when the client's own
+                // close came first (its answer is queued: `close` sends it).
+                let sent = client.send(message).await;
+                sent.and(client.close().await)
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(CLOSE_GRACE, close).await {
+                tracing::debug!(error = %e, "WebSocket client write ended");
+            }
+            return;
+        }
         if let Err(e) = client.send(message).await {
             tracing::debug!(error = %e, "WebSocket client write ended");
             break;
         }
     }
-    let _ = client.close().await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, client.close()).await;
 }
 
 /// The most bytes a frame's header takes: two, an 8-byte length, a 4-byte
 /// mask.
 const FRAME_HEADER_MAX: usize = 14;
 
-/// What may be left counted after a whole message with nothing under way:
-/// the headers of a fragmented message's other frames. A message begun
-/// with less than this read is neither counted nor timed (its bytes are
-/// too few to matter).
+/// What may be left counted after a whole data message with nothing under
+/// way: the headers of a fragmented message's other frames. Of a message
+/// begun in the same read, less than this is not counted, and its clock
+/// starts with its next bytes (too few to matter).
 const UNDER_WAY_SLACK: usize = 4096;
+
+/// The most pings a client may send while its connection takes no write
+/// (each pong waits in the write buffer: at most 125 bytes and a header):
+/// past it, the session is closed with 1008.
+const MAX_PINGS_UNREAD: usize = 256;
 
 /// What the client's messages may be: their size, how long one may take
 /// to arrive, and the budget their bytes count against as they come.
@@ -1578,6 +1621,9 @@ struct Meter {
     began: AtomicU64,
     /// A message began.
     begun: Notify,
+    /// The last write to this side's connection did not go through (its
+    /// socket's send buffer is full: the peer reads nothing).
+    stalled: AtomicBool,
 }
 
 /// Why a side's connection could not be read on: its pool of the budget
@@ -1607,7 +1653,14 @@ impl Meter {
             epoch: Instant::now(),
             began: AtomicU64::new(0),
             begun: Notify::new(),
+            stalled: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the last write to this side's connection did not go
+    /// through.
+    fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// `n` bytes more came; `false` when the budget has no room for them.
@@ -1641,7 +1694,10 @@ impl Meter {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let total = held.held();
         let rest = total.saturating_sub(len.saturating_add(FRAME_HEADER_MAX));
-        if rest <= UNDER_WAY_SLACK {
+        // A control frame is never fragmented: anything read beyond it is
+        // a message under way, however short, which keeps its clock.
+        let slack = if control { 0 } else { UNDER_WAY_SLACK };
+        if rest <= slack {
             // Nothing under way: what is left is a fragmented message's
             // other headers, or too little to matter.
             held.hold(0);
@@ -1715,7 +1771,11 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<T> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.meter
+            .stalled
+            .store(polled.is_pending(), Ordering::Relaxed);
+        polled
     }
 
     fn poll_flush(
@@ -1737,7 +1797,11 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<T> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.meter
+            .stalled
+            .store(polled.is_pending(), Ordering::Relaxed);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
