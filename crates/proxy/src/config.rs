@@ -752,12 +752,100 @@ impl Settings {
 
     /// Parse and validate config text; `path` only names it in errors.
     pub fn from_str(path: &Path, src: &str) -> Result<Settings, ConfigError> {
-        let cfg: Config = toml::from_str(src).map_err(|e| {
-            let offset = e.span().map(|s| s.start).unwrap_or(0);
-            ConfigError::at(path, src, offset, e.message().trim())
+        let syntax = |e: toml::de::Error| {
+            let span = e.span().unwrap_or(0..0);
+            let mut message = e.message().trim().to_owned();
+            // toml names no key here; its span is the key's.
+            if message == "duplicate key"
+                && let Some(key) = src.get(span.clone()).filter(|k| !k.is_empty())
+            {
+                message = format!("duplicate key `{}`", key.trim());
+            }
+            ConfigError::at(path, src, span.start, &message)
+        };
+        let de = toml::Deserializer::parse(src).map_err(syntax)?;
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = key_path(e.path());
+            let e = e.into_inner();
+            let offset = e.span().map_or(0, |s| s.start);
+            let message = plain_types(e.message().trim());
+            // The path names the key a value is wrong for; an unknown key
+            // is named by the message, within the path's table.
+            let message = if key.is_empty() {
+                message
+            } else {
+                format!("`{key}`: {message}")
+            };
+            ConfigError::at(path, src, offset, &message)
         })?;
         validate(path, src, cfg)
     }
+}
+
+/// Whether two listeners could not both bind: one port (not 0: port 0
+/// twice is two ports, each chosen by the system), and one address, or an
+/// unspecified one that covers the other's (`0.0.0.0` every IPv4 address,
+/// `[::]` every address: its sockets take IPv4 too).
+fn binds_over(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
+        wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
+/// A value's key as the config spells it (`upstream[0].weight`), without
+/// the steps `Spanned` adds.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    use std::fmt::Write as _;
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => {
+                let _ = write!(key, "[{index}]");
+            }
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if name.starts_with("$__serde_spanned") {
+                    continue;
+                }
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(name);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    key
+}
+
+/// serde's words for a value of the wrong type said in the config's
+/// terms: `expected usize` is `expected a whole number` to whoever writes
+/// TOML, `expected struct MockSection` `expected a table`.
+fn plain_types(message: &str) -> String {
+    let mut plain = message
+        .replace(" as i128", "")
+        .replace("invalid type: map", "invalid type: table")
+        .replace(
+            "expected a sequence",
+            "expected an array (`[[…]]` for tables)",
+        );
+    for int in ["usize", "u64", "u32", "u16", "u8"] {
+        plain = plain.replace(
+            &format!("expected {int}"),
+            "expected a whole number, not negative",
+        );
+    }
+    for float in ["f64", "f32"] {
+        plain = plain.replace(&format!("expected {float}"), "expected a number");
+    }
+    if let Some(at) = plain.find("expected struct ") {
+        plain.truncate(at);
+        plain.push_str("expected a table");
+    }
+    plain
 }
 
 /// The most a file the config reads (the config itself, a `tls_ca_file`)
@@ -843,12 +931,18 @@ fn duration_secs(
     secs: f64,
 ) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(secs).map_err(|_| {
-        ConfigError::near(
-            path,
-            src,
-            at,
-            format!("{key} must be a non-negative number of seconds, not {secs}"),
-        )
+        // (`1e300` as written, not as its 300 digits.)
+        let shown = if secs.abs() >= 1e15 {
+            format!("{secs:e}")
+        } else {
+            secs.to_string()
+        };
+        let why = if secs >= 0.0 {
+            "a number of seconds a clock can count (under 1.8e19)"
+        } else {
+            "a non-negative number of seconds"
+        };
+        ConfigError::near(path, src, at, format!("{key} must be {why}, not {shown}"))
     })
 }
 
@@ -984,14 +1078,20 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
         ),
         _ => None,
     };
-    // (Port 0 twice is two ports, each chosen by the system.)
-    if metrics_listen == Some(listen) && listen.port() != 0 {
+    if let Some(metrics) = metrics_listen
+        && binds_over(metrics, listen)
+    {
+        let what = if metrics == listen {
+            format!("is `listen` ({listen})")
+        } else {
+            format!("({metrics}) takes the port of `listen` ({listen})")
+        };
         return Err(ConfigError::near(
             path,
             src,
             &[Seg::Key("metrics_listen")],
             format!(
-                "`metrics_listen` is `listen` ({listen}): give metrics an address of their own, or leave it out to serve them on `listen`"
+                "`metrics_listen` {what}: give metrics an address of their own, or leave it out to serve them on `listen`"
             ),
         ));
     }
@@ -1286,22 +1386,10 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             }
         };
         if let Some(models) = &up.models
-            && models.get_ref().is_empty()
+            && let Some(fault) =
+                models_fault(models.get_ref(), "serve nothing", "serve every model")
         {
-            return Err(err(
-                models.span(),
-                format!(
-                    "upstream `{name}`: `models` is empty, so it would serve nothing; leave it out to serve every model"
-                ),
-            ));
-        }
-        if let Some(models) = &up.models
-            && let Some(model) = models.get_ref().iter().find(|m| m.trim().is_empty())
-        {
-            return Err(err(
-                models.span(),
-                format!("upstream `{name}`: `models` holds an empty name ({model:?})"),
-            ));
+            return Err(err(models.span(), format!("upstream `{name}`: {fault}")));
         }
         let served_names = served_names(&name, &up, websocket, &err)?;
         let key_header = api_key.as_ref().map(|_| match protocol {
@@ -1833,23 +1921,13 @@ fn validate_auth(path: &Path, src: &str, a: &AuthSection) -> Result<AuthSpec, Co
             }
         }
         if let Some(models) = &k.models
-            && models.get_ref().is_empty()
+            && let Some(fault) = models_fault(
+                models.get_ref(),
+                "let the key use no model",
+                "allow every model, or remove the key",
+            )
         {
-            return Err(err(
-                models.span(),
-                format!(
-                    "key `{name}`: `models` is empty, so the key could use no model; leave it \
-                     out to allow every model, or remove the key"
-                ),
-            ));
-        }
-        if let Some(models) = &k.models
-            && let Some(model) = models.get_ref().iter().find(|m| m.trim().is_empty())
-        {
-            return Err(err(
-                models.span(),
-                format!("key `{name}`: `models` holds an empty name ({model:?})"),
-            ));
+            return Err(err(models.span(), format!("key `{name}`: {fault}")));
         }
         keys.push(llm_proxy_auth::KeySpec {
             name,
@@ -1900,6 +1978,28 @@ pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
 /// whitespace at either end and none but plain spaces inside, no control
 /// character, and none of the invisible formatting characters (zero-width
 /// spaces and joiners, direction marks, the soft hyphen, the BOM).
+/// What is wrong with a `models` list, if anything: empty (it would
+/// `empty`; left out, it would `absent`), a name that is empty, has space
+/// at an end or invisible characters (no client sends it so), or `*`,
+/// which is no wildcard here (LiteLLM's is): a model of that name.
+fn models_fault(models: &[String], empty: &str, absent: &str) -> Option<String> {
+    if models.is_empty() {
+        return Some(format!(
+            "`models` is empty, so it would {empty}; leave it out to {absent}"
+        ));
+    }
+    if models.iter().any(|m| m == "*") {
+        return Some(format!(
+            "`models` holds `*`, which is no wildcard: leave `models` out to {absent}"
+        ));
+    }
+    let bad = models.iter().find(|m| !is_display_name(m))?;
+    Some(format!(
+        "`models` holds {bad:?}: a model name is non-empty printable text, without space \
+         at either end or invisible characters"
+    ))
+}
+
 fn is_display_name(name: &str) -> bool {
     let invisible = |c: char| {
         matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
@@ -2199,6 +2299,26 @@ mod tests {
             format!("listen = \"127.0.0.1:9000\"\nmetrics_listen = \"127.0.0.1:9000\"\n{MIN}"),
             "`metrics_listen` is `listen`",
         );
+        for (listen, metrics) in [
+            ("127.0.0.1:9000", "0.0.0.0:9000"),
+            ("0.0.0.0:9000", "127.0.0.1:9000"),
+            ("127.0.0.1:9000", "[::]:9000"),
+            ("[::1]:9000", "[::]:9000"),
+        ] {
+            refused(
+                format!("listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\n{MIN}"),
+                "takes the port of `listen`",
+            );
+        }
+        // Each of these binds beside the other.
+        for (listen, metrics) in [
+            ("127.0.0.1:9000", "127.0.0.2:9000"),
+            ("0.0.0.0:9000", "[::1]:9000"),
+            ("127.0.0.1:9000", "0.0.0.0:9001"),
+        ] {
+            let text = format!("listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\n{MIN}");
+            assert!(load(&text).is_ok(), "{text}");
+        }
         for (url, says) in [
             (
                 "http://127.0.0.1:99999/v1",
@@ -2364,7 +2484,20 @@ mod tests {
             ("apis = []", "t.toml:4: upstream `a`: `apis` is empty"),
             (
                 "models = [\"\"]",
-                "t.toml:4: upstream `a`: `models` holds an empty name",
+                "t.toml:4: upstream `a`: `models` holds \"\": a model name is non-empty",
+            ),
+            (
+                "models = [\"gpt-4o \"]",
+                "t.toml:4: upstream `a`: `models` holds \"gpt-4o \": a model name",
+            ),
+            (
+                "models = [\"a\\nb\"]",
+                "t.toml:4: upstream `a`: `models` holds \"a\\nb\": a model name",
+            ),
+            (
+                "models = [\"*\"]",
+                "t.toml:4: upstream `a`: `models` holds `*`, which is no wildcard: leave \
+                 `models` out to serve every model",
             ),
         ] {
             let e = load(&format!("{MIN}{field}\n")).unwrap_err();
@@ -2469,11 +2602,16 @@ mod tests {
         for (line, said) in [
             (
                 "models = []",
-                "t.toml:8: key `k`: `models` is empty, so the key could use no model",
+                "t.toml:8: key `k`: `models` is empty, so it would let the key use no model",
             ),
             (
                 "models = [\"m\", \" \"]",
-                "t.toml:8: key `k`: `models` holds an empty name (\" \")",
+                "t.toml:8: key `k`: `models` holds \" \": a model name is non-empty",
+            ),
+            (
+                "models = [\"*\"]",
+                "t.toml:8: key `k`: `models` holds `*`, which is no wildcard: leave `models` out \
+                 to allow every model",
             ),
             (
                 "requests_per_minute = 0",
@@ -2658,6 +2796,41 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e, "t.toml:5: duplicate upstream name `a`");
+        // A value of the wrong type: its key, in the config's words.
+        for (text, want) in [
+            (
+                "max_body_bytes = -1\n",
+                "t.toml:1: `max_body_bytes`: invalid value: integer `-1`, expected a whole \
+                 number, not negative",
+            ),
+            (
+                "listen = 8080\n",
+                "t.toml:1: `listen`: invalid type: integer `8080`, expected a string",
+            ),
+            (
+                &format!("{MIN}weight = 18446744073709551616\n"),
+                "t.toml:4: `upstream[0].weight`: invalid type: integer `18446744073709551616`, \
+                 expected a whole number, not negative",
+            ),
+            (
+                "[[upstream]]\nname = \"a\"\nmock = true\n",
+                "t.toml:3: `upstream[0].mock`: invalid type: boolean `true`, expected a table",
+            ),
+            (
+                &format!("{MIN}[upstream.headers]\nx = 1\n"),
+                "t.toml:5: `upstream[0].headers.x`: invalid type: integer `1`, expected a string",
+            ),
+            (
+                "[upstream]\nname = \"a\"\n",
+                "t.toml:1: `upstream`: invalid type: table, expected an array (`[[…]]` for tables)",
+            ),
+            (
+                "listen = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n",
+                "t.toml:2: duplicate key `listen`",
+            ),
+        ] {
+            assert_eq!(load(text).unwrap_err(), want, "{text}");
+        }
         let e = load("[[upstream]]\nname = \"a\"\nurl = \"ftp://h/v1\"\n").unwrap_err();
         assert!(e.starts_with("t.toml:3: upstream `a`: bad url"), "{e}");
         let e = load(&format!("{MIN}websocket = true\n")).unwrap_err();
@@ -2730,6 +2903,12 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains('\n'), "one line: {e}");
+        // Too large is not negative.
+        let e = load(&format!("drain_timeout_secs = 1e300\n{MIN}")).unwrap_err();
+        assert!(
+            e.ends_with("must be a number of seconds a clock can count (under 1.8e19), not 1e300"),
+            "{e}"
+        );
     }
 
     #[test]
