@@ -591,6 +591,29 @@ async fn metrics_listen_serves_metrics_apart_over_http1_and_h2c() {
             .text()
             .contains("llm_proxy_buffered_body_limit_bytes")
     );
+    // Marked and counted as on the main listener.
+    assert!(metrics.header("x-request-id").is_some());
+    let kept = send(request(
+        Method::GET,
+        &format!("http://{addr}/healthz"),
+        &[("x-request-id", "probe-1")],
+        "",
+    ))
+    .await;
+    assert_eq!(kept.header("x-request-id"), Some("probe-1"));
+    let again = send(request(
+        Method::GET,
+        &format!("http://{addr}/metrics"),
+        &[],
+        "",
+    ))
+    .await;
+    for line in [
+        r#"llm_proxy_requests_total{route="metrics",status="200",upstream=""} 1"#,
+        r#"llm_proxy_requests_total{route="healthz",status="200",upstream=""} 1"#,
+    ] {
+        assert!(again.text().contains(line), "{line}: {}", again.text());
+    }
     let other = send(request(
         Method::GET,
         &format!("http://{addr}/v1/models"),

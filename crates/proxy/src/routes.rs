@@ -425,8 +425,13 @@ impl ProxyService {
     /// on this port sees a drain as 503 once the main listener has closed);
     /// 404 for anything else.
     pub(crate) fn serve_own<B>(&self, req: &Request<B>) -> Response<Body> {
+        let start = Instant::now();
+        let shared = &self.shared;
+        let request_id = shared.request_id(req.headers());
+        let access = shared.access_line(req, &request_id);
         let path = req.uri().path();
         let route = Own::of(path).map(Route::Own);
+        let label = route.unwrap_or(Route::NotFound).label();
         let allowed = |route: &Route| {
             route
                 .allow(path)
@@ -439,14 +444,66 @@ impl ProxyService {
                 allow,
             }
             .into_response(),
-            Some(Route::Own(own)) => self.shared.own(own),
+            Some(Route::Own(own)) => shared.own(own),
             _ => Error::RouteNotFound(path.to_owned()).into_response(),
         };
-        if req.method() == Method::HEAD {
+        let mut resp = if req.method() == Method::HEAD {
             head_only(resp)
         } else {
             resp
-        }
+        };
+        // Counted, logged and marked as on `listen`.
+        resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+        let status = resp.status().as_u16();
+        shared.metrics.count_answer(label, status, None, None);
+        let access = access.map(|mut access| {
+            access.status = status;
+            access
+        });
+        resp.map(|body| {
+            shared
+                .metrics
+                .observe_on(label, start, body, None, Some(request_id))
+                .with_access(access)
+                .boxed_unsync()
+        })
+    }
+}
+
+impl Shared {
+    /// A request's id: the client's `x-request-id` when it is 1 to 200
+    /// visible ASCII characters, else a fresh one.
+    fn request_id(&self, headers: &http::HeaderMap) -> HeaderValue {
+        headers
+            .get(REQUEST_ID)
+            .filter(|v| {
+                (1..=200).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_graphic)
+            })
+            .cloned()
+            .unwrap_or_else(|| {
+                HeaderValue::from_bytes(&self.ids.next_id())
+                    .expect("hex digits are a valid header value")
+            })
+    }
+
+    /// The request's access log line, with `access_log` (nothing is copied
+    /// for it otherwise): a 499 until it is answered.
+    fn access_line<B>(
+        &self,
+        req: &Request<B>,
+        request_id: &HeaderValue,
+    ) -> Option<Box<crate::metrics::Access>> {
+        self.options.access_log.then(|| {
+            Box::new(crate::metrics::Access {
+                method: req.method().clone(),
+                path: req.uri().path().to_owned(),
+                request_id: request_id.clone(),
+                status: CLIENT_CLOSED_REQUEST.as_u16(),
+                upstream: None,
+                tried: UpstreamSlot::new(),
+                caller: CallerSlot::new(),
+            })
+        })
     }
 }
 
@@ -465,15 +522,7 @@ where
 {
     let start = Instant::now();
     let route = Route::of(req.uri().path(), req.method(), shared.options.serve_metrics);
-    let request_id = req
-        .headers()
-        .get(REQUEST_ID)
-        .filter(|v| (1..=200).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_graphic))
-        .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_bytes(&shared.ids.next_id())
-                .expect("hex digits are a valid header value")
-        });
+    let request_id = shared.request_id(req.headers());
     let head = req.method() == Method::HEAD;
     let h1 = req.version() < http::Version::HTTP_2;
     // An allowed browser origin: its answer says it may read it.
@@ -482,18 +531,7 @@ where
         .cors
         .as_ref()
         .and_then(|cors| cors.allowed(req.headers()).cloned());
-    // Only with `access_log`: nothing is copied for it otherwise.
-    let mut access = shared.options.access_log.then(|| {
-        Box::new(crate::metrics::Access {
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            request_id: request_id.clone(),
-            status: CLIENT_CLOSED_REQUEST.as_u16(),
-            upstream: None,
-            tried: UpstreamSlot::new(),
-            caller: CallerSlot::new(),
-        })
-    });
+    let mut access = shared.access_line(&req, &request_id);
     if let Some(access) = &access {
         // The auth layer writes the key's name into it, the upstream client
         // the upstream's.
