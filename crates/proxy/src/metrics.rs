@@ -617,7 +617,9 @@ impl Access {
                 .as_deref()
                 .unwrap_or(""),
             key = self.caller.get().map_or("", |name| &**name),
-            duration_ms = duration.as_secs_f64() * 1000.0,
+            // Microseconds, as nginx's `$request_time` has milliseconds:
+            // a fixed precision, not a float's last digits.
+            duration_ms = format_args!("{:.3}", duration.as_secs_f64() * 1000.0),
             end,
             turns,
         );
