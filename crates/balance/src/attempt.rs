@@ -60,6 +60,10 @@ fn classify(outcome: &Outcome) -> Verdict {
     }
 }
 
+/// How many attempts the upstreams processed none of are given back
+/// beyond `max_retries` (each within the retry budget still).
+const MAX_UNPROCESSED_AGAIN: usize = 4;
+
 /// What an answer's head says of its backend (also a probe's: a 429, or a
 /// 503 with `retry-after`, is busy, not down).
 pub(crate) fn classify_head(status: StatusCode, headers: &http::HeaderMap) -> Verdict {
@@ -290,6 +294,13 @@ where
         let mut spent: Vec<usize> = Vec::new();
         let mut last: Option<Outcome> = None;
         let mut fell_back = false;
+        // Attempts the upstreams processed none of (refused streams,
+        // streams past a `GOAWAY`) are given back, a few times: a server
+        // that rotates its connections often under load (nginx's
+        // `keepalive_requests`) refuses many in a row, none of them a
+        // fault, and each no work done.
+        let mut attempts = attempts;
+        let mut unprocessed = 0;
         for attempt in 0.. {
             let extra = attempt >= attempts;
             if extra && (fell_back || !fallbacks) {
@@ -315,7 +326,10 @@ where
             // local holding it would keep its room in this future beside the
             // attempt's, even once moved out.
             // No attempt can follow this one.
-            let final_attempt = extra || (attempt + 1 == attempts && (fell_back || !fallbacks));
+            let final_attempt = extra
+                || (attempt + 1 == attempts
+                    && (fell_back || !fallbacks)
+                    && (attempts == 1 || unprocessed == MAX_UNPROCESSED_AGAIN));
             let made = template
                 .next(
                     final_attempt,
@@ -349,6 +363,13 @@ where
                 // another upstream does not share: that one is tried.
                 Verdict::Failure if says_do_not_retry(&outcome) => return outcome,
                 Verdict::Failure | Verdict::Throttled(_) | Verdict::Refused => {
+                    if matches!(verdict, Verdict::Refused)
+                        && attempts > 1
+                        && unprocessed < MAX_UNPROCESSED_AGAIN
+                    {
+                        unprocessed += 1;
+                        attempts += 1;
+                    }
                     tried.push(choice.member);
                     if timed_out_waiting(&outcome) {
                         spent.push(choice.member);

@@ -807,3 +807,28 @@ fn one_ejected_after_three(fleet: &Fleet) -> Balance<Fake> {
         },
     )
 }
+
+/// Attempts an upstream processed none of (refused streams, streams past
+/// a `GOAWAY`) are given back beyond `max_retries`, four at most; with
+/// `max_retries = 0` there is still one call a request. None of them is a
+/// failure of the upstream.
+#[tokio::test(start_paused = true)]
+async fn unprocessed_attempts_are_given_back_a_few_times() {
+    for (max_retries, calls) in [(0, 1), (1, 2 + 4), (2, 3 + 4)] {
+        let fleet = Fleet::default();
+        fleet.set("a", Mode::Unprocessed);
+        let b = balance(
+            &fleet,
+            &["a"],
+            BalanceConfig {
+                max_retries,
+                eject_after_failures: 1,
+                ..rr()
+            },
+        );
+        let e = send(&b, chat("m", "hi")).await.expect_err("refused");
+        assert!(matches!(e, Error::UpstreamRefused { .. }), "{e}");
+        assert_eq!(fleet.calls("a"), calls, "max_retries = {max_retries}");
+        assert!(stats(&b.handle(), "a").healthy, "no failure");
+    }
+}

@@ -30,6 +30,8 @@ pub(crate) enum Mode {
     Status(u16, Option<&'static str>),
     /// A connection failure.
     Refused,
+    /// Not taken: an HTTP/2 stream refused, or past a `GOAWAY`.
+    Unprocessed,
     /// No head within the first-byte timeout.
     TimedOut,
     /// No head within a first-byte timeout of this long: the timeout
@@ -244,6 +246,10 @@ impl Service<Request<Body>> for Fake {
                 Mode::Refused => Err(Error::BadGateway {
                     upstream: name,
                     reason: "could not connect: connection refused".into(),
+                }),
+                Mode::Unprocessed => Err(Error::UpstreamRefused {
+                    upstream: name,
+                    reason: "its HTTP/2 stream was refused (REFUSED_STREAM)".into(),
                 }),
             }
         })
