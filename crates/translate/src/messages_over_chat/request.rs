@@ -278,17 +278,21 @@ fn image_url(path: &str, block: &Value) -> Result<String, Error> {
     }
 }
 
-/// A plain-text document becomes text; PDFs and files cannot be sent.
+/// A plain-text document becomes a text part; PDFs and files cannot be
+/// sent.
 fn document_text(path: &str, block: &Value) -> Result<Value, Error> {
+    let text = document_string(path, block)?;
+    Ok(object([("type", "text".into()), ("text", text.into())]))
+}
+
+/// A plain-text document's text: its title, a blank line, its data.
+fn document_string(path: &str, block: &Value) -> Result<String, Error> {
     let source = block.get("source").unwrap_or(&Value::Null);
     match (str_of(source, "type"), str_of(source, "data")) {
-        (Some("text"), Some(data)) => {
-            let text = match str_of(block, "title") {
-                Some(title) => format!("{title}\n\n{data}"),
-                None => data.to_owned(),
-            };
-            Ok(object([("type", "text".into()), ("text", text.into())]))
-        }
+        (Some("text"), Some(data)) => Ok(match str_of(block, "title") {
+            Some(title) => format!("{title}\n\n{data}"),
+            None => data.to_owned(),
+        }),
         _ => Err(unsupported(
             format!("{path}.source"),
             "is a document chat completions cannot carry (only plain-text documents are translated)",
@@ -311,7 +315,15 @@ fn tool_message(path: &str, block: &Value, images: &mut Vec<Value>) -> Result<Va
                 match str_of(part, "type") {
                     Some("text") => texts.push(text_of(&ppath, part)?.to_owned()),
                     Some("image") => images.push(user_part(&ppath, part)?),
-                    _ => return Err(unsupported(ppath, "may be only a text or image block")),
+                    // A plain-text document, as in a user turn (a tool that
+                    // reads a file may answer with one).
+                    Some("document") => texts.push(document_string(&ppath, part)?),
+                    _ => {
+                        return Err(unsupported(
+                            ppath,
+                            "may be only a text, image or plain-text document block",
+                        ));
+                    }
                 }
             }
         }

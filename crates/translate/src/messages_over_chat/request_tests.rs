@@ -91,6 +91,7 @@ fn tool_results_in_order_with_errors_and_images() {
             {"type": "tool_result", "tool_use_id": "a", "content": "one"},
             {"type": "tool_result", "tool_use_id": "b", "is_error": true, "content": [
                 {"type": "text", "text": "boom"},
+                {"type": "document", "title": "log", "source": {"type": "text", "media_type": "text/plain", "data": "line 1"}},
                 {"type": "image", "source": {"type": "url", "url": "https://x/s.png"}}]}]},
     ]}))
     .unwrap();
@@ -103,7 +104,7 @@ fn tool_results_in_order_with_errors_and_images() {
     assert_eq!(m[1]["tool_call_id"], "a");
     assert_eq!(
         m[2],
-        json!({"role": "tool", "tool_call_id": "b", "content": "Error: boom"})
+        json!({"role": "tool", "tool_call_id": "b", "content": "Error: boom\nlog\n\nline 1"})
     );
     assert_eq!(
         m[3]["content"][0]["image_url"]["url"], "https://x/s.png",
