@@ -771,7 +771,7 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
         &format!(
             "drain_timeout_secs = 2\naccess_log = true\n[[upstream]]\nname = \"cut\"\nurl = \"http://{upstream_addr}/v1\"\n"
         ),
-        "warn,llm_proxy::access=info",
+        "warn,llm_proxy::access=info,llm_proxy_balance=debug",
     )
     .await;
     let resp = client()
@@ -792,6 +792,12 @@ async fn a_broken_stream_is_logged_with_its_request_id() {
     let stderr = stderr_after_term(child, "proxy exits on SIGTERM").await;
     let lines = lines_with(&stderr, &["response body failed"]);
     assert_eq!(lines.len(), 1, "one line for the failure: {stderr}");
+    // At debug, the balancer's attempt is tied to the request too.
+    let attempts = lines_with(&stderr, &["balancer attempt"]);
+    assert!(
+        attempts.len() == 1 && attempts[0].contains("req-broken-7"),
+        "{stderr}"
+    );
     assert!(
         lines[0].contains("req-broken-7") && lines[0].contains("upstream `cut`"),
         "{stderr}"

@@ -339,7 +339,16 @@ where
                 .map(|req| {
                     // The previous failure is superseded: release its backend now.
                     drop(last.take());
-                    tracing::debug!(upstream = %member.name, attempt, "balancer attempt");
+                    tracing::debug!(
+                        request_id = req
+                            .headers()
+                            .get("x-request-id")
+                            .and_then(|id| id.to_str().ok())
+                            .unwrap_or(""),
+                        upstream = %member.name,
+                        attempt,
+                        "balancer attempt"
+                    );
                     send(&shared, &member.state, member.service(), req)
                 });
             let (mut outcome, verdict) = match made {
