@@ -6,7 +6,7 @@ use std::time::Duration;
 use llm_proxy_core::redis::{RedisCallError, RedisLink};
 use tests::redis_server::RedisServer;
 use tests::relay::Relay;
-use tests::until_ok;
+use tests::{HANG, until_ok};
 
 async fn get(link: &RedisLink, key: &str) -> Result<Option<String>, RedisCallError> {
     link.call("get", |mut c| async move {
@@ -324,4 +324,48 @@ async fn the_start_up_check_asks_only_what_the_features_use() {
         refused.as_ref().is_err_and(RedisCallError::is_refusal),
         "{refused:?}"
     );
+}
+
+/// A reconnect that timed out (Redis took the connection and said
+/// nothing, as a stalled or half-started one does) is not handed to the
+/// first call after Redis is back: that call connects anew and is
+/// answered. (The manager keeps its last reconnect's outcome, however old.)
+#[tokio::test]
+async fn a_reconnect_that_timed_out_does_not_fail_the_next_call() {
+    let redis = RedisServer::start().await;
+    // Takes connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("its address");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let relay = Relay::start(redis.addr).await;
+    let link = RedisLink::new(&relay.redis_url())
+        .expect("a link")
+        .without_breaker()
+        .with_timeout(Duration::from_millis(200));
+    set_k(&link).await.expect("set through the relay");
+    // Redis goes silent, and so does every connection made to it now:
+    // calls go unanswered until the link replaces its connection, and the
+    // new one's connect goes unanswered too.
+    relay.retarget(silent_addr);
+    relay.freeze();
+    let deadline = tokio::time::Instant::now() + HANG;
+    while relay.accepted() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no reconnect");
+        let silent = get(&link, "k").await;
+        assert!(silent.is_err(), "{silent:?}");
+    }
+    // Past that connect's timeout (1 s): it failed, and the link's manager
+    // keeps the failure. Then Redis is back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.retarget(redis.addr);
+    let found = get(&link, "k").await;
+    assert_eq!(found.expect("answered").as_deref(), Some("v"));
+    holder.abort();
 }

@@ -91,12 +91,18 @@ fn io_kind(error: &redis::RedisError) -> Option<std::io::ErrorKind> {
     None
 }
 
-/// Whether the connection could not be made (refused, no such socket): the
-/// command was never sent.
+/// Whether the connection could not be made (refused, no such socket, or
+/// its connect timed out: the link sets no response timeout, so a timeout
+/// from the manager is a connect's, and one within a call's bound is the
+/// stored outcome of an older reconnect): the command was never sent.
 fn never_connected(error: &redis::RedisError) -> bool {
     matches!(
         io_kind(error),
-        Some(std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
+        Some(
+            std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::TimedOut
+        )
     )
 }
 
