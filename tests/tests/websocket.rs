@@ -2462,3 +2462,45 @@ async fn pings_in_a_slow_message_do_not_restart_its_clock() {
     }
     drop(up);
 }
+
+/// Each response numbers its events from its own start: a second turn
+/// broken off is told one past its own highest number, not the session's.
+#[tokio::test]
+async fn a_broken_off_turn_is_numbered_within_its_own_response() {
+    let numbered = |kind: &str, id: &str, n: u64| {
+        serde_json::json!({"type": kind, "sequence_number": n,
+            "response": {"id": id, "status": "in_progress"}})
+        .to_string()
+    };
+    let upstream = scripted(move || {
+        let mut turn = 0;
+        move |_: &serde_json::Value| {
+            turn += 1;
+            if turn == 1 {
+                vec![
+                    numbered("response.created", "resp_1", 0),
+                    numbered("response.in_progress", "resp_1", 1),
+                    serde_json::json!({"type": "response.completed", "sequence_number": 30,
+                        "response": {"id": "resp_1", "status": "completed"}})
+                    .to_string(),
+                ]
+            } else {
+                vec![
+                    numbered("response.created", "resp_2", 0),
+                    numbered("response.in_progress", "resp_2", 1),
+                    DROP.to_owned(),
+                ]
+            }
+        }
+    })
+    .await;
+    let p = proxy(&ws_upstream("up", &format!("http://{upstream}/v1"), "")).await;
+    let (mut socket, _) = connect(p.addr, &[]).await.unwrap();
+    send_create(&mut socket).await;
+    until_completed(&mut socket).await;
+    send_create(&mut socket).await;
+    let (texts, _) = texts_until_close(&mut socket).await;
+    let error = texts.last().expect("an error");
+    assert_eq!(error["error"]["code"], "stream_interrupted", "{texts:?}");
+    assert_eq!(error["sequence_number"], 2, "{texts:?}");
+}

@@ -510,7 +510,8 @@ struct Session {
     open_turns: AtomicUsize,
     /// Output deltas the upstream sent so far (counted with a key only).
     deltas: AtomicU64,
-    /// One past the highest `sequence_number` of the upstream's messages.
+    /// One past the highest `sequence_number` of the upstream's messages
+    /// since the last `response.created`.
     next_sequence: AtomicU64,
     /// The open creates, in order: the id of the response each began, once
     /// its `response.created` came (at most [`MAX_PENDING`]).
@@ -721,8 +722,8 @@ impl Session {
         }
         let mut numbers = llm_proxy_core::sse::SequenceNumbers::default();
         numbers.observe(text.as_bytes());
-        self.next_sequence
-            .fetch_max(numbers.next(), Ordering::Relaxed);
+        let next = numbers.next();
+        self.next_sequence.fetch_max(next, Ordering::Relaxed);
         // Most messages are deltas: skip them without parsing. (What is
         // decided below is decided on the parsed top-level `type`.)
         const ENDS: [&str; 5] = [
@@ -789,6 +790,9 @@ impl Session {
         }
         match &*event.kind {
             "response.created" => {
+                // Each response numbers its events from its own start, as
+                // on HTTP: a turn broken off is told one past its own.
+                self.next_sequence.store(next, Ordering::Relaxed);
                 let Some(id) = id else { return };
                 self.ids
                     .remember(id, self.upstream.clone(), self.owner.clone());
