@@ -451,12 +451,7 @@ async fn sighup_and_a_signal_sent_twice_at_once_do_not_stop_the_drain() {
         10,
     )
     .await;
-    signal(&child, "-HUP");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        child.0.try_wait().unwrap().is_none(),
-        "SIGHUP stopped the proxy"
-    );
+    sighup_is_ignored(&mut child).await;
     signal(&child, "-TERM");
     signal(&child, "-TERM");
     let stderr = drained_whole(child, resp).await;
@@ -491,14 +486,19 @@ async fn a_broken_stderr_loses_logs_not_requests_nor_the_drain() {
         .await;
         assert_eq!(answer.status, 200, "{}", answer.text());
     }
-    signal(&child, "-HUP");
+    sighup_is_ignored(&mut child).await;
+    signal(&child, "-TERM");
+    drained_whole(child, resp).await;
+}
+
+/// SIGHUP `child`, which must still run a moment later.
+async fn sighup_is_ignored(child: &mut Child) {
+    signal(child, "-HUP");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         child.0.try_wait().unwrap().is_none(),
         "SIGHUP stopped the proxy"
     );
-    signal(&child, "-TERM");
-    drained_whole(child, resp).await;
 }
 
 #[tokio::test]

@@ -1266,6 +1266,23 @@ impl ClientQueue {
     }
 }
 
+/// End the session for the client's conduct: it is sent a close (1008,
+/// `reason`), and the upstream one (given [`CLOSE_GRACE`]).
+async fn close_for_policy(
+    session: &Session,
+    to_client: &ClientQueue,
+    upstream: &mut UpstreamTx,
+    reason: &'static str,
+) {
+    session.client_done.store(true, Ordering::Relaxed);
+    let close = CloseFrame {
+        code: CloseCode::Policy,
+        reason: reason.into(),
+    };
+    to_client.send(Message::Close(Some(close))).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, upstream.send(Message::Close(None))).await;
+}
+
 /// Client -> upstream: each message checked, refused ones answered.
 async fn pump_up(
     session: &Session,
@@ -1288,13 +1305,7 @@ async fn pump_up(
             }
             () = meter.overdue(message_timeout) => {
                 tracing::debug!("a WebSocket client message took too long to arrive");
-                let close = CloseFrame {
-                    code: CloseCode::Policy,
-                    reason: "message too slow".into(),
-                };
-                session.client_done.store(true, Ordering::Relaxed);
-                to_client.send(Message::Close(Some(close))).await;
-                let _ = tokio::time::timeout(CLOSE_GRACE, upstream.send(Message::Close(None))).await;
+                close_for_policy(session, &to_client, &mut upstream, "message too slow").await;
                 return;
             }
             reason = closing.closed() => {
@@ -1382,14 +1393,8 @@ async fn pump_up(
                 pings_unread += 1;
                 if pings_unread > MAX_PINGS_UNREAD {
                     tracing::debug!("a WebSocket client pings on and reads nothing");
-                    let close = CloseFrame {
-                        code: CloseCode::Policy,
-                        reason: "pings while reading nothing".into(),
-                    };
-                    session.client_done.store(true, Ordering::Relaxed);
-                    to_client.send(Message::Close(Some(close))).await;
-                    let _ = tokio::time::timeout(CLOSE_GRACE, upstream.send(Message::Close(None)))
-                        .await;
+                    let reason = "pings while reading nothing";
+                    close_for_policy(session, &to_client, &mut upstream, reason).await;
                     return;
                 }
                 None
