@@ -144,6 +144,8 @@ async fn a_body_with_broken_chunks_is_400_invalid_body() {
         answer.contains("could not read the request body"),
         "{answer}"
     );
+    // Nothing after it on the connection can be read: said so.
+    assert!(answer.contains("connection: close"), "{answer}");
     assert_eq!(up.stats.requests(), 0);
 }
 

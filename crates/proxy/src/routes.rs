@@ -624,12 +624,17 @@ where
         let status = resp.status();
         // The proxy's own 408 (the body stopped coming) ends the connection
         // (hyper closes one whose request was not read to its end): said so,
-        // as RFC 9110 §15.5.9 asks. An upstream's own 408 is its business.
+        // as RFC 9110 §15.5.9 asks; so does a body whose framing broke (a
+        // bad chunk), after which nothing on the connection can be read.
+        // An upstream's own 408 is its business.
         if h1
-            && status == StatusCode::REQUEST_TIMEOUT
             && matches!(
                 resp.extensions().get::<Error>(),
-                Some(Error::RequestTimeout { .. } | Error::RequestBodyTooSlow { .. })
+                Some(
+                    Error::RequestTimeout { .. }
+                        | Error::RequestBodyTooSlow { .. }
+                        | Error::UnreadableBody(_)
+                )
             )
         {
             resp.headers_mut()
