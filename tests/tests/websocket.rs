@@ -2399,14 +2399,45 @@ async fn close_code(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16
 /// writes: the pongs do not pile up without bound.
 #[tokio::test]
 async fn a_client_that_pings_on_and_reads_nothing_is_closed() {
-    use tokio::io::AsyncWriteExt;
-    const MOST_PINGS: usize = 200_000;
     let up = mock_named("m").await;
     let p = proxy(&ws_upstream("up", &up.base_url(), "")).await;
+    pings_on_reading_nothing(&p, false).await;
+}
+
+/// The same with an answer the client does not read queued before the
+/// close: the session still ends soon after it (not at its silence).
+#[tokio::test]
+async fn a_client_that_pings_on_behind_an_unread_answer_is_closed() {
+    let delta = serde_json::json!({"type": "response.output_text.delta",
+        "delta": "x".repeat(64 << 10)})
+    .to_string();
+    let upstream = scripted(move || {
+        let delta = delta.clone();
+        move |_: &serde_json::Value| {
+            let mut out = vec![created("resp_big")];
+            out.extend(std::iter::repeat_n(delta.clone(), 200));
+            out
+        }
+    })
+    .await;
+    let p = proxy(&ws_upstream("up", &format!("http://{upstream}/v1"), "")).await;
+    pings_on_reading_nothing(&p, true).await;
+}
+
+/// A client of `p` that (after a turn, with `create`) pings on and reads
+/// nothing, on a small receive buffer: the proxy closes its connection.
+async fn pings_on_reading_nothing(p: &TestProxy, create: bool) {
+    use tokio::io::AsyncWriteExt;
+    const MOST_PINGS: usize = 200_000;
     // A small receive buffer: the proxy's writes stall soon.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut tcp = upgraded(socket.connect(p.addr).await.unwrap()).await;
+    if create {
+        let turn = br#"{"type":"response.create","model":"m","input":"x"}"#;
+        tcp.write_all(&small_frame(0x81, turn)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     let batch: Vec<u8> = (0..100)
         .flat_map(|_| small_frame(0x89, &[b'p'; 125]))
         .collect();
@@ -2438,18 +2469,33 @@ async fn pings_in_a_slow_message_do_not_restart_its_clock() {
         ws_upstream("up", &up.base_url(), "")
     ))
     .await;
-    for ping in [false, true] {
+    // Pings or not; and a message that comes 2 bytes a frame, a ping after
+    // each (frames as short as a ping's header must not pass for it).
+    for (ping, trickle) in [(false, false), (true, false), (true, true)] {
         let mut tcp = upgraded(tokio::net::TcpStream::connect(p.addr).await.unwrap()).await;
         let (mut read, mut write) = tcp.split();
         // The first fragment of a text message whose rest never comes.
-        write
-            .write_all(&small_frame(0x01, br#"{"type":"response.create","#))
-            .await
-            .unwrap();
+        let first: &[u8] = if trickle {
+            b"{\""
+        } else {
+            br#"{"type":"response.create","#
+        };
+        let mut start = small_frame(0x01, first);
+        if trickle {
+            start.extend(small_frame(0x89, b"p"));
+        }
+        write.write_all(&start).await.unwrap();
         let pinging = async {
             for _ in 0..(HANG.as_millis() / 300) {
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                if ping && write.write_all(&small_frame(0x89, b"p")).await.is_err() {
+                let mut next = Vec::new();
+                if trickle {
+                    next.extend(small_frame(0x00, b"ty"));
+                }
+                if ping {
+                    next.extend(small_frame(0x89, b"p"));
+                }
+                if write.write_all(&next).await.is_err() {
                     break;
                 }
             }
@@ -2458,7 +2504,7 @@ async fn pings_in_a_slow_message_do_not_restart_its_clock() {
             code = close_code(&mut read) => code,
             () = pinging => None,
         };
-        assert_eq!(code, Some(1008), "pings: {ping}");
+        assert_eq!(code, Some(1008), "pings: {ping}, trickled: {trickle}");
     }
     drop(up);
 }

@@ -91,19 +91,22 @@ fn io_kind(error: &redis::RedisError) -> Option<std::io::ErrorKind> {
     None
 }
 
-/// Whether the connection could not be made (refused, no such socket, or
-/// its connect timed out: the link sets no response timeout, so a timeout
-/// from the manager is a connect's, and one within a call's bound is the
-/// stored outcome of an older reconnect): the command was never sent.
+/// Whether the connection could not be made (refused, no such socket):
+/// the command was never sent.
 fn never_connected(error: &redis::RedisError) -> bool {
     matches!(
         io_kind(error),
-        Some(
-            std::io::ErrorKind::ConnectionRefused
-                | std::io::ErrorKind::NotFound
-                | std::io::ErrorKind::TimedOut
-        )
+        Some(std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
     )
+}
+
+/// Whether the call timed out. The link sets no response timeout, so from
+/// the manager that is a connect's timeout (within a call's bound, the
+/// stored outcome of an older reconnect: the command was not sent), or,
+/// rarely, the kernel giving up on an established connection (it may have
+/// been sent): only a call that may be made twice is made again for it.
+fn timed_out(error: &redis::RedisError) -> bool {
+    io_kind(error) == Some(std::io::ErrorKind::TimedOut)
 }
 
 /// Whether a connection that was up broke (closed by Redis, reset): not
@@ -330,7 +333,7 @@ impl RedisLink {
                 // fails the first call after Redis came back. The command
                 // was not sent; one more try connects anew (and is refused
                 // at once if Redis is still down).
-                Err(e) if never_connected(&e) => {
+                Err(e) if never_connected(&e) || (again && timed_out(&e)) => {
                     tracing::debug!(error = %e, op, "redis connection not made; calling again");
                     call(manager).await
                 }

@@ -825,13 +825,16 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
 /// terms: `expected usize` is `expected a whole number` to whoever writes
 /// TOML, `expected struct MockSection` `expected a table`.
 fn plain_types(message: &str) -> String {
+    let hint = if message.starts_with("invalid type: map") {
+        // `[upstream]` for `[[upstream]]`.
+        "expected an array (`[[…]]` for tables)"
+    } else {
+        "expected an array"
+    };
     let mut plain = message
         .replace(" as i128", "")
         .replace("invalid type: map", "invalid type: table")
-        .replace(
-            "expected a sequence",
-            "expected an array (`[[…]]` for tables)",
-        );
+        .replace("expected a sequence", hint);
     for int in ["usize", "u64", "u32", "u16", "u8"] {
         plain = plain.replace(
             &format!("expected {int}"),
@@ -1973,11 +1976,6 @@ pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
     }
 }
 
-/// Whether `name` can name an upstream or a key in headers, logs and
-/// metrics: two names that look alike are the same name. Not blank, no
-/// whitespace at either end and none but plain spaces inside, no control
-/// character, and none of the invisible formatting characters (zero-width
-/// spaces and joiners, direction marks, the soft hyphen, the BOM).
 /// What is wrong with a `models` list, if anything: empty (it would
 /// `empty`; left out, it would `absent`), a name that is empty, has space
 /// at an end or invisible characters (no client sends it so), or `*`,
@@ -2000,6 +1998,11 @@ fn models_fault(models: &[String], empty: &str, absent: &str) -> Option<String> 
     ))
 }
 
+/// Whether `name` can name an upstream or a key in headers, logs and
+/// metrics: two names that look alike are the same name. Not blank, no
+/// whitespace at either end and none but plain spaces inside, no control
+/// character, and none of the invisible formatting characters (zero-width
+/// spaces and joiners, direction marks, the soft hyphen, the BOM).
 fn is_display_name(name: &str) -> bool {
     let invisible = |c: char| {
         matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
@@ -2823,6 +2826,10 @@ mod tests {
             (
                 "[upstream]\nname = \"a\"\n",
                 "t.toml:1: `upstream`: invalid type: table, expected an array (`[[…]]` for tables)",
+            ),
+            (
+                &format!("{MIN}models = \"m\"\n"),
+                "t.toml:4: `upstream[0].models`: invalid type: string \"m\", expected an array",
             ),
             (
                 "listen = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n",

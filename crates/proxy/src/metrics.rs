@@ -617,13 +617,20 @@ impl Access {
                 .as_deref()
                 .unwrap_or(""),
             key = self.caller.get().map_or("", |name| &**name),
-            // Microseconds, as nginx's `$request_time` has milliseconds:
-            // a fixed precision, not a float's last digits.
-            duration_ms = format_args!("{:.3}", duration.as_secs_f64() * 1000.0),
+            // To the microsecond: whole microseconds over 1000 print as at
+            // most three decimals (not a float's last digits), and stay a
+            // number for a JSON subscriber.
+            duration_ms = micros_as_ms(duration),
             end,
             turns,
         );
     }
+}
+
+/// `d` in milliseconds, to the microsecond.
+fn micros_as_ms(d: Duration) -> f64 {
+    // (Exact below 2^53 µs: 285 years.)
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX) as f64 / 1000.0
 }
 
 impl ObservedBody {

@@ -1124,7 +1124,21 @@ async fn relay(
             }
         }
     };
-    let writer = write_client(queued, client_tx);
+    // Once the proxy has closed the session on the client (for its
+    // conduct), what is still queued for it has `CLOSE_GRACE` to go: a
+    // client that reads nothing would hold the writer, and the session,
+    // until its silence ran out.
+    let writer = async {
+        let write = write_client(queued, client_tx);
+        let cut = async {
+            closing.client_cut.notified().await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        };
+        tokio::select! {
+            () = write => {}
+            () = cut => tracing::debug!("a WebSocket client took none of its last messages"),
+        }
+    };
     let mut all = pin!(async { tokio::join!(talk, writer) });
     let bound = || {
         if session.open_turns.load(Ordering::Relaxed) > 0 {
@@ -1183,6 +1197,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 #[derive(Default)]
 struct Closing {
     notify: Notify,
+    /// The client pump closed the session on the client (1008): the writer
+    /// gets [`CLOSE_GRACE`] for what is left.
+    client_cut: Notify,
     reason: std::sync::OnceLock<&'static str>,
     /// A message for the client before the close (a turn's error).
     first: Mutex<Option<Message>>,
@@ -1270,11 +1287,15 @@ impl ClientQueue {
 /// `reason`), and the upstream one (given [`CLOSE_GRACE`]).
 async fn close_for_policy(
     session: &Session,
+    closing: &Closing,
     to_client: &ClientQueue,
     upstream: &mut UpstreamTx,
     reason: &'static str,
 ) {
     session.client_done.store(true, Ordering::Relaxed);
+    // Before the close is queued: the queue may be full of what the client
+    // does not read.
+    closing.client_cut.notify_one();
     let close = CloseFrame {
         code: CloseCode::Policy,
         reason: reason.into(),
@@ -1305,7 +1326,8 @@ async fn pump_up(
             }
             () = meter.overdue(message_timeout) => {
                 tracing::debug!("a WebSocket client message took too long to arrive");
-                close_for_policy(session, &to_client, &mut upstream, "message too slow").await;
+                close_for_policy(session, closing, &to_client, &mut upstream, "message too slow")
+                    .await;
                 return;
             }
             reason = closing.closed() => {
@@ -1394,7 +1416,7 @@ async fn pump_up(
                 if pings_unread > MAX_PINGS_UNREAD {
                     tracing::debug!("a WebSocket client pings on and reads nothing");
                     let reason = "pings while reading nothing";
-                    close_for_policy(session, &to_client, &mut upstream, reason).await;
+                    close_for_policy(session, closing, &to_client, &mut upstream, reason).await;
                     return;
                 }
                 None
@@ -1597,6 +1619,11 @@ async fn write_client(mut queued: mpsc::Receiver<Queued>, mut client: ClientTx) 
 /// mask.
 const FRAME_HEADER_MAX: usize = 14;
 
+/// The most bytes a control frame's header takes: two (its payload is at
+/// most 125 bytes), and a client's 4-byte mask. (An upstream's are
+/// unmasked: up to 4 bytes of what follows one go uncounted.)
+const CONTROL_HEADER_MAX: usize = 6;
+
 /// What may be left counted after a whole data message with nothing under
 /// way: the headers of a fragmented message's other frames. Of a message
 /// begun in the same read, less than this is not counted, and its clock
@@ -1702,7 +1729,12 @@ impl Meter {
         };
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let total = held.held();
-        let rest = total.saturating_sub(len.saturating_add(FRAME_HEADER_MAX));
+        let header = if control {
+            CONTROL_HEADER_MAX
+        } else {
+            FRAME_HEADER_MAX
+        };
+        let rest = total.saturating_sub(len.saturating_add(header));
         // A control frame is never fragmented: anything read beyond it is
         // a message under way, however short, which keeps its clock.
         let slack = if control { 0 } else { UNDER_WAY_SLACK };

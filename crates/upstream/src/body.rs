@@ -54,11 +54,19 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // hyper drops a body with a known length after its last frame
             // without polling it to the end: the connection is still reusable.
-            let this = this.project();
+            let mut this = this.project();
             if this.inner.is_end_stream()
                 && let Some(lease) = this.lease.take()
             {
                 lease.release();
+            }
+            // An HTTP/2 answer whose last byte came without its stream's
+            // end (nginx's end comes in an empty frame of its own): take in
+            // an end that has arrived meanwhile, so that the stream is not
+            // reset (`CANCEL`, which the server may log as a client gone).
+            if !this.inner.is_end_stream() && this.inner.size_hint().exact() == Some(0) {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let _ = this.inner.as_mut().poll_frame(&mut cx);
             }
         }
     }

@@ -30,8 +30,9 @@ type Connector = TimedConnector;
 type HttpClient = Client<Connector, Body>;
 type TlsConnector = HttpsConnector<HttpConnector<Resolver>>;
 
-/// A [`TlsConnector`] bounded as a whole by the upstream's
-/// `connect_timeout`: `HttpConnector` times the TCP connect alone, so a
+/// A [`TlsConnector`] bounded as a whole (name lookup, TCP and TLS) by
+/// the upstream's `connect_timeout`: `HttpConnector` times the TCP connect
+/// alone, so a
 /// server that takes the connection but never finishes its TLS handshake
 /// would hold the request until its first-byte timeout (a minute, by
 /// default), and its failover as long. Past it: an I/O `TimedOut`, which
@@ -785,6 +786,14 @@ impl Upstream {
                 if let Some(reason) = out_of_resources(&*e).or_else(descriptors_exhausted) {
                     return self.out_of_resources(reason);
                 }
+                // A connect (TCP and TLS) past its time, as the client's
+                // connector bounds it ([`TimedConnector`]).
+                if timed_out(&*e) {
+                    return Error::UpstreamTimeout {
+                        upstream: self.inner.name.0.clone(),
+                        phase: "connecting",
+                    };
+                }
                 ("could not connect", root_cause(&*e))
             }
             SendError::Request(e) => ("request failed", root_cause(&e)),
@@ -807,11 +816,7 @@ impl Upstream {
         {
             return self.out_of_resources(reason);
         }
-        let timed_out = source_chain(e).any(|s| {
-            s.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        });
-        if timed_out {
+        if timed_out(e) {
             return Error::UpstreamTimeout {
                 upstream: self.inner.name.0.clone(),
                 phase: "connecting",
@@ -833,6 +838,14 @@ impl Upstream {
         tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
         self.bad_gateway(format!("{what}: {root}"))
     }
+}
+
+/// Whether an I/O error in `e`'s chain timed out.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    source_chain(e).any(|s| {
+        s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    })
 }
 
 /// How often an HTTP/2 connection to an upstream is pinged, and how long
