@@ -1314,8 +1314,9 @@ async fn pump_up(
     closing: &Closing,
     (meter, message_timeout): (&Meter, Duration),
 ) {
-    // Pings since the client's connection last took a write.
-    let mut pings_unread = 0usize;
+    // Pings since the client's connection last took a write, and how much
+    // it had taken then.
+    let (mut pings_unread, mut written_at_ping) = (0usize, 0u64);
     loop {
         let message = tokio::select! {
             message = client.next() => {
@@ -1410,19 +1411,21 @@ async fn pump_up(
             Message::Pong(_) | Message::Frame(_) => continue,
             // Each ping's pong waits in the connection's write buffer
             // while the client reads nothing: a client that pings on
-            // without reading would grow it without bound.
-            Message::Ping(_) if meter.stalled() => {
-                pings_unread += 1;
+            // without reading would grow it without bound. Pings with no
+            // byte written to the client between them are counted.
+            Message::Ping(_) => {
+                let written = meter.written();
+                if written == written_at_ping {
+                    pings_unread += 1;
+                } else {
+                    (pings_unread, written_at_ping) = (0, written);
+                }
                 if pings_unread > MAX_PINGS_UNREAD {
                     tracing::debug!("a WebSocket client pings on and reads nothing");
                     let reason = "pings while reading nothing";
                     close_for_policy(session, closing, &to_client, &mut upstream, reason).await;
                     return;
                 }
-                None
-            }
-            Message::Ping(_) => {
-                pings_unread = 0;
                 None
             }
             Message::Close(_) => {
@@ -1657,9 +1660,9 @@ struct Meter {
     began: AtomicU64,
     /// A message began.
     begun: Notify,
-    /// The last write to this side's connection did not go through (its
-    /// socket's send buffer is full: the peer reads nothing).
-    stalled: AtomicBool,
+    /// Bytes written to this side's connection (a peer that reads nothing
+    /// leaves it still once its socket's send buffer is full).
+    written: AtomicU64,
 }
 
 /// Why a side's connection could not be read on: its pool of the budget
@@ -1689,14 +1692,20 @@ impl Meter {
             epoch: Instant::now(),
             began: AtomicU64::new(0),
             begun: Notify::new(),
-            stalled: AtomicBool::new(false),
+            written: AtomicU64::new(0),
         }
     }
 
-    /// Whether the last write to this side's connection did not go
-    /// through.
-    fn stalled(&self) -> bool {
-        self.stalled.load(Ordering::Relaxed)
+    /// Bytes written to this side's connection so far.
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Count a write's outcome.
+    fn wrote(&self, polled: &std::task::Poll<std::io::Result<usize>>) {
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
     }
 
     /// `n` bytes more came; `false` when the budget has no room for them.
@@ -1813,9 +1822,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<T> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.meter
-            .stalled
-            .store(polled.is_pending(), Ordering::Relaxed);
+        self.meter.wrote(&polled);
         polled
     }
 
@@ -1839,9 +1846,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.meter
-            .stalled
-            .store(polled.is_pending(), Ordering::Relaxed);
+        self.meter.wrote(&polled);
         polled
     }
 
