@@ -908,3 +908,61 @@ async fn upstreams_that_asked_to_be_left_alone_are_not_asked() {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
 }
+
+/// A Message Batch's `results_url` names the proxy, as its client reached
+/// it: the `anthropic` SDK fetches that URL as it is, with the client's
+/// key, which must not go around the proxy to the upstream.
+#[tokio::test]
+async fn a_batch_results_url_points_at_the_proxy() {
+    let up = sse_upstream(|_| {
+        let batch = |id: &str| {
+            serde_json::json!({"id": id, "type": "message_batch",
+                "processing_status": "ended",
+                "results_url": format!("https://api.anthropic.com/v1/messages/batches/{id}/results")})
+        };
+        let body = serde_json::json!({"data": [batch("msgbatch_1"), batch("msgbatch_2")],
+            "has_more": false});
+        (200, body.to_string())
+    })
+    .await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"claude\"\nurl = \"http://{up}/v1\"\nprotocol = \"anthropic\"\n"
+    ))
+    .await;
+    let listed = send(request(
+        Method::GET,
+        &p.url("/v1/messages/batches"),
+        &[("anthropic-version", "2023-06-01")],
+        "",
+    ))
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let json = listed.json();
+    for (i, id) in ["msgbatch_1", "msgbatch_2"].into_iter().enumerate() {
+        assert_eq!(
+            json["data"][i]["results_url"],
+            format!("http://{}/v1/messages/batches/{id}/results", p.addr),
+            "{json}"
+        );
+    }
+    assert_eq!(
+        listed.header("content-length"),
+        Some(listed.body.len().to_string().as_str())
+    );
+    // Behind a TLS terminator that says so: https.
+    let behind = send(request(
+        Method::GET,
+        &p.url("/v1/messages/batches"),
+        &[
+            ("x-forwarded-proto", "https"),
+            ("host", "llm.example"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        "",
+    ))
+    .await;
+    assert_eq!(
+        behind.json()["data"][0]["results_url"],
+        "https://llm.example/v1/messages/batches/msgbatch_1/results"
+    );
+}

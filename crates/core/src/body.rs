@@ -71,6 +71,27 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// An upstream's answer read whole: `start` (what was read of it already),
+/// then `body` to its end, up to `limit` bytes in all. `Err` says why not,
+/// as a 502's reason: larger, or broken off.
+pub async fn read_answer(start: Bytes, mut body: Body, limit: usize) -> Result<Bytes, String> {
+    let larger = || format!("the upstream's answer is larger than {limit} bytes");
+    if start.len() > limit {
+        return Err(larger());
+    }
+    let mut buf = Vec::from(start);
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let frame = frame.map_err(|e| format!("the upstream's answer broke off: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(larger());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
 pin_project_lite::pin_project! {
     /// A body that holds `guard` until it is dropped: at its end, or when the
     /// client goes away. Load counters and permits that must live as long as

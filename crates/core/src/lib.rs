@@ -67,6 +67,7 @@ mod waited;
 
 pub use body::{
     Body, BoxError, FlushBeforeError, Guarded, NotUpstreamFault, empty, full, is_upstream_fault,
+    read_answer,
 };
 pub use budget::BodyBudget;
 pub use endpoint::{

@@ -39,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 mod app;
+mod batches;
 pub mod config;
 mod cors;
 mod estimate;

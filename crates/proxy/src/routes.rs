@@ -566,6 +566,10 @@ where
     // The stack is called here, before the future: what it answers is all
     // the future holds of it.
     let dialect = route.dialect(req.uri().path());
+    // A Message Batches answer's `results_url` is moved to the proxy.
+    let batches_origin = matches!(route, Route::Api(Endpoint::Passthrough))
+        .then(|| crate::batches::origin(&req))
+        .flatten();
     let way = Way::of(shared, route, &req);
     let preflight = matches!(way, Way::Face(FaceRoute::Preflight));
     let answer = match way {
@@ -615,6 +619,9 @@ where
             }
             resp.headers_mut().insert(REQUEST_ID, request_id.clone());
             return Ok(resp);
+        }
+        if let Some(origin) = &batches_origin {
+            resp = crate::batches::rewrite(resp, origin).await;
         }
         let access = abandoned.answered();
         let shared = &abandoned.shared;

@@ -152,9 +152,12 @@ pub(crate) async fn translate(
         let body = TranslateBody::new(body, translation.into_stream()).counted_in(budget.as_ref());
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     }
-    let bytes = Waited::timing(waited.as_ref(), collect(start, body, MAX_ANSWER_BYTES))
-        .await
-        .map_err(bad)?;
+    let bytes = Waited::timing(
+        waited.as_ref(),
+        llm_proxy_core::read_answer(start, body, MAX_ANSWER_BYTES),
+    )
+    .await
+    .map_err(bad)?;
     let answer: Value = llm_proxy_core::json_from_slice(&bytes)
         .map_err(|e| bad(format!("the upstream's answer is not JSON: {e}")))?;
     // Also for a client that streams: an answer that is not the upstream's
@@ -237,28 +240,6 @@ fn events_start(start: &[u8]) -> Option<bool> {
     } else {
         Some(false)
     }
-}
-
-/// A whole body that began with `start`, up to `limit` bytes.
-async fn collect(start: Bytes, mut body: Body, limit: usize) -> Result<Bytes, String> {
-    if start.len() > limit {
-        return Err(format!(
-            "the upstream's answer is larger than {limit} bytes"
-        ));
-    }
-    let mut buf = Vec::from(start);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("the upstream's answer broke off: {e}"))?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(format!(
-                    "the upstream's answer is larger than {limit} bytes"
-                ));
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok(Bytes::from(buf))
 }
 
 /// An upstream's error body as far as it was read.
