@@ -233,6 +233,7 @@ impl Metrics {
     /// [`Metrics::observe`], also telling the connection's watch (idle,
     /// stalled client) about the body, and logging a body that fails with
     /// the request's id.
+    #[inline]
     pub(crate) fn observe_on(
         self: &Arc<Self>,
         route: &'static str,

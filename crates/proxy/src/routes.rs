@@ -473,6 +473,7 @@ impl ProxyService {
 impl Shared {
     /// A request's id: the client's `x-request-id` when it is 1 to 200
     /// visible ASCII characters, else a fresh one.
+    #[inline]
     fn request_id(&self, headers: &http::HeaderMap) -> HeaderValue {
         headers
             .get(REQUEST_ID)
@@ -621,7 +622,8 @@ where
             return Ok(resp);
         }
         if let Some(origin) = &batches_origin {
-            resp = crate::batches::rewrite(resp, origin).await;
+            // Boxed: inline, its state would grow every request's future.
+            resp = Box::pin(crate::batches::rewrite(resp, origin)).await;
         }
         let access = abandoned.answered();
         let shared = &abandoned.shared;
@@ -635,6 +637,10 @@ where
         // bad chunk), after which nothing on the connection can be read.
         // An upstream's own 408 is its business.
         if h1
+            && matches!(
+                status,
+                StatusCode::REQUEST_TIMEOUT | StatusCode::BAD_REQUEST
+            )
             && matches!(
                 resp.extensions().get::<Error>(),
                 Some(
