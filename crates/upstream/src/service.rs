@@ -100,7 +100,6 @@ pub(crate) struct Inner {
     /// Connects for [`Upstream::upgrade`]: HTTP/1.1 only (an upgrade is an
     /// HTTP/1.1 exchange), TLS for `https://`. `None` unless enabled.
     pub(crate) upgrades: Option<Connector>,
-    pub(crate) connect_timeout: Duration,
     pub(crate) first_byte_timeout: Duration,
     pub(crate) idle_timeout: Duration,
 }
@@ -255,7 +254,6 @@ impl Upstream {
                 anthropic: cfg.auth_style == AuthStyle::XApiKey,
                 host,
                 upgrades,
-                connect_timeout: cfg.connect_timeout,
                 first_byte_timeout: cfg.first_byte_timeout,
                 idle_timeout: cfg.idle_timeout,
             }),

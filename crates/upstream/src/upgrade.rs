@@ -86,11 +86,11 @@ impl Upstream {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
             connector.call(target).await
         };
-        let io = match tokio::time::timeout(inner.connect_timeout, connect).await {
-            Err(_elapsed) => return Err(self.classify_pool(SendError::ConnectTimeout)),
-            Ok(Err(e)) => return Err(self.classify_pool(SendError::Connect(e))),
-            Ok(Ok(io)) => io,
-        };
+        // Bounded by the connector itself (`connect_timeout`, TCP and TLS):
+        // past it, a `TimedOut` that `classify_pool` answers with 504.
+        let io = connect
+            .await
+            .map_err(|e| self.classify_pool(SendError::Connect(e)))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| self.classify_pool(SendError::Connect(e.into())))?;
