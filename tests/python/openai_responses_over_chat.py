@@ -61,8 +61,16 @@ with client.responses.stream(model="demo", input=[ask], tools=tools) as stream:
 call = next(item for item in final.output if item.type == "function_call")
 assert json.loads(call.arguments) == {"city": "Paris"}, call
 
+# A translated answer is kept nowhere, and its id is not recorded: the
+# proxy does not know it.
+try:
+    client.responses.create(model="demo", input="Hello", previous_response_id=resp.id)
+    raise AssertionError("expected NotFoundError for a translated answer's id")
+except openai.NotFoundError as e:
+    assert e.code == "response_not_found", e.body
+
 # What needs server state is a clear 400 naming the field.
-for extra in ({"previous_response_id": resp.id}, {"store": True}, {"background": True}):
+for extra in ({"store": True}, {"background": True}):
     try:
         client.responses.create(model="demo", input="Hello", **extra)
         raise AssertionError(f"expected BadRequestError for {extra}")

@@ -16,8 +16,14 @@ const ALL_APIS: &str =
 /// An upstream that behaves as vLLM's Responses server does: the response's
 /// `id` is the request's `request_id` when the client gives one, a stored
 /// response is kept under that id unless `store` is false, and
-/// `GET /v1/responses/{id}` reads it back.
+/// `GET /v1/responses/{id}` reads it back. A streamed request is answered
+/// with events.
 async fn vllm_like_upstream() -> std::net::SocketAddr {
+    responses_upstream("text/event-stream").await
+}
+
+/// [`vllm_like_upstream`], whose streams go under `stream_type`.
+async fn responses_upstream(stream_type: &'static str) -> std::net::SocketAddr {
     let store: Arc<Mutex<HashMap<String, serde_json::Value>>> = Arc::default();
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     raw_upstream(move |mut conn| {
@@ -44,7 +50,20 @@ async fn vllm_like_upstream() -> std::net::SocketAddr {
                     "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
                 });
                 if req["store"] != serde_json::Value::Bool(false) {
-                    store.lock().unwrap().insert(id, answer.clone());
+                    store.lock().unwrap().insert(id.clone(), answer.clone());
+                }
+                if req["stream"] == serde_json::Value::Bool(true) {
+                    let created = serde_json::json!({"type": "response.created", "sequence_number": 0,
+                        "response": {"id": id, "object": "response", "status": "in_progress"}});
+                    let done = serde_json::json!({"type": "response.completed", "sequence_number": 1,
+                        "response": answer});
+                    let text = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {stream_type}\r\nconnection: close\r\n\r\n\
+                         event: response.created\ndata: {created}\n\n\
+                         event: response.completed\ndata: {done}\n\n"
+                    );
+                    let _ = conn.write_all(text.as_bytes()).await;
+                    return;
                 }
                 (200, answer.to_string())
             } else if let Some(id) = path.strip_prefix("/v1/responses/") {
@@ -424,4 +443,152 @@ async fn a_response_read_back_as_a_stream_and_cut_short_is_no_clean_end() {
     assert_eq!(last["type"], "error", "{text}");
     assert_eq!(last["code"], "stream_interrupted", "{text}");
     assert_eq!(last["sequence_number"], 2, "{text}");
+}
+
+/// An answer translated from chat completions is kept nowhere (it says
+/// `"store": false`): its id is not recorded, though the client left
+/// `store` out (the SDKs' default), and takes no place from ids that can
+/// be fetched. Fetching it is the proxy's own 404.
+#[tokio::test]
+async fn a_translated_answers_id_is_not_recorded() {
+    let chat = vllm_like_chat_upstream().await;
+    let p = proxy(&format!(
+        "{}\n{}",
+        one_upstream(
+            &format!("http://{chat}/v1"),
+            "apis = [\"chat_completions\"]"
+        ),
+        two_keys("")
+    ))
+    .await;
+    let made = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "x"}),
+        "sk-a",
+        &[],
+    )
+    .await;
+    assert_eq!(made.status, 200, "{}", made.text());
+    assert_eq!(made.json()["store"], false);
+    let id = made.json()["id"].as_str().unwrap().to_owned();
+    get(&p.url(&format!("/v1/responses/{id}")), "sk-a")
+        .await
+        .assert_error(404, "not_found_error", "response_not_found");
+}
+
+/// A request only an upstream that keeps responses can serve (`store`,
+/// `background`), while that upstream is down and a chat-completions
+/// upstream serves the model by translation: the client gets the native
+/// upstream's failure (a 502 its SDK retries), not the translation's 400
+/// telling it to change its request. What needs nothing kept is served by
+/// the translation meanwhile.
+#[tokio::test]
+async fn a_request_for_kept_state_gets_its_native_upstreams_failure() {
+    let chat = vllm_like_chat_upstream().await;
+    let native = dead_port().await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"native\"\nurl = \"http://127.0.0.1:{native}/v1\"\napis = [\"responses\"]\n\
+         [[upstream]]\nname = \"chat\"\nurl = \"http://{chat}/v1\"\napis = [\"chat_completions\"]\n"
+    ))
+    .await;
+    for extra in [
+        serde_json::json!({"store": true}),
+        serde_json::json!({"background": true, "store": true}),
+    ] {
+        let mut body = serde_json::json!({"model": "m", "input": "x"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let failed = post(&p.url("/v1/responses"), body, "none", &[]).await;
+        assert_eq!(failed.status, 502, "{extra}: {}", failed.text());
+    }
+    let served = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "x"}),
+        "none",
+        &[],
+    )
+    .await;
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(served.header("x-llm-proxy-upstream"), Some("chat"));
+}
+
+/// A stream that comes without the `text/event-stream` type (Starlette's
+/// `StreamingResponse` sends none unless told, others `text/plain`; the
+/// SDKs read its events all the same) is read for its id as a stream: the
+/// response is found after.
+#[tokio::test]
+async fn a_stream_under_another_media_type_has_its_id_recorded() {
+    let up = responses_upstream("text/plain").await;
+    let p = proxy(&format!(
+        "{}\n{}",
+        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
+        two_keys("")
+    ))
+    .await;
+    let made = post(
+        &p.url("/v1/responses"),
+        serde_json::json!({"model": "m", "input": "x", "stream": true}),
+        "sk-a",
+        &[],
+    )
+    .await;
+    assert_eq!(made.status, 200, "{}", made.text());
+    let created: serde_json::Value =
+        serde_json::from_str(&sse_data(made.body.as_ref())[0]).unwrap();
+    let id = created["response"]["id"].as_str().unwrap();
+    let read = get(&p.url(&format!("/v1/responses/{id}")), "sk-a").await;
+    assert_eq!(read.status, 200, "{}", read.text());
+}
+
+/// Two proxies on one Redis, behind a load balancer: a client that has seen
+/// a new response's id may follow it up at once through the other proxy.
+/// The id reaches the client only once Redis holds its claim (here Redis
+/// takes writes late: the answer waits for it).
+#[tokio::test]
+async fn a_new_id_reaches_its_client_only_once_redis_holds_it() {
+    let redis = RedisServer::start().await;
+    let up = vllm_like_upstream().await;
+    let config = format!(
+        "{}\n{}",
+        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
+        two_keys(&format!(
+            "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"ids:\"\n",
+            redis.url()
+        ))
+    );
+    let (one, two) = (proxy(&config).await, proxy(&config).await);
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for stream in [false, true] {
+        // Writes wait 150 ms (within the proxy's 250 ms for a call);
+        // reads go on.
+        let () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(150)
+            .arg("WRITE")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let made = post(
+            &one.url("/v1/responses"),
+            serde_json::json!({"model": "m", "input": "x", "stream": stream}),
+            "sk-a",
+            &[],
+        )
+        .await;
+        assert_eq!(made.status, 200, "{}", made.text());
+        let id = if stream {
+            let created: serde_json::Value =
+                serde_json::from_str(&sse_data(made.body.as_ref())[0]).unwrap();
+            created["response"]["id"].as_str().unwrap().to_owned()
+        } else {
+            made.json()["id"].as_str().unwrap().to_owned()
+        };
+        let read = get(&two.url(&format!("/v1/responses/{id}")), "sk-a").await;
+        assert_eq!(read.status, 200, "stream {stream}: {}", read.text());
+    }
 }

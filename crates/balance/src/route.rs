@@ -106,7 +106,7 @@ impl<'a> Route<'a> {
             .into_iter()
             .flatten()
         };
-        let chain: SmallVec<[_; 2]> = match model {
+        let mut chain: SmallVec<[_; 2]> = match model {
             None => tiered((&set.passthrough, None)).collect(),
             Some(model) => {
                 let own = set
@@ -129,6 +129,18 @@ impl<'a> Route<'a> {
                     .collect()
             }
         };
+        // A request only an upstream that keeps responses can serve (it
+        // asks to be stored, say) is not sent on to one that would refuse
+        // it: when the native upstreams fail, their failure is the answer
+        // (a 502 the client retries), not the translation's 400 that tells
+        // the client to change its request. With no native upstream at
+        // all, that 400 is the answer.
+        if chain.iter().any(|&(_, _, tier)| tier == Tier::Translated)
+            && chain.iter().any(|&(_, _, tier)| tier == Tier::Native)
+            && meta.is_some_and(RequestMeta::needs_kept_state)
+        {
+            chain.retain(|&mut (_, _, tier)| tier == Tier::Native);
+        }
         if api.is_some() && chain.is_empty() {
             let api = api.map_or("", Api::as_str);
             return Err(Error::ApiNotServed(match model {

@@ -102,6 +102,13 @@ pub struct PinnedUpstream(pub std::sync::Arc<str>);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamName(pub std::sync::Arc<str>);
 
+/// Set on a response by a layer that made it from an answer in another
+/// dialect (the translate crate's): the upstream kept nothing under the id
+/// the client sees, so no layer records that id as one to fetch or
+/// continue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translated;
+
 /// Where the upstream client writes the name of each upstream it sends a
 /// request to (the last one tried stays), for a layer in front of it that
 /// names the upstream even when no answer comes back: the proxy's access

@@ -130,6 +130,12 @@ pub struct GenerationCaps {
     /// `"store": false`: the upstream keeps no answer (a Responses id of
     /// it can be neither fetched nor continued).
     pub unstored: bool,
+    /// `"store": true`, or a `prompt` that is neither absent nor `null`
+    /// (in a Responses body, a prompt template kept upstream; in a
+    /// completions body, the prompt itself): in a Responses body, asks for
+    /// what only an upstream that keeps responses gives (see
+    /// [`RequestMeta::needs_kept_state`]).
+    pub stateful: bool,
 }
 
 impl GenerationCaps {
@@ -147,6 +153,8 @@ impl GenerationCaps {
             .get("background")
             .is_some_and(|b| !matches!(b, Value::Null | Value::Bool(false)));
         caps.unstored = json.get("store") == Some(&Value::Bool(false));
+        caps.stateful = json.get("store") == Some(&Value::Bool(true))
+            || json.get("prompt").is_some_and(|p| !p.is_null());
         caps
     }
 
@@ -358,6 +366,22 @@ impl RequestMeta {
     /// routed without building its body.
     pub fn names_state(&self) -> bool {
         self.names_state
+    }
+
+    /// Whether a Responses request needs an upstream that keeps responses:
+    /// it [names state](RequestMeta::names_state), a kept prompt or kept
+    /// items (an `item_reference` in `input`), or asks to be kept
+    /// (`"store": true`) or to run in the `background`. An upstream that
+    /// reaches the Responses API by translation from chat completions
+    /// refuses such a request. Builds the body only for the last question,
+    /// and only when the others are all no.
+    pub fn needs_kept_state(&self) -> bool {
+        let caps = self.generation_caps();
+        self.endpoint == Endpoint::Responses
+            && (self.names_state
+                || caps.stateful
+                || caps.background
+                || self.json().is_some_and(references_stored_items))
     }
 
     /// What the body asks the model to generate ([`GenerationCaps`]):

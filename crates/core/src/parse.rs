@@ -1076,7 +1076,11 @@ impl<'de> serde::de::Visitor<'de> for TopCheck<'_, '_> {
                 "background" => {
                     top.caps.background = !matches!(seen, Seen::Null | Seen::Bool(false));
                 }
-                "store" => top.caps.unstored = matches!(seen, Seen::Bool(false)),
+                "store" => {
+                    top.caps.unstored = matches!(seen, Seen::Bool(false));
+                    top.caps.stateful |= matches!(seen, Seen::Bool(true));
+                }
+                "prompt" => top.caps.stateful |= !matches!(seen, Seen::Null),
                 _ => {
                     match seen {
                         Seen::Uint(n) => top.caps.note(key, n),
@@ -1538,6 +1542,7 @@ mod tests {
             background: false,
             unreadable: false,
             unstored: true,
+            stateful: false,
         };
         assert_eq!(meta.generation_caps(), learned);
         assert!(!meta.is_built());
@@ -1566,6 +1571,20 @@ mod tests {
             assert_eq!(meta.generation_caps().unreadable, unreadable, "{body}");
             let built = GenerationCaps::of(meta.json().unwrap());
             assert_eq!(built.unreadable, unreadable, "{body}");
+        }
+        // Asking to be kept, or for a kept prompt: checked or built.
+        for (body, stateful) in [
+            (r#"{"model":"m","store":true}"#, true),
+            (r#"{"model":"m","prompt":{"id":"pmpt_1"}}"#, true),
+            (r#"{"model":"m","store":false,"prompt":null}"#, false),
+            (r#"{"model":"m","x":{"store":true}}"#, false),
+        ] {
+            let parsed = parse(req("/v1/responses", None, body), 1000).await.unwrap();
+            let meta = parsed.extensions().get::<RequestMeta>().unwrap();
+            assert_eq!(meta.generation_caps().stateful, stateful, "{body}");
+            assert_eq!(meta.needs_kept_state(), stateful, "{body}");
+            let built = GenerationCaps::of(meta.json().unwrap());
+            assert_eq!(built.stateful, stateful, "{body}");
         }
     }
 

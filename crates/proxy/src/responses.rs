@@ -48,7 +48,7 @@ use http_body_util::BodyExt;
 use llm_proxy_core::sse::{Outlines, SseError};
 use llm_proxy_core::{
     Body, BodyBudget, BoxError, ConversationPath, Endpoint, Error, PinnedUpstream, RequestMeta,
-    UpstreamName, conversation_path,
+    Translated, UpstreamName, conversation_path,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -338,11 +338,16 @@ impl ResponseIds {
     /// of the id waits for it, so a follow-up neither outruns the record
     /// nor finds an id Redis then refuses. With Redis unreachable, memory
     /// alone decides.
-    fn record(self: &Arc<Self>, kind: Kind, id: &str, home: &Home) {
+    ///
+    /// A new claim on Redis comes back as [`Verdict`], which ends once
+    /// Redis answered (or could not): what holds the id back from its
+    /// client until then, so that a follow-up through another proxy on the
+    /// same Redis finds it.
+    fn record(self: &Arc<Self>, kind: Kind, id: &str, home: &Home) -> Option<Verdict> {
         // Not an id worth keeping (an answer's or a WebSocket message's
         // `id` is the upstream's to choose).
         if id.is_empty() || id.len() > MAX_ID {
-            return;
+            return None;
         }
         let Some((redis, runtime)) = self
             .redis
@@ -350,16 +355,25 @@ impl ResponseIds {
             .zip(tokio::runtime::Handle::try_current().ok())
         else {
             self.hold(kind, id, home, || Claim::Held);
-            return;
+            return None;
         };
         let (verdict, pending) = tokio::sync::watch::channel(None);
         // Held and granted already, a renewal is made on Redis in the
         // background while lookups go on from memory.
         let renewal = match self.hold(kind, id, home, || Claim::Pending(pending.clone())) {
-            Hold::Refused | Hold::Waiting => return,
+            Hold::Refused | Hold::Waiting => return None,
             Hold::Renewed => true,
             Hold::New => false,
         };
+        let waited = (!renewal).then(|| {
+            let mut pending = pending.clone();
+            let wait: Verdict = Box::pin(async move {
+                // Ends once the claim sent its verdict (or went: a runtime
+                // shutting down).
+                let _ = pending.wait_for(Option::is_some).await;
+            });
+            wait
+        });
         let (this, id, home) = (self.clone(), id.to_owned(), home.clone());
         runtime.spawn(async move {
             let answer = redis
@@ -397,6 +411,7 @@ impl ResponseIds {
             }
             let _ = verdict.send(Some(answer != Some(false)));
         });
+        waited
     }
 
     /// Hold `id` at `home` in memory, unless another holds it there: a new
@@ -510,7 +525,7 @@ impl ResponseIds {
         upstream: Arc<str>,
         owner: Option<Arc<str>>,
     ) {
-        self.record(Kind::Conversation, id, &Home { upstream, owner });
+        let _ = self.record(Kind::Conversation, id, &Home { upstream, owner });
     }
 
     /// Remember that response `id` lives on `upstream` and belongs to
@@ -522,7 +537,10 @@ impl ResponseIds {
         upstream: Arc<str>,
         owner: Option<Arc<str>>,
     ) {
-        self.record(Kind::Response, id, &Home { upstream, owner });
+        // (A WebSocket turn's later messages go on meanwhile: the client
+        // continues on the same socket, through this proxy, which waits
+        // for the claim itself.)
+        let _ = self.record(Kind::Response, id, &Home { upstream, owner });
     }
 }
 
@@ -598,6 +616,7 @@ where
             // fetched nor continued, and is not worth a place in the map
             // (nor in Redis for the TTL).
             let unstored = meta.is_some_and(|m| m.generation_caps().unstored);
+            let streamed = meta.is_some_and(RequestMeta::is_stream);
             let named = Named::of(&req, endpoint)?;
             let mut pinned = false;
             if let Some((id, param)) = named.response {
@@ -661,18 +680,29 @@ where
                 }
                 other => other?,
             };
-            let Some(kind) = creates.filter(|_| resp.status().is_success()) else {
+            // An answer translated from chat completions is kept nowhere
+            // (it says `"store": false`): its id is not worth a place
+            // either.
+            let Some(kind) = creates.filter(|_| {
+                resp.status().is_success() && resp.extensions().get::<Translated>().is_none()
+            }) else {
                 return Ok(resp);
             };
             let Some(UpstreamName(upstream)) = resp.extensions().get::<UpstreamName>().cloned()
             else {
                 return Ok(resp);
             };
-            let sse =
-                kind == Kind::Response && llm_proxy_core::media::is_event_stream(resp.headers());
+            let framing = if kind != Kind::Response {
+                Framing::Json
+            } else if llm_proxy_core::media::is_event_stream(resp.headers()) {
+                Framing::Sse(budget)
+            } else if streamed {
+                Framing::Unsure(budget)
+            } else {
+                Framing::Json
+            };
             let home = Home { upstream, owner };
-            let sse = sse.then_some(budget);
-            Ok(resp.map(|body| IdTap::new(body, sse, ids, kind, home).boxed_unsync()))
+            Ok(resp.map(|body| IdTap::new(body, framing, ids, kind, home).boxed_unsync()))
         })
     }
 }
@@ -697,7 +727,7 @@ pub(crate) fn id_store_unavailable(what: &str) -> Error {
 /// the map does not give the asking key.
 pub(crate) fn response_not_found(what: &str) -> Error {
     Error::ResponseNotFound(format!(
-        "{what} is not known to this proxy (never seen, expired, or created through a proxy that does not share its Redis)"
+        "{what} is not known to this proxy (never seen, expired, answered by translation, which keeps nothing, or created through a proxy that does not share its Redis)"
     ))
 }
 
@@ -786,14 +816,25 @@ pub(crate) fn conversation_id(json: &serde_json::Map<String, serde_json::Value>)
 }
 
 enum Tap {
+    /// A streamed request's answer under another media type than
+    /// `text/event-stream` (some servers stream under none, `text/plain` or
+    /// `application/json`, and the SDKs read events whatever the type): its
+    /// start so far, until it tells events from JSON.
+    Sniff(Vec<u8>, Option<BodyBudget>),
     Json(Box<TopLevelId>),
     Sse(Box<Outlines>),
     Done,
 }
 
+/// Ends once Redis answered a new claim (see [`ResponseIds::record`]).
+type Verdict = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 pin_project_lite::pin_project! {
     /// An answer to `POST /v1/responses` (or `POST /v1/conversations`) on
-    /// its way out, read for its id.
+    /// its way out, read for its id. The frame that shows the id is held
+    /// until the id's claim on Redis is answered: a client that has seen
+    /// the id may at once follow it up through another proxy on the same
+    /// Redis (behind a load balancer, the next request may go anywhere).
     pub struct IdTap {
         #[pin]
         inner: Body,
@@ -801,22 +842,32 @@ pin_project_lite::pin_project! {
         ids: Arc<ResponseIds>,
         kind: Kind,
         home: Home,
+        held: Option<(Frame<Bytes>, Verdict)>,
+    }
+}
+
+/// What an answer is, as its head tells.
+enum Framing {
+    Json,
+    /// An event stream, whose held event counts against the budget.
+    Sse(Option<BodyBudget>),
+    /// A streamed request's answer without the `text/event-stream` type:
+    /// its first bytes tell.
+    Unsure(Option<BodyBudget>),
+}
+
+impl Tap {
+    fn sse(budget: Option<&BodyBudget>) -> Tap {
+        Tap::Sse(Box::new(Outlines::new().counted_in(budget)))
     }
 }
 
 impl IdTap {
-    /// `sse`: the answer is an event stream, whose held event counts
-    /// against this budget.
-    fn new(
-        inner: Body,
-        sse: Option<Option<BodyBudget>>,
-        ids: Arc<ResponseIds>,
-        kind: Kind,
-        home: Home,
-    ) -> Self {
-        let tap = match sse {
-            Some(budget) => Tap::Sse(Box::new(Outlines::new().counted_in(budget.as_ref()))),
-            None => Tap::Json(Box::default()),
+    fn new(inner: Body, framing: Framing, ids: Arc<ResponseIds>, kind: Kind, home: Home) -> Self {
+        let tap = match framing {
+            Framing::Json => Tap::Json(Box::default()),
+            Framing::Sse(budget) => Tap::sse(budget.as_ref()),
+            Framing::Unsure(budget) => Tap::Sniff(Vec::new(), budget),
         };
         IdTap {
             inner,
@@ -824,6 +875,7 @@ impl IdTap {
             ids,
             kind,
             home,
+            held: None,
         }
     }
 }
@@ -921,6 +973,23 @@ impl<'de> serde::de::DeserializeSeed<'de> for Field<'_> {
 /// Look at one frame.
 fn observe(tap: &mut Tap, data: &[u8]) -> Option<String> {
     let id = match tap {
+        Tap::Sniff(start, budget) => {
+            start.extend_from_slice(data);
+            let told = llm_proxy_core::media::events_start(start);
+            let start = match told {
+                None if start.len() < llm_proxy_core::media::MAX_SNIFF_BYTES => return None,
+                None => {
+                    *tap = Tap::Done;
+                    return None;
+                }
+                Some(_) => std::mem::take(start),
+            };
+            *tap = match told {
+                Some(true) => Tap::sse(budget.as_ref()),
+                _ => Tap::Json(Box::default()),
+            };
+            return observe(tap, &start);
+        }
         Tap::Json(scan) => match scan.feed(data) {
             Scan::Found(id) => Some(id),
             Scan::Absent => {
@@ -1137,23 +1206,46 @@ impl HttpBody for IdTap {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        let seen = match &polled {
-            Poll::Ready(Some(Ok(frame))) => frame.data_ref().and_then(|d| observe(this.tap, d)),
-            _ => None,
-        };
-        if let Some(id) = seen {
-            this.ids.record(*this.kind, &id, this.home);
+        if let Some((_, verdict)) = this.held {
+            std::task::ready!(verdict.as_mut().poll(cx));
+            return Poll::Ready(this.held.take().map(|(frame, _)| Ok(frame)));
         }
-        polled
+        let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other),
+        };
+        let seen = frame.data_ref().and_then(|d| observe(this.tap, d));
+        let verdict = seen.and_then(|id| this.ids.record(*this.kind, &id, this.home));
+        let Some(mut verdict) = verdict else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        if verdict.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        *this.held = Some((frame, verdict));
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let held = self
+            .held
+            .as_ref()
+            .and_then(|(frame, _)| frame.data_ref())
+            .map_or(0, |data| data.len() as u64);
+        let mut hint = self.inner.size_hint();
+        let lower = hint.lower().saturating_add(held);
+        match hint.upper() {
+            Some(upper) => {
+                hint.set_upper(upper.saturating_add(held));
+                hint.set_lower(lower);
+            }
+            None => hint.set_lower(lower),
+        }
+        hint
     }
 }
 

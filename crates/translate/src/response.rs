@@ -103,6 +103,7 @@ pub(crate) async fn translate(
         waited,
     } = translating;
     let (mut parts, body) = resp.into_parts();
+    parts.extensions.insert(llm_proxy_core::Translated);
     let upstream: Arc<str> = parts
         .extensions
         .get::<UpstreamName>()
@@ -129,7 +130,7 @@ pub(crate) async fn translate(
         start = Waited::timing(waited.as_ref(), sniff(&mut body))
             .await
             .map_err(bad)?;
-        if events_start(&start) == Some(true) {
+        if llm_proxy_core::media::events_start(&start) == Some(true) {
             parts.headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/event-stream"),
@@ -196,13 +197,9 @@ fn json_response(mut parts: http::response::Parts, body: Bytes) -> Response<Body
     Response::from_parts(parts, llm_proxy_core::full(body))
 }
 
-/// The most of a streamed answer's start read to tell events from JSON:
-/// a start of whitespace only past it is no stream of events.
-const MAX_SNIFF_BYTES: usize = 64 << 10;
-
 /// The start of an answer to a streamed request that came without the
 /// `text/event-stream` media type, read until it tells whether it is a
-/// stream of events (see [`events_start`]). Some servers stream under
+/// stream of events (see [`llm_proxy_core::media::events_start`]). Some servers stream under
 /// another type (Starlette's `StreamingResponse` sends none unless told,
 /// others `text/plain` or `application/json`) and the clients that read
 /// events whatever the type (the `openai` SDKs, LiteLLM) never notice:
@@ -214,32 +211,14 @@ async fn sniff(body: &mut Body) -> Result<Bytes, String> {
         let frame = frame.map_err(|e| format!("the upstream's answer broke off: {e}"))?;
         if let Ok(data) = frame.into_data() {
             start.extend_from_slice(&data);
-            if start.len() >= MAX_SNIFF_BYTES || events_start(&start).is_some() {
+            if start.len() >= llm_proxy_core::media::MAX_SNIFF_BYTES
+                || llm_proxy_core::media::events_start(&start).is_some()
+            {
                 break;
             }
         }
     }
     Ok(Bytes::from(start))
-}
-
-/// Whether `start`, the first bytes of an answer, begins as an SSE stream
-/// does, after a byte order mark and blank lines: with a field of the
-/// stream (`data:`, `event:`, `id:`, `retry:`) or a comment (`:`). `None`:
-/// too few bytes yet to tell. A JSON answer begins with `{`.
-fn events_start(start: &[u8]) -> Option<bool> {
-    const BOM: &[u8] = b"\xEF\xBB\xBF";
-    const STARTS: [&[u8]; 5] = [b"data:", b"event:", b"id:", b"retry:", b":"];
-    if BOM.starts_with(start) {
-        return None;
-    }
-    let rest = start.strip_prefix(BOM).unwrap_or(start).trim_ascii_start();
-    if STARTS.iter().any(|s| rest.starts_with(s)) {
-        Some(true)
-    } else if rest.is_empty() || STARTS.iter().any(|s| s.starts_with(rest)) {
-        None
-    } else {
-        Some(false)
-    }
 }
 
 /// An upstream's error body as far as it was read.
@@ -367,42 +346,6 @@ fn text_message(status: StatusCode, body: &ErrorBody) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_stream_is_told_by_its_first_line() {
-        for events in [
-            &b"data: {}"[..],
-            b"\n\r\ndata:{}",
-            b"event: message_start",
-            b": ping",
-            b"id: 1",
-            b"retry: 10",
-            b"\xEF\xBB\xBFdata: {}",
-        ] {
-            assert_eq!(events_start(events), Some(true), "{events:?}");
-        }
-        for not in [
-            &b"{\"id\""[..],
-            b"  [1]",
-            b"<html>",
-            b"data {}",
-            b"dat\n",
-            b"\xEF\xBBx",
-        ] {
-            assert_eq!(events_start(not), Some(false), "{not:?}");
-        }
-        // Too little yet: a stream's start so far, or blank.
-        for undecided in [
-            &b""[..],
-            b"\xEF\xBB",
-            b"\r\n  ",
-            b"da",
-            b"\nevent",
-            b"retry",
-        ] {
-            assert_eq!(events_start(undecided), None, "{undecided:?}");
-        }
-    }
 
     fn whole(body: &[u8]) -> ErrorBody {
         ErrorBody {

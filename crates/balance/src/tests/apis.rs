@@ -6,15 +6,20 @@ use super::*;
 
 fn messages(model: &str) -> Request<Body> {
     let json = serde_json::json!({"model": model, "max_tokens": 8, "messages": []});
+    parsed(Endpoint::Messages, "/v1/messages", json)
+}
+
+/// A request to `path` whose body the parse layer read as `json`.
+fn parsed(endpoint: Endpoint, path: &str, json: serde_json::Value) -> Request<Body> {
     let bytes = Bytes::from(json.to_string());
     let serde_json::Value::Object(map) = json else {
         unreachable!("built as an object")
     };
-    let mut req = Request::post("/v1/messages")
+    let mut req = Request::post(path)
         .body(llm_proxy_core::empty())
         .expect("a valid request");
     req.extensions_mut()
-        .insert(RequestMeta::parsed(Endpoint::Messages, bytes, map));
+        .insert(RequestMeta::parsed(endpoint, bytes, map));
     req
 }
 
@@ -129,6 +134,76 @@ async fn translating_upstreams_stand_in_while_the_native_one_fails() {
         fleet.calls("native") >= 2,
         "tried first while it was not resting"
     );
+}
+
+/// A Responses request that needs an upstream that keeps responses (it
+/// asks to be stored, to run in the background, uses a kept prompt or kept
+/// items) is not sent to one that reaches the API by translation, which
+/// would refuse it with a 400 telling the client to change its request:
+/// while the native upstream fails, the client gets its failure. A request
+/// that needs nothing kept is still served by translation.
+#[tokio::test]
+async fn a_request_for_kept_state_waits_for_its_native_upstream() {
+    let fleet = Fleet::default();
+    let b = Balance::new(
+        [
+            fleet.backend("native").with_apis([Api::Responses]),
+            fleet
+                .backend("translating")
+                .with_apis([Api::ChatCompletions])
+                .with_translated_apis([Api::Responses]),
+        ],
+        BalanceConfig::default(),
+    );
+    let responses = |extra: serde_json::Value| {
+        let mut json = serde_json::json!({"model": "m", "input": "hi"});
+        if let (Some(json), serde_json::Value::Object(extra)) = (json.as_object_mut(), extra) {
+            json.extend(extra);
+        }
+        parsed(Endpoint::Responses, "/v1/responses", json)
+    };
+    fleet.set("native", Mode::Refused);
+    for extra in [
+        serde_json::json!({"store": true}),
+        serde_json::json!({"background": true}),
+        serde_json::json!({"prompt": {"id": "pmpt_1"}}),
+        serde_json::json!({"input": [{"type": "item_reference", "id": "msg_1"}]}),
+        serde_json::json!({"conversation": "conv_1"}),
+    ] {
+        let failed = send(&b, responses(extra.clone())).await;
+        assert!(
+            failed.is_err(),
+            "{extra}: the native failure, not a stand-in"
+        );
+    }
+    assert_eq!(fleet.calls("translating"), 0);
+    for extra in [
+        serde_json::json!({}),
+        serde_json::json!({"store": false}),
+        serde_json::json!({"store": null, "prompt": null, "background": false}),
+    ] {
+        let (_, body) = send(&b, responses(extra.clone())).await.unwrap();
+        assert_eq!(body, "translating", "{extra}");
+    }
+}
+
+/// With no native upstream for the model at all, such a request still goes
+/// to the translating one, whose refusal explains what it cannot do.
+#[tokio::test]
+async fn a_request_for_kept_state_goes_to_translation_when_nothing_is_native() {
+    let fleet = Fleet::default();
+    let b = Balance::new(
+        [fleet
+            .backend("translating")
+            .with_apis([Api::ChatCompletions])
+            .with_translated_apis([Api::Responses])],
+        BalanceConfig::default(),
+    );
+    let json = serde_json::json!({"model": "m", "input": "hi", "store": true});
+    let (_, body) = send(&b, parsed(Endpoint::Responses, "/v1/responses", json))
+        .await
+        .unwrap();
+    assert_eq!(body, "translating");
 }
 
 /// The tier is chosen per model: a fallback served natively does not shut
