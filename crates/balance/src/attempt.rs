@@ -283,7 +283,8 @@ where
             let extensions = template.extensions();
             let pin = extensions.and_then(|e| e.get::<llm_proxy_core::PinnedUpstream>());
             let allowed = extensions.and_then(|e| e.get::<llm_proxy_core::ModelAllowlist>());
-            Route::new(&shared.config, &set, meta.as_ref(), pin, allowed)?
+            let path = template.first.as_ref().map(|r| r.uri().path());
+            Route::new(&shared.config, &set, meta.as_ref(), pin, allowed, path)?
         };
         // (A pinned request, or one whose key may use none of them, has
         // none.)

@@ -57,17 +57,18 @@ enum Pass {
 }
 
 impl<'a> Route<'a> {
-    /// The route of a request with `meta` (none: passthrough).
+    /// The route of a request to `path` with `meta` (none: passthrough).
     pub(crate) fn new<S>(
         cfg: &'a BalanceConfig,
         set: &'a BackendSet<S>,
         meta: Option<&'a RequestMeta>,
         pin: Option<&PinnedUpstream>,
         allowed: Option<&ModelAllowlist>,
+        path: Option<&str>,
     ) -> Result<Self, Error> {
         let endpoint = meta.map_or(Endpoint::Passthrough, RequestMeta::endpoint);
         let model = meta.and_then(RequestMeta::model);
-        let api = endpoint.api();
+        let mut api = endpoint.api();
         if let Some(PinnedUpstream(name)) = pin {
             let member = set
                 .members
@@ -107,6 +108,21 @@ impl<'a> Route<'a> {
             .flatten()
         };
         let mut chain: SmallVec<[_; 2]> = match model {
+            // OpenAI's Conversations API belongs to its Responses API: a
+            // conversation made (or looked up) where Responses are not
+            // served natively would be one no response can use. To those
+            // that serve it, when any does; else as any passthrough.
+            None if endpoint == Endpoint::Passthrough
+                && path.is_some_and(|p| llm_proxy_core::conversation_path(p).is_some())
+                && set
+                    .passthrough
+                    .members
+                    .iter()
+                    .any(|&m| set.members[m].serves(Some(Api::Responses), Tier::Native)) =>
+            {
+                api = Some(Api::Responses);
+                smallvec::smallvec![(&set.passthrough, None, Tier::Native)]
+            }
             None => tiered((&set.passthrough, None)).collect(),
             Some(model) => {
                 let own = set

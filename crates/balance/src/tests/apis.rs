@@ -264,3 +264,46 @@ async fn an_unparsed_model_request_is_refused_as_misconfigured() {
     let resp = tower::ServiceExt::oneshot(b, passthrough).await;
     assert!(resp.is_ok(), "{:?}", resp.err());
 }
+
+/// OpenAI's Conversations API belongs to its Responses API: a conversation
+/// goes to an upstream that serves Responses natively when there is one,
+/// whatever the order of the config (other passthrough paths go to the
+/// first healthy upstream). Without one, anywhere, as passthrough.
+#[tokio::test]
+async fn conversations_go_where_responses_are_served() {
+    let bare = |method: http::Method, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(llm_proxy_core::empty())
+            .expect("a valid request")
+    };
+    let fleet = Fleet::default();
+    let b = Balance::new(
+        [
+            fleet.backend("chat").with_apis([Api::ChatCompletions]),
+            fleet.backend("native").with_apis([Api::Responses]),
+        ],
+        BalanceConfig::default(),
+    );
+    for (method, path) in [
+        (http::Method::POST, "/v1/conversations"),
+        (http::Method::GET, "/v1/conversations/conv_1/items"),
+        (http::Method::POST, "/v1/conversations"),
+    ] {
+        let (_, body) = send(&b, bare(method, path)).await.unwrap();
+        assert_eq!(body, "native", "{path}");
+    }
+    let (_, body) = send(&b, bare(http::Method::GET, "/v1/files"))
+        .await
+        .unwrap();
+    assert_eq!(body, "chat");
+    let b = Balance::new(
+        [fleet.backend("chat-only").with_apis([Api::ChatCompletions])],
+        BalanceConfig::default(),
+    );
+    let (_, body) = send(&b, bare(http::Method::POST, "/v1/conversations"))
+        .await
+        .unwrap();
+    assert_eq!(body, "chat-only");
+}
