@@ -128,17 +128,32 @@ pub(crate) fn judge_head(
     judge(state, now, classify_head(status, headers), elapsed, None);
 }
 
-/// `retry-after` in whole seconds (the HTTP-date form is rare from LLM
-/// servers and gets the default, and so does `0`: a backend that has just
-/// refused must rest a while, or the request it refused would be retried
-/// on it at once).
+/// `retry-after` as seconds, or as an HTTP-date (RFC 9110 §10.2.3: the
+/// rest lasts until then, by this machine's clock). What is neither, `0`
+/// and a date gone by get the default: a backend that has just refused
+/// must rest a while, or the request it refused would be retried on it at
+/// once.
 fn retry_after_ns(headers: &http::HeaderMap) -> u64 {
-    headers
+    retry_after_ns_at(headers, std::time::SystemTime::now())
+}
+
+fn retry_after_ns_at(headers: &http::HeaderMap, now: std::time::SystemTime) -> u64 {
+    let Some(value) = headers
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map_or(DEFAULT_RETRY_AFTER_NS, |s| (s.min(1e9) * 1e9) as u64)
+        .map(str::trim)
+    else {
+        return DEFAULT_RETRY_AFTER_NS;
+    };
+    let rest = match value.parse::<f64>() {
+        Ok(secs) => (secs.is_finite() && secs > 0.0).then(|| (secs.min(1e9) * 1e9) as u64),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()
+            .and_then(|at| at.duration_since(now).ok())
+            .map(|left| u64::try_from(left.as_nanos()).unwrap_or(u64::MAX))
+            .filter(|&ns| ns > 0),
+    };
+    rest.unwrap_or(DEFAULT_RETRY_AFTER_NS)
 }
 
 /// The request of the first attempt, and what a retry is rebuilt from.
@@ -603,6 +618,22 @@ mod tests {
             classify(&resp(429, None)),
             Verdict::Throttled(DEFAULT_RETRY_AFTER_NS)
         );
+        // The HTTP-date form: until then; a date gone by is no rest.
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let at = |secs: i64| {
+            let when = if secs >= 0 {
+                now + Duration::from_secs(secs.unsigned_abs())
+            } else {
+                now - Duration::from_secs(secs.unsigned_abs())
+            };
+            let mut h = http::HeaderMap::new();
+            let date = httpdate::fmt_http_date(when);
+            h.insert(header::RETRY_AFTER, date.parse().expect("header value"));
+            retry_after_ns_at(&h, now)
+        };
+        assert_eq!(at(900), 900_000_000_000);
+        assert_eq!(at(-60), DEFAULT_RETRY_AFTER_NS);
+        assert_eq!(at(0), DEFAULT_RETRY_AFTER_NS);
         let gw = Error::BadGateway {
             upstream: "a".into(),
             reason: "refused".into(),
