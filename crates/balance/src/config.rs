@@ -120,14 +120,22 @@ pub struct HealthCheck {
     /// The client path probed (default `/v1/models`; the upstream client
     /// maps it onto its base URL).
     pub path: String,
+    /// Whether a passing probe sent during an ejection ends it (default
+    /// true, as Envoy's `successful_active_health_check_uneject_host`):
+    /// without, an ejected backend rests its time out unless a request
+    /// panic-routed to it succeeds, and a fleet whose every backend was
+    /// ejected stays unready that long when no request comes.
+    pub uneject: bool,
 }
 
 impl HealthCheck {
-    /// Probe `/v1/models` every `interval`.
+    /// Probe `/v1/models` every `interval`; a passing probe ends an
+    /// ejection.
     pub fn every(interval: Duration) -> Self {
         HealthCheck {
             interval,
             path: "/v1/models".to_owned(),
+            uneject: true,
         }
     }
 }

@@ -173,9 +173,18 @@ impl Health {
         self.throttled_until = self.throttled_until.max(until);
     }
 
-    /// An active probe's result.
-    pub(crate) fn on_probe(&mut self, ok: bool) {
+    /// An active probe's result at `now`, of a probe sent when
+    /// `ejections_seen` was `seen`. With `uneject`, a pass ends an ejection
+    /// that began before the probe was sent, and the failure count starts
+    /// over (Envoy's `successful_active_health_check_uneject_host`); one
+    /// that began after stands (the probe is older news than the failures
+    /// that ejected the backend).
+    pub(crate) fn on_probe(&mut self, ok: bool, now: u64, seen: u64, uneject: bool) {
         self.probe_down = !ok;
+        if ok && uneject && self.ejections_seen == seen {
+            self.end_ejection(now);
+            self.failures = 0;
+        }
     }
 
     fn end_ejection(&mut self, now: u64) {
@@ -282,7 +291,7 @@ mod tests {
         let mut h = Health::default();
         assert!(fail(&mut h, 0, 3));
         let seen = h.ejections_seen;
-        h.on_probe(false);
+        h.on_probe(false, S, seen, true);
         assert!(h.on_answered_of(S, seen), "sent into the ejection");
         assert_eq!(h.down_until(), 30 * S, "the head cleared the mark only");
         h.on_whole_of(2 * S, seen);
@@ -299,17 +308,20 @@ mod tests {
     }
 
     #[test]
-    fn a_probe_success_does_not_end_an_ejection() {
+    fn a_probe_success_ends_an_ejection_it_was_sent_in_when_told_to() {
         let mut h = Health::default();
         assert!(fail(&mut h, 0, 3));
-        h.on_probe(true);
-        assert_eq!(
-            h.down_until(),
-            30 * S,
-            "probes see /v1/models, not the model"
-        );
+        let seen = h.ejections_seen;
+        h.on_probe(true, S, seen, false);
+        assert_eq!(h.down_until(), 30 * S, "not told to");
+        h.on_probe(true, S, seen.wrapping_sub(1), true);
+        assert_eq!(h.down_until(), 30 * S, "sent before the ejection");
+        h.on_probe(true, 2 * S, seen, true);
+        assert_eq!(h.down_until(), 2 * S);
+        assert_eq!(h.failures, 0);
+        assert!(fail(&mut h, 3 * S, 3));
         h.on_success(5 * S);
-        assert_eq!(h.down_until(), 5 * S, "a request that worked does");
+        assert_eq!(h.down_until(), 5 * S, "a request that worked does too");
     }
 
     #[test]
@@ -326,18 +338,18 @@ mod tests {
         h.on_throttled(0, 1000 * S, &P);
         assert_eq!(h.down_until(), 300 * S);
         h.on_success(S);
-        h.on_probe(true);
+        h.on_probe(true, S, h.ejections_seen, true);
         assert_eq!(h.down_until(), 300 * S);
     }
 
     #[test]
     fn probe_failure_holds_until_a_success() {
         let mut h = Health::default();
-        h.on_probe(false);
+        h.on_probe(false, 0, 0, true);
         assert_eq!(h.down_until(), u64::MAX);
-        h.on_probe(true);
+        h.on_probe(true, 0, 0, true);
         assert_eq!(h.down_until(), 0);
-        h.on_probe(false);
+        h.on_probe(false, 0, 0, true);
         h.on_success(3 * S);
         assert_eq!(h.down_until(), 0);
     }

@@ -56,14 +56,14 @@ where
         loop {
             ticks.tick().await;
             let Some(shared) = weak.upgrade() else { break };
-            round(&shared, &check.path, probe_timeout(interval)).await;
+            round(&shared, &check, probe_timeout(interval)).await;
         }
     });
     Some(task.abort_handle())
 }
 
 /// Probe every current backend concurrently and record the results.
-async fn round<S>(shared: &Shared<S>, path: &str, timeout: Duration)
+async fn round<S>(shared: &Shared<S>, check: &HealthCheck, timeout: Duration)
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -75,12 +75,18 @@ where
         let state = member.state.clone();
         async move {
             let sent = epoch.now();
+            let seen = state.ejections_seen();
             // Judged by the head alone, within the timeout; the body is
             // read (and dropped) after, on its own bound.
-            let (ok, body) = tokio::time::timeout(timeout, probe(svc, path))
+            let (ok, body) = tokio::time::timeout(timeout, probe(svc, &check.path))
                 .await
                 .unwrap_or((Some(false), None));
-            record(&state, sent, ok);
+            let sent = Sent {
+                at: sent,
+                ejections_seen: seen,
+                now: epoch.now(),
+            };
+            record(&state, &sent, ok, check.uneject);
             // Drained beside the rounds, not in them: a slow body must not
             // hold the next round back.
             if let Some(body) = body {
@@ -93,20 +99,28 @@ where
     futures_util::future::join_all(probes).await;
 }
 
+/// When a probe was sent (`at`, and the backend's `ejections_seen` then),
+/// and when it was answered (`now`).
+struct Sent {
+    at: u64,
+    ejections_seen: u64,
+    now: u64,
+}
+
 /// What a probe's answer (`Some(healthy)`, or `None` when busy: a 429, or a 503 with `retry-after`) says of
-/// its backend.
-fn record(state: &crate::state::BackendState, sent: u64, ok: Option<bool>) {
+/// its backend; `uneject`: a pass ends an ejection it was sent in.
+fn record(state: &crate::state::BackendState, sent: &Sent, ok: Option<bool>, uneject: bool) {
     // A probe refused as busy says the server is up: requests'
     // own refusals rest it; the probe changes nothing.
     let Some(ok) = ok else { return };
     // Requests answered while the probe waited are newer news than its
     // failure (a server busy with them may be slow to list its models, or
     // time the probe out): it stays up.
-    if !ok && state.answered_since(sent) {
+    if !ok && state.answered_since(sent.at) {
         tracing::debug!(upstream = %state.name, "health check failed, but requests were answered meanwhile");
         return;
     }
-    state.update_health(|h| h.on_probe(ok));
+    state.update_health(|h| h.on_probe(ok, sent.now, sent.ejections_seen, uneject));
     if !ok {
         tracing::debug!(upstream = %state.name, "health check failed");
     }

@@ -193,6 +193,10 @@ pub struct BalanceSection {
     /// Path the health check GETs, joined like a client path.
     #[serde(default)]
     pub health_check_path: Option<String>,
+    /// Whether a passing health check ends an ejection (as Envoy's
+    /// `successful_active_health_check_uneject_host`).
+    #[serde(default = "defaults::yes")]
+    pub health_check_uneject: bool,
     /// Model -> models tried in order when all upstreams of the first fail.
     #[serde(default)]
     pub fallbacks: std::collections::HashMap<String, Vec<String>>,
@@ -1707,6 +1711,7 @@ fn validate_balance(
         if let Some(p) = &b.health_check_path {
             hc.path = p.clone();
         }
+        hc.uneject = b.health_check_uneject;
         cfg.health_check = Some(hc);
     }
     if let Some(r) = b.retry_budget_ratio {
@@ -2586,6 +2591,12 @@ mod tests {
             ))
             .is_ok()
         );
+        // A passing probe ends an ejection unless told not to.
+        for (line, uneject) in [("", true), ("health_check_uneject = false\n", false)] {
+            let settings = load(&format!("{MIN}[balance]\nhealth_check_secs = 5\n{line}")).unwrap();
+            let check = settings.balance.health_check.expect("checks on");
+            assert_eq!(check.uneject, uneject, "{line}");
+        }
         for name in [
             " ",
             "a\\nb",

@@ -100,14 +100,19 @@ fn checked(every: u64) -> BalanceConfig {
     }
 }
 
-/// Probes mark a backend down and up again; an ejection (requests failed)
-/// runs its course whatever `/v1/models` says, and a probe refused as busy
-/// (429, or 503 with `retry-after`: shedding load) changes nothing.
+/// Probes mark a backend down and up again, and a probe refused as busy
+/// (429, or 503 with `retry-after`: shedding load) changes nothing. Told
+/// not to end ejections, an ejection (requests failed) runs its course
+/// whatever `/v1/models` says.
 #[tokio::test(start_paused = true)]
 async fn health_checks_mark_down_and_up_but_leave_ejections_to_run() {
     let fleet = Fleet::default();
     fleet.set("a", Mode::Refused);
-    let b = balance(&fleet, &["a", "b"], checked(5));
+    let mut cfg = checked(5);
+    if let Some(check) = cfg.health_check.as_mut() {
+        check.uneject = false;
+    }
+    let b = balance(&fleet, &["a", "b"], cfg);
     let h = b.handle();
     tokio::time::sleep(secs(1)).await;
     // The first round ran at start and marked `a` down.
@@ -137,6 +142,33 @@ async fn health_checks_mark_down_and_up_but_leave_ejections_to_run() {
     tokio::time::sleep(secs(21)).await;
     assert!(stats(&h, "a").healthy, "back after its 30 s");
     assert!(fleet.probes() >= 14);
+}
+
+/// By default (as Envoy's `successful_active_health_check_uneject_host`),
+/// the first probe that passes during an ejection ends it: a fleet whose
+/// every backend was ejected is ready again once they answer, though no
+/// request comes to end the ejections (a load balancer that reads
+/// `/readyz` sends none while it says 503).
+#[tokio::test(start_paused = true)]
+async fn a_passing_probe_ends_an_ejection() {
+    let fleet = Fleet::default();
+    let b = balance(&fleet, &["a", "b"], checked(5));
+    let h = b.handle();
+    tokio::time::sleep(secs(1)).await;
+    fleet.set("a", Mode::Status(500, None));
+    fleet.set("b", Mode::Status(500, None));
+    for i in 0..2 {
+        let _ = send(&b, chat("m", &i.to_string())).await;
+    }
+    assert!(!h.any_healthy(), "both ejected");
+    // A probe sent while they still fail passes nothing.
+    tokio::time::sleep(secs(5)).await;
+    assert!(!h.any_healthy());
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    fleet.set("b", Mode::Ok(Duration::ZERO));
+    tokio::time::sleep(secs(5)).await;
+    assert!(stats(&h, "a").healthy && stats(&h, "b").healthy);
+    assert!(h.any_healthy(), "ready again, 10 s into a 30 s rest");
 }
 
 /// A probe is judged by its answer's status: a 200 whose body is slow to
