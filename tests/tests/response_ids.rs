@@ -592,3 +592,35 @@ async fn a_new_id_reaches_its_client_only_once_redis_holds_it() {
         assert_eq!(read.status, 200, "stream {stream}: {}", read.text());
     }
 }
+
+/// An id is remembered `response_id_ttl_days` (30 by default, as long as
+/// OpenAI keeps a stored response): its Redis key lives that long.
+#[tokio::test]
+async fn an_id_lives_its_configured_days_on_redis() {
+    let redis = RedisServer::start().await;
+    let up = vllm_like_upstream().await;
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for (line, days) in [("", 30), ("response_id_ttl_days = 2\n", 2)] {
+        let p = proxy(&format!(
+            "{line}{}\n{}",
+            one_upstream(&format!("http://{up}/v1"), ALL_APIS),
+            two_keys(&format!(
+                "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"ids:\"\n",
+                redis.url()
+            ))
+        ))
+        .await;
+        let id = a_creates(&p).await;
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(format!("ids:resp:{id}"))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let want = days * 24 * 3600;
+        assert!((want - 10..=want).contains(&ttl), "{line}: {ttl}");
+    }
+}

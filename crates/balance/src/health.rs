@@ -32,10 +32,12 @@
 //!   it is neither a failure nor a success, and only time ends it.
 //! - Active probes: a failure marks the backend down until the next
 //!   success (probe or request), unless a request was answered while the
-//!   probe waited (`probe.rs`); a 2xx clears that mark only. An ejection
-//!   runs its course: a probe of `/v1/models` answered does not show that
-//!   the model answers (the common LLM server failure: HTTP up, model
-//!   broken), as Envoy keeps outlier ejection apart from its health checks.
+//!   probe waited (`probe.rs`); a 2xx clears that mark, and (by default,
+//!   as Envoy's `successful_active_health_check_uneject_host`) ends an
+//!   ejection that began before the probe was sent. A probe of
+//!   `/v1/models` answered does not show that the model answers (the
+//!   common LLM server failure: HTTP up, model broken): with
+//!   `HealthCheck::uneject` off, an ejection runs its course.
 //! - Failures while resting (panic-routed requests) are not counted: the
 //!   backend is not re-ejected the moment its rest ends.
 
@@ -175,15 +177,15 @@ impl Health {
 
     /// An active probe's result at `now`, of a probe sent when
     /// `ejections_seen` was `seen`. With `uneject`, a pass ends an ejection
-    /// that began before the probe was sent, and the failure count starts
-    /// over (Envoy's `successful_active_health_check_uneject_host`); one
-    /// that began after stands (the probe is older news than the failures
-    /// that ejected the backend).
+    /// that began before the probe was sent (Envoy's
+    /// `successful_active_health_check_uneject_host`); one that began after
+    /// stands (the probe is older news than the failures that ejected the
+    /// backend). Outside an ejection a pass leaves the failure count alone:
+    /// `/v1/models` answered says nothing of the requests that fail.
     pub(crate) fn on_probe(&mut self, ok: bool, now: u64, seen: u64, uneject: bool) {
         self.probe_down = !ok;
         if ok && uneject && self.ejections_seen == seen {
             self.end_ejection(now);
-            self.failures = 0;
         }
     }
 
@@ -318,7 +320,14 @@ mod tests {
         assert_eq!(h.down_until(), 30 * S, "sent before the ejection");
         h.on_probe(true, 2 * S, seen, true);
         assert_eq!(h.down_until(), 2 * S);
-        assert_eq!(h.failures, 0);
+        // Outside an ejection, failures still add up between passes.
+        let mut h = Health::default();
+        for i in 0..2 {
+            assert!(!h.on_failure(i * S, i * S, &P));
+            h.on_probe(true, i * S, h.ejections_seen, true);
+        }
+        assert!(h.on_failure(2 * S, 2 * S, &P), "the third ejects");
+        let mut h = Health::default();
         assert!(fail(&mut h, 3 * S, 3));
         h.on_success(5 * S);
         assert_eq!(h.down_until(), 5 * S, "a request that worked does too");

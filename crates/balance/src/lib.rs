@@ -140,8 +140,9 @@
 //!   rest early when it was panic-routed there.
 //! - Optional active checks ([`HealthCheck`]) send `GET /v1/models` through
 //!   every backend each interval: a failure keeps a backend out until its
-//!   next success, a 2xx clears that (an ejection runs its course), and a
-//!   busy answer (429, or 503 with `retry-after`) changes nothing.
+//!   next success, a 2xx clears that and ends an ejection it was sent in
+//!   (unless [`HealthCheck::uneject`] is off), and a busy answer (429, or
+//!   503 with `retry-after`) changes nothing.
 //!
 //! # Run-time changes and observability
 //!

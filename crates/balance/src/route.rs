@@ -47,6 +47,10 @@ pub(crate) struct Route<'a> {
     key: Option<u64>,
     /// The one member a pinned request may use.
     pinned: Option<usize>,
+    /// The request's metadata, asked (once, and only when a group's
+    /// translating tier is reached) whether it needs kept state.
+    meta: Option<&'a RequestMeta>,
+    needs_kept_state: std::sync::OnceLock<bool>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,6 +90,8 @@ impl<'a> Route<'a> {
                 api,
                 key: None,
                 pinned: Some(member),
+                meta,
+                needs_kept_state: std::sync::OnceLock::new(),
             });
         }
         // Within a model's group, native first: its upstreams that reach the
@@ -107,7 +113,7 @@ impl<'a> Route<'a> {
             .into_iter()
             .flatten()
         };
-        let mut chain: SmallVec<[_; 2]> = match model {
+        let chain: SmallVec<[_; 2]> = match model {
             // OpenAI's Conversations API belongs to its Responses API: a
             // conversation made (or looked up) where Responses are not
             // served natively would be one no response can use. To those
@@ -145,18 +151,6 @@ impl<'a> Route<'a> {
                     .collect()
             }
         };
-        // A request only an upstream that keeps responses can serve (it
-        // asks to be stored, say) is not sent on to one that would refuse
-        // it: when the native upstreams fail, their failure is the answer
-        // (a 502 the client retries), not the translation's 400 that tells
-        // the client to change its request. With no native upstream at
-        // all, that 400 is the answer.
-        if chain.iter().any(|&(_, _, tier)| tier == Tier::Translated)
-            && chain.iter().any(|&(_, _, tier)| tier == Tier::Native)
-            && meta.is_some_and(RequestMeta::needs_kept_state)
-        {
-            chain.retain(|&mut (_, _, tier)| tier == Tier::Native);
-        }
         if api.is_some() && chain.is_empty() {
             let api = api.map_or("", Api::as_str);
             return Err(Error::ApiNotServed(match model {
@@ -179,7 +173,30 @@ impl<'a> Route<'a> {
             api,
             key,
             pinned: None,
+            meta,
+            needs_kept_state: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether the route leaves out `group`'s members at `tier`: a
+    /// Responses request that only an upstream that keeps responses can
+    /// serve (it asks to be stored, say) is not sent to the group's
+    /// upstreams that translate when the group also has native ones. When
+    /// those fail, their failure is the answer (a 502 the client retries),
+    /// not the translation's 400 telling the client to change its request;
+    /// with no native upstream in the group, that 400 is the answer. Asked
+    /// only once a translating tier is reached (the native one served
+    /// nearly every request before): whether the request needs kept state
+    /// may build its body.
+    fn leaves_out(&self, group: &Group, tier: Tier) -> bool {
+        tier == Tier::Translated
+            && self
+                .chain
+                .iter()
+                .any(|&(g, _, t)| t == Tier::Native && std::ptr::eq(g, group))
+            && *self
+                .needs_kept_state
+                .get_or_init(|| self.meta.is_some_and(RequestMeta::needs_kept_state))
     }
 
     /// When none of the backends this request may go to can take it now
@@ -189,6 +206,9 @@ impl<'a> Route<'a> {
     pub(crate) fn resting_until<S>(&self, set: &BackendSet<S>, now: u64) -> Option<u64> {
         let mut soonest: Option<u64> = None;
         for &(group, _, tier) in &self.chain {
+            if self.leaves_out(group, tier) {
+                continue;
+            }
             for &member in &group.members {
                 let member = &set.members[member];
                 if !member.serves(self.api, tier) {
@@ -242,7 +262,7 @@ impl<'a> Route<'a> {
         }
         for pass in [Pass::HealthyUntried, Pass::Untried, Pass::HealthyTried] {
             for &(group, model, tier) in &self.chain {
-                if fallbacks_only && model.is_none() {
+                if (fallbacks_only && model.is_none()) || self.leaves_out(group, tier) {
                     continue;
                 }
                 let view = View {

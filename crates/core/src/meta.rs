@@ -369,19 +369,31 @@ impl RequestMeta {
     }
 
     /// Whether a Responses request needs an upstream that keeps responses:
-    /// it [names state](RequestMeta::names_state), a kept prompt or kept
-    /// items (an `item_reference` in `input`), or asks to be kept
-    /// (`"store": true`) or to run in the `background`. An upstream that
-    /// reaches the Responses API by translation from chat completions
-    /// refuses such a request. Builds the body only for the last question,
-    /// and only when the others are all no.
+    /// it [names state](RequestMeta::names_state) (a state key that is not
+    /// `null`), a kept prompt or kept items (an `item_reference` in
+    /// `input`), or asks to be kept (`"store": true`) or to run in the
+    /// `background`. An upstream that reaches the Responses API by
+    /// translation from chat completions refuses such a request. May build
+    /// the body.
     pub fn needs_kept_state(&self) -> bool {
         let caps = self.generation_caps();
         self.endpoint == Endpoint::Responses
-            && (self.names_state
+            && (self.names_state_with_a_value()
                 || caps.stateful
                 || caps.background
                 || self.json().is_some_and(references_stored_items))
+    }
+
+    /// Whether a state key the body has holds a value (`null` is none, as
+    /// for the translation, the cache and the pin). Builds the body only
+    /// when it [names state](RequestMeta::names_state).
+    fn names_state_with_a_value(&self) -> bool {
+        self.names_state
+            && self.json().is_some_and(|json| {
+                STATE_KEYS
+                    .iter()
+                    .any(|key| json.get(*key).is_some_and(|v| !v.is_null()))
+            })
     }
 
     /// What the body asks the model to generate ([`GenerationCaps`]):

@@ -209,7 +209,11 @@ impl Proxy {
             metrics.add_source(cache_metrics(cache.clone()));
         }
         let redis_ids = response_ids_redis(&settings)?;
-        let ids = ResponseIds::new(redis_ids.clone(), settings.max_response_ids);
+        let ids = ResponseIds::new(
+            redis_ids.clone(),
+            settings.max_response_ids,
+            settings.response_id_ttl,
+        );
         metrics.add_source(store_metrics(auth.clone(), cache.clone(), redis_ids));
         let body_budget = BodyBudget::new(settings.max_buffered_body_bytes);
         metrics.add_source(budget_metrics(body_budget.clone()));
@@ -229,8 +233,9 @@ impl Proxy {
         // checked. Otherwise only the requests a layer reads (a
         // translation, a `previous_response_id`, a streamed chat request
         // whose usage token limits ask for, a Responses request in the
-        // `background`, a Responses or Messages request the cache keys) are
-        // built; the cache keys chat, completions and embeddings from their
+        // `background`, a Responses or Messages request the cache keys, a
+        // Responses request whose native upstreams failed while others
+        // translate: does it need kept state?) are built; the cache keys chat, completions and embeddings from their
         // bytes in one pass, and token limits estimate from what the check
         // learned (`RequestMeta::generation_caps`).
         let every_body_read = matches!(settings.balance.strategy, Strategy::PrefixAffinity(_));

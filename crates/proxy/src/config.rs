@@ -141,6 +141,10 @@ pub struct Config {
     /// when full, the key holding the most loses its least recently used.
     #[serde(default = "defaults::max_response_ids")]
     pub max_response_ids: usize,
+    /// How long a response or conversation id is remembered unused, in
+    /// days.
+    #[serde(default = "defaults::response_id_ttl_days")]
+    pub response_id_ttl_days: u64,
     /// Send `x-llm-proxy-upstream` on responses.
     #[serde(default = "defaults::yes")]
     pub upstream_header: bool,
@@ -447,6 +451,10 @@ mod defaults {
     pub fn max_response_ids() -> usize {
         100_000
     }
+    /// As long as OpenAI keeps a stored response.
+    pub fn response_id_ttl_days() -> u64 {
+        30
+    }
     pub fn yes() -> bool {
         true
     }
@@ -624,6 +632,8 @@ pub struct Settings {
     pub workers: usize,
     /// Response ids (and conversation ids) remembered in memory, each.
     pub max_response_ids: usize,
+    /// How long an id is remembered unused.
+    pub response_id_ttl: Duration,
     /// Send `x-llm-proxy-upstream`.
     pub upstream_header: bool,
     /// Send `x-llm-proxy-overhead-ms`.
@@ -878,6 +888,9 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// The most `max_response_ids` can be: what the map's 32-bit slots count.
 const MAX_RESPONSE_IDS: usize = u32::MAX as usize - 1;
+
+/// The longest `response_id_ttl_days`: ten years.
+const MAX_RESPONSE_ID_TTL_DAYS: u64 = 3650;
 
 /// The most `max_connections` can be: what one semaphore can count.
 const MAX_CONNECTIONS: usize = tokio::sync::Semaphore::MAX_PERMITS;
@@ -1172,6 +1185,17 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             format!(
                 "`max_response_ids` must be between 1 and {MAX_RESPONSE_IDS}, not {}",
                 cfg.max_response_ids
+            ),
+        ));
+    }
+    if !(1..=MAX_RESPONSE_ID_TTL_DAYS).contains(&cfg.response_id_ttl_days) {
+        return Err(ConfigError::near(
+            path,
+            src,
+            &[Seg::Key("response_id_ttl_days")],
+            format!(
+                "`response_id_ttl_days` must be from 1 to {MAX_RESPONSE_ID_TTL_DAYS} (ten years), not {}",
+                cfg.response_id_ttl_days
             ),
         ));
     }
@@ -1473,6 +1497,7 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
             n => n,
         },
         max_response_ids: cfg.max_response_ids,
+        response_id_ttl: Duration::from_secs(cfg.response_id_ttl_days * 24 * 3600),
         upstream_header: cfg.upstream_header,
         overhead_header: cfg.overhead_header,
         access_log: cfg.access_log,
@@ -2590,6 +2615,18 @@ mod tests {
                 "{MIN}[balance]\nhealth_check_secs = 5\nhealth_check_path = \"/v1/m%2Fx?a=b\"\n"
             ))
             .is_ok()
+        );
+        for days in [0, 3651] {
+            let e = load(&format!("response_id_ttl_days = {days}\n{MIN}")).unwrap_err();
+            assert!(
+                e.contains("`response_id_ttl_days` must be from 1 to 3650"),
+                "{e}"
+            );
+        }
+        let settings = load(&format!("response_id_ttl_days = 3650\n{MIN}")).unwrap();
+        assert_eq!(
+            settings.response_id_ttl,
+            Duration::from_secs(3650 * 24 * 3600)
         );
         // A passing probe ends an ejection unless told not to.
         for (line, uneject) in [("", true), ("health_check_uneject = false\n", false)] {

@@ -3,8 +3,9 @@
 //! response id must go there.
 //!
 //! The layer remembers `response id -> upstream name` from every `200`
-//! answer to `POST /v1/responses` (the `id` of a JSON answer, or of the
-//! `response.created` event of a stream), and pins later requests naming
+//! answer to `POST /v1/responses` that the upstream keeps (not one to
+//! `"store": false`, nor one translated from chat completions: the `id` of
+//! a JSON answer, or of the `response.created` event of a stream), and pins later requests naming
 //! that id to that upstream with [`PinnedUpstream`] — the balancer never
 //! reroutes a pinned request. An id it does not know (never seen, expired,
 //! or created through a proxy that does not share this one's Redis) is a
@@ -18,13 +19,15 @@
 //! without this any key that learnt an id could read, continue, cancel or
 //! delete another tenant's response). Without auth there is one tenant.
 //!
-//! The map is in memory (`max_response_ids`, 7 days; full, the key holding
+//! The map is in memory (`max_response_ids`, each id kept
+//! `response_id_ttl_days` unused, 30 by default; full, the key holding
 //! the most ids loses its least recently used, see [`FairLru`]), and, when the cache or
 //! auth backend is Redis, also Redis (`<prefix>resp:<id>`, same TTL), so that
 //! every proxy on that Redis finds every id. An id is recorded before the
-//! last byte of the answer that carries it is passed on, so a client's
-//! follow-up can never outrun it on this proxy; through Redis the write is
-//! in flight for a moment after.
+//! bytes that carry it are passed on, so a client's follow-up can never
+//! outrun it on this proxy; with Redis, those bytes wait for Redis to
+//! answer the id's claim (see [`IdTap`]), so it cannot outrun it on
+//! another proxy on the same Redis either.
 //!
 //! Conversations (OpenAI's Conversations API) are kept the same way, in
 //! their own map (`<prefix>conv:<id>` in Redis): recorded from answers to
@@ -57,8 +60,6 @@ use crate::fair_lru::{FairLru, Owned};
 use crate::metrics::lock;
 use crate::redis_ids::{RedisIds, Unreachable};
 
-/// How long an id is remembered.
-const TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Response id -> where it lives, and when it was recorded; full, it
 /// drops the least recently used id of the key holding the most.
 type IdMap = FairLru<Held>;
@@ -195,6 +196,8 @@ pub struct ResponseIds {
     unconfirmed_cap: usize,
     /// Whether the queue's overflow was logged.
     overflowed: std::sync::atomic::AtomicBool,
+    /// How long an id is remembered unused.
+    ttl: Duration,
 }
 
 /// The most ids waiting to be claimed on Redis again (and no more than the
@@ -215,13 +218,15 @@ impl std::fmt::Debug for ResponseIds {
 }
 
 impl ResponseIds {
-    /// A map in memory holding up to `capacity` ids of each kind, and in
-    /// Redis when `redis` is given.
+    /// A map in memory holding up to `capacity` ids of each kind, each
+    /// remembered `ttl` unused (at least a second: Redis counts whole
+    /// seconds), and in Redis when `redis` is given.
     ///
     /// With Redis, and called on a runtime, a task on it claims on Redis
     /// the ids recorded while Redis could not be asked, once a second,
     /// until the map is dropped.
-    pub fn new(redis: Option<RedisIds>, capacity: usize) -> Arc<Self> {
+    pub fn new(redis: Option<RedisIds>, capacity: usize, ttl: Duration) -> Arc<Self> {
+        let ttl = ttl.max(Duration::from_secs(1));
         let with_redis = redis.is_some();
         let ids = Arc::new(ResponseIds {
             responses: Mutex::new(FairLru::new(capacity)),
@@ -230,6 +235,7 @@ impl ResponseIds {
             unconfirmed: Mutex::default(),
             unconfirmed_cap: capacity.clamp(1, MAX_UNCONFIRMED),
             overflowed: std::sync::atomic::AtomicBool::new(false),
+            ttl,
         });
         if let (true, Ok(runtime)) = (with_redis, tokio::runtime::Handle::try_current()) {
             let weak = Arc::downgrade(&ids);
@@ -263,7 +269,8 @@ impl ResponseIds {
             let still = {
                 let mut memory = self.memory(kind);
                 match memory.peek_mut(&id) {
-                    Some(held) if matches!(held.claim, Claim::Unconfirmed) => TTL
+                    Some(held) if matches!(held.claim, Claim::Unconfirmed) => self
+                        .ttl
                         .checked_sub(held.at.elapsed())
                         .map(|left| (held.home.clone(), left)),
                     _ => None,
@@ -369,15 +376,16 @@ impl ResponseIds {
             let mut pending = pending.clone();
             let wait: Verdict = Box::pin(async move {
                 // Ends once the claim sent its verdict (or went: a runtime
-                // shutting down).
-                let _ = pending.wait_for(Option::is_some).await;
+                // shutting down); bounded as a lookup's wait is, whatever
+                // the Redis call's own bound.
+                let _ = tokio::time::timeout(CLAIM_WAIT, pending.wait_for(Option::is_some)).await;
             });
             wait
         });
         let (this, id, home) = (self.clone(), id.to_owned(), home.clone());
         runtime.spawn(async move {
             let answer = redis
-                .claim(kind.namespace(), &id, &home.encode(), TTL)
+                .claim(kind.namespace(), &id, &home.encode(), this.ttl)
                 .await;
             let mut memory = this.memory(kind);
             let ours = memory.peek_mut(id.as_str()).filter(|held| {
@@ -419,7 +427,7 @@ impl ResponseIds {
     fn hold(&self, kind: Kind, id: &str, home: &Home, claim: impl FnOnce() -> Claim) -> Hold {
         let mut memory = self.memory(kind);
         if let Some(held) = memory.get_mut(id)
-            && held.at.elapsed() < TTL
+            && held.at.elapsed() < self.ttl
         {
             if held.home != *home {
                 drop(memory);
@@ -460,7 +468,7 @@ impl ResponseIds {
         let local = {
             let mut memory = self.memory(kind);
             match memory.get_mut(id) {
-                Some(held) if held.at.elapsed() < TTL => Some((
+                Some(held) if held.at.elapsed() < self.ttl => Some((
                     held.home.clone(),
                     match &held.claim {
                         Claim::Held => None,
@@ -711,7 +719,7 @@ where
 /// not exist.
 pub(crate) fn conversation_not_found(id: &str) -> Error {
     Error::ConversationNotFound(format!(
-        "conversation `{id}` is not known to this proxy for this API key (made by another key, made elsewhere, or unused for 7 days)"
+        "conversation `{id}` is not known to this proxy for this API key (made by another key, made elsewhere, or unused too long)"
     ))
 }
 
@@ -974,21 +982,30 @@ impl<'de> serde::de::DeserializeSeed<'de> for Field<'_> {
 fn observe(tap: &mut Tap, data: &[u8]) -> Option<String> {
     let id = match tap {
         Tap::Sniff(start, budget) => {
-            start.extend_from_slice(data);
-            let told = llm_proxy_core::media::events_start(start);
-            let start = match told {
-                None if start.len() < llm_proxy_core::media::MAX_SNIFF_BYTES => return None,
-                None => {
-                    *tap = Tap::Done;
-                    return None;
+            // Kept only while too short to tell (a few bytes, or blank
+            // lines): most answers tell by their first frame, read in place.
+            let told = if start.is_empty() {
+                llm_proxy_core::media::events_start(data)
+            } else {
+                start.extend_from_slice(data);
+                llm_proxy_core::media::events_start(start)
+            };
+            let Some(events) = told else {
+                if start.is_empty() {
+                    start.extend_from_slice(data);
                 }
-                Some(_) => std::mem::take(start),
+                if start.len() >= llm_proxy_core::media::MAX_SNIFF_BYTES {
+                    *tap = Tap::Done;
+                }
+                return None;
             };
-            *tap = match told {
-                Some(true) => Tap::sse(budget.as_ref()),
-                _ => Tap::Json(Box::default()),
+            let start = std::mem::take(start);
+            *tap = if events {
+                Tap::sse(budget.as_ref())
+            } else {
+                Tap::Json(Box::default())
             };
-            return observe(tap, &start);
+            return observe(tap, if start.is_empty() { data } else { &start });
         }
         Tap::Json(scan) => match scan.feed(data) {
             Scan::Found(id) => Some(id),
@@ -1321,7 +1338,7 @@ mod tests {
     async fn an_id_used_again_while_redis_is_away_is_queued_once() {
         // Nothing listens on port 1: every call fails at once.
         let redis = RedisIds::new("redis://127.0.0.1:1/", "t:").unwrap();
-        let ids = ResponseIds::new(Some(redis), 100);
+        let ids = ResponseIds::new(Some(redis), 100, Duration::from_secs(3600));
         let up: Arc<str> = Arc::from("up");
         ids.keep_conversation("conv_1", up.clone(), None);
         let queued = || lock(&ids.unconfirmed).len();
@@ -1344,7 +1361,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_id_too_long_to_keep_is_neither_kept_nor_looked_up() {
-        let ids = ResponseIds::new(None, 100_000);
+        let ids = ResponseIds::new(None, 100_000, Duration::from_secs(3600));
         let long = "r".repeat(MAX_ID + 1);
         ids.remember(&long, Arc::from("a"), None);
         ids.remember("", Arc::from("a"), None);
@@ -1380,6 +1397,34 @@ mod tests {
             let id = first.or(second);
             assert_eq!(id.as_deref(), Some("resp_1"), "cut at {cut}");
         }
+    }
+
+    /// A streamed request's answer without the event-stream type: told
+    /// events or JSON by its start, however its frames cut it (a blank
+    /// line first, the start split in two).
+    #[test]
+    fn an_answer_of_no_known_type_is_told_by_its_start() {
+        let sniff = || Tap::Sniff(Vec::new(), None);
+        let stream = format!("\n{CREATED}{DELTA}");
+        let json = r#" {"id":"resp_2","object":"response"}"#;
+        for body in [stream.as_str(), json] {
+            let want = if body == json { "resp_2" } else { "resp_1" };
+            assert_eq!(
+                observe(&mut sniff(), body.as_bytes()).as_deref(),
+                Some(want)
+            );
+            for cut in 1..body.len() {
+                let mut tap = sniff();
+                let first = observe(&mut tap, &body.as_bytes()[..cut]);
+                let second = observe(&mut tap, &body.as_bytes()[cut..]);
+                assert_eq!(first.or(second).as_deref(), Some(want), "cut at {cut}");
+            }
+        }
+        // Blank past the bound: no id looked for.
+        let mut tap = sniff();
+        let blank = vec![b'\n'; llm_proxy_core::media::MAX_SNIFF_BYTES];
+        assert_eq!(observe(&mut tap, &blank), None);
+        assert!(matches!(tap, Tap::Done));
     }
 
     #[test]

@@ -1913,7 +1913,7 @@ mod tests {
             auth: Some(auth),
             owner: Some(key.name.clone()),
             key: Some(key),
-            ids: ResponseIds::new(None, 100_000),
+            ids: ResponseIds::new(None, 100_000, Duration::from_secs(3600)),
             upstream: "up".into(),
             answered: None,
             balance: llm_proxy_balance::Balance::<crate::app::UpstreamService>::new(

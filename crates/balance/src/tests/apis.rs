@@ -187,6 +187,53 @@ async fn a_request_for_kept_state_waits_for_its_native_upstream() {
     }
 }
 
+/// Per model: a fallback served natively does not take the requests for
+/// kept state of a model whose own upstreams translate (they are refused
+/// there, with the translation's 400, as without a fallback). And a state
+/// key that is `null` names no state.
+#[tokio::test]
+async fn a_request_for_kept_state_is_judged_per_model() {
+    let fleet = Fleet::default();
+    let cfg = BalanceConfig {
+        fallbacks: std::collections::HashMap::from([("big".to_owned(), vec!["small".to_owned()])]),
+        ..BalanceConfig::default()
+    };
+    let b = Balance::new(
+        [
+            fleet
+                .backend("chat-big")
+                .with_models(["big"])
+                .with_apis([Api::ChatCompletions])
+                .with_translated_apis([Api::Responses]),
+            fleet
+                .backend("small-native")
+                .with_models(["small"])
+                .with_apis([Api::Responses]),
+            fleet
+                .backend("native")
+                .with_models(["m"])
+                .with_apis([Api::Responses]),
+            fleet
+                .backend("chat-m")
+                .with_models(["m"])
+                .with_apis([Api::ChatCompletions])
+                .with_translated_apis([Api::Responses]),
+        ],
+        cfg,
+    );
+    let json = serde_json::json!({"model": "big", "input": "hi", "store": true});
+    let (_, body) = send(&b, parsed(Endpoint::Responses, "/v1/responses", json))
+        .await
+        .unwrap();
+    assert_eq!(body, "chat-big");
+    fleet.set("native", Mode::Refused);
+    let json = serde_json::json!({"model": "m", "input": "hi", "previous_response_id": null, "conversation": null});
+    let (_, body) = send(&b, parsed(Endpoint::Responses, "/v1/responses", json))
+        .await
+        .unwrap();
+    assert_eq!(body, "chat-m");
+}
+
 /// With no native upstream for the model at all, such a request still goes
 /// to the translating one, whose refusal explains what it cannot do.
 #[tokio::test]
