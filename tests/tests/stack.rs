@@ -382,3 +382,78 @@ async fn edited_and_translated_bodies_keep_the_clients_key_order() {
         assert!(before(&seen[1], "zeta", "alpha"), "{tail}: {}", seen[1]);
     }
 }
+
+/// One tenant's request that meets one model's limit on a shared upstream
+/// (OpenAI's 429 "request too large for `big`", `retry-after: 300`) rests
+/// that model there, not the upstream: another tenant's requests for
+/// another model still reach it. Nor does a passthrough route's 429 (a
+/// files limit) shut the upstream to the model APIs.
+#[tokio::test]
+async fn one_tenants_429_does_not_shut_the_upstream_to_other_models() {
+    let addr = raw_upstream(|mut conn| async move {
+        use tokio::io::AsyncWriteExt;
+        let Some((head, body)) = read_request(&mut conn).await else {
+            return;
+        };
+        let limited =
+            head.starts_with("GET /v1/files") || String::from_utf8_lossy(&body).contains("\"big\"");
+        let answer = if limited {
+            json_answer(
+                "429 Too Many Requests",
+                "retry-after: 300\r\n",
+                r#"{"error":{"message":"Request too large for big on tokens per min","type":"tokens","code":"rate_limit_exceeded"}}"#,
+            )
+        } else {
+            json_answer(
+                "200 OK",
+                "",
+                r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+            )
+        };
+        let _ = conn.write_all(answer.as_bytes()).await;
+    })
+    .await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"shared\"\nurl = \"http://{addr}/v1\"\nmodels = [\"m\", \"big\"]\n\
+         [auth]\n[[auth.keys]]\nname = \"eve\"\nkey = \"sk-eve\"\nmodels = [\"big\"]\npassthrough = true\n\
+         [[auth.keys]]\nname = \"bob\"\nkey = \"sk-bob\"\nmodels = [\"m\"]\n"
+    ))
+    .await;
+    let chat_as = |key: &'static str, model: &'static str| {
+        let auth = format!("Bearer {key}");
+        let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"x"}}]}}"#);
+        let url = p.url("/v1/chat/completions");
+        async move {
+            send(request(
+                Method::POST,
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &auth),
+                ],
+                body,
+            ))
+            .await
+        }
+    };
+    let files = send(request(
+        Method::GET,
+        &p.url("/v1/files"),
+        &[("authorization", "Bearer sk-eve")],
+        "",
+    ))
+    .await;
+    assert_eq!(files.status, 429, "{}", files.text());
+    let bob = chat_as("sk-bob", "m").await;
+    assert_eq!(bob.status, 200, "after a files 429: {}", bob.text());
+    let eve = chat_as("sk-eve", "big").await;
+    assert_eq!(eve.status, 429, "{}", eve.text());
+    for _ in 0..3 {
+        let bob = chat_as("sk-bob", "m").await;
+        assert_eq!(bob.status, 200, "after `big`'s 429: {}", bob.text());
+    }
+    // `big` itself rests: the proxy answers for it, with the time left.
+    let eve = chat_as("sk-eve", "big").await;
+    eve.assert_error(503, "service_unavailable", "no_upstream_available");
+    assert!(eve.header("retry-after").is_some());
+}

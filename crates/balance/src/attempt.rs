@@ -101,6 +101,7 @@ fn judge(
     verdict: Verdict,
     elapsed: Duration,
     sent: Option<u64>,
+    rests: Rests<'_>,
 ) -> (Verdict, bool) {
     let mut panic_routed = false;
     match verdict {
@@ -110,10 +111,29 @@ fn judge(
             None => state.answered(now),
         },
         Verdict::Failure => state.record_failure(now, elapsed, true),
-        Verdict::Throttled(ns) => state.rest(now, ns),
+        Verdict::Throttled(ns) => match rests {
+            Rests::Backend => state.rest(now, ns, None),
+            Rests::Model(model) => state.rest(now, ns, Some(model)),
+            Rests::Nothing => {}
+        },
         Verdict::Pass | Verdict::Fatal | Verdict::Refused => {}
     }
     (verdict, panic_routed)
+}
+
+/// What a 429 (or a 503 with `retry-after`) rests.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Rests<'m> {
+    /// The whole backend: an answer that names no model.
+    Backend,
+    /// That model on the backend: a model request's answer speaks of the
+    /// model's limits there (OpenAI's are per model; one tenant's request
+    /// that hits one model's limit must not shut the backend to every
+    /// other model and tenant).
+    Model(&'m str),
+    /// Nothing: a passthrough answer (files, batches) speaks of that
+    /// route's own limits, not of the model APIs'.
+    Nothing,
 }
 
 /// [`BalanceHandle::refused`](crate::BalanceHandle::refused): an answer's
@@ -125,7 +145,14 @@ pub(crate) fn judge_head(
     headers: &http::HeaderMap,
     elapsed: Duration,
 ) {
-    judge(state, now, classify_head(status, headers), elapsed, None);
+    judge(
+        state,
+        now,
+        classify_head(status, headers),
+        elapsed,
+        None,
+        Rests::Backend,
+    );
 }
 
 /// `retry-after` as seconds, or as an HTTP-date (RFC 9110 §10.2.3: the
@@ -365,7 +392,14 @@ where
                         attempt,
                         "balancer attempt"
                     );
-                    send(&shared, &member.state, member.service(), req)
+                    let rests = match choice.model.or(route.model()) {
+                        Some(model) => Rests::Model(model),
+                        None if route.endpoint() == llm_proxy_core::Endpoint::Passthrough => {
+                            Rests::Nothing
+                        }
+                        None => Rests::Backend,
+                    };
+                    send(&shared, &member.state, member.service(), req, rests)
                 });
             let (mut outcome, verdict) = match made {
                 Some(attempt) => attempt.await,
@@ -513,6 +547,7 @@ fn send<'a, S>(
     state: &'a Arc<BackendState>,
     svc: S,
     req: Request<Body>,
+    rests: Rests<'a>,
 ) -> impl Future<Output = (Outcome, Verdict)> + Send + 'a
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
@@ -534,8 +569,14 @@ where
         let outcome = call.await;
         waiting.armed = false;
         let (now, elapsed) = shared.epoch.now_since(start);
-        let (verdict, panic_routed) =
-            judge(state, now, classify(&outcome), elapsed, Some(ejections));
+        let (verdict, panic_routed) = judge(
+            state,
+            now,
+            classify(&outcome),
+            elapsed,
+            Some(ejections),
+            rests,
+        );
         let mut sample = (verdict == Verdict::Success).then_some((shared.epoch, start));
         let outcome = outcome.map(|resp| {
             resp.map(|body| {

@@ -41,8 +41,9 @@ pub struct BackendStats {
     pub name: Arc<str>,
     /// Requests in flight (from decision to the end of the response body).
     pub in_flight: u32,
-    /// Whether it takes new requests now (not ejected, throttled or failing
-    /// its health check).
+    /// Whether it takes new requests now (not ejected, throttled whole or
+    /// failing its health check; a model of it resting after its own 429
+    /// leaves it taking the others).
     pub healthy: bool,
     /// How many times it has been ejected.
     pub ejections: u64,

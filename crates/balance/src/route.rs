@@ -205,16 +205,17 @@ impl<'a> Route<'a> {
     /// when the route has no backend, or one that did not ask.
     pub(crate) fn resting_until<S>(&self, set: &BackendSet<S>, now: u64) -> Option<u64> {
         let mut soonest: Option<u64> = None;
-        for &(group, _, tier) in &self.chain {
+        for &(group, fallback, tier) in &self.chain {
             if self.leaves_out(group, tier) {
                 continue;
             }
+            let model = fallback.or(self.model);
             for &member in &group.members {
                 let member = &set.members[member];
                 if !member.serves(self.api, tier) {
                     continue;
                 }
-                let until = member.state.throttled_until(now)?;
+                let until = member.state.throttled_until(now, model)?;
                 soonest = Some(soonest.map_or(until, |s| s.min(until)));
             }
         }
@@ -253,8 +254,8 @@ impl<'a> Route<'a> {
             // No other upstream can honour a pinned request: retry it only
             // there, and only while it is healthy.
             let again = tried.contains(&member);
-            let usable =
-                !again || (!spent.contains(&member) && set.members[member].state.is_available(now));
+            let usable = !again
+                || (!spent.contains(&member) && set.members[member].state.takes(now, self.model));
             return usable.then_some(Choice {
                 member,
                 model: None,
@@ -274,6 +275,7 @@ impl<'a> Route<'a> {
                     pass,
                     api: self.api,
                     tier,
+                    model: model.or(self.model),
                 };
                 if let Some(i) = group.picker.pick(&view, self.key, random) {
                     return Some(Choice {
@@ -297,6 +299,8 @@ struct View<'v, S> {
     pass: Pass,
     api: Option<Api>,
     tier: Tier,
+    /// The model the request goes as to this group.
+    model: Option<&'v str>,
 }
 
 impl<S> LoadView for View<'_, S> {
@@ -310,14 +314,14 @@ impl<S> LoadView for View<'_, S> {
             return false;
         }
         let tried = self.tried.contains(&member);
-        let healthy = || self.set.members[member].state.is_available(self.now);
+        let healthy = || self.set.members[member].state.takes(self.now, self.model);
         match self.pass {
             Pass::HealthyUntried => !tried && healthy(),
             Pass::Untried => {
                 !tried
                     && self.set.members[member]
                         .state
-                        .throttled_until(self.now)
+                        .throttled_until(self.now, self.model)
                         .is_none()
             }
             Pass::HealthyTried => tried && !self.spent.contains(&member) && healthy(),

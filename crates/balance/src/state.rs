@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::health::{Health, Policy};
@@ -40,6 +41,14 @@ pub(crate) fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// `mutex`'s guard: what it holds stays usable after a panic mid-update.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The models resting on a backend, each with the end of its rest.
+type ModelRests = SmallVec<[(Box<str>, u64); 2]>;
+
 /// How fast the latency estimate forgets (tower's `PeakEwma` default).
 const EWMA_DECAY_NS: f64 = 10e9;
 /// The estimate of a backend without samples yet.
@@ -61,9 +70,15 @@ pub(crate) struct BackendState {
     /// The same without a 429's rest ([`Health::sick_until`]); written
     /// under `health`.
     sick_until: AtomicU64,
-    /// The end of a 429's rest ([`Health::throttled_until`]); written under
-    /// `health`.
+    /// The end of a 429's rest of the whole backend
+    /// ([`Health::throttled_until`]); written under `health`.
     throttled_until: AtomicU64,
+    /// The rests of one model each (a 429 to a model request speaks of
+    /// that model on this backend: OpenAI's limits are per model), and the
+    /// latest of their ends, read first without the lock: past it, none
+    /// runs.
+    model_rests: Mutex<ModelRests>,
+    model_rests_until: AtomicU64,
     /// Whether the failure count is above zero. Written under `health`,
     /// read without a lock: a clean end has nothing to reset otherwise.
     failing: AtomicBool,
@@ -107,6 +122,8 @@ impl BackendState {
             down_until: AtomicU64::new(0),
             sick_until: AtomicU64::new(0),
             throttled_until: AtomicU64::new(0),
+            model_rests: Mutex::default(),
+            model_rests_until: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             answered_after: AtomicU64::new(0),
             failures_seen: AtomicU64::new(0),
@@ -152,9 +169,31 @@ impl BackendState {
     }
 
     /// Until when it asked to be left alone (a 429, or a 503 with
-    /// `retry-after`), if that is after `now`.
-    pub(crate) fn throttled_until(&self, now: u64) -> Option<u64> {
-        Some(self.throttled_until.load(Ordering::Relaxed)).filter(|&until| until > now)
+    /// `retry-after`) for requests of `model` (`None`: a request of no
+    /// model), if that is after `now`: the longer of the whole backend's
+    /// rest and the model's.
+    pub(crate) fn throttled_until(&self, now: u64, model: Option<&str>) -> Option<u64> {
+        let whole = self.throttled_until.load(Ordering::Relaxed);
+        let own = self.model_rest_until(now, model).unwrap_or(0);
+        Some(whole.max(own)).filter(|&until| until > now)
+    }
+
+    /// Until when `model` rests here, if it does at `now`.
+    fn model_rest_until(&self, now: u64, model: Option<&str>) -> Option<u64> {
+        let model = model?;
+        if self.model_rests_until.load(Ordering::Relaxed) <= now {
+            return None;
+        }
+        lock(&self.model_rests)
+            .iter()
+            .find(|(m, until)| **m == *model && *until > now)
+            .map(|&(_, until)| until)
+    }
+
+    /// Whether it takes a request of `model` now: available, and `model`
+    /// not resting here.
+    pub(crate) fn takes(&self, now: u64, model: Option<&str>) -> bool {
+        self.is_available(now) && self.model_rest_until(now, model).is_none()
     }
 
     /// Peak-EWMA cost: the decayed latency estimate × (in-flight + 1).
@@ -335,10 +374,23 @@ impl BackendState {
         }
     }
 
-    /// A 429's (or a 503's) rest of `ns`.
-    pub(crate) fn rest(&self, now: u64, ns: u64) {
+    /// A 429's (or a 503's) rest of `ns`: of `model` alone, or of the
+    /// whole backend (`None`).
+    pub(crate) fn rest(&self, now: u64, ns: u64, model: Option<&str>) {
         self.throttled.fetch_add(1, Ordering::Relaxed);
-        self.update_health(|h| h.on_throttled(now, ns, &self.policy));
+        let Some(model) = model else {
+            self.update_health(|h| h.on_throttled(now, ns, &self.policy));
+            return;
+        };
+        let until = now.saturating_add(ns.min(self.policy.max_retry_after_ns));
+        let mut rests = lock(&self.model_rests);
+        rests.retain(|(_, end)| *end > now);
+        match rests.iter_mut().find(|(m, _)| **m == *model) {
+            Some((_, end)) => *end = (*end).max(until),
+            None => rests.push((model.into(), until)),
+        }
+        let latest = rests.iter().map(|&(_, end)| end).max().unwrap_or(0);
+        self.model_rests_until.store(latest, Ordering::Relaxed);
     }
 
     fn lock_health(&self) -> MutexGuard<'_, Health> {

@@ -256,8 +256,13 @@ async fn retry_budget_stops_a_retry_storm() {
     assert_eq!(b.handle().retries_total() as usize, calls - 200);
 }
 
+/// A 429 to a model request rests that model on its backend (OpenAI's
+/// limits are per model, and one tenant's request that hits one model's
+/// limit must not shut the backend to every other model and tenant): the
+/// model's requests go elsewhere until `retry-after`, other models' still
+/// reach it.
 #[tokio::test(start_paused = true)]
-async fn a_429_rests_its_backend_for_retry_after() {
+async fn a_429_rests_its_model_on_its_backend_for_retry_after() {
     let fleet = Fleet::default();
     fleet.set("a", Mode::Status(429, Some("5")));
     let b = balance(&fleet, &["a", "b"], rr());
@@ -268,15 +273,42 @@ async fn a_429_rests_its_backend_for_retry_after() {
         (200, "b"),
         "retried elsewhere"
     );
-    assert!(!stats(&h, "a").healthy);
+    assert!(stats(&h, "a").healthy, "it takes other models");
     fleet.set("a", Mode::Ok(Duration::ZERO));
     for i in 0..4 {
         send(&b, chat("m", &i.to_string())).await.unwrap();
     }
-    assert_eq!(fleet.calls("a"), 1, "resting");
+    assert_eq!(fleet.calls("a"), 1, "resting for `m`");
+    let mut others = std::collections::HashSet::new();
+    for i in 0..4 {
+        let (_, body) = send(&b, chat("n", &i.to_string())).await.unwrap();
+        others.insert(body);
+    }
+    assert!(others.contains("a"), "`n` still reaches it: {others:?}");
+    let before = fleet.calls("a");
     tokio::time::advance(secs(5)).await;
-    assert!(stats(&h, "a").healthy);
+    for i in 0..4 {
+        send(&b, chat("m", &i.to_string())).await.unwrap();
+    }
+    assert!(fleet.calls("a") > before, "`m` is back on it");
     assert_eq!(stats(&h, "a").ejections, 0, "a 429 is no failure");
+}
+
+/// A passthrough answer's 429 (a files or batches limit) rests nothing: it
+/// speaks of that route's own limits, not of the model APIs'.
+#[tokio::test(start_paused = true)]
+async fn a_passthrough_429_rests_nothing() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(429, Some("300")));
+    let b = balance(&fleet, &["a"], rr());
+    let files = Request::get("/v1/files")
+        .body(llm_proxy_core::empty())
+        .expect("a valid request");
+    let (status, _) = send(&b, files).await.unwrap();
+    assert_eq!(status, 429, "the upstream's own answer");
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    let (status, body) = send(&b, chat("m", "x")).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "a"));
 }
 
 /// Every upstream asked to be left alone: no request reaches any of them
@@ -323,7 +355,7 @@ async fn exhausted_retries_return_the_upstreams_own_answer() {
     assert_eq!(resp.headers()["retry-after"], "2");
     assert_eq!(fleet.total(), 1, "a throttled backend is not retried");
     let h = b.handle();
-    assert!(!stats(&h, "a").healthy, "resting");
+    assert!(stats(&h, "a").healthy, "only `m` rests");
     assert!(
         h.any_healthy(),
         "a rate limit does not make the proxy unready"
