@@ -966,3 +966,37 @@ async fn a_batch_results_url_points_at_the_proxy() {
         "https://llm.example/v1/messages/batches/msgbatch_1/results"
     );
 }
+
+/// The Message Batches API belongs to Anthropic's Messages API: with a
+/// mixed fleet, its paths go to an upstream that serves Messages, wherever
+/// the config lists it (an OpenAI server has no such route).
+#[tokio::test]
+async fn message_batches_go_to_an_upstream_serving_messages() {
+    let openai = sse_upstream(|_| (404, r#"{"error":{"message":"no route"}}"#.to_owned())).await;
+    let claude = sse_upstream(|_| {
+        (
+            200,
+            r#"{"data":[],"has_more":false,"first_id":null,"last_id":null}"#.to_owned(),
+        )
+    })
+    .await;
+    let p = proxy(&format!(
+        "[[upstream]]\nname = \"openai\"\nurl = \"http://{openai}/v1\"\n\
+         [[upstream]]\nname = \"claude\"\nurl = \"http://{claude}/v1\"\nprotocol = \"anthropic\"\n"
+    ))
+    .await;
+    for _ in 0..3 {
+        let listed = send(request(
+            Method::GET,
+            &p.url("/v1/messages/batches"),
+            &[("anthropic-version", "2023-06-01")],
+            "",
+        ))
+        .await;
+        assert_eq!(listed.status, 200, "{}", listed.text());
+        assert_eq!(listed.header("x-llm-proxy-upstream"), Some("claude"));
+    }
+    // Other passthrough still goes to the first healthy upstream.
+    let files = send(request(Method::GET, &p.url("/v1/files"), &[], "")).await;
+    assert_eq!(files.header("x-llm-proxy-upstream"), Some("openai"));
+}

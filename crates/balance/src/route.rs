@@ -114,19 +114,19 @@ impl<'a> Route<'a> {
             .flatten()
         };
         let chain: SmallVec<[_; 2]> = match model {
-            // OpenAI's Conversations API belongs to its Responses API: a
-            // conversation made (or looked up) where Responses are not
-            // served natively would be one no response can use. To those
-            // that serve it, when any does; else as any passthrough.
-            None if endpoint == Endpoint::Passthrough
-                && path.is_some_and(|p| llm_proxy_core::conversation_path(p).is_some())
-                && set
-                    .passthrough
-                    .members
-                    .iter()
-                    .any(|&m| set.members[m].serves(Some(Api::Responses), Tier::Native)) =>
+            // A passthrough route that belongs to a model API goes to the
+            // upstreams that serve that API natively, when any does; else
+            // as any passthrough.
+            None if let Some(owner) = path.and_then(passthrough_api).filter(|&owner| {
+                endpoint == Endpoint::Passthrough
+                    && set
+                        .passthrough
+                        .members
+                        .iter()
+                        .any(|&m| set.members[m].serves(Some(owner), Tier::Native))
+            }) =>
             {
-                api = Some(Api::Responses);
+                api = Some(owner);
                 smallvec::smallvec![(&set.passthrough, None, Tier::Native)]
             }
             None => tiered((&set.passthrough, None)).collect(),
@@ -285,6 +285,21 @@ impl<'a> Route<'a> {
                 }
             }
         }
+        None
+    }
+}
+
+/// The model API a passthrough `path` belongs to: OpenAI's Conversations
+/// API is its Responses API's (a conversation made where Responses are not
+/// served natively is one no response can use), Anthropic's Message
+/// Batches API (`/v1/messages/batches…`) its Messages API's (an OpenAI
+/// server has no such route).
+fn passthrough_api(path: &str) -> Option<Api> {
+    if llm_proxy_core::conversation_path(path).is_some() {
+        Some(Api::Responses)
+    } else if path.starts_with("/v1/messages/") {
+        Some(Api::Messages)
+    } else {
         None
     }
 }

@@ -315,7 +315,8 @@ async fn an_unparsed_model_request_is_refused_as_misconfigured() {
 /// OpenAI's Conversations API belongs to its Responses API: a conversation
 /// goes to an upstream that serves Responses natively when there is one,
 /// whatever the order of the config (other passthrough paths go to the
-/// first healthy upstream). Without one, anywhere, as passthrough.
+/// first healthy upstream). Without one, anywhere, as passthrough. And
+/// Anthropic's Message Batches API to an upstream that serves Messages.
 #[tokio::test]
 async fn conversations_go_where_responses_are_served() {
     let bare = |method: http::Method, path: &str| {
@@ -345,6 +346,21 @@ async fn conversations_go_where_responses_are_served() {
         .await
         .unwrap();
     assert_eq!(body, "chat");
+    // Anthropic's Message Batches API, likewise, to a Messages upstream.
+    let b = Balance::new(
+        [
+            fleet.backend("openai").with_apis([Api::ChatCompletions]),
+            fleet.backend("anthropic").with_apis([Api::Messages]),
+        ],
+        BalanceConfig::default(),
+    );
+    for (method, path) in [
+        (http::Method::POST, "/v1/messages/batches"),
+        (http::Method::GET, "/v1/messages/batches/msgbatch_1/results"),
+    ] {
+        let (_, body) = send(&b, bare(method, path)).await.unwrap();
+        assert_eq!(body, "anthropic", "{path}");
+    }
     let b = Balance::new(
         [fleet.backend("chat-only").with_apis([Api::ChatCompletions])],
         BalanceConfig::default(),
