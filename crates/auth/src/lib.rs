@@ -65,7 +65,7 @@
 //!
 //! # Features
 //!
-//! - `redis`: [`LimitBackend::redis`], limits shared by every proxy on one
+//! - `redis`: `LimitBackend::redis`, limits shared by every proxy on one
 //!   Redis, falling back to local limits when Redis fails.
 #![forbid(unsafe_code)]
 

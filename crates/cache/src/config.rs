@@ -6,9 +6,12 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CacheScope {
     /// Each caller has its own entries: the auth layer's key name when it ran,
-    /// else a hash of the credential the client presented (`authorization`,
-    /// else `x-api-key`, else `api-key`; none: one anonymous scope). No tenant can learn from
-    /// hit timing what another tenant asked.
+    /// else an [`Identity`](llm_proxy_core::Identity) the request carries in
+    /// its extensions (how an embedder's own auth — cookies, sessions, mTLS,
+    /// a gateway's JWT — names its tenants), else a hash of the credential
+    /// the client presented (`authorization`, else `x-api-key`, else
+    /// `api-key`; none: one anonymous scope, shared by every such caller).
+    /// No tenant can learn from hit timing what another tenant asked.
     #[default]
     PerKey,
     /// One set of entries for every caller.

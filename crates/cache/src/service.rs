@@ -311,9 +311,42 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        // An embedder's own auth names the caller in the extensions (see
+        // `CacheScope::PerKey`). A model request the parse layer did not
+        // read: the cache cannot key it, and bypassing it quietly would hide
+        // that the stack is built wrong (an embedder's, without the parse
+        // layer in front).
+        let (unparsed, named) = match req.extensions().get::<RequestMeta>() {
+            Some(meta) => (
+                false,
+                meta.identity()
+                    .is_none()
+                    .then(|| req.extensions().get::<llm_proxy_core::Identity>().cloned())
+                    .flatten(),
+            ),
+            None => (
+                Endpoint::from_path(req.uri().path()).is_some_and(Endpoint::has_model_body),
+                None,
+            ),
+        };
+        if unparsed {
+            // What `poll_ready` reserved goes back with the readied service.
+            let clone = self.inner.clone();
+            drop(std::mem::replace(&mut self.inner, clone));
+            return Box::pin(async {
+                Err(Error::Misconfigured(
+                    "the cache needs the parse layer in front of it: it keys model requests \
+                     by their parsed body"
+                        .into(),
+                ))
+            });
+        }
         // (An auth layer below refuses it: it must sit above the cache.)
         if let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() {
             meta.mark_passed_cache();
+            if let Some(identity) = named {
+                meta.set_identity(identity);
+            }
         }
         let plan = Plan::of(&req, &self.shared.config).filter(|plan| !plan.control.no_store);
         let Some(plan) = plan else {

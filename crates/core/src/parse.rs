@@ -48,6 +48,15 @@ impl Default for ParseLimits {
 /// The request handed to the inner service carries an empty body when the
 /// body was buffered: the bytes live in [`RequestMeta`].
 ///
+/// The endpoint is told by the request's path as the client's OpenAI or
+/// Anthropic SDK sends it, `/v1/…` ([`Endpoint::from_path`]), and every
+/// layer below dispatches on it (the upstream client joins it onto the
+/// upstream's base URL). An app that mounts the stack under a prefix of its
+/// own strips the prefix first (axum's `Router::nest_service` does; its
+/// `route_service` does not): a path such as `/llm/v1/chat/completions` is
+/// no model endpoint, and goes on as passthrough (the cache bypasses it,
+/// the upstream gets that path and answers its own 404).
+///
 /// A model body is checked (well-formed, an object, no key repeated at any
 /// depth, within the budget) without being built: the layers that read it
 /// build it on first use ([`RequestMeta::json`]), and a stack whose layers

@@ -365,3 +365,36 @@ async fn store_errors_degrade_to_misses_and_open_the_breaker() {
     h.send(chat(CHAT, &[])).await;
     assert_eq!(store.calls(), 4);
 }
+
+/// A model request the parse layer did not read (a stack built without it
+/// in front of the cache) is refused as a misconfiguration, not quietly
+/// bypassed: the cache cannot key it.
+#[tokio::test]
+async fn an_unparsed_model_request_is_refused_as_misconfigured() {
+    let fake = Fake::default();
+    let cache = CacheLayer::new(CacheConfig::default(), MemoryStore::new(1000, 1 << 20));
+    let svc = cache.layer(fake.clone());
+    let err = tower::ServiceExt::oneshot(svc.clone(), chat(CHAT, &[]))
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, Error::Misconfigured(_)), "{err}");
+    assert_eq!(fake.calls(), 0);
+}
+
+/// An embedder's own auth names its callers with an `Identity` in the
+/// request's extensions: per-key, each has its own entries, though none
+/// presents a credential the cache could tell apart.
+#[tokio::test]
+async fn an_identity_in_the_extensions_scopes_the_entries() {
+    let h = harness(CacheConfig::default());
+    let as_user = |name: &str| {
+        let mut req = chat(CHAT, &[]);
+        req.extensions_mut()
+            .insert(llm_proxy_core::Identity { name: name.into() });
+        req
+    };
+    assert_eq!(h.send(as_user("alice")).await.cache(), "miss");
+    assert_eq!(h.send(as_user("bob")).await.cache(), "miss");
+    assert_eq!(h.send(as_user("alice")).await.cache(), "hit");
+    assert_eq!(h.calls(), 2);
+}
