@@ -102,3 +102,29 @@ async fn metrics_connections_close_before_serve_returns() {
         .expect("the metrics connection is closed once serve returns");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }
+
+/// An HTTP/2 client that has gone silent (a dead peer, a connection a NAT
+/// dropped) does not hold the drain for `drain_timeout_secs`: told to go,
+/// its connection is closed about a header timeout later, as an idle one
+/// is, when it neither answers the GOAWAY's ping nor has a request open.
+#[tokio::test]
+async fn a_silent_h2_client_does_not_hold_the_drain() {
+    use tokio::io::AsyncWriteExt;
+    let up = mock_named("m").await;
+    let mut p = proxy(&format!(
+        "header_read_timeout_ms = 300\ndrain_timeout_secs = 60\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame; then nothing, ever.
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    p.begin_shutdown();
+    // (Within `HANG`, 10 s: the drain's own bound here is 60 s.)
+    p.stop().await.unwrap();
+    drop(silent);
+}

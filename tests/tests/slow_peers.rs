@@ -1158,3 +1158,58 @@ async fn out_of_descriptors_a_name_lookup_blames_no_upstream() {
     .await;
     out_of_descriptors_is_503_and_no_failure(&p).await;
 }
+
+/// Uploads over one HTTP/2 connection that an upstream is slow to read
+/// (passthrough streams them) do not take the connection's whole receive
+/// window: a chat request on the same connection still sends its body and
+/// is answered (it got a 408 blaming the client when two stalled uploads
+/// held the window, the connection's as large as one stream's).
+#[tokio::test]
+async fn stalled_uploads_do_not_starve_other_streams_of_the_window() {
+    let stalled = raw_upstream(|mut conn| async move {
+        // The head, then nothing read for longer than the test.
+        let _ = read_request_head(&mut conn).await;
+        tokio::time::sleep(HANG).await;
+    })
+    .await;
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "request_body_timeout_ms = 3000\nmax_body_bytes = 67108864\n\
+         [[upstream]]\nname = \"files\"\nurl = \"http://{stalled}/v1\"\nmodels = [\"none\"]\n\
+         [[upstream]]\nname = \"chat\"\nurl = \"{}\"\nmodels = [\"m\"]\n",
+        up.base_url()
+    ))
+    .await;
+    let (sender, _conn) = h2c(p.addr).await;
+    let upload = |sender: &hyper::client::conn::http2::SendRequest<_>| {
+        let mut sender = sender.clone();
+        let req = http::Request::post(format!("http://{}/v1/files", p.addr))
+            .header("content-type", "application/octet-stream")
+            .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                b'x';
+                16 << 20
+            ])))
+            .unwrap();
+        tokio::spawn(async move { sender.send_request(req).await })
+    };
+    let uploads = [upload(&sender), upload(&sender)];
+    // (Time for both to fill what they can.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut sender = sender.clone();
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "y".repeat(30 << 10)
+    );
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", p.addr))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let answer = tokio::time::timeout(HANG, sender.send_request(req))
+        .await
+        .expect("answered")
+        .expect("a head");
+    assert_eq!(answer.status(), 200);
+    for upload in uploads {
+        upload.abort();
+    }
+}

@@ -178,12 +178,19 @@ impl BackendState {
         Some(whole.max(own)).filter(|&until| until > now)
     }
 
-    /// Until when `model` rests here, if it does at `now`.
+    /// Until when `model` rests here, if it does at `now`. Asked of every
+    /// candidate of every request: one atomic read while no model rests.
+    #[inline]
     fn model_rest_until(&self, now: u64, model: Option<&str>) -> Option<u64> {
-        let model = model?;
         if self.model_rests_until.load(Ordering::Relaxed) <= now {
             return None;
         }
+        self.model_rest_until_slow(now, model?)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn model_rest_until_slow(&self, now: u64, model: &str) -> Option<u64> {
         lock(&self.model_rests)
             .iter()
             .find(|(m, until)| **m == *model && *until > now)
@@ -192,6 +199,7 @@ impl BackendState {
 
     /// Whether it takes a request of `model` now: available, and `model`
     /// not resting here.
+    #[inline]
     pub(crate) fn takes(&self, now: u64, model: Option<&str>) -> bool {
         self.is_available(now) && self.model_rest_until(now, model).is_none()
     }

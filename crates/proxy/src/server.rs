@@ -55,6 +55,13 @@ const H2_MAX_STREAMS: u32 = 128;
 /// Bytes of answer an HTTP/2 stream may have queued for the socket.
 const H2_MAX_SEND_BUF: usize = 64 << 10;
 
+/// What one HTTP/2 stream's request body may have unread by the proxy.
+const H2_STREAM_WINDOW: u32 = 256 << 10;
+
+/// What all of one HTTP/2 connection's request bodies may have unread:
+/// eight stalled streams' worth.
+const H2_CONNECTION_WINDOW: u32 = 8 * H2_STREAM_WINDOW;
+
 /// How often an idle HTTP/2 connection is pinged.
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -639,12 +646,24 @@ async fn accept_loop<S>(
         .max_buf_size(H1_MAX_BUF)
         .keep_alive(true);
     // A peer that stops answering pings is gone: close its connection
-    // instead of holding its permit.
+    // instead of holding its permit (and cancel the upstream work of its
+    // requests). The ping's answer comes after the client has read every
+    // byte queued before the ping, in both sockets' buffers (megabytes: a
+    // large answer read slowly is seconds behind), so it may take as long
+    // as a client may take nothing (`send_timeout`), not a header's time.
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
-        .keep_alive_timeout(opts.header_read_timeout)
+        .keep_alive_timeout(opts.header_read_timeout.max(opts.send_timeout))
+        // What a client may send before the proxy reads it: a stream's
+        // share small, the connection's many streams' worth, so that a few
+        // uploads an upstream is slow to take cannot hold the whole window
+        // and starve the connection's other requests (hyper gives both
+        // 1 MiB: two stalled uploads were enough). As nginx, whose
+        // connection window is far larger than a stream's preread.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         // What one connection may hold for a client: nginx's 128 streams,
         // each with at most 64 KiB of answer queued (hyper: 200 × 400 KiB,
         // ~80 MiB a connection that reads nothing). A token stream never
@@ -817,6 +836,11 @@ fn serve_connection<S>(
                         if activity.request_under_way() {
                             awaiting_request = true;
                         } else {
+                            // An HTTP/2 client that answers neither the
+                            // GOAWAY's ping nor with an open request (gone
+                            // silent: a dead peer) is closed a timeout on,
+                            // not at the drain's end.
+                            gone_by = Some(tokio::time::Instant::now() + idle_timeout);
                             conn.as_mut().graceful_shutdown();
                         }
                     }
@@ -824,6 +848,7 @@ fn serve_connection<S>(
                 },
                 Ok(Watched::RequestTaken) => {
                     awaiting_request = false;
+                    gone_by = Some(tokio::time::Instant::now() + idle_timeout);
                     conn.as_mut().graceful_shutdown();
                 }
                 Ok(Watched::Idle) => {
