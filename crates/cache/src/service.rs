@@ -316,20 +316,20 @@ where
         // read: the cache cannot key it, and bypassing it quietly would hide
         // that the stack is built wrong (an embedder's, without the parse
         // layer in front).
-        let (unparsed, named) = match req.extensions().get::<RequestMeta>() {
-            Some(meta) => (
-                false,
-                meta.identity()
-                    .is_none()
-                    .then(|| req.extensions().get::<llm_proxy_core::Identity>().cloned())
-                    .flatten(),
-            ),
-            None => (
-                Endpoint::from_path(req.uri().path()).is_some_and(Endpoint::has_model_body),
-                None,
-            ),
+        let named = req.extensions().get::<llm_proxy_core::Identity>().cloned();
+        let unparsed = match req.extensions_mut().get_mut::<RequestMeta>() {
+            Some(meta) => {
+                // (An auth layer below refuses it: it must sit above the
+                // cache.)
+                meta.mark_passed_cache();
+                if let Some(identity) = named.filter(|_| meta.identity().is_none()) {
+                    meta.set_identity(identity);
+                }
+                false
+            }
+            None => true,
         };
-        if unparsed {
+        if unparsed && Endpoint::from_path(req.uri().path()).is_some_and(Endpoint::has_model_body) {
             // What `poll_ready` reserved goes back with the readied service.
             let clone = self.inner.clone();
             drop(std::mem::replace(&mut self.inner, clone));
@@ -340,13 +340,6 @@ where
                         .into(),
                 ))
             });
-        }
-        // (An auth layer below refuses it: it must sit above the cache.)
-        if let Some(meta) = req.extensions_mut().get_mut::<RequestMeta>() {
-            meta.mark_passed_cache();
-            if let Some(identity) = named {
-                meta.set_identity(identity);
-            }
         }
         let plan = Plan::of(&req, &self.shared.config).filter(|plan| !plan.control.no_store);
         let Some(plan) = plan else {
