@@ -118,6 +118,34 @@ async fn vllm_like_chat_upstream() -> std::net::SocketAddr {
     .await
 }
 
+/// A proxy in front of the upstream at `up` (every API), with
+/// [`two_keys`].
+async fn keyed_proxy(up: std::net::SocketAddr, auth: &str) -> TestProxy {
+    proxy(&keyed_config(up, auth)).await
+}
+
+/// [`keyed_proxy`]'s config.
+fn keyed_config(up: std::net::SocketAddr, auth: &str) -> String {
+    format!(
+        "{}\n{}",
+        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
+        two_keys(auth)
+    )
+}
+
+/// An `[auth]` backend on the Redis at `url`, its keys under `prefix`
+/// (which the id map then shares).
+fn on_redis(url: &str, prefix: &str) -> String {
+    format!("backend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n")
+}
+
+/// The response id of a streamed answer's `response.created` event.
+fn created_id(answer: &Answer) -> String {
+    let created: serde_json::Value =
+        serde_json::from_str(&sse_data(answer.body.as_ref())[0]).unwrap();
+    created["response"]["id"].as_str().unwrap().to_owned()
+}
+
 /// Keys `sk-a` and `sk-b`; `auth` goes into the `[auth]` section (a Redis
 /// backend, whose Redis the id map then shares).
 fn two_keys(auth: &str) -> String {
@@ -158,12 +186,7 @@ async fn a_creates(p: &TestProxy) -> String {
 /// upstream answer with it: a keeps it, b can read none of it.
 async fn a_keeps_its_id(redis: &str) {
     let up = vllm_like_upstream().await;
-    let p = proxy(&format!(
-        "{}\n{}",
-        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
-        two_keys(redis)
-    ))
-    .await;
+    let p = keyed_proxy(up, redis).await;
     let id = a_creates(&p).await;
     let url = p.url(&format!("/v1/responses/{id}"));
     eventually_status(&url, "sk-a", 200).await;
@@ -206,11 +229,7 @@ async fn an_id_is_never_taken_from_its_owner() {
 #[tokio::test]
 async fn an_id_is_never_taken_from_its_owner_on_redis() {
     let redis = RedisServer::start().await;
-    a_keeps_its_id(&format!(
-        "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"ids:\"\n",
-        redis.url()
-    ))
-    .await;
+    a_keeps_its_id(&on_redis(&redis.url(), "ids:")).await;
 }
 
 /// The same through a client-chosen `x-request-id` and translation: b's
@@ -249,14 +268,7 @@ async fn an_id_recorded_while_redis_was_away_yields_to_redis() {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
     redis.stop();
-    let p = proxy(&format!(
-        "{}\n{}",
-        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
-        two_keys(&format!(
-            "backend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"away:\"\n"
-        ))
-    ))
-    .await;
+    let p = keyed_proxy(up, &on_redis(&url, "away:")).await;
     let id = "resp_0123456789abcdef";
     let answer = post(
         &p.url("/v1/responses"),
@@ -298,12 +310,7 @@ async fn an_id_recorded_while_redis_was_away_yields_to_redis() {
 #[tokio::test]
 async fn an_unstored_answers_id_is_not_recorded() {
     let up = vllm_like_upstream().await;
-    let p = proxy(&format!(
-        "{}\n{}",
-        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
-        two_keys("")
-    ))
-    .await;
+    let p = keyed_proxy(up, "").await;
     let made = post(
         &p.url("/v1/responses"),
         serde_json::json!({"model": "m", "input": "x", "store": false}),
@@ -368,13 +375,7 @@ async fn an_id_made_while_redis_was_away_reaches_it_once_it_is_back() {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
     redis.stop();
-    let config = format!(
-        "{}\n{}",
-        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
-        two_keys(&format!(
-            "backend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"blip:\"\n"
-        ))
-    );
+    let config = keyed_config(up, &on_redis(&url, "blip:"));
     let (made_here, elsewhere) = (proxy(&config).await, proxy(&config).await);
     let id = a_creates(&made_here).await;
     let url_elsewhere = elsewhere.url(&format!("/v1/responses/{id}"));
@@ -520,12 +521,7 @@ async fn a_request_for_kept_state_gets_its_native_upstreams_failure() {
 #[tokio::test]
 async fn a_stream_under_another_media_type_has_its_id_recorded() {
     let up = responses_upstream("text/plain").await;
-    let p = proxy(&format!(
-        "{}\n{}",
-        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
-        two_keys("")
-    ))
-    .await;
+    let p = keyed_proxy(up, "").await;
     let made = post(
         &p.url("/v1/responses"),
         serde_json::json!({"model": "m", "input": "x", "stream": true}),
@@ -534,9 +530,7 @@ async fn a_stream_under_another_media_type_has_its_id_recorded() {
     )
     .await;
     assert_eq!(made.status, 200, "{}", made.text());
-    let created: serde_json::Value =
-        serde_json::from_str(&sse_data(made.body.as_ref())[0]).unwrap();
-    let id = created["response"]["id"].as_str().unwrap();
+    let id = created_id(&made);
     let read = get(&p.url(&format!("/v1/responses/{id}")), "sk-a").await;
     assert_eq!(read.status, 200, "{}", read.text());
 }
@@ -549,14 +543,7 @@ async fn a_stream_under_another_media_type_has_its_id_recorded() {
 async fn a_new_id_reaches_its_client_only_once_redis_holds_it() {
     let redis = RedisServer::start().await;
     let up = vllm_like_upstream().await;
-    let config = format!(
-        "{}\n{}",
-        one_upstream(&format!("http://{up}/v1"), ALL_APIS),
-        two_keys(&format!(
-            "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"ids:\"\n",
-            redis.url()
-        ))
-    );
+    let config = keyed_config(up, &on_redis(&redis.url(), "ids:"));
     let (one, two) = (proxy(&config).await, proxy(&config).await);
     let mut admin = redis::Client::open(redis.url())
         .unwrap()
@@ -582,9 +569,7 @@ async fn a_new_id_reaches_its_client_only_once_redis_holds_it() {
         .await;
         assert_eq!(made.status, 200, "{}", made.text());
         let id = if stream {
-            let created: serde_json::Value =
-                serde_json::from_str(&sse_data(made.body.as_ref())[0]).unwrap();
-            created["response"]["id"].as_str().unwrap().to_owned()
+            created_id(&made)
         } else {
             made.json()["id"].as_str().unwrap().to_owned()
         };
@@ -606,12 +591,8 @@ async fn an_id_lives_its_configured_days_on_redis() {
         .unwrap();
     for (line, days) in [("", 30), ("response_id_ttl_days = 2\n", 2)] {
         let p = proxy(&format!(
-            "{line}{}\n{}",
-            one_upstream(&format!("http://{up}/v1"), ALL_APIS),
-            two_keys(&format!(
-                "backend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"ids:\"\n",
-                redis.url()
-            ))
+            "{line}{}",
+            keyed_config(up, &on_redis(&redis.url(), "ids:"))
         ))
         .await;
         let id = a_creates(&p).await;

@@ -404,24 +404,40 @@ async fn an_upstream_that_refuses_or_cannot_be_reached_is_answered_plainly() {
             .contains(r#"llm_proxy_upstream_healthy{upstream="up"} 1"#)
     );
 
-    // A 429 rests the upstream for its `retry-after`, as a request's does.
-    let limited = raw_upstream(|mut conn| async move {
-        use tokio::io::AsyncWriteExt;
-        if read_request_head(&mut conn).await {
-            let _ = conn
-                .write_all(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 60\r\ncontent-length: 0\r\n\r\n")
-                .await;
-        }
-    })
-    .await;
-    let p = proxy(&ws_upstream("up", &format!("http://{limited}/v1"), "")).await;
-    let (status, _) = connect(p.addr, &[]).await.unwrap_err();
-    assert_eq!(status, 429);
-    let metrics = p.metrics().await;
-    assert!(
-        metrics.contains(r#"llm_proxy_upstream_healthy{upstream="up"} 0"#),
-        "{metrics}"
-    );
+    // A 429 to an upgrade (which names no model: a connection limit, or
+    // one tenant's) is counted and rests nothing; a 503 with `retry-after`
+    // (the server shedding load) rests the upstream, as a request's does.
+    for (head, rests) in [
+        (
+            &b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 60\r\ncontent-length: 0\r\n\r\n"[..],
+            false,
+        ),
+        (
+            b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 60\r\ncontent-length: 0\r\n\r\n",
+            true,
+        ),
+    ] {
+        let limited = raw_upstream(move |mut conn| async move {
+            use tokio::io::AsyncWriteExt;
+            if read_request_head(&mut conn).await {
+                let _ = conn.write_all(head).await;
+            }
+        })
+        .await;
+        let p = proxy(&ws_upstream("up", &format!("http://{limited}/v1"), "")).await;
+        let (status, _) = connect(p.addr, &[]).await.unwrap_err();
+        assert!(matches!(status, 429 | 503), "{status}");
+        let metrics = p.metrics().await;
+        let healthy = format!(
+            r#"llm_proxy_upstream_healthy{{upstream="up"}} {}"#,
+            u8::from(!rests)
+        );
+        assert!(metrics.contains(&healthy), "{healthy} in {metrics}");
+        assert!(
+            metrics.contains(r#"llm_proxy_upstream_throttled_total{upstream="up"} 1"#),
+            "{metrics}"
+        );
+    }
 
     // Nothing listening: 502.
     let port = free_port();

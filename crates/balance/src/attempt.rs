@@ -35,9 +35,13 @@ pub(crate) enum Verdict {
     Success,
     /// A 4xx other than 429 (or 501): the request's fault; passed through.
     Pass,
-    /// 429, or 503 with `retry-after` (overloaded: come back then): rest
-    /// the backend this long (ns), then maybe retry elsewhere.
+    /// 429 (too many requests: come back then): rest what the request
+    /// asked of this long (ns; its model, see [`Rests`]), then maybe retry
+    /// elsewhere.
     Throttled(u64),
+    /// 503 with `retry-after` (the server sheds load: come back then): rest
+    /// the whole backend this long (ns), then maybe retry elsewhere.
+    Shedding(u64),
     /// Connect error, timeout, 5xx: counts towards ejection; retryable.
     Failure,
     /// Not taken at all ([`Error::UpstreamRefused`]: an HTTP/2 stream
@@ -70,7 +74,7 @@ pub(crate) fn classify_head(status: StatusCode, headers: &http::HeaderMap) -> Ve
     match status {
         StatusCode::TOO_MANY_REQUESTS => Verdict::Throttled(retry_after_ns(headers)),
         StatusCode::SERVICE_UNAVAILABLE if headers.contains_key(header::RETRY_AFTER) => {
-            Verdict::Throttled(retry_after_ns(headers))
+            Verdict::Shedding(retry_after_ns(headers))
         }
         StatusCode::NOT_IMPLEMENTED => Verdict::Pass,
         s if s.is_server_error() => Verdict::Failure,
@@ -111,29 +115,49 @@ fn judge(
             None => state.answered(now),
         },
         Verdict::Failure => state.record_failure(now, elapsed, true),
-        Verdict::Throttled(ns) => match rests {
-            Rests::Backend => state.rest(now, ns, None),
-            Rests::Model(model) => state.rest(now, ns, Some(model)),
-            Rests::Nothing => {}
-        },
+        Verdict::Throttled(ns) => {
+            state.count_throttled();
+            match rests {
+                Rests::Backend => state.rest(now, ns, None),
+                Rests::Model(model) => state.rest(now, ns, Some(model)),
+                Rests::Nothing => {}
+            }
+        }
+        Verdict::Shedding(ns) => {
+            state.count_throttled();
+            state.rest(now, ns, None);
+        }
         Verdict::Pass | Verdict::Fatal | Verdict::Refused => {}
     }
     (verdict, panic_routed)
 }
 
-/// What a 429 (or a 503 with `retry-after`) rests.
+/// What a 429 rests (a 503 with `retry-after`, a server shedding load,
+/// rests the whole backend).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Rests<'m> {
-    /// The whole backend: an answer that names no model.
+    /// The whole backend: a model request that names no model.
     Backend,
     /// That model on the backend: a model request's answer speaks of the
     /// model's limits there (OpenAI's are per model; one tenant's request
     /// that hits one model's limit must not shut the backend to every
     /// other model and tenant).
     Model(&'m str),
-    /// Nothing: a passthrough answer (files, batches) speaks of that
-    /// route's own limits, not of the model APIs'.
+    /// Nothing: the answer to a route outside the model APIs (files,
+    /// batches, a stored response by id, a WebSocket upgrade) speaks of
+    /// that route's own limits, or one tenant's.
     Nothing,
+}
+
+impl<'m> Rests<'m> {
+    /// What a 429 to a request to `endpoint`, sent as `model`, rests.
+    pub(crate) fn of(endpoint: llm_proxy_core::Endpoint, model: Option<&'m str>) -> Self {
+        match model {
+            _ if !endpoint.has_model_body() => Rests::Nothing,
+            Some(model) => Rests::Model(model),
+            None => Rests::Backend,
+        }
+    }
 }
 
 /// [`BalanceHandle::refused`](crate::BalanceHandle::refused): an answer's
@@ -151,7 +175,7 @@ pub(crate) fn judge_head(
         classify_head(status, headers),
         elapsed,
         None,
-        Rests::Backend,
+        Rests::Nothing,
     );
 }
 
@@ -392,13 +416,7 @@ where
                         attempt,
                         "balancer attempt"
                     );
-                    let rests = match choice.model.or(route.model()) {
-                        Some(model) => Rests::Model(model),
-                        None if route.endpoint() == llm_proxy_core::Endpoint::Passthrough => {
-                            Rests::Nothing
-                        }
-                        None => Rests::Backend,
-                    };
+                    let rests = Rests::of(route.endpoint(), choice.model.or(route.model()));
                     send(&shared, &member.state, member.service(), req, rests)
                 });
             let (mut outcome, verdict) = match made {
@@ -421,7 +439,10 @@ where
                 // 429 it speaks of that upstream's account or load, which
                 // another upstream does not share: that one is tried.
                 Verdict::Failure if says_do_not_retry(&outcome) => return outcome,
-                Verdict::Failure | Verdict::Throttled(_) | Verdict::Refused => {
+                Verdict::Failure
+                | Verdict::Throttled(_)
+                | Verdict::Shedding(_)
+                | Verdict::Refused => {
                     if matches!(verdict, Verdict::Refused)
                         && attempts > 1
                         && unprocessed < MAX_UNPROCESSED_AGAIN
@@ -645,7 +666,7 @@ mod tests {
         // Overloaded, saying when to come back: a rest, not a failure.
         assert_eq!(
             classify(&resp(503, Some("3"))),
-            Verdict::Throttled(3_000_000_000)
+            Verdict::Shedding(3_000_000_000)
         );
         assert_eq!(
             classify(&resp(429, Some("7"))),

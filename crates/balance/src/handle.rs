@@ -174,8 +174,10 @@ impl<S> BalanceHandle<S> {
 
     /// Tell the balancer how the backend named `name` answered an exchange
     /// outside its own requests (a WebSocket upgrade it refused), by the
-    /// answer's head, judged as the balancer judges its own: a 429, or a
-    /// 503 with `retry-after`, rests it for that long; another 5xx counts
+    /// answer's head, judged as the balancer judges its own answers to
+    /// routes outside the model APIs: a 503 with `retry-after` rests it
+    /// for that long, a 429 (one tenant's, or that route's own limit) is
+    /// counted and rests nothing; another 5xx counts
     /// towards its ejection (`elapsed`: how long it took); a 4xx says
     /// nothing of it; below 400 it answered.
     pub fn refused(

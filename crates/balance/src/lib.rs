@@ -110,10 +110,10 @@
 //!   on another backend, up to [`BalanceConfig::max_retries`], while the
 //!   fleet-wide [`RetryBudget`] allows (kept as tower's `TpsBudget` keeps
 //!   it, without its lock per request: 20% of requests over 10 s plus 3/s
-//!   by default). A 429 rests the request's model on that backend (a
-//!   passthrough answer's rests nothing) for its `retry-after` (default
-//!   1 s, capped by `max_retry_after`) and is retried elsewhere the same
-//!   way. Other 4xx answers and other errors are passed
+//!   by default). A 429 rests the request's model on that backend (one to
+//!   a route outside the model APIs rests nothing), a 503 with
+//!   `retry-after` the whole backend, for its `retry-after` (default 1 s,
+//!   capped by `max_retry_after`), and is retried elsewhere the same way. Other 4xx answers and other errors are passed
 //!   through at once, never retried and never counted as failures.
 //! - Only requests whose body is buffered in `RequestMeta` are retried;
 //!   others get exactly one attempt. Attempts are judged on the response

@@ -143,7 +143,7 @@ where
             // not down, as for requests.
             let busy = matches!(
                 crate::attempt::classify_head(status, resp.headers()),
-                crate::attempt::Verdict::Throttled(_)
+                crate::attempt::Verdict::Throttled(_) | crate::attempt::Verdict::Shedding(_)
             );
             let ok = (!busy).then_some(status.is_success());
             (ok, Some(resp.into_body()))

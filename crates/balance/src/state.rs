@@ -49,6 +49,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The models resting on a backend, each with the end of its rest.
 type ModelRests = SmallVec<[(Box<str>, u64); 2]>;
 
+/// The most models resting on one backend at once (model names are the
+/// clients' to choose).
+const MAX_MODEL_RESTS: usize = 32;
+
+/// The longest model name a rest is kept for.
+const MAX_RESTED_NAME: usize = 256;
+
 /// How fast the latency estimate forgets (tower's `PeakEwma` default).
 const EWMA_DECAY_NS: f64 = 10e9;
 /// The estimate of a backend without samples yet.
@@ -382,20 +389,37 @@ impl BackendState {
         }
     }
 
-    /// A 429's (or a 503's) rest of `ns`: of `model` alone, or of the
-    /// whole backend (`None`).
-    pub(crate) fn rest(&self, now: u64, ns: u64, model: Option<&str>) {
+    /// An answer that asked it to be left alone (429, 503 with
+    /// `retry-after`), counted whatever it rests.
+    pub(crate) fn count_throttled(&self) {
         self.throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A 429's (or a 503's) rest of `ns`: of `model` alone, or of the
+    /// whole backend (`None`). A model named longer than any real one is
+    /// not rested (a client chooses the name); past [`MAX_MODEL_RESTS`],
+    /// the rest that ends soonest makes room.
+    pub(crate) fn rest(&self, now: u64, ns: u64, model: Option<&str>) {
         let Some(model) = model else {
             self.update_health(|h| h.on_throttled(now, ns, &self.policy));
             return;
         };
+        if model.len() > MAX_RESTED_NAME {
+            return;
+        }
         let until = now.saturating_add(ns.min(self.policy.max_retry_after_ns));
         let mut rests = lock(&self.model_rests);
         rests.retain(|(_, end)| *end > now);
         match rests.iter_mut().find(|(m, _)| **m == *model) {
             Some((_, end)) => *end = (*end).max(until),
-            None => rests.push((model.into(), until)),
+            None => {
+                if rests.len() >= MAX_MODEL_RESTS
+                    && let Some(soonest) = (0..rests.len()).min_by_key(|&i| rests[i].1)
+                {
+                    rests.swap_remove(soonest);
+                }
+                rests.push((model.into(), until));
+            }
         }
         let latest = rests.iter().map(|&(_, end)| end).max().unwrap_or(0);
         self.model_rests_until.store(latest, Ordering::Relaxed);

@@ -146,11 +146,6 @@ impl Activity {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Requests in flight on the connection.
-    pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
-    }
-
     /// A write to the connection could not go through (its socket's send
     /// buffer is full: the client is not reading).
     pub(crate) fn write_pending(&self) {
@@ -195,6 +190,23 @@ impl Activity {
             return;
         }
         notified.await;
+    }
+
+    /// Whether an HTTP/1 request came on the connection (one that has sent
+    /// none yet may be either).
+    pub(crate) fn is_http1(&self) -> bool {
+        self.http1.load(Ordering::Relaxed)
+    }
+
+    /// How long no request has been in flight; `None` while one is.
+    pub(crate) fn quiet_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let quiet_ms = self
+            .now_ms()
+            .saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
+        Some(Duration::from_millis(quiet_ms))
     }
 
     /// A request of this version arrived.

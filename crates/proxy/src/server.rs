@@ -55,11 +55,12 @@ const H2_MAX_STREAMS: u32 = 128;
 /// Bytes of answer an HTTP/2 stream may have queued for the socket.
 const H2_MAX_SEND_BUF: usize = 64 << 10;
 
-/// What one HTTP/2 stream's request body may have unread by the proxy.
-const H2_STREAM_WINDOW: u32 = 256 << 10;
+/// What one HTTP/2 stream's request body may have unread by the proxy:
+/// an upload's pace is at most this much a round trip (5 MB/s at 100 ms).
+const H2_STREAM_WINDOW: u32 = 512 << 10;
 
 /// What all of one HTTP/2 connection's request bodies may have unread:
-/// eight stalled streams' worth.
+/// eight stalled streams' worth (hyper's default is one stream's, 1 MiB).
 const H2_CONNECTION_WINDOW: u32 = 8 * H2_STREAM_WINDOW;
 
 /// How often an idle HTTP/2 connection is pinged.
@@ -812,10 +813,16 @@ fn serve_connection<S>(
                 Ok(Watched::GoneBy) => {
                     // A request the client sent before it saw the GOAWAY
                     // was taken, and is answered: wait for it (a client
-                    // that stops reading it is `stalled`).
-                    if activity.in_flight() > 0 {
-                        gone_by = Some(tokio::time::Instant::now() + idle_timeout);
-                        continue;
+                    // that stops reading it is `stalled`), and a timeout
+                    // more once none is in flight (the last answer's tail
+                    // may still be on its way out).
+                    match activity.quiet_for() {
+                        Some(quiet) if quiet >= idle_timeout => {}
+                        quiet => {
+                            let left = idle_timeout - quiet.unwrap_or_default();
+                            gone_by = Some(tokio::time::Instant::now() + left);
+                            continue;
+                        }
                     }
                     tracing::debug!("an idle HTTP/2 connection did not close when told");
                     break Ok(());
@@ -839,8 +846,12 @@ fn serve_connection<S>(
                             // An HTTP/2 client that answers neither the
                             // GOAWAY's ping nor with an open request (gone
                             // silent: a dead peer) is closed a timeout on,
-                            // not at the drain's end.
-                            gone_by = Some(tokio::time::Instant::now() + idle_timeout);
+                            // not at the drain's end. (hyper closes an
+                            // HTTP/1 connection itself once its answer is
+                            // out; an upload it refused is lingered on.)
+                            if !activity.is_http1() {
+                                gone_by = Some(tokio::time::Instant::now() + idle_timeout);
+                            }
                             conn.as_mut().graceful_shutdown();
                         }
                     }
@@ -848,7 +859,6 @@ fn serve_connection<S>(
                 },
                 Ok(Watched::RequestTaken) => {
                     awaiting_request = false;
-                    gone_by = Some(tokio::time::Instant::now() + idle_timeout);
                     conn.as_mut().graceful_shutdown();
                 }
                 Ok(Watched::Idle) => {

@@ -301,14 +301,73 @@ async fn a_passthrough_429_rests_nothing() {
     let fleet = Fleet::default();
     fleet.set("a", Mode::Status(429, Some("300")));
     let b = balance(&fleet, &["a"], rr());
+    let h = b.handle();
     let files = Request::get("/v1/files")
         .body(llm_proxy_core::empty())
         .expect("a valid request");
-    let (status, _) = send(&b, files).await.unwrap();
-    assert_eq!(status, 429, "the upstream's own answer");
+    // A passthrough body that names a model (a fine-tune's base model) is
+    // no request of that model's API; nor is a stored response by id.
+    let mut tuning = Request::post("/v1/fine_tuning/jobs")
+        .body(llm_proxy_core::empty())
+        .expect("a valid request");
+    let body = serde_json::json!({"model": "m", "training_file": "file-1"});
+    let bytes = Bytes::from(body.to_string());
+    let serde_json::Value::Object(map) = body else {
+        unreachable!("built as an object")
+    };
+    tuning
+        .extensions_mut()
+        .insert(RequestMeta::parsed(Endpoint::Passthrough, bytes, map));
+    let by_id = Request::get("/v1/responses/resp_1")
+        .body(llm_proxy_core::empty())
+        .expect("a valid request");
+    for req in [files, tuning, by_id] {
+        let (status, _) = send(&b, req).await.unwrap();
+        assert_eq!(status, 429, "the upstream's own answer");
+    }
+    assert_eq!(stats(&h, "a").throttled, 3, "each counted all the same");
     fleet.set("a", Mode::Ok(Duration::ZERO));
     let (status, body) = send(&b, chat("m", "x")).await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "a"));
+}
+
+/// A 503 with `retry-after` is the server shedding load: it rests the
+/// whole backend, every model.
+#[tokio::test(start_paused = true)]
+async fn a_503_with_retry_after_rests_the_whole_backend() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(503, Some("30")));
+    let b = balance(&fleet, &["a"], rr());
+    let (status, _) = send(&b, chat("m", "x")).await.unwrap();
+    assert_eq!(status, 503);
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    let err = b.clone().oneshot(chat("n", "y")).await.unwrap_err();
+    assert_eq!(err.code(), "no_upstream_available", "{err}");
+    assert_eq!(fleet.calls("a"), 1);
+}
+
+/// Model names are the clients' to choose: a backend keeps the rests of
+/// at most 32 models (the one ending soonest makes room), and none for a
+/// name longer than any model's.
+#[tokio::test(start_paused = true)]
+async fn a_backend_keeps_a_bounded_number_of_model_rests() {
+    let fleet = Fleet::default();
+    fleet.set("a", Mode::Status(429, Some("300")));
+    let b = balance(&fleet, &["a"], rr());
+    for i in 0..40 {
+        let _ = send(&b, chat(&format!("m{i}"), "x")).await;
+    }
+    let long = "x".repeat(300);
+    let _ = send(&b, chat(&long, "x")).await;
+    fleet.set("a", Mode::Ok(Duration::ZERO));
+    let calls = fleet.calls("a");
+    let (status, _) = send(&b, chat(&long, "y")).await.unwrap();
+    assert_eq!(status, 200, "a name that long rests nothing");
+    let err = b.clone().oneshot(chat("m39", "y")).await.unwrap_err();
+    assert_eq!(err.code(), "no_upstream_available", "the latest rests");
+    let (status, _) = send(&b, chat("m0", "y")).await.unwrap();
+    assert_eq!(status, 200, "the first made room");
+    assert_eq!(fleet.calls("a"), calls + 2);
 }
 
 /// Every upstream asked to be left alone: no request reaches any of them
