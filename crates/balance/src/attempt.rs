@@ -144,16 +144,22 @@ pub(crate) enum Rests<'m> {
     /// other model and tenant).
     Model(&'m str),
     /// Nothing: the answer to a route outside the model APIs (files,
-    /// batches, a stored response by id, a WebSocket upgrade) speaks of
-    /// that route's own limits, or one tenant's.
+    /// batches, a stored response by id, a WebSocket upgrade) or to a
+    /// token count (Anthropic limits counting apart from generating)
+    /// speaks of that route's own limits, or one tenant's.
     Nothing,
 }
 
 impl<'m> Rests<'m> {
     /// What a 429 to a request to `endpoint`, sent as `model`, rests.
     pub(crate) fn of(endpoint: llm_proxy_core::Endpoint, model: Option<&'m str>) -> Self {
+        use llm_proxy_core::Endpoint;
+        let counts_only = matches!(
+            endpoint,
+            Endpoint::MessagesCountTokens | Endpoint::ResponsesInputTokens
+        );
         match model {
-            _ if !endpoint.has_model_body() => Rests::Nothing,
+            _ if counts_only || !endpoint.has_model_body() => Rests::Nothing,
             Some(model) => Rests::Model(model),
             None => Rests::Backend,
         }
@@ -451,7 +457,11 @@ where
                         attempts += 1;
                     }
                     tried.push(choice.member);
-                    if timed_out_waiting(&outcome) {
+                    // Nor is one that said when to come back asked again
+                    // within this request, whatever its answer rested.
+                    if timed_out_waiting(&outcome)
+                        || matches!(verdict, Verdict::Throttled(_) | Verdict::Shedding(_))
+                    {
                         spent.push(choice.member);
                     }
                     last = Some(outcome);

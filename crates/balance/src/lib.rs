@@ -113,8 +113,10 @@
 //!   by default). A 429 rests the request's model on that backend (one to
 //!   a route outside the model APIs rests nothing), a 503 with
 //!   `retry-after` the whole backend, for its `retry-after` (default 1 s,
-//!   capped by `max_retry_after`), and is retried elsewhere the same way. Other 4xx answers and other errors are passed
-//!   through at once, never retried and never counted as failures.
+//!   capped by `max_retry_after`), and is retried elsewhere the same way
+//!   (never on that backend again within the request). Other 4xx answers
+//!   and other errors are passed through at once, never retried and never
+//!   counted as failures.
 //! - Only requests whose body is buffered in `RequestMeta` are retried;
 //!   others get exactly one attempt. Attempts are judged on the response
 //!   head, before any byte reaches the client; a returned response is never

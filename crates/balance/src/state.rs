@@ -413,10 +413,12 @@ impl BackendState {
         match rests.iter_mut().find(|(m, _)| **m == *model) {
             Some((_, end)) => *end = (*end).max(until),
             None => {
+                // (The first of equal ends: the oldest, as the order is
+                // kept.)
                 if rests.len() >= MAX_MODEL_RESTS
                     && let Some(soonest) = (0..rests.len()).min_by_key(|&i| rests[i].1)
                 {
-                    rests.swap_remove(soonest);
+                    rests.remove(soonest);
                 }
                 rests.push((model.into(), until));
             }

@@ -192,15 +192,17 @@ impl Activity {
         notified.await;
     }
 
-    /// Whether an HTTP/1 request came on the connection (one that has sent
-    /// none yet may be either).
+    /// Whether the connection speaks HTTP/1 (known from its first bytes;
+    /// one that has sent none yet may be either).
     pub(crate) fn is_http1(&self) -> bool {
         self.http1.load(Ordering::Relaxed)
     }
 
-    /// How long no request has been in flight; `None` while one is.
+    /// How long no request has been on an HTTP/2 connection (since it
+    /// opened, for one that has had none); `None` while one is in flight,
+    /// and on HTTP/1, whose idle time is not kept.
     pub(crate) fn quiet_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        if self.http1.load(Ordering::Relaxed) || self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
         let quiet_ms = self

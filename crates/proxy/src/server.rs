@@ -661,7 +661,7 @@ async fn accept_loop<S>(
         // share small, the connection's many streams' worth, so that a few
         // uploads an upstream is slow to take cannot hold the whole window
         // and starve the connection's other requests (hyper gives both
-        // 1 MiB: two stalled uploads were enough). As nginx, whose
+        // 1 MiB: one stalled upload could hold it all). As nginx, whose
         // connection window is far larger than a stream's preread.
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)

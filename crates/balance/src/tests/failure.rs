@@ -318,14 +318,31 @@ async fn a_passthrough_429_rests_nothing() {
     tuning
         .extensions_mut()
         .insert(RequestMeta::parsed(Endpoint::Passthrough, bytes, map));
-    let by_id = Request::get("/v1/responses/resp_1")
+    let mut by_id = Request::get("/v1/responses/resp_1")
         .body(llm_proxy_core::empty())
         .expect("a valid request");
-    for req in [files, tuning, by_id] {
+    by_id
+        .extensions_mut()
+        .insert(RequestMeta::unbuffered(Endpoint::ResponseById));
+    // A token count (Anthropic limits counting apart from generating).
+    let mut count = Request::post("/v1/messages/count_tokens")
+        .body(llm_proxy_core::empty())
+        .expect("a valid request");
+    let body = serde_json::json!({"model": "m", "messages": []});
+    let bytes = Bytes::from(body.to_string());
+    let serde_json::Value::Object(map) = body else {
+        unreachable!("built as an object")
+    };
+    count.extensions_mut().insert(RequestMeta::parsed(
+        Endpoint::MessagesCountTokens,
+        bytes,
+        map,
+    ));
+    for req in [files, tuning, by_id, count] {
         let (status, _) = send(&b, req).await.unwrap();
         assert_eq!(status, 429, "the upstream's own answer");
     }
-    assert_eq!(stats(&h, "a").throttled, 3, "each counted all the same");
+    assert_eq!(stats(&h, "a").throttled, 4, "each counted all the same");
     fleet.set("a", Mode::Ok(Duration::ZERO));
     let (status, body) = send(&b, chat("m", "x")).await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "a"));
@@ -358,7 +375,13 @@ async fn a_backend_keeps_a_bounded_number_of_model_rests() {
         let _ = send(&b, chat(&format!("m{i}"), "x")).await;
     }
     let long = "x".repeat(300);
+    let calls = fleet.calls("a");
     let _ = send(&b, chat(&long, "x")).await;
+    assert_eq!(
+        fleet.calls("a"),
+        calls + 1,
+        "a backend that said 429 is not asked again within the request"
+    );
     fleet.set("a", Mode::Ok(Duration::ZERO));
     let calls = fleet.calls("a");
     let (status, _) = send(&b, chat(&long, "y")).await.unwrap();
