@@ -9,6 +9,14 @@ fn messages(model: &str) -> Request<Body> {
     parsed(Endpoint::Messages, "/v1/messages", json)
 }
 
+/// Model `big` falls back to `small`.
+fn big_falls_back_to_small() -> BalanceConfig {
+    BalanceConfig {
+        fallbacks: std::collections::HashMap::from([("big".to_owned(), vec!["small".to_owned()])]),
+        ..BalanceConfig::default()
+    }
+}
+
 /// A request to `path` whose body the parse layer read as `json`.
 fn parsed(endpoint: Endpoint, path: &str, json: serde_json::Value) -> Request<Body> {
     let bytes = Bytes::from(json.to_string());
@@ -194,10 +202,7 @@ async fn a_request_for_kept_state_waits_for_its_native_upstream() {
 #[tokio::test]
 async fn a_request_for_kept_state_is_judged_per_model() {
     let fleet = Fleet::default();
-    let cfg = BalanceConfig {
-        fallbacks: std::collections::HashMap::from([("big".to_owned(), vec!["small".to_owned()])]),
-        ..BalanceConfig::default()
-    };
+    let cfg = big_falls_back_to_small();
     let b = Balance::new(
         [
             fleet
@@ -258,10 +263,7 @@ async fn a_request_for_kept_state_goes_to_translation_when_nothing_is_native() {
 #[tokio::test]
 async fn a_native_fallback_does_not_shut_out_the_models_translating_upstreams() {
     let fleet = Fleet::default();
-    let cfg = BalanceConfig {
-        fallbacks: std::collections::HashMap::from([("big".to_owned(), vec!["small".to_owned()])]),
-        ..BalanceConfig::default()
-    };
+    let cfg = big_falls_back_to_small();
     let b = Balance::new(
         [
             fleet
