@@ -909,6 +909,19 @@ async fn upstreams_that_asked_to_be_left_alone_are_not_asked() {
     }
 }
 
+/// `GET /v1/messages/batches` through `p`, answered 200.
+async fn list_batches(p: &TestProxy) -> Answer {
+    let listed = send(request(
+        Method::GET,
+        &p.url("/v1/messages/batches"),
+        &[("anthropic-version", "2023-06-01")],
+        "",
+    ))
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    listed
+}
+
 /// A Message Batch's `results_url` names the proxy, as its client reached
 /// it: the `anthropic` SDK fetches that URL as it is, with the client's
 /// key, which must not go around the proxy to the upstream.
@@ -929,14 +942,7 @@ async fn a_batch_results_url_points_at_the_proxy() {
         "[[upstream]]\nname = \"claude\"\nurl = \"http://{up}/v1\"\nprotocol = \"anthropic\"\n"
     ))
     .await;
-    let listed = send(request(
-        Method::GET,
-        &p.url("/v1/messages/batches"),
-        &[("anthropic-version", "2023-06-01")],
-        "",
-    ))
-    .await;
-    assert_eq!(listed.status, 200, "{}", listed.text());
+    let listed = list_batches(&p).await;
     let json = listed.json();
     for (i, id) in ["msgbatch_1", "msgbatch_2"].into_iter().enumerate() {
         assert_eq!(
@@ -986,14 +992,7 @@ async fn message_batches_go_to_an_upstream_serving_messages() {
     ))
     .await;
     for _ in 0..3 {
-        let listed = send(request(
-            Method::GET,
-            &p.url("/v1/messages/batches"),
-            &[("anthropic-version", "2023-06-01")],
-            "",
-        ))
-        .await;
-        assert_eq!(listed.status, 200, "{}", listed.text());
+        let listed = list_batches(&p).await;
         assert_eq!(listed.header("x-llm-proxy-upstream"), Some("claude"));
     }
     // Other passthrough still goes to the first healthy upstream.
