@@ -804,9 +804,11 @@ fn binds_over(a: SocketAddr, b: SocketAddr) -> bool {
     let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
         wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
     };
+    // (`::ffff:127.0.0.1` is 127.0.0.1 to a dual-stack socket.)
+    let (a_ip, b_ip) = (a.ip().to_canonical(), b.ip().to_canonical());
     a.port() == b.port()
         && a.port() != 0
-        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+        && (a_ip == b_ip || covers(a_ip, b_ip) || covers(b_ip, a_ip))
 }
 
 /// A value's key as the config spells it (`upstream[0].weight`), without
@@ -849,10 +851,17 @@ fn plain_types(message: &str) -> String {
         .replace(" as i128", "")
         .replace("invalid type: map", "invalid type: table")
         .replace("expected a sequence", hint);
-    for int in ["usize", "u64", "u32", "u16", "u8"] {
+    // (The largest is said: a value past it is told as if negative.)
+    for (int, max) in [
+        ("usize", usize::MAX as u64),
+        ("u64", u64::MAX),
+        ("u32", u32::MAX.into()),
+        ("u16", u16::MAX.into()),
+        ("u8", u8::MAX.into()),
+    ] {
         plain = plain.replace(
             &format!("expected {int}"),
-            "expected a whole number, not negative",
+            &format!("expected a whole number from 0 to {max}"),
         );
     }
     for float in ["f64", "f32"] {
@@ -1378,6 +1387,17 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                         ),
                     ));
                 }
+                // (A variable set from a file or a paste often ends in a
+                // newline or a space: sent, the key is wrong, and HTTP/2
+                // calls such a value malformed.)
+                if key.trim_matches([' ', '\t']) != key {
+                    return Err(err(
+                        k.span(),
+                        format!(
+                            "upstream `{name}`: `api_key` has space at an end: it would be sent as part of the key"
+                        ),
+                    ));
+                }
                 Ok(key)
             })
             .transpose()?;
@@ -1752,6 +1772,9 @@ fn validate_balance(
 /// an upstream, back to back.
 const MAX_RETRIES: u32 = 10;
 
+/// The shortest first rest of an ejected upstream.
+const MIN_EJECT_SECS: f64 = 0.001;
+
 /// The shortest interval of active health checks.
 const MIN_HEALTH_CHECK_SECS: f64 = 0.1;
 /// The longest probe interval: a day. (Longer is a mistake, not a
@@ -1787,6 +1810,16 @@ fn check_balance_numbers(path: &Path, src: &str, b: &BalanceSection) -> Result<(
         return fail(
             &["eject_after_failures"],
             "`eject_after_failures` must be at least 1".into(),
+        );
+    }
+    // (Negative and not-a-number: `duration_secs` says so.)
+    if (0.0..MIN_EJECT_SECS).contains(&b.eject_secs) {
+        return fail(
+            &["eject_secs"],
+            format!(
+                "`eject_secs` must be at least {MIN_EJECT_SECS}, not {}: an ejection that ends as it starts keeps a failing upstream in turn",
+                b.eject_secs
+            ),
         );
     }
     let every = b.health_check_secs;
@@ -1988,7 +2021,12 @@ pub(crate) fn check_redis_url(url: &str) -> Result<(), String> {
             shown()
         ));
     }
-    let client = redis::Client::open(url).map_err(|e| format!("`{}`: {e}", shown()))?;
+    let client = redis::Client::open(url).map_err(|e| {
+        format!(
+            "`{}`: {e} (expected redis://[[user]:password@]host[:port][/db], or rediss:// for TLS; port 1 to 65535)",
+            shown()
+        )
+    })?;
     let info = client.get_connection_info();
     if info.redis_settings().db() < 0 {
         // The client would send `SELECT -1` on every connection, and every
@@ -2031,31 +2069,46 @@ fn models_fault(models: &[String], empty: &str, absent: &str) -> Option<String> 
 /// Whether `name` can name an upstream or a key in headers, logs and
 /// metrics: two names that look alike are the same name. Not blank, no
 /// whitespace at either end and none but plain spaces inside, no control
-/// character, and none of the invisible formatting characters (zero-width
-/// spaces and joiners, direction marks, the soft hyphen, the BOM).
+/// character, and no character Unicode says a renderer may show as
+/// nothing (`Default_Ignorable_Code_Point`: zero-width spaces and joiners,
+/// direction marks and isolates, the soft hyphen, the BOM, variation
+/// selectors, the Hangul fillers).
 fn is_display_name(name: &str) -> bool {
-    let invisible = |c: char| {
-        matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
-            | '\u{2060}'..='\u{2064}' | '\u{feff}')
-    };
     !name.trim().is_empty()
         && name.trim() == name
         && !name
             .chars()
-            .any(|c| c.is_control() || invisible(c) || (c.is_whitespace() && c != ' '))
+            .any(|c| c.is_control() || is_default_ignorable(c) || (c.is_whitespace() && c != ' '))
+}
+
+/// Unicode's `Default_Ignorable_Code_Point` (DerivedCoreProperties.txt,
+/// Unicode 16), unassigned ranges included as the property includes them.
+/// (No crate in use carries the property; the list has not changed since
+/// Unicode 9 but for U+180F.)
+fn is_default_ignorable(c: char) -> bool {
+    matches!(c,
+        '\u{ad}' | '\u{34f}' | '\u{61c}' | '\u{115f}'..='\u{1160}' | '\u{17b4}'..='\u{17b5}'
+        | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}' | '\u{feff}'
+        | '\u{ffa0}' | '\u{fff0}'..='\u{fff8}' | '\u{1bca0}'..='\u{1bca3}'
+        | '\u{1d173}'..='\u{1d17a}' | '\u{e0000}'..='\u{e0fff}')
 }
 
 /// Whether `p` is a path (and query) a request can carry as it is: ASCII,
 /// no fragment, every `%` an escape, and what `http` parses.
 fn is_url_path(p: &str) -> bool {
+    p.is_ascii() && !p.contains('#') && escapes_whole(p) && p.parse::<http::Uri>().is_ok()
+}
+
+/// Whether every `%` in `p` starts an escape (`%` and two hex digits).
+fn escapes_whole(p: &str) -> bool {
     let bytes = p.as_bytes();
-    let escapes_whole = bytes.iter().enumerate().all(|(at, b)| {
+    bytes.iter().enumerate().all(|(at, b)| {
         *b != b'%'
             || bytes
                 .get(at + 1..at + 3)
                 .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
-    });
-    p.is_ascii() && !p.contains('#') && escapes_whole && p.parse::<http::Uri>().is_ok()
+    })
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -2064,11 +2117,21 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_url(s: &str) -> Result<http::Uri, String> {
-    // Before parsing: a password with a `/` would read as a port.
+    let parsed = s.parse::<http::Uri>();
+    // An `@` is userinfo unless the URL parses with a host (and port) free
+    // of it: then it is in the path (`/v1/team@prod`). A password holding
+    // a `/` parses as a host whose port is the password's start.
     if s.contains('@') {
-        return Err("credentials in the URL are not sent: give the key as `api_key`".into());
+        let in_path_only = parsed
+            .as_ref()
+            .ok()
+            .and_then(http::Uri::authority)
+            .is_some_and(|a| !a.as_str().contains('@') && llm_proxy_upstream::port_of(a).is_ok());
+        if !in_path_only {
+            return Err("credentials in the URL are not sent: give the key as `api_key`".into());
+        }
     }
-    let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
+    let uri = parsed.map_err(|e| format!("{e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => return Err("the scheme must be http:// or https://".into()),
@@ -2087,6 +2150,12 @@ fn parse_url(s: &str) -> Result<http::Uri, String> {
     if s.contains('#') {
         return Err("a base URL takes no fragment".into());
     }
+    if !escapes_whole(uri.path()) {
+        return Err(
+            "every `%` in the path must start an escape (`%` and two hex digits): %-encode a `%` as `%25`"
+                .into(),
+        );
+    }
     llm_proxy_upstream::port_of(uri.authority().expect("a host was found"))
         .map_err(str::to_owned)?;
     Ok(uri)
@@ -2095,6 +2164,7 @@ fn parse_url(s: &str) -> Result<http::Uri, String> {
 /// A secret: `env:NAME` reads the environment variable, anything else is literal.
 pub fn resolve_secret(value: &str) -> Result<String, String> {
     match value.strip_prefix("env:") {
+        Some("") => Err("`env:` names no variable (`env:NAME`)".into()),
         Some(var) => match std::env::var(var) {
             Ok(value) if value.is_empty() => Err(format!("environment variable `{var}` is empty")),
             Ok(value) => Ok(value),
@@ -2337,6 +2407,8 @@ mod tests {
             ("0.0.0.0:9000", "127.0.0.1:9000"),
             ("127.0.0.1:9000", "[::]:9000"),
             ("[::1]:9000", "[::]:9000"),
+            ("127.0.0.1:9000", "[::ffff:127.0.0.1]:9000"),
+            ("[::ffff:0.0.0.0]:9000", "127.0.0.1:9000"),
         ] {
             refused(
                 format!("listen = \"{listen}\"\nmetrics_listen = \"{metrics}\"\n{MIN}"),
@@ -2366,9 +2438,39 @@ mod tests {
                 "credentials in the URL are not sent",
             ),
             ("http://127.0.0.1:9/v1#f", "a base URL takes no fragment"),
+            (
+                "http://127.0.0.1:9/v%zz",
+                "every `%` in the path must start an escape",
+            ),
         ] {
             refused(MIN.replace("http://127.0.0.1:9/v1", url), says);
         }
+        // An `@` in the path is no userinfo.
+        let settings = load(&MIN.replace(
+            "http://127.0.0.1:9/v1",
+            "https://gw.example.com/v1/team@prod",
+        ))
+        .unwrap();
+        assert!(
+            matches!(&settings.upstreams[0].target, Target::Url(u) if u.path() == "/v1/team@prod")
+        );
+        for key in [" sk-1", "sk-1 ", "sk-1\t"] {
+            refused(
+                format!("{MIN}api_key = \"{key}\"\n"),
+                "t.toml:4: upstream `a`: `api_key` has space at an end",
+            );
+        }
+        refused(
+            format!("{MIN}api_key = \"env:\"\n"),
+            "`env:` names no variable",
+        );
+        for eject in ["0", "0.0009"] {
+            refused(
+                format!("{MIN}[balance]\neject_secs = {eject}\n"),
+                "t.toml:5: [balance] `eject_secs` must be at least 0.001",
+            );
+        }
+        assert!(load(&format!("{MIN}[balance]\neject_secs = 0.001\n")).is_ok());
         refused(
             format!("{MIN}models = []\n"),
             "t.toml:4: upstream `a`: `models` is empty",
@@ -2642,6 +2744,11 @@ mod tests {
             " ops",
             "o\\u200dps",
             "o\\u00a0ps",
+            "o\\u2066ps",
+            "o\\u061cps",
+            "\\u3164",
+            "o\\ufe0fps",
+            "o\\U000e0041ps",
         ] {
             let e = load(&format!(
                 "{MIN}[auth]\n[[auth.keys]]\nname = \"{name}\"\nkey = \"sk-1\"\n"
@@ -2852,7 +2959,7 @@ mod tests {
             (
                 "max_body_bytes = -1\n",
                 "t.toml:1: `max_body_bytes`: invalid value: integer `-1`, expected a whole \
-                 number, not negative",
+                 number from 0 to 18446744073709551615",
             ),
             (
                 "listen = 8080\n",
@@ -2861,7 +2968,7 @@ mod tests {
             (
                 &format!("{MIN}weight = 18446744073709551616\n"),
                 "t.toml:4: `upstream[0].weight`: invalid type: integer `18446744073709551616`, \
-                 expected a whole number, not negative",
+                 expected a whole number from 0 to 4294967295",
             ),
             (
                 "[[upstream]]\nname = \"a\"\nmock = true\n",
