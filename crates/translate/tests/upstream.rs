@@ -105,6 +105,26 @@ async fn messages_client_on_a_chat_only_server() {
         last_delta.1["usage"]["input_tokens"].as_u64().unwrap() > 0,
         "usage asked of the chat server"
     );
+
+    // Without `max_tokens`, refused as an Anthropic server refuses it
+    // (the chat server would have answered), and nothing is sent.
+    let mut unbounded = request.clone();
+    unbounded.as_object_mut().unwrap().remove("max_tokens");
+    let sent = mock.stats.requests_for("/chat/completions");
+    let refused = svc
+        .clone()
+        .oneshot(
+            Request::post("/v1/messages")
+                .header("content-type", "application/json")
+                .body(full(unbounded.to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::UnsupportedParameter { param, .. }) if param == "max_tokens"),
+        "{refused:?}"
+    );
+    assert_eq!(mock.stats.requests_for("/chat/completions"), sent);
 }
 
 #[tokio::test]

@@ -48,6 +48,17 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
             tracing::debug!(field = %key, "not translated to chat completions; dropped");
         }
     }
+    // Anthropic's API requires it: a client that left it out would be
+    // refused by a native upstream and served by a translating one.
+    if !field(src, "max_tokens")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n >= 1)
+    {
+        return Err(unsupported(
+            "max_tokens",
+            "is required: a whole number of at least 1, as the Messages API requires",
+        ));
+    }
     let mut out = Map::new();
     copy_fields(src, &mut out, COPIED);
     out.insert("messages".into(), Value::Array(messages(src)?));

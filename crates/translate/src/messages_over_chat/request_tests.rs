@@ -1,10 +1,44 @@
 use super::*;
 
+/// `body` translated, with a `max_tokens` of 16 when it has none (the
+/// Messages API requires one: `max_tokens_is_required`).
 fn translate(body: Value) -> Result<(Value, Context), Error> {
-    let Value::Object(map) = body else {
+    let Value::Object(mut map) = body else {
         panic!("an object")
     };
+    map.entry("max_tokens").or_insert(json!(16));
     request(&map).map(|(out, ctx)| (Value::Object(out), ctx))
+}
+
+#[test]
+fn max_tokens_is_required() {
+    let body = |max_tokens: Option<Value>| {
+        let mut map = Map::new();
+        map.insert("model".into(), json!("m"));
+        map.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": "hi"}]),
+        );
+        if let Some(n) = max_tokens {
+            map.insert("max_tokens".into(), n);
+        }
+        map
+    };
+    for bad in [
+        None,
+        Some(json!(null)),
+        Some(json!(0)),
+        Some(json!(-5)),
+        Some(json!("10")),
+        Some(json!(1.5)),
+    ] {
+        match request(&body(bad.clone())) {
+            Err(Error::UnsupportedParameter { param, .. }) => assert_eq!(param, "max_tokens"),
+            other => panic!("{bad:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    let (out, _) = request(&body(Some(json!(1)))).unwrap();
+    assert_eq!(out["max_tokens"], 1);
 }
 
 fn refused(body: Value) -> String {
