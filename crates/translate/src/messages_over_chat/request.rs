@@ -50,9 +50,9 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
     }
     // Anthropic's API requires it: a client that left it out would be
     // refused by a native upstream and served by a translating one.
-    if !field(src, "max_tokens")
+    if field(src, "max_tokens")
         .and_then(Value::as_u64)
-        .is_some_and(|n| n >= 1)
+        .is_none_or(|n| n == 0)
     {
         return Err(unsupported(
             "max_tokens",
