@@ -498,6 +498,9 @@ async fn invalid_sse_ends_with_an_error_event_and_a_close() {
     let (_up, p) = one().await;
     let (body, broke) = broken_stream(&p, "invalid-sse").await;
     assert_interrupted(&body, broke);
+    // Withheld: the client's SDK would fail on it with a parse error of
+    // its own, not the API error it can handle.
+    assert!(!body.contains("{not json"), "{body}");
 }
 
 #[tokio::test]

@@ -25,7 +25,9 @@ pin_project_lite::pin_project! {
     ///   that is not a JSON object (checked by its shape, `{…}`: the proxy
     ///   does not parse every event) gets one final error event with the
     ///   code `stream_interrupted` and then fails, so the client's
-    ///   connection is closed rather than cleanly ended;
+    ///   connection is closed rather than cleanly ended (an event it
+    ///   refuses, and what came after it, are withheld unless the client
+    ///   holds the event's start already);
     /// - when dropped (the client went away), drops the upstream body, which
     ///   closes the upstream connection and stops the upstream's work.
     pub struct UpstreamBody {
@@ -78,6 +80,12 @@ struct StreamWatch {
     done: bool,
     /// A Responses stream's numbering, for an error event the proxy adds.
     numbers: SequenceNumbers,
+    /// Bytes observed, the last chunk's included.
+    seen: u64,
+    /// Where in the stream the event the watch refused begins (just past
+    /// the blank line that ended the one before), when it refused a whole
+    /// event.
+    refused_at: Option<u64>,
 }
 
 /// Why a watched stream is cut: the upstream's fault (not a valid stream
@@ -138,6 +146,8 @@ impl UpstreamBody {
                     outlines: Outlines::new(),
                     done: false,
                     numbers: SequenceNumbers::default(),
+                    seen: 0,
+                    refused_at: None,
                 })
             }),
             state: State::Streaming,
@@ -175,62 +185,81 @@ impl StreamWatch {
             outlines,
             done,
             numbers,
+            seen,
+            refused_at,
         } = self;
         let kind = *kind;
-        let garbled = |reason: &str| Cut::Garbled(reason.into());
-        outlines.push(chunk, |event| {
-            // A keep-alive (`data: ` with nothing in it) is not a garbled
-            // event: it carries nothing, and passes on as it came.
-            if event.is_blank() {
-                return Ok(());
+        *seen += chunk.len() as u64;
+        *refused_at = None;
+        outlines.push_spanned(chunk, |event, span| {
+            let read = Self::read(kind, done, numbers, &event);
+            if read.is_err() {
+                *refused_at = Some(span.start);
             }
-            if kind == StreamKind::Chat && event.is_done() {
-                *done = true;
-                return Ok(());
-            }
-            // Some servers end a Responses or Messages stream with chat's
-            // `[DONE]` after its last event: harmless (the SDKs stop at
-            // it), passed on, and no fault of the upstream's.
-            if *done && event.is_done() {
-                return Ok(());
-            }
-            if *done && kind == StreamKind::Chat {
-                return Err(garbled("data after [DONE]"));
-            }
-            // Each dialect's events are JSON objects. Checking the shape is
-            // enough to catch a garbled stream; the client's parser reads the
-            // rest. The full parse is only needed for a `type` with no
-            // `event:` line to name it.
-            if !looks_like_object(event.data) {
-                return Err(garbled(NOT_JSON));
-            }
-            if kind == StreamKind::Responses {
-                numbers.observe(event.data);
-            }
-            let text;
-            let typed;
-            let name = match (kind, event.event) {
-                (StreamKind::Chat, _) => &b""[..],
-                (_, b"") => {
-                    text = event.text();
-                    typed = llm_proxy_core::object_from_str::<Typed<'_>>(&text)
-                        .map_err(|_| garbled(NOT_JSON))?;
-                    typed.kind.as_deref().unwrap_or("").as_bytes()
-                }
-                (_, name) => name,
-            };
-            // The dialect's own last event, or the upstream's own error event:
-            // either is a clean end of the stream.
-            *done |= match kind {
-                StreamKind::Chat => false,
-                StreamKind::Responses => matches!(
-                    name,
-                    b"response.completed" | b"response.failed" | b"response.incomplete" | b"error"
-                ),
-                StreamKind::Messages => matches!(name, b"message_stop" | b"error"),
-            };
-            Ok(())
+            read
         })
+    }
+
+    /// One whole event of the stream: `Err` when it has no place in a
+    /// stream of `kind`.
+    fn read(
+        kind: StreamKind,
+        done: &mut bool,
+        numbers: &mut SequenceNumbers,
+        event: &llm_proxy_core::sse::Outline<'_>,
+    ) -> Result<(), Cut> {
+        let garbled = |reason: &str| Cut::Garbled(reason.into());
+        // A keep-alive (`data: ` with nothing in it) is not a garbled
+        // event: it carries nothing, and passes on as it came.
+        if event.is_blank() {
+            return Ok(());
+        }
+        if kind == StreamKind::Chat && event.is_done() {
+            *done = true;
+            return Ok(());
+        }
+        // Some servers end a Responses or Messages stream with chat's
+        // `[DONE]` after its last event: harmless (the SDKs stop at
+        // it), passed on, and no fault of the upstream's.
+        if *done && event.is_done() {
+            return Ok(());
+        }
+        if *done && kind == StreamKind::Chat {
+            return Err(garbled("data after [DONE]"));
+        }
+        // Each dialect's events are JSON objects. Checking the shape is
+        // enough to catch a garbled stream; the client's parser reads the
+        // rest. The full parse is only needed for a `type` with no
+        // `event:` line to name it.
+        if !looks_like_object(event.data) {
+            return Err(garbled(NOT_JSON));
+        }
+        let text;
+        let typed;
+        let name = match (kind, event.event) {
+            (StreamKind::Chat, _) => &b""[..],
+            (_, b"") => {
+                text = event.text();
+                typed = llm_proxy_core::object_from_str::<Typed<'_>>(&text)
+                    .map_err(|_| garbled(NOT_JSON))?;
+                typed.kind.as_deref().unwrap_or("").as_bytes()
+            }
+            (_, name) => name,
+        };
+        if kind == StreamKind::Responses {
+            numbers.observe(event.data);
+        }
+        // The dialect's own last event, or the upstream's own error event:
+        // either is a clean end of the stream.
+        *done |= match kind {
+            StreamKind::Chat => false,
+            StreamKind::Responses => matches!(
+                name,
+                b"response.completed" | b"response.failed" | b"response.incomplete" | b"error"
+            ),
+            StreamKind::Messages => matches!(name, b"message_stop" | b"error"),
+        };
+        Ok(())
     }
 }
 
@@ -289,7 +318,7 @@ impl HttpBody for UpstreamBody {
                     Ok(data) => data,
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 };
-                let mut watched = watch(this.watch, this.upstream, this.state, &data);
+                let mut watched = watch(this.watch, this.upstream, this.state, &mut data);
                 if watched && data.len() < GATHER_MAX && !this.inner.is_end_stream() {
                     // Whatever else the upstream has sent already goes
                     // out with this frame: one frame through the layers
@@ -298,7 +327,7 @@ impl HttpBody for UpstreamBody {
                     let mut gathered: Option<BytesMut> = None;
                     let mut len = data.len();
                     while watched && len < GATHER_MAX {
-                        let next = match poll_next(this.inner.as_mut(), this.lease, cx) {
+                        let mut next = match poll_next(this.inner.as_mut(), this.lease, cx) {
                             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                                 Ok(next) => next,
                                 Err(frame) => {
@@ -312,7 +341,7 @@ impl HttpBody for UpstreamBody {
                             }
                             Poll::Pending => break,
                         };
-                        watched = watch(this.watch, this.upstream, this.state, &next);
+                        watched = watch(this.watch, this.upstream, this.state, &mut next);
                         len += next.len();
                         let buf = gathered.get_or_insert_with(|| {
                             let mut buf = BytesMut::with_capacity(2 * len);
@@ -324,6 +353,10 @@ impl HttpBody for UpstreamBody {
                     if let Some(buf) = gathered {
                         data = buf.freeze();
                     }
+                }
+                if data.is_empty() && matches!(this.state, State::Interrupting { .. }) {
+                    // All the frame held was refused: straight to the end.
+                    return this.state.drain(this.upstream, cx);
                 }
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
@@ -436,12 +469,13 @@ fn poll_next(
 }
 
 /// Show a data frame to the stream's watch; `false` when the stream broke
-/// there (the state is then set to end it, after this frame).
+/// there (the state is then set to end it, after what is left of this
+/// frame).
 fn watch(
     watch: &mut Option<Box<StreamWatch>>,
     upstream: &str,
     state: &mut State,
-    data: &Bytes,
+    data: &mut Bytes,
 ) -> bool {
     let Some(watch) = watch else {
         return true;
@@ -449,15 +483,29 @@ fn watch(
     match watch.observe(data) {
         Ok(()) => true,
         Err(why) => {
-            // Pass this frame on, then end with the error event (or, if it
-            // ends mid-event, just fail). The parser dropped its unfinished
-            // event with the error: the frame tells where the client is.
-            // The events past the bad one reach the client too: their
-            // numbers count (the parser stopped at the bad one).
-            if watch.kind == StreamKind::Responses {
-                watch.numbers.observe(data);
-            }
-            let cut = !ends_an_event(data);
+            let frame_start = watch.seen - data.len() as u64;
+            let cut = match watch.refused_at.and_then(|at| at.checked_sub(frame_start)) {
+                // The refused event begins in this frame: the client gets
+                // the whole events before it, then the error event (an
+                // SDK reads `data: {not json` as its own parse error, not
+                // the API error it can handle; events after it would be
+                // read as if nothing had happened).
+                Some(keep) => {
+                    data.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+                    false
+                }
+                // It began in a frame the client has: this one goes on
+                // too, then the error event (or, if it ends mid-event, just
+                // the failure). The events past the bad one reach the
+                // client: their numbers count (the parser stopped at the
+                // bad one).
+                None => {
+                    if watch.kind == StreamKind::Responses {
+                        watch.numbers.observe(data);
+                    }
+                    !ends_an_event(data)
+                }
+            };
             *state = State::interrupt(upstream, why, Some(&**watch), cut);
             false
         }
@@ -548,28 +596,106 @@ mod tests {
             outlines: Outlines::new(),
             done: false,
             numbers: SequenceNumbers::default(),
+            seen: 0,
+            refused_at: None,
         }
     }
 
-    #[test]
-    fn a_garbled_responses_event_s_error_event_is_numbered_after_all_the_frame_held() {
-        // The bad event's frame also holds numbered events after it: the
-        // client gets them, and the error event comes after them.
-        let frame = Bytes::from_static(
-            b"data: {\"type\":\"a\",\"sequence_number\":5}\n\ndata: nope\n\n\
-              data: {\"type\":\"b\",\"sequence_number\":7}\n\n",
-        );
-        let mut watched = Some(Box::new(watch(StreamKind::Responses)));
+    /// The watch's verdict on `frames` (the last one breaking the stream),
+    /// the last frame as it goes on, and the error event to come.
+    fn refused(kind: StreamKind, frames: &[&'static [u8]]) -> (Bytes, Option<String>) {
+        let mut watched = Some(Box::new(watch(kind)));
         let mut state = State::Streaming;
-        assert!(!super::watch(&mut watched, "u", &mut state, &frame));
-        let State::Interrupting {
-            event: Some(event), ..
-        } = state
-        else {
-            panic!("an error event is to come")
+        let (last, before) = frames.split_last().expect("a frame");
+        for frame in before {
+            assert!(super::watch(
+                &mut watched,
+                "u",
+                &mut state,
+                &mut Bytes::from_static(frame)
+            ));
+        }
+        let mut last = Bytes::from_static(last);
+        assert!(!super::watch(&mut watched, "u", &mut state, &mut last));
+        let State::Interrupting { event, .. } = state else {
+            panic!("the stream is to end")
         };
-        let event = std::str::from_utf8(&event).unwrap();
+        let event = event.map(|e| String::from_utf8(e.to_vec()).unwrap());
+        (last, event)
+    }
+
+    #[test]
+    fn a_refused_event_and_what_follows_it_are_withheld() {
+        // The client gets the events before it, then the error event,
+        // numbered after the last it got.
+        let (sent, event) = refused(
+            StreamKind::Responses,
+            &[
+                b"data: {\"type\":\"a\",\"sequence_number\":5}\n\n: ping\ndata: nope\n\n\
+               data: {\"type\":\"b\",\"sequence_number\":7}\n\n",
+            ],
+        );
+        assert_eq!(
+            sent,
+            &b"data: {\"type\":\"a\",\"sequence_number\":5}\n\n"[..]
+        );
+        let event = event.expect("an error event");
+        assert!(event.contains("\"sequence_number\":6"), "{event}");
+        let chat = &b"data: {\"choices\":[]}\n\n"[..];
+        let ping = &b"event: ping\ndata: {\"type\":\"ping\"}\n\n"[..];
+        for (kind, frame, kept) in [
+            (StreamKind::Chat, &b"data: {not json\n\n"[..], chat),
+            (
+                StreamKind::Messages,
+                b"event: content_block_delta\ndata: {\"type\n\n",
+                ping,
+            ),
+            (
+                StreamKind::Chat,
+                b"data: [DONE]\n\ndata: {}\n\n",
+                b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n",
+            ),
+        ] {
+            let head = if kept.starts_with(b"event") {
+                ping
+            } else {
+                chat
+            };
+            let whole: &'static [u8] = [head, frame].concat().leak();
+            let (sent, event) = refused(kind, &[whole]);
+            assert_eq!(sent, kept, "{kind:?}");
+            assert!(event.is_some(), "{kind:?}");
+        }
+        // Alone in its frame: nothing of it goes on.
+        let (sent, event) = refused(
+            StreamKind::Chat,
+            &[b"data: {\"choices\":[]}\n\n", b"data: {not json\n\n"],
+        );
+        assert!(sent.is_empty());
+        assert!(event.is_some());
+    }
+
+    #[test]
+    fn an_event_refused_after_the_client_got_its_start_goes_on_whole() {
+        // Its first line went on in an earlier frame: the rest goes on,
+        // then the error event, numbered after every event the client got.
+        let (sent, event) = refused(
+            StreamKind::Responses,
+            &[
+                b"data: {\"type\":\"a\",\"sequence_number\":5}\n\ndata: no",
+                b"pe\n\ndata: {\"type\":\"b\",\"sequence_number\":7}\n\n",
+            ],
+        );
+        assert_eq!(
+            sent,
+            &b"pe\n\ndata: {\"type\":\"b\",\"sequence_number\":7}\n\n"[..]
+        );
+        let event = event.expect("an error event");
         assert!(event.contains("\"sequence_number\":8"), "{event}");
+        // One that ends mid-event: no event can follow.
+        let (sent, event) = refused(StreamKind::Chat, &[b"data: {not", b" json\n\ndata: {\"cho"]);
+        assert_eq!(sent, &b" json\n\ndata: {\"cho"[..]);
+        assert!(event.is_none());
     }
 
     #[test]
