@@ -999,3 +999,42 @@ async fn message_batches_go_to_an_upstream_serving_messages() {
     let files = send(request(Method::GET, &p.url("/v1/files"), &[], "")).await;
     assert_eq!(files.header("x-llm-proxy-upstream"), Some("openai"));
 }
+
+#[tokio::test]
+async fn first_byte_is_timed_for_an_empty_body_and_not_for_a_failed_one() {
+    // An upstream that sends an answer's head and then nothing.
+    let addr = raw_upstream(|mut conn| async move {
+        use tokio::io::AsyncWriteExt;
+        if read_request(&mut conn).await.is_some() {
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n";
+            let _ = conn.write_all(head.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+    let proxy = proxy(&one_upstream(
+        &format!("http://{addr}/v1"),
+        "idle_timeout_ms = 200",
+    ))
+    .await;
+    let resp = chat_through(&proxy, false).await;
+    assert_eq!(resp.status(), 200);
+    let (body, broke) = read_stream(resp).await;
+    assert!(broke && body.is_empty(), "{body:?}");
+    // A HEAD's empty body is not polled: timed at its head.
+    let head = send(request(Method::HEAD, &proxy.url("/healthz"), &[], "")).await;
+    assert_eq!(head.status, 200);
+    let text = send(request(Method::GET, &proxy.url("/metrics"), &[], ""))
+        .await
+        .text();
+    for needle in [
+        r#"llm_proxy_request_duration_seconds_count{route="chat_completions"} 1"#,
+        r#"llm_proxy_request_duration_seconds_count{route="healthz"} 1"#,
+        r#"llm_proxy_time_to_first_byte_seconds_count{route="healthz"} 1"#,
+        // A body that failed before its first byte has none.
+        r#"llm_proxy_time_to_first_byte_seconds_count{route="chat_completions"} 0"#,
+    ] {
+        assert!(text.contains(needle), "metrics lack `{needle}`:\n{text}");
+    }
+}

@@ -250,6 +250,7 @@ impl Metrics {
             route,
             start,
             first: false,
+            timed: true,
             metrics: self.clone(),
             conn,
             request_id,
@@ -568,7 +569,11 @@ pub struct ObservedBody {
     inner: Body,
     route: &'static str,
     start: Instant,
+    /// The first byte's time is recorded (or not to be: a switch of
+    /// protocols is in no histogram).
     first: bool,
+    /// The duration is to be recorded when the body is dropped.
+    timed: bool,
     metrics: Arc<Metrics>,
     conn: Option<InFlight>,
     /// The request's `x-request-id`, for the line that says the body failed.
@@ -640,6 +645,15 @@ impl ObservedBody {
         self.access = access;
         self
     }
+
+    /// In neither histogram: the head of a `101 Switching Protocols`,
+    /// whose connection lives on as a session (timed apart) after an empty
+    /// body.
+    pub(crate) fn untimed(mut self) -> Self {
+        self.first = true;
+        self.timed = false;
+        self
+    }
 }
 
 impl std::fmt::Debug for ObservedBody {
@@ -665,7 +679,8 @@ impl HttpBody for ObservedBody {
         if let Some(conn) = self.conn.as_mut() {
             conn.answered(&polled);
         }
-        if !self.first && matches!(polled, Poll::Ready(Some(_)) | Poll::Ready(None)) {
+        // (A body that fails before its first byte has none.)
+        if !self.first && matches!(polled, Poll::Ready(Some(Ok(_))) | Poll::Ready(None)) {
             self.first = true;
             self.metrics
                 .time(self.route, Latency::FirstByte, self.start.elapsed());
@@ -712,7 +727,14 @@ impl HttpBody for ObservedBody {
 impl Drop for ObservedBody {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
-        self.metrics.time(self.route, Latency::Whole, elapsed);
+        if self.timed {
+            // An empty body (a HEAD's, a 204's) is not polled: its first
+            // byte is its end, when the head was sent.
+            if !self.first && self.ended.is_none() && self.inner.is_end_stream() {
+                self.metrics.time(self.route, Latency::FirstByte, elapsed);
+            }
+            self.metrics.time(self.route, Latency::Whole, elapsed);
+        }
         if let Some(access) = &self.access {
             // hyper drops a body of known length after its last frame
             // without polling it to its end: that is complete too.

@@ -683,12 +683,17 @@ where
             upstream = upstream.map(|u| &**u).unwrap_or(""),
             "response head"
         );
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
         Ok(resp.map(|body| {
-            shared
+            let observed = shared
                 .metrics
                 .observe_on(route.label(), start, body, conn, Some(request_id))
-                .with_access(access)
-                .boxed_unsync()
+                .with_access(access);
+            if switched {
+                observed.untimed().boxed_unsync()
+            } else {
+                observed.boxed_unsync()
+            }
         }))
     })
 }
