@@ -82,6 +82,13 @@ async fn a_websocket_tunnel_carries_turns_to_the_upstream_with_its_own_key() {
         m.contains(r#"llm_proxy_requests_total{route="responses",status="101",upstream="up"} 1"#),
         "{m}"
     );
+    // The switch is in neither latency histogram (its session is timed
+    // apart): the route's requests' quantiles are not pulled down by it.
+    assert!(
+        m.contains(r#"llm_proxy_request_duration_seconds_count{route="responses"} 0"#)
+            && m.contains(r#"llm_proxy_time_to_first_byte_seconds_count{route="responses"} 0"#),
+        "{m}"
+    );
     // A close from the client ends the upstream's session too.
     socket.close(None).await.unwrap();
     assert!(ends(&mut socket).await);
