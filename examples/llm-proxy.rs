@@ -130,13 +130,28 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let proxy = match Proxy::build(settings).await {
+        // Both ports before anything is served: a replacement started
+        // while the old process drains (which keeps `metrics_listen` open
+        // to the end, for its readiness probe) fails here, at once.
+        let metrics_listener = match settings.metrics_listen.map(llm_proxy::listen) {
+            None => None,
+            Some(Ok(l)) => Some(l),
+            Some(Err(e)) => {
+                let at = settings.metrics_listen.unwrap_or(addr);
+                say!("llm-proxy: cannot listen on {at} (`metrics_listen`): {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut proxy = match Proxy::build(settings).await {
             Ok(p) => p,
             Err(e) => {
                 say!("llm-proxy: {e}");
                 return ExitCode::from(2);
             }
         };
+        if let Some(metrics_listener) = metrics_listener {
+            proxy = proxy.with_metrics_listener(metrics_listener);
+        }
         // The port bound (a configured port 0 is the system's pick).
         let addr = listener.local_addr().unwrap_or(addr);
         tracing::info!(%addr, workers = proxy.settings().workers, "llm-proxy listening");

@@ -226,6 +226,9 @@ fn an_address_in_use_is_a_start_up_failure_naming_its_key() {
             stderr.contains(&format!("cannot listen on {addr} (`{key}`)")),
             "{key}: {stderr}"
         );
+        // Found before anything is served (a replacement started while the
+        // old process drains, holding `metrics_listen`, takes no request).
+        assert!(!stderr.contains("llm-proxy listening"), "{key}: {stderr}");
     }
     drop(taken);
 }

@@ -128,3 +128,50 @@ async fn a_silent_h2_client_does_not_hold_the_drain() {
     p.stop().await.unwrap();
     drop(silent);
 }
+
+/// The metrics listener drains within the proxy's drain, not for a
+/// `drain_timeout_secs` of its own after it: a shutdown takes the drain
+/// timeout at most (a supervisor's grace period is set by it).
+#[tokio::test]
+async fn the_metrics_listener_drains_within_the_same_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let up = paced_mock("slow", 20.0).await;
+    let port = free_port();
+    let mut p = proxy(&format!(
+        "drain_timeout_secs = 2\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    // A stream of 5 s, cut at the drain's timeout.
+    let resp = client()
+        .request(request(
+            Method::POST,
+            &p.url("/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-tokens", "100"),
+            ],
+            chat("m", true),
+        ))
+        .await
+        .expect("stream starts");
+    let began = std::time::Instant::now();
+    p.begin_shutdown();
+    // A probe whose head never ends, opened during the drain.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut probe = tokio::net::TcpStream::connect(addr).await.unwrap();
+    probe
+        .write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    p.stop().await.expect("serve returns Ok");
+    let took = began.elapsed();
+    // 2 s and what the cut takes; a second drain after the first would
+    // have made it 4 s. (A wide margin: no timing of the machine's.)
+    assert!(took < std::time::Duration::from_millis(3500), "{took:?}");
+    let (_, broke) = read_stream(resp).await;
+    assert!(broke, "the stream was cut at the drain's timeout");
+    drop(probe);
+}

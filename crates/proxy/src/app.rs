@@ -78,6 +78,8 @@ pub struct Proxy {
     pub(crate) settings: Settings,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) readiness: Arc<Readiness>,
+    /// `metrics_listen`'s socket, when the caller bound it.
+    pub(crate) metrics_listener: Option<tokio::net::TcpListener>,
     _mocks: Vec<MockServer>,
 }
 
@@ -286,6 +288,7 @@ impl Proxy {
             settings,
             metrics,
             readiness,
+            metrics_listener: None,
             _mocks: mocks,
         })
     }
@@ -298,6 +301,15 @@ impl Proxy {
     /// The settings it was built from.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Serve `metrics_listen` on `listener`, bound by the caller (with
+    /// [`crate::listen`]): a binary that binds both of its ports before it
+    /// says it is listening fails at once, serving nothing, when one is
+    /// taken. Without it, [`Proxy::serve`] binds `metrics_listen` itself.
+    pub fn with_metrics_listener(mut self, listener: tokio::net::TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
+        self
     }
 
     /// The proxy's readiness. An app that serves [`Proxy::service`] itself

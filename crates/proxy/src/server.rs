@@ -93,7 +93,7 @@ impl Proxy {
     /// Connections are served on the calling runtime; see
     /// [`Proxy::serve_sharded`] for the thread-per-core server of the binary.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> std::io::Result<()> {
@@ -114,11 +114,12 @@ impl Proxy {
         self.readiness.start_draining();
         drop(listener);
         self.log_draining();
-        let cut = AtomicBool::new(false);
+        let deadline = tokio::time::Instant::now() + self.settings.drain_timeout;
+        let cut = Arc::new(AtomicBool::new(false));
         drain(graceful, self.settings.drain_timeout, &cut).await;
         log_drained(&cut);
         if let Some(metrics) = metrics_task {
-            metrics.finish().await;
+            metrics.finish(deadline, cut).await;
         }
         Ok(())
     }
@@ -137,7 +138,7 @@ impl Proxy {
     /// runtimes are dropped only once all shards are done (a background task
     /// may live on any of them).
     pub async fn serve_sharded(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> std::io::Result<()> {
@@ -217,6 +218,7 @@ impl Proxy {
             _ = drained_rx.recv() => true,
         };
         self.readiness.start_draining();
+        let deadline = tokio::time::Instant::now() + drain_timeout;
         let _ = stop_tx.send(true);
         if !early_end {
             self.log_draining();
@@ -229,7 +231,7 @@ impl Proxy {
             panicked |= thread.join().is_err();
         }
         if let Some(metrics) = metrics_task {
-            metrics.finish().await;
+            metrics.finish(deadline, cut).await;
         }
         if early_end || panicked {
             return Err(std::io::Error::other(
@@ -253,15 +255,18 @@ impl Proxy {
         }
     }
 
-    async fn spawn_metrics(&self) -> std::io::Result<Option<MetricsServer>> {
+    async fn spawn_metrics(&mut self) -> std::io::Result<Option<MetricsServer>> {
         Ok(match self.settings.metrics_listen {
             Some(addr) => {
-                let listener = listen(addr).map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("cannot listen on {addr} (`metrics_listen`): {e}"),
-                    )
-                })?;
+                let listener = match self.metrics_listener.take() {
+                    Some(bound) => bound,
+                    None => listen(addr).map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("cannot listen on {addr} (`metrics_listen`): {e}"),
+                        )
+                    })?,
+                };
                 // The port bound (a configured port 0 is the system's pick).
                 let addr = listener.local_addr().unwrap_or(addr);
                 tracing::info!(%addr, "serving /metrics");
@@ -931,16 +936,22 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 /// through its drain: a scrape then shows the requests still in flight).
 #[derive(Debug)]
 struct MetricsServer {
-    stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::oneshot::Sender<DrainEnd>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// When a drain that began on the proxy's listener is over, and whether it
+/// has cut connections already (said once in the log).
+type DrainEnd = (tokio::time::Instant, Arc<AtomicBool>);
 
 impl MetricsServer {
     /// Stop accepting, let the scrapes under way finish, close the rest,
     /// and return once its connections are closed: like the proxy's own,
-    /// they must not outlive `serve` on an embedder's runtime.
-    async fn finish(self) {
-        let _ = self.stop.send(());
+    /// they must not outlive `serve` on an embedder's runtime. Called once
+    /// the proxy's listener has drained, by `deadline`, the end of that
+    /// drain's time: the whole shutdown takes `drain_timeout` at most.
+    async fn finish(self, deadline: tokio::time::Instant, cut: Arc<AtomicBool>) {
+        let _ = self.stop.send((deadline, cut));
         let _ = self.task.await;
     }
 }
@@ -950,7 +961,7 @@ impl MetricsServer {
 async fn serve_metrics(
     listener: TcpListener,
     service: ProxyService,
-    stop: tokio::sync::oneshot::Receiver<()>,
+    stop: tokio::sync::oneshot::Receiver<DrainEnd>,
     drain_timeout: Duration,
 ) {
     let graceful = Drain::new();
@@ -961,6 +972,7 @@ async fn serve_metrics(
         per_ip: None,
     };
     let permits = Arc::new(Semaphore::new(opts.permits()));
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     accept_loop(
         &listener,
         MetricsFace(service),
@@ -968,13 +980,21 @@ async fn serve_metrics(
         permits,
         &graceful,
         async move {
-            let _ = stop.await;
+            let _ = end_tx.send(stop.await.ok());
         },
         None,
     )
     .await;
     drop(listener);
-    drain(graceful, drain_timeout, &AtomicBool::new(false)).await;
+    // (A sender dropped unused: a drain of its own.)
+    let (deadline, cut) = end_rx.await.ok().flatten().unwrap_or_else(|| {
+        (
+            tokio::time::Instant::now() + drain_timeout,
+            Arc::new(AtomicBool::new(false)),
+        )
+    });
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    drain(graceful, left, &cut).await;
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C) from the time it is
