@@ -512,3 +512,59 @@ async fn an_h2_answer_ended_after_its_last_byte_is_whole() {
         }
     }
 }
+
+/// A safe request without a body that a reused https connection took and
+/// closed unanswered (the server's keep-alive timeout ran out as it came)
+/// is sent again on a new connection, as on `http://`: the client gets the
+/// answer, not a 502.
+#[tokio::test]
+async fn a_get_on_an_https_connection_closed_unanswered_goes_out_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (acceptor, pem) = tls_acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let first_connection = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                for n in 1.. {
+                    head.clear();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match tls.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    if first_connection && n == 2 {
+                        // Closed with the request unanswered, and no
+                        // close_notify: as a server whose keep-alive
+                        // timeout ran out.
+                        return;
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                  content-length: 14\r\n\r\n{\"object\":\"x\"}";
+                    if tls.write_all(answer.as_bytes()).await.is_err() || tls.flush().await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = proxy(&https_upstream("tls-replay", port, &pem, "http2 = false")).await;
+    for n in 0..2 {
+        let answer = send(request(http::Method::GET, &p.url("/v1/files"), &[], "")).await;
+        assert_eq!(answer.status, 200, "request {n}: {}", answer.text());
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "the replay's own");
+    server.abort();
+}

@@ -393,7 +393,7 @@ async fn connect_any(
 }
 
 /// What it takes to send a safe, bodiless request again: its head.
-struct Replay {
+pub(crate) struct Replay {
     method: http::Method,
     uri: http::Uri,
     version: http::Version,
@@ -402,7 +402,7 @@ struct Replay {
 
 impl Replay {
     /// A copy of `req`'s head if it may be sent twice.
-    fn of(req: &Request<Body>) -> Option<Replay> {
+    pub(crate) fn of(req: &Request<Body>) -> Option<Replay> {
         use http::Method;
         let safe = matches!(
             *req.method(),
@@ -416,7 +416,7 @@ impl Replay {
         })
     }
 
-    fn request(self) -> Request<Body> {
+    pub(crate) fn request(self) -> Request<Body> {
         let mut req = Request::new(llm_proxy_core::empty());
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
@@ -427,18 +427,20 @@ impl Replay {
 }
 
 /// Whether the server closed the connection before any of its answer came:
-/// an end of the stream, or a reset, while hyper waited for a head.
-fn closed_unanswered(e: &hyper::Error) -> bool {
+/// an end of the stream, or a reset, while hyper waited for a head (over
+/// TLS, an end without `close_notify` is rustls' `UnexpectedEof`).
+pub(crate) fn closed_unanswered(e: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind;
-    e.is_incomplete_message()
-        || std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| {
+    crate::service::source_chain(e).any(|s| {
+        s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+            || s.downcast_ref::<std::io::Error>().is_some_and(|io| {
                 matches!(
                     io.kind(),
-                    ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+                    ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
                 )
             })
+    })
 }
 
 #[cfg(test)]

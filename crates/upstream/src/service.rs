@@ -447,7 +447,7 @@ pin_project_lite::pin_project! {
     #[project = SendingProj]
     enum Sending<P> {
         Pool { #[pin] head: HeadWithin<P> },
-        Client { #[pin] head: HeadWithin<hyper_util::client::legacy::ResponseFuture> },
+        Client { #[pin] head: HeadWithin<ClientSend> },
         Refused { #[pin] refusal: std::future::Ready<Result<Response<Body>, Error>> },
     }
 }
@@ -470,6 +470,53 @@ impl<P: PoolSend> Future for Exchange<P> {
             SendingProj::Refused { refusal } => return refusal.poll(cx),
         };
         Poll::Ready(upstream.answer(sent, *this.endpoint, this.budget.as_ref()))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request through hyper-util's client (`https://`). A safe request
+    /// without a body (`GET`, `HEAD`, `OPTIONS`, `TRACE`) that a connection
+    /// took and closed with no answer (a pooled one the server's
+    /// keep-alive timeout closed as the request arrived) goes out once
+    /// more, as [`crate::pool::Pool::send`] does on `http://`. (The client
+    /// itself sends again only a request it never wrote.)
+    struct ClientSend {
+        #[pin]
+        sent: hyper_util::client::legacy::ResponseFuture,
+        // Boxed: rarely made, and inline it would take its room in every
+        // request's future.
+        again: Option<Box<(crate::pool::Replay, HttpClient)>>,
+    }
+}
+
+impl ClientSend {
+    fn new(client: &HttpClient, req: Request<Body>) -> Self {
+        let again = crate::pool::Replay::of(&req).map(|replay| Box::new((replay, client.clone())));
+        ClientSend {
+            sent: client.request(req),
+            again,
+        }
+    }
+}
+
+impl Future for ClientSend {
+    type Output = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match std::task::ready!(this.sent.as_mut().poll(cx)) {
+                Err(e) if !e.is_connect() && crate::pool::closed_unanswered(&e) => {
+                    let Some(again) = this.again.take() else {
+                        return Poll::Ready(Err(e));
+                    };
+                    let (replay, client) = *again;
+                    tracing::debug!(error = %e, "sent again: the connection closed unanswered");
+                    this.sent.set(client.request(replay.request()));
+                }
+                sent => return Poll::Ready(sent),
+            }
+        }
     }
 }
 
@@ -588,7 +635,7 @@ impl Upstream {
                     .and_then(|i| clients.get(i))
                     .unwrap_or(&clients[clients.len() - 1]);
                 Sending::Client {
-                    head: head_within(first_byte, uploaded, waited, client.request(out)),
+                    head: head_within(first_byte, uploaded, waited, ClientSend::new(client, out)),
                 }
             }
         };
@@ -956,7 +1003,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         .map_or_else(|| e.to_string(), ToString::to_string)
 }
 
-fn source_chain<'a>(
+pub(crate) fn source_chain<'a>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(e), |e| e.source())
