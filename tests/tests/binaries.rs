@@ -1164,3 +1164,44 @@ async fn an_unread_h2c_stream_cut_is_logged_as_cut_without_a_warning() {
         "{stderr}"
     );
 }
+
+/// A backend a health check marks down is logged at `warn` with why (a
+/// wrong `tls_ca_file` or an expired certificate is found out there, with
+/// no request to fail), once, not at every probe; up again at `info`.
+#[tokio::test]
+async fn a_backend_a_probe_marks_down_is_logged_with_why() {
+    let dead = dead_port().await;
+    let (child, addr) = start_proxy(
+        "probe_down",
+        &format!(
+            "[[upstream]]\nname = \"gone\"\nurl = \"http://127.0.0.1:{dead}/v1\"\n\
+             [balance]\nhealth_check_secs = 0.1\n"
+        ),
+        "warn",
+    )
+    .await;
+    let readyz = format!("http://{addr}/readyz");
+    until_ok("the probe marks the upstream down", || {
+        let readyz = readyz.clone();
+        async move {
+            match send(request(Method::GET, &readyz, &[], "")).await.status {
+                http::StatusCode::SERVICE_UNAVAILABLE => Ok(()),
+                other => Err(other),
+            }
+        }
+    })
+    .await;
+    // More probes fail after the first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stderr = stderr_after_term(child, "the proxy stops").await;
+    let down = lines_with(
+        &stderr,
+        &["health check failed: marked down", "upstream=gone"],
+    );
+    assert_eq!(down.len(), 1, "once: {stderr}");
+    // (The port accepts and closes every connection.)
+    assert!(
+        down[0].contains("reason=upstream `gone` failed: request failed"),
+        "{stderr}"
+    );
+}

@@ -182,11 +182,15 @@ impl Health {
     /// stands (the probe is older news than the failures that ejected the
     /// backend). Outside an ejection a pass leaves the failure count alone:
     /// `/v1/models` answered says nothing of the requests that fail.
-    pub(crate) fn on_probe(&mut self, ok: bool, now: u64, seen: u64, uneject: bool) {
+    /// A probe's verdict; `true` when it changed the probes' say (down
+    /// after up, or up after down).
+    pub(crate) fn on_probe(&mut self, ok: bool, now: u64, seen: u64, uneject: bool) -> bool {
+        let changed = self.probe_down == ok;
         self.probe_down = !ok;
         if ok && uneject && self.ejections_seen == seen {
             self.end_ejection(now);
         }
+        changed
     }
 
     fn end_ejection(&mut self, now: u64) {

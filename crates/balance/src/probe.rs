@@ -78,15 +78,18 @@ where
             let seen = state.ejections_seen();
             // Judged by the head alone, within the timeout; the body is
             // read (and dropped) after, on its own bound.
-            let (ok, body) = tokio::time::timeout(timeout, probe(svc, &check.path))
+            let (probed, body) = tokio::time::timeout(timeout, probe(svc, &check.path))
                 .await
-                .unwrap_or((Some(false), None));
+                .unwrap_or_else(|_| {
+                    let why = format!("no answer within {} ms", timeout.as_millis());
+                    (Probed::Down(why), None)
+                });
             let sent = Sent {
                 at: sent,
                 ejections_seen: seen,
                 now: epoch.now(),
             };
-            record(&state, &sent, ok, check.uneject);
+            record(&state, &sent, probed, check.uneject);
             // Drained beside the rounds, not in them: a slow body must not
             // hold the next round back.
             if let Some(body) = body {
@@ -107,12 +110,27 @@ struct Sent {
     now: u64,
 }
 
-/// What a probe's answer (`Some(healthy)`, or `None` when busy: a 429, or a 503 with `retry-after`) says of
-/// its backend; `uneject`: a pass ends an ejection it was sent in.
-fn record(state: &crate::state::BackendState, sent: &Sent, ok: Option<bool>, uneject: bool) {
-    // A probe refused as busy says the server is up: requests'
-    // own refusals rest it; the probe changes nothing.
-    let Some(ok) = ok else { return };
+/// What a probe's answer says of its backend.
+enum Probed {
+    Up,
+    /// Refused as busy (a 429, or a 503 with `retry-after`): up.
+    Busy,
+    /// Down, and why.
+    Down(String),
+}
+
+/// What a probe's answer says of its backend; `uneject`: a pass ends an
+/// ejection it was sent in. A backend a probe marks down, or up again, is
+/// logged (down at `warn`, with why: an expired certificate or a wrong
+/// `tls_ca_file` is found out here first, with no request to fail).
+fn record(state: &crate::state::BackendState, sent: &Sent, probed: Probed, uneject: bool) {
+    let ok = match &probed {
+        // A probe refused as busy says the server is up: requests'
+        // own refusals rest it; the probe changes nothing.
+        Probed::Busy => return,
+        Probed::Up => true,
+        Probed::Down(_) => false,
+    };
     // Requests answered while the probe waited are newer news than its
     // failure (a server busy with them may be slow to list its models, or
     // time the probe out): it stays up.
@@ -120,21 +138,30 @@ fn record(state: &crate::state::BackendState, sent: &Sent, ok: Option<bool>, une
         tracing::debug!(upstream = %state.name, "health check failed, but requests were answered meanwhile");
         return;
     }
-    state.update_health(|h| h.on_probe(ok, sent.now, sent.ejections_seen, uneject));
-    if !ok {
-        tracing::debug!(upstream = %state.name, "health check failed");
+    let changed = state.update_health(|h| h.on_probe(ok, sent.now, sent.ejections_seen, uneject));
+    match probed {
+        Probed::Down(why) if changed => {
+            tracing::warn!(upstream = %state.name, reason = %why, "health check failed: marked down");
+        }
+        Probed::Down(why) => {
+            tracing::debug!(upstream = %state.name, reason = %why, "health check failed");
+        }
+        Probed::Up if changed => {
+            tracing::info!(upstream = %state.name, "health check passed: marked up");
+        }
+        Probed::Up | Probed::Busy => {}
     }
 }
 
-/// One probe: `Some(healthy)`, or `None` when busy (up: a 429, or a 503 with `retry-after`), and the
-/// answer's body, still to be drained.
-async fn probe<S>(svc: S, path: &str) -> (Option<bool>, Option<Body>)
+/// One probe's verdict, and the answer's body, still to be drained.
+async fn probe<S>(svc: S, path: &str) -> (Probed, Option<Body>)
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Error> + Send + 'static,
     S::Future: Send + 'static,
 {
-    let Ok(req) = Request::get(path).body(llm_proxy_core::empty()) else {
-        return (Some(false), None);
+    let req = match Request::get(path).body(llm_proxy_core::empty()) {
+        Ok(req) => req,
+        Err(e) => return (Probed::Down(format!("bad path `{path}`: {e}")), None),
     };
     match crate::attempt::call(svc, req).await {
         Ok(resp) => {
@@ -145,10 +172,16 @@ where
                 crate::attempt::classify_head(status, resp.headers()),
                 crate::attempt::Verdict::Throttled(_) | crate::attempt::Verdict::Shedding(_)
             );
-            let ok = (!busy).then_some(status.is_success());
-            (ok, Some(resp.into_body()))
+            let probed = if busy {
+                Probed::Busy
+            } else if status.is_success() {
+                Probed::Up
+            } else {
+                Probed::Down(format!("status {}", status.as_u16()))
+            };
+            (probed, Some(resp.into_body()))
         }
-        Err(_) => (Some(false), None),
+        Err(e) => (Probed::Down(e.to_string()), None),
     }
 }
 

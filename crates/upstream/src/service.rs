@@ -814,6 +814,16 @@ impl Upstream {
         }
     }
 
+    /// A connect (TCP, and TLS for `https://`) that did not end within
+    /// `connect_timeout_ms`.
+    fn connect_timed_out(&self) -> Error {
+        tracing::debug!(upstream = %self.inner.name.0, "could not connect: timed out");
+        Error::UpstreamTimeout {
+            upstream: self.inner.name.0.clone(),
+            phase: "connecting",
+        }
+    }
+
     pub(crate) fn classify_pool(&self, e: SendError) -> Error {
         if let SendError::Request(e) = &e
             && let Some(client) = client_fault(e)
@@ -821,12 +831,7 @@ impl Upstream {
             return client;
         }
         let (what, root) = match e {
-            SendError::ConnectTimeout => {
-                return Error::UpstreamTimeout {
-                    upstream: self.inner.name.0.clone(),
-                    phase: "connecting",
-                };
-            }
+            SendError::ConnectTimeout => return self.connect_timed_out(),
             SendError::Connect(e) => {
                 if let Some(reason) = out_of_resources(&*e).or_else(descriptors_exhausted) {
                     return self.out_of_resources(reason);
@@ -834,10 +839,7 @@ impl Upstream {
                 // A connect (TCP and TLS) past its time, as the client's
                 // connector bounds it ([`TimedConnector`]).
                 if timed_out(&*e) {
-                    return Error::UpstreamTimeout {
-                        upstream: self.inner.name.0.clone(),
-                        phase: "connecting",
-                    };
+                    return self.connect_timed_out();
                 }
                 ("could not connect", root_cause(&*e))
             }
@@ -862,10 +864,7 @@ impl Upstream {
             return self.out_of_resources(reason);
         }
         if timed_out(e) {
-            return Error::UpstreamTimeout {
-                upstream: self.inner.name.0.clone(),
-                phase: "connecting",
-            };
+            return self.connect_timed_out();
         }
         if let Some(reason) = unprocessed(e) {
             tracing::debug!(upstream = %self.inner.name.0, reason, "request not taken");
