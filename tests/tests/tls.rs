@@ -103,6 +103,10 @@ async fn https_upstream_with_private_ca() {
     let untrusted = proxy(&one_upstream(&url, "")).await;
     let answer = post_json(&untrusted.url("/v1/chat/completions"), &chat("m", false)).await;
     answer.assert_error(502, "upstream_error", "bad_gateway");
+    // Its kind, not rustls' account (the certificate's names and dates).
+    let said = answer.text();
+    assert!(said.contains("certificate was not accepted"), "{said}");
+    assert!(!said.contains("UnknownIssuer"), "{said}");
     assert_eq!(stats.requests(), 1);
     task.abort();
 }

@@ -880,8 +880,44 @@ impl Upstream {
             "request failed"
         };
         tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
-        self.bad_gateway(format!("{what}: {root}"))
+        match tls_failure(e) {
+            Some(tls) => self.bad_gateway(format!("{what}: {tls}")),
+            None => self.bad_gateway(format!("{what}: {root}")),
+        }
     }
+}
+
+/// What the client is told of a TLS failure in `e`'s chain: its kind, not
+/// rustls' account of it, which names the upstream certificate's host
+/// names and addresses (internal ones, often) and its validity dates. The
+/// proxy's log has the whole (at `debug`, and a health check's `warn`).
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    rustls_error(e).map(|tls| match tls {
+        rustls::Error::InvalidCertificate(_) => {
+            "the upstream's TLS certificate was not accepted (why: in the proxy's log, at debug)"
+        }
+        rustls::Error::InvalidMessage(_) => {
+            "the upstream did not answer in TLS (is it an http:// server?)"
+        }
+        rustls::Error::AlertReceived(_) => "the upstream refused the TLS handshake",
+        _ => "TLS failed (why: in the proxy's log, at debug)",
+    })
+}
+
+/// The rustls error in `e`'s chain, also inside an `io::Error` (whose
+/// `source` skips the error it wraps).
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+        && let Some(tls) = rustls_error(inner)
+    {
+        return Some(tls);
+    }
+    e.source().and_then(rustls_error)
 }
 
 /// Whether an I/O error in `e`'s chain timed out.
