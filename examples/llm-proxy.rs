@@ -133,15 +133,16 @@ fn main() -> ExitCode {
         // Both ports before anything is served: a replacement started
         // while the old process drains (which keeps `metrics_listen` open
         // to the end, for its readiness probe) fails here, at once.
-        let metrics_listener = match settings.metrics_listen.map(llm_proxy::listen) {
-            None => None,
-            Some(Ok(l)) => Some(l),
-            Some(Err(e)) => {
-                let at = settings.metrics_listen.unwrap_or(addr);
-                say!("llm-proxy: cannot listen on {at} (`metrics_listen`): {e}");
-                return ExitCode::FAILURE;
+        let mut metrics_listener = None;
+        if let Some(at) = settings.metrics_listen {
+            match llm_proxy::listen(at) {
+                Ok(l) => metrics_listener = Some(l),
+                Err(e) => {
+                    say!("llm-proxy: cannot listen on {at} (`metrics_listen`): {e}");
+                    return ExitCode::FAILURE;
+                }
             }
-        };
+        }
         let mut proxy = match Proxy::build(settings).await {
             Ok(p) => p,
             Err(e) => {

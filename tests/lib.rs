@@ -829,3 +829,25 @@ pub mod ws {
         tokio::time::timeout(HANG, reading).await.is_ok()
     }
 }
+
+/// A TLS acceptor with a self-signed certificate for `localhost` that
+/// offers h2 and http/1.1 by ALPN, and the certificate's PEM.
+pub fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let pem = cert.cert.pem();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let chain = vec![CertificateDer::from(cert.cert.der().to_vec())];
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+        pem,
+    )
+}

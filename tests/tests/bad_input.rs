@@ -1899,3 +1899,33 @@ async fn frames_a_follower_still_holds_stay_counted_in_the_budget() {
     wait_answers(&p, 0).await;
     drop(follower);
 }
+
+/// A refused event whose pieces came in one read (two chunks of the
+/// upstream's, gathered into one frame) is withheld too, with the events
+/// before it in the same frame going on.
+#[tokio::test]
+async fn a_refused_event_in_pieces_read_together_is_withheld() {
+    let addr = raw_upstream(|mut conn| async move {
+        use tokio::io::AsyncWriteExt;
+        if read_request(&mut conn).await.is_none() {
+            return;
+        }
+        let first = "data: {\"choices\":[]}\n\ndata: {not";
+        let second = " json\n\n";
+        // One write: both chunks reach the proxy in one read.
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+             transfer-encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n{:x}\r\n{second}\r\n",
+            first.len(),
+            second.len()
+        );
+        let _ = conn.write_all(answer.as_bytes()).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let (body, broke) = stream_through(addr).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_interrupted(&body, broke);
+    assert!(body.starts_with("data: {\"choices\":[]}\n\n"), "{body}");
+    assert!(!body.contains("{not"), "{body}");
+}

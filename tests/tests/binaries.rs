@@ -1205,3 +1205,53 @@ async fn a_backend_a_probe_marks_down_is_logged_with_why() {
         "{stderr}"
     );
 }
+
+/// An https upstream whose certificate the proxy does not trust: the
+/// client's 502 says so in a word, and the log says why at `warn` (once
+/// per period, not per request), beside the probe's "marked down".
+#[tokio::test]
+async fn a_tls_failure_is_logged_with_why_at_warn() {
+    let (acceptor, _pem) = tls_acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    let (child, addr) = start_proxy(
+        "tls_warn",
+        &format!(
+            "[[upstream]]\nname = \"untrusted\"\nurl = \"https://localhost:{port}/v1\"\n\
+             [balance]\nhealth_check_secs = 0.1\nmax_retries = 0\n"
+        ),
+        "warn",
+    )
+    .await;
+    let url = format!("http://{addr}/v1/chat/completions");
+    for _ in 0..3 {
+        let answer = post_json(&url, &chat("m", false)).await;
+        assert_eq!(answer.status, 502, "{}", answer.text());
+        assert!(
+            answer.text().contains("certificate was not accepted"),
+            "{}",
+            answer.text()
+        );
+    }
+    let stderr = stderr_after_term(child, "the proxy stops").await;
+    let tls = lines_with(
+        &stderr,
+        &["TLS with the upstream failed", "upstream=untrusted"],
+    );
+    assert_eq!(tls.len(), 1, "once a period: {stderr}");
+    assert!(tls[0].contains("UnknownIssuer"), "{stderr}");
+    let down = lines_with(
+        &stderr,
+        &["health check failed: marked down", "upstream=untrusted"],
+    );
+    assert_eq!(down.len(), 1, "{stderr}");
+    server.abort();
+}

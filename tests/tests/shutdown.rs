@@ -168,9 +168,9 @@ async fn the_metrics_listener_drains_within_the_same_deadline() {
         .unwrap();
     p.stop().await.expect("serve returns Ok");
     let took = began.elapsed();
-    // 2 s and what the cut takes; a second drain after the first would
-    // have made it 4 s. (A wide margin: no timing of the machine's.)
-    assert!(took < std::time::Duration::from_millis(3500), "{took:?}");
+    // 2 s and what the cut takes: a second drain after the first takes
+    // 4 s at least (not a measure of speed: the bound is the behaviour's).
+    assert!(took < std::time::Duration::from_secs(4), "{took:?}");
     let (_, broke) = read_stream(resp).await;
     assert!(broke, "the stream was cut at the drain's timeout");
     drop(probe);

@@ -5,28 +5,9 @@ use std::sync::Arc;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tests::*;
 
 type Negotiated = Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>;
-
-/// A TLS acceptor with a self-signed certificate for `localhost` that
-/// offers h2 and http/1.1 by ALPN, and the certificate's PEM.
-fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let pem = cert.cert.pem();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-    let chain = vec![CertificateDer::from(cert.cert.der().to_vec())];
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), pem)
-}
 
 /// The config of one upstream at `https://localhost:{port}/v1` whose
 /// certificate `pem` is trusted through `tls_ca_file` (written in the

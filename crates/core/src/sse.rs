@@ -672,6 +672,13 @@ impl Outlines {
         self
     }
 
+    /// The bytes pushed so far (the last push's included, whether it
+    /// failed or not): the offset in the stream of the next chunk's first
+    /// byte, as the spans of [`Outlines::push_spanned`] count.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
     /// Feeds the next bytes of the stream, calling `each` with every event
     /// they complete, in order. An error from `each` stops the read at that
     /// event and is returned; the rest of `chunk` is not read.

@@ -303,10 +303,12 @@ impl Proxy {
         &self.settings
     }
 
-    /// Serve `metrics_listen` on `listener`, bound by the caller (with
-    /// [`crate::listen`]): a binary that binds both of its ports before it
-    /// says it is listening fails at once, serving nothing, when one is
-    /// taken. Without it, [`Proxy::serve`] binds `metrics_listen` itself.
+    /// Serve `/metrics` (with `/healthz` and `/readyz`) on `listener`,
+    /// bound by the caller (with [`crate::listen`]), as `metrics_listen`
+    /// would: a binary that binds both of its ports before it says it is
+    /// listening fails at once, serving nothing, when one is taken. It
+    /// takes the place of `metrics_listen` (served on it even when that is
+    /// unset); without it, [`Proxy::serve`] binds `metrics_listen` itself.
     pub fn with_metrics_listener(mut self, listener: tokio::net::TcpListener) -> Self {
         self.metrics_listener = Some(listener);
         self

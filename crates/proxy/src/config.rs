@@ -1379,22 +1379,22 @@ fn validate(path: &Path, src: &str, cfg: Config) -> Result<Settings, ConfigError
                         ),
                     ));
                 }
+                // (A variable set from a file or a paste often ends in a
+                // newline or a space: sent, the key is wrong, and HTTP/2
+                // calls such a value malformed.)
+                if key.trim_matches([' ', '\t', '\r', '\n']) != key {
+                    return Err(err(
+                        k.span(),
+                        format!(
+                            "upstream `{name}`: `api_key` has space or a line break at an end: it would be sent as part of the key"
+                        ),
+                    ));
+                }
                 if http::HeaderValue::from_str(&key).is_err() {
                     return Err(err(
                         k.span(),
                         format!(
                             "upstream `{name}`: `api_key` must be printable text (it is sent as a header)"
-                        ),
-                    ));
-                }
-                // (A variable set from a file or a paste often ends in a
-                // newline or a space: sent, the key is wrong, and HTTP/2
-                // calls such a value malformed.)
-                if key.trim_matches([' ', '\t']) != key {
-                    return Err(err(
-                        k.span(),
-                        format!(
-                            "upstream `{name}`: `api_key` has space at an end: it would be sent as part of the key"
                         ),
                     ));
                 }
@@ -2117,21 +2117,16 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_url(s: &str) -> Result<http::Uri, String> {
-    let parsed = s.parse::<http::Uri>();
-    // An `@` is userinfo unless the URL parses with a host (and port) free
-    // of it: then it is in the path (`/v1/team@prod`). A password holding
-    // a `/` parses as a host whose port is the password's start.
+    // Before parsing, and anywhere: a password with a `/` would read as a
+    // host and a path (`user:2024/secret@host` as host `user`, port 2024),
+    // and the password be sent as the path. An `@` a path holds is `%40`.
     if s.contains('@') {
-        let in_path_only = parsed
-            .as_ref()
-            .ok()
-            .and_then(http::Uri::authority)
-            .is_some_and(|a| !a.as_str().contains('@') && llm_proxy_upstream::port_of(a).is_ok());
-        if !in_path_only {
-            return Err("credentials in the URL are not sent: give the key as `api_key`".into());
-        }
+        return Err(
+            "credentials in the URL are not sent: give the key as `api_key` (an `@` in the path is written `%40`)"
+                .into(),
+        );
     }
-    let uri = parsed.map_err(|e| format!("{e}"))?;
+    let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => return Err("the scheme must be http:// or https://".into()),
@@ -2445,19 +2440,30 @@ mod tests {
         ] {
             refused(MIN.replace("http://127.0.0.1:9/v1", url), says);
         }
-        // An `@` in the path is no userinfo.
+        // An `@` in the path is written `%40`: a raw one could be a
+        // password's, and is refused.
         let settings = load(&MIN.replace(
             "http://127.0.0.1:9/v1",
-            "https://gw.example.com/v1/team@prod",
+            "https://gw.example.com/v1/team%40prod",
         ))
         .unwrap();
         assert!(
-            matches!(&settings.upstreams[0].target, Target::Url(u) if u.path() == "/v1/team@prod")
+            matches!(&settings.upstreams[0].target, Target::Url(u) if u.path() == "/v1/team%40prod")
         );
-        for key in [" sk-1", "sk-1 ", "sk-1\t"] {
+        for url in [
+            "https://gw.example.com/v1/team@prod",
+            "https://user:2024/secret@api.example.com/v1",
+        ] {
+            refused(
+                MIN.replace("http://127.0.0.1:9/v1", url),
+                "credentials in the URL are not sent",
+            );
+        }
+        // (A tab as it is; a line break as TOML escapes it.)
+        for key in [" sk-1", "sk-1 ", "sk-1\t", "sk-1\\n", "sk-1\\r\\n"] {
             refused(
                 format!("{MIN}api_key = \"{key}\"\n"),
-                "t.toml:4: upstream `a`: `api_key` has space at an end",
+                "t.toml:4: upstream `a`: `api_key` has space or a line break at an end",
             );
         }
         refused(

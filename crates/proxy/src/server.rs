@@ -117,10 +117,10 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + self.settings.drain_timeout;
         let cut = Arc::new(AtomicBool::new(false));
         drain(graceful, self.settings.drain_timeout, &cut).await;
-        log_drained(&cut);
         if let Some(metrics) = metrics_task {
-            metrics.finish(deadline, cut).await;
+            metrics.finish(deadline, cut.clone()).await;
         }
+        log_drained(&cut);
         Ok(())
     }
 
@@ -223,7 +223,6 @@ impl Proxy {
         if !early_end {
             self.log_draining();
             while drained_rx.recv().await.is_some() {}
-            log_drained(&cut);
         }
         let _ = exit_tx.send(true);
         let mut panicked = false;
@@ -231,7 +230,10 @@ impl Proxy {
             panicked |= thread.join().is_err();
         }
         if let Some(metrics) = metrics_task {
-            metrics.finish(deadline, cut).await;
+            metrics.finish(deadline, cut.clone()).await;
+        }
+        if !early_end {
+            log_drained(&cut);
         }
         if early_end || panicked {
             return Err(std::io::Error::other(
@@ -256,20 +258,23 @@ impl Proxy {
     }
 
     async fn spawn_metrics(&mut self) -> std::io::Result<Option<MetricsServer>> {
-        Ok(match self.settings.metrics_listen {
-            Some(addr) => {
-                let listener = match self.metrics_listener.take() {
-                    Some(bound) => bound,
-                    None => listen(addr).map_err(|e| {
-                        std::io::Error::new(
-                            e.kind(),
-                            format!("cannot listen on {addr} (`metrics_listen`): {e}"),
-                        )
-                    })?,
-                };
+        let listener = match (self.metrics_listener.take(), self.settings.metrics_listen) {
+            (Some(bound), _) => Some(bound),
+            (None, Some(addr)) => Some(listen(addr).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} (`metrics_listen`): {e}"),
+                )
+            })?),
+            (None, None) => None,
+        };
+        Ok(match listener {
+            Some(listener) => {
                 // The port bound (a configured port 0 is the system's pick).
-                let addr = listener.local_addr().unwrap_or(addr);
-                tracing::info!(%addr, "serving /metrics");
+                match listener.local_addr() {
+                    Ok(addr) => tracing::info!(%addr, "serving /metrics"),
+                    Err(_) => tracing::info!("serving /metrics"),
+                }
                 let (stop, stopped) = tokio::sync::oneshot::channel();
                 let task = tokio::spawn(serve_metrics(
                     listener,

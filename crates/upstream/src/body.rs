@@ -26,8 +26,9 @@ pin_project_lite::pin_project! {
     ///   does not parse every event) gets one final error event with the
     ///   code `stream_interrupted` and then fails, so the client's
     ///   connection is closed rather than cleanly ended (an event it
-    ///   refuses, and what came after it, are withheld unless the client
-    ///   holds the event's start already);
+    ///   refuses, and what came after it, are withheld unless a frame that
+    ///   went out already holds its start, or a comment line since the
+    ///   event before it);
     /// - when dropped (the client went away), drops the upstream body, which
     ///   closes the upstream connection and stops the upstream's work.
     pub struct UpstreamBody {
@@ -80,11 +81,9 @@ struct StreamWatch {
     done: bool,
     /// A Responses stream's numbering, for an error event the proxy adds.
     numbers: SequenceNumbers,
-    /// Bytes observed, the last chunk's included.
-    seen: u64,
     /// Where in the stream the event the watch refused begins (just past
-    /// the blank line that ended the one before), when it refused a whole
-    /// event.
+    /// the blank line that ended the one before: with any comment lines
+    /// between the two), when it refused a whole event.
     refused_at: Option<u64>,
 }
 
@@ -146,7 +145,6 @@ impl UpstreamBody {
                     outlines: Outlines::new(),
                     done: false,
                     numbers: SequenceNumbers::default(),
-                    seen: 0,
                     refused_at: None,
                 })
             }),
@@ -185,11 +183,9 @@ impl StreamWatch {
             outlines,
             done,
             numbers,
-            seen,
             refused_at,
         } = self;
         let kind = *kind;
-        *seen += chunk.len() as u64;
         *refused_at = None;
         outlines.push_spanned(chunk, |event, span| {
             let read = Self::read(kind, done, numbers, &event);
@@ -318,7 +314,12 @@ impl HttpBody for UpstreamBody {
                     Ok(data) => data,
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 };
-                let mut watched = watch(this.watch, this.upstream, this.state, &mut data);
+                let start = frame_start(this.watch);
+                let first = watch(this.watch, this.upstream, this.state, &data, start);
+                if let Err(Some(keep)) = first {
+                    data.truncate(keep);
+                }
+                let mut watched = first.is_ok();
                 if watched && data.len() < GATHER_MAX && !this.inner.is_end_stream() {
                     // Whatever else the upstream has sent already goes
                     // out with this frame: one frame through the layers
@@ -327,7 +328,7 @@ impl HttpBody for UpstreamBody {
                     let mut gathered: Option<BytesMut> = None;
                     let mut len = data.len();
                     while watched && len < GATHER_MAX {
-                        let mut next = match poll_next(this.inner.as_mut(), this.lease, cx) {
+                        let next = match poll_next(this.inner.as_mut(), this.lease, cx) {
                             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                                 Ok(next) => next,
                                 Err(frame) => {
@@ -341,7 +342,8 @@ impl HttpBody for UpstreamBody {
                             }
                             Poll::Pending => break,
                         };
-                        watched = watch(this.watch, this.upstream, this.state, &mut next);
+                        let seen = watch(this.watch, this.upstream, this.state, &next, start);
+                        watched = seen.is_ok();
                         len += next.len();
                         let buf = gathered.get_or_insert_with(|| {
                             let mut buf = BytesMut::with_capacity(2 * len);
@@ -349,6 +351,9 @@ impl HttpBody for UpstreamBody {
                             buf
                         });
                         buf.extend_from_slice(&next);
+                        if let Err(Some(keep)) = seen {
+                            buf.truncate(keep);
+                        }
                     }
                     if let Some(buf) = gathered {
                         data = buf.freeze();
@@ -468,48 +473,52 @@ fn poll_next(
     }
 }
 
-/// Show a data frame to the stream's watch; `false` when the stream broke
-/// there (the state is then set to end it, after what is left of this
-/// frame).
+/// Where the next frame to go out begins in the watched stream.
+fn frame_start(watch: &Option<Box<StreamWatch>>) -> u64 {
+    watch.as_ref().map_or(0, |w| w.outlines.pushed())
+}
+
+/// Show a chunk of the frame that began at `frame_start` in the stream to
+/// the stream's watch. `Err` when the stream broke there (the state is
+/// then set to end it, after the frame), with how many bytes of the frame
+/// go out: `Some(n)` when the refused event began in it (the client gets
+/// the whole events before it, then the error event: an SDK reads `data:
+/// {not json` as its own parse error, not the API error it can handle, and
+/// the events after it would be read as if nothing had happened), `None`
+/// for all of it, when the client holds the event's start already (or
+/// lines before it: a keep-alive comment counts).
 fn watch(
     watch: &mut Option<Box<StreamWatch>>,
     upstream: &str,
     state: &mut State,
-    data: &mut Bytes,
-) -> bool {
+    chunk: &[u8],
+    frame_start: u64,
+) -> Result<(), Option<usize>> {
     let Some(watch) = watch else {
-        return true;
+        return Ok(());
     };
-    match watch.observe(data) {
-        Ok(()) => true,
-        Err(why) => {
-            let frame_start = watch.seen - data.len() as u64;
-            let cut = match watch.refused_at.and_then(|at| at.checked_sub(frame_start)) {
-                // The refused event begins in this frame: the client gets
-                // the whole events before it, then the error event (an
-                // SDK reads `data: {not json` as its own parse error, not
-                // the API error it can handle; events after it would be
-                // read as if nothing had happened).
-                Some(keep) => {
-                    data.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
-                    false
-                }
-                // It began in a frame the client has: this one goes on
-                // too, then the error event (or, if it ends mid-event, just
-                // the failure). The events past the bad one reach the
-                // client: their numbers count (the parser stopped at the
-                // bad one).
-                None => {
-                    if watch.kind == StreamKind::Responses {
-                        watch.numbers.observe(data);
-                    }
-                    !ends_an_event(data)
-                }
-            };
-            *state = State::interrupt(upstream, why, Some(&**watch), cut);
-            false
+    let Err(why) = watch.observe(chunk) else {
+        return Ok(());
+    };
+    let keep = watch
+        .refused_at
+        .and_then(|at| at.checked_sub(frame_start))
+        .map(|keep| usize::try_from(keep).unwrap_or(usize::MAX));
+    let cut = match keep {
+        Some(_) => false,
+        // The frame goes on, then the error event (or, if it ends
+        // mid-event, just the failure). The events past the bad one reach
+        // the client: their numbers count (the parser stopped at the bad
+        // one).
+        None => {
+            if watch.kind == StreamKind::Responses {
+                watch.numbers.observe(chunk);
+            }
+            !ends_an_event(chunk)
         }
-    }
+    };
+    *state = State::interrupt(upstream, why, Some(&**watch), cut);
+    Err(keep)
 }
 
 /// Whether `frame` ends with the blank line that ends an event: the client
@@ -596,32 +605,31 @@ mod tests {
             outlines: Outlines::new(),
             done: false,
             numbers: SequenceNumbers::default(),
-            seen: 0,
             refused_at: None,
         }
     }
 
-    /// The watch's verdict on `frames` (the last one breaking the stream),
-    /// the last frame as it goes on, and the error event to come.
+    /// The watch's verdict on `frames` (each read alone; the last one
+    /// breaking the stream), the last frame as it goes on, and the error
+    /// event to come.
     fn refused(kind: StreamKind, frames: &[&'static [u8]]) -> (Bytes, Option<String>) {
         let mut watched = Some(Box::new(watch(kind)));
         let mut state = State::Streaming;
         let (last, before) = frames.split_last().expect("a frame");
         for frame in before {
-            assert!(super::watch(
-                &mut watched,
-                "u",
-                &mut state,
-                &mut Bytes::from_static(frame)
-            ));
+            let start = frame_start(&watched);
+            assert!(super::watch(&mut watched, "u", &mut state, frame, start).is_ok());
         }
-        let mut last = Bytes::from_static(last);
-        assert!(!super::watch(&mut watched, "u", &mut state, &mut last));
+        let start = frame_start(&watched);
+        let Err(keep) = super::watch(&mut watched, "u", &mut state, last, start) else {
+            panic!("the stream is to break")
+        };
+        let sent = Bytes::from_static(&last[..keep.unwrap_or(last.len())]);
         let State::Interrupting { event, .. } = state else {
             panic!("the stream is to end")
         };
         let event = event.map(|e| String::from_utf8(e.to_vec()).unwrap());
-        (last, event)
+        (sent, event)
     }
 
     #[test]

@@ -102,7 +102,13 @@ pub(crate) struct Inner {
     pub(crate) upgrades: Option<Connector>,
     pub(crate) first_byte_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    /// TLS failures are logged at `warn` (a certificate expired, a root
+    /// missing: the operator's to fix), at most one line per period.
+    tls_warnings: llm_proxy_core::throttle::LogThrottle,
 }
+
+/// The least time between two `warn` lines of an upstream's TLS failures.
+const TLS_WARN_EVERY_MS: u64 = 10_000;
 
 const ANTHROPIC_VERSION_HEADER: HeaderName = HeaderName::from_static("anthropic-version");
 
@@ -256,6 +262,7 @@ impl Upstream {
                 upgrades,
                 first_byte_timeout: cfg.first_byte_timeout,
                 idle_timeout: cfg.idle_timeout,
+                tls_warnings: llm_proxy_core::throttle::LogThrottle::default(),
             }),
         })
     }
@@ -479,7 +486,10 @@ pin_project_lite::pin_project! {
     /// took and closed with no answer (a pooled one the server's
     /// keep-alive timeout closed as the request arrived) goes out once
     /// more, as [`crate::pool::Pool::send`] does on `http://`. (The client
-    /// itself sends again only a request it never wrote.)
+    /// itself sends again only a request it never wrote.) Unlike the pool,
+    /// the client does not say whether the connection was a reused one: a
+    /// new one that closed unanswered sends it again too, which a safe
+    /// request allows (RFC 9110, 9.2.2).
     struct ClientSend {
         #[pin]
         sent: hyper_util::client::legacy::ResponseFuture,
@@ -879,28 +889,38 @@ impl Upstream {
         } else {
             "request failed"
         };
-        tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
-        match tls_failure(e) {
-            Some(tls) => self.bad_gateway(format!("{what}: {tls}")),
-            None => self.bad_gateway(format!("{what}: {root}")),
+        let Some(tls) = tls_failure(e) else {
+            tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
+            return self.bad_gateway(format!("{what}: {root}"));
+        };
+        // (Any millisecond clock: only this path reads it.)
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let Some(suppressed) = self.inner.tls_warnings.due(now, TLS_WARN_EVERY_MS) {
+            tracing::warn!(upstream = %self.inner.name.0, error = %root, suppressed, "TLS with the upstream failed");
+        } else {
+            tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
         }
+        self.bad_gateway(format!("{what}: {tls}"))
     }
 }
 
 /// What the client is told of a TLS failure in `e`'s chain: its kind, not
 /// rustls' account of it, which names the upstream certificate's host
 /// names and addresses (internal ones, often) and its validity dates. The
-/// proxy's log has the whole (at `debug`, and a health check's `warn`).
+/// proxy's log has the whole: a `warn` line at most every 10 s per
+/// upstream, `debug` for the others.
 fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     rustls_error(e).map(|tls| match tls {
         rustls::Error::InvalidCertificate(_) => {
-            "the upstream's TLS certificate was not accepted (why: in the proxy's log, at debug)"
+            "the upstream's TLS certificate was not accepted (the proxy's log says why)"
         }
         rustls::Error::InvalidMessage(_) => {
             "the upstream did not answer in TLS (is it an http:// server?)"
         }
         rustls::Error::AlertReceived(_) => "the upstream refused the TLS handshake",
-        _ => "TLS failed (why: in the proxy's log, at debug)",
+        _ => "TLS failed (the proxy's log says why)",
     })
 }
 
