@@ -1038,3 +1038,67 @@ async fn first_byte_is_timed_for_an_empty_body_and_not_for_a_failed_one() {
         assert!(text.contains(needle), "metrics lack `{needle}`:\n{text}");
     }
 }
+
+/// An upstream's own `x-llm-proxy-*` headers (another proxy's, or forged)
+/// do not reach the client: they would tell of a cache, an estimate or an
+/// overhead this proxy does not have.
+#[tokio::test]
+async fn an_upstreams_x_llm_proxy_headers_are_not_passed_on() {
+    let addr = raw_upstream(|mut conn| async move {
+        use tokio::io::AsyncWriteExt;
+        while read_request(&mut conn).await.is_some() {
+            let body = r#"{"object":"list","data":[]}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 x-llm-proxy-cache: hit\r\nx-llm-proxy-estimate: true\r\n\
+                 x-llm-proxy-overhead-ms: 999\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if conn.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy(&format!(
+        "overhead_header = false\n{}",
+        one_upstream(&format!("http://{addr}/v1"), "")
+    ))
+    .await;
+    let answer = send(request(Method::GET, &proxy.url("/v1/files"), &[], "")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    for name in [
+        "x-llm-proxy-cache",
+        "x-llm-proxy-estimate",
+        "x-llm-proxy-overhead-ms",
+    ] {
+        assert!(
+            answer.header(name).is_none(),
+            "{name}: {:?}",
+            answer.headers
+        );
+    }
+    assert_eq!(answer.header("x-llm-proxy-upstream"), Some("up"));
+}
+
+/// A chunked body on a `GET` goes on (hyper's HTTP/1 client sends a body
+/// of unknown length on a `GET` only when told its coding).
+#[tokio::test]
+async fn a_chunked_body_on_a_get_reaches_the_upstream() {
+    use tokio::io::AsyncWriteExt;
+    let up = mock_named("m").await;
+    let proxy = proxy(&one_upstream(&up.base_url(), "")).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    conn.write_all(
+        b"GET /v1/files/f1 HTTP/1.1\r\nhost: p\r\nconnection: close\r\ncontent-type: application/json\r\n\
+          transfer-encoding: chunked\r\n\r\na\r\nhello-body\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = answer_text(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    eventually("the upstream got the body", || {
+        up.stats.last_request_body().as_deref() == Some(b"hello-body".as_slice())
+    })
+    .await;
+}

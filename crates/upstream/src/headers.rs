@@ -71,9 +71,12 @@ pub fn settable_header(name: &HeaderName) -> Result<(), &'static str> {
     }
 }
 
-/// Hop-by-hop headers of a response, and cookies and proxy authentication
+/// Hop-by-hop headers of a response, cookies and proxy authentication
 /// (RFC 9110 §11.7): the upstream's are for the proxy, its client, not for
-/// the proxy's clients.
+/// the proxy's clients. And the proxy's own `x-llm-proxy-*`, which say
+/// what this proxy did (a cache hit, an estimate, its overhead): an
+/// upstream's (another proxy's, or a forged one) would tell the client of
+/// a cache or an estimate this one does not have.
 fn stripped_from_response(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -87,7 +90,7 @@ fn stripped_from_response(name: &HeaderName) -> bool {
             | "upgrade"
             | "keep-alive"
             | "proxy-connection"
-    )
+    ) || name.as_str().starts_with("x-llm-proxy-")
 }
 
 /// Remove hop-by-hop headers (also those named by `connection`), the client's

@@ -688,6 +688,17 @@ impl Upstream {
             None => {
                 if let Some(length) = client_length {
                     parts.headers.insert(header::CONTENT_LENGTH, length);
+                } else if !http_body::Body::is_end_stream(&body)
+                    && matches!(parts.method, http::Method::GET | http::Method::HEAD)
+                {
+                    // A body of unknown length (chunked) on a method that
+                    // seldom has one: hyper's HTTP/1 client sends none
+                    // unless told the coding (an HTTP/2 one drops the
+                    // header, and sends the body as it does any).
+                    parts.headers.insert(
+                        header::TRANSFER_ENCODING,
+                        HeaderValue::from_static("chunked"),
+                    );
                 }
                 body
             }
