@@ -220,6 +220,39 @@ async fn a_request_for_n_completions_reserves_n_caps() {
     );
 }
 
+/// Each prompt of a completions `prompt` array is generated for: the
+/// reservation is the cap times the prompts, as for `n` (a list of 50
+/// prompts was reserved as one).
+#[tokio::test]
+async fn a_completions_prompt_list_reserves_a_cap_per_prompt() {
+    let (_up, p) = setup(1000, "").await;
+    let prompts: Vec<String> = (0..50).map(|i| format!("p{i}")).collect();
+    let body = serde_json::json!({"model": "small", "max_tokens": 10, "prompt": prompts});
+    let answer = post(&p, "/v1/completions", &[], body.to_string()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let left = remaining_tokens(&answer);
+    assert!(
+        left <= 500,
+        "50 prompts of 10 reserved: {left} of 1000 left"
+    );
+}
+
+/// An embedding generates nothing: its reservation is its prompt alone,
+/// not a completion's 256 tokens (three small embeddings at once were
+/// refused under a 400-token limit).
+#[tokio::test]
+async fn an_embedding_reserves_its_prompt_alone() {
+    let (_up, p) = setup(1000, "").await;
+    let body = serde_json::json!({"model": "small", "input": "hello", "n": 4});
+    let answer = post(&p, "/v1/embeddings", &[], body.to_string()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let left = remaining_tokens(&answer);
+    assert!(
+        left >= 980,
+        "a prompt of ~12 tokens reserved: {left} of 1000 left"
+    );
+}
+
 /// A Messages stream cut after `message_start` (input + 1 output token)
 /// but before `message_delta` keeps its reservation, as a chat stream cut
 /// before its usage does: `message_start`'s count is only a floor.

@@ -734,9 +734,14 @@ fn consumes_tokens(endpoint: Endpoint) -> bool {
 /// request names (`max_tokens`, `max_completion_tokens`, `max_output_tokens`;
 /// the largest, when it names several), else 256, times the completions it
 /// asks for (`n`, or completions' `best_of` when larger: each is generated
-/// whole). Read from what the parse layer's check learned
+/// whole), times the prompts a completions `prompt` array holds (each is
+/// generated for). An embedding generates nothing: its prompt alone.
+/// Read from what the parse layer's check learned
 /// ([`RequestMeta::generation_caps`]): the body is not built for it.
 pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
+    if meta.endpoint() == Endpoint::Embeddings {
+        return prompt_tokens(meta);
+    }
     let caps = meta.generation_caps();
     if caps.unreadable {
         // `"n": 100.0` is 100 completions to a lax server: an estimate
@@ -745,7 +750,11 @@ pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
         return u64::MAX;
     }
     let cap = caps.max_tokens.unwrap_or(256);
-    let completions = caps.choices.unwrap_or(1).max(1);
+    let completions = caps
+        .choices
+        .unwrap_or(1)
+        .max(1)
+        .saturating_mul(caps.prompts.unwrap_or(1).max(1));
     prompt_tokens(meta).saturating_add(cap.saturating_mul(completions))
 }
 
@@ -1186,6 +1195,38 @@ mod tests {
             );
             assert_eq!(estimate_tokens(&meta), u64::MAX, "{body}");
         }
+        // Each prompt of a completions `prompt` array is generated for, `n`
+        // times; token ids are one prompt.
+        for (body, completions) in [
+            (r#"{"model":"m","max_tokens":10,"prompt":["a","b","c"]}"#, 3),
+            (
+                r#"{"model":"m","max_tokens":10,"prompt":["a","b"],"n":4}"#,
+                8,
+            ),
+            (r#"{"model":"m","max_tokens":10,"prompt":[[1,2],[3]]}"#, 2),
+            (r#"{"model":"m","max_tokens":10,"prompt":[1,2,3]}"#, 1),
+            (r#"{"model":"m","max_tokens":10,"prompt":"a"}"#, 1),
+            (r#"{"model":"m","max_tokens":10,"prompt":[]}"#, 1),
+        ] {
+            let meta = RequestMeta::parsed(
+                Endpoint::Completions,
+                bytes::Bytes::from(body),
+                serde_json::from_str(body).unwrap(),
+            );
+            assert_eq!(
+                estimate_tokens(&meta),
+                body.len() as u64 / 4 + 10 * completions,
+                "{body}"
+            );
+        }
+        // An embedding generates nothing, however many `n` it names.
+        let body = r#"{"model":"m","input":"hello","n":4}"#;
+        let meta = RequestMeta::parsed(
+            Endpoint::Embeddings,
+            bytes::Bytes::from(body),
+            serde_json::from_str(body).unwrap(),
+        );
+        assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4);
     }
 }
 

@@ -136,6 +136,10 @@ pub struct GenerationCaps {
     /// what only an upstream that keeps responses gives (see
     /// [`RequestMeta::needs_kept_state`]).
     pub stateful: bool,
+    /// How many prompts a completions `prompt` array holds (one of
+    /// strings, or of token-id arrays: each is generated for, `n` times;
+    /// an array of token ids is one prompt, and counts as absent).
+    pub prompts: Option<u64>,
 }
 
 impl GenerationCaps {
@@ -155,6 +159,12 @@ impl GenerationCaps {
         caps.unstored = json.get("store") == Some(&Value::Bool(false));
         caps.stateful = json.get("store") == Some(&Value::Bool(true))
             || json.get("prompt").is_some_and(|p| !p.is_null());
+        caps.prompts = match json.get("prompt") {
+            Some(Value::Array(prompts)) if !prompts.first().is_some_and(Value::is_u64) => {
+                Some(prompts.len() as u64)
+            }
+            _ => None,
+        };
         caps
     }
 

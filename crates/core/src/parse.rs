@@ -325,7 +325,7 @@ fn checked_model_body(
     let stream = match top.stream {
         Seen::Absent | Seen::Null => Ok(false),
         Seen::Bool(stream) => Ok(stream),
-        Seen::Str(_) | Seen::Uint(_) | Seen::Other => Err(stream_not_a_bool()),
+        Seen::Str(_) | Seen::Uint(_) | Seen::List { .. } | Seen::Other => Err(stream_not_a_bool()),
     };
     let (names_state, caps) = (top.names_state, top.caps);
     let bytes = hold(claim, bytes, built)?;
@@ -1011,6 +1011,13 @@ enum Seen<'de> {
     Bool(bool),
     Uint(u64),
     Null,
+    /// An array: its length, and whether its first element is a
+    /// non-negative integer (a completions `prompt` of token ids is one
+    /// prompt; one of strings, or of token-id arrays, is one per element).
+    List {
+        len: usize,
+        of_ints: bool,
+    },
     Other,
 }
 
@@ -1089,7 +1096,16 @@ impl<'de> serde::de::Visitor<'de> for TopCheck<'_, '_> {
                     top.caps.unstored = matches!(seen, Seen::Bool(false));
                     top.caps.stateful |= matches!(seen, Seen::Bool(true));
                 }
-                "prompt" => top.caps.stateful |= !matches!(seen, Seen::Null),
+                "prompt" => {
+                    top.caps.stateful |= !matches!(seen, Seen::Null);
+                    if let Seen::List {
+                        len,
+                        of_ints: false,
+                    } = seen
+                    {
+                        top.caps.prompts = Some(len as u64);
+                    }
+                }
                 _ => {
                     match seen {
                         Seen::Uint(n) => top.caps.note(key, n),
@@ -1215,7 +1231,11 @@ impl<'de> serde::de::Visitor<'de> for Check<'_, '_> {
             capture: false,
         };
         let mut len = 0usize;
-        while a.next_element_seed(inner)?.is_some() {
+        let mut of_ints = false;
+        while let Some(seen) = a.next_element_seed(inner)? {
+            if len == 0 {
+                of_ints = matches!(seen, Seen::Uint(_));
+            }
             len += 1;
             if len > capacity {
                 let grown = (capacity * 2).max(len).max(MIN_SLOTS);
@@ -1223,7 +1243,7 @@ impl<'de> serde::de::Visitor<'de> for Check<'_, '_> {
                 capacity = grown;
             }
         }
-        Ok(Seen::Other)
+        Ok(Seen::List { len, of_ints })
     }
 
     fn visit_bool<E>(self, b: bool) -> Result<Seen<'de>, E> {
@@ -1552,6 +1572,7 @@ mod tests {
             unreadable: false,
             unstored: true,
             stateful: false,
+            prompts: None,
         };
         assert_eq!(meta.generation_caps(), learned);
         assert!(!meta.is_built());
@@ -1580,6 +1601,22 @@ mod tests {
             assert_eq!(meta.generation_caps().unreadable, unreadable, "{body}");
             let built = GenerationCaps::of(meta.json().unwrap());
             assert_eq!(built.unreadable, unreadable, "{body}");
+        }
+        // The prompts of a completions `prompt` array: checked or built.
+        for (body, prompts) in [
+            (r#"{"model":"m","prompt":["a","b","c"]}"#, Some(3)),
+            (r#"{"model":"m","prompt":[[1,2],[3]]}"#, Some(2)),
+            (r#"{"model":"m","prompt":[1,2,3]}"#, None),
+            (r#"{"model":"m","prompt":"a"}"#, None),
+            (r#"{"model":"m","prompt":[]}"#, Some(0)),
+        ] {
+            let parsed = parse(req("/v1/completions", None, body), 1000)
+                .await
+                .unwrap();
+            let meta = parsed.extensions().get::<RequestMeta>().unwrap();
+            assert_eq!(meta.generation_caps().prompts, prompts, "{body}");
+            let built = GenerationCaps::of(meta.json().unwrap());
+            assert_eq!(built.prompts, prompts, "{body}");
         }
         // Asking to be kept, or for a kept prompt: checked or built.
         for (body, stateful) in [
