@@ -169,6 +169,45 @@ async fn model_allowlist_and_models_listing() {
         .assert_error(401, "authentication_error", "invalid_api_key");
 }
 
+/// Behind an upstream that serves every model, a model the config does
+/// not name is described by the upstream: to a key that may use it,
+/// whether or not it has `passthrough` (it could send it requests anyway),
+/// and not found for a key whose allowlist lacks it (the upstream's name
+/// behind an alias, or its list, is not that key's to read). Deleting one
+/// stays a passthrough action.
+#[tokio::test]
+async fn a_model_the_config_does_not_name_is_described_by_the_keys_allowlist() {
+    let up = mock_named("m").await;
+    let p = proxy(&format!(
+        "{}[auth]\n\
+         [[auth.keys]]\nname = \"narrow\"\nkey = \"sk-narrow\"\nmodels = [\"m1\"]\npassthrough = true\n\
+         [[auth.keys]]\nname = \"open\"\nkey = \"sk-open\"\n",
+        one_upstream(&up.base_url(), "")
+    ))
+    .await;
+    let get = |key: &'static str, id: &'static str, method: Method| {
+        let url = p.url(&format!("/v1/models/{id}"));
+        async move { send(request(method, &url, &[("authorization", key)], "")).await }
+    };
+    get("Bearer sk-narrow", "other", Method::GET)
+        .await
+        .assert_error(404, "not_found_error", "model_not_found");
+    assert_eq!(up.stats.requests_for("/v1/models/other"), 0);
+    let mine = get("Bearer sk-narrow", "m1", Method::GET).await;
+    assert_eq!(up.stats.requests_for("/v1/models/m1"), 1, "{}", mine.text());
+    // No `passthrough`, no allowlist: described, not refused.
+    let open = get("Bearer sk-open", "anything", Method::GET).await;
+    assert_eq!(
+        up.stats.requests_for("/v1/models/anything"),
+        1,
+        "{}",
+        open.text()
+    );
+    get("Bearer sk-open", "anything", Method::DELETE)
+        .await
+        .assert_error(403, "permission_error", "route_not_allowed");
+}
+
 /// A limited key refused for what its body asks (a model off its
 /// allowlist) hears its limits on the 403 too, and the refusal counts:
 /// one that keeps asking is limited like any other (DESIGN.md: headers on

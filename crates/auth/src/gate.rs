@@ -146,13 +146,27 @@ where
 
 impl Shared {
     /// What the head alone decides: the key (401), and whether it may use
-    /// a passthrough route (403).
+    /// a passthrough route (403). A model's description (`GET` or `HEAD`
+    /// `/v1/models/{id}`, which reaches the stack for a model the config
+    /// does not name, when an upstream serves every model) is the key's to
+    /// read if it may use the model, passthrough or not, and a model it
+    /// may not use is not found (404), as the models the config names are.
     pub(crate) fn admit_head<B>(&self, req: &Request<B>) -> Result<Arc<KeyEntry>, Error> {
         let key = self
             .table
             .authenticate(req.headers())
             .ok_or(Error::InvalidApiKey)?;
-        let endpoint = Endpoint::from_path(req.uri().path()).unwrap_or(Endpoint::Passthrough);
+        let path = req.uri().path();
+        let endpoint = Endpoint::from_path(path).unwrap_or(Endpoint::Passthrough);
+        let described = matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+            .then(|| Endpoint::model_of_path(path))
+            .flatten();
+        if let Some(model) = described {
+            if !key.allows_model(&model) {
+                return Err(Error::ModelNotFound(model.into_owned()));
+            }
+            return Ok(key);
+        }
         if endpoint == Endpoint::Passthrough && !key.passthrough {
             return Err(Error::RouteNotAllowed(
                 "this route (only the model APIs; the key lacks `passthrough`)".into(),

@@ -93,6 +93,18 @@ pub enum StreamKind {
 }
 
 impl Endpoint {
+    /// The model a `/v1/models/{id}` path names, `%`-decoded (an SDK
+    /// escapes a `/` in a fine-tuned model's id); `None` for another path,
+    /// and for an id that is empty or not UTF-8 once decoded.
+    pub fn model_of_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
+        let id = path.strip_prefix("/v1/models/")?;
+        let id = id.strip_suffix('/').unwrap_or(id);
+        let id = percent_encoding::percent_decode_str(id)
+            .decode_utf8()
+            .ok()?;
+        (!id.is_empty()).then_some(id)
+    }
+
     /// Classify a request path (without query). `None` for paths outside
     /// `/v1/`, and for paths an upstream may read as another path than the
     /// proxy does: `//`, `.` and `..` segments, `;`, backslashes, escapes.

@@ -85,7 +85,7 @@ impl Route {
                 // is. (`DELETE` of a fine-tuned model goes upstream.)
                 Some(Endpoint::Passthrough)
                     if (method == Method::GET || method == Method::HEAD)
-                        && model_of_path(path).is_some() =>
+                        && Endpoint::model_of_path(path).is_some() =>
                 {
                     Route::Api(Endpoint::Models)
                 }
@@ -321,15 +321,6 @@ fn models_dialect(headers: &http::HeaderMap) -> Dialect {
 /// rest of the path, which may hold slashes (`meta-llama/Llama-3.1-8B`),
 /// written or escaped as the SDKs escape them (`meta-llama%2FLlama-3.1-8B`).
 /// `None` when an escape does not decode to UTF-8.
-fn model_of_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let id = path.strip_prefix("/v1/models/")?;
-    let id = id.strip_suffix('/').unwrap_or(id);
-    let id = percent_encoding::percent_decode_str(id)
-        .decode_utf8()
-        .ok()?;
-    (!id.is_empty()).then_some(id)
-}
-
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(full(body.into()));
     *resp.status_mut() = status;
@@ -767,7 +758,7 @@ impl Way {
             // serves every model: that upstream may know it (passthrough).
             Route::Api(Endpoint::Models)
                 if shared.every_model
-                    && model_of_path(req.uri().path())
+                    && Endpoint::model_of_path(req.uri().path())
                         .is_some_and(|id| !shared.models.iter().any(|m| *m == id)) =>
             {
                 Way::Stack
@@ -851,7 +842,7 @@ async fn models(
 ) -> Result<Response<Body>, Error> {
     const JSON: &str = "application/json";
     let dialect = models_dialect(headers);
-    let one = model_of_path(path);
+    let one = Endpoint::model_of_path(path);
     let one = one.as_deref();
     let listed = |id: &str| shared.models.iter().any(|m| m == id);
     let Some(auth) = &shared.auth else {
