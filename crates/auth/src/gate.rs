@@ -158,10 +158,7 @@ impl Shared {
             .ok_or(Error::InvalidApiKey)?;
         let path = req.uri().path();
         let endpoint = Endpoint::from_path(path).unwrap_or(Endpoint::Passthrough);
-        let described = matches!(*req.method(), http::Method::GET | http::Method::HEAD)
-            .then(|| Endpoint::model_of_path(path))
-            .flatten();
-        if let Some(model) = described {
+        if let Some(model) = Endpoint::described_model(req.method(), path) {
             if !key.allows_model(&model) {
                 return Err(Error::ModelNotFound(model.into_owned()));
             }
@@ -203,6 +200,44 @@ mod tests {
             .expect("a body")
             .to_bytes();
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_models_description_is_the_allowlists_and_no_other_route() {
+        let mut narrow = KeySpec::from_key("narrow", "sk-narrow");
+        narrow.models = Some(vec!["m1".into()]);
+        let layer = AuthLayer::new(vec![KeySpec::from_key("open", "sk-open"), narrow]);
+        let svc = ServiceBuilder::new()
+            .layer(layer.gate())
+            .service(service_fn(|_: Request<Body>| async {
+                Ok::<_, Error>(Response::new(llm_proxy_core::empty()))
+            }));
+        let get = |key: &str, path: &str| {
+            let req = Request::get(path)
+                .header("authorization", format!("Bearer {key}"))
+                .body(llm_proxy_core::empty())
+                .expect("a request");
+            svc.clone().oneshot(req)
+        };
+        assert!(get("sk-open", "/v1/models/any").await.is_ok());
+        assert!(get("sk-narrow", "/v1/models/m1").await.is_ok());
+        assert!(matches!(
+            get("sk-narrow", "/v1/models/m2").await,
+            Err(Error::ModelNotFound(m)) if m == "m2"
+        ));
+        // Paths the proxy does not route as they are (an upstream could
+        // read them as another route) are no model's description.
+        for path in [
+            "/v1/models/x/../../files",
+            "/v1/models/x%2F..%2F..%2Ffiles",
+            "/v1/models/x;y",
+            "/v1/models/x\\..\\files",
+        ] {
+            assert!(
+                matches!(get("sk-open", path).await, Err(Error::RouteNotAllowed(_))),
+                "{path}"
+            );
+        }
     }
 
     #[tokio::test]

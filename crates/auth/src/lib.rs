@@ -15,7 +15,10 @@
 //! - **Access**: an optional per-key model allowlist (403
 //!   `model_not_allowed`); every other route (other `/v1/*` routes, and an
 //!   embedder's own routes behind the layer) only for keys with
-//!   `passthrough` (403 `route_not_allowed`).
+//!   `passthrough` (403 `route_not_allowed`), but for a model's description
+//!   (`GET /v1/models/{id}`, [`llm_proxy_core::Endpoint::described_model`]),
+//!   which the allowlist decides (404 `model_not_found` for a model it
+//!   lacks).
 //! - **Order**: below the parse layer (a model request it did not read is
 //!   refused as `misconfigured`), and above the cache layer (a request that
 //!   passed the cache is refused as `misconfigured`: the cache would answer

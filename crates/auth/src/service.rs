@@ -750,11 +750,11 @@ pub fn estimate_tokens(meta: &RequestMeta) -> u64 {
         return u64::MAX;
     }
     let cap = caps.max_tokens.unwrap_or(256);
-    let completions = caps
-        .choices
-        .unwrap_or(1)
-        .max(1)
-        .saturating_mul(caps.prompts.unwrap_or(1).max(1));
+    let prompts = match meta.endpoint() {
+        Endpoint::Completions => caps.prompts.unwrap_or(1).max(1),
+        _ => 1,
+    };
+    let completions = caps.choices.unwrap_or(1).max(1).saturating_mul(prompts);
     prompt_tokens(meta).saturating_add(cap.saturating_mul(completions))
 }
 
@@ -1219,6 +1219,14 @@ mod tests {
                 "{body}"
             );
         }
+        // Only a completions body's `prompt` is a list of prompts.
+        let body = r#"{"model":"m","max_tokens":10,"prompt":["a","b","c"]}"#;
+        let meta = RequestMeta::parsed(
+            Endpoint::ChatCompletions,
+            bytes::Bytes::from(body),
+            serde_json::from_str(body).unwrap(),
+        );
+        assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 10);
         // An embedding generates nothing, however many `n` it names.
         let body = r#"{"model":"m","input":"hello","n":4}"#;
         let meta = RequestMeta::parsed(

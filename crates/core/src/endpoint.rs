@@ -93,9 +93,26 @@ pub enum StreamKind {
 }
 
 impl Endpoint {
+    /// The model whose description (OpenAI's "retrieve model", `GET` or
+    /// `HEAD /v1/models/{id}`) a request asks for: [`Endpoint::model_of_path`],
+    /// of a path the proxy routes as it is (not one [`Endpoint::from_path`]
+    /// refuses: `..`, `%2F..`, `;`; an upstream could read those as another
+    /// route). The routes and the auth gate decide by this one test.
+    pub fn described_model<'p>(
+        method: &http::Method,
+        path: &'p str,
+    ) -> Option<std::borrow::Cow<'p, str>> {
+        let read = matches!(*method, http::Method::GET | http::Method::HEAD);
+        if !read || Endpoint::from_path(path) != Some(Endpoint::Passthrough) {
+            return None;
+        }
+        Endpoint::model_of_path(path)
+    }
+
     /// The model a `/v1/models/{id}` path names, `%`-decoded (an SDK
-    /// escapes a `/` in a fine-tuned model's id); `None` for another path,
-    /// and for an id that is empty or not UTF-8 once decoded.
+    /// escapes a `/` in a fine-tuned model's id: `meta-llama%2FLlama-3.1-8B`,
+    /// or writes it as it is); `None` for another path, and for an id that
+    /// is empty or not UTF-8 once decoded.
     pub fn model_of_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
         let id = path.strip_prefix("/v1/models/")?;
         let id = id.strip_suffix('/').unwrap_or(id);

@@ -303,12 +303,13 @@ impl Proxy {
         &self.settings
     }
 
-    /// Serve `/metrics` (with `/healthz` and `/readyz`) on `listener`,
-    /// bound by the caller (with [`crate::listen`]), as `metrics_listen`
-    /// would: a binary that binds both of its ports before it says it is
-    /// listening fails at once, serving nothing, when one is taken. It
-    /// takes the place of `metrics_listen` (served on it even when that is
-    /// unset); without it, [`Proxy::serve`] binds `metrics_listen` itself.
+    /// Serve `metrics_listen` on `listener`, bound by the caller (with
+    /// [`crate::listen`], on that address): a binary that binds both of its
+    /// ports before it says it is listening fails at once, serving nothing,
+    /// when one is taken. Without it, [`Proxy::serve`] binds
+    /// `metrics_listen` itself. Without `metrics_listen` the proxy answers
+    /// `/metrics` on `listen` (decided when it was built): the listener is
+    /// then closed, with a warning, not served too.
     pub fn with_metrics_listener(mut self, listener: tokio::net::TcpListener) -> Self {
         self.metrics_listener = Some(listener);
         self

@@ -80,17 +80,12 @@ impl Route {
         match Own::of(path) {
             Some(Own::Metrics) if !serve_metrics => Route::NotFound,
             Some(own) => Route::Own(own),
-            None => match Endpoint::from_path(path) {
-                // OpenAI's "retrieve model": the models API, as the list
-                // is. (`DELETE` of a fine-tuned model goes upstream.)
-                Some(Endpoint::Passthrough)
-                    if (method == Method::GET || method == Method::HEAD)
-                        && Endpoint::model_of_path(path).is_some() =>
-                {
-                    Route::Api(Endpoint::Models)
-                }
-                endpoint => endpoint.map_or(Route::NotFound, Route::Api),
-            },
+            // OpenAI's "retrieve model": the models API, as the list is.
+            // (`DELETE` of a fine-tuned model goes upstream.)
+            None if Endpoint::described_model(method, path).is_some() => {
+                Route::Api(Endpoint::Models)
+            }
+            None => Endpoint::from_path(path).map_or(Route::NotFound, Route::Api),
         }
     }
 
@@ -317,10 +312,6 @@ fn models_dialect(headers: &http::HeaderMap) -> Dialect {
     }
 }
 
-/// The model id of `GET /v1/models/{id}` (OpenAI's "retrieve model"): the
-/// rest of the path, which may hold slashes (`meta-llama/Llama-3.1-8B`),
-/// written or escaped as the SDKs escape them (`meta-llama%2FLlama-3.1-8B`).
-/// `None` when an escape does not decode to UTF-8.
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(full(body.into()));
     *resp.status_mut() = status;

@@ -259,7 +259,15 @@ impl Proxy {
 
     async fn spawn_metrics(&mut self) -> std::io::Result<Option<MetricsServer>> {
         let listener = match (self.metrics_listener.take(), self.settings.metrics_listen) {
-            (Some(bound), _) => Some(bound),
+            (Some(bound), Some(_)) => Some(bound),
+            (Some(_), None) => {
+                // The face answers `/metrics` on `listen` (decided when
+                // the proxy was built): not served twice.
+                tracing::warn!(
+                    "a metrics listener was given without `metrics_listen`: /metrics stays on `listen`, and that listener is closed"
+                );
+                None
+            }
             (None, Some(addr)) => Some(listen(addr).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),

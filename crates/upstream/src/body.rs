@@ -485,8 +485,10 @@ fn frame_start(watch: &Option<Box<StreamWatch>>) -> u64 {
 /// the whole events before it, then the error event: an SDK reads `data:
 /// {not json` as its own parse error, not the API error it can handle, and
 /// the events after it would be read as if nothing had happened), `None`
-/// for all of it, when the client holds the event's start already (or
-/// lines before it: a keep-alive comment counts).
+/// for all of it: when the client holds the event's start already (or
+/// lines before it: a keep-alive comment counts), and when the reader
+/// itself gave up (an event past its size or the answers' budget: no
+/// whole event was refused).
 fn watch(
     watch: &mut Option<Box<StreamWatch>>,
     upstream: &str,
@@ -681,6 +683,27 @@ mod tests {
         );
         assert!(sent.is_empty());
         assert!(event.is_some());
+    }
+
+    #[test]
+    fn a_refused_event_read_with_others_cuts_the_frame_they_make() {
+        // Two reads gathered into one frame: the first passes, the second
+        // completes an event that began in the first and is refused. The
+        // frame is cut where that event began, in the first read.
+        let mut watched = Some(Box::new(watch(StreamKind::Chat)));
+        let mut state = State::Streaming;
+        let first = &b"data: {\"choices\":[]}\n\ndata: {not"[..];
+        let second = &b" json\n\ndata: {\"choices\":[]}\n\n"[..];
+        let start = frame_start(&watched);
+        assert!(super::watch(&mut watched, "u", &mut state, first, start).is_ok());
+        let Err(Some(keep)) = super::watch(&mut watched, "u", &mut state, second, start) else {
+            panic!("the refused event began in this frame")
+        };
+        let frame = [first, second].concat();
+        assert_eq!(&frame[..keep], b"data: {\"choices\":[]}\n\n");
+        assert!(matches!(state, State::Interrupting { event: Some(_), .. }));
+        // The next frame's start is past both reads.
+        assert_eq!(frame_start(&watched), frame.len() as u64);
     }
 
     #[test]

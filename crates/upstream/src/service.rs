@@ -103,8 +103,10 @@ pub(crate) struct Inner {
     pub(crate) first_byte_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     /// TLS failures are logged at `warn` (a certificate expired, a root
-    /// missing: the operator's to fix), at most one line per period.
+    /// missing: the operator's to fix), at most one line per period of
+    /// the clock that starts at `built`.
     tls_warnings: llm_proxy_core::throttle::LogThrottle,
+    built: std::time::Instant,
 }
 
 /// The least time between two `warn` lines of an upstream's TLS failures.
@@ -263,6 +265,7 @@ impl Upstream {
                 first_byte_timeout: cfg.first_byte_timeout,
                 idle_timeout: cfg.idle_timeout,
                 tls_warnings: llm_proxy_core::throttle::LogThrottle::default(),
+                built: std::time::Instant::now(),
             }),
         })
     }
@@ -904,10 +907,8 @@ impl Upstream {
             tracing::debug!(upstream = %self.inner.name.0, error = %root, "{what}");
             return self.bad_gateway(format!("{what}: {root}"));
         };
-        // (Any millisecond clock: only this path reads it.)
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        // (A monotonic clock: a wall clock set back would silence it.)
+        let now = u64::try_from(self.inner.built.elapsed().as_millis()).unwrap_or(u64::MAX);
         if let Some(suppressed) = self.inner.tls_warnings.due(now, TLS_WARN_EVERY_MS) {
             tracing::warn!(upstream = %self.inner.name.0, error = %root, suppressed, "TLS with the upstream failed");
         } else {
