@@ -1148,21 +1148,22 @@ mod tests {
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
     }
 
+    /// `body` for `endpoint`, as the parse layer leaves it.
+    fn meta_of(endpoint: Endpoint, body: &str) -> RequestMeta {
+        RequestMeta::parsed(
+            endpoint,
+            bytes::Bytes::from(body.to_owned()),
+            serde_json::from_str(body).unwrap(),
+        )
+    }
+
     #[test]
     fn estimate_uses_prompt_bytes_and_cap() {
         let body = r#"{"model":"m","max_tokens":100,"messages":[]}"#;
-        let meta = RequestMeta::parsed(
-            Endpoint::ChatCompletions,
-            bytes::Bytes::from(body),
-            serde_json::from_str(body).unwrap(),
-        );
+        let meta = meta_of(Endpoint::ChatCompletions, body);
         assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 100);
         let body = r#"{"model":"m"}"#;
-        let meta = RequestMeta::parsed(
-            Endpoint::ChatCompletions,
-            bytes::Bytes::from(body),
-            serde_json::from_str(body).unwrap(),
-        );
+        let meta = meta_of(Endpoint::ChatCompletions, body);
         assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 256);
         // Each of `n` completions (or `best_of`, the larger) is generated
         // whole; zero counts as one.
@@ -1171,11 +1172,7 @@ mod tests {
             (r#"{"model":"m","max_tokens":10,"n":2,"best_of":5}"#, 5),
             (r#"{"model":"m","max_tokens":10,"n":0}"#, 1),
         ] {
-            let meta = RequestMeta::parsed(
-                Endpoint::ChatCompletions,
-                bytes::Bytes::from(body),
-                serde_json::from_str(body).unwrap(),
-            );
+            let meta = meta_of(Endpoint::ChatCompletions, body);
             assert_eq!(
                 estimate_tokens(&meta),
                 body.len() as u64 / 4 + 10 * completions,
@@ -1188,11 +1185,7 @@ mod tests {
             r#"{"model":"m","max_tokens":10,"n":"9"}"#,
             r#"{"model":"m","max_tokens":10,"n":100.0}"#,
         ] {
-            let meta = RequestMeta::parsed(
-                Endpoint::ChatCompletions,
-                bytes::Bytes::from(body),
-                serde_json::from_str(body).unwrap(),
-            );
+            let meta = meta_of(Endpoint::ChatCompletions, body);
             assert_eq!(estimate_tokens(&meta), u64::MAX, "{body}");
         }
         // Each prompt of a completions `prompt` array is generated for, `n`
@@ -1208,11 +1201,7 @@ mod tests {
             (r#"{"model":"m","max_tokens":10,"prompt":"a"}"#, 1),
             (r#"{"model":"m","max_tokens":10,"prompt":[]}"#, 1),
         ] {
-            let meta = RequestMeta::parsed(
-                Endpoint::Completions,
-                bytes::Bytes::from(body),
-                serde_json::from_str(body).unwrap(),
-            );
+            let meta = meta_of(Endpoint::Completions, body);
             assert_eq!(
                 estimate_tokens(&meta),
                 body.len() as u64 / 4 + 10 * completions,
@@ -1221,19 +1210,11 @@ mod tests {
         }
         // Only a completions body's `prompt` is a list of prompts.
         let body = r#"{"model":"m","max_tokens":10,"prompt":["a","b","c"]}"#;
-        let meta = RequestMeta::parsed(
-            Endpoint::ChatCompletions,
-            bytes::Bytes::from(body),
-            serde_json::from_str(body).unwrap(),
-        );
+        let meta = meta_of(Endpoint::ChatCompletions, body);
         assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 10);
         // An embedding generates nothing, however many `n` it names.
         let body = r#"{"model":"m","input":"hello","n":4}"#;
-        let meta = RequestMeta::parsed(
-            Endpoint::Embeddings,
-            bytes::Bytes::from(body),
-            serde_json::from_str(body).unwrap(),
-        );
+        let meta = meta_of(Endpoint::Embeddings, body);
         assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4);
     }
 }
