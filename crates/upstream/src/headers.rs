@@ -34,6 +34,9 @@ fn stripped_from_request(name: &HeaderName) -> bool {
             | "openai-project"
             | "keep-alive"
             | "proxy-connection"
+            // An HTTP/1.1 `Upgrade: h2c` request's, which is the
+            // connection's (RFC 7540 §3.2.1): the upgrade is not passed on.
+            | "http2-settings"
     )
 }
 
@@ -303,7 +306,7 @@ mod tests {
 
     #[test]
     fn every_listed_header_goes_however_many_come() {
-        const REQUEST: [&str; 15] = [
+        const REQUEST: [&str; 16] = [
             "connection",
             "cookie",
             "te",
@@ -319,6 +322,7 @@ mod tests {
             "api-key",
             "keep-alive",
             "proxy-connection",
+            "http2-settings",
         ];
         let mut h = HeaderMap::new();
         for name in REQUEST.iter().rev() {
