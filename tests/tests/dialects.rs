@@ -51,6 +51,11 @@ async fn responses_and_messages_pass_through_streamed_and_not() {
     let m = messages(&p, false, &[]).await;
     assert_eq!(m.status, 200, "{}", m.text());
     assert_eq!(m.json()["type"], "message");
+    // Anthropic's SDKs read `request-id`: the proxy's, when the upstream
+    // sent none; not on the other dialects' answers.
+    assert!(m.header("request-id").is_some());
+    assert_eq!(m.header("request-id"), m.header("x-request-id"));
+    assert!(r.header("request-id").is_none());
     let m = messages(&p, true, &[]).await;
     let events = sse_data(&m.body);
     let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
@@ -154,6 +159,8 @@ async fn bad_input_gets_the_dialects_error() {
     assert_eq!(m.status, 400);
     assert_eq!(m.json()["error"]["type"], "invalid_request_error");
     assert_eq!(m.json()["type"], "error");
+    // The proxy's own errors too: what a Claude Code error report quotes.
+    assert_eq!(m.header("request-id"), m.header("x-request-id"));
     let m = send(request(
         Method::POST,
         &p.url("/v1/messages"),

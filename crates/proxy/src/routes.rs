@@ -639,6 +639,15 @@ where
             resp.headers_mut().remove(UPSTREAM_HEADER);
         }
         resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+        // Anthropic's SDKs read `request-id` (`_request_id`, and Claude
+        // Code's error reports): an answer that has none of an Anthropic
+        // upstream's own carries the proxy's, which its log knows.
+        if dialect == llm_proxy_core::Dialect::Anthropic
+            && !resp.headers().contains_key(ANTHROPIC_REQUEST_ID)
+        {
+            resp.headers_mut()
+                .insert(ANTHROPIC_REQUEST_ID, request_id.clone());
+        }
         if let Some(cors) = &shared.options.cors {
             cors.mark(cors_origin, resp.headers_mut(), preflight);
         }
@@ -793,6 +802,9 @@ impl Drop for Abandoned {
         }
     }
 }
+
+/// The request id header Anthropic's API sends, and its SDKs read.
+const ANTHROPIC_REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 
 /// The proxy's own time on a request, to its answer's head: all but what
 /// it waited for its client's body and its upstreams' heads.
