@@ -198,6 +198,26 @@ async fn chat_client_on_an_anthropic_only_server() {
         usage["completion_tokens"],
         chat["usage"]["completion_tokens"]
     );
+
+    // A cap that is no whole number is refused, as a chat server refuses
+    // it, and nothing is sent (a default in its place would be sent).
+    let mut negative = request.clone();
+    negative["max_tokens"] = json!(-5);
+    let sent = mock.stats.requests_for("/messages");
+    let refused = svc
+        .clone()
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(full(negative.to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::UnsupportedParameter { param, .. }) if param == "max_tokens"),
+        "{refused:?}"
+    );
+    assert_eq!(mock.stats.requests_for("/messages"), sent);
 }
 
 #[tokio::test]

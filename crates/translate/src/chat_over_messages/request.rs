@@ -40,6 +40,14 @@ pub(crate) fn request(src: &Map<String, Value>) -> Result<(Map<String, Value>, C
             out.insert(key.into(), v.clone());
         }
     }
+    // A cap that is there must be one: as a chat server refuses `-5`,
+    // `1.5` or `"100"` (a default in its place would let the answer run
+    // to 4096 tokens).
+    for key in ["max_completion_tokens", "max_tokens"] {
+        if field(src, key).is_some_and(|v| !v.is_u64()) {
+            return Err(unsupported(key, "must be a whole number of tokens"));
+        }
+    }
     let max_tokens = field(src, "max_completion_tokens")
         .or_else(|| field(src, "max_tokens"))
         .and_then(Value::as_u64)

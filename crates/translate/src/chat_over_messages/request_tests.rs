@@ -338,3 +338,25 @@ fn a_structured_output_request_as_written() {
         "{\"model\":\"claude\",\"max_tokens\":4096,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"hi\"}]}],\"tools\":[{\"name\":\"answer\",\"description\":\"Give your final answer as this tool's input: JSON that matches the schema.\",\"input_schema\":{\"type\":\"object\"}}],\"tool_choice\":{\"type\":\"tool\",\"name\":\"answer\"}}"
     );
 }
+
+#[test]
+fn a_cap_that_is_no_whole_number_is_refused() {
+    // As a chat server refuses them: a default cap in their place would
+    // let the answer run to 4096 tokens.
+    for (cap, bad) in [
+        ("max_tokens", json!(-5)),
+        ("max_tokens", json!(1.5)),
+        ("max_tokens", json!("100")),
+        ("max_completion_tokens", json!(-5)),
+        ("max_completion_tokens", json!("abc")),
+    ] {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        body[cap] = bad.clone();
+        assert_eq!(refused(body), cap, "{cap}: {bad}");
+    }
+    // A null cap is none; a missing one is the default.
+    let (out, _) = translate(json!({"model": "m", "max_tokens": null,
+        "messages": [{"role": "user", "content": "hi"}]}))
+    .unwrap();
+    assert_eq!(out["max_tokens"], DEFAULT_MAX_TOKENS);
+}
