@@ -1166,17 +1166,59 @@ mod tests {
         let meta = meta_of(Endpoint::ChatCompletions, body);
         assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 256);
         // Each of `n` completions (or `best_of`, the larger) is generated
-        // whole; zero counts as one.
-        for (body, completions) in [
-            (r#"{"model":"m","max_tokens":10,"n":100}"#, 100),
-            (r#"{"model":"m","max_tokens":10,"n":2,"best_of":5}"#, 5),
-            (r#"{"model":"m","max_tokens":10,"n":0}"#, 1),
+        // whole; zero counts as one. Each prompt of a completions `prompt`
+        // array is generated for, `n` times; token ids are one prompt; only
+        // a completions body's `prompt` is a list of prompts.
+        let (chat, completions) = (Endpoint::ChatCompletions, Endpoint::Completions);
+        for (endpoint, body, generated) in [
+            (chat, r#"{"model":"m","max_tokens":10,"n":100}"#, 100),
+            (
+                chat,
+                r#"{"model":"m","max_tokens":10,"n":2,"best_of":5}"#,
+                5,
+            ),
+            (chat, r#"{"model":"m","max_tokens":10,"n":0}"#, 1),
+            (
+                chat,
+                r#"{"model":"m","max_tokens":10,"prompt":["a","b","c"]}"#,
+                1,
+            ),
+            (
+                completions,
+                r#"{"model":"m","max_tokens":10,"prompt":["a","b","c"]}"#,
+                3,
+            ),
+            (
+                completions,
+                r#"{"model":"m","max_tokens":10,"prompt":["a","b"],"n":4}"#,
+                8,
+            ),
+            (
+                completions,
+                r#"{"model":"m","max_tokens":10,"prompt":[[1,2],[3]]}"#,
+                2,
+            ),
+            (
+                completions,
+                r#"{"model":"m","max_tokens":10,"prompt":[1,2,3]}"#,
+                1,
+            ),
+            (
+                completions,
+                r#"{"model":"m","max_tokens":10,"prompt":"a"}"#,
+                1,
+            ),
+            (
+                completions,
+                r#"{"model":"m","max_tokens":10,"prompt":[]}"#,
+                1,
+            ),
         ] {
-            let meta = meta_of(Endpoint::ChatCompletions, body);
+            let meta = meta_of(endpoint, body);
             assert_eq!(
                 estimate_tokens(&meta),
-                body.len() as u64 / 4 + 10 * completions,
-                "{body}"
+                body.len() as u64 / 4 + 10 * generated,
+                "{endpoint:?} {body}"
             );
         }
         // A count a lax server reads as 9 (or 100), which the estimate
@@ -1188,30 +1230,6 @@ mod tests {
             let meta = meta_of(Endpoint::ChatCompletions, body);
             assert_eq!(estimate_tokens(&meta), u64::MAX, "{body}");
         }
-        // Each prompt of a completions `prompt` array is generated for, `n`
-        // times; token ids are one prompt.
-        for (body, completions) in [
-            (r#"{"model":"m","max_tokens":10,"prompt":["a","b","c"]}"#, 3),
-            (
-                r#"{"model":"m","max_tokens":10,"prompt":["a","b"],"n":4}"#,
-                8,
-            ),
-            (r#"{"model":"m","max_tokens":10,"prompt":[[1,2],[3]]}"#, 2),
-            (r#"{"model":"m","max_tokens":10,"prompt":[1,2,3]}"#, 1),
-            (r#"{"model":"m","max_tokens":10,"prompt":"a"}"#, 1),
-            (r#"{"model":"m","max_tokens":10,"prompt":[]}"#, 1),
-        ] {
-            let meta = meta_of(Endpoint::Completions, body);
-            assert_eq!(
-                estimate_tokens(&meta),
-                body.len() as u64 / 4 + 10 * completions,
-                "{body}"
-            );
-        }
-        // Only a completions body's `prompt` is a list of prompts.
-        let body = r#"{"model":"m","max_tokens":10,"prompt":["a","b","c"]}"#;
-        let meta = meta_of(Endpoint::ChatCompletions, body);
-        assert_eq!(estimate_tokens(&meta), body.len() as u64 / 4 + 10);
         // An embedding generates nothing, however many `n` it names.
         let body = r#"{"model":"m","input":"hello","n":4}"#;
         let meta = meta_of(Endpoint::Embeddings, body);

@@ -111,20 +111,29 @@ async fn messages_client_on_a_chat_only_server() {
     let mut unbounded = request.clone();
     unbounded.as_object_mut().unwrap().remove("max_tokens");
     let sent = mock.stats.requests_for("/chat/completions");
+    assert_eq!(
+        refused_param(&svc, "/v1/messages", &unbounded).await,
+        "max_tokens"
+    );
+    assert_eq!(mock.stats.requests_for("/chat/completions"), sent);
+}
+
+/// The parameter the layer refused `body` for, sent to `path` (the
+/// refusal is the layer's own error, before any upstream is asked).
+async fn refused_param(svc: &Svc, path: &str, body: &Value) -> String {
     let refused = svc
         .clone()
         .oneshot(
-            Request::post("/v1/messages")
+            Request::post(path)
                 .header("content-type", "application/json")
-                .body(full(unbounded.to_string()))
+                .body(full(body.to_string()))
                 .unwrap(),
         )
         .await;
-    assert!(
-        matches!(&refused, Err(Error::UnsupportedParameter { param, .. }) if param == "max_tokens"),
-        "{refused:?}"
-    );
-    assert_eq!(mock.stats.requests_for("/chat/completions"), sent);
+    match refused {
+        Err(Error::UnsupportedParameter { param, .. }) => param,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -204,18 +213,9 @@ async fn chat_client_on_an_anthropic_only_server() {
     let mut negative = request.clone();
     negative["max_tokens"] = json!(-5);
     let sent = mock.stats.requests_for("/messages");
-    let refused = svc
-        .clone()
-        .oneshot(
-            Request::post("/v1/chat/completions")
-                .header("content-type", "application/json")
-                .body(full(negative.to_string()))
-                .unwrap(),
-        )
-        .await;
-    assert!(
-        matches!(&refused, Err(Error::UnsupportedParameter { param, .. }) if param == "max_tokens"),
-        "{refused:?}"
+    assert_eq!(
+        refused_param(&svc, "/v1/chat/completions", &negative).await,
+        "max_tokens"
     );
     assert_eq!(mock.stats.requests_for("/messages"), sent);
 }
